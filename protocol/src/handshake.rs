@@ -1,0 +1,532 @@
+//! The handshake: hello, order, mutual attestation, key confirmation. spec: SPEC.md §5
+//!
+//! ```text
+//! source (TLS client)                          destination (TLS server)
+//!   ClientHello{versions, nonce_s, order, mode, streams}  ->
+//!                                   verify order, TLS peer = order.source, claim order id
+//!                           <-  ServerHello{version, versions, nonce_d}
+//!   extend ImageManifest(root); quote(qd(nonce_d))
+//!   SourceEvidence{evidence, manifest}   ->
+//!                                   verify evidence, manifest root attested
+//!                           <-  DestinationEvidence{evidence}   (quote(qd(nonce_s)))
+//!                           <-  Finished{mac_d}
+//!   verify evidence, mac_d
+//!   Finished{mac_s}   ->
+//! ```
+//! Both state machines take encoded messages in and give encoded messages out; the driver
+//! frames them on the TLS stream. Any error is sticky.
+
+use crate::attestation::{qualifying_data, Attester, Claims, EvidenceVerifier, Measurement, HANDSHAKE_LABEL};
+use crate::error::{Error, PeerMisbehaved};
+use crate::keys::KeySchedule;
+use crate::manifest::{manifest_root, ImageManifest};
+use crate::messages::{ClientHello, Message, ServerHello, TransferMode, MAX_STREAMS};
+use crate::order::{hex, OrderJournal, OrderPolicy, Role, VerifiedOrder};
+use crate::{codec, ct_eq, AgentId, Digest, SUPPORTED_VERSIONS};
+
+/// Largest guest page accepted (2 MiB huge pages). spec: SPEC.md §9
+pub const MAX_PAGE_SIZE: u32 = 2 << 20;
+/// Largest guest accepted, bytes (16 TiB). spec: SPEC.md §9
+pub const MAX_GUEST_BYTES: u64 = 16 << 40;
+
+/// What the TLS layer established; an input to both state machines.
+#[derive(Clone)]
+pub struct ChannelBinding {
+    /// `EXPORTER-trustmig-v1` output of the TLS session (32 bytes, empty context).
+    pub tls_exporter: [u8; 32],
+    /// Our identity key (the key in our TLS certificate).
+    pub local: AgentId,
+    /// The authenticated TLS peer's identity key.
+    pub peer: AgentId,
+}
+
+impl std::fmt::Debug for ChannelBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The exporter is session secret material: never printed.
+        f.debug_struct("ChannelBinding")
+            .field("local", &hex(&self.local))
+            .field("peer", &hex(&self.peer))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A finished handshake: what the session runs on.
+pub struct Established {
+    /// Our role.
+    pub role: Role,
+    /// The verified order.
+    pub order: VerifiedOrder,
+    /// Negotiated version.
+    pub version: u16,
+    /// Channel binding.
+    pub channel: ChannelBinding,
+    /// Hash of the four messages ClientHello..DestinationEvidence.
+    pub transcript_hash: Digest,
+    /// Session key schedule.
+    pub keys: KeySchedule,
+    /// What the peer's TPM vouched for.
+    pub peer_claims: Claims,
+    /// Transfer mode and geometry.
+    pub mode: TransferMode,
+    /// Number of data streams.
+    pub streams: u16,
+    /// The image manifest as sent.
+    pub manifest: ImageManifest,
+}
+
+/// Running SHA-256 over length-prefixed messages. spec: SPEC.md §5.3
+#[derive(Clone)]
+struct Transcript(ring::digest::Context);
+
+impl Transcript {
+    fn new() -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"trustmig transcript v1");
+        Self(ctx)
+    }
+    fn add(&mut self, msg: &[u8]) {
+        self.0.update(&(msg.len() as u32).to_be_bytes());
+        self.0.update(msg);
+    }
+    fn hash(&self) -> Digest {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.clone().finish().as_ref());
+        out
+    }
+}
+
+fn decode(msg: &[u8]) -> Result<Message, Error> {
+    let m = Message::decode(msg)?;
+    if let Message::Abort { code, reason } = m {
+        return Err(Error::PeerAborted { code, reason });
+    }
+    Ok(m)
+}
+
+fn unexpected(got: &Message, expected: &'static str) -> Error {
+    PeerMisbehaved::UnexpectedMessage {
+        got: got.name(),
+        expected,
+    }
+    .into()
+}
+
+fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(PeerMisbehaved::BadField(format!("streams {streams} not in 1..={MAX_STREAMS}")).into());
+    }
+    if let TransferMode::Precopy { page_size, page_count } = *mode {
+        if !page_size.is_power_of_two() || !(4096..=MAX_PAGE_SIZE).contains(&page_size) {
+            return Err(PeerMisbehaved::BadField(format!("page size {page_size}")).into());
+        }
+        if page_count == 0 || page_count.saturating_mul(u64::from(page_size)) > MAX_GUEST_BYTES {
+            return Err(PeerMisbehaved::BadField(format!("page count {page_count}")).into());
+        }
+    }
+    Ok(())
+}
+
+/// Best common version of our list and theirs.
+fn best_common(theirs: &[u16]) -> Option<u16> {
+    SUPPORTED_VERSIONS.iter().copied().filter(|v| theirs.contains(v)).max()
+}
+
+struct Hello {
+    order: VerifiedOrder,
+    channel: ChannelBinding,
+    nonce_s: [u8; 32],
+    nonce_d: [u8; 32],
+    mode: TransferMode,
+    streams: u16,
+    version: u16,
+    transcript: Transcript,
+}
+
+enum SourceState {
+    AwaitServerHello {
+        hello: Box<Hello>,
+        manifest: Vec<u8>,
+    },
+    AwaitDestinationEvidence {
+        hello: Box<Hello>,
+        manifest: ImageManifest,
+    },
+    AwaitFinished(Box<Established>),
+    Done(Box<Established>),
+    Taken,
+}
+
+/// The source's side of the handshake.
+pub struct SourceHandshake {
+    state: Result<SourceState, Error>,
+}
+
+impl SourceHandshake {
+    /// Begin: returns the state machine and the encoded `ClientHello`.
+    ///
+    /// `manifest` is the image manifest the source will attest; `nonce` must be fresh random.
+    pub fn start(
+        order: VerifiedOrder,
+        channel: ChannelBinding,
+        nonce: [u8; 32],
+        mode: TransferMode,
+        streams: u16,
+        manifest: &ImageManifest,
+    ) -> Result<(Self, Vec<u8>), Error> {
+        check_mode(&mode, streams)?;
+        if !ct_eq(&channel.peer, &order.body().destination) {
+            return Err(PeerMisbehaved::WrongPeer {
+                role: Role::Destination,
+                tls_peer: hex(&channel.peer),
+                named: hex(&order.body().destination),
+            }
+            .into());
+        }
+        let msg = Message::ClientHello(ClientHello {
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            nonce,
+            order: order.signed().clone(),
+            mode,
+            streams,
+        })
+        .encode();
+        let mut transcript = Transcript::new();
+        transcript.add(&msg);
+        let hello = Box::new(Hello {
+            order,
+            channel,
+            nonce_s: nonce,
+            nonce_d: [0; 32],
+            mode,
+            streams,
+            version: 0,
+            transcript,
+        });
+        let state = SourceState::AwaitServerHello {
+            hello,
+            manifest: manifest.to_cbor(),
+        };
+        Ok((Self { state: Ok(state) }, msg))
+    }
+
+    /// Whether the handshake completed.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, Ok(SourceState::Done(_)))
+    }
+
+    /// Feed one received message; returns the messages to send, in order.
+    pub fn handle(
+        &mut self,
+        msg: &[u8],
+        attester: &mut dyn Attester,
+        verifier: &dyn EvidenceVerifier,
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let state = match std::mem::replace(&mut self.state, Ok(SourceState::Taken)) {
+            Ok(s) => s,
+            Err(e) => {
+                self.state = Err(e.clone());
+                return Err(e);
+            }
+        };
+        match Self::step(state, msg, attester, verifier) {
+            Ok((next, out)) => {
+                self.state = Ok(next);
+                Ok(out)
+            }
+            Err(e) => {
+                self.state = Err(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn step(
+        state: SourceState,
+        raw: &[u8],
+        attester: &mut dyn Attester,
+        verifier: &dyn EvidenceVerifier,
+    ) -> Result<(SourceState, Vec<Vec<u8>>), Error> {
+        let msg = decode(raw)?;
+        match (state, msg) {
+            (SourceState::AwaitServerHello { mut hello, manifest }, Message::ServerHello(sh)) => {
+                let ServerHello { version, versions, nonce } = sh;
+                let best = best_common(&versions).ok_or_else(|| PeerMisbehaved::NoCommonVersion(versions.clone()))?;
+                if version != best {
+                    return Err(PeerMisbehaved::Downgrade { chosen: version, best }.into());
+                }
+                hello.version = version;
+                hello.nonce_d = nonce;
+                hello.transcript.add(raw);
+                let root = manifest_root(&manifest);
+                attester.extend(&Measurement::ImageManifest(root))?;
+                let qd = qualifying_data(
+                    HANDSHAKE_LABEL,
+                    &hello.nonce_d,
+                    &hello.channel.tls_exporter,
+                    hello.order.id(),
+                    &hello.channel.local,
+                );
+                let evidence = attester.quote(&qd)?;
+                let parsed: ImageManifest = codec::decode(&manifest)?;
+                let out = Message::SourceEvidence { evidence, manifest }.encode();
+                hello.transcript.add(&out);
+                Ok((
+                    SourceState::AwaitDestinationEvidence {
+                        hello,
+                        manifest: parsed,
+                    },
+                    vec![out],
+                ))
+            }
+            (SourceState::AwaitDestinationEvidence { mut hello, manifest }, Message::DestinationEvidence { evidence }) => {
+                let qd = qualifying_data(
+                    HANDSHAKE_LABEL,
+                    &hello.nonce_s,
+                    &hello.channel.tls_exporter,
+                    hello.order.id(),
+                    &hello.channel.peer,
+                );
+                let peer_claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
+                hello.transcript.add(raw);
+                let est = establish(*hello, Role::Source, peer_claims, manifest);
+                Ok((SourceState::AwaitFinished(Box::new(est)), vec![]))
+            }
+            (SourceState::AwaitFinished(est), Message::Finished { mac }) => {
+                let expect = est.keys.finished_mac(Role::Destination, &est.transcript_hash);
+                if !ct_eq(&mac, &expect) {
+                    return Err(PeerMisbehaved::BadFinished.into());
+                }
+                let mine = est.keys.finished_mac(Role::Source, &est.transcript_hash);
+                Ok((SourceState::Done(est), vec![Message::Finished { mac: mine }.encode()]))
+            }
+            (s, m) => Err(unexpected(
+                &m,
+                match s {
+                    SourceState::AwaitServerHello { .. } => "server-hello",
+                    SourceState::AwaitDestinationEvidence { .. } => "destination-evidence",
+                    SourceState::AwaitFinished(_) => "finished",
+                    SourceState::Done(_) | SourceState::Taken => "nothing (handshake complete)",
+                },
+            )),
+        }
+    }
+
+    /// The session, once [`Self::is_done`].
+    pub fn into_established(self) -> Result<Established, Error> {
+        match self.state? {
+            SourceState::Done(e) => Ok(*e),
+            _ => Err(Error::ApiMisuse("handshake not complete")),
+        }
+    }
+}
+
+fn establish(hello: Hello, role: Role, peer_claims: Claims, manifest: ImageManifest) -> Established {
+    let transcript_hash = hello.transcript.hash();
+    Established {
+        role,
+        keys: KeySchedule::new(&hello.channel.tls_exporter, &transcript_hash),
+        order: hello.order,
+        version: hello.version,
+        channel: hello.channel,
+        transcript_hash,
+        peer_claims,
+        mode: hello.mode,
+        streams: hello.streams,
+        manifest,
+    }
+}
+
+/// What the destination knows before the handshake.
+pub struct DestinationConfig {
+    /// Operator keys allowed to sign orders.
+    pub operators: Vec<[u8; 32]>,
+    /// Current UNIX time, seconds.
+    pub now: u64,
+}
+
+enum DestState {
+    AwaitClientHello(Box<DestinationConfig>),
+    AwaitSourceEvidence(Box<Hello>),
+    AwaitFinished(Box<Established>),
+    Done(Box<Established>),
+    Taken,
+}
+
+/// The destination's side of the handshake.
+pub struct DestinationHandshake {
+    state: Result<DestState, Error>,
+    channel: ChannelBinding,
+    nonce: [u8; 32],
+}
+
+impl DestinationHandshake {
+    /// A destination waiting for `ClientHello`; `nonce` must be fresh random.
+    pub fn new(config: DestinationConfig, channel: ChannelBinding, nonce: [u8; 32]) -> Self {
+        Self {
+            state: Ok(DestState::AwaitClientHello(Box::new(config))),
+            channel,
+            nonce,
+        }
+    }
+
+    /// Whether the handshake completed.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, Ok(DestState::Done(_)))
+    }
+
+    /// The verified order, once the `ClientHello` was accepted (for logs and journals).
+    pub fn order(&self) -> Option<&VerifiedOrder> {
+        match &self.state {
+            Ok(DestState::AwaitSourceEvidence(h)) => Some(&h.order),
+            Ok(DestState::AwaitFinished(e)) | Ok(DestState::Done(e)) => Some(&e.order),
+            _ => None,
+        }
+    }
+
+    /// Feed one received message; returns the messages to send, in order.
+    pub fn handle(
+        &mut self,
+        msg: &[u8],
+        attester: &mut dyn Attester,
+        verifier: &dyn EvidenceVerifier,
+        journal: &mut dyn OrderJournal,
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let state = match std::mem::replace(&mut self.state, Ok(DestState::Taken)) {
+            Ok(s) => s,
+            Err(e) => {
+                self.state = Err(e.clone());
+                return Err(e);
+            }
+        };
+        match self.step(state, msg, attester, verifier, journal) {
+            Ok((next, out)) => {
+                self.state = Ok(next);
+                Ok(out)
+            }
+            Err(e) => {
+                self.state = Err(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn step(
+        &self,
+        state: DestState,
+        raw: &[u8],
+        attester: &mut dyn Attester,
+        verifier: &dyn EvidenceVerifier,
+        journal: &mut dyn OrderJournal,
+    ) -> Result<(DestState, Vec<Vec<u8>>), Error> {
+        let msg = decode(raw)?;
+        match (state, msg) {
+            (DestState::AwaitClientHello(cfg), Message::ClientHello(ch)) => {
+                let version =
+                    best_common(&ch.versions).ok_or_else(|| PeerMisbehaved::NoCommonVersion(ch.versions.clone()))?;
+                let order = ch.order.verify(&OrderPolicy {
+                    operators: &cfg.operators,
+                    me: self.channel.local,
+                    role: Role::Destination,
+                    now: cfg.now,
+                })?;
+                if !ct_eq(&self.channel.peer, &order.body().source) {
+                    return Err(PeerMisbehaved::WrongPeer {
+                        role: Role::Source,
+                        tls_peer: hex(&self.channel.peer),
+                        named: hex(&order.body().source),
+                    }
+                    .into());
+                }
+                check_mode(&ch.mode, ch.streams)?;
+                // Claimed last, so that a hello refused for another reason does not burn the id.
+                journal.claim(order.id(), order.body().not_after)?;
+                let mut transcript = Transcript::new();
+                transcript.add(raw);
+                let out = Message::ServerHello(ServerHello {
+                    version,
+                    versions: SUPPORTED_VERSIONS.to_vec(),
+                    nonce: self.nonce,
+                })
+                .encode();
+                transcript.add(&out);
+                let hello = Hello {
+                    order,
+                    channel: self.channel.clone(),
+                    nonce_s: ch.nonce,
+                    nonce_d: self.nonce,
+                    mode: ch.mode,
+                    streams: ch.streams,
+                    version,
+                    transcript,
+                };
+                Ok((DestState::AwaitSourceEvidence(Box::new(hello)), vec![out]))
+            }
+            (DestState::AwaitSourceEvidence(mut hello), Message::SourceEvidence { evidence, manifest }) => {
+                let qd = qualifying_data(
+                    HANDSHAKE_LABEL,
+                    &hello.nonce_d,
+                    &hello.channel.tls_exporter,
+                    hello.order.id(),
+                    &hello.channel.peer,
+                );
+                let claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
+                let root = manifest_root(&manifest);
+                if claims.image_manifest().is_none_or(|r| !ct_eq(r, &root)) {
+                    return Err(PeerMisbehaved::ManifestMismatch.into());
+                }
+                let parsed: ImageManifest = codec::decode(&manifest)?;
+                if parsed.vm != hello.order.body().vm {
+                    return Err(PeerMisbehaved::BadField(format!(
+                        "manifest is for VM {:?}, the order for {:?}",
+                        parsed.vm,
+                        hello.order.body().vm
+                    ))
+                    .into());
+                }
+                hello.transcript.add(raw);
+                let qd_mine = qualifying_data(
+                    HANDSHAKE_LABEL,
+                    &hello.nonce_s,
+                    &hello.channel.tls_exporter,
+                    hello.order.id(),
+                    &hello.channel.local,
+                );
+                let ev = Message::DestinationEvidence {
+                    evidence: attester.quote(&qd_mine)?,
+                }
+                .encode();
+                hello.transcript.add(&ev);
+                let est = establish(*hello, Role::Destination, claims, parsed);
+                let fin = Message::Finished {
+                    mac: est.keys.finished_mac(Role::Destination, &est.transcript_hash),
+                }
+                .encode();
+                Ok((DestState::AwaitFinished(Box::new(est)), vec![ev, fin]))
+            }
+            (DestState::AwaitFinished(est), Message::Finished { mac }) => {
+                let expect = est.keys.finished_mac(Role::Source, &est.transcript_hash);
+                if !ct_eq(&mac, &expect) {
+                    return Err(PeerMisbehaved::BadFinished.into());
+                }
+                Ok((DestState::Done(est), vec![]))
+            }
+            (s, m) => Err(unexpected(
+                &m,
+                match s {
+                    DestState::AwaitClientHello(_) => "client-hello",
+                    DestState::AwaitSourceEvidence(_) => "source-evidence",
+                    DestState::AwaitFinished(_) => "finished",
+                    DestState::Done(_) | DestState::Taken => "nothing (handshake complete)",
+                },
+            )),
+        }
+    }
+
+    /// The session, once [`Self::is_done`].
+    pub fn into_established(self) -> Result<Established, Error> {
+        match self.state? {
+            DestState::Done(e) => Ok(*e),
+            _ => Err(Error::ApiMisuse("handshake not complete")),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Image manifests: what VM the source claims to send. spec: SPEC.md §6.3
+//!
+//! The manifest lists the VM configuration digest and, per disk, the digests of fixed-size
+//! chunks. Its root, `SHA-256("trustmig manifest v1" || CBOR(manifest))`, is extended into the
+//! source's PCR before the handshake quote, so the quote vouches for it. Building manifests
+//! from files and checking chunks as they arrive is `trustmig-attest`'s work.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{codec, sha256, Digest};
+
+/// Most disks per manifest. spec: SPEC.md §9
+pub const MAX_DISKS: usize = 16;
+
+/// Chunk digests of one disk image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskManifest {
+    /// Disk name (device id).
+    pub name: String,
+    /// Image size in bytes.
+    pub size: u64,
+    /// BLAKE3 digest of each chunk, in order; the last chunk may be short.
+    pub chunks: Vec<serde_bytes::ByteBuf>,
+}
+
+/// The image manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageManifest {
+    /// The VM's name.
+    pub vm: String,
+    /// SHA-256 of the VM configuration.
+    #[serde(with = "serde_bytes")]
+    pub config_digest: Digest,
+    /// Chunk size of disk digests, bytes (a power of two, 64 KiB..=16 MiB).
+    pub chunk_size: u32,
+    /// Disks that travel with the VM (empty with shared storage).
+    pub disks: Vec<DiskManifest>,
+}
+
+impl ImageManifest {
+    /// Encode for the wire.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        codec::encode(self)
+    }
+}
+
+/// Root of encoded manifest bytes (computed over the bytes as sent, never a re-encoding).
+pub fn manifest_root(encoded: &[u8]) -> Digest {
+    sha256(&[b"trustmig manifest v1", encoded])
+}

@@ -1,0 +1,185 @@
+//! Control-channel messages (carried inside TLS). spec: SPEC.md §4, messages.cddl
+//!
+//! A frame is a 4-byte big-endian length followed by the CBOR of one [`Message`]; the length is
+//! at most [`crate::codec::MAX_CBOR_SIZE`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError, MAX_CBOR_SIZE};
+use crate::error::AbortCode;
+use crate::order::SignedOrder;
+use crate::Digest;
+
+/// Frame length prefix size.
+pub const FRAME_HEADER: usize = 4;
+/// Most data streams a session may open. spec: SPEC.md §9
+pub const MAX_STREAMS: u16 = 16;
+
+/// Source -> destination: opens the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientHello {
+    /// Versions the source speaks, highest first.
+    pub versions: Vec<u16>,
+    /// Fresh 32-byte nonce for the destination's quote.
+    #[serde(with = "serde_bytes")]
+    pub nonce: [u8; 32],
+    /// The signed order.
+    pub order: SignedOrder,
+    /// How the VM state travels.
+    pub mode: TransferMode,
+    /// Number of data streams the source will open (1..=[`MAX_STREAMS`]).
+    pub streams: u16,
+}
+
+/// How VM state travels on the data streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransferMode {
+    /// trustmig's own pre-copy engine over a guest-memory backend.
+    Precopy {
+        /// Guest page size in bytes.
+        page_size: u32,
+        /// Number of guest pages.
+        page_count: u64,
+    },
+    /// An opaque hypervisor stream (QEMU's migration stream) on stream 0.
+    HypervisorStream,
+}
+
+/// Destination -> source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerHello {
+    /// Chosen version.
+    pub version: u16,
+    /// Every version the destination speaks (lets the source detect a downgrade).
+    pub versions: Vec<u16>,
+    /// Fresh 32-byte nonce for the source's quote.
+    #[serde(with = "serde_bytes")]
+    pub nonce: [u8; 32],
+}
+
+/// Every control message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Message {
+    /// Handshake 1 (S->D).
+    ClientHello(ClientHello),
+    /// Handshake 2 (D->S).
+    ServerHello(ServerHello),
+    /// Handshake 3 (S->D): source evidence and the image manifest it covers.
+    SourceEvidence {
+        /// Opaque evidence from the source's attester.
+        #[serde(with = "serde_bytes")]
+        evidence: Vec<u8>,
+        /// CBOR of the image manifest; its root is in the source's event log.
+        #[serde(with = "serde_bytes")]
+        manifest: Vec<u8>,
+    },
+    /// Handshake 4 (D->S): destination evidence.
+    DestinationEvidence {
+        /// Opaque evidence from the destination's attester.
+        #[serde(with = "serde_bytes")]
+        evidence: Vec<u8>,
+    },
+    /// Handshake 5/6: key confirmation over the transcript.
+    Finished {
+        /// HMAC of the transcript hash under the sender's confirm key.
+        #[serde(with = "serde_bytes")]
+        mac: [u8; 32],
+    },
+    /// Progress (S->D, informational): a pre-copy round ended.
+    RoundDone {
+        /// Round number (0-based).
+        round: u32,
+        /// Records sent on each stream so far.
+        stream_records: Vec<u64>,
+    },
+    /// S->D: the VM is paused and every page and the device state are on the streams.
+    SwitchOver {
+        /// Total records sent on each stream, including `StreamEnd`.
+        stream_records: Vec<u64>,
+    },
+    /// D->S: everything arrived; quote your final digest with this fresh nonce.
+    FinalChallenge {
+        /// Fresh nonce.
+        #[serde(with = "serde_bytes")]
+        nonce: [u8; 32],
+    },
+    /// S->D: final image digest, extended into the source TPM and quoted.
+    FinalEvidence {
+        /// The final image digest.
+        #[serde(with = "serde_bytes")]
+        digest: Digest,
+        /// Evidence over the final qualifying data.
+        #[serde(with = "serde_bytes")]
+        evidence: Vec<u8>,
+    },
+    /// D->S: final evidence verified and the digest matches; ready to resume.
+    Ready,
+    /// S->D: the source has journalled the commit; resume.
+    Commit,
+    /// D->S: the VM runs on the destination.
+    Resumed,
+    /// Either way: the migration is over, unsuccessfully.
+    Abort {
+        /// Abort code.
+        code: AbortCode,
+        /// Human-readable reason (no secrets).
+        reason: String,
+    },
+}
+
+impl Message {
+    /// Short name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ClientHello(_) => "client-hello",
+            Self::ServerHello(_) => "server-hello",
+            Self::SourceEvidence { .. } => "source-evidence",
+            Self::DestinationEvidence { .. } => "destination-evidence",
+            Self::Finished { .. } => "finished",
+            Self::RoundDone { .. } => "round-done",
+            Self::SwitchOver { .. } => "switch-over",
+            Self::FinalChallenge { .. } => "final-challenge",
+            Self::FinalEvidence { .. } => "final-evidence",
+            Self::Ready => "ready",
+            Self::Commit => "commit",
+            Self::Resumed => "resumed",
+            Self::Abort { .. } => "abort",
+        }
+    }
+
+    /// CBOR encoding (without the frame header).
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(self)
+    }
+
+    /// Decode one message body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        codec::decode(bytes)
+    }
+
+    /// Length-prefixed frame.
+    pub fn to_frame(&self) -> Vec<u8> {
+        frame(&self.encode())
+    }
+}
+
+/// Prefix `body` with its length.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Parse a frame header; the length is bounded before anything is allocated.
+pub fn frame_len(header: [u8; FRAME_HEADER]) -> Result<usize, CodecError> {
+    let n = u32::from_be_bytes(header) as usize;
+    if n > MAX_CBOR_SIZE {
+        return Err(CodecError::TooLarge(n));
+    }
+    Ok(n)
+}

@@ -1,0 +1,310 @@
+//! After the handshake: switch-over, final evidence, commit or rollback. spec: SPEC.md §8.7
+//!
+//! ```text
+//! source                                   destination
+//!   (pages on data streams ...)
+//!   pause, last pages, device state, StreamEnd on every stream
+//!   SwitchOver{stream_records}  ->
+//!                                  wait until every stream delivered that many records
+//!                          <-  FinalChallenge{nonce}
+//!   extend MigrationFinal(digest); quote(qd_final(nonce))
+//!   FinalEvidence{digest, evidence}  ->
+//!                                  verify quote, digest == own digest
+//!                          <-  Ready
+//!   journal COMMIT (fsync)
+//!   Commit  ->
+//!                                  journal COMMIT, resume VM
+//!                          <-  Resumed
+//!   journal DONE, discard VM
+//! ```
+//! Before the source journals COMMIT, every failure rolls back: the source resumes its VM and
+//! the destination discards. After it, the source never resumes on its own; an in-doubt
+//! migration is settled from the journals (SPEC.md §8.8).
+
+use crate::attestation::{qualifying_data, Attester, EvidenceVerifier, Measurement, FINAL_LABEL};
+use crate::error::{Error, PeerMisbehaved};
+use crate::handshake::ChannelBinding;
+use crate::messages::Message;
+use crate::order::{hex, OrderId};
+use crate::{ct_eq, Digest};
+
+/// Whether the VM may still be resumed on the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing committed: the source keeps (or resumes) its VM; the destination discards.
+    RollBack,
+    /// Committed: the destination owns the VM; the source must never resume it.
+    Committed,
+}
+
+#[derive(Debug)]
+enum SourcePhase {
+    Transferring,
+    AwaitChallenge { digest: Digest },
+    AwaitReady,
+    ReadyToCommit,
+    AwaitResumed,
+    Done,
+}
+
+/// The source's control-plane state after the handshake.
+pub struct SourceMigration {
+    channel: ChannelBinding,
+    order_id: OrderId,
+    phase: Result<SourcePhase, Error>,
+}
+
+fn sticky<P>(phase: &mut Result<P, Error>, r: Result<P, Error>) -> Result<(), Error> {
+    match r {
+        Ok(p) => {
+            *phase = Ok(p);
+            Ok(())
+        }
+        Err(e) => {
+            *phase = Err(e.clone());
+            Err(e)
+        }
+    }
+}
+
+fn decode(raw: &[u8]) -> Result<Message, Error> {
+    match Message::decode(raw)? {
+        Message::Abort { code, reason } => Err(Error::PeerAborted { code, reason }),
+        m => Ok(m),
+    }
+}
+
+fn unexpected(m: &Message, expected: &'static str) -> Error {
+    PeerMisbehaved::UnexpectedMessage {
+        got: m.name(),
+        expected,
+    }
+    .into()
+}
+
+/// What the source driver must do after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// Send this message.
+    Send(Vec<u8>),
+    /// The destination is ready: journal COMMIT durably, then call [`SourceMigration::commit`].
+    ReadyToCommit,
+    /// The destination runs the VM: journal DONE and discard the local copy.
+    Resumed,
+}
+
+impl SourceMigration {
+    /// State for a session with this channel and order.
+    pub fn new(channel: ChannelBinding, order_id: OrderId) -> Self {
+        Self {
+            channel,
+            order_id,
+            phase: Ok(SourcePhase::Transferring),
+        }
+    }
+
+    /// What a failure now means for the VM.
+    pub fn outcome_on_failure(&self) -> Outcome {
+        match self.phase {
+            Ok(SourcePhase::AwaitResumed) | Ok(SourcePhase::Done) => Outcome::Committed,
+            _ => Outcome::RollBack,
+        }
+    }
+
+    /// The VM is paused and every stream ended: announce it. `digest` is the final image
+    /// digest the engine computed.
+    pub fn switch_over(&mut self, stream_records: Vec<u64>, digest: Digest) -> Result<Vec<u8>, Error> {
+        let r = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
+            Ok(SourcePhase::Transferring) => Ok(SourcePhase::AwaitChallenge { digest }),
+            Ok(_) => Err(Error::ApiMisuse("switch_over twice")),
+            Err(e) => Err(e),
+        };
+        sticky(&mut self.phase, r)?;
+        Ok(Message::SwitchOver { stream_records }.encode())
+    }
+
+    /// Handle a control message from the destination.
+    pub fn handle(&mut self, raw: &[u8], attester: &mut dyn Attester) -> Result<SourceEvent, Error> {
+        let phase = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
+            Ok(p) => p,
+            Err(e) => {
+                self.phase = Err(e.clone());
+                return Err(e);
+            }
+        };
+        let mut event = None;
+        let r = (|| match (phase, decode(raw)?) {
+            (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
+                attester.extend(&Measurement::MigrationFinal(digest))?;
+                let qd = qualifying_data(FINAL_LABEL, &nonce, &self.channel.tls_exporter, &self.order_id, &self.channel.local);
+                let evidence = attester.quote(&qd)?;
+                event = Some(SourceEvent::Send(Message::FinalEvidence { digest, evidence }.encode()));
+                Ok(SourcePhase::AwaitReady)
+            }
+            (SourcePhase::AwaitReady, Message::Ready) => {
+                event = Some(SourceEvent::ReadyToCommit);
+                Ok(SourcePhase::ReadyToCommit)
+            }
+            (SourcePhase::AwaitResumed, Message::Resumed) => {
+                event = Some(SourceEvent::Resumed);
+                Ok(SourcePhase::Done)
+            }
+            (p, m) => Err(unexpected(
+                &m,
+                match p {
+                    SourcePhase::Transferring => "nothing (transferring)",
+                    SourcePhase::AwaitChallenge { .. } => "final-challenge",
+                    SourcePhase::AwaitReady => "ready",
+                    SourcePhase::ReadyToCommit => "nothing (committing)",
+                    SourcePhase::AwaitResumed => "resumed",
+                    SourcePhase::Done => "nothing (done)",
+                },
+            )),
+        })();
+        sticky(&mut self.phase, r)?;
+        Ok(event.expect("every successful transition sets an event"))
+    }
+
+    /// After COMMIT is durable in the journal: the message to send.
+    pub fn commit(&mut self) -> Result<Vec<u8>, Error> {
+        let r = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
+            Ok(SourcePhase::ReadyToCommit) => Ok(SourcePhase::AwaitResumed),
+            Ok(_) => Err(Error::ApiMisuse("commit before the destination is ready")),
+            Err(e) => Err(e),
+        };
+        sticky(&mut self.phase, r)?;
+        Ok(Message::Commit.encode())
+    }
+}
+
+#[derive(Debug)]
+enum DestPhase {
+    Receiving,
+    AwaitStreams { stream_records: Vec<u64> },
+    AwaitFinalEvidence { nonce: [u8; 32], computed: Digest },
+    AwaitCommit,
+    Committed,
+    Done,
+}
+
+/// What the destination driver must do after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DestEvent {
+    /// Informational (progress); nothing to do.
+    None,
+    /// Wait until each stream has delivered this many records, then call
+    /// [`DestMigration::streams_complete`].
+    AwaitStreams(Vec<u64>),
+    /// Send this message.
+    Send(Vec<u8>),
+    /// Commit received: journal COMMIT durably, resume the VM, then call
+    /// [`DestMigration::resumed`].
+    Resume,
+}
+
+/// The destination's control-plane state after the handshake.
+pub struct DestMigration {
+    channel: ChannelBinding,
+    order_id: OrderId,
+    phase: Result<DestPhase, Error>,
+}
+
+impl DestMigration {
+    /// State for a session with this channel and order.
+    pub fn new(channel: ChannelBinding, order_id: OrderId) -> Self {
+        Self {
+            channel,
+            order_id,
+            phase: Ok(DestPhase::Receiving),
+        }
+    }
+
+    /// What a failure now means: before `Commit` arrived the destination discards.
+    pub fn outcome_on_failure(&self) -> Outcome {
+        match self.phase {
+            Ok(DestPhase::Committed) | Ok(DestPhase::Done) => Outcome::Committed,
+            _ => Outcome::RollBack,
+        }
+    }
+
+    /// Handle a control message from the source.
+    pub fn handle(&mut self, raw: &[u8], verifier: &dyn EvidenceVerifier) -> Result<DestEvent, Error> {
+        let phase = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
+            Ok(p) => p,
+            Err(e) => {
+                self.phase = Err(e.clone());
+                return Err(e);
+            }
+        };
+        let mut event = DestEvent::None;
+        let r = (|| match (phase, decode(raw)?) {
+            (DestPhase::Receiving, Message::RoundDone { .. }) => Ok(DestPhase::Receiving),
+            (DestPhase::Receiving, Message::SwitchOver { stream_records }) => {
+                event = DestEvent::AwaitStreams(stream_records.clone());
+                Ok(DestPhase::AwaitStreams { stream_records })
+            }
+            (DestPhase::AwaitFinalEvidence { nonce, computed }, Message::FinalEvidence { digest, evidence }) => {
+                let qd = qualifying_data(FINAL_LABEL, &nonce, &self.channel.tls_exporter, &self.order_id, &self.channel.peer);
+                let claims = verifier.verify(&evidence, &qd, &self.channel.peer)?;
+                let attested = claims.migration_final().copied().unwrap_or([0; 32]);
+                if !ct_eq(&attested, &digest) || !ct_eq(&digest, &computed) {
+                    return Err(PeerMisbehaved::FinalDigestMismatch {
+                        attested: hex(&attested),
+                        computed: hex(&computed),
+                    }
+                    .into());
+                }
+                event = DestEvent::Send(Message::Ready.encode());
+                Ok(DestPhase::AwaitCommit)
+            }
+            (DestPhase::AwaitCommit, Message::Commit) => {
+                event = DestEvent::Resume;
+                Ok(DestPhase::Committed)
+            }
+            (p, m) => Err(unexpected(
+                &m,
+                match p {
+                    DestPhase::Receiving => "round-done or switch-over",
+                    DestPhase::AwaitStreams { .. } => "nothing (draining streams)",
+                    DestPhase::AwaitFinalEvidence { .. } => "final-evidence",
+                    DestPhase::AwaitCommit => "commit",
+                    DestPhase::Committed | DestPhase::Done => "nothing (done)",
+                },
+            )),
+        })();
+        sticky(&mut self.phase, r)?;
+        Ok(event)
+    }
+
+    /// Every stream delivered its records: check the counts, then challenge the source for its
+    /// final evidence. `computed` is the destination's own final digest; `nonce` fresh random.
+    pub fn streams_complete(&mut self, received: &[u64], computed: Digest, nonce: [u8; 32]) -> Result<Vec<u8>, Error> {
+        let r = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
+            Ok(DestPhase::AwaitStreams { stream_records }) => {
+                if stream_records.as_slice() == received {
+                    Ok(DestPhase::AwaitFinalEvidence { nonce, computed })
+                } else {
+                    Err(PeerMisbehaved::BadField(format!(
+                        "source sent {stream_records:?} records per stream, destination received {received:?}"
+                    ))
+                    .into())
+                }
+            }
+            Ok(_) => Err(Error::ApiMisuse("streams_complete before switch-over")),
+            Err(e) => Err(e),
+        };
+        sticky(&mut self.phase, r)?;
+        Ok(Message::FinalChallenge { nonce }.encode())
+    }
+
+    /// The VM runs here now (COMMIT journalled): the message to send.
+    pub fn resumed(&mut self) -> Result<Vec<u8>, Error> {
+        let r = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
+            Ok(DestPhase::Committed) => Ok(DestPhase::Done),
+            Ok(_) => Err(Error::ApiMisuse("resumed before commit")),
+            Err(e) => Err(e),
+        };
+        sticky(&mut self.phase, r)?;
+        Ok(Message::Resumed.encode())
+    }
+}
