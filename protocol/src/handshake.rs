@@ -74,6 +74,19 @@ pub struct Established {
     pub manifest: ImageManifest,
 }
 
+impl std::fmt::Debug for Established {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys stay out of Debug output.
+        f.debug_struct("Established")
+            .field("role", &self.role)
+            .field("order_id", &hex(self.order.id()))
+            .field("version", &self.version)
+            .field("mode", &self.mode)
+            .field("streams", &self.streams)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Running SHA-256 over length-prefixed messages. spec: SPEC.md §5.3
 #[derive(Clone)]
 struct Transcript(ring::digest::Context);

@@ -251,7 +251,12 @@ impl Sealer {
         if self.ended {
             return Err(RecordError::AfterEnd);
         }
-        if self.seq > 0 && self.seq % self.limits.rekey_interval == self.limits.rekey_interval - 1 {
+        let rekey = self.seq > 0 && self.seq % self.limits.rekey_interval == self.limits.rekey_interval - 1;
+        // All-or-nothing: refuse before writing anything if the update and the record don't fit.
+        if self.seq + 1 + u64::from(rekey) > self.limits.hard_limit {
+            return Err(RecordError::Exhausted(self.seq));
+        }
+        if rekey {
             self.seal_one(RecordType::KeyUpdate, &[], out)?;
             self.epoch = self.epoch.next();
         }

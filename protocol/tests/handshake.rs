@@ -1,0 +1,283 @@
+//! Handshake with test-double attesters: success, and each attack ending in a typed abort.
+
+mod common;
+
+use common::*;
+use trustmig_protocol::error::{AbortCode, Error, PeerMisbehaved};
+use trustmig_protocol::handshake::*;
+use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::messages::{Message, ServerHello};
+use trustmig_protocol::order::*;
+use trustmig_protocol::testing::{SoftAttester, SoftVerifier};
+
+#[test]
+fn handshake_agrees_on_keys_and_claims() {
+    let (s, d) = run(Setup::default(), &mut MemoryJournal::default()).unwrap();
+    assert_eq!(s.transcript_hash, d.transcript_hash);
+    assert_eq!(s.keys.session_id(), d.keys.session_id());
+    assert_eq!(s.peer_claims.measurements[0], trustmig_protocol::attestation::Measurement::AgentExecutable(EXE));
+    assert!(d.peer_claims.image_manifest().is_some(), "source attested its manifest");
+    assert_eq!(d.manifest, manifest());
+    assert_eq!(s.version, 1);
+}
+
+#[test]
+fn channel_binding_mismatch_fails_attestation() {
+    // A relay that terminates TLS on both sides sees two different exporters.
+    let r = run(
+        Setup {
+            dst_exporter: [6; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Destination(Error::Attestation(_)))), "{r:?}");
+}
+
+#[test]
+fn replayed_evidence_with_old_nonce_fails() {
+    // Capture the source evidence of one session and splice it into a second.
+    let captured = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let c = captured.clone();
+    run(
+        Setup {
+            tamper_s2d: Box::new(move |i, m| {
+                if i == 1 {
+                    *c.borrow_mut() = Some(m.clone());
+                }
+                m
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    )
+    .unwrap();
+    let old = captured.borrow().clone().unwrap();
+    let r = run(
+        Setup {
+            signed: SignedOrder::sign(&order_body(1), &op()),
+            tamper_s2d: Box::new(move |i, m| if i == 1 { old.clone() } else { m }),
+            // A new session: different destination nonce via a different exporter too.
+            src_exporter: [9; 32],
+            dst_exporter: [9; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Destination(Error::Attestation(_)))), "{r:?}");
+}
+
+#[test]
+fn order_for_another_destination_is_refused() {
+    let mut b = order_body(1);
+    b.destination = [3; 32];
+    let r = run(
+        Setup {
+            signed: SignedOrder::sign(&b, &op()),
+            src_sees_peer: [3; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    match r {
+        Err(Failed::Destination(e @ Error::Order(OrderError::WrongAgent { .. }))) => {
+            assert_eq!(AbortCode::from(&e), AbortCode::OrderRefused)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn tls_peer_not_named_in_order_is_refused() {
+    // Destination: the TLS client is some other agent than the order's source.
+    let r = run(
+        Setup {
+            dst_sees_peer: [7; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(
+        matches!(r, Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::WrongPeer { .. })))),
+        "{r:?}"
+    );
+    // Source: the TLS server is not the order's destination.
+    let r = run(
+        Setup {
+            src_sees_peer: [7; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Source(Error::PeerMisbehaved(PeerMisbehaved::WrongPeer { .. })))), "{r:?}");
+}
+
+#[test]
+fn replayed_order_is_refused_by_the_journal() {
+    let mut journal = MemoryJournal::default();
+    run(Setup::default(), &mut journal).unwrap();
+    let r = run(Setup::default(), &mut journal);
+    assert!(matches!(r, Err(Failed::Destination(Error::Order(OrderError::Replayed(_))))), "{r:?}");
+}
+
+#[test]
+fn unmeasured_agent_fails_attestation_both_ways() {
+    let r = run(
+        Setup {
+            src_exe: [0xEE; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Destination(Error::Attestation(_)))), "{r:?}");
+    let r = run(
+        Setup {
+            dst_exe: [0xEE; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Source(Error::Attestation(_)))), "{r:?}");
+}
+
+fn rewrite(m: Vec<u8>, f: impl FnOnce(Message) -> Message) -> Vec<u8> {
+    f(Message::decode(&m).unwrap()).encode()
+}
+
+#[test]
+fn version_downgrade_is_detected() {
+    let r = run(
+        Setup {
+            tamper_d2s: Box::new(|i, m| {
+                if i != 0 {
+                    return m;
+                }
+                rewrite(m, |msg| match msg {
+                    Message::ServerHello(sh) => Message::ServerHello(ServerHello {
+                        version: 0,
+                        versions: vec![1, 0],
+                        ..sh
+                    }),
+                    o => o,
+                })
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    match r {
+        Err(Failed::Source(e @ Error::PeerMisbehaved(PeerMisbehaved::Downgrade { chosen: 0, best: 1 }))) => {
+            assert_eq!(AbortCode::from(&e), AbortCode::VersionMismatch)
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = run(
+        Setup {
+            tamper_s2d: Box::new(|i, m| {
+                if i != 0 {
+                    return m;
+                }
+                rewrite(m, |msg| match msg {
+                    Message::ClientHello(mut ch) => {
+                        ch.versions = vec![7];
+                        Message::ClientHello(ch)
+                    }
+                    o => o,
+                })
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(
+        matches!(r, Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::NoCommonVersion(_))))),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn altered_finished_or_manifest_is_refused() {
+    let r = run(
+        Setup {
+            tamper_d2s: Box::new(|i, m| {
+                if i != 2 {
+                    return m;
+                }
+                rewrite(m, |msg| match msg {
+                    Message::Finished { mut mac } => {
+                        mac[0] ^= 1;
+                        Message::Finished { mac }
+                    }
+                    o => o,
+                })
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Source(Error::PeerMisbehaved(PeerMisbehaved::BadFinished)))), "{r:?}");
+    let r = run(
+        Setup {
+            tamper_s2d: Box::new(|i, m| {
+                if i != 1 {
+                    return m;
+                }
+                rewrite(m, |msg| match msg {
+                    Message::SourceEvidence { evidence, .. } => Message::SourceEvidence {
+                        evidence,
+                        manifest: ImageManifest {
+                            vm: "other".into(),
+                            ..manifest()
+                        }
+                        .to_cbor(),
+                    },
+                    o => o,
+                })
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(matches!(r, Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::ManifestMismatch)))), "{r:?}");
+}
+
+#[test]
+fn out_of_order_and_garbage_messages_are_typed_and_sticky() {
+    let mut dst = DestinationHandshake::new(
+        DestinationConfig {
+            operators: vec![],
+            now: NOW,
+        },
+        ChannelBinding {
+            tls_exporter: [0; 32],
+            local: DST,
+            peer: SRC,
+        },
+        [0; 32],
+    );
+    let mut att = SoftAttester::new(b"k", DST, EXE);
+    let ver = SoftVerifier {
+        key: b"k".to_vec(),
+        allowed_exe: vec![EXE],
+    };
+    let mut j = MemoryJournal::default();
+    let e = dst
+        .handle(&Message::Ready.encode(), &mut att, &ver, &mut j)
+        .unwrap_err();
+    assert!(matches!(e, Error::PeerMisbehaved(PeerMisbehaved::UnexpectedMessage { got: "ready", .. })));
+    assert_eq!(dst.handle(&Message::Ready.encode(), &mut att, &ver, &mut j).unwrap_err(), e);
+    let mut dst2 = DestinationHandshake::new(
+        DestinationConfig {
+            operators: vec![],
+            now: NOW,
+        },
+        ChannelBinding {
+            tls_exporter: [0; 32],
+            local: DST,
+            peer: SRC,
+        },
+        [0; 32],
+    );
+    let e = dst2.handle(b"\xff\x00garbage", &mut att, &ver, &mut j).unwrap_err();
+    assert_eq!(AbortCode::from(&e), AbortCode::DecodeError);
+}

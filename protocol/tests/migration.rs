@@ -1,0 +1,261 @@
+//! A whole migration through both state machines over an in-memory link, in virtual time.
+
+mod common;
+
+use common::*;
+use trustmig_protocol::error::{Error, PeerMisbehaved};
+use trustmig_protocol::handshake::Established;
+use trustmig_protocol::keys::Direction;
+use trustmig_protocol::migration::*;
+use trustmig_protocol::order::{Limits, MemoryJournal, NonConvergence};
+use trustmig_protocol::precopy::*;
+use trustmig_protocol::record::{Opener, RecordType, Sealer};
+use trustmig_protocol::testing::{SoftAttester, SoftVerifier, VecGuest};
+
+const PAGE: usize = 4096;
+const PAGES: u64 = 4096; // 16 MiB guest
+const BANDWIDTH: u64 = 1_000_000_000; // simulated link, bytes/s
+
+struct Report {
+    decisions: Vec<RoundDecision>,
+    stop_copy_bytes: u64,
+    src: VecGuest,
+    dst: VecGuest,
+    result: Result<(), Error>,
+    stats: SourceStats,
+}
+
+fn sessions() -> (Established, Established) {
+    run(Setup::default(), &mut MemoryJournal::default()).expect("handshake")
+}
+
+/// Migrate a guest that dirties `dirty_pages_per_sec` pages per virtual second.
+fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Report {
+    let (s, d) = sessions();
+    let streams = s.streams;
+    let mut src = VecGuest::new(PAGE, PAGES, 700, 7);
+    let mut dst = VecGuest::new(PAGE, PAGES, 0, 9);
+    dst.pause(); // the destination guest exists paused until Commit
+    let mut sealers: Vec<Sealer> = (0..streams)
+        .map(|i| Sealer::new(s.keys.stream_secret(Direction::SourceToDestination, i), i))
+        .collect();
+    let mut openers: Vec<Opener> = (0..streams)
+        .map(|i| Opener::new(d.keys.stream_secret(Direction::SourceToDestination, i), i))
+        .collect();
+    let mut engine = PrecopySource::new(&src, limits, streams).unwrap();
+    let mut receiver = PrecopyDest::new(&dst, PAGE as u32, PAGES, streams).unwrap();
+    let mut decisions = Vec::new();
+    let mut buf = Vec::new();
+    let mut wire = Vec::new();
+
+    // Seal on the batch's stream, "transmit", open and apply at the destination.
+    let mut send = |typ: RecordType, stream: u16, payload: &[u8], dst: &mut VecGuest, rx: &mut PrecopyDest| -> u64 {
+        wire.clear();
+        sealers[stream as usize].seal(typ, payload, &mut wire).unwrap();
+        let n = wire.len() as u64;
+        let (t, p) = openers[stream as usize].open(&mut wire).unwrap();
+        match t {
+            RecordType::Pages => {
+                rx.on_pages(dst, stream, p).unwrap();
+            }
+            RecordType::DeviceState => rx.on_device_state(p).unwrap(),
+            _ => {}
+        }
+        n
+    };
+
+    engine.begin(&mut src).unwrap();
+    let result = loop {
+        loop {
+            buf.clear();
+            let Some(batch) = engine.next_batch(&src, &mut buf).unwrap() else { break };
+            let n = send(RecordType::Pages, batch.stream, &buf, &mut dst, &mut receiver);
+            // Virtual time passes while the batch is on the wire; the guest dirties meanwhile.
+            src.run(dirty_pages_per_sec * n / BANDWIDTH);
+        }
+        match engine.end_round(&mut src, BANDWIDTH) {
+            Ok(d @ RoundDecision::SwitchOver { .. }) => {
+                decisions.push(d);
+                break Ok(());
+            }
+            Ok(d) => decisions.push(d),
+            Err(e) => break Err(Error::from(e)),
+        }
+    };
+    if let Err(e) = result {
+        engine.rollback(&mut src);
+        return Report {
+            decisions,
+            stop_copy_bytes: 0,
+            src,
+            dst,
+            result: Err(e),
+            stats: engine.stats().clone(),
+        };
+    }
+    engine.stop_and_copy(&mut src).unwrap();
+    let mut stop_copy_bytes = 0;
+    loop {
+        buf.clear();
+        let Some(batch) = engine.next_batch(&src, &mut buf).unwrap() else { break };
+        stop_copy_bytes += send(RecordType::Pages, batch.stream, &buf, &mut dst, &mut receiver);
+    }
+    let device_state = b"vcpu0: rip=0x1000".to_vec();
+    stop_copy_bytes += send(RecordType::DeviceState, 0, &device_state, &mut dst, &mut receiver);
+    for i in 0..streams {
+        send(RecordType::StreamEnd, i, &[], &mut dst, &mut receiver);
+    }
+    let mut digest = engine.finish(&device_state, &s.transcript_hash).unwrap();
+    if corrupt_digest {
+        digest[0] ^= 1;
+    }
+
+    // Control plane: switch-over, final evidence, commit.
+    let mut src_att = SoftAttester::new(b"k", SRC, EXE);
+    let ver = SoftVerifier {
+        key: b"k".to_vec(),
+        allowed_exe: vec![EXE],
+    };
+    let mut sm = SourceMigration::new(s.channel.clone(), *s.order.id());
+    let mut dm = DestMigration::new(d.channel.clone(), *d.order.id());
+    let counts: Vec<u64> = openers.iter().map(|o| o.records()).collect();
+    let result = (|| {
+        let so = sm.switch_over(counts.clone(), digest)?;
+        let DestEvent::AwaitStreams(expected) = dm.handle(&so, &ver)? else { panic!("await streams") };
+        assert_eq!(expected, counts);
+        assert!(openers.iter().all(|o| o.is_ended()));
+        let computed = receiver.final_digest(&d.transcript_hash)?;
+        let challenge = dm.streams_complete(&counts, computed, [0x77; 32])?;
+        let SourceEvent::Send(fe) = sm.handle(&challenge, &mut src_att)? else { panic!("final evidence") };
+        assert_eq!(sm.outcome_on_failure(), Outcome::RollBack);
+        let DestEvent::Send(ready) = dm.handle(&fe, &ver)? else { panic!("ready") };
+        assert_eq!(sm.handle(&ready, &mut src_att)?, SourceEvent::ReadyToCommit);
+        let commit = sm.commit()?;
+        assert_eq!(sm.outcome_on_failure(), Outcome::Committed);
+        assert_eq!(dm.handle(&commit, &ver)?, DestEvent::Resume);
+        dst.resume();
+        let resumed = dm.resumed()?;
+        assert_eq!(sm.handle(&resumed, &mut src_att)?, SourceEvent::Resumed);
+        Ok(())
+    })();
+    Report {
+        decisions,
+        stop_copy_bytes,
+        src,
+        dst,
+        result,
+        stats: engine.stats().clone(),
+    }
+}
+
+fn limits(downtime_ms: u32, max_rounds: u32, on: NonConvergence) -> Limits {
+    Limits {
+        downtime_ms,
+        bandwidth_bps: 0,
+        max_rounds,
+        on_nonconvergence: on,
+    }
+}
+
+#[test]
+fn memory_equal_at_pause_for_several_dirty_rates() {
+    // Page-dirtying rates as a fraction of the link: 0, ~1%, ~10%, ~25%, ~50%.
+    let link_pages = BANDWIDTH / PAGE as u64;
+    for rate in [0, link_pages / 100, link_pages / 10, link_pages / 4, link_pages / 2] {
+        let r = migrate(rate, limits(5, 30, NonConvergence::Force), false);
+        r.result.as_ref().unwrap();
+        assert!(r.src.paused, "source paused at switch-over");
+        assert!(r.src.mem == r.dst.mem, "destination memory differs at rate {rate}");
+        assert!(!r.dst.paused, "destination resumed after commit");
+        assert!(r.stats.zero_pages_skipped > 0, "zero pages elided");
+    }
+}
+
+#[test]
+fn predicted_downtime_is_respected_when_dirty_rate_is_at_most_half_the_bandwidth() {
+    let link_pages = BANDWIDTH / PAGE as u64;
+    for rate in [link_pages / 10, link_pages / 2] {
+        let target = 5;
+        let r = migrate(rate, limits(target, 30, NonConvergence::Abort), false);
+        r.result.as_ref().unwrap();
+        let last = *r.decisions.last().unwrap();
+        let RoundDecision::SwitchOver { predicted_ms, converged } = last else { panic!() };
+        assert!(converged);
+        assert!(predicted_ms <= u64::from(target));
+        // What stop-and-copy actually sent, at the link rate, is within the target.
+        let actual_ms = r.stop_copy_bytes * 1000 / BANDWIDTH;
+        assert!(actual_ms <= u64::from(target), "stop-and-copy took {actual_ms} ms at rate {rate}");
+    }
+}
+
+#[test]
+fn non_convergence_gets_the_orders_action() {
+    // The guest dirties pages twice as fast as the link can carry them.
+    let rate = 2 * BANDWIDTH / PAGE as u64;
+    let r = migrate(rate, limits(1, 4, NonConvergence::Abort), false);
+    assert!(matches!(r.result, Err(Error::Precopy(PrecopyError::NotConverged { rounds: 4, .. }))), "{:?}", r.result.err());
+    assert!(!r.src.paused && r.src.throttle == 0, "rollback: source runs at full speed");
+
+    let r = migrate(rate, limits(1, 4, NonConvergence::Force), false);
+    r.result.as_ref().unwrap();
+    assert!(matches!(r.decisions.last(), Some(RoundDecision::SwitchOver { converged: false, .. })));
+    assert!(r.stats.forced);
+    assert!(r.src.mem == r.dst.mem);
+
+    let r = migrate(rate, limits(1, 4, NonConvergence::Throttle), false);
+    r.result.as_ref().unwrap();
+    let throttles: Vec<u8> = r
+        .decisions
+        .iter()
+        .filter_map(|d| match d {
+            RoundDecision::Throttle { percent, .. } => Some(*percent),
+            _ => None,
+        })
+        .collect();
+    assert!(!throttles.is_empty(), "throttled");
+    assert!(throttles.windows(2).all(|w| w[0] < w[1]), "throttle escalates: {throttles:?}");
+    assert!(r.src.mem == r.dst.mem);
+}
+
+#[test]
+fn a_wrong_final_digest_is_refused_and_nothing_commits() {
+    let r = migrate(0, limits(5, 30, NonConvergence::Force), true);
+    assert!(
+        matches!(r.result, Err(Error::PeerMisbehaved(PeerMisbehaved::FinalDigestMismatch { .. }))),
+        "{:?}",
+        r.result.err()
+    );
+    assert!(r.dst.paused, "destination never resumed");
+}
+
+#[test]
+fn destination_never_writes_outside_the_guest() {
+    let mut dst = VecGuest::new(PAGE, 64, 0, 1);
+    let mut rx = PrecopyDest::new(&dst, PAGE as u32, 64, 1).unwrap();
+    let mut payload = 1u32.to_be_bytes().to_vec();
+    payload.extend_from_slice(&64u64.to_be_bytes());
+    payload.push(1);
+    payload.extend_from_slice(&[0xAB; PAGE]);
+    assert_eq!(rx.on_pages(&mut dst, 0, &payload), Err(PrecopyError::OutOfBounds { pfn: 64, page_count: 64 }));
+    assert!(dst.mem.iter().all(|&b| b == 0));
+    // A valid first entry followed by a bad one: nothing is written (all-or-nothing).
+    let mut rx = PrecopyDest::new(&dst, PAGE as u32, 64, 1).unwrap();
+    let mut payload = 2u32.to_be_bytes().to_vec();
+    payload.extend_from_slice(&3u64.to_be_bytes());
+    payload.push(1);
+    payload.extend_from_slice(&[0xCD; PAGE]);
+    payload.extend_from_slice(&4u64.to_be_bytes());
+    payload.push(9);
+    assert!(matches!(rx.on_pages(&mut dst, 0, &payload), Err(PrecopyError::BadBatch(_))));
+    assert!(dst.mem.iter().all(|&b| b == 0));
+    // Pages on a stream that does not own their chunk are refused.
+    let mut big = VecGuest::new(PAGE, 256, 0, 1);
+    let mut rx = PrecopyDest::new(&big, PAGE as u32, 256, 2).unwrap();
+    let mut payload = 1u32.to_be_bytes().to_vec();
+    payload.extend_from_slice(&64u64.to_be_bytes());
+    payload.push(0);
+    assert_eq!(
+        rx.on_pages(&mut big, 0, &payload),
+        Err(PrecopyError::WrongStream { pfn: 64, stream: 0, expected: 1 })
+    );
+}
