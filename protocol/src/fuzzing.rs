@@ -65,7 +65,8 @@ pub fn responder_handshake(data: &[u8]) {
     };
     let mut hs = DestinationHandshake::new(
         DestinationConfig {
-            operators: vec![[9; 32]],
+            // The test operator key (seed [42; 32]) so seeds signed by the tests reach deep.
+            operators: vec![ed25519_dalek::SigningKey::from_bytes(&[42; 32]).verifying_key().to_bytes()],
             now: 1_800_000_000,
         },
         channel,
