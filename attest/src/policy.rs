@@ -151,7 +151,10 @@ fn default_pcr() -> u32 {
 }
 
 fn parse_hex<const N: usize>(field: &'static str, s: &str) -> Result<[u8; N], PolicyError> {
-    let v = hex::decode(s).map_err(|e| PolicyError::BadValue { field, reason: e.to_string() })?;
+    let v = hex::decode(s).map_err(|e| PolicyError::BadValue {
+        field,
+        reason: e.to_string(),
+    })?;
     <[u8; N]>::try_from(v.as_slice()).map_err(|_| PolicyError::BadValue {
         field,
         reason: format!("{} bytes, expected {N}", v.len()),
@@ -182,7 +185,11 @@ impl Policy {
         }
         let allowed_configs = f
             .allowed_configs
-            .map(|v| v.iter().map(|s| parse_hex::<32>("allowed_configs", s)).collect())
+            .map(|v| {
+                v.iter()
+                    .map(|s| parse_hex::<32>("allowed_configs", s))
+                    .collect()
+            })
             .transpose()?;
         let mut trusted_aks: Vec<TrustedAk> = Vec::with_capacity(f.trusted_ak.len());
         for t in &f.trusted_ak {
@@ -200,7 +207,10 @@ impl Policy {
                 }
                 continue;
             }
-            trusted_aks.push(TrustedAk { agent, ak_name: name.to_vec() });
+            trusted_aks.push(TrustedAk {
+                agent,
+                ak_name: name.to_vec(),
+            });
         }
         let mut required_events = Vec::new();
         for k in f.required_events {
@@ -208,13 +218,21 @@ impl Policy {
                 required_events.push(k);
             }
         }
-        Ok(Self { pcr, trusted_aks, allowed_executables, allowed_configs, required_events })
+        Ok(Self {
+            pcr,
+            trusted_aks,
+            allowed_executables,
+            allowed_configs,
+            required_events,
+        })
     }
 
     /// Read and validate a policy file.
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| PolicyError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_toml_str(&text)
     }
 

@@ -78,11 +78,20 @@ pub enum PublicError {
     Wire(#[from] WireError),
 }
 
-fn expect(field: &'static str, value: u32, want: u32, expected: &'static str) -> Result<(), PublicError> {
+fn expect(
+    field: &'static str,
+    value: u32,
+    want: u32,
+    expected: &'static str,
+) -> Result<(), PublicError> {
     if value == want {
         Ok(())
     } else {
-        Err(PublicError::Unexpected { field, value, expected })
+        Err(PublicError::Unexpected {
+            field,
+            value,
+            expected,
+        })
     }
 }
 
@@ -97,8 +106,18 @@ impl AkPublic {
     /// Parse and check a marshalled `TPMT_PUBLIC` (no TPM2B size prefix).
     pub fn parse(bytes: &[u8]) -> Result<Self, PublicError> {
         let mut r = Reader::new(bytes);
-        expect("type", r.u16("type")?.into(), TPM_ALG_ECC.into(), "TPM_ALG_ECC")?;
-        expect("nameAlg", r.u16("nameAlg")?.into(), TPM_ALG_SHA256.into(), "TPM_ALG_SHA256")?;
+        expect(
+            "type",
+            r.u16("type")?.into(),
+            TPM_ALG_ECC.into(),
+            "TPM_ALG_ECC",
+        )?;
+        expect(
+            "nameAlg",
+            r.u16("nameAlg")?.into(),
+            TPM_ALG_SHA256.into(),
+            "TPM_ALG_SHA256",
+        )?;
         let attrs = r.u32("objectAttributes")?;
         expect(
             "objectAttributes",
@@ -107,11 +126,36 @@ impl AkPublic {
             "fixedTPM|fixedParent|sensitiveDataOrigin|restricted|sign and not decrypt",
         )?;
         r.tpm2b(64, "authPolicy")?;
-        expect("symmetric", r.u16("symmetric")?.into(), TPM_ALG_NULL.into(), "TPM_ALG_NULL")?;
-        expect("scheme", r.u16("scheme")?.into(), TPM_ALG_ECDSA.into(), "TPM_ALG_ECDSA")?;
-        expect("scheme.hashAlg", r.u16("scheme.hashAlg")?.into(), TPM_ALG_SHA256.into(), "TPM_ALG_SHA256")?;
-        expect("curveID", r.u16("curveID")?.into(), TPM_ECC_NIST_P256.into(), "TPM_ECC_NIST_P256")?;
-        expect("kdf", r.u16("kdf")?.into(), TPM_ALG_NULL.into(), "TPM_ALG_NULL")?;
+        expect(
+            "symmetric",
+            r.u16("symmetric")?.into(),
+            TPM_ALG_NULL.into(),
+            "TPM_ALG_NULL",
+        )?;
+        expect(
+            "scheme",
+            r.u16("scheme")?.into(),
+            TPM_ALG_ECDSA.into(),
+            "TPM_ALG_ECDSA",
+        )?;
+        expect(
+            "scheme.hashAlg",
+            r.u16("scheme.hashAlg")?.into(),
+            TPM_ALG_SHA256.into(),
+            "TPM_ALG_SHA256",
+        )?;
+        expect(
+            "curveID",
+            r.u16("curveID")?.into(),
+            TPM_ECC_NIST_P256.into(),
+            "TPM_ECC_NIST_P256",
+        )?;
+        expect(
+            "kdf",
+            r.u16("kdf")?.into(),
+            TPM_ALG_NULL.into(),
+            "TPM_ALG_NULL",
+        )?;
         let x = r.tpm2b(32, "unique.x")?;
         let y = r.tpm2b(32, "unique.y")?;
         r.finish("TPMT_PUBLIC")?;
@@ -122,7 +166,10 @@ impl AkPublic {
         point[0] = 4;
         point[1..33].copy_from_slice(x);
         point[33..].copy_from_slice(y);
-        Ok(Self { bytes: bytes.to_vec(), point })
+        Ok(Self {
+            bytes: bytes.to_vec(),
+            point,
+        })
     }
 
     /// The marshalled `TPMT_PUBLIC`.
@@ -158,8 +205,18 @@ impl EkPublic {
     /// Parse and check a marshalled RSA `TPMT_PUBLIC`.
     pub fn parse(bytes: &[u8]) -> Result<Self, PublicError> {
         let mut r = Reader::new(bytes);
-        expect("type", r.u16("type")?.into(), TPM_ALG_RSA.into(), "TPM_ALG_RSA")?;
-        expect("nameAlg", r.u16("nameAlg")?.into(), TPM_ALG_SHA256.into(), "TPM_ALG_SHA256")?;
+        expect(
+            "type",
+            r.u16("type")?.into(),
+            TPM_ALG_RSA.into(),
+            "TPM_ALG_RSA",
+        )?;
+        expect(
+            "nameAlg",
+            r.u16("nameAlg")?.into(),
+            TPM_ALG_SHA256.into(),
+            "TPM_ALG_SHA256",
+        )?;
         let attrs = r.u32("objectAttributes")?;
         expect(
             "objectAttributes",
@@ -168,10 +225,30 @@ impl EkPublic {
             "fixedTPM|fixedParent|sensitiveDataOrigin|restricted|decrypt and not sign",
         )?;
         r.tpm2b(64, "authPolicy")?;
-        expect("symmetric", r.u16("symmetric")?.into(), TPM_ALG_AES.into(), "TPM_ALG_AES")?;
-        expect("symmetric.keyBits", r.u16("symmetric.keyBits")?.into(), 128, "128")?;
-        expect("symmetric.mode", r.u16("symmetric.mode")?.into(), TPM_ALG_CFB.into(), "TPM_ALG_CFB")?;
-        expect("scheme", r.u16("scheme")?.into(), TPM_ALG_NULL.into(), "TPM_ALG_NULL")?;
+        expect(
+            "symmetric",
+            r.u16("symmetric")?.into(),
+            TPM_ALG_AES.into(),
+            "TPM_ALG_AES",
+        )?;
+        expect(
+            "symmetric.keyBits",
+            r.u16("symmetric.keyBits")?.into(),
+            128,
+            "128",
+        )?;
+        expect(
+            "symmetric.mode",
+            r.u16("symmetric.mode")?.into(),
+            TPM_ALG_CFB.into(),
+            "TPM_ALG_CFB",
+        )?;
+        expect(
+            "scheme",
+            r.u16("scheme")?.into(),
+            TPM_ALG_NULL.into(),
+            "TPM_ALG_NULL",
+        )?;
         expect("keyBits", r.u16("keyBits")?.into(), 2048, "2048")?;
         let exponent = match r.u32("exponent")? {
             0 => 65537,
@@ -180,7 +257,11 @@ impl EkPublic {
         let modulus = r.tpm2b(512, "unique.rsa")?.to_vec();
         r.finish("TPMT_PUBLIC")?;
         expect("unique.rsa size", modulus.len() as u32, 256, "256 bytes")?;
-        Ok(Self { bytes: bytes.to_vec(), modulus, exponent })
+        Ok(Self {
+            bytes: bytes.to_vec(),
+            modulus,
+            exponent,
+        })
     }
 
     /// The marshalled `TPMT_PUBLIC`.

@@ -108,9 +108,13 @@ impl QuoteInfo {
             let hash = r.u16("pcrSelections.hash")?;
             let size = r.u8("pcrSelections.sizeofSelect")?;
             if size > MAX_SELECT {
-                return Err(QuoteParseError::BadSelection("sizeofSelect above PCR_SELECT_MAX"));
+                return Err(QuoteParseError::BadSelection(
+                    "sizeofSelect above PCR_SELECT_MAX",
+                ));
             }
-            let select = r.take(usize::from(size), "pcrSelections.pcrSelect")?.to_vec();
+            let select = r
+                .take(usize::from(size), "pcrSelections.pcrSelect")?
+                .to_vec();
             pcr_select.push(PcrSelection { hash, select });
         }
         let pcr_digest = r.tpm2b(MAX_DIGEST, "pcrDigest")?.to_vec();

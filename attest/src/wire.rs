@@ -37,8 +37,14 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
-        let end = self.pos.checked_add(n).ok_or(WireError::Truncated { what })?;
-        let out = self.buf.get(self.pos..end).ok_or(WireError::Truncated { what })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(WireError::Truncated { what })?;
+        let out = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(WireError::Truncated { what })?;
         self.pos = end;
         Ok(out)
     }

@@ -1,0 +1,62 @@
+//! Quote/verify round trip through the protocol traits.
+
+mod common;
+
+use common::*;
+use trustmig_attest::evidence::Evidence;
+use trustmig_protocol::attestation::{Attester, EvidenceVerifier, Measurement};
+
+#[test]
+fn quote_verify_round_trip() {
+    let Some(mut a) = agent() else { return };
+    let v = verifier_for(&mut a.att);
+    let q = qd(1, 2);
+    let evidence = Attester::quote(&mut a.att, &q).expect("quote");
+    let claims = v.verify(&evidence, &q, &AGENT).expect("verify");
+    assert_eq!(
+        claims.measurements,
+        vec![
+            Measurement::AgentExecutable(EXE),
+            Measurement::AgentConfig(CONFIG),
+            Measurement::ImageManifest(MANIFEST)
+        ]
+    );
+    assert_eq!(claims.image_manifest(), Some(&MANIFEST));
+    // The decoded evidence re-encodes to the same bytes.
+    let ev = Evidence::from_cbor(&evidence).expect("decode");
+    assert_eq!(ev.to_cbor(), evidence);
+    // The qualified signer the TPM wrote is the one computed in pure Rust.
+    let parsed = trustmig_attest::quote::QuoteInfo::parse(&ev.quote).expect("parse");
+    assert_eq!(
+        parsed.qualified_signer,
+        a.att.tpm().ak_public().qualified_name()
+    );
+}
+
+#[test]
+fn ak_is_persisted_and_reloaded() {
+    let Some(mut a) = agent() else { return };
+    let name = a.att.tpm().ak_public().name();
+    drop(a.att);
+    let mut again =
+        trustmig_attest::tpm::TpmAttester::open(trustmig_attest::tpm::TpmConfig::new(a.tpm.tcti()))
+            .expect("reopen");
+    assert_eq!(again.tpm().ak_public().name(), name);
+    // Reopening reset the PCR: the fresh log verifies.
+    again
+        .measure(&Measurement::AgentExecutable(EXE))
+        .expect("extend");
+    again
+        .measure(&Measurement::AgentConfig(CONFIG))
+        .expect("extend");
+    let v = verifier_for(&mut again);
+    let q = qd(3, 4);
+    let ev = again.evidence(&q).expect("quote").to_cbor();
+    assert_eq!(
+        v.verify_evidence(&ev, &q, &AGENT)
+            .expect("verify")
+            .measurements
+            .len(),
+        2
+    );
+}
