@@ -8,7 +8,7 @@ use trustmig_protocol::{AgentId, Digest};
 use tss_esapi::abstraction::ek;
 use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
 use tss_esapi::attributes::ObjectAttributesBuilder;
-use tss_esapi::constants::SessionType;
+use tss_esapi::constants::{CapabilityType, SessionType};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PcrHandle, PersistentTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
@@ -17,10 +17,10 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, Digest as TpmDigest, DigestValues, EccPoint, EccScheme, EncryptedSecret, HashScheme,
-    IdObject, KeyDerivationFunctionScheme, Name, Nonce, PcrSelectionListBuilder, PcrSlot, Public,
-    PublicBuilder, PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
-    SymmetricDefinitionObject,
+    CapabilityData, Data, Digest as TpmDigest, DigestValues, EccPoint, EccScheme, EncryptedSecret,
+    HashScheme, IdObject, KeyDerivationFunctionScheme, Name, Nonce, PcrSelectionListBuilder,
+    PcrSlot, Public, PublicBuilder, PublicEccParametersBuilder, Signature, SignatureScheme,
+    SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -192,11 +192,17 @@ impl Tpm {
         let mut ctx = Context::new(tcti).map_err(tss("Esys_Initialize", None))?;
         let h = cfg.ak_handle;
         let ph = PersistentTpmHandle::new(h).map_err(|_| TpmError::BadHandle(h))?;
-        let existing =
-            ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)));
-        let obj = match existing {
-            Ok(obj) => obj,
-            Err(_) => Self::create_ak(&mut ctx, ph, h)?,
+        // Probe with GetCapability rather than a failing ReadPublic (which the TSS logs).
+        let (caps, _) = ctx
+            .execute_without_session(|c| c.get_capability(CapabilityType::Handles, h, 1))
+            .map_err(tss("TPM2_GetCapability(handles)", Some(h)))?;
+        let present = matches!(&caps, CapabilityData::Handles(l)
+            if l.first() == Some(&TpmHandle::Persistent(ph)));
+        let obj = if present {
+            ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
+                .map_err(tss("TPM2_ReadPublic", Some(h)))?
+        } else {
+            Self::create_ak(&mut ctx, ph, h)?
         };
         let ak = KeyHandle::from(obj);
         let (public, _, _) = ctx
