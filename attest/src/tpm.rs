@@ -113,7 +113,10 @@ pub enum TpmError {
 fn tss(command: &'static str, handle: Option<u32>) -> impl FnOnce(tss_esapi::Error) -> TpmError {
     move |source| {
         let code = match &source {
-            tss_esapi::Error::Tss2Error(rc) => format!("TPM return code {rc:?}: {rc}"),
+            tss_esapi::Error::Tss2Error(rc) => match raw_rc(rc) {
+                Some(raw) => format!("TPM_RC {raw:#010x}: {rc}"),
+                None => format!("TPM_RC {rc:?}: {rc}"),
+            },
             tss_esapi::Error::WrapperError(w) => format!("tss-esapi: {w}"),
         };
         TpmError::Command {
@@ -123,6 +126,17 @@ fn tss(command: &'static str, handle: Option<u32>) -> impl FnOnce(tss_esapi::Err
             source,
         }
     }
+}
+
+/// The raw TSS2_RC. tss-esapi 7.7 exposes it only through `Debug` (`... .0: N ...`).
+fn raw_rc(rc: &tss_esapi::constants::response_code::Tss2ResponseCode) -> Option<u32> {
+    let d = format!("{rc:?}");
+    let i = d.find(".0: ")? + 4;
+    d[i..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 const PASSWORD: (

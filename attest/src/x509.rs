@@ -131,6 +131,9 @@ fn bit_string(c: &[u8]) -> Result<&[u8], CertError> {
 
 fn parse_time(tag: u8, c: &[u8]) -> Result<i64, CertError> {
     let bad = CertError::Malformed("bad time");
+    if !c.is_ascii() {
+        return Err(bad);
+    }
     let s = std::str::from_utf8(c).map_err(|_| bad.clone())?;
     let (year, rest) = match (tag, s.len()) {
         (0x17, 13) => {
