@@ -341,12 +341,10 @@ fn agent_measurement_outside_allow_list() {
         VerifyError::ExecutableNotAllowed(hex::encode([0x66; 32]))
     );
 
-    att.tpm().pcr_reset().expect("reset");
-    let mut att2 = att;
-    // Rebuild a log with an unknown configuration.
-    let mut fresh =
-        trustmig_attest::tpm::TpmAttester::open(att2.tpm().config().clone()).expect("reopen");
-    drop(att2);
+    // A fresh agent start (reopening resets the PCR) with an unknown configuration.
+    let cfg = att.tpm().config().clone();
+    drop(att);
+    let mut fresh = trustmig_attest::tpm::TpmAttester::open(cfg).expect("reopen");
     fresh
         .measure(&Measurement::AgentExecutable(EXE))
         .expect("extend");
