@@ -452,7 +452,7 @@ impl DestinationHandshake {
                 }
                 check_mode(&ch.mode, ch.streams)?;
                 // Claimed last, so that a hello refused for another reason does not burn the id.
-                journal.claim(order.id(), order.body().not_after)?;
+                journal.claim(order.body())?;
                 let mut transcript = Transcript::new();
                 transcript.add(raw);
                 let out = Message::ServerHello(ServerHello {

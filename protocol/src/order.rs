@@ -343,8 +343,9 @@ pub fn check_limits(l: &Limits) -> Result<(), OrderError> {
 /// (fsync) before returning `Ok`, and keep it at least until `not_after` + skew has passed.
 /// spec: SPEC.md §3.4
 pub trait OrderJournal {
-    /// Record `id` as used; fails with [`OrderError::Replayed`] if it was used before.
-    fn claim(&mut self, id: &OrderId, not_after: u64) -> Result<(), OrderError>;
+    /// Record `order.order_id` as used; fails with [`OrderError::Replayed`] if it was used
+    /// before. The whole (verified) body is given so the journal can record what it was for.
+    fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError>;
 }
 
 /// An in-memory journal for tests and the fuzzer (not durable).
@@ -354,11 +355,11 @@ pub struct MemoryJournal {
 }
 
 impl OrderJournal for MemoryJournal {
-    fn claim(&mut self, id: &OrderId, _not_after: u64) -> Result<(), OrderError> {
-        if self.used.insert(*id) {
+    fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError> {
+        if self.used.insert(order.order_id) {
             Ok(())
         } else {
-            Err(OrderError::Replayed(hex(id)))
+            Err(OrderError::Replayed(hex(&order.order_id)))
         }
     }
 }

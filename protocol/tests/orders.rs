@@ -156,9 +156,11 @@ fn window_and_role_checks() {
 #[test]
 fn journal_refuses_replay() {
     let mut j = MemoryJournal::default();
-    j.claim(&[1; 16], NOW).unwrap();
-    assert!(matches!(j.claim(&[1; 16], NOW), Err(OrderError::Replayed(_))));
-    j.claim(&[2; 16], NOW).unwrap();
+    let mut b = body();
+    j.claim(&b).unwrap();
+    assert!(matches!(j.claim(&b), Err(OrderError::Replayed(_))));
+    b.order_id = [2; 16];
+    j.claim(&b).unwrap();
 }
 
 #[test]

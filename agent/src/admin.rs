@@ -1,0 +1,223 @@
+//! Operator commands that work on files: init, trust, orders, enrollment.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use trustmig_attest::policy::EventKind;
+use trustmig_attest::tpm::{Tpm, TpmConfig};
+use trustmig_attest::{Enroller, Policy, TrustedAk};
+use trustmig_protocol::order::{
+    check_limits, hex, Limits, NonConvergence, OrderBody, OrderPolicy, Role, SignedOrder, ORDER_VERSION,
+};
+use trustmig_protocol::AgentId;
+
+use crate::config::{default_config_text, Config};
+use crate::error::AgentError;
+use crate::home::{read_text, write_atomic, Home};
+use crate::identity::{operator_load, parse_hex32, Identity};
+use crate::journal::Journal;
+use crate::trust::KeyList;
+
+/// Create an agent home. Returns the new identity.
+pub fn init(home: &Home, listen: &str, tcti: &str) -> Result<AgentId, AgentError> {
+    let root = home.root();
+    if home.identity_key().exists() {
+        return Err(AgentError::HomeExists(root.to_path_buf()));
+    }
+    std::fs::create_dir_all(root).map_err(AgentError::io(root))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(AgentError::io(root))?;
+    std::fs::create_dir_all(home.trust_dir()).map_err(AgentError::io(home.trust_dir()))?;
+    let id = Identity::create(home)?.id();
+    write_atomic(&home.config(), default_config_text(listen, tcti).as_bytes())?;
+    KeyList::default().save(&home.peers())?;
+    KeyList::default().save(&home.operators())?;
+    let cfg = Config::load(&home.config())?;
+    let policy = Policy {
+        pcr: cfg.tpm.pcr,
+        trusted_aks: vec![],
+        // Peers running this very build are allowed; add others with `trust allow-exe`.
+        allowed_executables: vec![crate::attestation::self_measurement()?],
+        allowed_configs: None,
+        required_events: vec![EventKind::AgentExecutable, EventKind::AgentConfig],
+    };
+    write_policy(home, &policy)?;
+    Journal::open(&home.journal_dir())?;
+    Ok(id)
+}
+
+fn write_policy(home: &Home, p: &Policy) -> Result<(), AgentError> {
+    let text = format!(
+        "# trustmig attestation policy (spec/attestation.md). Quotes from AKs not listed under\n\
+         # [[trusted_ak]] are refused: enroll peers with `trustmig attest enroll`.\n{}",
+        p.to_toml()
+    );
+    write_atomic(&home.policy(), text.as_bytes())
+}
+
+fn load_policy(home: &Home) -> Result<Policy, AgentError> {
+    Policy::from_file(&home.policy()).map_err(|e| AgentError::BadConfig {
+        path: home.policy(),
+        reason: e.to_string(),
+    })
+}
+
+/// Allow a peer agent executable digest in the policy.
+pub fn allow_exe(home: &Home, digest: [u8; 32]) -> Result<(), AgentError> {
+    let mut p = load_policy(home)?;
+    if !p.allowed_executables.contains(&digest) {
+        p.allowed_executables.push(digest);
+    }
+    write_policy(home, &p)
+}
+
+/// Read a hex public key given directly or as a file holding it.
+pub fn key_arg(arg: &str) -> Result<[u8; 32], AgentError> {
+    let p = Path::new(arg);
+    if p.exists() {
+        let t = read_text(p)?;
+        return parse_hex32(&t, "ed25519 public key", p);
+    }
+    parse_hex32(arg, "ed25519 public key (hex or a file)", Path::new("<argument>"))
+}
+
+/// Add a peer identity.
+pub fn add_peer(home: &Home, name: &str, key: [u8; 32]) -> Result<(), AgentError> {
+    let mut l = KeyList::load(&home.peers())?;
+    l.add(name, key);
+    l.save(&home.peers())
+}
+
+/// Add an operator key.
+pub fn add_operator(home: &Home, name: &str, key: [u8; 32]) -> Result<(), AgentError> {
+    let mut l = KeyList::load(&home.operators())?;
+    l.add(name, key);
+    l.save(&home.operators())
+}
+
+/// Remove from a key list; error if nothing matched.
+pub fn remove_key(path: &Path, name_or_key: &str) -> Result<(), AgentError> {
+    let mut l = KeyList::load(path)?;
+    if !l.remove(name_or_key) {
+        return Err(AgentError::Usage(format!("no entry {name_or_key:?} in {}", path.display())));
+    }
+    l.save(path)
+}
+
+/// What `order sign` needs.
+pub struct OrderArgs {
+    /// VM name.
+    pub vm: String,
+    /// Source identity.
+    pub source: AgentId,
+    /// Destination identity.
+    pub destination: AgentId,
+    /// Destination address.
+    pub destination_addr: String,
+    /// Limits.
+    pub limits: Limits,
+    /// Validity in seconds from now.
+    pub ttl_secs: u64,
+}
+
+/// Sign an order with the operator key at `key_path`.
+pub fn sign_order(key_path: &Path, a: OrderArgs) -> Result<SignedOrder, AgentError> {
+    let key = operator_load(key_path)?;
+    check_limits(&a.limits)?;
+    let now = crate::unix_now();
+    let body = OrderBody {
+        v: ORDER_VERSION,
+        order_id: crate::random(),
+        vm: a.vm,
+        source: a.source,
+        destination: a.destination,
+        destination_addr: a.destination_addr,
+        limits: a.limits,
+        not_before: now.saturating_sub(5),
+        not_after: now + a.ttl_secs,
+    };
+    Ok(SignedOrder::sign(&body, &key))
+}
+
+/// Human-readable description of an order, verified against `home`'s trust if given.
+pub fn show_order(bytes: &[u8], home: Option<&Home>) -> Result<String, AgentError> {
+    let signed = SignedOrder::from_cbor(bytes)?;
+    let body = signed.dangerous_unverified_body()?;
+    let mut out = format!(
+        "order      {}\nvm         {}\nsource     {}\ndestination {} at {}\ndowntime   {} ms target\nbandwidth  {}\nmax rounds {}\non non-convergence: {:?}\nvalid      {} .. {} (UNIX)\noperator   {}\n",
+        hex(&body.order_id),
+        body.vm,
+        hex(&body.source),
+        hex(&body.destination),
+        body.destination_addr,
+        body.limits.downtime_ms,
+        if body.limits.bandwidth_bps == 0 { "uncapped".to_string() } else { format!("{} bytes/s", body.limits.bandwidth_bps) },
+        body.limits.max_rounds,
+        body.limits.on_nonconvergence,
+        body.not_before,
+        body.not_after,
+        hex(&signed.operator),
+    );
+    if let Some(home) = home {
+        let ops = KeyList::load(&home.operators())?.keys();
+        let me = Identity::load(home)?.id();
+        let role = if me == body.destination { Role::Destination } else { Role::Source };
+        signed.verify(&OrderPolicy {
+            operators: &ops,
+            me,
+            role,
+            now: crate::unix_now(),
+        })?;
+        out += &format!("verified   yes, for this agent as {role}\n");
+    } else {
+        out += "verified   not checked (give --home to verify against an agent's trust store)\n";
+    }
+    Ok(out)
+}
+
+/// Parse `--on-nonconvergence`.
+pub fn parse_action(s: &str) -> Result<NonConvergence, AgentError> {
+    s.parse().map_err(AgentError::Usage)
+}
+
+fn tpm_of(home: &Home) -> Result<Tpm, AgentError> {
+    let cfg = Config::load(&home.config())?;
+    Tpm::open(TpmConfig {
+        tcti: cfg.tpm.tcti.clone(),
+        ak_handle: cfg.tpm.ak_handle,
+        pcr: cfg.tpm.pcr,
+    })
+    .map_err(|e| AgentError::Tpm(format!("{e} (tcti {})", cfg.tpm.tcti)))
+}
+
+/// Enroll `agent_home`'s AK into `verifier_home`'s policy: the verifier checks the EK
+/// certificate against `ek_ca_pem`, wraps a secret to the EK bound to the AK's name
+/// (MakeCredential on the verifier's TPM) and trusts the AK only if the agent's TPM could
+/// activate it. Both homes must be reachable from this machine (same host, or a shared admin
+/// host); the agents must not be running (each TPM serves one client).
+pub fn enroll(agent_home: &Home, verifier_home: &Home, ek_ca_pem: &str) -> Result<TrustedAk, AgentError> {
+    let agent_id = Identity::load(agent_home)?.id();
+    let enroller = Enroller::from_pem(ek_ca_pem).map_err(|e| AgentError::Tpm(format!("EK CA: {e}")))?;
+    let mut agent_tpm = tpm_of(agent_home)?;
+    let req = agent_tpm.enroll_request(agent_id).map_err(|e| AgentError::Tpm(e.to_string()))?;
+    let (challenge, pending) = {
+        let mut verifier_tpm = tpm_of(verifier_home)?;
+        enroller
+            .challenge(&req, &mut verifier_tpm, crate::unix_now() as i64)
+            .map_err(|e| AgentError::Tpm(format!("enrollment refused: {e}")))?
+    };
+    let response = agent_tpm
+        .activate_credential(&challenge)
+        .map_err(|e| AgentError::Tpm(e.to_string()))?;
+    let entry = pending
+        .finish(&response)
+        .map_err(|e| AgentError::Tpm(format!("enrollment refused: {e}")))?;
+    let mut policy = load_policy(verifier_home)?;
+    policy
+        .trust(entry.clone())
+        .map_err(|e| AgentError::BadConfig {
+            path: verifier_home.policy(),
+            reason: e.to_string(),
+        })?;
+    write_policy(verifier_home, &policy)?;
+    Ok(entry)
+}

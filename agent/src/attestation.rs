@@ -1,0 +1,59 @@
+//! The agent's TPM and verifier: opened from configuration, measured at start.
+
+use std::path::Path;
+
+use trustmig_attest::tpm::{TpmAttester, TpmConfig};
+use trustmig_attest::{Policy, PolicyVerifier};
+use trustmig_protocol::attestation::Measurement;
+
+use crate::config::Config;
+use crate::error::AgentError;
+
+/// SHA-256 of a file, streamed.
+pub fn file_sha256(path: &Path) -> Result<[u8; 32], AgentError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(AgentError::io(path))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(AgentError::io(path))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+/// SHA-256 of the running agent executable: what peers' policies allow.
+pub fn self_measurement() -> Result<[u8; 32], AgentError> {
+    let exe = std::env::current_exe().map_err(AgentError::io("/proc/self/exe"))?;
+    file_sha256(&exe)
+}
+
+/// Open the TPM, reset the measurement PCR, and measure this agent's executable and
+/// configuration into it (spec: SPEC.md §6.2). Returns the attester.
+pub fn open_measured(config: &Config, config_path: &Path) -> Result<TpmAttester, AgentError> {
+    let tpm_cfg = TpmConfig {
+        tcti: config.tpm.tcti.clone(),
+        ak_handle: config.tpm.ak_handle,
+        pcr: config.tpm.pcr,
+    };
+    let mut att = TpmAttester::open(tpm_cfg).map_err(|e| AgentError::Tpm(format!("{e} (tcti {})", config.tpm.tcti)))?;
+    att.measure(&Measurement::AgentExecutable(self_measurement()?))
+        .map_err(|e| AgentError::Tpm(e.to_string()))?;
+    att.measure(&Measurement::AgentConfig(file_sha256(config_path)?))
+        .map_err(|e| AgentError::Tpm(e.to_string()))?;
+    Ok(att)
+}
+
+/// Load the attestation policy of a home.
+pub fn load_verifier(policy_path: &Path) -> Result<PolicyVerifier, AgentError> {
+    let policy = Policy::from_file(policy_path).map_err(|e| AgentError::BadConfig {
+        path: policy_path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(PolicyVerifier::new(policy))
+}

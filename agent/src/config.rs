@@ -1,0 +1,202 @@
+//! `config.toml`: what an operator sets per agent. `init` writes every key with its default.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::AgentError;
+use crate::home::read_text;
+
+/// Agent configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address peers connect to (control and data streams share it).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// TPM settings.
+    pub tpm: TpmConfig,
+    /// Transfer settings.
+    #[serde(default)]
+    pub transfer: TransferConfig,
+    /// VMs this agent hosts (synthetic guests for demos, tests and benchmarks).
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+/// TPM settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// TCTI: `swtpm:host=127.0.0.1,port=2321`, `device:/dev/tpmrm0` or `tabrmd`.
+    pub tcti: String,
+    /// Measurement PCR (16 or 23: resettable at locality 0).
+    #[serde(default = "default_pcr")]
+    pub pcr: u8,
+    /// Persistent handle of the attestation key.
+    #[serde(default = "default_ak_handle")]
+    pub ak_handle: u32,
+}
+
+/// Transfer settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferConfig {
+    /// Data streams per migration (1..=16).
+    #[serde(default = "default_streams")]
+    pub streams: u16,
+    /// Seconds to wait for any single protocol step before giving up.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_secs: u64,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        Self {
+            streams: default_streams(),
+            step_timeout_secs: default_step_timeout(),
+        }
+    }
+}
+
+/// A hosted VM.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Name used in orders.
+    pub name: String,
+    /// Backend: `synthetic`.
+    pub backend: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_size")]
+    pub size_mib: u64,
+    /// Pages the synthetic guest dirties per second while running.
+    #[serde(default)]
+    pub dirty_pages_per_sec: u64,
+    /// Fraction of pages (0..=1) that receive 90% of the writes.
+    #[serde(default = "default_hot")]
+    pub hot_fraction: f64,
+    /// Fraction of pages (0..=1) that hold data at start; the rest are zero.
+    #[serde(default = "default_fill")]
+    pub fill_fraction: f64,
+    /// Seed of the deterministic workload.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7443".into()
+}
+fn default_pcr() -> u8 {
+    16
+}
+fn default_ak_handle() -> u32 {
+    0x8101_0020
+}
+fn default_streams() -> u16 {
+    2
+}
+fn default_step_timeout() -> u64 {
+    30
+}
+fn default_size() -> u64 {
+    512
+}
+fn default_hot() -> f64 {
+    0.1
+}
+fn default_fill() -> f64 {
+    0.5
+}
+
+impl Config {
+    /// Load and validate `path`.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let text = read_text(path)?;
+        Self::parse(&text).map_err(|reason| AgentError::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parse and validate config text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if !(16..=23).contains(&c.tpm.pcr) {
+            return Err(format!("tpm.pcr = {} must be in 16..=23", c.tpm.pcr));
+        }
+        if c.transfer.streams == 0 || c.transfer.streams > trustmig_protocol::messages::MAX_STREAMS {
+            return Err(format!("transfer.streams = {} must be in 1..=16", c.transfer.streams));
+        }
+        if c.transfer.step_timeout_secs == 0 {
+            return Err("transfer.step_timeout_secs must be > 0".into());
+        }
+        for vm in &c.vms {
+            if vm.backend != "synthetic" {
+                return Err(format!("vm {:?}: backend {:?} unknown (synthetic)", vm.name, vm.backend));
+            }
+            if vm.size_mib == 0 || vm.size_mib > 1 << 20 {
+                return Err(format!("vm {:?}: size_mib {} out of range", vm.name, vm.size_mib));
+            }
+            if !(0.0..=1.0).contains(&vm.hot_fraction) || !(0.0..=1.0).contains(&vm.fill_fraction) {
+                return Err(format!("vm {:?}: fractions must be within 0..=1", vm.name));
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The commented configuration `trustmig init` writes.
+pub fn default_config_text(listen: &str, tcti: &str) -> String {
+    format!(
+        r#"# trustmig agent configuration. Every key is shown with its default.
+
+# Address peers dial; control (TLS 1.3) and data streams share it.
+listen = "{listen}"
+
+[tpm]
+# swtpm:host=H,port=P (control port P+1) | device:/dev/tpmrm0 | tabrmd
+tcti = "{tcti}"
+# Measurement PCR: 16 or 23 (resettable at locality 0), SHA-256 bank.
+pcr = 16
+# Persistent handle of the attestation key (created on first use).
+ak_handle = 0x81010020
+
+[transfer]
+# Data streams per migration (1..=16).
+streams = 2
+# Seconds any single protocol step may take.
+step_timeout_secs = 30
+
+# VMs hosted by this agent. The synthetic backend is an in-process guest for demos, tests
+# and benchmarks: deterministic, dirtying pages while it runs.
+# [[vm]]
+# name = "demo-vm"
+# backend = "synthetic"
+# size_mib = 512
+# dirty_pages_per_sec = 20000
+# hot_fraction = 0.1
+# fill_fraction = 0.5
+# seed = 1
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_bad_values_are_named() {
+        let c = Config::parse(&default_config_text("127.0.0.1:1", "swtpm:host=127.0.0.1,port=2")).unwrap();
+        assert_eq!(c.tpm.pcr, 16);
+        assert_eq!(c.transfer.streams, 2);
+        let bad = default_config_text("x", "y").replace("pcr = 16", "pcr = 3");
+        assert!(Config::parse(&bad).unwrap_err().contains("tpm.pcr"));
+        let bad = default_config_text("x", "y").replace("streams = 2", "streams = 0");
+        assert!(Config::parse(&bad).unwrap_err().contains("transfer.streams"));
+        assert!(Config::parse("listen = 5").is_err());
+        let unknown = default_config_text("x", "y") + "\nbogus = 1\n";
+        assert!(Config::parse(&unknown).unwrap_err().contains("bogus"));
+    }
+}

@@ -1,0 +1,297 @@
+//! `trustmig agent`: the daemon. One TCP port for peers (TLS control sessions and data streams,
+//! told apart by their first byte), one unix control socket for the local CLI.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
+
+use crate::config::Config;
+use crate::control::{Progress, Reply, Request, Summary};
+use crate::error::AgentError;
+use crate::guest::SyntheticGuest;
+use crate::home::Home;
+use crate::identity::Identity;
+use crate::journal::{Journal, State};
+use crate::trust::KeyList;
+use crate::wire::{parse_preamble, PREAMBLE_LEN};
+
+/// A data connection handed to the session that owns its session id.
+pub type DataConn = (u16, TcpStream);
+
+/// Everything a running agent shares between its tasks.
+pub struct Ctx {
+    /// The home.
+    pub home: Home,
+    /// Configuration.
+    pub config: Config,
+    /// Identity.
+    pub identity: Identity,
+    /// The TPM (one at a time: quotes are short).
+    pub attester: Mutex<Box<dyn Attester + Send>>,
+    /// Verifier of peers' evidence.
+    pub verifier: Box<dyn EvidenceVerifier + Send + Sync>,
+    /// The journal.
+    pub journal: Mutex<Journal>,
+    /// Hosted VMs that are not migrating.
+    pub vms: Mutex<HashMap<String, SyntheticGuest>>,
+    /// Sessions waiting for data connections, by session id.
+    pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,
+    /// Summaries of finished migrations (newest last).
+    pub history: Mutex<Vec<serde_json::Value>>,
+}
+
+impl Ctx {
+    /// Operator keys, re-read at every use so trust changes apply without a restart.
+    pub fn operators(&self) -> Result<Vec<[u8; 32]>, AgentError> {
+        Ok(KeyList::load(&self.home.operators())?.keys())
+    }
+
+    /// Peer identities, re-read at every use.
+    pub fn peers(&self) -> Result<KeyList, AgentError> {
+        KeyList::load(&self.home.peers())
+    }
+
+    /// Step timeout.
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.transfer.step_timeout_secs)
+    }
+
+    /// Record a finished migration for `status`.
+    pub fn remember(&self, entry: serde_json::Value) {
+        let mut h = self.history.lock().expect("history lock");
+        h.push(entry);
+        let excess = h.len().saturating_sub(100);
+        h.drain(..excess);
+    }
+}
+
+/// Settle migrations the journal shows as interrupted. spec: SPEC.md §8.8
+fn settle_in_doubt(journal: &mut Journal) -> Result<(), AgentError> {
+    for r in journal.in_doubt() {
+        let id: [u8; 16] = hex::decode(&r.order_id)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| AgentError::Migration(format!("journal holds a bad order id {}", r.order_id)))?;
+        let note = match (r.role, r.state) {
+            (trustmig_protocol::order::Role::Source, State::Claimed) => {
+                "interrupted before commit: the source keeps the VM (rolled back)"
+            }
+            (trustmig_protocol::order::Role::Source, _) => {
+                "committed before restart: the destination owns the VM; the source never resumes it"
+            }
+            (_, State::Claimed) => "interrupted before commit: destination state discarded",
+            (_, _) => "committed before restart: the destination owns the VM",
+        };
+        warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");
+        let state = if r.state == State::Claimed { State::RolledBack } else { State::Settled };
+        journal.set(&id, state, note)?;
+    }
+    Ok(())
+}
+
+/// Run the agent until SIGTERM/SIGINT.
+pub async fn run(home: Home) -> Result<(), AgentError> {
+    home.check()?;
+    let config = Config::load(&home.config())?;
+    let identity = Identity::load(&home)?;
+    let verifier = crate::attestation::load_verifier(&home.policy())?;
+    let attester = crate::attestation::open_measured(&config, &home.config())?;
+    let mut journal = Journal::open(&home.journal_dir())?;
+    settle_in_doubt(&mut journal)?;
+    let vms = config
+        .vms
+        .iter()
+        .map(|v| {
+            let mut g = SyntheticGuest::new(v);
+            trustmig_protocol::precopy::GuestMemory::resume(&mut g);
+            (v.name.clone(), g)
+        })
+        .collect();
+    let listener = TcpListener::bind(&config.listen).await.map_err(|source| AgentError::Listen {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let sock_path = home.control_socket();
+    let _ = std::fs::remove_file(&sock_path);
+    let control = UnixListener::bind(&sock_path).map_err(AgentError::io(&sock_path))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600)).map_err(AgentError::io(&sock_path))?;
+    info!(
+        identity = %hex::encode(identity.id()),
+        listen = %config.listen,
+        control = %sock_path.display(),
+        "agent ready"
+    );
+    let ctx = Arc::new(Ctx {
+        home,
+        config,
+        identity,
+        attester: Mutex::new(Box::new(attester)),
+        verifier: Box::new(verifier),
+        journal: Mutex::new(journal),
+        vms: Mutex::new(vms),
+        sessions: Mutex::new(HashMap::new()),
+        history: Mutex::new(Vec::new()),
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, addr)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = peer_connection(ctx, sock).await {
+                            warn!(%addr, "peer connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => warn!("accept: {e}"),
+            },
+            r = control.accept() => match r {
+                Ok((sock, _)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = control_connection(ctx, sock).await {
+                            warn!("control connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => warn!("control accept: {e}"),
+            },
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+    let _ = std::fs::remove_file(ctx.home.control_socket());
+    Ok(())
+}
+
+/// A TCP connection from a peer: TLS control session (first byte 0x16) or data stream.
+async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentError> {
+    sock.set_nodelay(true).ok();
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(ctx.step_timeout(), sock.peek(&mut first))
+        .await
+        .map_err(|_| AgentError::Migration("peer sent nothing".into()))?
+        .map_err(AgentError::io("peer socket"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if first[0] == 0x16 {
+        return crate::dest::serve(ctx, sock).await;
+    }
+    // A data stream: its preamble names the session. Unknown sessions are dropped quietly;
+    // an unauthenticated connection must not be able to disturb a session.
+    let mut sock = sock;
+    let mut p = [0u8; PREAMBLE_LEN];
+    tokio::time::timeout(ctx.step_timeout(), sock.read_exact(&mut p))
+        .await
+        .map_err(|_| AgentError::Migration("data preamble timed out".into()))?
+        .map_err(AgentError::io("data stream"))?;
+    let (sid, stream) = parse_preamble(&p).map_err(|e| AgentError::Migration(e.to_string()))?;
+    let tx = ctx.sessions.lock().expect("sessions lock").get(&sid).cloned();
+    match tx {
+        Some(tx) => {
+            let _ = tx.send((stream, sock)).await;
+        }
+        None => warn!(session = %hex::encode(sid), "data stream for an unknown session dropped"),
+    }
+    Ok(())
+}
+
+async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), AgentError> {
+    if let Ok(cred) = sock.peer_cred() {
+        info!(uid = cred.uid(), pid = ?cred.pid(), "control client");
+    }
+    let (rd, mut wr) = sock.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let Some(line) = lines.next_line().await.map_err(AgentError::io("control socket"))? else {
+        return Ok(());
+    };
+    let send = |r: Reply| {
+        let mut v = serde_json::to_vec(&r).unwrap_or_default();
+        v.push(b'\n');
+        v
+    };
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = wr.write_all(&send(Reply::Error(format!("bad request: {e}")))).await;
+            return Ok(());
+        }
+    };
+    match req {
+        Request::Migrate { order } => {
+            let (tx, mut rx) = mpsc::channel::<Progress>(64);
+            let task = tokio::spawn(crate::source::migrate(ctx.clone(), order, tx));
+            while let Some(p) = rx.recv().await {
+                // The operator may have gone away; the migration carries on regardless.
+                let _ = wr.write_all(&send(Reply::Progress(p))).await;
+            }
+            match task.await {
+                Ok(Ok(summary)) => {
+                    let _ = wr.write_all(&send(Reply::Progress(Progress::Done(summary)))).await;
+                }
+                Ok(Err(_)) => {} // already reported as Progress::Failed
+                Err(e) => {
+                    error!("migration task panicked: {e}");
+                    let _ = wr.write_all(&send(Reply::Error("internal error".into()))).await;
+                }
+            }
+        }
+        Request::Status => {
+            let vms: Vec<serde_json::Value> = ctx
+                .vms
+                .lock()
+                .expect("vms lock")
+                .values()
+                .map(|g| {
+                    serde_json::json!({
+                        "name": g.name(), "bytes": g.bytes(), "paused": g.is_paused(),
+                    })
+                })
+                .collect();
+            let journal: Vec<_> = ctx.journal.lock().expect("journal lock").records().into_iter().take(20).collect();
+            let history = ctx.history.lock().expect("history lock").clone();
+            let v = serde_json::json!({
+                "identity": hex::encode(ctx.identity.id()),
+                "listen": ctx.config.listen,
+                "vms": vms,
+                "journal": journal,
+                "recent": history,
+            });
+            let _ = wr.write_all(&send(Reply::Status(v))).await;
+        }
+        Request::VmChecksum { vm } => {
+            let reply = match ctx.vms.lock().expect("vms lock").get(&vm) {
+                Some(g) => Reply::Checksum {
+                    checksum: hex::encode(g.checksum()),
+                    paused: g.is_paused(),
+                },
+                None => Reply::Error(format!("no VM named {vm:?} runs on this agent")),
+            };
+            let _ = wr.write_all(&send(reply)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Build a summary JSON entry for `status`.
+pub fn history_entry(role: &str, summary: Option<&Summary>, error: Option<&str>, order_id: &str, vm: &str) -> serde_json::Value {
+    serde_json::json!({
+        "role": role,
+        "order_id": order_id,
+        "vm": vm,
+        "at": crate::unix_now(),
+        "summary": summary,
+        "error": error,
+    })
+}

@@ -1,0 +1,331 @@
+//! The destination side: TLS accept, handshake, data streams, final evidence, commit.
+//! spec: SPEC.md §5, §7, §8
+//!
+//! The guest is created zeroed and paused; it is resumed only after the source's final
+//! evidence verified, the digest matched what arrived, and `Commit` came. Before that, any
+//! failure discards it.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tracing::{info, warn};
+use trustmig_protocol::handshake::{ChannelBinding, DestinationConfig, DestinationHandshake, Established};
+use trustmig_protocol::keys::Direction;
+use trustmig_protocol::messages::{Message, TransferMode};
+use trustmig_protocol::migration::{DestEvent, DestMigration};
+use trustmig_protocol::order::{hex, Role};
+use trustmig_protocol::precopy::{GuestMemory, PrecopyDest};
+use trustmig_protocol::record::{Opener, RecordType};
+use trustmig_protocol::AbortCode;
+
+use crate::daemon::{history_entry, Ctx, DataConn};
+use crate::error::AgentError;
+use crate::guest::{SyntheticGuest, PAGE_SIZE};
+use crate::journal::{ClaimAs, State};
+use crate::wire::{read_frame, read_record, write_frame, WireError};
+
+type Tls = TlsStream<TcpStream>;
+
+struct Receiving {
+    engine: PrecopyDest,
+    guest: SyntheticGuest,
+}
+
+fn proto(e: impl Into<trustmig_protocol::Error>) -> AgentError {
+    AgentError::Protocol(e.into())
+}
+
+/// Serve one incoming TLS control connection.
+pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
+    let peers = ctx.peers()?;
+    let cfg = crate::tls::server_config(&ctx.identity, peers.keys())
+        .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
+    let tls = tokio::time::timeout(ctx.step_timeout(), tokio_rustls::TlsAcceptor::from(cfg).accept(tcp))
+        .await
+        .map_err(|_| AgentError::Migration("TLS handshake timed out".into()))?
+        .map_err(|e| AgentError::Migration(format!("TLS handshake refused: {e}")))?;
+    let conn = tls.get_ref().1;
+    let exporter = crate::tls::exporter(conn).map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+    let peer = crate::tls::peer_identity(conn).map_err(AgentError::Migration)?;
+    info!(peer = %hex(&peer), name = peers.name_of(&peer).unwrap_or("?"), "peer connected");
+    let (rd, wr) = tokio::io::split(tls);
+    let mut s = Session {
+        ctx: ctx.clone(),
+        wr,
+        order_id: None,
+        vm: String::new(),
+        sid: None,
+    };
+    let r = s.run(rd, exporter, peer).await;
+    if let Some(sid) = s.sid {
+        ctx.sessions.lock().expect("sessions lock").remove(&sid);
+    }
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let code = match &e {
+                AgentError::Protocol(p) => AbortCode::from(p),
+                _ => AbortCode::InternalError,
+            };
+            let msg = Message::Abort {
+                code,
+                reason: e.to_string().chars().take(200).collect(),
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write_frame(&mut s.wr, &msg.encode())).await;
+            let _ = s.wr.shutdown().await;
+            if let Some(id) = s.order_id {
+                let _ = ctx.journal.lock().expect("journal lock").set(&id, State::RolledBack, e.to_string());
+                ctx.remember(history_entry("destination", None, Some(&e.to_string()), &hex(&id), &s.vm));
+            }
+            warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here");
+            Err(e)
+        }
+    }
+}
+
+struct Session {
+    ctx: Arc<Ctx>,
+    wr: WriteHalf<Tls>,
+    order_id: Option<[u8; 16]>,
+    vm: String,
+    sid: Option<[u8; 16]>,
+}
+
+impl Session {
+    async fn send(&mut self, m: &[u8]) -> Result<(), AgentError> {
+        tokio::time::timeout(self.ctx.step_timeout(), write_frame(&mut self.wr, m))
+            .await
+            .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
+            .map_err(|e| AgentError::Migration(format!("control channel: {e}")))
+    }
+
+    async fn recv(&self, rd: &mut ReadHalf<Tls>) -> Result<Vec<u8>, AgentError> {
+        tokio::time::timeout(self.ctx.step_timeout(), read_frame(rd))
+            .await
+            .map_err(|_| AgentError::Migration("source did not answer in time".into()))?
+            .map_err(|e| AgentError::Migration(format!("control channel: {e}")))
+    }
+
+    async fn run(&mut self, mut rd: ReadHalf<Tls>, exporter: [u8; 32], peer: [u8; 32]) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let channel = ChannelBinding {
+            tls_exporter: exporter,
+            local: ctx.identity.id(),
+            peer,
+        };
+        let mut hs = DestinationHandshake::new(
+            DestinationConfig {
+                operators: ctx.operators()?,
+                now: crate::unix_now(),
+            },
+            channel,
+            crate::random(),
+        );
+        while !hs.is_done() {
+            let msg = self.recv(&mut rd).await?;
+            let out = {
+                let mut att = ctx.attester.lock().expect("attester lock");
+                let mut journal = ctx.journal.lock().expect("journal lock");
+                let mut claim = ClaimAs {
+                    journal: &mut journal,
+                    role: Role::Destination,
+                };
+                hs.handle(&msg, att.as_mut(), ctx.verifier.as_ref(), &mut claim)
+            };
+            if let Some(o) = hs.order() {
+                self.order_id = Some(*o.id());
+                self.vm = o.body().vm.clone();
+            }
+            for m in out.map_err(proto)? {
+                self.send(&m).await?;
+            }
+        }
+        let est = hs.into_established().map_err(proto)?;
+        info!(order = %hex(est.order.id()), vm = %self.vm, "source attested; receiving");
+        self.receive(est, rd).await
+    }
+
+    async fn receive(&mut self, est: Established, mut rd: ReadHalf<Tls>) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let TransferMode::Precopy { page_size, page_count } = est.mode else {
+            return Err(AgentError::Migration(
+                "hypervisor-stream mode needs the QEMU sidecar, not available on this agent".into(),
+            ));
+        };
+        if page_size as usize != PAGE_SIZE {
+            return Err(AgentError::Migration(format!(
+                "page size {page_size} unsupported (synthetic guests use {PAGE_SIZE})"
+            )));
+        }
+        if ctx.vms.lock().expect("vms lock").contains_key(&self.vm) {
+            return Err(AgentError::Migration(format!("a VM named {:?} already runs here", self.vm)));
+        }
+        let Established {
+            keys,
+            channel,
+            order,
+            transcript_hash,
+            streams,
+            ..
+        } = est;
+        let guest = SyntheticGuest::zeroed(&self.vm, page_count);
+        let engine = PrecopyDest::new(&guest, page_size, page_count, streams).map_err(proto)?;
+        let state = Arc::new(Mutex::new(Receiving { engine, guest }));
+        let mut dm = DestMigration::new(channel, *order.id());
+
+        // Data streams find this session by its id.
+        let sid = keys.session_id();
+        let (conn_tx, conn_rx) = mpsc::channel::<DataConn>(16);
+        ctx.sessions.lock().expect("sessions lock").insert(sid, conn_tx);
+        self.sid = Some(sid);
+        let (done_tx, mut done_rx) = mpsc::channel::<(u16, Result<u64, String>)>(16);
+        tokio::spawn(bind_streams(
+            ctx.clone(),
+            Arc::new(keys),
+            sid,
+            streams,
+            state.clone(),
+            conn_rx,
+            done_tx,
+        ));
+
+        let mut finished: Vec<Option<u64>> = vec![None; streams as usize];
+        let mut awaiting: Option<Vec<u64>> = None;
+        loop {
+            tokio::select! {
+                msg = read_frame(&mut rd) => {
+                    let msg = msg.map_err(|e: WireError| AgentError::Migration(format!("control channel: {e}")))?;
+                    match dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)? {
+                        DestEvent::None => {}
+                        DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
+                        DestEvent::Send(m) => self.send(&m).await?,
+                        DestEvent::Resume => return self.resume(&mut dm, &state).await,
+                    }
+                }
+                Some((i, r)) = done_rx.recv() => {
+                    let n = r.map_err(AgentError::Migration)?;
+                    if let Some(slot) = finished.get_mut(i as usize) {
+                        *slot = Some(n);
+                    }
+                }
+            }
+            if let Some(counts) = &awaiting {
+                if finished.iter().all(Option::is_some) {
+                    let received: Vec<u64> = finished.iter().map(|n| n.unwrap_or(0)).collect();
+                    if received.len() != counts.len() {
+                        return Err(AgentError::Migration(format!(
+                            "source announced {} streams, session has {}",
+                            counts.len(),
+                            received.len()
+                        )));
+                    }
+                    let computed = state
+                        .lock()
+                        .expect("state lock")
+                        .engine
+                        .final_digest(&transcript_hash)
+                        .map_err(proto)?;
+                    let m = dm.streams_complete(&received, computed, crate::random()).map_err(proto)?;
+                    self.send(&m).await?;
+                    awaiting = None;
+                }
+            }
+        }
+    }
+
+    /// `Commit` arrived: journal it, run the VM here, confirm.
+    async fn resume(&mut self, dm: &mut DestMigration, state: &Mutex<Receiving>) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let id = self.order_id.expect("order known after handshake");
+        ctx.journal.lock().expect("journal lock").set(&id, State::Committed, "")?;
+        let mut guest = {
+            let mut st = state.lock().expect("state lock");
+            std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
+        };
+        guest.resume();
+        ctx.vms.lock().expect("vms lock").insert(self.vm.clone(), guest);
+        let m = dm.resumed().map_err(proto)?;
+        self.send(&m).await?;
+        ctx.journal.lock().expect("journal lock").set(&id, State::Done, "resumed here")?;
+        info!(order = %hex(&id), vm = %self.vm, "VM resumed on this host");
+        ctx.remember(history_entry("destination", None, None, &hex(&id), &self.vm));
+        Ok(())
+    }
+}
+
+/// Accept data connections for this session: bind each stream index once, after its
+/// `StreamInit` record authenticates; then read it to its end. spec: SPEC.md §7.1
+async fn bind_streams(
+    ctx: Arc<Ctx>,
+    keys: Arc<trustmig_protocol::keys::KeySchedule>,
+    sid: [u8; 16],
+    streams: u16,
+    state: Arc<Mutex<Receiving>>,
+    mut conns: mpsc::Receiver<DataConn>,
+    done: mpsc::Sender<(u16, Result<u64, String>)>,
+) {
+    let mut bound = vec![false; streams as usize];
+    while let Some((i, mut sock)) = conns.recv().await {
+        if i >= streams || bound[i as usize] {
+            warn!(stream = i, "surplus data connection dropped");
+            continue;
+        }
+        sock.set_nodelay(true).ok();
+        let mut opener = Opener::new(keys.stream_secret(Direction::SourceToDestination, i), i);
+        let mut buf = Vec::new();
+        let init = tokio::time::timeout(ctx.step_timeout(), read_record(&mut sock, &mut buf)).await;
+        let ok = match init {
+            Ok(Ok(true)) => match opener.open(&mut buf) {
+                Ok((RecordType::StreamInit, p)) => p == [&sid[..], &i.to_be_bytes()].concat(),
+                _ => false,
+            },
+            _ => false,
+        };
+        if !ok {
+            // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
+            warn!(stream = i, "data connection failed StreamInit; dropped");
+            continue;
+        }
+        bound[i as usize] = true;
+        let state = state.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let r = read_stream(sock, opener, i, &state).await;
+            let _ = done.send((i, r)).await;
+        });
+    }
+}
+
+/// Read one bound stream to `StreamEnd`; returns the number of records it carried.
+async fn read_stream(mut sock: TcpStream, mut opener: Opener, i: u16, state: &Mutex<Receiving>) -> Result<u64, String> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    loop {
+        if !read_record(&mut sock, &mut buf).await.map_err(|e| format!("data stream {i}: {e}"))? {
+            return Err(format!("data stream {i} cut before its end"));
+        }
+        let (typ, payload) = opener.open(&mut buf).map_err(|e| format!("data stream {i}: {e}"))?;
+        match typ {
+            RecordType::Pages => {
+                let mut st = state.lock().expect("state lock");
+                let Receiving { engine, guest } = &mut *st;
+                engine
+                    .on_pages(guest, i, payload)
+                    .map_err(|e| format!("data stream {i}: {e}"))?;
+            }
+            RecordType::DeviceState => {
+                state
+                    .lock()
+                    .expect("state lock")
+                    .engine
+                    .on_device_state(payload)
+                    .map_err(|e| format!("data stream {i}: {e}"))?;
+            }
+            RecordType::KeyUpdate => {}
+            RecordType::StreamEnd => return Ok(opener.records()),
+            t => return Err(format!("data stream {i}: unexpected {t:?} record")),
+        }
+    }
+}

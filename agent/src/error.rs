@@ -1,0 +1,111 @@
+//! Agent errors: each names what was wrong and, where there is one, the fix.
+
+use std::path::PathBuf;
+
+use trustmig_protocol::order::OrderError;
+
+/// Everything the agent and CLI can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A key file is readable by group or others.
+    #[error("{}: permissions {mode:o} are too open; run `chmod 600 {}`", path.display(), path.display())]
+    LoosePermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// The agent home does not exist or is incomplete.
+    #[error("{} is not a trustmig home ({what} missing); create one with `trustmig init --home {}`", home.display(), home.display())]
+    NotAHome {
+        /// The directory.
+        home: PathBuf,
+        /// What is missing.
+        what: String,
+    },
+    /// `init` would overwrite an identity.
+    #[error("{} already holds an agent identity; refusing to overwrite it", .0.display())]
+    HomeExists(PathBuf),
+    /// A configuration or trust file is malformed.
+    #[error("{}: {reason}", path.display())]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A key file is malformed.
+    #[error("{}: not a valid {kind}: {reason}", path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// Which kind of key.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An order was refused.
+    #[error("order refused: {0}")]
+    Order(#[from] OrderError),
+    /// The listen address is taken.
+    #[error("cannot listen on {addr}: {source} (is another agent running? change `listen` in config.toml)")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The peer could not be reached.
+    #[error("cannot reach {addr}: {reason}")]
+    Connect {
+        /// Address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TPM failed or is unreachable.
+    #[error("TPM: {0}")]
+    Tpm(String),
+    /// The local agent's control socket is unreachable.
+    #[error("cannot reach the local agent at {}: {reason} (is `trustmig agent --home ...` running?)", path.display())]
+    Control {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The migration failed; the message says where and what happened to the VM.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// A protocol error.
+    #[error("{0}")]
+    Protocol(#[from] trustmig_protocol::Error),
+    /// A required external program is missing.
+    #[error("{program} not found; install it with `apt-get install {package}`")]
+    MissingProgram {
+        /// Program.
+        program: &'static str,
+        /// Debian package.
+        package: &'static str,
+    },
+    /// Bad command-line usage not caught by the parser.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl AgentError {
+    /// Wrap an I/O error with its path.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}

@@ -1,0 +1,269 @@
+//! Two agents, two swtpm instances, an operator and a trust set-up on one machine: what the
+//! demo runs and what the system tests attack. Everything lives in one temp dir and dies with
+//! the [`Pair`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trustmig_attest::swtpm::{LocalCa, Swtpm, SwtpmError};
+use trustmig_protocol::order::{Limits, SignedOrder};
+use trustmig_protocol::AgentId;
+
+use crate::admin::{self, OrderArgs};
+use crate::control::{self, Reply, Request};
+use crate::error::AgentError;
+use crate::home::Home;
+use crate::identity::operator_keygen;
+
+/// The synthetic VM the pair migrates.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// Name.
+    pub name: String,
+    /// Memory, MiB.
+    pub size_mib: u64,
+    /// Pages dirtied per second while running.
+    pub dirty_pages_per_sec: u64,
+    /// Fraction of pages receiving 90% of writes.
+    pub hot_fraction: f64,
+    /// Fraction of pages holding data.
+    pub fill_fraction: f64,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        Self {
+            name: "demo-vm".into(),
+            size_mib: 512,
+            dirty_pages_per_sec: 20_000,
+            hot_fraction: 0.05,
+            fill_fraction: 0.5,
+        }
+    }
+}
+
+/// A running agent process; SIGTERM then SIGKILL on drop.
+pub struct AgentProcess {
+    child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL now (a crash).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait up to 10 s.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// A source and a destination agent on loopback.
+pub struct Pair {
+    /// Source home.
+    pub src: Home,
+    /// Destination home.
+    pub dst: Home,
+    /// Source identity.
+    pub src_id: AgentId,
+    /// Destination identity.
+    pub dst_id: AgentId,
+    /// Where the destination listens.
+    pub dst_addr: String,
+    /// Operator signing key file.
+    pub operator_key: PathBuf,
+    /// Agent processes once started: [source, destination].
+    pub procs: Vec<Option<AgentProcess>>,
+    exe: PathBuf,
+    tpms: Vec<Swtpm>,
+    _ca: LocalCa,
+    dir: tempfile::TempDir,
+}
+
+fn free_addr() -> Result<String, AgentError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(AgentError::io("127.0.0.1:0"))?;
+    Ok(l.local_addr().map_err(AgentError::io("127.0.0.1:0"))?.to_string())
+}
+
+fn swtpm_err(e: SwtpmError) -> AgentError {
+    match e {
+        SwtpmError::NotInstalled { .. } => AgentError::MissingProgram {
+            program: "swtpm",
+            package: "swtpm swtpm-tools",
+        },
+        other => AgentError::Tpm(other.to_string()),
+    }
+}
+
+impl Pair {
+    /// Create homes, TPMs (manufactured with EK certificates from a local CA), an operator,
+    /// mutual trust and mutual AK enrollment; `exe` is the `trustmig` binary to run agents with.
+    pub fn create(exe: &Path, vm: &VmSpec, streams: u16) -> Result<Self, AgentError> {
+        let dir = tempfile::Builder::new()
+            .prefix("trustmig-pair-")
+            .tempdir()
+            .map_err(AgentError::io("temp dir"))?;
+        let ca = LocalCa::new().map_err(swtpm_err)?;
+        let tpms = vec![
+            Swtpm::start_manufactured(&ca).map_err(swtpm_err)?,
+            Swtpm::start_manufactured(&ca).map_err(swtpm_err)?,
+        ];
+        let src = Home::at(dir.path().join("source"));
+        let dst = Home::at(dir.path().join("destination"));
+        let src_addr = free_addr()?;
+        let dst_addr = free_addr()?;
+        let src_id = admin::init(&src, &src_addr, &tpms[0].tcti())?;
+        let dst_id = admin::init(&dst, &dst_addr, &tpms[1].tcti())?;
+        for h in [&src, &dst] {
+            let path = h.config();
+            let mut text = std::fs::read_to_string(&path).map_err(AgentError::io(&path))?;
+            text = text.replace("streams = 2", &format!("streams = {streams}"));
+            std::fs::write(&path, text).map_err(AgentError::io(&path))?;
+        }
+        let cfg = src.config();
+        let mut text = std::fs::read_to_string(&cfg).map_err(AgentError::io(&cfg))?;
+        text += &format!(
+            "\n[[vm]]\nname = \"{}\"\nbackend = \"synthetic\"\nsize_mib = {}\ndirty_pages_per_sec = {}\nhot_fraction = {}\nfill_fraction = {}\nseed = 7\n",
+            vm.name, vm.size_mib, vm.dirty_pages_per_sec, vm.hot_fraction, vm.fill_fraction
+        );
+        std::fs::write(&cfg, text).map_err(AgentError::io(&cfg))?;
+        admin::add_peer(&src, "destination", dst_id)?;
+        admin::add_peer(&dst, "source", src_id)?;
+        let operator_key = dir.path().join("operator.key");
+        let op = operator_keygen(&operator_key)?;
+        admin::add_operator(&src, "operator", op)?;
+        admin::add_operator(&dst, "operator", op)?;
+        let ca_pem = ca.certificates_pem().map_err(swtpm_err)?;
+        admin::enroll(&src, &dst, &ca_pem)?;
+        admin::enroll(&dst, &src, &ca_pem)?;
+        Ok(Self {
+            src,
+            dst,
+            src_id,
+            dst_id,
+            dst_addr,
+            operator_key,
+            procs: vec![None, None],
+            exe: exe.to_path_buf(),
+            tpms,
+            _ca: ca,
+            dir,
+        })
+    }
+
+    /// The temp dir everything lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The swtpm TCTI of agent `i` (0 = source).
+    pub fn tcti(&self, i: usize) -> String {
+        self.tpms[i].tcti()
+    }
+
+    /// Start agent `i` (0 = source, 1 = destination) and wait for its control socket.
+    pub fn start(&mut self, i: usize) -> Result<(), AgentError> {
+        let home = if i == 0 { &self.src } else { &self.dst };
+        let log = self.dir.path().join(if i == 0 { "source.log" } else { "destination.log" });
+        let _ = std::fs::remove_file(home.control_socket());
+        let out = std::fs::File::create(&log).map_err(AgentError::io(&log))?;
+        let err = out.try_clone().map_err(AgentError::io(&log))?;
+        let child = Command::new(&self.exe)
+            .arg("agent")
+            .arg("--home")
+            .arg(home.root())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(AgentError::io(&self.exe))?;
+        let mut p = AgentProcess { child, log: log.clone() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !home.control_socket().exists() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(AgentError::Migration(format!("agent exited ({status}) at start:\n{text}")));
+            }
+            if Instant::now() > deadline {
+                p.kill9();
+                return Err(AgentError::Migration("agent did not start within 20 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.procs[i] = Some(p);
+        Ok(())
+    }
+
+    /// Start both agents.
+    pub fn start_both(&mut self) -> Result<(), AgentError> {
+        self.start(1)?;
+        self.start(0)
+    }
+
+    /// Sign an order for `vm` from source to destination.
+    pub fn order(&self, vm: &str, limits: Limits, ttl_secs: u64) -> Result<SignedOrder, AgentError> {
+        admin::sign_order(
+            &self.operator_key,
+            OrderArgs {
+                vm: vm.into(),
+                source: self.src_id,
+                destination: self.dst_id,
+                destination_addr: self.dst_addr.clone(),
+                limits,
+                ttl_secs,
+            },
+        )
+    }
+
+    /// Submit `order` to the source agent; every reply goes to `on_reply`.
+    pub async fn migrate(&self, order: &SignedOrder, on_reply: impl FnMut(Reply)) -> Result<(), AgentError> {
+        control::call(
+            &self.src.control_socket(),
+            &Request::Migrate {
+                order: hex::encode(order.to_cbor()),
+            },
+            on_reply,
+        )
+        .await
+    }
+
+    /// Checksum and paused flag of `vm` on the agent of `home`.
+    pub async fn checksum(home: &Home, vm: &str) -> Result<(String, bool), AgentError> {
+        let mut out = Err(AgentError::Migration("no reply".into()));
+        control::call(&home.control_socket(), &Request::VmChecksum { vm: vm.into() }, |r| {
+            out = match r {
+                Reply::Checksum { checksum, paused } => Ok((checksum, paused)),
+                Reply::Error(e) => Err(AgentError::Migration(e)),
+                other => Err(AgentError::Migration(format!("unexpected reply {other:?}"))),
+            }
+        })
+        .await?;
+        out
+    }
+}

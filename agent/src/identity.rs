@@ -1,0 +1,138 @@
+//! Agent identities (ed25519, PKCS#8 + self-signed certificate) and operator keys.
+//!
+//! Peers pin each other's identity *key*; the certificate only carries it through TLS.
+
+use std::path::Path;
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
+
+use crate::error::AgentError;
+use crate::home::{read_secret, write_atomic, write_secret, Home};
+use trustmig_protocol::AgentId;
+
+/// A loaded agent identity.
+pub struct Identity {
+    pkcs8: Zeroizing<Vec<u8>>,
+    cert: Vec<u8>,
+    id: AgentId,
+}
+
+impl Identity {
+    /// Generate a new identity in `home` (refuses to overwrite).
+    pub fn create(home: &Home) -> Result<Self, AgentError> {
+        if home.identity_key().exists() {
+            return Err(AgentError::HomeExists(home.root().to_path_buf()));
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| AgentError::Tpm("OS RNG failed".into()))?;
+        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        let cert = self_signed_cert(&pkcs8).map_err(|reason| AgentError::BadKey {
+            path: home.identity_key(),
+            kind: "ed25519 identity",
+            reason,
+        })?;
+        write_secret(&home.identity_key(), &pkcs8)?;
+        write_atomic(&home.identity_cert(), &cert)?;
+        Self::from_parts(pkcs8, cert, &home.identity_key())
+    }
+
+    /// Load the identity of `home`, checking permissions and that key and cert match.
+    pub fn load(home: &Home) -> Result<Self, AgentError> {
+        let pkcs8 = read_secret(&home.identity_key())?;
+        let cert = std::fs::read(home.identity_cert()).map_err(AgentError::io(home.identity_cert()))?;
+        let me = Self::from_parts(pkcs8, cert, &home.identity_key())?;
+        let in_cert = crate::tls::cert_identity(&me.cert).map_err(|reason| AgentError::BadKey {
+            path: home.identity_cert(),
+            kind: "identity certificate",
+            reason,
+        })?;
+        if in_cert != me.id {
+            return Err(AgentError::BadKey {
+                path: home.identity_cert(),
+                kind: "identity certificate",
+                reason: "certificate does not carry identity.key's public key".into(),
+            });
+        }
+        Ok(me)
+    }
+
+    fn from_parts(pkcs8: Zeroizing<Vec<u8>>, cert: Vec<u8>, path: &Path) -> Result<Self, AgentError> {
+        let kp = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8).map_err(|e| AgentError::BadKey {
+            path: path.to_path_buf(),
+            kind: "ed25519 PKCS#8 identity",
+            reason: e.to_string(),
+        })?;
+        let id: AgentId = kp
+            .public_key()
+            .as_ref()
+            .try_into()
+            .map_err(|_| AgentError::BadKey {
+                path: path.to_path_buf(),
+                kind: "ed25519 PKCS#8 identity",
+                reason: "public key is not 32 bytes".into(),
+            })?;
+        Ok(Self { pkcs8, cert, id })
+    }
+
+    /// The public identity.
+    pub fn id(&self) -> AgentId {
+        self.id
+    }
+
+    /// Certificate chain for rustls.
+    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![CertificateDer::from(self.cert.clone())]
+    }
+
+    /// Private key for rustls (a copy; rustls holds it for the config's lifetime).
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.to_vec()))
+    }
+}
+
+fn self_signed_cert(pkcs8: &[u8]) -> Result<Vec<u8>, String> {
+    let key = rcgen::KeyPair::try_from(pkcs8).map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(vec!["trustmig-agent".to_string()]).map_err(|e| e.to_string())?;
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(4000, 1, 1);
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok(cert.der().to_vec())
+}
+
+/// Parse a hex-encoded 32-byte key, naming the file on error.
+pub fn parse_hex32(text: &str, what: &'static str, path: &Path) -> Result<[u8; 32], AgentError> {
+    let bad = |reason: String| AgentError::BadKey {
+        path: path.to_path_buf(),
+        kind: what,
+        reason,
+    };
+    let bytes = hex::decode(text.trim()).map_err(|e| bad(format!("not hex: {e}")))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| bad(format!("{} bytes, expected 32", b.len())))
+}
+
+/// Generate an operator signing key: secret seed (hex, 0600) at `path`, public key at `path.pub`.
+pub fn operator_keygen(path: &Path) -> Result<[u8; 32], AgentError> {
+    let seed = Zeroizing::new(crate::random::<32>());
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let public = key.verifying_key().to_bytes();
+    write_secret(path, hex::encode(*seed).as_bytes())?;
+    let pub_path = path.with_extension("pub");
+    write_atomic(&pub_path, format!("{}\n", hex::encode(public)).as_bytes())?;
+    Ok(public)
+}
+
+/// Load an operator signing key.
+pub fn operator_load(path: &Path) -> Result<ed25519_dalek::SigningKey, AgentError> {
+    let text = read_secret(path)?;
+    let text = std::str::from_utf8(&text).map_err(|_| AgentError::BadKey {
+        path: path.to_path_buf(),
+        kind: "operator key",
+        reason: "not text".into(),
+    })?;
+    let seed = Zeroizing::new(parse_hex32(text, "operator key", path)?);
+    Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+}

@@ -1,0 +1,206 @@
+//! The durable journal of orders and migration states. spec: SPEC.md §3.4, §8.8
+//!
+//! An append-only file of JSON lines, each fsync'd before the caller acts on it. Order ids
+//! are claimed once per agent; migration states record where a migration stood so that a
+//! restarted agent settles what was in doubt. A torn last line (crash mid-write) is ignored;
+//! any other malformed line is an error, since guessing could let a used order id run again.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use trustmig_protocol::order::{hex, OrderBody, OrderError, OrderId, OrderJournal, Role};
+
+use crate::error::AgentError;
+
+/// Where a migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// The order id is used; nothing moved yet, or transfer under way.
+    Claimed,
+    /// COMMIT recorded: the destination owns the VM.
+    Committed,
+    /// Finished successfully.
+    Done,
+    /// Failed before commit; the source kept its VM.
+    RolledBack,
+    /// Settled at restart from an interrupted state.
+    Settled,
+}
+
+/// One journal line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Order id, hex.
+    pub order_id: String,
+    /// Our role.
+    pub role: Role,
+    /// VM name.
+    pub vm: String,
+    /// New state.
+    pub state: State,
+    /// Order expiry (UNIX seconds).
+    pub not_after: u64,
+    /// When written (UNIX seconds).
+    pub at: u64,
+    /// Free text (error, summary).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// The journal.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    latest: HashMap<String, Record>,
+}
+
+impl Journal {
+    /// Open (or create) the journal in `dir` and replay it.
+    pub fn open(dir: &Path) -> Result<Self, AgentError> {
+        fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+        let path = dir.join("journal.jsonl");
+        let mut latest = HashMap::new();
+        let mut torn_at = None;
+        if path.exists() {
+            let text = fs::read_to_string(&path).map_err(AgentError::io(&path))?;
+            let lines: Vec<&str> = text.split_inclusive('\n').collect();
+            let mut offset = 0u64;
+            for (i, line) in lines.iter().enumerate() {
+                let torn_tail = i == lines.len() - 1 && !line.ends_with('\n');
+                match serde_json::from_str::<Record>(line.trim_end()) {
+                    Ok(r) => {
+                        latest.insert(r.order_id.clone(), r);
+                    }
+                    // Crash mid-append: the caller never acted on it; cut it off below.
+                    Err(_) if torn_tail => torn_at = Some(offset),
+                    Err(e) => {
+                        return Err(AgentError::BadConfig {
+                            path: path.clone(),
+                            reason: format!("line {}: {e} (journal corrupt; refusing to guess)", i + 1),
+                        })
+                    }
+                }
+                offset += line.len() as u64;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(AgentError::io(&path))?;
+        if let Some(len) = torn_at {
+            file.set_len(len).and_then(|_| file.sync_all()).map_err(AgentError::io(&path))?;
+        }
+        // The directory entry must be durable too, or a fresh journal could vanish on crash.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(AgentError::io(dir))?;
+        Ok(Self { path, file, latest })
+    }
+
+    /// Append `r` durably.
+    pub fn append(&mut self, r: Record) -> Result<(), AgentError> {
+        let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Migration(e.to_string()))?;
+        line.push(b'\n');
+        self.file.write_all(&line).map_err(AgentError::io(&self.path))?;
+        self.file.sync_data().map_err(AgentError::io(&self.path))?;
+        self.latest.insert(r.order_id.clone(), r);
+        Ok(())
+    }
+
+    /// Record a state change for `order_id`.
+    pub fn set(&mut self, order_id: &OrderId, state: State, note: impl Into<String>) -> Result<(), AgentError> {
+        let key = hex(order_id);
+        let prev = self.latest.get(&key).cloned().ok_or_else(|| {
+            AgentError::Migration(format!("journal has no record of order {key}"))
+        })?;
+        self.append(Record {
+            state,
+            at: crate::unix_now(),
+            note: note.into(),
+            ..prev
+        })
+    }
+
+    /// Claim an order id for `role`/`vm`.
+    pub fn claim_for(&mut self, id: &OrderId, role: Role, vm: &str, not_after: u64) -> Result<(), OrderError> {
+        let key = hex(id);
+        if self.latest.contains_key(&key) {
+            return Err(OrderError::Replayed(key));
+        }
+        self.append(Record {
+            order_id: key,
+            role,
+            vm: vm.into(),
+            state: State::Claimed,
+            not_after,
+            at: crate::unix_now(),
+            note: String::new(),
+        })
+        .map_err(|e| OrderError::Journal(e.to_string()))
+    }
+
+    /// Latest record per order, newest first.
+    pub fn records(&self) -> Vec<Record> {
+        let mut v: Vec<Record> = self.latest.values().cloned().collect();
+        v.sort_by(|a, b| b.at.cmp(&a.at));
+        v
+    }
+
+    /// Migrations interrupted by a crash or restart: not Done, RolledBack or Settled.
+    pub fn in_doubt(&self) -> Vec<Record> {
+        self.latest
+            .values()
+            .filter(|r| matches!(r.state, State::Claimed | State::Committed))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The destination handshake claims ids through this adapter.
+pub struct ClaimAs<'a> {
+    /// The journal.
+    pub journal: &'a mut Journal,
+    /// Our role.
+    pub role: Role,
+}
+
+impl OrderJournal for ClaimAs<'_> {
+    fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError> {
+        self.journal.claim_for(&order.order_id, self.role, &order.vm, order.not_after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_survive_restart_and_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path()).unwrap();
+            j.claim_for(&[1; 16], Role::Source, "vm", 10).unwrap();
+            j.set(&[1; 16], State::Committed, "").unwrap();
+        }
+        // Simulate a crash mid-append.
+        let p = dir.path().join("journal.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"order_id\":\"02").unwrap();
+        drop(f);
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(matches!(j.claim_for(&[1; 16], Role::Source, "vm", 10), Err(OrderError::Replayed(_))));
+        assert_eq!(j.in_doubt().len(), 1);
+        assert_eq!(j.in_doubt()[0].state, State::Committed);
+        // The torn tail was cut, so new appends stay readable.
+        j.claim_for(&[3; 16], Role::Source, "vm", 10).unwrap();
+        drop(j);
+        assert_eq!(Journal::open(dir.path()).unwrap().records().len(), 2);
+        // Corruption in the middle is refused, not skipped.
+        fs::write(&p, "garbage\n{}\n").unwrap();
+        assert!(Journal::open(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! Showing a migration to a person (progress bar on a terminal, lines otherwise) or a machine
+//! (`--json`: one JSON object per line).
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::control::{Progress, Reply, Summary};
+
+/// Renders replies from the agent.
+pub struct Display {
+    json: bool,
+    bar: Option<ProgressBar>,
+    /// The summary, once done.
+    pub summary: Option<Summary>,
+    /// The failure, if any.
+    pub failure: Option<String>,
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+impl Display {
+    /// A display; `json` selects machine output.
+    pub fn new(json: bool) -> Self {
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template("{spinner} round {prefix} [{bar:30}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        });
+        Self {
+            json,
+            bar,
+            summary: None,
+            failure: None,
+        }
+    }
+
+    fn line(&self, s: String) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    /// Show one reply.
+    pub fn show(&mut self, r: Reply) {
+        if self.json {
+            if let Ok(s) = serde_json::to_string(&r) {
+                println!("{s}");
+            }
+        }
+        match r {
+            Reply::Progress(p) => self.progress(p),
+            Reply::Error(e) => self.failure = Some(e),
+            _ => {}
+        }
+    }
+
+    fn progress(&mut self, p: Progress) {
+        let human = !self.json;
+        match p {
+            Progress::Connected { peer } if human => self.line(format!("connected to destination {}", &peer[..16])),
+            Progress::Attested { streams } if human => {
+                self.line(format!("mutual attestation verified; {streams} sealed data streams open"))
+            }
+            Progress::Round {
+                round,
+                pages,
+                bytes,
+                dirty_pages,
+                dirty_rate,
+                predicted_downtime_ms,
+                throttle,
+                bandwidth,
+                total_bytes,
+                guest_pages,
+            } if human => {
+                let msg = format!(
+                    "round {round}: sent {pages} pages ({:.1} MiB) at {:.0} MiB/s, dirty rate {dirty_rate} pages/s, {dirty_pages} dirty, predicted downtime {} ms{}",
+                    mib(bytes),
+                    mib(bandwidth),
+                    if predicted_downtime_ms == u64::MAX { "∞".to_string() } else { predicted_downtime_ms.to_string() },
+                    if throttle > 0 { format!(", throttle {throttle}%") } else { String::new() }
+                );
+                match &self.bar {
+                    Some(b) => {
+                        b.set_length(guest_pages * 4096);
+                        b.set_position(total_bytes.min(guest_pages * 4096));
+                        b.set_prefix(round.to_string());
+                        b.set_message(format!("{:.0} MiB/s, predicted downtime {predicted_downtime_ms} ms", mib(bandwidth)));
+                        b.println(msg);
+                    }
+                    None => eprintln!("{msg}"),
+                }
+            }
+            Progress::SwitchOver { pages } if human => {
+                self.line(format!("switch-over: guest paused, sending the last {pages} pages"))
+            }
+            Progress::Committed if human => self.line("final evidence verified by the destination; COMMIT journalled".into()),
+            Progress::Done(s) => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+                self.summary = Some(s);
+            }
+            Progress::Failed { error, vm } => {
+                if let Some(b) = self.bar.take() {
+                    b.abandon();
+                }
+                self.failure = Some(format!("{error}; VM: {vm}"));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The summary as text.
+pub fn summary_text(s: &Summary) -> String {
+    let per_round: Vec<String> = s.bytes_per_round.iter().map(|b| format!("{:.1}", mib(*b))).collect();
+    format!(
+        "migration {} of {} complete\n  guest memory        {:.0} MiB\n  total time          {} ms\n  downtime            {} ms (target {} ms{})\n  rounds              {} (+ stop-and-copy of {} pages)\n  bytes on the wire   {:.1} MiB\n  MiB per round       {}\n  zero pages skipped  {}\n  throughput          {:.0} MiB/s\n  throttle            {}%\n",
+        &s.order_id[..16],
+        s.vm,
+        mib(s.guest_bytes),
+        s.total_ms,
+        s.downtime_ms,
+        s.downtime_target_ms,
+        if s.converged { ", converged" } else { ", forced: did not converge" },
+        s.rounds,
+        s.stop_copy_pages,
+        mib(s.bytes_on_wire),
+        per_round.join(" "),
+        s.zero_pages_skipped,
+        mib(s.throughput_bps),
+        s.throttle,
+    )
+}

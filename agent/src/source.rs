@@ -1,0 +1,497 @@
+//! The source side of a migration: order, TLS, handshake, data streams, pre-copy, commit.
+//! spec: SPEC.md §5, §7, §8
+//!
+//! Until COMMIT is journalled, every failure rolls back: the guest is resumed at full speed
+//! and stays here. After it, the source never resumes the guest on its own.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tracing::{info, warn};
+use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
+use trustmig_protocol::keys::Direction;
+use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::messages::{Message, TransferMode};
+use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
+use trustmig_protocol::order::{hex, OrderPolicy, Role, SignedOrder, VerifiedOrder};
+use trustmig_protocol::precopy::{GuestMemory, PrecopySource, RoundDecision};
+use trustmig_protocol::rate::Pacer;
+use trustmig_protocol::record::{RecordType, Sealer};
+use trustmig_protocol::{AbortCode, Error as ProtoError};
+
+use crate::control::{Progress, Summary};
+use crate::daemon::{history_entry, Ctx};
+use crate::error::AgentError;
+use crate::guest::{SyntheticGuest, PAGE_SIZE};
+use crate::journal::State;
+use crate::wire::{preamble, read_frame, write_frame, WireError};
+
+type Tls = TlsStream<TcpStream>;
+
+/// Run the migration in `order_hex` as its source, reporting progress.
+pub async fn migrate(ctx: Arc<Ctx>, order_hex: String, progress: mpsc::Sender<Progress>) -> Result<Summary, AgentError> {
+    let r = migrate_checked(&ctx, &order_hex, &progress).await;
+    if let Err((e, vm_state)) = &r {
+        let _ = progress
+            .send(Progress::Failed {
+                error: e.to_string(),
+                vm: vm_state.clone(),
+            })
+            .await;
+    }
+    r.map_err(|(e, _)| e)
+}
+
+async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sender<Progress>) -> Result<Summary, (AgentError, String)> {
+    let not_started = |e: AgentError| (e, "untouched: the migration never started".to_string());
+    let bytes = hex::decode(order_hex.trim()).map_err(|e| not_started(AgentError::Usage(format!("order is not hex: {e}"))))?;
+    let signed = SignedOrder::from_cbor(&bytes).map_err(|e| not_started(e.into()))?;
+    let operators = ctx.operators().map_err(not_started)?;
+    let order = signed
+        .verify(&OrderPolicy {
+            operators: &operators,
+            me: ctx.identity.id(),
+            role: Role::Source,
+            now: crate::unix_now(),
+        })
+        .map_err(|e| not_started(e.into()))?;
+    let body = order.body().clone();
+    let mut guest = ctx
+        .vms
+        .lock()
+        .expect("vms lock")
+        .remove(&body.vm)
+        .ok_or_else(|| not_started(AgentError::Migration(format!("no VM named {:?} runs on this agent", body.vm))))?;
+    let claimed = ctx
+        .journal
+        .lock()
+        .expect("journal lock")
+        .claim_for(order.id(), Role::Source, &body.vm, body.not_after);
+    if let Err(e) = claimed {
+        ctx.vms.lock().expect("vms lock").insert(body.vm.clone(), guest);
+        return Err(not_started(e.into()));
+    }
+    info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
+    let mut run = Run {
+        ctx: ctx.clone(),
+        progress: progress.clone(),
+        control: None,
+        outcome: Outcome::RollBack,
+    };
+    let result = run.go(&order, &mut guest).await;
+    let id = *order.id();
+    match result {
+        Ok(summary) => {
+            ctx.remember(history_entry("source", Some(&summary), None, &hex(&id), &body.vm));
+            Ok(summary)
+        }
+        Err(e) => {
+            let code = match &e {
+                AgentError::Protocol(p) => AbortCode::from(p),
+                _ => AbortCode::InternalError,
+            };
+            run.abort(code, &e.to_string()).await;
+            let vm_state = match run.outcome {
+                Outcome::RollBack => {
+                    guest.set_throttle(0);
+                    guest.resume();
+                    ctx.vms.lock().expect("vms lock").insert(body.vm.clone(), guest);
+                    let _ = ctx.journal.lock().expect("journal lock").set(&id, State::RolledBack, e.to_string());
+                    "rolled back: the VM keeps running on the source, its memory untouched".to_string()
+                }
+                Outcome::Committed => {
+                    // Never resume after COMMIT: the destination owns the VM.
+                    "committed: the destination owns the VM; the source keeps it paused (in doubt until settled)".to_string()
+                }
+            };
+            warn!(order = %hex(&id), "migration failed: {e}; {vm_state}");
+            ctx.remember(history_entry("source", None, Some(&format!("{e}; {vm_state}")), &hex(&id), &body.vm));
+            Err((e, vm_state))
+        }
+    }
+}
+
+struct Run {
+    ctx: Arc<Ctx>,
+    progress: mpsc::Sender<Progress>,
+    control: Option<WriteHalf<Tls>>,
+    outcome: Outcome,
+}
+
+struct StreamTx {
+    tx: mpsc::Sender<(RecordType, Vec<u8>)>,
+    task: JoinHandle<Result<(u64, u64), String>>,
+}
+
+fn proto(e: impl Into<ProtoError>) -> AgentError {
+    AgentError::Protocol(e.into())
+}
+
+fn wire(e: WireError) -> AgentError {
+    AgentError::Migration(format!("control channel: {e}"))
+}
+
+impl Run {
+    async fn report(&self, p: Progress) {
+        let _ = self.progress.send(p).await;
+    }
+
+    async fn abort(&mut self, code: AbortCode, reason: &str) {
+        if let Some(w) = self.control.as_mut() {
+            let msg = Message::Abort {
+                code,
+                reason: reason.chars().take(200).collect(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), write_frame(w, &msg.encode())).await;
+            let _ = w.shutdown().await;
+        }
+    }
+
+    async fn go(&mut self, order: &VerifiedOrder, guest: &mut SyntheticGuest) -> Result<Summary, AgentError> {
+        let started = Instant::now();
+        let body = order.body();
+        let timeout = self.ctx.step_timeout();
+        let addr = body.destination_addr.clone();
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| AgentError::Connect {
+                addr: addr.clone(),
+                reason: "timed out".into(),
+            })?
+            .map_err(|e| AgentError::Connect {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        tcp.set_nodelay(true).ok();
+        let tls_cfg = crate::tls::client_config(&self.ctx.identity, body.destination)
+            .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
+        let name = rustls::pki_types::ServerName::try_from("trustmig-agent").expect("static name is valid");
+        let tls = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp))
+            .await
+            .map_err(|_| AgentError::Connect {
+                addr: addr.clone(),
+                reason: "TLS handshake timed out".into(),
+            })?
+            .map_err(|e| AgentError::Connect {
+                addr: addr.clone(),
+                reason: format!("TLS handshake: {e}"),
+            })?;
+        let exporter = crate::tls::exporter(tls.get_ref().1).map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+        self.report(Progress::Connected {
+            peer: hex(&body.destination),
+        })
+        .await;
+
+        let (rd, wr) = tokio::io::split(tls);
+        self.control = Some(wr);
+        let mut ctrl = spawn_reader(rd);
+        let est = self.handshake(order, guest, exporter, &mut ctrl).await?;
+        self.report(Progress::Attested { streams: est.streams }).await;
+        let streams = self.open_streams(&est, &addr).await?;
+        self.transfer(order, &est, guest, streams, &mut ctrl, started).await
+    }
+
+    async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
+        let w = self.control.as_mut().expect("control channel is open after connect");
+        tokio::time::timeout(self.ctx.step_timeout(), write_frame(w, msg))
+            .await
+            .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
+            .map_err(wire)
+    }
+
+    async fn recv(&self, ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>) -> Result<Vec<u8>, AgentError> {
+        match tokio::time::timeout(self.ctx.step_timeout(), ctrl.recv()).await {
+            Err(_) => Err(AgentError::Migration("destination did not answer in time".into())),
+            Ok(None) => Err(AgentError::Migration("control channel closed".into())),
+            Ok(Some(r)) => r.map_err(wire),
+        }
+    }
+
+    async fn handshake(
+        &mut self,
+        order: &VerifiedOrder,
+        guest: &SyntheticGuest,
+        exporter: [u8; 32],
+        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+    ) -> Result<Established, AgentError> {
+        let body = order.body();
+        let vm_cfg = self.ctx.config.vms.iter().find(|v| v.name == body.vm);
+        let config_digest = trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
+        let manifest = ImageManifest {
+            vm: body.vm.clone(),
+            config_digest,
+            chunk_size: 1 << 20,
+            disks: vec![], // synthetic guests have no disks; shared-storage mode
+        };
+        let channel = ChannelBinding {
+            tls_exporter: exporter,
+            local: self.ctx.identity.id(),
+            peer: body.destination,
+        };
+        let mode = TransferMode::Precopy {
+            page_size: PAGE_SIZE as u32,
+            page_count: guest.page_count(),
+        };
+        let (mut hs, hello) = SourceHandshake::start(
+            order.clone(),
+            channel,
+            crate::random(),
+            mode,
+            self.ctx.config.transfer.streams,
+            &manifest,
+        )
+        .map_err(proto)?;
+        self.send(&hello).await?;
+        while !hs.is_done() {
+            let msg = self.recv(ctrl).await?;
+            let out = {
+                let mut att = self.ctx.attester.lock().expect("attester lock");
+                hs.handle(&msg, att.as_mut(), self.ctx.verifier.as_ref())
+            }
+            .map_err(proto)?;
+            for m in out {
+                self.send(&m).await?;
+            }
+        }
+        hs.into_established().map_err(proto)
+    }
+
+    async fn open_streams(&self, est: &Established, addr: &str) -> Result<Vec<StreamTx>, AgentError> {
+        let sid = est.keys.session_id();
+        let mut out = Vec::new();
+        for i in 0..est.streams {
+            let mut sock = TcpStream::connect(addr).await.map_err(|e| AgentError::Connect {
+                addr: addr.to_string(),
+                reason: format!("data stream {i}: {e}"),
+            })?;
+            sock.set_nodelay(true).ok();
+            let mut sealer = Sealer::new(est.keys.stream_secret(Direction::SourceToDestination, i), i);
+            let mut first = preamble(&sid, i).to_vec();
+            let init = [&sid[..], &i.to_be_bytes()].concat();
+            sealer.seal(RecordType::StreamInit, &init, &mut first).map_err(proto)?;
+            sock.write_all(&first).await.map_err(|e| AgentError::Migration(format!("data stream {i}: {e}")))?;
+            let (tx, rx) = mpsc::channel(2);
+            out.push(StreamTx {
+                tx,
+                task: tokio::spawn(stream_writer(sock, sealer, rx)),
+            });
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_lines)]
+    async fn transfer(
+        &mut self,
+        order: &VerifiedOrder,
+        est: &Established,
+        guest: &mut SyntheticGuest,
+        streams: Vec<StreamTx>,
+        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+        started: Instant,
+    ) -> Result<Summary, AgentError> {
+        let body = order.body();
+        let mut engine = PrecopySource::new(guest, body.limits.clone(), est.streams).map_err(proto)?;
+        let mut pacer = Pacer::new(body.limits.bandwidth_bps, Duration::from_millis(10));
+        let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
+        let mut total_bytes = 0u64;
+        engine.begin(guest).map_err(proto)?;
+        guest.tick(Instant::now());
+
+        // Pre-copy rounds.
+        loop {
+            let round_start = Instant::now();
+            let writes_before = guest.writes();
+            let mut round_bytes = 0u64;
+            while let Some((batch, buf)) = next_batch(&mut engine, guest)? {
+                let d = pacer.delay(Instant::now(), buf.len() as u64);
+                if !d.is_zero() {
+                    tokio::time::sleep(d).await;
+                }
+                round_bytes += buf.len() as u64;
+                send_record(&streams, batch.stream, RecordType::Pages, buf).await?;
+                guest.tick(Instant::now());
+                // A destination abort (or garbage) during transfer ends it now.
+                if let Ok(msg) = ctrl.try_recv() {
+                    let msg = msg.map_err(wire)?;
+                    let mut att = self.ctx.attester.lock().expect("attester lock");
+                    sm.handle(&msg, att.as_mut()).map_err(proto)?;
+                }
+            }
+            total_bytes += round_bytes;
+            let elapsed = round_start.elapsed().max(Duration::from_millis(1));
+            let bandwidth = (round_bytes as f64 / elapsed.as_secs_f64()) as u64;
+            guest.tick(Instant::now());
+            let dirty_rate = ((guest.writes() - writes_before) as f64 / elapsed.as_secs_f64()) as u64;
+            let round = engine.round();
+            let decision = engine.end_round(guest, bandwidth.max(1)).map_err(proto)?;
+            let (predicted, switch) = match decision {
+                RoundDecision::Continue { predicted_ms } | RoundDecision::Throttle { predicted_ms, .. } => (predicted_ms, false),
+                RoundDecision::SwitchOver { predicted_ms, .. } => (predicted_ms, true),
+            };
+            let stats = engine.stats();
+            let r = stats.rounds.get(round as usize).cloned().unwrap_or_default();
+            self.report(Progress::Round {
+                round,
+                pages: r.pages_sent,
+                bytes: r.bytes,
+                dirty_pages: r.dirtied,
+                dirty_rate,
+                predicted_downtime_ms: predicted,
+                throttle: stats.throttle,
+                bandwidth,
+                total_bytes,
+                guest_pages: guest.page_count(),
+            })
+            .await;
+            let counts = Message::RoundDone {
+                round,
+                stream_records: vec![],
+            };
+            self.send(&counts.encode()).await?;
+            if switch {
+                break;
+            }
+        }
+
+        // Stop-and-copy: from here the guest is paused until rollback or forever.
+        engine.stop_and_copy(guest).map_err(proto)?;
+        let paused_at = Instant::now();
+        let stop_pages = engine.pending_pages();
+        self.report(Progress::SwitchOver { pages: stop_pages }).await;
+        while let Some((batch, buf)) = next_batch(&mut engine, guest)? {
+            send_record(&streams, batch.stream, RecordType::Pages, buf).await?;
+        }
+        let device_state = format!("synthetic-vcpu vm={} writes={}", guest.name(), guest.writes()).into_bytes();
+        send_record(&streams, 0, RecordType::DeviceState, device_state.clone()).await?;
+        let mut counts = Vec::new();
+        let mut wire_bytes = 0;
+        for s in streams {
+            s.tx
+                .send((RecordType::StreamEnd, Vec::new()))
+                .await
+                .map_err(|_| AgentError::Migration("data stream closed".into()))?;
+            drop(s.tx);
+            let (records, bytes) = s
+                .task
+                .await
+                .map_err(|e| AgentError::Migration(format!("data stream task: {e}")))?
+                .map_err(AgentError::Migration)?;
+            counts.push(records);
+            wire_bytes += bytes;
+        }
+        let digest = engine.finish(&device_state, &est.transcript_hash).map_err(proto)?;
+        let so = sm.switch_over(counts, digest).map_err(proto)?;
+        self.send(&so).await?;
+
+        // Final evidence, Ready, Commit, Resumed.
+        loop {
+            let msg = self.recv(ctrl).await?;
+            let ev = {
+                let mut att = self.ctx.attester.lock().expect("attester lock");
+                sm.handle(&msg, att.as_mut())
+            }
+            .map_err(proto)?;
+            match ev {
+                SourceEvent::Send(m) => self.send(&m).await?,
+                SourceEvent::ReadyToCommit => {
+                    // The point of no return: durable before the destination may resume.
+                    self.ctx
+                        .journal
+                        .lock()
+                        .expect("journal lock")
+                        .set(order.id(), State::Committed, "")?;
+                    self.outcome = Outcome::Committed;
+                    let c = sm.commit().map_err(proto)?;
+                    self.send(&c).await?;
+                    self.report(Progress::Committed).await;
+                }
+                SourceEvent::Resumed => break,
+            }
+        }
+        let downtime = paused_at.elapsed();
+        let total = started.elapsed();
+        let stats = engine.stats().clone();
+        let summary = Summary {
+            order_id: hex(order.id()),
+            vm: body.vm.clone(),
+            guest_bytes: guest.bytes(),
+            total_ms: total.as_millis() as u64,
+            downtime_ms: downtime.as_millis() as u64,
+            downtime_target_ms: u64::from(body.limits.downtime_ms),
+            rounds: stats.rounds.len().saturating_sub(1) as u32,
+            converged: !stats.forced,
+            throttle: stats.throttle,
+            bytes_on_wire: wire_bytes,
+            bytes_per_round: stats.rounds.iter().map(|r| r.bytes).collect(),
+            zero_pages_skipped: stats.zero_pages_skipped,
+            stop_copy_pages: stop_pages,
+            throughput_bps: (wire_bytes as f64 / total.as_secs_f64().max(1e-3)) as u64,
+            memory_checksum: hex::encode(guest.checksum()),
+        };
+        self.ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .set(order.id(), State::Done, format!("downtime {} ms", summary.downtime_ms))?;
+        info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
+        Ok(summary)
+    }
+}
+
+/// Take the engine's next batch into a fresh buffer.
+fn next_batch(
+    engine: &mut PrecopySource,
+    guest: &SyntheticGuest,
+) -> Result<Option<(trustmig_protocol::precopy::Batch, Vec<u8>)>, AgentError> {
+    let mut buf = Vec::with_capacity(engine.max_batch_bytes());
+    Ok(engine.next_batch(guest, &mut buf).map_err(proto)?.map(|b| (b, buf)))
+}
+
+async fn send_record(streams: &[StreamTx], stream: u16, typ: RecordType, payload: Vec<u8>) -> Result<(), AgentError> {
+    let s = streams
+        .get(stream as usize)
+        .ok_or_else(|| AgentError::Migration(format!("no data stream {stream}")))?;
+    if s.tx.send((typ, payload)).await.is_err() {
+        return Err(AgentError::Migration(format!("data stream {stream} failed (connection lost)")));
+    }
+    Ok(())
+}
+
+/// Seal and write records for one stream; returns (records sealed, bytes written).
+async fn stream_writer(
+    mut sock: TcpStream,
+    mut sealer: Sealer,
+    mut rx: mpsc::Receiver<(RecordType, Vec<u8>)>,
+) -> Result<(u64, u64), String> {
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut bytes = 0u64;
+    while let Some((typ, payload)) = rx.recv().await {
+        out.clear();
+        sealer.seal(typ, &payload, &mut out).map_err(|e| e.to_string())?;
+        sock.write_all(&out).await.map_err(|e| format!("data stream write: {e}"))?;
+        bytes += out.len() as u64;
+    }
+    sock.flush().await.map_err(|e| e.to_string())?;
+    let _ = sock.shutdown().await;
+    Ok((sealer.next_seq(), bytes))
+}
+
+/// Forward control frames from the TLS read half to a channel.
+fn spawn_reader(mut rd: ReadHalf<Tls>) -> mpsc::Receiver<Result<Vec<u8>, WireError>> {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut rd).await;
+            let stop = r.is_err();
+            if tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    rx
+}
