@@ -17,6 +17,7 @@ pub mod home;
 pub mod identity;
 pub mod journal;
 pub mod progress;
+pub mod qmp;
 pub mod source;
 pub mod tls;
 pub mod trust;

@@ -12,6 +12,7 @@ pub mod attestation;
 pub mod codec;
 pub mod error;
 pub mod handshake;
+pub mod hvstream;
 pub mod keys;
 pub mod manifest;
 pub mod messages;

@@ -1,0 +1,532 @@
+//! An async QMP client (QEMU Machine Protocol) over a unix socket.
+//!
+//! JSON lines: a greeting, `qmp_capabilities`, then commands tagged with an `id`; replies are
+//! `{"return": ..}` or `{"error": {"class", "desc"}}`, and asynchronous `{"event": ..}` lines may
+//! come in between (they are queued). Every step has a timeout. An `error` reply becomes
+//! [`QmpError::Qemu`] with QEMU's own class and message; anything that is not the expected JSON
+//! becomes [`QmpError::Malformed`] quoting what arrived.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+/// Longest reply line accepted (QEMU's largest replies are far below this).
+pub const MAX_LINE: u64 = 4 << 20;
+
+/// What can go wrong talking to QEMU.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QmpError {
+    /// The QMP socket could not be opened.
+    #[error("cannot connect to QMP socket {}: {source} (is QEMU running with `-qmp unix:{},server=on,wait=off`?)", path.display(), path.display())]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Reading or writing the socket failed.
+    #[error("QMP {}: {source}", path.display())]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// QEMU closed the socket (it exited, or `quit` ran).
+    #[error("QMP {}: QEMU closed the connection while waiting for {waiting_for}", path.display())]
+    Closed {
+        /// Socket path.
+        path: PathBuf,
+        /// What we were waiting for.
+        waiting_for: String,
+    },
+    /// No answer in time.
+    #[error("QMP {}: no answer to {waiting_for} within {} s", path.display(), timeout.as_secs_f32())]
+    Timeout {
+        /// Socket path.
+        path: PathBuf,
+        /// What we were waiting for.
+        waiting_for: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// QEMU refused a command.
+    #[error("QEMU refused {command}: {desc} ({class})")]
+    Qemu {
+        /// The command.
+        command: String,
+        /// QEMU's error class (`GenericError`, `CommandNotFound`, ...).
+        class: String,
+        /// QEMU's own message.
+        desc: String,
+    },
+    /// A line that is not the QMP we expect.
+    #[error("malformed QMP {context}: {reason}: {line}")]
+    Malformed {
+        /// What was being read.
+        context: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The offending text (truncated).
+        line: String,
+    },
+}
+
+/// An asynchronous QMP event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Event name, e.g. `MIGRATION`, `STOP`, `RESUME`.
+    pub name: String,
+    /// Its data (`null` when absent).
+    pub data: Value,
+}
+
+/// `query-status` reply.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct StatusInfo {
+    /// Whether the vCPUs run.
+    pub running: bool,
+    /// Run state: `running`, `paused`, `inmigrate`, `postmigrate`, `finish-migrate`, ...
+    pub status: String,
+}
+
+/// RAM statistics of `query-migrate`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    /// Bytes transferred.
+    #[serde(default)]
+    pub transferred: u64,
+    /// Bytes still to send.
+    #[serde(default)]
+    pub remaining: u64,
+    /// Guest RAM bytes.
+    #[serde(default)]
+    pub total: u64,
+    /// Zero pages found.
+    #[serde(default)]
+    pub duplicate: u64,
+    /// Full pages sent.
+    #[serde(default)]
+    pub normal: u64,
+    /// Page size.
+    #[serde(default)]
+    pub page_size: u64,
+    /// Dirty pages per second.
+    #[serde(default)]
+    pub dirty_pages_rate: u64,
+    /// Throughput, megabits per second.
+    #[serde(default)]
+    pub mbps: f64,
+    /// Dirty-bitmap syncs so far (= rounds started).
+    #[serde(default)]
+    pub dirty_sync_count: u64,
+}
+
+/// `query-migrate` reply (fields QEMU leaves out are `None`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    /// `none`, `setup`, `active`, `pre-switchover`, `device`, `completed`, `failed`, `cancelled`, ...
+    #[serde(default)]
+    pub status: Option<String>,
+    /// RAM statistics.
+    #[serde(default)]
+    pub ram: Option<RamStats>,
+    /// Predicted downtime, ms.
+    #[serde(default)]
+    pub expected_downtime: Option<u64>,
+    /// Actual downtime, ms (when completed).
+    #[serde(default)]
+    pub downtime: Option<u64>,
+    /// Total time, ms.
+    #[serde(default)]
+    pub total_time: Option<u64>,
+    /// CPU throttle in force.
+    #[serde(default)]
+    pub cpu_throttle_percentage: Option<u64>,
+    /// QEMU's error text when failed.
+    #[serde(default)]
+    pub error_desc: Option<String>,
+}
+
+impl MigrationInfo {
+    /// The status, `none` when QEMU left it out.
+    pub fn status(&self) -> &str {
+        self.status.as_deref().unwrap_or("none")
+    }
+}
+
+/// A connected, negotiated QMP session.
+pub struct Qmp {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+    path: PathBuf,
+    timeout: Duration,
+    next_id: u64,
+    events: VecDeque<Event>,
+    /// QEMU's version string from the greeting (`7.2.22`).
+    pub version: String,
+}
+
+fn clip(s: &str) -> String {
+    let mut out: String = s.trim_end().chars().take(300).collect();
+    if s.len() > out.len() + 1 {
+        out.push('…');
+    }
+    out
+}
+
+enum Line {
+    Return(u64, Value),
+    Error(u64, String, String),
+    Event(Event),
+}
+
+impl Qmp {
+    /// Connect to `path`, read the greeting and leave negotiation mode. Each step may take up
+    /// to `timeout`.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let sock = tokio::time::timeout(timeout, UnixStream::connect(path))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                path: path.to_path_buf(),
+                waiting_for: "connect".into(),
+                timeout,
+            })?
+            .map_err(|source| QmpError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (rd, wr) = sock.into_split();
+        let mut q = Self {
+            rd: BufReader::new(rd),
+            wr,
+            path: path.to_path_buf(),
+            timeout,
+            next_id: 1,
+            events: VecDeque::new(),
+            version: String::new(),
+        };
+        let greeting = q.read_json("greeting").await?;
+        let v = greeting
+            .get("QMP")
+            .and_then(|g| g.get("version"))
+            .and_then(|v| v.get("qemu"))
+            .ok_or_else(|| QmpError::Malformed {
+                context: "greeting".into(),
+                reason: "no QMP.version.qemu".into(),
+                line: clip(&greeting.to_string()),
+            })?;
+        q.version = format!(
+            "{}.{}.{}",
+            v.get("major").and_then(Value::as_u64).unwrap_or(0),
+            v.get("minor").and_then(Value::as_u64).unwrap_or(0),
+            v.get("micro").and_then(Value::as_u64).unwrap_or(0)
+        );
+        q.execute("qmp_capabilities", json!({})).await?;
+        Ok(q)
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read_json(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(self.timeout, (&mut self.rd).take(MAX_LINE).read_until(b'\n', &mut buf))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                path: self.path.clone(),
+                waiting_for: waiting_for.into(),
+                timeout: self.timeout,
+            })?
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(QmpError::Closed {
+                path: self.path.clone(),
+                waiting_for: waiting_for.into(),
+            });
+        }
+        if buf.last() != Some(&b'\n') {
+            return Err(QmpError::Malformed {
+                context: waiting_for.into(),
+                reason: format!("line longer than {MAX_LINE} bytes or cut"),
+                line: clip(&String::from_utf8_lossy(&buf[..buf.len().min(300)])),
+            });
+        }
+        serde_json::from_slice(&buf).map_err(|e| QmpError::Malformed {
+            context: waiting_for.into(),
+            reason: format!("not JSON ({e})"),
+            line: clip(&String::from_utf8_lossy(&buf)),
+        })
+    }
+
+    fn classify(v: Value, context: &str) -> Result<Line, QmpError> {
+        let bad = |reason: &str, v: &Value| QmpError::Malformed {
+            context: context.into(),
+            reason: reason.into(),
+            line: clip(&v.to_string()),
+        };
+        let Some(obj) = v.as_object() else {
+            return Err(bad("not a JSON object", &v));
+        };
+        if let Some(name) = obj.get("event") {
+            let name = name.as_str().ok_or_else(|| bad("event name is not a string", &v))?;
+            return Ok(Line::Event(Event {
+                name: name.to_string(),
+                data: obj.get("data").cloned().unwrap_or(Value::Null),
+            }));
+        }
+        let id = obj.get("id").and_then(Value::as_u64).unwrap_or(0);
+        if let Some(r) = obj.get("return") {
+            return Ok(Line::Return(id, r.clone()));
+        }
+        if let Some(e) = obj.get("error") {
+            let class = e.get("class").and_then(Value::as_str).unwrap_or("?").to_string();
+            let desc = e
+                .get("desc")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("error without desc", &v))?
+                .to_string();
+            return Ok(Line::Error(id, class, desc));
+        }
+        Err(bad("neither return, error nor event", &v))
+    }
+
+    /// Run `command` with `arguments` (an object, or `{}`); returns QEMU's `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+            msg["arguments"] = arguments;
+        }
+        let mut line = msg.to_string().into_bytes();
+        line.push(b'\n');
+        let io = |source| QmpError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        tokio::time::timeout(self.timeout, self.wr.write_all(&line))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                path: self.path.clone(),
+                waiting_for: command.into(),
+                timeout: self.timeout,
+            })?
+            .map_err(io)?;
+        loop {
+            let v = self.read_json(command).await?;
+            match Self::classify(v, command)? {
+                Line::Event(e) => self.events.push_back(e),
+                Line::Return(rid, r) if rid == id => return Ok(r),
+                Line::Error(rid, class, desc) if rid == id => {
+                    return Err(QmpError::Qemu {
+                        command: command.into(),
+                        class,
+                        desc,
+                    })
+                }
+                // A reply to an earlier command that timed out: skip it.
+                Line::Return(..) | Line::Error(..) => {}
+            }
+        }
+    }
+
+    async fn execute_unit(&mut self, command: &str, arguments: Value) -> Result<(), QmpError> {
+        self.execute(command, arguments).await.map(|_| ())
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(v: Value, command: &str) -> Result<T, QmpError> {
+        serde_json::from_value(v.clone()).map_err(|e| QmpError::Malformed {
+            context: command.into(),
+            reason: e.to_string(),
+            line: clip(&v.to_string()),
+        })
+    }
+
+    /// `migrate-set-capabilities`.
+    pub async fn migrate_set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+        let list: Vec<Value> = caps.iter().map(|(c, s)| json!({"capability": c, "state": s})).collect();
+        self.execute_unit("migrate-set-capabilities", json!({ "capabilities": list })).await
+    }
+
+    /// `migrate-set-parameters` with downtime limit (ms) and bandwidth cap (bytes/s).
+    pub async fn migrate_set_parameters(&mut self, downtime_limit_ms: u64, max_bandwidth: u64) -> Result<(), QmpError> {
+        self.execute_unit(
+            "migrate-set-parameters",
+            json!({ "downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth }),
+        )
+        .await
+    }
+
+    /// `migrate uri=...` (source).
+    pub async fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute_unit("migrate", json!({ "uri": uri })).await
+    }
+
+    /// `migrate-incoming uri=...` (destination started with `-incoming defer`).
+    pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute_unit("migrate-incoming", json!({ "uri": uri })).await
+    }
+
+    /// `query-migrate`.
+    pub async fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
+        let v = self.execute("query-migrate", json!({})).await?;
+        Self::parse(v, "query-migrate")
+    }
+
+    /// `migrate-continue state=...` (leave `pre-switchover`).
+    pub async fn migrate_continue(&mut self, state: &str) -> Result<(), QmpError> {
+        self.execute_unit("migrate-continue", json!({ "state": state })).await
+    }
+
+    /// `migrate_cancel`.
+    pub async fn migrate_cancel(&mut self) -> Result<(), QmpError> {
+        self.execute_unit("migrate_cancel", json!({})).await
+    }
+
+    /// `cont`: run the vCPUs.
+    pub async fn cont(&mut self) -> Result<(), QmpError> {
+        self.execute_unit("cont", json!({})).await
+    }
+
+    /// `stop`: pause the vCPUs.
+    pub async fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute_unit("stop", json!({})).await
+    }
+
+    /// `query-status`.
+    pub async fn query_status(&mut self) -> Result<StatusInfo, QmpError> {
+        let v = self.execute("query-status", json!({})).await?;
+        Self::parse(v, "query-status")
+    }
+
+    /// `quit`: QEMU exits (a closed socket after the command counts as success).
+    pub async fn quit(&mut self) -> Result<(), QmpError> {
+        match self.execute_unit("quit", json!({})).await {
+            Ok(()) | Err(QmpError::Closed { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Events received so far, oldest first (drains the queue).
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    /// Wait up to `within` for the next event (queued ones first).
+    pub async fn next_event(&mut self, within: Duration) -> Result<Option<Event>, QmpError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        let saved = self.timeout;
+        self.timeout = within;
+        let r = self.read_json("an event").await;
+        self.timeout = saved;
+        match r {
+            Err(QmpError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(e),
+            Ok(v) => match Self::classify(v, "an event")? {
+                Line::Event(e) => Ok(Some(e)),
+                Line::Return(..) | Line::Error(..) => Ok(None),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU that answers each command line with the next canned line(s).
+    async fn fake(script: Vec<&'static str>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let Ok((s, _)) = l.accept().await else { return };
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            let _ = wr
+                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
+                .await;
+            for reply in script {
+                let mut line = String::new();
+                if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = wr.write_all(reply.as_bytes()).await;
+            }
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn replies_events_and_errors_are_typed() {
+        let (_d, path) = fake(vec![
+            "{\"return\": {}, \"id\": 1}\n",
+            "{\"event\": \"STOP\", \"timestamp\": {}}\n{\"return\": {\"running\": false, \"status\": \"paused\"}, \"id\": 2}\n",
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"There's a migration process in progress\"}, \"id\": 3}\n",
+            "{\"return\": {\"status\": \"active\", \"ram\": {\"transferred\": 10, \"mbps\": 1.5, \"dirty-sync-count\": 2}}, \"id\": 4}\n",
+            "this is not json\n",
+        ])
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).await.expect("connect");
+        assert_eq!(q.version, "7.2.22");
+        let st = q.query_status().await.expect("status");
+        assert_eq!(st.status, "paused");
+        assert!(!st.running);
+        assert_eq!(q.take_events().first().map(|e| e.name.as_str()), Some("STOP"));
+        match q.migrate("unix:/x").await {
+            Err(QmpError::Qemu { command, class, desc }) => {
+                assert_eq!(command, "migrate");
+                assert_eq!(class, "GenericError");
+                assert!(desc.contains("migration process in progress"));
+            }
+            other => panic!("expected a QEMU error, got {other:?}"),
+        }
+        let m = q.query_migrate().await.expect("query-migrate");
+        assert_eq!(m.status(), "active");
+        let ram = m.ram.expect("ram stats");
+        assert_eq!((ram.transferred, ram.dirty_sync_count), (10, 2));
+        match q.cont().await {
+            Err(e @ QmpError::Malformed { .. }) => assert!(e.to_string().contains("this is not json")),
+            other => panic!("expected malformed, got {other:?}"),
+        }
+        // The fake closed after its script.
+        assert!(matches!(q.stop().await, Err(QmpError::Closed { .. }) | Err(QmpError::Io { .. })));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_and_silent_peer_are_named() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let e = Qmp::connect(&dir.path().join("nope.sock"), Duration::from_secs(1)).await.err();
+        assert!(matches!(e, Some(QmpError::Connect { .. })), "{e:?}");
+        let path = dir.path().join("silent.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let held = l.accept().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(held);
+        });
+        let e = Qmp::connect(&path, Duration::from_millis(200)).await.err();
+        match e {
+            Some(QmpError::Timeout { waiting_for, .. }) => assert_eq!(waiting_for, "greeting"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+}
