@@ -108,6 +108,7 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     let vms = config
         .vms
         .iter()
+        .filter(|v| v.backend == "synthetic") // `qemu` VMs live in their QEMU (sidecar.rs)
         .map(|v| {
             let mut g = SyntheticGuest::new(v);
             trustmig_protocol::precopy::GuestMemory::resume(&mut g);
@@ -197,7 +198,16 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
         .map_err(|_| AgentError::Migration("data preamble timed out".into()))?
         .map_err(AgentError::io("data stream"))?;
     let (sid, stream) = parse_preamble(&p).map_err(|e| AgentError::Migration(e.to_string()))?;
-    let tx = ctx.sessions.lock().expect("sessions lock").get(&sid).cloned();
+    // The source may open its streams a moment before this side has processed its Finished
+    // and registered the session: wait briefly for the id to appear.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let tx = loop {
+        let tx = ctx.sessions.lock().expect("sessions lock").get(&sid).cloned();
+        if tx.is_some() || tokio::time::Instant::now() >= deadline {
+            break tx;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     match tx {
         Some(tx) => {
             let _ = tx.send((stream, sock)).await;

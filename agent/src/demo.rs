@@ -73,9 +73,9 @@ pub async fn run(a: DemoArgs) -> Result<Summary, AgentError> {
         ),
     );
     let mut display = Display::new(a.json);
-    pair.migrate(&order, |r| display.show(r)).await?;
-    if let Some(f) = display.failure {
-        return Err(AgentError::Migration(f));
+    let r = pair.migrate(&order, |r| display.show(r)).await;
+    if let Some(f) = r.err().map(|e| e.to_string()).or(display.failure.take()) {
+        return Err(AgentError::Migration(format!("{f}\n{}", pair.log_tails(8))));
     }
     let summary = display
         .summary

@@ -220,6 +220,21 @@ impl Pair {
         Ok(())
     }
 
+    /// The last `n` lines of each agent's log, for error reports.
+    pub fn log_tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for p in self.procs.iter().flatten() {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!("--- {} (last {n} lines)\n", p.log.display());
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// Start both agents.
     pub fn start_both(&mut self) -> Result<(), AgentError> {
         self.start(1)?;

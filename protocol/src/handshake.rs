@@ -24,8 +24,9 @@ use crate::messages::{ClientHello, Message, ServerHello, TransferMode, MAX_STREA
 use crate::order::{hex, OrderJournal, OrderPolicy, Role, VerifiedOrder};
 use crate::{codec, ct_eq, AgentId, Digest, SUPPORTED_VERSIONS};
 
-/// Largest guest page accepted (2 MiB huge pages). spec: SPEC.md §9
-pub const MAX_PAGE_SIZE: u32 = 2 << 20;
+/// Largest guest page accepted (64 KiB): a batch holds at least one page in one record.
+/// spec: SPEC.md §9
+pub const MAX_PAGE_SIZE: u32 = 64 << 10;
 /// Largest guest accepted, bytes (16 TiB). spec: SPEC.md §9
 pub const MAX_GUEST_BYTES: u64 = 16 << 40;
 
@@ -127,6 +128,9 @@ fn unexpected(got: &Message, expected: &'static str) -> Error {
 fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
     if streams == 0 || streams > MAX_STREAMS {
         return Err(PeerMisbehaved::BadField(format!("streams {streams} not in 1..={MAX_STREAMS}")).into());
+    }
+    if *mode == TransferMode::HypervisorStream && streams != 1 {
+        return Err(PeerMisbehaved::BadField(format!("hypervisor-stream mode uses one stream, not {streams}")).into());
     }
     if let TransferMode::Precopy { page_size, page_count } = *mode {
         if !page_size.is_power_of_two() || !(4096..=MAX_PAGE_SIZE).contains(&page_size) {

@@ -34,7 +34,7 @@ pub struct ClientHello {
 
 /// How VM state travels on the data streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum TransferMode {
     /// trustmig's own pre-copy engine over a guest-memory backend.
     Precopy {
@@ -62,7 +62,7 @@ pub struct ServerHello {
 
 /// Every control message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Message {
     /// Handshake 1 (S->D).
     ClientHello(ClientHello),

@@ -52,6 +52,9 @@ pub struct SourceMigration {
     channel: ChannelBinding,
     order_id: OrderId,
     phase: Result<SourcePhase, Error>,
+    // Set once `commit` returned: survives any later (sticky) error, because after COMMIT the
+    // destination owns the VM whatever happens next.
+    committed: bool,
 }
 
 fn sticky<P>(phase: &mut Result<P, Error>, r: Result<P, Error>) -> Result<(), Error> {
@@ -100,14 +103,17 @@ impl SourceMigration {
             channel,
             order_id,
             phase: Ok(SourcePhase::Transferring),
+            committed: false,
         }
     }
 
-    /// What a failure now means for the VM.
+    /// What a failure now means for the VM. `ReadyToCommit` counts as committed: the driver
+    /// may already have journalled COMMIT, and the journal is the arbiter (SPEC.md §8.8).
     pub fn outcome_on_failure(&self) -> Outcome {
-        match self.phase {
-            Ok(SourcePhase::AwaitResumed) | Ok(SourcePhase::Done) => Outcome::Committed,
-            _ => Outcome::RollBack,
+        if self.committed || matches!(self.phase, Ok(SourcePhase::ReadyToCommit)) {
+            Outcome::Committed
+        } else {
+            Outcome::RollBack
         }
     }
 
@@ -173,6 +179,7 @@ impl SourceMigration {
             Err(e) => Err(e),
         };
         sticky(&mut self.phase, r)?;
+        self.committed = true;
         Ok(Message::Commit.encode())
     }
 }
@@ -207,6 +214,8 @@ pub struct DestMigration {
     channel: ChannelBinding,
     order_id: OrderId,
     phase: Result<DestPhase, Error>,
+    // Set when `Commit` arrived; survives later errors.
+    committed: bool,
 }
 
 impl DestMigration {
@@ -216,14 +225,16 @@ impl DestMigration {
             channel,
             order_id,
             phase: Ok(DestPhase::Receiving),
+            committed: false,
         }
     }
 
     /// What a failure now means: before `Commit` arrived the destination discards.
     pub fn outcome_on_failure(&self) -> Outcome {
-        match self.phase {
-            Ok(DestPhase::Committed) | Ok(DestPhase::Done) => Outcome::Committed,
-            _ => Outcome::RollBack,
+        if self.committed {
+            Outcome::Committed
+        } else {
+            Outcome::RollBack
         }
     }
 
@@ -237,6 +248,7 @@ impl DestMigration {
             }
         };
         let mut event = DestEvent::None;
+        let mut committed = false;
         let r = (|| match (phase, decode(raw)?) {
             (DestPhase::Receiving, Message::RoundDone { .. }) => Ok(DestPhase::Receiving),
             (DestPhase::Receiving, Message::SwitchOver { stream_records }) => {
@@ -246,7 +258,11 @@ impl DestMigration {
             (DestPhase::AwaitFinalEvidence { nonce, computed }, Message::FinalEvidence { digest, evidence }) => {
                 let qd = qualifying_data(FINAL_LABEL, &nonce, &self.channel.tls_exporter, &self.order_id, &self.channel.peer);
                 let claims = verifier.verify(&evidence, &qd, &self.channel.peer)?;
-                let attested = claims.migration_final().copied().unwrap_or([0; 32]);
+                let attested = *claims.migration_final().ok_or_else(|| {
+                    Error::Attestation(crate::attestation::AttestationError::new(
+                        "final evidence carries no migration-final event",
+                    ))
+                })?;
                 if !ct_eq(&attested, &digest) || !ct_eq(&digest, &computed) {
                     return Err(PeerMisbehaved::FinalDigestMismatch {
                         attested: hex(&attested),
@@ -258,6 +274,7 @@ impl DestMigration {
                 Ok(DestPhase::AwaitCommit)
             }
             (DestPhase::AwaitCommit, Message::Commit) => {
+                committed = true;
                 event = DestEvent::Resume;
                 Ok(DestPhase::Committed)
             }
@@ -272,6 +289,7 @@ impl DestMigration {
                 },
             )),
         })();
+        self.committed |= committed;
         sticky(&mut self.phase, r)?;
         Ok(event)
     }

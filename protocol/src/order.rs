@@ -24,7 +24,7 @@ pub const MAX_ROUNDS_LIMIT: u32 = 1000;
 /// 16 random bytes naming one migration.
 pub type OrderId = [u8; 16];
 
-/// What to do when pre-copy does not converge within the order's rounds. spec: SPEC.md §7.3
+/// What to do when pre-copy does not converge within the order's rounds. spec: SPEC.md §8.4
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NonConvergence {
@@ -325,7 +325,8 @@ fn check_body(body: &OrderBody, policy: &OrderPolicy<'_>) -> Result<(), OrderErr
     Ok(())
 }
 
-/// Range checks on limits, shared by signing (refuse to sign nonsense) and verifying.
+/// Range checks on limits. Verification applies them; signing tools (`trustmig order sign`)
+/// call them before [`SignedOrder::sign`], which signs whatever it is given.
 pub fn check_limits(l: &Limits) -> Result<(), OrderError> {
     if l.downtime_ms == 0 {
         return Err(OrderError::BadLimits("downtime_ms must be > 0".into()));

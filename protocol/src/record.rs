@@ -43,7 +43,7 @@ pub enum RecordType {
     HypervisorStream = 4,
     /// The sender switches to the next key epoch after this record; empty payload.
     KeyUpdate = 5,
-    /// End of the stream; payload = total payload bytes sent on it (u64 BE). Nothing follows.
+    /// End of the stream; empty payload. Nothing follows.
     StreamEnd = 6,
 }
 

@@ -259,3 +259,63 @@ fn destination_never_writes_outside_the_guest() {
         Err(PrecopyError::WrongStream { pfn: 64, stream: 0, expected: 1 })
     );
 }
+
+#[test]
+fn large_pages_travel_in_record_sized_batches() {
+    let page = 64 << 10;
+    let pages = 130;
+    let mut src = VecGuest::new(page, pages, 1000, 5);
+    let mut dst = VecGuest::new(page, pages, 0, 6);
+    let mut e = PrecopySource::new(&src, limits(5, 30, NonConvergence::Force), 2).unwrap();
+    let mut rx = PrecopyDest::new(&dst, page as u32, pages, 2).unwrap();
+    e.begin(&mut src).unwrap();
+    let mut buf = Vec::new();
+    let mut batches = 0;
+    while let Some(b) = e.next_batch(&src, &mut buf).unwrap() {
+        assert!(buf.len() <= trustmig_protocol::record::MAX_PAYLOAD, "batch of {} bytes", buf.len());
+        rx.on_pages(&mut dst, b.stream, &buf).unwrap();
+        buf.clear();
+        batches += 1;
+    }
+    assert!(batches > 3, "64 KiB pages split into several batches per chunk");
+    assert!(src.mem == dst.mem);
+}
+
+#[test]
+fn committed_outcome_survives_later_errors() {
+    let (s, d) = sessions();
+    let mut att = SoftAttester::new(b"k", SRC, EXE);
+    let ver = SoftVerifier {
+        key: b"k".to_vec(),
+        allowed_exe: vec![EXE],
+    };
+    let mut sm = SourceMigration::new(s.channel.clone(), *s.order.id());
+    let mut dm = DestMigration::new(d.channel.clone(), *d.order.id());
+    let so = sm.switch_over(vec![1], [9; 32]).unwrap();
+    dm.handle(&so, &ver).unwrap();
+    let ch = dm.streams_complete(&[1], [9; 32], [1; 32]).unwrap();
+    let SourceEvent::Send(fe) = sm.handle(&ch, &mut att).unwrap() else { panic!() };
+    let DestEvent::Send(ready) = dm.handle(&fe, &ver).unwrap() else { panic!() };
+    sm.handle(&ready, &mut att).unwrap();
+    assert_eq!(sm.outcome_on_failure(), Outcome::Committed, "ready-to-commit: the journal decides");
+    let commit = sm.commit().unwrap();
+    // A garbage message after COMMIT: an error, yet the VM stays the destination's.
+    assert!(sm.handle(b"\x00", &mut att).is_err());
+    assert_eq!(sm.outcome_on_failure(), Outcome::Committed);
+    dm.handle(&commit, &ver).unwrap();
+    assert!(dm.handle(b"\x00", &ver).is_err());
+    assert_eq!(dm.outcome_on_failure(), Outcome::Committed);
+}
+
+#[test]
+fn device_state_may_overtake_pages_of_other_streams() {
+    let mut dst = VecGuest::new(PAGE, 256, 0, 1);
+    let mut rx = PrecopyDest::new(&dst, PAGE as u32, 256, 2).unwrap();
+    rx.on_device_state(b"cpu").unwrap();
+    let mut payload = 1u32.to_be_bytes().to_vec();
+    payload.extend_from_slice(&64u64.to_be_bytes());
+    payload.push(1);
+    payload.extend_from_slice(&[7; PAGE]);
+    rx.on_pages(&mut dst, 1, &payload).unwrap();
+    assert!(rx.on_device_state(b"again").is_err(), "device state only once");
+}

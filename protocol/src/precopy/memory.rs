@@ -113,6 +113,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clear the bits of `mask` in word `i`.
+    pub fn clear_bits(&mut self, i: u64, mask: u64) {
+        if let Some(w) = self.words.get_mut(i as usize) {
+            *w &= !mask;
+        }
+    }
+
     /// Index of the first non-zero word at or after `i`.
     pub fn next_word(&self, i: u64) -> Option<u64> {
         self.words

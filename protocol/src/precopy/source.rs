@@ -91,6 +91,7 @@ pub struct PrecopySource {
     digests: PageDigests,
     throttle_step: usize,
     stats: SourceStats,
+    batch_pages: usize,
 }
 
 impl PrecopySource {
@@ -98,7 +99,7 @@ impl PrecopySource {
     pub fn new(mem: &dyn GuestMemory, limits: Limits, streams: u16) -> Result<Self, PrecopyError> {
         let page_size = mem.page_size();
         let page_count = mem.page_count();
-        if !page_size.is_power_of_two() || page_size < 512 || page_count == 0 {
+        if !page_size.is_power_of_two() || !(4096..=crate::handshake::MAX_PAGE_SIZE as usize).contains(&page_size) || page_count == 0 {
             return Err(PrecopyError::Geometry(format!("page size {page_size}, {page_count} pages")));
         }
         Ok(Self {
@@ -113,6 +114,9 @@ impl PrecopySource {
             digests: PageDigests::new(page_size, page_count),
             throttle_step: 0,
             stats: SourceStats::default(),
+            // A batch must fit one record: 64 pages of 4 KiB, fewer of larger pages.
+            batch_pages: ((crate::record::MAX_PAYLOAD - BATCH_HEADER) / (PAGE_HEADER + page_size))
+                .min(CHUNK_PAGES as usize),
         })
     }
 
@@ -146,7 +150,7 @@ impl PrecopySource {
 
     /// Bytes a batch can occupy at most (to size buffers).
     pub fn max_batch_bytes(&self) -> usize {
-        BATCH_HEADER + CHUNK_PAGES as usize * (PAGE_HEADER + self.page_size)
+        BATCH_HEADER + self.batch_pages * (PAGE_HEADER + self.page_size)
     }
 
     /// Append the next batch of this round's pending pages to `out`; `None` when the round (or
@@ -164,15 +168,17 @@ impl PrecopySource {
                 break;
             }
             let bits = self.pending.word(w);
-            self.pending.clear_word(w);
-            self.cursor = w + 1;
             let start_len = out.len();
             let at = begin_batch(out);
-            let (mut pages, mut zeros) = (0u32, 0u32);
+            let (mut pages, mut zeros, mut taken) = (0u32, 0u32, 0u64);
             for bit in 0..64u64 {
                 if bits & (1 << bit) == 0 {
                     continue;
                 }
+                if pages as usize == self.batch_pages {
+                    break; // the rest of this chunk goes in the next batch (large pages)
+                }
+                taken |= 1 << bit;
                 let pfn = w * CHUNK_PAGES + bit;
                 let entry = out.len();
                 push_entry_header(out, pfn, PageKind::Raw);
@@ -196,6 +202,8 @@ impl PrecopySource {
                 }
                 pages += 1;
             }
+            self.pending.clear_bits(w, taken);
+            self.cursor = if bits & !taken == 0 { w + 1 } else { w };
             if pages == 0 {
                 out.truncate(start_len);
                 continue;
