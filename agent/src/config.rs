@@ -82,6 +82,9 @@ pub struct VmConfig {
     /// Seed of the deterministic workload.
     #[serde(default)]
     pub seed: u64,
+    /// Backend `qemu`: the VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<std::path::PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -132,8 +135,15 @@ impl Config {
             return Err("transfer.step_timeout_secs must be > 0".into());
         }
         for vm in &c.vms {
-            if vm.backend != "synthetic" {
-                return Err(format!("vm {:?}: backend {:?} unknown (synthetic)", vm.name, vm.backend));
+            match (vm.backend.as_str(), &vm.qmp) {
+                ("synthetic", None) => {}
+                ("qemu", Some(_)) => {
+                    crate::sidecar::check_vm_config(vm)?;
+                    continue;
+                }
+                ("qemu", None) => return Err(format!("vm {:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\"", vm.name)),
+                ("synthetic", Some(_)) => return Err(format!("vm {:?}: qmp is only for backend \"qemu\"", vm.name)),
+                (other, _) => return Err(format!("vm {:?}: backend {other:?} unknown (synthetic, qemu)", vm.name)),
             }
             if vm.size_mib == 0 || vm.size_mib > 1 << 20 {
                 return Err(format!("vm {:?}: size_mib {} out of range", vm.name, vm.size_mib));

@@ -151,9 +151,7 @@ impl Session {
     async fn receive(&mut self, est: Established, mut rd: ReadHalf<Tls>) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let TransferMode::Precopy { page_size, page_count } = est.mode else {
-            return Err(AgentError::Migration(
-                "hypervisor-stream mode needs the QEMU sidecar, not available on this agent".into(),
-            ));
+            return crate::sidecar::receive(ctx, est, &mut rd, &mut self.wr, &self.vm, &mut self.sid).await;
         };
         if page_size as usize != PAGE_SIZE {
             return Err(AgentError::Migration(format!(

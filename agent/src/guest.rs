@@ -195,6 +195,7 @@ mod tests {
             hot_fraction: 0.1,
             fill_fraction: 0.5,
             seed: 3,
+            qmp: None,
         }
     }
 

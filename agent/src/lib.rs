@@ -18,6 +18,7 @@ pub mod identity;
 pub mod journal;
 pub mod progress;
 pub mod qmp;
+pub mod sidecar;
 pub mod source;
 pub mod tls;
 pub mod trust;

@@ -242,17 +242,20 @@ impl Qmp {
 
     async fn read_json(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
         let mut buf = Vec::new();
-        let n = tokio::time::timeout(self.timeout, (&mut self.rd).take(MAX_LINE).read_until(b'\n', &mut buf))
-            .await
-            .map_err(|_| QmpError::Timeout {
-                path: self.path.clone(),
-                waiting_for: waiting_for.into(),
-                timeout: self.timeout,
-            })?
-            .map_err(|source| QmpError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        let n = tokio::time::timeout(
+            self.timeout,
+            (&mut self.rd).take(MAX_LINE).read_until(b'\n', &mut buf),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout {
+            path: self.path.clone(),
+            waiting_for: waiting_for.into(),
+            timeout: self.timeout,
+        })?
+        .map_err(|source| QmpError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         if n == 0 {
             return Err(QmpError::Closed {
                 path: self.path.clone(),
@@ -283,7 +286,9 @@ impl Qmp {
             return Err(bad("not a JSON object", &v));
         };
         if let Some(name) = obj.get("event") {
-            let name = name.as_str().ok_or_else(|| bad("event name is not a string", &v))?;
+            let name = name
+                .as_str()
+                .ok_or_else(|| bad("event name is not a string", &v))?;
             return Ok(Line::Event(Event {
                 name: name.to_string(),
                 data: obj.get("data").cloned().unwrap_or(Value::Null),
@@ -294,7 +299,11 @@ impl Qmp {
             return Ok(Line::Return(id, r.clone()));
         }
         if let Some(e) = obj.get("error") {
-            let class = e.get("class").and_then(Value::as_str).unwrap_or("?").to_string();
+            let class = e
+                .get("class")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string();
             let desc = e
                 .get("desc")
                 .and_then(Value::as_str)
@@ -358,13 +367,24 @@ impl Qmp {
     }
 
     /// `migrate-set-capabilities`.
-    pub async fn migrate_set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
-        let list: Vec<Value> = caps.iter().map(|(c, s)| json!({"capability": c, "state": s})).collect();
-        self.execute_unit("migrate-set-capabilities", json!({ "capabilities": list })).await
+    pub async fn migrate_set_capabilities(
+        &mut self,
+        caps: &[(&str, bool)],
+    ) -> Result<(), QmpError> {
+        let list: Vec<Value> = caps
+            .iter()
+            .map(|(c, s)| json!({"capability": c, "state": s}))
+            .collect();
+        self.execute_unit("migrate-set-capabilities", json!({ "capabilities": list }))
+            .await
     }
 
     /// `migrate-set-parameters` with downtime limit (ms) and bandwidth cap (bytes/s).
-    pub async fn migrate_set_parameters(&mut self, downtime_limit_ms: u64, max_bandwidth: u64) -> Result<(), QmpError> {
+    pub async fn migrate_set_parameters(
+        &mut self,
+        downtime_limit_ms: u64,
+        max_bandwidth: u64,
+    ) -> Result<(), QmpError> {
         self.execute_unit(
             "migrate-set-parameters",
             json!({ "downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth }),
@@ -379,7 +399,8 @@ impl Qmp {
 
     /// `migrate-incoming uri=...` (destination started with `-incoming defer`).
     pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute_unit("migrate-incoming", json!({ "uri": uri })).await
+        self.execute_unit("migrate-incoming", json!({ "uri": uri }))
+            .await
     }
 
     /// `query-migrate`.
@@ -390,7 +411,8 @@ impl Qmp {
 
     /// `migrate-continue state=...` (leave `pre-switchover`).
     pub async fn migrate_continue(&mut self, state: &str) -> Result<(), QmpError> {
-        self.execute_unit("migrate-continue", json!({ "state": state })).await
+        self.execute_unit("migrate-continue", json!({ "state": state }))
+            .await
     }
 
     /// `migrate_cancel`.
@@ -485,14 +507,23 @@ mod tests {
             "this is not json\n",
         ])
         .await;
-        let mut q = Qmp::connect(&path, Duration::from_secs(5)).await.expect("connect");
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
         assert_eq!(q.version, "7.2.22");
         let st = q.query_status().await.expect("status");
         assert_eq!(st.status, "paused");
         assert!(!st.running);
-        assert_eq!(q.take_events().first().map(|e| e.name.as_str()), Some("STOP"));
+        assert_eq!(
+            q.take_events().first().map(|e| e.name.as_str()),
+            Some("STOP")
+        );
         match q.migrate("unix:/x").await {
-            Err(QmpError::Qemu { command, class, desc }) => {
+            Err(QmpError::Qemu {
+                command,
+                class,
+                desc,
+            }) => {
                 assert_eq!(command, "migrate");
                 assert_eq!(class, "GenericError");
                 assert!(desc.contains("migration process in progress"));
@@ -504,17 +535,24 @@ mod tests {
         let ram = m.ram.expect("ram stats");
         assert_eq!((ram.transferred, ram.dirty_sync_count), (10, 2));
         match q.cont().await {
-            Err(e @ QmpError::Malformed { .. }) => assert!(e.to_string().contains("this is not json")),
+            Err(e @ QmpError::Malformed { .. }) => {
+                assert!(e.to_string().contains("this is not json"))
+            }
             other => panic!("expected malformed, got {other:?}"),
         }
         // The fake closed after its script.
-        assert!(matches!(q.stop().await, Err(QmpError::Closed { .. }) | Err(QmpError::Io { .. })));
+        assert!(matches!(
+            q.stop().await,
+            Err(QmpError::Closed { .. }) | Err(QmpError::Io { .. })
+        ));
     }
 
     #[tokio::test]
     async fn missing_socket_and_silent_peer_are_named() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let e = Qmp::connect(&dir.path().join("nope.sock"), Duration::from_secs(1)).await.err();
+        let e = Qmp::connect(&dir.path().join("nope.sock"), Duration::from_secs(1))
+            .await
+            .err();
         assert!(matches!(e, Some(QmpError::Connect { .. })), "{e:?}");
         let path = dir.path().join("silent.sock");
         let l = UnixListener::bind(&path).expect("bind");

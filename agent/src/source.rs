@@ -61,6 +61,9 @@ async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sende
         })
         .map_err(|e| not_started(e.into()))?;
     let body = order.body().clone();
+    if crate::sidecar::qemu_vm(&ctx.config, &body.vm).is_some() {
+        return crate::sidecar::migrate_source(ctx, order, progress).await;
+    }
     let mut guest = ctx
         .vms
         .lock()

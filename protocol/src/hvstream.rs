@@ -26,7 +26,9 @@ impl Default for StreamDigest {
 
 impl std::fmt::Debug for StreamDigest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamDigest").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("StreamDigest")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -59,7 +61,12 @@ impl StreamDigest {
     pub fn finish(self, transcript_hash: &Digest) -> Digest {
         let mut inner = [0u8; 32];
         inner.copy_from_slice(self.ctx.finish().as_ref());
-        sha256(&[HVSTREAM_LABEL, transcript_hash, &self.len.to_be_bytes(), &inner])
+        sha256(&[
+            HVSTREAM_LABEL,
+            transcript_hash,
+            &self.len.to_be_bytes(),
+            &inner,
+        ])
     }
 }
 
@@ -83,7 +90,15 @@ mod tests {
         assert_eq!(d, parts.finish(&t));
         // Definition, spelled out.
         let inner = sha256(&[&data]);
-        assert_eq!(d, sha256(&[b"trustmig hvstream v1", &t, &10_000u64.to_be_bytes(), &inner]));
+        assert_eq!(
+            d,
+            sha256(&[
+                b"trustmig hvstream v1",
+                &t,
+                &10_000u64.to_be_bytes(),
+                &inner
+            ])
+        );
         // Another transcript, a flipped byte, a missing byte: all differ.
         let mut other = StreamDigest::new();
         other.update(&data);
@@ -99,6 +114,14 @@ mod tests {
         // The empty stream is well defined.
         let e = StreamDigest::new();
         assert!(e.is_empty());
-        assert_eq!(e.finish(&t), sha256(&[b"trustmig hvstream v1", &t, &0u64.to_be_bytes(), &sha256(&[])]));
+        assert_eq!(
+            e.finish(&t),
+            sha256(&[
+                b"trustmig hvstream v1",
+                &t,
+                &0u64.to_be_bytes(),
+                &sha256(&[])
+            ])
+        );
     }
 }

@@ -1,0 +1,1168 @@
+//! QEMU sidecar mode: trustmig carries QEMU's own migration stream through the attested
+//! session and gates the switch-over. spec: spec/qemu.md, SPEC.md §8.5.1
+//!
+//! ```text
+//! source QEMU --unix--> source agent ==sealed HypervisorStream records, stream 0==> destination agent --unix--> destination QEMU
+//!             <--unix-- (return path) <==sealed records, same TCP connection, D->S keys== <--unix--
+//! ```
+//! Source: the agent listens on a unix socket in its home, sets `pause-before-switchover` and
+//! `return-path`, the order's `downtime-limit` and `max-bandwidth`, then `migrate
+//! uri=unix:PATH`. QEMU pre-copies by itself; the agent reports `query-migrate` as progress.
+//! At `pre-switchover` (guest stopped) the agent lets QEMU send the rest (`migrate-continue`),
+//! because the final digest must cover every stream byte, the device state included. With the
+//! return path, the source QEMU completes only after the destination QEMU loaded everything.
+//! Then SwitchOver, FinalChallenge, FinalEvidence over SHA-256 of the whole stream, Ready,
+//! journalled Commit. Before Commit any failure cancels the migration and runs `cont` on the
+//! source; after it the source QEMU stays stopped (`postmigrate`) for good.
+//!
+//! Destination: QEMU runs with `-incoming defer -S`; the agent runs `migrate-incoming
+//! uri=unix:PATH` (QEMU listens on a path in the agent's home) and feeds it what it opens. It
+//! runs `cont` only after the final evidence verified against its own digest of every byte it
+//! fed and `Commit` came. On any failure before that it never runs `cont` and discards the
+//! destination QEMU with `quit`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
+use trustmig_protocol::hvstream::StreamDigest;
+use trustmig_protocol::keys::{Direction, TrafficSecret};
+use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::messages::{Message, TransferMode};
+use trustmig_protocol::migration::{
+    DestEvent, DestMigration, Outcome, SourceEvent, SourceMigration,
+};
+use trustmig_protocol::order::{hex, VerifiedOrder};
+use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
+use trustmig_protocol::{AbortCode, Digest, Error as ProtoError};
+
+use crate::config::{Config, VmConfig};
+use crate::control::{Progress, Summary};
+use crate::daemon::{history_entry, Ctx, DataConn};
+use crate::error::AgentError;
+use crate::journal::State;
+use crate::qmp::{MigrationInfo, Qmp, QmpError};
+use crate::wire::{preamble, read_frame, read_record, write_frame, WireError};
+
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Bytes read from QEMU per record (the record layer allows up to [`MAX_PAYLOAD`]).
+const CHUNK: usize = 512 << 10;
+/// How often `query-migrate` is polled for progress and state.
+const POLL: Duration = Duration::from_millis(200);
+/// `max-bandwidth` when the order sets no cap (QEMU's own default is 128 MiB/s).
+const UNCAPPED_BPS: u64 = 1 << 40;
+
+/// Validate a `backend = "qemu"` entry (called from config validation).
+pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
+    let Some(qmp) = &vm.qmp else {
+        return Err(format!(
+            "vm {:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\"",
+            vm.name
+        ));
+    };
+    if !qmp.is_absolute() {
+        return Err(format!(
+            "vm {:?}: qmp {:?} must be an absolute path",
+            vm.name,
+            qmp.display().to_string()
+        ));
+    }
+    if qmp.as_os_str().len() > 107 {
+        return Err(format!(
+            "vm {:?}: qmp path is longer than a unix socket path may be (107 bytes)",
+            vm.name
+        ));
+    }
+    Ok(())
+}
+
+/// The QMP socket of `vm` when this agent hosts it with the QEMU backend.
+pub fn qemu_vm(config: &Config, vm: &str) -> Option<PathBuf> {
+    config
+        .vms
+        .iter()
+        .find(|v| v.name == vm && v.backend == "qemu")
+        .and_then(|v| v.qmp.clone())
+}
+
+fn qmp_err(e: QmpError) -> AgentError {
+    AgentError::Migration(format!("QEMU: {e}"))
+}
+
+fn proto(e: impl Into<ProtoError>) -> AgentError {
+    AgentError::Protocol(e.into())
+}
+
+fn wire(e: WireError) -> AgentError {
+    AgentError::Migration(format!("control channel: {e}"))
+}
+
+/// A private directory in the agent's home for the unix sockets QEMU talks to.
+fn socket_dir(ctx: &Ctx) -> Result<PathBuf, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ctx.home.root().join("qemu");
+    std::fs::create_dir_all(&dir).map_err(AgentError::io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(AgentError::io(&dir))?;
+    Ok(dir)
+}
+
+fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<PathBuf, AgentError> {
+    let p = dir.join(format!("{role}-{}.sock", &hex(order_id)[..16]));
+    if p.as_os_str().len() > 107 {
+        return Err(AgentError::Migration(format!(
+            "unix socket path {} is too long (107 bytes at most): use a shorter agent home",
+            p.display()
+        )));
+    }
+    let _ = std::fs::remove_file(&p);
+    Ok(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pumps: unix socket <-> sealed records.
+
+/// What a forward pump (QEMU stream -> records) did.
+struct Sent {
+    records: u64,
+    wire_bytes: u64,
+    digest: StreamDigest,
+}
+
+/// Read `from` to its end, sealing each chunk as a `HypervisorStream` record on `to`; then
+/// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte.
+async fn seal_pump<R, W>(
+    mut from: R,
+    mut to: W,
+    mut sealer: Sealer,
+    what: &'static str,
+) -> Result<Sent, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK.min(MAX_PAYLOAD)];
+    let mut out = Vec::with_capacity(CHUNK + 64);
+    let mut digest = StreamDigest::new();
+    let mut wire_bytes = 0u64;
+    loop {
+        let n = from
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("{what}: reading from QEMU: {e}"))?;
+        out.clear();
+        if n == 0 {
+            sealer
+                .seal(RecordType::StreamEnd, &digest.len().to_be_bytes(), &mut out)
+                .map_err(|e| format!("{what}: {e}"))?;
+        } else {
+            digest.update(&buf[..n]);
+            sealer
+                .seal(RecordType::HypervisorStream, &buf[..n], &mut out)
+                .map_err(|e| format!("{what}: {e}"))?;
+        }
+        to.write_all(&out)
+            .await
+            .map_err(|e| format!("{what}: data stream write: {e}"))?;
+        wire_bytes += out.len() as u64;
+        if n == 0 {
+            to.flush()
+                .await
+                .map_err(|e| format!("{what}: data stream flush: {e}"))?;
+            return Ok(Sent {
+                records: sealer.next_seq(),
+                wire_bytes,
+                digest,
+            });
+        }
+    }
+}
+
+/// What an open pump (records -> QEMU) did.
+struct Received {
+    records: u64,
+    digest: StreamDigest,
+}
+
+/// Open records from `from` and write their payloads to `to` until `StreamEnd`. Any record
+/// error, an unexpected type, a wrong `StreamEnd` length or a cut connection is fatal.
+async fn open_pump<R, W>(
+    mut from: R,
+    mut to: W,
+    mut opener: Opener,
+    what: &'static str,
+) -> Result<Received, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
+    let mut digest = StreamDigest::new();
+    loop {
+        if !read_record(&mut from, &mut buf)
+            .await
+            .map_err(|e| format!("{what}: {e}"))?
+        {
+            return Err(format!("{what}: data stream cut before its end"));
+        }
+        let (typ, payload) = opener.open(&mut buf).map_err(|e| format!("{what}: {e}"))?;
+        match typ {
+            RecordType::HypervisorStream => {
+                digest.update(payload);
+                to.write_all(payload)
+                    .await
+                    .map_err(|e| format!("{what}: writing to QEMU: {e}"))?;
+            }
+            RecordType::KeyUpdate => {}
+            RecordType::StreamEnd => {
+                let total: Option<[u8; 8]> = payload.try_into().ok();
+                if total.map(u64::from_be_bytes) != Some(digest.len()) {
+                    return Err(format!(
+                        "{what}: stream end announces {:?} bytes, {} arrived",
+                        total.map(u64::from_be_bytes),
+                        digest.len()
+                    ));
+                }
+                let _ = to.flush().await;
+                return Ok(Received {
+                    records: opener.records(),
+                    digest,
+                });
+            }
+            t => return Err(format!("{what}: unexpected {t:?} record")),
+        }
+    }
+}
+
+fn stream_secret(est: &Established, dir: Direction) -> TrafficSecret {
+    est.keys.stream_secret(dir, 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source.
+
+/// Run the migration of a QEMU VM as its source (called by `source::migrate` for `qemu` VMs).
+/// The error's string says where the VM runs now.
+pub async fn migrate_source(
+    ctx: &Arc<Ctx>,
+    order: VerifiedOrder,
+    progress: &mpsc::Sender<Progress>,
+) -> Result<Summary, (AgentError, String)> {
+    let body = order.body().clone();
+    let not_started = |e: AgentError| (e, "untouched: the migration never started".to_string());
+    let qmp_path = qemu_vm(&ctx.config, &body.vm).ok_or_else(|| {
+        not_started(AgentError::Migration(format!(
+            "no QEMU VM named {:?} on this agent",
+            body.vm
+        )))
+    })?;
+    let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout())
+        .await
+        .map_err(|e| not_started(qmp_err(e)))?;
+    let status = qmp
+        .query_status()
+        .await
+        .map_err(|e| not_started(qmp_err(e)))?;
+    if !matches!(status.status.as_str(), "running" | "paused") {
+        return Err(not_started(AgentError::Migration(format!(
+            "QEMU VM {:?} is in state {:?}; only a running or paused VM can migrate",
+            body.vm, status.status
+        ))));
+    }
+    let m = qmp
+        .query_migrate()
+        .await
+        .map_err(|e| not_started(qmp_err(e)))?;
+    if matches!(
+        m.status(),
+        "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+    ) {
+        return Err(not_started(AgentError::Migration(format!(
+            "QEMU VM {:?} is already migrating (status {})",
+            body.vm,
+            m.status()
+        ))));
+    }
+    ctx.journal
+        .lock()
+        .expect("journal lock")
+        .claim_for(
+            order.id(),
+            trustmig_protocol::order::Role::Source,
+            &body.vm,
+            body.not_after,
+        )
+        .map_err(|e| not_started(e.into()))?;
+    info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, qemu = %qmp.version, "QEMU migration starts");
+    let mut run = SourceRun {
+        ctx: ctx.clone(),
+        progress: progress.clone(),
+        control: None,
+        outcome: Outcome::RollBack,
+        tasks: Vec::new(),
+        started: Instant::now(),
+    };
+    let result = run.go(&order, &mut qmp).await;
+    for t in run.tasks.drain(..) {
+        t.abort();
+    }
+    let id = *order.id();
+    match result {
+        Ok(summary) => {
+            ctx.remember(history_entry(
+                "source",
+                Some(&summary),
+                None,
+                &hex(&id),
+                &body.vm,
+            ));
+            Ok(summary)
+        }
+        Err(e) => {
+            let code = match &e {
+                AgentError::Protocol(p) => AbortCode::from(p),
+                _ => AbortCode::InternalError,
+            };
+            run.abort(code, &e.to_string()).await;
+            let vm_state = match run.outcome {
+                Outcome::RollBack => {
+                    let s = rollback_source(&mut qmp, status.running, ctx.step_timeout()).await;
+                    let _ = ctx.journal.lock().expect("journal lock").set(&id, State::RolledBack, e.to_string());
+                    s
+                }
+                Outcome::Committed => {
+                    "committed: the destination owns the VM; the source QEMU stays stopped (in doubt until settled)".to_string()
+                }
+            };
+            warn!(order = %hex(&id), "QEMU migration failed: {e}; {vm_state}");
+            ctx.remember(history_entry(
+                "source",
+                None,
+                Some(&format!("{e}; {vm_state}")),
+                &hex(&id),
+                &body.vm,
+            ));
+            Err((e, vm_state))
+        }
+    }
+}
+
+/// Cancel QEMU's migration and run the guest again (if it ran before).
+async fn rollback_source(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> String {
+    let _ = qmp.migrate_cancel().await;
+    // Let QEMU leave the active states (it restarts a guest it stopped on its own).
+    let deadline = Instant::now() + timeout;
+    loop {
+        match qmp.query_migrate().await {
+            Ok(m)
+                if matches!(
+                    m.status(),
+                    "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+                ) => {}
+            Ok(_) => break,
+            Err(e) => {
+                return format!(
+                    "rollback failed: QEMU did not answer ({e}); check the source VM by hand"
+                )
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !was_running {
+        return "rolled back: the VM stays on the source, paused as it was".into();
+    }
+    match qmp.query_status().await {
+        Ok(s) if s.running => "rolled back: the VM keeps running on the source".into(),
+        Ok(_) => match qmp.cont().await {
+            Ok(()) => "rolled back: the VM runs again on the source (cont)".into(),
+            Err(e) => format!(
+                "rollback: `cont` on the source failed: {e}; the VM is paused on the source"
+            ),
+        },
+        Err(e) => {
+            format!("rollback failed: QEMU did not answer ({e}); check the source VM by hand")
+        }
+    }
+}
+
+struct SourceRun {
+    ctx: Arc<Ctx>,
+    progress: mpsc::Sender<Progress>,
+    control: Option<WriteHalf<ClientTls>>,
+    outcome: Outcome,
+    tasks: Vec<JoinHandle<()>>,
+    started: Instant,
+}
+
+impl SourceRun {
+    async fn report(&self, p: Progress) {
+        let _ = self.progress.send(p).await;
+    }
+
+    async fn abort(&mut self, code: AbortCode, reason: &str) {
+        if let Some(w) = self.control.as_mut() {
+            let msg = Message::Abort {
+                code,
+                reason: reason.chars().take(200).collect(),
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), write_frame(w, &msg.encode())).await;
+            let _ = w.shutdown().await;
+        }
+    }
+
+    async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
+        let w = self
+            .control
+            .as_mut()
+            .expect("control channel is open after connect");
+        tokio::time::timeout(self.ctx.step_timeout(), write_frame(w, msg))
+            .await
+            .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
+            .map_err(wire)
+    }
+
+    async fn recv(
+        &self,
+        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+    ) -> Result<Vec<u8>, AgentError> {
+        match tokio::time::timeout(self.ctx.step_timeout(), ctrl.recv()).await {
+            Err(_) => Err(AgentError::Migration(
+                "destination did not answer in time".into(),
+            )),
+            Ok(None) => Err(AgentError::Migration("control channel closed".into())),
+            Ok(Some(r)) => r.map_err(wire),
+        }
+    }
+
+    async fn connect(
+        &mut self,
+        order: &VerifiedOrder,
+    ) -> Result<(ReadHalf<ClientTls>, [u8; 32]), AgentError> {
+        let body = order.body();
+        let timeout = self.ctx.step_timeout();
+        let addr = body.destination_addr.clone();
+        let cerr = |reason: String| AgentError::Connect {
+            addr: addr.clone(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| cerr("timed out".into()))?
+            .map_err(|e| cerr(e.to_string()))?;
+        tcp.set_nodelay(true).ok();
+        let tls_cfg = crate::tls::client_config(&self.ctx.identity, body.destination)
+            .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
+        let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
+            .expect("static name is valid");
+        let tls = tokio::time::timeout(
+            timeout,
+            tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| cerr("TLS handshake timed out".into()))?
+        .map_err(|e| cerr(format!("TLS handshake: {e}")))?;
+        let exporter = crate::tls::exporter(tls.get_ref().1)
+            .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+        self.report(Progress::Connected {
+            peer: hex(&body.destination),
+        })
+        .await;
+        let (rd, wr) = tokio::io::split(tls);
+        self.control = Some(wr);
+        Ok((rd, exporter))
+    }
+
+    async fn handshake(
+        &mut self,
+        order: &VerifiedOrder,
+        exporter: [u8; 32],
+        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+    ) -> Result<Established, AgentError> {
+        let body = order.body();
+        let vm_cfg = self.ctx.config.vms.iter().find(|v| v.name == body.vm);
+        let config_digest =
+            trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
+        let manifest = ImageManifest {
+            vm: body.vm.clone(),
+            config_digest,
+            chunk_size: 1 << 20,
+            disks: vec![], // shared-storage mode: disks are not transferred (spec/qemu.md)
+        };
+        let channel = ChannelBinding {
+            tls_exporter: exporter,
+            local: self.ctx.identity.id(),
+            peer: body.destination,
+        };
+        let (mut hs, hello) = SourceHandshake::start(
+            order.clone(),
+            channel,
+            crate::random(),
+            TransferMode::HypervisorStream,
+            1,
+            &manifest,
+        )
+        .map_err(proto)?;
+        self.send(&hello).await?;
+        while !hs.is_done() {
+            let msg = self.recv(ctrl).await?;
+            let out = {
+                let mut att = self.ctx.attester.lock().expect("attester lock");
+                hs.handle(&msg, att.as_mut(), self.ctx.verifier.as_ref())
+            }
+            .map_err(proto)?;
+            for m in out {
+                self.send(&m).await?;
+            }
+        }
+        hs.into_established().map_err(proto)
+    }
+
+    #[allow(clippy::too_many_lines)]
+    async fn go(&mut self, order: &VerifiedOrder, qmp: &mut Qmp) -> Result<Summary, AgentError> {
+        let body = order.body().clone();
+        let (rd, exporter) = self.connect(order).await?;
+        let mut ctrl = spawn_reader(rd);
+        let est = self.handshake(order, exporter, &mut ctrl).await?;
+        self.report(Progress::Attested {
+            streams: est.streams,
+        })
+        .await;
+
+        // Data stream 0, bound to the session by its StreamInit record.
+        let sid = est.keys.session_id();
+        let addr = body.destination_addr.clone();
+        let mut data = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| AgentError::Connect {
+                addr: addr.clone(),
+                reason: format!("data stream 0: {e}"),
+            })?;
+        data.set_nodelay(true).ok();
+        let mut sealer = Sealer::new(stream_secret(&est, Direction::SourceToDestination), 0);
+        let mut first = preamble(&sid, 0).to_vec();
+        let init = [&sid[..], &0u16.to_be_bytes()].concat();
+        sealer
+            .seal(RecordType::StreamInit, &init, &mut first)
+            .map_err(proto)?;
+        data.write_all(&first)
+            .await
+            .map_err(|e| AgentError::Migration(format!("data stream 0: {e}")))?;
+        let opener = Opener::new(stream_secret(&est, Direction::DestinationToSource), 0);
+
+        // QEMU: parameters from the order, then migrate to our socket.
+        let limits = &body.limits;
+        qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("return-path", true)])
+            .await
+            .map_err(qmp_err)?;
+        let bw = if limits.bandwidth_bps == 0 {
+            UNCAPPED_BPS
+        } else {
+            limits.bandwidth_bps
+        };
+        qmp.migrate_set_parameters(u64::from(limits.downtime_ms), bw)
+            .await
+            .map_err(qmp_err)?;
+        let dir = socket_dir(&self.ctx)?;
+        let path = socket_path(&dir, "out", order.id())?;
+        let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
+        let uri = format!("unix:{}", path.display());
+        qmp.migrate(&uri).await.map_err(qmp_err)?;
+        let accepted = tokio::time::timeout(self.ctx.step_timeout(), listener.accept()).await;
+        let _ = std::fs::remove_file(&path);
+        let (qemu_sock, _) = accepted
+            .map_err(|_| {
+                AgentError::Migration(format!(
+                    "QEMU did not connect to {} in time",
+                    path.display()
+                ))
+            })?
+            .map_err(AgentError::io(&path))?;
+        let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+        let (data_rd, data_wr) = data.into_split();
+
+        let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<Sent, String>>(1);
+        self.tasks.push(tokio::spawn(async move {
+            let _ = fwd_tx
+                .send(seal_pump(qemu_rd, data_wr, sealer, "source stream").await)
+                .await;
+        }));
+        let (ret_tx, mut ret_rx) = mpsc::channel::<Result<Received, String>>(1);
+        self.tasks.push(tokio::spawn(async move {
+            let _ = ret_tx
+                .send(open_pump(data_rd, qemu_wr, opener, "return path").await)
+                .await;
+        }));
+
+        let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
+        let mut poll = tokio::time::interval(POLL);
+        let mut sent: Option<Sent> = None;
+        let mut completed: Option<MigrationInfo> = None;
+        let mut paused_at: Option<Instant> = None;
+        let mut last_sync = u64::MAX;
+        let mut last_report = Instant::now();
+        let mut ret_done = false;
+        while sent.is_none() || completed.is_none() {
+            tokio::select! {
+                _ = poll.tick() => {
+                    let m = qmp.query_migrate().await.map_err(qmp_err)?;
+                    match m.status() {
+                        "pre-switchover" if paused_at.is_none() => {
+                            paused_at = Some(Instant::now());
+                            let ram = m.ram.clone().unwrap_or_default();
+                            self.report(Progress::SwitchOver { pages: ram.remaining / ram.page_size.max(1) }).await;
+                            qmp.migrate_continue("pre-switchover").await.map_err(qmp_err)?;
+                        }
+                        "completed" => completed = Some(m.clone()),
+                        "failed" | "cancelled" => {
+                            return Err(AgentError::Migration(format!(
+                                "QEMU migration {}: {}",
+                                m.status(),
+                                m.error_desc.as_deref().unwrap_or("no reason given")
+                            )));
+                        }
+                        _ => {}
+                    }
+                    let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+                    if completed.is_none() && (sync != last_sync || last_report.elapsed() >= Duration::from_secs(1)) {
+                        last_sync = sync;
+                        last_report = Instant::now();
+                        self.report(round_progress(&m)).await;
+                    }
+                }
+                Some(r) = fwd_rx.recv() => sent = Some(r.map_err(AgentError::Migration)?),
+                Some(r) = ret_rx.recv(), if !ret_done => {
+                    ret_done = true;
+                    r.map_err(AgentError::Migration)?;
+                }
+                msg = ctrl.recv() => {
+                    // The destination says nothing while the stream flows: this is an abort
+                    // (or garbage), and either ends the migration.
+                    let msg = msg.ok_or_else(|| AgentError::Migration("control channel closed".into()))?.map_err(wire)?;
+                    let mut att = self.ctx.attester.lock().expect("attester lock");
+                    sm.handle(&msg, att.as_mut()).map_err(proto)?;
+                }
+            }
+            if self.started.elapsed() > Duration::from_secs(3600) {
+                return Err(AgentError::Migration(
+                    "QEMU migration did not finish within an hour".into(),
+                ));
+            }
+        }
+        let (Some(sent), Some(info)) = (sent, completed) else {
+            unreachable!("the loop ends only when both are set");
+        };
+        let paused_at = paused_at.unwrap_or_else(Instant::now);
+        let digest: Digest = sent.digest.clone().finish(&est.transcript_hash);
+        let so = sm.switch_over(vec![sent.records], digest).map_err(proto)?;
+        self.send(&so).await?;
+
+        loop {
+            let msg = self.recv(&mut ctrl).await?;
+            let ev = {
+                let mut att = self.ctx.attester.lock().expect("attester lock");
+                sm.handle(&msg, att.as_mut())
+            }
+            .map_err(proto)?;
+            match ev {
+                SourceEvent::Send(m) => self.send(&m).await?,
+                SourceEvent::ReadyToCommit => {
+                    // The point of no return: durable before the destination may resume.
+                    self.ctx.journal.lock().expect("journal lock").set(
+                        order.id(),
+                        State::Committed,
+                        "",
+                    )?;
+                    self.outcome = Outcome::Committed;
+                    let c = sm.commit().map_err(proto)?;
+                    self.send(&c).await?;
+                    self.report(Progress::Committed).await;
+                }
+                SourceEvent::Resumed => break,
+            }
+        }
+        let downtime = paused_at.elapsed();
+        let total = self.started.elapsed();
+        let ram = info.ram.clone().unwrap_or_default();
+        let summary = Summary {
+            order_id: hex(order.id()),
+            vm: body.vm.clone(),
+            guest_bytes: ram.total,
+            total_ms: total.as_millis() as u64,
+            downtime_ms: downtime.as_millis() as u64,
+            downtime_target_ms: u64::from(limits.downtime_ms),
+            rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
+            converged: true,
+            throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
+            bytes_on_wire: sent.wire_bytes,
+            bytes_per_round: vec![sent.digest.len()],
+            zero_pages_skipped: ram.duplicate,
+            stop_copy_pages: 0,
+            throughput_bps: (sent.wire_bytes as f64 / total.as_secs_f64().max(1e-3)) as u64,
+            memory_checksum: hex::encode(digest),
+        };
+        self.ctx.journal.lock().expect("journal lock").set(
+            order.id(),
+            State::Done,
+            format!("downtime {} ms", summary.downtime_ms),
+        )?;
+        info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, stream_bytes = sent.digest.len(), "QEMU migration done; source QEMU stays stopped");
+        Ok(summary)
+    }
+}
+
+fn round_progress(m: &MigrationInfo) -> Progress {
+    let ram = m.ram.clone().unwrap_or_default();
+    let page = ram.page_size.max(1);
+    Progress::Round {
+        round: ram.dirty_sync_count.saturating_sub(1) as u32,
+        pages: ram.normal,
+        bytes: ram.transferred,
+        dirty_pages: ram.remaining / page,
+        dirty_rate: ram.dirty_pages_rate,
+        predicted_downtime_ms: m.expected_downtime.unwrap_or(0),
+        throttle: m.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
+        bandwidth: (ram.mbps * 1e6 / 8.0) as u64,
+        total_bytes: ram.transferred,
+        guest_pages: ram.total / page,
+    }
+}
+
+/// Forward control frames from the TLS read half to a channel.
+fn spawn_reader(mut rd: ReadHalf<ClientTls>) -> mpsc::Receiver<Result<Vec<u8>, WireError>> {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut rd).await;
+            let stop = r.is_err();
+            if tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination.
+
+/// Receive a QEMU migration (called by `dest` for `TransferMode::HypervisorStream`). `sid_slot`
+/// is set to the registered session id so the caller can unregister it. On any error before
+/// `Commit` the destination QEMU is never resumed; it is discarded with `quit`.
+pub async fn receive(
+    ctx: Arc<Ctx>,
+    est: Established,
+    rd: &mut ReadHalf<ServerTls>,
+    wr: &mut WriteHalf<ServerTls>,
+    vm: &str,
+    sid_slot: &mut Option<[u8; 16]>,
+) -> Result<(), AgentError> {
+    // Register first: the source opens its data stream right after the handshake.
+    let sid = est.keys.session_id();
+    let (conn_tx, conn_rx) = mpsc::channel::<DataConn>(4);
+    ctx.sessions
+        .lock()
+        .expect("sessions lock")
+        .insert(sid, conn_tx);
+    *sid_slot = Some(sid);
+    let Some(qmp_path) = qemu_vm(&ctx.config, vm) else {
+        return Err(AgentError::Migration(format!(
+            "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
+        )));
+    };
+    let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout())
+        .await
+        .map_err(qmp_err)?;
+    let mut d = DestRun {
+        ctx: ctx.clone(),
+        vm: vm.to_string(),
+        committed: false,
+        fed: false,
+        tasks: Vec::new(),
+    };
+    let r = d.go(est, rd, wr, &mut qmp, conn_rx).await;
+    for t in d.tasks.drain(..) {
+        t.abort();
+    }
+    if r.is_err() && d.fed && !d.committed {
+        // Discard: this QEMU holds (part of) a VM that must not run here.
+        match qmp.quit().await {
+            Ok(()) => warn!(
+                vm,
+                "destination QEMU discarded (quit); it was never resumed"
+            ),
+            Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
+        }
+    }
+    r
+}
+
+struct DestRun {
+    ctx: Arc<Ctx>,
+    vm: String,
+    committed: bool,
+    /// `migrate-incoming` ran: QEMU holds (part of) the incoming VM.
+    fed: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DestRun {
+    #[allow(clippy::too_many_lines)]
+    async fn go(
+        &mut self,
+        est: Established,
+        rd: &mut ReadHalf<ServerTls>,
+        wr: &mut WriteHalf<ServerTls>,
+        qmp: &mut Qmp,
+        mut conns: mpsc::Receiver<DataConn>,
+    ) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let timeout = ctx.step_timeout();
+        let status = qmp.query_status().await.map_err(qmp_err)?;
+        if status.status != "inmigrate" {
+            return Err(AgentError::Migration(format!(
+                "destination QEMU for {:?} is in state {:?}, not waiting for a migration: start it with `-incoming defer -S` (see `trustmig qemu`)",
+                self.vm, status.status
+            )));
+        }
+        if est.streams != 1 {
+            return Err(AgentError::Migration(format!(
+                "hypervisor-stream mode uses one data stream, source announced {}",
+                est.streams
+            )));
+        }
+        let order_id = *est.order.id();
+        let sid = est.keys.session_id();
+
+        // The data stream: the first connection whose StreamInit authenticates.
+        let mut opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let data = loop {
+            let (i, mut sock) = tokio::time::timeout_at(deadline, conns.recv())
+                .await
+                .map_err(|_| {
+                    AgentError::Migration("the source opened no data stream in time".into())
+                })?
+                .ok_or_else(|| AgentError::Migration("session closed".into()))?;
+            if i != 0 {
+                warn!(stream = i, "surplus data connection dropped");
+                continue;
+            }
+            sock.set_nodelay(true).ok();
+            let mut buf = Vec::new();
+            let ok = match tokio::time::timeout(timeout, read_record(&mut sock, &mut buf)).await {
+                Ok(Ok(true)) => {
+                    matches!(opener.open(&mut buf), Ok((RecordType::StreamInit, p)) if p == [&sid[..], &0u16.to_be_bytes()].concat())
+                }
+                _ => false,
+            };
+            if ok {
+                break sock;
+            }
+            // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1). The
+            // opener may be poisoned by the forgery: start a fresh one for the next try.
+            warn!("data connection failed StreamInit; dropped");
+            opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
+        };
+        let sealer = Sealer::new(stream_secret(&est, Direction::DestinationToSource), 0);
+
+        // QEMU listens on a socket in our home; we feed it.
+        let dir = socket_dir(&ctx)?;
+        let path = socket_path(&dir, "in", &order_id)?;
+        self.fed = true;
+        qmp.migrate_incoming(&format!("unix:{}", path.display()))
+            .await
+            .map_err(qmp_err)?;
+        let qemu_sock = {
+            let until = Instant::now() + timeout;
+            loop {
+                match UnixStream::connect(&path).await {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > until => {
+                        return Err(AgentError::Migration(format!(
+                            "destination QEMU does not listen on {}: {e}",
+                            path.display()
+                        )))
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&path);
+        let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+        let (data_rd, data_wr) = data.into_split();
+        let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<Received, String>>(1);
+        self.tasks.push(tokio::spawn(async move {
+            let _ = fwd_tx
+                .send(open_pump(data_rd, qemu_wr, opener, "data stream 0").await)
+                .await;
+        }));
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, "return path").await {
+                warn!("{e}");
+            }
+        }));
+        info!(order = %hex(&order_id), vm = %self.vm, "feeding the destination QEMU");
+
+        let Established {
+            channel,
+            transcript_hash,
+            ..
+        } = est;
+        let mut dm = DestMigration::new(channel, order_id);
+        let mut received: Option<Received> = None;
+        let mut awaiting: Option<Vec<u64>> = None;
+        loop {
+            tokio::select! {
+                msg = read_frame(rd) => {
+                    let msg = msg.map_err(|e| AgentError::Migration(format!("control channel: {e}")))?;
+                    match dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)? {
+                        DestEvent::None => {}
+                        DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
+                        DestEvent::Send(m) => send(&ctx, wr, &m).await?,
+                        DestEvent::Resume => return self.resume(&mut dm, wr, qmp, &order_id).await,
+                    }
+                }
+                Some(r) = fwd_rx.recv(), if received.is_none() => {
+                    received = Some(r.map_err(AgentError::Migration)?);
+                }
+            }
+            if let (Some(counts), Some(got)) = (&awaiting, &received) {
+                // Everything arrived; QEMU must also have loaded it without complaint.
+                wait_loaded(qmp, timeout).await?;
+                let computed = got.digest.clone().finish(&transcript_hash);
+                if counts.len() != 1 {
+                    return Err(AgentError::Migration(format!(
+                        "source announced {} streams, hypervisor-stream mode has 1",
+                        counts.len()
+                    )));
+                }
+                let m = dm
+                    .streams_complete(&[got.records], computed, crate::random())
+                    .map_err(proto)?;
+                send(&ctx, wr, &m).await?;
+                awaiting = None;
+            }
+        }
+    }
+
+    /// `Commit` arrived: journal it, `cont` the destination QEMU, confirm.
+    async fn resume(
+        &mut self,
+        dm: &mut DestMigration,
+        wr: &mut WriteHalf<ServerTls>,
+        qmp: &mut Qmp,
+        id: &[u8; 16],
+    ) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .set(id, State::Committed, "")?;
+        self.committed = true;
+        qmp.cont().await.map_err(qmp_err)?;
+        let st = qmp.query_status().await.map_err(qmp_err)?;
+        if !st.running {
+            return Err(AgentError::Migration(format!(
+                "destination QEMU did not start after cont (state {:?})",
+                st.status
+            )));
+        }
+        let m = dm.resumed().map_err(proto)?;
+        send(&ctx, wr, &m).await?;
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .set(id, State::Done, "resumed here")?;
+        info!(order = %hex(id), vm = %self.vm, "QEMU VM resumed on this host");
+        ctx.remember(history_entry("destination", None, None, &hex(id), &self.vm));
+        Ok(())
+    }
+}
+
+async fn send(ctx: &Ctx, wr: &mut WriteHalf<ServerTls>, m: &[u8]) -> Result<(), AgentError> {
+    tokio::time::timeout(ctx.step_timeout(), write_frame(wr, m))
+        .await
+        .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
+        .map_err(|e| AgentError::Migration(format!("control channel: {e}")))
+}
+
+/// Wait until the destination QEMU reports the incoming migration `completed`.
+async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError> {
+    let until = Instant::now() + timeout;
+    loop {
+        let m = qmp.query_migrate().await.map_err(qmp_err)?;
+        match m.status() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU failed to load the stream: {}",
+                    m.error_desc.as_deref().unwrap_or("no reason given")
+                )))
+            }
+            s if Instant::now() > until => {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU did not finish loading in time (status {s})"
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The destination command line.
+
+/// The QEMU command line a destination for a VM needs: the source's machine, memory and
+/// devices, plus `-incoming defer -S` and a QMP socket. `source_args` are the source's own
+/// arguments (without the binary, `-qmp`, `-incoming` and `-daemonize`).
+pub fn destination_command(qemu: &str, source_args: &[String], qmp: &Path) -> Vec<String> {
+    let mut out = vec![qemu.to_string()];
+    let mut skip = false;
+    for a in source_args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        match a.as_str() {
+            "-qmp" | "-incoming" | "-pidfile" => skip = true,
+            "-daemonize" | "-S" => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out.extend([
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+        "-incoming".to_string(),
+        "defer".to_string(),
+        "-S".to_string(),
+    ]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trustmig_protocol::keys::KeySchedule;
+
+    fn pair() -> (Sealer, Opener) {
+        let ks = KeySchedule::new(&[1; 32], &[2; 32]);
+        (
+            Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+            Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+        )
+    }
+
+    #[tokio::test]
+    async fn pumps_carry_every_byte_and_digest_it() {
+        let (sealer, opener) = pair();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut qemu_side, agent_side) = tokio::io::duplex(1 << 16);
+        let (wire_a, wire_b) = tokio::io::duplex(1 << 16);
+        let (out_a, mut out_b) = tokio::io::duplex(1 << 16);
+        let d2 = data.clone();
+        let writer = tokio::spawn(async move {
+            qemu_side.write_all(&d2).await.expect("write");
+            qemu_side.shutdown().await.expect("shutdown");
+        });
+        let sealing = tokio::spawn(seal_pump(agent_side, wire_a, sealer, "t"));
+        let opening = tokio::spawn(open_pump(wire_b, out_a, opener, "t"));
+        let mut got = Vec::new();
+        out_b.read_to_end(&mut got).await.expect("read");
+        writer.await.expect("writer");
+        let sent = sealing.await.expect("join").expect("seal pump");
+        let recv = opening.await.expect("join").expect("open pump");
+        assert_eq!(got, data);
+        assert_eq!(sent.records, recv.records);
+        assert_eq!(sent.digest.finish(&[3; 32]), recv.digest.finish(&[3; 32]));
+    }
+
+    #[tokio::test]
+    async fn open_pump_refuses_tampering_and_a_cut() {
+        let (mut sealer, opener) = pair();
+        let mut wire = Vec::new();
+        sealer
+            .seal(RecordType::HypervisorStream, b"abc", &mut wire)
+            .expect("seal");
+        let mut flipped = wire.clone();
+        flipped[20] ^= 1;
+        let r = open_pump(&flipped[..], tokio::io::sink(), opener, "s0").await;
+        assert!(
+            r.as_ref()
+                .err()
+                .is_some_and(|e| e.contains("authentication")),
+            "{:?}",
+            r.err()
+        );
+        let (_, opener) = pair();
+        let r = open_pump(&wire[..], tokio::io::sink(), opener, "s0").await;
+        assert!(
+            r.as_ref().err().is_some_and(|e| e.contains("cut")),
+            "{:?}",
+            r.err()
+        );
+        let (_, opener) = pair();
+        let replayed = [wire.clone(), wire].concat();
+        let r = open_pump(&replayed[..], tokio::io::sink(), opener, "s0").await;
+        assert!(
+            r.as_ref().err().is_some_and(|e| e.contains("replayed")),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn destination_command_line() {
+        let args: Vec<String> = [
+            "-m",
+            "256",
+            "-qmp",
+            "unix:/old,server=on",
+            "-kernel",
+            "g.elf",
+            "-daemonize",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cmd = destination_command("qemu-system-x86_64", &args, Path::new("/run/q.sock"));
+        assert_eq!(
+            cmd.join(" "),
+            "qemu-system-x86_64 -m 256 -kernel g.elf -qmp unix:/run/q.sock,server=on,wait=off -incoming defer -S"
+        );
+    }
+
+    #[test]
+    fn config_validation_names_the_problem() {
+        let vm = |qmp: Option<&str>| VmConfig {
+            name: "q".into(),
+            backend: "qemu".into(),
+            size_mib: 1,
+            dirty_pages_per_sec: 0,
+            hot_fraction: 0.1,
+            fill_fraction: 0.5,
+            seed: 0,
+            qmp: qmp.map(PathBuf::from),
+        };
+        assert!(check_vm_config(&vm(Some("/run/q.sock"))).is_ok());
+        assert!(check_vm_config(&vm(Some("q.sock")))
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(check_vm_config(&vm(None)).unwrap_err().contains("qmp"));
+        let long = format!("/{}", "x".repeat(200));
+        assert!(check_vm_config(&vm(Some(&long)))
+            .unwrap_err()
+            .contains("longer"));
+    }
+}

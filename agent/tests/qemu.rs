@@ -1,0 +1,497 @@
+//! QEMU sidecar mode against real `qemu-system-x86_64` (TCG) with the multiboot test guest in
+//! `tests/guest/`: two agents with swtpm, a source QEMU running the guest, a destination QEMU
+//! waiting with `-incoming defer -S`. The guest prints `T <counter> <generation>` ticks and
+//! `V <counter> bad=<n> sum=<x>` self-checks of its data area on COM1.
+//!
+//! Without qemu-system-x86_64 (or gcc/ld/swtpm) these tests skip with a one-line reason, except
+//! in CI (env `CI` set), where they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use trustmig_agent::control::{Progress, Reply, Summary};
+use trustmig_agent::harness::{Pair, VmSpec};
+use trustmig_agent::qmp::Qmp;
+use trustmig_protocol::order::{Limits, NonConvergence};
+use trustmig_tests::proxy::{Fault, Proxy};
+
+/// One migration at a time: each test runs two QEMUs, two agents and two swtpm on 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const VM: &str = "qvm";
+const MEM_MIB: u32 = 256;
+
+fn missing(what: &str) -> bool {
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{what} is required in CI (apt-get install -y qemu-system-x86 gcc swtpm swtpm-tools)"
+        );
+    }
+    eprintln!("skipped: {what} not installed");
+    true
+}
+
+fn have(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn tools_missing() -> bool {
+    for (p, a) in [
+        ("qemu-system-x86_64", "--version"),
+        ("gcc", "--version"),
+        ("ld", "--version"),
+        ("swtpm", "--version"),
+    ] {
+        if !have(p, a) {
+            return missing(p);
+        }
+    }
+    false
+}
+
+/// Build the test guest into `dir`.
+fn build_guest(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest");
+    let obj = dir.join("guest.o");
+    let elf = dir.join("guest.elf");
+    let ok = Command::new("gcc")
+        .args([
+            "-m32",
+            "-ffreestanding",
+            "-fno-pic",
+            "-fno-stack-protector",
+            "-nostdlib",
+            "-O2",
+            "-c",
+        ])
+        .arg(src.join("guest.c"))
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "gcc could not build tests/guest/guest.c");
+    let ok = Command::new("ld")
+        .args(["-m", "elf_i386", "--no-warn-rwx-segments", "-T"])
+        .arg(src.join("guest.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ld could not link the test guest");
+    elf
+}
+
+/// A QEMU process, killed on drop.
+struct QemuVm {
+    child: Child,
+    qmp: PathBuf,
+    serial: PathBuf,
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl QemuVm {
+    fn start(dir: &Path, name: &str, guest: &Path, append: &str, incoming: bool) -> Self {
+        let qmp = dir.join(format!("{name}.qmp"));
+        let serial = dir.join(format!("{name}.serial"));
+        let log = std::fs::File::create(dir.join(format!("{name}.qemu.log"))).expect("qemu log");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            &MEM_MIB.to_string(),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-kernel",
+        ])
+        .arg(guest)
+        .args(["-append", append])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if incoming {
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("qemu-system-x86_64 starts");
+        let vm = Self { child, qmp, serial };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !vm.qmp.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU {name} did not create its QMP socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Tick counters printed so far.
+    fn ticks(&self) -> Vec<u32> {
+        self.output()
+            .lines()
+            .filter_map(|l| l.strip_prefix("T "))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// (counter, bad pages) of every self-check printed so far.
+    fn checks(&self) -> Vec<(u32, u32)> {
+        self.output()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("V ")?.split_whitespace();
+                let c = w.next()?.parse().ok()?;
+                let bad = w.next()?.strip_prefix("bad=")?.parse().ok()?;
+                Some((c, bad))
+            })
+            .collect()
+    }
+
+    fn wait_ticks(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.ticks().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "guest printed {} ticks, wanted {n}:\n{}",
+                self.ticks().len(),
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn status(&self) -> Result<String, String> {
+        let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        q.query_status()
+            .await
+            .map(|s| s.status)
+            .map_err(|e| e.to_string())
+    }
+}
+
+struct Setup {
+    pair: Pair,
+    src: QemuVm,
+    dst: QemuVm,
+}
+
+impl Setup {
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.pair.procs.iter().flatten() {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!("--- {}\n", p.log.display());
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
+    if tools_missing() {
+        return None;
+    }
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_trustmig"));
+    let spec = VmSpec {
+        name: "unused-synthetic".into(),
+        size_mib: 1,
+        dirty_pages_per_sec: 0,
+        ..VmSpec::default()
+    };
+    let mut pair = match Pair::create(&exe, &spec, 1) {
+        Ok(p) => p,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "pair: {e}");
+            eprintln!("skipped: {e}");
+            return None;
+        }
+    };
+    // Pair::create ran in this test process: allow the real agent binary too.
+    let digest = trustmig_agent::attestation::file_sha256(&exe).expect("hash trustmig");
+    trustmig_agent::admin::allow_exe(&pair.src, digest).expect("allow exe");
+    trustmig_agent::admin::allow_exe(&pair.dst, digest).expect("allow exe");
+    let dir = pair.dir().to_path_buf();
+    let guest = build_guest(&dir);
+    let src = QemuVm::start(&dir, "src", &guest, append, false);
+    let dst = QemuVm::start(&dir, "dst", &guest, append, dst_incoming);
+    for (home, vm) in [(&pair.src, &src), (&pair.dst, &dst)] {
+        let path = home.config();
+        let mut text = std::fs::read_to_string(&path).expect("config");
+        text += &format!(
+            "\n[[vm]]\nname = \"{VM}\"\nbackend = \"qemu\"\nqmp = \"{}\"\n",
+            vm.qmp.display()
+        );
+        std::fs::write(&path, text).expect("config");
+    }
+    pair.start_both().expect("agents start");
+    src.wait_ticks(3, Duration::from_secs(30));
+    Some(Setup { pair, src, dst })
+}
+
+fn limits(downtime_ms: u32) -> Limits {
+    Limits {
+        downtime_ms,
+        bandwidth_bps: 0,
+        max_rounds: 30,
+        on_nonconvergence: NonConvergence::Force,
+    }
+}
+
+/// Run a migration to `addr` (the destination or a proxy); Ok(summary) or Err(failure text).
+async fn migrate(
+    s: &mut Setup,
+    addr: &str,
+    downtime_ms: u32,
+) -> (Result<Summary, String>, Vec<Progress>) {
+    s.pair.dst_addr = addr.to_string();
+    let order = s.pair.order(VM, limits(downtime_ms), 600).expect("order");
+    let mut events = Vec::new();
+    let mut result = Err("no final reply".to_string());
+    s.pair
+        .migrate(&order, |r| match r {
+            Reply::Progress(Progress::Done(sum)) => result = Ok(sum),
+            Reply::Progress(Progress::Failed { error, vm }) => {
+                result = Err(format!("{error}; VM: {vm}"))
+            }
+            Reply::Progress(p) => events.push(p),
+            Reply::Error(e) => result = Err(e),
+            _ => {}
+        })
+        .await
+        .expect("control socket");
+    (result, events)
+}
+
+/// After a successful migration: the destination runs, continues the source's counter, and
+/// its data area checks out; the source stays stopped.
+async fn assert_moved(s: &mut Setup, summary: &Summary) {
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("running"),
+        "{}",
+        s.logs()
+    );
+    assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
+    let last_src = *s.src.ticks().last().expect("source ticked");
+    s.dst.wait_ticks(40, Duration::from_secs(30));
+    let dst_ticks = s.dst.ticks();
+    let first_dst = dst_ticks[0];
+    assert!(
+        first_dst + 3 >= last_src && first_dst <= last_src + 5,
+        "destination counter starts at {first_dst}, source stopped at {last_src}"
+    );
+    assert!(
+        dst_ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "destination ticks are consecutive"
+    );
+    let checks = s.dst.checks();
+    assert!(
+        !checks.is_empty(),
+        "destination guest checked its data area"
+    );
+    assert!(
+        checks.iter().all(|&(_, bad)| bad == 0),
+        "guest data area after the move: {checks:?}"
+    );
+    let before = s.src.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.src.ticks().len(),
+        before,
+        "the source guest stays stopped"
+    );
+    assert!(
+        summary.guest_bytes >= u64::from(MEM_MIB) << 20,
+        "{summary:?}"
+    );
+    assert!(summary.bytes_on_wire > 0);
+}
+
+/// After a failed migration: the destination never ran, the source guest keeps running.
+async fn assert_rolled_back(s: &mut Setup, result: &Result<Summary, String>, expect: &str) {
+    let err = result
+        .as_ref()
+        .err()
+        .unwrap_or_else(|| panic!("migration should fail\n{}", s.logs()));
+    assert!(
+        err.contains(expect),
+        "error {err:?} does not mention {expect:?}\n{}",
+        s.logs()
+    );
+    assert!(err.contains("rolled back"), "{err}");
+    // The destination QEMU was discarded or at least never resumed; its guest printed nothing.
+    if s.dst.alive() {
+        let st = s.dst.status().await;
+        assert!(
+            st.as_deref() != Ok("running"),
+            "destination must never run: {st:?}"
+        );
+    }
+    assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+    // The source runs on: its counter advances.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if s.src.status().await.as_deref() == Ok("running") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "source never ran again: {:?}",
+            s.src.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = *s.src.ticks().last().expect("ticks");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = *s.src.ticks().last().expect("ticks");
+    assert!(
+        after > before + 5,
+        "source guest counter keeps advancing ({before} -> {after})"
+    );
+    let checks = s.src.checks();
+    assert!(
+        checks.iter().all(|&(_, bad)| bad == 0),
+        "source data area: {checks:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_migrates_an_idle_guest() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, events) = migrate(&mut s, &addr, 300).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(events
+        .iter()
+        .any(|p| matches!(p, Progress::Attested { .. })));
+    assert!(
+        events.iter().any(|p| matches!(p, Progress::Round { .. })),
+        "progress from query-migrate"
+    );
+    assert!(events
+        .iter()
+        .any(|p| matches!(p, Progress::SwitchOver { .. })));
+    assert!(events.iter().any(|p| matches!(p, Progress::Committed)));
+    assert_moved(&mut s, &summary).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_migrates_a_dirtying_guest() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut s) = setup("area=64 rate=64 check=25", true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, events) = migrate(&mut s, &addr, 500).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let rounds = events
+        .iter()
+        .filter(|p| matches!(p, Progress::Round { .. }))
+        .count();
+    assert!(rounds >= 1, "{events:?}");
+    assert!(
+        summary.bytes_on_wire > 64 << 20,
+        "the dirty data area travelled: {summary:?}"
+    );
+    assert_moved(&mut s, &summary).await;
+}
+
+async fn faulted(fault: Fault, expect: &str) {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut s) = setup("area=32 rate=16 check=10", true) else {
+        return;
+    };
+    let proxy = Proxy::start(s.pair.dst_addr.clone(), fault)
+        .await
+        .expect("proxy");
+    let (r, _) = migrate(&mut s, &proxy.addr.clone(), 300).await;
+    assert!(
+        proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the fault was applied"
+    );
+    assert_rolled_back(&mut s, &r, expect).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_flipped_bit_rolls_back() {
+    faulted(Fault::FlipBit(6), "migration failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_replayed_record_rolls_back() {
+    faulted(Fault::Replay(6), "migration failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_cut_connection_rolls_back() {
+    faulted(Fault::CutAfter(4 << 20), "migration failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_error_is_reported_clearly() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    // QEMU caps downtime-limit at 2000 s; the order allows more: QEMU's own refusal must show.
+    let (r, _) = migrate(&mut s, &addr, 3_000_000).await;
+    assert_rolled_back(&mut s, &r, "QEMU refused migrate-set-parameters").await;
+    let err = r.err().unwrap_or_default();
+    assert!(
+        err.contains("downtime_limit"),
+        "QEMU's own message is quoted: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_destination_not_waiting_is_refused() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A destination QEMU that already runs a guest must never receive one.
+    let Some(mut s) = setup("area=16 rate=0 check=10", false) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(err.contains("-incoming defer"), "{err}\n{}", s.logs());
+    assert_eq!(s.src.status().await.as_deref(), Ok("running"));
+}
