@@ -131,6 +131,30 @@ struct StreamTx {
     task: JoinHandle<Result<(u64, u64), String>>,
 }
 
+/// Batch buffers go back to the engine after sealing, so a migration allocates a handful of
+/// 256 KiB buffers instead of one per batch (large blocks are mmap'd and faulted in anew).
+struct Pool {
+    tx: mpsc::Sender<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Pool {
+    fn new(n: usize) -> Self {
+        let (tx, rx) = mpsc::channel(n);
+        Self { tx, rx }
+    }
+
+    fn take(&mut self, cap: usize) -> Vec<u8> {
+        match self.rx.try_recv() {
+            Ok(mut b) => {
+                b.clear();
+                b
+            }
+            Err(_) => Vec::with_capacity(cap),
+        }
+    }
+}
+
 fn proto(e: impl Into<ProtoError>) -> AgentError {
     AgentError::Protocol(e.into())
 }
@@ -195,8 +219,9 @@ impl Run {
         let mut ctrl = spawn_reader(rd);
         let est = self.handshake(order, guest, exporter, &mut ctrl).await?;
         self.report(Progress::Attested { streams: est.streams }).await;
-        let streams = self.open_streams(&est, &addr).await?;
-        self.transfer(order, &est, guest, streams, &mut ctrl, started).await
+        let mut pool = Pool::new(4 * usize::from(est.streams) + 4);
+        let streams = self.open_streams(&est, &addr, &pool).await?;
+        self.transfer(order, &est, guest, streams, &mut pool, &mut ctrl, started).await
     }
 
     async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
@@ -264,7 +289,7 @@ impl Run {
         hs.into_established().map_err(proto)
     }
 
-    async fn open_streams(&self, est: &Established, addr: &str) -> Result<Vec<StreamTx>, AgentError> {
+    async fn open_streams(&self, est: &Established, addr: &str, pool: &Pool) -> Result<Vec<StreamTx>, AgentError> {
         let sid = est.keys.session_id();
         let mut out = Vec::new();
         for i in 0..est.streams {
@@ -281,7 +306,7 @@ impl Run {
             let (tx, rx) = mpsc::channel(2);
             out.push(StreamTx {
                 tx,
-                task: tokio::spawn(stream_writer(sock, sealer, rx)),
+                task: tokio::spawn(stream_writer(sock, sealer, rx, pool.tx.clone())),
             });
         }
         Ok(out)
@@ -294,6 +319,7 @@ impl Run {
         est: &Established,
         guest: &mut SyntheticGuest,
         streams: Vec<StreamTx>,
+        pool: &mut Pool,
         ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
         started: Instant,
     ) -> Result<Summary, AgentError> {
@@ -310,7 +336,7 @@ impl Run {
             let round_start = Instant::now();
             let writes_before = guest.writes();
             let mut round_bytes = 0u64;
-            while let Some((batch, buf)) = next_batch(&mut engine, guest)? {
+            while let Some((batch, buf)) = next_batch(&mut engine, guest, pool)? {
                 let d = pacer.delay(Instant::now(), buf.len() as u64);
                 if !d.is_zero() {
                     tokio::time::sleep(d).await;
@@ -366,7 +392,7 @@ impl Run {
         let paused_at = Instant::now();
         let stop_pages = engine.pending_pages();
         self.report(Progress::SwitchOver { pages: stop_pages }).await;
-        while let Some((batch, buf)) = next_batch(&mut engine, guest)? {
+        while let Some((batch, buf)) = next_batch(&mut engine, guest, pool)? {
             send_record(&streams, batch.stream, RecordType::Pages, buf).await?;
         }
         let device_state = format!("synthetic-vcpu vm={} writes={}", guest.name(), guest.writes()).into_bytes();
@@ -450,8 +476,9 @@ impl Run {
 fn next_batch(
     engine: &mut PrecopySource,
     guest: &SyntheticGuest,
+    pool: &mut Pool,
 ) -> Result<Option<(trustmig_protocol::precopy::Batch, Vec<u8>)>, AgentError> {
-    let mut buf = Vec::with_capacity(engine.max_batch_bytes());
+    let mut buf = pool.take(engine.max_batch_bytes());
     Ok(engine.next_batch(guest, &mut buf).map_err(proto)?.map(|b| (b, buf)))
 }
 
@@ -470,6 +497,7 @@ async fn stream_writer(
     mut sock: TcpStream,
     mut sealer: Sealer,
     mut rx: mpsc::Receiver<(RecordType, Vec<u8>)>,
+    recycle: mpsc::Sender<Vec<u8>>,
 ) -> Result<(u64, u64), String> {
     let mut out = Vec::with_capacity(1 << 20);
     let mut bytes = 0u64;
@@ -478,6 +506,7 @@ async fn stream_writer(
         sealer.seal(typ, &payload, &mut out).map_err(|e| e.to_string())?;
         sock.write_all(&out).await.map_err(|e| format!("data stream write: {e}"))?;
         bytes += out.len() as u64;
+        let _ = recycle.try_send(payload);
     }
     sock.flush().await.map_err(|e| e.to_string())?;
     let _ = sock.shutdown().await;
