@@ -446,6 +446,23 @@ impl SourceRun {
         }
     }
 
+    /// A data stream failed here: the destination usually knows why (it refused a record and
+    /// closed the stream), and its `Abort` follows on the control channel. Prefer that reason.
+    async fn peer_reason(
+        &self,
+        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+        sm: &mut SourceMigration,
+        local: String,
+    ) -> AgentError {
+        if let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ctrl.recv()).await {
+            let mut att = self.ctx.attester.lock().expect("attester lock");
+            if let Err(e) = sm.handle(&msg, att.as_mut()) {
+                return AgentError::Migration(format!("{local}; destination: {e}"));
+            }
+        }
+        AgentError::Migration(local)
+    }
+
     async fn connect(
         &mut self,
         order: &VerifiedOrder,
@@ -641,10 +658,15 @@ impl SourceRun {
                         self.report(round_progress(&m)).await;
                     }
                 }
-                Some(r) = fwd_rx.recv() => sent = Some(r.map_err(AgentError::Migration)?),
+                Some(r) = fwd_rx.recv() => match r {
+                    Ok(s) => sent = Some(s),
+                    Err(e) => return Err(self.peer_reason(&mut ctrl, &mut sm, e).await),
+                },
                 Some(r) = ret_rx.recv(), if !ret_done => {
                     ret_done = true;
-                    r.map_err(AgentError::Migration)?;
+                    if let Err(e) = r {
+                        return Err(self.peer_reason(&mut ctrl, &mut sm, e).await);
+                    }
                 }
                 msg = ctrl.recv() => {
                     // The destination says nothing while the stream flows: this is an abort

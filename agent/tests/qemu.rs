@@ -104,7 +104,7 @@ impl Drop for QemuVm {
 }
 
 impl QemuVm {
-    fn start(dir: &Path, name: &str, guest: &Path, append: &str, incoming: bool) -> Self {
+    fn start(dir: &Path, name: &str, guest: &Path, opts: &VmOpts, incoming: bool) -> Self {
         let qmp = dir.join(format!("{name}.qmp"));
         let serial = dir.join(format!("{name}.serial"));
         let log = std::fs::File::create(dir.join(format!("{name}.qemu.log"))).expect("qemu log");
@@ -113,20 +113,20 @@ impl QemuVm {
             "-accel",
             "tcg",
             "-m",
-            &MEM_MIB.to_string(),
+            &opts.mem_mib.to_string(),
             "-nodefaults",
             "-display",
             "none",
             "-kernel",
         ])
         .arg(guest)
-        .args(["-append", append])
+        .args(["-append", &opts.append])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         if incoming {
-            cmd.args(["-incoming", "defer", "-S"]);
+            cmd.args(["-incoming", "defer", "-S"]).args(&opts.dst_extra);
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -222,7 +222,23 @@ impl Setup {
     }
 }
 
+/// How the QEMUs run.
+struct VmOpts {
+    append: String,
+    mem_mib: u32,
+    dst_extra: Vec<String>,
+}
+
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
+    let opts = VmOpts {
+        append: append.into(),
+        mem_mib: MEM_MIB,
+        dst_extra: vec![],
+    };
+    setup_with(&opts, dst_incoming)
+}
+
+fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
     if tools_missing() {
         return None;
     }
@@ -247,8 +263,8 @@ fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
     trustmig_agent::admin::allow_exe(&pair.dst, digest).expect("allow exe");
     let dir = pair.dir().to_path_buf();
     let guest = build_guest(&dir);
-    let src = QemuVm::start(&dir, "src", &guest, append, false);
-    let dst = QemuVm::start(&dir, "dst", &guest, append, dst_incoming);
+    let src = QemuVm::start(&dir, "src", &guest, opts, false);
+    let dst = QemuVm::start(&dir, "dst", &guest, opts, dst_incoming);
     for (home, vm) in [(&pair.src, &src), (&pair.dst, &dst)] {
         let path = home.config();
         let mut text = std::fs::read_to_string(&path).expect("config");
@@ -259,7 +275,7 @@ fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
         std::fs::write(&path, text).expect("config");
     }
     pair.start_both().expect("agents start");
-    src.wait_ticks(3, Duration::from_secs(30));
+    src.wait_ticks(3, Duration::from_secs(180));
     Some(Setup { pair, src, dst })
 }
 
@@ -353,6 +369,7 @@ async fn assert_rolled_back(s: &mut Setup, result: &Result<Summary, String>, exp
         "error {err:?} does not mention {expect:?}\n{}",
         s.logs()
     );
+    eprintln!("migration failed as expected: {err}");
     assert!(err.contains("rolled back"), "{err}");
     // The destination QEMU was discarded or at least never resumed; its guest printed nothing.
     if s.dst.alive() {
@@ -452,12 +469,12 @@ async fn faulted(fault: Fault, expect: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_flipped_bit_rolls_back() {
-    faulted(Fault::FlipBit(6), "migration failed").await;
+    faulted(Fault::FlipBit(6), "tampered").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_replayed_record_rolls_back() {
-    faulted(Fault::Replay(6), "migration failed").await;
+    faulted(Fault::Replay(6), "replayed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,4 +511,32 @@ async fn qemu_destination_not_waiting_is_refused() {
     let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
     assert!(err.contains("-incoming defer"), "{err}\n{}", s.logs());
     assert_eq!(s.src.status().await.as_deref(), Ok("running"));
+}
+
+/// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
+/// `BENCH <total ms> <downtime ms> <stream bytes>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark, run by bench/qemu.sh"]
+async fn bench_trustmig() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let opts = VmOpts {
+        append: env("TRUSTMIG_BENCH_APPEND", "area=1008 rate=0 check=1000000"),
+        mem_mib: env("TRUSTMIG_BENCH_MEM", "1024")
+            .parse()
+            .expect("TRUSTMIG_BENCH_MEM is MiB"),
+        dst_extra: vec!["-mem-prealloc".into()],
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let sum = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
+    let stream_bytes = sum.bytes_per_round.first().copied().unwrap_or(0);
+    println!(
+        "BENCH {} {} {}",
+        sum.total_ms, sum.downtime_ms, stream_bytes
+    );
 }

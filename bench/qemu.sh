@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# QEMU live migration, same guest, same run, four transports:
+#   plain     QEMU -> unix socket -> QEMU
+#   socat     QEMU -> unix -> socat -> TCP -> socat -> unix -> QEMU (the floor any sidecar pays)
+#   qemu-tls  QEMU native TLS (tls-creds-x509, certificates made with openssl here)
+#   trustmig  QEMU -> source agent -> sealed records (TLS 1.3 control, TPM-attested) -> destination agent -> QEMU
+# The guest is tests/guest (built here with gcc); its data area fills the guest's memory so
+# pages are real data, not zero pages. The destination preallocates its memory (-mem-prealloc).
+#
+# Usage: bench/qemu.sh [MEM_MIB]      (default 1024; env RUNS=n repeats each mode, default 1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MEM=${1:-1024}
+RUNS=${RUNS:-1}
+AREA=$((MEM - 16))
+APPEND="area=$AREA rate=0 check=1000000"
+for p in qemu-system-x86_64 gcc ld socat openssl python3; do
+    command -v "$p" >/dev/null || { echo "bench/qemu.sh: $p is not installed" >&2; exit 1; }
+done
+W=$(mktemp -d /tmp/tm-bench-XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+gcc -m32 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2 -c tests/guest/guest.c -o "$W/guest.o"
+ld -m elf_i386 --no-warn-rwx-segments -T tests/guest/guest.ld -o "$W/guest.elf" "$W/guest.o"
+
+# qmp SOCKET JSON...: run commands, print the last reply (python: no extra tools needed).
+qmp() {
+    python3 - "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+def cmd(c):
+    f.write(json.dumps(c) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "event" not in r: return r
+cmd({"execute": "qmp_capabilities"})
+r = None
+for a in sys.argv[2:]:
+    r = cmd(json.loads(a))
+    if "error" in r: print(json.dumps(r)); sys.exit(1)
+print(json.dumps(r.get("return")))
+PY
+}
+
+# start_vm NAME [extra qemu args...]
+start_vm() {
+    local name=$1; shift
+    qemu-system-x86_64 -accel tcg -m "$MEM" -nodefaults -display none \
+        -kernel "$W/guest.elf" -append "$APPEND" -serial "file:$W/$name.serial" \
+        -qmp "unix:$W/$name.qmp,server=on,wait=off" "$@" >"$W/$name.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 200); do [ -S "$W/$name.qmp" ] && return; sleep 0.05; done
+    echo "QEMU $name did not start: $(cat "$W/$name.log")" >&2; exit 1
+}
+wait_ready() { for _ in $(seq 1200); do grep -q READY "$W/src.serial" 2>/dev/null && return; sleep 0.1; done; echo "guest not ready" >&2; exit 1; }
+stop_vms() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); rm -f "$W"/*.qmp "$W"/*.sock "$W"/*.serial; }
+
+PARAMS='{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300,"max-bandwidth":1099511627776}}'
+# run_native MODE: migrate with QEMU's own transport; prints "total_ms downtime_ms bytes"
+run_native() {
+    local mode=$1 src_uri dst_uri tls=()
+    case $mode in
+        plain) dst_uri="unix:$W/dst.sock"; src_uri=$dst_uri ;;
+        socat) dst_uri="unix:$W/dst.sock"; src_uri="unix:$W/hop1.sock" ;;
+        qemu-tls) dst_uri="tcp:127.0.0.1:$PORT"; src_uri=$dst_uri
+            tls=(-object "tls-creds-x509,id=tls0,dir=$W/pki,endpoint=server,verify-peer=on") ;;
+    esac
+    start_vm src $( [ "$mode" = qemu-tls ] && echo "-object tls-creds-x509,id=tls0,dir=$W/pki,endpoint=client" )
+    start_vm dst -mem-prealloc -incoming defer -S "${tls[@]}"
+    wait_ready
+    local extra_s='{"execute":"query-status"}' extra_d='{"execute":"query-status"}'
+    if [ "$mode" = qemu-tls ]; then
+        extra_s='{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0","tls-hostname":"localhost"}}'
+        extra_d='{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}'
+    fi
+    qmp "$W/dst.qmp" "$extra_d" "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"$dst_uri\"}}" >/dev/null
+    if [ "$mode" = socat ]; then
+        for _ in $(seq 100); do [ -S "$W/dst.sock" ] && break; sleep 0.05; done
+        socat "TCP-LISTEN:$PORT,bind=127.0.0.1,reuseaddr" "UNIX-CONNECT:$W/dst.sock" & PIDS+=($!)
+        socat "UNIX-LISTEN:$W/hop1.sock" "TCP:127.0.0.1:$PORT,retry=50,interval=0.1" & PIDS+=($!)
+        for _ in $(seq 100); do [ -S "$W/hop1.sock" ] && break; sleep 0.05; done
+    fi
+    qmp "$W/src.qmp" "$PARAMS" "$extra_s" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$src_uri\"}}" >/dev/null
+    local info status
+    while true; do
+        info=$(qmp "$W/src.qmp" '{"execute":"query-migrate"}')
+        status=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("status"))' "$info")
+        case $status in completed) break ;; failed|cancelled) echo "$mode migration $status: $info" >&2; exit 1 ;; esac
+        sleep 0.05
+    done
+    qmp "$W/dst.qmp" '{"execute":"cont"}' >/dev/null
+    python3 -c 'import json,sys; i=json.loads(sys.argv[1]); print(i["total-time"], i["downtime"], i["ram"]["transferred"])' "$info"
+    stop_vms
+}
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$W/pki"
+(
+    cd "$W/pki"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench-ca -keyout ca-key.pem -out ca-cert.pem 2>/dev/null
+    for who in server client; do
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$who-key.pem" -out "$who.csr" 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$who.ext"
+        openssl x509 -req -in "$who.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -extfile "$who.ext" -out "$who-cert.pem" 2>/dev/null
+    done
+)
+
+echo "building trustmig (release) ..." >&2
+cargo build --release -q -p trustmig-agent --bin trustmig
+cargo test --release -q -p trustmig-agent --test qemu --no-run 2>/dev/null
+
+rows=()
+for run in $(seq "$RUNS"); do
+    for mode in plain socat qemu-tls; do
+        echo "run $run: $mode ..." >&2
+        rows+=("$mode $(run_native $mode)")
+    done
+    echo "run $run: trustmig ..." >&2
+    line=$(TRUSTMIG_BENCH_MEM=$MEM TRUSTMIG_BENCH_APPEND="$APPEND" \
+        cargo test --release -q -p trustmig-agent --test qemu -- --ignored --exact bench_trustmig --nocapture 2>/dev/null | grep '^BENCH ')
+    rows+=("trustmig $(echo "$line" | cut -d' ' -f2-)")
+done
+
+printf '\nQEMU %s, TCG, %d MiB guest with a %d MiB data area, destination -mem-prealloc\n' \
+    "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" "$MEM" "$AREA"
+printf '%-10s %10s %12s %12s %10s\n' mode total_ms downtime_ms MiB_sent MB/s
+for r in "${rows[@]}"; do
+    set -- $r
+    printf '%-10s %10d %12d %12.0f %10.0f\n' "$1" "$2" "$3" "$(echo "$4/1048576" | bc -l)" "$(echo "$4/($2*1000)" | bc -l)"
+done
+echo "(total_ms and bytes: QEMU's query-migrate on the source; downtime_ms: QEMU's own for the native"
+echo " modes, and for trustmig from pause to the destination's Resumed, attestation and cont included)"
