@@ -18,8 +18,13 @@ use crate::identity::{operator_load, parse_hex32, Identity};
 use crate::journal::Journal;
 use crate::trust::KeyList;
 
-/// Create an agent home. Returns the new identity.
+/// Create an agent home whose policy allows peers running this very executable.
 pub fn init(home: &Home, listen: &str, tcti: &str) -> Result<AgentId, AgentError> {
+    init_with(home, listen, tcti, crate::attestation::self_measurement()?)
+}
+
+/// Create an agent home whose policy allows peers whose executable measures `allowed_exe`.
+pub fn init_with(home: &Home, listen: &str, tcti: &str, allowed_exe: [u8; 32]) -> Result<AgentId, AgentError> {
     let root = home.root();
     if home.identity_key().exists() {
         return Err(AgentError::HomeExists(root.to_path_buf()));
@@ -35,8 +40,8 @@ pub fn init(home: &Home, listen: &str, tcti: &str) -> Result<AgentId, AgentError
     let policy = Policy {
         pcr: cfg.tpm.pcr,
         trusted_aks: vec![],
-        // Peers running this very build are allowed; add others with `trust allow-exe`.
-        allowed_executables: vec![crate::attestation::self_measurement()?],
+        // Peers running this build are allowed; add others with `trust allow-exe`.
+        allowed_executables: vec![allowed_exe],
         allowed_configs: None,
         required_events: vec![EventKind::AgentExecutable, EventKind::AgentConfig],
     };

@@ -125,6 +125,11 @@ impl Pair {
     /// Create homes, TPMs (manufactured with EK certificates from a local CA), an operator,
     /// mutual trust and mutual AK enrollment; `exe` is the `trustmig` binary to run agents with.
     pub fn create(exe: &Path, vm: &VmSpec, streams: u16) -> Result<Self, AgentError> {
+        Self::create_with(exe, std::slice::from_ref(vm), streams)
+    }
+
+    /// Like [`Pair::create`], with several VMs on the source.
+    pub fn create_with(exe: &Path, vms: &[VmSpec], streams: u16) -> Result<Self, AgentError> {
         let dir = tempfile::Builder::new()
             .prefix("trustmig-pair-")
             .tempdir()
@@ -138,8 +143,10 @@ impl Pair {
         let dst = Home::at(dir.path().join("destination"));
         let src_addr = free_addr()?;
         let dst_addr = free_addr()?;
-        let src_id = admin::init(&src, &src_addr, &tpms[0].tcti())?;
-        let dst_id = admin::init(&dst, &dst_addr, &tpms[1].tcti())?;
+        // The agents run `exe`, which need not be the program running this (tests).
+        let agent_exe = crate::attestation::file_sha256(exe)?;
+        let src_id = admin::init_with(&src, &src_addr, &tpms[0].tcti(), agent_exe)?;
+        let dst_id = admin::init_with(&dst, &dst_addr, &tpms[1].tcti(), agent_exe)?;
         for h in [&src, &dst] {
             let path = h.config();
             let mut text = std::fs::read_to_string(&path).map_err(AgentError::io(&path))?;
@@ -148,10 +155,12 @@ impl Pair {
         }
         let cfg = src.config();
         let mut text = std::fs::read_to_string(&cfg).map_err(AgentError::io(&cfg))?;
-        text += &format!(
-            "\n[[vm]]\nname = \"{}\"\nbackend = \"synthetic\"\nsize_mib = {}\ndirty_pages_per_sec = {}\nhot_fraction = {}\nfill_fraction = {}\nseed = 7\n",
-            vm.name, vm.size_mib, vm.dirty_pages_per_sec, vm.hot_fraction, vm.fill_fraction
-        );
+        for vm in vms {
+            text += &format!(
+                "\n[[vm]]\nname = \"{}\"\nbackend = \"synthetic\"\nsize_mib = {}\ndirty_pages_per_sec = {}\nhot_fraction = {}\nfill_fraction = {}\nseed = 7\n",
+                vm.name, vm.size_mib, vm.dirty_pages_per_sec, vm.hot_fraction, vm.fill_fraction
+            );
+        }
         std::fs::write(&cfg, text).map_err(AgentError::io(&cfg))?;
         admin::add_peer(&src, "destination", dst_id)?;
         admin::add_peer(&dst, "source", src_id)?;
@@ -243,17 +252,29 @@ impl Pair {
 
     /// Sign an order for `vm` from source to destination.
     pub fn order(&self, vm: &str, limits: Limits, ttl_secs: u64) -> Result<SignedOrder, AgentError> {
+        self.order_via(&self.dst_addr.clone(), vm, limits, ttl_secs)
+    }
+
+    /// Sign an order whose destination address is `addr` (a proxy in front of it, say).
+    pub fn order_via(&self, addr: &str, vm: &str, limits: Limits, ttl_secs: u64) -> Result<SignedOrder, AgentError> {
         admin::sign_order(
             &self.operator_key,
             OrderArgs {
                 vm: vm.into(),
                 source: self.src_id,
                 destination: self.dst_id,
-                destination_addr: self.dst_addr.clone(),
+                destination_addr: addr.into(),
                 limits,
                 ttl_secs,
             },
         )
+    }
+
+    /// Stop agent `i` cleanly (SIGTERM).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            p.terminate();
+        }
     }
 
     /// Submit `order` to the source agent; every reply goes to `on_reply`.
@@ -281,4 +302,44 @@ impl Pair {
         .await?;
         out
     }
+}
+
+/// Play a source by hand: TLS as the identity in `as_home` to `addr` (pinned to `dst_id`),
+/// send a `ClientHello` carrying `order`, and return the destination's first answer. For tests
+/// that replay captured orders or impersonate agents.
+pub async fn raw_hello(
+    as_home: &Home,
+    addr: &str,
+    dst_id: AgentId,
+    order: &SignedOrder,
+) -> Result<trustmig_protocol::messages::Message, AgentError> {
+    use trustmig_protocol::messages::{ClientHello, Message, TransferMode};
+    let me = crate::identity::Identity::load(as_home)?;
+    let cfg = crate::tls::client_config(&me, dst_id).map_err(|e| AgentError::Migration(e.to_string()))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(AgentError::io(addr))?;
+    let name = rustls::pki_types::ServerName::try_from("trustmig-agent").expect("static name is valid");
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| AgentError::Connect {
+            addr: addr.into(),
+            reason: format!("TLS handshake: {e}"),
+        })?;
+    let hello = Message::ClientHello(ClientHello {
+        versions: trustmig_protocol::SUPPORTED_VERSIONS.to_vec(),
+        nonce: crate::random(),
+        order: order.clone(),
+        mode: TransferMode::Precopy {
+            page_size: 4096,
+            page_count: 1024,
+        },
+        streams: 1,
+    });
+    crate::wire::write_frame(&mut tls, &hello.encode())
+        .await
+        .map_err(|e| AgentError::Migration(e.to_string()))?;
+    let reply = crate::wire::read_frame(&mut tls)
+        .await
+        .map_err(|e| AgentError::Migration(e.to_string()))?;
+    Message::decode(&reply).map_err(|e| AgentError::Migration(e.to_string()))
 }

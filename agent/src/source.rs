@@ -64,21 +64,17 @@ async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sende
     if crate::sidecar::qemu_vm(&ctx.config, &body.vm).is_some() {
         return crate::sidecar::migrate_source(ctx, order, progress).await;
     }
-    let mut guest = ctx
-        .vms
-        .lock()
-        .expect("vms lock")
-        .remove(&body.vm)
-        .ok_or_else(|| not_started(AgentError::Migration(format!("no VM named {:?} runs on this agent", body.vm))))?;
-    let claimed = ctx
-        .journal
+    // Single use first: a replayed order is refused as such, whatever became of its VM.
+    ctx.journal
         .lock()
         .expect("journal lock")
-        .claim_for(order.id(), Role::Source, &body.vm, body.not_after);
-    if let Err(e) = claimed {
-        ctx.vms.lock().expect("vms lock").insert(body.vm.clone(), guest);
-        return Err(not_started(e.into()));
-    }
+        .claim_for(order.id(), Role::Source, &body.vm, body.not_after)
+        .map_err(|e| not_started(e.into()))?;
+    let Some(mut guest) = ctx.vms.lock().expect("vms lock").remove(&body.vm) else {
+        let e = AgentError::Migration(format!("no VM named {:?} runs on this agent", body.vm));
+        let _ = ctx.journal.lock().expect("journal lock").set(order.id(), State::RolledBack, e.to_string());
+        return Err(not_started(e));
+    };
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
     let mut run = Run {
         ctx: ctx.clone(),
