@@ -7,7 +7,8 @@ use trustmig_attest::policy::EventKind;
 use trustmig_attest::tpm::{Tpm, TpmConfig};
 use trustmig_attest::{Enroller, Policy, TrustedAk};
 use trustmig_protocol::order::{
-    check_limits, hex, Limits, NonConvergence, OrderBody, OrderPolicy, Role, SignedOrder, ORDER_VERSION,
+    check_limits, hex, Limits, NonConvergence, OrderBody, OrderPolicy, Role, SignedOrder,
+    ORDER_VERSION,
 };
 use trustmig_protocol::AgentId;
 
@@ -24,13 +25,19 @@ pub fn init(home: &Home, listen: &str, tcti: &str) -> Result<AgentId, AgentError
 }
 
 /// Create an agent home whose policy allows peers whose executable measures `allowed_exe`.
-pub fn init_with(home: &Home, listen: &str, tcti: &str, allowed_exe: [u8; 32]) -> Result<AgentId, AgentError> {
+pub fn init_with(
+    home: &Home,
+    listen: &str,
+    tcti: &str,
+    allowed_exe: [u8; 32],
+) -> Result<AgentId, AgentError> {
     let root = home.root();
     if home.identity_key().exists() {
         return Err(AgentError::HomeExists(root.to_path_buf()));
     }
     std::fs::create_dir_all(root).map_err(AgentError::io(root))?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(AgentError::io(root))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .map_err(AgentError::io(root))?;
     std::fs::create_dir_all(home.trust_dir()).map_err(AgentError::io(home.trust_dir()))?;
     let id = Identity::create(home)?.id();
     write_atomic(&home.config(), default_config_text(listen, tcti).as_bytes())?;
@@ -82,7 +89,11 @@ pub fn key_arg(arg: &str) -> Result<[u8; 32], AgentError> {
         let t = read_text(p)?;
         return parse_hex32(&t, "ed25519 public key", p);
     }
-    parse_hex32(arg, "ed25519 public key (hex or a file)", Path::new("<argument>"))
+    parse_hex32(
+        arg,
+        "ed25519 public key (hex or a file)",
+        Path::new("<argument>"),
+    )
 }
 
 /// Add a peer identity.
@@ -103,7 +114,10 @@ pub fn add_operator(home: &Home, name: &str, key: [u8; 32]) -> Result<(), AgentE
 pub fn remove_key(path: &Path, name_or_key: &str) -> Result<(), AgentError> {
     let mut l = KeyList::load(path)?;
     if !l.remove(name_or_key) {
-        return Err(AgentError::Usage(format!("no entry {name_or_key:?} in {}", path.display())));
+        return Err(AgentError::Usage(format!(
+            "no entry {name_or_key:?} in {}",
+            path.display()
+        )));
     }
     l.save(path)
 }
@@ -165,7 +179,11 @@ pub fn show_order(bytes: &[u8], home: Option<&Home>) -> Result<String, AgentErro
     if let Some(home) = home {
         let ops = KeyList::load(&home.operators())?.keys();
         let me = Identity::load(home)?.id();
-        let role = if me == body.destination { Role::Destination } else { Role::Source };
+        let role = if me == body.destination {
+            Role::Destination
+        } else {
+            Role::Source
+        };
         signed.verify(&OrderPolicy {
             operators: &ops,
             me,
@@ -199,11 +217,18 @@ fn tpm_of(home: &Home) -> Result<Tpm, AgentError> {
 /// (MakeCredential on the verifier's TPM) and trusts the AK only if the agent's TPM could
 /// activate it. Both homes must be reachable from this machine (same host, or a shared admin
 /// host); the agents must not be running (each TPM serves one client).
-pub fn enroll(agent_home: &Home, verifier_home: &Home, ek_ca_pem: &str) -> Result<TrustedAk, AgentError> {
+pub fn enroll(
+    agent_home: &Home,
+    verifier_home: &Home,
+    ek_ca_pem: &str,
+) -> Result<TrustedAk, AgentError> {
     let agent_id = Identity::load(agent_home)?.id();
-    let enroller = Enroller::from_pem(ek_ca_pem).map_err(|e| AgentError::Tpm(format!("EK CA: {e}")))?;
+    let enroller =
+        Enroller::from_pem(ek_ca_pem).map_err(|e| AgentError::Tpm(format!("EK CA: {e}")))?;
     let mut agent_tpm = tpm_of(agent_home)?;
-    let req = agent_tpm.enroll_request(agent_id).map_err(|e| AgentError::Tpm(e.to_string()))?;
+    let req = agent_tpm
+        .enroll_request(agent_id)
+        .map_err(|e| AgentError::Tpm(e.to_string()))?;
     let (challenge, pending) = {
         let mut verifier_tpm = tpm_of(verifier_home)?;
         enroller

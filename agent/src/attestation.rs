@@ -41,7 +41,8 @@ pub fn open_measured(config: &Config, config_path: &Path) -> Result<TpmAttester,
         ak_handle: config.tpm.ak_handle,
         pcr: config.tpm.pcr,
     };
-    let mut att = TpmAttester::open(tpm_cfg).map_err(|e| AgentError::Tpm(format!("{e} (tcti {})", config.tpm.tcti)))?;
+    let mut att = TpmAttester::open(tpm_cfg)
+        .map_err(|e| AgentError::Tpm(format!("{e} (tcti {})", config.tpm.tcti)))?;
     att.measure(&Measurement::AgentExecutable(self_measurement()?))
         .map_err(|e| AgentError::Tpm(e.to_string()))?;
     att.measure(&Measurement::AgentConfig(file_sha256(config_path)?))

@@ -128,8 +128,12 @@ impl Config {
         if !(16..=23).contains(&c.tpm.pcr) {
             return Err(format!("tpm.pcr = {} must be in 16..=23", c.tpm.pcr));
         }
-        if c.transfer.streams == 0 || c.transfer.streams > trustmig_protocol::messages::MAX_STREAMS {
-            return Err(format!("transfer.streams = {} must be in 1..=16", c.transfer.streams));
+        if c.transfer.streams == 0 || c.transfer.streams > trustmig_protocol::messages::MAX_STREAMS
+        {
+            return Err(format!(
+                "transfer.streams = {} must be in 1..=16",
+                c.transfer.streams
+            ));
         }
         if c.transfer.step_timeout_secs == 0 {
             return Err("transfer.step_timeout_secs must be > 0".into());
@@ -141,12 +145,30 @@ impl Config {
                     crate::sidecar::check_vm_config(vm)?;
                     continue;
                 }
-                ("qemu", None) => return Err(format!("vm {:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\"", vm.name)),
-                ("synthetic", Some(_)) => return Err(format!("vm {:?}: qmp is only for backend \"qemu\"", vm.name)),
-                (other, _) => return Err(format!("vm {:?}: backend {other:?} unknown (synthetic, qemu)", vm.name)),
+                ("qemu", None) => {
+                    return Err(format!(
+                        "vm {:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\"",
+                        vm.name
+                    ))
+                }
+                ("synthetic", Some(_)) => {
+                    return Err(format!(
+                        "vm {:?}: qmp is only for backend \"qemu\"",
+                        vm.name
+                    ))
+                }
+                (other, _) => {
+                    return Err(format!(
+                        "vm {:?}: backend {other:?} unknown (synthetic, qemu)",
+                        vm.name
+                    ))
+                }
             }
             if vm.size_mib == 0 || vm.size_mib > 1 << 20 {
-                return Err(format!("vm {:?}: size_mib {} out of range", vm.name, vm.size_mib));
+                return Err(format!(
+                    "vm {:?}: size_mib {} out of range",
+                    vm.name, vm.size_mib
+                ));
             }
             if !(0.0..=1.0).contains(&vm.hot_fraction) || !(0.0..=1.0).contains(&vm.fill_fraction) {
                 return Err(format!("vm {:?}: fractions must be within 0..=1", vm.name));
@@ -198,13 +220,19 @@ mod tests {
 
     #[test]
     fn defaults_parse_and_bad_values_are_named() {
-        let c = Config::parse(&default_config_text("127.0.0.1:1", "swtpm:host=127.0.0.1,port=2")).unwrap();
+        let c = Config::parse(&default_config_text(
+            "127.0.0.1:1",
+            "swtpm:host=127.0.0.1,port=2",
+        ))
+        .unwrap();
         assert_eq!(c.tpm.pcr, 16);
         assert_eq!(c.transfer.streams, 2);
         let bad = default_config_text("x", "y").replace("pcr = 16", "pcr = 3");
         assert!(Config::parse(&bad).unwrap_err().contains("tpm.pcr"));
         let bad = default_config_text("x", "y").replace("streams = 2", "streams = 0");
-        assert!(Config::parse(&bad).unwrap_err().contains("transfer.streams"));
+        assert!(Config::parse(&bad)
+            .unwrap_err()
+            .contains("transfer.streams"));
         assert!(Config::parse("listen = 5").is_err());
         let unknown = default_config_text("x", "y") + "\nbogus = 1\n";
         assert!(Config::parse(&unknown).unwrap_err().contains("bogus"));

@@ -137,18 +137,25 @@ pub enum Reply {
 }
 
 /// Send one request and call `on_reply` for every reply line until the agent closes.
-pub async fn call(socket: &Path, req: &Request, mut on_reply: impl FnMut(Reply)) -> Result<(), AgentError> {
+pub async fn call(
+    socket: &Path,
+    req: &Request,
+    mut on_reply: impl FnMut(Reply),
+) -> Result<(), AgentError> {
     let err = |reason: String| AgentError::Control {
         path: socket.to_path_buf(),
         reason,
     };
-    let mut s = UnixStream::connect(socket).await.map_err(|e| err(e.to_string()))?;
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     let mut line = serde_json::to_vec(req).map_err(|e| err(e.to_string()))?;
     line.push(b'\n');
     s.write_all(&line).await.map_err(|e| err(e.to_string()))?;
     let mut lines = BufReader::new(s).lines();
     while let Some(l) = lines.next_line().await.map_err(|e| err(e.to_string()))? {
-        let reply: Reply = serde_json::from_str(&l).map_err(|e| err(format!("bad reply from agent: {e}")))?;
+        let reply: Reply =
+            serde_json::from_str(&l).map_err(|e| err(format!("bad reply from agent: {e}")))?;
         on_reply(reply);
     }
     Ok(())

@@ -78,7 +78,9 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<(), AgentError> {
         let id: [u8; 16] = hex::decode(&r.order_id)
             .ok()
             .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| AgentError::Migration(format!("journal holds a bad order id {}", r.order_id)))?;
+            .ok_or_else(|| {
+                AgentError::Migration(format!("journal holds a bad order id {}", r.order_id))
+            })?;
         let note = match (r.role, r.state) {
             (trustmig_protocol::order::Role::Source, State::Claimed) => {
                 "interrupted before commit: the source keeps the VM (rolled back)"
@@ -90,7 +92,11 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<(), AgentError> {
             (_, _) => "committed before restart: the destination owns the VM",
         };
         warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");
-        let state = if r.state == State::Claimed { State::RolledBack } else { State::Settled };
+        let state = if r.state == State::Claimed {
+            State::RolledBack
+        } else {
+            State::Settled
+        };
         journal.set(&id, state, note)?;
     }
     Ok(())
@@ -115,14 +121,18 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
             (v.name.clone(), g)
         })
         .collect();
-    let listener = TcpListener::bind(&config.listen).await.map_err(|source| AgentError::Listen {
-        addr: config.listen.clone(),
-        source,
-    })?;
+    let listener =
+        TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?;
     let sock_path = home.control_socket();
     let _ = std::fs::remove_file(&sock_path);
     let control = UnixListener::bind(&sock_path).map_err(AgentError::io(&sock_path))?;
-    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600)).map_err(AgentError::io(&sock_path))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(AgentError::io(&sock_path))?;
     info!(
         identity = %hex::encode(identity.id()),
         listen = %config.listen,
@@ -202,7 +212,12 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
     // and registered the session: wait briefly for the id to appear.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let tx = loop {
-        let tx = ctx.sessions.lock().expect("sessions lock").get(&sid).cloned();
+        let tx = ctx
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&sid)
+            .cloned();
         if tx.is_some() || tokio::time::Instant::now() >= deadline {
             break tx;
         }
@@ -223,7 +238,11 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
     }
     let (rd, mut wr) = sock.into_split();
     let mut lines = BufReader::new(rd).lines();
-    let Some(line) = lines.next_line().await.map_err(AgentError::io("control socket"))? else {
+    let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(AgentError::io("control socket"))?
+    else {
         return Ok(());
     };
     let send = |r: Reply| {
@@ -234,7 +253,9 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = wr.write_all(&send(Reply::Error(format!("bad request: {e}")))).await;
+            let _ = wr
+                .write_all(&send(Reply::Error(format!("bad request: {e}"))))
+                .await;
             return Ok(());
         }
     };
@@ -248,12 +269,16 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
             }
             match task.await {
                 Ok(Ok(summary)) => {
-                    let _ = wr.write_all(&send(Reply::Progress(Progress::Done(summary)))).await;
+                    let _ = wr
+                        .write_all(&send(Reply::Progress(Progress::Done(summary))))
+                        .await;
                 }
                 Ok(Err(_)) => {} // already reported as Progress::Failed
                 Err(e) => {
                     error!("migration task panicked: {e}");
-                    let _ = wr.write_all(&send(Reply::Error("internal error".into()))).await;
+                    let _ = wr
+                        .write_all(&send(Reply::Error("internal error".into())))
+                        .await;
                 }
             }
         }
@@ -269,7 +294,14 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
                     })
                 })
                 .collect();
-            let journal: Vec<_> = ctx.journal.lock().expect("journal lock").records().into_iter().take(20).collect();
+            let journal: Vec<_> = ctx
+                .journal
+                .lock()
+                .expect("journal lock")
+                .records()
+                .into_iter()
+                .take(20)
+                .collect();
             let history = ctx.history.lock().expect("history lock").clone();
             let v = serde_json::json!({
                 "identity": hex::encode(ctx.identity.id()),
@@ -295,7 +327,13 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
 }
 
 /// Build a summary JSON entry for `status`.
-pub fn history_entry(role: &str, summary: Option<&Summary>, error: Option<&str>, order_id: &str, vm: &str) -> serde_json::Value {
+pub fn history_entry(
+    role: &str,
+    summary: Option<&Summary>,
+    error: Option<&str>,
+    order_id: &str,
+    vm: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "role": role,
         "order_id": order_id,

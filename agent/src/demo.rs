@@ -47,8 +47,14 @@ fn say(json: bool, s: &str) {
 /// Run the demo; returns the summary after checking the destination's memory.
 pub async fn run(a: DemoArgs) -> Result<Summary, AgentError> {
     let exe = std::env::current_exe().map_err(AgentError::io("/proc/self/exe"))?;
-    say(a.json, "setting up: two swtpm TPMs with EK certificates, two agent homes, an operator key,");
-    say(a.json, "            mutual trust, and AK enrollment (MakeCredential/ActivateCredential) both ways");
+    say(
+        a.json,
+        "setting up: two swtpm TPMs with EK certificates, two agent homes, an operator key,",
+    );
+    say(
+        a.json,
+        "            mutual trust, and AK enrollment (MakeCredential/ActivateCredential) both ways",
+    );
     let mut pair = tokio::task::block_in_place(|| Pair::create(&exe, &a.vm, a.streams))?;
     tokio::task::block_in_place(|| pair.start_both())?;
     say(
@@ -88,16 +94,24 @@ pub async fn run(a: DemoArgs) -> Result<Summary, AgentError> {
         )));
     }
     if dst_paused {
-        return Err(AgentError::Migration("destination VM is not running".into()));
+        return Err(AgentError::Migration(
+            "destination VM is not running".into(),
+        ));
     }
     if !a.json {
         eprint!("{}", summary_text(&summary));
-        eprintln!("  memory check        destination memory equals source memory at pause (BLAKE3 {}…)", &dst_sum[..16]);
+        eprintln!(
+            "  memory check        destination memory equals source memory at pause (BLAKE3 {}…)",
+            &dst_sum[..16]
+        );
         eprintln!("  destination VM      running");
     }
     if a.keep {
         let kept = pair.dir().to_path_buf();
-        say(a.json, &format!("kept {} (agent logs, homes)", kept.display()));
+        say(
+            a.json,
+            &format!("kept {} (agent logs, homes)", kept.display()),
+        );
         std::mem::forget(pair);
     }
     Ok(summary)

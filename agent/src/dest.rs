@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
-use trustmig_protocol::handshake::{ChannelBinding, DestinationConfig, DestinationHandshake, Established};
+use trustmig_protocol::handshake::{
+    ChannelBinding, DestinationConfig, DestinationHandshake, Established,
+};
 use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
@@ -43,12 +45,16 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     let peers = ctx.peers()?;
     let cfg = crate::tls::server_config(&ctx.identity, peers.keys())
         .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
-    let tls = tokio::time::timeout(ctx.step_timeout(), tokio_rustls::TlsAcceptor::from(cfg).accept(tcp))
-        .await
-        .map_err(|_| AgentError::Migration("TLS handshake timed out".into()))?
-        .map_err(|e| AgentError::Migration(format!("TLS handshake refused: {e}")))?;
+    let tls = tokio::time::timeout(
+        ctx.step_timeout(),
+        tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+    )
+    .await
+    .map_err(|_| AgentError::Migration("TLS handshake timed out".into()))?
+    .map_err(|e| AgentError::Migration(format!("TLS handshake refused: {e}")))?;
     let conn = tls.get_ref().1;
-    let exporter = crate::tls::exporter(conn).map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+    let exporter = crate::tls::exporter(conn)
+        .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
     let peer = crate::tls::peer_identity(conn).map_err(AgentError::Migration)?;
     info!(peer = %hex(&peer), name = peers.name_of(&peer).unwrap_or("?"), "peer connected");
     let (rd, wr) = tokio::io::split(tls);
@@ -74,11 +80,25 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
                 code,
                 reason: e.to_string().chars().take(200).collect(),
             };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write_frame(&mut s.wr, &msg.encode())).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                write_frame(&mut s.wr, &msg.encode()),
+            )
+            .await;
             let _ = s.wr.shutdown().await;
             if let Some(id) = s.order_id {
-                let _ = ctx.journal.lock().expect("journal lock").set(&id, State::RolledBack, e.to_string());
-                ctx.remember(history_entry("destination", None, Some(&e.to_string()), &hex(&id), &s.vm));
+                let _ = ctx.journal.lock().expect("journal lock").set(
+                    &id,
+                    State::RolledBack,
+                    e.to_string(),
+                );
+                ctx.remember(history_entry(
+                    "destination",
+                    None,
+                    Some(&e.to_string()),
+                    &hex(&id),
+                    &s.vm,
+                ));
             }
             warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here");
             Err(e)
@@ -109,7 +129,12 @@ impl Session {
             .map_err(|e| AgentError::Migration(format!("control channel: {e}")))
     }
 
-    async fn run(&mut self, mut rd: ReadHalf<Tls>, exporter: [u8; 32], peer: [u8; 32]) -> Result<(), AgentError> {
+    async fn run(
+        &mut self,
+        mut rd: ReadHalf<Tls>,
+        exporter: [u8; 32],
+        peer: [u8; 32],
+    ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let channel = ChannelBinding {
             tls_exporter: exporter,
@@ -150,8 +175,20 @@ impl Session {
 
     async fn receive(&mut self, est: Established, mut rd: ReadHalf<Tls>) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
-        let TransferMode::Precopy { page_size, page_count } = est.mode else {
-            return crate::sidecar::receive(ctx, est, &mut rd, &mut self.wr, &self.vm, &mut self.sid).await;
+        let TransferMode::Precopy {
+            page_size,
+            page_count,
+        } = est.mode
+        else {
+            return crate::sidecar::receive(
+                ctx,
+                est,
+                &mut rd,
+                &mut self.wr,
+                &self.vm,
+                &mut self.sid,
+            )
+            .await;
         };
         if page_size as usize != PAGE_SIZE {
             return Err(AgentError::Migration(format!(
@@ -159,7 +196,10 @@ impl Session {
             )));
         }
         if ctx.vms.lock().expect("vms lock").contains_key(&self.vm) {
-            return Err(AgentError::Migration(format!("a VM named {:?} already runs here", self.vm)));
+            return Err(AgentError::Migration(format!(
+                "a VM named {:?} already runs here",
+                self.vm
+            )));
         }
         let Established {
             keys,
@@ -177,7 +217,10 @@ impl Session {
         // Data streams find this session by its id.
         let sid = keys.session_id();
         let (conn_tx, conn_rx) = mpsc::channel::<DataConn>(16);
-        ctx.sessions.lock().expect("sessions lock").insert(sid, conn_tx);
+        ctx.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(sid, conn_tx);
         self.sid = Some(sid);
         let (done_tx, mut done_rx) = mpsc::channel::<(u16, Result<u64, String>)>(16);
         tokio::spawn(bind_streams(
@@ -226,7 +269,9 @@ impl Session {
                         .engine
                         .final_digest(&transcript_hash)
                         .map_err(proto)?;
-                    let m = dm.streams_complete(&received, computed, crate::random()).map_err(proto)?;
+                    let m = dm
+                        .streams_complete(&received, computed, crate::random())
+                        .map_err(proto)?;
                     self.send(&m).await?;
                     awaiting = None;
                 }
@@ -235,21 +280,40 @@ impl Session {
     }
 
     /// `Commit` arrived: journal it, run the VM here, confirm.
-    async fn resume(&mut self, dm: &mut DestMigration, state: &Mutex<Receiving>) -> Result<(), AgentError> {
+    async fn resume(
+        &mut self,
+        dm: &mut DestMigration,
+        state: &Mutex<Receiving>,
+    ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let id = self.order_id.expect("order known after handshake");
-        ctx.journal.lock().expect("journal lock").set(&id, State::Committed, "")?;
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .set(&id, State::Committed, "")?;
         let mut guest = {
             let mut st = state.lock().expect("state lock");
             std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
         };
         guest.resume();
-        ctx.vms.lock().expect("vms lock").insert(self.vm.clone(), guest);
+        ctx.vms
+            .lock()
+            .expect("vms lock")
+            .insert(self.vm.clone(), guest);
         let m = dm.resumed().map_err(proto)?;
         self.send(&m).await?;
-        ctx.journal.lock().expect("journal lock").set(&id, State::Done, "resumed here")?;
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .set(&id, State::Done, "resumed here")?;
         info!(order = %hex(&id), vm = %self.vm, "VM resumed on this host");
-        ctx.remember(history_entry("destination", None, None, &hex(&id), &self.vm));
+        ctx.remember(history_entry(
+            "destination",
+            None,
+            None,
+            &hex(&id),
+            &self.vm,
+        ));
         Ok(())
     }
 }
@@ -298,13 +362,23 @@ async fn bind_streams(
 }
 
 /// Read one bound stream to `StreamEnd`; returns the number of records it carried.
-async fn read_stream(mut sock: TcpStream, mut opener: Opener, i: u16, state: &Mutex<Receiving>) -> Result<u64, String> {
+async fn read_stream(
+    mut sock: TcpStream,
+    mut opener: Opener,
+    i: u16,
+    state: &Mutex<Receiving>,
+) -> Result<u64, String> {
     let mut buf = Vec::with_capacity(1 << 20);
     loop {
-        if !read_record(&mut sock, &mut buf).await.map_err(|e| format!("data stream {i}: {e}"))? {
+        if !read_record(&mut sock, &mut buf)
+            .await
+            .map_err(|e| format!("data stream {i}: {e}"))?
+        {
             return Err(format!("data stream {i} cut before its end"));
         }
-        let (typ, payload) = opener.open(&mut buf).map_err(|e| format!("data stream {i}: {e}"))?;
+        let (typ, payload) = opener
+            .open(&mut buf)
+            .map_err(|e| format!("data stream {i}: {e}"))?;
         match typ {
             RecordType::Pages => {
                 let mut st = state.lock().expect("state lock");

@@ -39,8 +39,8 @@ impl SyntheticGuest {
         g.rng = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let filled = (pages as f64 * cfg.fill_fraction) as u64;
         // Spread the filled pages over the whole guest (every k-th page), deterministically.
-        if filled > 0 {
-            let step = (pages / filled).max(1);
+        if let Some(step) = pages.checked_div(filled) {
+            let step = step.max(1);
             let mut p = 0;
             while p < pages {
                 g.scribble(p);
@@ -124,13 +124,18 @@ impl SyntheticGuest {
         }
         let Some(last) = last else { return };
         let secs = now.saturating_duration_since(last).as_secs_f64();
-        let due = self.rate as f64 * secs * f64::from(100 - self.throttle.min(100)) / 100.0 + self.carry;
+        let due =
+            self.rate as f64 * secs * f64::from(100 - self.throttle.min(100)) / 100.0 + self.carry;
         let n = due.floor() as u64;
         self.carry = due - n as f64;
         let pages = self.dirty.len();
         for _ in 0..n {
             let r = self.next();
-            let pfn = if r % 10 < 9 { (r >> 8) % self.hot_pages } else { (r >> 8) % pages };
+            let pfn = if r % 10 < 9 {
+                (r >> 8) % self.hot_pages
+            } else {
+                (r >> 8) % pages
+            };
             self.scribble(pfn);
         }
     }
@@ -145,23 +150,29 @@ impl GuestMemory for SyntheticGuest {
     }
     fn read_page(&self, pfn: u64, buf: &mut [u8]) -> Result<(), PrecopyError> {
         let off = (pfn as usize).checked_mul(PAGE_SIZE);
-        let src = off
-            .and_then(|o| self.mem.get(o..o + PAGE_SIZE))
-            .ok_or(PrecopyError::OutOfBounds {
-                pfn,
-                page_count: self.page_count(),
-            })?;
+        let src =
+            off.and_then(|o| self.mem.get(o..o + PAGE_SIZE))
+                .ok_or(PrecopyError::OutOfBounds {
+                    pfn,
+                    page_count: self.page_count(),
+                })?;
         buf.copy_from_slice(src);
         Ok(())
     }
     fn write_page(&mut self, pfn: u64, data: &[u8]) -> Result<(), PrecopyError> {
         let count = self.page_count();
         let off = (pfn as usize).checked_mul(PAGE_SIZE);
-        let dst = off
-            .and_then(|o| self.mem.get_mut(o..o + PAGE_SIZE))
-            .ok_or(PrecopyError::OutOfBounds { pfn, page_count: count })?;
+        let dst = off.and_then(|o| self.mem.get_mut(o..o + PAGE_SIZE)).ok_or(
+            PrecopyError::OutOfBounds {
+                pfn,
+                page_count: count,
+            },
+        )?;
         if data.len() != PAGE_SIZE {
-            return Err(PrecopyError::Geometry(format!("page of {} bytes", data.len())));
+            return Err(PrecopyError::Geometry(format!(
+                "page of {} bytes",
+                data.len()
+            )));
         }
         dst.copy_from_slice(data);
         Ok(())

@@ -64,7 +64,10 @@ impl AgentProcess {
 
     /// SIGTERM and wait up to 10 s.
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -108,7 +111,9 @@ pub struct Pair {
 
 fn free_addr() -> Result<String, AgentError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(AgentError::io("127.0.0.1:0"))?;
-    Ok(l.local_addr().map_err(AgentError::io("127.0.0.1:0"))?.to_string())
+    Ok(l.local_addr()
+        .map_err(AgentError::io("127.0.0.1:0"))?
+        .to_string())
 }
 
 fn swtpm_err(e: SwtpmError) -> AgentError {
@@ -199,7 +204,11 @@ impl Pair {
     /// Start agent `i` (0 = source, 1 = destination) and wait for its control socket.
     pub fn start(&mut self, i: usize) -> Result<(), AgentError> {
         let home = if i == 0 { &self.src } else { &self.dst };
-        let log = self.dir.path().join(if i == 0 { "source.log" } else { "destination.log" });
+        let log = self.dir.path().join(if i == 0 {
+            "source.log"
+        } else {
+            "destination.log"
+        });
         let _ = std::fs::remove_file(home.control_socket());
         let out = std::fs::File::create(&log).map_err(AgentError::io(&log))?;
         let err = out.try_clone().map_err(AgentError::io(&log))?;
@@ -212,16 +221,23 @@ impl Pair {
             .stderr(err)
             .spawn()
             .map_err(AgentError::io(&self.exe))?;
-        let mut p = AgentProcess { child, log: log.clone() };
+        let mut p = AgentProcess {
+            child,
+            log: log.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !home.control_socket().exists() {
             if let Ok(Some(status)) = p.child.try_wait() {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(AgentError::Migration(format!("agent exited ({status}) at start:\n{text}")));
+                return Err(AgentError::Migration(format!(
+                    "agent exited ({status}) at start:\n{text}"
+                )));
             }
             if Instant::now() > deadline {
                 p.kill9();
-                return Err(AgentError::Migration("agent did not start within 20 s".into()));
+                return Err(AgentError::Migration(
+                    "agent did not start within 20 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -251,12 +267,23 @@ impl Pair {
     }
 
     /// Sign an order for `vm` from source to destination.
-    pub fn order(&self, vm: &str, limits: Limits, ttl_secs: u64) -> Result<SignedOrder, AgentError> {
+    pub fn order(
+        &self,
+        vm: &str,
+        limits: Limits,
+        ttl_secs: u64,
+    ) -> Result<SignedOrder, AgentError> {
         self.order_via(&self.dst_addr.clone(), vm, limits, ttl_secs)
     }
 
     /// Sign an order whose destination address is `addr` (a proxy in front of it, say).
-    pub fn order_via(&self, addr: &str, vm: &str, limits: Limits, ttl_secs: u64) -> Result<SignedOrder, AgentError> {
+    pub fn order_via(
+        &self,
+        addr: &str,
+        vm: &str,
+        limits: Limits,
+        ttl_secs: u64,
+    ) -> Result<SignedOrder, AgentError> {
         admin::sign_order(
             &self.operator_key,
             OrderArgs {
@@ -278,7 +305,11 @@ impl Pair {
     }
 
     /// Submit `order` to the source agent; every reply goes to `on_reply`.
-    pub async fn migrate(&self, order: &SignedOrder, on_reply: impl FnMut(Reply)) -> Result<(), AgentError> {
+    pub async fn migrate(
+        &self,
+        order: &SignedOrder,
+        on_reply: impl FnMut(Reply),
+    ) -> Result<(), AgentError> {
         control::call(
             &self.src.control_socket(),
             &Request::Migrate {
@@ -292,13 +323,17 @@ impl Pair {
     /// Checksum and paused flag of `vm` on the agent of `home`.
     pub async fn checksum(home: &Home, vm: &str) -> Result<(String, bool), AgentError> {
         let mut out = Err(AgentError::Migration("no reply".into()));
-        control::call(&home.control_socket(), &Request::VmChecksum { vm: vm.into() }, |r| {
-            out = match r {
-                Reply::Checksum { checksum, paused } => Ok((checksum, paused)),
-                Reply::Error(e) => Err(AgentError::Migration(e)),
-                other => Err(AgentError::Migration(format!("unexpected reply {other:?}"))),
-            }
-        })
+        control::call(
+            &home.control_socket(),
+            &Request::VmChecksum { vm: vm.into() },
+            |r| {
+                out = match r {
+                    Reply::Checksum { checksum, paused } => Ok((checksum, paused)),
+                    Reply::Error(e) => Err(AgentError::Migration(e)),
+                    other => Err(AgentError::Migration(format!("unexpected reply {other:?}"))),
+                }
+            },
+        )
         .await?;
         out
     }
@@ -315,9 +350,13 @@ pub async fn raw_hello(
 ) -> Result<trustmig_protocol::messages::Message, AgentError> {
     use trustmig_protocol::messages::{ClientHello, Message, TransferMode};
     let me = crate::identity::Identity::load(as_home)?;
-    let cfg = crate::tls::client_config(&me, dst_id).map_err(|e| AgentError::Migration(e.to_string()))?;
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(AgentError::io(addr))?;
-    let name = rustls::pki_types::ServerName::try_from("trustmig-agent").expect("static name is valid");
+    let cfg =
+        crate::tls::client_config(&me, dst_id).map_err(|e| AgentError::Migration(e.to_string()))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(AgentError::io(addr))?;
+    let name =
+        rustls::pki_types::ServerName::try_from("trustmig-agent").expect("static name is valid");
     let mut tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
         .await

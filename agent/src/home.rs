@@ -112,7 +112,9 @@ pub fn read_secret(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, AgentErro
             mode,
         });
     }
-    fs::read(path).map(zeroize::Zeroizing::new).map_err(AgentError::io(path))
+    fs::read(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(AgentError::io(path))
 }
 
 /// Write a non-secret file atomically (temp file, fsync, rename).

@@ -26,7 +26,8 @@ impl Identity {
             return Err(AgentError::HomeExists(home.root().to_path_buf()));
         }
         let rng = ring::rand::SystemRandom::new();
-        let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| AgentError::Tpm("OS RNG failed".into()))?;
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| AgentError::Tpm("OS RNG failed".into()))?;
         let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
         let cert = self_signed_cert(&pkcs8).map_err(|reason| AgentError::BadKey {
             path: home.identity_key(),
@@ -41,7 +42,8 @@ impl Identity {
     /// Load the identity of `home`, checking permissions and that key and cert match.
     pub fn load(home: &Home) -> Result<Self, AgentError> {
         let pkcs8 = read_secret(&home.identity_key())?;
-        let cert = std::fs::read(home.identity_cert()).map_err(AgentError::io(home.identity_cert()))?;
+        let cert =
+            std::fs::read(home.identity_cert()).map_err(AgentError::io(home.identity_cert()))?;
         let me = Self::from_parts(pkcs8, cert, &home.identity_key())?;
         let in_cert = crate::tls::cert_identity(&me.cert).map_err(|reason| AgentError::BadKey {
             path: home.identity_cert(),
@@ -58,12 +60,17 @@ impl Identity {
         Ok(me)
     }
 
-    fn from_parts(pkcs8: Zeroizing<Vec<u8>>, cert: Vec<u8>, path: &Path) -> Result<Self, AgentError> {
-        let kp = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8).map_err(|e| AgentError::BadKey {
-            path: path.to_path_buf(),
-            kind: "ed25519 PKCS#8 identity",
-            reason: e.to_string(),
-        })?;
+    fn from_parts(
+        pkcs8: Zeroizing<Vec<u8>>,
+        cert: Vec<u8>,
+        path: &Path,
+    ) -> Result<Self, AgentError> {
+        let kp =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8).map_err(|e| AgentError::BadKey {
+                path: path.to_path_buf(),
+                kind: "ed25519 PKCS#8 identity",
+                reason: e.to_string(),
+            })?;
         let id: AgentId = kp
             .public_key()
             .as_ref()
@@ -94,7 +101,8 @@ impl Identity {
 
 fn self_signed_cert(pkcs8: &[u8]) -> Result<Vec<u8>, String> {
     let key = rcgen::KeyPair::try_from(pkcs8).map_err(|e| e.to_string())?;
-    let mut params = rcgen::CertificateParams::new(vec!["trustmig-agent".to_string()]).map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(vec!["trustmig-agent".to_string()])
+        .map_err(|e| e.to_string())?;
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(4000, 1, 1);
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;

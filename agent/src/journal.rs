@@ -81,7 +81,10 @@ impl Journal {
                     Err(e) => {
                         return Err(AgentError::BadConfig {
                             path: path.clone(),
-                            reason: format!("line {}: {e} (journal corrupt; refusing to guess)", i + 1),
+                            reason: format!(
+                                "line {}: {e} (journal corrupt; refusing to guess)",
+                                i + 1
+                            ),
                         })
                     }
                 }
@@ -94,10 +97,14 @@ impl Journal {
             .open(&path)
             .map_err(AgentError::io(&path))?;
         if let Some(len) = torn_at {
-            file.set_len(len).and_then(|_| file.sync_all()).map_err(AgentError::io(&path))?;
+            file.set_len(len)
+                .and_then(|_| file.sync_all())
+                .map_err(AgentError::io(&path))?;
         }
         // The directory entry must be durable too, or a fresh journal could vanish on crash.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(AgentError::io(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(AgentError::io(dir))?;
         Ok(Self { path, file, latest })
     }
 
@@ -105,14 +112,21 @@ impl Journal {
     pub fn append(&mut self, r: Record) -> Result<(), AgentError> {
         let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Migration(e.to_string()))?;
         line.push(b'\n');
-        self.file.write_all(&line).map_err(AgentError::io(&self.path))?;
+        self.file
+            .write_all(&line)
+            .map_err(AgentError::io(&self.path))?;
         self.file.sync_data().map_err(AgentError::io(&self.path))?;
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
     }
 
     /// Record a state change for `order_id`.
-    pub fn set(&mut self, order_id: &OrderId, state: State, note: impl Into<String>) -> Result<(), AgentError> {
+    pub fn set(
+        &mut self,
+        order_id: &OrderId,
+        state: State,
+        note: impl Into<String>,
+    ) -> Result<(), AgentError> {
         let key = hex(order_id);
         let prev = self.latest.get(&key).cloned().ok_or_else(|| {
             AgentError::Migration(format!("journal has no record of order {key}"))
@@ -126,7 +140,13 @@ impl Journal {
     }
 
     /// Claim an order id for `role`/`vm`.
-    pub fn claim_for(&mut self, id: &OrderId, role: Role, vm: &str, not_after: u64) -> Result<(), OrderError> {
+    pub fn claim_for(
+        &mut self,
+        id: &OrderId,
+        role: Role,
+        vm: &str,
+        not_after: u64,
+    ) -> Result<(), OrderError> {
         let key = hex(id);
         if self.latest.contains_key(&key) {
             return Err(OrderError::Replayed(key));
@@ -146,7 +166,7 @@ impl Journal {
     /// Latest record per order, newest first.
     pub fn records(&self) -> Vec<Record> {
         let mut v: Vec<Record> = self.latest.values().cloned().collect();
-        v.sort_by(|a, b| b.at.cmp(&a.at));
+        v.sort_by_key(|r| std::cmp::Reverse(r.at));
         v
     }
 
@@ -170,7 +190,8 @@ pub struct ClaimAs<'a> {
 
 impl OrderJournal for ClaimAs<'_> {
     fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError> {
-        self.journal.claim_for(&order.order_id, self.role, &order.vm, order.not_after)
+        self.journal
+            .claim_for(&order.order_id, self.role, &order.vm, order.not_after)
     }
 }
 
@@ -192,7 +213,10 @@ mod tests {
         f.write_all(b"{\"order_id\":\"02").unwrap();
         drop(f);
         let mut j = Journal::open(dir.path()).unwrap();
-        assert!(matches!(j.claim_for(&[1; 16], Role::Source, "vm", 10), Err(OrderError::Replayed(_))));
+        assert!(matches!(
+            j.claim_for(&[1; 16], Role::Source, "vm", 10),
+            Err(OrderError::Replayed(_))
+        ));
         assert_eq!(j.in_doubt().len(), 1);
         assert_eq!(j.in_doubt()[0].state, State::Committed);
         // The torn tail was cut, so new appends stay readable.

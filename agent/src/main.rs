@@ -12,7 +12,11 @@ use trustmig_agent::progress::{summary_text, Display};
 use trustmig_protocol::order::Limits;
 
 #[derive(Parser)]
-#[command(name = "trustmig", version, about = "Attested, signed, sealed live migration of VMs")]
+#[command(
+    name = "trustmig",
+    version,
+    about = "Attested, signed, sealed live migration of VMs"
+)]
 struct Cli {
     /// Log format for the agent: text or json.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -229,7 +233,8 @@ enum AttestCmd {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTMIG_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTMIG_LOG")
+        .unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -319,7 +324,10 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         }
         Cmd::Order(OrderCmd::Show { file, home }) => {
             let bytes = read_file(&file)?;
-            print!("{}", admin::show_order(&bytes, home.map(Home::at).as_ref())?);
+            print!(
+                "{}",
+                admin::show_order(&bytes, home.map(Home::at).as_ref())?
+            );
         }
         Cmd::Trust(t) => trust(t)?,
         Cmd::Attest(AttestCmd::Enroll {
@@ -329,10 +337,17 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         }) => {
             let pem = std::fs::read_to_string(&ek_ca).map_err(AgentError::io(&ek_ca))?;
             let entry = admin::enroll(&Home::at(home), &Home::at(verifier_home), &pem)?;
-            println!("enrolled AK {} for agent {}", hex::encode(&entry.ak_name), hex::encode(entry.agent));
+            println!(
+                "enrolled AK {} for agent {}",
+                hex::encode(&entry.ak_name),
+                hex::encode(entry.agent)
+            );
         }
         Cmd::Attest(AttestCmd::MeasureSelf) => {
-            println!("{}", hex::encode(trustmig_agent::attestation::self_measurement()?));
+            println!(
+                "{}",
+                hex::encode(trustmig_agent::attestation::self_measurement()?)
+            );
         }
         Cmd::Agent { home } => {
             init_logging(&cli.log_format);
@@ -342,9 +357,11 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             let h = Home::at(home.home);
             let bytes = read_file(&order)?;
             // Refuse obvious garbage here, with the file named, before bothering the agent.
-            trustmig_protocol::order::SignedOrder::from_cbor(&bytes).map_err(|e| AgentError::BadConfig {
-                path: order.clone(),
-                reason: e.to_string(),
+            trustmig_protocol::order::SignedOrder::from_cbor(&bytes).map_err(|e| {
+                AgentError::BadConfig {
+                    path: order.clone(),
+                    reason: e.to_string(),
+                }
             })?;
             let mut display = Display::new(json);
             runtime()?.block_on(control::call(
@@ -360,13 +377,19 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             match display.summary {
                 Some(s) if !json => eprint!("{}", summary_text(&s)),
                 Some(_) => {}
-                None => return Err(AgentError::Migration("agent closed the connection without a result".into())),
+                None => {
+                    return Err(AgentError::Migration(
+                        "agent closed the connection without a result".into(),
+                    ))
+                }
             }
         }
         Cmd::Status { home, json } => {
             let h = Home::at(home.home);
             let mut out = None;
-            runtime()?.block_on(control::call(&h.control_socket(), &Request::Status, |r| out = Some(r)))?;
+            runtime()?.block_on(control::call(&h.control_socket(), &Request::Status, |r| {
+                out = Some(r)
+            }))?;
             match out {
                 Some(Reply::Status(v)) => {
                     if json {
@@ -388,7 +411,9 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             keep,
         } => {
             if size_mib == 0 || !(1..=16).contains(&streams) || downtime_ms == 0 {
-                return Err(AgentError::Usage("--size-mib and --downtime-ms must be > 0, --streams in 1..=16".into()));
+                return Err(AgentError::Usage(
+                    "--size-mib and --downtime-ms must be > 0, --streams in 1..=16".into(),
+                ));
             }
             let mut a = trustmig_agent::demo::DemoArgs {
                 json,
@@ -410,15 +435,21 @@ fn run(cli: Cli) -> Result<(), AgentError> {
 
 fn trust(t: TrustCmd) -> Result<(), AgentError> {
     match t {
-        TrustCmd::AddPeer { home, name, key } => admin::add_peer(&Home::at(home.home), &name, admin::key_arg(&key)?),
-        TrustCmd::RemovePeer { home, name_or_key } => admin::remove_key(&Home::at(home.home).peers(), &name_or_key),
+        TrustCmd::AddPeer { home, name, key } => {
+            admin::add_peer(&Home::at(home.home), &name, admin::key_arg(&key)?)
+        }
+        TrustCmd::RemovePeer { home, name_or_key } => {
+            admin::remove_key(&Home::at(home.home).peers(), &name_or_key)
+        }
         TrustCmd::AddOperator { home, name, key } => {
             admin::add_operator(&Home::at(home.home), &name, admin::key_arg(&key)?)
         }
         TrustCmd::RemoveOperator { home, name_or_key } => {
             admin::remove_key(&Home::at(home.home).operators(), &name_or_key)
         }
-        TrustCmd::AllowExe { home, digest } => admin::allow_exe(&Home::at(home.home), admin::key_arg(&digest)?),
+        TrustCmd::AllowExe { home, digest } => {
+            admin::allow_exe(&Home::at(home.home), admin::key_arg(&digest)?)
+        }
         TrustCmd::List { home } => {
             let h = Home::at(home.home);
             for (what, path) in [("peer", h.peers()), ("operator", h.operators())] {

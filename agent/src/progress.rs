@@ -64,10 +64,12 @@ impl Display {
     fn progress(&mut self, p: Progress) {
         let human = !self.json;
         match p {
-            Progress::Connected { peer } if human => self.line(format!("connected to destination {}", &peer[..16])),
-            Progress::Attested { streams } if human => {
-                self.line(format!("mutual attestation verified; {streams} sealed data streams open"))
+            Progress::Connected { peer } if human => {
+                self.line(format!("connected to destination {}", &peer[..16]))
             }
+            Progress::Attested { streams } if human => self.line(format!(
+                "mutual attestation verified; {streams} sealed data streams open"
+            )),
             Progress::Round {
                 round,
                 pages,
@@ -92,16 +94,21 @@ impl Display {
                         b.set_length(guest_pages * 4096);
                         b.set_position(total_bytes.min(guest_pages * 4096));
                         b.set_prefix(round.to_string());
-                        b.set_message(format!("{:.0} MiB/s, predicted downtime {predicted_downtime_ms} ms", mib(bandwidth)));
+                        b.set_message(format!(
+                            "{:.0} MiB/s, predicted downtime {predicted_downtime_ms} ms",
+                            mib(bandwidth)
+                        ));
                         b.println(msg);
                     }
                     None => eprintln!("{msg}"),
                 }
             }
-            Progress::SwitchOver { pages } if human => {
-                self.line(format!("switch-over: guest paused, sending the last {pages} pages"))
+            Progress::SwitchOver { pages } if human => self.line(format!(
+                "switch-over: guest paused, sending the last {pages} pages"
+            )),
+            Progress::Committed if human => {
+                self.line("final evidence verified by the destination; COMMIT journalled".into())
             }
-            Progress::Committed if human => self.line("final evidence verified by the destination; COMMIT journalled".into()),
             Progress::Done(s) => {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();
@@ -121,7 +128,11 @@ impl Display {
 
 /// The summary as text.
 pub fn summary_text(s: &Summary) -> String {
-    let per_round: Vec<String> = s.bytes_per_round.iter().map(|b| format!("{:.1}", mib(*b))).collect();
+    let per_round: Vec<String> = s
+        .bytes_per_round
+        .iter()
+        .map(|b| format!("{:.1}", mib(*b)))
+        .collect();
     format!(
         "migration {} of {} complete\n  guest memory        {:.0} MiB\n  total time          {} ms\n  downtime            {} ms (target {} ms{})\n  rounds              {} (+ stop-and-copy of {} pages)\n  bytes on the wire   {:.1} MiB\n  MiB per round       {}\n  zero pages skipped  {}\n  throughput          {:.0} MiB/s\n  throttle            {}%\n",
         &s.order_id[..16],

@@ -34,7 +34,11 @@ use crate::wire::{preamble, read_frame, write_frame, WireError};
 type Tls = TlsStream<TcpStream>;
 
 /// Run the migration in `order_hex` as its source, reporting progress.
-pub async fn migrate(ctx: Arc<Ctx>, order_hex: String, progress: mpsc::Sender<Progress>) -> Result<Summary, AgentError> {
+pub async fn migrate(
+    ctx: Arc<Ctx>,
+    order_hex: String,
+    progress: mpsc::Sender<Progress>,
+) -> Result<Summary, AgentError> {
     let r = migrate_checked(&ctx, &order_hex, &progress).await;
     if let Err((e, vm_state)) = &r {
         let _ = progress
@@ -47,9 +51,14 @@ pub async fn migrate(ctx: Arc<Ctx>, order_hex: String, progress: mpsc::Sender<Pr
     r.map_err(|(e, _)| e)
 }
 
-async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sender<Progress>) -> Result<Summary, (AgentError, String)> {
+async fn migrate_checked(
+    ctx: &Arc<Ctx>,
+    order_hex: &str,
+    progress: &mpsc::Sender<Progress>,
+) -> Result<Summary, (AgentError, String)> {
     let not_started = |e: AgentError| (e, "untouched: the migration never started".to_string());
-    let bytes = hex::decode(order_hex.trim()).map_err(|e| not_started(AgentError::Usage(format!("order is not hex: {e}"))))?;
+    let bytes = hex::decode(order_hex.trim())
+        .map_err(|e| not_started(AgentError::Usage(format!("order is not hex: {e}"))))?;
     let signed = SignedOrder::from_cbor(&bytes).map_err(|e| not_started(e.into()))?;
     let operators = ctx.operators().map_err(not_started)?;
     let order = signed
@@ -72,7 +81,11 @@ async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sende
         .map_err(|e| not_started(e.into()))?;
     let Some(mut guest) = ctx.vms.lock().expect("vms lock").remove(&body.vm) else {
         let e = AgentError::Migration(format!("no VM named {:?} runs on this agent", body.vm));
-        let _ = ctx.journal.lock().expect("journal lock").set(order.id(), State::RolledBack, e.to_string());
+        let _ = ctx.journal.lock().expect("journal lock").set(
+            order.id(),
+            State::RolledBack,
+            e.to_string(),
+        );
         return Err(not_started(e));
     };
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
@@ -81,12 +94,19 @@ async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sende
         progress: progress.clone(),
         control: None,
         outcome: Outcome::RollBack,
+        started: Instant::now(),
     };
     let result = run.go(&order, &mut guest).await;
     let id = *order.id();
     match result {
         Ok(summary) => {
-            ctx.remember(history_entry("source", Some(&summary), None, &hex(&id), &body.vm));
+            ctx.remember(history_entry(
+                "source",
+                Some(&summary),
+                None,
+                &hex(&id),
+                &body.vm,
+            ));
             Ok(summary)
         }
         Err(e) => {
@@ -99,9 +119,17 @@ async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sende
                 Outcome::RollBack => {
                     guest.set_throttle(0);
                     guest.resume();
-                    ctx.vms.lock().expect("vms lock").insert(body.vm.clone(), guest);
-                    let _ = ctx.journal.lock().expect("journal lock").set(&id, State::RolledBack, e.to_string());
-                    "rolled back: the VM keeps running on the source, its memory untouched".to_string()
+                    ctx.vms
+                        .lock()
+                        .expect("vms lock")
+                        .insert(body.vm.clone(), guest);
+                    let _ = ctx.journal.lock().expect("journal lock").set(
+                        &id,
+                        State::RolledBack,
+                        e.to_string(),
+                    );
+                    "rolled back: the VM keeps running on the source, its memory untouched"
+                        .to_string()
                 }
                 Outcome::Committed => {
                     // Never resume after COMMIT: the destination owns the VM.
@@ -109,7 +137,13 @@ async fn migrate_checked(ctx: &Arc<Ctx>, order_hex: &str, progress: &mpsc::Sende
                 }
             };
             warn!(order = %hex(&id), "migration failed: {e}; {vm_state}");
-            ctx.remember(history_entry("source", None, Some(&format!("{e}; {vm_state}")), &hex(&id), &body.vm));
+            ctx.remember(history_entry(
+                "source",
+                None,
+                Some(&format!("{e}; {vm_state}")),
+                &hex(&id),
+                &body.vm,
+            ));
             Err((e, vm_state))
         }
     }
@@ -120,6 +154,7 @@ struct Run {
     progress: mpsc::Sender<Progress>,
     control: Option<WriteHalf<Tls>>,
     outcome: Outcome,
+    started: Instant,
 }
 
 struct StreamTx {
@@ -170,13 +205,18 @@ impl Run {
                 code,
                 reason: reason.chars().take(200).collect(),
             };
-            let _ = tokio::time::timeout(Duration::from_secs(2), write_frame(w, &msg.encode())).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), write_frame(w, &msg.encode())).await;
             let _ = w.shutdown().await;
         }
     }
 
-    async fn go(&mut self, order: &VerifiedOrder, guest: &mut SyntheticGuest) -> Result<Summary, AgentError> {
-        let started = Instant::now();
+    async fn go(
+        &mut self,
+        order: &VerifiedOrder,
+        guest: &mut SyntheticGuest,
+    ) -> Result<Summary, AgentError> {
+        self.started = Instant::now();
         let body = order.body();
         let timeout = self.ctx.step_timeout();
         let addr = body.destination_addr.clone();
@@ -193,18 +233,23 @@ impl Run {
         tcp.set_nodelay(true).ok();
         let tls_cfg = crate::tls::client_config(&self.ctx.identity, body.destination)
             .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
-        let name = rustls::pki_types::ServerName::try_from("trustmig-agent").expect("static name is valid");
-        let tls = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp))
-            .await
-            .map_err(|_| AgentError::Connect {
-                addr: addr.clone(),
-                reason: "TLS handshake timed out".into(),
-            })?
-            .map_err(|e| AgentError::Connect {
-                addr: addr.clone(),
-                reason: format!("TLS handshake: {e}"),
-            })?;
-        let exporter = crate::tls::exporter(tls.get_ref().1).map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+        let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
+            .expect("static name is valid");
+        let tls = tokio::time::timeout(
+            timeout,
+            tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| AgentError::Connect {
+            addr: addr.clone(),
+            reason: "TLS handshake timed out".into(),
+        })?
+        .map_err(|e| AgentError::Connect {
+            addr: addr.clone(),
+            reason: format!("TLS handshake: {e}"),
+        })?;
+        let exporter = crate::tls::exporter(tls.get_ref().1)
+            .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
         self.report(Progress::Connected {
             peer: hex(&body.destination),
         })
@@ -214,23 +259,35 @@ impl Run {
         self.control = Some(wr);
         let mut ctrl = spawn_reader(rd);
         let est = self.handshake(order, guest, exporter, &mut ctrl).await?;
-        self.report(Progress::Attested { streams: est.streams }).await;
+        self.report(Progress::Attested {
+            streams: est.streams,
+        })
+        .await;
         let mut pool = Pool::new(4 * usize::from(est.streams) + 4);
         let streams = self.open_streams(&est, &addr, &pool).await?;
-        self.transfer(order, &est, guest, streams, &mut pool, &mut ctrl, started).await
+        self.transfer(order, &est, guest, streams, &mut pool, &mut ctrl)
+            .await
     }
 
     async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
-        let w = self.control.as_mut().expect("control channel is open after connect");
+        let w = self
+            .control
+            .as_mut()
+            .expect("control channel is open after connect");
         tokio::time::timeout(self.ctx.step_timeout(), write_frame(w, msg))
             .await
             .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
             .map_err(wire)
     }
 
-    async fn recv(&self, ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>) -> Result<Vec<u8>, AgentError> {
+    async fn recv(
+        &self,
+        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+    ) -> Result<Vec<u8>, AgentError> {
         match tokio::time::timeout(self.ctx.step_timeout(), ctrl.recv()).await {
-            Err(_) => Err(AgentError::Migration("destination did not answer in time".into())),
+            Err(_) => Err(AgentError::Migration(
+                "destination did not answer in time".into(),
+            )),
             Ok(None) => Err(AgentError::Migration("control channel closed".into())),
             Ok(Some(r)) => r.map_err(wire),
         }
@@ -245,7 +302,8 @@ impl Run {
     ) -> Result<Established, AgentError> {
         let body = order.body();
         let vm_cfg = self.ctx.config.vms.iter().find(|v| v.name == body.vm);
-        let config_digest = trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
+        let config_digest =
+            trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
         let manifest = ImageManifest {
             vm: body.vm.clone(),
             config_digest,
@@ -285,20 +343,32 @@ impl Run {
         hs.into_established().map_err(proto)
     }
 
-    async fn open_streams(&self, est: &Established, addr: &str, pool: &Pool) -> Result<Vec<StreamTx>, AgentError> {
+    async fn open_streams(
+        &self,
+        est: &Established,
+        addr: &str,
+        pool: &Pool,
+    ) -> Result<Vec<StreamTx>, AgentError> {
         let sid = est.keys.session_id();
         let mut out = Vec::new();
         for i in 0..est.streams {
-            let mut sock = TcpStream::connect(addr).await.map_err(|e| AgentError::Connect {
-                addr: addr.to_string(),
-                reason: format!("data stream {i}: {e}"),
-            })?;
+            let mut sock = TcpStream::connect(addr)
+                .await
+                .map_err(|e| AgentError::Connect {
+                    addr: addr.to_string(),
+                    reason: format!("data stream {i}: {e}"),
+                })?;
             sock.set_nodelay(true).ok();
-            let mut sealer = Sealer::new(est.keys.stream_secret(Direction::SourceToDestination, i), i);
+            let mut sealer =
+                Sealer::new(est.keys.stream_secret(Direction::SourceToDestination, i), i);
             let mut first = preamble(&sid, i).to_vec();
             let init = [&sid[..], &i.to_be_bytes()].concat();
-            sealer.seal(RecordType::StreamInit, &init, &mut first).map_err(proto)?;
-            sock.write_all(&first).await.map_err(|e| AgentError::Migration(format!("data stream {i}: {e}")))?;
+            sealer
+                .seal(RecordType::StreamInit, &init, &mut first)
+                .map_err(proto)?;
+            sock.write_all(&first)
+                .await
+                .map_err(|e| AgentError::Migration(format!("data stream {i}: {e}")))?;
             let (tx, rx) = mpsc::channel(2);
             out.push(StreamTx {
                 tx,
@@ -317,10 +387,11 @@ impl Run {
         streams: Vec<StreamTx>,
         pool: &mut Pool,
         ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
-        started: Instant,
     ) -> Result<Summary, AgentError> {
+        let started = self.started;
         let body = order.body();
-        let mut engine = PrecopySource::new(guest, body.limits.clone(), est.streams).map_err(proto)?;
+        let mut engine =
+            PrecopySource::new(guest, body.limits.clone(), est.streams).map_err(proto)?;
         let mut pacer = Pacer::new(body.limits.bandwidth_bps, Duration::from_millis(10));
         let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
         let mut total_bytes = 0u64;
@@ -351,15 +422,21 @@ impl Run {
             let elapsed = round_start.elapsed().max(Duration::from_millis(1));
             let bandwidth = (round_bytes as f64 / elapsed.as_secs_f64()) as u64;
             guest.tick(Instant::now());
-            let dirty_rate = ((guest.writes() - writes_before) as f64 / elapsed.as_secs_f64()) as u64;
+            let dirty_rate =
+                ((guest.writes() - writes_before) as f64 / elapsed.as_secs_f64()) as u64;
             let round = engine.round();
             let decision = engine.end_round(guest, bandwidth.max(1)).map_err(proto)?;
             let (predicted, switch) = match decision {
-                RoundDecision::Continue { predicted_ms } | RoundDecision::Throttle { predicted_ms, .. } => (predicted_ms, false),
+                RoundDecision::Continue { predicted_ms }
+                | RoundDecision::Throttle { predicted_ms, .. } => (predicted_ms, false),
                 RoundDecision::SwitchOver { predicted_ms, .. } => (predicted_ms, true),
             };
             let stats = engine.stats();
-            let r = stats.rounds.get(round as usize).cloned().unwrap_or_default();
+            let r = stats
+                .rounds
+                .get(round as usize)
+                .cloned()
+                .unwrap_or_default();
             self.report(Progress::Round {
                 round,
                 pages: r.pages_sent,
@@ -387,17 +464,22 @@ impl Run {
         engine.stop_and_copy(guest).map_err(proto)?;
         let paused_at = Instant::now();
         let stop_pages = engine.pending_pages();
-        self.report(Progress::SwitchOver { pages: stop_pages }).await;
+        self.report(Progress::SwitchOver { pages: stop_pages })
+            .await;
         while let Some((batch, buf)) = next_batch(&mut engine, guest, pool)? {
             send_record(&streams, batch.stream, RecordType::Pages, buf).await?;
         }
-        let device_state = format!("synthetic-vcpu vm={} writes={}", guest.name(), guest.writes()).into_bytes();
+        let device_state = format!(
+            "synthetic-vcpu vm={} writes={}",
+            guest.name(),
+            guest.writes()
+        )
+        .into_bytes();
         send_record(&streams, 0, RecordType::DeviceState, device_state.clone()).await?;
         let mut counts = Vec::new();
         let mut wire_bytes = 0;
         for s in streams {
-            s.tx
-                .send((RecordType::StreamEnd, Vec::new()))
+            s.tx.send((RecordType::StreamEnd, Vec::new()))
                 .await
                 .map_err(|_| AgentError::Migration("data stream closed".into()))?;
             drop(s.tx);
@@ -409,7 +491,9 @@ impl Run {
             counts.push(records);
             wire_bytes += bytes;
         }
-        let digest = engine.finish(&device_state, &est.transcript_hash).map_err(proto)?;
+        let digest = engine
+            .finish(&device_state, &est.transcript_hash)
+            .map_err(proto)?;
         let so = sm.switch_over(counts, digest).map_err(proto)?;
         self.send(&so).await?;
 
@@ -425,11 +509,11 @@ impl Run {
                 SourceEvent::Send(m) => self.send(&m).await?,
                 SourceEvent::ReadyToCommit => {
                     // The point of no return: durable before the destination may resume.
-                    self.ctx
-                        .journal
-                        .lock()
-                        .expect("journal lock")
-                        .set(order.id(), State::Committed, "")?;
+                    self.ctx.journal.lock().expect("journal lock").set(
+                        order.id(),
+                        State::Committed,
+                        "",
+                    )?;
                     self.outcome = Outcome::Committed;
                     let c = sm.commit().map_err(proto)?;
                     self.send(&c).await?;
@@ -458,11 +542,11 @@ impl Run {
             throughput_bps: (wire_bytes as f64 / total.as_secs_f64().max(1e-3)) as u64,
             memory_checksum: hex::encode(guest.checksum()),
         };
-        self.ctx
-            .journal
-            .lock()
-            .expect("journal lock")
-            .set(order.id(), State::Done, format!("downtime {} ms", summary.downtime_ms))?;
+        self.ctx.journal.lock().expect("journal lock").set(
+            order.id(),
+            State::Done,
+            format!("downtime {} ms", summary.downtime_ms),
+        )?;
         info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
         Ok(summary)
     }
@@ -475,15 +559,25 @@ fn next_batch(
     pool: &mut Pool,
 ) -> Result<Option<(trustmig_protocol::precopy::Batch, Vec<u8>)>, AgentError> {
     let mut buf = pool.take(engine.max_batch_bytes());
-    Ok(engine.next_batch(guest, &mut buf).map_err(proto)?.map(|b| (b, buf)))
+    Ok(engine
+        .next_batch(guest, &mut buf)
+        .map_err(proto)?
+        .map(|b| (b, buf)))
 }
 
-async fn send_record(streams: &[StreamTx], stream: u16, typ: RecordType, payload: Vec<u8>) -> Result<(), AgentError> {
+async fn send_record(
+    streams: &[StreamTx],
+    stream: u16,
+    typ: RecordType,
+    payload: Vec<u8>,
+) -> Result<(), AgentError> {
     let s = streams
         .get(stream as usize)
         .ok_or_else(|| AgentError::Migration(format!("no data stream {stream}")))?;
     if s.tx.send((typ, payload)).await.is_err() {
-        return Err(AgentError::Migration(format!("data stream {stream} failed (connection lost)")));
+        return Err(AgentError::Migration(format!(
+            "data stream {stream} failed (connection lost)"
+        )));
     }
     Ok(())
 }
@@ -499,8 +593,12 @@ async fn stream_writer(
     let mut bytes = 0u64;
     while let Some((typ, payload)) = rx.recv().await {
         out.clear();
-        sealer.seal(typ, &payload, &mut out).map_err(|e| e.to_string())?;
-        sock.write_all(&out).await.map_err(|e| format!("data stream write: {e}"))?;
+        sealer
+            .seal(typ, &payload, &mut out)
+            .map_err(|e| e.to_string())?;
+        sock.write_all(&out)
+            .await
+            .map_err(|e| format!("data stream write: {e}"))?;
         bytes += out.len() as u64;
         let _ = recycle.try_send(payload);
     }

@@ -19,13 +19,17 @@ use crate::identity::Identity;
 
 /// The ed25519 identity key inside a certificate (strict X.509 parse; Ed25519 SPKI only).
 pub fn cert_identity(der: &[u8]) -> Result<AgentId, String> {
-    let (rest, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
+    let (rest, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
     if !rest.is_empty() {
         return Err("trailing bytes after certificate".into());
     }
     let spki = cert.public_key();
     if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
-        return Err(format!("certificate key is {}, not Ed25519", spki.algorithm.algorithm));
+        return Err(format!(
+            "certificate key is {}, not Ed25519",
+            spki.algorithm.algorithm
+        ));
     }
     spki.subject_public_key
         .data
@@ -48,9 +52,17 @@ fn verify13(
     dss: &DigitallySignedStruct,
 ) -> Result<HandshakeSignatureValid, rustls::Error> {
     if dss.scheme != SignatureScheme::ED25519 {
-        return Err(tls_error(format!("signature scheme {:?} refused; ed25519 only", dss.scheme)));
+        return Err(tls_error(format!(
+            "signature scheme {:?} refused; ed25519 only",
+            dss.scheme
+        )));
     }
-    verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
 }
 
 /// Accepts exactly one server identity: the destination the order names.
@@ -157,16 +169,24 @@ impl ClientCertVerifier for PinnedClients {
 }
 
 /// Server (destination) configuration: TLS 1.3 only, client certificates mandatory and pinned.
-pub fn server_config(me: &Identity, trusted_peers: Vec<AgentId>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+pub fn server_config(
+    me: &Identity,
+    trusted_peers: Vec<AgentId>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(PinnedClients { trusted: trusted_peers }))
+        .with_client_cert_verifier(Arc::new(PinnedClients {
+            trusted: trusted_peers,
+        }))
         .with_single_cert(me.cert_chain(), me.private_key())?;
     Ok(Arc::new(cfg))
 }
 
 /// Client (source) configuration: TLS 1.3 only, the server pinned to `expected`.
-pub fn client_config(me: &Identity, expected: AgentId) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+pub fn client_config(
+    me: &Identity,
+    expected: AgentId,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -184,7 +204,9 @@ pub fn exporter<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], rustl
 
 /// The authenticated peer's identity after the handshake.
 pub fn peer_identity<D>(conn: &rustls::ConnectionCommon<D>) -> Result<AgentId, String> {
-    let certs = conn.peer_certificates().ok_or("peer presented no certificate")?;
+    let certs = conn
+        .peer_certificates()
+        .ok_or("peer presented no certificate")?;
     let first = certs.first().ok_or("peer presented no certificate")?;
     cert_identity(first)
 }

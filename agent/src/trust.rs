@@ -79,7 +79,8 @@ impl KeyList {
     /// Remove by name or hex key; returns whether anything was removed.
     pub fn remove(&mut self, name_or_key: &str) -> bool {
         let before = self.entries.len();
-        self.entries.retain(|(e, _)| e.name != name_or_key && e.key != name_or_key.to_lowercase());
+        self.entries
+            .retain(|(e, _)| e.name != name_or_key && e.key != name_or_key.to_lowercase());
         before != self.entries.len()
     }
 
@@ -95,7 +96,10 @@ impl KeyList {
 
     /// Name of `key`, if trusted.
     pub fn name_of(&self, key: &[u8; 32]) -> Option<&str> {
-        self.entries.iter().find(|(_, k)| k == key).map(|(e, _)| e.name.as_str())
+        self.entries
+            .iter()
+            .find(|(_, k)| k == key)
+            .map(|(e, _)| e.name.as_str())
     }
 
     /// Entries for display.

@@ -78,7 +78,10 @@ pub fn parse_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<([u8; 16], u16), WireErr
 
 /// Read one whole record (header and sealed body) into `buf`, replacing its contents.
 /// Returns `Ok(false)` on a clean end of stream before any byte of a record.
-pub async fn read_record<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<bool, WireError> {
+pub async fn read_record<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, WireError> {
     let mut h = [0u8; HEADER_LEN];
     match r.read_exact(&mut h).await {
         Ok(_) => {}

@@ -24,7 +24,10 @@ fn exe() -> &'static str {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn swtpm_missing() -> bool {
@@ -33,7 +36,10 @@ fn swtpm_missing() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "swtpm is required in CI (apt-get install swtpm swtpm-tools)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "swtpm is required in CI (apt-get install swtpm swtpm-tools)"
+        );
         eprintln!("skipped: swtpm not installed (apt-get install swtpm swtpm-tools)");
     }
     !ok
@@ -69,7 +75,9 @@ fn migrate(rt: &tokio::runtime::Runtime, pair: &Pair, order: &SignedOrder) -> Ou
     let mut out = None;
     let r = rt.block_on(pair.migrate(order, |reply| match reply {
         Reply::Progress(Progress::Done(s)) => out = Some(Outcome::Done(s)),
-        Reply::Progress(Progress::Failed { error, vm }) => out = Some(Outcome::Failed(format!("{error}; VM: {vm}"))),
+        Reply::Progress(Progress::Failed { error, vm }) => {
+            out = Some(Outcome::Failed(format!("{error}; VM: {vm}")))
+        }
         Reply::Error(e) => out = Some(Outcome::Failed(e)),
         _ => {}
     }));
@@ -100,7 +108,10 @@ fn assert_rolled_back(rt: &tokio::runtime::Runtime, pair: &Pair, name: &str) {
         .block_on(Pair::checksum(&pair.src, name))
         .unwrap_or_else(|e| panic!("VM {name} gone from the source: {e}"));
     assert!(!paused, "source VM {name} runs again after rollback");
-    assert!(rt.block_on(Pair::checksum(&pair.dst, name)).is_err(), "destination discarded {name}");
+    assert!(
+        rt.block_on(Pair::checksum(&pair.dst, name)).is_err(),
+        "destination discarded {name}"
+    );
 }
 
 #[test]
@@ -110,21 +121,40 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
         return;
     }
     let rt = rt();
-    let vms = [vm("idle", 256, 0), vm("busy", 256, 5_000), vm("hot", 256, 40_000)];
+    let vms = [
+        vm("idle", 256, 0),
+        vm("busy", 256, 5_000),
+        vm("hot", 256, 40_000),
+    ];
     let mut pair = Pair::create_with(exe().as_ref(), &vms, 2).unwrap();
     pair.start_both().unwrap();
     let mut first = None;
     for v in &vms {
         // A generous target: this checks the engine meets what it predicts, not machine speed.
-        let order = pair.order(&v.name, limits(2000, 30, NonConvergence::Force), 600).unwrap();
+        let order = pair
+            .order(&v.name, limits(2000, 30, NonConvergence::Force), 600)
+            .unwrap();
         let s = done(migrate(&rt, &pair, &order), &pair);
         let (dst_sum, dst_paused) = rt.block_on(Pair::checksum(&pair.dst, &v.name)).unwrap();
-        assert_eq!(dst_sum, s.memory_checksum, "{}: destination memory equals source memory at pause", v.name);
+        assert_eq!(
+            dst_sum, s.memory_checksum,
+            "{}: destination memory equals source memory at pause",
+            v.name
+        );
         assert!(!dst_paused, "{}: destination VM runs", v.name);
-        assert!(rt.block_on(Pair::checksum(&pair.src, &v.name)).is_err(), "{}: source no longer hosts it", v.name);
+        assert!(
+            rt.block_on(Pair::checksum(&pair.src, &v.name)).is_err(),
+            "{}: source no longer hosts it",
+            v.name
+        );
         if v.dirty_pages_per_sec <= 5_000 {
             assert!(s.converged, "{}: converged", v.name);
-            assert!(s.downtime_ms <= s.downtime_target_ms, "{}: downtime {} ms > target", v.name, s.downtime_ms);
+            assert!(
+                s.downtime_ms <= s.downtime_target_ms,
+                "{}: downtime {} ms > target",
+                v.name,
+                s.downtime_ms
+            );
         }
         first.get_or_insert(order);
     }
@@ -140,7 +170,9 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
     let e = failed(migrate(&rt, &pair, &used));
     assert!(e.contains("already used"), "{e}");
     // ... and by the destination's own journal, when a source replays its captured hello.
-    let reply = rt.block_on(raw_hello(&pair.src, &pair.dst_addr, pair.dst_id, &used)).unwrap();
+    let reply = rt
+        .block_on(raw_hello(&pair.src, &pair.dst_addr, pair.dst_id, &used))
+        .unwrap();
     match reply {
         Message::Abort { code, reason } => {
             assert_eq!(code, AbortCode::OrderRefused);
@@ -159,7 +191,9 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
     let rt = rt();
     let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 1).unwrap();
     pair.start_both().unwrap();
-    let good = pair.order("v", limits(300, 10, NonConvergence::Force), 600).unwrap();
+    let good = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
     let body = good.dangerous_unverified_body().unwrap();
 
     // Signed by a key nobody trusts.
@@ -229,7 +263,9 @@ fn a_peer_whose_measurement_is_not_allowed_fails_attestation() {
     assert!(text.contains(&exe_digest), "policy allows the agent build");
     std::fs::write(&policy, text.replace(&exe_digest, &"ab".repeat(32))).unwrap();
     pair.start_both().unwrap();
-    let order = pair.order("v", limits(300, 10, NonConvergence::Force), 600).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
     let e = failed(migrate(&rt, &pair, &order));
     assert!(e.contains("attestation"), "{e}");
     assert!(e.contains("rolled back"), "{e}");
@@ -252,17 +288,29 @@ fn tampered_replayed_dropped_reordered_or_cut_data_streams_roll_back() {
         Fault::Reorder(5),
         Fault::CutAfter(8 << 20),
     ] {
-        let proxy = rt.block_on(Proxy::start(pair.dst_addr.clone(), fault)).unwrap();
+        let proxy = rt
+            .block_on(Proxy::start(pair.dst_addr.clone(), fault))
+            .unwrap();
         let order = pair
-            .order_via(&proxy.addr, "v", limits(300, 10, NonConvergence::Force), 600)
+            .order_via(
+                &proxy.addr,
+                "v",
+                limits(300, 10, NonConvergence::Force),
+                600,
+            )
             .unwrap();
         let e = failed(migrate(&rt, &pair, &order));
-        assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst), "{fault:?} applied");
+        assert!(
+            proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
+            "{fault:?} applied"
+        );
         assert!(e.contains("rolled back"), "{fault:?}: {e}");
         assert_rolled_back(&rt, &pair, "v");
     }
     // With an honest network the same pair still migrates.
-    let order = pair.order("v", limits(300, 10, NonConvergence::Force), 600).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
     done(migrate(&rt, &pair, &order), &pair);
 }
 
@@ -282,7 +330,10 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     let dst_pid = pair.procs[1].as_ref().unwrap().pid();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(dst_pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(dst_pid.to_string())
+            .status();
     });
     let e = failed(migrate(&rt, &pair, &order));
     killer.join().unwrap();
@@ -292,7 +343,9 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     // The destination restarts, settles its journal and accepts a new order.
     pair.procs[1] = None;
     pair.start(1).unwrap();
-    let order = pair.order("v", limits(300, 10, NonConvergence::Force), 600).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
     done(migrate(&rt, &pair, &order), &pair);
 }
 
@@ -310,18 +363,25 @@ fn non_converging_workloads_get_the_orders_action() {
         hot_fraction: 1.0,
         fill_fraction: 1.0,
     };
-    let mut pair = Pair::create_with(exe().as_ref(), &[wild("a"), wild("f"), wild("t")], 1).unwrap();
+    let mut pair =
+        Pair::create_with(exe().as_ref(), &[wild("a"), wild("f"), wild("t")], 1).unwrap();
     pair.start_both().unwrap();
-    let o = pair.order("a", limits(1, 3, NonConvergence::Abort), 600).unwrap();
+    let o = pair
+        .order("a", limits(1, 3, NonConvergence::Abort), 600)
+        .unwrap();
     let e = failed(migrate(&rt, &pair, &o));
     assert!(e.contains("did not converge in 3 rounds"), "{e}");
     assert_rolled_back(&rt, &pair, "a");
 
-    let o = pair.order("f", limits(1, 3, NonConvergence::Force), 600).unwrap();
+    let o = pair
+        .order("f", limits(1, 3, NonConvergence::Force), 600)
+        .unwrap();
     let s = done(migrate(&rt, &pair, &o), &pair);
     assert!(!s.converged && s.throttle == 0, "forced switch-over: {s:?}");
 
-    let o = pair.order("t", limits(1, 3, NonConvergence::Throttle), 600).unwrap();
+    let o = pair
+        .order("t", limits(1, 3, NonConvergence::Throttle), 600)
+        .unwrap();
     let s = done(migrate(&rt, &pair, &o), &pair);
     assert!(s.throttle > 0, "throttled: {s:?}");
     let (dst_sum, _) = rt.block_on(Pair::checksum(&pair.dst, "t")).unwrap();

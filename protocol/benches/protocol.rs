@@ -132,7 +132,9 @@ fn page_digests(c: &mut Criterion) {
     let mut g = c.benchmark_group("page_digest_4k");
     g.throughput(Throughput::Bytes(4096));
     g.bench_function("blake3", |b| b.iter(|| page_digest(&page)));
-    g.bench_function("sha256", |b| b.iter(|| ring::digest::digest(&ring::digest::SHA256, &page)));
+    g.bench_function("sha256", |b| {
+        b.iter(|| ring::digest::digest(&ring::digest::SHA256, &page))
+    });
     g.finish();
 }
 

@@ -126,7 +126,9 @@ mod tests {
 
     #[test]
     fn rejects_deep_nesting() {
-        let v: Vec<u8> = std::iter::repeat_n(0x81u8, MAX_DEPTH + 2).chain([0]).collect();
+        let v: Vec<u8> = std::iter::repeat_n(0x81u8, MAX_DEPTH + 2)
+            .chain([0])
+            .collect();
         assert_eq!(check_well_formed(&v), Err(CodecError::TooDeep));
         let ok: Vec<u8> = std::iter::repeat_n(0x81u8, MAX_DEPTH).chain([0]).collect();
         assert_eq!(check_well_formed(&ok), Ok(()));
@@ -134,17 +136,32 @@ mod tests {
 
     #[test]
     fn rejects_lying_lengths_indefinite_and_tags() {
-        assert_eq!(check_well_formed(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), Err(CodecError::Truncated));
-        assert_eq!(check_well_formed(&[0x5a, 0, 0, 0, 9, 1]), Err(CodecError::Truncated));
-        assert_eq!(check_well_formed(&[0x9f, 0xff]), Err(CodecError::Unsupported("indefinite length")));
-        assert_eq!(check_well_formed(&[0xc1, 0x00]), Err(CodecError::Unsupported("tag")));
+        assert_eq!(
+            check_well_formed(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Err(CodecError::Truncated)
+        );
+        assert_eq!(
+            check_well_formed(&[0x5a, 0, 0, 0, 9, 1]),
+            Err(CodecError::Truncated)
+        );
+        assert_eq!(
+            check_well_formed(&[0x9f, 0xff]),
+            Err(CodecError::Unsupported("indefinite length"))
+        );
+        assert_eq!(
+            check_well_formed(&[0xc1, 0x00]),
+            Err(CodecError::Unsupported("tag"))
+        );
         assert_eq!(check_well_formed(&[]), Err(CodecError::Truncated));
     }
 
     #[test]
     fn rejects_oversize() {
         let big = vec![0u8; MAX_CBOR_SIZE + 1];
-        assert_eq!(check_well_formed(&big), Err(CodecError::TooLarge(MAX_CBOR_SIZE + 1)));
+        assert_eq!(
+            check_well_formed(&big),
+            Err(CodecError::TooLarge(MAX_CBOR_SIZE + 1))
+        );
     }
 
     #[test]

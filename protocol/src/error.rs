@@ -84,7 +84,9 @@ pub enum PeerMisbehaved {
     #[error("image manifest does not match the attested manifest root")]
     ManifestMismatch,
     /// The final image digest differs from what the destination received.
-    #[error("final image digest mismatch: source attested {attested}, destination computed {computed}")]
+    #[error(
+        "final image digest mismatch: source attested {attested}, destination computed {computed}"
+    )]
     FinalDigestMismatch {
         /// Hex of the digest in the source's evidence.
         attested: String,

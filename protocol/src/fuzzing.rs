@@ -66,7 +66,9 @@ pub fn responder_handshake(data: &[u8]) {
     let mut hs = DestinationHandshake::new(
         DestinationConfig {
             // The test operator key (seed [42; 32]) so seeds signed by the tests reach deep.
-            operators: vec![ed25519_dalek::SigningKey::from_bytes(&[42; 32]).verifying_key().to_bytes()],
+            operators: vec![ed25519_dalek::SigningKey::from_bytes(&[42; 32])
+                .verifying_key()
+                .to_bytes()],
             now: 1_800_000_000,
         },
         channel,
@@ -82,7 +84,10 @@ pub fn responder_handshake(data: &[u8]) {
         let first = hs.handle(msg, &mut attester, &verifier, &mut journal);
         if first.is_err() {
             // Sticky: the same error again.
-            assert_eq!(hs.handle(msg, &mut attester, &verifier, &mut journal).err(), first.err());
+            assert_eq!(
+                hs.handle(msg, &mut attester, &verifier, &mut journal).err(),
+                first.err()
+            );
             break;
         }
     }

@@ -16,7 +16,9 @@
 //! Both state machines take encoded messages in and give encoded messages out; the driver
 //! frames them on the TLS stream. Any error is sticky.
 
-use crate::attestation::{qualifying_data, Attester, Claims, EvidenceVerifier, Measurement, HANDSHAKE_LABEL};
+use crate::attestation::{
+    qualifying_data, Attester, Claims, EvidenceVerifier, Measurement, HANDSHAKE_LABEL,
+};
 use crate::error::{Error, PeerMisbehaved};
 use crate::keys::KeySchedule;
 use crate::manifest::{manifest_root, ImageManifest};
@@ -127,12 +129,22 @@ fn unexpected(got: &Message, expected: &'static str) -> Error {
 
 fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
     if streams == 0 || streams > MAX_STREAMS {
-        return Err(PeerMisbehaved::BadField(format!("streams {streams} not in 1..={MAX_STREAMS}")).into());
+        return Err(PeerMisbehaved::BadField(format!(
+            "streams {streams} not in 1..={MAX_STREAMS}"
+        ))
+        .into());
     }
     if *mode == TransferMode::HypervisorStream && streams != 1 {
-        return Err(PeerMisbehaved::BadField(format!("hypervisor-stream mode uses one stream, not {streams}")).into());
+        return Err(PeerMisbehaved::BadField(format!(
+            "hypervisor-stream mode uses one stream, not {streams}"
+        ))
+        .into());
     }
-    if let TransferMode::Precopy { page_size, page_count } = *mode {
+    if let TransferMode::Precopy {
+        page_size,
+        page_count,
+    } = *mode
+    {
         if !page_size.is_power_of_two() || !(4096..=MAX_PAGE_SIZE).contains(&page_size) {
             return Err(PeerMisbehaved::BadField(format!("page size {page_size}")).into());
         }
@@ -145,7 +157,11 @@ fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
 
 /// Best common version of our list and theirs.
 fn best_common(theirs: &[u16]) -> Option<u16> {
-    SUPPORTED_VERSIONS.iter().copied().filter(|v| theirs.contains(v)).max()
+    SUPPORTED_VERSIONS
+        .iter()
+        .copied()
+        .filter(|v| theirs.contains(v))
+        .max()
 }
 
 struct Hello {
@@ -265,11 +281,26 @@ impl SourceHandshake {
     ) -> Result<(SourceState, Vec<Vec<u8>>), Error> {
         let msg = decode(raw)?;
         match (state, msg) {
-            (SourceState::AwaitServerHello { mut hello, manifest }, Message::ServerHello(sh)) => {
-                let ServerHello { version, versions, nonce } = sh;
-                let best = best_common(&versions).ok_or_else(|| PeerMisbehaved::NoCommonVersion(versions.clone()))?;
+            (
+                SourceState::AwaitServerHello {
+                    mut hello,
+                    manifest,
+                },
+                Message::ServerHello(sh),
+            ) => {
+                let ServerHello {
+                    version,
+                    versions,
+                    nonce,
+                } = sh;
+                let best = best_common(&versions)
+                    .ok_or_else(|| PeerMisbehaved::NoCommonVersion(versions.clone()))?;
                 if version != best {
-                    return Err(PeerMisbehaved::Downgrade { chosen: version, best }.into());
+                    return Err(PeerMisbehaved::Downgrade {
+                        chosen: version,
+                        best,
+                    }
+                    .into());
                 }
                 hello.version = version;
                 hello.nonce_d = nonce;
@@ -295,7 +326,13 @@ impl SourceHandshake {
                     vec![out],
                 ))
             }
-            (SourceState::AwaitDestinationEvidence { mut hello, manifest }, Message::DestinationEvidence { evidence }) => {
+            (
+                SourceState::AwaitDestinationEvidence {
+                    mut hello,
+                    manifest,
+                },
+                Message::DestinationEvidence { evidence },
+            ) => {
                 let qd = qualifying_data(
                     HANDSHAKE_LABEL,
                     &hello.nonce_s,
@@ -309,12 +346,17 @@ impl SourceHandshake {
                 Ok((SourceState::AwaitFinished(Box::new(est)), vec![]))
             }
             (SourceState::AwaitFinished(est), Message::Finished { mac }) => {
-                let expect = est.keys.finished_mac(Role::Destination, &est.transcript_hash);
+                let expect = est
+                    .keys
+                    .finished_mac(Role::Destination, &est.transcript_hash);
                 if !ct_eq(&mac, &expect) {
                     return Err(PeerMisbehaved::BadFinished.into());
                 }
                 let mine = est.keys.finished_mac(Role::Source, &est.transcript_hash);
-                Ok((SourceState::Done(est), vec![Message::Finished { mac: mine }.encode()]))
+                Ok((
+                    SourceState::Done(est),
+                    vec![Message::Finished { mac: mine }.encode()],
+                ))
             }
             (s, m) => Err(unexpected(
                 &m,
@@ -337,7 +379,12 @@ impl SourceHandshake {
     }
 }
 
-fn establish(hello: Hello, role: Role, peer_claims: Claims, manifest: ImageManifest) -> Established {
+fn establish(
+    hello: Hello,
+    role: Role,
+    peer_claims: Claims,
+    manifest: ImageManifest,
+) -> Established {
     let transcript_hash = hello.transcript.hash();
     Established {
         role,
@@ -438,8 +485,8 @@ impl DestinationHandshake {
         let msg = decode(raw)?;
         match (state, msg) {
             (DestState::AwaitClientHello(cfg), Message::ClientHello(ch)) => {
-                let version =
-                    best_common(&ch.versions).ok_or_else(|| PeerMisbehaved::NoCommonVersion(ch.versions.clone()))?;
+                let version = best_common(&ch.versions)
+                    .ok_or_else(|| PeerMisbehaved::NoCommonVersion(ch.versions.clone()))?;
                 let order = ch.order.verify(&OrderPolicy {
                     operators: &cfg.operators,
                     me: self.channel.local,
@@ -478,7 +525,10 @@ impl DestinationHandshake {
                 };
                 Ok((DestState::AwaitSourceEvidence(Box::new(hello)), vec![out]))
             }
-            (DestState::AwaitSourceEvidence(mut hello), Message::SourceEvidence { evidence, manifest }) => {
+            (
+                DestState::AwaitSourceEvidence(mut hello),
+                Message::SourceEvidence { evidence, manifest },
+            ) => {
                 let qd = qualifying_data(
                     HANDSHAKE_LABEL,
                     &hello.nonce_d,
@@ -515,7 +565,9 @@ impl DestinationHandshake {
                 hello.transcript.add(&ev);
                 let est = establish(*hello, Role::Destination, claims, parsed);
                 let fin = Message::Finished {
-                    mac: est.keys.finished_mac(Role::Destination, &est.transcript_hash),
+                    mac: est
+                        .keys
+                        .finished_mac(Role::Destination, &est.transcript_hash),
                 }
                 .encode();
                 Ok((DestState::AwaitFinished(Box::new(est)), vec![ev, fin]))

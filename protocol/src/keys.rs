@@ -99,7 +99,10 @@ impl KeySchedule {
     pub fn finished_mac(&self, role: Role, transcript_hash: &Digest) -> [u8; 32] {
         let key = self.confirm_key(role);
         let key = hmac::Key::new(hmac::HMAC_SHA256, key.as_ref());
-        let tag = hmac::sign(&key, &[b"trustmig finished".as_slice(), transcript_hash].concat());
+        let tag = hmac::sign(
+            &key,
+            &[b"trustmig finished".as_slice(), transcript_hash].concat(),
+        );
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref());
         out
@@ -159,14 +162,26 @@ mod tests {
     #[test]
     fn keys_differ_by_direction_stream_and_epoch() {
         let ks = KeySchedule::new(&[1; 32], &[2; 32]);
-        let a = ks.stream_secret(Direction::SourceToDestination, 0).dangerous_export();
-        let b = ks.stream_secret(Direction::DestinationToSource, 0).dangerous_export();
-        let c = ks.stream_secret(Direction::SourceToDestination, 1).dangerous_export();
-        let d = ks.stream_secret(Direction::SourceToDestination, 0).update().dangerous_export();
+        let a = ks
+            .stream_secret(Direction::SourceToDestination, 0)
+            .dangerous_export();
+        let b = ks
+            .stream_secret(Direction::DestinationToSource, 0)
+            .dangerous_export();
+        let c = ks
+            .stream_secret(Direction::SourceToDestination, 1)
+            .dangerous_export();
+        let d = ks
+            .stream_secret(Direction::SourceToDestination, 0)
+            .update()
+            .dangerous_export();
         assert_ne!(a.0, b.0);
         assert_ne!(a.0, c.0);
         assert_ne!(a.0, d.0);
-        assert_ne!(ks.confirm_key(Role::Source)[..], ks.confirm_key(Role::Destination)[..]);
+        assert_ne!(
+            ks.confirm_key(Role::Source)[..],
+            ks.confirm_key(Role::Destination)[..]
+        );
     }
 
     #[test]

@@ -119,7 +119,11 @@ impl SourceMigration {
 
     /// The VM is paused and every stream ended: announce it. `digest` is the final image
     /// digest the engine computed.
-    pub fn switch_over(&mut self, stream_records: Vec<u64>, digest: Digest) -> Result<Vec<u8>, Error> {
+    pub fn switch_over(
+        &mut self,
+        stream_records: Vec<u64>,
+        digest: Digest,
+    ) -> Result<Vec<u8>, Error> {
         let r = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
             Ok(SourcePhase::Transferring) => Ok(SourcePhase::AwaitChallenge { digest }),
             Ok(_) => Err(Error::ApiMisuse("switch_over twice")),
@@ -130,7 +134,11 @@ impl SourceMigration {
     }
 
     /// Handle a control message from the destination.
-    pub fn handle(&mut self, raw: &[u8], attester: &mut dyn Attester) -> Result<SourceEvent, Error> {
+    pub fn handle(
+        &mut self,
+        raw: &[u8],
+        attester: &mut dyn Attester,
+    ) -> Result<SourceEvent, Error> {
         let phase = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
             Ok(p) => p,
             Err(e) => {
@@ -142,9 +150,17 @@ impl SourceMigration {
         let r = (|| match (phase, decode(raw)?) {
             (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
                 attester.extend(&Measurement::MigrationFinal(digest))?;
-                let qd = qualifying_data(FINAL_LABEL, &nonce, &self.channel.tls_exporter, &self.order_id, &self.channel.local);
+                let qd = qualifying_data(
+                    FINAL_LABEL,
+                    &nonce,
+                    &self.channel.tls_exporter,
+                    &self.order_id,
+                    &self.channel.local,
+                );
                 let evidence = attester.quote(&qd)?;
-                event = Some(SourceEvent::Send(Message::FinalEvidence { digest, evidence }.encode()));
+                event = Some(SourceEvent::Send(
+                    Message::FinalEvidence { digest, evidence }.encode(),
+                ));
                 Ok(SourcePhase::AwaitReady)
             }
             (SourcePhase::AwaitReady, Message::Ready) => {
@@ -239,7 +255,11 @@ impl DestMigration {
     }
 
     /// Handle a control message from the source.
-    pub fn handle(&mut self, raw: &[u8], verifier: &dyn EvidenceVerifier) -> Result<DestEvent, Error> {
+    pub fn handle(
+        &mut self,
+        raw: &[u8],
+        verifier: &dyn EvidenceVerifier,
+    ) -> Result<DestEvent, Error> {
         let phase = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
             Ok(p) => p,
             Err(e) => {
@@ -255,8 +275,17 @@ impl DestMigration {
                 event = DestEvent::AwaitStreams(stream_records.clone());
                 Ok(DestPhase::AwaitStreams { stream_records })
             }
-            (DestPhase::AwaitFinalEvidence { nonce, computed }, Message::FinalEvidence { digest, evidence }) => {
-                let qd = qualifying_data(FINAL_LABEL, &nonce, &self.channel.tls_exporter, &self.order_id, &self.channel.peer);
+            (
+                DestPhase::AwaitFinalEvidence { nonce, computed },
+                Message::FinalEvidence { digest, evidence },
+            ) => {
+                let qd = qualifying_data(
+                    FINAL_LABEL,
+                    &nonce,
+                    &self.channel.tls_exporter,
+                    &self.order_id,
+                    &self.channel.peer,
+                );
                 let claims = verifier.verify(&evidence, &qd, &self.channel.peer)?;
                 let attested = *claims.migration_final().ok_or_else(|| {
                     Error::Attestation(crate::attestation::AttestationError::new(
@@ -296,7 +325,12 @@ impl DestMigration {
 
     /// Every stream delivered its records: check the counts, then challenge the source for its
     /// final evidence. `computed` is the destination's own final digest; `nonce` fresh random.
-    pub fn streams_complete(&mut self, received: &[u64], computed: Digest, nonce: [u8; 32]) -> Result<Vec<u8>, Error> {
+    pub fn streams_complete(
+        &mut self,
+        received: &[u64],
+        computed: Digest,
+        nonce: [u8; 32],
+    ) -> Result<Vec<u8>, Error> {
         let r = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
             Ok(DestPhase::AwaitStreams { stream_records }) => {
                 if stream_records.as_slice() == received {

@@ -43,7 +43,9 @@ impl std::str::FromStr for NonConvergence {
             "throttle" => Ok(Self::Throttle),
             "force" => Ok(Self::Force),
             "abort" => Ok(Self::Abort),
-            other => Err(format!("unknown non-convergence action {other:?} (throttle, force, abort)")),
+            other => Err(format!(
+                "unknown non-convergence action {other:?} (throttle, force, abort)"
+            )),
         }
     }
 }
@@ -260,7 +262,11 @@ impl SignedOrder {
         if self.body.len() > MAX_ORDER_BODY {
             return Err(OrderError::TooLarge(self.body.len()));
         }
-        if !policy.operators.iter().any(|k| crate::ct_eq(k, &self.operator)) {
+        if !policy
+            .operators
+            .iter()
+            .any(|k| crate::ct_eq(k, &self.operator))
+        {
             return Err(OrderError::UnknownOperator(hex(&self.operator)));
         }
         let key = VerifyingKey::from_bytes(&self.operator).map_err(|_| OrderError::BadSignature)?;
@@ -306,10 +312,14 @@ fn check_body(body: &OrderBody, policy: &OrderPolicy<'_>) -> Result<(), OrderErr
         return Err(OrderError::SameAgent);
     }
     if body.destination_addr.is_empty() || body.destination_addr.len() > 255 {
-        return Err(OrderError::Malformed("destination_addr must be 1..=255 bytes".into()));
+        return Err(OrderError::Malformed(
+            "destination_addr must be 1..=255 bytes".into(),
+        ));
     }
     if body.vm.is_empty() || body.vm.len() > 255 {
-        return Err(OrderError::Malformed("vm name must be 1..=255 bytes".into()));
+        return Err(OrderError::Malformed(
+            "vm name must be 1..=255 bytes".into(),
+        ));
     }
     let named = match policy.role {
         Role::Source => &body.source,

@@ -27,12 +27,15 @@ impl Pacer {
         if self.rate == 0 {
             return Duration::ZERO;
         }
-        let cost_ns = (u128::from(bytes) * 1_000_000_000 / u128::from(self.rate)).min(u128::from(u64::MAX));
+        let cost_ns =
+            (u128::from(bytes) * 1_000_000_000 / u128::from(self.rate)).min(u128::from(u64::MAX));
         let cost = Duration::from_nanos(cost_ns as u64);
         let tat = self.tat.map_or(now, |t| t.max(now));
         let new_tat = tat + cost;
         self.tat = Some(new_tat);
-        new_tat.saturating_duration_since(now).saturating_sub(self.burst)
+        new_tat
+            .saturating_duration_since(now)
+            .saturating_sub(self.burst)
     }
 }
 
@@ -52,7 +55,13 @@ mod tests {
         }
         assert_eq!(waited, Duration::from_millis(1000));
         // Later sends are not penalised for idle time.
-        assert_eq!(p.delay(t0 + Duration::from_secs(5), 1000), Duration::from_millis(1));
-        assert_eq!(Pacer::new(0, Duration::ZERO).delay(t0, u64::MAX), Duration::ZERO);
+        assert_eq!(
+            p.delay(t0 + Duration::from_secs(5), 1000),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            Pacer::new(0, Duration::ZERO).delay(t0, u64::MAX),
+            Duration::ZERO
+        );
     }
 }

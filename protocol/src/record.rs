@@ -244,14 +244,20 @@ impl Sealer {
 
     /// Append one sealed record carrying `payload` to `out`. When the epoch's interval is used
     /// up, a `KeyUpdate` record is appended first and the key rotates.
-    pub fn seal(&mut self, typ: RecordType, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+    pub fn seal(
+        &mut self,
+        typ: RecordType,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(RecordError::PayloadTooLarge(payload.len()));
         }
         if self.ended {
             return Err(RecordError::AfterEnd);
         }
-        let rekey = self.seq > 0 && self.seq % self.limits.rekey_interval == self.limits.rekey_interval - 1;
+        let rekey =
+            self.seq > 0 && self.seq % self.limits.rekey_interval == self.limits.rekey_interval - 1;
         // All-or-nothing: refuse before writing anything if the update and the record don't fit.
         if self.seq + 1 + u64::from(rekey) > self.limits.hard_limit {
             return Err(RecordError::Exhausted(self.seq));
@@ -267,7 +273,12 @@ impl Sealer {
         Ok(())
     }
 
-    fn seal_one(&mut self, typ: RecordType, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+    fn seal_one(
+        &mut self,
+        typ: RecordType,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         if self.seq >= self.limits.hard_limit {
             return Err(RecordError::Exhausted(self.seq));
         }
@@ -285,7 +296,11 @@ impl Sealer {
         let tag = self
             .epoch
             .key
-            .seal_in_place_separate_tag(self.epoch.nonce(self.seq), Aad::from(header), &mut out[start..])
+            .seal_in_place_separate_tag(
+                self.epoch.nonce(self.seq),
+                Aad::from(header),
+                &mut out[start..],
+            )
             .expect("AES-GCM seal cannot fail for payloads under 2^36 bytes");
         out.extend_from_slice(tag.as_ref());
         self.seq += 1;
@@ -334,7 +349,10 @@ impl Opener {
     /// Open one whole record (`header || ciphertext || tag`) in place. On success returns its
     /// type and plaintext (a slice of `record`); `KeyUpdate` records are consumed here and
     /// returned too, so callers may ignore them. Any error is permanent.
-    pub fn open<'a>(&mut self, record: &'a mut [u8]) -> Result<(RecordType, &'a [u8]), RecordError> {
+    pub fn open<'a>(
+        &mut self,
+        record: &'a mut [u8],
+    ) -> Result<(RecordType, &'a [u8]), RecordError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -347,7 +365,10 @@ impl Opener {
         }
     }
 
-    fn open_inner(&mut self, record: &mut [u8]) -> Result<(RecordType, std::ops::Range<usize>), RecordError> {
+    fn open_inner(
+        &mut self,
+        record: &mut [u8],
+    ) -> Result<(RecordType, std::ops::Range<usize>), RecordError> {
         let hb: &[u8; HEADER_LEN] = record
             .get(..HEADER_LEN)
             .and_then(|h| h.try_into().ok())
@@ -392,7 +413,11 @@ impl Opener {
         let plain_len = self
             .epoch
             .key
-            .open_in_place(self.epoch.nonce(header.seq), Aad::from(hbytes), &mut record[HEADER_LEN..])
+            .open_in_place(
+                self.epoch.nonce(header.seq),
+                Aad::from(hbytes),
+                &mut record[HEADER_LEN..],
+            )
             .map_err(|_| RecordError::BadTag { seq: header.seq })?
             .len();
         let typ = RecordType::from_u8(header.typ).ok_or(RecordError::BadType(header.typ))?;

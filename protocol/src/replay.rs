@@ -46,7 +46,10 @@ impl ReplayWindow {
     }
 
     fn bit(n: u64) -> (usize, u64) {
-        (((n / BLOCK_BITS) as usize) % BLOCKS, 1u64 << (n % BLOCK_BITS))
+        (
+            ((n / BLOCK_BITS) as usize) % BLOCKS,
+            1u64 << (n % BLOCK_BITS),
+        )
     }
 
     /// Would `n` be accepted? Changes nothing.
@@ -71,7 +74,11 @@ impl ReplayWindow {
     pub fn insert(&mut self, n: u64) -> Result<(), ReplayError> {
         self.check(n)?;
         if !self.any || n > self.last {
-            let from = if self.any { self.last / BLOCK_BITS + 1 } else { 0 };
+            let from = if self.any {
+                self.last / BLOCK_BITS + 1
+            } else {
+                0
+            };
             let to = n / BLOCK_BITS;
             // Clear the blocks the window slides over (at most all of them).
             let span = to.saturating_sub(from).saturating_add(1).min(BLOCKS as u64);

@@ -21,7 +21,11 @@ struct SoftEvidence {
 
 fn soft_mac(key: &[u8], qd: &Digest, identity: &AgentId, log: &[Measurement]) -> Vec<u8> {
     let k = hmac::Key::new(hmac::HMAC_SHA256, key);
-    let body = codec::encode(&(serde_bytes::Bytes::new(qd), serde_bytes::Bytes::new(identity), log));
+    let body = codec::encode(&(
+        serde_bytes::Bytes::new(qd),
+        serde_bytes::Bytes::new(identity),
+        log,
+    ));
     hmac::sign(&k, &body).as_ref().to_vec()
 }
 
@@ -70,7 +74,12 @@ pub struct SoftVerifier {
 }
 
 impl EvidenceVerifier for SoftVerifier {
-    fn verify(&self, evidence: &[u8], qd: &Digest, peer: &AgentId) -> Result<Claims, AttestationError> {
+    fn verify(
+        &self,
+        evidence: &[u8],
+        qd: &Digest,
+        peer: &AgentId,
+    ) -> Result<Claims, AttestationError> {
         let ev: SoftEvidence = codec::decode(evidence).map_err(AttestationError::new)?;
         if !ct_eq(&ev.mac, &soft_mac(&self.key, &ev.qd, &ev.identity, &ev.log)) {
             return Err(AttestationError::new("bad quote signature"));
@@ -85,7 +94,9 @@ impl EvidenceVerifier for SoftVerifier {
             Some(Measurement::AgentExecutable(d)) if self.allowed_exe.contains(d) => {}
             _ => return Err(AttestationError::new("agent measurement not allowed")),
         }
-        Ok(Claims { measurements: ev.log })
+        Ok(Claims {
+            measurements: ev.log,
+        })
     }
 }
 
@@ -151,7 +162,11 @@ impl VecGuest {
         let pages = self.dirty.len();
         for _ in 0..writes {
             let r = self.next();
-            let pfn = if r % 10 < 9 { (r >> 8) % self.hot_pages } else { (r >> 8) % pages };
+            let pfn = if r % 10 < 9 {
+                (r >> 8) % self.hot_pages
+            } else {
+                (r >> 8) % pages
+            };
             self.scribble(pfn);
         }
     }
@@ -166,10 +181,13 @@ impl GuestMemory for VecGuest {
     }
     fn read_page(&self, pfn: u64, buf: &mut [u8]) -> Result<(), PrecopyError> {
         let off = pfn as usize * self.page_size;
-        let src = self.mem.get(off..off + self.page_size).ok_or(PrecopyError::OutOfBounds {
-            pfn,
-            page_count: self.page_count(),
-        })?;
+        let src = self
+            .mem
+            .get(off..off + self.page_size)
+            .ok_or(PrecopyError::OutOfBounds {
+                pfn,
+                page_count: self.page_count(),
+            })?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -179,7 +197,10 @@ impl GuestMemory for VecGuest {
         let dst = self
             .mem
             .get_mut(off..off + data.len())
-            .ok_or(PrecopyError::OutOfBounds { pfn, page_count: count })?;
+            .ok_or(PrecopyError::OutOfBounds {
+                pfn,
+                page_count: count,
+            })?;
         dst.copy_from_slice(data);
         Ok(())
     }

@@ -14,12 +14,19 @@ use trustmig_protocol::order::SignedOrder;
 use trustmig_protocol::record::{RecordType, Sealer};
 
 fn corpus(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
 }
 
 fn prefixed(msgs: &[Vec<u8>]) -> Vec<u8> {
     msgs.iter()
-        .flat_map(|m| (m.len() as u16).to_be_bytes().into_iter().chain(m.iter().copied()))
+        .flat_map(|m| {
+            (m.len() as u16)
+                .to_be_bytes()
+                .into_iter()
+                .chain(m.iter().copied())
+        })
         .collect()
 }
 
@@ -41,7 +48,8 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     .encode();
     let mut rec = Vec::new();
     let mut s = Sealer::new(TrafficSecret::dangerous_from_bytes([3; 32], [4; 12]), 0);
-    s.seal(RecordType::Pages, b"seed payload", &mut rec).unwrap();
+    s.seal(RecordType::Pages, b"seed payload", &mut rec)
+        .unwrap();
     let mut batch = 2u32.to_be_bytes().to_vec();
     batch.extend_from_slice(&0u64.to_be_bytes());
     batch.push(1);
@@ -51,11 +59,26 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     vec![
         ("control_message", "client_hello", hello.clone()),
         ("control_message", "ready", Message::Ready.encode()),
-        ("control_message", "switch_over", Message::SwitchOver { stream_records: vec![3, 4] }.encode()),
+        (
+            "control_message",
+            "switch_over",
+            Message::SwitchOver {
+                stream_records: vec![3, 4],
+            }
+            .encode(),
+        ),
         ("order_verify", "signed_order", signed.to_cbor()),
-        ("record_open", "pages_record", [vec![rec.len() as u8], rec].concat()),
+        (
+            "record_open",
+            "pages_record",
+            [vec![rec.len() as u8], rec].concat(),
+        ),
         ("responder_handshake", "client_hello", prefixed(&[hello])),
-        ("precopy_dest", "two_pages", prefixed(&[batch, [&[0xDEu8][..], b"device"].concat()])),
+        (
+            "precopy_dest",
+            "two_pages",
+            prefixed(&[batch, [&[0xDEu8][..], b"device"].concat()]),
+        ),
     ]
 }
 
@@ -67,7 +90,8 @@ fn committed_corpus_runs_clean() {
             std::fs::write(corpus(target).join(name), data).unwrap();
         }
     }
-    let harnesses: [(&str, fn(&[u8])); 5] = [
+    type Harness = (&'static str, fn(&[u8]));
+    let harnesses: [Harness; 5] = [
         ("control_message", fuzzing::control_message),
         ("order_verify", fuzzing::order_verify),
         ("record_open", fuzzing::record_open),

@@ -15,8 +15,14 @@ fn handshake_agrees_on_keys_and_claims() {
     let (s, d) = run(Setup::default(), &mut MemoryJournal::default()).unwrap();
     assert_eq!(s.transcript_hash, d.transcript_hash);
     assert_eq!(s.keys.session_id(), d.keys.session_id());
-    assert_eq!(s.peer_claims.measurements[0], trustmig_protocol::attestation::Measurement::AgentExecutable(EXE));
-    assert!(d.peer_claims.image_manifest().is_some(), "source attested its manifest");
+    assert_eq!(
+        s.peer_claims.measurements[0],
+        trustmig_protocol::attestation::Measurement::AgentExecutable(EXE)
+    );
+    assert!(
+        d.peer_claims.image_manifest().is_some(),
+        "source attested its manifest"
+    );
     assert_eq!(d.manifest, manifest());
     assert_eq!(s.version, 1);
 }
@@ -31,7 +37,10 @@ fn channel_binding_mismatch_fails_attestation() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Destination(Error::Attestation(_)))), "{r:?}");
+    assert!(
+        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -64,7 +73,10 @@ fn replayed_evidence_with_old_nonce_fails() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Destination(Error::Attestation(_)))), "{r:?}");
+    assert!(
+        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -98,7 +110,12 @@ fn tls_peer_not_named_in_order_is_refused() {
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::WrongPeer { .. })))),
+        matches!(
+            r,
+            Err(Failed::Destination(Error::PeerMisbehaved(
+                PeerMisbehaved::WrongPeer { .. }
+            )))
+        ),
         "{r:?}"
     );
     // Source: the TLS server is not the order's destination.
@@ -109,7 +126,15 @@ fn tls_peer_not_named_in_order_is_refused() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Source(Error::PeerMisbehaved(PeerMisbehaved::WrongPeer { .. })))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Failed::Source(Error::PeerMisbehaved(
+                PeerMisbehaved::WrongPeer { .. }
+            )))
+        ),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -117,7 +142,13 @@ fn replayed_order_is_refused_by_the_journal() {
     let mut journal = MemoryJournal::default();
     run(Setup::default(), &mut journal).unwrap();
     let r = run(Setup::default(), &mut journal);
-    assert!(matches!(r, Err(Failed::Destination(Error::Order(OrderError::Replayed(_))))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Failed::Destination(Error::Order(OrderError::Replayed(_))))
+        ),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -129,7 +160,10 @@ fn unmeasured_agent_fails_attestation_both_ways() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Destination(Error::Attestation(_)))), "{r:?}");
+    assert!(
+        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        "{r:?}"
+    );
     let r = run(
         Setup {
             dst_exe: [0xEE; 32],
@@ -137,7 +171,10 @@ fn unmeasured_agent_fails_attestation_both_ways() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Source(Error::Attestation(_)))), "{r:?}");
+    assert!(
+        matches!(r, Err(Failed::Source(Error::Attestation(_)))),
+        "{r:?}"
+    );
 }
 
 fn rewrite(m: Vec<u8>, f: impl FnOnce(Message) -> Message) -> Vec<u8> {
@@ -166,7 +203,9 @@ fn version_downgrade_is_detected() {
         &mut MemoryJournal::default(),
     );
     match r {
-        Err(Failed::Source(e @ Error::PeerMisbehaved(PeerMisbehaved::Downgrade { chosen: 0, best: 1 }))) => {
+        Err(Failed::Source(
+            e @ Error::PeerMisbehaved(PeerMisbehaved::Downgrade { chosen: 0, best: 1 }),
+        )) => {
             assert_eq!(AbortCode::from(&e), AbortCode::VersionMismatch)
         }
         other => panic!("{other:?}"),
@@ -190,7 +229,12 @@ fn version_downgrade_is_detected() {
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::NoCommonVersion(_))))),
+        matches!(
+            r,
+            Err(Failed::Destination(Error::PeerMisbehaved(
+                PeerMisbehaved::NoCommonVersion(_)
+            )))
+        ),
         "{r:?}"
     );
 }
@@ -215,7 +259,15 @@ fn altered_finished_or_manifest_is_refused() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Source(Error::PeerMisbehaved(PeerMisbehaved::BadFinished)))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Failed::Source(Error::PeerMisbehaved(
+                PeerMisbehaved::BadFinished
+            )))
+        ),
+        "{r:?}"
+    );
     let r = run(
         Setup {
             tamper_s2d: Box::new(|i, m| {
@@ -238,7 +290,15 @@ fn altered_finished_or_manifest_is_refused() {
         },
         &mut MemoryJournal::default(),
     );
-    assert!(matches!(r, Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::ManifestMismatch)))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Failed::Destination(Error::PeerMisbehaved(
+                PeerMisbehaved::ManifestMismatch
+            )))
+        ),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -264,8 +324,15 @@ fn out_of_order_and_garbage_messages_are_typed_and_sticky() {
     let e = dst
         .handle(&Message::Ready.encode(), &mut att, &ver, &mut j)
         .unwrap_err();
-    assert!(matches!(e, Error::PeerMisbehaved(PeerMisbehaved::UnexpectedMessage { got: "ready", .. })));
-    assert_eq!(dst.handle(&Message::Ready.encode(), &mut att, &ver, &mut j).unwrap_err(), e);
+    assert!(matches!(
+        e,
+        Error::PeerMisbehaved(PeerMisbehaved::UnexpectedMessage { got: "ready", .. })
+    ));
+    assert_eq!(
+        dst.handle(&Message::Ready.encode(), &mut att, &ver, &mut j)
+            .unwrap_err(),
+        e
+    );
     let mut dst2 = DestinationHandshake::new(
         DestinationConfig {
             operators: vec![],
@@ -278,6 +345,8 @@ fn out_of_order_and_garbage_messages_are_typed_and_sticky() {
         },
         [0; 32],
     );
-    let e = dst2.handle(b"\xff\x00garbage", &mut att, &ver, &mut j).unwrap_err();
+    let e = dst2
+        .handle(b"\xff\x00garbage", &mut att, &ver, &mut j)
+        .unwrap_err();
     assert_eq!(AbortCode::from(&e), AbortCode::DecodeError);
 }

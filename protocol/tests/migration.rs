@@ -49,9 +49,16 @@ fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Re
     let mut wire = Vec::new();
 
     // Seal on the batch's stream, "transmit", open and apply at the destination.
-    let mut send = |typ: RecordType, stream: u16, payload: &[u8], dst: &mut VecGuest, rx: &mut PrecopyDest| -> u64 {
+    let mut send = |typ: RecordType,
+                    stream: u16,
+                    payload: &[u8],
+                    dst: &mut VecGuest,
+                    rx: &mut PrecopyDest|
+     -> u64 {
         wire.clear();
-        sealers[stream as usize].seal(typ, payload, &mut wire).unwrap();
+        sealers[stream as usize]
+            .seal(typ, payload, &mut wire)
+            .unwrap();
         let n = wire.len() as u64;
         let (t, p) = openers[stream as usize].open(&mut wire).unwrap();
         match t {
@@ -68,8 +75,16 @@ fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Re
     let result = loop {
         loop {
             buf.clear();
-            let Some(batch) = engine.next_batch(&src, &mut buf).unwrap() else { break };
-            let n = send(RecordType::Pages, batch.stream, &buf, &mut dst, &mut receiver);
+            let Some(batch) = engine.next_batch(&src, &mut buf).unwrap() else {
+                break;
+            };
+            let n = send(
+                RecordType::Pages,
+                batch.stream,
+                &buf,
+                &mut dst,
+                &mut receiver,
+            );
             // Virtual time passes while the batch is on the wire; the guest dirties meanwhile.
             src.run(dirty_pages_per_sec * n / BANDWIDTH);
         }
@@ -97,11 +112,25 @@ fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Re
     let mut stop_copy_bytes = 0;
     loop {
         buf.clear();
-        let Some(batch) = engine.next_batch(&src, &mut buf).unwrap() else { break };
-        stop_copy_bytes += send(RecordType::Pages, batch.stream, &buf, &mut dst, &mut receiver);
+        let Some(batch) = engine.next_batch(&src, &mut buf).unwrap() else {
+            break;
+        };
+        stop_copy_bytes += send(
+            RecordType::Pages,
+            batch.stream,
+            &buf,
+            &mut dst,
+            &mut receiver,
+        );
     }
     let device_state = b"vcpu0: rip=0x1000".to_vec();
-    stop_copy_bytes += send(RecordType::DeviceState, 0, &device_state, &mut dst, &mut receiver);
+    stop_copy_bytes += send(
+        RecordType::DeviceState,
+        0,
+        &device_state,
+        &mut dst,
+        &mut receiver,
+    );
     for i in 0..streams {
         send(RecordType::StreamEnd, i, &[], &mut dst, &mut receiver);
     }
@@ -121,14 +150,20 @@ fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Re
     let counts: Vec<u64> = openers.iter().map(|o| o.records()).collect();
     let result = (|| {
         let so = sm.switch_over(counts.clone(), digest)?;
-        let DestEvent::AwaitStreams(expected) = dm.handle(&so, &ver)? else { panic!("await streams") };
+        let DestEvent::AwaitStreams(expected) = dm.handle(&so, &ver)? else {
+            panic!("await streams")
+        };
         assert_eq!(expected, counts);
         assert!(openers.iter().all(|o| o.is_ended()));
         let computed = receiver.final_digest(&d.transcript_hash)?;
         let challenge = dm.streams_complete(&counts, computed, [0x77; 32])?;
-        let SourceEvent::Send(fe) = sm.handle(&challenge, &mut src_att)? else { panic!("final evidence") };
+        let SourceEvent::Send(fe) = sm.handle(&challenge, &mut src_att)? else {
+            panic!("final evidence")
+        };
         assert_eq!(sm.outcome_on_failure(), Outcome::RollBack);
-        let DestEvent::Send(ready) = dm.handle(&fe, &ver)? else { panic!("ready") };
+        let DestEvent::Send(ready) = dm.handle(&fe, &ver)? else {
+            panic!("ready")
+        };
         assert_eq!(sm.handle(&ready, &mut src_att)?, SourceEvent::ReadyToCommit);
         let commit = sm.commit()?;
         assert_eq!(sm.outcome_on_failure(), Outcome::Committed);
@@ -161,11 +196,20 @@ fn limits(downtime_ms: u32, max_rounds: u32, on: NonConvergence) -> Limits {
 fn memory_equal_at_pause_for_several_dirty_rates() {
     // Page-dirtying rates as a fraction of the link: 0, ~1%, ~10%, ~25%, ~50%.
     let link_pages = BANDWIDTH / PAGE as u64;
-    for rate in [0, link_pages / 100, link_pages / 10, link_pages / 4, link_pages / 2] {
+    for rate in [
+        0,
+        link_pages / 100,
+        link_pages / 10,
+        link_pages / 4,
+        link_pages / 2,
+    ] {
         let r = migrate(rate, limits(5, 30, NonConvergence::Force), false);
         r.result.as_ref().unwrap();
         assert!(r.src.paused, "source paused at switch-over");
-        assert!(r.src.mem == r.dst.mem, "destination memory differs at rate {rate}");
+        assert!(
+            r.src.mem == r.dst.mem,
+            "destination memory differs at rate {rate}"
+        );
         assert!(!r.dst.paused, "destination resumed after commit");
         assert!(r.stats.zero_pages_skipped > 0, "zero pages elided");
     }
@@ -179,12 +223,21 @@ fn predicted_downtime_is_respected_when_dirty_rate_is_at_most_half_the_bandwidth
         let r = migrate(rate, limits(target, 30, NonConvergence::Abort), false);
         r.result.as_ref().unwrap();
         let last = *r.decisions.last().unwrap();
-        let RoundDecision::SwitchOver { predicted_ms, converged } = last else { panic!() };
+        let RoundDecision::SwitchOver {
+            predicted_ms,
+            converged,
+        } = last
+        else {
+            panic!()
+        };
         assert!(converged);
         assert!(predicted_ms <= u64::from(target));
         // What stop-and-copy actually sent, at the link rate, is within the target.
         let actual_ms = r.stop_copy_bytes * 1000 / BANDWIDTH;
-        assert!(actual_ms <= u64::from(target), "stop-and-copy took {actual_ms} ms at rate {rate}");
+        assert!(
+            actual_ms <= u64::from(target),
+            "stop-and-copy took {actual_ms} ms at rate {rate}"
+        );
     }
 }
 
@@ -193,12 +246,28 @@ fn non_convergence_gets_the_orders_action() {
     // The guest dirties pages twice as fast as the link can carry them.
     let rate = 2 * BANDWIDTH / PAGE as u64;
     let r = migrate(rate, limits(1, 4, NonConvergence::Abort), false);
-    assert!(matches!(r.result, Err(Error::Precopy(PrecopyError::NotConverged { rounds: 4, .. }))), "{:?}", r.result.err());
-    assert!(!r.src.paused && r.src.throttle == 0, "rollback: source runs at full speed");
+    assert!(
+        matches!(
+            r.result,
+            Err(Error::Precopy(PrecopyError::NotConverged { rounds: 4, .. }))
+        ),
+        "{:?}",
+        r.result.err()
+    );
+    assert!(
+        !r.src.paused && r.src.throttle == 0,
+        "rollback: source runs at full speed"
+    );
 
     let r = migrate(rate, limits(1, 4, NonConvergence::Force), false);
     r.result.as_ref().unwrap();
-    assert!(matches!(r.decisions.last(), Some(RoundDecision::SwitchOver { converged: false, .. })));
+    assert!(matches!(
+        r.decisions.last(),
+        Some(RoundDecision::SwitchOver {
+            converged: false,
+            ..
+        })
+    ));
     assert!(r.stats.forced);
     assert!(r.src.mem == r.dst.mem);
 
@@ -213,7 +282,10 @@ fn non_convergence_gets_the_orders_action() {
         })
         .collect();
     assert!(!throttles.is_empty(), "throttled");
-    assert!(throttles.windows(2).all(|w| w[0] < w[1]), "throttle escalates: {throttles:?}");
+    assert!(
+        throttles.windows(2).all(|w| w[0] < w[1]),
+        "throttle escalates: {throttles:?}"
+    );
     assert!(r.src.mem == r.dst.mem);
 }
 
@@ -221,7 +293,12 @@ fn non_convergence_gets_the_orders_action() {
 fn a_wrong_final_digest_is_refused_and_nothing_commits() {
     let r = migrate(0, limits(5, 30, NonConvergence::Force), true);
     assert!(
-        matches!(r.result, Err(Error::PeerMisbehaved(PeerMisbehaved::FinalDigestMismatch { .. }))),
+        matches!(
+            r.result,
+            Err(Error::PeerMisbehaved(
+                PeerMisbehaved::FinalDigestMismatch { .. }
+            ))
+        ),
         "{:?}",
         r.result.err()
     );
@@ -236,7 +313,13 @@ fn destination_never_writes_outside_the_guest() {
     payload.extend_from_slice(&64u64.to_be_bytes());
     payload.push(1);
     payload.extend_from_slice(&[0xAB; PAGE]);
-    assert_eq!(rx.on_pages(&mut dst, 0, &payload), Err(PrecopyError::OutOfBounds { pfn: 64, page_count: 64 }));
+    assert_eq!(
+        rx.on_pages(&mut dst, 0, &payload),
+        Err(PrecopyError::OutOfBounds {
+            pfn: 64,
+            page_count: 64
+        })
+    );
     assert!(dst.mem.iter().all(|&b| b == 0));
     // A valid first entry followed by a bad one: nothing is written (all-or-nothing).
     let mut rx = PrecopyDest::new(&dst, PAGE as u32, 64, 1).unwrap();
@@ -246,7 +329,10 @@ fn destination_never_writes_outside_the_guest() {
     payload.extend_from_slice(&[0xCD; PAGE]);
     payload.extend_from_slice(&4u64.to_be_bytes());
     payload.push(9);
-    assert!(matches!(rx.on_pages(&mut dst, 0, &payload), Err(PrecopyError::BadBatch(_))));
+    assert!(matches!(
+        rx.on_pages(&mut dst, 0, &payload),
+        Err(PrecopyError::BadBatch(_))
+    ));
     assert!(dst.mem.iter().all(|&b| b == 0));
     // Pages on a stream that does not own their chunk are refused.
     let mut big = VecGuest::new(PAGE, 256, 0, 1);
@@ -256,7 +342,11 @@ fn destination_never_writes_outside_the_guest() {
     payload.push(0);
     assert_eq!(
         rx.on_pages(&mut big, 0, &payload),
-        Err(PrecopyError::WrongStream { pfn: 64, stream: 0, expected: 1 })
+        Err(PrecopyError::WrongStream {
+            pfn: 64,
+            stream: 0,
+            expected: 1
+        })
     );
 }
 
@@ -272,12 +362,19 @@ fn large_pages_travel_in_record_sized_batches() {
     let mut buf = Vec::new();
     let mut batches = 0;
     while let Some(b) = e.next_batch(&src, &mut buf).unwrap() {
-        assert!(buf.len() <= trustmig_protocol::record::MAX_PAYLOAD, "batch of {} bytes", buf.len());
+        assert!(
+            buf.len() <= trustmig_protocol::record::MAX_PAYLOAD,
+            "batch of {} bytes",
+            buf.len()
+        );
         rx.on_pages(&mut dst, b.stream, &buf).unwrap();
         buf.clear();
         batches += 1;
     }
-    assert!(batches > 3, "64 KiB pages split into several batches per chunk");
+    assert!(
+        batches > 3,
+        "64 KiB pages split into several batches per chunk"
+    );
     assert!(src.mem == dst.mem);
 }
 
@@ -294,10 +391,18 @@ fn committed_outcome_survives_later_errors() {
     let so = sm.switch_over(vec![1], [9; 32]).unwrap();
     dm.handle(&so, &ver).unwrap();
     let ch = dm.streams_complete(&[1], [9; 32], [1; 32]).unwrap();
-    let SourceEvent::Send(fe) = sm.handle(&ch, &mut att).unwrap() else { panic!() };
-    let DestEvent::Send(ready) = dm.handle(&fe, &ver).unwrap() else { panic!() };
+    let SourceEvent::Send(fe) = sm.handle(&ch, &mut att).unwrap() else {
+        panic!()
+    };
+    let DestEvent::Send(ready) = dm.handle(&fe, &ver).unwrap() else {
+        panic!()
+    };
     sm.handle(&ready, &mut att).unwrap();
-    assert_eq!(sm.outcome_on_failure(), Outcome::Committed, "ready-to-commit: the journal decides");
+    assert_eq!(
+        sm.outcome_on_failure(),
+        Outcome::Committed,
+        "ready-to-commit: the journal decides"
+    );
     let commit = sm.commit().unwrap();
     // A garbage message after COMMIT: an error, yet the VM stays the destination's.
     assert!(sm.handle(b"\x00", &mut att).is_err());
@@ -317,5 +422,8 @@ fn device_state_may_overtake_pages_of_other_streams() {
     payload.push(1);
     payload.extend_from_slice(&[7; PAGE]);
     rx.on_pages(&mut dst, 1, &payload).unwrap();
-    assert!(rx.on_device_state(b"again").is_err(), "device state only once");
+    assert!(
+        rx.on_device_state(b"again").is_err(),
+        "device state only once"
+    );
 }

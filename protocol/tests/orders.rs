@@ -44,7 +44,9 @@ fn round_trip_verifies_for_both_roles() {
     let ops = [op.verifying_key().to_bytes()];
     let signed = SignedOrder::sign(&body(), &op);
     let wire = SignedOrder::from_cbor(&signed.to_cbor()).unwrap();
-    let v = wire.verify(&policy(Role::Destination, [2; 32], &ops)).unwrap();
+    let v = wire
+        .verify(&policy(Role::Destination, [2; 32], &ops))
+        .unwrap();
     assert_eq!(v.body(), &body());
     wire.verify(&policy(Role::Source, [1; 32], &ops)).unwrap();
 }
@@ -55,7 +57,8 @@ fn every_altered_field_is_refused() {
     let op = operator();
     let ops = [op.verifying_key().to_bytes()];
     let signed = SignedOrder::sign(&body(), &op);
-    let mutations: Vec<Box<dyn Fn(&mut OrderBody)>> = vec![
+    type Mutation = Box<dyn Fn(&mut OrderBody)>;
+    let mutations: Vec<Mutation> = vec![
         Box::new(|b| b.v = 2),
         Box::new(|b| b.order_id[0] ^= 1),
         Box::new(|b| b.vm.push('x')),
@@ -92,12 +95,19 @@ fn every_flipped_bit_of_the_signed_order_is_refused() {
     for i in 0..signed.body.len() * 8 {
         let mut s = signed.clone();
         s.body[i / 8] ^= 1 << (i % 8);
-        assert!(s.verify(&policy(Role::Destination, [2; 32], &ops)).is_err(), "body bit {i}");
+        assert!(
+            s.verify(&policy(Role::Destination, [2; 32], &ops)).is_err(),
+            "body bit {i}"
+        );
     }
     for i in 0..signed.sig.len() * 8 {
         let mut s = signed.clone();
         s.sig[i / 8] ^= 1 << (i % 8);
-        assert_eq!(s.verify(&policy(Role::Destination, [2; 32], &ops)), Err(OrderError::BadSignature), "sig bit {i}");
+        assert_eq!(
+            s.verify(&policy(Role::Destination, [2; 32], &ops)),
+            Err(OrderError::BadSignature),
+            "sig bit {i}"
+        );
     }
 }
 
@@ -115,7 +125,10 @@ fn forged_by_unknown_operator_is_refused() {
         operator: ops[0],
         ..signed
     };
-    assert_eq!(claimed.verify(&policy(Role::Destination, [2; 32], &ops)), Err(OrderError::BadSignature));
+    assert_eq!(
+        claimed.verify(&policy(Role::Destination, [2; 32], &ops)),
+        Err(OrderError::BadSignature)
+    );
 }
 
 #[test]
@@ -131,26 +144,72 @@ fn window_and_role_checks() {
         })
     };
     let b = body();
-    assert!(matches!(check(b.clone(), Role::Destination, [2; 32], b.not_after + MAX_CLOCK_SKEW + 1), Err(OrderError::Expired { .. })));
-    assert!(check(b.clone(), Role::Destination, [2; 32], b.not_after + MAX_CLOCK_SKEW).is_ok(), "skew allowance");
-    assert!(matches!(check(b.clone(), Role::Destination, [2; 32], b.not_before - MAX_CLOCK_SKEW - 1), Err(OrderError::NotYetValid { .. })));
-    assert!(matches!(check(b.clone(), Role::Destination, [3; 32], NOW), Err(OrderError::WrongAgent { .. })));
-    assert!(matches!(check(b.clone(), Role::Source, [2; 32], NOW), Err(OrderError::WrongAgent { .. })));
+    assert!(matches!(
+        check(
+            b.clone(),
+            Role::Destination,
+            [2; 32],
+            b.not_after + MAX_CLOCK_SKEW + 1
+        ),
+        Err(OrderError::Expired { .. })
+    ));
+    assert!(
+        check(
+            b.clone(),
+            Role::Destination,
+            [2; 32],
+            b.not_after + MAX_CLOCK_SKEW
+        )
+        .is_ok(),
+        "skew allowance"
+    );
+    assert!(matches!(
+        check(
+            b.clone(),
+            Role::Destination,
+            [2; 32],
+            b.not_before - MAX_CLOCK_SKEW - 1
+        ),
+        Err(OrderError::NotYetValid { .. })
+    ));
+    assert!(matches!(
+        check(b.clone(), Role::Destination, [3; 32], NOW),
+        Err(OrderError::WrongAgent { .. })
+    ));
+    assert!(matches!(
+        check(b.clone(), Role::Source, [2; 32], NOW),
+        Err(OrderError::WrongAgent { .. })
+    ));
     let mut same = b.clone();
     same.destination = same.source;
-    assert_eq!(check(same, Role::Source, [1; 32], NOW), Err(OrderError::SameAgent));
+    assert_eq!(
+        check(same, Role::Source, [1; 32], NOW),
+        Err(OrderError::SameAgent)
+    );
     let mut long = b.clone();
     long.not_after = long.not_before + MAX_ORDER_LIFETIME + 1;
-    assert!(matches!(check(long, Role::Destination, [2; 32], NOW), Err(OrderError::BadWindow(_))));
+    assert!(matches!(
+        check(long, Role::Destination, [2; 32], NOW),
+        Err(OrderError::BadWindow(_))
+    ));
     let mut empty = b.clone();
     empty.not_after = empty.not_before;
-    assert!(matches!(check(empty, Role::Destination, [2; 32], NOW), Err(OrderError::BadWindow(_))));
+    assert!(matches!(
+        check(empty, Role::Destination, [2; 32], NOW),
+        Err(OrderError::BadWindow(_))
+    ));
     let mut limits = b.clone();
     limits.limits.max_rounds = 0;
-    assert!(matches!(check(limits, Role::Destination, [2; 32], NOW), Err(OrderError::BadLimits(_))));
+    assert!(matches!(
+        check(limits, Role::Destination, [2; 32], NOW),
+        Err(OrderError::BadLimits(_))
+    ));
     let mut v = b;
     v.v = 9;
-    assert_eq!(check(v, Role::Destination, [2; 32], NOW), Err(OrderError::UnsupportedVersion(9)));
+    assert_eq!(
+        check(v, Role::Destination, [2; 32], NOW),
+        Err(OrderError::UnsupportedVersion(9))
+    );
 }
 
 #[test]
@@ -165,11 +224,20 @@ fn journal_refuses_replay() {
 
 #[test]
 fn malformed_orders_are_typed() {
-    assert!(matches!(SignedOrder::from_cbor(b"\xa0"), Err(OrderError::Malformed(_))));
-    assert!(matches!(SignedOrder::from_cbor(&[]), Err(OrderError::Malformed(_))));
+    assert!(matches!(
+        SignedOrder::from_cbor(b"\xa0"),
+        Err(OrderError::Malformed(_))
+    ));
+    assert!(matches!(
+        SignedOrder::from_cbor(&[]),
+        Err(OrderError::Malformed(_))
+    ));
     let op = operator();
     let ops = [op.verifying_key().to_bytes()];
     let mut s = SignedOrder::sign(&body(), &op);
     s.body = vec![0; MAX_ORDER_BODY + 1];
-    assert_eq!(s.verify(&policy(Role::Destination, [2; 32], &ops)), Err(OrderError::TooLarge(MAX_ORDER_BODY + 1)));
+    assert_eq!(
+        s.verify(&policy(Role::Destination, [2; 32], &ops)),
+        Err(OrderError::TooLarge(MAX_ORDER_BODY + 1))
+    );
 }

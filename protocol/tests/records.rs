@@ -13,7 +13,12 @@ fn sealed(n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let mut out = Vec::new();
-            s.seal(RecordType::Pages, format!("payload {i}").as_bytes(), &mut out).unwrap();
+            s.seal(
+                RecordType::Pages,
+                format!("payload {i}").as_bytes(),
+                &mut out,
+            )
+            .unwrap();
             out
         })
         .collect()
@@ -48,22 +53,50 @@ fn replay_reorder_drop_truncate() {
     let recs = sealed(3);
     let mut o = Opener::new(secret(), 3);
     o.open(&mut recs[0].clone()).unwrap();
-    assert_eq!(o.open(&mut recs[0].clone()), Err(RecordError::Replayed { got: 0, expected: 1 }));
+    assert_eq!(
+        o.open(&mut recs[0].clone()),
+        Err(RecordError::Replayed {
+            got: 0,
+            expected: 1
+        })
+    );
 
     let mut o = Opener::new(secret(), 3);
-    assert_eq!(o.open(&mut recs[1].clone()), Err(RecordError::Gap { got: 1, expected: 0 }));
+    assert_eq!(
+        o.open(&mut recs[1].clone()),
+        Err(RecordError::Gap {
+            got: 1,
+            expected: 0
+        })
+    );
 
     let mut o = Opener::new(secret(), 3);
     o.open(&mut recs[0].clone()).unwrap();
-    assert_eq!(o.open(&mut recs[2].clone()), Err(RecordError::Gap { got: 2, expected: 1 }), "dropped record");
+    assert_eq!(
+        o.open(&mut recs[2].clone()),
+        Err(RecordError::Gap {
+            got: 2,
+            expected: 1
+        }),
+        "dropped record"
+    );
 
     let mut o = Opener::new(secret(), 3);
     let mut t = recs[0].clone();
     t.truncate(t.len() - 1);
-    assert!(matches!(o.open(&mut t), Err(RecordError::LengthMismatch { .. })));
+    assert!(matches!(
+        o.open(&mut t),
+        Err(RecordError::LengthMismatch { .. })
+    ));
 
     let mut o = Opener::new(secret(), 4);
-    assert_eq!(o.open(&mut recs[0].clone()), Err(RecordError::WrongStream { got: 3, expected: 4 }));
+    assert_eq!(
+        o.open(&mut recs[0].clone()),
+        Err(RecordError::WrongStream {
+            got: 3,
+            expected: 4
+        })
+    );
 }
 
 #[test]
@@ -76,7 +109,10 @@ fn a_rejected_record_changes_nothing_but_is_sticky() {
     bad[last] ^= 1;
     assert_eq!(o.open(&mut bad), Err(RecordError::BadTag { seq: 1 }));
     assert_eq!(o.records(), 1, "counter did not advance");
-    assert_eq!(o.open(&mut recs[1].clone()), Err(RecordError::BadTag { seq: 1 }));
+    assert_eq!(
+        o.open(&mut recs[1].clone()),
+        Err(RecordError::BadTag { seq: 1 })
+    );
 }
 
 #[test]
@@ -111,10 +147,21 @@ fn rekey_and_hard_limit() {
         }
     }
     assert_eq!(updates, 2, "a key update every 4 records");
-    assert_eq!(data + updates, 11, "the update at 11 and its record would pass the limit of 12");
+    assert_eq!(
+        data + updates,
+        11,
+        "the update at 11 and its record would pass the limit of 12"
+    );
     // After a key update, a record under the old key (right sequence number) is refused.
     let mut rekeying = Sealer::with_limits(secret(), 0, limits);
-    let mut stale = Sealer::with_limits(secret(), 0, SequenceLimits { rekey_interval: 1 << 40, hard_limit: 1 << 40 });
+    let mut stale = Sealer::with_limits(
+        secret(),
+        0,
+        SequenceLimits {
+            rekey_interval: 1 << 40,
+            hard_limit: 1 << 40,
+        },
+    );
     let mut o = Opener::with_limits(secret(), 0, limits);
     let mut wire = Vec::new();
     for _ in 0..3 {
@@ -137,7 +184,10 @@ fn rekey_and_hard_limit() {
         o.open(rec).unwrap();
         rest = tail;
     }
-    assert_eq!(o.open(&mut stale_recs[4]), Err(RecordError::BadTag { seq: 4 }));
+    assert_eq!(
+        o.open(&mut stale_recs[4]),
+        Err(RecordError::BadTag { seq: 4 })
+    );
 }
 
 #[test]
@@ -145,8 +195,12 @@ fn after_stream_end_nothing_is_accepted() {
     let mut s = Sealer::new(secret(), 0);
     let mut o = Opener::new(secret(), 0);
     let mut end = Vec::new();
-    s.seal(RecordType::StreamEnd, &0u64.to_be_bytes(), &mut end).unwrap();
-    assert_eq!(s.seal(RecordType::Pages, b"late", &mut Vec::new()), Err(RecordError::AfterEnd));
+    s.seal(RecordType::StreamEnd, &0u64.to_be_bytes(), &mut end)
+        .unwrap();
+    assert_eq!(
+        s.seal(RecordType::Pages, b"late", &mut Vec::new()),
+        Err(RecordError::AfterEnd)
+    );
     o.open(&mut end).unwrap();
     assert!(o.is_ended());
     // A forged continuation (valid seq 1 under the right key) is still refused.
@@ -162,11 +216,17 @@ fn after_stream_end_nothing_is_accepted() {
 fn oversize_is_refused_both_ways() {
     let mut s = Sealer::new(secret(), 0);
     let big = vec![0u8; MAX_PAYLOAD + 1];
-    assert_eq!(s.seal(RecordType::Pages, &big, &mut Vec::new()), Err(RecordError::PayloadTooLarge(MAX_PAYLOAD + 1)));
+    assert_eq!(
+        s.seal(RecordType::Pages, &big, &mut Vec::new()),
+        Err(RecordError::PayloadTooLarge(MAX_PAYLOAD + 1))
+    );
     let mut h = [0u8; HEADER_LEN];
     h[0] = RECORD_VERSION;
     h[12..16].copy_from_slice(&((MAX_CIPHERTEXT + 1) as u32).to_be_bytes());
-    assert_eq!(Header::parse(&h), Err(RecordError::BadLength((MAX_CIPHERTEXT + 1) as u32)));
+    assert_eq!(
+        Header::parse(&h),
+        Err(RecordError::BadLength((MAX_CIPHERTEXT + 1) as u32))
+    );
     h[12..16].copy_from_slice(&5u32.to_be_bytes());
     assert_eq!(Header::parse(&h), Err(RecordError::BadLength(5)));
 }

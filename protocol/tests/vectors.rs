@@ -21,11 +21,15 @@ fn compute() -> Value {
     let s0 = ks.stream_secret(Direction::SourceToDestination, 0);
     let (k0, iv0) = s0.dangerous_export();
     let (k0u, iv0u) = s0.update().dangerous_export();
-    let (k1r, iv1r) = ks.stream_secret(Direction::DestinationToSource, 1).dangerous_export();
+    let (k1r, iv1r) = ks
+        .stream_secret(Direction::DestinationToSource, 1)
+        .dangerous_export();
 
     let mut sealer = Sealer::new(TrafficSecret::dangerous_from_bytes(k0, iv0), 0);
     let mut rec0 = Vec::new();
-    sealer.seal(RecordType::Pages, b"trustmig record vector", &mut rec0).unwrap();
+    sealer
+        .seal(RecordType::Pages, b"trustmig record vector", &mut rec0)
+        .unwrap();
     let mut rec1 = Vec::new();
     sealer.seal(RecordType::StreamEnd, &[], &mut rec1).unwrap();
 
@@ -112,7 +116,10 @@ fn vectors_open_and_verify() {
     let iv: [u8; 12] = bytes("/records/iv").try_into().unwrap();
     let mut o = Opener::new(TrafficSecret::dangerous_from_bytes(key, iv), 0);
     let mut r0 = bytes("/records/record0_pages");
-    assert_eq!(o.open(&mut r0).unwrap().1, bytes("/records/record0_plaintext").as_slice());
+    assert_eq!(
+        o.open(&mut r0).unwrap().1,
+        bytes("/records/record0_plaintext").as_slice()
+    );
     let mut r1 = bytes("/records/record1_stream_end");
     assert_eq!(o.open(&mut r1).unwrap().0, RecordType::StreamEnd);
 

@@ -47,7 +47,8 @@ impl Proxy {
         let (f2, d2) = (fired.clone(), data_bytes.clone());
         tokio::spawn(async move {
             while let Ok((c, _)) = l.accept().await {
-                let (target, fired, data, cut) = (target.clone(), f2.clone(), d2.clone(), cut.clone());
+                let (target, fired, data, cut) =
+                    (target.clone(), f2.clone(), d2.clone(), cut.clone());
                 tokio::spawn(async move {
                     let _ = relay(c, target, fault, fired, data, cut).await;
                 });

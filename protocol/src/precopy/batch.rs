@@ -58,7 +58,9 @@ pub fn decode_batch(payload: &[u8], page_size: usize) -> Result<Vec<PageRef<'_>>
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or_else(|| bad("shorter than its header".into()))?;
     if count == 0 || count > MAX_BATCH_PAGES {
-        return Err(bad(format!("page count {count} not in 1..={MAX_BATCH_PAGES}")));
+        return Err(bad(format!(
+            "page count {count} not in 1..={MAX_BATCH_PAGES}"
+        )));
     }
     let mut pages = Vec::with_capacity(count);
     let mut pos = BATCH_HEADER;
@@ -71,7 +73,9 @@ pub fn decode_batch(payload: &[u8], page_size: usize) -> Result<Vec<PageRef<'_>>
         pos += PAGE_HEADER;
         if let Some(p) = prev {
             if pfn <= p {
-                return Err(bad(format!("page {pfn} does not follow {p} in increasing order")));
+                return Err(bad(format!(
+                    "page {pfn} does not follow {p} in increasing order"
+                )));
             }
             if pfn / CHUNK_PAGES != p / CHUNK_PAGES {
                 return Err(bad(format!("pages {p} and {pfn} are in different chunks")));

@@ -22,7 +22,12 @@ pub struct PrecopyDest {
 
 impl PrecopyDest {
     /// An engine for the geometry agreed in the handshake; `mem` must match it and start zeroed.
-    pub fn new(mem: &dyn GuestMemory, page_size: u32, page_count: u64, streams: u16) -> Result<Self, PrecopyError> {
+    pub fn new(
+        mem: &dyn GuestMemory,
+        page_size: u32,
+        page_count: u64,
+        streams: u16,
+    ) -> Result<Self, PrecopyError> {
         if mem.page_size() != page_size as usize || mem.page_count() != page_count {
             return Err(PrecopyError::Geometry(format!(
                 "session says {page_count} pages of {page_size} bytes, local guest has {} of {}",
@@ -48,7 +53,12 @@ impl PrecopyDest {
 
     /// Apply one `Pages` record payload that arrived on `stream`. All-or-nothing: nothing is
     /// written unless the whole batch is valid. Errors are sticky.
-    pub fn on_pages(&mut self, mem: &mut dyn GuestMemory, stream: u16, payload: &[u8]) -> Result<u32, PrecopyError> {
+    pub fn on_pages(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        stream: u16,
+        payload: &[u8],
+    ) -> Result<u32, PrecopyError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -59,7 +69,12 @@ impl PrecopyDest {
         r
     }
 
-    fn apply(&mut self, mem: &mut dyn GuestMemory, stream: u16, payload: &[u8]) -> Result<u32, PrecopyError> {
+    fn apply(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        stream: u16,
+        payload: &[u8],
+    ) -> Result<u32, PrecopyError> {
         // Device state may overtake pages of other streams; the final digest is computed only
         // after every stream delivered its StreamEnd, so ordering across streams is moot.
         let pages = decode_batch(payload, self.page_size)?;

@@ -16,7 +16,10 @@ pub use batch::{decode_batch, PageKind, PageRef, BATCH_HEADER, MAX_BATCH_PAGES, 
 pub use dest::{PrecopyDest, MAX_DEVICE_STATE};
 pub use digest::{final_digest, page_digest, PageDigests};
 pub use memory::{DirtyBitmap, GuestMemory};
-pub use source::{predicted_downtime_ms, Batch, PrecopySource, RoundDecision, RoundStats, SourceStats, THROTTLE_STEPS};
+pub use source::{
+    predicted_downtime_ms, Batch, PrecopySource, RoundDecision, RoundStats, SourceStats,
+    THROTTLE_STEPS,
+};
 
 /// Pages per chunk; a chunk is the unit of batching and of stream assignment.
 pub const CHUNK_PAGES: u64 = 64;

@@ -99,8 +99,13 @@ impl PrecopySource {
     pub fn new(mem: &dyn GuestMemory, limits: Limits, streams: u16) -> Result<Self, PrecopyError> {
         let page_size = mem.page_size();
         let page_count = mem.page_count();
-        if !page_size.is_power_of_two() || !(4096..=crate::handshake::MAX_PAGE_SIZE as usize).contains(&page_size) || page_count == 0 {
-            return Err(PrecopyError::Geometry(format!("page size {page_size}, {page_count} pages")));
+        if !page_size.is_power_of_two()
+            || !(4096..=crate::handshake::MAX_PAGE_SIZE as usize).contains(&page_size)
+            || page_count == 0
+        {
+            return Err(PrecopyError::Geometry(format!(
+                "page size {page_size}, {page_count} pages"
+            )));
         }
         Ok(Self {
             page_size,
@@ -156,7 +161,11 @@ impl PrecopySource {
     /// Append the next batch of this round's pending pages to `out`; `None` when the round (or
     /// stop-and-copy) has nothing left. Zero pages are skipped in round 0 (the destination
     /// starts zeroed) and sent as zero entries later.
-    pub fn next_batch(&mut self, mem: &dyn GuestMemory, out: &mut Vec<u8>) -> Result<Option<Batch>, PrecopyError> {
+    pub fn next_batch(
+        &mut self,
+        mem: &dyn GuestMemory,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Batch>, PrecopyError> {
         let round0 = match self.phase {
             Phase::Round(r) => r == 0,
             Phase::StopAndCopy => false,
@@ -209,7 +218,11 @@ impl PrecopySource {
                 continue;
             }
             finish_batch(out, at, pages);
-            let r = self.stats.rounds.last_mut().expect("a round is open while batching");
+            let r = self
+                .stats
+                .rounds
+                .last_mut()
+                .expect("a round is open while batching");
             r.pages_sent += u64::from(pages);
             r.bytes += (out.len() - start_len) as u64;
             return Ok(Some(Batch {
@@ -223,7 +236,11 @@ impl PrecopySource {
 
     /// End the current round: collect the dirty log and decide, given the bandwidth the
     /// driver measured (bytes per second), whether to go on. spec: SPEC.md §8.4
-    pub fn end_round(&mut self, mem: &mut dyn GuestMemory, bandwidth_bps: u64) -> Result<RoundDecision, PrecopyError> {
+    pub fn end_round(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        bandwidth_bps: u64,
+    ) -> Result<RoundDecision, PrecopyError> {
         let Phase::Round(r) = self.phase else {
             return Err(PrecopyError::Misuse("end_round outside a round"));
         };
@@ -263,7 +280,10 @@ impl PrecopySource {
                         self.throttle_step += 1;
                         mem.set_throttle(percent);
                         self.stats.throttle = percent;
-                        RoundDecision::Throttle { percent, predicted_ms }
+                        RoundDecision::Throttle {
+                            percent,
+                            predicted_ms,
+                        }
                     }
                     None => RoundDecision::SwitchOver {
                         predicted_ms,
@@ -296,7 +316,11 @@ impl PrecopySource {
     }
 
     /// After stop-and-copy drained: the final digest over pages, device state and transcript.
-    pub fn finish(&mut self, device_state: &[u8], transcript_hash: &Digest) -> Result<Digest, PrecopyError> {
+    pub fn finish(
+        &mut self,
+        device_state: &[u8],
+        transcript_hash: &Digest,
+    ) -> Result<Digest, PrecopyError> {
         if self.phase != Phase::StopAndCopy || self.pending.count() != 0 {
             return Err(PrecopyError::Misuse("finish before stop-and-copy drained"));
         }
@@ -326,7 +350,8 @@ pub fn predicted_downtime_ms(bytes: u64, bandwidth_bps: u64) -> u64 {
     if bandwidth_bps == 0 {
         return u64::MAX;
     }
-    ((u128::from(bytes) * 1000).div_ceil(u128::from(bandwidth_bps))).min(u128::from(u64::MAX)) as u64
+    ((u128::from(bytes) * 1000).div_ceil(u128::from(bandwidth_bps))).min(u128::from(u64::MAX))
+        as u64
 }
 
 fn is_zero(page: &[u8]) -> bool {

@@ -84,7 +84,10 @@ pub enum Failed {
     Destination(Error),
 }
 
-pub fn run(mut s: Setup, journal: &mut MemoryJournal) -> Result<(Established, Established), Failed> {
+pub fn run(
+    mut s: Setup,
+    journal: &mut MemoryJournal,
+) -> Result<(Established, Established), Failed> {
     let verified = s
         .signed
         .verify(&OrderPolicy {
@@ -104,7 +107,8 @@ pub fn run(mut s: Setup, journal: &mut MemoryJournal) -> Result<(Established, Es
         peer: s.src_sees_peer,
     };
     let (mut src, hello) =
-        SourceHandshake::start(verified, src_chan, [0xAA; 32], mode, 2, &manifest()).map_err(Failed::Source)?;
+        SourceHandshake::start(verified, src_chan, [0xAA; 32], mode, 2, &manifest())
+            .map_err(Failed::Source)?;
     let mut dst = DestinationHandshake::new(
         DestinationConfig {
             operators: vec![op().verifying_key().to_bytes()],
@@ -130,7 +134,10 @@ pub fn run(mut s: Setup, journal: &mut MemoryJournal) -> Result<(Established, Es
         for m in to_dst.drain(..) {
             let m = (s.tamper_s2d)(n_s2d, m);
             n_s2d += 1;
-            to_src.extend(dst.handle(&m, &mut dst_att, &ver, journal).map_err(Failed::Destination)?);
+            to_src.extend(
+                dst.handle(&m, &mut dst_att, &ver, journal)
+                    .map_err(Failed::Destination)?,
+            );
         }
         for m in to_src {
             let m = (s.tamper_d2s)(n_d2s, m);
@@ -141,6 +148,8 @@ pub fn run(mut s: Setup, journal: &mut MemoryJournal) -> Result<(Established, Es
             panic!("handshake stalled");
         }
     }
-    Ok((src.into_established().unwrap(), dst.into_established().unwrap()))
+    Ok((
+        src.into_established().unwrap(),
+        dst.into_established().unwrap(),
+    ))
 }
-
