@@ -79,8 +79,8 @@ run_native() {
     qmp "$W/dst.qmp" "$extra_d" "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"$dst_uri\"}}" >/dev/null
     if [ "$mode" = socat ]; then
         for _ in $(seq 100); do [ -S "$W/dst.sock" ] && break; sleep 0.05; done
-        socat "TCP-LISTEN:$PORT,bind=127.0.0.1,reuseaddr" "UNIX-CONNECT:$W/dst.sock" & PIDS+=($!)
-        socat "UNIX-LISTEN:$W/hop1.sock" "TCP:127.0.0.1:$PORT,retry=50,interval=0.1" & PIDS+=($!)
+        socat -b 262144 "TCP-LISTEN:$PORT,bind=127.0.0.1,reuseaddr" "UNIX-CONNECT:$W/dst.sock" & PIDS+=($!)
+        socat -b 262144 "UNIX-LISTEN:$W/hop1.sock" "TCP:127.0.0.1:$PORT,retry=50,interval=0.1" & PIDS+=($!)
         for _ in $(seq 100); do [ -S "$W/hop1.sock" ] && break; sleep 0.05; done
     fi
     qmp "$W/src.qmp" "$PARAMS" "$extra_s" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$src_uri\"}}" >/dev/null

@@ -154,10 +154,22 @@ where
     let mut digest = StreamDigest::new();
     let mut wire_bytes = 0u64;
     loop {
-        let n = from
+        let mut n = from
             .read(&mut buf)
             .await
             .map_err(|e| format!("{what}: reading from QEMU: {e}"))?;
+        // Coalesce what QEMU already wrote (it writes 32 KiB at a time) into one record.
+        while n > 0 && n < buf.len() {
+            let more = tokio::select! {
+                biased;
+                r = from.read(&mut buf[n..]) => r.map_err(|e| format!("{what}: reading from QEMU: {e}"))?,
+                () = std::future::ready(()) => break,
+            };
+            if more == 0 {
+                break; // end of stream: the next read returns 0 again
+            }
+            n += more;
+        }
         out.clear();
         if n == 0 {
             sealer

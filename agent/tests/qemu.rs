@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use trustmig_agent::control::{Progress, Reply, Summary};
@@ -18,7 +17,7 @@ use trustmig_protocol::order::{Limits, NonConvergence};
 use trustmig_tests::proxy::{Fault, Proxy};
 
 /// One migration at a time: each test runs two QEMUs, two agents and two swtpm on 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const VM: &str = "qvm";
 const MEM_MIB: u32 = 256;
@@ -409,7 +408,7 @@ async fn assert_rolled_back(s: &mut Setup, result: &Result<Summary, String>, exp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_migrates_an_idle_guest() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
         return;
     };
@@ -432,7 +431,7 @@ async fn qemu_migrates_an_idle_guest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_migrates_a_dirtying_guest() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let Some(mut s) = setup("area=64 rate=64 check=25", true) else {
         return;
     };
@@ -452,7 +451,7 @@ async fn qemu_migrates_a_dirtying_guest() {
 }
 
 async fn faulted(fault: Fault, expect: &str) {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let Some(mut s) = setup("area=32 rate=16 check=10", true) else {
         return;
     };
@@ -484,7 +483,7 @@ async fn qemu_cut_connection_rolls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_error_is_reported_clearly() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
         return;
     };
@@ -501,7 +500,7 @@ async fn qemu_error_is_reported_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_destination_not_waiting_is_refused() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     // A destination QEMU that already runs a guest must never receive one.
     let Some(mut s) = setup("area=16 rate=0 check=10", false) else {
         return;
@@ -518,7 +517,7 @@ async fn qemu_destination_not_waiting_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark, run by bench/qemu.sh"]
 async fn bench_trustmig() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
     let opts = VmOpts {
         append: env("TRUSTMIG_BENCH_APPEND", "area=1008 rate=0 check=1000000"),
