@@ -235,10 +235,13 @@ impl Session {
 
         let mut finished: Vec<Option<u64>> = vec![None; streams as usize];
         let mut awaiting: Option<Vec<u64>> = None;
+        let mut ctrl = crate::wire::spawn_frame_reader(rd);
         loop {
             tokio::select! {
-                msg = read_frame(&mut rd) => {
-                    let msg = msg.map_err(|e: WireError| AgentError::Migration(format!("control channel: {e}")))?;
+                msg = ctrl.recv() => {
+                    let msg = msg
+                        .ok_or_else(|| AgentError::Migration("control channel closed".into()))?
+                        .map_err(|e: WireError| AgentError::Migration(format!("control channel: {e}")))?;
                     match dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)? {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => awaiting = Some(counts),

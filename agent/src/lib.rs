@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod attestation;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod daemon;

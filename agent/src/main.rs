@@ -81,6 +81,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks with real agents on loopback: downtime/bytes vs dirty rate, peak memory.
+    Bench {
+        /// Guest size for the dirty-rate table, MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Dirty rates to measure, pages per second.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "0,10000,25000,50000,100000,200000"
+        )]
+        rates: Vec<u64>,
+        /// Downtime target, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u32,
+        /// Guest size for the peak-memory figure, MiB (0 skips it).
+        #[arg(long, default_value_t = 4096)]
+        rss_size_mib: u64,
+    },
     /// Run an attested live migration on this machine with embedded defaults.
     Demo {
         /// Guest memory in MiB.
@@ -400,6 +419,26 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 }
                 Some(Reply::Error(e)) => return Err(AgentError::Migration(e)),
                 _ => return Err(AgentError::Migration("no status from agent".into())),
+            }
+        }
+        Cmd::Bench {
+            size_mib,
+            rates,
+            downtime_ms,
+            rss_size_mib,
+        } => {
+            if size_mib == 0 || rates.is_empty() || downtime_ms == 0 {
+                return Err(AgentError::Usage(
+                    "--size-mib, --rates and --downtime-ms must be non-empty and > 0".into(),
+                ));
+            }
+            print!(
+                "{}",
+                trustmig_agent::bench::dirty_rate_table(size_mib, &rates, downtime_ms)?
+            );
+            if rss_size_mib > 0 {
+                println!();
+                print!("{}", trustmig_agent::bench::peak_rss(rss_size_mib)?);
             }
         }
         Cmd::Demo {

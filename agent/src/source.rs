@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,7 +29,7 @@ use crate::daemon::{history_entry, Ctx};
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
 use crate::journal::State;
-use crate::wire::{preamble, read_frame, write_frame, WireError};
+use crate::wire::{preamble, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
 
@@ -257,7 +257,7 @@ impl Run {
 
         let (rd, wr) = tokio::io::split(tls);
         self.control = Some(wr);
-        let mut ctrl = spawn_reader(rd);
+        let mut ctrl = crate::wire::spawn_frame_reader(rd);
         let est = self.handshake(order, guest, exporter, &mut ctrl).await?;
         self.report(Progress::Attested {
             streams: est.streams,
@@ -605,19 +605,4 @@ async fn stream_writer(
     sock.flush().await.map_err(|e| e.to_string())?;
     let _ = sock.shutdown().await;
     Ok((sealer.next_seq(), bytes))
-}
-
-/// Forward control frames from the TLS read half to a channel.
-fn spawn_reader(mut rd: ReadHalf<Tls>) -> mpsc::Receiver<Result<Vec<u8>, WireError>> {
-    let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(async move {
-        loop {
-            let r = read_frame(&mut rd).await;
-            let stop = r.is_err();
-            if tx.send(r).await.is_err() || stop {
-                break;
-            }
-        }
-    });
-    rx
 }

@@ -1,6 +1,7 @@
 //! Bytes on sockets: control frames, data-stream preambles, whole records. spec: SPEC.md §4.1, §7.1
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use trustmig_protocol::codec::CodecError;
 use trustmig_protocol::messages::{frame_len, FRAME_HEADER};
 use trustmig_protocol::record::{Header, RecordError, HEADER_LEN};
@@ -94,4 +95,24 @@ pub async fn read_record<R: AsyncRead + Unpin>(
     buf.resize(HEADER_LEN + header.len as usize, 0);
     r.read_exact(&mut buf[HEADER_LEN..]).await.map_err(closed)?;
     Ok(true)
+}
+
+/// Read control frames in a task of their own and hand them over a channel. `read_frame` is
+/// not cancel-safe (a frame half read when a `select!` picks another branch would be lost and
+/// the stream desynchronised); a channel receive is.
+pub fn spawn_frame_reader<R>(mut rd: R) -> mpsc::Receiver<Result<Vec<u8>, WireError>>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut rd).await;
+            let stop = r.is_err();
+            if tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    rx
 }
