@@ -34,7 +34,7 @@ use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake}
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
 use trustmig_protocol::manifest::ImageManifest;
-use trustmig_protocol::messages::{Message, TransferMode};
+use trustmig_protocol::messages::{frame_len, Message, TransferMode, FRAME_HEADER};
 use trustmig_protocol::migration::{
     DestEvent, DestMigration, Outcome, SourceEvent, SourceMigration,
 };
@@ -957,9 +957,10 @@ impl DestRun {
         let mut dm = DestMigration::new(channel, order_id);
         let mut received: Option<Received> = None;
         let mut awaiting: Option<Vec<u64>> = None;
+        let mut frames = Frames::default();
         loop {
             tokio::select! {
-                msg = read_frame(rd) => {
+                msg = frames.next(rd) => {
                     let msg = msg.map_err(|e| AgentError::Migration(format!("control channel: {e}")))?;
                     match dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)? {
                         DestEvent::None => {}
@@ -1022,6 +1023,35 @@ impl DestRun {
         info!(order = %hex(id), vm = %self.vm, "QEMU VM resumed on this host");
         ctx.remember(history_entry("destination", None, None, &hex(id), &self.vm));
         Ok(())
+    }
+}
+
+/// Control frames read in a cancel-safe way (`read_frame` is not: inside `select!` a cancelled
+/// read would lose a partial frame). The only await is one `read`, which either delivers bytes
+/// into `buf` or none.
+#[derive(Default)]
+struct Frames {
+    buf: Vec<u8>,
+}
+
+impl Frames {
+    async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Vec<u8>, WireError> {
+        loop {
+            if let Some(h) = self.buf.get(..FRAME_HEADER) {
+                let n = frame_len(h.try_into().expect("FRAME_HEADER bytes"))?;
+                if self.buf.len() >= FRAME_HEADER + n {
+                    let body = self.buf[FRAME_HEADER..FRAME_HEADER + n].to_vec();
+                    self.buf.drain(..FRAME_HEADER + n);
+                    return Ok(body);
+                }
+            }
+            let mut tmp = [0u8; 16 << 10];
+            let k = rd.read(&mut tmp).await?;
+            if k == 0 {
+                return Err(WireError::Closed);
+            }
+            self.buf.extend_from_slice(&tmp[..k]);
+        }
     }
 }
 
@@ -1154,6 +1184,35 @@ mod tests {
             "{:?}",
             r.err()
         );
+    }
+
+    #[tokio::test]
+    async fn frames_survive_split_and_cancelled_reads() {
+        let mut wire = Vec::new();
+        for body in [&b"first"[..], &b""[..], &[7u8; 40_000][..]] {
+            wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            wire.extend_from_slice(body);
+        }
+        let (mut w, mut r) = tokio::io::duplex(64);
+        let feed = tokio::spawn(async move {
+            for c in wire.chunks(997) {
+                w.write_all(c).await.expect("write");
+                tokio::time::sleep(Duration::from_micros(50)).await;
+            }
+        });
+        let mut f = Frames::default();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            // Cancel the read often, as a select! would.
+            if let Ok(r) = tokio::time::timeout(Duration::from_micros(30), f.next(&mut r)).await {
+                got.push(r.expect("frame"));
+            }
+        }
+        feed.await.expect("feed");
+        assert_eq!(got[0], b"first");
+        assert!(got[1].is_empty());
+        assert_eq!(got[2], vec![7u8; 40_000]);
+        assert!(matches!(f.next(&mut r).await, Err(WireError::Closed)));
     }
 
     #[test]
