@@ -102,9 +102,9 @@ fn done(o: Outcome, pair: &Pair) -> Summary {
     }
 }
 
-/// The VM runs on the source again and the destination has none of it.
-fn assert_rolled_back(rt: &tokio::runtime::Runtime, pair: &Pair, name: &str) {
-    let (_, paused) = rt
+/// The VM runs on the source again and the destination has none of it; returns its checksum.
+fn assert_rolled_back(rt: &tokio::runtime::Runtime, pair: &Pair, name: &str) -> String {
+    let (sum, paused) = rt
         .block_on(Pair::checksum(&pair.src, name))
         .unwrap_or_else(|e| panic!("VM {name} gone from the source: {e}"));
     assert!(!paused, "source VM {name} runs again after rollback");
@@ -112,6 +112,7 @@ fn assert_rolled_back(rt: &tokio::runtime::Runtime, pair: &Pair, name: &str) {
         rt.block_on(Pair::checksum(&pair.dst, name)).is_err(),
         "destination discarded {name}"
     );
+    sum
 }
 
 #[test]
@@ -279,8 +280,10 @@ fn tampered_replayed_dropped_reordered_or_cut_data_streams_roll_back() {
         return;
     }
     let rt = rt();
-    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 2000), 2).unwrap();
+    // An idle guest, so that "memory intact" can be checked byte for byte after each attack.
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
     pair.start_both().unwrap();
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
     for fault in [
         Fault::FlipBit(5),
         Fault::Replay(5),
@@ -305,7 +308,7 @@ fn tampered_replayed_dropped_reordered_or_cut_data_streams_roll_back() {
             "{fault:?} applied"
         );
         assert!(e.contains("rolled back"), "{fault:?}: {e}");
-        assert_rolled_back(&rt, &pair, "v");
+        assert_eq!(assert_rolled_back(&rt, &pair, "v"), before, "{fault:?}: source memory intact");
     }
     // With an honest network the same pair still migrates.
     let order = pair
@@ -321,8 +324,9 @@ fn destination_killed_mid_round_leaves_the_source_running() {
         return;
     }
     let rt = rt();
-    let mut pair = Pair::create(exe().as_ref(), &vm("v", 128, 2000), 2).unwrap();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 128, 0), 2).unwrap();
     pair.start_both().unwrap();
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
     // A bandwidth cap keeps round 0 going for several seconds.
     let mut l = limits(300, 10, NonConvergence::Force);
     l.bandwidth_bps = 10 << 20;
@@ -338,8 +342,9 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     let e = failed(migrate(&rt, &pair, &order));
     killer.join().unwrap();
     assert!(e.contains("rolled back"), "{e}");
-    let (_, paused) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
+    let (after, paused) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
     assert!(!paused, "source VM runs");
+    assert_eq!(after, before, "source memory intact");
     // The destination restarts, settles its journal and accepts a new order.
     pair.procs[1] = None;
     pair.start(1).unwrap();

@@ -1,0 +1,95 @@
+//! Bad input of every kind at the command line: one clear line naming the problem, non-zero exit.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn trustmig(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trustmig"))
+        .args(args)
+        .env_remove("TRUSTMIG_HOME")
+        .output()
+        .expect("run trustmig");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let (ok, _, err) = trustmig(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+}
+
+#[test]
+fn init_refuses_to_overwrite_and_keys_must_be_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    let h = home.to_str().unwrap();
+    let (ok, out, _) = trustmig(&["init", "--home", h, "--tcti", "swtpm:host=127.0.0.1,port=1"]);
+    assert!(ok);
+    assert_eq!(out.trim().len(), 64, "prints the identity: {out}");
+    let key = home.join("identity.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    fails_with(&["init", "--home", h], "already holds an agent identity");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    fails_with(&["agent", "--home", h], "permissions 644 are too open; run `chmod 600");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The TPM is unreachable: named, with the TCTI.
+    fails_with(&["agent", "--home", h], "swtpm:host=127.0.0.1,port=1");
+    // A malformed configuration names the file and the key.
+    let cfg = home.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("streams = 2", "streams = 99")).unwrap();
+    fails_with(&["agent", "--home", h], "transfer.streams = 99");
+    std::fs::write(&cfg, "listen = \n").unwrap();
+    fails_with(&["agent", "--home", h], "config.toml");
+}
+
+#[test]
+fn missing_home_socket_and_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = dir.path().join("none");
+    let n = nowhere.to_str().unwrap();
+    fails_with(&["agent", "--home", n], "is not a trustmig home");
+    fails_with(&["status", "--home", n], "cannot reach the local agent");
+    fails_with(&["order", "show", n], "none");
+    let junk = dir.path().join("junk.order");
+    std::fs::write(&junk, b"not an order").unwrap();
+    fails_with(&["order", "show", junk.to_str().unwrap()], "order is malformed");
+    fails_with(&["migrate", "--home", n, "--order", junk.to_str().unwrap()], "junk.order");
+}
+
+#[test]
+fn order_signing_checks_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("op.key");
+    let k = key.to_str().unwrap();
+    let (ok, out, _) = trustmig(&["operator", "keygen", "--out", k]);
+    assert!(ok && out.trim().len() == 64);
+    let a = "aa".repeat(32);
+    let b = "bb".repeat(32);
+    let out_file = dir.path().join("o.order");
+    let o = out_file.to_str().unwrap();
+    let base = ["order", "sign", "--key", k, "--vm", "v", "--source", &a, "--destination", &b, "--destination-addr", "127.0.0.1:1", "--out", o];
+    let (ok, _, err) = trustmig(&base);
+    assert!(ok, "{err}");
+    let (ok, shown, _) = trustmig(&["order", "show", o]);
+    assert!(ok && shown.contains("verified   not checked"));
+    let mut bad = base.to_vec();
+    bad[7] = "abcd";
+    fails_with(&bad, "2 bytes, expected 32");
+    let mut bad = base.to_vec();
+    bad.extend(["--max-rounds", "0"]);
+    fails_with(&bad, "max_rounds 0");
+    let mut bad = base.to_vec();
+    bad.extend(["--on-nonconvergence", "pray"]);
+    fails_with(&bad, "unknown non-convergence action");
+    let mut bad = base.to_vec();
+    bad.extend(["--ttl", "999999"]);
+    fails_with(&bad, "--ttl 999999");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    fails_with(&base, "too open");
+}
