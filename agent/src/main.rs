@@ -81,6 +81,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// QEMU sidecar helpers.
+    #[command(subcommand)]
+    Qemu(QemuCmd),
     /// Benchmarks with real agents on loopback: downtime/bytes vs dirty rate, peak memory.
     Bench {
         /// Guest size for the dirty-rate table, MiB.
@@ -120,6 +123,20 @@ enum Cmd {
         /// Keep the temp dir with homes and agent logs.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QemuCmd {
+    /// Print the destination QEMU command line for a VM, given the source's QEMU command line
+    /// (after `--`): the same machine and devices, plus `-incoming defer -S` and a QMP socket.
+    DestinationCommand {
+        /// QMP socket path for the destination QEMU (the agent's `qmp` for this VM).
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The source QEMU command line, binary first.
+        #[arg(last = true, required = true)]
+        source: Vec<String>,
     },
 }
 
@@ -420,6 +437,13 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 Some(Reply::Error(e)) => return Err(AgentError::Migration(e)),
                 _ => return Err(AgentError::Migration("no status from agent".into())),
             }
+        }
+        Cmd::Qemu(QemuCmd::DestinationCommand { qmp, source }) => {
+            let (bin, args) = source.split_first().ok_or_else(|| {
+                AgentError::Usage("give the source QEMU command line after --".into())
+            })?;
+            let cmd = trustmig_agent::sidecar::destination_command(bin, args, &qmp);
+            println!("{}", cmd.join(" "));
         }
         Cmd::Bench {
             size_mib,

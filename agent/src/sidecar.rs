@@ -48,7 +48,7 @@ use crate::daemon::{history_entry, Ctx, DataConn};
 use crate::error::AgentError;
 use crate::journal::State;
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
-use crate::wire::{preamble, read_frame, read_record, write_frame, WireError};
+use crate::wire::{preamble, read_record, write_frame, WireError};
 
 type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
 type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -562,7 +562,7 @@ impl SourceRun {
     async fn go(&mut self, order: &VerifiedOrder, qmp: &mut Qmp) -> Result<Summary, AgentError> {
         let body = order.body().clone();
         let (rd, exporter) = self.connect(order).await?;
-        let mut ctrl = spawn_reader(rd);
+        let mut ctrl = crate::wire::spawn_frame_reader(rd);
         let est = self.handshake(order, exporter, &mut ctrl).await?;
         self.report(Progress::Attested {
             streams: est.streams,
@@ -771,21 +771,6 @@ fn round_progress(m: &MigrationInfo) -> Progress {
         total_bytes: ram.transferred,
         guest_pages: ram.total / page,
     }
-}
-
-/// Forward control frames from the TLS read half to a channel.
-fn spawn_reader(mut rd: ReadHalf<ClientTls>) -> mpsc::Receiver<Result<Vec<u8>, WireError>> {
-    let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(async move {
-        loop {
-            let r = read_frame(&mut rd).await;
-            let stop = r.is_err();
-            if tx.send(r).await.is_err() || stop {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 // ---------------------------------------------------------------------------------------------
