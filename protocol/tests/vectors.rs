@@ -5,6 +5,7 @@
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use trustmig_protocol::attestation::{qualifying_data, Measurement, FINAL_LABEL, HANDSHAKE_LABEL};
+use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
 use trustmig_protocol::order::*;
 use trustmig_protocol::precopy::final_digest;
@@ -82,6 +83,16 @@ fn compute() -> Value {
             "event_agent_executable_0x07": h(&Measurement::AgentExecutable([7; 32]).pcr_digest()),
             "event_image_manifest_0x07": h(&Measurement::ImageManifest([7; 32]).pcr_digest()),
         },
+        "hvstream": {
+            "transcript_hash": h(&transcript),
+            "stream": h(b"QEVM\x00\x00\x00\x03 qemu migration stream bytes"),
+            "final": h(&{
+                let mut d = StreamDigest::new();
+                d.update(b"QEVM\x00\x00\x00\x03 qemu ");
+                d.update(b"migration stream bytes");
+                d.finish(&transcript)
+            }),
+        },
         "image_digest": {
             "transcript_hash": h(&transcript),
             "page_size": 4096, "page_count": 2,
@@ -100,7 +111,10 @@ fn path() -> std::path::PathBuf {
 fn code_reproduces_spec_vectors() {
     let now = compute();
     if std::env::var_os("TRUSTMIG_WRITE_VECTORS").is_some() {
-        std::fs::write(path(), serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
+        // Atomic replace: the other test may be reading the file right now.
+        let tmp = path().with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
+        std::fs::rename(&tmp, path()).unwrap();
     }
     let text = std::fs::read_to_string(path()).expect("spec/vectors/protocol.json exists");
     let want: Value = serde_json::from_str(&text).unwrap();

@@ -65,6 +65,11 @@ final = sha256(b"trustmig image v1", b(im["transcript_hash"]), im["page_size"].t
                im["page_count"].to_bytes(8, "big"), b(im["pages_root"]), sha256(b(im["device_state"])))
 check("final image digest", final, im["final"])
 
+hv = V["hvstream"]
+stream = b(hv["stream"])
+check("hvstream final digest", sha256(b"trustmig hvstream v1", b(hv["transcript_hash"]),
+      len(stream).to_bytes(8, "big"), sha256(stream)), hv["final"])
+
 if failures:
     print("\n".join(failures))
     sys.exit(1)
