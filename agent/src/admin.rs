@@ -3,9 +3,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use trustmig_attest::enroll::PendingEnrollment;
 use trustmig_attest::policy::EventKind;
 use trustmig_attest::tpm::{Tpm, TpmConfig};
-use trustmig_attest::{Enroller, Policy, TrustedAk};
+use trustmig_attest::{
+    EnrollChallenge, EnrollRequest, EnrollResponse, Enroller, Policy, TrustedAk,
+};
 use trustmig_protocol::order::{
     check_limits, hex, Limits, NonConvergence, OrderBody, OrderPolicy, Role, SignedOrder,
     ORDER_VERSION,
@@ -212,34 +215,48 @@ fn tpm_of(home: &Home) -> Result<Tpm, AgentError> {
     .map_err(|e| AgentError::Tpm(format!("{e} (tcti {})", cfg.tpm.tcti)))
 }
 
-/// Enroll `agent_home`'s AK into `verifier_home`'s policy: the verifier checks the EK
-/// certificate against `ek_ca_pem`, wraps a secret to the EK bound to the AK's name
-/// (MakeCredential on the verifier's TPM) and trusts the AK only if the agent's TPM could
-/// activate it. Both homes must be reachable from this machine (same host, or a shared admin
-/// host); the agents must not be running (each TPM serves one client).
-pub fn enroll(
-    agent_home: &Home,
-    verifier_home: &Home,
-    ek_ca_pem: &str,
-) -> Result<TrustedAk, AgentError> {
+/// Enrollment step 1 (agent): the request naming this agent, its EK certificate and its AK.
+pub fn enroll_request(agent_home: &Home) -> Result<EnrollRequest, AgentError> {
     let agent_id = Identity::load(agent_home)?.id();
+    tpm_of(agent_home)?
+        .enroll_request(agent_id)
+        .map_err(|e| AgentError::Tpm(e.to_string()))
+}
+
+/// Enrollment step 2 (verifier): check the EK certificate against `ek_ca_pem` and wrap a fresh
+/// secret to the EK, bound to the AK's name (MakeCredential on the verifier's TPM).
+pub fn enroll_challenge(
+    verifier_home: &Home,
+    req: &EnrollRequest,
+    ek_ca_pem: &str,
+) -> Result<(EnrollChallenge, PendingEnrollment), AgentError> {
     let enroller =
         Enroller::from_pem(ek_ca_pem).map_err(|e| AgentError::Tpm(format!("EK CA: {e}")))?;
-    let mut agent_tpm = tpm_of(agent_home)?;
-    let req = agent_tpm
-        .enroll_request(agent_id)
-        .map_err(|e| AgentError::Tpm(e.to_string()))?;
-    let (challenge, pending) = {
-        let mut verifier_tpm = tpm_of(verifier_home)?;
-        enroller
-            .challenge(&req, &mut verifier_tpm, crate::unix_now() as i64)
-            .map_err(|e| AgentError::Tpm(format!("enrollment refused: {e}")))?
-    };
-    let response = agent_tpm
-        .activate_credential(&challenge)
-        .map_err(|e| AgentError::Tpm(e.to_string()))?;
+    let mut verifier_tpm = tpm_of(verifier_home)?;
+    enroller
+        .challenge(req, &mut verifier_tpm, crate::unix_now() as i64)
+        .map_err(|e| AgentError::Tpm(format!("enrollment refused: {e}")))
+}
+
+/// Enrollment step 3 (agent): ActivateCredential succeeds only in the TPM holding both the EK
+/// and the AK.
+pub fn enroll_activate(
+    agent_home: &Home,
+    ch: &EnrollChallenge,
+) -> Result<EnrollResponse, AgentError> {
+    tpm_of(agent_home)?
+        .activate_credential(ch)
+        .map_err(|e| AgentError::Tpm(e.to_string()))
+}
+
+/// Enrollment step 4 (verifier): compare the secret and trust the AK in the policy.
+pub fn enroll_finish(
+    verifier_home: &Home,
+    pending: PendingEnrollment,
+    resp: &EnrollResponse,
+) -> Result<TrustedAk, AgentError> {
     let entry = pending
-        .finish(&response)
+        .finish(resp)
         .map_err(|e| AgentError::Tpm(format!("enrollment refused: {e}")))?;
     let mut policy = load_policy(verifier_home)?;
     policy
@@ -250,4 +267,26 @@ pub fn enroll(
         })?;
     write_policy(verifier_home, &policy)?;
     Ok(entry)
+}
+
+/// Where a verifier keeps a pending enrollment for `agent` between steps 2 and 4.
+pub fn pending_path(verifier_home: &Home, agent: &AgentId) -> std::path::PathBuf {
+    verifier_home
+        .trust_dir()
+        .join("pending")
+        .join(format!("{}.cbor", hex::encode(agent)))
+}
+
+/// All four steps at once, when both homes and TPMs are reachable from here (one host, or the
+/// demo). Across hosts, run the steps with `trustmig attest enroll-request|challenge|activate|
+/// finish` and carry the files between them.
+pub fn enroll(
+    agent_home: &Home,
+    verifier_home: &Home,
+    ek_ca_pem: &str,
+) -> Result<TrustedAk, AgentError> {
+    let req = enroll_request(agent_home)?;
+    let (challenge, pending) = enroll_challenge(verifier_home, &req, ek_ca_pem)?;
+    let response = enroll_activate(agent_home, &challenge)?;
+    enroll_finish(verifier_home, pending, &response)
 }

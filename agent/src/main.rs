@@ -9,6 +9,8 @@ use trustmig_agent::control::{self, Reply, Request};
 use trustmig_agent::error::AgentError;
 use trustmig_agent::home::Home;
 use trustmig_agent::progress::{summary_text, Display};
+use trustmig_attest::enroll::PendingEnrollment;
+use trustmig_attest::{EnrollChallenge, EnrollRequest, EnrollResponse};
 use trustmig_protocol::order::Limits;
 
 #[derive(Parser)]
@@ -264,6 +266,51 @@ enum AttestCmd {
         #[arg(long)]
         ek_ca: PathBuf,
     },
+    /// Enrollment across hosts, step 1 (on the agent's host): write the request.
+    EnrollRequest {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Request file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 2 (on the verifier's host): check the EK certificate, write the challenge; the
+    /// secret stays in the verifier's trust/pending/ (0600).
+    EnrollChallenge {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The agent's request file.
+        #[arg(long)]
+        request: PathBuf,
+        /// PEM file of the CA(s) that issue EK certificates.
+        #[arg(long)]
+        ek_ca: PathBuf,
+        /// Challenge file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 3 (on the agent's host): activate the credential in the TPM, write the response.
+    EnrollActivate {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The verifier's challenge file.
+        #[arg(long)]
+        challenge: PathBuf,
+        /// Response file to write (secret: mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 4 (on the verifier's host): check the response and trust the AK.
+    EnrollFinish {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The agent's response file.
+        #[arg(long)]
+        response: PathBuf,
+        /// The agent identity being enrolled (hex, or a file holding it).
+        #[arg(long)]
+        agent: String,
+    },
     /// Print the SHA-256 of this trustmig executable (what peers' policies allow).
     MeasureSelf,
 }
@@ -373,6 +420,77 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         }) => {
             let pem = std::fs::read_to_string(&ek_ca).map_err(AgentError::io(&ek_ca))?;
             let entry = admin::enroll(&Home::at(home), &Home::at(verifier_home), &pem)?;
+            println!(
+                "enrolled AK {} for agent {}",
+                hex::encode(&entry.ak_name),
+                hex::encode(entry.agent)
+            );
+        }
+        Cmd::Attest(AttestCmd::EnrollRequest { home, out }) => {
+            let req = admin::enroll_request(&Home::at(home.home))?;
+            trustmig_agent::home::write_atomic(&out, &req.to_cbor())?;
+        }
+        Cmd::Attest(AttestCmd::EnrollChallenge {
+            home,
+            request,
+            ek_ca,
+            out,
+        }) => {
+            let h = Home::at(home.home);
+            let req = EnrollRequest::from_cbor(&read_file(&request)?).map_err(|e| {
+                AgentError::BadConfig {
+                    path: request.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let pem = std::fs::read_to_string(&ek_ca).map_err(AgentError::io(&ek_ca))?;
+            let (challenge, pending) = admin::enroll_challenge(&h, &req, &pem)?;
+            let p = admin::pending_path(&h, &req.agent);
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+            }
+            let _ = std::fs::remove_file(&p); // a newer challenge replaces an older one
+            trustmig_agent::home::write_secret(&p, &pending.dangerous_to_cbor())?;
+            trustmig_agent::home::write_atomic(&out, &challenge.to_cbor())?;
+        }
+        Cmd::Attest(AttestCmd::EnrollActivate {
+            home,
+            challenge,
+            out,
+        }) => {
+            let ch = EnrollChallenge::from_cbor(&read_file(&challenge)?).map_err(|e| {
+                AgentError::BadConfig {
+                    path: challenge.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let resp = admin::enroll_activate(&Home::at(home.home), &ch)?;
+            trustmig_agent::home::write_secret(&out, &resp.to_cbor())?;
+        }
+        Cmd::Attest(AttestCmd::EnrollFinish {
+            home,
+            response,
+            agent,
+        }) => {
+            let h = Home::at(home.home);
+            let agent = admin::key_arg(&agent)?;
+            let p = admin::pending_path(&h, &agent);
+            let pending_bytes = trustmig_agent::home::read_secret(&p)?;
+            let pending = PendingEnrollment::from_cbor(&pending_bytes).map_err(|e| {
+                AgentError::BadConfig {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let resp = EnrollResponse::from_cbor(&read_file(&response)?).map_err(|e| {
+                AgentError::BadConfig {
+                    path: response.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            // Single use: the pending secret goes whether or not the response was right.
+            let _ = std::fs::remove_file(&p);
+            let entry = admin::enroll_finish(&h, pending, &resp)?;
             println!(
                 "enrolled AK {} for agent {}",
                 hex::encode(&entry.ak_name),

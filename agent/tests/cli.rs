@@ -19,7 +19,10 @@ fn trustmig(args: &[&str]) -> (bool, String, String) {
 fn fails_with(args: &[&str], needle: &str) {
     let (ok, _, err) = trustmig(args);
     assert!(!ok, "{args:?} succeeded");
-    assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr {err:?} lacks {needle:?}"
+    );
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
 }
 
@@ -32,10 +35,16 @@ fn init_refuses_to_overwrite_and_keys_must_be_private() {
     assert!(ok);
     assert_eq!(out.trim().len(), 64, "prints the identity: {out}");
     let key = home.join("identity.key");
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     fails_with(&["init", "--home", h], "already holds an agent identity");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    fails_with(&["agent", "--home", h], "permissions 644 are too open; run `chmod 600");
+    fails_with(
+        &["agent", "--home", h],
+        "permissions 644 are too open; run `chmod 600",
+    );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     // The TPM is unreachable: named, with the TCTI.
     fails_with(&["agent", "--home", h], "swtpm:host=127.0.0.1,port=1");
@@ -58,8 +67,14 @@ fn missing_home_socket_and_files_are_named() {
     fails_with(&["order", "show", n], "none");
     let junk = dir.path().join("junk.order");
     std::fs::write(&junk, b"not an order").unwrap();
-    fails_with(&["order", "show", junk.to_str().unwrap()], "order is malformed");
-    fails_with(&["migrate", "--home", n, "--order", junk.to_str().unwrap()], "junk.order");
+    fails_with(
+        &["order", "show", junk.to_str().unwrap()],
+        "order is malformed",
+    );
+    fails_with(
+        &["migrate", "--home", n, "--order", junk.to_str().unwrap()],
+        "junk.order",
+    );
 }
 
 #[test]
@@ -73,7 +88,22 @@ fn order_signing_checks_its_inputs() {
     let b = "bb".repeat(32);
     let out_file = dir.path().join("o.order");
     let o = out_file.to_str().unwrap();
-    let base = ["order", "sign", "--key", k, "--vm", "v", "--source", &a, "--destination", &b, "--destination-addr", "127.0.0.1:1", "--out", o];
+    let base = [
+        "order",
+        "sign",
+        "--key",
+        k,
+        "--vm",
+        "v",
+        "--source",
+        &a,
+        "--destination",
+        &b,
+        "--destination-addr",
+        "127.0.0.1:1",
+        "--out",
+        o,
+    ];
     let (ok, _, err) = trustmig(&base);
     assert!(ok, "{err}");
     let (ok, shown, _) = trustmig(&["order", "show", o]);

@@ -308,7 +308,11 @@ fn tampered_replayed_dropped_reordered_or_cut_data_streams_roll_back() {
             "{fault:?} applied"
         );
         assert!(e.contains("rolled back"), "{fault:?}: {e}");
-        assert_eq!(assert_rolled_back(&rt, &pair, "v"), before, "{fault:?}: source memory intact");
+        assert_eq!(
+            assert_rolled_back(&rt, &pair, "v"),
+            before,
+            "{fault:?}: source memory intact"
+        );
     }
     // With an honest network the same pair still migrates.
     let order = pair

@@ -206,7 +206,45 @@ pub struct PendingEnrollment {
     secret: Zeroizing<[u8; 32]>,
 }
 
+/// The stored form of a pending enrollment (verifier side, between challenge and finish).
+#[derive(Serialize, Deserialize, Zeroize)]
+#[serde(deny_unknown_fields)]
+#[zeroize(drop)]
+struct PendingFile {
+    #[serde(with = "serde_bytes")]
+    agent: AgentId,
+    #[serde(with = "serde_bytes")]
+    ak_name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    secret: [u8; 32],
+}
+
 impl PendingEnrollment {
+    /// Encode, secret included, for the verifier to keep (mode 0600) while the agent, possibly
+    /// on another host, activates the credential. Named `dangerous_` because it exports it.
+    pub fn dangerous_to_cbor(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(codec::encode(&PendingFile {
+            agent: self.agent,
+            ak_name: self.ak_name.clone(),
+            secret: *self.secret,
+        }))
+    }
+
+    /// Decode what [`Self::dangerous_to_cbor`] wrote.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, CodecError> {
+        let f: PendingFile = codec::decode(bytes)?;
+        Ok(Self {
+            agent: f.agent,
+            ak_name: f.ak_name.clone(),
+            secret: Zeroizing::new(f.secret),
+        })
+    }
+
+    /// The agent this enrollment is for.
+    pub fn agent(&self) -> &AgentId {
+        &self.agent
+    }
+
     /// Check the agent's response; on success the trust-store entry for the verifier's policy.
     pub fn finish(self, response: &EnrollResponse) -> Result<TrustedAk, EnrollError> {
         if !ct_eq(&response.secret, &self.secret[..]) {
