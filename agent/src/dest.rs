@@ -209,6 +209,18 @@ impl Session {
             streams,
             ..
         } = est;
+        // The peer is attested but its numbers are still input: refuse a guest this host cannot
+        // hold rather than abort on allocation.
+        let want = page_count.saturating_mul(PAGE_SIZE as u64);
+        if let Some(avail) = crate::guest::mem_available() {
+            if want > avail {
+                return Err(AgentError::Migration(format!(
+                    "guest of {} MiB does not fit: {} MiB of memory available here",
+                    want >> 20,
+                    avail >> 20
+                )));
+            }
+        }
         let guest = SyntheticGuest::zeroed(&self.vm, page_count);
         let engine = PrecopyDest::new(&guest, page_size, page_count, streams).map_err(proto)?;
         let state = Arc::new(Mutex::new(Receiving { engine, guest }));

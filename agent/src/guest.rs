@@ -141,6 +141,14 @@ impl SyntheticGuest {
     }
 }
 
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 impl GuestMemory for SyntheticGuest {
     fn page_size(&self) -> usize {
         PAGE_SIZE
