@@ -27,7 +27,8 @@ impl Default for DemoArgs {
             vm: VmSpec::default(),
             streams: 2,
             limits: Limits {
-                downtime_ms: 300,
+                // Tight enough that a busy guest shows iterative pre-copy rounds.
+                downtime_ms: 100,
                 bandwidth_bps: 0,
                 max_rounds: 30,
                 on_nonconvergence: NonConvergence::Throttle,

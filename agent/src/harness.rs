@@ -37,7 +37,7 @@ impl Default for VmSpec {
             name: "demo-vm".into(),
             size_mib: 512,
             dirty_pages_per_sec: 20_000,
-            hot_fraction: 0.05,
+            hot_fraction: 0.15,
             fill_fraction: 0.5,
         }
     }

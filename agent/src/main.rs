@@ -114,7 +114,7 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         dirty_pages_per_sec: u64,
         /// Downtime target, ms.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 100)]
         downtime_ms: u32,
         /// Data streams.
         #[arg(long, default_value_t = 2)]
