@@ -108,12 +108,15 @@ pub async fn run(a: DemoArgs) -> Result<Summary, AgentError> {
         eprintln!("  destination VM      running");
     }
     if a.keep {
-        let kept = pair.dir().to_path_buf();
+        let kept = pair.keep();
         say(
             a.json,
-            &format!("kept {} (agent logs, homes)", kept.display()),
+            &format!(
+                "kept {} (homes, journals, agent logs); agents stopped — restart one with `trustmig agent --home {}/destination`",
+                kept.display(),
+                kept.display()
+            ),
         );
-        std::mem::forget(pair);
     }
     Ok(summary)
 }

@@ -191,6 +191,18 @@ impl Pair {
         })
     }
 
+    /// Stop the agents and TPMs but keep the directory (homes, journals, logs); returns it.
+    pub fn keep(mut self) -> PathBuf {
+        for p in self.procs.iter_mut() {
+            if let Some(mut p) = p.take() {
+                p.terminate();
+            }
+        }
+        self.tpms.clear();
+        let Pair { dir, .. } = self;
+        dir.keep()
+    }
+
     /// The temp dir everything lives in.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -549,7 +549,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                     if json {
                         println!("{v}");
                     } else {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                        print!("{}", trustmig_agent::progress::status_text(&v));
                     }
                 }
                 Some(Reply::Error(e)) => return Err(AgentError::Migration(e)),

@@ -151,3 +151,55 @@ pub fn summary_text(s: &Summary) -> String {
         s.throttle,
     )
 }
+
+/// The agent's status (as the control socket returns it) as text: identity, hosted VMs,
+/// and the journal's latest record per migration (in flight first).
+pub fn status_text(v: &serde_json::Value) -> String {
+    let str_of = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string()
+    };
+    let mut out = format!(
+        "agent {} listening on {}\n",
+        str_of(v, "identity"),
+        str_of(v, "listen")
+    );
+    let vms = v
+        .get("vms")
+        .and_then(|x| x.as_array())
+        .cloned()
+        .unwrap_or_default();
+    out += &format!("VMs hosted here: {}\n", vms.len());
+    for vm in &vms {
+        let bytes = vm.get("bytes").and_then(|x| x.as_u64()).unwrap_or(0);
+        let paused = vm.get("paused").and_then(|x| x.as_bool()).unwrap_or(false);
+        out += &format!(
+            "  {:20} {:>8.0} MiB  {}\n",
+            str_of(vm, "name"),
+            mib(bytes),
+            if paused { "paused" } else { "running" }
+        );
+    }
+    let mut journal = v
+        .get("journal")
+        .and_then(|x| x.as_array())
+        .cloned()
+        .unwrap_or_default();
+    // In flight (claimed or committed, not done) first.
+    journal.sort_by_key(|r| !matches!(str_of(r, "state").as_str(), "claimed" | "committed"));
+    out += "migrations (latest state per order, newest first; in flight on top):\n";
+    if journal.is_empty() {
+        out += "  none\n";
+    }
+    for r in &journal {
+        let order = str_of(r, "order_id");
+        out += &format!(
+            "  {}  {:11} {:12} {:16} {}\n",
+            order.get(..16).unwrap_or(&order),
+            str_of(r, "role"),
+            str_of(r, "state"),
+            str_of(r, "vm"),
+            str_of(r, "note")
+        );
+    }
+    out
+}
