@@ -154,8 +154,10 @@ pub fn sign_order(key_path: &Path, a: OrderArgs) -> Result<SignedOrder, AgentErr
         destination: a.destination,
         destination_addr: a.destination_addr,
         limits: a.limits,
+        // Valid from 5 s ago (clock skew between operator and agents) for exactly `ttl_secs`,
+        // so any ttl the CLI accepts (1..=MAX_ORDER_LIFETIME) yields a window agents accept.
         not_before: now.saturating_sub(5),
-        not_after: now + a.ttl_secs,
+        not_after: now.saturating_sub(5) + a.ttl_secs,
     };
     Ok(SignedOrder::sign(&body, &key))
 }

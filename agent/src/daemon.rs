@@ -115,6 +115,14 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
         .vms
         .iter()
         .filter(|v| v.backend == "synthetic") // `qemu` VMs live in their QEMU (sidecar.rs)
+        // A VM that migrated away is the destination's now: never two running copies.
+        .filter(|v| {
+            let gone = journal.migrated_away(&v.name);
+            if gone {
+                info!(vm = %v.name, "not started: it migrated to another host (journal)");
+            }
+            !gone
+        })
         .map(|v| {
             let mut g = SyntheticGuest::new(v);
             trustmig_protocol::precopy::GuestMemory::resume(&mut g);

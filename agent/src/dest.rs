@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
+use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::handshake::{
     ChannelBinding, DestinationConfig, DestinationHandshake, Established,
 };
@@ -234,7 +235,7 @@ impl Session {
             .expect("sessions lock")
             .insert(sid, conn_tx);
         self.sid = Some(sid);
-        let (done_tx, mut done_rx) = mpsc::channel::<(u16, Result<u64, String>)>(16);
+        let (done_tx, mut done_rx) = mpsc::channel::<(u16, Result<u64, AgentError>)>(16);
         tokio::spawn(bind_streams(
             ctx.clone(),
             Arc::new(keys),
@@ -248,8 +249,21 @@ impl Session {
         let mut finished: Vec<Option<u64>> = vec![None; streams as usize];
         let mut awaiting: Option<Vec<u64>> = None;
         let mut ctrl = crate::wire::spawn_frame_reader(rd);
+        // A source that goes silent (no control message, no page) for a whole step timeout has
+        // failed: the destination discards rather than wait for ever.
+        let mut last_pages = u64::MAX;
         loop {
             tokio::select! {
+                () = tokio::time::sleep(ctx.step_timeout()) => {
+                    let pages = state.lock().expect("state lock").engine.pages_written();
+                    if pages == last_pages {
+                        return Err(AgentError::Migration(format!(
+                            "source silent for {} s (no message, no page); giving up",
+                            ctx.step_timeout().as_secs()
+                        )));
+                    }
+                    last_pages = pages;
+                }
                 msg = ctrl.recv() => {
                     let msg = msg
                         .ok_or_else(|| AgentError::Migration("control channel closed".into()))?
@@ -262,7 +276,7 @@ impl Session {
                     }
                 }
                 Some((i, r)) = done_rx.recv() => {
-                    let n = r.map_err(AgentError::Migration)?;
+                    let n = r?;
                     if let Some(slot) = finished.get_mut(i as usize) {
                         *slot = Some(n);
                     }
@@ -272,11 +286,11 @@ impl Session {
                 if finished.iter().all(Option::is_some) {
                     let received: Vec<u64> = finished.iter().map(|n| n.unwrap_or(0)).collect();
                     if received.len() != counts.len() {
-                        return Err(AgentError::Migration(format!(
+                        return Err(proto(PeerMisbehaved::BadField(format!(
                             "source announced {} streams, session has {}",
                             counts.len(),
                             received.len()
-                        )));
+                        ))));
                     }
                     let computed = state
                         .lock()
@@ -342,7 +356,7 @@ async fn bind_streams(
     streams: u16,
     state: Arc<Mutex<Receiving>>,
     mut conns: mpsc::Receiver<DataConn>,
-    done: mpsc::Sender<(u16, Result<u64, String>)>,
+    done: mpsc::Sender<(u16, Result<u64, AgentError>)>,
 ) {
     let mut bound = vec![false; streams as usize];
     while let Some((i, mut sock)) = conns.recv().await {
@@ -382,25 +396,23 @@ async fn read_stream(
     mut opener: Opener,
     i: u16,
     state: &Mutex<Receiving>,
-) -> Result<u64, String> {
+) -> Result<u64, AgentError> {
     let mut buf = Vec::with_capacity(1 << 20);
+    let cut = || AgentError::Migration(format!("data stream {i} cut before its end"));
     loop {
-        if !read_record(&mut sock, &mut buf)
-            .await
-            .map_err(|e| format!("data stream {i}: {e}"))?
-        {
-            return Err(format!("data stream {i} cut before its end"));
+        // Typed errors, so the Abort the source gets says record-failure or migration-failed.
+        match read_record(&mut sock, &mut buf).await {
+            Ok(true) => {}
+            Ok(false) | Err(WireError::Closed) | Err(WireError::Io(_)) => return Err(cut()),
+            Err(WireError::Record(e)) => return Err(proto(e)),
+            Err(e) => return Err(AgentError::Migration(format!("data stream {i}: {e}"))),
         }
-        let (typ, payload) = opener
-            .open(&mut buf)
-            .map_err(|e| format!("data stream {i}: {e}"))?;
+        let (typ, payload) = opener.open(&mut buf).map_err(proto)?;
         match typ {
             RecordType::Pages => {
                 let mut st = state.lock().expect("state lock");
                 let Receiving { engine, guest } = &mut *st;
-                engine
-                    .on_pages(guest, i, payload)
-                    .map_err(|e| format!("data stream {i}: {e}"))?;
+                engine.on_pages(guest, i, payload).map_err(proto)?;
             }
             RecordType::DeviceState => {
                 state
@@ -408,11 +420,15 @@ async fn read_stream(
                     .expect("state lock")
                     .engine
                     .on_device_state(payload)
-                    .map_err(|e| format!("data stream {i}: {e}"))?;
+                    .map_err(proto)?;
             }
             RecordType::KeyUpdate => {}
             RecordType::StreamEnd => return Ok(opener.records()),
-            t => return Err(format!("data stream {i}: unexpected {t:?} record")),
+            t => {
+                return Err(proto(PeerMisbehaved::BadField(format!(
+                    "{t:?} record on pre-copy data stream {i}"
+                ))))
+            }
         }
     }
 }

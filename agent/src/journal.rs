@@ -57,6 +57,7 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     latest: HashMap<String, Record>,
+    last_for_vm: HashMap<String, Record>,
 }
 
 impl Journal {
@@ -65,6 +66,7 @@ impl Journal {
         fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
         let path = dir.join("journal.jsonl");
         let mut latest = HashMap::new();
+        let mut last_for_vm: HashMap<String, Record> = HashMap::new();
         let mut torn_at = None;
         if path.exists() {
             let text = fs::read_to_string(&path).map_err(AgentError::io(&path))?;
@@ -74,6 +76,7 @@ impl Journal {
                 let torn_tail = i == lines.len() - 1 && !line.ends_with('\n');
                 match serde_json::from_str::<Record>(line.trim_end()) {
                     Ok(r) => {
+                        last_for_vm.insert(r.vm.clone(), r.clone());
                         latest.insert(r.order_id.clone(), r);
                     }
                     // Crash mid-append: the caller never acted on it; cut it off below.
@@ -105,7 +108,12 @@ impl Journal {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(AgentError::io(dir))?;
-        Ok(Self { path, file, latest })
+        Ok(Self {
+            path,
+            file,
+            latest,
+            last_for_vm,
+        })
     }
 
     /// Append `r` durably.
@@ -116,6 +124,7 @@ impl Journal {
             .write_all(&line)
             .map_err(AgentError::io(&self.path))?;
         self.file.sync_data().map_err(AgentError::io(&self.path))?;
+        self.last_for_vm.insert(r.vm.clone(), r.clone());
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
     }
@@ -170,6 +179,15 @@ impl Journal {
         v
     }
 
+    /// Whether `vm` left this agent: its latest record (in journal order) is a source-side
+    /// migration that committed, so the destination owns it and it must not start here again.
+    pub fn migrated_away(&self, vm: &str) -> bool {
+        self.last_for_vm.get(vm).is_some_and(|r| {
+            r.role == Role::Source
+                && matches!(r.state, State::Committed | State::Done | State::Settled)
+        })
+    }
+
     /// Migrations interrupted by a crash or restart: not Done, RolledBack or Settled.
     pub fn in_doubt(&self) -> Vec<Record> {
         self.latest
@@ -219,6 +237,10 @@ mod tests {
         ));
         assert_eq!(j.in_doubt().len(), 1);
         assert_eq!(j.in_doubt()[0].state, State::Committed);
+        assert!(
+            j.migrated_away("vm"),
+            "a committed source migration means the VM left"
+        );
         // The torn tail was cut, so new appends stay readable.
         j.claim_for(&[3; 16], Role::Source, "vm", 10).unwrap();
         drop(j);

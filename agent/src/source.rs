@@ -265,8 +265,28 @@ impl Run {
         .await;
         let mut pool = Pool::new(4 * usize::from(est.streams) + 4);
         let streams = self.open_streams(&est, &addr, &pool).await?;
-        self.transfer(order, &est, guest, streams, &mut pool, &mut ctrl)
+        match self
+            .transfer(order, &est, guest, streams, &mut pool, &mut ctrl)
             .await
+        {
+            Err(AgentError::Migration(local)) if local.starts_with("data stream") => {
+                // The destination usually refused a record and closed the stream; its Abort
+                // on the control channel names why (tampered, replayed, ...). Prefer that.
+                let abort = tokio::time::timeout(Duration::from_secs(2), ctrl.recv()).await;
+                match abort
+                    .ok()
+                    .flatten()
+                    .and_then(Result::ok)
+                    .map(|m| Message::decode(&m))
+                {
+                    Some(Ok(Message::Abort { code, reason })) => {
+                        Err(proto(ProtoError::PeerAborted { code, reason }))
+                    }
+                    _ => Err(AgentError::Migration(local)),
+                }
+            }
+            r => r,
+        }
     }
 
     async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {

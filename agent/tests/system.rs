@@ -168,6 +168,14 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
     pair.stop(0);
     pair.stop(1);
     pair.start_both().unwrap();
+    // A restarted source does not bring back VMs that migrated away (never two copies).
+    for v in &vms {
+        assert!(
+            rt.block_on(Pair::checksum(&pair.src, &v.name)).is_err(),
+            "{} runs on the source again after restart",
+            v.name
+        );
+    }
     let e = failed(migrate(&rt, &pair, &used));
     assert!(e.contains("already used"), "{e}");
     // ... and by the destination's own journal, when a source replays its captured hello.
@@ -308,6 +316,23 @@ fn tampered_replayed_dropped_reordered_or_cut_data_streams_roll_back() {
             "{fault:?} applied"
         );
         assert!(e.contains("rolled back"), "{fault:?}: {e}");
+        let why = match fault {
+            Fault::FlipBit(_) => "tampered",
+            Fault::Replay(_) => "replayed or reordered",
+            // A later record arriving first is a gap at the moment it is seen.
+            Fault::Drop(_) | Fault::Reorder(_) => "records dropped",
+            _ => "",
+        };
+        assert!(
+            e.contains(why),
+            "{fault:?}: the report names the attack: {e}"
+        );
+        if !matches!(fault, Fault::CutAfter(_)) {
+            assert!(
+                e.contains("RecordFailure"),
+                "{fault:?}: typed abort code: {e}"
+            );
+        }
         assert_eq!(
             assert_rolled_back(&rt, &pair, "v"),
             before,

@@ -52,8 +52,8 @@ pub struct SourceMigration {
     channel: ChannelBinding,
     order_id: OrderId,
     phase: Result<SourcePhase, Error>,
-    // Set once `commit` returned: survives any later (sticky) error, because after COMMIT the
-    // destination owns the VM whatever happens next.
+    // Set once `Ready` arrived (the driver may journal COMMIT from then on) and kept through
+    // any later (sticky) error: after COMMIT the destination owns the VM whatever happens next.
     committed: bool,
 }
 
@@ -110,7 +110,7 @@ impl SourceMigration {
     /// What a failure now means for the VM. `ReadyToCommit` counts as committed: the driver
     /// may already have journalled COMMIT, and the journal is the arbiter (SPEC.md §8.8).
     pub fn outcome_on_failure(&self) -> Outcome {
-        if self.committed || matches!(self.phase, Ok(SourcePhase::ReadyToCommit)) {
+        if self.committed {
             Outcome::Committed
         } else {
             Outcome::RollBack
@@ -147,6 +147,7 @@ impl SourceMigration {
             }
         };
         let mut event = None;
+        let mut ready = false;
         let r = (|| match (phase, decode(raw)?) {
             (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
                 attester.extend(&Measurement::MigrationFinal(digest))?;
@@ -164,6 +165,7 @@ impl SourceMigration {
                 Ok(SourcePhase::AwaitReady)
             }
             (SourcePhase::AwaitReady, Message::Ready) => {
+                ready = true;
                 event = Some(SourceEvent::ReadyToCommit);
                 Ok(SourcePhase::ReadyToCommit)
             }
@@ -183,6 +185,7 @@ impl SourceMigration {
                 },
             )),
         })();
+        self.committed |= ready;
         sticky(&mut self.phase, r)?;
         Ok(event.expect("every successful transition sets an event"))
     }
