@@ -140,6 +140,8 @@ fn main() {
         fill_fraction: 1.0,
         seed: 1,
         qmp: None,
+        disk_dir: None,
+        disks: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut src = SyntheticGuest::new(&cfg);

@@ -85,6 +85,28 @@ pub struct VmConfig {
     /// Backend `qemu`: the VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qmp: Option<std::path::PathBuf>,
+    /// Backend `qemu`, destination: absolute directory where transferred disk images are
+    /// written (`<disk_dir>/<disk name>.raw`). spec: spec/qemu.md §5
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_dir: Option<std::path::PathBuf>,
+    /// Backend `qemu`: disks that travel with the VM (not on shared storage), `[[vm.disk]]`.
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A disk that is transferred with a QEMU VM. spec: spec/qemu.md §5
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The disk's name in the image manifest and the destination QEMU's block node name.
+    pub name: String,
+    /// Source: the raw image file, which the source QEMU has open read-only (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+    /// Destination: the `device_add` arguments of the guest device (`driver` and properties,
+    /// as on the source's `-device`); the agent adds `drive = <name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<toml::Table>,
 }
 
 fn default_listen() -> String {
@@ -140,7 +162,13 @@ impl Config {
         }
         for vm in &c.vms {
             match (vm.backend.as_str(), &vm.qmp) {
-                ("synthetic", None) => {}
+                ("synthetic", None) if vm.disks.is_empty() && vm.disk_dir.is_none() => {}
+                ("synthetic", None) => {
+                    return Err(format!(
+                        "vm {:?}: disk and disk_dir are only for backend \"qemu\"",
+                        vm.name
+                    ))
+                }
                 ("qemu", Some(_)) => {
                     crate::sidecar::check_vm_config(vm)?;
                     continue;

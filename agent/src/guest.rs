@@ -215,6 +215,8 @@ mod tests {
             fill_fraction: 0.5,
             seed: 3,
             qmp: None,
+            disk_dir: None,
+            disks: vec![],
         }
     }
 

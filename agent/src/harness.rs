@@ -103,6 +103,8 @@ pub struct Pair {
     pub operator_key: PathBuf,
     /// Agent processes once started: [source, destination].
     pub procs: Vec<Option<AgentProcess>>,
+    /// Extra environment of the source agent process (test hooks of debug builds).
+    pub src_env: Vec<(String, String)>,
     exe: PathBuf,
     tpms: Vec<Swtpm>,
     _ca: LocalCa,
@@ -184,6 +186,7 @@ impl Pair {
             dst_addr,
             operator_key,
             procs: vec![None, None],
+            src_env: Vec::new(),
             exe: exe.to_path_buf(),
             tpms,
             _ca: ca,
@@ -224,10 +227,12 @@ impl Pair {
         let _ = std::fs::remove_file(home.control_socket());
         let out = std::fs::File::create(&log).map_err(AgentError::io(&log))?;
         let err = out.try_clone().map_err(AgentError::io(&log))?;
+        let env: &[(String, String)] = if i == 0 { &self.src_env } else { &[] };
         let child = Command::new(&self.exe)
             .arg("agent")
             .arg("--home")
             .arg(home.root())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod dest;
+pub mod disk;
 pub mod error;
 pub mod guest;
 pub mod harness;

@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
-use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::messages::{frame_len, Message, TransferMode, FRAME_HEADER};
 use trustmig_protocol::migration::{
     DestEvent, DestMigration, Outcome, SourceEvent, SourceMigration,
@@ -45,6 +45,7 @@ use trustmig_protocol::{AbortCode, Digest, Error as ProtoError};
 use crate::config::{Config, VmConfig};
 use crate::control::{Progress, Summary};
 use crate::daemon::{history_entry, Ctx, DataConn};
+use crate::disk::SourceDisk;
 use crate::error::AgentError;
 use crate::journal::State;
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
@@ -81,7 +82,7 @@ pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
             vm.name
         ));
     }
-    Ok(())
+    crate::disk::check_vm_config(vm)
 }
 
 /// The QMP socket of `vm` when this agent hosts it with the QEMU backend.
@@ -303,6 +304,13 @@ pub async fn migrate_source(
             m.status()
         ))));
     }
+    // Disks that travel (spec/qemu.md §5): each must be a raw image QEMU has open read-only.
+    let disks = match ctx.config.vms.iter().find(|v| v.name == body.vm) {
+        Some(v) => crate::disk::source_disks(v, &mut qmp)
+            .await
+            .map_err(not_started)?,
+        None => Vec::new(),
+    };
     ctx.journal
         .lock()
         .expect("journal lock")
@@ -321,6 +329,7 @@ pub async fn migrate_source(
         outcome: Outcome::RollBack,
         tasks: Vec::new(),
         started: Instant::now(),
+        disks,
     };
     let result = run.go(&order, &mut qmp).await;
     for t in run.tasks.drain(..) {
@@ -415,6 +424,8 @@ struct SourceRun {
     outcome: Outcome,
     tasks: Vec<JoinHandle<()>>,
     started: Instant,
+    /// Disks sent before QEMU's stream (empty with shared storage).
+    disks: Vec<SourceDisk>,
 }
 
 impl SourceRun {
@@ -518,6 +529,7 @@ impl SourceRun {
         order: &VerifiedOrder,
         exporter: [u8; 32],
         ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+        disks: Vec<DiskManifest>,
     ) -> Result<Established, AgentError> {
         let body = order.body();
         let vm_cfg = self.ctx.config.vms.iter().find(|v| v.name == body.vm);
@@ -526,8 +538,9 @@ impl SourceRun {
         let manifest = ImageManifest {
             vm: body.vm.clone(),
             config_digest,
-            chunk_size: 1 << 20,
-            disks: vec![], // shared-storage mode: disks are not transferred (spec/qemu.md)
+            chunk_size: crate::disk::DISK_CHUNK,
+            // Empty with shared storage; the root covers these digests (spec/qemu.md §5).
+            disks,
         };
         let channel = ChannelBinding {
             tls_exporter: exporter,
@@ -561,9 +574,12 @@ impl SourceRun {
     #[allow(clippy::too_many_lines)]
     async fn go(&mut self, order: &VerifiedOrder, qmp: &mut Qmp) -> Result<Summary, AgentError> {
         let body = order.body().clone();
+        let disk_manifests = crate::disk::hash_disks(&self.disks).await?;
         let (rd, exporter) = self.connect(order).await?;
         let mut ctrl = crate::wire::spawn_frame_reader(rd);
-        let est = self.handshake(order, exporter, &mut ctrl).await?;
+        let est = self
+            .handshake(order, exporter, &mut ctrl, disk_manifests)
+            .await?;
         self.report(Progress::Attested {
             streams: est.streams,
         })
@@ -589,6 +605,24 @@ impl SourceRun {
             .await
             .map_err(|e| AgentError::Migration(format!("data stream 0: {e}")))?;
         let opener = Opener::new(stream_secret(&est, Direction::DestinationToSource), 0);
+        // Disks first (spec/qemu.md §5): the destination attaches them, once verified, before
+        // it lets its QEMU load anything. A failure here leaves the source VM untouched.
+        let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
+        let disk_wire = if est.manifest.disks.is_empty() {
+            0
+        } else {
+            match crate::disk::send_disks(&mut data, &mut sealer, &est.manifest, &self.disks).await
+            {
+                Ok(n) => {
+                    info!(bytes = n, disks = est.manifest.disks.len(), "disks sent");
+                    n
+                }
+                Err(e) => {
+                    let local = format!("sending disks: {e}");
+                    return Err(self.peer_reason(&mut ctrl, &mut sm, local).await);
+                }
+            }
+        };
 
         // QEMU: parameters from the order, then migrate to our socket.
         let limits = &body.limits;
@@ -634,7 +668,6 @@ impl SourceRun {
                 .await;
         }));
 
-        let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
         let mut poll = tokio::time::interval(POLL);
         let mut sent: Option<Sent> = None;
         let mut completed: Option<MigrationInfo> = None;
@@ -739,7 +772,7 @@ impl SourceRun {
             rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
             converged: true,
             throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
-            bytes_on_wire: sent.wire_bytes,
+            bytes_on_wire: sent.wire_bytes + disk_wire,
             bytes_per_round: vec![sent.digest.len()],
             zero_pages_skipped: ram.duplicate,
             stop_copy_pages: 0,
@@ -809,6 +842,7 @@ pub async fn receive(
         committed: false,
         fed: false,
         tasks: Vec::new(),
+        disk_files: Vec::new(),
     };
     let r = d.go(est, rd, wr, &mut qmp, conn_rx).await;
     for t in d.tasks.drain(..) {
@@ -824,6 +858,9 @@ pub async fn receive(
             Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
         }
     }
+    if r.is_err() && !d.committed {
+        crate::disk::discard(&d.disk_files);
+    }
     r
 }
 
@@ -834,6 +871,8 @@ struct DestRun {
     /// `migrate-incoming` ran: QEMU holds (part of) the incoming VM.
     fed: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// Received disk files (removed if the migration fails before `Commit`).
+    disk_files: Vec<PathBuf>,
 }
 
 impl DestRun {
@@ -867,7 +906,7 @@ impl DestRun {
         // The data stream: the first connection whose StreamInit authenticates.
         let mut opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
         let deadline = tokio::time::Instant::now() + timeout;
-        let data = loop {
+        let mut data = loop {
             let (i, mut sock) = tokio::time::timeout_at(deadline, conns.recv())
                 .await
                 .map_err(|_| {
@@ -895,6 +934,28 @@ impl DestRun {
             opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
         };
         let sealer = Sealer::new(stream_secret(&est, Direction::DestinationToSource), 0);
+
+        // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
+        // arrives; attached to QEMU only once every disk verified, before QEMU loads anything.
+        if !est.manifest.disks.is_empty() {
+            let vm_cfg = ctx.config.vms.iter().find(|v| v.name == self.vm);
+            let targets = crate::disk::plan(&est.manifest, vm_cfg)?;
+            self.disk_files = targets
+                .iter()
+                .flat_map(|t| t.files().map(Path::to_path_buf))
+                .collect();
+            let n = crate::disk::receive_disks(
+                &mut data,
+                &mut opener,
+                &est.manifest,
+                &targets,
+                timeout,
+            )
+            .await?;
+            info!(order = %hex(&order_id), bytes = n, disks = targets.len(), "disks received and verified");
+            self.fed = true;
+            crate::disk::attach(qmp, &targets).await?;
+        }
 
         // QEMU listens on a socket in our home; we feed it.
         let dir = socket_dir(&ctx)?;
@@ -1232,6 +1293,8 @@ mod tests {
             fill_fraction: 0.5,
             seed: 0,
             qmp: qmp.map(PathBuf::from),
+            disk_dir: None,
+            disks: vec![],
         };
         assert!(check_vm_config(&vm(Some("/run/q.sock"))).is_ok());
         assert!(check_vm_config(&vm(Some("q.sock")))

@@ -126,6 +126,8 @@ impl QemuVm {
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         if incoming {
             cmd.args(["-incoming", "defer", "-S"]).args(&opts.dst_extra);
+        } else {
+            cmd.args(&opts.src_extra);
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -222,17 +224,25 @@ impl Setup {
 }
 
 /// How the QEMUs run.
+#[derive(Default)]
 struct VmOpts {
     append: String,
     mem_mib: u32,
     dst_extra: Vec<String>,
+    /// Extra arguments of a QEMU that is not incoming (the source).
+    src_extra: Vec<String>,
+    /// TOML appended to the source's / destination's `[[vm]]` entry.
+    src_vm: String,
+    dst_vm: String,
+    /// Environment of the source agent.
+    src_env: Vec<(String, String)>,
 }
 
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
     let opts = VmOpts {
         append: append.into(),
         mem_mib: MEM_MIB,
-        dst_extra: vec![],
+        ..VmOpts::default()
     };
     setup_with(&opts, dst_incoming)
 }
@@ -264,15 +274,19 @@ fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
     let guest = build_guest(&dir);
     let src = QemuVm::start(&dir, "src", &guest, opts, false);
     let dst = QemuVm::start(&dir, "dst", &guest, opts, dst_incoming);
-    for (home, vm) in [(&pair.src, &src), (&pair.dst, &dst)] {
+    for (home, vm, extra) in [
+        (&pair.src, &src, &opts.src_vm),
+        (&pair.dst, &dst, &opts.dst_vm),
+    ] {
         let path = home.config();
         let mut text = std::fs::read_to_string(&path).expect("config");
         text += &format!(
-            "\n[[vm]]\nname = \"{VM}\"\nbackend = \"qemu\"\nqmp = \"{}\"\n",
+            "\n[[vm]]\nname = \"{VM}\"\nbackend = \"qemu\"\nqmp = \"{}\"\n{extra}",
             vm.qmp.display()
         );
         std::fs::write(&path, text).expect("config");
     }
+    pair.src_env.clone_from(&opts.src_env);
     pair.start_both().expect("agents start");
     src.wait_ticks(3, Duration::from_secs(180));
     Some(Setup { pair, src, dst })
@@ -512,6 +526,201 @@ async fn qemu_destination_not_waiting_is_refused() {
     assert_eq!(s.src.status().await.as_deref(), Ok("running"));
 }
 
+/// Disk test fixture: a raw image of 3 MiB + 100 KiB, chunk k (1 MiB) filled with 0x41 + k,
+/// opened read-only by the source QEMU as a virtio-blk disk; the destination writes what it
+/// receives into `received/` and attaches it with the same device.
+struct DiskFixture {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    data: Vec<u8>,
+}
+
+const DISK_TAIL: usize = 100 << 10;
+
+impl DiskFixture {
+    fn new(readonly: bool) -> (Self, VmOpts) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let image = dir.path().join("src.raw");
+        let mut data = Vec::new();
+        for k in 0..4u8 {
+            let len = if k < 3 { 1 << 20 } else { DISK_TAIL };
+            data.extend(std::iter::repeat_n(0x41 + k, len));
+        }
+        std::fs::write(&image, &data).expect("image");
+        let received = dir.path().join("received");
+        let ro = if readonly { "on" } else { "off" };
+        let opts = VmOpts {
+            append: "area=16 rate=4 check=10".into(),
+            mem_mib: MEM_MIB,
+            src_extra: vec![
+                "-drive".into(),
+                format!(
+                    "file={},if=none,id=d0,format=raw,readonly={ro}",
+                    image.display()
+                ),
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,id=vd0,addr=0x5".into(),
+            ],
+            src_vm: format!("\n[[vm.disk]]\nname = \"d0\"\npath = \"{}\"\n", image.display()),
+            dst_vm: format!(
+                "disk_dir = \"{}\"\n\n[[vm.disk]]\nname = \"d0\"\ndevice = {{ driver = \"virtio-blk-pci\", id = \"vd0\", addr = \"0x5\" }}\n",
+                received.display()
+            ),
+            ..VmOpts::default()
+        };
+        (Self { dir, image, data }, opts)
+    }
+
+    fn received(&self) -> PathBuf {
+        self.dir.path().join("received").join("d0.raw")
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.path().join("received"))
+            .map(|rd| {
+                rd.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_migrates_a_guest_with_a_local_disk() {
+    let _g = SERIAL.lock().await;
+    let (disk, opts) = DiskFixture::new(true);
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert_moved(&mut s, &summary).await;
+    assert!(
+        summary.bytes_on_wire > disk.data.len() as u64,
+        "the disk travelled: {summary:?}"
+    );
+    // The file the destination wrote is the source image, byte for byte.
+    let got = std::fs::read(disk.received()).expect("received disk");
+    assert!(
+        got == disk.data,
+        "received disk differs from the source image"
+    );
+    assert_eq!(std::fs::read(&disk.image).expect("image"), disk.data);
+    // The destination QEMU has it attached as node d0 ...
+    let mut q = Qmp::connect(&s.dst.qmp, Duration::from_secs(5))
+        .await
+        .expect("dst qmp");
+    let nodes = q
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .expect("query-named-block-nodes");
+    let want = disk.received().display().to_string();
+    assert!(
+        nodes.as_array().is_some_and(|a| a
+            .iter()
+            .any(|n| { n["node-name"] == "d0" && n["file"] == want.as_str() && n["ro"] == true })),
+        "destination block nodes: {nodes}"
+    );
+    // ... and reads the same bytes through its block layer (qemu-io prints to QEMU's stdout).
+    for (cmd, ok) in [
+        (
+            "read -P 0x41 0 1M",
+            "read 1048576/1048576 bytes at offset 0",
+        ),
+        (
+            "read -P 0x43 2M 1M",
+            "read 1048576/1048576 bytes at offset 2097152",
+        ),
+        (
+            "read -P 0x44 3M 100k",
+            "read 102400/102400 bytes at offset 3145728",
+        ),
+    ] {
+        let out = q
+            .execute(
+                "human-monitor-command",
+                serde_json::json!({ "command-line": format!("qemu-io d0 \"{cmd}\"") }),
+            )
+            .await
+            .expect("qemu-io");
+        assert_eq!(out, "", "qemu-io {cmd}: {out}");
+        let log = std::fs::read_to_string(s.pair.dir().join("dst.qemu.log")).unwrap_or_default();
+        assert!(log.contains(ok), "qemu-io {cmd}: {log}");
+        assert!(!log.contains("Pattern verification failed"), "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_altered_disk_chunk_rolls_back() {
+    let _g = SERIAL.lock().await;
+    let (disk, mut opts) = DiskFixture::new(true);
+    // The source agent (a debug build) flips a byte of chunk 2 after its own check and seals
+    // it: the record layer is intact, only the destination's manifest check can notice.
+    opts.src_env = vec![("TRUSTMIG_TEST_ALTER_DISK_CHUNK".into(), "2".into())];
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    assert_rolled_back(
+        &mut s,
+        &r,
+        "chunk 2: content does not match the manifest digest",
+    )
+    .await;
+    assert!(
+        disk.leftovers().is_empty(),
+        "nothing of the refused disk stays: {:?}",
+        disk.leftovers()
+    );
+    if s.dst.alive() {
+        let st = s.dst.status().await;
+        assert_eq!(
+            st.as_deref(),
+            Ok("inmigrate"),
+            "destination QEMU never loaded"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_tampered_disk_record_rolls_back() {
+    let _g = SERIAL.lock().await;
+    let (disk, opts) = DiskFixture::new(true);
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    // Record 0 is StreamInit, 1..=4 are the disk's chunks.
+    let proxy = Proxy::start(s.pair.dst_addr.clone(), Fault::FlipBit(2))
+        .await
+        .expect("proxy");
+    let (r, _) = migrate(&mut s, &proxy.addr.clone(), 300).await;
+    assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst));
+    assert_rolled_back(&mut s, &r, "tampered").await;
+    assert!(disk.leftovers().is_empty(), "{:?}", disk.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_writable_disk_is_refused() {
+    let _g = SERIAL.lock().await;
+    let (disk, opts) = DiskFixture::new(false);
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(err.contains("open read-write"), "{err}");
+    assert!(err.contains("untouched"), "{err}");
+    assert_eq!(s.src.status().await.as_deref(), Ok("running"));
+    assert_eq!(s.dst.status().await.as_deref(), Ok("inmigrate"));
+    assert!(disk.leftovers().is_empty());
+}
+
 /// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
 /// `BENCH <total ms> <downtime ms> <stream bytes>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,6 +734,7 @@ async fn bench_trustmig() {
             .parse()
             .expect("TRUSTMIG_BENCH_MEM is MiB"),
         dst_extra: vec!["-mem-prealloc".into()],
+        ..VmOpts::default()
     };
     let Some(mut s) = setup_with(&opts, true) else {
         return;

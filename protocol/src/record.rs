@@ -45,6 +45,9 @@ pub enum RecordType {
     KeyUpdate = 5,
     /// End of the stream; empty payload. Nothing follows.
     StreamEnd = 6,
+    /// One disk chunk of the image manifest, in manifest order (QEMU sidecar mode, before the
+    /// hypervisor stream). spec: SPEC.md §7.2, spec/qemu.md §5
+    DiskChunk = 7,
 }
 
 impl RecordType {
@@ -56,6 +59,7 @@ impl RecordType {
             4 => Self::HypervisorStream,
             5 => Self::KeyUpdate,
             6 => Self::StreamEnd,
+            7 => Self::DiskChunk,
             _ => return None,
         })
     }

@@ -1,0 +1,715 @@
+//! Disk transfer in QEMU sidecar mode: a disk that is not on shared storage travels on data
+//! stream 0 as `DiskChunk` records before QEMU's stream, is checked chunk by chunk against the
+//! attested image manifest, and is attached to the destination QEMU only once all of it
+//! verified. spec: spec/qemu.md §5, SPEC.md §7.2
+//!
+//! Supported disks: raw image files that the source QEMU has open **read-only** (`-drive
+//! ...,format=raw,readonly=on` or `-blockdev ...,read-only=on`), so that the guest cannot change
+//! them while they are copied. Anything else is refused with the reason. The source also checks
+//! every chunk it reads against the manifest it attested, so a change by anyone else during the
+//! copy aborts the migration before QEMU's own migration starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{info, warn};
+use trustmig_attest::manifest::{hash_chunks, ChunkChecker, DEFAULT_CHUNK};
+use trustmig_protocol::manifest::{DiskManifest, ImageManifest, MAX_DISKS};
+use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
+
+use crate::config::VmConfig;
+use crate::error::AgentError;
+use crate::qmp::Qmp;
+use crate::wire::read_record;
+
+/// Chunk size of the disks in the manifest: one chunk per `DiskChunk` record.
+pub const DISK_CHUNK: u32 = DEFAULT_CHUNK;
+const _: () = assert!(DISK_CHUNK as usize <= MAX_PAYLOAD);
+
+/// Debug builds only: flip a byte of this disk chunk (counting from 0 over all disks) after the
+/// source checked it, to test the destination's check. Never compiled into release builds.
+#[cfg(debug_assertions)]
+pub const TEST_ALTER_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
+
+fn mig(s: String) -> AgentError {
+    AgentError::Migration(s)
+}
+
+/// A disk name: the manifest name and the destination's QEMU node name (QEMU: a letter, then
+/// letters, digits, `-`, `_`, at most 31 bytes); also the file name in `disk_dir`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = name.len() <= 31
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "disk name {name:?} must be a letter then letters, digits, '-' or '_', at most 31 bytes"
+        ))
+    }
+}
+
+/// Validate the disk settings of a `backend = "qemu"` entry.
+pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
+    if let Some(dir) = &vm.disk_dir {
+        if !dir.is_absolute() {
+            return Err(format!(
+                "vm {:?}: disk_dir {:?} must be an absolute path",
+                vm.name,
+                dir.display().to_string()
+            ));
+        }
+    }
+    if vm.disks.len() > MAX_DISKS {
+        return Err(format!(
+            "vm {:?}: {} disks, at most {MAX_DISKS}",
+            vm.name,
+            vm.disks.len()
+        ));
+    }
+    for (i, d) in vm.disks.iter().enumerate() {
+        check_name(&d.name).map_err(|e| format!("vm {:?}: {e}", vm.name))?;
+        if vm.disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(format!("vm {:?}: disk {:?} appears twice", vm.name, d.name));
+        }
+        if d.path.is_none() && d.device.is_none() {
+            return Err(format!(
+                "vm {:?}: disk {:?} needs path (source) or device (destination)",
+                vm.name, d.name
+            ));
+        }
+        if let Some(p) = &d.path {
+            if !p.is_absolute() {
+                return Err(format!(
+                    "vm {:?}: disk {:?}: path {:?} must be absolute",
+                    vm.name,
+                    d.name,
+                    p.display().to_string()
+                ));
+            }
+        }
+        if let Some(dev) = &d.device {
+            if !dev.get("driver").is_some_and(|v| v.is_str()) {
+                return Err(format!(
+                    "vm {:?}: disk {:?}: device needs driver = \"...\" (e.g. \"virtio-blk-pci\")",
+                    vm.name, d.name
+                ));
+            }
+            if dev.contains_key("drive") {
+                return Err(format!(
+                    "vm {:?}: disk {:?}: device must not set drive (the agent sets drive = {:?})",
+                    vm.name, d.name, d.name
+                ));
+            }
+            if vm.disk_dir.is_none() {
+                return Err(format!(
+                    "vm {:?}: disk {:?} has a device: set disk_dir, where received disks are written",
+                    vm.name, d.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source.
+
+/// A disk the source sends.
+#[derive(Clone, Debug)]
+pub struct SourceDisk {
+    /// Manifest name.
+    pub name: String,
+    /// Image file.
+    pub path: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct BlockNode {
+    #[serde(default)]
+    file: String,
+    #[serde(default)]
+    ro: bool,
+    #[serde(default)]
+    drv: String,
+}
+
+fn same_file(qemu: &str, ours: &Path) -> bool {
+    let q = Path::new(qemu);
+    q.is_absolute()
+        && (q == ours
+            || matches!((q.canonicalize(), ours.canonicalize()), (Ok(a), Ok(b)) if a == b))
+}
+
+/// The disks of `vm` this source transfers (the `[[vm.disk]]` entries with a `path`), after
+/// checking with QEMU that each is a raw image it has open read-only.
+pub async fn source_disks(vm: &VmConfig, qmp: &mut Qmp) -> Result<Vec<SourceDisk>, AgentError> {
+    let wanted: Vec<SourceDisk> = vm
+        .disks
+        .iter()
+        .filter_map(|d| {
+            d.path.clone().map(|path| SourceDisk {
+                name: d.name.clone(),
+                path,
+            })
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(wanted);
+    }
+    let v = qmp
+        .execute("query-named-block-nodes", json!({ "flat": true }))
+        .await
+        .map_err(|e| mig(format!("QEMU: {e}")))?;
+    let nodes: Vec<BlockNode> = serde_json::from_value(v).map_err(|e| {
+        mig(format!(
+            "QEMU: malformed query-named-block-nodes reply: {e}"
+        ))
+    })?;
+    for d in &wanted {
+        let mine: Vec<&BlockNode> = nodes
+            .iter()
+            .filter(|n| same_file(&n.file, &d.path))
+            .collect();
+        let shown = d.path.display();
+        if mine.is_empty() {
+            return Err(mig(format!(
+                "disk {}: the source QEMU has no block node on {shown} (QEMU must open the image by this absolute path)",
+                d.name
+            )));
+        }
+        if let Some(n) = mine
+            .iter()
+            .find(|n| !matches!(n.drv.as_str(), "raw" | "file"))
+        {
+            return Err(mig(format!(
+                "disk {}: QEMU opens {shown} as {}; only raw images are transferred (use shared storage for others)",
+                d.name, n.drv
+            )));
+        }
+        if mine.iter().any(|n| !n.ro) {
+            return Err(mig(format!(
+                "disk {}: QEMU has {shown} open read-write; only disks opened read-only (readonly=on) can be transferred, since the guest could change them during the copy (use shared storage)",
+                d.name
+            )));
+        }
+    }
+    Ok(wanted)
+}
+
+/// Chunk digests of the source's disks, for the manifest.
+pub async fn hash_disks(disks: &[SourceDisk]) -> Result<Vec<DiskManifest>, AgentError> {
+    let disks = disks.to_vec();
+    tokio::task::spawn_blocking(move || {
+        disks
+            .iter()
+            .map(|d| {
+                let f = std::fs::File::open(&d.path).map_err(AgentError::io(&d.path))?;
+                let (size, chunks) = hash_chunks(std::io::BufReader::new(f), DISK_CHUNK)
+                    .map_err(AgentError::io(&d.path))?;
+                Ok(DiskManifest {
+                    name: d.name.clone(),
+                    size,
+                    chunks: chunks
+                        .into_iter()
+                        .map(|c| serde_bytes::ByteBuf::from(c.to_vec()))
+                        .collect(),
+                })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| mig(format!("hashing disks: {e}")))?
+}
+
+/// Read up to `buf.len()` bytes (fewer only at the end of the file).
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = r.read(&mut buf[n..]).await?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
+/// Send every disk of `manifest` as `DiskChunk` records, in manifest order, each chunk checked
+/// against the manifest first (the image must not have changed since it was hashed). Returns
+/// the bytes written to `to`.
+pub async fn send_disks<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    sealer: &mut Sealer,
+    manifest: &ImageManifest,
+    disks: &[SourceDisk],
+) -> Result<u64, AgentError> {
+    let mut checker =
+        ChunkChecker::new(manifest.clone()).map_err(|e| mig(format!("own manifest: {e}")))?;
+    let cs = manifest.chunk_size as usize;
+    let mut buf = vec![0u8; cs];
+    let mut out = Vec::with_capacity(cs + 64);
+    let mut wire = 0u64;
+    #[cfg(debug_assertions)]
+    let alter: Option<u64> = std::env::var(TEST_ALTER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut index = 0u64;
+    for dm in &manifest.disks {
+        let d = disks
+            .iter()
+            .find(|d| d.name == dm.name)
+            .ok_or_else(|| mig(format!("disk {} of the manifest has no image", dm.name)))?;
+        let mut f = tokio::fs::File::open(&d.path)
+            .await
+            .map_err(AgentError::io(&d.path))?;
+        let changed = |what: String| {
+            mig(format!(
+                "disk {} ({}) changed while it was copied: {what}",
+                dm.name,
+                d.path.display()
+            ))
+        };
+        for _ in 0..dm.chunks.len() {
+            let n = read_full(&mut f, &mut buf)
+                .await
+                .map_err(AgentError::io(&d.path))?;
+            checker
+                .check_chunk(&dm.name, &buf[..n])
+                .map_err(|e| changed(e.to_string()))?;
+            #[cfg(debug_assertions)]
+            if alter == Some(index) && n > 0 {
+                warn!(
+                    chunk = index,
+                    "test hook: altering a disk chunk after its check"
+                );
+                buf[0] ^= 1;
+            }
+            out.clear();
+            sealer
+                .seal(RecordType::DiskChunk, &buf[..n], &mut out)
+                .map_err(|e| AgentError::Protocol(e.into()))?;
+            to.write_all(&out)
+                .await
+                .map_err(|e| mig(format!("data stream 0: {e}")))?;
+            wire += out.len() as u64;
+            index += 1;
+        }
+        if read_full(&mut f, &mut buf[..1])
+            .await
+            .map_err(AgentError::io(&d.path))?
+            != 0
+        {
+            return Err(changed("it grew".into()));
+        }
+        info!(disk = %dm.name, bytes = dm.size, "disk sent");
+    }
+    checker
+        .finish()
+        .map_err(|e| mig(format!("disk transfer: {e}")))?;
+    Ok(wire)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination.
+
+/// Where a received disk goes and how the destination QEMU attaches it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    name: String,
+    /// Written while it arrives; renamed to `path` once every disk verified.
+    part: PathBuf,
+    path: PathBuf,
+    device: serde_json::Map<String, Value>,
+}
+
+impl Target {
+    /// Files this target may leave behind (to remove when the migration fails).
+    pub fn files(&self) -> [&Path; 2] {
+        [&self.part, &self.path]
+    }
+}
+
+/// Check that this destination can take the manifest's disks: each one configured with a
+/// device, `disk_dir` set, no existing file overwritten, chunks that fit one record each.
+pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Target>, AgentError> {
+    if manifest.disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    trustmig_attest::manifest::validate(manifest)
+        .map_err(|e| mig(format!("the source's manifest: {e}")))?;
+    if manifest.chunk_size as usize > MAX_PAYLOAD {
+        return Err(mig(format!(
+            "the source's disk chunks are {} bytes; one record carries at most {MAX_PAYLOAD}",
+            manifest.chunk_size
+        )));
+    }
+    let vm = vm.ok_or_else(|| mig(format!("no VM {:?} configured here", manifest.vm)))?;
+    let dir = vm.disk_dir.as_ref().ok_or_else(|| {
+        mig(format!(
+            "the source sends {} disk(s) for {:?} but its [[vm]] here has no disk_dir",
+            manifest.disks.len(),
+            vm.name
+        ))
+    })?;
+    std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+    let mut out = Vec::with_capacity(manifest.disks.len());
+    for d in &manifest.disks {
+        check_name(&d.name).map_err(|e| mig(format!("the source's manifest: {e}")))?;
+        let device = vm
+            .disks
+            .iter()
+            .find(|c| c.name == d.name)
+            .and_then(|c| c.device.as_ref())
+            .ok_or_else(|| {
+                mig(format!(
+                    "the source sends disk {:?}, which has no [[vm.disk]] with a device here",
+                    d.name
+                ))
+            })?;
+        let device = match serde_json::to_value(device) {
+            Ok(Value::Object(m)) => m,
+            _ => return Err(mig(format!("disk {:?}: device is not a table", d.name))),
+        };
+        let path = dir.join(format!("{}.raw", d.name));
+        let part = dir.join(format!("{}.raw.part", d.name));
+        if path.exists() {
+            return Err(mig(format!(
+                "disk {:?}: {} exists; refusing to overwrite it (remove it if it is not in use)",
+                d.name,
+                path.display()
+            )));
+        }
+        out.push(Target {
+            name: d.name.clone(),
+            part,
+            path,
+            device,
+        });
+    }
+    Ok(out)
+}
+
+/// Receive every disk of `manifest` from `from` (stream 0, after `StreamInit`): each chunk is
+/// checked against the manifest before it is written; once all verified, the files are synced
+/// and renamed into place. Returns the payload bytes received.
+pub async fn receive_disks<R: AsyncRead + Unpin>(
+    from: &mut R,
+    opener: &mut Opener,
+    manifest: &ImageManifest,
+    targets: &[Target],
+    timeout: Duration,
+) -> Result<u64, AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut checker = ChunkChecker::new(manifest.clone())
+        .map_err(|e| mig(format!("the source's manifest: {e}")))?;
+    let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
+    let mut total = 0u64;
+    for (d, t) in manifest.disks.iter().zip(targets) {
+        let _ = std::fs::remove_file(&t.part);
+        let std_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&t.part)
+            .map_err(AgentError::io(&t.part))?;
+        let mut f = tokio::fs::File::from_std(std_file);
+        let mut got = 0usize;
+        while got < d.chunks.len() {
+            let more = tokio::time::timeout(timeout, read_record(from, &mut buf))
+                .await
+                .map_err(|_| mig(format!("disk {}: no chunk arrived in time", d.name)))?
+                .map_err(|e| mig(format!("data stream 0: {e}")))?;
+            if !more {
+                return Err(mig("data stream 0 cut during the disk transfer".into()));
+            }
+            let (typ, payload) = opener
+                .open(&mut buf)
+                .map_err(|e| mig(format!("data stream 0: {e}")))?;
+            match typ {
+                RecordType::DiskChunk => {}
+                RecordType::KeyUpdate => continue,
+                t => {
+                    return Err(mig(format!(
+                        "data stream 0: {t:?} record while disk {} is incomplete",
+                        d.name
+                    )))
+                }
+            }
+            // Checked before it touches the file.
+            checker
+                .check_chunk(&d.name, payload)
+                .map_err(|e| mig(format!("disk transfer refused: {e}")))?;
+            f.write_all(payload)
+                .await
+                .map_err(AgentError::io(&t.part))?;
+            total += payload.len() as u64;
+            got += 1;
+        }
+        f.sync_all().await.map_err(AgentError::io(&t.part))?;
+    }
+    checker
+        .finish()
+        .map_err(|e| mig(format!("disk transfer refused: {e}")))?;
+    for t in targets {
+        std::fs::rename(&t.part, &t.path).map_err(AgentError::io(&t.path))?;
+    }
+    Ok(total)
+}
+
+/// Attach the verified disks to the destination QEMU: `blockdev-add` (raw, read-only, as on the
+/// source) and `device_add` with the configured device and `drive = <name>`.
+pub async fn attach(qmp: &mut Qmp, targets: &[Target]) -> Result<(), AgentError> {
+    for t in targets {
+        qmp.execute(
+            "blockdev-add",
+            json!({
+                "driver": "raw",
+                "node-name": t.name,
+                "read-only": true,
+                "file": { "driver": "file", "filename": t.path, "read-only": true },
+            }),
+        )
+        .await
+        .map_err(|e| mig(format!("attaching disk {}: QEMU: {e}", t.name)))?;
+        let mut dev = t.device.clone();
+        dev.insert("drive".into(), Value::String(t.name.clone()));
+        qmp.execute("device_add", Value::Object(dev))
+            .await
+            .map_err(|e| mig(format!("attaching disk {}: QEMU: {e}", t.name)))?;
+        info!(disk = %t.name, path = %t.path.display(), "verified disk attached to the destination QEMU");
+    }
+    Ok(())
+}
+
+/// Remove what a failed migration left of received disks.
+pub fn discard(files: &[PathBuf]) {
+    for f in files {
+        match std::fs::remove_file(f) {
+            Ok(()) => warn!(file = %f.display(), "received disk discarded"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %f.display(), "could not remove a received disk: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+    use trustmig_protocol::keys::{Direction, KeySchedule};
+
+    fn pair() -> (Sealer, Opener) {
+        let ks = KeySchedule::new(&[1; 32], &[2; 32]);
+        (
+            Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+            Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+        )
+    }
+
+    fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
+        VmConfig {
+            name: "q".into(),
+            backend: "qemu".into(),
+            size_mib: 1,
+            dirty_pages_per_sec: 0,
+            hot_fraction: 0.1,
+            fill_fraction: 0.5,
+            seed: 0,
+            qmp: Some("/run/q.sock".into()),
+            disk_dir: Some(dir.to_path_buf()),
+            disks,
+        }
+    }
+
+    fn dest_disk(name: &str) -> DiskConfig {
+        let mut device = toml::Table::new();
+        device.insert("driver".into(), "virtio-blk-pci".into());
+        DiskConfig {
+            name: name.into(),
+            path: None,
+            device: Some(device),
+        }
+    }
+
+    /// (image bytes, source disk, manifest) for a 2.5-chunk image.
+    async fn image(dir: &Path) -> (Vec<u8>, SourceDisk, ImageManifest) {
+        let data: Vec<u8> = (0..(DISK_CHUNK as usize * 5 / 2))
+            .map(|i| (i / 4096) as u8 ^ (i as u8))
+            .collect();
+        let path = dir.join("src.img");
+        std::fs::write(&path, &data).expect("write image");
+        let sd = SourceDisk {
+            name: "d0".into(),
+            path,
+        };
+        let disks = hash_disks(std::slice::from_ref(&sd)).await.expect("hash");
+        let m = ImageManifest {
+            vm: "q".into(),
+            config_digest: [0; 32],
+            chunk_size: DISK_CHUNK,
+            disks,
+        };
+        (data, sd, m)
+    }
+
+    #[tokio::test]
+    async fn a_disk_travels_and_verifies() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (data, sd, m) = image(tmp.path()).await;
+        assert_eq!(m.disks[0].chunks.len(), 3);
+        let (mut sealer, mut opener) = pair();
+        let mut wire = Vec::new();
+        send_disks(&mut wire, &mut sealer, &m, &[sd])
+            .await
+            .expect("send");
+        let out = tmp.path().join("out");
+        let cfg = vm(&out, vec![dest_disk("d0")]);
+        let targets = plan(&m, Some(&cfg)).expect("plan");
+        let n = receive_disks(
+            &mut &wire[..],
+            &mut opener,
+            &m,
+            &targets,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("receive");
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(std::fs::read(out.join("d0.raw")).expect("read"), data);
+        assert!(!out.join("d0.raw.part").exists());
+        // A second transfer would overwrite it: refused.
+        let e = plan(&m, Some(&cfg)).unwrap_err().to_string();
+        assert!(e.contains("refusing to overwrite"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_altered_chunk_is_refused_before_it_is_written() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (_, _, m) = image(tmp.path()).await;
+        // A sealer that sends chunk 1 altered (the record layer is intact: a lying sender).
+        let (mut sealer, mut opener) = pair();
+        let mut wire = Vec::new();
+        let data = std::fs::read(tmp.path().join("src.img")).expect("read");
+        for (i, c) in data.chunks(DISK_CHUNK as usize).enumerate() {
+            let mut c = c.to_vec();
+            if i == 1 {
+                c[100] ^= 0x40;
+            }
+            sealer
+                .seal(RecordType::DiskChunk, &c, &mut wire)
+                .expect("seal");
+        }
+        let out = tmp.path().join("out");
+        let targets = plan(&m, Some(&vm(&out, vec![dest_disk("d0")]))).expect("plan");
+        let e = receive_disks(
+            &mut &wire[..],
+            &mut opener,
+            &m,
+            &targets,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("chunk 1: content does not match"), "{e}");
+        assert!(!out.join("d0.raw").exists(), "nothing lands in place");
+        let part = std::fs::metadata(out.join("d0.raw.part")).expect("part");
+        assert_eq!(
+            part.len(),
+            u64::from(DISK_CHUNK),
+            "only the verified chunk 0 was written"
+        );
+    }
+
+    #[tokio::test]
+    async fn source_notices_a_changed_image_and_a_short_stream_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut data, sd, m) = image(tmp.path()).await;
+        data[DISK_CHUNK as usize + 5] ^= 1;
+        std::fs::write(&sd.path, &data).expect("rewrite");
+        let (mut sealer, mut opener) = pair();
+        let mut wire = Vec::new();
+        let e = send_disks(&mut wire, &mut sealer, &m, &[sd])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while it was copied"), "{e}");
+        // What was sent (chunk 0) ends early: a cut.
+        let out = tmp.path().join("out");
+        let targets = plan(&m, Some(&vm(&out, vec![dest_disk("d0")]))).expect("plan");
+        let e = receive_disks(
+            &mut &wire[..],
+            &mut opener,
+            &m,
+            &targets,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cut"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn plan_names_what_is_missing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (_, _, m) = image(tmp.path()).await;
+        let e = plan(&m, Some(&vm(tmp.path(), vec![])))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[vm.disk]] with a device"), "{e}");
+        let mut no_dir = vm(tmp.path(), vec![dest_disk("d0")]);
+        no_dir.disk_dir = None;
+        assert!(plan(&m, Some(&no_dir))
+            .unwrap_err()
+            .to_string()
+            .contains("no disk_dir"));
+        let mut bad = m.clone();
+        bad.disks[0].name = "../x".into();
+        assert!(plan(&bad, Some(&vm(tmp.path(), vec![dest_disk("d0")]))).is_err());
+        assert!(plan(&m, None).is_err());
+    }
+
+    #[test]
+    fn config_validation_names_the_problem() {
+        let d = Path::new("/var/lib/t");
+        assert!(check_vm_config(&vm(d, vec![dest_disk("d0")])).is_ok());
+        let e = check_vm_config(&vm(d, vec![dest_disk("0d")])).unwrap_err();
+        assert!(e.contains("disk name"), "{e}");
+        let e = check_vm_config(&vm(d, vec![dest_disk("d0"), dest_disk("d0")])).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let mut with_drive = dest_disk("d0");
+        if let Some(t) = with_drive.device.as_mut() {
+            t.insert("drive".into(), "x".into());
+        }
+        assert!(check_vm_config(&vm(d, vec![with_drive]))
+            .unwrap_err()
+            .contains("must not set drive"));
+        let bare = DiskConfig {
+            name: "d0".into(),
+            path: None,
+            device: None,
+        };
+        assert!(check_vm_config(&vm(d, vec![bare]))
+            .unwrap_err()
+            .contains("needs path"));
+        let rel = DiskConfig {
+            name: "d0".into(),
+            path: Some("img.raw".into()),
+            device: None,
+        };
+        assert!(check_vm_config(&vm(d, vec![rel]))
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(check_vm_config(&vm(Path::new("rel"), vec![]))
+            .unwrap_err()
+            .contains("disk_dir"));
+    }
+}
