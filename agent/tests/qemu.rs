@@ -721,6 +721,136 @@ async fn qemu_writable_disk_is_refused() {
     assert!(disk.leftovers().is_empty());
 }
 
+/// An swtpm behind a QEMU `tpm-emulator`, with its own state directory; killed on drop.
+struct VmTpm {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Drop for VmTpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl VmTpm {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("tpm dir");
+        let sock = dir.join("swtpm.sock");
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", dir.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", sock.display()))
+            .arg("--log")
+            .arg(format!("file={}", dir.join("swtpm.log").display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("swtpm starts");
+        let t = Self { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !t.sock.exists() {
+            assert!(Instant::now() < deadline, "swtpm did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    /// QEMU arguments attaching this swtpm as a TIS TPM.
+    fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-chardev".into(),
+            format!("socket,id=chrtpm,path={}", self.sock.display()),
+            "-tpmdev".into(),
+            "emulator,id=tpm0,chardev=chrtpm".into(),
+            "-device".into(),
+            "tpm-tis,tpmdev=tpm0".into(),
+        ]
+    }
+}
+
+/// The guest's `P <extends> <PCR 16>` lines that are complete (a line cut by the switch-over
+/// is skipped); panics on a TPM error line.
+fn pcr_lines(vm: &QemuVm) -> Vec<(u32, String)> {
+    vm.output()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("P ")?.split_whitespace();
+            let k = w.next()?.parse().ok()?;
+            let v = w.next()?;
+            assert!(v != "error", "guest TPM command failed: {l}");
+            (v.len() == 64).then(|| (k, v.to_string()))
+        })
+        .collect()
+}
+
+/// PCR 16 after `k` extends with 32 bytes of 0xA5 (the guest's extend), from all zeros.
+fn pcr_chain(k: u32) -> String {
+    let mut p = [0u8; 32];
+    for _ in 0..k {
+        p = trustmig_protocol::sha256(&[&p, &[0xA5; 32]]);
+    }
+    p.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_vtpm_state_travels_in_the_stream() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    // Each side its own swtpm state directory (a shared one fails on swtpm 0.7.1's lock).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src_tpm = VmTpm::start(&tmp.path().join("src-tpm"));
+    let dst_tpm = VmTpm::start(&tmp.path().join("dst-tpm"));
+    let opts = VmOpts {
+        append: "area=16 rate=4 check=5 tpm=1".into(),
+        mem_mib: MEM_MIB,
+        src_extra: src_tpm.qemu_args(),
+        dst_extra: dst_tpm.qemu_args(),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    // The guest extended PCR 16 a few times on the source.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pcr_lines(&s.src).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "source guest: {}",
+            s.src.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert_moved(&mut s, &summary).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pcr_lines(&s.dst).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "destination guest: {}",
+            s.dst.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let src = pcr_lines(&s.src);
+    let dst = pcr_lines(&s.dst);
+    for (k, v) in src.iter().chain(&dst) {
+        assert_eq!(*v, pcr_chain(*k), "PCR 16 after {k} extends");
+    }
+    // The destination's TPM continued the source's chain: its first extend is the next one.
+    let last_src = src.last().map_or(0, |l| l.0);
+    let first_dst = dst[0].0;
+    assert!(
+        first_dst > last_src && first_dst <= last_src + 2,
+        "destination extends start at {first_dst}, source stopped at {last_src}"
+    );
+}
+
 /// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
 /// `BENCH <total ms> <downtime ms> <stream bytes>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

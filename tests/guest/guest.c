@@ -13,6 +13,9 @@
  * an altered byte does not. Parameters come from the multiboot command line (`-append`):
  *   area=<MiB> (default 16)  rate=<pages per tick> (default 0: idle)
  *   check=<ticks> (default 20)  tsc_shift=<n> (default 25)
+ *   tpm=1: with a TPM TIS at 0xFED40000 (QEMU tpm-tis), at every check also extend SHA-256 PCR 16
+ *   with 32 bytes of 0xA5 and print `P <extends so far> <PCR 16, 64 hex digits>` (or
+ *   `P <n> error <rc>`), so a test can follow the hash chain across a migration.
  * Build: gcc -m32 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2 -c guest.c
  *        ld -m elf_i386 -T guest.ld -o guest.elf guest.o
  */
@@ -105,6 +108,94 @@ static int page_ok(u32 page, u32 *stamp) {
     return 1;
 }
 
+/* TPM 2.0 through the TIS MMIO registers of locality 0 (TCG PC Client TIS). */
+#define TIS(off) ((volatile unsigned char *)(0xFED40000u + (off)))
+#define TIS_ACCESS 0x00
+#define TIS_STS 0x18
+#define TIS_FIFO 0x24
+
+static volatile u32 pcr_extends;
+static unsigned char tpm_buf[128];
+
+static int tis_wait(u32 off, unsigned char mask) {
+    for (u32 i = 0; i < 100000000u; i++)
+        if ((*TIS(off) & mask) == mask)
+            return 1;
+    return 0;
+}
+
+static u32 be32(const unsigned char *p) {
+    return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3];
+}
+
+/* Send `len` bytes of tpm_buf, read the response into tpm_buf; returns the response code,
+ * or 0xFFFFFFFF when the TIS does not answer. */
+static u32 tpm_cmd(u32 len) {
+    *TIS(TIS_ACCESS) = 0x02; /* requestUse */
+    if (!tis_wait(TIS_ACCESS, 0xA0)) /* tpmRegValidSts | activeLocality */
+        return 0xFFFFFFFFu;
+    *TIS(TIS_STS) = 0x40; /* commandReady */
+    if (!tis_wait(TIS_STS, 0x40))
+        return 0xFFFFFFFFu;
+    for (u32 i = 0; i < len; i++)
+        *TIS(TIS_FIFO) = tpm_buf[i];
+    *TIS(TIS_STS) = 0x20; /* tpmGo */
+    if (!tis_wait(TIS_STS, 0x90)) /* stsValid | dataAvail */
+        return 0xFFFFFFFFu;
+    for (u32 i = 0; i < 10; i++)
+        tpm_buf[i] = *TIS(TIS_FIFO);
+    u32 size = be32(tpm_buf + 2);
+    for (u32 i = 10; i < size && i < sizeof tpm_buf; i++)
+        tpm_buf[i] = *TIS(TIS_FIFO);
+    *TIS(TIS_STS) = 0x40; /* back to ready */
+    return be32(tpm_buf + 6);
+}
+
+static u32 put(u32 at, const unsigned char *b, u32 n) {
+    for (u32 i = 0; i < n; i++)
+        tpm_buf[at + i] = b[i];
+    return at + n;
+}
+
+static void tpm_startup(void) {
+    static const unsigned char startup[12] = {0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0};
+    put(0, startup, 12);
+    tpm_cmd(12); /* TPM_RC_INITIALIZE if the firmware already started it: fine */
+}
+
+/* PCR_Extend(16, sha256: 0xA5 * 32), then PCR_Read(sha256, 16); print the result. */
+static void tpm_extend_and_print(void) {
+    static const unsigned char extend[33] = {
+        0x80, 0x02, 0, 0, 0, 65, 0, 0, 0x01, 0x82, /* sessions, size 65, PCR_Extend */
+        0, 0, 0, 16,                               /* PCR 16 */
+        0, 0, 0, 9, 0x40, 0, 0, 9, 0, 0, 0, 0, 0,  /* password session, empty auth */
+        0, 0, 0, 1, 0, 0x0B};                      /* one digest, SHA-256 */
+    u32 n = put(0, extend, 33);
+    for (u32 i = 0; i < 32; i++)
+        tpm_buf[n++] = 0xA5;
+    u32 rc = tpm_cmd(n);
+    if (rc == 0)
+        pcr_extends++;
+    static const unsigned char read[20] = {0x80, 0x01, 0, 0, 0, 20, 0, 0, 0x01, 0x7E,
+                                           0, 0, 0, 1, 0, 0x0B, 3, 0, 0, 1};
+    put(0, read, 20);
+    if (rc == 0)
+        rc = tpm_cmd(20);
+    puts("P ");
+    putu(pcr_extends);
+    if (rc != 0) {
+        puts(" error ");
+        puthex(rc);
+    } else {
+        puts(" ");
+        for (u32 i = 30; i < 62; i++) {
+            putc("0123456789abcdef"[tpm_buf[i] >> 4]);
+            putc("0123456789abcdef"[tpm_buf[i] & 15]);
+        }
+    }
+    puts("\n");
+}
+
 /* Parse `key=<decimal>` from the command line. */
 static u32 param(const char *cmd, const char *key, u32 def) {
     if (!cmd)
@@ -139,6 +230,7 @@ void kmain(u32 magic, u32 info) {
     u32 rate = param(cmd, "rate", 0);
     u32 check = param(cmd, "check", 20);
     u32 shift = param(cmd, "tsc_shift", 25);
+    u32 tpm = param(cmd, "tpm", 0);
     if (check == 0)
         check = 1;
     if (shift > 40)
@@ -151,6 +243,8 @@ void kmain(u32 magic, u32 info) {
     for (u32 p = 0; p < pages; p++)
         write_page(p, 1);
     generation = 1;
+    if (tpm)
+        tpm_startup();
     puts("READY\n");
     u64 period = (u64)1 << shift;
     u64 next = rdtsc() + period;
@@ -192,6 +286,8 @@ void kmain(u32 magic, u32 info) {
             puts(" sum=");
             puthex(sum);
             puts("\n");
+            if (tpm)
+                tpm_extend_and_print();
         }
     }
 }
