@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod attestation;
 pub mod bench;
+pub mod channel;
 pub mod config;
 pub mod control;
 pub mod daemon;

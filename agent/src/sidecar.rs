@@ -30,18 +30,18 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
+use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
-use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
-use trustmig_protocol::messages::{frame_len, Message, TransferMode, FRAME_HEADER};
+use trustmig_protocol::messages::{frame_len, TransferMode, FRAME_HEADER};
 use trustmig_protocol::migration::{
     DestEvent, DestMigration, Outcome, SourceEvent, SourceMigration,
 };
 use trustmig_protocol::order::{hex, VerifiedOrder};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
-use trustmig_protocol::{AbortCode, Digest, Error as ProtoError};
+use trustmig_protocol::{Digest, Error as ProtoError};
 
+use crate::channel::{abort_code, vm_manifest, SourceChannel};
 use crate::config::{Config, VmConfig};
 use crate::control::{Progress, Summary};
 use crate::daemon::{history_entry, Ctx, DataConn};
@@ -51,7 +51,6 @@ use crate::journal::State;
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::wire::{preamble, read_record, write_frame, WireError};
 
-type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
 type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Bytes read from QEMU per record (the record layer allows up to [`MAX_PAYLOAD`]).
@@ -100,10 +99,6 @@ fn qmp_err(e: QmpError) -> AgentError {
 
 fn proto(e: impl Into<ProtoError>) -> AgentError {
     AgentError::Protocol(e.into())
-}
-
-fn wire(e: WireError) -> AgentError {
-    AgentError::Migration(format!("control channel: {e}"))
 }
 
 /// A private directory in the agent's home for the unix sockets QEMU talks to.
@@ -325,7 +320,6 @@ pub async fn migrate_source(
     let mut run = SourceRun {
         ctx: ctx.clone(),
         progress: progress.clone(),
-        control: None,
         outcome: Outcome::RollBack,
         tasks: Vec::new(),
         started: Instant::now(),
@@ -348,11 +342,6 @@ pub async fn migrate_source(
             Ok(summary)
         }
         Err(e) => {
-            let code = match &e {
-                AgentError::Protocol(p) => AbortCode::from(p),
-                _ => AbortCode::InternalError,
-            };
-            run.abort(code, &e.to_string()).await;
             let vm_state = match run.outcome {
                 Outcome::RollBack => {
                     let s = rollback_source(&mut qmp, status.running, ctx.step_timeout()).await;
@@ -420,7 +409,6 @@ async fn rollback_source(qmp: &mut Qmp, was_running: bool, timeout: Duration) ->
 struct SourceRun {
     ctx: Arc<Ctx>,
     progress: mpsc::Sender<Progress>,
-    control: Option<WriteHalf<ClientTls>>,
     outcome: Outcome,
     tasks: Vec<JoinHandle<()>>,
     started: Instant,
@@ -433,152 +421,43 @@ impl SourceRun {
         let _ = self.progress.send(p).await;
     }
 
-    async fn abort(&mut self, code: AbortCode, reason: &str) {
-        if let Some(w) = self.control.as_mut() {
-            let msg = Message::Abort {
-                code,
-                reason: reason.chars().take(200).collect(),
-            };
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), write_frame(w, &msg.encode())).await;
-            let _ = w.shutdown().await;
-        }
-    }
-
-    async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
-        let w = self
-            .control
-            .as_mut()
-            .expect("control channel is open after connect");
-        tokio::time::timeout(self.ctx.step_timeout(), write_frame(w, msg))
-            .await
-            .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
-            .map_err(wire)
-    }
-
-    async fn recv(
-        &self,
-        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
-    ) -> Result<Vec<u8>, AgentError> {
-        match tokio::time::timeout(self.ctx.step_timeout(), ctrl.recv()).await {
-            Err(_) => Err(AgentError::Migration(
-                "destination did not answer in time".into(),
-            )),
-            Ok(None) => Err(AgentError::Migration("control channel closed".into())),
-            Ok(Some(r)) => r.map_err(wire),
-        }
-    }
-
     /// A data stream failed here: the destination usually knows why (it refused a record and
     /// closed the stream), and its `Abort` follows on the control channel. Prefer that reason.
-    async fn peer_reason(
-        &self,
-        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
-        sm: &mut SourceMigration,
-        local: String,
-    ) -> AgentError {
-        if let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ctrl.recv()).await {
-            let mut att = self.ctx.attester.lock().expect("attester lock");
-            if let Err(e) = sm.handle(&msg, att.as_mut()) {
-                return AgentError::Migration(format!("{local}; destination: {e}"));
-            }
+    async fn peer_reason(&self, chan: &mut SourceChannel, local: String) -> AgentError {
+        match chan.peer_abort().await {
+            Some((code, reason)) => AgentError::Migration(format!(
+                "{local}; destination: peer aborted with {code:?}: {reason}"
+            )),
+            None => AgentError::Migration(local),
         }
-        AgentError::Migration(local)
     }
 
-    async fn connect(
-        &mut self,
-        order: &VerifiedOrder,
-    ) -> Result<(ReadHalf<ClientTls>, [u8; 32]), AgentError> {
-        let body = order.body();
-        let timeout = self.ctx.step_timeout();
-        let addr = body.destination_addr.clone();
-        let cerr = |reason: String| AgentError::Connect {
-            addr: addr.clone(),
-            reason,
-        };
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| cerr("timed out".into()))?
-            .map_err(|e| cerr(e.to_string()))?;
-        tcp.set_nodelay(true).ok();
-        let tls_cfg = crate::tls::client_config(&self.ctx.identity, body.destination)
-            .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
-        let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
-            .expect("static name is valid");
-        let tls = tokio::time::timeout(
-            timeout,
-            tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| cerr("TLS handshake timed out".into()))?
-        .map_err(|e| cerr(format!("TLS handshake: {e}")))?;
-        let exporter = crate::tls::exporter(tls.get_ref().1)
-            .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+    async fn go(&mut self, order: &VerifiedOrder, qmp: &mut Qmp) -> Result<Summary, AgentError> {
+        let mut chan = SourceChannel::connect(&self.ctx, order).await?;
         self.report(Progress::Connected {
-            peer: hex(&body.destination),
+            peer: hex(&order.body().destination),
         })
         .await;
-        let (rd, wr) = tokio::io::split(tls);
-        self.control = Some(wr);
-        Ok((rd, exporter))
-    }
-
-    async fn handshake(
-        &mut self,
-        order: &VerifiedOrder,
-        exporter: [u8; 32],
-        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
-        disks: Vec<DiskManifest>,
-    ) -> Result<Established, AgentError> {
-        let body = order.body();
-        let vm_cfg = self.ctx.config.vms.iter().find(|v| v.name == body.vm);
-        let config_digest =
-            trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
-        let manifest = ImageManifest {
-            vm: body.vm.clone(),
-            config_digest,
-            chunk_size: crate::disk::DISK_CHUNK,
-            // Empty with shared storage; the root covers these digests (spec/qemu.md §5).
-            disks,
-        };
-        let channel = ChannelBinding {
-            tls_exporter: exporter,
-            local: self.ctx.identity.id(),
-            peer: body.destination,
-        };
-        let (mut hs, hello) = SourceHandshake::start(
-            order.clone(),
-            channel,
-            crate::random(),
-            TransferMode::HypervisorStream,
-            1,
-            &manifest,
-        )
-        .map_err(proto)?;
-        self.send(&hello).await?;
-        while !hs.is_done() {
-            let msg = self.recv(ctrl).await?;
-            let out = {
-                let mut att = self.ctx.attester.lock().expect("attester lock");
-                hs.handle(&msg, att.as_mut(), self.ctx.verifier.as_ref())
-            }
-            .map_err(proto)?;
-            for m in out {
-                self.send(&m).await?;
-            }
+        let r = self.run_on(&mut chan, order, qmp).await;
+        if let Err(e) = &r {
+            chan.abort(abort_code(e), &e.to_string()).await;
         }
-        hs.into_established().map_err(proto)
+        r
     }
 
     #[allow(clippy::too_many_lines)]
-    async fn go(&mut self, order: &VerifiedOrder, qmp: &mut Qmp) -> Result<Summary, AgentError> {
+    async fn run_on(
+        &mut self,
+        chan: &mut SourceChannel,
+        order: &VerifiedOrder,
+        qmp: &mut Qmp,
+    ) -> Result<Summary, AgentError> {
         let body = order.body().clone();
         let disk_manifests = crate::disk::hash_disks(&self.disks).await?;
-        let (rd, exporter) = self.connect(order).await?;
-        let mut ctrl = crate::wire::spawn_frame_reader(rd);
-        let est = self
-            .handshake(order, exporter, &mut ctrl, disk_manifests)
+        // Empty with shared storage; the root covers these digests (spec/qemu.md §5).
+        let manifest = vm_manifest(&self.ctx, &body.vm, crate::disk::DISK_CHUNK, disk_manifests);
+        let est = chan
+            .handshake(order, TransferMode::HypervisorStream, 1, &manifest)
             .await?;
         self.report(Progress::Attested {
             streams: est.streams,
@@ -619,7 +498,7 @@ impl SourceRun {
                 }
                 Err(e) => {
                     let local = format!("sending disks: {e}");
-                    return Err(self.peer_reason(&mut ctrl, &mut sm, local).await);
+                    return Err(self.peer_reason(chan, local).await);
                 }
             }
         };
@@ -705,18 +584,18 @@ impl SourceRun {
                 }
                 Some(r) = fwd_rx.recv() => match r {
                     Ok(s) => sent = Some(s),
-                    Err(e) => return Err(self.peer_reason(&mut ctrl, &mut sm, e).await),
+                    Err(e) => return Err(self.peer_reason(chan, e).await),
                 },
                 Some(r) = ret_rx.recv(), if !ret_done => {
                     ret_done = true;
                     if let Err(e) = r {
-                        return Err(self.peer_reason(&mut ctrl, &mut sm, e).await);
+                        return Err(self.peer_reason(chan, e).await);
                     }
                 }
-                msg = ctrl.recv() => {
+                msg = chan.next() => {
                     // The destination says nothing while the stream flows: this is an abort
                     // (or garbage), and either ends the migration.
-                    let msg = msg.ok_or_else(|| AgentError::Migration("control channel closed".into()))?.map_err(wire)?;
+                    let msg = msg.ok_or_else(|| AgentError::Migration("control channel closed".into()))??;
                     let mut att = self.ctx.attester.lock().expect("attester lock");
                     sm.handle(&msg, att.as_mut()).map_err(proto)?;
                 }
@@ -733,17 +612,17 @@ impl SourceRun {
         let paused_at = paused_at.unwrap_or_else(Instant::now);
         let digest: Digest = sent.digest.clone().finish(&est.transcript_hash);
         let so = sm.switch_over(vec![sent.records], digest).map_err(proto)?;
-        self.send(&so).await?;
+        chan.send(&so).await?;
 
         loop {
-            let msg = self.recv(&mut ctrl).await?;
+            let msg = chan.recv().await?;
             let ev = {
                 let mut att = self.ctx.attester.lock().expect("attester lock");
                 sm.handle(&msg, att.as_mut())
             }
             .map_err(proto)?;
             match ev {
-                SourceEvent::Send(m) => self.send(&m).await?,
+                SourceEvent::Send(m) => chan.send(&m).await?,
                 SourceEvent::ReadyToCommit => {
                     // The point of no return: durable before the destination may resume.
                     self.ctx.journal.lock().expect("journal lock").set(
@@ -753,7 +632,7 @@ impl SourceRun {
                     )?;
                     self.outcome = Outcome::Committed;
                     let c = sm.commit().map_err(proto)?;
-                    self.send(&c).await?;
+                    chan.send(&c).await?;
                     self.report(Progress::Committed).await;
                 }
                 SourceEvent::Resumed => break,

@@ -7,31 +7,28 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_rustls::client::TlsStream;
 use tracing::{info, warn};
-use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
+use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::Direction;
-use trustmig_protocol::manifest::ImageManifest;
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderPolicy, Role, SignedOrder, VerifiedOrder};
 use trustmig_protocol::precopy::{GuestMemory, PrecopySource, RoundDecision};
 use trustmig_protocol::rate::Pacer;
 use trustmig_protocol::record::{RecordType, Sealer};
-use trustmig_protocol::{AbortCode, Error as ProtoError};
+use trustmig_protocol::Error as ProtoError;
 
+use crate::channel::{abort_code, vm_manifest, SourceChannel};
 use crate::control::{Progress, Summary};
 use crate::daemon::{history_entry, Ctx};
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
 use crate::journal::State;
-use crate::wire::{preamble, write_frame, WireError};
-
-type Tls = TlsStream<TcpStream>;
+use crate::wire::preamble;
 
 /// Run the migration in `order_hex` as its source, reporting progress.
 pub async fn migrate(
@@ -92,7 +89,6 @@ async fn migrate_checked(
     let mut run = Run {
         ctx: ctx.clone(),
         progress: progress.clone(),
-        control: None,
         outcome: Outcome::RollBack,
         started: Instant::now(),
     };
@@ -110,11 +106,6 @@ async fn migrate_checked(
             Ok(summary)
         }
         Err(e) => {
-            let code = match &e {
-                AgentError::Protocol(p) => AbortCode::from(p),
-                _ => AbortCode::InternalError,
-            };
-            run.abort(code, &e.to_string()).await;
             let vm_state = match run.outcome {
                 Outcome::RollBack => {
                     guest.set_throttle(0);
@@ -152,7 +143,6 @@ async fn migrate_checked(
 struct Run {
     ctx: Arc<Ctx>,
     progress: mpsc::Sender<Progress>,
-    control: Option<WriteHalf<Tls>>,
     outcome: Outcome,
     started: Instant,
 }
@@ -190,25 +180,9 @@ fn proto(e: impl Into<ProtoError>) -> AgentError {
     AgentError::Protocol(e.into())
 }
 
-fn wire(e: WireError) -> AgentError {
-    AgentError::Migration(format!("control channel: {e}"))
-}
-
 impl Run {
     async fn report(&self, p: Progress) {
         let _ = self.progress.send(p).await;
-    }
-
-    async fn abort(&mut self, code: AbortCode, reason: &str) {
-        if let Some(w) = self.control.as_mut() {
-            let msg = Message::Abort {
-                code,
-                reason: reason.chars().take(200).collect(),
-            };
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), write_frame(w, &msg.encode())).await;
-            let _ = w.shutdown().await;
-        }
     }
 
     async fn go(
@@ -217,150 +191,55 @@ impl Run {
         guest: &mut SyntheticGuest,
     ) -> Result<Summary, AgentError> {
         self.started = Instant::now();
-        let body = order.body();
-        let timeout = self.ctx.step_timeout();
-        let addr = body.destination_addr.clone();
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| AgentError::Connect {
-                addr: addr.clone(),
-                reason: "timed out".into(),
-            })?
-            .map_err(|e| AgentError::Connect {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-        tcp.set_nodelay(true).ok();
-        let tls_cfg = crate::tls::client_config(&self.ctx.identity, body.destination)
-            .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
-        let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
-            .expect("static name is valid");
-        let tls = tokio::time::timeout(
-            timeout,
-            tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| AgentError::Connect {
-            addr: addr.clone(),
-            reason: "TLS handshake timed out".into(),
-        })?
-        .map_err(|e| AgentError::Connect {
-            addr: addr.clone(),
-            reason: format!("TLS handshake: {e}"),
-        })?;
-        let exporter = crate::tls::exporter(tls.get_ref().1)
-            .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+        let mut chan = SourceChannel::connect(&self.ctx, order).await?;
         self.report(Progress::Connected {
-            peer: hex(&body.destination),
+            peer: hex(&order.body().destination),
         })
         .await;
+        let r = self.run_on(&mut chan, order, guest).await;
+        if let Err(e) = &r {
+            chan.abort(abort_code(e), &e.to_string()).await;
+        }
+        r
+    }
 
-        let (rd, wr) = tokio::io::split(tls);
-        self.control = Some(wr);
-        let mut ctrl = crate::wire::spawn_frame_reader(rd);
-        let est = self.handshake(order, guest, exporter, &mut ctrl).await?;
+    async fn run_on(
+        &mut self,
+        chan: &mut SourceChannel,
+        order: &VerifiedOrder,
+        guest: &mut SyntheticGuest,
+    ) -> Result<Summary, AgentError> {
+        let body = order.body();
+        // Synthetic guests have no disks: shared-storage mode.
+        let manifest = vm_manifest(&self.ctx, &body.vm, 1 << 20, vec![]);
+        let mode = TransferMode::Precopy {
+            page_size: PAGE_SIZE as u32,
+            page_count: guest.page_count(),
+        };
+        let est = chan
+            .handshake(order, mode, self.ctx.config.transfer.streams, &manifest)
+            .await?;
         self.report(Progress::Attested {
             streams: est.streams,
         })
         .await;
         let mut pool = Pool::new(4 * usize::from(est.streams) + 4);
-        let streams = self.open_streams(&est, &addr, &pool).await?;
+        let streams = self
+            .open_streams(&est, &body.destination_addr, &pool)
+            .await?;
         match self
-            .transfer(order, &est, guest, streams, &mut pool, &mut ctrl)
+            .transfer(order, &est, guest, streams, &mut pool, chan)
             .await
         {
+            // The destination's Abort names what it refused (tampered, replayed, ...).
             Err(AgentError::Migration(local)) if local.starts_with("data stream") => {
-                // The destination usually refused a record and closed the stream; its Abort
-                // on the control channel names why (tampered, replayed, ...). Prefer that.
-                let abort = tokio::time::timeout(Duration::from_secs(2), ctrl.recv()).await;
-                match abort
-                    .ok()
-                    .flatten()
-                    .and_then(Result::ok)
-                    .map(|m| Message::decode(&m))
-                {
-                    Some(Ok(Message::Abort { code, reason })) => {
-                        Err(proto(ProtoError::PeerAborted { code, reason }))
-                    }
-                    _ => Err(AgentError::Migration(local)),
+                match chan.peer_abort().await {
+                    Some((code, reason)) => Err(proto(ProtoError::PeerAborted { code, reason })),
+                    None => Err(AgentError::Migration(local)),
                 }
             }
             r => r,
         }
-    }
-
-    async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
-        let w = self
-            .control
-            .as_mut()
-            .expect("control channel is open after connect");
-        tokio::time::timeout(self.ctx.step_timeout(), write_frame(w, msg))
-            .await
-            .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
-            .map_err(wire)
-    }
-
-    async fn recv(
-        &self,
-        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
-    ) -> Result<Vec<u8>, AgentError> {
-        match tokio::time::timeout(self.ctx.step_timeout(), ctrl.recv()).await {
-            Err(_) => Err(AgentError::Migration(
-                "destination did not answer in time".into(),
-            )),
-            Ok(None) => Err(AgentError::Migration("control channel closed".into())),
-            Ok(Some(r)) => r.map_err(wire),
-        }
-    }
-
-    async fn handshake(
-        &mut self,
-        order: &VerifiedOrder,
-        guest: &SyntheticGuest,
-        exporter: [u8; 32],
-        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
-    ) -> Result<Established, AgentError> {
-        let body = order.body();
-        let vm_cfg = self.ctx.config.vms.iter().find(|v| v.name == body.vm);
-        let config_digest =
-            trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
-        let manifest = ImageManifest {
-            vm: body.vm.clone(),
-            config_digest,
-            chunk_size: 1 << 20,
-            disks: vec![], // synthetic guests have no disks; shared-storage mode
-        };
-        let channel = ChannelBinding {
-            tls_exporter: exporter,
-            local: self.ctx.identity.id(),
-            peer: body.destination,
-        };
-        let mode = TransferMode::Precopy {
-            page_size: PAGE_SIZE as u32,
-            page_count: guest.page_count(),
-        };
-        let (mut hs, hello) = SourceHandshake::start(
-            order.clone(),
-            channel,
-            crate::random(),
-            mode,
-            self.ctx.config.transfer.streams,
-            &manifest,
-        )
-        .map_err(proto)?;
-        self.send(&hello).await?;
-        while !hs.is_done() {
-            let msg = self.recv(ctrl).await?;
-            let out = {
-                let mut att = self.ctx.attester.lock().expect("attester lock");
-                hs.handle(&msg, att.as_mut(), self.ctx.verifier.as_ref())
-            }
-            .map_err(proto)?;
-            for m in out {
-                self.send(&m).await?;
-            }
-        }
-        hs.into_established().map_err(proto)
     }
 
     async fn open_streams(
@@ -406,7 +285,7 @@ impl Run {
         guest: &mut SyntheticGuest,
         streams: Vec<StreamTx>,
         pool: &mut Pool,
-        ctrl: &mut mpsc::Receiver<Result<Vec<u8>, WireError>>,
+        chan: &mut SourceChannel,
     ) -> Result<Summary, AgentError> {
         let started = self.started;
         let body = order.body();
@@ -432,8 +311,8 @@ impl Run {
                 send_record(&streams, batch.stream, RecordType::Pages, buf).await?;
                 guest.tick(Instant::now());
                 // A destination abort (or garbage) during transfer ends it now.
-                if let Ok(msg) = ctrl.try_recv() {
-                    let msg = msg.map_err(wire)?;
+                if let Some(msg) = chan.try_recv() {
+                    let msg = msg?;
                     let mut att = self.ctx.attester.lock().expect("attester lock");
                     sm.handle(&msg, att.as_mut()).map_err(proto)?;
                 }
@@ -474,7 +353,7 @@ impl Run {
                 round,
                 stream_records: vec![],
             };
-            self.send(&counts.encode()).await?;
+            chan.send(&counts.encode()).await?;
             if switch {
                 break;
             }
@@ -515,18 +394,18 @@ impl Run {
             .finish(&device_state, &est.transcript_hash)
             .map_err(proto)?;
         let so = sm.switch_over(counts, digest).map_err(proto)?;
-        self.send(&so).await?;
+        chan.send(&so).await?;
 
         // Final evidence, Ready, Commit, Resumed.
         loop {
-            let msg = self.recv(ctrl).await?;
+            let msg = chan.recv().await?;
             let ev = {
                 let mut att = self.ctx.attester.lock().expect("attester lock");
                 sm.handle(&msg, att.as_mut())
             }
             .map_err(proto)?;
             match ev {
-                SourceEvent::Send(m) => self.send(&m).await?,
+                SourceEvent::Send(m) => chan.send(&m).await?,
                 SourceEvent::ReadyToCommit => {
                     // The point of no return: durable before the destination may resume.
                     self.ctx.journal.lock().expect("journal lock").set(
@@ -536,7 +415,7 @@ impl Run {
                     )?;
                     self.outcome = Outcome::Committed;
                     let c = sm.commit().map_err(proto)?;
-                    self.send(&c).await?;
+                    chan.send(&c).await?;
                     self.report(Progress::Committed).await;
                 }
                 SourceEvent::Resumed => break,
