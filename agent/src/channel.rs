@@ -12,11 +12,14 @@ use tokio_rustls::client::TlsStream;
 use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::messages::{Message, TransferMode};
-use trustmig_protocol::order::VerifiedOrder;
+use trustmig_protocol::migration::{SourceEvent, SourceMigration};
+use trustmig_protocol::order::{OrderId, VerifiedOrder};
 use trustmig_protocol::AbortCode;
 
+use crate::control::Progress;
 use crate::daemon::Ctx;
 use crate::error::AgentError;
+use crate::journal::State;
 use crate::wire::{spawn_frame_reader, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
@@ -164,6 +167,47 @@ impl SourceChannel {
             }
         }
         hs.into_established().map_err(AgentError::Protocol)
+    }
+}
+
+impl SourceChannel {
+    /// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on
+    /// `Ready` journal COMMIT durably *before* sending `Commit` (SPEC.md §8.7); ends at
+    /// `Resumed`. `committed` turns true the moment COMMIT is durable, whatever happens after.
+    pub async fn commit_exchange(
+        &mut self,
+        sm: &mut SourceMigration,
+        switch_over: &[u8],
+        order_id: &OrderId,
+        progress: &mpsc::Sender<Progress>,
+        committed: &mut bool,
+    ) -> Result<(), AgentError> {
+        self.send(switch_over).await?;
+        loop {
+            let msg = self.recv().await?;
+            let ev = {
+                let ctx = self.ctx.clone();
+                let mut att = ctx.attester.lock().expect("attester lock");
+                sm.handle(&msg, att.as_mut())
+            }
+            .map_err(AgentError::Protocol)?;
+            match ev {
+                SourceEvent::Send(m) => self.send(&m).await?,
+                SourceEvent::ReadyToCommit => {
+                    // The point of no return: durable before the destination may resume.
+                    self.ctx.journal.lock().expect("journal lock").set(
+                        order_id,
+                        State::Committed,
+                        "",
+                    )?;
+                    *committed = true;
+                    let c = sm.commit().map_err(AgentError::Protocol)?;
+                    self.send(&c).await?;
+                    let _ = progress.send(Progress::Committed).await;
+                }
+                SourceEvent::Resumed => return Ok(()),
+            }
+        }
     }
 }
 

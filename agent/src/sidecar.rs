@@ -34,9 +34,7 @@ use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
 use trustmig_protocol::messages::{frame_len, TransferMode, FRAME_HEADER};
-use trustmig_protocol::migration::{
-    DestEvent, DestMigration, Outcome, SourceEvent, SourceMigration,
-};
+use trustmig_protocol::migration::{DestEvent, DestMigration, Outcome, SourceMigration};
 use trustmig_protocol::order::{hex, VerifiedOrder};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 use trustmig_protocol::{Digest, Error as ProtoError};
@@ -612,32 +610,15 @@ impl SourceRun {
         let paused_at = paused_at.unwrap_or_else(Instant::now);
         let digest: Digest = sent.digest.clone().finish(&est.transcript_hash);
         let so = sm.switch_over(vec![sent.records], digest).map_err(proto)?;
-        chan.send(&so).await?;
-
-        loop {
-            let msg = chan.recv().await?;
-            let ev = {
-                let mut att = self.ctx.attester.lock().expect("attester lock");
-                sm.handle(&msg, att.as_mut())
-            }
-            .map_err(proto)?;
-            match ev {
-                SourceEvent::Send(m) => chan.send(&m).await?,
-                SourceEvent::ReadyToCommit => {
-                    // The point of no return: durable before the destination may resume.
-                    self.ctx.journal.lock().expect("journal lock").set(
-                        order.id(),
-                        State::Committed,
-                        "",
-                    )?;
-                    self.outcome = Outcome::Committed;
-                    let c = sm.commit().map_err(proto)?;
-                    chan.send(&c).await?;
-                    self.report(Progress::Committed).await;
-                }
-                SourceEvent::Resumed => break,
-            }
+        // Final evidence, Ready, Commit (journalled first), Resumed.
+        let mut committed = false;
+        let r = chan
+            .commit_exchange(&mut sm, &so, order.id(), &self.progress, &mut committed)
+            .await;
+        if committed {
+            self.outcome = Outcome::Committed;
         }
+        r?;
         let downtime = paused_at.elapsed();
         let total = self.started.elapsed();
         let ram = info.ram.clone().unwrap_or_default();

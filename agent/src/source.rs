@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::{Message, TransferMode};
-use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
+use trustmig_protocol::migration::{Outcome, SourceMigration};
 use trustmig_protocol::order::{hex, OrderPolicy, Role, SignedOrder, VerifiedOrder};
 use trustmig_protocol::precopy::{GuestMemory, PrecopySource, RoundDecision};
 use trustmig_protocol::rate::Pacer;
@@ -394,33 +394,15 @@ impl Run {
             .finish(&device_state, &est.transcript_hash)
             .map_err(proto)?;
         let so = sm.switch_over(counts, digest).map_err(proto)?;
-        chan.send(&so).await?;
-
-        // Final evidence, Ready, Commit, Resumed.
-        loop {
-            let msg = chan.recv().await?;
-            let ev = {
-                let mut att = self.ctx.attester.lock().expect("attester lock");
-                sm.handle(&msg, att.as_mut())
-            }
-            .map_err(proto)?;
-            match ev {
-                SourceEvent::Send(m) => chan.send(&m).await?,
-                SourceEvent::ReadyToCommit => {
-                    // The point of no return: durable before the destination may resume.
-                    self.ctx.journal.lock().expect("journal lock").set(
-                        order.id(),
-                        State::Committed,
-                        "",
-                    )?;
-                    self.outcome = Outcome::Committed;
-                    let c = sm.commit().map_err(proto)?;
-                    chan.send(&c).await?;
-                    self.report(Progress::Committed).await;
-                }
-                SourceEvent::Resumed => break,
-            }
+        // Final evidence, Ready, Commit (journalled first), Resumed.
+        let mut committed = false;
+        let r = chan
+            .commit_exchange(&mut sm, &so, order.id(), &self.progress, &mut committed)
+            .await;
+        if committed {
+            self.outcome = Outcome::Committed;
         }
+        r?;
         let downtime = paused_at.elapsed();
         let total = started.elapsed();
         let stats = engine.stats().clone();
