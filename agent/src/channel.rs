@@ -237,3 +237,41 @@ pub fn abort_code(e: &AgentError) -> AbortCode {
         _ => AbortCode::InternalError,
     }
 }
+
+/// Book-keeping after a source-side run: `status` history, and for a failure the journal
+/// (rolled back, when `rolled_back`) and one log line saying where the VM is (`vm_state`).
+pub fn note_source_result(
+    ctx: &Ctx,
+    id: &OrderId,
+    vm: &str,
+    result: Result<&crate::control::Summary, (&AgentError, &str)>,
+    rolled_back: bool,
+) {
+    let order = trustmig_protocol::order::hex(id);
+    match result {
+        Ok(summary) => ctx.remember(crate::daemon::history_entry(
+            "source",
+            Some(summary),
+            None,
+            &order,
+            vm,
+        )),
+        Err((e, vm_state)) => {
+            if rolled_back {
+                let _ = ctx.journal.lock().expect("journal lock").set(
+                    id,
+                    State::RolledBack,
+                    e.to_string(),
+                );
+            }
+            tracing::warn!(order = %order, "migration of {vm} failed: {e}; {vm_state}");
+            ctx.remember(crate::daemon::history_entry(
+                "source",
+                None,
+                Some(&format!("{e}; {vm_state}")),
+                &order,
+                vm,
+            ));
+        }
+    }
+}

@@ -39,7 +39,7 @@ use trustmig_protocol::order::{hex, VerifiedOrder};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 use trustmig_protocol::{Digest, Error as ProtoError};
 
-use crate::channel::{abort_code, vm_manifest, SourceChannel};
+use crate::channel::{abort_code, note_source_result, vm_manifest, SourceChannel};
 use crate::config::{Config, VmConfig};
 use crate::control::{Progress, Summary};
 use crate::daemon::{history_entry, Ctx, DataConn};
@@ -330,34 +330,17 @@ pub async fn migrate_source(
     let id = *order.id();
     match result {
         Ok(summary) => {
-            ctx.remember(history_entry(
-                "source",
-                Some(&summary),
-                None,
-                &hex(&id),
-                &body.vm,
-            ));
+            note_source_result(ctx, &id, &body.vm, Ok(&summary), false);
             Ok(summary)
         }
         Err(e) => {
-            let vm_state = match run.outcome {
-                Outcome::RollBack => {
-                    let s = rollback_source(&mut qmp, status.running, ctx.step_timeout()).await;
-                    let _ = ctx.journal.lock().expect("journal lock").set(&id, State::RolledBack, e.to_string());
-                    s
-                }
-                Outcome::Committed => {
-                    "committed: the destination owns the VM; the source QEMU stays stopped (in doubt until settled)".to_string()
-                }
+            let rolled_back = run.outcome == Outcome::RollBack;
+            let vm_state = if rolled_back {
+                rollback_source(&mut qmp, status.running, ctx.step_timeout()).await
+            } else {
+                "committed: the destination owns the VM; the source QEMU stays stopped (in doubt until settled)".to_string()
             };
-            warn!(order = %hex(&id), "QEMU migration failed: {e}; {vm_state}");
-            ctx.remember(history_entry(
-                "source",
-                None,
-                Some(&format!("{e}; {vm_state}")),
-                &hex(&id),
-                &body.vm,
-            ));
+            note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)), rolled_back);
             Err((e, vm_state))
         }
     }

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::info;
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::{Message, TransferMode};
@@ -22,9 +22,9 @@ use trustmig_protocol::rate::Pacer;
 use trustmig_protocol::record::{RecordType, Sealer};
 use trustmig_protocol::Error as ProtoError;
 
-use crate::channel::{abort_code, vm_manifest, SourceChannel};
+use crate::channel::{abort_code, note_source_result, vm_manifest, SourceChannel};
 use crate::control::{Progress, Summary};
-use crate::daemon::{history_entry, Ctx};
+use crate::daemon::Ctx;
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
 use crate::journal::State;
@@ -96,46 +96,25 @@ async fn migrate_checked(
     let id = *order.id();
     match result {
         Ok(summary) => {
-            ctx.remember(history_entry(
-                "source",
-                Some(&summary),
-                None,
-                &hex(&id),
-                &body.vm,
-            ));
+            note_source_result(ctx, &id, &body.vm, Ok(&summary), false);
             Ok(summary)
         }
         Err(e) => {
-            let vm_state = match run.outcome {
-                Outcome::RollBack => {
-                    guest.set_throttle(0);
-                    guest.resume();
-                    ctx.vms
-                        .lock()
-                        .expect("vms lock")
-                        .insert(body.vm.clone(), guest);
-                    let _ = ctx.journal.lock().expect("journal lock").set(
-                        &id,
-                        State::RolledBack,
-                        e.to_string(),
-                    );
-                    "rolled back: the VM keeps running on the source, its memory untouched"
-                        .to_string()
-                }
-                Outcome::Committed => {
-                    // Never resume after COMMIT: the destination owns the VM.
-                    "committed: the destination owns the VM; the source keeps it paused (in doubt until settled)".to_string()
-                }
+            let rolled_back = run.outcome == Outcome::RollBack;
+            let vm_state = if rolled_back {
+                guest.set_throttle(0);
+                guest.resume();
+                ctx.vms
+                    .lock()
+                    .expect("vms lock")
+                    .insert(body.vm.clone(), guest);
+                "rolled back: the VM keeps running on the source, its memory untouched"
+            } else {
+                // Never resume after COMMIT: the destination owns the VM.
+                "committed: the destination owns the VM; the source keeps it paused (in doubt until settled)"
             };
-            warn!(order = %hex(&id), "migration failed: {e}; {vm_state}");
-            ctx.remember(history_entry(
-                "source",
-                None,
-                Some(&format!("{e}; {vm_state}")),
-                &hex(&id),
-                &body.vm,
-            ));
-            Err((e, vm_state))
+            note_source_result(ctx, &id, &body.vm, Err((&e, vm_state)), rolled_back);
+            Err((e, vm_state.to_string()))
         }
     }
 }
