@@ -210,8 +210,12 @@ impl Run {
             .transfer(order, &est, guest, streams, &mut pool, chan)
             .await
         {
-            // The destination's Abort names what it refused (tampered, replayed, ...).
-            Err(AgentError::Migration(local)) if local.starts_with("data stream") => {
+            // A transport failure on our side (a data stream or the control channel broke)
+            // usually follows the destination refusing something; its Abort, queued or about
+            // to arrive, names what (tampered, replayed, ...). Prefer it.
+            Err(AgentError::Migration(local))
+                if local.starts_with("data stream") || local.starts_with("control channel") =>
+            {
                 match chan.peer_abort().await {
                     Some((code, reason)) => Err(proto(ProtoError::PeerAborted { code, reason })),
                     None => Err(AgentError::Migration(local)),
