@@ -132,28 +132,74 @@ struct Sent {
 }
 
 /// Read `from` to its end, sealing each chunk as a `HypervisorStream` record on `to`; then
-/// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte.
+/// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte. Reading runs
+/// in a task of its own, so QEMU keeps writing while a record is sealed and sent.
 async fn seal_pump<R, W>(
-    mut from: R,
+    from: R,
     mut to: W,
     mut sealer: Sealer,
     what: &'static str,
 ) -> Result<Sent, String>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK.min(MAX_PAYLOAD)];
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let reader = tokio::spawn(read_chunks(from, tx, what));
     let mut out = Vec::with_capacity(CHUNK + 64);
     let mut digest = StreamDigest::new();
     let mut wire_bytes = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        out.clear();
+        digest.update(&chunk);
+        sealer
+            .seal(RecordType::HypervisorStream, &chunk, &mut out)
+            .map_err(|e| format!("{what}: {e}"))?;
+        to.write_all(&out)
+            .await
+            .map_err(|e| format!("{what}: data stream write: {e}"))?;
+        wire_bytes += out.len() as u64;
+    }
+    // The channel closed: the reader saw the end of QEMU's stream, or failed.
+    reader
+        .await
+        .map_err(|e| format!("{what}: reader task: {e}"))??;
+    out.clear();
+    sealer
+        .seal(RecordType::StreamEnd, &digest.len().to_be_bytes(), &mut out)
+        .map_err(|e| format!("{what}: {e}"))?;
+    to.write_all(&out)
+        .await
+        .map_err(|e| format!("{what}: data stream write: {e}"))?;
+    wire_bytes += out.len() as u64;
+    to.flush()
+        .await
+        .map_err(|e| format!("{what}: data stream flush: {e}"))?;
+    Ok(Sent {
+        records: sealer.next_seq(),
+        wire_bytes,
+        digest,
+    })
+}
+
+/// Read `from` to its end in chunks of up to `CHUNK` bytes, coalescing what QEMU already
+/// wrote (it writes 32 KiB at a time) into one chunk, and hand them to `tx`.
+async fn read_chunks<R: AsyncRead + Unpin>(
+    mut from: R,
+    tx: mpsc::Sender<Vec<u8>>,
+    what: &'static str,
+) -> Result<(), String> {
+    let cap = CHUNK.min(MAX_PAYLOAD);
     loop {
+        let mut buf = vec![0u8; cap];
         let mut n = from
             .read(&mut buf)
             .await
             .map_err(|e| format!("{what}: reading from QEMU: {e}"))?;
-        // Coalesce what QEMU already wrote (it writes 32 KiB at a time) into one record.
-        while n > 0 && n < buf.len() {
+        if n == 0 {
+            return Ok(());
+        }
+        while n < buf.len() {
             let more = tokio::select! {
                 biased;
                 r = from.read(&mut buf[n..]) => r.map_err(|e| format!("{what}: reading from QEMU: {e}"))?,
@@ -164,30 +210,9 @@ where
             }
             n += more;
         }
-        out.clear();
-        if n == 0 {
-            sealer
-                .seal(RecordType::StreamEnd, &digest.len().to_be_bytes(), &mut out)
-                .map_err(|e| format!("{what}: {e}"))?;
-        } else {
-            digest.update(&buf[..n]);
-            sealer
-                .seal(RecordType::HypervisorStream, &buf[..n], &mut out)
-                .map_err(|e| format!("{what}: {e}"))?;
-        }
-        to.write_all(&out)
-            .await
-            .map_err(|e| format!("{what}: data stream write: {e}"))?;
-        wire_bytes += out.len() as u64;
-        if n == 0 {
-            to.flush()
-                .await
-                .map_err(|e| format!("{what}: data stream flush: {e}"))?;
-            return Ok(Sent {
-                records: sealer.next_seq(),
-                wire_bytes,
-                digest,
-            });
+        buf.truncate(n);
+        if tx.send(buf).await.is_err() {
+            return Ok(()); // the sealing side failed and reports why
         }
     }
 }
@@ -199,53 +224,81 @@ struct Received {
 }
 
 /// Open records from `from` and write their payloads to `to` until `StreamEnd`. Any record
-/// error, an unexpected type, a wrong `StreamEnd` length or a cut connection is fatal.
+/// error, an unexpected type, a wrong `StreamEnd` length or a cut connection is fatal. Writing
+/// to QEMU runs in a task of its own, so records keep being read and opened meanwhile.
 async fn open_pump<R, W>(
     mut from: R,
-    mut to: W,
+    to: W,
     mut opener: Opener,
     what: &'static str,
 ) -> Result<Received, String>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+    let writer = tokio::spawn(write_chunks(to, rx, what));
     let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
     let mut digest = StreamDigest::new();
-    loop {
-        if !read_record(&mut from, &mut buf)
-            .await
-            .map_err(|e| format!("{what}: {e}"))?
-        {
-            return Err(format!("{what}: data stream cut before its end"));
+    let r = loop {
+        match read_record(&mut from, &mut buf).await {
+            Err(e) => break Err(format!("{what}: {e}")),
+            Ok(false) => break Err(format!("{what}: data stream cut before its end")),
+            Ok(true) => {}
         }
-        let (typ, payload) = opener.open(&mut buf).map_err(|e| format!("{what}: {e}"))?;
+        let (typ, payload) = match opener.open(&mut buf) {
+            Ok(x) => x,
+            Err(e) => break Err(format!("{what}: {e}")),
+        };
         match typ {
             RecordType::HypervisorStream => {
                 digest.update(payload);
-                to.write_all(payload)
-                    .await
-                    .map_err(|e| format!("{what}: writing to QEMU: {e}"))?;
+                if tx.send(payload.to_vec()).await.is_err() {
+                    break Err(format!("{what}: writing to QEMU failed"));
+                }
             }
             RecordType::KeyUpdate => {}
             RecordType::StreamEnd => {
                 let total: Option<[u8; 8]> = payload.try_into().ok();
                 if total.map(u64::from_be_bytes) != Some(digest.len()) {
-                    return Err(format!(
+                    break Err(format!(
                         "{what}: stream end announces {:?} bytes, {} arrived",
                         total.map(u64::from_be_bytes),
                         digest.len()
                     ));
                 }
-                let _ = to.flush().await;
-                return Ok(Received {
-                    records: opener.records(),
-                    digest,
-                });
+                break Ok(());
             }
-            t => return Err(format!("{what}: unexpected {t:?} record")),
+            t => break Err(format!("{what}: unexpected {t:?} record")),
         }
+    };
+    drop(tx);
+    if let Err(e) = r {
+        writer.abort(); // QEMU may have stopped reading; do not wait for it
+        return Err(e);
     }
+    writer
+        .await
+        .map_err(|e| format!("{what}: writer task: {e}"))??;
+    Ok(Received {
+        records: opener.records(),
+        digest,
+    })
+}
+
+/// Write chunks to QEMU until the channel closes.
+async fn write_chunks<W: AsyncWrite + Unpin>(
+    mut to: W,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    what: &'static str,
+) -> Result<(), String> {
+    while let Some(chunk) = rx.recv().await {
+        to.write_all(&chunk)
+            .await
+            .map_err(|e| format!("{what}: writing to QEMU: {e}"))?;
+    }
+    let _ = to.flush().await;
+    Ok(())
 }
 
 fn stream_secret(est: &Established, dir: Direction) -> TrafficSecret {
