@@ -123,3 +123,35 @@ fn order_signing_checks_its_inputs() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     fails_with(&base, "too open");
 }
+
+#[test]
+fn port_in_use_is_named_with_the_fix() {
+    let tpm = match trustmig_attest::swtpm::Swtpm::start() {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "swtpm is required in CI: {e}"
+            );
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    let h = home.to_str().unwrap();
+    let (ok, _, err) = trustmig(&[
+        "init",
+        "--home",
+        h,
+        "--listen",
+        &addr,
+        "--tcti",
+        &tpm.tcti(),
+    ]);
+    assert!(ok, "{err}");
+    fails_with(&["agent", "--home", h], &format!("cannot listen on {addr}"));
+    fails_with(&["agent", "--home", h], "change `listen` in config.toml");
+}
