@@ -358,32 +358,48 @@ async fn bind_streams(
     mut conns: mpsc::Receiver<DataConn>,
     done: mpsc::Sender<(u16, Result<u64, AgentError>)>,
 ) {
-    let mut bound = vec![false; streams as usize];
+    // Each candidate is checked in a task of its own: a connection that stalls before its
+    // StreamInit must not hold up the genuine one behind it. The first that authenticates
+    // binds its stream index; later ones are surplus.
+    let bound = Arc::new(Mutex::new(vec![false; streams as usize]));
     while let Some((i, mut sock)) = conns.recv().await {
-        if i >= streams || bound[i as usize] {
+        if i >= streams || bound.lock().expect("bound lock")[i as usize] {
             warn!(stream = i, "surplus data connection dropped");
             continue;
         }
-        sock.set_nodelay(true).ok();
-        let mut opener = Opener::new(keys.stream_secret(Direction::SourceToDestination, i), i);
-        let mut buf = Vec::new();
-        let init = tokio::time::timeout(ctx.step_timeout(), read_record(&mut sock, &mut buf)).await;
-        let ok = match init {
-            Ok(Ok(true)) => match opener.open(&mut buf) {
-                Ok((RecordType::StreamInit, p)) => p == [&sid[..], &i.to_be_bytes()].concat(),
-                _ => false,
-            },
-            _ => false,
-        };
-        if !ok {
-            // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
-            warn!(stream = i, "data connection failed StreamInit; dropped");
-            continue;
-        }
-        bound[i as usize] = true;
-        let state = state.clone();
-        let done = done.clone();
+        let (ctx, keys, state, done, bound) = (
+            ctx.clone(),
+            keys.clone(),
+            state.clone(),
+            done.clone(),
+            bound.clone(),
+        );
         tokio::spawn(async move {
+            sock.set_nodelay(true).ok();
+            let mut opener = Opener::new(keys.stream_secret(Direction::SourceToDestination, i), i);
+            let mut buf = Vec::new();
+            let init =
+                tokio::time::timeout(ctx.step_timeout(), read_record(&mut sock, &mut buf)).await;
+            let ok = match init {
+                Ok(Ok(true)) => match opener.open(&mut buf) {
+                    Ok((RecordType::StreamInit, p)) => p == [&sid[..], &i.to_be_bytes()].concat(),
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !ok {
+                // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
+                warn!(stream = i, "data connection failed StreamInit; dropped");
+                return;
+            }
+            {
+                let mut b = bound.lock().expect("bound lock");
+                if b[i as usize] {
+                    warn!(stream = i, "surplus data connection dropped");
+                    return;
+                }
+                b[i as usize] = true;
+            }
             let r = read_stream(sock, opener, i, &state).await;
             let _ = done.send((i, r)).await;
         });

@@ -24,6 +24,9 @@ pub enum Fault {
     Drop(u64),
     /// Send record `n + 1` before record `n`.
     Reorder(u64),
+    /// Squat: before forwarding data stream 0, open a second connection to the destination
+    /// with the same preamble and then say nothing (an on-path attacker stalling a stream).
+    Squat,
 }
 
 /// A running proxy.
@@ -110,6 +113,16 @@ async fn relay(
     let mut pre = [0u8; 26];
     cr.read_exact(&mut pre).await?;
     let stream = u16::from_be_bytes([pre[24], pre[25]]);
+    if fault == Fault::Squat && stream == 0 && !fired.swap(true, Ordering::SeqCst) {
+        let mut squatter = TcpStream::connect(&target).await?;
+        squatter.write_all(&pre).await?;
+        // Give the squatter a head start, then keep it open and silent for a minute.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            drop(squatter);
+        });
+    }
     sw.write_all(&pre).await?;
     let mut index = 0u64;
     let mut held: Option<Vec<u8>> = None;
