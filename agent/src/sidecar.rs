@@ -30,6 +30,7 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
@@ -231,45 +232,53 @@ async fn open_pump<R, W>(
     to: W,
     mut opener: Opener,
     what: &'static str,
-) -> Result<Received, String>
+) -> Result<Received, AgentError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // Record and protocol failures keep their type, so the Abort says record-failure or
+    // protocol-violation; transport failures are local (text).
+    let local = |m: String| AgentError::Migration(format!("{what}: {m}"));
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let writer = tokio::spawn(write_chunks(to, rx, what));
     let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
     let mut digest = StreamDigest::new();
     let r = loop {
         match read_record(&mut from, &mut buf).await {
-            Err(e) => break Err(format!("{what}: {e}")),
-            Ok(false) => break Err(format!("{what}: data stream cut before its end")),
+            Err(WireError::Record(e)) => break Err(proto(e)),
+            Err(e) => break Err(local(e.to_string())),
+            Ok(false) => break Err(local("data stream cut before its end".into())),
             Ok(true) => {}
         }
         let (typ, payload) = match opener.open(&mut buf) {
             Ok(x) => x,
-            Err(e) => break Err(format!("{what}: {e}")),
+            Err(e) => break Err(proto(e)),
         };
         match typ {
             RecordType::HypervisorStream => {
                 digest.update(payload);
                 if tx.send(payload.to_vec()).await.is_err() {
-                    break Err(format!("{what}: writing to QEMU failed"));
+                    break Err(local("writing to QEMU failed".into()));
                 }
             }
             RecordType::KeyUpdate => {}
             RecordType::StreamEnd => {
                 let total: Option<[u8; 8]> = payload.try_into().ok();
                 if total.map(u64::from_be_bytes) != Some(digest.len()) {
-                    break Err(format!(
+                    break Err(proto(PeerMisbehaved::BadField(format!(
                         "{what}: stream end announces {:?} bytes, {} arrived",
                         total.map(u64::from_be_bytes),
                         digest.len()
-                    ));
+                    ))));
                 }
                 break Ok(());
             }
-            t => break Err(format!("{what}: unexpected {t:?} record")),
+            t => {
+                break Err(proto(PeerMisbehaved::BadField(format!(
+                    "{what}: unexpected {t:?} record"
+                ))))
+            }
         }
     };
     drop(tx);
@@ -279,7 +288,8 @@ where
     }
     writer
         .await
-        .map_err(|e| format!("{what}: writer task: {e}"))??;
+        .map_err(|e| local(format!("writer task: {e}")))?
+        .map_err(AgentError::Migration)?;
     Ok(Received {
         records: opener.records(),
         digest,
@@ -574,7 +584,7 @@ impl SourceRun {
                 .send(seal_pump(qemu_rd, data_wr, sealer, "source stream").await)
                 .await;
         }));
-        let (ret_tx, mut ret_rx) = mpsc::channel::<Result<Received, String>>(1);
+        let (ret_tx, mut ret_rx) = mpsc::channel::<Result<Received, AgentError>>(1);
         self.tasks.push(tokio::spawn(async move {
             let _ = ret_tx
                 .send(open_pump(data_rd, qemu_wr, opener, "return path").await)
@@ -623,7 +633,7 @@ impl SourceRun {
                 Some(r) = ret_rx.recv(), if !ret_done => {
                     ret_done = true;
                     if let Err(e) = r {
-                        return Err(self.peer_reason(chan, e).await);
+                        return Err(self.peer_reason(chan, e.to_string()).await);
                     }
                 }
                 msg = chan.next() => {
@@ -878,7 +888,7 @@ impl DestRun {
         let _ = std::fs::remove_file(&path);
         let (qemu_rd, qemu_wr) = qemu_sock.into_split();
         let (data_rd, data_wr) = data.into_split();
-        let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<Received, String>>(1);
+        let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<Received, AgentError>>(1);
         self.tasks.push(tokio::spawn(async move {
             let _ = fwd_tx
                 .send(open_pump(data_rd, qemu_wr, opener, "data stream 0").await)
@@ -912,7 +922,7 @@ impl DestRun {
                     }
                 }
                 Some(r) = fwd_rx.recv(), if received.is_none() => {
-                    received = Some(r.map_err(AgentError::Migration)?);
+                    received = Some(r?);
                 }
             }
             if let (Some(counts), Some(got)) = (&awaiting, &received) {
@@ -920,10 +930,10 @@ impl DestRun {
                 wait_loaded(qmp, timeout).await?;
                 let computed = got.digest.clone().finish(&transcript_hash);
                 if counts.len() != 1 {
-                    return Err(AgentError::Migration(format!(
+                    return Err(proto(PeerMisbehaved::BadField(format!(
                         "source announced {} streams, hypervisor-stream mode has 1",
                         counts.len()
-                    )));
+                    ))));
                 }
                 let m = dm
                     .streams_complete(&[got.records], computed, crate::random())
@@ -1103,7 +1113,9 @@ mod tests {
             .expect("seal");
         let mut flipped = wire.clone();
         flipped[20] ^= 1;
-        let r = open_pump(&flipped[..], tokio::io::sink(), opener, "s0").await;
+        let r = open_pump(&flipped[..], tokio::io::sink(), opener, "s0")
+            .await
+            .map_err(|e| e.to_string());
         assert!(
             r.as_ref()
                 .err()
@@ -1112,7 +1124,9 @@ mod tests {
             r.err()
         );
         let (_, opener) = pair();
-        let r = open_pump(&wire[..], tokio::io::sink(), opener, "s0").await;
+        let r = open_pump(&wire[..], tokio::io::sink(), opener, "s0")
+            .await
+            .map_err(|e| e.to_string());
         assert!(
             r.as_ref().err().is_some_and(|e| e.contains("cut")),
             "{:?}",
@@ -1120,7 +1134,9 @@ mod tests {
         );
         let (_, opener) = pair();
         let replayed = [wire.clone(), wire].concat();
-        let r = open_pump(&replayed[..], tokio::io::sink(), opener, "s0").await;
+        let r = open_pump(&replayed[..], tokio::io::sink(), opener, "s0")
+            .await
+            .map_err(|e| e.to_string());
         assert!(
             r.as_ref().err().is_some_and(|e| e.contains("replayed")),
             "{:?}",
