@@ -111,6 +111,25 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     let attester = crate::attestation::open_measured(&config, &home.config())?;
     let mut journal = Journal::open(&home.journal_dir())?;
     settle_in_doubt(&mut journal)?;
+    // A configured guest this host cannot hold is a configuration error, not an allocation abort.
+    let want: u64 = config
+        .vms
+        .iter()
+        .filter(|v| v.backend == "synthetic" && !journal.migrated_away(&v.name))
+        .map(|v| v.size_mib << 20)
+        .sum();
+    if let Some(avail) = crate::guest::mem_available() {
+        if want > avail {
+            return Err(AgentError::BadConfig {
+                path: home.config(),
+                reason: format!(
+                    "synthetic VMs need {} MiB but {} MiB of memory is available; lower size_mib",
+                    want >> 20,
+                    avail >> 20
+                ),
+            });
+        }
+    }
     let vms = config
         .vms
         .iter()

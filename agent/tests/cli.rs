@@ -154,4 +154,10 @@ fn port_in_use_is_named_with_the_fix() {
     assert!(ok, "{err}");
     fails_with(&["agent", "--home", h], &format!("cannot listen on {addr}"));
     fails_with(&["agent", "--home", h], "change `listen` in config.toml");
+    // A configured guest larger than this host's memory is named, not an allocation abort.
+    let cfg = home.join("config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += "\n[[vm]]\nname = \"huge\"\nbackend = \"synthetic\"\nsize_mib = 1000000\n";
+    std::fs::write(&cfg, text).unwrap();
+    fails_with(&["agent", "--home", h], "lower size_mib");
 }
