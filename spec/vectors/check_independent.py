@@ -4,7 +4,9 @@
 An independent implementation of the key schedule (SPEC.md §6.4), qualifying data (§6.1),
 event digests (§6.2) and the final image digest (§8.5): if the Rust code and this script agree,
 the spec text, not just one implementation, defines the bytes. AES-GCM records are checked by
-the Rust tests (the standard library has no AES).
+the Rust tests (the standard library has no AES). The standard library has no BLAKE3 either, so
+a plain transcription of the BLAKE3 paper's hash mode is below (checked against the official
+test vectors before it is used).
 """
 import hashlib, hmac, json, os, sys
 
@@ -25,10 +27,66 @@ def expand(prk, label, ctx, n):
 def sha256(*parts):
     return hashlib.sha256(b"".join(parts)).digest()
 
+# BLAKE3 (hash mode, 32-byte output), after the reference implementation in the BLAKE3 paper.
+B3_IV = [0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19]
+B3_PERM = [2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8]
+CHUNK_START, CHUNK_END, PARENT, ROOT = 1, 2, 4, 8
+M32 = 0xFFFFFFFF
+
+def b3_compress(cv, block, counter, block_len, flags):
+    m = [int.from_bytes(block[i:i + 4], "little") for i in range(0, 64, 4)]
+    v = cv[:] + B3_IV[:4] + [counter & M32, counter >> 32, block_len, flags]
+    def g(a, b_, c, d, x, y):
+        v[a] = (v[a] + v[b_] + x) & M32; v[d] = ((v[d] ^ v[a]) >> 16 | (v[d] ^ v[a]) << 16) & M32
+        v[c] = (v[c] + v[d]) & M32; v[b_] = ((v[b_] ^ v[c]) >> 12 | (v[b_] ^ v[c]) << 20) & M32
+        v[a] = (v[a] + v[b_] + y) & M32; v[d] = ((v[d] ^ v[a]) >> 8 | (v[d] ^ v[a]) << 24) & M32
+        v[c] = (v[c] + v[d]) & M32; v[b_] = ((v[b_] ^ v[c]) >> 7 | (v[b_] ^ v[c]) << 25) & M32
+    for r in range(7):
+        g(0, 4, 8, 12, m[0], m[1]); g(1, 5, 9, 13, m[2], m[3]); g(2, 6, 10, 14, m[4], m[5]); g(3, 7, 11, 15, m[6], m[7])
+        g(0, 5, 10, 15, m[8], m[9]); g(1, 6, 11, 12, m[10], m[11]); g(2, 7, 8, 13, m[12], m[13]); g(3, 4, 9, 14, m[14], m[15])
+        m = [m[i] for i in B3_PERM]
+    return [v[i] ^ v[i + 8] for i in range(8)]
+
+def b3_words(words):
+    return b"".join(w.to_bytes(4, "little") for w in words)
+
+def b3_chunk(data, index, root):
+    cv, blocks = B3_IV[:], [data[i:i + 64] for i in range(0, len(data), 64)] or [b""]
+    for i, blk in enumerate(blocks):
+        flags = (CHUNK_START if i == 0 else 0) | (CHUNK_END if i == len(blocks) - 1 else 0)
+        if root and i == len(blocks) - 1:
+            flags |= ROOT
+        cv = b3_compress(cv, blk.ljust(64, b"\0"), index, len(blk), flags)
+    return cv
+
+def b3_tree(chunks, first, root):
+    if len(chunks) == 1:
+        return b3_chunk(chunks[0], first, root)
+    left = 1 << ((len(chunks) - 1).bit_length() - 1)  # largest power of two < len(chunks)
+    block = b3_words(b3_tree(chunks[:left], first, False)) + b3_words(b3_tree(chunks[left:], first + left, False))
+    return b3_compress(B3_IV[:], block, 0, 64, PARENT | (ROOT if root else 0))
+
+def blake3(data):
+    chunks = [data[i:i + 1024] for i in range(0, len(data), 1024)] or [b""]
+    return b3_words(b3_tree(chunks, 0, True))
+
 failures = []
 def check(name, got, want):
     if got.hex() != want:
         failures.append(f"{name}: spec gives {got.hex()}, vector has {want}")
+
+# The official BLAKE3 test vectors (input byte i = i % 251) at lengths that exercise one block,
+# several blocks, one chunk, and trees of 2, 3 and 8 chunks.
+B3_OFFICIAL = {
+    0: "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+    1: "2d3adedff11b61f14c886e35afa036736dcd87a74d27b5c1510225d0f592e213",
+    1023: "10108970eeda3eb932baac1428c7a2163b0e924c9a9e25b35bba72b28f70bd11",
+    1025: "d00278ae47eb27b34faecf67b4fe263f82d5412916c1ffd97c8cb7fb814b8444",
+    3072: "b98cb0ff3623be03326b373de6b9095218513e64f1ee2edd2525c7ad1e5cffd2",
+    8192: "aae792484c8efe4f19e2ca7d371d8c467ffb10748d8a5a1ae579948f718a2a63",
+}
+for n, want in B3_OFFICIAL.items():
+    check(f"BLAKE3 official vector, {n} bytes", blake3(bytes(i % 251 for i in range(n))), want)
 
 ks = V["key_schedule"]
 prk = hmac.new(b(ks["transcript_hash"]), b(ks["tls_exporter"]), hashlib.sha256).digest()
@@ -68,7 +126,7 @@ check("final image digest", final, im["final"])
 hv = V["hvstream"]
 stream = b(hv["stream"])
 check("hvstream final digest", sha256(b"trustmig hvstream v1", b(hv["transcript_hash"]),
-      len(stream).to_bytes(8, "big"), sha256(stream)), hv["final"])
+      len(stream).to_bytes(8, "big"), blake3(stream)), hv["final"])
 
 if failures:
     print("\n".join(failures))
