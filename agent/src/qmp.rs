@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -86,6 +86,26 @@ pub struct Event {
     pub name: String,
     /// Its data (`null` when absent).
     pub data: Value,
+    /// When QEMU emitted it (its `timestamp`; `None` when absent or malformed).
+    pub at: Option<SystemTime>,
+}
+
+impl Event {
+    /// For a `MIGRATION` event, the new migration status (`pre-switchover`, `completed`, ...).
+    pub fn migration_status(&self) -> Option<&str> {
+        if self.name != "MIGRATION" {
+            return None;
+        }
+        self.data.get("status").and_then(Value::as_str)
+    }
+}
+
+/// QMP's `{"seconds": s, "microseconds": us}` as a time.
+fn timestamp(v: Option<&Value>) -> Option<SystemTime> {
+    let v = v?;
+    let s = v.get("seconds")?.as_u64()?;
+    let us = v.get("microseconds")?.as_u64()?;
+    (us < 1_000_000).then(|| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us))
 }
 
 /// `query-status` reply.
@@ -172,6 +192,8 @@ pub struct Qmp {
     timeout: Duration,
     next_id: u64,
     events: VecDeque<Event>,
+    /// A line being read (see `read_json_untimed`).
+    line: Vec<u8>,
     /// QEMU's version string from the greeting (`7.2.22`).
     pub version: String,
 }
@@ -213,6 +235,7 @@ impl Qmp {
             timeout,
             next_id: 1,
             events: VecDeque::new(),
+            line: Vec::new(),
             version: String::new(),
         };
         let greeting = q.read_json("greeting").await?;
@@ -240,23 +263,31 @@ impl Qmp {
         &self.path
     }
 
+    /// Read one JSON line, waiting at most `self.timeout`.
     async fn read_json(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
-        let mut buf = Vec::new();
-        let n = tokio::time::timeout(
-            self.timeout,
-            (&mut self.rd).take(MAX_LINE).read_until(b'\n', &mut buf),
-        )
-        .await
-        .map_err(|_| QmpError::Timeout {
-            path: self.path.clone(),
-            waiting_for: waiting_for.into(),
-            timeout: self.timeout,
-        })?
-        .map_err(|source| QmpError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        if n == 0 {
+        tokio::time::timeout(self.timeout, self.read_json_untimed(waiting_for))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                path: self.path.clone(),
+                waiting_for: waiting_for.into(),
+                timeout: self.timeout,
+            })?
+    }
+
+    /// Read one JSON line. Cancel-safe: a partly read line stays in `self.line` for the next
+    /// call, so this can wait for events inside `select!`.
+    async fn read_json_untimed(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
+        let room = MAX_LINE.saturating_sub(self.line.len() as u64);
+        let n = (&mut self.rd)
+            .take(room)
+            .read_until(b'\n', &mut self.line)
+            .await
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let buf = std::mem::take(&mut self.line);
+        if n == 0 && buf.is_empty() {
             return Err(QmpError::Closed {
                 path: self.path.clone(),
                 waiting_for: waiting_for.into(),
@@ -292,6 +323,7 @@ impl Qmp {
             return Ok(Line::Event(Event {
                 name: name.to_string(),
                 data: obj.get("data").cloned().unwrap_or(Value::Null),
+                at: timestamp(obj.get("timestamp")),
             }));
         }
         let id = obj.get("id").and_then(Value::as_u64).unwrap_or(0);
@@ -451,20 +483,26 @@ impl Qmp {
 
     /// Wait up to `within` for the next event (queued ones first).
     pub async fn next_event(&mut self, within: Duration) -> Result<Option<Event>, QmpError> {
-        if let Some(e) = self.events.pop_front() {
-            return Ok(Some(e));
+        match tokio::time::timeout(within, self.event()).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
         }
-        let saved = self.timeout;
-        self.timeout = within;
-        let r = self.read_json("an event").await;
-        self.timeout = saved;
-        match r {
-            Err(QmpError::Timeout { .. }) => Ok(None),
-            Err(e) => Err(e),
-            Ok(v) => match Self::classify(v, "an event")? {
-                Line::Event(e) => Ok(Some(e)),
-                Line::Return(..) | Line::Error(..) => Ok(None),
-            },
+    }
+
+    /// Wait for the next event (queued ones first), however long it takes. Cancel-safe, for
+    /// `select!`: QEMU announces migration state changes as `MIGRATION` events (with the
+    /// `events` capability), which beats polling `query-migrate` by up to a poll period.
+    pub async fn event(&mut self) -> Result<Event, QmpError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        loop {
+            let v = self.read_json_untimed("an event").await?;
+            match Self::classify(v, "an event")? {
+                Line::Event(e) => return Ok(e),
+                // A late reply to a command that timed out.
+                Line::Return(..) | Line::Error(..) => {}
+            }
         }
     }
 }
@@ -545,6 +583,52 @@ mod tests {
             q.stop().await,
             Err(QmpError::Closed { .. }) | Err(QmpError::Io { .. })
         ));
+    }
+
+    /// An event whose line arrives in two pieces, with a wait in between that outlasts the
+    /// caller's patience: the first half is kept, not lost, and the event comes whole.
+    #[tokio::test]
+    async fn a_partly_read_event_survives_a_cancelled_wait() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let Ok((s, _)) = l.accept().await else { return };
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            let _ = wr
+                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}}}\n")
+                .await;
+            let mut line = String::new();
+            let _ = rd.read_line(&mut line).await;
+            let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
+            let _ = wr
+                .write_all(b"{\"event\": \"MIGRATION\", \"data\": {\"status\": \"pre-")
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = wr
+                .write_all(b"switchover\"}, \"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 250000}}\n")
+                .await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let first = q
+            .next_event(Duration::from_millis(50))
+            .await
+            .expect("no error");
+        assert_eq!(first, None, "half an event is no event yet");
+        let ev = q
+            .next_event(Duration::from_secs(2))
+            .await
+            .expect("no error")
+            .expect("the whole event");
+        assert_eq!(ev.migration_status(), Some("pre-switchover"));
+        assert_eq!(
+            ev.at,
+            Some(UNIX_EPOCH + Duration::from_micros(1_700_000_000_250_000))
+        );
     }
 
     #[tokio::test]

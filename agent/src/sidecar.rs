@@ -23,7 +23,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
@@ -549,9 +549,15 @@ impl SourceRun {
 
         // QEMU: parameters from the order, then migrate to our socket.
         let limits = &body.limits;
-        qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("return-path", true)])
-            .await
-            .map_err(qmp_err)?;
+        // `events`: QEMU announces pre-switchover and completion at once (polling would add up
+        // to a poll period to the guest's downtime, twice).
+        qmp.migrate_set_capabilities(&[
+            ("pause-before-switchover", true),
+            ("return-path", true),
+            ("events", true),
+        ])
+        .await
+        .map_err(qmp_err)?;
         let bw = if limits.bandwidth_bps == 0 {
             UNCAPPED_BPS
         } else {
@@ -564,6 +570,7 @@ impl SourceRun {
         let path = socket_path(&dir, "out", order.id())?;
         let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
         let uri = format!("unix:{}", path.display());
+        qmp.take_events(); // older events (a STOP before now) say nothing about this migration
         qmp.migrate(&uri).await.map_err(qmp_err)?;
         let accepted = tokio::time::timeout(self.ctx.step_timeout(), listener.accept()).await;
         let _ = std::fs::remove_file(&path);
@@ -595,36 +602,21 @@ impl SourceRun {
         let mut sent: Option<Sent> = None;
         let mut completed: Option<MigrationInfo> = None;
         let mut paused_at: Option<Instant> = None;
+        let mut stopped_at: Option<SystemTime> = None;
         let mut last_sync = u64::MAX;
         let mut last_report = Instant::now();
         let mut ret_done = false;
         while sent.is_none() || completed.is_none() {
+            // On a poll tick or a MIGRATION event, look at QEMU's migration state.
+            let mut look = false;
             tokio::select! {
-                _ = poll.tick() => {
-                    let m = qmp.query_migrate().await.map_err(qmp_err)?;
-                    match m.status() {
-                        "pre-switchover" if paused_at.is_none() => {
-                            paused_at = Some(Instant::now());
-                            let ram = m.ram.clone().unwrap_or_default();
-                            self.report(Progress::SwitchOver { pages: ram.remaining / ram.page_size.max(1) }).await;
-                            qmp.migrate_continue("pre-switchover").await.map_err(qmp_err)?;
-                        }
-                        "completed" => completed = Some(m.clone()),
-                        "failed" | "cancelled" => {
-                            return Err(AgentError::Migration(format!(
-                                "QEMU migration {}: {}",
-                                m.status(),
-                                m.error_desc.as_deref().unwrap_or("no reason given")
-                            )));
-                        }
-                        _ => {}
+                _ = poll.tick() => look = true,
+                ev = qmp.event() => {
+                    let ev = ev.map_err(qmp_err)?;
+                    if ev.name == "STOP" {
+                        stopped_at = ev.at; // the guest's downtime starts here
                     }
-                    let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
-                    if completed.is_none() && (sync != last_sync || last_report.elapsed() >= Duration::from_secs(1)) {
-                        last_sync = sync;
-                        last_report = Instant::now();
-                        self.report(round_progress(&m)).await;
-                    }
+                    look = ev.migration_status().is_some();
                 }
                 Some(r) = fwd_rx.recv() => match r {
                     Ok(s) => sent = Some(s),
@@ -642,6 +634,41 @@ impl SourceRun {
                     let msg = msg.ok_or_else(|| AgentError::Migration("control channel closed".into()))??;
                     let mut att = self.ctx.attester.lock().expect("attester lock");
                     sm.handle(&msg, att.as_mut()).map_err(proto)?;
+                }
+            }
+            if look && completed.is_none() {
+                let m = qmp.query_migrate().await.map_err(qmp_err)?;
+                match m.status() {
+                    "pre-switchover" if paused_at.is_none() => {
+                        paused_at = Some(instant_of(stopped_at));
+                        let ram = m.ram.clone().unwrap_or_default();
+                        self.report(Progress::SwitchOver {
+                            pages: ram.remaining / ram.page_size.max(1),
+                        })
+                        .await;
+                        qmp.migrate_continue("pre-switchover")
+                            .await
+                            .map_err(qmp_err)?;
+                    }
+                    "completed" => completed = Some(m.clone()),
+                    "failed" | "cancelled" => {
+                        // Usually because the destination stopped reading: its Abort says why.
+                        let local = format!(
+                            "QEMU migration {}: {}",
+                            m.status(),
+                            m.error_desc.as_deref().unwrap_or("no reason given")
+                        );
+                        return Err(self.peer_reason(chan, local).await);
+                    }
+                    _ => {}
+                }
+                let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+                if completed.is_none()
+                    && (sync != last_sync || last_report.elapsed() >= Duration::from_secs(1))
+                {
+                    last_sync = sync;
+                    last_report = Instant::now();
+                    self.report(round_progress(&m)).await;
                 }
             }
             if self.started.elapsed() > Duration::from_secs(3600) {
@@ -693,6 +720,13 @@ impl SourceRun {
         info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, stream_bytes = sent.digest.len(), "QEMU migration done; source QEMU stays stopped");
         Ok(summary)
     }
+}
+
+/// The monotonic instant of a wall-clock event time (now when unknown or in the future).
+fn instant_of(at: Option<SystemTime>) -> Instant {
+    let ago = at.and_then(|t| SystemTime::now().duration_since(t).ok());
+    ago.and_then(|d| Instant::now().checked_sub(d))
+        .unwrap_or_else(Instant::now)
 }
 
 fn round_progress(m: &MigrationInfo) -> Progress {
@@ -867,6 +901,10 @@ impl DestRun {
         let dir = socket_dir(&ctx)?;
         let path = socket_path(&dir, "in", &order_id)?;
         self.fed = true;
+        // `events`: the load's completion wakes `wait_loaded` at once.
+        qmp.migrate_set_capabilities(&[("events", true)])
+            .await
+            .map_err(qmp_err)?;
         qmp.migrate_incoming(&format!("unix:{}", path.display()))
             .await
             .map_err(qmp_err)?;
@@ -1032,7 +1070,13 @@ async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError>
                     "destination QEMU did not finish loading in time (status {s})"
                 )))
             }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => {
+                // Woken by the next event (a MIGRATION event with the events capability), or
+                // after 20 ms at the latest.
+                qmp.next_event(Duration::from_millis(20))
+                    .await
+                    .map_err(qmp_err)?;
+            }
         }
     }
 }
