@@ -141,6 +141,7 @@ fn main() {
         seed: 1,
         qmp: None,
         disk_dir: None,
+        downtime_steps: None,
         disks: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -9,6 +9,7 @@ use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
+use tracing::debug;
 use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::messages::{Message, TransferMode};
@@ -194,6 +195,7 @@ impl SourceChannel {
             match ev {
                 SourceEvent::Send(m) => self.send(&m).await?,
                 SourceEvent::ReadyToCommit => {
+                    debug!("ready to commit");
                     // The point of no return: durable before the destination may resume.
                     self.ctx.journal.lock().expect("journal lock").set(
                         order_id,
@@ -205,7 +207,10 @@ impl SourceChannel {
                     self.send(&c).await?;
                     let _ = progress.send(Progress::Committed).await;
                 }
-                SourceEvent::Resumed => return Ok(()),
+                SourceEvent::Resumed => {
+                    debug!("destination resumed");
+                    return Ok(());
+                }
             }
         }
     }

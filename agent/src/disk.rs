@@ -260,6 +260,7 @@ pub async fn send_disks<W: AsyncWrite + Unpin>(
     let alter: Option<u64> = std::env::var(TEST_ALTER_ENV)
         .ok()
         .and_then(|v| v.parse().ok());
+    #[cfg(debug_assertions)]
     let mut index = 0u64;
     for dm in &manifest.disks {
         let d = disks
@@ -299,7 +300,10 @@ pub async fn send_disks<W: AsyncWrite + Unpin>(
                 .await
                 .map_err(|e| mig(format!("data stream 0: {e}")))?;
             wire += out.len() as u64;
-            index += 1;
+            #[cfg(debug_assertions)]
+            {
+                index += 1;
+            }
         }
         if read_full(&mut f, &mut buf[..1])
             .await
@@ -524,6 +528,7 @@ mod tests {
             seed: 0,
             qmp: Some("/run/q.sock".into()),
             disk_dir: Some(dir.to_path_buf()),
+            downtime_steps: None,
             disks,
         }
     }

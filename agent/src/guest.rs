@@ -216,6 +216,7 @@ mod tests {
             seed: 3,
             qmp: None,
             disk_dir: None,
+            downtime_steps: None,
             disks: vec![],
         }
     }

@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::StreamDigest;
@@ -80,7 +80,33 @@ pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
             vm.name
         ));
     }
+    if vm.downtime_steps.is_some_and(|n| n > MAX_DOWNTIME_STEPS) {
+        return Err(format!(
+            "vm {:?}: downtime_steps must be at most {MAX_DOWNTIME_STEPS}",
+            vm.name
+        ));
+    }
     crate::disk::check_vm_config(vm)
+}
+
+/// Steps of the downtime ladder unless the VM's configuration says otherwise.
+const DEFAULT_DOWNTIME_STEPS: u32 = 3;
+/// More steps than this would start below a millisecond for any sensible target.
+const MAX_DOWNTIME_STEPS: u32 = 10;
+
+/// QEMU's downtime-limit (ms) after `rounds` completed dirty-memory rounds: the order's
+/// `target` halved `steps - rounds` times, at least 1 ms, never above `target`.
+///
+/// Why a ladder: QEMU stops the guest as soon as the memory left to send fits in its limit at
+/// the measured bandwidth, even in the middle of the first pass. With the full target from the
+/// start, a fast transport buys a large stop-and-copy instead of a short one, so the guest's
+/// downtime comes out close to the target whatever it dirties. Starting low lets an idle or
+/// slow-dirtying guest finish the first pass and stop with little left; a busy guest still
+/// reaches the full target after `steps` rounds (the approach of OpenStack Nova's
+/// `live_migration_downtime_steps`).
+fn downtime_step(target: u64, steps: u32, rounds: u64) -> u64 {
+    let halvings = u64::from(steps).saturating_sub(rounds);
+    (target >> halvings.min(63)).max(1).min(target)
 }
 
 /// The QMP socket of `vm` when this agent hosts it with the QEMU backend.
@@ -385,6 +411,13 @@ pub async fn migrate_source(
         tasks: Vec::new(),
         started: Instant::now(),
         disks,
+        downtime_steps: ctx
+            .config
+            .vms
+            .iter()
+            .find(|v| v.name == body.vm)
+            .and_then(|v| v.downtime_steps)
+            .unwrap_or(DEFAULT_DOWNTIME_STEPS),
     };
     let result = run.go(&order, &mut qmp).await;
     for t in run.tasks.drain(..) {
@@ -458,6 +491,8 @@ struct SourceRun {
     started: Instant,
     /// Disks sent before QEMU's stream (empty with shared storage).
     disks: Vec<SourceDisk>,
+    /// See `downtime_step`.
+    downtime_steps: u32,
 }
 
 impl SourceRun {
@@ -563,7 +598,10 @@ impl SourceRun {
         } else {
             limits.bandwidth_bps
         };
-        qmp.migrate_set_parameters(u64::from(limits.downtime_ms), bw)
+        let target = u64::from(limits.downtime_ms);
+        let steps = self.downtime_steps;
+        let mut limit = downtime_step(target, steps, 0);
+        qmp.migrate_set_parameters(limit, bw)
             .await
             .map_err(qmp_err)?;
         let dir = socket_dir(&self.ctx)?;
@@ -619,7 +657,10 @@ impl SourceRun {
                     look = ev.migration_status().is_some();
                 }
                 Some(r) = fwd_rx.recv() => match r {
-                    Ok(s) => sent = Some(s),
+                    Ok(s) => {
+                        debug!(bytes = s.digest.len(), "QEMU stream sealed to its end");
+                        sent = Some(s);
+                    }
                     Err(e) => return Err(self.peer_reason(chan, e).await),
                 },
                 Some(r) = ret_rx.recv(), if !ret_done => {
@@ -641,6 +682,13 @@ impl SourceRun {
                 match m.status() {
                     "pre-switchover" if paused_at.is_none() => {
                         paused_at = Some(instant_of(stopped_at));
+                        debug!(
+                            since_stop_ms = paused_at.map(|p| p.elapsed().as_millis()),
+                            remaining = m.ram.as_ref().map(|r| r.remaining),
+                            transferred = m.ram.as_ref().map(|r| r.transferred),
+                            mbps = m.ram.as_ref().map(|r| r.mbps),
+                            "pre-switchover"
+                        );
                         let ram = m.ram.clone().unwrap_or_default();
                         self.report(Progress::SwitchOver {
                             pages: ram.remaining / ram.page_size.max(1),
@@ -650,7 +698,10 @@ impl SourceRun {
                             .await
                             .map_err(qmp_err)?;
                     }
-                    "completed" => completed = Some(m.clone()),
+                    "completed" => {
+                        debug!("source QEMU completed");
+                        completed = Some(m.clone());
+                    }
                     "failed" | "cancelled" => {
                         // Usually because the destination stopped reading: its Abort says why.
                         let local = format!(
@@ -663,6 +714,19 @@ impl SourceRun {
                     _ => {}
                 }
                 let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+                // QEMU counts the first pass's bitmap sync too: rounds done = syncs - 1.
+                let next = downtime_step(target, steps, sync.saturating_sub(1));
+                if next != limit && paused_at.is_none() && m.status() == "active" {
+                    limit = next;
+                    debug!(
+                        limit_ms = limit,
+                        rounds = sync.saturating_sub(1),
+                        "downtime-limit raised"
+                    );
+                    qmp.migrate_set_parameters(limit, bw)
+                        .await
+                        .map_err(qmp_err)?;
+                }
                 if completed.is_none()
                     && (sync != last_sync || last_report.elapsed() >= Duration::from_secs(1))
                 {
@@ -952,7 +1016,8 @@ impl DestRun {
             tokio::select! {
                 msg = frames.next(rd) => {
                     let msg = msg.map_err(|e| AgentError::Migration(format!("control channel: {e}")))?;
-                    match dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)? {
+                    let ev = dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)?;
+                    match ev {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
                         DestEvent::Send(m) => send(&ctx, wr, &m).await?,
@@ -961,11 +1026,13 @@ impl DestRun {
                 }
                 Some(r) = fwd_rx.recv(), if received.is_none() => {
                     received = Some(r?);
+                    debug!("QEMU stream opened to its end and written to QEMU");
                 }
             }
             if let (Some(counts), Some(got)) = (&awaiting, &received) {
                 // Everything arrived; QEMU must also have loaded it without complaint.
                 wait_loaded(qmp, timeout).await?;
+                debug!("destination QEMU loaded the stream");
                 let computed = got.digest.clone().finish(&transcript_hash);
                 if counts.len() != 1 {
                     return Err(proto(PeerMisbehaved::BadField(format!(
@@ -996,6 +1063,7 @@ impl DestRun {
             .expect("journal lock")
             .set(id, State::Committed, "")?;
         self.committed = true;
+        debug!("commit journalled");
         qmp.cont().await.map_err(qmp_err)?;
         let st = qmp.query_status().await.map_err(qmp_err)?;
         if !st.running {
@@ -1218,6 +1286,20 @@ mod tests {
     }
 
     #[test]
+    fn downtime_ladder_climbs_to_the_target_and_never_past_it() {
+        let ladder: Vec<u64> = (0..6).map(|r| downtime_step(300, 3, r)).collect();
+        assert_eq!(ladder, [37, 75, 150, 300, 300, 300]);
+        // No steps: the target from the start; tiny targets stay at least 1 ms, at most target.
+        assert_eq!(downtime_step(300, 0, 0), 300);
+        assert_eq!(downtime_step(5, 10, 0), 1);
+        assert_eq!(downtime_step(0, 3, 0), 0);
+        assert_eq!(
+            downtime_step(u64::from(u32::MAX), 10, 10),
+            u64::from(u32::MAX)
+        );
+    }
+
+    #[test]
     fn destination_command_line() {
         let args: Vec<String> = [
             "-m",
@@ -1250,6 +1332,7 @@ mod tests {
             seed: 0,
             qmp: qmp.map(PathBuf::from),
             disk_dir: None,
+            downtime_steps: None,
             disks: vec![],
         };
         assert!(check_vm_config(&vm(Some("/run/q.sock"))).is_ok());
@@ -1261,5 +1344,12 @@ mod tests {
         assert!(check_vm_config(&vm(Some(&long)))
             .unwrap_err()
             .contains("longer"));
+        let mut steep = vm(Some("/run/q.sock"));
+        steep.downtime_steps = Some(MAX_DOWNTIME_STEPS + 1);
+        assert!(check_vm_config(&steep)
+            .unwrap_err()
+            .contains("downtime_steps must be at most 10"));
+        steep.downtime_steps = Some(MAX_DOWNTIME_STEPS);
+        assert!(check_vm_config(&steep).is_ok());
     }
 }

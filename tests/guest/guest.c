@@ -13,6 +13,8 @@
  * an altered byte does not. Parameters come from the multiboot command line (`-append`):
  *   area=<MiB> (default 16)  rate=<pages per tick> (default 0: idle)
  *   check=<ticks> (default 20)  tsc_shift=<n> (default 25)
+ *   spin=1: wait for the next tick by spinning on the TSC (default: halt, woken by the PIT at
+ *   1 kHz, so an idle guest leaves the host's cores to the migration, as a real idle guest does)
  *   tpm=1: with a TPM TIS at 0xFED40000 (QEMU tpm-tis), at every check also extend SHA-256 PCR 16
  *   with 32 bytes of 0xA5 and print `P <extends so far> <PCR 16, 64 hex digits>` (or
  *   `P <n> error <rc>`), so a test can follow the hash chain across a migration.
@@ -55,6 +57,49 @@ static inline u64 rdtsc(void) {
     u32 lo, hi;
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return ((u64)hi << 32) | lo;
+}
+
+/* Waiting for a tick: halt until the next interrupt. Under TCG a vCPU spinning on the TSC takes a
+ * whole host core, which the migration (QEMU's own and the agents') then lacks. The legacy PIT
+ * wakes the vCPU every millisecond; its handler only acknowledges the interrupt. */
+struct idt_gate {
+    unsigned short off_lo, sel;
+    unsigned char zero, type;
+    unsigned short off_hi;
+} __attribute__((packed));
+static struct idt_gate idt[48] __attribute__((aligned(8)));
+void irq_stub(void);
+__asm__(".text\n.globl irq_stub\nirq_stub:\n"
+        "  push %eax\n  mov $0x20, %al\n  out %al, $0x20\n  pop %eax\n"
+        "  iret\n");
+
+static void timer_init(void) {
+    unsigned short cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    u32 h = (u32)irq_stub;
+    for (int v = 32; v < 48; v++)
+        idt[v] = (struct idt_gate){(unsigned short)h, cs, 0, 0x8E, (unsigned short)(h >> 16)};
+    struct {
+        unsigned short limit;
+        u32 base;
+    } __attribute__((packed)) idtr = {sizeof idt - 1, (u32)idt};
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    /* PIC: IRQs 0-15 at vectors 32-47, all masked but IRQ 0 (the PIT). */
+    outb(0x20, 0x11);
+    outb(0xA0, 0x11);
+    outb(0x21, 32);
+    outb(0xA1, 40);
+    outb(0x21, 4);
+    outb(0xA1, 2);
+    outb(0x21, 1);
+    outb(0xA1, 1);
+    outb(0x21, 0xFE);
+    outb(0xA1, 0xFF);
+    /* PIT channel 0 as a rate generator: 1193182 Hz / 1193 = 1 kHz. */
+    outb(0x43, 0x34);
+    outb(0x40, 1193 & 0xFF);
+    outb(0x40, 1193 >> 8);
+    __asm__ volatile("sti");
 }
 
 static void putc(char c) {
@@ -231,6 +276,7 @@ void kmain(u32 magic, u32 info) {
     u32 check = param(cmd, "check", 20);
     u32 shift = param(cmd, "tsc_shift", 25);
     u32 tpm = param(cmd, "tpm", 0);
+    u32 spin = param(cmd, "spin", 0);
     if (check == 0)
         check = 1;
     if (shift > 40)
@@ -245,6 +291,8 @@ void kmain(u32 magic, u32 info) {
     generation = 1;
     if (tpm)
         tpm_startup();
+    if (!spin)
+        timer_init();
     puts("READY\n");
     u64 period = (u64)1 << shift;
     u64 next = rdtsc() + period;
@@ -260,8 +308,12 @@ void kmain(u32 magic, u32 info) {
             }
             next_page = p;
         }
-        while ((long long)(rdtsc() - next) < 0)
-            __asm__ volatile("pause");
+        while ((long long)(rdtsc() - next) < 0) {
+            if (spin)
+                __asm__ volatile("pause");
+            else
+                __asm__ volatile("hlt");
+        }
         next += period;
         u64 now = rdtsc();
         if ((long long)(now - next) > (long long)(period * 4))
