@@ -89,8 +89,12 @@ run_native() {
         for _ in $(seq 100); do [ -S "$W/hop1.sock" ] && break; sleep 0.05; done
     fi
     qmp "$W/src.qmp" "$PARAMS" "$extra_s" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$src_uri\"}}" >/dev/null
-    local info status
+    local info status deadline=$((SECONDS + 300))
     while true; do
+        if [ $SECONDS -gt $deadline ]; then
+            echo "$mode: QEMU did not finish in 300 s (the guest dirties faster than this transport sends: lower RATE)" >&2
+            exit 1
+        fi
         info=$(qmp "$W/src.qmp" '{"execute":"query-migrate"}')
         status=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("status"))' "$info")
         case $status in completed) break ;; failed|cancelled) echo "$mode migration $status: $info" >&2; exit 1 ;; esac
@@ -162,5 +166,5 @@ print("          trustmig-flat %d ms by QEMU (%d ms end to end): without the lad
 '
 echo "(total_ms, bytes, downtime_ms: the source QEMU's query-migrate (stop to the end of sending);"
 echo " e2e_downtime: trustmig from the STOP event to the destination's Resumed;"
-echo " trustmig raises QEMU's downtime-limit from target/8 to the target over three rounds (spec/qemu.md §2),"
+echo " trustmig raises QEMU's downtime-limit from target/8 to the target over three rounds (spec/qemu.md §3),"
 echo " trustmig-flat sets the target from the start as the native modes do)"

@@ -91,7 +91,7 @@ pub struct VmConfig {
     pub disk_dir: Option<std::path::PathBuf>,
     /// Backend `qemu`, source: QEMU's downtime-limit starts at the order's downtime target
     /// divided by 2^steps and doubles with each dirty-memory round until it reaches the target
-    /// (default 3; 0 gives QEMU the target from the start). spec: spec/qemu.md §2
+    /// (default 3; 0 gives QEMU the target from the start). spec: spec/qemu.md §3
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_steps: Option<u32>,
     /// Backend `qemu`: disks that travel with the VM (not on shared storage), `[[vm.disk]]`.
