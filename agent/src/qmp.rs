@@ -411,6 +411,24 @@ impl Qmp {
             .await
     }
 
+    /// `migrate-set-parameters` for `auto-converge`: first throttle, increment, ceiling (%).
+    pub async fn migrate_set_throttle(
+        &mut self,
+        initial: u8,
+        increment: u8,
+        max: u8,
+    ) -> Result<(), QmpError> {
+        self.execute_unit(
+            "migrate-set-parameters",
+            json!({
+                "cpu-throttle-initial": initial,
+                "cpu-throttle-increment": increment,
+                "max-cpu-throttle": max,
+            }),
+        )
+        .await
+    }
+
     /// `migrate-set-parameters` with downtime limit (ms) and bandwidth cap (bytes/s).
     pub async fn migrate_set_parameters(
         &mut self,

@@ -36,7 +36,8 @@ use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
 use trustmig_protocol::messages::{frame_len, TransferMode, FRAME_HEADER};
 use trustmig_protocol::migration::{DestEvent, DestMigration, Outcome, SourceMigration};
-use trustmig_protocol::order::{hex, VerifiedOrder};
+use trustmig_protocol::order::{hex, NonConvergence, VerifiedOrder};
+use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 use trustmig_protocol::{Digest, Error as ProtoError};
 
@@ -88,6 +89,13 @@ pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
     }
     crate::disk::check_vm_config(vm)
 }
+
+/// QEMU's largest `downtime-limit` (2000 s): setting it makes QEMU switch over at its next check.
+const QEMU_MAX_DOWNTIME_MS: u64 = 2_000_000;
+/// QEMU's throttle for `throttle` orders: the native engine's steps (`THROTTLE_STEPS`, 20% then
+/// +20% up to 99%), as `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`.
+const THROTTLE_STEP: u8 = 20;
+const THROTTLE_MAX: u8 = 99;
 
 /// Steps of the downtime ladder unless the VM's configuration says otherwise.
 const DEFAULT_DOWNTIME_STEPS: u32 = 3;
@@ -586,13 +594,21 @@ impl SourceRun {
         let limits = &body.limits;
         // `events`: QEMU announces pre-switchover and completion at once (polling would add up
         // to a poll period to the guest's downtime, twice).
+        // `auto-converge` with `throttle` orders: QEMU's own throttle, in the native engine's steps.
+        let throttle = limits.on_nonconvergence == NonConvergence::Throttle;
         qmp.migrate_set_capabilities(&[
             ("pause-before-switchover", true),
             ("return-path", true),
             ("events", true),
+            ("auto-converge", throttle),
         ])
         .await
         .map_err(qmp_err)?;
+        if throttle {
+            qmp.migrate_set_throttle(THROTTLE_STEPS[0], THROTTLE_STEP, THROTTLE_MAX)
+                .await
+                .map_err(qmp_err)?;
+        }
         let bw = if limits.bandwidth_bps == 0 {
             UNCAPPED_BPS
         } else {
@@ -600,6 +616,15 @@ impl SourceRun {
         };
         let target = u64::from(limits.downtime_ms);
         let steps = self.downtime_steps;
+        // Rounds QEMU may pre-copy before the order's non-convergence action (SPEC.md §8.4):
+        // `max_rounds`, and with `throttle` one more round per throttle step.
+        let round_budget = u64::from(limits.max_rounds)
+            + if throttle {
+                THROTTLE_STEPS.len() as u64
+            } else {
+                0
+            };
+        let mut forced = false;
         let mut limit = downtime_step(target, steps, 0);
         qmp.migrate_set_parameters(limit, bw)
             .await
@@ -715,8 +740,30 @@ impl SourceRun {
                 }
                 let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
                 // QEMU counts the first pass's bitmap sync too: rounds done = syncs - 1.
-                let next = downtime_step(target, steps, sync.saturating_sub(1));
-                if next != limit && paused_at.is_none() && m.status() == "active" {
+                let rounds = sync.saturating_sub(1);
+                if !forced
+                    && paused_at.is_none()
+                    && m.status() == "active"
+                    && rounds >= round_budget
+                {
+                    if limits.on_nonconvergence == NonConvergence::Abort {
+                        return Err(proto(PrecopyError::NotConverged {
+                            rounds: u32::try_from(rounds).unwrap_or(u32::MAX),
+                            predicted_ms: m.expected_downtime.unwrap_or(0),
+                            target_ms: limits.downtime_ms,
+                        }));
+                    }
+                    // force, or throttle after its last step: switch over at QEMU's next check,
+                    // accepting a longer downtime.
+                    forced = true;
+                    limit = QEMU_MAX_DOWNTIME_MS;
+                    info!(rounds, "pre-copy did not converge: forcing the switch-over");
+                    qmp.migrate_set_parameters(limit, bw)
+                        .await
+                        .map_err(qmp_err)?;
+                }
+                let next = downtime_step(target, steps, rounds);
+                if !forced && next != limit && paused_at.is_none() && m.status() == "active" {
                     limit = next;
                     debug!(
                         limit_ms = limit,
@@ -767,7 +814,7 @@ impl SourceRun {
             downtime_ms: downtime.as_millis() as u64,
             downtime_target_ms: u64::from(limits.downtime_ms),
             rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
-            converged: true,
+            converged: !forced,
             throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
             bytes_on_wire: sent.wire_bytes + disk_wire,
             bytes_per_round: vec![sent.digest.len()],

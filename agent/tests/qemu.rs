@@ -198,8 +198,9 @@ impl QemuVm {
         q.query_migrate().await.map_err(|e| e.to_string())
     }
 
-    /// QEMU's current `downtime-limit` (ms), from `query-migrate-parameters`.
-    async fn downtime_limit(&self) -> Result<u64, String> {
+    /// A numeric migration parameter (`downtime-limit`, `cpu-throttle-initial`, ...), from
+    /// `query-migrate-parameters`.
+    async fn migrate_parameter(&self, name: &str) -> Result<u64, String> {
         let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
             .await
             .map_err(|e| e.to_string())?;
@@ -207,9 +208,24 @@ impl QemuVm {
             .execute("query-migrate-parameters", serde_json::json!({}))
             .await
             .map_err(|e| e.to_string())?;
-        p.get("downtime-limit")
+        p.get(name)
             .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| format!("no downtime-limit in {p}"))
+            .ok_or_else(|| format!("no {name} in {p}"))
+    }
+
+    /// Whether a migration capability is on, from `query-migrate-capabilities`.
+    async fn migrate_capability(&self, name: &str) -> Result<bool, String> {
+        let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        let caps = q
+            .execute("query-migrate-capabilities", serde_json::json!({}))
+            .await
+            .map_err(|e| e.to_string())?;
+        caps.as_array()
+            .and_then(|a| a.iter().find(|c| c["capability"] == name))
+            .and_then(|c| c["state"].as_bool())
+            .ok_or_else(|| format!("no capability {name} in {caps}"))
     }
 
     async fn status(&self) -> Result<String, String> {
@@ -329,8 +345,17 @@ async fn migrate(
     addr: &str,
     downtime_ms: u32,
 ) -> (Result<Summary, String>, Vec<Progress>) {
+    migrate_with(s, addr, limits(downtime_ms)).await
+}
+
+/// `migrate` with the order's limits spelled out.
+async fn migrate_with(
+    s: &mut Setup,
+    addr: &str,
+    limits: Limits,
+) -> (Result<Summary, String>, Vec<Progress>) {
     s.pair.dst_addr = addr.to_string();
-    let order = s.pair.order(VM, limits(downtime_ms), 600).expect("order");
+    let order = s.pair.order(VM, limits, 600).expect("order");
     let mut events = Vec::new();
     let mut result = Err("no final reply".to_string());
     s.pair
@@ -485,11 +510,74 @@ async fn qemu_downtime_ladder_starts_low_unless_configured_flat() {
         let (r, _) = migrate(&mut s, &addr, 300).await;
         r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
         assert_eq!(
-            s.src.downtime_limit().await,
+            s.src.migrate_parameter("downtime-limit").await,
             Ok(want),
             "downtime_steps {steps:?}\n{}",
             s.logs()
         );
+    }
+}
+
+/// The order's non-convergence action (SPEC.md §8.4) governs QEMU's pre-copy too. A guest that
+/// dirties about 80 MB/s through a 20 MB/s bandwidth cap never converges to a 1 ms target:
+/// `abort` rolls back after `max_rounds` (the source guest runs on), `force` switches over
+/// anyway (the guest's data checks out on the destination), `throttle` turns on QEMU's
+/// auto-converge with the native engine's steps, and forces once those rounds are spent too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_nonconvergence_follows_the_order() {
+    let _g = SERIAL.lock().await;
+    let busy = "area=16 rate=200 check=25";
+    let hopeless = |on_nonconvergence| Limits {
+        downtime_ms: 1,
+        bandwidth_bps: 20_000_000,
+        max_rounds: 3,
+        on_nonconvergence,
+    };
+    let Some(mut s) = setup(busy, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate_with(&mut s, &addr, hopeless(NonConvergence::Abort)).await;
+    assert_rolled_back(&mut s, &r, "did not converge").await;
+    assert!(r.unwrap_err().contains("order says abort"));
+    drop(s);
+
+    for action in [NonConvergence::Force, NonConvergence::Throttle] {
+        let Some(mut s) = setup(busy, true) else {
+            return;
+        };
+        let addr = s.pair.dst_addr.clone();
+        let (r, _) = migrate_with(&mut s, &addr, hopeless(action)).await;
+        let summary = r.unwrap_or_else(|e| panic!("{action:?}: {e}\n{}", s.logs()));
+        let throttle = action == NonConvergence::Throttle;
+        if throttle {
+            // QEMU's throttle may make the guest converge on its own; if not, the agent forces.
+            assert!(
+                summary.throttle > 0 || (!summary.converged && summary.rounds >= 3 + 5),
+                "throttled, or forced after max_rounds + 5 throttle rounds: {summary:?}"
+            );
+        } else {
+            assert!(
+                !summary.converged && summary.rounds >= 3,
+                "forced after the order's rounds: {summary:?}"
+            );
+        }
+        assert_eq!(
+            s.src.migrate_capability("auto-converge").await,
+            Ok(throttle)
+        );
+        if throttle {
+            assert_eq!(
+                s.src.migrate_parameter("cpu-throttle-initial").await,
+                Ok(20)
+            );
+            assert_eq!(
+                s.src.migrate_parameter("cpu-throttle-increment").await,
+                Ok(20)
+            );
+            assert_eq!(s.src.migrate_parameter("max-cpu-throttle").await, Ok(99));
+        }
+        assert_moved(&mut s, &summary).await;
     }
 }
 

@@ -32,10 +32,16 @@ static const u32 multiboot_header[3] = {0x1BADB002u, 0u, (u32)(0u - 0x1BADB002u)
 
 unsigned char guest_stack[65536] __attribute__((aligned(16), used));
 
-/* Globals, not stack: the counter must survive a stale stack page. */
-static volatile u32 counter;
-static volatile u32 generation;
-static volatile u32 next_page;
+/* Globals, not stack, and on a page of their own: the counter must survive a stale stack page
+ * (the QEMU 7.2 TCG defect), and the linker would otherwise put them on the stack's top page.
+ * Each tick also drops the page's TLB entry before writing it (see the tick loop). */
+static volatile struct {
+    u32 counter, generation, next_page;
+    u32 rest_of_the_page[1021];
+} state __attribute__((aligned(4096)));
+#define counter state.counter
+#define generation state.generation
+#define next_page state.next_page
 
 void kmain(u32 magic, u32 info);
 
@@ -99,7 +105,14 @@ static void timer_init(void) {
     outb(0x43, 0x34);
     outb(0x40, 1193 & 0xFF);
     outb(0x40, 1193 >> 8);
-    __asm__ volatile("sti");
+}
+
+/* Halt until the next timer interrupt. Interrupts are enabled only inside `hlt` (an interrupt
+ * cannot come between `sti` and `hlt`), so the interrupt frame always lands here; dropping the
+ * TLB entries of the stack first lets QEMU 7.2's TCG see that write (see `state` below): a
+ * guest stopped inside the handler would otherwise resume with a stale frame. */
+static inline void wait_for_interrupt(void) {
+    __asm__ volatile("invlpg (%%esp)\n  invlpg -16(%%esp)\n  sti\n  hlt\n  cli" : : : "memory");
 }
 
 static void putc(char c) {
@@ -312,12 +325,16 @@ void kmain(u32 magic, u32 info) {
             if (spin)
                 __asm__ volatile("pause");
             else
-                __asm__ volatile("hlt");
+                wait_for_interrupt();
         }
         next += period;
         u64 now = rdtsc();
         if ((long long)(now - next) > (long long)(period * 4))
             next = now + period; /* after a long stop (migration), do not race to catch up */
+        /* Drop the TLB entry of the state page first: QEMU 7.2's TCG loses writes to a page whose
+         * TLB entry outlives a dirty-bitmap sync (a hot page stays stale on the destination); a
+         * fresh entry takes the slow path, which marks the page dirty again. */
+        __asm__ volatile("invlpg (%0)" : : "r"(&state) : "memory");
         counter++;
         puts("T ");
         putu(counter);
