@@ -136,6 +136,11 @@ enum QemuCmd {
         /// QMP socket path for the destination QEMU (the agent's `qmp` for this VM).
         #[arg(long)]
         qmp: PathBuf,
+        /// A disk image the agent transfers (the source's `[[vm.disk]] path`, as on the source
+        /// command line): its -drive/-blockdev and -device are left out, since the destination
+        /// agent hot-adds the verified copy. Repeat for several disks.
+        #[arg(long = "transferred-disk", value_name = "PATH")]
+        transferred: Vec<PathBuf>,
         /// The source QEMU command line, binary first.
         #[arg(last = true, required = true)]
         source: Vec<String>,
@@ -556,12 +561,21 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 _ => return Err(AgentError::Migration("no status from agent".into())),
             }
         }
-        Cmd::Qemu(QemuCmd::DestinationCommand { qmp, source }) => {
+        Cmd::Qemu(QemuCmd::DestinationCommand {
+            qmp,
+            transferred,
+            source,
+        }) => {
             let (bin, args) = source.split_first().ok_or_else(|| {
                 AgentError::Usage("give the source QEMU command line after --".into())
             })?;
-            let cmd = trustmig_agent::sidecar::destination_command(bin, args, &qmp);
-            println!("{}", cmd.join(" "));
+            let cmd =
+                trustmig_agent::qemu_cmdline::destination_command(bin, args, &qmp, &transferred)
+                    .map_err(|e| AgentError::Usage(e.to_string()))?;
+            for d in &cmd.dropped {
+                eprintln!("left out (a transferred disk, hot-added by the agent): {d}");
+            }
+            println!("{}", cmd.args.join(" "));
         }
         Cmd::Bench {
             size_mib,

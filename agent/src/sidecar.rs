@@ -1196,36 +1196,6 @@ async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError>
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The destination command line.
-
-/// The QEMU command line a destination for a VM needs: the source's machine, memory and
-/// devices, plus `-incoming defer -S` and a QMP socket. `source_args` are the source's own
-/// arguments (without the binary, `-qmp`, `-incoming` and `-daemonize`).
-pub fn destination_command(qemu: &str, source_args: &[String], qmp: &Path) -> Vec<String> {
-    let mut out = vec![qemu.to_string()];
-    let mut skip = false;
-    for a in source_args {
-        if skip {
-            skip = false;
-            continue;
-        }
-        match a.as_str() {
-            "-qmp" | "-incoming" | "-pidfile" => skip = true,
-            "-daemonize" | "-S" => {}
-            _ => out.push(a.clone()),
-        }
-    }
-    out.extend([
-        "-qmp".to_string(),
-        format!("unix:{},server=on,wait=off", qmp.display()),
-        "-incoming".to_string(),
-        "defer".to_string(),
-        "-S".to_string(),
-    ]);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1343,27 +1313,6 @@ mod tests {
         assert_eq!(
             downtime_step(u64::from(u32::MAX), 10, 10),
             u64::from(u32::MAX)
-        );
-    }
-
-    #[test]
-    fn destination_command_line() {
-        let args: Vec<String> = [
-            "-m",
-            "256",
-            "-qmp",
-            "unix:/old,server=on",
-            "-kernel",
-            "g.elf",
-            "-daemonize",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let cmd = destination_command("qemu-system-x86_64", &args, Path::new("/run/q.sock"));
-        assert_eq!(
-            cmd.join(" "),
-            "qemu-system-x86_64 -m 256 -kernel g.elf -qmp unix:/run/q.sock,server=on,wait=off -incoming defer -S"
         );
     }
 

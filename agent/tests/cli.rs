@@ -161,3 +161,43 @@ fn port_in_use_is_named_with_the_fix() {
     std::fs::write(&cfg, text).unwrap();
     fails_with(&["agent", "--home", h], "lower size_mib");
 }
+
+/// `trustmig qemu destination-command` leaves out a transferred disk's drive and device (and
+/// says so on stderr), and names a disk the source command line does not open.
+#[test]
+fn destination_command_leaves_out_transferred_disks() {
+    let source = [
+        "qemu",
+        "destination-command",
+        "--qmp",
+        "/run/vm.qmp",
+        "--transferred-disk",
+        "/img/d0.raw",
+        "--",
+        "qemu-system-x86_64",
+        "-m",
+        "256",
+        "-qmp",
+        "unix:/run/src.qmp,server=on,wait=off",
+        "-drive",
+        "file=/img/d0.raw,format=raw,if=none,id=d0,readonly=on",
+        "-device",
+        "virtio-blk-pci,drive=d0,addr=0x5",
+    ];
+    let (ok, out, err) = trustmig(&source);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "qemu-system-x86_64 -m 256 -qmp unix:/run/vm.qmp,server=on,wait=off -incoming defer -S"
+    );
+    assert!(
+        err.contains("left out") && err.contains("virtio-blk-pci,drive=d0"),
+        "{err}"
+    );
+    let mut other = source;
+    other[5] = "/img/other.raw";
+    fails_with(
+        &other,
+        "no -drive or -blockdev of the source command line opens \"/img/other.raw\"",
+    );
+}

@@ -1,0 +1,302 @@
+//! The destination QEMU's command line, derived from the source's (`trustmig qemu
+//! destination-command`). spec: spec/qemu.md §1, §5
+//!
+//! The destination runs the same machine, memory and devices, waiting for the stream
+//! (`-incoming defer -S`) on the QMP socket its agent knows. Disks that the agent transfers are
+//! hot-added by the agent once they verified, so their `-drive`/`-blockdev` and the `-device`
+//! that uses them must not be on the destination's command line: QEMU would open a file that
+//! does not exist yet (or an old one) and the hot-add would clash with the device.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Why a destination command line cannot be derived.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmdlineError {
+    /// A transferred disk that no `-drive`/`-blockdev` of the source opens.
+    #[error("no -drive or -blockdev of the source command line opens {0:?} (give the path exactly as on the source's command line)")]
+    DiskNotFound(PathBuf),
+    /// An option that needs a value ends the command line.
+    #[error("the source command line ends with {0}, which needs a value")]
+    MissingValue(String),
+}
+
+/// What was left out, for the operator to see.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Derived {
+    /// The destination's command line, binary first.
+    pub args: Vec<String>,
+    /// Options dropped because they belong to transferred disks (`-drive …`, `-device …`).
+    pub dropped: Vec<String>,
+}
+
+/// Options of the source that the destination must not repeat, with a value.
+const DROP_WITH_VALUE: &[&str] = &["-qmp", "-incoming", "-pidfile"];
+/// Options of the source that the destination must not repeat, without a value.
+const DROP_ALONE: &[&str] = &["-daemonize", "-S"];
+/// Options whose value is an option string (`key=value,...`) that may name a disk.
+const BLOCK_OPTS: &[&str] = &["-drive", "-blockdev"];
+
+/// The command line of the destination for a VM started on the source with `qemu
+/// source_args`, listening on `qmp`, without the block nodes that open `transferred` images
+/// and the devices that use them.
+pub fn destination_command(
+    qemu: &str,
+    source_args: &[String],
+    qmp: &Path,
+    transferred: &[PathBuf],
+) -> Result<Derived, CmdlineError> {
+    let pairs = options(source_args)?;
+    let drop = transferred_options(&pairs, transferred)?;
+    let mut out = Derived {
+        args: vec![qemu.to_string()],
+        dropped: Vec::new(),
+    };
+    for (i, (opt, value)) in pairs.into_iter().enumerate() {
+        if DROP_WITH_VALUE.contains(&opt.as_str()) || DROP_ALONE.contains(&opt.as_str()) {
+            continue;
+        }
+        if drop[i] {
+            out.dropped
+                .push(format!("{opt} {}", value.unwrap_or_default()));
+            continue;
+        }
+        out.args.push(opt);
+        out.args.extend(value);
+    }
+    out.args.extend([
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+        "-incoming".to_string(),
+        "defer".to_string(),
+        "-S".to_string(),
+    ]);
+    Ok(out)
+}
+
+/// The source's arguments as (option, value) pairs: a value is the next argument after an
+/// option that takes one (QEMU options are `-name value` or `-flag`; a non-option argument is
+/// kept as it is, with no value).
+fn options(args: &[String]) -> Result<Vec<(String, Option<String>)>, CmdlineError> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let flag = !a.starts_with('-') || DROP_ALONE.contains(&a.as_str()) || is_flag(a);
+        if flag {
+            out.push((a.clone(), None));
+        } else {
+            let v = it
+                .next()
+                .ok_or_else(|| CmdlineError::MissingValue(a.clone()))?;
+            out.push((a.clone(), Some(v.clone())));
+        }
+    }
+    Ok(out)
+}
+
+/// QEMU options (of those a VM's command line commonly has) that take no value.
+fn is_flag(opt: &str) -> bool {
+    matches!(
+        opt,
+        "-nodefaults"
+            | "-no-reboot"
+            | "-no-shutdown"
+            | "-enable-kvm"
+            | "-nographic"
+            | "-no-hpet"
+            | "-no-acpi"
+            | "-snapshot"
+            | "-mem-prealloc"
+            | "-no-user-config"
+            | "-full-screen"
+            | "-s"
+    )
+}
+
+/// Which of `pairs` belong to transferred images: the `-drive`/`-blockdev` that opens one,
+/// a format node over such a protocol node (`-blockdev driver=raw,file=<node>`), and the
+/// `-device` whose `drive=` is one of those. Every transferred image must be opened.
+fn transferred_options(
+    pairs: &[(String, Option<String>)],
+    transferred: &[PathBuf],
+) -> Result<Vec<bool>, CmdlineError> {
+    let parsed: Vec<(&str, Vec<(String, String)>)> = pairs
+        .iter()
+        .map(|(o, v)| (o.as_str(), v.as_deref().map(parse_opts).unwrap_or_default()))
+        .collect();
+    let block = |o: &str| BLOCK_OPTS.contains(&o);
+    let own_name = |kv: &[(String, String)]| {
+        get(kv, "id")
+            .or_else(|| get(kv, "node-name"))
+            .map(str::to_string)
+    };
+    let mut drop = vec![false; pairs.len()];
+    let mut names = HashSet::new();
+    for p in transferred {
+        let mut found = false;
+        for (i, (o, kv)) in parsed.iter().enumerate() {
+            let file = ["file", "filename", "file.filename"]
+                .into_iter()
+                .find_map(|k| get(kv, k));
+            if block(o) && file == p.to_str() {
+                found = true;
+                drop[i] = true;
+                names.extend(own_name(kv));
+            }
+        }
+        if !found {
+            return Err(CmdlineError::DiskNotFound(p.clone()));
+        }
+    }
+    loop {
+        let before = names.len();
+        for (i, (o, kv)) in parsed.iter().enumerate() {
+            if block(o) && get(kv, "file").is_some_and(|f| names.contains(f)) {
+                drop[i] = true;
+                names.extend(own_name(kv));
+            }
+        }
+        if names.len() == before {
+            break;
+        }
+    }
+    for (i, (o, kv)) in parsed.iter().enumerate() {
+        if *o == "-device" && get(kv, "drive").is_some_and(|d| names.contains(d)) {
+            drop[i] = true;
+        }
+    }
+    Ok(drop)
+}
+
+/// QEMU's `key=value,...` option syntax (`,,` is a literal comma; an item without `=` has the
+/// empty key, as the leading `virtio-blk-pci` of `-device virtio-blk-pci,drive=d0`).
+fn parse_opts(s: &str) -> Vec<(String, String)> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+                continue;
+            }
+            items.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items
+        .into_iter()
+        .map(|i| match i.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (String::new(), i),
+        })
+        .collect()
+}
+
+fn get<'a>(kv: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| (*a).to_string()).collect()
+    }
+
+    #[test]
+    fn source_only_options_are_replaced() {
+        let src = args(&[
+            "-m",
+            "256",
+            "-qmp",
+            "unix:/old,server=on",
+            "-nodefaults",
+            "-kernel",
+            "g.elf",
+            "-daemonize",
+            "-pidfile",
+            "/run/q.pid",
+            "-S",
+        ]);
+        let d = destination_command("qemu-system-x86_64", &src, Path::new("/run/q.sock"), &[])
+            .expect("derived");
+        assert_eq!(
+            d.args.join(" "),
+            "qemu-system-x86_64 -m 256 -nodefaults -kernel g.elf -qmp unix:/run/q.sock,server=on,wait=off -incoming defer -S"
+        );
+        assert!(d.dropped.is_empty());
+    }
+
+    #[test]
+    fn transferred_drives_and_their_devices_are_left_out() {
+        let src = args(&[
+            "-m",
+            "256",
+            "-drive",
+            "file=/img/d0.raw,format=raw,if=none,id=d0,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=d0,id=vd0,addr=0x5",
+            "-drive",
+            "file=/shared/root.qcow2,if=none,id=root",
+            "-device",
+            "virtio-blk-pci,drive=root,id=vd1",
+            // A blockdev pair: protocol node, then the format node over it.
+            "-blockdev",
+            "driver=file,node-name=f1,filename=/img/a,,b.raw,read-only=on",
+            "-blockdev",
+            "driver=raw,node-name=d1,file=f1,read-only=on",
+            "-device",
+            "virtio-blk-pci,drive=d1,id=vd2",
+        ]);
+        let d = destination_command(
+            "qemu",
+            &src,
+            Path::new("/q.sock"),
+            &[PathBuf::from("/img/d0.raw"), PathBuf::from("/img/a,b.raw")],
+        )
+        .expect("derived");
+        let line = d.args.join(" ");
+        assert_eq!(
+            line,
+            "qemu -m 256 -drive file=/shared/root.qcow2,if=none,id=root -device virtio-blk-pci,drive=root,id=vd1 -qmp unix:/q.sock,server=on,wait=off -incoming defer -S"
+        );
+        assert_eq!(d.dropped.len(), 5, "{:?}", d.dropped);
+        assert!(d.dropped.iter().any(|o| o.contains("id=vd0")));
+        assert!(d.dropped.iter().any(|o| o.contains("node-name=d1")));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let src = args(&["-m", "256", "-drive", "file=/img/d0.raw,id=d0"]);
+        assert_eq!(
+            destination_command(
+                "qemu",
+                &src,
+                Path::new("/q"),
+                &[PathBuf::from("/img/d1.raw")]
+            ),
+            Err(CmdlineError::DiskNotFound(PathBuf::from("/img/d1.raw")))
+        );
+        let cut = args(&["-m", "256", "-drive"]);
+        let e = destination_command("qemu", &cut, Path::new("/q"), &[]).unwrap_err();
+        assert_eq!(e, CmdlineError::MissingValue("-drive".into()));
+        assert!(e.to_string().contains("-drive, which needs a value"));
+    }
+
+    #[test]
+    fn option_strings_follow_qemu_escaping() {
+        assert_eq!(
+            parse_opts("virtio-blk-pci,drive=d0,serial=a,,b"),
+            vec![
+                (String::new(), "virtio-blk-pci".to_string()),
+                ("drive".to_string(), "d0".to_string()),
+                ("serial".to_string(), "a,b".to_string()),
+            ]
+        );
+    }
+}
