@@ -17,13 +17,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 use trustmig_attest::manifest::{hash_chunks, ChunkChecker, DEFAULT_CHUNK};
+use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest, MAX_DISKS};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
 use crate::config::VmConfig;
 use crate::error::AgentError;
 use crate::qmp::Qmp;
-use crate::wire::read_record;
+use crate::wire::{read_record, WireError};
 
 /// Chunk size of the disks in the manifest: one chunk per `DiskChunk` record.
 pub const DISK_CHUNK: u32 = DEFAULT_CHUNK;
@@ -36,6 +37,10 @@ pub const TEST_ALTER_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
 
 fn mig(s: String) -> AgentError {
     AgentError::Migration(s)
+}
+
+fn proto(e: impl Into<trustmig_protocol::Error>) -> AgentError {
+    AgentError::Protocol(e.into())
 }
 
 /// A disk name: the manifest name and the destination's QEMU node name (QEMU: a letter, then
@@ -426,30 +431,33 @@ pub async fn receive_disks<R: AsyncRead + Unpin>(
         let mut f = tokio::fs::File::from_std(std_file);
         let mut got = 0usize;
         while got < d.chunks.len() {
+            // What the peer sent wrong keeps its type (the Abort says record-failure,
+            // protocol-violation or digest-mismatch); a cut or a silent peer is local.
             let more = tokio::time::timeout(timeout, read_record(from, &mut buf))
                 .await
                 .map_err(|_| mig(format!("disk {}: no chunk arrived in time", d.name)))?
-                .map_err(|e| mig(format!("data stream 0: {e}")))?;
+                .map_err(|e| match e {
+                    WireError::Record(r) => proto(r),
+                    e => mig(format!("data stream 0: {e}")),
+                })?;
             if !more {
                 return Err(mig("data stream 0 cut during the disk transfer".into()));
             }
-            let (typ, payload) = opener
-                .open(&mut buf)
-                .map_err(|e| mig(format!("data stream 0: {e}")))?;
+            let (typ, payload) = opener.open(&mut buf).map_err(proto)?;
             match typ {
                 RecordType::DiskChunk => {}
                 RecordType::KeyUpdate => continue,
                 t => {
-                    return Err(mig(format!(
+                    return Err(proto(PeerMisbehaved::BadField(format!(
                         "data stream 0: {t:?} record while disk {} is incomplete",
                         d.name
-                    )))
+                    ))))
                 }
             }
             // Checked before it touches the file.
             checker
                 .check_chunk(&d.name, payload)
-                .map_err(|e| mig(format!("disk transfer refused: {e}")))?;
+                .map_err(|e| proto(PeerMisbehaved::DiskMismatch(e.to_string())))?;
             f.write_all(payload)
                 .await
                 .map_err(AgentError::io(&t.part))?;
@@ -460,7 +468,7 @@ pub async fn receive_disks<R: AsyncRead + Unpin>(
     }
     checker
         .finish()
-        .map_err(|e| mig(format!("disk transfer refused: {e}")))?;
+        .map_err(|e| proto(PeerMisbehaved::DiskMismatch(e.to_string())))?;
     for t in targets {
         std::fs::rename(&t.part, &t.path).map_err(AgentError::io(&t.path))?;
     }

@@ -811,6 +811,11 @@ async fn qemu_altered_disk_chunk_rolls_back() {
         "chunk 2: content does not match the manifest digest",
     )
     .await;
+    let err = r.unwrap_err();
+    assert!(
+        err.contains("peer aborted with DigestMismatch"),
+        "the destination's abort code is typed: {err}"
+    );
     assert!(
         disk.leftovers().is_empty(),
         "nothing of the refused disk stays: {:?}",

@@ -93,6 +93,10 @@ pub enum PeerMisbehaved {
         /// Hex of the destination's own digest.
         computed: String,
     },
+    /// A transferred disk chunk is not what the attested image manifest says (hypervisor-stream
+    /// mode, SPEC.md §8.5.1): wrong content, too many or too few chunks.
+    #[error("disk transfer refused: {0}")]
+    DiskMismatch(String),
     /// A field was out of its allowed range.
     #[error("field out of range: {0}")]
     BadField(String),
@@ -132,7 +136,8 @@ impl From<&Error> for AbortCode {
             Error::PeerMisbehaved(PeerMisbehaved::NoCommonVersion(_))
             | Error::PeerMisbehaved(PeerMisbehaved::Downgrade { .. }) => Self::VersionMismatch,
             Error::PeerMisbehaved(PeerMisbehaved::FinalDigestMismatch { .. })
-            | Error::PeerMisbehaved(PeerMisbehaved::ManifestMismatch) => Self::DigestMismatch,
+            | Error::PeerMisbehaved(PeerMisbehaved::ManifestMismatch)
+            | Error::PeerMisbehaved(PeerMisbehaved::DiskMismatch(_)) => Self::DigestMismatch,
             Error::PeerMisbehaved(_) => Self::ProtocolViolation,
             Error::Order(_) => Self::OrderRefused,
             Error::Record(_) => Self::RecordFailure,
