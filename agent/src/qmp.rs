@@ -184,6 +184,22 @@ impl MigrationInfo {
     }
 }
 
+/// One line from QEMU (with its `\n`) as JSON; a cut, over-long or non-JSON line is `Malformed`.
+fn parse_json_line(buf: &[u8], waiting_for: &str) -> Result<Value, QmpError> {
+    if buf.last() != Some(&b'\n') {
+        return Err(QmpError::Malformed {
+            context: waiting_for.into(),
+            reason: format!("line longer than {MAX_LINE} bytes or cut"),
+            line: clip(&String::from_utf8_lossy(&buf[..buf.len().min(300)])),
+        });
+    }
+    serde_json::from_slice(buf).map_err(|e| QmpError::Malformed {
+        context: waiting_for.into(),
+        reason: format!("not JSON ({e})"),
+        line: clip(&String::from_utf8_lossy(buf)),
+    })
+}
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
     rd: BufReader<OwnedReadHalf>,
@@ -293,18 +309,7 @@ impl Qmp {
                 waiting_for: waiting_for.into(),
             });
         }
-        if buf.last() != Some(&b'\n') {
-            return Err(QmpError::Malformed {
-                context: waiting_for.into(),
-                reason: format!("line longer than {MAX_LINE} bytes or cut"),
-                line: clip(&String::from_utf8_lossy(&buf[..buf.len().min(300)])),
-            });
-        }
-        serde_json::from_slice(&buf).map_err(|e| QmpError::Malformed {
-            context: waiting_for.into(),
-            reason: format!("not JSON ({e})"),
-            line: clip(&String::from_utf8_lossy(&buf)),
-        })
+        parse_json_line(&buf, waiting_for)
     }
 
     fn classify(v: Value, context: &str) -> Result<Line, QmpError> {
@@ -647,6 +652,79 @@ mod tests {
             ev.at,
             Some(UNIX_EPOCH + Duration::from_micros(1_700_000_000_250_000))
         );
+    }
+
+    /// Everything QEMU could send, as bytes: whatever the line, the parser returns a value or a
+    /// typed error naming what it waited for, and typed replies parse or fail the same way.
+    /// Mutations of real replies reach deeper than random bytes.
+    fn every_line_is_handled(line: &[u8]) {
+        let v = match parse_json_line(line, "query-migrate") {
+            Ok(v) => v,
+            Err(QmpError::Malformed { context, .. }) => {
+                assert_eq!(context, "query-migrate");
+                return;
+            }
+            Err(e) => panic!("unexpected error kind {e:?}"),
+        };
+        match Qmp::classify(v, "query-migrate") {
+            Ok(Line::Return(_, r)) => {
+                let _ = Qmp::parse::<MigrationInfo>(r.clone(), "query-migrate")
+                    .map(|m| m.status().len());
+                let _ = Qmp::parse::<StatusInfo>(r, "query-status");
+            }
+            Ok(Line::Event(e)) => {
+                let _ = e.migration_status();
+            }
+            Ok(Line::Error(..)) => {}
+            Err(QmpError::Malformed { context, .. }) => assert_eq!(context, "query-migrate"),
+            Err(e) => panic!("unexpected error kind {e:?}"),
+        }
+    }
+
+    const REAL_LINES: &[&str] = &[
+        "{\"return\": {\"status\": \"active\", \"expected-downtime\": 300, \"ram\": {\"transferred\": 10, \"remaining\": 20, \"total\": 30, \"duplicate\": 1, \"normal\": 2, \"page-size\": 4096, \"dirty-pages-rate\": 5, \"mbps\": 1.5, \"dirty-sync-count\": 2}}, \"id\": 4}\n",
+        "{\"event\": \"MIGRATION\", \"data\": {\"status\": \"pre-switchover\"}, \"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 250000}}\n",
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'downtime_limit' expects an integer\"}, \"id\": 3}\n",
+        "{\"return\": {\"running\": true, \"status\": \"running\"}, \"id\": 2}\n",
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn random_lines_never_panic(mut line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), nl in proptest::prelude::any::<bool>()) {
+            if nl {
+                line.push(b'\n');
+            }
+            every_line_is_handled(&line);
+        }
+
+        #[test]
+        fn mutated_replies_never_panic(
+            which in 0..REAL_LINES.len(),
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..6),
+            cut in proptest::prelude::any::<Option<usize>>(),
+        ) {
+            let mut line = REAL_LINES[which].as_bytes().to_vec();
+            for (at, byte) in edits {
+                let at = at % line.len();
+                line[at] = byte;
+            }
+            if let Some(c) = cut {
+                line.truncate(c % (line.len() + 1));
+            }
+            every_line_is_handled(&line);
+        }
+    }
+
+    #[test]
+    fn real_lines_parse() {
+        for l in REAL_LINES {
+            let v = parse_json_line(l.as_bytes(), "t").expect("JSON");
+            assert!(Qmp::classify(v, "t").is_ok(), "{l}");
+        }
+        assert!(matches!(
+            parse_json_line(b"{\"return\": {}}", "t"),
+            Err(QmpError::Malformed { reason, .. }) if reason.contains("cut")
+        ));
     }
 
     #[tokio::test]
