@@ -108,7 +108,6 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     let config = Config::load(&home.config())?;
     let identity = Identity::load(&home)?;
     let verifier = crate::attestation::load_verifier(&home.policy())?;
-    let attester = crate::attestation::open_measured(&config, &home.config())?;
     let mut journal = Journal::open(&home.journal_dir())?;
     settle_in_doubt(&mut journal)?;
     // A configured guest this host cannot hold is a configuration error, not an allocation abort.
@@ -130,6 +129,8 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
             });
         }
     }
+    // The TPM last: configuration errors above are named without touching it.
+    let attester = crate::attestation::open_measured(&config, &home.config())?;
     let vms = config
         .vms
         .iter()
