@@ -102,6 +102,12 @@ const DEFAULT_DOWNTIME_STEPS: u32 = 3;
 /// More steps than this would start below a millisecond for any sensible target.
 const MAX_DOWNTIME_STEPS: u32 = 10;
 
+/// The ladder's steps for an order allowing `max_rounds`: it reaches the target by the order's
+/// last round at the latest, so non-convergence is judged against the target, never a step.
+fn ladder_steps(configured: u32, max_rounds: u32) -> u32 {
+    configured.min(max_rounds.saturating_sub(1))
+}
+
 /// QEMU's downtime-limit (ms) after `rounds` completed dirty-memory rounds: the order's
 /// `target` halved `steps - rounds` times, at least 1 ms, never above `target`.
 ///
@@ -615,7 +621,7 @@ impl SourceRun {
             limits.bandwidth_bps
         };
         let target = u64::from(limits.downtime_ms);
-        let steps = self.downtime_steps;
+        let steps = ladder_steps(self.downtime_steps, limits.max_rounds);
         // Rounds QEMU may pre-copy before the order's non-convergence action (SPEC.md §8.4):
         // `max_rounds`, and with `throttle` one more round per throttle step.
         let round_budget = u64::from(limits.max_rounds)
