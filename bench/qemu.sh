@@ -161,8 +161,9 @@ print("trustmig vs QEMU TLS: %.2fx throughput (target >= 1.5x)" % (tm[0] / tls[0
 print("trustmig vs socat relay: %.2fx throughput (target >= 0.8x)" % (tm[0] / so[0]))
 print("downtime: trustmig %d ms by QEMU (%d ms end to end: pause to resumed, attestation and cont included)"
       " vs QEMU TLS %d ms (target: no worse)" % (tm[1], tm[2], tls[1]))
-print("          trustmig-flat %d ms by QEMU (%d ms end to end): without the ladder QEMU stops the guest"
-      " as soon as what is left fits in %d ms at the measured bandwidth" % (tf[1], tf[2], '$DOWNTIME'))
+print("          trustmig-flat %d ms by QEMU (%d ms end to end): like for like with the native modes (flat"
+      " limit), QEMU stops the guest as soon as what is left fits in %d ms at the measured bandwidth"
+      % (tf[1], tf[2], '$DOWNTIME'))
 '
 echo "(total_ms, bytes, downtime_ms: the source QEMU's query-migrate (stop to the end of sending);"
 echo " e2e_downtime: trustmig from the STOP event to the destination's Resumed;"

@@ -575,7 +575,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             for d in &cmd.dropped {
                 eprintln!("left out (a transferred disk, hot-added by the agent): {d}");
             }
-            println!("{}", cmd.args.join(" "));
+            println!("{}", trustmig_agent::qemu_cmdline::shell_line(&cmd.args));
         }
         Cmd::Bench {
             size_mib,

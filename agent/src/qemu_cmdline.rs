@@ -53,7 +53,8 @@ pub fn destination_command(
         dropped: Vec::new(),
     };
     for (i, (opt, value)) in pairs.into_iter().enumerate() {
-        if DROP_WITH_VALUE.contains(&opt.as_str()) || DROP_ALONE.contains(&opt.as_str()) {
+        let name = canonical(&opt);
+        if DROP_WITH_VALUE.contains(&name.as_str()) || DROP_ALONE.contains(&name.as_str()) {
             continue;
         }
         if drop[i] {
@@ -75,43 +76,79 @@ pub fn destination_command(
 }
 
 /// The source's arguments as (option, value) pairs: a value is the next argument after an
-/// option that takes one (QEMU options are `-name value` or `-flag`; a non-option argument is
-/// kept as it is, with no value).
+/// option that takes one. QEMU options are `-name value` or `-flag` (`--name` is the same
+/// option); an option is taken as a flag when QEMU's table says so or when the next argument
+/// is itself an option, since values of these options never start with `-` (`-append` aside).
+/// A non-option argument is kept as it is, with no value.
 fn options(args: &[String]) -> Result<Vec<(String, Option<String>)>, CmdlineError> {
     let mut out = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let flag = !a.starts_with('-') || DROP_ALONE.contains(&a.as_str()) || is_flag(a);
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        let name = canonical(a);
+        let next_is_option = args.get(i + 1).is_some_and(|n| n.starts_with('-'));
+        let flag = !a.starts_with('-')
+            || DROP_ALONE.contains(&name.as_str())
+            || FLAGS.contains(&name.as_str())
+            || (next_is_option && name != "-append");
         if flag {
             out.push((a.clone(), None));
+            i += 1;
         } else {
-            let v = it
-                .next()
+            let v = args
+                .get(i + 1)
                 .ok_or_else(|| CmdlineError::MissingValue(a.clone()))?;
             out.push((a.clone(), Some(v.clone())));
+            i += 2;
         }
     }
     Ok(out)
 }
 
-/// QEMU options (of those a VM's command line commonly has) that take no value.
-fn is_flag(opt: &str) -> bool {
-    matches!(
-        opt,
-        "-nodefaults"
-            | "-no-reboot"
-            | "-no-shutdown"
-            | "-enable-kvm"
-            | "-nographic"
-            | "-no-hpet"
-            | "-no-acpi"
-            | "-snapshot"
-            | "-mem-prealloc"
-            | "-no-user-config"
-            | "-full-screen"
-            | "-s"
-    )
+/// `--name` and `-name` are the same QEMU option.
+fn canonical(opt: &str) -> String {
+    match opt.strip_prefix("--") {
+        Some(rest) if !rest.is_empty() => format!("-{rest}"),
+        _ => opt.to_string(),
+    }
 }
+
+/// QEMU 7.2 options that take no value (`qemu-options.def` entries without `HAS_ARG`).
+const FLAGS: &[&str] = &[
+    "-nodefaults",
+    "-no-reboot",
+    "-no-shutdown",
+    "-enable-kvm",
+    "-nographic",
+    "-no-hpet",
+    "-no-acpi",
+    "-snapshot",
+    "-mem-prealloc",
+    "-no-user-config",
+    "-nouserconfig",
+    "-full-screen",
+    "-s",
+    "-only-migratable",
+    "-usb",
+    "-no-fd-bootchk",
+    "-enable-fips",
+    "-no-kvm-pit-reinjection",
+    "-win2k-hack",
+    "-rtc-td-hack",
+    "-no-quit",
+    "-alt-grab",
+    "-ctrl-grab",
+    "-preconfig",
+    "-singlestep",
+    "-curses",
+    "-sdl",
+    "-portrait",
+    "-no-frame",
+    "-xen-attach",
+    "-old-param",
+    "-semihosting",
+    "-enable-sync-profile",
+];
 
 /// Which of `pairs` belong to transferred images: the `-drive`/`-blockdev` that opens one,
 /// a format node over such a protocol node (`-blockdev driver=raw,file=<node>`), and the
@@ -120,15 +157,22 @@ fn transferred_options(
     pairs: &[(String, Option<String>)],
     transferred: &[PathBuf],
 ) -> Result<Vec<bool>, CmdlineError> {
-    let parsed: Vec<(&str, Vec<(String, String)>)> = pairs
+    let parsed: Vec<(String, Vec<(String, String)>)> = pairs
         .iter()
-        .map(|(o, v)| (o.as_str(), v.as_deref().map(parse_opts).unwrap_or_default()))
+        .map(|(o, v)| {
+            (
+                canonical(o),
+                v.as_deref().map(parse_opts).unwrap_or_default(),
+            )
+        })
         .collect();
     let block = |o: &str| BLOCK_OPTS.contains(&o);
-    let own_name = |kv: &[(String, String)]| {
-        get(kv, "id")
-            .or_else(|| get(kv, "node-name"))
-            .map(str::to_string)
+    // A -drive may carry both an id and a node-name; a device may refer to either.
+    let own_names = |kv: &[(String, String)]| {
+        ["id", "node-name"]
+            .into_iter()
+            .filter_map(|k| get(kv, k).map(str::to_string))
+            .collect::<Vec<_>>()
     };
     let mut drop = vec![false; pairs.len()];
     let mut names = HashSet::new();
@@ -141,7 +185,7 @@ fn transferred_options(
             if block(o) && file == p.to_str() {
                 found = true;
                 drop[i] = true;
-                names.extend(own_name(kv));
+                names.extend(own_names(kv));
             }
         }
         if !found {
@@ -153,7 +197,7 @@ fn transferred_options(
         for (i, (o, kv)) in parsed.iter().enumerate() {
             if block(o) && get(kv, "file").is_some_and(|f| names.contains(f)) {
                 drop[i] = true;
-                names.extend(own_name(kv));
+                names.extend(own_names(kv));
             }
         }
         if names.len() == before {
@@ -161,11 +205,26 @@ fn transferred_options(
         }
     }
     for (i, (o, kv)) in parsed.iter().enumerate() {
-        if *o == "-device" && get(kv, "drive").is_some_and(|d| names.contains(d)) {
+        if o == "-device" && get(kv, "drive").is_some_and(|d| names.contains(d)) {
             drop[i] = true;
         }
     }
     Ok(drop)
+}
+
+/// `args` as one line a POSIX shell reads back as the same arguments.
+pub fn shell_line(args: &[String]) -> String {
+    let quote = |a: &String| {
+        let plain = !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c));
+        if plain {
+            a.clone()
+        } else {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        }
+    };
+    args.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
 /// QEMU's `key=value,...` option syntax (`,,` is a literal comma; an item without `=` has the
@@ -286,6 +345,51 @@ mod tests {
         let e = destination_command("qemu", &cut, Path::new("/q"), &[]).unwrap_err();
         assert_eq!(e, CmdlineError::MissingValue("-drive".into()));
         assert!(e.to_string().contains("-drive, which needs a value"));
+    }
+
+    #[test]
+    fn flags_long_forms_and_both_names_are_understood() {
+        let src = args(&[
+            "-usb",
+            "--device",
+            "virtio-blk-pci,drive=n0",
+            "-only-migratable",
+            "--daemonize",
+            "-some-new-flag",
+            "-append",
+            "-x quiet",
+            "--drive",
+            "file=/img/d0.raw,if=none,id=d0,node-name=n0",
+        ]);
+        let d = destination_command(
+            "qemu",
+            &src,
+            Path::new("/q"),
+            &[PathBuf::from("/img/d0.raw")],
+        )
+        .expect("derived");
+        assert_eq!(
+            d.args.join(" "),
+            "qemu -usb -only-migratable -some-new-flag -append -x quiet -qmp unix:/q,server=on,wait=off -incoming defer -S"
+        );
+        assert_eq!(d.dropped.len(), 2, "{:?}", d.dropped);
+    }
+
+    #[test]
+    fn the_printed_line_reads_back_in_a_shell() {
+        let a = args(&[
+            "qemu",
+            "-append",
+            "area=16 rate=0",
+            "-name",
+            "it's",
+            "-m",
+            "256",
+        ]);
+        assert_eq!(
+            shell_line(&a),
+            r"qemu -append 'area=16 rate=0' -name 'it'\''s' -m 256"
+        );
     }
 
     #[test]

@@ -623,10 +623,11 @@ impl SourceRun {
         let target = u64::from(limits.downtime_ms);
         let steps = ladder_steps(self.downtime_steps, limits.max_rounds);
         // Rounds QEMU may pre-copy before the order's non-convergence action (SPEC.md §8.4):
-        // `max_rounds`, and with `throttle` one more round per throttle step.
+        // `max_rounds`, and with `throttle` two more rounds per throttle step (QEMU 7.2 raises
+        // its throttle at every second bitmap sync that finds the guest dirtying too fast).
         let round_budget = u64::from(limits.max_rounds)
             + if throttle {
-                THROTTLE_STEPS.len() as u64
+                2 * THROTTLE_STEPS.len() as u64
             } else {
                 0
             };
@@ -712,7 +713,13 @@ impl SourceRun {
                 let m = qmp.query_migrate().await.map_err(qmp_err)?;
                 match m.status() {
                     "pre-switchover" if paused_at.is_none() => {
-                        paused_at = Some(instant_of(stopped_at));
+                        // A STOP still queued (read during a command) counts too.
+                        let queued_stop = qmp
+                            .take_events()
+                            .into_iter()
+                            .rfind(|e| e.name == "STOP")
+                            .and_then(|e| e.at);
+                        paused_at = Some(instant_of(stopped_at.or(queued_stop)));
                         debug!(
                             since_stop_ms = paused_at.map(|p| p.elapsed().as_millis()),
                             remaining = m.ram.as_ref().map(|r| r.remaining),

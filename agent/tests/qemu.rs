@@ -553,8 +553,8 @@ async fn qemu_nonconvergence_follows_the_order() {
         if throttle {
             // QEMU's throttle may make the guest converge on its own; if not, the agent forces.
             assert!(
-                summary.throttle > 0 || (!summary.converged && summary.rounds >= 3 + 5),
-                "throttled, or forced after max_rounds + 5 throttle rounds: {summary:?}"
+                summary.throttle > 0 || (!summary.converged && summary.rounds >= 3 + 10),
+                "throttled, or forced after max_rounds + 2 x 5 throttle rounds: {summary:?}"
             );
         } else {
             assert!(
@@ -996,7 +996,7 @@ async fn qemu_vtpm_state_travels_in_the_stream() {
 }
 
 /// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
-/// `BENCH <total ms> <downtime ms> <stream bytes>`.
+/// `BENCH <total ms> <end-to-end downtime ms> <stream bytes> <QEMU's own downtime ms>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark, run by bench/qemu.sh"]
 async fn bench_trustmig() {

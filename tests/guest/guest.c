@@ -109,7 +109,7 @@ static void timer_init(void) {
 
 /* Halt until the next timer interrupt. Interrupts are enabled only inside `hlt` (an interrupt
  * cannot come between `sti` and `hlt`), so the interrupt frame always lands here; dropping the
- * TLB entries of the stack first lets QEMU 7.2's TCG see that write (see `state` below): a
+ * TLB entries of the stack first lets QEMU 7.2's TCG see that write (see `state` above): a
  * guest stopped inside the handler would otherwise resume with a stale frame. */
 static inline void wait_for_interrupt(void) {
     __asm__ volatile("invlpg (%%esp)\n  invlpg -16(%%esp)\n  sti\n  hlt\n  cli" : : : "memory");
