@@ -197,12 +197,18 @@ impl SourceChannel {
                 SourceEvent::ReadyToCommit => {
                     debug!("ready to commit");
                     // The point of no return: durable before the destination may resume.
-                    self.ctx.journal.lock().expect("journal lock").set(
-                        order_id,
-                        State::Committed,
-                        "",
-                    )?;
+                    self.ctx
+                        .journal
+                        .lock()
+                        .expect("journal lock")
+                        .commit(order_id)?;
                     *committed = true;
+                    #[cfg(debug_assertions)]
+                    if std::env::var_os(TEST_LOSE_COMMIT_ENV).is_some() {
+                        return Err(AgentError::Migration(
+                            "test hook: session lost after COMMIT was journalled, before Commit was sent".into(),
+                        ));
+                    }
                     let c = sm.commit().map_err(AgentError::Protocol)?;
                     self.send(&c).await?;
                     let _ = progress.send(Progress::Committed).await;
@@ -213,6 +219,71 @@ impl SourceChannel {
                 }
             }
         }
+    }
+}
+
+/// Debug builds only: a source that journals COMMIT then loses the session before `Commit`
+/// leaves (tests of settlement, SPEC.md §8.8).
+pub const TEST_LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
+/// Debug builds only: a destination that commits and resumes, then fails before `Resumed`.
+pub const TEST_LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
+
+/// What a settlement query found out about an order whose COMMIT the source journalled but
+/// whose `Resumed` it never saw (SPEC.md §8.8 rule 3).
+#[derive(Debug)]
+pub enum Settlement {
+    /// The destination journalled COMMIT: the VM is its now. Journalled DONE here.
+    Moved,
+    /// The destination never committed and now never will: the source may resume the VM.
+    NotMoved,
+    /// No answer (destination unreachable, ...): the VM stays paused here, in doubt.
+    InDoubt(String),
+}
+
+impl Settlement {
+    /// What this means for the VM, for the operator.
+    pub fn vm_state(&self) -> String {
+        match self {
+            Self::Moved => "moved: the destination confirmed it committed and owns the VM (settled after the session was lost)".into(),
+            Self::NotMoved => "settled: the destination never committed".into(),
+            Self::InDoubt(why) => format!("committed: the source keeps the VM paused, in doubt until settled (settlement query failed: {why})"),
+        }
+    }
+}
+
+/// Ask the order's destination, on a fresh control connection, whether it committed.
+pub async fn settle(ctx: &Arc<Ctx>, order: &VerifiedOrder) -> Settlement {
+    let id = *order.id();
+    let asked = async {
+        let mut chan = SourceChannel::connect(ctx, order).await?;
+        chan.send(&Message::SettleQuery { order_id: id }.encode())
+            .await?;
+        let reply = chan.recv().await?;
+        match Message::decode(&reply) {
+            Ok(Message::SettleAnswer {
+                order_id,
+                committed,
+            }) if order_id == id => Ok(committed),
+            Ok(m) => Err(AgentError::Migration(format!(
+                "destination answered the settlement query with {}",
+                m.name()
+            ))),
+            Err(e) => Err(AgentError::Migration(format!(
+                "destination's settlement answer: {e}"
+            ))),
+        }
+    };
+    match asked.await {
+        Ok(true) => {
+            let _ = ctx.journal.lock().expect("journal lock").set(
+                &id,
+                State::Done,
+                "settled: the destination committed",
+            );
+            Settlement::Moved
+        }
+        Ok(false) => Settlement::NotMoved,
+        Err(e) => Settlement::InDoubt(e.to_string()),
     }
 }
 

@@ -87,12 +87,14 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
             )
             .await;
             let _ = s.wr.shutdown().await;
+            let mut rolled_back = true;
             if let Some(id) = s.order_id {
-                let _ = ctx.journal.lock().expect("journal lock").set(
-                    &id,
-                    State::RolledBack,
-                    e.to_string(),
-                );
+                rolled_back = ctx
+                    .journal
+                    .lock()
+                    .expect("journal lock")
+                    .roll_back_if_claimed(&id, e.to_string())
+                    .unwrap_or(false);
                 ctx.remember(history_entry(
                     "destination",
                     None,
@@ -101,7 +103,11 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
                     &s.vm,
                 ));
             }
-            warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here");
+            if rolled_back {
+                warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here");
+            } else {
+                warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)");
+            }
             Err(e)
         }
     }
@@ -150,8 +156,16 @@ impl Session {
             channel,
             crate::random(),
         );
+        let first = self.recv(&mut rd).await?;
+        if let Ok(Message::SettleQuery { order_id }) = Message::decode(&first) {
+            return self.answer_settlement(order_id, &peer).await;
+        }
+        let mut pending = Some(first);
         while !hs.is_done() {
-            let msg = self.recv(&mut rd).await?;
+            let msg = match pending.take() {
+                Some(m) => m,
+                None => self.recv(&mut rd).await?,
+            };
             let out = {
                 let mut att = ctx.attester.lock().expect("attester lock");
                 let mut journal = ctx.journal.lock().expect("journal lock");
@@ -172,6 +186,30 @@ impl Session {
         let est = hs.into_established().map_err(proto)?;
         info!(order = %hex(est.order.id()), vm = %self.vm, "source attested; receiving");
         self.receive(est, rd).await
+    }
+
+    /// A source lost its session after journalling COMMIT and asks what became of the order
+    /// (SPEC.md §8.8 rule 3). The journal answers; "not committed" is journalled first, so no
+    /// late `Commit` can make this agent commit afterwards.
+    async fn answer_settlement(
+        &mut self,
+        order_id: [u8; 16],
+        peer: &[u8; 32],
+    ) -> Result<(), AgentError> {
+        let committed = self
+            .ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .settle_query(&order_id)?;
+        info!(order = %hex(&order_id), peer = %hex(peer), committed, "settlement query answered");
+        let m = Message::SettleAnswer {
+            order_id,
+            committed,
+        };
+        self.send(&m.encode()).await?;
+        let _ = self.wr.shutdown().await;
+        Ok(())
     }
 
     async fn receive(&mut self, est: Established, mut rd: ReadHalf<Tls>) -> Result<(), AgentError> {
@@ -316,10 +354,7 @@ impl Session {
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let id = self.order_id.expect("order known after handshake");
-        ctx.journal
-            .lock()
-            .expect("journal lock")
-            .set(&id, State::Committed, "")?;
+        ctx.journal.lock().expect("journal lock").commit(&id)?;
         let mut guest = {
             let mut st = state.lock().expect("state lock");
             std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
@@ -329,6 +364,12 @@ impl Session {
             .lock()
             .expect("vms lock")
             .insert(self.vm.clone(), guest);
+        #[cfg(debug_assertions)]
+        if std::env::var_os(crate::channel::TEST_LOSE_RESUMED_ENV).is_some() {
+            return Err(AgentError::Migration(
+                "test hook: failed after COMMIT, before Resumed was sent".into(),
+            ));
+        }
         let m = dm.resumed().map_err(proto)?;
         self.send(&m).await?;
         ctx.journal

@@ -105,6 +105,8 @@ pub struct Pair {
     pub procs: Vec<Option<AgentProcess>>,
     /// Extra environment of the source agent process (test hooks of debug builds).
     pub src_env: Vec<(String, String)>,
+    /// Extra environment of the destination agent process (test hooks of debug builds).
+    pub dst_env: Vec<(String, String)>,
     exe: PathBuf,
     tpms: Vec<Swtpm>,
     _ca: LocalCa,
@@ -187,6 +189,7 @@ impl Pair {
             operator_key,
             procs: vec![None, None],
             src_env: Vec::new(),
+            dst_env: Vec::new(),
             exe: exe.to_path_buf(),
             tpms,
             _ca: ca,
@@ -227,7 +230,7 @@ impl Pair {
         let _ = std::fs::remove_file(home.control_socket());
         let out = std::fs::File::create(&log).map_err(AgentError::io(&log))?;
         let err = out.try_clone().map_err(AgentError::io(&log))?;
-        let env: &[(String, String)] = if i == 0 { &self.src_env } else { &[] };
+        let env = if i == 0 { &self.src_env } else { &self.dst_env };
         let child = Command::new(&self.exe)
             .arg("agent")
             .arg("--home")

@@ -148,6 +148,71 @@ impl Journal {
         })
     }
 
+    /// Journal COMMIT for an order still claimed here. Refused once the order was rolled back
+    /// or settled: after this destination answered a settlement query "not committed", no
+    /// late `Commit` may make it commit after all (SPEC.md §8.8).
+    pub fn commit(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+        let key = hex(order_id);
+        match self.latest.get(&key).map(|r| r.state) {
+            Some(State::Claimed) => self.set(order_id, State::Committed, ""),
+            Some(other) => Err(AgentError::Migration(format!(
+                "order {key} is {other:?} in the journal: refusing to commit it"
+            ))),
+            None => Err(AgentError::Migration(format!(
+                "journal has no record of order {key}"
+            ))),
+        }
+    }
+
+    /// Journal an order rolled back, unless it got past its claim: a failure after COMMIT
+    /// (say, `Resumed` could not be sent) must not turn a committed order into a rolled-back one,
+    /// or a settlement query would hand the VM back to the source while it runs here. Returns
+    /// whether it was rolled back.
+    pub fn roll_back_if_claimed(
+        &mut self,
+        order_id: &OrderId,
+        note: impl Into<String>,
+    ) -> Result<bool, AgentError> {
+        match self.latest.get(&hex(order_id)).map(|r| r.state) {
+            Some(State::Claimed) => self.set(order_id, State::RolledBack, note).map(|()| true),
+            _ => Ok(false),
+        }
+    }
+
+    /// Answer a source's settlement query as the destination (SPEC.md §8.8 rule 3): `true`
+    /// when this agent journalled COMMIT for the order (it owns the VM). Otherwise the order is
+    /// journalled rolled back first, an order never seen here too (so its id is used up and
+    /// no late session can commit it), and the answer is `false`.
+    pub fn settle_query(&mut self, order_id: &OrderId) -> Result<bool, AgentError> {
+        let key = hex(order_id);
+        let note = "settlement: the source asked; never committed here";
+        match self.latest.get(&key).map(|r| (r.role, r.state)) {
+            Some((Role::Destination, State::Committed | State::Done | State::Settled)) => {
+                Ok(true)
+            }
+            Some((Role::Destination, State::Claimed)) => {
+                self.set(order_id, State::RolledBack, note)?;
+                Ok(false)
+            }
+            Some((Role::Destination, State::RolledBack)) => Ok(false),
+            Some((Role::Source, _)) => Err(AgentError::Migration(format!(
+                "order {key} was sent from this agent, not received: no answer to a settlement query"
+            ))),
+            None => {
+                self.append(Record {
+                    order_id: key,
+                    role: Role::Destination,
+                    vm: String::new(),
+                    state: State::RolledBack,
+                    not_after: 0,
+                    at: crate::unix_now(),
+                    note: note.into(),
+                })?;
+                Ok(false)
+            }
+        }
+    }
+
     /// Claim an order id for `role`/`vm`.
     pub fn claim_for(
         &mut self,
@@ -216,6 +281,41 @@ impl OrderJournal for ClaimAs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SPEC.md §8.8 rule 3 from the destination's side: "not committed" is journalled before
+    /// it is answered, so a late `Commit` cannot commit afterwards; a committed order answers
+    /// "committed" and no failure after COMMIT rolls it back.
+    #[test]
+    fn settlement_answers_are_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        // Claimed, never committed: answered "no", and COMMIT is refused from then on.
+        j.claim_for(&[1; 16], Role::Destination, "a", 10).unwrap();
+        assert!(!j.settle_query(&[1; 16]).unwrap());
+        let e = j.commit(&[1; 16]).unwrap_err().to_string();
+        assert!(e.contains("refusing to commit"), "{e}");
+        assert!(
+            !j.settle_query(&[1; 16]).unwrap(),
+            "the answer does not change"
+        );
+        // Committed: "yes"; a later failure does not roll it back.
+        j.claim_for(&[2; 16], Role::Destination, "b", 10).unwrap();
+        j.commit(&[2; 16]).unwrap();
+        assert!(!j.roll_back_if_claimed(&[2; 16], "send failed").unwrap());
+        assert!(j.settle_query(&[2; 16]).unwrap());
+        // Never seen: "no", and the id is used up for good (survives a restart).
+        assert!(!j.settle_query(&[3; 16]).unwrap());
+        drop(j);
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(matches!(
+            j.claim_for(&[3; 16], Role::Destination, "c", 10),
+            Err(OrderError::Replayed(_))
+        ));
+        assert!(j.commit(&[1; 16]).is_err());
+        // An order this agent sent is not its to answer.
+        j.claim_for(&[4; 16], Role::Source, "d", 10).unwrap();
+        assert!(j.settle_query(&[4; 16]).is_err());
+    }
 
     #[test]
     fn claims_survive_restart_and_torn_tail_is_ignored() {

@@ -41,7 +41,9 @@ use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 use trustmig_protocol::{Digest, Error as ProtoError};
 
-use crate::channel::{abort_code, note_source_result, vm_manifest, SourceChannel};
+use crate::channel::{
+    abort_code, note_source_result, settle, vm_manifest, Settlement, SourceChannel,
+};
 use crate::config::{Config, VmConfig};
 use crate::control::{Progress, Summary};
 use crate::daemon::{history_entry, Ctx, DataConn};
@@ -444,11 +446,20 @@ pub async fn migrate_source(
             Ok(summary)
         }
         Err(e) => {
-            let rolled_back = run.outcome == Outcome::RollBack;
+            // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
+            let settlement = match run.outcome {
+                Outcome::RollBack => None,
+                Outcome::Committed => Some(settle(ctx, &order).await),
+            };
+            let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
-                rollback_source(&mut qmp, status.running, ctx.step_timeout()).await
+                let back = rollback_source(&mut qmp, status.running, ctx.step_timeout()).await;
+                match settlement {
+                    Some(s) => format!("{}; {back}", s.vm_state()),
+                    None => back,
+                }
             } else {
-                "committed: the destination owns the VM; the source QEMU stays stopped (in doubt until settled)".to_string()
+                settlement.map(|s| s.vm_state()).unwrap_or_default()
             };
             note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)), rolled_back);
             Err((e, vm_state))
@@ -1118,10 +1129,7 @@ impl DestRun {
         id: &[u8; 16],
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
-        ctx.journal
-            .lock()
-            .expect("journal lock")
-            .set(id, State::Committed, "")?;
+        ctx.journal.lock().expect("journal lock").commit(id)?;
         self.committed = true;
         debug!("commit journalled");
         qmp.cont().await.map_err(qmp_err)?;

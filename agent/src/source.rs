@@ -22,7 +22,9 @@ use trustmig_protocol::rate::Pacer;
 use trustmig_protocol::record::{RecordType, Sealer};
 use trustmig_protocol::Error as ProtoError;
 
-use crate::channel::{abort_code, note_source_result, vm_manifest, SourceChannel};
+use crate::channel::{
+    abort_code, note_source_result, settle, vm_manifest, Settlement, SourceChannel,
+};
 use crate::control::{Progress, Summary};
 use crate::daemon::Ctx;
 use crate::error::AgentError;
@@ -100,7 +102,12 @@ async fn migrate_checked(
             Ok(summary)
         }
         Err(e) => {
-            let rolled_back = run.outcome == Outcome::RollBack;
+            // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
+            let settlement = match run.outcome {
+                Outcome::RollBack => None,
+                Outcome::Committed => Some(settle(ctx, &order).await),
+            };
+            let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
                 guest.set_throttle(0);
                 guest.resume();
@@ -108,13 +115,16 @@ async fn migrate_checked(
                     .lock()
                     .expect("vms lock")
                     .insert(body.vm.clone(), guest);
-                "rolled back: the VM keeps running on the source, its memory untouched"
+                let how = "the VM keeps running on the source, its memory untouched";
+                match settlement {
+                    Some(s) => format!("{}; {how}", s.vm_state()),
+                    None => format!("rolled back: {how}"),
+                }
             } else {
-                // Never resume after COMMIT: the destination owns the VM.
-                "committed: the destination owns the VM; the source keeps it paused (in doubt until settled)"
+                settlement.map(|s| s.vm_state()).unwrap_or_default()
             };
-            note_source_result(ctx, &id, &body.vm, Err((&e, vm_state)), rolled_back);
-            Err((e, vm_state.to_string()))
+            note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)), rolled_back);
+            Err((e, vm_state))
         }
     }
 }

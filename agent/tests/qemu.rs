@@ -633,6 +633,29 @@ async fn qemu_cut_connection_rolls_back() {
     faulted(Fault::CutAfter(4 << 20), "migration failed").await;
 }
 
+/// SPEC.md §8.8 rule 3 with QEMU: the source journalled COMMIT and lost the session before
+/// `Commit` left; the destination, asked, never committed, so the source QEMU runs again
+/// (`cont` from `postmigrate`) and the destination QEMU never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_lost_commit_is_settled_and_the_source_runs_again() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_env: vec![(
+            trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
+            "1".into(),
+        )],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    assert_rolled_back(&mut s, &r, "settled: the destination never committed").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_error_is_reported_clearly() {
     let _g = SERIAL.lock().await;

@@ -420,6 +420,68 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     done(migrate(&rt, &pair, &order), &pair);
 }
 
+/// SPEC.md §8.8 rule 3: a source that journalled COMMIT but never saw `Resumed` asks the
+/// destination. If the destination never committed (the session was lost before `Commit`
+/// left), the VM runs on the source again, memory untouched; if it did (it failed before
+/// `Resumed`), the VM is the destination's and the source keeps none.
+#[test]
+fn commit_without_resumed_is_settled_by_asking_the_destination() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+    pair.src_env = vec![(
+        trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
+        "1".into(),
+    )];
+    pair.start_both().unwrap();
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(
+        e.contains("settled: the destination never committed")
+            && e.contains("keeps running on the source"),
+        "{e}\n{}",
+        pair.log_tails(10)
+    );
+    assert_eq!(
+        assert_rolled_back(&rt, &pair, "v"),
+        before,
+        "memory untouched"
+    );
+
+    // Lost `Resumed`: the destination committed and runs the VM; the source lets it go.
+    pair.stop(0);
+    pair.stop(1);
+    pair.src_env.clear();
+    pair.dst_env = vec![(
+        trustmig_agent::channel::TEST_LOSE_RESUMED_ENV.into(),
+        "1".into(),
+    )];
+    pair.start_both().unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(
+        e.contains("moved: the destination confirmed it committed"),
+        "{e}\n{}",
+        pair.log_tails(10)
+    );
+    let (_, paused) = rt
+        .block_on(Pair::checksum(&pair.dst, "v"))
+        .unwrap_or_else(|e| panic!("the destination runs the VM: {e}"));
+    assert!(!paused, "the destination's VM runs");
+    assert!(
+        rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
+        "the source keeps no copy"
+    );
+}
+
 #[test]
 fn non_converging_workloads_get_the_orders_action() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -122,6 +122,22 @@ pub enum Message {
     Commit,
     /// D->S: the VM runs on the destination.
     Resumed,
+    /// S->D, first and only message on a fresh control connection (SPEC.md §8.8): the source
+    /// journalled COMMIT but lost the session; what became of this order on the destination?
+    SettleQuery {
+        /// The order in doubt.
+        #[serde(with = "serde_bytes")]
+        order_id: [u8; 16],
+    },
+    /// D->S: the destination's journalled answer. `committed = false` also means the
+    /// destination can no longer commit this order (it journalled it rolled back).
+    SettleAnswer {
+        /// The order asked about.
+        #[serde(with = "serde_bytes")]
+        order_id: [u8; 16],
+        /// Whether the destination journalled COMMIT (it owns the VM).
+        committed: bool,
+    },
     /// Either way: the migration is over, unsuccessfully.
     Abort {
         /// Abort code.
@@ -147,6 +163,8 @@ impl Message {
             Self::Ready => "ready",
             Self::Commit => "commit",
             Self::Resumed => "resumed",
+            Self::SettleQuery { .. } => "settle-query",
+            Self::SettleAnswer { .. } => "settle-answer",
             Self::Abort { .. } => "abort",
         }
     }
