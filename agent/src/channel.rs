@@ -16,6 +16,7 @@ use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{SourceEvent, SourceMigration};
 use trustmig_protocol::order::{OrderId, VerifiedOrder};
 use trustmig_protocol::AbortCode;
+use trustmig_protocol::AgentId;
 
 use crate::control::Progress;
 use crate::daemon::Ctx;
@@ -41,8 +42,17 @@ impl SourceChannel {
     /// Dial the order's destination address and run TLS pinned to its identity.
     pub async fn connect(ctx: &Arc<Ctx>, order: &VerifiedOrder) -> Result<Self, AgentError> {
         let body = order.body();
+        Self::connect_to(ctx, &body.destination_addr, body.destination).await
+    }
+
+    /// Connect to the agent with identity `destination` at `addr` (TLS 1.3, pinned keys).
+    pub async fn connect_to(
+        ctx: &Arc<Ctx>,
+        addr: &str,
+        destination: AgentId,
+    ) -> Result<Self, AgentError> {
         let timeout = ctx.step_timeout();
-        let addr = body.destination_addr.clone();
+        let addr = addr.to_string();
         let cerr = |reason: String| AgentError::Connect {
             addr: addr.clone(),
             reason,
@@ -52,7 +62,7 @@ impl SourceChannel {
             .map_err(|_| cerr("timed out".into()))?
             .map_err(|e| cerr(e.to_string()))?;
         tcp.set_nodelay(true).ok();
-        let tls_cfg = crate::tls::client_config(&ctx.identity, body.destination)
+        let tls_cfg = crate::tls::client_config(&ctx.identity, destination)
             .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
         let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
             .expect("static name is valid");
@@ -204,6 +214,10 @@ impl SourceChannel {
                         .commit(order_id)?;
                     *committed = true;
                     #[cfg(debug_assertions)]
+                    if std::env::var_os(TEST_CRASH_AFTER_COMMIT_ENV).is_some() {
+                        std::process::exit(3);
+                    }
+                    #[cfg(debug_assertions)]
                     if std::env::var_os(TEST_LOSE_COMMIT_ENV).is_some() {
                         return Err(AgentError::Migration(
                             "test hook: session lost after COMMIT was journalled, before Commit was sent".into(),
@@ -225,6 +239,8 @@ impl SourceChannel {
 /// Debug builds only: a source that journals COMMIT then loses the session before `Commit`
 /// leaves (tests of settlement, SPEC.md §8.8).
 pub const TEST_LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
+/// Debug builds only: a source that exits (as in a crash) right after journalling COMMIT.
+pub const TEST_CRASH_AFTER_COMMIT_ENV: &str = "TRUSTMIG_TEST_CRASH_AFTER_COMMIT";
 /// Debug builds only: a destination that commits and resumes, then fails before `Resumed`.
 pub const TEST_LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 
@@ -253,9 +269,21 @@ impl Settlement {
 
 /// Ask the order's destination, on a fresh control connection, whether it committed.
 pub async fn settle(ctx: &Arc<Ctx>, order: &VerifiedOrder) -> Settlement {
-    let id = *order.id();
+    let body = order.body();
+    settle_with(ctx, order.id(), body.destination, &body.destination_addr).await
+}
+
+/// Ask the agent `destination` at `addr` whether it committed order `id`; journal DONE when
+/// it did.
+pub async fn settle_with(
+    ctx: &Arc<Ctx>,
+    id: &OrderId,
+    destination: AgentId,
+    addr: &str,
+) -> Settlement {
+    let id = *id;
     let asked = async {
-        let mut chan = SourceChannel::connect(ctx, order).await?;
+        let mut chan = SourceChannel::connect_to(ctx, addr, destination).await?;
         chan.send(&Message::SettleQuery { order_id: id }.encode())
             .await?;
         let reply = chan.recv().await?;

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
 
+use crate::channel::Settlement;
 use crate::config::Config;
 use crate::control::{Progress, Reply, Request, Summary};
 use crate::error::AgentError;
@@ -19,6 +20,7 @@ use crate::guest::SyntheticGuest;
 use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
+use crate::qmp::Qmp;
 use crate::trust::KeyList;
 use crate::wire::{parse_preamble, PREAMBLE_LEN};
 
@@ -72,8 +74,11 @@ impl Ctx {
     }
 }
 
-/// Settle migrations the journal shows as interrupted. spec: SPEC.md §8.8
-fn settle_in_doubt(journal: &mut Journal) -> Result<(), AgentError> {
+/// Settle migrations the journal shows as interrupted, from the journal alone; returns the
+/// source-side orders at COMMIT whose destination is known, to be settled by asking it
+/// (`settle_after_restart`). spec: SPEC.md §8.8
+fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
+    let mut ask = Vec::new();
     for r in journal.in_doubt() {
         let id: [u8; 16] = hex::decode(&r.order_id)
             .ok()
@@ -81,15 +86,34 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<(), AgentError> {
             .ok_or_else(|| {
                 AgentError::Migration(format!("journal holds a bad order id {}", r.order_id))
             })?;
-        let note = match (r.role, r.state) {
-            (trustmig_protocol::order::Role::Source, State::Claimed) => {
+        let source = r.role == trustmig_protocol::order::Role::Source;
+        // A source at COMMIT that knows its destination asks it once the agent is up.
+        if source && r.state == State::Committed {
+            let dest = r
+                .peer
+                .as_deref()
+                .and_then(|p| hex::decode(p).ok())
+                .and_then(|v| <[u8; 32]>::try_from(v).ok());
+            if let (Some(destination), Some(addr)) = (dest, r.peer_addr.clone()) {
+                warn!(order = %r.order_id, vm = %r.vm, "committed before restart: asking the destination what became of the VM");
+                ask.push(InDoubt {
+                    id,
+                    vm: r.vm.clone(),
+                    destination,
+                    addr,
+                });
+                continue;
+            }
+        }
+        let note = match (source, r.state) {
+            (true, State::Claimed) => {
                 "interrupted before commit: the source keeps the VM (rolled back)"
             }
-            (trustmig_protocol::order::Role::Source, _) => {
+            (true, _) => {
                 "committed before restart: the destination owns the VM; the source never resumes it"
             }
-            (_, State::Claimed) => "interrupted before commit: destination state discarded",
-            (_, _) => "committed before restart: the destination owns the VM",
+            (false, State::Claimed) => "interrupted before commit: destination state discarded",
+            (false, _) => "committed before restart: the destination owns the VM",
         };
         warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");
         let state = if r.state == State::Claimed {
@@ -99,7 +123,72 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<(), AgentError> {
         };
         journal.set(&id, state, note)?;
     }
-    Ok(())
+    Ok(ask)
+}
+
+/// A source-side order left at COMMIT by a restart, to settle by asking its destination.
+struct InDoubt {
+    id: [u8; 16],
+    vm: String,
+    destination: [u8; 32],
+    addr: String,
+}
+
+/// Settle what a restart left at COMMIT (SPEC.md §8.8 rule 3): ask each destination. "Not
+/// committed": journal the order rolled back and run the VM here again (a QEMU VM with `cont`;
+/// a synthetic guest, whose memory did not survive the restart, anew). No answer: it stays in
+/// doubt (and its VM stopped) until the next start.
+async fn settle_after_restart(ctx: Arc<Ctx>, pending: Vec<InDoubt>) {
+    for p in pending {
+        match crate::channel::settle_with(&ctx, &p.id, p.destination, &p.addr).await {
+            Settlement::Moved => {
+                info!(order = %hex::encode(p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
+            }
+            Settlement::NotMoved => {
+                let note = "settled after restart: the destination never committed";
+                if let Err(e) =
+                    ctx.journal
+                        .lock()
+                        .expect("journal lock")
+                        .set(&p.id, State::RolledBack, note)
+                {
+                    warn!(order = %hex::encode(p.id), "journal: {e}");
+                    continue;
+                }
+                let vm_state = resume_here(&ctx, &p.vm).await;
+                warn!(order = %hex::encode(p.id), vm = %p.vm, "{note}; {vm_state}");
+            }
+            Settlement::InDoubt(why) => {
+                warn!(order = %hex::encode(p.id), vm = %p.vm, "still in doubt, the VM stays stopped: {why}");
+            }
+        }
+    }
+}
+
+/// Run `vm` on this host again after a settlement said the destination never had it.
+async fn resume_here(ctx: &Arc<Ctx>, vm: &str) -> String {
+    if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
+        return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
+            Ok(mut qmp) => match qmp.query_status().await {
+                Ok(st) if st.running => "its QEMU runs".into(),
+                Ok(_) => match qmp.cont().await {
+                    Ok(()) => "its QEMU runs again (cont)".into(),
+                    Err(e) => format!("`cont` failed: {e}; resume it by hand"),
+                },
+                Err(e) => format!("QEMU did not answer: {e}; resume it by hand"),
+            },
+            Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
+        };
+    }
+    match ctx.config.vms.iter().find(|v| v.name == vm) {
+        Some(v) => {
+            let mut g = SyntheticGuest::new(v);
+            trustmig_protocol::precopy::GuestMemory::resume(&mut g);
+            ctx.vms.lock().expect("vms lock").insert(vm.to_string(), g);
+            "the synthetic guest starts again here (its memory did not survive the restart)".into()
+        }
+        None => "no such VM is configured here any more".into(),
+    }
 }
 
 /// Run the agent until SIGTERM/SIGINT.
@@ -109,7 +198,7 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     let identity = Identity::load(&home)?;
     let verifier = crate::attestation::load_verifier(&home.policy())?;
     let mut journal = Journal::open(&home.journal_dir())?;
-    settle_in_doubt(&mut journal)?;
+    let ask_destinations = settle_in_doubt(&mut journal)?;
     // A configured guest this host cannot hold is a configuration error, not an allocation abort.
     let want: u64 = config
         .vms
@@ -178,6 +267,9 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
     });
+    if !ask_destinations.is_empty() {
+        tokio::spawn(settle_after_restart(ctx.clone(), ask_destinations));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;

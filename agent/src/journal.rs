@@ -50,6 +50,13 @@ pub struct Record {
     /// Free text (error, summary).
     #[serde(default)]
     pub note: String,
+    /// Source role: the destination's identity (hex), so that a source restarted with this
+    /// order at COMMIT can ask it what became of the VM (SPEC.md §8.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Source role: the destination's address (`host:port`), for the same query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
 }
 
 /// The journal.
@@ -207,6 +214,8 @@ impl Journal {
                     not_after: 0,
                     at: crate::unix_now(),
                     note: note.into(),
+                    peer: None,
+                    peer_addr: None,
                 })?;
                 Ok(false)
             }
@@ -221,10 +230,28 @@ impl Journal {
         vm: &str,
         not_after: u64,
     ) -> Result<(), OrderError> {
+        self.claim(id, role, vm, not_after, None)
+    }
+
+    /// Claim an order as its source, remembering its destination for settlement.
+    pub fn claim_as_source(&mut self, body: &OrderBody, id: &OrderId) -> Result<(), OrderError> {
+        let peer = (hex(&body.destination), body.destination_addr.clone());
+        self.claim(id, Role::Source, &body.vm, body.not_after, Some(peer))
+    }
+
+    fn claim(
+        &mut self,
+        id: &OrderId,
+        role: Role,
+        vm: &str,
+        not_after: u64,
+        peer: Option<(String, String)>,
+    ) -> Result<(), OrderError> {
         let key = hex(id);
         if self.latest.contains_key(&key) {
             return Err(OrderError::Replayed(key));
         }
+        let (peer, peer_addr) = peer.unzip();
         self.append(Record {
             order_id: key,
             role,
@@ -233,6 +260,8 @@ impl Journal {
             not_after,
             at: crate::unix_now(),
             note: String::new(),
+            peer,
+            peer_addr,
         })
         .map_err(|e| OrderError::Journal(e.to_string()))
     }

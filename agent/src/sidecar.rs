@@ -412,12 +412,7 @@ pub async fn migrate_source(
     ctx.journal
         .lock()
         .expect("journal lock")
-        .claim_for(
-            order.id(),
-            trustmig_protocol::order::Role::Source,
-            &body.vm,
-            body.not_after,
-        )
+        .claim_as_source(&body, order.id())
         .map_err(|e| not_started(e.into()))?;
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, qemu = %qmp.version, "QEMU migration starts");
     let mut run = SourceRun {

@@ -76,7 +76,7 @@ async fn migrate_checked(
     ctx.journal
         .lock()
         .expect("journal lock")
-        .claim_for(order.id(), Role::Source, &body.vm, body.not_after)
+        .claim_as_source(&body, order.id())
         .map_err(|e| not_started(e.into()))?;
     let Some(mut guest) = ctx.vms.lock().expect("vms lock").remove(&body.vm) else {
         let e = AgentError::Migration(format!("no VM named {:?} runs on this agent", body.vm));

@@ -482,6 +482,55 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     );
 }
 
+/// SPEC.md §8.8 rule 3 across a restart: the source crashes right after journalling COMMIT
+/// (before `Commit` left); restarted, it asks the destination, which never committed, and the
+/// VM runs on the source again (a synthetic guest anew: its memory lived in the process).
+#[test]
+fn a_source_restarted_at_commit_asks_the_destination() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+    pair.src_env = vec![(
+        trustmig_agent::channel::TEST_CRASH_AFTER_COMMIT_ENV.into(),
+        "1".into(),
+    )];
+    pair.start_both().unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let _ = migrate(&rt, &pair, &order); // the source agent exits mid-way
+    pair.stop(0);
+    pair.src_env.clear();
+    pair.start(0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (_, paused) = loop {
+        match rt.block_on(Pair::checksum(&pair.src, "v")) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the VM never came back to the source: {e}\n{}",
+                    pair.log_tails(15)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(!paused, "the VM runs on the source again");
+    assert!(
+        rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
+        "the destination has no copy"
+    );
+    let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+    assert!(
+        journal.contains("settled after restart: the destination never committed"),
+        "{journal}"
+    );
+}
+
 #[test]
 fn non_converging_workloads_get_the_orders_action() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
