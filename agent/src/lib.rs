@@ -20,6 +20,7 @@ pub mod home;
 pub mod identity;
 pub mod journal;
 pub mod progress;
+mod pumps;
 pub mod qemu_cmdline;
 pub mod qmp;
 pub mod sidecar;

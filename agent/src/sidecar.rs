@@ -5,13 +5,14 @@
 //! source QEMU --unix--> source agent ==sealed HypervisorStream records, stream 0==> destination agent --unix--> destination QEMU
 //!             <--unix-- (return path) <==sealed records, same TCP connection, D->S keys== <--unix--
 //! ```
-//! Source: the agent listens on a unix socket in its home, sets `pause-before-switchover` and
-//! `return-path`, the order's `downtime-limit` and `max-bandwidth`, then `migrate
-//! uri=unix:PATH`. QEMU pre-copies by itself; the agent reports `query-migrate` as progress.
+//! Source: the agent listens on a unix socket in its home, sets `pause-before-switchover`,
+//! `return-path` and `events`, a `downtime-limit` on the ladder up to the order's target and
+//! the order's `max-bandwidth`, then `migrate uri=unix:PATH`. QEMU pre-copies by itself; the
+//! agent reports `query-migrate` as progress and applies the order's non-convergence action.
 //! At `pre-switchover` (guest stopped) the agent lets QEMU send the rest (`migrate-continue`),
 //! because the final digest must cover every stream byte, the device state included. With the
 //! return path, the source QEMU completes only after the destination QEMU loaded everything.
-//! Then SwitchOver, FinalChallenge, FinalEvidence over SHA-256 of the whole stream, Ready,
+//! Then SwitchOver, FinalChallenge, FinalEvidence over the digest of the whole stream, Ready,
 //! journalled Commit. Before Commit any failure cancels the migration and runs `cont` on the
 //! source; after it the source QEMU stays stopped (`postmigrate`) for good.
 //!
@@ -25,20 +26,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::handshake::Established;
-use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
 use trustmig_protocol::messages::{frame_len, TransferMode, FRAME_HEADER};
 use trustmig_protocol::migration::{DestEvent, DestMigration, Outcome, SourceMigration};
 use trustmig_protocol::order::{hex, NonConvergence, VerifiedOrder};
 use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
-use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
+use trustmig_protocol::record::{Opener, RecordType, Sealer};
 use trustmig_protocol::{Digest, Error as ProtoError};
 
 use crate::channel::{
@@ -50,13 +50,12 @@ use crate::daemon::{history_entry, Ctx, DataConn};
 use crate::disk::SourceDisk;
 use crate::error::AgentError;
 use crate::journal::State;
+use crate::pumps::{open_pump, seal_pump, Received, Sent};
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::wire::{preamble, read_record, write_frame, WireError};
 
 type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// Bytes read from QEMU per record (the record layer allows up to [`MAX_PAYLOAD`]).
-const CHUNK: usize = 512 << 10;
 /// How often `query-migrate` is polled for progress and state.
 const POLL: Duration = Duration::from_millis(200);
 /// `max-bandwidth` when the order sets no cap (QEMU's own default is 128 MiB/s).
@@ -162,195 +161,6 @@ fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<PathBuf, A
     }
     let _ = std::fs::remove_file(&p);
     Ok(p)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pumps: unix socket <-> sealed records.
-
-/// What a forward pump (QEMU stream -> records) did.
-struct Sent {
-    records: u64,
-    wire_bytes: u64,
-    digest: StreamDigest,
-}
-
-/// Read `from` to its end, sealing each chunk as a `HypervisorStream` record on `to`; then
-/// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte. Reading runs
-/// in a task of its own, so QEMU keeps writing while a record is sealed and sent.
-async fn seal_pump<R, W>(
-    from: R,
-    mut to: W,
-    mut sealer: Sealer,
-    what: &'static str,
-) -> Result<Sent, String>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
-{
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
-    let reader = tokio::spawn(read_chunks(from, tx, what));
-    let mut out = Vec::with_capacity(CHUNK + 64);
-    let mut digest = StreamDigest::new();
-    let mut wire_bytes = 0u64;
-    while let Some(chunk) = rx.recv().await {
-        out.clear();
-        digest.update(&chunk);
-        sealer
-            .seal(RecordType::HypervisorStream, &chunk, &mut out)
-            .map_err(|e| format!("{what}: {e}"))?;
-        to.write_all(&out)
-            .await
-            .map_err(|e| format!("{what}: data stream write: {e}"))?;
-        wire_bytes += out.len() as u64;
-    }
-    // The channel closed: the reader saw the end of QEMU's stream, or failed.
-    reader
-        .await
-        .map_err(|e| format!("{what}: reader task: {e}"))??;
-    out.clear();
-    sealer
-        .seal(RecordType::StreamEnd, &digest.len().to_be_bytes(), &mut out)
-        .map_err(|e| format!("{what}: {e}"))?;
-    to.write_all(&out)
-        .await
-        .map_err(|e| format!("{what}: data stream write: {e}"))?;
-    wire_bytes += out.len() as u64;
-    to.flush()
-        .await
-        .map_err(|e| format!("{what}: data stream flush: {e}"))?;
-    Ok(Sent {
-        records: sealer.next_seq(),
-        wire_bytes,
-        digest,
-    })
-}
-
-/// Read `from` to its end in chunks of up to `CHUNK` bytes, coalescing what QEMU already
-/// wrote (it writes 32 KiB at a time) into one chunk, and hand them to `tx`.
-async fn read_chunks<R: AsyncRead + Unpin>(
-    mut from: R,
-    tx: mpsc::Sender<Vec<u8>>,
-    what: &'static str,
-) -> Result<(), String> {
-    let cap = CHUNK.min(MAX_PAYLOAD);
-    loop {
-        let mut buf = vec![0u8; cap];
-        let mut n = from
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("{what}: reading from QEMU: {e}"))?;
-        if n == 0 {
-            return Ok(());
-        }
-        while n < buf.len() {
-            let more = tokio::select! {
-                biased;
-                r = from.read(&mut buf[n..]) => r.map_err(|e| format!("{what}: reading from QEMU: {e}"))?,
-                () = std::future::ready(()) => break,
-            };
-            if more == 0 {
-                break; // end of stream: the next read returns 0 again
-            }
-            n += more;
-        }
-        buf.truncate(n);
-        if tx.send(buf).await.is_err() {
-            return Ok(()); // the sealing side failed and reports why
-        }
-    }
-}
-
-/// What an open pump (records -> QEMU) did.
-struct Received {
-    records: u64,
-    digest: StreamDigest,
-}
-
-/// Open records from `from` and write their payloads to `to` until `StreamEnd`. Any record
-/// error, an unexpected type, a wrong `StreamEnd` length or a cut connection is fatal. Writing
-/// to QEMU runs in a task of its own, so records keep being read and opened meanwhile.
-async fn open_pump<R, W>(
-    mut from: R,
-    to: W,
-    mut opener: Opener,
-    what: &'static str,
-) -> Result<Received, AgentError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    // Record and protocol failures keep their type, so the Abort says record-failure or
-    // protocol-violation; transport failures are local (text).
-    let local = |m: String| AgentError::Migration(format!("{what}: {m}"));
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
-    let writer = tokio::spawn(write_chunks(to, rx, what));
-    let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
-    let mut digest = StreamDigest::new();
-    let r = loop {
-        match read_record(&mut from, &mut buf).await {
-            Err(WireError::Record(e)) => break Err(proto(e)),
-            Err(e) => break Err(local(e.to_string())),
-            Ok(false) => break Err(local("data stream cut before its end".into())),
-            Ok(true) => {}
-        }
-        let (typ, payload) = match opener.open(&mut buf) {
-            Ok(x) => x,
-            Err(e) => break Err(proto(e)),
-        };
-        match typ {
-            RecordType::HypervisorStream => {
-                digest.update(payload);
-                if tx.send(payload.to_vec()).await.is_err() {
-                    break Err(local("writing to QEMU failed".into()));
-                }
-            }
-            RecordType::KeyUpdate => {}
-            RecordType::StreamEnd => {
-                let total: Option<[u8; 8]> = payload.try_into().ok();
-                if total.map(u64::from_be_bytes) != Some(digest.len()) {
-                    break Err(proto(PeerMisbehaved::BadField(format!(
-                        "{what}: stream end announces {:?} bytes, {} arrived",
-                        total.map(u64::from_be_bytes),
-                        digest.len()
-                    ))));
-                }
-                break Ok(());
-            }
-            t => {
-                break Err(proto(PeerMisbehaved::BadField(format!(
-                    "{what}: unexpected {t:?} record"
-                ))))
-            }
-        }
-    };
-    drop(tx);
-    if let Err(e) = r {
-        writer.abort(); // QEMU may have stopped reading; do not wait for it
-        return Err(e);
-    }
-    writer
-        .await
-        .map_err(|e| local(format!("writer task: {e}")))?
-        .map_err(AgentError::Migration)?;
-    Ok(Received {
-        records: opener.records(),
-        digest,
-    })
-}
-
-/// Write chunks to QEMU until the channel closes.
-async fn write_chunks<W: AsyncWrite + Unpin>(
-    mut to: W,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    what: &'static str,
-) -> Result<(), String> {
-    while let Some(chunk) = rx.recv().await {
-        to.write_all(&chunk)
-            .await
-            .map_err(|e| format!("{what}: writing to QEMU: {e}"))?;
-    }
-    let _ = to.flush().await;
-    Ok(())
 }
 
 fn stream_secret(est: &Established, dir: Direction) -> TrafficSecret {
@@ -1215,79 +1025,6 @@ async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trustmig_protocol::keys::KeySchedule;
-
-    fn pair() -> (Sealer, Opener) {
-        let ks = KeySchedule::new(&[1; 32], &[2; 32]);
-        (
-            Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-            Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-        )
-    }
-
-    #[tokio::test]
-    async fn pumps_carry_every_byte_and_digest_it() {
-        let (sealer, opener) = pair();
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let (mut qemu_side, agent_side) = tokio::io::duplex(1 << 16);
-        let (wire_a, wire_b) = tokio::io::duplex(1 << 16);
-        let (out_a, mut out_b) = tokio::io::duplex(1 << 16);
-        let d2 = data.clone();
-        let writer = tokio::spawn(async move {
-            qemu_side.write_all(&d2).await.expect("write");
-            qemu_side.shutdown().await.expect("shutdown");
-        });
-        let sealing = tokio::spawn(seal_pump(agent_side, wire_a, sealer, "t"));
-        let opening = tokio::spawn(open_pump(wire_b, out_a, opener, "t"));
-        let mut got = Vec::new();
-        out_b.read_to_end(&mut got).await.expect("read");
-        writer.await.expect("writer");
-        let sent = sealing.await.expect("join").expect("seal pump");
-        let recv = opening.await.expect("join").expect("open pump");
-        assert_eq!(got, data);
-        assert_eq!(sent.records, recv.records);
-        assert_eq!(sent.digest.finish(&[3; 32]), recv.digest.finish(&[3; 32]));
-    }
-
-    #[tokio::test]
-    async fn open_pump_refuses_tampering_and_a_cut() {
-        let (mut sealer, opener) = pair();
-        let mut wire = Vec::new();
-        sealer
-            .seal(RecordType::HypervisorStream, b"abc", &mut wire)
-            .expect("seal");
-        let mut flipped = wire.clone();
-        flipped[20] ^= 1;
-        let r = open_pump(&flipped[..], tokio::io::sink(), opener, "s0")
-            .await
-            .map_err(|e| e.to_string());
-        assert!(
-            r.as_ref()
-                .err()
-                .is_some_and(|e| e.contains("authentication")),
-            "{:?}",
-            r.err()
-        );
-        let (_, opener) = pair();
-        let r = open_pump(&wire[..], tokio::io::sink(), opener, "s0")
-            .await
-            .map_err(|e| e.to_string());
-        assert!(
-            r.as_ref().err().is_some_and(|e| e.contains("cut")),
-            "{:?}",
-            r.err()
-        );
-        let (_, opener) = pair();
-        let replayed = [wire.clone(), wire].concat();
-        let r = open_pump(&replayed[..], tokio::io::sink(), opener, "s0")
-            .await
-            .map_err(|e| e.to_string());
-        assert!(
-            r.as_ref().err().is_some_and(|e| e.contains("replayed")),
-            "{:?}",
-            r.err()
-        );
-    }
 
     #[tokio::test]
     async fn frames_survive_split_and_cancelled_reads() {
