@@ -156,9 +156,19 @@ impl QemuVm {
     }
 
     /// Tick counters printed so far.
-    fn ticks(&self) -> Vec<u32> {
+    /// The serial output's complete lines: a guest stopped mid-line (at switch-over) leaves a
+    /// partial `T 22` of `T 221 5` behind, which must not count as tick 22.
+    fn lines(&self) -> Vec<String> {
         self.output()
-            .lines()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(|l| l.trim_end().to_string())
+            .collect()
+    }
+
+    fn ticks(&self) -> Vec<u32> {
+        self.lines()
+            .iter()
             .filter_map(|l| l.strip_prefix("T "))
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
             .collect()
@@ -166,8 +176,8 @@ impl QemuVm {
 
     /// (counter, bad pages) of every self-check printed so far.
     fn checks(&self) -> Vec<(u32, u32)> {
-        self.output()
-            .lines()
+        self.lines()
+            .iter()
             .filter_map(|l| {
                 let mut w = l.strip_prefix("V ")?.split_whitespace();
                 let c = w.next()?.parse().ok()?;
@@ -940,8 +950,8 @@ impl VmTpm {
 /// The guest's `P <extends> <PCR 16>` lines that are complete (a line cut by the switch-over
 /// is skipped); panics on a TPM error line.
 fn pcr_lines(vm: &QemuVm) -> Vec<(u32, String)> {
-    vm.output()
-        .lines()
+    vm.lines()
+        .iter()
         .filter_map(|l| {
             let mut w = l.strip_prefix("P ")?.split_whitespace();
             let k = w.next()?.parse().ok()?;
