@@ -515,15 +515,7 @@ pub fn discard(files: &[PathBuf]) {
 mod tests {
     use super::*;
     use crate::config::DiskConfig;
-    use trustmig_protocol::keys::{Direction, KeySchedule};
-
-    fn pair() -> (Sealer, Opener) {
-        let ks = KeySchedule::new(&[1; 32], &[2; 32]);
-        (
-            Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-            Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-        )
-    }
+    use crate::pumps::test_pair as pair;
 
     fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         VmConfig {

@@ -206,18 +206,21 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// A sealer and the opener for what it seals (fixed test keys), for the agent's unit tests.
+#[cfg(test)]
+pub(crate) fn test_pair() -> (Sealer, Opener) {
+    use trustmig_protocol::keys::{Direction, KeySchedule};
+    let ks = KeySchedule::new(&[1; 32], &[2; 32]);
+    (
+        Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+        Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trustmig_protocol::keys::{Direction, KeySchedule};
-
-    fn pair() -> (Sealer, Opener) {
-        let ks = KeySchedule::new(&[1; 32], &[2; 32]);
-        (
-            Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-            Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-        )
-    }
+    use test_pair as pair;
 
     #[tokio::test]
     async fn pumps_carry_every_byte_and_digest_it() {

@@ -535,18 +535,29 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
-    /// A fake QEMU that answers each command line with the next canned line(s).
-    async fn fake(script: Vec<&'static str>) -> (tempfile::TempDir, PathBuf) {
+    /// A fake QEMU on a fresh socket: it greets, then `talk` has the connection.
+    async fn fake_qemu<F, Fut>(talk: F) -> (tempfile::TempDir, PathBuf)
+    where
+        F: FnOnce(BufReader<OwnedReadHalf>, OwnedWriteHalf) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("qmp.sock");
         let l = UnixListener::bind(&path).expect("bind");
         tokio::spawn(async move {
             let Ok((s, _)) = l.accept().await else { return };
             let (rd, mut wr) = s.into_split();
-            let mut rd = BufReader::new(rd);
             let _ = wr
                 .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
                 .await;
+            talk(BufReader::new(rd), wr).await;
+        });
+        (dir, path)
+    }
+
+    /// A fake QEMU that answers each command line with the next canned line(s).
+    async fn fake(script: Vec<&'static str>) -> (tempfile::TempDir, PathBuf) {
+        fake_qemu(|mut rd, mut wr| async move {
             for reply in script {
                 let mut line = String::new();
                 if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
@@ -554,8 +565,8 @@ mod tests {
                 }
                 let _ = wr.write_all(reply.as_bytes()).await;
             }
-        });
-        (dir, path)
+        })
+        .await
     }
 
     #[tokio::test]
@@ -612,16 +623,7 @@ mod tests {
     /// caller's patience: the first half is kept, not lost, and the event comes whole.
     #[tokio::test]
     async fn a_partly_read_event_survives_a_cancelled_wait() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("qmp.sock");
-        let l = UnixListener::bind(&path).expect("bind");
-        tokio::spawn(async move {
-            let Ok((s, _)) = l.accept().await else { return };
-            let (rd, mut wr) = s.into_split();
-            let mut rd = BufReader::new(rd);
-            let _ = wr
-                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}}}\n")
-                .await;
+        let (_dir, path) = fake_qemu(|mut rd, mut wr| async move {
             let mut line = String::new();
             let _ = rd.read_line(&mut line).await;
             let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
@@ -633,7 +635,8 @@ mod tests {
                 .write_all(b"switchover\"}, \"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 250000}}\n")
                 .await;
             tokio::time::sleep(Duration::from_secs(2)).await;
-        });
+        })
+        .await;
         let mut q = Qmp::connect(&path, Duration::from_secs(5))
             .await
             .expect("connect");

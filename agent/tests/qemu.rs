@@ -200,20 +200,23 @@ impl QemuVm {
         }
     }
 
+    /// A QMP session with this QEMU.
+    async fn qmp(&self) -> Result<Qmp, String> {
+        Qmp::connect(&self.qmp, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// The source's `query-migrate` (after a migration: QEMU's own total time and downtime).
     async fn migration(&self) -> Result<trustmig_agent::qmp::MigrationInfo, String> {
-        let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut q = self.qmp().await?;
         q.query_migrate().await.map_err(|e| e.to_string())
     }
 
     /// A numeric migration parameter (`downtime-limit`, `cpu-throttle-initial`, ...), from
     /// `query-migrate-parameters`.
     async fn migrate_parameter(&self, name: &str) -> Result<u64, String> {
-        let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut q = self.qmp().await?;
         let p = q
             .execute("query-migrate-parameters", serde_json::json!({}))
             .await
@@ -225,9 +228,7 @@ impl QemuVm {
 
     /// Whether a migration capability is on, from `query-migrate-capabilities`.
     async fn migrate_capability(&self, name: &str) -> Result<bool, String> {
-        let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut q = self.qmp().await?;
         let caps = q
             .execute("query-migrate-capabilities", serde_json::json!({}))
             .await
@@ -239,9 +240,7 @@ impl QemuVm {
     }
 
     async fn status(&self) -> Result<String, String> {
-        let mut q = Qmp::connect(&self.qmp, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut q = self.qmp().await?;
         q.query_status()
             .await
             .map(|s| s.status)

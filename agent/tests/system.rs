@@ -420,6 +420,18 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     done(migrate(&rt, &pair, &order), &pair);
 }
 
+/// Both agents up with a 64 MiB VM `v` on the source, whose agent runs with the debug-build
+/// test hook `env` set (None without swtpm).
+fn hooked_source(env: &str) -> Option<(tokio::runtime::Runtime, Pair)> {
+    if swtpm_missing() {
+        return None;
+    }
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+    pair.src_env = vec![(env.into(), "1".into())];
+    pair.start_both().unwrap();
+    Some((rt(), pair))
+}
+
 /// SPEC.md §8.8 rule 3: a source that journalled COMMIT but never saw `Resumed` asks the
 /// destination. If the destination never committed (the session was lost before `Commit`
 /// left), the VM runs on the source again, memory untouched; if it did (it failed before
@@ -427,16 +439,9 @@ fn destination_killed_mid_round_leaves_the_source_running() {
 #[test]
 fn commit_without_resumed_is_settled_by_asking_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if swtpm_missing() {
+    let Some((rt, mut pair)) = hooked_source(trustmig_agent::channel::TEST_LOSE_COMMIT_ENV) else {
         return;
-    }
-    let rt = rt();
-    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
-    pair.src_env = vec![(
-        trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
-        "1".into(),
-    )];
-    pair.start_both().unwrap();
+    };
     let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
@@ -488,16 +493,10 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
 #[test]
 fn a_source_restarted_at_commit_asks_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if swtpm_missing() {
+    let Some((rt, mut pair)) = hooked_source(trustmig_agent::channel::TEST_CRASH_AFTER_COMMIT_ENV)
+    else {
         return;
-    }
-    let rt = rt();
-    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
-    pair.src_env = vec![(
-        trustmig_agent::channel::TEST_CRASH_AFTER_COMMIT_ENV.into(),
-        "1".into(),
-    )];
-    pair.start_both().unwrap();
+    };
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
         .unwrap();
