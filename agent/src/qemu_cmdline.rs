@@ -392,6 +392,43 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any command line, from a set of pieces that can form drives, devices, flags and
+        /// stray values: a typed result, never a panic; and when it succeeds, no -drive or
+        /// -blockdev that opens a transferred image survives, and the QMP/incoming options
+        /// are ours alone.
+        #[test]
+        fn any_command_line_is_handled(
+            picks in proptest::collection::vec(0usize..12, 0..24),
+            transfer in proptest::prelude::any::<bool>(),
+        ) {
+            const PIECES: &[&str] = &[
+                "-drive", "file=/img/d.raw,id=d0,node-name=n0", "-device",
+                "virtio-blk-pci,drive=d0", "--device", "virtio-blk-pci,drive=n0",
+                "-usb", "-qmp", "unix:/s,server=on", "-blockdev",
+                "driver=raw,node-name=f,file=n0", "-S",
+            ];
+            let src: Vec<String> = picks.iter().map(|&i| PIECES[i].to_string()).collect();
+            let img = [PathBuf::from("/img/d.raw")];
+            let t: &[PathBuf] = if transfer { &img } else { &[] };
+            match destination_command("qemu", &src, Path::new("/q"), t) {
+                Ok(d) => {
+                    let line = d.args.join(" ");
+                    for w in d.args.windows(2) {
+                        let block = BLOCK_OPTS.contains(&canonical(&w[0]).as_str());
+                        proptest::prop_assert!(
+                            !(transfer && block && w[1].contains("/img/d.raw")),
+                            "{line}"
+                        );
+                    }
+                    proptest::prop_assert_eq!(line.matches("-qmp").count(), 1, "{}", line);
+                    proptest::prop_assert!(line.ends_with("-qmp unix:/q,server=on,wait=off -incoming defer -S"));
+                }
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn option_strings_follow_qemu_escaping() {
         assert_eq!(

@@ -67,6 +67,20 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             }
             .encode(),
         ),
+        (
+            "control_message",
+            "settle_query",
+            Message::SettleQuery { order_id: [7; 16] }.encode(),
+        ),
+        (
+            "control_message",
+            "settle_answer",
+            Message::SettleAnswer {
+                order_id: [7; 16],
+                committed: false,
+            }
+            .encode(),
+        ),
         ("order_verify", "signed_order", signed.to_cbor()),
         (
             "record_open",
