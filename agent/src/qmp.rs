@@ -105,7 +105,11 @@ fn timestamp(v: Option<&Value>) -> Option<SystemTime> {
     let v = v?;
     let s = v.get("seconds")?.as_u64()?;
     let us = v.get("microseconds")?.as_u64()?;
-    (us < 1_000_000).then(|| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us))
+    // Checked: a bogus timestamp from QEMU is no timestamp, not an overflow panic.
+    if us >= 1_000_000 {
+        return None;
+    }
+    UNIX_EPOCH.checked_add(Duration::from_secs(s) + Duration::from_micros(us))
 }
 
 /// `query-status` reply.
@@ -716,6 +720,21 @@ mod tests {
             }
             every_line_is_handled(&line);
         }
+    }
+
+    #[test]
+    fn bogus_event_timestamps_are_absent_not_a_panic() {
+        let ts = |s: &str| timestamp(serde_json::from_str::<Value>(s).ok().as_ref());
+        assert_eq!(
+            ts("{\"seconds\": 18446744073709551615, \"microseconds\": 999999}"),
+            None
+        );
+        assert_eq!(ts("{\"seconds\": 1, \"microseconds\": 1000000}"), None);
+        assert_eq!(ts("{\"seconds\": -1, \"microseconds\": 0}"), None);
+        assert_eq!(
+            ts("{\"seconds\": 2, \"microseconds\": 5}"),
+            Some(UNIX_EPOCH + Duration::from_micros(2_000_005))
+        );
     }
 
     #[test]
