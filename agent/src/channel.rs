@@ -1,5 +1,5 @@
 //! The source's control channel to a destination, shared by the pre-copy driver (`source.rs`)
-//! and the QEMU sidecar (`sidecar.rs`): dial, TLS 1.3 pinned to the order's destination,
+//! and the QEMU sidecar (`sidecar/`): dial, TLS 1.3 pinned to the order's destination,
 //! framed messages with step timeouts, the attested handshake, and aborts.
 
 use std::sync::Arc;
@@ -243,77 +243,6 @@ pub const TEST_LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
 pub const TEST_CRASH_AFTER_COMMIT_ENV: &str = "TRUSTMIG_TEST_CRASH_AFTER_COMMIT";
 /// Debug builds only: a destination that commits and resumes, then fails before `Resumed`.
 pub const TEST_LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
-
-/// What a settlement query found out about an order whose COMMIT the source journalled but
-/// whose `Resumed` it never saw (SPEC.md §8.8 rule 3).
-#[derive(Debug)]
-pub enum Settlement {
-    /// The destination journalled COMMIT: the VM is its now. Journalled DONE here.
-    Moved,
-    /// The destination never committed and now never will: the source may resume the VM.
-    NotMoved,
-    /// No answer (destination unreachable, ...): the VM stays paused here, in doubt.
-    InDoubt(String),
-}
-
-impl Settlement {
-    /// What this means for the VM, for the operator.
-    pub fn vm_state(&self) -> String {
-        match self {
-            Self::Moved => "moved: the destination confirmed it committed and owns the VM (settled after the session was lost)".into(),
-            Self::NotMoved => "settled: the destination never committed".into(),
-            Self::InDoubt(why) => format!("committed: the source keeps the VM paused, in doubt until settled (settlement query failed: {why})"),
-        }
-    }
-}
-
-/// Ask the order's destination, on a fresh control connection, whether it committed.
-pub async fn settle(ctx: &Arc<Ctx>, order: &VerifiedOrder) -> Settlement {
-    let body = order.body();
-    settle_with(ctx, order.id(), body.destination, &body.destination_addr).await
-}
-
-/// Ask the agent `destination` at `addr` whether it committed order `id`; journal DONE when
-/// it did.
-pub async fn settle_with(
-    ctx: &Arc<Ctx>,
-    id: &OrderId,
-    destination: AgentId,
-    addr: &str,
-) -> Settlement {
-    let id = *id;
-    let asked = async {
-        let mut chan = SourceChannel::connect_to(ctx, addr, destination).await?;
-        chan.send(&Message::SettleQuery { order_id: id }.encode())
-            .await?;
-        let reply = chan.recv().await?;
-        match Message::decode(&reply) {
-            Ok(Message::SettleAnswer {
-                order_id,
-                committed,
-            }) if order_id == id => Ok(committed),
-            Ok(m) => Err(AgentError::Migration(format!(
-                "destination answered the settlement query with {}",
-                m.name()
-            ))),
-            Err(e) => Err(AgentError::Migration(format!(
-                "destination's settlement answer: {e}"
-            ))),
-        }
-    };
-    match asked.await {
-        Ok(true) => {
-            let _ = ctx.journal.lock().expect("journal lock").set(
-                &id,
-                State::Done,
-                "settled: the destination committed",
-            );
-            Settlement::Moved
-        }
-        Ok(false) => Settlement::NotMoved,
-        Err(e) => Settlement::InDoubt(e.to_string()),
-    }
-}
 
 /// The image manifest a source attests for `vm`: its configuration digest and its disks
 /// (empty with shared storage). spec: SPEC.md §6.3

@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
 
-use crate::channel::Settlement;
 use crate::config::Config;
 use crate::control::{Progress, Reply, Request, Summary};
 use crate::error::AgentError;
@@ -20,7 +19,7 @@ use crate::guest::SyntheticGuest;
 use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
-use crate::qmp::Qmp;
+use crate::settle::InDoubt;
 use crate::trust::KeyList;
 use crate::wire::{parse_preamble, PREAMBLE_LEN};
 
@@ -43,6 +42,9 @@ pub struct Ctx {
     pub journal: Mutex<Journal>,
     /// Hosted VMs that are not migrating.
     pub vms: Mutex<HashMap<String, SyntheticGuest>>,
+    /// Synthetic VMs stopped in doubt after a session lost past COMMIT, kept as they were until
+    /// their destination answers (SPEC.md §8.8; `settle.rs`).
+    pub parked: Mutex<HashMap<String, SyntheticGuest>>,
     /// Sessions waiting for data connections, by session id.
     pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,
     /// Summaries of finished migrations (newest last).
@@ -76,7 +78,7 @@ impl Ctx {
 
 /// Settle migrations the journal shows as interrupted, from the journal alone; returns the
 /// source-side orders at COMMIT whose destination is known, to be settled by asking it
-/// (`settle_after_restart`). spec: SPEC.md §8.8
+/// (`settle::keep_asking`). spec: SPEC.md §8.8
 fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
     let mut ask = Vec::new();
     for r in journal.in_doubt() {
@@ -126,71 +128,6 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
     Ok(ask)
 }
 
-/// A source-side order left at COMMIT by a restart, to settle by asking its destination.
-struct InDoubt {
-    id: [u8; 16],
-    vm: String,
-    destination: [u8; 32],
-    addr: String,
-}
-
-/// Settle what a restart left at COMMIT (SPEC.md §8.8 rule 3): ask each destination. "Not
-/// committed": journal the order rolled back and run the VM here again (a QEMU VM with `cont`;
-/// a synthetic guest, whose memory did not survive the restart, anew). No answer: it stays in
-/// doubt (and its VM stopped) until the next start.
-async fn settle_after_restart(ctx: Arc<Ctx>, pending: Vec<InDoubt>) {
-    for p in pending {
-        match crate::channel::settle_with(&ctx, &p.id, p.destination, &p.addr).await {
-            Settlement::Moved => {
-                info!(order = %hex::encode(p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
-            }
-            Settlement::NotMoved => {
-                let note = "settled after restart: the destination never committed";
-                if let Err(e) =
-                    ctx.journal
-                        .lock()
-                        .expect("journal lock")
-                        .set(&p.id, State::RolledBack, note)
-                {
-                    warn!(order = %hex::encode(p.id), "journal: {e}");
-                    continue;
-                }
-                let vm_state = resume_here(&ctx, &p.vm).await;
-                warn!(order = %hex::encode(p.id), vm = %p.vm, "{note}; {vm_state}");
-            }
-            Settlement::InDoubt(why) => {
-                warn!(order = %hex::encode(p.id), vm = %p.vm, "still in doubt, the VM stays stopped: {why}");
-            }
-        }
-    }
-}
-
-/// Run `vm` on this host again after a settlement said the destination never had it.
-async fn resume_here(ctx: &Arc<Ctx>, vm: &str) -> String {
-    if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
-        return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
-            Ok(mut qmp) => match qmp.query_status().await {
-                Ok(st) if st.running => "its QEMU runs".into(),
-                Ok(_) => match qmp.cont().await {
-                    Ok(()) => "its QEMU runs again (cont)".into(),
-                    Err(e) => format!("`cont` failed: {e}; resume it by hand"),
-                },
-                Err(e) => format!("QEMU did not answer: {e}; resume it by hand"),
-            },
-            Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
-        };
-    }
-    match ctx.config.vms.iter().find(|v| v.name == vm) {
-        Some(v) => {
-            let mut g = SyntheticGuest::new(v);
-            trustmig_protocol::precopy::GuestMemory::resume(&mut g);
-            ctx.vms.lock().expect("vms lock").insert(vm.to_string(), g);
-            "the synthetic guest starts again here (its memory did not survive the restart)".into()
-        }
-        None => "no such VM is configured here any more".into(),
-    }
-}
-
 /// Run the agent until SIGTERM/SIGINT.
 pub async fn run(home: Home) -> Result<(), AgentError> {
     home.check()?;
@@ -223,7 +160,7 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     let vms = config
         .vms
         .iter()
-        .filter(|v| v.backend == "synthetic") // `qemu` VMs live in their QEMU (sidecar.rs)
+        .filter(|v| v.backend == "synthetic") // `qemu` VMs live in their QEMU (sidecar/)
         // A VM that migrated away is the destination's now: never two running copies.
         .filter(|v| {
             let gone = journal.migrated_away(&v.name);
@@ -264,11 +201,12 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
         verifier: Box::new(verifier),
         journal: Mutex::new(journal),
         vms: Mutex::new(vms),
+        parked: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
     });
-    if !ask_destinations.is_empty() {
-        tokio::spawn(settle_after_restart(ctx.clone(), ask_destinations));
+    for p in ask_destinations {
+        crate::settle::keep_asking(ctx.clone(), p, false);
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -19,7 +19,7 @@ use trustmig_protocol::handshake::{
 use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
-use trustmig_protocol::order::{hex, Role};
+use trustmig_protocol::order::hex;
 use trustmig_protocol::precopy::{GuestMemory, PrecopyDest};
 use trustmig_protocol::record::{Opener, RecordType};
 use trustmig_protocol::AbortCode;
@@ -27,7 +27,7 @@ use trustmig_protocol::AbortCode;
 use crate::daemon::{history_entry, Ctx, DataConn};
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
-use crate::journal::{ClaimAs, State};
+use crate::journal::{ClaimAsDestination, State};
 use crate::wire::{read_frame, read_record, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
@@ -169,10 +169,7 @@ impl Session {
             let out = {
                 let mut att = ctx.attester.lock().expect("attester lock");
                 let mut journal = ctx.journal.lock().expect("journal lock");
-                let mut claim = ClaimAs {
-                    journal: &mut journal,
-                    role: Role::Destination,
-                };
+                let mut claim = ClaimAsDestination(&mut journal);
                 hs.handle(&msg, att.as_mut(), ctx.verifier.as_ref(), &mut claim)
             };
             if let Some(o) = hs.order() {
@@ -201,7 +198,7 @@ impl Session {
             .journal
             .lock()
             .expect("journal lock")
-            .settle_query(&order_id)?;
+            .settle_query(&order_id, peer)?;
         info!(order = %hex(&order_id), peer = %hex(peer), committed, "settlement query answered");
         let m = Message::SettleAnswer {
             order_id,

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use trustmig_protocol::order::{hex, OrderBody, OrderError, OrderId, OrderJournal, Role};
+use trustmig_protocol::AgentId;
 
 use crate::error::AgentError;
 
@@ -50,8 +51,9 @@ pub struct Record {
     /// Free text (error, summary).
     #[serde(default)]
     pub note: String,
-    /// Source role: the destination's identity (hex), so that a source restarted with this
-    /// order at COMMIT can ask it what became of the VM (SPEC.md §8.8).
+    /// The other agent's identity (hex). Source role: the destination, so that a source
+    /// restarted with this order at COMMIT can ask it what became of the VM; destination role:
+    /// the source, the only agent whose settlement query it answers (SPEC.md §8.8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
     /// Source role: the destination's address (`host:port`), for the same query.
@@ -190,9 +192,23 @@ impl Journal {
     /// when this agent journalled COMMIT for the order (it owns the VM). Otherwise the order is
     /// journalled rolled back first, an order never seen here too (so its id is used up and
     /// no late session can commit it), and the answer is `false`.
-    pub fn settle_query(&mut self, order_id: &OrderId) -> Result<bool, AgentError> {
+    /// Only the order's source, as recorded at the claim, is answered about a claimed order.
+    pub fn settle_query(
+        &mut self,
+        order_id: &OrderId,
+        asker: &AgentId,
+    ) -> Result<bool, AgentError> {
         let key = hex(order_id);
         let note = "settlement: the source asked; never committed here";
+        if let Some(source) = self.latest.get(&key).and_then(|r| r.peer.as_deref()) {
+            let mine = self.latest[&key].role == Role::Destination;
+            if mine && source != hex(asker) {
+                return Err(AgentError::Migration(format!(
+                    "order {key} came from agent {source}, not from {}: no answer to its settlement query",
+                    hex(asker)
+                )));
+            }
+        }
         match self.latest.get(&key).map(|r| (r.role, r.state)) {
             Some((Role::Destination, State::Committed | State::Done | State::Settled)) => {
                 Ok(true)
@@ -230,13 +246,28 @@ impl Journal {
         vm: &str,
         not_after: u64,
     ) -> Result<(), OrderError> {
-        self.claim(id, role, vm, not_after, None)
+        self.claim(id, role, vm, not_after, None, None)
     }
 
     /// Claim an order as its source, remembering its destination for settlement.
     pub fn claim_as_source(&mut self, body: &OrderBody, id: &OrderId) -> Result<(), OrderError> {
-        let peer = (hex(&body.destination), body.destination_addr.clone());
-        self.claim(id, Role::Source, &body.vm, body.not_after, Some(peer))
+        let (peer, addr) = (hex(&body.destination), body.destination_addr.clone());
+        self.claim(
+            id,
+            Role::Source,
+            &body.vm,
+            body.not_after,
+            Some(peer),
+            Some(addr),
+        )
+    }
+
+    /// Claim an order as its destination, remembering its source: the one agent whose
+    /// settlement query about it is answered.
+    pub fn claim_as_destination(&mut self, body: &OrderBody) -> Result<(), OrderError> {
+        let peer = hex(&body.source);
+        let (id, vm) = (&body.order_id, &body.vm);
+        self.claim(id, Role::Destination, vm, body.not_after, Some(peer), None)
     }
 
     fn claim(
@@ -245,13 +276,13 @@ impl Journal {
         role: Role,
         vm: &str,
         not_after: u64,
-        peer: Option<(String, String)>,
+        peer: Option<String>,
+        peer_addr: Option<String>,
     ) -> Result<(), OrderError> {
         let key = hex(id);
         if self.latest.contains_key(&key) {
             return Err(OrderError::Replayed(key));
         }
-        let (peer, peer_addr) = peer.unzip();
         self.append(Record {
             order_id: key,
             role,
@@ -292,18 +323,13 @@ impl Journal {
     }
 }
 
-/// The destination handshake claims ids through this adapter.
-pub struct ClaimAs<'a> {
-    /// The journal.
-    pub journal: &'a mut Journal,
-    /// Our role.
-    pub role: Role,
-}
+/// The destination handshake claims ids through this adapter (with the order's source, for
+/// settlement).
+pub struct ClaimAsDestination<'a>(pub &'a mut Journal);
 
-impl OrderJournal for ClaimAs<'_> {
+impl OrderJournal for ClaimAsDestination<'_> {
     fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError> {
-        self.journal
-            .claim_for(&order.order_id, self.role, &order.vm, order.not_after)
+        self.0.claim_as_destination(order)
     }
 }
 
@@ -318,22 +344,23 @@ mod tests {
     fn settlement_answers_are_final() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
+        let src = [7; 32];
         // Claimed, never committed: answered "no", and COMMIT is refused from then on.
         j.claim_for(&[1; 16], Role::Destination, "a", 10).unwrap();
-        assert!(!j.settle_query(&[1; 16]).unwrap());
+        assert!(!j.settle_query(&[1; 16], &src).unwrap());
         let e = j.commit(&[1; 16]).unwrap_err().to_string();
         assert!(e.contains("refusing to commit"), "{e}");
         assert!(
-            !j.settle_query(&[1; 16]).unwrap(),
+            !j.settle_query(&[1; 16], &src).unwrap(),
             "the answer does not change"
         );
         // Committed: "yes"; a later failure does not roll it back.
         j.claim_for(&[2; 16], Role::Destination, "b", 10).unwrap();
         j.commit(&[2; 16]).unwrap();
         assert!(!j.roll_back_if_claimed(&[2; 16], "send failed").unwrap());
-        assert!(j.settle_query(&[2; 16]).unwrap());
+        assert!(j.settle_query(&[2; 16], &src).unwrap());
         // Never seen: "no", and the id is used up for good (survives a restart).
-        assert!(!j.settle_query(&[3; 16]).unwrap());
+        assert!(!j.settle_query(&[3; 16], &src).unwrap());
         drop(j);
         let mut j = Journal::open(dir.path()).unwrap();
         assert!(matches!(
@@ -343,7 +370,44 @@ mod tests {
         assert!(j.commit(&[1; 16]).is_err());
         // An order this agent sent is not its to answer.
         j.claim_for(&[4; 16], Role::Source, "d", 10).unwrap();
-        assert!(j.settle_query(&[4; 16]).is_err());
+        assert!(j.settle_query(&[4; 16], &src).is_err());
+    }
+
+    /// A destination answers only the source its order named: another trusted agent can
+    /// neither learn the outcome nor make the destination refuse a COMMIT still to come.
+    #[test]
+    fn settlement_is_answered_to_the_orders_source_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let body = OrderBody {
+            v: 1,
+            order_id: [5; 16],
+            vm: "v".into(),
+            source: [1; 32],
+            destination: [2; 32],
+            destination_addr: "127.0.0.1:1".into(),
+            limits: trustmig_protocol::order::Limits {
+                downtime_ms: 300,
+                bandwidth_bps: 0,
+                max_rounds: 10,
+                on_nonconvergence: trustmig_protocol::order::NonConvergence::Force,
+            },
+            not_before: 0,
+            not_after: 10,
+        };
+        ClaimAsDestination(&mut j).claim(&body).unwrap();
+        let e = j.settle_query(&[5; 16], &[3; 32]).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("came from agent {}", hex(&[1; 32]))),
+            "{e}"
+        );
+        drop(j);
+        // The source is on record across a restart; the intruder changed nothing.
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(j.settle_query(&[5; 16], &[3; 32]).is_err());
+        j.commit(&[5; 16])
+            .expect("still claimed: the order may commit");
+        assert!(j.settle_query(&[5; 16], &[1; 32]).unwrap());
     }
 
     #[test]

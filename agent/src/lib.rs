@@ -23,6 +23,7 @@ pub mod progress;
 mod pumps;
 pub mod qemu_cmdline;
 pub mod qmp;
+pub mod settle;
 pub mod sidecar;
 pub mod source;
 pub mod tls;

@@ -22,14 +22,13 @@ use trustmig_protocol::rate::Pacer;
 use trustmig_protocol::record::{RecordType, Sealer};
 use trustmig_protocol::Error as ProtoError;
 
-use crate::channel::{
-    abort_code, note_source_result, settle, vm_manifest, Settlement, SourceChannel,
-};
+use crate::channel::{abort_code, note_source_result, vm_manifest, SourceChannel};
 use crate::control::{Progress, Summary};
 use crate::daemon::Ctx;
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
 use crate::journal::State;
+use crate::settle::{self, InDoubt, Settlement};
 use crate::wire::preamble;
 
 /// Run the migration in `order_hex` as its source, reporting progress.
@@ -103,9 +102,10 @@ async fn migrate_checked(
         }
         Err(e) => {
             // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
+            let in_doubt = InDoubt::of(&order);
             let settlement = match run.outcome {
                 Outcome::RollBack => None,
-                Outcome::Committed => Some(settle(ctx, &order).await),
+                Outcome::Committed => Some(settle::ask(ctx, &in_doubt).await),
             };
             let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
@@ -121,6 +121,14 @@ async fn migrate_checked(
                     None => format!("rolled back: {how}"),
                 }
             } else {
+                if let Some(Settlement::InDoubt(_)) = settlement {
+                    // Stopped as it is until the destination answers (settle.rs).
+                    ctx.parked
+                        .lock()
+                        .expect("parked lock")
+                        .insert(body.vm.clone(), guest);
+                    settle::keep_asking(ctx.clone(), in_doubt, true);
+                }
                 settlement.map(|s| s.vm_state()).unwrap_or_default()
             };
             note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)), rolled_back);

@@ -487,9 +487,87 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     );
 }
 
+/// Poll `home`'s agent until it runs `vm`; its checksum and whether it is paused.
+fn wait_for_vm(
+    rt: &tokio::runtime::Runtime,
+    pair: &Pair,
+    home: &trustmig_agent::home::Home,
+    vm: &str,
+) -> (String, bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match rt.block_on(Pair::checksum(home, vm)) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{vm} never came back: {e}\n{}",
+                    pair.log_tails(15)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// SPEC.md §8.8 rule 3 when the destination does not answer at once: the source keeps the VM
+/// stopped, exactly as it was, asks again (with back-off) while it stays up, and resumes it
+/// untouched once the destination says it never committed.
+#[test]
+fn an_unanswered_settlement_is_asked_again_until_answered() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+    pair.src_env = vec![
+        (
+            trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
+            "1".into(),
+        ),
+        // The query right after the lost session and the first retry go unanswered.
+        (
+            trustmig_agent::settle::TEST_UNANSWERED_ENV.into(),
+            "2".into(),
+        ),
+    ];
+    pair.start_both().unwrap();
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(
+        e.contains("in doubt") && e.contains("asks the destination again"),
+        "{e}\n{}",
+        pair.log_tails(10)
+    );
+    assert!(
+        rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
+        "in doubt, the source does not run the VM"
+    );
+    let (after, paused) = wait_for_vm(&rt, &pair, &pair.src, "v");
+    assert!(!paused, "the VM runs on the source again");
+    assert_eq!(
+        after, before,
+        "its memory is as it was when the session was lost"
+    );
+    assert!(
+        rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
+        "the destination has no copy"
+    );
+    let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+    assert!(
+        journal.contains("settled: the destination never committed"),
+        "{journal}"
+    );
+}
+
 /// SPEC.md §8.8 rule 3 across a restart: the source crashes right after journalling COMMIT
-/// (before `Commit` left); restarted, it asks the destination, which never committed, and the
-/// VM runs on the source again (a synthetic guest anew: its memory lived in the process).
+/// (before `Commit` left); restarted while the destination is down, it keeps the VM stopped
+/// and asks again until the destination is back and answers that it never committed; the VM
+/// then runs on the source again (a synthetic guest anew: its memory lived in the process).
 #[test]
 fn a_source_restarted_at_commit_asks_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -501,23 +579,24 @@ fn a_source_restarted_at_commit_asks_the_destination() {
         .order("v", limits(300, 10, NonConvergence::Force), 600)
         .unwrap();
     let _ = migrate(&rt, &pair, &order); // the source agent exits mid-way
+                                         // The destination is down when the source comes back: no answer, the VM stays stopped.
     pair.stop(0);
+    pair.stop(1);
     pair.src_env.clear();
     pair.start(0).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (_, paused) = loop {
-        match rt.block_on(Pair::checksum(&pair.src, "v")) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the VM never came back to the source: {e}\n{}",
-                    pair.log_tails(15)
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
+        "in doubt, the VM stays stopped"
+    );
+    assert!(
+        pair.log_tails(50).contains("still in doubt"),
+        "{}",
+        pair.log_tails(15)
+    );
+    // The destination returns; the source, still up, asks again and gets its VM back.
+    pair.start(1).unwrap();
+    let (_, paused) = wait_for_vm(&rt, &pair, &pair.src, "v");
     assert!(!paused, "the VM runs on the source again");
     assert!(
         rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
@@ -525,7 +604,7 @@ fn a_source_restarted_at_commit_asks_the_destination() {
     );
     let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
     assert!(
-        journal.contains("settled after restart: the destination never committed"),
+        journal.contains("settled: the destination never committed"),
         "{journal}"
     );
 }

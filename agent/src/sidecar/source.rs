@@ -1,95 +1,39 @@
-//! QEMU sidecar mode: trustmig carries QEMU's own migration stream through the attested
-//! session and gates the switch-over. spec: spec/qemu.md, SPEC.md §8.5.1
-//!
-//! ```text
-//! source QEMU --unix--> source agent ==sealed HypervisorStream records, stream 0==> destination agent --unix--> destination QEMU
-//!             <--unix-- (return path) <==sealed records, same TCP connection, D->S keys== <--unix--
-//! ```
-//! Source: the agent listens on a unix socket in its home, sets `pause-before-switchover`,
-//! `return-path` and `events`, a `downtime-limit` on the ladder up to the order's target and
-//! the order's `max-bandwidth`, then `migrate uri=unix:PATH`. QEMU pre-copies by itself; the
-//! agent reports `query-migrate` as progress and applies the order's non-convergence action.
-//! At `pre-switchover` (guest stopped) the agent lets QEMU send the rest (`migrate-continue`),
-//! because the final digest must cover every stream byte, the device state included. With the
-//! return path, the source QEMU completes only after the destination QEMU loaded everything.
-//! Then SwitchOver, FinalChallenge, FinalEvidence over the digest of the whole stream, Ready,
-//! journalled Commit. Before Commit any failure cancels the migration and runs `cont` on the
-//! source; after it the source QEMU stays stopped (`postmigrate`) for good.
-//!
-//! Destination: QEMU runs with `-incoming defer -S`; the agent runs `migrate-incoming
-//! uri=unix:PATH` (QEMU listens on a path in the agent's home) and feeds it what it opens. It
-//! runs `cont` only after the final evidence verified against its own digest of every byte it
-//! fed and `Commit` came. On any failure before that it never runs `cont` and discards the
-//! destination QEMU with `quit`.
+//! The source side of the QEMU sidecar: QEMU migrates into a unix socket the agent owns, the
+//! agent seals the stream onto the attested session and drives the switch-over. spec: spec/qemu.md §3
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UnixListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
-use trustmig_protocol::error::PeerMisbehaved;
-use trustmig_protocol::handshake::Established;
-use trustmig_protocol::keys::{Direction, TrafficSecret};
-use trustmig_protocol::messages::{frame_len, TransferMode, FRAME_HEADER};
-use trustmig_protocol::migration::{DestEvent, DestMigration, Outcome, SourceMigration};
+use tracing::{debug, info};
+use trustmig_protocol::keys::Direction;
+use trustmig_protocol::messages::TransferMode;
+use trustmig_protocol::migration::{Outcome, SourceMigration};
 use trustmig_protocol::order::{hex, NonConvergence, VerifiedOrder};
 use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
 use trustmig_protocol::record::{Opener, RecordType, Sealer};
-use trustmig_protocol::{Digest, Error as ProtoError};
+use trustmig_protocol::Digest;
 
-use crate::channel::{
-    abort_code, note_source_result, settle, vm_manifest, Settlement, SourceChannel,
-};
-use crate::config::{Config, VmConfig};
+use crate::channel::{abort_code, note_source_result, vm_manifest, SourceChannel};
 use crate::control::{Progress, Summary};
-use crate::daemon::{history_entry, Ctx, DataConn};
+use crate::daemon::Ctx;
 use crate::disk::SourceDisk;
 use crate::error::AgentError;
 use crate::journal::State;
 use crate::pumps::{open_pump, seal_pump, Received, Sent};
-use crate::qmp::{MigrationInfo, Qmp, QmpError};
-use crate::wire::{preamble, read_record, write_frame, WireError};
+use crate::qmp::{MigrationInfo, Qmp};
+use crate::settle::{self, InDoubt, Settlement};
+use crate::wire::preamble;
 
-type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+use super::{proto, qemu_vm, qmp_err, socket_dir, socket_path, stream_secret};
 
 /// How often `query-migrate` is polled for progress and state.
 const POLL: Duration = Duration::from_millis(200);
 /// `max-bandwidth` when the order sets no cap (QEMU's own default is 128 MiB/s).
 const UNCAPPED_BPS: u64 = 1 << 40;
-
-/// Validate a `backend = "qemu"` entry (called from config validation).
-pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
-    let Some(qmp) = &vm.qmp else {
-        return Err(format!(
-            "vm {:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\"",
-            vm.name
-        ));
-    };
-    if !qmp.is_absolute() {
-        return Err(format!(
-            "vm {:?}: qmp {:?} must be an absolute path",
-            vm.name,
-            qmp.display().to_string()
-        ));
-    }
-    if qmp.as_os_str().len() > 107 {
-        return Err(format!(
-            "vm {:?}: qmp path is longer than a unix socket path may be (107 bytes)",
-            vm.name
-        ));
-    }
-    if vm.downtime_steps.is_some_and(|n| n > MAX_DOWNTIME_STEPS) {
-        return Err(format!(
-            "vm {:?}: downtime_steps must be at most {MAX_DOWNTIME_STEPS}",
-            vm.name
-        ));
-    }
-    crate::disk::check_vm_config(vm)
-}
 
 /// QEMU's largest `downtime-limit` (2000 s): setting it makes QEMU switch over at its next check.
 const QEMU_MAX_DOWNTIME_MS: u64 = 2_000_000;
@@ -101,7 +45,7 @@ const THROTTLE_MAX: u8 = 99;
 /// Steps of the downtime ladder unless the VM's configuration says otherwise.
 const DEFAULT_DOWNTIME_STEPS: u32 = 3;
 /// More steps than this would start below a millisecond for any sensible target.
-const MAX_DOWNTIME_STEPS: u32 = 10;
+pub(super) const MAX_DOWNTIME_STEPS: u32 = 10;
 
 /// The ladder's steps for an order allowing `max_rounds`: it reaches the target by the order's
 /// last round at the latest, so non-convergence is judged against the target, never a step.
@@ -123,52 +67,6 @@ fn downtime_step(target: u64, steps: u32, rounds: u64) -> u64 {
     let halvings = u64::from(steps).saturating_sub(rounds);
     (target >> halvings.min(63)).max(1).min(target)
 }
-
-/// The QMP socket of `vm` when this agent hosts it with the QEMU backend.
-pub fn qemu_vm(config: &Config, vm: &str) -> Option<PathBuf> {
-    config
-        .vms
-        .iter()
-        .find(|v| v.name == vm && v.backend == "qemu")
-        .and_then(|v| v.qmp.clone())
-}
-
-fn qmp_err(e: QmpError) -> AgentError {
-    AgentError::Migration(format!("QEMU: {e}"))
-}
-
-fn proto(e: impl Into<ProtoError>) -> AgentError {
-    AgentError::Protocol(e.into())
-}
-
-/// A private directory in the agent's home for the unix sockets QEMU talks to.
-fn socket_dir(ctx: &Ctx) -> Result<PathBuf, AgentError> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = ctx.home.root().join("qemu");
-    std::fs::create_dir_all(&dir).map_err(AgentError::io(&dir))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(AgentError::io(&dir))?;
-    Ok(dir)
-}
-
-fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<PathBuf, AgentError> {
-    let p = dir.join(format!("{role}-{}.sock", &hex(order_id)[..16]));
-    if p.as_os_str().len() > 107 {
-        return Err(AgentError::Migration(format!(
-            "unix socket path {} is too long (107 bytes at most): use a shorter agent home",
-            p.display()
-        )));
-    }
-    let _ = std::fs::remove_file(&p);
-    Ok(p)
-}
-
-fn stream_secret(est: &Established, dir: Direction) -> TrafficSecret {
-    est.keys.stream_secret(dir, 0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Source.
 
 /// Run the migration of a QEMU VM as its source (called by `source::migrate` for `qemu` VMs).
 /// The error's string says where the VM runs now.
@@ -252,9 +150,10 @@ pub async fn migrate_source(
         }
         Err(e) => {
             // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
+            let in_doubt = InDoubt::of(&order);
             let settlement = match run.outcome {
                 Outcome::RollBack => None,
-                Outcome::Committed => Some(settle(ctx, &order).await),
+                Outcome::Committed => Some(settle::ask(ctx, &in_doubt).await),
             };
             let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
@@ -264,6 +163,10 @@ pub async fn migrate_source(
                     None => back,
                 }
             } else {
+                if let Some(Settlement::InDoubt(_)) = settlement {
+                    // QEMU holds the stopped VM until the destination answers (settle.rs).
+                    settle::keep_asking(ctx.clone(), in_doubt, true);
+                }
                 settlement.map(|s| s.vm_state()).unwrap_or_default()
             };
             note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)), rolled_back);
@@ -686,374 +589,9 @@ fn round_progress(m: &MigrationInfo) -> Progress {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Destination.
-
-/// Receive a QEMU migration (called by `dest` for `TransferMode::HypervisorStream`). `sid_slot`
-/// is set to the registered session id so the caller can unregister it. On any error before
-/// `Commit` the destination QEMU is never resumed; it is discarded with `quit`.
-pub async fn receive(
-    ctx: Arc<Ctx>,
-    est: Established,
-    rd: &mut ReadHalf<ServerTls>,
-    wr: &mut WriteHalf<ServerTls>,
-    vm: &str,
-    sid_slot: &mut Option<[u8; 16]>,
-) -> Result<(), AgentError> {
-    // Register first: the source opens its data stream right after the handshake.
-    let sid = est.keys.session_id();
-    let (conn_tx, conn_rx) = mpsc::channel::<DataConn>(4);
-    ctx.sessions
-        .lock()
-        .expect("sessions lock")
-        .insert(sid, conn_tx);
-    *sid_slot = Some(sid);
-    let Some(qmp_path) = qemu_vm(&ctx.config, vm) else {
-        return Err(AgentError::Migration(format!(
-            "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
-        )));
-    };
-    let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout())
-        .await
-        .map_err(qmp_err)?;
-    let mut d = DestRun {
-        ctx: ctx.clone(),
-        vm: vm.to_string(),
-        committed: false,
-        fed: false,
-        tasks: Vec::new(),
-        disk_files: Vec::new(),
-    };
-    let r = d.go(est, rd, wr, &mut qmp, conn_rx).await;
-    for t in d.tasks.drain(..) {
-        t.abort();
-    }
-    if r.is_err() && d.fed && !d.committed {
-        // Discard: this QEMU holds (part of) a VM that must not run here.
-        match qmp.quit().await {
-            Ok(()) => warn!(
-                vm,
-                "destination QEMU discarded (quit); it was never resumed"
-            ),
-            Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
-        }
-    }
-    if r.is_err() && !d.committed {
-        crate::disk::discard(&d.disk_files);
-    }
-    r
-}
-
-struct DestRun {
-    ctx: Arc<Ctx>,
-    vm: String,
-    committed: bool,
-    /// `migrate-incoming` ran: QEMU holds (part of) the incoming VM.
-    fed: bool,
-    tasks: Vec<JoinHandle<()>>,
-    /// Received disk files (removed if the migration fails before `Commit`).
-    disk_files: Vec<PathBuf>,
-}
-
-impl DestRun {
-    #[allow(clippy::too_many_lines)]
-    async fn go(
-        &mut self,
-        est: Established,
-        rd: &mut ReadHalf<ServerTls>,
-        wr: &mut WriteHalf<ServerTls>,
-        qmp: &mut Qmp,
-        mut conns: mpsc::Receiver<DataConn>,
-    ) -> Result<(), AgentError> {
-        let ctx = self.ctx.clone();
-        let timeout = ctx.step_timeout();
-        let status = qmp.query_status().await.map_err(qmp_err)?;
-        if status.status != "inmigrate" {
-            return Err(AgentError::Migration(format!(
-                "destination QEMU for {:?} is in state {:?}, not waiting for a migration: start it with `-incoming defer -S` (see `trustmig qemu`)",
-                self.vm, status.status
-            )));
-        }
-        if est.streams != 1 {
-            return Err(AgentError::Migration(format!(
-                "hypervisor-stream mode uses one data stream, source announced {}",
-                est.streams
-            )));
-        }
-        let order_id = *est.order.id();
-        let sid = est.keys.session_id();
-
-        // The data stream: the first connection whose StreamInit authenticates.
-        let mut opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut data = loop {
-            let (i, mut sock) = tokio::time::timeout_at(deadline, conns.recv())
-                .await
-                .map_err(|_| {
-                    AgentError::Migration("the source opened no data stream in time".into())
-                })?
-                .ok_or_else(|| AgentError::Migration("session closed".into()))?;
-            if i != 0 {
-                warn!(stream = i, "surplus data connection dropped");
-                continue;
-            }
-            sock.set_nodelay(true).ok();
-            let mut buf = Vec::new();
-            let ok = match tokio::time::timeout(timeout, read_record(&mut sock, &mut buf)).await {
-                Ok(Ok(true)) => {
-                    matches!(opener.open(&mut buf), Ok((RecordType::StreamInit, p)) if p == [&sid[..], &0u16.to_be_bytes()].concat())
-                }
-                _ => false,
-            };
-            if ok {
-                break sock;
-            }
-            // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1). The
-            // opener may be poisoned by the forgery: start a fresh one for the next try.
-            warn!("data connection failed StreamInit; dropped");
-            opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
-        };
-        let sealer = Sealer::new(stream_secret(&est, Direction::DestinationToSource), 0);
-
-        // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
-        // arrives; attached to QEMU only once every disk verified, before QEMU loads anything.
-        if !est.manifest.disks.is_empty() {
-            let vm_cfg = ctx.config.vms.iter().find(|v| v.name == self.vm);
-            let targets = crate::disk::plan(&est.manifest, vm_cfg)?;
-            self.disk_files = targets
-                .iter()
-                .flat_map(|t| t.files().map(Path::to_path_buf))
-                .collect();
-            let n = crate::disk::receive_disks(
-                &mut data,
-                &mut opener,
-                &est.manifest,
-                &targets,
-                timeout,
-            )
-            .await?;
-            info!(order = %hex(&order_id), bytes = n, disks = targets.len(), "disks received and verified");
-            self.fed = true;
-            crate::disk::attach(qmp, &targets).await?;
-        }
-
-        // QEMU listens on a socket in our home; we feed it.
-        let dir = socket_dir(&ctx)?;
-        let path = socket_path(&dir, "in", &order_id)?;
-        self.fed = true;
-        // `events`: the load's completion wakes `wait_loaded` at once.
-        qmp.migrate_set_capabilities(&[("events", true)])
-            .await
-            .map_err(qmp_err)?;
-        qmp.migrate_incoming(&format!("unix:{}", path.display()))
-            .await
-            .map_err(qmp_err)?;
-        let qemu_sock = {
-            let until = Instant::now() + timeout;
-            loop {
-                match UnixStream::connect(&path).await {
-                    Ok(s) => break s,
-                    Err(e) if Instant::now() > until => {
-                        return Err(AgentError::Migration(format!(
-                            "destination QEMU does not listen on {}: {e}",
-                            path.display()
-                        )))
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
-        };
-        let _ = std::fs::remove_file(&path);
-        let (qemu_rd, qemu_wr) = qemu_sock.into_split();
-        let (data_rd, data_wr) = data.into_split();
-        let (fwd_tx, mut fwd_rx) = mpsc::channel::<Result<Received, AgentError>>(1);
-        self.tasks.push(tokio::spawn(async move {
-            let _ = fwd_tx
-                .send(open_pump(data_rd, qemu_wr, opener, "data stream 0").await)
-                .await;
-        }));
-        self.tasks.push(tokio::spawn(async move {
-            if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, "return path").await {
-                warn!("{e}");
-            }
-        }));
-        info!(order = %hex(&order_id), vm = %self.vm, "feeding the destination QEMU");
-
-        let Established {
-            channel,
-            transcript_hash,
-            ..
-        } = est;
-        let mut dm = DestMigration::new(channel, order_id);
-        let mut received: Option<Received> = None;
-        let mut awaiting: Option<Vec<u64>> = None;
-        let mut frames = Frames::default();
-        loop {
-            tokio::select! {
-                msg = frames.next(rd) => {
-                    let msg = msg.map_err(|e| AgentError::Migration(format!("control channel: {e}")))?;
-                    let ev = dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)?;
-                    match ev {
-                        DestEvent::None => {}
-                        DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
-                        DestEvent::Send(m) => send(&ctx, wr, &m).await?,
-                        DestEvent::Resume => return self.resume(&mut dm, wr, qmp, &order_id).await,
-                    }
-                }
-                Some(r) = fwd_rx.recv(), if received.is_none() => {
-                    received = Some(r?);
-                    debug!("QEMU stream opened to its end and written to QEMU");
-                }
-            }
-            if let (Some(counts), Some(got)) = (&awaiting, &received) {
-                // Everything arrived; QEMU must also have loaded it without complaint.
-                wait_loaded(qmp, timeout).await?;
-                debug!("destination QEMU loaded the stream");
-                let computed = got.digest.clone().finish(&transcript_hash);
-                if counts.len() != 1 {
-                    return Err(proto(PeerMisbehaved::BadField(format!(
-                        "source announced {} streams, hypervisor-stream mode has 1",
-                        counts.len()
-                    ))));
-                }
-                let m = dm
-                    .streams_complete(&[got.records], computed, crate::random())
-                    .map_err(proto)?;
-                send(&ctx, wr, &m).await?;
-                awaiting = None;
-            }
-        }
-    }
-
-    /// `Commit` arrived: journal it, `cont` the destination QEMU, confirm.
-    async fn resume(
-        &mut self,
-        dm: &mut DestMigration,
-        wr: &mut WriteHalf<ServerTls>,
-        qmp: &mut Qmp,
-        id: &[u8; 16],
-    ) -> Result<(), AgentError> {
-        let ctx = self.ctx.clone();
-        ctx.journal.lock().expect("journal lock").commit(id)?;
-        self.committed = true;
-        debug!("commit journalled");
-        qmp.cont().await.map_err(qmp_err)?;
-        let st = qmp.query_status().await.map_err(qmp_err)?;
-        if !st.running {
-            return Err(AgentError::Migration(format!(
-                "destination QEMU did not start after cont (state {:?})",
-                st.status
-            )));
-        }
-        let m = dm.resumed().map_err(proto)?;
-        send(&ctx, wr, &m).await?;
-        ctx.journal
-            .lock()
-            .expect("journal lock")
-            .set(id, State::Done, "resumed here")?;
-        info!(order = %hex(id), vm = %self.vm, "QEMU VM resumed on this host");
-        ctx.remember(history_entry("destination", None, None, &hex(id), &self.vm));
-        Ok(())
-    }
-}
-
-/// Control frames read in a cancel-safe way (`read_frame` is not: inside `select!` a cancelled
-/// read would lose a partial frame). The only await is one `read`, which either delivers bytes
-/// into `buf` or none.
-#[derive(Default)]
-struct Frames {
-    buf: Vec<u8>,
-}
-
-impl Frames {
-    async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Vec<u8>, WireError> {
-        loop {
-            if let Some(h) = self.buf.get(..FRAME_HEADER) {
-                let n = frame_len(h.try_into().expect("FRAME_HEADER bytes"))?;
-                if self.buf.len() >= FRAME_HEADER + n {
-                    let body = self.buf[FRAME_HEADER..FRAME_HEADER + n].to_vec();
-                    self.buf.drain(..FRAME_HEADER + n);
-                    return Ok(body);
-                }
-            }
-            let mut tmp = [0u8; 16 << 10];
-            let k = rd.read(&mut tmp).await?;
-            if k == 0 {
-                return Err(WireError::Closed);
-            }
-            self.buf.extend_from_slice(&tmp[..k]);
-        }
-    }
-}
-
-async fn send(ctx: &Ctx, wr: &mut WriteHalf<ServerTls>, m: &[u8]) -> Result<(), AgentError> {
-    tokio::time::timeout(ctx.step_timeout(), write_frame(wr, m))
-        .await
-        .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
-        .map_err(|e| AgentError::Migration(format!("control channel: {e}")))
-}
-
-/// Wait until the destination QEMU reports the incoming migration `completed`.
-async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError> {
-    let until = Instant::now() + timeout;
-    loop {
-        let m = qmp.query_migrate().await.map_err(qmp_err)?;
-        match m.status() {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
-                return Err(AgentError::Migration(format!(
-                    "destination QEMU failed to load the stream: {}",
-                    m.error_desc.as_deref().unwrap_or("no reason given")
-                )))
-            }
-            s if Instant::now() > until => {
-                return Err(AgentError::Migration(format!(
-                    "destination QEMU did not finish loading in time (status {s})"
-                )))
-            }
-            _ => {
-                // Woken by the next event (a MIGRATION event with the events capability), or
-                // after 20 ms at the latest.
-                qmp.next_event(Duration::from_millis(20))
-                    .await
-                    .map_err(qmp_err)?;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn frames_survive_split_and_cancelled_reads() {
-        let mut wire = Vec::new();
-        for body in [&b"first"[..], &b""[..], &[7u8; 40_000][..]] {
-            wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
-            wire.extend_from_slice(body);
-        }
-        let (mut w, mut r) = tokio::io::duplex(64);
-        let feed = tokio::spawn(async move {
-            for c in wire.chunks(997) {
-                w.write_all(c).await.expect("write");
-                tokio::time::sleep(Duration::from_micros(50)).await;
-            }
-        });
-        let mut f = Frames::default();
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            // Cancel the read often, as a select! would.
-            if let Ok(r) = tokio::time::timeout(Duration::from_micros(30), f.next(&mut r)).await {
-                got.push(r.expect("frame"));
-            }
-        }
-        feed.await.expect("feed");
-        assert_eq!(got[0], b"first");
-        assert!(got[1].is_empty());
-        assert_eq!(got[2], vec![7u8; 40_000]);
-        assert!(matches!(f.next(&mut r).await, Err(WireError::Closed)));
-    }
 
     #[test]
     fn downtime_ladder_climbs_to_the_target_and_never_past_it() {
@@ -1067,38 +605,5 @@ mod tests {
             downtime_step(u64::from(u32::MAX), 10, 10),
             u64::from(u32::MAX)
         );
-    }
-
-    #[test]
-    fn config_validation_names_the_problem() {
-        let vm = |qmp: Option<&str>| VmConfig {
-            name: "q".into(),
-            backend: "qemu".into(),
-            size_mib: 1,
-            dirty_pages_per_sec: 0,
-            hot_fraction: 0.1,
-            fill_fraction: 0.5,
-            seed: 0,
-            qmp: qmp.map(PathBuf::from),
-            disk_dir: None,
-            downtime_steps: None,
-            disks: vec![],
-        };
-        assert!(check_vm_config(&vm(Some("/run/q.sock"))).is_ok());
-        assert!(check_vm_config(&vm(Some("q.sock")))
-            .unwrap_err()
-            .contains("absolute"));
-        assert!(check_vm_config(&vm(None)).unwrap_err().contains("qmp"));
-        let long = format!("/{}", "x".repeat(200));
-        assert!(check_vm_config(&vm(Some(&long)))
-            .unwrap_err()
-            .contains("longer"));
-        let mut steep = vm(Some("/run/q.sock"));
-        steep.downtime_steps = Some(MAX_DOWNTIME_STEPS + 1);
-        assert!(check_vm_config(&steep)
-            .unwrap_err()
-            .contains("downtime_steps must be at most 10"));
-        steep.downtime_steps = Some(MAX_DOWNTIME_STEPS);
-        assert!(check_vm_config(&steep).is_ok());
     }
 }

@@ -1,0 +1,213 @@
+//! Settling a migration whose source journalled COMMIT but never saw `Resumed` (SPEC.md §8.8
+//! rule 3): ask the destination, on a fresh control connection, whether it committed, and keep
+//! asking until it answers. Until then the VM stays stopped here: only the destination's "not
+//! committed" may give it back, or two copies could run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use trustmig_protocol::messages::Message;
+use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
+use trustmig_protocol::AgentId;
+
+use crate::channel::SourceChannel;
+use crate::daemon::Ctx;
+use crate::error::AgentError;
+use crate::guest::SyntheticGuest;
+use crate::journal::State;
+use crate::qmp::Qmp;
+
+/// First pause between unanswered settlement queries; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest pause between unanswered settlement queries: a destination back from an outage
+/// learns within a minute that its source waits, and an unreachable one costs one dial a minute.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Debug builds only: the first N settlement queries of this process go unanswered (tests of
+/// the retry, SPEC.md §8.8).
+pub const TEST_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
+
+/// What a settlement query found out.
+#[derive(Debug)]
+pub enum Settlement {
+    /// The destination journalled COMMIT: the VM is its now. Journalled DONE here.
+    Moved,
+    /// The destination never committed and now never will: the source may resume the VM.
+    NotMoved,
+    /// No answer (destination unreachable, ...): the VM stays stopped here, in doubt.
+    InDoubt(String),
+}
+
+impl Settlement {
+    /// What this means for the VM, for the operator.
+    pub fn vm_state(&self) -> String {
+        match self {
+            Self::Moved => "moved: the destination confirmed it committed and owns the VM (settled after the session was lost)".into(),
+            Self::NotMoved => "settled: the destination never committed".into(),
+            Self::InDoubt(why) => format!("committed: the source keeps the VM stopped, in doubt, and asks the destination again until it answers (settlement query failed: {why})"),
+        }
+    }
+}
+
+/// A source-side order at COMMIT whose outcome only its destination knows.
+#[derive(Clone, Debug)]
+pub struct InDoubt {
+    /// The order.
+    pub id: OrderId,
+    /// Its VM.
+    pub vm: String,
+    /// The destination's identity.
+    pub destination: AgentId,
+    /// The destination's address.
+    pub addr: String,
+}
+
+impl InDoubt {
+    /// The order as its source knows it.
+    pub fn of(order: &VerifiedOrder) -> Self {
+        let body = order.body();
+        Self {
+            id: *order.id(),
+            vm: body.vm.clone(),
+            destination: body.destination,
+            addr: body.destination_addr.clone(),
+        }
+    }
+}
+
+/// Ask the destination once; journal DONE when it committed.
+pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
+    match query(ctx, p).await {
+        Ok(true) => {
+            let _ = ctx.journal.lock().expect("journal lock").set(
+                &p.id,
+                State::Done,
+                "settled: the destination committed",
+            );
+            Settlement::Moved
+        }
+        Ok(false) => Settlement::NotMoved,
+        Err(e) => Settlement::InDoubt(e.to_string()),
+    }
+}
+
+async fn query(ctx: &Arc<Ctx>, p: &InDoubt) -> Result<bool, AgentError> {
+    #[cfg(debug_assertions)]
+    if test_unanswered() {
+        return Err(AgentError::Migration(
+            "test hook: the settlement query went unanswered".into(),
+        ));
+    }
+    let mut chan = SourceChannel::connect_to(ctx, &p.addr, p.destination).await?;
+    chan.send(&Message::SettleQuery { order_id: p.id }.encode())
+        .await?;
+    let reply = chan.recv().await?;
+    match Message::decode(&reply) {
+        Ok(Message::SettleAnswer {
+            order_id,
+            committed,
+        }) if order_id == p.id => Ok(committed),
+        Ok(m) => Err(AgentError::Migration(format!(
+            "destination answered the settlement query with {}",
+            m.name()
+        ))),
+        Err(e) => Err(AgentError::Migration(format!(
+            "destination's settlement answer: {e}"
+        ))),
+    }
+}
+
+/// Whether this query is one of the first N that the test hook leaves unanswered.
+#[cfg(debug_assertions)]
+fn test_unanswered() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static ASKED: AtomicU64 = AtomicU64::new(0);
+    let n: u64 = std::env::var(TEST_UNANSWERED_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ASKED.fetch_add(1, Ordering::SeqCst) < n
+}
+
+/// Keep asking about `p` in the background (at once, or first after a pause when the caller
+/// just asked), pausing [`RETRY_FIRST`] doubling to [`RETRY_MAX`] between unanswered queries,
+/// until the destination answers; then act on the answer. The order stays at COMMIT in the
+/// journal meanwhile, so a restart asks again.
+pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
+    tokio::spawn(async move {
+        let mut pause = RETRY_FIRST;
+        if asked_already {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        loop {
+            match ask(&ctx, &p).await {
+                Settlement::Moved => {
+                    ctx.parked.lock().expect("parked lock").remove(&p.vm);
+                    info!(order = %hex(&p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
+                    return;
+                }
+                Settlement::NotMoved => {
+                    let note = "settled: the destination never committed";
+                    let journalled = ctx.journal.lock().expect("journal lock").set(
+                        &p.id,
+                        State::RolledBack,
+                        note,
+                    );
+                    match journalled {
+                        Ok(()) => {
+                            let vm_state = resume_here(&ctx, &p.vm).await;
+                            warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
+                        }
+                        // Without the record a restart would ask again: keep the VM stopped.
+                        Err(e) => {
+                            warn!(order = %hex(&p.id), vm = %p.vm, "{note}, but the journal refused the record ({e}); the VM stays stopped")
+                        }
+                    }
+                    return;
+                }
+                Settlement::InDoubt(why) => {
+                    warn!(order = %hex(&p.id), vm = %p.vm, "still in doubt, the VM stays stopped; asking again in {pause:?}: {why}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    });
+}
+
+/// Run `vm` on this host again after the destination said it never had it: a QEMU VM with
+/// `cont`; a synthetic guest parked at the lost session as it was, or anew after a restart
+/// (its memory lived in the process).
+async fn resume_here(ctx: &Arc<Ctx>, vm: &str) -> String {
+    if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
+        return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
+            Ok(mut qmp) => match qmp.query_status().await {
+                Ok(st) if st.running => "its QEMU runs".into(),
+                Ok(_) => match qmp.cont().await {
+                    Ok(()) => "its QEMU runs again (cont)".into(),
+                    Err(e) => format!("`cont` failed: {e}; resume it by hand"),
+                },
+                Err(e) => format!("QEMU did not answer: {e}; resume it by hand"),
+            },
+            Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
+        };
+    }
+    let parked = ctx.parked.lock().expect("parked lock").remove(vm);
+    let (mut g, how) = match parked {
+        Some(g) => (g, "the VM runs on the source again, its memory untouched"),
+        None => match ctx.config.vms.iter().find(|v| v.name == vm) {
+            Some(v) => (
+                SyntheticGuest::new(v),
+                "the synthetic guest starts again here (its memory did not survive the restart)",
+            ),
+            None => return "no such VM is configured here any more".into(),
+        },
+    };
+    use trustmig_protocol::precopy::GuestMemory;
+    g.set_throttle(0);
+    g.resume();
+    ctx.vms.lock().expect("vms lock").insert(vm.to_string(), g);
+    how.into()
+}
