@@ -3,6 +3,7 @@
 #   plain     QEMU -> unix socket -> QEMU
 #   socat     QEMU -> unix -> socat -> TCP -> socat -> unix -> QEMU (the floor any sidecar pays)
 #   qemu-tls  QEMU native TLS (tls-creds-x509, certificates made with openssl here)
+#   qemu-tls-ladder  the same, with trustmig's downtime ladder driven from this script over QMP
 #   trustmig  QEMU -> source agent -> sealed records (TLS 1.3 control, TPM-attested) -> destination agent -> QEMU
 # The guest is tests/guest (built here with gcc); its data area fills the guest's memory so
 # pages are real data, not zero pages. The destination preallocates its memory (-mem-prealloc).
@@ -63,21 +64,25 @@ start_vm() {
 wait_ready() { for _ in $(seq 1200); do grep -q READY "$W/src.serial" 2>/dev/null && return; sleep 0.1; done; echo "guest not ready" >&2; exit 1; }
 stop_vms() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); rm -f "$W"/*.qmp "$W"/*.sock "$W"/*.serial; }
 
-PARAMS='{"execute":"migrate-set-parameters","arguments":{"downtime-limit":'$DOWNTIME',"max-bandwidth":1099511627776}}'
+params() { echo '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":'"$1"',"max-bandwidth":1099511627776}}'; }
+# The downtime ladder as trustmig's source agent runs it (agent/src/sidecar/source.rs,
+# `downtime_step` with 3 steps): the target halved 3 - rounds times, rounds = dirty syncs - 1.
+ladder_step() { local h=$((3 - ($1 > 0 ? $1 - 1 : 0))); [ $h -lt 0 ] && h=0; local v=$((DOWNTIME >> h)); echo $((v < 1 ? 1 : v)); }
 # run_native MODE: migrate with QEMU's own transport; prints "total_ms downtime_ms bytes"
 run_native() {
-    local mode=$1 src_uri dst_uri tls=()
-    case $mode in
+    local mode=$1 base=${1%-ladder} src_uri dst_uri tls=() limit=$DOWNTIME
+    [ "$mode" != "$base" ] && limit=$(ladder_step 0)
+    case $base in
         plain) dst_uri="unix:$W/dst.sock"; src_uri=$dst_uri ;;
         socat) dst_uri="unix:$W/dst.sock"; src_uri="unix:$W/hop1.sock" ;;
         qemu-tls) dst_uri="tcp:127.0.0.1:$PORT"; src_uri=$dst_uri
             tls=(-object "tls-creds-x509,id=tls0,dir=$W/pki,endpoint=server,verify-peer=on") ;;
     esac
-    start_vm src $( [ "$mode" = qemu-tls ] && echo "-object tls-creds-x509,id=tls0,dir=$W/pki,endpoint=client" )
+    start_vm src $( [ "$base" = qemu-tls ] && echo "-object tls-creds-x509,id=tls0,dir=$W/pki,endpoint=client" )
     start_vm dst -mem-prealloc -incoming defer -S "${tls[@]}"
     wait_ready
     local extra_s='{"execute":"query-status"}' extra_d='{"execute":"query-status"}'
-    if [ "$mode" = qemu-tls ]; then
+    if [ "$base" = qemu-tls ]; then
         extra_s='{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0","tls-hostname":"localhost"}}'
         extra_d='{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}'
     fi
@@ -88,7 +93,7 @@ run_native() {
         socat -b 262144 "UNIX-LISTEN:$W/hop1.sock" "TCP:127.0.0.1:$PORT,retry=50,interval=0.1" & PIDS+=($!)
         for _ in $(seq 100); do [ -S "$W/hop1.sock" ] && break; sleep 0.05; done
     fi
-    qmp "$W/src.qmp" "$PARAMS" "$extra_s" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$src_uri\"}}" >/dev/null
+    qmp "$W/src.qmp" "$(params "$limit")" "$extra_s" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$src_uri\"}}" >/dev/null
     local info status deadline=$((SECONDS + 300))
     while true; do
         if [ $SECONDS -gt $deadline ]; then
@@ -96,8 +101,12 @@ run_native() {
             exit 1
         fi
         info=$(qmp "$W/src.qmp" '{"execute":"query-migrate"}')
-        status=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("status"))' "$info")
+        read -r status sync < <(python3 -c 'import json,sys; i=json.loads(sys.argv[1]); print(i.get("status"), i.get("ram", {}).get("dirty-sync-count", 0))' "$info")
         case $status in completed) break ;; failed|cancelled) echo "$mode migration $status: $info" >&2; exit 1 ;; esac
+        if [ "$mode" != "$base" ] && [ "$status" = active ] && [ "$(ladder_step "$sync")" != "$limit" ]; then
+            limit=$(ladder_step "$sync")
+            qmp "$W/src.qmp" "$(params "$limit")" >/dev/null
+        fi
         sleep 0.05
     done
     qmp "$W/dst.qmp" '{"execute":"cont"}' >/dev/null
@@ -123,7 +132,7 @@ cargo test --release -q -p trustmig-agent --test qemu --no-run 2>/dev/null
 
 rows=()
 for run in $(seq "$RUNS"); do
-    for mode in plain socat qemu-tls; do
+    for mode in plain socat qemu-tls qemu-tls-ladder; do
         echo "run $run: $mode ..." >&2
         rows+=("$mode $(run_native $mode)")
     done
@@ -144,19 +153,19 @@ printf '\nQEMU %s, TCG, %d MiB guest with a %d MiB data area dirtying %d pages/t
 printf '%s\n' "${rows[@]}" | python3 -c '
 import statistics, sys
 rows = [l.split() for l in sys.stdin if l.strip()]
-print("%-13s %4s %10s %12s %12s %10s %14s" % ("mode", "run", "total_ms", "downtime_ms", "MiB_sent", "MB/s", "e2e_downtime"))
+print("%-15s %4s %10s %12s %12s %10s %14s" % ("mode", "run", "total_ms", "downtime_ms", "MiB_sent", "MB/s", "e2e_downtime"))
 med = {}
-for mode in ("plain", "socat", "qemu-tls", "trustmig", "trustmig-flat"):
+for mode in ("plain", "socat", "qemu-tls", "qemu-tls-ladder", "trustmig", "trustmig-flat"):
     runs = [(int(t), int(qd), int(b), int(d)) for m, t, d, b, qd in rows if m == mode]
     for i, (t, qd, b, d) in enumerate(runs, 1):
         e2e = str(d) if mode.startswith("trustmig") else "-"
-        print("%-13s %4d %10d %12d %12.0f %10.0f %14s" % (mode, i, t, qd, b / 2**20, b / (t * 1000), e2e))
+        print("%-15s %4d %10d %12d %12.0f %10.0f %14s" % (mode, i, t, qd, b / 2**20, b / (t * 1000), e2e))
     med[mode] = (statistics.median(b / (t * 1000) for t, _, b, _ in runs),
                  statistics.median(qd for _, qd, _, _ in runs),
                  statistics.median(d for _, _, _, d in runs))
 print()
 print("medians: " + ", ".join("%s %.0f MB/s %d ms" % (m, v[0], v[1]) for m, v in med.items()))
-tm, tf, tls, so = med["trustmig"], med["trustmig-flat"], med["qemu-tls"], med["socat"]
+tm, tf, tls, tll, so = med["trustmig"], med["trustmig-flat"], med["qemu-tls"], med["qemu-tls-ladder"], med["socat"]
 print("trustmig vs QEMU TLS: %.2fx throughput (target >= 1.5x)" % (tm[0] / tls[0]))
 print("trustmig vs socat relay: %.2fx throughput (target >= 0.8x)" % (tm[0] / so[0]))
 print("downtime: trustmig %d ms by QEMU (%d ms end to end: pause to resumed, attestation and cont included)"
@@ -164,8 +173,11 @@ print("downtime: trustmig %d ms by QEMU (%d ms end to end: pause to resumed, att
 print("          trustmig-flat %d ms by QEMU (%d ms end to end): like for like with the native modes (flat"
       " limit), QEMU stops the guest as soon as what is left fits in %d ms at the measured bandwidth"
       % (tf[1], tf[2], '$DOWNTIME'))
+print("          like for like with the ladder: trustmig %d ms vs QEMU TLS with the same ladder %d ms"
+      % (tm[1], tll[1]))
 '
 echo "(total_ms, bytes, downtime_ms: the source QEMU's query-migrate (stop to the end of sending);"
 echo " e2e_downtime: trustmig from the STOP event to the destination's Resumed;"
 echo " trustmig raises QEMU's downtime-limit from target/8 to the target over three rounds (spec/qemu.md §3),"
-echo " trustmig-flat sets the target from the start as the native modes do)"
+echo " trustmig-flat sets the target from the start as plain, socat and qemu-tls do;"
+echo " qemu-tls-ladder gets the same ladder from this script, which polls query-migrate every ~50 ms)"

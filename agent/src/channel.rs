@@ -223,6 +223,20 @@ impl SourceChannel {
                             "test hook: session lost after COMMIT was journalled, before Commit was sent".into(),
                         ));
                     }
+                    #[cfg(debug_assertions)]
+                    if std::env::var_os(TEST_SETTLE_BEFORE_COMMIT_ENV).is_some() {
+                        let asked = self
+                            .ctx
+                            .journal
+                            .lock()
+                            .expect("journal lock")
+                            .record(order_id)
+                            .and_then(crate::settle::InDoubt::from_record);
+                        if let Some(p) = asked {
+                            let s = crate::settle::ask(&self.ctx, &p).await;
+                            debug!("test hook: settlement before Commit: {}", s.vm_state());
+                        }
+                    }
                     let c = sm.commit().map_err(AgentError::Protocol)?;
                     self.send(&c).await?;
                     let _ = progress.send(Progress::Committed).await;
@@ -239,6 +253,9 @@ impl SourceChannel {
 /// Debug builds only: a source that journals COMMIT then loses the session before `Commit`
 /// leaves (tests of settlement, SPEC.md §8.8).
 pub const TEST_LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
+/// Debug builds only: a source that, after journalling COMMIT, asks the destination for a
+/// settlement first and sends `Commit` after the answer, as a late `Commit` would arrive.
+pub const TEST_SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
 /// Debug builds only: a source that exits (as in a crash) right after journalling COMMIT.
 pub const TEST_CRASH_AFTER_COMMIT_ENV: &str = "TRUSTMIG_TEST_CRASH_AFTER_COMMIT";
 /// Debug builds only: a destination that commits and resumes, then fails before `Resumed`.

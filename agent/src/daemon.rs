@@ -91,19 +91,9 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
         let source = r.role == trustmig_protocol::order::Role::Source;
         // A source at COMMIT that knows its destination asks it once the agent is up.
         if source && r.state == State::Committed {
-            let dest = r
-                .peer
-                .as_deref()
-                .and_then(|p| hex::decode(p).ok())
-                .and_then(|v| <[u8; 32]>::try_from(v).ok());
-            if let (Some(destination), Some(addr)) = (dest, r.peer_addr.clone()) {
+            if let Some(p) = InDoubt::from_record(&r) {
                 warn!(order = %r.order_id, vm = %r.vm, "committed before restart: asking the destination what became of the VM");
-                ask.push(InDoubt {
-                    id,
-                    vm: r.vm.clone(),
-                    destination,
-                    addr,
-                });
+                ask.push(p);
                 continue;
             }
         }

@@ -297,6 +297,11 @@ impl Journal {
         .map_err(|e| OrderError::Journal(e.to_string()))
     }
 
+    /// The latest record of `order_id`.
+    pub fn record(&self, order_id: &OrderId) -> Option<&Record> {
+        self.latest.get(&hex(order_id))
+    }
+
     /// Latest record per order, newest first.
     pub fn records(&self) -> Vec<Record> {
         let mut v: Vec<Record> = self.latest.values().cloned().collect();

@@ -19,6 +19,16 @@ pub enum CmdlineError {
     /// An option that needs a value ends the command line.
     #[error("the source command line ends with {0}, which needs a value")]
     MissingValue(String),
+    /// A JSON-syntax value (`-device {...}`, `-blockdev {...}`) that is not a JSON object.
+    #[error("{option} {value}: not a JSON object ({reason})")]
+    BadJson {
+        /// The option.
+        option: String,
+        /// Its value.
+        value: String,
+        /// What the JSON parser said.
+        reason: String,
+    },
 }
 
 /// What was left out, for the operator to see.
@@ -192,16 +202,19 @@ fn transferred_options(
     pairs: &[(String, Option<String>)],
     transferred: &[PathBuf],
 ) -> Result<Vec<bool>, CmdlineError> {
-    let parsed: Vec<(String, Vec<(String, String)>)> = pairs
+    let block = |o: &str| BLOCK_OPTS.contains(&o);
+    let parsed = pairs
         .iter()
         .map(|(o, v)| {
-            (
-                canonical(o),
-                v.as_deref().map(parse_opts).unwrap_or_default(),
-            )
+            let name = canonical(o);
+            // Only these values are looked into (others may be anything, `-append {` too).
+            let kv = match v {
+                Some(v) if block(&name) || name == "-device" => parse_value(o, v)?,
+                _ => Vec::new(),
+            };
+            Ok((name, kv))
         })
-        .collect();
-    let block = |o: &str| BLOCK_OPTS.contains(&o);
+        .collect::<Result<Vec<_>, CmdlineError>>()?;
     // A -drive may carry both an id and a node-name; a device may refer to either.
     let own_names = |kv: &[(String, String)]| {
         ["id", "node-name"]
@@ -260,6 +273,44 @@ pub fn shell_line(args: &[String]) -> String {
         }
     };
     args.iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
+/// An option's value as key/value pairs: QEMU's JSON syntax when it starts with `{` (what
+/// libvirt writes for `-blockdev` and `-device`), nested objects flattened to dotted keys as
+/// QEMU does (`"file": {"filename": ...}` is `file.filename`); else the `key=value,...` syntax.
+fn parse_value(option: &str, value: &str) -> Result<Vec<(String, String)>, CmdlineError> {
+    if !value.trim_start().starts_with('{') {
+        return Ok(parse_opts(value));
+    }
+    let bad = |reason: String| CmdlineError::BadJson {
+        option: option.to_string(),
+        value: value.to_string(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(value).map_err(|e| bad(e.to_string()))?;
+    if !v.is_object() {
+        return Err(bad("a JSON value, but not an object".into()));
+    }
+    let mut out = Vec::new();
+    flatten("", &v, &mut out);
+    Ok(out)
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
 }
 
 /// QEMU's `key=value,...` option syntax (`,,` is a literal comma; an item without `=` has the
@@ -439,6 +490,49 @@ mod tests {
         assert_eq!(d.dropped, ["-drive file=/img/d.raw,id=d0"]);
     }
 
+    /// libvirt writes `-blockdev` and `-device` in QEMU's JSON syntax.
+    #[test]
+    fn json_syntax_drives_and_devices_are_understood() {
+        let src = args(&[
+            "-blockdev",
+            r#"{"driver":"file","filename":"/img/d0.raw","node-name":"libvirt-1-storage","read-only":true}"#,
+            "-blockdev",
+            r#"{"node-name":"libvirt-1-format","read-only":true,"driver":"raw","file":"libvirt-1-storage"}"#,
+            "-device",
+            r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"libvirt-1-format","id":"virtio-disk0"}"#,
+            // A format node with its protocol node inline.
+            "-blockdev",
+            r#"{"driver":"raw","node-name":"d1","file":{"driver":"file","filename":"/img/d1.raw"}}"#,
+            "-device",
+            r#"{"driver":"virtio-blk-pci","drive":"d1"}"#,
+            "-device",
+            r#"{"driver":"virtio-net-pci","id":"net0"}"#,
+        ]);
+        let d = destination_command(
+            "qemu",
+            &src,
+            Path::new("/q"),
+            &[PathBuf::from("/img/d0.raw"), PathBuf::from("/img/d1.raw")],
+        )
+        .expect("derived");
+        assert_eq!(
+            d.args.join(" "),
+            r#"qemu -device {"driver":"virtio-net-pci","id":"net0"} -qmp unix:/q,server=on,wait=off -incoming defer -S"#
+        );
+        assert_eq!(d.dropped.len(), 5, "{:?}", d.dropped);
+        let bad = args(&["-device", r#"{"driver":"virtio-blk-pci","#]);
+        let e = destination_command("qemu", &bad, Path::new("/q"), &[]).unwrap_err();
+        assert!(
+            matches!(&e, CmdlineError::BadJson { option, .. } if option == "-device"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(r#"-device {"driver":"virtio-blk-pci",: not a JSON object"#),
+            "{e}"
+        );
+    }
+
     #[test]
     fn the_printed_line_reads_back_in_a_shell() {
         let a = args(&[
@@ -463,7 +557,7 @@ mod tests {
         /// are ours alone.
         #[test]
         fn any_command_line_is_handled(
-            picks in proptest::collection::vec(0usize..12, 0..24),
+            picks in proptest::collection::vec(0usize..16, 0..24),
             transfer in proptest::prelude::any::<bool>(),
         ) {
             const PIECES: &[&str] = &[
@@ -471,6 +565,9 @@ mod tests {
                 "virtio-blk-pci,drive=d0", "--device", "virtio-blk-pci,drive=n0",
                 "-usb", "-qmp", "unix:/s,server=on", "-blockdev",
                 "driver=raw,node-name=f,file=n0", "-S",
+                r#"{"driver":"file","filename":"/img/d.raw","node-name":"j0"}"#,
+                r#"{"driver":"raw","node-name":"j1","file":{"filename":"/img/d.raw"}}"#,
+                r#"{"driver":"virtio-blk-pci","drive":"j1"}"#, r#"{"driver":"#,
             ];
             let src: Vec<String> = picks.iter().map(|&i| PIECES[i].to_string()).collect();
             let img = [PathBuf::from("/img/d.raw")];

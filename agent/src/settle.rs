@@ -15,7 +15,7 @@ use crate::channel::SourceChannel;
 use crate::daemon::Ctx;
 use crate::error::AgentError;
 use crate::guest::SyntheticGuest;
-use crate::journal::State;
+use crate::journal::{Record, State};
 use crate::qmp::Qmp;
 
 /// First pause between unanswered settlement queries; it doubles up to [`RETRY_MAX`].
@@ -64,6 +64,19 @@ pub struct InDoubt {
 }
 
 impl InDoubt {
+    /// A source's journal record, when it names the destination (records written before the
+    /// journal kept it do not).
+    pub fn from_record(r: &Record) -> Option<Self> {
+        let id = ::hex::decode(&r.order_id).ok()?.try_into().ok()?;
+        let destination = ::hex::decode(r.peer.as_deref()?).ok()?.try_into().ok()?;
+        Some(Self {
+            id,
+            vm: r.vm.clone(),
+            destination,
+            addr: r.peer_addr.clone()?,
+        })
+    }
+
     /// The order as its source knows it.
     pub fn of(order: &VerifiedOrder) -> Self {
         let body = order.body();

@@ -487,6 +487,39 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     );
 }
 
+/// SPEC.md §8.8: once a destination answered "not committed", a `Commit` that arrives after
+/// all (here: the source asks first, then sends it on its old session) is refused; the
+/// destination never resumes the VM and the source, asking again, runs it with its memory as
+/// it was.
+#[test]
+fn a_commit_after_a_not_committed_answer_is_refused() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((rt, pair)) = hooked_source(trustmig_agent::channel::TEST_SETTLE_BEFORE_COMMIT_ENV)
+    else {
+        return;
+    };
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(
+        e.contains("settled: the destination never committed"),
+        "{e}\n{}",
+        pair.log_tails(10)
+    );
+    assert_eq!(
+        assert_rolled_back(&rt, &pair, "v"),
+        before,
+        "memory untouched"
+    );
+    assert!(
+        pair.log_tails(40).contains("refusing to commit"),
+        "{}",
+        pair.log_tails(15)
+    );
+}
+
 /// Poll `home`'s agent until it runs `vm`; its checksum and whether it is paused.
 fn wait_for_vm(
     rt: &tokio::runtime::Runtime,
