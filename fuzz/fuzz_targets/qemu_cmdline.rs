@@ -1,0 +1,34 @@
+#![no_main]
+//! `trustmig qemu destination-command` over any command line: NUL-separated arguments, the
+//! first of which lists the transferred images (`:`-separated). A typed error or a command
+//! line that ends with our QMP socket and `-incoming defer -S`, never a panic.
+use std::path::{Path, PathBuf};
+
+use trustmig_agent::qemu_cmdline::{destination_command, shell_line};
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.split('\0');
+    let images: Vec<PathBuf> = parts
+        .next()
+        .unwrap_or_default()
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let args: Vec<String> = parts.map(str::to_string).collect();
+    match destination_command("qemu", &args, Path::new("/q"), &images) {
+        Ok(d) => {
+            let tail = [
+                "-qmp",
+                "unix:/q,server=on,wait=off",
+                "-incoming",
+                "defer",
+                "-S",
+            ];
+            assert!(d.args.ends_with(&tail.map(String::from)), "{:?}", d.args);
+            assert!(!shell_line(&d.args).is_empty());
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+});
