@@ -131,6 +131,10 @@ pub enum Reply {
         checksum: String,
         /// Whether the VM is paused.
         paused: bool,
+        /// Pages the guest wrote since it was created (its age, in writes: a guest created
+        /// anew has few, one that kept its memory has all it wrote before).
+        #[serde(default)]
+        writes: u64,
     },
     /// The request failed.
     Error(String),

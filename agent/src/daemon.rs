@@ -331,17 +331,17 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
             }
         }
         Request::Status => {
-            let vms: Vec<serde_json::Value> = ctx
-                .vms
-                .lock()
-                .expect("vms lock")
-                .values()
-                .map(|g| {
-                    serde_json::json!({
-                        "name": g.name(), "bytes": g.bytes(), "paused": g.is_paused(),
-                    })
+            let vm = |g: &SyntheticGuest, in_doubt: bool| {
+                serde_json::json!({
+                    "name": g.name(), "bytes": g.bytes(), "paused": g.is_paused(),
+                    "in_doubt": in_doubt,
                 })
+            };
+            let mut vms: Vec<serde_json::Value> = (ctx.vms.lock().expect("vms lock").values())
+                .map(|g| vm(g, false))
                 .collect();
+            // Stopped until their destination answers a settlement query (settle.rs).
+            vms.extend((ctx.parked.lock().expect("parked lock").values()).map(|g| vm(g, true)));
             let journal: Vec<_> = ctx
                 .journal
                 .lock()
@@ -365,6 +365,7 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
                 Some(g) => Reply::Checksum {
                     checksum: hex::encode(g.checksum()),
                     paused: g.is_paused(),
+                    writes: g.writes(),
                 },
                 None => Reply::Error(format!("no VM named {vm:?} runs on this agent")),
             };

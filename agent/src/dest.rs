@@ -237,6 +237,25 @@ impl Session {
                 self.vm
             )));
         }
+        // A VM this agent sent away and has not settled may run on its destination; another
+        // copy arriving now could make two (SPEC.md §8.8 rule 4).
+        let parked = ctx
+            .parked
+            .lock()
+            .expect("parked lock")
+            .contains_key(&self.vm);
+        if parked
+            || ctx
+                .journal
+                .lock()
+                .expect("journal lock")
+                .in_doubt_as_source(&self.vm)
+        {
+            return Err(AgentError::Migration(format!(
+                "VM {:?} left this host under an order still in doubt: refusing another copy until that is settled",
+                self.vm
+            )));
+        }
         let Established {
             keys,
             channel,

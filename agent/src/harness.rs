@@ -342,13 +342,22 @@ impl Pair {
 
     /// Checksum and paused flag of `vm` on the agent of `home`.
     pub async fn checksum(home: &Home, vm: &str) -> Result<(String, bool), AgentError> {
+        Self::vm_state(home, vm).await.map(|(c, p, _)| (c, p))
+    }
+
+    /// A hosted VM's checksum, whether it is paused, and how many pages it wrote in its life.
+    pub async fn vm_state(home: &Home, vm: &str) -> Result<(String, bool, u64), AgentError> {
         let mut out = Err(AgentError::Migration("no reply".into()));
         control::call(
             &home.control_socket(),
             &Request::VmChecksum { vm: vm.into() },
             |r| {
                 out = match r {
-                    Reply::Checksum { checksum, paused } => Ok((checksum, paused)),
+                    Reply::Checksum {
+                        checksum,
+                        paused,
+                        writes,
+                    } => Ok((checksum, paused, writes)),
                     Reply::Error(e) => Err(AgentError::Migration(e)),
                     other => Err(AgentError::Migration(format!("unexpected reply {other:?}"))),
                 }

@@ -59,6 +59,27 @@ pub struct Record {
     /// Source role: the destination's address (`host:port`), for the same query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
+    /// Source role, QEMU VMs: the VM was paused when the order claimed it, so a settlement
+    /// that gives it back leaves it paused (spec/qemu.md §4).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_before: bool,
+}
+
+impl Record {
+    fn new(order_id: String, role: Role, vm: &str, state: State, not_after: u64) -> Self {
+        Self {
+            order_id,
+            role,
+            vm: vm.into(),
+            state,
+            not_after,
+            at: crate::unix_now(),
+            note: String::new(),
+            peer: None,
+            peer_addr: None,
+            paused_before: false,
+        }
+    }
 }
 
 /// The journal.
@@ -85,7 +106,9 @@ impl Journal {
                 let torn_tail = i == lines.len() - 1 && !line.ends_with('\n');
                 match serde_json::from_str::<Record>(line.trim_end()) {
                     Ok(r) => {
-                        last_for_vm.insert(r.vm.clone(), r.clone());
+                        if moves_vm(latest.get(&r.order_id).map(|p: &Record| p.state), &r) {
+                            last_for_vm.insert(r.vm.clone(), r.clone());
+                        }
                         latest.insert(r.order_id.clone(), r);
                     }
                     // Crash mid-append: the caller never acted on it; cut it off below.
@@ -133,7 +156,9 @@ impl Journal {
             .write_all(&line)
             .map_err(AgentError::io(&self.path))?;
         self.file.sync_data().map_err(AgentError::io(&self.path))?;
-        self.last_for_vm.insert(r.vm.clone(), r.clone());
+        if moves_vm(self.latest.get(&r.order_id).map(|p| p.state), &r) {
+            self.last_for_vm.insert(r.vm.clone(), r.clone());
+        }
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
     }
@@ -203,8 +228,9 @@ impl Journal {
         if let Some(source) = self.latest.get(&key).and_then(|r| r.peer.as_deref()) {
             let mine = self.latest[&key].role == Role::Destination;
             if mine && source != hex(asker) {
+                // The asker learns no more than that it gets no answer (not who the source is).
                 return Err(AgentError::Migration(format!(
-                    "order {key} came from agent {source}, not from {}: no answer to its settlement query",
+                    "order {key}: no settlement answer for agent {}, which did not send it",
                     hex(asker)
                 )));
             }
@@ -222,17 +248,9 @@ impl Journal {
                 "order {key} was sent from this agent, not received: no answer to a settlement query"
             ))),
             None => {
-                self.append(Record {
-                    order_id: key,
-                    role: Role::Destination,
-                    vm: String::new(),
-                    state: State::RolledBack,
-                    not_after: 0,
-                    at: crate::unix_now(),
-                    note: note.into(),
-                    peer: None,
-                    peer_addr: None,
-                })?;
+                let mut r = Record::new(key, Role::Destination, "", State::RolledBack, 0);
+                r.note = note.into();
+                self.append(r)?;
                 Ok(false)
             }
         }
@@ -246,28 +264,31 @@ impl Journal {
         vm: &str,
         not_after: u64,
     ) -> Result<(), OrderError> {
-        self.claim(id, role, vm, not_after, None, None)
+        self.claim(id, role, vm, not_after, |_| {})
     }
 
-    /// Claim an order as its source, remembering its destination for settlement.
-    pub fn claim_as_source(&mut self, body: &OrderBody, id: &OrderId) -> Result<(), OrderError> {
-        let (peer, addr) = (hex(&body.destination), body.destination_addr.clone());
-        self.claim(
-            id,
-            Role::Source,
-            &body.vm,
-            body.not_after,
-            Some(peer),
-            Some(addr),
-        )
+    /// Claim an order as its source, remembering its destination for settlement, and whether
+    /// the VM was paused.
+    pub fn claim_as_source(
+        &mut self,
+        body: &OrderBody,
+        id: &OrderId,
+        paused_before: bool,
+    ) -> Result<(), OrderError> {
+        self.claim(id, Role::Source, &body.vm, body.not_after, |r| {
+            r.peer = Some(hex(&body.destination));
+            r.peer_addr = Some(body.destination_addr.clone());
+            r.paused_before = paused_before;
+        })
     }
 
     /// Claim an order as its destination, remembering its source: the one agent whose
     /// settlement query about it is answered.
     pub fn claim_as_destination(&mut self, body: &OrderBody) -> Result<(), OrderError> {
-        let peer = hex(&body.source);
         let (id, vm) = (&body.order_id, &body.vm);
-        self.claim(id, Role::Destination, vm, body.not_after, Some(peer), None)
+        self.claim(id, Role::Destination, vm, body.not_after, |r| {
+            r.peer = Some(hex(&body.source));
+        })
     }
 
     fn claim(
@@ -276,25 +297,16 @@ impl Journal {
         role: Role,
         vm: &str,
         not_after: u64,
-        peer: Option<String>,
-        peer_addr: Option<String>,
+        fill: impl FnOnce(&mut Record),
     ) -> Result<(), OrderError> {
         let key = hex(id);
         if self.latest.contains_key(&key) {
             return Err(OrderError::Replayed(key));
         }
-        self.append(Record {
-            order_id: key,
-            role,
-            vm: vm.into(),
-            state: State::Claimed,
-            not_after,
-            at: crate::unix_now(),
-            note: String::new(),
-            peer,
-            peer_addr,
-        })
-        .map_err(|e| OrderError::Journal(e.to_string()))
+        let mut r = Record::new(key, role, vm, State::Claimed, not_after);
+        fill(&mut r);
+        self.append(r)
+            .map_err(|e| OrderError::Journal(e.to_string()))
     }
 
     /// The latest record of `order_id`.
@@ -309,13 +321,23 @@ impl Journal {
         v
     }
 
-    /// Whether `vm` left this agent: its latest record (in journal order) is a source-side
-    /// migration that committed, so the destination owns it and it must not start here again.
+    /// Whether `vm` left this agent: the latest record (in journal order) that moved it is a
+    /// source-side COMMIT, or what settled one as moved, so the destination owns it (or may: in
+    /// doubt) and it must not start here again. Orders that never committed do not count: a
+    /// refused or rolled-back order leaves the VM wherever it was.
     pub fn migrated_away(&self, vm: &str) -> bool {
         self.last_for_vm.get(vm).is_some_and(|r| {
             r.role == Role::Source
                 && matches!(r.state, State::Committed | State::Done | State::Settled)
         })
+    }
+
+    /// Whether an order that sent `vm` from here is at COMMIT, unsettled: the VM may run on its
+    /// destination, so no copy of it may start or arrive here until that is settled.
+    pub fn in_doubt_as_source(&self, vm: &str) -> bool {
+        self.latest
+            .values()
+            .any(|r| r.vm == vm && r.role == Role::Source && r.state == State::Committed)
     }
 
     /// Migrations interrupted by a crash or restart: not Done, RolledBack or Settled.
@@ -325,6 +347,19 @@ impl Journal {
             .filter(|r| matches!(r.state, State::Claimed | State::Committed))
             .cloned()
             .collect()
+    }
+}
+
+/// Whether record `r` changes where its VM runs, `prev` being its order's state before: a
+/// COMMIT either way (the VM left, or arrived) and what follows it, and a source rollback after
+/// COMMIT (settled: the VM runs here again). A claim, or the rollback of an order that never
+/// committed, leaves the VM where it was.
+fn moves_vm(prev: Option<State>, r: &Record) -> bool {
+    match (r.role, r.state) {
+        (_, State::Claimed) => false,
+        (Role::Source, State::RolledBack) => prev == Some(State::Committed),
+        (Role::Destination, State::RolledBack) => false,
+        (_, State::Committed | State::Done | State::Settled) => true,
     }
 }
 
@@ -402,9 +437,10 @@ mod tests {
         };
         ClaimAsDestination(&mut j).claim(&body).unwrap();
         let e = j.settle_query(&[5; 16], &[3; 32]).unwrap_err().to_string();
+        assert!(e.contains("which did not send it"), "{e}");
         assert!(
-            e.contains(&format!("came from agent {}", hex(&[1; 32]))),
-            "{e}"
+            !e.contains(&hex(&[1; 32])),
+            "the source is not disclosed: {e}"
         );
         drop(j);
         // The source is on record across a restart; the intruder changed nothing.
@@ -413,6 +449,36 @@ mod tests {
         j.commit(&[5; 16])
             .expect("still claimed: the order may commit");
         assert!(j.settle_query(&[5; 16], &[1; 32]).unwrap());
+    }
+
+    /// SPEC.md §8.8 rule 4: while an order that sent a VM is in doubt, a later order for the
+    /// same VM that never committed (refused: the VM is not here) must not make the journal
+    /// forget that the VM may run elsewhere, or a restart would start a second copy.
+    #[test]
+    fn only_orders_that_committed_move_a_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.claim_for(&[1; 16], Role::Source, "vm", 10).unwrap();
+        j.set(&[1; 16], State::Committed, "").unwrap();
+        assert!(j.migrated_away("vm") && j.in_doubt_as_source("vm"));
+        j.claim_for(&[2; 16], Role::Source, "vm", 10).unwrap();
+        j.set(&[2; 16], State::RolledBack, "no VM named vm runs here")
+            .unwrap();
+        j.claim_for(&[3; 16], Role::Destination, "vm", 10).unwrap();
+        j.set(&[3; 16], State::RolledBack, "refused").unwrap();
+        assert!(j.migrated_away("vm"), "refused orders do not bring it back");
+        drop(j);
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(
+            j.migrated_away("vm") && j.in_doubt_as_source("vm"),
+            "nor after a restart"
+        );
+        // Settled "not committed": the VM runs here again.
+        j.set(&[1; 16], State::RolledBack, "settled: never committed")
+            .unwrap();
+        assert!(!j.migrated_away("vm") && !j.in_doubt_as_source("vm"));
+        drop(j);
+        assert!(!Journal::open(dir.path()).unwrap().migrated_away("vm"));
     }
 
     #[test]

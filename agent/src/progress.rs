@@ -172,11 +172,19 @@ pub fn status_text(v: &serde_json::Value) -> String {
     for vm in &vms {
         let bytes = vm.get("bytes").and_then(|x| x.as_u64()).unwrap_or(0);
         let paused = vm.get("paused").and_then(|x| x.as_bool()).unwrap_or(false);
+        let in_doubt = vm
+            .get("in_doubt")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false);
         out += &format!(
             "  {:20} {:>8.0} MiB  {}\n",
             str_of(vm, "name"),
             mib(bytes),
-            if paused { "paused" } else { "running" }
+            match (in_doubt, paused) {
+                (true, _) => "stopped, in doubt: asking its destination (see the journal)",
+                (false, true) => "paused",
+                (false, false) => "running",
+            }
         );
     }
     let mut journal = v

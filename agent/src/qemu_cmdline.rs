@@ -209,15 +209,16 @@ fn transferred_options(
             let name = canonical(o);
             // Only these values are looked into (others may be anything, `-append {` too).
             let kv = match v {
-                Some(v) if block(&name) || name == "-device" => parse_value(o, v)?,
+                Some(v) if block(&name) || name == "-device" => parse_value(&name, v)?,
                 _ => Vec::new(),
             };
             Ok((name, kv))
         })
         .collect::<Result<Vec<_>, CmdlineError>>()?;
     // A -drive may carry both an id and a node-name; a device may refer to either.
+    // An inline protocol node (`file.node-name`) is a name of the same drive.
     let own_names = |kv: &[(String, String)]| {
-        ["id", "node-name"]
+        ["id", "node-name", "file.node-name"]
             .into_iter()
             .filter_map(|k| get(kv, k).map(str::to_string))
             .collect::<Vec<_>>()
@@ -275,11 +276,12 @@ pub fn shell_line(args: &[String]) -> String {
     args.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
-/// An option's value as key/value pairs: QEMU's JSON syntax when it starts with `{` (what
-/// libvirt writes for `-blockdev` and `-device`), nested objects flattened to dotted keys as
-/// QEMU does (`"file": {"filename": ...}` is `file.filename`); else the `key=value,...` syntax.
+/// An option's value as key/value pairs: for `-blockdev` and `-device` whose value starts
+/// with `{`, QEMU's JSON syntax (what libvirt writes), nested objects flattened to dotted keys
+/// as QEMU does (`"file": {"filename": ...}` is `file.filename`); else the `key=value,...`
+/// syntax (`-drive` has no JSON form).
 fn parse_value(option: &str, value: &str) -> Result<Vec<(String, String)>, CmdlineError> {
-    if !value.trim_start().starts_with('{') {
+    if option == "-drive" || !value.starts_with('{') {
         return Ok(parse_opts(value));
     }
     let bad = |reason: String| CmdlineError::BadJson {
@@ -507,19 +509,37 @@ mod tests {
             r#"{"driver":"virtio-blk-pci","drive":"d1"}"#,
             "-device",
             r#"{"driver":"virtio-net-pci","id":"net0"}"#,
+            // A device on an inline protocol node, by its name.
+            "-blockdev",
+            r#"{"driver":"raw","node-name":"d2","file":{"driver":"file","filename":"/img/d2.raw","node-name":"d2f"}}"#,
+            "-device",
+            "virtio-blk-pci,drive=d2f",
         ]);
         let d = destination_command(
             "qemu",
             &src,
             Path::new("/q"),
-            &[PathBuf::from("/img/d0.raw"), PathBuf::from("/img/d1.raw")],
+            &[
+                PathBuf::from("/img/d0.raw"),
+                PathBuf::from("/img/d1.raw"),
+                PathBuf::from("/img/d2.raw"),
+            ],
         )
         .expect("derived");
         assert_eq!(
             d.args.join(" "),
             r#"qemu -device {"driver":"virtio-net-pci","id":"net0"} -qmp unix:/q,server=on,wait=off -incoming defer -S"#
         );
-        assert_eq!(d.dropped.len(), 5, "{:?}", d.dropped);
+        assert_eq!(d.dropped.len(), 7, "{:?}", d.dropped);
+        // -drive has no JSON form: its value is read as key=value (and names no image here).
+        let e = destination_command(
+            "qemu",
+            &args(&["-drive", r#"{"file":"/img/d0.raw"}"#]),
+            Path::new("/q"),
+            &[PathBuf::from("/img/d0.raw")],
+        )
+        .unwrap_err();
+        assert!(matches!(e, CmdlineError::DiskNotFound(_)), "{e:?}");
         let bad = args(&["-device", r#"{"driver":"virtio-blk-pci","#]);
         let e = destination_command("qemu", &bad, Path::new("/q"), &[]).unwrap_err();
         assert!(
@@ -580,9 +600,17 @@ mod tests {
                     // file=X` is a -blockdev whose value is "-drive", then a stray word.)
                     let back = options(&d.args[1..]).expect("our own output parses");
                     for (opt, value) in &back {
-                        let block = BLOCK_OPTS.contains(&canonical(opt).as_str());
-                        let opens = value.as_deref().is_some_and(|v| v.contains("/img/d.raw"));
-                        proptest::prop_assert!(!(transfer && block && opens), "{line}");
+                        let name = canonical(opt);
+                        if !BLOCK_OPTS.contains(&name.as_str()) {
+                            continue;
+                        }
+                        // What QEMU would open (a JSON `-drive` opens nothing: QEMU refuses it).
+                        let kv = parse_value(&name, value.as_deref().unwrap_or_default());
+                        let opens = kv.as_deref().unwrap_or_default().iter().any(|(k, v)| {
+                            ["file", "filename", "file.filename"].contains(&k.as_str())
+                                && v == "/img/d.raw"
+                        });
+                        proptest::prop_assert!(!(transfer && opens), "{line}");
                     }
                     let ours = |o: &str| ["-qmp", "-incoming", "-S"].contains(&canonical(o).as_str());
                     let n = back.len();

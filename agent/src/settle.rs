@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use trustmig_protocol::messages::Message;
+use trustmig_protocol::migration::Outcome;
 use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
 use trustmig_protocol::AgentId;
 
 use crate::channel::SourceChannel;
-use crate::daemon::Ctx;
+use crate::daemon::{history_entry, Ctx};
 use crate::error::AgentError;
 use crate::guest::SyntheticGuest;
 use crate::journal::{Record, State};
@@ -61,6 +62,8 @@ pub struct InDoubt {
     pub destination: AgentId,
     /// The destination's address.
     pub addr: String,
+    /// A QEMU VM that was paused before the migration stays paused when it is given back.
+    pub paused_before: bool,
 }
 
 impl InDoubt {
@@ -74,18 +77,30 @@ impl InDoubt {
             vm: r.vm.clone(),
             destination,
             addr: r.peer_addr.clone()?,
+            paused_before: r.paused_before,
         })
     }
 
     /// The order as its source knows it.
-    pub fn of(order: &VerifiedOrder) -> Self {
+    pub fn of(order: &VerifiedOrder, paused_before: bool) -> Self {
         let body = order.body();
         Self {
             id: *order.id(),
             vm: body.vm.clone(),
             destination: body.destination,
             addr: body.destination_addr.clone(),
+            paused_before,
         }
+    }
+}
+
+/// After a source's session failed with `outcome`: `None` when it never committed (rule 1:
+/// the caller rolls back); otherwise the destination's answer, asked once now. In doubt, the
+/// caller stops its VM where [`keep_asking`] finds it, then calls it.
+pub async fn after_failure(ctx: &Arc<Ctx>, p: &InDoubt, outcome: Outcome) -> Option<Settlement> {
+    match outcome {
+        Outcome::RollBack => None,
+        Outcome::Committed => Some(ask(ctx, p).await),
     }
 }
 
@@ -143,22 +158,34 @@ fn test_unanswered() -> bool {
     ASKED.fetch_add(1, Ordering::SeqCst) < n
 }
 
+/// The pause after one that went unanswered: doubling, at most [`RETRY_MAX`].
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).min(RETRY_MAX)
+}
+
 /// Keep asking about `p` in the background (at once, or first after a pause when the caller
 /// just asked), pausing [`RETRY_FIRST`] doubling to [`RETRY_MAX`] between unanswered queries,
 /// until the destination answers; then act on the answer. The order stays at COMMIT in the
-/// journal meanwhile, so a restart asks again.
+/// journal meanwhile, so a restart asks again. It never gives up on its own: until the
+/// destination answers, running the VM here could make two copies.
 pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
     tokio::spawn(async move {
         let mut pause = RETRY_FIRST;
         if asked_already {
             tokio::time::sleep(pause).await;
-            pause *= 2;
+            pause = next_pause(pause);
         }
         loop {
-            match ask(&ctx, &p).await {
+            let s = ask(&ctx, &p).await;
+            let settled = |what: &str| {
+                let entry = history_entry("source", None, Some(what), &hex(&p.id), &p.vm);
+                ctx.remember(entry);
+            };
+            match s {
                 Settlement::Moved => {
                     ctx.parked.lock().expect("parked lock").remove(&p.vm);
                     info!(order = %hex(&p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
+                    settled(&s.vm_state());
                     return;
                 }
                 Settlement::NotMoved => {
@@ -170,8 +197,9 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
                     );
                     match journalled {
                         Ok(()) => {
-                            let vm_state = resume_here(&ctx, &p.vm).await;
+                            let vm_state = resume_here(&ctx, &p).await;
                             warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
+                            settled(&format!("{note}; {vm_state}"));
                         }
                         // Without the record a restart would ask again: keep the VM stopped.
                         Err(e) => {
@@ -183,27 +211,26 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
                 Settlement::InDoubt(why) => {
                     warn!(order = %hex(&p.id), vm = %p.vm, "still in doubt, the VM stays stopped; asking again in {pause:?}: {why}");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RETRY_MAX);
+                    pause = next_pause(pause);
                 }
             }
         }
     });
 }
 
-/// Run `vm` on this host again after the destination said it never had it: a QEMU VM with
-/// `cont`; a synthetic guest parked at the lost session as it was, or anew after a restart
-/// (its memory lived in the process).
-async fn resume_here(ctx: &Arc<Ctx>, vm: &str) -> String {
+/// Run the VM on this host again after the destination said it never had it: a QEMU VM as
+/// it was before the migration (`cont`, unless it was paused); a synthetic guest parked at the
+/// lost session as it was, or anew after a restart (its memory lived in the process). Never
+/// over a VM of the same name that runs here (arrival is refused while in doubt; this is the
+/// last guard).
+async fn resume_here(ctx: &Arc<Ctx>, p: &InDoubt) -> String {
+    let vm = p.vm.as_str();
     if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
         return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
-            Ok(mut qmp) => match qmp.query_status().await {
-                Ok(st) if st.running => "its QEMU runs".into(),
-                Ok(_) => match qmp.cont().await {
-                    Ok(()) => "its QEMU runs again (cont)".into(),
-                    Err(e) => format!("`cont` failed: {e}; resume it by hand"),
-                },
-                Err(e) => format!("QEMU did not answer: {e}; resume it by hand"),
-            },
+            Ok(mut qmp) => {
+                crate::sidecar::rollback_source(&mut qmp, !p.paused_before, ctx.step_timeout())
+                    .await
+            }
             Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
         };
     }
@@ -221,6 +248,26 @@ async fn resume_here(ctx: &Arc<Ctx>, vm: &str) -> String {
     use trustmig_protocol::precopy::GuestMemory;
     g.set_throttle(0);
     g.resume();
-    ctx.vms.lock().expect("vms lock").insert(vm.to_string(), g);
+    let mut vms = ctx.vms.lock().expect("vms lock");
+    if vms.contains_key(vm) {
+        return "another VM of that name runs here; this copy stays stopped".into();
+    }
+    vms.insert(vm.to_string(), g);
     how.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unanswered_queries_back_off_to_a_minute() {
+        let mut p = RETRY_FIRST;
+        let mut seen = vec![p.as_secs()];
+        for _ in 0..8 {
+            p = next_pause(p);
+            seen.push(p.as_secs());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
 }

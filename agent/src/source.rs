@@ -75,7 +75,7 @@ async fn migrate_checked(
     ctx.journal
         .lock()
         .expect("journal lock")
-        .claim_as_source(&body, order.id())
+        .claim_as_source(&body, order.id(), false)
         .map_err(|e| not_started(e.into()))?;
     let Some(mut guest) = ctx.vms.lock().expect("vms lock").remove(&body.vm) else {
         let e = AgentError::Migration(format!("no VM named {:?} runs on this agent", body.vm));
@@ -102,11 +102,8 @@ async fn migrate_checked(
         }
         Err(e) => {
             // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
-            let in_doubt = InDoubt::of(&order);
-            let settlement = match run.outcome {
-                Outcome::RollBack => None,
-                Outcome::Committed => Some(settle::ask(ctx, &in_doubt).await),
-            };
+            let in_doubt = InDoubt::of(&order, false);
+            let settlement = settle::after_failure(ctx, &in_doubt, run.outcome).await;
             let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
                 guest.set_throttle(0);

@@ -665,6 +665,57 @@ async fn qemu_lost_commit_is_settled_and_the_source_runs_again() {
     assert_rolled_back(&mut s, &r, "settled: the destination never committed").await;
 }
 
+/// SPEC.md §8.8 with QEMU, the destination not answering at once: the source QEMU stays
+/// stopped while the agent asks again, and when the answer comes ("never committed") the VM is
+/// given back as it was before the migration: paused here, since it was paused (spec/qemu.md §4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_unanswered_settlement_is_retried_and_a_paused_vm_stays_paused() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_env: vec![
+            (
+                trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
+                "1".into(),
+            ),
+            (
+                trustmig_agent::settle::TEST_UNANSWERED_ENV.into(),
+                "1".into(),
+            ),
+        ],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    s.src.qmp().await.expect("qmp").stop().await.expect("stop");
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.expect_err("the session was lost after COMMIT");
+    assert!(
+        err.contains("asks the destination again"),
+        "{err}\n{}",
+        s.logs()
+    );
+    let journal = s.pair.src.journal_dir().join("journal.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&journal)
+        .unwrap_or_default()
+        .contains("settled: the destination never committed")
+    {
+        assert!(Instant::now() < deadline, "never settled\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = s.logs();
+    assert!(logs.contains("paused as it was"), "{logs}");
+    assert_ne!(s.src.status().await.as_deref(), Ok("running"), "{logs}");
+    if s.dst.alive() {
+        assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
+    }
+    assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_error_is_reported_clearly() {
     let _g = SERIAL.lock().await;

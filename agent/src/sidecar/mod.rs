@@ -39,6 +39,7 @@ use crate::qmp::QmpError;
 
 pub use dest::receive;
 pub use source::migrate_source;
+pub(crate) use source::rollback_source;
 use source::MAX_DOWNTIME_STEPS;
 
 /// Validate a `backend = "qemu"` entry (called from config validation).

@@ -120,7 +120,7 @@ pub async fn migrate_source(
     ctx.journal
         .lock()
         .expect("journal lock")
-        .claim_as_source(&body, order.id())
+        .claim_as_source(&body, order.id(), !status.running)
         .map_err(|e| not_started(e.into()))?;
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, qemu = %qmp.version, "QEMU migration starts");
     let mut run = SourceRun {
@@ -150,11 +150,8 @@ pub async fn migrate_source(
         }
         Err(e) => {
             // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
-            let in_doubt = InDoubt::of(&order);
-            let settlement = match run.outcome {
-                Outcome::RollBack => None,
-                Outcome::Committed => Some(settle::ask(ctx, &in_doubt).await),
-            };
+            let in_doubt = InDoubt::of(&order, !status.running);
+            let settlement = settle::after_failure(ctx, &in_doubt, run.outcome).await;
             let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
                 let back = rollback_source(&mut qmp, status.running, ctx.step_timeout()).await;
@@ -176,7 +173,7 @@ pub async fn migrate_source(
 }
 
 /// Cancel QEMU's migration and run the guest again (if it ran before).
-async fn rollback_source(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> String {
+pub(crate) async fn rollback_source(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> String {
     let _ = qmp.migrate_cancel().await;
     // Let QEMU leave the active states (it restarts a guest it stopped on its own).
     let deadline = Instant::now() + timeout;
