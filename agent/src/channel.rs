@@ -13,7 +13,7 @@ use tracing::debug;
 use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::messages::{Message, TransferMode};
-use trustmig_protocol::migration::{SourceEvent, SourceMigration};
+use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
 use trustmig_protocol::order::{OrderId, VerifiedOrder};
 use trustmig_protocol::AbortCode;
 use trustmig_protocol::AgentId;
@@ -184,14 +184,15 @@ impl SourceChannel {
 impl SourceChannel {
     /// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on
     /// `Ready` journal COMMIT durably *before* sending `Commit` (SPEC.md §8.7); ends at
-    /// `Resumed`. `committed` turns true the moment COMMIT is durable, whatever happens after.
+    /// `Resumed`. `outcome` turns `Committed` the moment COMMIT is durable, whatever happens
+    /// after.
     pub async fn commit_exchange(
         &mut self,
         sm: &mut SourceMigration,
         switch_over: &[u8],
         order_id: &OrderId,
         progress: &mpsc::Sender<Progress>,
-        committed: &mut bool,
+        outcome: &mut Outcome,
     ) -> Result<(), AgentError> {
         self.send(switch_over).await?;
         loop {
@@ -212,7 +213,7 @@ impl SourceChannel {
                         .lock()
                         .expect("journal lock")
                         .commit(order_id)?;
-                    *committed = true;
+                    *outcome = Outcome::Committed;
                     #[cfg(debug_assertions)]
                     if std::env::var_os(TEST_CRASH_AFTER_COMMIT_ENV).is_some() {
                         std::process::exit(3);

@@ -247,6 +247,24 @@ step_timeout_secs = 30
     )
 }
 
+/// A `qemu` VM entry named `q` for unit tests.
+#[cfg(test)]
+pub(crate) fn test_qemu_vm(qmp: Option<&str>, disk_dir: Option<&std::path::Path>) -> VmConfig {
+    VmConfig {
+        name: "q".into(),
+        backend: "qemu".into(),
+        size_mib: 1,
+        dirty_pages_per_sec: 0,
+        hot_fraction: 0.1,
+        fill_fraction: 0.5,
+        seed: 0,
+        qmp: qmp.map(std::path::PathBuf::from),
+        disk_dir: disk_dir.map(std::path::Path::to_path_buf),
+        downtime_steps: None,
+        disks: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,15 @@ pub enum Request {
         /// VM name.
         vm: String,
     },
+    /// The operator settles an order in doubt here by hand (SPEC.md §8.8): they know where its
+    /// VM runs (say, its destination host is gone for good).
+    Settle {
+        /// Order id, hex.
+        order_id: String,
+        /// `true`: the destination never ran it, run it here again; `false`: it is the
+        /// destination's, keep no copy here.
+        resume_here: bool,
+    },
 }
 
 /// Live progress of a migration.
@@ -136,6 +145,8 @@ pub enum Reply {
         #[serde(default)]
         writes: u64,
     },
+    /// An order settled by the operator: what became of its VM here.
+    Settled(String),
     /// The request failed.
     Error(String),
 }

@@ -19,6 +19,7 @@ use crate::guest::SyntheticGuest;
 use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
+use crate::qmp::Qmp;
 use crate::settle::InDoubt;
 use crate::trust::KeyList;
 use crate::wire::{parse_preamble, PREAMBLE_LEN};
@@ -342,6 +343,18 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
                 .collect();
             // Stopped until their destination answers a settlement query (settle.rs).
             vms.extend((ctx.parked.lock().expect("parked lock").values()).map(|g| vm(g, true)));
+            // QEMU VMs live in their QEMU: ask it (briefly; an unreachable QEMU is said so).
+            for v in ctx.config.vms.iter().filter(|v| v.backend == "qemu") {
+                let Some(path) = &v.qmp else { continue };
+                let state = match Qmp::connect(path, Duration::from_secs(1)).await {
+                    Ok(mut q) => match q.query_status().await {
+                        Ok(st) => st.status,
+                        Err(e) => format!("QEMU did not answer: {e}"),
+                    },
+                    Err(e) => format!("QEMU not reachable: {e}"),
+                };
+                vms.push(serde_json::json!({ "name": v.name, "qemu": state }));
+            }
             let journal: Vec<_> = ctx
                 .journal
                 .lock()
@@ -359,6 +372,16 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
                 "recent": history,
             });
             let _ = wr.write_all(&send(Reply::Status(v))).await;
+        }
+        Request::Settle {
+            order_id,
+            resume_here,
+        } => {
+            let reply = match crate::settle::by_operator(&ctx, &order_id, resume_here).await {
+                Ok(what) => Reply::Settled(what),
+                Err(e) => Reply::Error(e.to_string()),
+            };
+            let _ = wr.write_all(&send(reply)).await;
         }
         Request::VmChecksum { vm } => {
             let reply = match ctx.vms.lock().expect("vms lock").get(&vm) {

@@ -519,17 +519,8 @@ mod tests {
 
     fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         VmConfig {
-            name: "q".into(),
-            backend: "qemu".into(),
-            size_mib: 1,
-            dirty_pages_per_sec: 0,
-            hot_fraction: 0.1,
-            fill_fraction: 0.5,
-            seed: 0,
-            qmp: Some("/run/q.sock".into()),
-            disk_dir: Some(dir.to_path_buf()),
-            downtime_steps: None,
             disks,
+            ..crate::config::test_qemu_vm(Some("/run/q.sock"), Some(dir))
         }
     }
 

@@ -198,6 +198,22 @@ impl Journal {
         }
     }
 
+    /// Settle a source order that is at COMMIT, in doubt: journal `state` only if it still is
+    /// (the destination's answer, a retry and the operator may race). Returns whether it was.
+    pub fn settle_source(
+        &mut self,
+        order_id: &OrderId,
+        state: State,
+        note: impl Into<String>,
+    ) -> Result<bool, AgentError> {
+        match self.latest.get(&hex(order_id)) {
+            Some(r) if r.role == Role::Source && r.state == State::Committed => {
+                self.set(order_id, state, note).map(|()| true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Journal an order rolled back, unless it got past its claim: a failure after COMMIT
     /// (say, `Resumed` could not be sent) must not turn a committed order into a rolled-back one,
     /// or a settlement query would hand the VM back to the source while it runs here. Returns

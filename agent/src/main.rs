@@ -83,6 +83,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Settle by hand a migration left in doubt on this (source) agent: its session was lost
+    /// after COMMIT and the destination cannot be asked (say, its host is gone for good).
+    /// Only for an operator who knows where the VM runs: a wrong answer makes two copies, or
+    /// none. The agent keeps asking the destination by itself until then.
+    #[command(group = clap::ArgGroup::new("where").required(true))]
+    Settle {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The order id (hex, as `trustmig status` lists it).
+        order_id: String,
+        /// The destination never ran the VM: run it here again, as it was.
+        #[arg(long, group = "where")]
+        resume_here: bool,
+        /// The destination runs the VM: keep no copy here.
+        #[arg(long, group = "where")]
+        moved: bool,
+    },
     /// QEMU sidecar helpers.
     #[command(subcommand)]
     Qemu(QemuCmd),
@@ -132,19 +149,45 @@ enum Cmd {
 enum QemuCmd {
     /// Print the destination QEMU command line for a VM, given the source's QEMU command line
     /// (after `--`): the same machine and devices, plus `-incoming defer -S` and a QMP socket.
-    DestinationCommand {
-        /// QMP socket path for the destination QEMU (the agent's `qmp` for this VM).
-        #[arg(long)]
-        qmp: PathBuf,
-        /// A disk image the agent transfers (the source's `[[vm.disk]] path`, as on the source
-        /// command line): its -drive/-blockdev and -device are left out, since the destination
-        /// agent hot-adds the verified copy. Repeat for several disks.
-        #[arg(long = "transferred-disk", value_name = "PATH")]
-        transferred: Vec<PathBuf>,
-        /// The source QEMU command line, binary first.
-        #[arg(last = true, required = true)]
-        source: Vec<String>,
-    },
+    DestinationCommand(DestinationArgs),
+    /// Start the destination QEMU with that command line (printed on stderr first): this
+    /// process becomes QEMU, waiting for the agent's `migrate-incoming`.
+    StartDestination(DestinationArgs),
+}
+
+#[derive(Args)]
+struct DestinationArgs {
+    /// QMP socket path for the destination QEMU (the agent's `qmp` for this VM).
+    #[arg(long)]
+    qmp: PathBuf,
+    /// A disk image the agent transfers (the source's `[[vm.disk]] path`, as on the source
+    /// command line): its -drive/-blockdev and -device are left out, since the destination
+    /// agent hot-adds the verified copy. Repeat for several disks.
+    #[arg(long = "transferred-disk", value_name = "PATH")]
+    transferred: Vec<PathBuf>,
+    /// The source QEMU command line, binary first.
+    #[arg(last = true, required = true)]
+    source: Vec<String>,
+}
+
+impl DestinationArgs {
+    /// The derived command line; what was left out goes to stderr.
+    fn derive(&self) -> Result<Vec<String>, AgentError> {
+        let (bin, args) = self.source.split_first().ok_or_else(|| {
+            AgentError::Usage("give the source QEMU command line after --".into())
+        })?;
+        let cmd = trustmig_agent::qemu_cmdline::destination_command(
+            bin,
+            args,
+            &self.qmp,
+            &self.transferred,
+        )
+        .map_err(|e| AgentError::Usage(e.to_string()))?;
+        for d in &cmd.dropped {
+            eprintln!("left out (a transferred disk, hot-added by the agent): {d}");
+        }
+        Ok(cmd.args)
+    }
 }
 
 #[derive(Subcommand)]
@@ -561,21 +604,38 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 _ => return Err(AgentError::Migration("no status from agent".into())),
             }
         }
-        Cmd::Qemu(QemuCmd::DestinationCommand {
-            qmp,
-            transferred,
-            source,
-        }) => {
-            let (bin, args) = source.split_first().ok_or_else(|| {
-                AgentError::Usage("give the source QEMU command line after --".into())
-            })?;
-            let cmd =
-                trustmig_agent::qemu_cmdline::destination_command(bin, args, &qmp, &transferred)
-                    .map_err(|e| AgentError::Usage(e.to_string()))?;
-            for d in &cmd.dropped {
-                eprintln!("left out (a transferred disk, hot-added by the agent): {d}");
+        Cmd::Settle {
+            home,
+            order_id,
+            resume_here,
+            moved: _,
+        } => {
+            let h = Home::at(home.home);
+            let req = Request::Settle {
+                order_id,
+                resume_here,
+            };
+            let mut out = None;
+            runtime()?.block_on(control::call(&h.control_socket(), &req, |r| out = Some(r)))?;
+            match out {
+                Some(Reply::Settled(what)) => println!("{what}"),
+                Some(Reply::Error(e)) => return Err(AgentError::Migration(e)),
+                _ => return Err(AgentError::Migration("no answer from the agent".into())),
             }
-            println!("{}", trustmig_agent::qemu_cmdline::shell_line(&cmd.args));
+        }
+        Cmd::Qemu(QemuCmd::DestinationCommand(a)) => {
+            println!("{}", trustmig_agent::qemu_cmdline::shell_line(&a.derive()?));
+        }
+        Cmd::Qemu(QemuCmd::StartDestination(a)) => {
+            use std::os::unix::process::CommandExt;
+            let args = a.derive()?;
+            eprintln!(
+                "starting: {}",
+                trustmig_agent::qemu_cmdline::shell_line(&args)
+            );
+            // Only returns if QEMU could not be started.
+            let e = std::process::Command::new(&args[0]).args(&args[1..]).exec();
+            return Err(AgentError::Usage(format!("cannot start {}: {e}", args[0])));
         }
         Cmd::Bench {
             size_mib,

@@ -170,6 +170,10 @@ pub fn status_text(v: &serde_json::Value) -> String {
         .unwrap_or_default();
     out += &format!("VMs hosted here: {}\n", vms.len());
     for vm in &vms {
+        if let Some(state) = vm.get("qemu").and_then(|x| x.as_str()) {
+            out += &format!("  {:20} QEMU: {state}\n", str_of(vm, "name"));
+            continue;
+        }
         let bytes = vm.get("bytes").and_then(|x| x.as_u64()).unwrap_or(0);
         let paused = vm.get("paused").and_then(|x| x.as_bool()).unwrap_or(false);
         let in_doubt = vm

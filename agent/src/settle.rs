@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::Outcome;
 use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
@@ -108,11 +108,15 @@ pub async fn after_failure(ctx: &Arc<Ctx>, p: &InDoubt, outcome: Outcome) -> Opt
 pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
     match query(ctx, p).await {
         Ok(true) => {
-            let _ = ctx.journal.lock().expect("journal lock").set(
-                &p.id,
-                State::Done,
-                "settled: the destination committed",
-            );
+            let note = "settled: the destination committed";
+            let journalled =
+                ctx.journal
+                    .lock()
+                    .expect("journal lock")
+                    .settle_source(&p.id, State::Done, note);
+            if journalled.is_ok_and(|was_in_doubt| !was_in_doubt) {
+                error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them");
+            }
             Settlement::Moved
         }
         Ok(false) => Settlement::NotMoved,
@@ -176,6 +180,12 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
             pause = next_pause(pause);
         }
         loop {
+            let in_doubt = (ctx.journal.lock().expect("journal lock").record(&p.id))
+                .is_some_and(|r| r.state == State::Committed);
+            if !in_doubt {
+                info!(order = %hex(&p.id), vm = %p.vm, "settled meanwhile (by the operator): no more settlement queries");
+                return;
+            }
             let s = ask(&ctx, &p).await;
             let settled = |what: &str| {
                 let entry = history_entry("source", None, Some(what), &hex(&p.id), &p.vm);
@@ -190,16 +200,19 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
                 }
                 Settlement::NotMoved => {
                     let note = "settled: the destination never committed";
-                    let journalled = ctx.journal.lock().expect("journal lock").set(
+                    let journalled = ctx.journal.lock().expect("journal lock").settle_source(
                         &p.id,
                         State::RolledBack,
                         note,
                     );
                     match journalled {
-                        Ok(()) => {
-                            let vm_state = resume_here(&ctx, &p).await;
+                        Ok(true) => {
+                            let vm_state = resume_here(&ctx, &p.vm, p.paused_before).await;
                             warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
                             settled(&format!("{note}; {vm_state}"));
+                        }
+                        Ok(false) => {
+                            info!(order = %hex(&p.id), vm = %p.vm, "{note}, but it was settled meanwhile (by the operator)");
                         }
                         // Without the record a restart would ask again: keep the VM stopped.
                         Err(e) => {
@@ -218,18 +231,60 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
     });
 }
 
+/// The operator settles order `order` (hex), in doubt here, by hand: `resume_here` when they
+/// know its destination never ran the VM (say, that host is gone for good), else because it
+/// does. Journalled as the operator's decision; the background queries stop. spec: SPEC.md §8.8
+pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<String, AgentError> {
+    let id: OrderId = ::hex::decode(order)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| AgentError::Usage(format!("order id {order:?} is not 32 hex digits")))?;
+    let (state, note) = if resume {
+        (
+            State::RolledBack,
+            "settled by the operator: the destination never ran the VM",
+        )
+    } else {
+        (
+            State::Settled,
+            "settled by the operator: the destination owns the VM",
+        )
+    };
+    let r = {
+        let mut journal = ctx.journal.lock().expect("journal lock");
+        let r = journal.record(&id).cloned().ok_or_else(|| {
+            AgentError::Usage(format!("no order {order} in this agent's journal"))
+        })?;
+        if !journal.settle_source(&id, state, note)? {
+            return Err(AgentError::Usage(format!(
+                "order {order} is not in doubt here (it is {:?} as {}): nothing to settle",
+                r.state, r.role
+            )));
+        }
+        r
+    };
+    let what = if resume {
+        resume_here(ctx, &r.vm, r.paused_before).await
+    } else {
+        ctx.parked.lock().expect("parked lock").remove(&r.vm);
+        "this host keeps no copy".into()
+    };
+    let text = format!("{note}; {what}");
+    warn!(order = %order, vm = %r.vm, "{text}");
+    ctx.remember(history_entry("source", None, Some(&text), order, &r.vm));
+    Ok(text)
+}
+
 /// Run the VM on this host again after the destination said it never had it: a QEMU VM as
 /// it was before the migration (`cont`, unless it was paused); a synthetic guest parked at the
 /// lost session as it was, or anew after a restart (its memory lived in the process). Never
 /// over a VM of the same name that runs here (arrival is refused while in doubt; this is the
 /// last guard).
-async fn resume_here(ctx: &Arc<Ctx>, p: &InDoubt) -> String {
-    let vm = p.vm.as_str();
+async fn resume_here(ctx: &Arc<Ctx>, vm: &str, paused_before: bool) -> String {
     if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
         return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
             Ok(mut qmp) => {
-                crate::sidecar::rollback_source(&mut qmp, !p.paused_before, ctx.step_timeout())
-                    .await
+                crate::sidecar::rollback_source(&mut qmp, !paused_before, ctx.step_timeout()).await
             }
             Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
         };

@@ -393,14 +393,8 @@ impl Run {
             .map_err(proto)?;
         let so = sm.switch_over(counts, digest).map_err(proto)?;
         // Final evidence, Ready, Commit (journalled first), Resumed.
-        let mut committed = false;
-        let r = chan
-            .commit_exchange(&mut sm, &so, order.id(), &self.progress, &mut committed)
-            .await;
-        if committed {
-            self.outcome = Outcome::Committed;
-        }
-        r?;
+        chan.commit_exchange(&mut sm, &so, order.id(), &self.progress, &mut self.outcome)
+            .await?;
         let downtime = paused_at.elapsed();
         let total = started.elapsed();
         let stats = engine.stats().clone();

@@ -163,7 +163,8 @@ fn port_in_use_is_named_with_the_fix() {
 }
 
 /// `trustmig qemu destination-command` leaves out a transferred disk's drive and device (and
-/// says so on stderr), and names a disk the source command line does not open.
+/// says so on stderr), and names a disk the source command line does not open. (Real QEMU runs
+/// `start-destination`'s line in every QEMU test.)
 #[test]
 fn destination_command_leaves_out_transferred_disks() {
     let source = [
@@ -199,5 +200,19 @@ fn destination_command_leaves_out_transferred_disks() {
     fails_with(
         &other,
         "no -drive or -blockdev of the source command line opens \"/img/other.raw\"",
+    );
+    // start-destination runs that line; a QEMU that cannot start is named.
+    fails_with(
+        &[
+            "qemu",
+            "start-destination",
+            "--qmp",
+            "/run/vm.qmp",
+            "--",
+            "/nonexistent/qemu-system-x86_64",
+            "-m",
+            "256",
+        ],
+        "cannot start /nonexistent/qemu-system-x86_64",
     );
 }

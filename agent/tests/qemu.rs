@@ -107,8 +107,8 @@ impl QemuVm {
         let qmp = dir.join(format!("{name}.qmp"));
         let serial = dir.join(format!("{name}.serial"));
         let log = std::fs::File::create(dir.join(format!("{name}.qemu.log"))).expect("qemu log");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
+        let mut args: Vec<String> = [
+            "qemu-system-x86_64",
             "-accel",
             "tcg",
             "-m",
@@ -117,18 +117,37 @@ impl QemuVm {
             "-display",
             "none",
             "-kernel",
-        ])
-        .arg(guest)
-        .args(["-append", &opts.append])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        if incoming {
-            cmd.args(["-incoming", "defer", "-S"]).args(&opts.dst_extra);
+            &guest.display().to_string(),
+            "-append",
+            &opts.append,
+            "-serial",
+            &format!("file:{}", serial.display()),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut cmd = if incoming {
+            // As an operator would: the destination's command line derived from the source's
+            // by `trustmig qemu start-destination` (transferred disks left out), which then
+            // becomes that QEMU. Only the serial file, QMP path and vTPM socket differ.
+            if !opts.transferred.is_empty() {
+                args.extend(opts.src_extra.iter().cloned());
+            }
+            args.extend(opts.dst_extra.iter().cloned());
+            let mut c = Command::new(env!("CARGO_BIN_EXE_trustmig"));
+            c.args(["qemu", "start-destination", "--qmp"]).arg(&qmp);
+            for t in &opts.transferred {
+                c.arg("--transferred-disk").arg(t);
+            }
+            c.arg("--").args(&args);
+            c
         } else {
-            cmd.args(&opts.src_extra);
-        }
+            args.extend(opts.src_extra.iter().cloned());
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..]);
+            c
+        };
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -278,6 +297,9 @@ struct VmOpts {
     dst_extra: Vec<String>,
     /// Extra arguments of a QEMU that is not incoming (the source).
     src_extra: Vec<String>,
+    /// Disk images the agent transfers: the destination's command line is the source's with
+    /// their drives and devices left out (`trustmig qemu start-destination --transferred-disk`).
+    transferred: Vec<PathBuf>,
     /// TOML appended to the source's / destination's `[[vm]]` entry.
     src_vm: String,
     dst_vm: String,
@@ -382,6 +404,22 @@ async fn migrate_with(
     (result, events)
 }
 
+/// `trustmig status` of the agent at `home`, as text.
+async fn agent_status(home: &trustmig_agent::home::Home) -> String {
+    let mut out = None;
+    trustmig_agent::control::call(
+        &home.control_socket(),
+        &trustmig_agent::control::Request::Status,
+        |r| out = Some(r),
+    )
+    .await
+    .expect("control socket");
+    match out {
+        Some(Reply::Status(v)) => trustmig_agent::progress::status_text(&v),
+        other => panic!("no status: {other:?}"),
+    }
+}
+
 /// After a successful migration: the destination runs, continues the source's counter, and
 /// its data area checks out; the source stays stopped.
 async fn assert_moved(s: &mut Setup, summary: &Summary) {
@@ -392,6 +430,11 @@ async fn assert_moved(s: &mut Setup, summary: &Summary) {
         s.logs()
     );
     assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
+    // `trustmig status` asks each agent's QEMU too.
+    for (home, want) in [(&s.pair.src, "postmigrate"), (&s.pair.dst, "running")] {
+        let text = agent_status(home).await;
+        assert!(text.contains(&format!("{VM:20} QEMU: {want}")), "{text}");
+    }
     let last_src = *s.src.ticks().last().expect("source ticked");
     s.dst.wait_ticks(40, Duration::from_secs(30));
     let dst_ticks = s.dst.ticks();
@@ -783,6 +826,7 @@ impl DiskFixture {
                 "-device".into(),
                 "virtio-blk-pci,drive=d0,id=vd0,addr=0x5".into(),
             ],
+            transferred: vec![image.clone()],
             src_vm: format!("\n[[vm.disk]]\nname = \"d0\"\npath = \"{}\"\n", image.display()),
             dst_vm: format!(
                 "disk_dir = \"{}\"\n\n[[vm.disk]]\nname = \"d0\"\ndevice = {{ driver = \"virtio-blk-pci\", id = \"vd0\", addr = \"0x5\" }}\n",

@@ -420,14 +420,17 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     done(migrate(&rt, &pair, &order), &pair);
 }
 
-/// Both agents up with a 64 MiB VM `v` on the source, whose agent runs with the debug-build
-/// test hook `env` set (None without swtpm).
-fn hooked_source(env: &str) -> Option<(tokio::runtime::Runtime, Pair)> {
+/// Both agents up with a 64 MiB VM `v` dirtying `rate` pages/s on the source, whose agent runs
+/// with the debug-build test hooks `env` set (None without swtpm).
+fn hooked_source(env: &[(&str, &str)], rate: u64) -> Option<(tokio::runtime::Runtime, Pair)> {
     if swtpm_missing() {
         return None;
     }
-    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
-    pair.src_env = vec![(env.into(), "1".into())];
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, rate), 2).unwrap();
+    pair.src_env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     pair.start_both().unwrap();
     Some((rt(), pair))
 }
@@ -439,7 +442,9 @@ fn hooked_source(env: &str) -> Option<(tokio::runtime::Runtime, Pair)> {
 #[test]
 fn commit_without_resumed_is_settled_by_asking_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, mut pair)) = hooked_source(trustmig_agent::channel::TEST_LOSE_COMMIT_ENV) else {
+    let Some((rt, mut pair)) =
+        hooked_source(&[(trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1")], 0)
+    else {
         return;
     };
     let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
@@ -494,8 +499,10 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
 #[test]
 fn a_commit_after_a_not_committed_answer_is_refused() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, pair)) = hooked_source(trustmig_agent::channel::TEST_SETTLE_BEFORE_COMMIT_ENV)
-    else {
+    let Some((rt, pair)) = hooked_source(
+        &[(trustmig_agent::channel::TEST_SETTLE_BEFORE_COMMIT_ENV, "1")],
+        0,
+    ) else {
         return;
     };
     let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
@@ -518,6 +525,55 @@ fn a_commit_after_a_not_committed_answer_is_refused() {
         "{}",
         pair.log_tails(15)
     );
+}
+
+/// SPEC.md §8.8, operator override: the destination never answers (its host is gone, say);
+/// the operator, who knows it never ran the VM, settles the order by hand with `trustmig
+/// settle --resume-here`. The VM runs here again as it was; the order is no longer in doubt.
+#[test]
+fn the_operator_settles_an_order_the_destination_never_answers() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let hooks = [
+        (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
+        (trustmig_agent::settle::TEST_UNANSWERED_ENV, "1000000"),
+    ];
+    let Some((rt, pair)) = hooked_source(&hooks, 20_000) else {
+        return;
+    };
+    let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let id = trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(e.contains("in doubt"), "{e}\n{}", pair.log_tails(10));
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(exe())
+            .args(args)
+            .arg("--home")
+            .arg(pair.src.root())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, status) = cli(&["status"]);
+    assert!(ok && status.contains("in doubt"), "{status}");
+    let (ok, text) = cli(&["settle", "0123", "--moved"]);
+    assert!(!ok && text.contains("not 32 hex digits"), "{text}");
+    let (ok, text) = cli(&["settle", &id, "--resume-here"]);
+    assert!(ok && text.contains("settled by the operator"), "{text}");
+    let (_, paused, writes_after) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
+    assert!(!paused, "the VM runs here again");
+    assert!(
+        writes_after > writes_before,
+        "as it was when the session was lost"
+    );
+    let (ok, text) = cli(&["settle", &id, "--moved"]);
+    assert!(!ok && text.contains("is not in doubt here"), "{text}");
+    let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+    assert!(journal.contains("settled by the operator"), "{journal}");
 }
 
 /// Poll `home`'s agent until it runs `vm`; its checksum and whether it is paused.
@@ -549,24 +605,15 @@ fn wait_for_vm(
 #[test]
 fn an_unanswered_settlement_is_asked_again_until_answered() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if swtpm_missing() {
-        return;
-    }
-    let rt = rt();
-    // A guest that writes, so that one kept as it was tells apart from one created anew.
-    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 20_000), 2).unwrap();
-    pair.src_env = vec![
-        (
-            trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
-            "1".into(),
-        ),
-        // The query right after the lost session and the first retry go unanswered.
-        (
-            trustmig_agent::settle::TEST_UNANSWERED_ENV.into(),
-            "2".into(),
-        ),
+    // A guest that writes, so that one kept as it was tells apart from one created anew; the
+    // query right after the lost session and the first retry go unanswered.
+    let hooks = [
+        (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
+        (trustmig_agent::settle::TEST_UNANSWERED_ENV, "2"),
     ];
-    pair.start_both().unwrap();
+    let Some((rt, pair)) = hooked_source(&hooks, 20_000) else {
+        return;
+    };
     let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
@@ -614,8 +661,10 @@ fn an_unanswered_settlement_is_asked_again_until_answered() {
 #[test]
 fn a_source_restarted_at_commit_asks_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, mut pair)) = hooked_source(trustmig_agent::channel::TEST_CRASH_AFTER_COMMIT_ENV)
-    else {
+    let Some((rt, mut pair)) = hooked_source(
+        &[(trustmig_agent::channel::TEST_CRASH_AFTER_COMMIT_ENV, "1")],
+        0,
+    ) else {
         return;
     };
     let order = pair

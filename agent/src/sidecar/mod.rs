@@ -121,19 +121,7 @@ mod tests {
 
     #[test]
     fn config_validation_names_the_problem() {
-        let vm = |qmp: Option<&str>| VmConfig {
-            name: "q".into(),
-            backend: "qemu".into(),
-            size_mib: 1,
-            dirty_pages_per_sec: 0,
-            hot_fraction: 0.1,
-            fill_fraction: 0.5,
-            seed: 0,
-            qmp: qmp.map(PathBuf::from),
-            disk_dir: None,
-            downtime_steps: None,
-            disks: vec![],
-        };
+        let vm = |qmp: Option<&str>| crate::config::test_qemu_vm(qmp, None);
         assert!(check_vm_config(&vm(Some("/run/q.sock"))).is_ok());
         assert!(check_vm_config(&vm(Some("q.sock")))
             .unwrap_err()

@@ -524,14 +524,8 @@ impl SourceRun {
         let digest: Digest = sent.digest.clone().finish(&est.transcript_hash);
         let so = sm.switch_over(vec![sent.records], digest).map_err(proto)?;
         // Final evidence, Ready, Commit (journalled first), Resumed.
-        let mut committed = false;
-        let r = chan
-            .commit_exchange(&mut sm, &so, order.id(), &self.progress, &mut committed)
-            .await;
-        if committed {
-            self.outcome = Outcome::Committed;
-        }
-        r?;
+        chan.commit_exchange(&mut sm, &so, order.id(), &self.progress, &mut self.outcome)
+            .await?;
         let downtime = paused_at.elapsed();
         let total = self.started.elapsed();
         let ram = info.ram.clone().unwrap_or_default();
