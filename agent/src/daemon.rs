@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
+use trustmig_protocol::order::OrderId;
 
 use crate::config::Config;
 use crate::control::{Progress, Reply, Request, Summary};
@@ -19,7 +20,7 @@ use crate::guest::SyntheticGuest;
 use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QmpError};
 use crate::settle::InDoubt;
 use crate::trust::KeyList;
 use crate::wire::{parse_preamble, PREAMBLE_LEN};
@@ -46,6 +47,10 @@ pub struct Ctx {
     /// Synthetic VMs stopped in doubt after a session lost past COMMIT, kept as they were until
     /// their destination answers (SPEC.md §8.8; `settle.rs`).
     pub parked: Mutex<HashMap<String, SyntheticGuest>>,
+    /// Orders in doubt whose destination is being asked in the background (`settle.rs`): the
+    /// only ones an operator may settle by hand. Each lock is held while one answer or decision
+    /// is acted on, so the two never cross.
+    pub in_doubt: Mutex<HashMap<OrderId, Arc<tokio::sync::Mutex<()>>>>,
     /// Sessions waiting for data connections, by session id.
     pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,
     /// Summaries of finished migrations (newest last).
@@ -193,6 +198,7 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
         journal: Mutex::new(journal),
         vms: Mutex::new(vms),
         parked: Mutex::new(HashMap::new()),
+        in_doubt: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
     });
@@ -344,6 +350,8 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
             // Stopped until their destination answers a settlement query (settle.rs).
             vms.extend((ctx.parked.lock().expect("parked lock").values()).map(|g| vm(g, true)));
             // QEMU VMs live in their QEMU: ask it (briefly; an unreachable QEMU is said so).
+            // QEMU's QMP socket serves one client at a time, so while a migration holds it the
+            // greeting does not come: that is "busy", not an error of QEMU's.
             for v in ctx.config.vms.iter().filter(|v| v.backend == "qemu") {
                 let Some(path) = &v.qmp else { continue };
                 let state = match Qmp::connect(path, Duration::from_secs(1)).await {
@@ -351,7 +359,20 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
                         Ok(st) => st.status,
                         Err(e) => format!("QEMU did not answer: {e}"),
                     },
+                    Err(QmpError::Timeout { .. }) => {
+                        "busy (its QMP socket is in use, by a migration or another client)".into()
+                    }
                     Err(e) => format!("QEMU not reachable: {e}"),
+                };
+                let in_doubt = ctx
+                    .journal
+                    .lock()
+                    .expect("journal lock")
+                    .in_doubt_as_source(&v.name);
+                let state = if in_doubt {
+                    format!("{state}, in doubt: asking its destination (see the journal)")
+                } else {
+                    state
                 };
                 vms.push(serde_json::json!({ "name": v.name, "qemu": state }));
             }

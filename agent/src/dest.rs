@@ -211,6 +211,20 @@ impl Session {
 
     async fn receive(&mut self, est: Established, mut rd: ReadHalf<Tls>) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
+        // A VM this agent is sending away, or sent and has not settled, may run elsewhere; a
+        // copy arriving now could make two (SPEC.md §8.8 rule 4), or be overwritten when the
+        // outgoing one comes back.
+        let parked = ctx
+            .parked
+            .lock()
+            .expect("parked lock")
+            .contains_key(&self.vm);
+        if parked || ctx.journal.lock().expect("journal lock").leaving(&self.vm) {
+            return Err(AgentError::Migration(format!(
+                "VM {:?} is leaving this host, or left under an order still in doubt: refusing another copy until that is settled",
+                self.vm
+            )));
+        }
         let TransferMode::Precopy {
             page_size,
             page_count,
@@ -234,25 +248,6 @@ impl Session {
         if ctx.vms.lock().expect("vms lock").contains_key(&self.vm) {
             return Err(AgentError::Migration(format!(
                 "a VM named {:?} already runs here",
-                self.vm
-            )));
-        }
-        // A VM this agent sent away and has not settled may run on its destination; another
-        // copy arriving now could make two (SPEC.md §8.8 rule 4).
-        let parked = ctx
-            .parked
-            .lock()
-            .expect("parked lock")
-            .contains_key(&self.vm);
-        if parked
-            || ctx
-                .journal
-                .lock()
-                .expect("journal lock")
-                .in_doubt_as_source(&self.vm)
-        {
-            return Err(AgentError::Migration(format!(
-                "VM {:?} left this host under an order still in doubt: refusing another copy until that is settled",
                 self.vm
             )));
         }

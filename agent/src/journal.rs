@@ -348,8 +348,18 @@ impl Journal {
         })
     }
 
-    /// Whether an order that sent `vm` from here is at COMMIT, unsettled: the VM may run on its
-    /// destination, so no copy of it may start or arrive here until that is settled.
+    /// Whether an order that sends `vm` from here is under way (claimed) or at COMMIT,
+    /// unsettled: the VM may come back or run on its destination, so no other copy of it may
+    /// arrive here meanwhile.
+    pub fn leaving(&self, vm: &str) -> bool {
+        self.latest.values().any(|r| {
+            r.vm == vm
+                && r.role == Role::Source
+                && matches!(r.state, State::Claimed | State::Committed)
+        })
+    }
+
+    /// Whether an order that sent `vm` from here is at COMMIT, unsettled (in doubt).
     pub fn in_doubt_as_source(&self, vm: &str) -> bool {
         self.latest
             .values()
@@ -476,7 +486,7 @@ mod tests {
         let mut j = Journal::open(dir.path()).unwrap();
         j.claim_for(&[1; 16], Role::Source, "vm", 10).unwrap();
         j.set(&[1; 16], State::Committed, "").unwrap();
-        assert!(j.migrated_away("vm") && j.in_doubt_as_source("vm"));
+        assert!(j.migrated_away("vm") && j.in_doubt_as_source("vm") && j.leaving("vm"));
         j.claim_for(&[2; 16], Role::Source, "vm", 10).unwrap();
         j.set(&[2; 16], State::RolledBack, "no VM named vm runs here")
             .unwrap();
@@ -492,7 +502,10 @@ mod tests {
         // Settled "not committed": the VM runs here again.
         j.set(&[1; 16], State::RolledBack, "settled: never committed")
             .unwrap();
-        assert!(!j.migrated_away("vm") && !j.in_doubt_as_source("vm"));
+        assert!(!j.migrated_away("vm") && !j.in_doubt_as_source("vm") && !j.leaving("vm"));
+        // An order under way (claimed) is leaving too, not in doubt.
+        j.claim_for(&[4; 16], Role::Source, "vm", 10).unwrap();
+        assert!(j.leaving("vm") && !j.in_doubt_as_source("vm"));
         drop(j);
         assert!(!Journal::open(dir.path()).unwrap().migrated_away("vm"));
     }

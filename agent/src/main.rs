@@ -91,7 +91,8 @@ enum Cmd {
     Settle {
         #[command(flatten)]
         home: HomeArg,
-        /// The order id (hex, as `trustmig status` lists it).
+        /// The order id (hex), or a prefix of it that names one order in doubt (`trustmig
+        /// status` lists the first 16 digits).
         order_id: String,
         /// The destination never ran the VM: run it here again, as it was.
         #[arg(long, group = "where")]
@@ -629,9 +630,10 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         Cmd::Qemu(QemuCmd::StartDestination(a)) => {
             use std::os::unix::process::CommandExt;
             let args = a.derive()?;
+            let shown = trustmig_agent::qemu_cmdline::redacted(&args);
             eprintln!(
                 "starting: {}",
-                trustmig_agent::qemu_cmdline::shell_line(&args)
+                trustmig_agent::qemu_cmdline::shell_line(&shown)
             );
             // Only returns if QEMU could not be started.
             let e = std::process::Command::new(&args[0]).args(&args[1..]).exec();

@@ -261,6 +261,60 @@ fn transferred_options(
     Ok(drop)
 }
 
+/// Option keys whose values are secrets (`-object secret,data=...`, passwords): never logged.
+const SECRET_KEYS: &[&str] = &["data", "password", "passwd"];
+
+/// `args` with secret values replaced, for logs: `key=value,...` strings and JSON objects
+/// alike. The command line QEMU runs is not changed by this.
+pub fn redacted(args: &[String]) -> Vec<String> {
+    const HIDDEN: &str = "<redacted>";
+    fn hide_json(v: &mut serde_json::Value) {
+        if let serde_json::Value::Object(m) = v {
+            for (k, v) in m.iter_mut() {
+                if SECRET_KEYS.contains(&k.as_str()) {
+                    *v = serde_json::Value::String(HIDDEN.into());
+                } else {
+                    hide_json(v);
+                }
+            }
+        }
+    }
+    args.iter()
+        .map(|a| {
+            if a.starts_with('{') {
+                return match serde_json::from_str::<serde_json::Value>(a) {
+                    Ok(mut v) => {
+                        hide_json(&mut v);
+                        v.to_string()
+                    }
+                    Err(_) => a.clone(),
+                };
+            }
+            let items = parse_opts(a);
+            if !items.iter().any(|(k, _)| SECRET_KEYS.contains(&k.as_str())) {
+                return a.clone();
+            }
+            items
+                .iter()
+                .map(|(k, v)| {
+                    let v = if SECRET_KEYS.contains(&k.as_str()) {
+                        HIDDEN
+                    } else {
+                        v
+                    };
+                    let item = if k.is_empty() {
+                        v.to_string()
+                    } else {
+                        format!("{k}={v}")
+                    };
+                    item.replace(',', ",,")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
 /// `args` as one line a POSIX shell reads back as the same arguments.
 pub fn shell_line(args: &[String]) -> String {
     let quote = |a: &String| {
@@ -550,6 +604,31 @@ mod tests {
             e.to_string()
                 .starts_with(r#"-device {"driver":"virtio-blk-pci",: not a JSON object"#),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_for_logs() {
+        let a = args(&[
+            "qemu",
+            "-object",
+            "secret,id=s0,data=hunter2,,and,format=raw",
+            "-object",
+            r#"{"qom-type":"secret","id":"s1","data":"sesame"}"#,
+            "-m",
+            "256",
+        ]);
+        let r = redacted(&a).join(" ");
+        assert!(
+            !r.contains("hunter2") && !r.contains("and") && !r.contains("sesame"),
+            "{r}"
+        );
+        assert!(
+            r.starts_with("qemu -object secret,id=s0,data=<redacted>,format=raw -object {")
+                && r.contains(r#""data":"<redacted>""#)
+                && r.contains(r#""id":"s1""#)
+                && r.ends_with("} -m 256"),
+            "{r}"
         );
     }
 

@@ -170,9 +170,15 @@ fn next_pause(pause: Duration) -> Duration {
 /// Keep asking about `p` in the background (at once, or first after a pause when the caller
 /// just asked), pausing [`RETRY_FIRST`] doubling to [`RETRY_MAX`] between unanswered queries,
 /// until the destination answers; then act on the answer. The order stays at COMMIT in the
-/// journal meanwhile, so a restart asks again. It never gives up on its own: until the
-/// destination answers, running the VM here could make two copies.
+/// journal meanwhile, so a restart asks again. It never gives up on its own (until the
+/// destination answers, running the VM here could make two copies); the operator may settle
+/// the order by hand meanwhile ([`by_operator`]), and then the queries stop.
 pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    ctx.in_doubt
+        .lock()
+        .expect("in-doubt lock")
+        .insert(p.id, turn.clone());
     tokio::spawn(async move {
         let mut pause = RETRY_FIRST;
         if asked_already {
@@ -180,65 +186,101 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
             pause = next_pause(pause);
         }
         loop {
-            let in_doubt = (ctx.journal.lock().expect("journal lock").record(&p.id))
-                .is_some_and(|r| r.state == State::Committed);
-            if !in_doubt {
-                info!(order = %hex(&p.id), vm = %p.vm, "settled meanwhile (by the operator): no more settlement queries");
+            let done = {
+                let _turn = turn.lock().await;
+                answer_once(&ctx, &p, pause).await
+            };
+            if done {
+                ctx.in_doubt.lock().expect("in-doubt lock").remove(&p.id);
                 return;
             }
-            let s = ask(&ctx, &p).await;
-            let settled = |what: &str| {
-                let entry = history_entry("source", None, Some(what), &hex(&p.id), &p.vm);
-                ctx.remember(entry);
-            };
-            match s {
-                Settlement::Moved => {
-                    ctx.parked.lock().expect("parked lock").remove(&p.vm);
-                    info!(order = %hex(&p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
-                    settled(&s.vm_state());
-                    return;
-                }
-                Settlement::NotMoved => {
-                    let note = "settled: the destination never committed";
-                    let journalled = ctx.journal.lock().expect("journal lock").settle_source(
-                        &p.id,
-                        State::RolledBack,
-                        note,
-                    );
-                    match journalled {
-                        Ok(true) => {
-                            let vm_state = resume_here(&ctx, &p.vm, p.paused_before).await;
-                            warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
-                            settled(&format!("{note}; {vm_state}"));
-                        }
-                        Ok(false) => {
-                            info!(order = %hex(&p.id), vm = %p.vm, "{note}, but it was settled meanwhile (by the operator)");
-                        }
-                        // Without the record a restart would ask again: keep the VM stopped.
-                        Err(e) => {
-                            warn!(order = %hex(&p.id), vm = %p.vm, "{note}, but the journal refused the record ({e}); the VM stays stopped")
-                        }
-                    }
-                    return;
-                }
-                Settlement::InDoubt(why) => {
-                    warn!(order = %hex(&p.id), vm = %p.vm, "still in doubt, the VM stays stopped; asking again in {pause:?}: {why}");
-                    tokio::time::sleep(pause).await;
-                    pause = next_pause(pause);
-                }
-            }
+            tokio::time::sleep(pause).await;
+            pause = next_pause(pause);
         }
     });
 }
 
-/// The operator settles order `order` (hex), in doubt here, by hand: `resume_here` when they
-/// know its destination never ran the VM (say, that host is gone for good), else because it
-/// does. Journalled as the operator's decision; the background queries stop. spec: SPEC.md §8.8
+/// One turn of [`keep_asking`]: ask and act on the answer. Returns whether the order is
+/// settled (by this answer, or meanwhile by the operator).
+async fn answer_once(ctx: &Arc<Ctx>, p: &InDoubt, pause: Duration) -> bool {
+    let in_doubt = (ctx.journal.lock().expect("journal lock").record(&p.id))
+        .is_some_and(|r| r.state == State::Committed);
+    if !in_doubt {
+        info!(order = %hex(&p.id), vm = %p.vm, "settled meanwhile (by the operator): no more settlement queries");
+        return true;
+    }
+    let settled = |what: &str| {
+        let entry = history_entry("source", None, Some(what), &hex(&p.id), &p.vm);
+        ctx.remember(entry);
+    };
+    match ask(ctx, p).await {
+        s @ Settlement::Moved => {
+            ctx.parked.lock().expect("parked lock").remove(&p.vm);
+            info!(order = %hex(&p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
+            settled(&s.vm_state());
+            true
+        }
+        Settlement::NotMoved => {
+            let note = "settled: the destination never committed";
+            let journalled = ctx.journal.lock().expect("journal lock").settle_source(
+                &p.id,
+                State::RolledBack,
+                note,
+            );
+            match journalled {
+                Ok(true) => {
+                    let vm_state = resume_here(ctx, &p.vm, p.paused_before).await;
+                    warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
+                    settled(&format!("{note}; {vm_state}"));
+                }
+                Ok(false) => {
+                    info!(order = %hex(&p.id), vm = %p.vm, "{note}, but it was settled meanwhile");
+                }
+                // Without the record a restart would ask again: keep the VM stopped.
+                Err(e) => {
+                    warn!(order = %hex(&p.id), vm = %p.vm, "{note}, but the journal refused the record ({e}); the VM stays stopped")
+                }
+            }
+            true
+        }
+        Settlement::InDoubt(why) => {
+            warn!(order = %hex(&p.id), vm = %p.vm, "still in doubt, the VM stays stopped; asking again in {pause:?}: {why}");
+            false
+        }
+    }
+}
+
+/// The operator settles an order in doubt here by hand, named by its id or a prefix of it
+/// (hex, as `trustmig status` lists it): `resume` when they know its destination never ran the
+/// VM (say, that host is gone for good), else because it does. Only orders whose destination
+/// is being asked ([`keep_asking`]) can be settled so: not one whose session still runs.
+/// Journalled as the operator's decision; the queries stop. spec: SPEC.md §8.8
 pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<String, AgentError> {
-    let id: OrderId = ::hex::decode(order)
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| AgentError::Usage(format!("order id {order:?} is not 32 hex digits")))?;
+    let prefix = order.to_ascii_lowercase();
+    if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(AgentError::Usage(format!("order id {order:?} is not hex")));
+    }
+    let (id, turn) = {
+        let in_doubt = ctx.in_doubt.lock().expect("in-doubt lock");
+        let mut matches = in_doubt
+            .iter()
+            .filter(|(id, _)| hex(*id).starts_with(&prefix));
+        match (matches.next(), matches.next()) {
+            (Some((id, turn)), None) => (*id, turn.clone()),
+            (Some(_), Some(_)) => {
+                return Err(AgentError::Usage(format!(
+                    "{order:?} matches several orders in doubt here: give more digits"
+                )))
+            }
+            (None, _) => {
+                return Err(AgentError::Usage(format!(
+                    "no order in doubt here matches {order:?} (only an order whose session was lost after COMMIT, while its destination is being asked, can be settled by hand)"
+                )))
+            }
+        }
+    };
+    // After an answer being acted on, if any: then the journal says whether it is still open.
+    let _turn = turn.lock().await;
     let (state, note) = if resume {
         (
             State::RolledBack,
@@ -252,17 +294,15 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
     };
     let r = {
         let mut journal = ctx.journal.lock().expect("journal lock");
-        let r = journal.record(&id).cloned().ok_or_else(|| {
-            AgentError::Usage(format!("no order {order} in this agent's journal"))
-        })?;
         if !journal.settle_source(&id, state, note)? {
             return Err(AgentError::Usage(format!(
-                "order {order} is not in doubt here (it is {:?} as {}): nothing to settle",
-                r.state, r.role
+                "order {} was settled meanwhile (its destination answered)",
+                hex(&id)
             )));
         }
-        r
+        journal.record(&id).cloned().expect("just journalled")
     };
+    ctx.in_doubt.lock().expect("in-doubt lock").remove(&id);
     let what = if resume {
         resume_here(ctx, &r.vm, r.paused_before).await
     } else {
@@ -270,8 +310,8 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
         "this host keeps no copy".into()
     };
     let text = format!("{note}; {what}");
-    warn!(order = %order, vm = %r.vm, "{text}");
-    ctx.remember(history_entry("source", None, Some(&text), order, &r.vm));
+    warn!(order = %hex(&id), vm = %r.vm, "{text}");
+    ctx.remember(history_entry("source", None, Some(&text), &hex(&id), &r.vm));
     Ok(text)
 }
 

@@ -528,52 +528,82 @@ fn a_commit_after_a_not_committed_answer_is_refused() {
 }
 
 /// SPEC.md §8.8, operator override: the destination never answers (its host is gone, say);
-/// the operator, who knows it never ran the VM, settles the order by hand with `trustmig
-/// settle --resume-here`. The VM runs here again as it was; the order is no longer in doubt.
+/// the operator, who knows where the VM runs, settles the order by hand with `trustmig settle`:
+/// `--resume-here` runs the VM here again as it was; `--moved` lets it go. Either way the
+/// order is no longer in doubt and cannot be settled twice.
 #[test]
 fn the_operator_settles_an_order_the_destination_never_answers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let hooks = [
-        (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
-        (trustmig_agent::settle::TEST_UNANSWERED_ENV, "1000000"),
-    ];
-    let Some((rt, pair)) = hooked_source(&hooks, 20_000) else {
-        return;
-    };
-    let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
-    let order = pair
-        .order("v", limits(300, 10, NonConvergence::Force), 600)
-        .unwrap();
-    let id = trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
-    let e = failed(migrate(&rt, &pair, &order));
-    assert!(e.contains("in doubt"), "{e}\n{}", pair.log_tails(10));
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(exe())
-            .args(args)
-            .arg("--home")
-            .arg(pair.src.root())
-            .output()
+    for resume in [true, false] {
+        let hooks = [
+            (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
+            (trustmig_agent::settle::TEST_UNANSWERED_ENV, "1000000"),
+        ];
+        let Some((rt, pair)) = hooked_source(&hooks, 20_000) else {
+            return;
+        };
+        let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
+        let order = pair
+            .order("v", limits(300, 10, NonConvergence::Force), 600)
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
-    let (ok, status) = cli(&["status"]);
-    assert!(ok && status.contains("in doubt"), "{status}");
-    let (ok, text) = cli(&["settle", "0123", "--moved"]);
-    assert!(!ok && text.contains("not 32 hex digits"), "{text}");
-    let (ok, text) = cli(&["settle", &id, "--resume-here"]);
-    assert!(ok && text.contains("settled by the operator"), "{text}");
-    let (_, paused, writes_after) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
-    assert!(!paused, "the VM runs here again");
-    assert!(
-        writes_after > writes_before,
-        "as it was when the session was lost"
-    );
-    let (ok, text) = cli(&["settle", &id, "--moved"]);
-    assert!(!ok && text.contains("is not in doubt here"), "{text}");
-    let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
-    assert!(journal.contains("settled by the operator"), "{journal}");
+        let id =
+            trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
+        let e = failed(migrate(&rt, &pair, &order));
+        assert!(e.contains("in doubt"), "{e}\n{}", pair.log_tails(10));
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(exe())
+                .args(args)
+                .arg("--home")
+                .arg(pair.src.root())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            (out.status.success(), text)
+        };
+        let (ok, status) = cli(&["status"]);
+        assert!(
+            ok && status.contains("in doubt") && status.contains(&id[..16]),
+            "{status}"
+        );
+        let (ok, text) = cli(&["settle", "zz", "--moved"]);
+        assert!(!ok && text.contains("is not hex"), "{text}");
+        let (ok, text) = cli(&["settle", "0000000000", "--moved"]);
+        assert!(
+            !ok && text.contains("no order in doubt here matches"),
+            "{text}"
+        );
+        // The first 16 digits, as `status` lists them, name it.
+        let decision = if resume { "--resume-here" } else { "--moved" };
+        let (ok, text) = cli(&["settle", &id[..16], decision]);
+        assert!(ok && text.contains("settled by the operator"), "{text}");
+        let here = rt.block_on(Pair::vm_state(&pair.src, "v"));
+        if resume {
+            let (_, paused, writes_after) = here.unwrap();
+            assert!(!paused, "the VM runs here again");
+            assert!(
+                writes_after > writes_before,
+                "as it was when the session was lost"
+            );
+        } else {
+            assert!(here.is_err(), "the source keeps no copy");
+            let (_, status) = cli(&["status"]);
+            assert!(!status.contains("in doubt"), "{status}");
+        }
+        let (ok, text) = cli(&["settle", &id, "--resume-here"]);
+        assert!(
+            !ok && text.contains("no order in doubt here matches"),
+            "settled once: {text}"
+        );
+        let journal =
+            std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+        let note = if resume {
+            "settled by the operator: the destination never ran the VM"
+        } else {
+            "settled by the operator: the destination owns the VM"
+        };
+        assert!(journal.contains(note), "{journal}");
+    }
 }
 
 /// Poll `home`'s agent until it runs `vm`; its checksum and whether it is paused.
