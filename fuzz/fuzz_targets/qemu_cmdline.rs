@@ -1,10 +1,11 @@
 #![no_main]
 //! `trustmig qemu destination-command` over any command line: NUL-separated arguments, the
 //! first of which lists the transferred images (`:`-separated). A typed error or a command
-//! line that ends with our QMP socket and `-incoming defer -S`, never a panic.
+//! line that ends with our QMP socket and `-incoming defer -S`, never a panic; and the
+//! redacted form of any command line (what `start-destination` logs).
 use std::path::{Path, PathBuf};
 
-use trustmig_agent::qemu_cmdline::{destination_command, shell_line};
+use trustmig_agent::qemu_cmdline::{destination_command, redacted, shell_line};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -17,6 +18,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         .map(PathBuf::from)
         .collect();
     let args: Vec<String> = parts.map(str::to_string).collect();
+    // What start-destination logs: one argument for each, secrets hidden.
+    assert_eq!(redacted(&args).len(), args.len());
     match destination_command("qemu", &args, Path::new("/q"), &images) {
         Ok(d) => {
             let tail = [
