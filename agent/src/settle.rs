@@ -305,6 +305,8 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
     ctx.in_doubt.lock().expect("in-doubt lock").remove(&id);
     let what = if resume {
         resume_here(ctx, &r.vm, r.paused_before).await
+    } else if crate::sidecar::qemu_vm(&ctx.config, &r.vm).is_some() {
+        "its QEMU here stays stopped (postmigrate) for good: shut it down when convenient".into()
     } else {
         ctx.parked.lock().expect("parked lock").remove(&r.vm);
         "this host keeps no copy".into()
