@@ -103,10 +103,12 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
                     &s.vm,
                 ));
             }
-            if rolled_back {
-                warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here");
-            } else {
-                warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)");
+            match (s.order_id, rolled_back) {
+                // Refused before any order was accepted (handshake, settlement query): nothing
+                // was received, so there is nothing to discard.
+                (None, _) => warn!("peer session refused: {e}"),
+                (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
+                (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
             }
             Err(e)
         }

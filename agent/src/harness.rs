@@ -378,6 +378,28 @@ pub async fn raw_hello(
     order: &SignedOrder,
 ) -> Result<trustmig_protocol::messages::Message, AgentError> {
     use trustmig_protocol::messages::{ClientHello, Message, TransferMode};
+    let hello = Message::ClientHello(ClientHello {
+        versions: trustmig_protocol::SUPPORTED_VERSIONS.to_vec(),
+        nonce: crate::random(),
+        order: order.clone(),
+        mode: TransferMode::Precopy {
+            page_size: 4096,
+            page_count: 1024,
+        },
+        streams: 1,
+    });
+    raw_request(as_home, addr, dst_id, &hello).await
+}
+
+/// Play any agent by hand: TLS as the identity in `as_home` to `addr` (pinned to `dst_id`),
+/// send `msg` as the first frame and return the first answer.
+pub async fn raw_request(
+    as_home: &Home,
+    addr: &str,
+    dst_id: AgentId,
+    msg: &trustmig_protocol::messages::Message,
+) -> Result<trustmig_protocol::messages::Message, AgentError> {
+    use trustmig_protocol::messages::Message;
     let me = crate::identity::Identity::load(as_home)?;
     let cfg =
         crate::tls::client_config(&me, dst_id).map_err(|e| AgentError::Migration(e.to_string()))?;
@@ -393,17 +415,7 @@ pub async fn raw_hello(
             addr: addr.into(),
             reason: format!("TLS handshake: {e}"),
         })?;
-    let hello = Message::ClientHello(ClientHello {
-        versions: trustmig_protocol::SUPPORTED_VERSIONS.to_vec(),
-        nonce: crate::random(),
-        order: order.clone(),
-        mode: TransferMode::Precopy {
-            page_size: 4096,
-            page_count: 1024,
-        },
-        streams: 1,
-    });
-    crate::wire::write_frame(&mut tls, &hello.encode())
+    crate::wire::write_frame(&mut tls, &msg.encode())
         .await
         .map_err(|e| AgentError::Migration(e.to_string()))?;
     let reply = crate::wire::read_frame(&mut tls)

@@ -241,17 +241,19 @@ impl Journal {
     ) -> Result<bool, AgentError> {
         let key = hex(order_id);
         let note = "settlement: the source asked; never committed here";
-        if let Some(source) = self.latest.get(&key).and_then(|r| r.peer.as_deref()) {
-            let mine = self.latest[&key].role == Role::Destination;
-            if mine && source != hex(asker) {
-                // The asker learns no more than that it gets no answer (not who the source is).
-                return Err(AgentError::Migration(format!(
-                    "order {key}: no settlement answer for agent {}, which did not send it",
-                    hex(asker)
-                )));
-            }
+        let latest = self.latest.get(&key);
+        let source = latest.filter(|r| r.role == Role::Destination);
+        if source
+            .and_then(|r| r.peer.as_deref())
+            .is_some_and(|p| p != hex(asker))
+        {
+            // The asker learns no more than that it gets no answer (not who the source is).
+            return Err(AgentError::Migration(format!(
+                "order {key}: no settlement answer for agent {}, which did not send it",
+                hex(asker)
+            )));
         }
-        match self.latest.get(&key).map(|r| (r.role, r.state)) {
+        match latest.map(|r| (r.role, r.state)) {
             Some((Role::Destination, State::Committed | State::Done | State::Settled)) => {
                 Ok(true)
             }

@@ -601,7 +601,9 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                         print!("{}", trustmig_agent::progress::status_text(&v));
                     }
                 }
-                Some(Reply::Error(e)) => return Err(AgentError::Migration(e)),
+                Some(Reply::Error(e)) => {
+                    return Err(AgentError::Usage(format!("the agent refused: {e}")))
+                }
                 _ => return Err(AgentError::Migration("no status from agent".into())),
             }
         }
@@ -620,7 +622,9 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             runtime()?.block_on(control::call(&h.control_socket(), &req, |r| out = Some(r)))?;
             match out {
                 Some(Reply::Settled(what)) => println!("{what}"),
-                Some(Reply::Error(e)) => return Err(AgentError::Migration(e)),
+                Some(Reply::Error(e)) => {
+                    return Err(AgentError::Usage(format!("the agent refused: {e}")))
+                }
                 _ => return Err(AgentError::Migration("no answer from the agent".into())),
             }
         }

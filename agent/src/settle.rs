@@ -114,8 +114,15 @@ pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
                     .lock()
                     .expect("journal lock")
                     .settle_source(&p.id, State::Done, note);
-            if journalled.is_ok_and(|was_in_doubt| !was_in_doubt) {
-                error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them");
+            match journalled {
+                Ok(true) => {}
+                Ok(false) => {
+                    error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them")
+                }
+                // The VM is the destination's either way; unrecorded, a restart asks again.
+                Err(e) => {
+                    warn!(order = %hex(&p.id), vm = %p.vm, "the destination committed, but the journal refused the record ({e})")
+                }
             }
             Settlement::Moved
         }

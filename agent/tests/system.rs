@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use trustmig_agent::control::{Progress, Reply, Summary};
-use trustmig_agent::harness::{raw_hello, Pair, VmSpec};
+use trustmig_agent::harness::{raw_hello, raw_request, Pair, VmSpec};
 use trustmig_agent::home::Home;
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, SignedOrder, ORDER_VERSION};
@@ -254,13 +254,36 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
 
     // A rogue agent (valid TLS key, not in the destination's trust store) is refused at TLS.
     let rogue = Home::at(pair.dir().join("rogue"));
-    trustmig_agent::admin::init(&rogue, "127.0.0.1:1", &pair.tcti(0)).unwrap();
+    let rogue_key = trustmig_agent::admin::init(&rogue, "127.0.0.1:1", &pair.tcti(0)).unwrap();
     let fresh = resign(&|_| {});
     let r = rt.block_on(raw_hello(&rogue, &pair.dst_addr, pair.dst_id, &fresh));
     assert!(r.is_err(), "rogue peer got an answer: {r:?}");
     // The genuine order still works afterwards: nothing above burnt it or broke the agents.
     let s = done(migrate(&rt, &pair, &fresh), &pair);
     assert_eq!(s.vm, "v");
+
+    // SPEC.md §8.8: a settlement query is answered to the order's source only. The intruder
+    // is a trusted peer of the destination, but not the order's source: no answer, and the
+    // refusal does not name the source.
+    let id = fresh.dangerous_unverified_body().unwrap().order_id;
+    trustmig_agent::admin::add_peer(&pair.dst, "intruder", rogue_key).unwrap();
+    let query = Message::SettleQuery { order_id: id };
+    match rt.block_on(raw_request(&rogue, &pair.dst_addr, pair.dst_id, &query)) {
+        Ok(Message::Abort { reason, .. }) => {
+            assert!(reason.contains("did not send it"), "{reason}");
+            let source = trustmig_protocol::order::hex(&pair.src_id);
+            assert!(!reason.contains(&source), "source disclosed: {reason}");
+        }
+        other => panic!("intruder answered: {other:?}"),
+    }
+    // The source itself is answered: the destination committed (it runs the VM).
+    match rt.block_on(raw_request(&pair.src, &pair.dst_addr, pair.dst_id, &query)) {
+        Ok(Message::SettleAnswer {
+            order_id,
+            committed,
+        }) => assert!(order_id == id && committed),
+        other => panic!("the source got no answer: {other:?}"),
+    }
 }
 
 #[test]
