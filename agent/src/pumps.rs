@@ -248,41 +248,29 @@ mod tests {
 
     #[tokio::test]
     async fn open_pump_refuses_tampering_and_a_cut() {
-        let (mut sealer, opener) = pair();
+        let (mut sealer, _) = pair();
         let mut wire = Vec::new();
         sealer
             .seal(RecordType::HypervisorStream, b"abc", &mut wire)
             .expect("seal");
         let mut flipped = wire.clone();
         flipped[20] ^= 1;
-        let r = open_pump(&flipped[..], tokio::io::sink(), opener, "s0")
-            .await
-            .map_err(|e| e.to_string());
-        assert!(
-            r.as_ref()
-                .err()
-                .is_some_and(|e| e.contains("authentication")),
-            "{:?}",
-            r.err()
-        );
-        let (_, opener) = pair();
-        let r = open_pump(&wire[..], tokio::io::sink(), opener, "s0")
-            .await
-            .map_err(|e| e.to_string());
-        assert!(
-            r.as_ref().err().is_some_and(|e| e.contains("cut")),
-            "{:?}",
-            r.err()
-        );
-        let (_, opener) = pair();
-        let replayed = [wire.clone(), wire].concat();
-        let r = open_pump(&replayed[..], tokio::io::sink(), opener, "s0")
-            .await
-            .map_err(|e| e.to_string());
-        assert!(
-            r.as_ref().err().is_some_and(|e| e.contains("replayed")),
-            "{:?}",
-            r.err()
-        );
+        let replayed = [wire.clone(), wire.clone()].concat();
+        // A flipped bit, a stream cut before its StreamEnd, a replayed record.
+        for (input, expect) in [
+            (flipped, "authentication"),
+            (wire, "cut"),
+            (replayed, "replayed"),
+        ] {
+            let (_, opener) = pair();
+            let r = open_pump(&input[..], tokio::io::sink(), opener, "s0")
+                .await
+                .map_err(|e| e.to_string());
+            assert!(
+                r.as_ref().err().is_some_and(|e| e.contains(expect)),
+                "{expect}: {:?}",
+                r.err()
+            );
+        }
     }
 }

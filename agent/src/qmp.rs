@@ -308,11 +308,15 @@ impl Qmp {
     async fn read_json(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
         tokio::time::timeout(self.timeout, self.read_json_untimed(waiting_for))
             .await
-            .map_err(|_| QmpError::Timeout {
-                path: self.path.clone(),
-                waiting_for: waiting_for.into(),
-                timeout: self.timeout,
-            })?
+            .map_err(|_| self.timed_out(waiting_for))?
+    }
+
+    fn timed_out(&self, waiting_for: &str) -> QmpError {
+        QmpError::Timeout {
+            path: self.path.clone(),
+            waiting_for: waiting_for.into(),
+            timeout: self.timeout,
+        }
     }
 
     /// Read one JSON line. Cancel-safe: a partly read line stays in `self.line` for the next
@@ -392,11 +396,7 @@ impl Qmp {
         };
         tokio::time::timeout(self.timeout, self.wr.write_all(&line))
             .await
-            .map_err(|_| QmpError::Timeout {
-                path: self.path.clone(),
-                waiting_for: command.into(),
-                timeout: self.timeout,
-            })?
+            .map_err(|_| self.timed_out(command))?
             .map_err(io)?;
         loop {
             let v = self.read_json(command).await?;

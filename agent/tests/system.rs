@@ -458,6 +458,30 @@ fn hooked_source(env: &[(&str, &str)], rate: u64) -> Option<(tokio::runtime::Run
     Some((rt(), pair))
 }
 
+/// A migration of a writing 64 MiB guest whose source loses the session right after COMMIT
+/// and whose first `unanswered` settlement queries go unanswered: it fails in doubt. Returns
+/// the agents, the order's id (hex) and how many pages the guest had written before (a guest
+/// kept as it was has written more since; one created anew has not).
+fn lost_in_doubt(unanswered: &str) -> Option<(tokio::runtime::Runtime, Pair, String, u64)> {
+    let hooks = [
+        (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
+        (trustmig_agent::settle::TEST_UNANSWERED_ENV, unanswered),
+    ];
+    let (rt, pair) = hooked_source(&hooks, 20_000)?;
+    let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let id = trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(
+        e.contains("in doubt") && e.contains("asks the destination again"),
+        "{e}\n{}",
+        pair.log_tails(10)
+    );
+    Some((rt, pair, id, writes_before))
+}
+
 /// SPEC.md §8.8 rule 3: a source that journalled COMMIT but never saw `Resumed` asks the
 /// destination. If the destination never committed (the session was lost before `Commit`
 /// left), the VM runs on the source again, memory untouched; if it did (it failed before
@@ -558,21 +582,9 @@ fn a_commit_after_a_not_committed_answer_is_refused() {
 fn the_operator_settles_an_order_the_destination_never_answers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for resume in [true, false] {
-        let hooks = [
-            (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
-            (trustmig_agent::settle::TEST_UNANSWERED_ENV, "1000000"),
-        ];
-        let Some((rt, pair)) = hooked_source(&hooks, 20_000) else {
+        let Some((rt, pair, id, writes_before)) = lost_in_doubt("1000000") else {
             return;
         };
-        let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
-        let order = pair
-            .order("v", limits(300, 10, NonConvergence::Force), 600)
-            .unwrap();
-        let id =
-            trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
-        let e = failed(migrate(&rt, &pair, &order));
-        assert!(e.contains("in doubt"), "{e}\n{}", pair.log_tails(10));
         let cli = |args: &[&str]| {
             let out = std::process::Command::new(exe())
                 .args(args)
@@ -658,25 +670,10 @@ fn wait_for_vm(
 #[test]
 fn an_unanswered_settlement_is_asked_again_until_answered() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // A guest that writes, so that one kept as it was tells apart from one created anew; the
-    // query right after the lost session and the first retry go unanswered.
-    let hooks = [
-        (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
-        (trustmig_agent::settle::TEST_UNANSWERED_ENV, "2"),
-    ];
-    let Some((rt, pair)) = hooked_source(&hooks, 20_000) else {
+    // The query right after the lost session and the first retry go unanswered.
+    let Some((rt, pair, _, writes_before)) = lost_in_doubt("2") else {
         return;
     };
-    let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
-    let order = pair
-        .order("v", limits(300, 10, NonConvergence::Force), 600)
-        .unwrap();
-    let e = failed(migrate(&rt, &pair, &order));
-    assert!(
-        e.contains("in doubt") && e.contains("asks the destination again"),
-        "{e}\n{}",
-        pair.log_tails(10)
-    );
     assert!(
         rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
         "in doubt, the source does not run the VM"
