@@ -36,7 +36,8 @@ pub enum CmdlineError {
 pub struct Derived {
     /// The destination's command line, binary first.
     pub args: Vec<String>,
-    /// Options dropped because they belong to transferred disks (`-drive …`, `-device …`).
+    /// Options dropped because they belong to transferred disks (`-drive …`, `-device …`),
+    /// for the operator's eyes (secrets redacted).
     pub dropped: Vec<String>,
 }
 
@@ -103,8 +104,8 @@ pub fn destination_command(
             continue;
         }
         if drop[i] {
-            out.dropped
-                .push(format!("{opt} {}", value.unwrap_or_default()));
+            let shown = redacted(&[value.unwrap_or_default()]).concat();
+            out.dropped.push(format!("{opt} {shown}"));
             continue;
         }
         out.args.push(opt);
@@ -629,6 +630,14 @@ mod tests {
                 && r.contains(r#""id":"s1""#)
                 && r.ends_with("} -m 256"),
             "{r}"
+        );
+        // What destination-command lists as left out is redacted too.
+        let src = args(&["-drive", "file=/img/d.raw,id=d0,password=hunter2"]);
+        let img = [PathBuf::from("/img/d.raw")];
+        let d = destination_command("qemu", &src, Path::new("/q"), &img).expect("derived");
+        assert_eq!(
+            d.dropped,
+            ["-drive file=/img/d.raw,id=d0,password=<redacted>"]
         );
     }
 
