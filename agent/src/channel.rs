@@ -21,6 +21,7 @@ use trustmig_protocol::AgentId;
 use crate::control::Progress;
 use crate::daemon::Ctx;
 use crate::error::AgentError;
+use crate::fault::{crash_point, CrashPoint};
 use crate::journal::State;
 use crate::wire::{spawn_frame_reader, write_frame, WireError};
 
@@ -142,6 +143,13 @@ impl SourceChannel {
         let _ = self.wr.shutdown().await;
     }
 
+    /// After [`Self::abort`]: wait up to `within` for the destination to close the channel,
+    /// which it does once it has discarded its copy. Whether it closed in time.
+    pub async fn wait_closed(&mut self, within: Duration) -> bool {
+        let closed = async { while self.rx.recv().await.is_some() {} };
+        tokio::time::timeout(within, closed).await.is_ok()
+    }
+
     /// Run the attested handshake (SPEC.md §5) for `order` with this transfer mode.
     pub async fn handshake(
         &mut self,
@@ -197,6 +205,9 @@ impl SourceChannel {
         self.send(switch_over).await?;
         loop {
             let msg = self.recv().await?;
+            if matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
+                crash_point(CrashPoint::SourceFinalChallenge);
+            }
             let ev = {
                 let ctx = self.ctx.clone();
                 let mut att = ctx.attester.lock().expect("attester lock");

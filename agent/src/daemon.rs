@@ -51,6 +51,10 @@ pub struct Ctx {
     /// only ones an operator may settle by hand. Each lock is held while one answer or decision
     /// is acted on, so the two never cross.
     pub in_doubt: Mutex<HashMap<OrderId, Arc<tokio::sync::Mutex<()>>>>,
+    /// QEMU VMs given back after a rollback whose `cont` QEMU refused for now (an image lock
+    /// held by a destination being discarded), with the cause: "rolled back, not yet running"
+    /// until it runs (`sidecar/giveback.rs`).
+    pub resuming: Mutex<HashMap<String, String>>,
     /// Sessions waiting for data connections, by session id.
     pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,
     /// Summaries of finished migrations (newest last).
@@ -84,9 +88,13 @@ impl Ctx {
 
 /// Settle migrations the journal shows as interrupted, from the journal alone; returns the
 /// source-side orders at COMMIT whose destination is known, to be settled by asking it
-/// (`settle::keep_asking`). spec: SPEC.md §8.8
-fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
+/// (`settle::keep_asking`), and the state each order settled here was in (hex id), for
+/// reconciling the VMs' hypervisors (`reconcile.rs`). spec: SPEC.md §8.8
+fn settle_in_doubt(
+    journal: &mut Journal,
+) -> Result<(Vec<InDoubt>, HashMap<String, State>), AgentError> {
     let mut ask = Vec::new();
+    let mut interrupted = HashMap::new();
     for r in journal.in_doubt() {
         let id: [u8; 16] = hex::decode(&r.order_id)
             .ok()
@@ -120,8 +128,9 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
             State::Settled
         };
         journal.set(&id, state, note)?;
+        interrupted.insert(r.order_id.clone(), r.state);
     }
-    Ok(ask)
+    Ok((ask, interrupted))
 }
 
 /// Run the agent until SIGTERM/SIGINT.
@@ -131,7 +140,22 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     let identity = Identity::load(&home)?;
     let verifier = crate::attestation::load_verifier(&home.policy())?;
     let mut journal = Journal::open(&home.journal_dir())?;
-    let ask_destinations = settle_in_doubt(&mut journal)?;
+    let (ask_destinations, interrupted) = settle_in_doubt(&mut journal)?;
+    // QEMU VMs: what the journal allows for each, done once the agent is up (sidecar/).
+    let reconcile: Vec<_> = config
+        .vms
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v.name.clone(),
+                v.qmp.clone().filter(|_| v.backend == "qemu")?,
+            ))
+        })
+        .map(|(vm, qmp)| {
+            let action = crate::reconcile::action(journal.last_order_of(&vm), &interrupted);
+            (vm, qmp, action)
+        })
+        .collect();
     // A configured guest this host cannot hold is a configuration error, not an allocation abort.
     let want: u64 = config
         .vms
@@ -199,12 +223,14 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
         vms: Mutex::new(vms),
         parked: Mutex::new(HashMap::new()),
         in_doubt: Mutex::new(HashMap::new()),
+        resuming: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
     });
     for p in ask_destinations {
         crate::settle::keep_asking(ctx.clone(), p, false);
     }
+    crate::sidecar::reconcile_all(&ctx, reconcile);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;
@@ -369,10 +395,20 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
                     .lock()
                     .expect("journal lock")
                     .in_doubt_as_source(&v.name);
-                let state = if in_doubt {
-                    format!("{state}, in doubt: asking its destination (see the journal)")
-                } else {
-                    state
+                let resuming = ctx
+                    .resuming
+                    .lock()
+                    .expect("resuming lock")
+                    .get(&v.name)
+                    .cloned();
+                let state = match (in_doubt, resuming) {
+                    (true, _) => {
+                        format!("{state}, in doubt: asking its destination (see the journal)")
+                    }
+                    (false, Some(cause)) => {
+                        format!("{state}, rolled back, not yet running: {cause}")
+                    }
+                    (false, None) => state,
                 };
                 vms.push(serde_json::json!({ "name": v.name, "qemu": state }));
             }

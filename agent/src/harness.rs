@@ -56,6 +56,11 @@ impl AgentProcess {
         self.child.id()
     }
 
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL now (a crash).
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -228,7 +233,12 @@ impl Pair {
             "destination.log"
         });
         let _ = std::fs::remove_file(home.control_socket());
-        let out = std::fs::File::create(&log).map_err(AgentError::io(&log))?;
+        // Appended: a restarted agent's log follows the one before it (crash tests read both).
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(AgentError::io(&log))?;
         let err = out.try_clone().map_err(AgentError::io(&log))?;
         let env = if i == 0 { &self.src_env } else { &self.dst_env };
         let child = Command::new(&self.exe)

@@ -88,6 +88,8 @@ pub struct Journal {
     file: File,
     latest: HashMap<String, Record>,
     last_for_vm: HashMap<String, Record>,
+    /// The order that most recently wrote a record about each VM, whatever it did.
+    last_order_of_vm: HashMap<String, String>,
 }
 
 impl Journal {
@@ -97,6 +99,7 @@ impl Journal {
         let path = dir.join("journal.jsonl");
         let mut latest = HashMap::new();
         let mut last_for_vm: HashMap<String, Record> = HashMap::new();
+        let mut last_order_of_vm = HashMap::new();
         let mut torn_at = None;
         if path.exists() {
             let text = fs::read_to_string(&path).map_err(AgentError::io(&path))?;
@@ -109,6 +112,7 @@ impl Journal {
                         if moves_vm(latest.get(&r.order_id).map(|p: &Record| p.state), &r) {
                             last_for_vm.insert(r.vm.clone(), r.clone());
                         }
+                        last_order_of_vm.insert(r.vm.clone(), r.order_id.clone());
                         latest.insert(r.order_id.clone(), r);
                     }
                     // Crash mid-append: the caller never acted on it; cut it off below.
@@ -145,6 +149,7 @@ impl Journal {
             file,
             latest,
             last_for_vm,
+            last_order_of_vm,
         })
     }
 
@@ -159,6 +164,8 @@ impl Journal {
         if moves_vm(self.latest.get(&r.order_id).map(|p| p.state), &r) {
             self.last_for_vm.insert(r.vm.clone(), r.clone());
         }
+        self.last_order_of_vm
+            .insert(r.vm.clone(), r.order_id.clone());
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
     }
@@ -337,6 +344,13 @@ impl Journal {
         let mut v: Vec<Record> = self.latest.values().cloned().collect();
         v.sort_by_key(|r| std::cmp::Reverse(r.at));
         v
+    }
+
+    /// The latest record of the order that most recently wrote about `vm` (claimed, moved,
+    /// rolled back, settled): what this host last did with the VM, for reconciling its
+    /// hypervisor state after a restart (`reconcile.rs`).
+    pub fn last_order_of(&self, vm: &str) -> Option<&Record> {
+        self.latest.get(self.last_order_of_vm.get(vm)?)
     }
 
     /// Whether `vm` left this agent: the latest record (in journal order) that moved it is a

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod attestation;
+mod backoff;
 pub mod bench;
 pub mod channel;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod dest;
 pub mod disk;
 pub mod error;
+pub mod fault;
 pub mod guest;
 pub mod harness;
 pub mod home;
@@ -23,6 +25,7 @@ pub mod progress;
 mod pumps;
 pub mod qemu_cmdline;
 pub mod qmp;
+pub mod reconcile;
 pub mod settle;
 pub mod sidecar;
 pub mod source;

@@ -186,6 +186,14 @@ impl MigrationInfo {
     pub fn status(&self) -> &str {
         self.status.as_deref().unwrap_or("none")
     }
+
+    /// Whether a migration is under way (QEMU may still stop, send or cancel).
+    pub fn in_progress(&self) -> bool {
+        matches!(
+            self.status(),
+            "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+        )
+    }
 }
 
 /// One line from QEMU (with its `\n`) as JSON; a cut, over-long or non-JSON line is `Malformed`.
@@ -522,6 +530,31 @@ impl Qmp {
             Ok(()) | Err(QmpError::Closed { .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// `quit`, then wait up to `within` for QEMU to close its socket: QEMU closes its monitors
+    /// after its block devices, and the process's image locks go with it, so a source waiting
+    /// on those locks may `cont` once this returns `Ok`.
+    pub async fn quit_and_wait(&mut self, within: Duration) -> Result<(), QmpError> {
+        self.quit().await?;
+        let waiting_for = "QEMU to exit after quit";
+        let exited = tokio::time::timeout(within, async {
+            loop {
+                match self.read_json_untimed(waiting_for).await {
+                    Err(QmpError::Closed { .. }) => return Ok(()),
+                    Err(e) => return Err(e),
+                    Ok(_) => {} // late events: QEMU is still on its way out
+                }
+            }
+        })
+        .await;
+        exited.unwrap_or_else(|_| {
+            Err(QmpError::Timeout {
+                path: self.path.clone(),
+                waiting_for: waiting_for.into(),
+                timeout: within,
+            })
+        })
     }
 
     /// Events received so far, oldest first (drains the queue).

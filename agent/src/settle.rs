@@ -12,6 +12,7 @@ use trustmig_protocol::migration::Outcome;
 use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
 use trustmig_protocol::AgentId;
 
+use crate::backoff::Backoff;
 use crate::channel::SourceChannel;
 use crate::daemon::{history_entry, Ctx};
 use crate::error::AgentError;
@@ -169,9 +170,9 @@ fn test_unanswered() -> bool {
     ASKED.fetch_add(1, Ordering::SeqCst) < n
 }
 
-/// The pause after one that went unanswered: doubling, at most [`RETRY_MAX`].
-fn next_pause(pause: Duration) -> Duration {
-    (pause * 2).min(RETRY_MAX)
+/// The pauses between unanswered queries.
+fn backoff() -> Backoff {
+    Backoff::new(RETRY_FIRST, RETRY_MAX)
 }
 
 /// Keep asking about `p` in the background (at once, or first after a pause when the caller
@@ -187,12 +188,12 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
         .expect("in-doubt lock")
         .insert(p.id, turn.clone());
     tokio::spawn(async move {
-        let mut pause = RETRY_FIRST;
+        let mut pauses = backoff();
         if asked_already {
-            tokio::time::sleep(pause).await;
-            pause = next_pause(pause);
+            tokio::time::sleep(pauses.next_pause()).await;
         }
         loop {
+            let pause = pauses.next_pause();
             let done = {
                 let _turn = turn.lock().await;
                 answer_once(&ctx, &p, pause).await
@@ -202,7 +203,6 @@ pub fn keep_asking(ctx: Arc<Ctx>, p: InDoubt, asked_already: bool) {
                 return;
             }
             tokio::time::sleep(pause).await;
-            pause = next_pause(pause);
         }
     });
 }
@@ -332,9 +332,7 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
 async fn resume_here(ctx: &Arc<Ctx>, vm: &str, paused_before: bool) -> String {
     if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
         return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
-            Ok(mut qmp) => {
-                crate::sidecar::rollback_source(&mut qmp, !paused_before, ctx.step_timeout()).await
-            }
+            Ok(mut qmp) => crate::sidecar::give_back(ctx, vm, &mut qmp, !paused_before).await,
             Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
         };
     }
@@ -366,12 +364,8 @@ mod tests {
 
     #[test]
     fn unanswered_queries_back_off_to_a_minute() {
-        let mut p = RETRY_FIRST;
-        let mut seen = vec![p.as_secs()];
-        for _ in 0..8 {
-            p = next_pause(p);
-            seen.push(p.as_secs());
-        }
+        let mut pauses = backoff();
+        let seen: Vec<u64> = (0..9).map(|_| pauses.next_pause().as_secs()).collect();
         assert_eq!(seen, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 }

@@ -305,6 +305,8 @@ struct VmOpts {
     dst_vm: String,
     /// Environment of the source agent.
     src_env: Vec<(String, String)>,
+    /// Environment of the destination agent.
+    dst_env: Vec<(String, String)>,
 }
 
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
@@ -356,6 +358,7 @@ fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
         std::fs::write(&path, text).expect("config");
     }
     pair.src_env.clone_from(&opts.src_env);
+    pair.dst_env.clone_from(&opts.dst_env);
     pair.start_both().expect("agents start");
     src.wait_ticks(3, Duration::from_secs(180));
     Some(Setup { pair, src, dst })
@@ -483,7 +486,13 @@ async fn assert_rolled_back(s: &mut Setup, result: &Result<Summary, String>, exp
     );
     eprintln!("migration failed as expected: {err}");
     assert!(err.contains("rolled back"), "{err}");
-    // The destination QEMU was discarded or at least never resumed; its guest printed nothing.
+    assert_source_runs_alone(s).await;
+}
+
+/// Exactly one copy runs, on the source: the destination QEMU was discarded or at least never
+/// resumed (its guest printed nothing), the source guest's counter advances and its data area
+/// checks out.
+async fn assert_source_runs_alone(s: &mut Setup) {
     if s.dst.alive() {
         let st = s.dst.status().await;
         assert!(
@@ -517,6 +526,12 @@ async fn assert_rolled_back(s: &mut Setup, result: &Result<Summary, String>, exp
         checks.iter().all(|&(_, bad)| bad == 0),
         "source data area: {checks:?}"
     );
+    // `trustmig status` on both sides says so.
+    let src = agent_status(&s.pair.src).await;
+    assert!(src.contains(&format!("{VM:20} QEMU: running")), "{src}");
+    assert!(!src.contains("not yet running"), "{src}");
+    let dst = agent_status(&s.pair.dst).await;
+    assert!(!dst.contains(&format!("{VM:20} QEMU: running")), "{dst}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,6 +773,146 @@ async fn qemu_unanswered_settlement_is_retried_and_a_paused_vm_stays_paused() {
         assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
     }
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+}
+
+/// Wait up to `within` for agent `i` of the pair (0 = source) to exit, as after a crash point.
+fn wait_agent_exit(s: &mut Setup, i: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while s.pair.procs[i].as_mut().is_some_and(|p| p.running()) {
+        assert!(
+            Instant::now() < deadline,
+            "agent {i} did not crash\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 14, case 1: the source agent dies when `FinalChallenge` arrives (its QEMU completed
+/// and stopped in `postmigrate`; nothing committed). The destination discards its QEMU; the
+/// restarted source reconciles its QEMU with the journal (rolled back) and runs the VM again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_source_crash_before_commit_runs_the_vm_again_at_restart() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_env: vec![(
+            trustmig_agent::fault::CRASH_AT_ENV.into(),
+            trustmig_agent::fault::CrashPoint::SourceFinalChallenge
+                .name()
+                .into(),
+        )],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    assert!(r.is_err(), "the source agent crashed: {r:?}");
+    wait_agent_exit(&mut s, 0, Duration::from_secs(10));
+    // The crash left the VM stopped on the source and never running on the destination.
+    assert_eq!(
+        s.src.status().await.as_deref(),
+        Ok("postmigrate"),
+        "{}",
+        s.logs()
+    );
+    s.pair.src_env.clear();
+    s.pair.start(0).expect("source agent restarts");
+    assert_source_runs_alone(&mut s).await;
+    let logs = s.logs();
+    assert!(logs.contains("after restart"), "{logs}");
+}
+
+/// Issue 14, case 2: the destination agent dies when it would send `FinalChallenge`, both
+/// QEMUs on one shared writable image. The destination QEMU loaded the VM and stays paused
+/// (without `late-block-activate` it also holds the image's write lock, and the source's
+/// rollback `cont` is refused until it is gone). The source keeps trying; the restarted
+/// destination agent discards its QEMU; the source VM runs, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
+    let _g = SERIAL.lock().await;
+    let shared = tempfile::tempdir().expect("temp dir");
+    let image = shared.path().join("shared.raw");
+    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
+    let drive = vec![
+        "-drive".to_string(),
+        format!("file={},format=raw,if=none,id=d0", image.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0".into(),
+    ];
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_extra: drive.clone(),
+        dst_extra: drive,
+        dst_env: vec![(
+            trustmig_agent::fault::CRASH_AT_ENV.into(),
+            trustmig_agent::fault::CrashPoint::DestinationFinalChallenge
+                .name()
+                .into(),
+        )],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    eprintln!("source says: {err}");
+    if err.contains("not yet running") {
+        // The destination QEMU holds the lock: the source says so until it runs.
+        assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
+        let text = agent_status(&s.pair.src).await;
+        assert!(text.contains("rolled back, not yet running"), "{text}");
+        assert!(text.contains("lock"), "the cause is named: {text}");
+    }
+    assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+    s.pair.dst_env.clear();
+    s.pair.start(1).expect("destination agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.dst.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "destination QEMU not discarded\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_source_runs_alone(&mut s).await;
+}
+
+/// Issue 14, case 3: a data stream that never binds (its `StreamInit` tampered with). The
+/// source rolls back; the destination gives the session up at once and discards its waiting
+/// QEMU instead of holding it (and its QMP socket) for a step timeout and leaving it behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_unbound_data_stream_releases_the_destination_at_once() {
+    let _g = SERIAL.lock().await;
+    let Some(mut s) = setup("area=16 rate=8 check=10", true) else {
+        return;
+    };
+    let proxy = Proxy::start(s.pair.dst_addr.clone(), Fault::FlipBit(0))
+        .await
+        .expect("proxy");
+    let (r, _) = migrate(&mut s, &proxy.addr.clone(), 300).await;
+    assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst));
+    let failed_at = Instant::now();
+    assert_rolled_back(&mut s, &r, "rolled back").await;
+    while s.dst.alive() {
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(5),
+            "destination QEMU still waits for the refused session\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let journal = std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl"))
+        .expect("destination journal");
+    assert!(journal.contains("rolled-back"), "{journal}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,13 +13,14 @@ use tracing::{debug, info, warn};
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::Direction;
-use trustmig_protocol::messages::{frame_len, FRAME_HEADER};
+use trustmig_protocol::messages::{frame_len, Message, FRAME_HEADER};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
 use trustmig_protocol::order::hex;
 use trustmig_protocol::record::{Opener, RecordType, Sealer};
 
 use crate::daemon::{history_entry, Ctx, DataConn};
 use crate::error::AgentError;
+use crate::fault::{crash_point, CrashPoint};
 use crate::journal::State;
 use crate::pumps::{open_pump, seal_pump, Received};
 use crate::qmp::Qmp;
@@ -28,6 +29,10 @@ use crate::wire::{read_record, write_frame, WireError};
 use super::{proto, qemu_vm, qmp_err, socket_dir, socket_path, stream_secret};
 
 type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// How long the destination waits for the source's data stream to bind: the source opens it
+/// right after the handshake, so a stream that has not authenticated by then never will.
+const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Receive a QEMU migration (called by `dest` for `TransferMode::HypervisorStream`). `sid_slot`
 /// is set to the registered session id so the caller can unregister it. On any error before
@@ -60,7 +65,7 @@ pub async fn receive(
         ctx: ctx.clone(),
         vm: vm.to_string(),
         committed: false,
-        fed: false,
+        incoming: false,
         tasks: Vec::new(),
         disk_files: Vec::new(),
     };
@@ -68,9 +73,12 @@ pub async fn receive(
     for t in d.tasks.drain(..) {
         t.abort();
     }
-    if r.is_err() && d.fed && !d.committed {
-        // Discard: this QEMU holds (part of) a VM that must not run here.
-        match qmp.quit().await {
+    if r.is_err() && d.incoming && !d.committed {
+        // Discard: this QEMU was started for this migration and holds (part of) a VM that must
+        // not run here, or waits for one that will not come. It exits before the source hears
+        // of the failure (the caller closes the channel after this), so a source waiting for
+        // the images' locks can run its VM again (spec/qemu.md §4).
+        match qmp.quit_and_wait(ctx.step_timeout()).await {
             Ok(()) => warn!(
                 vm,
                 "destination QEMU discarded (quit); it was never resumed"
@@ -88,8 +96,9 @@ struct DestRun {
     ctx: Arc<Ctx>,
     vm: String,
     committed: bool,
-    /// `migrate-incoming` ran: QEMU holds (part of) the incoming VM.
-    fed: bool,
+    /// QEMU was found waiting for this migration (`inmigrate`): it is this migration's to
+    /// discard on failure.
+    incoming: bool,
     tasks: Vec<JoinHandle<()>>,
     /// Received disk files (removed if the migration fails before `Commit`).
     disk_files: Vec<PathBuf>,
@@ -114,6 +123,7 @@ impl DestRun {
                 self.vm, status.status
             )));
         }
+        self.incoming = true;
         if est.streams != 1 {
             return Err(AgentError::Migration(format!(
                 "hypervisor-stream mode uses one data stream, source announced {}",
@@ -123,12 +133,29 @@ impl DestRun {
         let order_id = *est.order.id();
         let sid = est.keys.session_id();
 
-        // The data stream: the first connection whose StreamInit authenticates.
+        let mut dm = DestMigration::new(est.channel.clone(), order_id);
+        let mut frames = Frames::default();
+
+        // The data stream: the first connection whose StreamInit authenticates, within
+        // BIND_TIMEOUT. The control channel is watched meanwhile: a source that gave up (its
+        // stream was refused, say) says so there, and this side must not hold the session and
+        // QEMU for a step timeout longer (spec/qemu.md §4).
         let mut opener = Opener::new(stream_secret(&est, Direction::SourceToDestination), 0);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout.min(BIND_TIMEOUT);
         let mut data = loop {
-            let (i, mut sock) = tokio::time::timeout_at(deadline, conns.recv())
-                .await
+            let conn = tokio::select! {
+                c = tokio::time::timeout_at(deadline, conns.recv()) => c,
+                msg = frames.next(rd) => {
+                    let msg = msg.map_err(|e| AgentError::Migration(format!("control channel: {e}")))?;
+                    // An Abort (or garbage) ends the session here; anything else is early.
+                    dm.handle(&msg, ctx.verifier.as_ref()).map_err(proto)?;
+                    return Err(proto(PeerMisbehaved::UnexpectedMessage {
+                        got: Message::decode(&msg).map_or("?", |m| m.name()),
+                        expected: "the data stream",
+                    }));
+                }
+            };
+            let (i, mut sock) = conn
                 .map_err(|_| {
                     AgentError::Migration("the source opened no data stream in time".into())
                 })?
@@ -173,14 +200,12 @@ impl DestRun {
             )
             .await?;
             info!(order = %hex(&order_id), bytes = n, disks = targets.len(), "disks received and verified");
-            self.fed = true;
             crate::disk::attach(qmp, &targets).await?;
         }
 
         // QEMU listens on a socket in our home; we feed it.
         let dir = socket_dir(&ctx)?;
         let path = socket_path(&dir, "in", &order_id)?;
-        self.fed = true;
         // `events`: the load's completion wakes `wait_loaded` at once.
         qmp.migrate_set_capabilities(&[("events", true)])
             .await
@@ -219,15 +244,9 @@ impl DestRun {
         }));
         info!(order = %hex(&order_id), vm = %self.vm, "feeding the destination QEMU");
 
-        let Established {
-            channel,
-            transcript_hash,
-            ..
-        } = est;
-        let mut dm = DestMigration::new(channel, order_id);
+        let transcript_hash = est.transcript_hash;
         let mut received: Option<Received> = None;
         let mut awaiting: Option<Vec<u64>> = None;
-        let mut frames = Frames::default();
         loop {
             tokio::select! {
                 msg = frames.next(rd) => {
@@ -259,6 +278,7 @@ impl DestRun {
                 let m = dm
                     .streams_complete(&[got.records], computed, crate::random())
                     .map_err(proto)?;
+                crash_point(CrashPoint::DestinationFinalChallenge);
                 send(&ctx, wr, &m).await?;
                 awaiting = None;
             }

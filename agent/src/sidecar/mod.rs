@@ -23,6 +23,8 @@
 //! destination QEMU with `quit`.
 
 mod dest;
+mod giveback;
+mod reconcile;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -38,8 +40,9 @@ use crate::error::AgentError;
 use crate::qmp::QmpError;
 
 pub use dest::receive;
+pub(crate) use giveback::give_back;
+pub(crate) use reconcile::reconcile_all;
 pub use source::migrate_source;
-pub(crate) use source::rollback_source;
 use source::MAX_DOWNTIME_STEPS;
 
 /// Validate a `backend = "qemu"` entry (called from config validation).

@@ -28,8 +28,12 @@ use crate::qmp::{MigrationInfo, Qmp};
 use crate::settle::{self, InDoubt, Settlement};
 use crate::wire::preamble;
 
+use super::giveback::give_back;
 use super::{proto, qemu_vm, qmp_err, socket_dir, socket_path, stream_secret};
 
+/// How long a failing source waits for the destination to discard its copy and close before
+/// it runs `cont` (a refused `cont` is retried anyway: `giveback.rs`).
+const DISCARD_WAIT: Duration = Duration::from_secs(5);
 /// How often `query-migrate` is polled for progress and state.
 const POLL: Duration = Duration::from_millis(200);
 /// `max-bandwidth` when the order sets no cap (QEMU's own default is 128 MiB/s).
@@ -100,10 +104,7 @@ pub async fn migrate_source(
         .query_migrate()
         .await
         .map_err(|e| not_started(qmp_err(e)))?;
-    if matches!(
-        m.status(),
-        "setup" | "active" | "pre-switchover" | "device" | "cancelling"
-    ) {
+    if m.in_progress() {
         return Err(not_started(AgentError::Migration(format!(
             "QEMU VM {:?} is already migrating (status {})",
             body.vm,
@@ -154,7 +155,7 @@ pub async fn migrate_source(
             let settlement = settle::after_failure(ctx, &in_doubt, run.outcome).await;
             let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
             let vm_state = if rolled_back {
-                let back = rollback_source(&mut qmp, status.running, ctx.step_timeout()).await;
+                let back = give_back(ctx, &body.vm, &mut qmp, status.running).await;
                 match settlement {
                     Some(s) => format!("{}; {back}", s.vm_state()),
                     None => back,
@@ -168,47 +169,6 @@ pub async fn migrate_source(
             };
             note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)), rolled_back);
             Err((e, vm_state))
-        }
-    }
-}
-
-/// Cancel QEMU's migration and run the guest again (if it ran before).
-pub(crate) async fn rollback_source(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> String {
-    let _ = qmp.migrate_cancel().await;
-    // Let QEMU leave the active states (it restarts a guest it stopped on its own).
-    let deadline = Instant::now() + timeout;
-    loop {
-        match qmp.query_migrate().await {
-            Ok(m)
-                if matches!(
-                    m.status(),
-                    "setup" | "active" | "pre-switchover" | "device" | "cancelling"
-                ) => {}
-            Ok(_) => break,
-            Err(e) => {
-                return format!(
-                    "rollback failed: QEMU did not answer ({e}); check the source VM by hand"
-                )
-            }
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !was_running {
-        return "rolled back: the VM stays on the source, paused as it was".into();
-    }
-    match qmp.query_status().await {
-        Ok(s) if s.running => "rolled back: the VM keeps running on the source".into(),
-        Ok(_) => match qmp.cont().await {
-            Ok(()) => "rolled back: the VM runs again on the source (cont)".into(),
-            Err(e) => format!(
-                "rollback: `cont` on the source failed: {e}; the VM is paused on the source"
-            ),
-        },
-        Err(e) => {
-            format!("rollback failed: QEMU did not answer ({e}); check the source VM by hand")
         }
     }
 }
@@ -250,6 +210,11 @@ impl SourceRun {
         let r = self.run_on(&mut chan, order, qmp).await;
         if let Err(e) = &r {
             chan.abort(abort_code(e), &e.to_string()).await;
+            // The destination discards its QEMU before it closes (spec/qemu.md §4): a loaded
+            // destination may hold the images' locks, which the source's `cont` needs.
+            if !chan.wait_closed(DISCARD_WAIT).await {
+                debug!("the destination did not close within {DISCARD_WAIT:?} of the abort");
+            }
         }
         r
     }

@@ -1,0 +1,144 @@
+//! After a restart, each VM's hypervisor state is brought in line with its journal (SPEC.md
+//! §8.8, spec/qemu.md §4). A crash can stop an agent between any two steps of a migration, and
+//! the hypervisor keeps what the migration did to it: a source QEMU stopped in `postmigrate`, a
+//! destination QEMU that loaded the VM and waits, paused. The journal says what may happen to
+//! it ([`action`], a pure function of the records); the backend looks at what the hypervisor
+//! actually holds and does it (`sidecar::reconcile` for QEMU). Synthetic guests live in the
+//! agent's process and start from the journal alone (`daemon.rs`). A VM whose order may have
+//! committed and whose outcome the source does not know is never touched here: that is the
+//! settlement's decision (`settle.rs`).
+
+use std::collections::HashMap;
+
+use trustmig_protocol::order::Role;
+
+use crate::journal::{Record, State};
+
+/// What the journal allows for a VM after a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// This host is the VM's source and the migration did not commit: the VM belongs here.
+    /// Run it again if the migration left it stopped, unless it was paused before.
+    GiveBack {
+        /// The VM was paused when the order claimed it: it stays paused.
+        paused_before: bool,
+    },
+    /// This host was receiving the VM when the agent stopped, before COMMIT: the source keeps
+    /// it, so whatever the hypervisor here holds of it is discarded.
+    Discard,
+    /// This host journalled COMMIT as the destination before the agent stopped: the VM is this
+    /// host's, and if it never ran here it must run now, or it runs nowhere.
+    Resume,
+    /// Nothing to do: the VM runs where it belongs, moved away, or is in doubt.
+    Nothing,
+}
+
+/// What to do for a VM whose most recent order left `last` in the journal. `interrupted` maps
+/// the orders this start found unfinished (hex id) to the state they were in before they were
+/// settled from the journal (`Claimed` or `Committed`).
+pub fn action(last: Option<&Record>, interrupted: &HashMap<String, State>) -> Action {
+    let Some(r) = last else {
+        return Action::Nothing;
+    };
+    let was = interrupted.get(&r.order_id).copied();
+    match (r.role, r.state, was) {
+        // Rolled back before COMMIT (now or at an earlier start), or settled "not committed":
+        // in either case the destination never committed, and never will.
+        (Role::Source, State::RolledBack, _) => Action::GiveBack {
+            paused_before: r.paused_before,
+        },
+        (Role::Destination, State::RolledBack, Some(State::Claimed)) => Action::Discard,
+        (Role::Destination, State::Settled, Some(State::Committed)) => Action::Resume,
+        _ => Action::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(role: Role, state: State, paused_before: bool) -> Record {
+        let mut r: Record = serde_json::from_value(serde_json::json!({
+            "order_id": "0101", "role": role, "vm": "vm", "state": state,
+            "not_after": 0, "at": 0,
+        }))
+        .expect("record");
+        r.paused_before = paused_before;
+        r
+    }
+
+    #[test]
+    fn the_journal_decides_what_a_restart_does_to_the_vm() {
+        use Role::{Destination as D, Source as S};
+        let now = |s: State| HashMap::from([("0101".to_string(), s)]);
+        let none = HashMap::new();
+        let cases = [
+            // A source rolled back now, at an earlier start, or settled "not committed".
+            (
+                S,
+                State::RolledBack,
+                now(State::Claimed),
+                false,
+                Action::GiveBack {
+                    paused_before: false,
+                },
+            ),
+            (
+                S,
+                State::RolledBack,
+                none.clone(),
+                false,
+                Action::GiveBack {
+                    paused_before: false,
+                },
+            ),
+            (
+                S,
+                State::RolledBack,
+                none.clone(),
+                true,
+                Action::GiveBack {
+                    paused_before: true,
+                },
+            ),
+            // A source at COMMIT is in doubt: only the destination's answer decides.
+            (S, State::Committed, none.clone(), false, Action::Nothing),
+            (S, State::Done, none.clone(), false, Action::Nothing),
+            (
+                S,
+                State::Settled,
+                now(State::Committed),
+                false,
+                Action::Nothing,
+            ),
+            // A destination interrupted before COMMIT discards; after it, resumes.
+            (
+                D,
+                State::RolledBack,
+                now(State::Claimed),
+                false,
+                Action::Discard,
+            ),
+            (
+                D,
+                State::Settled,
+                now(State::Committed),
+                false,
+                Action::Resume,
+            ),
+            // Older outcomes were acted on by the agent that wrote them.
+            (D, State::RolledBack, none.clone(), false, Action::Nothing),
+            (D, State::Done, none.clone(), false, Action::Nothing),
+            (D, State::Settled, none.clone(), false, Action::Nothing),
+        ];
+        for (role, state, interrupted, paused, want) in cases {
+            let r = record(role, state, paused);
+            assert_eq!(
+                action(Some(&r), &interrupted),
+                want,
+                "{role:?} {state:?} interrupted {interrupted:?}"
+            );
+        }
+        assert_eq!(action(None, &none), Action::Nothing);
+    }
+}

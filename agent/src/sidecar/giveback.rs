@@ -1,0 +1,320 @@
+//! Giving a QEMU VM back to its source host after a migration that did not commit: cancel what
+//! is left of QEMU's migration, then `cont` (unless the VM was paused before). QEMU may refuse
+//! that `cont` for a while: a destination QEMU that loaded the stream without
+//! `late-block-activate` holds the shared image's write lock until it is discarded. Such a
+//! refusal clears, so the `cont` is retried with back-off in the background, the VM reported
+//! "rolled back, not yet running" until it runs; any other refusal is reported and left to the
+//! operator. Never none: a VM the journal gives back must end up running.
+//! spec: spec/qemu.md §4, SPEC.md §8.8
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::daemon::Ctx;
+use crate::qmp::{Qmp, QmpError};
+
+/// Pauses before a refused `cont` is tried again: from 250 ms doubling to 10 s. A destination
+/// agent that restarts and discards its QEMU frees the image within seconds, and the source VM
+/// should run again soon after.
+pub(crate) const RETRY: Backoff = Backoff::new(Duration::from_millis(250), RETRY_MAX);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// What one attempt to give the VM back achieved.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    /// The VM runs on the source (how, for the operator).
+    Running(&'static str),
+    /// The VM was paused before the migration and stays paused (spec/qemu.md §4).
+    PausedAsBefore,
+    /// QEMU refused `cont` for a reason that clears by itself (an image lock): try again.
+    Refused(QmpError),
+    /// QEMU did not answer, or refused for good: the operator must look.
+    Failed(String),
+}
+
+/// Whether QEMU's refusal of `cont` clears by itself: an image lock held by another process
+/// (a destination QEMU being discarded). QEMU 7.2 says `Failed to get "write" lock` or
+/// `Failed to get shared "write" lock`.
+pub(crate) fn refusal_clears(e: &QmpError) -> bool {
+    match e {
+        QmpError::Qemu { desc, .. } => desc.contains("Failed to get") && desc.contains("lock"),
+        // The socket was busy or slow: a later connection may do.
+        QmpError::Timeout { .. } | QmpError::Connect { .. } => true,
+        _ => false,
+    }
+}
+
+/// Cancel QEMU's migration (if one is left) and wait for it to leave the active states: QEMU
+/// restarts a guest it stopped on its own when a migration it still runs is cancelled.
+async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), QmpError> {
+    let _ = qmp.migrate_cancel().await;
+    let deadline = Instant::now() + timeout;
+    while qmp.query_migrate().await?.in_progress() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// One attempt: cancel, then `cont` if the guest ran before the migration and is not running.
+pub(crate) async fn attempt(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> Attempt {
+    if let Err(e) = cancel_migration(qmp, timeout).await {
+        return Attempt::Failed(format!("QEMU did not answer ({e})"));
+    }
+    if !was_running {
+        return Attempt::PausedAsBefore;
+    }
+    match qmp.query_status().await {
+        Ok(s) if s.running => Attempt::Running("the VM keeps running on the source"),
+        Ok(_) => match qmp.cont().await {
+            Ok(()) => Attempt::Running("the VM runs again on the source (cont)"),
+            Err(e) if refusal_clears(&e) => Attempt::Refused(e),
+            Err(e) => Attempt::Failed(format!("`cont` on the source failed: {e}")),
+        },
+        Err(e) => Attempt::Failed(format!("QEMU did not answer ({e})")),
+    }
+}
+
+/// Give the VM `vm` (its QEMU on `qmp`) back after a rollback: one attempt now, and when QEMU's
+/// refusal clears by itself, more in the background ([`keep_trying`]). Returns where the VM
+/// stands, for the operator.
+pub(crate) async fn give_back(
+    ctx: &Arc<Ctx>,
+    vm: &str,
+    qmp: &mut Qmp,
+    was_running: bool,
+) -> String {
+    match attempt(qmp, was_running, ctx.step_timeout()).await {
+        Attempt::Running(how) => format!("rolled back: {how}"),
+        Attempt::PausedAsBefore => {
+            "rolled back: the VM stays on the source, paused as it was".into()
+        }
+        Attempt::Failed(why) => {
+            format!("rollback failed: {why}; the VM is stopped on the source: check it by hand")
+        }
+        Attempt::Refused(e) => {
+            let cause = e.to_string();
+            keep_trying(
+                ctx.clone(),
+                vm.to_string(),
+                qmp.path().to_path_buf(),
+                cause.clone(),
+            );
+            format!(
+                "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs",
+                RETRY_MAX.as_secs()
+            )
+        }
+    }
+}
+
+/// Retry `cont` on the QEMU at `qmp_path` in the background until the VM runs, while the
+/// refusal is one that clears and the journal still gives the VM to this host. `status` shows
+/// the VM as "rolled back, not yet running" meanwhile (`Ctx::resuming`).
+fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
+    warn!(vm, "rolled back, not yet running: {cause}; trying again");
+    ctx.resuming
+        .lock()
+        .expect("resuming lock")
+        .insert(vm.clone(), cause);
+    tokio::spawn(async move {
+        let still_ours = || {
+            let j = ctx.journal.lock().expect("journal lock");
+            !j.leaving(&vm) && !j.migrated_away(&vm)
+        };
+        let note = |cause: &str| {
+            ctx.resuming
+                .lock()
+                .expect("resuming lock")
+                .insert(vm.clone(), cause.to_string());
+        };
+        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, still_ours, note).await;
+        match r {
+            Ok(how) => {
+                ctx.resuming.lock().expect("resuming lock").remove(&vm);
+                info!(vm, "rolled back: {how}");
+            }
+            Err(why) => {
+                warn!(vm, "rolled back, not running: {why}");
+                note(&why);
+            }
+        }
+    });
+}
+
+/// The retry loop of [`keep_trying`], apart from the agent's state so it can be tested against
+/// a fake QEMU: a fresh QMP connection per try (QEMU serves one client at a time, and `status`
+/// must not wait on us), `pauses` between tries ([`RETRY`] in the agent). `still_ours`
+/// is asked before every try; `note` hears each refusal. Returns how the VM came to run, or why
+/// the retries stopped.
+pub(crate) async fn cont_until_running(
+    qmp_path: &Path,
+    timeout: Duration,
+    mut pauses: Backoff,
+    still_ours: impl Fn() -> bool,
+    note: impl Fn(&str),
+) -> Result<&'static str, String> {
+    loop {
+        tokio::time::sleep(pauses.next_pause()).await;
+        if !still_ours() {
+            return Err("the journal no longer gives the VM to this host: retries stopped".into());
+        }
+        let mut qmp = match Qmp::connect(qmp_path, timeout).await {
+            Ok(q) => q,
+            Err(e) if refusal_clears(&e) => {
+                note(&format!("QEMU not reachable yet: {e}"));
+                continue;
+            }
+            Err(e) => return Err(format!("QEMU is gone ({e}); resume the VM by hand")),
+        };
+        match attempt(&mut qmp, true, timeout).await {
+            Attempt::Running(how) => return Ok(how),
+            Attempt::Refused(e) => note(&e.to_string()),
+            Attempt::Failed(why) => return Err(format!("{why}; resume the VM by hand")),
+            Attempt::PausedAsBefore => unreachable!("attempt(was_running = true) resumes"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    const FAST: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
+
+    /// A fake QEMU that serves any number of connections: stopped in `postmigrate`, it refuses
+    /// the first `refusals` `cont`s with QEMU 7.2's lock error (or `other` when set), then runs.
+    fn fake_qemu(
+        refusals: usize,
+        other: Option<&'static str>,
+    ) -> (tempfile::TempDir, PathBuf, Arc<AtomicUsize>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        let conts = Arc::new(AtomicUsize::new(0));
+        let seen = conts.clone();
+        let running = Arc::new(Mutex::new(false));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (rd, mut wr) = s.into_split();
+                let (conts, running) = (seen.clone(), running.clone());
+                tokio::spawn(async move {
+                    let _ = wr
+                        .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
+                        .await;
+                    let mut lines = BufReader::new(rd).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let req: serde_json::Value = serde_json::from_str(&line).expect("json");
+                        let id = req["id"].clone();
+                        let ok = |v: serde_json::Value| serde_json::json!({"return": v, "id": id});
+                        let reply = match req["execute"].as_str().unwrap_or("") {
+                            "query-migrate" => ok(serde_json::json!({"status": "completed"})),
+                            "query-status" => {
+                                let r = *running.lock().expect("lock");
+                                let st = if r { "running" } else { "postmigrate" };
+                                ok(serde_json::json!({"running": r, "status": st}))
+                            }
+                            "cont" => {
+                                let n = conts.fetch_add(1, Ordering::SeqCst);
+                                if n < refusals {
+                                    let desc =
+                                        other.unwrap_or("Failed to get shared \"write\" lock");
+                                    serde_json::json!({"error": {"class": "GenericError", "desc": desc}, "id": id})
+                                } else {
+                                    *running.lock().expect("lock") = true;
+                                    ok(serde_json::json!({}))
+                                }
+                            }
+                            _ => ok(serde_json::json!({})),
+                        };
+                        let mut out = reply.to_string();
+                        out.push('\n');
+                        if wr.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (dir, path, conts)
+    }
+
+    #[tokio::test]
+    async fn a_refused_cont_is_retried_until_the_lock_clears() {
+        let (_d, path, conts) = fake_qemu(3, None);
+        let refusals = Mutex::new(Vec::new());
+        let r = cont_until_running(
+            &path,
+            Duration::from_secs(5),
+            FAST,
+            || true,
+            |c| refusals.lock().expect("lock").push(c.to_string()),
+        )
+        .await;
+        assert_eq!(r, Ok("the VM runs again on the source (cont)"));
+        assert_eq!(
+            conts.load(Ordering::SeqCst),
+            4,
+            "three refusals, then the cont that ran"
+        );
+        let refusals = refusals.into_inner().expect("lock");
+        assert_eq!(refusals.len(), 3);
+        assert!(refusals[0].contains("write\" lock"), "{refusals:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_does_not_clear_stops_the_retries_and_says_so() {
+        let (_d, path, conts) = fake_qemu(1, Some("Resetting the Virtual Machine is required"));
+        let r = cont_until_running(&path, Duration::from_secs(5), FAST, || true, |_| {}).await;
+        let err = r.expect_err("not retried");
+        assert!(
+            err.contains("Resetting the Virtual Machine is required"),
+            "{err}"
+        );
+        assert!(err.contains("by hand"), "{err}");
+        assert_eq!(conts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_when_the_journal_no_longer_gives_the_vm_here() {
+        let (_d, path, conts) = fake_qemu(usize::MAX, None);
+        let tries = AtomicUsize::new(0);
+        let r = cont_until_running(
+            &path,
+            Duration::from_secs(5),
+            FAST,
+            || tries.fetch_add(1, Ordering::SeqCst) < 2,
+            |_| {},
+        )
+        .await;
+        assert!(r.expect_err("stopped").contains("no longer gives the VM"));
+        assert_eq!(
+            conts.load(Ordering::SeqCst),
+            2,
+            "never a cont after the journal changed"
+        );
+    }
+
+    #[test]
+    fn only_lock_refusals_and_an_unreachable_socket_clear() {
+        let qemu = |desc: &str| QmpError::Qemu {
+            command: "cont".into(),
+            class: "GenericError".into(),
+            desc: desc.into(),
+        };
+        assert!(refusal_clears(&qemu("Failed to get \"write\" lock")));
+        assert!(refusal_clears(&qemu("Failed to get shared \"write\" lock")));
+        assert!(!refusal_clears(&qemu("Migration is not finalized yet")));
+        assert!(!refusal_clears(&QmpError::Closed {
+            path: "/q".into(),
+            waiting_for: "cont".into()
+        }));
+    }
+}

@@ -1,0 +1,87 @@
+//! A QEMU VM after a restart of its agent: what the journal allows (`crate::reconcile`), done
+//! to what QEMU actually holds, asked over QMP. spec: spec/qemu.md §4
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::daemon::Ctx;
+use crate::qmp::{MigrationInfo, Qmp, StatusInfo};
+use crate::reconcile::Action;
+
+use super::giveback::give_back;
+
+/// Whether a source QEMU is stopped by a migration: done sending (`postmigrate`, or on its
+/// way there), or stopped while one is still under way (`pre-switchover`).
+fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
+    matches!(st.status.as_str(), "postmigrate" | "finish-migrate")
+        || (!st.running && m.in_progress())
+}
+
+/// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it.
+fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
+    st.status == "inmigrate" || (!st.running && m.status() != "none")
+}
+
+/// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
+pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action: Action) -> String {
+    if action == Action::Nothing {
+        return "nothing to do".into();
+    }
+    let mut qmp = match Qmp::connect(qmp_path, ctx.step_timeout()).await {
+        Ok(q) => q,
+        Err(e) => {
+            return format!("QEMU is not reachable ({e}): reconcile it with its journal by hand")
+        }
+    };
+    let seen = async {
+        let st = qmp.query_status().await?;
+        let m = qmp.query_migrate().await?;
+        Ok::<_, crate::qmp::QmpError>((st, m))
+    };
+    let (st, m) = match seen.await {
+        Ok(x) => x,
+        Err(e) => {
+            return format!("QEMU did not answer ({e}): reconcile it with its journal by hand")
+        }
+    };
+    match action {
+        Action::GiveBack { paused_before } if stopped_by_migration(&st, &m) => {
+            give_back(ctx, vm, &mut qmp, !paused_before).await
+        }
+        Action::Discard if holds_incoming(&st, &m) => match qmp.quit_and_wait(ctx.step_timeout()).await {
+            Ok(()) => "the destination QEMU left from the interrupted migration was discarded (quit); it never ran here".into(),
+            Err(e) => format!("the destination QEMU left from the interrupted migration could not be discarded ({e}): quit it by hand, never `cont` it"),
+        },
+        Action::Resume if !st.running && m.status() == "completed" => match qmp.cont().await {
+            Ok(()) => "committed here before the restart: the VM runs on this host (cont)".into(),
+            Err(e) => format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand"),
+        },
+        Action::Resume if st.running => "committed here and running".into(),
+        Action::Resume => format!(
+            "committed here before the restart, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand",
+            st.status,
+            m.status()
+        ),
+        _ => format!("QEMU is in state {:?}: nothing to do", st.status),
+    }
+}
+
+/// Reconcile every QEMU VM of this agent in the background, each as the journal allows.
+pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, actions: Vec<(String, std::path::PathBuf, Action)>) {
+    for (vm, path, action) in actions {
+        if action == Action::Nothing {
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let what = reconcile(&ctx, &vm, &path, action).await;
+            if what.contains("by hand") || what.contains("not yet running") {
+                warn!(vm, ?action, "after restart: {what}");
+            } else {
+                info!(vm, ?action, "after restart: {what}");
+            }
+        });
+    }
+}
