@@ -22,13 +22,12 @@ use crate::control::Progress;
 use crate::daemon::Ctx;
 use crate::error::AgentError;
 use crate::fault::{crash_point, CrashPoint};
-use crate::journal::State;
 use crate::wire::{spawn_frame_reader, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
 
 fn wire(e: WireError) -> AgentError {
-    AgentError::Migration(format!("control channel: {e}"))
+    AgentError::Transport(format!("control channel: {e}"))
 }
 
 /// An open, TLS-authenticated control channel from source to destination.
@@ -89,7 +88,7 @@ impl SourceChannel {
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
         tokio::time::timeout(self.ctx.step_timeout(), write_frame(&mut self.wr, msg))
             .await
-            .map_err(|_| AgentError::Migration("control channel: send timed out".into()))?
+            .map_err(|_| AgentError::Transport("control channel: send timed out".into()))?
             .map_err(wire)
     }
 
@@ -99,7 +98,7 @@ impl SourceChannel {
             Err(_) => Err(AgentError::Migration(
                 "destination did not answer in time".into(),
             )),
-            Ok(None) => Err(AgentError::Migration("control channel closed".into())),
+            Ok(None) => Err(AgentError::Transport("control channel closed".into())),
             Ok(Some(r)) => r.map_err(wire),
         }
     }
@@ -300,14 +299,13 @@ pub fn abort_code(e: &AgentError) -> AbortCode {
     }
 }
 
-/// Book-keeping after a source-side run: `status` history, and for a failure the journal
-/// (rolled back, when `rolled_back`) and one log line saying where the VM is (`vm_state`).
+/// Book-keeping after a source-side run: `status` history, and for a failure one log line
+/// saying where the VM is (`vm_state`).
 pub fn note_source_result(
     ctx: &Ctx,
     id: &OrderId,
     vm: &str,
     result: Result<&crate::control::Summary, (&AgentError, &str)>,
-    rolled_back: bool,
 ) {
     let order = trustmig_protocol::order::hex(id);
     match result {
@@ -319,13 +317,6 @@ pub fn note_source_result(
             vm,
         )),
         Err((e, vm_state)) => {
-            if rolled_back {
-                let _ = ctx.journal.lock().expect("journal lock").set(
-                    id,
-                    State::RolledBack,
-                    e.to_string(),
-                );
-            }
             tracing::warn!(order = %order, "migration of {vm} failed: {e}; {vm_state}");
             ctx.remember(crate::daemon::history_entry(
                 "source",

@@ -175,7 +175,7 @@ impl Config {
                     ))
                 }
                 ("qemu", Some(_)) => {
-                    crate::sidecar::check_vm_config(vm)?;
+                    crate::backend::qemu::check_vm_config(vm)?;
                     continue;
                 }
                 ("qemu", None) => {

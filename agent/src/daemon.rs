@@ -230,7 +230,7 @@ pub async fn run(home: Home) -> Result<(), AgentError> {
     for p in ask_destinations {
         crate::settle::keep_asking(ctx.clone(), p, false);
     }
-    crate::sidecar::reconcile_all(&ctx, reconcile);
+    crate::backend::qemu::reconcile_all(&ctx, reconcile);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;
@@ -278,7 +278,7 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
         return Ok(());
     }
     if first[0] == 0x16 {
-        return crate::dest::serve(ctx, sock).await;
+        return crate::driver::destination::serve(ctx, sock).await;
     }
     // A data stream: its preamble names the session. Unknown sessions are dropped quietly;
     // an unauthenticated connection must not be able to disturb a session.
@@ -343,7 +343,7 @@ async fn control_connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Agent
     match req {
         Request::Migrate { order } => {
             let (tx, mut rx) = mpsc::channel::<Progress>(64);
-            let task = tokio::spawn(crate::source::migrate(ctx.clone(), order, tx));
+            let task = tokio::spawn(crate::driver::source::migrate(ctx.clone(), order, tx));
             while let Some(p) = rx.recv().await {
                 // The operator may have gone away; the migration carries on regardless.
                 let _ = wr.write_all(&send(Reply::Progress(p))).await;

@@ -86,6 +86,21 @@ pub enum AgentError {
     /// The migration failed; the message says where and what happened to the VM.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// The transport broke: a data stream or the control channel failed, or QEMU's stream
+    /// ended early. On the source this usually follows the destination refusing something, and
+    /// its `Abort` names what ([`AgentError::PeerAborted`]).
+    #[error("migration failed: {0}")]
+    Transport(String),
+    /// A transport failure here, explained by the destination's `Abort`.
+    #[error("migration failed: {local}; destination: peer aborted with {code:?}: {reason}")]
+    PeerAborted {
+        /// What failed here.
+        local: String,
+        /// The destination's abort code.
+        code: trustmig_protocol::AbortCode,
+        /// The destination's reason.
+        reason: String,
+    },
     /// A protocol error.
     #[error("{0}")]
     Protocol(#[from] trustmig_protocol::Error),
@@ -109,3 +124,23 @@ impl AgentError {
         move |source| Self::Io { path, source }
     }
 }
+
+/// The protocol's layered errors convert into [`AgentError::Protocol`] with `?`, keeping their
+/// type (and so their wire abort code, `channel::abort_code`). Orders keep their own variant.
+macro_rules! from_protocol {
+    ($($t:ty),*) => {$(
+        impl From<$t> for AgentError {
+            fn from(e: $t) -> Self {
+                Self::Protocol(e.into())
+            }
+        }
+    )*};
+}
+
+from_protocol!(
+    trustmig_protocol::codec::CodecError,
+    trustmig_protocol::error::PeerMisbehaved,
+    trustmig_protocol::record::RecordError,
+    trustmig_protocol::attestation::AttestationError,
+    trustmig_protocol::precopy::PrecopyError
+);

@@ -63,6 +63,11 @@ pub struct Record {
     /// that gives it back leaves it paused (spec/qemu.md §4).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_before: bool,
+    /// Destination role, QEMU VMs: the VM's QEMU was found waiting for this migration
+    /// (`inmigrate`) and given to it, so a restart that finds the order interrupted discards
+    /// that QEMU, and no other (`reconcile.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fed: bool,
 }
 
 impl Record {
@@ -78,6 +83,7 @@ impl Record {
             peer: None,
             peer_addr: None,
             paused_before: false,
+            fed: false,
         }
     }
 }
@@ -185,6 +191,21 @@ impl Journal {
             state,
             at: crate::unix_now(),
             note: note.into(),
+            ..prev
+        })
+    }
+
+    /// Record that the hypervisor waiting for this claimed (destination) order was handed to
+    /// it ([`Record::fed`]).
+    pub fn mark_fed(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+        let key = hex(order_id);
+        let prev = self.latest.get(&key).cloned().ok_or_else(|| {
+            AgentError::Migration(format!("journal has no record of order {key}"))
+        })?;
+        self.append(Record {
+            fed: true,
+            at: crate::unix_now(),
+            note: "the VM's QEMU waits for this migration".into(),
             ..prev
         })
     }

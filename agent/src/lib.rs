@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod attestation;
+pub mod backend;
 mod backoff;
 pub mod bench;
 pub mod channel;
@@ -12,8 +13,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
-pub mod dest;
-pub mod disk;
+pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod guest;
@@ -22,13 +22,11 @@ pub mod home;
 pub mod identity;
 pub mod journal;
 pub mod progress;
-mod pumps;
 pub mod qemu_cmdline;
 pub mod qmp;
 pub mod reconcile;
 pub mod settle;
-pub mod sidecar;
-pub mod source;
+
 pub mod tls;
 pub mod trust;
 pub mod wire;

@@ -3,7 +3,7 @@
 //! the hypervisor keeps what the migration did to it: a source QEMU stopped in `postmigrate`, a
 //! destination QEMU that loaded the VM and waits, paused. The journal says what may happen to
 //! it ([`action`], a pure function of the records); the backend looks at what the hypervisor
-//! actually holds and does it (`sidecar::reconcile` for QEMU). Synthetic guests live in the
+//! actually holds and does it (`backend::qemu::reconcile` for QEMU). Synthetic guests live in the
 //! agent's process and start from the journal alone (`daemon.rs`). A VM whose order may have
 //! committed and whose outcome the source does not know is never touched here: that is the
 //! settlement's decision (`settle.rs`).
@@ -47,7 +47,9 @@ pub fn action(last: Option<&Record>, interrupted: &HashMap<String, State>) -> Ac
         (Role::Source, State::RolledBack, _) => Action::GiveBack {
             paused_before: r.paused_before,
         },
-        (Role::Destination, State::RolledBack, Some(State::Claimed)) => Action::Discard,
+        // Only a hypervisor handed to this order: the claim comes before the check that the
+        // VM's QEMU waits for a migration, and a refused arrival must not touch a VM here.
+        (Role::Destination, State::RolledBack, Some(State::Claimed)) if r.fed => Action::Discard,
         (Role::Destination, State::Settled, Some(State::Committed)) => Action::Resume,
         _ => Action::Nothing,
     }
@@ -57,13 +59,15 @@ pub fn action(last: Option<&Record>, interrupted: &HashMap<String, State>) -> Ac
 mod tests {
     use super::*;
 
-    fn record(role: Role, state: State, paused_before: bool) -> Record {
+    fn record(role: Role, state: State, flag: bool) -> Record {
         let mut r: Record = serde_json::from_value(serde_json::json!({
             "order_id": "0101", "role": role, "vm": "vm", "state": state,
             "not_after": 0, "at": 0,
         }))
         .expect("record");
-        r.paused_before = paused_before;
+        // The one flag of each role: paused before (source), QEMU handed over (destination).
+        r.paused_before = flag && role == Role::Source;
+        r.fed = flag && role == Role::Destination;
         r
     }
 
@@ -116,8 +120,16 @@ mod tests {
                 D,
                 State::RolledBack,
                 now(State::Claimed),
-                false,
+                true,
                 Action::Discard,
+            ),
+            // ... but not one refused before its QEMU was handed over (a VM running here).
+            (
+                D,
+                State::RolledBack,
+                now(State::Claimed),
+                false,
+                Action::Nothing,
             ),
             (
                 D,

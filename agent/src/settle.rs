@@ -312,7 +312,7 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
     ctx.in_doubt.lock().expect("in-doubt lock").remove(&id);
     let what = if resume {
         resume_here(ctx, &r.vm, r.paused_before).await
-    } else if crate::sidecar::qemu_vm(&ctx.config, &r.vm).is_some() {
+    } else if crate::backend::qemu::qemu_vm(&ctx.config, &r.vm).is_some() {
         "its QEMU here stays stopped (postmigrate) for good: shut it down when convenient".into()
     } else {
         ctx.parked.lock().expect("parked lock").remove(&r.vm);
@@ -330,9 +330,9 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
 /// over a VM of the same name that runs here (arrival is refused while in doubt; this is the
 /// last guard).
 async fn resume_here(ctx: &Arc<Ctx>, vm: &str, paused_before: bool) -> String {
-    if let Some(qmp_path) = crate::sidecar::qemu_vm(&ctx.config, vm) {
+    if let Some(qmp_path) = crate::backend::qemu::qemu_vm(&ctx.config, vm) {
         return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
-            Ok(mut qmp) => crate::sidecar::give_back(ctx, vm, &mut qmp, !paused_before).await,
+            Ok(mut qmp) => crate::backend::qemu::give_back(ctx, vm, &mut qmp, !paused_before).await,
             Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
         };
     }

@@ -116,3 +116,41 @@ where
     });
     rx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// The one control-frame reader is cancel-safe: frames split across reads arrive whole
+    /// even when the receiving end is cancelled often, as a `select!` does.
+    #[tokio::test]
+    async fn frames_survive_split_and_cancelled_reads() {
+        let mut wire = Vec::new();
+        for body in [&b"first"[..], &b""[..], &[7u8; 40_000][..]] {
+            wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            wire.extend_from_slice(body);
+        }
+        let (mut w, r) = tokio::io::duplex(64);
+        let feed = tokio::spawn(async move {
+            for c in wire.chunks(997) {
+                w.write_all(c).await.expect("write");
+                tokio::time::sleep(Duration::from_micros(50)).await;
+            }
+        });
+        let mut frames = spawn_frame_reader(r);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            // Cancel the wait often, as a select! would.
+            if let Ok(r) = tokio::time::timeout(Duration::from_micros(30), frames.recv()).await {
+                got.push(r.expect("open").expect("frame"));
+            }
+        }
+        feed.await.expect("feed");
+        assert_eq!(got[0], b"first");
+        assert!(got[1].is_empty());
+        assert_eq!(got[2], vec![7u8; 40_000]);
+        assert!(matches!(frames.recv().await, Some(Err(WireError::Closed))));
+    }
+}

@@ -12,6 +12,10 @@ use crate::reconcile::Action;
 
 use super::giveback::give_back;
 
+/// Connection attempts before a VM's reconciliation is left to the operator (with the
+/// give-back's pauses, about a minute).
+const CONNECT_TRIES: u32 = 10;
+
 /// Whether a source QEMU is stopped by a migration: done sending (`postmigrate`, or on its
 /// way there), or stopped while one is still under way (`pre-switchover`).
 fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
@@ -19,9 +23,10 @@ fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
         || (!st.running && m.in_progress())
 }
 
-/// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it.
+/// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it:
+/// waiting, or stopped after loading (paused by `-S`), never one that sent a VM away.
 fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
-    st.status == "inmigrate" || (!st.running && m.status() != "none")
+    st.status == "inmigrate" || (!st.running && st.status != "postmigrate" && m.status() != "none")
 }
 
 /// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
@@ -29,10 +34,21 @@ pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action:
     if action == Action::Nothing {
         return "nothing to do".into();
     }
-    let mut qmp = match Qmp::connect(qmp_path, ctx.step_timeout()).await {
-        Ok(q) => q,
-        Err(e) => {
-            return format!("QEMU is not reachable ({e}): reconcile it with its journal by hand")
+    // QEMU may be starting, or its one QMP slot taken for a moment: try for about a minute.
+    let mut pauses = super::giveback::RETRY;
+    let mut tries = 0;
+    let mut qmp = loop {
+        match Qmp::connect(qmp_path, ctx.step_timeout()).await {
+            Ok(q) => break q,
+            Err(e) if tries < CONNECT_TRIES && super::giveback::refusal_clears(&e) => {
+                tries += 1;
+                tokio::time::sleep(pauses.next_pause()).await;
+            }
+            Err(e) => {
+                return format!(
+                    "QEMU is not reachable ({e}): reconcile it with its journal by hand"
+                )
+            }
         }
     };
     let seen = async {

@@ -23,7 +23,9 @@
 //! destination QEMU with `quit`.
 
 mod dest;
+pub mod disk;
 mod giveback;
+mod pumps;
 mod reconcile;
 mod source;
 
@@ -32,17 +34,16 @@ use std::path::{Path, PathBuf};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::{Direction, TrafficSecret};
 use trustmig_protocol::order::hex;
-use trustmig_protocol::Error as ProtoError;
 
 use crate::config::{Config, VmConfig};
 use crate::daemon::Ctx;
 use crate::error::AgentError;
 use crate::qmp::QmpError;
 
-pub use dest::receive;
+pub(crate) use dest::QemuDest;
 pub(crate) use giveback::give_back;
 pub(crate) use reconcile::reconcile_all;
-pub use source::migrate_source;
+pub(crate) use source::QemuSource;
 use source::MAX_DOWNTIME_STEPS;
 
 /// Validate a `backend = "qemu"` entry (called from config validation).
@@ -72,7 +73,7 @@ pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
             vm.name
         ));
     }
-    crate::disk::check_vm_config(vm)
+    disk::check_vm_config(vm)
 }
 
 /// The QMP socket of `vm` when this agent hosts it with the QEMU backend.
@@ -86,10 +87,6 @@ pub fn qemu_vm(config: &Config, vm: &str) -> Option<PathBuf> {
 
 fn qmp_err(e: QmpError) -> AgentError {
     AgentError::Migration(format!("QEMU: {e}"))
-}
-
-fn proto(e: impl Into<ProtoError>) -> AgentError {
-    AgentError::Protocol(e.into())
 }
 
 /// A private directory in the agent's home for the unix sockets QEMU talks to.

@@ -88,7 +88,10 @@ pub(crate) async fn give_back(
     was_running: bool,
 ) -> String {
     match attempt(qmp, was_running, ctx.step_timeout()).await {
-        Attempt::Running(how) => format!("rolled back: {how}"),
+        Attempt::Running(how) => {
+            ctx.resuming.lock().expect("resuming lock").remove(vm);
+            format!("rolled back: {how}")
+        }
         Attempt::PausedAsBefore => {
             "rolled back: the VM stays on the source, paused as it was".into()
         }
@@ -159,9 +162,6 @@ pub(crate) async fn cont_until_running(
 ) -> Result<&'static str, String> {
     loop {
         tokio::time::sleep(pauses.next_pause()).await;
-        if !still_ours() {
-            return Err("the journal no longer gives the VM to this host: retries stopped".into());
-        }
         let mut qmp = match Qmp::connect(qmp_path, timeout).await {
             Ok(q) => q,
             Err(e) if refusal_clears(&e) => {
@@ -170,6 +170,11 @@ pub(crate) async fn cont_until_running(
             }
             Err(e) => return Err(format!("QEMU is gone ({e}); resume the VM by hand")),
         };
+        // Asked while this connection holds QEMU's one QMP slot: a migration of the VM that
+        // claimed it meanwhile holds QMP for its whole run, so it cannot start after this.
+        if !still_ours() {
+            return Err("the journal no longer gives the VM to this host: retries stopped".into());
+        }
         match attempt(&mut qmp, true, timeout).await {
             Attempt::Running(how) => return Ok(how),
             Attempt::Refused(e) => note(&e.to_string()),

@@ -514,8 +514,8 @@ pub fn discard(files: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::qemu::pumps::test_pair as pair;
     use crate::config::DiskConfig;
-    use crate::pumps::test_pair as pair;
 
     fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         VmConfig {

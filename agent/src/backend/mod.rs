@@ -1,0 +1,142 @@
+//! VM backends: what differs between the VMs the agent can move. Each is a handful of verbs
+//! behind the traits in this module; the drivers (`crate::driver`) own everything else (order,
+//! claim, channel, attestation, commit, settlement, journal, progress).
+//!
+//! - `synthetic`: the built-in memory guest, moved by the protocol's own pre-copy engine.
+//! - `qemu`: a QEMU VM, whose own migration stream the agent carries (sidecar mode).
+
+pub mod qemu;
+pub(crate) mod synthetic;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use trustmig_protocol::handshake::Established;
+use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::messages::TransferMode;
+use trustmig_protocol::migration::SourceMigration;
+use trustmig_protocol::order::VerifiedOrder;
+use trustmig_protocol::Digest;
+
+use crate::channel::SourceChannel;
+use crate::control::{Progress, Summary};
+use crate::daemon::Ctx;
+use crate::error::AgentError;
+
+/// What a source backend asks of the handshake.
+pub(crate) struct Offer {
+    /// How the VM travels.
+    pub mode: TransferMode,
+    /// Data streams to open.
+    pub streams: u16,
+    /// The image manifest; its root is extended into the TPM before the quote.
+    pub manifest: ImageManifest,
+}
+
+/// What the source driver lends a backend for the transfer.
+pub(crate) struct SourceLink<'a> {
+    /// The agent.
+    pub ctx: &'a Arc<Ctx>,
+    /// The control channel (a destination's `Abort` arrives here).
+    pub chan: &'a mut SourceChannel,
+    /// The order.
+    pub order: &'a VerifiedOrder,
+    /// The attested session: keys, channel binding, transcript.
+    pub est: &'a Established,
+    /// The commit machine (fed any control message that arrives during the transfer).
+    pub sm: &'a mut SourceMigration,
+    /// Progress for the operator.
+    pub progress: &'a mpsc::Sender<Progress>,
+}
+
+impl SourceLink<'_> {
+    /// Report progress (the operator may have gone away: the migration goes on).
+    pub async fn report(&self, p: Progress) {
+        let _ = self.progress.send(p).await;
+    }
+}
+
+/// What a finished transfer hands to the switch-over.
+pub(crate) struct Transferred {
+    /// Records sent per data stream (`SwitchOver`).
+    pub stream_records: Vec<u64>,
+    /// The final image digest (SPEC.md §8.5).
+    pub digest: Digest,
+    /// When the guest stopped: its downtime runs from here to `Resumed`.
+    pub paused_at: Instant,
+    /// Bytes of the VM's own stream, for the throughput figure.
+    pub stream_bytes: u64,
+    /// The backend's part of the summary (the driver fills in order, times and throughput).
+    pub summary: Summary,
+    /// Tasks that must outlive the commit exchange (a QEMU return path); aborted on drop.
+    pub tasks: Tasks,
+}
+
+/// Spawned tasks of a transfer, aborted when dropped: a failed transfer leaves none behind.
+#[derive(Default)]
+pub(crate) struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    /// Run `f` until it ends or this is dropped.
+    pub fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(f));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// A VM leaving this host, as its backend moves it. The source driver (`driver::source`)
+/// calls these in order: `offer`, `transfer`, then on failure `give_back` (never committed, or
+/// settled "not moved") or `keep_stopped` (in doubt).
+pub(crate) trait SourceVm {
+    /// Handshake parameters: transfer mode, data streams, image manifest.
+    async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError>;
+    /// Move the VM up to the guest's stop and the end of every data stream. A failure of the
+    /// transport is [`AgentError::Transport`], so the driver can ask the destination why.
+    async fn transfer(&mut self, link: SourceLink<'_>) -> Result<Transferred, AgentError>;
+    /// The migration did not commit: the VM runs here again as it was before (a VM paused
+    /// then stays paused). Returns where the VM is, for the operator.
+    async fn give_back(self, ctx: &Arc<Ctx>) -> String;
+    /// In doubt after COMMIT: keep the VM stopped as it is until the settlement decides
+    /// (`settle.rs` finds it again by name).
+    fn keep_stopped(self, ctx: &Arc<Ctx>);
+}
+
+/// What arrived, once every data stream ended and the backend checked it.
+pub(crate) struct Arrived {
+    /// Records received per data stream (compared with the source's `SwitchOver`).
+    pub stream_records: Vec<u64>,
+    /// The final image digest of what arrived (SPEC.md §8.5), to check the source's evidence.
+    pub digest: Digest,
+}
+
+/// A VM arriving on this host, as its backend receives it. The destination driver
+/// (`driver::destination`) calls `start`, then waits on `arrived` while it reads the control
+/// channel; on `Commit` (journalled) `resume`; on any failure before that, `discard`.
+pub(crate) trait DestVm {
+    /// Start receiving in the background on the session's data connections (`conns`, in the
+    /// order they arrive): bind each stream by its `StreamInit`, read and check what it carries.
+    fn start(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        est: Established,
+        conns: mpsc::Receiver<crate::daemon::DataConn>,
+    ) -> Result<(), AgentError>;
+    /// Cancel-safe (it waits in a `select!`): what arrived, once every stream ended.
+    async fn arrived(&mut self) -> Result<Arrived, AgentError>;
+    /// A counter that moves while data arrives, for the driver's silence check (`None`: the
+    /// backend has no such measure and relies on its own timeouts).
+    fn activity(&self) -> Option<u64>;
+    /// `Commit` arrived and is journalled: run the VM here.
+    async fn resume(&mut self, ctx: &Arc<Ctx>) -> Result<(), AgentError>;
+    /// Before COMMIT: discard what arrived; it never runs here.
+    async fn discard(self, ctx: &Arc<Ctx>);
+}

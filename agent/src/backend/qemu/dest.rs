@@ -1,0 +1,342 @@
+//! The destination side of the QEMU sidecar: the agent feeds the opened stream to QEMU
+//! (`migrate-incoming`) and runs `cont` only after the final evidence and `Commit`.
+//! spec: spec/qemu.md §3, §4
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use trustmig_protocol::handshake::Established;
+use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
+use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::order::{hex, OrderId};
+use trustmig_protocol::record::{Opener, RecordType, Sealer};
+use trustmig_protocol::Digest;
+
+use crate::backend::{Arrived, DestVm, Tasks};
+use crate::daemon::{Ctx, DataConn};
+use crate::error::AgentError;
+use crate::qmp::Qmp;
+use crate::wire::read_record;
+
+use super::pumps::{open_pump, seal_pump};
+use super::{qemu_vm, qmp_err, socket_dir, socket_path};
+
+/// How long the destination waits for the source's data stream to bind: the source opens it
+/// right after the handshake, so a stream that has not authenticated by then never will.
+const BIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A QEMU VM arriving: the destination QEMU, found waiting (`-incoming defer -S`), fed what
+/// the stream carries, and run (`cont`) only on `Commit`. On failure it is quit.
+pub(crate) struct QemuDest {
+    vm: String,
+    qmp_path: PathBuf,
+    /// The QMP session: lent to the receiving task, back once the stream loaded.
+    qmp: Option<Qmp>,
+    arrived: Option<mpsc::Receiver<Result<(Arrived, Qmp), AgentError>>>,
+    /// Received disk files (removed if the migration fails before `Commit`).
+    disk_files: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    tasks: Tasks,
+}
+
+impl QemuDest {
+    /// Find the VM's QEMU waiting for a migration (`inmigrate`) and hand it to this order
+    /// (journalled, for reconciliation after a restart). Anything else is refused and that
+    /// QEMU left alone: it is not the incoming VM.
+    pub async fn prepare(ctx: &Arc<Ctx>, vm: &str, est: &Established) -> Result<Self, AgentError> {
+        let Some(qmp_path) = qemu_vm(&ctx.config, vm) else {
+            return Err(AgentError::Migration(format!(
+                "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
+            )));
+        };
+        let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout())
+            .await
+            .map_err(qmp_err)?;
+        let status = qmp.query_status().await.map_err(qmp_err)?;
+        if status.status != "inmigrate" {
+            return Err(AgentError::Migration(format!(
+                "destination QEMU for {vm:?} is in state {:?}, not waiting for a migration: start it with `-incoming defer -S` (see `trustmig qemu`)",
+                status.status
+            )));
+        }
+        if est.streams != 1 {
+            return Err(AgentError::Migration(format!(
+                "hypervisor-stream mode uses one data stream, source announced {}",
+                est.streams
+            )));
+        }
+        // From here this QEMU is this migration's, to discard on failure; a restart that
+        // finds the order interrupted discards it too, and only a QEMU handed over so.
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .mark_fed(est.order.id())?;
+        Ok(Self {
+            vm: vm.to_string(),
+            qmp_path,
+            qmp: Some(qmp),
+            arrived: None,
+            disk_files: Arc::default(),
+            tasks: Tasks::default(),
+        })
+    }
+}
+
+/// What the receiving task needs of the session (the keys stay with the driver's session).
+struct Incoming {
+    order_id: OrderId,
+    sid: [u8; 16],
+    manifest: ImageManifest,
+    transcript_hash: Digest,
+    /// The session's keys: stream 0's secret from the source, one per candidate connection,
+    /// and back to the source (QEMU's return path).
+    keys: Arc<KeySchedule>,
+}
+
+impl DestVm for QemuDest {
+    fn start(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        est: Established,
+        conns: mpsc::Receiver<DataConn>,
+    ) -> Result<(), AgentError> {
+        let inc = Incoming {
+            order_id: *est.order.id(),
+            sid: est.keys.session_id(),
+            manifest: est.manifest.clone(),
+            transcript_hash: est.transcript_hash,
+            keys: Arc::new(est.keys),
+        };
+        let mut qmp = self.qmp.take().expect("start is called once");
+        let (tx, rx) = mpsc::channel(1);
+        self.arrived = Some(rx);
+        let (ctx, vm, files) = (ctx.clone(), self.vm.clone(), self.disk_files.clone());
+        let mut pumps = Tasks::default();
+        self.tasks.spawn(async move {
+            let r = receive(&ctx, &vm, &mut qmp, inc, conns, &files, &mut pumps).await;
+            let _ = tx.send(r.map(|a| (a, qmp))).await;
+            // The return path keeps running until the driver is done with this migration.
+            std::future::pending::<()>().await;
+            drop(pumps);
+        });
+        Ok(())
+    }
+
+    async fn arrived(&mut self) -> Result<Arrived, AgentError> {
+        let Some(rx) = &mut self.arrived else {
+            return std::future::pending().await;
+        };
+        let (arrived, qmp) = rx
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(AgentError::Migration("receiving ended".into())))?;
+        self.qmp = Some(qmp);
+        Ok(arrived)
+    }
+
+    fn activity(&self) -> Option<u64> {
+        None // QEMU's own load and the step timeouts of each phase bound the wait
+    }
+
+    async fn resume(&mut self, _ctx: &Arc<Ctx>) -> Result<(), AgentError> {
+        let qmp = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| AgentError::Migration("Commit before the stream loaded".into()))?;
+        qmp.cont().await.map_err(qmp_err)?;
+        let st = qmp.query_status().await.map_err(qmp_err)?;
+        if !st.running {
+            return Err(AgentError::Migration(format!(
+                "destination QEMU did not start after cont (state {:?})",
+                st.status
+            )));
+        }
+        info!(vm = %self.vm, "QEMU VM resumed on this host");
+        Ok(())
+    }
+
+    async fn discard(mut self, ctx: &Arc<Ctx>) {
+        // The receiving task may hold the QMP session: end it, and ask QEMU anew.
+        drop(std::mem::take(&mut self.tasks));
+        let qmp = match self.qmp.take() {
+            Some(q) => Ok(q),
+            None => Qmp::connect(&self.qmp_path, ctx.step_timeout()).await,
+        };
+        // This QEMU was started for this migration and holds (part of) a VM that must not
+        // run here, or waits for one that will not come. It exits before the source hears of
+        // the failure (the driver closes the channel after this), so a source waiting for the
+        // images' locks can run its VM again (spec/qemu.md §4).
+        let vm = &self.vm;
+        match qmp {
+            Ok(mut q) => match q.quit_and_wait(ctx.step_timeout()).await {
+                Ok(()) => warn!(
+                    vm,
+                    "destination QEMU discarded (quit); it was never resumed"
+                ),
+                Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
+            },
+            Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
+        }
+        super::disk::discard(&self.disk_files.lock().expect("disk files lock"));
+    }
+}
+
+/// Bind stream 0, receive the disks, feed QEMU the stream to its end and wait until QEMU
+/// loaded it; the return-path pump goes into `pumps`.
+async fn receive(
+    ctx: &Arc<Ctx>,
+    vm: &str,
+    qmp: &mut Qmp,
+    inc: Incoming,
+    conns: mpsc::Receiver<DataConn>,
+    files: &std::sync::Mutex<Vec<PathBuf>>,
+    pumps: &mut Tasks,
+) -> Result<Arrived, AgentError> {
+    let timeout = ctx.step_timeout();
+    let deadline = tokio::time::Instant::now() + timeout.min(BIND_TIMEOUT);
+    let (mut data, mut opener) = tokio::time::timeout_at(deadline, bind(conns, &inc.keys, inc.sid))
+        .await
+        .map_err(|_| AgentError::Migration("the source opened no data stream in time".into()))??;
+    let sealer = Sealer::new(inc.keys.stream_secret(Direction::DestinationToSource, 0), 0);
+
+    // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
+    // arrives; attached to QEMU only once every disk verified, before QEMU loads anything.
+    if !inc.manifest.disks.is_empty() {
+        let vm_cfg = ctx.config.vms.iter().find(|v| v.name == vm);
+        let targets = super::disk::plan(&inc.manifest, vm_cfg)?;
+        *files.lock().expect("disk files lock") = targets
+            .iter()
+            .flat_map(|t| t.files().map(Path::to_path_buf))
+            .collect();
+        let n =
+            super::disk::receive_disks(&mut data, &mut opener, &inc.manifest, &targets, timeout)
+                .await?;
+        info!(order = %hex(&inc.order_id), bytes = n, disks = targets.len(), "disks received and verified");
+        super::disk::attach(qmp, &targets).await?;
+    }
+
+    // QEMU listens on a socket in our home; we feed it.
+    let dir = socket_dir(ctx)?;
+    let path = socket_path(&dir, "in", &inc.order_id)?;
+    // `events`: the load's completion wakes `wait_loaded` at once.
+    qmp.migrate_set_capabilities(&[("events", true)])
+        .await
+        .map_err(qmp_err)?;
+    qmp.migrate_incoming(&format!("unix:{}", path.display()))
+        .await
+        .map_err(qmp_err)?;
+    let qemu_sock = connect_qemu(&path, timeout).await?;
+    let _ = std::fs::remove_file(&path);
+    let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+    let (data_rd, data_wr) = data.into_split();
+    pumps.spawn(async move {
+        if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, "return path").await {
+            warn!("{e}");
+        }
+    });
+    info!(order = %hex(&inc.order_id), vm, "feeding the destination QEMU");
+    let got = open_pump(data_rd, qemu_wr, opener, "data stream 0").await?;
+    debug!("QEMU stream opened to its end and written to QEMU");
+    // Everything arrived; QEMU must also have loaded it without complaint.
+    wait_loaded(qmp, timeout).await?;
+    debug!("destination QEMU loaded the stream");
+    Ok(Arrived {
+        stream_records: vec![got.records],
+        digest: got.digest.finish(&inc.transcript_hash),
+    })
+}
+
+/// The first candidate connection for stream 0 whose `StreamInit` authenticates, with its
+/// opener. Candidates are checked concurrently: one that stalls before its StreamInit (a
+/// squatter with a copied preamble) must not hold up the genuine one behind it.
+async fn bind(
+    mut conns: mpsc::Receiver<DataConn>,
+    keys: &KeySchedule,
+    sid: [u8; 16],
+) -> Result<(TcpStream, Opener), AgentError> {
+    let mut checks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            c = conns.recv() => {
+                let (i, sock) = c.ok_or_else(|| AgentError::Migration("session closed".into()))?;
+                if i != 0 {
+                    warn!(stream = i, "surplus data connection dropped");
+                    continue;
+                }
+                // A fresh opener per candidate: a forgery may poison one.
+                let secret = keys.stream_secret(Direction::SourceToDestination, 0);
+                checks.spawn(stream_init(sock, secret, sid));
+            }
+            Some(r) = checks.join_next() => match r {
+                Ok(Some(bound)) => return Ok(bound),
+                // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
+                _ => warn!("data connection failed StreamInit; dropped"),
+            },
+        }
+    }
+}
+
+/// A candidate for data stream 0 with the opener that authenticated its `StreamInit`, or
+/// `None` when it does not authenticate.
+async fn stream_init(
+    mut sock: TcpStream,
+    secret: TrafficSecret,
+    sid: [u8; 16],
+) -> Option<(TcpStream, Opener)> {
+    sock.set_nodelay(true).ok();
+    let mut opener = Opener::new(secret, 0);
+    let mut buf = Vec::new();
+    let init = [&sid[..], &0u16.to_be_bytes()].concat();
+    let read = matches!(read_record(&mut sock, &mut buf).await, Ok(true));
+    let ok = read && matches!(opener.open(&mut buf), Ok((RecordType::StreamInit, p)) if p == init);
+    ok.then_some((sock, opener))
+}
+
+/// Connect to the socket QEMU listens on for the incoming stream (it appears shortly after
+/// `migrate-incoming`).
+async fn connect_qemu(path: &Path, timeout: Duration) -> Result<UnixStream, AgentError> {
+    let until = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > until => {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU does not listen on {}: {e}",
+                    path.display()
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+/// Wait until the destination QEMU reports the incoming migration `completed`.
+async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError> {
+    let until = Instant::now() + timeout;
+    loop {
+        let m = qmp.query_migrate().await.map_err(qmp_err)?;
+        match m.status() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU failed to load the stream: {}",
+                    m.error_desc.as_deref().unwrap_or("no reason given")
+                )))
+            }
+            s if Instant::now() > until => {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU did not finish loading in time (status {s})"
+                )))
+            }
+            _ => {
+                // Woken by the next event (a MIGRATION event with the events capability), or
+                // after 20 ms at the latest.
+                qmp.next_event(Duration::from_millis(20))
+                    .await
+                    .map_err(qmp_err)?;
+            }
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! The source side of the QEMU sidecar: QEMU migrates into a unix socket the agent owns, the
+//! agent seals the stream onto the attested session and drives the switch-over. spec: spec/qemu.md §3
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use trustmig_protocol::handshake::Established;
+use trustmig_protocol::keys::Direction;
+use trustmig_protocol::messages::TransferMode;
+use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, VerifiedOrder};
+use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
+use trustmig_protocol::record::{Opener, RecordType, Sealer};
+use trustmig_protocol::Digest;
+
+use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
+use crate::channel::vm_manifest;
+use crate::control::{Progress, Summary};
+use crate::daemon::Ctx;
+use crate::error::AgentError;
+use crate::qmp::{MigrationInfo, Qmp};
+use crate::wire::preamble;
+
+use super::disk::SourceDisk;
+use super::giveback::give_back;
+use super::pumps::{open_pump, seal_pump, Received, Sent};
+use super::{qmp_err, socket_dir, socket_path, stream_secret};
+
+/// How often `query-migrate` is polled for progress and state.
+const POLL: Duration = Duration::from_millis(200);
+/// `max-bandwidth` when the order sets no cap (QEMU's own default is 128 MiB/s).
+const UNCAPPED_BPS: u64 = 1 << 40;
+
+/// QEMU's largest `downtime-limit` (2000 s): setting it makes QEMU switch over at its next check.
+const QEMU_MAX_DOWNTIME_MS: u64 = 2_000_000;
+/// QEMU's throttle for `throttle` orders: the native engine's steps (`THROTTLE_STEPS`, 20% then
+/// +20% up to 99%), as `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`.
+const THROTTLE_STEP: u8 = 20;
+const THROTTLE_MAX: u8 = 99;
+
+/// Steps of the downtime ladder unless the VM's configuration says otherwise.
+const DEFAULT_DOWNTIME_STEPS: u32 = 3;
+/// More steps than this would start below a millisecond for any sensible target.
+pub(super) const MAX_DOWNTIME_STEPS: u32 = 10;
+
+/// The ladder's steps for an order allowing `max_rounds`: it reaches the target by the order's
+/// last round at the latest, so non-convergence is judged against the target, never a step.
+fn ladder_steps(configured: u32, max_rounds: u32) -> u32 {
+    configured.min(max_rounds.saturating_sub(1))
+}
+
+/// QEMU's downtime-limit (ms) after `rounds` completed dirty-memory rounds: the order's
+/// `target` halved `steps - rounds` times, at least 1 ms, never above `target`.
+///
+/// Why a ladder: QEMU stops the guest as soon as the memory left to send fits in its limit at
+/// the measured bandwidth, even in the middle of the first pass. With the full target from the
+/// start, a fast transport buys a large stop-and-copy instead of a short one, so the guest's
+/// downtime comes out close to the target whatever it dirties. Starting low lets an idle or
+/// slow-dirtying guest finish the first pass and stop with little left; a busy guest still
+/// reaches the full target after `steps` rounds (the approach of OpenStack Nova's
+/// `live_migration_downtime_steps`).
+fn downtime_step(target: u64, steps: u32, rounds: u64) -> u64 {
+    let halvings = u64::from(steps).saturating_sub(rounds);
+    (target >> halvings.min(63)).max(1).min(target)
+}
+
+/// A QEMU VM on its way out: its QMP session (held for the migration's time), its state
+/// before the migration, and the disks that travel with it.
+pub(crate) struct QemuSource {
+    vm: String,
+    qmp: Qmp,
+    /// The guest ran when the order claimed it: a rollback runs it again.
+    was_running: bool,
+    /// Disks sent before QEMU's stream (empty with shared storage).
+    disks: Vec<SourceDisk>,
+    /// See `downtime_step`.
+    downtime_steps: u32,
+    started: Instant,
+}
+
+impl QemuSource {
+    /// Check that QEMU can migrate `body.vm` (running or paused, not migrating, its disks
+    /// fit for transfer); nothing is changed yet.
+    pub async fn prepare(
+        ctx: &Arc<Ctx>,
+        body: &OrderBody,
+        qmp_path: &Path,
+    ) -> Result<Self, AgentError> {
+        let mut qmp = Qmp::connect(qmp_path, ctx.step_timeout())
+            .await
+            .map_err(qmp_err)?;
+        let status = qmp.query_status().await.map_err(qmp_err)?;
+        if !matches!(status.status.as_str(), "running" | "paused") {
+            return Err(AgentError::Migration(format!(
+                "QEMU VM {:?} is in state {:?}; only a running or paused VM can migrate",
+                body.vm, status.status
+            )));
+        }
+        let m = qmp.query_migrate().await.map_err(qmp_err)?;
+        if m.in_progress() {
+            return Err(AgentError::Migration(format!(
+                "QEMU VM {:?} is already migrating (status {})",
+                body.vm,
+                m.status()
+            )));
+        }
+        let cfg = ctx.config.vms.iter().find(|v| v.name == body.vm);
+        // Disks that travel (spec/qemu.md §5): each must be a raw image QEMU has open read-only.
+        let disks = match cfg {
+            Some(v) => super::disk::source_disks(v, &mut qmp).await?,
+            None => Vec::new(),
+        };
+        debug!(vm = %body.vm, qemu = %qmp.version, "QEMU ready to migrate");
+        Ok(Self {
+            vm: body.vm.clone(),
+            qmp,
+            was_running: status.running,
+            disks,
+            downtime_steps: cfg
+                .and_then(|v| v.downtime_steps)
+                .unwrap_or(DEFAULT_DOWNTIME_STEPS),
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether the VM was paused when the migration started (it stays paused if given back).
+    pub fn paused_before(&self) -> bool {
+        !self.was_running
+    }
+}
+
+impl SourceVm for QemuSource {
+    async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError> {
+        let disk_manifests = super::disk::hash_disks(&self.disks).await?;
+        // Empty with shared storage; the root covers these digests (spec/qemu.md §5).
+        Ok(Offer {
+            mode: TransferMode::HypervisorStream,
+            streams: 1,
+            manifest: vm_manifest(ctx, &self.vm, super::disk::DISK_CHUNK, disk_manifests),
+        })
+    }
+
+    async fn transfer(&mut self, link: SourceLink<'_>) -> Result<Transferred, AgentError> {
+        self.started = Instant::now();
+        transfer(self, link).await
+    }
+
+    async fn give_back(mut self, ctx: &Arc<Ctx>) -> String {
+        give_back(ctx, &self.vm, &mut self.qmp, self.was_running).await
+    }
+
+    fn keep_stopped(self, _ctx: &Arc<Ctx>) {
+        // QEMU holds the stopped VM until the destination answers (settle.rs): nothing to keep.
+    }
+}
+
+/// Carry QEMU's migration of `vm` through the attested session: data stream 0, the disks,
+/// then QEMU's stream and its return path, following QEMU to `completed`.
+async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferred, AgentError> {
+    let ctx = link.ctx;
+    let body = link.order.body();
+    let (mut data, mut sealer, opener) = open_stream0(link.est, &body.destination_addr).await?;
+    // Disks first (spec/qemu.md §5): the destination attaches them, once verified, before
+    // it lets its QEMU load anything. A failure here leaves the source VM untouched.
+    let disk_wire = if link.est.manifest.disks.is_empty() {
+        0
+    } else {
+        let n = super::disk::send_disks(&mut data, &mut sealer, &link.est.manifest, &vm.disks)
+            .await
+            .map_err(|e| AgentError::Transport(format!("sending disks: {e}")))?;
+        info!(
+            bytes = n,
+            disks = link.est.manifest.disks.len(),
+            "disks sent"
+        );
+        n
+    };
+    let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
+    let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder).await?;
+    let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+    let (data_rd, data_wr) = data.into_split();
+    let mut tasks = Tasks::default();
+    let (fwd_tx, fwd_rx) = mpsc::channel::<Result<Sent, String>>(1);
+    tasks.spawn(async move {
+        let _ = fwd_tx
+            .send(seal_pump(qemu_rd, data_wr, sealer, "source stream").await)
+            .await;
+    });
+    let (ret_tx, ret_rx) = mpsc::channel::<Result<Received, AgentError>>(1);
+    tasks.spawn(async move {
+        let _ = ret_tx
+            .send(open_pump(data_rd, qemu_wr, opener, "return path").await)
+            .await;
+    });
+    let done = follow(&mut vm.qmp, link, &mut ladder, vm.started, fwd_rx, ret_rx).await?;
+    let Done {
+        sent,
+        info,
+        paused_at,
+        digest,
+    } = done;
+    let ram = info.ram.clone().unwrap_or_default();
+    Ok(Transferred {
+        stream_records: vec![sent.records],
+        digest,
+        paused_at,
+        stream_bytes: sent.wire_bytes,
+        summary: Summary {
+            guest_bytes: ram.total,
+            rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
+            converged: !ladder.forced,
+            throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
+            bytes_on_wire: sent.wire_bytes + disk_wire,
+            bytes_per_round: vec![sent.digest.len()],
+            zero_pages_skipped: ram.duplicate,
+            stop_copy_pages: 0,
+            memory_checksum: hex::encode(digest),
+            ..Summary::default()
+        },
+        tasks,
+    })
+}
+
+/// Data stream 0, bound to the session by its `StreamInit` record; its sealer (to the
+/// destination) and the opener of QEMU's return path.
+async fn open_stream0(
+    est: &Established,
+    addr: &str,
+) -> Result<(TcpStream, Sealer, Opener), AgentError> {
+    let sid = est.keys.session_id();
+    let mut data = TcpStream::connect(addr)
+        .await
+        .map_err(|e| AgentError::Connect {
+            addr: addr.to_string(),
+            reason: format!("data stream 0: {e}"),
+        })?;
+    data.set_nodelay(true).ok();
+    let mut sealer = Sealer::new(stream_secret(est, Direction::SourceToDestination), 0);
+    let mut first = preamble(&sid, 0).to_vec();
+    let init = [&sid[..], &0u16.to_be_bytes()].concat();
+    sealer.seal(RecordType::StreamInit, &init, &mut first)?;
+    data.write_all(&first)
+        .await
+        .map_err(|e| AgentError::Transport(format!("data stream 0: {e}")))?;
+    let opener = Opener::new(stream_secret(est, Direction::DestinationToSource), 0);
+    Ok((data, sealer, opener))
+}
+
+/// Set QEMU's capabilities and parameters from the order, then `migrate` into a socket of
+/// ours; returns QEMU's connection to it.
+async fn start_qemu(
+    ctx: &Arc<Ctx>,
+    qmp: &mut Qmp,
+    order: &VerifiedOrder,
+    ladder: &Ladder,
+) -> Result<UnixStream, AgentError> {
+    // `events`: QEMU announces pre-switchover and completion at once (polling would add up
+    // to a poll period to the guest's downtime, twice).
+    // `auto-converge` with `throttle` orders: QEMU's own throttle, in the native engine's steps.
+    let throttle = ladder.on_nonconvergence == NonConvergence::Throttle;
+    qmp.migrate_set_capabilities(&[
+        ("pause-before-switchover", true),
+        ("return-path", true),
+        ("events", true),
+        ("auto-converge", throttle),
+    ])
+    .await
+    .map_err(qmp_err)?;
+    if throttle {
+        qmp.migrate_set_throttle(THROTTLE_STEPS[0], THROTTLE_STEP, THROTTLE_MAX)
+            .await
+            .map_err(qmp_err)?;
+    }
+    qmp.migrate_set_parameters(ladder.limit, ladder.bw)
+        .await
+        .map_err(qmp_err)?;
+    let dir = socket_dir(ctx)?;
+    let path = socket_path(&dir, "out", order.id())?;
+    let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
+    let uri = format!("unix:{}", path.display());
+    qmp.take_events(); // older events (a STOP before now) say nothing about this migration
+    qmp.migrate(&uri).await.map_err(qmp_err)?;
+    let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
+    let _ = std::fs::remove_file(&path);
+    let (qemu_sock, _) = accepted
+        .map_err(|_| {
+            AgentError::Migration(format!(
+                "QEMU did not connect to {} in time",
+                path.display()
+            ))
+        })?
+        .map_err(AgentError::io(&path))?;
+    Ok(qemu_sock)
+}
+
+/// QEMU's downtime-limit as the migration goes: the ladder towards the order's target, and
+/// the order's action when the rounds run out (SPEC.md §8.4, spec/qemu.md §3).
+struct Ladder {
+    target: u64,
+    steps: u32,
+    /// Rounds QEMU may pre-copy before the order's non-convergence action: `max_rounds`, and
+    /// with `throttle` two more rounds per throttle step (QEMU 7.2 raises its throttle at every
+    /// second bitmap sync that finds the guest dirtying too fast).
+    round_budget: u64,
+    on_nonconvergence: NonConvergence,
+    downtime_ms: u32,
+    /// `max-bandwidth`.
+    bw: u64,
+    /// The `downtime-limit` QEMU has now.
+    limit: u64,
+    /// The switch-over was forced (the summary says `converged: false`).
+    forced: bool,
+}
+
+impl Ladder {
+    fn new(limits: &Limits, configured_steps: u32) -> Self {
+        let throttle = limits.on_nonconvergence == NonConvergence::Throttle;
+        let target = u64::from(limits.downtime_ms);
+        let steps = ladder_steps(configured_steps, limits.max_rounds);
+        Self {
+            target,
+            steps,
+            round_budget: u64::from(limits.max_rounds)
+                + if throttle {
+                    2 * THROTTLE_STEPS.len() as u64
+                } else {
+                    0
+                },
+            on_nonconvergence: limits.on_nonconvergence,
+            downtime_ms: limits.downtime_ms,
+            bw: if limits.bandwidth_bps == 0 {
+                UNCAPPED_BPS
+            } else {
+                limits.bandwidth_bps
+            },
+            limit: downtime_step(target, steps, 0),
+            forced: false,
+        }
+    }
+
+    /// After a look at QEMU's migration (`m`, the guest not yet stopped by it): the new
+    /// `downtime-limit` to set, if any, or the order's abort.
+    fn after_look(&mut self, m: &MigrationInfo) -> Result<Option<u64>, PrecopyError> {
+        if m.status() != "active" || self.forced {
+            return Ok(None);
+        }
+        let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+        // QEMU counts the first pass's bitmap sync too: rounds done = syncs - 1.
+        let rounds = sync.saturating_sub(1);
+        if rounds >= self.round_budget {
+            if self.on_nonconvergence == NonConvergence::Abort {
+                return Err(PrecopyError::NotConverged {
+                    rounds: u32::try_from(rounds).unwrap_or(u32::MAX),
+                    predicted_ms: m.expected_downtime.unwrap_or(0),
+                    target_ms: self.downtime_ms,
+                });
+            }
+            // force, or throttle after its last step: switch over at QEMU's next check,
+            // accepting a longer downtime.
+            self.forced = true;
+            self.limit = QEMU_MAX_DOWNTIME_MS;
+            info!(rounds, "pre-copy did not converge: forcing the switch-over");
+            return Ok(Some(self.limit));
+        }
+        let next = downtime_step(self.target, self.steps, rounds);
+        if next == self.limit {
+            return Ok(None);
+        }
+        self.limit = next;
+        debug!(limit_ms = next, rounds, "downtime-limit raised");
+        Ok(Some(next))
+    }
+}
+
+/// The end of QEMU's migration, as `follow` saw it.
+struct Done {
+    sent: Sent,
+    info: MigrationInfo,
+    paused_at: Instant,
+    digest: Digest,
+}
+
+/// Follow QEMU's migration to `completed` and the stream to its end: progress, the downtime
+/// ladder, `migrate-continue` at `pre-switchover`, the pumps' results, and any message from
+/// the destination (an abort).
+async fn follow(
+    qmp: &mut Qmp,
+    link: SourceLink<'_>,
+    ladder: &mut Ladder,
+    started: Instant,
+    mut fwd_rx: mpsc::Receiver<Result<Sent, String>>,
+    mut ret_rx: mpsc::Receiver<Result<Received, AgentError>>,
+) -> Result<Done, AgentError> {
+    let mut poll = tokio::time::interval(POLL);
+    let mut sent: Option<Sent> = None;
+    let mut completed: Option<MigrationInfo> = None;
+    let mut paused_at: Option<Instant> = None;
+    let mut stopped_at: Option<SystemTime> = None;
+    let mut last_sync = u64::MAX;
+    let mut last_report = Instant::now();
+    let mut ret_done = false;
+    while sent.is_none() || completed.is_none() {
+        // On a poll tick or a MIGRATION event, look at QEMU's migration state.
+        let mut look = false;
+        tokio::select! {
+            _ = poll.tick() => look = true,
+            ev = qmp.event() => {
+                let ev = ev.map_err(qmp_err)?;
+                if ev.name == "STOP" {
+                    stopped_at = ev.at; // the guest's downtime starts here
+                }
+                look = ev.migration_status().is_some();
+            }
+            Some(r) = fwd_rx.recv() => {
+                let s = r.map_err(AgentError::Transport)?;
+                debug!(bytes = s.digest.len(), "QEMU stream sealed to its end");
+                sent = Some(s);
+            }
+            Some(r) = ret_rx.recv(), if !ret_done => {
+                ret_done = true;
+                r.map_err(|e| AgentError::Transport(e.to_string()))?;
+            }
+            msg = link.chan.next() => {
+                // The destination says nothing while the stream flows: this is an abort
+                // (or garbage), and either ends the migration.
+                let msg = msg.ok_or_else(|| AgentError::Transport("control channel closed".into()))??;
+                let mut att = link.ctx.attester.lock().expect("attester lock");
+                link.sm.handle(&msg, att.as_mut())?;
+            }
+        }
+        if look && completed.is_none() {
+            let m = qmp.query_migrate().await.map_err(qmp_err)?;
+            match m.status() {
+                "pre-switchover" if paused_at.is_none() => {
+                    // A STOP still queued (read during a command) counts too.
+                    let queued_stop = qmp
+                        .take_events()
+                        .into_iter()
+                        .rfind(|e| e.name == "STOP")
+                        .and_then(|e| e.at);
+                    paused_at = Some(instant_of(stopped_at.or(queued_stop)));
+                    debug!(
+                        since_stop_ms = paused_at.map(|p| p.elapsed().as_millis()),
+                        remaining = m.ram.as_ref().map(|r| r.remaining),
+                        transferred = m.ram.as_ref().map(|r| r.transferred),
+                        mbps = m.ram.as_ref().map(|r| r.mbps),
+                        "pre-switchover"
+                    );
+                    let ram = m.ram.clone().unwrap_or_default();
+                    link.report(Progress::SwitchOver {
+                        pages: ram.remaining / ram.page_size.max(1),
+                    })
+                    .await;
+                    qmp.migrate_continue("pre-switchover")
+                        .await
+                        .map_err(qmp_err)?;
+                }
+                "completed" => {
+                    debug!("source QEMU completed");
+                    completed = Some(m.clone());
+                }
+                "failed" | "cancelled" => {
+                    // Usually because the destination stopped reading: its Abort says why.
+                    return Err(AgentError::Transport(format!(
+                        "QEMU migration {}: {}",
+                        m.status(),
+                        m.error_desc.as_deref().unwrap_or("no reason given")
+                    )));
+                }
+                _ => {}
+            }
+            if paused_at.is_none() {
+                if let Some(limit) = ladder.after_look(&m)? {
+                    qmp.migrate_set_parameters(limit, ladder.bw)
+                        .await
+                        .map_err(qmp_err)?;
+                }
+            }
+            let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+            if completed.is_none()
+                && (sync != last_sync || last_report.elapsed() >= Duration::from_secs(1))
+            {
+                last_sync = sync;
+                last_report = Instant::now();
+                link.report(round_progress(&m)).await;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            return Err(AgentError::Migration(
+                "QEMU migration did not finish within an hour".into(),
+            ));
+        }
+    }
+    let (Some(sent), Some(info)) = (sent, completed) else {
+        unreachable!("the loop ends only when both are set");
+    };
+    let digest: Digest = sent.digest.clone().finish(&link.est.transcript_hash);
+    Ok(Done {
+        sent,
+        info,
+        paused_at: paused_at.unwrap_or_else(Instant::now),
+        digest,
+    })
+}
+
+/// The monotonic instant of a wall-clock event time (now when unknown or in the future).
+fn instant_of(at: Option<SystemTime>) -> Instant {
+    let ago = at.and_then(|t| SystemTime::now().duration_since(t).ok());
+    ago.and_then(|d| Instant::now().checked_sub(d))
+        .unwrap_or_else(Instant::now)
+}
+
+fn round_progress(m: &MigrationInfo) -> Progress {
+    let ram = m.ram.clone().unwrap_or_default();
+    let page = ram.page_size.max(1);
+    Progress::Round {
+        round: ram.dirty_sync_count.saturating_sub(1) as u32,
+        pages: ram.normal,
+        bytes: ram.transferred,
+        dirty_pages: ram.remaining / page,
+        dirty_rate: ram.dirty_pages_rate,
+        predicted_downtime_ms: m.expected_downtime.unwrap_or(0),
+        throttle: m.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
+        bandwidth: (ram.mbps * 1e6 / 8.0) as u64,
+        total_bytes: ram.transferred,
+        guest_pages: ram.total / page,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downtime_ladder_climbs_to_the_target_and_never_past_it() {
+        let ladder: Vec<u64> = (0..6).map(|r| downtime_step(300, 3, r)).collect();
+        assert_eq!(ladder, [37, 75, 150, 300, 300, 300]);
+        // No steps: the target from the start; tiny targets stay at least 1 ms, at most target.
+        assert_eq!(downtime_step(300, 0, 0), 300);
+        assert_eq!(downtime_step(5, 10, 0), 1);
+        assert_eq!(downtime_step(0, 3, 0), 0);
+        assert_eq!(
+            downtime_step(u64::from(u32::MAX), 10, 10),
+            u64::from(u32::MAX)
+        );
+    }
+}

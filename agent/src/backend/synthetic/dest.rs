@@ -1,0 +1,280 @@
+//! The synthetic guest arriving: N data streams bound by their `StreamInit`, pages written
+//! into a zeroed, paused guest by the pre-copy engine. spec: SPEC.md §7.1, §8.1–8.5
+
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::warn;
+use trustmig_protocol::error::PeerMisbehaved;
+use trustmig_protocol::handshake::Established;
+use trustmig_protocol::keys::{Direction, KeySchedule};
+use trustmig_protocol::messages::TransferMode;
+use trustmig_protocol::precopy::{GuestMemory, PrecopyDest};
+use trustmig_protocol::record::{Opener, RecordType};
+
+use crate::backend::{Arrived, DestVm, Tasks};
+use crate::daemon::{Ctx, DataConn};
+use crate::error::AgentError;
+use crate::guest::{SyntheticGuest, PAGE_SIZE};
+use crate::wire::{read_record, WireError};
+
+struct Receiving {
+    engine: PrecopyDest,
+    guest: SyntheticGuest,
+}
+
+/// A synthetic guest being received: created zeroed and paused, resumed only on `Commit`.
+pub(crate) struct SyntheticDest {
+    vm: String,
+    state: Arc<Mutex<Receiving>>,
+    arrived: Option<mpsc::Receiver<Result<Arrived, AgentError>>>,
+    tasks: Tasks,
+}
+
+impl SyntheticDest {
+    /// Check that this host can take the guest the handshake announced, and make room for it.
+    pub fn prepare(ctx: &Ctx, vm: &str, est: &Established) -> Result<Self, AgentError> {
+        let TransferMode::Precopy {
+            page_size,
+            page_count,
+        } = est.mode
+        else {
+            return Err(AgentError::Migration(
+                "the synthetic backend receives pre-copy pages only".into(),
+            ));
+        };
+        if page_size as usize != PAGE_SIZE {
+            return Err(AgentError::Migration(format!(
+                "page size {page_size} unsupported (synthetic guests use {PAGE_SIZE})"
+            )));
+        }
+        if ctx.vms.lock().expect("vms lock").contains_key(vm) {
+            return Err(AgentError::Migration(format!(
+                "a VM named {vm:?} already runs here"
+            )));
+        }
+        // The peer is attested but its numbers are still input: refuse a guest this host cannot
+        // hold rather than abort on allocation.
+        let want = page_count.saturating_mul(PAGE_SIZE as u64);
+        if let Some(avail) = crate::guest::mem_available() {
+            if want > avail {
+                return Err(AgentError::Migration(format!(
+                    "guest of {} MiB does not fit: {} MiB of memory available here",
+                    want >> 20,
+                    avail >> 20
+                )));
+            }
+        }
+        let guest = SyntheticGuest::zeroed(vm, page_count);
+        let engine = PrecopyDest::new(&guest, page_size, page_count, est.streams)?;
+        Ok(Self {
+            vm: vm.to_string(),
+            state: Arc::new(Mutex::new(Receiving { engine, guest })),
+            arrived: None,
+            tasks: Tasks::default(),
+        })
+    }
+}
+
+impl DestVm for SyntheticDest {
+    fn start(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        est: Established,
+        conns: mpsc::Receiver<DataConn>,
+    ) -> Result<(), AgentError> {
+        let Established {
+            keys,
+            transcript_hash,
+            streams,
+            ..
+        } = est;
+        let sid = keys.session_id();
+        let (done_tx, mut done_rx) = mpsc::channel::<(u16, Result<u64, AgentError>)>(16);
+        let (ctx2, state) = (ctx.clone(), self.state.clone());
+        self.tasks.spawn(bind_streams(
+            ctx2,
+            Arc::new(keys),
+            sid,
+            streams,
+            state,
+            conns,
+            done_tx,
+        ));
+        // Every stream to its end, then the digest of what arrived.
+        let (tx, rx) = mpsc::channel(1);
+        self.arrived = Some(rx);
+        let state = self.state.clone();
+        self.tasks.spawn(async move {
+            let mut finished: Vec<Option<u64>> = vec![None; streams as usize];
+            let r = loop {
+                if finished.iter().all(Option::is_some) {
+                    let digest = state
+                        .lock()
+                        .expect("state lock")
+                        .engine
+                        .final_digest(&transcript_hash);
+                    break digest.map_err(AgentError::from).map(|digest| Arrived {
+                        stream_records: finished.iter().map(|n| n.unwrap_or(0)).collect(),
+                        digest,
+                    });
+                }
+                match done_rx.recv().await {
+                    Some((i, Ok(n))) => {
+                        if let Some(slot) = finished.get_mut(i as usize) {
+                            *slot = Some(n);
+                        }
+                    }
+                    Some((_, Err(e))) => break Err(e),
+                    None => break Err(AgentError::Migration("data streams ended".into())),
+                }
+            };
+            let _ = tx.send(r).await;
+        });
+        Ok(())
+    }
+
+    async fn arrived(&mut self) -> Result<Arrived, AgentError> {
+        match &mut self.arrived {
+            Some(rx) => rx
+                .recv()
+                .await
+                .unwrap_or_else(|| Err(AgentError::Migration("receiving ended".into()))),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn activity(&self) -> Option<u64> {
+        Some(
+            self.state
+                .lock()
+                .expect("state lock")
+                .engine
+                .pages_written(),
+        )
+    }
+
+    async fn resume(&mut self, ctx: &Arc<Ctx>) -> Result<(), AgentError> {
+        let mut guest = {
+            let mut st = self.state.lock().expect("state lock");
+            std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
+        };
+        guest.resume();
+        ctx.vms
+            .lock()
+            .expect("vms lock")
+            .insert(self.vm.clone(), guest);
+        Ok(())
+    }
+
+    async fn discard(self, _ctx: &Arc<Ctx>) {
+        // The guest lived in this process only: dropping it (and the receiving tasks) is all.
+    }
+}
+
+/// Accept data connections for this session: bind each stream index once, after its
+/// `StreamInit` record authenticates; then read it to its end. spec: SPEC.md §7.1
+async fn bind_streams(
+    ctx: Arc<Ctx>,
+    keys: Arc<KeySchedule>,
+    sid: [u8; 16],
+    streams: u16,
+    state: Arc<Mutex<Receiving>>,
+    mut conns: mpsc::Receiver<DataConn>,
+    done: mpsc::Sender<(u16, Result<u64, AgentError>)>,
+) {
+    // Each candidate is checked in a task of its own: a connection that stalls before its
+    // StreamInit must not hold up the genuine one behind it. The first that authenticates
+    // binds its stream index; later ones are surplus.
+    let bound = Arc::new(Mutex::new(vec![false; streams as usize]));
+    let mut checks = tokio::task::JoinSet::new();
+    while let Some((i, mut sock)) = conns.recv().await {
+        if i >= streams || bound.lock().expect("bound lock")[i as usize] {
+            warn!(stream = i, "surplus data connection dropped");
+            continue;
+        }
+        let (ctx, keys, state, done, bound) = (
+            ctx.clone(),
+            keys.clone(),
+            state.clone(),
+            done.clone(),
+            bound.clone(),
+        );
+        checks.spawn(async move {
+            sock.set_nodelay(true).ok();
+            let mut opener = Opener::new(keys.stream_secret(Direction::SourceToDestination, i), i);
+            let mut buf = Vec::new();
+            let init =
+                tokio::time::timeout(ctx.step_timeout(), read_record(&mut sock, &mut buf)).await;
+            let ok = match init {
+                Ok(Ok(true)) => match opener.open(&mut buf) {
+                    Ok((RecordType::StreamInit, p)) => p == [&sid[..], &i.to_be_bytes()].concat(),
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !ok {
+                // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
+                warn!(stream = i, "data connection failed StreamInit; dropped");
+                return;
+            }
+            {
+                let mut b = bound.lock().expect("bound lock");
+                if b[i as usize] {
+                    warn!(stream = i, "surplus data connection dropped");
+                    return;
+                }
+                b[i as usize] = true;
+            }
+            let r = read_stream(sock, opener, i, &state).await;
+            let _ = done.send((i, r)).await;
+        });
+    }
+    // The session is over: the checks and readers go with this task (a JoinSet aborts its
+    // tasks when dropped) once every stream's reader has finished or the driver gave up.
+    while checks.join_next().await.is_some() {}
+}
+
+/// Read one bound stream to `StreamEnd`; returns the number of records it carried.
+async fn read_stream(
+    mut sock: TcpStream,
+    mut opener: Opener,
+    i: u16,
+    state: &Mutex<Receiving>,
+) -> Result<u64, AgentError> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    let cut = || AgentError::Migration(format!("data stream {i} cut before its end"));
+    loop {
+        // Typed errors, so the Abort the source gets says record-failure or migration-failed.
+        match read_record(&mut sock, &mut buf).await {
+            Ok(true) => {}
+            Ok(false) | Err(WireError::Closed) | Err(WireError::Io(_)) => return Err(cut()),
+            Err(WireError::Record(e)) => return Err(e.into()),
+            Err(e) => return Err(AgentError::Migration(format!("data stream {i}: {e}"))),
+        }
+        let (typ, payload) = opener.open(&mut buf)?;
+        match typ {
+            RecordType::Pages => {
+                let mut st = state.lock().expect("state lock");
+                let Receiving { engine, guest } = &mut *st;
+                engine.on_pages(guest, i, payload)?;
+            }
+            RecordType::DeviceState => {
+                state
+                    .lock()
+                    .expect("state lock")
+                    .engine
+                    .on_device_state(payload)?;
+            }
+            RecordType::KeyUpdate => {}
+            RecordType::StreamEnd => return Ok(opener.records()),
+            t => {
+                return Err(PeerMisbehaved::BadField(format!(
+                    "{t:?} record on pre-copy data stream {i}"
+                ))
+                .into())
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The destination driver: TLS accept, handshake and claim (or a settlement query), the
+//! backend's receive, final evidence, commit, resume. spec: SPEC.md §5, §7, §8
+//!
+//! The VM is resumed only after the source's final evidence verified, the digest matched what
+//! arrived, and `Commit` came and was journalled. Before that, any failure discards what
+//! arrived, and the backend's hypervisor never runs it.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tracing::{info, warn};
+use trustmig_protocol::error::PeerMisbehaved;
+use trustmig_protocol::handshake::{
+    ChannelBinding, DestinationConfig, DestinationHandshake, Established,
+};
+use trustmig_protocol::messages::{Message, TransferMode};
+use trustmig_protocol::migration::{DestEvent, DestMigration};
+use trustmig_protocol::order::hex;
+use trustmig_protocol::AbortCode;
+
+use crate::backend::qemu::QemuDest;
+use crate::backend::synthetic::SyntheticDest;
+use crate::backend::{Arrived, DestVm};
+use crate::daemon::{history_entry, Ctx, DataConn};
+use crate::error::AgentError;
+use crate::journal::{ClaimAsDestination, State};
+use crate::wire::{spawn_frame_reader, write_frame, WireError};
+
+type Tls = TlsStream<TcpStream>;
+type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
+
+/// Serve one incoming TLS control connection.
+pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
+    let peers = ctx.peers()?;
+    let cfg = crate::tls::server_config(&ctx.identity, peers.keys())
+        .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
+    let tls = tokio::time::timeout(
+        ctx.step_timeout(),
+        tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+    )
+    .await
+    .map_err(|_| AgentError::Migration("TLS handshake timed out".into()))?
+    .map_err(|e| AgentError::Migration(format!("TLS handshake refused: {e}")))?;
+    let conn = tls.get_ref().1;
+    let exporter = crate::tls::exporter(conn)
+        .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+    let peer = crate::tls::peer_identity(conn).map_err(AgentError::Migration)?;
+    info!(peer = %hex(&peer), name = peers.name_of(&peer).unwrap_or("?"), "peer connected");
+    let (rd, wr) = tokio::io::split(tls);
+    let mut s = Session {
+        ctx: ctx.clone(),
+        wr,
+        order_id: None,
+        vm: String::new(),
+        sid: None,
+    };
+    let r = s.run(rd, exporter, peer).await;
+    if let Some(sid) = s.sid {
+        ctx.sessions.lock().expect("sessions lock").remove(&sid);
+    }
+    let Err(e) = r else { return Ok(()) };
+    // The backend discarded what arrived before this: the source hears of the failure (and
+    // may run its VM again) only once this host's copy is gone (SPEC.md §8.8).
+    let code = match &e {
+        AgentError::Protocol(p) => AbortCode::from(p),
+        _ => AbortCode::InternalError,
+    };
+    let msg = Message::Abort {
+        code,
+        reason: e.to_string().chars().take(200).collect(),
+    };
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        write_frame(&mut s.wr, &msg.encode()),
+    )
+    .await;
+    let _ = s.wr.shutdown().await;
+    let mut rolled_back = true;
+    if let Some(id) = s.order_id {
+        rolled_back = ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .roll_back_if_claimed(&id, e.to_string())
+            .unwrap_or(false);
+        ctx.remember(history_entry(
+            "destination",
+            None,
+            Some(&e.to_string()),
+            &hex(&id),
+            &s.vm,
+        ));
+    }
+    match (s.order_id, rolled_back) {
+        // Refused before any order was accepted (handshake, settlement query): nothing
+        // was received, so there is nothing to discard.
+        (None, _) => warn!("peer session refused: {e}"),
+        (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
+        (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
+    }
+    Err(e)
+}
+
+struct Session {
+    ctx: Arc<Ctx>,
+    wr: WriteHalf<Tls>,
+    order_id: Option<[u8; 16]>,
+    vm: String,
+    sid: Option<[u8; 16]>,
+}
+
+fn wire(e: WireError) -> AgentError {
+    AgentError::Transport(format!("control channel: {e}"))
+}
+
+impl Session {
+    async fn send(&mut self, m: &[u8]) -> Result<(), AgentError> {
+        tokio::time::timeout(self.ctx.step_timeout(), write_frame(&mut self.wr, m))
+            .await
+            .map_err(|_| AgentError::Transport("control channel: send timed out".into()))?
+            .map_err(wire)
+    }
+
+    async fn recv(&self, frames: &mut Frames) -> Result<Vec<u8>, AgentError> {
+        tokio::time::timeout(self.ctx.step_timeout(), frames.recv())
+            .await
+            .map_err(|_| AgentError::Migration("source did not answer in time".into()))?
+            .ok_or_else(|| AgentError::Transport("control channel closed".into()))?
+            .map_err(wire)
+    }
+
+    async fn run(
+        &mut self,
+        rd: ReadHalf<Tls>,
+        exporter: [u8; 32],
+        peer: [u8; 32],
+    ) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let channel = ChannelBinding {
+            tls_exporter: exporter,
+            local: ctx.identity.id(),
+            peer,
+        };
+        let mut hs = DestinationHandshake::new(
+            DestinationConfig {
+                operators: ctx.operators()?,
+                now: crate::unix_now(),
+            },
+            channel,
+            crate::random(),
+        );
+        // The one reader of this control channel, for the whole session.
+        let mut frames = spawn_frame_reader(rd);
+        let first = self.recv(&mut frames).await?;
+        if let Ok(Message::SettleQuery { order_id }) = Message::decode(&first) {
+            return self.answer_settlement(order_id, &peer).await;
+        }
+        let mut pending = Some(first);
+        while !hs.is_done() {
+            let msg = match pending.take() {
+                Some(m) => m,
+                None => self.recv(&mut frames).await?,
+            };
+            let out = {
+                let mut att = ctx.attester.lock().expect("attester lock");
+                let mut journal = ctx.journal.lock().expect("journal lock");
+                let mut claim = ClaimAsDestination(&mut journal);
+                hs.handle(&msg, att.as_mut(), ctx.verifier.as_ref(), &mut claim)
+            };
+            if let Some(o) = hs.order() {
+                self.order_id = Some(*o.id());
+                self.vm = o.body().vm.clone();
+            }
+            for m in out? {
+                self.send(&m).await?;
+            }
+        }
+        let est = hs.into_established()?;
+        info!(order = %hex(est.order.id()), vm = %self.vm, "source attested; receiving");
+        self.receive(est, frames).await
+    }
+
+    /// A source lost its session after journalling COMMIT and asks what became of the order
+    /// (SPEC.md §8.8 rule 3). The journal answers; "not committed" is journalled first, so no
+    /// late `Commit` can make this agent commit afterwards.
+    async fn answer_settlement(
+        &mut self,
+        order_id: [u8; 16],
+        peer: &[u8; 32],
+    ) -> Result<(), AgentError> {
+        let committed = self
+            .ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .settle_query(&order_id, peer)?;
+        info!(order = %hex(&order_id), peer = %hex(peer), committed, "settlement query answered");
+        let m = Message::SettleAnswer {
+            order_id,
+            committed,
+        };
+        self.send(&m.encode()).await?;
+        let _ = self.wr.shutdown().await;
+        Ok(())
+    }
+
+    /// The VM arrives through the backend its transfer mode names.
+    async fn receive(&mut self, est: Established, frames: Frames) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        // A VM this agent is sending away, or sent and has not settled, may run elsewhere; a
+        // copy arriving now could make two (SPEC.md §8.8 rule 4), or be overwritten when the
+        // outgoing one comes back.
+        let parked = ctx
+            .parked
+            .lock()
+            .expect("parked lock")
+            .contains_key(&self.vm);
+        if parked || ctx.journal.lock().expect("journal lock").leaving(&self.vm) {
+            return Err(AgentError::Migration(format!(
+                "VM {:?} is leaving this host, or left under an order still in doubt: refusing another copy until that is settled",
+                self.vm
+            )));
+        }
+        // Register first: the source opens its data streams right after the handshake.
+        let sid = est.keys.session_id();
+        let (conn_tx, conns) = mpsc::channel::<DataConn>(16);
+        ctx.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(sid, conn_tx);
+        self.sid = Some(sid);
+        match est.mode {
+            TransferMode::Precopy { .. } => {
+                let vm = SyntheticDest::prepare(&ctx, &self.vm, &est)?;
+                self.receive_with(vm, est, frames, conns).await
+            }
+            TransferMode::HypervisorStream => {
+                let vm = QemuDest::prepare(&ctx, &self.vm, &est).await?;
+                self.receive_with(vm, est, frames, conns).await
+            }
+        }
+    }
+
+    /// Drive the backend; before COMMIT any failure discards what it received.
+    async fn receive_with<B: DestVm>(
+        &mut self,
+        mut vm: B,
+        est: Established,
+        frames: Frames,
+        conns: mpsc::Receiver<DataConn>,
+    ) -> Result<(), AgentError> {
+        let mut committed = false;
+        let r = self
+            .exchange(&mut vm, est, frames, conns, &mut committed)
+            .await;
+        if r.is_err() && !committed {
+            vm.discard(&self.ctx).await;
+        }
+        r
+    }
+
+    /// The control exchange while the backend receives: the source's messages go to the
+    /// commit machine; once every stream ended and the source announced its counts, the
+    /// final challenge; on `Commit`, [`Self::resume`].
+    async fn exchange<B: DestVm>(
+        &mut self,
+        vm: &mut B,
+        est: Established,
+        mut frames: Frames,
+        conns: mpsc::Receiver<DataConn>,
+        committed: &mut bool,
+    ) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let mut dm = DestMigration::new(est.channel.clone(), *est.order.id());
+        vm.start(&ctx, est, conns)?;
+        let mut arrived: Option<Arrived> = None;
+        let mut awaiting: Option<Vec<u64>> = None;
+        // A source that goes silent (no control message, no progress on its streams) for a
+        // whole step timeout has failed: the destination discards rather than wait for ever.
+        let mut last_activity = vm.activity();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(ctx.step_timeout()), if last_activity.is_some() => {
+                    let now = vm.activity();
+                    if now == last_activity {
+                        return Err(AgentError::Migration(format!(
+                            "source silent for {} s (no message, no page); giving up",
+                            ctx.step_timeout().as_secs()
+                        )));
+                    }
+                    last_activity = now;
+                }
+                msg = frames.recv() => {
+                    let msg = msg
+                        .ok_or_else(|| AgentError::Transport("control channel closed".into()))?
+                        .map_err(wire)?;
+                    match dm.handle(&msg, ctx.verifier.as_ref())? {
+                        DestEvent::None => {}
+                        DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
+                        DestEvent::Send(m) => self.send(&m).await?,
+                        DestEvent::Resume => {
+                            return self.resume(vm, &mut dm, committed).await;
+                        }
+                    }
+                }
+                r = vm.arrived(), if arrived.is_none() => arrived = Some(r?),
+            }
+            if let (Some(counts), Some(got)) = (&awaiting, &arrived) {
+                if got.stream_records.len() != counts.len() {
+                    return Err(PeerMisbehaved::BadField(format!(
+                        "source announced {} streams, session has {}",
+                        counts.len(),
+                        got.stream_records.len()
+                    ))
+                    .into());
+                }
+                let m = dm.streams_complete(&got.stream_records, got.digest, crate::random())?;
+                crate::fault::crash_point(crate::fault::CrashPoint::DestinationFinalChallenge);
+                self.send(&m).await?;
+                awaiting = None;
+            }
+        }
+    }
+
+    /// `Commit` arrived: journal it, run the VM here, confirm.
+    async fn resume<B: DestVm>(
+        &mut self,
+        vm: &mut B,
+        dm: &mut DestMigration,
+        committed: &mut bool,
+    ) -> Result<(), AgentError> {
+        let ctx = self.ctx.clone();
+        let id = self.order_id.expect("order known after handshake");
+        ctx.journal.lock().expect("journal lock").commit(&id)?;
+        *committed = true;
+        vm.resume(&ctx).await?;
+        #[cfg(debug_assertions)]
+        if std::env::var_os(crate::channel::TEST_LOSE_RESUMED_ENV).is_some() {
+            return Err(AgentError::Migration(
+                "test hook: failed after COMMIT, before Resumed was sent".into(),
+            ));
+        }
+        let m = dm.resumed()?;
+        self.send(&m).await?;
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .set(&id, State::Done, "resumed here")?;
+        info!(order = %hex(&id), vm = %self.vm, "VM resumed on this host");
+        ctx.remember(history_entry(
+            "destination",
+            None,
+            None,
+            &hex(&id),
+            &self.vm,
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! The migration drivers: one per side, the same for every backend. They own what does not
+//! depend on the VM — order verification and claim, the control channel, the attested
+//! handshake, the switch-over and commit exchange, rollback or settlement, the journal,
+//! progress and the summary — and call the backend (`crate::backend`) for the rest.
+
+pub mod destination;
+pub mod source;

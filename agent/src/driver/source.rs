@@ -1,0 +1,240 @@
+//! The source driver: order, claim, channel, handshake, the backend's transfer, switch-over,
+//! final evidence, commit; on failure rollback or settlement. spec: SPEC.md §5, §7, §8
+//!
+//! Until COMMIT is journalled, every failure rolls back: the backend gives the VM back as it
+//! was. After it, the source never resumes the VM on its own: only the destination's answer
+//! (or the operator) may give it back (SPEC.md §8.8).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use trustmig_protocol::migration::{Outcome, SourceMigration};
+use trustmig_protocol::order::{hex, OrderPolicy, Role, SignedOrder, VerifiedOrder};
+
+use crate::backend::qemu::QemuSource;
+use crate::backend::synthetic::SyntheticSource;
+use crate::backend::{SourceLink, SourceVm};
+use crate::channel::{abort_code, note_source_result, SourceChannel};
+use crate::control::{Progress, Summary};
+use crate::daemon::Ctx;
+use crate::error::AgentError;
+use crate::journal::State;
+use crate::settle::{self, InDoubt, Settlement};
+
+/// How long a failing source waits for the destination to discard its copy and close before
+/// it gives the VM back: a loaded destination QEMU may hold the images' locks, which the
+/// source's `cont` needs (a refused `cont` is retried anyway: `backend/qemu/giveback.rs`).
+const DISCARD_WAIT: Duration = Duration::from_secs(5);
+
+/// Run the migration in `order_hex` as its source, reporting progress.
+pub async fn migrate(
+    ctx: Arc<Ctx>,
+    order_hex: String,
+    progress: mpsc::Sender<Progress>,
+) -> Result<Summary, AgentError> {
+    let r = migrate_checked(&ctx, &order_hex, &progress).await;
+    if let Err((e, vm_state)) = &r {
+        let _ = progress
+            .send(Progress::Failed {
+                error: e.to_string(),
+                vm: vm_state.clone(),
+            })
+            .await;
+    }
+    r.map_err(|(e, _)| e)
+}
+
+/// The migration; its error comes with where the VM is now.
+async fn migrate_checked(
+    ctx: &Arc<Ctx>,
+    order_hex: &str,
+    progress: &mpsc::Sender<Progress>,
+) -> Result<Summary, (AgentError, String)> {
+    let not_started = |e: AgentError| (e, "untouched: the migration never started".to_string());
+    let bytes = hex::decode(order_hex.trim())
+        .map_err(|e| not_started(AgentError::Usage(format!("order is not hex: {e}"))))?;
+    let signed = SignedOrder::from_cbor(&bytes).map_err(|e| not_started(e.into()))?;
+    let operators = ctx.operators().map_err(not_started)?;
+    let order = signed
+        .verify(&OrderPolicy {
+            operators: &operators,
+            me: ctx.identity.id(),
+            role: Role::Source,
+            now: crate::unix_now(),
+        })
+        .map_err(|e| not_started(e.into()))?;
+    let body = order.body().clone();
+    let claim = |paused_before: bool| {
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .claim_as_source(&body, order.id(), paused_before)
+            .map_err(|e| not_started(e.into()))
+    };
+    if let Some(qmp) = crate::backend::qemu::qemu_vm(&ctx.config, &body.vm) {
+        // QEMU's state first: the claim records whether the VM was paused (spec/qemu.md §4).
+        let vm = QemuSource::prepare(ctx, &body, &qmp)
+            .await
+            .map_err(not_started)?;
+        let paused_before = vm.paused_before();
+        claim(paused_before)?;
+        return run(ctx, order, progress, vm, paused_before).await;
+    }
+    // Single use first: a replayed order is refused as such, whatever became of its VM.
+    claim(false)?;
+    match SyntheticSource::take(ctx, &body.vm) {
+        Ok(vm) => run(ctx, order, progress, vm, false).await,
+        Err(e) => {
+            let _ = ctx.journal.lock().expect("journal lock").set(
+                order.id(),
+                State::RolledBack,
+                e.to_string(),
+            );
+            Err(not_started(e))
+        }
+    }
+}
+
+/// Drive a claimed order with its backend; after a failure, roll back or settle.
+async fn run<B: SourceVm>(
+    ctx: &Arc<Ctx>,
+    order: VerifiedOrder,
+    progress: &mpsc::Sender<Progress>,
+    mut vm: B,
+    paused_before: bool,
+) -> Result<Summary, (AgentError, String)> {
+    let body = order.body();
+    info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
+    let mut outcome = Outcome::RollBack;
+    let result = drive(ctx, &order, progress, &mut vm, &mut outcome).await;
+    let id = *order.id();
+    let e = match result {
+        Ok(summary) => {
+            note_source_result(ctx, &id, &body.vm, Ok(&summary));
+            return Ok(summary);
+        }
+        Err(e) => e,
+    };
+    // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
+    let in_doubt = InDoubt::of(&order, paused_before);
+    let settlement = settle::after_failure(ctx, &in_doubt, outcome).await;
+    let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
+    let vm_state = if rolled_back {
+        // Journalled before the VM is given back: a give-back that goes on in the background
+        // (a refused `cont`) asks the journal whether the VM is still this host's.
+        let _ =
+            ctx.journal
+                .lock()
+                .expect("journal lock")
+                .set(&id, State::RolledBack, e.to_string());
+        let back = vm.give_back(ctx).await;
+        match settlement {
+            Some(s) => format!("{}; {back}", s.vm_state()),
+            None => back,
+        }
+    } else {
+        if let Some(Settlement::InDoubt(_)) = settlement {
+            // Stopped as it is until the destination answers (settle.rs).
+            vm.keep_stopped(ctx);
+            settle::keep_asking(ctx.clone(), in_doubt, true);
+        }
+        settlement.map(|s| s.vm_state()).unwrap_or_default()
+    };
+    note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
+    Err((e, vm_state))
+}
+
+/// Connect, run the session, and on failure tell the destination and let it discard first.
+async fn drive<B: SourceVm>(
+    ctx: &Arc<Ctx>,
+    order: &VerifiedOrder,
+    progress: &mpsc::Sender<Progress>,
+    vm: &mut B,
+    outcome: &mut Outcome,
+) -> Result<Summary, AgentError> {
+    let started = Instant::now();
+    let mut chan = SourceChannel::connect(ctx, order).await?;
+    let _ = progress
+        .send(Progress::Connected {
+            peer: hex(&order.body().destination),
+        })
+        .await;
+    let r = match session(ctx, &mut chan, order, progress, vm, outcome, started).await {
+        // A transport failure here usually follows the destination refusing something; its
+        // Abort, queued or about to arrive, names what (tampered, replayed, ...).
+        Err(AgentError::Transport(local)) => Err(match chan.peer_abort().await {
+            Some((code, reason)) => AgentError::PeerAborted {
+                local,
+                code,
+                reason,
+            },
+            None => AgentError::Transport(local),
+        }),
+        r => r,
+    };
+    if let Err(e) = &r {
+        chan.abort(abort_code(e), &e.to_string()).await;
+        // The destination discards its copy before it closes (SPEC.md §8.8).
+        if !chan.wait_closed(DISCARD_WAIT).await {
+            debug!("the destination did not close within {DISCARD_WAIT:?} of the abort");
+        }
+    }
+    r
+}
+
+/// Handshake, transfer, switch-over, commit exchange; the summary, journalled DONE.
+async fn session<B: SourceVm>(
+    ctx: &Arc<Ctx>,
+    chan: &mut SourceChannel,
+    order: &VerifiedOrder,
+    progress: &mpsc::Sender<Progress>,
+    vm: &mut B,
+    outcome: &mut Outcome,
+    started: Instant,
+) -> Result<Summary, AgentError> {
+    let offer = vm.offer(ctx).await?;
+    let est = chan
+        .handshake(order, offer.mode, offer.streams, &offer.manifest)
+        .await?;
+    let _ = progress
+        .send(Progress::Attested {
+            streams: est.streams,
+        })
+        .await;
+    let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
+    let link = SourceLink {
+        ctx,
+        chan: &mut *chan,
+        order,
+        est: &est,
+        sm: &mut sm,
+        progress,
+    };
+    let t = vm.transfer(link).await?;
+    let so = sm.switch_over(t.stream_records, t.digest)?;
+    // Final evidence, Ready, Commit (journalled first), Resumed.
+    chan.commit_exchange(&mut sm, &so, order.id(), progress, outcome)
+        .await?;
+    drop(t.tasks);
+    let downtime = t.paused_at.elapsed();
+    let total = started.elapsed();
+    let body = order.body();
+    let summary = Summary {
+        order_id: hex(order.id()),
+        vm: body.vm.clone(),
+        total_ms: total.as_millis() as u64,
+        downtime_ms: downtime.as_millis() as u64,
+        downtime_target_ms: u64::from(body.limits.downtime_ms),
+        throughput_bps: (t.stream_bytes as f64 / total.as_secs_f64().max(1e-3)) as u64,
+        ..t.summary
+    };
+    ctx.journal.lock().expect("journal lock").set(
+        order.id(),
+        State::Done,
+        format!("downtime {} ms", summary.downtime_ms),
+    )?;
+    info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
+    Ok(summary)
+}
