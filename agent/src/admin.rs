@@ -292,3 +292,80 @@ pub fn enroll(
     let response = enroll_activate(agent_home, &challenge)?;
     enroll_finish(verifier_home, pending, &response)
 }
+
+/// Parse a CBOR file of one of the enrollment messages, naming the file on error.
+fn read_cbor<T>(
+    path: &Path,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, AgentError> {
+    let bytes = std::fs::read(path).map_err(AgentError::io(path))?;
+    parse(&bytes).map_err(|reason| AgentError::BadConfig {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Enrollment by files, step 1 on the agent's host: write its request to `out`.
+pub fn enroll_request_file(agent_home: &Home, out: &Path) -> Result<(), AgentError> {
+    let req = enroll_request(agent_home)?;
+    crate::home::write_atomic(out, &req.to_cbor())
+}
+
+/// Step 2 on the verifier's host: check the request against the EK CA in `ek_ca`, keep the
+/// pending secret in the trust store (0600; a newer challenge replaces an older one), and
+/// write the challenge to `out`.
+pub fn enroll_challenge_files(
+    verifier_home: &Home,
+    request: &Path,
+    ek_ca: &Path,
+    out: &Path,
+) -> Result<(), AgentError> {
+    let req = read_cbor(request, |b| {
+        EnrollRequest::from_cbor(b).map_err(|e| e.to_string())
+    })?;
+    let pem = std::fs::read_to_string(ek_ca).map_err(AgentError::io(ek_ca))?;
+    let (challenge, pending) = enroll_challenge(verifier_home, &req, &pem)?;
+    let p = pending_path(verifier_home, &req.agent);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+    }
+    let _ = std::fs::remove_file(&p);
+    crate::home::write_secret(&p, &pending.dangerous_to_cbor())?;
+    crate::home::write_atomic(out, &challenge.to_cbor())
+}
+
+/// Step 3 on the agent's host: its TPM unwraps the challenge; the response goes to `out`
+/// (0600).
+pub fn enroll_activate_files(
+    agent_home: &Home,
+    challenge: &Path,
+    out: &Path,
+) -> Result<(), AgentError> {
+    let ch = read_cbor(challenge, |b| {
+        EnrollChallenge::from_cbor(b).map_err(|e| e.to_string())
+    })?;
+    let resp = enroll_activate(agent_home, &ch)?;
+    crate::home::write_secret(out, &resp.to_cbor())
+}
+
+/// Step 4 on the verifier's host: check the response against the pending secret for `agent`
+/// and trust its AK. The pending secret is single use: it is removed whether or not the
+/// response was right, so a failed activation cannot be retried against the same secret.
+pub fn enroll_finish_files(
+    verifier_home: &Home,
+    response: &Path,
+    agent: &AgentId,
+) -> Result<TrustedAk, AgentError> {
+    let p = pending_path(verifier_home, agent);
+    let pending_bytes = crate::home::read_secret(&p)?;
+    let pending =
+        PendingEnrollment::from_cbor(&pending_bytes).map_err(|e| AgentError::BadConfig {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+    let resp = read_cbor(response, |b| {
+        EnrollResponse::from_cbor(b).map_err(|e| e.to_string())
+    })?;
+    let _ = std::fs::remove_file(&p);
+    enroll_finish(verifier_home, pending, &resp)
+}

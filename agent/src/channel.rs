@@ -21,7 +21,7 @@ use trustmig_protocol::AgentId;
 use crate::control::Progress;
 use crate::daemon::Ctx;
 use crate::error::AgentError;
-use crate::fault::{crash_point, CrashPoint};
+use crate::fault::{self, crash_point, CrashPoint};
 use crate::wire::{spawn_frame_reader, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
@@ -224,29 +224,12 @@ impl SourceChannel {
                         .expect("journal lock")
                         .commit(order_id)?;
                     *outcome = Outcome::Committed;
-                    #[cfg(debug_assertions)]
-                    if std::env::var_os(TEST_CRASH_AFTER_COMMIT_ENV).is_some() {
-                        std::process::exit(3);
+                    crash_point(CrashPoint::SourceAfterCommit);
+                    if fault::lose_commit() {
+                        return Err(AgentError::Migration("fault injection: session lost after COMMIT was journalled, before Commit was sent".into()));
                     }
-                    #[cfg(debug_assertions)]
-                    if std::env::var_os(TEST_LOSE_COMMIT_ENV).is_some() {
-                        return Err(AgentError::Migration(
-                            "test hook: session lost after COMMIT was journalled, before Commit was sent".into(),
-                        ));
-                    }
-                    #[cfg(debug_assertions)]
-                    if std::env::var_os(TEST_SETTLE_BEFORE_COMMIT_ENV).is_some() {
-                        let asked = self
-                            .ctx
-                            .journal
-                            .lock()
-                            .expect("journal lock")
-                            .record(order_id)
-                            .and_then(crate::settle::InDoubt::from_record);
-                        if let Some(p) = asked {
-                            let s = crate::settle::ask(&self.ctx, &p).await;
-                            debug!("test hook: settlement before Commit: {}", s.vm_state());
-                        }
+                    if fault::settle_before_commit() {
+                        crate::settle::ask_about(&self.ctx, order_id).await;
                     }
                     let c = sm.commit().map_err(AgentError::Protocol)?;
                     self.send(&c).await?;
@@ -260,17 +243,6 @@ impl SourceChannel {
         }
     }
 }
-
-/// Debug builds only: a source that journals COMMIT then loses the session before `Commit`
-/// leaves (tests of settlement, SPEC.md §8.8).
-pub const TEST_LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
-/// Debug builds only: a source that, after journalling COMMIT, asks the destination for a
-/// settlement first and sends `Commit` after the answer, as a late `Commit` would arrive.
-pub const TEST_SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
-/// Debug builds only: a source that exits (as in a crash) right after journalling COMMIT.
-pub const TEST_CRASH_AFTER_COMMIT_ENV: &str = "TRUSTMIG_TEST_CRASH_AFTER_COMMIT";
-/// Debug builds only: a destination that commits and resumes, then fails before `Resumed`.
-pub const TEST_LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 
 /// The image manifest a source attests for `vm`: its configuration digest and its disks
 /// (empty with shared storage). spec: SPEC.md §6.3

@@ -175,3 +175,13 @@ pub async fn call(
     }
     Ok(())
 }
+
+/// One request, one reply (status, settle, a checksum): the agent's only answer.
+pub async fn request(socket: &Path, req: &Request) -> Result<Reply, AgentError> {
+    let mut out = None;
+    call(socket, req, |r| out = Some(r)).await?;
+    out.ok_or_else(|| AgentError::Control {
+        path: socket.to_path_buf(),
+        reason: "the agent closed the connection without an answer".into(),
+    })
+}

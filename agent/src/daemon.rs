@@ -20,10 +20,10 @@ use crate::guest::SyntheticGuest;
 use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
-use crate::qmp::{Qmp, QmpError};
 use crate::settle::InDoubt;
 use crate::trust::KeyList;
 use crate::wire::{parse_preamble, PREAMBLE_LEN};
+use trustmig_qemu::qmp::{Qmp, QmpError};
 
 /// A data connection handed to the session that owns its session id.
 pub type DataConn = (u16, TcpStream);
@@ -135,6 +135,7 @@ fn settle_in_doubt(
 
 /// Run the agent until SIGTERM/SIGINT.
 pub async fn run(home: Home) -> Result<(), AgentError> {
+    crate::fault::init();
     home.check()?;
     let config = Config::load(&home.config())?;
     let identity = Identity::load(&home)?;

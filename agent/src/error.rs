@@ -101,6 +101,9 @@ pub enum AgentError {
         /// The destination's reason.
         reason: String,
     },
+    /// QEMU refused a command or could not be reached; keeps QEMU's class and message.
+    #[error("migration failed: QEMU: {0}")]
+    Qemu(#[from] trustmig_qemu::qmp::QmpError),
     /// A protocol error.
     #[error("{0}")]
     Protocol(#[from] trustmig_protocol::Error),

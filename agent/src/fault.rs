@@ -1,13 +1,35 @@
-//! Crash points for the system tests, debug builds only: with `TRUSTMIG_TEST_CRASH_AT=<point>`
-//! the agent exits at once when it reaches that point, as a SIGKILL would leave it (nothing
-//! flushed, no message sent, the hypervisor left as it is). Release builds contain none of it.
+//! Fault injection for the system tests, behind the cargo feature `fault-injection` (the tests
+//! crate enables it; a build without it — release or debug — has none of it: every function
+//! here is then an empty stub the compiler removes). The faults are read once, from the
+//! environment, when the agent starts ([`init`]); each call site is one line.
+//!
+//! | variable | fault |
+//! |---|---|
+//! | `TRUSTMIG_TEST_CRASH_AT=<point>` | exit at once at a [`CrashPoint`], as a SIGKILL would |
+//! | `TRUSTMIG_TEST_LOSE_COMMIT` | the source loses its session after journalling COMMIT, before `Commit` |
+//! | `TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT` | the source asks for a settlement after COMMIT, then sends `Commit` (a late `Commit`) |
+//! | `TRUSTMIG_TEST_LOSE_RESUMED` | the destination resumes, then fails before `Resumed` |
+//! | `TRUSTMIG_TEST_SETTLE_UNANSWERED=<n>` | the first n settlement queries go unanswered |
+//! | `TRUSTMIG_TEST_ALTER_DISK_CHUNK=<k>` | disk chunk k is altered after the source checked it |
 
-/// The environment variable naming the crash point.
+/// `TRUSTMIG_TEST_CRASH_AT`: the crash point.
 pub const CRASH_AT_ENV: &str = "TRUSTMIG_TEST_CRASH_AT";
+/// `TRUSTMIG_TEST_LOSE_COMMIT`.
+pub const LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
+/// `TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT`.
+pub const SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
+/// `TRUSTMIG_TEST_LOSE_RESUMED`.
+pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
+/// `TRUSTMIG_TEST_SETTLE_UNANSWERED`.
+pub const SETTLE_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
+/// `TRUSTMIG_TEST_ALTER_DISK_CHUNK`.
+pub const ALTER_DISK_CHUNK_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
 
 /// Where an agent can be made to crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashPoint {
+    /// The source journalled COMMIT (before `Commit` left).
+    SourceAfterCommit,
     /// The source received `FinalChallenge` (its QEMU completed; nothing is committed).
     SourceFinalChallenge,
     /// The destination is about to send `FinalChallenge` (its QEMU loaded the whole stream).
@@ -15,21 +37,132 @@ pub enum CrashPoint {
 }
 
 impl CrashPoint {
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    const ALL: [Self; 3] = [
+        Self::SourceAfterCommit,
+        Self::SourceFinalChallenge,
+        Self::DestinationFinalChallenge,
+    ];
+
     /// The point's name in [`CRASH_AT_ENV`].
     pub fn name(self) -> &'static str {
         match self {
+            Self::SourceAfterCommit => "source-after-commit",
             Self::SourceFinalChallenge => "source-final-challenge",
             Self::DestinationFinalChallenge => "destination-final-challenge",
         }
     }
 }
 
-/// Exit here (code 137, as after SIGKILL) when the environment names `point`.
+#[cfg(feature = "fault-injection")]
+mod on {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    use super::*;
+
+    /// The faults this process was started with.
+    #[derive(Debug, Default)]
+    pub(super) struct Faults {
+        pub crash_at: Option<CrashPoint>,
+        pub lose_commit: bool,
+        pub settle_before_commit: bool,
+        pub lose_resumed: bool,
+        pub unanswered: u64,
+        pub alter_disk_chunk: Option<u64>,
+        pub asked: AtomicU64,
+    }
+
+    pub(super) static FAULTS: OnceLock<Faults> = OnceLock::new();
+
+    pub(super) fn read_env() -> Faults {
+        let var = |k: &str| std::env::var(k).ok();
+        Faults {
+            crash_at: var(CRASH_AT_ENV)
+                .and_then(|v| CrashPoint::ALL.into_iter().find(|p| p.name() == v)),
+            lose_commit: var(LOSE_COMMIT_ENV).is_some(),
+            settle_before_commit: var(SETTLE_BEFORE_COMMIT_ENV).is_some(),
+            lose_resumed: var(LOSE_RESUMED_ENV).is_some(),
+            unanswered: var(SETTLE_UNANSWERED_ENV)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            alter_disk_chunk: var(ALTER_DISK_CHUNK_ENV).and_then(|v| v.parse().ok()),
+            asked: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn faults() -> &'static Faults {
+        FAULTS.get_or_init(read_env)
+    }
+
+    pub(super) fn next_query_unanswered() -> bool {
+        let f = faults();
+        f.asked.fetch_add(1, Ordering::SeqCst) < f.unanswered
+    }
+}
+
+/// Read the faults from the environment (once; later calls change nothing). The agent calls
+/// this at start, so a fault cannot appear halfway through a run.
+pub fn init() {
+    #[cfg(feature = "fault-injection")]
+    {
+        let f = on::faults();
+        tracing::warn!(
+            ?f,
+            "fault injection is compiled in (feature fault-injection)"
+        );
+    }
+}
+
+/// Exit here (code 137, as after SIGKILL) when the agent was started to crash at `point`.
 pub fn crash_point(point: CrashPoint) {
-    #[cfg(debug_assertions)]
-    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point.name()) {
-        tracing::error!("test crash point {}: exiting now", point.name());
+    #[cfg(feature = "fault-injection")]
+    if on::faults().crash_at == Some(point) {
+        tracing::error!("fault injection: crash point {}: exiting now", point.name());
         std::process::exit(137);
     }
     let _ = point;
+}
+
+/// The source's session is lost right after COMMIT was journalled, before `Commit` leaves.
+pub fn lose_commit() -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().lose_commit;
+    #[cfg(not(feature = "fault-injection"))]
+    false
+}
+
+/// The source asks for a settlement after journalling COMMIT, before `Commit` leaves.
+pub fn settle_before_commit() -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().settle_before_commit;
+    #[cfg(not(feature = "fault-injection"))]
+    false
+}
+
+/// The destination fails after resuming the VM, before `Resumed` leaves.
+pub fn lose_resumed() -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().lose_resumed;
+    #[cfg(not(feature = "fault-injection"))]
+    false
+}
+
+/// Whether this settlement query is one of the first n that go unanswered.
+pub fn query_unanswered() -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::next_query_unanswered();
+    #[cfg(not(feature = "fault-injection"))]
+    false
+}
+
+/// Whether disk chunk `index` (counting over all disks) is to be altered after its check.
+pub fn alter_disk_chunk(index: u64) -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().alter_disk_chunk == Some(index);
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = index;
+        false
+    }
 }

@@ -22,8 +22,6 @@ pub mod home;
 pub mod identity;
 pub mod journal;
 pub mod progress;
-pub mod qemu_cmdline;
-pub mod qmp;
 pub mod reconcile;
 pub mod settle;
 

@@ -18,17 +18,13 @@ use crate::daemon::{history_entry, Ctx};
 use crate::error::AgentError;
 use crate::guest::SyntheticGuest;
 use crate::journal::{Record, State};
-use crate::qmp::Qmp;
+use trustmig_qemu::qmp::Qmp;
 
 /// First pause between unanswered settlement queries; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest pause between unanswered settlement queries: a destination back from an outage
 /// learns within a minute that its source waits, and an unreachable one costs one dial a minute.
 const RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// Debug builds only: the first N settlement queries of this process go unanswered (tests of
-/// the retry, SPEC.md §8.8).
-pub const TEST_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
 
 /// What a settlement query found out.
 #[derive(Debug)]
@@ -133,10 +129,9 @@ pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
 }
 
 async fn query(ctx: &Arc<Ctx>, p: &InDoubt) -> Result<bool, AgentError> {
-    #[cfg(debug_assertions)]
-    if test_unanswered() {
+    if crate::fault::query_unanswered() {
         return Err(AgentError::Migration(
-            "test hook: the settlement query went unanswered".into(),
+            "fault injection: the settlement query went unanswered".into(),
         ));
     }
     let mut chan = SourceChannel::connect_to(ctx, &p.addr, p.destination).await?;
@@ -158,21 +153,20 @@ async fn query(ctx: &Arc<Ctx>, p: &InDoubt) -> Result<bool, AgentError> {
     }
 }
 
-/// Whether this query is one of the first N that the test hook leaves unanswered.
-#[cfg(debug_assertions)]
-fn test_unanswered() -> bool {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static ASKED: AtomicU64 = AtomicU64::new(0);
-    let n: u64 = std::env::var(TEST_UNANSWERED_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    ASKED.fetch_add(1, Ordering::SeqCst) < n
-}
-
 /// The pauses between unanswered queries.
 fn backoff() -> Backoff {
     Backoff::new(RETRY_FIRST, RETRY_MAX)
+}
+
+/// Ask the destination about the order `order_id` (at COMMIT here) once, and log the answer:
+/// the fault injection's late `Commit` (`fault::settle_before_commit`).
+pub async fn ask_about(ctx: &Arc<Ctx>, order_id: &OrderId) {
+    let asked =
+        (ctx.journal.lock().expect("journal lock").record(order_id)).and_then(InDoubt::from_record);
+    if let Some(p) = asked {
+        let s = ask(ctx, &p).await;
+        info!("settlement asked before Commit: {}", s.vm_state());
+    }
 }
 
 /// Keep asking about `p` in the background (at once, or first after a pause when the caller

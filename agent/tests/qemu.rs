@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use trustmig_agent::control::{Progress, Reply, Summary};
 use trustmig_agent::harness::{Pair, VmSpec};
-use trustmig_agent::qmp::Qmp;
 use trustmig_protocol::order::{Limits, NonConvergence};
+use trustmig_qemu::qmp::Qmp;
 use trustmig_tests::proxy::{Fault, Proxy};
 
 /// One migration at a time: each test runs two QEMUs, two agents and two swtpm on 2 cores.
@@ -227,7 +227,7 @@ impl QemuVm {
     }
 
     /// The source's `query-migrate` (after a migration: QEMU's own total time and downtime).
-    async fn migration(&self) -> Result<trustmig_agent::qmp::MigrationInfo, String> {
+    async fn migration(&self) -> Result<trustmig_qemu::qmp::MigrationInfo, String> {
         let mut q = self.qmp().await?;
         q.query_migrate().await.map_err(|e| e.to_string())
     }
@@ -710,10 +710,7 @@ async fn qemu_lost_commit_is_settled_and_the_source_runs_again() {
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
-        src_env: vec![(
-            trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
-            "1".into(),
-        )],
+        src_env: vec![(trustmig_agent::fault::LOSE_COMMIT_ENV.into(), "1".into())],
         ..VmOpts::default()
     };
     let Some(mut s) = setup_with(&opts, true) else {
@@ -734,12 +731,9 @@ async fn qemu_unanswered_settlement_is_retried_and_a_paused_vm_stays_paused() {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
         src_env: vec![
+            (trustmig_agent::fault::LOSE_COMMIT_ENV.into(), "1".into()),
             (
-                trustmig_agent::channel::TEST_LOSE_COMMIT_ENV.into(),
-                "1".into(),
-            ),
-            (
-                trustmig_agent::settle::TEST_UNANSWERED_ENV.into(),
+                trustmig_agent::fault::SETTLE_UNANSWERED_ENV.into(),
                 "1".into(),
             ),
         ],
@@ -1086,7 +1080,10 @@ async fn qemu_altered_disk_chunk_rolls_back() {
     let (disk, mut opts) = DiskFixture::new(true);
     // The source agent (a debug build) flips a byte of chunk 2 after its own check and seals
     // it: the record layer is intact, only the destination's manifest check can notice.
-    opts.src_env = vec![("TRUSTMIG_TEST_ALTER_DISK_CHUNK".into(), "2".into())];
+    opts.src_env = vec![(
+        trustmig_agent::fault::ALTER_DISK_CHUNK_ENV.into(),
+        "2".into(),
+    )];
     let Some(mut s) = setup_with(&opts, true) else {
         return;
     };

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use trustmig_agent::control::{Progress, Reply, Summary};
-use trustmig_agent::harness::{raw_hello, raw_request, Pair, VmSpec};
+use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_agent::home::Home;
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, SignedOrder, ORDER_VERSION};
 use trustmig_protocol::AbortCode;
+use trustmig_tests::peer::{raw_hello, raw_request};
 use trustmig_tests::proxy::{Fault, Proxy};
 
 /// Two agents and two swtpm per test on 2 cores: one test at a time keeps timings sane.
@@ -464,8 +465,8 @@ fn hooked_source(env: &[(&str, &str)], rate: u64) -> Option<(tokio::runtime::Run
 /// kept as it was has written more since; one created anew has not).
 fn lost_in_doubt(unanswered: &str) -> Option<(tokio::runtime::Runtime, Pair, String, u64)> {
     let hooks = [
-        (trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1"),
-        (trustmig_agent::settle::TEST_UNANSWERED_ENV, unanswered),
+        (trustmig_agent::fault::LOSE_COMMIT_ENV, "1"),
+        (trustmig_agent::fault::SETTLE_UNANSWERED_ENV, unanswered),
     ];
     let (rt, pair) = hooked_source(&hooks, 20_000)?;
     let (_, _, writes_before) = rt.block_on(Pair::vm_state(&pair.src, "v")).unwrap();
@@ -489,8 +490,7 @@ fn lost_in_doubt(unanswered: &str) -> Option<(tokio::runtime::Runtime, Pair, Str
 #[test]
 fn commit_without_resumed_is_settled_by_asking_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, mut pair)) =
-        hooked_source(&[(trustmig_agent::channel::TEST_LOSE_COMMIT_ENV, "1")], 0)
+    let Some((rt, mut pair)) = hooked_source(&[(trustmig_agent::fault::LOSE_COMMIT_ENV, "1")], 0)
     else {
         return;
     };
@@ -515,10 +515,7 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     pair.stop(0);
     pair.stop(1);
     pair.src_env.clear();
-    pair.dst_env = vec![(
-        trustmig_agent::channel::TEST_LOSE_RESUMED_ENV.into(),
-        "1".into(),
-    )];
+    pair.dst_env = vec![(trustmig_agent::fault::LOSE_RESUMED_ENV.into(), "1".into())];
     pair.start_both().unwrap();
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
@@ -546,10 +543,9 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
 #[test]
 fn a_commit_after_a_not_committed_answer_is_refused() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, pair)) = hooked_source(
-        &[(trustmig_agent::channel::TEST_SETTLE_BEFORE_COMMIT_ENV, "1")],
-        0,
-    ) else {
+    let Some((rt, pair)) =
+        hooked_source(&[(trustmig_agent::fault::SETTLE_BEFORE_COMMIT_ENV, "1")], 0)
+    else {
         return;
     };
     let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
@@ -712,7 +708,10 @@ fn an_unanswered_settlement_is_asked_again_until_answered() {
 fn a_source_restarted_at_commit_asks_the_destination() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((rt, mut pair)) = hooked_source(
-        &[(trustmig_agent::channel::TEST_CRASH_AFTER_COMMIT_ENV, "1")],
+        &[(
+            trustmig_agent::fault::CRASH_AT_ENV,
+            trustmig_agent::fault::CrashPoint::SourceAfterCommit.name(),
+        )],
         0,
     ) else {
         return;

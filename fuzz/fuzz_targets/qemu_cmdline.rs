@@ -5,7 +5,7 @@
 //! redacted form of any command line (what `start-destination` logs).
 use std::path::{Path, PathBuf};
 
-use trustmig_agent::qemu_cmdline::{destination_command, redacted, shell_line};
+use trustmig_qemu::cmdline::{destination_command, redacted, shell_line};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -1,7 +1,7 @@
 #![no_main]
 //! One line from QEMU's QMP socket, any bytes: a typed `Malformed` error or a decoded line,
 //! never a panic (agent/src/qmp.rs `handle_line`).
-use trustmig_agent::qmp::{handle_line, QmpError};
+use trustmig_qemu::qmp::{handle_line, QmpError};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Err(e) = handle_line(data, "fuzz") {

@@ -337,10 +337,9 @@ impl Session {
         ctx.journal.lock().expect("journal lock").commit(&id)?;
         *committed = true;
         vm.resume(&ctx).await?;
-        #[cfg(debug_assertions)]
-        if std::env::var_os(crate::channel::TEST_LOSE_RESUMED_ENV).is_some() {
+        if crate::fault::lose_resumed() {
             return Err(AgentError::Migration(
-                "test hook: failed after COMMIT, before Resumed was sent".into(),
+                "fault injection: failed after COMMIT, before Resumed was sent".into(),
             ));
         }
         let m = dm.resumed()?;

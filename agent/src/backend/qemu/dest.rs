@@ -19,11 +19,11 @@ use trustmig_protocol::Digest;
 use crate::backend::{Arrived, DestVm, Tasks};
 use crate::daemon::{Ctx, DataConn};
 use crate::error::AgentError;
-use crate::qmp::Qmp;
 use crate::wire::read_record;
+use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
 use super::pumps::{open_pump, seal_pump};
-use super::{qemu_vm, qmp_err, socket_dir, socket_path};
+use super::{qemu_vm, socket_dir, socket_path};
 
 /// How long the destination waits for the source's data stream to bind: the source opens it
 /// right after the handshake, so a stream that has not authenticated by then never will.
@@ -52,10 +52,8 @@ impl QemuDest {
                 "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
             )));
         };
-        let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout())
-            .await
-            .map_err(qmp_err)?;
-        let status = qmp.query_status().await.map_err(qmp_err)?;
+        let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout()).await?;
+        let status = qmp.query_status().await?;
         if status.status != "inmigrate" {
             return Err(AgentError::Migration(format!(
                 "destination QEMU for {vm:?} is in state {:?}, not waiting for a migration: start it with `-incoming defer -S` (see `trustmig qemu`)",
@@ -146,8 +144,8 @@ impl DestVm for QemuDest {
             .qmp
             .as_mut()
             .ok_or_else(|| AgentError::Migration("Commit before the stream loaded".into()))?;
-        qmp.cont().await.map_err(qmp_err)?;
-        let st = qmp.query_status().await.map_err(qmp_err)?;
+        qmp.cont().await?;
+        let st = qmp.query_status().await?;
         if !st.running {
             return Err(AgentError::Migration(format!(
                 "destination QEMU did not start after cont (state {:?})",
@@ -222,12 +220,9 @@ async fn receive(
     let dir = socket_dir(ctx)?;
     let path = socket_path(&dir, "in", &inc.order_id)?;
     // `events`: the load's completion wakes `wait_loaded` at once.
-    qmp.migrate_set_capabilities(&[("events", true)])
-        .await
-        .map_err(qmp_err)?;
+    qmp.migrate_set_capabilities(&[("events", true)]).await?;
     qmp.migrate_incoming(&format!("unix:{}", path.display()))
-        .await
-        .map_err(qmp_err)?;
+        .await?;
     let qemu_sock = connect_qemu(&path, timeout).await?;
     let _ = std::fs::remove_file(&path);
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
@@ -312,14 +307,15 @@ async fn connect_qemu(path: &Path, timeout: Duration) -> Result<UnixStream, Agen
         }
     }
 }
+
 /// Wait until the destination QEMU reports the incoming migration `completed`.
 async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError> {
     let until = Instant::now() + timeout;
     loop {
-        let m = qmp.query_migrate().await.map_err(qmp_err)?;
+        let m = qmp.query_migrate().await?;
         match m.status() {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
+            MigrationStatus::Completed => return Ok(()),
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
                 return Err(AgentError::Migration(format!(
                     "destination QEMU failed to load the stream: {}",
                     m.error_desc.as_deref().unwrap_or("no reason given")
@@ -333,9 +329,7 @@ async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError>
             _ => {
                 // Woken by the next event (a MIGRATION event with the events capability), or
                 // after 20 ms at the latest.
-                qmp.next_event(Duration::from_millis(20))
-                    .await
-                    .map_err(qmp_err)?;
+                qmp.next_event(Duration::from_millis(20)).await?;
             }
         }
     }

@@ -23,17 +23,12 @@ use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
 use crate::config::VmConfig;
 use crate::error::AgentError;
-use crate::qmp::Qmp;
 use crate::wire::{read_record, WireError};
+use trustmig_qemu::qmp::Qmp;
 
 /// Chunk size of the disks in the manifest: one chunk per `DiskChunk` record.
 pub const DISK_CHUNK: u32 = DEFAULT_CHUNK;
 const _: () = assert!(DISK_CHUNK as usize <= MAX_PAYLOAD);
-
-/// Debug builds only: flip a byte of this disk chunk (counting from 0 over all disks) after the
-/// source checked it, to test the destination's check. Never compiled into release builds.
-#[cfg(debug_assertions)]
-pub const TEST_ALTER_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
 
 fn mig(s: String) -> AgentError {
     AgentError::Migration(s)
@@ -261,11 +256,6 @@ pub async fn send_disks<W: AsyncWrite + Unpin>(
     let mut buf = vec![0u8; cs];
     let mut out = Vec::with_capacity(cs + 64);
     let mut wire = 0u64;
-    #[cfg(debug_assertions)]
-    let alter: Option<u64> = std::env::var(TEST_ALTER_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok());
-    #[cfg(debug_assertions)]
     let mut index = 0u64;
     for dm in &manifest.disks {
         let d = disks
@@ -289,11 +279,10 @@ pub async fn send_disks<W: AsyncWrite + Unpin>(
             checker
                 .check_chunk(&dm.name, &buf[..n])
                 .map_err(|e| changed(e.to_string()))?;
-            #[cfg(debug_assertions)]
-            if alter == Some(index) && n > 0 {
+            if n > 0 && crate::fault::alter_disk_chunk(index) {
                 warn!(
                     chunk = index,
-                    "test hook: altering a disk chunk after its check"
+                    "fault injection: altering a disk chunk after its check"
                 );
                 buf[0] ^= 1;
             }
@@ -305,10 +294,7 @@ pub async fn send_disks<W: AsyncWrite + Unpin>(
                 .await
                 .map_err(|e| mig(format!("data stream 0: {e}")))?;
             wire += out.len() as u64;
-            #[cfg(debug_assertions)]
-            {
-                index += 1;
-            }
+            index += 1;
         }
         if read_full(&mut f, &mut buf[..1])
             .await

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::daemon::Ctx;
-use crate::qmp::{Qmp, QmpError};
+use trustmig_qemu::qmp::{Qmp, QmpError};
 
 /// Pauses before a refused `cont` is tried again: from 250 ms doubling to 10 s. A destination
 /// agent that restarts and discards its QEMU frees the image within seconds, and the source VM

@@ -38,7 +38,6 @@ use trustmig_protocol::order::hex;
 use crate::config::{Config, VmConfig};
 use crate::daemon::Ctx;
 use crate::error::AgentError;
-use crate::qmp::QmpError;
 
 pub(crate) use dest::QemuDest;
 pub(crate) use giveback::give_back;
@@ -83,10 +82,6 @@ pub fn qemu_vm(config: &Config, vm: &str) -> Option<PathBuf> {
         .iter()
         .find(|v| v.name == vm && v.backend == "qemu")
         .and_then(|v| v.qmp.clone())
-}
-
-fn qmp_err(e: QmpError) -> AgentError {
-    AgentError::Migration(format!("QEMU: {e}"))
 }
 
 /// A private directory in the agent's home for the unix sockets QEMU talks to.

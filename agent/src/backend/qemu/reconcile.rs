@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::daemon::Ctx;
-use crate::qmp::{MigrationInfo, Qmp, StatusInfo};
 use crate::reconcile::Action;
+use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp, StatusInfo};
 
 use super::giveback::give_back;
 
@@ -26,7 +26,8 @@ fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
 /// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it:
 /// waiting, or stopped after loading (paused by `-S`), never one that sent a VM away.
 fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
-    st.status == "inmigrate" || (!st.running && st.status != "postmigrate" && m.status() != "none")
+    st.status == "inmigrate"
+        || (!st.running && st.status != "postmigrate" && m.status() != MigrationStatus::None)
 }
 
 /// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
@@ -54,7 +55,7 @@ pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action:
     let seen = async {
         let st = qmp.query_status().await?;
         let m = qmp.query_migrate().await?;
-        Ok::<_, crate::qmp::QmpError>((st, m))
+        Ok::<_, trustmig_qemu::qmp::QmpError>((st, m))
     };
     let (st, m) = match seen.await {
         Ok(x) => x,
@@ -70,7 +71,7 @@ pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action:
             Ok(()) => "the destination QEMU left from the interrupted migration was discarded (quit); it never ran here".into(),
             Err(e) => format!("the destination QEMU left from the interrupted migration could not be discarded ({e}): quit it by hand, never `cont` it"),
         },
-        Action::Resume if !st.running && m.status() == "completed" => match qmp.cont().await {
+        Action::Resume if !st.running && m.status() == MigrationStatus::Completed => match qmp.cont().await {
             Ok(()) => "committed here before the restart: the VM runs on this host (cont)".into(),
             Err(e) => format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand"),
         },

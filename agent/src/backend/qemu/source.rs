@@ -22,13 +22,13 @@ use crate::channel::vm_manifest;
 use crate::control::{Progress, Summary};
 use crate::daemon::Ctx;
 use crate::error::AgentError;
-use crate::qmp::{MigrationInfo, Qmp};
 use crate::wire::preamble;
+use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 
 use super::disk::SourceDisk;
 use super::giveback::give_back;
 use super::pumps::{open_pump, seal_pump, Received, Sent};
-use super::{qmp_err, socket_dir, socket_path, stream_secret};
+use super::{socket_dir, socket_path, stream_secret};
 
 /// How often `query-migrate` is polled for progress and state.
 const POLL: Duration = Duration::from_millis(200);
@@ -90,17 +90,15 @@ impl QemuSource {
         body: &OrderBody,
         qmp_path: &Path,
     ) -> Result<Self, AgentError> {
-        let mut qmp = Qmp::connect(qmp_path, ctx.step_timeout())
-            .await
-            .map_err(qmp_err)?;
-        let status = qmp.query_status().await.map_err(qmp_err)?;
+        let mut qmp = Qmp::connect(qmp_path, ctx.step_timeout()).await?;
+        let status = qmp.query_status().await?;
         if !matches!(status.status.as_str(), "running" | "paused") {
             return Err(AgentError::Migration(format!(
                 "QEMU VM {:?} is in state {:?}; only a running or paused VM can migrate",
                 body.vm, status.status
             )));
         }
-        let m = qmp.query_migrate().await.map_err(qmp_err)?;
+        let m = qmp.query_migrate().await?;
         if m.in_progress() {
             return Err(AgentError::Migration(format!(
                 "QEMU VM {:?} is already migrating (status {})",
@@ -268,22 +266,18 @@ async fn start_qemu(
         ("events", true),
         ("auto-converge", throttle),
     ])
-    .await
-    .map_err(qmp_err)?;
+    .await?;
     if throttle {
         qmp.migrate_set_throttle(THROTTLE_STEPS[0], THROTTLE_STEP, THROTTLE_MAX)
-            .await
-            .map_err(qmp_err)?;
+            .await?;
     }
-    qmp.migrate_set_parameters(ladder.limit, ladder.bw)
-        .await
-        .map_err(qmp_err)?;
+    qmp.migrate_set_parameters(ladder.limit, ladder.bw).await?;
     let dir = socket_dir(ctx)?;
     let path = socket_path(&dir, "out", order.id())?;
     let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
     let uri = format!("unix:{}", path.display());
     qmp.take_events(); // older events (a STOP before now) say nothing about this migration
-    qmp.migrate(&uri).await.map_err(qmp_err)?;
+    qmp.migrate(&uri).await?;
     let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
     let _ = std::fs::remove_file(&path);
     let (qemu_sock, _) = accepted
@@ -345,7 +339,7 @@ impl Ladder {
     /// After a look at QEMU's migration (`m`, the guest not yet stopped by it): the new
     /// `downtime-limit` to set, if any, or the order's abort.
     fn after_look(&mut self, m: &MigrationInfo) -> Result<Option<u64>, PrecopyError> {
-        if m.status() != "active" || self.forced {
+        if m.status() != MigrationStatus::Active || self.forced {
             return Ok(None);
         }
         let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
@@ -409,7 +403,7 @@ async fn follow(
         tokio::select! {
             _ = poll.tick() => look = true,
             ev = qmp.event() => {
-                let ev = ev.map_err(qmp_err)?;
+                let ev = ev?;
                 if ev.name == "STOP" {
                     stopped_at = ev.at; // the guest's downtime starts here
                 }
@@ -433,9 +427,9 @@ async fn follow(
             }
         }
         if look && completed.is_none() {
-            let m = qmp.query_migrate().await.map_err(qmp_err)?;
+            let m = qmp.query_migrate().await?;
             match m.status() {
-                "pre-switchover" if paused_at.is_none() => {
+                MigrationStatus::PreSwitchover if paused_at.is_none() => {
                     // A STOP still queued (read during a command) counts too.
                     let queued_stop = qmp
                         .take_events()
@@ -455,19 +449,16 @@ async fn follow(
                         pages: ram.remaining / ram.page_size.max(1),
                     })
                     .await;
-                    qmp.migrate_continue("pre-switchover")
-                        .await
-                        .map_err(qmp_err)?;
+                    qmp.migrate_continue("pre-switchover").await?;
                 }
-                "completed" => {
+                MigrationStatus::Completed => {
                     debug!("source QEMU completed");
                     completed = Some(m.clone());
                 }
-                "failed" | "cancelled" => {
+                status @ (MigrationStatus::Failed | MigrationStatus::Cancelled) => {
                     // Usually because the destination stopped reading: its Abort says why.
                     return Err(AgentError::Transport(format!(
-                        "QEMU migration {}: {}",
-                        m.status(),
+                        "QEMU migration {status}: {}",
                         m.error_desc.as_deref().unwrap_or("no reason given")
                     )));
                 }
@@ -475,9 +466,7 @@ async fn follow(
             }
             if paused_at.is_none() {
                 if let Some(limit) = ladder.after_look(&m)? {
-                    qmp.migrate_set_parameters(limit, ladder.bw)
-                        .await
-                        .map_err(qmp_err)?;
+                    qmp.migrate_set_parameters(limit, ladder.bw).await?;
                 }
             }
             let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);

@@ -92,11 +92,14 @@ pub struct Event {
 
 impl Event {
     /// For a `MIGRATION` event, the new migration status (`pre-switchover`, `completed`, ...).
-    pub fn migration_status(&self) -> Option<&str> {
+    pub fn migration_status(&self) -> Option<MigrationStatus> {
         if self.name != "MIGRATION" {
             return None;
         }
-        self.data.get("status").and_then(Value::as_str)
+        self.data
+            .get("status")
+            .and_then(Value::as_str)
+            .map(MigrationStatus::parse)
     }
 }
 
@@ -182,17 +185,106 @@ pub struct MigrationInfo {
 }
 
 impl MigrationInfo {
-    /// The status, `none` when QEMU left it out.
-    pub fn status(&self) -> &str {
-        self.status.as_deref().unwrap_or("none")
+    /// The status, [`MigrationStatus::None`] when QEMU left it out.
+    pub fn status(&self) -> MigrationStatus {
+        self.status
+            .as_deref()
+            .map_or(MigrationStatus::None, MigrationStatus::parse)
     }
 
     /// Whether a migration is under way (QEMU may still stop, send or cancel).
     pub fn in_progress(&self) -> bool {
+        self.status().in_progress()
+    }
+}
+
+/// QEMU's migration status (`MigrationStatus` in QEMU's `qapi/migration.json`), as
+/// `query-migrate` and `MIGRATION` events report it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MigrationStatus {
+    /// No migration has run (`none`).
+    None,
+    /// Setting up (`setup`).
+    Setup,
+    /// Being cancelled (`cancelling`).
+    Cancelling,
+    /// Cancelled (`cancelled`).
+    Cancelled,
+    /// Pre-copying (`active`).
+    Active,
+    /// Post-copy running (`postcopy-active`).
+    PostcopyActive,
+    /// Post-copy paused by a failure (`postcopy-paused`).
+    PostcopyPaused,
+    /// Post-copy recovering (`postcopy-recover`).
+    PostcopyRecover,
+    /// Done (`completed`): the source sent everything, or the destination loaded it.
+    Completed,
+    /// Failed (`failed`).
+    Failed,
+    /// COLO fault tolerance (`colo`).
+    Colo,
+    /// Stopped before switch-over, waiting for `migrate-continue` (`pre-switchover`).
+    PreSwitchover,
+    /// Sending device state (`device`).
+    Device,
+    /// Waiting for a device to unplug (`wait-unplug`).
+    WaitUnplug,
+    /// A status this client does not know (a newer QEMU), as QEMU spelled it.
+    Unknown(String),
+}
+
+impl MigrationStatus {
+    const NAMES: [(&'static str, Self); 14] = [
+        ("none", Self::None),
+        ("setup", Self::Setup),
+        ("cancelling", Self::Cancelling),
+        ("cancelled", Self::Cancelled),
+        ("active", Self::Active),
+        ("postcopy-active", Self::PostcopyActive),
+        ("postcopy-paused", Self::PostcopyPaused),
+        ("postcopy-recover", Self::PostcopyRecover),
+        ("completed", Self::Completed),
+        ("failed", Self::Failed),
+        ("colo", Self::Colo),
+        ("pre-switchover", Self::PreSwitchover),
+        ("device", Self::Device),
+        ("wait-unplug", Self::WaitUnplug),
+    ];
+
+    /// The status QEMU names `s`.
+    pub fn parse(s: &str) -> Self {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map_or_else(|| Self::Unknown(s.to_string()), |(_, v)| v.clone())
+    }
+
+    /// QEMU's name for it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Unknown(s) => s,
+            known => Self::NAMES
+                .iter()
+                .find(|(_, v)| v == known)
+                .map_or("?", |(n, _)| n),
+        }
+    }
+
+    /// Whether a migration is under way (QEMU may still stop, send or cancel). The states
+    /// trustmig's pre-copy can see; post-copy is never enabled.
+    pub fn in_progress(&self) -> bool {
         matches!(
-            self.status(),
-            "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+            self,
+            Self::Setup | Self::Active | Self::PreSwitchover | Self::Device | Self::Cancelling
         )
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -593,6 +685,23 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
+    #[test]
+    fn migration_statuses_read_back_as_qemu_writes_them() {
+        for (name, status) in MigrationStatus::NAMES {
+            assert_eq!(MigrationStatus::parse(name), status);
+            assert_eq!(status.as_str(), name);
+        }
+        let newer = MigrationStatus::parse("postcopy-recover-setup");
+        assert_eq!(
+            newer,
+            MigrationStatus::Unknown("postcopy-recover-setup".into())
+        );
+        assert_eq!(newer.to_string(), "postcopy-recover-setup");
+        assert!(!newer.in_progress());
+        assert!(MigrationStatus::PreSwitchover.in_progress());
+        assert!(!MigrationStatus::Completed.in_progress());
+    }
+
     /// A fake QEMU on a fresh socket: it greets, then `talk` has the connection.
     async fn fake_qemu<F, Fut>(talk: F) -> (tempfile::TempDir, PathBuf)
     where
@@ -661,7 +770,7 @@ mod tests {
             other => panic!("expected a QEMU error, got {other:?}"),
         }
         let m = q.query_migrate().await.expect("query-migrate");
-        assert_eq!(m.status(), "active");
+        assert_eq!(m.status(), MigrationStatus::Active);
         let ram = m.ram.expect("ram stats");
         assert_eq!((ram.transferred, ram.dirty_sync_count), (10, 2));
         match q.cont().await {
@@ -708,7 +817,7 @@ mod tests {
             .await
             .expect("no error")
             .expect("the whole event");
-        assert_eq!(ev.migration_status(), Some("pre-switchover"));
+        assert_eq!(ev.migration_status(), Some(MigrationStatus::PreSwitchover));
         assert_eq!(
             ev.at,
             Some(UNIX_EPOCH + Duration::from_micros(1_700_000_000_250_000))

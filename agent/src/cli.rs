@@ -1,0 +1,354 @@
+//! The command line: what each `trustmig` command takes (clap definitions only; the work is
+//! done by the library modules that own it, called from `main.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use trustmig_agent::error::AgentError;
+
+#[derive(Parser)]
+#[command(
+    name = "trustmig",
+    version,
+    about = "Attested, signed, sealed live migration of VMs"
+)]
+pub(crate) struct Cli {
+    /// Log format for the agent: text or json.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub(crate) log_format: String,
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct HomeArg {
+    /// Agent home directory (or set TRUSTMIG_HOME).
+    #[arg(long, env = "TRUSTMIG_HOME")]
+    pub(crate) home: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Create an agent home: identity key, certificate, config, trust store, journal.
+    Init {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Address peers will dial.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// TPM TCTI (swtpm:host=H,port=P | device:/dev/tpmrm0 | tabrmd).
+        #[arg(long, default_value = "device:/dev/tpmrm0")]
+        tcti: String,
+    },
+    /// Operator keys.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    /// Signed migration orders.
+    #[command(subcommand)]
+    Order(OrderCmd),
+    /// The trust store: peers, operators, allowed measurements.
+    #[command(subcommand)]
+    Trust(TrustCmd),
+    /// Attestation: enrollment and measurements.
+    #[command(subcommand)]
+    Attest(AttestCmd),
+    /// Run the agent daemon.
+    Agent {
+        #[command(flatten)]
+        home: HomeArg,
+    },
+    /// Submit an order to the local (source) agent and follow the migration.
+    Migrate {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The signed order file.
+        #[arg(long)]
+        order: PathBuf,
+        /// One JSON object per line instead of a progress display.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrations in flight and recent ones, hosted VMs.
+    Status {
+        #[command(flatten)]
+        home: HomeArg,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle by hand a migration left in doubt on this (source) agent: its session was lost
+    /// after COMMIT and the destination cannot be asked (say, its host is gone for good).
+    /// Only for an operator who knows where the VM runs: a wrong answer makes two copies, or
+    /// none. The agent keeps asking the destination by itself until then.
+    #[command(group = clap::ArgGroup::new("where").required(true))]
+    Settle {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The order id (hex), or a prefix of it that names one order in doubt (`trustmig
+        /// status` lists the first 16 digits).
+        order_id: String,
+        /// The destination never ran the VM: run it here again, as it was.
+        #[arg(long, group = "where")]
+        resume_here: bool,
+        /// The destination runs the VM: keep no copy here.
+        #[arg(long, group = "where")]
+        moved: bool,
+    },
+    /// QEMU sidecar helpers.
+    #[command(subcommand)]
+    Qemu(QemuCmd),
+    /// Benchmarks with real agents on loopback: downtime/bytes vs dirty rate, peak memory.
+    Bench {
+        /// Guest size for the dirty-rate table, MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Dirty rates to measure, pages per second.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "0,10000,25000,50000,100000,200000"
+        )]
+        rates: Vec<u64>,
+        /// Downtime target, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u32,
+        /// Guest size for the peak-memory figure, MiB (0 skips it).
+        #[arg(long, default_value_t = 4096)]
+        rss_size_mib: u64,
+    },
+    /// Run an attested live migration on this machine with embedded defaults.
+    Demo {
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Pages the guest dirties per second while it runs.
+        #[arg(long, default_value_t = 20_000)]
+        dirty_pages_per_sec: u64,
+        /// Downtime target, ms.
+        #[arg(long, default_value_t = 100)]
+        downtime_ms: u32,
+        /// Data streams.
+        #[arg(long, default_value_t = 2)]
+        streams: u16,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Keep the temp dir with homes and agent logs.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum QemuCmd {
+    /// Print the destination QEMU command line for a VM, given the source's QEMU command line
+    /// (after `--`): the same machine and devices, plus `-incoming defer -S` and a QMP socket.
+    DestinationCommand(DestinationArgs),
+    /// Start the destination QEMU with that command line (printed on stderr first): this
+    /// process becomes QEMU, waiting for the agent's `migrate-incoming`.
+    StartDestination(DestinationArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct DestinationArgs {
+    /// QMP socket path for the destination QEMU (the agent's `qmp` for this VM).
+    #[arg(long)]
+    pub(crate) qmp: PathBuf,
+    /// A disk image the agent transfers (the source's `[[vm.disk]] path`, as on the source
+    /// command line): its -drive/-blockdev and -device are left out, since the destination
+    /// agent hot-adds the verified copy. Repeat for several disks.
+    #[arg(long = "transferred-disk", value_name = "PATH")]
+    pub(crate) transferred: Vec<PathBuf>,
+    /// The source QEMU command line, binary first.
+    #[arg(last = true, required = true)]
+    pub(crate) source: Vec<String>,
+}
+
+impl DestinationArgs {
+    /// The derived command line; what was left out goes to stderr.
+    pub(crate) fn derive(&self) -> Result<Vec<String>, AgentError> {
+        let (bin, args) = self.source.split_first().ok_or_else(|| {
+            AgentError::Usage("give the source QEMU command line after --".into())
+        })?;
+        let cmd =
+            trustmig_qemu::cmdline::destination_command(bin, args, &self.qmp, &self.transferred)
+                .map_err(|e| AgentError::Usage(e.to_string()))?;
+        for d in &cmd.dropped {
+            eprintln!("left out (a transferred disk, hot-added by the agent): {d}");
+        }
+        Ok(cmd.args)
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum OperatorCmd {
+    /// Generate an operator signing key (secret at FILE, public at FILE.pub).
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum OrderCmd {
+    /// Sign an order.
+    Sign {
+        /// Operator secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// VM name.
+        #[arg(long)]
+        vm: String,
+        /// Source agent identity (hex, or a file holding it).
+        #[arg(long)]
+        source: String,
+        /// Destination agent identity (hex, or a file holding it).
+        #[arg(long)]
+        destination: String,
+        /// Destination address host:port.
+        #[arg(long)]
+        destination_addr: String,
+        /// Downtime target, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u32,
+        /// Bandwidth cap, bytes per second (0 = uncapped).
+        #[arg(long, default_value_t = 0)]
+        bandwidth: u64,
+        /// Most pre-copy rounds.
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+        /// throttle, force or abort.
+        #[arg(long, default_value = "throttle")]
+        on_nonconvergence: String,
+        /// Validity from now, seconds.
+        #[arg(long, default_value_t = 600)]
+        ttl: u64,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print an order; with --home, verify it against that agent's trust store.
+    Show {
+        /// Order file.
+        file: PathBuf,
+        /// Agent home to verify against.
+        #[arg(long, env = "TRUSTMIG_HOME")]
+        home: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TrustCmd {
+    /// Trust a peer agent identity.
+    AddPeer {
+        #[command(flatten)]
+        home: HomeArg,
+        /// A name for it.
+        #[arg(long)]
+        name: String,
+        /// Identity (hex, or a file holding it).
+        #[arg(long)]
+        key: String,
+    },
+    /// Stop trusting a peer (by name or key).
+    RemovePeer {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Name or hex key.
+        name_or_key: String,
+    },
+    /// Trust an operator key for orders.
+    AddOperator {
+        #[command(flatten)]
+        home: HomeArg,
+        /// A name for it.
+        #[arg(long)]
+        name: String,
+        /// Public key (hex, or the .pub file).
+        #[arg(long)]
+        key: String,
+    },
+    /// Stop trusting an operator (by name or key).
+    RemoveOperator {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Name or hex key.
+        name_or_key: String,
+    },
+    /// Allow a peer agent executable (SHA-256, hex) in the attestation policy.
+    AllowExe {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Digest (hex); see `trustmig attest measure-self`.
+        digest: String,
+    },
+    /// Show the trust store.
+    List {
+        #[command(flatten)]
+        home: HomeArg,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AttestCmd {
+    /// Enroll an agent's AK into a verifier's policy (EK certificate + MakeCredential/ActivateCredential).
+    Enroll {
+        /// The agent whose AK is enrolled.
+        #[arg(long)]
+        home: PathBuf,
+        /// The agent whose policy will trust it.
+        #[arg(long)]
+        verifier_home: PathBuf,
+        /// PEM file of the CA(s) that issue EK certificates.
+        #[arg(long)]
+        ek_ca: PathBuf,
+    },
+    /// Enrollment across hosts, step 1 (on the agent's host): write the request.
+    EnrollRequest {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Request file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 2 (on the verifier's host): check the EK certificate, write the challenge; the
+    /// secret stays in the verifier's trust/pending/ (0600).
+    EnrollChallenge {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The agent's request file.
+        #[arg(long)]
+        request: PathBuf,
+        /// PEM file of the CA(s) that issue EK certificates.
+        #[arg(long)]
+        ek_ca: PathBuf,
+        /// Challenge file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 3 (on the agent's host): activate the credential in the TPM, write the response.
+    EnrollActivate {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The verifier's challenge file.
+        #[arg(long)]
+        challenge: PathBuf,
+        /// Response file to write (secret: mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 4 (on the verifier's host): check the response and trust the AK.
+    EnrollFinish {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The agent's response file.
+        #[arg(long)]
+        response: PathBuf,
+        /// The agent identity being enrolled (hex, or a file holding it).
+        #[arg(long)]
+        agent: String,
+    },
+    /// Print the SHA-256 of this trustmig executable (what peers' policies allow).
+    MeasureSelf,
+}
