@@ -11,9 +11,9 @@ use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use trustmig_agent::config::VmConfig;
+use trustmig_agent::config::SyntheticVm;
 use trustmig_agent::guest::{SyntheticGuest, PAGE_SIZE};
-use trustmig_agent::wire::read_record;
+use trustmig_agent::net::wire::read_record;
 use trustmig_protocol::keys::TrafficSecret;
 use trustmig_protocol::order::{Limits, NonConvergence};
 use trustmig_protocol::precopy::{GuestMemory, PrecopyDest, PrecopySource};
@@ -131,21 +131,15 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--test")
         || std::env::var_os("TRUSTMIG_BENCH_QUICK").is_some();
     let size_mib = if quick { 16 } else { 1024 };
-    let cfg = VmConfig {
-        name: "bench".into(),
-        backend: "synthetic".into(),
+    let cfg = SyntheticVm {
         size_mib,
         dirty_pages_per_sec: 0,
         hot_fraction: 0.05,
         fill_fraction: 1.0,
         seed: 1,
-        qmp: None,
-        disk_dir: None,
-        downtime_steps: None,
-        disks: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut src = SyntheticGuest::new(&cfg);
+    let mut src = SyntheticGuest::new("bench", &cfg);
     let pages = src.page_count();
     let zero = vec![0u8; PAGE_SIZE];
     println!("data-plane throughput, idle {size_mib} MiB guest (all pages non-zero), loopback TCP");

@@ -1,6 +1,6 @@
 //! Pauses between retries that double from a first pause up to a ceiling: for settlement
 //! queries nobody answers (`settle.rs`) and for a `cont` QEMU refuses until an image lock
-//! clears (`sidecar/giveback.rs`).
+//! clears (`backend/qemu/giveback.rs`).
 
 use std::time::Duration;
 

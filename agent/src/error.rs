@@ -121,6 +121,15 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// The wire abort code for this error: the protocol's mapping (SPEC.md §10) for protocol
+    /// errors, `InternalError` otherwise. The one place an agent error becomes a code.
+    pub fn abort_code(&self) -> trustmig_protocol::AbortCode {
+        match self {
+            Self::Protocol(p) => trustmig_protocol::AbortCode::from(p),
+            _ => trustmig_protocol::AbortCode::InternalError,
+        }
+    }
+
     /// Wrap an I/O error with its path.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
@@ -129,7 +138,7 @@ impl AgentError {
 }
 
 /// The protocol's layered errors convert into [`AgentError::Protocol`] with `?`, keeping their
-/// type (and so their wire abort code, `channel::abort_code`). Orders keep their own variant.
+/// type (and so their wire abort code, `AgentError::abort_code`). Orders keep their own variant.
 macro_rules! from_protocol {
     ($($t:ty),*) => {$(
         impl From<$t> for AgentError {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use trustmig_protocol::precopy::{DirtyBitmap, GuestMemory, PrecopyError};
 
-use crate::config::VmConfig;
+use crate::config::SyntheticVm;
 
 /// Page size of synthetic guests.
 pub const PAGE_SIZE: usize = 4096;
@@ -31,9 +31,9 @@ pub struct SyntheticGuest {
 
 impl SyntheticGuest {
     /// A guest as configured, with `fill_fraction` of its pages holding data.
-    pub fn new(cfg: &VmConfig) -> Self {
+    pub fn new(name: &str, cfg: &SyntheticVm) -> Self {
         let pages = cfg.size_mib * (1 << 20) / PAGE_SIZE as u64;
-        let mut g = Self::zeroed(&cfg.name, pages);
+        let mut g = Self::zeroed(name, pages);
         g.rate = cfg.dirty_pages_per_sec;
         g.hot_pages = ((pages as f64 * cfg.hot_fraction) as u64).clamp(1, pages);
         g.rng = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -205,28 +205,22 @@ impl GuestMemory for SyntheticGuest {
 mod tests {
     use super::*;
 
-    fn cfg(rate: u64) -> VmConfig {
-        VmConfig {
-            name: "t".into(),
-            backend: "synthetic".into(),
+    fn cfg(rate: u64) -> SyntheticVm {
+        SyntheticVm {
             size_mib: 4,
             dirty_pages_per_sec: rate,
             hot_fraction: 0.1,
             fill_fraction: 0.5,
             seed: 3,
-            qmp: None,
-            disk_dir: None,
-            downtime_steps: None,
-            disks: vec![],
         }
     }
 
     #[test]
     fn deterministic_and_rate_driven() {
-        let a = SyntheticGuest::new(&cfg(1000));
-        let b = SyntheticGuest::new(&cfg(1000));
+        let a = SyntheticGuest::new("t", &cfg(1000));
+        let b = SyntheticGuest::new("t", &cfg(1000));
         assert_eq!(a.checksum(), b.checksum());
-        let mut g = SyntheticGuest::new(&cfg(1000));
+        let mut g = SyntheticGuest::new("t", &cfg(1000));
         g.resume();
         let t0 = Instant::now();
         g.tick(t0);

@@ -45,7 +45,7 @@ impl Identity {
         let cert =
             std::fs::read(home.identity_cert()).map_err(AgentError::io(home.identity_cert()))?;
         let me = Self::from_parts(pkcs8, cert, &home.identity_key())?;
-        let in_cert = crate::tls::cert_identity(&me.cert).map_err(|reason| AgentError::BadKey {
+        let in_cert = cert_identity(&me.cert).map_err(|reason| AgentError::BadKey {
             path: home.identity_cert(),
             kind: "identity certificate",
             reason,
@@ -143,4 +143,25 @@ pub fn operator_load(path: &Path) -> Result<ed25519_dalek::SigningKey, AgentErro
     })?;
     let seed = Zeroizing::new(parse_hex32(text, "operator key", path)?);
     Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
+/// The ed25519 identity key inside a certificate (strict X.509 parse; Ed25519 SPKI only).
+pub fn cert_identity(der: &[u8]) -> Result<AgentId, String> {
+    let (rest, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes after certificate".into());
+    }
+    let spki = cert.public_key();
+    if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+        return Err(format!(
+            "certificate key is {}, not Ed25519",
+            spki.algorithm.algorithm
+        ));
+    }
+    spki.subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| "Ed25519 key is not 32 bytes".to_string())
 }

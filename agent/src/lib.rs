@@ -1,33 +1,43 @@
 //! trustmig-agent: the `trustmig` binary's library. tokio, rustls, the agent home, the
-//! journal, guest backends, and the drivers that run the sans-IO protocol state machines.
+//! journal, VM backends, and the drivers that run the sans-IO protocol state machines. The
+//! architecture, and which files a change of each kind touches: spec/architecture.md.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
-pub mod attestation;
+// The migration: one driver per side (order, channel, attestation, commit, settlement) over
+// the VM backends (synthetic guest, QEMU).
 pub mod backend;
-mod backoff;
-pub mod bench;
-pub mod channel;
-pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod demo;
 pub mod driver;
+
+// What a running agent holds, and the process around it.
+pub mod ctx;
+pub mod daemon;
 pub mod error;
 pub mod fault;
+/// The synthetic guest: the in-process "hypervisor" the synthetic backend drives.
 pub mod guest;
-pub mod harness;
+
+// The network: TLS identities and framing.
+pub mod net;
+
+// What is kept on disk: home, configuration, identity, trust store, journal.
+pub mod config;
 pub mod home;
 pub mod identity;
 pub mod journal;
-pub mod progress;
-pub mod reconcile;
-pub mod settle;
-
-pub mod tls;
 pub mod trust;
-pub mod wire;
+
+// The operator's side: local control socket, progress display, administration, attestation
+// setup, demo and benchmarks (and the two-agent harness they share with the tests).
+pub mod admin;
+pub mod attestation;
+pub mod bench;
+pub mod control;
+pub mod demo;
+pub mod harness;
+pub mod progress;
+
+mod backoff;
 
 pub use error::AgentError;
 

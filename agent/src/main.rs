@@ -104,22 +104,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             rates,
             downtime_ms,
             rss_size_mib,
-        } => {
-            if size_mib == 0 || rates.is_empty() || downtime_ms == 0 {
-                return Err(AgentError::Usage(
-                    "--size-mib, --rates and --downtime-ms must be non-empty and > 0".into(),
-                ));
-            }
-            print!(
-                "{}",
-                trustmig_agent::bench::dirty_rate_table(size_mib, &rates, downtime_ms)?
-            );
-            if rss_size_mib > 0 {
-                println!();
-                print!("{}", trustmig_agent::bench::peak_rss(rss_size_mib)?);
-            }
-            Ok(())
-        }
+        } => bench(size_mib, &rates, downtime_ms, rss_size_mib),
         Cmd::Demo {
             size_mib,
             dirty_pages_per_sec,
@@ -149,6 +134,29 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             Ok(())
         }
     }
+}
+
+/// `trustmig bench`: downtime and bytes against the dirty rate, and peak memory.
+fn bench(
+    size_mib: u64,
+    rates: &[u64],
+    downtime_ms: u32,
+    rss_size_mib: u64,
+) -> Result<(), AgentError> {
+    if size_mib == 0 || rates.is_empty() || downtime_ms == 0 {
+        return Err(AgentError::Usage(
+            "--size-mib, --rates and --downtime-ms must be non-empty and > 0".into(),
+        ));
+    }
+    print!(
+        "{}",
+        trustmig_agent::bench::dirty_rate_table(size_mib, rates, downtime_ms)?
+    );
+    if rss_size_mib > 0 {
+        println!();
+        print!("{}", trustmig_agent::bench::peak_rss(rss_size_mib)?);
+    }
+    Ok(())
 }
 
 /// An answer the command did not ask for: the agent's refusal, or nothing useful.

@@ -39,7 +39,7 @@ pub async fn raw_request(
 ) -> Result<trustmig_protocol::messages::Message, AgentError> {
     use trustmig_protocol::messages::Message;
     let me = trustmig_agent::identity::Identity::load(as_home)?;
-    let cfg = trustmig_agent::tls::client_config(&me, dst_id)
+    let cfg = trustmig_agent::net::tls::client_config(&me, dst_id)
         .map_err(|e| AgentError::Migration(e.to_string()))?;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -53,10 +53,10 @@ pub async fn raw_request(
             addr: addr.into(),
             reason: format!("TLS handshake: {e}"),
         })?;
-    trustmig_agent::wire::write_frame(&mut tls, &msg.encode())
+    trustmig_agent::net::wire::write_frame(&mut tls, &msg.encode())
         .await
         .map_err(|e| AgentError::Migration(e.to_string()))?;
-    let reply = trustmig_agent::wire::read_frame(&mut tls)
+    let reply = trustmig_agent::net::wire::read_frame(&mut tls)
         .await
         .map_err(|e| AgentError::Migration(e.to_string()))?;
     Message::decode(&reply).map_err(|e| AgentError::Migration(e.to_string()))

@@ -1,5 +1,5 @@
 //! VM backends: what differs between the VMs the agent can move. Each is a handful of verbs
-//! behind the traits in this module; the drivers (`crate::driver`) own everything else (order,
+//! behind the traits in this module; the drivers (`driver/`) own everything else (order,
 //! claim, channel, attestation, commit, settlement, journal, progress).
 //!
 //! - `synthetic`: the built-in memory guest, moved by the protocol's own pre-copy engine.
@@ -14,15 +14,16 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trustmig_protocol::handshake::Established;
-use trustmig_protocol::manifest::ImageManifest;
+use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::messages::TransferMode;
 use trustmig_protocol::migration::SourceMigration;
 use trustmig_protocol::order::VerifiedOrder;
 use trustmig_protocol::Digest;
 
-use crate::channel::SourceChannel;
+use crate::config::VmBackend;
 use crate::control::{Progress, Summary};
-use crate::daemon::Ctx;
+use crate::ctx::Ctx;
+use crate::driver::channel::SourceChannel;
 use crate::error::AgentError;
 
 /// What a source backend asks of the handshake.
@@ -128,7 +129,7 @@ pub(crate) trait DestVm {
         &mut self,
         ctx: &Arc<Ctx>,
         est: Established,
-        conns: mpsc::Receiver<crate::daemon::DataConn>,
+        conns: mpsc::Receiver<crate::ctx::DataConn>,
     ) -> Result<(), AgentError>;
     /// Cancel-safe (it waits in a `select!`): what arrived, once every stream ended.
     async fn arrived(&mut self) -> Result<Arrived, AgentError>;
@@ -139,4 +140,46 @@ pub(crate) trait DestVm {
     async fn resume(&mut self, ctx: &Arc<Ctx>) -> Result<(), AgentError>;
     /// Before COMMIT: discard what arrived; it never runs here.
     async fn discard(self, ctx: &Arc<Ctx>);
+}
+
+/// The image manifest a source attests for `vm`: its configuration digest and its disks
+/// (empty with shared storage). spec: SPEC.md §6.3
+pub fn vm_manifest(
+    ctx: &Ctx,
+    vm: &str,
+    chunk_size: u32,
+    disks: Vec<DiskManifest>,
+) -> ImageManifest {
+    let vm_cfg = ctx.config.vms.iter().find(|v| v.name == vm);
+    let config_digest =
+        trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
+    ImageManifest {
+        vm: vm.into(),
+        config_digest,
+        chunk_size,
+        disks,
+    }
+}
+
+/// Settlement gave the VM back to this host (its destination never committed, or the operator
+/// said so): run it again as it was before the migration, as its backend keeps it. Returns
+/// where the VM is, for the operator. spec: SPEC.md §8.8
+pub(crate) async fn resume_given_back(ctx: &Arc<Ctx>, vm: &str, paused_before: bool) -> String {
+    match ctx.config.vm(vm).map(|v| &v.backend) {
+        Some(VmBackend::Qemu(q)) => qemu::resume_given_back(ctx, vm, &q.qmp, paused_before).await,
+        Some(VmBackend::Synthetic(s)) => synthetic::resume_given_back(ctx, vm, s),
+        None => "no such VM is configured here any more".into(),
+    }
+}
+
+/// Settlement decided the VM runs on its destination: drop what this host keeps of it.
+/// Returns what stays here, for the operator.
+pub(crate) fn forget_moved(ctx: &Ctx, vm: &str) -> String {
+    match ctx.config.vm(vm).map(|v| &v.backend) {
+        Some(VmBackend::Qemu(_)) => {
+            "its QEMU here stays stopped (postmigrate) for good: shut it down when convenient"
+                .into()
+        }
+        _ => synthetic::forget(ctx, vm),
+    }
 }

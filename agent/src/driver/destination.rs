@@ -19,15 +19,14 @@ use trustmig_protocol::handshake::{
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
 use trustmig_protocol::order::hex;
-use trustmig_protocol::AbortCode;
 
 use crate::backend::qemu::QemuDest;
 use crate::backend::synthetic::SyntheticDest;
 use crate::backend::{Arrived, DestVm};
-use crate::daemon::{history_entry, Ctx, DataConn};
+use crate::ctx::{history_entry, Ctx, DataConn};
 use crate::error::AgentError;
 use crate::journal::{ClaimAsDestination, State};
-use crate::wire::{spawn_frame_reader, write_frame, WireError};
+use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
 type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
@@ -35,7 +34,7 @@ type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
 /// Serve one incoming TLS control connection.
 pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     let peers = ctx.peers()?;
-    let cfg = crate::tls::server_config(&ctx.identity, peers.keys())
+    let cfg = crate::net::tls::server_config(&ctx.identity, peers.keys())
         .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
     let tls = tokio::time::timeout(
         ctx.step_timeout(),
@@ -45,9 +44,9 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     .map_err(|_| AgentError::Migration("TLS handshake timed out".into()))?
     .map_err(|e| AgentError::Migration(format!("TLS handshake refused: {e}")))?;
     let conn = tls.get_ref().1;
-    let exporter = crate::tls::exporter(conn)
+    let exporter = crate::net::tls::exporter(conn)
         .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
-    let peer = crate::tls::peer_identity(conn).map_err(AgentError::Migration)?;
+    let peer = crate::net::tls::peer_identity(conn).map_err(AgentError::Migration)?;
     info!(peer = %hex(&peer), name = peers.name_of(&peer).unwrap_or("?"), "peer connected");
     let (rd, wr) = tokio::io::split(tls);
     let mut s = Session {
@@ -64,12 +63,8 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     let Err(e) = r else { return Ok(()) };
     // The backend discarded what arrived before this: the source hears of the failure (and
     // may run its VM again) only once this host's copy is gone (SPEC.md §8.8).
-    let code = match &e {
-        AgentError::Protocol(p) => AbortCode::from(p),
-        _ => AbortCode::InternalError,
-    };
     let msg = Message::Abort {
-        code,
+        code: e.abort_code(),
         reason: e.to_string().chars().take(200).collect(),
     };
     let _ = tokio::time::timeout(

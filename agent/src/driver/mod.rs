@@ -3,5 +3,8 @@
 //! handshake, the switch-over and commit exchange, rollback or settlement, the journal,
 //! progress and the summary — and call the backend (`crate::backend`) for the rest.
 
+pub mod channel;
 pub mod destination;
+pub mod reconcile;
+pub mod settle;
 pub mod source;

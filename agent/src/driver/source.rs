@@ -10,18 +10,20 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{debug, info};
-use trustmig_protocol::migration::{Outcome, SourceMigration};
-use trustmig_protocol::order::{hex, OrderPolicy, Role, SignedOrder, VerifiedOrder};
+use trustmig_protocol::messages::Message;
+use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
+use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
 
 use crate::backend::qemu::QemuSource;
 use crate::backend::synthetic::SyntheticSource;
 use crate::backend::{SourceLink, SourceVm};
-use crate::channel::{abort_code, note_source_result, SourceChannel};
 use crate::control::{Progress, Summary};
-use crate::daemon::Ctx;
+use crate::ctx::{history_entry, Ctx};
+use crate::driver::channel::SourceChannel;
+use crate::driver::settle::{self, InDoubt, Settlement};
 use crate::error::AgentError;
+use crate::fault::{self, crash_point, CrashPoint};
 use crate::journal::State;
-use crate::settle::{self, InDoubt, Settlement};
 
 /// How long a failing source waits for the destination to discard its copy and close before
 /// it gives the VM back: a loaded destination QEMU may hold the images' locks, which the
@@ -175,7 +177,7 @@ async fn drive<B: SourceVm>(
         r => r,
     };
     if let Err(e) = &r {
-        chan.abort(abort_code(e), &e.to_string()).await;
+        chan.abort(e.abort_code(), &e.to_string()).await;
         // The destination discards its copy before it closes (SPEC.md §8.8).
         if !chan.wait_closed(DISCARD_WAIT).await {
             debug!("the destination did not close within {DISCARD_WAIT:?} of the abort");
@@ -215,8 +217,7 @@ async fn session<B: SourceVm>(
     let t = vm.transfer(link).await?;
     let so = sm.switch_over(t.stream_records, t.digest)?;
     // Final evidence, Ready, Commit (journalled first), Resumed.
-    chan.commit_exchange(&mut sm, &so, order.id(), progress, outcome)
-        .await?;
+    commit_exchange(ctx, chan, &mut sm, &so, order.id(), progress, outcome).await?;
     drop(t.tasks);
     let downtime = t.paused_at.elapsed();
     let total = started.elapsed();
@@ -237,4 +238,79 @@ async fn session<B: SourceVm>(
     )?;
     info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
     Ok(summary)
+}
+
+/// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on
+/// `Ready` journal COMMIT durably *before* sending `Commit` (SPEC.md §8.7); ends at
+/// `Resumed`. `outcome` turns `Committed` the moment COMMIT is durable, whatever happens
+/// after.
+async fn commit_exchange(
+    ctx: &Arc<Ctx>,
+    chan: &mut SourceChannel,
+    sm: &mut SourceMigration,
+    switch_over: &[u8],
+    order_id: &OrderId,
+    progress: &mpsc::Sender<Progress>,
+    outcome: &mut Outcome,
+) -> Result<(), AgentError> {
+    chan.send(switch_over).await?;
+    loop {
+        let msg = chan.recv().await?;
+        if matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
+            crash_point(CrashPoint::SourceFinalChallenge);
+        }
+        let ev = {
+            let ctx = ctx.clone();
+            let mut att = ctx.attester.lock().expect("attester lock");
+            sm.handle(&msg, att.as_mut())
+        }
+        .map_err(AgentError::Protocol)?;
+        match ev {
+            SourceEvent::Send(m) => chan.send(&m).await?,
+            SourceEvent::ReadyToCommit => {
+                debug!("ready to commit");
+                // The point of no return: durable before the destination may resume.
+                ctx.journal.lock().expect("journal lock").commit(order_id)?;
+                *outcome = Outcome::Committed;
+                crash_point(CrashPoint::SourceAfterCommit);
+                if fault::lose_commit() {
+                    return Err(AgentError::Migration("fault injection: session lost after COMMIT was journalled, before Commit was sent".into()));
+                }
+                if fault::settle_before_commit() {
+                    crate::driver::settle::ask_about(ctx, order_id).await;
+                }
+                let c = sm.commit().map_err(AgentError::Protocol)?;
+                chan.send(&c).await?;
+                let _ = progress.send(Progress::Committed).await;
+            }
+            SourceEvent::Resumed => {
+                debug!("destination resumed");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Book-keeping after a source-side run: `status` history, and for a failure one log line
+/// saying where the VM is (`vm_state`).
+fn note_source_result(
+    ctx: &Ctx,
+    id: &OrderId,
+    vm: &str,
+    result: Result<&crate::control::Summary, (&AgentError, &str)>,
+) {
+    let order = trustmig_protocol::order::hex(id);
+    match result {
+        Ok(summary) => ctx.remember(history_entry("source", Some(summary), None, &order, vm)),
+        Err((e, vm_state)) => {
+            tracing::warn!(order = %order, "migration of {vm} failed: {e}; {vm_state}");
+            ctx.remember(history_entry(
+                "source",
+                None,
+                Some(&format!("{e}; {vm_state}")),
+                &order,
+                vm,
+            ));
+        }
+    }
 }

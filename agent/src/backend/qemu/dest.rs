@@ -17,9 +17,9 @@ use trustmig_protocol::record::{Opener, RecordType, Sealer};
 use trustmig_protocol::Digest;
 
 use crate::backend::{Arrived, DestVm, Tasks};
-use crate::daemon::{Ctx, DataConn};
+use crate::ctx::{Ctx, DataConn};
 use crate::error::AgentError;
-use crate::wire::read_record;
+use crate::net::wire::read_record;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
 use super::pumps::{open_pump, seal_pump};

@@ -18,12 +18,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 use trustmig_attest::manifest::{hash_chunks, ChunkChecker, DEFAULT_CHUNK};
 use trustmig_protocol::error::PeerMisbehaved;
-use trustmig_protocol::manifest::{DiskManifest, ImageManifest, MAX_DISKS};
+use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
-use crate::config::VmConfig;
+use crate::config::{QemuVm, VmConfig};
 use crate::error::AgentError;
-use crate::wire::{read_record, WireError};
+use crate::net::wire::{read_record, WireError};
 use trustmig_qemu::qmp::Qmp;
 
 /// Chunk size of the disks in the manifest: one chunk per `DiskChunk` record.
@@ -36,86 +36,6 @@ fn mig(s: String) -> AgentError {
 
 fn proto(e: impl Into<trustmig_protocol::Error>) -> AgentError {
     AgentError::Protocol(e.into())
-}
-
-/// A disk name: the manifest name and the destination's QEMU node name (QEMU: a letter, then
-/// letters, digits, `-`, `_`, at most 31 bytes); also the file name in `disk_dir`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = name.len() <= 31
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "disk name {name:?} must be a letter then letters, digits, '-' or '_', at most 31 bytes"
-        ))
-    }
-}
-
-/// Validate the disk settings of a `backend = "qemu"` entry.
-pub fn check_vm_config(vm: &VmConfig) -> Result<(), String> {
-    if let Some(dir) = &vm.disk_dir {
-        if !dir.is_absolute() {
-            return Err(format!(
-                "vm {:?}: disk_dir {:?} must be an absolute path",
-                vm.name,
-                dir.display().to_string()
-            ));
-        }
-    }
-    if vm.disks.len() > MAX_DISKS {
-        return Err(format!(
-            "vm {:?}: {} disks, at most {MAX_DISKS}",
-            vm.name,
-            vm.disks.len()
-        ));
-    }
-    for (i, d) in vm.disks.iter().enumerate() {
-        check_name(&d.name).map_err(|e| format!("vm {:?}: {e}", vm.name))?;
-        if vm.disks[..i].iter().any(|o| o.name == d.name) {
-            return Err(format!("vm {:?}: disk {:?} appears twice", vm.name, d.name));
-        }
-        if d.path.is_none() && d.device.is_none() {
-            return Err(format!(
-                "vm {:?}: disk {:?} needs path (source) or device (destination)",
-                vm.name, d.name
-            ));
-        }
-        if let Some(p) = &d.path {
-            if !p.is_absolute() {
-                return Err(format!(
-                    "vm {:?}: disk {:?}: path {:?} must be absolute",
-                    vm.name,
-                    d.name,
-                    p.display().to_string()
-                ));
-            }
-        }
-        if let Some(dev) = &d.device {
-            if !dev.get("driver").is_some_and(|v| v.is_str()) {
-                return Err(format!(
-                    "vm {:?}: disk {:?}: device needs driver = \"...\" (e.g. \"virtio-blk-pci\")",
-                    vm.name, d.name
-                ));
-            }
-            if dev.contains_key("drive") {
-                return Err(format!(
-                    "vm {:?}: disk {:?}: device must not set drive (the agent sets drive = {:?})",
-                    vm.name, d.name, d.name
-                ));
-            }
-            if vm.disk_dir.is_none() {
-                return Err(format!(
-                    "vm {:?}: disk {:?} has a device: set disk_dir, where received disks are written",
-                    vm.name, d.name
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -149,7 +69,7 @@ fn same_file(qemu: &str, ours: &Path) -> bool {
 
 /// The disks of `vm` this source transfers (the `[[vm.disk]]` entries with a `path`), after
 /// checking with QEMU that each is a raw image it has open read-only.
-pub async fn source_disks(vm: &VmConfig, qmp: &mut Qmp) -> Result<Vec<SourceDisk>, AgentError> {
+pub async fn source_disks(vm: &QemuVm, qmp: &mut Qmp) -> Result<Vec<SourceDisk>, AgentError> {
     let wanted: Vec<SourceDisk> = vm
         .disks
         .iter()
@@ -346,7 +266,10 @@ pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Targe
         )));
     }
     let vm = vm.ok_or_else(|| mig(format!("no VM {:?} configured here", manifest.vm)))?;
-    let dir = vm.disk_dir.as_ref().ok_or_else(|| {
+    let q = vm
+        .qemu()
+        .ok_or_else(|| mig(format!("VM {:?} here is not a QEMU VM", vm.name)))?;
+    let dir = q.disk_dir.as_ref().ok_or_else(|| {
         mig(format!(
             "the source sends {} disk(s) for {:?} but its [[vm]] here has no disk_dir",
             manifest.disks.len(),
@@ -356,8 +279,9 @@ pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Targe
     std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
     let mut out = Vec::with_capacity(manifest.disks.len());
     for d in &manifest.disks {
-        check_name(&d.name).map_err(|e| mig(format!("the source's manifest: {e}")))?;
-        let device = vm
+        crate::config::check_disk_name(&d.name)
+            .map_err(|e| mig(format!("the source's manifest: {e}")))?;
+        let device = q
             .disks
             .iter()
             .find(|c| c.name == d.name)
@@ -504,10 +428,11 @@ mod tests {
     use crate::config::DiskConfig;
 
     fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
-        VmConfig {
-            disks,
-            ..crate::config::test_qemu_vm(Some("/run/q.sock"), Some(dir))
+        let mut v = crate::config::test_qemu_vm("/run/q.sock", Some(dir));
+        if let crate::config::VmBackend::Qemu(q) = &mut v.backend {
+            q.disks = disks;
         }
+        v
     }
 
     fn dest_disk(name: &str) -> DiskConfig {
@@ -650,7 +575,9 @@ mod tests {
             .to_string();
         assert!(e.contains("no [[vm.disk]] with a device"), "{e}");
         let mut no_dir = vm(tmp.path(), vec![dest_disk("d0")]);
-        no_dir.disk_dir = None;
+        if let crate::config::VmBackend::Qemu(q) = &mut no_dir.backend {
+            q.disk_dir = None;
+        }
         assert!(plan(&m, Some(&no_dir))
             .unwrap_err()
             .to_string()
@@ -659,41 +586,5 @@ mod tests {
         bad.disks[0].name = "../x".into();
         assert!(plan(&bad, Some(&vm(tmp.path(), vec![dest_disk("d0")]))).is_err());
         assert!(plan(&m, None).is_err());
-    }
-
-    #[test]
-    fn config_validation_names_the_problem() {
-        let d = Path::new("/var/lib/t");
-        assert!(check_vm_config(&vm(d, vec![dest_disk("d0")])).is_ok());
-        let e = check_vm_config(&vm(d, vec![dest_disk("0d")])).unwrap_err();
-        assert!(e.contains("disk name"), "{e}");
-        let e = check_vm_config(&vm(d, vec![dest_disk("d0"), dest_disk("d0")])).unwrap_err();
-        assert!(e.contains("twice"), "{e}");
-        let mut with_drive = dest_disk("d0");
-        if let Some(t) = with_drive.device.as_mut() {
-            t.insert("drive".into(), "x".into());
-        }
-        assert!(check_vm_config(&vm(d, vec![with_drive]))
-            .unwrap_err()
-            .contains("must not set drive"));
-        let bare = DiskConfig {
-            name: "d0".into(),
-            path: None,
-            device: None,
-        };
-        assert!(check_vm_config(&vm(d, vec![bare]))
-            .unwrap_err()
-            .contains("needs path"));
-        let rel = DiskConfig {
-            name: "d0".into(),
-            path: Some("img.raw".into()),
-            device: None,
-        };
-        assert!(check_vm_config(&vm(d, vec![rel]))
-            .unwrap_err()
-            .contains("absolute"));
-        assert!(check_vm_config(&vm(Path::new("rel"), vec![]))
-            .unwrap_err()
-            .contains("disk_dir"));
     }
 }

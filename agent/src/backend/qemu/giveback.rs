@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::daemon::Ctx;
+use crate::ctx::Ctx;
 use trustmig_qemu::qmp::{Qmp, QmpError};
 
 /// Pauses before a refused `cont` is tried again: from 250 ms doubling to 10 s. A destination
@@ -111,6 +111,20 @@ pub(crate) async fn give_back(
                 RETRY_MAX.as_secs()
             )
         }
+    }
+}
+
+/// Run the VM `vm` again after a settlement gave it back (the destination never committed):
+/// as it was before the migration, `cont` unless it was paused then.
+pub(crate) async fn resume_given_back(
+    ctx: &Arc<Ctx>,
+    vm: &str,
+    qmp_path: &Path,
+    paused_before: bool,
+) -> String {
+    match Qmp::connect(qmp_path, ctx.step_timeout()).await {
+        Ok(mut qmp) => give_back(ctx, vm, &mut qmp, !paused_before).await,
+        Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
     }
 }
 

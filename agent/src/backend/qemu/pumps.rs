@@ -11,7 +11,7 @@ use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
 use crate::error::AgentError;
-use crate::wire::{read_record, WireError};
+use crate::net::wire::{read_record, WireError};
 
 /// Bytes read from QEMU per record (the record layer allows up to [`MAX_PAYLOAD`]).
 const CHUNK: usize = 512 << 10;

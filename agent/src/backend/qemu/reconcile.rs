@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::daemon::Ctx;
-use crate::reconcile::Action;
+use crate::ctx::Ctx;
+use crate::driver::reconcile::Action;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp, StatusInfo};
 
 use super::giveback::give_back;

@@ -17,12 +17,13 @@ use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
 use trustmig_protocol::record::{Opener, RecordType, Sealer};
 use trustmig_protocol::Digest;
 
+use crate::backend::vm_manifest;
 use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
-use crate::channel::vm_manifest;
+use crate::config::{VmConfig, DEFAULT_DOWNTIME_STEPS};
 use crate::control::{Progress, Summary};
-use crate::daemon::Ctx;
+use crate::ctx::Ctx;
 use crate::error::AgentError;
-use crate::wire::preamble;
+use crate::net::wire::preamble;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 
 use super::disk::SourceDisk;
@@ -41,11 +42,6 @@ const QEMU_MAX_DOWNTIME_MS: u64 = 2_000_000;
 /// +20% up to 99%), as `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`.
 const THROTTLE_STEP: u8 = 20;
 const THROTTLE_MAX: u8 = 99;
-
-/// Steps of the downtime ladder unless the VM's configuration says otherwise.
-const DEFAULT_DOWNTIME_STEPS: u32 = 3;
-/// More steps than this would start below a millisecond for any sensible target.
-pub(super) const MAX_DOWNTIME_STEPS: u32 = 10;
 
 /// The ladder's steps for an order allowing `max_rounds`: it reaches the target by the order's
 /// last round at the latest, so non-convergence is judged against the target, never a step.
@@ -106,10 +102,10 @@ impl QemuSource {
                 m.status()
             )));
         }
-        let cfg = ctx.config.vms.iter().find(|v| v.name == body.vm);
+        let cfg = ctx.config.vm(&body.vm).and_then(VmConfig::qemu);
         // Disks that travel (spec/qemu.md §5): each must be a raw image QEMU has open read-only.
         let disks = match cfg {
-            Some(v) => super::disk::source_disks(v, &mut qmp).await?,
+            Some(q) => super::disk::source_disks(q, &mut qmp).await?,
             None => Vec::new(),
         };
         debug!(vm = %body.vm, qemu = %qmp.version, "QEMU ready to migrate");
@@ -391,13 +387,15 @@ async fn follow(
 ) -> Result<Done, AgentError> {
     let mut poll = tokio::time::interval(POLL);
     let mut sent: Option<Sent> = None;
-    let mut completed: Option<MigrationInfo> = None;
-    let mut paused_at: Option<Instant> = None;
-    let mut stopped_at: Option<SystemTime> = None;
-    let mut last_sync = u64::MAX;
-    let mut last_report = Instant::now();
+    let mut seen = Seen {
+        completed: None,
+        paused_at: None,
+        stopped_at: None,
+        last_sync: u64::MAX,
+        last_report: Instant::now(),
+    };
     let mut ret_done = false;
-    while sent.is_none() || completed.is_none() {
+    while sent.is_none() || seen.completed.is_none() {
         // On a poll tick or a MIGRATION event, look at QEMU's migration state.
         let mut look = false;
         tokio::select! {
@@ -405,7 +403,7 @@ async fn follow(
             ev = qmp.event() => {
                 let ev = ev?;
                 if ev.name == "STOP" {
-                    stopped_at = ev.at; // the guest's downtime starts here
+                    seen.stopped_at = ev.at; // the guest's downtime starts here
                 }
                 look = ev.migration_status().is_some();
             }
@@ -426,57 +424,8 @@ async fn follow(
                 link.sm.handle(&msg, att.as_mut())?;
             }
         }
-        if look && completed.is_none() {
-            let m = qmp.query_migrate().await?;
-            match m.status() {
-                MigrationStatus::PreSwitchover if paused_at.is_none() => {
-                    // A STOP still queued (read during a command) counts too.
-                    let queued_stop = qmp
-                        .take_events()
-                        .into_iter()
-                        .rfind(|e| e.name == "STOP")
-                        .and_then(|e| e.at);
-                    paused_at = Some(instant_of(stopped_at.or(queued_stop)));
-                    debug!(
-                        since_stop_ms = paused_at.map(|p| p.elapsed().as_millis()),
-                        remaining = m.ram.as_ref().map(|r| r.remaining),
-                        transferred = m.ram.as_ref().map(|r| r.transferred),
-                        mbps = m.ram.as_ref().map(|r| r.mbps),
-                        "pre-switchover"
-                    );
-                    let ram = m.ram.clone().unwrap_or_default();
-                    link.report(Progress::SwitchOver {
-                        pages: ram.remaining / ram.page_size.max(1),
-                    })
-                    .await;
-                    qmp.migrate_continue("pre-switchover").await?;
-                }
-                MigrationStatus::Completed => {
-                    debug!("source QEMU completed");
-                    completed = Some(m.clone());
-                }
-                status @ (MigrationStatus::Failed | MigrationStatus::Cancelled) => {
-                    // Usually because the destination stopped reading: its Abort says why.
-                    return Err(AgentError::Transport(format!(
-                        "QEMU migration {status}: {}",
-                        m.error_desc.as_deref().unwrap_or("no reason given")
-                    )));
-                }
-                _ => {}
-            }
-            if paused_at.is_none() {
-                if let Some(limit) = ladder.after_look(&m)? {
-                    qmp.migrate_set_parameters(limit, ladder.bw).await?;
-                }
-            }
-            let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
-            if completed.is_none()
-                && (sync != last_sync || last_report.elapsed() >= Duration::from_secs(1))
-            {
-                last_sync = sync;
-                last_report = Instant::now();
-                link.report(round_progress(&m)).await;
-            }
+        if look && seen.completed.is_none() {
+            look_at(qmp, &link, ladder, &mut seen).await?;
         }
         if started.elapsed() > Duration::from_secs(3600) {
             return Err(AgentError::Migration(
@@ -484,16 +433,89 @@ async fn follow(
             ));
         }
     }
-    let (Some(sent), Some(info)) = (sent, completed) else {
+    let (Some(sent), Some(info)) = (sent, seen.completed) else {
         unreachable!("the loop ends only when both are set");
     };
     let digest: Digest = sent.digest.clone().finish(&link.est.transcript_hash);
     Ok(Done {
         sent,
         info,
-        paused_at: paused_at.unwrap_or_else(Instant::now),
+        paused_at: seen.paused_at.unwrap_or_else(Instant::now),
         digest,
     })
+}
+
+/// What `follow` has seen of QEMU's migration.
+struct Seen {
+    /// QEMU's last look at a `completed` migration.
+    completed: Option<MigrationInfo>,
+    /// When the guest stopped for the switch-over (from QEMU's `STOP` event time).
+    paused_at: Option<Instant>,
+    /// The time of QEMU's last `STOP` event.
+    stopped_at: Option<SystemTime>,
+    last_sync: u64,
+    last_report: Instant,
+}
+
+/// One look at `query-migrate`: `migrate-continue` at `pre-switchover`, completion, failure,
+/// the downtime ladder, and progress (at each new round, or every second).
+async fn look_at(
+    qmp: &mut Qmp,
+    link: &SourceLink<'_>,
+    ladder: &mut Ladder,
+    seen: &mut Seen,
+) -> Result<(), AgentError> {
+    let m = qmp.query_migrate().await?;
+    match m.status() {
+        MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
+            // A STOP still queued (read during a command) counts too.
+            let queued_stop = qmp
+                .take_events()
+                .into_iter()
+                .rfind(|e| e.name == "STOP")
+                .and_then(|e| e.at);
+            seen.paused_at = Some(instant_of(seen.stopped_at.or(queued_stop)));
+            debug!(
+                since_stop_ms = seen.paused_at.map(|p| p.elapsed().as_millis()),
+                remaining = m.ram.as_ref().map(|r| r.remaining),
+                transferred = m.ram.as_ref().map(|r| r.transferred),
+                mbps = m.ram.as_ref().map(|r| r.mbps),
+                "pre-switchover"
+            );
+            let ram = m.ram.clone().unwrap_or_default();
+            link.report(Progress::SwitchOver {
+                pages: ram.remaining / ram.page_size.max(1),
+            })
+            .await;
+            qmp.migrate_continue("pre-switchover").await?;
+        }
+        MigrationStatus::Completed => {
+            debug!("source QEMU completed");
+            seen.completed = Some(m.clone());
+        }
+        status @ (MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+            // Usually because the destination stopped reading: its Abort says why.
+            return Err(AgentError::Transport(format!(
+                "QEMU migration {status}: {}",
+                m.error_desc.as_deref().unwrap_or("no reason given")
+            )));
+        }
+        _ => {}
+    }
+    if seen.paused_at.is_none() {
+        if let Some(limit) = ladder.after_look(&m)? {
+            qmp.migrate_set_parameters(limit, ladder.bw).await?;
+        }
+    }
+    let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+    if seen.completed.is_none()
+        && (sync != seen.last_sync || seen.last_report.elapsed() >= Duration::from_secs(1))
+    {
+        seen.last_sync = sync;
+        seen.last_report = Instant::now();
+        link.report(round_progress(&m)).await;
+    }
+    Ok(())
 }
 
 /// The monotonic instant of a wall-clock event time (now when unknown or in the future).

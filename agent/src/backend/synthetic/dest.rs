@@ -14,10 +14,10 @@ use trustmig_protocol::precopy::{GuestMemory, PrecopyDest};
 use trustmig_protocol::record::{Opener, RecordType};
 
 use crate::backend::{Arrived, DestVm, Tasks};
-use crate::daemon::{Ctx, DataConn};
+use crate::ctx::{Ctx, DataConn};
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
-use crate::wire::{read_record, WireError};
+use crate::net::wire::{read_record, WireError};
 
 struct Receiving {
     engine: PrecopyDest,

@@ -15,13 +15,13 @@ use trustmig_protocol::precopy::{GuestMemory, PrecopySource, RoundDecision};
 use trustmig_protocol::rate::Pacer;
 use trustmig_protocol::record::{RecordType, Sealer};
 
+use crate::backend::vm_manifest;
 use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
-use crate::channel::vm_manifest;
 use crate::control::{Progress, Summary};
-use crate::daemon::Ctx;
+use crate::ctx::Ctx;
 use crate::error::AgentError;
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
-use crate::wire::preamble;
+use crate::net::wire::preamble;
 
 /// A synthetic guest on its way out: taken from the running VMs for the migration's time.
 pub(crate) struct SyntheticSource {
@@ -138,78 +138,17 @@ async fn open_streams(
 
 /// Pre-copy rounds until the engine switches over, stop-and-copy, device state, stream ends.
 async fn transfer(
-    link: SourceLink<'_>,
+    mut link: SourceLink<'_>,
     guest: &mut SyntheticGuest,
     streams: Vec<StreamTx>,
     pool: &mut Pool,
 ) -> Result<Transferred, AgentError> {
     let body = link.order.body();
     let mut engine = PrecopySource::new(guest, body.limits.clone(), link.est.streams)?;
-    let mut pacer = Pacer::new(body.limits.bandwidth_bps, Duration::from_millis(10));
-    let mut total_bytes = 0u64;
     engine.begin(guest)?;
     guest.tick(Instant::now());
 
-    // Pre-copy rounds.
-    loop {
-        let round_start = Instant::now();
-        let writes_before = guest.writes();
-        let mut round_bytes = 0u64;
-        while let Some((batch, buf)) = next_batch(&mut engine, guest, pool)? {
-            let d = pacer.delay(Instant::now(), buf.len() as u64);
-            if !d.is_zero() {
-                tokio::time::sleep(d).await;
-            }
-            round_bytes += buf.len() as u64;
-            send_record(&streams, batch.stream, RecordType::Pages, buf).await?;
-            guest.tick(Instant::now());
-            // A destination abort (or garbage) during transfer ends it now.
-            if let Some(msg) = link.chan.try_recv() {
-                let msg = msg?;
-                let mut att = link.ctx.attester.lock().expect("attester lock");
-                link.sm.handle(&msg, att.as_mut())?;
-            }
-        }
-        total_bytes += round_bytes;
-        let elapsed = round_start.elapsed().max(Duration::from_millis(1));
-        let bandwidth = (round_bytes as f64 / elapsed.as_secs_f64()) as u64;
-        guest.tick(Instant::now());
-        let dirty_rate = ((guest.writes() - writes_before) as f64 / elapsed.as_secs_f64()) as u64;
-        let round = engine.round();
-        let decision = engine.end_round(guest, bandwidth.max(1))?;
-        let (predicted, switch) = match decision {
-            RoundDecision::Continue { predicted_ms }
-            | RoundDecision::Throttle { predicted_ms, .. } => (predicted_ms, false),
-            RoundDecision::SwitchOver { predicted_ms, .. } => (predicted_ms, true),
-        };
-        let stats = engine.stats();
-        let r = stats
-            .rounds
-            .get(round as usize)
-            .cloned()
-            .unwrap_or_default();
-        link.report(Progress::Round {
-            round,
-            pages: r.pages_sent,
-            bytes: r.bytes,
-            dirty_pages: r.dirtied,
-            dirty_rate,
-            predicted_downtime_ms: predicted,
-            throttle: stats.throttle,
-            bandwidth,
-            total_bytes,
-            guest_pages: guest.page_count(),
-        })
-        .await;
-        let counts = Message::RoundDone {
-            round,
-            stream_records: vec![],
-        };
-        link.chan.send(&counts.encode()).await?;
-        if switch {
-            break;
-        }
-    }
+    precopy_rounds(&mut link, guest, &mut engine, &streams, pool).await?;
 
     // Stop-and-copy: from here the guest is paused until rollback or forever.
     engine.stop_and_copy(guest)?;
@@ -263,6 +202,82 @@ async fn transfer(
         },
         tasks: Tasks::default(),
     })
+}
+
+/// Pre-copy rounds until the engine decides to switch over: each round's pages, paced to the
+/// order's bandwidth cap, its progress, and `RoundDone` on the control channel.
+async fn precopy_rounds(
+    link: &mut SourceLink<'_>,
+    guest: &mut SyntheticGuest,
+    engine: &mut PrecopySource,
+    streams: &[StreamTx],
+    pool: &mut Pool,
+) -> Result<(), AgentError> {
+    let mut pacer = Pacer::new(
+        link.order.body().limits.bandwidth_bps,
+        Duration::from_millis(10),
+    );
+    let mut total_bytes = 0u64;
+    // Pre-copy rounds.
+    loop {
+        let round_start = Instant::now();
+        let writes_before = guest.writes();
+        let mut round_bytes = 0u64;
+        while let Some((batch, buf)) = next_batch(engine, guest, pool)? {
+            let d = pacer.delay(Instant::now(), buf.len() as u64);
+            if !d.is_zero() {
+                tokio::time::sleep(d).await;
+            }
+            round_bytes += buf.len() as u64;
+            send_record(streams, batch.stream, RecordType::Pages, buf).await?;
+            guest.tick(Instant::now());
+            // A destination abort (or garbage) during transfer ends it now.
+            if let Some(msg) = link.chan.try_recv() {
+                let msg = msg?;
+                let mut att = link.ctx.attester.lock().expect("attester lock");
+                link.sm.handle(&msg, att.as_mut())?;
+            }
+        }
+        total_bytes += round_bytes;
+        let elapsed = round_start.elapsed().max(Duration::from_millis(1));
+        let bandwidth = (round_bytes as f64 / elapsed.as_secs_f64()) as u64;
+        guest.tick(Instant::now());
+        let dirty_rate = ((guest.writes() - writes_before) as f64 / elapsed.as_secs_f64()) as u64;
+        let round = engine.round();
+        let decision = engine.end_round(guest, bandwidth.max(1))?;
+        let (predicted, switch) = match decision {
+            RoundDecision::Continue { predicted_ms }
+            | RoundDecision::Throttle { predicted_ms, .. } => (predicted_ms, false),
+            RoundDecision::SwitchOver { predicted_ms, .. } => (predicted_ms, true),
+        };
+        let stats = engine.stats();
+        let r = stats
+            .rounds
+            .get(round as usize)
+            .cloned()
+            .unwrap_or_default();
+        link.report(Progress::Round {
+            round,
+            pages: r.pages_sent,
+            bytes: r.bytes,
+            dirty_pages: r.dirtied,
+            dirty_rate,
+            predicted_downtime_ms: predicted,
+            throttle: stats.throttle,
+            bandwidth,
+            total_bytes,
+            guest_pages: guest.page_count(),
+        })
+        .await;
+        let counts = Message::RoundDone {
+            round,
+            stream_records: vec![],
+        };
+        link.chan.send(&counts.encode()).await?;
+        if switch {
+            return Ok(());
+        }
+    }
 }
 
 /// Take the engine's next batch into a fresh buffer.

@@ -4,7 +4,7 @@
 //! destination QEMU that loaded the VM and waits, paused. The journal says what may happen to
 //! it ([`action`], a pure function of the records); the backend looks at what the hypervisor
 //! actually holds and does it (`backend::qemu::reconcile` for QEMU). Synthetic guests live in the
-//! agent's process and start from the journal alone (`daemon.rs`). A VM whose order may have
+//! agent's process and start from the journal alone (`daemon/start.rs`). A VM whose order may have
 //! committed and whose outcome the source does not know is never touched here: that is the
 //! settlement's decision (`settle.rs`).
 

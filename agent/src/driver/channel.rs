@@ -1,6 +1,6 @@
-//! The source's control channel to a destination, shared by the pre-copy driver (`source.rs`)
-//! and the QEMU sidecar (`sidecar/`): dial, TLS 1.3 pinned to the order's destination,
-//! framed messages with step timeouts, the attested handshake, and aborts.
+//! The source's control channel to a destination, for the source driver and the settlement
+//! queries: dial, TLS 1.3 pinned to the order's destination, framed messages with step
+//! timeouts, the attested handshake, and aborts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,20 +9,16 @@ use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
-use tracing::debug;
 use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
-use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
+use trustmig_protocol::manifest::ImageManifest;
 use trustmig_protocol::messages::{Message, TransferMode};
-use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
-use trustmig_protocol::order::{OrderId, VerifiedOrder};
+use trustmig_protocol::order::VerifiedOrder;
 use trustmig_protocol::AbortCode;
 use trustmig_protocol::AgentId;
 
-use crate::control::Progress;
-use crate::daemon::Ctx;
+use crate::ctx::Ctx;
 use crate::error::AgentError;
-use crate::fault::{self, crash_point, CrashPoint};
-use crate::wire::{spawn_frame_reader, write_frame, WireError};
+use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
 
@@ -62,7 +58,7 @@ impl SourceChannel {
             .map_err(|_| cerr("timed out".into()))?
             .map_err(|e| cerr(e.to_string()))?;
         tcp.set_nodelay(true).ok();
-        let tls_cfg = crate::tls::client_config(&ctx.identity, destination)
+        let tls_cfg = crate::net::tls::client_config(&ctx.identity, destination)
             .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
         let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
             .expect("static name is valid");
@@ -73,7 +69,7 @@ impl SourceChannel {
         .await
         .map_err(|_| cerr("TLS handshake timed out".into()))?
         .map_err(|e| cerr(format!("TLS handshake: {e}")))?;
-        let exporter = crate::tls::exporter(tls.get_ref().1)
+        let exporter = crate::net::tls::exporter(tls.get_ref().1)
             .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
         let (rd, wr) = tokio::io::split(tls);
         Ok(Self {
@@ -185,118 +181,5 @@ impl SourceChannel {
             }
         }
         hs.into_established().map_err(AgentError::Protocol)
-    }
-}
-
-impl SourceChannel {
-    /// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on
-    /// `Ready` journal COMMIT durably *before* sending `Commit` (SPEC.md §8.7); ends at
-    /// `Resumed`. `outcome` turns `Committed` the moment COMMIT is durable, whatever happens
-    /// after.
-    pub async fn commit_exchange(
-        &mut self,
-        sm: &mut SourceMigration,
-        switch_over: &[u8],
-        order_id: &OrderId,
-        progress: &mpsc::Sender<Progress>,
-        outcome: &mut Outcome,
-    ) -> Result<(), AgentError> {
-        self.send(switch_over).await?;
-        loop {
-            let msg = self.recv().await?;
-            if matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
-                crash_point(CrashPoint::SourceFinalChallenge);
-            }
-            let ev = {
-                let ctx = self.ctx.clone();
-                let mut att = ctx.attester.lock().expect("attester lock");
-                sm.handle(&msg, att.as_mut())
-            }
-            .map_err(AgentError::Protocol)?;
-            match ev {
-                SourceEvent::Send(m) => self.send(&m).await?,
-                SourceEvent::ReadyToCommit => {
-                    debug!("ready to commit");
-                    // The point of no return: durable before the destination may resume.
-                    self.ctx
-                        .journal
-                        .lock()
-                        .expect("journal lock")
-                        .commit(order_id)?;
-                    *outcome = Outcome::Committed;
-                    crash_point(CrashPoint::SourceAfterCommit);
-                    if fault::lose_commit() {
-                        return Err(AgentError::Migration("fault injection: session lost after COMMIT was journalled, before Commit was sent".into()));
-                    }
-                    if fault::settle_before_commit() {
-                        crate::settle::ask_about(&self.ctx, order_id).await;
-                    }
-                    let c = sm.commit().map_err(AgentError::Protocol)?;
-                    self.send(&c).await?;
-                    let _ = progress.send(Progress::Committed).await;
-                }
-                SourceEvent::Resumed => {
-                    debug!("destination resumed");
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
-/// The image manifest a source attests for `vm`: its configuration digest and its disks
-/// (empty with shared storage). spec: SPEC.md §6.3
-pub fn vm_manifest(
-    ctx: &Ctx,
-    vm: &str,
-    chunk_size: u32,
-    disks: Vec<DiskManifest>,
-) -> ImageManifest {
-    let vm_cfg = ctx.config.vms.iter().find(|v| v.name == vm);
-    let config_digest =
-        trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
-    ImageManifest {
-        vm: vm.into(),
-        config_digest,
-        chunk_size,
-        disks,
-    }
-}
-
-/// The wire abort code for a local error: the protocol's mapping, `InternalError` otherwise.
-pub fn abort_code(e: &AgentError) -> AbortCode {
-    match e {
-        AgentError::Protocol(p) => AbortCode::from(p),
-        _ => AbortCode::InternalError,
-    }
-}
-
-/// Book-keeping after a source-side run: `status` history, and for a failure one log line
-/// saying where the VM is (`vm_state`).
-pub fn note_source_result(
-    ctx: &Ctx,
-    id: &OrderId,
-    vm: &str,
-    result: Result<&crate::control::Summary, (&AgentError, &str)>,
-) {
-    let order = trustmig_protocol::order::hex(id);
-    match result {
-        Ok(summary) => ctx.remember(crate::daemon::history_entry(
-            "source",
-            Some(summary),
-            None,
-            &order,
-            vm,
-        )),
-        Err((e, vm_state)) => {
-            tracing::warn!(order = %order, "migration of {vm} failed: {e}; {vm_state}");
-            ctx.remember(crate::daemon::history_entry(
-                "source",
-                None,
-                Some(&format!("{e}; {vm_state}")),
-                &order,
-                vm,
-            ));
-        }
     }
 }

@@ -15,28 +15,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use trustmig_protocol::order::hex;
 use trustmig_protocol::AgentId;
 
-use crate::identity::Identity;
-
-/// The ed25519 identity key inside a certificate (strict X.509 parse; Ed25519 SPKI only).
-pub fn cert_identity(der: &[u8]) -> Result<AgentId, String> {
-    let (rest, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
-    if !rest.is_empty() {
-        return Err("trailing bytes after certificate".into());
-    }
-    let spki = cert.public_key();
-    if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
-        return Err(format!(
-            "certificate key is {}, not Ed25519",
-            spki.algorithm.algorithm
-        ));
-    }
-    spki.subject_public_key
-        .data
-        .as_ref()
-        .try_into()
-        .map_err(|_| "Ed25519 key is not 32 bytes".to_string())
-}
+use crate::identity::{cert_identity, Identity};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -7,6 +7,9 @@ use serde::Deserialize;
 use crate::error::AgentError;
 use crate::home::read_text;
 
+mod qemu;
+pub use qemu::{check_disk_name, DEFAULT_DOWNTIME_STEPS, MAX_DOWNTIME_STEPS};
+
 /// Agent configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,13 +62,79 @@ impl Default for TransferConfig {
     }
 }
 
-/// A hosted VM.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+/// A hosted VM (`[[vm]]`), checked: its name and what its backend needs.
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(try_from = "VmEntry", into = "VmEntry")]
 pub struct VmConfig {
     /// Name used in orders.
     pub name: String,
-    /// Backend: `synthetic`.
+    /// The backend and its settings.
+    pub backend: VmBackend,
+}
+
+/// Which backend runs a VM, with the settings that backend reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmBackend {
+    /// The built-in synthetic guest (`backend = "synthetic"`).
+    Synthetic(SyntheticVm),
+    /// A QEMU VM driven over QMP (`backend = "qemu"`). spec: spec/qemu.md §1
+    Qemu(QemuVm),
+}
+
+/// A synthetic guest's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticVm {
+    /// Guest memory in MiB.
+    pub size_mib: u64,
+    /// Pages the guest dirties per second while running.
+    pub dirty_pages_per_sec: u64,
+    /// Fraction of pages (0..=1) that receive 90% of the writes.
+    pub hot_fraction: f64,
+    /// Fraction of pages (0..=1) that hold data at start; the rest are zero.
+    pub fill_fraction: f64,
+    /// Seed of the deterministic workload.
+    pub seed: u64,
+}
+
+/// A QEMU VM's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QemuVm {
+    /// The VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`), absolute.
+    pub qmp: std::path::PathBuf,
+    /// Destination: absolute directory where transferred disk images are written.
+    pub disk_dir: Option<std::path::PathBuf>,
+    /// Source: steps of the downtime ladder (spec/qemu.md §3); `None`: the default.
+    pub downtime_steps: Option<u32>,
+    /// Disks that travel with the VM (`[[vm.disk]]`).
+    pub disks: Vec<DiskConfig>,
+}
+
+impl VmConfig {
+    /// The synthetic guest's settings, if this VM is one.
+    pub fn synthetic(&self) -> Option<&SyntheticVm> {
+        match &self.backend {
+            VmBackend::Synthetic(s) => Some(s),
+            VmBackend::Qemu(_) => None,
+        }
+    }
+
+    /// The QEMU settings, if this VM runs in QEMU.
+    pub fn qemu(&self) -> Option<&QemuVm> {
+        match &self.backend {
+            VmBackend::Qemu(q) => Some(q),
+            VmBackend::Synthetic(_) => None,
+        }
+    }
+}
+
+/// `[[vm]]` as the file writes it: one flat table whose `backend` says which keys apply.
+/// Checked and turned into a [`VmConfig`] as it is read.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct VmEntry {
+    /// Name used in orders.
+    pub name: String,
+    /// Backend: `synthetic` or `qemu`.
     pub backend: String,
     /// Guest memory in MiB.
     #[serde(default = "default_size")]
@@ -100,7 +169,7 @@ pub struct VmConfig {
 }
 
 /// A disk that is transferred with a QEMU VM. spec: spec/qemu.md §5
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// The disk's name in the image manifest and the destination QEMU's block node name.
@@ -140,6 +209,11 @@ fn default_fill() -> f64 {
 }
 
 impl Config {
+    /// The configured VM named `name`.
+    pub fn vm(&self, name: &str) -> Option<&VmConfig> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+
     /// Load and validate `path`.
     pub fn load(path: &Path) -> Result<Self, AgentError> {
         let text = read_text(path)?;
@@ -165,49 +239,102 @@ impl Config {
         if c.transfer.step_timeout_secs == 0 {
             return Err("transfer.step_timeout_secs must be > 0".into());
         }
-        for vm in &c.vms {
-            match (vm.backend.as_str(), &vm.qmp) {
-                ("synthetic", None) if vm.disks.is_empty() && vm.disk_dir.is_none() => {}
-                ("synthetic", None) => {
+        Ok(c)
+    }
+}
+
+impl TryFrom<VmEntry> for VmConfig {
+    type Error = String;
+
+    fn try_from(vm: VmEntry) -> Result<Self, String> {
+        let name = vm.name;
+        let backend = match (vm.backend.as_str(), vm.qmp) {
+            ("synthetic", None) if vm.disks.is_empty() && vm.disk_dir.is_none() => {
+                if vm.size_mib == 0 || vm.size_mib > 1 << 20 {
                     return Err(format!(
-                        "vm {:?}: disk and disk_dir are only for backend \"qemu\"",
-                        vm.name
-                    ))
+                        "vm {name:?}: size_mib {} out of range",
+                        vm.size_mib
+                    ));
                 }
-                ("qemu", Some(_)) => {
-                    crate::backend::qemu::check_vm_config(vm)?;
-                    continue;
+                if !(0.0..=1.0).contains(&vm.hot_fraction)
+                    || !(0.0..=1.0).contains(&vm.fill_fraction)
+                {
+                    return Err(format!("vm {name:?}: fractions must be within 0..=1"));
                 }
-                ("qemu", None) => {
-                    return Err(format!(
-                        "vm {:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\"",
-                        vm.name
-                    ))
-                }
-                ("synthetic", Some(_)) => {
-                    return Err(format!(
-                        "vm {:?}: qmp is only for backend \"qemu\"",
-                        vm.name
-                    ))
-                }
-                (other, _) => {
-                    return Err(format!(
-                        "vm {:?}: backend {other:?} unknown (synthetic, qemu)",
-                        vm.name
-                    ))
-                }
+                VmBackend::Synthetic(SyntheticVm {
+                    size_mib: vm.size_mib,
+                    dirty_pages_per_sec: vm.dirty_pages_per_sec,
+                    hot_fraction: vm.hot_fraction,
+                    fill_fraction: vm.fill_fraction,
+                    seed: vm.seed,
+                })
             }
-            if vm.size_mib == 0 || vm.size_mib > 1 << 20 {
+            ("synthetic", None) => {
                 return Err(format!(
-                    "vm {:?}: size_mib {} out of range",
-                    vm.name, vm.size_mib
-                ));
+                    "vm {name:?}: disk and disk_dir are only for backend \"qemu\""
+                ))
             }
-            if !(0.0..=1.0).contains(&vm.hot_fraction) || !(0.0..=1.0).contains(&vm.fill_fraction) {
-                return Err(format!("vm {:?}: fractions must be within 0..=1", vm.name));
+            ("qemu", Some(qmp)) => {
+                let q = QemuVm {
+                    qmp,
+                    disk_dir: vm.disk_dir,
+                    downtime_steps: vm.downtime_steps,
+                    disks: vm.disks,
+                };
+                qemu::check(&name, &q)?;
+                VmBackend::Qemu(q)
+            }
+            ("qemu", None) => {
+                return Err(format!(
+                    "vm {name:?}: backend \"qemu\" needs qmp = \"/path/to/qmp.sock\""
+                ))
+            }
+            ("synthetic", Some(_)) => {
+                return Err(format!("vm {name:?}: qmp is only for backend \"qemu\""))
+            }
+            (other, _) => {
+                return Err(format!(
+                    "vm {name:?}: backend {other:?} unknown (synthetic, qemu)"
+                ))
+            }
+        };
+        Ok(Self { name, backend })
+    }
+}
+
+impl From<VmConfig> for VmEntry {
+    fn from(vm: VmConfig) -> Self {
+        let mut e = VmEntry {
+            name: vm.name,
+            backend: String::new(),
+            size_mib: default_size(),
+            dirty_pages_per_sec: 0,
+            hot_fraction: default_hot(),
+            fill_fraction: default_fill(),
+            seed: 0,
+            qmp: None,
+            disk_dir: None,
+            downtime_steps: None,
+            disks: Vec::new(),
+        };
+        match vm.backend {
+            VmBackend::Synthetic(g) => {
+                e.backend = "synthetic".into();
+                e.size_mib = g.size_mib;
+                e.dirty_pages_per_sec = g.dirty_pages_per_sec;
+                e.hot_fraction = g.hot_fraction;
+                e.fill_fraction = g.fill_fraction;
+                e.seed = g.seed;
+            }
+            VmBackend::Qemu(q) => {
+                e.backend = "qemu".into();
+                e.qmp = Some(q.qmp);
+                e.disk_dir = q.disk_dir;
+                e.downtime_steps = q.downtime_steps;
+                e.disks = q.disks;
             }
         }
-        Ok(c)
+        e
     }
 }
 
@@ -249,19 +376,15 @@ step_timeout_secs = 30
 
 /// A `qemu` VM entry named `q` for unit tests.
 #[cfg(test)]
-pub(crate) fn test_qemu_vm(qmp: Option<&str>, disk_dir: Option<&std::path::Path>) -> VmConfig {
+pub(crate) fn test_qemu_vm(qmp: &str, disk_dir: Option<&std::path::Path>) -> VmConfig {
     VmConfig {
         name: "q".into(),
-        backend: "qemu".into(),
-        size_mib: 1,
-        dirty_pages_per_sec: 0,
-        hot_fraction: 0.1,
-        fill_fraction: 0.5,
-        seed: 0,
-        qmp: qmp.map(std::path::PathBuf::from),
-        disk_dir: disk_dir.map(std::path::Path::to_path_buf),
-        downtime_steps: None,
-        disks: vec![],
+        backend: VmBackend::Qemu(QemuVm {
+            qmp: qmp.into(),
+            disk_dir: disk_dir.map(std::path::Path::to_path_buf),
+            downtime_steps: None,
+            disks: vec![],
+        }),
     }
 }
 

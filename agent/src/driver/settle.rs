@@ -12,13 +12,12 @@ use trustmig_protocol::migration::Outcome;
 use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
 use trustmig_protocol::AgentId;
 
+use crate::backend;
 use crate::backoff::Backoff;
-use crate::channel::SourceChannel;
-use crate::daemon::{history_entry, Ctx};
+use crate::ctx::{history_entry, Ctx};
+use crate::driver::channel::SourceChannel;
 use crate::error::AgentError;
-use crate::guest::SyntheticGuest;
 use crate::journal::{Record, State};
-use trustmig_qemu::qmp::Qmp;
 
 /// First pause between unanswered settlement queries; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -216,7 +215,7 @@ async fn answer_once(ctx: &Arc<Ctx>, p: &InDoubt, pause: Duration) -> bool {
     };
     match ask(ctx, p).await {
         s @ Settlement::Moved => {
-            ctx.parked.lock().expect("parked lock").remove(&p.vm);
+            backend::forget_moved(ctx, &p.vm);
             info!(order = %hex(&p.id), vm = %p.vm, "settled: the destination committed and owns the VM");
             settled(&s.vm_state());
             true
@@ -230,7 +229,7 @@ async fn answer_once(ctx: &Arc<Ctx>, p: &InDoubt, pause: Duration) -> bool {
             );
             match journalled {
                 Ok(true) => {
-                    let vm_state = resume_here(ctx, &p.vm, p.paused_before).await;
+                    let vm_state = backend::resume_given_back(ctx, &p.vm, p.paused_before).await;
                     warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
                     settled(&format!("{note}; {vm_state}"));
                 }
@@ -305,51 +304,14 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
     };
     ctx.in_doubt.lock().expect("in-doubt lock").remove(&id);
     let what = if resume {
-        resume_here(ctx, &r.vm, r.paused_before).await
-    } else if crate::backend::qemu::qemu_vm(&ctx.config, &r.vm).is_some() {
-        "its QEMU here stays stopped (postmigrate) for good: shut it down when convenient".into()
+        backend::resume_given_back(ctx, &r.vm, r.paused_before).await
     } else {
-        ctx.parked.lock().expect("parked lock").remove(&r.vm);
-        "this host keeps no copy".into()
+        backend::forget_moved(ctx, &r.vm)
     };
     let text = format!("{note}; {what}");
     warn!(order = %hex(&id), vm = %r.vm, "{text}");
     ctx.remember(history_entry("source", None, Some(&text), &hex(&id), &r.vm));
     Ok(text)
-}
-
-/// Run the VM on this host again after the destination said it never had it: a QEMU VM as
-/// it was before the migration (`cont`, unless it was paused); a synthetic guest parked at the
-/// lost session as it was, or anew after a restart (its memory lived in the process). Never
-/// over a VM of the same name that runs here (arrival is refused while in doubt; this is the
-/// last guard).
-async fn resume_here(ctx: &Arc<Ctx>, vm: &str, paused_before: bool) -> String {
-    if let Some(qmp_path) = crate::backend::qemu::qemu_vm(&ctx.config, vm) {
-        return match Qmp::connect(&qmp_path, ctx.step_timeout()).await {
-            Ok(mut qmp) => crate::backend::qemu::give_back(ctx, vm, &mut qmp, !paused_before).await,
-            Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
-        };
-    }
-    let parked = ctx.parked.lock().expect("parked lock").remove(vm);
-    let (mut g, how) = match parked {
-        Some(g) => (g, "the VM runs on the source again, its memory untouched"),
-        None => match ctx.config.vms.iter().find(|v| v.name == vm) {
-            Some(v) => (
-                SyntheticGuest::new(v),
-                "the synthetic guest starts again here (its memory did not survive the restart)",
-            ),
-            None => return "no such VM is configured here any more".into(),
-        },
-    };
-    use trustmig_protocol::precopy::GuestMemory;
-    g.set_throttle(0);
-    g.resume();
-    let mut vms = ctx.vms.lock().expect("vms lock");
-    if vms.contains_key(vm) {
-        return "another VM of that name runs here; this copy stays stopped".into();
-    }
-    vms.insert(vm.to_string(), g);
-    how.into()
 }
 
 #[cfg(test)]

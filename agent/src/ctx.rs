@@ -1,0 +1,100 @@
+//! What a running agent shares between its tasks: configuration, identity, TPM, verifier,
+//! journal, the VMs it hosts, sessions waiting for data connections, and recent history.
+//! Everything else in the agent reads it; it depends on nothing that drives a migration.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
+use trustmig_protocol::order::OrderId;
+
+use crate::config::Config;
+use crate::control::Summary;
+use crate::error::AgentError;
+use crate::guest::SyntheticGuest;
+use crate::home::Home;
+use crate::identity::Identity;
+use crate::journal::Journal;
+use crate::trust::KeyList;
+
+/// A data connection handed to the session that owns its session id.
+pub type DataConn = (u16, TcpStream);
+
+/// Everything a running agent shares between its tasks.
+pub struct Ctx {
+    /// The home.
+    pub home: Home,
+    /// Configuration.
+    pub config: Config,
+    /// Identity.
+    pub identity: Identity,
+    /// The TPM (one at a time: quotes are short).
+    pub attester: Mutex<Box<dyn Attester + Send>>,
+    /// Verifier of peers' evidence.
+    pub verifier: Box<dyn EvidenceVerifier + Send + Sync>,
+    /// The journal.
+    pub journal: Mutex<Journal>,
+    /// Hosted VMs that are not migrating.
+    pub vms: Mutex<HashMap<String, SyntheticGuest>>,
+    /// Synthetic VMs stopped in doubt after a session lost past COMMIT, kept as they were until
+    /// their destination answers (SPEC.md §8.8; `settle.rs`).
+    pub parked: Mutex<HashMap<String, SyntheticGuest>>,
+    /// Orders in doubt whose destination is being asked in the background (`settle.rs`): the
+    /// only ones an operator may settle by hand. Each lock is held while one answer or decision
+    /// is acted on, so the two never cross.
+    pub in_doubt: Mutex<HashMap<OrderId, Arc<tokio::sync::Mutex<()>>>>,
+    /// QEMU VMs given back after a rollback whose `cont` QEMU refused for now (an image lock
+    /// held by a destination being discarded), with the cause: "rolled back, not yet running"
+    /// until it runs (`backend/qemu/giveback.rs`).
+    pub resuming: Mutex<HashMap<String, String>>,
+    /// Sessions waiting for data connections, by session id.
+    pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,
+    /// Summaries of finished migrations (newest last).
+    pub history: Mutex<Vec<serde_json::Value>>,
+}
+
+impl Ctx {
+    /// Operator keys, re-read at every use so trust changes apply without a restart.
+    pub fn operators(&self) -> Result<Vec<[u8; 32]>, AgentError> {
+        Ok(KeyList::load(&self.home.operators())?.keys())
+    }
+
+    /// Peer identities, re-read at every use.
+    pub fn peers(&self) -> Result<KeyList, AgentError> {
+        KeyList::load(&self.home.peers())
+    }
+
+    /// Step timeout.
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.transfer.step_timeout_secs)
+    }
+
+    /// Record a finished migration for `status`.
+    pub fn remember(&self, entry: serde_json::Value) {
+        let mut h = self.history.lock().expect("history lock");
+        h.push(entry);
+        let excess = h.len().saturating_sub(100);
+        h.drain(..excess);
+    }
+}
+
+/// Build a summary JSON entry for `status`.
+pub fn history_entry(
+    role: &str,
+    summary: Option<&Summary>,
+    error: Option<&str>,
+    order_id: &str,
+    vm: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "role": role,
+        "order_id": order_id,
+        "vm": vm,
+        "at": crate::unix_now(),
+        "summary": summary,
+        "error": error,
+    })
+}

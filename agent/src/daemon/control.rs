@@ -1,0 +1,137 @@
+//! The local control socket: one JSON request a connection (migrate, status, settle, a
+//! synthetic guest's checksum), answered with JSON lines. The socket is 0600, in the home.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use crate::control::{Progress, Reply, Request};
+use crate::ctx::Ctx;
+use crate::error::AgentError;
+use crate::guest::SyntheticGuest;
+
+/// Serve one control connection.
+pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), AgentError> {
+    if let Ok(cred) = sock.peer_cred() {
+        info!(uid = cred.uid(), pid = ?cred.pid(), "control client");
+    }
+    let (rd, mut wr) = sock.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(AgentError::io("control socket"))?
+    else {
+        return Ok(());
+    };
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            send(&mut wr, Reply::Error(format!("bad request: {e}"))).await;
+            return Ok(());
+        }
+    };
+    let reply = match req {
+        Request::Migrate { order } => return migrate(ctx, order, &mut wr).await,
+        Request::Status => Reply::Status(status(&ctx).await),
+        Request::Settle {
+            order_id,
+            resume_here,
+        } => match crate::driver::settle::by_operator(&ctx, &order_id, resume_here).await {
+            Ok(what) => Reply::Settled(what),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Request::VmChecksum { vm } => match ctx.vms.lock().expect("vms lock").get(&vm) {
+            Some(g) => Reply::Checksum {
+                checksum: hex::encode(g.checksum()),
+                paused: g.is_paused(),
+                writes: g.writes(),
+            },
+            None => Reply::Error(format!("no VM named {vm:?} runs on this agent")),
+        },
+    };
+    send(&mut wr, reply).await;
+    Ok(())
+}
+
+/// One reply line. The operator may have gone away: what they asked for carries on regardless.
+async fn send(wr: &mut OwnedWriteHalf, r: Reply) {
+    let mut v = serde_json::to_vec(&r).unwrap_or_default();
+    v.push(b'\n');
+    let _ = wr.write_all(&v).await;
+}
+
+/// Run a migration as its source, streaming its progress to the client.
+async fn migrate(ctx: Arc<Ctx>, order: String, wr: &mut OwnedWriteHalf) -> Result<(), AgentError> {
+    let (tx, mut rx) = mpsc::channel::<Progress>(64);
+    let task = tokio::spawn(crate::driver::source::migrate(ctx, order, tx));
+    while let Some(p) = rx.recv().await {
+        send(wr, Reply::Progress(p)).await;
+    }
+    match task.await {
+        Ok(Ok(summary)) => send(wr, Reply::Progress(Progress::Done(summary))).await,
+        Ok(Err(_)) => {} // already reported as Progress::Failed
+        Err(e) => {
+            error!("migration task panicked: {e}");
+            send(wr, Reply::Error("internal error".into())).await;
+        }
+    }
+    Ok(())
+}
+
+/// `trustmig status`: identity, the VMs and where each stands, the journal's latest records and
+/// recent migrations.
+async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
+    let vm = |g: &SyntheticGuest, in_doubt: bool| {
+        serde_json::json!({
+            "name": g.name(), "bytes": g.bytes(), "paused": g.is_paused(),
+            "in_doubt": in_doubt,
+        })
+    };
+    let mut vms: Vec<serde_json::Value> = (ctx.vms.lock().expect("vms lock").values())
+        .map(|g| vm(g, false))
+        .collect();
+    // Stopped until their destination answers a settlement query (settle.rs).
+    vms.extend((ctx.parked.lock().expect("parked lock").values()).map(|g| vm(g, true)));
+    for v in &ctx.config.vms {
+        let Some(q) = v.qemu() else { continue };
+        let state = crate::backend::qemu::status(&q.qmp).await;
+        let in_doubt = ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .in_doubt_as_source(&v.name);
+        let resuming = ctx
+            .resuming
+            .lock()
+            .expect("resuming lock")
+            .get(&v.name)
+            .cloned();
+        let state = match (in_doubt, resuming) {
+            (true, _) => format!("{state}, in doubt: asking its destination (see the journal)"),
+            (false, Some(cause)) => format!("{state}, rolled back, not yet running: {cause}"),
+            (false, None) => state,
+        };
+        vms.push(serde_json::json!({ "name": v.name, "qemu": state }));
+    }
+    let journal: Vec<_> = ctx
+        .journal
+        .lock()
+        .expect("journal lock")
+        .records()
+        .into_iter()
+        .take(20)
+        .collect();
+    let history = ctx.history.lock().expect("history lock").clone();
+    serde_json::json!({
+        "identity": hex::encode(ctx.identity.id()),
+        "listen": ctx.config.listen,
+        "vms": vms,
+        "journal": journal,
+        "recent": history,
+    })
+}

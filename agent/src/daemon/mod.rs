@@ -1,0 +1,114 @@
+//! `trustmig agent`: the daemon. One TCP port for peers (TLS control sessions and data streams,
+//! told apart by their first byte), one unix control socket for the local CLI (`control.rs`).
+//! Start-up, with the journal's settlement and reconciliation of what a crash left: `start.rs`.
+
+mod control;
+mod start;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tracing::{info, warn};
+
+use crate::ctx::Ctx;
+use crate::error::AgentError;
+use crate::home::Home;
+use crate::net::wire::{parse_preamble, PREAMBLE_LEN};
+
+/// Run the agent until SIGTERM/SIGINT.
+pub async fn run(home: Home) -> Result<(), AgentError> {
+    crate::fault::init();
+    let mut started = start::load(home).await?;
+    let ctx = started.ctx.clone();
+    started.resume_background_work();
+    serve(ctx, started.listener, started.control).await
+}
+
+/// Accept peers and local control clients until SIGTERM/SIGINT.
+async fn serve(
+    ctx: Arc<Ctx>,
+    listener: TcpListener,
+    control: UnixListener,
+) -> Result<(), AgentError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, addr)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = peer_connection(ctx, sock).await {
+                            warn!(%addr, "peer connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => warn!("accept: {e}"),
+            },
+            r = control.accept() => match r {
+                Ok((sock, _)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = control::connection(ctx, sock).await {
+                            warn!("control connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => warn!("control accept: {e}"),
+            },
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+    let _ = std::fs::remove_file(ctx.home.control_socket());
+    Ok(())
+}
+
+/// A TCP connection from a peer: TLS control session (first byte 0x16) or data stream.
+async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentError> {
+    sock.set_nodelay(true).ok();
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(ctx.step_timeout(), sock.peek(&mut first))
+        .await
+        .map_err(|_| AgentError::Migration("peer sent nothing".into()))?
+        .map_err(AgentError::io("peer socket"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if first[0] == 0x16 {
+        return crate::driver::destination::serve(ctx, sock).await;
+    }
+    // A data stream: its preamble names the session. Unknown sessions are dropped quietly;
+    // an unauthenticated connection must not be able to disturb a session.
+    let mut sock = sock;
+    let mut p = [0u8; PREAMBLE_LEN];
+    tokio::time::timeout(ctx.step_timeout(), sock.read_exact(&mut p))
+        .await
+        .map_err(|_| AgentError::Migration("data preamble timed out".into()))?
+        .map_err(AgentError::io("data stream"))?;
+    let (sid, stream) = parse_preamble(&p).map_err(|e| AgentError::Migration(e.to_string()))?;
+    // The source may open its streams a moment before this side has processed its Finished
+    // and registered the session: wait briefly for the id to appear.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let tx = loop {
+        let tx = ctx
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&sid)
+            .cloned();
+        if tx.is_some() || tokio::time::Instant::now() >= deadline {
+            break tx;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    match tx {
+        Some(tx) => {
+            let _ = tx.send((stream, sock)).await;
+        }
+        None => warn!(session = %hex::encode(sid), "data stream for an unknown session dropped"),
+    }
+    Ok(())
+}

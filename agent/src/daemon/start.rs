@@ -1,0 +1,196 @@
+//! Starting the agent: configuration, identity, journal (settling what a restart found
+//! interrupted), the VMs it hosts, the TPM, the sockets. Errors in files are named before the
+//! TPM is touched. spec: SPEC.md §8.8
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::ctx::Ctx;
+use crate::driver::reconcile::Action;
+use crate::driver::settle::InDoubt;
+use crate::error::AgentError;
+use crate::guest::SyntheticGuest;
+use crate::home::Home;
+use crate::identity::Identity;
+use crate::journal::{Journal, State};
+
+/// A started agent, before it serves.
+pub(super) struct Started {
+    pub ctx: Arc<Ctx>,
+    pub listener: TcpListener,
+    pub control: UnixListener,
+    /// Source orders at COMMIT to settle by asking their destination.
+    ask: Vec<InDoubt>,
+    /// What the journal allows for each QEMU VM's hypervisor state.
+    reconcile: Vec<(String, PathBuf, Action)>,
+}
+
+impl Started {
+    /// What a restart leaves to do in the background: settlement queries, reconciliation.
+    pub fn resume_background_work(&mut self) {
+        for p in std::mem::take(&mut self.ask) {
+            crate::driver::settle::keep_asking(self.ctx.clone(), p, false);
+        }
+        crate::backend::qemu::reconcile_all(&self.ctx, std::mem::take(&mut self.reconcile));
+    }
+}
+
+/// Load everything the agent needs, settle the journal, start its synthetic VMs, open the
+/// TPM and bind its sockets.
+pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
+    home.check()?;
+    let config = Config::load(&home.config())?;
+    let identity = Identity::load(&home)?;
+    let verifier = crate::attestation::load_verifier(&home.policy())?;
+    let mut journal = Journal::open(&home.journal_dir())?;
+    let (ask, interrupted) = settle_in_doubt(&mut journal)?;
+    // QEMU VMs: what the journal allows for each, done once the agent is up (backend/qemu).
+    let reconcile: Vec<_> = config
+        .vms
+        .iter()
+        .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
+        .map(|(vm, qmp)| {
+            let action = crate::driver::reconcile::action(journal.last_order_of(&vm), &interrupted);
+            (vm, qmp, action)
+        })
+        .collect();
+    check_memory(&config, &journal, &home)?;
+    // The TPM last: configuration errors above are named without touching it.
+    let attester = crate::attestation::open_measured(&config, &home.config())?;
+    let vms = start_synthetic_vms(&config, &journal);
+    let listener =
+        TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?;
+    let sock_path = home.control_socket();
+    let _ = std::fs::remove_file(&sock_path);
+    let control = UnixListener::bind(&sock_path).map_err(AgentError::io(&sock_path))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(AgentError::io(&sock_path))?;
+    info!(
+        identity = %hex::encode(identity.id()),
+        listen = %config.listen,
+        control = %sock_path.display(),
+        "agent ready"
+    );
+    let ctx = Arc::new(Ctx {
+        home,
+        config,
+        identity,
+        attester: Mutex::new(Box::new(attester)),
+        verifier: Box::new(verifier),
+        journal: Mutex::new(journal),
+        vms: Mutex::new(vms),
+        parked: Mutex::new(HashMap::new()),
+        in_doubt: Mutex::new(HashMap::new()),
+        resuming: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
+        history: Mutex::new(Vec::new()),
+    });
+    Ok(Started {
+        ctx,
+        listener,
+        control,
+        ask,
+        reconcile,
+    })
+}
+
+/// A configured guest this host cannot hold is a configuration error, not an allocation abort.
+fn check_memory(config: &Config, journal: &Journal, home: &Home) -> Result<(), AgentError> {
+    let want: u64 = config
+        .vms
+        .iter()
+        .filter(|v| !journal.migrated_away(&v.name))
+        .filter_map(|v| Some(v.synthetic()?.size_mib << 20))
+        .sum();
+    match crate::guest::mem_available() {
+        Some(avail) if want > avail => Err(AgentError::BadConfig {
+            path: home.config(),
+            reason: format!(
+                "synthetic VMs need {} MiB but {} MiB of memory is available; lower size_mib",
+                want >> 20,
+                avail >> 20
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The synthetic guests this host runs (QEMU VMs live in their QEMU), except those that
+/// migrated away: they are their destination's now, never two running copies.
+fn start_synthetic_vms(config: &Config, journal: &Journal) -> HashMap<String, SyntheticGuest> {
+    config
+        .vms
+        .iter()
+        .filter_map(|v| Some((&v.name, v.synthetic()?)))
+        .filter(|(name, _)| {
+            let gone = journal.migrated_away(name);
+            if gone {
+                info!(vm = %name, "not started: it migrated to another host (journal)");
+            }
+            !gone
+        })
+        .map(|(name, cfg)| {
+            let mut g = SyntheticGuest::new(name, cfg);
+            trustmig_protocol::precopy::GuestMemory::resume(&mut g);
+            (name.clone(), g)
+        })
+        .collect()
+}
+
+/// Settle migrations the journal shows as interrupted, from the journal alone; returns the
+/// source-side orders at COMMIT whose destination is known, to be settled by asking it
+/// (`settle::keep_asking`), and the state each order settled here was in (hex id), for
+/// reconciling the VMs' hypervisors (`reconcile.rs`). spec: SPEC.md §8.8
+fn settle_in_doubt(
+    journal: &mut Journal,
+) -> Result<(Vec<InDoubt>, HashMap<String, State>), AgentError> {
+    let mut ask = Vec::new();
+    let mut interrupted = HashMap::new();
+    for r in journal.in_doubt() {
+        let id: [u8; 16] = hex::decode(&r.order_id)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| {
+                AgentError::Migration(format!("journal holds a bad order id {}", r.order_id))
+            })?;
+        let source = r.role == trustmig_protocol::order::Role::Source;
+        // A source at COMMIT that knows its destination asks it once the agent is up.
+        if source && r.state == State::Committed {
+            if let Some(p) = InDoubt::from_record(&r) {
+                warn!(order = %r.order_id, vm = %r.vm, "committed before restart: asking the destination what became of the VM");
+                ask.push(p);
+                continue;
+            }
+        }
+        let note = match (source, r.state) {
+            (true, State::Claimed) => {
+                "interrupted before commit: the source keeps the VM (rolled back)"
+            }
+            (true, _) => {
+                "committed before restart: the destination owns the VM; the source never resumes it"
+            }
+            (false, State::Claimed) => "interrupted before commit: destination state discarded",
+            (false, _) => "committed before restart: the destination owns the VM",
+        };
+        warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");
+        let state = if r.state == State::Claimed {
+            State::RolledBack
+        } else {
+            State::Settled
+        };
+        journal.set(&id, state, note)?;
+        interrupted.insert(r.order_id.clone(), r.state);
+    }
+    Ok((ask, interrupted))
+}

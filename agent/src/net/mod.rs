@@ -1,0 +1,5 @@
+//! The network below the protocol: TLS 1.3 with pinned ed25519 identities (`tls`), and the
+//! framing of control messages and data-stream records on TCP (`wire`).
+
+pub mod tls;
+pub mod wire;
