@@ -86,21 +86,39 @@ pub enum AgentError {
     /// The migration failed; the message says where and what happened to the VM.
     #[error("migration failed: {0}")]
     Migration(String),
-    /// The transport broke: a data stream or the control channel failed, or QEMU's stream
-    /// ended early. On the source this usually follows the destination refusing something, and
-    /// its `Abort` names what ([`AgentError::PeerAborted`]).
-    #[error("migration failed: {0}")]
-    Transport(String),
-    /// A transport failure here, explained by the destination's `Abort`.
-    #[error("migration failed: {local}; destination: peer aborted with {code:?}: {reason}")]
+    /// The transport broke on `link`: a data stream or the control channel failed, or QEMU's
+    /// stream ended early. On the source this usually follows the destination refusing
+    /// something, and its `Abort` names what ([`AgentError::PeerAborted`]).
+    #[error("migration failed: {link}: {reason}")]
+    Transport {
+        /// Which connection.
+        link: Link,
+        /// What happened to it.
+        reason: String,
+    },
+    /// A failure here, explained by the destination's `Abort`.
+    #[error("{local}; destination: peer aborted with {code:?}: {reason}")]
     PeerAborted {
         /// What failed here.
-        local: String,
+        local: Box<AgentError>,
         /// The destination's abort code.
         code: trustmig_protocol::AbortCode,
         /// The destination's reason.
         reason: String,
     },
+    /// This agent refuses the migration (or its peer's part in it): the VM, the host or the
+    /// hypervisor is not in a state to send or take it. Nothing moved.
+    #[error("migration failed: {0}")]
+    Refused(String),
+    /// A step did not happen in time.
+    #[error("migration failed: {0}")]
+    Timeout(String),
+    /// The journal cannot record or does not allow what was asked (SPEC.md §3.4, §8.8).
+    #[error("migration failed: {0}")]
+    Journal(String),
+    /// TLS could not be set up (configuration, handshake, exporter, the peer's identity).
+    #[error("migration failed: {0}")]
+    Tls(String),
     /// QEMU refused a command or could not be reached; keeps QEMU's class and message.
     #[error("migration failed: QEMU: {0}")]
     Qemu(#[from] trustmig_qemu::qmp::QmpError),
@@ -120,7 +138,39 @@ pub enum AgentError {
     Usage(String),
 }
 
+/// The connection a transport failure happened on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// The TLS control channel.
+    Control,
+    /// Data stream `n`.
+    Data(u16),
+    /// QEMU's migration stream between QEMU and its agent (source: QEMU into the agent).
+    QemuStream,
+    /// QEMU's return path (destination QEMU back to the source QEMU).
+    ReturnPath,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Control => f.write_str("control channel"),
+            Self::Data(n) => write!(f, "data stream {n}"),
+            Self::QemuStream => f.write_str("QEMU's migration stream"),
+            Self::ReturnPath => f.write_str("QEMU's return path"),
+        }
+    }
+}
+
 impl AgentError {
+    /// A transport failure on `link`.
+    pub fn transport(link: Link, reason: impl std::fmt::Display) -> Self {
+        Self::Transport {
+            link,
+            reason: reason.to_string(),
+        }
+    }
+
     /// The wire abort code for this error: the protocol's mapping (SPEC.md §10) for protocol
     /// errors, `InternalError` otherwise. The one place an agent error becomes a code.
     pub fn abort_code(&self) -> trustmig_protocol::AbortCode {
@@ -156,3 +206,55 @@ from_protocol!(
     trustmig_protocol::attestation::AttestationError,
     trustmig_protocol::precopy::PrecopyError
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trustmig_protocol::record::RecordError;
+    use trustmig_protocol::AbortCode;
+
+    #[test]
+    fn transport_failures_name_their_link_and_keep_the_peers_reason() {
+        let cut = AgentError::transport(Link::Data(1), "cut before its end");
+        assert_eq!(
+            cut.to_string(),
+            "migration failed: data stream 1: cut before its end"
+        );
+        assert_eq!(cut.abort_code(), AbortCode::InternalError);
+        let explained = AgentError::PeerAborted {
+            local: Box::new(cut),
+            code: AbortCode::RecordFailure,
+            reason: "record 7 failed authentication (tampered)".into(),
+        };
+        let text = explained.to_string();
+        assert!(
+            text.starts_with("migration failed: data stream 1: cut"),
+            "{text}"
+        );
+        assert!(
+            text.contains("peer aborted with RecordFailure: record 7"),
+            "{text}"
+        );
+        for (link, name) in [
+            (Link::Control, "control channel"),
+            (Link::QemuStream, "QEMU's migration stream"),
+            (Link::ReturnPath, "QEMU's return path"),
+        ] {
+            assert_eq!(link.to_string(), name);
+        }
+    }
+
+    #[test]
+    fn protocol_errors_keep_their_type_and_wire_code() {
+        let e: AgentError = RecordError::BadType(99).into();
+        assert!(matches!(
+            e,
+            AgentError::Protocol(trustmig_protocol::Error::Record(_))
+        ));
+        assert_eq!(e.abort_code(), AbortCode::RecordFailure);
+        assert_eq!(
+            AgentError::Refused("busy".into()).abort_code(),
+            AbortCode::InternalError
+        );
+    }
+}

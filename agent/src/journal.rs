@@ -161,7 +161,7 @@ impl Journal {
 
     /// Append `r` durably.
     pub fn append(&mut self, r: Record) -> Result<(), AgentError> {
-        let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Migration(e.to_string()))?;
+        let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
         self.file
             .write_all(&line)
@@ -184,9 +184,10 @@ impl Journal {
         note: impl Into<String>,
     ) -> Result<(), AgentError> {
         let key = hex(order_id);
-        let prev = self.latest.get(&key).cloned().ok_or_else(|| {
-            AgentError::Migration(format!("journal has no record of order {key}"))
-        })?;
+        let prev =
+            self.latest.get(&key).cloned().ok_or_else(|| {
+                AgentError::Journal(format!("journal has no record of order {key}"))
+            })?;
         self.append(Record {
             state,
             at: crate::unix_now(),
@@ -199,9 +200,10 @@ impl Journal {
     /// it ([`Record::fed`]).
     pub fn mark_fed(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
         let key = hex(order_id);
-        let prev = self.latest.get(&key).cloned().ok_or_else(|| {
-            AgentError::Migration(format!("journal has no record of order {key}"))
-        })?;
+        let prev =
+            self.latest.get(&key).cloned().ok_or_else(|| {
+                AgentError::Journal(format!("journal has no record of order {key}"))
+            })?;
         self.append(Record {
             fed: true,
             at: crate::unix_now(),
@@ -217,10 +219,10 @@ impl Journal {
         let key = hex(order_id);
         match self.latest.get(&key).map(|r| r.state) {
             Some(State::Claimed) => self.set(order_id, State::Committed, ""),
-            Some(other) => Err(AgentError::Migration(format!(
+            Some(other) => Err(AgentError::Journal(format!(
                 "order {key} is {other:?} in the journal: refusing to commit it"
             ))),
-            None => Err(AgentError::Migration(format!(
+            None => Err(AgentError::Journal(format!(
                 "journal has no record of order {key}"
             ))),
         }
@@ -276,7 +278,7 @@ impl Journal {
             .is_some_and(|p| p != hex(asker))
         {
             // The asker learns no more than that it gets no answer (not who the source is).
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Journal(format!(
                 "order {key}: no settlement answer for agent {}, which did not send it",
                 hex(asker)
             )));
@@ -290,7 +292,7 @@ impl Journal {
                 Ok(false)
             }
             Some((Role::Destination, State::RolledBack)) => Ok(false),
-            Some((Role::Source, _)) => Err(AgentError::Migration(format!(
+            Some((Role::Source, _)) => Err(AgentError::Journal(format!(
                 "order {key} was sent from this agent, not received: no answer to a settlement query"
             ))),
             None => {
@@ -451,8 +453,11 @@ mod tests {
         // Claimed, never committed: answered "no", and COMMIT is refused from then on.
         j.claim_for(&[1; 16], Role::Destination, "a", 10).unwrap();
         assert!(!j.settle_query(&[1; 16], &src).unwrap());
-        let e = j.commit(&[1; 16]).unwrap_err().to_string();
-        assert!(e.contains("refusing to commit"), "{e}");
+        let e = j.commit(&[1; 16]).unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Journal(m) if m.contains("refusing to commit")),
+            "{e}"
+        );
         assert!(
             !j.settle_query(&[1; 16], &src).unwrap(),
             "the answer does not change"

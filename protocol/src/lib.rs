@@ -21,7 +21,6 @@ pub mod order;
 pub mod precopy;
 pub mod rate;
 pub mod record;
-pub mod replay;
 
 #[doc(hidden)]
 pub mod fuzzing;

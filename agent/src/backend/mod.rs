@@ -101,7 +101,8 @@ pub(crate) trait SourceVm {
     /// Handshake parameters: transfer mode, data streams, image manifest.
     async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError>;
     /// Move the VM up to the guest's stop and the end of every data stream. A failure of the
-    /// transport is [`AgentError::Transport`], so the driver can ask the destination why.
+    /// transport is [`AgentError::Transport`] naming the link, so the driver can ask the
+    /// destination why.
     async fn transfer(&mut self, link: SourceLink<'_>) -> Result<Transferred, AgentError>;
     /// The migration did not commit: the VM runs here again as it was before (a VM paused
     /// then stays paused). Returns where the VM is, for the operator.

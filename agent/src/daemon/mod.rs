@@ -72,7 +72,7 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
     let mut first = [0u8; 1];
     let n = tokio::time::timeout(ctx.step_timeout(), sock.peek(&mut first))
         .await
-        .map_err(|_| AgentError::Migration("peer sent nothing".into()))?
+        .map_err(|_| AgentError::Timeout("peer sent nothing".into()))?
         .map_err(AgentError::io("peer socket"))?;
     if n == 0 {
         return Ok(());
@@ -86,7 +86,7 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
     let mut p = [0u8; PREAMBLE_LEN];
     tokio::time::timeout(ctx.step_timeout(), sock.read_exact(&mut p))
         .await
-        .map_err(|_| AgentError::Migration("data preamble timed out".into()))?
+        .map_err(|_| AgentError::Timeout("data preamble timed out".into()))?
         .map_err(AgentError::io("data stream"))?;
     let (sid, stream) = parse_preamble(&p).map_err(|e| AgentError::Migration(e.to_string()))?;
     // The source may open its streams a moment before this side has processed its Finished

@@ -162,7 +162,7 @@ fn settle_in_doubt(
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| {
-                AgentError::Migration(format!("journal holds a bad order id {}", r.order_id))
+                AgentError::Journal(format!("journal holds a bad order id {}", r.order_id))
             })?;
         let source = r.role == trustmig_protocol::order::Role::Source;
         // A source at COMMIT that knows its destination asks it once the agent is up.

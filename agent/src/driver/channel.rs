@@ -17,13 +17,13 @@ use trustmig_protocol::AbortCode;
 use trustmig_protocol::AgentId;
 
 use crate::ctx::Ctx;
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
 
 type Tls = TlsStream<TcpStream>;
 
 fn wire(e: WireError) -> AgentError {
-    AgentError::Transport(format!("control channel: {e}"))
+    AgentError::transport(Link::Control, e)
 }
 
 /// An open, TLS-authenticated control channel from source to destination.
@@ -59,7 +59,7 @@ impl SourceChannel {
             .map_err(|e| cerr(e.to_string()))?;
         tcp.set_nodelay(true).ok();
         let tls_cfg = crate::net::tls::client_config(&ctx.identity, destination)
-            .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
+            .map_err(|e| AgentError::Tls(format!("TLS configuration: {e}")))?;
         let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
             .expect("static name is valid");
         let tls = tokio::time::timeout(
@@ -70,7 +70,7 @@ impl SourceChannel {
         .map_err(|_| cerr("TLS handshake timed out".into()))?
         .map_err(|e| cerr(format!("TLS handshake: {e}")))?;
         let exporter = crate::net::tls::exporter(tls.get_ref().1)
-            .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
+            .map_err(|e| AgentError::Tls(format!("TLS exporter: {e}")))?;
         let (rd, wr) = tokio::io::split(tls);
         Ok(Self {
             ctx: ctx.clone(),
@@ -84,17 +84,17 @@ impl SourceChannel {
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), AgentError> {
         tokio::time::timeout(self.ctx.step_timeout(), write_frame(&mut self.wr, msg))
             .await
-            .map_err(|_| AgentError::Transport("control channel: send timed out".into()))?
+            .map_err(|_| AgentError::transport(Link::Control, "send timed out"))?
             .map_err(wire)
     }
 
     /// The next message, within the step timeout.
     pub async fn recv(&mut self) -> Result<Vec<u8>, AgentError> {
         match tokio::time::timeout(self.ctx.step_timeout(), self.rx.recv()).await {
-            Err(_) => Err(AgentError::Migration(
+            Err(_) => Err(AgentError::Timeout(
                 "destination did not answer in time".into(),
             )),
-            Ok(None) => Err(AgentError::Transport("control channel closed".into())),
+            Ok(None) => Err(AgentError::transport(Link::Control, "closed")),
             Ok(Some(r)) => r.map_err(wire),
         }
     }

@@ -24,7 +24,7 @@ use crate::backend::qemu::QemuDest;
 use crate::backend::synthetic::SyntheticDest;
 use crate::backend::{Arrived, DestVm};
 use crate::ctx::{history_entry, Ctx, DataConn};
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::journal::{ClaimAsDestination, State};
 use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
 
@@ -35,18 +35,18 @@ type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
 pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     let peers = ctx.peers()?;
     let cfg = crate::net::tls::server_config(&ctx.identity, peers.keys())
-        .map_err(|e| AgentError::Migration(format!("TLS configuration: {e}")))?;
+        .map_err(|e| AgentError::Tls(format!("TLS configuration: {e}")))?;
     let tls = tokio::time::timeout(
         ctx.step_timeout(),
         tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
     )
     .await
-    .map_err(|_| AgentError::Migration("TLS handshake timed out".into()))?
-    .map_err(|e| AgentError::Migration(format!("TLS handshake refused: {e}")))?;
+    .map_err(|_| AgentError::Tls("TLS handshake timed out".into()))?
+    .map_err(|e| AgentError::Tls(format!("TLS handshake refused: {e}")))?;
     let conn = tls.get_ref().1;
     let exporter = crate::net::tls::exporter(conn)
-        .map_err(|e| AgentError::Migration(format!("TLS exporter: {e}")))?;
-    let peer = crate::net::tls::peer_identity(conn).map_err(AgentError::Migration)?;
+        .map_err(|e| AgentError::Tls(format!("TLS exporter: {e}")))?;
+    let peer = crate::net::tls::peer_identity(conn).map_err(AgentError::Tls)?;
     info!(peer = %hex(&peer), name = peers.name_of(&peer).unwrap_or("?"), "peer connected");
     let (rd, wr) = tokio::io::split(tls);
     let mut s = Session {
@@ -108,22 +108,22 @@ struct Session {
 }
 
 fn wire(e: WireError) -> AgentError {
-    AgentError::Transport(format!("control channel: {e}"))
+    AgentError::transport(Link::Control, e)
 }
 
 impl Session {
     async fn send(&mut self, m: &[u8]) -> Result<(), AgentError> {
         tokio::time::timeout(self.ctx.step_timeout(), write_frame(&mut self.wr, m))
             .await
-            .map_err(|_| AgentError::Transport("control channel: send timed out".into()))?
+            .map_err(|_| AgentError::transport(Link::Control, "send timed out"))?
             .map_err(wire)
     }
 
     async fn recv(&self, frames: &mut Frames) -> Result<Vec<u8>, AgentError> {
         tokio::time::timeout(self.ctx.step_timeout(), frames.recv())
             .await
-            .map_err(|_| AgentError::Migration("source did not answer in time".into()))?
-            .ok_or_else(|| AgentError::Transport("control channel closed".into()))?
+            .map_err(|_| AgentError::Timeout("source did not answer in time".into()))?
+            .ok_or_else(|| AgentError::transport(Link::Control, "closed"))?
             .map_err(wire)
     }
 
@@ -214,7 +214,7 @@ impl Session {
             .expect("parked lock")
             .contains_key(&self.vm);
         if parked || ctx.journal.lock().expect("journal lock").leaving(&self.vm) {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "VM {:?} is leaving this host, or left under an order still in doubt: refusing another copy until that is settled",
                 self.vm
             )));
@@ -281,7 +281,7 @@ impl Session {
                 () = tokio::time::sleep(ctx.step_timeout()), if last_activity.is_some() => {
                     let now = vm.activity();
                     if now == last_activity {
-                        return Err(AgentError::Migration(format!(
+                        return Err(AgentError::Timeout(format!(
                             "source silent for {} s (no message, no page); giving up",
                             ctx.step_timeout().as_secs()
                         )));
@@ -290,7 +290,7 @@ impl Session {
                 }
                 msg = frames.recv() => {
                     let msg = msg
-                        .ok_or_else(|| AgentError::Transport("control channel closed".into()))?
+                        .ok_or_else(|| AgentError::transport(Link::Control, "closed"))?
                         .map_err(wire)?;
                     match dm.handle(&msg, ctx.verifier.as_ref())? {
                         DestEvent::None => {}

@@ -30,6 +30,43 @@ use crate::journal::State;
 /// source's `cont` needs (a refused `cont` is retried anyway: `backend/qemu/giveback.rs`).
 const DISCARD_WAIT: Duration = Duration::from_secs(5);
 
+/// Where the VM is after a migration that failed, for the operator (`Progress::Failed`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Whereabouts {
+    /// The migration never started: the VM was not touched.
+    Untouched,
+    /// The migration did not commit (`settled`: the destination, asked after a lost session,
+    /// said it never did): the VM is this host's again, `how` says in what state.
+    GivenBack {
+        /// Settled by asking the destination.
+        settled: bool,
+        /// What the backend did (`rolled back: the VM runs again on the source (cont)`, ...).
+        how: String,
+    },
+    /// Committed; the destination confirmed it committed: the VM is there.
+    Moved,
+    /// Committed; the destination did not answer (why): the VM stays stopped here, in doubt,
+    /// and the destination is asked again until it answers.
+    InDoubt(String),
+}
+
+impl std::fmt::Display for Whereabouts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Untouched => f.write_str("untouched: the migration never started"),
+            Self::GivenBack {
+                settled: false,
+                how,
+            } => f.write_str(how),
+            Self::GivenBack { settled: true, how } => {
+                write!(f, "{}; {how}", Settlement::NotMoved.vm_state())
+            }
+            Self::Moved => f.write_str(&Settlement::Moved.vm_state()),
+            Self::InDoubt(why) => f.write_str(&Settlement::InDoubt(why.clone()).vm_state()),
+        }
+    }
+}
+
 /// Run the migration in `order_hex` as its source, reporting progress.
 pub async fn migrate(
     ctx: Arc<Ctx>,
@@ -41,7 +78,7 @@ pub async fn migrate(
         let _ = progress
             .send(Progress::Failed {
                 error: e.to_string(),
-                vm: vm_state.clone(),
+                vm: vm_state.to_string(),
             })
             .await;
     }
@@ -53,8 +90,8 @@ async fn migrate_checked(
     ctx: &Arc<Ctx>,
     order_hex: &str,
     progress: &mpsc::Sender<Progress>,
-) -> Result<Summary, (AgentError, String)> {
-    let not_started = |e: AgentError| (e, "untouched: the migration never started".to_string());
+) -> Result<Summary, (AgentError, Whereabouts)> {
+    let not_started = |e: AgentError| (e, Whereabouts::Untouched);
     let bytes = hex::decode(order_hex.trim())
         .map_err(|e| not_started(AgentError::Usage(format!("order is not hex: {e}"))))?;
     let signed = SignedOrder::from_cbor(&bytes).map_err(|e| not_started(e.into()))?;
@@ -106,7 +143,7 @@ async fn run<B: SourceVm>(
     progress: &mpsc::Sender<Progress>,
     mut vm: B,
     paused_before: bool,
-) -> Result<Summary, (AgentError, String)> {
+) -> Result<Summary, (AgentError, Whereabouts)> {
     let body = order.body();
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
     let mut outcome = Outcome::RollBack;
@@ -122,27 +159,27 @@ async fn run<B: SourceVm>(
     // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
     let in_doubt = InDoubt::of(&order, paused_before);
     let settlement = settle::after_failure(ctx, &in_doubt, outcome).await;
-    let rolled_back = matches!(settlement, None | Some(Settlement::NotMoved));
-    let vm_state = if rolled_back {
-        // Journalled before the VM is given back: a give-back that goes on in the background
-        // (a refused `cont`) asks the journal whether the VM is still this host's.
-        let _ =
-            ctx.journal
-                .lock()
-                .expect("journal lock")
-                .set(&id, State::RolledBack, e.to_string());
-        let back = vm.give_back(ctx).await;
-        match settlement {
-            Some(s) => format!("{}; {back}", s.vm_state()),
-            None => back,
+    let vm_state = match settlement {
+        None | Some(Settlement::NotMoved) => {
+            // Journalled before the VM is given back: a give-back that goes on in the
+            // background (a refused `cont`) asks the journal whether the VM is still this host's.
+            let _ = ctx.journal.lock().expect("journal lock").set(
+                &id,
+                State::RolledBack,
+                e.to_string(),
+            );
+            Whereabouts::GivenBack {
+                settled: settlement.is_some(),
+                how: vm.give_back(ctx).await,
+            }
         }
-    } else {
-        if let Some(Settlement::InDoubt(_)) = settlement {
+        Some(Settlement::InDoubt(why)) => {
             // Stopped as it is until the destination answers (settle.rs).
             vm.keep_stopped(ctx);
             settle::keep_asking(ctx.clone(), in_doubt, true);
+            Whereabouts::InDoubt(why)
         }
-        settlement.map(|s| s.vm_state()).unwrap_or_default()
+        Some(Settlement::Moved) => Whereabouts::Moved,
     };
     note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
     Err((e, vm_state))
@@ -166,13 +203,13 @@ async fn drive<B: SourceVm>(
     let r = match session(ctx, &mut chan, order, progress, vm, outcome, started).await {
         // A transport failure here usually follows the destination refusing something; its
         // Abort, queued or about to arrive, names what (tampered, replayed, ...).
-        Err(AgentError::Transport(local)) => Err(match chan.peer_abort().await {
+        Err(local @ AgentError::Transport { .. }) => Err(match chan.peer_abort().await {
             Some((code, reason)) => AgentError::PeerAborted {
-                local,
+                local: Box::new(local),
                 code,
                 reason,
             },
-            None => AgentError::Transport(local),
+            None => local,
         }),
         r => r,
     };
@@ -297,7 +334,7 @@ fn note_source_result(
     ctx: &Ctx,
     id: &OrderId,
     vm: &str,
-    result: Result<&crate::control::Summary, (&AgentError, &str)>,
+    result: Result<&crate::control::Summary, (&AgentError, &Whereabouts)>,
 ) {
     let order = trustmig_protocol::order::hex(id);
     match result {
@@ -312,5 +349,35 @@ fn note_source_result(
                 vm,
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the operator reads of each outcome (the system tests check these words end to end).
+    #[test]
+    fn whereabouts_say_where_the_vm_is() {
+        let back = |settled| Whereabouts::GivenBack {
+            settled,
+            how: "rolled back: the VM keeps running on the source".into(),
+        };
+        assert_eq!(
+            Whereabouts::Untouched.to_string(),
+            "untouched: the migration never started"
+        );
+        assert_eq!(
+            back(false).to_string(),
+            "rolled back: the VM keeps running on the source"
+        );
+        let settled = back(true).to_string();
+        assert!(settled.starts_with("settled: the destination never committed; rolled back"));
+        assert!(Whereabouts::Moved
+            .to_string()
+            .starts_with("moved: the destination confirmed it committed"));
+        let doubt = Whereabouts::InDoubt("unreachable".into()).to_string();
+        assert!(doubt.contains("in doubt") && doubt.contains("asks the destination again"));
+        assert!(doubt.contains("unreachable"));
     }
 }

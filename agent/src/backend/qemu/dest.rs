@@ -48,20 +48,20 @@ impl QemuDest {
     /// QEMU left alone: it is not the incoming VM.
     pub async fn prepare(ctx: &Arc<Ctx>, vm: &str, est: &Established) -> Result<Self, AgentError> {
         let Some(qmp_path) = qemu_vm(&ctx.config, vm) else {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
             )));
         };
         let mut qmp = Qmp::connect(&qmp_path, ctx.step_timeout()).await?;
         let status = qmp.query_status().await?;
         if status.status != "inmigrate" {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "destination QEMU for {vm:?} is in state {:?}, not waiting for a migration: start it with `-incoming defer -S` (see `trustmig qemu`)",
                 status.status
             )));
         }
         if est.streams != 1 {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "hypervisor-stream mode uses one data stream, source announced {}",
                 est.streams
             )));
@@ -197,7 +197,7 @@ async fn receive(
     let deadline = tokio::time::Instant::now() + timeout.min(BIND_TIMEOUT);
     let (mut data, mut opener) = tokio::time::timeout_at(deadline, bind(conns, &inc.keys, inc.sid))
         .await
-        .map_err(|_| AgentError::Migration("the source opened no data stream in time".into()))??;
+        .map_err(|_| AgentError::Timeout("the source opened no data stream in time".into()))??;
     let sealer = Sealer::new(inc.keys.stream_secret(Direction::DestinationToSource, 0), 0);
 
     // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
@@ -298,7 +298,7 @@ async fn connect_qemu(path: &Path, timeout: Duration) -> Result<UnixStream, Agen
         match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() > until => {
-                return Err(AgentError::Migration(format!(
+                return Err(AgentError::Timeout(format!(
                     "destination QEMU does not listen on {}: {e}",
                     path.display()
                 )))
@@ -322,7 +322,7 @@ async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError>
                 )))
             }
             s if Instant::now() > until => {
-                return Err(AgentError::Migration(format!(
+                return Err(AgentError::Timeout(format!(
                     "destination QEMU did not finish loading in time (status {s})"
                 )))
             }

@@ -22,7 +22,7 @@ use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
 use crate::config::{VmConfig, DEFAULT_DOWNTIME_STEPS};
 use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::net::wire::preamble;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 
@@ -89,14 +89,14 @@ impl QemuSource {
         let mut qmp = Qmp::connect(qmp_path, ctx.step_timeout()).await?;
         let status = qmp.query_status().await?;
         if !matches!(status.status.as_str(), "running" | "paused") {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "QEMU VM {:?} is in state {:?}; only a running or paused VM can migrate",
                 body.vm, status.status
             )));
         }
         let m = qmp.query_migrate().await?;
         if m.in_progress() {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "QEMU VM {:?} is already migrating (status {})",
                 body.vm,
                 m.status()
@@ -165,7 +165,7 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
     } else {
         let n = super::disk::send_disks(&mut data, &mut sealer, &link.est.manifest, &vm.disks)
             .await
-            .map_err(|e| AgentError::Transport(format!("sending disks: {e}")))?;
+            .map_err(|e| AgentError::transport(Link::Data(0), format!("sending disks: {e}")))?;
         info!(
             bytes = n,
             disks = link.est.manifest.disks.len(),
@@ -239,7 +239,7 @@ async fn open_stream0(
     sealer.seal(RecordType::StreamInit, &init, &mut first)?;
     data.write_all(&first)
         .await
-        .map_err(|e| AgentError::Transport(format!("data stream 0: {e}")))?;
+        .map_err(|e| AgentError::transport(Link::Data(0), e))?;
     let opener = Opener::new(stream_secret(est, Direction::DestinationToSource), 0);
     Ok((data, sealer, opener))
 }
@@ -278,7 +278,7 @@ async fn start_qemu(
     let _ = std::fs::remove_file(&path);
     let (qemu_sock, _) = accepted
         .map_err(|_| {
-            AgentError::Migration(format!(
+            AgentError::Timeout(format!(
                 "QEMU did not connect to {} in time",
                 path.display()
             ))
@@ -408,18 +408,18 @@ async fn follow(
                 look = ev.migration_status().is_some();
             }
             Some(r) = fwd_rx.recv() => {
-                let s = r.map_err(AgentError::Transport)?;
+                let s = r.map_err(|e| AgentError::transport(Link::QemuStream, e))?;
                 debug!(bytes = s.digest.len(), "QEMU stream sealed to its end");
                 sent = Some(s);
             }
             Some(r) = ret_rx.recv(), if !ret_done => {
                 ret_done = true;
-                r.map_err(|e| AgentError::Transport(e.to_string()))?;
+                r.map_err(|e| AgentError::transport(Link::ReturnPath, e))?;
             }
             msg = link.chan.next() => {
                 // The destination says nothing while the stream flows: this is an abort
                 // (or garbage), and either ends the migration.
-                let msg = msg.ok_or_else(|| AgentError::Transport("control channel closed".into()))??;
+                let msg = msg.ok_or_else(|| AgentError::transport(Link::Control, "closed"))??;
                 let mut att = link.ctx.attester.lock().expect("attester lock");
                 link.sm.handle(&msg, att.as_mut())?;
             }
@@ -428,7 +428,7 @@ async fn follow(
             look_at(qmp, &link, ladder, &mut seen).await?;
         }
         if started.elapsed() > Duration::from_secs(3600) {
-            return Err(AgentError::Migration(
+            return Err(AgentError::Timeout(
                 "QEMU migration did not finish within an hour".into(),
             ));
         }
@@ -495,10 +495,13 @@ async fn look_at(
         }
         status @ (MigrationStatus::Failed | MigrationStatus::Cancelled) => {
             // Usually because the destination stopped reading: its Abort says why.
-            return Err(AgentError::Transport(format!(
-                "QEMU migration {status}: {}",
-                m.error_desc.as_deref().unwrap_or("no reason given")
-            )));
+            return Err(AgentError::transport(
+                Link::QemuStream,
+                format!(
+                    "QEMU migration {status}: {}",
+                    m.error_desc.as_deref().unwrap_or("no reason given")
+                ),
+            ));
         }
         _ => {}
     }

@@ -15,7 +15,7 @@ use trustmig_protocol::record::{Opener, RecordType};
 
 use crate::backend::{Arrived, DestVm, Tasks};
 use crate::ctx::{Ctx, DataConn};
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
 use crate::net::wire::{read_record, WireError};
 
@@ -40,17 +40,17 @@ impl SyntheticDest {
             page_count,
         } = est.mode
         else {
-            return Err(AgentError::Migration(
+            return Err(AgentError::Refused(
                 "the synthetic backend receives pre-copy pages only".into(),
             ));
         };
         if page_size as usize != PAGE_SIZE {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "page size {page_size} unsupported (synthetic guests use {PAGE_SIZE})"
             )));
         }
         if ctx.vms.lock().expect("vms lock").contains_key(vm) {
-            return Err(AgentError::Migration(format!(
+            return Err(AgentError::Refused(format!(
                 "a VM named {vm:?} already runs here"
             )));
         }
@@ -59,7 +59,7 @@ impl SyntheticDest {
         let want = page_count.saturating_mul(PAGE_SIZE as u64);
         if let Some(avail) = crate::guest::mem_available() {
             if want > avail {
-                return Err(AgentError::Migration(format!(
+                return Err(AgentError::Refused(format!(
                     "guest of {} MiB does not fit: {} MiB of memory available here",
                     want >> 20,
                     avail >> 20
@@ -244,14 +244,14 @@ async fn read_stream(
     state: &Mutex<Receiving>,
 ) -> Result<u64, AgentError> {
     let mut buf = Vec::with_capacity(1 << 20);
-    let cut = || AgentError::Migration(format!("data stream {i} cut before its end"));
+    let cut = || AgentError::transport(Link::Data(i), "cut before its end");
     loop {
         // Typed errors, so the Abort the source gets says record-failure or migration-failed.
         match read_record(&mut sock, &mut buf).await {
             Ok(true) => {}
             Ok(false) | Err(WireError::Closed) | Err(WireError::Io(_)) => return Err(cut()),
             Err(WireError::Record(e)) => return Err(e.into()),
-            Err(e) => return Err(AgentError::Migration(format!("data stream {i}: {e}"))),
+            Err(e) => return Err(AgentError::transport(Link::Data(i), e)),
         }
         let (typ, payload) = opener.open(&mut buf)?;
         match typ {

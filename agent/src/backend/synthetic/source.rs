@@ -19,7 +19,7 @@ use crate::backend::vm_manifest;
 use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
 use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
 use crate::net::wire::preamble;
 
@@ -34,7 +34,7 @@ impl SyntheticSource {
         let guest = ctx.vms.lock().expect("vms lock").remove(vm);
         guest
             .map(|guest| Self { guest })
-            .ok_or_else(|| AgentError::Migration(format!("no VM named {vm:?} runs on this agent")))
+            .ok_or_else(|| AgentError::Refused(format!("no VM named {vm:?} runs on this agent")))
     }
 }
 
@@ -126,7 +126,7 @@ async fn open_streams(
         sealer.seal(RecordType::StreamInit, &init, &mut first)?;
         sock.write_all(&first)
             .await
-            .map_err(|e| AgentError::Transport(format!("data stream {i}: {e}")))?;
+            .map_err(|e| AgentError::transport(Link::Data(i), e))?;
         let (tx, rx) = mpsc::channel(2);
         out.push(StreamTx {
             tx,
@@ -171,13 +171,13 @@ async fn transfer(
     for (i, s) in streams.into_iter().enumerate() {
         s.tx.send((RecordType::StreamEnd, Vec::new()))
             .await
-            .map_err(|_| AgentError::Transport(format!("data stream {i} closed")))?;
+            .map_err(|_| AgentError::transport(Link::Data(i as u16), "closed"))?;
         drop(s.tx);
         let (records, bytes) = s
             .task
             .await
-            .map_err(|e| AgentError::Transport(format!("data stream task: {e}")))?
-            .map_err(AgentError::Transport)?;
+            .map_err(|e| AgentError::transport(Link::Data(i as u16), format!("writer task: {e}")))?
+            .map_err(|e| AgentError::transport(Link::Data(i as u16), e))?;
         counts.push(records);
         wire_bytes += bytes;
     }
@@ -300,9 +300,10 @@ async fn send_record(
         .get(stream as usize)
         .ok_or_else(|| AgentError::Migration(format!("no data stream {stream}")))?;
     if s.tx.send((typ, payload)).await.is_err() {
-        return Err(AgentError::Transport(format!(
-            "data stream {stream} failed (connection lost)"
-        )));
+        return Err(AgentError::transport(
+            Link::Data(stream),
+            "failed (connection lost)",
+        ));
     }
     Ok(())
 }
