@@ -104,6 +104,10 @@ pub(crate) trait SourceVm {
     /// transport is [`AgentError::Transport`] naming the link, so the driver can ask the
     /// destination why.
     async fn transfer(&mut self, link: SourceLink<'_>) -> Result<Transferred, AgentError>;
+    /// The summary's `memory_checksum`, asked once the destination resumed (so a checksum of
+    /// the whole guest never counts as downtime): what the operator compares with the
+    /// destination's copy.
+    fn memory_checksum(&self, digest: &Digest) -> String;
     /// The migration did not commit: the VM runs here again as it was before (a VM paused
     /// then stays paused). Returns where the VM is, for the operator.
     async fn give_back(self, ctx: &Arc<Ctx>) -> String;

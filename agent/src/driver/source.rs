@@ -252,7 +252,8 @@ async fn session<B: SourceVm>(
         progress,
     };
     let t = vm.transfer(link).await?;
-    let so = sm.switch_over(t.stream_records, t.digest)?;
+    let digest = t.digest;
+    let so = sm.switch_over(t.stream_records, digest)?;
     // Final evidence, Ready, Commit (journalled first), Resumed.
     commit_exchange(ctx, chan, &mut sm, &so, order.id(), progress, outcome).await?;
     drop(t.tasks);
@@ -266,6 +267,7 @@ async fn session<B: SourceVm>(
         downtime_ms: downtime.as_millis() as u64,
         downtime_target_ms: u64::from(body.limits.downtime_ms),
         throughput_bps: (t.stream_bytes as f64 / total.as_secs_f64().max(1e-3)) as u64,
+        memory_checksum: vm.memory_checksum(&digest),
         ..t.summary
     };
     ctx.journal.lock().expect("journal lock").set(

@@ -143,6 +143,11 @@ impl SourceVm for QemuSource {
         transfer(self, link).await
     }
 
+    fn memory_checksum(&self, digest: &Digest) -> String {
+        // The final digest of QEMU's stream: memory and device state, as attested.
+        hex::encode(digest)
+    }
+
     async fn give_back(mut self, ctx: &Arc<Ctx>) -> String {
         give_back(ctx, &self.vm, &mut self.qmp, self.was_running).await
     }
@@ -212,7 +217,6 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
             bytes_per_round: vec![sent.digest.len()],
             zero_pages_skipped: ram.duplicate,
             stop_copy_pages: 0,
-            memory_checksum: hex::encode(digest),
             ..Summary::default()
         },
         tasks,

@@ -14,6 +14,7 @@ use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::precopy::{GuestMemory, PrecopySource, RoundDecision};
 use trustmig_protocol::rate::Pacer;
 use trustmig_protocol::record::{RecordType, Sealer};
+use trustmig_protocol::Digest;
 
 use crate::backend::vm_manifest;
 use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
@@ -56,6 +57,11 @@ impl SourceVm for SyntheticSource {
         let addr = &link.order.body().destination_addr;
         let streams = open_streams(link.est, addr, &pool).await?;
         transfer(link, &mut self.guest, streams, &mut pool).await
+    }
+
+    fn memory_checksum(&self, _digest: &Digest) -> String {
+        // BLAKE3 of the guest's memory at pause: the demo compares it with the destination's.
+        hex::encode(self.guest.checksum())
     }
 
     async fn give_back(mut self, ctx: &Arc<Ctx>) -> String {
@@ -197,7 +203,6 @@ async fn transfer(
             bytes_per_round: stats.rounds.iter().map(|r| r.bytes).collect(),
             zero_pages_skipped: stats.zero_pages_skipped,
             stop_copy_pages: stop_pages,
-            memory_checksum: hex::encode(guest.checksum()),
             ..Summary::default()
         },
         tasks: Tasks::default(),
