@@ -176,6 +176,13 @@ impl AgentError {
     pub fn abort_code(&self) -> trustmig_protocol::AbortCode {
         match self {
             Self::Protocol(p) => trustmig_protocol::AbortCode::from(p),
+            // Answering the peer's own abort: the protocol's code for that (`Cancelled`).
+            Self::PeerAborted { code, reason, .. } => {
+                trustmig_protocol::AbortCode::from(&trustmig_protocol::Error::PeerAborted {
+                    code: *code,
+                    reason: reason.clone(),
+                })
+            }
             _ => trustmig_protocol::AbortCode::InternalError,
         }
     }
@@ -226,6 +233,7 @@ mod tests {
             code: AbortCode::RecordFailure,
             reason: "record 7 failed authentication (tampered)".into(),
         };
+        assert_eq!(explained.abort_code(), AbortCode::Cancelled);
         let text = explained.to_string();
         assert!(
             text.starts_with("migration failed: data stream 1: cut"),

@@ -1,6 +1,9 @@
-//! Fault injection for the system tests, behind the cargo feature `fault-injection` (the tests
-//! crate enables it; a build without it — release or debug — has none of it: every function
-//! here is then an empty stub the compiler removes). The faults are read once, from the
+//! Fault injection for the system tests, behind the agent's cargo feature `fault-injection`.
+//! The tests crate (`trustmig-tests`) depends on the agent with it, so any build that includes
+//! that crate has it: `cargo test`, and a workspace-wide `cargo build`. A build of the agent
+//! alone (`cargo build -p trustmig-agent`, as the README, `demo.sh`, `bench/` and packaging do)
+//! has none of it: every function here is then an empty stub the compiler removes, and the
+//! agent logs a warning at start when it is compiled in. The faults are read once, from the
 //! environment, when the agent starts ([`init`]); each call site is one line.
 //!
 //! | variable | fault |

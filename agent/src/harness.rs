@@ -108,9 +108,9 @@ pub struct Pair {
     pub operator_key: PathBuf,
     /// Agent processes once started: [source, destination].
     pub procs: Vec<Option<AgentProcess>>,
-    /// Extra environment of the source agent process (test hooks of debug builds).
+    /// Extra environment of the source agent process (fault injection, `crate::fault`).
     pub src_env: Vec<(String, String)>,
-    /// Extra environment of the destination agent process (test hooks of debug builds).
+    /// Extra environment of the destination agent process (fault injection, `crate::fault`).
     pub dst_env: Vec<(String, String)>,
     exe: PathBuf,
     tpms: Vec<Swtpm>,

@@ -445,7 +445,7 @@ fn destination_killed_mid_round_leaves_the_source_running() {
 }
 
 /// Both agents up with a 64 MiB VM `v` dirtying `rate` pages/s on the source, whose agent runs
-/// with the debug-build test hooks `env` set (None without swtpm).
+/// with the fault-injection variables `env` set (None without swtpm).
 fn hooked_source(env: &[(&str, &str)], rate: u64) -> Option<(tokio::runtime::Runtime, Pair)> {
     if swtpm_missing() {
         return None;

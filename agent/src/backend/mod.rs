@@ -108,6 +108,12 @@ pub(crate) trait SourceVm {
     /// the whole guest never counts as downtime): what the operator compares with the
     /// destination's copy.
     fn memory_checksum(&self, digest: &Digest) -> String;
+    /// Whether, after a failure, the driver waits for the destination to discard its copy
+    /// before [`Self::give_back`]: a loaded destination QEMU may hold the images' locks that
+    /// the source's `cont` needs. A synthetic guest needs no such wait.
+    fn waits_for_discard(&self) -> bool {
+        false
+    }
     /// The migration did not commit: the VM runs here again as it was before (a VM paused
     /// then stays paused). Returns where the VM is, for the operator.
     async fn give_back(self, ctx: &Arc<Ctx>) -> String;

@@ -216,7 +216,7 @@ async fn drive<B: SourceVm>(
     if let Err(e) = &r {
         chan.abort(e.abort_code(), &e.to_string()).await;
         // The destination discards its copy before it closes (SPEC.md §8.8).
-        if !chan.wait_closed(DISCARD_WAIT).await {
+        if vm.waits_for_discard() && !chan.wait_closed(DISCARD_WAIT).await {
             debug!("the destination did not close within {DISCARD_WAIT:?} of the abort");
         }
     }

@@ -60,26 +60,28 @@ impl QemuDest {
                 status.status
             )));
         }
-        if est.streams != 1 {
-            return Err(AgentError::Refused(format!(
-                "hypervisor-stream mode uses one data stream, source announced {}",
-                est.streams
-            )));
-        }
         // From here this QEMU is this migration's, to discard on failure; a restart that
         // finds the order interrupted discards it too, and only a QEMU handed over so.
         ctx.journal
             .lock()
             .expect("journal lock")
             .mark_fed(est.order.id())?;
-        Ok(Self {
+        let me = Self {
             vm: vm.to_string(),
             qmp_path,
             qmp: Some(qmp),
             arrived: None,
             disk_files: Arc::default(),
             tasks: Tasks::default(),
-        })
+        };
+        if est.streams != 1 {
+            me.discard(ctx).await;
+            return Err(AgentError::Refused(format!(
+                "hypervisor-stream mode uses one data stream, source announced {}",
+                est.streams
+            )));
+        }
+        Ok(me)
     }
 }
 
@@ -157,7 +159,12 @@ impl DestVm for QemuDest {
     }
 
     async fn discard(mut self, ctx: &Arc<Ctx>) {
-        // The receiving task may hold the QMP session: end it, and ask QEMU anew.
+        // The QMP session is here, or waiting in the channel (the task sent it as the driver
+        // gave up), or still with the receiving task: take it back where it is, else end the
+        // task and ask QEMU anew (its one QMP slot frees as the task's session drops).
+        if let Some(Ok((_, q))) = self.arrived.take().and_then(|mut rx| rx.try_recv().ok()) {
+            self.qmp = Some(q);
+        }
         drop(std::mem::take(&mut self.tasks));
         let qmp = match self.qmp.take() {
             Some(q) => Ok(q),

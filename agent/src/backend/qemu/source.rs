@@ -76,6 +76,9 @@ pub(crate) struct QemuSource {
     /// See `downtime_step`.
     downtime_steps: u32,
     started: Instant,
+    /// The stream pumps: they live until the migration is over, failed ones too, so the data
+    /// stream closes only after the driver's `Abort` (the destination then names the cause).
+    pumps: Tasks,
 }
 
 impl QemuSource {
@@ -118,6 +121,7 @@ impl QemuSource {
                 .and_then(|v| v.downtime_steps)
                 .unwrap_or(DEFAULT_DOWNTIME_STEPS),
             started: Instant::now(),
+            pumps: Tasks::default(),
         })
     }
 
@@ -141,6 +145,10 @@ impl SourceVm for QemuSource {
     async fn transfer(&mut self, link: SourceLink<'_>) -> Result<Transferred, AgentError> {
         self.started = Instant::now();
         transfer(self, link).await
+    }
+
+    fn waits_for_discard(&self) -> bool {
+        true
     }
 
     fn memory_checksum(&self, digest: &Digest) -> String {
@@ -182,7 +190,7 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder).await?;
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     let (data_rd, data_wr) = data.into_split();
-    let mut tasks = Tasks::default();
+    let tasks = &mut vm.pumps;
     let (fwd_tx, fwd_rx) = mpsc::channel::<Result<Sent, String>>(1);
     tasks.spawn(async move {
         let _ = fwd_tx
@@ -219,7 +227,7 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
             stop_copy_pages: 0,
             ..Summary::default()
         },
-        tasks,
+        tasks: std::mem::take(&mut vm.pumps),
     })
 }
 
