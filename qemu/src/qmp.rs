@@ -427,9 +427,17 @@ impl Qmp {
             .take(room)
             .read_until(b'\n', &mut self.line)
             .await
-            .map_err(|source| QmpError::Io {
-                path: self.path.clone(),
-                source,
+            .map_err(|source| match source.kind() {
+                // QEMU exiting with bytes of ours unread resets the socket instead of closing
+                // it: that is QEMU gone, as an end of file is (seen after `quit`).
+                std::io::ErrorKind::ConnectionReset => QmpError::Closed {
+                    path: self.path.clone(),
+                    waiting_for: waiting_for.into(),
+                },
+                _ => QmpError::Io {
+                    path: self.path.clone(),
+                    source,
+                },
             })?;
         let buf = std::mem::take(&mut self.line);
         if n == 0 && buf.is_empty() {
@@ -720,6 +728,26 @@ mod tests {
             talk(BufReader::new(rd), wr).await;
         });
         (dir, path)
+    }
+
+    /// QEMU exiting after `quit` with our bytes unread resets the socket (seen with QEMU 7.2):
+    /// that is QEMU gone, so `quit_and_wait` succeeds, as it does on a plain end of file.
+    #[tokio::test]
+    async fn a_reset_after_quit_counts_as_qemu_gone() {
+        let (_d, path) = fake_qemu(|mut rd, mut wr| async move {
+            let mut line = String::new();
+            let _ = rd.read_line(&mut line).await; // qmp_capabilities
+            let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
+            // Let `quit` arrive, leave it unread, and exit: the kernel resets the connection.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        q.quit_and_wait(Duration::from_secs(5))
+            .await
+            .expect("a reset is QEMU gone");
     }
 
     /// A fake QEMU that answers each command line with the next canned line(s).
