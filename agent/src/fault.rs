@@ -15,6 +15,10 @@
 //! | `TRUSTMIG_TEST_SETTLE_UNANSWERED=<n>` | the first n settlement queries go unanswered |
 //! | `TRUSTMIG_TEST_ALTER_DISK_CHUNK=<k>` | disk chunk k is altered after the source checked it |
 
+/// Whether fault injection is compiled in: call sites that need work to find their point
+/// (decoding a message, say) test this first, so a build without it does none of that work.
+pub const ENABLED: bool = cfg!(feature = "fault-injection");
+
 /// `TRUSTMIG_TEST_CRASH_AT`: the crash point.
 pub const CRASH_AT_ENV: &str = "TRUSTMIG_TEST_CRASH_AT";
 /// `TRUSTMIG_TEST_LOSE_COMMIT`.

@@ -176,6 +176,15 @@ impl Journal {
         Ok(())
     }
 
+    /// The latest record of `order_id`, which must have one.
+    fn latest_of(&self, order_id: &OrderId) -> Result<Record, AgentError> {
+        let key = hex(order_id);
+        self.latest
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| AgentError::Journal(format!("journal has no record of order {key}")))
+    }
+
     /// Record a state change for `order_id`.
     pub fn set(
         &mut self,
@@ -183,11 +192,7 @@ impl Journal {
         state: State,
         note: impl Into<String>,
     ) -> Result<(), AgentError> {
-        let key = hex(order_id);
-        let prev =
-            self.latest.get(&key).cloned().ok_or_else(|| {
-                AgentError::Journal(format!("journal has no record of order {key}"))
-            })?;
+        let prev = self.latest_of(order_id)?;
         self.append(Record {
             state,
             at: crate::unix_now(),
@@ -199,11 +204,7 @@ impl Journal {
     /// Record that the hypervisor waiting for this claimed (destination) order was handed to
     /// it ([`Record::fed`]).
     pub fn mark_fed(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
-        let key = hex(order_id);
-        let prev =
-            self.latest.get(&key).cloned().ok_or_else(|| {
-                AgentError::Journal(format!("journal has no record of order {key}"))
-            })?;
+        let prev = self.latest_of(order_id)?;
         self.append(Record {
             fed: true,
             at: crate::unix_now(),

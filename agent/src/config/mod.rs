@@ -374,6 +374,18 @@ step_timeout_secs = 30
     )
 }
 
+/// A destination `[[vm.disk]]` named `name` (a virtio-blk device) for unit tests.
+#[cfg(test)]
+pub(crate) fn test_dest_disk(name: &str) -> DiskConfig {
+    let mut device = toml::Table::new();
+    device.insert("driver".into(), "virtio-blk-pci".into());
+    DiskConfig {
+        name: name.into(),
+        path: None,
+        device: Some(device),
+    }
+}
+
 /// A `qemu` VM entry named `q` for unit tests.
 #[cfg(test)]
 pub(crate) fn test_qemu_vm(qmp: &str, disk_dir: Option<&std::path::Path>) -> VmConfig {

@@ -112,7 +112,7 @@ fn check_disks(name: &str, vm: &QemuVm) -> Result<(), String> {
 mod tests {
     use std::path::Path;
 
-    use super::super::{Config, DiskConfig};
+    use super::super::{test_dest_disk as dest_disk, Config, DiskConfig};
     use super::*;
 
     fn vm(qmp: &str, disk_dir: Option<&Path>, disks: Vec<DiskConfig>) -> QemuVm {
@@ -121,16 +121,6 @@ mod tests {
             disk_dir: disk_dir.map(Path::to_path_buf),
             downtime_steps: None,
             disks,
-        }
-    }
-
-    fn dest_disk(name: &str) -> DiskConfig {
-        let mut device = toml::Table::new();
-        device.insert("driver".into(), "virtio-blk-pci".into());
-        DiskConfig {
-            name: name.into(),
-            path: None,
-            device: Some(device),
         }
     }
 

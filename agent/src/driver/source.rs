@@ -295,7 +295,7 @@ async fn commit_exchange(
     chan.send(switch_over).await?;
     loop {
         let msg = chan.recv().await?;
-        if matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
+        if fault::ENABLED && matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
             crash_point(CrashPoint::SourceFinalChallenge);
         }
         let ev = {

@@ -425,7 +425,7 @@ pub fn discard(files: &[PathBuf]) {
 mod tests {
     use super::*;
     use crate::backend::qemu::pumps::test_pair as pair;
-    use crate::config::DiskConfig;
+    use crate::config::{test_dest_disk as dest_disk, DiskConfig};
 
     fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         let mut v = crate::config::test_qemu_vm("/run/q.sock", Some(dir));
@@ -433,16 +433,6 @@ mod tests {
             q.disks = disks;
         }
         v
-    }
-
-    fn dest_disk(name: &str) -> DiskConfig {
-        let mut device = toml::Table::new();
-        device.insert("driver".into(), "virtio-blk-pci".into());
-        DiskConfig {
-            name: name.into(),
-            path: None,
-            device: Some(device),
-        }
     }
 
     /// (image bytes, source disk, manifest) for a 2.5-chunk image.
