@@ -502,7 +502,17 @@ async fn assert_source_runs_alone(s: &mut Setup, within: Duration) {
         );
     }
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
-    // The source runs on: its counter advances.
+    assert_source_guest_runs(s, within).await;
+    // `trustmig status` on both sides says so.
+    let src = agent_status(&s.pair.src).await;
+    assert!(src.contains(&format!("{VM:20} QEMU: running")), "{src}");
+    assert!(!src.contains("not yet running"), "{src}");
+    let dst = agent_status(&s.pair.dst).await;
+    assert!(!dst.contains(&format!("{VM:20} QEMU: running")), "{dst}");
+}
+
+/// The source QEMU runs `within` (its guest's counter advances) and its data area checks out.
+async fn assert_source_guest_runs(s: &mut Setup, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         if s.src.status().await.as_deref() == Ok("running") {
@@ -527,12 +537,6 @@ async fn assert_source_runs_alone(s: &mut Setup, within: Duration) {
         checks.iter().all(|&(_, bad)| bad == 0),
         "source data area: {checks:?}"
     );
-    // `trustmig status` on both sides says so.
-    let src = agent_status(&s.pair.src).await;
-    assert!(src.contains(&format!("{VM:20} QEMU: running")), "{src}");
-    assert!(!src.contains("not yet running"), "{src}");
-    let dst = agent_status(&s.pair.dst).await;
-    assert!(!dst.contains(&format!("{VM:20} QEMU: running")), "{dst}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -824,11 +828,13 @@ async fn qemu_source_crash_before_commit_runs_the_vm_again_at_restart() {
     assert!(logs.contains("after restart"), "{logs}");
 }
 
-/// Issue 14, case 2: the destination agent dies when it would send `FinalChallenge`, both
-/// QEMUs on one shared writable image. The destination QEMU loaded the VM and stays paused
-/// (without `late-block-activate` it also holds the image's write lock, and the source's
-/// rollback `cont` is refused until it is gone). The source keeps trying; the restarted
-/// destination agent discards its QEMU; the source VM runs, alone.
+/// Issue 14, case 2, and the block handover of issue 10: the destination agent dies when it
+/// would send `FinalChallenge`, both QEMUs on one shared writable image. The destination QEMU
+/// loaded the VM and stays paused, its agent gone. Because it runs with `late-block-activate`
+/// it has not activated the image (nor taken its write lock): the source's rollback `cont`
+/// succeeds at once, its guest's disk is writable again, and only then does the destination
+/// agent come back and discard its QEMU. Without `late-block-activate` QEMU 7.2 takes the lock
+/// when loading ends and the source cannot run until that QEMU is gone (this test then fails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     let _g = SERIAL.lock().await;
@@ -857,20 +863,27 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     let err = r.expect_err("the destination agent crashed");
     wait_agent_exit(&mut s, 1, Duration::from_secs(10));
     eprintln!("source says: {err}");
-    // QEMU 7.2, as SPEC.md §8.8 says: a destination that loaded the stream without
-    // `late-block-activate` holds the image's write lock, and the source's `cont` is refused
-    // on it. The source says so until it runs. (When the destination sets
-    // `late-block-activate`, this stops being true here: the spec sentence and this check go
-    // together, and the retry keeps its fake-QEMU tests in backend/qemu/giveback.rs.)
-    assert!(
-        err.contains("not yet running") && err.contains("lock"),
-        "{err}"
+    // The destination QEMU loaded everything and waits, its agent gone ...
+    assert!(s.dst.alive(), "{}", s.logs());
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed),
+        "the destination QEMU loaded the stream"
     );
-    assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
-    let text = agent_status(&s.pair.src).await;
-    assert!(text.contains("rolled back, not yet running"), "{text}");
-    assert!(text.contains("lock"), "the cause is named: {text}");
+    // ... and the source runs again meanwhile, alone, with a writable disk.
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+    assert!(!err.contains("not yet running"), "{err}");
+    let wrote = hmp_qemu_io(&s.src, "d0", "write -P 0x5a 0 64k").await;
+    assert!(
+        qemu_log(&s, "src").contains("wrote 65536/65536 bytes at offset 0"),
+        "the source's disk is writable after the rollback: {wrote:?}\n{}",
+        qemu_log(&s, "src")
+    );
+    assert!(
+        s.dst.alive(),
+        "the source did not need the destination gone"
+    );
     s.pair.dst_env.clear();
     s.pair.start(1).expect("destination agent restarts");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -882,8 +895,166 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A `cont` refused on the lock is tried again at most 10 s after the last try.
-    assert_source_runs_alone(&mut s, Duration::from_secs(25)).await;
+    assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
+}
+
+/// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the
+/// `<name>.qemu.log`); returns the HMP reply (empty on success).
+async fn hmp_qemu_io(vm: &QemuVm, dev: &str, cmd: &str) -> String {
+    let mut q = vm.qmp().await.expect("qmp");
+    let out = q
+        .execute(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": format!("qemu-io {dev} \"{cmd}\"") }),
+        )
+        .await
+        .expect("human-monitor-command");
+    out.as_str().unwrap_or_default().to_string()
+}
+
+/// QEMU's stdout and stderr of the test's QEMU `name` ("src", "dst").
+fn qemu_log(s: &Setup, name: &str) -> String {
+    std::fs::read_to_string(s.pair.dir().join(format!("{name}.qemu.log"))).unwrap_or_default()
+}
+
+/// The Ethernet frames QEMUs send on a `-netdev socket,udp=...` NIC, collected from a UDP
+/// socket by a background thread: (sender's port, ethertype) per frame.
+struct FrameTap {
+    port: u16,
+    frames: std::sync::Arc<std::sync::Mutex<Vec<(u16, u16)>>>,
+}
+
+impl FrameTap {
+    fn start() -> Self {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let port = sock.local_addr().expect("addr").port();
+        let frames = std::sync::Arc::<std::sync::Mutex<Vec<(u16, u16)>>>::default();
+        let out = std::sync::Arc::downgrade(&frames);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                let got = sock.recv_from(&mut buf);
+                let Some(out) = out.upgrade() else { return };
+                if let Ok((n, from)) = got {
+                    if n >= 14 {
+                        let typ = u16::from_be_bytes([buf[12], buf[13]]);
+                        out.lock().expect("frames").push((from.port(), typ));
+                    }
+                }
+            }
+        });
+        Self { port, frames }
+    }
+
+    /// A QEMU NIC that sends its frames here, from `local` (a free UDP port of its own).
+    fn nic(&self, local: u16) -> Vec<String> {
+        vec![
+            "-netdev".into(),
+            format!(
+                "socket,id=n0,udp=127.0.0.1:{},localaddr=127.0.0.1:{local}",
+                self.port
+            ),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,addr=0x6".into(),
+        ]
+    }
+
+    /// RARP frames (ethertype 0x8035, QEMU's self-announce) sent from `port` so far.
+    fn rarps_from(&self, port: u16) -> usize {
+        let frames = self.frames.lock().expect("frames");
+        frames
+            .iter()
+            .filter(|&&(p, t)| p == port && t == 0x8035)
+            .count()
+    }
+}
+
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    s.local_addr().expect("addr").port()
+}
+
+/// The source and destination QEMUs with a NIC each, sending to one `FrameTap`.
+fn nic_setup(dst_env: Vec<(String, String)>) -> Option<(Setup, FrameTap, u16)> {
+    let tap = FrameTap::start();
+    let (src_port, dst_port) = (free_udp_port(), free_udp_port());
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_extra: tap.nic(src_port),
+        dst_extra: tap.nic(dst_port),
+        dst_env,
+        ..VmOpts::default()
+    };
+    let s = setup_with(&opts, true)?;
+    Some((s, tap, dst_port))
+}
+
+/// Issue 10, network handover: a destination QEMU (`-incoming defer -S`) that loaded the VM
+/// holds its self-announce (RARP) frames in its net queue while the VM is stopped, so no host
+/// claims the guest's MAC before trustmig's gate. Here the destination agent dies at
+/// `FinalChallenge` (QEMU loaded, never resumed): no RARP leaves it, and none after the
+/// restarted agent discards it, while the source runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_rolled_back_destination_never_announces_the_guest() {
+    let _g = SERIAL.lock().await;
+    let Some((mut s, tap, dst_port)) = nic_setup(crash_at(CrashPoint::DestinationFinalChallenge))
+    else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed),
+        "the destination QEMU loaded the stream"
+    );
+    // QEMU announces 5 times within about a second of a load it resumes; give it 2 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        tap.rarps_from(dst_port),
+        0,
+        "a loaded, stopped destination announced"
+    );
+    s.pair.dst_env.clear();
+    s.pair.start(1).expect("destination agent restarts");
+    assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.dst.alive() {
+        assert!(Instant::now() < deadline, "destination QEMU not discarded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        tap.rarps_from(dst_port),
+        0,
+        "a discarded destination announced"
+    );
+}
+
+/// Issue 10, network handover, the other half: after a migration that commits, the
+/// destination announces the guest (its RARPs leave at `cont`, after `Resumed`'s gate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_resumed_destination_announces_the_guest() {
+    let _g = SERIAL.lock().await;
+    let Some((mut s, tap, dst_port)) = nic_setup(Vec::new()) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tap.rarps_from(dst_port) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed destination never announced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_moved(&mut s, &summary).await;
 }
 
 /// Pins what spec/qemu.md §4 and SPEC.md §8.8 say of QEMU 7.2's image locks: while a QEMU has

@@ -226,8 +226,13 @@ async fn receive(
     // QEMU listens on a socket in our home; we feed it.
     let dir = socket_dir(ctx)?;
     let path = socket_path(&dir, "in", &inc.order_id)?;
-    // `events`: the load's completion wakes `wait_loaded` at once.
-    qmp.migrate_set_capabilities(&[("events", true)]).await?;
+    // `events`: the load's completion wakes `wait_loaded` at once. `late-block-activate`:
+    // QEMU activates the images (and takes their write locks) at `cont`, not when loading
+    // ends, so a destination that loaded but is never resumed holds no image a rollback `cont`
+    // on the source needs (spec/qemu.md §5; pinned by
+    // `qemu_destination_crash_on_a_shared_image_leaves_one_copy_running`).
+    qmp.migrate_set_capabilities(&[("events", true), ("late-block-activate", true)])
+        .await?;
     qmp.migrate_incoming(&format!("unix:{}", path.display()))
         .await?;
     let qemu_sock = connect_qemu(&path, timeout).await?;
