@@ -1581,3 +1581,384 @@ async fn bench_trustmig() {
         qemu.downtime.unwrap_or(0)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writable disks mirrored live (issue 10, spec/qemu.md §5).
+
+/// A writable image of `MIRROR_MIB` MiB the source QEMU opens read-write (`-blockdev`, raw or
+/// qcow2) as a virtio-blk disk; the destination creates its copy in `received/`. The test
+/// writes through the guest's disk on a second QMP monitor of the source.
+struct MirrorFixture {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    format: &'static str,
+    test_qmp: PathBuf,
+}
+
+const MIRROR_MIB: u64 = 16;
+/// Bytes per test write, and the number of write slots over the image.
+const WRITE_LEN: u64 = 64 << 10;
+const WRITE_SLOTS: u64 = 200;
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{program} {args:?}: {text}");
+    text
+}
+
+impl MirrorFixture {
+    fn new(format: &'static str) -> Option<(Self, VmOpts)> {
+        if !have("qemu-img", "--version") || !have("qemu-io", "--version") {
+            missing("qemu-img and qemu-io (apt-get install -y qemu-utils)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let image = dir.path().join(format!("src.{format}"));
+        let img = image.display().to_string();
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                format,
+                &img,
+                &format!("{MIRROR_MIB}M"),
+            ],
+        );
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                format,
+                "-c",
+                "write -P 0x41 0 4M",
+                "-c",
+                "write -P 0x42 8M 4M",
+                &img,
+            ],
+        );
+        let test_qmp = dir.path().join("src-test.qmp");
+        let received = dir.path().join("received");
+        let opts = VmOpts {
+            append: "area=16 rate=4 check=10".into(),
+            mem_mib: MEM_MIB,
+            src_extra: vec![
+                "-blockdev".into(),
+                format!("driver={format},node-name=d0,file.driver=file,file.filename={img}"),
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,id=vd0,addr=0x5".into(),
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", test_qmp.display()),
+            ],
+            transferred: vec![image.clone()],
+            src_vm: format!("\n[[vm.disk]]\nname = \"d0\"\npath = \"{img}\"\n"),
+            dst_vm: format!(
+                "disk_dir = \"{}\"\n\n[[vm.disk]]\nname = \"d0\"\ndevice = {{ driver = \"virtio-blk-pci\", id = \"vd0\", addr = \"0x5\" }}\n",
+                received.display()
+            ),
+            ..VmOpts::default()
+        };
+        let f = Self {
+            dir,
+            image,
+            format,
+            test_qmp,
+        };
+        Some((f, opts))
+    }
+
+    fn copy(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("received")
+            .join(format!("d0.{}", self.format))
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.path().join("received"))
+            .map(|rd| {
+                rd.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The guest-visible bytes of `image` (of this fixture's format), read while QEMU may
+    /// hold it (`-U`).
+    fn content(&self, image: &Path) -> Vec<u8> {
+        let out = self.dir.path().join("content.raw");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-U",
+                "-f",
+                self.format,
+                "-O",
+                "raw",
+                &image.display().to_string(),
+                &out.display().to_string(),
+            ],
+        );
+        let data = std::fs::read(&out).expect("converted image");
+        let _ = std::fs::remove_file(&out);
+        data
+    }
+
+    /// The source image as the writes a writer made say it must be.
+    fn expected(&self, writes: &[(u64, u8)]) -> Vec<u8> {
+        let mut model = vec![0u8; (MIRROR_MIB << 20) as usize];
+        model[..4 << 20].fill(0x41);
+        model[8 << 20..12 << 20].fill(0x42);
+        for &(off, p) in writes {
+            model[off as usize..(off + WRITE_LEN) as usize].fill(p);
+        }
+        model
+    }
+}
+
+/// Writes through the source guest's virtio-blk device (HMP `qemu-io` on the device's block
+/// backend, so they pass QEMU's mirror as the guest's own writes do) every 10 ms while the
+/// source VM runs. Returns (offset, pattern) of every write that completed, in order.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Writes completed so far.
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<Vec<(u64, u8)>>,
+}
+
+impl Writer {
+    async fn start(qmp: &Path, log: PathBuf) -> Self {
+        let mut q = Qmp::connect(qmp, Duration::from_secs(10))
+            .await
+            .expect("source test QMP");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        let task = tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut k = 0u64;
+            while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if !q.query_status().await.is_ok_and(|s| s.running) {
+                    continue;
+                }
+                let off = (k * 7 % WRITE_SLOTS) * WRITE_LEN;
+                let p = (k % 250) as u8 + 1;
+                k += 1;
+                let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+                let cmd =
+                    format!("qemu-io -d vd0/virtio-backend \"write -P {p} {off} {WRITE_LEN}\"");
+                let r = q
+                    .execute(
+                        "human-monitor-command",
+                        serde_json::json!({ "command-line": cmd }),
+                    )
+                    .await;
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let ok = r.is_ok_and(|v| v == "")
+                    && said[before.min(said.len())..].contains(&format!("wrote {WRITE_LEN}/"));
+                if ok {
+                    done.push((off, p));
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            done
+        });
+        Self { stop, count, task }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn finish(self) -> Vec<(u64, u8)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("writer")
+    }
+}
+
+/// A migration with the guest writing its disk throughout: the destination's copy is the
+/// source image as it was at the pause, byte for byte (guest-visible content); writes after
+/// `Resumed` land on the destination only.
+async fn mirror_moves(format: &'static str) {
+    let _g = SERIAL.lock().await;
+    let Some((disk, opts)) = MirrorFixture::new(format) else {
+        return;
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let writes = writer.finish().await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(
+        writes.len() >= 10,
+        "the guest wrote during the migration: {}",
+        writes.len()
+    );
+    assert_moved(&mut s, &summary).await;
+    let src = disk.content(&disk.image);
+    assert!(
+        src == disk.expected(&writes),
+        "the source image holds every write"
+    );
+    assert!(
+        disk.content(&disk.copy()) == src,
+        "the destination's copy equals the source image at the pause"
+    );
+    assert_eq!(
+        disk.leftovers(),
+        vec![format!("d0.{format}")],
+        "no marker after commit"
+    );
+    // A write on the destination after `Resumed` lands there only.
+    let said = hmp_qemu_io(&s.dst, "-d vd0/virtio-backend", "write -P 238 0 64k").await;
+    assert_eq!(said, "", "{}", qemu_log(&s, "dst"));
+    assert!(qemu_log(&s, "dst").contains("wrote 65536/65536 bytes at offset 0"));
+    assert!(disk.content(&disk.copy())[..64 << 10]
+        .iter()
+        .all(|&b| b == 238));
+    assert!(
+        disk.content(&disk.image) == src,
+        "the source image stays as at the pause"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_mirrors_a_writable_raw_disk_while_the_guest_writes() {
+    mirror_moves("raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_mirrors_a_writable_qcow2_disk_while_the_guest_writes() {
+    mirror_moves("qcow2").await;
+}
+
+/// After a failed mirrored migration: the source runs alone and keeps writing its disk, the
+/// image holds every write the guest made, QEMU has no mirror job or NBD client left, and the
+/// destination's copy is gone.
+async fn assert_mirror_rolled_back(s: &mut Setup, disk: &MirrorFixture, writer: Writer) {
+    assert_source_guest_runs(s, Duration::from_secs(10)).await;
+    let before = writer.count();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = writer.finish().await;
+    assert!(
+        writes.len() > before,
+        "the source guest writes on after the rollback"
+    );
+    assert!(
+        disk.content(&disk.image) == disk.expected(&writes),
+        "the source image holds every write, nothing else"
+    );
+    let mut q = Qmp::connect(&disk.test_qmp, Duration::from_secs(5))
+        .await
+        .expect("test qmp");
+    let jobs = q
+        .execute("query-jobs", serde_json::json!({}))
+        .await
+        .expect("query-jobs");
+    assert_eq!(jobs, serde_json::json!([]), "no mirror job is left");
+    let nodes = q
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .expect("nodes");
+    assert!(!nodes.to_string().contains("trustmig-nbd"), "{nodes}");
+    assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+}
+
+async fn mirror_faulted(format: &'static str, fault: Fault, expect: &str) {
+    let _g = SERIAL.lock().await;
+    let Some((disk, opts)) = MirrorFixture::new(format) else {
+        return;
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
+    let proxy = Proxy::start_on(s.pair.dst_addr.clone(), fault, 1)
+        .await
+        .expect("proxy");
+    let (r, _) = migrate(&mut s, &proxy.addr.clone(), 300).await;
+    assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst));
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(
+        err.contains(expect),
+        "{err}\n{}\nsource QEMU: {}",
+        s.logs(),
+        qemu_log(&s, "src")
+    );
+    assert!(err.contains("rolled back"), "{err}");
+    assert_mirror_rolled_back(&mut s, &disk, writer).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !disk.leftovers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "copy not removed: {:?}",
+            disk.leftovers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_tampered_nbd_record_rolls_back() {
+    mirror_faulted("qcow2", Fault::FlipBit(8), "tampered").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_replayed_nbd_record_rolls_back() {
+    mirror_faulted("raw", Fault::Replay(8), "replayed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_dropped_nbd_record_rolls_back() {
+    mirror_faulted("raw", Fault::Drop(8), "record").await;
+}
+
+/// SIGKILL of the destination agent while the disk is mirrored: the source's mirror fails,
+/// the source runs on with its image intact and every guest write in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_destination_killed_mid_mirror_leaves_the_source_running() {
+    let _g = SERIAL.lock().await;
+    let Some((disk, opts)) = MirrorFixture::new("qcow2") else {
+        return;
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
+    // SIGKILL as soon as the destination created its copy (the mirror is starting).
+    let copy = disk.copy();
+    let pid = s.pair.procs[1].as_ref().expect("destination agent").pid();
+    let killer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !copy.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        copy.exists()
+    });
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    assert!(
+        killer.join().expect("killer"),
+        "the destination never created its copy"
+    );
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(err.contains("rolled back"), "{err}\n{}", s.logs());
+    assert_mirror_rolled_back(&mut s, &disk, writer).await;
+}

@@ -153,15 +153,38 @@ pub fn build_manifest(
         config_digest,
         chunk_size,
         disks: out,
+        mirrors: Vec::new(),
     })
 }
+
+/// Largest virtual size of a mirrored disk a manifest may announce (64 TiB).
+pub const MAX_MIRROR_SIZE: u64 = 64 << 40;
 
 /// Check that a (received) manifest is self-consistent: chunk size, disk count, unique names,
 /// chunk counts matching sizes, 32-byte digests.
 pub fn validate(m: &ImageManifest) -> Result<(), ManifestError> {
     check_chunk_size(m.chunk_size)?;
-    if m.disks.len() > MAX_DISKS {
-        return Err(ManifestError::TooManyDisks(m.disks.len()));
+    let count = m.disks.len() + m.mirrors.len();
+    if count > MAX_DISKS {
+        return Err(ManifestError::TooManyDisks(count));
+    }
+    for (i, d) in m.mirrors.iter().enumerate() {
+        let names = m.disks.iter().map(|o| &o.name);
+        if names
+            .chain(m.mirrors[..i].iter().map(|o| &o.name))
+            .any(|n| *n == d.name)
+        {
+            return Err(ManifestError::DuplicateDisk(d.name.clone()));
+        }
+        if d.virtual_size == 0 || d.virtual_size % 512 != 0 || d.virtual_size > MAX_MIRROR_SIZE {
+            return Err(ManifestError::Inconsistent {
+                disk: d.name.clone(),
+                reason: format!(
+                    "virtual size {} is not a multiple of 512 in 512..=64 TiB",
+                    d.virtual_size
+                ),
+            });
+        }
     }
     for (i, d) in m.disks.iter().enumerate() {
         if m.disks[..i].iter().any(|o| o.name == d.name) {

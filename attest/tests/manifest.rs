@@ -197,3 +197,45 @@ fn inconsistent_manifests_are_refused() {
     m.disks[1].name = "vda".into();
     assert!(matches!(validate(&m), Err(ManifestError::DuplicateDisk(_))));
 }
+
+#[test]
+fn mirrored_disks_are_validated_and_bound_by_the_root() {
+    use trustmig_protocol::manifest::{DiskFormat, MirrorDisk};
+    let f = files();
+    let plain = f.manifest.to_cbor();
+    let mut m = f.manifest.clone();
+    m.mirrors.push(MirrorDisk {
+        name: "vdc".into(),
+        format: DiskFormat::Qcow2,
+        virtual_size: 1 << 30,
+    });
+    validate(&m).expect("consistent");
+    // Without mirrors the encoding is the old one; with them the root covers them.
+    assert_eq!(f.manifest.to_cbor(), plain);
+    let root = manifest_root(&m.to_cbor());
+    let mut raw = m.clone();
+    raw.mirrors[0].format = DiskFormat::Raw;
+    assert_ne!(manifest_root(&raw.to_cbor()), root);
+    // A name used twice (also across chunked and mirrored disks), an odd size, too large.
+    let mut dup = m.clone();
+    dup.mirrors[0].name = "vda".into();
+    assert!(matches!(validate(&dup), Err(ManifestError::DuplicateDisk(n)) if n == "vda"));
+    for size in [0, 1000, (64 << 40) + 512] {
+        let mut bad = m.clone();
+        bad.mirrors[0].virtual_size = size;
+        let e = validate(&bad).unwrap_err().to_string();
+        assert!(e.contains("virtual size"), "{size}: {e}");
+    }
+    let mut many = m;
+    for i in 0..15 {
+        many.mirrors.push(MirrorDisk {
+            name: format!("m{i}"),
+            format: DiskFormat::Raw,
+            virtual_size: 512,
+        });
+    }
+    assert!(matches!(
+        validate(&many),
+        Err(ManifestError::TooManyDisks(18))
+    ));
+}

@@ -21,7 +21,7 @@ use crate::attestation::{
 };
 use crate::error::{Error, PeerMisbehaved};
 use crate::keys::KeySchedule;
-use crate::manifest::{manifest_root, ImageManifest};
+use crate::manifest::{manifest_root, ImageManifest, MAX_DISKS};
 use crate::messages::{ClientHello, Message, ServerHello, TransferMode, MAX_STREAMS};
 use crate::order::{hex, OrderJournal, OrderPolicy, Role, VerifiedOrder};
 use crate::{codec, ct_eq, AgentId, Digest, SUPPORTED_VERSIONS};
@@ -127,6 +127,27 @@ fn unexpected(got: &Message, expected: &'static str) -> Error {
     .into()
 }
 
+/// The streams a manifest's mirrored disks need: hypervisor-stream mode uses stream 0 for
+/// QEMU's stream and stream `i + 1` for mirror `i`; the native engine carries no mirrors.
+fn check_streams(mode: &TransferMode, streams: u16, manifest: &ImageManifest) -> Result<(), Error> {
+    let mirrors = manifest.mirrors.len();
+    let ok = match mode {
+        TransferMode::HypervisorStream => usize::from(streams) == 1 + mirrors,
+        TransferMode::Precopy { .. } => mirrors == 0,
+    };
+    if ok {
+        return Ok(());
+    }
+    let mode = match mode {
+        TransferMode::HypervisorStream => "hypervisor-stream",
+        TransferMode::Precopy { .. } => "precopy",
+    };
+    Err(PeerMisbehaved::BadField(format!(
+        "{streams} streams for {mirrors} mirrored disks in {mode} mode"
+    ))
+    .into())
+}
+
 fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
     if streams == 0 || streams > MAX_STREAMS {
         return Err(PeerMisbehaved::BadField(format!(
@@ -134,9 +155,12 @@ fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
         ))
         .into());
     }
-    if *mode == TransferMode::HypervisorStream && streams != 1 {
+    // One stream for QEMU's, one more per mirrored disk (checked against the manifest by
+    // `check_streams` once it is known).
+    if *mode == TransferMode::HypervisorStream && usize::from(streams) > 1 + MAX_DISKS {
         return Err(PeerMisbehaved::BadField(format!(
-            "hypervisor-stream mode uses one stream, not {streams}"
+            "hypervisor-stream mode uses 1 + one per mirrored disk streams, at most {}, not {streams}",
+            1 + MAX_DISKS
         ))
         .into());
     }
@@ -207,6 +231,7 @@ impl SourceHandshake {
         manifest: &ImageManifest,
     ) -> Result<(Self, Vec<u8>), Error> {
         check_mode(&mode, streams)?;
+        check_streams(&mode, streams, manifest)?;
         if !ct_eq(&channel.peer, &order.body().destination) {
             return Err(PeerMisbehaved::WrongPeer {
                 role: Role::Destination,
@@ -542,6 +567,7 @@ impl DestinationHandshake {
                     return Err(PeerMisbehaved::ManifestMismatch.into());
                 }
                 let parsed: ImageManifest = codec::decode(&manifest)?;
+                check_streams(&hello.mode, hello.streams, &parsed)?;
                 if parsed.vm != hello.order.body().vm {
                     return Err(PeerMisbehaved::BadField(format!(
                         "manifest is for VM {:?}, the order for {:?}",

@@ -73,6 +73,48 @@ impl StreamDigest {
     }
 }
 
+/// Domain-separation label of the final digest of a migration with mirrored disks.
+pub const HVSTREAM_DISKS_LABEL: &[u8] = b"trustmig hvstream v2";
+
+/// The two directions of one mirrored disk's NBD stream.
+#[derive(Clone, Debug, Default)]
+pub struct BlockDigests {
+    /// NBD client (source QEMU) to server (destination QEMU): requests and written data.
+    pub to_destination: StreamDigest,
+    /// Server to client: replies and read data.
+    pub to_source: StreamDigest,
+}
+
+/// The final digest of a hypervisor stream together with the NBD streams of mirrored disks,
+/// in manifest order. Without mirrors it is `stream.finish(transcript_hash)` (v1), so
+/// migrations without them are unchanged; with them:
+/// `SHA-256("trustmig hvstream v2" || transcript_hash || len || BLAKE3(stream) ||
+///  count u16 BE || for each disk: (len || BLAKE3) of S->D, then of D->S)`.
+pub fn final_digest(
+    transcript_hash: &Digest,
+    stream: StreamDigest,
+    disks: &[BlockDigests],
+) -> Digest {
+    if disks.is_empty() {
+        return stream.finish(transcript_hash);
+    }
+    let part = |d: &StreamDigest| {
+        let mut out = d.len.to_be_bytes().to_vec();
+        out.extend_from_slice(d.hasher.finalize().as_bytes());
+        out
+    };
+    let mut parts: Vec<Vec<u8>> = vec![part(&stream)];
+    let count = u16::try_from(disks.len()).unwrap_or(u16::MAX);
+    parts.push(count.to_be_bytes().to_vec());
+    for d in disks {
+        parts.push(part(&d.to_destination));
+        parts.push(part(&d.to_source));
+    }
+    let mut all: Vec<&[u8]> = vec![HVSTREAM_DISKS_LABEL, transcript_hash];
+    all.extend(parts.iter().map(Vec::as_slice));
+    sha256(&all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +156,37 @@ mod tests {
         let mut short = StreamDigest::new();
         short.update(&data[..9_999]);
         assert_ne!(d, short.finish(&t));
+        // With mirrored disks: v2, every direction of every disk bound, v1 without any.
+        let mut s = StreamDigest::new();
+        s.update(&data);
+        assert_eq!(final_digest(&t, s.clone(), &[]), d);
+        let mut disk = BlockDigests::default();
+        disk.to_destination.update(b"write");
+        disk.to_source.update(b"ok");
+        let v2 = final_digest(&t, s.clone(), std::slice::from_ref(&disk));
+        let part = |b: &[u8]| {
+            [
+                &(b.len() as u64).to_be_bytes()[..],
+                blake3::hash(b).as_bytes(),
+            ]
+            .concat()
+        };
+        assert_eq!(
+            v2,
+            sha256(&[
+                b"trustmig hvstream v2",
+                &t,
+                &part(&data),
+                &1u16.to_be_bytes(),
+                &part(b"write"),
+                &part(b"ok"),
+            ])
+        );
+        let mut swapped = BlockDigests::default();
+        swapped.to_destination.update(b"ok");
+        swapped.to_source.update(b"write");
+        assert_ne!(v2, final_digest(&t, s.clone(), &[swapped]));
+        assert_ne!(v2, final_digest(&t, s, &[disk.clone(), disk]));
         // The empty stream is well defined.
         let e = StreamDigest::new();
         assert!(e.is_empty());

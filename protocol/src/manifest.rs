@@ -24,6 +24,40 @@ pub struct DiskManifest {
     pub chunks: Vec<serde_bytes::ByteBuf>,
 }
 
+/// Image format of a mirrored disk: what the destination creates and opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A raw image file.
+    Raw,
+    /// A qcow2 image without a backing file.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's driver name (and the destination image's file extension).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A writable disk that moves live: QEMU mirrors it into the destination's copy over NBD,
+/// carried on a data stream of its own (`BlockStream` records), while the guest keeps writing.
+/// Its content is bound by the final digest, not by chunk digests. spec: spec/qemu.md §5
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorDisk {
+    /// Disk name (NBD export name on the destination, `[[vm.disk]]` name on both sides).
+    pub name: String,
+    /// Image format the destination creates.
+    pub format: DiskFormat,
+    /// Size the guest sees, bytes (a multiple of 512).
+    pub virtual_size: u64,
+}
+
 /// The image manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +71,11 @@ pub struct ImageManifest {
     pub chunk_size: u32,
     /// Disks that travel with the VM (empty with shared storage).
     pub disks: Vec<DiskManifest>,
+    /// Writable disks mirrored live, in data-stream order: mirror `i` travels on data stream
+    /// `i + 1`. Absent from the encoding when empty, so manifests without mirrors encode as
+    /// before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<MirrorDisk>,
 }
 
 impl ImageManifest {

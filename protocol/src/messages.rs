@@ -43,7 +43,8 @@ pub enum TransferMode {
         /// Number of guest pages.
         page_count: u64,
     },
-    /// An opaque hypervisor stream (QEMU's migration stream) on stream 0.
+    /// An opaque hypervisor stream (QEMU's migration stream) on stream 0; each mirrored disk
+    /// of the manifest on its own stream after it (spec/qemu.md §5).
     HypervisorStream,
 }
 

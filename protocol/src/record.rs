@@ -48,6 +48,10 @@ pub enum RecordType {
     /// One disk chunk of the image manifest, in manifest order (QEMU sidecar mode, before the
     /// hypervisor stream). spec: SPEC.md §7.2, spec/qemu.md §5
     DiskChunk = 7,
+    /// NBD bytes of a mirrored disk (QEMU sidecar mode, data streams 1..): the source QEMU's
+    /// NBD client to the destination QEMU's NBD server on S->D, the replies on D->S.
+    /// spec: SPEC.md §7.2, spec/qemu.md §5
+    BlockStream = 8,
 }
 
 impl RecordType {
@@ -60,6 +64,7 @@ impl RecordType {
             5 => Self::KeyUpdate,
             6 => Self::StreamEnd,
             7 => Self::DiskChunk,
+            8 => Self::BlockStream,
             _ => return None,
         })
     }

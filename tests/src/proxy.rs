@@ -1,6 +1,7 @@
 //! A TCP proxy between source and destination. Control connections (TLS, first byte 0x16) pass
 //! through untouched; on data streams the proxy understands the preamble and record framing
-//! (SPEC.md §7) and applies one [`Fault`] to the source->destination direction of stream 0.
+//! (SPEC.md §7) and applies one [`Fault`] to the source->destination direction of one data
+//! stream (stream 0 unless [`Proxy::start_on`] says another).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,6 +43,12 @@ pub struct Proxy {
 impl Proxy {
     /// Listen on a free loopback port and forward to `target`.
     pub async fn start(target: String, fault: Fault) -> std::io::Result<Self> {
+        Self::start_on(target, fault, 0).await
+    }
+
+    /// Like [`Proxy::start`], with the fault on data stream `stream` (a mirrored disk's NBD
+    /// stream is stream 1 and up).
+    pub async fn start_on(target: String, fault: Fault, stream: u16) -> std::io::Result<Self> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?.to_string();
         let fired = Arc::new(AtomicBool::new(false));
@@ -53,7 +60,7 @@ impl Proxy {
                 let (target, fired, data, cut) =
                     (target.clone(), f2.clone(), d2.clone(), cut.clone());
                 tokio::spawn(async move {
-                    let _ = relay(c, target, fault, fired, data, cut).await;
+                    let _ = relay(c, target, (fault, stream), fired, data, cut).await;
                 });
             }
         });
@@ -68,7 +75,7 @@ impl Proxy {
 async fn relay(
     client: TcpStream,
     target: String,
-    fault: Fault,
+    (fault, faulty): (Fault, u16),
     fired: Arc<AtomicBool>,
     data: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
@@ -138,7 +145,7 @@ async fn relay(
             break;
         }
         let total = data.fetch_add(rec.len() as u64, Ordering::SeqCst) + rec.len() as u64;
-        let mine = stream == 0;
+        let mine = stream == faulty;
         let mut out: Vec<Vec<u8>> = vec![rec];
         match fault {
             Fault::CutAfter(n) if total >= n => {

@@ -57,6 +57,19 @@ impl SourceLink<'_> {
     pub async fn report(&self, p: Progress) {
         let _ = self.progress.send(p).await;
     }
+
+    /// A control message from the destination during the transfer, where it says nothing
+    /// unless it aborts: its `Abort` (or garbage, or the channel's end) ends the transfer.
+    pub fn peer_message(
+        &mut self,
+        msg: Option<Result<Vec<u8>, AgentError>>,
+    ) -> Result<(), AgentError> {
+        let msg =
+            msg.ok_or_else(|| AgentError::transport(crate::error::Link::Control, "closed"))??;
+        let mut att = self.ctx.attester.lock().expect("attester lock");
+        self.sm.handle(&msg, att.as_mut())?;
+        Ok(())
+    }
 }
 
 /// What a finished transfer hands to the switch-over.
@@ -169,6 +182,7 @@ pub fn vm_manifest(
         config_digest,
         chunk_size,
         disks,
+        mirrors: Vec::new(),
     }
 }
 

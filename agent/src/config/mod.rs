@@ -174,13 +174,47 @@ struct VmEntry {
 pub struct DiskConfig {
     /// The disk's name in the image manifest and the destination QEMU's block node name.
     pub name: String,
-    /// Source: the raw image file, which the source QEMU has open read-only (absolute path).
+    /// Source: the image file QEMU has open (absolute path). Read-only raw images are copied
+    /// chunk by chunk; writable raw or qcow2 images are mirrored live (spec/qemu.md §5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<std::path::PathBuf>,
     /// Destination: the `device_add` arguments of the guest device (`driver` and properties,
     /// as on the source's `-device`); the agent adds `drive = <name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<toml::Table>,
+    /// Destination: the format a mirrored disk must arrive in; a source announcing another is
+    /// refused before anything is created. Any format the agent supports when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<trustmig_protocol::manifest::DiskFormat>,
+    /// Source: how QEMU's mirror of a writable disk keeps up with the guest's writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorMode>,
+}
+
+/// QEMU's `copy-mode` for a mirrored disk. spec: spec/qemu.md §5
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorMode {
+    /// Guest writes land on the source and are copied from the dirty bitmap; the last ones at
+    /// the switch-over, with the guest stopped. The default: QEMU 7.2 corrupts its heap and
+    /// dies when the NBD connection of a `write-blocking` mirror breaks under guest writes
+    /// (reproduced: `scripts/repro/active-mirror-crash.py`), and anyone on the path can break it.
+    #[default]
+    Background,
+    /// Active mirroring: each guest write completes only once both copies have it, so the copy
+    /// stays in step and the switch-over has nothing left to copy. For QEMU versions without
+    /// that crash.
+    WriteBlocking,
+}
+
+impl MirrorMode {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Background => "background",
+            Self::WriteBlocking => "write-blocking",
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -383,6 +417,8 @@ pub(crate) fn test_dest_disk(name: &str) -> DiskConfig {
         name: name.into(),
         path: None,
         device: Some(device),
+        format: None,
+        mirror: None,
     }
 }
 

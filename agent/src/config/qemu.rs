@@ -168,12 +168,16 @@ mod tests {
             name: "d0".into(),
             path: None,
             device: None,
+            format: None,
+            mirror: None,
         };
         assert!(check(vec![bare], d).unwrap_err().contains("needs path"));
         let rel = DiskConfig {
             name: "d0".into(),
             path: Some("img.raw".into()),
             device: None,
+            format: None,
+            mirror: None,
         };
         assert!(check(vec![rel], d).unwrap_err().contains("absolute"));
         assert!(check(vec![], Some(Path::new("rel")))

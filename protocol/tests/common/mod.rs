@@ -43,6 +43,7 @@ pub fn manifest() -> ImageManifest {
         config_digest: [3; 32],
         chunk_size: 1 << 20,
         disks: vec![],
+        mirrors: vec![],
     }
 }
 

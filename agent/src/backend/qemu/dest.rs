@@ -10,6 +10,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use trustmig_protocol::handshake::Established;
+use trustmig_protocol::hvstream::final_digest;
 use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
 use trustmig_protocol::manifest::ImageManifest;
 use trustmig_protocol::order::{hex, OrderId};
@@ -22,7 +23,7 @@ use crate::error::AgentError;
 use crate::net::wire::read_record;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
-use super::pumps::{open_pump, seal_pump};
+use super::pumps::{open_pump, seal_pump, Carried, Received};
 use super::{qemu_vm, socket_dir, socket_path};
 
 /// How long the destination waits for the source's data stream to bind: the source opens it
@@ -74,10 +75,13 @@ impl QemuDest {
             disk_files: Arc::default(),
             tasks: Tasks::default(),
         };
-        if est.streams != 1 {
+        // Stream 0 carries QEMU's stream, one more per mirrored disk (spec/qemu.md §5).
+        let want = 1 + est.manifest.mirrors.len();
+        if usize::from(est.streams) != want {
             me.discard(ctx).await;
             return Err(AgentError::Refused(format!(
-                "hypervisor-stream mode uses one data stream, source announced {}",
+                "hypervisor-stream mode uses {want} data stream(s) here (1 + {} mirrored disks), source announced {}",
+                est.manifest.mirrors.len(),
                 est.streams
             )));
         }
@@ -154,6 +158,8 @@ impl DestVm for QemuDest {
                 st.status
             )));
         }
+        // Mirrored disks' images are this VM's now: no longer leftovers of this order.
+        super::mirror::committed(&self.disk_files.lock().expect("disk files lock"));
         info!(vm = %self.vm, "QEMU VM resumed on this host");
         Ok(())
     }
@@ -189,8 +195,9 @@ impl DestVm for QemuDest {
     }
 }
 
-/// Bind stream 0, receive the disks, feed QEMU the stream to its end and wait until QEMU
-/// loaded it; the return-path pump goes into `pumps`.
+/// Bind the data streams, receive the copied disks, set up the mirrored ones, feed QEMU the
+/// stream to its end and wait until QEMU loaded it and every NBD stream ended; the pumps go
+/// into `pumps`.
 async fn receive(
     ctx: &Arc<Ctx>,
     vm: &str,
@@ -202,9 +209,11 @@ async fn receive(
 ) -> Result<Arrived, AgentError> {
     let timeout = ctx.step_timeout();
     let deadline = tokio::time::Instant::now() + timeout.min(BIND_TIMEOUT);
-    let (mut data, mut opener) = tokio::time::timeout_at(deadline, bind(conns, &inc.keys, inc.sid))
+    let count = 1 + inc.manifest.mirrors.len() as u16;
+    let mut streams = tokio::time::timeout_at(deadline, bind(conns, &inc.keys, inc.sid, count))
         .await
         .map_err(|_| AgentError::Timeout("the source opened no data stream in time".into()))??;
+    let (mut data, mut opener) = streams.remove(0);
     let sealer = Sealer::new(inc.keys.stream_secret(Direction::DestinationToSource, 0), 0);
 
     // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
@@ -212,10 +221,11 @@ async fn receive(
     if !inc.manifest.disks.is_empty() {
         let vm_cfg = ctx.config.vms.iter().find(|v| v.name == vm);
         let targets = super::disk::plan(&inc.manifest, vm_cfg)?;
-        *files.lock().expect("disk files lock") = targets
-            .iter()
-            .flat_map(|t| t.files().map(Path::to_path_buf))
-            .collect();
+        files.lock().expect("disk files lock").extend(
+            targets
+                .iter()
+                .flat_map(|t| t.files().map(Path::to_path_buf)),
+        );
         let n =
             super::disk::receive_disks(&mut data, &mut opener, &inc.manifest, &targets, timeout)
                 .await?;
@@ -223,8 +233,49 @@ async fn receive(
         super::disk::attach(qmp, &targets).await?;
     }
 
-    // QEMU listens on a socket in our home; we feed it.
+    // Mirrored disks (spec/qemu.md §5): created here, opened and exported over NBD, each
+    // stream relayed to QEMU's NBD server while the source mirrors into it.
+    let mut relays = if streams.is_empty() {
+        None
+    } else {
+        Some(mirrors_in(ctx, vm, qmp, &inc, streams, files, pumps).await?)
+    };
+    // A relay that fails (a refused record on an NBD stream) ends the migration at once.
+    let fed = feed(ctx, vm, qmp, &inc, (data, opener, sealer), pumps);
+    let got = match &mut relays {
+        Some(r) => tokio::select! {
+            got = fed => got?,
+            e = r.failure(false) => return Err(e),
+        },
+        None => fed.await?,
+    };
+    // The source ended every NBD stream before QEMU's device state.
+    let blocks = match &mut relays {
+        Some(r) => super::mirror::finish(qmp, r, timeout).await?,
+        None => Vec::new(),
+    };
+    let digests: Vec<_> = blocks.iter().map(|(d, _)| d.clone()).collect();
+    let mut stream_records = vec![got.records];
+    stream_records.extend(blocks.iter().map(|(_, n)| *n));
+    Ok(Arrived {
+        stream_records,
+        digest: final_digest(&inc.transcript_hash, got.digest, &digests),
+    })
+}
+
+/// Feed QEMU the migration stream of data stream 0 to its end (its return path goes back
+/// through `sealer`) and wait until QEMU loaded it.
+async fn feed(
+    ctx: &Arc<Ctx>,
+    vm: &str,
+    qmp: &mut Qmp,
+    inc: &Incoming,
+    (data, opener, sealer): (TcpStream, Opener, Sealer),
+    pumps: &mut Tasks,
+) -> Result<Received, AgentError> {
+    let timeout = ctx.step_timeout();
     let dir = socket_dir(ctx)?;
+    // QEMU listens on a socket in our home; we feed it.
     let path = socket_path(&dir, "in", &inc.order_id)?;
     // `events`: the load's completion wakes `wait_loaded` at once. `late-block-activate`:
     // QEMU activates the images (and takes their write locks) at `cont`, not when loading
@@ -240,66 +291,112 @@ async fn receive(
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     let (data_rd, data_wr) = data.into_split();
     pumps.spawn(async move {
-        if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, "return path").await {
+        if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, "return path", Carried::Migration).await
+        {
             warn!("{e}");
         }
     });
     info!(order = %hex(&inc.order_id), vm, "feeding the destination QEMU");
-    let got = open_pump(data_rd, qemu_wr, opener, "data stream 0").await?;
+    let got = open_pump(
+        data_rd,
+        qemu_wr,
+        opener,
+        "data stream 0",
+        Carried::Migration,
+    )
+    .await?;
     debug!("QEMU stream opened to its end and written to QEMU");
     // Everything arrived; QEMU must also have loaded it without complaint.
     wait_loaded(qmp, timeout).await?;
     debug!("destination QEMU loaded the stream");
-    Ok(Arrived {
-        stream_records: vec![got.records],
-        digest: got.digest.finish(&inc.transcript_hash),
-    })
+    Ok(got)
 }
 
-/// The first candidate connection for stream 0 whose `StreamInit` authenticates, with its
-/// opener. Candidates are checked concurrently: one that stalls before its StreamInit (a
-/// squatter with a copied preamble) must not hold up the genuine one behind it.
+/// Create, open and export the mirrored disks' images and relay their streams (`streams[i]`
+/// is data stream `i + 1`) to QEMU's NBD server. The images join `files`, removed if the
+/// migration fails before `Commit`.
+async fn mirrors_in(
+    ctx: &Arc<Ctx>,
+    vm: &str,
+    qmp: &mut Qmp,
+    inc: &Incoming,
+    streams: Vec<(TcpStream, Opener)>,
+    files: &std::sync::Mutex<Vec<PathBuf>>,
+    pumps: &mut Tasks,
+) -> Result<super::mirror::Relays, AgentError> {
+    let targets = {
+        let journal = ctx.journal.lock().expect("journal lock");
+        super::mirror::plan(&inc.manifest, ctx.config.vm(vm), &journal)?
+    };
+    files.lock().expect("disk files lock").extend(
+        targets
+            .iter()
+            .flat_map(|t| t.files().map(Path::to_path_buf)),
+    );
+    super::mirror::create(&targets, &inc.order_id).await?;
+    let sock = socket_path(&socket_dir(ctx)?, "nbd", &inc.order_id)?;
+    super::mirror::export(qmp, &targets, &sock).await?;
+    let streams = (1u16..)
+        .zip(streams)
+        .map(|(i, (data, opener))| {
+            let back = Sealer::new(inc.keys.stream_secret(Direction::DestinationToSource, i), i);
+            (data, opener, back)
+        })
+        .collect();
+    info!(order = %hex(&inc.order_id), disks = targets.len(), "mirrored disks exported to the source");
+    Ok(super::mirror::relay_all(&sock, &targets, streams, pumps))
+}
+
+/// Data streams `0..count`, each the first candidate connection whose `StreamInit`
+/// authenticates, with its opener. Candidates are checked concurrently: one that stalls before
+/// its StreamInit (a squatter with a copied preamble) must not hold up the genuine one behind it.
 async fn bind(
     mut conns: mpsc::Receiver<DataConn>,
     keys: &KeySchedule,
     sid: [u8; 16],
-) -> Result<(TcpStream, Opener), AgentError> {
+    count: u16,
+) -> Result<Vec<(TcpStream, Opener)>, AgentError> {
+    let mut bound: Vec<Option<(TcpStream, Opener)>> = (0..count).map(|_| None).collect();
     let mut checks = tokio::task::JoinSet::new();
-    loop {
+    while bound.iter().any(Option::is_none) {
         tokio::select! {
             c = conns.recv() => {
                 let (i, sock) = c.ok_or_else(|| AgentError::Migration("session closed".into()))?;
-                if i != 0 {
+                if i >= count || bound[usize::from(i)].is_some() {
                     warn!(stream = i, "surplus data connection dropped");
                     continue;
                 }
                 // A fresh opener per candidate: a forgery may poison one.
-                let secret = keys.stream_secret(Direction::SourceToDestination, 0);
-                checks.spawn(stream_init(sock, secret, sid));
+                let secret = keys.stream_secret(Direction::SourceToDestination, i);
+                checks.spawn(stream_init(sock, secret, sid, i));
             }
             Some(r) = checks.join_next() => match r {
-                Ok(Some(bound)) => return Ok(bound),
+                Ok(Some((i, sock, opener))) if bound[usize::from(i)].is_none() => {
+                    bound[usize::from(i)] = Some((sock, opener));
+                }
                 // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
                 _ => warn!("data connection failed StreamInit; dropped"),
             },
         }
     }
+    Ok(bound.into_iter().flatten().collect())
 }
 
-/// A candidate for data stream 0 with the opener that authenticated its `StreamInit`, or
-/// `None` when it does not authenticate.
+/// A candidate for data stream `index` with the opener that authenticated its `StreamInit`,
+/// or `None` when it does not authenticate.
 async fn stream_init(
     mut sock: TcpStream,
     secret: TrafficSecret,
     sid: [u8; 16],
-) -> Option<(TcpStream, Opener)> {
+    index: u16,
+) -> Option<(u16, TcpStream, Opener)> {
     sock.set_nodelay(true).ok();
-    let mut opener = Opener::new(secret, 0);
+    let mut opener = Opener::new(secret, index);
     let mut buf = Vec::new();
-    let init = [&sid[..], &0u16.to_be_bytes()].concat();
+    let init = [&sid[..], &index.to_be_bytes()].concat();
     let read = matches!(read_record(&mut sock, &mut buf).await, Ok(true));
     let ok = read && matches!(opener.open(&mut buf), Ok((RecordType::StreamInit, p)) if p == init);
-    ok.then_some((sock, opener))
+    ok.then_some((index, sock, opener))
 }
 
 /// Connect to the socket QEMU listens on for the incoming stream (it appears shortly after

@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
@@ -21,7 +20,9 @@ use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
-use crate::config::{QemuVm, VmConfig};
+use crate::config::{MirrorMode, QemuVm, VmConfig};
+
+use super::mirror::{BlockNode, SourceMirror};
 use crate::error::AgentError;
 use crate::net::wire::{read_record, WireError};
 use trustmig_qemu::qmp::Qmp;
@@ -50,16 +51,6 @@ pub struct SourceDisk {
     pub path: PathBuf,
 }
 
-#[derive(Deserialize)]
-struct BlockNode {
-    #[serde(default)]
-    file: String,
-    #[serde(default)]
-    ro: bool,
-    #[serde(default)]
-    drv: String,
-}
-
 fn same_file(qemu: &str, ours: &Path) -> bool {
     let q = Path::new(qemu);
     q.is_absolute()
@@ -67,21 +58,27 @@ fn same_file(qemu: &str, ours: &Path) -> bool {
             || matches!((q.canonicalize(), ours.canonicalize()), (Ok(a), Ok(b)) if a == b))
 }
 
-/// The disks of `vm` this source transfers (the `[[vm.disk]]` entries with a `path`), after
-/// checking with QEMU that each is a raw image it has open read-only.
-pub async fn source_disks(vm: &QemuVm, qmp: &mut Qmp) -> Result<Vec<SourceDisk>, AgentError> {
-    let wanted: Vec<SourceDisk> = vm
+/// The disks of `vm` this source moves (the `[[vm.disk]]` entries with a `path`), as QEMU
+/// has them open: a raw image open read-only is copied chunk by chunk before QEMU's stream; a
+/// writable raw or qcow2 image is mirrored live (`mirror.rs`). Anything else is refused, with
+/// the reason, before anything moves.
+pub async fn source_disks(
+    vm: &QemuVm,
+    qmp: &mut Qmp,
+) -> Result<(Vec<SourceDisk>, Vec<SourceMirror>), AgentError> {
+    let wanted: Vec<(&str, &Path, MirrorMode)> = vm
         .disks
         .iter()
         .filter_map(|d| {
-            d.path.clone().map(|path| SourceDisk {
-                name: d.name.clone(),
-                path,
-            })
+            Some((
+                d.name.as_str(),
+                d.path.as_deref()?,
+                d.mirror.unwrap_or_default(),
+            ))
         })
         .collect();
     if wanted.is_empty() {
-        return Ok(wanted);
+        return Ok((Vec::new(), Vec::new()));
     }
     let v = qmp
         .execute("query-named-block-nodes", json!({ "flat": true }))
@@ -92,35 +89,31 @@ pub async fn source_disks(vm: &QemuVm, qmp: &mut Qmp) -> Result<Vec<SourceDisk>,
             "QEMU: malformed query-named-block-nodes reply: {e}"
         ))
     })?;
-    for d in &wanted {
-        let mine: Vec<&BlockNode> = nodes
+    let (mut copied, mut mirrored) = (Vec::new(), Vec::new());
+    for (name, path, mode) in wanted {
+        let mine: Vec<&BlockNode> = nodes.iter().filter(|n| same_file(&n.file, path)).collect();
+        let shown = path.display();
+        // The format node (raw, qcow2, ...) over the protocol node (`file`), or the protocol
+        // node alone when the device sits on it directly.
+        let Some(top) = mine
             .iter()
-            .filter(|n| same_file(&n.file, &d.path))
-            .collect();
-        let shown = d.path.display();
-        if mine.is_empty() {
+            .find(|n| n.drv != "file")
+            .or_else(|| mine.first())
+        else {
             return Err(mig(format!(
-                "disk {}: the source QEMU has no block node on {shown} (QEMU must open the image by this absolute path)",
-                d.name
+                "disk {name}: the source QEMU has no block node on {shown} (QEMU must open the image by this absolute path)"
             )));
-        }
-        if let Some(n) = mine
-            .iter()
-            .find(|n| !matches!(n.drv.as_str(), "raw" | "file"))
-        {
-            return Err(mig(format!(
-                "disk {}: QEMU opens {shown} as {}; only raw images are transferred (use shared storage for others)",
-                d.name, n.drv
-            )));
-        }
-        if mine.iter().any(|n| !n.ro) {
-            return Err(mig(format!(
-                "disk {}: QEMU has {shown} open read-write; only disks opened read-only (readonly=on) can be transferred, since the guest could change them during the copy (use shared storage)",
-                d.name
-            )));
+        };
+        if mine.iter().all(|n| n.ro) && matches!(top.drv.as_str(), "raw" | "file") {
+            copied.push(SourceDisk {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+            });
+        } else {
+            mirrored.push(super::mirror::source_mirror((name, mode), path, top)?);
         }
     }
-    Ok(wanted)
+    Ok((copied, mirrored))
 }
 
 /// Chunk digests of the source's disks, for the manifest.
@@ -265,37 +258,10 @@ pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Targe
             manifest.chunk_size
         )));
     }
-    let vm = vm.ok_or_else(|| mig(format!("no VM {:?} configured here", manifest.vm)))?;
-    let q = vm
-        .qemu()
-        .ok_or_else(|| mig(format!("VM {:?} here is not a QEMU VM", vm.name)))?;
-    let dir = q.disk_dir.as_ref().ok_or_else(|| {
-        mig(format!(
-            "the source sends {} disk(s) for {:?} but its [[vm]] here has no disk_dir",
-            manifest.disks.len(),
-            vm.name
-        ))
-    })?;
-    std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+    let (q, dir) = disk_home(manifest, vm)?;
     let mut out = Vec::with_capacity(manifest.disks.len());
     for d in &manifest.disks {
-        crate::config::check_disk_name(&d.name)
-            .map_err(|e| mig(format!("the source's manifest: {e}")))?;
-        let device = q
-            .disks
-            .iter()
-            .find(|c| c.name == d.name)
-            .and_then(|c| c.device.as_ref())
-            .ok_or_else(|| {
-                mig(format!(
-                    "the source sends disk {:?}, which has no [[vm.disk]] with a device here",
-                    d.name
-                ))
-            })?;
-        let device = match serde_json::to_value(device) {
-            Ok(Value::Object(m)) => m,
-            _ => return Err(mig(format!("disk {:?}: device is not a table", d.name))),
-        };
+        let device = device_of(q, &d.name)?;
         let path = dir.join(format!("{}.raw", d.name));
         let part = dir.join(format!("{}.raw.part", d.name));
         if path.exists() {
@@ -313,6 +279,49 @@ pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Targe
         });
     }
     Ok(out)
+}
+
+/// The destination's QEMU configuration of the manifest's VM and its `disk_dir` (created),
+/// where the disks that arrive go.
+pub(crate) fn disk_home<'a>(
+    manifest: &ImageManifest,
+    vm: Option<&'a VmConfig>,
+) -> Result<(&'a QemuVm, &'a Path), AgentError> {
+    let vm = vm.ok_or_else(|| mig(format!("no VM {:?} configured here", manifest.vm)))?;
+    let q = vm
+        .qemu()
+        .ok_or_else(|| mig(format!("VM {:?} here is not a QEMU VM", vm.name)))?;
+    let dir = q.disk_dir.as_ref().ok_or_else(|| {
+        mig(format!(
+            "the source sends {} disk(s) for {:?} but its [[vm]] here has no disk_dir",
+            manifest.disks.len() + manifest.mirrors.len(),
+            vm.name
+        ))
+    })?;
+    std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+    Ok((q, dir))
+}
+
+/// The `device_add` arguments for disk `name` (a safe name, configured here with a device).
+pub(crate) fn device_of(
+    q: &QemuVm,
+    name: &str,
+) -> Result<serde_json::Map<String, Value>, AgentError> {
+    crate::config::check_disk_name(name).map_err(|e| mig(format!("the source's manifest: {e}")))?;
+    let device = q
+        .disks
+        .iter()
+        .find(|c| c.name == name)
+        .and_then(|c| c.device.as_ref())
+        .ok_or_else(|| {
+            mig(format!(
+                "the source sends disk {name:?}, which has no [[vm.disk]] with a device here"
+            ))
+        })?;
+    match serde_json::to_value(device) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(mig(format!("disk {name:?}: device is not a table"))),
+    }
 }
 
 /// Receive every disk of `manifest` from `from` (stream 0, after `StreamInit`): each chunk is
@@ -452,6 +461,7 @@ mod tests {
             config_digest: [0; 32],
             chunk_size: DISK_CHUNK,
             disks,
+            mirrors: Vec::new(),
         };
         (data, sd, m)
     }

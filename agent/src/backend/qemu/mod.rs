@@ -25,14 +25,13 @@
 mod dest;
 pub mod disk;
 mod giveback;
+mod mirror;
 mod pumps;
 mod reconcile;
 mod source;
 
 use std::path::{Path, PathBuf};
 
-use trustmig_protocol::handshake::Established;
-use trustmig_protocol::keys::{Direction, TrafficSecret};
 use trustmig_protocol::order::hex;
 
 use crate::config::Config;
@@ -86,8 +85,4 @@ fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<PathBuf, A
     }
     let _ = std::fs::remove_file(&p);
     Ok(p)
-}
-
-fn stream_secret(est: &Established, dir: Direction) -> TrafficSecret {
-    est.keys.stream_secret(dir, 0)
 }

@@ -20,6 +20,24 @@ fn proto(e: impl Into<trustmig_protocol::Error>) -> AgentError {
     AgentError::Protocol(e.into())
 }
 
+/// What a pump carries: QEMU's migration stream (`HypervisorStream` records) or a mirrored
+/// disk's NBD connection (`BlockStream` records; the pump that writes to QEMU half-closes its
+/// socket at the stream's end, so an NBD peer that did not disconnect sees the end too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Carried {
+    Migration,
+    Nbd,
+}
+
+impl Carried {
+    fn record(self) -> RecordType {
+        match self {
+            Self::Migration => RecordType::HypervisorStream,
+            Self::Nbd => RecordType::BlockStream,
+        }
+    }
+}
+
 /// What a forward pump (QEMU stream -> records) did.
 pub(crate) struct Sent {
     pub(crate) records: u64,
@@ -35,6 +53,7 @@ pub(crate) async fn seal_pump<R, W>(
     mut to: W,
     mut sealer: Sealer,
     what: &'static str,
+    carried: Carried,
 ) -> Result<Sent, String>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -49,7 +68,7 @@ where
         out.clear();
         digest.update(&chunk);
         sealer
-            .seal(RecordType::HypervisorStream, &chunk, &mut out)
+            .seal(carried.record(), &chunk, &mut out)
             .map_err(|e| format!("{what}: {e}"))?;
         to.write_all(&out)
             .await
@@ -127,6 +146,7 @@ pub(crate) async fn open_pump<R, W>(
     to: W,
     mut opener: Opener,
     what: &'static str,
+    carried: Carried,
 ) -> Result<Received, AgentError>
 where
     R: AsyncRead + Unpin,
@@ -136,7 +156,7 @@ where
     // protocol-violation; transport failures are local (text).
     let local = |m: String| AgentError::Migration(format!("{what}: {m}"));
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
-    let writer = tokio::spawn(write_chunks(to, rx, what));
+    let writer = tokio::spawn(write_chunks(to, rx, what, carried == Carried::Nbd));
     let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
     let mut digest = StreamDigest::new();
     let r = loop {
@@ -151,7 +171,7 @@ where
             Err(e) => break Err(proto(e)),
         };
         match typ {
-            RecordType::HypervisorStream => {
+            t if t == carried.record() => {
                 digest.update(payload);
                 if tx.send(payload.to_vec()).await.is_err() {
                     break Err(local("writing to QEMU failed".into()));
@@ -196,6 +216,7 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
     mut to: W,
     mut rx: mpsc::Receiver<Vec<u8>>,
     what: &'static str,
+    half_close: bool,
 ) -> Result<(), String> {
     while let Some(chunk) = rx.recv().await {
         to.write_all(&chunk)
@@ -203,6 +224,9 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
             .map_err(|e| format!("{what}: writing to QEMU: {e}"))?;
     }
     let _ = to.flush().await;
+    if half_close {
+        let _ = to.shutdown().await; // QEMU may have closed first: nothing is lost then
+    }
     Ok(())
 }
 
@@ -234,8 +258,14 @@ mod tests {
             qemu_side.write_all(&d2).await.expect("write");
             qemu_side.shutdown().await.expect("shutdown");
         });
-        let sealing = tokio::spawn(seal_pump(agent_side, wire_a, sealer, "t"));
-        let opening = tokio::spawn(open_pump(wire_b, out_a, opener, "t"));
+        let sealing = tokio::spawn(seal_pump(
+            agent_side,
+            wire_a,
+            sealer,
+            "t",
+            Carried::Migration,
+        ));
+        let opening = tokio::spawn(open_pump(wire_b, out_a, opener, "t", Carried::Migration));
         let mut got = Vec::new();
         out_b.read_to_end(&mut got).await.expect("read");
         writer.await.expect("writer");
@@ -263,9 +293,15 @@ mod tests {
             (replayed, "replayed"),
         ] {
             let (_, opener) = pair();
-            let r = open_pump(&input[..], tokio::io::sink(), opener, "s0")
-                .await
-                .map_err(|e| e.to_string());
+            let r = open_pump(
+                &input[..],
+                tokio::io::sink(),
+                opener,
+                "s0",
+                Carried::Migration,
+            )
+            .await
+            .map_err(|e| e.to_string());
             assert!(
                 r.as_ref().err().is_some_and(|e| e.contains(expect)),
                 "{expect}: {:?}",

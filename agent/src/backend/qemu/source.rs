@@ -10,6 +10,7 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 use trustmig_protocol::handshake::Established;
+use trustmig_protocol::hvstream::final_digest;
 use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::TransferMode;
 use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, VerifiedOrder};
@@ -28,8 +29,9 @@ use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 
 use super::disk::SourceDisk;
 use super::giveback::give_back;
-use super::pumps::{open_pump, seal_pump, Received, Sent};
-use super::{socket_dir, socket_path, stream_secret};
+use super::mirror::{Mirrors, Relayed, SourceMirror};
+use super::pumps::{open_pump, seal_pump, Carried, Received, Sent};
+use super::{socket_dir, socket_path};
 
 /// How often `query-migrate` is polled for progress and state.
 const POLL: Duration = Duration::from_millis(200);
@@ -71,8 +73,12 @@ pub(crate) struct QemuSource {
     qmp: Qmp,
     /// The guest ran when the order claimed it: a rollback runs it again.
     was_running: bool,
-    /// Disks sent before QEMU's stream (empty with shared storage).
+    /// Read-only disks copied before QEMU's stream (empty with shared storage).
     disks: Vec<SourceDisk>,
+    /// Writable disks mirrored live (spec/qemu.md §5).
+    mirror_disks: Vec<SourceMirror>,
+    /// The mirrors once started (stopped on failure).
+    mirrors: Option<Mirrors>,
     /// See `downtime_step`.
     downtime_steps: u32,
     started: Instant,
@@ -106,10 +112,11 @@ impl QemuSource {
             )));
         }
         let cfg = ctx.config.vm(&body.vm).and_then(VmConfig::qemu);
-        // Disks that travel (spec/qemu.md §5): each must be a raw image QEMU has open read-only.
-        let disks = match cfg {
+        // Disks that travel (spec/qemu.md §5): read-only raw images are copied, writable raw
+        // or qcow2 images mirrored; anything else is refused here, before anything moves.
+        let (disks, mirror_disks) = match cfg {
             Some(q) => super::disk::source_disks(q, &mut qmp).await?,
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         debug!(vm = %body.vm, qemu = %qmp.version, "QEMU ready to migrate");
         Ok(Self {
@@ -117,6 +124,8 @@ impl QemuSource {
             qmp,
             was_running: status.running,
             disks,
+            mirror_disks,
+            mirrors: None,
             downtime_steps: cfg
                 .and_then(|v| v.downtime_steps)
                 .unwrap_or(DEFAULT_DOWNTIME_STEPS),
@@ -134,11 +143,18 @@ impl QemuSource {
 impl SourceVm for QemuSource {
     async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError> {
         let disk_manifests = super::disk::hash_disks(&self.disks).await?;
-        // Empty with shared storage; the root covers these digests (spec/qemu.md §5).
+        // Empty with shared storage; the root covers these digests and the mirrored disks
+        // (spec/qemu.md §5). Mirror i travels on data stream i + 1.
+        let mut manifest = vm_manifest(ctx, &self.vm, super::disk::DISK_CHUNK, disk_manifests);
+        manifest.mirrors = self
+            .mirror_disks
+            .iter()
+            .map(SourceMirror::manifest)
+            .collect();
         Ok(Offer {
             mode: TransferMode::HypervisorStream,
-            streams: 1,
-            manifest: vm_manifest(ctx, &self.vm, super::disk::DISK_CHUNK, disk_manifests),
+            streams: 1 + manifest.mirrors.len() as u16,
+            manifest,
         })
     }
 
@@ -157,6 +173,9 @@ impl SourceVm for QemuSource {
     }
 
     async fn give_back(mut self, ctx: &Arc<Ctx>) -> String {
+        if let Some(m) = &mut self.mirrors {
+            m.tear_down(&mut self.qmp).await;
+        }
         give_back(ctx, &self.vm, &mut self.qmp, self.was_running).await
     }
 
@@ -165,14 +184,23 @@ impl SourceVm for QemuSource {
     }
 }
 
-/// Carry QEMU's migration of `vm` through the attested session: data stream 0, the disks,
-/// then QEMU's stream and its return path, following QEMU to `completed`.
-async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferred, AgentError> {
+/// Carry QEMU's migration of `vm` through the attested session: data stream 0 with the
+/// copied disks, then QEMU's stream and its return path, following QEMU to `completed`; the
+/// mirrored disks on streams 1.., ready before QEMU's stream starts.
+async fn transfer(
+    vm: &mut QemuSource,
+    mut link: SourceLink<'_>,
+) -> Result<Transferred, AgentError> {
     let ctx = link.ctx;
     let body = link.order.body();
-    let (mut data, mut sealer, opener) = open_stream0(link.est, &body.destination_addr).await?;
-    // Disks first (spec/qemu.md §5): the destination attaches them, once verified, before
-    // it lets its QEMU load anything. A failure here leaves the source VM untouched.
+    // Every stream opens first: the destination binds them all before it reads any.
+    let (mut data, mut sealer, opener) = open_stream(link.est, &body.destination_addr, 0).await?;
+    let mut nbd = Vec::with_capacity(vm.mirror_disks.len());
+    for i in 1..=vm.mirror_disks.len() as u16 {
+        nbd.push(open_stream(link.est, &body.destination_addr, i).await?);
+    }
+    // Copied disks first (spec/qemu.md §5): the destination attaches them, once verified,
+    // before it lets its QEMU load anything. A failure here leaves the source VM untouched.
     let disk_wire = if link.est.manifest.disks.is_empty() {
         0
     } else {
@@ -186,6 +214,26 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
         );
         n
     };
+    if !vm.mirror_disks.is_empty() {
+        let dir = socket_dir(ctx)?;
+        let m = super::mirror::start(
+            &mut vm.qmp,
+            &vm.mirror_disks,
+            nbd,
+            (&dir, link.order.id()),
+            ctx.step_timeout(),
+            &mut vm.pumps,
+        );
+        // Kept even when starting failed: what started is stopped at the rollback.
+        let (m, r) = match m.await {
+            Ok(m) => (Some(m), Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        vm.mirrors = m;
+        r?;
+        let mirrors = vm.mirrors.as_mut().expect("just set");
+        mirrors_ready(&mut vm.qmp, mirrors, &mut link).await?;
+    }
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder).await?;
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
@@ -194,25 +242,50 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
     let (fwd_tx, fwd_rx) = mpsc::channel::<Result<Sent, String>>(1);
     tasks.spawn(async move {
         let _ = fwd_tx
-            .send(seal_pump(qemu_rd, data_wr, sealer, "source stream").await)
+            .send(
+                seal_pump(
+                    qemu_rd,
+                    data_wr,
+                    sealer,
+                    "source stream",
+                    Carried::Migration,
+                )
+                .await,
+            )
             .await;
     });
     let (ret_tx, ret_rx) = mpsc::channel::<Result<Received, AgentError>>(1);
     tasks.spawn(async move {
         let _ = ret_tx
-            .send(open_pump(data_rd, qemu_wr, opener, "return path").await)
+            .send(open_pump(data_rd, qemu_wr, opener, "return path", Carried::Migration).await)
             .await;
     });
-    let done = follow(&mut vm.qmp, link, &mut ladder, vm.started, fwd_rx, ret_rx).await?;
+    let pumps = (fwd_rx, ret_rx);
+    let done = follow(
+        &mut vm.qmp,
+        link,
+        &mut ladder,
+        vm.started,
+        pumps,
+        vm.mirrors.as_mut(),
+    )
+    .await?;
     let Done {
         sent,
         info,
         paused_at,
         digest,
+        blocks,
     } = done;
     let ram = info.ram.clone().unwrap_or_default();
+    let nbd_bytes: u64 = blocks
+        .iter()
+        .map(|(d, _)| d.to_destination.len() + d.to_source.len())
+        .sum();
+    let mut stream_records = vec![sent.records];
+    stream_records.extend(blocks.iter().map(|(_, n)| *n));
     Ok(Transferred {
-        stream_records: vec![sent.records],
+        stream_records,
         digest,
         paused_at,
         stream_bytes: sent.wire_bytes,
@@ -221,7 +294,7 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
             rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
             converged: !ladder.forced,
             throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
-            bytes_on_wire: sent.wire_bytes + disk_wire,
+            bytes_on_wire: sent.wire_bytes + disk_wire + nbd_bytes,
             bytes_per_round: vec![sent.digest.len()],
             zero_pages_skipped: ram.duplicate,
             stop_copy_pages: 0,
@@ -231,28 +304,57 @@ async fn transfer(vm: &mut QemuSource, link: SourceLink<'_>) -> Result<Transferr
     })
 }
 
-/// Data stream 0, bound to the session by its `StreamInit` record; its sealer (to the
-/// destination) and the opener of QEMU's return path.
-async fn open_stream0(
+/// Wait until every mirror is `ready` (waking on QEMU's job events), while watching the
+/// relays and the destination.
+async fn mirrors_ready(
+    qmp: &mut Qmp,
+    mirrors: &mut Mirrors,
+    link: &mut SourceLink<'_>,
+) -> Result<(), AgentError> {
+    let started = Instant::now();
+    while !mirrors.ready(qmp).await? {
+        tokio::select! {
+            e = mirrors.relay_ended() => return Err(e),
+            msg = link.chan.next() => link.peer_message(msg)?,
+            r = qmp.next_event(POLL) => { r?; }
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            return Err(AgentError::Timeout(
+                "the disk mirrors were not ready within an hour".into(),
+            ));
+        }
+    }
+    info!(
+        secs = started.elapsed().as_secs_f64(),
+        "every disk mirror is ready"
+    );
+    Ok(())
+}
+
+/// Data stream `index`, bound to the session by its `StreamInit` record; its sealer (to the
+/// destination) and its opener (from it: QEMU's return path, or NBD replies).
+async fn open_stream(
     est: &Established,
     addr: &str,
+    index: u16,
 ) -> Result<(TcpStream, Sealer, Opener), AgentError> {
     let sid = est.keys.session_id();
     let mut data = TcpStream::connect(addr)
         .await
         .map_err(|e| AgentError::Connect {
             addr: addr.to_string(),
-            reason: format!("data stream 0: {e}"),
+            reason: format!("data stream {index}: {e}"),
         })?;
     data.set_nodelay(true).ok();
-    let mut sealer = Sealer::new(stream_secret(est, Direction::SourceToDestination), 0);
-    let mut first = preamble(&sid, 0).to_vec();
-    let init = [&sid[..], &0u16.to_be_bytes()].concat();
+    let secret = |dir| est.keys.stream_secret(dir, index);
+    let mut sealer = Sealer::new(secret(Direction::SourceToDestination), index);
+    let mut first = preamble(&sid, index).to_vec();
+    let init = [&sid[..], &index.to_be_bytes()].concat();
     sealer.seal(RecordType::StreamInit, &init, &mut first)?;
     data.write_all(&first)
         .await
-        .map_err(|e| AgentError::transport(Link::Data(0), e))?;
-    let opener = Opener::new(stream_secret(est, Direction::DestinationToSource), 0);
+        .map_err(|e| AgentError::transport(Link::Data(index), e))?;
+    let opener = Opener::new(secret(Direction::DestinationToSource), index);
     Ok((data, sealer, opener))
 }
 
@@ -383,7 +485,10 @@ struct Done {
     sent: Sent,
     info: MigrationInfo,
     paused_at: Instant,
+    /// The final digest: QEMU's stream and every mirrored disk's NBD stream.
     digest: Digest,
+    /// The mirrored disks' NBD streams, in manifest order.
+    blocks: Vec<Relayed>,
 }
 
 /// Follow QEMU's migration to `completed` and the stream to its end: progress, the downtime
@@ -391,11 +496,11 @@ struct Done {
 /// the destination (an abort).
 async fn follow(
     qmp: &mut Qmp,
-    link: SourceLink<'_>,
+    mut link: SourceLink<'_>,
     ladder: &mut Ladder,
     started: Instant,
-    mut fwd_rx: mpsc::Receiver<Result<Sent, String>>,
-    mut ret_rx: mpsc::Receiver<Result<Received, AgentError>>,
+    (mut fwd_rx, mut ret_rx): Pumps,
+    mut mirrors: Option<&mut Mirrors>,
 ) -> Result<Done, AgentError> {
     let mut poll = tokio::time::interval(POLL);
     let mut sent: Option<Sent> = None;
@@ -405,6 +510,7 @@ async fn follow(
         stopped_at: None,
         last_sync: u64::MAX,
         last_report: Instant::now(),
+        blocks: Vec::new(),
     };
     let mut ret_done = false;
     while sent.is_none() || seen.completed.is_none() {
@@ -428,16 +534,11 @@ async fn follow(
                 ret_done = true;
                 r.map_err(|e| AgentError::transport(Link::ReturnPath, e))?;
             }
-            msg = link.chan.next() => {
-                // The destination says nothing while the stream flows: this is an abort
-                // (or garbage), and either ends the migration.
-                let msg = msg.ok_or_else(|| AgentError::transport(Link::Control, "closed"))??;
-                let mut att = link.ctx.attester.lock().expect("attester lock");
-                link.sm.handle(&msg, att.as_mut())?;
-            }
+            msg = link.chan.next() => link.peer_message(msg)?,
+            e = relay_ended(mirrors.as_deref_mut()), if seen.paused_at.is_none() => return Err(e),
         }
         if look && seen.completed.is_none() {
-            look_at(qmp, &link, ladder, &mut seen).await?;
+            look_at(qmp, &link, ladder, &mut seen, mirrors.as_deref_mut()).await?;
         }
         if started.elapsed() > Duration::from_secs(3600) {
             return Err(AgentError::Timeout(
@@ -448,13 +549,29 @@ async fn follow(
     let (Some(sent), Some(info)) = (sent, seen.completed) else {
         unreachable!("the loop ends only when both are set");
     };
-    let digest: Digest = sent.digest.clone().finish(&link.est.transcript_hash);
+    let digests: Vec<_> = seen.blocks.iter().map(|(d, _)| d.clone()).collect();
+    let digest = final_digest(&link.est.transcript_hash, sent.digest.clone(), &digests);
     Ok(Done {
         sent,
         info,
         paused_at: seen.paused_at.unwrap_or_else(Instant::now),
         digest,
+        blocks: seen.blocks,
     })
+}
+
+/// The two pumps' results: QEMU's stream sealed to its end, the return path opened to its end.
+type Pumps = (
+    mpsc::Receiver<Result<Sent, String>>,
+    mpsc::Receiver<Result<Received, AgentError>>,
+);
+
+/// A mirror relay that ended before the switch-over (never, without mirrors).
+async fn relay_ended(mirrors: Option<&mut Mirrors>) -> AgentError {
+    match mirrors {
+        Some(m) => m.relay_ended().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What `follow` has seen of QEMU's migration.
@@ -467,6 +584,8 @@ struct Seen {
     stopped_at: Option<SystemTime>,
     last_sync: u64,
     last_report: Instant,
+    /// The mirrored disks' NBD streams, once completed at the switch-over.
+    blocks: Vec<Relayed>,
 }
 
 /// One look at `query-migrate`: `migrate-continue` at `pre-switchover`, completion, failure,
@@ -476,6 +595,7 @@ async fn look_at(
     link: &SourceLink<'_>,
     ladder: &mut Ladder,
     seen: &mut Seen,
+    mirrors: Option<&mut Mirrors>,
 ) -> Result<(), AgentError> {
     let m = qmp.query_migrate().await?;
     match m.status() {
@@ -499,6 +619,15 @@ async fn look_at(
                 pages: ram.remaining / ram.page_size.max(1),
             })
             .await;
+            // The disks first (the guest is stopped, so they are final): complete every
+            // mirror and end its NBD stream, then QEMU may send the device state.
+            if let Some(m) = mirrors {
+                seen.blocks = m.complete(qmp, link.ctx.step_timeout()).await?;
+                debug!(
+                    since_stop_ms = seen.paused_at.map(|p| p.elapsed().as_millis()),
+                    "disk mirrors completed"
+                );
+            }
             qmp.migrate_continue("pre-switchover").await?;
         }
         MigrationStatus::Completed => {

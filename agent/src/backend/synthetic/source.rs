@@ -238,9 +238,7 @@ async fn precopy_rounds(
             guest.tick(Instant::now());
             // A destination abort (or garbage) during transfer ends it now.
             if let Some(msg) = link.chan.try_recv() {
-                let msg = msg?;
-                let mut att = link.ctx.attester.lock().expect("attester lock");
-                link.sm.handle(&msg, att.as_mut())?;
+                link.peer_message(Some(msg))?;
             }
         }
         total_bytes += round_bytes;

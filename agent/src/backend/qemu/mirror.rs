@@ -1,0 +1,728 @@
+//! Writable local disks, mirrored live through the attested session. spec: spec/qemu.md §5
+//!
+//! ```text
+//! source QEMU: blockdev-mirror (sync=full, copy-mode=write-blocking) -> NBD client node
+//!   --unix--> source agent ==BlockStream records, data stream i+1, both directions==>
+//!   destination agent --unix--> destination QEMU's NBD server -> the copy the agent created
+//! ```
+//!
+//! The guest keeps writing while its disk is copied: QEMU's mirror copies the image in the
+//! background, tracked by a dirty bitmap, and with `write-blocking` every guest write goes to
+//! both copies before it completes (active mirroring), so the copy converges and stays in step.
+//! Memory migration starts only once every mirror is `ready`. At `pre-switchover` (the guest
+//! stopped) the source cancels each ready job, which leaves the target consistent at that point
+//! (as libvirt does for a mirror into NBD), and deletes its NBD client node: the NBD connection
+//! ends in both directions. Every NBD byte of each direction is digested on both agents and
+//! bound into the final digest with QEMU's stream (`trustmig_protocol::hvstream::final_digest`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use trustmig_protocol::hvstream::BlockDigests;
+use trustmig_protocol::manifest::{DiskFormat, ImageManifest, MirrorDisk};
+use trustmig_protocol::order::{hex, OrderId};
+use trustmig_protocol::record::{Opener, Sealer};
+
+use crate::backend::Tasks;
+use crate::config::{MirrorMode, VmConfig};
+use crate::error::{AgentError, Link};
+use crate::journal::{Journal, State};
+use trustmig_qemu::qmp::Qmp;
+
+use super::pumps::{open_pump, seal_pump, Carried, Received, Sent};
+
+fn mig(s: String) -> AgentError {
+    AgentError::Migration(s)
+}
+
+/// A failure of mirror `i`'s NBD path seen on the source (a cut, QEMU's mirror failing on the
+/// broken connection): a transport failure of its data stream, so the destination's `Abort`,
+/// which usually names the cause (a refused record), is reported first.
+fn broken(i: usize, e: impl std::fmt::Display) -> AgentError {
+    AgentError::transport(Link::Data(i as u16 + 1), e)
+}
+
+/// The program that creates a qcow2 destination image (Debian: `qemu-utils`).
+const QEMU_IMG: &str = "qemu-img";
+
+/// What one mirrored disk's NBD relay carried: both directions' digests and the records
+/// sealed (source) or opened (destination) towards the destination.
+pub(crate) type Relayed = (BlockDigests, u64);
+
+/// One relay's result, tagged with its mirror's index.
+type Tagged = (usize, Result<Relayed, AgentError>);
+
+/// The relays' results as they arrive (each tagged with its mirror's index), kept in mirror
+/// order.
+pub(crate) struct Relays {
+    rx: mpsc::Receiver<Tagged>,
+    names: Vec<String>,
+    got: Vec<Option<Relayed>>,
+}
+
+impl Relays {
+    fn new(names: Vec<String>) -> (mpsc::Sender<Tagged>, Self) {
+        let (tx, rx) = mpsc::channel(names.len().max(1));
+        let got = vec![None; names.len()];
+        (tx, Self { rx, names, got })
+    }
+
+    /// The first relay failure (a refused record, a cut, QEMU's end of the connection). A relay
+    /// that ends well is kept, unless `early` says no relay may end yet (the source, before it
+    /// disconnected its NBD clients). Never returns once every relay ended well.
+    pub(crate) async fn failure(&mut self, early: bool) -> AgentError {
+        while let Some((i, r)) = self.rx.recv().await {
+            let name = &self.names[i];
+            match r {
+                Err(e) => {
+                    warn!(disk = %name, "NBD relay failed: {e}");
+                    return e;
+                }
+                Ok(_) if early => {
+                    return mig(format!(
+                        "disk {name}: the NBD connection ended before the switch-over"
+                    ))
+                }
+                Ok(x) => self.got[i] = Some(x),
+            }
+        }
+        std::future::pending().await
+    }
+
+    /// Every relay's result, in mirror order, once each ended; the first failure ends the wait.
+    pub(crate) async fn collect(&mut self, timeout: Duration) -> Result<Vec<Relayed>, AgentError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.got.iter().any(Option::is_none) {
+            let (i, r) = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .map_err(|_| AgentError::Timeout("an NBD stream did not end".into()))?
+                .ok_or_else(|| mig("NBD relays ended".into()))?;
+            self.got[i] = Some(r?);
+        }
+        Ok(self.got.iter().flatten().cloned().collect())
+    }
+}
+
+/// Carry one NBD connection (`qemu`) over data stream `data` in both directions until both
+/// ended: what QEMU writes is sealed as `BlockStream` records, what arrives is opened and
+/// written to QEMU. A failure of either direction ends both.
+async fn relay(
+    qemu: UnixStream,
+    data: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+    (out, back): (&'static str, &'static str),
+) -> Result<(Sent, Received), AgentError> {
+    let (q_rd, q_wr) = qemu.into_split();
+    let (d_rd, d_wr) = data.into_split();
+    let sealing = async {
+        seal_pump(q_rd, d_wr, sealer, out, Carried::Nbd)
+            .await
+            .map_err(mig)
+    };
+    let opening = open_pump(d_rd, q_wr, opener, back, Carried::Nbd);
+    tokio::try_join!(sealing, opening)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source.
+
+/// A writable disk of the source VM that is mirrored.
+#[derive(Clone, Debug)]
+pub struct SourceMirror {
+    /// Manifest name.
+    pub name: String,
+    /// QEMU's format node of the image (the mirror's source).
+    pub node: String,
+    /// Image format.
+    pub format: DiskFormat,
+    /// Size the guest sees.
+    pub virtual_size: u64,
+    /// QEMU's copy mode.
+    pub mode: MirrorMode,
+}
+
+impl SourceMirror {
+    /// Its manifest entry.
+    pub fn manifest(&self) -> MirrorDisk {
+        MirrorDisk {
+            name: self.name.clone(),
+            format: self.format,
+            virtual_size: self.virtual_size,
+        }
+    }
+
+    fn nbd_node(&self) -> String {
+        format!("trustmig-nbd-{}", self.name)
+    }
+
+    fn job(&self) -> String {
+        format!("trustmig-mirror-{}", self.name)
+    }
+}
+
+/// The mirrors under way on the source: their QMP objects and the relays' results.
+pub(crate) struct Mirrors {
+    disks: Vec<SourceMirror>,
+    results: Relays,
+    /// NBD client nodes and jobs exist in QEMU (to remove on failure).
+    started: bool,
+}
+
+/// Relay one listener's NBD connection over `data` (stream `i + 1`).
+async fn source_relay(
+    i: usize,
+    listener: UnixListener,
+    path: PathBuf,
+    data: TcpStream,
+    (sealer, opener): (Sealer, Opener),
+    timeout: Duration,
+) -> Result<Relayed, AgentError> {
+    let accepted = tokio::time::timeout(timeout, listener.accept()).await;
+    let _ = std::fs::remove_file(&path);
+    let (qemu, _) = accepted
+        .map_err(|_| {
+            AgentError::Timeout(format!(
+                "QEMU's NBD client did not connect to {}",
+                path.display()
+            ))
+        })?
+        .map_err(AgentError::io(&path))?;
+    let (sent, got) = relay(
+        qemu,
+        data,
+        sealer,
+        opener,
+        ("NBD to the destination", "NBD from the destination"),
+    )
+    .await
+    .map_err(|e| match e {
+        // The destination's own records refused: its fault, typed as such.
+        e @ AgentError::Protocol(_) => e,
+        e => broken(i, e),
+    })?;
+    let digests = BlockDigests {
+        to_destination: sent.digest,
+        to_source: got.digest,
+    };
+    Ok((digests, sent.records))
+}
+
+/// Start mirroring every disk of `disks` over its data stream (`streams[i]` for mirror `i`):
+/// a relay per disk listening on a socket in `dir`, QEMU's NBD client connected to it
+/// (`blockdev-add`, which completes the NBD handshake with the destination's server through
+/// both agents), then `blockdev-mirror`.
+pub(crate) async fn start(
+    qmp: &mut Qmp,
+    disks: &[SourceMirror],
+    streams: Vec<(TcpStream, Sealer, Opener)>,
+    (dir, order_id): (&Path, &OrderId),
+    timeout: Duration,
+    tasks: &mut Tasks,
+) -> Result<Mirrors, AgentError> {
+    let (tx, results) = Relays::new(disks.iter().map(|d| d.name.clone()).collect());
+    let mut m = Mirrors {
+        disks: disks.to_vec(),
+        results,
+        started: false,
+    };
+    for (i, ((data, sealer, opener), d)) in streams.into_iter().zip(disks).enumerate() {
+        let path = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
+        let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
+        let tx = tx.clone();
+        let sock = path.clone();
+        tasks.spawn(async move {
+            let r = source_relay(i, listener, sock, data, (sealer, opener), timeout).await;
+            let _ = tx.send((i, r)).await;
+        });
+        m.started = true;
+        qmp.execute(
+            "blockdev-add",
+            json!({
+                "driver": "nbd",
+                "node-name": d.nbd_node(),
+                "server": { "type": "unix", "path": path },
+                "export": d.name,
+            }),
+        )
+        .await
+        .map_err(|e| {
+            mig(format!(
+                "disk {}: connecting QEMU's NBD client: {e}",
+                d.name
+            ))
+        })?;
+        qmp.execute(
+            "blockdev-mirror",
+            json!({
+                "job-id": d.job(),
+                "device": d.node,
+                "target": d.nbd_node(),
+                "sync": "full",
+                "copy-mode": d.mode.as_str(),
+                "auto-dismiss": false,
+            }),
+        )
+        .await
+        .map_err(|e| mig(format!("disk {}: blockdev-mirror: {e}", d.name)))?;
+        info!(disk = %d.name, format = d.format.as_str(), bytes = d.virtual_size, mode = d.mode.as_str(), "mirroring");
+    }
+    Ok(m)
+}
+
+#[derive(Deserialize)]
+struct JobInfo {
+    id: String,
+    status: String,
+    #[serde(default, rename = "current-progress")]
+    current: u64,
+    #[serde(default, rename = "total-progress")]
+    total: u64,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+async fn query_jobs(qmp: &mut Qmp) -> Result<Vec<JobInfo>, AgentError> {
+    let v = qmp.execute("query-jobs", json!({})).await?;
+    serde_json::from_value(v).map_err(|e| mig(format!("QEMU: malformed query-jobs reply: {e}")))
+}
+
+impl Mirrors {
+    /// One look at the jobs: `Ok(true)` once every mirror is `ready` (copied, and every guest
+    /// write now goes to both copies), an error if one failed or vanished.
+    pub(crate) async fn ready(&mut self, qmp: &mut Qmp) -> Result<bool, AgentError> {
+        let jobs = query_jobs(qmp).await?;
+        let mut all = true;
+        for (i, d) in self.disks.iter().enumerate() {
+            let Some(j) = jobs.iter().find(|j| j.id == d.job()) else {
+                return Err(mig(format!("disk {}: the mirror job vanished", d.name)));
+            };
+            match j.status.as_str() {
+                "ready" => {}
+                "concluded" | "aborting" | "null" => {
+                    return Err(broken(
+                        i,
+                        format!(
+                            "disk {}: the mirror failed: {}",
+                            d.name,
+                            j.error.as_deref().unwrap_or(&j.status)
+                        ),
+                    ))
+                }
+                _ => {
+                    debug!(disk = %d.name, done = j.current, of = j.total, "mirroring");
+                    all = false;
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// A relay that ended before the switch-over: its failure (a refused record, a cut), or
+    /// an NBD connection that closed early.
+    pub(crate) async fn relay_ended(&mut self) -> AgentError {
+        self.results.failure(true).await
+    }
+
+    /// At `pre-switchover` (the guest stopped): complete every mirror (cancel the ready job,
+    /// which flushes the target and leaves it consistent), disconnect QEMU's NBD client, and
+    /// collect both directions' digests of every relay, in mirror order.
+    pub(crate) async fn complete(
+        &mut self,
+        qmp: &mut Qmp,
+        timeout: Duration,
+    ) -> Result<Vec<Relayed>, AgentError> {
+        for d in &self.disks {
+            qmp.execute("block-job-cancel", json!({ "device": d.job() }))
+                .await?;
+        }
+        let jobs = self.wait_concluded(qmp, timeout).await?;
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Some(err) = jobs
+                .iter()
+                .find(|j| j.id == d.job())
+                .and_then(|j| j.error.as_ref())
+            {
+                let e = format!("disk {}: the mirror failed: {err}", d.name);
+                return Err(broken(i, e));
+            }
+        }
+        self.remove_from_qemu(qmp).await;
+        self.results.collect(timeout).await
+    }
+
+    /// Wait until every job is concluded (or gone), waking on QEMU's job events.
+    async fn wait_concluded(
+        &self,
+        qmp: &mut Qmp,
+        timeout: Duration,
+    ) -> Result<Vec<JobInfo>, AgentError> {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let jobs = query_jobs(qmp).await?;
+            let open = self.disks.iter().any(|d| {
+                jobs.iter()
+                    .any(|j| j.id == d.job() && j.status != "concluded")
+            });
+            if !open {
+                return Ok(jobs);
+            }
+            if tokio::time::Instant::now() > until {
+                return Err(AgentError::Timeout("a mirror job did not complete".into()));
+            }
+            qmp.next_event(Duration::from_millis(5)).await?;
+        }
+    }
+
+    /// Dismiss the jobs and delete the NBD client nodes (QEMU then closes the connections).
+    async fn remove_from_qemu(&mut self, qmp: &mut Qmp) {
+        for d in &self.disks {
+            let _ = qmp.execute("job-dismiss", json!({ "id": d.job() })).await;
+            if let Err(e) = qmp
+                .execute("blockdev-del", json!({ "node-name": d.nbd_node() }))
+                .await
+            {
+                warn!(disk = %d.name, "could not remove QEMU's NBD client: {e}");
+            }
+        }
+        self.started = false;
+    }
+
+    /// After a failure: stop every mirror at once (the source image is the VM's and stays as
+    /// the guest writes it) and remove the NBD clients; best effort, QEMU's errors logged.
+    pub(crate) async fn tear_down(&mut self, qmp: &mut Qmp) {
+        if !self.started {
+            return;
+        }
+        for d in &self.disks {
+            let _ = qmp
+                .execute(
+                    "block-job-cancel",
+                    json!({ "device": d.job(), "force": true }),
+                )
+                .await;
+        }
+        if let Err(e) = self.wait_concluded(qmp, Duration::from_secs(5)).await {
+            warn!("mirror jobs did not stop: {e}");
+        }
+        self.remove_from_qemu(qmp).await;
+        info!("mirrors stopped; the source's disks are untouched");
+    }
+}
+
+#[derive(Deserialize)]
+struct ImageInfo {
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+}
+
+/// A block node of `query-named-block-nodes`.
+#[derive(Deserialize)]
+pub(crate) struct BlockNode {
+    #[serde(default)]
+    pub(crate) file: String,
+    #[serde(default)]
+    pub(crate) ro: bool,
+    #[serde(default)]
+    pub(crate) drv: String,
+    #[serde(default, rename = "node-name")]
+    node_name: String,
+    #[serde(default)]
+    backing_file_depth: u64,
+    image: Option<ImageInfo>,
+}
+
+/// The mirror of disk `name` whose format node is `top` (a node QEMU has open read-write),
+/// or why it cannot move: a format other than raw or qcow2, a backing chain.
+pub(crate) fn source_mirror(
+    (name, mode): (&str, MirrorMode),
+    path: &Path,
+    top: &BlockNode,
+) -> Result<SourceMirror, AgentError> {
+    let shown = path.display();
+    let format = match top.drv.as_str() {
+        "raw" | "file" => DiskFormat::Raw,
+        "qcow2" => DiskFormat::Qcow2,
+        other => {
+            return Err(AgentError::Refused(format!(
+                "disk {name}: QEMU opens {shown} as {other}; writable disks move as raw or qcow2 (use shared storage for others)"
+            )))
+        }
+    };
+    if top.backing_file_depth > 0 {
+        return Err(AgentError::Refused(format!(
+            "disk {name}: {shown} has a backing chain ({} deep); only self-contained images move (flatten it with `qemu-img convert`, or use shared storage)",
+            top.backing_file_depth
+        )));
+    }
+    let virtual_size = top.image.as_ref().map_or(0, |i| i.virtual_size);
+    if virtual_size == 0 || virtual_size % 512 != 0 {
+        return Err(AgentError::Refused(format!(
+            "disk {name}: QEMU reports a virtual size of {virtual_size} bytes for {shown}; a mirrored disk needs a multiple of 512"
+        )));
+    }
+    Ok(SourceMirror {
+        name: name.to_string(),
+        node: top.node_name.clone(),
+        format,
+        virtual_size,
+        mode,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination.
+
+/// A mirrored disk's copy on the destination.
+#[derive(Clone, Debug)]
+pub struct Target {
+    disk: MirrorDisk,
+    /// `<disk_dir>/<name>.<format>`, chosen by the destination.
+    path: PathBuf,
+    /// `<path>.trustmig-order`: the order that created the image, until it committed.
+    marker: PathBuf,
+    device: serde_json::Map<String, Value>,
+}
+
+impl Target {
+    /// Files this target leaves behind when the migration fails.
+    pub fn files(&self) -> [&Path; 2] {
+        [&self.path, &self.marker]
+    }
+}
+
+/// Check that this destination can take the manifest's mirrored disks, before anything is
+/// created: each configured with a device (and the announced format, when one is required
+/// here), `disk_dir` set, no image in the way, room for the whole virtual size. An image in
+/// the way that this agent created for an order journalled as rolled back (its marker says
+/// which) is a leftover of that attempt and is removed; any other is refused.
+pub fn plan(
+    manifest: &ImageManifest,
+    vm: Option<&VmConfig>,
+    journal: &Journal,
+) -> Result<Vec<Target>, AgentError> {
+    if manifest.mirrors.is_empty() {
+        return Ok(Vec::new());
+    }
+    trustmig_attest::manifest::validate(manifest)
+        .map_err(|e| mig(format!("the source's manifest: {e}")))?;
+    let (q, dir) = super::disk::disk_home(manifest, vm)?;
+    let mut out = Vec::with_capacity(manifest.mirrors.len());
+    let mut needed = 0u64;
+    for d in &manifest.mirrors {
+        let device = super::disk::device_of(q, &d.name)?;
+        let want = q
+            .disks
+            .iter()
+            .find(|c| c.name == d.name)
+            .and_then(|c| c.format);
+        if want.is_some_and(|f| f != d.format) {
+            return Err(AgentError::Refused(format!(
+                "disk {:?}: the source sends a {} image, this host requires {} (format mismatch)",
+                d.name,
+                d.format.as_str(),
+                want.map_or("", DiskFormat::as_str)
+            )));
+        }
+        let path = dir.join(format!("{}.{}", d.name, d.format.as_str()));
+        let marker = dir.join(format!("{}.{}.trustmig-order", d.name, d.format.as_str()));
+        if path.exists() && !stale(&path, &marker, journal) {
+            return Err(AgentError::Refused(format!(
+                "disk {:?}: {} exists; refusing to overwrite it (it may be in use; remove it if it is not)",
+                d.name,
+                path.display()
+            )));
+        }
+        needed += d.virtual_size;
+        out.push(Target {
+            disk: d.clone(),
+            path,
+            marker,
+            device,
+        });
+    }
+    let free = free_space(dir)?;
+    if free < needed {
+        return Err(AgentError::Refused(format!(
+            "not enough space in {} for the mirrored disks: {needed} bytes needed, {free} free",
+            dir.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Whether `path` is a leftover of an attempt that rolled back: removed if so.
+fn stale(path: &Path, marker: &Path, journal: &Journal) -> bool {
+    let Ok(text) = std::fs::read_to_string(marker) else {
+        return false;
+    };
+    let id = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| OrderId::try_from(b).ok());
+    let Some(id) = id else {
+        return false;
+    };
+    let rolled_back = journal
+        .record(&id)
+        .is_some_and(|r| r.state == State::RolledBack);
+    if rolled_back {
+        warn!(image = %path.display(), order = %text.trim(), "removing a disk copy left by a migration that rolled back");
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(marker);
+    }
+    rolled_back
+}
+
+fn free_space(dir: &Path) -> Result<u64, AgentError> {
+    let st = rustix::fs::statvfs(dir).map_err(|e| AgentError::io(dir)(std::io::Error::from(e)))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Create each target image (raw: a sparse file of the virtual size; qcow2: `qemu-img
+/// create`), its marker first, so that whatever exists can be traced to this order.
+pub async fn create(targets: &[Target], order_id: &OrderId) -> Result<(), AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for t in targets {
+        std::fs::write(&t.marker, hex(order_id)).map_err(AgentError::io(&t.marker))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&t.path)
+            .map_err(AgentError::io(&t.path))?;
+        match t.disk.format {
+            DiskFormat::Raw => f
+                .set_len(t.disk.virtual_size)
+                .map_err(AgentError::io(&t.path))?,
+            DiskFormat::Qcow2 => {
+                drop(f);
+                let out = tokio::process::Command::new(QEMU_IMG)
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&t.path)
+                    .arg(t.disk.virtual_size.to_string())
+                    .output()
+                    .await
+                    .map_err(|e| mig(format!("{QEMU_IMG} (apt install qemu-utils): {e}")))?;
+                if !out.status.success() {
+                    return Err(mig(format!(
+                        "{QEMU_IMG} create {}: {}",
+                        t.path.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+        }
+        info!(disk = %t.disk.name, image = %t.path.display(), format = t.disk.format.as_str(), "destination image created");
+    }
+    Ok(())
+}
+
+/// Open the images in the waiting QEMU (`blockdev-add` read-write, `device_add`) and export
+/// them, writable, on an NBD server listening on `sock`.
+pub async fn export(qmp: &mut Qmp, targets: &[Target], sock: &Path) -> Result<(), AgentError> {
+    for t in targets {
+        let name = &t.disk.name;
+        qmp.execute(
+            "blockdev-add",
+            json!({
+                "driver": t.disk.format.as_str(),
+                "node-name": name,
+                "file": { "driver": "file", "filename": t.path },
+            }),
+        )
+        .await
+        .map_err(|e| mig(format!("opening disk {name}: QEMU: {e}")))?;
+        let mut dev = t.device.clone();
+        dev.insert("drive".into(), Value::String(name.clone()));
+        qmp.execute("device_add", Value::Object(dev))
+            .await
+            .map_err(|e| mig(format!("attaching disk {name}: QEMU: {e}")))?;
+    }
+    qmp.execute(
+        "nbd-server-start",
+        json!({ "addr": { "type": "unix", "data": { "path": sock } } }),
+    )
+    .await
+    .map_err(|e| mig(format!("starting QEMU's NBD server: {e}")))?;
+    for t in targets {
+        let name = &t.disk.name;
+        qmp.execute(
+            "block-export-add",
+            json!({
+                "type": "nbd",
+                "id": format!("trustmig-export-{name}"),
+                "node-name": name,
+                "name": name,
+                "writable": true,
+            }),
+        )
+        .await
+        .map_err(|e| mig(format!("exporting disk {name}: QEMU: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Relay each mirror's data stream (`streams[i]`, with its opener) to QEMU's NBD server at
+/// `sock`; each relay's result arrives on the returned channel.
+pub fn relay_all(
+    sock: &Path,
+    targets: &[Target],
+    streams: Vec<(TcpStream, Opener, Sealer)>,
+    tasks: &mut Tasks,
+) -> Relays {
+    let (tx, rx) = Relays::new(targets.iter().map(|t| t.disk.name.clone()).collect());
+    for (i, (data, opener, sealer)) in streams.into_iter().enumerate() {
+        let (tx, sock) = (tx.clone(), sock.to_path_buf());
+        tasks.spawn(async move {
+            let r = match UnixStream::connect(&sock).await {
+                Ok(qemu) => relay(
+                    qemu,
+                    data,
+                    sealer,
+                    opener,
+                    ("NBD to the source", "NBD from the source"),
+                )
+                .await
+                .map(|(sent, got)| {
+                    let digests = BlockDigests {
+                        to_destination: got.digest,
+                        to_source: sent.digest,
+                    };
+                    (digests, got.records)
+                }),
+                Err(e) => Err(mig(format!("QEMU's NBD server at {}: {e}", sock.display()))),
+            };
+            let _ = tx.send((i, r)).await;
+        });
+    }
+    rx
+}
+
+/// Once QEMU loaded the stream: every NBD stream must have ended (the source disconnected at
+/// the switch-over); collect them in mirror order and stop QEMU's NBD server.
+pub async fn finish(
+    qmp: &mut Qmp,
+    relays: &mut Relays,
+    timeout: Duration,
+) -> Result<Vec<Relayed>, AgentError> {
+    let out = relays.collect(timeout).await?;
+    qmp.execute("nbd-server-stop", json!({}))
+        .await
+        .map_err(|e| mig(format!("stopping QEMU's NBD server: {e}")))?;
+    Ok(out)
+}
+
+/// After `cont`: the images are the VM's now; their markers go.
+pub fn committed(files: &[PathBuf]) {
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "trustmig-order"))
+    {
+        let _ = std::fs::remove_file(f);
+    }
+}
