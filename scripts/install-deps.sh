@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what trustmig needs on Debian 12, only what is missing. Idempotent; quiet when done.
 set -euo pipefail
-pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc binutils qemu-system-x86 socat openssl python3)
+pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc binutils qemu-system-x86 qemu-utils socat openssl python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

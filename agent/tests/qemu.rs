@@ -1216,7 +1216,7 @@ struct DiskFixture {
 const DISK_TAIL: usize = 100 << 10;
 
 impl DiskFixture {
-    fn new(readonly: bool) -> (Self, VmOpts) {
+    fn new() -> (Self, VmOpts) {
         let dir = tempfile::tempdir().expect("tmp");
         let image = dir.path().join("src.raw");
         let mut data = Vec::new();
@@ -1226,14 +1226,13 @@ impl DiskFixture {
         }
         std::fs::write(&image, &data).expect("image");
         let received = dir.path().join("received");
-        let ro = if readonly { "on" } else { "off" };
         let opts = VmOpts {
             append: "area=16 rate=4 check=10".into(),
             mem_mib: MEM_MIB,
             src_extra: vec![
                 "-drive".into(),
                 format!(
-                    "file={},if=none,id=d0,format=raw,readonly={ro}",
+                    "file={},if=none,id=d0,format=raw,readonly=on",
                     image.display()
                 ),
                 "-device".into(),
@@ -1267,7 +1266,7 @@ impl DiskFixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_migrates_a_guest_with_a_local_disk() {
     let _g = SERIAL.lock().await;
-    let (disk, opts) = DiskFixture::new(true);
+    let (disk, opts) = DiskFixture::new();
     let Some(mut s) = setup_with(&opts, true) else {
         return;
     };
@@ -1336,7 +1335,7 @@ async fn qemu_migrates_a_guest_with_a_local_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_altered_disk_chunk_rolls_back() {
     let _g = SERIAL.lock().await;
-    let (disk, mut opts) = DiskFixture::new(true);
+    let (disk, mut opts) = DiskFixture::new();
     // The source agent (fault injection) flips a byte of chunk 2 after its own check and seals
     // it: the record layer is intact, only the destination's manifest check can notice.
     opts.src_env = vec![(
@@ -1377,7 +1376,7 @@ async fn qemu_altered_disk_chunk_rolls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_tampered_disk_record_rolls_back() {
     let _g = SERIAL.lock().await;
-    let (disk, opts) = DiskFixture::new(true);
+    let (disk, opts) = DiskFixture::new();
     let Some(mut s) = setup_with(&opts, true) else {
         return;
     };
@@ -1389,23 +1388,6 @@ async fn qemu_tampered_disk_record_rolls_back() {
     assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst));
     assert_rolled_back(&mut s, &r, "tampered").await;
     assert!(disk.leftovers().is_empty(), "{:?}", disk.leftovers());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_writable_disk_is_refused() {
-    let _g = SERIAL.lock().await;
-    let (disk, opts) = DiskFixture::new(false);
-    let Some(mut s) = setup_with(&opts, true) else {
-        return;
-    };
-    let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate(&mut s, &addr, 300).await;
-    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
-    assert!(err.contains("open read-write"), "{err}");
-    assert!(err.contains("untouched"), "{err}");
-    assert_eq!(s.src.status().await.as_deref(), Ok("running"));
-    assert_eq!(s.dst.status().await.as_deref(), Ok("inmigrate"));
-    assert!(disk.leftovers().is_empty());
 }
 
 /// An swtpm behind a QEMU `tpm-emulator`, with its own state directory; killed on drop.
@@ -1788,11 +1770,12 @@ impl Writer {
 /// A migration with the guest writing its disk throughout: the destination's copy is the
 /// source image as it was at the pause, byte for byte (guest-visible content); writes after
 /// `Resumed` land on the destination only.
-async fn mirror_moves(format: &'static str) {
+async fn mirror_moves(format: &'static str, disk_toml: &str) {
     let _g = SERIAL.lock().await;
-    let Some((disk, opts)) = MirrorFixture::new(format) else {
+    let Some((disk, mut opts)) = MirrorFixture::new(format) else {
         return;
     };
+    opts.src_vm += disk_toml;
     let Some(mut s) = setup_with(&opts, true) else {
         return;
     };
@@ -1837,12 +1820,56 @@ async fn mirror_moves(format: &'static str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_mirrors_a_writable_raw_disk_while_the_guest_writes() {
-    mirror_moves("raw").await;
+    mirror_moves("raw", "").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_mirrors_a_writable_qcow2_disk_while_the_guest_writes() {
-    mirror_moves("qcow2").await;
+    mirror_moves("qcow2", "").await;
+}
+
+/// Active mirroring (`mirror = "write-blocking"`): every guest write reaches both copies before
+/// it completes; the move is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_mirrors_in_write_blocking_mode() {
+    mirror_moves("qcow2", "mirror = \"write-blocking\"\n").await;
+}
+
+/// A disk the source cannot move is refused by name before anything moves: here a qcow2
+/// overlay with a backing file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_disk_with_a_backing_chain_is_refused() {
+    let _g = SERIAL.lock().await;
+    let Some((disk, mut opts)) = MirrorFixture::new("qcow2") else {
+        return;
+    };
+    let overlay = disk.dir.path().join("overlay.qcow2");
+    let (img, top) = (
+        disk.image.display().to_string(),
+        overlay.display().to_string(),
+    );
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &img, &top,
+        ],
+    );
+    for a in opts.src_extra.iter_mut() {
+        *a = a.replace(&img, &top);
+    }
+    opts.src_vm = opts.src_vm.replace(&img, &top);
+    opts.transferred = vec![overlay];
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(err.contains("backing chain"), "{err}");
+    assert!(err.contains("untouched"), "{err}");
+    assert_eq!(s.src.status().await.as_deref(), Ok("running"));
+    assert_eq!(s.dst.status().await.as_deref(), Ok("inmigrate"));
+    assert!(disk.leftovers().is_empty(), "{:?}", disk.leftovers());
 }
 
 /// After a failed mirrored migration: the source runs alone and keeps writing its disk, the

@@ -432,8 +432,10 @@ pub(crate) struct BlockNode {
     pub(crate) drv: String,
     #[serde(default, rename = "node-name")]
     node_name: String,
+    /// The image's backing file, if any (`backing_file_depth` is 0 in QEMU 7.2's flat list
+    /// even for an overlay, so this is what tells).
     #[serde(default)]
-    backing_file_depth: u64,
+    backing_file: Option<String>,
     image: Option<ImageInfo>,
 }
 
@@ -454,10 +456,9 @@ pub(crate) fn source_mirror(
             )))
         }
     };
-    if top.backing_file_depth > 0 {
+    if let Some(backing) = &top.backing_file {
         return Err(AgentError::Refused(format!(
-            "disk {name}: {shown} has a backing chain ({} deep); only self-contained images move (flatten it with `qemu-img convert`, or use shared storage)",
-            top.backing_file_depth
+            "disk {name}: {shown} has a backing chain (backing file {backing}); only self-contained images move (flatten it with `qemu-img convert`, or use shared storage)"
         )));
     }
     let virtual_size = top.image.as_ref().map_or(0, |i| i.virtual_size);
@@ -724,5 +725,179 @@ pub fn committed(files: &[PathBuf]) {
         .filter(|f| f.extension().is_some_and(|e| e == "trustmig-order"))
     {
         let _ = std::fs::remove_file(f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{test_dest_disk, VmBackend};
+    use crate::journal::Record;
+
+    fn manifest(format: DiskFormat, virtual_size: u64) -> ImageManifest {
+        ImageManifest {
+            vm: "q".into(),
+            config_digest: [0; 32],
+            chunk_size: 1 << 20,
+            disks: Vec::new(),
+            mirrors: vec![MirrorDisk {
+                name: "d0".into(),
+                format,
+                virtual_size,
+            }],
+        }
+    }
+
+    fn vm(dir: &Path, format: Option<DiskFormat>) -> VmConfig {
+        let mut v = crate::config::test_qemu_vm("/run/q.sock", Some(dir));
+        if let VmBackend::Qemu(q) = &mut v.backend {
+            let mut d = test_dest_disk("d0");
+            d.format = format;
+            q.disks = vec![d];
+        }
+        v
+    }
+
+    fn journal_with(dir: &Path, order: &str, state: State) -> Journal {
+        let mut j = Journal::open(&dir.join("journal")).expect("journal");
+        let r: Record = serde_json::from_value(serde_json::json!({
+            "order_id": order, "role": "destination", "vm": "q", "state": state,
+            "not_after": 0, "at": 0,
+        }))
+        .expect("record");
+        j.append(r).expect("append");
+        j
+    }
+
+    #[test]
+    fn the_destination_refuses_what_it_cannot_take_before_creating_anything() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("disks");
+        let j = journal_with(tmp.path(), &"00".repeat(16), State::Committed);
+        let m = manifest(DiskFormat::Qcow2, 1 << 30);
+        let t = plan(&m, Some(&vm(&dir, None)), &j).expect("plan");
+        assert_eq!(
+            t[0].path,
+            dir.join("d0.qcow2"),
+            "the destination names the path"
+        );
+        // A format mismatch with what this host requires.
+        let e = plan(&m, Some(&vm(&dir, Some(DiskFormat::Raw))), &j).unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Refused(s) if s.contains("format mismatch")),
+            "{e}"
+        );
+        // More than the file system has.
+        let huge = manifest(DiskFormat::Raw, 60 << 40);
+        let e = plan(&huge, Some(&vm(&dir, None)), &j).unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Refused(s) if s.contains("not enough space")),
+            "{e}"
+        );
+        // An image in the way without a marker (someone's disk): refused, left alone.
+        std::fs::write(dir.join("d0.qcow2"), b"in use").expect("write");
+        let e = plan(&m, Some(&vm(&dir, None)), &j).unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Refused(s) if s.contains("refusing to overwrite")),
+            "{e}"
+        );
+        // With the marker of an order that committed: still the VM's, refused.
+        std::fs::write(dir.join("d0.qcow2.trustmig-order"), "00".repeat(16)).expect("marker");
+        assert!(plan(&m, Some(&vm(&dir, None)), &j).is_err());
+        assert!(dir.join("d0.qcow2").exists());
+        // No device configured for the disk; a manifest that does not validate.
+        let mut bare = vm(&dir, None);
+        if let VmBackend::Qemu(q) = &mut bare.backend {
+            q.disks.clear();
+        }
+        assert!(plan(&m, Some(&bare), &j).is_err());
+        assert!(plan(&manifest(DiskFormat::Raw, 1000), Some(&vm(&dir, None)), &j).is_err());
+    }
+
+    #[test]
+    fn a_copy_left_by_a_rolled_back_order_is_removed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("disks");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let order = "ab".repeat(16);
+        let j = journal_with(tmp.path(), &order, State::RolledBack);
+        std::fs::write(dir.join("d0.raw"), b"old copy").expect("write");
+        std::fs::write(dir.join("d0.raw.trustmig-order"), &order).expect("marker");
+        let t = plan(
+            &manifest(DiskFormat::Raw, 1 << 20),
+            Some(&vm(&dir, None)),
+            &j,
+        )
+        .expect("the leftover does not block the next attempt");
+        assert!(!dir.join("d0.raw").exists() && !dir.join("d0.raw.trustmig-order").exists());
+        assert_eq!(t[0].path, dir.join("d0.raw"));
+    }
+
+    #[tokio::test]
+    async fn created_images_have_the_announced_size_and_a_marker() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("disks");
+        let j = journal_with(tmp.path(), &"00".repeat(16), State::Committed);
+        let t = plan(
+            &manifest(DiskFormat::Raw, 3 << 20),
+            Some(&vm(&dir, None)),
+            &j,
+        )
+        .expect("plan");
+        create(&t, &[7; 16]).await.expect("create");
+        assert_eq!(
+            std::fs::metadata(dir.join("d0.raw")).expect("image").len(),
+            3 << 20
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("d0.raw.trustmig-order")).expect("marker"),
+            "07".repeat(16)
+        );
+        // Never over an existing file.
+        assert!(create(&t, &[7; 16]).await.is_err());
+        committed(
+            &t.iter()
+                .flat_map(|t| t.files().map(Path::to_path_buf))
+                .collect::<Vec<_>>(),
+        );
+        assert!(!dir.join("d0.raw.trustmig-order").exists());
+        assert!(dir.join("d0.raw").exists());
+    }
+
+    #[test]
+    fn the_source_refuses_disks_that_cannot_move() {
+        let node = |drv: &str, backing: Option<&str>, size: u64| -> BlockNode {
+            serde_json::from_value(serde_json::json!({
+                "file": "/i", "ro": false, "drv": drv, "node-name": "n",
+                "backing_file_depth": 0, "backing_file": backing,
+                "image": { "virtual-size": size },
+            }))
+            .expect("node")
+        };
+        let p = Path::new("/i");
+        let ok = source_mirror(
+            ("d0", MirrorMode::Background),
+            p,
+            &node("qcow2", None, 1 << 20),
+        )
+        .expect("qcow2");
+        assert_eq!((ok.format, ok.node.as_str()), (DiskFormat::Qcow2, "n"));
+        let e = source_mirror(
+            ("d0", MirrorMode::Background),
+            p,
+            &node("qcow2", Some("/b.qcow2"), 1 << 20),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("backing chain"), "{e}");
+        let e = source_mirror(
+            ("d0", MirrorMode::Background),
+            p,
+            &node("vmdk", None, 1 << 20),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("as vmdk"), "{e}");
+        let e =
+            source_mirror(("d0", MirrorMode::Background), p, &node("raw", None, 1000)).unwrap_err();
+        assert!(e.to_string().contains("multiple of 512"), "{e}");
     }
 }
