@@ -5,7 +5,8 @@
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use trustmig_protocol::attestation::{qualifying_data, Measurement, FINAL_LABEL, HANDSHAKE_LABEL};
-use trustmig_protocol::hvstream::StreamDigest;
+use trustmig_protocol::hvstream::{self, BlockDigests, StreamDigest};
+use trustmig_protocol::manifest::{manifest_root, DiskFormat, ImageManifest, MirrorDisk};
 use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
 use trustmig_protocol::order::*;
 use trustmig_protocol::precopy::final_digest;
@@ -92,6 +93,20 @@ fn compute() -> Value {
                 d.update(b"migration stream bytes");
                 d.finish(&transcript)
             }),
+            // With one mirrored disk (spec/qemu.md §5): its NBD stream's two directions.
+            "nbd_to_destination": h(b"\x25\x60\x95\x13 nbd request"),
+            "nbd_to_source": h(b"\x67\x44\x66\x98 nbd reply"),
+            "final_with_disk": h(&{
+                let mut d = StreamDigest::new();
+                d.update(b"QEVM\x00\x00\x00\x03 qemu migration stream bytes");
+                let mut disk = BlockDigests::default();
+                disk.to_destination.update(b"\x25\x60\x95\x13 nbd request");
+                disk.to_source.update(b"\x67\x44\x66\x98 nbd reply");
+                hvstream::final_digest(&transcript, d, &[disk])
+            }),
+            // A manifest with one mirrored disk, as encoded, and its root.
+            "manifest_with_mirror": h(&mirror_manifest().to_cbor()),
+            "manifest_with_mirror_root": h(&manifest_root(&mirror_manifest().to_cbor())),
         },
         "image_digest": {
             "transcript_hash": h(&transcript),
@@ -101,6 +116,20 @@ fn compute() -> Value {
             "final": h(&final_digest(&transcript, 4096, 2, &[9; 32], b"dev")),
         }
     })
+}
+
+fn mirror_manifest() -> ImageManifest {
+    ImageManifest {
+        vm: "vm1".into(),
+        config_digest: [8; 32],
+        chunk_size: 1 << 20,
+        disks: Vec::new(),
+        mirrors: vec![MirrorDisk {
+            name: "d0".into(),
+            format: DiskFormat::Qcow2,
+            virtual_size: 1 << 30,
+        }],
+    }
 }
 
 fn path() -> std::path::PathBuf {

@@ -128,6 +128,43 @@ stream = b(hv["stream"])
 check("hvstream final digest", sha256(b"trustmig hvstream v1", b(hv["transcript_hash"]),
       len(stream).to_bytes(8, "big"), blake3(stream)), hv["final"])
 
+def cbor_head(major, n):
+    if n < 24:
+        return bytes([major << 5 | n])
+    for ai, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | ai]) + n.to_bytes(size, "big")
+
+
+def cbor(v):
+    """The CBOR subset the manifest uses (SPEC.md §6.3, messages.cddl): maps in field order."""
+    if isinstance(v, bool) or v is None:
+        raise ValueError(v)
+    if isinstance(v, int):
+        return cbor_head(0, v)
+    if isinstance(v, bytes):
+        return cbor_head(2, len(v)) + v
+    if isinstance(v, str):
+        return cbor_head(3, len(v.encode())) + v.encode()
+    if isinstance(v, list):
+        return cbor_head(4, len(v)) + b"".join(cbor(x) for x in v)
+    return cbor_head(5, len(v)) + b"".join(cbor(k) + cbor(x) for k, x in v.items())
+
+
+# With mirrored disks (spec/qemu.md §5): v2 binds both directions of each disk's NBD stream.
+def part(data):
+    return len(data).to_bytes(8, "big") + blake3(data)
+
+
+check("hvstream final digest with one mirrored disk",
+      sha256(b"trustmig hvstream v2", b(hv["transcript_hash"]), part(stream), (1).to_bytes(2, "big"),
+             part(b(hv["nbd_to_destination"])), part(b(hv["nbd_to_source"]))),
+      hv["final_with_disk"])
+mirror_manifest = cbor({"vm": "vm1", "config_digest": b"\x08" * 32, "chunk_size": 1 << 20, "disks": [],
+                        "mirrors": [{"name": "d0", "format": "qcow2", "virtual_size": 1 << 30}]})
+check("manifest with a mirrored disk", mirror_manifest, hv["manifest_with_mirror"])
+check("its root", sha256(b"trustmig manifest v1", mirror_manifest), hv["manifest_with_mirror_root"])
+
 if failures:
     print("\n".join(failures))
     sys.exit(1)
