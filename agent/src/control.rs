@@ -73,6 +73,16 @@ pub enum Progress {
         /// Guest pages (for a progress bar).
         guest_pages: u64,
     },
+    /// Writable disks are being mirrored (QEMU sidecar, spec/qemu.md §5): bytes copied so far
+    /// of all mirrored disks together; memory migration starts once every mirror is ready.
+    Mirror {
+        /// Bytes QEMU's mirror jobs have copied.
+        done: u64,
+        /// Bytes they have to copy (grows while the guest writes).
+        total: u64,
+        /// Every mirror is ready: the copies are in step.
+        ready: bool,
+    },
     /// The guest is paused; the last pages are on their way.
     SwitchOver {
         /// Pages in stop-and-copy.

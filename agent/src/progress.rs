@@ -103,6 +103,14 @@ impl Display {
                     None => eprintln!("{msg}"),
                 }
             }
+            Progress::Mirror { done, total, ready } if human => self.line(if ready {
+                format!(
+                    "disks mirrored ({:.1} MiB) and in step; migrating memory",
+                    mib(done)
+                )
+            } else {
+                format!("mirroring disks: {:.1} of {:.1} MiB", mib(done), mib(total))
+            }),
             Progress::SwitchOver { pages } if human => self.line(format!(
                 "switch-over: guest paused, sending the last {pages} pages"
             )),

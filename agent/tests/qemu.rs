@@ -1782,9 +1782,19 @@ async fn mirror_moves(format: &'static str, disk_toml: &str) {
     let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let (r, events) = migrate(&mut s, &addr, 300).await;
     let writes = writer.finish().await;
     let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(
+        events
+            .iter()
+            .any(|p| matches!(p, Progress::Mirror { ready: true, done, .. } if *done >= 8 << 20)),
+        "the operator saw the mirror become ready: {events:?}"
+    );
+    assert!(
+        summary.bytes_on_wire > 8 << 20,
+        "the disk's data crossed: {summary:?}"
+    );
     assert!(
         writes.len() >= 10,
         "the guest wrote during the migration: {}",

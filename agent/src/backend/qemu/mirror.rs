@@ -293,10 +293,11 @@ async fn query_jobs(qmp: &mut Qmp) -> Result<Vec<JobInfo>, AgentError> {
 }
 
 impl Mirrors {
-    /// One look at the jobs: `Ok(true)` once every mirror is `ready` (copied, and every guest
-    /// write now goes to both copies), an error if one failed or vanished.
-    pub(crate) async fn ready(&mut self, qmp: &mut Qmp) -> Result<bool, AgentError> {
+    /// One look at the jobs: (bytes copied, bytes to copy, every mirror `ready`: copied, and
+    /// the copy kept in step), or an error if one failed or vanished.
+    pub(crate) async fn look(&mut self, qmp: &mut Qmp) -> Result<(u64, u64, bool), AgentError> {
         let jobs = query_jobs(qmp).await?;
+        let (mut done, mut total) = (0, 0);
         let mut all = true;
         for (i, d) in self.disks.iter().enumerate() {
             let Some(j) = jobs.iter().find(|j| j.id == d.job()) else {
@@ -319,8 +320,10 @@ impl Mirrors {
                     all = false;
                 }
             }
+            done += j.current;
+            total += j.total;
         }
-        Ok(all)
+        Ok((done, total, all))
     }
 
     /// A relay that ended before the switch-over: its failure (a refused record, a cut), or

@@ -312,7 +312,16 @@ async fn mirrors_ready(
     link: &mut SourceLink<'_>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();
-    while !mirrors.ready(qmp).await? {
+    let mut reported: Option<Instant> = None;
+    loop {
+        let (done, total, ready) = mirrors.look(qmp).await?;
+        if ready || reported.is_none_or(|r| r.elapsed() >= Duration::from_secs(1)) {
+            reported = Some(Instant::now());
+            link.report(Progress::Mirror { done, total, ready }).await;
+        }
+        if ready {
+            break;
+        }
         tokio::select! {
             e = mirrors.relay_ended() => return Err(e),
             msg = link.chan.next() => link.peer_message(msg)?,
