@@ -134,6 +134,12 @@ pub struct Summary {
     pub throughput_bps: u64,
     /// BLAKE3 of guest memory at pause (hex), to compare with the destination's.
     pub memory_checksum: String,
+    /// Mirrored disks (QEMU sidecar): NBD payload bytes sent to the destination.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Mirrored disks: from the first mirror's start until every mirror was ready, ms.
+    #[serde(default)]
+    pub disk_ms: u64,
 }
 
 /// A reply line.

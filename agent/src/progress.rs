@@ -157,7 +157,15 @@ pub fn summary_text(s: &Summary) -> String {
         s.zero_pages_skipped,
         mib(s.throughput_bps),
         s.throttle,
-    )
+    ) + &if s.disk_bytes > 0 {
+        format!(
+            "  disks mirrored      {:.1} MiB in {} ms before memory moved\n",
+            mib(s.disk_bytes),
+            s.disk_ms
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// The agent's status (as the control socket returns it) as text: identity, hosted VMs,

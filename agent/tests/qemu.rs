@@ -1575,6 +1575,8 @@ struct MirrorFixture {
     image: PathBuf,
     format: &'static str,
     test_qmp: PathBuf,
+    /// Image size, MiB.
+    mib: u64,
 }
 
 const MIRROR_MIB: u64 = 16;
@@ -1595,6 +1597,11 @@ fn run(program: &str, args: &[&str]) -> String {
 
 impl MirrorFixture {
     fn new(format: &'static str) -> Option<(Self, VmOpts)> {
+        Self::sized(format, MIRROR_MIB)
+    }
+
+    /// An image of `mib` MiB: its first quarter filled with 0x41, its third with 0x42.
+    fn sized(format: &'static str, mib: u64) -> Option<(Self, VmOpts)> {
         if !have("qemu-img", "--version") || !have("qemu-io", "--version") {
             missing("qemu-img and qemu-io (apt-get install -y qemu-utils)");
             return None;
@@ -1604,24 +1611,18 @@ impl MirrorFixture {
         let img = image.display().to_string();
         run(
             "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                format,
-                &img,
-                &format!("{MIRROR_MIB}M"),
-            ],
+            &["create", "-q", "-f", format, &img, &format!("{mib}M")],
         );
+        let q = mib / 4;
         run(
             "qemu-io",
             &[
                 "-f",
                 format,
                 "-c",
-                "write -P 0x41 0 4M",
+                &format!("write -P 0x41 0 {q}M"),
                 "-c",
-                "write -P 0x42 8M 4M",
+                &format!("write -P 0x42 {}M {q}M", 2 * q),
                 &img,
             ],
         );
@@ -1651,6 +1652,7 @@ impl MirrorFixture {
             image,
             format,
             test_qmp,
+            mib,
         };
         Some((f, opts))
     }
@@ -1695,9 +1697,10 @@ impl MirrorFixture {
 
     /// The source image as the writes a writer made say it must be.
     fn expected(&self, writes: &[(u64, u8)]) -> Vec<u8> {
-        let mut model = vec![0u8; (MIRROR_MIB << 20) as usize];
-        model[..4 << 20].fill(0x41);
-        model[8 << 20..12 << 20].fill(0x42);
+        let (size, q) = ((self.mib << 20) as usize, (self.mib << 18) as usize);
+        let mut model = vec![0u8; size];
+        model[..q].fill(0x41);
+        model[2 * q..3 * q].fill(0x42);
         for &(off, p) in writes {
             model[off as usize..(off + WRITE_LEN) as usize].fill(p);
         }
@@ -1998,4 +2001,43 @@ async fn qemu_destination_killed_mid_mirror_leaves_the_source_running() {
     let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
     assert!(err.contains("rolled back"), "{err}\n{}", s.logs());
     assert_mirror_rolled_back(&mut s, &disk, writer).await;
+}
+
+/// Benchmark for bench/disk.sh: a mirrored disk of `TRUSTMIG_BENCH_DISK_MIB` MiB (raw, half
+/// of it data) moves with the guest writing 64 KiB every 10 ms. Prints
+/// `BENCH <total ms> <end-to-end downtime ms> <disk bytes> <mirror ms> <QEMU's downtime ms>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark, run by bench/disk.sh"]
+async fn bench_trustmig_disk() {
+    let _g = SERIAL.lock().await;
+    let mib = std::env::var("TRUSTMIG_BENCH_DISK_MIB")
+        .map_or(1024, |v| v.parse().expect("TRUSTMIG_BENCH_DISK_MIB is MiB"));
+    let Some((disk, mut opts)) = MirrorFixture::sized("raw", mib) else {
+        return;
+    };
+    opts.dst_extra.push("-mem-prealloc".into());
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let writes = writer.finish().await;
+    let sum = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    if std::env::var_os("TRUSTMIG_BENCH_LOGS").is_some() {
+        eprintln!("{}", s.logs());
+    }
+    assert!(
+        disk.content(&disk.copy()) == disk.expected(&writes),
+        "the copy is the image at the pause"
+    );
+    let qemu = s.src.migration().await.expect("source query-migrate");
+    println!(
+        "BENCH {} {} {} {} {}",
+        sum.total_ms,
+        sum.downtime_ms,
+        sum.disk_bytes,
+        sum.disk_ms,
+        qemu.downtime.unwrap_or(0)
+    );
 }

@@ -234,6 +234,7 @@ async fn transfer(
         let mirrors = vm.mirrors.as_mut().expect("just set");
         mirrors_ready(&mut vm.qmp, mirrors, &mut link).await?;
     }
+    let disk_ms = vm.started.elapsed().as_millis() as u64;
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder).await?;
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
@@ -298,6 +299,8 @@ async fn transfer(
             bytes_per_round: vec![sent.digest.len()],
             zero_pages_skipped: ram.duplicate,
             stop_copy_pages: 0,
+            disk_bytes: blocks.iter().map(|(d, _)| d.to_destination.len()).sum(),
+            disk_ms: if blocks.is_empty() { 0 } else { disk_ms },
             ..Summary::default()
         },
         tasks: std::mem::take(&mut vm.pumps),
