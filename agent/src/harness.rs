@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use trustmig_attest::slowtpm::{Delay, SlowTpm};
 use trustmig_attest::swtpm::{LocalCa, Swtpm, SwtpmError};
 use trustmig_protocol::order::{Limits, SignedOrder};
 use trustmig_protocol::AgentId;
@@ -114,6 +115,8 @@ pub struct Pair {
     pub dst_env: Vec<(String, String)>,
     exe: PathBuf,
     tpms: Vec<Swtpm>,
+    /// With `TRUSTMIG_TPM_SIGN_MS`: a relay per TPM that makes it sign as slowly as hardware.
+    slow: Vec<SlowTpm>,
     _ca: LocalCa,
     dir: tempfile::TempDir,
 }
@@ -123,6 +126,25 @@ fn free_addr() -> Result<String, AgentError> {
     Ok(l.local_addr()
         .map_err(AgentError::io("127.0.0.1:0"))?
         .to_string())
+}
+
+/// The environment variable that makes the pair's TPMs sign (quote) in that many ms, as
+/// hardware TPMs do (100–600 ms), for tests and benchmarks (`bench/qemu.sh`).
+pub const TPM_SIGN_MS_ENV: &str = "TRUSTMIG_TPM_SIGN_MS";
+
+/// A slow-TPM relay per TPM when `TPM_SIGN_MS_ENV` asks for one.
+fn slow_tpms(tpms: &[Swtpm]) -> Result<Vec<SlowTpm>, AgentError> {
+    let Ok(ms) = std::env::var(TPM_SIGN_MS_ENV) else {
+        return Ok(Vec::new());
+    };
+    let ms: u64 = ms.parse().map_err(|_| AgentError::BadConfig {
+        path: TPM_SIGN_MS_ENV.into(),
+        reason: format!("{ms:?} is not a number of milliseconds"),
+    })?;
+    let delay = Delay::signing(std::time::Duration::from_millis(ms));
+    tpms.iter()
+        .map(|t| SlowTpm::start(t.port(), delay.clone()).map_err(AgentError::io("slow TPM relay")))
+        .collect()
 }
 
 fn swtpm_err(e: SwtpmError) -> AgentError {
@@ -159,8 +181,10 @@ impl Pair {
         let dst_addr = free_addr()?;
         // The agents run `exe`, which need not be the program running this (tests).
         let agent_exe = crate::attestation::file_sha256(exe)?;
-        let src_id = admin::init_with(&src, &src_addr, &tpms[0].tcti(), agent_exe)?;
-        let dst_id = admin::init_with(&dst, &dst_addr, &tpms[1].tcti(), agent_exe)?;
+        let slow = slow_tpms(&tpms)?;
+        let tcti = |i: usize| slow.get(i).map_or_else(|| tpms[i].tcti(), SlowTpm::tcti);
+        let src_id = admin::init_with(&src, &src_addr, &tcti(0), agent_exe)?;
+        let dst_id = admin::init_with(&dst, &dst_addr, &tcti(1), agent_exe)?;
         for h in [&src, &dst] {
             let path = h.config();
             let mut text = std::fs::read_to_string(&path).map_err(AgentError::io(&path))?;
@@ -197,6 +221,7 @@ impl Pair {
             dst_env: Vec::new(),
             exe: exe.to_path_buf(),
             tpms,
+            slow,
             _ca: ca,
             dir,
         })
@@ -219,9 +244,11 @@ impl Pair {
         self.dir.path()
     }
 
-    /// The swtpm TCTI of agent `i` (0 = source).
+    /// The TCTI of agent `i` (0 = source): its swtpm, or the slow relay in front of it.
     pub fn tcti(&self, i: usize) -> String {
-        self.tpms[i].tcti()
+        self.slow
+            .get(i)
+            .map_or_else(|| self.tpms[i].tcti(), SlowTpm::tcti)
     }
 
     /// Start agent `i` (0 = source, 1 = destination) and wait for its control socket.

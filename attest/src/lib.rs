@@ -18,6 +18,8 @@ pub mod policy;
 pub mod public;
 pub mod quote;
 #[cfg(feature = "swtpm-harness")]
+pub mod slowtpm;
+#[cfg(feature = "swtpm-harness")]
 pub mod swtpm;
 #[cfg(feature = "tpm")]
 pub mod tpm;

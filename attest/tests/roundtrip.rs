@@ -60,3 +60,35 @@ fn ak_is_persisted_and_reloaded() {
         2
     );
 }
+
+/// The slow-TPM harness: a quote through it still verifies, and waits at least the delay a
+/// hardware TPM takes to sign (swtpm alone quotes in a few ms).
+#[test]
+fn a_slow_tpm_quotes_correctly_and_slowly() {
+    use trustmig_attest::slowtpm::{Delay, SlowTpm};
+    let Some(a) = agent() else { return };
+    let delay = std::time::Duration::from_millis(150);
+    let slow = SlowTpm::start(a.tpm.port(), Delay::signing(delay)).expect("relay");
+    drop(a.att); // one TCTI connection to the TPM at a time
+    let mut att =
+        trustmig_attest::tpm::TpmAttester::open(trustmig_attest::tpm::TpmConfig::new(slow.tcti()))
+            .expect("open through the relay");
+    att.measure(&Measurement::AgentExecutable(EXE))
+        .expect("extend");
+    att.measure(&Measurement::AgentConfig(CONFIG))
+        .expect("extend");
+    let v = verifier_for(&mut att);
+    let q = qd(5, 6);
+    let t = std::time::Instant::now();
+    let ev = att.evidence(&q).expect("quote").to_cbor();
+    assert!(t.elapsed() >= delay, "the quote waited {:?}", t.elapsed());
+    assert_eq!(
+        v.verify_evidence(&ev, &q, &AGENT)
+            .expect("verify")
+            .measurements,
+        vec![
+            Measurement::AgentExecutable(EXE),
+            Measurement::AgentConfig(CONFIG)
+        ]
+    );
+}
