@@ -139,6 +139,8 @@ pub struct OrderArgs {
     pub limits: Limits,
     /// Validity in seconds from now.
     pub ttl_secs: u64,
+    /// The source's TPM quotes the final digest before `Commit` (SPEC.md §8.7).
+    pub strict_final_quote: bool,
 }
 
 /// Sign an order with the operator key at `key_path`.
@@ -158,6 +160,7 @@ pub fn sign_order(key_path: &Path, a: OrderArgs) -> Result<SignedOrder, AgentErr
         // so any ttl the CLI accepts (1..=MAX_ORDER_LIFETIME) yields a window agents accept.
         not_before: now.saturating_sub(5),
         not_after: now.saturating_sub(5) + a.ttl_secs,
+        strict_final_quote: a.strict_final_quote,
     };
     Ok(SignedOrder::sign(&body, &key))
 }

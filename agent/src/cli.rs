@@ -224,6 +224,10 @@ pub(crate) enum OrderCmd {
         /// Validity from now, seconds.
         #[arg(long, default_value_t = 600)]
         ttl: u64,
+        /// Strict mode: the source's TPM quotes the final digest before Commit, inside the
+        /// guest's downtime (a hardware TPM adds 100-600 ms), instead of after Resumed.
+        #[arg(long)]
+        strict_final_quote: bool,
         /// Output file.
         #[arg(long)]
         out: PathBuf,

@@ -140,6 +140,10 @@ pub struct Summary {
     /// Mirrored disks: from the first mirror's start until every mirror was ready, ms.
     #[serde(default)]
     pub disk_ms: u64,
+    /// The source TPM's quote of the final digest: before `Commit` (strict) or after
+    /// `Resumed`, and whether the destination raised an incident (SPEC.md §8.7).
+    #[serde(default)]
+    pub final_quote: String,
 }
 
 /// A reply line.

@@ -109,6 +109,8 @@ pub struct Pair {
     pub operator_key: PathBuf,
     /// Agent processes once started: [source, destination].
     pub procs: Vec<Option<AgentProcess>>,
+    /// Orders this pair signs ask for the strict final quote (SPEC.md §8.7).
+    pub strict_final_quote: bool,
     /// Extra environment of the source agent process (fault injection, `crate::fault`).
     pub src_env: Vec<(String, String)>,
     /// Extra environment of the destination agent process (fault injection, `crate::fault`).
@@ -217,6 +219,7 @@ impl Pair {
             dst_addr,
             operator_key,
             procs: vec![None, None],
+            strict_final_quote: false,
             src_env: Vec::new(),
             dst_env: Vec::new(),
             exe: exe.to_path_buf(),
@@ -350,6 +353,7 @@ impl Pair {
                 destination_addr: addr.into(),
                 limits,
                 ttl_secs,
+                strict_final_quote: self.strict_final_quote,
             },
         )
     }

@@ -503,6 +503,7 @@ mod tests {
             },
             not_before: 0,
             not_after: 10,
+            strict_final_quote: false,
         };
         ClaimAsDestination(&mut j).claim(&body).unwrap();
         let e = j.settle_query(&[5; 16], &[3; 32]).unwrap_err().to_string();

@@ -180,6 +180,7 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
             max_rounds,
             on_nonconvergence,
             ttl,
+            strict_final_quote,
             out,
         } => {
             if ttl == 0 || ttl > trustmig_protocol::order::MAX_ORDER_LIFETIME {
@@ -202,6 +203,7 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
                         on_nonconvergence: admin::parse_action(&on_nonconvergence)?,
                     },
                     ttl_secs: ttl,
+                    strict_final_quote,
                 },
             )?;
             trustmig_agent::home::write_atomic(&out, &order.to_cbor())?;

@@ -1542,6 +1542,8 @@ async fn bench_trustmig() {
     let Some(mut s) = setup_with(&opts, true) else {
         return;
     };
+    // TRUSTMIG_BENCH_STRICT=1: the order asks for the strict final quote (SPEC.md §8.7).
+    s.pair.strict_final_quote = std::env::var_os("TRUSTMIG_BENCH_STRICT").is_some();
     let addr = s.pair.dst_addr.clone();
     let downtime: u32 = env("TRUSTMIG_BENCH_DOWNTIME", "300")
         .parse()

@@ -150,6 +150,22 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
             v.name
         );
         assert!(!dst_paused, "{}: destination VM runs", v.name);
+        // The source's TPM quoted the final digest after Resumed and the destination
+        // verified it (SPEC.md §8.7): said in the summary and in the destination's journal.
+        assert!(
+            s.final_quote.contains("no incident"),
+            "{}: {}",
+            v.name,
+            s.final_quote
+        );
+        let journal =
+            std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
+        assert!(
+            journal
+                .lines()
+                .any(|l| l.contains(&s.order_id) && l.contains("late final quote verified")),
+            "{journal}"
+        );
         assert!(
             rt.block_on(Pair::checksum(&pair.src, &v.name)).is_err(),
             "{}: source no longer hosts it",
@@ -787,4 +803,26 @@ fn non_converging_workloads_get_the_orders_action() {
     assert!(s.throttle > 0, "throttled: {s:?}");
     let (dst_sum, _) = rt.block_on(Pair::checksum(&pair.dst, "t")).unwrap();
     assert_eq!(dst_sum, s.memory_checksum);
+}
+
+/// An order that asks for the strict final quote: the source's TPM quotes the final digest
+/// before `Commit`, and nothing follows `Resumed` (SPEC.md §8.7).
+#[test]
+fn a_strict_order_is_quoted_before_commit() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+    pair.strict_final_quote = true;
+    pair.start_both().unwrap();
+    let order = pair
+        .order("v", limits(2000, 30, NonConvergence::Force), 600)
+        .unwrap();
+    let s = done(migrate(&rt, &pair, &order), &pair);
+    assert_eq!(s.final_quote, "quoted before Commit (strict)");
+    let journal = std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
+    assert!(!journal.contains("late final quote"), "{journal}");
+    assert!(!journal.contains("INCIDENT"), "{journal}");
 }

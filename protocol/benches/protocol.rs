@@ -56,6 +56,7 @@ fn orders(c: &mut Criterion) {
         },
         not_before: 100,
         not_after: 200,
+        strict_final_quote: false,
     };
     let signed = SignedOrder::sign(&body, &op);
     let mut g = c.benchmark_group("order");

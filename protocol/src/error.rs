@@ -93,6 +93,10 @@ pub enum PeerMisbehaved {
         /// Hex of the destination's own digest.
         computed: String,
     },
+    /// The final signature does not verify under the ephemeral key the source's handshake
+    /// quote vouched for (another key, another digest, another challenge: a replay). SPEC.md §8.7
+    #[error("final signature does not verify under the source's attested final key")]
+    BadFinalSignature,
     /// A transferred disk chunk is not what the attested image manifest says (hypervisor-stream
     /// mode, SPEC.md §8.5.1): wrong content, too many or too few chunks.
     #[error("disk transfer refused: {0}")]
@@ -136,6 +140,7 @@ impl From<&Error> for AbortCode {
             Error::PeerMisbehaved(PeerMisbehaved::NoCommonVersion(_))
             | Error::PeerMisbehaved(PeerMisbehaved::Downgrade { .. }) => Self::VersionMismatch,
             Error::PeerMisbehaved(PeerMisbehaved::FinalDigestMismatch { .. })
+            | Error::PeerMisbehaved(PeerMisbehaved::BadFinalSignature)
             | Error::PeerMisbehaved(PeerMisbehaved::ManifestMismatch)
             | Error::PeerMisbehaved(PeerMisbehaved::DiskMismatch(_)) => Self::DigestMismatch,
             Error::PeerMisbehaved(_) => Self::ProtocolViolation,

@@ -20,6 +20,7 @@ use crate::attestation::{
     qualifying_data, Attester, Claims, EvidenceVerifier, Measurement, HANDSHAKE_LABEL,
 };
 use crate::error::{Error, PeerMisbehaved};
+use crate::finalsig::{source_handshake_qualifying_data, FinalKey};
 use crate::keys::KeySchedule;
 use crate::manifest::{manifest_root, ImageManifest, MAX_DISKS};
 use crate::messages::{ClientHello, Message, ServerHello, TransferMode, MAX_STREAMS};
@@ -75,6 +76,11 @@ pub struct Established {
     pub streams: u16,
     /// The image manifest as sent.
     pub manifest: ImageManifest,
+    /// Source: the session's final-signature key, for [`crate::migration::SourceMigration`]
+    /// (taken from here by it).
+    pub final_key: Option<FinalKey>,
+    /// Destination: the source's attested final-signature key.
+    pub peer_final_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Established {
@@ -193,6 +199,10 @@ struct Hello {
     channel: ChannelBinding,
     nonce_s: [u8; 32],
     nonce_d: [u8; 32],
+    /// Source: its ephemeral final-signature key; destination: the source's public half, once
+    /// its attested `SourceEvidence` arrived (SPEC.md §8.7).
+    final_key: Option<FinalKey>,
+    peer_final_key: Option<[u8; 32]>,
     mode: TransferMode,
     streams: u16,
     version: u16,
@@ -221,11 +231,12 @@ pub struct SourceHandshake {
 impl SourceHandshake {
     /// Begin: returns the state machine and the encoded `ClientHello`.
     ///
-    /// `manifest` is the image manifest the source will attest; `nonce` must be fresh random.
+    /// `manifest` is the image manifest the source will attest; `nonce` and `final_key_seed`
+    /// must be fresh random (the seed becomes the session's final-signature key).
     pub fn start(
         order: VerifiedOrder,
         channel: ChannelBinding,
-        nonce: [u8; 32],
+        (nonce, final_key_seed): ([u8; 32], &[u8; 32]),
         mode: TransferMode,
         streams: u16,
         manifest: &ImageManifest,
@@ -255,6 +266,8 @@ impl SourceHandshake {
             channel,
             nonce_s: nonce,
             nonce_d: [0; 32],
+            final_key: Some(FinalKey::from_seed(final_key_seed)),
+            peer_final_key: None,
             mode,
             streams,
             version: 0,
@@ -332,16 +345,26 @@ impl SourceHandshake {
                 hello.transcript.add(raw);
                 let root = manifest_root(&manifest);
                 attester.extend(&Measurement::ImageManifest(root))?;
-                let qd = qualifying_data(
-                    HANDSHAKE_LABEL,
+                let final_key = hello
+                    .final_key
+                    .as_ref()
+                    .ok_or(Error::ApiMisuse("source handshake without a final key"))?
+                    .public();
+                let qd = source_handshake_qualifying_data(
                     &hello.nonce_d,
                     &hello.channel.tls_exporter,
                     hello.order.id(),
                     &hello.channel.local,
+                    &final_key,
                 );
                 let evidence = attester.quote(&qd)?;
                 let parsed: ImageManifest = codec::decode(&manifest)?;
-                let out = Message::SourceEvidence { evidence, manifest }.encode();
+                let out = Message::SourceEvidence {
+                    evidence,
+                    manifest,
+                    final_key,
+                }
+                .encode();
                 hello.transcript.add(&out);
                 Ok((
                     SourceState::AwaitDestinationEvidence {
@@ -413,6 +436,8 @@ fn establish(
     let transcript_hash = hello.transcript.hash();
     Established {
         role,
+        final_key: hello.final_key,
+        peer_final_key: hello.peer_final_key,
         keys: KeySchedule::new(&hello.channel.tls_exporter, &transcript_hash),
         order: hello.order,
         version: hello.version,
@@ -543,6 +568,8 @@ impl DestinationHandshake {
                     channel: self.channel.clone(),
                     nonce_s: ch.nonce,
                     nonce_d: self.nonce,
+                    final_key: None,
+                    peer_final_key: None,
                     mode: ch.mode,
                     streams: ch.streams,
                     version,
@@ -552,16 +579,22 @@ impl DestinationHandshake {
             }
             (
                 DestState::AwaitSourceEvidence(mut hello),
-                Message::SourceEvidence { evidence, manifest },
+                Message::SourceEvidence {
+                    evidence,
+                    manifest,
+                    final_key,
+                },
             ) => {
-                let qd = qualifying_data(
-                    HANDSHAKE_LABEL,
+                // The quote vouches for the final key only through its qualifying data.
+                let qd = source_handshake_qualifying_data(
                     &hello.nonce_d,
                     &hello.channel.tls_exporter,
                     hello.order.id(),
                     &hello.channel.peer,
+                    &final_key,
                 );
                 let claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
+                hello.peer_final_key = Some(final_key);
                 let root = manifest_root(&manifest);
                 if claims.image_manifest().is_none_or(|r| !ct_eq(r, &root)) {
                     return Err(PeerMisbehaved::ManifestMismatch.into());

@@ -11,6 +11,7 @@
 pub mod attestation;
 pub mod codec;
 pub mod error;
+pub mod finalsig;
 pub mod handshake;
 pub mod hvstream;
 pub mod keys;

@@ -77,6 +77,10 @@ pub enum Message {
         /// CBOR of the image manifest; its root is in the source's event log.
         #[serde(with = "serde_bytes")]
         manifest: Vec<u8>,
+        /// The source's ephemeral final-signature key (ed25519), bound into the qualifying
+        /// data of `evidence` (SPEC.md §8.7).
+        #[serde(with = "serde_bytes")]
+        final_key: [u8; 32],
     },
     /// Handshake 4 (D->S): destination evidence.
     DestinationEvidence {
@@ -108,14 +112,18 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         nonce: [u8; 32],
     },
-    /// S->D: final image digest, extended into the source TPM and quoted.
+    /// S->D: final image digest, signed by the source's attested final key; in strict mode
+    /// also extended into the source TPM and quoted (SPEC.md §8.7).
     FinalEvidence {
         /// The final image digest.
         #[serde(with = "serde_bytes")]
         digest: Digest,
-        /// Evidence over the final qualifying data.
+        /// ed25519 signature by the final key (`finalsig::signing_input`).
         #[serde(with = "serde_bytes")]
-        evidence: Vec<u8>,
+        signature: Vec<u8>,
+        /// Strict mode: evidence over the final qualifying data, quoted before `Ready`.
+        #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+        evidence: Option<Vec<u8>>,
     },
     /// D->S: final evidence verified and the digest matches; ready to resume.
     Ready,
@@ -123,6 +131,13 @@ pub enum Message {
     Commit,
     /// D->S: the VM runs on the destination.
     Resumed,
+    /// S->D, after `Resumed` (not in strict mode): the final digest extended into the source
+    /// TPM and quoted over the final qualifying data, the record's evidence (SPEC.md §8.7).
+    FinalQuote {
+        /// Evidence over the final qualifying data.
+        #[serde(with = "serde_bytes")]
+        evidence: Vec<u8>,
+    },
     /// S->D, first and only message on a fresh control connection (SPEC.md §8.8): the source
     /// journalled COMMIT but lost the session; what became of this order on the destination?
     SettleQuery {
@@ -164,6 +179,7 @@ impl Message {
             Self::Ready => "ready",
             Self::Commit => "commit",
             Self::Resumed => "resumed",
+            Self::FinalQuote { .. } => "final-quote",
             Self::SettleQuery { .. } => "settle-query",
             Self::SettleAnswer { .. } => "settle-answer",
             Self::Abort { .. } => "abort",

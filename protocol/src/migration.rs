@@ -7,15 +7,20 @@
 //!   SwitchOver{stream_records}  ->
 //!                                  wait until every stream delivered that many records
 //!                          <-  FinalChallenge{nonce}
-//!   extend MigrationFinal(digest); quote(qd_final(nonce))
-//!   FinalEvidence{digest, evidence}  ->
-//!                                  verify quote, digest == own digest
+//!   sign(final key, nonce, channel, order, transcript, digest)
+//!   [strict: extend MigrationFinal(digest); quote(qd_final(nonce))]
+//!   FinalEvidence{digest, signature[, evidence]}  ->
+//!                                  digest == own digest, signature by the attested
+//!                                  final key [strict: verify quote]
 //!                          <-  Ready
 //!   journal COMMIT (fsync)
 //!   Commit  ->
 //!                                  journal COMMIT, resume VM
 //!                          <-  Resumed
 //!   journal DONE, discard VM
+//!   [not strict: extend MigrationFinal(digest); quote(qd_final(nonce))]
+//!   FinalQuote{evidence}  ->
+//!                                  verify: the record's evidence, or an incident
 //! ```
 //! Before the source journals COMMIT, every failure rolls back: the source resumes its VM and
 //! the destination discards. After it, the source never resumes on its own; an in-doubt
@@ -23,7 +28,8 @@
 
 use crate::attestation::{qualifying_data, Attester, EvidenceVerifier, Measurement, FINAL_LABEL};
 use crate::error::{Error, PeerMisbehaved};
-use crate::handshake::ChannelBinding;
+use crate::finalsig::{self, FinalContext, FinalKey};
+use crate::handshake::{ChannelBinding, Established};
 use crate::messages::Message;
 use crate::order::{hex, OrderId};
 use crate::{ct_eq, Digest};
@@ -55,6 +61,21 @@ pub struct SourceMigration {
     // Set once `Ready` arrived (the driver may journal COMMIT from then on) and kept through
     // any later (sticky) error: after COMMIT the destination owns the VM whatever happens next.
     committed: bool,
+    final_key: Option<FinalKey>,
+    transcript_hash: Digest,
+    strict: bool,
+    /// Not strict: the digest and challenge the late quote covers, once signed.
+    late: Option<(Digest, [u8; 32])>,
+}
+
+/// The qualifying data of a final quote (SPEC.md §6.1).
+fn final_qd(
+    channel: &ChannelBinding,
+    nonce: &[u8; 32],
+    order_id: &OrderId,
+    who: &[u8; 32],
+) -> Digest {
+    qualifying_data(FINAL_LABEL, nonce, &channel.tls_exporter, order_id, who)
 }
 
 fn sticky<P>(phase: &mut Result<P, Error>, r: Result<P, Error>) -> Result<(), Error> {
@@ -97,14 +118,34 @@ pub enum SourceEvent {
 }
 
 impl SourceMigration {
-    /// State for a session with this channel and order.
-    pub fn new(channel: ChannelBinding, order_id: OrderId) -> Self {
+    /// State for the session `est` (its final key moves here).
+    pub fn new(est: &mut Established) -> Self {
         Self {
-            channel,
-            order_id,
+            channel: est.channel.clone(),
+            order_id: *est.order.id(),
             phase: Ok(SourcePhase::Transferring),
             committed: false,
+            final_key: est.final_key.take(),
+            transcript_hash: est.transcript_hash,
+            strict: est.order.body().strict_final_quote,
+            late: None,
         }
+    }
+
+    /// After `Resumed`, unless the order is strict: extend the final digest into the TPM and
+    /// quote it for the destination's record (`FinalQuote`). `None` in strict mode (the quote
+    /// went before `Commit`) or when called twice.
+    pub fn final_quote(&mut self, attester: &mut dyn Attester) -> Result<Option<Vec<u8>>, Error> {
+        if !matches!(self.phase, Ok(SourcePhase::Done)) {
+            return Err(Error::ApiMisuse("final_quote before Resumed"));
+        }
+        let Some((digest, nonce)) = self.late.take() else {
+            return Ok(None);
+        };
+        attester.extend(&Measurement::MigrationFinal(digest))?;
+        let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.local);
+        let evidence = attester.quote(&qd)?;
+        Ok(Some(Message::FinalQuote { evidence }.encode()))
     }
 
     /// What a failure now means for the VM. `ReadyToCommit` counts as committed: the driver
@@ -148,19 +189,36 @@ impl SourceMigration {
         };
         let mut event = None;
         let mut ready = false;
+        let mut late = None;
         let r = (|| match (phase, decode(raw)?) {
             (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
-                attester.extend(&Measurement::MigrationFinal(digest))?;
-                let qd = qualifying_data(
-                    FINAL_LABEL,
-                    &nonce,
-                    &self.channel.tls_exporter,
-                    &self.order_id,
-                    &self.channel.local,
-                );
-                let evidence = attester.quote(&qd)?;
+                // Signed in microseconds by the key the handshake quote vouched for; the TPM
+                // quotes before `Commit` only in strict mode (SPEC.md §8.7).
+                let key = self.final_key.as_ref().ok_or(Error::ApiMisuse(
+                    "no final key: SourceMigration::new took it",
+                ))?;
+                let ctx = FinalContext {
+                    nonce: &nonce,
+                    tls_exporter: &self.channel.tls_exporter,
+                    order_id: &self.order_id,
+                    transcript_hash: &self.transcript_hash,
+                };
+                let signature = key.sign(&ctx, &digest).to_vec();
+                let evidence = if self.strict {
+                    attester.extend(&Measurement::MigrationFinal(digest))?;
+                    let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.local);
+                    Some(attester.quote(&qd)?)
+                } else {
+                    late = Some((digest, nonce));
+                    None
+                };
                 event = Some(SourceEvent::Send(
-                    Message::FinalEvidence { digest, evidence }.encode(),
+                    Message::FinalEvidence {
+                        digest,
+                        signature,
+                        evidence,
+                    }
+                    .encode(),
                 ));
                 Ok(SourcePhase::AwaitReady)
             }
@@ -186,6 +244,9 @@ impl SourceMigration {
             )),
         })();
         self.committed |= ready;
+        if late.is_some() {
+            self.late = late;
+        }
         sticky(&mut self.phase, r)?;
         Ok(event.expect("every successful transition sets an event"))
     }
@@ -206,10 +267,17 @@ impl SourceMigration {
 #[derive(Debug)]
 enum DestPhase {
     Receiving,
-    AwaitStreams { stream_records: Vec<u64> },
-    AwaitFinalEvidence { nonce: [u8; 32], computed: Digest },
+    AwaitStreams {
+        stream_records: Vec<u64>,
+    },
+    AwaitFinalEvidence {
+        nonce: [u8; 32],
+        computed: Digest,
+    },
     AwaitCommit,
     Committed,
+    /// Resumed; not strict: the source's late quote of the final digest may come.
+    AwaitFinalQuote,
     Done,
 }
 
@@ -226,6 +294,10 @@ pub enum DestEvent {
     /// Commit received: journal COMMIT durably, resume the VM, then call
     /// [`DestMigration::resumed`].
     Resume,
+    /// The source's late quote of the final digest (after `Resumed`): `Ok` when it verifies and
+    /// attests the digest that was signed and resumed, `Err` naming what did not: an incident
+    /// to log, journal and report. The VM stays where it runs either way (SPEC.md §8.7).
+    FinalQuote(Result<(), String>),
 }
 
 /// The destination's control-plane state after the handshake.
@@ -235,17 +307,31 @@ pub struct DestMigration {
     phase: Result<DestPhase, Error>,
     // Set when `Commit` arrived; survives later errors.
     committed: bool,
+    peer_final_key: Option<[u8; 32]>,
+    transcript_hash: Digest,
+    strict: bool,
+    /// Not strict: the digest and challenge the source's late quote must cover.
+    late: Option<(Digest, [u8; 32])>,
 }
 
 impl DestMigration {
-    /// State for a session with this channel and order.
-    pub fn new(channel: ChannelBinding, order_id: OrderId) -> Self {
+    /// State for the session `est`.
+    pub fn new(est: &Established) -> Self {
         Self {
-            channel,
-            order_id,
+            channel: est.channel.clone(),
+            order_id: *est.order.id(),
             phase: Ok(DestPhase::Receiving),
             committed: false,
+            peer_final_key: est.peer_final_key,
+            transcript_hash: est.transcript_hash,
+            strict: est.order.body().strict_final_quote,
+            late: None,
         }
+    }
+
+    /// Whether the source's late quote is still to come (after `Resumed`, not strict).
+    pub fn awaits_final_quote(&self) -> bool {
+        matches!(self.phase, Ok(DestPhase::AwaitFinalQuote))
     }
 
     /// What a failure now means: before `Commit` arrived the destination discards.
@@ -272,6 +358,7 @@ impl DestMigration {
         };
         let mut event = DestEvent::None;
         let mut committed = false;
+        let mut late = None;
         let r = (|| match (phase, decode(raw)?) {
             (DestPhase::Receiving, Message::RoundDone { .. }) => Ok(DestPhase::Receiving),
             (DestPhase::Receiving, Message::SwitchOver { stream_records }) => {
@@ -280,30 +367,62 @@ impl DestMigration {
             }
             (
                 DestPhase::AwaitFinalEvidence { nonce, computed },
-                Message::FinalEvidence { digest, evidence },
+                Message::FinalEvidence {
+                    digest,
+                    signature,
+                    evidence,
+                },
             ) => {
-                let qd = qualifying_data(
-                    FINAL_LABEL,
-                    &nonce,
-                    &self.channel.tls_exporter,
-                    &self.order_id,
-                    &self.channel.peer,
-                );
-                let claims = verifier.verify(&evidence, &qd, &self.channel.peer)?;
-                let attested = *claims.migration_final().ok_or_else(|| {
-                    Error::Attestation(crate::attestation::AttestationError::new(
-                        "final evidence carries no migration-final event",
-                    ))
-                })?;
-                if !ct_eq(&attested, &digest) || !ct_eq(&digest, &computed) {
+                if !ct_eq(&digest, &computed) {
                     return Err(PeerMisbehaved::FinalDigestMismatch {
-                        attested: hex(&attested),
+                        attested: hex(&digest),
                         computed: hex(&computed),
                     }
                     .into());
                 }
+                let key = self
+                    .peer_final_key
+                    .ok_or(Error::ApiMisuse("session without the source's final key"))?;
+                let ctx = FinalContext {
+                    nonce: &nonce,
+                    tls_exporter: &self.channel.tls_exporter,
+                    order_id: &self.order_id,
+                    transcript_hash: &self.transcript_hash,
+                };
+                finalsig::verify(&key, &signature, &ctx, &digest)?;
+                match (self.strict, evidence) {
+                    (true, Some(evidence)) => {
+                        let qd =
+                            final_qd(&self.channel, &nonce, &self.order_id, &self.channel.peer);
+                        verify_final_quote(verifier, &evidence, &qd, &self.channel.peer, &digest)?;
+                    }
+                    (true, None) => {
+                        return Err(PeerMisbehaved::BadField(
+                            "the order is strict: final evidence without the TPM quote".into(),
+                        )
+                        .into())
+                    }
+                    (false, Some(_)) => {
+                        return Err(PeerMisbehaved::BadField(
+                            "final evidence carries a quote the order did not ask for".into(),
+                        )
+                        .into())
+                    }
+                    (false, None) => late = Some((digest, nonce)),
+                }
                 event = DestEvent::Send(Message::Ready.encode());
                 Ok(DestPhase::AwaitCommit)
+            }
+            (DestPhase::AwaitFinalQuote, Message::FinalQuote { evidence }) => {
+                let (digest, nonce) = self
+                    .late
+                    .ok_or(Error::ApiMisuse("a late quote without a signed digest"))?;
+                let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.peer);
+                let verdict =
+                    verify_final_quote(verifier, &evidence, &qd, &self.channel.peer, &digest)
+                        .map_err(|e| e.to_string());
+                event = DestEvent::FinalQuote(verdict);
+                Ok(DestPhase::Done)
             }
             (DestPhase::AwaitCommit, Message::Commit) => {
                 committed = true;
@@ -317,11 +436,15 @@ impl DestMigration {
                     DestPhase::AwaitStreams { .. } => "nothing (draining streams)",
                     DestPhase::AwaitFinalEvidence { .. } => "final-evidence",
                     DestPhase::AwaitCommit => "commit",
+                    DestPhase::AwaitFinalQuote => "final-quote",
                     DestPhase::Committed | DestPhase::Done => "nothing (done)",
                 },
             )),
         })();
         self.committed |= committed;
+        if late.is_some() {
+            self.late = late;
+        }
         sticky(&mut self.phase, r)?;
         Ok(event)
     }
@@ -354,12 +477,41 @@ impl DestMigration {
 
     /// The VM runs here now (COMMIT journalled): the message to send.
     pub fn resumed(&mut self) -> Result<Vec<u8>, Error> {
+        let next = if self.late.is_some() {
+            DestPhase::AwaitFinalQuote
+        } else {
+            DestPhase::Done
+        };
         let r = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
-            Ok(DestPhase::Committed) => Ok(DestPhase::Done),
+            Ok(DestPhase::Committed) => Ok(next),
             Ok(_) => Err(Error::ApiMisuse("resumed before commit")),
             Err(e) => Err(e),
         };
         sticky(&mut self.phase, r)?;
         Ok(Message::Resumed.encode())
     }
+}
+
+/// A final quote verifies and attests `digest` as the migration-final event.
+fn verify_final_quote(
+    verifier: &dyn EvidenceVerifier,
+    evidence: &[u8],
+    qd: &Digest,
+    peer: &[u8; 32],
+    digest: &Digest,
+) -> Result<(), Error> {
+    let claims = verifier.verify(evidence, qd, peer)?;
+    let attested = *claims.migration_final().ok_or_else(|| {
+        Error::Attestation(crate::attestation::AttestationError::new(
+            "final evidence carries no migration-final event",
+        ))
+    })?;
+    if !ct_eq(&attested, digest) {
+        return Err(PeerMisbehaved::FinalDigestMismatch {
+            attested: hex(&attested),
+            computed: hex(digest),
+        }
+        .into());
+    }
+    Ok(())
 }

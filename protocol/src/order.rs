@@ -89,6 +89,10 @@ pub struct OrderBody {
     pub not_before: u64,
     /// Not valid after this UNIX time (seconds).
     pub not_after: u64,
+    /// Strict mode: the source's TPM quotes the final digest before `Commit` (inside the
+    /// guest's downtime) instead of after `Resumed` (SPEC.md §8.7). Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict_final_quote: bool,
 }
 
 /// An order as it travels: the exact body bytes, who signed them, and the signature.

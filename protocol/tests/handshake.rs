@@ -275,8 +275,13 @@ fn altered_finished_or_manifest_is_refused() {
                     return m;
                 }
                 rewrite(m, |msg| match msg {
-                    Message::SourceEvidence { evidence, .. } => Message::SourceEvidence {
+                    Message::SourceEvidence {
                         evidence,
+                        final_key,
+                        ..
+                    } => Message::SourceEvidence {
+                        evidence,
+                        final_key,
                         manifest: ImageManifest {
                             vm: "other".into(),
                             ..manifest()
@@ -297,6 +302,38 @@ fn altered_finished_or_manifest_is_refused() {
                 PeerMisbehaved::ManifestMismatch
             )))
         ),
+        "{r:?}"
+    );
+}
+
+/// An attacker on the path swaps the source's final-signature key for its own: the source's
+/// quote vouches for the key through its qualifying data, so the destination refuses.
+#[test]
+fn a_substituted_final_key_is_refused() {
+    let r = run(
+        Setup {
+            tamper_s2d: Box::new(|i, m| {
+                if i != 1 {
+                    return m;
+                }
+                rewrite(m, |msg| match msg {
+                    Message::SourceEvidence {
+                        evidence, manifest, ..
+                    } => Message::SourceEvidence {
+                        evidence,
+                        manifest,
+                        final_key: trustmig_protocol::finalsig::FinalKey::from_seed(&[0x66; 32])
+                            .public(),
+                    },
+                    o => o,
+                })
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(
+        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
         "{r:?}"
     );
 }

@@ -3,9 +3,11 @@
 mod common;
 
 use common::*;
+use trustmig_protocol::attestation::{qualifying_data, Attester, Measurement, FINAL_LABEL};
 use trustmig_protocol::error::{Error, PeerMisbehaved};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::Direction;
+use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::*;
 use trustmig_protocol::order::{Limits, MemoryJournal, NonConvergence};
 use trustmig_protocol::precopy::*;
@@ -31,7 +33,7 @@ fn sessions() -> (Established, Established) {
 
 /// Migrate a guest that dirties `dirty_pages_per_sec` pages per virtual second.
 fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Report {
-    let (s, d) = sessions();
+    let (mut s, d) = sessions();
     let streams = s.streams;
     let mut src = VecGuest::new(PAGE, PAGES, 700, 7);
     let mut dst = VecGuest::new(PAGE, PAGES, 0, 9);
@@ -145,8 +147,8 @@ fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Re
         key: b"k".to_vec(),
         allowed_exe: vec![EXE],
     };
-    let mut sm = SourceMigration::new(s.channel.clone(), *s.order.id());
-    let mut dm = DestMigration::new(d.channel.clone(), *d.order.id());
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
     let counts: Vec<u64> = openers.iter().map(|o| o.records()).collect();
     let result = (|| {
         let so = sm.switch_over(counts.clone(), digest)?;
@@ -380,14 +382,14 @@ fn large_pages_travel_in_record_sized_batches() {
 
 #[test]
 fn committed_outcome_survives_later_errors() {
-    let (s, d) = sessions();
+    let (mut s, d) = sessions();
     let mut att = SoftAttester::new(b"k", SRC, EXE);
     let ver = SoftVerifier {
         key: b"k".to_vec(),
         allowed_exe: vec![EXE],
     };
-    let mut sm = SourceMigration::new(s.channel.clone(), *s.order.id());
-    let mut dm = DestMigration::new(d.channel.clone(), *d.order.id());
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
     let so = sm.switch_over(vec![1], [9; 32]).unwrap();
     dm.handle(&so, &ver).unwrap();
     let ch = dm.streams_complete(&[1], [9; 32], [1; 32]).unwrap();
@@ -426,4 +428,222 @@ fn device_state_may_overtake_pages_of_other_streams() {
         rx.on_device_state(b"again").is_err(),
         "device state only once"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The final signature, the late quote and strict mode (SPEC.md §8.7).
+
+const DIGEST: [u8; 32] = [0x5D; 32];
+
+fn verifier() -> SoftVerifier {
+    SoftVerifier {
+        key: b"k".to_vec(),
+        allowed_exe: vec![EXE],
+    }
+}
+
+fn sessions_with(strict: bool) -> (Established, Established) {
+    let mut body = order_body(1);
+    body.strict_final_quote = strict;
+    let setup = Setup {
+        signed: trustmig_protocol::order::SignedOrder::sign(&body, &op()),
+        ..Setup::default()
+    };
+    run(setup, &mut MemoryJournal::default()).expect("handshake")
+}
+
+/// Switch-over and challenge (`nonce`) without a data plane: the source's `FinalEvidence`.
+fn final_evidence(
+    sm: &mut SourceMigration,
+    dm: &mut DestMigration,
+    streams: u16,
+    nonce: [u8; 32],
+    att: &mut SoftAttester,
+) -> Vec<u8> {
+    let counts = vec![0; usize::from(streams)];
+    let so = sm.switch_over(counts.clone(), DIGEST).expect("switch-over");
+    dm.handle(&so, &verifier()).expect("await streams");
+    let challenge = dm
+        .streams_complete(&counts, DIGEST, nonce)
+        .expect("challenge");
+    let SourceEvent::Send(fe) = sm.handle(&challenge, att).expect("final evidence") else {
+        panic!("final evidence")
+    };
+    fe
+}
+
+#[test]
+fn the_final_digest_is_signed_in_the_downtime_and_quoted_after_resumed() {
+    let (mut s, d) = sessions_with(false);
+    let mut att = SoftAttester::new(b"k", SRC, EXE);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let fe = final_evidence(&mut sm, &mut dm, s.streams, [0x77; 32], &mut att);
+    // No TPM quote before Commit: the evidence is the signature alone.
+    let Ok(Message::FinalEvidence { evidence, .. }) = Message::decode(&fe) else {
+        panic!("final evidence")
+    };
+    assert!(evidence.is_none());
+    let DestEvent::Send(ready) = dm.handle(&fe, &verifier()).expect("ready") else {
+        panic!("ready")
+    };
+    sm.handle(&ready, &mut att).expect("ready to commit");
+    let commit = sm.commit().expect("commit");
+    assert_eq!(
+        dm.handle(&commit, &verifier()).expect("resume"),
+        DestEvent::Resume
+    );
+    // The late quote is for after Resumed only.
+    assert!(sm.final_quote(&mut att).is_err());
+    let resumed = dm.resumed().expect("resumed");
+    assert!(dm.awaits_final_quote());
+    sm.handle(&resumed, &mut att).expect("resumed");
+    let fq = sm
+        .final_quote(&mut att)
+        .expect("quote")
+        .expect("not strict");
+    assert_eq!(
+        dm.handle(&fq, &verifier()).expect("late quote"),
+        DestEvent::FinalQuote(Ok(()))
+    );
+    assert!(sm.final_quote(&mut att).expect("again").is_none(), "once");
+}
+
+#[test]
+fn a_late_quote_of_another_digest_is_an_incident_not_a_rollback() {
+    let (mut s, d) = sessions_with(false);
+    let mut att = SoftAttester::new(b"k", SRC, EXE);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let nonce = [0x77; 32];
+    let fe = final_evidence(&mut sm, &mut dm, s.streams, nonce, &mut att);
+    let DestEvent::Send(_) = dm.handle(&fe, &verifier()).expect("ready") else {
+        panic!("ready")
+    };
+    dm.handle(&Message::Commit.encode(), &verifier())
+        .expect("commit");
+    dm.resumed().expect("resumed");
+    // A source TPM whose log says another final digest, quoted for the right challenge.
+    att.extend(&Measurement::MigrationFinal([0xEE; 32]))
+        .expect("extend");
+    let qd = qualifying_data(
+        FINAL_LABEL,
+        &nonce,
+        &s.channel.tls_exporter,
+        s.order.id(),
+        &SRC,
+    );
+    let evidence = att.quote(&qd).expect("quote");
+    let fq = Message::FinalQuote { evidence }.encode();
+    let DestEvent::FinalQuote(Err(incident)) = dm.handle(&fq, &verifier()).expect("verdict") else {
+        panic!("a mismatch must be reported")
+    };
+    assert!(incident.contains("mismatch"), "{incident}");
+    assert_eq!(
+        dm.outcome_on_failure(),
+        Outcome::Committed,
+        "the VM stays where it runs"
+    );
+}
+
+#[test]
+fn a_final_signature_by_another_key_or_replayed_is_refused() {
+    // Another key: an attacker who did not get the attested key signs the right digest.
+    let (mut s, d) = sessions_with(false);
+    let mut att = SoftAttester::new(b"k", SRC, EXE);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let nonce = [0x77; 32];
+    let fe = final_evidence(&mut sm, &mut dm, s.streams, nonce, &mut att);
+    let forged = trustmig_protocol::finalsig::FinalKey::from_seed(&[0x99; 32]);
+    let ctx = trustmig_protocol::finalsig::FinalContext {
+        nonce: &nonce,
+        tls_exporter: &d.channel.tls_exporter,
+        order_id: d.order.id(),
+        transcript_hash: &d.transcript_hash,
+    };
+    let bad = Message::FinalEvidence {
+        digest: DIGEST,
+        signature: forged.sign(&ctx, &DIGEST).to_vec(),
+        evidence: None,
+    }
+    .encode();
+    let e = dm.handle(&bad, &verifier()).unwrap_err();
+    assert!(
+        matches!(e, Error::PeerMisbehaved(PeerMisbehaved::BadFinalSignature)),
+        "{e:?}"
+    );
+    assert_eq!(dm.outcome_on_failure(), Outcome::RollBack);
+    drop(fe);
+
+    // Replayed: the genuine signature of one challenge, offered for another.
+    let (mut s, d) = sessions_with(false);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let fe = final_evidence(&mut sm, &mut dm, s.streams, [0x77; 32], &mut att);
+    let mut dm2 = DestMigration::new(&d);
+    let counts = vec![0; usize::from(s.streams)];
+    let so = Message::SwitchOver {
+        stream_records: counts.clone(),
+    }
+    .encode();
+    dm2.handle(&so, &verifier()).expect("await streams");
+    dm2.streams_complete(&counts, DIGEST, [0x78; 32])
+        .expect("another challenge");
+    let e = dm2.handle(&fe, &verifier()).unwrap_err();
+    assert!(
+        matches!(e, Error::PeerMisbehaved(PeerMisbehaved::BadFinalSignature)),
+        "{e:?}"
+    );
+    // The genuine one for its own challenge still verifies.
+    assert!(matches!(
+        dm.handle(&fe, &verifier()),
+        Ok(DestEvent::Send(_))
+    ));
+}
+
+#[test]
+fn a_strict_order_quotes_before_commit_and_requires_it() {
+    let (mut s, d) = sessions_with(true);
+    let mut att = SoftAttester::new(b"k", SRC, EXE);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let fe = final_evidence(&mut sm, &mut dm, s.streams, [0x77; 32], &mut att);
+    let Ok(Message::FinalEvidence {
+        digest,
+        signature,
+        evidence,
+    }) = Message::decode(&fe)
+    else {
+        panic!("final evidence")
+    };
+    assert!(evidence.is_some(), "the quote travels before Commit");
+    // Without its quote a strict destination refuses.
+    let mut dm2 = DestMigration::new(&d);
+    let counts = vec![0; usize::from(s.streams)];
+    let so = Message::SwitchOver {
+        stream_records: counts.clone(),
+    }
+    .encode();
+    dm2.handle(&so, &verifier()).expect("await streams");
+    dm2.streams_complete(&counts, DIGEST, [0x77; 32])
+        .expect("challenge");
+    let stripped = Message::FinalEvidence {
+        digest,
+        signature,
+        evidence: None,
+    }
+    .encode();
+    assert!(dm2.handle(&stripped, &verifier()).is_err());
+    // With it: ready, commit, resumed, and no late quote.
+    let DestEvent::Send(ready) = dm.handle(&fe, &verifier()).expect("ready") else {
+        panic!("ready")
+    };
+    sm.handle(&ready, &mut att).expect("ready to commit");
+    let commit = sm.commit().expect("commit");
+    dm.handle(&commit, &verifier()).expect("resume");
+    let resumed = dm.resumed().expect("resumed");
+    assert!(!dm.awaits_final_quote());
+    sm.handle(&resumed, &mut att).expect("resumed");
+    assert!(sm.final_quote(&mut att).expect("strict").is_none());
 }

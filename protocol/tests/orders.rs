@@ -22,6 +22,7 @@ fn body() -> OrderBody {
         },
         not_before: NOW - 10,
         not_after: NOW + 600,
+        strict_final_quote: false,
     }
 }
 

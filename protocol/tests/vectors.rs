@@ -51,6 +51,7 @@ fn compute() -> Value {
         },
         not_before: 1_800_000_000,
         not_after: 1_800_000_600,
+        strict_final_quote: false,
     };
     let signed = SignedOrder::sign(&body, &op);
 

@@ -158,10 +158,13 @@ impl SourceChannel {
             local: self.ctx.identity.id(),
             peer: order.body().destination,
         };
+        // The seed of the session's final-signature key: fresh, used once, zeroized here
+        // (the key itself is zeroized by ed25519-dalek when the session drops it).
+        let seed = zeroize::Zeroizing::new(crate::random::<32>());
         let (mut hs, hello) = SourceHandshake::start(
             order.clone(),
             channel,
-            crate::random(),
+            (crate::random(), &seed),
             mode,
             streams,
             manifest,

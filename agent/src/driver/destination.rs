@@ -11,14 +11,14 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tracing::{info, warn};
-use trustmig_protocol::error::PeerMisbehaved;
+use tracing::{error, info, warn};
+use trustmig_protocol::error::{AbortCode, PeerMisbehaved};
 use trustmig_protocol::handshake::{
     ChannelBinding, DestinationConfig, DestinationHandshake, Established,
 };
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
-use trustmig_protocol::order::hex;
+use trustmig_protocol::order::{hex, OrderId};
 
 use crate::backend::qemu::QemuDest;
 use crate::backend::synthetic::SyntheticDest;
@@ -60,7 +60,12 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     if let Some(sid) = s.sid {
         ctx.sessions.lock().expect("sessions lock").remove(&sid);
     }
-    let Err(e) = r else { return Ok(()) };
+    let Err(e) = r else {
+        // Done: close our side, so the source, waiting after its late quote for an incident
+        // (SPEC.md §8.7), hears at once that there is none.
+        let _ = s.wr.shutdown().await;
+        return Ok(());
+    };
     // The backend discarded what arrived before this: the source hears of the failure (and
     // may run its VM again) only once this host's copy is gone (SPEC.md §8.8).
     let msg = Message::Abort {
@@ -269,7 +274,7 @@ impl Session {
         committed: &mut bool,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
-        let mut dm = DestMigration::new(est.channel.clone(), *est.order.id());
+        let mut dm = DestMigration::new(&est);
         vm.start(&ctx, est, conns)?;
         let mut arrived: Option<Arrived> = None;
         let mut awaiting: Option<Vec<u64>> = None;
@@ -296,8 +301,10 @@ impl Session {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
                         DestEvent::Send(m) => self.send(&m).await?,
+                        // Only after `Resumed` (`late_quote`); the machine refuses it before.
+                        DestEvent::FinalQuote(_) => {}
                         DestEvent::Resume => {
-                            return self.resume(vm, &mut dm, committed).await;
+                            return self.resume(vm, &mut dm, &mut frames, committed).await;
                         }
                     }
                 }
@@ -325,6 +332,7 @@ impl Session {
         &mut self,
         vm: &mut B,
         dm: &mut DestMigration,
+        frames: &mut Frames,
         committed: &mut bool,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
@@ -351,6 +359,49 @@ impl Session {
             &hex(&id),
             &self.vm,
         ));
+        if dm.awaits_final_quote() {
+            self.late_quote(dm, frames, &id).await;
+        }
         Ok(())
+    }
+
+    /// After `Resumed`: the source's TPM quote of the final digest, the record's evidence
+    /// (SPEC.md §8.7). It gates nothing any more (the VM runs here), so whatever is wrong with
+    /// it is an incident: logged, journalled on the order, and sent to the source as `Abort`
+    /// for its operator. A quote that verifies is journalled too.
+    async fn late_quote(&mut self, dm: &mut DestMigration, frames: &mut Frames, id: &OrderId) {
+        let ctx = self.ctx.clone();
+        // A hardware TPM quotes in up to ~600 ms: the step timeout covers it.
+        let verdict = match self.recv(frames).await {
+            Ok(raw) => match dm.handle(&raw, ctx.verifier.as_ref()) {
+                Ok(DestEvent::FinalQuote(v)) => v,
+                Ok(_) => Err("an unexpected message instead of the late final quote".into()),
+                Err(e) => Err(format!("the late final quote was refused: {e}")),
+            },
+            Err(e) => Err(format!("no late final quote arrived: {e}")),
+        };
+        let note = match &verdict {
+            Ok(()) => "resumed here; late final quote verified".to_string(),
+            Err(reason) => format!("resumed here; INCIDENT: {reason}"),
+        };
+        if let Err(e) = ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .set(id, State::Done, &note)
+        {
+            error!(order = %hex(id), "could not journal the late quote's verdict: {e}");
+        }
+        match verdict {
+            Ok(()) => info!(order = %hex(id), "late final quote verified"),
+            Err(reason) => {
+                error!(order = %hex(id), vm = %self.vm, "INCIDENT: {reason}");
+                let abort = Message::Abort {
+                    code: AbortCode::DigestMismatch,
+                    reason: format!("incident after commit: {reason}"),
+                };
+                let _ = self.send(&abort.encode()).await;
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
@@ -242,7 +242,8 @@ async fn session<B: SourceVm>(
             streams: est.streams,
         })
         .await;
-    let mut sm = SourceMigration::new(est.channel.clone(), *order.id());
+    let mut est = est;
+    let mut sm = SourceMigration::new(&mut est);
     let link = SourceLink {
         ctx,
         chan: &mut *chan,
@@ -260,7 +261,7 @@ async fn session<B: SourceVm>(
     let downtime = t.paused_at.elapsed();
     let total = started.elapsed();
     let body = order.body();
-    let summary = Summary {
+    let mut summary = Summary {
         order_id: hex(order.id()),
         vm: body.vm.clone(),
         total_ms: total.as_millis() as u64,
@@ -276,7 +277,56 @@ async fn session<B: SourceVm>(
         format!("downtime {} ms", summary.downtime_ms),
     )?;
     info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
+    summary.final_quote = late_quote(ctx, chan, &mut sm, order.id()).await;
     Ok(summary)
+}
+
+/// After `Resumed` (the guest runs on the destination, outside its downtime): unless the order
+/// is strict, extend the final digest into the TPM, quote it and send it to the destination
+/// for its record (SPEC.md §8.7). The destination answers only an incident (`Abort`), which is
+/// logged and journalled here too; otherwise it closes. Returns what the summary says.
+async fn late_quote(
+    ctx: &Arc<Ctx>,
+    chan: &mut SourceChannel,
+    sm: &mut SourceMigration,
+    order_id: &OrderId,
+) -> String {
+    let quote = {
+        let mut att = ctx.attester.lock().expect("attester lock");
+        sm.final_quote(att.as_mut())
+    };
+    let incident = |reason: String| {
+        error!(order = %hex(order_id), "INCIDENT: {reason}");
+        let note = format!("INCIDENT: {reason}");
+        if let Err(e) = ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .set(order_id, State::Done, &note)
+        {
+            error!("could not journal the incident: {e}");
+        }
+        note
+    };
+    let m = match quote {
+        Ok(None) => return "quoted before Commit (strict)".into(),
+        Ok(Some(m)) => m,
+        Err(e) => return incident(format!("the late final quote failed: {e}")),
+    };
+    if let Err(e) = chan.send(&m).await {
+        return incident(format!("the late final quote could not be sent: {e}"));
+    }
+    match tokio::time::timeout(ctx.step_timeout(), chan.recv()).await {
+        Ok(Ok(raw)) => match Message::decode(&raw) {
+            Ok(Message::Abort { reason, .. }) => {
+                incident(format!("the destination says: {reason}"))
+            }
+            _ => incident("an unexpected message after the late final quote".into()),
+        },
+        // The destination closes once it verified and journalled the quote.
+        Ok(Err(_)) => "quoted after Resumed; the destination raised no incident".into(),
+        Err(_) => "quoted after Resumed; the destination did not answer in time".into(),
+    }
 }
 
 /// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on

@@ -34,6 +34,7 @@ pub fn order_body(id: u8) -> OrderBody {
         },
         not_before: NOW - 10,
         not_after: NOW + 600,
+        strict_final_quote: false,
     }
 }
 
@@ -107,9 +108,15 @@ pub fn run(
         local: SRC,
         peer: s.src_sees_peer,
     };
-    let (mut src, hello) =
-        SourceHandshake::start(verified, src_chan, [0xAA; 32], mode, 2, &manifest())
-            .map_err(Failed::Source)?;
+    let (mut src, hello) = SourceHandshake::start(
+        verified,
+        src_chan,
+        ([0xAA; 32], &[0xAB; 32]),
+        mode,
+        2,
+        &manifest(),
+    )
+    .map_err(Failed::Source)?;
     let mut dst = DestinationHandshake::new(
         DestinationConfig {
             operators: vec![op().verifying_key().to_bytes()],
