@@ -5,6 +5,7 @@
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use trustmig_protocol::attestation::{qualifying_data, Measurement, FINAL_LABEL, HANDSHAKE_LABEL};
+use trustmig_protocol::finalsig::{self, FinalContext, FinalKey};
 use trustmig_protocol::hvstream::{self, BlockDigests, StreamDigest};
 use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
 use trustmig_protocol::manifest::{manifest_root, DiskFormat, ImageManifest, MirrorDisk};
@@ -84,6 +85,16 @@ fn compute() -> Value {
             "qualifying_data_final": h(&qualifying_data(FINAL_LABEL, &[3; 32], &[4; 32], &[5; 16], &[6; 32])),
             "event_agent_executable_0x07": h(&Measurement::AgentExecutable([7; 32]).pcr_digest()),
             "event_image_manifest_0x07": h(&Measurement::ImageManifest([7; 32]).pcr_digest()),
+            // The source's handshake quote binds its final key (SPEC.md §5.2 S4, §8.7).
+            "final_key_seed": h(&[0x0F; 32]),
+            "final_key": h(&FinalKey::from_seed(&[0x0F; 32]).public()),
+            "qualifying_data_handshake_source": h(&finalsig::source_handshake_qualifying_data(
+                &[3; 32], &[4; 32], &[5; 16], &[6; 32], &FinalKey::from_seed(&[0x0F; 32]).public()
+            )),
+            // The final signature over nonce 0x0A.., exporter 0x0B.., order 0x0C.., transcript
+            // 0x0D.., digest 0x0E.. (ed25519 is deterministic).
+            "final_signature_input": h(&finalsig::signing_input(&final_ctx(), &[0x0E; 32])),
+            "final_signature": h(&FinalKey::from_seed(&[0x0F; 32]).sign(&final_ctx(), &[0x0E; 32])),
         },
         "hvstream": {
             "transcript_hash": h(&transcript),
@@ -117,6 +128,15 @@ fn compute() -> Value {
             "final": h(&final_digest(&transcript, 4096, 2, &[9; 32], b"dev")),
         }
     })
+}
+
+fn final_ctx() -> FinalContext<'static> {
+    FinalContext {
+        nonce: &[0x0A; 32],
+        tls_exporter: &[0x0B; 32],
+        order_id: &[0x0C; 16],
+        transcript_hash: &[0x0D; 32],
+    }
 }
 
 fn mirror_manifest() -> ImageManifest {

@@ -156,6 +156,13 @@ def part(data):
     return len(data).to_bytes(8, "big") + blake3(data)
 
 
+# The source's handshake qualifying data with its final key, and the final signature's input
+# (SPEC.md §5.2 S4, §8.7). The ed25519 signature itself is checked by the Rust vector test.
+check("QD_S source handshake", sha256(b"trustmig attest v1", b"\x03" * 32, b"\x04" * 32, b"\x05" * 16,
+                                      b"\x06" * 32, b(at["final_key"])), at["qualifying_data_handshake_source"])
+check("final signature input", b"trustmig final signature v1" + b"\x0a" * 32 + b"\x0b" * 32 + b"\x0c" * 16
+      + b"\x0d" * 32 + b"\x0e" * 32, at["final_signature_input"])
+
 check("hvstream final digest with one mirrored disk",
       sha256(b"trustmig hvstream v2", b(hv["transcript_hash"]), part(stream), (1).to_bytes(2, "big"),
              part(b(hv["nbd_to_destination"])), part(b(hv["nbd_to_source"]))),
