@@ -51,7 +51,20 @@ impl SyntheticGuest {
         g
     }
 
-    /// An all-zero, paused guest (a destination waiting for state).
+    /// An all-zero, paused guest (a destination waiting for state), its memory pre-faulted
+    /// as QEMU's `-mem-prealloc` does: the allocator hands out zero pages the kernel maps only
+    /// at their first write, and taking one fault per page while pages arrive made the
+    /// destination, not the transport, set the pace.
+    pub fn prefaulted(name: &str, pages: u64) -> Self {
+        let mut g = Self::zeroed(name, pages);
+        for page in g.mem.chunks_mut(PAGE_SIZE) {
+            // Through `black_box`, so the store of a zero into zeroed memory is not elided.
+            *std::hint::black_box(&mut page[0]) = 0;
+        }
+        g
+    }
+
+    /// An all-zero, paused guest.
     pub fn zeroed(name: &str, pages: u64) -> Self {
         Self {
             name: name.into(),

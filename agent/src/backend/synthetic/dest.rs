@@ -66,7 +66,9 @@ impl SyntheticDest {
                 )));
             }
         }
-        let guest = SyntheticGuest::zeroed(vm, page_count);
+        // Pre-faulting 4 GiB takes about a second: the agent's runtime is multi-threaded, so
+        // this worker hands its other tasks to the rest meanwhile.
+        let guest = tokio::task::block_in_place(|| SyntheticGuest::prefaulted(vm, page_count));
         let engine = PrecopyDest::new(&guest, page_size, page_count, est.streams)?;
         Ok(Self {
             vm: vm.to_string(),
