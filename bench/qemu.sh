@@ -132,6 +132,7 @@ cargo build --release -q -p trustmig-agent --bin trustmig
 cargo test --release -q -p trustmig-agent --test qemu --no-run 2>/dev/null
 
 rows=()
+timelines=()
 for run in $(seq "$RUNS"); do
     for mode in plain socat qemu-tls qemu-tls-ladder; do
         echo "run $run: $mode ..." >&2
@@ -150,9 +151,10 @@ for run in $(seq "$RUNS"); do
             trustmig-strict) extra=(TRUSTMIG_TPM_SIGN_MS=200 TRUSTMIG_BENCH_STRICT=1) ;;
         esac
         echo "run $run: $mode ..." >&2
-        line=$(env TRUSTMIG_BENCH_MEM=$MEM TRUSTMIG_BENCH_APPEND="$APPEND" TRUSTMIG_BENCH_DOWNTIME=$DOWNTIME "${extra[@]}" \
-            cargo test --release -q -p trustmig-agent --test qemu -- --ignored --exact bench_trustmig --nocapture 2>/dev/null | grep '^BENCH ')
-        rows+=("$mode $(echo "$line" | cut -d' ' -f2-)")
+        out=$(env TRUSTMIG_BENCH_MEM=$MEM TRUSTMIG_BENCH_APPEND="$APPEND" TRUSTMIG_BENCH_DOWNTIME=$DOWNTIME "${extra[@]}" \
+            cargo test --release -q -p trustmig-agent --test qemu -- --ignored --exact bench_trustmig --nocapture 2>/dev/null)
+        rows+=("$mode $(echo "$out" | grep '^BENCH ' | cut -d' ' -f2-)")
+        timelines+=("$mode run $run: $(echo "$out" | grep '^TIMELINE ' | cut -d' ' -f2-)")
     done
 done
 
@@ -187,6 +189,8 @@ sl, st = med["trustmig-slowtpm"], med["trustmig-strict"]
 print("with TPMs that sign in 200 ms: trustmig end-to-end downtime %d ms vs %d ms with swtpm (target: within 5 ms);"
       " strict final quote %d ms (the TPM inside the downtime)" % (sl[2], tm[2], st[2]))
 '
+printf '\nswitch-over timelines, ms from the guest'"'"'s STOP as the source agent saw each step:\n'
+printf '  %s\n' "${timelines[@]}"
 echo "(total_ms, bytes, downtime_ms: the source QEMU's query-migrate (stop to the end of sending);"
 echo " e2e_downtime: trustmig from the STOP event to the destination's Resumed;"
 echo " trustmig raises QEMU's downtime-limit from target/8 to the target over three rounds (spec/qemu.md §3),"

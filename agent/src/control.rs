@@ -144,6 +144,18 @@ pub struct Summary {
     /// `Resumed`, and whether the destination raised an incident (SPEC.md §8.7).
     #[serde(default)]
     pub final_quote: String,
+    /// The switch-over as the source saw it, step by step, from the guest's stop.
+    #[serde(default)]
+    pub timeline: Vec<Step>,
+}
+
+/// One step of the switch-over: what happened, microseconds after the guest stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// What happened.
+    pub step: String,
+    /// Microseconds since the guest stopped.
+    pub us: u64,
 }
 
 /// A reply line.

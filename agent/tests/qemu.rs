@@ -1564,6 +1564,13 @@ async fn bench_trustmig() {
         stream_bytes,
         qemu.downtime.unwrap_or(0)
     );
+    // The switch-over step by step (µs from the guest's stop), for bench/qemu.sh.
+    let steps: Vec<String> = sum
+        .timeline
+        .iter()
+        .map(|s| format!("{} {:.1}", s.step, s.us as f64 / 1000.0))
+        .collect();
+    println!("TIMELINE {}", steps.join(" | "));
 }
 
 // ---------------------------------------------------------------------------------------------

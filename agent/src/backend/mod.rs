@@ -86,6 +86,8 @@ pub(crate) struct Transferred {
     pub summary: Summary,
     /// Tasks that must outlive the commit exchange (a QEMU return path); aborted on drop.
     pub tasks: Tasks,
+    /// The backend's steps of the switch-over, when each happened (the summary's timeline).
+    pub steps: Vec<(&'static str, Instant)>,
 }
 
 /// Spawned tasks of a transfer, aborted when dropped: a failed transfer leaves none behind.

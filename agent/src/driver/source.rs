@@ -17,7 +17,7 @@ use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, Ver
 use crate::backend::qemu::QemuSource;
 use crate::backend::synthetic::SyntheticSource;
 use crate::backend::{SourceLink, SourceVm};
-use crate::control::{Progress, Summary};
+use crate::control::{Progress, Step, Summary};
 use crate::ctx::{history_entry, Ctx};
 use crate::driver::channel::SourceChannel;
 use crate::driver::settle::{self, InDoubt, Settlement};
@@ -256,7 +256,13 @@ async fn session<B: SourceVm>(
     let digest = t.digest;
     let so = sm.switch_over(t.stream_records, digest)?;
     // Final evidence, Ready, Commit (journalled first), Resumed.
-    commit_exchange(ctx, chan, &mut sm, &so, order.id(), progress, outcome).await?;
+    let mut steps = t.steps;
+    let exchange = Exchange {
+        order_id: order.id(),
+        progress,
+        steps: &mut steps,
+    };
+    commit_exchange(ctx, chan, &mut sm, &so, exchange, outcome).await?;
     drop(t.tasks);
     let downtime = t.paused_at.elapsed();
     let total = started.elapsed();
@@ -269,6 +275,13 @@ async fn session<B: SourceVm>(
         downtime_target_ms: u64::from(body.limits.downtime_ms),
         throughput_bps: (t.stream_bytes as f64 / total.as_secs_f64().max(1e-3)) as u64,
         memory_checksum: vm.memory_checksum(&digest),
+        timeline: steps
+            .iter()
+            .map(|(step, at)| Step {
+                step: (*step).to_string(),
+                us: at.saturating_duration_since(t.paused_at).as_micros() as u64,
+            })
+            .collect(),
         ..t.summary
     };
     ctx.journal.lock().expect("journal lock").set(
@@ -329,6 +342,23 @@ async fn late_quote(
     }
 }
 
+/// What the commit exchange reports to: the order, the operator, the timeline.
+struct Exchange<'a> {
+    order_id: &'a OrderId,
+    progress: &'a mpsc::Sender<Progress>,
+    steps: &'a mut Vec<(&'static str, Instant)>,
+}
+
+/// The timeline's name for a message received during the commit exchange.
+fn received_step(raw: &[u8]) -> &'static str {
+    match Message::decode(raw) {
+        Ok(Message::FinalChallenge { .. }) => "FinalChallenge received",
+        Ok(Message::Ready) => "Ready received",
+        Ok(Message::Resumed) => "Resumed received",
+        _ => "a message received",
+    }
+}
+
 /// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on
 /// `Ready` journal COMMIT durably *before* sending `Commit` (SPEC.md §8.7); ends at
 /// `Resumed`. `outcome` turns `Committed` the moment COMMIT is durable, whatever happens
@@ -338,13 +368,19 @@ async fn commit_exchange(
     chan: &mut SourceChannel,
     sm: &mut SourceMigration,
     switch_over: &[u8],
-    order_id: &OrderId,
-    progress: &mpsc::Sender<Progress>,
+    x: Exchange<'_>,
     outcome: &mut Outcome,
 ) -> Result<(), AgentError> {
+    let Exchange {
+        order_id,
+        progress,
+        steps,
+    } = x;
     chan.send(switch_over).await?;
+    steps.push(("SwitchOver sent", Instant::now()));
     loop {
         let msg = chan.recv().await?;
+        steps.push((received_step(&msg), Instant::now()));
         if fault::ENABLED && matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
             crash_point(CrashPoint::SourceFinalChallenge);
         }
@@ -355,11 +391,15 @@ async fn commit_exchange(
         }
         .map_err(AgentError::Protocol)?;
         match ev {
-            SourceEvent::Send(m) => chan.send(&m).await?,
+            SourceEvent::Send(m) => {
+                chan.send(&m).await?;
+                steps.push(("FinalEvidence sent", Instant::now()));
+            }
             SourceEvent::ReadyToCommit => {
                 debug!("ready to commit");
                 // The point of no return: durable before the destination may resume.
                 ctx.journal.lock().expect("journal lock").commit(order_id)?;
+                steps.push(("COMMIT journalled", Instant::now()));
                 *outcome = Outcome::Committed;
                 crash_point(CrashPoint::SourceAfterCommit);
                 if fault::lose_commit() {
@@ -370,6 +410,7 @@ async fn commit_exchange(
                 }
                 let c = sm.commit().map_err(AgentError::Protocol)?;
                 chan.send(&c).await?;
+                steps.push(("Commit sent", Instant::now()));
                 let _ = progress.send(Progress::Committed).await;
             }
             SourceEvent::Resumed => {

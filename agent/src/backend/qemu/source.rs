@@ -277,6 +277,7 @@ async fn transfer(
         paused_at,
         digest,
         blocks,
+        steps,
     } = done;
     let ram = info.ram.clone().unwrap_or_default();
     let nbd_bytes: u64 = blocks
@@ -286,6 +287,7 @@ async fn transfer(
     let mut stream_records = vec![sent.records];
     stream_records.extend(blocks.iter().map(|(_, n)| *n));
     Ok(Transferred {
+        steps,
         stream_records,
         digest,
         paused_at,
@@ -501,6 +503,8 @@ struct Done {
     digest: Digest,
     /// The mirrored disks' NBD streams, in manifest order.
     blocks: Vec<Relayed>,
+    /// The switch-over's steps here (the summary's timeline).
+    steps: Vec<(&'static str, Instant)>,
 }
 
 /// Follow QEMU's migration to `completed` and the stream to its end: progress, the downtime
@@ -523,6 +527,7 @@ async fn follow(
         last_sync: u64::MAX,
         last_report: Instant::now(),
         blocks: Vec::new(),
+        steps: Vec::new(),
     };
     let mut ret_done = false;
     while sent.is_none() || seen.completed.is_none() {
@@ -540,6 +545,7 @@ async fn follow(
             Some(r) = fwd_rx.recv() => {
                 let s = r.map_err(|e| AgentError::transport(Link::QemuStream, e))?;
                 debug!(bytes = s.digest.len(), "QEMU stream sealed to its end");
+                seen.steps.push(("QEMU's stream sealed to its end", Instant::now()));
                 sent = Some(s);
             }
             Some(r) = ret_rx.recv(), if !ret_done => {
@@ -569,6 +575,7 @@ async fn follow(
         paused_at: seen.paused_at.unwrap_or_else(Instant::now),
         digest,
         blocks: seen.blocks,
+        steps: seen.steps,
     })
 }
 
@@ -598,6 +605,8 @@ struct Seen {
     last_report: Instant,
     /// The mirrored disks' NBD streams, once completed at the switch-over.
     blocks: Vec<Relayed>,
+    /// The switch-over's steps, when each happened.
+    steps: Vec<(&'static str, Instant)>,
 }
 
 /// One look at `query-migrate`: `migrate-continue` at `pre-switchover`, completion, failure,
@@ -619,6 +628,7 @@ async fn look_at(
                 .rfind(|e| e.name == "STOP")
                 .and_then(|e| e.at);
             seen.paused_at = Some(instant_of(seen.stopped_at.or(queued_stop)));
+            seen.steps.push(("pre-switchover seen", Instant::now()));
             debug!(
                 since_stop_ms = seen.paused_at.map(|p| p.elapsed().as_millis()),
                 remaining = m.ram.as_ref().map(|r| r.remaining),
@@ -635,15 +645,18 @@ async fn look_at(
             // mirror and end its NBD stream, then QEMU may send the device state.
             if let Some(m) = mirrors {
                 seen.blocks = m.complete(qmp, link.ctx.step_timeout()).await?;
+                seen.steps.push(("disk mirrors completed", Instant::now()));
                 debug!(
                     since_stop_ms = seen.paused_at.map(|p| p.elapsed().as_millis()),
                     "disk mirrors completed"
                 );
             }
             qmp.migrate_continue("pre-switchover").await?;
+            seen.steps.push(("migrate-continue done", Instant::now()));
         }
         MigrationStatus::Completed => {
             debug!("source QEMU completed");
+            seen.steps.push(("source QEMU completed", Instant::now()));
             seen.completed = Some(m.clone());
         }
         status @ (MigrationStatus::Failed | MigrationStatus::Cancelled) => {

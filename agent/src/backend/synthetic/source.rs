@@ -190,6 +190,10 @@ async fn transfer(
     let digest = engine.finish(&device_state, &link.est.transcript_hash)?;
     let stats = engine.stats().clone();
     Ok(Transferred {
+        steps: vec![(
+            "last pages and device state sent, digest computed",
+            Instant::now(),
+        )],
         stream_records: counts,
         digest,
         paused_at,
