@@ -216,3 +216,24 @@ fn destination_command_leaves_out_transferred_disks() {
         "cannot start /nonexistent/qemu-system-x86_64",
     );
 }
+
+/// contrib/trustmig.service scores "OK" or better in systemd's own exposure analysis
+/// (`scripts/unit-security.sh`: `systemd-analyze security --offline=true`). Skipped where
+/// systemd-analyze is not installed.
+#[test]
+fn the_service_unit_is_confined() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/unit-security.sh");
+    let out = Command::new(script).output().expect("run unit-security.sh");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(2) {
+        eprintln!("skipped: {text}");
+        return;
+    }
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Overall exposure level for trustmig.service"),
+        "{text}"
+    );
+}

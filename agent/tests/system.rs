@@ -68,7 +68,7 @@ fn limits(downtime_ms: u32, max_rounds: u32, on: NonConvergence) -> Limits {
 /// Outcome of one submitted order.
 #[derive(Debug)]
 enum Outcome {
-    Done(Summary),
+    Done(Box<Summary>),
     Failed(String),
 }
 
@@ -80,7 +80,7 @@ async fn migrate_async(pair: &Pair, order: &SignedOrder) -> Outcome {
     let mut out = None;
     let r = pair
         .migrate(order, |reply| match reply {
-            Reply::Progress(Progress::Done(s)) => out = Some(Outcome::Done(s)),
+            Reply::Progress(Progress::Done(s)) => out = Some(Outcome::Done(Box::new(s))),
             Reply::Progress(Progress::Failed { error, vm }) => {
                 out = Some(Outcome::Failed(format!("{error}; VM: {vm}")))
             }
@@ -104,7 +104,7 @@ fn failed(o: Outcome) -> String {
 
 fn done(o: Outcome, pair: &Pair) -> Summary {
     match o {
-        Outcome::Done(s) => s,
+        Outcome::Done(s) => *s,
         Outcome::Failed(e) => panic!("migration failed: {e}\n{}", pair.log_tails(15)),
     }
 }
@@ -825,4 +825,27 @@ fn a_strict_order_is_quoted_before_commit() {
     let journal = std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
     assert!(!journal.contains("late final quote"), "{journal}");
     assert!(!journal.contains("INCIDENT"), "{journal}");
+}
+
+/// Under systemd (`Type=notify`, contrib/trustmig.service) the agent says `READY=1` once it
+/// listens and `STOPPING=1` when SIGTERM stops it.
+#[test]
+fn the_agent_tells_systemd_when_it_is_ready_and_stopping() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 16, 0), 1).unwrap();
+    let path = pair.dir().join("notify.sock");
+    let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    pair.src_env = vec![("NOTIFY_SOCKET".into(), path.display().to_string())];
+    pair.start(0).unwrap();
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("READY=1 within 20 s");
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(said.starts_with("READY=1"), "{said}");
+    pair.stop(0);
+    let n = rx.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
 }

@@ -3,6 +3,7 @@
 //! Start-up, with the journal's settlement and reconciliation of what a crash left: `start.rs`.
 
 mod control;
+mod notify;
 mod start;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ async fn serve(
 ) -> Result<(), AgentError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;
+    // Listening on both sockets: a `Type=notify` unit may order what depends on us now.
+    notify::notify("READY=1\nSTATUS=listening");
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -62,6 +65,7 @@ async fn serve(
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
         }
     }
+    notify::notify("STOPPING=1");
     let _ = std::fs::remove_file(ctx.home.control_socket());
     Ok(())
 }
