@@ -157,7 +157,11 @@ pub fn summary_text(s: &Summary) -> String {
         s.zero_pages_skipped,
         mib(s.throughput_bps),
         s.throttle,
-    ) + &if s.disk_bytes > 0 {
+    ) + &if s.final_quote.is_empty() {
+        String::new()
+    } else {
+        format!("  final TPM quote     {}\n", s.final_quote)
+    } + &if s.disk_bytes > 0 {
         format!(
             "  disks mirrored      {:.1} MiB in {} ms before memory moved\n",
             mib(s.disk_bytes),
