@@ -18,13 +18,14 @@ use crate::{sha256, AgentId, Digest};
 /// Domain separation of the final signature.
 pub const FINAL_SIGNATURE_LABEL: &[u8] = b"trustmig final signature v1";
 
-/// The source's ephemeral signing key for one session; zeroized when dropped.
-pub struct FinalKey(SigningKey);
+/// The source's ephemeral signing key for one session; zeroized when dropped. Boxed, so that
+/// moving it through the handshake's states moves a pointer, not copies of the secret.
+pub struct FinalKey(Box<SigningKey>);
 
 impl FinalKey {
     /// The key for `seed` (32 fresh random bytes, used once).
     pub fn from_seed(seed: &[u8; 32]) -> Self {
-        Self(SigningKey::from_bytes(seed))
+        Self(Box::new(SigningKey::from_bytes(seed)))
     }
 
     /// Its public half, as the handshake carries it.

@@ -5,8 +5,8 @@
 //!   ClientHello{versions, nonce_s, order, mode, streams}  ->
 //!                                   verify order, TLS peer = order.source, claim order id
 //!                           <-  ServerHello{version, versions, nonce_d}
-//!   extend ImageManifest(root); quote(qd(nonce_d))
-//!   SourceEvidence{evidence, manifest}   ->
+//!   extend ImageManifest(root); quote(qd_s(nonce_d, final_key))
+//!   SourceEvidence{evidence, manifest, final_key}   ->
 //!                                   verify evidence, manifest root attested
 //!                           <-  DestinationEvidence{evidence}   (quote(qd(nonce_s)))
 //!                           <-  Finished{mac_d}

@@ -192,10 +192,11 @@ impl SourceMigration {
         let mut late = None;
         let r = (|| match (phase, decode(raw)?) {
             (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
-                // Signed in microseconds by the key the handshake quote vouched for; the TPM
-                // quotes before `Commit` only in strict mode (SPEC.md §8.7).
-                let key = self.final_key.as_ref().ok_or(Error::ApiMisuse(
-                    "no final key: SourceMigration::new took it",
+                // Signed in microseconds by the key the handshake quote vouched for, then
+                // dropped (zeroized); the TPM quotes before `Commit` only in strict mode
+                // (SPEC.md §8.7).
+                let key = self.final_key.take().ok_or(Error::ApiMisuse(
+                    "no final key (used already, or never given)",
                 ))?;
                 let ctx = FinalContext {
                     nonce: &nonce,

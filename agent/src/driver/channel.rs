@@ -104,6 +104,12 @@ impl SourceChannel {
         self.rx.recv().await.map(|r| r.map_err(wire))
     }
 
+    /// The next message, or how the channel ended: `Err(WireError::Closed)` (or `None`) is the
+    /// destination's authenticated close (TLS close_notify), a reset or truncation is not.
+    pub async fn next_or_end(&mut self) -> Option<Result<Vec<u8>, WireError>> {
+        self.rx.recv().await
+    }
+
     /// A message that already arrived, without waiting.
     pub fn try_recv(&mut self) -> Option<Result<Vec<u8>, AgentError>> {
         self.rx.try_recv().ok().map(|r| r.map_err(wire))

@@ -301,8 +301,13 @@ impl Session {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
                         DestEvent::Send(m) => self.send(&m).await?,
-                        // Only after `Resumed` (`late_quote`); the machine refuses it before.
-                        DestEvent::FinalQuote(_) => {}
+                        // The machine yields this only after `Resumed` (`late_quote`): here it
+                        // would be a verdict nobody records, so it is an error, never dropped.
+                        DestEvent::FinalQuote(v) => {
+                            return Err(AgentError::Migration(format!(
+                                "a late final quote's verdict before Resumed: {v:?}"
+                            )));
+                        }
                         DestEvent::Resume => {
                             return self.resume(vm, &mut dm, &mut frames, committed).await;
                         }
@@ -340,13 +345,30 @@ impl Session {
         ctx.journal.lock().expect("journal lock").commit(&id)?;
         *committed = true;
         vm.resume(&ctx).await?;
-        if crate::fault::lose_resumed() {
-            return Err(AgentError::Migration(
-                "fault injection: failed after COMMIT, before Resumed was sent".into(),
-            ));
-        }
         let m = dm.resumed()?;
-        self.send(&m).await?;
+        let sent = if crate::fault::lose_resumed() {
+            Err(AgentError::Migration(
+                "fault injection: failed after COMMIT, before Resumed was sent".into(),
+            ))
+        } else {
+            self.send(&m).await
+        };
+        if let Err(e) = sent {
+            // The VM runs here, but the source's TPM will never quote its final digest for
+            // this session: say so, it is what the late quote exists to catch (SPEC.md §8.7).
+            if dm.awaits_final_quote() {
+                let reason =
+                    format!("no late final quote can come: the session ended before Resumed ({e})");
+                error!(order = %hex(&id), vm = %self.vm, "INCIDENT: {reason}");
+                let note = format!("resumed here; INCIDENT: {reason}");
+                let _ = ctx
+                    .journal
+                    .lock()
+                    .expect("journal lock")
+                    .set(&id, State::Committed, note);
+            }
+            return Err(e);
+        }
         ctx.journal
             .lock()
             .expect("journal lock")

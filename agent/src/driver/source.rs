@@ -24,6 +24,7 @@ use crate::driver::settle::{self, InDoubt, Settlement};
 use crate::error::AgentError;
 use crate::fault::{self, crash_point, CrashPoint};
 use crate::journal::State;
+use crate::net::wire::WireError;
 
 /// How long a failing source waits for the destination to discard its copy and close before
 /// it gives the VM back: a loaded destination QEMU may hold the images' locks, which the
@@ -329,16 +330,26 @@ async fn late_quote(
     if let Err(e) = chan.send(&m).await {
         return incident(format!("the late final quote could not be sent: {e}"));
     }
-    match tokio::time::timeout(ctx.step_timeout(), chan.recv()).await {
-        Ok(Ok(raw)) => match Message::decode(&raw) {
+    match tokio::time::timeout(ctx.step_timeout(), chan.next_or_end()).await {
+        Ok(Some(Ok(raw))) => match Message::decode(&raw) {
             Ok(Message::Abort { reason, .. }) => {
                 incident(format!("the destination says: {reason}"))
             }
             _ => incident("an unexpected message after the late final quote".into()),
         },
-        // The destination closes once it verified and journalled the quote.
-        Ok(Err(_)) => "quoted after Resumed; the destination raised no incident".into(),
-        Err(_) => "quoted after Resumed; the destination did not answer in time".into(),
+        // Only the destination's authenticated close (TLS close_notify) says it verified and
+        // journalled the quote; a reset or a broken frame may have carried an incident away
+        // (an attacker could cause either).
+        Ok(None | Some(Err(WireError::Closed))) => {
+            "quoted after Resumed; the destination raised no incident".into()
+        }
+        Ok(Some(Err(e))) => format!(
+            "quoted after Resumed; the destination's verdict was lost ({e}): see its journal"
+        ),
+        Err(_) => {
+            "quoted after Resumed; the destination's verdict did not come in time: see its journal"
+                .into()
+        }
     }
 }
 
