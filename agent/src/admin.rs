@@ -184,6 +184,11 @@ pub fn show_order(bytes: &[u8], home: Option<&Home>) -> Result<String, AgentErro
         body.not_after,
         hex(&signed.operator),
     );
+    out += if body.strict_final_quote {
+        "final quote strict: the source's TPM quotes the final digest before Commit\n"
+    } else {
+        "final quote after Resumed (the final digest is signed by the attested session key)\n"
+    };
     if let Some(home) = home {
         let ops = KeyList::load(&home.operators())?.keys();
         let me = Identity::load(home)?.id();

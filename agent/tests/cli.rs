@@ -108,6 +108,14 @@ fn order_signing_checks_its_inputs() {
     assert!(ok, "{err}");
     let (ok, shown, _) = trustmig(&["order", "show", o]);
     assert!(ok && shown.contains("verified   not checked"));
+    assert!(shown.contains("final quote after Resumed"), "{shown}");
+    // --strict-final-quote is signed into the order and shown.
+    let mut strict = base.to_vec();
+    strict.push("--strict-final-quote");
+    let (ok, _, err) = trustmig(&strict);
+    assert!(ok, "{err}");
+    let (ok, shown, _) = trustmig(&["order", "show", o]);
+    assert!(ok && shown.contains("final quote strict"), "{shown}");
     let mut bad = base.to_vec();
     bad[7] = "abcd";
     fails_with(&bad, "2 bytes, expected 32");
