@@ -25,16 +25,8 @@ trap 'rm -rf "$W"' EXIT
 
 gcc -m32 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2 -c tests/guest/guest.c -o "$W/guest.o"
 ld -m elf_i386 --no-warn-rwx-segments -T tests/guest/guest.ld -o "$W/guest.elf" "$W/guest.o"
-mkdir -p "$W/pki"
-(
-    cd "$W/pki"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench-ca -keyout ca-key.pem -out ca-cert.pem 2>/dev/null
-    for who in server client; do
-        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$who-key.pem" -out "$who.csr" 2>/dev/null
-        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$who.ext"
-        openssl x509 -req -in "$who.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -extfile "$who.ext" -out "$who-cert.pem" 2>/dev/null
-    done
-)
+. bench/pki.sh
+make_pki "$W/pki"
 
 echo "building trustmig (release) ..." >&2
 cargo build --release -q -p trustmig-agent --bin trustmig

@@ -472,6 +472,21 @@ fn final_evidence(
     fe
 }
 
+/// A fresh destination machine for session `d`, past `SwitchOver`, having sent the challenge
+/// `nonce`: what a second `FinalEvidence` meets.
+fn challenged(d: &Established, streams: u16, nonce: [u8; 32]) -> DestMigration {
+    let mut dm = DestMigration::new(d);
+    let counts = vec![0; usize::from(streams)];
+    let so = Message::SwitchOver {
+        stream_records: counts.clone(),
+    }
+    .encode();
+    dm.handle(&so, &verifier()).expect("await streams");
+    dm.streams_complete(&counts, DIGEST, nonce)
+        .expect("challenge");
+    dm
+}
+
 #[test]
 fn the_final_digest_is_signed_in_the_downtime_and_quoted_after_resumed() {
     let (mut s, d) = sessions_with(false);
@@ -581,15 +596,7 @@ fn a_final_signature_by_another_key_or_replayed_is_refused() {
     let mut sm = SourceMigration::new(&mut s);
     let mut dm = DestMigration::new(&d);
     let fe = final_evidence(&mut sm, &mut dm, s.streams, [0x77; 32], &mut att);
-    let mut dm2 = DestMigration::new(&d);
-    let counts = vec![0; usize::from(s.streams)];
-    let so = Message::SwitchOver {
-        stream_records: counts.clone(),
-    }
-    .encode();
-    dm2.handle(&so, &verifier()).expect("await streams");
-    dm2.streams_complete(&counts, DIGEST, [0x78; 32])
-        .expect("another challenge");
+    let mut dm2 = challenged(&d, s.streams, [0x78; 32]);
     let e = dm2.handle(&fe, &verifier()).unwrap_err();
     assert!(
         matches!(e, Error::PeerMisbehaved(PeerMisbehaved::BadFinalSignature)),
@@ -619,15 +626,7 @@ fn a_strict_order_quotes_before_commit_and_requires_it() {
     };
     assert!(evidence.is_some(), "the quote travels before Commit");
     // Without its quote a strict destination refuses.
-    let mut dm2 = DestMigration::new(&d);
-    let counts = vec![0; usize::from(s.streams)];
-    let so = Message::SwitchOver {
-        stream_records: counts.clone(),
-    }
-    .encode();
-    dm2.handle(&so, &verifier()).expect("await streams");
-    dm2.streams_complete(&counts, DIGEST, [0x77; 32])
-        .expect("challenge");
+    let mut dm2 = challenged(&d, s.streams, [0x77; 32]);
     let stripped = Message::FinalEvidence {
         digest,
         signature,

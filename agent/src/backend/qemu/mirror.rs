@@ -231,7 +231,26 @@ pub(crate) async fn start(
         results,
         started: false,
     };
-    for (i, ((data, sealer, opener), d)) in streams.into_iter().zip(disks).enumerate() {
+    // Whatever started before a failure (an NBD client, a job) is stopped here: the caller
+    // gets no `Mirrors` to tear down then.
+    if let Err(e) = connect_all(qmp, &mut m, streams, (dir, order_id), timeout, (tasks, tx)).await {
+        m.tear_down(qmp).await;
+        return Err(e);
+    }
+    Ok(m)
+}
+
+/// For each disk: its relay, QEMU's NBD client on it, then `blockdev-mirror`.
+async fn connect_all(
+    qmp: &mut Qmp,
+    m: &mut Mirrors,
+    streams: Vec<(TcpStream, Sealer, Opener)>,
+    (dir, order_id): (&Path, &OrderId),
+    timeout: Duration,
+    (tasks, tx): (&mut Tasks, mpsc::Sender<Tagged>),
+) -> Result<(), AgentError> {
+    let disks = m.disks.clone();
+    for (i, ((data, sealer, opener), d)) in streams.into_iter().zip(&disks).enumerate() {
         let path = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
         let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
         let tx = tx.clone();
@@ -272,7 +291,7 @@ pub(crate) async fn start(
         .map_err(|e| mig(format!("disk {}: blockdev-mirror: {e}", d.name)))?;
         info!(disk = %d.name, format = d.format.as_str(), bytes = d.virtual_size, mode = d.mode.as_str(), "mirroring");
     }
-    Ok(m)
+    Ok(())
 }
 
 #[derive(Deserialize)]

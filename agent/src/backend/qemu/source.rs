@@ -216,22 +216,16 @@ async fn transfer(
     };
     if !vm.mirror_disks.is_empty() {
         let dir = socket_dir(ctx)?;
-        let m = super::mirror::start(
+        let started = super::mirror::start(
             &mut vm.qmp,
             &vm.mirror_disks,
             nbd,
             (&dir, link.order.id()),
             ctx.step_timeout(),
             &mut vm.pumps,
-        );
-        // Kept even when starting failed: what started is stopped at the rollback.
-        let (m, r) = match m.await {
-            Ok(m) => (Some(m), Ok(())),
-            Err(e) => (None, Err(e)),
-        };
-        vm.mirrors = m;
-        r?;
-        let mirrors = vm.mirrors.as_mut().expect("just set");
+        )
+        .await?;
+        let mirrors = vm.mirrors.insert(started);
         mirrors_ready(&mut vm.qmp, mirrors, &mut link).await?;
     }
     let disk_ms = vm.started.elapsed().as_millis() as u64;
