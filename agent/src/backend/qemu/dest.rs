@@ -240,12 +240,15 @@ async fn receive(
     } else {
         Some(mirrors_in(ctx, vm, qmp, &inc, streams, files, pumps).await?)
     };
-    // A relay that fails (a refused record on an NBD stream) ends the migration at once.
+    // A relay that fails (a refused record on an NBD stream) ends the migration at once. It is
+    // polled first: its failure is the cause of everything that follows (the source sees the
+    // NBD stream cut and ends data stream 0), so when both are ready it is the one to report.
     let fed = feed(ctx, vm, qmp, &inc, (data, opener, sealer), pumps);
     let got = match &mut relays {
         Some(r) => tokio::select! {
-            got = fed => got?,
+            biased;
             e = r.failure(false) => return Err(e),
+            got = fed => got?,
         },
         None => fed.await?,
     };
