@@ -87,10 +87,14 @@ pub(crate) enum Cmd {
         /// The order id (hex), or a prefix of it that names one order in doubt (`trustmig
         /// status` lists the first 16 digits).
         order_id: String,
-        /// The destination never ran the VM: run it here again, as it was.
+        /// The destination never ran the VM and never will: run it here again, as it was.
+        /// Only when the destination's journal shows the order rolled back, or its host is gone
+        /// for good: "not committed yet" is not enough while a `Commit` may still reach it (the
+        /// model checker's trace, SPEC.md §8.9).
         #[arg(long, group = "where")]
         resume_here: bool,
-        /// The destination runs the VM: keep no copy here.
+        /// The destination runs the VM: keep no copy here. Only when the destination's journal
+        /// shows the order committed: otherwise the VM may run nowhere.
         #[arg(long, group = "where")]
         moved: bool,
     },

@@ -32,32 +32,66 @@ pub const SETTLE_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
 /// `TRUSTMIG_TEST_ALTER_DISK_CHUNK`.
 pub const ALTER_DISK_CHUNK_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
 
-/// Where an agent can be made to crash.
+/// Where an agent can be made to crash: every point where its journal changes, and one in
+/// the middle of the transfer (the crash matrix, SPEC.md §8.9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashPoint {
-    /// The source journalled COMMIT (before `Commit` left).
-    SourceAfterCommit,
+    /// The source journalled the order's claim (nothing moved yet).
+    SourceAfterClaim,
+    /// The source reported its first pre-copy round (the transfer is under way).
+    SourceMidTransfer,
     /// The source received `FinalChallenge` (its QEMU completed; nothing is committed).
     SourceFinalChallenge,
+    /// The source journalled COMMIT (before `Commit` left).
+    SourceAfterCommit,
+    /// The source journalled DONE.
+    SourceAfterDone,
+    /// The destination journalled the order's claim.
+    DestinationAfterClaim,
+    /// The destination opened its 16th data record (the transfer is under way).
+    DestinationMidTransfer,
     /// The destination is about to send `FinalChallenge` (its QEMU loaded the whole stream).
     DestinationFinalChallenge,
+    /// The destination journalled COMMIT (before it resumed the VM and sent `Resumed`).
+    DestinationAfterCommit,
+    /// The destination journalled DONE.
+    DestinationAfterDone,
 }
 
 impl CrashPoint {
-    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-    const ALL: [Self; 3] = [
-        Self::SourceAfterCommit,
+    /// Every point.
+    pub const ALL: [Self; 10] = [
+        Self::SourceAfterClaim,
+        Self::SourceMidTransfer,
         Self::SourceFinalChallenge,
+        Self::SourceAfterCommit,
+        Self::SourceAfterDone,
+        Self::DestinationAfterClaim,
+        Self::DestinationMidTransfer,
         Self::DestinationFinalChallenge,
+        Self::DestinationAfterCommit,
+        Self::DestinationAfterDone,
     ];
 
     /// The point's name in [`CRASH_AT_ENV`].
     pub fn name(self) -> &'static str {
         match self {
-            Self::SourceAfterCommit => "source-after-commit",
+            Self::SourceAfterClaim => "source-after-claim",
+            Self::SourceMidTransfer => "source-mid-transfer",
             Self::SourceFinalChallenge => "source-final-challenge",
+            Self::SourceAfterCommit => "source-after-commit",
+            Self::SourceAfterDone => "source-after-done",
+            Self::DestinationAfterClaim => "destination-after-claim",
+            Self::DestinationMidTransfer => "destination-mid-transfer",
             Self::DestinationFinalChallenge => "destination-final-challenge",
+            Self::DestinationAfterCommit => "destination-after-commit",
+            Self::DestinationAfterDone => "destination-after-done",
         }
+    }
+
+    /// Whether the point is in the source agent (else the destination).
+    pub fn in_source(self) -> bool {
+        self.name().starts_with("source")
     }
 }
 
@@ -78,6 +112,7 @@ mod on {
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
         pub asked: AtomicU64,
+        pub records: AtomicU64,
     }
 
     pub(super) static FAULTS: OnceLock<Faults> = OnceLock::new();
@@ -95,6 +130,7 @@ mod on {
                 .unwrap_or(0),
             alter_disk_chunk: var(ALTER_DISK_CHUNK_ENV).and_then(|v| v.parse().ok()),
             asked: AtomicU64::new(0),
+            records: AtomicU64::new(0),
         }
     }
 
@@ -129,6 +165,19 @@ pub fn crash_point(point: CrashPoint) {
         std::process::exit(137);
     }
     let _ = point;
+}
+
+/// The destination opened a data record: [`CrashPoint::DestinationMidTransfer`] at the 16th.
+pub fn record_opened() {
+    #[cfg(feature = "fault-injection")]
+    if on::faults().crash_at == Some(CrashPoint::DestinationMidTransfer)
+        && on::faults()
+            .records
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 15
+    {
+        crash_point(CrashPoint::DestinationMidTransfer);
+    }
 }
 
 /// The source's session is lost right after COMMIT was journalled, before `Commit` leaves.

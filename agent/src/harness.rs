@@ -103,6 +103,8 @@ pub struct Pair {
     pub src_id: AgentId,
     /// Destination identity.
     pub dst_id: AgentId,
+    /// Where the source listens.
+    pub src_addr: String,
     /// Where the destination listens.
     pub dst_addr: String,
     /// Operator signing key file.
@@ -216,6 +218,7 @@ impl Pair {
             dst,
             src_id,
             dst_id,
+            src_addr,
             dst_addr,
             operator_key,
             procs: vec![None, None],
@@ -336,6 +339,28 @@ impl Pair {
         self.order_via(&self.dst_addr.clone(), vm, limits, ttl_secs)
     }
 
+    /// Sign an order for `vm` the other way: from the destination back to the source (submit it
+    /// with [`Pair::migrate_from`] and index 1).
+    pub fn order_back(
+        &self,
+        vm: &str,
+        limits: Limits,
+        ttl_secs: u64,
+    ) -> Result<SignedOrder, AgentError> {
+        admin::sign_order(
+            &self.operator_key,
+            OrderArgs {
+                vm: vm.into(),
+                source: self.dst_id,
+                destination: self.src_id,
+                destination_addr: self.src_addr.clone(),
+                limits,
+                ttl_secs,
+                strict_final_quote: self.strict_final_quote,
+            },
+        )
+    }
+
     /// Sign an order whose destination address is `addr` (a proxy in front of it, say).
     pub fn order_via(
         &self,
@@ -371,8 +396,19 @@ impl Pair {
         order: &SignedOrder,
         on_reply: impl FnMut(Reply),
     ) -> Result<(), AgentError> {
+        self.migrate_from(0, order, on_reply).await
+    }
+
+    /// Submit `order` to agent `i` (0: source, 1: destination); every reply goes to `on_reply`.
+    pub async fn migrate_from(
+        &self,
+        i: usize,
+        order: &SignedOrder,
+        on_reply: impl FnMut(Reply),
+    ) -> Result<(), AgentError> {
+        let home = if i == 0 { &self.src } else { &self.dst };
         control::call(
-            &self.src.control_socket(),
+            &home.control_socket(),
             &Request::Migrate {
                 order: hex::encode(order.to_cbor()),
             },

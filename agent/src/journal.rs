@@ -2,7 +2,9 @@
 //!
 //! An append-only file of JSON lines, each fsync'd before the caller acts on it. Order ids
 //! are claimed once per agent; migration states record where a migration stood so that a
-//! restarted agent settles what was in doubt. A torn last line (crash mid-write) is ignored;
+//! restarted agent settles what was in doubt. What may be written is decided by
+//! `trustmig_protocol::settlement::Rules` (the rules the model checker checks); this module
+//! only keeps the records and makes them durable. A torn last line (crash mid-write) is ignored;
 //! any other malformed line is an error, since guessing could let a used order id run again.
 
 use std::collections::HashMap;
@@ -12,25 +14,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use trustmig_protocol::order::{hex, OrderBody, OrderError, OrderId, OrderJournal, Role};
+pub use trustmig_protocol::settlement::State;
+use trustmig_protocol::settlement::{Entry, Gate, Refusal, Rules, Settle, VmAction};
 use trustmig_protocol::AgentId;
 
 use crate::error::AgentError;
-
-/// Where a migration stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    /// The order id is used; nothing moved yet, or transfer under way.
-    Claimed,
-    /// COMMIT recorded: the destination owns the VM.
-    Committed,
-    /// Finished successfully.
-    Done,
-    /// Failed before commit; the source kept its VM.
-    RolledBack,
-    /// Settled at restart from an interrupted state.
-    Settled,
-}
 
 /// One journal line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +59,21 @@ pub struct Record {
 }
 
 impl Record {
+    /// What the settlement rules need to know of it.
+    pub fn entry(&self) -> Entry {
+        Entry {
+            role: self.role,
+            state: self.state,
+            // A source can ask its destination only knowing its address too.
+            peer: self
+                .peer
+                .as_deref()
+                .filter(|_| self.role == Role::Destination || self.peer_addr.is_some())
+                .and_then(|p| ::hex::decode(p).ok()?.try_into().ok()),
+            flag: self.paused_before || self.fed,
+        }
+    }
+
     fn new(order_id: String, role: Role, vm: &str, state: State, not_after: u64) -> Self {
         Self {
             order_id,
@@ -96,6 +99,7 @@ pub struct Journal {
     last_for_vm: HashMap<String, Record>,
     /// The order that most recently wrote a record about each VM, whatever it did.
     last_order_of_vm: HashMap<String, String>,
+    rules: Rules,
 }
 
 impl Journal {
@@ -156,6 +160,7 @@ impl Journal {
             latest,
             last_for_vm,
             last_order_of_vm,
+            rules: Rules::default(),
         })
     }
 
@@ -213,58 +218,66 @@ impl Journal {
         })
     }
 
-    /// Journal COMMIT for an order still claimed here. Refused once the order was rolled back
-    /// or settled: after this destination answered a settlement query "not committed", no
-    /// late `Commit` may make it commit after all (SPEC.md §8.8).
-    pub fn commit(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
-        let key = hex(order_id);
-        match self.latest.get(&key).map(|r| r.state) {
-            Some(State::Claimed) => self.set(order_id, State::Committed, ""),
-            Some(other) => Err(AgentError::Journal(format!(
-                "order {key} is {other:?} in the journal: refusing to commit it"
-            ))),
-            None => Err(AgentError::Journal(format!(
-                "journal has no record of order {key}"
-            ))),
-        }
+    /// The rules this journal follows.
+    pub fn rules(&self) -> Rules {
+        self.rules
     }
 
-    /// Settle a source order that is at COMMIT, in doubt: journal `state` only if it still is
-    /// (the destination's answer, a retry and the operator may race). Returns whether it was.
-    pub fn settle_source(
+    /// The latest entry of `order_id`, as the rules see it.
+    pub fn entry(&self, order_id: &OrderId) -> Option<Entry> {
+        self.latest.get(&hex(order_id)).map(Record::entry)
+    }
+
+    /// Journal COMMIT for an order still claimed here, the peer's evidence having verified
+    /// (`gate`). Refused once the order was rolled back or settled: after this destination
+    /// answered a settlement query "not committed", no late `Commit` may make it commit after
+    /// all (SPEC.md §8.8).
+    pub fn commit(&mut self, order_id: &OrderId, gate: Gate) -> Result<(), AgentError> {
+        let state = self
+            .rules
+            .commit(self.entry(order_id).as_ref(), gate)
+            .map_err(|e| refused(order_id, e))?;
+        self.set(order_id, state, "")
+    }
+
+    /// Settle a source order that is at COMMIT, in doubt, as `how` says: journal what the
+    /// rules make of it, only if it still is in doubt (the destination's answer, a retry and
+    /// the operator may race). Returns what to do with the VM, `None` when it was settled
+    /// already; an operator's override of an order not in doubt is refused.
+    pub fn settle(
         &mut self,
         order_id: &OrderId,
-        state: State,
+        how: Settle,
         note: impl Into<String>,
-    ) -> Result<bool, AgentError> {
-        match self.latest.get(&hex(order_id)) {
-            Some(r) if r.role == Role::Source && r.state == State::Committed => {
-                self.set(order_id, state, note).map(|()| true)
-            }
-            _ => Ok(false),
+    ) -> Result<Option<VmAction>, AgentError> {
+        let decided = self
+            .rules
+            .settle(self.entry(order_id).as_ref(), how)
+            .map_err(|e| refused(order_id, e))?;
+        match decided {
+            Some((state, vm)) => self.set(order_id, state, note).map(|()| Some(vm)),
+            None => Ok(None),
         }
     }
 
-    /// Journal an order rolled back, unless it got past its claim: a failure after COMMIT
-    /// (say, `Resumed` could not be sent) must not turn a committed order into a rolled-back one,
-    /// or a settlement query would hand the VM back to the source while it runs here. Returns
-    /// whether it was rolled back.
+    /// Journal an order rolled back, if the rules let it (only what never got past its claim).
+    /// Returns whether it was rolled back.
     pub fn roll_back_if_claimed(
         &mut self,
         order_id: &OrderId,
         note: impl Into<String>,
     ) -> Result<bool, AgentError> {
-        match self.latest.get(&hex(order_id)).map(|r| r.state) {
-            Some(State::Claimed) => self.set(order_id, State::RolledBack, note).map(|()| true),
-            _ => Ok(false),
+        match self.rules.roll_back(self.entry(order_id).as_ref()) {
+            Some(state) => self.set(order_id, state, note).map(|()| true),
+            None => Ok(false),
         }
     }
 
     /// Answer a source's settlement query as the destination (SPEC.md §8.8 rule 3): `true`
-    /// when this agent journalled COMMIT for the order (it owns the VM). Otherwise the order is
-    /// journalled rolled back first, an order never seen here too (so its id is used up and
-    /// no late session can commit it), and the answer is `false`.
-    /// Only the order's source, as recorded at the claim, is answered about a claimed order.
+    /// when this agent journalled COMMIT for the order (it owns the VM). What the rules say to
+    /// journal first is journalled first (an order claimed or never seen here is rolled back,
+    /// its id used up). The asker learns no more than that it gets no answer (not who the
+    /// source is).
     pub fn settle_query(
         &mut self,
         order_id: &OrderId,
@@ -272,37 +285,26 @@ impl Journal {
     ) -> Result<bool, AgentError> {
         let key = hex(order_id);
         let note = "settlement: the source asked; never committed here";
-        let latest = self.latest.get(&key);
-        let source = latest.filter(|r| r.role == Role::Destination);
-        if source
-            .and_then(|r| r.peer.as_deref())
-            .is_some_and(|p| p != hex(asker))
-        {
-            // The asker learns no more than that it gets no answer (not who the source is).
-            return Err(AgentError::Journal(format!(
-                "order {key}: no settlement answer for agent {}, which did not send it",
-                hex(asker)
-            )));
-        }
-        match latest.map(|r| (r.role, r.state)) {
-            Some((Role::Destination, State::Committed | State::Done | State::Settled)) => {
-                Ok(true)
-            }
-            Some((Role::Destination, State::Claimed)) => {
-                self.set(order_id, State::RolledBack, note)?;
-                Ok(false)
-            }
-            Some((Role::Destination, State::RolledBack)) => Ok(false),
-            Some((Role::Source, _)) => Err(AgentError::Journal(format!(
-                "order {key} was sent from this agent, not received: no answer to a settlement query"
-            ))),
-            None => {
-                let mut r = Record::new(key, Role::Destination, "", State::RolledBack, 0);
+        let (committed, write) = self
+            .rules
+            .answer(self.entry(order_id).as_ref(), asker)
+            .map_err(|e| match e {
+                Refusal::NotItsSource => AgentError::Journal(format!(
+                    "order {key}: no settlement answer for agent {}, which did not send it",
+                    hex(asker)
+                )),
+                e => refused(order_id, e),
+            })?;
+        match (write, self.latest.contains_key(&key)) {
+            (Some(state), true) => self.set(order_id, state, note)?,
+            (Some(state), false) => {
+                let mut r = Record::new(key, Role::Destination, "", state, 0);
                 r.note = note.into();
                 self.append(r)?;
-                Ok(false)
             }
+            (None, _) => {}
         }
+        Ok(committed)
     }
 
     /// Claim an order id for `role`/`vm`.
@@ -349,7 +351,7 @@ impl Journal {
         fill: impl FnOnce(&mut Record),
     ) -> Result<(), OrderError> {
         let key = hex(id);
-        if self.latest.contains_key(&key) {
+        if self.rules.claim(self.entry(id).as_ref()).is_err() {
             return Err(OrderError::Replayed(key));
         }
         let mut r = Record::new(key, role, vm, State::Claimed, not_after);
@@ -416,6 +418,11 @@ impl Journal {
     }
 }
 
+/// A rule's refusal, naming the order.
+fn refused(order_id: &OrderId, e: Refusal) -> AgentError {
+    AgentError::Journal(format!("order {}: {e}", hex(order_id)))
+}
+
 /// Whether record `r` changes where its VM runs, `prev` being its order's state before: a
 /// COMMIT either way (the VM left, or arrived) and what follows it, and a source rollback after
 /// COMMIT (settled: the VM runs here again). A claim, or the rollback of an order that never
@@ -454,7 +461,7 @@ mod tests {
         // Claimed, never committed: answered "no", and COMMIT is refused from then on.
         j.claim_for(&[1; 16], Role::Destination, "a", 10).unwrap();
         assert!(!j.settle_query(&[1; 16], &src).unwrap());
-        let e = j.commit(&[1; 16]).unwrap_err();
+        let e = j.commit(&[1; 16], Gate::Open).unwrap_err();
         assert!(
             matches!(&e, AgentError::Journal(m) if m.contains("refusing to commit")),
             "{e}"
@@ -465,7 +472,7 @@ mod tests {
         );
         // Committed: "yes"; a later failure does not roll it back.
         j.claim_for(&[2; 16], Role::Destination, "b", 10).unwrap();
-        j.commit(&[2; 16]).unwrap();
+        j.commit(&[2; 16], Gate::Open).unwrap();
         assert!(!j.roll_back_if_claimed(&[2; 16], "send failed").unwrap());
         assert!(j.settle_query(&[2; 16], &src).unwrap());
         // Never seen: "no", and the id is used up for good (survives a restart).
@@ -476,7 +483,7 @@ mod tests {
             j.claim_for(&[3; 16], Role::Destination, "c", 10),
             Err(OrderError::Replayed(_))
         ));
-        assert!(j.commit(&[1; 16]).is_err());
+        assert!(j.commit(&[1; 16], Gate::Open).is_err());
         // An order this agent sent is not its to answer.
         j.claim_for(&[4; 16], Role::Source, "d", 10).unwrap();
         assert!(j.settle_query(&[4; 16], &src).is_err());
@@ -516,7 +523,7 @@ mod tests {
         // The source is on record across a restart; the intruder changed nothing.
         let mut j = Journal::open(dir.path()).unwrap();
         assert!(j.settle_query(&[5; 16], &[3; 32]).is_err());
-        j.commit(&[5; 16])
+        j.commit(&[5; 16], Gate::Open)
             .expect("still claimed: the order may commit");
         assert!(j.settle_query(&[5; 16], &[1; 32]).unwrap());
     }

@@ -77,9 +77,14 @@ fn migrate(rt: &tokio::runtime::Runtime, pair: &Pair, order: &SignedOrder) -> Ou
 }
 
 async fn migrate_async(pair: &Pair, order: &SignedOrder) -> Outcome {
+    migrate_from(pair, 0, order).await
+}
+
+/// Submit `order` to agent `i` (0: source, 1: destination) and wait for its outcome.
+async fn migrate_from(pair: &Pair, i: usize, order: &SignedOrder) -> Outcome {
     let mut out = None;
     let r = pair
-        .migrate(order, |reply| match reply {
+        .migrate_from(i, order, |reply| match reply {
             Reply::Progress(Progress::Done(s)) => out = Some(Outcome::Done(Box::new(s))),
             Reply::Progress(Progress::Failed { error, vm }) => {
                 out = Some(Outcome::Failed(format!("{error}; VM: {vm}")))
@@ -848,4 +853,141 @@ fn the_agent_tells_systemd_when_it_is_ready_and_stopping() {
     pair.stop(0);
     let n = rx.recv(&mut buf).expect("STOPPING=1");
     assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+/// Where the VM of a crash-matrix run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Source,
+    Destination,
+    /// Nowhere: the synthetic guest's memory lived in the agent that crashed while it ran
+    /// there (as a QEMU guest dies with its QEMU).
+    Nowhere,
+}
+
+/// Both agents' `trustmig status`: where the VM runs (not paused, not in doubt), and whether
+/// every journal record of `order` is final (not claimed, not at COMMIT).
+fn settled_status(rt: &tokio::runtime::Runtime, pair: &Pair, order: &str) -> (Vec<bool>, bool) {
+    let mut runs = Vec::new();
+    let mut fin = true;
+    for home in [&pair.src, &pair.dst] {
+        let mut st = serde_json::Value::Null;
+        let r = rt.block_on(trustmig_agent::control::call(
+            &home.control_socket(),
+            &trustmig_agent::control::Request::Status,
+            |r| {
+                if let Reply::Status(v) = r {
+                    st = v;
+                }
+            },
+        ));
+        if r.is_err() {
+            return (vec![false, false], false);
+        }
+        runs.push(
+            st["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v["name"] == "v" && v["paused"] == false && v["in_doubt"] == false),
+        );
+        fin &= st["journal"].as_array().into_iter().flatten().all(|r| {
+            r["order_id"] != order || !matches!(r["state"].as_str(), Some("claimed" | "committed"))
+        });
+    }
+    (runs, fin)
+}
+
+/// SPEC.md §8.9, crash matrix (synthetic guests): each agent is killed (exit 137, as by
+/// SIGKILL) at every journal point and mid-transfer, then restarted. Whatever the point, the
+/// journals of both settle, `trustmig status` on both sides shows the VM running in exactly one
+/// place (or, where the synthetic guest's memory died with the agent that ran it, nowhere),
+/// and the VM's next migration from where it runs is accepted and completes.
+#[test]
+fn crash_matrix_every_journal_point_settles_to_one_copy() {
+    use trustmig_agent::fault::{CrashPoint, CRASH_AT_ENV};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let expected = |p: CrashPoint| match p {
+        CrashPoint::SourceAfterDone => Ended::Destination,
+        CrashPoint::DestinationAfterCommit | CrashPoint::DestinationAfterDone => Ended::Nowhere,
+        _ => Ended::Source,
+    };
+    let mut table = Vec::new();
+    for p in CrashPoint::ALL {
+        let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 2_000), 2).unwrap();
+        let i = usize::from(!p.in_source());
+        let env = vec![(CRASH_AT_ENV.to_string(), p.name().to_string())];
+        if i == 0 {
+            pair.src_env = env;
+        } else {
+            pair.dst_env = env;
+        }
+        pair.start_both().unwrap();
+        let order = pair
+            .order("v", limits(300, 10, NonConvergence::Force), 600)
+            .unwrap();
+        let id =
+            trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
+        let _ = migrate(&rt, &pair, &order);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while pair.procs[i].as_mut().is_some_and(|a| a.running()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: crash point never reached\n{}",
+                p.name(),
+                pair.log_tails(20)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pair.procs[i] = None;
+        pair.src_env.clear();
+        pair.dst_env.clear();
+        pair.start(i).unwrap();
+        let want = expected(p);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let runs = loop {
+            let (runs, fin) = settled_status(&rt, &pair, &id);
+            let at_most_one = runs.iter().filter(|r| **r).count() <= 1;
+            assert!(at_most_one, "{}: two running copies", p.name());
+            let ended = match (runs[0], runs[1]) {
+                (true, false) => Some(Ended::Source),
+                (false, true) => Some(Ended::Destination),
+                _ => None,
+            };
+            if fin && ended.unwrap_or(Ended::Nowhere) == want {
+                break runs;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: not settled to {want:?} (running {runs:?}, journals final: {fin})\n{}",
+                p.name(),
+                pair.log_tails(20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The next migration of the VM, from where it runs, is accepted and completes.
+        let next = match want {
+            Ended::Source => Some((
+                0,
+                pair.order("v", limits(300, 10, NonConvergence::Force), 600),
+            )),
+            Ended::Destination => Some((
+                1,
+                pair.order_back("v", limits(300, 10, NonConvergence::Force), 600),
+            )),
+            Ended::Nowhere => None,
+        };
+        if let Some((from, o)) = next {
+            done(rt.block_on(migrate_from(&pair, from, &o.unwrap())), &pair);
+        }
+        table.push(format!("{:<28} {want:?} {runs:?}", p.name()));
+    }
+    println!(
+        "crash point / where the VM runs / running [source, destination]:\n{}",
+        table.join("\n")
+    );
 }

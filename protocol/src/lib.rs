@@ -22,6 +22,7 @@ pub mod order;
 pub mod precopy;
 pub mod rate;
 pub mod record;
+pub mod settlement;
 
 #[doc(hidden)]
 pub mod fuzzing;

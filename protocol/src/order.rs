@@ -114,7 +114,7 @@ pub struct SignedOrder {
 pub const ORDER_SIGNING_CONTEXT: &[u8] = b"trustmig order v1";
 
 /// Which end of a migration the verifying agent is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Sends the VM; dials the peer.

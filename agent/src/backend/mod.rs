@@ -55,6 +55,9 @@ pub(crate) struct SourceLink<'a> {
 impl SourceLink<'_> {
     /// Report progress (the operator may have gone away: the migration goes on).
     pub async fn report(&self, p: Progress) {
+        if matches!(p, Progress::Round { .. }) {
+            crate::fault::crash_point(crate::fault::CrashPoint::SourceMidTransfer);
+        }
         let _ = self.progress.send(p).await;
     }
 

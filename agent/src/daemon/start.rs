@@ -56,7 +56,11 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         .iter()
         .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
         .map(|(vm, qmp)| {
-            let action = crate::driver::reconcile::action(journal.last_order_of(&vm), &interrupted);
+            let action = crate::driver::reconcile::action(
+                journal.rules(),
+                journal.last_order_of(&vm),
+                &interrupted,
+            );
             (vm, qmp, action)
         })
         .collect();
@@ -164,15 +168,18 @@ fn settle_in_doubt(
             .ok_or_else(|| {
                 AgentError::Journal(format!("journal holds a bad order id {}", r.order_id))
             })?;
-        let source = r.role == trustmig_protocol::order::Role::Source;
+        let Some(restart) = journal.rules().restart(&r.entry()) else {
+            continue;
+        };
         // A source at COMMIT that knows its destination asks it once the agent is up.
-        if source && r.state == State::Committed {
+        if restart.ask {
             if let Some(p) = InDoubt::from_record(&r) {
                 warn!(order = %r.order_id, vm = %r.vm, "committed before restart: asking the destination what became of the VM");
                 ask.push(p);
                 continue;
             }
         }
+        let source = r.role == trustmig_protocol::order::Role::Source;
         let note = match (source, r.state) {
             (true, State::Claimed) => {
                 "interrupted before commit: the source keeps the VM (rolled back)"
@@ -184,12 +191,9 @@ fn settle_in_doubt(
             (false, _) => "committed before restart: the destination owns the VM",
         };
         warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");
-        let state = if r.state == State::Claimed {
-            State::RolledBack
-        } else {
-            State::Settled
-        };
-        journal.set(&id, state, note)?;
+        if let Some(state) = restart.write {
+            journal.set(&id, state, note)?;
+        }
         interrupted.insert(r.order_id.clone(), r.state);
     }
     Ok((ask, interrupted))

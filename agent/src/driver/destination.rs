@@ -25,8 +25,10 @@ use crate::backend::synthetic::SyntheticDest;
 use crate::backend::{Arrived, DestVm};
 use crate::ctx::{history_entry, Ctx, DataConn};
 use crate::error::{AgentError, Link};
+use crate::fault::{crash_point, CrashPoint};
 use crate::journal::{ClaimAsDestination, State};
 use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
+use trustmig_protocol::settlement::{AfterFailure, Gate};
 
 type Tls = TlsStream<TcpStream>;
 type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
@@ -180,6 +182,7 @@ impl Session {
         }
         let est = hs.into_established()?;
         info!(order = %hex(est.order.id()), vm = %self.vm, "source attested; receiving");
+        crash_point(CrashPoint::DestinationAfterClaim);
         self.receive(est, frames).await
     }
 
@@ -252,12 +255,18 @@ impl Session {
         frames: Frames,
         conns: mpsc::Receiver<DataConn>,
     ) -> Result<(), AgentError> {
-        let mut committed = false;
-        let r = self
-            .exchange(&mut vm, est, frames, conns, &mut committed)
-            .await;
-        if r.is_err() && !committed {
-            vm.discard(&self.ctx).await;
+        let r = self.exchange(&mut vm, est, frames, conns).await;
+        if r.is_err() {
+            // The rules decide from the journal: before COMMIT (or once a settlement answer
+            // rolled the order back) what arrived is discarded; after it the VM is ours.
+            let after = {
+                let journal = self.ctx.journal.lock().expect("journal lock");
+                let entry = self.order_id.and_then(|id| journal.entry(&id));
+                journal.rules().after_failure(entry.as_ref())
+            };
+            if after != AfterFailure::Keep {
+                vm.discard(&self.ctx).await;
+            }
         }
         r
     }
@@ -271,7 +280,6 @@ impl Session {
         est: Established,
         mut frames: Frames,
         conns: mpsc::Receiver<DataConn>,
-        committed: &mut bool,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let mut dm = DestMigration::new(&est);
@@ -309,7 +317,7 @@ impl Session {
                             )));
                         }
                         DestEvent::Resume => {
-                            return self.resume(vm, &mut dm, &mut frames, committed).await;
+                            return self.resume(vm, &mut dm, &mut frames).await;
                         }
                     }
                 }
@@ -325,7 +333,7 @@ impl Session {
                     .into());
                 }
                 let m = dm.streams_complete(&got.stream_records, got.digest, crate::random())?;
-                crate::fault::crash_point(crate::fault::CrashPoint::DestinationFinalChallenge);
+                crash_point(CrashPoint::DestinationFinalChallenge);
                 self.send(&m).await?;
                 awaiting = None;
             }
@@ -338,12 +346,15 @@ impl Session {
         vm: &mut B,
         dm: &mut DestMigration,
         frames: &mut Frames,
-        committed: &mut bool,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let id = self.order_id.expect("order known after handshake");
-        ctx.journal.lock().expect("journal lock").commit(&id)?;
-        *committed = true;
+        // `Commit` verified after our `Ready`: the gate is open (DestMigration checked it).
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .commit(&id, Gate::Open)?;
+        crash_point(CrashPoint::DestinationAfterCommit);
         vm.resume(&ctx).await?;
         let m = dm.resumed()?;
         let sent = if crate::fault::lose_resumed() {
@@ -373,6 +384,7 @@ impl Session {
             .lock()
             .expect("journal lock")
             .set(&id, State::Done, "resumed here")?;
+        crash_point(CrashPoint::DestinationAfterDone);
         info!(order = %hex(&id), vm = %self.vm, "VM resumed on this host");
         ctx.remember(history_entry(
             "destination",

@@ -10,54 +10,27 @@
 
 use std::collections::HashMap;
 
-use trustmig_protocol::order::Role;
+use trustmig_protocol::settlement::Rules;
 
 use crate::journal::{Record, State};
 
-/// What the journal allows for a VM after a restart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// This host is the VM's source and the migration did not commit: the VM belongs here.
-    /// Run it again if the migration left it stopped, unless it was paused before.
-    GiveBack {
-        /// The VM was paused when the order claimed it: it stays paused.
-        paused_before: bool,
-    },
-    /// This host was receiving the VM when the agent stopped, before COMMIT: the source keeps
-    /// it, so whatever the hypervisor here holds of it is discarded.
-    Discard,
-    /// This host journalled COMMIT as the destination before the agent stopped: the VM is this
-    /// host's, and if it never ran here it must run now, or it runs nowhere.
-    Resume,
-    /// Nothing to do: the VM runs where it belongs, moved away, or is in doubt.
-    Nothing,
-}
+/// What the journal allows for a VM after a restart (the settlement rules decide it).
+pub use trustmig_protocol::settlement::VmAction as Action;
 
-/// What to do for a VM whose most recent order left `last` in the journal. `interrupted` maps
-/// the orders this start found unfinished (hex id) to the state they were in before they were
-/// settled from the journal (`Claimed` or `Committed`).
-pub fn action(last: Option<&Record>, interrupted: &HashMap<String, State>) -> Action {
+/// What to do for a VM whose most recent order left `last` in the journal, as `rules` say.
+/// `interrupted` maps the orders this start found unfinished (hex id) to the state they were
+/// in before they were settled from the journal (`Claimed` or `Committed`).
+pub fn action(rules: Rules, last: Option<&Record>, interrupted: &HashMap<String, State>) -> Action {
     let Some(r) = last else {
         return Action::Nothing;
     };
-    let was = interrupted.get(&r.order_id).copied();
-    match (r.role, r.state, was) {
-        // Rolled back before COMMIT (now or at an earlier start), or settled "not committed":
-        // in either case the destination never committed, and never will.
-        (Role::Source, State::RolledBack, _) => Action::GiveBack {
-            paused_before: r.paused_before,
-        },
-        // Only a hypervisor handed to this order: the claim comes before the check that the
-        // VM's QEMU waits for a migration, and a refused arrival must not touch a VM here.
-        (Role::Destination, State::RolledBack, Some(State::Claimed)) if r.fed => Action::Discard,
-        (Role::Destination, State::Settled, Some(State::Committed)) => Action::Resume,
-        _ => Action::Nothing,
-    }
+    rules.vm_after_restart(&r.entry(), interrupted.get(&r.order_id).copied())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trustmig_protocol::order::Role;
 
     fn record(role: Role, state: State, flag: bool) -> Record {
         let mut r: Record = serde_json::from_value(serde_json::json!({
@@ -146,11 +119,11 @@ mod tests {
         for (role, state, interrupted, paused, want) in cases {
             let r = record(role, state, paused);
             assert_eq!(
-                action(Some(&r), &interrupted),
+                action(Rules::default(), Some(&r), &interrupted),
                 want,
                 "{role:?} {state:?} interrupted {interrupted:?}"
             );
         }
-        assert_eq!(action(None, &none), Action::Nothing);
+        assert_eq!(action(Rules::default(), None, &none), Action::Nothing);
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 use trustmig_protocol::messages::Message;
-use trustmig_protocol::migration::Outcome;
 use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
+use trustmig_protocol::settlement::{AfterFailure, Settle, VmAction};
 use trustmig_protocol::AgentId;
 
 use crate::backend;
@@ -34,6 +34,9 @@ pub enum Settlement {
     NotMoved,
     /// No answer (destination unreachable, ...): the VM stays stopped here, in doubt.
     InDoubt(String),
+    /// The destination never committed, but the order was settled here meanwhile (by the
+    /// operator): nothing to do.
+    Meanwhile,
 }
 
 impl Settlement {
@@ -42,6 +45,7 @@ impl Settlement {
         match self {
             Self::Moved => "moved: the destination confirmed it committed and owns the VM (settled after the session was lost)".into(),
             Self::NotMoved => "settled: the destination never committed".into(),
+            Self::Meanwhile => "the destination never committed; the order was settled here meanwhile (by the operator)".into(),
             Self::InDoubt(why) => format!("committed: the source keeps the VM stopped, in doubt, and asks the destination again until it answers (settlement query failed: {why})"),
         }
     }
@@ -90,40 +94,52 @@ impl InDoubt {
     }
 }
 
-/// After a source's session failed with `outcome`: `None` when it never committed (rule 1:
-/// the caller rolls back); otherwise the destination's answer, asked once now. In doubt, the
-/// caller stops its VM where [`keep_asking`] finds it, then calls it.
-pub async fn after_failure(ctx: &Arc<Ctx>, p: &InDoubt, outcome: Outcome) -> Option<Settlement> {
-    match outcome {
-        Outcome::RollBack => None,
-        Outcome::Committed => Some(ask(ctx, p).await),
+/// After a source's session failed, as the rules decided (`after`): `None` when it never
+/// committed (rule 1: the caller rolls back); otherwise the destination's answer, asked once
+/// now. In doubt, the caller stops its VM where [`keep_asking`] finds it, then calls it.
+pub async fn after_failure(ctx: &Arc<Ctx>, p: &InDoubt, after: AfterFailure) -> Option<Settlement> {
+    match after {
+        AfterFailure::AskDestination => Some(ask(ctx, p).await),
+        // A source's entry is never one of the destination's answers.
+        AfterFailure::RollBack | AfterFailure::Discard | AfterFailure::Keep => None,
     }
 }
 
-/// Ask the destination once; journal DONE when it committed.
+/// Ask the destination once and journal what the rules make of its answer: DONE when it
+/// committed, rolled back when it never did (before the VM is given back).
 pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
-    match query(ctx, p).await {
-        Ok(true) => {
-            let note = "settled: the destination committed";
-            let journalled =
-                ctx.journal
-                    .lock()
-                    .expect("journal lock")
-                    .settle_source(&p.id, State::Done, note);
-            match journalled {
-                Ok(true) => {}
-                Ok(false) => {
-                    error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them")
-                }
-                // The VM is the destination's either way; unrecorded, a restart asks again.
-                Err(e) => {
-                    warn!(order = %hex(&p.id), vm = %p.vm, "the destination committed, but the journal refused the record ({e})")
-                }
-            }
+    let committed = match query(ctx, p).await {
+        Ok(c) => c,
+        Err(e) => return Settlement::InDoubt(e.to_string()),
+    };
+    let note = if committed {
+        "settled: the destination committed"
+    } else {
+        "settled: the destination never committed"
+    };
+    let decided =
+        ctx.journal
+            .lock()
+            .expect("journal lock")
+            .settle(&p.id, Settle::Answer { committed }, note);
+    match (committed, decided) {
+        (true, Ok(Some(_))) => Settlement::Moved,
+        (false, Ok(Some(_))) => Settlement::NotMoved,
+        (true, Ok(None)) => {
+            error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them");
             Settlement::Moved
         }
-        Ok(false) => Settlement::NotMoved,
-        Err(e) => Settlement::InDoubt(e.to_string()),
+        (false, Ok(None)) => Settlement::Meanwhile,
+        // The VM is the destination's either way; unrecorded, a restart asks again.
+        (true, Err(e)) => {
+            warn!(order = %hex(&p.id), vm = %p.vm, "the destination committed, but the journal refused the record ({e})");
+            Settlement::Moved
+        }
+        // Without the record a restart would ask again and the VM must not run meanwhile:
+        // still in doubt (the destination's "no" is final, the next answer is the same).
+        (false, Err(e)) => Settlement::InDoubt(format!(
+            "the destination never committed, but the journal refused the record ({e})"
+        )),
     }
 }
 
@@ -162,9 +178,12 @@ fn backoff() -> Backoff {
 pub async fn ask_about(ctx: &Arc<Ctx>, order_id: &OrderId) {
     let asked =
         (ctx.journal.lock().expect("journal lock").record(order_id)).and_then(InDoubt::from_record);
+    // Asked only: the session goes on as if no answer came (the late `Commit` is the point).
     if let Some(p) = asked {
-        let s = ask(ctx, &p).await;
-        info!("settlement asked before Commit: {}", s.vm_state());
+        match query(ctx, &p).await {
+            Ok(committed) => info!(committed, "settlement asked before Commit"),
+            Err(e) => info!("settlement asked before Commit: no answer ({e})"),
+        }
     }
 }
 
@@ -220,27 +239,15 @@ async fn answer_once(ctx: &Arc<Ctx>, p: &InDoubt, pause: Duration) -> bool {
             settled(&s.vm_state());
             true
         }
-        Settlement::NotMoved => {
-            let note = "settled: the destination never committed";
-            let journalled = ctx.journal.lock().expect("journal lock").settle_source(
-                &p.id,
-                State::RolledBack,
-                note,
-            );
-            match journalled {
-                Ok(true) => {
-                    let vm_state = backend::resume_given_back(ctx, &p.vm, p.paused_before).await;
-                    warn!(order = %hex(&p.id), vm = %p.vm, "{note}; {vm_state}");
-                    settled(&format!("{note}; {vm_state}"));
-                }
-                Ok(false) => {
-                    info!(order = %hex(&p.id), vm = %p.vm, "{note}, but it was settled meanwhile");
-                }
-                // Without the record a restart would ask again: keep the VM stopped.
-                Err(e) => {
-                    warn!(order = %hex(&p.id), vm = %p.vm, "{note}, but the journal refused the record ({e}); the VM stays stopped")
-                }
-            }
+        s @ Settlement::NotMoved => {
+            let vm_state = backend::resume_given_back(ctx, &p.vm, p.paused_before).await;
+            let text = format!("{}; {vm_state}", s.vm_state());
+            warn!(order = %hex(&p.id), vm = %p.vm, "{text}");
+            settled(&text);
+            true
+        }
+        s @ Settlement::Meanwhile => {
+            info!(order = %hex(&p.id), vm = %p.vm, "{}", s.vm_state());
             true
         }
         Settlement::InDoubt(why) => {
@@ -281,32 +288,34 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
     };
     // After an answer being acted on, if any: then the journal says whether it is still open.
     let _turn = turn.lock().await;
-    let (state, note) = if resume {
+    let (how, note) = if resume {
         (
-            State::RolledBack,
+            Settle::OperatorResumeHere,
             "settled by the operator: the destination never ran the VM",
         )
     } else {
         (
-            State::Settled,
+            Settle::OperatorMoved,
             "settled by the operator: the destination owns the VM",
         )
     };
-    let r = {
+    let (vm_action, r) = {
         let mut journal = ctx.journal.lock().expect("journal lock");
-        if !journal.settle_source(&id, state, note)? {
-            return Err(AgentError::Usage(format!(
-                "order {} was settled meanwhile (its destination answered)",
+        let decided = journal.settle(&id, how, note).map_err(|e| {
+            AgentError::Usage(format!(
+                "order {} was settled meanwhile (its destination answered): {e}",
                 hex(&id)
-            )));
-        }
-        journal.record(&id).cloned().expect("just journalled")
+            ))
+        })?;
+        let r = journal.record(&id).cloned().expect("just journalled");
+        (decided, r)
     };
     ctx.in_doubt.lock().expect("in-doubt lock").remove(&id);
-    let what = if resume {
-        backend::resume_given_back(ctx, &r.vm, r.paused_before).await
-    } else {
-        backend::forget_moved(ctx, &r.vm)
+    let what = match vm_action {
+        Some(VmAction::GiveBack { paused_before }) => {
+            backend::resume_given_back(ctx, &r.vm, paused_before).await
+        }
+        _ => backend::forget_moved(ctx, &r.vm),
     };
     let text = format!("{note}; {what}");
     warn!(order = %hex(&id), vm = %r.vm, "{text}");

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info};
 use trustmig_protocol::messages::Message;
-use trustmig_protocol::migration::{Outcome, SourceEvent, SourceMigration};
+use trustmig_protocol::migration::{SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
+use trustmig_protocol::settlement::Gate;
 
 use crate::backend::qemu::QemuSource;
 use crate::backend::synthetic::SyntheticSource;
@@ -111,7 +112,9 @@ async fn migrate_checked(
             .lock()
             .expect("journal lock")
             .claim_as_source(&body, order.id(), paused_before)
-            .map_err(|e| not_started(e.into()))
+            .map_err(|e| not_started(e.into()))?;
+        crash_point(CrashPoint::SourceAfterClaim);
+        Ok(())
     };
     if let Some(qmp) = crate::backend::qemu::qemu_vm(&ctx.config, &body.vm) {
         // QEMU's state first: the claim records whether the VM was paused (spec/qemu.md §4).
@@ -147,8 +150,7 @@ async fn run<B: SourceVm>(
 ) -> Result<Summary, (AgentError, Whereabouts)> {
     let body = order.body();
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
-    let mut outcome = Outcome::RollBack;
-    let result = drive(ctx, &order, progress, &mut vm, &mut outcome).await;
+    let result = drive(ctx, &order, progress, &mut vm).await;
     let id = *order.id();
     let e = match result {
         Ok(summary) => {
@@ -157,18 +159,24 @@ async fn run<B: SourceVm>(
         }
         Err(e) => e,
     };
-    // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8).
+    // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8): the
+    // rules decide from the journal, where COMMIT is durable before `Commit` leaves.
+    let after = {
+        let journal = ctx.journal.lock().expect("journal lock");
+        journal.rules().after_failure(journal.entry(&id).as_ref())
+    };
     let in_doubt = InDoubt::of(&order, paused_before);
-    let settlement = settle::after_failure(ctx, &in_doubt, outcome).await;
+    let settlement = settle::after_failure(ctx, &in_doubt, after).await;
     let vm_state = match settlement {
         None | Some(Settlement::NotMoved) => {
-            // Journalled before the VM is given back: a give-back that goes on in the
-            // background (a refused `cont`) asks the journal whether the VM is still this host's.
-            let _ = ctx.journal.lock().expect("journal lock").set(
-                &id,
-                State::RolledBack,
-                e.to_string(),
-            );
+            // Journalled before the VM is given back (a "not moved" answer by `settle::ask`):
+            // a give-back that goes on in the background (a refused `cont`) asks the journal
+            // whether the VM is still this host's.
+            let _ = ctx
+                .journal
+                .lock()
+                .expect("journal lock")
+                .roll_back_if_claimed(&id, e.to_string());
             Whereabouts::GivenBack {
                 settled: settlement.is_some(),
                 how: vm.give_back(ctx).await,
@@ -181,6 +189,8 @@ async fn run<B: SourceVm>(
             Whereabouts::InDoubt(why)
         }
         Some(Settlement::Moved) => Whereabouts::Moved,
+        // Only the operator settles an order by hand, and only once its session ended.
+        Some(s @ Settlement::Meanwhile) => Whereabouts::InDoubt(s.vm_state()),
     };
     note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
     Err((e, vm_state))
@@ -192,7 +202,6 @@ async fn drive<B: SourceVm>(
     order: &VerifiedOrder,
     progress: &mpsc::Sender<Progress>,
     vm: &mut B,
-    outcome: &mut Outcome,
 ) -> Result<Summary, AgentError> {
     let started = Instant::now();
     let mut chan = SourceChannel::connect(ctx, order).await?;
@@ -201,7 +210,7 @@ async fn drive<B: SourceVm>(
             peer: hex(&order.body().destination),
         })
         .await;
-    let r = match session(ctx, &mut chan, order, progress, vm, outcome, started).await {
+    let r = match session(ctx, &mut chan, order, progress, vm, started).await {
         // A transport failure here usually follows the destination refusing something; its
         // Abort, queued or about to arrive, names what (tampered, replayed, ...).
         Err(local @ AgentError::Transport { .. }) => Err(match chan.peer_abort().await {
@@ -231,7 +240,6 @@ async fn session<B: SourceVm>(
     order: &VerifiedOrder,
     progress: &mpsc::Sender<Progress>,
     vm: &mut B,
-    outcome: &mut Outcome,
     started: Instant,
 ) -> Result<Summary, AgentError> {
     let offer = vm.offer(ctx).await?;
@@ -263,7 +271,7 @@ async fn session<B: SourceVm>(
         progress,
         steps: &mut steps,
     };
-    commit_exchange(ctx, chan, &mut sm, &so, exchange, outcome).await?;
+    commit_exchange(ctx, chan, &mut sm, &so, exchange).await?;
     drop(t.tasks);
     let downtime = t.paused_at.elapsed();
     let total = started.elapsed();
@@ -290,6 +298,7 @@ async fn session<B: SourceVm>(
         State::Done,
         format!("downtime {} ms", summary.downtime_ms),
     )?;
+    crash_point(CrashPoint::SourceAfterDone);
     info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
     summary.final_quote = late_quote(ctx, chan, &mut sm, order.id()).await;
     Ok(summary)
@@ -372,15 +381,14 @@ fn received_step(raw: &[u8]) -> &'static str {
 
 /// After switch-over: send `SwitchOver`, answer the final challenge with evidence, and on
 /// `Ready` journal COMMIT durably *before* sending `Commit` (SPEC.md §8.7); ends at
-/// `Resumed`. `outcome` turns `Committed` the moment COMMIT is durable, whatever happens
-/// after.
+/// `Resumed`. From the moment COMMIT is durable, a failure no longer rolls back (the rules
+/// read the journal: `settlement::Rules::after_failure`).
 async fn commit_exchange(
     ctx: &Arc<Ctx>,
     chan: &mut SourceChannel,
     sm: &mut SourceMigration,
     switch_over: &[u8],
     x: Exchange<'_>,
-    outcome: &mut Outcome,
 ) -> Result<(), AgentError> {
     let Exchange {
         order_id,
@@ -409,9 +417,12 @@ async fn commit_exchange(
             SourceEvent::ReadyToCommit => {
                 debug!("ready to commit");
                 // The point of no return: durable before the destination may resume.
-                ctx.journal.lock().expect("journal lock").commit(order_id)?;
+                // `Ready` verified (SourceMigration checked it): the gate is open.
+                ctx.journal
+                    .lock()
+                    .expect("journal lock")
+                    .commit(order_id, Gate::Open)?;
                 steps.push(("COMMIT journalled", Instant::now()));
-                *outcome = Outcome::Committed;
                 crash_point(CrashPoint::SourceAfterCommit);
                 if fault::lose_commit() {
                     return Err(AgentError::Migration("fault injection: session lost after COMMIT was journalled, before Commit was sent".into()));

@@ -170,6 +170,7 @@ where
             Ok(x) => x,
             Err(e) => break Err(proto(e)),
         };
+        crate::fault::record_opened();
         match typ {
             t if t == carried.record() => {
                 digest.update(payload);

@@ -256,6 +256,7 @@ async fn read_stream(
             Err(e) => return Err(AgentError::transport(Link::Data(i), e)),
         }
         let (typ, payload) = opener.open(&mut buf)?;
+        crate::fault::record_opened();
         match typ {
             RecordType::Pages => {
                 let mut st = state.lock().expect("state lock");

@@ -1,0 +1,464 @@
+//! Commit, rollback and settlement: every decision about where a VM may run, sans-IO.
+//! spec: SPEC.md §8.7–8.8
+//!
+//! "Never two copies, never none" rests on a handful of decisions taken over an order's
+//! journal entry: may this order be claimed, may it commit, what does a failure, a restart, a
+//! settlement answer or an operator's override make of it, and what happens to the VM. They
+//! are pure functions of the entry here ([`Rules`]); the agent's journal asks them before it
+//! writes and its drivers act on their answers, and the model checker (`tests/tests/model.rs`)
+//! composes the very same functions with crashes, a lossy network and an attacker. The caller
+//! makes each returned [`State`] durable before it acts on it.
+//!
+//! [`Rules::mutated`] exists for the model checker's mutation tests (feature `mutations`):
+//! it breaks one rule on purpose, to show the checker catches it. A normal build cannot set one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::order::Role;
+use crate::AgentId;
+
+/// Where an order stands in an agent's journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// The order id is used; nothing moved yet, or transfer under way.
+    Claimed,
+    /// COMMIT recorded: the destination owns the VM.
+    Committed,
+    /// Finished successfully.
+    Done,
+    /// Failed before commit; the source kept its VM (or got it back by settlement).
+    RolledBack,
+    /// Settled at restart from an interrupted state, or by the operator as moved.
+    Settled,
+}
+
+/// What the rules need to know of an order's latest journal record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Entry {
+    /// This agent's role in the order.
+    pub role: Role,
+    /// Where it stands.
+    pub state: State,
+    /// The other agent: the destination (source role), the one agent answered about the order
+    /// (destination role). `None` in records older than the field.
+    pub peer: Option<AgentId>,
+    /// Source role: the VM was paused when the order claimed it, and stays paused when given
+    /// back. Destination role: the VM's hypervisor was handed to the order (a restart that
+    /// finds it interrupted discards that hypervisor's state, and no other).
+    pub flag: bool,
+}
+
+/// Why a rule refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The order id was used here before.
+    #[error("order already used here (journalled {0:?}): replayed")]
+    Replayed(State),
+    /// Nothing is journalled for the order.
+    #[error("no journal record of the order")]
+    Unknown,
+    /// COMMIT asked for an order that is no longer (or not) claimed: after a destination
+    /// answered "not committed", no late `Commit` may make it commit after all.
+    #[error("the order is {0:?} in the journal: refusing to commit it")]
+    NotClaimed(State),
+    /// COMMIT asked before the peer's evidence verified.
+    #[error("refusing to commit before the peer's evidence verified")]
+    GateClosed,
+    /// A settlement query from an agent that is not the order's source.
+    #[error("no settlement answer for an agent that did not send the order")]
+    NotItsSource,
+    /// A settlement query about an order this agent sent.
+    #[error("the order was sent from this agent, not received: no answer to a settlement query")]
+    SentFromHere,
+    /// An operator's settlement of an order that is not in doubt here.
+    #[error("the order is not in doubt here ({0:?})")]
+    NotInDoubt(State),
+}
+
+/// Whether the peer's evidence verified: the destination's `Ready` (source), the source's
+/// `Commit` after `Ready` was sent (destination). Only then may COMMIT be journalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Verified.
+    Open,
+    /// Not (yet).
+    Closed,
+}
+
+/// How an order in doubt at its source is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Settle {
+    /// The destination answered the settlement query.
+    Answer {
+        /// It journalled COMMIT (it owns the VM); `false`: it never did, and now never will.
+        committed: bool,
+    },
+    /// `trustmig settle --resume-here`: the operator says the destination never ran the VM.
+    /// Safe only if that is true: after the destination committed it makes two copies (the
+    /// model shows the trace; SPEC.md §8.8).
+    OperatorResumeHere,
+    /// `trustmig settle --moved`: the operator says the destination owns the VM.
+    OperatorMoved,
+}
+
+/// What to do with the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmAction {
+    /// Nothing: it runs where it belongs, moved away, or is in doubt.
+    Nothing,
+    /// Source: keep it stopped as it is; only the destination's answer may give it back.
+    KeepStopped,
+    /// Source: it is this host's again; run it (unless it was paused before the order).
+    GiveBack {
+        /// It stays paused.
+        paused_before: bool,
+    },
+    /// Source: the destination owns it; what is left here is never resumed.
+    Forget,
+    /// Destination: discard what arrived; it never runs here.
+    Discard,
+    /// Destination: it is this host's; run it (if it never ran here, it runs nowhere).
+    Resume,
+}
+
+/// What an agent does after its session failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Source before COMMIT: journal the rollback ([`Rules::roll_back`]), then give the VM back.
+    RollBack,
+    /// Source after COMMIT: keep the VM stopped and ask the destination until it answers.
+    AskDestination,
+    /// Destination before COMMIT (or rolled back by a settlement answer meanwhile): journal the
+    /// rollback, discard what arrived; it never runs here.
+    Discard,
+    /// Destination after COMMIT: the VM is this host's; it keeps it.
+    Keep,
+}
+
+/// What a restart makes of an order the journal shows interrupted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restart {
+    /// The state to journal, if any.
+    pub write: Option<State>,
+    /// Source at COMMIT with a known destination: ask it (the VM stays stopped meanwhile).
+    pub ask: bool,
+}
+
+/// A deliberate mistake, for the model checker's mutation tests only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mutation {
+    /// An unanswered settlement query gives the VM back.
+    ResumeOnUnanswered,
+    /// COMMIT is journalled with the gate closed (before `Ready`).
+    CommitBeforeReady,
+    /// A settlement query is answered whoever asks.
+    AnswerAnyone,
+    /// An order id already journalled is claimed again.
+    AcceptReplayedOrder,
+    /// A restart forgets an order's latest record.
+    ForgetAtRestart,
+}
+
+/// The rules. `Rules::default()` is the only kind a normal build makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rules {
+    mutation: Option<Mutation>,
+}
+
+impl Rules {
+    /// Rules with one deliberate mistake (model checker mutation tests).
+    #[cfg(feature = "mutations")]
+    pub fn mutated(m: Mutation) -> Self {
+        Self { mutation: Some(m) }
+    }
+
+    fn broken(&self, m: Mutation) -> bool {
+        self.mutation == Some(m)
+    }
+
+    /// May an order be claimed, given its latest entry? Each id once per agent, whatever
+    /// became of it (SPEC.md §3.4).
+    pub fn claim(&self, prev: Option<&Entry>) -> Result<(), Refusal> {
+        match prev {
+            Some(e) if !self.broken(Mutation::AcceptReplayedOrder) => {
+                Err(Refusal::Replayed(e.state))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// May COMMIT be journalled? Only for an order still claimed here and with the gate open.
+    pub fn commit(&self, prev: Option<&Entry>, gate: Gate) -> Result<State, Refusal> {
+        if gate == Gate::Closed && !self.broken(Mutation::CommitBeforeReady) {
+            return Err(Refusal::GateClosed);
+        }
+        match prev.map(|e| e.state) {
+            Some(State::Claimed) => Ok(State::Committed),
+            Some(other) => Err(Refusal::NotClaimed(other)),
+            None => Err(Refusal::Unknown),
+        }
+    }
+
+    /// A session failed: roll back only what never got past its claim. A failure after COMMIT
+    /// (say, `Resumed` could not be sent) must not turn a committed order into a rolled-back one,
+    /// or a settlement query would hand the VM back to the source while it runs elsewhere.
+    pub fn roll_back(&self, prev: Option<&Entry>) -> Option<State> {
+        (prev?.state == State::Claimed).then_some(State::RolledBack)
+    }
+
+    /// What an agent does after its session failed, its order's entry being `prev`.
+    pub fn after_failure(&self, prev: Option<&Entry>) -> AfterFailure {
+        match prev.map(|e| (e.role, e.state)) {
+            Some((Role::Source, State::Committed)) => AfterFailure::AskDestination,
+            Some((Role::Destination, State::Committed | State::Done | State::Settled)) => {
+                AfterFailure::Keep
+            }
+            Some((Role::Destination, _)) => AfterFailure::Discard,
+            _ => AfterFailure::RollBack,
+        }
+    }
+
+    /// A settlement query went unanswered (destination unreachable, ...).
+    pub fn unanswered(&self) -> VmAction {
+        if self.broken(Mutation::ResumeOnUnanswered) {
+            return VmAction::GiveBack {
+                paused_before: false,
+            };
+        }
+        VmAction::KeepStopped
+    }
+
+    /// Settle a source's order in doubt: the state to journal and what becomes of the VM, or
+    /// `Ok(None)` when it is no longer in doubt (an answer, a retry and the operator may race).
+    /// The operator's overrides are refused for an order that is not in doubt.
+    pub fn settle(
+        &self,
+        prev: Option<&Entry>,
+        how: Settle,
+    ) -> Result<Option<(State, VmAction)>, Refusal> {
+        let e = match prev {
+            Some(e) if e.role == Role::Source && e.state == State::Committed => e,
+            Some(_) if matches!(how, Settle::Answer { .. }) => return Ok(None),
+            Some(e) => return Err(Refusal::NotInDoubt(e.state)),
+            None => return Err(Refusal::Unknown),
+        };
+        let back = VmAction::GiveBack {
+            paused_before: e.flag,
+        };
+        Ok(Some(match how {
+            Settle::Answer { committed: true } => (State::Done, VmAction::Forget),
+            Settle::Answer { committed: false } | Settle::OperatorResumeHere => {
+                (State::RolledBack, back)
+            }
+            Settle::OperatorMoved => (State::Settled, VmAction::Forget),
+        }))
+    }
+
+    /// Answer a settlement query about an order as its destination (SPEC.md §8.8 rule 3):
+    /// whether this agent journalled COMMIT, and what to journal first. An order claimed but
+    /// not committed is rolled back before the answer "no", and one never seen here is
+    /// journalled rolled back (its id used up), so that no late session can commit it. Only the
+    /// order's source, as recorded at the claim, is answered about it.
+    pub fn answer(
+        &self,
+        prev: Option<&Entry>,
+        asker: &AgentId,
+    ) -> Result<(bool, Option<State>), Refusal> {
+        if let Some(e) = prev.filter(|e| e.role == Role::Destination) {
+            if e.peer.is_some_and(|p| &p != asker) && !self.broken(Mutation::AnswerAnyone) {
+                return Err(Refusal::NotItsSource);
+            }
+        }
+        match prev.map(|e| (e.role, e.state)) {
+            Some((Role::Source, _)) => Err(Refusal::SentFromHere),
+            Some((_, State::Committed | State::Done | State::Settled)) => Ok((true, None)),
+            Some((_, State::Claimed)) | None => Ok((false, Some(State::RolledBack))),
+            Some((_, State::RolledBack)) => Ok((false, None)),
+        }
+    }
+
+    /// The records a restart replays: all of them (a mutation forgets the last).
+    pub fn replay<'a, T>(&self, records: &'a [T]) -> &'a [T] {
+        match records {
+            [rest @ .., _] if self.broken(Mutation::ForgetAtRestart) => rest,
+            all => all,
+        }
+    }
+
+    /// What a restart makes of an order whose latest entry is `e`, if it was interrupted
+    /// (claimed, or at COMMIT). A source at COMMIT that knows its destination asks it;
+    /// otherwise the journal alone settles it: before COMMIT rolled back, after it settled.
+    pub fn restart(&self, e: &Entry) -> Option<Restart> {
+        let settle = |state| Restart {
+            write: Some(state),
+            ask: false,
+        };
+        match (e.role, e.state) {
+            (Role::Source, State::Committed) if e.peer.is_some() => Some(Restart {
+                write: None,
+                ask: true,
+            }),
+            (_, State::Claimed) => Some(settle(State::RolledBack)),
+            (_, State::Committed) => Some(settle(State::Settled)),
+            _ => None,
+        }
+    }
+
+    /// What a restart does to a VM whose most recent order's entry is `e` (after [`restart`]
+    /// wrote its record), `was` being the state that order was in before this restart settled
+    /// it, if it did.
+    ///
+    /// [`restart`]: Rules::restart
+    pub fn vm_after_restart(&self, e: &Entry, was: Option<State>) -> VmAction {
+        match (e.role, e.state, was) {
+            // Rolled back before COMMIT (now or at an earlier start), or settled "not
+            // committed": in either case the destination never committed, and never will.
+            (Role::Source, State::RolledBack, _) => VmAction::GiveBack {
+                paused_before: e.flag,
+            },
+            // Only a hypervisor handed to this order: the claim comes before the check that the
+            // VM's hypervisor waits for a migration, and a refused arrival must not touch a VM.
+            (Role::Destination, State::RolledBack, Some(State::Claimed)) if e.flag => {
+                VmAction::Discard
+            }
+            (Role::Destination, State::Settled, Some(State::Committed)) => VmAction::Resume,
+            _ => VmAction::Nothing,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: AgentId = [1; 32];
+    const DST: AgentId = [2; 32];
+
+    fn entry(role: Role, state: State) -> Entry {
+        Entry {
+            role,
+            state,
+            peer: Some(if role == Role::Source { DST } else { SRC }),
+            flag: false,
+        }
+    }
+
+    #[test]
+    fn an_order_is_claimed_once() {
+        let r = Rules::default();
+        assert_eq!(r.claim(None), Ok(()));
+        for s in [State::Claimed, State::RolledBack, State::Done] {
+            let e = entry(Role::Source, s);
+            assert_eq!(r.claim(Some(&e)), Err(Refusal::Replayed(s)));
+        }
+    }
+
+    #[test]
+    fn commit_needs_a_claim_and_the_gate() {
+        let r = Rules::default();
+        let claimed = entry(Role::Destination, State::Claimed);
+        assert_eq!(r.commit(Some(&claimed), Gate::Open), Ok(State::Committed));
+        assert_eq!(
+            r.commit(Some(&claimed), Gate::Closed),
+            Err(Refusal::GateClosed)
+        );
+        let rolled = entry(Role::Destination, State::RolledBack);
+        assert_eq!(
+            r.commit(Some(&rolled), Gate::Open),
+            Err(Refusal::NotClaimed(State::RolledBack))
+        );
+        assert_eq!(r.commit(None, Gate::Open), Err(Refusal::Unknown));
+    }
+
+    #[test]
+    fn only_a_claim_rolls_back_and_only_commit_puts_a_source_in_doubt() {
+        let r = Rules::default();
+        let c = entry(Role::Source, State::Claimed);
+        let k = entry(Role::Source, State::Committed);
+        assert_eq!(r.roll_back(Some(&c)), Some(State::RolledBack));
+        assert_eq!(r.roll_back(Some(&k)), None);
+        assert_eq!(r.after_failure(Some(&c)), AfterFailure::RollBack);
+        assert_eq!(r.after_failure(Some(&k)), AfterFailure::AskDestination);
+        let d = |s| entry(Role::Destination, s);
+        assert_eq!(
+            r.after_failure(Some(&d(State::Claimed))),
+            AfterFailure::Discard
+        );
+        assert_eq!(
+            r.after_failure(Some(&d(State::RolledBack))),
+            AfterFailure::Discard
+        );
+        assert_eq!(
+            r.after_failure(Some(&d(State::Committed))),
+            AfterFailure::Keep
+        );
+        assert_eq!(r.after_failure(Some(&d(State::Done))), AfterFailure::Keep);
+        assert_eq!(r.unanswered(), VmAction::KeepStopped);
+    }
+
+    #[test]
+    fn settlement_acts_once_and_the_operator_only_on_an_order_in_doubt() {
+        let r = Rules::default();
+        let k = entry(Role::Source, State::Committed);
+        let yes = Settle::Answer { committed: true };
+        let no = Settle::Answer { committed: false };
+        assert_eq!(
+            r.settle(Some(&k), yes),
+            Ok(Some((State::Done, VmAction::Forget)))
+        );
+        let back = VmAction::GiveBack {
+            paused_before: false,
+        };
+        assert_eq!(r.settle(Some(&k), no), Ok(Some((State::RolledBack, back))));
+        assert_eq!(
+            r.settle(Some(&k), Settle::OperatorMoved),
+            Ok(Some((State::Settled, VmAction::Forget)))
+        );
+        let done = entry(Role::Source, State::Done);
+        assert_eq!(r.settle(Some(&done), no), Ok(None));
+        assert_eq!(
+            r.settle(Some(&done), Settle::OperatorResumeHere),
+            Err(Refusal::NotInDoubt(State::Done))
+        );
+    }
+
+    #[test]
+    fn only_the_source_gets_an_answer_and_an_unknown_order_is_used_up() {
+        let r = Rules::default();
+        let c = entry(Role::Destination, State::Claimed);
+        assert_eq!(
+            r.answer(Some(&c), &SRC),
+            Ok((false, Some(State::RolledBack)))
+        );
+        assert_eq!(r.answer(Some(&c), &[9; 32]), Err(Refusal::NotItsSource));
+        let k = entry(Role::Destination, State::Committed);
+        assert_eq!(r.answer(Some(&k), &SRC), Ok((true, None)));
+        assert_eq!(
+            r.answer(None, &[9; 32]),
+            Ok((false, Some(State::RolledBack)))
+        );
+        let s = entry(Role::Source, State::Committed);
+        assert_eq!(r.answer(Some(&s), &DST), Err(Refusal::SentFromHere));
+    }
+
+    #[test]
+    fn a_restart_settles_from_the_journal_or_asks() {
+        let r = Rules::default();
+        let ask = r.restart(&entry(Role::Source, State::Committed));
+        assert_eq!(
+            ask,
+            Some(Restart {
+                write: None,
+                ask: true
+            })
+        );
+        let mut old = entry(Role::Source, State::Committed);
+        old.peer = None;
+        assert_eq!(r.restart(&old).and_then(|x| x.write), Some(State::Settled));
+        let d = r.restart(&entry(Role::Destination, State::Claimed));
+        assert_eq!(d.and_then(|x| x.write), Some(State::RolledBack));
+        assert_eq!(r.restart(&entry(Role::Destination, State::Done)), None);
+        assert_eq!(r.replay(&[1, 2, 3]), &[1, 2, 3]);
+    }
+}
