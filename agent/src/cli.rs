@@ -236,6 +236,14 @@ pub(crate) enum OrderCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke an order this agent has not used: it can no longer start here (an order needs
+    /// both its agents, so revoking it on either is enough). Asks the running agent.
+    Revoke {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Order file.
+        file: PathBuf,
+    },
     /// Print an order; with --home, verify it against that agent's trust store.
     Show {
         /// Order file.

@@ -25,6 +25,11 @@ pub enum Request {
         /// VM name.
         vm: String,
     },
+    /// The operator revokes an order this agent has not used (SPEC.md §3.4).
+    Revoke {
+        /// Hex of the signed order's CBOR.
+        order: String,
+    },
     /// The operator settles an order in doubt here by hand (SPEC.md §8.8): they know where its
     /// VM runs (say, its destination host is gone for good).
     Settle {
@@ -179,6 +184,8 @@ pub enum Reply {
     },
     /// An order settled by the operator: what became of its VM here.
     Settled(String),
+    /// An order revoked here.
+    Revoked(String),
     /// The request failed.
     Error(String),
 }

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
 use trustmig_protocol::order::OrderId;
+use trustmig_protocol::settlement::Gate;
 
 use crate::config::Config;
 use crate::control::Summary;
@@ -65,6 +66,24 @@ impl Ctx {
     /// Peer identities, re-read at every use.
     pub fn peers(&self) -> Result<KeyList, AgentError> {
         KeyList::load(&self.home.peers())
+    }
+
+    /// Journal COMMIT for `order_id` (its peer's evidence verified), unless the order's peer
+    /// was removed from the trust store meanwhile: revocation takes effect at the gate, so a
+    /// migration whose peer was removed while it ran never commits and rolls back (SPEC.md
+    /// §3.4). Its session's later messages are refused with it.
+    pub fn commit(&self, order_id: &OrderId) -> Result<(), AgentError> {
+        let peers = self.peers()?;
+        let mut journal = self.journal.lock().expect("journal lock");
+        if let Some(p) = journal.entry(order_id).and_then(|e| e.peer) {
+            if !peers.contains(&p) {
+                return Err(AgentError::Refused(format!(
+                    "peer {} was removed from the trust store during the migration: not committing",
+                    hex::encode(p)
+                )));
+            }
+        }
+        journal.commit(order_id, Gate::Open)
     }
 
     /// Step timeout.

@@ -307,6 +307,18 @@ impl Journal {
         Ok(committed)
     }
 
+    /// Revoke an order this agent has not used, as `role` (what it would have been): it can
+    /// never be claimed here. Refused for an order already used here.
+    pub fn revoke(&mut self, body: &OrderBody, role: Role) -> Result<(), AgentError> {
+        let state = self
+            .rules
+            .revoke(self.entry(&body.order_id).as_ref())
+            .map_err(|e| refused(&body.order_id, e))?;
+        let mut r = Record::new(hex(&body.order_id), role, &body.vm, state, body.not_after);
+        r.note = "revoked by the operator".into();
+        self.append(r)
+    }
+
     /// Claim an order id for `role`/`vm`.
     pub fn claim_for(
         &mut self,
@@ -351,8 +363,10 @@ impl Journal {
         fill: impl FnOnce(&mut Record),
     ) -> Result<(), OrderError> {
         let key = hex(id);
-        if self.rules.claim(self.entry(id).as_ref()).is_err() {
-            return Err(OrderError::Replayed(key));
+        match self.rules.claim(self.entry(id).as_ref()) {
+            Ok(()) => {}
+            Err(Refusal::Revoked) => return Err(OrderError::Revoked(key)),
+            Err(_) => return Err(OrderError::Replayed(key)),
         }
         let mut r = Record::new(key, role, vm, State::Claimed, not_after);
         fill(&mut r);
@@ -431,7 +445,7 @@ fn moves_vm(prev: Option<State>, r: &Record) -> bool {
     match (r.role, r.state) {
         (_, State::Claimed) => false,
         (Role::Source, State::RolledBack) => prev == Some(State::Committed),
-        (Role::Destination, State::RolledBack) => false,
+        (Role::Destination, State::RolledBack) | (_, State::Revoked) => false,
         (_, State::Committed | State::Done | State::Settled) => true,
     }
 }

@@ -209,6 +209,17 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
             trustmig_agent::home::write_atomic(&out, &order.to_cbor())?;
             eprint!("{}", admin::show_order(&order.to_cbor(), None)?);
         }
+        OrderCmd::Revoke { home, file } => {
+            let bytes = std::fs::read(&file).map_err(AgentError::io(&file))?;
+            let socket = Home::at(home.home).control_socket();
+            let req = Request::Revoke {
+                order: hex::encode(bytes),
+            };
+            match runtime()?.block_on(control::request(&socket, &req))? {
+                Reply::Revoked(what) => println!("{what}"),
+                other => return Err(refused(other)),
+            }
+        }
         OrderCmd::Show { file, home } => {
             let bytes = std::fs::read(&file).map_err(AgentError::io(&file))?;
             print!(

@@ -828,6 +828,119 @@ async fn qemu_source_crash_before_commit_runs_the_vm_again_at_restart() {
     assert!(logs.contains("after restart"), "{logs}");
 }
 
+/// Exactly one copy runs, on the destination: its guest's counter advances `within`, the
+/// source QEMU stays stopped, and `trustmig status` on both sides says so.
+async fn assert_destination_runs_alone(s: &mut Setup, within: Duration) {
+    let deadline = Instant::now() + within;
+    while s.dst.status().await.as_deref() != Ok("running") {
+        assert!(
+            Instant::now() < deadline,
+            "destination never ran: {:?}\n{}",
+            s.dst.status().await,
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.dst.wait_ticks(10, Duration::from_secs(30));
+    assert_ne!(s.src.status().await.as_deref(), Ok("running"));
+    let before = s.src.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.src.ticks().len(),
+        before,
+        "the source guest stays stopped"
+    );
+    let dst = agent_status(&s.pair.dst).await;
+    assert!(dst.contains(&format!("{VM:20} QEMU: running")), "{dst}");
+    let src = agent_status(&s.pair.src).await;
+    assert!(!src.contains(&format!("{VM:20} QEMU: running")), "{src}");
+}
+
+/// Whether every journal record of both agents is final (none claimed or at COMMIT): the
+/// next migration of the VM finds nothing under way or in doubt.
+async fn journals_final(s: &Setup) -> bool {
+    let mut fin = true;
+    for home in [&s.pair.src, &s.pair.dst] {
+        let mut st = serde_json::Value::Null;
+        trustmig_agent::control::call(
+            &home.control_socket(),
+            &trustmig_agent::control::Request::Status,
+            |r| {
+                if let Reply::Status(v) = r {
+                    st = v;
+                }
+            },
+        )
+        .await
+        .expect("control socket");
+        fin &= (st["journal"].as_array().into_iter().flatten())
+            .all(|r| !matches!(r["state"].as_str(), Some("claimed" | "committed")));
+    }
+    fin
+}
+
+/// SPEC.md §8.9, crash matrix against real QEMU: each agent is killed (exit 137, as by SIGKILL)
+/// at every journal point and mid-transfer, and restarted. Its QEMU lives on, so the VM must
+/// end running in exactly one place every time: on the source unless the destination
+/// journalled COMMIT (then there, a destination resuming at restart what it committed), both
+/// journals settled and `trustmig status` on both sides agreeing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
+    let _g = SERIAL.lock().await;
+    let mut table = Vec::new();
+    for p in CrashPoint::ALL {
+        let mut opts = VmOpts {
+            append: "area=16 rate=8 check=10".into(),
+            mem_mib: MEM_MIB,
+            ..VmOpts::default()
+        };
+        let i = usize::from(!p.in_source());
+        if i == 0 {
+            opts.src_env = crash_at(p);
+        } else {
+            opts.dst_env = crash_at(p);
+        }
+        let Some(mut s) = setup_with(&opts, true) else {
+            return;
+        };
+        let addr = s.pair.dst_addr.clone();
+        let (r, _) = migrate(&mut s, &addr, 300).await;
+        wait_agent_exit(&mut s, i, Duration::from_secs(30));
+        s.pair.procs[i] = None;
+        s.pair.src_env.clear();
+        s.pair.dst_env.clear();
+        s.pair.start(i).expect("agent restarts");
+        let moved = matches!(
+            p,
+            CrashPoint::SourceAfterDone
+                | CrashPoint::DestinationAfterCommit
+                | CrashPoint::DestinationAfterDone
+        );
+        if moved {
+            assert_destination_runs_alone(&mut s, Duration::from_secs(60)).await;
+        } else {
+            assert_source_runs_alone(&mut s, Duration::from_secs(60)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !journals_final(&s).await {
+            assert!(
+                Instant::now() < deadline,
+                "{}: journals never settled\n{}",
+                p.name(),
+                s.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let at = if moved { "destination" } else { "source" };
+        table.push(format!(
+            "{:<28} runs on the {at} (migration: {})",
+            p.name(),
+            if r.is_ok() { "done" } else { "failed" }
+        ));
+    }
+    println!("{}", table.join("\n"));
+}
+
 /// Issue 14, case 2, and the block handover of issue 10: the destination agent dies when it
 /// would send `FinalChallenge`, both QEMUs on one shared writable image. The destination QEMU
 /// loaded the VM and stays paused, its agent gone. Because it runs with `late-block-activate`

@@ -991,3 +991,118 @@ fn crash_matrix_every_journal_point_settles_to_one_copy() {
         table.join("\n")
     );
 }
+
+/// SPEC.md §3.4, revocation takes effect at once: an order revoked on either of its agents can
+/// no longer start (a used one cannot be revoked); a removed operator key or peer refuses the
+/// next migration with a named reason; and a peer removed while its migration runs stops that
+/// migration before it commits: it rolls back and the VM runs on where it was.
+#[test]
+fn revocation_takes_effect_at_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 200), 2).unwrap();
+    pair.start_both().unwrap();
+    let cli = |home: &Home, args: &[&str]| {
+        let out = std::process::Command::new(exe())
+            .args(args)
+            .arg("--home")
+            .arg(home.root())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let file = |o: &SignedOrder, name: &str| {
+        let p = pair.dir().join(name);
+        std::fs::write(&p, o.to_cbor()).unwrap();
+        p.display().to_string()
+    };
+    let l = || limits(300, 10, NonConvergence::Force);
+
+    // Revoked on the source, then on the destination only: refused either way, by name.
+    for (who, home) in [("source", &pair.src), ("destination", &pair.dst)] {
+        let o = pair.order("v", l(), 600).unwrap();
+        let f = file(&o, &format!("revoked-{who}.order"));
+        let (ok, text) = cli(home, &["order", "revoke", &f]);
+        assert!(ok && text.contains("revoked here as its"), "{text}");
+        let (ok, text) = cli(home, &["order", "revoke", &f]);
+        assert!(!ok && text.contains("already used"), "{text}");
+        let e = failed(migrate(&rt, &pair, &o));
+        assert!(e.contains("revoked by the operator"), "{who}: {e}");
+        assert_rolled_back(&rt, &pair, "v");
+    }
+    // A used order cannot be revoked; an order that names neither agent is refused.
+    let other = Pair::create(exe().as_ref(), &vm("w", 8, 0), 1).unwrap();
+    let foreign = other.order("w", l(), 600).unwrap();
+    let (ok, text) = cli(
+        &pair.src,
+        &["order", "revoke", &file(&foreign, "foreign.order")],
+    );
+    assert!(!ok && text.contains("names neither this agent"), "{text}");
+
+    // The operator's key removed on the destination: the next order is refused there.
+    let o = pair.order("v", l(), 600).unwrap();
+    let (ok, text) = cli(&pair.dst, &["trust", "remove-operator", "operator"]);
+    assert!(ok, "{text}");
+    let e = failed(migrate(&rt, &pair, &o));
+    assert!(e.contains("not trusted here"), "{e}");
+    assert_rolled_back(&rt, &pair, "v");
+    // That order was claimed (used) by the source: too late to revoke it there.
+    let (ok, text) = cli(&pair.src, &["order", "revoke", &file(&o, "used.order")]);
+    assert!(!ok && text.contains("already used"), "{text}");
+    let op = trustmig_agent::identity::operator_load(&pair.operator_key).unwrap();
+    let key = hex::encode(op.verifying_key().to_bytes());
+    let (ok, text) = cli(
+        &pair.dst,
+        &["trust", "add-operator", "--name", "operator", "--key", &key],
+    );
+    assert!(ok, "{text}");
+
+    // The source no longer trusts the destination: refused before anything moves.
+    let (ok, text) = cli(&pair.src, &["trust", "remove-peer", "destination"]);
+    assert!(ok, "{text}");
+    let e = failed(migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()));
+    assert!(e.contains("is not a trusted peer here"), "{e}");
+    assert!(e.contains("untouched"), "{e}");
+    assert_rolled_back(&rt, &pair, "v");
+    let dst_key = hex::encode(pair.dst_id);
+    let (ok, text) = cli(
+        &pair.src,
+        &[
+            "trust",
+            "add-peer",
+            "--name",
+            "destination",
+            "--key",
+            &dst_key,
+        ],
+    );
+    assert!(ok, "{text}");
+
+    // Removed while a (bandwidth-capped) migration runs: it never commits, and rolls back.
+    let mut slow = l();
+    slow.bandwidth_bps = 16 << 20;
+    let o = pair.order("v", slow, 600).unwrap();
+    let src_home = pair.src.root().to_path_buf();
+    let remover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        std::process::Command::new(exe())
+            .args(["trust", "remove-peer", "destination", "--home"])
+            .arg(src_home)
+            .output()
+            .unwrap()
+    });
+    let e = failed(migrate(&rt, &pair, &o));
+    assert!(remover.join().unwrap().status.success());
+    assert!(
+        e.contains("removed from the trust store during the migration"),
+        "{e}\n{}",
+        pair.log_tails(20)
+    );
+    assert!(e.contains("rolled back"), "{e}");
+    assert_rolled_back(&rt, &pair, "v");
+}

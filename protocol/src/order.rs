@@ -189,6 +189,9 @@ pub enum OrderError {
     /// The order id was used before.
     #[error("order {0} was already used (replayed order refused)")]
     Replayed(String),
+    /// The operator revoked the order on this agent (`trustmig order revoke`).
+    #[error("order {0} was revoked by the operator")]
+    Revoked(String),
     /// The journal could not record the id.
     #[error("order journal failed: {0}")]
     Journal(String),

@@ -31,6 +31,9 @@ pub enum State {
     RolledBack,
     /// Settled at restart from an interrupted state, or by the operator as moved.
     Settled,
+    /// Revoked by the operator before this agent used it (`trustmig order revoke`): it can
+    /// never be claimed here.
+    Revoked,
 }
 
 /// What the rules need to know of an order's latest journal record.
@@ -55,6 +58,9 @@ pub enum Refusal {
     /// The order id was used here before.
     #[error("order already used here (journalled {0:?}): replayed")]
     Replayed(State),
+    /// The operator revoked the order here.
+    #[error("order revoked by the operator")]
+    Revoked,
     /// Nothing is journalled for the order.
     #[error("no journal record of the order")]
     Unknown,
@@ -181,10 +187,20 @@ impl Rules {
     /// became of it (SPEC.md §3.4).
     pub fn claim(&self, prev: Option<&Entry>) -> Result<(), Refusal> {
         match prev {
+            Some(e) if e.state == State::Revoked => Err(Refusal::Revoked),
             Some(e) if !self.broken(Mutation::AcceptReplayedOrder) => {
                 Err(Refusal::Replayed(e.state))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// May the operator revoke an order here? Only one this agent has not used: a migration
+    /// under way or done is settled by the rules above, not by revocation.
+    pub fn revoke(&self, prev: Option<&Entry>) -> Result<State, Refusal> {
+        match prev {
+            None => Ok(State::Revoked),
+            Some(e) => Err(Refusal::Replayed(e.state)),
         }
     }
 
@@ -274,7 +290,7 @@ impl Rules {
             Some((Role::Source, _)) => Err(Refusal::SentFromHere),
             Some((_, State::Committed | State::Done | State::Settled)) => Ok((true, None)),
             Some((_, State::Claimed)) | None => Ok((false, Some(State::RolledBack))),
-            Some((_, State::RolledBack)) => Ok((false, None)),
+            Some((_, State::RolledBack | State::Revoked)) => Ok((false, None)),
         }
     }
 
@@ -352,6 +368,24 @@ mod tests {
             let e = entry(Role::Source, s);
             assert_eq!(r.claim(Some(&e)), Err(Refusal::Replayed(s)));
         }
+    }
+
+    #[test]
+    fn only_an_unused_order_is_revoked_and_a_revoked_one_is_never_claimed() {
+        let r = Rules::default();
+        assert_eq!(r.revoke(None), Ok(State::Revoked));
+        let used = entry(Role::Source, State::Claimed);
+        assert_eq!(
+            r.revoke(Some(&used)),
+            Err(Refusal::Replayed(State::Claimed))
+        );
+        let revoked = entry(Role::Destination, State::Revoked);
+        assert_eq!(r.claim(Some(&revoked)), Err(Refusal::Revoked));
+        assert_eq!(r.answer(Some(&revoked), &SRC), Ok((false, None)));
+        assert_eq!(
+            r.commit(Some(&revoked), Gate::Open),
+            Err(Refusal::NotClaimed(State::Revoked))
+        );
     }
 
     #[test]

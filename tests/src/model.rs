@@ -14,7 +14,8 @@
 //!   agent at any step, after which only the journal survives (the hypervisor too: a QEMU
 //!   keeps its state when its agent dies), followed by a restart;
 //! - the operator's overrides (`trustmig settle --resume-here | --moved`), either informed
-//!   (their precondition holds: they looked at the destination) or blind.
+//!   (their precondition holds: they looked at the destination) or blind, and a revocation of
+//!   the order on either agent (`trustmig order revoke`) at any moment.
 //!
 //! Abstracted away: time (timeouts are session failures that may come at any moment), the
 //! TPM, cryptography and the data streams (the handshake and record layer are what make a
@@ -162,6 +163,8 @@ impl Agent {
 pub struct Ghost {
     /// Claims of the order, per agent.
     pub claims: [u8; 2],
+    /// An agent claimed the order after it was revoked there.
+    pub claimed_revoked: bool,
     /// COMMITs journalled, per agent.
     pub commits: [u8; 2],
     /// The source journalled COMMIT without the destination's `Ready` verified.
@@ -185,6 +188,8 @@ pub struct Sys {
     pub overrides: u8,
     /// The attacker's queries left.
     pub intrusions: u8,
+    /// Revocations left.
+    pub revocations: u8,
     /// What happened that must not.
     pub ghost: Ghost,
 }
@@ -227,6 +232,8 @@ pub enum Action {
     ResumeHere,
     /// `trustmig settle --moved` on the source.
     Moved,
+    /// `trustmig order revoke` on agent `i`.
+    Revoke(usize),
 }
 
 impl Action {
@@ -278,6 +285,7 @@ impl Migration {
                     flag: false,
                 });
                 s.ghost.claims[0] += 1;
+                s.ghost.claimed_revoked |= revoked(src);
                 src.session = Some(Phase::Transfer);
                 s.net.insert(Msg::Begin);
             }
@@ -289,6 +297,7 @@ impl Migration {
                     flag: true,
                 });
                 s.ghost.claims[1] += 1;
+                s.ghost.claimed_revoked |= revoked(dst);
                 dst.session = Some(Phase::Receiving);
             }
             Msg::Final if dst.up && dst.session == Some(Phase::Receiving) => {
@@ -501,6 +510,7 @@ impl Model for Migration {
             crashes: self.crashes,
             overrides: 1,
             intrusions: 1,
+            revocations: 1,
             ghost: Ghost::default(),
         }]
     }
@@ -526,6 +536,9 @@ impl Model for Migration {
         }
         if s.intrusions > 0 {
             out.push(Action::Intrude);
+        }
+        if s.revocations > 0 {
+            out.extend([Action::Revoke(0), Action::Revoke(1)]);
         }
     }
 
@@ -558,6 +571,23 @@ impl Model for Migration {
                 s.intrusions -= 1;
                 s.net.insert(Msg::Query { from: Who::Mallory });
             }
+            Action::Revoke(i) => {
+                let a = &mut s.agents[i];
+                if let (true, Ok(state)) = (a.up, self.rules.revoke(a.latest())) {
+                    s.revocations -= 1;
+                    let role = if i == 0 {
+                        Role::Source
+                    } else {
+                        Role::Destination
+                    };
+                    a.journal.push(Entry {
+                        role,
+                        state,
+                        peer: None,
+                        flag: false,
+                    });
+                }
+            }
             Action::ResumeHere => self.operator(&mut s, Settle::OperatorResumeHere),
             Action::Moved => self.operator(&mut s, Settle::OperatorMoved),
         }
@@ -581,8 +611,8 @@ impl Model for Migration {
                 |_, s: &Sys| s.ghost.commits.iter().all(|c| *c <= 1),
             ),
             Property::always(
-                "an order is claimed at most once on each side",
-                |_, s: &Sys| s.ghost.claims.iter().all(|c| *c <= 1),
+                "an order is claimed at most once on each side, never once revoked",
+                |_, s: &Sys| s.ghost.claims.iter().all(|c| *c <= 1) && !s.ghost.claimed_revoked,
             ),
             Property::always(
                 "COMMIT only after the destination's Ready verified",
@@ -636,6 +666,10 @@ impl Model for Migration {
             ),
         ]
     }
+}
+
+fn revoked(a: &Agent) -> bool {
+    a.journal.iter().any(|e| e.state == J::Revoked)
 }
 
 fn journal_is(a: &Agent, states: &[J]) -> bool {

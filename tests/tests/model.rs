@@ -206,7 +206,7 @@ fn mutation_answer_anyone_is_caught() {
 fn mutation_accept_a_replayed_order_is_caught() {
     caught(
         Mutation::AcceptReplayedOrder,
-        "an order is claimed at most once on each side",
+        "an order is claimed at most once on each side, never once revoked",
     );
 }
 

@@ -38,6 +38,10 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     let reply = match req {
         Request::Migrate { order } => return migrate(ctx, order, &mut wr).await,
         Request::Status => Reply::Status(status(&ctx).await),
+        Request::Revoke { order } => match revoke(&ctx, &order) {
+            Ok(what) => Reply::Revoked(what),
+            Err(e) => Reply::Error(e.to_string()),
+        },
         Request::Settle {
             order_id,
             resume_here,
@@ -81,6 +85,57 @@ async fn migrate(ctx: Arc<Ctx>, order: String, wr: &mut OwnedWriteHalf) -> Resul
         }
     }
     Ok(())
+}
+
+/// `trustmig order revoke`: journal an order this agent has not used as revoked, after checking
+/// that a trusted operator signed it and that it names this agent. An order can start only
+/// where both its agents claim it, so revoking it on either one is enough. spec: SPEC.md §3.4
+fn revoke(ctx: &Ctx, order_hex: &str) -> Result<String, AgentError> {
+    use trustmig_protocol::order::{hex, OrderError, OrderPolicy, Role, SignedOrder};
+    let bytes = ::hex::decode(order_hex.trim())
+        .map_err(|e| AgentError::Usage(format!("order is not hex: {e}")))?;
+    let signed = SignedOrder::from_cbor(&bytes)?;
+    let body = signed.dangerous_unverified_body()?;
+    let me = ctx.identity.id();
+    let role = match (body.source == me, body.destination == me) {
+        (true, _) => Role::Source,
+        (_, true) => Role::Destination,
+        _ => {
+            return Err(AgentError::Usage(format!(
+                "order {} names neither this agent as its source nor as its destination",
+                hex(&body.order_id)
+            )))
+        }
+    };
+    let policy = OrderPolicy {
+        operators: &ctx.operators()?,
+        me,
+        role,
+        now: crate::unix_now(),
+    };
+    match signed.verify(&policy) {
+        Ok(_) => {}
+        Err(OrderError::Expired { .. }) => {
+            return Ok(format!(
+                "order {} has expired: it can no longer start anywhere (nothing journalled)",
+                hex(&body.order_id)
+            ))
+        }
+        // Not yet valid: revoking it ahead of its window is the point.
+        Err(OrderError::NotYetValid { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.journal
+        .lock()
+        .expect("journal lock")
+        .revoke(&body, role)?;
+    let what = format!(
+        "order {} (VM {}) revoked here as its {role}: it can no longer start",
+        hex(&body.order_id),
+        body.vm
+    );
+    tracing::warn!("{what}");
+    Ok(what)
 }
 
 /// `trustmig status`: identity, the VMs and where each stands, the journal's latest records and

@@ -28,7 +28,7 @@ use crate::error::{AgentError, Link};
 use crate::fault::{crash_point, CrashPoint};
 use crate::journal::{ClaimAsDestination, State};
 use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
-use trustmig_protocol::settlement::{AfterFailure, Gate};
+use trustmig_protocol::settlement::AfterFailure;
 
 type Tls = TlsStream<TcpStream>;
 type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
@@ -350,10 +350,7 @@ impl Session {
         let ctx = self.ctx.clone();
         let id = self.order_id.expect("order known after handshake");
         // `Commit` verified after our `Ready`: the gate is open (DestMigration checked it).
-        ctx.journal
-            .lock()
-            .expect("journal lock")
-            .commit(&id, Gate::Open)?;
+        ctx.commit(&id)?;
         crash_point(CrashPoint::DestinationAfterCommit);
         vm.resume(&ctx).await?;
         let m = dm.resumed()?;

@@ -13,7 +13,6 @@ use tracing::{debug, error, info};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::{SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
-use trustmig_protocol::settlement::Gate;
 
 use crate::backend::qemu::QemuSource;
 use crate::backend::synthetic::SyntheticSource;
@@ -107,6 +106,18 @@ async fn migrate_checked(
         })
         .map_err(|e| not_started(e.into()))?;
     let body = order.body().clone();
+    // The order pins the destination's identity; this agent must trust it as a peer too, so
+    // that removing a peer (`trust remove-peer`) stops migrations to it at once (SPEC.md §3.4).
+    if !ctx
+        .peers()
+        .map_err(not_started)?
+        .contains(&body.destination)
+    {
+        return Err(not_started(AgentError::Refused(format!(
+            "destination {} is not a trusted peer here (trustmig trust add-peer)",
+            hex(&body.destination)
+        ))));
+    }
     let claim = |paused_before: bool| {
         ctx.journal
             .lock()
@@ -418,10 +429,7 @@ async fn commit_exchange(
                 debug!("ready to commit");
                 // The point of no return: durable before the destination may resume.
                 // `Ready` verified (SourceMigration checked it): the gate is open.
-                ctx.journal
-                    .lock()
-                    .expect("journal lock")
-                    .commit(order_id, Gate::Open)?;
+                ctx.commit(order_id)?;
                 steps.push(("COMMIT journalled", Instant::now()));
                 crash_point(CrashPoint::SourceAfterCommit);
                 if fault::lose_commit() {
