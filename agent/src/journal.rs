@@ -398,10 +398,7 @@ impl Journal {
     /// doubt) and it must not start here again. Orders that never committed do not count: a
     /// refused or rolled-back order leaves the VM wherever it was.
     pub fn migrated_away(&self, vm: &str) -> bool {
-        self.last_for_vm.get(vm).is_some_and(|r| {
-            r.role == Role::Source
-                && matches!(r.state, State::Committed | State::Done | State::Settled)
-        })
+        (self.last_for_vm.get(vm)).is_some_and(|r| self.rules.left_here(&r.entry()))
     }
 
     /// Whether an order that sends `vm` from here is under way (claimed) or at COMMIT,
@@ -437,17 +434,10 @@ fn refused(order_id: &OrderId, e: Refusal) -> AgentError {
     AgentError::Journal(format!("order {}: {e}", hex(order_id)))
 }
 
-/// Whether record `r` changes where its VM runs, `prev` being its order's state before: a
-/// COMMIT either way (the VM left, or arrived) and what follows it, and a source rollback after
-/// COMMIT (settled: the VM runs here again). A claim, or the rollback of an order that never
-/// committed, leaves the VM where it was.
+/// Whether record `r` changes where its VM runs (`Rules::moves_vm`), `prev` being its
+/// order's state before.
 fn moves_vm(prev: Option<State>, r: &Record) -> bool {
-    match (r.role, r.state) {
-        (_, State::Claimed) => false,
-        (Role::Source, State::RolledBack) => prev == Some(State::Committed),
-        (Role::Destination, State::RolledBack) | (_, State::Revoked) => false,
-        (_, State::Committed | State::Done | State::Settled) => true,
-    }
+    Rules::default().moves_vm(prev, r.role, r.state)
 }
 
 /// The destination handshake claims ids through this adapter (with the order's source, for

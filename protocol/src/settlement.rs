@@ -294,6 +294,26 @@ impl Rules {
         }
     }
 
+    /// Whether a record (`role`, `state`) changes where its VM runs, `prev` being its order's
+    /// state before: a COMMIT either way (the VM left, or arrived) and what follows it, and a
+    /// source rollback after COMMIT (settled: the VM runs here again). A claim, a revocation, or
+    /// the rollback of an order that never committed, leaves the VM where it was.
+    pub fn moves_vm(&self, prev: Option<State>, role: Role, state: State) -> bool {
+        match (role, state) {
+            (_, State::Claimed) => false,
+            (Role::Source, State::RolledBack) => prev == Some(State::Committed),
+            (Role::Destination, State::RolledBack) | (_, State::Revoked) => false,
+            (_, State::Committed | State::Done | State::Settled) => true,
+        }
+    }
+
+    /// Whether the VM left this agent by the order whose latest record that moved it is `e`:
+    /// a source-side COMMIT, or what settled one as moved, so the destination owns it (or may:
+    /// in doubt) and it must never start here again.
+    pub fn left_here(&self, e: &Entry) -> bool {
+        e.role == Role::Source && matches!(e.state, State::Committed | State::Done | State::Settled)
+    }
+
     /// The records a restart replays: all of them (a mutation forgets the last).
     pub fn replay<'a, T>(&self, records: &'a [T]) -> &'a [T] {
         match records {
