@@ -68,6 +68,16 @@ pub(crate) enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Submit every order in a directory to the local (source) agent at once (host
+    /// evacuation): the agent runs `transfer.max_concurrent_migrations` of them at a time and
+    /// queues the rest; prints a table of results. Fails if any migration failed.
+    Evacuate {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Directory of signed order files (every regular file in it).
+        #[arg(long)]
+        orders: PathBuf,
+    },
     /// Migrations in flight and recent ones, hosted VMs.
     Status {
         #[command(flatten)]

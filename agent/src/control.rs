@@ -45,6 +45,11 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Progress {
+    /// Waiting for one of the agent's migrations to end (`transfer.max_concurrent_migrations`).
+    Queued {
+        /// Orders waiting before this one.
+        ahead: usize,
+    },
     /// TLS established with the pinned destination.
     Connected {
         /// Destination identity (hex).

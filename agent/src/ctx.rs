@@ -55,6 +55,11 @@ pub struct Ctx {
     pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,
     /// Summaries of finished migrations (newest last).
     pub history: Mutex<Vec<serde_json::Value>>,
+    /// One permit per migration this agent may send at once
+    /// (`transfer.max_concurrent_migrations`).
+    pub outgoing: Arc<tokio::sync::Semaphore>,
+    /// Orders waiting for a permit, in arrival order: (order id hex, VM).
+    pub queued: Mutex<Vec<(String, String)>>,
 }
 
 impl Ctx {

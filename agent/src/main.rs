@@ -72,6 +72,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             runtime()?.block_on(trustmig_agent::daemon::run(Home::at(home.home)))
         }
         Cmd::Migrate { home, order, json } => migrate(&Home::at(home.home), &order, json),
+        Cmd::Evacuate { home, orders } => evacuate(&Home::at(home.home), &orders),
         Cmd::Status { home, json } => {
             let socket = Home::at(home.home).control_socket();
             match runtime()?.block_on(control::request(&socket, &Request::Status))? {
@@ -160,6 +161,92 @@ fn bench(
 }
 
 /// An answer the command did not ask for: the agent's refusal, or nothing useful.
+/// `trustmig evacuate`: every order in `dir` at once; a table of what became of each VM.
+fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(AgentError::io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(AgentError::Usage(format!(
+            "no order files in {}",
+            dir.display()
+        )));
+    }
+    let socket = home.control_socket();
+    let results = runtime()?.block_on(async {
+        let runs = files.iter().cloned().map(|f| {
+            let socket = socket.clone();
+            async move {
+                let bytes = std::fs::read(&f).map_err(AgentError::io(&f))?;
+                let vm = trustmig_protocol::order::SignedOrder::from_cbor(&bytes)
+                    .and_then(|o| o.dangerous_unverified_body())
+                    .map_or_else(|_| "?".to_string(), |b| b.vm);
+                let mut outcome = Err("no result".to_string());
+                let req = Request::Migrate {
+                    order: hex::encode(&bytes),
+                };
+                control::call(&socket, &req, |r| match r {
+                    Reply::Progress(control::Progress::Done(s)) => {
+                        outcome = Ok(format!(
+                            "moved: downtime {} ms, total {} ms",
+                            s.downtime_ms, s.total_ms
+                        ))
+                    }
+                    Reply::Progress(control::Progress::Failed { error, vm }) => {
+                        outcome = Err(format!("{error}; VM: {vm}"))
+                    }
+                    Reply::Error(e) => outcome = Err(e),
+                    _ => {}
+                })
+                .await?;
+                Ok::<_, AgentError>((vm, outcome))
+            }
+        });
+        futures_join_all(runs).await
+    });
+    let mut failed = 0;
+    println!("{:<24} {:<40} RESULT", "VM", "ORDER FILE");
+    for (f, r) in files.iter().zip(results) {
+        let (vm, what) = match r {
+            Ok((vm, Ok(text))) => (vm, text),
+            Ok((vm, Err(e))) => {
+                failed += 1;
+                (vm, format!("FAILED: {e}"))
+            }
+            Err(e) => {
+                failed += 1;
+                ("?".into(), format!("FAILED: {e}"))
+            }
+        };
+        let name = f
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        println!("{vm:<24} {name:<40} {what}");
+    }
+    if failed > 0 {
+        return Err(AgentError::Migration(format!(
+            "{failed} of {} migrations failed",
+            files.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Await every future, in order (tasks on the current runtime; no extra crate).
+async fn futures_join_all<T: Send + 'static>(
+    futs: impl Iterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("evacuation task panicked"));
+    }
+    out
+}
+
 fn refused(reply: Reply) -> AgentError {
     match reply {
         Reply::Error(e) => AgentError::Usage(format!("the agent refused: {e}")),

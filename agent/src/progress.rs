@@ -64,6 +64,9 @@ impl Display {
     fn progress(&mut self, p: Progress) {
         let human = !self.json;
         match p {
+            Progress::Queued { ahead } if human => self.line(format!(
+                "queued: the agent's concurrent migrations are at their limit ({ahead} orders ahead)"
+            )),
             Progress::Connected { peer } if human => {
                 self.line(format!("connected to destination {}", &peer[..16]))
             }
@@ -189,6 +192,22 @@ pub fn status_text(v: &serde_json::Value) -> String {
         .cloned()
         .unwrap_or_default();
     out += &format!("VMs hosted here: {}\n", vms.len());
+    if let Some(limit) = v.get("max_concurrent_migrations").and_then(|x| x.as_u64()) {
+        let sending = v.get("sending").and_then(|x| x.as_u64()).unwrap_or(0);
+        out += &format!("Sending: {sending} of at most {limit} at once\n");
+    }
+    for q in v
+        .get("queued")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
+        out += &format!(
+            "  queued: order {} (VM {})\n",
+            &str_of(q, "order_id")[..16.min(str_of(q, "order_id").len())],
+            str_of(q, "vm")
+        );
+    }
     for vm in &vms {
         if let Some(state) = vm.get("qemu").and_then(|x| x.as_str()) {
             out += &format!("  {:20} QEMU: {state}\n", str_of(vm, "name"));

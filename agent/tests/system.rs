@@ -1106,3 +1106,111 @@ fn revocation_takes_effect_at_once() {
     assert!(e.contains("rolled back"), "{e}");
     assert_rolled_back(&rt, &pair, "v");
 }
+
+/// Issue 12 item 4: migrations at once in both directions on one agent, with the source's
+/// limit (`transfer.max_concurrent_migrations = 1` here): `trustmig evacuate` submits two
+/// orders, one runs and one queues (listed by `status`); a second order for the VM under way
+/// is refused by name; a VM migrates *into* the same agent meanwhile; all three end where
+/// their orders sent them, and the evacuation prints its table.
+#[test]
+fn concurrent_migrations_queue_beyond_the_limit() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let vms = [vm("a", 64, 200), vm("b", 64, 200), vm("c", 64, 200)];
+    let mut pair = Pair::create_with(exe().as_ref(), &vms, 2).unwrap();
+    let cfg = pair.src.config();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("max_concurrent_migrations = 4"), "{text}");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "max_concurrent_migrations = 4",
+            "max_concurrent_migrations = 1",
+        ),
+    )
+    .unwrap();
+    pair.start_both().unwrap();
+    let fast = || limits(300, 10, NonConvergence::Force);
+    done(
+        migrate(&rt, &pair, &pair.order("c", fast(), 600).unwrap()),
+        &pair,
+    );
+
+    let mut slow = fast();
+    slow.bandwidth_bps = 24 << 20;
+    let dir = pair.dir().join("evacuate");
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["a", "b"] {
+        let o = pair.order(name, slow.clone(), 600).unwrap();
+        std::fs::write(dir.join(format!("{name}.order")), o.to_cbor()).unwrap();
+    }
+    let (src_root, orders) = (pair.src.root().to_path_buf(), dir.clone());
+    let evacuation = std::thread::spawn(move || {
+        std::process::Command::new(exe())
+            .args(["evacuate", "--orders"])
+            .arg(orders)
+            .arg("--home")
+            .arg(src_root)
+            .output()
+            .unwrap()
+    });
+    // One sends, the other waits in the queue, as `status` shows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (sending_vm, queued_vm) = loop {
+        let mut st = serde_json::Value::Null;
+        rt.block_on(trustmig_agent::control::call(
+            &pair.src.control_socket(),
+            &trustmig_agent::control::Request::Status,
+            |r| {
+                if let Reply::Status(v) = r {
+                    st = v;
+                }
+            },
+        ))
+        .unwrap();
+        let queued = st["queued"].as_array().cloned().unwrap_or_default();
+        let claimed = (st["journal"].as_array().into_iter().flatten())
+            .find(|r| r["state"] == "claimed" && r["role"] == "source")
+            .map(|r| r["vm"].as_str().unwrap_or_default().to_string());
+        if let (1, Some(vm)) = (queued.len(), claimed) {
+            assert_eq!(st["sending"], 1, "{st}");
+            break (vm, queued[0]["vm"].as_str().unwrap().to_string());
+        }
+        assert!(std::time::Instant::now() < deadline, "no queue seen: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_ne!(sending_vm, queued_vm);
+    // A second order for the VM under way: refused at once, by name.
+    let dup = pair.order(&sending_vm, fast(), 600).unwrap();
+    let e = failed(migrate(&rt, &pair, &dup));
+    assert!(e.contains("is already migrating from this host"), "{e}");
+    // Meanwhile a VM arrives here (incoming migrations are not queued).
+    let back = pair.order_back("c", fast(), 600).unwrap();
+    done(rt.block_on(migrate_from(&pair, 1, &back)), &pair);
+    let out = evacuation.join().unwrap();
+    let table =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{table}\n{}", pair.log_tails(20));
+    for name in ["a", "b"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("moved: downtime")),
+            "{table}"
+        );
+        assert!(
+            rt.block_on(Pair::checksum(&pair.dst, name)).is_ok(),
+            "{name} on the destination"
+        );
+        assert!(
+            rt.block_on(Pair::checksum(&pair.src, name)).is_err(),
+            "{name} left the source"
+        );
+    }
+    let (_, paused) = rt.block_on(Pair::checksum(&pair.src, "c")).unwrap();
+    assert!(!paused, "c runs on the source again");
+    assert!(rt.block_on(Pair::checksum(&pair.dst, "c")).is_err());
+}

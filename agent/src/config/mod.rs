@@ -51,6 +51,10 @@ pub struct TransferConfig {
     /// Seconds to wait for any single protocol step before giving up.
     #[serde(default = "default_step_timeout")]
     pub step_timeout_secs: u64,
+    /// Most migrations this agent sends at once; further orders queue (in `status`) until one
+    /// ends. Incoming migrations are not counted: a destination cannot keep a source waiting.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_migrations: usize,
 }
 
 impl Default for TransferConfig {
@@ -58,6 +62,7 @@ impl Default for TransferConfig {
         Self {
             streams: default_streams(),
             step_timeout_secs: default_step_timeout(),
+            max_concurrent_migrations: default_max_concurrent(),
         }
     }
 }
@@ -232,6 +237,9 @@ fn default_streams() -> u16 {
 fn default_step_timeout() -> u64 {
     30
 }
+fn default_max_concurrent() -> usize {
+    4
+}
 fn default_size() -> u64 {
     512
 }
@@ -272,6 +280,12 @@ impl Config {
         }
         if c.transfer.step_timeout_secs == 0 {
             return Err("transfer.step_timeout_secs must be > 0".into());
+        }
+        if !(1..=64).contains(&c.transfer.max_concurrent_migrations) {
+            return Err(format!(
+                "transfer.max_concurrent_migrations = {} must be in 1..=64",
+                c.transfer.max_concurrent_migrations
+            ));
         }
         Ok(c)
     }
@@ -393,6 +407,8 @@ ak_handle = 0x81010020
 streams = 2
 # Seconds any single protocol step may take.
 step_timeout_secs = 30
+# Most migrations this agent sends at once; further orders queue until one ends.
+max_concurrent_migrations = 4
 
 # VMs hosted by this agent. The synthetic backend is an in-process guest for demos, tests
 # and benchmarks: deterministic, dirtying pages while it runs.

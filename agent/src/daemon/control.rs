@@ -182,10 +182,18 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
         .take(20)
         .collect();
     let history = ctx.history.lock().expect("history lock").clone();
+    let queued: Vec<_> = (ctx.queued.lock().expect("queue lock").iter())
+        .map(|(order, vm)| serde_json::json!({ "order_id": order, "vm": vm }))
+        .collect();
+    let limit = ctx.config.transfer.max_concurrent_migrations;
+    let sending = limit - ctx.outgoing.available_permits();
     serde_json::json!({
         "identity": hex::encode(ctx.identity.id()),
         "listen": ctx.config.listen,
         "vms": vms,
+        "sending": sending,
+        "max_concurrent_migrations": limit,
+        "queued": queued,
         "journal": journal,
         "recent": history,
     })

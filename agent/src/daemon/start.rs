@@ -86,6 +86,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         control = %sock_path.display(),
         "agent ready"
     );
+    let max_sending = config.transfer.max_concurrent_migrations;
     let ctx = Arc::new(Ctx {
         home,
         config,
@@ -99,6 +100,8 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         resuming: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
+        outgoing: Arc::new(tokio::sync::Semaphore::new(max_sending)),
+        queued: Mutex::new(Vec::new()),
     });
     Ok(Started {
         ctx,

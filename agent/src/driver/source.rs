@@ -118,12 +118,27 @@ async fn migrate_checked(
             hex(&body.destination)
         ))));
     }
+    // One migration per VM at a time: refused at once, and again at the claim, under the
+    // journal's lock (another order may have taken the VM while this one queued). A replayed
+    // order is left to the claim, which names it so.
+    let busy = |j: &crate::journal::Journal| {
+        if j.entry(order.id()).is_none() && j.leaving(&body.vm) {
+            return Err(not_started(AgentError::Refused(format!(
+                "VM {} is already migrating from this host (one migration per VM at a time)",
+                body.vm
+            ))));
+        }
+        Ok(())
+    };
+    busy(&ctx.journal.lock().expect("journal lock"))?;
+    let _slot = slot(ctx, order.id(), &body.vm, progress).await;
     let claim = |paused_before: bool| {
-        ctx.journal
-            .lock()
-            .expect("journal lock")
+        let mut journal = ctx.journal.lock().expect("journal lock");
+        busy(&journal)?;
+        journal
             .claim_as_source(&body, order.id(), paused_before)
             .map_err(|e| not_started(e.into()))?;
+        drop(journal);
         crash_point(CrashPoint::SourceAfterClaim);
         Ok(())
     };
@@ -149,6 +164,33 @@ async fn migrate_checked(
             Err(not_started(e))
         }
     }
+}
+
+/// A permit to send one migration (`transfer.max_concurrent_migrations`), queueing for it
+/// (listed by `status`, reported to the operator) while every permit is taken.
+async fn slot(
+    ctx: &Arc<Ctx>,
+    id: &OrderId,
+    vm: &str,
+    progress: &mpsc::Sender<Progress>,
+) -> tokio::sync::OwnedSemaphorePermit {
+    if let Ok(p) = ctx.outgoing.clone().try_acquire_owned() {
+        return p;
+    }
+    let key = hex(id);
+    let ahead = {
+        let mut q = ctx.queued.lock().expect("queue lock");
+        q.push((key.clone(), vm.to_string()));
+        q.len() - 1
+    };
+    info!(order = %key, vm, ahead, "queued: concurrent migrations at their limit");
+    let _ = progress.send(Progress::Queued { ahead }).await;
+    let p = ctx.outgoing.clone().acquire_owned().await;
+    ctx.queued
+        .lock()
+        .expect("queue lock")
+        .retain(|(o, _)| *o != key);
+    p.expect("the semaphore is never closed")
 }
 
 /// Drive a claimed order with its backend; after a failure, roll back or settle.
