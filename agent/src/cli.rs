@@ -52,6 +52,9 @@ pub(crate) enum Cmd {
     /// Attestation: enrollment and measurements.
     #[command(subcommand)]
     Attest(AttestCmd),
+    /// The audit trail: verify its hash chain, list it.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Run the agent daemon.
     Agent {
         #[command(flatten)]
@@ -313,6 +316,24 @@ pub(crate) enum TrustCmd {
     List {
         #[command(flatten)]
         home: HomeArg,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCmd {
+    /// Check the hash chain (and that it ends where the journal does); name the first entry
+    /// that was edited, deleted, inserted or moved.
+    Verify {
+        #[command(flatten)]
+        home: HomeArg,
+    },
+    /// List the trail (verified first).
+    Show {
+        #[command(flatten)]
+        home: HomeArg,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 

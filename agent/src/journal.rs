@@ -100,6 +100,8 @@ pub struct Journal {
     /// The order that most recently wrote a record about each VM, whatever it did.
     last_order_of_vm: HashMap<String, String>,
     rules: Rules,
+    /// The audit trail beside it: one entry per change of an order's state.
+    audit: crate::audit::Audit,
 }
 
 impl Journal {
@@ -161,11 +163,23 @@ impl Journal {
             last_for_vm,
             last_order_of_vm,
             rules: Rules::default(),
+            audit: crate::audit::Audit::open(dir)?,
         })
     }
 
-    /// Append `r` durably.
+    /// Append `r` durably, and its audit entry when it changes the order's state.
     pub fn append(&mut self, r: Record) -> Result<(), AgentError> {
+        let prev = self.latest.get(&r.order_id).map(|p| p.state);
+        if prev != Some(r.state) {
+            self.audit.record(crate::audit::Event {
+                event: audit_event(r.state),
+                order_id: r.order_id.clone(),
+                vm: r.vm.clone(),
+                role: r.role.to_string(),
+                peer: r.peer.clone().unwrap_or_default(),
+                reason: r.note.clone(),
+            })?;
+        }
         let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
         self.file
@@ -216,6 +230,16 @@ impl Journal {
             note: "the VM's QEMU waits for this migration".into(),
             ..prev
         })
+    }
+
+    /// Audit an order this agent refused before claiming it (nothing else records it).
+    pub fn audit_refused(&mut self, e: crate::audit::Event) {
+        if let Err(err) = self.audit.record(crate::audit::Event {
+            event: "order-refused",
+            ..e
+        }) {
+            tracing::error!("could not write the audit trail: {err}");
+        }
     }
 
     /// The rules this journal follows.
@@ -426,6 +450,18 @@ impl Journal {
             .filter(|r| matches!(r.state, State::Claimed | State::Committed))
             .cloned()
             .collect()
+    }
+}
+
+/// The audit trail's name for a record's new state.
+pub(crate) fn audit_event(s: State) -> &'static str {
+    match s {
+        State::Claimed => "order-received",
+        State::Committed => "committed",
+        State::Done => "done",
+        State::RolledBack => "rolled-back",
+        State::Settled => "settled",
+        State::Revoked => "revoked",
     }
 }
 

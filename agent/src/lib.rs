@@ -20,7 +20,8 @@ pub mod guest;
 // The network: TLS identities and framing.
 pub mod net;
 
-// What is kept on disk: home, configuration, identity, trust store, journal.
+// What is kept on disk: home, configuration, identity, trust store, journal, audit trail.
+pub mod audit;
 pub mod config;
 pub mod home;
 pub mod identity;

@@ -12,7 +12,7 @@ use trustmig_agent::progress::{summary_text, Display};
 use trustmig_protocol::order::Limits;
 
 mod cli;
-use cli::{AttestCmd, Cli, Cmd, OperatorCmd, OrderCmd, QemuCmd, TrustCmd};
+use cli::{AttestCmd, AuditCmd, Cli, Cmd, OperatorCmd, OrderCmd, QemuCmd, TrustCmd};
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTMIG_LOG")
@@ -67,6 +67,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         Cmd::Order(o) => order(o),
         Cmd::Trust(t) => trust(t),
         Cmd::Attest(a) => attest(a),
+        Cmd::Audit(a) => audit(a),
         Cmd::Agent { home } => {
             init_logging(&cli.log_format);
             runtime()?.block_on(trustmig_agent::daemon::run(Home::at(home.home)))
@@ -313,6 +314,46 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
                 "{}",
                 admin::show_order(&bytes, home.map(Home::at).as_ref())?
             );
+        }
+    }
+    Ok(())
+}
+
+fn audit(a: AuditCmd) -> Result<(), AgentError> {
+    let (home, show) = match a {
+        AuditCmd::Verify { home } => (home, None),
+        AuditCmd::Show { home, json } => (home, Some(json)),
+    };
+    let dir = Home::at(home.home).journal_dir();
+    let v =
+        trustmig_agent::audit::verify_with_journal(&dir).map_err(|e| AgentError::BadConfig {
+            path: dir.join(trustmig_agent::audit::FILE),
+            reason: e,
+        })?;
+    match show {
+        None => println!(
+            "audit trail verifies: {} entries, ends where the journal does, head {}",
+            v.entries,
+            hex::encode(v.head)
+        ),
+        Some(json) => {
+            for e in &v.list {
+                if json {
+                    println!("{}", serde_json::to_string(e).unwrap_or_default());
+                } else {
+                    let order = &e.order_id[..16.min(e.order_id.len())];
+                    println!(
+                        "{:>5} {} {:<15} {:<11} order {order:<16} vm {:<12} peer {:<16} {}",
+                        e.seq,
+                        e.at,
+                        e.event,
+                        e.role,
+                        e.vm,
+                        &e.peer[..16.min(e.peer.len())],
+                        e.reason
+                    );
+                }
+            }
         }
     }
     Ok(())

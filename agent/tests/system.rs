@@ -1214,3 +1214,97 @@ fn concurrent_migrations_queue_beyond_the_limit() {
     assert!(!paused, "c runs on the source again");
     assert!(rt.block_on(Pair::checksum(&pair.dst, "c")).is_err());
 }
+
+/// SPEC.md §8.10, the audit trail: both agents record each order received, committed, done,
+/// and one refused (a replay), with the peer; `trustmig audit verify` accepts the trail and
+/// names the first bad line after a line is deleted, two are swapped, one is edited, or the
+/// trail is cut at its end.
+#[test]
+fn the_audit_trail_records_each_order_and_names_tampering() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create_with(exe().as_ref(), &[vm("v", 32, 0), vm("w", 32, 0)], 2).unwrap();
+    pair.start_both().unwrap();
+    let l = || limits(300, 10, NonConvergence::Force);
+    let o = pair.order("v", l(), 600).unwrap();
+    done(migrate(&rt, &pair, &o), &pair);
+    let e = failed(migrate(&rt, &pair, &o));
+    assert!(e.contains("replayed"), "{e}");
+    done(
+        migrate(&rt, &pair, &pair.order("w", l(), 600).unwrap()),
+        &pair,
+    );
+    let cli = |home: &Home, args: &[&str]| {
+        let out = std::process::Command::new(exe())
+            .args(args)
+            .arg("--home")
+            .arg(home.root())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let id = trustmig_protocol::order::hex(&o.dangerous_unverified_body().unwrap().order_id);
+    for (home, peer) in [(&pair.src, pair.dst_id), (&pair.dst, pair.src_id)] {
+        let (ok, text) = cli(home, &["audit", "verify"]);
+        assert!(ok && text.contains("audit trail verifies"), "{text}");
+        let (ok, text) = cli(home, &["audit", "show", "--json"]);
+        assert!(ok, "{text}");
+        let entries: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let of_v: Vec<&str> = (entries.iter())
+            .filter(|e| e["order_id"] == id.as_str() && e["event"] != "order-refused")
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(of_v, ["order-received", "committed", "done"], "{text}");
+        assert!(
+            entries
+                .iter()
+                .filter(|e| e["order_id"] == id.as_str())
+                .all(|e| e["peer"] == hex::encode(peer)),
+            "{text}"
+        );
+    }
+    let (_, text) = cli(&pair.src, &["audit", "show", "--json"]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("order-refused") && l.contains("replayed")),
+        "{text}"
+    );
+
+    // Tampering, each on a fresh copy of the source's trail; the agent is stopped first.
+    pair.stop(0);
+    let path = pair.src.journal_dir().join("audit.jsonl");
+    let good: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(good.len() >= 6, "{good:?}");
+    let try_with = |lines: Vec<String>| {
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let (ok, text) = cli(&pair.src, &["audit", "verify"]);
+        assert!(!ok, "tampering not seen: {text}");
+        text
+    };
+    let mut deleted = good.clone();
+    deleted.remove(2);
+    assert!(try_with(deleted).contains("line 3: entry 3 where entry 2 belongs"));
+    let mut swapped = good.clone();
+    swapped.swap(1, 2);
+    assert!(try_with(swapped).contains("line 2: entry 2 where entry 1 belongs"));
+    let mut edited = good.clone();
+    edited[3] = edited[3].replacen("\"vm\":\"", "\"vm\":\"x", 1);
+    assert!(try_with(edited).contains("line 4: entry 3 was edited"));
+    let cut = good[..good.len() - 1].to_vec();
+    assert!(try_with(cut).contains("entries were removed from its end"));
+    std::fs::write(&path, good.join("\n") + "\n").unwrap();
+    let (ok, text) = cli(&pair.src, &["audit", "verify"]);
+    assert!(ok, "{text}");
+}

@@ -99,7 +99,18 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     match (s.order_id, rolled_back) {
         // Refused before any order was accepted (handshake, settlement query): nothing
         // was received, so there is nothing to discard.
-        (None, _) => warn!("peer session refused: {e}"),
+        (None, _) => {
+            warn!("peer session refused: {e}");
+            ctx.journal
+                .lock()
+                .expect("journal lock")
+                .audit_refused(crate::audit::Event {
+                    role: "destination".into(),
+                    peer: hex(&peer),
+                    reason: e.to_string(),
+                    ..Default::default()
+                });
+        }
         (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
         (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
     }

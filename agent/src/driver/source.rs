@@ -74,7 +74,27 @@ pub async fn migrate(
     order_hex: String,
     progress: mpsc::Sender<Progress>,
 ) -> Result<Summary, AgentError> {
+    let body = ::hex::decode(order_hex.trim())
+        .ok()
+        .and_then(|b| SignedOrder::from_cbor(&b).ok())
+        .and_then(|o| o.dangerous_unverified_body().ok());
+    // Journalled before this attempt (replayed, revoked): its refusal is audited here.
+    let known = |ctx: &Ctx| {
+        (body.as_ref()).is_some_and(|b| {
+            (ctx.journal
+                .lock()
+                .expect("journal lock")
+                .record(&b.order_id))
+            .is_some()
+        })
+    };
+    let known_before = known(&ctx);
     let r = migrate_checked(&ctx, &order_hex, &progress).await;
+    if let Err((e, Whereabouts::Untouched)) = &r {
+        if known_before || !known(&ctx) {
+            audit_refused(&ctx, body.as_ref(), e);
+        }
+    }
     if let Err((e, vm_state)) = &r {
         let _ = progress
             .send(Progress::Failed {
@@ -84,6 +104,22 @@ pub async fn migrate(
             .await;
     }
     r.map_err(|(e, _)| e)
+}
+
+/// Audit an order refused before this attempt claimed it (a claimed one is audited by the
+/// journal). `body` is the order as sent, unverified: what it claims to be.
+fn audit_refused(ctx: &Ctx, body: Option<&trustmig_protocol::order::OrderBody>, e: &AgentError) {
+    ctx.journal
+        .lock()
+        .expect("journal lock")
+        .audit_refused(crate::audit::Event {
+            order_id: body.map(|b| hex(&b.order_id)).unwrap_or_default(),
+            vm: body.map(|b| b.vm.clone()).unwrap_or_default(),
+            role: "source".into(),
+            peer: body.map(|b| hex(&b.destination)).unwrap_or_default(),
+            reason: e.to_string(),
+            ..Default::default()
+        });
 }
 
 /// The migration; its error comes with where the VM is now.

@@ -1,0 +1,385 @@
+//! The audit trail: an append-only, hash-chained JSON-lines log in the agent's home
+//! (`<home>/journal/audit.jsonl`), one entry per order received, refused, committed, rolled
+//! back, settled, done or revoked: who (the order's peer), what (order, VM, role) and why.
+//! spec: SPEC.md §8.10
+//!
+//! Each entry carries the hash of the one before (`prev`) and its own (`hash` = SHA-256 of
+//! `prev` and the entry's JSON with `hash` empty), and is fsync'd before the agent acts on the
+//! journal record it accompanies. `trustmig audit verify` recomputes the chain and names the
+//! first entry that was edited, deleted, inserted or moved. Removing entries at the *end*
+//! leaves a shorter valid chain: the journal, which the agent needs to run, keeps the same
+//! events, and `verify` cross-checks their count (an anchor in the TPM is not built yet).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+
+/// The file's name in the journal directory.
+pub const FILE: &str = "audit.jsonl";
+
+/// One entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Position in the chain, from 0.
+    pub seq: u64,
+    /// UNIX seconds.
+    pub at: u64,
+    /// `order-received`, `order-refused`, `committed`, `rolled-back`, `settled`, `done`,
+    /// `revoked`.
+    pub event: String,
+    /// Order id (hex), when known.
+    #[serde(default)]
+    pub order_id: String,
+    /// The VM.
+    #[serde(default)]
+    pub vm: String,
+    /// This agent's role in the order.
+    #[serde(default)]
+    pub role: String,
+    /// The other agent's identity (hex), when known.
+    #[serde(default)]
+    pub peer: String,
+    /// Why (an error, a settlement's reason, a summary).
+    #[serde(default)]
+    pub reason: String,
+    /// Hash of the previous entry (hex; zeros for the first).
+    pub prev: String,
+    /// This entry's hash (hex).
+    pub hash: String,
+}
+
+impl Entry {
+    /// SHA-256 of the previous hash and this entry with an empty `hash`.
+    fn compute(&self) -> [u8; 32] {
+        let mut bare = self.clone();
+        bare.hash.clear();
+        let json = serde_json::to_vec(&bare).expect("an entry serialises");
+        let prev = hex::decode(&self.prev).unwrap_or_default();
+        trustmig_protocol::sha256(&[&prev, &json])
+    }
+}
+
+/// What to record (the chain fields are filled in by [`Audit::record`]).
+#[derive(Clone, Debug, Default)]
+pub struct Event {
+    /// See [`Entry::event`].
+    pub event: &'static str,
+    /// Order id (hex).
+    pub order_id: String,
+    /// VM.
+    pub vm: String,
+    /// Role.
+    pub role: String,
+    /// Peer identity (hex).
+    pub peer: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The open trail.
+pub struct Audit {
+    path: PathBuf,
+    file: File,
+    head: [u8; 32],
+    seq: u64,
+}
+
+impl Audit {
+    /// Open (or create) the trail in `dir`; a trail that does not verify is refused (the agent
+    /// must not extend a chain it cannot vouch for).
+    pub fn open(dir: &Path) -> Result<Self, AgentError> {
+        let path = dir.join(FILE);
+        let (head, seq) = match verify(&path) {
+            Ok(v) => (v.head, v.entries),
+            Err(VerifyError::Missing) => ([0; 32], 0),
+            Err(e) => {
+                return Err(AgentError::BadConfig {
+                    path,
+                    reason: format!(
+                        "audit trail does not verify: {e} (move it aside to start a new one)"
+                    ),
+                })
+            }
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(AgentError::io(&path))?;
+        Ok(Self {
+            path,
+            file,
+            head,
+            seq,
+        })
+    }
+
+    /// Append `e` durably.
+    pub fn record(&mut self, e: Event) -> Result<(), AgentError> {
+        let mut entry = Entry {
+            seq: self.seq,
+            at: crate::unix_now(),
+            event: e.event.into(),
+            order_id: e.order_id,
+            vm: e.vm,
+            role: e.role,
+            peer: e.peer,
+            reason: e.reason.chars().take(500).collect(),
+            prev: hex::encode(self.head),
+            hash: String::new(),
+        };
+        let hash = entry.compute();
+        entry.hash = hex::encode(hash);
+        let mut line =
+            serde_json::to_vec(&entry).map_err(|e| AgentError::Journal(e.to_string()))?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data())
+            .map_err(AgentError::io(&self.path))?;
+        self.head = hash;
+        self.seq += 1;
+        Ok(())
+    }
+}
+
+/// A trail that verified.
+#[derive(Debug)]
+pub struct Verified {
+    /// Its entries.
+    pub entries: u64,
+    /// The last entry's hash.
+    pub head: [u8; 32],
+    /// The entries, in order.
+    pub list: Vec<Entry>,
+}
+
+/// Why a trail does not verify: the first bad entry, named by its line.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// No trail.
+    #[error("no audit trail")]
+    Missing,
+    /// Unreadable file.
+    #[error("{0}")]
+    Io(String),
+    /// A line that is not an entry.
+    #[error("line {line}: not an audit entry ({why})")]
+    Malformed {
+        /// 1-based.
+        line: usize,
+        /// Parser's words.
+        why: String,
+    },
+    /// An entry out of place: one before it was deleted, or it was moved or inserted.
+    #[error("line {line}: entry {seq} where entry {expected} belongs: an entry was deleted, inserted or moved")]
+    OutOfPlace {
+        /// 1-based.
+        line: usize,
+        /// Its `seq`.
+        seq: u64,
+        /// The `seq` that belongs there.
+        expected: u64,
+    },
+    /// An entry in its place that names another entry before it: the one before was edited
+    /// and its hash recomputed, or replaced.
+    #[error(
+        "line {line}: entry {seq} does not follow the entry before it (that one was rewritten)"
+    )]
+    BrokenLink {
+        /// 1-based.
+        line: usize,
+        /// Its `seq`.
+        seq: u64,
+    },
+    /// An entry whose content does not match its hash.
+    #[error("line {line}: entry {seq} was edited (its hash does not match its content)")]
+    Edited {
+        /// 1-based.
+        line: usize,
+        /// Its `seq`.
+        seq: u64,
+    },
+}
+
+/// Check the whole chain at `path`.
+pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(VerifyError::Missing),
+        Err(e) => return Err(VerifyError::Io(format!("{}: {e}", path.display()))),
+    };
+    let mut head = [0u8; 32];
+    let mut list = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let line = i + 1;
+        let e: Entry = serde_json::from_str(l).map_err(|e| VerifyError::Malformed {
+            line,
+            why: e.to_string(),
+        })?;
+        let expected = list.len() as u64;
+        if e.seq != expected {
+            return Err(VerifyError::OutOfPlace {
+                line,
+                seq: e.seq,
+                expected,
+            });
+        }
+        if e.prev != hex::encode(head) {
+            return Err(VerifyError::BrokenLink { line, seq: e.seq });
+        }
+        let hash = e.compute();
+        if e.hash != hex::encode(hash) {
+            return Err(VerifyError::Edited { line, seq: e.seq });
+        }
+        head = hash;
+        list.push(e);
+    }
+    Ok(Verified {
+        entries: list.len() as u64,
+        head,
+        list,
+    })
+}
+
+/// [`verify`] the trail in the journal directory `dir`, and check that it ends where the
+/// journal does: the journal's last change of an order's state is the trail's last entry of an
+/// order (an older journal may hold changes from before the trail existed). A trail cut at its
+/// end is named so.
+pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
+    let v = verify(&dir.join(FILE)).map_err(|e| e.to_string())?;
+    let journal = dir.join("journal.jsonl");
+    let text = std::fs::read_to_string(&journal).unwrap_or_default();
+    let mut states = std::collections::HashMap::new();
+    let mut last = None;
+    for l in text.lines() {
+        let Ok(r) = serde_json::from_str::<crate::journal::Record>(l) else {
+            continue; // a torn tail; the journal itself refuses worse
+        };
+        if states.insert(r.order_id.clone(), r.state) != Some(r.state) {
+            last = Some((r.order_id, crate::journal::audit_event(r.state)));
+        }
+    }
+    let audited = (v.list.iter().rev())
+        .find(|e| e.event != "order-refused")
+        .map(|e| (e.order_id.clone(), e.event.as_str()));
+    match (last, audited) {
+        (Some(j), Some((o, ev))) if j.0 == o && j.1 == ev => Ok(v),
+        (None, None) => Ok(v),
+        (Some((o, ev)), _) => Err(format!(
+            "the trail ends before the journal does (the journal's last change, {ev} of order {o}, is not its last entry): entries were removed from its end"
+        )),
+        (None, Some(_)) => Err("the trail records orders the journal does not have".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trail(n: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Audit::open(dir.path()).unwrap();
+        for i in 0..n {
+            a.record(Event {
+                event: "order-received",
+                order_id: format!("{i:032x}"),
+                vm: "vm".into(),
+                role: "source".into(),
+                ..Event::default()
+            })
+            .unwrap();
+        }
+        let path = dir.path().join(FILE);
+        (dir, path)
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_chain_verifies_and_survives_reopening() {
+        let (dir, path) = trail(3);
+        assert_eq!(verify(&path).unwrap().entries, 3);
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.record(Event {
+            event: "done",
+            ..Event::default()
+        })
+        .unwrap();
+        let v = verify(&path).unwrap();
+        assert_eq!(v.entries, 4);
+        assert_eq!(v.list[3].event, "done");
+    }
+
+    #[test]
+    fn a_deleted_reordered_or_edited_entry_is_named() {
+        let (_dir, path) = trail(4);
+        let good = lines(&path);
+        let write = |ls: &[String]| std::fs::write(&path, ls.join("\n") + "\n").unwrap();
+
+        let mut deleted = good.clone();
+        deleted.remove(1);
+        write(&deleted);
+        let e = verify(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with("line 2: entry 2 where entry 1 belongs"),
+            "{e}"
+        );
+
+        let mut moved = good.clone();
+        moved.swap(1, 2);
+        write(&moved);
+        let e = verify(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with("line 2: entry 2 where entry 1 belongs"),
+            "{e}"
+        );
+
+        let mut edited = good.clone();
+        edited[2] = edited[2].replace("\"vm\":\"vm\"", "\"vm\":\"other\"");
+        write(&edited);
+        let e = verify(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "line 3: entry 2 was edited (its hash does not match its content)"
+        );
+
+        // Re-chained by hand after an edit: the entry's own hash is recomputed, but the next
+        // entry still names the old one.
+        let mut rechained: Vec<Entry> = good
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        rechained[1].vm = "other".into();
+        rechained[1].hash = hex::encode(rechained[1].compute());
+        write(
+            &rechained
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap())
+                .collect::<Vec<_>>(),
+        );
+        let e = verify(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "line 3: entry 2 does not follow the entry before it (that one was rewritten)"
+        );
+
+        write(&[good[0].clone(), "garbage".into()]);
+        let e = verify(&path).unwrap_err().to_string();
+        assert!(e.starts_with("line 2: not an audit entry"), "{e}");
+
+        // The agent refuses to extend a broken chain.
+        assert!(Audit::open(path.parent().unwrap()).is_err());
+    }
+}
