@@ -81,6 +81,16 @@ pub(crate) enum Cmd {
         #[arg(long)]
         orders: PathBuf,
     },
+    /// Check this host for migrations: home and key permissions, configuration, trust store
+    /// and enrolled AKs, the agent, the TPM, each QEMU's QMP socket, the clock, and each peer
+    /// given with --peer. Prints what to fix; fails if anything would make a migration fail.
+    Doctor {
+        #[command(flatten)]
+        home: HomeArg,
+        /// A peer to reach: NAME=HOST:PORT (NAME as in the trust store, or its hex key).
+        #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
+        peers: Vec<String>,
+    },
     /// Migrations in flight and recent ones, hosted VMs.
     Status {
         #[command(flatten)]

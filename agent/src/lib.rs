@@ -35,6 +35,7 @@ pub mod attestation;
 pub mod bench;
 pub mod control;
 pub mod demo;
+pub mod doctor;
 pub mod harness;
 pub mod progress;
 

@@ -74,6 +74,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         }
         Cmd::Migrate { home, order, json } => migrate(&Home::at(home.home), &order, json),
         Cmd::Evacuate { home, orders } => evacuate(&Home::at(home.home), &orders),
+        Cmd::Doctor { home, peers } => doctor(&Home::at(home.home), &peers),
         Cmd::Status { home, json } => {
             let socket = Home::at(home.home).control_socket();
             match runtime()?.block_on(control::request(&socket, &Request::Status))? {
@@ -162,6 +163,42 @@ fn bench(
 }
 
 /// An answer the command did not ask for: the agent's refusal, or nothing useful.
+/// `trustmig doctor`: every check, then what to fix; an error if any check failed.
+fn doctor(home: &Home, peers: &[String]) -> Result<(), AgentError> {
+    use trustmig_agent::doctor::Level;
+    let peers = peers
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((n, a)) if !n.is_empty() && !a.is_empty() => Ok((n.to_string(), a.to_string())),
+            _ => Err(AgentError::Usage(format!(
+                "--peer {p:?}: expected NAME=HOST:PORT"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let checks = runtime()?.block_on(trustmig_agent::doctor::run(home, &peers));
+    let mut failed = 0;
+    for c in &checks {
+        let tag = match c.level {
+            Level::Ok => "ok  ",
+            Level::Warn => "WARN",
+            Level::Fail => {
+                failed += 1;
+                "FAIL"
+            }
+        };
+        println!("[{tag}] {}", c.what);
+        if !c.fix.is_empty() && c.level != Level::Ok {
+            println!("       fix: {}", c.fix);
+        }
+    }
+    if failed > 0 {
+        return Err(AgentError::Usage(format!(
+            "{failed} check(s) failed: a migration would fail on this host"
+        )));
+    }
+    Ok(())
+}
+
 /// `trustmig evacuate`: every order in `dir` at once; a table of what became of each VM.
 fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -1308,3 +1308,96 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
     let (ok, text) = cli(&pair.src, &["audit", "verify"]);
     assert!(ok, "{text}");
 }
+
+/// Issue 12 item 6: `trustmig doctor` passes on a healthy host and names what is wrong on a
+/// broken one: the agent down, a peer that no longer trusts this agent, an unreachable peer,
+/// an identity key readable by others, a QEMU VM whose QMP socket is missing.
+#[test]
+fn doctor_names_what_to_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 8, 0), 1).unwrap();
+    let doctor = |home: &Home, peers: &[String]| {
+        let mut cmd = std::process::Command::new(exe());
+        cmd.arg("doctor").arg("--home").arg(home.root());
+        for p in peers {
+            cmd.arg("--peer").arg(p);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    // Agents down: the TPM is free to probe; the agent's absence is a warning.
+    let (ok, text) = doctor(&pair.src, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("[ok  ] TPM at"), "{text}");
+    assert!(text.contains("[WARN] the agent is not running"), "{text}");
+    assert!(
+        text.contains("[ok  ] peer destination: its AK is enrolled"),
+        "{text}"
+    );
+    assert!(text.contains("[ok  ] identity key: mode 0600"), "{text}");
+
+    pair.start_both().unwrap();
+    let peer = format!("destination={}", pair.dst_addr);
+    let (ok, text) = doctor(&pair.src, std::slice::from_ref(&peer));
+    assert!(ok, "{text}");
+    assert!(text.contains("[ok  ] the agent is running"), "{text}");
+    assert!(text.contains("reachable, mutual TLS accepted"), "{text}");
+
+    // The destination stops trusting this agent; a wrong port; an unknown peer name.
+    let out = std::process::Command::new(exe())
+        .args(["trust", "remove-peer", "source", "--home"])
+        .arg(pair.dst.root())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (ok, text) = doctor(
+        &pair.src,
+        &[
+            peer.clone(),
+            "destination=127.0.0.1:1".into(),
+            "nobody=127.0.0.1:1".into(),
+        ],
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("refused this agent"), "{text}");
+    assert!(
+        text.contains("[FAIL] peer destination at 127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[FAIL] peer nobody: not in the trust store"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 check(s) failed") || text.contains("check(s) failed"),
+        "{text}"
+    );
+
+    // A key readable by others, a QEMU VM without its QMP socket.
+    pair.stop(0);
+    pair.stop(1);
+    let key = pair.src.identity_key();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = pair.src.config();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += "\n[[vm]]\nname = \"q\"\nbackend = \"qemu\"\nqmp = \"/nonexistent/q.qmp\"\n";
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, text) = doctor(&pair.src, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("is readable by others (mode 644)") && text.contains("fix: chmod 600"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[FAIL] VM q: QMP /nonexistent/q.qmp"),
+        "{text}"
+    );
+    let (ok, text) = doctor(&pair.src, &["bad".into()]);
+    assert!(!ok && text.contains("expected NAME=HOST:PORT"), "{text}");
+}

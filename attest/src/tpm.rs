@@ -193,9 +193,8 @@ fn ak_template() -> Result<Public, tss_esapi::Error> {
 }
 
 impl Tpm {
-    /// Connect, then load the AK from its persistent handle, creating and persisting it first
-    /// if the handle is empty.
-    pub fn open(cfg: TpmConfig) -> Result<Self, TpmError> {
+    /// Connect and look whether the AK's persistent handle holds an object.
+    fn connect(cfg: &TpmConfig) -> Result<(Context, bool), TpmError> {
         if !(16..=23).contains(&cfg.pcr) {
             return Err(TpmError::BadPcr(cfg.pcr));
         }
@@ -212,6 +211,21 @@ impl Tpm {
             .map_err(tss("TPM2_GetCapability(handles)", Some(h)))?;
         let present = matches!(&caps, CapabilityData::Handles(l)
             if l.first() == Some(&TpmHandle::Persistent(ph)));
+        Ok((ctx, present))
+    }
+
+    /// Whether the TPM answers and holds an object at the AK's handle; creates nothing
+    /// (`trustmig doctor`).
+    pub fn probe(cfg: &TpmConfig) -> Result<bool, TpmError> {
+        Self::connect(cfg).map(|(_, present)| present)
+    }
+
+    /// Connect, then load the AK from its persistent handle, creating and persisting it first
+    /// if the handle is empty.
+    pub fn open(cfg: TpmConfig) -> Result<Self, TpmError> {
+        let (mut ctx, present) = Self::connect(&cfg)?;
+        let h = cfg.ak_handle;
+        let ph = PersistentTpmHandle::new(h).map_err(|_| TpmError::BadHandle(h))?;
         let obj = if present {
             ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
                 .map_err(tss("TPM2_ReadPublic", Some(h)))?

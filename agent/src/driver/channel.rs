@@ -47,28 +47,8 @@ impl SourceChannel {
         addr: &str,
         destination: AgentId,
     ) -> Result<Self, AgentError> {
-        let timeout = ctx.step_timeout();
-        let addr = addr.to_string();
-        let cerr = |reason: String| AgentError::Connect {
-            addr: addr.clone(),
-            reason,
-        };
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| cerr("timed out".into()))?
-            .map_err(|e| cerr(e.to_string()))?;
-        tcp.set_nodelay(true).ok();
-        let tls_cfg = crate::net::tls::client_config(&ctx.identity, destination)
-            .map_err(|e| AgentError::Tls(format!("TLS configuration: {e}")))?;
-        let name = rustls::pki_types::ServerName::try_from("trustmig-agent")
-            .expect("static name is valid");
-        let tls = tokio::time::timeout(
-            timeout,
-            tokio_rustls::TlsConnector::from(tls_cfg).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| cerr("TLS handshake timed out".into()))?
-        .map_err(|e| cerr(format!("TLS handshake: {e}")))?;
+        let tls =
+            crate::net::tls::dial(&ctx.identity, addr, destination, ctx.step_timeout()).await?;
         let exporter = crate::net::tls::exporter(tls.get_ref().1)
             .map_err(|e| AgentError::Tls(format!("TLS exporter: {e}")))?;
         let (rd, wr) = tokio::io::split(tls);

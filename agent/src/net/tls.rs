@@ -189,3 +189,32 @@ pub fn peer_identity<D>(conn: &rustls::ConnectionCommon<D>) -> Result<AgentId, S
     let first = certs.first().ok_or("peer presented no certificate")?;
     cert_identity(first)
 }
+
+/// Dial `addr` and run TLS 1.3 pinned to the identity `peer`, within `timeout` for each of the
+/// TCP connect and the handshake. The source's channel and `trustmig doctor` use it.
+pub async fn dial(
+    me: &Identity,
+    addr: &str,
+    peer: AgentId,
+    timeout: std::time::Duration,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, crate::error::AgentError> {
+    let cerr = |reason: String| crate::error::AgentError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| cerr("timed out".into()))?
+        .map_err(|e| cerr(e.to_string()))?;
+    tcp.set_nodelay(true).ok();
+    let cfg = client_config(me, peer)
+        .map_err(|e| crate::error::AgentError::Tls(format!("TLS configuration: {e}")))?;
+    let name = ServerName::try_from("trustmig-agent").expect("static name is valid");
+    tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| cerr("TLS handshake timed out".into()))?
+    .map_err(|e| cerr(format!("TLS handshake: {e}")))
+}

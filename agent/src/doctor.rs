@@ -1,0 +1,353 @@
+//! `trustmig doctor`: check a host the way an operator would before trusting it with a
+//! migration, and say what to fix. Nothing is changed (a missing AK is reported, not created).
+//!
+//! Checked: the home and its key's permissions, the configuration, the trust store and the
+//! attestation policy (every trusted peer's AK enrolled), whether the agent runs, the TPM
+//! (reachable, AK present) when the agent does not hold it, each QEMU VM's QMP socket, the
+//! clock (NTP synchronisation, when `timedatectl` can tell), and each peer given with `--peer`
+//! (reachable, TLS with pinned identities, and it accepts this agent).
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use trustmig_protocol::order::hex;
+
+use crate::config::Config;
+use crate::control::{Reply, Request};
+use crate::home::Home;
+use crate::identity::Identity;
+use crate::trust::KeyList;
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Fine.
+    Ok,
+    /// Works, but probably not what the operator wants.
+    Warn,
+    /// A migration will fail.
+    Fail,
+}
+
+/// One check's result.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// Outcome.
+    pub level: Level,
+    /// What was checked and what was found.
+    pub what: String,
+    /// What to do about it (empty when fine).
+    pub fix: String,
+}
+
+fn check(level: Level, what: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        level,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Run every check for the agent at `home`; `peers` are (name or hex key, `host:port`).
+pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
+    let mut out = Vec::new();
+    let root = home.root().display().to_string();
+    if let Err(e) = home.check() {
+        out.push(check(
+            Level::Fail,
+            format!("home {root}: {e}"),
+            format!("trustmig init --home {root}"),
+        ));
+        return out;
+    }
+    out.push(key_permissions(home));
+    let config = match Config::load(&home.config()) {
+        Ok(c) => {
+            out.push(check(Level::Ok, "configuration loads", ""));
+            c
+        }
+        Err(e) => {
+            out.push(check(
+                Level::Fail,
+                format!("configuration: {e}"),
+                "fix config.toml",
+            ));
+            return out;
+        }
+    };
+    let identity = match Identity::load(home) {
+        Ok(i) => {
+            out.push(check(Level::Ok, format!("identity {}", hex(&i.id())), ""));
+            Some(i)
+        }
+        Err(e) => {
+            out.push(check(
+                Level::Fail,
+                format!("identity: {e}"),
+                "as the message says, or restore identity.key/identity.crt from a backup",
+            ));
+            None
+        }
+    };
+    let trusted = trust_store(home, &mut out);
+    policy(home, &trusted, &mut out);
+    let running = agent_running(home).await;
+    out.push(match running {
+        true => check(
+            Level::Ok,
+            "the agent is running (control socket answers)",
+            "",
+        ),
+        false => check(
+            Level::Warn,
+            "the agent is not running",
+            format!("trustmig agent --home {root} (or systemctl start trustmig)"),
+        ),
+    });
+    if running {
+        out.push(check(
+            Level::Ok,
+            "TPM: held by the running agent (it opened it and measured itself at start)",
+            "",
+        ));
+    } else {
+        out.push(tpm(&config));
+    }
+    for vm in &config.vms {
+        if let Some(q) = vm.qemu() {
+            out.push(qmp(&vm.name, &q.qmp).await);
+        }
+    }
+    out.push(clock());
+    for (name, addr) in peers {
+        out.push(match &identity {
+            Some(me) => peer(me, trusted.as_ref(), name, addr).await,
+            None => check(
+                Level::Fail,
+                format!("peer {name}: not checked (no usable identity)"),
+                "fix the identity first",
+            ),
+        });
+    }
+    out
+}
+
+fn key_permissions(home: &Home) -> Check {
+    let path = home.identity_key();
+    match std::fs::metadata(&path) {
+        Ok(m) if m.mode() & 0o077 != 0 => check(
+            Level::Fail,
+            format!(
+                "{} is readable by others (mode {:o})",
+                path.display(),
+                m.mode() & 0o777
+            ),
+            format!("chmod 600 {}", path.display()),
+        ),
+        Ok(m) if m.uid() != rustix::process::geteuid().as_raw() => check(
+            Level::Warn,
+            format!(
+                "{} belongs to uid {}, not to this user",
+                path.display(),
+                m.uid()
+            ),
+            "chown the home to the user the agent runs as",
+        ),
+        Ok(_) => check(Level::Ok, "identity key: mode 0600, owned by this user", ""),
+        Err(e) => check(
+            Level::Fail,
+            format!("{}: {e}", path.display()),
+            "restore it",
+        ),
+    }
+}
+
+fn trust_store(home: &Home, out: &mut Vec<Check>) -> Option<KeyList> {
+    let root = home.root().display();
+    match KeyList::load(&home.operators()) {
+        Ok(l) if l.keys().is_empty() => out.push(check(
+            Level::Warn,
+            "no operator key is trusted: no order can be verified here",
+            format!("trustmig trust add-operator --home {root} --name NAME --key KEY.pub"),
+        )),
+        Ok(l) => out.push(check(
+            Level::Ok,
+            format!("{} operator key(s) trusted", l.keys().len()),
+            "",
+        )),
+        Err(e) => out.push(check(
+            Level::Fail,
+            format!("operators: {e}"),
+            "fix trust/operators",
+        )),
+    }
+    match KeyList::load(&home.peers()) {
+        Ok(l) => {
+            if l.keys().is_empty() {
+                out.push(check(
+                    Level::Warn,
+                    "no peer agent is trusted: no migration can run",
+                    format!("trustmig trust add-peer --home {root} --name NAME --key IDENTITY"),
+                ));
+            } else {
+                out.push(check(
+                    Level::Ok,
+                    format!("{} peer(s) trusted", l.keys().len()),
+                    "",
+                ));
+            }
+            Some(l)
+        }
+        Err(e) => {
+            out.push(check(Level::Fail, format!("peers: {e}"), "fix trust/peers"));
+            None
+        }
+    }
+}
+
+fn policy(home: &Home, peers: &Option<KeyList>, out: &mut Vec<Check>) {
+    let policy = match trustmig_attest::policy::Policy::from_file(&home.policy()) {
+        Ok(p) => p,
+        Err(e) => {
+            out.push(check(
+                Level::Fail,
+                format!("attestation policy: {e}"),
+                "enroll the peers' AKs (trustmig attest enroll) and allow their executable",
+            ));
+            return;
+        }
+    };
+    for e in peers.iter().flat_map(|l| l.entries()) {
+        let enrolled =
+            (policy.trusted_aks.iter()).any(|ak| hex(&ak.agent) == e.key.to_ascii_lowercase());
+        out.push(match enrolled {
+            true => check(Level::Ok, format!("peer {}: its AK is enrolled", e.name), ""),
+            false => check(
+                Level::Fail,
+                format!("peer {}: no enrolled AK, its attestation will be refused", e.name),
+                "trustmig attest enroll (or enroll-request / enroll-challenge / enroll-finish across hosts)",
+            ),
+        });
+    }
+}
+
+async fn agent_running(home: &Home) -> bool {
+    let mut ok = false;
+    let socket = home.control_socket();
+    let call = crate::control::call(&socket, &Request::Status, |r| {
+        ok |= matches!(r, Reply::Status(_));
+    });
+    let answered = matches!(
+        tokio::time::timeout(Duration::from_secs(3), call).await,
+        Ok(Ok(()))
+    );
+    answered && ok
+}
+
+fn tpm(config: &Config) -> Check {
+    let cfg = trustmig_attest::tpm::TpmConfig {
+        tcti: config.tpm.tcti.clone(),
+        ak_handle: config.tpm.ak_handle,
+        pcr: config.tpm.pcr,
+    };
+    match trustmig_attest::tpm::Tpm::probe(&cfg) {
+        Ok(true) => check(
+            Level::Ok,
+            format!("TPM at {}: reachable, AK at {:#x}", cfg.tcti, cfg.ak_handle),
+            "",
+        ),
+        Ok(false) => check(
+            Level::Warn,
+            format!("TPM at {}: reachable, but no AK at {:#x} yet", cfg.tcti, cfg.ak_handle),
+            "the agent creates it at its first start; then enroll it with the peers",
+        ),
+        Err(e) => check(
+            Level::Fail,
+            format!("TPM at {}: {e}", cfg.tcti),
+            "check tpm.tcti in config.toml, that the TPM (or swtpm) runs, and /dev/tpmrm0's permissions",
+        ),
+    }
+}
+
+async fn qmp(vm: &str, path: &std::path::Path) -> Check {
+    match trustmig_qemu::qmp::Qmp::connect(path, Duration::from_secs(3)).await {
+        Ok(mut q) => match q.query_status().await {
+            Ok(st) => check(
+                Level::Ok,
+                format!(
+                    "VM {vm}: QEMU answers on {} ({})",
+                    path.display(),
+                    st.status
+                ),
+                "",
+            ),
+            Err(e) => check(
+                Level::Fail,
+                format!("VM {vm}: QMP {}: {e}", path.display()),
+                "check the QEMU process",
+            ),
+        },
+        Err(e) => check(
+            Level::Fail,
+            format!("VM {vm}: QMP {}: {e}", path.display()),
+            "start QEMU with -qmp unix:PATH,server=on,wait=off (spec/qemu.md), or fix [[vm]] qmp",
+        ),
+    }
+}
+
+fn clock() -> Check {
+    let out = std::process::Command::new("timedatectl")
+        .args(["show", "-p", "NTPSynchronized", "--value"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "yes" => {
+            check(Level::Ok, "clock: synchronised (NTP)", "")
+        }
+        Ok(o) if o.status.success() => check(
+            Level::Warn,
+            "clock: not synchronised; orders are valid for a window of time and agents more than 60 s apart refuse each other's orders",
+            "enable NTP (timedatectl set-ntp true)",
+        ),
+        _ => check(
+            Level::Warn,
+            "clock: cannot tell whether it is synchronised (no timedatectl / systemd)",
+            "make sure NTP (chrony, ntpd) keeps it right",
+        ),
+    }
+}
+
+async fn peer(me: &Identity, trusted: Option<&KeyList>, name: &str, addr: &str) -> Check {
+    let key = trusted.and_then(|l| {
+        l.entries()
+            .find(|e| e.name == name || e.key.eq_ignore_ascii_case(name))
+            .and_then(|e| ::hex::decode(&e.key).ok()?.try_into().ok())
+    });
+    let Some(key) = key else {
+        return check(
+            Level::Fail,
+            format!("peer {name}: not in the trust store"),
+            "trustmig trust add-peer --name NAME --key IDENTITY",
+        );
+    };
+    match crate::net::tls::dial(me, addr, key, Duration::from_secs(5)).await {
+        Ok(mut tls) => {
+            // TLS 1.3: a peer that does not trust us refuses after our Finished; one that does
+            // waits for our first message.
+            let mut b = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(700), tls.read(&mut b)).await {
+                Err(_) => check(Level::Ok, format!("peer {name} at {addr}: reachable, mutual TLS accepted"), ""),
+                Ok(Ok(_)) | Ok(Err(_)) => check(
+                    Level::Fail,
+                    format!("peer {name} at {addr}: refused this agent (does it trust {}?)", hex(&me.id())),
+                    "on the peer: trustmig trust add-peer --name NAME --key <this identity>",
+                ),
+            }
+        }
+        Err(e) => check(
+            Level::Fail,
+            format!("peer {name} at {addr}: {e}"),
+            "check the address, the peer agent, and firewalls; a pinned-identity mismatch means a different agent answers there",
+        ),
+    }
+}
