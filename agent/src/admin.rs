@@ -85,6 +85,27 @@ pub fn allow_exe(home: &Home, digest: [u8; 32]) -> Result<(), AgentError> {
     write_policy(home, &p)
 }
 
+/// Remove the enrolled AK(s) of the agent named `name_or_key` (a peer's name in the trust
+/// store, or its hex identity) from the attestation policy. The running agent reads the
+/// policy at start and at a reload.
+pub fn remove_ak(home: &Home, name_or_key: &str) -> Result<usize, AgentError> {
+    let peers = KeyList::load(&home.peers())?;
+    let agent = match peers.entries().find(|e| e.name == name_or_key) {
+        Some(e) => parse_hex32(&e.key, "peer identity", &home.peers())?,
+        None => key_arg(name_or_key)?,
+    };
+    let mut p = load_policy(home)?;
+    let n = p.untrust(&agent);
+    if n == 0 {
+        return Err(AgentError::Usage(format!(
+            "no AK is enrolled for {name_or_key:?} in {}",
+            home.policy().display()
+        )));
+    }
+    write_policy(home, &p)?;
+    Ok(n)
+}
+
 /// Read a hex public key given directly or as a file holding it.
 pub fn key_arg(arg: &str) -> Result<[u8; 32], AgentError> {
     let p = Path::new(arg);

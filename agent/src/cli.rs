@@ -91,6 +91,12 @@ pub(crate) enum Cmd {
         #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
         peers: Vec<String>,
     },
+    /// Make the running agent read its configuration and attestation policy again (as SIGHUP
+    /// does); a file that does not load is refused with its error and the old one kept.
+    Reload {
+        #[command(flatten)]
+        home: HomeArg,
+    },
     /// Migrations in flight and recent ones, hosted VMs.
     Status {
         #[command(flatten)]
@@ -313,6 +319,14 @@ pub(crate) enum TrustCmd {
         #[command(flatten)]
         home: HomeArg,
         /// Name or hex key.
+        name_or_key: String,
+    },
+    /// Stop trusting a peer's enrolled AK(s) (by peer name or hex identity): its attestation is
+    /// refused from the agent's next reload (`trustmig reload`) or start.
+    RemoveAk {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Peer name or hex identity.
         name_or_key: String,
     },
     /// Allow a peer agent executable (SHA-256, hex) in the attestation policy.

@@ -25,6 +25,8 @@ pub enum Request {
         /// VM name.
         vm: String,
     },
+    /// Read the configuration and the attestation policy again (as SIGHUP does).
+    Reload,
     /// The operator revokes an order this agent has not used (SPEC.md §3.4).
     Revoke {
         /// Hex of the signed order's CBOR.
@@ -191,6 +193,8 @@ pub enum Reply {
     Settled(String),
     /// An order revoked here.
     Revoked(String),
+    /// The configuration reloaded: what changed.
+    Reloaded(String),
     /// The request failed.
     Error(String),
 }

@@ -3,7 +3,7 @@
 //! Everything else in the agent reads it; it depends on nothing that drives a migration.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -28,14 +28,15 @@ pub type DataConn = (u16, TcpStream);
 pub struct Ctx {
     /// The home.
     pub home: Home,
-    /// Configuration.
-    pub config: Config,
+    /// Configuration: replaced as a whole by a reload (`reload.rs`); a migration keeps the one
+    /// it started with where it took a copy.
+    pub config: RwLock<Arc<Config>>,
     /// Identity.
     pub identity: Identity,
     /// The TPM (one at a time: quotes are short).
     pub attester: Mutex<Box<dyn Attester + Send>>,
-    /// Verifier of peers' evidence.
-    pub verifier: Box<dyn EvidenceVerifier + Send + Sync>,
+    /// Verifier of peers' evidence (the attestation policy): replaced by a reload.
+    pub verifier: RwLock<Arc<dyn EvidenceVerifier + Send + Sync>>,
     /// The journal.
     pub journal: Mutex<Journal>,
     /// Hosted VMs that are not migrating.
@@ -91,9 +92,19 @@ impl Ctx {
         journal.commit(order_id, Gate::Open)
     }
 
+    /// The configuration now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// The attestation policy's verifier now.
+    pub fn verifier(&self) -> Arc<dyn EvidenceVerifier + Send + Sync> {
+        self.verifier.read().expect("verifier lock").clone()
+    }
+
     /// Step timeout.
     pub fn step_timeout(&self) -> Duration {
-        Duration::from_secs(self.config.transfer.step_timeout_secs)
+        Duration::from_secs(self.config().transfer.step_timeout_secs)
     }
 
     /// Record a finished migration for `status`.

@@ -75,6 +75,14 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         Cmd::Migrate { home, order, json } => migrate(&Home::at(home.home), &order, json),
         Cmd::Evacuate { home, orders } => evacuate(&Home::at(home.home), &orders),
         Cmd::Doctor { home, peers } => doctor(&Home::at(home.home), &peers),
+        Cmd::Reload { home } => {
+            let socket = Home::at(home.home).control_socket();
+            match runtime()?.block_on(control::request(&socket, &Request::Reload))? {
+                Reply::Reloaded(what) => println!("{what}"),
+                other => return Err(refused(other)),
+            }
+            Ok(())
+        }
         Cmd::Status { home, json } => {
             let socket = Home::at(home.home).control_socket();
             match runtime()?.block_on(control::request(&socket, &Request::Status))? {
@@ -516,6 +524,13 @@ fn trust(t: TrustCmd) -> Result<(), AgentError> {
         }
         TrustCmd::RemoveOperator { home, name_or_key } => {
             admin::remove_key(&Home::at(home.home).operators(), &name_or_key)
+        }
+        TrustCmd::RemoveAk { home, name_or_key } => {
+            let n = admin::remove_ak(&Home::at(home.home), &name_or_key)?;
+            println!(
+                "{n} AK(s) of {name_or_key} removed; run `trustmig reload` for the running agent"
+            );
+            Ok(())
         }
         TrustCmd::AllowExe { home, digest } => {
             admin::allow_exe(&Home::at(home.home), admin::key_arg(&digest)?)

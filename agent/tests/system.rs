@@ -1401,3 +1401,92 @@ fn doctor_names_what_to_fix() {
     let (ok, text) = doctor(&pair.src, &["bad".into()]);
     assert!(!ok && text.contains("expected NAME=HOST:PORT"), "{text}");
 }
+
+/// Issue 12 items 3 and 5: an enrolled AK removed from the destination's policy is refused
+/// from the agent's reload on (`trustmig reload`); a configuration that does not load is
+/// refused by `reload` and by SIGHUP alike, and the agent keeps serving with what it had; the
+/// restored policy, reloaded, lets the next migration through.
+#[test]
+fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 16, 0), 1).unwrap();
+    pair.start_both().unwrap();
+    let cli = |home: &Home, args: &[&str]| {
+        let out = std::process::Command::new(exe())
+            .args(args)
+            .arg("--home")
+            .arg(home.root())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let l = || limits(300, 10, NonConvergence::Force);
+    let policy = pair.dst.policy();
+    let saved = std::fs::read_to_string(&policy).unwrap();
+    let (ok, text) = cli(&pair.dst, &["trust", "remove-ak", "source"]);
+    assert!(ok && text.contains("1 AK(s) of source removed"), "{text}");
+    let (ok, text) = cli(&pair.dst, &["reload"]);
+    assert!(ok && text.contains("reloaded"), "{text}");
+    let e = failed(migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()));
+    assert!(e.to_lowercase().contains("attest"), "{e}");
+    assert_rolled_back(&rt, &pair, "v");
+
+    // A broken configuration: refused by `reload` and by SIGHUP; the agent serves on.
+    let cfg = pair.dst.config();
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{good}\nthis is not toml = = =\n")).unwrap();
+    let (ok, text) = cli(&pair.dst, &["reload"]);
+    assert!(
+        !ok && text.contains("reload refused, the running configuration is kept"),
+        "{text}"
+    );
+    let pid = pair.procs[1].as_ref().unwrap().pid();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pair.log_tails(20).contains("SIGHUP: reload refused") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            pair.log_tails(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        pair.procs[1].as_mut().unwrap().running(),
+        "the agent survives a bad reload"
+    );
+    let (ok, text) = cli(&pair.dst, &["status"]);
+    assert!(ok, "{text}");
+
+    // Restored and reloaded (by SIGHUP this time): the next migration goes through.
+    std::fs::write(&cfg, good).unwrap();
+    std::fs::write(&policy, saved).unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pair.log_tails(20).contains("SIGHUP: reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            pair.log_tails(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done(
+        migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()),
+        &pair,
+    );
+}

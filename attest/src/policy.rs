@@ -259,6 +259,13 @@ impl Policy {
         toml::to_string(&f).unwrap_or_default()
     }
 
+    /// Stop trusting every AK enrolled for `agent`; returns how many were removed.
+    pub fn untrust(&mut self, agent: &AgentId) -> usize {
+        let before = self.trusted_aks.len();
+        self.trusted_aks.retain(|a| &a.agent != agent);
+        before - self.trusted_aks.len()
+    }
+
     /// Add an enrolled AK to the trust store.
     pub fn trust(&mut self, entry: TrustedAk) -> Result<(), PolicyError> {
         if let Some(other) = self.trusted_aks.iter().find(|a| a.ak_name == entry.ak_name) {

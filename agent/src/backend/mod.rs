@@ -179,7 +179,8 @@ pub fn vm_manifest(
     chunk_size: u32,
     disks: Vec<DiskManifest>,
 ) -> ImageManifest {
-    let vm_cfg = ctx.config.vms.iter().find(|v| v.name == vm);
+    let config = ctx.config();
+    let vm_cfg = config.vm(vm);
     let config_digest =
         trustmig_protocol::sha256(&[toml::to_string(&vm_cfg).unwrap_or_default().as_bytes()]);
     ImageManifest {
@@ -195,7 +196,7 @@ pub fn vm_manifest(
 /// said so): run it again as it was before the migration, as its backend keeps it. Returns
 /// where the VM is, for the operator. spec: SPEC.md §8.8
 pub(crate) async fn resume_given_back(ctx: &Arc<Ctx>, vm: &str, paused_before: bool) -> String {
-    match ctx.config.vm(vm).map(|v| &v.backend) {
+    match ctx.config().vm(vm).map(|v| &v.backend) {
         Some(VmBackend::Qemu(q)) => qemu::resume_given_back(ctx, vm, &q.qmp, paused_before).await,
         Some(VmBackend::Synthetic(s)) => synthetic::resume_given_back(ctx, vm, s),
         None => "no such VM is configured here any more".into(),
@@ -205,7 +206,7 @@ pub(crate) async fn resume_given_back(ctx: &Arc<Ctx>, vm: &str, paused_before: b
 /// Settlement decided the VM runs on its destination: drop what this host keeps of it.
 /// Returns what stays here, for the operator.
 pub(crate) fn forget_moved(ctx: &Ctx, vm: &str) -> String {
-    match ctx.config.vm(vm).map(|v| &v.backend) {
+    match ctx.config().vm(vm).map(|v| &v.backend) {
         Some(VmBackend::Qemu(_)) => {
             "its QEMU here stays stopped (postmigrate) for good: shut it down when convenient"
                 .into()

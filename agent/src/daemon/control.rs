@@ -38,6 +38,12 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     let reply = match req {
         Request::Migrate { order } => return migrate(ctx, order, &mut wr).await,
         Request::Status => Reply::Status(status(&ctx).await),
+        Request::Reload => match super::reload::reload(&ctx) {
+            Ok(what) => Reply::Reloaded(what),
+            Err(e) => Reply::Error(format!(
+                "reload refused, the running configuration is kept: {e}"
+            )),
+        },
         Request::Revoke { order } => match revoke(&ctx, &order) {
             Ok(what) => Reply::Revoked(what),
             Err(e) => Reply::Error(e.to_string()),
@@ -152,7 +158,7 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
         .collect();
     // Stopped until their destination answers a settlement query (settle.rs).
     vms.extend((ctx.parked.lock().expect("parked lock").values()).map(|g| vm(g, true)));
-    for v in &ctx.config.vms {
+    for v in &ctx.config().vms {
         let Some(q) = v.qemu() else { continue };
         let state = crate::backend::qemu::status(&q.qmp).await;
         let in_doubt = ctx
@@ -185,11 +191,11 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
     let queued: Vec<_> = (ctx.queued.lock().expect("queue lock").iter())
         .map(|(order, vm)| serde_json::json!({ "order_id": order, "vm": vm }))
         .collect();
-    let limit = ctx.config.transfer.max_concurrent_migrations;
+    let limit = ctx.config().transfer.max_concurrent_migrations;
     let sending = limit - ctx.outgoing.available_permits();
     serde_json::json!({
         "identity": hex::encode(ctx.identity.id()),
-        "listen": ctx.config.listen,
+        "listen": ctx.config().listen,
         "vms": vms,
         "sending": sending,
         "max_concurrent_migrations": limit,

@@ -4,6 +4,7 @@
 
 mod control;
 mod notify;
+mod reload;
 mod start;
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ async fn serve(
 ) -> Result<(), AgentError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Migration(format!("cannot install SIGTERM handler: {e}")))?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| AgentError::Migration(format!("cannot install SIGHUP handler: {e}")))?;
     // Listening on both sockets: a `Type=notify` unit may order what depends on us now.
     notify::notify("READY=1\nSTATUS=listening");
     loop {
@@ -61,6 +64,7 @@ async fn serve(
                 }
                 Err(e) => warn!("control accept: {e}"),
             },
+            _ = hup.recv() => reload::on_signal(&ctx),
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
         }

@@ -89,10 +89,10 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     let max_sending = config.transfer.max_concurrent_migrations;
     let ctx = Arc::new(Ctx {
         home,
-        config,
+        config: std::sync::RwLock::new(Arc::new(config)),
         identity,
         attester: Mutex::new(Box::new(attester)),
-        verifier: Box::new(verifier),
+        verifier: std::sync::RwLock::new(Arc::new(verifier)),
         journal: Mutex::new(journal),
         vms: Mutex::new(vms),
         parked: Mutex::new(HashMap::new()),

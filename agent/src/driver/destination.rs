@@ -181,7 +181,7 @@ impl Session {
                 let mut att = ctx.attester.lock().expect("attester lock");
                 let mut journal = ctx.journal.lock().expect("journal lock");
                 let mut claim = ClaimAsDestination(&mut journal);
-                hs.handle(&msg, att.as_mut(), ctx.verifier.as_ref(), &mut claim)
+                hs.handle(&msg, att.as_mut(), ctx.verifier().as_ref(), &mut claim)
             };
             if let Some(o) = hs.order() {
                 self.order_id = Some(*o.id());
@@ -316,7 +316,7 @@ impl Session {
                     let msg = msg
                         .ok_or_else(|| AgentError::transport(Link::Control, "closed"))?
                         .map_err(wire)?;
-                    match dm.handle(&msg, ctx.verifier.as_ref())? {
+                    match dm.handle(&msg, ctx.verifier().as_ref())? {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
                         DestEvent::Send(m) => self.send(&m).await?,
@@ -415,7 +415,7 @@ impl Session {
         let ctx = self.ctx.clone();
         // A hardware TPM quotes in up to ~600 ms: the step timeout covers it.
         let verdict = match self.recv(frames).await {
-            Ok(raw) => match dm.handle(&raw, ctx.verifier.as_ref()) {
+            Ok(raw) => match dm.handle(&raw, ctx.verifier().as_ref()) {
                 Ok(DestEvent::FinalQuote(v)) => v,
                 Ok(_) => Err("an unexpected message instead of the late final quote".into()),
                 Err(e) => Err(format!("the late final quote was refused: {e}")),

@@ -178,7 +178,7 @@ async fn migrate_checked(
         crash_point(CrashPoint::SourceAfterClaim);
         Ok(())
     };
-    if let Some(qmp) = crate::backend::qemu::qemu_vm(&ctx.config, &body.vm) {
+    if let Some(qmp) = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm) {
         // QEMU's state first: the claim records whether the VM was paused (spec/qemu.md §4).
         let vm = QemuSource::prepare(ctx, &body, &qmp)
             .await

@@ -48,7 +48,7 @@ impl QemuDest {
     /// (journalled, for reconciliation after a restart). Anything else is refused and that
     /// QEMU left alone: it is not the incoming VM.
     pub async fn prepare(ctx: &Arc<Ctx>, vm: &str, est: &Established) -> Result<Self, AgentError> {
-        let Some(qmp_path) = qemu_vm(&ctx.config, vm) else {
+        let Some(qmp_path) = qemu_vm(&ctx.config(), vm) else {
             return Err(AgentError::Refused(format!(
                 "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
             )));
@@ -219,7 +219,8 @@ async fn receive(
     // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
     // arrives; attached to QEMU only once every disk verified, before QEMU loads anything.
     if !inc.manifest.disks.is_empty() {
-        let vm_cfg = ctx.config.vms.iter().find(|v| v.name == vm);
+        let config = ctx.config();
+        let vm_cfg = config.vm(vm);
         let targets = super::disk::plan(&inc.manifest, vm_cfg)?;
         files.lock().expect("disk files lock").extend(
             targets
@@ -329,7 +330,7 @@ async fn mirrors_in(
 ) -> Result<super::mirror::Relays, AgentError> {
     let targets = {
         let journal = ctx.journal.lock().expect("journal lock");
-        super::mirror::plan(&inc.manifest, ctx.config.vm(vm), &journal)?
+        super::mirror::plan(&inc.manifest, ctx.config().vm(vm), &journal)?
     };
     files.lock().expect("disk files lock").extend(
         targets

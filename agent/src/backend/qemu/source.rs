@@ -111,7 +111,8 @@ impl QemuSource {
                 m.status()
             )));
         }
-        let cfg = ctx.config.vm(&body.vm).and_then(VmConfig::qemu);
+        let config = ctx.config();
+        let cfg = config.vm(&body.vm).and_then(VmConfig::qemu);
         // Disks that travel (spec/qemu.md §5): read-only raw images are copied, writable raw
         // or qcow2 images mirrored; anything else is refused here, before anything moves.
         let (disks, mirror_disks) = match cfg {

@@ -47,7 +47,7 @@ impl SourceVm for SyntheticSource {
                 page_size: PAGE_SIZE as u32,
                 page_count: self.guest.page_count(),
             },
-            streams: ctx.config.transfer.streams,
+            streams: ctx.config().transfer.streams,
             manifest: vm_manifest(ctx, self.guest.name(), 1 << 20, vec![]),
         })
     }

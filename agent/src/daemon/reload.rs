@@ -1,0 +1,73 @@
+//! Reload (SIGHUP, `trustmig reload`): the configuration (VM list, transfer settings) and the
+//! attestation policy are read again and replace the running ones as a whole, or, if either
+//! does not load, neither does and the agent keeps what it had, saying why. Migrations under
+//! way keep what they already took. The trust store needs no reload: it is read at every use.
+//! The new configuration's digest is measured into the TPM (an `agent-config` event), so that
+//! peers attest the configuration the agent now runs. What only a restart can change (listen
+//! address, TPM, the concurrency limit, synthetic guests) is reported, not applied.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use trustmig_protocol::attestation::Measurement;
+
+use crate::attestation::{file_sha256, load_verifier};
+use crate::config::Config;
+use crate::ctx::Ctx;
+use crate::error::AgentError;
+
+/// Reload; returns what changed, for the operator.
+pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
+    let path = ctx.home.config();
+    let new = Config::load(&path)?;
+    let verifier = load_verifier(&ctx.home.policy())?;
+    let old = ctx.config();
+    let mut later = Vec::new();
+    if new.listen != old.listen {
+        later.push("listen");
+    }
+    if (new.tpm.tcti.as_str(), new.tpm.pcr, new.tpm.ak_handle)
+        != (old.tpm.tcti.as_str(), old.tpm.pcr, old.tpm.ak_handle)
+    {
+        later.push("tpm");
+    }
+    if new.transfer.max_concurrent_migrations != old.transfer.max_concurrent_migrations {
+        later.push("transfer.max_concurrent_migrations");
+    }
+    let synthetic = |c: &Config| -> Vec<String> {
+        let mut v: Vec<_> = (c.vms.iter())
+            .filter(|v| v.synthetic().is_some())
+            .map(|v| v.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    if synthetic(&new) != synthetic(&old) {
+        later.push("synthetic VMs");
+    }
+    let digest = file_sha256(&path)?;
+    ctx.attester
+        .lock()
+        .expect("attester lock")
+        .extend(&Measurement::AgentConfig(digest))
+        .map_err(|e| AgentError::Tpm(e.to_string()))?;
+    let vms = new.vms.len();
+    *ctx.config.write().expect("config lock") = Arc::new(new);
+    *ctx.verifier.write().expect("verifier lock") = Arc::new(verifier);
+    let mut what = format!("reloaded: {vms} VM(s), attestation policy, configuration measured");
+    if !later.is_empty() {
+        what += &format!(
+            "; changes to {} take effect at the next start",
+            later.join(", ")
+        );
+    }
+    Ok(what)
+}
+
+/// Reload and log the outcome (SIGHUP).
+pub(super) fn on_signal(ctx: &Ctx) {
+    match reload(ctx) {
+        Ok(what) => info!("SIGHUP: {what}"),
+        Err(e) => warn!("SIGHUP: reload refused, the running configuration is kept: {e}"),
+    }
+}
