@@ -59,6 +59,8 @@ pub struct Ctx {
     /// One permit per migration this agent may send at once
     /// (`transfer.max_concurrent_migrations`).
     pub outgoing: Arc<tokio::sync::Semaphore>,
+    /// Prometheus metrics (served when `metrics_listen` is set).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Orders waiting for a permit, in arrival order: (order id hex, VM).
     pub queued: Mutex<Vec<(String, String)>>,
 }

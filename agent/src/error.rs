@@ -183,6 +183,9 @@ impl AgentError {
                     reason: reason.clone(),
                 })
             }
+            // An order refused here (replayed, revoked, expired, forged) is what SPEC.md §10
+            // names `OrderRefused`, whichever layer refused it.
+            Self::Order(_) => trustmig_protocol::AbortCode::OrderRefused,
             _ => trustmig_protocol::AbortCode::InternalError,
         }
     }

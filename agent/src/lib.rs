@@ -37,6 +37,7 @@ pub mod control;
 pub mod demo;
 pub mod doctor;
 pub mod harness;
+pub mod metrics;
 pub mod progress;
 
 mod backoff;

@@ -261,7 +261,15 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
     });
     let e = failed(migrate(&rt, &pair, &expired));
     assert!(e.contains("expired"), "{e}");
-    // For another destination: the source's TLS pin refuses the real destination.
+    // For another destination: untrusted here, refused before anything is dialled ...
+    let elsewhere = resign(&|b| {
+        b.v = ORDER_VERSION;
+        b.destination = [0x77; 32];
+    });
+    let e = failed(migrate(&rt, &pair, &elsewhere));
+    assert!(e.contains("is not a trusted peer here"), "{e}");
+    // ... and once trusted, the source's TLS pin refuses the real destination at that address.
+    trustmig_agent::admin::add_peer(&pair.src, "elsewhere", [0x77; 32]).unwrap();
     let elsewhere = resign(&|b| {
         b.v = ORDER_VERSION;
         b.destination = [0x77; 32];
@@ -1488,5 +1496,131 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     done(
         migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()),
         &pair,
+    );
+}
+
+/// GET /metrics from `addr` (a plain HTTP/1.0 request; the agent serves it with tiny_http).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"),
+        "{out}"
+    );
+    out
+}
+
+/// The value of the sample `name` (with its labels as printed) in `text`, 0 when absent.
+fn sample(text: &str, name: &str) -> f64 {
+    (text.lines())
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Issue 12 item 1: Prometheus metrics on `metrics_listen`, scraped during a migration (one
+/// being sent) and after it (started and ended by outcome, bytes, rounds, downtime and TPM quote
+/// histograms), after a tampered record (a record failure of kind `tamper`, the migration
+/// discarded) and after a replayed order (a refusal by its abort code).
+#[test]
+fn metrics_are_scraped_during_and_after_migrations() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let rt = rt();
+    let vms = [vm("v", 64, 200), vm("w", 16, 0)];
+    let mut pair = Pair::create_with(exe().as_ref(), &vms, 2).unwrap();
+    let mut addrs = Vec::new();
+    for home in [&pair.src, &pair.dst] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let cfg = home.config();
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("metrics_listen = \"{addr}\"\n{text}")).unwrap();
+        addrs.push(addr);
+    }
+    pair.start_both().unwrap();
+    let (src, dst) = (addrs[0].clone(), addrs[1].clone());
+    let mut slow = limits(300, 10, NonConvergence::Force);
+    slow.bandwidth_bps = 24 << 20;
+    let order = pair.order("v", slow, 600).unwrap();
+    let during = {
+        let src = src.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let m = scrape(&src);
+                if sample(&m, "trustmig_migrations_sending") == 1.0 {
+                    return m;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never seen sending: {m}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    done(migrate(&rt, &pair, &order), &pair);
+    let m = during.join().unwrap();
+    let ended_done =
+        r#"trustmig_migrations_ended_total{role="source",backend="synthetic",outcome="done"}"#;
+    assert_eq!(sample(&m, ended_done), 0.0, "seen while it ran: {m}");
+
+    let m = scrape(&src);
+    let started = r#"trustmig_migrations_started_total{role="source",backend="synthetic"}"#;
+    let ended =
+        r#"trustmig_migrations_ended_total{role="source",backend="synthetic",outcome="done"}"#;
+    assert_eq!(sample(&m, started), 1.0, "{m}");
+    assert_eq!(sample(&m, ended), 1.0, "{m}");
+    // Half the guest is filled (the rest is zero pages, elided).
+    assert!(
+        sample(&m, "trustmig_bytes_sent_total") > f64::from(16u32 << 20),
+        "{m}"
+    );
+    assert!(sample(&m, "trustmig_precopy_rounds_total") >= 1.0, "{m}");
+    assert_eq!(sample(&m, "trustmig_downtime_seconds_count"), 1.0, "{m}");
+    assert!(sample(&m, "trustmig_tpm_quote_seconds_count") >= 1.0, "{m}");
+    assert_eq!(sample(&m, "trustmig_migrations_sending"), 0.0, "{m}");
+    let m = scrape(&dst);
+    let done_here =
+        r#"trustmig_migrations_ended_total{role="destination",backend="synthetic",outcome="done"}"#;
+    assert_eq!(sample(&m, done_here), 1.0, "{m}");
+
+    // Through a tampering proxy: the destination refuses a record, discards, and counts it.
+    let proxy = rt
+        .block_on(Proxy::start(pair.dst_addr.clone(), Fault::FlipBit(5)))
+        .unwrap();
+    let o = pair
+        .order_via(
+            &proxy.addr,
+            "w",
+            limits(300, 10, NonConvergence::Force),
+            600,
+        )
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &o));
+    assert!(e.contains("tampered"), "{e}");
+    let m = scrape(&dst);
+    assert_eq!(
+        sample(&m, r#"trustmig_record_failures_total{kind="tamper"}"#),
+        1.0,
+        "{m}"
+    );
+    let discarded = r#"trustmig_migrations_ended_total{role="destination",backend="synthetic",outcome="discarded"}"#;
+    assert_eq!(sample(&m, discarded), 1.0, "{m}");
+    // A replayed order: refused at the source, by abort code.
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(e.contains("replayed"), "{e}");
+    let m = scrape(&src);
+    assert_eq!(
+        sample(&m, r#"trustmig_refusals_total{code="OrderRefused"}"#),
+        1.0,
+        "{m}"
     );
 }

@@ -116,6 +116,8 @@ impl Drop for Tasks {
 /// calls these in order: `offer`, `transfer`, then on failure `give_back` (never committed, or
 /// settled "not moved") or `keep_stopped` (in doubt).
 pub(crate) trait SourceVm {
+    /// The backend's name (metrics).
+    const NAME: &'static str;
     /// Handshake parameters: transfer mode, data streams, image manifest.
     async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError>;
     /// Move the VM up to the guest's stop and the end of every data stream. A failure of the

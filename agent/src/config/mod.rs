@@ -17,6 +17,10 @@ pub struct Config {
     /// Address peers connect to (control and data streams share it).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Where to serve Prometheus metrics at `/metrics` (`host:port`); off when absent. Bind it
+    /// to loopback or a management network: the metrics name VMs and peers' activity.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// TPM settings.
     pub tpm: TpmConfig,
     /// Transfer settings.

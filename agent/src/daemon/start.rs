@@ -87,11 +87,17 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         "agent ready"
     );
     let max_sending = config.transfer.max_concurrent_migrations;
+    let metrics_listen = config.metrics_listen.clone();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let ctx = Arc::new(Ctx {
         home,
         config: std::sync::RwLock::new(Arc::new(config)),
         identity,
-        attester: Mutex::new(Box::new(attester)),
+        attester: Mutex::new(Box::new(crate::metrics::TimedAttester::new(
+            attester,
+            metrics.clone(),
+        ))),
+        metrics: metrics.clone(),
         verifier: std::sync::RwLock::new(Arc::new(verifier)),
         journal: Mutex::new(journal),
         vms: Mutex::new(vms),
@@ -103,6 +109,9 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         outgoing: Arc::new(tokio::sync::Semaphore::new(max_sending)),
         queued: Mutex::new(Vec::new()),
     });
+    if let Some(addr) = metrics_listen {
+        crate::metrics::serve(ctx.clone(), &addr)?;
+    }
     Ok(Started {
         ctx,
         listener,

@@ -57,12 +57,20 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
         order_id: None,
         vm: String::new(),
         sid: None,
+        backend: "",
     };
     let r = s.run(rd, exporter, peer).await;
     if let Some(sid) = s.sid {
         ctx.sessions.lock().expect("sessions lock").remove(&sid);
     }
+    let backend = s.backend;
+    if !backend.is_empty() {
+        ctx.metrics.receiving.dec();
+    }
     let Err(e) = r else {
+        if !backend.is_empty() {
+            ctx.metrics.ended("destination", backend, "done", None);
+        }
         // Done: close our side, so the source, waiting after its late quote for an incident
         // (SPEC.md §8.7), hears at once that there is none.
         let _ = s.wr.shutdown().await;
@@ -96,6 +104,13 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
             &s.vm,
         ));
     }
+    match (backend.is_empty(), rolled_back) {
+        (true, _) => ctx.metrics.refused(&e),
+        (false, true) => ctx
+            .metrics
+            .ended("destination", backend, "discarded", Some(&e)),
+        (false, false) => ctx.metrics.ended("destination", backend, "kept", Some(&e)),
+    }
     match (s.order_id, rolled_back) {
         // Refused before any order was accepted (handshake, settlement query): nothing
         // was received, so there is nothing to discard.
@@ -123,6 +138,8 @@ struct Session {
     order_id: Option<[u8; 16]>,
     vm: String,
     sid: Option<[u8; 16]>,
+    /// The backend, once the handshake named the transfer mode (metrics).
+    backend: &'static str,
 }
 
 fn wire(e: WireError) -> AgentError {
@@ -246,6 +263,12 @@ impl Session {
             .expect("sessions lock")
             .insert(sid, conn_tx);
         self.sid = Some(sid);
+        self.backend = match est.mode {
+            TransferMode::Precopy { .. } => "synthetic",
+            TransferMode::HypervisorStream => "qemu",
+        };
+        ctx.metrics.started("destination", self.backend);
+        ctx.metrics.receiving.inc();
         match est.mode {
             TransferMode::Precopy { .. } => {
                 let vm = SyntheticDest::prepare(&ctx, &self.vm, &est)?;

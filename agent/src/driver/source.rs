@@ -93,6 +93,7 @@ pub async fn migrate(
     if let Err((e, Whereabouts::Untouched)) = &r {
         if known_before || !known(&ctx) {
             audit_refused(&ctx, body.as_ref(), e);
+            ctx.metrics.refused(e);
         }
     }
     if let Err((e, vm_state)) = &r {
@@ -239,11 +240,14 @@ async fn run<B: SourceVm>(
 ) -> Result<Summary, (AgentError, Whereabouts)> {
     let body = order.body();
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
+    ctx.metrics.started("source", B::NAME);
     let result = drive(ctx, &order, progress, &mut vm).await;
     let id = *order.id();
     let e = match result {
         Ok(summary) => {
             note_source_result(ctx, &id, &body.vm, Ok(&summary));
+            ctx.metrics.ended("source", B::NAME, "done", None);
+            ctx.metrics.sent(&summary);
             return Ok(summary);
         }
         Err(e) => e,
@@ -282,6 +286,13 @@ async fn run<B: SourceVm>(
         Some(s @ Settlement::Meanwhile) => Whereabouts::InDoubt(s.vm_state()),
     };
     note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
+    let outcome = match &vm_state {
+        Whereabouts::Untouched => "refused",
+        Whereabouts::GivenBack { .. } => "rolled-back",
+        Whereabouts::Moved => "moved",
+        Whereabouts::InDoubt(_) => "in-doubt",
+    };
+    ctx.metrics.ended("source", B::NAME, outcome, Some(&e));
     Err((e, vm_state))
 }
 

@@ -142,6 +142,8 @@ impl QemuSource {
 }
 
 impl SourceVm for QemuSource {
+    const NAME: &'static str = "qemu";
+
     async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError> {
         let disk_manifests = super::disk::hash_disks(&self.disks).await?;
         // Empty with shared storage; the root covers these digests and the mirrored disks

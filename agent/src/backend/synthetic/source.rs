@@ -40,6 +40,8 @@ impl SyntheticSource {
 }
 
 impl SourceVm for SyntheticSource {
+    const NAME: &'static str = "synthetic";
+
     async fn offer(&mut self, ctx: &Arc<Ctx>) -> Result<Offer, AgentError> {
         // Synthetic guests have no disks: shared-storage mode.
         Ok(Offer {
