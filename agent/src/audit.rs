@@ -87,6 +87,8 @@ pub struct Audit {
     file: File,
     head: [u8; 32],
     seq: u64,
+    /// (order id, event) of the last entry about an order (not a refusal).
+    last_order_entry: Option<(String, String)>,
 }
 
 impl Audit {
@@ -94,9 +96,12 @@ impl Audit {
     /// must not extend a chain it cannot vouch for).
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         let path = dir.join(FILE);
-        let (head, seq) = match verify(&path) {
-            Ok(v) => (v.head, v.entries),
-            Err(VerifyError::Missing) => ([0; 32], 0),
+        let (head, seq, last, torn_at) = match verify(&path) {
+            Ok(v) => {
+                let last = last_order_entry(&v.list);
+                (v.head, v.entries, last, v.torn_at)
+            }
+            Err(VerifyError::Missing) => ([0; 32], 0, None, None),
             Err(e) => {
                 return Err(AgentError::BadConfig {
                     path,
@@ -111,12 +116,26 @@ impl Audit {
             .append(true)
             .open(&path)
             .map_err(AgentError::io(&path))?;
+        // A crash mid-append: that entry was never whole; cut it off, as the journal does.
+        if let Some(len) = torn_at {
+            file.set_len(len)
+                .and_then(|()| file.sync_all())
+                .map_err(AgentError::io(&path))?;
+        }
         Ok(Self {
             path,
             file,
             head,
             seq,
+            last_order_entry: last,
         })
+    }
+
+    /// Whether the trail's last entry about an order is `event` for `order_id`.
+    pub fn ends_with(&self, order_id: &str, event: &str) -> bool {
+        self.last_order_entry
+            .as_ref()
+            .is_some_and(|(o, e)| o == order_id && e == event)
     }
 
     /// Append `e` durably.
@@ -144,6 +163,9 @@ impl Audit {
             .map_err(AgentError::io(&self.path))?;
         self.head = hash;
         self.seq += 1;
+        if entry.event != "order-refused" {
+            self.last_order_entry = Some((entry.order_id, entry.event));
+        }
         Ok(())
     }
 }
@@ -157,6 +179,15 @@ pub struct Verified {
     pub head: [u8; 32],
     /// The entries, in order.
     pub list: Vec<Entry>,
+    /// Where a torn last line (a crash mid-append, no newline) starts, if there is one: not an
+    /// entry, and not tampering.
+    pub torn_at: Option<u64>,
+}
+
+fn last_order_entry(list: &[Entry]) -> Option<(String, String)> {
+    (list.iter().rev())
+        .find(|e| e.event != "order-refused")
+        .map(|e| (e.order_id.clone(), e.event.clone()))
 }
 
 /// Why a trail does not verify: the first bad entry, named by its line.
@@ -216,12 +247,25 @@ pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
     };
     let mut head = [0u8; 32];
     let mut list = Vec::new();
-    for (i, l) in text.lines().enumerate() {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut offset = 0u64;
+    let mut torn_at = None;
+    for (i, l) in lines.iter().enumerate() {
         let line = i + 1;
-        let e: Entry = serde_json::from_str(l).map_err(|e| VerifyError::Malformed {
-            line,
-            why: e.to_string(),
-        })?;
+        let e: Entry = match serde_json::from_str(l.trim_end()) {
+            Ok(e) => e,
+            Err(_) if i == lines.len() - 1 && !l.ends_with('\n') => {
+                torn_at = Some(offset);
+                break;
+            }
+            Err(e) => {
+                return Err(VerifyError::Malformed {
+                    line,
+                    why: e.to_string(),
+                })
+            }
+        };
+        offset += l.len() as u64;
         let expected = list.len() as u64;
         if e.seq != expected {
             return Err(VerifyError::OutOfPlace {
@@ -244,6 +288,7 @@ pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
         entries: list.len() as u64,
         head,
         list,
+        torn_at,
     })
 }
 
@@ -320,6 +365,25 @@ mod tests {
         let v = verify(&path).unwrap();
         assert_eq!(v.entries, 4);
         assert_eq!(v.list[3].event, "done");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_not_reported() {
+        let (dir, path) = trail(2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":2,\"at\"").unwrap();
+        drop(f);
+        let v = verify(&path).unwrap();
+        assert_eq!((v.entries, v.torn_at.is_some()), (2, true));
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.record(Event {
+            event: "done",
+            ..Event::default()
+        })
+        .unwrap();
+        let v = verify(&path).unwrap();
+        assert_eq!((v.entries, v.torn_at), (3, None));
+        assert!(a.ends_with("", "done"));
     }
 
     #[test]

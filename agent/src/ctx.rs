@@ -76,22 +76,27 @@ impl Ctx {
         KeyList::load(&self.home.peers())
     }
 
-    /// Journal COMMIT for `order_id` (its peer's evidence verified), unless the order's peer
-    /// was removed from the trust store meanwhile: revocation takes effect at the gate, so a
-    /// migration whose peer was removed while it ran never commits and rolls back (SPEC.md
-    /// §3.4). Its session's later messages are refused with it.
-    pub fn commit(&self, order_id: &OrderId) -> Result<(), AgentError> {
-        let peers = self.peers()?;
-        let mut journal = self.journal.lock().expect("journal lock");
-        if let Some(p) = journal.entry(order_id).and_then(|e| e.peer) {
-            if !peers.contains(&p) {
-                return Err(AgentError::Refused(format!(
-                    "peer {} was removed from the trust store during the migration: not committing",
-                    hex::encode(p)
-                )));
-            }
+    /// Refuse to go on with `peer` if it was removed from the trust store during the
+    /// migration: revocation takes effect at the last step before a point of no return (the
+    /// source's COMMIT; the destination's `Ready`, after which a verified `Commit` is never
+    /// refused, or the source, committed and unable to ask, would hold the VM stopped with no
+    /// copy anywhere), so the migration rolls back (SPEC.md §3.4).
+    pub fn check_still_trusted(&self, peer: &[u8; 32]) -> Result<(), AgentError> {
+        if self.peers()?.contains(peer) {
+            return Ok(());
         }
-        journal.commit(order_id, Gate::Open)
+        Err(AgentError::Refused(format!(
+            "peer {} was removed from the trust store during the migration: not committing",
+            hex::encode(peer)
+        )))
+    }
+
+    /// Journal COMMIT for `order_id`, its peer's evidence having verified.
+    pub fn commit(&self, order_id: &OrderId) -> Result<(), AgentError> {
+        self.journal
+            .lock()
+            .expect("journal lock")
+            .commit(order_id, Gate::Open)
     }
 
     /// The configuration now.

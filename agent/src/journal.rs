@@ -113,6 +113,7 @@ impl Journal {
         let mut last_for_vm: HashMap<String, Record> = HashMap::new();
         let mut last_order_of_vm = HashMap::new();
         let mut torn_at = None;
+        let mut last_change = None;
         if path.exists() {
             let text = fs::read_to_string(&path).map_err(AgentError::io(&path))?;
             let lines: Vec<&str> = text.split_inclusive('\n').collect();
@@ -124,7 +125,12 @@ impl Journal {
                         if moves_vm(latest.get(&r.order_id).map(|p: &Record| p.state), &r) {
                             last_for_vm.insert(r.vm.clone(), r.clone());
                         }
-                        last_order_of_vm.insert(r.vm.clone(), r.order_id.clone());
+                        if Rules::default().touches_vm(&r.entry()) {
+                            last_order_of_vm.insert(r.vm.clone(), r.order_id.clone());
+                        }
+                        if latest.get(&r.order_id).map(|p: &Record| p.state) != Some(r.state) {
+                            last_change = Some(r.clone());
+                        }
                         latest.insert(r.order_id.clone(), r);
                     }
                     // Crash mid-append: the caller never acted on it; cut it off below.
@@ -156,7 +162,7 @@ impl Journal {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(AgentError::io(dir))?;
-        Ok(Self {
+        let mut journal = Self {
             path,
             file,
             latest,
@@ -164,34 +170,50 @@ impl Journal {
             last_order_of_vm,
             rules: Rules::default(),
             audit: crate::audit::Audit::open(dir)?,
-        })
+        };
+        journal.audit_catch_up(last_change)?;
+        Ok(journal)
     }
 
-    /// Append `r` durably, and its audit entry when it changes the order's state.
+    /// Append `r` durably, then its audit entry when it changes the order's state. The journal
+    /// is the authority: an audit write that fails is logged, and a crash between the two is
+    /// made good when the journal is next opened ([`Self::audit_catch_up`]).
     pub fn append(&mut self, r: Record) -> Result<(), AgentError> {
         let prev = self.latest.get(&r.order_id).map(|p| p.state);
-        if prev != Some(r.state) {
-            self.audit.record(crate::audit::Event {
-                event: audit_event(r.state),
-                order_id: r.order_id.clone(),
-                vm: r.vm.clone(),
-                role: r.role.to_string(),
-                peer: r.peer.clone().unwrap_or_default(),
-                reason: r.note.clone(),
-            })?;
-        }
         let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
         self.file
             .write_all(&line)
             .map_err(AgentError::io(&self.path))?;
         self.file.sync_data().map_err(AgentError::io(&self.path))?;
-        if moves_vm(self.latest.get(&r.order_id).map(|p| p.state), &r) {
+        if prev != Some(r.state) {
+            if let Err(e) = self.audit.record(audit_of(&r, "")) {
+                tracing::error!("could not write the audit trail: {e}");
+            }
+        }
+        if moves_vm(prev, &r) {
             self.last_for_vm.insert(r.vm.clone(), r.clone());
         }
-        self.last_order_of_vm
-            .insert(r.vm.clone(), r.order_id.clone());
+        if self.rules.touches_vm(&r.entry()) {
+            self.last_order_of_vm
+                .insert(r.vm.clone(), r.order_id.clone());
+        }
         self.latest.insert(r.order_id.clone(), r);
+        Ok(())
+    }
+
+    /// After a crash between a journal record and its audit entry: append the entry of the
+    /// journal's last change of state if the trail does not end with it.
+    fn audit_catch_up(&mut self, last: Option<Record>) -> Result<(), AgentError> {
+        let Some(r) = last else {
+            return Ok(());
+        };
+        if !self.audit.ends_with(&r.order_id, audit_event(r.state)) {
+            self.audit.record(audit_of(
+                &r,
+                " (entry written when the journal was reopened)",
+            ))?;
+        }
         Ok(())
     }
 
@@ -443,17 +465,31 @@ impl Journal {
             .any(|r| r.vm == vm && r.role == Role::Source && r.state == State::Committed)
     }
 
-    /// Migrations interrupted by a crash or restart: not Done, RolledBack or Settled.
+    /// Migrations interrupted by a crash or restart: not Done, RolledBack or Settled; oldest
+    /// first, so that what a restart writes for them follows the order they happened in.
     pub fn in_doubt(&self) -> Vec<Record> {
-        self.latest
-            .values()
+        let mut v: Vec<Record> = (self.latest.values())
             .filter(|r| matches!(r.state, State::Claimed | State::Committed))
             .cloned()
-            .collect()
+            .collect();
+        v.sort_by_key(|r| r.at);
+        v
     }
 }
 
 /// The audit trail's name for a record's new state.
+/// The audit entry of record `r`.
+fn audit_of(r: &Record, suffix: &str) -> crate::audit::Event {
+    crate::audit::Event {
+        event: audit_event(r.state),
+        order_id: r.order_id.clone(),
+        vm: r.vm.clone(),
+        role: r.role.to_string(),
+        peer: r.peer.clone().unwrap_or_default(),
+        reason: format!("{}{suffix}", r.note),
+    }
+}
+
 pub(crate) fn audit_event(s: State) -> &'static str {
     match s {
         State::Claimed => "order-received",
@@ -599,6 +635,61 @@ mod tests {
         assert!(j.leaving("vm") && !j.in_doubt_as_source("vm"));
         drop(j);
         assert!(!Journal::open(dir.path()).unwrap().migrated_away("vm"));
+    }
+
+    /// What a restart reconciles a VM's hypervisor with is the latest record that touched it:
+    /// not a revocation, nor an arrival refused before the VM's hypervisor was handed over.
+    #[test]
+    fn only_records_that_touch_the_vm_are_its_last_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.claim_for(&[1; 16], Role::Source, "vm", 10).unwrap();
+        j.set(&[1; 16], State::RolledBack, "failed").unwrap();
+        let mut body = OrderBody {
+            v: 1,
+            order_id: [2; 16],
+            vm: "vm".into(),
+            source: [1; 32],
+            destination: [2; 32],
+            destination_addr: "127.0.0.1:1".into(),
+            limits: trustmig_protocol::order::Limits {
+                downtime_ms: 300,
+                bandwidth_bps: 0,
+                max_rounds: 10,
+                on_nonconvergence: trustmig_protocol::order::NonConvergence::Force,
+            },
+            not_before: 0,
+            not_after: 10,
+            strict_final_quote: false,
+        };
+        j.revoke(&body, Role::Source).unwrap();
+        body.order_id = [3; 16];
+        ClaimAsDestination(&mut j).claim(&body).unwrap();
+        j.set(&[3; 16], State::RolledBack, "refused: not waiting").unwrap();
+        for j in [j, Journal::open(dir.path()).unwrap()] {
+            assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&[1; 16]));
+        }
+    }
+
+    /// A crash after a journal record and before its audit entry: the entry is written when
+    /// the journal is next opened, and the trail verifies against the journal again.
+    #[test]
+    fn the_audit_trail_catches_up_with_the_journal_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.claim_for(&[1; 16], Role::Source, "vm", 10).unwrap();
+        j.set(&[1; 16], State::Committed, "").unwrap();
+        drop(j);
+        let trail = dir.path().join(crate::audit::FILE);
+        let text = fs::read_to_string(&trail).unwrap();
+        let kept: Vec<&str> = text.lines().take(1).collect();
+        fs::write(&trail, kept.join("\n") + "\n").unwrap();
+        assert!(crate::audit::verify_with_journal(dir.path()).is_err());
+        drop(Journal::open(dir.path()).unwrap());
+        let v = crate::audit::verify_with_journal(dir.path()).unwrap();
+        assert_eq!(v.entries, 2);
+        assert_eq!(v.list[1].event, "committed");
+        assert!(v.list[1].reason.contains("when the journal was reopened"));
     }
 
     #[test]

@@ -307,6 +307,17 @@ impl Rules {
         }
     }
 
+    /// Whether a record is about this host's copy of the VM, for reconciling its hypervisor
+    /// after a restart: not a revocation, and not a destination's claim or refusal before the
+    /// VM's hypervisor was handed to the order (`flag`): those never touched it.
+    pub fn touches_vm(&self, e: &Entry) -> bool {
+        match (e.role, e.state) {
+            (_, State::Revoked) => false,
+            (Role::Destination, State::Claimed | State::RolledBack) => e.flag,
+            _ => true,
+        }
+    }
+
     /// Whether the VM left this agent by the order whose latest record that moved it is `e`:
     /// a source-side COMMIT, or what settled one as moved, so the destination owns it (or may:
     /// in doubt) and it must never start here again.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use trustmig_protocol::attestation::Measurement;
 
-use crate::attestation::{file_sha256, load_verifier};
+use crate::attestation::load_verifier;
 use crate::config::Config;
 use crate::ctx::Ctx;
 use crate::error::AgentError;
@@ -19,7 +19,16 @@ use crate::error::AgentError;
 /// Reload; returns what changed, for the operator.
 pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     let path = ctx.home.config();
-    let new = Config::load(&path)?;
+    // One read: what is measured is what is parsed.
+    let bytes = std::fs::read(&path).map_err(AgentError::io(&path))?;
+    let text = String::from_utf8(bytes.clone()).map_err(|e| AgentError::BadConfig {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut new = Config::parse(&text).map_err(|reason| AgentError::BadConfig {
+        path: path.clone(),
+        reason,
+    })?;
     let verifier = load_verifier(&ctx.home.policy())?;
     let old = ctx.config();
     let mut later = Vec::new();
@@ -45,7 +54,12 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     if synthetic(&new) != synthetic(&old) {
         later.push("synthetic VMs");
     }
-    let digest = file_sha256(&path)?;
+    // Synthetic guests live in this process, started at start: their entries stay as they were.
+    new.vms.retain(|v| v.synthetic().is_none());
+    new.vms
+        .extend(old.vms.iter().filter(|v| v.synthetic().is_some()).cloned());
+    in_use(ctx, &old, &new)?;
+    let digest = trustmig_protocol::sha256(&[&bytes]);
     ctx.attester
         .lock()
         .expect("attester lock")
@@ -62,6 +76,40 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
         );
     }
     Ok(what)
+}
+
+/// Refuse a reload that removes or changes a VM this agent is migrating, has in doubt, or is
+/// giving back: the running migration or settlement needs the entry it started with.
+fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
+    let same = |a: &crate::config::VmConfig, b: Option<&crate::config::VmConfig>| {
+        b.is_some_and(|b| toml::to_string(a).ok() == toml::to_string(b).ok())
+    };
+    for v in &old.vms {
+        if same(v, new.vm(&v.name)) {
+            continue;
+        }
+        let busy = ctx.journal.lock().expect("journal lock").leaving(&v.name)
+            || ctx
+                .parked
+                .lock()
+                .expect("parked lock")
+                .contains_key(&v.name)
+            || ctx
+                .resuming
+                .lock()
+                .expect("resuming lock")
+                .contains_key(&v.name);
+        if busy {
+            return Err(AgentError::BadConfig {
+                path: ctx.home.config(),
+                reason: format!(
+                    "VM {} is migrating, in doubt or being given back: its entry cannot change until that ends",
+                    v.name
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reload and log the outcome (SIGHUP).

@@ -142,6 +142,15 @@ struct Session {
     backend: &'static str,
 }
 
+/// The order's source, as its claim recorded it.
+fn peer_of(ctx: &Ctx, order: Option<OrderId>) -> [u8; 32] {
+    let journal = ctx.journal.lock().expect("journal lock");
+    order
+        .and_then(|id| journal.entry(&id))
+        .and_then(|e| e.peer)
+        .unwrap_or([0; 32])
+}
+
 fn wire(e: WireError) -> AgentError {
     AgentError::transport(Link::Control, e)
 }
@@ -342,7 +351,14 @@ impl Session {
                     match dm.handle(&msg, ctx.verifier().as_ref())? {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
-                        DestEvent::Send(m) => self.send(&m).await?,
+                        DestEvent::Send(m) => {
+                            // Before `Ready` (after it, a verified `Commit` is never refused):
+                            // a source removed from the trust store stops here.
+                            if matches!(Message::decode(&m), Ok(Message::Ready)) {
+                                ctx.check_still_trusted(&peer_of(&ctx, self.order_id))?;
+                            }
+                            self.send(&m).await?
+                        }
                         // The machine yields this only after `Resumed` (`late_quote`): here it
                         // would be a verdict nobody records, so it is an error, never dropped.
                         DestEvent::FinalQuote(v) => {
@@ -386,7 +402,27 @@ impl Session {
         // `Commit` verified after our `Ready`: the gate is open (DestMigration checked it).
         ctx.commit(&id)?;
         crash_point(CrashPoint::DestinationAfterCommit);
-        vm.resume(&ctx).await?;
+        // The VM is this host's now and runs nowhere else: a refused `cont` is tried again
+        // (250 ms doubling to 5 s) for a step timeout before it is reported; a restart of the
+        // agent resumes it too (SPEC.md §8.8).
+        let mut pauses = crate::backoff::Backoff::new(
+            std::time::Duration::from_millis(250),
+            std::time::Duration::from_secs(5),
+        );
+        let deadline = tokio::time::Instant::now() + ctx.step_timeout();
+        loop {
+            match vm.resume(&ctx).await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(order = %hex(&id), vm = %self.vm, "committed here, but the VM did not start; trying again: {e}");
+                    tokio::time::sleep(pauses.next_pause()).await;
+                }
+                Err(e) => {
+                    error!(order = %hex(&id), vm = %self.vm, "committed here, but the VM does not start; it runs nowhere until it does (restart the agent, or `cont` it by hand): {e}");
+                    return Err(e);
+                }
+            }
+        }
         let m = dm.resumed()?;
         let sent = if crate::fault::lose_resumed() {
             Err(AgentError::Migration(

@@ -517,7 +517,12 @@ async fn commit_exchange(
             SourceEvent::ReadyToCommit => {
                 debug!("ready to commit");
                 // The point of no return: durable before the destination may resume.
-                // `Ready` verified (SourceMigration checked it): the gate is open.
+                // `Ready` verified (SourceMigration checked it): the gate is open, unless the
+                // destination was removed from the trust store meanwhile.
+                let peer = ctx.journal.lock().expect("journal lock").entry(order_id);
+                if let Some(p) = peer.and_then(|e| e.peer) {
+                    ctx.check_still_trusted(&p)?;
+                }
                 ctx.commit(order_id)?;
                 steps.push(("COMMIT journalled", Instant::now()));
                 crash_point(CrashPoint::SourceAfterCommit);
