@@ -665,7 +665,8 @@ mod tests {
         j.revoke(&body, Role::Source).unwrap();
         body.order_id = [3; 16];
         ClaimAsDestination(&mut j).claim(&body).unwrap();
-        j.set(&[3; 16], State::RolledBack, "refused: not waiting").unwrap();
+        j.set(&[3; 16], State::RolledBack, "refused: not waiting")
+            .unwrap();
         for j in [j, Journal::open(dir.path()).unwrap()] {
             assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&[1; 16]));
         }

@@ -1514,6 +1514,23 @@ fn scrape(addr: &str) -> String {
     out
 }
 
+/// Scrape `addr` until the sample `name` reads `want` (the agent records a session's end
+/// after its peer may have seen it), within 10 s; returns that scrape.
+fn scrape_until(addr: &str, name: &str, want: f64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(addr);
+        if sample(&m, name) == want {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never {want}: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The value of the sample `name` (with its labels as printed) in `text`, 0 when absent.
 fn sample(text: &str, name: &str) -> f64 {
     (text.lines())
@@ -1587,10 +1604,9 @@ fn metrics_are_scraped_during_and_after_migrations() {
     assert_eq!(sample(&m, "trustmig_downtime_seconds_count"), 1.0, "{m}");
     assert!(sample(&m, "trustmig_tpm_quote_seconds_count") >= 1.0, "{m}");
     assert_eq!(sample(&m, "trustmig_migrations_sending"), 0.0, "{m}");
-    let m = scrape(&dst);
     let done_here =
         r#"trustmig_migrations_ended_total{role="destination",backend="synthetic",outcome="done"}"#;
-    assert_eq!(sample(&m, done_here), 1.0, "{m}");
+    scrape_until(&dst, done_here, 1.0);
 
     // Through a tampering proxy: the destination refuses a record, discards, and counts it.
     let proxy = rt
@@ -1606,11 +1622,10 @@ fn metrics_are_scraped_during_and_after_migrations() {
         .unwrap();
     let e = failed(migrate(&rt, &pair, &o));
     assert!(e.contains("tampered"), "{e}");
-    let m = scrape(&dst);
-    assert_eq!(
-        sample(&m, r#"trustmig_record_failures_total{kind="tamper"}"#),
+    let m = scrape_until(
+        &dst,
+        r#"trustmig_record_failures_total{kind="tamper"}"#,
         1.0,
-        "{m}"
     );
     let discarded = r#"trustmig_migrations_ended_total{role="destination",backend="synthetic",outcome="discarded"}"#;
     assert_eq!(sample(&m, discarded), 1.0, "{m}");
