@@ -212,13 +212,18 @@ fn record_failure(e: &AgentError) -> Option<&'static str> {
     }
 }
 
-/// Serve `/metrics` on `addr` from a thread of its own, for the life of the process.
-pub fn serve(ctx: Arc<crate::ctx::Ctx>, addr: &str) -> Result<(), AgentError> {
-    let server = tiny_http::Server::http(addr).map_err(|e| AgentError::BadConfig {
-        path: ctx.home.config(),
+/// Bind the metrics address (at start, before the agent says it is ready: an address in use is
+/// a configuration error that stops the start).
+pub fn bind(addr: &str, config: &std::path::Path) -> Result<tiny_http::Server, AgentError> {
+    tiny_http::Server::http(addr).map_err(|e| AgentError::BadConfig {
+        path: config.to_path_buf(),
         reason: format!("metrics_listen = {addr:?}: {e}"),
-    })?;
-    info!(%addr, "metrics at /metrics");
+    })
+}
+
+/// Serve `/metrics` from `server` on a thread of its own, for the life of the process.
+pub fn serve(ctx: Arc<crate::ctx::Ctx>, server: tiny_http::Server) -> Result<(), AgentError> {
+    info!(addr = %server.server_addr(), "metrics at /metrics");
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {

@@ -1638,4 +1638,17 @@ fn metrics_are_scraped_during_and_after_migrations() {
         1.0,
         "{m}"
     );
+
+    // A metrics address in use: the agent does not start, and says which setting is wrong.
+    pair.stop(0);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let cfg = pair.src.config();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace(&src, &busy)).unwrap();
+    let e = pair.start(0).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("metrics_listen = \"{busy}\"")) && e.contains("in use"),
+        "{e}"
+    );
 }

@@ -75,6 +75,9 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
                 addr: config.listen.clone(),
                 source,
             })?;
+    let metrics_server = (config.metrics_listen.as_deref())
+        .map(|addr| crate::metrics::bind(addr, &home.config()))
+        .transpose()?;
     let sock_path = home.control_socket();
     let _ = std::fs::remove_file(&sock_path);
     let control = UnixListener::bind(&sock_path).map_err(AgentError::io(&sock_path))?;
@@ -87,7 +90,6 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         "agent ready"
     );
     let max_sending = config.transfer.max_concurrent_migrations;
-    let metrics_listen = config.metrics_listen.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let ctx = Arc::new(Ctx {
         home,
@@ -109,8 +111,8 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         outgoing: Arc::new(tokio::sync::Semaphore::new(max_sending)),
         queued: Mutex::new(Vec::new()),
     });
-    if let Some(addr) = metrics_listen {
-        crate::metrics::serve(ctx.clone(), &addr)?;
+    if let Some(server) = metrics_server {
+        crate::metrics::serve(ctx.clone(), server)?;
     }
     Ok(Started {
         ctx,
