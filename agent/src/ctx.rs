@@ -59,6 +59,8 @@ pub struct Ctx {
     /// One permit per migration this agent may send at once
     /// (`transfer.max_concurrent_migrations`).
     pub outgoing: Arc<tokio::sync::Semaphore>,
+    /// How many permits `outgoing` was made with (a reload does not change it).
+    pub max_sending: usize,
     /// Prometheus metrics (served when `metrics_listen` is set).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Orders waiting for a permit, in arrival order: (order id hex, VM).
@@ -97,6 +99,12 @@ impl Ctx {
             .lock()
             .expect("journal lock")
             .commit(order_id, Gate::Open)
+    }
+
+    /// Migrations being sent now.
+    pub fn sending(&self) -> usize {
+        self.max_sending
+            .saturating_sub(self.outgoing.available_permits())
     }
 
     /// The configuration now.

@@ -386,7 +386,9 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
                 if json {
                     println!("{}", serde_json::to_string(e).unwrap_or_default());
                 } else {
-                    let order = &e.order_id[..16.min(e.order_id.len())];
+                    // A trail whose chain verifies may still hold any text: never slice bytes.
+                    let short = |s: &str| s.chars().take(16).collect::<String>();
+                    let order = short(&e.order_id);
                     println!(
                         "{:>5} {} {:<15} {:<11} order {order:<16} vm {:<12} peer {:<16} {}",
                         e.seq,
@@ -394,7 +396,7 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
                         e.event,
                         e.role,
                         e.vm,
-                        &e.peer[..16.min(e.peer.len())],
+                        short(&e.peer),
                         e.reason
                     );
                 }

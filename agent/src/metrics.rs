@@ -181,9 +181,7 @@ impl Metrics {
 
     /// The OpenMetrics text, with the gauges read from `ctx` now.
     pub fn render(&self, ctx: &crate::ctx::Ctx) -> String {
-        let limit = ctx.config().transfer.max_concurrent_migrations;
-        self.sending
-            .set((limit - ctx.outgoing.available_permits()) as i64);
+        self.sending.set(ctx.sending() as i64);
         self.queued
             .set(ctx.queued.lock().expect("queue lock").len() as i64);
         self.in_doubt

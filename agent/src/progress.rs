@@ -204,7 +204,7 @@ pub fn status_text(v: &serde_json::Value) -> String {
     {
         out += &format!(
             "  queued: order {} (VM {})\n",
-            &str_of(q, "order_id")[..16.min(str_of(q, "order_id").len())],
+            str_of(q, "order_id").chars().take(16).collect::<String>(),
             str_of(q, "vm")
         );
     }

@@ -191,8 +191,7 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
     let queued: Vec<_> = (ctx.queued.lock().expect("queue lock").iter())
         .map(|(order, vm)| serde_json::json!({ "order_id": order, "vm": vm }))
         .collect();
-    let limit = ctx.config().transfer.max_concurrent_migrations;
-    let sending = limit - ctx.outgoing.available_permits();
+    let (limit, sending) = (ctx.max_sending, ctx.sending());
     serde_json::json!({
         "identity": hex::encode(ctx.identity.id()),
         "listen": ctx.config().listen,

@@ -42,6 +42,8 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     }
     if new.transfer.max_concurrent_migrations != old.transfer.max_concurrent_migrations {
         later.push("transfer.max_concurrent_migrations");
+        // What runs stays what the configuration says until the restart applies it.
+        new.transfer.max_concurrent_migrations = old.transfer.max_concurrent_migrations;
     }
     let synthetic = |c: &Config| -> Vec<String> {
         let mut v: Vec<_> = (c.vms.iter())

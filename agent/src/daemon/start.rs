@@ -109,6 +109,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
         outgoing: Arc::new(tokio::sync::Semaphore::new(max_sending)),
+        max_sending,
         queued: Mutex::new(Vec::new()),
     });
     if let Some(server) = metrics_server {
