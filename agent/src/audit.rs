@@ -10,7 +10,7 @@
 //! leaves a shorter valid chain: the journal, which the agent needs to run, keeps the same
 //! events, and `verify` cross-checks their count (an anchor in the TPM is not built yet).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -111,17 +111,8 @@ impl Audit {
                 })
             }
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(AgentError::io(&path))?;
         // A crash mid-append: that entry was never whole; cut it off, as the journal does.
-        if let Some(len) = torn_at {
-            file.set_len(len)
-                .and_then(|()| file.sync_all())
-                .map_err(AgentError::io(&path))?;
-        }
+        let file = crate::journal::open_log(&path, torn_at)?;
         Ok(Self {
             path,
             file,
@@ -326,6 +317,7 @@ pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     fn trail(n: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();

@@ -347,17 +347,12 @@ impl Pair {
         limits: Limits,
         ttl_secs: u64,
     ) -> Result<SignedOrder, AgentError> {
-        admin::sign_order(
-            &self.operator_key,
-            OrderArgs {
-                vm: vm.into(),
-                source: self.dst_id,
-                destination: self.src_id,
-                destination_addr: self.src_addr.clone(),
-                limits,
-                ttl_secs,
-                strict_final_quote: self.strict_final_quote,
-            },
+        self.sign(
+            (self.dst_id, self.src_id),
+            &self.src_addr,
+            vm,
+            limits,
+            ttl_secs,
         )
     }
 
@@ -369,12 +364,24 @@ impl Pair {
         limits: Limits,
         ttl_secs: u64,
     ) -> Result<SignedOrder, AgentError> {
+        self.sign((self.src_id, self.dst_id), addr, vm, limits, ttl_secs)
+    }
+
+    /// Sign an order from `from` to `to` (at `addr`) with the pair's operator key.
+    fn sign(
+        &self,
+        (from, to): (AgentId, AgentId),
+        addr: &str,
+        vm: &str,
+        limits: Limits,
+        ttl_secs: u64,
+    ) -> Result<SignedOrder, AgentError> {
         admin::sign_order(
             &self.operator_key,
             OrderArgs {
                 vm: vm.into(),
-                source: self.src_id,
-                destination: self.dst_id,
+                source: from,
+                destination: to,
                 destination_addr: addr.into(),
                 limits,
                 ttl_secs,

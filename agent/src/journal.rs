@@ -148,16 +148,7 @@ impl Journal {
                 offset += line.len() as u64;
             }
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(AgentError::io(&path))?;
-        if let Some(len) = torn_at {
-            file.set_len(len)
-                .and_then(|_| file.sync_all())
-                .map_err(AgentError::io(&path))?;
-        }
+        let file = open_log(&path, torn_at)?;
         // The directory entry must be durable too, or a fresh journal could vanish on crash.
         File::open(dir)
             .and_then(|d| d.sync_all())
@@ -501,6 +492,22 @@ pub(crate) fn audit_event(s: State) -> &'static str {
     }
 }
 
+/// Open an append-only log (the journal, the audit trail) for appending, first cutting off a
+/// torn last line at `torn_at` (a crash mid-append: the caller never acted on it).
+pub(crate) fn open_log(path: &Path, torn_at: Option<u64>) -> Result<File, AgentError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(AgentError::io(path))?;
+    if let Some(len) = torn_at {
+        file.set_len(len)
+            .and_then(|()| file.sync_all())
+            .map_err(AgentError::io(path))?;
+    }
+    Ok(file)
+}
+
 /// A rule's refusal, naming the order.
 fn refused(order_id: &OrderId, e: Refusal) -> AgentError {
     AgentError::Journal(format!("order {}: {e}", hex(order_id)))
@@ -525,6 +532,27 @@ impl OrderJournal for ClaimAsDestination<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An order for `vm` from agent [1; 32] to [2; 32], id [`id`; 16].
+    fn order(id: u8, vm: &str) -> OrderBody {
+        OrderBody {
+            v: 1,
+            order_id: [id; 16],
+            vm: vm.into(),
+            source: [1; 32],
+            destination: [2; 32],
+            destination_addr: "127.0.0.1:1".into(),
+            limits: trustmig_protocol::order::Limits {
+                downtime_ms: 300,
+                bandwidth_bps: 0,
+                max_rounds: 10,
+                on_nonconvergence: trustmig_protocol::order::NonConvergence::Force,
+            },
+            not_before: 0,
+            not_after: 10,
+            strict_final_quote: false,
+        }
+    }
 
     /// SPEC.md §8.8 rule 3 from the destination's side: "not committed" is journalled before
     /// it is answered, so a late `Commit` cannot commit afterwards; a committed order answers
@@ -571,23 +599,7 @@ mod tests {
     fn settlement_is_answered_to_the_orders_source_only() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        let body = OrderBody {
-            v: 1,
-            order_id: [5; 16],
-            vm: "v".into(),
-            source: [1; 32],
-            destination: [2; 32],
-            destination_addr: "127.0.0.1:1".into(),
-            limits: trustmig_protocol::order::Limits {
-                downtime_ms: 300,
-                bandwidth_bps: 0,
-                max_rounds: 10,
-                on_nonconvergence: trustmig_protocol::order::NonConvergence::Force,
-            },
-            not_before: 0,
-            not_after: 10,
-            strict_final_quote: false,
-        };
+        let body = order(5, "v");
         ClaimAsDestination(&mut j).claim(&body).unwrap();
         let e = j.settle_query(&[5; 16], &[3; 32]).unwrap_err().to_string();
         assert!(e.contains("which did not send it"), "{e}");
@@ -645,23 +657,7 @@ mod tests {
         let mut j = Journal::open(dir.path()).unwrap();
         j.claim_for(&[1; 16], Role::Source, "vm", 10).unwrap();
         j.set(&[1; 16], State::RolledBack, "failed").unwrap();
-        let mut body = OrderBody {
-            v: 1,
-            order_id: [2; 16],
-            vm: "vm".into(),
-            source: [1; 32],
-            destination: [2; 32],
-            destination_addr: "127.0.0.1:1".into(),
-            limits: trustmig_protocol::order::Limits {
-                downtime_ms: 300,
-                bandwidth_bps: 0,
-                max_rounds: 10,
-                on_nonconvergence: trustmig_protocol::order::NonConvergence::Force,
-            },
-            not_before: 0,
-            not_after: 10,
-            strict_final_quote: false,
-        };
+        let mut body = order(2, "vm");
         j.revoke(&body, Role::Source).unwrap();
         body.order_id = [3; 16];
         ClaimAsDestination(&mut j).claim(&body).unwrap();

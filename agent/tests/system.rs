@@ -72,6 +72,44 @@ enum Outcome {
     Failed(String),
 }
 
+/// Run `trustmig ARGS --home HOME`: whether it succeeded, and its stdout and stderr.
+fn cli(home: &Home, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(exe())
+        .args(args)
+        .arg("--home")
+        .arg(home.root())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// `trustmig status --json` of the agent at `home`, if it answers.
+fn status_json(rt: &tokio::runtime::Runtime, home: &Home) -> Option<serde_json::Value> {
+    let mut st = None;
+    let r = rt.block_on(trustmig_agent::control::call(
+        &home.control_socket(),
+        &trustmig_agent::control::Request::Status,
+        |r| {
+            if let Reply::Status(v) = r {
+                st = Some(v);
+            }
+        },
+    ));
+    r.ok().and(st)
+}
+
+/// Send SIGHUP to process `pid`.
+fn sighup(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -HUP {pid}");
+}
+
 fn migrate(rt: &tokio::runtime::Runtime, pair: &Pair, order: &SignedOrder) -> Outcome {
     rt.block_on(migrate_async(pair, order))
 }
@@ -610,17 +648,7 @@ fn the_operator_settles_an_order_the_destination_never_answers() {
         let Some((rt, pair, id, writes_before)) = lost_in_doubt("1000000") else {
             return;
         };
-        let cli = |args: &[&str]| {
-            let out = std::process::Command::new(exe())
-                .args(args)
-                .arg("--home")
-                .arg(pair.src.root())
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr);
-            (out.status.success(), text)
-        };
+        let cli = |args: &[&str]| cli(&pair.src, args);
         let (ok, status) = cli(&["status"]);
         assert!(
             ok && status.contains("in doubt") && status.contains(&id[..16]),
@@ -879,19 +907,9 @@ fn settled_status(rt: &tokio::runtime::Runtime, pair: &Pair, order: &str) -> (Ve
     let mut runs = Vec::new();
     let mut fin = true;
     for home in [&pair.src, &pair.dst] {
-        let mut st = serde_json::Value::Null;
-        let r = rt.block_on(trustmig_agent::control::call(
-            &home.control_socket(),
-            &trustmig_agent::control::Request::Status,
-            |r| {
-                if let Reply::Status(v) = r {
-                    st = v;
-                }
-            },
-        ));
-        if r.is_err() {
+        let Some(st) = status_json(rt, home) else {
             return (vec![false, false], false);
-        }
+        };
         runs.push(
             st["vms"]
                 .as_array()
@@ -1013,17 +1031,6 @@ fn revocation_takes_effect_at_once() {
     let rt = rt();
     let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 200), 2).unwrap();
     pair.start_both().unwrap();
-    let cli = |home: &Home, args: &[&str]| {
-        let out = std::process::Command::new(exe())
-            .args(args)
-            .arg("--home")
-            .arg(home.root())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
     let file = |o: &SignedOrder, name: &str| {
         let p = pair.dir().join(name);
         std::fs::write(&p, o.to_cbor()).unwrap();
@@ -1095,17 +1102,14 @@ fn revocation_takes_effect_at_once() {
     let mut slow = l();
     slow.bandwidth_bps = 16 << 20;
     let o = pair.order("v", slow, 600).unwrap();
-    let src_home = pair.src.root().to_path_buf();
+    let src_home = Home::at(pair.src.root());
     let remover = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(800));
-        std::process::Command::new(exe())
-            .args(["trust", "remove-peer", "destination", "--home"])
-            .arg(src_home)
-            .output()
-            .unwrap()
+        cli(&src_home, &["trust", "remove-peer", "destination"])
     });
     let e = failed(migrate(&rt, &pair, &o));
-    assert!(remover.join().unwrap().status.success());
+    let (ok, text) = remover.join().unwrap();
+    assert!(ok, "{text}");
     assert!(
         e.contains("removed from the trust store during the migration"),
         "{e}\n{}",
@@ -1168,17 +1172,7 @@ fn concurrent_migrations_queue_beyond_the_limit() {
     // One sends, the other waits in the queue, as `status` shows.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let (sending_vm, queued_vm) = loop {
-        let mut st = serde_json::Value::Null;
-        rt.block_on(trustmig_agent::control::call(
-            &pair.src.control_socket(),
-            &trustmig_agent::control::Request::Status,
-            |r| {
-                if let Reply::Status(v) = r {
-                    st = v;
-                }
-            },
-        ))
-        .unwrap();
+        let st = status_json(&rt, &pair.src).expect("source status");
         let queued = st["queued"].as_array().cloned().unwrap_or_default();
         let claimed = (st["journal"].as_array().into_iter().flatten())
             .find(|r| r["state"] == "claimed" && r["role"] == "source")
@@ -1245,17 +1239,6 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
         migrate(&rt, &pair, &pair.order("w", l(), 600).unwrap()),
         &pair,
     );
-    let cli = |home: &Home, args: &[&str]| {
-        let out = std::process::Command::new(exe())
-            .args(args)
-            .arg("--home")
-            .arg(home.root())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
     let id = trustmig_protocol::order::hex(&o.dangerous_unverified_body().unwrap().order_id);
     for (home, peer) in [(&pair.src, pair.dst_id), (&pair.dst, pair.src_id)] {
         let (ok, text) = cli(home, &["audit", "verify"]);
@@ -1329,15 +1312,11 @@ fn doctor_names_what_to_fix() {
     }
     let mut pair = Pair::create(exe().as_ref(), &vm("v", 8, 0), 1).unwrap();
     let doctor = |home: &Home, peers: &[String]| {
-        let mut cmd = std::process::Command::new(exe());
-        cmd.arg("doctor").arg("--home").arg(home.root());
+        let mut args = vec!["doctor"];
         for p in peers {
-            cmd.arg("--peer").arg(p);
+            args.extend(["--peer", p.as_str()]);
         }
-        let out = cmd.output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
+        cli(home, &args)
     };
     // Agents down: the TPM is free to probe; the agent's absence is a warning.
     let (ok, text) = doctor(&pair.src, &[]);
@@ -1358,12 +1337,8 @@ fn doctor_names_what_to_fix() {
     assert!(text.contains("reachable, mutual TLS accepted"), "{text}");
 
     // The destination stops trusting this agent; a wrong port; an unknown peer name.
-    let out = std::process::Command::new(exe())
-        .args(["trust", "remove-peer", "source", "--home"])
-        .arg(pair.dst.root())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let (ok, text) = cli(&pair.dst, &["trust", "remove-peer", "source"]);
+    assert!(ok, "{text}");
     let (ok, text) = doctor(
         &pair.src,
         &[
@@ -1423,17 +1398,6 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     let rt = rt();
     let mut pair = Pair::create(exe().as_ref(), &vm("v", 16, 0), 1).unwrap();
     pair.start_both().unwrap();
-    let cli = |home: &Home, args: &[&str]| {
-        let out = std::process::Command::new(exe())
-            .args(args)
-            .arg("--home")
-            .arg(home.root())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
     let l = || limits(300, 10, NonConvergence::Force);
     let policy = pair.dst.policy();
     let saved = std::fs::read_to_string(&policy).unwrap();
@@ -1455,11 +1419,7 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
         "{text}"
     );
     let pid = pair.procs[1].as_ref().unwrap().pid();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    sighup(pid);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !pair.log_tails(20).contains("SIGHUP: reload refused") {
         assert!(
@@ -1479,11 +1439,7 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     // Restored and reloaded (by SIGHUP this time): the next migration goes through.
     std::fs::write(&cfg, good).unwrap();
     std::fs::write(&policy, saved).unwrap();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    sighup(pid);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !pair.log_tails(20).contains("SIGHUP: reloaded") {
         assert!(
