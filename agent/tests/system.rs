@@ -1117,6 +1117,39 @@ fn revocation_takes_effect_at_once() {
     );
     assert!(e.contains("rolled back"), "{e}");
     assert_rolled_back(&rt, &pair, "v");
+
+    // The same on the destination's side: it stops before sending `Ready` (never at a
+    // verified `Commit`, when the source has committed), and the source rolls back.
+    let (ok, text) = cli(
+        &pair.src,
+        &[
+            "trust",
+            "add-peer",
+            "--name",
+            "destination",
+            "--key",
+            &dst_key,
+        ],
+    );
+    assert!(ok, "{text}");
+    let mut slow = l();
+    slow.bandwidth_bps = 16 << 20;
+    let o = pair.order("v", slow, 600).unwrap();
+    let dst_home = Home::at(pair.dst.root());
+    let remover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        cli(&dst_home, &["trust", "remove-peer", "source"])
+    });
+    let e = failed(migrate(&rt, &pair, &o));
+    let (ok, text) = remover.join().unwrap();
+    assert!(ok, "{text}");
+    assert!(
+        e.contains("removed from the trust store during the migration"),
+        "{e}\n{}",
+        pair.log_tails(20)
+    );
+    assert!(e.contains("rolled back"), "{e}");
+    assert_rolled_back(&rt, &pair, "v");
 }
 
 /// Issue 12 item 4: migrations at once in both directions on one agent, with the source's
