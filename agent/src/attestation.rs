@@ -58,3 +58,66 @@ pub fn load_verifier(policy_path: &Path) -> Result<PolicyVerifier, AgentError> {
     })?;
     Ok(PolicyVerifier::new(policy))
 }
+
+/// The agent's TPM as its tasks share it: quotes timed into the metrics.
+pub type AgentTpm = crate::metrics::TimedAttester<TpmAttester>;
+
+/// The audit trail's anchor: a PCR of the agent's own TPM (`tpm.audit_pcr`).
+pub struct PcrAnchor {
+    /// The TPM, shared with the migrations.
+    pub tpm: std::sync::Arc<std::sync::Mutex<AgentTpm>>,
+    /// The PCR.
+    pub pcr: u8,
+}
+
+impl crate::audit::Anchor for PcrAnchor {
+    fn pcr(&self) -> u8 {
+        self.pcr
+    }
+
+    fn read(&mut self) -> Result<[u8; 32], String> {
+        let mut tpm = self.tpm.lock().expect("attester lock");
+        (tpm.inner().tpm().pcr_read_at(self.pcr)).map_err(|e| e.to_string())
+    }
+
+    fn extend(&mut self, digest: &[u8; 32]) -> Result<(), String> {
+        let mut tpm = self.tpm.lock().expect("attester lock");
+        (tpm.inner().tpm().pcr_extend_at(self.pcr, digest)).map_err(|e| e.to_string())
+    }
+}
+
+/// The audit anchor as the operator's `audit` commands reach it, with no agent running: the
+/// home's TPM, for PCRs alone (no key loaded or created).
+pub struct OperatorAnchor {
+    pcrs: trustmig_attest::tpm::Pcrs,
+    pcr: u8,
+}
+
+impl OperatorAnchor {
+    /// Open the TPM the home's configuration names.
+    pub fn open(home: &crate::home::Home) -> Result<Self, AgentError> {
+        let config = Config::load(&home.config())?;
+        let pcrs = trustmig_attest::tpm::Pcrs::open(&config.tpm.tcti)
+            .map_err(|e| AgentError::Tpm(format!("{e} (tcti {})", config.tpm.tcti)))?;
+        Ok(Self {
+            pcrs,
+            pcr: config.tpm.audit_pcr,
+        })
+    }
+}
+
+impl crate::audit::Anchor for OperatorAnchor {
+    fn pcr(&self) -> u8 {
+        self.pcr
+    }
+
+    fn read(&mut self) -> Result<[u8; 32], String> {
+        self.pcrs.read(self.pcr).map_err(|e| e.to_string())
+    }
+
+    fn extend(&mut self, digest: &[u8; 32]) -> Result<(), String> {
+        self.pcrs
+            .extend(self.pcr, digest)
+            .map_err(|e| e.to_string())
+    }
+}

@@ -350,6 +350,18 @@ pub(crate) enum AuditCmd {
     Verify {
         #[command(flatten)]
         home: HomeArg,
+        /// Check the chain alone, not its TPM anchor (a copy of a trail, away from its host).
+        #[arg(long)]
+        no_tpm: bool,
+    },
+    /// With the agent stopped, after a trail was found not to match its TPM anchor and the
+    /// operator has looked into it: record a new anchor (and why) in the trail.
+    Anchor {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Why (kept in the trail).
+        #[arg(long)]
+        reason: String,
     },
     /// List the trail (verified first).
     Show {

@@ -27,6 +27,9 @@ pub enum Request {
     },
     /// Read the configuration and the attestation policy again (as SIGHUP does).
     Reload,
+    /// The audit trail's anchor PCR and its value (`trustmig audit verify` while the agent
+    /// holds the TPM).
+    AuditAnchor,
     /// The operator revokes an order this agent has not used (SPEC.md §3.4).
     Revoke {
         /// Hex of the signed order's CBOR.
@@ -195,6 +198,13 @@ pub enum Reply {
     Revoked(String),
     /// The configuration reloaded: what changed.
     Reloaded(String),
+    /// The audit trail's anchor.
+    Anchor {
+        /// The PCR.
+        pcr: u8,
+        /// Its SHA-256 value (hex).
+        value: String,
+    },
     /// The request failed.
     Error(String),
 }

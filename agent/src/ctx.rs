@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use trustmig_protocol::attestation::{Attester, EvidenceVerifier};
+use trustmig_protocol::attestation::EvidenceVerifier;
+use trustmig_protocol::migration::CommitEvidence;
 use trustmig_protocol::order::OrderId;
 use trustmig_protocol::settlement::Gate;
 
@@ -33,8 +34,8 @@ pub struct Ctx {
     pub config: RwLock<Arc<Config>>,
     /// Identity.
     pub identity: Identity,
-    /// The TPM (one at a time: quotes are short).
-    pub attester: Mutex<Box<dyn Attester + Send>>,
+    /// The TPM (one command at a time), shared with the audit trail's anchoring thread.
+    pub attester: Arc<Mutex<crate::attestation::AgentTpm>>,
     /// Verifier of peers' evidence (the attestation policy): replaced by a reload.
     pub verifier: RwLock<Arc<dyn EvidenceVerifier + Send + Sync>>,
     /// The journal.
@@ -93,12 +94,25 @@ impl Ctx {
         )))
     }
 
-    /// Journal COMMIT for `order_id`, its peer's evidence having verified.
-    pub fn commit(&self, order_id: &OrderId) -> Result<(), AgentError> {
-        self.journal
-            .lock()
-            .expect("journal lock")
-            .commit(order_id, Gate::Open)
+    /// Journal COMMIT for `order_id`, its peer's evidence having verified, with the digests
+    /// the commit rests on.
+    pub fn commit(
+        &self,
+        order_id: &OrderId,
+        evidence: Option<CommitEvidence>,
+    ) -> Result<(), AgentError> {
+        let digests = evidence.map(|e| {
+            std::collections::BTreeMap::from([
+                ("transcript".to_string(), hex::encode(e.transcript)),
+                ("manifest_root".to_string(), hex::encode(e.manifest_root)),
+                ("final_digest".to_string(), hex::encode(e.final_digest)),
+            ])
+        });
+        self.journal.lock().expect("journal lock").commit(
+            order_id,
+            Gate::Open,
+            digests.unwrap_or_default(),
+        )
     }
 
     /// Migrations being sent now.

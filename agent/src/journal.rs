@@ -7,13 +7,15 @@
 //! only keeps the records and makes them durable. A torn last line (crash mid-write) is ignored;
 //! any other malformed line is an error, since guessing could let a used order id run again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use trustmig_protocol::order::{hex, OrderBody, OrderError, OrderId, OrderJournal, Role};
+use trustmig_protocol::order::{
+    hex, OrderBody, OrderError, OrderId, OrderJournal, Role, VerifiedOrder,
+};
 pub use trustmig_protocol::settlement::State;
 use trustmig_protocol::settlement::{Entry, Gate, Refusal, Rules, Settle, VmAction};
 use trustmig_protocol::AgentId;
@@ -56,6 +58,13 @@ pub struct Record {
     /// that QEMU, and no other (`reconcile.rs`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fed: bool,
+    /// The ed25519 key (hex) of the operator who signed the order (the audit trail's "by whom").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// From COMMIT on: digests of the evidence the commit rests on (hex, by name; see
+    /// [`crate::audit::Entry::evidence`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evidence: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -87,6 +96,8 @@ impl Record {
             peer_addr: None,
             paused_before: false,
             fed: false,
+            operator: None,
+            evidence: BTreeMap::new(),
         }
     }
 }
@@ -164,6 +175,19 @@ impl Journal {
         };
         journal.audit_catch_up(last_change)?;
         Ok(journal)
+    }
+
+    /// Anchor the audit trail in the TPM from now on ([`crate::audit::Audit::anchor`]).
+    pub fn anchor_audit(
+        &mut self,
+        anchor: Box<dyn crate::audit::Anchor>,
+    ) -> Result<(), AgentError> {
+        self.audit.anchor(anchor)
+    }
+
+    /// The PCR the audit trail is anchored in, once anchored.
+    pub fn audit_anchor_pcr(&self) -> Option<u8> {
+        self.audit.anchor_pcr()
     }
 
     /// Append `r` durably, then its audit entry when it changes the order's state. The journal
@@ -269,12 +293,51 @@ impl Journal {
     /// (`gate`). Refused once the order was rolled back or settled: after this destination
     /// answered a settlement query "not committed", no late `Commit` may make it commit after
     /// all (SPEC.md §8.8).
-    pub fn commit(&mut self, order_id: &OrderId, gate: Gate) -> Result<(), AgentError> {
+    pub fn commit(
+        &mut self,
+        order_id: &OrderId,
+        gate: Gate,
+        evidence: BTreeMap<String, String>,
+    ) -> Result<(), AgentError> {
         let state = self
             .rules
             .commit(self.entry(order_id).as_ref(), gate)
             .map_err(|e| refused(order_id, e))?;
-        self.set(order_id, state, "")
+        let prev = self.latest_of(order_id)?;
+        self.append(Record {
+            state,
+            at: crate::unix_now(),
+            note: String::new(),
+            evidence,
+            ..prev
+        })
+    }
+
+    /// After DONE: what became of the late final quote (SPEC.md §8.7), with its digest when
+    /// one was sent or received, and `note` (an incident says so): journalled on the order and
+    /// audited as `final-quote`.
+    pub fn late_quote(
+        &mut self,
+        order_id: &OrderId,
+        quote: Option<&[u8]>,
+        note: &str,
+    ) -> Result<(), AgentError> {
+        let mut r = self.latest_of(order_id)?;
+        if let Some(q) = quote {
+            let digest = ::hex::encode(trustmig_protocol::sha256(&[q]));
+            r.evidence.insert("final_quote".into(), digest);
+        }
+        r.at = crate::unix_now();
+        r.note = note.into();
+        self.append(r.clone())?;
+        let audited = self.audit.record(crate::audit::Event {
+            event: "final-quote",
+            ..audit_of(&r, "")
+        });
+        if let Err(e) = audited {
+            tracing::error!("could not write the audit trail: {e}");
+        }
+        Ok(())
     }
 
     /// Settle a source order that is at COMMIT, in doubt, as `how` says: journal what the
@@ -371,23 +434,29 @@ impl Journal {
     /// the VM was paused.
     pub fn claim_as_source(
         &mut self,
-        body: &OrderBody,
-        id: &OrderId,
+        order: &VerifiedOrder,
         paused_before: bool,
     ) -> Result<(), OrderError> {
-        self.claim(id, Role::Source, &body.vm, body.not_after, |r| {
+        let body = order.body();
+        self.claim(order.id(), Role::Source, &body.vm, body.not_after, |r| {
             r.peer = Some(hex(&body.destination));
             r.peer_addr = Some(body.destination_addr.clone());
             r.paused_before = paused_before;
+            r.operator = Some(hex(&order.signed().operator));
         })
     }
 
     /// Claim an order as its destination, remembering its source: the one agent whose
     /// settlement query about it is answered.
-    pub fn claim_as_destination(&mut self, body: &OrderBody) -> Result<(), OrderError> {
+    pub fn claim_as_destination(
+        &mut self,
+        body: &OrderBody,
+        operator: &[u8; 32],
+    ) -> Result<(), OrderError> {
         let (id, vm) = (&body.order_id, &body.vm);
         self.claim(id, Role::Destination, vm, body.not_after, |r| {
             r.peer = Some(hex(&body.source));
+            r.operator = Some(hex(operator));
         })
     }
 
@@ -468,7 +537,6 @@ impl Journal {
     }
 }
 
-/// The audit trail's name for a record's new state.
 /// The audit entry of record `r`.
 fn audit_of(r: &Record, suffix: &str) -> crate::audit::Event {
     crate::audit::Event {
@@ -478,9 +546,12 @@ fn audit_of(r: &Record, suffix: &str) -> crate::audit::Event {
         role: r.role.to_string(),
         peer: r.peer.clone().unwrap_or_default(),
         reason: format!("{}{suffix}", r.note),
+        operator: r.operator.clone().unwrap_or_default(),
+        evidence: r.evidence.clone(),
     }
 }
 
+/// The audit trail's name for a record's new state.
 pub(crate) fn audit_event(s: State) -> &'static str {
     match s {
         State::Claimed => "order-received",
@@ -524,8 +595,8 @@ fn moves_vm(prev: Option<State>, r: &Record) -> bool {
 pub struct ClaimAsDestination<'a>(pub &'a mut Journal);
 
 impl OrderJournal for ClaimAsDestination<'_> {
-    fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError> {
-        self.0.claim_as_destination(order)
+    fn claim(&mut self, order: &OrderBody, operator: &[u8; 32]) -> Result<(), OrderError> {
+        self.0.claim_as_destination(order, operator)
     }
 }
 
@@ -565,7 +636,7 @@ mod tests {
         // Claimed, never committed: answered "no", and COMMIT is refused from then on.
         j.claim_for(&[1; 16], Role::Destination, "a", 10).unwrap();
         assert!(!j.settle_query(&[1; 16], &src).unwrap());
-        let e = j.commit(&[1; 16], Gate::Open).unwrap_err();
+        let e = j.commit(&[1; 16], Gate::Open, BTreeMap::new()).unwrap_err();
         assert!(
             matches!(&e, AgentError::Journal(m) if m.contains("refusing to commit")),
             "{e}"
@@ -576,7 +647,7 @@ mod tests {
         );
         // Committed: "yes"; a later failure does not roll it back.
         j.claim_for(&[2; 16], Role::Destination, "b", 10).unwrap();
-        j.commit(&[2; 16], Gate::Open).unwrap();
+        j.commit(&[2; 16], Gate::Open, BTreeMap::new()).unwrap();
         assert!(!j.roll_back_if_claimed(&[2; 16], "send failed").unwrap());
         assert!(j.settle_query(&[2; 16], &src).unwrap());
         // Never seen: "no", and the id is used up for good (survives a restart).
@@ -587,7 +658,7 @@ mod tests {
             j.claim_for(&[3; 16], Role::Destination, "c", 10),
             Err(OrderError::Replayed(_))
         ));
-        assert!(j.commit(&[1; 16], Gate::Open).is_err());
+        assert!(j.commit(&[1; 16], Gate::Open, BTreeMap::new()).is_err());
         // An order this agent sent is not its to answer.
         j.claim_for(&[4; 16], Role::Source, "d", 10).unwrap();
         assert!(j.settle_query(&[4; 16], &src).is_err());
@@ -600,7 +671,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
         let body = order(5, "v");
-        ClaimAsDestination(&mut j).claim(&body).unwrap();
+        ClaimAsDestination(&mut j).claim(&body, &[9; 32]).unwrap();
         let e = j.settle_query(&[5; 16], &[3; 32]).unwrap_err().to_string();
         assert!(e.contains("which did not send it"), "{e}");
         assert!(
@@ -611,7 +682,7 @@ mod tests {
         // The source is on record across a restart; the intruder changed nothing.
         let mut j = Journal::open(dir.path()).unwrap();
         assert!(j.settle_query(&[5; 16], &[3; 32]).is_err());
-        j.commit(&[5; 16], Gate::Open)
+        j.commit(&[5; 16], Gate::Open, BTreeMap::new())
             .expect("still claimed: the order may commit");
         assert!(j.settle_query(&[5; 16], &[1; 32]).unwrap());
     }
@@ -660,7 +731,7 @@ mod tests {
         let mut body = order(2, "vm");
         j.revoke(&body, Role::Source).unwrap();
         body.order_id = [3; 16];
-        ClaimAsDestination(&mut j).claim(&body).unwrap();
+        ClaimAsDestination(&mut j).claim(&body, &[9; 32]).unwrap();
         j.set(&[3; 16], State::RolledBack, "refused: not waiting")
             .unwrap();
         for j in [j, Journal::open(dir.path()).unwrap()] {

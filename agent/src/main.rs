@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use trustmig_agent::admin::{self, OrderArgs};
+use trustmig_agent::audit::anchor::{self, Anchor as _};
 use trustmig_agent::control::{self, Reply, Request};
 use trustmig_agent::error::AgentError;
 use trustmig_agent::home::Home;
@@ -365,22 +366,39 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
 }
 
 fn audit(a: AuditCmd) -> Result<(), AgentError> {
-    let (home, show) = match a {
-        AuditCmd::Verify { home } => (home, None),
-        AuditCmd::Show { home, json } => (home, Some(json)),
+    let (home, show, tpm) = match a {
+        AuditCmd::Verify { home, no_tpm } => (home, None, !no_tpm),
+        AuditCmd::Show { home, json } => (home, Some(json), false),
+        AuditCmd::Anchor { home, reason } => return reanchor(&Home::at(home.home), &reason),
     };
-    let dir = Home::at(home.home).journal_dir();
+    let home = Home::at(home.home);
+    let dir = home.journal_dir();
+    let trail = dir.join(trustmig_agent::audit::FILE);
     let v =
         trustmig_agent::audit::verify_with_journal(&dir).map_err(|e| AgentError::BadConfig {
-            path: dir.join(trustmig_agent::audit::FILE),
+            path: trail.clone(),
             reason: e,
         })?;
     match show {
-        None => println!(
-            "audit trail verifies: {} entries, ends where the journal does, head {}",
-            v.entries,
-            hex::encode(v.head)
-        ),
+        None => {
+            println!(
+                "audit trail verifies: {} entries, ends where the journal does, head {}",
+                v.entries,
+                hex::encode(v.head)
+            );
+            if tpm {
+                let (pcr, value) = anchor_value(&home)?;
+                println!(
+                    "{}",
+                    anchor::describe(&v.list, pcr, &value).map_err(|e| {
+                        AgentError::BadConfig {
+                            path: trail,
+                            reason: format!("{e}; {}", anchor::ANCHOR_HOW),
+                        }
+                    })?
+                );
+            }
+        }
         Some(json) => {
             for e in &v.list {
                 if json {
@@ -403,6 +421,46 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
             }
         }
     }
+    Ok(())
+}
+
+/// The audit anchor PCR and its value: from the running agent, which holds the TPM (a swtpm
+/// serves one client), else from the TPM.
+fn anchor_value(home: &Home) -> Result<(u8, [u8; 32]), AgentError> {
+    let socket = home.control_socket();
+    if let Ok(reply) = runtime()?.block_on(control::request(&socket, &Request::AuditAnchor)) {
+        return match reply {
+            Reply::Anchor { pcr, value } => hex::decode(&value)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .map(|v| (pcr, v))
+                .ok_or_else(|| {
+                    AgentError::Migration(format!(
+                        "the agent sent a PCR value that is not one: {value:?}"
+                    ))
+                }),
+            other => Err(refused(other)),
+        };
+    }
+    let mut a = trustmig_agent::attestation::OperatorAnchor::open(home)?;
+    let value = a.read().map_err(AgentError::Tpm)?;
+    Ok((a.pcr(), value))
+}
+
+/// `trustmig audit anchor`: only with the agent stopped (it owns the trail and the TPM).
+fn reanchor(home: &Home, reason: &str) -> Result<(), AgentError> {
+    if runtime()?
+        .block_on(control::request(&home.control_socket(), &Request::Status))
+        .is_ok()
+    {
+        return Err(AgentError::Usage(
+            "the agent is running: stop it first (it appends to the trail and holds the TPM)"
+                .into(),
+        ));
+    }
+    let mut a = trustmig_agent::attestation::OperatorAnchor::open(home)?;
+    let seq = trustmig_agent::audit::Audit::reanchor(&home.journal_dir(), &mut a, reason)?;
+    println!("audit trail re-anchored in PCR {} at entry {seq}", a.pcr());
     Ok(())
 }
 

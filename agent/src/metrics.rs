@@ -257,6 +257,11 @@ impl<A> TimedAttester<A> {
     pub fn new(inner: A, metrics: Arc<Metrics>) -> Self {
         Self { inner, metrics }
     }
+
+    /// The attester underneath.
+    pub fn inner(&mut self) -> &mut A {
+        &mut self.inner
+    }
 }
 
 impl<A: trustmig_protocol::attestation::Attester> trustmig_protocol::attestation::Attester

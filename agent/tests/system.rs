@@ -1251,9 +1251,10 @@ fn concurrent_migrations_queue_beyond_the_limit() {
 }
 
 /// SPEC.md §8.10, the audit trail: both agents record each order received, committed, done,
-/// and one refused (a replay), with the peer; `trustmig audit verify` accepts the trail and
-/// names the first bad line after a line is deleted, two are swapped, one is edited, or the
-/// trail is cut at its end.
+/// its late final quote, and one refused (a replay), with the peer, the operator's key and the
+/// evidence digests (equal on both sides); `trustmig audit verify` accepts the trail, anchored
+/// in the TPM, and names the first bad line after a line is deleted, two are swapped, one is
+/// edited, or the trail is cut at its end; an edited and re-linked trail is caught by the TPM.
 #[test]
 fn the_audit_trail_records_each_order_and_names_tampering() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1273,6 +1274,7 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
         &pair,
     );
     let id = trustmig_protocol::order::hex(&o.dangerous_unverified_body().unwrap().order_id);
+    let mut evidence = Vec::new();
     for (home, peer) in [(&pair.src, pair.dst_id), (&pair.dst, pair.src_id)] {
         let (ok, text) = cli(home, &["audit", "verify"]);
         assert!(ok && text.contains("audit trail verifies"), "{text}");
@@ -1282,11 +1284,15 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let of_v: Vec<&str> = (entries.iter())
+        let of_v: Vec<&serde_json::Value> = (entries.iter())
             .filter(|e| e["order_id"] == id.as_str() && e["event"] != "order-refused")
-            .map(|e| e["event"].as_str().unwrap())
             .collect();
-        assert_eq!(of_v, ["order-received", "committed", "done"], "{text}");
+        let events: Vec<&str> = of_v.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert_eq!(
+            events,
+            ["order-received", "committed", "done", "final-quote"],
+            "{text}"
+        );
         assert!(
             entries
                 .iter()
@@ -1294,7 +1300,38 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
                 .all(|e| e["peer"] == hex::encode(peer)),
             "{text}"
         );
+        assert!(
+            of_v.iter()
+                .all(|e| e["operator"] == hex::encode(o.operator)),
+            "by whom: {text}"
+        );
+        // What the commit rested on: the same digests on both sides.
+        evidence.push((of_v[1]["evidence"].clone(), of_v[3]["evidence"].clone()));
+        // Anchored in the TPM from the trail's first entry (the agent holds the TPM: asked).
+        assert_eq!(entries[0]["event"], "anchored", "{text}");
+        let (ok, text) = cli(home, &["audit", "verify"]);
+        assert!(
+            ok && text.contains("anchored in PCR 23 since entry 0"),
+            "{text}"
+        );
     }
+    let [(src_commit, src_final), (dst_commit, dst_final)] = &evidence[..] else {
+        unreachable!()
+    };
+    for k in ["transcript", "manifest_root", "final_digest"] {
+        assert_eq!(
+            src_commit[k].as_str().map(str::len),
+            Some(64),
+            "{k}: {src_commit}"
+        );
+        assert_eq!(src_commit[k], dst_commit[k], "{k}");
+    }
+    assert_eq!(
+        src_final["final_quote"].as_str().map(str::len),
+        Some(64),
+        "{src_final}"
+    );
+    assert_eq!(src_final["final_quote"], dst_final["final_quote"]);
     let (_, text) = cli(&pair.src, &["audit", "show", "--json"]);
     assert!(
         text.lines()
@@ -1326,11 +1363,52 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
     let mut edited = good.clone();
     edited[3] = edited[3].replacen("\"vm\":\"", "\"vm\":\"x", 1);
     assert!(try_with(edited).contains("line 4: entry 3 was edited"));
-    let cut = good[..good.len() - 1].to_vec();
+    // Cut at its end: the journal's last state change (`done`) missing is named by the
+    // journal; the late quote's entry after it (no state change) by the TPM anchor.
+    let cut = good[..good.len() - 2].to_vec();
     assert!(try_with(cut).contains("entries were removed from its end"));
+    let cut = good[..good.len() - 1].to_vec();
+    assert!(try_with(cut).contains("does not match its TPM anchor"));
     std::fs::write(&path, good.join("\n") + "\n").unwrap();
     let (ok, text) = cli(&pair.src, &["audit", "verify"]);
-    assert!(ok, "{text}");
+    assert!(ok && text.contains("anchored in PCR 23"), "{text}");
+
+    // A forger who edits an entry and re-links the chain after it: the chain verifies, the TPM
+    // does not, and the agent will not append to it until the operator re-anchors.
+    let mut forged: Vec<trustmig_agent::audit::Entry> = good
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    forged[3].reason = "nothing happened here".into();
+    trustmig_agent::audit::Entry::relink(&mut forged[3..]);
+    let lines: Vec<String> = forged
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect();
+    let text = try_with(lines);
+    assert!(
+        text.contains("does not match its TPM anchor: PCR 23 holds")
+            && text.contains("trustmig audit anchor"),
+        "{text}"
+    );
+    let e = pair.start(0).unwrap_err().to_string();
+    assert!(e.contains("does not match its TPM anchor"), "{e}");
+    let (ok, text) = cli(
+        &pair.src,
+        &["audit", "anchor", "--reason", "investigated: ticket 42"],
+    );
+    assert!(ok && text.contains("re-anchored in PCR 23"), "{text}");
+    pair.start(0).unwrap();
+    let (ok, text) = cli(&pair.src, &["audit", "verify"]);
+    assert!(
+        ok && text.contains("anchored in PCR 23 since entry"),
+        "{text}"
+    );
+    let (_, text) = cli(&pair.src, &["audit", "show"]);
+    assert!(
+        text.contains("re-anchored by the operator: investigated: ticket 42"),
+        "{text}"
+    );
 }
 
 /// Issue 12 item 6: `trustmig doctor` passes on a healthy host and names what is wrong on a

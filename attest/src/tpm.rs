@@ -145,6 +145,67 @@ const PASSWORD: (
     Option<AuthSession>,
 ) = (Some(AuthSession::Password), None, None);
 
+fn pcr_handle(pcr: u8) -> Result<PcrHandle, TpmError> {
+    PcrHandle::try_from(u32::from(pcr)).map_err(|_| TpmError::BadPcr(pcr))
+}
+
+fn pcr_selection(pcr: u8) -> Result<tss_esapi::structures::PcrSelectionList, TpmError> {
+    let slot = PcrSlot::try_from(1u32.checked_shl(u32::from(pcr)).unwrap_or(0))
+        .map_err(|_| TpmError::BadPcr(pcr))?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &[slot])
+        .build()
+        .map_err(tss("PCR selection", None))
+}
+
+fn extend_pcr(ctx: &mut Context, pcr: u8, digest: &Digest) -> Result<(), TpmError> {
+    let handle = pcr_handle(pcr)?;
+    let mut values = DigestValues::new();
+    values.set(
+        HashingAlgorithm::Sha256,
+        TpmDigest::try_from(digest.to_vec()).map_err(tss("digest", None))?,
+    );
+    ctx.execute_with_sessions(PASSWORD, |c| c.pcr_extend(handle, values))
+        .map_err(tss("TPM2_PCR_Extend", Some(u32::from(pcr))))
+}
+
+fn read_pcr(ctx: &mut Context, pcr: u8) -> Result<Digest, TpmError> {
+    let sel = pcr_selection(pcr)?;
+    let (_, _, values) = ctx
+        .execute_without_session(|c| c.pcr_read(sel))
+        .map_err(tss("TPM2_PCR_Read", Some(u32::from(pcr))))?;
+    let v = values
+        .value()
+        .first()
+        .ok_or(TpmError::Unexpected("empty PCR read"))?;
+    <[u8; 32]>::try_from(v.value()).map_err(|_| TpmError::Unexpected("PCR value size"))
+}
+
+/// A TPM opened for PCRs alone, no key loaded or created: the operator's audit commands
+/// (`trustmig audit verify | anchor`) while no agent holds the TPM.
+pub struct Pcrs {
+    ctx: Context,
+}
+
+impl Pcrs {
+    /// Connect through `tcti`.
+    pub fn open(tcti: &str) -> Result<Self, TpmError> {
+        let tcti = parse_tcti(tcti)?;
+        let ctx = Context::new(tcti).map_err(tss("Esys_Initialize", None))?;
+        Ok(Self { ctx })
+    }
+
+    /// TPM2_PCR_Read of `pcr`'s SHA-256 value.
+    pub fn read(&mut self, pcr: u8) -> Result<Digest, TpmError> {
+        read_pcr(&mut self.ctx, pcr)
+    }
+
+    /// TPM2_PCR_Extend of `pcr`'s SHA-256 bank.
+    pub fn extend(&mut self, pcr: u8, digest: &Digest) -> Result<(), TpmError> {
+        extend_pcr(&mut self.ctx, pcr, digest)
+    }
+}
+
 /// An open TPM with trustmig's AK loaded.
 pub struct Tpm {
     ctx: Context,
@@ -284,22 +345,9 @@ impl Tpm {
         &self.ak_public
     }
 
-    fn pcr_handle(&self) -> Result<PcrHandle, TpmError> {
-        PcrHandle::try_from(u32::from(self.cfg.pcr)).map_err(|_| TpmError::BadPcr(self.cfg.pcr))
-    }
-
-    fn pcr_selection(&self) -> Result<tss_esapi::structures::PcrSelectionList, TpmError> {
-        let slot =
-            PcrSlot::try_from(1u32 << self.cfg.pcr).map_err(|_| TpmError::BadPcr(self.cfg.pcr))?;
-        PcrSelectionListBuilder::new()
-            .with_selection(HashingAlgorithm::Sha256, &[slot])
-            .build()
-            .map_err(tss("PCR selection", None))
-    }
-
     /// TPM2_PCR_Reset of the measurement PCR.
     pub fn pcr_reset(&mut self) -> Result<(), TpmError> {
-        let pcr = self.pcr_handle()?;
+        let pcr = pcr_handle(self.cfg.pcr)?;
         self.ctx
             .execute_with_sessions(PASSWORD, |c| c.pcr_reset(pcr))
             .map_err(tss("TPM2_PCR_Reset", Some(u32::from(self.cfg.pcr))))
@@ -307,29 +355,23 @@ impl Tpm {
 
     /// TPM2_PCR_Extend of the measurement PCR's SHA-256 bank with `digest`.
     pub fn pcr_extend(&mut self, digest: &Digest) -> Result<(), TpmError> {
-        let pcr = self.pcr_handle()?;
-        let mut values = DigestValues::new();
-        values.set(
-            HashingAlgorithm::Sha256,
-            TpmDigest::try_from(digest.to_vec()).map_err(tss("digest", None))?,
-        );
-        self.ctx
-            .execute_with_sessions(PASSWORD, |c| c.pcr_extend(pcr, values))
-            .map_err(tss("TPM2_PCR_Extend", Some(u32::from(self.cfg.pcr))))
+        self.pcr_extend_at(self.cfg.pcr, digest)
     }
 
     /// TPM2_PCR_Read of the measurement PCR's SHA-256 value.
     pub fn pcr_read(&mut self) -> Result<Digest, TpmError> {
-        let sel = self.pcr_selection()?;
-        let (_, _, values) = self
-            .ctx
-            .execute_without_session(|c| c.pcr_read(sel))
-            .map_err(tss("TPM2_PCR_Read", Some(u32::from(self.cfg.pcr))))?;
-        let v = values
-            .value()
-            .first()
-            .ok_or(TpmError::Unexpected("empty PCR read"))?;
-        <[u8; 32]>::try_from(v.value()).map_err(|_| TpmError::Unexpected("PCR value size"))
+        self.pcr_read_at(self.cfg.pcr)
+    }
+
+    /// TPM2_PCR_Extend of PCR `pcr`'s SHA-256 bank with `digest` (the audit trail's anchor
+    /// uses a PCR of its own).
+    pub fn pcr_extend_at(&mut self, pcr: u8, digest: &Digest) -> Result<(), TpmError> {
+        extend_pcr(&mut self.ctx, pcr, digest)
+    }
+
+    /// TPM2_PCR_Read of PCR `pcr`'s SHA-256 value.
+    pub fn pcr_read_at(&mut self, pcr: u8) -> Result<Digest, TpmError> {
+        read_pcr(&mut self.ctx, pcr)
     }
 
     /// TPM2_Quote of the measurement PCR with `qualifying_data`, by the AK.
@@ -338,7 +380,7 @@ impl Tpm {
         &mut self,
         qualifying_data: &Digest,
     ) -> Result<(Vec<u8>, EcdsaSignature), TpmError> {
-        let sel = self.pcr_selection()?;
+        let sel = pcr_selection(self.cfg.pcr)?;
         let ak = self.ak;
         let data =
             Data::try_from(qualifying_data.to_vec()).map_err(tss("qualifying data", None))?;

@@ -76,6 +76,8 @@ pub struct Established {
     pub streams: u16,
     /// The image manifest as sent.
     pub manifest: ImageManifest,
+    /// Its root, as attested (over the bytes as sent).
+    pub manifest_root: Digest,
     /// Source: the session's final-signature key, for [`crate::migration::SourceMigration`]
     /// (taken from here by it).
     pub final_key: Option<FinalKey>,
@@ -217,6 +219,7 @@ enum SourceState {
     AwaitDestinationEvidence {
         hello: Box<Hello>,
         manifest: ImageManifest,
+        root: Digest,
     },
     AwaitFinished(Box<Established>),
     Done(Box<Established>),
@@ -370,6 +373,7 @@ impl SourceHandshake {
                     SourceState::AwaitDestinationEvidence {
                         hello,
                         manifest: parsed,
+                        root,
                     },
                     vec![out],
                 ))
@@ -378,6 +382,7 @@ impl SourceHandshake {
                 SourceState::AwaitDestinationEvidence {
                     mut hello,
                     manifest,
+                    root,
                 },
                 Message::DestinationEvidence { evidence },
             ) => {
@@ -390,7 +395,7 @@ impl SourceHandshake {
                 );
                 let peer_claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
                 hello.transcript.add(raw);
-                let est = establish(*hello, Role::Source, peer_claims, manifest);
+                let est = establish(*hello, Role::Source, peer_claims, (manifest, root));
                 Ok((SourceState::AwaitFinished(Box::new(est)), vec![]))
             }
             (SourceState::AwaitFinished(est), Message::Finished { mac }) => {
@@ -431,7 +436,7 @@ fn establish(
     hello: Hello,
     role: Role,
     peer_claims: Claims,
-    manifest: ImageManifest,
+    (manifest, manifest_root): (ImageManifest, Digest),
 ) -> Established {
     let transcript_hash = hello.transcript.hash();
     Established {
@@ -447,6 +452,7 @@ fn establish(
         mode: hello.mode,
         streams: hello.streams,
         manifest,
+        manifest_root,
     }
 }
 
@@ -553,7 +559,7 @@ impl DestinationHandshake {
                 }
                 check_mode(&ch.mode, ch.streams)?;
                 // Claimed last, so that a hello refused for another reason does not burn the id.
-                journal.claim(order.body())?;
+                journal.claim(order.body(), &order.signed().operator)?;
                 let mut transcript = Transcript::new();
                 transcript.add(raw);
                 let out = Message::ServerHello(ServerHello {
@@ -622,7 +628,7 @@ impl DestinationHandshake {
                 }
                 .encode();
                 hello.transcript.add(&ev);
-                let est = establish(*hello, Role::Destination, claims, parsed);
+                let est = establish(*hello, Role::Destination, claims, (parsed, root));
                 let fin = Message::Finished {
                     mac: est
                         .keys

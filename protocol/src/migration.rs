@@ -43,6 +43,17 @@ pub enum Outcome {
     Committed,
 }
 
+/// What a commit rests on, for the record (journal, audit trail): digests, nothing secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitEvidence {
+    /// The handshake transcript's hash: both hellos and both agents' quotes.
+    pub transcript: Digest,
+    /// The root of the image manifest the source attested.
+    pub manifest_root: Digest,
+    /// The final digest the source signed and the destination matched.
+    pub final_digest: Digest,
+}
+
 #[derive(Debug)]
 enum SourcePhase {
     Transferring,
@@ -66,6 +77,9 @@ pub struct SourceMigration {
     strict: bool,
     /// Not strict: the digest and challenge the late quote covers, once signed.
     late: Option<(Digest, [u8; 32])>,
+    /// The final digest once signed, and what it is recorded with.
+    evidence: Option<CommitEvidence>,
+    manifest_root: Digest,
 }
 
 /// The qualifying data of a final quote (SPEC.md §6.1).
@@ -129,7 +143,14 @@ impl SourceMigration {
             transcript_hash: est.transcript_hash,
             strict: est.order.body().strict_final_quote,
             late: None,
+            evidence: None,
+            manifest_root: est.manifest_root,
         }
+    }
+
+    /// What the commit rests on, once the final digest is signed.
+    pub fn evidence(&self) -> Option<CommitEvidence> {
+        self.evidence
     }
 
     /// After `Resumed`, unless the order is strict: extend the final digest into the TPM and
@@ -205,6 +226,11 @@ impl SourceMigration {
                     transcript_hash: &self.transcript_hash,
                 };
                 let signature = key.sign(&ctx, &digest).to_vec();
+                self.evidence = Some(CommitEvidence {
+                    transcript: self.transcript_hash,
+                    manifest_root: self.manifest_root,
+                    final_digest: digest,
+                });
                 let evidence = if self.strict {
                     attester.extend(&Measurement::MigrationFinal(digest))?;
                     let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.local);
@@ -313,6 +339,9 @@ pub struct DestMigration {
     strict: bool,
     /// Not strict: the digest and challenge the source's late quote must cover.
     late: Option<(Digest, [u8; 32])>,
+    /// The final digest once verified, and what it is recorded with.
+    evidence: Option<CommitEvidence>,
+    manifest_root: Digest,
 }
 
 impl DestMigration {
@@ -327,7 +356,14 @@ impl DestMigration {
             transcript_hash: est.transcript_hash,
             strict: est.order.body().strict_final_quote,
             late: None,
+            evidence: None,
+            manifest_root: est.manifest_root,
         }
+    }
+
+    /// What the commit rests on, once the source's final evidence verified.
+    pub fn evidence(&self) -> Option<CommitEvidence> {
+        self.evidence
     }
 
     /// Whether the source's late quote is still to come (after `Resumed`, not strict).
@@ -411,6 +447,11 @@ impl DestMigration {
                     }
                     (false, None) => late = Some((digest, nonce)),
                 }
+                self.evidence = Some(CommitEvidence {
+                    transcript: self.transcript_hash,
+                    manifest_root: self.manifest_root,
+                    final_digest: digest,
+                });
                 event = DestEvent::Send(Message::Ready.encode());
                 Ok(DestPhase::AwaitCommit)
             }

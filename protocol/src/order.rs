@@ -362,8 +362,9 @@ pub fn check_limits(l: &Limits) -> Result<(), OrderError> {
 /// spec: SPEC.md §3.4
 pub trait OrderJournal {
     /// Record `order.order_id` as used; fails with [`OrderError::Replayed`] if it was used
-    /// before. The whole (verified) body is given so the journal can record what it was for.
-    fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError>;
+    /// before. The whole (verified) body and the key of the operator who signed it are given so
+    /// the journal can record what it was for and by whom.
+    fn claim(&mut self, order: &OrderBody, operator: &[u8; 32]) -> Result<(), OrderError>;
 }
 
 /// An in-memory journal for tests and the fuzzer (not durable).
@@ -373,7 +374,7 @@ pub struct MemoryJournal {
 }
 
 impl OrderJournal for MemoryJournal {
-    fn claim(&mut self, order: &OrderBody) -> Result<(), OrderError> {
+    fn claim(&mut self, order: &OrderBody, _operator: &[u8; 32]) -> Result<(), OrderError> {
         if self.used.insert(order.order_id) {
             Ok(())
         } else {

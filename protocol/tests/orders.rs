@@ -217,10 +217,13 @@ fn window_and_role_checks() {
 fn journal_refuses_replay() {
     let mut j = MemoryJournal::default();
     let mut b = body();
-    j.claim(&b).unwrap();
-    assert!(matches!(j.claim(&b), Err(OrderError::Replayed(_))));
+    j.claim(&b, &[0; 32]).unwrap();
+    assert!(matches!(
+        j.claim(&b, &[0; 32]),
+        Err(OrderError::Replayed(_))
+    ));
     b.order_id = [2; 16];
-    j.claim(&b).unwrap();
+    j.claim(&b, &[0; 32]).unwrap();
 }
 
 #[test]

@@ -70,7 +70,7 @@ impl SourceLink<'_> {
         let msg =
             msg.ok_or_else(|| AgentError::transport(crate::error::Link::Control, "closed"))??;
         let mut att = self.ctx.attester.lock().expect("attester lock");
-        self.sm.handle(&msg, att.as_mut())?;
+        self.sm.handle(&msg, &mut *att)?;
         Ok(())
     }
 }

@@ -43,6 +43,10 @@ pub struct TpmConfig {
     /// Persistent handle of the attestation key.
     #[serde(default = "default_ak_handle")]
     pub ak_handle: u32,
+    /// PCR that anchors the audit trail (SHA-256 bank, 0..=23, not the measurement PCR):
+    /// each entry's hash is extended into it (SPEC.md §8.10). Nothing else may extend it.
+    #[serde(default = "default_audit_pcr")]
+    pub audit_pcr: u8,
 }
 
 /// Transfer settings.
@@ -232,6 +236,9 @@ fn default_listen() -> String {
 fn default_pcr() -> u8 {
     16
 }
+fn default_audit_pcr() -> u8 {
+    23
+}
 fn default_ak_handle() -> u32 {
     0x8101_0020
 }
@@ -274,6 +281,12 @@ impl Config {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         if !(16..=23).contains(&c.tpm.pcr) {
             return Err(format!("tpm.pcr = {} must be in 16..=23", c.tpm.pcr));
+        }
+        if c.tpm.audit_pcr > 23 || c.tpm.audit_pcr == c.tpm.pcr {
+            return Err(format!(
+                "tpm.audit_pcr = {} must be in 0..=23 and not the measurement PCR (tpm.pcr = {})",
+                c.tpm.audit_pcr, c.tpm.pcr
+            ));
         }
         if c.transfer.streams == 0 || c.transfer.streams > trustmig_protocol::messages::MAX_STREAMS
         {
@@ -405,6 +418,10 @@ tcti = "{tcti}"
 pcr = 16
 # Persistent handle of the attestation key (created on first use).
 ak_handle = 0x81010020
+# PCR that anchors the audit trail (each entry's hash is extended into it): one nothing else
+# on this host extends. 23 is resettable at locality 0; a PCR the platform leaves unused and
+# cannot reset before a reboot makes the anchor hold against a local root too (SPEC.md §8.10).
+audit_pcr = 23
 
 [transfer]
 # Data streams per migration (1..=16).
@@ -471,6 +488,10 @@ mod tests {
         assert_eq!(c.transfer.streams, 2);
         let bad = default_config_text("x", "y").replace("pcr = 16", "pcr = 3");
         assert!(Config::parse(&bad).unwrap_err().contains("tpm.pcr"));
+        let bad = default_config_text("x", "y").replace("audit_pcr = 23", "audit_pcr = 16");
+        assert!(Config::parse(&bad)
+            .unwrap_err()
+            .contains("tpm.audit_pcr = 16 must be in 0..=23 and not the measurement PCR"));
         let bad = default_config_text("x", "y").replace("streams = 2", "streams = 0");
         assert!(Config::parse(&bad)
             .unwrap_err()

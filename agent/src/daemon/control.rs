@@ -44,6 +44,13 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
                 "reload refused, the running configuration is kept: {e}"
             )),
         },
+        Request::AuditAnchor => match anchor_value(&ctx) {
+            Ok((pcr, value)) => Reply::Anchor {
+                pcr,
+                value: hex::encode(value),
+            },
+            Err(e) => Reply::Error(e.to_string()),
+        },
         Request::Revoke { order } => match revoke(&ctx, &order) {
             Ok(what) => Reply::Revoked(what),
             Err(e) => Reply::Error(e.to_string()),
@@ -66,6 +73,15 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     };
     send(&mut wr, reply).await;
     Ok(())
+}
+
+/// The audit anchor PCR this agent extends, and its value now.
+fn anchor_value(ctx: &Ctx) -> Result<(u8, [u8; 32]), AgentError> {
+    let pcr = (ctx.journal.lock().expect("journal lock").audit_anchor_pcr())
+        .ok_or_else(|| AgentError::Refused("the audit trail is not anchored".into()))?;
+    let mut tpm = ctx.attester.lock().expect("attester lock");
+    let value = (tpm.inner().tpm().pcr_read_at(pcr)).map_err(|e| AgentError::Tpm(e.to_string()))?;
+    Ok((pcr, value))
 }
 
 /// One reply line. The operator may have gone away: what they asked for carries on regardless.

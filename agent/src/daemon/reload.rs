@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use tracing::{info, warn};
-use trustmig_protocol::attestation::Measurement;
+use trustmig_protocol::attestation::{Attester, Measurement};
 
 use crate::attestation::load_verifier;
 use crate::config::Config;

@@ -67,6 +67,16 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     check_memory(&config, &journal, &home)?;
     // The TPM last: configuration errors above are named without touching it.
     let attester = crate::attestation::open_measured(&config, &home.config())?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let attester = Arc::new(Mutex::new(crate::metrics::TimedAttester::new(
+        attester,
+        metrics.clone(),
+    )));
+    // Before the agent takes any request: a trail that does not match its anchor stops here.
+    journal.anchor_audit(Box::new(crate::attestation::PcrAnchor {
+        tpm: attester.clone(),
+        pcr: config.tpm.audit_pcr,
+    }))?;
     let vms = start_synthetic_vms(&config, &journal);
     let listener =
         TcpListener::bind(&config.listen)
@@ -90,15 +100,11 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         "agent ready"
     );
     let max_sending = config.transfer.max_concurrent_migrations;
-    let metrics = Arc::new(crate::metrics::Metrics::new());
     let ctx = Arc::new(Ctx {
         home,
         config: std::sync::RwLock::new(Arc::new(config)),
         identity,
-        attester: Mutex::new(Box::new(crate::metrics::TimedAttester::new(
-            attester,
-            metrics.clone(),
-        ))),
+        attester,
         metrics: metrics.clone(),
         verifier: std::sync::RwLock::new(Arc::new(verifier)),
         journal: Mutex::new(journal),

@@ -162,7 +162,7 @@ impl SourceChannel {
             let out = {
                 let ctx = self.ctx.clone();
                 let mut att = ctx.attester.lock().expect("attester lock");
-                hs.handle(&msg, att.as_mut(), ctx.verifier().as_ref())
+                hs.handle(&msg, &mut *att, ctx.verifier().as_ref())
             }
             .map_err(AgentError::Protocol)?;
             for m in out {

@@ -207,7 +207,7 @@ impl Session {
                 let mut att = ctx.attester.lock().expect("attester lock");
                 let mut journal = ctx.journal.lock().expect("journal lock");
                 let mut claim = ClaimAsDestination(&mut journal);
-                hs.handle(&msg, att.as_mut(), ctx.verifier().as_ref(), &mut claim)
+                hs.handle(&msg, &mut *att, ctx.verifier().as_ref(), &mut claim)
             };
             if let Some(o) = hs.order() {
                 self.order_id = Some(*o.id());
@@ -400,7 +400,7 @@ impl Session {
         let ctx = self.ctx.clone();
         let id = self.order_id.expect("order known after handshake");
         // `Commit` verified after our `Ready`: the gate is open (DestMigration checked it).
-        ctx.commit(&id)?;
+        ctx.commit(&id, dm.evidence())?;
         crash_point(CrashPoint::DestinationAfterCommit);
         // The VM is this host's now and runs nowhere else: a refused `cont` is tried again
         // (250 ms doubling to 5 s) for a step timeout before it is reported; a restart of the
@@ -473,8 +473,9 @@ impl Session {
     async fn late_quote(&mut self, dm: &mut DestMigration, frames: &mut Frames, id: &OrderId) {
         let ctx = self.ctx.clone();
         // A hardware TPM quotes in up to ~600 ms: the step timeout covers it.
-        let verdict = match self.recv(frames).await {
-            Ok(raw) => match dm.handle(&raw, ctx.verifier().as_ref()) {
+        let raw = self.recv(frames).await;
+        let verdict = match &raw {
+            Ok(raw) => match dm.handle(raw, ctx.verifier().as_ref()) {
                 Ok(DestEvent::FinalQuote(v)) => v,
                 Ok(_) => Err("an unexpected message instead of the late final quote".into()),
                 Err(e) => Err(format!("the late final quote was refused: {e}")),
@@ -485,12 +486,9 @@ impl Session {
             Ok(()) => "resumed here; late final quote verified".to_string(),
             Err(reason) => format!("resumed here; INCIDENT: {reason}"),
         };
-        if let Err(e) = ctx
-            .journal
-            .lock()
-            .expect("journal lock")
-            .set(id, State::Done, &note)
-        {
+        let journalled =
+            (ctx.journal.lock().expect("journal lock")).late_quote(id, raw.as_deref().ok(), &note);
+        if let Err(e) = journalled {
             error!(order = %hex(id), "could not journal the late quote's verdict: {e}");
         }
         match verdict {

@@ -173,7 +173,7 @@ async fn migrate_checked(
         let mut journal = ctx.journal.lock().expect("journal lock");
         busy(&journal)?;
         journal
-            .claim_as_source(&body, order.id(), paused_before)
+            .claim_as_source(&order, paused_before)
             .map_err(|e| not_started(e.into()))?;
         drop(journal);
         crash_point(CrashPoint::SourceAfterClaim);
@@ -416,49 +416,54 @@ async fn late_quote(
 ) -> String {
     let quote = {
         let mut att = ctx.attester.lock().expect("attester lock");
-        sm.final_quote(att.as_mut())
+        sm.final_quote(&mut *att)
     };
-    let incident = |reason: String| {
-        error!(order = %hex(order_id), "INCIDENT: {reason}");
-        let note = format!("INCIDENT: {reason}");
-        if let Err(e) = ctx
-            .journal
-            .lock()
-            .expect("journal lock")
-            .set(order_id, State::Done, &note)
-        {
-            error!("could not journal the incident: {e}");
-        }
-        note
-    };
-    let m = match quote {
+    let (sent, verdict) = match quote {
         Ok(None) => return "quoted before Commit (strict)".into(),
-        Ok(Some(m)) => m,
-        Err(e) => return incident(format!("the late final quote failed: {e}")),
+        Ok(Some(m)) => {
+            let verdict = send_late_quote(ctx, chan, &m).await;
+            (Some(m), verdict)
+        }
+        Err(e) => (None, Err(format!("the late final quote failed: {e}"))),
     };
-    if let Err(e) = chan.send(&m).await {
-        return incident(format!("the late final quote could not be sent: {e}"));
+    let note = match verdict {
+        Ok(note) => note,
+        Err(reason) => {
+            error!(order = %hex(order_id), "INCIDENT: {reason}");
+            format!("INCIDENT: {reason}")
+        }
+    };
+    let journalled =
+        (ctx.journal.lock().expect("journal lock")).late_quote(order_id, sent.as_deref(), &note);
+    if let Err(e) = journalled {
+        error!(order = %hex(order_id), "could not journal the late final quote: {e}");
+    }
+    note
+}
+
+/// Send the late quote `m` and wait for the destination's verdict: `Err` is an incident.
+async fn send_late_quote(ctx: &Ctx, chan: &mut SourceChannel, m: &[u8]) -> Result<String, String> {
+    if let Err(e) = chan.send(m).await {
+        return Err(format!("the late final quote could not be sent: {e}"));
     }
     match tokio::time::timeout(ctx.step_timeout(), chan.next_or_end()).await {
         Ok(Some(Ok(raw))) => match Message::decode(&raw) {
-            Ok(Message::Abort { reason, .. }) => {
-                incident(format!("the destination says: {reason}"))
-            }
-            _ => incident("an unexpected message after the late final quote".into()),
+            Ok(Message::Abort { reason, .. }) => Err(format!("the destination says: {reason}")),
+            _ => Err("an unexpected message after the late final quote".into()),
         },
         // Only the destination's authenticated close (TLS close_notify) says it verified and
         // journalled the quote; a reset or a broken frame may have carried an incident away
         // (an attacker could cause either).
         Ok(None | Some(Err(WireError::Closed))) => {
-            "quoted after Resumed; the destination raised no incident".into()
+            Ok("quoted after Resumed; the destination raised no incident".into())
         }
-        Ok(Some(Err(e))) => format!(
+        Ok(Some(Err(e))) => Ok(format!(
             "quoted after Resumed; the destination's verdict was lost ({e}): see its journal"
-        ),
-        Err(_) => {
+        )),
+        Err(_) => Ok(
             "quoted after Resumed; the destination's verdict did not come in time: see its journal"
-                .into()
-        }
+                .into(),
+        ),
     }
 }
 
@@ -506,7 +511,7 @@ async fn commit_exchange(
         let ev = {
             let ctx = ctx.clone();
             let mut att = ctx.attester.lock().expect("attester lock");
-            sm.handle(&msg, att.as_mut())
+            sm.handle(&msg, &mut *att)
         }
         .map_err(AgentError::Protocol)?;
         match ev {
@@ -523,7 +528,7 @@ async fn commit_exchange(
                 if let Some(p) = peer.and_then(|e| e.peer) {
                     ctx.check_still_trusted(&p)?;
                 }
-                ctx.commit(order_id)?;
+                ctx.commit(order_id, sm.evidence())?;
                 steps.push(("COMMIT journalled", Instant::now()));
                 crash_point(CrashPoint::SourceAfterCommit);
                 if fault::lose_commit() {

@@ -8,11 +8,24 @@
 //! journal record it accompanies. `trustmig audit verify` recomputes the chain and names the
 //! first entry that was edited, deleted, inserted or moved. Removing entries at the *end*
 //! leaves a shorter valid chain: the journal, which the agent needs to run, keeps the same
-//! events, and `verify` cross-checks their count (an anchor in the TPM is not built yet).
+//! events, and `verify` cross-checks them.
+//!
+//! The TPM anchors the chain: every entry's hash is extended into a PCR nothing else extends
+//! (`tpm.audit_pcr`), so a trail rewritten after its entries were anchored no longer folds to
+//! the PCR's value. An `anchored` entry opens each epoch of the PCR and records its value then
+//! (`base`): the first anchor of a trail, and after the PCR was reset (a reboot, or a reset of a
+//! resettable PCR, in the trail for all to see). Anchoring runs on a thread of its own so no
+//! journal write waits for the TPM (a hardware TPM may be busy signing for hundreds of ms); the
+//! few entries not yet extended when the agent dies are extended when it next starts.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+pub mod anchor;
+pub use anchor::Anchor;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +43,7 @@ pub struct Entry {
     /// UNIX seconds.
     pub at: u64,
     /// `order-received`, `order-refused`, `committed`, `rolled-back`, `settled`, `done`,
-    /// `revoked`.
+    /// `revoked`, `final-quote` (the late final quote, or its incident), `anchored`.
     pub event: String,
     /// Order id (hex), when known.
     #[serde(default)]
@@ -47,6 +60,13 @@ pub struct Entry {
     /// Why (an error, a settlement's reason, a summary).
     #[serde(default)]
     pub reason: String,
+    /// The ed25519 key (hex) of the operator who signed the order, when known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub operator: String,
+    /// Evidence digests (hex) by name: `transcript` (the handshake, both agents' quotes),
+    /// `manifest_root`, `final_digest`, `final_quote`; for `anchored`: `pcr` and `base`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evidence: BTreeMap<String, String>,
     /// Hash of the previous entry (hex; zeros for the first).
     pub prev: String,
     /// This entry's hash (hex).
@@ -61,6 +81,25 @@ impl Entry {
         let json = serde_json::to_vec(&bare).expect("an entry serialises");
         let prev = hex::decode(&self.prev).unwrap_or_default();
         trustmig_protocol::sha256(&[&prev, &json])
+    }
+
+    /// Re-link `list` from its first entry on: each entry's `prev` and `hash` recomputed after
+    /// its content changed. What a forger does to make an edited trail verify again (tests and
+    /// forensics use it to show what the TPM anchor catches that the chain cannot).
+    pub fn relink(list: &mut [Entry]) {
+        let mut prev = list.first().map(|e| e.prev.clone()).unwrap_or_default();
+        for e in list {
+            e.prev = prev;
+            e.hash = hex::encode(e.compute());
+            prev = e.hash.clone();
+        }
+    }
+
+    /// Its `hash` as bytes (zeros if it is not hex: such an entry never verifies).
+    fn hash_bytes(&self) -> [u8; 32] {
+        (hex::decode(&self.hash).ok())
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -79,7 +118,14 @@ pub struct Event {
     pub peer: String,
     /// Why.
     pub reason: String,
+    /// Operator key (hex).
+    pub operator: String,
+    /// Evidence digests.
+    pub evidence: BTreeMap<String, String>,
 }
+
+/// Events that do not change an order's state (the journal cross-check skips them).
+const NOT_STATE_EVENTS: [&str; 3] = ["order-refused", "anchored", "final-quote"];
 
 /// The open trail.
 pub struct Audit {
@@ -89,6 +135,8 @@ pub struct Audit {
     seq: u64,
     /// (order id, event) of the last entry about an order (not a refusal).
     last_order_entry: Option<(String, String)>,
+    /// The anchoring thread and its PCR, once [`Audit::anchor`] started it.
+    anchoring: Option<(mpsc::Sender<[u8; 32]>, u8)>,
 }
 
 impl Audit {
@@ -119,7 +167,13 @@ impl Audit {
             head,
             seq,
             last_order_entry: last,
+            anchoring: None,
         })
+    }
+
+    /// The PCR the trail is anchored in, once anchored.
+    pub fn anchor_pcr(&self) -> Option<u8> {
+        self.anchoring.as_ref().map(|(_, pcr)| *pcr)
     }
 
     /// Whether the trail's last entry about an order is `event` for `order_id`.
@@ -129,8 +183,18 @@ impl Audit {
             .is_some_and(|(o, e)| o == order_id && e == event)
     }
 
-    /// Append `e` durably.
+    /// Append `e` durably; its hash goes to the anchoring thread, if one runs.
     pub fn record(&mut self, e: Event) -> Result<(), AgentError> {
+        let hash = self.append(e)?;
+        if let Some((tx, _)) = &self.anchoring {
+            // The thread ends only with the process; a send that fails leaves the entry to the
+            // catch-up at the next start.
+            let _ = tx.send(hash);
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, e: Event) -> Result<[u8; 32], AgentError> {
         let mut entry = Entry {
             seq: self.seq,
             at: crate::unix_now(),
@@ -140,6 +204,8 @@ impl Audit {
             role: e.role,
             peer: e.peer,
             reason: e.reason.chars().take(500).collect(),
+            operator: e.operator,
+            evidence: e.evidence,
             prev: hex::encode(self.head),
             hash: String::new(),
         };
@@ -154,10 +220,17 @@ impl Audit {
             .map_err(AgentError::io(&self.path))?;
         self.head = hash;
         self.seq += 1;
-        if entry.event != "order-refused" {
+        if !NOT_STATE_EVENTS.contains(&entry.event.as_str()) {
             self.last_order_entry = Some((entry.order_id, entry.event));
         }
-        Ok(())
+        Ok(hash)
+    }
+
+    fn broken(&self, reason: String) -> AgentError {
+        AgentError::BadConfig {
+            path: self.path.clone(),
+            reason,
+        }
     }
 }
 
@@ -177,7 +250,7 @@ pub struct Verified {
 
 fn last_order_entry(list: &[Entry]) -> Option<(String, String)> {
     (list.iter().rev())
-        .find(|e| e.event != "order-refused")
+        .find(|e| !NOT_STATE_EVENTS.contains(&e.event.as_str()))
         .map(|e| (e.order_id.clone(), e.event.clone()))
 }
 
@@ -302,7 +375,7 @@ pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
         }
     }
     let audited = (v.list.iter().rev())
-        .find(|e| e.event != "order-refused")
+        .find(|e| !NOT_STATE_EVENTS.contains(&e.event.as_str()))
         .map(|e| (e.order_id.clone(), e.event.as_str()));
     match (last, audited) {
         (Some(j), Some((o, ev))) if j.0 == o && j.1 == ev => Ok(v),

@@ -1,0 +1,389 @@
+//! The audit trail's TPM anchor: every entry's hash extended into a PCR nothing else extends.
+//! spec: SPEC.md §8.10
+//!
+//! The PCR's value is the fold of the entries since the epoch's `anchored` entry (which records
+//! the PCR's value then, `base`). A trail rewritten after its entries were extended no longer
+//! folds to it. A reset PCR (reboot, TPM restart, or a reset of a resettable PCR) opens a new
+//! epoch, in the trail for all to see; anything else that does not fold is refused until the
+//! operator has looked and re-anchored (`trustmig audit anchor`), which the trail records too.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::mpsc;
+
+use super::{verify, Audit, Entry, Event};
+use crate::error::AgentError;
+
+/// The PCR that anchors the trail: read and extended by the agent's TPM (or, with no agent
+/// running, the operator's `audit` command).
+pub trait Anchor: Send {
+    /// Which PCR.
+    fn pcr(&self) -> u8;
+    /// Its SHA-256 value now.
+    fn read(&mut self) -> Result<[u8; 32], String>;
+    /// Extend it with `digest`.
+    fn extend(&mut self, digest: &[u8; 32]) -> Result<(), String>;
+}
+
+/// The value of a SHA-256 PCR at `base` after extending each of `hashes`.
+pub fn fold<'a>(base: [u8; 32], hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    hashes
+        .into_iter()
+        .fold(base, |pcr, h| trustmig_protocol::sha256(&[&pcr, h]))
+}
+
+impl Audit {
+    /// Anchor the trail in `anchor`'s PCR, then keep anchoring each new entry on a thread of
+    /// its own. Entries a crash left unanchored are extended now; a PCR that was reset opens a
+    /// new epoch with an `anchored` entry; a PCR that matches no prefix of its epoch means the
+    /// trail was rewritten (or something else extended the PCR): refused, with what to do.
+    pub fn anchor(&mut self, mut anchor: Box<dyn Anchor>) -> Result<(), AgentError> {
+        let v = verify(&self.path).map_err(|e| self.broken(e.to_string()))?;
+        let pcr = anchor.pcr();
+        let value = anchor.read().map_err(AgentError::Tpm)?;
+        let pending: Vec<[u8; 32]> = match check_anchor(&v.list, pcr, &value) {
+            Ok(a) => v.list[a.anchored as usize..]
+                .iter()
+                .map(Entry::hash_bytes)
+                .collect(),
+            Err(AnchorMismatch::NoEpoch) => {
+                vec![self.open_epoch(pcr, value, "the first anchor of this trail")?]
+            }
+            Err(AnchorMismatch::Moved { from }) => vec![self.open_epoch(
+                pcr,
+                value,
+                &format!("the anchor moved from PCR {from} (tpm.audit_pcr changed)"),
+            )?],
+            Err(AnchorMismatch::Differs { .. }) if value == [0; 32] => vec![self.open_epoch(
+                pcr,
+                value,
+                &format!(
+                    "PCR {pcr} was reset (a reboot, a TPM restart, or a reset): entries before this one are vouched for by the hash chain alone"
+                ),
+            )?],
+            Err(e) => return Err(self.broken(format!("{e}; {ANCHOR_HOW}"))),
+        };
+        for h in &pending {
+            anchor.extend(h).map_err(AgentError::Tpm)?;
+        }
+        let (tx, rx) = mpsc::channel::<[u8; 32]>();
+        std::thread::Builder::new()
+            .name("audit-anchor".into())
+            .spawn(move || {
+                for h in rx {
+                    let mut pause = crate::backoff::Backoff::new(
+                        std::time::Duration::from_millis(100),
+                        std::time::Duration::from_secs(10),
+                    );
+                    while let Err(e) = anchor.extend(&h) {
+                        tracing::error!("could not extend the audit trail's anchor PCR {pcr}: {e}; trying again");
+                        std::thread::sleep(pause.next_pause());
+                    }
+                }
+            })
+            .map_err(AgentError::io("audit anchor thread"))?;
+        self.anchoring = Some((tx, pcr));
+        Ok(())
+    }
+
+    /// Record an `anchored` entry opening an epoch of `pcr` at `base`; returns its hash (to be
+    /// extended first).
+    fn open_epoch(&mut self, pcr: u8, base: [u8; 32], why: &str) -> Result<[u8; 32], AgentError> {
+        tracing::warn!("audit trail: {why}; anchored in PCR {pcr} from here");
+        self.append(Event {
+            event: "anchored",
+            reason: why.into(),
+            evidence: BTreeMap::from([
+                ("pcr".into(), pcr.to_string()),
+                ("base".into(), hex::encode(base)),
+            ]),
+            ..Event::default()
+        })
+    }
+
+    /// With no agent running: record that the operator re-anchored the trail (`reason`) in
+    /// `anchor`'s PCR, as it is now, and extend that entry. Returns its `seq`.
+    pub fn reanchor(dir: &Path, anchor: &mut dyn Anchor, reason: &str) -> Result<u64, AgentError> {
+        let mut audit = Audit::open(dir)?;
+        let value = anchor.read().map_err(AgentError::Tpm)?;
+        let seq = audit.seq;
+        let why = format!("re-anchored by the operator: {reason}");
+        let h = audit.open_epoch(anchor.pcr(), value, &why)?;
+        anchor.extend(&h).map_err(AgentError::Tpm)?;
+        Ok(seq)
+    }
+}
+
+/// What the operator does about a trail that does not match its anchor.
+pub const ANCHOR_HOW: &str = "find out who changed it (compare with `trustmig audit show` and your copies), then `trustmig audit anchor --reason TEXT` with the agent stopped records a new anchor, and that one was needed, in the trail";
+
+/// A trail's anchor, as found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Anchored {
+    /// The PCR.
+    pub pcr: u8,
+    /// `seq` of the `anchored` entry that opened the epoch.
+    pub since: u64,
+    /// How many entries (from the first) the PCR vouches for; those after are not extended yet.
+    pub anchored: u64,
+}
+
+/// Why a trail does not match its anchor.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnchorMismatch {
+    /// The trail was never anchored.
+    #[error("the trail has no anchor")]
+    NoEpoch,
+    /// Its epoch is in another PCR.
+    #[error("the trail is anchored in PCR {from}, not the configured one")]
+    Moved {
+        /// The epoch's PCR.
+        from: u8,
+    },
+    /// The PCR is not the fold of any prefix of the epoch.
+    #[error("the trail does not match its TPM anchor: PCR {pcr} holds {value}, which no part of the trail since its anchor at entry {since} extends to: the trail was rewritten after it was anchored, or something else extended PCR {pcr}")]
+    Differs {
+        /// The PCR.
+        pcr: u8,
+        /// Its value (hex).
+        value: String,
+        /// `seq` of the epoch's `anchored` entry.
+        since: u64,
+    },
+}
+
+/// Check `list` against the value of its anchor PCR.
+pub fn check_anchor(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<Anchored, AnchorMismatch> {
+    let (since, epoch) = (list.iter().enumerate().rev())
+        .find(|(_, e)| e.event == "anchored")
+        .ok_or(AnchorMismatch::NoEpoch)?;
+    let field = |k: &str| epoch.evidence.get(k).map(String::as_str).unwrap_or("");
+    let from: u8 = field("pcr").parse().unwrap_or(u8::MAX);
+    if from != pcr {
+        return Err(AnchorMismatch::Moved { from });
+    }
+    let mut cur: [u8; 32] = (hex::decode(field("base")).ok())
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or_default();
+    // The PCR still at the epoch's base: only a crash between writing the `anchored` entry and
+    // extending it, which nothing follows (the agent extends it before anything else). With
+    // entries after it, the PCR was reset to a value that happens to be the base (zeros after a
+    // reboot): not an anchor of this epoch.
+    let mut anchored = None;
+    if &cur == value && since + 1 == list.len() {
+        anchored = Some(since);
+    }
+    for (i, e) in list.iter().enumerate().skip(since) {
+        cur = fold(cur, [&e.hash_bytes()]);
+        if &cur == value {
+            anchored = Some(i + 1);
+        }
+    }
+    match anchored {
+        Some(n) => Ok(Anchored {
+            pcr,
+            since: since as u64,
+            anchored: n as u64,
+        }),
+        None => Err(AnchorMismatch::Differs {
+            pcr,
+            value: hex::encode(value),
+            since: since as u64,
+        }),
+    }
+}
+
+/// `audit verify`'s words for a trail's anchor: what the TPM vouches for, or why it does not.
+/// A trail never anchored, or anchored in another PCR, is described (the agent anchors it at
+/// its next start); one that does not fold to its PCR is the error.
+pub fn describe(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<String, AnchorMismatch> {
+    match check_anchor(list, pcr, value) {
+        Ok(a) => {
+            let pending = list.len() as u64 - a.anchored;
+            let mut s = format!(
+                "anchored in PCR {pcr} since entry {}: the TPM vouches for entries 0..{}",
+                a.since, a.anchored
+            );
+            if pending > 0 {
+                s += &format!(" ({pending} more not extended yet: the agent extends them in the background, or at its next start)");
+            }
+            Ok(s)
+        }
+        Err(AnchorMismatch::NoEpoch) => Ok(format!(
+            "not anchored yet: the agent anchors it in PCR {pcr} when it next starts"
+        )),
+        Err(AnchorMismatch::Moved { from }) => Ok(format!(
+            "anchored in PCR {from}, not PCR {pcr} (tpm.audit_pcr changed): the agent opens a new anchor at its next start"
+        )),
+        Err(AnchorMismatch::Differs { .. }) if value == &[0; 32] => Ok(format!(
+            "PCR {pcr} was reset since the trail was anchored (a reboot, a TPM restart, or a reset): the entries so far are vouched for by the hash chain alone; the agent opens a new anchor at its next start"
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A PCR in memory, shared with the test.
+    #[derive(Clone, Default)]
+    struct MemoryPcr(Arc<Mutex<[u8; 32]>>);
+
+    impl Anchor for MemoryPcr {
+        fn pcr(&self) -> u8 {
+            23
+        }
+        fn read(&mut self) -> Result<[u8; 32], String> {
+            Ok(*self.0.lock().unwrap())
+        }
+        fn extend(&mut self, digest: &[u8; 32]) -> Result<(), String> {
+            let mut v = self.0.lock().unwrap();
+            *v = fold(*v, [digest]);
+            Ok(())
+        }
+    }
+
+    fn event(n: u32) -> Event {
+        Event {
+            event: "order-received",
+            order_id: format!("{n:032x}"),
+            vm: "vm".into(),
+            ..Event::default()
+        }
+    }
+
+    fn entries(dir: &Path) -> Vec<Entry> {
+        verify(&dir.join(super::super::FILE)).unwrap().list
+    }
+
+    /// Wait (bounded) for the anchoring thread to catch up with the trail.
+    fn settled(dir: &Path, pcr: &MemoryPcr) -> Anchored {
+        for _ in 0..500 {
+            let list = entries(dir);
+            let a = check_anchor(&list, 23, &pcr.clone().read().unwrap()).unwrap();
+            if a.anchored == list.len() as u64 {
+                return a;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("the anchoring thread never caught up");
+    }
+
+    #[test]
+    fn each_entry_is_extended_and_the_trail_folds_to_the_pcr() {
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.record(event(0)).unwrap(); // before anchoring: caught up by the anchor
+        a.anchor(Box::new(pcr.clone())).unwrap();
+        for i in 1..4 {
+            a.record(event(i)).unwrap();
+        }
+        let got = settled(dir.path(), &pcr);
+        let list = entries(dir.path());
+        assert_eq!(list[1].event, "anchored");
+        assert_eq!(list[1].evidence["base"], hex::encode([0; 32]));
+        assert_eq!((got.since, got.anchored), (1, 5));
+        let hashes: Vec<[u8; 32]> = list[1..].iter().map(Entry::hash_bytes).collect();
+        assert_eq!(*pcr.0.lock().unwrap(), fold([0; 32], &hashes));
+    }
+
+    /// The attack the anchor is for: a trail edited and re-chained from the edit on, so that
+    /// the chain alone verifies, no longer folds to the PCR, and the agent refuses it.
+    #[test]
+    fn a_rewritten_trail_that_verifies_is_caught_by_the_tpm() {
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.anchor(Box::new(pcr.clone())).unwrap();
+        for i in 0..3 {
+            a.record(event(i)).unwrap();
+        }
+        settled(dir.path(), &pcr);
+        drop(a);
+        let mut list = entries(dir.path());
+        list[2].vm = "another".into();
+        Entry::relink(&mut list);
+        let text: String = list
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.path().join(super::super::FILE), text).unwrap();
+        assert!(
+            verify(&dir.path().join(super::super::FILE)).is_ok(),
+            "the chain alone verifies"
+        );
+        let value = pcr.clone().read().unwrap();
+        let e = check_anchor(&entries(dir.path()), 23, &value).unwrap_err();
+        assert!(matches!(e, AnchorMismatch::Differs { since: 0, .. }), "{e}");
+        let refused = Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("does not match its TPM anchor")
+                && refused.contains("trustmig audit anchor"),
+            "{refused}"
+        );
+        // Truncating the trail below what the PCR vouches for is caught the same way.
+        list.truncate(2);
+        let text: String = list
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.path().join(super::super::FILE), text).unwrap();
+        assert!(check_anchor(&entries(dir.path()), 23, &value).is_err());
+        // The operator looks, then re-anchors: recorded, and the agent anchors again.
+        let mut op = pcr.clone();
+        let seq = Audit::reanchor(dir.path(), &mut op, "restored from backup").unwrap();
+        let list = entries(dir.path());
+        assert_eq!(list[seq as usize].event, "anchored");
+        assert!(list[seq as usize].reason.contains("restored from backup"));
+        Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .unwrap();
+    }
+
+    /// A reset PCR (reboot) opens a new epoch, in the trail; a crash that left entries
+    /// unextended is caught up at the next start.
+    #[test]
+    fn a_reset_opens_a_new_epoch_and_a_crash_is_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.anchor(Box::new(pcr.clone())).unwrap();
+        a.record(event(0)).unwrap();
+        settled(dir.path(), &pcr);
+        drop(a);
+        // "Crash": entries appended by an agent whose anchoring never ran.
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.record(event(1)).unwrap();
+        a.record(event(2)).unwrap();
+        drop(a);
+        let value = pcr.clone().read().unwrap();
+        let behind = check_anchor(&entries(dir.path()), 23, &value).unwrap();
+        assert_eq!(behind.anchored, 2, "two entries not extended");
+        Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .unwrap();
+        assert_eq!(settled(dir.path(), &pcr).anchored, 4);
+        // Reboot.
+        *pcr.0.lock().unwrap() = [0; 32];
+        let said = describe(&entries(dir.path()), 23, &[0; 32]).unwrap();
+        assert!(said.contains("was reset"), "{said}");
+        Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .unwrap();
+        let list = entries(dir.path());
+        let last = list.last().unwrap();
+        assert_eq!(last.event, "anchored");
+        assert!(last.reason.contains("PCR 23 was reset"), "{}", last.reason);
+        assert_eq!(settled(dir.path(), &pcr).since, 4);
+    }
+}
