@@ -177,6 +177,40 @@ impl Journal {
         Ok(journal)
     }
 
+    /// A destination's VM, committed here and settled by a restart, runs: DONE (what
+    /// `trustmig_protocol::commit::Side` journals on `VmRunning` after a restart), so no later
+    /// restart resumes it again. Nothing for an order in any other state.
+    pub fn resumed_after_restart(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+        let side = trustmig_protocol::commit::Side::from_journal(
+            self.rules,
+            Role::Destination,
+            self.entry(order_id),
+        );
+        self.carry_out(
+            order_id,
+            side,
+            trustmig_protocol::commit::Input::VmRunning,
+            "resumed here after a restart",
+        )
+    }
+
+    /// Feed `input` to `side` and journal what it says to journal (its other outputs are not
+    /// for the journal's caller here).
+    fn carry_out(
+        &mut self,
+        order_id: &OrderId,
+        mut side: trustmig_protocol::commit::Side,
+        input: trustmig_protocol::commit::Input,
+        note: &str,
+    ) -> Result<(), AgentError> {
+        for o in side.handle(input) {
+            if let trustmig_protocol::commit::Output::Journal(e) = o {
+                self.set(order_id, e.state, note)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Anchor the audit trail in the TPM from now on ([`crate::audit::Audit::anchor`]).
     pub fn anchor_audit(
         &mut self,

@@ -10,6 +10,7 @@
 
 pub mod attestation;
 pub mod codec;
+pub mod commit;
 pub mod error;
 pub mod finalsig;
 pub mod handshake;

@@ -369,7 +369,10 @@ impl Rules {
             (Role::Destination, State::RolledBack, Some(State::Claimed)) if e.flag => {
                 VmAction::Discard
             }
-            (Role::Destination, State::Settled, Some(State::Committed)) => VmAction::Resume,
+            // Committed here, settled by this restart or an earlier one that died before the
+            // VM ran (DONE follows once it runs): it is this host's; run it. The model checker
+            // found the earlier one left paused for good.
+            (Role::Destination, State::Settled, _) => VmAction::Resume,
             _ => VmAction::Nothing,
         }
     }

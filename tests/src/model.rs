@@ -1,18 +1,20 @@
 //! A model of two agents migrating one VM under one order, for `stateright` to check.
 //! spec: SPEC.md §8.9
 //!
-//! Every decision about the journal and the VM is taken by `trustmig_protocol::settlement::Rules`,
-//! the rules the agent itself follows: may the order be claimed, may COMMIT be journalled,
-//! what a failure, a restart, a settlement query or answer and an operator's override make of
-//! the order and its VM. Around them the model puts what the agents' drivers do (the message
-//! flow of SPEC.md §8.7) and everything that can go wrong:
+//! Each agent is the agent's own machine, `trustmig_protocol::commit::Side`: it takes every
+//! decision about the journal, the messages of the commit and the VM (claim, COMMIT, rollback,
+//! settlement queries and answers, restarts, the operator's overrides), following
+//! `trustmig_protocol::settlement::Rules`. The model only carries out the machines' outputs
+//! (a journal that keeps what was written, a network, a hypervisor) and adds everything that
+//! can go wrong:
 //! - a network that loses, duplicates, reorders and delays: every message ever sent stays
 //!   deliverable, any number of times, in any order, or never;
 //! - an attacker who replays any message seen (the same), replays the order, and asks the
 //!   destination about the order as a third agent;
 //! - sessions that fail at any point (cut, timeout, refused record), and crashes of either
-//!   agent at any step, after which only the journal survives (the hypervisor too: a QEMU
-//!   keeps its state when its agent dies), followed by a restart;
+//!   agent at any step — between a journal write and what waits for it to be durable too —
+//!   after which only the journal survives (the hypervisor too: a QEMU keeps its state when
+//!   its agent dies), followed by a restart;
 //! - the operator's overrides (`trustmig settle --resume-here | --moved`), either informed
 //!   (their precondition holds: they looked at the destination) or blind, and a revocation of
 //!   the order on either agent (`trustmig order revoke`) at any moment.
@@ -25,10 +27,9 @@
 use std::collections::BTreeSet;
 
 use stateright::{Model, Property};
+use trustmig_protocol::commit::{Input, Output, Phase, Side, Signal};
 use trustmig_protocol::order::Role;
-use trustmig_protocol::settlement::{
-    AfterFailure, Entry, Gate, Rules, Settle, State as J, VmAction,
-};
+use trustmig_protocol::settlement::{Entry, Rules, Settle, State as J, VmAction};
 use trustmig_protocol::AgentId;
 
 /// The source host's identity (index 0).
@@ -49,29 +50,6 @@ pub enum Vm {
     Stopped,
     /// Destination: arrived (loaded), never ran.
     Loaded,
-}
-
-/// Where a session stands (volatile: gone at a crash).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Phase {
-    /// Source: pre-copy under way, the guest runs.
-    Transfer,
-    /// Source: guest stopped, final evidence sent; waits for `Ready`.
-    Switched,
-    /// Source: `Ready` verified.
-    ReadyIn,
-    /// Source: COMMIT durable, `Commit` not yet sent.
-    Committing,
-    /// Source: `Commit` sent; waits for `Resumed`.
-    AwaitResumed,
-    /// Destination: receiving.
-    Receiving,
-    /// Destination: everything arrived and verified, `Ready` sent; waits for `Commit`.
-    ReadySent,
-    /// Destination: COMMIT durable, VM not yet resumed.
-    Committed,
-    /// Destination: VM resumed, `Resumed` not yet sent.
-    Resumed,
 }
 
 /// A message. Session messages reach only a live session of the order.
@@ -128,21 +106,19 @@ pub struct Agent {
     pub up: bool,
     /// The journal's records of the order, oldest first: durable.
     pub journal: Vec<Entry>,
-    /// The session, if one runs: volatile.
-    pub session: Option<Phase>,
-    /// Source: asking the destination about the order in doubt: volatile.
-    pub asking: bool,
+    /// The agent's machine (its session, the query under way and what waits for a durable
+    /// record are volatile: a crash loses them, a restart makes a new one from the journal).
+    pub side: Side,
     /// The hypervisor's copy of the VM: survives the agent's crash.
     pub vm: Vm,
 }
 
 impl Agent {
-    fn new(vm: Vm) -> Self {
+    fn new(rules: Rules, role: Role, vm: Vm) -> Self {
         Self {
             up: true,
             journal: Vec::new(),
-            session: None,
-            asking: false,
+            side: Side::new(rules, role),
             vm,
         }
     }
@@ -152,9 +128,19 @@ impl Agent {
         self.journal.last()
     }
 
-    fn write(&mut self, state: J) {
-        let e = *self.latest().expect("write after a claim");
-        self.journal.push(Entry { state, ..e });
+    /// The session's phase, if one runs.
+    pub fn session(&self) -> Option<Phase> {
+        self.side.session()
+    }
+
+    /// Source: asking the destination about the order in doubt.
+    pub fn asking(&self) -> bool {
+        self.side.asking()
+    }
+
+    /// Whether anything waits for the last journal record to be durable.
+    fn holding(&self) -> bool {
+        self.side.awaits_durable()
     }
 }
 
@@ -269,195 +255,149 @@ impl Migration {
     }
 
     fn deliver(&self, s: &mut Sys, m: Msg) {
-        let r = self.rules;
-        let [src, dst] = &mut s.agents;
-        match m {
-            Msg::Order
-                if src.up
-                    && src.vm == Vm::Running
-                    && src.session.is_none()
-                    && r.claim(src.latest()).is_ok() =>
-            {
-                src.journal.push(Entry {
-                    role: Role::Source,
-                    state: J::Claimed,
-                    peer: Some(DESTINATION),
-                    flag: false,
-                });
-                s.ghost.claims[0] += 1;
-                s.ghost.claimed_revoked |= revoked(src);
-                src.session = Some(Phase::Transfer);
-                s.net.insert(Msg::Begin);
+        let i = match m {
+            Msg::Order | Msg::Ready | Msg::Resumed | Msg::Answer { .. } => 0,
+            Msg::Begin | Msg::Final | Msg::Commit | Msg::Query { .. } => 1,
+        };
+        if !s.agents[i].up {
+            return;
+        }
+        let a = &mut s.agents[i];
+        let outs = match m {
+            Msg::Order if a.vm == Vm::Running && a.session().is_none() => {
+                a.side.claim(Some(DESTINATION), false).unwrap_or_default()
             }
-            Msg::Begin if dst.up && dst.session.is_none() && r.claim(dst.latest()).is_ok() => {
-                dst.journal.push(Entry {
-                    role: Role::Destination,
-                    state: J::Claimed,
-                    peer: Some(SOURCE),
-                    flag: true,
-                });
-                s.ghost.claims[1] += 1;
-                s.ghost.claimed_revoked |= revoked(dst);
-                dst.session = Some(Phase::Receiving);
+            // The handshake claims the order at the destination, for its hypervisor (`flag`).
+            Msg::Begin if a.session().is_none() => {
+                a.side.claim(Some(SOURCE), true).unwrap_or_default()
             }
-            Msg::Final if dst.up && dst.session == Some(Phase::Receiving) => {
-                dst.vm = Vm::Loaded;
-                dst.session = Some(Phase::ReadySent);
-                s.net.insert(Msg::Ready);
+            Msg::Final if a.session() == Some(Phase::Transfer) => {
+                a.vm = Vm::Loaded;
+                a.side.handle(Input::FinalVerified)
             }
-            Msg::Ready if src.up && src.session == Some(Phase::Switched) => {
-                src.session = Some(Phase::ReadyIn);
-            }
-            Msg::Commit if dst.up && dst.session == Some(Phase::ReadySent) => {
-                if let Ok(state) = r.commit(dst.latest(), Gate::Open) {
-                    dst.write(state);
-                    s.ghost.commits[1] += 1;
-                    dst.session = Some(Phase::Committed);
-                }
-            }
-            Msg::Resumed if src.up && src.session == Some(Phase::AwaitResumed) => {
-                src.write(J::Done);
-                src.vm = Vm::Absent;
-                src.session = None;
-            }
-            Msg::Query { from } if dst.up => {
+            Msg::Ready => a.side.handle(Input::Ready),
+            Msg::Commit => a.side.handle(Input::Commit),
+            Msg::Resumed => a.side.handle(Input::Resumed),
+            Msg::Answer {
+                to: Who::Source,
+                committed,
+            } => a.side.handle(Input::Answer { committed }),
+            Msg::Query { from } => {
                 // An order the destination never received: it cannot tell who sent it, holds
                 // nothing of it, and answers "no" to anyone (using the id up). The property is
                 // about orders it received, whose source it knows.
-                let received = dst.journal.iter().any(|e| e.peer == Some(SOURCE));
-                if let Ok((committed, write)) = r.answer(dst.latest(), &from.id()) {
-                    match (write, dst.latest().is_some()) {
-                        (Some(state), true) => dst.write(state),
-                        (Some(state), false) => dst.journal.push(Entry {
-                            role: Role::Destination,
-                            state,
-                            peer: None,
-                            flag: false,
-                        }),
-                        (None, _) => {}
+                let received = a.journal.iter().any(|e| e.peer == Some(SOURCE));
+                let outs = a.side.query(&from.id()).unwrap_or_default();
+                if from != Who::Source && received && !outs.is_empty() {
+                    s.ghost.answered_other = true;
+                }
+                return self.run(s, i, outs);
+            }
+            _ => return,
+        };
+        self.run(s, i, outs);
+    }
+
+    /// Carry out agent `i`'s outputs: a journal record is written at once (a crash before the
+    /// machine hears it is durable is a crash after the write), messages go on the network,
+    /// VM actions reach the hypervisor.
+    fn run(&self, s: &mut Sys, i: usize, outs: Vec<Output>) {
+        for o in outs {
+            let a = &mut s.agents[i];
+            match o {
+                Output::Journal(e) => {
+                    match e.state {
+                        J::Claimed => {
+                            s.ghost.claims[i] += 1;
+                            s.ghost.claimed_revoked |= revoked(a);
+                        }
+                        J::Committed => {
+                            s.ghost.commits[i] += 1;
+                            // The source's COMMIT needs the destination's `Ready`, which only
+                            // exists once the destination sent it.
+                            s.ghost.commit_without_gate |= i == 0 && !s.net.contains(&Msg::Ready);
+                        }
+                        _ => {}
                     }
-                    if from != Who::Source && received {
-                        s.ghost.answered_other = true;
-                    }
-                    s.net.insert(Msg::Answer {
-                        to: from,
-                        committed,
+                    a.journal.push(e);
+                }
+                Output::Send(sig) => {
+                    s.net.insert(match sig {
+                        Signal::Ready => Msg::Ready,
+                        Signal::Commit => Msg::Commit,
+                        Signal::Resumed => Msg::Resumed,
+                        Signal::Answer { to, committed } => Msg::Answer {
+                            to: if to == SOURCE {
+                                Who::Source
+                            } else {
+                                Who::Mallory
+                            },
+                            committed,
+                        },
                     });
                 }
+                Output::Vm(act) => vm_action(a, act, &mut s.ghost),
+                // The model's `Ask` and `Unanswered` actions are the query's two outcomes.
+                Output::Ask => {}
             }
-            Msg::Answer { to, committed } if to == Who::Source && src.up && src.asking => {
-                src.asking = false;
-                if let Ok(Some((state, vm))) = r.settle(src.latest(), Settle::Answer { committed })
-                {
-                    src.write(state);
-                    source_vm(src, vm, &mut s.ghost);
-                }
-            }
-            _ => {}
+        }
+        // The source opened its session: it dials the destination.
+        if i == 0 && s.agents[0].session() == Some(Phase::Transfer) && !s.net.contains(&Msg::Begin)
+        {
+            s.net.insert(Msg::Begin);
         }
     }
 
+    /// Agent `i`'s next own step: the record written last is durable; else the source's
+    /// switch-over (the guest stops, the last bytes and the evidence go), or the destination's
+    /// VM running after `cont`.
     fn step(&self, s: &mut Sys, i: usize) {
-        let r = self.rules;
         let a = &mut s.agents[i];
         if !a.up {
             return;
         }
-        match a.session {
-            // The switch-over: the guest stops, the last bytes and the evidence go.
-            Some(Phase::Transfer) => {
-                a.vm = Vm::Stopped;
-                a.session = Some(Phase::Switched);
-                s.net.insert(Msg::Final);
-            }
-            // COMMIT, durable before `Commit` leaves; the gate is open only after `Ready`.
-            Some(p @ (Phase::Switched | Phase::ReadyIn)) => {
-                let gate = if p == Phase::ReadyIn {
-                    Gate::Open
-                } else {
-                    Gate::Closed
-                };
-                if let Ok(state) = r.commit(a.latest(), gate) {
-                    a.write(state);
-                    s.ghost.commits[0] += 1;
-                    s.ghost.commit_without_gate |= gate == Gate::Closed;
-                    a.session = Some(Phase::Committing);
+        let outs = if a.holding() {
+            a.side.handle(Input::Durable)
+        } else {
+            match (i, a.session()) {
+                (0, Some(Phase::Transfer)) => {
+                    a.vm = Vm::Stopped;
+                    s.net.insert(Msg::Final);
+                    a.side.handle(Input::SwitchedOver)
                 }
+                (1, Some(Phase::Committed) | None) if a.vm == Vm::Running => {
+                    a.side.handle(Input::VmRunning)
+                }
+                _ => return,
             }
-            Some(Phase::Committing) => {
-                s.net.insert(Msg::Commit);
-                a.session = Some(Phase::AwaitResumed);
-            }
-            Some(Phase::Committed) => {
-                a.vm = Vm::Running;
-                a.session = Some(Phase::Resumed);
-            }
-            Some(Phase::Resumed) => {
-                s.net.insert(Msg::Resumed);
-                a.write(J::Done);
-                a.session = None;
-            }
-            _ => {}
-        }
+        };
+        self.run(s, i, outs);
     }
 
     fn fail(&self, s: &mut Sys, i: usize) {
-        let r = self.rules;
         let a = &mut s.agents[i];
-        // COMMIT and `cont` follow each other with no I/O between them: only a crash
-        // separates them.
-        if !a.up || a.session.is_none() || a.session == Some(Phase::Committed) {
+        if !a.up {
             return;
         }
-        a.session = None;
-        let after = r.after_failure(a.latest());
-        if let AfterFailure::RollBack | AfterFailure::Discard = after {
-            if let Some(state) = r.roll_back(a.latest()) {
-                a.write(state);
-            }
-        }
-        match after {
-            AfterFailure::RollBack => source_vm(
-                a,
-                VmAction::GiveBack {
-                    paused_before: false,
-                },
-                &mut s.ghost,
-            ),
-            AfterFailure::AskDestination => a.asking = true,
-            AfterFailure::Discard => a.vm = Vm::Absent,
-            AfterFailure::Keep => {}
-        }
+        let outs = a.side.handle(Input::Failed);
+        self.run(s, i, outs);
     }
 
     fn restart(&self, s: &mut Sys, i: usize) {
-        let r = self.rules;
+        let role = if i == 0 {
+            Role::Source
+        } else {
+            Role::Destination
+        };
         let a = &mut s.agents[i];
         a.up = true;
-        let kept = r.replay(&a.journal).len();
-        a.journal.truncate(kept);
-        let Some(e) = a.latest().copied() else {
-            return;
-        };
-        let mut was = None;
-        if let Some(x) = r.restart(&e) {
-            was = Some(e.state);
-            if let Some(state) = x.write {
-                a.write(state);
-            }
-            a.asking = x.ask;
-        }
-        let latest = *a.latest().expect("claimed");
-        match r.vm_after_restart(&latest, was) {
-            VmAction::Discard => a.vm = Vm::Absent,
-            VmAction::Resume if a.vm == Vm::Loaded => a.vm = Vm::Running,
-            act @ VmAction::GiveBack { .. } => source_vm(a, act, &mut s.ghost),
-            _ => {}
-        }
+        let x = Side::restart(self.rules, role, &a.journal);
+        a.journal.truncate(x.kept);
+        a.side = x.side;
+        self.run(s, i, x.outputs);
     }
 
     fn operator(&self, s: &mut Sys, how: Settle) {
-        let r = self.rules;
         // What the operator can see on the destination host: the order used up there, never
         // to commit (rolled back), or committed there.
         let dst = s.agents[1].latest().map(|e| e.state);
@@ -473,20 +413,20 @@ impl Migration {
         }
         let src = &mut s.agents[0];
         // Only an order whose destination is being asked can be settled by hand.
-        if !src.up || !src.asking {
+        if !src.up || !src.asking() {
             return;
         }
-        if let Ok(Some((state, vm))) = r.settle(src.latest(), how) {
-            s.overrides -= 1;
-            src.write(state);
-            src.asking = false;
-            source_vm(src, vm, &mut s.ghost);
+        if let Ok(outs) = src.side.operator(how) {
+            if !outs.is_empty() {
+                s.overrides -= 1;
+            }
+            self.run(s, 0, outs);
         }
     }
 }
 
-/// Do what the rules said to the source's VM.
-fn source_vm(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
+/// Do what a machine said to its host's VM.
+fn vm_action(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
     match act {
         VmAction::GiveBack { .. } if a.vm == Vm::Stopped => {
             if a.latest().map(|e| e.state) != Some(J::RolledBack) {
@@ -494,7 +434,8 @@ fn source_vm(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
             }
             a.vm = Vm::Running;
         }
-        VmAction::Forget => a.vm = Vm::Absent,
+        VmAction::Forget | VmAction::Discard => a.vm = Vm::Absent,
+        VmAction::Resume if a.vm == Vm::Loaded => a.vm = Vm::Running,
         _ => {}
     }
 }
@@ -505,7 +446,10 @@ impl Model for Migration {
 
     fn init_states(&self) -> Vec<Sys> {
         vec![Sys {
-            agents: [Agent::new(Vm::Running), Agent::new(Vm::Absent)],
+            agents: [
+                Agent::new(self.rules, Role::Source, Vm::Running),
+                Agent::new(self.rules, Role::Destination, Vm::Absent),
+            ],
             net: BTreeSet::from([Msg::Order]),
             crashes: self.crashes,
             overrides: 1,
@@ -528,7 +472,7 @@ impl Model for Migration {
                 out.push(Action::Restart(i));
             }
         }
-        if s.agents[0].up && s.agents[0].asking {
+        if s.agents[0].up && s.agents[0].asking() {
             out.extend([Action::Ask, Action::Unanswered]);
             if self.operator != Operator::None && s.overrides > 0 {
                 out.extend([Action::ResumeHere, Action::Moved]);
@@ -552,20 +496,18 @@ impl Model for Migration {
                 s.crashes -= 1;
                 let a = &mut s.agents[i];
                 a.up = false;
-                a.session = None;
-                a.asking = false;
+                // What the machine held in memory is gone; the restart makes a new one.
+                a.side = Side::new(self.rules, a.side.role());
             }
             Action::Restart(i) => self.restart(&mut s, i),
             Action::Ask => {
                 s.net.insert(Msg::Query { from: Who::Source });
             }
             Action::Unanswered => {
-                let src = &mut s.agents[0];
-                let act = self.rules.unanswered();
-                if act != VmAction::KeepStopped {
-                    src.asking = false;
-                    source_vm(src, act, &mut s.ghost);
-                }
+                let outs = s.agents[0].side.handle(Input::Unanswered);
+                // Asking again is the `Ask` action's business.
+                let outs = outs.into_iter().filter(|o| *o != Output::Ask).collect();
+                self.run(&mut s, 0, outs);
             }
             Action::Intrude => {
                 s.intrusions -= 1;
@@ -573,19 +515,9 @@ impl Model for Migration {
             }
             Action::Revoke(i) => {
                 let a = &mut s.agents[i];
-                if let (true, Ok(state)) = (a.up, self.rules.revoke(a.latest())) {
+                if let (true, Ok(outs)) = (a.up, a.side.revoke()) {
                     s.revocations -= 1;
-                    let role = if i == 0 {
-                        Role::Source
-                    } else {
-                        Role::Destination
-                    };
-                    a.journal.push(Entry {
-                        role,
-                        state,
-                        peer: None,
-                        flag: false,
-                    });
+                    self.run(&mut s, i, outs);
                 }
             }
             Action::ResumeHere => self.operator(&mut s, Settle::OperatorResumeHere),
@@ -596,8 +528,9 @@ impl Model for Migration {
     }
 
     /// Keeps a mutation that claims replayed orders again from growing the journal forever.
+    /// (a second claim is the violation already: nothing past it needs exploring).
     fn within_boundary(&self, s: &Sys) -> bool {
-        s.agents.iter().all(|a| a.journal.len() <= 8)
+        s.agents.iter().all(|a| a.journal.len() <= 8) && s.ghost.claims.iter().all(|c| *c <= 2)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
@@ -683,7 +616,7 @@ fn running(s: &Sys) -> usize {
 fn settled(s: &Sys) -> bool {
     s.agents
         .iter()
-        .all(|a| a.up && !a.asking && a.session.is_none())
+        .all(|a| a.up && !a.asking() && a.session().is_none() && !a.holding())
 }
 
 /// No progress action changes anything: the network delivered all it will, every agent took

@@ -46,8 +46,8 @@ fn explain_steps(m: &Migration, name: &str, steps: Vec<(Sys, Option<Action>)>) -
                     if a.up { "up" } else { "DOWN" },
                     a.vm,
                     a.journal.iter().map(|e| e.state).collect::<Vec<_>>(),
-                    a.session,
-                    if a.asking { " asking" } else { "" }
+                    a.session(),
+                    if a.asking() { " asking" } else { "" }
                 )
             })
             .collect();

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, UnixListener};
@@ -12,7 +11,6 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::ctx::Ctx;
-use crate::driver::reconcile::Action;
 use crate::driver::settle::InDoubt;
 use crate::error::AgentError;
 use crate::guest::SyntheticGuest;
@@ -28,7 +26,7 @@ pub(super) struct Started {
     /// Source orders at COMMIT to settle by asking their destination.
     ask: Vec<InDoubt>,
     /// What the journal allows for each QEMU VM's hypervisor state.
-    reconcile: Vec<(String, PathBuf, Action)>,
+    reconcile: Vec<crate::backend::qemu::Reconcile>,
 }
 
 impl Started {
@@ -56,12 +54,15 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         .iter()
         .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
         .map(|(vm, qmp)| {
-            let action = crate::driver::reconcile::action(
-                journal.rules(),
-                journal.last_order_of(&vm),
-                &interrupted,
-            );
-            (vm, qmp, action)
+            let last = journal.last_order_of(&vm);
+            let action = crate::driver::reconcile::action(journal.rules(), last, &interrupted);
+            let order = last.map(|r| r.order_id.clone());
+            crate::backend::qemu::Reconcile {
+                vm,
+                qmp,
+                action,
+                order,
+            }
         })
         .collect();
     check_memory(&config, &journal, &home)?;

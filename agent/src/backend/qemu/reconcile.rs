@@ -85,19 +85,48 @@ pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action:
     }
 }
 
-/// Reconcile every QEMU VM of this agent in the background, each as the journal allows.
-pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, actions: Vec<(String, std::path::PathBuf, Action)>) {
-    for (vm, path, action) in actions {
-        if action == Action::Nothing {
+/// One QEMU VM to bring in line with its journal after a restart.
+pub(crate) struct Reconcile {
+    /// The VM.
+    pub vm: String,
+    /// Its QMP socket.
+    pub qmp: std::path::PathBuf,
+    /// What the journal allows.
+    pub action: Action,
+    /// The VM's most recent order (hex), if any.
+    pub order: Option<String>,
+}
+
+/// Reconcile every QEMU VM of this agent in the background, each as the journal allows. A VM
+/// resumed here because a restart settled its order as committed here gets DONE journalled once
+/// it runs, so that no later restart resumes it again (SPEC.md §8.8).
+pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
+    for r in list {
+        if r.action == Action::Nothing {
             continue;
         }
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let what = reconcile(&ctx, &vm, &path, action).await;
+            let (vm, action) = (r.vm.as_str(), r.action);
+            let what = reconcile(&ctx, vm, &r.qmp, action).await;
             if what.contains("by hand") || what.contains("not yet running") {
                 warn!(vm, ?action, "after restart: {what}");
-            } else {
-                info!(vm, ?action, "after restart: {what}");
+                return;
+            }
+            info!(vm, ?action, "after restart: {what}");
+            let order = r
+                .order
+                .as_deref()
+                .and_then(|o| ::hex::decode(o).ok()?.try_into().ok());
+            if let (Action::Resume, Some(id)) = (action, order) {
+                let done = ctx
+                    .journal
+                    .lock()
+                    .expect("journal lock")
+                    .resumed_after_restart(&id);
+                if let Err(e) = done {
+                    warn!(vm, "the VM runs, but DONE could not be journalled: {e}");
+                }
             }
         });
     }
