@@ -9,9 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use trustmig_protocol::attestation::EvidenceVerifier;
-use trustmig_protocol::migration::CommitEvidence;
 use trustmig_protocol::order::OrderId;
-use trustmig_protocol::settlement::Gate;
 
 use crate::config::Config;
 use crate::control::Summary;
@@ -92,27 +90,6 @@ impl Ctx {
             "peer {} was removed from the trust store during the migration: not committing",
             hex::encode(peer)
         )))
-    }
-
-    /// Journal COMMIT for `order_id`, its peer's evidence having verified, with the digests
-    /// the commit rests on.
-    pub fn commit(
-        &self,
-        order_id: &OrderId,
-        evidence: Option<CommitEvidence>,
-    ) -> Result<(), AgentError> {
-        let digests = evidence.map(|e| {
-            std::collections::BTreeMap::from([
-                ("transcript".to_string(), hex::encode(e.transcript)),
-                ("manifest_root".to_string(), hex::encode(e.manifest_root)),
-                ("final_digest".to_string(), hex::encode(e.final_digest)),
-            ])
-        });
-        self.journal.lock().expect("journal lock").commit(
-            order_id,
-            Gate::Open,
-            digests.unwrap_or_default(),
-        )
     }
 
     /// Migrations being sent now.

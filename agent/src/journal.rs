@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use trustmig_protocol::commit::{Input, Output, Side, Signal};
 use trustmig_protocol::order::{
     hex, OrderBody, OrderError, OrderId, OrderJournal, Role, VerifiedOrder,
 };
@@ -384,14 +385,22 @@ impl Journal {
         how: Settle,
         note: impl Into<String>,
     ) -> Result<Option<VmAction>, AgentError> {
-        let decided = self
-            .rules
-            .settle(self.entry(order_id).as_ref(), how)
-            .map_err(|e| refused(order_id, e))?;
-        match decided {
-            Some((state, vm)) => self.set(order_id, state, note).map(|()| Some(vm)),
-            None => Ok(None),
+        // No session runs here for it: the machine finds it in doubt, or not, from the journal.
+        let mut side = Side::from_journal(self.rules, Role::Source, self.entry(order_id));
+        let outs = match how {
+            Settle::Answer { committed } => side.handle(Input::Answer { committed }),
+            how => side.operator(how).map_err(|e| refused(order_id, e))?,
+        };
+        let note = note.into();
+        let mut vm = None;
+        for o in outs.into_iter().chain(side.handle(Input::Durable)) {
+            match o {
+                Output::Journal(e) => self.set(order_id, e.state, note.clone())?,
+                Output::Vm(act) => vm = Some(act),
+                _ => {}
+            }
         }
+        Ok(vm)
     }
 
     /// Journal an order rolled back, if the rules let it (only what never got past its claim).
@@ -419,26 +428,30 @@ impl Journal {
     ) -> Result<bool, AgentError> {
         let key = hex(order_id);
         let note = "settlement: the source asked; never committed here";
-        let (committed, write) = self
-            .rules
-            .answer(self.entry(order_id).as_ref(), asker)
-            .map_err(|e| match e {
-                Refusal::NotItsSource => AgentError::Journal(format!(
-                    "order {key}: no settlement answer for agent {}, which did not send it",
-                    hex(asker)
-                )),
-                e => refused(order_id, e),
-            })?;
-        match (write, self.latest.contains_key(&key)) {
-            (Some(state), true) => self.set(order_id, state, note)?,
-            (Some(state), false) => {
-                let mut r = Record::new(key, Role::Destination, "", state, 0);
-                r.note = note.into();
-                self.append(r)?;
+        let mut side = Side::from_journal(self.rules, Role::Destination, self.entry(order_id));
+        let outs = side.query(asker).map_err(|e| match e {
+            Refusal::NotItsSource => AgentError::Journal(format!(
+                "order {key}: no settlement answer for agent {}, which did not send it",
+                hex(asker)
+            )),
+            e => refused(order_id, e),
+        })?;
+        let mut answer = None;
+        for o in outs.into_iter().chain(side.handle(Input::Durable)) {
+            match o {
+                Output::Journal(e) if self.latest.contains_key(&key) => {
+                    self.set(order_id, e.state, note)?
+                }
+                Output::Journal(e) => {
+                    let mut r = Record::new(key.clone(), e.role, "", e.state, 0);
+                    r.note = note.into();
+                    self.append(r)?;
+                }
+                Output::Send(Signal::Answer { committed, .. }) => answer = Some(committed),
+                _ => {}
             }
-            (None, _) => {}
         }
-        Ok(committed)
+        answer.ok_or_else(|| AgentError::Journal(format!("order {key}: no settlement answer")))
     }
 
     /// Revoke an order this agent has not used, as `role` (what it would have been): it can

@@ -393,7 +393,8 @@ async fn migrate_with(
     let order = s.pair.order(VM, limits, 600).expect("order");
     let mut events = Vec::new();
     let mut result = Err("no final reply".to_string());
-    s.pair
+    let called = s
+        .pair
         .migrate(&order, |r| match r {
             Reply::Progress(Progress::Done(sum)) => result = Ok(sum),
             Reply::Progress(Progress::Failed { error, vm }) => {
@@ -403,8 +404,15 @@ async fn migrate_with(
             Reply::Error(e) => result = Err(e),
             _ => {}
         })
-        .await
-        .expect("control socket");
+        .await;
+    if let Err(e) = called {
+        // The agent's own words, and whether it is still there.
+        let exited = s.pair.procs[0].as_mut().map(|p| !p.running());
+        panic!(
+            "control socket: {e}; source agent gone: {exited:?}\n{}",
+            s.logs()
+        );
+    }
     (result, events)
 }
 

@@ -131,10 +131,24 @@ impl Side {
         }
     }
 
-    /// A side that finds `latest` journalled (an agent that knows the order, no session).
+    /// A side whose order was just claimed (the journal holds `claimed`) and whose session
+    /// starts: the destination's handshake claims through the journal itself.
+    pub fn claimed(rules: Rules, claimed: Entry) -> Self {
+        Self {
+            entry: Some(claimed),
+            session: Some(Phase::Transfer),
+            ..Self::new(rules, claimed.role)
+        }
+    }
+
+    /// A side that finds `latest` journalled and no session running for it: a source's order
+    /// at COMMIT is in doubt, its destination being asked (after the session failed, or the
+    /// restart that found it so).
     pub fn from_journal(rules: Rules, role: Role, latest: Option<Entry>) -> Self {
+        let asking = latest.is_some_and(|e| rules.restart(&e).is_some_and(|x| x.ask));
         Self {
             entry: latest,
+            asking,
             ..Self::new(rules, role)
         }
     }
@@ -380,7 +394,9 @@ impl Side {
                 out.push(Output::Vm(VmAction::KeepStopped));
                 out.push(Output::Ask);
             }
-            AfterFailure::Discard => self.then(out, Output::Vm(VmAction::Discard)),
+            // Discarded at once: what arrived never runs here, and a crash before the
+            // rollback is journalled finds the order claimed and discards again.
+            AfterFailure::Discard => out.insert(0, Output::Vm(VmAction::Discard)),
             AfterFailure::Keep => {}
         }
     }
@@ -494,12 +510,13 @@ mod tests {
         d.handle(Input::Commit);
         assert_eq!(d.handle(Input::Failed), []);
         assert_eq!(d.handle(Input::Durable), [Output::Vm(VmAction::Resume)]);
-        // Before COMMIT, a failure discards, once the rollback is durable.
+        // Before COMMIT, a failure discards, then journals the rollback.
         let mut d = Side::new(r, Role::Destination);
         d.claim(Some(SRC), true).unwrap();
         d.handle(Input::FinalVerified);
-        assert_eq!(journalled(&d.handle(Input::Failed)), [State::RolledBack]);
-        assert_eq!(d.handle(Input::Durable), [Output::Vm(VmAction::Discard)]);
+        let out = d.handle(Input::Failed);
+        assert_eq!(out[0], Output::Vm(VmAction::Discard));
+        assert_eq!(journalled(&out), [State::RolledBack]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::guest::SyntheticGuest;
 use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
+use trustmig_protocol::commit::{Output, Side};
 
 /// A started agent, before it serves.
 pub(super) struct Started {
@@ -190,11 +191,14 @@ fn settle_in_doubt(
             .ok_or_else(|| {
                 AgentError::Journal(format!("journal holds a bad order id {}", r.order_id))
             })?;
-        let Some(restart) = journal.rules().restart(&r.entry()) else {
+        // The order's machine, restarted with what the journal kept, says what to journal and
+        // whether to ask; what becomes of each VM is reconciled per VM (`reconcile.rs`).
+        let restarted = Side::restart(journal.rules(), r.role, &[r.entry()]);
+        if restarted.outputs.is_empty() {
             continue;
-        };
+        }
         // A source at COMMIT that knows its destination asks it once the agent is up.
-        if restart.ask {
+        if restarted.outputs.contains(&Output::Ask) {
             if let Some(p) = InDoubt::from_record(&r) {
                 warn!(order = %r.order_id, vm = %r.vm, "committed before restart: asking the destination what became of the VM");
                 ask.push(p);
@@ -213,8 +217,10 @@ fn settle_in_doubt(
             (false, _) => "committed before restart: the destination owns the VM",
         };
         warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");
-        if let Some(state) = restart.write {
-            journal.set(&id, state, note)?;
+        for o in &restarted.outputs {
+            if let Output::Journal(e) = o {
+                journal.set(&id, e.state, note)?;
+            }
         }
         interrupted.insert(r.order_id.clone(), r.state);
     }

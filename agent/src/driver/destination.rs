@@ -24,11 +24,13 @@ use crate::backend::qemu::QemuDest;
 use crate::backend::synthetic::SyntheticDest;
 use crate::backend::{Arrived, DestVm};
 use crate::ctx::{history_entry, Ctx, DataConn};
+use crate::driver::commit::{expect, Commit};
 use crate::error::{AgentError, Link};
 use crate::fault::{crash_point, CrashPoint};
 use crate::journal::{ClaimAsDestination, State};
 use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
-use trustmig_protocol::settlement::AfterFailure;
+use trustmig_protocol::commit::{Input, Output, Signal};
+use trustmig_protocol::settlement::VmAction;
 
 type Tls = TlsStream<TcpStream>;
 type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
@@ -90,12 +92,12 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     let _ = s.wr.shutdown().await;
     let mut rolled_back = true;
     if let Some(id) = s.order_id {
-        rolled_back = ctx
-            .journal
-            .lock()
-            .expect("journal lock")
-            .roll_back_if_claimed(&id, e.to_string())
-            .unwrap_or(false);
+        // Rolled back by its machine; a session that failed before the machine started (its
+        // claim just made) rolls its claim back here.
+        let mut journal = ctx.journal.lock().expect("journal lock");
+        let _ = journal.roll_back_if_claimed(&id, e.to_string());
+        rolled_back = journal.entry(&id).map(|e| e.state) == Some(State::RolledBack);
+        drop(journal);
         ctx.remember(history_entry(
             "destination",
             None,
@@ -220,7 +222,9 @@ impl Session {
         let est = hs.into_established()?;
         info!(order = %hex(est.order.id()), vm = %self.vm, "source attested; receiving");
         crash_point(CrashPoint::DestinationAfterClaim);
-        self.receive(est, frames).await
+        // The handshake claimed the order through the journal: its machine starts here.
+        let commit = Commit::claimed(&ctx, *est.order.id())?;
+        self.receive(est, frames, commit).await
     }
 
     /// A source lost its session after journalling COMMIT and asks what became of the order
@@ -248,7 +252,30 @@ impl Session {
     }
 
     /// The VM arrives through the backend its transfer mode names.
-    async fn receive(&mut self, est: Established, frames: Frames) -> Result<(), AgentError> {
+    async fn receive(
+        &mut self,
+        est: Established,
+        frames: Frames,
+        mut commit: Commit,
+    ) -> Result<(), AgentError> {
+        let r = self.receive_into(est, frames, &mut commit).await;
+        if let Err(e) = &r {
+            // Refused before the backend held anything (or after it discarded, which fed the
+            // machine already): the machine journals the rollback.
+            commit.feed(Input::Failed, e.to_string());
+            if let Err(j) = commit.drain(&self.ctx) {
+                error!("could not journal the rollback: {j}");
+            }
+        }
+        r
+    }
+
+    async fn receive_into(
+        &mut self,
+        est: Established,
+        frames: Frames,
+        commit: &mut Commit,
+    ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         // A VM this agent is sending away, or sent and has not settled, may run elsewhere; a
         // copy arriving now could make two (SPEC.md §8.8 rule 4), or be overwritten when the
@@ -281,11 +308,11 @@ impl Session {
         match est.mode {
             TransferMode::Precopy { .. } => {
                 let vm = SyntheticDest::prepare(&ctx, &self.vm, &est)?;
-                self.receive_with(vm, est, frames, conns).await
+                self.receive_with(vm, est, frames, conns, commit).await
             }
             TransferMode::HypervisorStream => {
                 let vm = QemuDest::prepare(&ctx, &self.vm, &est).await?;
-                self.receive_with(vm, est, frames, conns).await
+                self.receive_with(vm, est, frames, conns, commit).await
             }
         }
     }
@@ -297,18 +324,21 @@ impl Session {
         est: Established,
         frames: Frames,
         conns: mpsc::Receiver<DataConn>,
+        commit: &mut Commit,
     ) -> Result<(), AgentError> {
-        let r = self.exchange(&mut vm, est, frames, conns).await;
-        if r.is_err() {
-            // The rules decide from the journal: before COMMIT (or once a settlement answer
-            // rolled the order back) what arrived is discarded; after it the VM is ours.
-            let after = {
-                let journal = self.ctx.journal.lock().expect("journal lock");
-                let entry = self.order_id.and_then(|id| journal.entry(&id));
-                journal.rules().after_failure(entry.as_ref())
-            };
-            if after != AfterFailure::Keep {
-                vm.discard(&self.ctx).await;
+        let r = self.exchange(&mut vm, est, frames, conns, commit).await;
+        if let Err(e) = &r {
+            // The machine decides: before COMMIT (or once a settlement answer rolled the order
+            // back) what arrived is discarded, then the rollback journalled; after it the VM
+            // is ours.
+            commit.feed(Input::Failed, e.to_string());
+            let mut vm = Some(vm);
+            while let Some(o) = commit.next(&self.ctx)? {
+                if o == Output::Vm(VmAction::Discard) {
+                    if let Some(vm) = vm.take() {
+                        vm.discard(&self.ctx).await;
+                    }
+                }
             }
         }
         r
@@ -323,6 +353,7 @@ impl Session {
         est: Established,
         mut frames: Frames,
         conns: mpsc::Receiver<DataConn>,
+        commit: &mut Commit,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let mut dm = DestMigration::new(&est);
@@ -356,6 +387,8 @@ impl Session {
                             // a source removed from the trust store stops here.
                             if matches!(Message::decode(&m), Ok(Message::Ready)) {
                                 ctx.check_still_trusted(&peer_of(&ctx, self.order_id))?;
+                                commit.feed(Input::FinalVerified, "");
+                                expect(commit.next(&ctx)?, Output::Send(Signal::Ready))?;
                             }
                             self.send(&m).await?
                         }
@@ -367,7 +400,7 @@ impl Session {
                             )));
                         }
                         DestEvent::Resume => {
-                            return self.resume(vm, &mut dm, &mut frames).await;
+                            return self.resume(vm, &mut dm, &mut frames, commit).await;
                         }
                     }
                 }
@@ -390,17 +423,20 @@ impl Session {
         }
     }
 
-    /// `Commit` arrived: journal it, run the VM here, confirm.
+    /// `Commit` arrived: the machine journals COMMIT, then the VM runs here, then `Resumed`.
     async fn resume<B: DestVm>(
         &mut self,
         vm: &mut B,
         dm: &mut DestMigration,
         frames: &mut Frames,
+        commit: &mut Commit,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let id = self.order_id.expect("order known after handshake");
-        // `Commit` verified after our `Ready`: the gate is open (DestMigration checked it).
-        ctx.commit(&id, dm.evidence())?;
+        // `Commit` verified after our `Ready` (DestMigration checked it).
+        commit.with_evidence(dm.evidence());
+        commit.feed(Input::Commit, "");
+        expect(commit.next(&ctx)?, Output::Vm(VmAction::Resume))?;
         crash_point(CrashPoint::DestinationAfterCommit);
         // The VM is this host's now and runs nowhere else: a refused `cont` is tried again
         // (250 ms doubling to 5 s) for a step timeout before it is reported; a restart of the
@@ -423,6 +459,8 @@ impl Session {
                 }
             }
         }
+        commit.feed(Input::VmRunning, "resumed here");
+        expect(commit.next(&ctx)?, Output::Send(Signal::Resumed))?;
         let m = dm.resumed()?;
         let sent = if crate::fault::lose_resumed() {
             Err(AgentError::Migration(
@@ -447,10 +485,9 @@ impl Session {
             }
             return Err(e);
         }
-        ctx.journal
-            .lock()
-            .expect("journal lock")
-            .set(&id, State::Done, "resumed here")?;
+        // DONE.
+        let rest = commit.drain(&ctx)?;
+        debug_assert!(rest.is_empty(), "{rest:?}");
         crash_point(CrashPoint::DestinationAfterDone);
         info!(order = %hex(&id), vm = %self.vm, "VM resumed on this host");
         ctx.remember(history_entry(

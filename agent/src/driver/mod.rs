@@ -4,6 +4,7 @@
 //! progress and the summary — and call the backend (`crate::backend`) for the rest.
 
 pub mod channel;
+pub mod commit;
 pub mod destination;
 pub mod reconcile;
 pub mod settle;

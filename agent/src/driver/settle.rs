@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::order::{hex, OrderId, VerifiedOrder};
-use trustmig_protocol::settlement::{AfterFailure, Settle, VmAction};
+use trustmig_protocol::settlement::{Settle, VmAction};
 use trustmig_protocol::AgentId;
 
 use crate::backend;
@@ -91,17 +91,6 @@ impl InDoubt {
             addr: body.destination_addr.clone(),
             paused_before,
         }
-    }
-}
-
-/// After a source's session failed, as the rules decided (`after`): `None` when it never
-/// committed (rule 1: the caller rolls back); otherwise the destination's answer, asked once
-/// now. In doubt, the caller stops its VM where [`keep_asking`] finds it, then calls it.
-pub async fn after_failure(ctx: &Arc<Ctx>, p: &InDoubt, after: AfterFailure) -> Option<Settlement> {
-    match after {
-        AfterFailure::AskDestination => Some(ask(ctx, p).await),
-        // A source's entry is never one of the destination's answers.
-        AfterFailure::RollBack | AfterFailure::Discard | AfterFailure::Keep => None,
     }
 }
 

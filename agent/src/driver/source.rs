@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{debug, error, info};
+use trustmig_protocol::commit::{Input, Output, Signal};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::{SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
+use trustmig_protocol::settlement::VmAction;
 
 use crate::backend::qemu::QemuSource;
 use crate::backend::synthetic::SyntheticSource;
@@ -20,6 +22,7 @@ use crate::backend::{SourceLink, SourceVm};
 use crate::control::{Progress, Step, Summary};
 use crate::ctx::{history_entry, Ctx};
 use crate::driver::channel::SourceChannel;
+use crate::driver::commit::{expect, Commit};
 use crate::driver::settle::{self, InDoubt, Settlement};
 use crate::error::AgentError;
 use crate::fault::{self, crash_point, CrashPoint};
@@ -241,8 +244,12 @@ async fn run<B: SourceVm>(
     let body = order.body();
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
     ctx.metrics.started("source", B::NAME);
-    let result = drive(ctx, &order, progress, &mut vm).await;
     let id = *order.id();
+    let mut commit = match Commit::claimed(ctx, id) {
+        Ok(c) => c,
+        Err(e) => return Err((e, Whereabouts::Untouched)),
+    };
+    let result = drive(ctx, &order, progress, &mut vm, &mut commit).await;
     let e = match result {
         Ok(summary) => {
             note_source_result(ctx, &id, &body.vm, Ok(&summary));
@@ -252,24 +259,31 @@ async fn run<B: SourceVm>(
         }
         Err(e) => e,
     };
-    // After COMMIT only the destination's answer may give the VM back (SPEC.md §8.8): the
-    // rules decide from the journal, where COMMIT is durable before `Commit` leaves.
-    let after = {
-        let journal = ctx.journal.lock().expect("journal lock");
-        journal.rules().after_failure(journal.entry(&id).as_ref())
-    };
-    let in_doubt = InDoubt::of(&order, paused_before);
-    let settlement = settle::after_failure(ctx, &in_doubt, after).await;
-    let vm_state = match settlement {
-        None | Some(Settlement::NotMoved) => {
-            // Journalled before the VM is given back (a "not moved" answer by `settle::ask`):
-            // a give-back that goes on in the background (a refused `cont`) asks the journal
-            // whether the VM is still this host's.
-            let _ = ctx
-                .journal
+    // The machine decides (SPEC.md §8.8): before COMMIT it journals the rollback, then the VM
+    // is given back; after it, only the destination's answer may give the VM back.
+    commit.feed(Input::Failed, e.to_string());
+    let asks = match commit.drain(ctx) {
+        Ok(outs) => outs.contains(&Output::Ask),
+        Err(j) => {
+            // Unjournalled, the rollback is made again by a restart; the rules decide there.
+            error!(order = %hex(&id), "could not journal what the session's failure means: {j}");
+            ctx.journal
                 .lock()
                 .expect("journal lock")
-                .roll_back_if_claimed(&id, e.to_string());
+                .entry(&id)
+                .is_some_and(|e| e.state == State::Committed)
+        }
+    };
+    let in_doubt = InDoubt::of(&order, paused_before);
+    let settlement = match asks {
+        true => Some(settle::ask(ctx, &in_doubt).await),
+        false => None,
+    };
+    let vm_state = match settlement {
+        None | Some(Settlement::NotMoved) => {
+            // Journalled before the VM is given back (by the machine, or a "not moved" answer
+            // by `settle::ask`): a give-back that goes on in the background (a refused `cont`)
+            // asks the journal whether the VM is still this host's.
             Whereabouts::GivenBack {
                 settled: settlement.is_some(),
                 how: vm.give_back(ctx).await,
@@ -302,6 +316,7 @@ async fn drive<B: SourceVm>(
     order: &VerifiedOrder,
     progress: &mpsc::Sender<Progress>,
     vm: &mut B,
+    commit: &mut Commit,
 ) -> Result<Summary, AgentError> {
     let started = Instant::now();
     let mut chan = SourceChannel::connect(ctx, order).await?;
@@ -310,7 +325,7 @@ async fn drive<B: SourceVm>(
             peer: hex(&order.body().destination),
         })
         .await;
-    let r = match session(ctx, &mut chan, order, progress, vm, started).await {
+    let r = match session(ctx, &mut chan, order, (progress, commit), vm, started).await {
         // A transport failure here usually follows the destination refusing something; its
         // Abort, queued or about to arrive, names what (tampered, replayed, ...).
         Err(local @ AgentError::Transport { .. }) => Err(match chan.peer_abort().await {
@@ -338,7 +353,7 @@ async fn session<B: SourceVm>(
     ctx: &Arc<Ctx>,
     chan: &mut SourceChannel,
     order: &VerifiedOrder,
-    progress: &mpsc::Sender<Progress>,
+    (progress, commit): (&mpsc::Sender<Progress>, &mut Commit),
     vm: &mut B,
     started: Instant,
 ) -> Result<Summary, AgentError> {
@@ -364,12 +379,17 @@ async fn session<B: SourceVm>(
     let t = vm.transfer(link).await?;
     let digest = t.digest;
     let so = sm.switch_over(t.stream_records, digest)?;
+    // The guest is stopped and its last bytes went: the machine may not commit yet (no
+    // `Ready`), so nothing comes of it but its phase.
+    commit.feed(Input::SwitchedOver, "");
+    commit.drain(ctx)?;
     // Final evidence, Ready, Commit (journalled first), Resumed.
     let mut steps = t.steps;
     let exchange = Exchange {
         order_id: order.id(),
         progress,
         steps: &mut steps,
+        commit: &mut *commit,
     };
     commit_exchange(ctx, chan, &mut sm, &so, exchange).await?;
     drop(t.tasks);
@@ -393,11 +413,12 @@ async fn session<B: SourceVm>(
             .collect(),
         ..t.summary
     };
-    ctx.journal.lock().expect("journal lock").set(
-        order.id(),
-        State::Done,
+    commit.feed(
+        Input::Resumed,
         format!("downtime {} ms", summary.downtime_ms),
-    )?;
+    );
+    // DONE journalled; the VM left here is the backend's to drop.
+    expect(commit.next(ctx)?, Output::Vm(VmAction::Forget))?;
     crash_point(CrashPoint::SourceAfterDone);
     info!(order = %summary.order_id, downtime_ms = summary.downtime_ms, total_ms = summary.total_ms, "migration done");
     summary.final_quote = late_quote(ctx, chan, &mut sm, order.id()).await;
@@ -472,6 +493,7 @@ struct Exchange<'a> {
     order_id: &'a OrderId,
     progress: &'a mpsc::Sender<Progress>,
     steps: &'a mut Vec<(&'static str, Instant)>,
+    commit: &'a mut Commit,
 }
 
 /// The timeline's name for a message received during the commit exchange.
@@ -499,6 +521,7 @@ async fn commit_exchange(
         order_id,
         progress,
         steps,
+        commit,
     } = x;
     chan.send(switch_over).await?;
     steps.push(("SwitchOver sent", Instant::now()));
@@ -528,7 +551,10 @@ async fn commit_exchange(
                 if let Some(p) = peer.and_then(|e| e.peer) {
                     ctx.check_still_trusted(&p)?;
                 }
-                ctx.commit(order_id, sm.evidence())?;
+                // The machine journals COMMIT, durably, and only then lets `Commit` go.
+                commit.with_evidence(sm.evidence());
+                commit.feed(Input::Ready, "");
+                expect(commit.next(ctx)?, Output::Send(Signal::Commit))?;
                 steps.push(("COMMIT journalled", Instant::now()));
                 crash_point(CrashPoint::SourceAfterCommit);
                 if fault::lose_commit() {
