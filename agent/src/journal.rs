@@ -182,34 +182,41 @@ impl Journal {
     /// `trustmig_protocol::commit::Side` journals on `VmRunning` after a restart), so no later
     /// restart resumes it again. Nothing for an order in any other state.
     pub fn resumed_after_restart(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
-        let side = trustmig_protocol::commit::Side::from_journal(
-            self.rules,
-            Role::Destination,
-            self.entry(order_id),
-        );
-        self.carry_out(
-            order_id,
-            side,
-            trustmig_protocol::commit::Input::VmRunning,
-            "resumed here after a restart",
-        )
+        let mut side = Side::from_journal(self.rules, Role::Destination, self.entry(order_id));
+        let outs = side.handle(Input::VmRunning);
+        self.carry_out(order_id, &mut side, outs, "resumed here after a restart")
+            .map(drop)
     }
 
-    /// Feed `input` to `side` and journal what it says to journal (its other outputs are not
-    /// for the journal's caller here).
+    /// Carry out a machine's outputs for `order_id` here, in order: each journal write made
+    /// durable, then `Durable` fed and what it releases carried out in turn. Returns the
+    /// outputs that are not the journal's (messages, VM actions) for the caller.
     fn carry_out(
         &mut self,
         order_id: &OrderId,
-        mut side: trustmig_protocol::commit::Side,
-        input: trustmig_protocol::commit::Input,
+        side: &mut Side,
+        outputs: Vec<Output>,
         note: &str,
-    ) -> Result<(), AgentError> {
-        for o in side.handle(input) {
-            if let trustmig_protocol::commit::Output::Journal(e) = o {
+    ) -> Result<Vec<Output>, AgentError> {
+        let key = hex(order_id);
+        let mut queue: std::collections::VecDeque<Output> = outputs.into();
+        let mut rest = Vec::new();
+        while let Some(o) = queue.pop_front() {
+            let Output::Journal(e) = o else {
+                rest.push(o);
+                continue;
+            };
+            if self.latest.contains_key(&key) {
                 self.set(order_id, e.state, note)?;
+            } else {
+                // An order never seen here (a settlement query about it uses its id up).
+                let mut r = Record::new(key.clone(), e.role, "", e.state, 0);
+                r.note = note.into();
+                self.append(r)?;
             }
+            queue.extend(side.handle(Input::Durable));
         }
-        Ok(())
+        Ok(rest)
     }
 
     /// Anchor the audit trail in the TPM from now on ([`crate::audit::Audit::anchor`]).
@@ -391,16 +398,11 @@ impl Journal {
             Settle::Answer { committed } => side.handle(Input::Answer { committed }),
             how => side.operator(how).map_err(|e| refused(order_id, e))?,
         };
-        let note = note.into();
-        let mut vm = None;
-        for o in outs.into_iter().chain(side.handle(Input::Durable)) {
-            match o {
-                Output::Journal(e) => self.set(order_id, e.state, note.clone())?,
-                Output::Vm(act) => vm = Some(act),
-                _ => {}
-            }
-        }
-        Ok(vm)
+        let rest = self.carry_out(order_id, &mut side, outs, &note.into())?;
+        Ok(rest.into_iter().find_map(|o| match o {
+            Output::Vm(act) => Some(act),
+            _ => None,
+        }))
     }
 
     /// Journal an order rolled back, if the rules let it (only what never got past its claim).
@@ -436,22 +438,13 @@ impl Journal {
             )),
             e => refused(order_id, e),
         })?;
-        let mut answer = None;
-        for o in outs.into_iter().chain(side.handle(Input::Durable)) {
-            match o {
-                Output::Journal(e) if self.latest.contains_key(&key) => {
-                    self.set(order_id, e.state, note)?
-                }
-                Output::Journal(e) => {
-                    let mut r = Record::new(key.clone(), e.role, "", e.state, 0);
-                    r.note = note.into();
-                    self.append(r)?;
-                }
-                Output::Send(Signal::Answer { committed, .. }) => answer = Some(committed),
-                _ => {}
-            }
-        }
-        answer.ok_or_else(|| AgentError::Journal(format!("order {key}: no settlement answer")))
+        let rest = self.carry_out(order_id, &mut side, outs, note)?;
+        rest.into_iter()
+            .find_map(|o| match o {
+                Output::Send(Signal::Answer { committed, .. }) => Some(committed),
+                _ => None,
+            })
+            .ok_or_else(|| AgentError::Journal(format!("order {key}: no settlement answer")))
     }
 
     /// Revoke an order this agent has not used, as `role` (what it would have been): it can

@@ -733,6 +733,46 @@ async fn qemu_lost_commit_is_settled_and_the_source_runs_again() {
     assert_rolled_back(&mut s, &r, "settled: the destination never committed").await;
 }
 
+/// SPEC.md §8.8 rule 3 with QEMU: the source asks before it sends its `Commit` (fault
+/// injection), the destination answers "not committed" on another connection and journals it;
+/// the late `Commit` on the old session is refused, and the destination quits the QEMU that
+/// loaded the VM (its session's machine takes the journal's record as it is: the review of the
+/// commit machine found it kept that QEMU, paused, for good). The source runs the VM again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_late_commit_after_a_not_committed_answer_discards_the_destination() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_env: vec![(
+            trustmig_agent::fault::SETTLE_BEFORE_COMMIT_ENV.into(),
+            "1".into(),
+        )],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    assert_rolled_back(&mut s, &r, "settled: the destination never committed").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.dst.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination QEMU was kept: {:?}\n{}",
+            s.dst.status().await,
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        s.logs().contains("refusing to commit") || s.logs().contains("settled otherwise"),
+        "{}",
+        s.logs()
+    );
+}
+
 /// SPEC.md §8.8 with QEMU, the destination not answering at once: the source QEMU stays
 /// stopped while the agent asks again, and when the answer comes ("never committed") the VM is
 /// given back as it was before the migration: paused here, since it was paused (spec/qemu.md §4).

@@ -158,6 +158,7 @@ impl Side {
     pub fn restart(rules: Rules, role: Role, records: &[Entry]) -> Restarted {
         let kept = rules.replay(records).len();
         let mut side = Self::from_journal(rules, role, records[..kept].last().copied());
+        side.asking = false; // set below, with the `Ask` that goes with it
         let mut outputs = Vec::new();
         let Some(e) = side.entry else {
             return Restarted {
@@ -192,6 +193,24 @@ impl Side {
     /// Which side this is.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// The journal's latest record of the order, as it is now: another machine of the same
+    /// order (a settlement answer given on another connection) may have written since, and a
+    /// write this machine asked for may have failed. The agent calls it before every input, so
+    /// that each decision rests on the journal as it is (the model runs one machine per side,
+    /// always in step with its journal).
+    pub fn sync(&mut self, latest: Option<Entry>) {
+        self.entry = latest;
+    }
+
+    /// A journal write this machine asked for failed or was refused: what it held back for it
+    /// is dropped, it takes the journal's record as it is, and the session (if one ran) is
+    /// still there to fail ([`Input::Failed`]) from that record.
+    pub fn write_failed(&mut self, latest: Option<Entry>) {
+        self.held.clear();
+        self.entry = latest;
+        self.session.get_or_insert(Phase::Transfer);
     }
 
     /// The order's latest journal record as this machine knows it.
@@ -276,6 +295,8 @@ impl Side {
 
     /// Feed one input; returns what to do, in order. An input that does not apply now (a
     /// late, duplicated or replayed message; a step out of turn) changes nothing.
+    /// [`Input::Durable`] releases everything held back: one journal write is outstanding at
+    /// a time (every output that journals holds back what follows it).
     pub fn handle(&mut self, input: Input) -> Vec<Output> {
         let mut out = Vec::new();
         let r = self.rules;
@@ -352,12 +373,17 @@ impl Side {
     /// The operator's settlement of an order that is not in doubt here is refused by name
     /// (rather than ignored, as a late message is).
     pub fn operator(&mut self, how: Settle) -> Result<Vec<Output>, Refusal> {
+        let state = self.entry.map_or(State::Claimed, |e| e.state);
+        let not_in_doubt = || Refusal::NotInDoubt(state);
         if !self.asking {
             self.rules.settle(self.entry.as_ref(), how)?;
-            let state = self.entry.map_or(State::Claimed, |e| e.state);
-            return Err(Refusal::NotInDoubt(state));
+            return Err(not_in_doubt());
         }
-        Ok(self.handle(Input::Operator(how)))
+        let out = self.handle(Input::Operator(how));
+        if out.is_empty() {
+            return Err(not_in_doubt());
+        }
+        Ok(out)
     }
 
     /// COMMIT if the rules allow it with `gate`: journalled, then `Commit` once durable.

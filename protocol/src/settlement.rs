@@ -135,8 +135,8 @@ pub enum AfterFailure {
     RollBack,
     /// Source after COMMIT: keep the VM stopped and ask the destination until it answers.
     AskDestination,
-    /// Destination before COMMIT (or rolled back by a settlement answer meanwhile): journal the
-    /// rollback, discard what arrived; it never runs here.
+    /// Destination before COMMIT (or rolled back by a settlement answer meanwhile): discard
+    /// what arrived, journal the rollback; it never runs here.
     Discard,
     /// Destination after COMMIT: the VM is this host's; it keeps it.
     Keep,

@@ -3,8 +3,10 @@
 //! before the outputs that wait for them are released; messages and VM actions go back to the
 //! driver, which owns the channel and the backend. spec: SPEC.md §8.7–8.8
 //!
-//! The journal still checks each write against the same rules (a second line of defence: a
-//! write the machine asks for and the rules refuse is an error, never a silent skip).
+//! The journal checks claims, COMMIT and revocations against the same rules again (a second
+//! line of defence: a write the machine asks for and the rules refuse is an error, never a
+//! silent skip). Several machines may stand for one order (the session's, a settlement
+//! answer's on another connection): each takes the journal's record before every input.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -62,10 +64,18 @@ impl Commit {
         &mut self.side
     }
 
-    /// Feed `input`; the next journal record it writes says `note`.
-    pub fn feed(&mut self, input: Input, note: impl Into<String>) {
+    /// Feed `input` (the machine first takes the journal's record as it is now); the next
+    /// journal record it writes says `note`.
+    pub fn feed(&mut self, ctx: &Ctx, input: Input, note: impl Into<String>) {
         self.note = note.into();
+        let latest = ctx.journal.lock().expect("journal lock").entry(&self.id);
+        self.side.sync(latest);
         self.queue.extend(self.side.handle(input));
+    }
+
+    /// The driver will not carry out what is left (its session failed on the way): dropped.
+    pub fn abandon(&mut self) {
+        self.queue.clear();
     }
 
     /// Queue outputs the machine gave outside [`Self::feed`] (a query's, a restart's).
@@ -86,7 +96,15 @@ impl Commit {
             let Output::Journal(e) = o else {
                 return Ok(Some(o));
             };
-            self.write(ctx, e)?;
+            if let Err(err) = self.write(ctx, e) {
+                // Failed or refused (a settlement answer rolled the order back meanwhile):
+                // nothing that waited for it happens; the session fails from the journal's
+                // record as it is.
+                self.queue.clear();
+                let latest = ctx.journal.lock().expect("journal lock").entry(&self.id);
+                self.side.write_failed(latest);
+                return Err(err);
+            }
             self.queue.extend(self.side.handle(Input::Durable));
         }
         Ok(None)

@@ -262,7 +262,7 @@ impl Session {
         if let Err(e) = &r {
             // Refused before the backend held anything (or after it discarded, which fed the
             // machine already): the machine journals the rollback.
-            commit.feed(Input::Failed, e.to_string());
+            commit.feed(&self.ctx, Input::Failed, e.to_string());
             if let Err(j) = commit.drain(&self.ctx) {
                 error!("could not journal the rollback: {j}");
             }
@@ -331,7 +331,7 @@ impl Session {
             // The machine decides: before COMMIT (or once a settlement answer rolled the order
             // back) what arrived is discarded, then the rollback journalled; after it the VM
             // is ours.
-            commit.feed(Input::Failed, e.to_string());
+            commit.feed(&self.ctx, Input::Failed, e.to_string());
             let mut vm = Some(vm);
             while let Some(o) = commit.next(&self.ctx)? {
                 if o == Output::Vm(VmAction::Discard) {
@@ -387,7 +387,7 @@ impl Session {
                             // a source removed from the trust store stops here.
                             if matches!(Message::decode(&m), Ok(Message::Ready)) {
                                 ctx.check_still_trusted(&peer_of(&ctx, self.order_id))?;
-                                commit.feed(Input::FinalVerified, "");
+                                commit.feed(&self.ctx, Input::FinalVerified, "");
                                 expect(commit.next(&ctx)?, Output::Send(Signal::Ready))?;
                             }
                             self.send(&m).await?
@@ -435,7 +435,7 @@ impl Session {
         let id = self.order_id.expect("order known after handshake");
         // `Commit` verified after our `Ready` (DestMigration checked it).
         commit.with_evidence(dm.evidence());
-        commit.feed(Input::Commit, "");
+        commit.feed(&self.ctx, Input::Commit, "");
         expect(commit.next(&ctx)?, Output::Vm(VmAction::Resume))?;
         crash_point(CrashPoint::DestinationAfterCommit);
         // The VM is this host's now and runs nowhere else: a refused `cont` is tried again
@@ -459,7 +459,7 @@ impl Session {
                 }
             }
         }
-        commit.feed(Input::VmRunning, "resumed here");
+        commit.feed(&self.ctx, Input::VmRunning, "resumed here");
         expect(commit.next(&ctx)?, Output::Send(Signal::Resumed))?;
         let m = dm.resumed()?;
         let sent = if crate::fault::lose_resumed() {
@@ -470,6 +470,9 @@ impl Session {
             self.send(&m).await
         };
         if let Err(e) = sent {
+            // Not DONE: the order stays at COMMIT, its INCIDENT the latest record; a restart
+            // settles it.
+            commit.abandon();
             // The VM runs here, but the source's TPM will never quote its final digest for
             // this session: say so, it is what the late quote exists to catch (SPEC.md §8.7).
             if dm.awaits_final_quote() {

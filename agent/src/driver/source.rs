@@ -261,23 +261,27 @@ async fn run<B: SourceVm>(
     };
     // The machine decides (SPEC.md §8.8): before COMMIT it journals the rollback, then the VM
     // is given back; after it, only the destination's answer may give the VM back.
-    commit.feed(Input::Failed, e.to_string());
-    let asks = match commit.drain(ctx) {
-        Ok(outs) => outs.contains(&Output::Ask),
-        Err(j) => {
-            // Unjournalled, the rollback is made again by a restart; the rules decide there.
-            error!(order = %hex(&id), "could not journal what the session's failure means: {j}");
-            ctx.journal
-                .lock()
-                .expect("journal lock")
-                .entry(&id)
-                .is_some_and(|e| e.state == State::Committed)
-        }
-    };
+    commit.feed(ctx, Input::Failed, e.to_string());
+    let outs = commit.drain(ctx).unwrap_or_else(|j| {
+        // Unjournalled, the rollback is made again by a restart; the journal decides below.
+        error!(order = %hex(&id), "could not journal what the session's failure means: {j}");
+        Vec::new()
+    });
     let in_doubt = InDoubt::of(&order, paused_before);
-    let settlement = match asks {
-        true => Some(settle::ask(ctx, &in_doubt).await),
-        false => None,
+    let gives_back = |o: &Output| matches!(o, Output::Vm(VmAction::GiveBack { .. }));
+    let settlement = if outs.contains(&Output::Ask) {
+        Some(settle::ask(ctx, &in_doubt).await)
+    } else if outs.iter().any(gives_back) {
+        None
+    } else {
+        // The machine said nothing (its session had ended: a DONE write failed, say): the
+        // journal's record decides, as a restart would.
+        let latest = ctx.journal.lock().expect("journal lock").entry(&id);
+        match latest.map(|e| e.state) {
+            Some(State::Committed) => Some(settle::ask(ctx, &in_doubt).await),
+            Some(State::Done | State::Settled) => Some(Settlement::Moved),
+            _ => None,
+        }
     };
     let vm_state = match settlement {
         None | Some(Settlement::NotMoved) => {
@@ -381,7 +385,7 @@ async fn session<B: SourceVm>(
     let so = sm.switch_over(t.stream_records, digest)?;
     // The guest is stopped and its last bytes went: the machine may not commit yet (no
     // `Ready`), so nothing comes of it but its phase.
-    commit.feed(Input::SwitchedOver, "");
+    commit.feed(ctx, Input::SwitchedOver, "");
     commit.drain(ctx)?;
     // Final evidence, Ready, Commit (journalled first), Resumed.
     let mut steps = t.steps;
@@ -414,6 +418,7 @@ async fn session<B: SourceVm>(
         ..t.summary
     };
     commit.feed(
+        ctx,
         Input::Resumed,
         format!("downtime {} ms", summary.downtime_ms),
     );
@@ -553,7 +558,7 @@ async fn commit_exchange(
                 }
                 // The machine journals COMMIT, durably, and only then lets `Commit` go.
                 commit.with_evidence(sm.evidence());
-                commit.feed(Input::Ready, "");
+                commit.feed(ctx, Input::Ready, "");
                 expect(commit.next(ctx)?, Output::Send(Signal::Commit))?;
                 steps.push(("COMMIT journalled", Instant::now()));
                 crash_point(CrashPoint::SourceAfterCommit);
