@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use trustmig_protocol::commit::{Input, Output, Side};
+use trustmig_protocol::commit::{Input, Output, Side, Signal};
 use trustmig_protocol::migration::CommitEvidence;
 use trustmig_protocol::order::{OrderId, Role};
-use trustmig_protocol::settlement::{Entry, Gate, State};
+use trustmig_protocol::settlement::{Entry, Gate, State, VmAction};
 
 use crate::ctx::Ctx;
 use crate::error::AgentError;
@@ -143,8 +143,16 @@ impl Commit {
 pub fn expect(got: Option<Output>, want: Output) -> Result<(), AgentError> {
     match got {
         Some(o) if o == want => Ok(()),
-        got => Err(AgentError::Refused(format!(
-            "the order's journal no longer allows this step ({want:?} expected, the machine says {got:?}): it was settled otherwise"
-        ))),
+        got => {
+            let step = match want {
+                Output::Send(Signal::Commit) | Output::Vm(VmAction::Resume) => "commit",
+                Output::Send(Signal::Ready) => "send Ready",
+                Output::Send(Signal::Resumed) => "confirm the resume",
+                _ => "go on",
+            };
+            Err(AgentError::Refused(format!(
+                "refusing to {step}: the order's journal no longer allows it (settled otherwise meanwhile; the machine says {got:?})"
+            )))
+        }
     }
 }
