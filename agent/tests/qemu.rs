@@ -931,7 +931,8 @@ async fn journals_final(s: &Setup) -> bool {
 /// at every journal point and mid-transfer, and restarted. Its QEMU lives on, so the VM must
 /// end running in exactly one place every time: on the source unless the destination
 /// journalled COMMIT (then there, a destination resuming at restart what it committed), both
-/// journals settled and `trustmig status` on both sides agreeing.
+/// journals settled and `trustmig status` on both sides agreeing; where it runs on the source,
+/// the journals accept its next migration (to a destination QEMU still waiting, or a new one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
     let _g = SERIAL.lock().await;
@@ -980,8 +981,35 @@ async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let at = if moved { "destination" } else { "source" };
+        // The journals accept the VM's next migration: from the source, where it runs, to a
+        // destination QEMU waiting for it (the one still waiting, or a new one).
+        let again = if moved {
+            "-"
+        } else {
+            // One never handed a migration still waits; any other is on its way out (quit by
+            // its agent, or exiting after a failed load): a new one replaces it.
+            let waiting = s.dst.alive()
+                && s.dst.migration().await.map(|m| m.status())
+                    == Ok(trustmig_qemu::qmp::MigrationStatus::None);
+            if !waiting {
+                let dir = s.pair.dir().to_path_buf();
+                let old = std::mem::replace(
+                    &mut s.dst,
+                    QemuVm::start(&dir, "dst-next", &build_guest(&dir), &opts, true),
+                );
+                drop(old);
+                // The destination agent's configuration names the VM's QMP socket: the new
+                // QEMU takes the old one's place.
+                std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
+                s.dst.qmp = dir.join("dst.qmp");
+            }
+            let (again, _) = migrate(&mut s, &addr, 300).await;
+            again.unwrap_or_else(|e| panic!("{}: the next migration: {e}\n{}", p.name(), s.logs()));
+            assert_destination_runs_alone(&mut s, Duration::from_secs(60)).await;
+            "done"
+        };
         table.push(format!(
-            "{:<28} runs on the {at} (migration: {})",
+            "{:<28} runs on the {at} (migration: {}; the next one: {again})",
             p.name(),
             if r.is_ok() { "done" } else { "failed" }
         ));
