@@ -719,18 +719,23 @@ async fn qemu_cut_connection_rolls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_lost_commit_is_settled_and_the_source_runs_again() {
     let _g = SERIAL.lock().await;
+    settled_not_committed(trustmig_agent::fault::LOSE_COMMIT_ENV).await;
+}
+
+/// A migration whose source runs with the fault `env`, settled by asking: "not committed", and
+/// the source runs the VM again. `None` when the tools are missing.
+async fn settled_not_committed(env: &str) -> Option<Setup> {
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
-        src_env: vec![(trustmig_agent::fault::LOSE_COMMIT_ENV.into(), "1".into())],
+        src_env: vec![(env.into(), "1".into())],
         ..VmOpts::default()
     };
-    let Some(mut s) = setup_with(&opts, true) else {
-        return;
-    };
+    let mut s = setup_with(&opts, true)?;
     let addr = s.pair.dst_addr.clone();
     let (r, _) = migrate(&mut s, &addr, 300).await;
     assert_rolled_back(&mut s, &r, "settled: the destination never committed").await;
+    Some(s)
 }
 
 /// SPEC.md §8.8 rule 3 with QEMU: the source asks before it sends its `Commit` (fault
@@ -741,21 +746,10 @@ async fn qemu_lost_commit_is_settled_and_the_source_runs_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_late_commit_after_a_not_committed_answer_discards_the_destination() {
     let _g = SERIAL.lock().await;
-    let opts = VmOpts {
-        append: "area=16 rate=8 check=10".into(),
-        mem_mib: MEM_MIB,
-        src_env: vec![(
-            trustmig_agent::fault::SETTLE_BEFORE_COMMIT_ENV.into(),
-            "1".into(),
-        )],
-        ..VmOpts::default()
-    };
-    let Some(mut s) = setup_with(&opts, true) else {
+    let Some(mut s) = settled_not_committed(trustmig_agent::fault::SETTLE_BEFORE_COMMIT_ENV).await
+    else {
         return;
     };
-    let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate(&mut s, &addr, 300).await;
-    assert_rolled_back(&mut s, &r, "settled: the destination never committed").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.dst.alive() {
         assert!(
