@@ -114,11 +114,24 @@ pub struct Swtpm {
     dir: TempDir,
 }
 
+/// Ports handed out in this process. Tests start TPMs from parallel threads: the OS never
+/// hands one ephemeral port twice at once, but one thread's `p + 1` (its control port) may be
+/// the next thread's `p`, free until its swtpm binds it; a TPM that then loses the race exits,
+/// and its readiness probe reaches the other one's socket (seen in CI: `Esys_Initialize` failed
+/// with a TCTI I/O error).
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 fn free_port_pair() -> Result<u16, SwtpmError> {
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..50 {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_err("bind loopback"))?;
         let p = l.local_addr().map_err(io_err("local addr"))?.port();
-        if p < u16::MAX && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)).is_ok() {
+        if p == u16::MAX || handed.contains(&p) || handed.contains(&(p + 1)) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)).is_ok() {
+            handed.extend([p, p + 1]);
             return Ok(p);
         }
     }
@@ -201,8 +214,14 @@ impl Swtpm {
                     )
                     .is_ok()
                 };
+                // Listening, and ours: a swtpm that could not bind exits at once, and the
+                // probe may have reached someone else's socket.
                 if up(port + 1) && up(port) {
-                    return Ok(Self { child, port, dir });
+                    std::thread::sleep(Duration::from_millis(5));
+                    if matches!(child.try_wait(), Ok(None)) {
+                        return Ok(Self { child, port, dir });
+                    }
+                    continue;
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
