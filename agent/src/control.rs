@@ -27,8 +27,8 @@ pub enum Request {
     },
     /// Read the configuration and the attestation policy again (as SIGHUP does).
     Reload,
-    /// The audit trail's anchor PCR and its value (`trustmig audit verify` while the agent
-    /// holds the TPM).
+    /// The audit trail's anchor PCR, as this agent anchors it, and its value (`trustmig audit
+    /// verify` while the agent runs).
     AuditAnchor,
     /// The operator revokes an order this agent has not used (SPEC.md §3.4).
     Revoke {

@@ -424,8 +424,8 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// The audit anchor PCR and its value: from the running agent, which holds the TPM (a swtpm
-/// serves one client), else from the TPM.
+/// The audit anchor PCR and its value: from the running agent, which knows the PCR it anchors
+/// in whatever the configuration file says now, else from the TPM.
 fn anchor_value(home: &Home) -> Result<(u8, [u8; 32]), AgentError> {
     let socket = home.control_socket();
     if let Ok(reply) = runtime()?.block_on(control::request(&socket, &Request::AuditAnchor)) {
