@@ -13,6 +13,7 @@
 #   env RUNS=n        repeats each mode (default 3); the summary gives each mode's median run
 #   env DOWNTIME=ms   QEMU's downtime-limit and the order's downtime target (default 300)
 #   env RATE=n        pages the guest dirties per 10 ms tick (default 0: an idle guest)
+#   env MODES="..."   run only these modes (default: all eight); comparisons need both sides
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM=${1:-1024}
@@ -65,14 +66,10 @@ start_vm() {
 wait_ready() { for _ in $(seq 1200); do grep -q READY "$W/src.serial" 2>/dev/null && return; sleep 0.1; done; echo "guest not ready" >&2; exit 1; }
 stop_vms() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); rm -f "$W"/*.qmp "$W"/*.sock "$W"/*.serial; }
 
-params() { echo '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":'"$1"',"max-bandwidth":1099511627776}}'; }
-# The downtime ladder as trustmig's source agent runs it (agent/src/sidecar/source.rs,
-# `downtime_step` with 3 steps): the target halved 3 - rounds times, rounds = dirty syncs - 1.
-ladder_step() { local h=$((3 - ($1 > 0 ? $1 - 1 : 0))); [ $h -lt 0 ] && h=0; local v=$((DOWNTIME >> h)); echo $((v < 1 ? 1 : v)); }
-# run_native MODE: migrate with QEMU's own transport; prints "total_ms downtime_ms bytes"
+# run_native MODE: migrate with QEMU's own transport (bench/native_migrate.py drives it and
+# runs the ladder for *-ladder modes); prints "total_ms downtime_ms bytes e2e_ms"
 run_native() {
-    local mode=$1 base=${1%-ladder} src_uri dst_uri tls=() limit=$DOWNTIME
-    [ "$mode" != "$base" ] && limit=$(ladder_step 0)
+    local mode=$1 base=${1%-ladder} src_uri dst_uri tls=()
     case $base in
         plain) dst_uri="unix:$W/dst.sock"; src_uri=$dst_uri ;;
         socat) dst_uri="unix:$W/dst.sock"; src_uri="unix:$W/hop1.sock" ;;
@@ -94,24 +91,8 @@ run_native() {
         socat -b 262144 "UNIX-LISTEN:$W/hop1.sock" "TCP:127.0.0.1:$PORT,retry=50,interval=0.1" & PIDS+=($!)
         for _ in $(seq 100); do [ -S "$W/hop1.sock" ] && break; sleep 0.05; done
     fi
-    qmp "$W/src.qmp" "$(params "$limit")" "$extra_s" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"$src_uri\"}}" >/dev/null
-    local info status deadline=$((SECONDS + 300))
-    while true; do
-        if [ $SECONDS -gt $deadline ]; then
-            echo "$mode: QEMU did not finish in 300 s (the guest dirties faster than this transport sends: lower RATE)" >&2
-            exit 1
-        fi
-        info=$(qmp "$W/src.qmp" '{"execute":"query-migrate"}')
-        read -r status sync < <(python3 -c 'import json,sys; i=json.loads(sys.argv[1]); print(i.get("status"), i.get("ram", {}).get("dirty-sync-count", 0))' "$info")
-        case $status in completed) break ;; failed|cancelled) echo "$mode migration $status: $info" >&2; exit 1 ;; esac
-        if [ "$mode" != "$base" ] && [ "$status" = active ] && [ "$(ladder_step "$sync")" != "$limit" ]; then
-            limit=$(ladder_step "$sync")
-            qmp "$W/src.qmp" "$(params "$limit")" >/dev/null
-        fi
-        sleep 0.05
-    done
-    qmp "$W/dst.qmp" '{"execute":"cont"}' >/dev/null
-    python3 -c 'import json,sys; i=json.loads(sys.argv[1]); print(i["total-time"], i["downtime"], i["ram"]["transferred"], i["downtime"])' "$info"
+    python3 bench/native_migrate.py "$W/src.qmp" "$W/dst.qmp" "$src_uri" "$DOWNTIME" \
+        "$([ "$mode" != "$base" ] && echo 1 || echo 0)" "$extra_s"
     stop_vms
 }
 
@@ -123,10 +104,17 @@ echo "building trustmig (release) ..." >&2
 cargo build --release -q -p trustmig-agent --bin trustmig
 cargo test --release -q -p trustmig-agent --test qemu --no-run 2>/dev/null
 
+ALL_MODES="plain socat qemu-tls qemu-tls-ladder trustmig trustmig-flat trustmig-slowtpm trustmig-strict"
+MODES=${MODES:-$ALL_MODES}
+for m in $MODES; do
+    case " $ALL_MODES " in *" $m "*) ;; *) echo "bench/qemu.sh: unknown mode $m (modes: $ALL_MODES)" >&2; exit 1 ;; esac
+done
+wanted() { case " $MODES " in *" $1 "*) return 0 ;; esac; return 1; }
 rows=()
 timelines=()
 for run in $(seq "$RUNS"); do
     for mode in plain socat qemu-tls qemu-tls-ladder; do
+        wanted $mode || continue
         echo "run $run: $mode ..." >&2
         rows+=("$mode $(run_native $mode)")
     done
@@ -136,6 +124,7 @@ for run in $(seq "$RUNS"); do
     # (TRUSTMIG_TPM_SIGN_MS, attest/src/slowtpm.rs); trustmig-strict: that TPM and an order
     # asking for the final quote before Commit (SPEC.md §8.7).
     for mode in trustmig trustmig-flat trustmig-slowtpm trustmig-strict; do
+        wanted $mode || continue
         extra=()
         case $mode in
             trustmig-flat) extra=(TRUSTMIG_BENCH_STEPS=0) ;;
@@ -155,36 +144,52 @@ printf '\nQEMU %s, TCG, %d MiB guest with a %d MiB data area dirtying %d pages/t
 printf '%s\n' "${rows[@]}" | python3 -c '
 import statistics, sys
 rows = [l.split() for l in sys.stdin if l.strip()]
-print("%-15s %4s %10s %12s %12s %10s %14s" % ("mode", "run", "total_ms", "downtime_ms", "MiB_sent", "MB/s", "e2e_downtime"))
+# Each row: mode total_ms e2e_ms bytes qemu_downtime_ms stamped_e2e_ms (bench/native_migrate.py,
+# bench_trustmig). e2e: trustmig as its source agent saw it (STOP event to Resumed); the native
+# modes by QEMU stamps. stamped: the source QEMU STOP stamp to the destination QEMU RESUME stamp.
+print("%-16s %4s %9s %9s %9s %8s %9s %9s" % ("mode", "run", "total_ms", "MiB_sent", "MB/s", "qemu_dt", "e2e_dt", "stamped"))
 med = {}
 for mode in ("plain", "socat", "qemu-tls", "qemu-tls-ladder", "trustmig", "trustmig-flat", "trustmig-slowtpm", "trustmig-strict"):
-    runs = [(int(t), int(qd), int(b), int(d)) for m, t, d, b, qd in rows if m == mode]
-    for i, (t, qd, b, d) in enumerate(runs, 1):
-        e2e = str(d) if mode.startswith("trustmig") else "-"
-        print("%-15s %4d %10d %12d %12.0f %10.0f %14s" % (mode, i, t, qd, b / 2**20, b / (t * 1000), e2e))
-    med[mode] = (statistics.median(b / (t * 1000) for t, _, b, _ in runs),
-                 statistics.median(qd for _, qd, _, _ in runs),
-                 statistics.median(d for _, _, _, d in runs))
+    runs = [tuple(map(int, r)) for m, *r in rows if m == mode]
+    if not runs:
+        continue
+    for i, (t, d, b, qd, st) in enumerate(runs, 1):
+        print("%-16s %4d %9d %9.0f %9.0f %8d %9d %9d" % (mode, i, t, b / 2**20, b / (t * 1000), qd, d, st))
+    med[mode] = dict(mbs=statistics.median(b / (t * 1000) for t, _, b, _, _ in runs),
+                     qemu=statistics.median(r[3] for r in runs),
+                     e2e=statistics.median(r[1] for r in runs),
+                     stamped=statistics.median(r[4] for r in runs))
 print()
-print("medians: " + ", ".join("%s %.0f MB/s %d ms" % (m, v[0], v[1]) for m, v in med.items()))
-tm, tf, tls, tll, so = med["trustmig"], med["trustmig-flat"], med["qemu-tls"], med["qemu-tls-ladder"], med["socat"]
-print("trustmig vs QEMU TLS: %.2fx throughput (target >= 1.5x)" % (tm[0] / tls[0]))
-print("trustmig vs socat relay: %.2fx throughput (target >= 0.8x)" % (tm[0] / so[0]))
-print("downtime: trustmig %d ms by QEMU (%d ms end to end: pause to resumed, attestation and cont included)"
-      " vs QEMU TLS %d ms (target: no worse)" % (tm[1], tm[2], tls[1]))
-print("          trustmig-flat %d ms by QEMU (%d ms end to end): like for like with the native modes (flat"
-      " limit), QEMU stops the guest as soon as what is left fits in %d ms at the measured bandwidth"
-      % (tf[1], tf[2], '$DOWNTIME'))
-print("          like for like with the ladder: trustmig %d ms vs QEMU TLS with the same ladder %d ms"
-      % (tm[1], tll[1]))
-sl, st = med["trustmig-slowtpm"], med["trustmig-strict"]
-print("with TPMs that sign in 200 ms: trustmig end-to-end downtime %d ms vs %d ms with swtpm (target: within 5 ms);"
-      " strict final quote %d ms (the TPM inside the downtime)" % (sl[2], tm[2], st[2]))
+print("medians: " + ", ".join("%s %.0f MB/s, %d ms stamped" % (m, v["mbs"], v["stamped"]) for m, v in med.items()))
+def have(*modes):
+    return all(m in med for m in modes)
+if have("trustmig", "qemu-tls", "socat"):
+    tm, tls, so = med["trustmig"], med["qemu-tls"], med["socat"]
+    print("throughput: trustmig vs QEMU TLS %.2fx (target >= 1.5x), vs socat relay %.2fx (target >= 0.97x)"
+          % (tm["mbs"] / tls["mbs"], tm["mbs"] / so["mbs"]))
+print("downtime as the guest sees it (source STOP to destination RESUME, QEMU stamps):")
+if have("trustmig", "qemu-tls-ladder"):
+    tm, tll = med["trustmig"], med["qemu-tls-ladder"]
+    print("  like for like with the ladder: trustmig %d ms vs QEMU TLS with the same ladder %d ms (target: within 5 ms)"
+          % (tm["stamped"], tll["stamped"]))
+    print("  QEMU own downtime figures: trustmig %d ms, QEMU TLS with the ladder %d ms: not comparable, QEMU TLS"
+          " runs without return-path, so its figure ends when its last byte left the source, before the"
+          " destination loaded it" % (tm["qemu"], tll["qemu"]))
+if have("trustmig-flat", "qemu-tls"):
+    print("  flat limit: trustmig-flat %d ms vs QEMU TLS %d ms (QEMU stops once what is left fits in %s ms at its measured bandwidth)"
+          % (med["trustmig-flat"]["stamped"], med["qemu-tls"]["stamped"], "'$DOWNTIME'"))
+if have("trustmig", "trustmig-slowtpm", "trustmig-strict"):
+    tm, sl, st = med["trustmig"], med["trustmig-slowtpm"], med["trustmig-strict"]
+    print("with TPMs that sign in 200 ms: trustmig %d ms vs %d ms with swtpm (target: within 5 ms); strict final"
+          " quote %d ms (the TPM inside the downtime); as its source agent saw them: %d, %d, %d ms"
+          % (sl["stamped"], tm["stamped"], st["stamped"], sl["e2e"], tm["e2e"], st["e2e"]))
 '
 printf '\nswitch-over timelines, ms from the guest'"'"'s STOP as the source agent saw each step:\n'
 printf '  %s\n' "${timelines[@]}"
-echo "(total_ms, bytes, downtime_ms: the source QEMU's query-migrate (stop to the end of sending);"
-echo " e2e_downtime: trustmig from the STOP event to the destination's Resumed;"
+echo "(total_ms, MiB_sent, qemu_dt: the source QEMU's query-migrate (qemu_dt: stop to the end of its sending);"
+echo " e2e_dt: trustmig from the STOP event to the destination's Resumed as its source agent saw them;"
+echo " stamped: the source QEMU's STOP to the destination QEMU's RESUME by QEMU's own event stamps (one"
+echo " clock), the native modes' destination sent 'cont' the moment it announced completion;"
 echo " trustmig raises QEMU's downtime-limit from target/8 to the target over three rounds (spec/qemu.md §3),"
 echo " trustmig-flat sets the target from the start as plain, socat and qemu-tls do;"
-echo " qemu-tls-ladder gets the same ladder from this script, which polls query-migrate every ~50 ms)"
+echo " qemu-tls-ladder gets the same ladder from bench/native_migrate.py, polling query-migrate every 50 ms)"

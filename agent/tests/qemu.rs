@@ -1703,19 +1703,51 @@ async fn qemu_vtpm_state_travels_in_the_stream() {
     );
 }
 
+/// When QEMU stamped the first `name` event on the monitor at `path`.
+async fn first_event(path: PathBuf, name: &'static str) -> std::time::SystemTime {
+    let mut q = Qmp::connect(&path, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("bench monitor {}: {e}", path.display()));
+    loop {
+        let ev = q.event().await.expect("bench monitor event");
+        if ev.name == name {
+            return ev.at.expect("QEMU stamps its events");
+        }
+    }
+}
+
 /// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
-/// `BENCH <total ms> <end-to-end downtime ms> <stream bytes> <QEMU's own downtime ms>`.
+/// `BENCH <total ms> <end-to-end downtime ms> <stream bytes> <QEMU's own downtime ms>
+/// <end-to-end ms by QEMU's stamps>`: the guest's downtime as the source agent saw it (its
+/// STOP event to the destination's `Resumed`), and from the source QEMU's STOP stamp to the
+/// destination QEMU's RESUME stamp, as the native modes are measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark, run by bench/qemu.sh"]
 async fn bench_trustmig() {
     let _g = SERIAL.lock().await;
     let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    // A second monitor on each QEMU, for the guest's STOP and RESUME as QEMU stamps them:
+    // the end-to-end downtime measured as bench/native_migrate.py measures the native modes.
+    let mons = tempfile::tempdir().expect("tempdir");
+    let monitor = |name: &str| {
+        let path = mons.path().join(format!("{name}.qmp"));
+        let args = vec![
+            "-chardev".into(),
+            format!("socket,id=bench,path={},server=on,wait=off", path.display()),
+            "-mon".into(),
+            "chardev=bench,mode=control".into(),
+        ];
+        (path, args)
+    };
+    let (src_mon, src_mon_args) = monitor("src");
+    let (dst_mon, dst_mon_args) = monitor("dst");
     let opts = VmOpts {
         append: env("TRUSTMIG_BENCH_APPEND", "area=1008 rate=0 check=1000000"),
         mem_mib: env("TRUSTMIG_BENCH_MEM", "1024")
             .parse()
             .expect("TRUSTMIG_BENCH_MEM is MiB"),
-        dst_extra: vec!["-mem-prealloc".into()],
+        dst_extra: [vec!["-mem-prealloc".to_string()], dst_mon_args].concat(),
+        src_extra: src_mon_args,
         // TRUSTMIG_BENCH_STEPS: the source's downtime ladder (unset: the agent's default).
         src_vm: std::env::var("TRUSTMIG_BENCH_STEPS")
             .map(|n| format!("downtime_steps = {n}\n"))
@@ -1731,9 +1763,16 @@ async fn bench_trustmig() {
     let downtime: u32 = env("TRUSTMIG_BENCH_DOWNTIME", "300")
         .parse()
         .expect("TRUSTMIG_BENCH_DOWNTIME is ms");
+    let stopped = tokio::spawn(first_event(src_mon, "STOP"));
+    let resumed = tokio::spawn(first_event(dst_mon, "RESUME"));
     let (r, _) = migrate(&mut s, &addr, downtime).await;
     let sum = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
+    let (stopped, resumed) = (stopped.await.expect("STOP"), resumed.await.expect("RESUME"));
+    let stamped_ms = resumed
+        .duration_since(stopped)
+        .expect("RESUME after STOP")
+        .as_millis();
     let stream_bytes = sum.bytes_per_round.first().copied().unwrap_or(0);
     if std::env::var_os("TRUSTMIG_BENCH_LOGS").is_some() {
         eprintln!("{}", s.logs()); // with TRUSTMIG_LOG=trustmig_agent=debug: the switch-over, step by step
@@ -1741,7 +1780,7 @@ async fn bench_trustmig() {
     // QEMU's own downtime (stop to the end of sending) is comparable with the native modes'.
     let qemu = s.src.migration().await.expect("source query-migrate");
     println!(
-        "BENCH {} {} {} {}",
+        "BENCH {} {} {} {} {stamped_ms}",
         sum.total_ms,
         sum.downtime_ms,
         stream_bytes,
