@@ -259,61 +259,89 @@ impl Sealer {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), RecordError> {
-        if payload.len() > MAX_PAYLOAD {
-            return Err(RecordError::PayloadTooLarge(payload.len()));
+        self.admit(typ, payload.len(), out)?;
+        out.reserve(HEADER_LEN + payload.len() + TAG_LEN);
+        let start = out.len();
+        out.extend_from_slice(&[0; HEADER_LEN]);
+        out.extend_from_slice(payload);
+        self.seal_tail(typ, out, start);
+        Ok(())
+    }
+
+    /// Seal in place, for a payload already in the caller's buffer (the bulk path: no copy).
+    /// `record` holds [`HEADER_LEN`] bytes of room followed by the payload; on return it is the
+    /// whole sealed record (header, ciphertext, tag). When the epoch's interval is used up, the
+    /// `KeyUpdate` record that must precede it is appended to `before`, which the caller sends
+    /// first, and the key rotates. The records are those `seal` would produce.
+    pub fn seal_in_place(
+        &mut self,
+        typ: RecordType,
+        record: &mut Vec<u8>,
+        before: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        let Some(len) = record.len().checked_sub(HEADER_LEN) else {
+            return Err(RecordError::LengthMismatch {
+                declared: HEADER_LEN,
+                actual: record.len(),
+            });
+        };
+        self.admit(typ, len, before)?;
+        record.reserve(TAG_LEN);
+        self.seal_tail(typ, record, 0);
+        Ok(())
+    }
+
+    /// The checks before a record of `len` payload bytes, all-or-nothing, and the `KeyUpdate`
+    /// that must precede it when the epoch's interval is used up (appended to `out`).
+    fn admit(&mut self, typ: RecordType, len: usize, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if len > MAX_PAYLOAD {
+            return Err(RecordError::PayloadTooLarge(len));
         }
         if self.ended {
             return Err(RecordError::AfterEnd);
         }
         let rekey =
             self.seq > 0 && self.seq % self.limits.rekey_interval == self.limits.rekey_interval - 1;
-        // All-or-nothing: refuse before writing anything if the update and the record don't fit.
+        // Refuse before writing anything if the update and the record don't fit.
         if self.seq + 1 + u64::from(rekey) > self.limits.hard_limit {
             return Err(RecordError::Exhausted(self.seq));
         }
         if rekey {
-            self.seal_one(RecordType::KeyUpdate, &[], out)?;
+            let start = out.len();
+            out.extend_from_slice(&[0; HEADER_LEN]);
+            self.seal_tail(RecordType::KeyUpdate, out, start);
             self.epoch = self.epoch.next();
         }
-        self.seal_one(typ, payload, out)?;
         if typ == RecordType::StreamEnd {
             self.ended = true;
         }
         Ok(())
     }
 
-    fn seal_one(
-        &mut self,
-        typ: RecordType,
-        payload: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), RecordError> {
-        if self.seq >= self.limits.hard_limit {
-            return Err(RecordError::Exhausted(self.seq));
-        }
+    /// Seal the record that starts at `out[start..]`: `HEADER_LEN` bytes of room, then the
+    /// payload to the end of `out`. Writes the header, encrypts in place, appends the tag.
+    /// The caller has checked the limits (`admit`).
+    fn seal_tail(&mut self, typ: RecordType, out: &mut Vec<u8>, start: usize) {
+        let body = start + HEADER_LEN;
         let header = Header {
             typ: typ as u8,
             stream: self.stream,
             seq: self.seq,
-            len: (payload.len() + TAG_LEN) as u32,
+            len: (out.len() - body + TAG_LEN) as u32,
         }
         .encode();
-        out.reserve(HEADER_LEN + payload.len() + TAG_LEN);
-        out.extend_from_slice(&header);
-        let start = out.len();
-        out.extend_from_slice(payload);
+        out[start..body].copy_from_slice(&header);
         let tag = self
             .epoch
             .key
             .seal_in_place_separate_tag(
                 self.epoch.nonce(self.seq),
                 Aad::from(header),
-                &mut out[start..],
+                &mut out[body..],
             )
             .expect("AES-GCM seal cannot fail for payloads under 2^36 bytes");
         out.extend_from_slice(tag.as_ref());
         self.seq += 1;
-        Ok(())
     }
 }
 

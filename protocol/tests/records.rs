@@ -115,6 +115,47 @@ fn a_rejected_record_changes_nothing_but_is_sticky() {
     );
 }
 
+/// The bulk path seals in the caller's buffer; its records are `seal`'s, byte for byte, key
+/// updates (handed back to go first) and the hard limit included, and a buffer without room
+/// for the header is refused.
+#[test]
+fn seal_in_place_makes_the_records_seal_makes() {
+    let limits = SequenceLimits {
+        rekey_interval: 4,
+        hard_limit: 12,
+    };
+    let mut by_copy = Sealer::with_limits(secret(), 5, limits);
+    let mut in_place = Sealer::with_limits(secret(), 5, limits);
+    for i in 0..12u32 {
+        let payload = format!("payload number {i}").repeat(i as usize);
+        let mut expected = Vec::new();
+        let copied = by_copy.seal(
+            RecordType::HypervisorStream,
+            payload.as_bytes(),
+            &mut expected,
+        );
+        let mut record = [&[0xee; HEADER_LEN][..], payload.as_bytes()].concat();
+        let mut before = Vec::new();
+        let placed = in_place.seal_in_place(RecordType::HypervisorStream, &mut record, &mut before);
+        assert_eq!(placed, copied, "record {i}");
+        if placed.is_ok() {
+            assert_eq!([before, record].concat(), expected, "record {i}");
+        } else {
+            assert!(before.is_empty(), "nothing is written when refused");
+        }
+    }
+    let mut short = vec![0; HEADER_LEN - 1];
+    assert!(matches!(
+        in_place.seal_in_place(RecordType::HypervisorStream, &mut short, &mut Vec::new()),
+        Err(RecordError::LengthMismatch { .. })
+    ));
+    let mut big = vec![0; HEADER_LEN + MAX_PAYLOAD + 1];
+    assert_eq!(
+        Sealer::new(secret(), 0).seal_in_place(RecordType::Pages, &mut big, &mut Vec::new()),
+        Err(RecordError::PayloadTooLarge(MAX_PAYLOAD + 1))
+    );
+}
+
 #[test]
 fn rekey_and_hard_limit() {
     let limits = SequenceLimits {

@@ -90,9 +90,10 @@ pub async fn read_record<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let header = Header::parse(&h)?;
-    buf.clear();
-    buf.extend_from_slice(&h);
+    // Reuses the buffer's bytes (read_exact overwrites them): zeroing a record's worth before
+    // every read showed in profiles of the bulk path.
     buf.resize(HEADER_LEN + header.len as usize, 0);
+    buf[..HEADER_LEN].copy_from_slice(&h);
     r.read_exact(&mut buf[HEADER_LEN..]).await.map_err(closed)?;
     Ok(true)
 }
