@@ -1781,7 +1781,6 @@ async fn bench_trustmig() {
     }
     // QEMU's own downtime (stop to the end of sending) is comparable with the native modes'.
     let qemu = s.src.migration().await.expect("source query-migrate");
-    println!(
     // What the agents add after QEMU is done: from the later of the source QEMU's completion
     // and the end of its stream to `Resumed` (evidence, COMMIT, `Commit`, `cont`).
     let at = |name: &str| sum.timeline.iter().find(|s| s.step == name).map(|s| s.us);
