@@ -70,10 +70,13 @@ def stamp(ev):
 
 
 def ladder_step(downtime, sync):
-    """trustmig's ladder (agent/src/backend/qemu/source.rs, 3 steps): the target halved
-    3 - rounds times, rounds = dirty syncs - 1."""
-    halvings = max(0, 3 - max(0, sync - 1))
-    return max(1, downtime >> halvings)
+    """trustmig's ladder (agent/src/backend/qemu/source.rs, `downtime_step` with 3 steps):
+    1 ms during the first pass, then the target halved 3 - rounds times, rounds = dirty
+    syncs - 1."""
+    rounds = max(0, sync - 1)
+    if rounds == 0:
+        return min(1, downtime)
+    return min(downtime, max(1, downtime >> max(0, 3 - rounds)))
 
 
 def main():

@@ -3,7 +3,7 @@
 #   plain     QEMU -> unix socket -> QEMU
 #   socat     QEMU -> unix -> socat -> TCP -> socat -> unix -> QEMU (the floor any sidecar pays)
 #   qemu-tls  QEMU native TLS (tls-creds-x509, certificates made with openssl here)
-#   qemu-tls-ladder  the same, with trustmig's downtime ladder driven from this script over QMP
+#   qemu-tls-ladder  the same, with trustmig's downtime ladder driven over QMP (bench/native_migrate.py)
 #   trustmig  QEMU -> source agent -> sealed records (TLS 1.3 control, TPM-attested) -> destination agent -> QEMU
 #             (also with TPMs that sign in 200 ms, and with the strict final quote)
 # The guest is tests/guest (built here with gcc); its data area fills the guest's memory so
@@ -67,7 +67,7 @@ wait_ready() { for _ in $(seq 1200); do grep -q READY "$W/src.serial" 2>/dev/nul
 stop_vms() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); rm -f "$W"/*.qmp "$W"/*.sock "$W"/*.serial; }
 
 # run_native MODE: migrate with QEMU's own transport (bench/native_migrate.py drives it and
-# runs the ladder for *-ladder modes); prints "total_ms downtime_ms bytes e2e_ms"
+# runs the ladder for *-ladder modes); prints its BENCH-like line (see that script)
 run_native() {
     local mode=$1 base=${1%-ladder} src_uri dst_uri tls=()
     case $base in
@@ -203,6 +203,6 @@ echo " MiB_sent, qemu_dt: the source QEMU's query-migrate (qemu_dt: stop to the 
 echo " e2e_dt: trustmig from the STOP event to the destination's Resumed as its source agent saw them;"
 echo " stamped: the source QEMU's STOP to the destination QEMU's RESUME by QEMU's own event stamps (one"
 echo " clock), the native modes' destination sent 'cont' the moment it announced completion;"
-echo " trustmig raises QEMU's downtime-limit from target/8 to the target over three rounds (spec/qemu.md §3),"
+echo " trustmig holds QEMU's downtime-limit at 1 ms for the first pass, then target/4 doubling each round to the target (spec/qemu.md §3),"
 echo " trustmig-flat sets the target from the start as plain, socat and qemu-tls do;"
 echo " qemu-tls-ladder gets the same ladder from bench/native_migrate.py, polling query-migrate every 50 ms)"

@@ -171,9 +171,10 @@ struct VmEntry {
     /// written (`<disk_dir>/<disk name>.raw`). spec: spec/qemu.md §5
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_dir: Option<std::path::PathBuf>,
-    /// Backend `qemu`, source: QEMU's downtime-limit starts at the order's downtime target
-    /// divided by 2^steps and doubles with each dirty-memory round until it reaches the target
-    /// (default 3; 0 gives QEMU the target from the start). spec: spec/qemu.md §3
+    /// Backend `qemu`, source: QEMU's downtime-limit is 1 ms during the first pass, then the
+    /// order's downtime target divided by 2^(steps - 1) and doubling with each dirty-memory
+    /// round until it reaches the target (default 3; 0 gives QEMU the target from the start).
+    /// spec: spec/qemu.md §3
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_steps: Option<u32>,
     /// Backend `qemu`: disks that travel with the VM (not on shared storage), `[[vm.disk]]`.
