@@ -398,3 +398,31 @@ pub fn enroll_finish_files(
     let _ = std::fs::remove_file(&p);
     enroll_finish(verifier_home, pending, &resp)
 }
+
+/// The audit anchor PCR and its value: from the running agent, which knows the PCR it anchors
+/// in whatever the configuration file says now, else from the TPM (`audit verify`, `doctor`).
+pub async fn audit_anchor_value(home: &Home) -> Result<(u8, [u8; 32]), AgentError> {
+    use crate::audit::Anchor;
+    use crate::control::{Reply, Request};
+    if let Ok(reply) = crate::control::request(&home.control_socket(), &Request::AuditAnchor).await
+    {
+        return match reply {
+            Reply::Anchor { pcr, value } => hex::decode(&value)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .map(|v| (pcr, v))
+                .ok_or_else(|| {
+                    AgentError::Migration(format!(
+                        "the agent sent a PCR value that is not one: {value:?}"
+                    ))
+                }),
+            Reply::Error(e) => Err(AgentError::Usage(format!("the agent refused: {e}"))),
+            other => Err(AgentError::Migration(format!(
+                "unexpected answer from the agent: {other:?}"
+            ))),
+        };
+    }
+    let mut a = crate::attestation::OperatorAnchor::open(home)?;
+    let value = a.read().map_err(AgentError::Tpm)?;
+    Ok((a.pcr(), value))
+}

@@ -119,6 +119,7 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
             out.push(qmp(&vm.name, &q.qmp).await);
         }
     }
+    out.push(audit_trail(home).await);
     out.push(clock());
     for (name, addr) in peers {
         out.push(match &identity {
@@ -266,6 +267,48 @@ fn tpm(config: &Config) -> Check {
             Level::Fail,
             format!("TPM at {}: {e}", cfg.tcti),
             "check tpm.tcti in config.toml, that the TPM (or swtpm) runs, and /dev/tpmrm0's permissions",
+        ),
+    }
+}
+
+/// The audit trail: its hash chain against the journal, then its anchor in the TPM (SPEC.md
+/// §8.10), as `trustmig audit verify` checks them.
+async fn audit_trail(home: &Home) -> Check {
+    use crate::audit::{anchor, verify_with_journal, FILE};
+    let dir = home.journal_dir();
+    if !dir.join(FILE).exists() {
+        return check(
+            Level::Ok,
+            "audit trail: none yet (the agent starts one when it first starts)",
+            "",
+        );
+    }
+    let v = match verify_with_journal(&dir) {
+        Ok(v) => v,
+        Err(e) => {
+            return check(
+                Level::Fail,
+                format!("audit trail: {e}"),
+                "keep the trail as evidence and find out who or what changed it (`trustmig audit show`)",
+            )
+        }
+    };
+    match crate::admin::audit_anchor_value(home).await {
+        Ok((pcr, value)) => match anchor::describe(&v.list, pcr, &value) {
+            Ok(said) => check(
+                Level::Ok,
+                format!("audit trail: {} entries verify; {said}", v.entries),
+                "",
+            ),
+            Err(e) => check(Level::Fail, format!("audit trail: {e}"), anchor::ANCHOR_HOW),
+        },
+        Err(e) => check(
+            Level::Warn,
+            format!(
+                "audit trail: {} entries verify, not checked against the TPM: {e}",
+                v.entries
+            ),
+            "make the TPM reachable (see the TPM check)",
         ),
     }
 }

@@ -387,7 +387,7 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
                 hex::encode(v.head)
             );
             if tpm {
-                let (pcr, value) = anchor_value(&home)?;
+                let (pcr, value) = runtime()?.block_on(admin::audit_anchor_value(&home))?;
                 println!(
                     "{}",
                     anchor::describe(&v.list, pcr, &value).map_err(|e| {
@@ -422,29 +422,6 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
         }
     }
     Ok(())
-}
-
-/// The audit anchor PCR and its value: from the running agent, which knows the PCR it anchors
-/// in whatever the configuration file says now, else from the TPM.
-fn anchor_value(home: &Home) -> Result<(u8, [u8; 32]), AgentError> {
-    let socket = home.control_socket();
-    if let Ok(reply) = runtime()?.block_on(control::request(&socket, &Request::AuditAnchor)) {
-        return match reply {
-            Reply::Anchor { pcr, value } => hex::decode(&value)
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .map(|v| (pcr, v))
-                .ok_or_else(|| {
-                    AgentError::Migration(format!(
-                        "the agent sent a PCR value that is not one: {value:?}"
-                    ))
-                }),
-            other => Err(refused(other)),
-        };
-    }
-    let mut a = trustmig_agent::attestation::OperatorAnchor::open(home)?;
-    let value = a.read().map_err(AgentError::Tpm)?;
-    Ok((a.pcr(), value))
 }
 
 /// `trustmig audit anchor`: only with the agent stopped (it owns the trail and the TPM).

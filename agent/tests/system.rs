@@ -1439,6 +1439,10 @@ fn doctor_names_what_to_fix() {
         "{text}"
     );
     assert!(text.contains("[ok  ] identity key: mode 0600"), "{text}");
+    assert!(
+        text.contains("[ok  ] audit trail: 0 entries verify; not anchored yet"),
+        "{text}"
+    );
 
     pair.start_both().unwrap();
     let peer = format!("destination={}", pair.dst_addr);
@@ -1446,6 +1450,11 @@ fn doctor_names_what_to_fix() {
     assert!(ok, "{text}");
     assert!(text.contains("[ok  ] the agent is running"), "{text}");
     assert!(text.contains("reachable, mutual TLS accepted"), "{text}");
+    // The running agent anchored its new trail in PCR 23 (its `anchored` entry).
+    assert!(
+        text.contains("[ok  ] audit trail: 1 entries verify; anchored in PCR 23 since entry 0"),
+        "{text}"
+    );
 
     // The destination stops trusting this agent; a wrong port; an unknown peer name.
     let (ok, text) = cli(&pair.dst, &["trust", "remove-peer", "source"]);
@@ -1494,6 +1503,33 @@ fn doctor_names_what_to_fix() {
     );
     let (ok, text) = doctor(&pair.src, &["bad".into()]);
     assert!(!ok && text.contains("expected NAME=HOST:PORT"), "{text}");
+
+    // An audit trail edited behind the agent's back (its one entry's reason changed, the
+    // chain no longer holds): the doctor fails it. Then one whose chain was re-linked after
+    // the edit, so it verifies alone: the TPM's PCR names it.
+    let trail = pair.src.journal_dir().join("audit.jsonl");
+    let original = std::fs::read_to_string(&trail).unwrap();
+    let mut entry: serde_json::Value = serde_json::from_str(original.trim_end()).unwrap();
+    entry["reason"] = "nothing happened here".into();
+    std::fs::write(&trail, format!("{entry}\n")).unwrap();
+    let (ok, text) = doctor(&pair.src, &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("[FAIL] audit trail: "), "{text}");
+    let mut list: Vec<trustmig_agent::audit::Entry> = vec![serde_json::from_value(entry).unwrap()];
+    trustmig_agent::audit::Entry::relink(&mut list);
+    std::fs::write(
+        &trail,
+        format!("{}\n", serde_json::to_string(&list[0]).unwrap()),
+    )
+    .unwrap();
+    let (_, text) = cli(&pair.src, &["audit", "verify", "--no-tpm"]);
+    assert!(text.contains("audit trail verifies"), "{text}");
+    let (ok, text) = doctor(&pair.src, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("[FAIL] audit trail: ") && text.contains("trustmig audit anchor --reason"),
+        "{text}"
+    );
 }
 
 /// Issue 12 items 3 and 5: an enrolled AK removed from the destination's policy is refused
