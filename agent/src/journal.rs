@@ -227,6 +227,11 @@ impl Journal {
         self.audit.anchor(anchor)
     }
 
+    /// Stop anchoring the audit trail (at shutdown); see [`crate::audit::Audit::stop_anchoring`].
+    pub fn stop_audit_anchoring(&mut self) -> Option<crate::audit::anchor::AnchorDrain> {
+        self.audit.stop_anchoring()
+    }
+
     /// The PCR the audit trail is anchored in, once anchored.
     pub fn audit_anchor_pcr(&self) -> Option<u8> {
         self.audit.anchor_pcr()

@@ -25,6 +25,28 @@ pub trait Anchor: Send {
     fn extend(&mut self, digest: &[u8; 32]) -> Result<(), String>;
 }
 
+/// The anchoring thread as the trail holds it: where new entries' hashes go, its PCR, and a
+/// channel that disconnects when the thread has extended everything it was given and ended.
+pub(super) struct Anchoring {
+    pub(super) tx: mpsc::Sender<[u8; 32]>,
+    pub(super) pcr: u8,
+    done: mpsc::Receiver<()>,
+}
+
+/// The anchoring thread, told to stop ([`Audit::stop_anchoring`]).
+pub struct AnchorDrain(mpsc::Receiver<()>);
+
+impl AnchorDrain {
+    /// Wait up to `within` for the thread to extend every entry recorded before it was told to
+    /// stop. False when time ran out: those entries are extended at the next start.
+    pub fn wait(self, within: std::time::Duration) -> bool {
+        matches!(
+            self.0.recv_timeout(within),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        )
+    }
+}
+
 /// The value of a SHA-256 PCR at `base` after extending each of `hashes`.
 pub fn fold<'a>(base: [u8; 32], hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
     hashes
@@ -67,9 +89,11 @@ impl Audit {
             anchor.extend(h).map_err(AgentError::Tpm)?;
         }
         let (tx, rx) = mpsc::channel::<[u8; 32]>();
+        let (done_tx, done) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("audit-anchor".into())
             .spawn(move || {
+                let _done = done_tx; // dropped when the last hash is extended
                 for h in rx {
                     let mut pause = crate::backoff::Backoff::new(
                         std::time::Duration::from_millis(100),
@@ -82,8 +106,15 @@ impl Audit {
                 }
             })
             .map_err(AgentError::io("audit anchor thread"))?;
-        self.anchoring = Some((tx, pcr));
+        self.anchoring = Some(Anchoring { tx, pcr, done });
         Ok(())
+    }
+
+    /// Stop anchoring new entries (at shutdown): the thread extends what it was given, then
+    /// ends; wait for it with the returned drain. Entries recorded from now on are extended at
+    /// the next start.
+    pub fn stop_anchoring(&mut self) -> Option<AnchorDrain> {
+        self.anchoring.take().map(|a| AnchorDrain(a.done))
     }
 
     /// Record an `anchored` entry opening an epoch of `pcr` at `base`; returns its hash (to be
@@ -288,6 +319,42 @@ mod tests {
         assert_eq!((got.since, got.anchored), (1, 5));
         let hashes: Vec<[u8; 32]> = list[1..].iter().map(Entry::hash_bytes).collect();
         assert_eq!(*pcr.0.lock().unwrap(), fold([0; 32], &hashes));
+    }
+
+    /// At shutdown the agent waits for the thread: once the drain returns, every entry
+    /// recorded before it is in the PCR, however slow the TPM (here 20 ms per extend).
+    #[test]
+    fn stopping_drains_what_was_recorded() {
+        struct Slow(MemoryPcr);
+        impl Anchor for Slow {
+            fn pcr(&self) -> u8 {
+                23
+            }
+            fn read(&mut self) -> Result<[u8; 32], String> {
+                self.0.read()
+            }
+            fn extend(&mut self, digest: &[u8; 32]) -> Result<(), String> {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                self.0.extend(digest)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.anchor(Box::new(Slow(pcr.clone()))).unwrap();
+        for i in 0..5 {
+            a.record(event(i)).unwrap();
+        }
+        let drain = a.stop_anchoring().expect("it was anchoring");
+        assert_eq!(a.anchor_pcr(), None);
+        assert!(drain.wait(std::time::Duration::from_secs(10)));
+        let list = entries(dir.path());
+        let hashes: Vec<[u8; 32]> = list.iter().map(Entry::hash_bytes).collect();
+        assert_eq!(*pcr.0.lock().unwrap(), fold([0; 32], &hashes));
+        // Recorded after the stop: left to the next start's catch-up, not lost.
+        a.record(event(9)).unwrap();
+        let a = check_anchor(&entries(dir.path()), 23, &pcr.clone().read().unwrap()).unwrap();
+        assert_eq!(a.anchored, 6);
     }
 
     /// The attack the anchor is for: a trail edited and re-chained from the edit on, so that

@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 pub mod anchor;
 pub use anchor::Anchor;
@@ -135,8 +134,8 @@ pub struct Audit {
     seq: u64,
     /// (order id, event) of the last entry about an order (not a refusal).
     last_order_entry: Option<(String, String)>,
-    /// The anchoring thread and its PCR, once [`Audit::anchor`] started it.
-    anchoring: Option<(mpsc::Sender<[u8; 32]>, u8)>,
+    /// The anchoring thread, once [`Audit::anchor`] started it.
+    anchoring: Option<anchor::Anchoring>,
 }
 
 impl Audit {
@@ -173,7 +172,7 @@ impl Audit {
 
     /// The PCR the trail is anchored in, once anchored.
     pub fn anchor_pcr(&self) -> Option<u8> {
-        self.anchoring.as_ref().map(|(_, pcr)| *pcr)
+        self.anchoring.as_ref().map(|a| a.pcr)
     }
 
     /// Whether the trail's last entry about an order is `event` for `order_id`.
@@ -186,10 +185,10 @@ impl Audit {
     /// Append `e` durably; its hash goes to the anchoring thread, if one runs.
     pub fn record(&mut self, e: Event) -> Result<(), AgentError> {
         let hash = self.append(e)?;
-        if let Some((tx, _)) = &self.anchoring {
-            // The thread ends only with the process; a send that fails leaves the entry to the
-            // catch-up at the next start.
-            let _ = tx.send(hash);
+        if let Some(a) = &self.anchoring {
+            // A send that fails (the thread is gone) leaves the entry to the catch-up at the
+            // next start.
+            let _ = a.tx.send(hash);
         }
         Ok(())
     }

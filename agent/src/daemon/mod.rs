@@ -71,8 +71,26 @@ async fn serve(
     }
     notify::notify("STOPPING=1");
     let _ = std::fs::remove_file(ctx.home.control_socket());
+    // The audit trail's last entries into its TPM anchor before the process ends (a hardware
+    // TPM takes milliseconds per extend); what does not make it is extended at the next start.
+    let drain = ctx
+        .journal
+        .lock()
+        .expect("journal lock")
+        .stop_audit_anchoring();
+    if let Some(drain) = drain {
+        let drained = tokio::task::spawn_blocking(move || drain.wait(ANCHOR_DRAIN))
+            .await
+            .unwrap_or(false);
+        if !drained {
+            warn!("the audit trail's last entries are not all in its TPM anchor yet: they are extended at the next start");
+        }
+    }
     Ok(())
 }
+
+/// How long shutdown waits for the audit anchor to catch up.
+const ANCHOR_DRAIN: Duration = Duration::from_secs(5);
 
 /// A TCP connection from a peer: TLS control session (first byte 0x16) or data stream.
 async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentError> {
