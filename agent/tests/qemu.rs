@@ -1363,8 +1363,9 @@ async fn qemu_error_is_reported_clearly() {
         return;
     };
     let addr = s.pair.dst_addr.clone();
-    // QEMU caps downtime-limit at 2000 s; the order allows more: QEMU's own refusal must show
-    // (already for the ladder's first step, a target/8 above the cap).
+    // QEMU caps downtime-limit at 2000 s; the order allows more: QEMU's own refusal must show,
+    // before anything moves (the agent has QEMU take the target itself before the ladder's
+    // first step, 1 ms, which QEMU would accept).
     let (r, _) = migrate(&mut s, &addr, 30_000_000).await;
     assert_rolled_back(&mut s, &r, "QEMU refused migrate-set-parameters").await;
     let err = r.err().unwrap_or_default();

@@ -51,9 +51,10 @@ pub(crate) struct Sent {
 const IN_FLIGHT: usize = 4;
 
 /// Read `from` to its end, sealing each chunk as a `HypervisorStream` record on `to`; then
-/// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte. Reading runs
-/// in a task of its own, so QEMU keeps writing while a record is sealed and sent; each chunk
-/// is read behind room for the record header and sealed where it lies.
+/// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte. Reading (and
+/// the digest) runs in a task of its own, so QEMU keeps writing, and the digest of one chunk
+/// is computed on one core while the last one is sealed and sent on the other; each chunk is
+/// read behind room for the record header and sealed where it lies.
 pub(crate) async fn seal_pump<R, W>(
     from: R,
     mut to: W,
@@ -69,10 +70,8 @@ where
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT + 2);
     let reader = tokio::spawn(read_chunks(from, tx, back_rx, what));
     let mut before = Vec::new();
-    let mut digest = StreamDigest::new();
     let mut wire_bytes = 0u64;
     while let Some(mut record) = rx.recv().await {
-        digest.update(&record[HEADER_LEN..]);
         before.clear();
         sealer
             .seal_in_place(carried.record(), &mut record, &mut before)
@@ -86,7 +85,7 @@ where
         let _ = back_tx.try_send(record); // the reader allocates anew if it has gone
     }
     // The channel closed: the reader saw the end of QEMU's stream, or failed.
-    reader
+    let digest = reader
         .await
         .map_err(|e| format!("{what}: reader task: {e}"))??;
     let mut out = Vec::new();
@@ -109,14 +108,16 @@ where
 
 /// Read `from` to its end in chunks of up to `CHUNK` bytes, coalescing what QEMU already
 /// wrote (it writes 32 KiB at a time) into one chunk, and hand them to `tx`, each behind
-/// `HEADER_LEN` bytes of room. Buffers come back on `back` once sealed.
+/// `HEADER_LEN` bytes of room, after the digest has seen them. Buffers come back on `back`
+/// once sealed. Returns the digest of everything read.
 async fn read_chunks<R: AsyncRead + Unpin>(
     mut from: R,
     tx: mpsc::Sender<Vec<u8>>,
     mut back: mpsc::Receiver<Vec<u8>>,
     what: &'static str,
-) -> Result<(), String> {
+) -> Result<StreamDigest, String> {
     let full = HEADER_LEN + CHUNK.min(MAX_PAYLOAD);
+    let mut digest = StreamDigest::new();
     loop {
         let mut buf = back
             .try_recv()
@@ -129,7 +130,7 @@ async fn read_chunks<R: AsyncRead + Unpin>(
             .await
             .map_err(|e| format!("{what}: reading from QEMU: {e}"))?;
         if got == 0 {
-            return Ok(());
+            return Ok(digest);
         }
         n += got;
         while n < buf.len() {
@@ -144,8 +145,9 @@ async fn read_chunks<R: AsyncRead + Unpin>(
             n += more;
         }
         buf.truncate(n);
+        digest.update(&buf[HEADER_LEN..]);
         if tx.send(buf).await.is_err() {
-            return Ok(()); // the sealing side failed and reports why
+            return Ok(digest); // the sealing side failed and reports why
         }
     }
 }
@@ -176,7 +178,8 @@ where
     let (tx, rx) = mpsc::channel::<Opened>(IN_FLIGHT);
     let (back_tx, mut back) = mpsc::channel::<Vec<u8>>(IN_FLIGHT + 2);
     let writer = tokio::spawn(write_chunks(to, rx, back_tx, what, carried == Carried::Nbd));
-    let mut digest = StreamDigest::new();
+    // Bytes opened so far; the digest of them is the writer's (on the other core).
+    let mut opened = 0u64;
     let r = loop {
         // A buffer the writer is done with, or a new one: records are opened where they lie
         // and written to QEMU from there.
@@ -196,7 +199,7 @@ where
         crate::fault::record_opened();
         match typ {
             t if t == carried.record() => {
-                digest.update(payload);
+                opened += payload.len() as u64;
                 let payload = HEADER_LEN..HEADER_LEN + payload.len();
                 if tx.send(Opened { buf, payload }).await.is_err() {
                     break Err(local("writing to QEMU failed".into()));
@@ -205,11 +208,11 @@ where
             RecordType::KeyUpdate => {}
             RecordType::StreamEnd => {
                 let total: Option<[u8; 8]> = payload.try_into().ok();
-                if total.map(u64::from_be_bytes) != Some(digest.len()) {
+                if total.map(u64::from_be_bytes) != Some(opened) {
                     break Err(proto(PeerMisbehaved::BadField(format!(
                         "{what}: stream end announces {:?} bytes, {} arrived",
                         total.map(u64::from_be_bytes),
-                        digest.len()
+                        opened
                     ))));
                 }
                 break Ok(());
@@ -226,7 +229,7 @@ where
         writer.abort(); // QEMU may have stopped reading; do not wait for it
         return Err(e);
     }
-    writer
+    let digest = writer
         .await
         .map_err(|e| local(format!("writer task: {e}")))?
         .map_err(AgentError::Migration)?;
@@ -243,24 +246,29 @@ struct Opened {
 }
 
 /// Write opened records' payloads to QEMU until the channel closes, handing each buffer back.
+/// Returns the digest of every payload written.
 async fn write_chunks<W: AsyncWrite + Unpin>(
     mut to: W,
     mut rx: mpsc::Receiver<Opened>,
     back: mpsc::Sender<Vec<u8>>,
     what: &'static str,
     half_close: bool,
-) -> Result<(), String> {
+) -> Result<StreamDigest, String> {
+    let mut digest = StreamDigest::new();
     while let Some(Opened { buf, payload }) = rx.recv().await {
-        to.write_all(&buf[payload])
+        // QEMU first (it loads while the digest runs); nothing resumes before the digest is
+        // checked, so the order does not matter to what it proves.
+        to.write_all(&buf[payload.clone()])
             .await
             .map_err(|e| format!("{what}: writing to QEMU: {e}"))?;
+        digest.update(&buf[payload]);
         let _ = back.try_send(buf); // the reading side allocates anew if the queue is full
     }
     let _ = to.flush().await;
     if half_close {
         let _ = to.shutdown().await; // QEMU may have closed first: nothing is lost then
     }
-    Ok(())
+    Ok(digest)
 }
 
 /// A sealer and the opener for what it seals (fixed test keys), for the agent's unit tests.

@@ -402,6 +402,12 @@ async fn start_qemu(
         qmp.migrate_set_throttle(THROTTLE_STEPS[0], THROTTLE_STEP, THROTTLE_MAX)
             .await?;
     }
+    if ladder.limit != ladder.target {
+        // QEMU judges the order's target before anything moves (it caps downtime-limit at
+        // 2000 s): the ladder reaches the target only rounds later, when a refusal would end a
+        // migration under way.
+        qmp.migrate_set_parameters(ladder.target, ladder.bw).await?;
+    }
     qmp.migrate_set_parameters(ladder.limit, ladder.bw).await?;
     let dir = socket_dir(ctx)?;
     let path = socket_path(&dir, "out", order.id())?;
