@@ -144,7 +144,7 @@ printf '\nQEMU %s, TCG, %d MiB guest with a %d MiB data area dirtying %d pages/t
 printf '%s\n' "${rows[@]}" | python3 -c '
 import statistics, sys
 rows = [l.split() for l in sys.stdin if l.strip()]
-# Each row: mode total_ms e2e_ms bytes qemu_downtime_ms stamped_e2e_ms qemu_total_ms
+# Each row: mode total_ms e2e_ms bytes qemu_downtime_ms stamped_e2e_ms qemu_total_ms after_ms
 # (bench/native_migrate.py, bench_trustmig). total: trustmig the whole order (handshake and
 # attestation included), the native modes QEMU total-time. e2e: trustmig as its source agent saw
 # it (STOP event to Resumed), the native modes by QEMU stamps. stamped: the source QEMU STOP

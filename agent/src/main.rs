@@ -374,6 +374,12 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
     let home = Home::at(home.home);
     let dir = home.journal_dir();
     let trail = dir.join(trustmig_agent::audit::FILE);
+    // The PCR before the trail: a running agent only appends, so the PCR read first folds to a
+    // prefix of the trail read after it.
+    let anchored = match tpm {
+        true => Some(runtime()?.block_on(admin::audit_anchor_value(&home))?),
+        false => None,
+    };
     let v =
         trustmig_agent::audit::verify_with_journal(&dir).map_err(|e| AgentError::BadConfig {
             path: trail.clone(),
@@ -386,8 +392,7 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
                 v.entries,
                 hex::encode(v.head)
             );
-            if tpm {
-                let (pcr, value) = runtime()?.block_on(admin::audit_anchor_value(&home))?;
+            if let Some((pcr, value)) = anchored {
                 println!(
                     "{}",
                     anchor::describe(&v.list, pcr, &value).map_err(|e| {

@@ -1796,7 +1796,7 @@ async fn bench_trustmig() {
         sum.downtime_ms,
         stream_bytes,
         qemu.downtime.unwrap_or(0),
-        qemu.total_time.unwrap_or(0)
+        qemu.total_time.unwrap_or(0).max(1)
     );
     // The switch-over step by step (µs from the guest's stop), for bench/qemu.sh.
     let steps: Vec<String> = sum
