@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Drive one QEMU-native migration for bench/qemu.sh and time it as the guest sees it.
 
-Usage: native_migrate.py SRC_QMP DST_QMP URI DOWNTIME_MS LADDER(0|1) [SRC_CMD_JSON]
+Usage: native_migrate.py SRC_QMP DST_QMP URI DOWNTIME_MS LADDER(0|1) QEMU_PIDS [SRC_CMD_JSON]
+  QEMU_PIDS: the two QEMUs' process ids, comma-separated, for the CPU accounting.
 
 The destination must already be listening (migrate-incoming done). This connects to both
 monitors, turns on `events` on both (so the destination announces its own completion), starts
@@ -9,12 +10,15 @@ the migration, runs trustmig's downtime ladder when asked (polling query-migrate
 QEMU 7.2 has no event per dirty sync), and sends the destination `cont` the moment it announces
 `completed`, as a management layer at its quickest would.
 
-Prints: total_ms e2e_ms bytes downtime_ms e2e_ms total_ms after_ms
+Prints: total_ms e2e_ms bytes downtime_ms e2e_ms total_ms after_ms cpu_ms busy qemu
   total_ms, bytes, downtime_ms: the source's query-migrate (its downtime ends when the last byte
   left the source: without return-path that is before the destination has loaded it);
   e2e_ms: from the source's STOP to the destination's RESUME, both by QEMU's own event
   timestamps (the same clock: one host), which is the downtime the guest sees;
-  after_ms: from the destination's `completed` to its RESUME (QEMU stamps).
+  after_ms: from the destination's `completed` to its RESUME (QEMU stamps);
+  cpu_ms, busy, qemu: from just before `migrate` to the RESUME, its length (ms), the CPU time
+  the whole machine was busy and that the two QEMUs used (clock ticks), counted as
+  bench_trustmig counts them (`cpu_ticks`).
 """
 import json
 import select
@@ -69,6 +73,20 @@ def stamp(ev):
     return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
 
 
+def cpu_ticks(pids):
+    """(busy ticks of the whole machine, utime + stime ticks of `pids`), as `cpu_ticks` in
+    agent/tests/qemu.rs: /proc/stat without idle and iowait; /proc/PID/stat fields 14 and 15."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]
+    own = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        own += int(rest[11]) + int(rest[12])
+    return busy, own
+
+
 def ladder_step(downtime, sync):
     """trustmig's ladder (agent/src/backend/qemu/source.rs, `downtime_step` with 3 steps):
     1 ms during the first pass, then the target halved 3 - rounds times, rounds = dirty
@@ -80,9 +98,10 @@ def ladder_step(downtime, sync):
 
 
 def main():
-    src_path, dst_path, uri, downtime, ladder = sys.argv[1:6]
+    src_path, dst_path, uri, downtime, ladder, pids = sys.argv[1:7]
     downtime, ladder = int(downtime), ladder == "1"
-    extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+    pids = [int(p) for p in pids.split(",")]
+    extra = json.loads(sys.argv[7]) if len(sys.argv) > 7 else None
     # Without the ladder QEMU's downtime-limit is the target from the start, as QEMU is run
     # by default; with it, the ladder's first step.
     limit = ladder_step(downtime, 0) if ladder else downtime
@@ -93,6 +112,7 @@ def main():
     if extra:
         src.cmd(extra["execute"], **extra.get("arguments", {}))
     src.cmd("migrate-set-parameters", **{"downtime-limit": limit, "max-bandwidth": 1 << 40})
+    cpu_from, cpu_before = time.monotonic(), cpu_ticks(pids)
     src.cmd("migrate", uri=uri)
     stopped = None
     deadline = time.monotonic() + 300
@@ -135,6 +155,7 @@ def main():
         if ev["event"] == "RESUME":
             resumed = stamp(ev)
             break
+    cpu_after, cpu_ms = cpu_ticks(pids), round((time.monotonic() - cpu_from) * 1000)
     info = src.cmd("query-migrate")
     if stopped is None:
         raise SystemExit("native_migrate: the source never announced STOP")
@@ -143,7 +164,8 @@ def main():
     # end to end by QEMU's timestamps, QEMU's total (the same figures here), and the time from
     # the destination's completion to its RESUME (what a management layer adds).
     print(info["total-time"], e2e, info["ram"]["transferred"], info["downtime"], e2e,
-          info["total-time"], "%.1f" % ((resumed - loaded) * 1000))
+          info["total-time"], "%.1f" % ((resumed - loaded) * 1000), cpu_ms,
+          cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ run_native() {
     esac
     start_vm src $( [ "$base" = qemu-tls ] && echo "-object tls-creds-x509,id=tls0,dir=$W/pki,endpoint=client" )
     start_vm dst -mem-prealloc -incoming defer -S "${tls[@]}"
+    local qemu_pids="${PIDS[0]},${PIDS[1]}"
     wait_ready
     local extra_s='{"execute":"query-status"}' extra_d='{"execute":"query-status"}'
     if [ "$base" = qemu-tls ]; then
@@ -92,7 +93,7 @@ run_native() {
         for _ in $(seq 100); do [ -S "$W/hop1.sock" ] && break; sleep 0.05; done
     fi
     python3 bench/native_migrate.py "$W/src.qmp" "$W/dst.qmp" "$src_uri" "$DOWNTIME" \
-        "$([ "$mode" != "$base" ] && echo 1 || echo 0)" "$extra_s"
+        "$([ "$mode" != "$base" ] && echo 1 || echo 0)" "$qemu_pids" "$extra_s"
     stop_vms
 }
 
@@ -117,6 +118,7 @@ for run in $(seq "$RUNS"); do
         wanted $mode || continue
         echo "run $run: $mode ..." >&2
         rows+=("$mode $(run_native $mode)")
+        echo "  ${rows[-1]}" >&2
     done
     # trustmig: with its downtime ladder (the default), and flat (QEMU's limit at the target
     # from the start, as the native modes run).
@@ -135,6 +137,7 @@ for run in $(seq "$RUNS"); do
         out=$(env TRUSTMIG_BENCH_MEM=$MEM TRUSTMIG_BENCH_APPEND="$APPEND" TRUSTMIG_BENCH_DOWNTIME=$DOWNTIME "${extra[@]}" \
             cargo test --release -q -p trustmig-agent --test qemu -- --ignored --exact bench_trustmig --nocapture 2>/dev/null)
         rows+=("$mode $(echo "$out" | grep '^BENCH ' | cut -d' ' -f2-)")
+        echo "  ${rows[-1]}" >&2
         timelines+=("$mode run $run: $(echo "$out" | grep '^TIMELINE ' | cut -d' ' -f2-)")
     done
 done
@@ -142,25 +145,34 @@ done
 printf '\nQEMU %s, TCG, %d MiB guest with a %d MiB data area dirtying %d pages/tick, destination -mem-prealloc, downtime-limit %d ms\n' \
     "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" "$MEM" "$AREA" "$RATE" "$DOWNTIME"
 printf '%s\n' "${rows[@]}" | python3 -c '
-import statistics, sys
+import os, statistics, sys
 rows = [l.split() for l in sys.stdin if l.strip()]
+HZ, CORES = os.sysconf("SC_CLK_TCK"), os.cpu_count()
 # Each row: mode total_ms e2e_ms bytes qemu_downtime_ms stamped_e2e_ms qemu_total_ms after_ms
 # (bench/native_migrate.py, bench_trustmig). total: trustmig the whole order (handshake and
 # attestation included), the native modes QEMU total-time. e2e: trustmig as its source agent saw
 # it (STOP event to Resumed), the native modes by QEMU stamps. stamped: the source QEMU STOP
 # stamp to the destination QEMU RESUME stamp. qemu_total: the source QEMU total-time. after:
 # trustmig from QEMU done to Resumed (its agents part), the native modes from the destination
-# completed stamp to its RESUME stamp.
-print("%-16s %4s %9s %9s %9s %10s %8s %9s %9s %7s" % ("mode", "run", "total_ms", "MiB_sent", "MB/s", "qemu_MB/s", "qemu_dt", "e2e_dt", "stamped", "after"))
+# completed stamp to its RESUME stamp. cpu_ms busy qemu: the CPU accounting window (trustmig
+# the whole order, the native modes migrate to RESUME), the busy CPU time of the whole machine
+# and of the two QEMUs in it (clock ticks); cpu/GiB and qemu/GiB are those in core-seconds per GiB
+# moved, busy the share of all cores in use.
+print("%-16s %4s %9s %9s %9s %10s %8s %9s %9s %7s %8s %8s %5s" % ("mode", "run", "total_ms", "MiB_sent", "MB/s", "qemu_MB/s", "qemu_dt", "e2e_dt", "stamped", "after", "cpu/GiB", "qemu/GiB", "busy"))
 med = {}
 for mode in ("plain", "socat", "qemu-tls", "qemu-tls-ladder", "trustmig", "trustmig-flat", "trustmig-slowtpm", "trustmig-strict"):
     runs = [tuple(map(float, r)) for m, *r in rows if m == mode]
     if not runs:
         continue
-    for i, (t, d, b, qd, st, qt, af) in enumerate(runs, 1):
-        print("%-16s %4d %9d %9.0f %9.0f %10.0f %8d %9d %9d %7.1f" % (mode, i, t, b / 2**20, b / (t * 1000), b / (qt * 1000), qd, d, st, af))
-    med[mode] = dict(mbs=statistics.median(b / (t * 1000) for t, _, b, _, _, _, _ in runs),
-                     qmbs=statistics.median(b / (qt * 1000) for _, _, b, _, _, qt, _ in runs),
+    per_gib = lambda ticks, b: ticks / HZ / (b / 2**30)
+    for i, (t, d, b, qd, st, qt, af, cw, cb, cq) in enumerate(runs, 1):
+        print("%-16s %4d %9d %9.0f %9.0f %10.0f %8d %9d %9d %7.1f %8.2f %8.2f %4.0f%%" % (mode, i, t, b / 2**20, b / (t * 1000), b / (qt * 1000), qd, d, st, af,
+              per_gib(cb, b), per_gib(cq, b), 100 * cb / HZ / (cw / 1000 * CORES)))
+    med[mode] = dict(mbs=statistics.median(r[2] / (r[0] * 1000) for r in runs),
+                     qmbs=statistics.median(r[2] / (r[5] * 1000) for r in runs),
+                     cpu=statistics.median(per_gib(r[8], r[2]) for r in runs),
+                     cpu_qemu=statistics.median(per_gib(r[9], r[2]) for r in runs),
+                     busy=statistics.median(r[8] / HZ / (r[7] / 1000 * CORES) for r in runs),
                      after=statistics.median(r[6] for r in runs),
                      qemu=statistics.median(r[3] for r in runs),
                      e2e=statistics.median(r[1] for r in runs),
@@ -174,6 +186,15 @@ if have("trustmig", "qemu-tls", "socat"):
     print("throughput: trustmig vs QEMU TLS %.2fx (target >= 1.5x), vs socat relay %.2fx (target >= 0.97x);"
           " by QEMU total-time (trustmig without its handshake): %.2fx and %.2fx"
           % (tm["mbs"] / tls["mbs"], tm["mbs"] / so["mbs"], tm["qmbs"] / tls["qmbs"], tm["qmbs"] / so["qmbs"]))
+if have("trustmig", "socat"):
+    tm, so = med["trustmig"], med["socat"]
+    print("CPU per GiB moved (core-seconds, medians): socat relay %.2f (QEMUs %.2f, the rest %.2f); trustmig %.2f"
+          " (QEMUs %.2f, the rest %.2f: agents, TPMs, the bench); the machine %.0f%% busy with socat, %.0f%% with"
+          " trustmig. On these %d cores trustmig can reach at most %.2fx socat (all cores busy at its CPU per GiB"
+          " against socat at its own)"
+          % (so["cpu"], so["cpu_qemu"], so["cpu"] - so["cpu_qemu"], tm["cpu"], tm["cpu_qemu"],
+             tm["cpu"] - tm["cpu_qemu"], 100 * so["busy"], 100 * tm["busy"], CORES,
+             so["cpu"] / (tm["cpu"] * so["busy"])))
 print("downtime as the guest sees it (source STOP to destination RESUME, QEMU stamps):")
 if have("trustmig", "qemu-tls-ladder"):
     tm, tll = med["trustmig"], med["qemu-tls-ladder"]

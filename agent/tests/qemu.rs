@@ -1324,6 +1324,86 @@ async fn qemu_image_lock_is_gone_when_qmp_closes_after_quit() {
     let _ = a.wait();
 }
 
+/// QEMU's stamp of its `MIGRATION` `completed` event (`events` on); a failed migration panics.
+async fn completed_at(q: &mut Qmp) -> std::time::SystemTime {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), q.event())
+            .await
+            .expect("QEMU completes within 120 s")
+            .expect("QMP event");
+        let status = ev.data["status"].as_str().unwrap_or_default();
+        assert!(
+            ev.name != "MIGRATION" || status != "failed",
+            "the migration failed"
+        );
+        if ev.name == "MIGRATION" && status == "completed" {
+            return ev.at.expect("QEMU stamps its events");
+        }
+    }
+}
+
+/// spec/qemu.md §2 (step 6) and §9: with `return-path`, the source QEMU announces `completed`
+/// only after the destination QEMU has loaded the whole stream. That is why QEMU's own
+/// `downtime` for trustmig (which runs with it) includes the destination's load and the native
+/// modes' (QEMU's default, without it) does not, and why the bench measures every mode from
+/// the source's `STOP` to the destination's `RESUME` instead. Plain QEMU to QEMU over a unix
+/// socket, both QEMUs' `completed` events compared by QEMU's own stamps (one host, one clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let guest = build_guest(dir.path());
+    let opts = |extra: &[&str]| VmOpts {
+        append: "area=100 rate=0 check=1000000".into(),
+        mem_mib: 128,
+        src_extra: extra.iter().map(|a| a.to_string()).collect(),
+        ..VmOpts::default()
+    };
+    let src = QemuVm::start(dir.path(), "src", &guest, &opts(&[]), false);
+    let dst = QemuVm::start(
+        dir.path(),
+        "dst",
+        &guest,
+        &opts(&["-incoming", "defer"]),
+        false,
+    );
+    src.wait_ticks(1, Duration::from_secs(60)); // its data area is filled: real pages move
+    let (mut s, mut d) = (
+        src.qmp().await.expect("qmp src"),
+        dst.qmp().await.expect("qmp dst"),
+    );
+    let caps = [("return-path", true), ("events", true)];
+    s.migrate_set_capabilities(&caps)
+        .await
+        .expect("source capabilities");
+    d.migrate_set_capabilities(&caps)
+        .await
+        .expect("destination capabilities");
+    let uri = format!("unix:{}", dir.path().join("m.sock").display());
+    d.migrate_incoming(&uri).await.expect("migrate-incoming");
+    s.migrate(&uri).await.expect("migrate");
+    let (src_done, dst_done) = tokio::join!(completed_at(&mut s), completed_at(&mut d));
+    assert!(
+        dst_done <= src_done,
+        "with return-path the source completed {:?} before the destination had loaded",
+        dst_done.duration_since(src_done).unwrap_or_default()
+    );
+    let moved = s
+        .query_migrate()
+        .await
+        .expect("query-migrate")
+        .ram
+        .unwrap_or_default();
+    assert!(
+        moved.transferred > 90 << 20,
+        "only {} bytes moved",
+        moved.transferred
+    );
+}
+
 /// Issue 14, case 3: a data stream that never binds (its `StreamInit` tampered with). The
 /// source rolls back; the destination gives the session up at once and discards its waiting
 /// QEMU instead of holding it (and its QMP socket) for a step timeout and leaving it behind.
@@ -1720,11 +1800,13 @@ async fn first_event(path: PathBuf, name: &'static str) -> std::time::SystemTime
 
 /// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
 /// `BENCH <total ms> <end-to-end downtime ms> <stream bytes> <QEMU's own downtime ms>
-/// <end-to-end ms by QEMU's stamps> <QEMU's total ms>`: the guest's downtime as the source
+/// <end-to-end ms by QEMU's stamps> <QEMU's total ms> <ms after QEMU> <CPU window ms>
+/// <busy ticks> <QEMU ticks>`: the guest's downtime as the source
 /// agent saw it (its STOP event to the destination's `Resumed`), and from the source QEMU's STOP
 /// stamp to the destination QEMU's RESUME stamp, as the native modes are measured; the whole
 /// order's time (handshake and attestation included) and QEMU's own (`migrate` to `completed`);
-/// `<ms after QEMU>`: what the agents add to the downtime once QEMU is done.
+/// `<ms after QEMU>`: what the agents add to the downtime once QEMU is done; the CPU the whole
+/// machine and the two QEMUs used during the order ([`cpu_ticks`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark, run by bench/qemu.sh"]
 async fn bench_trustmig() {
@@ -1769,7 +1851,11 @@ async fn bench_trustmig() {
         .expect("TRUSTMIG_BENCH_DOWNTIME is ms");
     let stopped = tokio::spawn(first_event(src_mon, "STOP"));
     let resumed = tokio::spawn(first_event(dst_mon, "RESUME"));
+    let qemus = [s.src.child.id(), s.dst.child.id()];
+    let cpu_before = (std::time::Instant::now(), cpu_ticks(&qemus));
     let (r, _) = migrate(&mut s, &addr, downtime).await;
+    let cpu_after = cpu_ticks(&qemus);
+    let cpu_window_ms = cpu_before.0.elapsed().as_millis();
     let sum = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
     let (stopped, resumed) = (stopped.await.expect("STOP"), resumed.await.expect("RESUME"));
@@ -1791,12 +1877,14 @@ async fn bench_trustmig() {
         .zip(qemu_done)
         .map_or(-1.0, |(r, q)| r.saturating_sub(q) as f64 / 1000.0);
     println!(
-        "BENCH {} {} {} {} {stamped_ms} {} {after_qemu:.1}",
+        "BENCH {} {} {} {} {stamped_ms} {} {after_qemu:.1} {cpu_window_ms} {} {}",
         sum.total_ms,
         sum.downtime_ms,
         stream_bytes,
         qemu.downtime.unwrap_or(0),
-        qemu.total_time.unwrap_or(0).max(1)
+        qemu.total_time.unwrap_or(0).max(1),
+        cpu_after.0 - cpu_before.1 .0,
+        cpu_after.1 - cpu_before.1 .1,
     );
     // The switch-over step by step (µs from the guest's stop), for bench/qemu.sh.
     let steps: Vec<String> = sum
@@ -1805,6 +1893,38 @@ async fn bench_trustmig() {
         .map(|s| format!("{} {:.1}", s.step, s.us as f64 / 1000.0))
         .collect();
     println!("TIMELINE {}", steps.join(" | "));
+}
+
+/// CPU time in clock ticks (USER_HZ), for the bench's CPU accounting: the whole machine's busy
+/// time (`/proc/stat`: all but idle and iowait) and that of the processes `pids` (utime and
+/// stime of `/proc/PID/stat`). bench/native_migrate.py counts the same way.
+fn cpu_ticks(pids: &[u32]) -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let busy = stat.lines().next().map_or(0, |cpu| {
+        // cpu user nice system idle iowait irq softirq steal
+        let f: Vec<u64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        f.iter().sum::<u64>() - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0)
+    });
+    let procs = pids
+        .iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // After the command's closing parenthesis: state (field 3) ... utime (14), stime (15).
+            s.rsplit_once(')').map_or(0, |(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .map(|v| v.parse::<u64>().unwrap_or(0))
+                    .sum()
+            })
+        })
+        .sum();
+    (busy, procs)
 }
 
 // ---------------------------------------------------------------------------------------------
