@@ -1,9 +1,11 @@
 //! `cargo bench -p trustmig-protocol`: record seal+open throughput, order verifications per
-//! second, per-page cost of the pre-copy engines, and the page-digest choice (SHA-256 vs BLAKE3).
+//! second, per-page cost of the pre-copy engines, the page-digest choice (SHA-256 vs BLAKE3),
+//! and the QEMU stream's end-to-end digest per 512 KiB chunk.
 //! Target (issue 2): seal+open >= 2 GB/s on one core.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ed25519_dalek::SigningKey;
+use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::keys::TrafficSecret;
 use trustmig_protocol::order::*;
 use trustmig_protocol::precopy::{page_digest, GuestMemory, PrecopyDest, PrecopySource};
@@ -139,5 +141,25 @@ fn page_digests(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, records, orders, precopy, page_digests);
+/// The end-to-end stream digest over one pump chunk (512 KiB, as the QEMU sidecar reads them):
+/// each end of a QEMU migration pays this per byte on top of the record layer.
+fn stream_digest(c: &mut Criterion) {
+    let chunk = vec![0x5Au8; 512 << 10];
+    let mut g = c.benchmark_group("stream_digest");
+    g.throughput(Throughput::Bytes(chunk.len() as u64));
+    g.bench_function("512KiB", |b| {
+        let mut d = StreamDigest::new();
+        b.iter(|| d.update(&chunk))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    records,
+    orders,
+    precopy,
+    page_digests,
+    stream_digest
+);
 criterion_main!(benches);
