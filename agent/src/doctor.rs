@@ -277,13 +277,7 @@ fn tpm(config: &Config) -> Check {
 async fn audit_trail(home: &Home) -> Check {
     let path = home.journal_dir().join(crate::audit::FILE);
     match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return check(
-                Level::Ok,
-                "audit trail: none yet (the agent starts one when it first starts)",
-                "",
-            )
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return missing_trail(home).await,
         Err(e) => {
             return check(
                 Level::Fail,
@@ -300,6 +294,37 @@ async fn audit_trail(home: &Home) -> Check {
     // A write between the journal and the trail, or between an entry and its extend.
     tokio::time::sleep(Duration::from_millis(300)).await;
     audit_trail_once(home).await
+}
+
+/// No trail file. `trustmig init` makes one, so none is only fine for a home that never
+/// recorded anything; a trail deleted or moved aside still shows in the journal's records or in
+/// the anchor PCR's extends (the agent refuses to start a new trail over those, §8.10).
+async fn missing_trail(home: &Home) -> Check {
+    const HOW: &str = "restore the trail from a copy; or, to start a new one, stop the agent and \
+                       run `trustmig audit anchor --reason TEXT`, which records why in it";
+    if let Ok((pcr, value)) = crate::admin::audit_anchor_value(home).await {
+        if value != [0; 32] {
+            return check(
+                Level::Fail,
+                format!("audit trail: missing, but PCR {pcr} holds extends since its last reset: a trail was here (deleted, or moved aside)"),
+                HOW,
+            );
+        }
+    }
+    let journal = std::fs::read_to_string(home.journal_dir().join(crate::journal::FILE));
+    let records = journal.map_or(0, |j| j.lines().filter(|l| !l.trim().is_empty()).count());
+    if records > 0 {
+        return check(
+            Level::Fail,
+            format!("audit trail: missing, but the journal holds {records} records: a trail was here (deleted, or moved aside)"),
+            HOW,
+        );
+    }
+    check(
+        Level::Ok,
+        "audit trail: none yet (the agent starts one when it first starts)",
+        "",
+    )
 }
 
 async fn audit_trail_once(home: &Home) -> Check {

@@ -103,6 +103,9 @@ impl Record {
     }
 }
 
+/// The journal's file in its directory (`<home>/journal/`).
+pub const FILE: &str = "journal.jsonl";
+
 /// The journal.
 pub struct Journal {
     path: PathBuf,
@@ -120,7 +123,7 @@ impl Journal {
     /// Open (or create) the journal in `dir` and replay it.
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
-        let path = dir.join("journal.jsonl");
+        let path = dir.join(FILE);
         let mut latest = HashMap::new();
         let mut last_for_vm: HashMap<String, Record> = HashMap::new();
         let mut last_order_of_vm = HashMap::new();
@@ -814,7 +817,7 @@ mod tests {
             j.set(&[1; 16], State::Committed, "").unwrap();
         }
         // Simulate a crash mid-append.
-        let p = dir.path().join("journal.jsonl");
+        let p = dir.path().join(FILE);
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"order_id\":\"02").unwrap();
         drop(f);

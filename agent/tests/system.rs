@@ -1409,6 +1409,36 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
         text.contains("re-anchored by the operator: investigated: ticket 42"),
         "{text}"
     );
+
+    // The trail moved aside (or deleted): PCR 23 still holds its extends, so the agent does
+    // not start a new trail over them by itself, and the doctor names it; the operator starts
+    // one with a reason, and `audit verify` says for good where it starts.
+    pair.stop(0);
+    std::fs::rename(&path, path.with_extension("jsonl.old")).unwrap();
+    let (ok, text) = cli(&pair.src, &["doctor"]);
+    assert!(
+        !ok && text.contains("[FAIL] audit trail: missing, but PCR 23 holds extends"),
+        "{text}"
+    );
+    let e = pair.start(0).unwrap_err().to_string();
+    assert!(e.contains("no anchor, but PCR 23 holds"), "{e}");
+    let (ok, text) = cli(
+        &pair.src,
+        &[
+            "audit",
+            "anchor",
+            "--reason",
+            "old trail in audit.jsonl.old",
+        ],
+    );
+    assert!(ok, "{text}");
+    pair.start(0).unwrap();
+    let (ok, text) = cli(&pair.src, &["audit", "verify"]);
+    assert!(
+        ok && text.contains("the trail's first anchor (entry 1) is on PCR 23 at")
+            && text.contains("entry 1 gives the reason"),
+        "{text}"
+    );
 }
 
 /// Issue 12 item 6: `trustmig doctor` passes on a healthy host and names what is wrong on a
@@ -1443,6 +1473,16 @@ fn doctor_names_what_to_fix() {
         text.contains("[ok  ] audit trail: 0 entries verify; not anchored yet"),
         "{text}"
     );
+    // No trail file at all, in a home that never recorded anything (PCR 23 at zeros, the
+    // journal empty): nothing to miss yet.
+    let trail = pair.src.journal_dir().join("audit.jsonl");
+    std::fs::rename(&trail, trail.with_extension("away")).unwrap();
+    let (ok, text) = doctor(&pair.src, &[]);
+    assert!(
+        ok && text.contains("[ok  ] audit trail: none yet"),
+        "{text}"
+    );
+    std::fs::rename(trail.with_extension("away"), &trail).unwrap();
 
     pair.start_both().unwrap();
     let peer = format!("destination={}", pair.dst_addr);

@@ -71,6 +71,11 @@ impl Audit {
             Err(AnchorMismatch::NoEpoch) => {
                 vec![self.open_epoch(pcr, value, "the first anchor of this trail")?]
             }
+            // Not opened silently: it would hide the trail that was there (deleted, or moved
+            // aside) behind a new one that folds to the PCR from here on.
+            Err(e @ AnchorMismatch::NotFromHere { .. }) => {
+                return Err(self.broken(format!("{e}; {ANCHOR_HOW}")))
+            }
             Err(AnchorMismatch::Moved { from }) => vec![self.open_epoch(
                 pcr,
                 value,
@@ -162,9 +167,18 @@ pub struct Anchored {
 /// Why a trail does not match its anchor.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnchorMismatch {
-    /// The trail was never anchored.
+    /// The trail was never anchored (and its PCR was never extended since its last reset).
     #[error("the trail has no anchor")]
     NoEpoch,
+    /// The trail was never anchored, but its PCR was extended since its last reset: by an
+    /// earlier trail that is not here (deleted, or moved aside), or by something else.
+    #[error("the trail has no anchor, but PCR {pcr} holds {value}, not zeros: it was extended since its last reset, by an earlier audit trail that is no longer here (deleted, or moved aside) or by something else")]
+    NotFromHere {
+        /// The PCR.
+        pcr: u8,
+        /// Its value (hex).
+        value: String,
+    },
     /// Its epoch is in another PCR.
     #[error("the trail is anchored in PCR {from}, not the configured one")]
     Moved {
@@ -185,9 +199,17 @@ pub enum AnchorMismatch {
 
 /// Check `list` against the value of its anchor PCR.
 pub fn check_anchor(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<Anchored, AnchorMismatch> {
-    let (since, epoch) = (list.iter().enumerate().rev())
-        .find(|(_, e)| e.event == "anchored")
-        .ok_or(AnchorMismatch::NoEpoch)?;
+    let Some((since, epoch)) = (list.iter().enumerate().rev()).find(|(_, e)| e.event == "anchored")
+    else {
+        return Err(if value == &[0; 32] {
+            AnchorMismatch::NoEpoch
+        } else {
+            AnchorMismatch::NotFromHere {
+                pcr,
+                value: hex::encode(value),
+            }
+        });
+    };
     let field = |k: &str| epoch.evidence.get(k).map(String::as_str).unwrap_or("");
     let from: u8 = field("pcr").parse().unwrap_or(u8::MAX);
     if from != pcr {
@@ -224,6 +246,16 @@ pub fn check_anchor(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<Anchore
     }
 }
 
+/// The trail's first `anchored` entry (`seq`, `base`) when it opened its epoch on a PCR that
+/// held extends already: the trail does not reach back to the PCR's last reset. That is what a
+/// trail moved aside and started anew looks like (`trustmig audit anchor` records why), and
+/// also one replaced by whoever could write the file; `audit verify` says so for the auditor.
+fn started_on_history(list: &[Entry]) -> Option<(u64, &str)> {
+    let first = list.iter().find(|e| e.event == "anchored")?;
+    let base = first.evidence.get("base")?;
+    (base.as_str() != hex::encode([0u8; 32])).then_some((first.seq, base.as_str()))
+}
+
 /// `audit verify`'s words for a trail's anchor: what the TPM vouches for, or why it does not.
 /// A trail never anchored, or anchored in another PCR, is described (the agent anchors it at
 /// its next start); one that does not fold to its PCR is the error.
@@ -232,11 +264,17 @@ pub fn describe(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<String, Anc
         Ok(a) => {
             let pending = list.len() as u64 - a.anchored;
             let mut s = format!(
-                "anchored in PCR {pcr} since entry {}: the TPM vouches for entries 0..{}",
-                a.since, a.anchored
+                "anchored in PCR {pcr} since entry {}: the TPM vouches for entries {}..{}",
+                a.since, a.since, a.anchored
             );
+            if a.since > 0 {
+                s += &format!(" (those before {}, by the hash chain alone)", a.since);
+            }
             if pending > 0 {
                 s += &format!(" ({pending} more not extended yet: the agent extends them in the background, or at its next start)");
+            }
+            if let Some((seq, base)) = started_on_history(list) {
+                s += &format!("; the trail's first anchor (entry {seq}) is on PCR {pcr} at {base}, not zeros: what was extended there since the PCR's last reset is not in this trail (entry {seq} gives the reason)");
             }
             Ok(s)
         }
@@ -413,6 +451,60 @@ mod tests {
             .unwrap()
             .anchor(Box::new(pcr.clone()))
             .unwrap();
+    }
+
+    /// A trail deleted (or moved aside) and started anew while its PCR still holds the old
+    /// one's extends: the agent does not open the new trail's epoch on that history by itself
+    /// (that would hide the old trail behind one that folds from here on); the operator does,
+    /// with a reason, and `audit verify` says for good that the trail starts on history.
+    #[test]
+    fn a_new_trail_over_an_extended_pcr_waits_for_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.anchor(Box::new(pcr.clone())).unwrap();
+        for i in 0..3 {
+            a.record(event(i)).unwrap();
+        }
+        settled(dir.path(), &pcr);
+        let fresh = describe(&entries(dir.path()), 23, &pcr.clone().read().unwrap()).unwrap();
+        assert!(!fresh.contains("first anchor"), "{fresh}");
+        drop(a);
+        std::fs::remove_file(dir.path().join(super::super::FILE)).unwrap();
+        let value = pcr.clone().read().unwrap();
+        let e = describe(&[], 23, &value).unwrap_err();
+        assert!(
+            matches!(e, AnchorMismatch::NotFromHere { pcr: 23, .. }),
+            "{e}"
+        );
+        let refused = Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("no anchor, but PCR 23 holds")
+                && refused.contains("no longer here")
+                && refused.contains("trustmig audit anchor"),
+            "{refused}"
+        );
+        assert_eq!(*pcr.0.lock().unwrap(), value, "nothing was extended");
+        let mut op = pcr.clone();
+        Audit::reanchor(dir.path(), &mut op, "old trail kept as audit.old").unwrap();
+        Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .unwrap();
+        let list = entries(dir.path());
+        let said = describe(&list, 23, &pcr.clone().read().unwrap()).unwrap();
+        assert!(
+            said.contains(&format!(
+                "the trail's first anchor (entry 0) is on PCR 23 at {}",
+                hex::encode(value)
+            )),
+            "{said}"
+        );
+        assert!(list[0].reason.contains("old trail kept as audit.old"));
     }
 
     /// A reset PCR (reboot) opens a new epoch, in the trail; a crash that left entries

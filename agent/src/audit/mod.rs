@@ -153,7 +153,7 @@ impl Audit {
                 return Err(AgentError::BadConfig {
                     path,
                     reason: format!(
-                        "audit trail does not verify: {e} (move it aside to start a new one)"
+                        "audit trail does not verify: {e} (keep it as evidence; to start a new one, move it aside and run `trustmig audit anchor --reason TEXT`, which records why)"
                     ),
                 })
             }
@@ -361,7 +361,7 @@ pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
 /// end is named so.
 pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
     let v = verify(&dir.join(FILE)).map_err(|e| e.to_string())?;
-    let journal = dir.join("journal.jsonl");
+    let journal = dir.join(crate::journal::FILE);
     let text = std::fs::read_to_string(&journal).unwrap_or_default();
     let mut states = std::collections::HashMap::new();
     let mut last = None;

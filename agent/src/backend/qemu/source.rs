@@ -214,19 +214,7 @@ async fn transfer(
     }
     // Copied disks first (spec/qemu.md §5): the destination attaches them, once verified,
     // before it lets its QEMU load anything. A failure here leaves the source VM untouched.
-    let disk_wire = if link.est.manifest.disks.is_empty() {
-        0
-    } else {
-        let n = super::disk::send_disks(&mut data, &mut sealer, &link.est.manifest, &vm.disks)
-            .await
-            .map_err(|e| AgentError::transport(Link::Data(0), format!("sending disks: {e}")))?;
-        info!(
-            bytes = n,
-            disks = link.est.manifest.disks.len(),
-            "disks sent"
-        );
-        n
-    };
+    let disk_wire = send_copied_disks(&mut data, &mut sealer, link.est, &vm.disks).await?;
     if !vm.mirror_disks.is_empty() {
         let dir = socket_dir(ctx)?;
         let started = super::mirror::start(
@@ -244,31 +232,7 @@ async fn transfer(
     let disk_ms = vm.started.elapsed().as_millis() as u64;
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder).await?;
-    let (qemu_rd, qemu_wr) = qemu_sock.into_split();
-    let (data_rd, data_wr) = data.into_split();
-    let tasks = &mut vm.pumps;
-    let (fwd_tx, fwd_rx) = mpsc::channel::<Result<Sent, String>>(1);
-    tasks.spawn(async move {
-        let _ = fwd_tx
-            .send(
-                seal_pump(
-                    qemu_rd,
-                    data_wr,
-                    sealer,
-                    "source stream",
-                    Carried::Migration,
-                )
-                .await,
-            )
-            .await;
-    });
-    let (ret_tx, ret_rx) = mpsc::channel::<Result<Received, AgentError>>(1);
-    tasks.spawn(async move {
-        let _ = ret_tx
-            .send(open_pump(data_rd, qemu_wr, opener, "return path", Carried::Migration).await)
-            .await;
-    });
-    let pumps = (fwd_rx, ret_rx);
+    let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
     let done = follow(
         &mut vm.qmp,
         link,
@@ -278,6 +242,68 @@ async fn transfer(
         vm.mirrors.as_mut(),
     )
     .await?;
+    Ok(transferred(
+        done,
+        ladder.forced,
+        disk_wire,
+        disk_ms,
+        std::mem::take(&mut vm.pumps),
+    ))
+}
+
+/// Send the copied disks (read-only images, sent whole: spec/qemu.md §5) on data stream 0;
+/// returns the bytes put on the wire.
+async fn send_copied_disks(
+    data: &mut TcpStream,
+    sealer: &mut Sealer,
+    est: &Established,
+    disks: &[SourceDisk],
+) -> Result<u64, AgentError> {
+    if est.manifest.disks.is_empty() {
+        return Ok(0);
+    }
+    let n = super::disk::send_disks(data, sealer, &est.manifest, disks)
+        .await
+        .map_err(|e| AgentError::transport(Link::Data(0), format!("sending disks: {e}")))?;
+    info!(bytes = n, disks = est.manifest.disks.len(), "disks sent");
+    Ok(n)
+}
+
+/// The two pumps of QEMU's migration: its stream sealed onto data stream 0, and the return
+/// path opened from it back to QEMU. They live in `tasks` until the migration is over; their
+/// results arrive on the returned channels.
+fn spawn_pumps(
+    tasks: &mut Tasks,
+    qemu: UnixStream,
+    data: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+) -> Pumps {
+    let (qemu_rd, qemu_wr) = qemu.into_split();
+    let (data_rd, data_wr) = data.into_split();
+    let (fwd_tx, fwd_rx) = mpsc::channel(1);
+    tasks.spawn(async move {
+        let stream = "source stream";
+        let r = seal_pump(qemu_rd, data_wr, sealer, stream, Carried::Migration).await;
+        let _ = fwd_tx.send(r).await;
+    });
+    let (ret_tx, ret_rx) = mpsc::channel(1);
+    tasks.spawn(async move {
+        let r = open_pump(data_rd, qemu_wr, opener, "return path", Carried::Migration).await;
+        let _ = ret_tx.send(r).await;
+    });
+    (fwd_rx, ret_rx)
+}
+
+/// What the transfer did, from what `follow` saw: the summary's figures and the records of
+/// every stream (QEMU's first, then each mirror's).
+fn transferred(
+    done: Done,
+    forced: bool,
+    disk_wire: u64,
+    disk_ms: u64,
+    tasks: Tasks,
+) -> Transferred {
     let Done {
         sent,
         info,
@@ -293,7 +319,7 @@ async fn transfer(
         .sum();
     let mut stream_records = vec![sent.records];
     stream_records.extend(blocks.iter().map(|(_, n)| *n));
-    Ok(Transferred {
+    Transferred {
         steps,
         stream_records,
         digest,
@@ -302,7 +328,7 @@ async fn transfer(
         summary: Summary {
             guest_bytes: ram.total,
             rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
-            converged: !ladder.forced,
+            converged: !forced,
             throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
             bytes_on_wire: sent.wire_bytes + disk_wire + nbd_bytes,
             bytes_per_round: vec![sent.digest.len()],
@@ -312,8 +338,8 @@ async fn transfer(
             disk_ms: if blocks.is_empty() { 0 } else { disk_ms },
             ..Summary::default()
         },
-        tasks: std::mem::take(&mut vm.pumps),
-    })
+        tasks,
+    }
 }
 
 /// Wait until every mirror is `ready` (waking on QEMU's job events), while watching the
