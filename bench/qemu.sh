@@ -154,8 +154,8 @@ HZ, CORES = os.sysconf("SC_CLK_TCK"), os.cpu_count()
 # it (STOP event to Resumed), the native modes by QEMU stamps. stamped: the source QEMU STOP
 # stamp to the destination QEMU RESUME stamp. qemu_total: the source QEMU total-time. after:
 # trustmig from QEMU done to Resumed (its agents part), the native modes from the destination
-# completed stamp to its RESUME stamp. cpu_ms busy qemu: the CPU accounting window (trustmig
-# the whole order, the native modes migrate to RESUME), the busy CPU time of the whole machine
+# completed stamp to its RESUME stamp. cpu_ms busy qemu: the CPU accounting window (every mode
+# from the source QEMU migrate to the destination RESUME), the busy CPU time of the whole machine
 # and of the two QEMUs in it (clock ticks); cpu/GiB and qemu/GiB are those in core-seconds per GiB
 # moved, busy the share of all cores in use.
 print("%-16s %4s %9s %9s %9s %10s %8s %9s %9s %7s %8s %8s %5s" % ("mode", "run", "total_ms", "MiB_sent", "MB/s", "qemu_MB/s", "qemu_dt", "e2e_dt", "stamped", "after", "cpu/GiB", "qemu/GiB", "busy"))

@@ -1,13 +1,33 @@
 //! The agent's TPM and verifier: opened from configuration, measured at start.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use trustmig_attest::tpm::{TpmAttester, TpmConfig};
 use trustmig_attest::{Policy, PolicyVerifier};
-use trustmig_protocol::attestation::Measurement;
+use trustmig_protocol::attestation::{AttestationError, Attester, Measurement};
+use trustmig_protocol::Digest;
 
 use crate::config::Config;
 use crate::error::AgentError;
+
+/// The agent's TPM as the protocol's state machines use it: every `extend` and `quote` takes
+/// the lock for itself alone, and waits for it and for the TPM where the runtime allows
+/// blocking (`block_in_place`). So a step that asks nothing of the TPM (the source's final
+/// evidence, unless the order is strict: SPEC.md §8.7) never waits for another migration's
+/// quote or the audit anchor's extend, and a quote taking a hardware TPM's 100–600 ms does not
+/// hold up the runtime's other tasks (other migrations' pumps and switch-overs).
+pub struct SharedTpm<'a, A>(pub &'a Mutex<A>);
+
+impl<A: Attester> Attester for SharedTpm<'_, A> {
+    fn extend(&mut self, m: &Measurement) -> Result<(), AttestationError> {
+        tokio::task::block_in_place(|| self.0.lock().expect("attester lock").extend(m))
+    }
+
+    fn quote(&mut self, qualifying_data: &Digest) -> Result<Vec<u8>, AttestationError> {
+        tokio::task::block_in_place(|| self.0.lock().expect("attester lock").quote(qualifying_data))
+    }
+}
 
 /// SHA-256 of a file, streamed.
 pub fn file_sha256(path: &Path) -> Result<[u8; 32], AgentError> {

@@ -297,22 +297,12 @@ async fn audit_trail(home: &Home) -> Check {
 }
 
 /// No trail file. `trustmig init` makes one, so none is only fine for a home that never
-/// recorded anything; a trail deleted or moved aside still shows in the journal's records or in
-/// the anchor PCR's extends (the agent refuses to start a new trail over those, §8.10).
+/// recorded anything; a trail deleted or moved aside still shows in the journal's records (the
+/// agent then refuses to start) or in the anchor PCR's extends (§8.10).
 async fn missing_trail(home: &Home) -> Check {
     const HOW: &str = "restore the trail from a copy; or, to start a new one, stop the agent and \
                        run `trustmig audit anchor --reason TEXT`, which records why in it";
-    if let Ok((pcr, value)) = crate::admin::audit_anchor_value(home).await {
-        if value != [0; 32] {
-            return check(
-                Level::Fail,
-                format!("audit trail: missing, but PCR {pcr} holds extends since its last reset: a trail was here (deleted, or moved aside)"),
-                HOW,
-            );
-        }
-    }
-    let journal = std::fs::read_to_string(home.journal_dir().join(crate::journal::FILE));
-    let records = journal.map_or(0, |j| j.lines().filter(|l| !l.trim().is_empty()).count());
+    let records = crate::audit::journal_records(&home.journal_dir());
     if records > 0 {
         return check(
             Level::Fail,
@@ -320,11 +310,23 @@ async fn missing_trail(home: &Home) -> Check {
             HOW,
         );
     }
-    check(
-        Level::Ok,
-        "audit trail: none yet (the agent starts one when it first starts)",
-        "",
-    )
+    match crate::admin::audit_anchor_value(home).await {
+        Ok((_, value)) if value == [0; 32] => check(
+            Level::Ok,
+            "audit trail: none yet (the agent starts one when it first starts)",
+            "",
+        ),
+        Ok((pcr, _)) => check(
+            Level::Fail,
+            format!("audit trail: missing, but PCR {pcr} holds extends since its last reset: a trail was here (deleted, or moved aside)"),
+            HOW,
+        ),
+        Err(e) => check(
+            Level::Warn,
+            format!("audit trail: none, and the journal is empty; its anchor PCR could not be read ({e}), so whether one was here is not known"),
+            "see the TPM check",
+        ),
+    }
 }
 
 async fn audit_trail_once(home: &Home) -> Check {

@@ -640,11 +640,13 @@ fn moves_vm(prev: Option<State>, r: &Record) -> bool {
 
 /// The destination handshake claims ids through this adapter (with the order's source, for
 /// settlement).
-pub struct ClaimAsDestination<'a>(pub &'a mut Journal);
+/// The journal is locked for the claim alone: the handshake step that claims is not the one
+/// that quotes, but no journal write (another migration's COMMIT) should wait on a handshake.
+pub struct ClaimAsDestination<'a>(pub &'a std::sync::Mutex<Journal>);
 
 impl OrderJournal for ClaimAsDestination<'_> {
     fn claim(&mut self, order: &OrderBody, operator: &[u8; 32]) -> Result<(), OrderError> {
-        self.0.claim_as_destination(order, operator)
+        (self.0.lock().expect("journal lock")).claim_as_destination(order, operator)
     }
 }
 
@@ -717,9 +719,10 @@ mod tests {
     #[test]
     fn settlement_is_answered_to_the_orders_source_only() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path()).unwrap();
+        let j = std::sync::Mutex::new(Journal::open(dir.path()).unwrap());
         let body = order(5, "v");
-        ClaimAsDestination(&mut j).claim(&body, &[9; 32]).unwrap();
+        ClaimAsDestination(&j).claim(&body, &[9; 32]).unwrap();
+        let mut j = j.into_inner().unwrap();
         let e = j.settle_query(&[5; 16], &[3; 32]).unwrap_err().to_string();
         assert!(e.contains("which did not send it"), "{e}");
         assert!(
@@ -779,7 +782,7 @@ mod tests {
         let mut body = order(2, "vm");
         j.revoke(&body, Role::Source).unwrap();
         body.order_id = [3; 16];
-        ClaimAsDestination(&mut j).claim(&body, &[9; 32]).unwrap();
+        j.claim_as_destination(&body, &[9; 32]).unwrap();
         j.set(&[3; 16], State::RolledBack, "refused: not waiting")
             .unwrap();
         for j in [j, Journal::open(dir.path()).unwrap()] {

@@ -1785,17 +1785,29 @@ async fn qemu_vtpm_state_travels_in_the_stream() {
     );
 }
 
-/// When QEMU stamped the first `name` event on the monitor at `path`.
-async fn first_event(path: PathBuf, name: &'static str) -> std::time::SystemTime {
+/// On the bench monitor at `path`, for each of `names` in turn, the first such event after
+/// the one before: QEMU's stamp of it, and when it arrived here with the CPU count then
+/// ([`cpu_ticks`] of `pids`).
+async fn events_in_turn(
+    path: PathBuf,
+    names: &'static [&'static str],
+    pids: [u32; 2],
+) -> Vec<(std::time::SystemTime, std::time::Instant, (u64, u64))> {
     let mut q = Qmp::connect(&path, Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("bench monitor {}: {e}", path.display()));
-    loop {
-        let ev = q.event().await.expect("bench monitor event");
-        if ev.name == name {
-            return ev.at.expect("QEMU stamps its events");
+    let mut seen = Vec::new();
+    for name in names {
+        loop {
+            let ev = q.event().await.expect("bench monitor event");
+            if ev.name == *name {
+                let at = ev.at.expect("QEMU stamps its events");
+                seen.push((at, std::time::Instant::now(), cpu_ticks(&pids)));
+                break;
+            }
         }
     }
+    seen
 }
 
 /// Run by `bench/qemu.sh`: one trustmig migration of the benchmark guest; prints
@@ -1806,7 +1818,8 @@ async fn first_event(path: PathBuf, name: &'static str) -> std::time::SystemTime
 /// stamp to the destination QEMU's RESUME stamp, as the native modes are measured; the whole
 /// order's time (handshake and attestation included) and QEMU's own (`migrate` to `completed`);
 /// `<ms after QEMU>`: what the agents add to the downtime once QEMU is done; the CPU the whole
-/// machine and the two QEMUs used during the order ([`cpu_ticks`]).
+/// machine and the two QEMUs used from the source QEMU's `migrate` to the destination's RESUME
+/// ([`cpu_ticks`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark, run by bench/qemu.sh"]
 async fn bench_trustmig() {
@@ -1849,16 +1862,18 @@ async fn bench_trustmig() {
     let downtime: u32 = env("TRUSTMIG_BENCH_DOWNTIME", "300")
         .parse()
         .expect("TRUSTMIG_BENCH_DOWNTIME is ms");
-    let stopped = tokio::spawn(first_event(src_mon, "STOP"));
-    let resumed = tokio::spawn(first_event(dst_mon, "RESUME"));
+    // The CPU is counted from QEMU's first MIGRATION event (`setup`, at `migrate`) to the
+    // destination's RESUME, the window bench/native_migrate.py counts for the native modes.
     let qemus = [s.src.child.id(), s.dst.child.id()];
-    let cpu_before = (std::time::Instant::now(), cpu_ticks(&qemus));
+    let src_events = tokio::spawn(events_in_turn(src_mon, &["MIGRATION", "STOP"], qemus));
+    let dst_events = tokio::spawn(events_in_turn(dst_mon, &["RESUME"], qemus));
     let (r, _) = migrate(&mut s, &addr, downtime).await;
-    let cpu_after = cpu_ticks(&qemus);
-    let cpu_window_ms = cpu_before.0.elapsed().as_millis();
     let sum = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
-    let (stopped, resumed) = (stopped.await.expect("STOP"), resumed.await.expect("RESUME"));
+    let src_events = src_events.await.expect("MIGRATION and STOP");
+    let (resumed, cpu_to, cpu_after) = dst_events.await.expect("RESUME")[0];
+    let (stopped, (_, cpu_from, cpu_before)) = (src_events[1].0, src_events[0]);
+    let cpu_window_ms = cpu_to.duration_since(cpu_from).as_millis();
     let stamped_ms = resumed
         .duration_since(stopped)
         .expect("RESUME after STOP")
@@ -1883,8 +1898,8 @@ async fn bench_trustmig() {
         stream_bytes,
         qemu.downtime.unwrap_or(0),
         qemu.total_time.unwrap_or(0).max(1),
-        cpu_after.0 - cpu_before.1 .0,
-        cpu_after.1 - cpu_before.1 .1,
+        cpu_after.0.saturating_sub(cpu_before.0),
+        cpu_after.1.saturating_sub(cpu_before.1),
     );
     // The switch-over step by step (µs from the guest's stop), for bench/qemu.sh.
     let steps: Vec<String> = sum

@@ -1410,18 +1410,27 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
         "{text}"
     );
 
-    // The trail moved aside (or deleted): PCR 23 still holds its extends, so the agent does
-    // not start a new trail over them by itself, and the doctor names it; the operator starts
-    // one with a reason, and `audit verify` says for good where it starts.
+    // The trail moved aside (or deleted): the journal's records and PCR 23's extends show that
+    // one was here, so the doctor fails and the agent does not start a new trail by itself;
+    // the operator starts one with a reason, and `audit verify` says for good where it starts.
     pair.stop(0);
     std::fs::rename(&path, path.with_extension("jsonl.old")).unwrap();
+    let (ok, text) = cli(&pair.src, &["doctor"]);
+    assert!(
+        !ok && text.contains("[FAIL] audit trail: missing, but the journal holds"),
+        "{text}"
+    );
+    let journal = pair.src.journal_dir().join("journal.jsonl");
+    std::fs::rename(&journal, journal.with_extension("away")).unwrap();
     let (ok, text) = cli(&pair.src, &["doctor"]);
     assert!(
         !ok && text.contains("[FAIL] audit trail: missing, but PCR 23 holds extends"),
         "{text}"
     );
+    std::fs::rename(journal.with_extension("away"), &journal).unwrap();
     let e = pair.start(0).unwrap_err().to_string();
-    assert!(e.contains("no anchor, but PCR 23 holds"), "{e}");
+    assert!(e.contains("no audit trail, but the journal holds"), "{e}");
+    assert!(!path.exists(), "a refused start writes no trail");
     let (ok, text) = cli(
         &pair.src,
         &[
@@ -1435,8 +1444,8 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
     pair.start(0).unwrap();
     let (ok, text) = cli(&pair.src, &["audit", "verify"]);
     assert!(
-        ok && text.contains("the trail's first anchor (entry 1) is on PCR 23 at")
-            && text.contains("entry 1 gives the reason"),
+        ok && text.contains("entry 0 anchored on PCR 23 at")
+            && text.contains("entry 0 gives the reason"),
         "{text}"
     );
 }

@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
-use trustmig_protocol::attestation::{qualifying_data, Attester, Measurement, FINAL_LABEL};
+use trustmig_protocol::attestation::{
+    qualifying_data, AttestationError, Attester, Measurement, FINAL_LABEL,
+};
 use trustmig_protocol::error::{Error, PeerMisbehaved};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::keys::Direction;
@@ -458,7 +460,7 @@ fn final_evidence(
     dm: &mut DestMigration,
     streams: u16,
     nonce: [u8; 32],
-    att: &mut SoftAttester,
+    att: &mut dyn Attester,
 ) -> Vec<u8> {
     let counts = vec![0; usize::from(streams)];
     let so = sm.switch_over(counts.clone(), DIGEST).expect("switch-over");
@@ -645,4 +647,55 @@ fn a_strict_order_quotes_before_commit_and_requires_it() {
     assert!(!dm.awaits_final_quote());
     sm.handle(&resumed, &mut att).expect("resumed");
     assert!(sm.final_quote(&mut att).expect("strict").is_none());
+}
+
+/// An attester that refuses every call: a step that reaches the TPM fails with it.
+struct NoTpm;
+
+impl Attester for NoTpm {
+    fn extend(&mut self, _: &Measurement) -> Result<(), AttestationError> {
+        Err(AttestationError::new("the TPM was asked to extend"))
+    }
+    fn quote(&mut self, _: &[u8; 32]) -> Result<Vec<u8>, AttestationError> {
+        Err(AttestationError::new("the TPM was asked to quote"))
+    }
+}
+
+/// Between the guest's stop and `cont` the source asks nothing of its TPM unless the order is
+/// strict (SPEC.md §8.7): the final evidence, `Ready` and `Commit` go through with a TPM that
+/// refuses everything, so neither a slow TPM nor one busy for another migration or the audit
+/// anchor can stretch the downtime (the agent takes its TPM's lock only for a call:
+/// `attestation::SharedTpm`). A strict order's final evidence does reach the TPM.
+#[test]
+fn the_switch_over_asks_nothing_of_the_tpm_unless_strict() {
+    let (mut s, d) = sessions_with(false);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let fe = final_evidence(&mut sm, &mut dm, s.streams, [0x77; 32], &mut NoTpm);
+    let DestEvent::Send(ready) = dm.handle(&fe, &verifier()).expect("ready") else {
+        panic!("ready")
+    };
+    sm.handle(&ready, &mut NoTpm).expect("ready to commit");
+    let commit = sm.commit().expect("commit");
+    assert_eq!(
+        dm.handle(&commit, &verifier()).expect("resume"),
+        DestEvent::Resume
+    );
+    // After Resumed, the late quote is the TPM's.
+    let resumed = dm.resumed().expect("resumed");
+    sm.handle(&resumed, &mut NoTpm).expect("resumed");
+    let late = sm.final_quote(&mut NoTpm).unwrap_err().to_string();
+    assert!(late.contains("the TPM was asked to extend"), "{late}");
+
+    let (mut s, d) = sessions_with(true);
+    let mut sm = SourceMigration::new(&mut s);
+    let mut dm = DestMigration::new(&d);
+    let counts = vec![0; usize::from(s.streams)];
+    let so = sm.switch_over(counts.clone(), DIGEST).expect("switch-over");
+    dm.handle(&so, &verifier()).expect("await streams");
+    let challenge = dm
+        .streams_complete(&counts, DIGEST, [0x77; 32])
+        .expect("challenge");
+    let strict = sm.handle(&challenge, &mut NoTpm).unwrap_err().to_string();
+    assert!(strict.contains("the TPM was asked"), "{strict}");
 }

@@ -138,9 +138,10 @@ impl Audit {
     }
 
     /// With no agent running: record that the operator re-anchored the trail (`reason`) in
-    /// `anchor`'s PCR, as it is now, and extend that entry. Returns its `seq`.
+    /// `anchor`'s PCR, as it is now, and extend that entry; a missing trail starts anew with
+    /// it. Returns its `seq`.
     pub fn reanchor(dir: &Path, anchor: &mut dyn Anchor, reason: &str) -> Result<u64, AgentError> {
-        let mut audit = Audit::open(dir)?;
+        let mut audit = Audit::open_or_start(dir, true)?;
         let value = anchor.read().map_err(AgentError::Tpm)?;
         let seq = audit.seq;
         let why = format!("re-anchored by the operator: {reason}");
@@ -170,9 +171,10 @@ pub enum AnchorMismatch {
     /// The trail was never anchored (and its PCR was never extended since its last reset).
     #[error("the trail has no anchor")]
     NoEpoch,
-    /// The trail was never anchored, but its PCR was extended since its last reset: by an
-    /// earlier trail that is not here (deleted, or moved aside), or by something else.
-    #[error("the trail has no anchor, but PCR {pcr} holds {value}, not zeros: it was extended since its last reset, by an earlier audit trail that is no longer here (deleted, or moved aside) or by something else")]
+    /// The trail was never anchored in the configured PCR, but that PCR was extended since its
+    /// last reset: by an earlier trail that is not here (deleted, or moved aside), or by
+    /// something else.
+    #[error("the trail has no anchor in PCR {pcr}, but PCR {pcr} holds {value}, not zeros: it was extended since its last reset, by an earlier audit trail that is no longer here (deleted, or moved aside) or by something else")]
     NotFromHere {
         /// The PCR.
         pcr: u8,
@@ -213,7 +215,16 @@ pub fn check_anchor(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<Anchore
     let field = |k: &str| epoch.evidence.get(k).map(String::as_str).unwrap_or("");
     let from: u8 = field("pcr").parse().unwrap_or(u8::MAX);
     if from != pcr {
-        return Err(AnchorMismatch::Moved { from });
+        // A new PCR is taken on only as the trail's from zeros, as a first anchor is: an epoch
+        // naming another PCR is otherwise a way round the anchor for whoever writes the file.
+        return Err(if value == &[0; 32] {
+            AnchorMismatch::Moved { from }
+        } else {
+            AnchorMismatch::NotFromHere {
+                pcr,
+                value: hex::encode(value),
+            }
+        });
     }
     let mut cur: [u8; 32] = (hex::decode(field("base")).ok())
         .and_then(|b| b.try_into().ok())
@@ -246,14 +257,17 @@ pub fn check_anchor(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<Anchore
     }
 }
 
-/// The trail's first `anchored` entry (`seq`, `base`) when it opened its epoch on a PCR that
-/// held extends already: the trail does not reach back to the PCR's last reset. That is what a
-/// trail moved aside and started anew looks like (`trustmig audit anchor` records why), and
-/// also one replaced by whoever could write the file; `audit verify` says so for the auditor.
-fn started_on_history(list: &[Entry]) -> Option<(u64, &str)> {
-    let first = list.iter().find(|e| e.event == "anchored")?;
-    let base = first.evidence.get("base")?;
-    (base.as_str() != hex::encode([0u8; 32])).then_some((first.seq, base.as_str()))
+/// Every `anchored` entry (`seq`, `base`) that opened its epoch on a PCR holding extends
+/// already. The agent opens epochs only on zeros (a first anchor, a reset, a new PCR), so these
+/// are the operator's (`trustmig audit anchor`, with its reason: a trail moved aside and started
+/// anew, a rewrite looked into) or were written by whoever could write the file; what the PCR
+/// held before each is not vouched for by this trail. `audit verify` names them for the auditor.
+fn epochs_on_history(list: &[Entry]) -> Vec<(u64, &str)> {
+    let zeros = hex::encode([0u8; 32]);
+    (list.iter().filter(|e| e.event == "anchored"))
+        .filter_map(|e| Some((e.seq, e.evidence.get("base")?.as_str())))
+        .filter(|(_, base)| *base != zeros)
+        .collect()
 }
 
 /// `audit verify`'s words for a trail's anchor: what the TPM vouches for, or why it does not.
@@ -273,8 +287,8 @@ pub fn describe(list: &[Entry], pcr: u8, value: &[u8; 32]) -> Result<String, Anc
             if pending > 0 {
                 s += &format!(" ({pending} more not extended yet: the agent extends them in the background, or at its next start)");
             }
-            if let Some((seq, base)) = started_on_history(list) {
-                s += &format!("; the trail's first anchor (entry {seq}) is on PCR {pcr} at {base}, not zeros: what was extended there since the PCR's last reset is not in this trail (entry {seq} gives the reason)");
+            for (seq, base) in epochs_on_history(list) {
+                s += &format!("; entry {seq} anchored on PCR {pcr} at {base}, not zeros: what was extended there before it is not vouched for by this trail (entry {seq} gives the reason)");
             }
             Ok(s)
         }
@@ -468,7 +482,7 @@ mod tests {
         }
         settled(dir.path(), &pcr);
         let fresh = describe(&entries(dir.path()), 23, &pcr.clone().read().unwrap()).unwrap();
-        assert!(!fresh.contains("first anchor"), "{fresh}");
+        assert!(!fresh.contains("not zeros"), "{fresh}");
         drop(a);
         std::fs::remove_file(dir.path().join(super::super::FILE)).unwrap();
         let value = pcr.clone().read().unwrap();
@@ -483,7 +497,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            refused.contains("no anchor, but PCR 23 holds")
+            refused.contains("no anchor in PCR 23, but PCR 23 holds")
                 && refused.contains("no longer here")
                 && refused.contains("trustmig audit anchor"),
             "{refused}"
@@ -499,12 +513,56 @@ mod tests {
         let said = describe(&list, 23, &pcr.clone().read().unwrap()).unwrap();
         assert!(
             said.contains(&format!(
-                "the trail's first anchor (entry 0) is on PCR 23 at {}",
+                "entry 0 anchored on PCR 23 at {}",
                 hex::encode(value)
             )),
             "{said}"
         );
         assert!(list[0].reason.contains("old trail kept as audit.old"));
+    }
+
+    /// `tpm.audit_pcr` changed: the trail is taken on by the new PCR only from zeros. An epoch
+    /// naming another PCR, added by whoever can write the file, does not get a rewritten trail
+    /// past a PCR that holds its extends.
+    #[test]
+    fn a_new_anchor_pcr_is_taken_on_only_from_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.anchor(Box::new(pcr.clone())).unwrap();
+        a.record(event(0)).unwrap();
+        settled(dir.path(), &pcr);
+        drop(a);
+        // A forged epoch "in PCR 22" after an edit: PCR 23 holds extends, so it is refused.
+        let mut list = entries(dir.path());
+        list[1].vm = "another".into();
+        list[0].evidence.insert("pcr".into(), "22".into());
+        Entry::relink(&mut list);
+        let text: String = list
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.path().join(super::super::FILE), text).unwrap();
+        let value = pcr.clone().read().unwrap();
+        let e = describe(&entries(dir.path()), 23, &value).unwrap_err();
+        assert!(
+            matches!(e, AnchorMismatch::NotFromHere { pcr: 23, .. }),
+            "{e}"
+        );
+        assert!(Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(pcr.clone()))
+            .is_err());
+        // A PCR really changed to one at zeros: a new epoch there, in the trail.
+        let fresh = MemoryPcr::default();
+        let said = describe(&entries(dir.path()), 23, &[0; 32]).unwrap();
+        assert!(said.contains("anchored in PCR 22, not PCR 23"), "{said}");
+        Audit::open(dir.path())
+            .unwrap()
+            .anchor(Box::new(fresh.clone()))
+            .unwrap();
+        let list = entries(dir.path());
+        assert!(list.last().unwrap().reason.contains("moved from PCR 22"));
     }
 
     /// A reset PCR (reboot) opens a new epoch, in the trail; a crash that left entries

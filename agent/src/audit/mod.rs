@@ -140,15 +140,29 @@ pub struct Audit {
 
 impl Audit {
     /// Open (or create) the trail in `dir`; a trail that does not verify is refused (the agent
-    /// must not extend a chain it cannot vouch for).
+    /// must not extend a chain it cannot vouch for), and so is a missing one beside a journal
+    /// that recorded something (`trustmig init` creates the trail: it was deleted or moved
+    /// aside, and a new one starts only by the operator's [`Audit::reanchor`]).
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
+        Self::open_or_start(dir, false)
+    }
+
+    fn open_or_start(dir: &Path, start_anew: bool) -> Result<Self, AgentError> {
         let path = dir.join(FILE);
         let (head, seq, last, torn_at) = match verify(&path) {
             Ok(v) => {
                 let last = last_order_entry(&v.list);
                 (v.head, v.entries, last, v.torn_at)
             }
-            Err(VerifyError::Missing) => ([0; 32], 0, None, None),
+            Err(VerifyError::Missing) => match journal_records(dir) {
+                n if n > 0 && !start_anew => {
+                    return Err(AgentError::BadConfig {
+                        path,
+                        reason: format!("no audit trail, but the journal holds {n} records: the trail was deleted or moved aside; restore it, or stop the agent and run `trustmig audit anchor --reason TEXT` to start a new one (it records why)"),
+                    })
+                }
+                _ => ([0; 32], 0, None, None),
+            },
             Err(e) => {
                 return Err(AgentError::BadConfig {
                     path,
@@ -299,6 +313,12 @@ pub enum VerifyError {
         /// Its `seq`.
         seq: u64,
     },
+}
+
+/// The journal's records in `dir` (its non-empty lines; 0 without a journal).
+pub(crate) fn journal_records(dir: &Path) -> usize {
+    let text = std::fs::read_to_string(dir.join(crate::journal::FILE)).unwrap_or_default();
+    text.lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 /// Check the whole chain at `path`.

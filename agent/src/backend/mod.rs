@@ -20,6 +20,7 @@ use trustmig_protocol::migration::SourceMigration;
 use trustmig_protocol::order::VerifiedOrder;
 use trustmig_protocol::Digest;
 
+use crate::attestation::SharedTpm;
 use crate::config::VmBackend;
 use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
@@ -69,8 +70,7 @@ impl SourceLink<'_> {
     ) -> Result<(), AgentError> {
         let msg =
             msg.ok_or_else(|| AgentError::transport(crate::error::Link::Control, "closed"))??;
-        let mut att = self.ctx.attester.lock().expect("attester lock");
-        self.sm.handle(&msg, &mut *att)?;
+        self.sm.handle(&msg, &mut SharedTpm(&self.ctx.attester))?;
         Ok(())
     }
 }

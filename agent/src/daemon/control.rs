@@ -79,8 +79,12 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
 fn anchor_value(ctx: &Ctx) -> Result<(u8, [u8; 32]), AgentError> {
     let pcr = (ctx.journal.lock().expect("journal lock").audit_anchor_pcr())
         .ok_or_else(|| AgentError::Refused("the audit trail is not anchored".into()))?;
-    let mut tpm = ctx.attester.lock().expect("attester lock");
-    let value = (tpm.inner().tpm().pcr_read_at(pcr)).map_err(|e| AgentError::Tpm(e.to_string()))?;
+    // The TPM may be quoting for a migration: wait where blocking is allowed.
+    let value = tokio::task::block_in_place(|| {
+        let mut tpm = ctx.attester.lock().expect("attester lock");
+        tpm.inner().tpm().pcr_read_at(pcr)
+    })
+    .map_err(|e| AgentError::Tpm(e.to_string()))?;
     Ok((pcr, value))
 }
 

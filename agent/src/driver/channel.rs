@@ -16,6 +16,7 @@ use trustmig_protocol::order::VerifiedOrder;
 use trustmig_protocol::AbortCode;
 use trustmig_protocol::AgentId;
 
+use crate::attestation::SharedTpm;
 use crate::ctx::Ctx;
 use crate::error::{AgentError, Link};
 use crate::net::wire::{spawn_frame_reader, write_frame, WireError};
@@ -159,12 +160,10 @@ impl SourceChannel {
         self.send(&hello).await?;
         while !hs.is_done() {
             let msg = self.recv().await?;
-            let out = {
-                let ctx = self.ctx.clone();
-                let mut att = ctx.attester.lock().expect("attester lock");
-                hs.handle(&msg, &mut *att, ctx.verifier().as_ref())
-            }
-            .map_err(AgentError::Protocol)?;
+            let verifier = self.ctx.verifier();
+            let out = hs
+                .handle(&msg, &mut SharedTpm(&self.ctx.attester), verifier.as_ref())
+                .map_err(AgentError::Protocol)?;
             for m in out {
                 self.send(&m).await?;
             }

@@ -20,6 +20,7 @@ use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
 use trustmig_protocol::order::{hex, OrderId};
 
+use crate::attestation::SharedTpm;
 use crate::backend::qemu::QemuDest;
 use crate::backend::synthetic::SyntheticDest;
 use crate::backend::{Arrived, DestVm};
@@ -205,12 +206,12 @@ impl Session {
                 Some(m) => m,
                 None => self.recv(&mut frames).await?,
             };
-            let out = {
-                let mut att = ctx.attester.lock().expect("attester lock");
-                let mut journal = ctx.journal.lock().expect("journal lock");
-                let mut claim = ClaimAsDestination(&mut journal);
-                hs.handle(&msg, &mut *att, ctx.verifier().as_ref(), &mut claim)
-            };
+            let out = hs.handle(
+                &msg,
+                &mut SharedTpm(&ctx.attester),
+                ctx.verifier().as_ref(),
+                &mut ClaimAsDestination(&ctx.journal),
+            );
             if let Some(o) = hs.order() {
                 self.order_id = Some(*o.id());
                 self.vm = o.body().vm.clone();

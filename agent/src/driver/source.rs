@@ -16,6 +16,7 @@ use trustmig_protocol::migration::{SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
 use trustmig_protocol::settlement::VmAction;
 
+use crate::attestation::SharedTpm;
 use crate::backend::qemu::QemuSource;
 use crate::backend::synthetic::SyntheticSource;
 use crate::backend::{SourceLink, SourceVm};
@@ -440,10 +441,7 @@ async fn late_quote(
     sm: &mut SourceMigration,
     order_id: &OrderId,
 ) -> String {
-    let quote = {
-        let mut att = ctx.attester.lock().expect("attester lock");
-        sm.final_quote(&mut *att)
-    };
+    let quote = sm.final_quote(&mut SharedTpm(&ctx.attester));
     let (sent, verdict) = match quote {
         Ok(None) => return "quoted before Commit (strict)".into(),
         Ok(Some(m)) => {
@@ -536,12 +534,8 @@ async fn commit_exchange(
         if fault::ENABLED && matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
             crash_point(CrashPoint::SourceFinalChallenge);
         }
-        let ev = {
-            let ctx = ctx.clone();
-            let mut att = ctx.attester.lock().expect("attester lock");
-            sm.handle(&msg, &mut *att)
-        }
-        .map_err(AgentError::Protocol)?;
+        // Not strict, this takes nothing of the TPM, so it never waits for it (`SharedTpm`).
+        let ev = (sm.handle(&msg, &mut SharedTpm(&ctx.attester))).map_err(AgentError::Protocol)?;
         match ev {
             SourceEvent::Send(m) => {
                 chan.send(&m).await?;

@@ -319,6 +319,40 @@ mod tests {
         assert_eq!(sent.digest.finish(&[3; 32]), recv.digest.finish(&[3; 32]));
     }
 
+    /// A reader that always has more than a chunk ready (in memory) fills each record to the
+    /// chunk and no further: reads go into the buffer's spare capacity, bounded by the chunk.
+    #[tokio::test]
+    async fn records_are_filled_to_the_chunk_and_no_further() {
+        let (sealer, mut opener) = pair();
+        let data: Vec<u8> = (0..(CHUNK * 5 / 2) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut wire = Vec::new();
+        let sent = seal_pump(
+            std::io::Cursor::new(data.clone()),
+            &mut wire,
+            sealer,
+            "t",
+            Carried::Migration,
+        )
+        .await
+        .expect("seal pump");
+        let (mut sizes, mut got, mut rest) = (Vec::new(), Vec::new(), &wire[..]);
+        while !rest.is_empty() {
+            let len = HEADER_LEN + u32::from_be_bytes(rest[12..16].try_into().unwrap()) as usize;
+            let mut record = rest[..len].to_vec();
+            rest = &rest[len..];
+            let (typ, payload) = opener.open(&mut record).expect("open");
+            if typ == RecordType::HypervisorStream {
+                sizes.push(payload.len());
+                got.extend_from_slice(payload);
+            }
+        }
+        assert_eq!(sizes, [CHUNK, CHUNK, CHUNK / 2]);
+        assert_eq!(got, data);
+        assert_eq!(sent.digest.len(), data.len() as u64);
+    }
+
     #[tokio::test]
     async fn open_pump_refuses_tampering_and_a_cut() {
         let (mut sealer, _) = pair();
