@@ -29,6 +29,31 @@ impl<A: Attester> Attester for SharedTpm<'_, A> {
     }
 }
 
+/// A quote taken ahead of the handshake step that sends it (the destination's, SPEC.md §5.2
+/// D11): handed over when the step asks for exactly that qualifying data, once; any other
+/// request goes to the TPM.
+pub struct Prequoted<'a, A> {
+    /// What the early quote covers.
+    pub qualifying_data: Digest,
+    /// Its outcome (a failed quote fails the step that asks for it, as it would have then).
+    pub quote: Option<Result<Vec<u8>, AttestationError>>,
+    /// The TPM, for anything else.
+    pub tpm: SharedTpm<'a, A>,
+}
+
+impl<A: Attester> Attester for Prequoted<'_, A> {
+    fn extend(&mut self, m: &Measurement) -> Result<(), AttestationError> {
+        self.tpm.extend(m)
+    }
+
+    fn quote(&mut self, qualifying_data: &Digest) -> Result<Vec<u8>, AttestationError> {
+        match self.quote.take() {
+            Some(q) if qualifying_data == &self.qualifying_data => q,
+            _ => self.tpm.quote(qualifying_data),
+        }
+    }
+}
+
 /// SHA-256 of a file, streamed.
 pub fn file_sha256(path: &Path) -> Result<[u8; 32], AgentError> {
     use std::io::Read;

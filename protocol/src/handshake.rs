@@ -456,6 +456,17 @@ fn establish(
     }
 }
 
+/// The qualifying data of the destination's handshake quote (SPEC.md §5.2, D11).
+fn destination_qualifying_data(hello: &Hello) -> Digest {
+    qualifying_data(
+        HANDSHAKE_LABEL,
+        &hello.nonce_s,
+        &hello.channel.tls_exporter,
+        hello.order.id(),
+        &hello.channel.local,
+    )
+}
+
 /// What the destination knows before the handshake.
 pub struct DestinationConfig {
     /// Operator keys allowed to sign orders.
@@ -492,6 +503,20 @@ impl DestinationHandshake {
     /// Whether the handshake completed.
     pub fn is_done(&self) -> bool {
         matches!(self.state, Ok(DestState::Done(_)))
+    }
+
+    /// What this destination's handshake quote covers, from the accepted `ClientHello` until
+    /// `SourceEvidence` arrives: everything in it (the source's nonce, the TLS exporter, the
+    /// order, this agent's identity) is known by then. So the driver may take the quote early,
+    /// while the source takes its own (a hardware TPM signs in 100–600 ms, and the two quotes
+    /// need not wait for each other), and hand it to [`Self::handle`] through an attester that
+    /// answers this qualifying data with it. The quote is still sent only after the source's
+    /// evidence verified.
+    pub fn evidence_qualifying_data(&self) -> Option<Digest> {
+        match &self.state {
+            Ok(DestState::AwaitSourceEvidence(hello)) => Some(destination_qualifying_data(hello)),
+            _ => None,
+        }
     }
 
     /// The verified order, once the `ClientHello` was accepted (for logs and journals).
@@ -616,15 +641,8 @@ impl DestinationHandshake {
                     .into());
                 }
                 hello.transcript.add(raw);
-                let qd_mine = qualifying_data(
-                    HANDSHAKE_LABEL,
-                    &hello.nonce_s,
-                    &hello.channel.tls_exporter,
-                    hello.order.id(),
-                    &hello.channel.local,
-                );
                 let ev = Message::DestinationEvidence {
-                    evidence: attester.quote(&qd_mine)?,
+                    evidence: attester.quote(&destination_qualifying_data(&hello))?,
                 }
                 .encode();
                 hello.transcript.add(&ev);

@@ -387,3 +387,82 @@ fn out_of_order_and_garbage_messages_are_typed_and_sticky() {
         .unwrap_err();
     assert_eq!(AbortCode::from(&e), AbortCode::DecodeError);
 }
+
+/// The destination's quote covers nothing that arrives with `SourceEvidence` (SPEC.md §5.2,
+/// D11): its qualifying data is known once the hello is accepted, so the agent quotes then,
+/// beside the source; what it quotes early is exactly what the handshake sends.
+#[test]
+fn the_destination_may_quote_as_soon_as_it_accepts_the_hello() {
+    use trustmig_protocol::attestation::{AttestationError, Attester, Measurement};
+    /// The destination's TPM, noting what it was asked to quote.
+    struct Noting(SoftAttester, Vec<[u8; 32]>);
+    impl Attester for Noting {
+        fn extend(&mut self, m: &Measurement) -> Result<(), AttestationError> {
+            self.0.extend(m)
+        }
+        fn quote(&mut self, qd: &[u8; 32]) -> Result<Vec<u8>, AttestationError> {
+            self.1.push(*qd);
+            self.0.quote(qd)
+        }
+    }
+    let s = Setup::default();
+    let policy = OrderPolicy {
+        operators: &[op().verifying_key().to_bytes()],
+        me: SRC,
+        role: Role::Source,
+        now: NOW,
+    };
+    let mode = trustmig_protocol::messages::TransferMode::Precopy {
+        page_size: 4096,
+        page_count: 256,
+    };
+    let channel = |exporter, local, peer| ChannelBinding {
+        tls_exporter: exporter,
+        local,
+        peer,
+    };
+    let (mut src, hello) = SourceHandshake::start(
+        s.signed.verify(&policy).unwrap(),
+        channel(s.src_exporter, SRC, DST),
+        ([0xAA; 32], &[0xAB; 32]),
+        mode,
+        2,
+        &manifest(),
+    )
+    .unwrap();
+    let config = DestinationConfig {
+        operators: vec![op().verifying_key().to_bytes()],
+        now: NOW,
+    };
+    let mut dst = DestinationHandshake::new(config, channel(s.dst_exporter, DST, SRC), [0xBB; 32]);
+    let mut src_att = SoftAttester::new(b"k", SRC, EXE);
+    let mut dst_att = Noting(SoftAttester::new(b"k", DST, EXE), Vec::new());
+    let ver = SoftVerifier {
+        key: b"k".to_vec(),
+        allowed_exe: vec![EXE],
+    };
+    let mut journal = MemoryJournal::default();
+    assert_eq!(dst.evidence_qualifying_data(), None, "before the hello");
+    let server_hello = dst
+        .handle(&hello, &mut dst_att, &ver, &mut journal)
+        .unwrap();
+    let early = dst
+        .evidence_qualifying_data()
+        .expect("known once the hello is accepted");
+    assert!(dst_att.1.is_empty(), "nothing quoted by the protocol yet");
+    let mut to_dst = Vec::new();
+    for m in server_hello {
+        to_dst.extend(src.handle(&m, &mut src_att, &ver).unwrap());
+    }
+    while !(src.is_done() && dst.is_done()) {
+        let mut to_src = Vec::new();
+        for m in to_dst.drain(..) {
+            to_src.extend(dst.handle(&m, &mut dst_att, &ver, &mut journal).unwrap());
+        }
+        for m in to_src {
+            to_dst.extend(src.handle(&m, &mut src_att, &ver).unwrap());
+        }
+    }
+    assert_eq!(dst_att.1, [early], "the quote sent is the one known early");
+    assert_eq!(dst.evidence_qualifying_data(), None, "after the handshake");
+}

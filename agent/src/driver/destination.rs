@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tracing::{error, info, warn};
+use trustmig_protocol::attestation::{AttestationError, Attester};
 use trustmig_protocol::error::{AbortCode, PeerMisbehaved};
 use trustmig_protocol::handshake::{
     ChannelBinding, DestinationConfig, DestinationHandshake, Established,
@@ -19,8 +20,9 @@ use trustmig_protocol::handshake::{
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
 use trustmig_protocol::order::{hex, OrderId};
+use trustmig_protocol::Digest;
 
-use crate::attestation::SharedTpm;
+use crate::attestation::{Prequoted, SharedTpm};
 use crate::backend::qemu::QemuDest;
 use crate::backend::synthetic::SyntheticDest;
 use crate::backend::{Arrived, DestVm};
@@ -154,6 +156,37 @@ fn peer_of(ctx: &Ctx, order: Option<OrderId>) -> [u8; 32] {
         .unwrap_or([0; 32])
 }
 
+/// The destination's handshake quote, taken on a blocking thread as soon as its qualifying
+/// data is known (SPEC.md §5.2, D11), while the source takes its own.
+struct EarlyQuote {
+    qualifying_data: Digest,
+    task: tokio::task::JoinHandle<Result<Vec<u8>, AttestationError>>,
+}
+
+impl EarlyQuote {
+    fn start(ctx: &Arc<Ctx>, qualifying_data: Digest) -> Self {
+        let tpm = ctx.attester.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            tpm.lock().expect("attester lock").quote(&qualifying_data)
+        });
+        Self {
+            qualifying_data,
+            task,
+        }
+    }
+
+    /// Wait for it; the attester that hands it to the handshake step.
+    async fn ready<A>(self, tpm: SharedTpm<'_, A>) -> Prequoted<'_, A> {
+        let quote = (self.task.await)
+            .unwrap_or_else(|e| Err(AttestationError::new(format!("early quote: {e}"))));
+        Prequoted {
+            qualifying_data: self.qualifying_data,
+            quote: Some(quote),
+            tpm,
+        }
+    }
+}
+
 fn wire(e: WireError) -> AgentError {
     AgentError::transport(Link::Control, e)
 }
@@ -201,17 +234,30 @@ impl Session {
             return self.answer_settlement(order_id, &peer).await;
         }
         let mut pending = Some(first);
+        // This agent's handshake quote, taken once the hello is accepted, beside the source's.
+        let mut early: Option<EarlyQuote> = None;
         while !hs.is_done() {
             let msg = match pending.take() {
                 Some(m) => m,
                 None => self.recv(&mut frames).await?,
             };
-            let out = hs.handle(
-                &msg,
-                &mut SharedTpm(&ctx.attester),
-                ctx.verifier().as_ref(),
-                &mut ClaimAsDestination(&ctx.journal),
-            );
+            let tpm = SharedTpm(&ctx.attester);
+            let (verifier, mut claim) = (ctx.verifier(), ClaimAsDestination(&ctx.journal));
+            let out = match early.take() {
+                Some(e) => {
+                    let mut att = e.ready(tpm).await;
+                    hs.handle(&msg, &mut att, verifier.as_ref(), &mut claim)
+                }
+                None => hs.handle(
+                    &msg,
+                    &mut SharedTpm(&ctx.attester),
+                    verifier.as_ref(),
+                    &mut claim,
+                ),
+            };
+            if let Some(qd) = hs.evidence_qualifying_data() {
+                early = Some(EarlyQuote::start(&ctx, qd));
+            }
             if let Some(o) = hs.order() {
                 self.order_id = Some(*o.id());
                 self.vm = o.body().vm.clone();
