@@ -1,7 +1,7 @@
 //! The agent's TPM and verifier: opened from configuration, measured at start.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use trustmig_attest::tpm::{TpmAttester, TpmConfig};
 use trustmig_attest::{Policy, PolicyVerifier};
@@ -11,21 +11,45 @@ use trustmig_protocol::Digest;
 use crate::config::Config;
 use crate::error::AgentError;
 
-/// The agent's TPM as the protocol's state machines use it: every `extend` and `quote` takes
-/// the lock for itself alone, and waits for it and for the TPM where the runtime allows
-/// blocking (`block_in_place`). So a step that asks nothing of the TPM (the source's final
-/// evidence, unless the order is strict: SPEC.md §8.7) never waits for another migration's
-/// quote or the audit anchor's extend, and a quote taking a hardware TPM's 100–600 ms does not
-/// hold up the runtime's other tasks (other migrations' pumps and switch-overs).
-pub struct SharedTpm<'a, A>(pub &'a Mutex<A>);
+/// The agent's TPM as the protocol's state machines use it, for one step: the lock is taken at
+/// the step's first `extend` or `quote` and held to the step's end, so what a step extends is
+/// what it quotes (another migration's extend between the two would make the quote's last
+/// `image-manifest` or `migration-final` event another one: SPEC.md §5.2 D8, §8.7). A step that
+/// asks nothing of the TPM (the source's final evidence, unless the order is strict: §8.7)
+/// takes no lock, so it never waits for another migration's quote or the audit anchor's extend.
+/// Waiting for the lock and the TPM happens where the runtime lets a task block
+/// (`block_in_place`), so a quote taking a hardware TPM's 100–600 ms does not hold up the
+/// runtime's other tasks (other migrations' pumps and switch-overs). Made per step, dropped
+/// with it; never kept across an `.await` (its guard cannot be).
+pub struct SharedTpm<'a, A> {
+    tpm: &'a Mutex<A>,
+    held: Option<MutexGuard<'a, A>>,
+}
+
+impl<'a, A> SharedTpm<'a, A> {
+    /// The TPM behind `tpm`, not locked yet.
+    pub fn new(tpm: &'a Mutex<A>) -> Self {
+        Self { tpm, held: None }
+    }
+
+    fn locked<T>(&mut self, f: impl FnOnce(&mut A) -> T) -> T {
+        tokio::task::block_in_place(|| {
+            let tpm = self.tpm;
+            let held = self
+                .held
+                .get_or_insert_with(|| tpm.lock().expect("attester lock"));
+            f(held)
+        })
+    }
+}
 
 impl<A: Attester> Attester for SharedTpm<'_, A> {
     fn extend(&mut self, m: &Measurement) -> Result<(), AttestationError> {
-        tokio::task::block_in_place(|| self.0.lock().expect("attester lock").extend(m))
+        self.locked(|tpm| tpm.extend(m))
     }
 
     fn quote(&mut self, qualifying_data: &Digest) -> Result<Vec<u8>, AttestationError> {
-        tokio::task::block_in_place(|| self.0.lock().expect("attester lock").quote(qualifying_data))
+        self.locked(|tpm| tpm.quote(qualifying_data))
     }
 }
 
@@ -33,10 +57,9 @@ impl<A: Attester> Attester for SharedTpm<'_, A> {
 /// D11): handed over when the step asks for exactly that qualifying data, once; any other
 /// request goes to the TPM.
 pub struct Prequoted<'a, A> {
-    /// What the early quote covers.
-    pub qualifying_data: Digest,
-    /// Its outcome (a failed quote fails the step that asks for it, as it would have then).
-    pub quote: Option<Result<Vec<u8>, AttestationError>>,
+    /// What the early quote covers, and its outcome (a failed quote fails the step that asks
+    /// for it, as it would have then); none: every request goes to the TPM.
+    pub early: Option<(Digest, Result<Vec<u8>, AttestationError>)>,
     /// The TPM, for anything else.
     pub tpm: SharedTpm<'a, A>,
 }
@@ -47,8 +70,8 @@ impl<A: Attester> Attester for Prequoted<'_, A> {
     }
 
     fn quote(&mut self, qualifying_data: &Digest) -> Result<Vec<u8>, AttestationError> {
-        match self.quote.take() {
-            Some(q) if qualifying_data == &self.qualifying_data => q,
+        match self.early.take() {
+            Some((covers, quote)) if &covers == qualifying_data => quote,
             _ => self.tpm.quote(qualifying_data),
         }
     }
@@ -164,5 +187,49 @@ impl crate::audit::Anchor for OperatorAnchor {
         self.pcrs
             .extend(self.pcr, digest)
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TPM that quotes its log's last event; each extend takes a while, as a hardware TPM's
+    /// does.
+    #[derive(Default)]
+    struct Logging(Vec<Measurement>);
+
+    impl Attester for Logging {
+        fn extend(&mut self, m: &Measurement) -> Result<(), AttestationError> {
+            self.0.push(m.clone());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(())
+        }
+        fn quote(&mut self, _: &Digest) -> Result<Vec<u8>, AttestationError> {
+            Ok(format!("{:?}", self.0.last()).into_bytes())
+        }
+    }
+
+    /// What a step extends is what it quotes, however many steps share the TPM (the source
+    /// extends its manifest root and quotes, and the peer checks the quote's last one: SPEC.md
+    /// §5.2 D8): the lock a step takes is held to its end.
+    #[test]
+    fn a_step_quotes_what_it_extended() {
+        let tpm = Mutex::new(Logging::default());
+        std::thread::scope(|s| {
+            for i in 0..8u8 {
+                let tpm = &tpm;
+                s.spawn(move || {
+                    for _ in 0..5 {
+                        let mut step = SharedTpm::new(tpm);
+                        let mine = Measurement::ImageManifest([i; 32]);
+                        step.extend(&mine).unwrap();
+                        let quoted = step.quote(&[0; 32]).unwrap();
+                        let want = format!("{:?}", Some(&mine)).into_bytes();
+                        assert_eq!(quoted, want, "step {i}");
+                    }
+                });
+            }
+        });
     }
 }

@@ -90,6 +90,80 @@ pub fn dirty_rate_table(
     Ok(t)
 }
 
+/// `n` guests of `size_mib` (idle, every page non-zero) migrating at once with TPMs that sign
+/// in `sign_ms`, as hardware TPMs do: each one's downtime and total time. Each agent's one TPM
+/// serves every handshake's quote and every late quote in turn, so those queue while the
+/// first migrations switch over; a switch-over does not wait for them (SPEC.md §8.7).
+pub fn concurrent_table(
+    n: usize,
+    size_mib: u64,
+    sign_ms: u64,
+    downtime_ms: u32,
+) -> Result<String, AgentError> {
+    let exe = std::env::current_exe().map_err(AgentError::io("/proc/self/exe"))?;
+    let vms: Vec<VmSpec> = (0..n)
+        .map(|i| VmSpec {
+            name: format!("concurrent-{i}"),
+            size_mib,
+            dirty_pages_per_sec: 0,
+            hot_fraction: 0.05,
+            fill_fraction: 1.0,
+        })
+        .collect();
+    let sign = std::time::Duration::from_millis(sign_ms);
+    let mut pair = Pair::create_signing_in(&exe, &vms, 2, Some(sign))?;
+    pair.start_both()?;
+    let limits = Limits {
+        downtime_ms,
+        bandwidth_bps: 0,
+        max_rounds: 30,
+        on_nonconvergence: NonConvergence::Force,
+    };
+    let orders = (vms.iter())
+        .map(|v| pair.order(&v.name, limits.clone(), 600))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| AgentError::Migration(e.to_string()))?;
+    let socket = pair.src.control_socket();
+    let results = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, order) in orders.into_iter().enumerate() {
+            let socket = socket.clone();
+            set.spawn(async move {
+                let mut out = Err(AgentError::Migration("no result".into()));
+                let request = crate::control::Request::Migrate {
+                    order: hex::encode(order.to_cbor()),
+                };
+                let called = crate::control::call(&socket, &request, |r| match r {
+                    Reply::Progress(Progress::Done(s)) => out = Ok(s),
+                    Reply::Progress(Progress::Failed { error, vm }) => {
+                        out = Err(AgentError::Migration(format!("{error}; {vm}")))
+                    }
+                    _ => {}
+                })
+                .await;
+                (i, called.and(out))
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(r) = set.join_next().await {
+            results.push(r.map_err(|e| AgentError::Migration(e.to_string()))?);
+        }
+        Ok::<_, AgentError>(results)
+    })?;
+    let mut results = results;
+    results.sort_by_key(|(i, _)| *i);
+    let mut t = format!(
+        "{n} migrations at once ({size_mib} MiB guests, all pages non-zero, idle, target {downtime_ms} ms), TPMs signing in {sign_ms} ms\n\
+         {:>12} {:>12} {:>10}\n",
+        "migration", "downtime ms", "total ms"
+    );
+    for (i, r) in results {
+        let s = r?;
+        t += &format!("{i:>12} {:>12} {:>10}\n", s.downtime_ms, s.total_ms);
+    }
+    Ok(t)
+}
+
 /// Peak RSS of both agents while migrating a `size_mib` guest whose every page is non-zero;
 /// the guest's own memory (resident on both sides by the end) is subtracted.
 pub fn peak_rss(size_mib: u64) -> Result<String, AgentError> {

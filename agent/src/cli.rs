@@ -148,6 +148,13 @@ pub(crate) enum Cmd {
         /// Guest size for the peak-memory figure, MiB (0 skips it).
         #[arg(long, default_value_t = 4096)]
         rss_size_mib: u64,
+        /// Migrations at once for the concurrency table, with TPMs that sign in
+        /// `--tpm-sign-ms` (0 skips it; at most the agent's 4 concurrent migrations).
+        #[arg(long, default_value_t = 4)]
+        concurrent: usize,
+        /// How long the concurrency table's TPMs take to sign, ms (hardware: 100-600).
+        #[arg(long, default_value_t = 200)]
+        tpm_sign_ms: u64,
     },
     /// Run an attested live migration on this machine with embedded defaults.
     Demo {

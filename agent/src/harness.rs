@@ -136,16 +136,27 @@ fn free_addr() -> Result<String, AgentError> {
 /// hardware TPMs do (100–600 ms), for tests and benchmarks (`bench/qemu.sh`).
 pub const TPM_SIGN_MS_ENV: &str = "TRUSTMIG_TPM_SIGN_MS";
 
-/// A slow-TPM relay per TPM when `TPM_SIGN_MS_ENV` asks for one.
-fn slow_tpms(tpms: &[Swtpm]) -> Result<Vec<SlowTpm>, AgentError> {
+/// How long the TPMs sign as `TPM_SIGN_MS_ENV` asks (none: swtpm's own speed).
+fn sign_time_from_env() -> Result<Option<std::time::Duration>, AgentError> {
     let Ok(ms) = std::env::var(TPM_SIGN_MS_ENV) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     let ms: u64 = ms.parse().map_err(|_| AgentError::BadConfig {
         path: TPM_SIGN_MS_ENV.into(),
         reason: format!("{ms:?} is not a number of milliseconds"),
     })?;
-    let delay = Delay::signing(std::time::Duration::from_millis(ms));
+    Ok(Some(std::time::Duration::from_millis(ms)))
+}
+
+/// A slow-TPM relay per TPM that signs in `sign` (none: no relay).
+fn slow_tpms(
+    tpms: &[Swtpm],
+    sign: Option<std::time::Duration>,
+) -> Result<Vec<SlowTpm>, AgentError> {
+    let Some(sign) = sign else {
+        return Ok(Vec::new());
+    };
+    let delay = Delay::signing(sign);
     tpms.iter()
         .map(|t| SlowTpm::start(t.port(), delay.clone()).map_err(AgentError::io("slow TPM relay")))
         .collect()
@@ -170,6 +181,17 @@ impl Pair {
 
     /// Like [`Pair::create`], with several VMs on the source.
     pub fn create_with(exe: &Path, vms: &[VmSpec], streams: u16) -> Result<Self, AgentError> {
+        Self::create_signing_in(exe, vms, streams, sign_time_from_env()?)
+    }
+
+    /// Like [`Pair::create_with`], with TPMs that sign (quote) in `sign`, as hardware TPMs do
+    /// (none: at swtpm's speed).
+    pub fn create_signing_in(
+        exe: &Path,
+        vms: &[VmSpec],
+        streams: u16,
+        sign: Option<std::time::Duration>,
+    ) -> Result<Self, AgentError> {
         let dir = tempfile::Builder::new()
             .prefix("trustmig-pair-")
             .tempdir()
@@ -185,7 +207,7 @@ impl Pair {
         let dst_addr = free_addr()?;
         // The agents run `exe`, which need not be the program running this (tests).
         let agent_exe = crate::attestation::file_sha256(exe)?;
-        let slow = slow_tpms(&tpms)?;
+        let slow = slow_tpms(&tpms, sign)?;
         let tcti = |i: usize| slow.get(i).map_or_else(|| tpms[i].tcti(), SlowTpm::tcti);
         let src_id = admin::init_with(&src, &src_addr, &tcti(0), agent_exe)?;
         let dst_id = admin::init_with(&dst, &dst_addr, &tcti(1), agent_exe)?;

@@ -116,7 +116,15 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             rates,
             downtime_ms,
             rss_size_mib,
-        } => bench(size_mib, &rates, downtime_ms, rss_size_mib),
+            concurrent,
+            tpm_sign_ms,
+        } => bench(
+            size_mib,
+            &rates,
+            downtime_ms,
+            rss_size_mib,
+            (concurrent, tpm_sign_ms),
+        ),
         Cmd::Demo {
             size_mib,
             dirty_pages_per_sec,
@@ -154,10 +162,16 @@ fn bench(
     rates: &[u64],
     downtime_ms: u32,
     rss_size_mib: u64,
+    (concurrent, tpm_sign_ms): (usize, u64),
 ) -> Result<(), AgentError> {
     if size_mib == 0 || rates.is_empty() || downtime_ms == 0 {
         return Err(AgentError::Usage(
             "--size-mib, --rates and --downtime-ms must be non-empty and > 0".into(),
+        ));
+    }
+    if concurrent > 4 {
+        return Err(AgentError::Usage(
+            "--concurrent: at most 4 (the agent's default max_concurrent_migrations)".into(),
         ));
     }
     print!(
@@ -167,6 +181,18 @@ fn bench(
     if rss_size_mib > 0 {
         println!();
         print!("{}", trustmig_agent::bench::peak_rss(rss_size_mib)?);
+    }
+    if concurrent > 0 {
+        println!();
+        print!(
+            "{}",
+            trustmig_agent::bench::concurrent_table(
+                concurrent,
+                size_mib,
+                tpm_sign_ms,
+                downtime_ms
+            )?
+        );
     }
     Ok(())
 }

@@ -70,7 +70,8 @@ impl SourceLink<'_> {
     ) -> Result<(), AgentError> {
         let msg =
             msg.ok_or_else(|| AgentError::transport(crate::error::Link::Control, "closed"))??;
-        self.sm.handle(&msg, &mut SharedTpm(&self.ctx.attester))?;
+        self.sm
+            .handle(&msg, &mut SharedTpm::new(&self.ctx.attester))?;
         Ok(())
     }
 }

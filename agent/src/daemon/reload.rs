@@ -62,9 +62,7 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
         .extend(old.vms.iter().filter(|v| v.synthetic().is_some()).cloned());
     in_use(ctx, &old, &new)?;
     let digest = trustmig_protocol::sha256(&[&bytes]);
-    ctx.attester
-        .lock()
-        .expect("attester lock")
+    crate::attestation::SharedTpm::new(&ctx.attester)
         .extend(&Measurement::AgentConfig(digest))
         .map_err(|e| AgentError::Tpm(e.to_string()))?;
     let vms = new.vms.len();

@@ -162,7 +162,11 @@ impl SourceChannel {
             let msg = self.recv().await?;
             let verifier = self.ctx.verifier();
             let out = hs
-                .handle(&msg, &mut SharedTpm(&self.ctx.attester), verifier.as_ref())
+                .handle(
+                    &msg,
+                    &mut SharedTpm::new(&self.ctx.attester),
+                    verifier.as_ref(),
+                )
                 .map_err(AgentError::Protocol)?;
             for m in out {
                 self.send(&m).await?;

@@ -175,15 +175,11 @@ impl EarlyQuote {
         }
     }
 
-    /// Wait for it; the attester that hands it to the handshake step.
-    async fn ready<A>(self, tpm: SharedTpm<'_, A>) -> Prequoted<'_, A> {
+    /// Wait for it: what it covers, and the quote (or why there is none).
+    async fn ready(self) -> (Digest, Result<Vec<u8>, AttestationError>) {
         let quote = (self.task.await)
             .unwrap_or_else(|e| Err(AttestationError::new(format!("early quote: {e}"))));
-        Prequoted {
-            qualifying_data: self.qualifying_data,
-            quote: Some(quote),
-            tpm,
-        }
+        (self.qualifying_data, quote)
     }
 }
 
@@ -241,19 +237,18 @@ impl Session {
                 Some(m) => m,
                 None => self.recv(&mut frames).await?,
             };
-            let tpm = SharedTpm(&ctx.attester);
-            let (verifier, mut claim) = (ctx.verifier(), ClaimAsDestination(&ctx.journal));
-            let out = match early.take() {
-                Some(e) => {
-                    let mut att = e.ready(tpm).await;
-                    hs.handle(&msg, &mut att, verifier.as_ref(), &mut claim)
-                }
-                None => hs.handle(
-                    &msg,
-                    &mut SharedTpm(&ctx.attester),
-                    verifier.as_ref(),
-                    &mut claim,
-                ),
+            let early_quote = match early.take() {
+                Some(e) => Some(e.ready().await),
+                None => None,
+            };
+            let out = {
+                // The step's TPM (its lock, once taken) ends with the step, before any await.
+                let mut att = Prequoted {
+                    early: early_quote,
+                    tpm: SharedTpm::new(&ctx.attester),
+                };
+                let (verifier, mut claim) = (ctx.verifier(), ClaimAsDestination(&ctx.journal));
+                hs.handle(&msg, &mut att, verifier.as_ref(), &mut claim)
             };
             if let Some(qd) = hs.evidence_qualifying_data() {
                 early = Some(EarlyQuote::start(&ctx, qd));

@@ -441,7 +441,7 @@ async fn late_quote(
     sm: &mut SourceMigration,
     order_id: &OrderId,
 ) -> String {
-    let quote = sm.final_quote(&mut SharedTpm(&ctx.attester));
+    let quote = sm.final_quote(&mut SharedTpm::new(&ctx.attester));
     let (sent, verdict) = match quote {
         Ok(None) => return "quoted before Commit (strict)".into(),
         Ok(Some(m)) => {
@@ -535,7 +535,8 @@ async fn commit_exchange(
             crash_point(CrashPoint::SourceFinalChallenge);
         }
         // Not strict, this takes nothing of the TPM, so it never waits for it (`SharedTpm`).
-        let ev = (sm.handle(&msg, &mut SharedTpm(&ctx.attester))).map_err(AgentError::Protocol)?;
+        let ev =
+            (sm.handle(&msg, &mut SharedTpm::new(&ctx.attester))).map_err(AgentError::Protocol)?;
         match ev {
             SourceEvent::Send(m) => {
                 chan.send(&m).await?;
