@@ -175,10 +175,20 @@ impl EarlyQuote {
         }
     }
 
-    /// Wait for it: what it covers, and the quote (or why there is none).
-    async fn ready(self) -> (Digest, Result<Vec<u8>, AttestationError>) {
-        let quote = (self.task.await)
-            .unwrap_or_else(|e| Err(AttestationError::new(format!("early quote: {e}"))));
+    /// Wait for it, `within` at most (a TPM that hangs fails the handshake, named): what it
+    /// covers, and the quote (or why there is none).
+    async fn ready(
+        self,
+        within: std::time::Duration,
+    ) -> (Digest, Result<Vec<u8>, AttestationError>) {
+        let quote = match tokio::time::timeout(within, self.task).await {
+            Ok(Ok(quote)) => quote,
+            Ok(Err(e)) => Err(AttestationError::new(format!("early quote: {e}"))),
+            Err(_) => Err(AttestationError::new(format!(
+                "the TPM did not quote within {} s",
+                within.as_secs()
+            ))),
+        };
         (self.qualifying_data, quote)
     }
 }
@@ -238,7 +248,7 @@ impl Session {
                 None => self.recv(&mut frames).await?,
             };
             let early_quote = match early.take() {
-                Some(e) => Some(e.ready().await),
+                Some(e) => Some(e.ready(ctx.step_timeout()).await),
                 None => None,
             };
             let out = {
