@@ -354,6 +354,33 @@ mod tests {
         panic!("the anchoring thread never caught up");
     }
 
+    /// A trail anchored in a fresh PCR with `n` entries, all extended.
+    fn anchored_trail(n: u32) -> (tempfile::TempDir, MemoryPcr, Audit) {
+        let dir = tempfile::tempdir().unwrap();
+        let pcr = MemoryPcr::default();
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.anchor(Box::new(pcr.clone())).unwrap();
+        for i in 0..n {
+            a.record(event(i)).unwrap();
+        }
+        settled(dir.path(), &pcr);
+        (dir, pcr, a)
+    }
+
+    /// Why an agent starting on the trail in `dir` with `pcr` refuses to (it must).
+    fn refused_at_start(dir: &Path, pcr: &MemoryPcr) -> String {
+        let started = Audit::open(dir).and_then(|mut a| a.anchor(Box::new(pcr.clone())));
+        started.expect_err("the agent refuses to start").to_string()
+    }
+
+    /// Replace the trail in `dir` with `list`, as someone who can write the file does.
+    fn write_trail(dir: &Path, list: &[Entry]) {
+        let text: String = (list.iter())
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.join(super::super::FILE), text).unwrap();
+    }
+
     #[test]
     fn each_entry_is_extended_and_the_trail_folds_to_the_pcr() {
         let dir = tempfile::tempdir().unwrap();
@@ -413,23 +440,12 @@ mod tests {
     /// the chain alone verifies, no longer folds to the PCR, and the agent refuses it.
     #[test]
     fn a_rewritten_trail_that_verifies_is_caught_by_the_tpm() {
-        let dir = tempfile::tempdir().unwrap();
-        let pcr = MemoryPcr::default();
-        let mut a = Audit::open(dir.path()).unwrap();
-        a.anchor(Box::new(pcr.clone())).unwrap();
-        for i in 0..3 {
-            a.record(event(i)).unwrap();
-        }
-        settled(dir.path(), &pcr);
+        let (dir, pcr, a) = anchored_trail(3);
         drop(a);
         let mut list = entries(dir.path());
         list[2].vm = "another".into();
         Entry::relink(&mut list);
-        let text: String = list
-            .iter()
-            .map(|e| serde_json::to_string(e).unwrap() + "\n")
-            .collect();
-        std::fs::write(dir.path().join(super::super::FILE), text).unwrap();
+        write_trail(dir.path(), &list);
         assert!(
             verify(&dir.path().join(super::super::FILE)).is_ok(),
             "the chain alone verifies"
@@ -437,11 +453,7 @@ mod tests {
         let value = pcr.clone().read().unwrap();
         let e = check_anchor(&entries(dir.path()), 23, &value).unwrap_err();
         assert!(matches!(e, AnchorMismatch::Differs { since: 0, .. }), "{e}");
-        let refused = Audit::open(dir.path())
-            .unwrap()
-            .anchor(Box::new(pcr.clone()))
-            .unwrap_err()
-            .to_string();
+        let refused = refused_at_start(dir.path(), &pcr);
         assert!(
             refused.contains("does not match its TPM anchor")
                 && refused.contains("trustmig audit anchor"),
@@ -449,11 +461,7 @@ mod tests {
         );
         // Truncating the trail below what the PCR vouches for is caught the same way.
         list.truncate(2);
-        let text: String = list
-            .iter()
-            .map(|e| serde_json::to_string(e).unwrap() + "\n")
-            .collect();
-        std::fs::write(dir.path().join(super::super::FILE), text).unwrap();
+        write_trail(dir.path(), &list);
         assert!(check_anchor(&entries(dir.path()), 23, &value).is_err());
         // The operator looks, then re-anchors: recorded, and the agent anchors again.
         let mut op = pcr.clone();
@@ -473,14 +481,7 @@ mod tests {
     /// with a reason, and `audit verify` says for good that the trail starts on history.
     #[test]
     fn a_new_trail_over_an_extended_pcr_waits_for_the_operator() {
-        let dir = tempfile::tempdir().unwrap();
-        let pcr = MemoryPcr::default();
-        let mut a = Audit::open(dir.path()).unwrap();
-        a.anchor(Box::new(pcr.clone())).unwrap();
-        for i in 0..3 {
-            a.record(event(i)).unwrap();
-        }
-        settled(dir.path(), &pcr);
+        let (dir, pcr, a) = anchored_trail(3);
         let fresh = describe(&entries(dir.path()), 23, &pcr.clone().read().unwrap()).unwrap();
         assert!(!fresh.contains("not zeros"), "{fresh}");
         drop(a);
@@ -491,11 +492,7 @@ mod tests {
             matches!(e, AnchorMismatch::NotFromHere { pcr: 23, .. }),
             "{e}"
         );
-        let refused = Audit::open(dir.path())
-            .unwrap()
-            .anchor(Box::new(pcr.clone()))
-            .unwrap_err()
-            .to_string();
+        let refused = refused_at_start(dir.path(), &pcr);
         assert!(
             refused.contains("no anchor in PCR 23, but PCR 23 holds")
                 && refused.contains("no longer here")
@@ -526,33 +523,21 @@ mod tests {
     /// past a PCR that holds its extends.
     #[test]
     fn a_new_anchor_pcr_is_taken_on_only_from_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let pcr = MemoryPcr::default();
-        let mut a = Audit::open(dir.path()).unwrap();
-        a.anchor(Box::new(pcr.clone())).unwrap();
-        a.record(event(0)).unwrap();
-        settled(dir.path(), &pcr);
+        let (dir, pcr, a) = anchored_trail(1);
         drop(a);
         // A forged epoch "in PCR 22" after an edit: PCR 23 holds extends, so it is refused.
         let mut list = entries(dir.path());
         list[1].vm = "another".into();
         list[0].evidence.insert("pcr".into(), "22".into());
         Entry::relink(&mut list);
-        let text: String = list
-            .iter()
-            .map(|e| serde_json::to_string(e).unwrap() + "\n")
-            .collect();
-        std::fs::write(dir.path().join(super::super::FILE), text).unwrap();
+        write_trail(dir.path(), &list);
         let value = pcr.clone().read().unwrap();
         let e = describe(&entries(dir.path()), 23, &value).unwrap_err();
         assert!(
             matches!(e, AnchorMismatch::NotFromHere { pcr: 23, .. }),
             "{e}"
         );
-        assert!(Audit::open(dir.path())
-            .unwrap()
-            .anchor(Box::new(pcr.clone()))
-            .is_err());
+        refused_at_start(dir.path(), &pcr);
         // A PCR really changed to one at zeros: a new epoch there, in the trail.
         let fresh = MemoryPcr::default();
         let said = describe(&entries(dir.path()), 23, &[0; 32]).unwrap();
@@ -569,12 +554,7 @@ mod tests {
     /// unextended is caught up at the next start.
     #[test]
     fn a_reset_opens_a_new_epoch_and_a_crash_is_caught_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let pcr = MemoryPcr::default();
-        let mut a = Audit::open(dir.path()).unwrap();
-        a.anchor(Box::new(pcr.clone())).unwrap();
-        a.record(event(0)).unwrap();
-        settled(dir.path(), &pcr);
+        let (dir, pcr, a) = anchored_trail(1);
         drop(a);
         // "Crash": entries appended by an agent whose anchoring never ran.
         let mut a = Audit::open(dir.path()).unwrap();
