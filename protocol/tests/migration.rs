@@ -474,6 +474,25 @@ fn final_evidence(
     fe
 }
 
+/// The destination takes `fe` and answers `Ready`; the source commits; the destination
+/// resumes.
+fn ready_commit_resume(
+    sm: &mut SourceMigration,
+    dm: &mut DestMigration,
+    fe: &[u8],
+    att: &mut dyn Attester,
+) {
+    let DestEvent::Send(ready) = dm.handle(fe, &verifier()).expect("ready") else {
+        panic!("ready")
+    };
+    sm.handle(&ready, att).expect("ready to commit");
+    let commit = sm.commit().expect("commit");
+    assert_eq!(
+        dm.handle(&commit, &verifier()).expect("resume"),
+        DestEvent::Resume
+    );
+}
+
 /// A fresh destination machine for session `d`, past `SwitchOver`, having sent the challenge
 /// `nonce`: what a second `FinalEvidence` meets.
 fn challenged(d: &Established, streams: u16, nonce: [u8; 32]) -> DestMigration {
@@ -501,15 +520,7 @@ fn the_final_digest_is_signed_in_the_downtime_and_quoted_after_resumed() {
         panic!("final evidence")
     };
     assert!(evidence.is_none());
-    let DestEvent::Send(ready) = dm.handle(&fe, &verifier()).expect("ready") else {
-        panic!("ready")
-    };
-    sm.handle(&ready, &mut att).expect("ready to commit");
-    let commit = sm.commit().expect("commit");
-    assert_eq!(
-        dm.handle(&commit, &verifier()).expect("resume"),
-        DestEvent::Resume
-    );
+    ready_commit_resume(&mut sm, &mut dm, &fe, &mut att);
     // The late quote is for after Resumed only.
     assert!(sm.final_quote(&mut att).is_err());
     let resumed = dm.resumed().expect("resumed");
@@ -637,12 +648,7 @@ fn a_strict_order_quotes_before_commit_and_requires_it() {
     .encode();
     assert!(dm2.handle(&stripped, &verifier()).is_err());
     // With it: ready, commit, resumed, and no late quote.
-    let DestEvent::Send(ready) = dm.handle(&fe, &verifier()).expect("ready") else {
-        panic!("ready")
-    };
-    sm.handle(&ready, &mut att).expect("ready to commit");
-    let commit = sm.commit().expect("commit");
-    dm.handle(&commit, &verifier()).expect("resume");
+    ready_commit_resume(&mut sm, &mut dm, &fe, &mut att);
     let resumed = dm.resumed().expect("resumed");
     assert!(!dm.awaits_final_quote());
     sm.handle(&resumed, &mut att).expect("resumed");
@@ -672,15 +678,7 @@ fn the_switch_over_asks_nothing_of_the_tpm_unless_strict() {
     let mut sm = SourceMigration::new(&mut s);
     let mut dm = DestMigration::new(&d);
     let fe = final_evidence(&mut sm, &mut dm, s.streams, [0x77; 32], &mut NoTpm);
-    let DestEvent::Send(ready) = dm.handle(&fe, &verifier()).expect("ready") else {
-        panic!("ready")
-    };
-    sm.handle(&ready, &mut NoTpm).expect("ready to commit");
-    let commit = sm.commit().expect("commit");
-    assert_eq!(
-        dm.handle(&commit, &verifier()).expect("resume"),
-        DestEvent::Resume
-    );
+    ready_commit_resume(&mut sm, &mut dm, &fe, &mut NoTpm);
     // After Resumed, the late quote is the TPM's.
     let resumed = dm.resumed().expect("resumed");
     sm.handle(&resumed, &mut NoTpm).expect("resumed");
