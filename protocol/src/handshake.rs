@@ -135,6 +135,38 @@ fn unexpected(got: &Message, expected: &'static str) -> Error {
     .into()
 }
 
+/// Run one `step` on a machine's state, keeping errors sticky: once a step failed (or the
+/// state was found failed), the machine answers every later message with that error.
+fn advance<S>(
+    slot: &mut Result<S, Error>,
+    taken: S,
+    step: impl FnOnce(S) -> Result<(S, Vec<Vec<u8>>), Error>,
+) -> Result<Vec<Vec<u8>>, Error> {
+    let result = match std::mem::replace(slot, Ok(taken)) {
+        Ok(state) => step(state),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((next, out)) => {
+            *slot = Ok(next);
+            Ok(out)
+        }
+        Err(e) => {
+            *slot = Err(e.clone());
+            Err(e)
+        }
+    }
+}
+
+/// Check the peer's `Finished` MAC over the transcript (SPEC.md §5.3).
+fn check_finished(est: &Established, from: Role, mac: &[u8; 32]) -> Result<(), Error> {
+    let expect = est.keys.finished_mac(from, &est.transcript_hash);
+    if !ct_eq(mac, &expect) {
+        return Err(PeerMisbehaved::BadFinished.into());
+    }
+    Ok(())
+}
+
 /// The streams a manifest's mirrored disks need: hypervisor-stream mode uses stream 0 for
 /// QEMU's stream and stream `i + 1` for mirror `i`; the native engine carries no mirrors.
 fn check_streams(mode: &TransferMode, streams: u16, manifest: &ImageManifest) -> Result<(), Error> {
@@ -226,6 +258,18 @@ enum SourceState {
     Taken,
 }
 
+impl SourceState {
+    /// The message this state waits for, for errors.
+    fn expects(&self) -> &'static str {
+        match self {
+            Self::AwaitServerHello { .. } => "server-hello",
+            Self::AwaitDestinationEvidence { .. } => "destination-evidence",
+            Self::AwaitFinished(_) => "finished",
+            Self::Done(_) | Self::Taken => "nothing (handshake complete)",
+        }
+    }
+}
+
 /// The source's side of the handshake.
 pub struct SourceHandshake {
     state: Result<SourceState, Error>,
@@ -295,23 +339,9 @@ impl SourceHandshake {
         attester: &mut dyn Attester,
         verifier: &dyn EvidenceVerifier,
     ) -> Result<Vec<Vec<u8>>, Error> {
-        let state = match std::mem::replace(&mut self.state, Ok(SourceState::Taken)) {
-            Ok(s) => s,
-            Err(e) => {
-                self.state = Err(e.clone());
-                return Err(e);
-            }
-        };
-        match Self::step(state, msg, attester, verifier) {
-            Ok((next, out)) => {
-                self.state = Ok(next);
-                Ok(out)
-            }
-            Err(e) => {
-                self.state = Err(e.clone());
-                Err(e)
-            }
-        }
+        advance(&mut self.state, SourceState::Taken, |state| {
+            Self::step(state, msg, attester, verifier)
+        })
     }
 
     fn step(
@@ -320,63 +350,9 @@ impl SourceHandshake {
         attester: &mut dyn Attester,
         verifier: &dyn EvidenceVerifier,
     ) -> Result<(SourceState, Vec<Vec<u8>>), Error> {
-        let msg = decode(raw)?;
-        match (state, msg) {
-            (
-                SourceState::AwaitServerHello {
-                    mut hello,
-                    manifest,
-                },
-                Message::ServerHello(sh),
-            ) => {
-                let ServerHello {
-                    version,
-                    versions,
-                    nonce,
-                } = sh;
-                let best = best_common(&versions)
-                    .ok_or_else(|| PeerMisbehaved::NoCommonVersion(versions.clone()))?;
-                if version != best {
-                    return Err(PeerMisbehaved::Downgrade {
-                        chosen: version,
-                        best,
-                    }
-                    .into());
-                }
-                hello.version = version;
-                hello.nonce_d = nonce;
-                hello.transcript.add(raw);
-                let root = manifest_root(&manifest);
-                attester.extend(&Measurement::ImageManifest(root))?;
-                let final_key = hello
-                    .final_key
-                    .as_ref()
-                    .ok_or(Error::ApiMisuse("source handshake without a final key"))?
-                    .public();
-                let qd = source_handshake_qualifying_data(
-                    &hello.nonce_d,
-                    &hello.channel.tls_exporter,
-                    hello.order.id(),
-                    &hello.channel.local,
-                    &final_key,
-                );
-                let evidence = attester.quote(&qd)?;
-                let parsed: ImageManifest = codec::decode(&manifest)?;
-                let out = Message::SourceEvidence {
-                    evidence,
-                    manifest,
-                    final_key,
-                }
-                .encode();
-                hello.transcript.add(&out);
-                Ok((
-                    SourceState::AwaitDestinationEvidence {
-                        hello,
-                        manifest: parsed,
-                        root,
-                    },
-                    vec![out],
-                ))
+        match (state, decode(raw)?) {
+            (SourceState::AwaitServerHello { hello, manifest }, Message::ServerHello(sh)) => {
+                Self::on_server_hello(hello, manifest, sh, raw, attester)
             }
             (
                 SourceState::AwaitDestinationEvidence {
@@ -399,28 +375,71 @@ impl SourceHandshake {
                 Ok((SourceState::AwaitFinished(Box::new(est)), vec![]))
             }
             (SourceState::AwaitFinished(est), Message::Finished { mac }) => {
-                let expect = est
-                    .keys
-                    .finished_mac(Role::Destination, &est.transcript_hash);
-                if !ct_eq(&mac, &expect) {
-                    return Err(PeerMisbehaved::BadFinished.into());
-                }
+                check_finished(&est, Role::Destination, &mac)?;
                 let mine = est.keys.finished_mac(Role::Source, &est.transcript_hash);
-                Ok((
-                    SourceState::Done(est),
-                    vec![Message::Finished { mac: mine }.encode()],
-                ))
+                let out = Message::Finished { mac: mine }.encode();
+                Ok((SourceState::Done(est), vec![out]))
             }
-            (s, m) => Err(unexpected(
-                &m,
-                match s {
-                    SourceState::AwaitServerHello { .. } => "server-hello",
-                    SourceState::AwaitDestinationEvidence { .. } => "destination-evidence",
-                    SourceState::AwaitFinished(_) => "finished",
-                    SourceState::Done(_) | SourceState::Taken => "nothing (handshake complete)",
-                },
-            )),
+            (s, m) => Err(unexpected(&m, s.expects())),
         }
+    }
+
+    /// `ServerHello` (SPEC.md §5.2 S1-S5): the version chosen is the best common one (no
+    /// downgrade); then measure the manifest and quote over the destination's nonce, the channel
+    /// and the final key.
+    fn on_server_hello(
+        mut hello: Box<Hello>,
+        manifest: Vec<u8>,
+        sh: ServerHello,
+        raw: &[u8],
+        attester: &mut dyn Attester,
+    ) -> Result<(SourceState, Vec<Vec<u8>>), Error> {
+        let ServerHello {
+            version,
+            versions,
+            nonce,
+        } = sh;
+        let best = best_common(&versions)
+            .ok_or_else(|| PeerMisbehaved::NoCommonVersion(versions.clone()))?;
+        if version != best {
+            return Err(PeerMisbehaved::Downgrade {
+                chosen: version,
+                best,
+            }
+            .into());
+        }
+        hello.version = version;
+        hello.nonce_d = nonce;
+        hello.transcript.add(raw);
+        let root = manifest_root(&manifest);
+        attester.extend(&Measurement::ImageManifest(root))?;
+        let final_key = hello
+            .final_key
+            .as_ref()
+            .ok_or(Error::ApiMisuse("source handshake without a final key"))?
+            .public();
+        let qd = source_handshake_qualifying_data(
+            &hello.nonce_d,
+            &hello.channel.tls_exporter,
+            hello.order.id(),
+            &hello.channel.local,
+            &final_key,
+        );
+        let evidence = attester.quote(&qd)?;
+        let parsed: ImageManifest = codec::decode(&manifest)?;
+        let out = Message::SourceEvidence {
+            evidence,
+            manifest,
+            final_key,
+        }
+        .encode();
+        hello.transcript.add(&out);
+        let next = SourceState::AwaitDestinationEvidence {
+            hello,
+            manifest: parsed,
+            root,
+        };
+        Ok((next, vec![out]))
     }
 
     /// The session, once [`Self::is_done`].
@@ -483,6 +502,18 @@ enum DestState {
     Taken,
 }
 
+impl DestState {
+    /// The message this state waits for, for errors.
+    fn expects(&self) -> &'static str {
+        match self {
+            Self::AwaitClientHello(_) => "client-hello",
+            Self::AwaitSourceEvidence(_) => "source-evidence",
+            Self::AwaitFinished(_) => "finished",
+            Self::Done(_) | Self::Taken => "nothing (handshake complete)",
+        }
+    }
+}
+
 /// The destination's side of the handshake.
 pub struct DestinationHandshake {
     state: Result<DestState, Error>,
@@ -536,142 +567,33 @@ impl DestinationHandshake {
         verifier: &dyn EvidenceVerifier,
         journal: &mut dyn OrderJournal,
     ) -> Result<Vec<Vec<u8>>, Error> {
-        let state = match std::mem::replace(&mut self.state, Ok(DestState::Taken)) {
-            Ok(s) => s,
-            Err(e) => {
-                self.state = Err(e.clone());
-                return Err(e);
-            }
-        };
-        match self.step(state, msg, attester, verifier, journal) {
-            Ok((next, out)) => {
-                self.state = Ok(next);
-                Ok(out)
-            }
-            Err(e) => {
-                self.state = Err(e.clone());
-                Err(e)
-            }
-        }
-    }
-
-    fn step(
-        &self,
-        state: DestState,
-        raw: &[u8],
-        attester: &mut dyn Attester,
-        verifier: &dyn EvidenceVerifier,
-        journal: &mut dyn OrderJournal,
-    ) -> Result<(DestState, Vec<Vec<u8>>), Error> {
-        let msg = decode(raw)?;
-        match (state, msg) {
-            (DestState::AwaitClientHello(cfg), Message::ClientHello(ch)) => {
-                let version = best_common(&ch.versions)
-                    .ok_or_else(|| PeerMisbehaved::NoCommonVersion(ch.versions.clone()))?;
-                let order = ch.order.verify(&OrderPolicy {
-                    operators: &cfg.operators,
-                    me: self.channel.local,
-                    role: Role::Destination,
-                    now: cfg.now,
-                })?;
-                if !ct_eq(&self.channel.peer, &order.body().source) {
-                    return Err(PeerMisbehaved::WrongPeer {
-                        role: Role::Source,
-                        tls_peer: hex(&self.channel.peer),
-                        named: hex(&order.body().source),
-                    }
-                    .into());
+        let (channel, nonce) = (&self.channel, self.nonce);
+        advance(&mut self.state, DestState::Taken, |state| {
+            match (state, decode(msg)?) {
+                (DestState::AwaitClientHello(cfg), Message::ClientHello(ch)) => {
+                    on_client_hello(&cfg, channel, nonce, ch, msg, journal)
                 }
-                check_mode(&ch.mode, ch.streams)?;
-                // Claimed last, so that a hello refused for another reason does not burn the id.
-                journal.claim(order.body(), &order.signed().operator)?;
-                let mut transcript = Transcript::new();
-                transcript.add(raw);
-                let out = Message::ServerHello(ServerHello {
-                    version,
-                    versions: SUPPORTED_VERSIONS.to_vec(),
-                    nonce: self.nonce,
-                })
-                .encode();
-                transcript.add(&out);
-                let hello = Hello {
-                    order,
-                    channel: self.channel.clone(),
-                    nonce_s: ch.nonce,
-                    nonce_d: self.nonce,
-                    final_key: None,
-                    peer_final_key: None,
-                    mode: ch.mode,
-                    streams: ch.streams,
-                    version,
-                    transcript,
-                };
-                Ok((DestState::AwaitSourceEvidence(Box::new(hello)), vec![out]))
+                (
+                    DestState::AwaitSourceEvidence(hello),
+                    Message::SourceEvidence {
+                        evidence,
+                        manifest,
+                        final_key,
+                    },
+                ) => on_source_evidence(
+                    hello,
+                    (evidence, manifest, final_key),
+                    msg,
+                    attester,
+                    verifier,
+                ),
+                (DestState::AwaitFinished(est), Message::Finished { mac }) => {
+                    check_finished(&est, Role::Source, &mac)?;
+                    Ok((DestState::Done(est), vec![]))
+                }
+                (s, m) => Err(unexpected(&m, s.expects())),
             }
-            (
-                DestState::AwaitSourceEvidence(mut hello),
-                Message::SourceEvidence {
-                    evidence,
-                    manifest,
-                    final_key,
-                },
-            ) => {
-                // The quote vouches for the final key only through its qualifying data.
-                let qd = source_handshake_qualifying_data(
-                    &hello.nonce_d,
-                    &hello.channel.tls_exporter,
-                    hello.order.id(),
-                    &hello.channel.peer,
-                    &final_key,
-                );
-                let claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
-                hello.peer_final_key = Some(final_key);
-                let root = manifest_root(&manifest);
-                if claims.image_manifest().is_none_or(|r| !ct_eq(r, &root)) {
-                    return Err(PeerMisbehaved::ManifestMismatch.into());
-                }
-                let parsed: ImageManifest = codec::decode(&manifest)?;
-                check_streams(&hello.mode, hello.streams, &parsed)?;
-                if parsed.vm != hello.order.body().vm {
-                    return Err(PeerMisbehaved::BadField(format!(
-                        "manifest is for VM {:?}, the order for {:?}",
-                        parsed.vm,
-                        hello.order.body().vm
-                    ))
-                    .into());
-                }
-                hello.transcript.add(raw);
-                let ev = Message::DestinationEvidence {
-                    evidence: attester.quote(&destination_qualifying_data(&hello))?,
-                }
-                .encode();
-                hello.transcript.add(&ev);
-                let est = establish(*hello, Role::Destination, claims, (parsed, root));
-                let fin = Message::Finished {
-                    mac: est
-                        .keys
-                        .finished_mac(Role::Destination, &est.transcript_hash),
-                }
-                .encode();
-                Ok((DestState::AwaitFinished(Box::new(est)), vec![ev, fin]))
-            }
-            (DestState::AwaitFinished(est), Message::Finished { mac }) => {
-                let expect = est.keys.finished_mac(Role::Source, &est.transcript_hash);
-                if !ct_eq(&mac, &expect) {
-                    return Err(PeerMisbehaved::BadFinished.into());
-                }
-                Ok((DestState::Done(est), vec![]))
-            }
-            (s, m) => Err(unexpected(
-                &m,
-                match s {
-                    DestState::AwaitClientHello(_) => "client-hello",
-                    DestState::AwaitSourceEvidence(_) => "source-evidence",
-                    DestState::AwaitFinished(_) => "finished",
-                    DestState::Done(_) | DestState::Taken => "nothing (handshake complete)",
-                },
-            )),
-        }
+        })
     }
 
     /// The session, once [`Self::is_done`].
@@ -681,4 +603,107 @@ impl DestinationHandshake {
             _ => Err(Error::ApiMisuse("handshake not complete")),
         }
     }
+}
+
+/// `ClientHello` (SPEC.md §5.2 D1-D6): a common version, an order signed by a trusted operator
+/// naming this agent as destination and the TLS peer as source, a sane mode; the order's id
+/// claimed last, so that a hello refused for another reason does not burn it.
+fn on_client_hello(
+    cfg: &DestinationConfig,
+    channel: &ChannelBinding,
+    nonce_d: [u8; 32],
+    ch: ClientHello,
+    raw: &[u8],
+    journal: &mut dyn OrderJournal,
+) -> Result<(DestState, Vec<Vec<u8>>), Error> {
+    let version = best_common(&ch.versions)
+        .ok_or_else(|| PeerMisbehaved::NoCommonVersion(ch.versions.clone()))?;
+    let order = ch.order.verify(&OrderPolicy {
+        operators: &cfg.operators,
+        me: channel.local,
+        role: Role::Destination,
+        now: cfg.now,
+    })?;
+    if !ct_eq(&channel.peer, &order.body().source) {
+        return Err(PeerMisbehaved::WrongPeer {
+            role: Role::Source,
+            tls_peer: hex(&channel.peer),
+            named: hex(&order.body().source),
+        }
+        .into());
+    }
+    check_mode(&ch.mode, ch.streams)?;
+    journal.claim(order.body(), &order.signed().operator)?;
+    let mut transcript = Transcript::new();
+    transcript.add(raw);
+    let out = Message::ServerHello(ServerHello {
+        version,
+        versions: SUPPORTED_VERSIONS.to_vec(),
+        nonce: nonce_d,
+    })
+    .encode();
+    transcript.add(&out);
+    let hello = Hello {
+        order,
+        channel: channel.clone(),
+        nonce_s: ch.nonce,
+        nonce_d,
+        final_key: None,
+        peer_final_key: None,
+        mode: ch.mode,
+        streams: ch.streams,
+        version,
+        transcript,
+    };
+    Ok((DestState::AwaitSourceEvidence(Box::new(hello)), vec![out]))
+}
+
+/// `SourceEvidence` (SPEC.md §5.2 D7-D11): the source's quote over this agent's nonce, the
+/// channel and the final key; the manifest it sent is the one it measured, fits the streams and
+/// names the order's VM. Then this agent's own quote and `Finished`.
+fn on_source_evidence(
+    mut hello: Box<Hello>,
+    (evidence, manifest, final_key): (Vec<u8>, Vec<u8>, [u8; 32]),
+    raw: &[u8],
+    attester: &mut dyn Attester,
+    verifier: &dyn EvidenceVerifier,
+) -> Result<(DestState, Vec<Vec<u8>>), Error> {
+    // The quote vouches for the final key only through its qualifying data.
+    let qd = source_handshake_qualifying_data(
+        &hello.nonce_d,
+        &hello.channel.tls_exporter,
+        hello.order.id(),
+        &hello.channel.peer,
+        &final_key,
+    );
+    let claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
+    hello.peer_final_key = Some(final_key);
+    let root = manifest_root(&manifest);
+    if claims.image_manifest().is_none_or(|r| !ct_eq(r, &root)) {
+        return Err(PeerMisbehaved::ManifestMismatch.into());
+    }
+    let parsed: ImageManifest = codec::decode(&manifest)?;
+    check_streams(&hello.mode, hello.streams, &parsed)?;
+    if parsed.vm != hello.order.body().vm {
+        return Err(PeerMisbehaved::BadField(format!(
+            "manifest is for VM {:?}, the order for {:?}",
+            parsed.vm,
+            hello.order.body().vm
+        ))
+        .into());
+    }
+    hello.transcript.add(raw);
+    let ev = Message::DestinationEvidence {
+        evidence: attester.quote(&destination_qualifying_data(&hello))?,
+    }
+    .encode();
+    hello.transcript.add(&ev);
+    let est = establish(*hello, Role::Destination, claims, (parsed, root));
+    let fin = Message::Finished {
+        mac: est
+            .keys
+            .finished_mac(Role::Destination, &est.transcript_hash),
+    }
+    .encode();
+    Ok((DestState::AwaitFinished(Box::new(est)), vec![ev, fin]))
 }
