@@ -22,6 +22,7 @@ use crate::attestation::{
 use crate::error::{Error, PeerMisbehaved};
 use crate::finalsig::{source_handshake_qualifying_data, FinalKey};
 use crate::keys::KeySchedule;
+use crate::machine::{advance, decode, unexpected};
 use crate::manifest::{manifest_root, ImageManifest, MAX_DISKS};
 use crate::messages::{ClientHello, Message, ServerHello, TransferMode, MAX_STREAMS};
 use crate::order::{hex, OrderJournal, OrderPolicy, Role, VerifiedOrder};
@@ -116,45 +117,6 @@ impl Transcript {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.0.clone().finish().as_ref());
         out
-    }
-}
-
-fn decode(msg: &[u8]) -> Result<Message, Error> {
-    let m = Message::decode(msg)?;
-    if let Message::Abort { code, reason } = m {
-        return Err(Error::PeerAborted { code, reason });
-    }
-    Ok(m)
-}
-
-fn unexpected(got: &Message, expected: &'static str) -> Error {
-    PeerMisbehaved::UnexpectedMessage {
-        got: got.name(),
-        expected,
-    }
-    .into()
-}
-
-/// Run one `step` on a machine's state, keeping errors sticky: once a step failed (or the
-/// state was found failed), the machine answers every later message with that error.
-fn advance<S>(
-    slot: &mut Result<S, Error>,
-    taken: S,
-    step: impl FnOnce(S) -> Result<(S, Vec<Vec<u8>>), Error>,
-) -> Result<Vec<Vec<u8>>, Error> {
-    let result = match std::mem::replace(slot, Ok(taken)) {
-        Ok(state) => step(state),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok((next, out)) => {
-            *slot = Ok(next);
-            Ok(out)
-        }
-        Err(e) => {
-            *slot = Err(e.clone());
-            Err(e)
-        }
     }
 }
 

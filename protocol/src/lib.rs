@@ -16,6 +16,7 @@ pub mod finalsig;
 pub mod handshake;
 pub mod hvstream;
 pub mod keys;
+mod machine;
 pub mod manifest;
 pub mod messages;
 pub mod migration;

@@ -30,6 +30,7 @@ use crate::attestation::{qualifying_data, Attester, EvidenceVerifier, Measuremen
 use crate::error::{Error, PeerMisbehaved};
 use crate::finalsig::{self, FinalContext, FinalKey};
 use crate::handshake::{ChannelBinding, Established};
+use crate::machine::{advance, decode, unexpected};
 use crate::messages::Message;
 use crate::order::{hex, OrderId};
 use crate::{ct_eq, Digest};
@@ -64,6 +65,20 @@ enum SourcePhase {
     Done,
 }
 
+impl SourcePhase {
+    /// The message this phase waits for, for errors.
+    fn expects(&self) -> &'static str {
+        match self {
+            Self::Transferring => "nothing (transferring)",
+            Self::AwaitChallenge { .. } => "final-challenge",
+            Self::AwaitReady => "ready",
+            Self::ReadyToCommit => "nothing (committing)",
+            Self::AwaitResumed => "resumed",
+            Self::Done => "nothing (done)",
+        }
+    }
+}
+
 /// The source's control-plane state after the handshake.
 pub struct SourceMigration {
     channel: ChannelBinding,
@@ -90,34 +105,6 @@ fn final_qd(
     who: &[u8; 32],
 ) -> Digest {
     qualifying_data(FINAL_LABEL, nonce, &channel.tls_exporter, order_id, who)
-}
-
-fn sticky<P>(phase: &mut Result<P, Error>, r: Result<P, Error>) -> Result<(), Error> {
-    match r {
-        Ok(p) => {
-            *phase = Ok(p);
-            Ok(())
-        }
-        Err(e) => {
-            *phase = Err(e.clone());
-            Err(e)
-        }
-    }
-}
-
-fn decode(raw: &[u8]) -> Result<Message, Error> {
-    match Message::decode(raw)? {
-        Message::Abort { code, reason } => Err(Error::PeerAborted { code, reason }),
-        m => Ok(m),
-    }
-}
-
-fn unexpected(m: &Message, expected: &'static str) -> Error {
-    PeerMisbehaved::UnexpectedMessage {
-        got: m.name(),
-        expected,
-    }
-    .into()
 }
 
 /// What the source driver must do after a message.
@@ -186,12 +173,10 @@ impl SourceMigration {
         stream_records: Vec<u64>,
         digest: Digest,
     ) -> Result<Vec<u8>, Error> {
-        let r = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
-            Ok(SourcePhase::Transferring) => Ok(SourcePhase::AwaitChallenge { digest }),
-            Ok(_) => Err(Error::ApiMisuse("switch_over twice")),
-            Err(e) => Err(e),
-        };
-        sticky(&mut self.phase, r)?;
+        advance(&mut self.phase, SourcePhase::Done, |p| match p {
+            SourcePhase::Transferring => Ok((SourcePhase::AwaitChallenge { digest }, ())),
+            _ => Err(Error::ApiMisuse("switch_over twice")),
+        })?;
         Ok(Message::SwitchOver { stream_records }.encode())
     }
 
@@ -201,91 +186,61 @@ impl SourceMigration {
         raw: &[u8],
         attester: &mut dyn Attester,
     ) -> Result<SourceEvent, Error> {
-        let phase = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
-            Ok(p) => p,
-            Err(e) => {
-                self.phase = Err(e.clone());
-                return Err(e);
-            }
-        };
-        let mut event = None;
-        let mut ready = false;
-        let mut late = None;
-        let r = (|| match (phase, decode(raw)?) {
-            (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
-                // Signed in microseconds by the key the handshake quote vouched for, then
-                // dropped (zeroized); the TPM quotes before `Commit` only in strict mode
-                // (SPEC.md §8.7).
-                let key = self.final_key.take().ok_or(Error::ApiMisuse(
-                    "no final key (used already, or never given)",
-                ))?;
-                let ctx = FinalContext {
-                    nonce: &nonce,
-                    tls_exporter: &self.channel.tls_exporter,
-                    order_id: &self.order_id,
-                    transcript_hash: &self.transcript_hash,
-                };
-                let signature = key.sign(&ctx, &digest).to_vec();
-                self.evidence = Some(CommitEvidence {
-                    transcript: self.transcript_hash,
-                    manifest_root: self.manifest_root,
-                    final_digest: digest,
-                });
-                let evidence = if self.strict {
-                    attester.extend(&Measurement::MigrationFinal(digest))?;
-                    let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.local);
-                    Some(attester.quote(&qd)?)
-                } else {
-                    late = Some((digest, nonce));
-                    None
-                };
-                event = Some(SourceEvent::Send(
-                    Message::FinalEvidence {
+        advance(&mut self.phase, SourcePhase::Done, |phase| {
+            match (phase, decode(raw)?) {
+                (SourcePhase::AwaitChallenge { digest }, Message::FinalChallenge { nonce }) => {
+                    // Signed in microseconds by the key the handshake quote vouched for, then
+                    // dropped (zeroized); the TPM quotes before `Commit` only in strict mode
+                    // (SPEC.md §8.7).
+                    let key = self.final_key.take().ok_or(Error::ApiMisuse(
+                        "no final key (used already, or never given)",
+                    ))?;
+                    let ctx = FinalContext {
+                        nonce: &nonce,
+                        tls_exporter: &self.channel.tls_exporter,
+                        order_id: &self.order_id,
+                        transcript_hash: &self.transcript_hash,
+                    };
+                    let signature = key.sign(&ctx, &digest).to_vec();
+                    self.evidence = Some(CommitEvidence {
+                        transcript: self.transcript_hash,
+                        manifest_root: self.manifest_root,
+                        final_digest: digest,
+                    });
+                    let evidence = if self.strict {
+                        attester.extend(&Measurement::MigrationFinal(digest))?;
+                        let qd =
+                            final_qd(&self.channel, &nonce, &self.order_id, &self.channel.local);
+                        Some(attester.quote(&qd)?)
+                    } else {
+                        self.late = Some((digest, nonce));
+                        None
+                    };
+                    let out = Message::FinalEvidence {
                         digest,
                         signature,
                         evidence,
-                    }
-                    .encode(),
-                ));
-                Ok(SourcePhase::AwaitReady)
+                    };
+                    Ok((SourcePhase::AwaitReady, SourceEvent::Send(out.encode())))
+                }
+                (SourcePhase::AwaitReady, Message::Ready) => {
+                    self.committed = true;
+                    Ok((SourcePhase::ReadyToCommit, SourceEvent::ReadyToCommit))
+                }
+                (SourcePhase::AwaitResumed, Message::Resumed) => {
+                    Ok((SourcePhase::Done, SourceEvent::Resumed))
+                }
+                (p, m) => Err(unexpected(&m, p.expects())),
             }
-            (SourcePhase::AwaitReady, Message::Ready) => {
-                ready = true;
-                event = Some(SourceEvent::ReadyToCommit);
-                Ok(SourcePhase::ReadyToCommit)
-            }
-            (SourcePhase::AwaitResumed, Message::Resumed) => {
-                event = Some(SourceEvent::Resumed);
-                Ok(SourcePhase::Done)
-            }
-            (p, m) => Err(unexpected(
-                &m,
-                match p {
-                    SourcePhase::Transferring => "nothing (transferring)",
-                    SourcePhase::AwaitChallenge { .. } => "final-challenge",
-                    SourcePhase::AwaitReady => "ready",
-                    SourcePhase::ReadyToCommit => "nothing (committing)",
-                    SourcePhase::AwaitResumed => "resumed",
-                    SourcePhase::Done => "nothing (done)",
-                },
-            )),
-        })();
-        self.committed |= ready;
-        if late.is_some() {
-            self.late = late;
-        }
-        sticky(&mut self.phase, r)?;
-        Ok(event.expect("every successful transition sets an event"))
+        })
     }
 
     /// After COMMIT is durable in the journal: the message to send.
     pub fn commit(&mut self) -> Result<Vec<u8>, Error> {
-        let r = match std::mem::replace(&mut self.phase, Ok(SourcePhase::Done)) {
-            Ok(SourcePhase::ReadyToCommit) => Ok(SourcePhase::AwaitResumed),
-            Ok(_) => Err(Error::ApiMisuse("commit before the destination is ready")),
-            Err(e) => Err(e),
-        };
-        sticky(&mut self.phase, r)?;
+        advance(&mut self.phase, SourcePhase::Done, |p| match p {
+            SourcePhase::ReadyToCommit => Ok((SourcePhase::AwaitResumed, ())),
+            _ => Err(Error::ApiMisuse("commit before the destination is ready")),
+        })?;
         self.committed = true;
         Ok(Message::Commit.encode())
     }
@@ -306,6 +261,20 @@ enum DestPhase {
     /// Resumed; not strict: the source's late quote of the final digest may come.
     AwaitFinalQuote,
     Done,
+}
+
+impl DestPhase {
+    /// The message this phase waits for, for errors.
+    fn expects(&self) -> &'static str {
+        match self {
+            Self::Receiving => "round-done or switch-over",
+            Self::AwaitStreams { .. } => "nothing (draining streams)",
+            Self::AwaitFinalEvidence { .. } => "final-evidence",
+            Self::AwaitCommit => "commit",
+            Self::AwaitFinalQuote => "final-quote",
+            Self::Committed | Self::Done => "nothing (done)",
+        }
+    }
 }
 
 /// What the destination driver must do after a message.
@@ -386,109 +355,93 @@ impl DestMigration {
         raw: &[u8],
         verifier: &dyn EvidenceVerifier,
     ) -> Result<DestEvent, Error> {
-        let phase = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
-            Ok(p) => p,
-            Err(e) => {
-                self.phase = Err(e.clone());
-                return Err(e);
-            }
-        };
-        let mut event = DestEvent::None;
-        let mut committed = false;
-        let mut late = None;
-        let r = (|| match (phase, decode(raw)?) {
-            (DestPhase::Receiving, Message::RoundDone { .. }) => Ok(DestPhase::Receiving),
-            (DestPhase::Receiving, Message::SwitchOver { stream_records }) => {
-                event = DestEvent::AwaitStreams(stream_records.clone());
-                Ok(DestPhase::AwaitStreams { stream_records })
-            }
-            (
-                DestPhase::AwaitFinalEvidence { nonce, computed },
-                Message::FinalEvidence {
-                    digest,
-                    signature,
-                    evidence,
-                },
-            ) => {
-                if !ct_eq(&digest, &computed) {
-                    return Err(PeerMisbehaved::FinalDigestMismatch {
-                        attested: hex(&digest),
-                        computed: hex(&computed),
-                    }
-                    .into());
+        advance(&mut self.phase, DestPhase::Done, |phase| {
+            match (phase, decode(raw)?) {
+                (DestPhase::Receiving, Message::RoundDone { .. }) => {
+                    Ok((DestPhase::Receiving, DestEvent::None))
                 }
-                let key = self
-                    .peer_final_key
-                    .ok_or(Error::ApiMisuse("session without the source's final key"))?;
-                let ctx = FinalContext {
-                    nonce: &nonce,
-                    tls_exporter: &self.channel.tls_exporter,
-                    order_id: &self.order_id,
-                    transcript_hash: &self.transcript_hash,
-                };
-                finalsig::verify(&key, &signature, &ctx, &digest)?;
-                match (self.strict, evidence) {
-                    (true, Some(evidence)) => {
-                        let qd =
-                            final_qd(&self.channel, &nonce, &self.order_id, &self.channel.peer);
-                        verify_final_quote(verifier, &evidence, &qd, &self.channel.peer, &digest)?;
-                    }
-                    (true, None) => {
-                        return Err(PeerMisbehaved::BadField(
-                            "the order is strict: final evidence without the TPM quote".into(),
-                        )
-                        .into())
-                    }
-                    (false, Some(_)) => {
-                        return Err(PeerMisbehaved::BadField(
-                            "final evidence carries a quote the order did not ask for".into(),
-                        )
-                        .into())
-                    }
-                    (false, None) => late = Some((digest, nonce)),
+                (DestPhase::Receiving, Message::SwitchOver { stream_records }) => {
+                    let event = DestEvent::AwaitStreams(stream_records.clone());
+                    Ok((DestPhase::AwaitStreams { stream_records }, event))
                 }
-                self.evidence = Some(CommitEvidence {
-                    transcript: self.transcript_hash,
-                    manifest_root: self.manifest_root,
-                    final_digest: digest,
-                });
-                event = DestEvent::Send(Message::Ready.encode());
-                Ok(DestPhase::AwaitCommit)
+                (
+                    DestPhase::AwaitFinalEvidence { nonce, computed },
+                    Message::FinalEvidence {
+                        digest,
+                        signature,
+                        evidence,
+                    },
+                ) => {
+                    if !ct_eq(&digest, &computed) {
+                        return Err(PeerMisbehaved::FinalDigestMismatch {
+                            attested: hex(&digest),
+                            computed: hex(&computed),
+                        }
+                        .into());
+                    }
+                    let key = self
+                        .peer_final_key
+                        .ok_or(Error::ApiMisuse("session without the source's final key"))?;
+                    let ctx = FinalContext {
+                        nonce: &nonce,
+                        tls_exporter: &self.channel.tls_exporter,
+                        order_id: &self.order_id,
+                        transcript_hash: &self.transcript_hash,
+                    };
+                    finalsig::verify(&key, &signature, &ctx, &digest)?;
+                    match (self.strict, evidence) {
+                        (true, Some(evidence)) => {
+                            let qd =
+                                final_qd(&self.channel, &nonce, &self.order_id, &self.channel.peer);
+                            verify_final_quote(
+                                verifier,
+                                &evidence,
+                                &qd,
+                                &self.channel.peer,
+                                &digest,
+                            )?;
+                        }
+                        (true, None) => {
+                            return Err(PeerMisbehaved::BadField(
+                                "the order is strict: final evidence without the TPM quote".into(),
+                            )
+                            .into())
+                        }
+                        (false, Some(_)) => {
+                            return Err(PeerMisbehaved::BadField(
+                                "final evidence carries a quote the order did not ask for".into(),
+                            )
+                            .into())
+                        }
+                        (false, None) => self.late = Some((digest, nonce)),
+                    }
+                    self.evidence = Some(CommitEvidence {
+                        transcript: self.transcript_hash,
+                        manifest_root: self.manifest_root,
+                        final_digest: digest,
+                    });
+                    Ok((
+                        DestPhase::AwaitCommit,
+                        DestEvent::Send(Message::Ready.encode()),
+                    ))
+                }
+                (DestPhase::AwaitFinalQuote, Message::FinalQuote { evidence }) => {
+                    let (digest, nonce) = self
+                        .late
+                        .ok_or(Error::ApiMisuse("a late quote without a signed digest"))?;
+                    let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.peer);
+                    let verdict =
+                        verify_final_quote(verifier, &evidence, &qd, &self.channel.peer, &digest)
+                            .map_err(|e| e.to_string());
+                    Ok((DestPhase::Done, DestEvent::FinalQuote(verdict)))
+                }
+                (DestPhase::AwaitCommit, Message::Commit) => {
+                    self.committed = true;
+                    Ok((DestPhase::Committed, DestEvent::Resume))
+                }
+                (p, m) => Err(unexpected(&m, p.expects())),
             }
-            (DestPhase::AwaitFinalQuote, Message::FinalQuote { evidence }) => {
-                let (digest, nonce) = self
-                    .late
-                    .ok_or(Error::ApiMisuse("a late quote without a signed digest"))?;
-                let qd = final_qd(&self.channel, &nonce, &self.order_id, &self.channel.peer);
-                let verdict =
-                    verify_final_quote(verifier, &evidence, &qd, &self.channel.peer, &digest)
-                        .map_err(|e| e.to_string());
-                event = DestEvent::FinalQuote(verdict);
-                Ok(DestPhase::Done)
-            }
-            (DestPhase::AwaitCommit, Message::Commit) => {
-                committed = true;
-                event = DestEvent::Resume;
-                Ok(DestPhase::Committed)
-            }
-            (p, m) => Err(unexpected(
-                &m,
-                match p {
-                    DestPhase::Receiving => "round-done or switch-over",
-                    DestPhase::AwaitStreams { .. } => "nothing (draining streams)",
-                    DestPhase::AwaitFinalEvidence { .. } => "final-evidence",
-                    DestPhase::AwaitCommit => "commit",
-                    DestPhase::AwaitFinalQuote => "final-quote",
-                    DestPhase::Committed | DestPhase::Done => "nothing (done)",
-                },
-            )),
-        })();
-        self.committed |= committed;
-        if late.is_some() {
-            self.late = late;
-        }
-        sticky(&mut self.phase, r)?;
-        Ok(event)
+        })
     }
 
     /// Every stream delivered its records: check the counts, then challenge the source for its
@@ -499,21 +452,18 @@ impl DestMigration {
         computed: Digest,
         nonce: [u8; 32],
     ) -> Result<Vec<u8>, Error> {
-        let r = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
-            Ok(DestPhase::AwaitStreams { stream_records }) => {
-                if stream_records.as_slice() == received {
-                    Ok(DestPhase::AwaitFinalEvidence { nonce, computed })
-                } else {
-                    Err(PeerMisbehaved::BadField(format!(
-                        "source sent {stream_records:?} records per stream, destination received {received:?}"
-                    ))
-                    .into())
-                }
+        advance(&mut self.phase, DestPhase::Done, |p| {
+            match p {
+            DestPhase::AwaitStreams { stream_records } if stream_records.as_slice() == received => {
+                Ok((DestPhase::AwaitFinalEvidence { nonce, computed }, ()))
             }
-            Ok(_) => Err(Error::ApiMisuse("streams_complete before switch-over")),
-            Err(e) => Err(e),
-        };
-        sticky(&mut self.phase, r)?;
+            DestPhase::AwaitStreams { stream_records } => Err(PeerMisbehaved::BadField(format!(
+                "source sent {stream_records:?} records per stream, destination received {received:?}"
+            ))
+            .into()),
+            _ => Err(Error::ApiMisuse("streams_complete before switch-over")),
+        }
+        })?;
         Ok(Message::FinalChallenge { nonce }.encode())
     }
 
@@ -524,12 +474,10 @@ impl DestMigration {
         } else {
             DestPhase::Done
         };
-        let r = match std::mem::replace(&mut self.phase, Ok(DestPhase::Done)) {
-            Ok(DestPhase::Committed) => Ok(next),
-            Ok(_) => Err(Error::ApiMisuse("resumed before commit")),
-            Err(e) => Err(e),
-        };
-        sticky(&mut self.phase, r)?;
+        advance(&mut self.phase, DestPhase::Done, |p| match p {
+            DestPhase::Committed => Ok((next, ())),
+            _ => Err(Error::ApiMisuse("resumed before commit")),
+        })?;
         Ok(Message::Resumed.encode())
     }
 }
