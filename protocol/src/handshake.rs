@@ -120,6 +120,19 @@ impl Transcript {
     }
 }
 
+/// The TLS peer is the agent the order names for the peer's `role` (constant time).
+fn check_peer(channel: &ChannelBinding, role: Role, named: &AgentId) -> Result<(), Error> {
+    if !ct_eq(&channel.peer, named) {
+        return Err(PeerMisbehaved::WrongPeer {
+            role,
+            tls_peer: hex(&channel.peer),
+            named: hex(named),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Check the peer's `Finished` MAC over the transcript (SPEC.md §5.3).
 fn check_finished(est: &Established, from: Role, mac: &[u8; 32]) -> Result<(), Error> {
     let expect = est.keys.finished_mac(from, &est.transcript_hash);
@@ -252,14 +265,7 @@ impl SourceHandshake {
     ) -> Result<(Self, Vec<u8>), Error> {
         check_mode(&mode, streams)?;
         check_streams(&mode, streams, manifest)?;
-        if !ct_eq(&channel.peer, &order.body().destination) {
-            return Err(PeerMisbehaved::WrongPeer {
-                role: Role::Destination,
-                tls_peer: hex(&channel.peer),
-                named: hex(&order.body().destination),
-            }
-            .into());
-        }
+        check_peer(&channel, Role::Destination, &order.body().destination)?;
         let msg = Message::ClientHello(ClientHello {
             versions: SUPPORTED_VERSIONS.to_vec(),
             nonce,
@@ -324,13 +330,7 @@ impl SourceHandshake {
                 },
                 Message::DestinationEvidence { evidence },
             ) => {
-                let qd = qualifying_data(
-                    HANDSHAKE_LABEL,
-                    &hello.nonce_s,
-                    &hello.channel.tls_exporter,
-                    hello.order.id(),
-                    &hello.channel.peer,
-                );
+                let qd = destination_qualifying_data(&hello, &hello.channel.peer);
                 let peer_claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
                 hello.transcript.add(raw);
                 let est = establish(*hello, Role::Source, peer_claims, (manifest, root));
@@ -380,13 +380,7 @@ impl SourceHandshake {
             .as_ref()
             .ok_or(Error::ApiMisuse("source handshake without a final key"))?
             .public();
-        let qd = source_handshake_qualifying_data(
-            &hello.nonce_d,
-            &hello.channel.tls_exporter,
-            hello.order.id(),
-            &hello.channel.local,
-            &final_key,
-        );
+        let qd = source_qualifying_data(&hello, &hello.channel.local, &final_key);
         let evidence = attester.quote(&qd)?;
         let parsed: ImageManifest = codec::decode(&manifest)?;
         let out = Message::SourceEvidence {
@@ -437,14 +431,27 @@ fn establish(
     }
 }
 
-/// The qualifying data of the destination's handshake quote (SPEC.md §5.2, D11).
-fn destination_qualifying_data(hello: &Hello) -> Digest {
+/// The qualifying data of the destination's handshake quote (SPEC.md §5.2 D11, checked at
+/// S7): the source's nonce, the channel, the order and the destination's identity.
+fn destination_qualifying_data(hello: &Hello, destination: &AgentId) -> Digest {
     qualifying_data(
         HANDSHAKE_LABEL,
         &hello.nonce_s,
         &hello.channel.tls_exporter,
         hello.order.id(),
-        &hello.channel.local,
+        destination,
+    )
+}
+
+/// The qualifying data of the source's handshake quote (SPEC.md §5.2 S4, checked at D7): the
+/// destination's nonce, the channel, the order, the source's identity and its final key.
+fn source_qualifying_data(hello: &Hello, source: &AgentId, final_key: &[u8; 32]) -> Digest {
+    source_handshake_qualifying_data(
+        &hello.nonce_d,
+        &hello.channel.tls_exporter,
+        hello.order.id(),
+        source,
+        final_key,
     )
 }
 
@@ -507,7 +514,9 @@ impl DestinationHandshake {
     /// evidence verified.
     pub fn evidence_qualifying_data(&self) -> Option<Digest> {
         match &self.state {
-            Ok(DestState::AwaitSourceEvidence(hello)) => Some(destination_qualifying_data(hello)),
+            Ok(DestState::AwaitSourceEvidence(hello)) => {
+                Some(destination_qualifying_data(hello, &hello.channel.local))
+            }
             _ => None,
         }
     }
@@ -586,14 +595,7 @@ fn on_client_hello(
         role: Role::Destination,
         now: cfg.now,
     })?;
-    if !ct_eq(&channel.peer, &order.body().source) {
-        return Err(PeerMisbehaved::WrongPeer {
-            role: Role::Source,
-            tls_peer: hex(&channel.peer),
-            named: hex(&order.body().source),
-        }
-        .into());
-    }
+    check_peer(channel, Role::Source, &order.body().source)?;
     check_mode(&ch.mode, ch.streams)?;
     journal.claim(order.body(), &order.signed().operator)?;
     let mut transcript = Transcript::new();
@@ -631,13 +633,7 @@ fn on_source_evidence(
     verifier: &dyn EvidenceVerifier,
 ) -> Result<(DestState, Vec<Vec<u8>>), Error> {
     // The quote vouches for the final key only through its qualifying data.
-    let qd = source_handshake_qualifying_data(
-        &hello.nonce_d,
-        &hello.channel.tls_exporter,
-        hello.order.id(),
-        &hello.channel.peer,
-        &final_key,
-    );
+    let qd = source_qualifying_data(&hello, &hello.channel.peer, &final_key);
     let claims = verifier.verify(&evidence, &qd, &hello.channel.peer)?;
     hello.peer_final_key = Some(final_key);
     let root = manifest_root(&manifest);
@@ -656,7 +652,7 @@ fn on_source_evidence(
     }
     hello.transcript.add(raw);
     let ev = Message::DestinationEvidence {
-        evidence: attester.quote(&destination_qualifying_data(&hello))?,
+        evidence: attester.quote(&destination_qualifying_data(&hello, &hello.channel.local))?,
     }
     .encode();
     hello.transcript.add(&ev);
