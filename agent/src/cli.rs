@@ -149,8 +149,9 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 4096)]
         rss_size_mib: u64,
         /// Migrations at once for the concurrency table, with TPMs that sign in
-        /// `--tpm-sign-ms` (0 skips it; at most the agent's 4 concurrent migrations).
-        #[arg(long, default_value_t = 4)]
+        /// `--tpm-sign-ms` (0 skips it; at most the agent's default
+        /// `max_concurrent_migrations`, 4).
+        #[arg(long, default_value_t = trustmig_agent::config::DEFAULT_MAX_CONCURRENT)]
         concurrent: usize,
         /// How long the concurrency table's TPMs take to sign, ms (hardware: 100-600).
         #[arg(long, default_value_t = 200)]

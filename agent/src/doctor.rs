@@ -302,13 +302,22 @@ async fn audit_trail(home: &Home) -> Check {
 async fn missing_trail(home: &Home) -> Check {
     const HOW: &str = "restore the trail from a copy; or, to start a new one, stop the agent and \
                        run `trustmig audit anchor --reason TEXT`, which records why in it";
-    let records = crate::audit::journal_records(&home.journal_dir());
-    if records > 0 {
-        return check(
-            Level::Fail,
-            format!("audit trail: missing, but the journal holds {records} records: a trail was here (deleted, or moved aside)"),
-            HOW,
-        );
+    match crate::audit::journal_records(&home.journal_dir()) {
+        Ok(0) => {}
+        Ok(records) => {
+            return check(
+                Level::Fail,
+                format!("audit trail: missing, but the journal holds {records} records: a trail was here (deleted, or moved aside)"),
+                HOW,
+            )
+        }
+        Err(e) => {
+            return check(
+                Level::Fail,
+                format!("audit trail: missing, and the journal cannot be read ({e}): whether a trail was here is not known"),
+                "make the journal readable (the agent cannot start without it), then run the doctor again",
+            )
+        }
     }
     match crate::admin::audit_anchor_value(home).await {
         Ok((_, value)) if value == [0; 32] => check(

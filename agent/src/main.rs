@@ -169,10 +169,12 @@ fn bench(
             "--size-mib, --rates and --downtime-ms must be non-empty and > 0".into(),
         ));
     }
-    if concurrent > 4 {
-        return Err(AgentError::Usage(
-            "--concurrent: at most 4 (the agent's default max_concurrent_migrations)".into(),
-        ));
+    // The table's agents run with the default configuration: it says how many go at once.
+    let most = trustmig_agent::config::DEFAULT_MAX_CONCURRENT;
+    if concurrent > most {
+        return Err(AgentError::Usage(format!(
+            "--concurrent: at most {most} (the agent's default max_concurrent_migrations)"
+        )));
     }
     print!(
         "{}",

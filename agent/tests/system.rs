@@ -1491,6 +1491,23 @@ fn doctor_names_what_to_fix() {
         ok && text.contains("[ok  ] audit trail: none yet"),
         "{text}"
     );
+    // ... unless the journal cannot be read (here a directory where the file goes): whether it
+    // recorded anything is not known, and the doctor says so instead of taking it for empty.
+    let journal = pair.src.journal_dir().join("journal.jsonl");
+    let had_journal = journal.exists();
+    if had_journal {
+        std::fs::rename(&journal, journal.with_extension("away")).unwrap();
+    }
+    std::fs::create_dir(&journal).unwrap();
+    let (ok, text) = doctor(&pair.src, &[]);
+    assert!(
+        !ok && text.contains("[FAIL] audit trail: missing, and the journal cannot be read"),
+        "{text}"
+    );
+    std::fs::remove_dir(&journal).unwrap();
+    if had_journal {
+        std::fs::rename(journal.with_extension("away"), &journal).unwrap();
+    }
     std::fs::rename(trail.with_extension("away"), &trail).unwrap();
 
     pair.start_both().unwrap();

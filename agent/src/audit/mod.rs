@@ -154,14 +154,21 @@ impl Audit {
                 let last = last_order_entry(&v.list);
                 (v.head, v.entries, last, v.torn_at)
             }
+            Err(VerifyError::Missing) if start_anew => ([0; 32], 0, None, None),
             Err(VerifyError::Missing) => match journal_records(dir) {
-                n if n > 0 && !start_anew => {
+                Ok(0) => ([0; 32], 0, None, None),
+                Ok(n) => {
                     return Err(AgentError::BadConfig {
                         path,
                         reason: format!("no audit trail, but the journal holds {n} records: the trail was deleted or moved aside; restore it, or stop the agent and run `trustmig audit anchor --reason TEXT` to start a new one (it records why)"),
                     })
                 }
-                _ => ([0; 32], 0, None, None),
+                Err(e) => {
+                    return Err(AgentError::BadConfig {
+                        path,
+                        reason: format!("no audit trail, and the journal cannot be read ({e}), so whether a trail was here is not known"),
+                    })
+                }
             },
             Err(e) => {
                 return Err(AgentError::BadConfig {
@@ -315,10 +322,15 @@ pub enum VerifyError {
     },
 }
 
-/// The journal's records in `dir` (its non-empty lines; 0 without a journal).
-pub(crate) fn journal_records(dir: &Path) -> usize {
-    let text = std::fs::read_to_string(dir.join(crate::journal::FILE)).unwrap_or_default();
-    text.lines().filter(|l| !l.trim().is_empty()).count()
+/// The journal's records in `dir` (its non-empty lines; 0 without a journal). A journal that
+/// is there but cannot be read is an error naming it: whether it recorded anything is unknown.
+pub(crate) fn journal_records(dir: &Path) -> Result<usize, String> {
+    let path = dir.join(crate::journal::FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.lines().filter(|l| !l.trim().is_empty()).count()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 /// Check the whole chain at `path`.
@@ -434,6 +446,26 @@ mod tests {
             .lines()
             .map(String::from)
             .collect()
+    }
+
+    /// A missing trail is started anew only beside a journal known to be empty: one that
+    /// cannot be read (here a directory where the file goes) refuses the start, naming it.
+    #[test]
+    fn a_missing_trail_beside_an_unreadable_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join(crate::journal::FILE);
+        std::fs::create_dir(&journal).unwrap();
+        let e = Audit::open(dir.path()).err().expect("refused").to_string();
+        assert!(
+            e.contains("the journal cannot be read") && e.contains(&journal.display().to_string()),
+            "{e}"
+        );
+        assert!(
+            !dir.path().join(FILE).exists(),
+            "a refused start writes nothing"
+        );
+        std::fs::remove_dir(&journal).unwrap();
+        Audit::open(dir.path()).expect("no journal: a new trail");
     }
 
     #[test]

@@ -249,8 +249,11 @@ fn default_streams() -> u16 {
 fn default_step_timeout() -> u64 {
     30
 }
+/// `transfer.max_concurrent_migrations` when the configuration does not set it.
+pub const DEFAULT_MAX_CONCURRENT: usize = 4;
+
 fn default_max_concurrent() -> usize {
-    4
+    DEFAULT_MAX_CONCURRENT
 }
 fn default_size() -> u64 {
     512
