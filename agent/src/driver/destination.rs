@@ -20,7 +20,7 @@ use trustmig_protocol::handshake::{
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::migration::{DestEvent, DestMigration};
 use trustmig_protocol::order::{hex, OrderId};
-use trustmig_protocol::Digest;
+use trustmig_protocol::{AgentId, Digest};
 
 use crate::attestation::{Prequoted, SharedTpm};
 use crate::backend::qemu::QemuDest;
@@ -40,6 +40,39 @@ type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
 
 /// Serve one incoming TLS control connection.
 pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
+    let (tls, exporter, peer) = accept(&ctx, tcp).await?;
+    let (rd, wr) = tokio::io::split(tls);
+    let mut s = Session {
+        ctx: ctx.clone(),
+        wr,
+        order_id: None,
+        vm: String::new(),
+        sid: None,
+        backend: "",
+    };
+    let r = s.run(rd, exporter, peer).await;
+    if let Some(sid) = s.sid {
+        ctx.sessions.lock().expect("sessions lock").remove(&sid);
+    }
+    if !s.backend.is_empty() {
+        ctx.metrics.receiving.dec();
+    }
+    let Err(e) = r else {
+        if !s.backend.is_empty() {
+            ctx.metrics.ended("destination", s.backend, "done", None);
+        }
+        // Done: close our side, so the source, waiting after its late quote for an incident
+        // (SPEC.md §8.7), hears at once that there is none.
+        let _ = s.wr.shutdown().await;
+        return Ok(());
+    };
+    s.failed(&e, &peer).await;
+    Err(e)
+}
+
+/// The TLS handshake with a trusted peer (within the step timeout): the stream, its exporter
+/// and the peer's identity key.
+async fn accept(ctx: &Ctx, tcp: TcpStream) -> Result<(Tls, [u8; 32], AgentId), AgentError> {
     let peers = ctx.peers()?;
     let cfg = crate::net::tls::server_config(&ctx.identity, peers.keys())
         .map_err(|e| AgentError::Tls(format!("TLS configuration: {e}")))?;
@@ -55,86 +88,7 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Tls(format!("TLS exporter: {e}")))?;
     let peer = crate::net::tls::peer_identity(conn).map_err(AgentError::Tls)?;
     info!(peer = %hex(&peer), name = peers.name_of(&peer).unwrap_or("?"), "peer connected");
-    let (rd, wr) = tokio::io::split(tls);
-    let mut s = Session {
-        ctx: ctx.clone(),
-        wr,
-        order_id: None,
-        vm: String::new(),
-        sid: None,
-        backend: "",
-    };
-    let r = s.run(rd, exporter, peer).await;
-    if let Some(sid) = s.sid {
-        ctx.sessions.lock().expect("sessions lock").remove(&sid);
-    }
-    let backend = s.backend;
-    if !backend.is_empty() {
-        ctx.metrics.receiving.dec();
-    }
-    let Err(e) = r else {
-        if !backend.is_empty() {
-            ctx.metrics.ended("destination", backend, "done", None);
-        }
-        // Done: close our side, so the source, waiting after its late quote for an incident
-        // (SPEC.md §8.7), hears at once that there is none.
-        let _ = s.wr.shutdown().await;
-        return Ok(());
-    };
-    // The backend discarded what arrived before this: the source hears of the failure (and
-    // may run its VM again) only once this host's copy is gone (SPEC.md §8.8).
-    let msg = Message::Abort {
-        code: e.abort_code(),
-        reason: e.to_string().chars().take(200).collect(),
-    };
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        write_frame(&mut s.wr, &msg.encode()),
-    )
-    .await;
-    let _ = s.wr.shutdown().await;
-    let mut rolled_back = true;
-    if let Some(id) = s.order_id {
-        // Rolled back by its machine; a session that failed before the machine started (its
-        // claim just made) rolls its claim back here.
-        let mut journal = ctx.journal.lock().expect("journal lock");
-        let _ = journal.roll_back_if_claimed(&id, e.to_string());
-        rolled_back = journal.entry(&id).map(|e| e.state) == Some(State::RolledBack);
-        drop(journal);
-        ctx.remember(history_entry(
-            "destination",
-            None,
-            Some(&e.to_string()),
-            &hex(&id),
-            &s.vm,
-        ));
-    }
-    match (backend.is_empty(), rolled_back) {
-        (true, _) => ctx.metrics.refused(&e),
-        (false, true) => ctx
-            .metrics
-            .ended("destination", backend, "discarded", Some(&e)),
-        (false, false) => ctx.metrics.ended("destination", backend, "kept", Some(&e)),
-    }
-    match (s.order_id, rolled_back) {
-        // Refused before any order was accepted (handshake, settlement query): nothing
-        // was received, so there is nothing to discard.
-        (None, _) => {
-            warn!("peer session refused: {e}");
-            ctx.journal
-                .lock()
-                .expect("journal lock")
-                .audit_refused(crate::audit::Event {
-                    role: "destination".into(),
-                    peer: hex(&peer),
-                    reason: e.to_string(),
-                    ..Default::default()
-                });
-        }
-        (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
-        (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
-    }
-    Err(e)
+    Ok((tls, exporter, peer))
 }
 
 struct Session {
@@ -198,6 +152,67 @@ fn wire(e: WireError) -> AgentError {
 }
 
 impl Session {
+    /// The session failed with `e`: the source hears why (after the backend discarded what
+    /// arrived: it may run its VM again only once this host's copy is gone, SPEC.md §8.8); the
+    /// order's claim is rolled back if nothing else did; metrics, history, audit and the log
+    /// say what became of the VM here.
+    async fn failed(&mut self, e: &AgentError, peer: &AgentId) {
+        let ctx = self.ctx.clone();
+        let msg = Message::Abort {
+            code: e.abort_code(),
+            reason: e.to_string().chars().take(200).collect(),
+        };
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            write_frame(&mut self.wr, &msg.encode()),
+        )
+        .await;
+        let _ = self.wr.shutdown().await;
+        let mut rolled_back = true;
+        if let Some(id) = self.order_id {
+            // Rolled back by its machine; a session that failed before the machine started
+            // (its claim just made) rolls its claim back here.
+            let mut journal = ctx.journal.lock().expect("journal lock");
+            let _ = journal.roll_back_if_claimed(&id, e.to_string());
+            rolled_back = journal.entry(&id).map(|e| e.state) == Some(State::RolledBack);
+            drop(journal);
+            ctx.remember(history_entry(
+                "destination",
+                None,
+                Some(&e.to_string()),
+                &hex(&id),
+                &self.vm,
+            ));
+        }
+        match (self.backend.is_empty(), rolled_back) {
+            (true, _) => ctx.metrics.refused(e),
+            (false, true) => ctx
+                .metrics
+                .ended("destination", self.backend, "discarded", Some(e)),
+            (false, false) => ctx
+                .metrics
+                .ended("destination", self.backend, "kept", Some(e)),
+        }
+        match (self.order_id, rolled_back) {
+            // Refused before any order was accepted (handshake, settlement query): nothing
+            // was received, so there is nothing to discard.
+            (None, _) => {
+                warn!("peer session refused: {e}");
+                ctx.journal
+                    .lock()
+                    .expect("journal lock")
+                    .audit_refused(crate::audit::Event {
+                        role: "destination".into(),
+                        peer: hex(peer),
+                        reason: e.to_string(),
+                        ..Default::default()
+                    });
+            }
+            (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
+            (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
+        }
+    }
+
     async fn send(&mut self, m: &[u8]) -> Result<(), AgentError> {
         tokio::time::timeout(self.ctx.step_timeout(), write_frame(&mut self.wr, m))
             .await
@@ -490,27 +505,7 @@ impl Session {
         commit.feed(&self.ctx, Input::Commit, "");
         expect(commit.next(&ctx)?, Output::Vm(VmAction::Resume))?;
         crash_point(CrashPoint::DestinationAfterCommit);
-        // The VM is this host's now and runs nowhere else: a refused `cont` is tried again
-        // (250 ms doubling to 5 s) for a step timeout before it is reported; a restart of the
-        // agent resumes it too (SPEC.md §8.8).
-        let mut pauses = crate::backoff::Backoff::new(
-            std::time::Duration::from_millis(250),
-            std::time::Duration::from_secs(5),
-        );
-        let deadline = tokio::time::Instant::now() + ctx.step_timeout();
-        loop {
-            match vm.resume(&ctx).await {
-                Ok(()) => break,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    warn!(order = %hex(&id), vm = %self.vm, "committed here, but the VM did not start; trying again: {e}");
-                    tokio::time::sleep(pauses.next_pause()).await;
-                }
-                Err(e) => {
-                    error!(order = %hex(&id), vm = %self.vm, "committed here, but the VM does not start; it runs nowhere until it does (restart the agent, or `cont` it by hand): {e}");
-                    return Err(e);
-                }
-            }
-        }
+        self.start_committed(vm, &id).await?;
         commit.feed(&self.ctx, Input::VmRunning, "resumed here");
         expect(commit.next(&ctx)?, Output::Send(Signal::Resumed))?;
         let m = dm.resumed()?;
@@ -556,6 +551,30 @@ impl Session {
             self.late_quote(dm, frames, &id).await;
         }
         Ok(())
+    }
+
+    /// Start the committed VM. It is this host's now and runs nowhere else: a refused `cont` is
+    /// tried again (250 ms doubling to 5 s) for a step timeout before it is reported; a restart
+    /// of the agent resumes it too (SPEC.md §8.8).
+    async fn start_committed<B: DestVm>(&self, vm: &mut B, id: &OrderId) -> Result<(), AgentError> {
+        let mut pauses = crate::backoff::Backoff::new(
+            std::time::Duration::from_millis(250),
+            std::time::Duration::from_secs(5),
+        );
+        let deadline = tokio::time::Instant::now() + self.ctx.step_timeout();
+        loop {
+            match vm.resume(&self.ctx).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(order = %hex(id), vm = %self.vm, "committed here, but the VM did not start; trying again: {e}");
+                    tokio::time::sleep(pauses.next_pause()).await;
+                }
+                Err(e) => {
+                    error!(order = %hex(id), vm = %self.vm, "committed here, but the VM does not start; it runs nowhere until it does (restart the agent, or `cont` it by hand): {e}");
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// After `Resumed`: the source's TPM quote of the final digest, the record's evidence
