@@ -623,7 +623,15 @@ async fn qemu_downtime_ladder_starts_low_unless_configured_flat() {
 /// QEMU's `downtime-limit` when its migration starts: read on a second monitor `q` at the
 /// first `MIGRATION` event (`setup`, at `migrate`).
 async fn limit_at_migration_start(mut q: Qmp) -> u64 {
-    while q.event().await.expect("monitor event").name != "MIGRATION" {}
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), q.event())
+            .await
+            .expect("QEMU starts migrating within 120 s")
+            .expect("monitor event");
+        if ev.name == "MIGRATION" {
+            break;
+        }
+    }
     let p = q
         .execute("query-migrate-parameters", serde_json::json!({}))
         .await
