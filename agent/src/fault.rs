@@ -14,6 +14,7 @@
 //! | `TRUSTMIG_TEST_LOSE_RESUMED` | the destination resumes, then fails before `Resumed` |
 //! | `TRUSTMIG_TEST_SETTLE_UNANSWERED=<n>` | the first n settlement queries go unanswered |
 //! | `TRUSTMIG_TEST_ALTER_DISK_CHUNK=<k>` | disk chunk k is altered after the source checked it |
+//! | `TRUSTMIG_TEST_ALTER_MIRRORED_IMAGE=1` | the destination alters each copy verified in full before hashing it |
 
 /// Whether fault injection is compiled in: call sites that need work to find their point
 /// (decoding a message, say) test this first, so a build without it does none of that work.
@@ -31,6 +32,9 @@ pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 pub const SETTLE_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
 /// `TRUSTMIG_TEST_ALTER_DISK_CHUNK`.
 pub const ALTER_DISK_CHUNK_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
+/// Destination: alter a byte of each copy verified in full (`verify = "full"`) after its NBD
+/// stream ended, before it is hashed (a copy that diverged from what the mirror sent).
+pub const ALTER_MIRRORED_IMAGE_ENV: &str = "TRUSTMIG_TEST_ALTER_MIRRORED_IMAGE";
 
 /// Where an agent can be made to crash: every point where its journal changes, and one in
 /// the middle of the transfer (the crash matrix, SPEC.md §8.9).
@@ -111,6 +115,7 @@ mod on {
         pub lose_resumed: bool,
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
+        pub alter_mirrored_image: bool,
         pub asked: AtomicU64,
         pub records: AtomicU64,
     }
@@ -129,6 +134,7 @@ mod on {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             alter_disk_chunk: var(ALTER_DISK_CHUNK_ENV).and_then(|v| v.parse().ok()),
+            alter_mirrored_image: var(ALTER_MIRRORED_IMAGE_ENV).is_some(),
             asked: AtomicU64::new(0),
             records: AtomicU64::new(0),
         }
@@ -221,4 +227,12 @@ pub fn alter_disk_chunk(index: u64) -> bool {
         let _ = index;
         false
     }
+}
+
+/// Whether the destination alters each copy verified in full before hashing it.
+pub fn alter_mirrored_image() -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().alter_mirrored_image;
+    #[cfg(not(feature = "fault-injection"))]
+    false
 }

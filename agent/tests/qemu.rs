@@ -275,6 +275,13 @@ struct Setup {
 }
 
 impl Setup {
+    /// Both agents' whole logs, for a test that looks for a line (`logs` shows the tail).
+    fn all_logs(&self) -> String {
+        (self.pair.procs.iter().flatten())
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .collect()
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for p in self.pair.procs.iter().flatten() {
@@ -2192,16 +2199,12 @@ impl Writer {
 
 /// A migration with the guest writing its disk throughout: the destination's copy is the
 /// source image as it was at the pause, byte for byte (guest-visible content); writes after
-/// `Resumed` land on the destination only.
-async fn mirror_moves(format: &'static str, disk_toml: &str) {
+/// `Resumed` land on the destination only. Returns both agents' logs (`None`: skipped).
+async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<String> {
     let _g = SERIAL.lock().await;
-    let Some((disk, mut opts)) = MirrorFixture::new(format) else {
-        return;
-    };
+    let (disk, mut opts) = MirrorFixture::new(format)?;
     opts.src_vm += disk_toml;
-    let Some(mut s) = setup_with(&opts, true) else {
-        return;
-    };
+    let mut s = setup_with(&opts, true)?;
     let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let addr = s.pair.dst_addr.clone();
@@ -2249,16 +2252,88 @@ async fn mirror_moves(format: &'static str, disk_toml: &str) {
         disk.content(&disk.image) == src,
         "the source image stays as at the pause"
     );
+    Some(s.all_logs())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_mirrors_a_writable_raw_disk_while_the_guest_writes() {
-    mirror_moves("raw", "").await;
+    let logs = mirror_moves("raw", "").await;
+    assert!(
+        logs.is_none_or(|l| !l.contains("image hashed in full")),
+        "verify = \"stream\" (the default) hashes no image"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_mirrors_a_writable_qcow2_disk_while_the_guest_writes() {
     mirror_moves("qcow2", "").await;
+}
+
+/// `verify = "full"` (spec/qemu.md §5): both agents hash the image as the guest sees it, the
+/// source once QEMU completed, the destination once its NBD stream ended, and the final
+/// digest binds both: the move commits only if they agree. A qcow2 copy is laid out unlike the
+/// source file (its clusters land in arrival order), so this also pins that the hash is of
+/// guest-visible content: the two files differ byte-wise here, their guest views do not.
+async fn mirror_verified_in_full(format: &'static str) {
+    let Some(logs) = mirror_moves(format, "verify = \"full\"\n").await else {
+        return;
+    };
+    let hashed = logs.matches("image hashed in full").count();
+    assert_eq!(hashed, 2, "hashed on both hosts:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_verifies_a_mirrored_raw_disk_in_full() {
+    mirror_verified_in_full("raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_verifies_a_mirrored_qcow2_disk_in_full() {
+    mirror_verified_in_full("qcow2").await;
+}
+
+/// A copy that diverged from the source image after every NBD byte arrived intact (here the
+/// destination agent, by fault injection, flips a data byte of its copy before hashing it):
+/// the stream digests agree, the image digests do not, and the migration rolls back with the
+/// source guest writing on and the copy removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_copy_unlike_the_source_image_rolls_back() {
+    let _g = SERIAL.lock().await;
+    let Some((disk, mut opts)) = MirrorFixture::new("qcow2") else {
+        return;
+    };
+    opts.src_vm += "verify = \"full\"\n";
+    opts.dst_env = vec![(
+        trustmig_agent::fault::ALTER_MIRRORED_IMAGE_ENV.into(),
+        "1".into(),
+    )];
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let writer = Writer::start(&disk.test_qmp, s.pair.dir().join("src.qemu.log")).await;
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(
+        err.contains("final image digest mismatch") && err.contains("rolled back"),
+        "{err}\n{}",
+        s.logs()
+    );
+    assert!(
+        s.all_logs()
+            .contains("fault injection: altered a byte of the copy"),
+        "the fault fired"
+    );
+    assert_mirror_rolled_back(&mut s, &disk, writer).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !disk.leftovers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "copy not removed: {:?}",
+            disk.leftovers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Active mirroring (`mirror = "write-blocking"`): every guest write reaches both copies before
@@ -2436,6 +2511,10 @@ async fn bench_trustmig_disk() {
         return;
     };
     opts.dst_extra.push("-mem-prealloc".into());
+    // TRUSTMIG_BENCH_VERIFY=full: the disk verified in full (its downtime cost).
+    if let Ok(v) = std::env::var("TRUSTMIG_BENCH_VERIFY") {
+        opts.src_vm += &format!("verify = \"{v}\"\n");
+    }
     let Some(mut s) = setup_with(&opts, true) else {
         return;
     };

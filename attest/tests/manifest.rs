@@ -208,6 +208,7 @@ fn mirrored_disks_are_validated_and_bound_by_the_root() {
         name: "vdc".into(),
         format: DiskFormat::Qcow2,
         virtual_size: 1 << 30,
+        verify_full: false,
     });
     validate(&m).expect("consistent");
     // Without mirrors the encoding is the old one; with them the root covers them.
@@ -216,6 +217,10 @@ fn mirrored_disks_are_validated_and_bound_by_the_root() {
     let mut raw = m.clone();
     raw.mirrors[0].format = DiskFormat::Raw;
     assert_ne!(manifest_root(&raw.to_cbor()), root);
+    // Verifying in full is attested too: the destination cannot be talked out of it.
+    let mut full = m.clone();
+    full.mirrors[0].verify_full = true;
+    assert_ne!(manifest_root(&full.to_cbor()), root);
     // A name used twice (also across chunked and mirrored disks), an odd size, too large.
     let mut dup = m.clone();
     dup.mirrors[0].name = "vda".into();
@@ -232,6 +237,7 @@ fn mirrored_disks_are_validated_and_bound_by_the_root() {
             name: format!("m{i}"),
             format: DiskFormat::Raw,
             virtual_size: 512,
+            verify_full: false,
         });
     }
     assert!(matches!(

@@ -83,13 +83,21 @@ pub struct BlockDigests {
     pub to_destination: StreamDigest,
     /// Server to client: replies and read data.
     pub to_source: StreamDigest,
+    /// For a disk the manifest marks `verify_full`: the image's whole guest-visible content
+    /// (its virtual size, unallocated ranges as zeros), hashed by each agent on its own copy
+    /// with the guest stopped. `None` for the others.
+    pub image: Option<StreamDigest>,
 }
 
 /// The final digest of a hypervisor stream together with the NBD streams of mirrored disks,
 /// in manifest order. Without mirrors it is `stream.finish(transcript_hash)` (v1), so
 /// migrations without them are unchanged; with them:
 /// `SHA-256("trustmig hvstream v2" || transcript_hash || len || BLAKE3(stream) ||
-///  count u16 BE || for each disk: (len || BLAKE3) of S->D, then of D->S)`.
+///  count u16 BE || for each disk: (len || BLAKE3) of S->D, then of D->S, then, for a disk
+///  the manifest marks `verify_full`, (len || BLAKE3) of its image's guest-visible content)`.
+/// Whether the image part is there follows from the attested manifest (bound through the
+/// transcript), so the encoding stays unambiguous; an agent that hashed a disk the other did
+/// not gets a different digest, and the migration rolls back.
 pub fn final_digest(
     transcript_hash: &Digest,
     stream: StreamDigest,
@@ -109,6 +117,9 @@ pub fn final_digest(
     for d in disks {
         parts.push(part(&d.to_destination));
         parts.push(part(&d.to_source));
+        if let Some(image) = &d.image {
+            parts.push(part(image));
+        }
     }
     let mut all: Vec<&[u8]> = vec![HVSTREAM_DISKS_LABEL, transcript_hash];
     all.extend(parts.iter().map(Vec::as_slice));

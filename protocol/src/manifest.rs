@@ -56,6 +56,13 @@ pub struct MirrorDisk {
     pub format: DiskFormat,
     /// Size the guest sees, bytes (a multiple of 512).
     pub virtual_size: u64,
+    /// `verify = "full"` on the source: once the mirror is done and the guest stopped, both
+    /// agents hash the image's whole guest-visible content and the final digest binds it, so
+    /// the copy must equal the source image byte for byte as the guest sees it, not only carry
+    /// every NBD byte that crossed. Absent from the encoding when false, so manifests without
+    /// it encode as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verify_full: bool,
 }
 
 /// The image manifest.

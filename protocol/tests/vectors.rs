@@ -119,6 +119,21 @@ fn compute() -> Value {
             // A manifest with one mirrored disk, as encoded, and its root.
             "manifest_with_mirror": h(&mirror_manifest().to_cbor()),
             "manifest_with_mirror_root": h(&manifest_root(&mirror_manifest().to_cbor())),
+            // That disk verified in full: its manifest entry says so, and the final digest
+            // binds the image's guest-visible content after the two NBD directions.
+            "image": h(b"\x00\x00 guest-visible image content"),
+            "final_with_disk_verified_in_full": h(&{
+                let mut d = StreamDigest::new();
+                d.update(b"QEVM\x00\x00\x00\x03 qemu migration stream bytes");
+                let mut disk = BlockDigests::default();
+                disk.to_destination.update(b"\x25\x60\x95\x13 nbd request");
+                disk.to_source.update(b"\x67\x44\x66\x98 nbd reply");
+                let mut image = StreamDigest::new();
+                image.update(b"\x00\x00 guest-visible image content");
+                disk.image = Some(image);
+                hvstream::final_digest(&transcript, d, &[disk])
+            }),
+            "manifest_with_full_verify": h(&full_verify_manifest().to_cbor()),
         },
         "image_digest": {
             "transcript_hash": h(&transcript),
@@ -149,8 +164,16 @@ fn mirror_manifest() -> ImageManifest {
             name: "d0".into(),
             format: DiskFormat::Qcow2,
             virtual_size: 1 << 30,
+            verify_full: false,
         }],
     }
+}
+
+/// The same with the disk verified in full (`verify = "full"`).
+fn full_verify_manifest() -> ImageManifest {
+    let mut m = mirror_manifest();
+    m.mirrors[0].verify_full = true;
+    m
 }
 
 fn path() -> std::path::PathBuf {

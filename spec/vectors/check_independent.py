@@ -138,6 +138,8 @@ def cbor_head(major, n):
 
 def cbor(v):
     """The CBOR subset the manifest uses (SPEC.md §6.3, messages.cddl): maps in field order."""
+    if v is True:
+        return b"\xf5"  # simple value 21 (true)
     if isinstance(v, bool) or v is None:
         raise ValueError(v)
     if isinstance(v, int):
@@ -171,6 +173,16 @@ mirror_manifest = cbor({"vm": "vm1", "config_digest": b"\x08" * 32, "chunk_size"
                         "mirrors": [{"name": "d0", "format": "qcow2", "virtual_size": 1 << 30}]})
 check("manifest with a mirrored disk", mirror_manifest, hv["manifest_with_mirror"])
 check("its root", sha256(b"trustmig manifest v1", mirror_manifest), hv["manifest_with_mirror_root"])
+# The disk verified in full (verify = "full"): its entry says so, and the final digest binds
+# the image's guest-visible content as a third part after the two NBD directions.
+check("hvstream final digest with a disk verified in full",
+      sha256(b"trustmig hvstream v2", b(hv["transcript_hash"]), part(stream), (1).to_bytes(2, "big"),
+             part(b(hv["nbd_to_destination"])), part(b(hv["nbd_to_source"])), part(b(hv["image"]))),
+      hv["final_with_disk_verified_in_full"])
+check("manifest with a disk verified in full",
+      cbor({"vm": "vm1", "config_digest": b"\x08" * 32, "chunk_size": 1 << 20, "disks": [],
+            "mirrors": [{"name": "d0", "format": "qcow2", "virtual_size": 1 << 30, "verify_full": True}]}),
+      hv["manifest_with_full_verify"])
 
 if failures:
     print("\n".join(failures))

@@ -203,6 +203,25 @@ pub struct DiskConfig {
     /// Source: how QEMU's mirror of a writable disk keeps up with the guest's writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorMode>,
+    /// Source: what a mirrored disk's arrival is checked by (the destination follows the
+    /// attested manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<DiskVerify>,
+}
+
+/// How a mirrored disk's copy is checked before `Commit`. spec: spec/qemu.md §5
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskVerify {
+    /// Every NBD byte that crossed, in both directions, is bound into the final digest: the
+    /// copy got exactly what the source's mirror sent. The default: it costs no downtime.
+    #[default]
+    Stream,
+    /// Also, with the guest stopped, both agents hash the whole image as the guest sees it
+    /// and the final digest binds it: the copy must equal the source image, whatever the
+    /// mirror did or did not send. Costs downtime: reading and hashing the image on both
+    /// hosts (measured in spec/qemu.md §9).
+    Full,
 }
 
 /// QEMU's `copy-mode` for a mirrored disk. spec: spec/qemu.md §5
@@ -460,6 +479,7 @@ pub(crate) fn test_dest_disk(name: &str) -> DiskConfig {
         device: Some(device),
         format: None,
         mirror: None,
+        verify: None,
     }
 }
 

@@ -170,6 +170,7 @@ mod tests {
             device: None,
             format: None,
             mirror: None,
+            verify: None,
         };
         assert!(check(vec![bare], d).unwrap_err().contains("needs path"));
         let rel = DiskConfig {
@@ -178,6 +179,7 @@ mod tests {
             device: None,
             format: None,
             mirror: None,
+            verify: None,
         };
         assert!(check(vec![rel], d).unwrap_err().contains("absolute"));
         assert!(check(vec![], Some(Path::new("rel")))

@@ -236,10 +236,11 @@ async fn receive(
 
     // Mirrored disks (spec/qemu.md §5): created here, opened and exported over NBD, each
     // stream relayed to QEMU's NBD server while the source mirrors into it.
-    let mut relays = if streams.is_empty() {
-        None
+    let (mut relays, targets) = if streams.is_empty() {
+        (None, Vec::new())
     } else {
-        Some(mirrors_in(ctx, vm, qmp, &inc, streams, files, pumps).await?)
+        let (relays, targets) = mirrors_in(ctx, vm, qmp, &inc, streams, files, pumps).await?;
+        (Some(relays), targets)
     };
     // A relay that fails (a refused record on an NBD stream) ends the migration at once. It is
     // polled first: its failure is the cause of everything that follows (the source sees the
@@ -254,10 +255,13 @@ async fn receive(
         None => fed.await?,
     };
     // The source ended every NBD stream before QEMU's device state.
-    let blocks = match &mut relays {
+    let mut blocks = match &mut relays {
         Some(r) => super::mirror::finish(qmp, r, timeout).await?,
         None => Vec::new(),
     };
+    // verify = "full" (the attested manifest says which): the copies as the guest will see
+    // them, before anything runs here.
+    super::mirror::hash_copies(&targets, &mut blocks).await?;
     let digests: Vec<_> = blocks.iter().map(|(d, _)| d.clone()).collect();
     let mut stream_records = vec![got.records];
     stream_records.extend(blocks.iter().map(|(_, n)| *n));
@@ -327,7 +331,7 @@ async fn mirrors_in(
     streams: Vec<(TcpStream, Opener)>,
     files: &std::sync::Mutex<Vec<PathBuf>>,
     pumps: &mut Tasks,
-) -> Result<super::mirror::Relays, AgentError> {
+) -> Result<(super::mirror::Relays, Vec<super::mirror::Target>), AgentError> {
     let targets = {
         let journal = ctx.journal.lock().expect("journal lock");
         super::mirror::plan(&inc.manifest, ctx.config().vm(vm), &journal)?
@@ -348,7 +352,10 @@ async fn mirrors_in(
         })
         .collect();
     info!(order = %hex(&inc.order_id), disks = targets.len(), "mirrored disks exported to the source");
-    Ok(super::mirror::relay_all(&sock, &targets, streams, pumps))
+    Ok((
+        super::mirror::relay_all(&sock, &targets, streams, pumps),
+        targets,
+    ))
 }
 
 /// Data streams `0..count`, each the first candidate connection whose `StreamInit`

@@ -20,7 +20,7 @@ use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
-use crate::config::{MirrorMode, QemuVm, VmConfig};
+use crate::config::{DiskVerify, MirrorMode, QemuVm, VmConfig};
 
 use super::mirror::{BlockNode, SourceMirror};
 use crate::error::AgentError;
@@ -66,7 +66,7 @@ pub async fn source_disks(
     vm: &QemuVm,
     qmp: &mut Qmp,
 ) -> Result<(Vec<SourceDisk>, Vec<SourceMirror>), AgentError> {
-    let wanted: Vec<(&str, &Path, MirrorMode)> = vm
+    let wanted: Vec<(&str, &Path, MirrorMode, DiskVerify)> = vm
         .disks
         .iter()
         .filter_map(|d| {
@@ -74,6 +74,7 @@ pub async fn source_disks(
                 d.name.as_str(),
                 d.path.as_deref()?,
                 d.mirror.unwrap_or_default(),
+                d.verify.unwrap_or_default(),
             ))
         })
         .collect();
@@ -90,7 +91,7 @@ pub async fn source_disks(
         ))
     })?;
     let (mut copied, mut mirrored) = (Vec::new(), Vec::new());
-    for (name, path, mode) in wanted {
+    for (name, path, mode, verify) in wanted {
         let mine: Vec<&BlockNode> = nodes.iter().filter(|n| same_file(&n.file, path)).collect();
         let shown = path.display();
         // The format node (raw, qcow2, ...) over the protocol node (`file`), or the protocol
@@ -105,12 +106,21 @@ pub async fn source_disks(
             )));
         };
         if mine.iter().all(|n| n.ro) && matches!(top.drv.as_str(), "raw" | "file") {
+            if verify == DiskVerify::Full {
+                return Err(AgentError::Refused(format!(
+                    "disk {name}: verify = \"full\" is for mirrored (writable) disks; {shown} is open read-only and is checked chunk by chunk against the manifest already"
+                )));
+            }
             copied.push(SourceDisk {
                 name: name.to_string(),
                 path: path.to_path_buf(),
             });
         } else {
-            mirrored.push(super::mirror::source_mirror((name, mode), path, top)?);
+            mirrored.push(super::mirror::source_mirror(
+                (name, mode, verify),
+                path,
+                top,
+            )?);
         }
     }
     Ok((copied, mirrored))

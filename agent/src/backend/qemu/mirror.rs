@@ -29,7 +29,7 @@ use trustmig_protocol::order::{hex, OrderId};
 use trustmig_protocol::record::{Opener, Sealer};
 
 use crate::backend::Tasks;
-use crate::config::{MirrorMode, VmConfig};
+use crate::config::{DiskVerify, MirrorMode, VmConfig};
 use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
 use trustmig_qemu::qmp::Qmp;
@@ -110,16 +110,19 @@ impl Relays {
 
 /// Carry one NBD connection (`qemu`) over data stream `data` in both directions until both
 /// ended: what QEMU writes is sealed as `BlockStream` records, what arrives is opened and
-/// written to QEMU. A failure of either direction ends both.
+/// written to QEMU. A failure of either direction ends both. `data` is only borrowed: the
+/// caller closes it after it reported the result, so a peer that sees the stream end has been
+/// told why first (else a refused record here could reach the peer as "stream cut", and the
+/// peer's cut of stream 0 reach this agent's driver before the refusal did).
 async fn relay(
     qemu: UnixStream,
-    data: TcpStream,
+    data: &mut TcpStream,
     sealer: Sealer,
     opener: Opener,
     (out, back): (&'static str, &'static str),
 ) -> Result<(Sent, Received), AgentError> {
     let (q_rd, q_wr) = qemu.into_split();
-    let (d_rd, d_wr) = data.into_split();
+    let (d_rd, d_wr) = data.split();
     let sealing = async {
         seal_pump(q_rd, d_wr, sealer, out, Carried::Nbd)
             .await
@@ -145,6 +148,10 @@ pub struct SourceMirror {
     pub virtual_size: u64,
     /// QEMU's copy mode.
     pub mode: MirrorMode,
+    /// The image file (for `verify = "full"`).
+    pub path: PathBuf,
+    /// `verify = "full"`: the image is hashed whole at the switch-over.
+    pub verify_full: bool,
 }
 
 impl SourceMirror {
@@ -154,6 +161,7 @@ impl SourceMirror {
             name: self.name.clone(),
             format: self.format,
             virtual_size: self.virtual_size,
+            verify_full: self.verify_full,
         }
     }
 
@@ -174,12 +182,77 @@ pub(crate) struct Mirrors {
     started: bool,
 }
 
+impl Mirrors {
+    /// `verify = "full"`: hash each such disk's whole image as the guest sees it into its
+    /// digests (`blocks`, in manifest order). Called once QEMU completed: the guest is stopped
+    /// and QEMU has flushed and let go of its images (inactive), so the file is what the guest
+    /// wrote.
+    /// Whether any was.
+    pub(crate) async fn hash_images(&self, blocks: &mut [Relayed]) -> Result<bool, AgentError> {
+        let mut any = false;
+        for (d, (digests, _)) in self.disks.iter().zip(blocks) {
+            if d.verify_full {
+                digests.image = Some(hash_image(&d.name, &d.path, d.format, d.virtual_size).await?);
+                any = true;
+            }
+        }
+        Ok(any)
+    }
+}
+
+/// The guest-visible digest of disk `name`'s image at `path` (on a blocking thread).
+async fn hash_image(
+    name: &str,
+    path: &Path,
+    format: DiskFormat,
+    virtual_size: u64,
+) -> Result<trustmig_protocol::hvstream::StreamDigest, AgentError> {
+    let path = path.to_path_buf();
+    let started = std::time::Instant::now();
+    let digest = tokio::task::spawn_blocking(move || {
+        super::image::guest_digest(&path, format, virtual_size)
+    })
+    .await
+    .map_err(|e| mig(format!("disk {name}: hashing task: {e}")))?
+    .map_err(|e| mig(format!("disk {name}: verify = \"full\": {e}")))?;
+    info!(disk = %name, bytes = virtual_size, ms = started.elapsed().as_millis() as u64, "image hashed in full");
+    Ok(digest)
+}
+
+/// The destination's copies verified in full (`verify_full` in the manifest): each hashed as
+/// the guest sees it into its digests (`blocks`, in manifest order). Called once every NBD
+/// stream ended (the source's client flushed and disconnected) and QEMU loaded the stream,
+/// before the guest runs here.
+pub(crate) async fn hash_copies(
+    targets: &[Target],
+    blocks: &mut [Relayed],
+) -> Result<(), AgentError> {
+    for (t, (digests, _)) in targets.iter().zip(blocks) {
+        if !t.disk.verify_full {
+            continue;
+        }
+        if crate::fault::alter_mirrored_image() {
+            let (path, d) = (t.path.clone(), t.disk.clone());
+            let at = tokio::task::spawn_blocking(move || {
+                super::image::flip_first_data_byte(&path, d.format, d.virtual_size)
+            })
+            .await
+            .map_err(|e| mig(format!("fault injection task: {e}")))?
+            .map_err(mig)?;
+            warn!(disk = %t.disk.name, at, "fault injection: altered a byte of the copy after its NBD stream ended");
+        }
+        digests.image =
+            Some(hash_image(&t.disk.name, &t.path, t.disk.format, t.disk.virtual_size).await?);
+    }
+    Ok(())
+}
+
 /// Relay one listener's NBD connection over `data` (stream `i + 1`).
 async fn source_relay(
     i: usize,
     listener: UnixListener,
     path: PathBuf,
-    data: TcpStream,
+    data: &mut TcpStream,
     (sealer, opener): (Sealer, Opener),
     timeout: Duration,
 ) -> Result<Relayed, AgentError> {
@@ -209,6 +282,7 @@ async fn source_relay(
     let digests = BlockDigests {
         to_destination: sent.digest,
         to_source: got.digest,
+        image: None,
     };
     Ok((digests, sent.records))
 }
@@ -256,8 +330,10 @@ async fn connect_all(
         let tx = tx.clone();
         let sock = path.clone();
         tasks.spawn(async move {
-            let r = source_relay(i, listener, sock, data, (sealer, opener), timeout).await;
+            let mut data = data;
+            let r = source_relay(i, listener, sock, &mut data, (sealer, opener), timeout).await;
             let _ = tx.send((i, r)).await;
+            drop(data); // after the report (see `relay`)
         });
         m.started = true;
         qmp.execute(
@@ -464,7 +540,7 @@ pub(crate) struct BlockNode {
 /// The mirror of disk `name` whose format node is `top` (a node QEMU has open read-write),
 /// or why it cannot move: a format other than raw or qcow2, a backing chain.
 pub(crate) fn source_mirror(
-    (name, mode): (&str, MirrorMode),
+    (name, mode, verify): (&str, MirrorMode, DiskVerify),
     path: &Path,
     top: &BlockNode,
 ) -> Result<SourceMirror, AgentError> {
@@ -495,6 +571,8 @@ pub(crate) fn source_mirror(
         format,
         virtual_size,
         mode,
+        path: path.to_path_buf(),
+        verify_full: verify == DiskVerify::Full,
     })
 }
 
@@ -702,10 +780,11 @@ pub fn relay_all(
     for (i, (data, opener, sealer)) in streams.into_iter().enumerate() {
         let (tx, sock) = (tx.clone(), sock.to_path_buf());
         tasks.spawn(async move {
+            let mut data = data;
             let r = match UnixStream::connect(&sock).await {
                 Ok(qemu) => relay(
                     qemu,
-                    data,
+                    &mut data,
                     sealer,
                     opener,
                     ("NBD to the source", "NBD from the source"),
@@ -715,12 +794,14 @@ pub fn relay_all(
                     let digests = BlockDigests {
                         to_destination: got.digest,
                         to_source: sent.digest,
+                        image: None,
                     };
                     (digests, got.records)
                 }),
                 Err(e) => Err(mig(format!("QEMU's NBD server at {}: {e}", sock.display()))),
             };
             let _ = tx.send((i, r)).await;
+            drop(data); // after the report (see `relay`)
         });
     }
     rx
@@ -766,6 +847,7 @@ mod tests {
                 name: "d0".into(),
                 format,
                 virtual_size,
+                verify_full: false,
             }],
         }
     }
@@ -898,28 +980,40 @@ mod tests {
         };
         let p = Path::new("/i");
         let ok = source_mirror(
-            ("d0", MirrorMode::Background),
+            ("d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("qcow2", None, 1 << 20),
         )
         .expect("qcow2");
         assert_eq!((ok.format, ok.node.as_str()), (DiskFormat::Qcow2, "n"));
+        assert!(!ok.manifest().verify_full);
+        let full = source_mirror(
+            ("d0", MirrorMode::Background, DiskVerify::Full),
+            p,
+            &node("qcow2", None, 1 << 20),
+        )
+        .expect("qcow2");
+        assert!(full.manifest().verify_full, "the manifest says so");
         let e = source_mirror(
-            ("d0", MirrorMode::Background),
+            ("d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("qcow2", Some("/b.qcow2"), 1 << 20),
         )
         .unwrap_err();
         assert!(e.to_string().contains("backing chain"), "{e}");
         let e = source_mirror(
-            ("d0", MirrorMode::Background),
+            ("d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("vmdk", None, 1 << 20),
         )
         .unwrap_err();
         assert!(e.to_string().contains("as vmdk"), "{e}");
-        let e =
-            source_mirror(("d0", MirrorMode::Background), p, &node("raw", None, 1000)).unwrap_err();
+        let e = source_mirror(
+            ("d0", MirrorMode::Background, DiskVerify::Stream),
+            p,
+            &node("raw", None, 1000),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("multiple of 512"), "{e}");
     }
 }

@@ -25,6 +25,7 @@
 mod dest;
 pub mod disk;
 mod giveback;
+mod image;
 mod mirror;
 mod pumps;
 mod reconcile;

@@ -606,6 +606,14 @@ async fn follow(
     let (Some(sent), Some(info)) = (sent, seen.completed) else {
         unreachable!("the loop ends only when both are set");
     };
+    // verify = "full": QEMU completed, so its images are flushed and inactive; the guest is
+    // stopped. This is downtime, and the operator asked for it (spec/qemu.md §5).
+    if let Some(m) = mirrors.as_deref() {
+        if m.hash_images(&mut seen.blocks).await? {
+            seen.steps
+                .push(("disk images hashed in full", Instant::now()));
+        }
+    }
     let digests: Vec<_> = seen.blocks.iter().map(|(d, _)| d.clone()).collect();
     let digest = final_digest(&link.est.transcript_hash, sent.digest.clone(), &digests);
     Ok(Done {

@@ -1,0 +1,196 @@
+//! A disk image's guest-visible content, hashed for `verify = "full"` (spec/qemu.md §5): what
+//! the guest reads from it over its whole virtual size, whatever the format keeps on disk. Two
+//! qcow2 files with the same content differ byte-wise (clusters lie where each was allocated),
+//! so the file is not hashed as such: `qemu-img map` says which ranges hold data and where in
+//! the file, and unallocated or zero ranges read as zeros.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use serde::Deserialize;
+use trustmig_protocol::hvstream::StreamDigest;
+use trustmig_protocol::manifest::DiskFormat;
+
+/// The program that maps an image (Debian: `qemu-utils`, as for creating qcow2 images).
+const QEMU_IMG: &str = "qemu-img";
+
+/// Bytes read (or zeros hashed) at a time.
+const STEP: usize = 1 << 20;
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Debug, Deserialize)]
+struct Extent {
+    start: u64,
+    length: u64,
+    /// The range holds data (otherwise it reads as zeros).
+    data: bool,
+    /// The range reads as zeros (a zero cluster, a hole).
+    zero: bool,
+    /// Where its data lies in the file; absent for compressed or encrypted clusters.
+    #[serde(default)]
+    offset: Option<u64>,
+}
+
+/// Where each range of the image's first `virtual_size` guest bytes comes from. `-U` (share
+/// the image): QEMU has it open, with the guest stopped or the image inactive.
+fn map(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<Vec<Extent>, String> {
+    let shown = path.display();
+    let out = Command::new(QEMU_IMG)
+        .args(["map", "--output=json", "-U", "-f", format.as_str()])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("running {QEMU_IMG} map on {shown}: {e} (install qemu-utils)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{QEMU_IMG} map {shown}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{QEMU_IMG} map {shown}: unreadable output: {e}"))?;
+    // Contiguous from 0 to the virtual size: a gap or an overlap would hash something other
+    // than what the guest reads.
+    let mut at = 0u64;
+    for e in &extents {
+        if e.start != at {
+            return Err(format!(
+                "{QEMU_IMG} map {shown}: extent at {} where {at} was expected",
+                e.start
+            ));
+        }
+        at = at.saturating_add(e.length);
+    }
+    if at != virtual_size {
+        return Err(format!(
+            "{QEMU_IMG} map {shown}: covers {at} bytes, the disk's virtual size is {virtual_size}"
+        ));
+    }
+    Ok(extents)
+}
+
+/// The digest of the image's guest-visible content: its `virtual_size` bytes as the guest
+/// reads them.
+pub(crate) fn guest_digest(
+    path: &Path,
+    format: DiskFormat,
+    virtual_size: u64,
+) -> Result<StreamDigest, String> {
+    let shown = path.display();
+    let extents = map(path, format, virtual_size)?;
+    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let mut digest = StreamDigest::new();
+    let zeros = vec![0u8; STEP];
+    let mut buf = vec![0u8; STEP];
+    for e in &extents {
+        let mut left = e.length;
+        let from = match (e.data && !e.zero, e.offset) {
+            (false, _) => None,
+            (true, Some(offset)) => Some(offset),
+            (true, None) => {
+                return Err(format!(
+                    "{shown}: guest bytes {}..{} are compressed or encrypted; verify = \"full\" reads plain clusters only",
+                    e.start,
+                    e.start + e.length
+                ))
+            }
+        };
+        while left > 0 {
+            let n = usize::try_from(left).map_or(STEP, |l| l.min(STEP));
+            match from {
+                None => digest.update(&zeros[..n]),
+                Some(offset) => {
+                    let at = offset + (e.length - left);
+                    file.read_exact_at(&mut buf[..n], at)
+                        .map_err(|err| format!("{shown}: reading {n} bytes at {at}: {err}"))?;
+                    digest.update(&buf[..n]);
+                }
+            }
+            left -= n as u64;
+        }
+    }
+    Ok(digest)
+}
+
+/// Fault injection (the destination's copy diverged after its NBD stream ended): flip the
+/// first byte the guest would read from data, where it lies in the file.
+pub(crate) fn flip_first_data_byte(
+    path: &Path,
+    format: DiskFormat,
+    virtual_size: u64,
+) -> Result<u64, String> {
+    let shown = path.display();
+    let at = map(path, format, virtual_size)?
+        .iter()
+        .find(|e| e.data && !e.zero)
+        .and_then(|e| e.offset)
+        .ok_or_else(|| format!("{shown}: no data to alter"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, at)
+        .and_then(|()| file.write_all_at(&[!b[0]], at))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> bool {
+        Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The digest is the guest's view, pinned against QEMU's own: a qcow2 image with data,
+    /// zeros and holes hashes as its `qemu-img convert -O raw` image does, byte for byte.
+    #[test]
+    fn a_qcow2_image_hashes_as_the_raw_bytes_the_guest_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("d.qcow2");
+        let r = dir.path().join("d.raw");
+        let (qs, rs) = (q.to_str().unwrap(), r.to_str().unwrap());
+        if !run(&[QEMU_IMG, "create", "-q", "-f", "qcow2", qs, "4M"]) {
+            eprintln!("skipped: {QEMU_IMG} missing");
+            assert!(std::env::var_os("CI").is_none(), "{QEMU_IMG} missing in CI");
+            return;
+        }
+        // Data out of order (clusters land in the file in write order), a zero cluster.
+        for cmd in [
+            "write -P 0x5a 3M 64k",
+            "write -P 0x11 0 4k",
+            "write -z 1M 64k",
+            "write -P 0x22 2M 100k",
+        ] {
+            assert!(run(&["qemu-io", "-f", "qcow2", "-c", cmd, qs]), "{cmd}");
+        }
+        assert!(run(&[
+            QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", qs, rs
+        ]));
+        let raw = std::fs::read(&r).unwrap();
+        assert_eq!(raw.len(), 4 << 20);
+        let mut want = StreamDigest::new();
+        want.update(&raw);
+        let want = want.finish(&[0; 32]);
+        let got = guest_digest(&q, DiskFormat::Qcow2, 4 << 20).unwrap();
+        assert_eq!(got.len(), 4 << 20);
+        assert_eq!(got.finish(&[0; 32]), want, "qcow2 as the guest sees it");
+        let got = guest_digest(&r, DiskFormat::Raw, 4 << 20).unwrap();
+        assert_eq!(got.finish(&[0; 32]), want, "the raw image, holes included");
+
+        // A flipped data byte changes it; a wrong virtual size is refused by name.
+        flip_first_data_byte(&q, DiskFormat::Qcow2, 4 << 20).unwrap();
+        let flipped = guest_digest(&q, DiskFormat::Qcow2, 4 << 20).unwrap();
+        assert_ne!(flipped.finish(&[0; 32]), want);
+        let e = guest_digest(&q, DiskFormat::Qcow2, 8 << 20).unwrap_err();
+        assert!(e.contains("virtual size is 8388608"), "{e}");
+        let e = guest_digest(&dir.path().join("none"), DiskFormat::Raw, 512).unwrap_err();
+        assert!(e.contains("none"), "{e}");
+    }
+}
