@@ -2325,15 +2325,7 @@ async fn qemu_a_copy_unlike_the_source_image_rolls_back() {
         "the fault fired"
     );
     assert_mirror_rolled_back(&mut s, &disk, writer).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !disk.leftovers().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "copy not removed: {:?}",
-            disk.leftovers()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    disk.wait_removed().await;
 }
 
 /// Active mirroring (`mirror = "write-blocking"`): every guest write reaches both copies before
@@ -2383,6 +2375,21 @@ async fn qemu_disk_with_a_backing_chain_is_refused() {
 /// After a failed mirrored migration: the source runs alone and keeps writing its disk, the
 /// image holds every write the guest made, QEMU has no mirror job or NBD client left, and the
 /// destination's copy is gone.
+impl MirrorFixture {
+    /// The destination removes its copy (and marker) of a rolled-back mirror within 10 s.
+    async fn wait_removed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.leftovers().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "copy not removed: {:?}",
+                self.leftovers()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 async fn assert_mirror_rolled_back(s: &mut Setup, disk: &MirrorFixture, writer: Writer) {
     assert_source_guest_runs(s, Duration::from_secs(10)).await;
     let before = writer.count();
@@ -2438,15 +2445,7 @@ async fn mirror_faulted(format: &'static str, fault: Fault, expect: &str) {
     );
     assert!(err.contains("rolled back"), "{err}");
     assert_mirror_rolled_back(&mut s, &disk, writer).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !disk.leftovers().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "copy not removed: {:?}",
-            disk.leftovers()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    disk.wait_removed().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
