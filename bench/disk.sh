@@ -79,7 +79,7 @@ print("trustmig vs QEMU NBD with TLS: %.2fx disk throughput (target >= 1.5x), do
 print("trustmig vs QEMU NBD plain:    %.2fx disk throughput, downtime %d vs %d ms" % (tm[0] / pl[0], tm[2], pl[2]))
 e2e = {m: statistics.median(int(r[5]) for r in rows if r[0] == m) for m in ("trustmig", "trustmig-full")}
 print("verify = full (both hosts hash the %d MiB image with the guest stopped): downtime from STOP to Resumed %d ms"
-      " against %d ms with the stream digests alone" % (int(os.environ["DATA"]) * 2 >> 20, e2e["trustmig-full"], e2e["trustmig"]))
+      " against %d ms with the stream digests alone" % (int(os.environ["DATA"]) * 2, e2e["trustmig-full"], e2e["trustmig"]))
 '
 echo "(disk MB/s: the image's data over the time from the mirror's start to its ready;"
 echo " downtime_ms: the source QEMU's query-migrate; e2e_downtime: trustmig from STOP to the destination's Resumed)"
