@@ -3,8 +3,8 @@
 //!
 //! Checked: the home and its key's permissions, the configuration, the trust store and the
 //! attestation policy (every trusted peer's AK enrolled), whether the agent runs, the TPM
-//! (reachable, AK present) when the agent does not hold it, each QEMU VM's QMP socket, the
-//! clock (NTP synchronisation, when `timedatectl` can tell), and each peer given with `--peer`
+//! (reachable, AK present) when the agent does not hold it, each QEMU VM's QMP socket (and
+//! `qemu-img` where its disks need it), the audit trail, the clock (NTP synchronisation, when `timedatectl` can tell), and each peer given with `--peer`
 //! (reachable, TLS with pinned identities, and it accepts this agent).
 
 use std::os::unix::fs::MetadataExt;
@@ -117,6 +117,7 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
     for vm in &config.vms {
         if let Some(q) = vm.qemu() {
             out.push(qmp(&vm.name, &q.qmp).await);
+            out.extend(qemu_img(&vm.name, q));
         }
     }
     out.push(audit_trail(home).await);
@@ -397,6 +398,46 @@ async fn qmp(vm: &str, path: &std::path::Path) -> Check {
             "start QEMU with -qmp unix:PATH,server=on,wait=off (spec/qemu.md), or fix [[vm]] qmp",
         ),
     }
+}
+
+/// `qemu-img`, where a VM needs it: a destination that receives mirrored disks creates qcow2
+/// copies with it, and `verify = "full"` maps images with it on both hosts. Without it those
+/// migrations fail (rolled back, named) only once they reach that step.
+fn qemu_img(vm: &str, q: &crate::config::QemuVm) -> Option<Check> {
+    use crate::backend::qemu::QEMU_IMG;
+    use crate::config::DiskVerify;
+    let why = if q.disks.iter().any(|d| d.verify == Some(DiskVerify::Full)) {
+        "verify = \"full\" maps its images"
+    } else if q.disk_dir.is_some() {
+        "it receives mirrored disks (disk_dir)"
+    } else {
+        return None;
+    };
+    Some(
+        match std::process::Command::new(QEMU_IMG)
+            .arg("--version")
+            .output()
+        {
+            Ok(o) if o.status.success() => check(
+                Level::Ok,
+                format!("VM {vm}: {QEMU_IMG} present ({why})"),
+                "",
+            ),
+            Ok(o) => check(
+                Level::Fail,
+                format!(
+                    "VM {vm}: {QEMU_IMG} --version failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                "reinstall qemu-utils",
+            ),
+            Err(e) => check(
+                Level::Fail,
+                format!("VM {vm}: {QEMU_IMG} not found ({e}), and {why}"),
+                "apt install qemu-utils",
+            ),
+        },
+    )
 }
 
 fn clock() -> Check {

@@ -1556,8 +1556,25 @@ fn doctor_names_what_to_fix() {
     let cfg = pair.src.config();
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text += "\n[[vm]]\nname = \"q\"\nbackend = \"qemu\"\nqmp = \"/nonexistent/q.qmp\"\n";
+    text += "[[vm.disk]]\nname = \"d0\"\npath = \"/images/q.qcow2\"\nverify = \"full\"\n";
     std::fs::write(&cfg, text).unwrap();
+    // verify = "full" needs qemu-img: found here, and named when it is not on the PATH.
+    let out = std::process::Command::new(exe())
+        .args(["doctor", "--home"])
+        .arg(pair.src.root())
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("[FAIL] VM q: qemu-img not found") && said.contains("apt install qemu-utils"),
+        "{said}"
+    );
     let (ok, text) = doctor(&pair.src, &[]);
+    assert!(
+        text.contains("[ok  ] VM q: qemu-img present (verify = \"full\" maps its images)"),
+        "{text}"
+    );
     assert!(!ok, "{text}");
     assert!(
         text.contains("is readable by others (mode 644)") && text.contains("fix: chmod 600"),

@@ -75,6 +75,12 @@ fn check_disks(name: &str, vm: &QemuVm) -> Result<(), String> {
                 d.name
             ));
         }
+        if d.verify.is_some() && d.path.is_none() {
+            return Err(format!(
+                "vm {name:?}: disk {:?}: verify is the source's setting (the destination follows the attested manifest); it needs the disk's path",
+                d.name
+            ));
+        }
         if let Some(p) = &d.path {
             if !p.is_absolute() {
                 return Err(format!(
@@ -182,6 +188,11 @@ mod tests {
             verify: None,
         };
         assert!(check(vec![rel], d).unwrap_err().contains("absolute"));
+        let mut verify_here = dest_disk("d0");
+        verify_here.verify = Some(crate::config::DiskVerify::Full);
+        assert!(check(vec![verify_here], d)
+            .unwrap_err()
+            .contains("verify is the source's setting"));
         assert!(check(vec![], Some(Path::new("rel")))
             .unwrap_err()
             .contains("disk_dir"));

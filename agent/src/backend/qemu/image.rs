@@ -12,8 +12,7 @@ use serde::Deserialize;
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::manifest::DiskFormat;
 
-/// The program that maps an image (Debian: `qemu-utils`, as for creating qcow2 images).
-const QEMU_IMG: &str = "qemu-img";
+use super::QEMU_IMG;
 
 /// Bytes read (or zeros hashed) at a time.
 const STEP: usize = 1 << 20;

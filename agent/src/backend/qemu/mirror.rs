@@ -47,8 +47,7 @@ fn broken(i: usize, e: impl std::fmt::Display) -> AgentError {
     AgentError::transport(Link::Data(i as u16 + 1), e)
 }
 
-/// The program that creates a qcow2 destination image (Debian: `qemu-utils`).
-const QEMU_IMG: &str = "qemu-img";
+use super::QEMU_IMG;
 
 /// What one mirrored disk's NBD relay carried: both directions' digests and the records
 /// sealed (source) or opened (destination) towards the destination.

@@ -22,6 +22,10 @@
 //! fed and `Commit` came. On any failure before that it never runs `cont` and discards the
 //! destination QEMU with `quit`.
 
+/// The program that creates qcow2 destination images and maps images for `verify = "full"`
+/// (Debian: `qemu-utils`).
+pub const QEMU_IMG: &str = "qemu-img";
+
 mod dest;
 pub mod disk;
 mod giveback;
