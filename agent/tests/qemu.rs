@@ -2372,9 +2372,42 @@ async fn qemu_disk_with_a_backing_chain_is_refused() {
     assert!(disk.leftovers().is_empty(), "{:?}", disk.leftovers());
 }
 
-/// After a failed mirrored migration: the source runs alone and keeps writing its disk, the
-/// image holds every write the guest made, QEMU has no mirror job or NBD client left, and the
-/// destination's copy is gone.
+/// `verify = "full"` on an image that cannot be hashed as the guest sees it (here a compressed
+/// qcow2: its clusters have no plain offset in the file) is refused by name before anything
+/// moves, not at the switch-over with the guest paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_disk_that_cannot_be_verified_in_full_is_refused_up_front() {
+    let _g = SERIAL.lock().await;
+    let Some((disk, mut opts)) = MirrorFixture::new("qcow2") else {
+        return;
+    };
+    let packed = disk.dir.path().join("packed.qcow2");
+    let (img, top) = (
+        disk.image.display().to_string(),
+        packed.display().to_string(),
+    );
+    run("qemu-img", &["convert", "-c", "-O", "qcow2", &img, &top]);
+    for a in opts.src_extra.iter_mut() {
+        *a = a.replace(&img, &top);
+    }
+    opts.src_vm = opts.src_vm.replace(&img, &top) + "verify = \"full\"\n";
+    opts.transferred = vec![packed];
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.err().unwrap_or_else(|| panic!("must fail\n{}", s.logs()));
+    assert!(
+        err.contains("verify = \"full\"") && err.contains("compressed or encrypted"),
+        "{err}"
+    );
+    assert!(err.contains("untouched"), "{err}");
+    assert_eq!(s.src.status().await.as_deref(), Ok("running"));
+    assert_eq!(s.dst.status().await.as_deref(), Ok("inmigrate"));
+    assert!(disk.leftovers().is_empty(), "{:?}", disk.leftovers());
+}
+
 impl MirrorFixture {
     /// The destination removes its copy (and marker) of a rolled-back mirror within 10 s.
     async fn wait_removed(&self) {
@@ -2390,6 +2423,9 @@ impl MirrorFixture {
     }
 }
 
+/// After a failed mirrored migration: the source runs alone and keeps writing its disk, the
+/// image holds every write the guest made, QEMU has no mirror job or NBD client left, and the
+/// destination's copy is gone.
 async fn assert_mirror_rolled_back(s: &mut Setup, disk: &MirrorFixture, writer: Writer) {
     assert_source_guest_runs(s, Duration::from_secs(10)).await;
     let before = writer.count();

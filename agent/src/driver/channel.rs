@@ -71,7 +71,13 @@ impl SourceChannel {
 
     /// The next message, within the step timeout.
     pub async fn recv(&mut self) -> Result<Vec<u8>, AgentError> {
-        match tokio::time::timeout(self.ctx.step_timeout(), self.rx.recv()).await {
+        self.recv_within(std::time::Duration::ZERO).await
+    }
+
+    /// [`Self::recv`], waiting `extra` beyond the step timeout (a step the destination is
+    /// known to take longer for, such as hashing disks verified in full).
+    pub async fn recv_within(&mut self, extra: std::time::Duration) -> Result<Vec<u8>, AgentError> {
+        match tokio::time::timeout(self.ctx.step_timeout() + extra, self.rx.recv()).await {
             Err(_) => Err(AgentError::Timeout(
                 "destination did not answer in time".into(),
             )),

@@ -395,6 +395,7 @@ async fn session<B: SourceVm>(
         progress,
         steps: &mut steps,
         commit: &mut *commit,
+        challenge_allowance: crate::backend::qemu::verify_allowance(&est.manifest),
     };
     commit_exchange(ctx, chan, &mut sm, &so, exchange).await?;
     drop(t.tasks);
@@ -497,6 +498,9 @@ struct Exchange<'a> {
     progress: &'a mpsc::Sender<Progress>,
     steps: &'a mut Vec<(&'static str, Instant)>,
     commit: &'a mut Commit,
+    /// How much longer than a step the destination may take for `FinalChallenge` (it hashes
+    /// disks verified in full first).
+    challenge_allowance: std::time::Duration,
 }
 
 /// The timeline's name for a message received during the commit exchange.
@@ -525,11 +529,13 @@ async fn commit_exchange(
         progress,
         steps,
         commit,
+        challenge_allowance,
     } = x;
     chan.send(switch_over).await?;
     steps.push(("SwitchOver sent", Instant::now()));
+    let mut extra = challenge_allowance; // for the first answer, FinalChallenge, only
     loop {
-        let msg = chan.recv().await?;
+        let msg = chan.recv_within(std::mem::take(&mut extra)).await?;
         steps.push((received_step(&msg), Instant::now()));
         if fault::ENABLED && matches!(Message::decode(&msg), Ok(Message::FinalChallenge { .. })) {
             crash_point(CrashPoint::SourceFinalChallenge);

@@ -261,7 +261,7 @@ async fn receive(
     };
     // verify = "full" (the attested manifest says which): the copies as the guest will see
     // them, before anything runs here.
-    super::mirror::hash_copies(&targets, &mut blocks).await?;
+    super::mirror::hash_copies(&targets, &mut blocks, timeout).await?;
     let digests: Vec<_> = blocks.iter().map(|(d, _)| d.clone()).collect();
     let mut stream_records = vec![got.records];
     stream_records.extend(blocks.iter().map(|(_, n)| *n));
@@ -332,6 +332,14 @@ async fn mirrors_in(
     files: &std::sync::Mutex<Vec<PathBuf>>,
     pumps: &mut Tasks,
 ) -> Result<(super::mirror::Relays, Vec<super::mirror::Target>), AgentError> {
+    if inc.manifest.mirrors.iter().any(|m| m.verify_full) {
+        // Checked before anything is created: without it the hash fails at the switch-over.
+        super::image::available().map_err(|e| {
+            AgentError::Refused(format!(
+                "the source asks for disks verified in full (verify = \"full\"): {e}"
+            ))
+        })?;
+    }
     let targets = {
         let journal = ctx.journal.lock().expect("journal lock");
         super::mirror::plan(&inc.manifest, ctx.config().vm(vm), &journal)?

@@ -123,6 +123,15 @@ pub async fn source_disks(
             )?);
         }
     }
+    for m in mirrored.iter().filter(|m| m.verify_full) {
+        // Before anything moves: an image that cannot be hashed as the guest sees it would
+        // otherwise roll back a finished move, with the guest paused.
+        let (path, format, size) = (m.path.clone(), m.format, m.virtual_size);
+        tokio::task::spawn_blocking(move || super::image::preflight(&path, format, size))
+            .await
+            .map_err(|e| mig(format!("disk {}: checking the image: {e}", m.name)))?
+            .map_err(|e| AgentError::Refused(format!("disk {}: verify = \"full\": {e}", m.name)))?;
+    }
     Ok((copied, mirrored))
 }
 

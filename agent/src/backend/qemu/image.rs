@@ -68,6 +68,64 @@ fn map(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<Vec<Extent>
     Ok(extents)
 }
 
+/// The slowest rate (bytes/s) at which an image may be read and hashed for `verify = "full"`
+/// before the step counts as hung: each hash may take the step timeout plus its virtual size at
+/// this rate (20 s per GiB), and the source waits that much longer for the destination's
+/// `FinalChallenge`.
+const SLOWEST_HASH_BPS: u64 = 50_000_000;
+
+/// What hashing `bytes` of images in full may take beyond a step's timeout.
+pub(crate) fn hash_allowance(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(bytes / (SLOWEST_HASH_BPS / 1000))
+}
+
+/// `qemu-img` runs (the destination checks before it creates anything for a disk verified in
+/// full).
+pub(crate) fn available() -> Result<(), String> {
+    match Command::new(QEMU_IMG).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "{QEMU_IMG} --version failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("{QEMU_IMG}: {e} (install qemu-utils)")),
+    }
+}
+
+/// Before anything moves (source, `verify = "full"`): the image can be hashed as the guest
+/// sees it at the switch-over. `qemu-img` is there and maps the whole virtual size; no range
+/// is compressed or encrypted (no file offset to read); a qcow2 keeps its data in its own file
+/// (an external data file's offsets point elsewhere). Found only at the switch-over, each of
+/// these would roll back a finished move with the guest paused.
+pub(crate) fn preflight(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<(), String> {
+    let shown = path.display();
+    if let Some(e) = map(path, format, virtual_size)?
+        .iter()
+        .find(|e| e.data && !e.zero && e.offset.is_none())
+    {
+        return Err(format!(
+            "{shown}: guest bytes {}..{} are compressed or encrypted; verify = \"full\" reads plain clusters only",
+            e.start,
+            e.start + e.length
+        ));
+    }
+    if format == DiskFormat::Qcow2 {
+        let out = Command::new(QEMU_IMG)
+            .args(["info", "--output=json", "-U", "-f", "qcow2"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("running {QEMU_IMG} info on {shown}: {e}"))?;
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("{QEMU_IMG} info {shown}: unreadable output: {e}"))?;
+        if let Some(file) = info.pointer("/format-specific/data/data-file") {
+            return Err(format!(
+                "{shown} keeps its data in an external data file ({file}); verify = \"full\" reads self-contained images only"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The digest of the image's guest-visible content: its `virtual_size` bytes as the guest
 /// reads them.
 pub(crate) fn guest_digest(
@@ -191,5 +249,83 @@ mod tests {
         assert!(e.contains("virtual size is 8388608"), "{e}");
         let e = guest_digest(&dir.path().join("none"), DiskFormat::Raw, 512).unwrap_err();
         assert!(e.contains("none"), "{e}");
+    }
+
+    /// Layouts qemu-img maps differently hash the same when the guest reads the same: metadata
+    /// preallocation (`data` and `zero` both set) against a plain empty image; and the ones
+    /// that cannot be read from the image file are refused before anything moves.
+    #[test]
+    fn layouts_hash_as_the_guest_reads_them_or_are_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let s = |n: &str| p(n).display().to_string();
+        if !run(&[
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &s("plain.qcow2"),
+            "2M",
+        ]) {
+            eprintln!("skipped: {QEMU_IMG} missing");
+            assert!(std::env::var_os("CI").is_none(), "{QEMU_IMG} missing in CI");
+            return;
+        }
+        let digest = |n: &str| {
+            let d = guest_digest(&p(n), DiskFormat::Qcow2, 2 << 20).unwrap();
+            d.finish(&[0; 32])
+        };
+        let prealloc = s("prealloc.qcow2");
+        assert!(run(&[
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            &prealloc,
+            "2M"
+        ]));
+        assert_eq!(digest("prealloc.qcow2"), digest("plain.qcow2"), "all zeros");
+        preflight(&p("prealloc.qcow2"), DiskFormat::Qcow2, 2 << 20).expect("self-contained");
+        // Compressed: written by `qemu-img convert -c`.
+        assert!(run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 0 64k",
+            &s("plain.qcow2")
+        ]));
+        let packed = s("packed.qcow2");
+        assert!(run(&[
+            QEMU_IMG,
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            &s("plain.qcow2"),
+            &packed
+        ]));
+        let e = preflight(&p("packed.qcow2"), DiskFormat::Qcow2, 2 << 20).unwrap_err();
+        assert!(e.contains("compressed or encrypted"), "{e}");
+        // An external data file: the offsets point into it, not into the image file.
+        let data = s("data.raw");
+        let opts = format!("data_file={data}");
+        assert!(run(&[
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            &s("ext.qcow2"),
+            "2M"
+        ]));
+        let e = preflight(&p("ext.qcow2"), DiskFormat::Qcow2, 2 << 20).unwrap_err();
+        assert!(e.contains("external data file"), "{e}");
     }
 }

@@ -186,12 +186,17 @@ impl Mirrors {
     /// digests (`blocks`, in manifest order). Called once QEMU completed: the guest is stopped
     /// and QEMU has flushed and let go of its images (inactive), so the file is what the guest
     /// wrote.
-    /// Whether any was.
-    pub(crate) async fn hash_images(&self, blocks: &mut [Relayed]) -> Result<bool, AgentError> {
+    /// Whether any was. Each may take `timeout` plus its allowance (`image::hash_allowance`).
+    pub(crate) async fn hash_images(
+        &self,
+        blocks: &mut [Relayed],
+        timeout: Duration,
+    ) -> Result<bool, AgentError> {
         let mut any = false;
         for (d, (digests, _)) in self.disks.iter().zip(blocks) {
             if d.verify_full {
-                digests.image = Some(hash_image(&d.name, &d.path, d.format, d.virtual_size).await?);
+                let digest = hash_image(&d.name, &d.path, (d.format, d.virtual_size), timeout);
+                digests.image = Some(digest.await?);
                 any = true;
             }
         }
@@ -199,23 +204,43 @@ impl Mirrors {
     }
 }
 
-/// The guest-visible digest of disk `name`'s image at `path` (on a blocking thread).
+/// The guest-visible digest of disk `name`'s image at `path` (on a blocking thread), within
+/// `timeout` and the image's allowance: a read that hangs ends the migration, named, rather
+/// than keeping the guest paused.
 async fn hash_image(
     name: &str,
     path: &Path,
-    format: DiskFormat,
-    virtual_size: u64,
+    (format, virtual_size): (DiskFormat, u64),
+    timeout: Duration,
 ) -> Result<trustmig_protocol::hvstream::StreamDigest, AgentError> {
     let path = path.to_path_buf();
     let started = std::time::Instant::now();
-    let digest = tokio::task::spawn_blocking(move || {
+    let within = timeout + super::image::hash_allowance(virtual_size);
+    let hashing = tokio::task::spawn_blocking(move || {
         super::image::guest_digest(&path, format, virtual_size)
-    })
-    .await
-    .map_err(|e| mig(format!("disk {name}: hashing task: {e}")))?
-    .map_err(|e| mig(format!("disk {name}: verify = \"full\": {e}")))?;
+    });
+    let digest = tokio::time::timeout(within, hashing)
+        .await
+        .map_err(|_| {
+            AgentError::Timeout(format!(
+                "disk {name}: verify = \"full\": hashing the image took over {} s",
+                within.as_secs()
+            ))
+        })?
+        .map_err(|e| mig(format!("disk {name}: hashing task: {e}")))?
+        .map_err(|e| mig(format!("disk {name}: verify = \"full\": {e}")))?;
     info!(disk = %name, bytes = virtual_size, ms = started.elapsed().as_millis() as u64, "image hashed in full");
     Ok(digest)
+}
+
+/// What hashing the manifest's disks verified in full may take beyond a step's timeout (the
+/// source waits that much longer for `FinalChallenge`, which follows the destination's hash).
+pub fn verify_allowance(manifest: &ImageManifest) -> Duration {
+    let bytes = (manifest.mirrors.iter())
+        .filter(|m| m.verify_full)
+        .map(|m| m.virtual_size)
+        .sum();
+    super::image::hash_allowance(bytes)
 }
 
 /// The destination's copies verified in full (`verify_full` in the manifest): each hashed as
@@ -225,6 +250,7 @@ async fn hash_image(
 pub(crate) async fn hash_copies(
     targets: &[Target],
     blocks: &mut [Relayed],
+    timeout: Duration,
 ) -> Result<(), AgentError> {
     for (t, (digests, _)) in targets.iter().zip(blocks) {
         if !t.disk.verify_full {
@@ -240,8 +266,9 @@ pub(crate) async fn hash_copies(
             .map_err(mig)?;
             warn!(disk = %t.disk.name, at, "fault injection: altered a byte of the copy after its NBD stream ended");
         }
+        let d = &t.disk;
         digests.image =
-            Some(hash_image(&t.disk.name, &t.path, t.disk.format, t.disk.virtual_size).await?);
+            Some(hash_image(&d.name, &t.path, (d.format, d.virtual_size), timeout).await?);
     }
     Ok(())
 }

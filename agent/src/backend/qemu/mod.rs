@@ -26,6 +26,8 @@
 /// (Debian: `qemu-utils`).
 pub const QEMU_IMG: &str = "qemu-img";
 
+pub use mirror::verify_allowance;
+
 mod dest;
 pub mod disk;
 mod giveback;

@@ -609,7 +609,9 @@ async fn follow(
     // verify = "full": QEMU completed, so its images are flushed and inactive; the guest is
     // stopped. This is downtime, and the operator asked for it (spec/qemu.md §5).
     if let Some(m) = mirrors.as_deref() {
-        if m.hash_images(&mut seen.blocks).await? {
+        if m.hash_images(&mut seen.blocks, link.ctx.step_timeout())
+            .await?
+        {
             seen.steps
                 .push(("disk images hashed in full", Instant::now()));
         }
