@@ -1,11 +1,12 @@
 //! `trustmig doctor`: check a host the way an operator would before trusting it with a
 //! migration, and say what to fix. Nothing is changed (a missing AK is reported, not created).
 //!
-//! Checked: the home and its key's permissions, the configuration, the trust store and the
-//! attestation policy (every trusted peer's AK enrolled), whether the agent runs, the TPM
-//! (reachable, AK present) when the agent does not hold it, each QEMU VM's QMP socket (and
-//! `qemu-img` where its disks need it), the audit trail, the clock (NTP synchronisation, when `timedatectl` can tell), and each peer given with `--peer`
-//! (reachable, TLS with pinned identities, and it accepts this agent).
+//! Checked: the binary (a test build with fault injection is named), the home and its key's
+//! permissions, the configuration, the trust store and the attestation policy (every trusted
+//! peer's AK enrolled), whether the agent runs, the TPM (reachable, AK present) when the agent
+//! does not hold it, each QEMU VM's QMP socket (and `qemu-img` where its disks need it), the
+//! audit trail, the clock (NTP synchronisation, when `timedatectl` can tell), and each peer
+//! given with `--peer` (reachable, TLS with pinned identities, and it accepts this agent).
 
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
@@ -61,6 +62,7 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
         ));
         return out;
     }
+    out.push(build());
     out.push(key_permissions(home));
     let config = match Config::load(&home.config()) {
         Ok(c) => {
@@ -133,6 +135,21 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
         });
     }
     out
+}
+
+/// Whether this binary is a test build: one with fault injection compiled in obeys
+/// `TRUSTMIG_TEST_*` variables that make it crash, lose messages or alter data on purpose. A
+/// workspace-wide build has it (the tests crate turns it on); `-p trustmig-agent` does not.
+fn build() -> Check {
+    if crate::fault::ENABLED {
+        check(
+            Level::Warn,
+            "this trustmig binary has fault injection compiled in (a test build)",
+            "for real hosts build it alone: cargo build --release -p trustmig-agent",
+        )
+    } else {
+        check(Level::Ok, "a release build (no fault injection)", "")
+    }
 }
 
 fn key_permissions(home: &Home) -> Check {

@@ -1471,6 +1471,11 @@ fn doctor_names_what_to_fix() {
     // Agents down: the TPM is free to probe; the agent's absence is a warning.
     let (ok, text) = doctor(&pair.src, &[]);
     assert!(ok, "{text}");
+    // The tests' binary is a test build (the tests crate turns fault injection on): named.
+    assert!(
+        text.contains("[WARN] this trustmig binary has fault injection compiled in"),
+        "{text}"
+    );
     assert!(text.contains("[ok  ] TPM at"), "{text}");
     assert!(text.contains("[WARN] the agent is not running"), "{text}");
     assert!(
