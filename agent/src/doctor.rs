@@ -430,31 +430,18 @@ fn qemu_img(vm: &str, q: &crate::config::QemuVm) -> Option<Check> {
     } else {
         return None;
     };
-    Some(
-        match std::process::Command::new(QEMU_IMG)
-            .arg("--version")
-            .output()
-        {
-            Ok(o) if o.status.success() => check(
-                Level::Ok,
-                format!("VM {vm}: {QEMU_IMG} present ({why})"),
-                "",
-            ),
-            Ok(o) => check(
-                Level::Fail,
-                format!(
-                    "VM {vm}: {QEMU_IMG} --version failed: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ),
-                "reinstall qemu-utils",
-            ),
-            Err(e) => check(
-                Level::Fail,
-                format!("VM {vm}: {QEMU_IMG} not found ({e}), and {why}"),
-                "apt install qemu-utils",
-            ),
-        },
-    )
+    Some(match crate::backend::qemu::qemu_img_available() {
+        Ok(()) => check(
+            Level::Ok,
+            format!("VM {vm}: {QEMU_IMG} present ({why})"),
+            "",
+        ),
+        Err(e) => check(
+            Level::Fail,
+            format!("VM {vm}: {e}, and {why}"),
+            "apt install qemu-utils",
+        ),
+    })
 }
 
 fn clock() -> Check {

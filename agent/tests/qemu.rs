@@ -2199,8 +2199,9 @@ impl Writer {
 
 /// A migration with the guest writing its disk throughout: the destination's copy is the
 /// source image as it was at the pause, byte for byte (guest-visible content); writes after
-/// `Resumed` land on the destination only. Returns both agents' logs (`None`: skipped).
-async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<String> {
+/// `Resumed` land on the destination only. Returns both agents' logs and whether the two image
+/// files were equal byte for byte at that point (`None`: skipped).
+async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<(String, bool)> {
     let _g = SERIAL.lock().await;
     let (disk, mut opts) = MirrorFixture::new(format)?;
     opts.src_vm += disk_toml;
@@ -2236,6 +2237,7 @@ async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<String> {
         disk.content(&disk.copy()) == src,
         "the destination's copy equals the source image at the pause"
     );
+    let same_file = std::fs::read(&disk.image).ok() == std::fs::read(disk.copy()).ok();
     assert_eq!(
         disk.leftovers(),
         vec![format!("d0.{format}")],
@@ -2252,14 +2254,14 @@ async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<String> {
         disk.content(&disk.image) == src,
         "the source image stays as at the pause"
     );
-    Some(s.all_logs())
+    Some((s.all_logs(), same_file))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_mirrors_a_writable_raw_disk_while_the_guest_writes() {
-    let logs = mirror_moves("raw", "").await;
+    let moved = mirror_moves("raw", "").await;
     assert!(
-        logs.is_none_or(|l| !l.contains("image hashed in full")),
+        moved.is_none_or(|(l, _)| !l.contains("image hashed in full")),
         "verify = \"stream\" (the default) hashes no image"
     );
 }
@@ -2275,11 +2277,16 @@ async fn qemu_mirrors_a_writable_qcow2_disk_while_the_guest_writes() {
 /// source file (its clusters land in arrival order), so this also pins that the hash is of
 /// guest-visible content: the two files differ byte-wise here, their guest views do not.
 async fn mirror_verified_in_full(format: &'static str) {
-    let Some(logs) = mirror_moves(format, "verify = \"full\"\n").await else {
+    let Some((logs, same_file)) = mirror_moves(format, "verify = \"full\"\n").await else {
         return;
     };
     let hashed = logs.matches("image hashed in full").count();
     assert_eq!(hashed, 2, "hashed on both hosts:\n{logs}");
+    assert_eq!(
+        same_file,
+        format == "raw",
+        "a raw copy is the source file; a qcow2 copy is laid out anew, its guest view the same"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,64 +8,45 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use serde::Deserialize;
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::manifest::DiskFormat;
+use trustmig_qemu::img::{external_data_file, parse_map, Extent};
 
 use super::QEMU_IMG;
 
 /// Bytes read (or zeros hashed) at a time.
 const STEP: usize = 1 << 20;
 
-/// One extent of `qemu-img map --output=json`.
-#[derive(Debug, Deserialize)]
-struct Extent {
-    start: u64,
-    length: u64,
-    /// The range holds data (otherwise it reads as zeros).
-    data: bool,
-    /// The range reads as zeros (a zero cluster, a hole).
-    zero: bool,
-    /// Where its data lies in the file; absent for compressed or encrypted clusters.
-    #[serde(default)]
-    offset: Option<u64>,
-}
-
-/// Where each range of the image's first `virtual_size` guest bytes comes from. `-U` (share
-/// the image): QEMU has it open, with the guest stopped or the image inactive.
+/// Where each range of the image's first `virtual_size` guest bytes comes from
+/// (`trustmig_qemu::img::parse_map` checks it). `-U` (share the image): QEMU has it open, with
+/// the guest stopped or the image inactive.
 fn map(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<Vec<Extent>, String> {
     let shown = path.display();
+    let out = qemu_img(&["map", "--output=json", "-U", "-f", format.as_str()], path)?;
+    parse_map(&out, virtual_size).map_err(|e| format!("{QEMU_IMG} map {shown}: {e}"))
+}
+
+/// `qemu-img ARGS PATH`'s standard output, or what went wrong, named.
+fn qemu_img(args: &[&str], path: &Path) -> Result<Vec<u8>, String> {
+    let shown = path.display();
     let out = Command::new(QEMU_IMG)
-        .args(["map", "--output=json", "-U", "-f", format.as_str()])
+        .args(args)
         .arg(path)
         .output()
-        .map_err(|e| format!("running {QEMU_IMG} map on {shown}: {e} (install qemu-utils)"))?;
+        .map_err(|e| {
+            format!(
+                "running {QEMU_IMG} {} on {shown}: {e} (install qemu-utils)",
+                args[0]
+            )
+        })?;
     if !out.status.success() {
         return Err(format!(
-            "{QEMU_IMG} map {shown}: {}",
+            "{QEMU_IMG} {} {shown}: {}",
+            args[0],
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("{QEMU_IMG} map {shown}: unreadable output: {e}"))?;
-    // Contiguous from 0 to the virtual size: a gap or an overlap would hash something other
-    // than what the guest reads.
-    let mut at = 0u64;
-    for e in &extents {
-        if e.start != at {
-            return Err(format!(
-                "{QEMU_IMG} map {shown}: extent at {} where {at} was expected",
-                e.start
-            ));
-        }
-        at = at.saturating_add(e.length);
-    }
-    if at != virtual_size {
-        return Err(format!(
-            "{QEMU_IMG} map {shown}: covers {at} bytes, the disk's virtual size is {virtual_size}"
-        ));
-    }
-    Ok(extents)
+    Ok(out.stdout)
 }
 
 /// The slowest rate (bytes/s) at which an image may be read and hashed for `verify = "full"`
@@ -88,7 +69,7 @@ pub(crate) fn available() -> Result<(), String> {
             "{QEMU_IMG} --version failed: {}",
             String::from_utf8_lossy(&o.stderr).trim()
         )),
-        Err(e) => Err(format!("{QEMU_IMG}: {e} (install qemu-utils)")),
+        Err(e) => Err(format!("{QEMU_IMG} not found ({e}; install qemu-utils)")),
     }
 }
 
@@ -98,26 +79,13 @@ pub(crate) fn available() -> Result<(), String> {
 /// (an external data file's offsets point elsewhere). Found only at the switch-over, each of
 /// these would roll back a finished move with the guest paused.
 pub(crate) fn preflight(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<(), String> {
-    let shown = path.display();
-    if let Some(e) = map(path, format, virtual_size)?
-        .iter()
-        .find(|e| e.data && !e.zero && e.offset.is_none())
-    {
-        return Err(format!(
-            "{shown}: guest bytes {}..{} are compressed or encrypted; verify = \"full\" reads plain clusters only",
-            e.start,
-            e.start + e.length
-        ));
-    }
+    map(path, format, virtual_size)?;
     if format == DiskFormat::Qcow2 {
-        let out = Command::new(QEMU_IMG)
-            .args(["info", "--output=json", "-U", "-f", "qcow2"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("running {QEMU_IMG} info on {shown}: {e}"))?;
-        let info: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("{QEMU_IMG} info {shown}: unreadable output: {e}"))?;
-        if let Some(file) = info.pointer("/format-specific/data/data-file") {
+        let shown = path.display();
+        let info = qemu_img(&["info", "--output=json", "-U", "-f", "qcow2"], path)?;
+        if let Some(file) =
+            external_data_file(&info).map_err(|e| format!("{QEMU_IMG} info {shown}: {e}"))?
+        {
             return Err(format!(
                 "{shown} keeps its data in an external data file ({file}); verify = \"full\" reads self-contained images only"
             ));
@@ -141,22 +109,13 @@ pub(crate) fn guest_digest(
     let mut buf = vec![0u8; STEP];
     for e in &extents {
         let mut left = e.length;
-        let from = match (e.data && !e.zero, e.offset) {
-            (false, _) => None,
-            (true, Some(offset)) => Some(offset),
-            (true, None) => {
-                return Err(format!(
-                    "{shown}: guest bytes {}..{} are compressed or encrypted; verify = \"full\" reads plain clusters only",
-                    e.start,
-                    e.start + e.length
-                ))
-            }
-        };
+        let from = e.file_offset();
         while left > 0 {
             let n = usize::try_from(left).map_or(STEP, |l| l.min(STEP));
             match from {
                 None => digest.update(&zeros[..n]),
                 Some(offset) => {
+                    // No overflow: `parse_map` checked offset + length.
                     let at = offset + (e.length - left);
                     file.read_exact_at(&mut buf[..n], at)
                         .map_err(|err| format!("{shown}: reading {n} bytes at {at}: {err}"))?;
@@ -179,8 +138,7 @@ pub(crate) fn flip_first_data_byte(
     let shown = path.display();
     let at = map(path, format, virtual_size)?
         .iter()
-        .find(|e| e.data && !e.zero)
-        .and_then(|e| e.offset)
+        .find_map(Extent::file_offset)
         .ok_or_else(|| format!("{shown}: no data to alter"))?;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -205,6 +163,14 @@ mod tests {
             .is_ok_and(|s| s.success())
     }
 
+    /// `qemu-img create -f qcow2 [-o OPTIONS] PATH SIZE`; false when qemu-img is missing.
+    fn qcow2(path: &str, size: &str, options: Option<&str>) -> bool {
+        let mut args = vec![QEMU_IMG, "create", "-q", "-f", "qcow2"];
+        args.extend(options.map(|o| ["-o", o]).into_iter().flatten());
+        args.extend([path, size]);
+        run(&args)
+    }
+
     /// The digest is the guest's view, pinned against QEMU's own: a qcow2 image with data,
     /// zeros and holes hashes as its `qemu-img convert -O raw` image does, byte for byte.
     #[test]
@@ -213,7 +179,7 @@ mod tests {
         let q = dir.path().join("d.qcow2");
         let r = dir.path().join("d.raw");
         let (qs, rs) = (q.to_str().unwrap(), r.to_str().unwrap());
-        if !run(&[QEMU_IMG, "create", "-q", "-f", "qcow2", qs, "4M"]) {
+        if !qcow2(qs, "4M", None) {
             eprintln!("skipped: {QEMU_IMG} missing");
             assert!(std::env::var_os("CI").is_none(), "{QEMU_IMG} missing in CI");
             return;
@@ -259,15 +225,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = |n: &str| dir.path().join(n);
         let s = |n: &str| p(n).display().to_string();
-        if !run(&[
-            QEMU_IMG,
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &s("plain.qcow2"),
-            "2M",
-        ]) {
+        if !qcow2(&s("plain.qcow2"), "2M", None) {
             eprintln!("skipped: {QEMU_IMG} missing");
             assert!(std::env::var_os("CI").is_none(), "{QEMU_IMG} missing in CI");
             return;
@@ -277,17 +235,7 @@ mod tests {
             d.finish(&[0; 32])
         };
         let prealloc = s("prealloc.qcow2");
-        assert!(run(&[
-            QEMU_IMG,
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "preallocation=metadata",
-            &prealloc,
-            "2M"
-        ]));
+        assert!(qcow2(&prealloc, "2M", Some("preallocation=metadata")));
         assert_eq!(digest("prealloc.qcow2"), digest("plain.qcow2"), "all zeros");
         preflight(&p("prealloc.qcow2"), DiskFormat::Qcow2, 2 << 20).expect("self-contained");
         // Compressed: written by `qemu-img convert -c`.
@@ -314,17 +262,7 @@ mod tests {
         // An external data file: the offsets point into it, not into the image file.
         let data = s("data.raw");
         let opts = format!("data_file={data}");
-        assert!(run(&[
-            QEMU_IMG,
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opts,
-            &s("ext.qcow2"),
-            "2M"
-        ]));
+        assert!(qcow2(&s("ext.qcow2"), "2M", Some(&opts)));
         let e = preflight(&p("ext.qcow2"), DiskFormat::Qcow2, 2 << 20).unwrap_err();
         assert!(e.contains("external data file"), "{e}");
     }

@@ -26,6 +26,7 @@
 /// (Debian: `qemu-utils`).
 pub const QEMU_IMG: &str = "qemu-img";
 
+pub(crate) use image::available as qemu_img_available;
 pub use mirror::verify_allowance;
 
 mod dest;
