@@ -318,8 +318,12 @@ impl Config {
                 c.transfer.streams
             ));
         }
-        if c.transfer.step_timeout_secs == 0 {
-            return Err("transfer.step_timeout_secs must be > 0".into());
+        // A day at most: a step that may wait longer is a hang, and timers add allowances to it.
+        if !(1..=86_400).contains(&c.transfer.step_timeout_secs) {
+            return Err(format!(
+                "transfer.step_timeout_secs = {} must be in 1..=86400",
+                c.transfer.step_timeout_secs
+            ));
         }
         if !(1..=64).contains(&c.transfer.max_concurrent_migrations) {
             return Err(format!(
@@ -520,6 +524,14 @@ mod tests {
         assert!(Config::parse(&bad)
             .unwrap_err()
             .contains("transfer.streams"));
+        for t in [0, 86_401, u64::MAX] {
+            let bad = default_config_text("x", "y").replace(
+                "step_timeout_secs = 30",
+                &format!("step_timeout_secs = {t}"),
+            );
+            let e = Config::parse(&bad).unwrap_err();
+            assert!(e.contains("transfer.step_timeout_secs"), "{t}: {e}");
+        }
         assert!(Config::parse("listen = 5").is_err());
         let unknown = default_config_text("x", "y") + "\nbogus = 1\n";
         assert!(Config::parse(&unknown).unwrap_err().contains("bogus"));

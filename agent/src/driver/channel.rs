@@ -77,7 +77,8 @@ impl SourceChannel {
     /// [`Self::recv`], waiting `extra` beyond the step timeout (a step the destination is
     /// known to take longer for, such as hashing disks verified in full).
     pub async fn recv_within(&mut self, extra: std::time::Duration) -> Result<Vec<u8>, AgentError> {
-        match tokio::time::timeout(self.ctx.step_timeout() + extra, self.rx.recv()).await {
+        let within = self.ctx.step_timeout().saturating_add(extra);
+        match tokio::time::timeout(within, self.rx.recv()).await {
             Err(_) => Err(AgentError::Timeout(
                 "destination did not answer in time".into(),
             )),

@@ -215,7 +215,7 @@ async fn hash_image(
 ) -> Result<trustmig_protocol::hvstream::StreamDigest, AgentError> {
     let path = path.to_path_buf();
     let started = std::time::Instant::now();
-    let within = timeout + super::image::hash_allowance(virtual_size);
+    let within = timeout.saturating_add(super::image::hash_allowance(virtual_size));
     let hashing = tokio::task::spawn_blocking(move || {
         super::image::guest_digest(&path, format, virtual_size)
     });
