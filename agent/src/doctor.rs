@@ -139,7 +139,8 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
 
 /// Whether this binary is a test build: one with fault injection compiled in obeys
 /// `TRUSTMIG_TEST_*` variables that make it crash, lose messages or alter data on purpose. A
-/// workspace-wide build has it (the tests crate turns it on); `-p trustmig-agent` does not.
+/// `--workspace` build has it (the tests crate turns it on); a plain `cargo build` at the root
+/// (`default-members`) and `-p trustmig-agent` do not.
 fn build() -> Check {
     if crate::fault::ENABLED {
         check(

@@ -125,11 +125,11 @@ pub struct Pair {
     dir: tempfile::TempDir,
 }
 
+/// A loopback address for an agent to listen on: it binds it only once started, seconds later
+/// (`trustmig_attest::loopback` says why that is not a `bind(0)` port).
 fn free_addr() -> Result<String, AgentError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(AgentError::io("127.0.0.1:0"))?;
-    Ok(l.local_addr()
-        .map_err(AgentError::io("127.0.0.1:0"))?
-        .to_string())
+    let port = trustmig_attest::loopback::reserve(1).map_err(AgentError::io("loopback port"))?;
+    Ok(format!("127.0.0.1:{port}"))
 }
 
 /// The environment variable that makes the pair's TPMs sign (quote) in that many ms, as

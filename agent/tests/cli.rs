@@ -245,3 +245,35 @@ fn the_service_unit_is_confined() {
         "{text}"
     );
 }
+
+/// The agent's features as a build of `workspace_args` at the workspace root resolves them
+/// (normal and build edges: what goes into the binary, not the test-only ones).
+fn agent_features(workspace_args: &[&str]) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    let out = Command::new(cargo)
+        .args(["tree", "--offline", "--manifest-path", manifest])
+        .args(workspace_args)
+        .args(["-e", "normal,build,features", "-i", "trustmig-agent"])
+        .args(["--prefix", "none"])
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `cargo build --release` at the root builds a binary without the test hooks
+/// (`default-members` leaves out the tests crate that turns them on); a workspace-wide build
+/// has them, and the doctor names such a binary.
+#[test]
+fn a_plain_build_at_the_root_has_no_fault_injection() {
+    let plain = agent_features(&[]);
+    assert!(plain.contains("trustmig-agent v"), "{plain}");
+    assert!(!plain.contains("fault-injection"), "{plain}");
+    let workspace = agent_features(&["--workspace"]);
+    assert!(workspace.contains("\"fault-injection\""), "{workspace}");
+}

@@ -1744,9 +1744,8 @@ fn metrics_are_scraped_during_and_after_migrations() {
     let mut pair = Pair::create_with(exe().as_ref(), &vms, 2).unwrap();
     let mut addrs = Vec::new();
     for home in [&pair.src, &pair.dst] {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        drop(l);
+        let port = trustmig_attest::loopback::reserve(1).unwrap();
+        let addr = format!("127.0.0.1:{port}");
         let cfg = home.config();
         let text = std::fs::read_to_string(&cfg).unwrap();
         std::fs::write(&cfg, format!("metrics_listen = \"{addr}\"\n{text}")).unwrap();

@@ -5,7 +5,8 @@
 //! - [`quote`], [`public`], [`evidence`], [`event_log`], [`policy`]: the formats it checks.
 //! - [`enroll`]: MakeCredential/ActivateCredential enrollment into the trust store.
 //! - [`manifest`]: image manifests from files and the streaming [`manifest::ChunkChecker`].
-//! - [`swtpm`] (feature `swtpm-harness`): a software TPM for tests and demos.
+//! - [`swtpm`] (feature `swtpm-harness`): a software TPM for tests and demos; [`loopback`]: the
+//!   ports it and the harness's agents bind.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
@@ -13,6 +14,8 @@
 pub mod enroll;
 pub mod event_log;
 pub mod evidence;
+#[cfg(feature = "swtpm-harness")]
+pub mod loopback;
 pub mod manifest;
 pub mod policy;
 pub mod public;

@@ -2,7 +2,7 @@
 //! free loopback port pair in a temporary directory and stops it on drop.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,28 +114,10 @@ pub struct Swtpm {
     dir: TempDir,
 }
 
-/// Ports handed out in this process. Tests start TPMs from parallel threads: the OS never
-/// hands one ephemeral port twice at once, but one thread's `p + 1` (its control port) may be
-/// the next thread's `p`, free until its swtpm binds it; a TPM that then loses the race exits,
-/// and its readiness probe reaches the other one's socket (seen in CI: `Esys_Initialize` failed
-/// with a TCTI I/O error).
-static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-    std::sync::Mutex::new(std::collections::BTreeSet::new());
-
+/// A port `p` for swtpm's server, with its control port `p + 1` (see [`crate::loopback`]: CI
+/// saw a TPM lose such a race, and its readiness probe reach another test's socket).
 fn free_port_pair() -> Result<u16, SwtpmError> {
-    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    for _ in 0..50 {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_err("bind loopback"))?;
-        let p = l.local_addr().map_err(io_err("local addr"))?.port();
-        if p == u16::MAX || handed.contains(&p) || handed.contains(&(p + 1)) {
-            continue;
-        }
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)).is_ok() {
-            handed.extend([p, p + 1]);
-            return Ok(p);
-        }
-    }
-    Err(SwtpmError::Start("no free loopback port pair".into()))
+    crate::loopback::reserve(2).map_err(io_err("reserve loopback ports"))
 }
 
 impl Swtpm {
