@@ -64,6 +64,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Orders waiting for a permit, in arrival order: (order id hex, VM).
     pub queued: Mutex<Vec<(String, String)>>,
+    /// Each peer's budget of settlement queries about orders unknown here.
+    pub unknown_queries: crate::driver::unknown_queries::UnknownQueries,
 }
 
 impl Ctx {

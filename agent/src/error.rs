@@ -125,6 +125,16 @@ pub enum AgentError {
     /// A protocol error.
     #[error("{0}")]
     Protocol(#[from] trustmig_protocol::Error),
+    /// Disk `disk`'s image could not be checked or hashed as the guest sees it
+    /// (`verify = "full"`, spec/qemu.md §5): before anything moves (source), or at the
+    /// switch-over (the migration then rolls back).
+    #[error("migration failed: disk {disk}: verify = \"full\": {source}")]
+    Image {
+        /// The disk's name.
+        disk: String,
+        /// What was wrong.
+        source: Box<crate::backend::qemu::ImageError>,
+    },
     /// A required external program is missing.
     #[error("{program} not found; install it with `apt-get install {package}`")]
     MissingProgram {

@@ -103,6 +103,19 @@ impl Record {
     }
 }
 
+/// The longest note a record keeps, in characters. Notes carry error text, some of it built
+/// from what a peer or QEMU said (a list of stream record counts, a reason): one record must
+/// not take megabytes of the journal that is read whole at every start.
+pub const MAX_NOTE_CHARS: usize = 2000;
+
+/// Cut `note` to `MAX_NOTE_CHARS`, marking the cut.
+fn clip_note(note: &mut String) {
+    if let Some((at, _)) = note.char_indices().nth(MAX_NOTE_CHARS) {
+        note.truncate(at);
+        note.push('…');
+    }
+}
+
 /// The journal's file in its directory (`<home>/journal/`).
 pub const FILE: &str = "journal.jsonl";
 
@@ -243,7 +256,8 @@ impl Journal {
     /// Append `r` durably, then its audit entry when it changes the order's state. The journal
     /// is the authority: an audit write that fails is logged, and a crash between the two is
     /// made good when the journal is next opened ([`Self::audit_catch_up`]).
-    pub fn append(&mut self, r: Record) -> Result<(), AgentError> {
+    pub fn append(&mut self, mut r: Record) -> Result<(), AgentError> {
+        clip_note(&mut r.note);
         let prev = self.latest.get(&r.order_id).map(|p| p.state);
         let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
@@ -673,6 +687,22 @@ mod tests {
             not_after: 10,
             strict_final_quote: false,
         }
+    }
+
+    /// A note longer than `MAX_NOTE_CHARS` (error text a peer may have shaped) is cut, on a
+    /// character boundary, and marked; the record is kept.
+    #[test]
+    fn long_notes_are_clipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.claim_for(&[1; 16], Role::Destination, "a", 10).unwrap();
+        let long = "é".repeat(MAX_NOTE_CHARS * 3);
+        j.set(&[1; 16], State::RolledBack, long).unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let note = &j.latest[&hex(&[1; 16])].note;
+        assert_eq!(note.chars().count(), MAX_NOTE_CHARS + 1);
+        assert!(note.ends_with('…') && note.starts_with("éé"), "{note}");
     }
 
     /// SPEC.md §8.8 rule 3 from the destination's side: "not committed" is journalled before

@@ -352,6 +352,38 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
         }) => assert!(order_id == id && committed),
         other => panic!("the source got no answer: {other:?}"),
     }
+
+    // Fresh order ids cost a trusted peer nothing, and each answer is journalled for good: a
+    // peer has a budget of queries about orders unknown here (SPEC.md §8.8), then errors and
+    // nothing journalled; other peers keep theirs.
+    use trustmig_agent::driver::unknown_queries::BURST;
+    for n in 0..=BURST {
+        let query = Message::SettleQuery {
+            order_id: trustmig_agent::random(),
+        };
+        match rt.block_on(raw_request(&rogue, &pair.dst_addr, pair.dst_id, &query)) {
+            Ok(Message::SettleAnswer { committed, .. }) if n < BURST => assert!(!committed),
+            Ok(Message::Abort { reason, .. }) if n == BURST => {
+                assert!(reason.contains("too many settlement queries"), "{reason}")
+            }
+            other => panic!("query {n}: {other:?}"),
+        }
+    }
+    let unknown = trustmig_agent::random();
+    let query = Message::SettleQuery { order_id: unknown };
+    match rt.block_on(raw_request(&pair.src, &pair.dst_addr, pair.dst_id, &query)) {
+        Ok(Message::SettleAnswer { committed, .. }) => assert!(!committed),
+        other => panic!("the source got no answer: {other:?}"),
+    }
+    let journal = std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
+    assert_eq!(
+        journal
+            .lines()
+            .filter(|l| l.contains("the source asked"))
+            .count(),
+        BURST as usize + 1,
+        "the refused query journalled nothing"
+    );
 }
 
 #[test]

@@ -229,10 +229,27 @@ impl Policy {
 
     /// Read and validate a policy file.
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+        use std::io::Read;
+        let io = |source| PolicyError::Io {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        // Read at most one byte past the limit: a huge file (or a device) is refused by its
+        // size, not read whole first.
+        let file = std::fs::File::open(path).map_err(io)?;
+        let mut bytes = Vec::new();
+        (&file)
+            .take(MAX_POLICY_SIZE as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() > MAX_POLICY_SIZE {
+            let size = file.metadata().map_or(bytes.len() as u64, |m| m.len());
+            return Err(PolicyError::TooLarge(
+                usize::try_from(size).unwrap_or(usize::MAX),
+            ));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::from_toml_str(&text)
     }
 

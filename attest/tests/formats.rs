@@ -89,6 +89,27 @@ fn policy_errors_are_specific() {
     assert!(matches!(e(&dup), PolicyError::DuplicateAk(_)));
 }
 
+/// A policy file is read up to its limit: larger ones are refused by size, as is text that
+/// is not UTF-8, and a good one reads back.
+#[test]
+fn policy_files_are_bounded_and_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, policy_text()).expect("write");
+    assert!(Policy::from_file(&path).is_ok());
+    let big = trustmig_attest::policy::MAX_POLICY_SIZE + 10;
+    std::fs::write(&path, vec![b'#'; big]).expect("write");
+    match Policy::from_file(&path) {
+        Err(PolicyError::TooLarge(n)) => assert_eq!(n, big),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    std::fs::write(&path, [0xff, 0xfe]).expect("write");
+    let e = Policy::from_file(&path).expect_err("not UTF-8");
+    assert!(e.to_string().contains("policy.toml"), "{e}");
+    let e = Policy::from_file(&dir.path().join("none")).expect_err("missing");
+    assert!(matches!(e, PolicyError::Io { .. }), "{e:?}");
+}
+
 fn sample_quote() -> Vec<u8> {
     let q = QuoteInfo {
         qualified_signer: vec![0, 0x0b].into_iter().chain([7; 32]).collect(),

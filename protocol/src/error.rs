@@ -56,7 +56,7 @@ pub enum PeerMisbehaved {
         /// What the state machine waited for.
         expected: &'static str,
     },
-    /// No protocol version in common.
+    /// No protocol version in common (the first 16 the peer offers).
     #[error("no common protocol version (peer offers {0:?})")]
     NoCommonVersion(Vec<u16>),
     /// The responder chose a lower version than both support.

@@ -203,6 +203,13 @@ fn best_common(theirs: &[u16]) -> Option<u16> {
         .max()
 }
 
+/// The refusal for a peer that offers no version this side speaks, naming the first few it
+/// offered: the list is the peer's, as long as a frame allows, and the error goes into logs.
+fn no_common_version(offered: &[u16]) -> PeerMisbehaved {
+    const SHOWN: usize = 16;
+    PeerMisbehaved::NoCommonVersion(offered.iter().take(SHOWN).copied().collect())
+}
+
 struct Hello {
     order: VerifiedOrder,
     channel: ChannelBinding,
@@ -361,8 +368,7 @@ impl SourceHandshake {
             versions,
             nonce,
         } = sh;
-        let best = best_common(&versions)
-            .ok_or_else(|| PeerMisbehaved::NoCommonVersion(versions.clone()))?;
+        let best = best_common(&versions).ok_or_else(|| no_common_version(&versions))?;
         if version != best {
             return Err(PeerMisbehaved::Downgrade {
                 chosen: version,
@@ -587,8 +593,7 @@ fn on_client_hello(
     raw: &[u8],
     journal: &mut dyn OrderJournal,
 ) -> Result<(DestState, Vec<Vec<u8>>), Error> {
-    let version = best_common(&ch.versions)
-        .ok_or_else(|| PeerMisbehaved::NoCommonVersion(ch.versions.clone()))?;
+    let version = best_common(&ch.versions).ok_or_else(|| no_common_version(&ch.versions))?;
     let order = ch.order.verify(&OrderPolicy {
         operators: &cfg.operators,
         me: channel.local,

@@ -325,6 +325,9 @@ pub fn handle_line(line: &[u8], context: &str) -> Result<(), QmpError> {
     Ok(())
 }
 
+/// Events kept for the caller between its reads of them (`Qmp::queue_event`).
+pub const MAX_QUEUED_EVENTS: usize = 1024;
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
     rd: BufReader<OwnedReadHalf>,
@@ -509,7 +512,7 @@ impl Qmp {
         loop {
             let v = self.read_json(command).await?;
             match Self::classify(v, command)? {
-                Line::Event(e) => self.events.push_back(e),
+                Line::Event(e) => self.queue_event(e),
                 Line::Return(rid, r) if rid == id => return Ok(r),
                 Line::Error(rid, class, desc) if rid == id => {
                     return Err(QmpError::Qemu {
@@ -657,6 +660,17 @@ impl Qmp {
         })
     }
 
+    /// Keep an event that arrived while a command waited for its reply. At most
+    /// `MAX_QUEUED_EVENTS` are kept, the oldest dropped first: QEMU sends events on its own
+    /// (some at the guest's doing), and a session that issues commands without reading events
+    /// must not grow without bound. Whoever waits for a dropped event times out, named.
+    fn queue_event(&mut self, e: Event) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
     /// Events received so far, oldest first (drains the queue).
     pub fn take_events(&mut self) -> Vec<Event> {
         self.events.drain(..).collect()
@@ -762,6 +776,26 @@ mod tests {
             }
         })
         .await
+    }
+
+    #[tokio::test]
+    async fn events_queued_behind_a_reply_are_bounded_oldest_dropped_first() {
+        let mut flood = String::new();
+        for i in 0..MAX_QUEUED_EVENTS + 10 {
+            flood += &format!("{{\"event\": \"E{i}\", \"timestamp\": {{}}}}\n");
+        }
+        flood += "{\"return\": {\"running\": true, \"status\": \"running\"}, \"id\": 2}\n";
+        let flood: &'static str = Box::leak(flood.into_boxed_str());
+        let (_d, path) = fake(vec!["{\"return\": {}, \"id\": 1}\n", flood]).await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        q.query_status().await.expect("status");
+        let events = q.take_events();
+        assert_eq!(events.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(events[0].name, "E10", "the oldest went first");
+        let last = format!("E{}", MAX_QUEUED_EVENTS + 9);
+        assert_eq!(events.last().map(|e| e.name.as_str()), Some(last.as_str()));
     }
 
     #[tokio::test]

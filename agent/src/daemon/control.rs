@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -14,13 +14,17 @@ use crate::ctx::Ctx;
 use crate::error::AgentError;
 use crate::guest::SyntheticGuest;
 
+/// The longest request line read from a control client.
+const MAX_REQUEST: u64 = 1 << 20;
+
 /// Serve one control connection.
 pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), AgentError> {
     if let Ok(cred) = sock.peer_cred() {
         info!(uid = cred.uid(), pid = ?cred.pid(), "control client");
     }
     let (rd, mut wr) = sock.into_split();
-    let mut lines = BufReader::new(rd).lines();
+    // One request line, bounded: an order is a few KiB.
+    let mut lines = BufReader::new(rd.take(MAX_REQUEST)).lines();
     let Some(line) = lines
         .next_line()
         .await

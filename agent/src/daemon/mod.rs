@@ -2,6 +2,7 @@
 //! told apart by their first byte), one unix control socket for the local CLI (`control.rs`).
 //! Start-up, with the journal's settlement and reconciliation of what a crash left: `start.rs`.
 
+mod admission;
 mod control;
 mod notify;
 mod reload;
@@ -40,18 +41,36 @@ async fn serve(
         .map_err(|e| AgentError::Migration(format!("cannot install SIGHUP handler: {e}")))?;
     // Listening on both sockets: a `Type=notify` unit may order what depends on us now.
     notify::notify("READY=1\nSTATUS=listening");
+    let admission = Arc::new(admission::Admission::default());
+    let mut turned_away = 0u64;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((sock, addr)) => {
+                    let slot = match admission.admit(addr.ip()) {
+                        Ok(slot) => slot,
+                        Err(full) => {
+                            // Logged at 1, 2, 4, 8… refusals: a flood must not flood the log.
+                            turned_away += 1;
+                            if turned_away.is_power_of_two() {
+                                warn!(%addr, turned_away, "too many peer connections ({full:?}): closed a new one");
+                            }
+                            continue;
+                        }
+                    };
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = peer_connection(ctx, sock).await {
+                        if let Err(e) = peer_connection(ctx, sock, slot).await {
                             warn!(%addr, "peer connection: {e}");
                         }
                     });
                 }
-                Err(e) => warn!("accept: {e}"),
+                Err(e) => {
+                    // Out of file descriptors (or memory) fails every accept at once until
+                    // some close: pause rather than spin.
+                    warn!("accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             r = control.accept() => match r {
                 Ok((sock, _)) => {
@@ -92,11 +111,24 @@ async fn serve(
 /// How long shutdown waits for the audit anchor to catch up.
 const ANCHOR_DRAIN: Duration = Duration::from_secs(5);
 
-/// A TCP connection from a peer: TLS control session (first byte 0x16) or data stream.
-async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentError> {
+/// The pause after a failed `accept`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a new peer connection may take to send its first bytes (a TLS ClientHello or a
+/// data stream's preamble: both are sent as soon as it connects).
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP connection from a peer: TLS control session (first byte 0x16) or data stream. It holds
+/// its admission `slot` while this agent handles it.
+async fn peer_connection(
+    ctx: Arc<Ctx>,
+    sock: TcpStream,
+    slot: admission::Slot,
+) -> Result<(), AgentError> {
     sock.set_nodelay(true).ok();
+    let first_bytes = ctx.step_timeout().min(FIRST_BYTES_TIMEOUT);
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout(ctx.step_timeout(), sock.peek(&mut first))
+    let n = tokio::time::timeout(first_bytes, sock.peek(&mut first))
         .await
         .map_err(|_| AgentError::Timeout("peer sent nothing".into()))?
         .map_err(AgentError::io("peer socket"))?;
@@ -110,7 +142,7 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
     // an unauthenticated connection must not be able to disturb a session.
     let mut sock = sock;
     let mut p = [0u8; PREAMBLE_LEN];
-    tokio::time::timeout(ctx.step_timeout(), sock.read_exact(&mut p))
+    tokio::time::timeout(first_bytes, sock.read_exact(&mut p))
         .await
         .map_err(|_| AgentError::Timeout("data preamble timed out".into()))?
         .map_err(AgentError::io("data stream"))?;
@@ -133,6 +165,8 @@ async fn peer_connection(ctx: Arc<Ctx>, sock: TcpStream) -> Result<(), AgentErro
     match tx {
         Some(tx) => {
             let _ = tx.send((stream, sock)).await;
+            // The session has it now, and bounds it.
+            drop(slot);
         }
         None => warn!(session = %hex::encode(sid), "data stream for an unknown session dropped"),
     }

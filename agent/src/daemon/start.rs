@@ -119,6 +119,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         outgoing: Arc::new(tokio::sync::Semaphore::new(max_sending)),
         max_sending,
         queued: Mutex::new(Vec::new()),
+        unknown_queries: Default::default(),
     });
     if let Some(server) = metrics_server {
         crate::metrics::serve(ctx.clone(), server)?;

@@ -302,12 +302,22 @@ impl Session {
         order_id: [u8; 16],
         peer: &[u8; 32],
     ) -> Result<(), AgentError> {
-        let committed = self
-            .ctx
-            .journal
-            .lock()
-            .expect("journal lock")
-            .settle_query(&order_id, peer)?;
+        let committed = {
+            let mut journal = self.ctx.journal.lock().expect("journal lock");
+            let unknown = journal.entry(&order_id).is_none();
+            if unknown
+                && !self
+                    .ctx
+                    .unknown_queries
+                    .allow(peer, std::time::Instant::now())
+            {
+                return Err(AgentError::Refused(format!(
+                    "order {}: too many settlement queries about orders unknown here from this peer; ask again later",
+                    hex(&order_id)
+                )));
+            }
+            journal.settle_query(&order_id, peer)?
+        };
         info!(order = %hex(&order_id), peer = %hex(peer), committed, "settlement query answered");
         let m = Message::SettleAnswer {
             order_id,

@@ -9,3 +9,4 @@ pub mod destination;
 pub mod reconcile;
 pub mod settle;
 pub mod source;
+pub mod unknown_queries;

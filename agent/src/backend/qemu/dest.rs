@@ -11,16 +11,16 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::final_digest;
-use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
+use trustmig_protocol::keys::{Direction, KeySchedule};
 use trustmig_protocol::manifest::ImageManifest;
 use trustmig_protocol::order::{hex, OrderId};
-use trustmig_protocol::record::{Opener, RecordType, Sealer};
+use trustmig_protocol::record::{Opener, Sealer};
 use trustmig_protocol::Digest;
 
 use crate::backend::{Arrived, DestVm, Tasks};
 use crate::ctx::{Ctx, DataConn};
 use crate::error::AgentError;
-use crate::net::wire::read_record;
+use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
 use super::pumps::{open_pump, seal_pump, Carried, Received};
@@ -92,7 +92,6 @@ impl QemuDest {
 /// What the receiving task needs of the session (the keys stay with the driver's session).
 struct Incoming {
     order_id: OrderId,
-    sid: [u8; 16],
     manifest: ImageManifest,
     transcript_hash: Digest,
     /// The session's keys: stream 0's secret from the source, one per candidate connection,
@@ -109,7 +108,6 @@ impl DestVm for QemuDest {
     ) -> Result<(), AgentError> {
         let inc = Incoming {
             order_id: *est.order.id(),
-            sid: est.keys.session_id(),
             manifest: est.manifest.clone(),
             transcript_hash: est.transcript_hash,
             keys: Arc::new(est.keys),
@@ -210,7 +208,8 @@ async fn receive(
     let timeout = ctx.step_timeout();
     let deadline = tokio::time::Instant::now() + timeout.min(BIND_TIMEOUT);
     let count = 1 + inc.manifest.mirrors.len() as u16;
-    let mut streams = tokio::time::timeout_at(deadline, bind(conns, &inc.keys, inc.sid, count))
+    let binding = bind(conns, &inc.keys, count, timeout);
+    let mut streams = tokio::time::timeout_at(deadline, binding)
         .await
         .map_err(|_| AgentError::Timeout("the source opened no data stream in time".into()))??;
     let (mut data, mut opener) = streams.remove(0);
@@ -367,55 +366,23 @@ async fn mirrors_in(
 }
 
 /// Data streams `0..count`, each the first candidate connection whose `StreamInit`
-/// authenticates, with its opener. Candidates are checked concurrently: one that stalls before
-/// its StreamInit (a squatter with a copied preamble) must not hold up the genuine one behind it.
+/// authenticates, with its opener (`net::stream_init`).
 async fn bind(
-    mut conns: mpsc::Receiver<DataConn>,
+    conns: mpsc::Receiver<DataConn>,
     keys: &KeySchedule,
-    sid: [u8; 16],
     count: u16,
+    timeout: Duration,
 ) -> Result<Vec<(TcpStream, Opener)>, AgentError> {
     let mut bound: Vec<Option<(TcpStream, Opener)>> = (0..count).map(|_| None).collect();
-    let mut checks = tokio::task::JoinSet::new();
+    let mut binder = stream_init::Binder::new(conns, keys, count, timeout);
     while bound.iter().any(Option::is_none) {
-        tokio::select! {
-            c = conns.recv() => {
-                let (i, sock) = c.ok_or_else(|| AgentError::Migration("session closed".into()))?;
-                if i >= count || bound[usize::from(i)].is_some() {
-                    warn!(stream = i, "surplus data connection dropped");
-                    continue;
-                }
-                // A fresh opener per candidate: a forgery may poison one.
-                let secret = keys.stream_secret(Direction::SourceToDestination, i);
-                checks.spawn(stream_init(sock, secret, sid, i));
-            }
-            Some(r) = checks.join_next() => match r {
-                Ok(Some((i, sock, opener))) if bound[usize::from(i)].is_none() => {
-                    bound[usize::from(i)] = Some((sock, opener));
-                }
-                // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
-                _ => warn!("data connection failed StreamInit; dropped"),
-            },
-        }
+        let (i, sock, opener) = binder
+            .next()
+            .await
+            .ok_or_else(|| AgentError::Migration("session closed".into()))?;
+        bound[usize::from(i)] = Some((sock, opener));
     }
     Ok(bound.into_iter().flatten().collect())
-}
-
-/// A candidate for data stream `index` with the opener that authenticated its `StreamInit`,
-/// or `None` when it does not authenticate.
-async fn stream_init(
-    mut sock: TcpStream,
-    secret: TrafficSecret,
-    sid: [u8; 16],
-    index: u16,
-) -> Option<(u16, TcpStream, Opener)> {
-    sock.set_nodelay(true).ok();
-    let mut opener = Opener::new(secret, index);
-    let mut buf = Vec::new();
-    let init = [&sid[..], &index.to_be_bytes()].concat();
-    let read = matches!(read_record(&mut sock, &mut buf).await, Ok(true));
-    let ok = read && matches!(opener.open(&mut buf), Ok((RecordType::StreamInit, p)) if p == init);
-    ok.then_some((index, sock, opener))
 }
 
 /// Connect to the socket QEMU listens on for the incoming stream (it appears shortly after

@@ -130,7 +130,10 @@ pub async fn source_disks(
         tokio::task::spawn_blocking(move || super::image::preflight(&path, format, size))
             .await
             .map_err(|e| mig(format!("disk {}: checking the image: {e}", m.name)))?
-            .map_err(|e| AgentError::Refused(format!("disk {}: verify = \"full\": {e}", m.name)))?;
+            .map_err(|source| AgentError::Image {
+                disk: m.name.clone(),
+                source: Box::new(source),
+            })?;
     }
     Ok((copied, mirrored))
 }

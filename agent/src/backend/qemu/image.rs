@@ -5,46 +5,104 @@
 //! the file, and unallocated or zero ranges read as zeros.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::manifest::DiskFormat;
-use trustmig_qemu::img::{external_data_file, parse_map, Extent};
+use trustmig_qemu::img::{external_data_file, parse_map, Extent, ImgError};
 
 use super::QEMU_IMG;
 
 /// Bytes read (or zeros hashed) at a time.
 const STEP: usize = 1 << 20;
 
+/// An image could not be checked or hashed as the guest sees it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// `qemu-img` could not be run (not installed, not executable).
+    #[error("{QEMU_IMG} not found or not runnable ({action}: {source}); install qemu-utils")]
+    NotRunnable {
+        /// Its subcommand.
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `qemu-img` ran and failed.
+    #[error("{QEMU_IMG} {action} {}: {stderr}", path.display())]
+    Failed {
+        /// Its subcommand.
+        action: &'static str,
+        /// The image.
+        path: PathBuf,
+        /// What it said.
+        stderr: String,
+    },
+    /// `qemu-img`'s answer does not describe an image that can be read as the guest sees it
+    /// (unreadable, not covering the virtual size, compressed or encrypted ranges).
+    #[error("{QEMU_IMG} {action} {}: {source}", path.display())]
+    Layout {
+        /// Its subcommand.
+        action: &'static str,
+        /// The image.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: ImgError,
+    },
+    /// A qcow2 image that keeps its data in another file.
+    #[error("{} keeps its data in an external data file ({file}); verify = \"full\" reads self-contained images only", path.display())]
+    ExternalDataFile {
+        /// The image.
+        path: PathBuf,
+        /// The data file it names.
+        file: String,
+    },
+    /// The image file could not be opened, read or (fault injection) written.
+    #[error("{}: {what}: {source}", path.display())]
+    File {
+        /// The image.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl ImageError {
+    fn file(path: &Path, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let (path, what) = (path.to_path_buf(), what.into());
+        move |source| Self::File { path, what, source }
+    }
+}
+
 /// Where each range of the image's first `virtual_size` guest bytes comes from
 /// (`trustmig_qemu::img::parse_map` checks it). `-U` (share the image): QEMU has it open, with
 /// the guest stopped or the image inactive.
-fn map(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<Vec<Extent>, String> {
-    let shown = path.display();
+fn map(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<Vec<Extent>, ImageError> {
     let out = qemu_img(&["map", "--output=json", "-U", "-f", format.as_str()], path)?;
-    parse_map(&out, virtual_size).map_err(|e| format!("{QEMU_IMG} map {shown}: {e}"))
+    parse_map(&out, virtual_size).map_err(|source| ImageError::Layout {
+        action: "map",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `qemu-img ARGS PATH`'s standard output, or what went wrong, named.
-fn qemu_img(args: &[&str], path: &Path) -> Result<Vec<u8>, String> {
-    let shown = path.display();
+fn qemu_img(args: &[&'static str], path: &Path) -> Result<Vec<u8>, ImageError> {
+    let action = args[0];
     let out = Command::new(QEMU_IMG)
         .args(args)
         .arg(path)
         .output()
-        .map_err(|e| {
-            format!(
-                "running {QEMU_IMG} {} on {shown}: {e} (install qemu-utils)",
-                args[0]
-            )
-        })?;
+        .map_err(|source| ImageError::NotRunnable { action, source })?;
     if !out.status.success() {
-        return Err(format!(
-            "{QEMU_IMG} {} {shown}: {}",
-            args[0],
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(ImageError::Failed {
+            action,
+            path: path.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(out.stdout)
 }
@@ -62,14 +120,16 @@ pub(crate) fn hash_allowance(bytes: u64) -> std::time::Duration {
 
 /// `qemu-img` runs (the destination checks before it creates anything for a disk verified in
 /// full).
-pub(crate) fn available() -> Result<(), String> {
-    match Command::new(QEMU_IMG).arg("--version").output() {
+pub(crate) fn available() -> Result<(), ImageError> {
+    let action = "--version";
+    match Command::new(QEMU_IMG).arg(action).output() {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "{QEMU_IMG} --version failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Err(format!("{QEMU_IMG} not found ({e}; install qemu-utils)")),
+        Ok(o) => Err(ImageError::Failed {
+            action,
+            path: PathBuf::new(),
+            stderr: String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+        }),
+        Err(source) => Err(ImageError::NotRunnable { action, source }),
     }
 }
 
@@ -78,17 +138,24 @@ pub(crate) fn available() -> Result<(), String> {
 /// is compressed or encrypted (no file offset to read); a qcow2 keeps its data in its own file
 /// (an external data file's offsets point elsewhere). Found only at the switch-over, each of
 /// these would roll back a finished move with the guest paused.
-pub(crate) fn preflight(path: &Path, format: DiskFormat, virtual_size: u64) -> Result<(), String> {
+pub(crate) fn preflight(
+    path: &Path,
+    format: DiskFormat,
+    virtual_size: u64,
+) -> Result<(), ImageError> {
     map(path, format, virtual_size)?;
     if format == DiskFormat::Qcow2 {
-        let shown = path.display();
         let info = qemu_img(&["info", "--output=json", "-U", "-f", "qcow2"], path)?;
-        if let Some(file) =
-            external_data_file(&info).map_err(|e| format!("{QEMU_IMG} info {shown}: {e}"))?
-        {
-            return Err(format!(
-                "{shown} keeps its data in an external data file ({file}); verify = \"full\" reads self-contained images only"
-            ));
+        let layout = |source| ImageError::Layout {
+            action: "info",
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(file) = external_data_file(&info).map_err(layout)? {
+            return Err(ImageError::ExternalDataFile {
+                path: path.to_path_buf(),
+                file,
+            });
         }
     }
     Ok(())
@@ -100,10 +167,9 @@ pub(crate) fn guest_digest(
     path: &Path,
     format: DiskFormat,
     virtual_size: u64,
-) -> Result<StreamDigest, String> {
-    let shown = path.display();
+) -> Result<StreamDigest, ImageError> {
     let extents = map(path, format, virtual_size)?;
-    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let file = std::fs::File::open(path).map_err(ImageError::file(path, "opening it"))?;
     let mut digest = StreamDigest::new();
     let zeros = vec![0u8; STEP];
     let mut buf = vec![0u8; STEP];
@@ -118,7 +184,7 @@ pub(crate) fn guest_digest(
                     // No overflow: `parse_map` checked offset + length.
                     let at = offset + (e.length - left);
                     file.read_exact_at(&mut buf[..n], at)
-                        .map_err(|err| format!("{shown}: reading {n} bytes at {at}: {err}"))?;
+                        .map_err(ImageError::file(path, format!("reading {n} bytes at {at}")))?;
                     digest.update(&buf[..n]);
                 }
             }
@@ -129,27 +195,29 @@ pub(crate) fn guest_digest(
 }
 
 /// Fault injection (the destination's copy diverged after its NBD stream ended): flip the
-/// first byte the guest would read from data, where it lies in the file.
+/// first byte the guest would read from data, where it lies in the file; `None` when the
+/// image holds no data.
 pub(crate) fn flip_first_data_byte(
     path: &Path,
     format: DiskFormat,
     virtual_size: u64,
-) -> Result<u64, String> {
-    let shown = path.display();
-    let at = map(path, format, virtual_size)?
+) -> Result<Option<u64>, ImageError> {
+    let Some(at) = map(path, format, virtual_size)?
         .iter()
         .find_map(Extent::file_offset)
-        .ok_or_else(|| format!("{shown}: no data to alter"))?;
+    else {
+        return Ok(None);
+    };
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| format!("{shown}: {e}"))?;
+        .map_err(ImageError::file(path, "opening it to alter"))?;
     let mut b = [0u8; 1];
     file.read_exact_at(&mut b, at)
         .and_then(|()| file.write_all_at(&[!b[0]], at))
-        .map_err(|e| format!("{shown}: {e}"))?;
-    Ok(at)
+        .map_err(ImageError::file(path, format!("altering the byte at {at}")))?;
+    Ok(Some(at))
 }
 
 #[cfg(test)]
@@ -208,13 +276,24 @@ mod tests {
         assert_eq!(got.finish(&[0; 32]), want, "the raw image, holes included");
 
         // A flipped data byte changes it; a wrong virtual size is refused by name.
-        flip_first_data_byte(&q, DiskFormat::Qcow2, 4 << 20).unwrap();
+        assert!(flip_first_data_byte(&q, DiskFormat::Qcow2, 4 << 20)
+            .unwrap()
+            .is_some());
         let flipped = guest_digest(&q, DiskFormat::Qcow2, 4 << 20).unwrap();
         assert_ne!(flipped.finish(&[0; 32]), want);
         let e = guest_digest(&q, DiskFormat::Qcow2, 8 << 20).unwrap_err();
-        assert!(e.contains("virtual size is 8388608"), "{e}");
-        let e = guest_digest(&dir.path().join("none"), DiskFormat::Raw, 512).unwrap_err();
-        assert!(e.contains("none"), "{e}");
+        assert!(
+            matches!(&e, ImageError::Layout { source: ImgError::Coverage { virtual_size, .. }, .. } if *virtual_size == 8 << 20),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("virtual size is 8388608"), "{e}");
+        let none = dir.path().join("none");
+        let e = guest_digest(&none, DiskFormat::Raw, 512).unwrap_err();
+        assert!(
+            matches!(&e, ImageError::Failed { action: "map", path, .. } if *path == none),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("none"), "{e}");
     }
 
     /// Layouts qemu-img maps differently hash the same when the guest reads the same: metadata
@@ -258,12 +337,26 @@ mod tests {
             &packed
         ]));
         let e = preflight(&p("packed.qcow2"), DiskFormat::Qcow2, 2 << 20).unwrap_err();
-        assert!(e.contains("compressed or encrypted"), "{e}");
+        assert!(
+            matches!(
+                &e,
+                ImageError::Layout {
+                    source: ImgError::NoFileOffset { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("compressed or encrypted"), "{e}");
         // An external data file: the offsets point into it, not into the image file.
         let data = s("data.raw");
         let opts = format!("data_file={data}");
         assert!(qcow2(&s("ext.qcow2"), "2M", Some(&opts)));
         let e = preflight(&p("ext.qcow2"), DiskFormat::Qcow2, 2 << 20).unwrap_err();
-        assert!(e.contains("external data file"), "{e}");
+        assert!(
+            matches!(&e, ImageError::ExternalDataFile { file, .. } if *file == data),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("external data file"), "{e}");
     }
 }

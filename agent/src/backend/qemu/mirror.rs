@@ -228,7 +228,10 @@ async fn hash_image(
             ))
         })?
         .map_err(|e| mig(format!("disk {name}: hashing task: {e}")))?
-        .map_err(|e| mig(format!("disk {name}: verify = \"full\": {e}")))?;
+        .map_err(|source| AgentError::Image {
+            disk: name.to_owned(),
+            source: Box::new(source),
+        })?;
     info!(disk = %name, bytes = virtual_size, ms = started.elapsed().as_millis() as u64, "image hashed in full");
     Ok(digest)
 }
@@ -263,7 +266,16 @@ pub(crate) async fn hash_copies(
             })
             .await
             .map_err(|e| mig(format!("fault injection task: {e}")))?
-            .map_err(mig)?;
+            .map_err(|source| AgentError::Image {
+                disk: t.disk.name.clone(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| {
+                mig(format!(
+                    "fault injection: disk {} holds no data to alter",
+                    t.disk.name
+                ))
+            })?;
             warn!(disk = %t.disk.name, at, "fault injection: altered a byte of the copy after its NBD stream ended");
         }
         let d = &t.disk;
@@ -418,7 +430,7 @@ impl Mirrors {
     /// the copy kept in step), or an error if one failed or vanished.
     pub(crate) async fn look(&mut self, qmp: &mut Qmp) -> Result<(u64, u64, bool), AgentError> {
         let jobs = query_jobs(qmp).await?;
-        let (mut done, mut total) = (0, 0);
+        let (mut done, mut total) = (0u64, 0u64);
         let mut all = true;
         for (i, d) in self.disks.iter().enumerate() {
             let Some(j) = jobs.iter().find(|j| j.id == d.job()) else {
@@ -441,8 +453,9 @@ impl Mirrors {
                     all = false;
                 }
             }
-            done += j.current;
-            total += j.total;
+            // QEMU's numbers: added without trusting them not to overflow.
+            done = done.saturating_add(j.current);
+            total = total.saturating_add(j.total);
         }
         Ok((done, total, all))
     }

@@ -27,6 +27,7 @@
 pub const QEMU_IMG: &str = "qemu-img";
 
 pub(crate) use image::available as qemu_img_available;
+pub use image::ImageError;
 pub use mirror::verify_allowance;
 
 mod dest;

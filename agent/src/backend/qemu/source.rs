@@ -15,7 +15,7 @@ use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::TransferMode;
 use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, VerifiedOrder};
 use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
-use trustmig_protocol::record::{Opener, RecordType, Sealer};
+use trustmig_protocol::record::{Opener, Sealer};
 use trustmig_protocol::Digest;
 
 use crate::backend::vm_manifest;
@@ -24,7 +24,7 @@ use crate::config::{VmConfig, DEFAULT_DOWNTIME_STEPS};
 use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
 use crate::error::{AgentError, Link};
-use crate::net::wire::preamble;
+use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 
 use super::disk::SourceDisk;
@@ -385,7 +385,6 @@ async fn open_stream(
     addr: &str,
     index: u16,
 ) -> Result<(TcpStream, Sealer, Opener), AgentError> {
-    let sid = est.keys.session_id();
     let mut data = TcpStream::connect(addr)
         .await
         .map_err(|e| AgentError::Connect {
@@ -393,15 +392,15 @@ async fn open_stream(
             reason: format!("data stream {index}: {e}"),
         })?;
     data.set_nodelay(true).ok();
-    let secret = |dir| est.keys.stream_secret(dir, index);
-    let mut sealer = Sealer::new(secret(Direction::SourceToDestination), index);
-    let mut first = preamble(&sid, index).to_vec();
-    let init = [&sid[..], &index.to_be_bytes()].concat();
-    sealer.seal(RecordType::StreamInit, &init, &mut first)?;
+    let (first, sealer) = stream_init::opening(&est.keys, index)?;
     data.write_all(&first)
         .await
         .map_err(|e| AgentError::transport(Link::Data(index), e))?;
-    let opener = Opener::new(secret(Direction::DestinationToSource), index);
+    let opener = Opener::new(
+        est.keys
+            .stream_secret(Direction::DestinationToSource, index),
+        index,
+    );
     Ok((data, sealer, opener))
 }
 

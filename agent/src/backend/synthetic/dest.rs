@@ -5,10 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tracing::warn;
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::handshake::Established;
-use trustmig_protocol::keys::{Direction, KeySchedule};
+use trustmig_protocol::keys::KeySchedule;
 use trustmig_protocol::messages::TransferMode;
 use trustmig_protocol::precopy::{GuestMemory, PrecopyDest};
 use trustmig_protocol::record::{Opener, RecordType};
@@ -17,6 +16,7 @@ use crate::backend::{Arrived, DestVm, Tasks};
 use crate::ctx::{Ctx, DataConn};
 use crate::error::{AgentError, Link};
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
+use crate::net::stream_init;
 use crate::net::wire::{read_record, WireError};
 
 struct Receiving {
@@ -56,19 +56,12 @@ impl SyntheticDest {
         }
         // The peer is attested but its numbers are still input: refuse a guest this host cannot
         // hold rather than abort on allocation.
-        let want = page_count.saturating_mul(PAGE_SIZE as u64);
-        if let Some(avail) = crate::guest::mem_available() {
-            if want > avail {
-                return Err(AgentError::Refused(format!(
-                    "guest of {} MiB does not fit: {} MiB of memory available here",
-                    want >> 20,
-                    avail >> 20
-                )));
-            }
-        }
-        // Pre-faulting 4 GiB takes about a second: the agent's runtime is multi-threaded, so
-        // this worker hands its other tasks to the rest meanwhile.
-        let guest = tokio::task::block_in_place(|| SyntheticGuest::prefaulted(vm, page_count));
+        let guest = {
+            let _room = Room::take(page_count)?;
+            // Pre-faulting 4 GiB takes about a second: the agent's runtime is multi-threaded,
+            // so this worker hands its other tasks to the rest meanwhile.
+            tokio::task::block_in_place(|| SyntheticGuest::prefaulted(vm, page_count))
+        };
         let engine = PrecopyDest::new(&guest, page_size, page_count, est.streams)?;
         Ok(Self {
             vm: vm.to_string(),
@@ -76,6 +69,47 @@ impl SyntheticDest {
             arrived: None,
             tasks: Tasks::default(),
         })
+    }
+}
+
+/// Memory being pre-faulted for incoming guests: not yet counted in `MemAvailable`, so a
+/// second migration that checks meanwhile must count it.
+static BEING_FAULTED: Mutex<u64> = Mutex::new(0);
+
+/// Room for an incoming guest's memory and its per-page bookkeeping (digests, dirty bitmap),
+/// held while it is pre-faulted.
+struct Room(u64);
+
+impl Room {
+    /// Per page beyond its bytes: a 32-byte digest and a bit of dirty bitmap, rounded up.
+    const PER_PAGE_OVERHEAD: u64 = 33;
+
+    fn take(page_count: u64) -> Result<Self, AgentError> {
+        let want = page_count.saturating_mul(PAGE_SIZE as u64 + Self::PER_PAGE_OVERHEAD);
+        let avail = crate::guest::mem_available().ok_or_else(|| {
+            AgentError::Refused(
+                "cannot tell how much memory is free here (no MemAvailable in /proc/meminfo)"
+                    .into(),
+            )
+        })?;
+        let mut faulting = BEING_FAULTED.lock().unwrap_or_else(|e| e.into_inner());
+        let free = avail.saturating_sub(*faulting);
+        if want > free {
+            return Err(AgentError::Refused(format!(
+                "guest of {} MiB does not fit: {} MiB of memory available here",
+                want >> 20,
+                free >> 20
+            )));
+        }
+        *faulting += want;
+        Ok(Self(want))
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        let mut faulting = BEING_FAULTED.lock().unwrap_or_else(|e| e.into_inner());
+        *faulting = faulting.saturating_sub(self.0);
     }
 }
 
@@ -92,13 +126,11 @@ impl DestVm for SyntheticDest {
             streams,
             ..
         } = est;
-        let sid = keys.session_id();
         let (done_tx, mut done_rx) = mpsc::channel::<(u16, Result<u64, AgentError>)>(16);
         let (ctx2, state) = (ctx.clone(), self.state.clone());
         self.tasks.spawn(bind_streams(
             ctx2,
             Arc::new(keys),
-            sid,
             streams,
             state,
             conns,
@@ -176,66 +208,28 @@ impl DestVm for SyntheticDest {
 }
 
 /// Accept data connections for this session: bind each stream index once, after its
-/// `StreamInit` record authenticates; then read it to its end. spec: SPEC.md §7.1
+/// `StreamInit` record authenticates (`net::stream_init`); then read it to its end.
+/// spec: SPEC.md §7.1
 async fn bind_streams(
     ctx: Arc<Ctx>,
     keys: Arc<KeySchedule>,
-    sid: [u8; 16],
     streams: u16,
     state: Arc<Mutex<Receiving>>,
-    mut conns: mpsc::Receiver<DataConn>,
+    conns: mpsc::Receiver<DataConn>,
     done: mpsc::Sender<(u16, Result<u64, AgentError>)>,
 ) {
-    // Each candidate is checked in a task of its own: a connection that stalls before its
-    // StreamInit must not hold up the genuine one behind it. The first that authenticates
-    // binds its stream index; later ones are surplus.
-    let bound = Arc::new(Mutex::new(vec![false; streams as usize]));
-    let mut checks = tokio::task::JoinSet::new();
-    while let Some((i, mut sock)) = conns.recv().await {
-        if i >= streams || bound.lock().expect("bound lock")[i as usize] {
-            warn!(stream = i, "surplus data connection dropped");
-            continue;
-        }
-        let (ctx, keys, state, done, bound) = (
-            ctx.clone(),
-            keys.clone(),
-            state.clone(),
-            done.clone(),
-            bound.clone(),
-        );
-        checks.spawn(async move {
-            sock.set_nodelay(true).ok();
-            let mut opener = Opener::new(keys.stream_secret(Direction::SourceToDestination, i), i);
-            let mut buf = Vec::new();
-            let init =
-                tokio::time::timeout(ctx.step_timeout(), read_record(&mut sock, &mut buf)).await;
-            let ok = match init {
-                Ok(Ok(true)) => match opener.open(&mut buf) {
-                    Ok((RecordType::StreamInit, p)) => p == [&sid[..], &i.to_be_bytes()].concat(),
-                    _ => false,
-                },
-                _ => false,
-            };
-            if !ok {
-                // Unauthenticated: drop the connection, keep the session (SPEC.md §7.1).
-                warn!(stream = i, "data connection failed StreamInit; dropped");
-                return;
-            }
-            {
-                let mut b = bound.lock().expect("bound lock");
-                if b[i as usize] {
-                    warn!(stream = i, "surplus data connection dropped");
-                    return;
-                }
-                b[i as usize] = true;
-            }
+    let mut binder = stream_init::Binder::new(conns, &keys, streams, ctx.step_timeout());
+    let mut readers = tokio::task::JoinSet::new();
+    while let Some((i, sock, opener)) = binder.next().await {
+        let (state, done) = (state.clone(), done.clone());
+        readers.spawn(async move {
             let r = read_stream(sock, opener, i, &state).await;
             let _ = done.send((i, r)).await;
         });
     }
-    // The session is over: the checks and readers go with this task (a JoinSet aborts its
-    // tasks when dropped) once every stream's reader has finished or the driver gave up.
-    while checks.join_next().await.is_some() {}
+    // The session is over: the readers go with this task (a JoinSet aborts its tasks when
+    // dropped) once every stream's reader has finished or the driver gave up.
+    while readers.join_next().await.is_some() {}
 }
 
 /// Read one bound stream to `StreamEnd`; returns the number of records it carried.
@@ -279,5 +273,30 @@ async fn read_stream(
                 .into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest larger than the free memory is refused by name; two migrations that each fit
+    /// alone but not together are not both let in while the first is pre-faulted.
+    #[test]
+    fn room_for_a_guest_counts_the_ones_being_faulted() {
+        let Some(avail) = crate::guest::mem_available() else {
+            return;
+        };
+        let per_page = PAGE_SIZE as u64 + Room::PER_PAGE_OVERHEAD;
+        let e = Room::take(avail / per_page + 1_000_000)
+            .err()
+            .expect("too big");
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        let most = avail / per_page * 6 / 10;
+        let first = Room::take(most).expect("fits alone");
+        let e = Room::take(most).err().expect("not beside the first");
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        drop(first);
+        assert!(Room::take(most).is_ok(), "room comes back");
     }
 }

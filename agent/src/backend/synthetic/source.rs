@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trustmig_protocol::handshake::Established;
-use trustmig_protocol::keys::Direction;
 use trustmig_protocol::messages::{Message, TransferMode};
 use trustmig_protocol::precopy::{GuestMemory, PrecopySource, RoundDecision};
 use trustmig_protocol::rate::Pacer;
@@ -22,7 +21,7 @@ use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
 use crate::error::{AgentError, Link};
 use crate::guest::{SyntheticGuest, PAGE_SIZE};
-use crate::net::wire::preamble;
+use crate::net::stream_init;
 
 /// A synthetic guest on its way out: taken from the running VMs for the migration's time.
 pub(crate) struct SyntheticSource {
@@ -118,7 +117,6 @@ async fn open_streams(
     addr: &str,
     pool: &Pool,
 ) -> Result<Vec<StreamTx>, AgentError> {
-    let sid = est.keys.session_id();
     let mut out = Vec::new();
     for i in 0..est.streams {
         let mut sock = TcpStream::connect(addr)
@@ -128,10 +126,7 @@ async fn open_streams(
                 reason: format!("data stream {i}: {e}"),
             })?;
         sock.set_nodelay(true).ok();
-        let mut sealer = Sealer::new(est.keys.stream_secret(Direction::SourceToDestination, i), i);
-        let mut first = preamble(&sid, i).to_vec();
-        let init = [&sid[..], &i.to_be_bytes()].concat();
-        sealer.seal(RecordType::StreamInit, &init, &mut first)?;
+        let (first, sealer) = stream_init::opening(&est.keys, i)?;
         sock.write_all(&first)
             .await
             .map_err(|e| AgentError::transport(Link::Data(i), e))?;

@@ -1,0 +1,117 @@
+//! Which peer connections the agent takes on. Anyone who can reach the listen port can open
+//! connections, and each holds a socket (a file descriptor) until it proves something: a TLS
+//! session until its handshake and hello, a data stream until its session takes it (from then
+//! on `net::stream_init` bounds them per session). Without a cap a flood of them would take the
+//! descriptors the control socket, the journal and QEMU's sockets need, and one host could
+//! take every slot the others need: so there is a cap in all and one per peer address.
+//! Migrations are far fewer (`max_concurrent`), each with a control connection and its streams.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// Peer connections handled at once.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
+
+/// Of them, from one address.
+pub const MAX_PER_ADDRESS: usize = 64;
+
+/// The connections held, in all and per address.
+#[derive(Default)]
+pub struct Admission {
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    total: usize,
+    by_addr: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was not taken on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// `MAX_PEER_CONNECTIONS` are open.
+    Total,
+    /// `MAX_PER_ADDRESS` are open from this address.
+    Address,
+}
+
+/// A connection taken on; its slot is released when this is dropped.
+pub struct Slot {
+    admission: Arc<Admission>,
+    addr: IpAddr,
+}
+
+impl Admission {
+    /// A slot for a connection from `addr`, or why there is none.
+    pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Result<Slot, Full> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.total >= MAX_PEER_CONNECTIONS {
+            return Err(Full::Total);
+        }
+        let n = held.by_addr.entry(addr).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return Err(Full::Address);
+        }
+        *n += 1;
+        held.total += 1;
+        Ok(Slot {
+            admission: self.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = (self.admission.held.lock()).unwrap_or_else(|e| e.into_inner());
+        held.total -= 1;
+        if let Some(n) = held.by_addr.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                held.by_addr.remove(&self.addr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_slot_and_slots_come_back() {
+        let a = Arc::new(Admission::default());
+        let mine: Vec<Slot> = (0..MAX_PER_ADDRESS)
+            .map(|_| a.admit(ip(1)).expect("admit"))
+            .collect();
+        assert_eq!(a.admit(ip(1)).err(), Some(Full::Address));
+        // Another host still gets in.
+        let other = a.admit(ip(2)).expect("another address");
+        drop(mine);
+        assert!(a.admit(ip(1)).is_ok(), "released on drop");
+        drop(other);
+        assert!(a.held.lock().unwrap().by_addr.is_empty());
+    }
+
+    #[test]
+    fn the_total_is_capped_across_addresses() {
+        let a = Arc::new(Admission::default());
+        let per = MAX_PER_ADDRESS;
+        let hosts = MAX_PEER_CONNECTIONS / per;
+        let slots: Vec<Slot> = (0..hosts)
+            .flat_map(|h| (0..per).map(move |_| h))
+            .map(|h| a.admit(ip(h as u8)).expect("admit"))
+            .collect();
+        assert_eq!(slots.len(), MAX_PEER_CONNECTIONS);
+        assert_eq!(a.admit(ip(200)).err(), Some(Full::Total));
+        drop(slots);
+        assert_eq!(a.held.lock().unwrap().total, 0);
+        assert!(a.admit(ip(200)).is_ok());
+    }
+}
