@@ -386,6 +386,43 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
     );
 }
 
+/// A flood of silent connections from one address takes at most its share of the listener
+/// (daemon::admission): beyond it new connections are closed at once, and once the flood is
+/// gone a migration goes through as before.
+#[test]
+fn a_connection_flood_is_capped_and_leaves_no_trace() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    use std::io::Read;
+    let rt = rt();
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 16, 0), 1).unwrap();
+    pair.start_both().unwrap();
+    let addr: std::net::SocketAddr = pair.dst_addr.parse().unwrap();
+    let connect = || std::net::TcpStream::connect(addr).expect("connect");
+    let flood: Vec<_> = (0..64).map(|_| connect()).collect();
+    // Each is taken on in turn: the 65th finds the address's share used and is closed.
+    let mut closed = false;
+    for _ in 0..50 {
+        let mut extra = connect();
+        extra
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        if matches!(extra.read(&mut [0u8; 1]), Ok(0)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a connection beyond the cap was kept open");
+    drop(flood);
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let s = done(migrate(&rt, &pair, &order), &pair);
+    assert_eq!(s.vm, "v");
+}
+
 #[test]
 fn a_peer_whose_measurement_is_not_allowed_fails_attestation() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
