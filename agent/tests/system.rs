@@ -388,7 +388,8 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
 
 /// A flood of silent connections from one address takes at most its share of the listener
 /// (daemon::admission): beyond it new connections are closed at once, and once the flood is
-/// gone a migration goes through as before.
+/// gone a migration goes through as before. A control request longer than the agent reads is
+/// refused by name.
 #[test]
 fn a_connection_flood_is_capped_and_leaves_no_trace() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -401,8 +402,9 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
     pair.start_both().unwrap();
     let addr: std::net::SocketAddr = pair.dst_addr.parse().unwrap();
     let connect = || std::net::TcpStream::connect(addr).expect("connect");
-    let flood: Vec<_> = (0..64).map(|_| connect()).collect();
-    // Each is taken on in turn: the 65th finds the address's share used and is closed.
+    use trustmig_agent::daemon::admission::MAX_PER_ADDRESS;
+    let flood: Vec<_> = (0..MAX_PER_ADDRESS).map(|_| connect()).collect();
+    // Each is taken on in turn: the next finds the address's share used and is closed.
     let mut closed = false;
     for _ in 0..50 {
         let mut extra = connect();
@@ -416,6 +418,22 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
     }
     assert!(closed, "a connection beyond the cap was kept open");
     drop(flood);
+    {
+        use std::io::{BufRead, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(pair.dst.control_socket()).unwrap();
+        // Written from a thread: the agent stops reading at its limit.
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&vec![b'x'; 2 << 20]);
+        });
+        let mut reply = String::new();
+        std::io::BufReader::new(&mut c)
+            .read_line(&mut reply)
+            .unwrap();
+        assert!(reply.contains("longer than 1048576 bytes"), "{reply}");
+        drop(c);
+        writer.join().unwrap();
+    }
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
         .unwrap();

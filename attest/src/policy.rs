@@ -243,7 +243,11 @@ impl Policy {
             .read_to_end(&mut bytes)
             .map_err(io)?;
         if bytes.len() > MAX_POLICY_SIZE {
-            let size = file.metadata().map_or(bytes.len() as u64, |m| m.len());
+            // A device or pipe says 0: the bytes read count then.
+            let size = file
+                .metadata()
+                .map_or(0, |m| m.len())
+                .max(bytes.len() as u64);
             return Err(PolicyError::TooLarge(
                 usize::try_from(size).unwrap_or(usize::MAX),
             ));

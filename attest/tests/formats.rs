@@ -103,6 +103,13 @@ fn policy_files_are_bounded_and_named() {
         Err(PolicyError::TooLarge(n)) => assert_eq!(n, big),
         other => panic!("expected TooLarge, got {other:?}"),
     }
+    // A device that never ends is refused by what was read of it, not read for ever.
+    match Policy::from_file(std::path::Path::new("/dev/zero")) {
+        Err(PolicyError::TooLarge(n)) => {
+            assert_eq!(n, trustmig_attest::policy::MAX_POLICY_SIZE + 1)
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
     std::fs::write(&path, [0xff, 0xfe]).expect("write");
     let e = Policy::from_file(&path).expect_err("not UTF-8");
     assert!(e.to_string().contains("policy.toml"), "{e}");

@@ -271,6 +271,9 @@ fn default_step_timeout() -> u64 {
 /// `transfer.max_concurrent_migrations` when the configuration does not set it.
 pub const DEFAULT_MAX_CONCURRENT: usize = 4;
 
+/// The most `transfer.max_concurrent_migrations` may be.
+pub const MAX_CONCURRENT: usize = 64;
+
 fn default_max_concurrent() -> usize {
     DEFAULT_MAX_CONCURRENT
 }
@@ -325,9 +328,9 @@ impl Config {
                 c.transfer.step_timeout_secs
             ));
         }
-        if !(1..=64).contains(&c.transfer.max_concurrent_migrations) {
+        if !(1..=MAX_CONCURRENT).contains(&c.transfer.max_concurrent_migrations) {
             return Err(format!(
-                "transfer.max_concurrent_migrations = {} must be in 1..=64",
+                "transfer.max_concurrent_migrations = {} must be in 1..={MAX_CONCURRENT}",
                 c.transfer.max_concurrent_migrations
             ));
         }

@@ -1,20 +1,24 @@
 //! Which peer connections the agent takes on. Anyone who can reach the listen port can open
 //! connections, and each holds a socket (a file descriptor) until it proves something: a TLS
-//! session until its handshake and hello, a data stream until its session takes it (from then
-//! on `net::stream_init` bounds them per session). Without a cap a flood of them would take the
-//! descriptors the control socket, the journal and QEMU's sockets need, and one host could
-//! take every slot the others need: so there is a cap in all and one per peer address.
-//! Migrations are far fewer (`max_concurrent`), each with a control connection and its streams.
+//! connection until its handshake proves a trusted peer (within 10 s), a data stream until its
+//! session takes it (from then on `net::stream_init` bounds them per session). Without a cap a
+//! flood of them would take the descriptors the control socket, the journal and QEMU's sockets
+//! need, and one host could take every place the others need: so there is a cap in all and one
+//! per peer address (per /64 for IPv6, which hands a host a whole /64). Trusted sessions do not
+//! count: a flood cannot shut out the migrations under way, only delay new connections while
+//! it lasts.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// Peer connections handled at once.
-pub const MAX_PEER_CONNECTIONS: usize = 256;
+pub const MAX_PEER_CONNECTIONS: usize = 512;
 
-/// Of them, from one address.
-pub const MAX_PER_ADDRESS: usize = 64;
+/// Of them, from one address: twice the most migrations one source may start at once
+/// (`transfer.max_concurrent_migrations`), each with a TLS handshake and a first data stream
+/// on their way at the same moment.
+pub const MAX_PER_ADDRESS: usize = 2 * crate::config::MAX_CONCURRENT;
 
 /// The connections held, in all and per address.
 #[derive(Default)]
@@ -43,9 +47,21 @@ pub struct Slot {
     addr: IpAddr,
 }
 
+/// The address a connection counts against: an IPv6 address's /64.
+fn counted_as(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 impl Admission {
     /// A slot for a connection from `addr`, or why there is none.
     pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Result<Slot, Full> {
+        let addr = counted_as(addr);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.total >= MAX_PEER_CONNECTIONS {
             return Err(Full::Total);
@@ -97,6 +113,24 @@ mod tests {
         assert!(a.admit(ip(1)).is_ok(), "released on drop");
         drop(other);
         assert!(a.held.lock().unwrap().by_addr.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        let a = Arc::new(Admission::default());
+        let host = |i: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i]);
+        let mine: Vec<Slot> = (0..MAX_PER_ADDRESS as u16)
+            .map(|i| a.admit(host(i)).expect("admit"))
+            .collect();
+        assert_eq!(a.admit(host(9999)).err(), Some(Full::Address));
+        assert!(a
+            .admit(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]))
+            .is_ok());
+        // An IPv4-mapped address counts as the IPv4 one.
+        let v4 = IpAddr::from([192, 0, 2, 7]);
+        let mapped = IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0xc000, 0x0207]);
+        assert_eq!(counted_as(mapped), v4);
+        drop(mine);
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     };
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
+        Err(_) if line.len() as u64 >= MAX_REQUEST => {
+            let too_long = format!("bad request: longer than {MAX_REQUEST} bytes");
+            send(&mut wr, Reply::Error(too_long)).await;
+            return Ok(());
+        }
         Err(e) => {
             send(&mut wr, Reply::Error(format!("bad request: {e}"))).await;
             return Ok(());

@@ -2,7 +2,7 @@
 //! told apart by their first byte), one unix control socket for the local CLI (`control.rs`).
 //! Start-up, with the journal's settlement and reconciliation of what a crash left: `start.rs`.
 
-mod admission;
+pub mod admission;
 mod control;
 mod notify;
 mod reload;
@@ -42,7 +42,7 @@ async fn serve(
     // Listening on both sockets: a `Type=notify` unit may order what depends on us now.
     notify::notify("READY=1\nSTATUS=listening");
     let admission = Arc::new(admission::Admission::default());
-    let mut turned_away = 0u64;
+    let mut turned_away = TurnedAway::default();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -50,11 +50,7 @@ async fn serve(
                     let slot = match admission.admit(addr.ip()) {
                         Ok(slot) => slot,
                         Err(full) => {
-                            // Logged at 1, 2, 4, 8… refusals: a flood must not flood the log.
-                            turned_away += 1;
-                            if turned_away.is_power_of_two() {
-                                warn!(%addr, turned_away, "too many peer connections ({full:?}): closed a new one");
-                            }
+                            turned_away.count(addr, full);
                             continue;
                         }
                     };
@@ -111,6 +107,29 @@ async fn serve(
 /// How long shutdown waits for the audit anchor to catch up.
 const ANCHOR_DRAIN: Duration = Duration::from_secs(5);
 
+/// Connections closed at once by `admission`, logged at most once per `LOG_EVERY` with how
+/// many since: a flood must not flood the log too.
+#[derive(Default)]
+struct TurnedAway {
+    since_logged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl TurnedAway {
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    fn count(&mut self, addr: std::net::SocketAddr, why: admission::Full) {
+        self.since_logged += 1;
+        let now = std::time::Instant::now();
+        if self.logged_at.is_some_and(|t| now - t < Self::LOG_EVERY) {
+            return;
+        }
+        warn!(%addr, closed = self.since_logged, "too many peer connections ({why:?}): closing new ones at once");
+        self.since_logged = 0;
+        self.logged_at = Some(now);
+    }
+}
+
 /// The pause after a failed `accept`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -136,7 +155,8 @@ async fn peer_connection(
         return Ok(());
     }
     if first[0] == 0x16 {
-        return crate::driver::destination::serve(ctx, sock).await;
+        // Authenticated, the session no longer counts against the unauthenticated ones.
+        return crate::driver::destination::serve(ctx, sock, move || drop(slot)).await;
     }
     // A data stream: its preamble names the session. Unknown sessions are dropped quietly;
     // an unauthenticated connection must not be able to disturb a session.

@@ -38,9 +38,16 @@ use trustmig_protocol::settlement::VmAction;
 type Tls = TlsStream<TcpStream>;
 type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
 
-/// Serve one incoming TLS control connection.
-pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
+/// Serve one incoming TLS control connection; `authenticated` runs once the TLS handshake
+/// proved the peer a trusted agent (the listener then stops counting the connection against
+/// unauthenticated ones).
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    tcp: TcpStream,
+    authenticated: impl FnOnce(),
+) -> Result<(), AgentError> {
     let (tls, exporter, peer) = accept(&ctx, tcp).await?;
+    authenticated();
     let (rd, wr) = tokio::io::split(tls);
     let mut s = Session {
         ctx: ctx.clone(),
@@ -70,14 +77,18 @@ pub async fn serve(ctx: Arc<Ctx>, tcp: TcpStream) -> Result<(), AgentError> {
     Err(e)
 }
 
-/// The TLS handshake with a trusted peer (within the step timeout): the stream, its exporter
-/// and the peer's identity key.
+/// How long a peer may take over the TLS handshake (a few round trips, no TPM): an
+/// unauthenticated connection holds one of the listener's places meanwhile.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The TLS handshake with a trusted peer (within `TLS_HANDSHAKE_TIMEOUT`, or the step timeout
+/// if shorter): the stream, its exporter and the peer's identity key.
 async fn accept(ctx: &Ctx, tcp: TcpStream) -> Result<(Tls, [u8; 32], AgentId), AgentError> {
     let peers = ctx.peers()?;
     let cfg = crate::net::tls::server_config(&ctx.identity, peers.keys())
         .map_err(|e| AgentError::Tls(format!("TLS configuration: {e}")))?;
     let tls = tokio::time::timeout(
-        ctx.step_timeout(),
+        ctx.step_timeout().min(TLS_HANDSHAKE_TIMEOUT),
         tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
     )
     .await

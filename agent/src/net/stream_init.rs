@@ -5,8 +5,8 @@
 //! Until then a connection is anyone's: the preamble travels in clear, so whoever sees one can
 //! open connections that name the session. Each such candidate costs the destination a socket
 //! and a fixed `STREAM_INIT_RECORD` bytes (a header declaring any other length is refused before
-//! anything is allocated), it waits at most the step timeout, and at most `MAX_PENDING` wait at
-//! once per session: a new one pushes out the oldest. The genuine source writes its `StreamInit`
+//! anything is allocated), it waits at most the caller's timeout, and at most `MAX_PENDING` (32)
+//! wait at once per session: a new one pushes out the oldest. The genuine source writes its `StreamInit`
 //! with its preamble, so it authenticates as soon as it is read; a candidate still waiting when
 //! many others arrived after it is a squatter.
 
@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::warn;
 use trustmig_protocol::keys::{Direction, KeySchedule, TrafficSecret};
+use trustmig_protocol::messages::MAX_STREAMS;
 use trustmig_protocol::record::{Header, Opener, RecordType, Sealer, HEADER_LEN, TAG_LEN};
 
 use super::wire::preamble;
@@ -30,8 +31,10 @@ const INIT_PAYLOAD: usize = 16 + 2;
 /// A whole `StreamInit` record: header, payload, tag.
 const STREAM_INIT_RECORD: usize = HEADER_LEN + INIT_PAYLOAD + TAG_LEN;
 
-/// Candidates of one session checked at once; a new one pushes out the oldest.
-pub const MAX_PENDING: usize = 16;
+/// Candidates of one session checked at once; a new one pushes out the oldest. Twice the most
+/// streams a session has, so that its genuine connections, all taken off the queue before any
+/// check has run, never push out one another.
+pub const MAX_PENDING: usize = 2 * MAX_STREAMS as usize;
 
 /// `StreamInit`'s payload for stream `index` of session `sid`.
 fn init_payload(sid: &[u8; 16], index: u16) -> [u8; INIT_PAYLOAD] {
@@ -242,18 +245,44 @@ mod tests {
         assert!(binder.next().await.is_none());
     }
 
+    /// Past `MAX_PENDING` waiting candidates, the oldest is pushed out: its connection closes.
+    #[tokio::test]
+    async fn the_oldest_waiting_candidate_is_pushed_out() {
+        let keys = keys();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let mut binder = Binder::new(rx, &keys, 1, Duration::from_secs(60));
+        let mut squatters = Vec::new();
+        for _ in 0..=MAX_PENDING {
+            let (a, b) = pair(&l).await;
+            squatters.push(a);
+            tx.send((0, b)).await.unwrap();
+        }
+        // The binder takes them off the queue while it waits for a stream that never binds.
+        let _ = tokio::time::timeout(Duration::from_millis(300), binder.next()).await;
+        let mut first = squatters.remove(0);
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), first.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the oldest is still open: {read:?}"
+        );
+        // The newest still waits.
+        let mut last = squatters.pop().unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(200), last.read(&mut byte)).await;
+        assert!(read.is_err(), "the newest was closed too");
+    }
+
     #[tokio::test]
     async fn a_silent_candidate_is_dropped_after_the_timeout() {
         let keys = keys();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a, b) = pair(&l).await;
-        let t = std::time::Instant::now();
         let sid = keys.session_id();
         let secret = keys.stream_secret(Direction::SourceToDestination, 0);
-        assert!(check(b, secret, sid, 0, Duration::from_millis(50))
-            .await
-            .is_none());
-        assert!(t.elapsed() < Duration::from_secs(5));
+        let checked = check(b, secret, sid, 0, Duration::from_millis(50));
+        let r = tokio::time::timeout(Duration::from_secs(5), checked).await;
+        assert!(matches!(r, Ok(None)), "not dropped after its timeout");
         drop(a);
     }
 

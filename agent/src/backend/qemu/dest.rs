@@ -208,7 +208,8 @@ async fn receive(
     let timeout = ctx.step_timeout();
     let deadline = tokio::time::Instant::now() + timeout.min(BIND_TIMEOUT);
     let count = 1 + inc.manifest.mirrors.len() as u16;
-    let binding = bind(conns, &inc.keys, count, timeout);
+    // Each candidate may take what the whole binding may.
+    let binding = bind(conns, &inc.keys, count, timeout.min(BIND_TIMEOUT));
     let mut streams = tokio::time::timeout_at(deadline, binding)
         .await
         .map_err(|_| AgentError::Timeout("the source opened no data stream in time".into()))??;

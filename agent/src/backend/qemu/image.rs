@@ -50,6 +50,12 @@ pub enum ImageError {
         /// What is wrong with it.
         source: ImgError,
     },
+    /// `qemu-img --version` ran and failed.
+    #[error("{QEMU_IMG} --version failed: {stderr}")]
+    VersionFailed {
+        /// What it said.
+        stderr: String,
+    },
     /// A qcow2 image that keeps its data in another file.
     #[error("{} keeps its data in an external data file ({file}); verify = \"full\" reads self-contained images only", path.display())]
     ExternalDataFile {
@@ -124,9 +130,7 @@ pub(crate) fn available() -> Result<(), ImageError> {
     let action = "--version";
     match Command::new(QEMU_IMG).arg(action).output() {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(ImageError::Failed {
-            action,
-            path: PathBuf::new(),
+        Ok(o) => Err(ImageError::VersionFailed {
             stderr: String::from_utf8_lossy(&o.stderr).trim().to_owned(),
         }),
         Err(source) => Err(ImageError::NotRunnable { action, source }),
