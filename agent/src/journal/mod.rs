@@ -23,6 +23,8 @@ use trustmig_protocol::AgentId;
 
 use crate::error::AgentError;
 
+mod compact;
+
 /// One journal line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +118,63 @@ fn clip_note(note: &mut String) {
     }
 }
 
+/// What a journal's lines say, replayed in order.
+#[derive(Debug, Default)]
+struct Replay {
+    /// Each order's latest record.
+    latest: HashMap<String, Record>,
+    /// Each VM's record that last moved it (`Rules::moves_vm`).
+    last_for_vm: HashMap<String, Record>,
+    /// The order that most recently wrote a record about each VM, whatever it did.
+    last_order_of_vm: HashMap<String, String>,
+    /// The last record that changed its order's state (the audit trail must end with it).
+    last_change: Option<Record>,
+    /// Where a torn last line starts (a crash mid-append).
+    torn_at: Option<u64>,
+    /// Each whole line's order id and byte range in the text, in order.
+    lines: Vec<(String, std::ops::Range<usize>)>,
+}
+
+impl Replay {
+    /// Replay `text`, the journal at `path`. A torn last line (crash mid-append: the caller
+    /// never acted on it) is set aside to be cut off; any other malformed line is an error.
+    fn of(text: &str, path: &Path) -> Result<Self, AgentError> {
+        let mut out = Self::default();
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        let mut offset = 0usize;
+        for (i, line) in lines.iter().enumerate() {
+            let torn_tail = i == lines.len() - 1 && !line.ends_with('\n');
+            match serde_json::from_str::<Record>(line.trim_end()) {
+                Ok(r) => {
+                    let prev = out.latest.get(&r.order_id).map(|p| p.state);
+                    if moves_vm(prev, &r) {
+                        out.last_for_vm.insert(r.vm.clone(), r.clone());
+                    }
+                    if Rules::default().touches_vm(&r.entry()) {
+                        out.last_order_of_vm
+                            .insert(r.vm.clone(), r.order_id.clone());
+                    }
+                    if prev != Some(r.state) {
+                        out.last_change = Some(r.clone());
+                    }
+                    out.lines
+                        .push((r.order_id.clone(), offset..offset + line.len()));
+                    out.latest.insert(r.order_id.clone(), r);
+                }
+                Err(_) if torn_tail => out.torn_at = Some(offset as u64),
+                Err(e) => {
+                    return Err(AgentError::BadConfig {
+                        path: path.to_path_buf(),
+                        reason: format!("line {}: {e} (journal corrupt; refusing to guess)", i + 1),
+                    })
+                }
+            }
+            offset += line.len();
+        }
+        Ok(out)
+    }
+}
+
 /// The journal's file in its directory (`<home>/journal/`).
 pub const FILE: &str = "journal.jsonl";
 
@@ -133,49 +192,27 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Open (or create) the journal in `dir` and replay it.
+    /// Open (or create) the journal in `dir` and replay it; compact it first when enough of
+    /// it is no longer needed (`compact.rs`).
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
         let path = dir.join(FILE);
-        let mut latest = HashMap::new();
-        let mut last_for_vm: HashMap<String, Record> = HashMap::new();
-        let mut last_order_of_vm = HashMap::new();
-        let mut torn_at = None;
-        let mut last_change = None;
+        let mut replayed = Replay::default();
         if path.exists() {
             let text = fs::read_to_string(&path).map_err(AgentError::io(&path))?;
-            let lines: Vec<&str> = text.split_inclusive('\n').collect();
-            let mut offset = 0u64;
-            for (i, line) in lines.iter().enumerate() {
-                let torn_tail = i == lines.len() - 1 && !line.ends_with('\n');
-                match serde_json::from_str::<Record>(line.trim_end()) {
-                    Ok(r) => {
-                        if moves_vm(latest.get(&r.order_id).map(|p: &Record| p.state), &r) {
-                            last_for_vm.insert(r.vm.clone(), r.clone());
-                        }
-                        if Rules::default().touches_vm(&r.entry()) {
-                            last_order_of_vm.insert(r.vm.clone(), r.order_id.clone());
-                        }
-                        if latest.get(&r.order_id).map(|p: &Record| p.state) != Some(r.state) {
-                            last_change = Some(r.clone());
-                        }
-                        latest.insert(r.order_id.clone(), r);
-                    }
-                    // Crash mid-append: the caller never acted on it; cut it off below.
-                    Err(_) if torn_tail => torn_at = Some(offset),
-                    Err(e) => {
-                        return Err(AgentError::BadConfig {
-                            path: path.clone(),
-                            reason: format!(
-                                "line {}: {e} (journal corrupt; refusing to guess)",
-                                i + 1
-                            ),
-                        })
-                    }
-                }
-                offset += line.len() as u64;
+            replayed = Replay::of(&text, &path)?;
+            if let Some(smaller) = compact::compact(&path, &text, &replayed, crate::unix_now())? {
+                replayed = smaller;
             }
         }
+        let Replay {
+            latest,
+            last_for_vm,
+            last_order_of_vm,
+            last_change,
+            torn_at,
+            ..
+        } = replayed;
         let file = open_log(&path, torn_at)?;
         // The directory entry must be durable too, or a fresh journal could vanish on crash.
         File::open(dir)

@@ -1,0 +1,267 @@
+//! Dropping what the journal no longer needs (SPEC.md §3.4), so that it does not grow with
+//! every migration for as long as the agent runs: it is read whole at every start, and every
+//! order it holds stays in memory.
+//!
+//! An order's lines may go once all of these hold:
+//! - it is finished (done, rolled back, settled, revoked): nothing is in doubt about it;
+//! - its window closed more than `RETENTION_SECS` ago beyond the clock skew: §3.3 refuses the
+//!   order anyway, so its id need not be kept (§3.4), and the week's margin keeps that true
+//!   across a clock set back by mistake, and keeps recent history for the operator;
+//! - it knows its window (ids used up by a settlement query about an order never seen here
+//!   were journalled without one, and stay);
+//! - no VM's memory rests on it: it wrote neither the record that last moved a VM nor the
+//!   last record about one (what a restart does with each VM is decided from those), nor the
+//!   journal's last change of state (the audit trail must end with it).
+//!
+//! Every line of an order that stays is kept, in order, so replaying the smaller journal gives
+//! each remaining order, and each VM, exactly what the whole one gave; that is checked before
+//! the smaller file replaces the old one (written beside it, fsync'd, renamed over it), and a
+//! difference leaves the journal as it was. It runs at start, when at least
+//! `MIN_DROPPED_LINES` lines can go, so the file is not rewritten for a handful.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use trustmig_protocol::order::MAX_CLOCK_SKEW;
+
+use super::{Replay, State};
+use crate::error::AgentError;
+
+/// How long after its window closed (beyond the clock skew) a finished order is kept.
+pub const RETENTION_SECS: u64 = 7 * 24 * 3600;
+
+/// The fewest lines worth rewriting the journal for.
+pub const MIN_DROPPED_LINES: usize = 1024;
+
+/// The orders whose lines may go at `now` (UNIX seconds).
+fn droppable(replayed: &Replay, now: u64) -> HashSet<&str> {
+    let mut needed: HashSet<&str> = (replayed.last_for_vm.values())
+        .map(|r| r.order_id.as_str())
+        .chain(replayed.last_order_of_vm.values().map(String::as_str))
+        .collect();
+    needed.extend(replayed.last_change.as_ref().map(|r| r.order_id.as_str()));
+    (replayed.latest.values())
+        .filter(|r| {
+            matches!(
+                r.state,
+                State::Done | State::RolledBack | State::Settled | State::Revoked
+            ) && r.not_after != 0
+                && now
+                    > (r.not_after)
+                        .saturating_add(MAX_CLOCK_SKEW)
+                        .saturating_add(RETENTION_SECS)
+                && !needed.contains(r.order_id.as_str())
+        })
+        .map(|r| r.order_id.as_str())
+        .collect()
+}
+
+/// `text` without the lines of the orders that may go at `now`, and how many lines went;
+/// `None` when fewer than `min` would.
+fn without_droppable(
+    text: &str,
+    replayed: &Replay,
+    now: u64,
+    min: usize,
+) -> Option<(String, usize)> {
+    let drop = droppable(replayed, now);
+    let kept: Vec<_> = (replayed.lines.iter())
+        .filter(|(order, _)| !drop.contains(order.as_str()))
+        .collect();
+    let dropped = replayed.lines.len() - kept.len();
+    if dropped < min.max(1) {
+        return None;
+    }
+    Some((
+        kept.iter().map(|(_, range)| &text[range.clone()]).collect(),
+        dropped,
+    ))
+}
+
+/// Whether `smaller` says of every order and VM what `whole` said, but for the orders dropped.
+fn agrees(smaller: &Replay, whole: &Replay) -> bool {
+    smaller.last_for_vm == whole.last_for_vm
+        && smaller.last_order_of_vm == whole.last_order_of_vm
+        && smaller.last_change == whole.last_change
+        && smaller.torn_at.is_none()
+        && (smaller.latest.iter()).all(|(id, r)| whole.latest.get(id) == Some(r))
+}
+
+/// Compact the journal at `path`, whose text `text` replayed as `whole`, when enough of it may
+/// go at `now`; returns the smaller journal's replay once it replaced the file. A journal with a
+/// torn last line is left for the next start (it is cut first).
+pub(super) fn compact(
+    path: &Path,
+    text: &str,
+    whole: &Replay,
+    now: u64,
+) -> Result<Option<Replay>, AgentError> {
+    compact_from(path, text, whole, now, MIN_DROPPED_LINES)
+}
+
+fn compact_from(
+    path: &Path,
+    text: &str,
+    whole: &Replay,
+    now: u64,
+    min: usize,
+) -> Result<Option<Replay>, AgentError> {
+    if whole.torn_at.is_some() {
+        return Ok(None);
+    }
+    let Some((smaller, dropped)) = without_droppable(text, whole, now, min) else {
+        return Ok(None);
+    };
+    let replayed = Replay::of(&smaller, path)?;
+    if !agrees(&replayed, whole) {
+        tracing::error!(
+            "journal compaction would change what the journal says of a remaining order or VM: left as it is"
+        );
+        return Ok(None);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let next = path.with_extension("jsonl.compacted");
+    let io = |p: &Path| AgentError::io(p.to_path_buf());
+    let mut f = File::create(&next).map_err(io(&next))?;
+    f.write_all(smaller.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(&next))?;
+    fs::rename(&next, path).map_err(io(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    tracing::info!(
+        dropped,
+        kept = replayed.lines.len(),
+        "journal compacted: finished orders whose window closed over {} days ago",
+        RETENTION_SECS / 86_400
+    );
+    Ok(Some(replayed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Journal, Record, FILE};
+    use super::*;
+    use trustmig_protocol::order::Role;
+
+    const DAY: u64 = 86_400;
+
+    fn line(id: u8, vm: &str, role: Role, state: State, not_after: u64) -> String {
+        let r = Record::new(format!("{id:032x}"), role, vm, state, not_after);
+        serde_json::to_string(&r).unwrap() + "\n"
+    }
+
+    /// Finished, expired orders go; what is in doubt, recent, without a window, or what a
+    /// VM's fate rests on stays, line for line; the journal then opens to the same answers.
+    #[test]
+    fn only_finished_expired_orders_nothing_rests_on_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let now = 100 * DAY;
+        let old = now - RETENTION_SECS - MAX_CLOCK_SKEW - DAY;
+        let mut text = String::new();
+        // VM a: order 1 moved it away long ago (a's last move: stays); order 2 claimed it
+        // since and rolled back (a's last record: stays).
+        text += &line(1, "a", Role::Source, State::Claimed, old);
+        text += &line(1, "a", Role::Source, State::Committed, old);
+        text += &line(1, "a", Role::Source, State::Done, old);
+        text += &line(2, "a", Role::Source, State::Claimed, old);
+        text += &line(2, "a", Role::Source, State::RolledBack, old);
+        // VM b: 3 refused before its hypervisor was handed over (goes); 8 brought it here
+        // (b's last: stays, and the journal's last change).
+        text += &line(3, "b", Role::Destination, State::Claimed, old);
+        text += &line(3, "b", Role::Destination, State::RolledBack, old);
+        // 4: in doubt long ago; 5: finished, its window closed a day ago; 6: used up by a
+        // settlement query (no window): all stay. 7: revoked long ago (goes).
+        text += &line(4, "c", Role::Source, State::Claimed, old);
+        text += &line(4, "c", Role::Source, State::Committed, old);
+        text += &line(5, "d", Role::Source, State::Claimed, now - DAY);
+        text += &line(5, "d", Role::Source, State::Done, now - DAY);
+        text += &line(6, "", Role::Destination, State::RolledBack, 0);
+        text += &line(7, "e", Role::Destination, State::Revoked, old);
+        // VM f: 9 brought it here long ago, 10 sent it away since: 9 goes, 10 stays.
+        text += &line(9, "f", Role::Destination, State::Claimed, old);
+        text += &line(9, "f", Role::Destination, State::Done, old);
+        text += &line(10, "f", Role::Source, State::Claimed, old);
+        text += &line(10, "f", Role::Source, State::Done, old);
+        text += &line(8, "b", Role::Destination, State::Claimed, old);
+        text += &line(8, "b", Role::Destination, State::Done, old);
+        let whole = Replay::of(&text, &path).unwrap();
+        let id = |n: u8| format!("{n:032x}");
+        let mut gone: Vec<String> = droppable(&whole, now)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        gone.sort();
+        assert_eq!(gone, [3, 7, 9].map(id).to_vec());
+
+        std::fs::write(&path, &text).unwrap();
+        let smaller = compact_from(&path, &text, &whole, now, 1)
+            .unwrap()
+            .expect("compacted");
+        assert!(agrees(&smaller, &whole));
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(on_disk.lines().count(), text.lines().count() - 5);
+        for n in [3, 7, 9] {
+            assert!(!on_disk.contains(&id(n)), "order {n} kept");
+        }
+        for n in [1, 2, 4, 5, 6, 8, 10] {
+            let lines = |t: &str| t.lines().filter(|l| l.contains(&id(n))).count();
+            assert_eq!(lines(&on_disk), lines(&text), "order {n}: every line kept");
+        }
+        // Nothing more to drop the second time; and the journal opens on it.
+        let again = Replay::of(&on_disk, &path).unwrap();
+        assert!(compact_from(&path, &on_disk, &again, now, 1)
+            .unwrap()
+            .is_none());
+        assert!(!dir.path().join("journal.jsonl.compacted").exists());
+    }
+
+    /// Below the threshold, or with a torn last line, the file is left alone.
+    #[test]
+    fn a_few_lines_or_a_torn_tail_leave_the_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let now = 100 * DAY;
+        let old = now - RETENTION_SECS - MAX_CLOCK_SKEW - DAY;
+        let mut text = line(1, "a", Role::Source, State::Done, old);
+        text += &line(2, "b", Role::Source, State::Done, old);
+        let whole = Replay::of(&text, &path).unwrap();
+        assert!(compact_from(&path, &text, &whole, now, 2)
+            .unwrap()
+            .is_none());
+        text += "{\"order_id\": \"torn";
+        let torn = Replay::of(&text, &path).unwrap();
+        assert!(torn.torn_at.is_some());
+        assert!(compact_from(&path, &text, &torn, now, 1).unwrap().is_none());
+    }
+
+    /// Through `Journal::open`: a journal with many expired orders opens smaller, and an
+    /// expired id it dropped is no longer remembered (the order's window refuses it now).
+    #[test]
+    fn open_compacts_a_long_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let old = crate::unix_now() - RETENTION_SECS - MAX_CLOCK_SKEW - DAY;
+        let mut text = String::new();
+        for i in 0..MIN_DROPPED_LINES as u32 {
+            let id = format!("{i:032x}");
+            for state in [State::Claimed, State::Done] {
+                let r = Record::new(id.clone(), Role::Source, "a", state, old);
+                text += &(serde_json::to_string(&r).unwrap() + "\n");
+            }
+        }
+        // An empty journal first (with its audit trail), then the long one in its place.
+        drop(Journal::open(dir.path()).unwrap());
+        std::fs::write(&path, &text).unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let last = format!("{:032x}", MIN_DROPPED_LINES - 1);
+        assert_eq!(j.latest.len(), 1, "only the VM's last order stays");
+        assert!(j.latest.contains_key(&last));
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(on_disk.lines().count(), 2);
+    }
+}
