@@ -13,18 +13,28 @@
 //!   last record about one (what a restart does with each VM is decided from those), nor the
 //!   journal's last change of state (the audit trail must end with it).
 //!
-//! Every line of an order that stays is kept, in order, so replaying the smaller journal gives
-//! each remaining order, and each VM, exactly what the whole one gave; that is checked before
+//! An order committed here as destination is never forgotten: its source may ask about it at
+//! any time, however late, and must hear "committed" (an id unknown here is answered "not
+//! committed", SPEC.md §8.8, which would make two copies run); such an order keeps its last line
+//! (its latest record). Every line of any other order that stays is kept, in order, so
+//! replaying the smaller journal gives each remaining order, and each VM, exactly what the whole
+//! one gave; that is checked before
 //! the smaller file replaces the old one (written beside it, fsync'd, renamed over it), and a
 //! difference leaves the journal as it was. It runs at start, when at least
-//! `MIN_DROPPED_LINES` lines can go, so the file is not rewritten for a handful.
+//! `MIN_DROPPED_LINES` lines can go, so the file is not rewritten for a handful, with the
+//! journal locked (`LOCK`) so that no other agent writes it meanwhile; "now" is the earlier of
+//! the clock and the journal's newest record (a clock running ahead at boot drops nothing early).
+//!
+//! A mirrored disk's copy left by an order rolled back here is removed by a later incoming mirror
+//! of that disk only while the journal shows that order (`mirror.rs`, `stale`); once it went,
+//! such a copy stays until the operator removes it (that mirror is refused, named, meanwhile).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use trustmig_protocol::order::MAX_CLOCK_SKEW;
+use trustmig_protocol::order::{Role, MAX_CLOCK_SKEW};
 
 use super::{Replay, State};
 use crate::error::AgentError;
@@ -35,8 +45,21 @@ pub const RETENTION_SECS: u64 = 7 * 24 * 3600;
 /// The fewest lines worth rewriting the journal for.
 pub const MIN_DROPPED_LINES: usize = 1024;
 
-/// The orders whose lines may go at `now` (UNIX seconds).
-fn droppable(replayed: &Replay, now: u64) -> HashSet<&str> {
+/// What becomes of an order's lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// All go.
+    Drop,
+    /// Only its last line stays: an order committed here as destination, whose source may ask
+    /// about it at any time, however late (SPEC.md §8.8: a source in doubt asks until
+    /// answered), and must then hear "committed", never the "not committed" an unknown id
+    /// gets. Its last line is its latest record, so the answer stays.
+    Squash,
+}
+
+/// What becomes of the orders whose lines need not all stay at `now` (UNIX seconds); the
+/// others keep every line.
+fn fates(replayed: &Replay, now: u64) -> HashMap<&str, Fate> {
     let mut needed: HashSet<&str> = (replayed.last_for_vm.values())
         .map(|r| r.order_id.as_str())
         .chain(replayed.last_order_of_vm.values().map(String::as_str))
@@ -54,21 +77,41 @@ fn droppable(replayed: &Replay, now: u64) -> HashSet<&str> {
                         .saturating_add(RETENTION_SECS)
                 && !needed.contains(r.order_id.as_str())
         })
-        .map(|r| r.order_id.as_str())
+        .map(|r| {
+            let committed_here =
+                r.role == Role::Destination && matches!(r.state, State::Done | State::Settled);
+            let fate = if committed_here {
+                Fate::Squash
+            } else {
+                Fate::Drop
+            };
+            (r.order_id.as_str(), fate)
+        })
         .collect()
 }
 
-/// `text` without the lines of the orders that may go at `now`, and how many lines went;
-/// `None` when fewer than `min` would.
-fn without_droppable(
+/// `text` with what `fates` says gone, and how many lines went; `None` when fewer than `min`
+/// would.
+fn compacted_text(
     text: &str,
     replayed: &Replay,
-    now: u64,
+    fates: &HashMap<&str, Fate>,
     min: usize,
 ) -> Option<(String, usize)> {
-    let drop = droppable(replayed, now);
-    let kept: Vec<_> = (replayed.lines.iter())
-        .filter(|(order, _)| !drop.contains(order.as_str()))
+    // Each squashed order's last line, by its position.
+    let mut last_line: HashMap<&str, usize> = HashMap::new();
+    for (i, (order, _)) in replayed.lines.iter().enumerate() {
+        if fates.get(order.as_str()) == Some(&Fate::Squash) {
+            last_line.insert(order.as_str(), i);
+        }
+    }
+    let kept: Vec<_> = (replayed.lines.iter().enumerate())
+        .filter(|(i, (order, _))| match fates.get(order.as_str()) {
+            None => true,
+            Some(Fate::Drop) => false,
+            Some(Fate::Squash) => last_line.get(order.as_str()) == Some(i),
+        })
+        .map(|(_, line)| line)
         .collect();
     let dropped = replayed.lines.len() - kept.len();
     if dropped < min.max(1) {
@@ -80,13 +123,20 @@ fn without_droppable(
     ))
 }
 
-/// Whether `smaller` says of every order and VM what `whole` said, but for the orders dropped.
-fn agrees(smaller: &Replay, whole: &Replay) -> bool {
+/// Whether `smaller` says of every order and VM what `whole` said, but for the orders `fates`
+/// drops: exactly the other orders, each with the same latest record, and the same per-VM
+/// memory.
+fn agrees(smaller: &Replay, whole: &Replay, fates: &HashMap<&str, Fate>) -> bool {
+    let dropped = |id: &str| fates.get(id) == Some(&Fate::Drop);
     smaller.last_for_vm == whole.last_for_vm
         && smaller.last_order_of_vm == whole.last_order_of_vm
         && smaller.last_change == whole.last_change
         && smaller.torn_at.is_none()
-        && (smaller.latest.iter()).all(|(id, r)| whole.latest.get(id) == Some(r))
+        && (whole.latest.iter()).all(|(id, r)| match smaller.latest.get(id) {
+            Some(kept) => kept == r && !dropped(id),
+            None => dropped(id),
+        })
+        && smaller.latest.len() <= whole.latest.len()
 }
 
 /// Compact the journal at `path`, whose text `text` replayed as `whole`, when enough of it may
@@ -111,11 +161,15 @@ fn compact_from(
     if whole.torn_at.is_some() {
         return Ok(None);
     }
-    let Some((smaller, dropped)) = without_droppable(text, whole, now, min) else {
+    // The clock is least trustworthy at boot: a clock running ahead must not drop orders whose
+    // window is still open, so no later than the journal's newest record.
+    let newest = (whole.latest.values()).map(|r| r.at).max().unwrap_or(0);
+    let fates = fates(whole, now.min(newest));
+    let Some((smaller, dropped)) = compacted_text(text, whole, &fates, min) else {
         return Ok(None);
     };
     let replayed = Replay::of(&smaller, path)?;
-    if !agrees(&replayed, whole) {
+    if !agrees(&replayed, whole, &fates) {
         tracing::error!(
             "journal compaction would change what the journal says of a remaining order or VM: left as it is"
         );
@@ -191,27 +245,46 @@ mod tests {
         text += &line(8, "b", Role::Destination, State::Done, old);
         let whole = Replay::of(&text, &path).unwrap();
         let id = |n: u8| format!("{n:032x}");
-        let mut gone: Vec<String> = droppable(&whole, now)
-            .iter()
-            .map(|s| s.to_string())
+        let mut fates: Vec<(String, Fate)> = (fates(&whole, now).into_iter())
+            .map(|(o, f)| (o.to_string(), f))
             .collect();
-        gone.sort();
-        assert_eq!(gone, [3, 7, 9].map(id).to_vec());
+        fates.sort_by(|a, b| a.0.cmp(&b.0));
+        let want = [(3, Fate::Drop), (7, Fate::Drop), (9, Fate::Squash)];
+        assert_eq!(fates, want.map(|(n, f)| (id(n), f)).to_vec());
 
+        // The journal as `trustmig init` leaves it (with its audit trail), then this one.
+        drop(Journal::open(dir.path()).unwrap());
         std::fs::write(&path, &text).unwrap();
         let smaller = compact_from(&path, &text, &whole, now, 1)
             .unwrap()
             .expect("compacted");
-        assert!(agrees(&smaller, &whole));
+        assert!(agrees(&smaller, &whole, &super::fates(&whole, now)));
         let on_disk = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(on_disk.lines().count(), text.lines().count() - 5);
-        for n in [3, 7, 9] {
-            assert!(!on_disk.contains(&id(n)), "order {n} kept");
+        assert_eq!(on_disk.lines().count(), text.lines().count() - 4);
+        let lines = |t: &str, n: u8| t.lines().filter(|l| l.contains(&id(n))).count();
+        for n in [3, 7] {
+            assert_eq!(lines(&on_disk, n), 0, "order {n} kept");
         }
+        assert_eq!(lines(&on_disk, 9), 1, "order 9: its last line only");
         for n in [1, 2, 4, 5, 6, 8, 10] {
-            let lines = |t: &str| t.lines().filter(|l| l.contains(&id(n))).count();
-            assert_eq!(lines(&on_disk), lines(&text), "order {n}: every line kept");
+            assert_eq!(
+                lines(&on_disk, n),
+                lines(&text, n),
+                "order {n}: every line kept"
+            );
         }
+        // Order 9's source, in doubt for weeks, still hears "committed"; a dropped order that
+        // was rolled back here is answered "not committed", as it was.
+        let mut j = Journal::open(dir.path()).unwrap();
+        let order_id = |n: u8| {
+            let mut b = [0u8; 16];
+            b[15] = n;
+            b
+        };
+        assert!(j.settle_query(&order_id(9), &[7; 32]).unwrap());
+        assert!(!j.settle_query(&order_id(3), &[7; 32]).unwrap());
+        drop(j);
+        let on_disk = std::fs::read_to_string(&path).unwrap();
         // Nothing more to drop the second time; and the journal opens on it.
         let again = Replay::of(&on_disk, &path).unwrap();
         assert!(compact_from(&path, &on_disk, &again, now, 1)
@@ -263,5 +336,69 @@ mod tests {
         assert!(j.latest.contains_key(&last));
         let on_disk = std::fs::read_to_string(&path).unwrap();
         assert_eq!(on_disk.lines().count(), 2);
+        drop(j);
+        // The audit trail still ends where the journal does.
+        crate::audit::verify_with_journal(dir.path()).expect("trail and journal agree");
+    }
+
+    /// A clock running ahead at boot drops nothing whose window is open by the journal's own
+    /// newest record; the journal's last change is kept even when nothing else rests on it.
+    #[test]
+    fn a_clock_ahead_or_the_last_change_keep_their_orders() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let real = crate::unix_now();
+        // Finished orders whose windows close now (records written now).
+        let mut text = String::new();
+        for n in 1..=3 {
+            text += &line(n, "a", Role::Source, State::Claimed, real);
+            text += &line(n, "a", Role::Source, State::RolledBack, real);
+        }
+        let whole = Replay::of(&text, &path).unwrap();
+        let ahead = real + RETENTION_SECS + MAX_CLOCK_SKEW + 30 * DAY;
+        assert!(compact_from(&path, &text, &whole, ahead, 1)
+            .unwrap()
+            .is_none());
+
+        // Long expired: a rolled-back order, then a revoked one (touches and moves no VM) that
+        // is the journal's last change: only the first goes.
+        let old = real - RETENTION_SECS - MAX_CLOCK_SKEW - DAY;
+        let mut text = line(4, "b", Role::Source, State::Claimed, old);
+        text += &line(4, "b", Role::Source, State::RolledBack, old);
+        text += &line(5, "c", Role::Destination, State::Claimed, old);
+        text += &line(5, "c", Role::Destination, State::RolledBack, old);
+        text += &line(6, "d", Role::Destination, State::Revoked, old);
+        let whole = Replay::of(&text, &path).unwrap();
+        let fates = fates(&whole, real);
+        assert_eq!(fates.get(format!("{:032x}", 5).as_str()), Some(&Fate::Drop));
+        assert_eq!(
+            fates.get(format!("{:032x}", 6).as_str()),
+            None,
+            "the last change"
+        );
+        assert_eq!(fates.len(), 1, "{fates:?}");
+    }
+
+    /// `agrees` refuses a smaller journal that lost an order it should keep, or kept one it
+    /// should have dropped.
+    #[test]
+    fn agrees_refuses_what_is_not_the_whole_journal_less_the_dropped() {
+        let path = Path::new("journal.jsonl");
+        let old = 1;
+        let mut text = line(1, "a", Role::Source, State::Claimed, old);
+        text += &line(1, "a", Role::Source, State::RolledBack, old);
+        text += &line(2, "a", Role::Source, State::Claimed, old);
+        text += &line(2, "a", Role::Source, State::Done, old);
+        let whole = Replay::of(&text, path).unwrap();
+        let one = format!("{:032x}", 1);
+        let drop_one: HashMap<&str, Fate> = [(one.as_str(), Fate::Drop)].into();
+        let both = whole.lines.iter().map(|(_, r)| &text[r.clone()]);
+        let without_one: String = both.skip(2).collect();
+        let smaller = Replay::of(&without_one, path).unwrap();
+        assert!(agrees(&smaller, &whole, &drop_one));
+        // Kept what it should have dropped.
+        assert!(!agrees(&whole, &whole, &drop_one));
+        // Lost what it should have kept (here: order 1, with nothing said to drop).
+        assert!(!agrees(&smaller, &whole, &HashMap::new()));
     }
 }

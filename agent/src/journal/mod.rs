@@ -189,6 +189,34 @@ pub struct Journal {
     rules: Rules,
     /// The audit trail beside it: one entry per change of an order's state.
     audit: crate::audit::Audit,
+    /// This process's hold on the journal (`LOCK`), for as long as it has it open.
+    _lock: File,
+}
+
+/// The file whose exclusive lock says which process has the journal open. Not the journal
+/// itself: compaction replaces that file, and a lock on the old one would hold nothing.
+pub const LOCK: &str = "journal.lock";
+
+/// Take the journal in `dir` for this process, or say who has it: a second agent on the same
+/// home would otherwise replay a journal the first goes on writing (and, compacting it at
+/// start, replace the file under it, so that what the first wrote afterwards is lost).
+fn lock(dir: &Path) -> Result<File, AgentError> {
+    let path = dir.join(LOCK);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(AgentError::io(&path))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |e| {
+            AgentError::Journal(format!(
+                "{} is locked ({e}): another trustmig agent has this home's journal open; stop it first",
+                path.display()
+            ))
+        },
+    )?;
+    Ok(file)
 }
 
 impl Journal {
@@ -196,6 +224,7 @@ impl Journal {
     /// it is no longer needed (`compact.rs`).
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
+        let lock = lock(dir)?;
         let path = dir.join(FILE);
         let mut replayed = Replay::default();
         if path.exists() {
@@ -226,6 +255,7 @@ impl Journal {
             last_order_of_vm,
             rules: Rules::default(),
             audit: crate::audit::Audit::open(dir)?,
+            _lock: lock,
         };
         journal.audit_catch_up(last_change)?;
         Ok(journal)
@@ -726,6 +756,18 @@ mod tests {
         }
     }
 
+    /// One process at a time: a second open of the same journal is refused by name until the
+    /// first is closed.
+    #[test]
+    fn a_journal_open_elsewhere_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let e = Journal::open(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("another trustmig agent"), "{e}");
+        drop(j);
+        Journal::open(dir.path()).expect("free again");
+    }
+
     /// A note longer than `MAX_NOTE_CHARS` (error text a peer may have shaped) is cut, on a
     /// character boundary, and marked; the record is kept.
     #[test]
@@ -852,9 +894,10 @@ mod tests {
         j.claim_as_destination(&body, &[9; 32]).unwrap();
         j.set(&[3; 16], State::RolledBack, "refused: not waiting")
             .unwrap();
-        for j in [j, Journal::open(dir.path()).unwrap()] {
-            assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&[1; 16]));
-        }
+        assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&[1; 16]));
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&[1; 16]));
     }
 
     /// A crash after a journal record and before its audit entry: the entry is written when
