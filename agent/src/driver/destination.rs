@@ -327,7 +327,12 @@ impl Session {
                     hex(&order_id)
                 )));
             }
-            journal.settle_query(&order_id, peer)?
+            let answer = journal.settle_query(&order_id, peer);
+            if unknown && answer.is_err() {
+                // Nothing was journalled: the query cost the peer nothing.
+                self.ctx.unknown_queries.refund(peer);
+            }
+            answer?
         };
         info!(order = %hex(&order_id), peer = %hex(peer), committed, "settlement query answered");
         let m = Message::SettleAnswer {

@@ -42,6 +42,14 @@ impl UnknownQueries {
         *tokens -= 1;
         true
     }
+
+    /// Give back what `allow` took for a query that journalled nothing after all.
+    pub fn refund(&self, peer: &AgentId) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((tokens, _)) = budgets.get_mut(peer) {
+            *tokens = (*tokens + 1).min(BURST);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -63,5 +71,13 @@ mod tests {
         let later = t + REFILL * 1000;
         assert!((0..BURST).all(|_| q.allow(&a, later)));
         assert!(!q.allow(&a, later));
+        // A refund gives one back, never past the burst.
+        q.refund(&a);
+        assert!(q.allow(&a, later));
+        for _ in 0..BURST + 5 {
+            q.refund(&b);
+        }
+        assert!((0..BURST).all(|_| q.allow(&b, later)));
+        assert!(!q.allow(&b, later));
     }
 }

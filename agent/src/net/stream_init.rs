@@ -36,6 +36,20 @@ const STREAM_INIT_RECORD: usize = HEADER_LEN + INIT_PAYLOAD + TAG_LEN;
 /// check has run, never push out one another.
 pub const MAX_PENDING: usize = 2 * MAX_STREAMS as usize;
 
+/// Dropped connections of one session logged one by one; the rest are counted.
+const LOGGED_DROPS: u64 = 8;
+
+impl Drop for Binder<'_> {
+    fn drop(&mut self) {
+        if self.dropped > LOGGED_DROPS {
+            warn!(
+                dropped = self.dropped,
+                "data connections dropped in this session (the first {LOGGED_DROPS} logged)"
+            );
+        }
+    }
+}
+
 /// `StreamInit`'s payload for stream `index` of session `sid`.
 fn init_payload(sid: &[u8; 16], index: u16) -> [u8; INIT_PAYLOAD] {
     let mut p = [0u8; INIT_PAYLOAD];
@@ -100,6 +114,8 @@ pub struct Binder<'a> {
     pending: JoinSet<Option<(u16, TcpStream, Opener)>>,
     /// The pending checks, oldest first (finished ones are pruned as new ones arrive).
     order: VecDeque<AbortHandle>,
+    /// Connections dropped so far (`dropped`).
+    dropped: u64,
 }
 
 impl<'a> Binder<'a> {
@@ -118,6 +134,7 @@ impl<'a> Binder<'a> {
             timeout,
             pending: JoinSet::new(),
             order: VecDeque::new(),
+            dropped: 0,
         }
     }
 
@@ -136,18 +153,27 @@ impl<'a> Binder<'a> {
                         self.bound[usize::from(i)] = true;
                         return Some((i, sock, opener));
                     }
-                    Ok(Some((i, ..))) => warn!(stream = i, "surplus data connection dropped"),
+                    Ok(Some((i, ..))) => self.dropped(i, "surplus data connection dropped"),
                     // Unauthenticated or pushed out: drop the connection, keep the session
-                    // (SPEC.md §7.1).
-                    _ => warn!("data connection failed StreamInit; dropped"),
+                    // (SPEC.md §7.1). The index is the one its preamble claimed.
+                    Ok(None) | Err(_) => self.dropped(u16::MAX, "data connection failed StreamInit; dropped"),
                 },
             }
         }
     }
 
+    /// A dropped connection, logged: the first few each, then only counted (anyone who saw a
+    /// preamble can open them, and must not fill the log), the count when the session ends.
+    fn dropped(&mut self, stream: u16, what: &str) {
+        self.dropped += 1;
+        if self.dropped <= LOGGED_DROPS {
+            warn!(stream, "{what}");
+        }
+    }
+
     fn candidate(&mut self, i: u16, sock: TcpStream) {
         if self.bound.get(usize::from(i)).is_none_or(|b| *b) {
-            warn!(stream = i, "surplus data connection dropped");
+            self.dropped(i, "surplus data connection dropped");
             return;
         }
         self.order.retain(|h| !h.is_finished());
