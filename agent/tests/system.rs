@@ -389,7 +389,7 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
 /// A flood of silent connections from one address takes at most its share of the listener
 /// (daemon::admission): beyond it new connections are closed at once, and once the flood is
 /// gone a migration goes through as before. A control request longer than the agent reads is
-/// refused by name.
+/// refused by name, and a second agent on the same home is refused.
 #[test]
 fn a_connection_flood_is_capped_and_leaves_no_trace() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -433,6 +433,37 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
         assert!(reply.contains("longer than 1048576 bytes"), "{reply}");
         drop(c);
         writer.join().unwrap();
+    }
+    // A second agent on the same home is refused by the journal's lock, before it touches
+    // anything of the first (which goes on to migrate below).
+    {
+        let mut second = std::process::Command::new(exe())
+            .args(["agent", "--home"])
+            .arg(pair.dst.root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = second.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                second.kill().unwrap();
+                panic!("a second agent on the same home kept running");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        second
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!status.success());
+        assert!(err.contains("another trustmig agent"), "{err}");
     }
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
