@@ -33,8 +33,15 @@ impl UnknownQueries {
         let (tokens, since) = budgets.entry(*peer).or_insert((BURST, now));
         let earned = now.saturating_duration_since(*since).as_secs() / REFILL.as_secs();
         if earned > 0 {
-            *tokens = (u64::from(*tokens) + earned).min(u64::from(BURST)) as u32;
-            *since += REFILL * earned as u32;
+            let refilled = u64::from(*tokens).saturating_add(earned);
+            if refilled >= u64::from(BURST) {
+                // Full: the next token is earned from now.
+                (*tokens, *since) = (BURST, now);
+            } else {
+                // Fewer than BURST minutes earned: the product is small.
+                *tokens = refilled as u32;
+                *since += REFILL * earned as u32;
+            }
         }
         if *tokens == 0 {
             return false;

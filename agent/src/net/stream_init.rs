@@ -203,6 +203,14 @@ mod tests {
         KeySchedule::new(&[7; 32], &[9; 32])
     }
 
+    /// A record header (version 1, stream 0, sequence 0) declaring `len` bytes to follow.
+    fn header_declaring(len: u32) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = 1;
+        h[12..].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
     /// A connected pair: (what the candidate writes into, what the binder reads).
     async fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -225,10 +233,7 @@ mod tests {
             tx.send((1, b)).await.unwrap();
         }
         let (mut a, b) = pair(&l).await;
-        let mut huge = [0u8; HEADER_LEN];
-        huge[0] = 1;
-        huge[12..].copy_from_slice(&(1u32 << 20).to_be_bytes());
-        a.write_all(&huge).await.unwrap();
+        a.write_all(&header_declaring(1 << 20)).await.unwrap();
         keep.push(a);
         tx.send((1, b)).await.unwrap();
         let (first, _) = opening(&keys, 0).unwrap();
@@ -324,10 +329,7 @@ mod tests {
             TAG_LEN as u32,
         ] {
             let (mut a, b) = pair(&l).await;
-            let mut h = [0u8; HEADER_LEN];
-            h[0] = 1;
-            h[12..].copy_from_slice(&len.to_be_bytes());
-            a.write_all(&h).await.unwrap();
+            a.write_all(&header_declaring(len)).await.unwrap();
             let secret = keys.stream_secret(Direction::SourceToDestination, 0);
             let checked = check(b, secret, keys.session_id(), 0, Duration::from_secs(60));
             let r = tokio::time::timeout(Duration::from_secs(5), checked).await;
