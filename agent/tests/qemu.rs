@@ -574,6 +574,55 @@ async fn qemu_migrates_an_idle_guest() {
         .iter()
         .any(|p| matches!(p, Progress::SwitchOver { .. })));
     assert!(events.iter().any(|p| matches!(p, Progress::Committed)));
+    // A running guest without mirrors: QEMU does not pause at `pre-switchover`, the guest's
+    // STOP marks the switch-over (spec/qemu.md §2).
+    assert_eq!(
+        switch_steps(&summary),
+        ["STOP seen"],
+        "{:?}",
+        summary.timeline
+    );
+    assert_moved(&mut s, &summary).await;
+}
+
+/// The switch-over's signs in a summary's timeline, in order: `STOP seen` (QEMU went straight
+/// on), or `pre-switchover seen`, the mirrors' completion and `migrate-continue done`.
+fn switch_steps(summary: &Summary) -> Vec<&str> {
+    const SIGNS: [&str; 4] = [
+        "STOP seen",
+        "pre-switchover seen",
+        "disk mirrors completed",
+        "migrate-continue done",
+    ];
+    summary
+        .timeline
+        .iter()
+        .map(|s| s.step.as_str())
+        .filter(|s| SIGNS.contains(s))
+        .collect()
+}
+
+/// A guest paused before its migration gives QEMU no STOP to mark the switch-over: the agent
+/// has QEMU pause at `pre-switchover` and lets it go on (spec/qemu.md §2); the VM moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_migrates_a_paused_guest_through_the_pause() {
+    let _g = SERIAL.lock().await;
+    let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
+        return;
+    };
+    s.src.qmp().await.expect("qmp").stop().await.expect("stop");
+    let addr = s.pair.dst_addr.clone();
+    let (r, events) = migrate(&mut s, &addr, 300).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(events
+        .iter()
+        .any(|p| matches!(p, Progress::SwitchOver { .. })));
+    assert_eq!(
+        switch_steps(&summary),
+        ["pre-switchover seen", "migrate-continue done"],
+        "{:?}",
+        summary.timeline
+    );
     assert_moved(&mut s, &summary).await;
 }
 
@@ -2228,6 +2277,16 @@ async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<(String, 
         writes.len()
     );
     assert_moved(&mut s, &summary).await;
+    assert_eq!(
+        switch_steps(&summary),
+        [
+            "pre-switchover seen",
+            "disk mirrors completed",
+            "migrate-continue done"
+        ],
+        "the mirrors complete in QEMU's pause: {:?}",
+        summary.timeline
+    );
     let src = disk.content(&disk.image);
     assert!(
         src == disk.expected(&writes),

@@ -676,6 +676,12 @@ impl Qmp {
         self.events.drain(..).collect()
     }
 
+    /// The newest queued event named `name`, left in the queue (a caller deciding on QEMU's
+    /// state may need an event that arrived during its last command before it reads it).
+    pub fn queued(&self, name: &str) -> Option<&Event> {
+        self.events.iter().rev().find(|e| e.name == name)
+    }
+
     /// Wait up to `within` for the next event (queued ones first).
     pub async fn next_event(&mut self, within: Duration) -> Result<Option<Event>, QmpError> {
         match tokio::time::timeout(within, self.event()).await {
@@ -815,10 +821,14 @@ mod tests {
         let st = q.query_status().await.expect("status");
         assert_eq!(st.status, "paused");
         assert!(!st.running);
+        assert!(q.queued("RESUME").is_none());
+        assert!(q.queued("STOP").is_some(), "a queued event is found");
+        assert!(q.queued("STOP").is_some(), "and left in the queue");
         assert_eq!(
             q.take_events().first().map(|e| e.name.as_str()),
             Some("STOP")
         );
+        assert!(q.queued("STOP").is_none(), "taken events are gone");
         match q.migrate("unix:/x").await {
             Err(QmpError::Qemu {
                 command,

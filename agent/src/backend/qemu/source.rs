@@ -231,12 +231,13 @@ async fn transfer(
     }
     let disk_ms = vm.started.elapsed().as_millis() as u64;
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
-    let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder).await?;
+    let mirrored = !vm.mirror_disks.is_empty();
+    let (qemu_sock, switch) = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, mirrored).await?;
     let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
     let done = follow(
         &mut vm.qmp,
         link,
-        &mut ladder,
+        (&mut ladder, switch),
         vm.started,
         pumps,
         vm.mirrors.as_mut(),
@@ -404,20 +405,49 @@ async fn open_stream(
     Ok((data, sealer, opener))
 }
 
+/// How the agent learns that QEMU stopped the guest for the switch-over (spec/qemu.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    /// QEMU pauses at `pre-switchover` until `migrate-continue`: the mirrors complete there,
+    /// while the guest is stopped and before QEMU sends the device state.
+    Pause,
+    /// QEMU goes straight on (no mirrors to complete): the guest's `STOP` event is the
+    /// switch-over, and the pause's two QMP round trips stay out of the downtime.
+    Stop,
+}
+
+impl Switch {
+    /// `Pause` when a mirror must complete at the switch-over, or when the guest is not
+    /// running now (then no `STOP` comes to mark it, and QEMU's last dirty-bitmap sync, which
+    /// it counts as a round, must not be judged by the ladder as one more pre-copy round).
+    /// Events older than this look are dropped: a `STOP` from now on stopped this guest.
+    async fn choose(qmp: &mut Qmp, mirrored: bool) -> Result<Self, AgentError> {
+        qmp.take_events();
+        let running = qmp.query_status().await?.running;
+        Ok(if running && !mirrored {
+            Self::Stop
+        } else {
+            Self::Pause
+        })
+    }
+}
+
 /// Set QEMU's capabilities and parameters from the order, then `migrate` into a socket of
-/// ours; returns QEMU's connection to it.
+/// ours; returns QEMU's connection to it, and how the switch-over will show.
 async fn start_qemu(
     ctx: &Arc<Ctx>,
     qmp: &mut Qmp,
     order: &VerifiedOrder,
     ladder: &Ladder,
-) -> Result<UnixStream, AgentError> {
-    // `events`: QEMU announces pre-switchover and completion at once (polling would add up
-    // to a poll period to the guest's downtime, twice).
+    mirrored: bool,
+) -> Result<(UnixStream, Switch), AgentError> {
+    let switch = Switch::choose(qmp, mirrored).await?;
+    // `events`: QEMU announces the guest's stop, pre-switchover and completion at once
+    // (polling would add up to a poll period to the guest's downtime, twice).
     // `auto-converge` with `throttle` orders: QEMU's own throttle, in the native engine's steps.
     let throttle = ladder.on_nonconvergence == NonConvergence::Throttle;
     qmp.migrate_set_capabilities(&[
-        ("pause-before-switchover", true),
+        ("pause-before-switchover", switch == Switch::Pause),
         ("return-path", true),
         ("events", true),
         ("auto-converge", throttle),
@@ -438,7 +468,6 @@ async fn start_qemu(
     let path = socket_path(&dir, "out", order.id())?;
     let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
     let uri = format!("unix:{}", path.display());
-    qmp.take_events(); // older events (a STOP before now) say nothing about this migration
     qmp.migrate(&uri).await?;
     let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
     let _ = std::fs::remove_file(&path);
@@ -450,7 +479,7 @@ async fn start_qemu(
             ))
         })?
         .map_err(AgentError::io(&path))?;
-    Ok(qemu_sock)
+    Ok((qemu_sock, switch))
 }
 
 /// QEMU's downtime-limit as the migration goes: the ladder towards the order's target, and
@@ -546,12 +575,12 @@ struct Done {
 }
 
 /// Follow QEMU's migration to `completed` and the stream to its end: progress, the downtime
-/// ladder, `migrate-continue` at `pre-switchover`, the pumps' results, and any message from
-/// the destination (an abort).
+/// ladder, the switch-over (`migrate-continue` at `pre-switchover`, or the guest's `STOP`),
+/// the pumps' results, and any message from the destination (an abort).
 async fn follow(
     qmp: &mut Qmp,
     mut link: SourceLink<'_>,
-    ladder: &mut Ladder,
+    (ladder, switch): (&mut Ladder, Switch),
     started: Instant,
     (mut fwd_rx, mut ret_rx): Pumps,
     mut mirrors: Option<&mut Mirrors>,
@@ -559,9 +588,11 @@ async fn follow(
     let mut poll = tokio::time::interval(POLL);
     let mut sent: Option<Sent> = None;
     let mut seen = Seen {
+        switch,
         completed: None,
         paused_at: None,
         stopped_at: None,
+        remaining_pages: 0,
         last_sync: u64::MAX,
         last_report: Instant::now(),
         blocks: Vec::new(),
@@ -577,6 +608,9 @@ async fn follow(
                 let ev = ev?;
                 if ev.name == "STOP" {
                     seen.stopped_at = ev.at; // the guest's downtime starts here
+                    if seen.switch == Switch::Stop {
+                        seen.switched_over(&link, ev.at, "STOP seen").await;
+                    }
                 }
                 look = ev.migration_status().is_some();
             }
@@ -643,12 +677,15 @@ async fn relay_ended(mirrors: Option<&mut Mirrors>) -> AgentError {
 
 /// What `follow` has seen of QEMU's migration.
 struct Seen {
+    switch: Switch,
     /// QEMU's last look at a `completed` migration.
     completed: Option<MigrationInfo>,
     /// When the guest stopped for the switch-over (from QEMU's `STOP` event time).
     paused_at: Option<Instant>,
     /// The time of QEMU's last `STOP` event.
     stopped_at: Option<SystemTime>,
+    /// Pages left to send at the last look before the switch-over.
+    remaining_pages: u64,
     last_sync: u64,
     last_report: Instant,
     /// The mirrored disks' NBD streams, once completed at the switch-over.
@@ -657,8 +694,34 @@ struct Seen {
     steps: Vec<(&'static str, Instant)>,
 }
 
-/// One look at `query-migrate`: `migrate-continue` at `pre-switchover`, completion, failure,
-/// the downtime ladder, and progress (at each new round, or every second).
+impl Seen {
+    /// The guest stopped for the switch-over, at `at` by QEMU's stamp (its `STOP`; now when
+    /// unknown): the downtime starts and the ladder is done. Once; `step` names the sign.
+    async fn switched_over(
+        &mut self,
+        link: &SourceLink<'_>,
+        at: Option<SystemTime>,
+        step: &'static str,
+    ) {
+        if self.paused_at.is_some() {
+            return;
+        }
+        self.paused_at = Some(instant_of(at));
+        self.steps.push((step, Instant::now()));
+        debug!(
+            since_stop_ms = self.paused_at.map(|p| p.elapsed().as_millis()),
+            remaining_pages = self.remaining_pages,
+            "{step}"
+        );
+        link.report(Progress::SwitchOver {
+            pages: self.remaining_pages,
+        })
+        .await;
+    }
+}
+
+/// One look at `query-migrate`: the switch-over (`migrate-continue` at `pre-switchover`),
+/// completion, failure, the downtime ladder, and progress (at each new round, or every second).
 async fn look_at(
     qmp: &mut Qmp,
     link: &SourceLink<'_>,
@@ -667,28 +730,18 @@ async fn look_at(
     mirrors: Option<&mut Mirrors>,
 ) -> Result<(), AgentError> {
     let m = qmp.query_migrate().await?;
+    // A STOP read during the command, still queued, counts as seen: QEMU stopped the guest
+    // before it answered, so its last bitmap sync (which `m` may already count) is no round.
+    let queued_stop = qmp.queued("STOP").and_then(|e| e.at);
+    if seen.switch == Switch::Stop && queued_stop.is_some() {
+        seen.switched_over(link, queued_stop, "STOP seen").await;
+    }
     match m.status() {
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
-            // A STOP still queued (read during a command) counts too.
-            let queued_stop = qmp
-                .take_events()
-                .into_iter()
-                .rfind(|e| e.name == "STOP")
-                .and_then(|e| e.at);
-            seen.paused_at = Some(instant_of(seen.stopped_at.or(queued_stop)));
-            seen.steps.push(("pre-switchover seen", Instant::now()));
-            debug!(
-                since_stop_ms = seen.paused_at.map(|p| p.elapsed().as_millis()),
-                remaining = m.ram.as_ref().map(|r| r.remaining),
-                transferred = m.ram.as_ref().map(|r| r.transferred),
-                mbps = m.ram.as_ref().map(|r| r.mbps),
-                "pre-switchover"
-            );
             let ram = m.ram.clone().unwrap_or_default();
-            link.report(Progress::SwitchOver {
-                pages: ram.remaining / ram.page_size.max(1),
-            })
-            .await;
+            seen.remaining_pages = ram.remaining / ram.page_size.max(1);
+            seen.switched_over(link, seen.stopped_at.or(queued_stop), "pre-switchover seen")
+                .await;
             // The disks first (the guest is stopped, so they are final): complete every
             // mirror and end its NBD stream, then QEMU may send the device state.
             if let Some(m) = mirrors {
@@ -722,6 +775,9 @@ async fn look_at(
     if seen.paused_at.is_none() {
         if let Some(limit) = ladder.after_look(&m)? {
             qmp.migrate_set_parameters(limit, ladder.bw).await?;
+        }
+        if let Some(ram) = &m.ram {
+            seen.remaining_pages = ram.remaining / ram.page_size.max(1);
         }
     }
     let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
