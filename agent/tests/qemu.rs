@@ -14,7 +14,7 @@ use trustmig_agent::control::{Progress, Reply, Summary};
 use trustmig_agent::fault::CrashPoint;
 use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_protocol::order::{Limits, NonConvergence};
-use trustmig_qemu::qmp::Qmp;
+use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 use trustmig_tests::proxy::{Fault, Proxy};
 
 /// One migration at a time: each test runs two QEMUs, two agents and two swtpm on 2 cores.
@@ -1499,6 +1499,76 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
         moved.transferred > 90 << 20,
         "only {} bytes moved",
         moved.transferred
+    );
+}
+
+/// spec/qemu.md §2 (step 6): QEMU takes its last dirty-bitmap sync after it stopped the guest
+/// (with `pause-before-switchover`, after `migrate-continue`) and counts it in
+/// `dirty-sync-count`, so a look after the guest's `STOP` may find one more "round" that is no
+/// pre-copy round; the source agent therefore judges rounds only until the switch-over. Plain
+/// QEMU to QEMU with the pause: `STOP` comes before `pre-switchover`, and the count at
+/// `completed` is the count at the pause plus one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_counts_its_last_bitmap_sync_after_the_guest_stopped() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let guest = build_guest(dir.path());
+    let opts = |extra: &[&str]| VmOpts {
+        append: "area=16 rate=0 check=1000000".into(),
+        mem_mib: 128,
+        src_extra: extra.iter().map(|a| a.to_string()).collect(),
+        ..VmOpts::default()
+    };
+    let src = QemuVm::start(dir.path(), "src", &guest, &opts(&[]), false);
+    let dst = QemuVm::start(
+        dir.path(),
+        "dst",
+        &guest,
+        &opts(&["-incoming", "defer"]),
+        false,
+    );
+    src.wait_ticks(1, Duration::from_secs(60));
+    let (mut s, mut d) = (
+        src.qmp().await.expect("qmp src"),
+        dst.qmp().await.expect("qmp dst"),
+    );
+    s.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])
+        .await
+        .expect("source capabilities");
+    let uri = format!("unix:{}", dir.path().join("m.sock").display());
+    d.migrate_incoming(&uri).await.expect("migrate-incoming");
+    s.migrate(&uri).await.expect("migrate");
+    let mut stopped = false;
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), s.event())
+            .await
+            .expect("QEMU pauses within 120 s")
+            .expect("QMP event");
+        stopped |= ev.name == "STOP";
+        if ev.migration_status() == Some(MigrationStatus::PreSwitchover) {
+            break;
+        }
+        assert_ne!(ev.migration_status(), Some(MigrationStatus::Failed));
+    }
+    assert!(
+        stopped,
+        "QEMU announces the guest's STOP before pre-switchover"
+    );
+    let syncs = |m: trustmig_qemu::qmp::MigrationInfo| m.ram.unwrap_or_default().dirty_sync_count;
+    let at_pause = syncs(s.query_migrate().await.expect("query-migrate"));
+    s.migrate_continue("pre-switchover")
+        .await
+        .expect("migrate-continue");
+    completed_at(&mut s).await;
+    let at_end = syncs(s.query_migrate().await.expect("query-migrate"));
+    assert!(at_pause >= 1, "the first pass's sync is counted");
+    assert_eq!(
+        at_end,
+        at_pause + 1,
+        "one more bitmap sync, taken with the guest stopped"
     );
 }
 

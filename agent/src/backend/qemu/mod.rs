@@ -5,12 +5,14 @@
 //! source QEMU --unix--> source agent ==sealed HypervisorStream records, stream 0==> destination agent --unix--> destination QEMU
 //!             <--unix-- (return path) <==sealed records, same TCP connection, D->S keys== <--unix--
 //! ```
-//! Source (`source.rs`): the agent listens on a unix socket in its home, sets `pause-before-switchover`,
-//! `return-path` and `events`, a `downtime-limit` on the ladder up to the order's target and
-//! the order's `max-bandwidth`, then `migrate uri=unix:PATH`. QEMU pre-copies by itself; the
-//! agent reports `query-migrate` as progress and applies the order's non-convergence action.
-//! At `pre-switchover` (guest stopped) the agent lets QEMU send the rest (`migrate-continue`),
-//! because the final digest must cover every stream byte, the device state included. With the
+//! Source (`source.rs`): the agent listens on a unix socket in its home, sets `return-path`
+//! and `events` (and `pause-before-switchover` with mirrors or a paused guest), a
+//! `downtime-limit` on the ladder up to the order's target and the order's `max-bandwidth`,
+//! then `migrate uri=unix:PATH`. QEMU pre-copies by itself; the agent reports `query-migrate`
+//! as progress and applies the order's non-convergence action. The guest's `STOP` (or, with the
+//! pause, `pre-switchover`, where the mirrors complete and `migrate-continue` lets QEMU go on)
+//! is the switch-over. The agent waits for QEMU's completion and the stream's end, because the
+//! final digest must cover every stream byte, the device state included. With the
 //! return path, the source QEMU completes only after the destination QEMU loaded everything.
 //! Then SwitchOver, FinalChallenge, FinalEvidence over the digest of the whole stream, Ready,
 //! journalled Commit. Before Commit any failure cancels the migration and runs `cont` on the
