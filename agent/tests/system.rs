@@ -387,9 +387,11 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
 }
 
 /// A flood of silent connections from one address takes at most its share of the listener
-/// (daemon::admission): beyond it new connections are closed at once, and once the flood is
-/// gone a migration goes through as before. A control request longer than the agent reads is
-/// refused by name, and a second agent on the same home is refused.
+/// (daemon::admission): beyond it new connections are closed at once. The flood is held open,
+/// half of it silent and half stalled after a TLS record's first byte (a slow loris): the agent
+/// closes each within its 10 s for first bytes or for the TLS handshake, and a migration from
+/// the same address then goes through as before. A control request longer than the agent reads
+/// is refused by name, and a second agent on the same home is refused.
 #[test]
 fn a_connection_flood_is_capped_and_leaves_no_trace() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -403,7 +405,17 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
     let addr: std::net::SocketAddr = pair.dst_addr.parse().unwrap();
     let connect = || std::net::TcpStream::connect(addr).expect("connect");
     use trustmig_agent::daemon::admission::MAX_PER_ADDRESS;
-    let flood: Vec<_> = (0..MAX_PER_ADDRESS).map(|_| connect()).collect();
+    let flood: Vec<_> = (0..MAX_PER_ADDRESS)
+        .map(|i| {
+            let mut c = connect();
+            if i % 2 == 1 {
+                use std::io::Write;
+                c.write_all(&[0x16]).unwrap(); // a TLS handshake record begins, and stalls
+            }
+            c
+        })
+        .collect();
+    let flooded = std::time::Instant::now();
     // Each is taken on in turn: the next finds the address's share used and is closed.
     let mut closed = false;
     for _ in 0..50 {
@@ -417,7 +429,6 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
         }
     }
     assert!(closed, "a connection beyond the cap was kept open");
-    drop(flood);
     {
         use std::io::{BufRead, Write};
         let mut c = std::os::unix::net::UnixStream::connect(pair.dst.control_socket()).unwrap();
@@ -464,6 +475,18 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
             .unwrap();
         assert!(!status.success());
         assert!(err.contains("another trustmig agent"), "{err}");
+    }
+    // The agent ends every stalled connection of the flood itself: 10 s each, 20 s allowed
+    // (below the step timeout of 30 s, which would otherwise end them too).
+    for (i, mut c) in flood.into_iter().enumerate() {
+        let left = std::time::Duration::from_secs(20).saturating_sub(flooded.elapsed());
+        c.set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .unwrap();
+        match c.read(&mut [0u8; 1]) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("stalled connection {i} was not closed by the agent: {other:?}"),
+        }
     }
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
