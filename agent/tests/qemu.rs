@@ -603,9 +603,11 @@ fn switch_steps(summary: &Summary) -> Vec<&str> {
 }
 
 /// A guest paused before its migration gives QEMU no STOP to mark the switch-over: the agent
-/// has QEMU pause at `pre-switchover` and lets it go on (spec/qemu.md §2); the VM moves.
+/// has QEMU pause at `pre-switchover` and lets it go on (spec/qemu.md §2). The VM moves and is
+/// handed over paused, as it was (SPEC.md §8.7): the destination journals it so, and runs it
+/// only when the operator says `cont`; then it goes on from where it stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_migrates_a_paused_guest_through_the_pause() {
+async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
     let _g = SERIAL.lock().await;
     let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
         return;
@@ -623,7 +625,70 @@ async fn qemu_migrates_a_paused_guest_through_the_pause() {
         "{:?}",
         summary.timeline
     );
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("paused"),
+        "{}",
+        s.logs()
+    );
+    let journal = std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl"))
+        .expect("destination journal");
+    let committed: Vec<&str> = journal
+        .lines()
+        .filter(|l| l.contains("\"committed\"") || l.contains("\"done\""))
+        .collect();
+    assert!(
+        !committed.is_empty()
+            && committed
+                .iter()
+                .all(|l| l.contains("\"paused_before\":true")),
+        "{journal}"
+    );
+    let before = s.dst.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
+    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
     assert_moved(&mut s, &summary).await;
+}
+
+/// A paused guest's destination agent dies right after journalling COMMIT, before it could hand
+/// the VM over. At restart it settles the order as committed here (SPEC.md §8.8) and, because
+/// its COMMIT record says the VM was paused at its source, leaves it paused instead of running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_paused_guest_committed_before_a_crash_stays_paused_after_restart() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=0 check=10".into(),
+        mem_mib: MEM_MIB,
+        dst_env: crash_at(CrashPoint::DestinationAfterCommit),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    s.src.qmp().await.expect("qmp").stop().await.expect("stop");
+    let addr = s.pair.dst_addr.clone();
+    let _ = migrate(&mut s, &addr, 300).await;
+    wait_agent_exit(&mut s, 1, Duration::from_secs(30));
+    s.pair.procs[1] = None;
+    s.pair.dst_env.clear();
+    s.pair.start(1).expect("agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !journals_final(&s).await {
+        assert!(
+            Instant::now() < deadline,
+            "journals never settled\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = s.logs();
+    assert!(logs.contains("handed over paused"), "{logs}");
+    assert_eq!(s.dst.status().await.as_deref(), Ok("paused"), "{logs}");
+    assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"), "{logs}");
+    let before = s.dst.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
 }
 
 /// The downtime ladder (spec/qemu.md §3): the source QEMU's first pass runs with a 1 ms limit,

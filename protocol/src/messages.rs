@@ -105,6 +105,10 @@ pub enum Message {
     SwitchOver {
         /// Total records sent on each stream, including `StreamEnd`.
         stream_records: Vec<u64>,
+        /// The guest was paused before the migration: the destination hands it over paused,
+        /// as it was, instead of resuming it (absent when false).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        paused: bool,
     },
     /// D->S: everything arrived; quote your final digest with this fresh nonce.
     FinalChallenge {

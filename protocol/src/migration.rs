@@ -4,7 +4,7 @@
 //! source                                   destination
 //!   (pages on data streams ...)
 //!   pause, last pages, device state, StreamEnd on every stream
-//!   SwitchOver{stream_records}  ->
+//!   SwitchOver{stream_records, paused}  ->
 //!                                  wait until every stream delivered that many records
 //!                          <-  FinalChallenge{nonce}
 //!   sign(final key, nonce, channel, order, transcript, digest)
@@ -15,7 +15,7 @@
 //!                          <-  Ready
 //!   journal COMMIT (fsync)
 //!   Commit  ->
-//!                                  journal COMMIT, resume VM
+//!                                  journal COMMIT, resume VM (unless paused)
 //!                          <-  Resumed
 //!   journal DONE, discard VM
 //!   [not strict: extend MigrationFinal(digest); quote(qd_final(nonce))]
@@ -167,17 +167,23 @@ impl SourceMigration {
     }
 
     /// The VM is paused and every stream ended: announce it. `digest` is the final image
-    /// digest the engine computed.
+    /// digest the engine computed; `paused`: the guest was paused before the migration, so the
+    /// destination hands it over paused.
     pub fn switch_over(
         &mut self,
         stream_records: Vec<u64>,
         digest: Digest,
+        paused: bool,
     ) -> Result<Vec<u8>, Error> {
         advance(&mut self.phase, SourcePhase::Done, |p| match p {
             SourcePhase::Transferring => Ok((SourcePhase::AwaitChallenge { digest }, ())),
             _ => Err(Error::ApiMisuse("switch_over twice")),
         })?;
-        Ok(Message::SwitchOver { stream_records }.encode())
+        Ok(Message::SwitchOver {
+            stream_records,
+            paused,
+        }
+        .encode())
     }
 
     /// Handle a control message from the destination.
@@ -311,6 +317,8 @@ pub struct DestMigration {
     /// The final digest once verified, and what it is recorded with.
     evidence: Option<CommitEvidence>,
     manifest_root: Digest,
+    /// The source's `SwitchOver` said the guest was paused before the migration.
+    paused: bool,
 }
 
 impl DestMigration {
@@ -327,7 +335,14 @@ impl DestMigration {
             late: None,
             evidence: None,
             manifest_root: est.manifest_root,
+            paused: false,
         }
+    }
+
+    /// Whether the VM is handed over paused, as it was at the source before the migration
+    /// (its `SwitchOver` said so): after `Commit` the destination does not resume it.
+    pub fn hands_over_paused(&self) -> bool {
+        self.paused
     }
 
     /// What the commit rests on, once the source's final evidence verified.
@@ -360,7 +375,14 @@ impl DestMigration {
                 (DestPhase::Receiving, Message::RoundDone { .. }) => {
                     Ok((DestPhase::Receiving, DestEvent::None))
                 }
-                (DestPhase::Receiving, Message::SwitchOver { stream_records }) => {
+                (
+                    DestPhase::Receiving,
+                    Message::SwitchOver {
+                        stream_records,
+                        paused,
+                    },
+                ) => {
+                    self.paused = paused;
                     let event = DestEvent::AwaitStreams(stream_records.clone());
                     Ok((DestPhase::AwaitStreams { stream_records }, event))
                 }

@@ -64,6 +64,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "switch_over",
             Message::SwitchOver {
                 stream_records: vec![3, 4],
+                paused: true,
             }
             .encode(),
         ),

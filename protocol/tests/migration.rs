@@ -153,7 +153,7 @@ fn migrate(dirty_pages_per_sec: u64, limits: Limits, corrupt_digest: bool) -> Re
     let mut dm = DestMigration::new(&d);
     let counts: Vec<u64> = openers.iter().map(|o| o.records()).collect();
     let result = (|| {
-        let so = sm.switch_over(counts.clone(), digest)?;
+        let so = sm.switch_over(counts.clone(), digest, false)?;
         let DestEvent::AwaitStreams(expected) = dm.handle(&so, &ver)? else {
             panic!("await streams")
         };
@@ -392,7 +392,7 @@ fn committed_outcome_survives_later_errors() {
     };
     let mut sm = SourceMigration::new(&mut s);
     let mut dm = DestMigration::new(&d);
-    let so = sm.switch_over(vec![1], [9; 32]).unwrap();
+    let so = sm.switch_over(vec![1], [9; 32], false).unwrap();
     dm.handle(&so, &ver).unwrap();
     let ch = dm.streams_complete(&[1], [9; 32], [1; 32]).unwrap();
     let SourceEvent::Send(fe) = sm.handle(&ch, &mut att).unwrap() else {
@@ -463,7 +463,9 @@ fn final_evidence(
     att: &mut dyn Attester,
 ) -> Vec<u8> {
     let counts = vec![0; usize::from(streams)];
-    let so = sm.switch_over(counts.clone(), DIGEST).expect("switch-over");
+    let so = sm
+        .switch_over(counts.clone(), DIGEST, false)
+        .expect("switch-over");
     dm.handle(&so, &verifier()).expect("await streams");
     let challenge = dm
         .streams_complete(&counts, DIGEST, nonce)
@@ -500,12 +502,40 @@ fn challenged(d: &Established, streams: u16, nonce: [u8; 32]) -> DestMigration {
     let counts = vec![0; usize::from(streams)];
     let so = Message::SwitchOver {
         stream_records: counts.clone(),
+        paused: false,
     }
     .encode();
     dm.handle(&so, &verifier()).expect("await streams");
     dm.streams_complete(&counts, DIGEST, nonce)
         .expect("challenge");
     dm
+}
+
+/// A guest paused before its migration is handed over paused: the source's `SwitchOver` says
+/// so and the destination machine reports it; a running guest's `SwitchOver` encodes exactly
+/// as before the field existed (no `paused` key), and a destination reads that as running.
+#[test]
+fn a_paused_guest_is_handed_over_paused() {
+    for paused in [false, true] {
+        let (mut s, d) = sessions_with(false);
+        let mut sm = SourceMigration::new(&mut s);
+        let mut dm = DestMigration::new(&d);
+        let so = sm
+            .switch_over(vec![0; usize::from(s.streams)], DIGEST, paused)
+            .expect("switch-over");
+        assert_eq!(
+            contains(&so, b"paused"),
+            paused,
+            "the key is sent only when true"
+        );
+        assert!(!dm.hands_over_paused(), "running until the source says");
+        dm.handle(&so, &verifier()).expect("await streams");
+        assert_eq!(dm.hands_over_paused(), paused);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
@@ -689,7 +719,9 @@ fn the_switch_over_asks_nothing_of_the_tpm_unless_strict() {
     let mut sm = SourceMigration::new(&mut s);
     let mut dm = DestMigration::new(&d);
     let counts = vec![0; usize::from(s.streams)];
-    let so = sm.switch_over(counts.clone(), DIGEST).expect("switch-over");
+    let so = sm
+        .switch_over(counts.clone(), DIGEST, false)
+        .expect("switch-over");
     dm.handle(&so, &verifier()).expect("await streams");
     let challenge = dm
         .streams_complete(&counts, DIGEST, [0x77; 32])

@@ -84,6 +84,9 @@ pub(crate) struct Transferred {
     pub digest: Digest,
     /// When the guest stopped: its downtime runs from here to `Resumed`.
     pub paused_at: Instant,
+    /// The guest was paused before the migration: the destination hands it over paused
+    /// (`SwitchOver`'s `paused`).
+    pub paused_before: bool,
     /// Bytes of the VM's own stream, for the throughput figure.
     pub stream_bytes: u64,
     /// The backend's part of the summary (the driver fills in order, times and throughput).
@@ -168,8 +171,9 @@ pub(crate) trait DestVm {
     /// A counter that moves while data arrives, for the driver's silence check (`None`: the
     /// backend has no such measure and relies on its own timeouts).
     fn activity(&self) -> Option<u64>;
-    /// `Commit` arrived and is journalled: run the VM here.
-    async fn resume(&mut self, ctx: &Arc<Ctx>) -> Result<(), AgentError>;
+    /// `Commit` arrived and is journalled: the VM is this host's. Run it, unless `paused`: it
+    /// was paused at the source before the migration, and is handed over paused, as it was.
+    async fn resume(&mut self, ctx: &Arc<Ctx>, paused: bool) -> Result<(), AgentError>;
     /// Before COMMIT: discard what arrived; it never runs here.
     async fn discard(self, ctx: &Arc<Ctx>);
 }

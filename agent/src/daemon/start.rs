@@ -18,6 +18,7 @@ use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
 use trustmig_protocol::commit::{Output, Side};
+use trustmig_protocol::order::Role;
 
 /// A started agent, before it serves.
 pub(super) struct Started {
@@ -58,11 +59,13 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
             let last = journal.last_order_of(&vm);
             let action = crate::driver::reconcile::action(journal.rules(), last, &interrupted);
             let order = last.map(|r| r.order_id.clone());
+            let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
             crate::backend::qemu::Reconcile {
                 vm,
                 qmp,
                 action,
                 order,
+                paused,
             }
         })
         .collect();

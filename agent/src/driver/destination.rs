@@ -474,7 +474,16 @@ impl Session {
                         .map_err(wire)?;
                     match dm.handle(&msg, ctx.verifier().as_ref())? {
                         DestEvent::None => {}
-                        DestEvent::AwaitStreams(counts) => awaiting = Some(counts),
+                        DestEvent::AwaitStreams(counts) => {
+                            if dm.hands_over_paused() {
+                                let id = self.order_id.expect("order known after handshake");
+                                ctx.journal
+                                    .lock()
+                                    .expect("journal lock")
+                                    .hands_over_paused(&id)?;
+                            }
+                            awaiting = Some(counts);
+                        }
                         DestEvent::Send(m) => {
                             // Before `Ready` (after it, a verified `Commit` is never refused):
                             // a source removed from the trust store stops here.
@@ -531,8 +540,14 @@ impl Session {
         commit.feed(&self.ctx, Input::Commit, "");
         expect(commit.next(&ctx)?, Output::Vm(VmAction::Resume))?;
         crash_point(CrashPoint::DestinationAfterCommit);
-        self.start_committed(vm, &id).await?;
-        commit.feed(&self.ctx, Input::VmRunning, "resumed here");
+        let paused = dm.hands_over_paused();
+        self.start_committed(vm, &id, paused).await?;
+        let note = if paused {
+            "handed over paused here, as it was at the source"
+        } else {
+            "resumed here"
+        };
+        commit.feed(&self.ctx, Input::VmRunning, note);
         expect(commit.next(&ctx)?, Output::Send(Signal::Resumed))?;
         let m = dm.resumed()?;
         let sent = if crate::fault::lose_resumed() {
@@ -579,17 +594,23 @@ impl Session {
         Ok(())
     }
 
-    /// Start the committed VM. It is this host's now and runs nowhere else: a refused `cont` is
-    /// tried again (250 ms doubling to 5 s) for a step timeout before it is reported; a restart
-    /// of the agent resumes it too (SPEC.md §8.8).
-    async fn start_committed<B: DestVm>(&self, vm: &mut B, id: &OrderId) -> Result<(), AgentError> {
+    /// Start the committed VM (`paused`: hand it over paused, as it was at the source). It is
+    /// this host's now and runs nowhere else: a refused `cont` is tried again (250 ms doubling
+    /// to 5 s) for a step timeout before it is reported; a restart of the agent resumes it too
+    /// (SPEC.md §8.8).
+    async fn start_committed<B: DestVm>(
+        &self,
+        vm: &mut B,
+        id: &OrderId,
+        paused: bool,
+    ) -> Result<(), AgentError> {
         let mut pauses = crate::backoff::Backoff::new(
             std::time::Duration::from_millis(250),
             std::time::Duration::from_secs(5),
         );
         let deadline = tokio::time::Instant::now() + self.ctx.step_timeout();
         loop {
-            match vm.resume(&self.ctx).await {
+            match vm.resume(&self.ctx, paused).await {
                 Ok(()) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     warn!(order = %hex(id), vm = %self.vm, "committed here, but the VM did not start; trying again: {e}");

@@ -53,7 +53,9 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
     /// Source role, QEMU VMs: the VM was paused when the order claimed it, so a settlement
-    /// that gives it back leaves it paused (spec/qemu.md §4).
+    /// that gives it back leaves it paused (spec/qemu.md §4). Destination role, from COMMIT
+    /// on: the source said so (`SwitchOver`), so the VM was handed over paused, and a restart
+    /// that finds it committed here does not run it either.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_before: bool,
     /// Destination role, QEMU VMs: the VM's QEMU was found waiting for this migration
@@ -82,7 +84,10 @@ impl Record {
                 .as_deref()
                 .filter(|_| self.role == Role::Destination || self.peer_addr.is_some())
                 .and_then(|p| ::hex::decode(p).ok()?.try_into().ok()),
-            flag: self.paused_before || self.fed,
+            flag: match self.role {
+                Role::Source => self.paused_before,
+                Role::Destination => self.fed,
+            },
         }
     }
 
@@ -386,6 +391,20 @@ impl Journal {
             note: note.into(),
             ..prev
         })
+    }
+
+    /// The source hands this (destination) order's VM over paused (its `SwitchOver` said so):
+    /// the COMMIT record, when it comes, carries [`Record::paused_before`]. Nothing is written
+    /// now: this comes in the guest's downtime, and before COMMIT a restart discards the VM
+    /// whatever it was.
+    pub fn hands_over_paused(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+        let key = hex(order_id);
+        let r = self
+            .latest
+            .get_mut(&key)
+            .ok_or_else(|| AgentError::Journal(format!("journal has no record of order {key}")))?;
+        r.paused_before = true;
+        Ok(())
     }
 
     /// Record that the hypervisor waiting for this claimed (destination) order was handed to
@@ -766,6 +785,31 @@ mod tests {
         assert!(e.to_string().contains("another trustmig agent"), "{e}");
         drop(j);
         Journal::open(dir.path()).expect("free again");
+    }
+
+    /// A VM handed over paused: nothing is written when the source says so, the COMMIT line
+    /// carries it, and a destination record's rules flag stays what it was fed (a source's is
+    /// its own `paused_before`).
+    #[test]
+    fn a_paused_hand_over_rides_on_the_commit_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let id = [3; 16];
+        j.claim_for(&id, Role::Destination, "a", 10).unwrap();
+        let lines = |d: &Path| fs::read_to_string(d.join(FILE)).unwrap().lines().count();
+        let before = lines(dir.path());
+        j.hands_over_paused(&id).unwrap();
+        assert_eq!(lines(dir.path()), before, "nothing written in the downtime");
+        assert!(j.hands_over_paused(&[4; 16]).is_err(), "an unknown order");
+        j.set(&id, State::Committed, "").unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let r = j.record(&id).unwrap();
+        assert!(r.paused_before && r.state == State::Committed);
+        assert!(!r.entry().flag, "a destination's flag is `fed`, not `paused_before`");
+        let mut source = r.clone();
+        source.role = Role::Source;
+        assert!(source.entry().flag, "a source's flag is `paused_before`");
     }
 
     /// A note longer than `MAX_NOTE_CHARS` (error text a peer may have shaped) is cut, on a

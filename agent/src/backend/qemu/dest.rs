@@ -143,22 +143,38 @@ impl DestVm for QemuDest {
         None // QEMU's own load and the step timeouts of each phase bound the wait
     }
 
-    async fn resume(&mut self, _ctx: &Arc<Ctx>) -> Result<(), AgentError> {
+    async fn resume(&mut self, _ctx: &Arc<Ctx>, paused: bool) -> Result<(), AgentError> {
         let qmp = self
             .qmp
             .as_mut()
             .ok_or_else(|| AgentError::Migration("Commit before the stream loaded".into()))?;
-        qmp.cont().await?;
-        let st = qmp.query_status().await?;
-        if !st.running {
-            return Err(AgentError::Migration(format!(
-                "destination QEMU did not start after cont (state {:?})",
-                st.status
-            )));
+        if paused {
+            // Handed over as it was at the source: loaded and stopped (`-S`); the operator's
+            // `cont` runs it, and only then QEMU activates its images and announces it.
+            let st = qmp.query_status().await?;
+            if st.running {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU runs (state {:?}), but the VM was to be handed over paused",
+                    st.status
+                )));
+            }
+        } else {
+            qmp.cont().await?;
+            let st = qmp.query_status().await?;
+            if !st.running {
+                return Err(AgentError::Migration(format!(
+                    "destination QEMU did not start after cont (state {:?})",
+                    st.status
+                )));
+            }
         }
         // Mirrored disks' images are this VM's now: no longer leftovers of this order.
         super::mirror::committed(&self.disk_files.lock().expect("disk files lock"));
-        info!(vm = %self.vm, "QEMU VM resumed on this host");
+        if paused {
+            info!(vm = %self.vm, "QEMU VM handed over paused on this host, as it was at the source");
+        } else {
+            info!(vm = %self.vm, "QEMU VM resumed on this host");
+        }
         Ok(())
     }
 

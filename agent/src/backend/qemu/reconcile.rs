@@ -31,7 +31,13 @@ fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
 }
 
 /// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
-pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action: Action) -> String {
+/// `paused`: a VM committed here is handed over paused (it was paused at its source), not run.
+pub(crate) async fn reconcile(
+    ctx: &Arc<Ctx>,
+    vm: &str,
+    qmp_path: &Path,
+    (action, paused): (Action, bool),
+) -> String {
     if action == Action::Nothing {
         return "nothing to do".into();
     }
@@ -71,6 +77,9 @@ pub(crate) async fn reconcile(ctx: &Arc<Ctx>, vm: &str, qmp_path: &Path, action:
             Ok(()) => "the destination QEMU left from the interrupted migration was discarded (quit); it never ran here".into(),
             Err(e) => format!("the destination QEMU left from the interrupted migration could not be discarded ({e}): quit it by hand, never `cont` it"),
         },
+        Action::Resume if paused && !st.running && m.status() == MigrationStatus::Completed => {
+            "committed here before the restart: the VM is this host's, handed over paused as it was at its source".into()
+        }
         Action::Resume if !st.running && m.status() == MigrationStatus::Completed => match qmp.cont().await {
             Ok(()) => "committed here before the restart: the VM runs on this host (cont)".into(),
             Err(e) => format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand"),
@@ -95,6 +104,8 @@ pub(crate) struct Reconcile {
     pub action: Action,
     /// The VM's most recent order (hex), if any.
     pub order: Option<String>,
+    /// That order handed the VM over paused here (it was paused at its source).
+    pub paused: bool,
 }
 
 /// Reconcile every QEMU VM of this agent in the background, each as the journal allows. A VM
@@ -108,7 +119,7 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let (vm, action) = (r.vm.as_str(), r.action);
-            let what = reconcile(&ctx, vm, &r.qmp, action).await;
+            let what = reconcile(&ctx, vm, &r.qmp, (action, r.paused)).await;
             if what.contains("by hand") || what.contains("not yet running") {
                 warn!(vm, ?action, "after restart: {what}");
                 return;

@@ -245,7 +245,7 @@ async fn transfer(
     .await?;
     Ok(transferred(
         done,
-        ladder.forced,
+        (ladder.forced, vm.paused_before()),
         disk_wire,
         disk_ms,
         std::mem::take(&mut vm.pumps),
@@ -297,10 +297,11 @@ fn spawn_pumps(
 }
 
 /// What the transfer did, from what `follow` saw: the summary's figures and the records of
-/// every stream (QEMU's first, then each mirror's).
+/// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced;
+/// `paused_before`: the guest was paused before the migration.
 fn transferred(
     done: Done,
-    forced: bool,
+    (forced, paused_before): (bool, bool),
     disk_wire: u64,
     disk_ms: u64,
     tasks: Tasks,
@@ -321,6 +322,7 @@ fn transferred(
     let mut stream_records = vec![sent.records];
     stream_records.extend(blocks.iter().map(|(_, n)| *n));
     Transferred {
+        paused_before,
         steps,
         stream_records,
         digest,

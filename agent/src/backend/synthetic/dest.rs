@@ -198,12 +198,16 @@ impl DestVm for SyntheticDest {
         )
     }
 
-    async fn resume(&mut self, ctx: &Arc<Ctx>) -> Result<(), AgentError> {
+    async fn resume(&mut self, ctx: &Arc<Ctx>, paused: bool) -> Result<(), AgentError> {
         let mut guest = {
             let mut st = self.state.lock().expect("state lock");
             std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
         };
-        guest.resume();
+        // A synthetic source never hands over a paused guest; a peer that says so gets what
+        // it asked for (the guest stays in the agent, stopped), never an error after COMMIT.
+        if !paused {
+            guest.resume();
+        }
         ctx.vms
             .lock()
             .expect("vms lock")

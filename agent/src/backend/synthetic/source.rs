@@ -187,6 +187,7 @@ async fn transfer(
     let digest = engine.finish(&device_state, &link.est.transcript_hash)?;
     let stats = engine.stats().clone();
     Ok(Transferred {
+        paused_before: false, // a synthetic guest runs until its switch-over
         steps: vec![(
             "last pages and device state sent, digest computed",
             Instant::now(),
