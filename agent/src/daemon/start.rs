@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
@@ -38,6 +39,33 @@ impl Started {
             crate::driver::settle::keep_asking(self.ctx.clone(), p, false);
         }
         crate::backend::qemu::reconcile_all(&self.ctx, std::mem::take(&mut self.reconcile));
+        tokio::spawn(keep_journal_compact(self.ctx.clone()));
+    }
+}
+
+/// How often a running agent looks whether its journal is due for compaction.
+const COMPACTION_CHECK: Duration = Duration::from_secs(600);
+
+/// Compact the journal of the running agent when due (`Journal::compact_if_due`: once enough
+/// was written since the last try, and no order is under way), so that neither the file nor
+/// the records held in memory grow for as long as the agent runs. On a blocking thread: the
+/// rewrite reads and fsyncs the whole file.
+async fn keep_journal_compact(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(COMPACTION_CHECK);
+    tick.tick().await; // at once: the journal was compacted as it opened
+    loop {
+        tick.tick().await;
+        let c = ctx.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            c.journal
+                .lock()
+                .expect("journal lock")
+                .compact_if_due(crate::unix_now())
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            warn!("journal compaction failed (the journal is as it was, or compacted and reopened): {e}");
+        }
     }
 }
 

@@ -22,8 +22,10 @@
 //! the smaller file replaces the old one (written beside it, fsync'd, renamed over it), and a
 //! difference leaves the journal as it was. It runs at start, when at least
 //! `MIN_DROPPED_LINES` lines can go, so the file is not rewritten for a handful, with the
-//! journal locked (`LOCK`) so that no other agent writes it meanwhile; "now" is the earlier of
-//! the clock and the journal's newest record (a clock running ahead at boot drops nothing early).
+//! journal locked (`LOCK`) so that no other agent writes it meanwhile; and in a running agent
+//! once that many more lines were written, with no order under way (`Journal::compact_if_due`,
+//! looked at every 10 minutes by the daemon). "now" is the earlier of the clock and the
+//! journal's newest record (a clock running ahead at boot drops nothing early).
 //!
 //! A mirrored disk's copy left by an order rolled back here is removed by a later incoming mirror
 //! of that disk only while the journal shows that order (`mirror.rs`, `stale`); once it went,
@@ -151,7 +153,8 @@ pub(super) fn compact(
     compact_from(path, text, whole, now, MIN_DROPPED_LINES)
 }
 
-fn compact_from(
+/// [`compact`] with the fewest lines worth it given.
+pub(super) fn compact_from(
     path: &Path,
     text: &str,
     whole: &Replay,
@@ -291,6 +294,57 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(!dir.path().join("journal.jsonl.compacted").exists());
+    }
+
+    /// A running agent's journal compacts too (`Journal::compact_if_due`): not before enough
+    /// was written, not while an order is under way; what it dropped is gone from memory too,
+    /// and what is written after it lands in the new file.
+    #[test]
+    fn a_running_journal_compacts_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let now = crate::unix_now();
+        let old = now - RETENTION_SECS - MAX_CLOCK_SKEW - DAY;
+        drop(Journal::open(dir.path()).unwrap());
+        let mut text = String::new();
+        for n in 1..=3 {
+            text += &line(n, "a", Role::Source, State::Claimed, old);
+            text += &line(n, "a", Role::Source, State::RolledBack, old);
+        }
+        text += &line(4, "a", Role::Source, State::Claimed, now + DAY);
+        text += &line(4, "a", Role::Source, State::Done, now + DAY);
+        std::fs::write(&path, &text).unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let id = |n: u8| {
+            let mut b = [0u8; 16];
+            b[15] = n;
+            b
+        };
+        assert!(
+            j.record(&id(1)).is_some(),
+            "too few lines to compact at open"
+        );
+        assert!(!j.compact_if_due(now).unwrap(), "not enough written since");
+        j.claim_for(&id(9), Role::Source, "b", now + DAY).unwrap();
+        j.lines += MIN_DROPPED_LINES;
+        assert!(!j.compact_if_due(now).unwrap(), "order 9 is under way");
+        j.set(&id(9), State::RolledBack, "").unwrap();
+        assert!(j.compact_running(now, 1).unwrap());
+        for n in 1..=3 {
+            assert!(j.record(&id(n)).is_none(), "order {n} is gone from memory");
+        }
+        j.set(&id(9), State::Settled, "after the compaction")
+            .unwrap();
+        drop(j);
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            on_disk.lines().count(),
+            2 + 3,
+            "orders 4 and 9 (claimed, rolled back, settled)"
+        );
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.record(&id(9)).map(|r| r.state), Some(State::Settled));
+        assert!(j.record(&id(1)).is_none());
     }
 
     /// Below the threshold, or with a torn last line, the file is left alone.

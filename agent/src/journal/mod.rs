@@ -194,6 +194,10 @@ pub struct Journal {
     rules: Rules,
     /// The audit trail beside it: one entry per change of an order's state.
     audit: crate::audit::Audit,
+    /// Lines in the file, and how many there were after the last compaction (or at open):
+    /// a running agent tries again once `MIN_DROPPED_LINES` more were written.
+    lines: usize,
+    lines_after_compaction: usize,
     /// This process's hold on the journal (`LOCK`), for as long as it has it open.
     _lock: File,
 }
@@ -239,6 +243,7 @@ impl Journal {
                 replayed = smaller;
             }
         }
+        let lines = replayed.lines.len();
         let Replay {
             latest,
             last_for_vm,
@@ -260,6 +265,8 @@ impl Journal {
             last_order_of_vm,
             rules: Rules::default(),
             audit: crate::audit::Audit::open(dir)?,
+            lines,
+            lines_after_compaction: 0,
             _lock: lock,
         };
         journal.audit_catch_up(last_change)?;
@@ -337,6 +344,7 @@ impl Journal {
             .write_all(&line)
             .map_err(AgentError::io(&self.path))?;
         self.file.sync_data().map_err(AgentError::io(&self.path))?;
+        self.lines += 1;
         if prev != Some(r.state) {
             if let Err(e) = self.audit.record(audit_of(&r, "")) {
                 tracing::error!("could not write the audit trail: {e}");
@@ -351,6 +359,40 @@ impl Journal {
         }
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
+    }
+
+    /// Compact the journal of a running agent (SPEC.md §3.4) once `MIN_DROPPED_LINES` lines
+    /// were written since the last try (`now`: UNIX seconds). Not while an order is under way
+    /// (claimed, not yet committed or finished): the journal is locked for the rewrite, and a
+    /// migration's COMMIT, written while its guest is stopped, must not wait for it. Returns
+    /// whether the file was rewritten.
+    pub fn compact_if_due(&mut self, now: u64) -> Result<bool, AgentError> {
+        if self.lines < self.lines_after_compaction + compact::MIN_DROPPED_LINES
+            || self.latest.values().any(|r| r.state == State::Claimed)
+        {
+            return Ok(false);
+        }
+        self.compact_running(now, compact::MIN_DROPPED_LINES)
+    }
+
+    /// Compact the file now if at least `min` lines can go: the running journal's records
+    /// stay as they are in memory (compaction keeps each remaining order's and VM's records
+    /// exactly, `compact::agrees`), less the orders it dropped; appends go to the new file.
+    fn compact_running(&mut self, now: u64, min: usize) -> Result<bool, AgentError> {
+        self.lines_after_compaction = self.lines;
+        let text = fs::read_to_string(&self.path).map_err(AgentError::io(&self.path))?;
+        let whole = Replay::of(&text, &self.path)?;
+        let compacted = compact::compact_from(&self.path, &text, &whole, now, min);
+        // Appends go to the file at the path now, whatever happened: an error after the rename
+        // must not leave them going to the replaced file, which no one reads again.
+        self.file = open_log(&self.path, None)?;
+        let Some(smaller) = compacted? else {
+            return Ok(false);
+        };
+        self.latest.retain(|id, _| smaller.latest.contains_key(id));
+        self.lines = smaller.lines.len();
+        self.lines_after_compaction = self.lines;
+        Ok(true)
     }
 
     /// After a crash between a journal record and its audit entry: append the entry of the
@@ -806,7 +848,10 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let r = j.record(&id).unwrap();
         assert!(r.paused_before && r.state == State::Committed);
-        assert!(!r.entry().flag, "a destination's flag is `fed`, not `paused_before`");
+        assert!(
+            !r.entry().flag,
+            "a destination's flag is `fed`, not `paused_before`"
+        );
         let mut source = r.clone();
         source.role = Role::Source;
         assert!(source.entry().flag, "a source's flag is `paused_before`");
