@@ -158,6 +158,9 @@ pub(crate) struct Arrived {
 /// (`driver::destination`) calls `start`, then waits on `arrived` while it reads the control
 /// channel; on `Commit` (journalled) `resume`; on any failure before that, `discard`.
 pub(crate) trait DestVm {
+    /// Whether this backend can hand a VM over paused (`SwitchOver.paused`); a source that
+    /// asks one that cannot is refused before COMMIT (the source's VM runs on).
+    const HANDS_OVER_PAUSED: bool;
     /// Start receiving in the background on the session's data connections (`conns`, in the
     /// order they arrive): bind each stream by its `StreamInit`, read and check what it carries.
     fn start(
@@ -172,7 +175,8 @@ pub(crate) trait DestVm {
     /// backend has no such measure and relies on its own timeouts).
     fn activity(&self) -> Option<u64>;
     /// `Commit` arrived and is journalled: the VM is this host's. Run it, unless `paused`: it
-    /// was paused at the source before the migration, and is handed over paused, as it was.
+    /// was paused at the source before the migration, and is handed over paused, as it was
+    /// (only where [`Self::HANDS_OVER_PAUSED`]).
     async fn resume(&mut self, ctx: &Arc<Ctx>, paused: bool) -> Result<(), AgentError>;
     /// Before COMMIT: discard what arrived; it never runs here.
     async fn discard(self, ctx: &Arc<Ctx>);

@@ -475,6 +475,13 @@ impl Session {
                     match dm.handle(&msg, ctx.verifier().as_ref())? {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => {
+                            if dm.hands_over_paused() && !B::HANDS_OVER_PAUSED {
+                                return Err(PeerMisbehaved::BadField(
+                                    "switch-over hands over a paused guest, which this backend cannot keep paused"
+                                        .into(),
+                                )
+                                .into());
+                            }
                             if dm.hands_over_paused() {
                                 let id = self.order_id.expect("order known after handshake");
                                 ctx.journal
@@ -580,7 +587,7 @@ impl Session {
         let rest = commit.drain(&ctx)?;
         debug_assert!(rest.is_empty(), "{rest:?}");
         crash_point(CrashPoint::DestinationAfterDone);
-        info!(order = %hex(&id), vm = %self.vm, "VM resumed on this host");
+        info!(order = %hex(&id), vm = %self.vm, paused, "VM handed over to this host");
         ctx.remember(history_entry(
             "destination",
             None,

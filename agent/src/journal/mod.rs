@@ -53,9 +53,10 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
     /// Source role, QEMU VMs: the VM was paused when the order claimed it, so a settlement
-    /// that gives it back leaves it paused (spec/qemu.md §4). Destination role, from COMMIT
-    /// on: the source said so (`SwitchOver`), so the VM was handed over paused, and a restart
-    /// that finds it committed here does not run it either.
+    /// that gives it back leaves it paused (spec/qemu.md §4). Destination role: the source
+    /// said so in its `SwitchOver` (carried from the next record on, COMMIT in a migration
+    /// that commits), so the VM is handed over paused, and a restart that finds it committed
+    /// here does not run it either.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_before: bool,
     /// Destination role, QEMU VMs: the VM's QEMU was found waiting for this migration

@@ -100,6 +100,8 @@ struct Incoming {
 }
 
 impl DestVm for QemuDest {
+    const HANDS_OVER_PAUSED: bool = true;
+
     fn start(
         &mut self,
         ctx: &Arc<Ctx>,
@@ -151,10 +153,11 @@ impl DestVm for QemuDest {
         if paused {
             // Handed over as it was at the source: loaded and stopped (`-S`); the operator's
             // `cont` runs it, and only then QEMU activates its images and announces it.
+            // `paused` is where an incoming QEMU under `-S` waits once it loaded everything.
             let st = qmp.query_status().await?;
-            if st.running {
+            if st.status != "paused" {
                 return Err(AgentError::Migration(format!(
-                    "destination QEMU runs (state {:?}), but the VM was to be handed over paused",
+                    "destination QEMU is in state {:?}, not loaded and paused: the VM cannot be handed over paused",
                     st.status
                 )));
             }

@@ -860,7 +860,8 @@ pub async fn finish(
     Ok(out)
 }
 
-/// After `cont`: the images are the VM's now; their markers go.
+/// After COMMIT, once the VM runs here (or was handed over paused): the images are the VM's
+/// now; their markers go.
 pub fn committed(files: &[PathBuf]) {
     for f in files
         .iter()

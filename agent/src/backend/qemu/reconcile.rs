@@ -110,7 +110,8 @@ pub(crate) struct Reconcile {
 
 /// Reconcile every QEMU VM of this agent in the background, each as the journal allows. A VM
 /// resumed here because a restart settled its order as committed here gets DONE journalled once
-/// it runs, so that no later restart resumes it again (SPEC.md §8.8).
+/// it runs (or was left paused, handed over so), so that no later restart resumes it again
+/// (SPEC.md §8.8).
 pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
     for r in list {
         if r.action == Action::Nothing {

@@ -231,8 +231,8 @@ async fn transfer(
     }
     let disk_ms = vm.started.elapsed().as_millis() as u64;
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
-    let mirrored = !vm.mirror_disks.is_empty();
-    let (qemu_sock, switch) = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, mirrored).await?;
+    let switch = Switch::choose(!vm.mirror_disks.is_empty(), vm.was_running);
+    let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
     let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
     let done = follow(
         &mut vm.qmp,
@@ -419,31 +419,40 @@ enum Switch {
 }
 
 impl Switch {
-    /// `Pause` when a mirror must complete at the switch-over, or when the guest is not
-    /// running now (then no `STOP` comes to mark it, and QEMU's last dirty-bitmap sync, which
-    /// it counts as a round, must not be judged by the ladder as one more pre-copy round).
-    /// Events older than this look are dropped: a `STOP` from now on stopped this guest.
-    async fn choose(qmp: &mut Qmp, mirrored: bool) -> Result<Self, AgentError> {
-        qmp.take_events();
-        let running = qmp.query_status().await?.running;
-        Ok(if running && !mirrored {
+    /// `Pause` when a mirror must complete at the switch-over, or when the guest was paused
+    /// as the order claimed it (the state a rollback gives back and `SwitchOver.paused` hands
+    /// over): QEMU's stop of a paused guest sends no `STOP` to mark the switch-over.
+    fn choose(mirrored: bool, was_running: bool) -> Self {
+        if was_running && !mirrored {
             Self::Stop
         } else {
             Self::Pause
-        })
+        }
     }
 }
 
-/// Set QEMU's capabilities and parameters from the order, then `migrate` into a socket of
-/// ours; returns QEMU's connection to it, and how the switch-over will show.
+/// `Stop` mode, after a `STOP`: whether QEMU stopped the guest for the switch-over, its
+/// runstate `finish-migrate` (sending the rest) or `postmigrate` (done). Any other stop (an
+/// operator's `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`,
+/// `io-error`, `shutdown`) is none: QEMU goes on pre-copying, and so does the ladder. QEMU
+/// answers once its completion lets go of its big lock, which delays only this look.
+async fn stopped_for_switch_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
+    let st = qmp.query_status().await?;
+    Ok(matches!(
+        st.status.as_str(),
+        "finish-migrate" | "postmigrate"
+    ))
+}
+
+/// Set QEMU's capabilities and parameters from the order (`switch`: whether QEMU pauses at
+/// `pre-switchover`), then `migrate` into a socket of ours; returns QEMU's connection to it.
 async fn start_qemu(
     ctx: &Arc<Ctx>,
     qmp: &mut Qmp,
     order: &VerifiedOrder,
     ladder: &Ladder,
-    mirrored: bool,
-) -> Result<(UnixStream, Switch), AgentError> {
-    let switch = Switch::choose(qmp, mirrored).await?;
+    switch: Switch,
+) -> Result<UnixStream, AgentError> {
     // `events`: QEMU announces the guest's stop, pre-switchover and completion at once
     // (polling would add up to a poll period to the guest's downtime, twice).
     // `auto-converge` with `throttle` orders: QEMU's own throttle, in the native engine's steps.
@@ -470,6 +479,7 @@ async fn start_qemu(
     let path = socket_path(&dir, "out", order.id())?;
     let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
     let uri = format!("unix:{}", path.display());
+    qmp.take_events(); // older events (a STOP before now) say nothing about this migration
     qmp.migrate(&uri).await?;
     let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
     let _ = std::fs::remove_file(&path);
@@ -481,7 +491,7 @@ async fn start_qemu(
             ))
         })?
         .map_err(AgentError::io(&path))?;
-    Ok((qemu_sock, switch))
+    Ok(qemu_sock)
 }
 
 /// QEMU's downtime-limit as the migration goes: the ladder towards the order's target, and
@@ -610,7 +620,10 @@ async fn follow(
                 let ev = ev?;
                 if ev.name == "STOP" {
                     seen.stopped_at = ev.at; // the guest's downtime starts here
-                    if seen.switch == Switch::Stop {
+                    if seen.switch == Switch::Stop
+                        && seen.paused_at.is_none()
+                        && stopped_for_switch_over(qmp).await?
+                    {
                         seen.switched_over(&link, ev.at, "STOP seen").await;
                     }
                 }
@@ -732,12 +745,19 @@ async fn look_at(
     mirrors: Option<&mut Mirrors>,
 ) -> Result<(), AgentError> {
     let m = qmp.query_migrate().await?;
-    // A STOP read during the command, still queued, counts as seen: QEMU stopped the guest
-    // before it answered, so its last bitmap sync (which `m` may already count) is no round.
-    let queued_stop = qmp.queued("STOP").and_then(|e| e.at);
-    if seen.switch == Switch::Stop && queued_stop.is_some() {
-        seen.switched_over(link, queued_stop, "STOP seen").await;
+    // A STOP read during the command, still queued, counts as seen: if QEMU stopped the guest
+    // for the switch-over before it answered, its last bitmap sync (which `m` may already
+    // count) is no pre-copy round.
+    let queued_stop = qmp.queued("STOP").map(|e| e.at);
+    if seen.switch == Switch::Stop
+        && seen.paused_at.is_none()
+        && queued_stop.is_some()
+        && stopped_for_switch_over(qmp).await?
+    {
+        seen.switched_over(link, queued_stop.flatten(), "STOP seen")
+            .await;
     }
+    let queued_stop = queued_stop.flatten();
     match m.status() {
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
             let ram = m.ram.clone().unwrap_or_default();
@@ -775,8 +795,18 @@ async fn look_at(
         _ => {}
     }
     if seen.paused_at.is_none() {
-        if let Some(limit) = ladder.after_look(&m)? {
-            qmp.migrate_set_parameters(limit, ladder.bw).await?;
+        match ladder.after_look(&m) {
+            Ok(Some(limit)) => qmp.migrate_set_parameters(limit, ladder.bw).await?,
+            Ok(None) => {}
+            // The rounds ran out by QEMU's count: unless that count already holds the last
+            // sync of a switch-over whose STOP has not been read yet (`Stop` mode: QEMU's
+            // runstate says so), which is no pre-copy round.
+            Err(e) => {
+                if seen.switch == Switch::Pause || !stopped_for_switch_over(qmp).await? {
+                    return Err(e.into());
+                }
+                seen.switched_over(link, seen.stopped_at, "STOP seen").await;
+            }
         }
         if let Some(ram) = &m.ram {
             seen.remaining_pages = ram.remaining / ram.page_size.max(1);

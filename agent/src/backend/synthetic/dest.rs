@@ -123,6 +123,9 @@ impl Drop for Room {
 }
 
 impl DestVm for SyntheticDest {
+    /// A synthetic guest lives in the agent, with no operator's `cont` to run it later.
+    const HANDS_OVER_PAUSED: bool = false;
+
     fn start(
         &mut self,
         ctx: &Arc<Ctx>,
@@ -203,11 +206,9 @@ impl DestVm for SyntheticDest {
             let mut st = self.state.lock().expect("state lock");
             std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
         };
-        // A synthetic source never hands over a paused guest; a peer that says so gets what
-        // it asked for (the guest stays in the agent, stopped), never an error after COMMIT.
-        if !paused {
-            guest.resume();
-        }
+        // Never paused here: `HANDS_OVER_PAUSED` is false, so the driver refused before COMMIT.
+        debug_assert!(!paused, "a synthetic guest handed over paused");
+        guest.resume();
         ctx.vms
             .lock()
             .expect("vms lock")
