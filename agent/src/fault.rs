@@ -28,6 +28,9 @@ pub const LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
 pub const SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
 /// `TRUSTMIG_TEST_LOSE_RESUMED`.
 pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
+/// `TRUSTMIG_TEST_HAND_OVER_PAUSED`: the source's `SwitchOver` says the guest was paused
+/// before the migration, whatever it was (a peer asking what a synthetic destination cannot do).
+pub const HAND_OVER_PAUSED_ENV: &str = "TRUSTMIG_TEST_HAND_OVER_PAUSED";
 /// `TRUSTMIG_TEST_SETTLE_UNANSWERED`.
 pub const SETTLE_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
 /// `TRUSTMIG_TEST_ALTER_DISK_CHUNK`.
@@ -113,6 +116,7 @@ mod on {
         pub lose_commit: bool,
         pub settle_before_commit: bool,
         pub lose_resumed: bool,
+        pub hand_over_paused: bool,
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
         pub alter_mirrored_image: bool,
@@ -130,6 +134,7 @@ mod on {
             lose_commit: var(LOSE_COMMIT_ENV).is_some(),
             settle_before_commit: var(SETTLE_BEFORE_COMMIT_ENV).is_some(),
             lose_resumed: var(LOSE_RESUMED_ENV).is_some(),
+            hand_over_paused: var(HAND_OVER_PAUSED_ENV).is_some(),
             unanswered: var(SETTLE_UNANSWERED_ENV)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
@@ -206,6 +211,14 @@ pub fn settle_before_commit() -> bool {
 pub fn lose_resumed() -> bool {
     #[cfg(feature = "fault-injection")]
     return on::faults().lose_resumed;
+    #[cfg(not(feature = "fault-injection"))]
+    false
+}
+
+/// The source's `SwitchOver` says the guest was paused before the migration.
+pub fn hand_over_paused() -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().hand_over_paused;
     #[cfg(not(feature = "fault-injection"))]
     false
 }

@@ -744,6 +744,33 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     );
 }
 
+/// SPEC.md §8.7: a synthetic destination cannot keep a guest paused for an operator's `cont`,
+/// so a `switch-over` that hands one over paused is refused before COMMIT, named, and the
+/// source's guest runs on with its memory as it was.
+#[test]
+fn a_paused_hand_over_a_synthetic_destination_cannot_keep_is_refused() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((rt, pair)) = hooked_source(&[(trustmig_agent::fault::HAND_OVER_PAUSED_ENV, "1")], 0)
+    else {
+        return;
+    };
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(
+        e.contains("cannot keep paused"),
+        "{e}\n{}",
+        pair.log_tails(10)
+    );
+    assert_eq!(
+        assert_rolled_back(&rt, &pair, "v"),
+        before,
+        "memory untouched"
+    );
+}
+
 /// SPEC.md §8.8: once a destination answered "not committed", a `Commit` that arrives after
 /// all (here: the source asks first, then sends it on its old session) is refused; the
 /// destination never resumes the VM and the source, asking again, runs it with its memory as

@@ -383,7 +383,8 @@ async fn session<B: SourceVm>(
     };
     let t = vm.transfer(link).await?;
     let digest = t.digest;
-    let so = sm.switch_over(t.stream_records, digest, t.paused_before)?;
+    let paused = t.paused_before || crate::fault::hand_over_paused();
+    let so = sm.switch_over(t.stream_records, digest, paused)?;
     // The guest is stopped and its last bytes went: the machine may not commit yet (no
     // `Ready`), so nothing comes of it but its phase.
     commit.feed(ctx, Input::SwitchedOver, "");
