@@ -153,11 +153,12 @@ impl DestVm for QemuDest {
         if paused {
             // Handed over as it was at the source: loaded and stopped (`-S`); the operator's
             // `cont` runs it, and only then QEMU activates its images and announces it.
-            // `paused` is where an incoming QEMU under `-S` waits once it loaded everything.
+            // Loaded under `-S`, QEMU waits `paused` (or in the stopped state the source's guest
+            // was in: an I/O error, say); running, it was not ours to start.
             let st = qmp.query_status().await?;
-            if st.status != "paused" {
+            if st.running {
                 return Err(AgentError::Migration(format!(
-                    "destination QEMU is in state {:?}, not loaded and paused: the VM cannot be handed over paused",
+                    "destination QEMU runs (state {:?}), but the VM was to be handed over paused",
                     st.status
                 )));
             }

@@ -231,7 +231,10 @@ async fn transfer(
     }
     let disk_ms = vm.started.elapsed().as_millis() as u64;
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
-    let switch = Switch::choose(!vm.mirror_disks.is_empty(), vm.was_running);
+    // The claim's reading decides what is handed over (`paused_before`); how the switch-over
+    // shows also depends on the guest now (an operator may have stopped it since the claim).
+    let running = vm.was_running && vm.qmp.query_status().await?.running;
+    let switch = Switch::choose(!vm.mirror_disks.is_empty(), running);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
     let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
     let done = follow(
@@ -419,11 +422,11 @@ enum Switch {
 }
 
 impl Switch {
-    /// `Pause` when a mirror must complete at the switch-over, or when the guest was paused
-    /// as the order claimed it (the state a rollback gives back and `SwitchOver.paused` hands
-    /// over): QEMU's stop of a paused guest sends no `STOP` to mark the switch-over.
-    fn choose(mirrored: bool, was_running: bool) -> Self {
-        if was_running && !mirrored {
+    /// `Pause` when a mirror must complete at the switch-over, or when the guest does not run
+    /// (`running`: as the order claimed it and still as QEMU starts migrating): QEMU's stop of
+    /// a paused guest sends no `STOP` to mark the switch-over.
+    fn choose(mirrored: bool, running: bool) -> Self {
+        if running && !mirrored {
             Self::Stop
         } else {
             Self::Pause
@@ -545,10 +548,8 @@ impl Ladder {
         if m.status() != MigrationStatus::Active || self.forced {
             return Ok(None);
         }
-        let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
-        // QEMU counts the first pass's bitmap sync too: rounds done = syncs - 1.
-        let rounds = sync.saturating_sub(1);
-        if rounds >= self.round_budget {
+        let rounds = rounds_done(m);
+        if self.out_of_rounds(m) {
             if self.on_nonconvergence == NonConvergence::Abort {
                 return Err(PrecopyError::NotConverged {
                     rounds: u32::try_from(rounds).unwrap_or(u32::MAX),
@@ -571,6 +572,20 @@ impl Ladder {
         debug!(limit_ms = next, rounds, "downtime-limit raised");
         Ok(Some(next))
     }
+
+    /// Whether `m` shows the order's rounds run out, so that its non-convergence action is
+    /// due at this look.
+    fn out_of_rounds(&self, m: &MigrationInfo) -> bool {
+        m.status() == MigrationStatus::Active && !self.forced && rounds_done(m) >= self.round_budget
+    }
+}
+
+/// Pre-copy rounds QEMU completed: its bitmap syncs less the first pass's.
+fn rounds_done(m: &MigrationInfo) -> u64 {
+    m.ram
+        .as_ref()
+        .map_or(0, |r| r.dirty_sync_count)
+        .saturating_sub(1)
 }
 
 /// The end of QEMU's migration, as `follow` saw it.
@@ -618,6 +633,9 @@ async fn follow(
             _ = poll.tick() => look = true,
             ev = qmp.event() => {
                 let ev = ev?;
+                if ev.name == "RESUME" {
+                    seen.stopped_at = None; // an operator's stop and cont during pre-copy
+                }
                 if ev.name == "STOP" {
                     seen.stopped_at = ev.at; // the guest's downtime starts here
                     if seen.switch == Switch::Stop
@@ -762,7 +780,7 @@ async fn look_at(
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
             let ram = m.ram.clone().unwrap_or_default();
             seen.remaining_pages = ram.remaining / ram.page_size.max(1);
-            seen.switched_over(link, seen.stopped_at.or(queued_stop), "pre-switchover seen")
+            seen.switched_over(link, queued_stop.or(seen.stopped_at), "pre-switchover seen")
                 .await;
             // The disks first (the guest is stopped, so they are final): complete every
             // mirror and end its NBD stream, then QEMU may send the device state.
@@ -794,19 +812,20 @@ async fn look_at(
         }
         _ => {}
     }
+    // The rounds ran out by QEMU's count: unless that count already holds the last sync of a
+    // switch-over whose STOP has not been read yet (`Stop` mode: QEMU's runstate says so),
+    // which is no pre-copy round, and no action of the order's is due.
+    if seen.paused_at.is_none()
+        && seen.switch == Switch::Stop
+        && ladder.out_of_rounds(&m)
+        && stopped_for_switch_over(qmp).await?
+    {
+        let at = qmp.queued("STOP").and_then(|e| e.at).or(seen.stopped_at);
+        seen.switched_over(link, at, "STOP seen").await;
+    }
     if seen.paused_at.is_none() {
-        match ladder.after_look(&m) {
-            Ok(Some(limit)) => qmp.migrate_set_parameters(limit, ladder.bw).await?,
-            Ok(None) => {}
-            // The rounds ran out by QEMU's count: unless that count already holds the last
-            // sync of a switch-over whose STOP has not been read yet (`Stop` mode: QEMU's
-            // runstate says so), which is no pre-copy round.
-            Err(e) => {
-                if seen.switch == Switch::Pause || !stopped_for_switch_over(qmp).await? {
-                    return Err(e.into());
-                }
-                seen.switched_over(link, seen.stopped_at, "STOP seen").await;
-            }
+        if let Some(limit) = ladder.after_look(&m)? {
+            qmp.migrate_set_parameters(limit, ladder.bw).await?;
         }
         if let Some(ram) = &m.ram {
             seen.remaining_pages = ram.remaining / ram.page_size.max(1);
