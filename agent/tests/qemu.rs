@@ -1578,6 +1578,25 @@ async fn completed_at(q: &mut Qmp) -> std::time::SystemTime {
     }
 }
 
+/// Two QEMUs without agents, to pin QEMU's own behaviour: a 128 MiB source running the test
+/// guest with `append` (its data area filled) and a destination waiting (`-incoming defer`),
+/// with a QMP session to each.
+async fn bare_pair(dir: &Path, append: &str) -> (QemuVm, QemuVm, Qmp, Qmp) {
+    let guest = build_guest(dir);
+    let opts = |extra: &[&str]| VmOpts {
+        append: append.into(),
+        mem_mib: 128,
+        src_extra: extra.iter().map(|a| a.to_string()).collect(),
+        ..VmOpts::default()
+    };
+    let src = QemuVm::start(dir, "src", &guest, &opts(&[]), false);
+    let dst = QemuVm::start(dir, "dst", &guest, &opts(&["-incoming", "defer"]), false);
+    src.wait_ticks(1, Duration::from_secs(60));
+    let s = src.qmp().await.expect("qmp src");
+    let d = dst.qmp().await.expect("qmp dst");
+    (src, dst, s, d)
+}
+
 /// spec/qemu.md §2 (step 6) and §9: with `return-path`, the source QEMU announces `completed`
 /// only after the destination QEMU has loaded the whole stream. That is why QEMU's own
 /// `downtime` for trustmig (which runs with it) includes the destination's load and the native
@@ -1591,26 +1610,8 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let guest = build_guest(dir.path());
-    let opts = |extra: &[&str]| VmOpts {
-        append: "area=100 rate=0 check=1000000".into(),
-        mem_mib: 128,
-        src_extra: extra.iter().map(|a| a.to_string()).collect(),
-        ..VmOpts::default()
-    };
-    let src = QemuVm::start(dir.path(), "src", &guest, &opts(&[]), false);
-    let dst = QemuVm::start(
-        dir.path(),
-        "dst",
-        &guest,
-        &opts(&["-incoming", "defer"]),
-        false,
-    );
-    src.wait_ticks(1, Duration::from_secs(60)); // its data area is filled: real pages move
-    let (mut s, mut d) = (
-        src.qmp().await.expect("qmp src"),
-        dst.qmp().await.expect("qmp dst"),
-    );
+    // Its data area is filled before the migration: real pages move.
+    let (_src, _dst, mut s, mut d) = bare_pair(dir.path(), "area=100 rate=0 check=1000000").await;
     let caps = [("return-path", true), ("events", true)];
     s.migrate_set_capabilities(&caps)
         .await
@@ -1653,26 +1654,7 @@ async fn qemu_counts_its_last_bitmap_sync_after_the_guest_stopped() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let guest = build_guest(dir.path());
-    let opts = |extra: &[&str]| VmOpts {
-        append: "area=16 rate=0 check=1000000".into(),
-        mem_mib: 128,
-        src_extra: extra.iter().map(|a| a.to_string()).collect(),
-        ..VmOpts::default()
-    };
-    let src = QemuVm::start(dir.path(), "src", &guest, &opts(&[]), false);
-    let dst = QemuVm::start(
-        dir.path(),
-        "dst",
-        &guest,
-        &opts(&["-incoming", "defer"]),
-        false,
-    );
-    src.wait_ticks(1, Duration::from_secs(60));
-    let (mut s, mut d) = (
-        src.qmp().await.expect("qmp src"),
-        dst.qmp().await.expect("qmp dst"),
-    );
+    let (_src, _dst, mut s, mut d) = bare_pair(dir.path(), "area=16 rate=0 check=1000000").await;
     s.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])
         .await
         .expect("source capabilities");

@@ -750,25 +750,29 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
 #[test]
 fn a_paused_hand_over_a_synthetic_destination_cannot_keep_is_refused() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, pair)) = hooked_source(&[(trustmig_agent::fault::HAND_OVER_PAUSED_ENV, "1")], 0)
-    else {
-        return;
-    };
+    rolls_back_under(
+        (trustmig_agent::fault::HAND_OVER_PAUSED_ENV, "1"),
+        "cannot keep paused",
+    );
+}
+
+/// A migration of an idle 64 MiB guest whose source runs with the fault `hook` fails with an
+/// error that says `named`, and rolls back: the source's guest runs on with its memory as it
+/// was, the destination keeps nothing. Returns the agents for further checks.
+fn rolls_back_under(hook: (&str, &str), named: &str) -> Option<(tokio::runtime::Runtime, Pair)> {
+    let (rt, pair) = hooked_source(&[hook], 0)?;
     let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
     let order = pair
         .order("v", limits(300, 10, NonConvergence::Force), 600)
         .unwrap();
     let e = failed(migrate(&rt, &pair, &order));
-    assert!(
-        e.contains("cannot keep paused"),
-        "{e}\n{}",
-        pair.log_tails(10)
-    );
+    assert!(e.contains(named), "{e}\n{}", pair.log_tails(10));
     assert_eq!(
         assert_rolled_back(&rt, &pair, "v"),
         before,
         "memory untouched"
     );
+    Some((rt, pair))
 }
 
 /// SPEC.md §8.8: once a destination answered "not committed", a `Commit` that arrives after
@@ -778,26 +782,12 @@ fn a_paused_hand_over_a_synthetic_destination_cannot_keep_is_refused() {
 #[test]
 fn a_commit_after_a_not_committed_answer_is_refused() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((rt, pair)) =
-        hooked_source(&[(trustmig_agent::fault::SETTLE_BEFORE_COMMIT_ENV, "1")], 0)
-    else {
+    let Some((_rt, pair)) = rolls_back_under(
+        (trustmig_agent::fault::SETTLE_BEFORE_COMMIT_ENV, "1"),
+        "settled: the destination never committed",
+    ) else {
         return;
     };
-    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
-    let order = pair
-        .order("v", limits(300, 10, NonConvergence::Force), 600)
-        .unwrap();
-    let e = failed(migrate(&rt, &pair, &order));
-    assert!(
-        e.contains("settled: the destination never committed"),
-        "{e}\n{}",
-        pair.log_tails(10)
-    );
-    assert_eq!(
-        assert_rolled_back(&rt, &pair, "v"),
-        before,
-        "memory untouched"
-    );
     assert!(
         pair.log_tails(40).contains("refusing to commit"),
         "{}",

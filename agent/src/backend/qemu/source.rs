@@ -301,7 +301,7 @@ fn spawn_pumps(
 
 /// What the transfer did, from what `follow` saw: the summary's figures and the records of
 /// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced;
-/// `paused_before`: the guest was paused before the migration.
+/// `paused_before`: the guest was paused when the order claimed it.
 fn transferred(
     done: Done,
     (forced, paused_before): (bool, bool),
@@ -715,7 +715,7 @@ struct Seen {
     completed: Option<MigrationInfo>,
     /// When the guest stopped for the switch-over (from QEMU's `STOP` event time).
     paused_at: Option<Instant>,
-    /// The time of QEMU's last `STOP` event.
+    /// The time of QEMU's last `STOP` event (forgotten at a `RESUME`).
     stopped_at: Option<SystemTime>,
     /// Pages left to send at the last look before the switch-over.
     remaining_pages: u64,
