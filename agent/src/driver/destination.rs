@@ -475,14 +475,14 @@ impl Session {
                     match dm.handle(&msg, ctx.verifier().as_ref())? {
                         DestEvent::None => {}
                         DestEvent::AwaitStreams(counts) => {
-                            if dm.hands_over_paused() && !B::HANDS_OVER_PAUSED {
-                                return Err(PeerMisbehaved::BadField(
-                                    "switch-over hands over a paused guest, which this backend cannot keep paused"
-                                        .into(),
-                                )
-                                .into());
-                            }
                             if dm.hands_over_paused() {
+                                if !B::HANDS_OVER_PAUSED {
+                                    return Err(PeerMisbehaved::BadField(
+                                        "switch-over hands over a paused guest, which this backend cannot keep paused"
+                                            .into(),
+                                    )
+                                    .into());
+                                }
                                 let id = self.order_id.expect("order known after handshake");
                                 ctx.journal
                                     .lock()

@@ -151,10 +151,10 @@ impl DestVm for QemuDest {
             .as_mut()
             .ok_or_else(|| AgentError::Migration("Commit before the stream loaded".into()))?;
         if paused {
-            // Handed over as it was at the source: loaded and stopped (`-S`); the operator's
+            // Handed over as it was at the source: loaded under `-S`, QEMU waits `paused` (or in
+            // the stopped state the source's guest was in: an I/O error, say). The operator's
             // `cont` runs it, and only then QEMU activates its images and announces it.
-            // Loaded under `-S`, QEMU waits `paused` (or in the stopped state the source's guest
-            // was in: an I/O error, say); running, it was not ours to start.
+            // Running, it was not ours to start.
             let st = qmp.query_status().await?;
             if st.running {
                 return Err(AgentError::Migration(format!(
