@@ -1645,51 +1645,74 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
 /// (with `pause-before-switchover`, after `migrate-continue`) and counts it in
 /// `dirty-sync-count`, so a look after the guest's `STOP` may find one more "round" that is no
 /// pre-copy round; the source agent therefore judges rounds only until the switch-over. Plain
-/// QEMU to QEMU with the pause: `STOP` comes before `pre-switchover`, and the count at
-/// `completed` is the count at the pause plus one.
+/// QEMU to QEMU with the pause: for a running guest `STOP` comes before `pre-switchover`, for a
+/// paused one none comes (why a paused guest keeps the pause); QEMU's runstate is
+/// `finish-migrate` in the switch-over and `postmigrate` after it (what the agent's check reads);
+/// the count at `completed` is the count at the pause plus one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_counts_its_last_bitmap_sync_after_the_guest_stopped() {
     let _g = SERIAL.lock().await;
     if tools_missing() {
         return;
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (_src, _dst, mut s, mut d) = bare_pair(dir.path(), "area=16 rate=0 check=1000000").await;
-    s.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])
-        .await
-        .expect("source capabilities");
-    let uri = format!("unix:{}", dir.path().join("m.sock").display());
-    d.migrate_incoming(&uri).await.expect("migrate-incoming");
-    s.migrate(&uri).await.expect("migrate");
-    let mut stopped = false;
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), s.event())
+    for running in [true, false] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_src, _dst, mut s, mut d) =
+            bare_pair(dir.path(), "area=16 rate=0 check=1000000").await;
+        s.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])
             .await
-            .expect("QEMU pauses within 120 s")
-            .expect("QMP event");
-        stopped |= ev.name == "STOP";
-        if ev.migration_status() == Some(MigrationStatus::PreSwitchover) {
-            break;
+            .expect("source capabilities");
+        if !running {
+            s.stop().await.expect("stop");
         }
-        assert_ne!(ev.migration_status(), Some(MigrationStatus::Failed));
+        let uri = format!("unix:{}", dir.path().join("m.sock").display());
+        d.migrate_incoming(&uri).await.expect("migrate-incoming");
+        s.take_events(); // the paused guest's own STOP
+        s.migrate(&uri).await.expect("migrate");
+        let mut stopped = false;
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(120), s.event())
+                .await
+                .expect("QEMU pauses within 120 s")
+                .expect("QMP event");
+            stopped |= ev.name == "STOP";
+            if ev.migration_status() == Some(MigrationStatus::PreSwitchover) {
+                break;
+            }
+            assert_ne!(ev.migration_status(), Some(MigrationStatus::Failed));
+        }
+        assert_eq!(
+            stopped, running,
+            "QEMU announces a STOP before pre-switchover only for a guest that ran"
+        );
+        let state = |st: trustmig_qemu::qmp::StatusInfo| st.status;
+        assert_eq!(
+            state(s.query_status().await.expect("status")),
+            "finish-migrate"
+        );
+        let syncs =
+            |m: trustmig_qemu::qmp::MigrationInfo| m.ram.unwrap_or_default().dirty_sync_count;
+        let at_pause = syncs(s.query_migrate().await.expect("query-migrate"));
+        s.migrate_continue("pre-switchover")
+            .await
+            .expect("migrate-continue");
+        completed_at(&mut s).await;
+        let at_end = syncs(s.query_migrate().await.expect("query-migrate"));
+        assert!(at_pause >= 1, "the first pass's sync is counted");
+        assert_eq!(
+            at_end,
+            at_pause + 1,
+            "one more bitmap sync, taken with the guest stopped"
+        );
+        // QEMU announces `completed` a moment before it leaves `finish-migrate`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = state(s.query_status().await.expect("status"));
+        while last != "postmigrate" && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            last = state(s.query_status().await.expect("status"));
+        }
+        assert_eq!(last, "postmigrate");
     }
-    assert!(
-        stopped,
-        "QEMU announces the guest's STOP before pre-switchover"
-    );
-    let syncs = |m: trustmig_qemu::qmp::MigrationInfo| m.ram.unwrap_or_default().dirty_sync_count;
-    let at_pause = syncs(s.query_migrate().await.expect("query-migrate"));
-    s.migrate_continue("pre-switchover")
-        .await
-        .expect("migrate-continue");
-    completed_at(&mut s).await;
-    let at_end = syncs(s.query_migrate().await.expect("query-migrate"));
-    assert!(at_pause >= 1, "the first pass's sync is counted");
-    assert_eq!(
-        at_end,
-        at_pause + 1,
-        "one more bitmap sync, taken with the guest stopped"
-    );
 }
 
 /// Issue 14, case 3: a data stream that never binds (its `StreamInit` tampered with). The
