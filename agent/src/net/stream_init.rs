@@ -155,7 +155,7 @@ impl<'a> Binder<'a> {
                     }
                     Ok(Some((i, ..))) => self.dropped(i, "surplus data connection dropped"),
                     // Unauthenticated or pushed out: drop the connection, keep the session
-                    // (SPEC.md §7.1). The index is the one its preamble claimed.
+                    // (SPEC.md §7.1). Its stream index is not known here: logged as 65535.
                     Ok(None) | Err(_) => self.dropped(u16::MAX, "data connection failed StreamInit; dropped"),
                 },
             }
