@@ -6,11 +6,12 @@ Usage: native_migrate.py SRC_QMP DST_QMP URI DOWNTIME_MS LADDER(0|1) QEMU_PIDS [
 
 The destination must already be listening (migrate-incoming done). This connects to both
 monitors, turns on `events` on both (so the destination announces its own completion), starts
-the migration, runs trustmig's downtime ladder when asked (polling query-migrate every 50 ms:
-QEMU 7.2 has no event per dirty sync), and sends the destination `cont` the moment it announces
-`completed`, as a management layer at its quickest would.
+the migration, runs trustmig's downtime ladder when asked (a step at each `MIGRATION_PASS`,
+the event QEMU sends at each dirty-bitmap sync, as the source agent does), and sends the
+destination `cont` the moment it announces `completed`, as a management layer at its quickest
+would.
 
-Prints: total_ms e2e_ms bytes downtime_ms e2e_ms total_ms after_ms cpu_ms busy qemu
+Prints: total_ms e2e_ms bytes downtime_ms e2e_ms total_ms after_ms cpu_ms busy qemu syncs
   total_ms, bytes, downtime_ms: the source's query-migrate (its downtime ends when the last byte
   left the source: without return-path that is before the destination has loaded it);
   e2e_ms: from the source's STOP to the destination's RESUME, both by QEMU's own event
@@ -18,7 +19,9 @@ Prints: total_ms e2e_ms bytes downtime_ms e2e_ms total_ms after_ms cpu_ms busy q
   after_ms: from the destination's `completed` to its RESUME (QEMU stamps);
   cpu_ms, busy, qemu: from just before `migrate` to the RESUME, its length (ms), the CPU time
   the whole machine was busy and that the two QEMUs used (clock ticks), counted as
-  bench_trustmig counts them (`cpu_ticks`).
+  bench_trustmig counts them (`cpu_ticks`);
+  syncs: the source's dirty-sync-count at the end (its dirty-bitmap syncs, the last one while
+  the guest was stopped).
 """
 import json
 import select
@@ -116,28 +119,23 @@ def main():
     src.cmd("migrate", uri=uri)
     stopped = None
     deadline = time.monotonic() + 300
-    next_look = time.monotonic()
     while True:
-        if time.monotonic() > deadline:
+        ev = src.event(max(0.0, deadline - time.monotonic()))
+        if ev is None:
             raise SystemExit("native_migrate: QEMU did not finish in 300 s "
                              "(the guest dirties faster than this transport sends: lower RATE)")
-        ev = src.event(max(0.0, next_look - time.monotonic()))
-        if ev is not None:
-            if ev["event"] == "STOP":
-                stopped = stamp(ev)
-            elif ev["event"] == "MIGRATION" and ev["data"]["status"] in ("failed", "cancelled"):
-                raise SystemExit(f"native_migrate: migration {ev['data']['status']}")
-            elif ev["event"] == "MIGRATION" and ev["data"]["status"] == "completed":
-                break
-            continue
-        next_look = time.monotonic() + 0.05
-        if ladder:
-            info = src.cmd("query-migrate")
-            if info.get("status") == "active":
-                step = ladder_step(downtime, info.get("ram", {}).get("dirty-sync-count", 0))
-                if step != limit:
-                    limit = step
-                    src.cmd("migrate-set-parameters", **{"downtime-limit": limit})
+        if ev["event"] == "STOP":
+            stopped = stamp(ev)
+        elif ev["event"] == "MIGRATION" and ev["data"]["status"] in ("failed", "cancelled"):
+            raise SystemExit(f"native_migrate: migration {ev['data']['status']}")
+        elif ev["event"] == "MIGRATION" and ev["data"]["status"] == "completed":
+            break
+        elif ev["event"] == "MIGRATION_PASS" and ladder and stopped is None:
+            # `pass` is QEMU's dirty-sync-count after this sync.
+            step = ladder_step(downtime, ev["data"]["pass"])
+            if step != limit:
+                limit = step
+                src.cmd("migrate-set-parameters", **{"downtime-limit": limit})
     while True:
         ev = dst.event(60)
         if ev is None:
@@ -165,7 +163,8 @@ def main():
     # the destination's completion to its RESUME (what a management layer adds).
     print(info["total-time"], e2e, info["ram"]["transferred"], info["downtime"], e2e,
           info["total-time"], "%.1f" % ((resumed - loaded) * 1000), cpu_ms,
-          cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
+          cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1],
+          info["ram"]["dirty-sync-count"])
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ import os, statistics, sys
 rows = [l.split() for l in sys.stdin if l.strip()]
 HZ, CORES = os.sysconf("SC_CLK_TCK"), os.cpu_count()
 # Each row: mode total_ms e2e_ms bytes qemu_downtime_ms stamped_e2e_ms qemu_total_ms after_ms
+# cpu_ms busy qemu syncs
 # (bench/native_migrate.py, bench_trustmig). total: trustmig the whole order (handshake and
 # attestation included), the native modes QEMU total-time. e2e: trustmig as its source agent saw
 # it (STOP event to Resumed), the native modes by QEMU stamps. stamped: the source QEMU STOP
@@ -157,17 +158,18 @@ HZ, CORES = os.sysconf("SC_CLK_TCK"), os.cpu_count()
 # completed stamp to its RESUME stamp. cpu_ms busy qemu: the CPU accounting window (every mode
 # from the source QEMU migrate to the destination RESUME), the busy CPU time of the whole machine
 # and of the two QEMUs in it (clock ticks); cpu/GiB and qemu/GiB are those in core-seconds per GiB
-# moved, busy the share of all cores in use.
-print("%-16s %4s %9s %9s %9s %10s %8s %9s %9s %7s %8s %8s %5s" % ("mode", "run", "total_ms", "MiB_sent", "MB/s", "qemu_MB/s", "qemu_dt", "e2e_dt", "stamped", "after", "cpu/GiB", "qemu/GiB", "busy"))
+# moved, busy the share of all cores in use. syncs: the source QEMU dirty-bitmap syncs
+# (dirty-sync-count; the last one with the guest stopped).
+print("%-16s %4s %9s %9s %9s %10s %8s %9s %9s %7s %8s %8s %5s %5s" % ("mode", "run", "total_ms", "MiB_sent", "MB/s", "qemu_MB/s", "qemu_dt", "e2e_dt", "stamped", "after", "cpu/GiB", "qemu/GiB", "busy", "syncs"))
 med = {}
 for mode in ("plain", "socat", "qemu-tls", "qemu-tls-ladder", "trustmig", "trustmig-flat", "trustmig-slowtpm", "trustmig-strict"):
     runs = [tuple(map(float, r)) for m, *r in rows if m == mode]
     if not runs:
         continue
     per_gib = lambda ticks, b: ticks / HZ / (b / 2**30)
-    for i, (t, d, b, qd, st, qt, af, cw, cb, cq) in enumerate(runs, 1):
-        print("%-16s %4d %9d %9.0f %9.0f %10.0f %8d %9d %9d %7.1f %8.2f %8.2f %4.0f%%" % (mode, i, t, b / 2**20, b / (t * 1000), b / (qt * 1000), qd, d, st, af,
-              per_gib(cb, b), per_gib(cq, b), 100 * cb / HZ / (cw / 1000 * CORES)))
+    for i, (t, d, b, qd, st, qt, af, cw, cb, cq, sy) in enumerate(runs, 1):
+        print("%-16s %4d %9d %9.0f %9.0f %10.0f %8d %9d %9d %7.1f %8.2f %8.2f %4.0f%% %5d" % (mode, i, t, b / 2**20, b / (t * 1000), b / (qt * 1000), qd, d, st, af,
+              per_gib(cb, b), per_gib(cq, b), 100 * cb / HZ / (cw / 1000 * CORES), sy))
     med[mode] = dict(mbs=statistics.median(r[2] / (r[0] * 1000) for r in runs),
                      qmbs=statistics.median(r[2] / (r[5] * 1000) for r in runs),
                      cpu=statistics.median(per_gib(r[8], r[2]) for r in runs),
@@ -226,4 +228,4 @@ echo " stamped: the source QEMU's STOP to the destination QEMU's RESUME by QEMU'
 echo " clock), the native modes' destination sent 'cont' the moment it announced completion;"
 echo " trustmig holds QEMU's downtime-limit at 1 ms for the first pass, then target/4 doubling each round to the target (spec/qemu.md §3),"
 echo " trustmig-flat sets the target from the start as plain, socat and qemu-tls do;"
-echo " qemu-tls-ladder gets the same ladder from bench/native_migrate.py, polling query-migrate every 50 ms)"
+echo " qemu-tls-ladder gets the same ladder from bench/native_migrate.py, a step at each MIGRATION_PASS event as trustmig)"

@@ -795,15 +795,29 @@ async fn qemu_downtime_ladder_starts_low_unless_configured_flat() {
         let q = Qmp::connect(&mon, Duration::from_secs(10))
             .await
             .unwrap_or_else(|e| panic!("monitor {}: {e}", mon.display()));
-        let watch = tokio::spawn(limit_at_migration_start(q));
+        let watch = tokio::spawn(watch_ladder(q));
         let addr = s.pair.dst_addr.clone();
         let (r, _) = migrate(&mut s, &addr, 300).await;
         r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+        let (limit, passes) = watch.await.expect("monitor task");
         assert_eq!(
-            watch.await.expect("monitor task"),
+            limit,
             first,
             "first pass, downtime_steps {steps:?}\n{}",
             s.logs()
+        );
+        // QEMU announces every dirty-bitmap sync, its count in `pass` (the source agent steps
+        // the ladder at each, spec/qemu.md §3): 1 at setup, the last with the guest stopped.
+        let syncs = s
+            .src
+            .migration()
+            .await
+            .ok()
+            .and_then(|m| m.ram)
+            .map(|r| r.dirty_sync_count);
+        assert!(
+            syncs.is_some_and(|n| n >= 2 && passes == (1..=n).collect::<Vec<_>>()),
+            "MIGRATION_PASS events {passes:?}, dirty-sync-count {syncs:?}"
         );
         let last = s.src.migrate_parameter("downtime-limit").await;
         assert!(
@@ -814,25 +828,36 @@ async fn qemu_downtime_ladder_starts_low_unless_configured_flat() {
     }
 }
 
-/// QEMU's `downtime-limit` when its migration starts: read on a second monitor `q` at the
-/// first `MIGRATION` event (`setup`, at `migrate`).
-async fn limit_at_migration_start(mut q: Qmp) -> u64 {
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), q.event())
+/// On a second monitor `q`: QEMU's `downtime-limit` when its migration starts (read at the
+/// first `MIGRATION` event, `setup`, at `migrate`), and the `pass` of every `MIGRATION_PASS`
+/// event until the migration completed.
+async fn watch_ladder(mut q: Qmp) -> (u64, Vec<u64>) {
+    async fn next(q: &mut Qmp) -> trustmig_qemu::qmp::Event {
+        tokio::time::timeout(Duration::from_secs(120), q.event())
             .await
-            .expect("QEMU starts migrating within 120 s")
-            .expect("monitor event");
-        if ev.name == "MIGRATION" {
-            break;
-        }
+            .expect("a QEMU event within 120 s")
+            .expect("monitor event")
     }
+    while next(&mut q).await.name != "MIGRATION" {}
     let p = q
         .execute("query-migrate-parameters", serde_json::json!({}))
         .await
         .expect("query-migrate-parameters");
-    p.get("downtime-limit")
+    let limit = p
+        .get("downtime-limit")
         .and_then(serde_json::Value::as_u64)
-        .unwrap_or_else(|| panic!("no downtime-limit in {p}"))
+        .unwrap_or_else(|| panic!("no downtime-limit in {p}"));
+    let mut passes = Vec::new();
+    loop {
+        let ev = next(&mut q).await;
+        if ev.name == "MIGRATION_PASS" {
+            passes.extend(ev.data.get("pass").and_then(serde_json::Value::as_u64));
+        }
+        if let Some(st) = ev.migration_status().filter(|st| !st.in_progress()) {
+            assert_eq!(st, MigrationStatus::Completed, "the source migration ended");
+            return (limit, passes);
+        }
+    }
 }
 
 /// The order's non-convergence action (SPEC.md §8.4) governs QEMU's pre-copy too. A guest that
@@ -2203,7 +2228,7 @@ async fn bench_trustmig() {
         .zip(qemu_done)
         .map_or(-1.0, |(r, q)| r.saturating_sub(q) as f64 / 1000.0);
     println!(
-        "BENCH {} {} {} {} {stamped_ms} {} {after_qemu:.1} {cpu_window_ms} {} {}",
+        "BENCH {} {} {} {} {stamped_ms} {} {after_qemu:.1} {cpu_window_ms} {} {} {}",
         sum.total_ms,
         sum.downtime_ms,
         stream_bytes,
@@ -2211,6 +2236,7 @@ async fn bench_trustmig() {
         qemu.total_time.unwrap_or(0).max(1),
         cpu_after.0.saturating_sub(cpu_before.0),
         cpu_after.1.saturating_sub(cpu_before.1),
+        qemu.ram.as_ref().map_or(0, |r| r.dirty_sync_count),
     );
     // The switch-over step by step (µs from the guest's stop), for bench/qemu.sh.
     let steps: Vec<String> = sum

@@ -645,7 +645,11 @@ async fn follow(
                         seen.switched_over(&link, ev.at, "STOP seen").await;
                     }
                 }
-                look = ev.migration_status().is_some();
+                // A `MIGRATION_PASS` is a dirty-bitmap sync: the ladder's next step (or the
+                // order's non-convergence action) is due at once. With a look only every poll
+                // period, rounds shorter than that went by unseen and their steps were skipped
+                // (spec/qemu.md §3).
+                look = ev.migration_status().is_some() || ev.name == "MIGRATION_PASS";
             }
             Some(r) = fwd_rx.recv() => {
                 let s = r.map_err(|e| AgentError::transport(Link::QemuStream, e))?;
