@@ -389,8 +389,9 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
 /// A flood of silent connections from one address takes at most its share of the listener
 /// (daemon::admission): beyond it new connections are closed at once. The flood is held open,
 /// half of it silent and half stalled after a TLS record's first byte (a slow loris): the agent
-/// closes each within its 10 s for first bytes or for the TLS handshake, and a migration from
-/// the same address then goes through as before. A control request longer than the agent reads
+/// closes each within its 10 s for first bytes or for the TLS handshake. A migration from the
+/// same address during the flood is refused with a reason that says so; once the flood is
+/// closed, one goes through as before. A control request longer than the agent reads
 /// is refused by name, and a second agent on the same home is refused.
 #[test]
 fn a_connection_flood_is_capped_and_leaves_no_trace() {
@@ -429,6 +430,14 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
         }
     }
     assert!(closed, "a connection beyond the cap was kept open");
+    // A migration from the same address meanwhile is turned away as well: its source names
+    // that (a handshake cut with no TLS alert) and its guest runs on.
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(e.contains("turned the connection away unread"), "{e}");
+    assert_rolled_back(&rt, &pair, "v");
     {
         use std::io::{BufRead, Write};
         let mut c = std::os::unix::net::UnixStream::connect(pair.dst.control_socket()).unwrap();

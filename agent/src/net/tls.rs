@@ -216,5 +216,25 @@ pub async fn dial(
     )
     .await
     .map_err(|_| cerr("TLS handshake timed out".into()))?
-    .map_err(|e| cerr(format!("TLS handshake: {e}")))
+    .map_err(|e| cerr(handshake_failure(&e)))
+}
+
+/// Why a TLS handshake failed, for the operator. A peer that refuses us in TLS says why in an
+/// alert (rustls reports it); a connection closed with no alert before the handshake ends is
+/// an agent that turned it away unread (its connection limits full, `daemon::admission`) or no
+/// trustmig agent at all.
+fn handshake_failure(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    ) {
+        format!(
+            "the peer closed the connection during the TLS handshake, with no TLS alert ({e}): \
+             it turned the connection away unread (its connection limits are full: try again \
+             later) or it is no trustmig agent"
+        )
+    } else {
+        format!("TLS handshake: {e}")
+    }
 }
