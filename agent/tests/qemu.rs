@@ -923,6 +923,38 @@ async fn qemu_nonconvergence_follows_the_order() {
     }
 }
 
+/// spec/qemu.md §2 (step 6), §3: an idle guest converges in QEMU's first pass, and QEMU's sync
+/// at the stop brings `dirty-sync-count` to 2, one "round" by the count; with `max_rounds = 1`
+/// and `abort` that count reaches the order's budget exactly at the switch-over (the sync's
+/// `MIGRATION_PASS` is looked at, after the `STOP`). The switch-over is no pre-copy round: the
+/// migration commits, converged, and is not aborted after the guest stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_an_abort_order_whose_rounds_end_at_the_switch_over_commits() {
+    let _g = SERIAL.lock().await;
+    let Some(mut s) = setup("area=16 rate=0 check=10", true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let limits = Limits {
+        downtime_ms: 300,
+        bandwidth_bps: 0,
+        max_rounds: 1,
+        on_nonconvergence: NonConvergence::Abort,
+    };
+    let (r, _) = migrate_with(&mut s, &addr, limits).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(summary.converged, "{summary:?}");
+    let syncs = s
+        .src
+        .migration()
+        .await
+        .ok()
+        .and_then(|m| m.ram)
+        .map(|r| r.dirty_sync_count);
+    assert_eq!(syncs, Some(2), "the budget ran out at the stop's own sync");
+    assert_moved(&mut s, &summary).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_migrates_a_dirtying_guest() {
     let _g = SERIAL.lock().await;
