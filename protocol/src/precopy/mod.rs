@@ -58,7 +58,7 @@ pub enum PrecopyError {
     #[error("guest geometry mismatch: {0}")]
     Geometry(String),
     /// Pre-copy did not converge and the order says abort.
-    #[error("did not converge in {rounds} rounds (predicted downtime {predicted_ms} ms > target {target_ms} ms); order says abort")]
+    #[error("did not converge in {rounds} rounds (last predicted downtime {predicted_ms} ms, target {target_ms} ms); order says abort")]
     NotConverged {
         /// Rounds done.
         rounds: u32,
