@@ -121,7 +121,7 @@ def main():
     deadline = time.monotonic() + 300
     while True:
         ev = src.event(max(0.0, deadline - time.monotonic()))
-        if ev is None:
+        if ev is None or time.monotonic() > deadline:
             raise SystemExit("native_migrate: QEMU did not finish in 300 s "
                              "(the guest dirties faster than this transport sends: lower RATE)")
         if ev["event"] == "STOP":

@@ -923,11 +923,13 @@ async fn qemu_nonconvergence_follows_the_order() {
     }
 }
 
-/// spec/qemu.md §2 (step 6), §3: an idle guest converges in QEMU's first pass, and QEMU's sync
-/// at the stop brings `dirty-sync-count` to 2, one "round" by the count; with `max_rounds = 1`
-/// and `abort` that count reaches the order's budget exactly at the switch-over (the sync's
-/// `MIGRATION_PASS` is looked at, after the `STOP`). The switch-over is no pre-copy round: the
-/// migration commits, converged, and is not aborted after the guest stopped.
+/// spec/qemu.md §2 (step 6), §3: an idle guest converges at the end of QEMU's first pass, so
+/// with `max_rounds = 1` and `abort` the order's budget runs out exactly at the switch-over: at
+/// the sync QEMU converges at (`dirty-sync-count` 2, its `MIGRATION_PASS` looked at while QEMU
+/// decides; seen when the pass outlasts QEMU's first 100 ms bandwidth estimate) or at the sync
+/// it takes after stopping the guest (2 when the pass ended before QEMU had a limit to compare
+/// with, 3 otherwise). Neither is a pre-copy round that failed to converge: the migration
+/// commits, converged, and is not aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_an_abort_order_whose_rounds_end_at_the_switch_over_commits() {
     let _g = SERIAL.lock().await;
@@ -951,7 +953,10 @@ async fn qemu_an_abort_order_whose_rounds_end_at_the_switch_over_commits() {
         .ok()
         .and_then(|m| m.ram)
         .map(|r| r.dirty_sync_count);
-    assert_eq!(syncs, Some(2), "the budget ran out at the stop's own sync");
+    assert!(
+        syncs.is_some_and(|n| (2..=3).contains(&n)),
+        "the budget ran out at the switch-over: dirty-sync-count {syncs:?}"
+    );
     assert_moved(&mut s, &summary).await;
 }
 

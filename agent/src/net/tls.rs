@@ -220,9 +220,9 @@ pub async fn dial(
 }
 
 /// Why a TLS handshake failed, for the operator. A peer that refuses us in TLS says why in an
-/// alert (rustls reports it); a connection closed with no alert before the handshake ends is
-/// an agent that turned it away unread (its connection limits full, `daemon::admission`) or no
-/// trustmig agent at all.
+/// alert (rustls reports it, as `InvalidData`); a connection closed with no alert before the
+/// handshake ends is most often an agent that turned it away unread (its connection limits
+/// full, `daemon::admission`), else one that gave up on it or restarted, or no trustmig agent.
 fn handshake_failure(e: &std::io::Error) -> String {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     if matches!(
@@ -232,7 +232,8 @@ fn handshake_failure(e: &std::io::Error) -> String {
         format!(
             "the peer closed the connection during the TLS handshake, with no TLS alert ({e}): \
              it turned the connection away unread (its connection limits are full: try again \
-             later) or it is no trustmig agent"
+             later), it closed it mid-handshake (its handshake timeout, a restart), or it is no \
+             trustmig agent"
         )
     } else {
         format!("TLS handshake: {e}")

@@ -434,8 +434,29 @@ impl Switch {
     }
 }
 
-/// `Stop` mode, after a `STOP`: whether QEMU stopped the guest for the switch-over, its
-/// runstate `finish-migrate` (sending the rest) or `postmigrate` (done). Any other stop (an
+/// How long a look that finds the order's rounds run out waits for QEMU's own decision at the
+/// sync that ended them: right after each sync QEMU stops the guest if what is left fits its
+/// limit, and a look prompted by that sync's `MIGRATION_PASS` is often answered first, with the
+/// guest still running. Converged comes before out of rounds (SPEC.md §8.4).
+const DECISION_GRACE: Duration = Duration::from_millis(100);
+
+/// Whether QEMU is switching over, asked until it is or `DECISION_GRACE` has passed.
+async fn switching_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
+    let deadline = Instant::now() + DECISION_GRACE;
+    loop {
+        if stopped_for_switch_over(qmp).await? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether QEMU stopped the guest for the switch-over, its runstate `finish-migrate` (sending
+/// the rest) or `postmigrate` (done); QEMU sets them for a guest that was already paused too
+/// (`qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). Any other stop (an
 /// operator's `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`,
 /// `io-error`, `shutdown`) is none: QEMU goes on pre-copying, and so does the ladder. QEMU
 /// answers once its completion lets go of its big lock, which delays only this look.
@@ -816,18 +837,18 @@ async fn look_at(
         }
         _ => {}
     }
-    // The rounds ran out by QEMU's count: unless that count already holds the last sync of a
-    // switch-over whose STOP has not been read yet (`Stop` mode: QEMU's runstate says so),
-    // which is no pre-copy round, and no action of the order's is due.
-    if seen.paused_at.is_none()
-        && seen.switch == Switch::Stop
-        && ladder.out_of_rounds(&m)
-        && stopped_for_switch_over(qmp).await?
-    {
+    // The rounds ran out by QEMU's count: unless QEMU switches over at the sync that ended them
+    // (it converged there), or that count already holds the sync of a switch-over whose STOP
+    // has not been read yet, which is no pre-copy round; then no action of the order's is due.
+    // In `Pause` mode the `pre-switchover` that follows marks the switch-over.
+    let switching =
+        seen.paused_at.is_none() && ladder.out_of_rounds(&m) && switching_over(qmp).await?;
+    if switching && seen.switch == Switch::Stop {
         let at = qmp.queued("STOP").and_then(|e| e.at).or(seen.stopped_at);
         seen.switched_over(link, at, "STOP seen").await;
     }
-    if seen.paused_at.is_none() {
+    let precopy = seen.paused_at.is_none() && !switching;
+    if precopy {
         if let Some(limit) = ladder.after_look(&m)? {
             qmp.migrate_set_parameters(limit, ladder.bw).await?;
         }
@@ -835,8 +856,11 @@ async fn look_at(
             seen.remaining_pages = ram.remaining / ram.page_size.max(1);
         }
     }
+    // Rounds are reported during pre-copy only: the sync QEMU takes with the guest stopped
+    // (whose `MIGRATION_PASS` prompts a look) is none.
     let sync = m.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
     if seen.completed.is_none()
+        && precopy
         && (sync != seen.last_sync || seen.last_report.elapsed() >= Duration::from_secs(1))
     {
         seen.last_sync = sync;
