@@ -440,7 +440,9 @@ impl Switch {
 /// guest still running. Converged comes before out of rounds (SPEC.md §8.4).
 const DECISION_GRACE: Duration = Duration::from_millis(100);
 
-/// Whether QEMU is switching over, asked until it is or `DECISION_GRACE` has passed.
+/// Whether QEMU is switching over, asked every 10 ms until it is or `DECISION_GRACE` has
+/// passed (the grace bounds the asking: one `query-status` waits while QEMU holds its big lock
+/// for the stop-and-copy).
 async fn switching_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
     let deadline = Instant::now() + DECISION_GRACE;
     loop {
@@ -455,7 +457,7 @@ async fn switching_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
 }
 
 /// Whether QEMU stopped the guest for the switch-over, its runstate `finish-migrate` (sending
-/// the rest) or `postmigrate` (done); QEMU sets them for a guest that was already paused too
+/// the rest, or waiting at `pre-switchover`) or `postmigrate` (done); QEMU sets them for a guest that was already paused too
 /// (`qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). Any other stop (an
 /// operator's `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`,
 /// `io-error`, `shutdown`) is none: QEMU goes on pre-copying, and so does the ladder. QEMU
@@ -779,7 +781,8 @@ impl Seen {
 }
 
 /// One look at `query-migrate`: the switch-over (`migrate-continue` at `pre-switchover`),
-/// completion, failure, the downtime ladder, and progress (at each new round, or every second).
+/// completion, failure, the downtime ladder, and progress during pre-copy (at each new round,
+/// or every second).
 async fn look_at(
     qmp: &mut Qmp,
     link: &SourceLink<'_>,
@@ -798,6 +801,16 @@ async fn look_at(
         && stopped_for_switch_over(qmp).await?
     {
         seen.switched_over(link, queued_stop.flatten(), "STOP seen")
+            .await;
+    }
+    // A guest someone else stopped during pre-copy (its STOP was none; `stopped_at` keeps it
+    // until a RESUME) gives no STOP when QEMU switches over: QEMU's runstate tells.
+    if seen.switch == Switch::Stop
+        && seen.paused_at.is_none()
+        && seen.stopped_at.is_some()
+        && stopped_for_switch_over(qmp).await?
+    {
+        seen.switched_over(link, None, "switch-over of a stopped guest seen")
             .await;
     }
     let queued_stop = queued_stop.flatten();
@@ -839,14 +852,23 @@ async fn look_at(
     }
     // The rounds ran out by QEMU's count: unless QEMU switches over at the sync that ended them
     // (it converged there), or that count already holds the sync of a switch-over whose STOP
-    // has not been read yet, which is no pre-copy round; then no action of the order's is due.
-    // In `Pause` mode the `pre-switchover` that follows marks the switch-over.
-    let switching =
-        seen.paused_at.is_none() && ladder.out_of_rounds(&m) && switching_over(qmp).await?;
+    // is not read yet, which is no pre-copy round; then no action of the order's is due. In
+    // `Pause` mode the `pre-switchover` that follows marks the switch-over.
+    let out_of_rounds = seen.paused_at.is_none() && ladder.out_of_rounds(&m);
+    let switching = out_of_rounds && switching_over(qmp).await?;
     if switching && seen.switch == Switch::Stop {
-        let at = qmp.queued("STOP").and_then(|e| e.at).or(seen.stopped_at);
+        if let Some(ram) = &m.ram {
+            seen.remaining_pages = ram.remaining / ram.page_size.max(1);
+        }
+        let at = qmp.queued("STOP").and_then(|e| e.at);
         seen.switched_over(link, at, "STOP seen").await;
     }
+    // After that wait, the order's action is judged on QEMU as it is now.
+    let m = if out_of_rounds && !switching {
+        qmp.query_migrate().await?
+    } else {
+        m
+    };
     let precopy = seen.paused_at.is_none() && !switching;
     if precopy {
         if let Some(limit) = ladder.after_look(&m)? {
