@@ -652,15 +652,9 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
     assert_moved(&mut s, &summary).await;
 }
 
-/// spec/qemu.md §2 (step 6): without the pause, only a `STOP` that QEMU made for the
-/// switch-over marks it. An operator's `stop` during pre-copy (on a second monitor), and the
-/// `cont` after it, are none: the ladder goes on, the dirtying guest converges, and the
-/// switch-over is marked once, by QEMU's own stop, so the downtime is counted from there.
-/// (Taken as the switch-over, the operator's stop froze the limit at the first pass's 1 ms and
-/// counted seconds of pre-copy as downtime.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
-    let _g = SERIAL.lock().await;
+/// A dirtying guest whose source QEMU has a second monitor for an operator's commands (and
+/// the temp dir holding its socket).
+async fn with_operator_monitor() -> Option<(Setup, Qmp, tempfile::TempDir)> {
     let mons = tempfile::tempdir().expect("tempdir");
     let mon = mons.path().join("src.qmp");
     let opts = VmOpts {
@@ -674,39 +668,62 @@ async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
         ],
         ..VmOpts::default()
     };
-    let Some(mut s) = setup_with(&opts, true) else {
-        return;
-    };
-    let mut q = Qmp::connect(&mon, Duration::from_secs(10))
+    let s = setup_with(&opts, true)?;
+    let q = Qmp::connect(&mon, Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("monitor {}: {e}", mon.display()));
-    let operator = tokio::spawn(async move {
-        loop {
-            let ev = q.event().await.expect("QMP event");
-            if ev.migration_status() == Some(MigrationStatus::Active) {
-                break;
-            }
+    Some((s, q, mons))
+}
+
+/// The operator's `stop`, 200 ms into QEMU's first pass (`migrate_slowly` makes it last
+/// seconds).
+async fn stop_in_first_pass(q: &mut Qmp) {
+    loop {
+        let ev = q.event().await.expect("QMP event");
+        if ev.migration_status() == Some(MigrationStatus::Active) {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        q.stop().await.expect("operator stop");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    q.stop().await.expect("operator stop");
+}
+
+/// Migrate with a bandwidth cap that makes QEMU's first pass last seconds; the summary and the
+/// progress seen, or a panic with the logs.
+async fn migrate_slowly(s: &mut Setup) -> (Summary, Vec<Progress>) {
+    let addr = s.pair.dst_addr.clone();
+    let limits = Limits {
+        downtime_ms: 300,
+        bandwidth_bps: 40_000_000,
+        max_rounds: 30,
+        on_nonconvergence: NonConvergence::Force,
+    };
+    let (r, events) =
+        tokio::time::timeout(Duration::from_secs(180), migrate_with(s, &addr, limits))
+            .await
+            .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()));
+    (r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs())), events)
+}
+
+/// spec/qemu.md §2 (step 6): without the pause, only a `STOP` that QEMU made for the
+/// switch-over marks it. An operator's `stop` during pre-copy (on a second monitor), and the
+/// `cont` after it, are none: the ladder goes on, the dirtying guest converges, and the
+/// switch-over is marked once, by QEMU's own stop, so the downtime is counted from there.
+/// (Taken as the switch-over, the operator's stop froze the limit at the first pass's 1 ms and
+/// counted seconds of pre-copy as downtime.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
+    let _g = SERIAL.lock().await;
+    let Some((mut s, mut q, _mons)) = with_operator_monitor().await else {
+        return;
+    };
+    let operator = tokio::spawn(async move {
+        stop_in_first_pass(&mut q).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         q.cont().await.expect("operator cont");
         Instant::now()
     });
-    let addr = s.pair.dst_addr.clone();
-    let limits = Limits {
-        downtime_ms: 300,
-        bandwidth_bps: 40_000_000, // a first pass of seconds: the operator's stop lands in it
-        max_rounds: 30,
-        on_nonconvergence: NonConvergence::Force,
-    };
-    let (r, _) = tokio::time::timeout(
-        Duration::from_secs(180),
-        migrate_with(&mut s, &addr, limits),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()));
-    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let (summary, _) = migrate_slowly(&mut s).await;
     let since_cont = operator.await.expect("operator task").elapsed();
     // The downtime runs from QEMU's own stop, after the operator's `cont`: measured from the
     // operator's stop it would be longer than everything since that `cont`.
@@ -735,50 +752,14 @@ async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
     let _g = SERIAL.lock().await;
-    let mons = tempfile::tempdir().expect("tempdir");
-    let mon = mons.path().join("src.qmp");
-    let opts = VmOpts {
-        append: "area=64 rate=64 check=25".into(),
-        mem_mib: MEM_MIB,
-        src_extra: vec![
-            "-chardev".into(),
-            format!("socket,id=watch,path={},server=on,wait=off", mon.display()),
-            "-mon".into(),
-            "chardev=watch,mode=control".into(),
-        ],
-        ..VmOpts::default()
-    };
-    let Some(mut s) = setup_with(&opts, true) else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor().await else {
         return;
     };
-    let mut q = Qmp::connect(&mon, Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|e| panic!("monitor {}: {e}", mon.display()));
     let operator = tokio::spawn(async move {
-        loop {
-            let ev = q.event().await.expect("QMP event");
-            if ev.migration_status() == Some(MigrationStatus::Active) {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        q.stop().await.expect("operator stop");
+        stop_in_first_pass(&mut q).await;
         Instant::now()
     });
-    let addr = s.pair.dst_addr.clone();
-    let limits = Limits {
-        downtime_ms: 300,
-        bandwidth_bps: 40_000_000, // a first pass of seconds: the operator's stop lands in it
-        max_rounds: 30,
-        on_nonconvergence: NonConvergence::Force,
-    };
-    let (r, events) = tokio::time::timeout(
-        Duration::from_secs(180),
-        migrate_with(&mut s, &addr, limits),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()));
-    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let (summary, events) = migrate_slowly(&mut s).await;
     let since_stop = operator.await.expect("operator task").elapsed();
     assert!(summary.converged, "{summary:?}\n{}", s.logs());
     assert_eq!(
