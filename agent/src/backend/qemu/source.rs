@@ -457,11 +457,12 @@ async fn switching_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
 }
 
 /// Whether QEMU stopped the guest for the switch-over, its runstate `finish-migrate` (sending
-/// the rest, or waiting at `pre-switchover`) or `postmigrate` (done); QEMU sets them for a guest that was already paused too
-/// (`qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). Any other stop (an
-/// operator's `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`,
-/// `io-error`, `shutdown`) is none: QEMU goes on pre-copying, and so does the ladder. QEMU
-/// answers once its completion lets go of its big lock, which delays only this look.
+/// the rest, or waiting at `pre-switchover`) or `postmigrate` (done); QEMU sets them for a
+/// guest that was already paused too
+/// (`qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). Any other stop (an operator's
+/// `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`, `io-error`,
+/// `shutdown`) is none: QEMU goes on pre-copying, and so does the ladder. QEMU answers once its
+/// completion lets go of its big lock, which delays only this look.
 async fn stopped_for_switch_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
     let st = qmp.query_status().await?;
     Ok(matches!(
