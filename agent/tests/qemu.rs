@@ -652,6 +652,17 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
     assert_moved(&mut s, &summary).await;
 }
 
+/// QEMU arguments for a second QMP monitor on a unix socket at `path` (events reach every
+/// monitor), for a test's or the bench's own commands beside the agent's.
+fn second_monitor(path: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=watch,path={},server=on,wait=off", path.display()),
+        "-mon".into(),
+        "chardev=watch,mode=control".into(),
+    ]
+}
+
 /// A dirtying guest whose source QEMU has a second monitor for an operator's commands (and
 /// the temp dir holding its socket).
 async fn with_operator_monitor() -> Option<(Setup, Qmp, tempfile::TempDir)> {
@@ -660,12 +671,7 @@ async fn with_operator_monitor() -> Option<(Setup, Qmp, tempfile::TempDir)> {
     let opts = VmOpts {
         append: "area=64 rate=64 check=25".into(),
         mem_mib: MEM_MIB,
-        src_extra: vec![
-            "-chardev".into(),
-            format!("socket,id=watch,path={},server=on,wait=off", mon.display()),
-            "-mon".into(),
-            "chardev=watch,mode=control".into(),
-        ],
+        src_extra: second_monitor(&mon),
         ..VmOpts::default()
     };
     let s = setup_with(&opts, true)?;
@@ -841,12 +847,7 @@ async fn qemu_downtime_ladder_starts_low_unless_configured_flat() {
             append: "area=16 rate=0 check=10".into(),
             mem_mib: MEM_MIB,
             src_vm: steps.map_or_else(String::new, |n: u32| format!("downtime_steps = {n}\n")),
-            src_extra: vec![
-                "-chardev".into(),
-                format!("socket,id=watch,path={},server=on,wait=off", mon.display()),
-                "-mon".into(),
-                "chardev=watch,mode=control".into(),
-            ],
+            src_extra: second_monitor(&mon),
             ..VmOpts::default()
         };
         let Some(mut s) = setup_with(&opts, true) else {
@@ -2264,12 +2265,7 @@ async fn bench_trustmig() {
     let mons = tempfile::tempdir().expect("tempdir");
     let monitor = |name: &str| {
         let path = mons.path().join(format!("{name}.qmp"));
-        let args = vec![
-            "-chardev".into(),
-            format!("socket,id=bench,path={},server=on,wait=off", path.display()),
-            "-mon".into(),
-            "chardev=bench,mode=control".into(),
-        ];
+        let args = second_monitor(&path);
         (path, args)
     };
     let (src_mon, src_mon_args) = monitor("src");

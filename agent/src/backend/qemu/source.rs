@@ -756,6 +756,13 @@ struct Seen {
 }
 
 impl Seen {
+    /// The pages `m` says are left to send.
+    fn note_remaining(&mut self, m: &MigrationInfo) {
+        if let Some(ram) = &m.ram {
+            self.remaining_pages = ram.remaining / ram.page_size.max(1);
+        }
+    }
+
     /// The guest stopped for the switch-over, at `at` by QEMU's stamp (its `STOP`; now when
     /// unknown): the downtime starts and the ladder is done. Once; `step` names the sign.
     async fn switched_over(
@@ -792,33 +799,10 @@ async fn look_at(
     mirrors: Option<&mut Mirrors>,
 ) -> Result<(), AgentError> {
     let m = qmp.query_migrate().await?;
-    // A STOP read during the command, still queued, counts as seen: if QEMU stopped the guest
-    // for the switch-over before it answered, its last bitmap sync (which `m` may already
-    // count) is no pre-copy round.
-    let queued_stop = qmp.queued("STOP").map(|e| e.at);
-    if seen.switch == Switch::Stop
-        && seen.paused_at.is_none()
-        && queued_stop.is_some()
-        && stopped_for_switch_over(qmp).await?
-    {
-        seen.switched_over(link, queued_stop.flatten(), "STOP seen")
-            .await;
-    }
-    // A guest someone else stopped during pre-copy (its STOP was none; `stopped_at` keeps it
-    // until a RESUME) gives no STOP when QEMU switches over: QEMU's runstate tells.
-    if seen.switch == Switch::Stop
-        && seen.paused_at.is_none()
-        && seen.stopped_at.is_some()
-        && stopped_for_switch_over(qmp).await?
-    {
-        seen.switched_over(link, None, "switch-over of a stopped guest seen")
-            .await;
-    }
-    let queued_stop = queued_stop.flatten();
+    let queued_stop = stop_mode_switch_over(qmp, link, seen).await?;
     match m.status() {
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
-            let ram = m.ram.clone().unwrap_or_default();
-            seen.remaining_pages = ram.remaining / ram.page_size.max(1);
+            seen.note_remaining(&m);
             seen.switched_over(link, queued_stop.or(seen.stopped_at), "pre-switchover seen")
                 .await;
             // The disks first (the guest is stopped, so they are final): complete every
@@ -851,6 +835,43 @@ async fn look_at(
         }
         _ => {}
     }
+    precopy_step(qmp, link, ladder, seen, m).await
+}
+
+/// `Stop` mode, the switch-over seen from a look rather than from a `STOP` event: a `STOP`
+/// read during the command and still queued counts as seen (if QEMU stopped the guest for the
+/// switch-over before it answered, its last bitmap sync, which the look may already count, is
+/// no pre-copy round); and a guest someone else stopped during pre-copy (its `STOP` was none;
+/// `stopped_at` keeps it until a `RESUME`) gives no `STOP` when QEMU switches over, so QEMU's
+/// runstate tells. Returns the queued `STOP`'s time, if any.
+async fn stop_mode_switch_over(
+    qmp: &mut Qmp,
+    link: &SourceLink<'_>,
+    seen: &mut Seen,
+) -> Result<Option<SystemTime>, AgentError> {
+    let queued_stop = qmp.queued("STOP").map(|e| e.at);
+    if seen.switch != Switch::Stop || seen.paused_at.is_some() {
+        return Ok(queued_stop.flatten());
+    }
+    if queued_stop.is_some() && stopped_for_switch_over(qmp).await? {
+        seen.switched_over(link, queued_stop.flatten(), "STOP seen")
+            .await;
+    } else if seen.stopped_at.is_some() && stopped_for_switch_over(qmp).await? {
+        seen.switched_over(link, None, "switch-over of a stopped guest seen")
+            .await;
+    }
+    Ok(queued_stop.flatten())
+}
+
+/// The pre-copy part of a look at `m`: the order's non-convergence action or the ladder's next
+/// step, and the round's progress, unless the switch-over has begun.
+async fn precopy_step(
+    qmp: &mut Qmp,
+    link: &SourceLink<'_>,
+    ladder: &mut Ladder,
+    seen: &mut Seen,
+    m: MigrationInfo,
+) -> Result<(), AgentError> {
     // The rounds ran out by QEMU's count: unless QEMU switches over at the sync that ended them
     // (it converged there), or that count already holds the sync of a switch-over whose STOP
     // is not read yet, which is no pre-copy round; then no action of the order's is due. In
@@ -858,9 +879,7 @@ async fn look_at(
     let out_of_rounds = seen.paused_at.is_none() && ladder.out_of_rounds(&m);
     let switching = out_of_rounds && switching_over(qmp).await?;
     if switching && seen.switch == Switch::Stop {
-        if let Some(ram) = &m.ram {
-            seen.remaining_pages = ram.remaining / ram.page_size.max(1);
-        }
+        seen.note_remaining(&m);
         let at = qmp.queued("STOP").and_then(|e| e.at);
         seen.switched_over(link, at, "STOP seen").await;
     }
@@ -875,9 +894,7 @@ async fn look_at(
         if let Some(limit) = ladder.after_look(&m)? {
             qmp.migrate_set_parameters(limit, ladder.bw).await?;
         }
-        if let Some(ram) = &m.ram {
-            seen.remaining_pages = ram.remaining / ram.page_size.max(1);
-        }
+        seen.note_remaining(&m);
     }
     // Rounds are reported during pre-copy only: the sync QEMU takes with the guest stopped
     // (whose `MIGRATION_PASS` prompts a look) is none.
