@@ -632,19 +632,7 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
         "{}",
         s.logs()
     );
-    let journal = std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl"))
-        .expect("destination journal");
-    let committed: Vec<&str> = journal
-        .lines()
-        .filter(|l| l.contains("\"committed\"") || l.contains("\"done\""))
-        .collect();
-    assert!(
-        !committed.is_empty()
-            && committed
-                .iter()
-                .all(|l| l.contains("\"paused_before\":true")),
-        "{journal}"
-    );
+    assert_journalled_paused(&s.pair.dst);
     let before = s.dst.ticks().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
@@ -665,13 +653,16 @@ fn second_monitor(path: &Path) -> Vec<String> {
 
 /// A dirtying guest whose source QEMU has a second monitor for an operator's commands (and
 /// the temp dir holding its socket).
-async fn with_operator_monitor() -> Option<(Setup, Qmp, tempfile::TempDir)> {
+async fn with_operator_monitor(
+    dst_env: Vec<(String, String)>,
+) -> Option<(Setup, Qmp, tempfile::TempDir)> {
     let mons = tempfile::tempdir().expect("tempdir");
     let mon = mons.path().join("src.qmp");
     let opts = VmOpts {
         append: "area=64 rate=64 check=25".into(),
         mem_mib: MEM_MIB,
         src_extra: second_monitor(&mon),
+        dst_env,
         ..VmOpts::default()
     };
     let s = setup_with(&opts, true)?;
@@ -697,6 +688,12 @@ async fn stop_in_first_pass(q: &mut Qmp) {
 /// Migrate with a bandwidth cap that makes QEMU's first pass last seconds; the summary and the
 /// progress seen, or a panic with the logs.
 async fn migrate_slowly(s: &mut Setup) -> (Summary, Vec<Progress>) {
+    let (r, events) = try_migrate_slowly(s).await;
+    (r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs())), events)
+}
+
+/// `migrate_slowly`, the result as it came.
+async fn try_migrate_slowly(s: &mut Setup) -> (Result<Summary, String>, Vec<Progress>) {
     let addr = s.pair.dst_addr.clone();
     let limits = Limits {
         downtime_ms: 300,
@@ -704,11 +701,27 @@ async fn migrate_slowly(s: &mut Setup) -> (Summary, Vec<Progress>) {
         max_rounds: 30,
         on_nonconvergence: NonConvergence::Force,
     };
-    let (r, events) =
-        tokio::time::timeout(Duration::from_secs(180), migrate_with(s, &addr, limits))
-            .await
-            .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()));
-    (r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs())), events)
+    tokio::time::timeout(Duration::from_secs(180), migrate_with(s, &addr, limits))
+        .await
+        .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()))
+}
+
+/// Every COMMIT and DONE record in the journal of `home` says the VM was handed over paused
+/// (`paused_before`), and there is at least one.
+fn assert_journalled_paused(home: &trustmig_agent::home::Home) {
+    let journal =
+        std::fs::read_to_string(home.journal_dir().join("journal.jsonl")).expect("journal");
+    let committed: Vec<&str> = journal
+        .lines()
+        .filter(|l| l.contains("\"committed\"") || l.contains("\"done\""))
+        .collect();
+    assert!(
+        !committed.is_empty()
+            && committed
+                .iter()
+                .all(|l| l.contains("\"paused_before\":true")),
+        "{journal}"
+    );
 }
 
 /// spec/qemu.md §2 (step 6): without the pause, only a `STOP` that QEMU made for the
@@ -720,7 +733,7 @@ async fn migrate_slowly(s: &mut Setup) -> (Summary, Vec<Progress>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
     let _g = SERIAL.lock().await;
-    let Some((mut s, mut q, _mons)) = with_operator_monitor().await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
         return;
     };
     let operator = tokio::spawn(async move {
@@ -753,12 +766,13 @@ async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
 /// `qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). The agent sees the switch-over in
 /// QEMU's runstate instead: it is marked once, reported, and the downtime is not counted from
 /// the operator's stop. (Before, nothing marked it: no `SwitchOver` progress, and a downtime
-/// counted from QEMU's completion.) The hand-over follows the claim (SPEC.md §8.7): the guest
-/// ran then, so it runs on the destination.
+/// counted from QEMU's completion.) The guest is handed over paused, as QEMU hands over the
+/// runstate it finds at completion (SPEC.md §8.7): the stop is the operator's to undo, on the
+/// destination now. (Before, the destination ran it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
     let _g = SERIAL.lock().await;
-    let Some((mut s, mut q, _mons)) = with_operator_monitor().await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
         return;
     };
     let operator = tokio::spawn(async move {
@@ -788,7 +802,89 @@ async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
         "downtime {} ms, the operator's stop {since_stop:?} ago: {summary:?}",
         summary.downtime_ms
     );
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("paused"),
+        "{}",
+        s.logs()
+    );
+    assert_journalled_paused(&s.pair.src);
+    assert_journalled_paused(&s.pair.dst);
+    let before = s.dst.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
+    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
     assert_moved(&mut s, &summary).await;
+}
+
+/// spec/qemu.md §4: an operator's `stop` during pre-copy stays the operator's when the
+/// migration fails. The destination agent dies (SIGKILL) while QEMU pre-copies the stopped
+/// guest; the source gives the VM back stopped, as QEMU's own rollback would, and says why.
+/// (Before, the give-back's `cont` ran a guest its operator had stopped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_guest_stopped_during_precopy_is_given_back_stopped() {
+    let _g = SERIAL.lock().await;
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
+        return;
+    };
+    let dst_agent = s.pair.procs[1].as_ref().expect("destination agent").pid();
+    let operator = tokio::spawn(async move {
+        stop_in_first_pass(&mut q).await;
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &dst_agent.to_string()])
+            .status();
+        assert!(killed.is_ok_and(|k| k.success()), "kill {dst_agent}");
+        q
+    });
+    let (r, _) = try_migrate_slowly(&mut s).await;
+    let mut q = operator.await.expect("operator task");
+    let err = r.expect_err("the destination agent died");
+    assert!(
+        err.contains("stopped during the migration, not by it"),
+        "{err}\n{}",
+        s.logs()
+    );
+    assert_eq!(s.src.status().await.as_deref(), Ok("paused"), "{err}");
+    let before = s.src.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.src.ticks().len(), before, "the guest stays stopped");
+    q.cont().await.expect("the operator's cont");
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+}
+
+/// spec/qemu.md §4: an operator's `stop` still in place at the switch-over, and the migration
+/// fails after it (the destination agent dies at `FinalChallenge`, its QEMU loaded): the
+/// source, which journalled the paused hand-over with its rollback, gives the VM back stopped.
+/// (Before, the give-back's `cont` ran it, from `postmigrate`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_guest_stopped_at_the_switch_over_is_given_back_stopped() {
+    let _g = SERIAL.lock().await;
+    let crash = crash_at(CrashPoint::DestinationFinalChallenge);
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(crash).await else {
+        return;
+    };
+    let operator = tokio::spawn(async move {
+        stop_in_first_pass(&mut q).await;
+        q
+    });
+    let (r, _) = try_migrate_slowly(&mut s).await;
+    let mut q = operator.await.expect("operator task");
+    let err = r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    assert!(err.contains("paused as it was"), "{err}\n{}", s.logs());
+    assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"), "{err}");
+    let journal = std::fs::read_to_string(s.pair.src.journal_dir().join("journal.jsonl"))
+        .expect("source journal");
+    let rolled_back = journal.lines().last().expect("a record");
+    assert!(
+        rolled_back.contains("\"rolled-back\"") && rolled_back.contains("\"paused_before\":true"),
+        "{journal}"
+    );
+    let before = s.src.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.src.ticks().len(), before, "the guest stays stopped");
+    q.cont().await.expect("the operator's cont");
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
 }
 
 /// A paused guest's destination agent dies right after journalling COMMIT, before it could hand

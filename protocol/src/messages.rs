@@ -105,8 +105,9 @@ pub enum Message {
     SwitchOver {
         /// Total records sent on each stream, including `StreamEnd`.
         stream_records: Vec<u64>,
-        /// The guest was paused before the migration: the destination hands it over paused,
-        /// as it was, instead of resuming it (absent when false).
+        /// The guest was stopped when its switch-over began, not by the migration (paused at
+        /// the claim, or by someone else during pre-copy): the destination hands it over
+        /// paused, as it was, instead of resuming it (absent when false).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         paused: bool,
     },

@@ -167,8 +167,8 @@ impl SourceMigration {
     }
 
     /// The VM is paused and every stream ended: announce it. `digest` is the final image
-    /// digest the engine computed; `paused`: the guest was paused before the migration, so the
-    /// destination hands it over paused.
+    /// digest the engine computed; `paused`: the guest was stopped when the switch-over began,
+    /// not by the migration, so the destination hands it over paused.
     pub fn switch_over(
         &mut self,
         stream_records: Vec<u64>,
@@ -317,7 +317,7 @@ pub struct DestMigration {
     /// The final digest once verified, and what it is recorded with.
     evidence: Option<CommitEvidence>,
     manifest_root: Digest,
-    /// The source's `SwitchOver` said the guest was paused before the migration.
+    /// The source's `SwitchOver` said the guest is handed over paused.
     paused: bool,
 }
 

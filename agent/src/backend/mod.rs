@@ -54,6 +54,17 @@ pub(crate) struct SourceLink<'a> {
 }
 
 impl SourceLink<'_> {
+    /// The guest is handed over paused: someone else's stop is in place at the switch-over
+    /// (a pause at the claim is journalled with the claim). The journal keeps it for what
+    /// reads it: the `SwitchOver`, a give-back, a settlement (spec/qemu.md §4).
+    pub fn hands_over_paused(&self) -> Result<(), AgentError> {
+        self.ctx
+            .journal
+            .lock()
+            .expect("journal lock")
+            .hands_over_paused(self.order.id())
+    }
+
     /// Report progress (the operator may have gone away: the migration goes on).
     pub async fn report(&self, p: Progress) {
         if matches!(p, Progress::Round { .. }) {
@@ -84,9 +95,6 @@ pub(crate) struct Transferred {
     pub digest: Digest,
     /// When the guest stopped: its downtime runs from here to `Resumed`.
     pub paused_at: Instant,
-    /// The guest was paused before the migration: the destination hands it over paused
-    /// (`SwitchOver`'s `paused`).
-    pub paused_before: bool,
     /// Bytes of the VM's own stream, for the throughput figure.
     pub stream_bytes: u64,
     /// The backend's part of the summary (the driver fills in order, times and throughput).
@@ -138,9 +146,10 @@ pub(crate) trait SourceVm {
     fn waits_for_discard(&self) -> bool {
         false
     }
-    /// The migration did not commit: the VM runs here again as it was before (a VM paused
-    /// then stays paused). Returns where the VM is, for the operator.
-    async fn give_back(self, ctx: &Arc<Ctx>) -> String;
+    /// The migration did not commit: the VM runs here again as it was before, unless
+    /// `paused` (paused at the claim or at the switch-over, the journal says: it stays so).
+    /// Returns where the VM is, for the operator.
+    async fn give_back(self, ctx: &Arc<Ctx>, paused: bool) -> String;
     /// In doubt after COMMIT: keep the VM stopped as it is until the settlement decides
     /// (`settle.rs` finds it again by name).
     fn keep_stopped(self, ctx: &Arc<Ctx>);

@@ -188,14 +188,13 @@ async fn migrate_checked(
         let vm = QemuSource::prepare(ctx, &body, &qmp)
             .await
             .map_err(not_started)?;
-        let paused_before = vm.paused_before();
-        claim(paused_before)?;
-        return run(ctx, order, progress, vm, paused_before).await;
+        claim(vm.paused_before())?;
+        return run(ctx, order, progress, vm).await;
     }
     // Single use first: a replayed order is refused as such, whatever became of its VM.
     claim(false)?;
     match SyntheticSource::take(ctx, &body.vm) {
-        Ok(vm) => run(ctx, order, progress, vm, false).await,
+        Ok(vm) => run(ctx, order, progress, vm).await,
         Err(e) => {
             let _ = ctx.journal.lock().expect("journal lock").set(
                 order.id(),
@@ -240,7 +239,6 @@ async fn run<B: SourceVm>(
     order: VerifiedOrder,
     progress: &mpsc::Sender<Progress>,
     mut vm: B,
-    paused_before: bool,
 ) -> Result<Summary, (AgentError, Whereabouts)> {
     let body = order.body();
     info!(order = %hex(order.id()), vm = %body.vm, to = %body.destination_addr, "migration starts");
@@ -268,7 +266,9 @@ async fn run<B: SourceVm>(
         error!(order = %hex(&id), "could not journal what the session's failure means: {j}");
         Vec::new()
     });
-    let in_doubt = InDoubt::of(&order, paused_before);
+    // Paused at the claim, or handed over paused at the switch-over: given back paused.
+    let paused = journalled_paused(ctx, &id);
+    let in_doubt = InDoubt::of(&order, paused);
     let gives_back = |o: &Output| matches!(o, Output::Vm(VmAction::GiveBack { .. }));
     let settlement = if outs.contains(&Output::Ask) {
         Some(settle::ask(ctx, &in_doubt).await)
@@ -291,7 +291,7 @@ async fn run<B: SourceVm>(
             // asks the journal whether the VM is still this host's.
             Whereabouts::GivenBack {
                 settled: settlement.is_some(),
-                how: vm.give_back(ctx).await,
+                how: vm.give_back(ctx, paused).await,
             }
         }
         Some(Settlement::InDoubt(why)) => {
@@ -313,6 +313,13 @@ async fn run<B: SourceVm>(
     };
     ctx.metrics.ended("source", B::NAME, outcome, Some(&e));
     Err((e, vm_state))
+}
+
+/// Whether the journal says this source order's VM is paused: at the claim, or someone else's
+/// stop in place at the switch-over (`SourceLink::hands_over_paused`).
+fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
+    let journal = ctx.journal.lock().expect("journal lock");
+    journal.entry(id).is_some_and(|e| e.flag)
 }
 
 /// Connect, run the session, and on failure tell the destination and let it discard first.
@@ -383,7 +390,7 @@ async fn session<B: SourceVm>(
     };
     let t = vm.transfer(link).await?;
     let digest = t.digest;
-    let paused = t.paused_before || crate::fault::hand_over_paused();
+    let paused = journalled_paused(ctx, order.id()) || crate::fault::hand_over_paused();
     let so = sm.switch_over(t.stream_records, digest, paused)?;
     // The guest is stopped and its last bytes went: the machine may not commit yet (no
     // `Ready`), so nothing comes of it but its phase.

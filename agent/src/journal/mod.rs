@@ -52,11 +52,12 @@ pub struct Record {
     /// Source role: the destination's address (`host:port`), for the same query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
-    /// Source role, QEMU VMs: the VM was paused when the order claimed it, so a settlement
-    /// that gives it back leaves it paused (spec/qemu.md §4). Destination role: the source
-    /// said so in its `SwitchOver` (carried from the next record on, COMMIT in a migration
-    /// that commits), so the VM is handed over paused, and a restart that finds it committed
-    /// here does not run it either.
+    /// Source role, QEMU VMs: the VM was paused when the order claimed it, or someone else's
+    /// stop was still in place at the switch-over (carried from the next record on), so it is
+    /// handed over paused and a give-back leaves it paused (spec/qemu.md §4). Destination
+    /// role: the source said so in its `SwitchOver` (carried from the next record on, COMMIT
+    /// in a migration that commits), so the VM is handed over paused, and a restart that
+    /// finds it committed here does not run it either.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_before: bool,
     /// Destination role, QEMU VMs: the VM's QEMU was found waiting for this migration
@@ -436,10 +437,12 @@ impl Journal {
         })
     }
 
-    /// The source hands this (destination) order's VM over paused (its `SwitchOver` said so):
-    /// the COMMIT record, when it comes, carries [`Record::paused_before`]. Nothing is written
-    /// now: this comes in the guest's downtime, and before COMMIT a restart discards the VM
-    /// whatever it was.
+    /// This order's VM is handed over paused (a destination: the source's `SwitchOver` said
+    /// so; a source: someone else's stop was in place at the switch-over): the next record,
+    /// COMMIT or a rollback, carries [`Record::paused_before`]. Nothing is written now: this
+    /// comes in the guest's downtime. Before COMMIT a restarted destination discards the VM
+    /// whatever it was, and a restarted source finds QEMU as its crash left it (spec/qemu.md
+    /// §4 says what that costs).
     pub fn hands_over_paused(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
         let key = hex(order_id);
         let r = self

@@ -1,10 +1,11 @@
 //! Giving a QEMU VM back to its source host after a migration that did not commit: cancel what
-//! is left of QEMU's migration, then `cont` (unless the VM was paused before). QEMU may refuse
-//! that `cont` for a while: a destination QEMU that loaded the stream without
-//! `late-block-activate` holds the shared image's write lock until it is discarded. Such a
-//! refusal clears, so the `cont` is retried with back-off in the background, the VM reported
-//! "rolled back, not yet running" until it runs; any other refusal is reported and left to the
-//! operator. Never none: a VM the journal gives back must end up running.
+//! is left of QEMU's migration, then `cont` (unless the VM was paused before, at the
+//! switch-over, or by someone else during the migration). QEMU may refuse that `cont` for a
+//! while: a destination QEMU that loaded the stream without `late-block-activate` holds the
+//! shared image's write lock until it is discarded. Such a refusal clears, so the `cont` is
+//! retried with back-off in the background, the VM reported "rolled back, not yet running"
+//! until it runs; any other refusal is reported and left to the operator. Never none: a VM the
+//! journal gives back must end up running, or paused where its operator paused it.
 //! spec: spec/qemu.md §4, SPEC.md §8.8
 
 use std::path::{Path, PathBuf};
@@ -28,8 +29,13 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 pub(crate) enum Attempt {
     /// The VM runs on the source (how, for the operator).
     Running(&'static str),
-    /// The VM was paused before the migration and stays paused (spec/qemu.md §4).
+    /// The VM was paused before the migration, or at its switch-over, and stays paused
+    /// (spec/qemu.md §4).
     PausedAsBefore,
+    /// Someone else stopped the VM during the migration (its runstate, named, is none of the
+    /// migration's: `super::stopped_by_migration`): it stays so, as QEMU's own rollback
+    /// leaves it.
+    StoppedMeanwhile(String),
     /// QEMU refused `cont` for a reason that clears by itself (an image lock): try again.
     Refused(QmpError),
     /// QEMU did not answer, or refused for good: the operator must look.
@@ -59,7 +65,9 @@ async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), QmpErr
     Ok(())
 }
 
-/// One attempt: cancel, then `cont` if the guest ran before the migration and is not running.
+/// One attempt: cancel, then `cont` if the guest ran before the migration and is stopped by
+/// it. A guest someone else stopped meanwhile (`paused`, say) is theirs to run: `cont` would
+/// undo an operator's `stop` (spec/qemu.md §4).
 pub(crate) async fn attempt(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> Attempt {
     if let Err(e) = cancel_migration(qmp, timeout).await {
         return Attempt::Failed(format!("QEMU did not answer ({e})"));
@@ -69,6 +77,7 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was_running: bool, timeout: Duration)
     }
     match qmp.query_status().await {
         Ok(s) if s.running => Attempt::Running("the VM keeps running on the source"),
+        Ok(s) if !super::stopped_by_migration(&s.status) => Attempt::StoppedMeanwhile(s.status),
         Ok(_) => match qmp.cont().await {
             Ok(()) => Attempt::Running("the VM runs again on the source (cont)"),
             Err(e) if refusal_clears(&e) => Attempt::Refused(e),
@@ -95,6 +104,9 @@ pub(crate) async fn give_back(
         Attempt::PausedAsBefore => {
             "rolled back: the VM stays on the source, paused as it was".into()
         }
+        Attempt::StoppedMeanwhile(state) => format!(
+            "rolled back: the VM stays on the source, {state}: it was stopped during the migration, not by it"
+        ),
         Attempt::Failed(why) => {
             format!("rollback failed: {why}; the VM is stopped on the source: check it by hand")
         }
@@ -165,8 +177,8 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
 /// The retry loop of [`keep_trying`], apart from the agent's state so it can be tested against
 /// a fake QEMU: a fresh QMP connection per try (QEMU serves one client at a time, and `status`
 /// must not wait on us), `pauses` between tries ([`RETRY`] in the agent). `still_ours`
-/// is asked before every try; `note` hears each refusal. Returns how the VM came to run, or why
-/// the retries stopped.
+/// is asked before every try; `note` hears each refusal. Returns how the VM came to run (or
+/// was left stopped by someone else), or why the retries stopped.
 pub(crate) async fn cont_until_running(
     qmp_path: &Path,
     timeout: Duration,
@@ -191,6 +203,9 @@ pub(crate) async fn cont_until_running(
         }
         match attempt(&mut qmp, true, timeout).await {
             Attempt::Running(how) => return Ok(how),
+            Attempt::StoppedMeanwhile(_) => {
+                return Ok("stopped meanwhile by someone else: left so")
+            }
             Attempt::Refused(e) => note(&e.to_string()),
             Attempt::Failed(why) => return Err(format!("{why}; resume the VM by hand")),
             Attempt::PausedAsBefore => unreachable!("attempt(was_running = true) resumes"),

@@ -76,6 +76,17 @@ pub(crate) async fn status(qmp: &Path) -> String {
     }
 }
 
+/// Whether a source QEMU's runstate is a stop its migration made: `finish-migrate` (sending
+/// the rest, or waiting at `pre-switchover`) or `postmigrate` (done). QEMU sets them for a
+/// guest that was already paused too
+/// (`qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). Any other stop (an operator's
+/// `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`, `io-error`,
+/// `shutdown`) is someone else's: QEMU goes on pre-copying through it, and its own rollback
+/// does not run such a guest.
+fn stopped_by_migration(status: &str) -> bool {
+    matches!(status, "finish-migrate" | "postmigrate")
+}
+
 /// A private directory in the agent's home for the unix sockets QEMU talks to.
 fn socket_dir(ctx: &Ctx) -> Result<PathBuf, AgentError> {
     use std::os::unix::fs::PermissionsExt;

@@ -16,11 +16,11 @@ use super::giveback::give_back;
 /// give-back's pauses, about a minute).
 const CONNECT_TRIES: u32 = 10;
 
-/// Whether a source QEMU is stopped by a migration: done sending (`postmigrate`, or on its
-/// way there), or stopped while one is still under way (`pre-switchover`).
+/// Whether a source QEMU may hold a guest its migration stopped: done sending
+/// (`postmigrate`, or on its way there), or stopped while one is still under way (the give-back
+/// tells a stop of someone else's from it once the migration is cancelled).
 fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
-    matches!(st.status.as_str(), "postmigrate" | "finish-migrate")
-        || (!st.running && m.in_progress())
+    super::stopped_by_migration(&st.status) || (!st.running && m.in_progress())
 }
 
 /// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it:

@@ -81,7 +81,7 @@ fn downtime_step(target: u64, steps: u32, rounds: u64) -> u64 {
 pub(crate) struct QemuSource {
     vm: String,
     qmp: Qmp,
-    /// The guest ran when the order claimed it: a rollback runs it again.
+    /// The guest ran when the order claimed it (the claim journals it).
     was_running: bool,
     /// Read-only disks copied before QEMU's stream (empty with shared storage).
     disks: Vec<SourceDisk>,
@@ -185,11 +185,11 @@ impl SourceVm for QemuSource {
         hex::encode(digest)
     }
 
-    async fn give_back(mut self, ctx: &Arc<Ctx>) -> String {
+    async fn give_back(mut self, ctx: &Arc<Ctx>, paused: bool) -> String {
         if let Some(m) = &mut self.mirrors {
             m.tear_down(&mut self.qmp).await;
         }
-        give_back(ctx, &self.vm, &mut self.qmp, self.was_running).await
+        give_back(ctx, &self.vm, &mut self.qmp, !paused).await
     }
 
     fn keep_stopped(self, _ctx: &Arc<Ctx>) {
@@ -235,12 +235,14 @@ async fn transfer(
     // shows also depends on the guest now (an operator may have stopped it since the claim).
     let running = vm.was_running && vm.qmp.query_status().await?.running;
     let switch = Switch::choose(!vm.mirror_disks.is_empty(), running);
+    // A guest that ran at the claim and is stopped now: someone else's stop, in place.
+    let held = vm.was_running && !running;
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
     let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
     let done = follow(
         &mut vm.qmp,
         link,
-        (&mut ladder, switch),
+        (&mut ladder, switch, held),
         vm.started,
         pumps,
         vm.mirrors.as_mut(),
@@ -248,7 +250,7 @@ async fn transfer(
     .await?;
     Ok(transferred(
         done,
-        (ladder.forced, vm.paused_before()),
+        ladder.forced,
         disk_wire,
         disk_ms,
         std::mem::take(&mut vm.pumps),
@@ -300,11 +302,10 @@ fn spawn_pumps(
 }
 
 /// What the transfer did, from what `follow` saw: the summary's figures and the records of
-/// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced;
-/// `paused_before`: the guest was paused when the order claimed it.
+/// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced.
 fn transferred(
     done: Done,
-    (forced, paused_before): (bool, bool),
+    forced: bool,
     disk_wire: u64,
     disk_ms: u64,
     tasks: Tasks,
@@ -325,7 +326,6 @@ fn transferred(
     let mut stream_records = vec![sent.records];
     stream_records.extend(blocks.iter().map(|(_, n)| *n));
     Transferred {
-        paused_before,
         steps,
         stream_records,
         digest,
@@ -456,18 +456,11 @@ async fn switching_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
     }
 }
 
-/// Whether QEMU stopped the guest for the switch-over, its runstate `finish-migrate` (sending
-/// the rest, or waiting at `pre-switchover`) or `postmigrate` (done); QEMU sets them for a
-/// guest that was already paused too
-/// (`qemu_counts_its_last_bitmap_sync_after_the_guest_stopped`). Any other stop (an operator's
-/// `stop`, an I/O error, a guest powering off under `-no-shutdown`: `paused`, `io-error`,
-/// `shutdown`) is none: QEMU goes on pre-copying, and so does the ladder. QEMU answers once its
-/// completion lets go of its big lock, which delays only this look.
+/// Whether QEMU stopped the guest for the switch-over (`super::stopped_by_migration`). QEMU
+/// answers once its completion lets go of its big lock, which delays only this look.
 async fn stopped_for_switch_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
-    let st = qmp.query_status().await?;
-    Ok(matches!(
-        st.status.as_str(),
-        "finish-migrate" | "postmigrate"
+    Ok(super::stopped_by_migration(
+        &qmp.query_status().await?.status,
     ))
 }
 
@@ -627,11 +620,12 @@ struct Done {
 
 /// Follow QEMU's migration to `completed` and the stream to its end: progress, the downtime
 /// ladder, the switch-over (`migrate-continue` at `pre-switchover`, or the guest's `STOP`),
-/// the pumps' results, and any message from the destination (an abort).
+/// the pumps' results, and any message from the destination (an abort). `held`: someone
+/// else stopped the guest since the claim (`Seen::held`).
 async fn follow(
     qmp: &mut Qmp,
     mut link: SourceLink<'_>,
-    (ladder, switch): (&mut Ladder, Switch),
+    (ladder, switch, held): (&mut Ladder, Switch, bool),
     started: Instant,
     (mut fwd_rx, mut ret_rx): Pumps,
     mut mirrors: Option<&mut Mirrors>,
@@ -643,6 +637,7 @@ async fn follow(
         completed: None,
         paused_at: None,
         stopped_at: None,
+        held,
         remaining_pages: 0,
         last_sync: u64::MAX,
         last_report: Instant::now(),
@@ -658,15 +653,18 @@ async fn follow(
             ev = qmp.event() => {
                 let ev = ev?;
                 if ev.name == "RESUME" {
-                    seen.stopped_at = None; // an operator's stop and cont during pre-copy
+                    // An operator's stop and cont during pre-copy.
+                    seen.stopped_at = None;
+                    seen.held = false;
                 }
                 if ev.name == "STOP" {
                     seen.stopped_at = ev.at; // the guest's downtime starts here
-                    if seen.switch == Switch::Stop
-                        && seen.paused_at.is_none()
-                        && stopped_for_switch_over(qmp).await?
-                    {
-                        seen.switched_over(&link, ev.at, "STOP seen").await;
+                    if seen.paused_at.is_none() {
+                        if !stopped_for_switch_over(qmp).await? {
+                            seen.held = true;
+                        } else if seen.switch == Switch::Stop {
+                            seen.switched_over(&link, ev.at, "STOP seen").await?;
+                        }
                     }
                 }
                 // A `MIGRATION_PASS` is a dirty-bitmap sync: the ladder's next step (or the
@@ -745,6 +743,10 @@ struct Seen {
     paused_at: Option<Instant>,
     /// The time of QEMU's last `STOP` event (forgotten at a `RESUME`).
     stopped_at: Option<SystemTime>,
+    /// Someone else's stop is in place (an operator's `stop`, an I/O error: a `STOP` that was
+    /// not the switch-over's, no `RESUME` since). At the switch-over it means the guest is
+    /// handed over stopped, as QEMU hands over the runstate it finds at completion.
+    held: bool,
     /// Pages left to send at the last look before the switch-over.
     remaining_pages: u64,
     last_sync: u64,
@@ -764,15 +766,20 @@ impl Seen {
     }
 
     /// The guest stopped for the switch-over, at `at` by QEMU's stamp (its `STOP`; now when
-    /// unknown): the downtime starts and the ladder is done. Once; `step` names the sign.
+    /// unknown): the downtime starts and the ladder is done; with someone else's stop still in
+    /// place, the guest is handed over paused (journalled with the next record). Once; `step`
+    /// names the sign.
     async fn switched_over(
         &mut self,
         link: &SourceLink<'_>,
         at: Option<SystemTime>,
         step: &'static str,
-    ) {
+    ) -> Result<(), AgentError> {
         if self.paused_at.is_some() {
-            return;
+            return Ok(());
+        }
+        if self.held {
+            link.hands_over_paused()?;
         }
         self.paused_at = Some(instant_of(at));
         self.steps.push((step, Instant::now()));
@@ -785,6 +792,7 @@ impl Seen {
             pages: self.remaining_pages,
         })
         .await;
+        Ok(())
     }
 }
 
@@ -804,7 +812,7 @@ async fn look_at(
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
             seen.note_remaining(&m);
             seen.switched_over(link, queued_stop.or(seen.stopped_at), "pre-switchover seen")
-                .await;
+                .await?;
             // The disks first (the guest is stopped, so they are final): complete every
             // mirror and end its NBD stream, then QEMU may send the device state.
             if let Some(m) = mirrors {
@@ -841,9 +849,8 @@ async fn look_at(
 /// `Stop` mode, the switch-over seen from a look rather than from a `STOP` event: a `STOP`
 /// read during the command and still queued counts as seen (if QEMU stopped the guest for the
 /// switch-over before it answered, its last bitmap sync, which the look may already count, is
-/// no pre-copy round); and a guest someone else stopped during pre-copy (its `STOP` was none;
-/// `stopped_at` keeps it until a `RESUME`) gives no `STOP` when QEMU switches over, so QEMU's
-/// runstate tells. Returns the queued `STOP`'s time, if any.
+/// no pre-copy round); and a guest someone else stopped during pre-copy (`Seen::held`) gives
+/// no `STOP` when QEMU switches over, so QEMU's runstate tells. Returns the queued `STOP`'s time, if any.
 async fn stop_mode_switch_over(
     qmp: &mut Qmp,
     link: &SourceLink<'_>,
@@ -855,10 +862,10 @@ async fn stop_mode_switch_over(
     }
     if queued_stop.is_some() && stopped_for_switch_over(qmp).await? {
         seen.switched_over(link, queued_stop.flatten(), "STOP seen")
-            .await;
-    } else if seen.stopped_at.is_some() && stopped_for_switch_over(qmp).await? {
+            .await?;
+    } else if seen.held && stopped_for_switch_over(qmp).await? {
         seen.switched_over(link, None, "switch-over of a stopped guest seen")
-            .await;
+            .await?;
     }
     Ok(queued_stop.flatten())
 }
@@ -881,7 +888,7 @@ async fn precopy_step(
     if switching && seen.switch == Switch::Stop {
         seen.note_remaining(&m);
         let at = qmp.queued("STOP").and_then(|e| e.at);
-        seen.switched_over(link, at, "STOP seen").await;
+        seen.switched_over(link, at, "STOP seen").await?;
     }
     // After that wait, the order's action is judged on QEMU as it is now.
     let m = if out_of_rounds && !switching {

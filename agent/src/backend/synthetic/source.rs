@@ -65,7 +65,8 @@ impl SourceVm for SyntheticSource {
         hex::encode(self.guest.checksum())
     }
 
-    async fn give_back(mut self, ctx: &Arc<Ctx>) -> String {
+    // A synthetic guest is never paused (its claim says so): it runs again.
+    async fn give_back(mut self, ctx: &Arc<Ctx>, _paused: bool) -> String {
         self.guest.set_throttle(0);
         self.guest.resume();
         let name = self.guest.name().to_string();
@@ -187,7 +188,6 @@ async fn transfer(
     let digest = engine.finish(&device_state, &link.est.transcript_hash)?;
     let stats = engine.stats().clone();
     Ok(Transferred {
-        paused_before: false, // a synthetic guest runs until its switch-over
         steps: vec![(
             "last pages and device state sent, digest computed",
             Instant::now(),
