@@ -65,7 +65,9 @@ pub struct Ctx {
     /// Orders waiting for a permit, in arrival order: (order id hex, VM).
     pub queued: Mutex<Vec<(String, String)>>,
     /// Each peer's budget of settlement queries about orders unknown here.
-    pub unknown_queries: crate::driver::unknown_queries::UnknownQueries,
+    pub unknown_queries: crate::driver::peer_budget::PeerBudget,
+    /// Each peer's budget of audit entries for its sessions refused before any order.
+    pub refusals_audited: crate::driver::peer_budget::PeerBudget,
 }
 
 impl Ctx {

@@ -632,7 +632,8 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
         "{}",
         s.logs()
     );
-    assert_journalled_paused(&s.pair.dst);
+    assert_journalled_paused(&s.pair.src, true);
+    assert_journalled_paused(&s.pair.dst, true);
     let before = s.dst.ticks().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
@@ -675,6 +676,12 @@ async fn with_operator_monitor(
 /// The operator's `stop`, 200 ms into QEMU's first pass (`migrate_slowly` makes it last
 /// seconds).
 async fn stop_in_first_pass(q: &mut Qmp) {
+    into_first_pass(q).await;
+    q.stop().await.expect("operator stop");
+}
+
+/// Wait until QEMU's first pass has run for 200 ms.
+async fn into_first_pass(q: &mut Qmp) {
     loop {
         let ev = q.event().await.expect("QMP event");
         if ev.migration_status() == Some(MigrationStatus::Active) {
@@ -682,7 +689,6 @@ async fn stop_in_first_pass(q: &mut Qmp) {
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    q.stop().await.expect("operator stop");
 }
 
 /// Migrate with a bandwidth cap that makes QEMU's first pass last seconds; the summary and the
@@ -706,9 +712,9 @@ async fn try_migrate_slowly(s: &mut Setup) -> (Result<Summary, String>, Vec<Prog
         .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()))
 }
 
-/// Every COMMIT and DONE record in the journal of `home` says the VM was handed over paused
-/// (`paused_before`), and there is at least one.
-fn assert_journalled_paused(home: &trustmig_agent::home::Home) {
+/// Every COMMIT and DONE record in the journal of `home` says whether the VM was handed over
+/// `paused` (`paused_before`), and there is at least one.
+fn assert_journalled_paused(home: &trustmig_agent::home::Home, paused: bool) {
     let journal =
         std::fs::read_to_string(home.journal_dir().join("journal.jsonl")).expect("journal");
     let committed: Vec<&str> = journal
@@ -719,7 +725,7 @@ fn assert_journalled_paused(home: &trustmig_agent::home::Home) {
         !committed.is_empty()
             && committed
                 .iter()
-                .all(|l| l.contains("\"paused_before\":true")),
+                .all(|l| l.contains("\"paused_before\":true") == paused),
         "{journal}"
     );
 }
@@ -808,12 +814,34 @@ async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
         "{}",
         s.logs()
     );
-    assert_journalled_paused(&s.pair.src);
-    assert_journalled_paused(&s.pair.dst);
+    assert_journalled_paused(&s.pair.src, true);
+    assert_journalled_paused(&s.pair.dst, true);
     let before = s.dst.ticks().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
     s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
+    assert_moved(&mut s, &summary).await;
+}
+
+/// spec/qemu.md §2 (step 6): what is handed over is the guest as QEMU switches over, not as
+/// the claim saw it. A guest paused at the claim and run by its operator during pre-copy is
+/// handed over running, and its journals say nothing of a pause. (Before, it was handed over
+/// paused, and a rollback after the switch-over left it stopped: the operator's `cont` undone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_paused_guest_run_during_precopy_is_handed_over_running() {
+    let _g = SERIAL.lock().await;
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
+        return;
+    };
+    q.stop().await.expect("paused before the order");
+    let operator = tokio::spawn(async move {
+        into_first_pass(&mut q).await;
+        q.cont().await.expect("operator cont");
+    });
+    let (summary, _) = migrate_slowly(&mut s).await;
+    operator.await.expect("operator task");
+    assert_journalled_paused(&s.pair.src, false);
+    assert_journalled_paused(&s.pair.dst, false);
     assert_moved(&mut s, &summary).await;
 }
 

@@ -356,7 +356,7 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
     // Fresh order ids cost a trusted peer nothing, and each answer is journalled for good: a
     // peer has a budget of queries about orders unknown here (SPEC.md §8.8), then errors and
     // nothing journalled; other peers keep theirs.
-    use trustmig_agent::driver::unknown_queries::BURST;
+    use trustmig_agent::driver::peer_budget::BURST;
     for n in 0..=BURST {
         let query = Message::SettleQuery {
             order_id: trustmig_agent::random(),
@@ -383,6 +383,34 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
             .count(),
         BURST as usize + 1,
         "the refused query journalled nothing"
+    );
+    // Each refused session of the intruder (the query about another's order, the query past
+    // its budget, and more of those) is audited only within a budget of its own, so a peer
+    // cannot grow the audit trail at will either (`peer_budget`).
+    for n in 0..BURST {
+        let query = Message::SettleQuery {
+            order_id: trustmig_agent::random(),
+        };
+        match rt.block_on(raw_request(&rogue, &pair.dst_addr, pair.dst_id, &query)) {
+            Ok(Message::Abort { reason, .. }) => {
+                assert!(reason.contains("too many settlement queries"), "{reason}")
+            }
+            other => panic!("query {n} past the budget: {other:?}"),
+        }
+    }
+    let trail = std::fs::read_to_string(pair.dst.journal_dir().join("audit.jsonl")).unwrap();
+    let intruder = trustmig_protocol::order::hex(&rogue_key);
+    let refused: Vec<&str> = trail
+        .lines()
+        .filter(|l| l.contains("\"order-refused\"") && l.contains(&intruder))
+        .collect();
+    assert_eq!(refused.len(), BURST as usize, "{trail}");
+    assert!(refused[0].contains("did not send it"), "{}", refused[0]);
+    assert!(
+        refused[1..]
+            .iter()
+            .all(|l| l.contains("too many settlement queries")),
+        "{trail}"
     );
 }
 

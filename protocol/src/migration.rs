@@ -339,7 +339,7 @@ impl DestMigration {
         }
     }
 
-    /// Whether the VM is handed over paused, as it was at the source before the migration
+    /// Whether the VM is handed over paused, as it was at the source when it switched over
     /// (its `SwitchOver` said so): after `Commit` the destination does not resume it.
     pub fn hands_over_paused(&self) -> bool {
         self.paused

@@ -46,8 +46,8 @@ pub struct Entry {
     /// The other agent: the destination (source role), the one agent answered about the order
     /// (destination role). `None` in records older than the field.
     pub peer: Option<AgentId>,
-    /// Source role: the VM was paused when the order claimed it, and stays paused when given
-    /// back. Destination role: the VM's hypervisor was handed to the order (a restart that
+    /// Source role: the VM was paused when the order claimed it, or handed over paused at the
+    /// switch-over, and stays paused when given back. Destination role: the VM's hypervisor was handed to the order (a restart that
     /// finds it interrupted discards that hypervisor's state, and no other).
     pub flag: bool,
 }
@@ -115,7 +115,8 @@ pub enum VmAction {
     Nothing,
     /// Source: keep it stopped as it is; only the destination's answer may give it back.
     KeepStopped,
-    /// Source: it is this host's again; run it (unless it was paused before the order).
+    /// Source: it is this host's again; run it (unless it was paused at the claim or the
+    /// switch-over).
     GiveBack {
         /// It stays paused.
         paused_before: bool,

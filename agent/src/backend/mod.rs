@@ -54,15 +54,15 @@ pub(crate) struct SourceLink<'a> {
 }
 
 impl SourceLink<'_> {
-    /// The guest is handed over paused: someone else's stop is in place at the switch-over
-    /// (a pause at the claim is journalled with the claim). The journal keeps it for what
-    /// reads it: the `SwitchOver`, a give-back, a settlement (spec/qemu.md §4).
-    pub fn hands_over_paused(&self) -> Result<(), AgentError> {
+    /// The guest is handed over paused or not, as it is at the switch-over (the claim's
+    /// reading until then). The journal keeps it for what reads it: the `SwitchOver`, a
+    /// give-back, a settlement (spec/qemu.md §4).
+    pub fn hands_over(&self, paused: bool) -> Result<(), AgentError> {
         self.ctx
             .journal
             .lock()
             .expect("journal lock")
-            .hands_over_paused(self.order.id())
+            .hands_over(self.order.id(), paused)
     }
 
     /// Report progress (the operator may have gone away: the migration goes on).

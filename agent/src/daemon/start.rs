@@ -151,6 +151,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         max_sending,
         queued: Mutex::new(Vec::new()),
         unknown_queries: Default::default(),
+        refusals_audited: Default::default(),
     });
     if let Some(server) = metrics_server {
         crate::metrics::serve(ctx.clone(), server)?;

@@ -209,13 +209,23 @@ impl Session {
             // was received, so there is nothing to discard.
             (None, _) => {
                 warn!("peer session refused: {e}");
+                // Audited within the peer's budget (`peer_budget`): past it, logged and counted.
+                let now = std::time::Instant::now();
+                let Some(missed) = ctx.refusals_audited.allow_counting(peer, now) else {
+                    return;
+                };
+                // The count first: the trail keeps 500 characters of a reason.
+                let reason = match missed {
+                    0 => e.to_string(),
+                    n => format!("{n} earlier refused sessions of this peer not audited (past its budget); this one: {e}"),
+                };
                 ctx.journal
                     .lock()
                     .expect("journal lock")
                     .audit_refused(crate::audit::Event {
                         role: "destination".into(),
                         peer: hex(peer),
-                        reason: e.to_string(),
+                        reason,
                         ..Default::default()
                     });
             }
@@ -487,7 +497,7 @@ impl Session {
                                 ctx.journal
                                     .lock()
                                     .expect("journal lock")
-                                    .hands_over_paused(&id)?;
+                                    .hands_over(&id, true)?;
                             }
                             awaiting = Some(counts);
                         }

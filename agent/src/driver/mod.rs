@@ -6,7 +6,7 @@
 pub mod channel;
 pub mod commit;
 pub mod destination;
+pub mod peer_budget;
 pub mod reconcile;
 pub mod settle;
 pub mod source;
-pub mod unknown_queries;

@@ -266,7 +266,8 @@ async fn run<B: SourceVm>(
         error!(order = %hex(&id), "could not journal what the session's failure means: {j}");
         Vec::new()
     });
-    // Paused at the claim, or handed over paused at the switch-over: given back paused.
+    // Paused at the claim, or handed over paused at the switch-over: given back paused (a
+    // backend that saw more, live, may know better).
     let paused = journalled_paused(ctx, &id);
     let in_doubt = InDoubt::of(&order, paused);
     let gives_back = |o: &Output| matches!(o, Output::Vm(VmAction::GiveBack { .. }));
@@ -315,8 +316,8 @@ async fn run<B: SourceVm>(
     Err((e, vm_state))
 }
 
-/// Whether the journal says this source order's VM is paused: at the claim, or someone else's
-/// stop in place at the switch-over (`SourceLink::hands_over_paused`).
+/// Whether the journal says this source order's VM is paused: at the claim, or at the
+/// switch-over once there (`SourceLink::hands_over`).
 fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
     let journal = ctx.journal.lock().expect("journal lock");
     journal.entry(id).is_some_and(|e| e.flag)

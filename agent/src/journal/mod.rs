@@ -437,19 +437,19 @@ impl Journal {
         })
     }
 
-    /// This order's VM is handed over paused (a destination: the source's `SwitchOver` said
-    /// so; a source: someone else's stop was in place at the switch-over): the next record,
-    /// COMMIT or a rollback, carries [`Record::paused_before`]. Nothing is written now: this
-    /// comes in the guest's downtime. Before COMMIT a restarted destination discards the VM
-    /// whatever it was, and a restarted source finds QEMU as its crash left it (spec/qemu.md
-    /// §4 says what that costs).
-    pub fn hands_over_paused(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+    /// This order's VM is handed over `paused` or not (a destination: as the source's
+    /// `SwitchOver` said; a source: as the guest was at the switch-over): the next record,
+    /// COMMIT or a rollback, carries it as [`Record::paused_before`]. Nothing is written now:
+    /// this comes in the guest's downtime. Before COMMIT a restarted destination discards the
+    /// VM whatever it was, and a restarted source has its claim's reading (spec/qemu.md §4
+    /// says what that costs).
+    pub fn hands_over(&mut self, order_id: &OrderId, paused: bool) -> Result<(), AgentError> {
         let key = hex(order_id);
         let r = self
             .latest
             .get_mut(&key)
             .ok_or_else(|| AgentError::Journal(format!("journal has no record of order {key}")))?;
-        r.paused_before = true;
+        r.paused_before = paused;
         Ok(())
     }
 
@@ -844,9 +844,9 @@ mod tests {
         j.claim_for(&id, Role::Destination, "a", 10).unwrap();
         let lines = |d: &Path| fs::read_to_string(d.join(FILE)).unwrap().lines().count();
         let before = lines(dir.path());
-        j.hands_over_paused(&id).unwrap();
+        j.hands_over(&id, true).unwrap();
         assert_eq!(lines(dir.path()), before, "nothing written in the downtime");
-        assert!(j.hands_over_paused(&[4; 16]).is_err(), "an unknown order");
+        assert!(j.hands_over(&[4; 16], true).is_err(), "an unknown order");
         j.set(&id, State::Committed, "").unwrap();
         drop(j);
         let j = Journal::open(dir.path()).unwrap();

@@ -24,6 +24,29 @@ use trustmig_qemu::qmp::{Qmp, QmpError};
 pub(crate) const RETRY: Backoff = Backoff::new(Duration::from_millis(250), RETRY_MAX);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// What the guest was, for its give-back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Was {
+    /// Running (as far as this agent knows): run it again if the migration stopped it.
+    Running,
+    /// Paused at the claim, or handed over paused (the journal says so): it stays paused.
+    Paused,
+    /// Stopped by someone else during the migration, and not run again (the source saw it in
+    /// QEMU's events): it stays so, whatever QEMU's runstate now.
+    StoppedMeanwhile,
+}
+
+impl Was {
+    /// From the journal's `paused_before` (a settlement, a restart: the live events are gone).
+    pub(crate) fn journalled(paused: bool) -> Self {
+        if paused {
+            Self::Paused
+        } else {
+            Self::Running
+        }
+    }
+}
+
 /// What one attempt to give the VM back achieved.
 #[derive(Debug)]
 pub(crate) enum Attempt {
@@ -65,19 +88,21 @@ async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), QmpErr
     Ok(())
 }
 
-/// One attempt: cancel, then `cont` if the guest ran before the migration and is stopped by
-/// it. A guest someone else stopped meanwhile (`paused`, say) is theirs to run: `cont` would
-/// undo an operator's `stop` (spec/qemu.md §4).
-pub(crate) async fn attempt(qmp: &mut Qmp, was_running: bool, timeout: Duration) -> Attempt {
+/// One attempt: cancel, then `cont` if the guest ran and is stopped by the migration. A guest
+/// someone else stopped meanwhile (seen so, or QEMU's runstate none of the migration's:
+/// `paused`, say) is theirs to run: `cont` would undo an operator's `stop` (spec/qemu.md §4).
+pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attempt {
     if let Err(e) = cancel_migration(qmp, timeout).await {
         return Attempt::Failed(format!("QEMU did not answer ({e})"));
     }
-    if !was_running {
+    if was == Was::Paused {
         return Attempt::PausedAsBefore;
     }
     match qmp.query_status().await {
         Ok(s) if s.running => Attempt::Running("the VM keeps running on the source"),
-        Ok(s) if !super::stopped_by_migration(&s.status) => Attempt::StoppedMeanwhile(s.status),
+        Ok(s) if was == Was::StoppedMeanwhile || !super::stopped_by_migration(&s.status) => {
+            Attempt::StoppedMeanwhile(s.status)
+        }
         Ok(_) => match qmp.cont().await {
             Ok(()) => Attempt::Running("the VM runs again on the source (cont)"),
             Err(e) if refusal_clears(&e) => Attempt::Refused(e),
@@ -90,13 +115,8 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was_running: bool, timeout: Duration)
 /// Give the VM `vm` (its QEMU on `qmp`) back after a rollback: one attempt now, and when QEMU's
 /// refusal clears by itself, more in the background ([`keep_trying`]). Returns where the VM
 /// stands, for the operator.
-pub(crate) async fn give_back(
-    ctx: &Arc<Ctx>,
-    vm: &str,
-    qmp: &mut Qmp,
-    was_running: bool,
-) -> String {
-    match attempt(qmp, was_running, ctx.step_timeout()).await {
+pub(crate) async fn give_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was) -> String {
+    match attempt(qmp, was, ctx.step_timeout()).await {
         Attempt::Running(how) => {
             ctx.resuming.lock().expect("resuming lock").remove(vm);
             format!("rolled back: {how}")
@@ -127,7 +147,7 @@ pub(crate) async fn give_back(
 }
 
 /// Run the VM `vm` again after a settlement gave it back (the destination never committed):
-/// as it was before the migration, `cont` unless it was paused then.
+/// `cont` unless the journal says it was paused (at the claim or the switch-over).
 pub(crate) async fn resume_given_back(
     ctx: &Arc<Ctx>,
     vm: &str,
@@ -135,7 +155,7 @@ pub(crate) async fn resume_given_back(
     paused_before: bool,
 ) -> String {
     match Qmp::connect(qmp_path, ctx.step_timeout()).await {
-        Ok(mut qmp) => give_back(ctx, vm, &mut qmp, !paused_before).await,
+        Ok(mut qmp) => give_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await,
         Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
     }
 }
@@ -201,14 +221,14 @@ pub(crate) async fn cont_until_running(
         if !still_ours() {
             return Err("the journal no longer gives the VM to this host: retries stopped".into());
         }
-        match attempt(&mut qmp, true, timeout).await {
+        match attempt(&mut qmp, Was::Running, timeout).await {
             Attempt::Running(how) => return Ok(how),
             Attempt::StoppedMeanwhile(_) => {
                 return Ok("stopped meanwhile by someone else: left so")
             }
             Attempt::Refused(e) => note(&e.to_string()),
             Attempt::Failed(why) => return Err(format!("{why}; resume the VM by hand")),
-            Attempt::PausedAsBefore => unreachable!("attempt(was_running = true) resumes"),
+            Attempt::PausedAsBefore => unreachable!("attempt(Was::Running) resumes"),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::ctx::Ctx;
 use crate::driver::reconcile::Action;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp, StatusInfo};
 
-use super::giveback::give_back;
+use super::giveback::{give_back, Was};
 
 /// Connection attempts before a VM's reconciliation is left to the operator (with the
 /// give-back's pauses, about a minute).
@@ -71,7 +71,7 @@ pub(crate) async fn reconcile(
     };
     match action {
         Action::GiveBack { paused_before } if stopped_by_migration(&st, &m) => {
-            give_back(ctx, vm, &mut qmp, !paused_before).await
+            give_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await
         }
         Action::Discard if holds_incoming(&st, &m) => match qmp.quit_and_wait(ctx.step_timeout()).await {
             Ok(()) => "the destination QEMU left from the interrupted migration was discarded (quit); it never ran here".into(),

@@ -28,7 +28,7 @@ use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 
 use super::disk::SourceDisk;
-use super::giveback::give_back;
+use super::giveback::{give_back, Was};
 use super::mirror::{Mirrors, Relayed, SourceMirror};
 use super::pumps::{open_pump, seal_pump, Carried, Received, Sent};
 use super::{socket_dir, socket_path};
@@ -81,8 +81,10 @@ fn downtime_step(target: u64, steps: u32, rounds: u64) -> u64 {
 pub(crate) struct QemuSource {
     vm: String,
     qmp: Qmp,
-    /// The guest ran when the order claimed it (the claim journals it).
-    was_running: bool,
+    /// The guest is stopped, and not by this migration: paused at the claim, or stopped since
+    /// by someone else (`Seen::held` keeps it from QEMU's events during the migration). The
+    /// switch-over hands it over so, and a give-back leaves it so.
+    held: bool,
     /// Read-only disks copied before QEMU's stream (empty with shared storage).
     disks: Vec<SourceDisk>,
     /// Writable disks mirrored live (spec/qemu.md §5).
@@ -133,7 +135,7 @@ impl QemuSource {
         Ok(Self {
             vm: body.vm.clone(),
             qmp,
-            was_running: status.running,
+            held: !status.running,
             disks,
             mirror_disks,
             mirrors: None,
@@ -147,7 +149,7 @@ impl QemuSource {
 
     /// Whether the VM was paused when the migration started (it stays paused if given back).
     pub fn paused_before(&self) -> bool {
-        !self.was_running
+        self.held
     }
 }
 
@@ -189,7 +191,14 @@ impl SourceVm for QemuSource {
         if let Some(m) = &mut self.mirrors {
             m.tear_down(&mut self.qmp).await;
         }
-        give_back(ctx, &self.vm, &mut self.qmp, !paused).await
+        // The journal knows a paused hand-over; only the live events know a stop of someone
+        // else's whose switch-over went unseen (a failure first).
+        let was = match (self.held, paused) {
+            (false, _) => Was::Running,
+            (true, true) => Was::Paused,
+            (true, false) => Was::StoppedMeanwhile,
+        };
+        give_back(ctx, &self.vm, &mut self.qmp, was).await
     }
 
     fn keep_stopped(self, _ctx: &Arc<Ctx>) {
@@ -231,23 +240,26 @@ async fn transfer(
     }
     let disk_ms = vm.started.elapsed().as_millis() as u64;
     let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
-    // The claim's reading decides what is handed over (`paused_before`); how the switch-over
-    // shows also depends on the guest now (an operator may have stopped it since the claim).
-    let running = vm.was_running && vm.qmp.query_status().await?.running;
-    let switch = Switch::choose(!vm.mirror_disks.is_empty(), running);
-    // A guest that ran at the claim and is stopped now: someone else's stop, in place.
-    let held = vm.was_running && !running;
+    // The guest as it is now (an operator may have stopped or run it since the claim): how
+    // the switch-over shows, and what is handed over. Older events say nothing about this
+    // migration; from this reading on, `follow` keeps up with them.
+    vm.qmp.take_events();
+    vm.held = !vm.qmp.query_status().await?.running;
+    let switch = Switch::choose(!vm.mirror_disks.is_empty(), !vm.held);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
     let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
+    let mut seen = Seen::new(switch, vm.held);
     let done = follow(
         &mut vm.qmp,
         link,
-        (&mut ladder, switch, held),
+        (&mut ladder, &mut seen),
         vm.started,
         pumps,
         vm.mirrors.as_mut(),
     )
-    .await?;
+    .await;
+    vm.held = seen.held;
+    let done = done?;
     Ok(transferred(
         done,
         ladder.forced,
@@ -499,7 +511,6 @@ async fn start_qemu(
     let path = socket_path(&dir, "out", order.id())?;
     let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
     let uri = format!("unix:{}", path.display());
-    qmp.take_events(); // older events (a STOP before now) say nothing about this migration
     qmp.migrate(&uri).await?;
     let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
     let _ = std::fs::remove_file(&path);
@@ -620,30 +631,17 @@ struct Done {
 
 /// Follow QEMU's migration to `completed` and the stream to its end: progress, the downtime
 /// ladder, the switch-over (`migrate-continue` at `pre-switchover`, or the guest's `STOP`),
-/// the pumps' results, and any message from the destination (an abort). `held`: someone
-/// else stopped the guest since the claim (`Seen::held`).
+/// the pumps' results, and any message from the destination (an abort), into `seen`.
 async fn follow(
     qmp: &mut Qmp,
     mut link: SourceLink<'_>,
-    (ladder, switch, held): (&mut Ladder, Switch, bool),
+    (ladder, seen): (&mut Ladder, &mut Seen),
     started: Instant,
     (mut fwd_rx, mut ret_rx): Pumps,
     mut mirrors: Option<&mut Mirrors>,
 ) -> Result<Done, AgentError> {
     let mut poll = tokio::time::interval(POLL);
     let mut sent: Option<Sent> = None;
-    let mut seen = Seen {
-        switch,
-        completed: None,
-        paused_at: None,
-        stopped_at: None,
-        held,
-        remaining_pages: 0,
-        last_sync: u64::MAX,
-        last_report: Instant::now(),
-        blocks: Vec::new(),
-        steps: Vec::new(),
-    };
     let mut ret_done = false;
     while sent.is_none() || seen.completed.is_none() {
         // On a poll tick or a MIGRATION event, look at QEMU's migration state.
@@ -663,7 +661,7 @@ async fn follow(
                         if !stopped_for_switch_over(qmp).await? {
                             seen.held = true;
                         } else if seen.switch == Switch::Stop {
-                            seen.switched_over(&link, ev.at, "STOP seen").await?;
+                            seen.switched_over((&link, qmp), ev.at, "STOP seen").await?;
                         }
                     }
                 }
@@ -687,7 +685,7 @@ async fn follow(
             e = relay_ended(mirrors.as_deref_mut()), if seen.paused_at.is_none() => return Err(e),
         }
         if look && seen.completed.is_none() {
-            look_at(qmp, &link, ladder, &mut seen, mirrors.as_deref_mut()).await?;
+            look_at(qmp, &link, ladder, seen, mirrors.as_deref_mut()).await?;
         }
         if started.elapsed() > Duration::from_secs(3600) {
             return Err(AgentError::Timeout(
@@ -695,7 +693,7 @@ async fn follow(
             ));
         }
     }
-    let (Some(sent), Some(info)) = (sent, seen.completed) else {
+    let (Some(sent), Some(info)) = (sent, seen.completed.take()) else {
         unreachable!("the loop ends only when both are set");
     };
     // verify = "full": QEMU completed, so its images are flushed and inactive; the guest is
@@ -715,8 +713,8 @@ async fn follow(
         info,
         paused_at: seen.paused_at.unwrap_or_else(Instant::now),
         digest,
-        blocks: seen.blocks,
-        steps: seen.steps,
+        blocks: std::mem::take(&mut seen.blocks),
+        steps: std::mem::take(&mut seen.steps),
     })
 }
 
@@ -743,9 +741,10 @@ struct Seen {
     paused_at: Option<Instant>,
     /// The time of QEMU's last `STOP` event (forgotten at a `RESUME`).
     stopped_at: Option<SystemTime>,
-    /// Someone else's stop is in place (an operator's `stop`, an I/O error: a `STOP` that was
-    /// not the switch-over's, no `RESUME` since). At the switch-over it means the guest is
-    /// handed over stopped, as QEMU hands over the runstate it finds at completion.
+    /// The guest is stopped, and not by this migration (paused at the claim and not run since,
+    /// or a `STOP` that was not the switch-over's: an operator's `stop`, an I/O error; cleared by
+    /// a `RESUME`). At the switch-over it means the guest is handed over paused, as QEMU hands
+    /// over the runstate it finds at completion.
     held: bool,
     /// Pages left to send at the last look before the switch-over.
     remaining_pages: u64,
@@ -758,6 +757,22 @@ struct Seen {
 }
 
 impl Seen {
+    /// Nothing seen yet; `held`: `QemuSource::held` as QEMU starts migrating.
+    fn new(switch: Switch, held: bool) -> Self {
+        Self {
+            switch,
+            completed: None,
+            paused_at: None,
+            stopped_at: None,
+            held,
+            remaining_pages: 0,
+            last_sync: u64::MAX,
+            last_report: Instant::now(),
+            blocks: Vec::new(),
+            steps: Vec::new(),
+        }
+    }
+
     /// The pages `m` says are left to send.
     fn note_remaining(&mut self, m: &MigrationInfo) {
         if let Some(ram) = &m.ram {
@@ -766,21 +781,22 @@ impl Seen {
     }
 
     /// The guest stopped for the switch-over, at `at` by QEMU's stamp (its `STOP`; now when
-    /// unknown): the downtime starts and the ladder is done; with someone else's stop still in
-    /// place, the guest is handed over paused (journalled with the next record). Once; `step`
-    /// names the sign.
+    /// unknown): the downtime starts and the ladder is done; the guest is handed over paused if
+    /// it is `held` (journalled with the next record; a `RESUME` still queued in `qmp` undid
+    /// that). Once; `step` names the sign.
     async fn switched_over(
         &mut self,
-        link: &SourceLink<'_>,
+        (link, qmp): (&SourceLink<'_>, &Qmp),
         at: Option<SystemTime>,
         step: &'static str,
     ) -> Result<(), AgentError> {
         if self.paused_at.is_some() {
             return Ok(());
         }
-        if self.held {
-            link.hands_over_paused()?;
+        if qmp.queued("RESUME").is_some() {
+            self.held = false;
         }
+        link.hands_over(self.held)?;
         self.paused_at = Some(instant_of(at));
         self.steps.push((step, Instant::now()));
         debug!(
@@ -811,7 +827,8 @@ async fn look_at(
     match m.status() {
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
             seen.note_remaining(&m);
-            seen.switched_over(link, queued_stop.or(seen.stopped_at), "pre-switchover seen")
+            let at = queued_stop.or(seen.stopped_at);
+            seen.switched_over((link, qmp), at, "pre-switchover seen")
                 .await?;
             // The disks first (the guest is stopped, so they are final): complete every
             // mirror and end its NBD stream, then QEMU may send the device state.
@@ -861,10 +878,10 @@ async fn stop_mode_switch_over(
         return Ok(queued_stop.flatten());
     }
     if queued_stop.is_some() && stopped_for_switch_over(qmp).await? {
-        seen.switched_over(link, queued_stop.flatten(), "STOP seen")
+        seen.switched_over((link, qmp), queued_stop.flatten(), "STOP seen")
             .await?;
     } else if seen.held && stopped_for_switch_over(qmp).await? {
-        seen.switched_over(link, None, "switch-over of a stopped guest seen")
+        seen.switched_over((link, qmp), None, "switch-over of a stopped guest seen")
             .await?;
     }
     Ok(queued_stop.flatten())
@@ -888,7 +905,7 @@ async fn precopy_step(
     if switching && seen.switch == Switch::Stop {
         seen.note_remaining(&m);
         let at = qmp.queued("STOP").and_then(|e| e.at);
-        seen.switched_over(link, at, "STOP seen").await?;
+        seen.switched_over((link, qmp), at, "STOP seen").await?;
     }
     // After that wait, the order's action is judged on QEMU as it is now.
     let m = if out_of_rounds && !switching {
