@@ -50,16 +50,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), AgentError> {
     match cli.cmd {
-        Cmd::Init { home, listen, tcti } => {
-            let h = Home::at(home.home);
-            let id = admin::init(&h, &listen, &tcti)?;
-            println!("{}", hex::encode(id));
-            eprintln!(
-                "created {}: identity above; next: `trustmig trust add-peer`, `trustmig trust add-operator`, `trustmig attest enroll`",
-                h.root().display()
-            );
-            Ok(())
-        }
+        Cmd::Init { home, listen, tcti } => init(&Home::at(home.home), &listen, &tcti),
         Cmd::Operator(OperatorCmd::Keygen { out }) => {
             let public = trustmig_agent::identity::operator_keygen(&out)?;
             println!("{}", hex::encode(public));
@@ -76,39 +67,32 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         Cmd::Migrate { home, order, json } => migrate(&Home::at(home.home), &order, json),
         Cmd::Evacuate { home, orders } => evacuate(&Home::at(home.home), &orders),
         Cmd::Doctor { home, peers } => doctor(&Home::at(home.home), &peers),
-        Cmd::Reload { home } => {
-            let socket = Home::at(home.home).control_socket();
-            match runtime()?.block_on(control::request(&socket, &Request::Reload))? {
-                Reply::Reloaded(what) => println!("{what}"),
-                other => return Err(refused(other)),
+        Cmd::Reload { home } => match ask(&Home::at(home.home), &Request::Reload)? {
+            Reply::Reloaded(what) => say(&what),
+            other => Err(refused(other)),
+        },
+        Cmd::Status { home, json } => match ask(&Home::at(home.home), &Request::Status)? {
+            Reply::Status(v) if json => say(&v),
+            Reply::Status(v) => {
+                print!("{}", trustmig_agent::progress::status_text(&v));
+                Ok(())
             }
-            Ok(())
-        }
-        Cmd::Status { home, json } => {
-            let socket = Home::at(home.home).control_socket();
-            match runtime()?.block_on(control::request(&socket, &Request::Status))? {
-                Reply::Status(v) if json => println!("{v}"),
-                Reply::Status(v) => print!("{}", trustmig_agent::progress::status_text(&v)),
-                other => return Err(refused(other)),
-            }
-            Ok(())
-        }
+            other => Err(refused(other)),
+        },
         Cmd::Settle {
             home,
             order_id,
             resume_here,
             moved: _,
         } => {
-            let socket = Home::at(home.home).control_socket();
             let req = Request::Settle {
                 order_id,
                 resume_here,
             };
-            match runtime()?.block_on(control::request(&socket, &req))? {
-                Reply::Settled(what) => println!("{what}"),
-                other => return Err(refused(other)),
+            match ask(&Home::at(home.home), &req)? {
+                Reply::Settled(what) => say(&what),
+                other => Err(refused(other)),
             }
-            Ok(())
         }
         Cmd::Qemu(q) => qemu(q),
         Cmd::Bench {
@@ -132,28 +116,61 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             streams,
             json,
             keep,
-        } => {
-            if size_mib == 0 || !(1..=16).contains(&streams) || downtime_ms == 0 {
-                return Err(AgentError::Usage(
-                    "--size-mib and --downtime-ms must be > 0, --streams in 1..=16".into(),
-                ));
-            }
-            let mut a = trustmig_agent::demo::DemoArgs {
-                json,
-                keep,
-                streams,
-                ..Default::default()
-            };
-            a.vm.size_mib = size_mib;
-            a.vm.dirty_pages_per_sec = dirty_pages_per_sec;
-            a.limits.downtime_ms = downtime_ms;
-            let s = runtime()?.block_on(trustmig_agent::demo::run(a))?;
-            if json {
-                println!("{}", serde_json::to_string(&s).unwrap_or_default());
-            }
-            Ok(())
-        }
+        } => demo(
+            (size_mib, dirty_pages_per_sec, downtime_ms),
+            streams,
+            (json, keep),
+        ),
     }
+}
+
+/// `trustmig init`: a new home, its identity printed.
+fn init(h: &Home, listen: &str, tcti: &str) -> Result<(), AgentError> {
+    let id = admin::init(h, listen, tcti)?;
+    println!("{}", hex::encode(id));
+    eprintln!(
+        "created {}: identity above; next: `trustmig trust add-peer`, `trustmig trust add-operator`, `trustmig attest enroll`",
+        h.root().display()
+    );
+    Ok(())
+}
+
+/// Print a command's answer.
+fn say(what: &dyn std::fmt::Display) -> Result<(), AgentError> {
+    println!("{what}");
+    Ok(())
+}
+
+/// One request to the agent of `home` over its control socket; its one reply.
+fn ask(home: &Home, req: &Request) -> Result<Reply, AgentError> {
+    runtime()?.block_on(control::request(&home.control_socket(), req))
+}
+
+/// `trustmig demo`: one attested migration of a synthetic VM on this machine.
+fn demo(
+    (size_mib, dirty_pages_per_sec, downtime_ms): (u64, u64, u32),
+    streams: u16,
+    (json, keep): (bool, bool),
+) -> Result<(), AgentError> {
+    if size_mib == 0 || !(1..=16).contains(&streams) || downtime_ms == 0 {
+        return Err(AgentError::Usage(
+            "--size-mib and --downtime-ms must be > 0, --streams in 1..=16".into(),
+        ));
+    }
+    let mut a = trustmig_agent::demo::DemoArgs {
+        json,
+        keep,
+        streams,
+        ..Default::default()
+    };
+    a.vm.size_mib = size_mib;
+    a.vm.dirty_pages_per_sec = dirty_pages_per_sec;
+    a.limits.downtime_ms = downtime_ms;
+    let s = runtime()?.block_on(trustmig_agent::demo::run(a))?;
+    if json {
+        println!("{}", serde_json::to_string(&s).unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// `trustmig bench`: downtime and bytes against the dirty rate, and peak memory.
@@ -373,11 +390,10 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
         }
         OrderCmd::Revoke { home, file } => {
             let bytes = std::fs::read(&file).map_err(AgentError::io(&file))?;
-            let socket = Home::at(home.home).control_socket();
             let req = Request::Revoke {
                 order: hex::encode(bytes),
             };
-            match runtime()?.block_on(control::request(&socket, &req))? {
+            match ask(&Home::at(home.home), &req)? {
                 Reply::Revoked(what) => println!("{what}"),
                 other => return Err(refused(other)),
             }
@@ -459,10 +475,7 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
 
 /// `trustmig audit anchor`: only with the agent stopped (it owns the trail and the TPM).
 fn reanchor(home: &Home, reason: &str) -> Result<(), AgentError> {
-    if runtime()?
-        .block_on(control::request(&home.control_socket(), &Request::Status))
-        .is_ok()
-    {
+    if ask(home, &Request::Status).is_ok() {
         return Err(AgentError::Usage(
             "the agent is running: stop it first (it appends to the trail and holds the TPM)"
                 .into(),

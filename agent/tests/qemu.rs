@@ -475,13 +475,7 @@ async fn assert_moved(s: &mut Setup, summary: &Summary) {
         checks.iter().all(|&(_, bad)| bad == 0),
         "guest data area after the move: {checks:?}"
     );
-    let before = s.src.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        s.src.ticks().len(),
-        before,
-        "the source guest stays stopped"
-    );
+    assert_stays_stopped(&s.src, "the source guest stays stopped").await;
     assert!(
         summary.guest_bytes >= u64::from(MEM_MIB) << 20,
         "{summary:?}"
@@ -634,9 +628,7 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
     );
     assert_journalled_paused(&s.pair.src, true);
     assert_journalled_paused(&s.pair.dst, true);
-    let before = s.dst.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
+    assert_stays_stopped(&s.dst, "the guest stays paused").await;
     s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
     assert_moved(&mut s, &summary).await;
 }
@@ -710,6 +702,13 @@ async fn try_migrate_slowly(s: &mut Setup) -> (Result<Summary, String>, Vec<Prog
     tokio::time::timeout(Duration::from_secs(180), migrate_with(s, &addr, limits))
         .await
         .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()))
+}
+
+/// The guest `g` does not tick for half a second: `what` (it stays stopped) holds.
+async fn assert_stays_stopped(g: &QemuVm, what: &str) {
+    let before = g.ticks().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(g.ticks().len(), before, "{what}");
 }
 
 /// Every COMMIT and DONE record in the journal of `home` says whether the VM was handed over
@@ -816,9 +815,7 @@ async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
     );
     assert_journalled_paused(&s.pair.src, true);
     assert_journalled_paused(&s.pair.dst, true);
-    let before = s.dst.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
+    assert_stays_stopped(&s.dst, "the guest stays paused").await;
     s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
     assert_moved(&mut s, &summary).await;
 }
@@ -873,9 +870,7 @@ async fn qemu_a_guest_stopped_during_precopy_is_given_back_stopped() {
         s.logs()
     );
     assert_eq!(s.src.status().await.as_deref(), Ok("paused"), "{err}");
-    let before = s.src.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.src.ticks().len(), before, "the guest stays stopped");
+    assert_stays_stopped(&s.src, "the guest stays stopped").await;
     q.cont().await.expect("the operator's cont");
     assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
 }
@@ -908,9 +903,7 @@ async fn qemu_a_guest_stopped_at_the_switch_over_is_given_back_stopped() {
         rolled_back.contains("\"rolled-back\"") && rolled_back.contains("\"paused_before\":true"),
         "{journal}"
     );
-    let before = s.src.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.src.ticks().len(), before, "the guest stays stopped");
+    assert_stays_stopped(&s.src, "the guest stays stopped").await;
     q.cont().await.expect("the operator's cont");
     assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
 }
@@ -950,9 +943,7 @@ async fn qemu_a_paused_guest_committed_before_a_crash_stays_paused_after_restart
     assert!(logs.contains("handed over paused"), "{logs}");
     assert_eq!(s.dst.status().await.as_deref(), Ok("paused"), "{logs}");
     assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"), "{logs}");
-    let before = s.dst.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.dst.ticks().len(), before, "the guest stays paused");
+    assert_stays_stopped(&s.dst, "the guest stays paused").await;
 }
 
 /// The downtime ladder (spec/qemu.md §3): the source QEMU's first pass runs with a 1 ms limit,
@@ -1370,13 +1361,7 @@ async fn assert_destination_runs_alone(s: &mut Setup, within: Duration) {
     }
     s.dst.wait_ticks(10, Duration::from_secs(30));
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
-    let before = s.src.ticks().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        s.src.ticks().len(),
-        before,
-        "the source guest stays stopped"
-    );
+    assert_stays_stopped(&s.src, "the source guest stays stopped").await;
     let dst = agent_status(&s.pair.dst).await;
     assert!(dst.contains(&format!("{VM:20} QEMU: running")), "{dst}");
     let src = agent_status(&s.pair.src).await;

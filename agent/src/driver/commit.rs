@@ -59,6 +59,11 @@ impl Commit {
         }
     }
 
+    /// The order it decides.
+    pub fn id(&self) -> OrderId {
+        self.id
+    }
+
     /// The machine.
     pub fn side(&mut self) -> &mut Side {
         &mut self.side

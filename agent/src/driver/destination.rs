@@ -493,7 +493,7 @@ impl Session {
                                     )
                                     .into());
                                 }
-                                let id = self.order_id.expect("order known after handshake");
+                                let id = commit.id();
                                 ctx.journal
                                     .lock()
                                     .expect("journal lock")
@@ -551,7 +551,7 @@ impl Session {
         commit: &mut Commit,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
-        let id = self.order_id.expect("order known after handshake");
+        let id = commit.id();
         // `Commit` verified after our `Ready` (DestMigration checked it).
         commit.with_evidence(dm.evidence());
         commit.feed(&self.ctx, Input::Commit, "");

@@ -249,6 +249,15 @@ mod tests {
         refusals: usize,
         other: Option<&'static str>,
     ) -> (tempfile::TempDir, PathBuf, Arc<AtomicUsize>) {
+        fake_qemu_in("postmigrate", refusals, other)
+    }
+
+    /// [`fake_qemu`] stopped in the runstate `stopped`.
+    fn fake_qemu_in(
+        stopped: &'static str,
+        refusals: usize,
+        other: Option<&'static str>,
+    ) -> (tempfile::TempDir, PathBuf, Arc<AtomicUsize>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("qmp.sock");
         let l = UnixListener::bind(&path).expect("bind");
@@ -272,7 +281,7 @@ mod tests {
                             "query-migrate" => ok(serde_json::json!({"status": "completed"})),
                             "query-status" => {
                                 let r = *running.lock().expect("lock");
-                                let st = if r { "running" } else { "postmigrate" };
+                                let st = if r { "running" } else { stopped };
                                 ok(serde_json::json!({"running": r, "status": st}))
                             }
                             "cont" => {
@@ -298,6 +307,45 @@ mod tests {
             }
         });
         (dir, path, conts)
+    }
+
+    /// `cont` only for a guest that ran and that the migration stopped: never for one paused
+    /// before or at the switch-over, nor for one someone else stopped meanwhile, seen so or
+    /// found in a runstate that is none of the migration's.
+    #[tokio::test]
+    async fn a_give_back_runs_only_a_guest_the_migration_stopped() {
+        let cases = [
+            (
+                "postmigrate",
+                Was::Running,
+                Some("the VM runs again on the source (cont)"),
+            ),
+            (
+                "finish-migrate",
+                Was::Running,
+                Some("the VM runs again on the source (cont)"),
+            ),
+            ("paused", Was::Running, None),
+            ("io-error", Was::Running, None),
+            ("postmigrate", Was::StoppedMeanwhile, None),
+            ("postmigrate", Was::Paused, None),
+        ];
+        for (state, was, want) in cases {
+            let (_d, path, conts) = fake_qemu_in(state, 0, None);
+            let mut qmp = Qmp::connect(&path, Duration::from_secs(5))
+                .await
+                .expect("qmp");
+            let got = attempt(&mut qmp, was, Duration::from_secs(5)).await;
+            let ran = conts.load(Ordering::SeqCst);
+            match (want, &got) {
+                (Some(how), Attempt::Running(h)) => assert_eq!((*h, ran), (how, 1)),
+                (None, Attempt::PausedAsBefore) => assert_eq!((was, ran), (Was::Paused, 0)),
+                (None, Attempt::StoppedMeanwhile(st)) => {
+                    assert_eq!((st.as_str(), ran), (state, 0), "{was:?}")
+                }
+                _ => panic!("{state} {was:?}: {got:?}"),
+            }
+        }
     }
 
     #[tokio::test]
