@@ -162,6 +162,10 @@ pub struct Summary {
     /// The switch-over as the source saw it, step by step, from the guest's stop.
     #[serde(default)]
     pub timeline: Vec<Step>,
+    /// The guest was stopped, not by the migration, when it switched over: the destination
+    /// holds it paused until its operator runs it (SPEC.md §8.7).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over_paused: bool,
 }
 
 /// One step of the switch-over: what happened, microseconds after the guest stopped.

@@ -215,7 +215,7 @@ pub fn lose_resumed() -> bool {
     false
 }
 
-/// The source's `SwitchOver` says the guest was paused before the migration.
+/// The source's `SwitchOver` says the guest is handed over paused, whatever it was.
 pub fn hand_over_paused() -> bool {
     #[cfg(feature = "fault-injection")]
     return on::faults().hand_over_paused;

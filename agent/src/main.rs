@@ -117,9 +117,12 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             json,
             keep,
         } => demo(
-            (size_mib, dirty_pages_per_sec, downtime_ms),
+            size_mib,
+            dirty_pages_per_sec,
+            downtime_ms,
             streams,
-            (json, keep),
+            json,
+            keep,
         ),
     }
 }
@@ -135,7 +138,7 @@ fn init(h: &Home, listen: &str, tcti: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Print a command's answer.
+/// Print the agent's answer to a command, on stdout (scripts read it there).
 fn say(what: &dyn std::fmt::Display) -> Result<(), AgentError> {
     println!("{what}");
     Ok(())
@@ -148,9 +151,12 @@ fn ask(home: &Home, req: &Request) -> Result<Reply, AgentError> {
 
 /// `trustmig demo`: one attested migration of a synthetic VM on this machine.
 fn demo(
-    (size_mib, dirty_pages_per_sec, downtime_ms): (u64, u64, u32),
+    size_mib: u64,
+    dirty_pages_per_sec: u64,
+    downtime_ms: u32,
     streams: u16,
-    (json, keep): (bool, bool),
+    json: bool,
+    keep: bool,
 ) -> Result<(), AgentError> {
     if size_mib == 0 || !(1..=16).contains(&streams) || downtime_ms == 0 {
         return Err(AgentError::Usage(
@@ -475,7 +481,13 @@ fn audit(a: AuditCmd) -> Result<(), AgentError> {
 
 /// `trustmig audit anchor`: only with the agent stopped (it owns the trail and the TPM).
 fn reanchor(home: &Home, reason: &str) -> Result<(), AgentError> {
-    if ask(home, &Request::Status).is_ok() {
+    // An agent that answers holds the trail and the TPM; only a failure to ask at all (no
+    // runtime) must not pass for "stopped".
+    let rt = runtime()?;
+    if rt
+        .block_on(control::request(&home.control_socket(), &Request::Status))
+        .is_ok()
+    {
         return Err(AgentError::Usage(
             "the agent is running: stop it first (it appends to the trail and holds the TPM)"
                 .into(),

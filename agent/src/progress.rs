@@ -164,6 +164,10 @@ pub fn summary_text(s: &Summary) -> String {
         String::new()
     } else {
         format!("  final TPM quote     {}\n", s.final_quote)
+    } + if s.handed_over_paused {
+        "  handed over paused  it was stopped at the switch-over: it runs once its operator runs `cont` on the destination\n"
+    } else {
+        ""
     } + &if s.disk_bytes > 0 {
         format!(
             "  disks mirrored      {:.1} MiB in {} ms before memory moved\n",
@@ -253,4 +257,29 @@ pub fn status_text(v: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator reads that the guest waits, paused, on the destination, and only then.
+    #[test]
+    fn the_summary_says_when_the_guest_was_handed_over_paused() {
+        let s = Summary {
+            order_id: "00".repeat(16),
+            vm: "v".into(),
+            ..Summary::default()
+        };
+        assert!(!summary_text(&s).contains("handed over paused"));
+        let paused = Summary {
+            handed_over_paused: true,
+            ..s
+        };
+        let text = summary_text(&paused);
+        assert!(
+            text.contains("handed over paused") && text.contains("`cont` on the destination"),
+            "{text}"
+        );
+    }
 }

@@ -611,6 +611,7 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
     let addr = s.pair.dst_addr.clone();
     let (r, events) = migrate(&mut s, &addr, 300).await;
     let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(summary.handed_over_paused, "{summary:?}");
     assert!(events
         .iter()
         .any(|p| matches!(p, Progress::SwitchOver { .. })));
@@ -647,6 +648,7 @@ fn second_monitor(path: &Path) -> Vec<String> {
 /// A dirtying guest whose source QEMU has a second monitor for an operator's commands (and
 /// the temp dir holding its socket).
 async fn with_operator_monitor(
+    src_env: Vec<(String, String)>,
     dst_env: Vec<(String, String)>,
 ) -> Option<(Setup, Qmp, tempfile::TempDir)> {
     let mons = tempfile::tempdir().expect("tempdir");
@@ -655,6 +657,7 @@ async fn with_operator_monitor(
         append: "area=64 rate=64 check=25".into(),
         mem_mib: MEM_MIB,
         src_extra: second_monitor(&mon),
+        src_env,
         dst_env,
         ..VmOpts::default()
     };
@@ -711,6 +714,26 @@ async fn assert_stays_stopped(g: &QemuVm, what: &str) {
     assert_eq!(g.ticks().len(), before, "{what}");
 }
 
+/// The source journal of `home` has a record saying `what` between its claim and COMMIT.
+fn assert_journalled_at_the_switch_over(home: &trustmig_agent::home::Home, what: &str) {
+    let journal =
+        std::fs::read_to_string(home.journal_dir().join("journal.jsonl")).expect("journal");
+    let states: Vec<&str> = journal
+        .lines()
+        .filter(|l| l.contains("\"claimed\"") || l.contains("\"committed\""))
+        .map(|l| {
+            if l.contains(what) {
+                what
+            } else if l.contains("\"committed\"") {
+                "committed"
+            } else {
+                "claimed"
+            }
+        })
+        .collect();
+    assert_eq!(states, ["claimed", what, "committed"], "{journal}");
+}
+
 /// Every COMMIT and DONE record in the journal of `home` says whether the VM was handed over
 /// `paused` (`paused_before`), and there is at least one.
 fn assert_journalled_paused(home: &trustmig_agent::home::Home, paused: bool) {
@@ -738,7 +761,7 @@ fn assert_journalled_paused(home: &trustmig_agent::home::Home, paused: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
     let _g = SERIAL.lock().await;
-    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new(), Vec::new()).await else {
         return;
     };
     let operator = tokio::spawn(async move {
@@ -777,7 +800,7 @@ async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
     let _g = SERIAL.lock().await;
-    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new(), Vec::new()).await else {
         return;
     };
     let operator = tokio::spawn(async move {
@@ -815,6 +838,9 @@ async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
     );
     assert_journalled_paused(&s.pair.src, true);
     assert_journalled_paused(&s.pair.dst, true);
+    // Not what the claim read: journalled at the switch-over, before COMMIT.
+    assert_journalled_at_the_switch_over(&s.pair.src, "handed over paused");
+    assert!(summary.handed_over_paused, "{summary:?}");
     assert_stays_stopped(&s.dst, "the guest stays paused").await;
     s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
     assert_moved(&mut s, &summary).await;
@@ -827,7 +853,7 @@ async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_paused_guest_run_during_precopy_is_handed_over_running() {
     let _g = SERIAL.lock().await;
-    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new(), Vec::new()).await else {
         return;
     };
     q.stop().await.expect("paused before the order");
@@ -839,6 +865,8 @@ async fn qemu_a_paused_guest_run_during_precopy_is_handed_over_running() {
     operator.await.expect("operator task");
     assert_journalled_paused(&s.pair.src, false);
     assert_journalled_paused(&s.pair.dst, false);
+    assert_journalled_at_the_switch_over(&s.pair.src, "handed over running");
+    assert!(!summary.handed_over_paused, "{summary:?}");
     assert_moved(&mut s, &summary).await;
 }
 
@@ -849,7 +877,7 @@ async fn qemu_a_paused_guest_run_during_precopy_is_handed_over_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_guest_stopped_during_precopy_is_given_back_stopped() {
     let _g = SERIAL.lock().await;
-    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new()).await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new(), Vec::new()).await else {
         return;
     };
     let dst_agent = s.pair.procs[1].as_ref().expect("destination agent").pid();
@@ -883,7 +911,7 @@ async fn qemu_a_guest_stopped_during_precopy_is_given_back_stopped() {
 async fn qemu_a_guest_stopped_at_the_switch_over_is_given_back_stopped() {
     let _g = SERIAL.lock().await;
     let crash = crash_at(CrashPoint::DestinationFinalChallenge);
-    let Some((mut s, mut q, _mons)) = with_operator_monitor(crash).await else {
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new(), crash).await else {
         return;
     };
     let operator = tokio::spawn(async move {
@@ -903,6 +931,39 @@ async fn qemu_a_guest_stopped_at_the_switch_over_is_given_back_stopped() {
         rolled_back.contains("\"rolled-back\"") && rolled_back.contains("\"paused_before\":true"),
         "{journal}"
     );
+    assert_stays_stopped(&s.src, "the guest stays stopped").await;
+    q.cont().await.expect("the operator's cont");
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+}
+
+/// spec/qemu.md §4: the source agent dies after a switch-over that hands over an operator's
+/// `stop` (not what the claim read: journalled then, fsync'd) and before COMMIT. The restarted
+/// source gives the guest back stopped, as that record says: its QEMU's `postmigrate` cannot
+/// tell. (With the flag kept in memory for the next record, the restart ran the guest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_paused_hand_over_survives_a_source_crash_before_commit() {
+    let _g = SERIAL.lock().await;
+    let crash = crash_at(CrashPoint::SourceFinalChallenge);
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(crash, Vec::new()).await else {
+        return;
+    };
+    let operator = tokio::spawn(async move {
+        stop_in_first_pass(&mut q).await;
+        q
+    });
+    let (r, _) = try_migrate_slowly(&mut s).await;
+    assert!(r.is_err(), "the source agent crashed: {r:?}");
+    let mut q = operator.await.expect("operator task");
+    wait_agent_exit(&mut s, 0, Duration::from_secs(10));
+    assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
+    s.pair.src_env.clear();
+    s.pair.start(0).expect("source agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.all_logs().contains("paused as it was") {
+        assert!(Instant::now() < deadline, "no give-back\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
     assert_stays_stopped(&s.src, "the guest stays stopped").await;
     q.cont().await.expect("the operator's cont");
     assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;

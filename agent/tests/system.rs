@@ -336,6 +336,7 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
     let id = fresh.dangerous_unverified_body().unwrap().order_id;
     trustmig_agent::admin::add_peer(&pair.dst, "intruder", rogue_key).unwrap();
     let query = Message::SettleQuery { order_id: id };
+    let intruded = std::time::Instant::now();
     match rt.block_on(raw_request(&rogue, &pair.dst_addr, pair.dst_id, &query)) {
         Ok(Message::Abort { reason, .. }) => {
             assert!(reason.contains("did not send it"), "{reason}");
@@ -404,7 +405,15 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
         .lines()
         .filter(|l| l.contains("\"order-refused\"") && l.contains(&intruder))
         .collect();
-    assert_eq!(refused.len(), BURST as usize, "{trail}");
+    // One more per minute since the intruder's first refusal (none on any but a crawling host).
+    let refills =
+        intruded.elapsed().as_secs() / trustmig_agent::driver::peer_budget::REFILL.as_secs();
+    let most = BURST as usize + refills as usize;
+    assert!(
+        (BURST as usize..=most).contains(&refused.len()),
+        "{} of at most {most}: {trail}",
+        refused.len()
+    );
     assert!(refused[0].contains("did not send it"), "{}", refused[0]);
     assert!(
         refused[1..]

@@ -46,9 +46,10 @@ pub struct Entry {
     /// The other agent: the destination (source role), the one agent answered about the order
     /// (destination role). `None` in records older than the field.
     pub peer: Option<AgentId>,
-    /// Source role: the VM was paused when the order claimed it, or handed over paused at the
-    /// switch-over, and stays paused when given back. Destination role: the VM's hypervisor was handed to the order (a restart that
-    /// finds it interrupted discards that hypervisor's state, and no other).
+    /// Source role: the VM is paused as the journal last read it (at the claim, then at the
+    /// switch-over if that differed), and stays paused when given back. Destination role: the
+    /// VM's hypervisor was handed to the order (a restart that finds it interrupted discards
+    /// that hypervisor's state, and no other).
     pub flag: bool,
 }
 

@@ -54,15 +54,15 @@ pub(crate) struct SourceLink<'a> {
 }
 
 impl SourceLink<'_> {
-    /// The guest is handed over paused or not, as it is at the switch-over (the claim's
-    /// reading until then). The journal keeps it for what reads it: the `SwitchOver`, a
-    /// give-back, a settlement (spec/qemu.md §4).
+    /// The guest is handed over `paused` or not, as it is at the switch-over, which is not what
+    /// the claim read (an operator stopped or ran it since). Journalled now, for what reads it:
+    /// the `SwitchOver`, a give-back, a settlement, a restart (spec/qemu.md §4).
     pub fn hands_over(&self, paused: bool) -> Result<(), AgentError> {
         self.ctx
             .journal
             .lock()
             .expect("journal lock")
-            .hands_over(self.order.id(), paused)
+            .hand_over_changed(self.order.id(), paused)
     }
 
     /// Report progress (the operator may have gone away: the migration goes on).

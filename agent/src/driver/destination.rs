@@ -208,8 +208,8 @@ impl Session {
             // Refused before any order was accepted (handshake, settlement query): nothing
             // was received, so there is nothing to discard.
             (None, _) => {
-                warn!("peer session refused: {e}");
-                // Audited within the peer's budget (`peer_budget`): past it, logged and counted.
+                warn!(peer = %hex(peer), "peer session refused: {e}");
+                // A trusted peer may be compromised: it must not grow the trail at will.
                 let now = std::time::Instant::now();
                 let Some(missed) = ctx.refusals_audited.allow_counting(peer, now) else {
                     return;

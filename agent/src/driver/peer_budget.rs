@@ -13,7 +13,8 @@
 //!   again (every 60 s at most);
 //! - the audit entries of its sessions refused before any order was accepted (a refused
 //!   settlement query, a handshake that fails): past its budget a refusal is logged and
-//!   counted (metrics) but not audited, and the next audited one says how many were not.
+//!   counted (the refusal metrics) but not audited, and the next audited one says how many
+//!   were not.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,7 +36,8 @@ pub struct PeerBudget {
 
 struct Bucket {
     tokens: u32,
-    /// When the next token started to be earned.
+    /// Whole `REFILL`s since then earn tokens (a full bucket earns none: the clock restarts
+    /// when one is found full).
     since: Instant,
     /// Refused since the last one allowed.
     refused: u64,

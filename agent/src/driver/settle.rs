@@ -62,8 +62,8 @@ pub struct InDoubt {
     pub destination: AgentId,
     /// The destination's address.
     pub addr: String,
-    /// A QEMU VM that was paused at the claim or the switch-over stays paused when it is given
-    /// back.
+    /// A QEMU VM the journal says is paused (at the claim, or the switch-over) stays paused when
+    /// it is given back.
     pub paused_before: bool,
 }
 

@@ -426,6 +426,7 @@ async fn session<B: SourceVm>(
                 us: at.saturating_duration_since(t.paused_at).as_micros() as u64,
             })
             .collect(),
+        handed_over_paused: paused,
         ..t.summary
     };
     commit.feed(

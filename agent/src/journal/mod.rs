@@ -52,9 +52,9 @@ pub struct Record {
     /// Source role: the destination's address (`host:port`), for the same query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
-    /// Source role, QEMU VMs: the VM was paused when the order claimed it, or someone else's
-    /// stop was still in place at the switch-over (carried from the next record on), so it is
-    /// handed over paused and a give-back leaves it paused (spec/qemu.md §4). Destination
+    /// Source role, QEMU VMs: the VM was paused when the order claimed it, or, from a record
+    /// written at the switch-over on, when it switched over (stopped, not by the migration),
+    /// so it is handed over paused and a give-back leaves it paused (spec/qemu.md §4). Destination
     /// role: the source said so in its `SwitchOver` (carried from the next record on, COMMIT
     /// in a migration that commits), so the VM is handed over paused, and a restart that
     /// finds it committed here does not run it either.
@@ -437,12 +437,10 @@ impl Journal {
         })
     }
 
-    /// This order's VM is handed over `paused` or not (a destination: as the source's
-    /// `SwitchOver` said; a source: as the guest was at the switch-over): the next record,
-    /// COMMIT or a rollback, carries it as [`Record::paused_before`]. Nothing is written now:
-    /// this comes in the guest's downtime. Before COMMIT a restarted destination discards the
-    /// VM whatever it was, and a restarted source has its claim's reading (spec/qemu.md §4
-    /// says what that costs).
+    /// This (destination) order's VM is handed over `paused` or not, as the source's
+    /// `SwitchOver` said: the next record, COMMIT or a rollback, carries it as
+    /// [`Record::paused_before`]. Nothing is written now: this comes in the guest's downtime,
+    /// and before COMMIT a restart discards the VM whatever it was.
     pub fn hands_over(&mut self, order_id: &OrderId, paused: bool) -> Result<(), AgentError> {
         let key = hex(order_id);
         let r = self
@@ -451,6 +449,28 @@ impl Journal {
             .ok_or_else(|| AgentError::Journal(format!("journal has no record of order {key}")))?;
         r.paused_before = paused;
         Ok(())
+    }
+
+    /// This (source) order's VM is handed over `paused` or not, which is not what its claim read
+    /// (an operator stopped or ran the guest during the migration): journalled now, fsync'd, in
+    /// the guest's downtime (only then), because a restart must give the guest back as it was
+    /// at the switch-over and the source's QEMU (`postmigrate` either way) cannot tell.
+    pub fn hand_over_changed(
+        &mut self,
+        order_id: &OrderId,
+        paused: bool,
+    ) -> Result<(), AgentError> {
+        let prev = self.latest_of(order_id)?;
+        self.append(Record {
+            paused_before: paused,
+            at: crate::unix_now(),
+            note: if paused {
+                "handed over paused: stopped at the switch-over, not by the migration".into()
+            } else {
+                "handed over running: run since the claim".into()
+            },
+            ..prev
+        })
     }
 
     /// Record that the hypervisor waiting for this claimed (destination) order was handed to
@@ -859,6 +879,29 @@ mod tests {
         let mut source = r.clone();
         source.role = Role::Source;
         assert!(source.entry().flag, "a source's flag is `paused_before`");
+    }
+
+    /// A source's hand-over that is not what its claim read is journalled at once, both ways,
+    /// and a reopened journal (a restart) gives the guest back as it was at the switch-over.
+    #[test]
+    fn a_changed_source_hand_over_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let (paused, ran) = ([5; 16], [6; 16]);
+        j.claim_for(&paused, Role::Source, "a", 10).unwrap();
+        j.claim_for(&ran, Role::Source, "b", 10).unwrap();
+        j.hand_over_changed(&paused, true).unwrap();
+        j.hand_over_changed(&ran, true).unwrap();
+        j.hand_over_changed(&ran, false).unwrap();
+        assert!(
+            j.hand_over_changed(&[7; 16], true).is_err(),
+            "an unknown order"
+        );
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let flag = |id| j.entry(&id).map(|e| (e.state, e.flag));
+        assert_eq!(flag(paused), Some((State::Claimed, true)));
+        assert_eq!(flag(ran), Some((State::Claimed, false)));
     }
 
     /// A note longer than `MAX_NOTE_CHARS` (error text a peer may have shaped) is cut, on a

@@ -95,11 +95,10 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attem
     if let Err(e) = cancel_migration(qmp, timeout).await {
         return Attempt::Failed(format!("QEMU did not answer ({e})"));
     }
-    if was == Was::Paused {
-        return Attempt::PausedAsBefore;
-    }
     match qmp.query_status().await {
+        // QEMU's cancel runs a guest that ran when it completed, whatever this agent thought.
         Ok(s) if s.running => Attempt::Running("the VM keeps running on the source"),
+        Ok(_) if was == Was::Paused => Attempt::PausedAsBefore,
         Ok(s) if was == Was::StoppedMeanwhile || !super::stopped_by_migration(&s.status) => {
             Attempt::StoppedMeanwhile(s.status)
         }

@@ -81,9 +81,11 @@ fn downtime_step(target: u64, steps: u32, rounds: u64) -> u64 {
 pub(crate) struct QemuSource {
     vm: String,
     qmp: Qmp,
-    /// The guest is stopped, and not by this migration: paused at the claim, or stopped since
-    /// by someone else (`Seen::held` keeps it from QEMU's events during the migration). The
-    /// switch-over hands it over so, and a give-back leaves it so.
+    /// The guest was paused when the order claimed it (the claim journals it).
+    paused_at_claim: bool,
+    /// The guest is stopped, and not by this migration: as read when QEMU starts migrating,
+    /// then kept from QEMU's events (`Seen::held`). The switch-over hands it over so, and a
+    /// give-back leaves it so.
     held: bool,
     /// Read-only disks copied before QEMU's stream (empty with shared storage).
     disks: Vec<SourceDisk>,
@@ -135,6 +137,7 @@ impl QemuSource {
         Ok(Self {
             vm: body.vm.clone(),
             qmp,
+            paused_at_claim: !status.running,
             held: !status.running,
             disks,
             mirror_disks,
@@ -147,9 +150,9 @@ impl QemuSource {
         })
     }
 
-    /// Whether the VM was paused when the migration started (it stays paused if given back).
+    /// Whether the VM was paused when the order claimed it (the claim journals it).
     pub fn paused_before(&self) -> bool {
-        self.held
+        self.paused_at_claim
     }
 }
 
@@ -248,7 +251,7 @@ async fn transfer(
     let switch = Switch::choose(!vm.mirror_disks.is_empty(), !vm.held);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
     let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
-    let mut seen = Seen::new(switch, vm.held);
+    let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
     let done = follow(
         &mut vm.qmp,
         link,
@@ -651,7 +654,8 @@ async fn follow(
             ev = qmp.event() => {
                 let ev = ev?;
                 if ev.name == "RESUME" {
-                    // An operator's stop and cont during pre-copy.
+                    // The guest runs again (an operator's `cont`, or QEMU's own after a
+                    // failure): no stop before this one holds it, nor starts a downtime.
                     seen.stopped_at = None;
                     seen.held = false;
                 }
@@ -741,11 +745,13 @@ struct Seen {
     paused_at: Option<Instant>,
     /// The time of QEMU's last `STOP` event (forgotten at a `RESUME`).
     stopped_at: Option<SystemTime>,
-    /// The guest is stopped, and not by this migration (paused at the claim and not run since,
-    /// or a `STOP` that was not the switch-over's: an operator's `stop`, an I/O error; cleared by
-    /// a `RESUME`). At the switch-over it means the guest is handed over paused, as QEMU hands
-    /// over the runstate it finds at completion.
+    /// The guest is stopped, and not by this migration (stopped as QEMU started migrating and
+    /// not run since, or a `STOP` that was not the switch-over's: an operator's `stop`, an I/O
+    /// error; cleared by a `RESUME`). At the switch-over it means the guest is handed over
+    /// paused, as QEMU hands over the runstate it finds at completion.
     held: bool,
+    /// What the journal says of the hand-over so far: the claim's reading.
+    journalled_paused: bool,
     /// Pages left to send at the last look before the switch-over.
     remaining_pages: u64,
     last_sync: u64,
@@ -757,14 +763,16 @@ struct Seen {
 }
 
 impl Seen {
-    /// Nothing seen yet; `held`: `QemuSource::held` as QEMU starts migrating.
-    fn new(switch: Switch, held: bool) -> Self {
+    /// Nothing seen yet; `held`: `QemuSource::held` as QEMU starts migrating, and whether the
+    /// claim journalled the guest paused.
+    fn new(switch: Switch, (held, journalled_paused): (bool, bool)) -> Self {
         Self {
             switch,
             completed: None,
             paused_at: None,
             stopped_at: None,
             held,
+            journalled_paused,
             remaining_pages: 0,
             last_sync: u64::MAX,
             last_report: Instant::now(),
@@ -782,8 +790,8 @@ impl Seen {
 
     /// The guest stopped for the switch-over, at `at` by QEMU's stamp (its `STOP`; now when
     /// unknown): the downtime starts and the ladder is done; the guest is handed over paused if
-    /// it is `held` (journalled with the next record; a `RESUME` still queued in `qmp` undid
-    /// that). Once; `step` names the sign.
+    /// it is `held` (a `RESUME` still queued in `qmp` undid that), journalled now if that is not
+    /// what the claim read. Once; `step` names the sign.
     async fn switched_over(
         &mut self,
         (link, qmp): (&SourceLink<'_>, &Qmp),
@@ -796,7 +804,12 @@ impl Seen {
         if qmp.queued("RESUME").is_some() {
             self.held = false;
         }
-        link.hands_over(self.held)?;
+        // Rare (an operator stopped or ran the guest during the migration), and durable: a
+        // restart gives the guest back as it is now, not as the claim read it.
+        if self.held != self.journalled_paused {
+            link.hands_over(self.held)?;
+            self.journalled_paused = self.held;
+        }
         self.paused_at = Some(instant_of(at));
         self.steps.push((step, Instant::now()));
         debug!(
@@ -867,7 +880,8 @@ async fn look_at(
 /// read during the command and still queued counts as seen (if QEMU stopped the guest for the
 /// switch-over before it answered, its last bitmap sync, which the look may already count, is
 /// no pre-copy round); and a guest someone else stopped during pre-copy (`Seen::held`) gives
-/// no `STOP` when QEMU switches over, so QEMU's runstate tells. Returns the queued `STOP`'s time, if any.
+/// no `STOP` when QEMU switches over, so QEMU's runstate tells. Returns the queued `STOP`'s
+/// time, if any.
 async fn stop_mode_switch_over(
     qmp: &mut Qmp,
     link: &SourceLink<'_>,
