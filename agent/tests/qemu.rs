@@ -870,6 +870,45 @@ async fn qemu_a_paused_guest_run_during_precopy_is_handed_over_running() {
     assert_moved(&mut s, &summary).await;
 }
 
+/// spec/qemu.md §2 (step 6), in `Pause` mode (the guest was paused at the claim): the
+/// operator runs it during pre-copy and stops it again. That `STOP` is not QEMU's (its
+/// runstate says `paused`), so the guest is handed over paused; QEMU's own stop at completion
+/// reads as the switch-over's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_guest_run_and_stopped_again_during_precopy_is_handed_over_paused() {
+    let _g = SERIAL.lock().await;
+    let Some((mut s, mut q, _mons)) = with_operator_monitor(Vec::new(), Vec::new()).await else {
+        return;
+    };
+    q.stop().await.expect("paused before the order");
+    let operator = tokio::spawn(async move {
+        into_first_pass(&mut q).await;
+        q.cont().await.expect("operator cont");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        q.stop().await.expect("operator stop");
+    });
+    let (summary, _) = migrate_slowly(&mut s).await;
+    operator.await.expect("operator task");
+    assert_eq!(
+        switch_steps(&summary),
+        ["pre-switchover seen", "migrate-continue done"],
+        "{:?}",
+        summary.timeline
+    );
+    assert!(summary.handed_over_paused, "{summary:?}");
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("paused"),
+        "{}",
+        s.logs()
+    );
+    assert_journalled_paused(&s.pair.src, true);
+    assert_journalled_paused(&s.pair.dst, true);
+    assert_stays_stopped(&s.dst, "the guest stays paused").await;
+    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
+    assert_moved(&mut s, &summary).await;
+}
+
 /// spec/qemu.md §4: an operator's `stop` during pre-copy stays the operator's when the
 /// migration fails. The destination agent dies (SIGKILL) while QEMU pre-copies the stopped
 /// guest; the source gives the VM back stopped, as QEMU's own rollback would, and says why.
