@@ -611,7 +611,6 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
     let addr = s.pair.dst_addr.clone();
     let (r, events) = migrate(&mut s, &addr, 300).await;
     let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
-    assert!(summary.handed_over_paused, "{summary:?}");
     assert!(events
         .iter()
         .any(|p| matches!(p, Progress::SwitchOver { .. })));
@@ -621,17 +620,7 @@ async fn qemu_migrates_a_paused_guest_and_hands_it_over_paused() {
         "{:?}",
         summary.timeline
     );
-    assert_eq!(
-        s.dst.status().await.as_deref(),
-        Ok("paused"),
-        "{}",
-        s.logs()
-    );
-    assert_journalled_paused(&s.pair.src, true);
-    assert_journalled_paused(&s.pair.dst, true);
-    assert_stays_stopped(&s.dst, "the guest stays paused").await;
-    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
-    assert_moved(&mut s, &summary).await;
+    assert_handed_over_paused(&mut s, &summary).await;
 }
 
 /// QEMU arguments for a second QMP monitor on a unix socket at `path` (events reach every
@@ -705,6 +694,24 @@ async fn try_migrate_slowly(s: &mut Setup) -> (Result<Summary, String>, Vec<Prog
     tokio::time::timeout(Duration::from_secs(180), migrate_with(s, &addr, limits))
         .await
         .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()))
+}
+
+/// The guest was handed over paused: the summary and both journals say so, the destination
+/// QEMU waits `paused` and its guest does not run until the operator's `cont` there, after
+/// which the move is complete (`assert_moved`).
+async fn assert_handed_over_paused(s: &mut Setup, summary: &Summary) {
+    assert!(summary.handed_over_paused, "{summary:?}");
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("paused"),
+        "{}",
+        s.logs()
+    );
+    assert_journalled_paused(&s.pair.src, true);
+    assert_journalled_paused(&s.pair.dst, true);
+    assert_stays_stopped(&s.dst, "the guest stays paused").await;
+    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
+    assert_moved(s, summary).await;
 }
 
 /// The guest `g` does not tick for half a second: `what` (it stays stopped) holds.
@@ -830,20 +837,9 @@ async fn qemu_an_operator_stop_left_in_place_is_seen_at_the_switch_over() {
         "downtime {} ms, the operator's stop {since_stop:?} ago: {summary:?}",
         summary.downtime_ms
     );
-    assert_eq!(
-        s.dst.status().await.as_deref(),
-        Ok("paused"),
-        "{}",
-        s.logs()
-    );
-    assert_journalled_paused(&s.pair.src, true);
-    assert_journalled_paused(&s.pair.dst, true);
     // Not what the claim read: journalled at the switch-over, before COMMIT.
     assert_journalled_at_the_switch_over(&s.pair.src, "handed over paused");
-    assert!(summary.handed_over_paused, "{summary:?}");
-    assert_stays_stopped(&s.dst, "the guest stays paused").await;
-    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
-    assert_moved(&mut s, &summary).await;
+    assert_handed_over_paused(&mut s, &summary).await;
 }
 
 /// spec/qemu.md §2 (step 6): what is handed over is the guest as QEMU switches over, not as
@@ -895,18 +891,7 @@ async fn qemu_a_guest_run_and_stopped_again_during_precopy_is_handed_over_paused
         "{:?}",
         summary.timeline
     );
-    assert!(summary.handed_over_paused, "{summary:?}");
-    assert_eq!(
-        s.dst.status().await.as_deref(),
-        Ok("paused"),
-        "{}",
-        s.logs()
-    );
-    assert_journalled_paused(&s.pair.src, true);
-    assert_journalled_paused(&s.pair.dst, true);
-    assert_stays_stopped(&s.dst, "the guest stays paused").await;
-    s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
-    assert_moved(&mut s, &summary).await;
+    assert_handed_over_paused(&mut s, &summary).await;
 }
 
 /// spec/qemu.md §4: an operator's `stop` during pre-copy stays the operator's when the

@@ -124,7 +124,7 @@ pub(crate) async fn give_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was)
             "rolled back: the VM stays on the source, paused as it was".into()
         }
         Attempt::StoppedMeanwhile(state) => format!(
-            "rolled back: the VM stays on the source, {state}: it was stopped during the migration, not by it"
+            "rolled back: the VM stays on the source, stopped (QEMU {state:?}): it was stopped during the migration, not by it; its operator runs it with `cont`"
         ),
         Attempt::Failed(why) => {
             format!("rollback failed: {why}; the VM is stopped on the source: check it by hand")
