@@ -709,6 +709,18 @@ async fn assert_handed_over_paused(s: &mut Setup, summary: &Summary) {
     );
     assert_journalled_paused(&s.pair.src, true);
     assert_journalled_paused(&s.pair.dst, true);
+    // An operator sees it in `trustmig status` on either host.
+    for (home, says) in [
+        (&s.pair.src, "handed over paused"),
+        (&s.pair.dst, "handed over paused here"),
+    ] {
+        let text = agent_status(home).await;
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&summary.order_id[..16]) && l.contains(says)),
+            "{text}"
+        );
+    }
     assert_stays_stopped(&s.dst, "the guest stays paused").await;
     s.dst.qmp().await.expect("qmp").cont().await.expect("cont");
     assert_moved(s, summary).await;

@@ -219,7 +219,8 @@ impl Session {
                     0 => e.to_string(),
                     n => format!("{n} earlier refused sessions of this peer not audited (past its budget); this one: {e}"),
                 };
-                ctx.journal
+                let audited = ctx
+                    .journal
                     .lock()
                     .expect("journal lock")
                     .audit_refused(crate::audit::Event {
@@ -228,6 +229,10 @@ impl Session {
                         reason,
                         ..Default::default()
                     });
+                if !audited {
+                    // The next entry that is written says these too.
+                    ctx.refusals_audited.not_audited(peer, missed + 1);
+                }
             }
             (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
             (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
@@ -658,8 +663,8 @@ impl Session {
             Err(e) => Err(format!("no late final quote arrived: {e}")),
         };
         let note = match &verdict {
-            Ok(()) => "resumed here; late final quote verified".to_string(),
-            Err(reason) => format!("resumed here; INCIDENT: {reason}"),
+            Ok(()) => "late final quote verified".to_string(),
+            Err(reason) => format!("INCIDENT: {reason}"),
         };
         let journalled =
             (ctx.journal.lock().expect("journal lock")).late_quote(id, raw.as_deref().ok(), &note);

@@ -83,6 +83,16 @@ impl PeerBudget {
         Some(std::mem::take(refused))
     }
 
+    /// `n` that `allow_counting` allowed were not kept after all (their audit entry could not
+    /// be written): counted with the refused ones, for the next record to say. The budget they
+    /// took is not given back: a peer that makes the writes fail gains nothing by it.
+    pub fn not_audited(&self, peer: &AgentId, n: u64) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = budgets.get_mut(peer) {
+            b.refused = b.refused.saturating_add(n);
+        }
+    }
+
     /// Give back what `allow` took for something that was not kept after all.
     pub fn refund(&self, peer: &AgentId) {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,6 +149,25 @@ mod tests {
             q.allow_counting(&a, t + REFILL * 2),
             Some(0),
             "counted once"
+        );
+    }
+
+    #[test]
+    fn allowed_ones_that_were_not_kept_are_counted_for_the_next_without_a_refund() {
+        let q = PeerBudget::default();
+        let a = [1; 32];
+        let t = Instant::now();
+        assert_eq!(q.allow_counting(&a, t), Some(0));
+        // Its entry could not be written, and neither could the three it carried.
+        q.not_audited(&a, 1 + 3);
+        assert_eq!(q.allow_counting(&a, t), Some(4), "the next one says them");
+        assert!((2..BURST).all(|_| q.allow(&a, t)));
+        assert!(!q.allow(&a, t), "the failed one spent its token");
+        q.not_audited(&[9; 32], 1);
+        assert_eq!(
+            q.allow_counting(&[9; 32], t),
+            Some(0),
+            "an unseen peer owes nothing"
         );
     }
 }

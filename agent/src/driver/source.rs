@@ -432,7 +432,12 @@ async fn session<B: SourceVm>(
     commit.feed(
         ctx,
         Input::Resumed,
-        format!("downtime {} ms", summary.downtime_ms),
+        // `trustmig status` shows the latest record's note: an operator's stop that went with
+        // the VM shows there, as it does on the destination.
+        match paused {
+            true => format!("downtime {} ms; handed over paused", summary.downtime_ms),
+            false => format!("downtime {} ms", summary.downtime_ms),
+        },
     );
     // DONE journalled; the VM left here is the backend's to drop.
     expect(commit.next(ctx)?, Output::Vm(VmAction::Forget))?;

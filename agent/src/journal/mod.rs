@@ -486,12 +486,18 @@ impl Journal {
     }
 
     /// Audit an order this agent refused before claiming it (nothing else records it).
-    pub fn audit_refused(&mut self, e: crate::audit::Event) {
-        if let Err(err) = self.audit.record(crate::audit::Event {
+    /// Whether the entry was written: a failure is logged here, and a caller that counts what
+    /// it did not audit keeps this one in the count.
+    pub fn audit_refused(&mut self, e: crate::audit::Event) -> bool {
+        match self.audit.record(crate::audit::Event {
             event: "order-refused",
             ..e
         }) {
-            tracing::error!("could not write the audit trail: {err}");
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!("could not write the audit trail: {err}");
+                false
+            }
         }
     }
 
@@ -530,8 +536,9 @@ impl Journal {
     }
 
     /// After DONE: what became of the late final quote (SPEC.md §8.7), with its digest when
-    /// one was sent or received, and `note` (an incident says so): journalled on the order and
-    /// audited as `final-quote`.
+    /// one was sent or received, and `note` (an incident says so) after what DONE said (the
+    /// downtime, a hand-over paused: `trustmig status` shows the latest note): journalled on
+    /// the order and audited as `final-quote`.
     pub fn late_quote(
         &mut self,
         order_id: &OrderId,
@@ -544,7 +551,10 @@ impl Journal {
             r.evidence.insert("final_quote".into(), digest);
         }
         r.at = crate::unix_now();
-        r.note = note.into();
+        r.note = match r.note.as_str() {
+            "" => note.into(),
+            done => format!("{done}; {note}"),
+        };
         self.append(r.clone())?;
         let audited = self.audit.record(crate::audit::Event {
             event: "final-quote",
