@@ -28,7 +28,7 @@ use tss_esapi::Context;
 use zeroize::Zeroizing;
 
 use crate::enroll::{CredentialMaker, EnrollChallenge, EnrollRequest, EnrollResponse};
-use crate::event_log::replay;
+use crate::event_log::{replay, MAX_EVENTS};
 use crate::evidence::{EcdsaSignature, Evidence};
 use crate::public::{AkPublic, PublicError};
 
@@ -535,11 +535,23 @@ impl CredentialMaker for Tpm {
     }
 }
 
+/// A log this long is rebased before its next event (spec: attestation.md §5): half of what a
+/// verifier accepts ([`MAX_EVENTS`]), so that no quote of a long-running agent is refused for
+/// its log's length, and a rebase is rare (an agent extends one or two events per migration).
+pub const REBASE_AT: usize = MAX_EVENTS / 2;
+
 /// An [`Attester`] backed by a TPM: resets the PCR on open, extends measurements into it,
 /// keeps the event log, and quotes.
 pub struct TpmAttester {
     tpm: Tpm,
     log: Vec<Measurement>,
+    /// What a rebase extends again: the latest event of each kind that describes this agent
+    /// and what it offers (not a migration's final digest, which only its own quote needs),
+    /// in the order the kinds first came.
+    standing: Vec<Measurement>,
+    /// A rebase began and did not finish (a TPM command failed): the log holds only part of
+    /// `standing`, so the next measurement rebases again.
+    rebasing: bool,
 }
 
 impl TpmAttester {
@@ -550,6 +562,8 @@ impl TpmAttester {
         Ok(Self {
             tpm,
             log: Vec::new(),
+            standing: Vec::new(),
+            rebasing: false,
         })
     }
 
@@ -563,8 +577,45 @@ impl TpmAttester {
         &self.log
     }
 
-    /// Extend `m` into the PCR, then append it to the log.
+    /// Extend `m` into the PCR, then append it to the log; a log of [`REBASE_AT`] events is
+    /// rebased first.
     pub fn measure(&mut self, m: &Measurement) -> Result<(), TpmError> {
+        if self.rebasing || self.log.len() >= REBASE_AT {
+            self.rebase()?;
+        }
+        self.extend_logged(m)?;
+        if !matches!(m, Measurement::MigrationFinal(_)) {
+            let kind = std::mem::discriminant(m);
+            match self
+                .standing
+                .iter_mut()
+                .find(|s| std::mem::discriminant(*s) == kind)
+            {
+                Some(s) => *s = m.clone(),
+                None => self.standing.push(m.clone()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Start the log again: reset the PCR and extend what stands (the executable measured at
+    /// start, the configuration in force, the latest image manifest), so the log stays short
+    /// and still says what this agent is. What was extended before is no longer in any later
+    /// quote: a quote covers the log it carries, and each of this agent's quotes is taken
+    /// under the lock that also covers the extension it needs (the source's handshake quote
+    /// after its image manifest, a final quote after its digest).
+    fn rebase(&mut self) -> Result<(), TpmError> {
+        self.rebasing = true;
+        self.tpm.pcr_reset()?;
+        self.log.clear();
+        for m in self.standing.clone() {
+            self.extend_logged(&m)?;
+        }
+        self.rebasing = false;
+        Ok(())
+    }
+
+    fn extend_logged(&mut self, m: &Measurement) -> Result<(), TpmError> {
         self.tpm.pcr_extend(&m.pcr_digest())?;
         self.log.push(m.clone());
         Ok(())

@@ -92,3 +92,65 @@ fn a_slow_tpm_quotes_correctly_and_slowly() {
         ]
     );
 }
+
+/// A long-running agent extends an image manifest and a final digest for every migration:
+/// its log is rebased before it grows past what a verifier accepts (`MAX_EVENTS`), so its
+/// quotes keep verifying, and each still carries what stands (executable first, the
+/// configuration in force, the latest manifest) and the final digest it was taken for.
+#[test]
+fn a_long_running_agents_quotes_keep_verifying_past_the_event_limit() {
+    use trustmig_attest::event_log::MAX_EVENTS;
+    use trustmig_attest::tpm::REBASE_AT;
+    let Some(mut a) = agent() else { return };
+    let config2 = [0x23; 32];
+    let mut policy = policy_for(&mut a.att, AGENT);
+    policy.allowed_configs = Some(vec![CONFIG, config2]);
+    let v = trustmig_attest::verify::PolicyVerifier::new(policy);
+    let mut rebased = 0;
+    for i in 0..MAX_EVENTS as u32 {
+        let n = i.to_le_bytes()[0];
+        if i == 100 {
+            // A reload measures the new configuration.
+            Attester::extend(&mut a.att, &Measurement::AgentConfig(config2)).expect("config");
+        }
+        let before = a.att.log().len();
+        Attester::extend(&mut a.att, &Measurement::ImageManifest([n; 32])).expect("manifest");
+        rebased += usize::from(a.att.log().len() < before);
+        let q = qd(n, 2);
+        let evidence = Attester::quote(&mut a.att, &q).expect("handshake quote");
+        let claims = v
+            .verify(&evidence, &q, &AGENT)
+            .expect("handshake quote verifies");
+        assert_eq!(claims.image_manifest(), Some(&[n; 32]));
+        let before = a.att.log().len();
+        Attester::extend(&mut a.att, &Measurement::MigrationFinal([!n; 32])).expect("final");
+        rebased += usize::from(a.att.log().len() < before);
+        let q = qd(n, 3);
+        let evidence = Attester::quote(&mut a.att, &q).expect("final quote");
+        let claims = v
+            .verify(&evidence, &q, &AGENT)
+            .expect("final quote verifies");
+        assert_eq!(claims.migration_final(), Some(&[!n; 32]));
+        assert!(
+            claims.measurements.len() <= REBASE_AT + 1,
+            "{}",
+            claims.measurements.len()
+        );
+        assert_eq!(claims.measurements[0], Measurement::AgentExecutable(EXE));
+        let config = if i >= 100 { config2 } else { CONFIG };
+        assert!(claims
+            .measurements
+            .contains(&Measurement::AgentConfig(config)));
+    }
+    assert!(rebased >= 3, "{rebased} rebases in {MAX_EVENTS} migrations");
+    // A rebase since the reload claims only the configuration in force.
+    let log = a.att.log();
+    assert!(!log.contains(&Measurement::AgentConfig(CONFIG)), "{log:?}");
+    assert_eq!(
+        log[..2],
+        [
+            Measurement::AgentExecutable(EXE),
+            Measurement::AgentConfig(config2)
+        ]
+    );
+}
