@@ -19,8 +19,6 @@
 //! few entries not yet extended when the agent dies are extended when it next starts.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub mod anchor;
@@ -129,7 +127,7 @@ const NOT_STATE_EVENTS: [&str; 3] = ["order-refused", "anchored", "final-quote"]
 /// The open trail.
 pub struct Audit {
     path: PathBuf,
-    file: File,
+    file: crate::journal::append_log::AppendLog,
     head: [u8; 32],
     seq: u64,
     /// (order id, event) of the last entry about an order (not a refusal).
@@ -180,7 +178,7 @@ impl Audit {
             }
         };
         // A crash mid-append: that entry was never whole; cut it off, as the journal does.
-        let file = crate::journal::open_log(&path, torn_at)?;
+        let file = crate::journal::append_log::AppendLog::open(&path, torn_at)?;
         Ok(Self {
             path,
             file,
@@ -234,16 +232,19 @@ impl Audit {
         let mut line =
             serde_json::to_vec(&entry).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .and_then(|()| self.file.sync_data())
-            .map_err(AgentError::io(&self.path))?;
+        self.file.append(&line)?;
         self.head = hash;
         self.seq += 1;
         if !NOT_STATE_EVENTS.contains(&entry.event.as_str()) {
             self.last_order_entry = Some((entry.order_id, entry.event));
         }
         Ok(hash)
+    }
+
+    /// Tests: the next entry's write stops after `n` bytes and fails.
+    #[cfg(test)]
+    pub(crate) fn fail_after(&mut self, n: usize) {
+        self.file.fail_after = Some(n);
     }
 
     fn broken(&self, reason: String) -> AgentError {
@@ -347,12 +348,13 @@ pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
     let mut torn_at = None;
     for (i, l) in lines.iter().enumerate() {
         let line = i + 1;
+        if i == lines.len() - 1 && !l.ends_with('\n') {
+            // Written without its newline: never acknowledged (`AppendLog`), even if it parses.
+            torn_at = Some(offset);
+            break;
+        }
         let e: Entry = match serde_json::from_str(l.trim_end()) {
             Ok(e) => e,
-            Err(_) if i == lines.len() - 1 && !l.ends_with('\n') => {
-                torn_at = Some(offset);
-                break;
-            }
             Err(e) => {
                 return Err(VerifyError::Malformed {
                     line,
@@ -422,6 +424,7 @@ pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
 mod tests {
     use super::*;
     use std::fs::OpenOptions;
+    use std::io::Write;
 
     fn trail(n: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +21,9 @@ use trustmig_protocol::settlement::{Entry, Gate, Refusal, Rules, Settle, VmActio
 use trustmig_protocol::AgentId;
 
 use crate::error::AgentError;
+use append_log::AppendLog;
 
+pub(crate) mod append_log;
 mod compact;
 
 /// One journal line.
@@ -150,7 +151,12 @@ impl Replay {
         let lines: Vec<&str> = text.split_inclusive('\n').collect();
         let mut offset = 0usize;
         for (i, line) in lines.iter().enumerate() {
-            let torn_tail = i == lines.len() - 1 && !line.ends_with('\n');
+            if i == lines.len() - 1 && !line.ends_with('\n') {
+                // Written without its newline: never acknowledged (`AppendLog`), even if it
+                // parses.
+                out.torn_at = Some(offset as u64);
+                break;
+            }
             match serde_json::from_str::<Record>(line.trim_end()) {
                 Ok(r) => {
                     let prev = out.latest.get(&r.order_id).map(|p| p.state);
@@ -168,7 +174,6 @@ impl Replay {
                         .push((r.order_id.clone(), offset..offset + line.len()));
                     out.latest.insert(r.order_id.clone(), r);
                 }
-                Err(_) if torn_tail => out.torn_at = Some(offset as u64),
                 Err(e) => {
                     return Err(AgentError::BadConfig {
                         path: path.to_path_buf(),
@@ -188,7 +193,7 @@ pub const FILE: &str = "journal.jsonl";
 /// The journal.
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    file: AppendLog,
     latest: HashMap<String, Record>,
     last_for_vm: HashMap<String, Record>,
     /// The order that most recently wrote a record about each VM, whatever it did.
@@ -254,7 +259,7 @@ impl Journal {
             torn_at,
             ..
         } = replayed;
-        let file = open_log(&path, torn_at)?;
+        let file = AppendLog::open(&path, torn_at)?;
         // The directory entry must be durable too, or a fresh journal could vanish on crash.
         File::open(dir)
             .and_then(|d| d.sync_all())
@@ -342,10 +347,7 @@ impl Journal {
         let prev = self.latest.get(&r.order_id).map(|p| p.state);
         let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .map_err(AgentError::io(&self.path))?;
-        self.file.sync_data().map_err(AgentError::io(&self.path))?;
+        self.file.append(&line)?;
         self.lines += 1;
         if prev != Some(r.state) {
             if let Err(e) = self.audit.record(audit_of(&r, "")) {
@@ -387,7 +389,7 @@ impl Journal {
         let compacted = compact::compact_from(&self.path, &text, &whole, now, min);
         // Appends go to the file at the path now, whatever happened: an error after the rename
         // must not leave them going to the replaced file, which no one reads again.
-        self.file = open_log(&self.path, None)?;
+        self.file = AppendLog::open(&self.path, None)?;
         let Some(smaller) = compacted? else {
             return Ok(false);
         };
@@ -787,22 +789,6 @@ pub(crate) fn audit_event(s: State) -> &'static str {
     }
 }
 
-/// Open an append-only log (the journal, the audit trail) for appending, first cutting off a
-/// torn last line at `torn_at` (a crash mid-append: the caller never acted on it).
-pub(crate) fn open_log(path: &Path, torn_at: Option<u64>) -> Result<File, AgentError> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(AgentError::io(path))?;
-    if let Some(len) = torn_at {
-        file.set_len(len)
-            .and_then(|()| file.sync_all())
-            .map_err(AgentError::io(path))?;
-    }
-    Ok(file)
-}
-
 /// A rule's refusal, naming the order.
 fn refused(order_id: &OrderId, e: Refusal) -> AgentError {
     AgentError::Journal(format!("order {}: {e}", hex(order_id)))
@@ -829,6 +815,7 @@ impl OrderJournal for ClaimAsDestination<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     /// An order for `vm` from agent [1; 32] to [2; 32], id [`id`; 16].
     fn order(id: u8, vm: &str) -> OrderBody {
@@ -912,6 +899,42 @@ mod tests {
         let flag = |id| j.entry(&id).map(|e| (e.state, e.flag));
         assert_eq!(flag(paused), Some((State::Claimed, true)));
         assert_eq!(flag(ran), Some((State::Claimed, false)));
+    }
+
+    /// A journal write that fails part-way (a full disk) is not in the file: the agent goes on
+    /// journalling, and it starts again on what it wrote (before, the next record landed
+    /// after the fragment and the next start refused the journal as corrupt); the audit trail
+    /// the same. A last line written whole but for its newline was never acknowledged.
+    #[test]
+    fn a_failed_write_leaves_no_fragment_and_the_agent_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let (a, b) = ([5; 16], [6; 16]);
+        j.claim_for(&a, Role::Source, "a", 10).unwrap();
+        j.file.fail_after = Some(20);
+        assert!(j.set(&a, State::Committed, "").is_err());
+        j.audit.fail_after(20);
+        j.claim_for(&b, Role::Source, "b", 10).unwrap();
+        j.set(&b, State::RolledBack, "").unwrap();
+        drop(j);
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.entry(&a).map(|e| e.state), Some(State::Claimed));
+        assert_eq!(j.entry(&b).map(|e| e.state), Some(State::RolledBack));
+        crate::audit::verify(&dir.path().join(crate::audit::FILE)).expect("the trail verifies");
+        // A whole record without its newline: cut at the next start.
+        let path = dir.path().join(FILE);
+        let line = serde_json::to_vec(j.record(&a).unwrap()).unwrap();
+        j.set(&a, State::RolledBack, "").unwrap();
+        drop(j);
+        let text = fs::read(&path).unwrap();
+        fs::write(&path, [&text[..], &line[..]].concat()).unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.entry(&a).map(|e| e.state), Some(State::RolledBack));
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            text,
+            "the unacknowledged line is cut"
+        );
     }
 
     /// A note longer than `MAX_NOTE_CHARS` (error text a peer may have shaped) is cut, on a
