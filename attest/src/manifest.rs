@@ -13,7 +13,7 @@ use std::path::Path;
 
 use ring::digest;
 use serde_bytes::ByteBuf;
-use trustmig_protocol::manifest::{DiskManifest, ImageManifest, MAX_DISKS};
+use trustmig_protocol::manifest::{DiskManifest, ImageManifest, MAX_DISKS, MAX_MIRRORED};
 use trustmig_protocol::Digest;
 
 /// Smallest allowed chunk size.
@@ -41,6 +41,9 @@ pub enum ManifestError {
     /// More than [`MAX_DISKS`] disks.
     #[error("{0} disks, more than {MAX_DISKS}")]
     TooManyDisks(usize),
+    /// More than [`MAX_MIRRORED`] mirrored disks: each needs a data stream of its own.
+    #[error("{0} mirrored disks, more than {MAX_MIRRORED} (each travels on a data stream of its own beside QEMU's)")]
+    TooManyMirrors(usize),
     /// Two disks with one name.
     #[error("disk name {0} appears twice")]
     DuplicateDisk(String),
@@ -167,6 +170,9 @@ pub fn validate(m: &ImageManifest) -> Result<(), ManifestError> {
     let count = m.disks.len() + m.mirrors.len();
     if count > MAX_DISKS {
         return Err(ManifestError::TooManyDisks(count));
+    }
+    if m.mirrors.len() > MAX_MIRRORED {
+        return Err(ManifestError::TooManyMirrors(m.mirrors.len()));
     }
     for (i, d) in m.mirrors.iter().enumerate() {
         let names = m.disks.iter().map(|o| &o.name);

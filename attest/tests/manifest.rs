@@ -244,4 +244,18 @@ fn mirrored_disks_are_validated_and_bound_by_the_root() {
         validate(&many),
         Err(ManifestError::TooManyDisks(18))
     ));
+    // Fifteen mirrored disks fit a session's sixteen streams beside QEMU's; sixteen do not,
+    // though sixteen disks may be copied (before, the manifest passed and every handshake
+    // refused its seventeen streams).
+    let mirrors_only = |n: usize| {
+        let mut m = many.clone();
+        m.disks.clear();
+        m.mirrors.truncate(n);
+        m
+    };
+    validate(&mirrors_only(15)).expect("15 mirrored disks");
+    assert!(matches!(
+        validate(&mirrors_only(16)),
+        Err(ManifestError::TooManyMirrors(16))
+    ));
 }

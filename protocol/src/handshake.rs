@@ -23,7 +23,7 @@ use crate::error::{Error, PeerMisbehaved};
 use crate::finalsig::{source_handshake_qualifying_data, FinalKey};
 use crate::keys::KeySchedule;
 use crate::machine::{advance, decode, unexpected};
-use crate::manifest::{manifest_root, ImageManifest, MAX_DISKS};
+use crate::manifest::{manifest_root, ImageManifest, MAX_MIRRORED};
 use crate::messages::{ClientHello, Message, ServerHello, TransferMode, MAX_STREAMS};
 use crate::order::{hex, OrderJournal, OrderPolicy, Role, VerifiedOrder};
 use crate::{codec, ct_eq, AgentId, Digest, SUPPORTED_VERSIONS};
@@ -170,15 +170,9 @@ fn check_mode(mode: &TransferMode, streams: u16) -> Result<(), Error> {
         ))
         .into());
     }
-    // One stream for QEMU's, one more per mirrored disk (checked against the manifest by
-    // `check_streams` once it is known).
-    if *mode == TransferMode::HypervisorStream && usize::from(streams) > 1 + MAX_DISKS {
-        return Err(PeerMisbehaved::BadField(format!(
-            "hypervisor-stream mode uses 1 + one per mirrored disk streams, at most {}, not {streams}",
-            1 + MAX_DISKS
-        ))
-        .into());
-    }
+    // Hypervisor-stream mode: one stream for QEMU's, one more per mirrored disk (checked
+    // against the manifest by `check_streams` once it is known; `MAX_MIRRORED` is what fits).
+    const _: () = assert!(1 + MAX_MIRRORED == MAX_STREAMS as usize);
     if let TransferMode::Precopy {
         page_size,
         page_count,

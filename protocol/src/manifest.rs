@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{codec, sha256, Digest};
 
-/// Most disks per manifest. spec: SPEC.md §9
+/// Most disks per manifest, copied and mirrored together. spec: SPEC.md §9
 pub const MAX_DISKS: usize = 16;
+
+/// Most mirrored disks per manifest: each travels on a data stream of its own beside QEMU's,
+/// and a session has at most [`MAX_STREAMS`](crate::messages::MAX_STREAMS). spec: SPEC.md §9
+pub const MAX_MIRRORED: usize = crate::messages::MAX_STREAMS as usize - 1;
 
 /// Chunk digests of one disk image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,6 +33,9 @@ pub struct SourceChannel {
     wr: WriteHalf<Tls>,
     rx: mpsc::Receiver<Result<Vec<u8>, WireError>>,
     exporter: [u8; 32],
+    /// The identity the TLS layer authenticated: what the handshake compares with the order's
+    /// destination (SPEC.md §5.3 S0b), not a copy of the order's own field.
+    peer: AgentId,
 }
 
 impl SourceChannel {
@@ -52,12 +55,15 @@ impl SourceChannel {
             crate::net::tls::dial(&ctx.identity, addr, destination, ctx.step_timeout()).await?;
         let exporter = crate::net::tls::exporter(tls.get_ref().1)
             .map_err(|e| AgentError::Tls(format!("TLS exporter: {e}")))?;
+        let peer = crate::net::tls::peer_identity(tls.get_ref().1)
+            .map_err(|e| AgentError::Tls(format!("destination's identity: {e}")))?;
         let (rd, wr) = tokio::io::split(tls);
         Ok(Self {
             ctx: ctx.clone(),
             wr,
             rx: spawn_frame_reader(rd),
             exporter,
+            peer,
         })
     }
 
@@ -150,7 +156,7 @@ impl SourceChannel {
         let channel = ChannelBinding {
             tls_exporter: self.exporter,
             local: self.ctx.identity.id(),
-            peer: order.body().destination,
+            peer: self.peer,
         };
         // The seed of the session's final-signature key: fresh, used once, zeroized here
         // (the key itself is zeroized by ed25519-dalek when the session drops it).

@@ -169,6 +169,11 @@ impl SourceVm for QemuSource {
             .iter()
             .map(SourceMirror::manifest)
             .collect();
+        // What the destination checks, said here before anything is sent (too many writable
+        // disks to mirror, above all).
+        trustmig_attest::manifest::validate(&manifest).map_err(|e| {
+            AgentError::Migration(format!("vm {:?} cannot be offered: {e}", self.vm))
+        })?;
         Ok(Offer {
             mode: TransferMode::HypervisorStream,
             streams: 1 + manifest.mirrors.len() as u16,
