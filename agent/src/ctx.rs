@@ -43,6 +43,8 @@ pub struct Ctx {
     /// Synthetic VMs stopped in doubt after a session lost past COMMIT, kept as they were until
     /// their destination answers (SPEC.md §8.8; `settle.rs`).
     pub parked: Mutex<HashMap<String, SyntheticGuest>>,
+    /// VMs arriving here now, one session each.
+    pub arriving: Arrivals,
     /// Orders in doubt whose destination is being asked in the background (`settle.rs`): the
     /// only ones an operator may settle by hand. Each lock is held while one answer or decision
     /// is acted on, so the two never cross.
@@ -142,4 +144,57 @@ pub fn history_entry(
         "summary": summary,
         "error": error,
     })
+}
+
+/// The VMs arriving here now: each by one session at a time. A second is refused while the
+/// first runs: two copies arriving at once would have the second replace the first, already
+/// running and given up by its source.
+#[derive(Default)]
+pub struct Arrivals(Mutex<std::collections::HashSet<String>>);
+
+impl Arrivals {
+    /// `vm` arrives; it is no longer arriving once the guard drops.
+    pub fn arrive(&self, vm: &str) -> Result<Arriving<'_>, AgentError> {
+        let mut arriving = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !arriving.insert(vm.to_string()) {
+            return Err(AgentError::Refused(format!(
+                "VM {vm:?} is already arriving here by another order"
+            )));
+        }
+        Ok(Arriving {
+            of: self,
+            vm: vm.to_string(),
+        })
+    }
+}
+
+/// A VM's arrival in progress ([`Arrivals::arrive`]); it ends when this drops.
+pub struct Arriving<'a> {
+    of: &'a Arrivals,
+    vm: String,
+}
+
+impl Drop for Arriving<'_> {
+    fn drop(&mut self) {
+        let mut arriving = self.of.0.lock().unwrap_or_else(|e| e.into_inner());
+        arriving.remove(&self.vm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_arrives_by_one_session_at_a_time() {
+        let a = Arrivals::default();
+        let first = a.arrive("web").expect("first");
+        let e = a.arrive("web").err().expect("a second at once");
+        assert!(e.to_string().contains("\"web\" is already arriving"), "{e}");
+        let other = a.arrive("db").expect("another VM");
+        drop(first);
+        let again = a.arrive("web").expect("after the first ended");
+        drop((again, other));
+        assert!(a.0.lock().unwrap().is_empty());
+    }
 }

@@ -142,6 +142,9 @@ impl SyntheticGuest {
         let n = due.floor() as u64;
         self.carry = due - n as f64;
         let pages = self.dirty.len();
+        // After a long gap (a host that stalled), more writes than a few passes over the
+        // memory change nothing a pass would not: bounded, so a tick never spins.
+        let n = n.min(pages.saturating_mul(4));
         for _ in 0..n {
             let r = self.next();
             let pfn = if r % 10 < 9 {

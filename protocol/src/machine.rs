@@ -5,10 +5,14 @@
 use crate::error::{Error, PeerMisbehaved};
 use crate::messages::Message;
 
-/// Decode a peer's message; `Abort` becomes [`Error::PeerAborted`].
+/// Decode a peer's message; `Abort` becomes [`Error::PeerAborted`], its reason as kept
+/// ([`crate::messages::peer_reason`]).
 pub(crate) fn decode(raw: &[u8]) -> Result<Message, Error> {
     match Message::decode(raw)? {
-        Message::Abort { code, reason } => Err(Error::PeerAborted { code, reason }),
+        Message::Abort { code, reason } => Err(Error::PeerAborted {
+            code,
+            reason: crate::messages::peer_reason(&reason),
+        }),
         m => Ok(m),
     }
 }

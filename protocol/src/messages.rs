@@ -207,6 +207,23 @@ impl Message {
     }
 }
 
+/// Most characters of a peer's `abort` reason an agent keeps (its own are at most 200).
+pub const MAX_PEER_REASON: usize = 500;
+
+/// A peer's `abort` reason as an agent keeps it (logs, status, journal, summaries): a peer,
+/// perhaps compromised, may fill a frame with text, so it is clipped to [`MAX_PEER_REASON`]
+/// characters (marked), and control characters (a forged log line, a terminal escape) become
+/// U+FFFD.
+pub fn peer_reason(reason: &str) -> String {
+    let mut out: String = (reason.chars().take(MAX_PEER_REASON))
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if reason.chars().nth(MAX_PEER_REASON).is_some() {
+        out.push_str(" [clipped]");
+    }
+    out
+}
+
 /// Prefix `body` with its length.
 pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FRAME_HEADER + body.len());
@@ -222,4 +239,26 @@ pub fn frame_len(header: [u8; FRAME_HEADER]) -> Result<usize, CodecError> {
         return Err(CodecError::TooLarge(n));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_reason_is_clipped_and_cannot_forge_lines() {
+        assert_eq!(peer_reason("digest mismatch"), "digest mismatch");
+        assert_eq!(
+            peer_reason("a\nINFO forged\x1b[2J"),
+            "a\u{fffd}INFO forged\u{fffd}[2J"
+        );
+        let long = "é".repeat(MAX_PEER_REASON + 1);
+        let kept = peer_reason(&long);
+        assert!(kept.ends_with(" [clipped]"));
+        assert_eq!(kept.chars().filter(|c| *c == 'é').count(), MAX_PEER_REASON);
+        assert_eq!(
+            peer_reason(&long[..2 * MAX_PEER_REASON]),
+            long[..2 * MAX_PEER_REASON]
+        );
+    }
 }

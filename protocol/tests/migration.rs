@@ -309,6 +309,19 @@ fn a_wrong_final_digest_is_refused_and_nothing_commits() {
     assert!(r.dst.paused, "destination never resumed");
 }
 
+/// A source that ends its streams without device state is at fault, and said to be: the
+/// destination has no final digest to compare (it was an "API misuse" of its own).
+#[test]
+fn a_source_that_never_sent_device_state_is_named() {
+    let dst = VecGuest::new(PAGE, 64, 0, 1);
+    let rx = PrecopyDest::new(&dst, PAGE as u32, 64, 1).unwrap();
+    let e = rx.final_digest(&[2; 32]).unwrap_err();
+    assert_eq!(e, PrecopyError::NoDeviceState);
+    assert!(e
+        .to_string()
+        .contains("source ended its streams without sending the device state"));
+}
+
 #[test]
 fn destination_never_writes_outside_the_guest() {
     let mut dst = VecGuest::new(PAGE, 64, 0, 1);

@@ -334,8 +334,46 @@ impl Config {
                 c.transfer.max_concurrent_migrations
             ));
         }
+        check_vms_apart(&c.vms)?;
         Ok(c)
     }
+}
+
+/// No two VMs share a name (the first would shadow the second), a QMP socket (one QEMU, two
+/// VMs), or a `disk_dir` (disks arrive there under their own names: two VMs' `root` disks,
+/// arriving at once, would take each other's files).
+fn check_vms_apart(vms: &[VmConfig]) -> Result<(), String> {
+    for (i, vm) in vms.iter().enumerate() {
+        let before = &vms[..i];
+        if before.iter().any(|o| o.name == vm.name) {
+            return Err(format!("vm {:?} appears twice", vm.name));
+        }
+        let VmBackend::Qemu(q) = &vm.backend else {
+            continue;
+        };
+        for o in before {
+            let VmBackend::Qemu(oq) = &o.backend else {
+                continue;
+            };
+            if oq.qmp == q.qmp {
+                return Err(format!(
+                    "vms {:?} and {:?} have the same qmp socket {}",
+                    o.name,
+                    vm.name,
+                    q.qmp.display()
+                ));
+            }
+            if q.disk_dir.is_some() && oq.disk_dir == q.disk_dir {
+                return Err(format!(
+                    "vms {:?} and {:?} have the same disk_dir {}: give each VM its own",
+                    o.name,
+                    vm.name,
+                    q.disk_dir.as_deref().unwrap_or(Path::new("")).display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl TryFrom<VmEntry> for VmConfig {
@@ -349,6 +387,15 @@ impl TryFrom<VmEntry> for VmConfig {
                     return Err(format!(
                         "vm {name:?}: size_mib {} out of range",
                         vm.size_mib
+                    ));
+                }
+                // Each page written a hundred times a second is past any real guest; beyond
+                // some such bound a tick would spin for ever (the rate is a loop count).
+                let pages = vm.size_mib * (1 << 20) / crate::guest::PAGE_SIZE as u64;
+                if vm.dirty_pages_per_sec > pages * 100 {
+                    return Err(format!(
+                        "vm {name:?}: dirty_pages_per_sec {} is more than 100 times its {pages} pages a second",
+                        vm.dirty_pages_per_sec
                     ));
                 }
                 if !(0.0..=1.0).contains(&vm.hot_fraction)
@@ -538,5 +585,48 @@ mod tests {
         assert!(Config::parse("listen = 5").is_err());
         let unknown = default_config_text("x", "y") + "\nbogus = 1\n";
         assert!(Config::parse(&unknown).unwrap_err().contains("bogus"));
+    }
+
+    /// Two VMs never share a name, a QMP socket or a `disk_dir`; each is named.
+    #[test]
+    fn vms_that_would_take_each_others_places_are_refused() {
+        let base = default_config_text("127.0.0.1:1", "swtpm:host=127.0.0.1,port=2");
+        let qemu = |name: &str, qmp: &str, dir: &str| {
+            format!("\n[[vm]]\nname = \"{name}\"\nbackend = \"qemu\"\nqmp = \"{qmp}\"\n{dir}")
+        };
+        let synthetic = |name: &str| {
+            format!("\n[[vm]]\nname = \"{name}\"\nbackend = \"synthetic\"\nsize_mib = 1\n")
+        };
+        let cases = [
+            (synthetic("a") + &synthetic("a"), "vm \"a\" appears twice"),
+            (
+                qemu("a", "/q/a", "") + &qemu("a", "/q/b", ""),
+                "vm \"a\" appears twice",
+            ),
+            (
+                qemu("a", "/q/a", "") + &qemu("b", "/q/a", ""),
+                "vms \"a\" and \"b\" have the same qmp socket /q/a",
+            ),
+            (
+                qemu("a", "/q/a", "disk_dir = \"/d\"\n")
+                    + &qemu("b", "/q/b", "disk_dir = \"/d\"\n"),
+                "vms \"a\" and \"b\" have the same disk_dir /d",
+            ),
+        ];
+        for (vms, says) in cases {
+            let e = Config::parse(&(base.clone() + &vms)).unwrap_err();
+            assert!(e.contains(says), "{vms}: {e}");
+        }
+        let apart = qemu("a", "/q/a", "disk_dir = \"/d/a\"\n")
+            + &qemu("b", "/q/b", "disk_dir = \"/d/b\"\n")
+            + &qemu("c", "/q/c", "")
+            + &qemu("d", "/q/d", "")
+            + &synthetic("e");
+        Config::parse(&(base.clone() + &apart)).expect("VMs apart");
+        // A synthetic guest's dirty rate is a loop count: bounded.
+        let fast = |rate: u64| format!("{}dirty_pages_per_sec = {rate}\n", synthetic("s"));
+        Config::parse(&(base.clone() + &fast(25_600))).expect("each page 100 times a second");
+        let e = Config::parse(&(base + &fast(25_601))).unwrap_err();
+        assert!(e.contains("dirty_pages_per_sec 25601"), "{e}");
     }
 }

@@ -143,6 +143,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         journal: Mutex::new(journal),
         vms: Mutex::new(vms),
         parked: Mutex::new(HashMap::new()),
+        arriving: Default::default(),
         in_doubt: Mutex::new(HashMap::new()),
         resuming: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 use trustmig_protocol::handshake::{ChannelBinding, Established, SourceHandshake};
 use trustmig_protocol::manifest::ImageManifest;
-use trustmig_protocol::messages::{Message, TransferMode};
+use trustmig_protocol::messages::{peer_reason, Message, TransferMode};
 use trustmig_protocol::order::VerifiedOrder;
 use trustmig_protocol::AbortCode;
 use trustmig_protocol::AgentId;
@@ -119,7 +119,7 @@ impl SourceChannel {
             .and_then(Result::ok)
             .map(|m| Message::decode(&m))
         {
-            Some(Ok(Message::Abort { code, reason })) => Some((code, reason)),
+            Some(Ok(Message::Abort { code, reason })) => Some((code, peer_reason(&reason))),
             _ => None,
         }
     }

@@ -488,7 +488,10 @@ async fn send_late_quote(ctx: &Ctx, chan: &mut SourceChannel, m: &[u8]) -> Resul
     }
     match tokio::time::timeout(ctx.step_timeout(), chan.next_or_end()).await {
         Ok(Some(Ok(raw))) => match Message::decode(&raw) {
-            Ok(Message::Abort { reason, .. }) => Err(format!("the destination says: {reason}")),
+            Ok(Message::Abort { reason, .. }) => Err(format!(
+                "the destination says: {}",
+                trustmig_protocol::messages::peer_reason(&reason)
+            )),
             _ => Err("an unexpected message after the late final quote".into()),
         },
         // Only the destination's authenticated close (TLS close_notify) says it verified and

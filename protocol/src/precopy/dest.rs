@@ -131,7 +131,7 @@ impl PrecopyDest {
         let state = self
             .device_state
             .as_deref()
-            .ok_or(PrecopyError::Misuse("final digest before device state"))?;
+            .ok_or(PrecopyError::NoDeviceState)?;
         Ok(final_digest(
             transcript_hash,
             self.page_size as u32,

@@ -70,6 +70,10 @@ pub enum PrecopyError {
     /// The memory backend failed.
     #[error("guest memory backend: {0}")]
     Memory(String),
+    /// The source ended its streams without sending the device state (the peer's fault, not
+    /// this agent's).
+    #[error("the source ended its streams without sending the device state")]
+    NoDeviceState,
     /// Called in the wrong phase.
     #[error("pre-copy API misuse: {0}")]
     Misuse(&'static str),
