@@ -21,6 +21,7 @@ use crate::home::{read_text, write_atomic, Home};
 use crate::identity::{operator_load, parse_hex32, Identity};
 use crate::journal::Journal;
 use crate::trust::KeyList;
+use zeroize::Zeroizing;
 
 /// Create an agent home whose policy allows peers running this very executable.
 pub fn init(home: &Home, listen: &str, tcti: &str) -> Result<AgentId, AgentError> {
@@ -111,7 +112,18 @@ pub fn key_arg(arg: &str) -> Result<[u8; 32], AgentError> {
     let p = Path::new(arg);
     if p.exists() {
         let t = read_text(p)?;
-        return parse_hex32(&t, "ed25519 public key", p);
+        let key = Zeroizing::new(parse_hex32(&t, "ed25519 public key", p)?);
+        if crate::identity::is_secret_beside_its_public(p, &key) {
+            return Err(AgentError::BadKey {
+                path: p.to_path_buf(),
+                kind: "ed25519 public key",
+                reason: format!(
+                    "this is the secret key of {}; pass that public key instead",
+                    p.with_extension("pub").display()
+                ),
+            });
+        }
+        return Ok(*key);
     }
     parse_hex32(
         arg,

@@ -223,7 +223,8 @@ impl DestinationArgs {
 
 #[derive(Subcommand)]
 pub(crate) enum OperatorCmd {
-    /// Generate an operator signing key (secret at FILE, public at FILE.pub).
+    /// Generate an operator signing key (secret at FILE, public beside it with the extension
+    /// `.pub`: operator.key -> operator.pub).
     Keygen {
         /// Where to write the secret key.
         #[arg(long)]

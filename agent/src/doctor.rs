@@ -199,7 +199,7 @@ fn trust_store(home: &Home, out: &mut Vec<Check>) -> Option<KeyList> {
         Err(e) => out.push(check(
             Level::Fail,
             format!("operators: {e}"),
-            "fix trust/operators",
+            "fix trust/operators.toml (or re-add with `trustmig trust add-operator`)",
         )),
     }
     match KeyList::load(&home.peers()) {
@@ -220,7 +220,11 @@ fn trust_store(home: &Home, out: &mut Vec<Check>) -> Option<KeyList> {
             Some(l)
         }
         Err(e) => {
-            out.push(check(Level::Fail, format!("peers: {e}"), "fix trust/peers"));
+            out.push(check(
+                Level::Fail,
+                format!("peers: {e}"),
+                "fix trust/peers.toml (or re-add with `trustmig trust add-peer`)",
+            ));
             None
         }
     }
@@ -476,7 +480,7 @@ async fn peer(me: &Identity, trusted: Option<&KeyList>, name: &str, addr: &str) 
         return check(
             Level::Fail,
             format!("peer {name}: not in the trust store"),
-            "trustmig trust add-peer --name NAME --key IDENTITY",
+            format!("trustmig trust add-peer --home HOME --name {name} --key IDENTITY"),
         );
     };
     match crate::net::tls::dial(me, addr, key, Duration::from_secs(5)).await {

@@ -32,6 +32,14 @@ pub enum AgentError {
         /// What is missing.
         what: String,
     },
+    /// The agent home has its identity but lacks another part (`init` would refuse it).
+    #[error("{} is an incomplete trustmig home: it holds an agent identity but {what} is missing; restore it from a backup (`trustmig init` refuses a home with an identity; a new home means a new identity, which every peer must trust again)", home.display())]
+    IncompleteHome {
+        /// The directory.
+        home: PathBuf,
+        /// What is missing.
+        what: String,
+    },
     /// `init` would overwrite an identity.
     #[error("{} already holds an agent identity; refusing to overwrite it", .0.display())]
     HomeExists(PathBuf),

@@ -79,6 +79,12 @@ impl Home {
             (self.trust_dir(), "trust/"),
             (self.journal_dir(), "journal/"),
         ] {
+            if !p.exists() && self.identity_key().exists() {
+                return Err(AgentError::IncompleteHome {
+                    home: self.root.clone(),
+                    what: what.into(),
+                });
+            }
             if !p.exists() {
                 return Err(AgentError::NotAHome {
                     home: self.root.clone(),

@@ -135,6 +135,15 @@ pub fn operator_keygen(path: &Path) -> Result<[u8; 32], AgentError> {
 
 /// Load an operator signing key.
 pub fn operator_load(path: &Path) -> Result<ed25519_dalek::SigningKey, AgentError> {
+    // Its public half is 32 hex bytes too: signed with, it would make orders no agent trusts,
+    // and the refusal would point at the trust store, not at the file.
+    if path.extension().is_some_and(|e| e == "pub") {
+        return Err(AgentError::BadKey {
+            path: path.to_path_buf(),
+            kind: "operator key",
+            reason: "this is a public key (`trustmig operator keygen` writes it beside the secret one); sign with the secret key file".into(),
+        });
+    }
     let text = read_secret(path)?;
     let text = std::str::from_utf8(&text).map_err(|_| AgentError::BadKey {
         path: path.to_path_buf(),
@@ -143,6 +152,21 @@ pub fn operator_load(path: &Path) -> Result<ed25519_dalek::SigningKey, AgentErro
     })?;
     let seed = Zeroizing::new(parse_hex32(text, "operator key", path)?);
     Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
+/// Whether `text`, read from `path` as a public key, is instead the secret seed whose public
+/// key is in the `.pub` file beside it (the layout `operator_keygen` writes): trusting it would
+/// copy a secret into the trust store, and trust a key nobody signs with.
+pub fn is_secret_beside_its_public(path: &Path, key: &[u8; 32]) -> bool {
+    let public = path.with_extension("pub");
+    if public == path {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(&public) else {
+        return false;
+    };
+    let derived = ed25519_dalek::SigningKey::from_bytes(key).verifying_key();
+    hex::decode(text.trim()).is_ok_and(|p| p == derived.as_bytes())
 }
 
 /// The ed25519 identity key inside a certificate (strict X.509 parse; Ed25519 SPKI only).

@@ -55,6 +55,12 @@ fn init_refuses_to_overwrite_and_keys_must_be_private() {
     fails_with(&["agent", "--home", h], "transfer.streams = 99");
     std::fs::write(&cfg, "listen = \n").unwrap();
     fails_with(&["agent", "--home", h], "config.toml");
+    // A home that lost a part is not sent to `init`, which would refuse it.
+    std::fs::remove_file(&cfg).unwrap();
+    fails_with(
+        &["agent", "--home", h],
+        "holds an agent identity but config.toml is missing; restore it",
+    );
 }
 
 #[test]
@@ -119,6 +125,46 @@ fn order_signing_checks_its_inputs() {
     let mut bad = base.to_vec();
     bad[7] = "abcd";
     fails_with(&bad, "2 bytes, expected 32");
+    // The two halves of the key pair swapped: each refused, by name, before anything is made
+    // of them (signing with the public half made orders no agent trusts; trusting the secret
+    // half copied it into the trust store).
+    let public = dir.path().join("op.pub");
+    let mut swapped = base.to_vec();
+    swapped[3] = public.to_str().unwrap();
+    fails_with(
+        &swapped,
+        "op.pub: not a valid operator key: this is a public key",
+    );
+    let home = dir.path().join("h");
+    let h = home.to_str().unwrap();
+    assert!(trustmig(&["init", "--home", h, "--tcti", "swtpm:host=127.0.0.1,port=1"]).0);
+    fails_with(
+        &[
+            "trust",
+            "add-operator",
+            "--home",
+            h,
+            "--name",
+            "op",
+            "--key",
+            k,
+        ],
+        "this is the secret key of",
+    );
+    let operators = std::fs::read_to_string(home.join("trust/operators.toml")).unwrap_or_default();
+    let secret = std::fs::read_to_string(&key).unwrap();
+    assert!(!operators.contains(secret.trim()), "{operators}");
+    let (ok, _, err) = trustmig(&[
+        "trust",
+        "add-operator",
+        "--home",
+        h,
+        "--name",
+        "op",
+        "--key",
+        public.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
     let mut bad = base.to_vec();
     bad.extend(["--max-rounds", "0"]);
     fails_with(&bad, "max_rounds 0");
