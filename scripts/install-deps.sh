@@ -9,8 +9,17 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2
   sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "missing packages (${missing[*]}): run this as root, or install sudo" >&2; exit 1; }
+    sudo="sudo"
+  fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.85 or newer (rustup) first" >&2; exit 1; }
+# Debian 12's own cargo is 1.63; the workspace needs rust-version 1.85 (Cargo.toml).
+cargo_minor=$(cargo --version | sed -n 's/^cargo 1\.\([0-9]*\).*/\1/p')
+if [ -n "$cargo_minor" ] && [ "$cargo_minor" -lt 85 ]; then
+  echo "$(cargo --version) is too old: trustmig needs Rust 1.85 or newer (rustup; Debian's cargo is 1.63)" >&2
+  exit 1
+fi

@@ -251,4 +251,17 @@ mod tests {
         assert_eq!(before, g.checksum(), "a paused guest does not change");
         assert!(g.write_page(g.page_count(), &[0; PAGE_SIZE]).is_err());
     }
+
+    /// A tick after a long gap (a stalled host) writes at most four passes over the memory:
+    /// at the rate it would have written for a day.
+    #[test]
+    fn a_tick_after_a_long_gap_is_bounded() {
+        let mut g = SyntheticGuest::new("t", &cfg(25_600));
+        g.resume();
+        let t0 = Instant::now();
+        g.tick(t0);
+        let before = g.writes();
+        g.tick(t0 + std::time::Duration::from_secs(86_400));
+        assert_eq!(g.writes() - before, 4 * g.page_count());
+    }
 }

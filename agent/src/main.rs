@@ -13,7 +13,7 @@ use trustmig_agent::progress::{summary_text, Display};
 use trustmig_protocol::order::Limits;
 
 mod cli;
-use cli::{AttestCmd, AuditCmd, Cli, Cmd, OperatorCmd, OrderCmd, QemuCmd, TrustCmd};
+use cli::{AttestCmd, AuditCmd, Cli, Cmd, HomeArg, OperatorCmd, OrderCmd, QemuCmd, TrustCmd};
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTMIG_LOG")
@@ -278,9 +278,9 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
         let runs = files.iter().cloned().map(|f| {
             let socket = socket.clone();
             async move {
-                let bytes = std::fs::read(&f).map_err(AgentError::io(&f))?;
-                let vm = trustmig_protocol::order::SignedOrder::from_cbor(&bytes)
-                    .and_then(|o| o.dangerous_unverified_body())
+                let (bytes, order) = read_order(&f)?;
+                let vm = order
+                    .dangerous_unverified_body()
                     .map_or_else(|_| "?".to_string(), |b| b.vm);
                 let mut outcome = Err("no result".to_string());
                 let req = Request::Migrate {
@@ -289,8 +289,15 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
                 control::call(&socket, &req, |r| match r {
                     Reply::Progress(control::Progress::Done(s)) => {
                         outcome = Ok(format!(
-                            "moved: downtime {} ms, total {} ms",
-                            s.downtime_ms, s.total_ms
+                            "moved: downtime {} ms, total {} ms{}",
+                            s.downtime_ms,
+                            s.total_ms,
+                            // An operator's stop went with it: it waits for `cont` there.
+                            if s.handed_over_paused {
+                                ", handed over paused"
+                            } else {
+                                ""
+                            }
                         ))
                     }
                     Reply::Progress(control::Progress::Failed { error, vm }) => {
@@ -395,7 +402,7 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
             eprint!("{}", admin::show_order(&order.to_cbor(), None)?);
         }
         OrderCmd::Revoke { home, file } => {
-            let bytes = std::fs::read(&file).map_err(AgentError::io(&file))?;
+            let (bytes, _) = read_order(&file)?;
             let req = Request::Revoke {
                 order: hex::encode(bytes),
             };
@@ -405,7 +412,7 @@ fn order(o: OrderCmd) -> Result<(), AgentError> {
             }
         }
         OrderCmd::Show { file, home } => {
-            let bytes = std::fs::read(&file).map_err(AgentError::io(&file))?;
+            let (bytes, _) = read_order(&file)?;
             print!(
                 "{}",
                 admin::show_order(&bytes, home.map(Home::at).as_ref())?
@@ -556,16 +563,24 @@ fn attest(a: AttestCmd) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Submit the order in `file` to the local agent and show its progress.
-fn migrate(home: &Home, file: &PathBuf, json: bool) -> Result<(), AgentError> {
-    let bytes = std::fs::read(file).map_err(AgentError::io(file))?;
-    // Refuse obvious garbage here, with the file named, before bothering the agent.
-    trustmig_protocol::order::SignedOrder::from_cbor(&bytes).map_err(|e| {
+/// The order file at `path`: its bytes, decoded (not verified). Garbage is refused here, with
+/// the file named, before anything is asked of an agent.
+fn read_order(
+    path: &std::path::Path,
+) -> Result<(Vec<u8>, trustmig_protocol::order::SignedOrder), AgentError> {
+    let bytes = std::fs::read(path).map_err(AgentError::io(path))?;
+    let order = trustmig_protocol::order::SignedOrder::from_cbor(&bytes).map_err(|e| {
         AgentError::BadConfig {
-            path: file.clone(),
+            path: path.to_path_buf(),
             reason: e.to_string(),
         }
     })?;
+    Ok((bytes, order))
+}
+
+/// Submit the order in `file` to the local agent and show its progress.
+fn migrate(home: &Home, file: &std::path::Path, json: bool) -> Result<(), AgentError> {
+    let (bytes, _) = read_order(file)?;
     let mut display = Display::new(json);
     let req = Request::Migrate {
         order: hex::encode(&bytes),
@@ -606,32 +621,40 @@ fn qemu(q: QemuCmd) -> Result<(), AgentError> {
     }
 }
 
+/// The home `home` names, refused unless it is one (a mistyped `--home` would otherwise fail
+/// on a file inside it, or list nothing).
+fn checked(home: HomeArg) -> Result<Home, AgentError> {
+    let h = Home::at(home.home);
+    h.check()?;
+    Ok(h)
+}
+
 fn trust(t: TrustCmd) -> Result<(), AgentError> {
     match t {
         TrustCmd::AddPeer { home, name, key } => {
-            admin::add_peer(&Home::at(home.home), &name, admin::key_arg(&key)?)
+            admin::add_peer(&checked(home)?, &name, admin::key_arg(&key)?)
         }
         TrustCmd::RemovePeer { home, name_or_key } => {
-            admin::remove_key(&Home::at(home.home).peers(), &name_or_key)
+            admin::remove_key(&checked(home)?.peers(), &name_or_key)
         }
         TrustCmd::AddOperator { home, name, key } => {
-            admin::add_operator(&Home::at(home.home), &name, admin::key_arg(&key)?)
+            admin::add_operator(&checked(home)?, &name, admin::key_arg(&key)?)
         }
         TrustCmd::RemoveOperator { home, name_or_key } => {
-            admin::remove_key(&Home::at(home.home).operators(), &name_or_key)
+            admin::remove_key(&checked(home)?.operators(), &name_or_key)
         }
         TrustCmd::RemoveAk { home, name_or_key } => {
-            let n = admin::remove_ak(&Home::at(home.home), &name_or_key)?;
+            let n = admin::remove_ak(&checked(home)?, &name_or_key)?;
             println!(
                 "{n} AK(s) of {name_or_key} removed; run `trustmig reload` for the running agent"
             );
             Ok(())
         }
         TrustCmd::AllowExe { home, digest } => {
-            admin::allow_exe(&Home::at(home.home), admin::key_arg(&digest)?)
+            admin::allow_exe(&checked(home)?, admin::key_arg(&digest)?)
         }
         TrustCmd::List { home } => {
-            let h = Home::at(home.home);
+            let h = checked(home)?;
             for (what, path) in [("peer", h.peers()), ("operator", h.operators())] {
                 for e in trustmig_agent::trust::KeyList::load(&path)?.entries() {
                     println!("{what:9} {:20} {}", e.name, e.key);

@@ -75,8 +75,22 @@ fn missing_home_socket_and_files_are_named() {
     std::fs::write(&junk, b"not an order").unwrap();
     fails_with(
         &["order", "show", junk.to_str().unwrap()],
-        "order is malformed",
+        "junk.order: order is malformed",
     );
+    fails_with(
+        &["order", "revoke", "--home", n, junk.to_str().unwrap()],
+        "junk.order: order is malformed",
+    );
+    // The trust store of a mistyped home: named as no home, not a file inside it, and never
+    // an empty list.
+    let key = "ab".repeat(32);
+    fails_with(
+        &[
+            "trust", "add-peer", "--home", n, "--name", "b", "--key", &key,
+        ],
+        "is not a trustmig home",
+    );
+    fails_with(&["trust", "list", "--home", n], "is not a trustmig home");
     fails_with(
         &["migrate", "--home", n, "--order", junk.to_str().unwrap()],
         "junk.order",

@@ -1874,6 +1874,23 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     );
     let (ok, text) = cli(&pair.dst, &["status"]);
     assert!(ok, "{text}");
+    // A synthetic VM's name given to a QEMU VM: the synthetic one stays until a restart, so
+    // the two would share the name; refused.
+    let src_cfg = pair.src.config();
+    let src_good = std::fs::read_to_string(&src_cfg).unwrap();
+    let renamed = src_good.replacen(
+        "\nbackend = \"synthetic\"",
+        "\nbackend = \"qemu\"\nqmp = \"/run/trustmig-test-none.qmp\"",
+        1,
+    );
+    assert_ne!(renamed, src_good);
+    std::fs::write(&src_cfg, renamed).unwrap();
+    let (ok, text) = cli(&pair.src, &["reload"]);
+    assert!(
+        !ok && text.contains("vm \"v\" appears twice (with the synthetic VMs kept from the start)"),
+        "{text}"
+    );
+    std::fs::write(&src_cfg, src_good).unwrap();
 
     // Restored and reloaded (by SIGHUP this time): the next migration goes through.
     std::fs::write(&cfg, good).unwrap();

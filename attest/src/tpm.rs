@@ -624,6 +624,11 @@ impl TpmAttester {
     /// Quote and package evidence. Refuses (with [`TpmError::PcrDrift`]) if the PCR no longer
     /// matches the log; the verifier checks this independently.
     pub fn evidence(&mut self, qualifying_data: &Digest) -> Result<Evidence, TpmError> {
+        if self.rebasing {
+            // The log holds part of what stands: a quote over it could leave out what a
+            // policy checks only when present (the configuration).
+            self.rebase()?;
+        }
         let actual = self.tpm.pcr_read()?;
         let expected = replay(&self.log);
         if !trustmig_protocol::ct_eq(&actual, &expected) {

@@ -399,9 +399,11 @@ pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
     let text = std::fs::read_to_string(&journal).unwrap_or_default();
     let mut states = std::collections::HashMap::new();
     let mut last = None;
-    for l in text.lines() {
-        let Ok(r) = serde_json::from_str::<crate::journal::Record>(l) else {
-            continue; // a torn tail; the journal itself refuses worse
+    // Whole lines only: a last one without its newline was never acknowledged, and the
+    // journal's replay drops it too (`AppendLog`).
+    for l in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        let Ok(r) = serde_json::from_str::<crate::journal::Record>(l.trim_end()) else {
+            continue; // the journal itself refuses a line that is not a record
         };
         if states.insert(r.order_id.clone(), r.state) != Some(r.state) {
             last = Some((r.order_id, crate::journal::audit_event(r.state)));
@@ -503,6 +505,27 @@ mod tests {
         let v = verify(&path).unwrap();
         assert_eq!((v.entries, v.torn_at), (3, None));
         assert!(a.ends_with("", "done"));
+    }
+
+    /// A last entry written whole but for its newline was never acknowledged (`AppendLog`
+    /// syncs the line, newline included, before it counts): cut like any torn line, so the
+    /// next entry does not land on its line.
+    #[test]
+    fn a_whole_last_entry_without_its_newline_is_torn() {
+        let (dir, path) = trail(3);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.trim_end_matches('\n')).unwrap();
+        let v = verify(&path).unwrap();
+        assert_eq!((v.entries, v.torn_at.is_some()), (2, true));
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.record(Event {
+            event: "done",
+            ..Event::default()
+        })
+        .unwrap();
+        let v = verify(&path).unwrap();
+        assert_eq!((v.entries, v.torn_at), (3, None));
+        assert_eq!(v.list[2].event, "done");
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Config {
 /// No two VMs share a name (the first would shadow the second), a QMP socket (one QEMU, two
 /// VMs), or a `disk_dir` (disks arrive there under their own names: two VMs' `root` disks,
 /// arriving at once, would take each other's files).
-fn check_vms_apart(vms: &[VmConfig]) -> Result<(), String> {
+pub(crate) fn check_vms_apart(vms: &[VmConfig]) -> Result<(), String> {
     for (i, vm) in vms.iter().enumerate() {
         let before = &vms[..i];
         if before.iter().any(|o| o.name == vm.name) {

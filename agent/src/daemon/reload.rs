@@ -60,6 +60,11 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     new.vms.retain(|v| v.synthetic().is_none());
     new.vms
         .extend(old.vms.iter().filter(|v| v.synthetic().is_some()).cloned());
+    // The kept synthetic entries may now collide with the new file's (a name made a QEMU VM).
+    crate::config::check_vms_apart(&new.vms).map_err(|reason| AgentError::BadConfig {
+        path: ctx.home.config(),
+        reason: format!("{reason} (with the synthetic VMs kept from the start)"),
+    })?;
     in_use(ctx, &old, &new)?;
     let digest = trustmig_protocol::sha256(&[&bytes]);
     crate::attestation::SharedTpm::new(&ctx.attester)

@@ -590,7 +590,14 @@ impl Session {
                 let reason =
                     format!("no late final quote can come: the session ended before Resumed ({e})");
                 error!(order = %hex(&id), vm = %self.vm, "INCIDENT: {reason}");
-                let note = format!("resumed here; INCIDENT: {reason}");
+                let note = format!(
+                    "{}; INCIDENT: {reason}",
+                    if paused {
+                        "handed over paused here"
+                    } else {
+                        "resumed here"
+                    }
+                );
                 let _ = ctx
                     .journal
                     .lock()

@@ -52,6 +52,11 @@ impl AppendLog {
         })
     }
 
+    /// Whether appends are refused (a failed one could not be cut back).
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
     /// Append `line` (ending in a newline) and make it durable, or leave the file as it was.
     pub(crate) fn append(&mut self, line: &[u8]) -> Result<(), AgentError> {
         debug_assert!(line.ends_with(b"\n"));

@@ -383,6 +383,11 @@ impl Journal {
     /// stay as they are in memory (compaction keeps each remaining order's and VM's records
     /// exactly, `compact::agrees`), less the orders it dropped; appends go to the new file.
     fn compact_running(&mut self, now: u64, min: usize) -> Result<bool, AgentError> {
+        // A failed append that could not be cut back left a fragment: reopening would forget
+        // that, and the next record would land after it. Only a restart mends it.
+        if self.file.is_broken() {
+            return Ok(false);
+        }
         self.lines_after_compaction = self.lines;
         let text = fs::read_to_string(&self.path).map_err(AgentError::io(&self.path))?;
         let whole = Replay::of(&text, &self.path)?;
@@ -935,6 +940,23 @@ mod tests {
             text,
             "the unacknowledged line is cut"
         );
+    }
+
+    /// The late quote's verdict follows what DONE said (`trustmig status` shows the latest
+    /// note: a paused hand-over said at DONE must not be replaced by the verdict).
+    #[test]
+    fn the_late_quotes_verdict_follows_dones_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let id = [8; 16];
+        j.claim_for(&id, Role::Destination, "a", 10).unwrap();
+        j.set(&id, State::Committed, "").unwrap();
+        j.set(&id, State::Done, "handed over paused here").unwrap();
+        j.late_quote(&id, Some(b"quote"), "late final quote verified")
+            .unwrap();
+        let r = j.record(&id).unwrap();
+        assert_eq!(r.note, "handed over paused here; late final quote verified");
+        assert!(r.evidence.contains_key("final_quote"));
     }
 
     /// A note longer than `MAX_NOTE_CHARS` (error text a peer may have shaped) is cut, on a

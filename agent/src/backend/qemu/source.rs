@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use trustmig_protocol::manifest::MAX_MIRRORED;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixListener, UnixStream};
@@ -133,6 +134,15 @@ impl QemuSource {
             Some(q) => super::disk::source_disks(q, &mut qmp).await?,
             None => (Vec::new(), Vec::new()),
         };
+        // Each mirrored disk takes a data stream beside QEMU's: refused before any image is
+        // read (`offer` checks the rest of the manifest as the destination will).
+        if mirror_disks.len() > MAX_MIRRORED {
+            return Err(AgentError::Refused(format!(
+                "QEMU VM {:?} has {} writable disks to mirror; at most {MAX_MIRRORED} fit a session's streams",
+                body.vm,
+                mirror_disks.len()
+            )));
+        }
         debug!(vm = %body.vm, qemu = %qmp.version, "QEMU ready to migrate");
         Ok(Self {
             vm: body.vm.clone(),
