@@ -62,9 +62,9 @@ enum Fate {
 /// What becomes of the orders whose lines need not all stay at `now` (UNIX seconds); the
 /// others keep every line.
 fn fates(replayed: &Replay, now: u64) -> HashMap<&str, Fate> {
-    let mut needed: HashSet<&str> = (replayed.last_for_vm.values())
+    let mut needed: HashSet<&str> = (replayed.vms.last_move.values())
         .map(|r| r.order_id.as_str())
-        .chain(replayed.last_order_of_vm.values().map(String::as_str))
+        .chain(replayed.vms.order.values().map(String::as_str))
         .collect();
     needed.extend(replayed.last_change.as_ref().map(|r| r.order_id.as_str()));
     (replayed.latest.values())
@@ -130,8 +130,7 @@ fn compacted_text(
 /// memory.
 fn agrees(smaller: &Replay, whole: &Replay, fates: &HashMap<&str, Fate>) -> bool {
     let dropped = |id: &str| fates.get(id) == Some(&Fate::Drop);
-    smaller.last_for_vm == whole.last_for_vm
-        && smaller.last_order_of_vm == whole.last_order_of_vm
+    smaller.vms == whole.vms
         && smaller.last_change == whole.last_change
         && smaller.torn_at.is_none()
         && (whole.latest.iter()).all(|(id, r)| match smaller.latest.get(id) {
@@ -244,6 +243,15 @@ mod tests {
         text += &line(9, "f", Role::Destination, State::Done, old);
         text += &line(10, "f", Role::Source, State::Claimed, old);
         text += &line(10, "f", Role::Source, State::Done, old);
+        // VM g: 11 brought it here, its `Resumed` lost (at COMMIT); 12 sent it away since; a
+        // restart then settled 11. 11 is over for g: squashed to that last line, which must
+        // not take g back once its earlier lines are gone.
+        text += &line(11, "g", Role::Destination, State::Claimed, old);
+        text += &line(11, "g", Role::Destination, State::Committed, old);
+        text += &line(12, "g", Role::Source, State::Claimed, old);
+        text += &line(12, "g", Role::Source, State::Committed, old);
+        text += &line(12, "g", Role::Source, State::Done, old);
+        text += &line(11, "g", Role::Destination, State::Settled, old);
         text += &line(8, "b", Role::Destination, State::Claimed, old);
         text += &line(8, "b", Role::Destination, State::Done, old);
         let whole = Replay::of(&text, &path).unwrap();
@@ -252,7 +260,12 @@ mod tests {
             .map(|(o, f)| (o.to_string(), f))
             .collect();
         fates.sort_by(|a, b| a.0.cmp(&b.0));
-        let want = [(3, Fate::Drop), (7, Fate::Drop), (9, Fate::Squash)];
+        let want = [
+            (3, Fate::Drop),
+            (7, Fate::Drop),
+            (9, Fate::Squash),
+            (11, Fate::Squash),
+        ];
         assert_eq!(fates, want.map(|(n, f)| (id(n), f)).to_vec());
 
         // The journal as `trustmig init` leaves it (with its audit trail), then this one.
@@ -263,13 +276,14 @@ mod tests {
             .expect("compacted");
         assert!(agrees(&smaller, &whole, &super::fates(&whole, now)));
         let on_disk = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(on_disk.lines().count(), text.lines().count() - 4);
+        assert_eq!(on_disk.lines().count(), text.lines().count() - 6);
         let lines = |t: &str, n: u8| t.lines().filter(|l| l.contains(&id(n))).count();
         for n in [3, 7] {
             assert_eq!(lines(&on_disk, n), 0, "order {n} kept");
         }
         assert_eq!(lines(&on_disk, 9), 1, "order 9: its last line only");
-        for n in [1, 2, 4, 5, 6, 8, 10] {
+        assert_eq!(lines(&on_disk, 11), 1, "order 11: its last line only");
+        for n in [1, 2, 4, 5, 6, 8, 10, 12] {
             assert_eq!(
                 lines(&on_disk, n),
                 lines(&text, n),
@@ -285,6 +299,11 @@ mod tests {
             b
         };
         assert!(j.settle_query(&order_id(9), &[7; 32]).unwrap());
+        assert!(
+            j.migrated_away("g"),
+            "g left under 12, before and after compaction"
+        );
+        assert_eq!(j.last_order_of("g").unwrap().order_id, id(12));
         assert!(!j.settle_query(&order_id(3), &[7; 32]).unwrap());
         drop(j);
         let on_disk = std::fs::read_to_string(&path).unwrap();

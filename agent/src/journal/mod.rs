@@ -126,15 +126,68 @@ fn clip_note(note: &mut String) {
     }
 }
 
+/// What the journal says of each VM: its current order and the record that last moved it.
+#[derive(Debug, Default)]
+struct VmHistory {
+    /// Each VM's record that last moved it (`Rules::moves_vm`).
+    last_move: HashMap<String, Record>,
+    /// Each VM's current order: the last to write a record about this host's copy of it
+    /// (`Rules::touches_vm`), whatever it did.
+    order: HashMap<String, String>,
+    /// Each VM's orders that wrote about it since it last moved.
+    since_move: HashMap<String, Vec<String>>,
+    /// Orders whose VM moved under another order after they wrote about it: over for it.
+    superseded: std::collections::HashSet<String>,
+}
+
+/// Two histories agree when they say the same of every VM (compaction checks that; which
+/// orders they know of differs by what it dropped).
+impl PartialEq for VmHistory {
+    fn eq(&self, other: &Self) -> bool {
+        self.last_move == other.last_move && self.order == other.order
+    }
+}
+
+impl VmHistory {
+    /// Take record `r` into account, `prev` being its order's record before it.
+    ///
+    /// An order is over for its VM once the VM moves under another order after it: its later
+    /// records (a late final quote's verdict, an incident's note, what a restart settles it
+    /// to) neither make it the VM's order again nor move the VM. Otherwise a destination order
+    /// left at COMMIT (its `Resumed` lost) and settled at a later restart would take back a VM
+    /// that had left here since under a newer order: two copies. An order that touched the VM
+    /// without moving it (refused, rolled back before COMMIT) supersedes nothing: an older
+    /// order in doubt still settles where the VM is.
+    fn track(&mut self, prev: Option<&Record>, r: &Record) {
+        let rules = Rules::default();
+        if !rules.touches_vm(&r.entry()) || self.superseded.contains(&r.order_id) {
+            return;
+        }
+        // The first line of an order that does not claim is what compaction kept of a
+        // finished order (its last line): history, and the VM has a later order already.
+        if prev.is_none() && r.state != State::Claimed && self.order.contains_key(&r.vm) {
+            return;
+        }
+        let since = self.since_move.entry(r.vm.clone()).or_default();
+        if rules.moves_vm(prev.map(|p| p.state), r.role, r.state) {
+            self.superseded
+                .extend(since.drain(..).filter(|o| *o != r.order_id));
+            self.last_move.insert(r.vm.clone(), r.clone());
+        }
+        if !since.contains(&r.order_id) {
+            since.push(r.order_id.clone());
+        }
+        self.order.insert(r.vm.clone(), r.order_id.clone());
+    }
+}
+
 /// What a journal's lines say, replayed in order.
 #[derive(Debug, Default)]
 struct Replay {
     /// Each order's latest record.
     latest: HashMap<String, Record>,
-    /// Each VM's record that last moved it (`Rules::moves_vm`).
-    last_for_vm: HashMap<String, Record>,
-    /// The order that most recently wrote a record about each VM, whatever it did.
-    last_order_of_vm: HashMap<String, String>,
+    /// Each VM's current order and last move.
+    vms: VmHistory,
     /// The last record that changed its order's state (the audit trail must end with it).
     last_change: Option<Record>,
     /// Where a torn last line starts (a crash mid-append).
@@ -159,14 +212,8 @@ impl Replay {
             }
             match serde_json::from_str::<Record>(line.trim_end()) {
                 Ok(r) => {
+                    out.vms.track(out.latest.get(&r.order_id), &r);
                     let prev = out.latest.get(&r.order_id).map(|p| p.state);
-                    if moves_vm(prev, &r) {
-                        out.last_for_vm.insert(r.vm.clone(), r.clone());
-                    }
-                    if Rules::default().touches_vm(&r.entry()) {
-                        out.last_order_of_vm
-                            .insert(r.vm.clone(), r.order_id.clone());
-                    }
                     if prev != Some(r.state) {
                         out.last_change = Some(r.clone());
                     }
@@ -195,9 +242,8 @@ pub struct Journal {
     path: PathBuf,
     file: AppendLog,
     latest: HashMap<String, Record>,
-    last_for_vm: HashMap<String, Record>,
-    /// The order that most recently wrote a record about each VM, whatever it did.
-    last_order_of_vm: HashMap<String, String>,
+    /// Each VM's current order and last move.
+    vms: VmHistory,
     rules: Rules,
     /// The audit trail beside it: one entry per change of an order's state.
     audit: crate::audit::Audit,
@@ -253,8 +299,7 @@ impl Journal {
         let lines = replayed.lines.len();
         let Replay {
             latest,
-            last_for_vm,
-            last_order_of_vm,
+            vms,
             last_change,
             torn_at,
             ..
@@ -268,8 +313,7 @@ impl Journal {
             path,
             file,
             latest,
-            last_for_vm,
-            last_order_of_vm,
+            vms,
             rules: Rules::default(),
             audit: crate::audit::Audit::open(dir)?,
             lines,
@@ -354,13 +398,7 @@ impl Journal {
                 tracing::error!("could not write the audit trail: {e}");
             }
         }
-        if moves_vm(prev, &r) {
-            self.last_for_vm.insert(r.vm.clone(), r.clone());
-        }
-        if self.rules.touches_vm(&r.entry()) {
-            self.last_order_of_vm
-                .insert(r.vm.clone(), r.order_id.clone());
-        }
+        self.vms.track(self.latest.get(&r.order_id), &r);
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
     }
@@ -727,7 +765,7 @@ impl Journal {
     /// rolled back, settled): what this host last did with the VM, for reconciling its
     /// hypervisor state after a restart (`reconcile.rs`).
     pub fn last_order_of(&self, vm: &str) -> Option<&Record> {
-        self.latest.get(self.last_order_of_vm.get(vm)?)
+        self.latest.get(self.vms.order.get(vm)?)
     }
 
     /// Whether `vm` left this agent: the latest record (in journal order) that moved it is a
@@ -735,7 +773,7 @@ impl Journal {
     /// doubt) and it must not start here again. Orders that never committed do not count: a
     /// refused or rolled-back order leaves the VM wherever it was.
     pub fn migrated_away(&self, vm: &str) -> bool {
-        (self.last_for_vm.get(vm)).is_some_and(|r| self.rules.left_here(&r.entry()))
+        (self.vms.last_move.get(vm)).is_some_and(|r| self.rules.left_here(&r.entry()))
     }
 
     /// Whether an order that sends `vm` from here is under way (claimed) or at COMMIT,
@@ -797,12 +835,6 @@ pub(crate) fn audit_event(s: State) -> &'static str {
 /// A rule's refusal, naming the order.
 fn refused(order_id: &OrderId, e: Refusal) -> AgentError {
     AgentError::Journal(format!("order {}: {e}", hex(order_id)))
-}
-
-/// Whether record `r` changes where its VM runs (`Rules::moves_vm`), `prev` being its
-/// order's state before.
-fn moves_vm(prev: Option<State>, r: &Record) -> bool {
-    Rules::default().moves_vm(prev, r.role, r.state)
 }
 
 /// The destination handshake claims ids through this adapter (with the order's source, for
@@ -1089,6 +1121,45 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&[1; 16]));
+    }
+
+    /// A VM arrives under order A whose `Resumed` is lost (A stays at COMMIT), then leaves
+    /// under order B. A's later records — what a restart settles it to, a late quote's verdict
+    /// — must not make A the VM's order again: before, the restart's SETTLED made the VM
+    /// "here" (a synthetic VM started, a QEMU one `cont`ed) while it ran on B's destination.
+    #[test]
+    fn an_older_orders_late_records_do_not_take_back_a_vm_that_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        j.claim_as_destination(&order(1, "vm"), &[9; 32]).unwrap();
+        j.mark_fed(&a).unwrap();
+        j.set(&a, State::Committed, "").unwrap();
+        j.set(&a, State::Committed, "resumed here; INCIDENT: Resumed lost")
+            .unwrap();
+        let gone = |j: &Journal, mover: &[u8; 16]| {
+            assert!(j.migrated_away("vm"));
+            assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(mover));
+        };
+        j.claim_for(&b, Role::Source, "vm", 10).unwrap();
+        j.set(&b, State::Committed, "").unwrap();
+        j.set(&b, State::Done, "").unwrap();
+        gone(&j, &b);
+        // A restart settles A (`settle_in_doubt`), and a late quote's verdict lands on it.
+        j.set(&a, State::Settled, "committed before restart")
+            .unwrap();
+        j.late_quote(&a, None, "INCIDENT: no late final quote")
+            .unwrap();
+        gone(&j, &b);
+        drop(j);
+        let mut j = Journal::open(dir.path()).unwrap();
+        gone(&j, &b);
+        // The VM comes back under a newer order C: C is its order, and it is here again.
+        j.claim_as_destination(&order(3, "vm"), &[9; 32]).unwrap();
+        j.mark_fed(&c).unwrap();
+        j.set(&c, State::Committed, "").unwrap();
+        assert!(!j.migrated_away("vm"));
+        assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&c));
     }
 
     /// A crash after a journal record and before its audit entry: the entry is written when
