@@ -128,7 +128,12 @@ impl QemuVm {
         ]
         .map(String::from)
         .to_vec();
-        let mut cmd = if incoming {
+        let mut cmd = if incoming && opts.dst_without_s {
+            args.extend(["-incoming", "defer"].map(String::from));
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..]);
+            c
+        } else if incoming {
             // As an operator would: the destination's command line derived from the source's
             // by `trustmig qemu start-destination` (transferred disks left out), which then
             // becomes that QEMU. Only the serial file, QMP path and vTPM socket differ.
@@ -315,6 +320,9 @@ struct VmOpts {
     src_env: Vec<(String, String)>,
     /// Environment of the destination agent.
     dst_env: Vec<(String, String)>,
+    /// Start the destination QEMU as `-incoming defer` alone, without `-S` (an operator who
+    /// did not use `trustmig qemu start-destination`).
+    dst_without_s: bool,
 }
 
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
@@ -970,6 +978,44 @@ async fn qemu_a_guest_stopped_at_the_switch_over_is_given_back_stopped() {
     assert_stays_stopped(&s.src, "the guest stays stopped").await;
     q.cont().await.expect("the operator's cont");
     assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+}
+
+/// spec/qemu.md §1: a destination QEMU started without `-S` (`-incoming defer` alone) would
+/// run the guest the moment loading ends, before the digest check and COMMIT. The agent turns
+/// its autostart off (`stop` while `inmigrate`): a destination agent that dies at
+/// `FinalChallenge` (loaded, no COMMIT) leaves that QEMU paused, its guest never run, and the
+/// source gives its guest back. (Without the `stop`, QEMU 7.2 runs it: two copies.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_destination_started_without_s_never_runs_before_commit() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
+        dst_without_s: true,
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    assert_eq!(s.dst.status().await.as_deref(), Ok("inmigrate"));
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed),
+        "the destination QEMU loaded the stream"
+    );
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("paused"),
+        "{}",
+        s.logs()
+    );
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+    assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
 }
 
 /// spec/qemu.md §4: the source agent dies after a switch-over that hands over an operator's

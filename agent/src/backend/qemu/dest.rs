@@ -61,6 +61,12 @@ impl QemuDest {
                 status.status
             )));
         }
+        // A QEMU started without `-S` would run the guest the moment loading ends, before
+        // the digest is checked and before COMMIT: `stop` while `inmigrate` turns that off
+        // (QEMU clears its autostart; pinned by
+        // `qemu_a_destination_started_without_s_never_runs_before_commit`). With `-S` it
+        // changes nothing.
+        qmp.stop().await?;
         // From here this QEMU is this migration's, to discard on failure; a restart that
         // finds the order interrupted discards it too, and only a QEMU handed over so.
         ctx.journal
