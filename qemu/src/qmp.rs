@@ -491,8 +491,11 @@ impl Qmp {
         Err(bad("neither return, error nor event", &v))
     }
 
-    /// Run `command` with `arguments` (an object, or `{}`); returns QEMU's `return` value.
+    /// Run `command` with `arguments` (an object, or `{}`); returns QEMU's `return` value,
+    /// within the timeout for the whole command (events arriving meanwhile do not extend it:
+    /// a rate-limited event each second would otherwise keep a hung command waiting).
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -510,7 +513,9 @@ impl Qmp {
             .map_err(|_| self.timed_out(command))?
             .map_err(io)?;
         loop {
-            let v = self.read_json(command).await?;
+            let v = tokio::time::timeout_at(deadline, self.read_json_untimed(command))
+                .await
+                .map_err(|_| self.timed_out(command))??;
             match Self::classify(v, command)? {
                 Line::Event(e) => self.queue_event(e),
                 Line::Return(rid, r) if rid == id => return Ok(r),
@@ -768,6 +773,31 @@ mod tests {
         q.quit_and_wait(Duration::from_secs(5))
             .await
             .expect("a reset is QEMU gone");
+    }
+
+    /// A QEMU that sends events but never answers a command: the command times out once, for
+    /// the whole of it, however often an event came.
+    #[tokio::test]
+    async fn events_do_not_keep_a_command_waiting_past_its_timeout() {
+        let (_d, path) = fake_qemu(|mut rd, mut wr| async move {
+            let mut line = String::new();
+            let _ = rd.read_line(&mut line).await; // qmp_capabilities
+            let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
+            for _ in 0..100 {
+                let ev = b"{\"event\": \"BLOCK_IO_ERROR\", \"timestamp\": {}}\n";
+                if wr.write_all(ev).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_millis(300))
+            .await
+            .expect("connect");
+        let e = q.query_status().await.expect_err("no reply comes");
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        assert!(!q.take_events().is_empty(), "the events were kept");
     }
 
     /// A fake QEMU that answers each command line with the next canned line(s).

@@ -97,19 +97,42 @@ fn anchor_value(ctx: &Ctx) -> Result<(u8, [u8; 32]), AgentError> {
     Ok((pcr, value))
 }
 
+/// How long a client may leave a reply unread before it is given up on.
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One reply line. The operator may have gone away: what they asked for carries on regardless.
 async fn send(wr: &mut OwnedWriteHalf, r: Reply) {
-    let mut v = serde_json::to_vec(&r).unwrap_or_default();
-    v.push(b'\n');
-    let _ = wr.write_all(&v).await;
+    let _ = send_within(wr, r, CLIENT_STALL).await;
 }
 
-/// Run a migration as its source, streaming its progress to the client.
+/// [`send`], within `stall`: whether the client took it. A client that stops reading (a
+/// terminal paused with Ctrl-S, a stalled pipe) must not hold up what it asked for.
+async fn send_within(wr: &mut OwnedWriteHalf, r: Reply, stall: std::time::Duration) -> bool {
+    let mut v = serde_json::to_vec(&r).unwrap_or_default();
+    v.push(b'\n');
+    matches!(
+        tokio::time::timeout(stall, wr.write_all(&v)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Run a migration as its source, streaming its progress to the client. The progress channel
+/// is drained whatever the client does: the source's switch-over reports through it with the
+/// guest stopped, so a client that stops reading is dropped, never waited for.
 async fn migrate(ctx: Arc<Ctx>, order: String, wr: &mut OwnedWriteHalf) -> Result<(), AgentError> {
     let (tx, mut rx) = mpsc::channel::<Progress>(64);
     let task = tokio::spawn(crate::driver::source::migrate(ctx, order, tx));
+    let mut reading = true;
     while let Some(p) = rx.recv().await {
-        send(wr, Reply::Progress(p)).await;
+        if reading && !send_within(wr, Reply::Progress(p), CLIENT_STALL).await {
+            tracing::warn!(
+                "the migration's client stopped reading its progress: no more is sent to it; the migration goes on"
+            );
+            reading = false;
+        }
+    }
+    if !reading {
+        return Ok(());
     }
     match task.await {
         Ok(Ok(summary)) => send(wr, Reply::Progress(Progress::Done(summary))).await,
@@ -231,4 +254,41 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
         "journal": journal,
         "recent": history,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that stops reading is given up on within the stall allowance; one that reads
+    /// gets every line.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_not_waited_for() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (_rd, mut wr) = ours.into_split();
+        let big = Reply::Error("x".repeat(64 << 10));
+        let stall = std::time::Duration::from_millis(200);
+        let mut sent = 0;
+        while send_within(&mut wr, big.clone(), stall).await {
+            sent += 1;
+            assert!(sent < 10_000, "the socket never filled");
+        }
+        assert!(sent > 0, "the first lines fit the socket's buffer");
+        // A reader drains it: lines go again.
+        let reader = tokio::spawn(async move {
+            let mut rd = theirs;
+            let mut buf = vec![0u8; 1 << 20];
+            while rd.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        assert!(
+            send_within(
+                &mut wr,
+                Reply::Error("after".into()),
+                std::time::Duration::from_secs(10)
+            )
+            .await
+        );
+        drop(wr);
+        reader.abort();
+    }
 }

@@ -325,8 +325,8 @@ async fn feed(
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     let (data_rd, data_wr) = data.into_split();
     pumps.spawn(async move {
-        if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, "return path", Carried::Migration).await
-        {
+        let what = ("return path", Carried::Migration);
+        if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, what, timeout).await {
             warn!("{e}");
         }
     });
@@ -387,7 +387,7 @@ async fn mirrors_in(
         .collect();
     info!(order = %hex(&inc.order_id), disks = targets.len(), "mirrored disks exported to the source");
     Ok((
-        super::mirror::relay_all(&sock, &targets, streams, pumps),
+        super::mirror::relay_all(&sock, &targets, streams, (pumps, ctx.step_timeout())),
         targets,
     ))
 }

@@ -92,8 +92,14 @@ async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), QmpErr
 /// someone else stopped meanwhile (seen so, or QEMU's runstate none of the migration's:
 /// `paused`, say) is theirs to run: `cont` would undo an operator's `stop` (spec/qemu.md §4).
 pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attempt {
+    // A QEMU that did not answer in time (busy, or stuck in a write the pumps no longer
+    // drain) is asked again in the background, as a refusal that clears by itself is.
+    let unanswered = |e: QmpError| match refusal_clears(&e) {
+        true => Attempt::Refused(e),
+        false => Attempt::Failed(format!("QEMU did not answer ({e})")),
+    };
     if let Err(e) = cancel_migration(qmp, timeout).await {
-        return Attempt::Failed(format!("QEMU did not answer ({e})"));
+        return unanswered(e);
     }
     match qmp.query_status().await {
         // QEMU's cancel runs a guest that ran when it completed, whatever this agent thought.
@@ -107,7 +113,7 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attem
             Err(e) if refusal_clears(&e) => Attempt::Refused(e),
             Err(e) => Attempt::Failed(format!("`cont` on the source failed: {e}")),
         },
-        Err(e) => Attempt::Failed(format!("QEMU did not answer ({e})")),
+        Err(e) => unanswered(e),
     }
 }
 
@@ -345,6 +351,35 @@ mod tests {
                 _ => panic!("{state} {was:?}: {got:?}"),
             }
         }
+    }
+
+    /// A QEMU that stops answering (stuck in a write, holding its big lock) is asked again in
+    /// the background, not given up on as "check it by hand".
+    #[tokio::test]
+    async fn a_qemu_that_does_not_answer_is_asked_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (rd, mut wr) = s.into_split();
+            let _ = wr
+                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
+                .await;
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let req: serde_json::Value = serde_json::from_str(&line).expect("json");
+                if req["execute"] == "qmp_capabilities" {
+                    let ok = serde_json::json!({"return": {}, "id": req["id"]});
+                    let _ = wr.write_all(format!("{ok}\n").as_bytes()).await;
+                }
+            }
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_millis(300))
+            .await
+            .expect("qmp");
+        let got = attempt(&mut qmp, Was::Running, Duration::from_millis(300)).await;
+        assert!(matches!(got, Attempt::Refused(_)), "{got:?}");
     }
 
     #[tokio::test]

@@ -118,12 +118,12 @@ async fn relay(
     data: &mut TcpStream,
     sealer: Sealer,
     opener: Opener,
-    (out, back): (&'static str, &'static str),
+    (out, back, stall): (&'static str, &'static str, Duration),
 ) -> Result<(Sent, Received), AgentError> {
     let (q_rd, q_wr) = qemu.into_split();
     let (d_rd, d_wr) = data.split();
     let sealing = async {
-        seal_pump(q_rd, d_wr, sealer, out, Carried::Nbd)
+        seal_pump(q_rd, d_wr, sealer, (out, Carried::Nbd), stall)
             .await
             .map_err(mig)
     };
@@ -309,7 +309,11 @@ async fn source_relay(
         data,
         sealer,
         opener,
-        ("NBD to the destination", "NBD from the destination"),
+        (
+            "NBD to the destination",
+            "NBD from the destination",
+            timeout,
+        ),
     )
     .await
     .map_err(|e| match e {
@@ -813,7 +817,7 @@ pub fn relay_all(
     sock: &Path,
     targets: &[Target],
     streams: Vec<(TcpStream, Opener, Sealer)>,
-    tasks: &mut Tasks,
+    (tasks, stall): (&mut Tasks, Duration),
 ) -> Relays {
     let (tx, rx) = Relays::new(targets.iter().map(|t| t.disk.name.clone()).collect());
     for (i, (data, opener, sealer)) in streams.into_iter().enumerate() {
@@ -826,7 +830,7 @@ pub fn relay_all(
                     &mut data,
                     sealer,
                     opener,
-                    ("NBD to the source", "NBD from the source"),
+                    ("NBD to the source", "NBD from the source", stall),
                 )
                 .await
                 .map(|(sent, got)| {

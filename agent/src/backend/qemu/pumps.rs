@@ -4,8 +4,14 @@
 //! Each direction runs two tasks joined by a short queue, so QEMU keeps writing (or reading)
 //! while a record is sealed, sent, received or opened: the path is latency-bound otherwise.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::hvstream::StreamDigest;
@@ -55,13 +61,15 @@ const IN_FLIGHT: usize = 4;
 /// `StreamEnd` (payload: total bytes, u64 BE). `digest` sees every payload byte. Reading (and
 /// the digest) runs in a task of its own, so QEMU keeps writing, and the digest of one chunk
 /// is computed on one core while the last one is sealed and sent on the other; each chunk is
-/// read behind room for the record header and sealed where it lies.
+/// read behind room for the record header and sealed where it lies. A write to `to` that
+/// waits longer than `stall` (a peer that stopped reading without closing: a host gone, a
+/// partition) fails the pump: with the guest stopped for the switch-over, nothing else would.
 pub(crate) async fn seal_pump<R, W>(
     from: R,
     mut to: W,
     mut sealer: Sealer,
-    what: &'static str,
-    carried: Carried,
+    (what, carried): (&'static str, Carried),
+    stall: Duration,
 ) -> Result<Sent, String>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -78,9 +86,7 @@ where
             .seal_in_place(carried.record(), &mut record, &mut before)
             .map_err(|e| format!("{what}: {e}"))?;
         for part in [&before, &record] {
-            to.write_all(part)
-                .await
-                .map_err(|e| format!("{what}: data stream write: {e}"))?;
+            write_within(&mut to, part, stall, what).await?;
             wire_bytes += part.len() as u64;
         }
         let _ = back_tx.try_send(record); // the reader allocates anew if it has gone
@@ -93,9 +99,7 @@ where
     sealer
         .seal(RecordType::StreamEnd, &digest.len().to_be_bytes(), &mut out)
         .map_err(|e| format!("{what}: {e}"))?;
-    to.write_all(&out)
-        .await
-        .map_err(|e| format!("{what}: data stream write: {e}"))?;
+    write_within(&mut to, &out, stall, what).await?;
     wire_bytes += out.len() as u64;
     to.flush()
         .await
@@ -105,6 +109,73 @@ where
         wire_bytes,
         digest,
     })
+}
+
+/// A stream that counts the bytes through it (into a counter it may share with others): the
+/// source watches its data stream's for progress while the guest is stopped.
+pub(crate) struct Counted<T> {
+    inner: T,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    pub(crate) fn new(inner: T, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let n = buf.filled().len() - before;
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// Write `data` to the data stream within `stall`.
+async fn write_within<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    data: &[u8],
+    stall: Duration,
+    what: &str,
+) -> Result<(), String> {
+    match tokio::time::timeout(stall, to.write_all(data)).await {
+        Ok(r) => r.map_err(|e| format!("{what}: data stream write: {e}")),
+        Err(_) => Err(format!(
+            "{what}: data stream write stalled for {} s: the peer stopped reading",
+            stall.as_secs()
+        )),
+    }
 }
 
 /// Read `from` to its end in chunks of up to `CHUNK` bytes, coalescing what QEMU already
@@ -305,8 +376,8 @@ mod tests {
             agent_side,
             wire_a,
             sealer,
-            "t",
-            Carried::Migration,
+            ("t", Carried::Migration),
+            Duration::from_secs(60),
         ));
         let opening = tokio::spawn(open_pump(wire_b, out_a, opener, "t", Carried::Migration));
         let mut got = Vec::new();
@@ -317,6 +388,27 @@ mod tests {
         assert_eq!(got, data);
         assert_eq!(sent.records, recv.records);
         assert_eq!(sent.digest.finish(&[3; 32]), recv.digest.finish(&[3; 32]));
+    }
+
+    /// A peer that stops reading without closing (a host gone, a partition) fails the pump
+    /// once a write waited `stall`: a source whose guest is stopped for the switch-over must
+    /// not wait on it for ever.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_fails_the_pump() {
+        let (sealer, _opener) = pair();
+        let (wire, _silent_peer) = tokio::io::duplex(4096);
+        let data = vec![7u8; 1 << 20];
+        let e = seal_pump(
+            std::io::Cursor::new(data),
+            wire,
+            sealer,
+            ("t", Carried::Migration),
+            Duration::from_millis(100),
+        )
+        .await
+        .err()
+        .expect("stalled");
+        assert!(e.contains("t: data stream write stalled"), "{e}");
     }
 
     /// A reader that always has more than a chunk ready (in memory) fills each record to the
@@ -332,8 +424,8 @@ mod tests {
             std::io::Cursor::new(data.clone()),
             &mut wire,
             sealer,
-            "t",
-            Carried::Migration,
+            ("t", Carried::Migration),
+            Duration::from_secs(60),
         )
         .await
         .expect("seal pump");

@@ -2,9 +2,9 @@
 //! agent seals the stream onto the attested session and drives the switch-over. spec: spec/qemu.md §3
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use trustmig_protocol::manifest::MAX_MIRRORED;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixListener, UnixStream};
@@ -13,6 +13,7 @@ use tracing::{debug, info};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::final_digest;
 use trustmig_protocol::keys::Direction;
+use trustmig_protocol::manifest::MAX_MIRRORED;
 use trustmig_protocol::messages::TransferMode;
 use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, VerifiedOrder};
 use trustmig_protocol::precopy::{PrecopyError, THROTTLE_STEPS};
@@ -31,7 +32,7 @@ use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
 use super::disk::SourceDisk;
 use super::giveback::{give_back, Was};
 use super::mirror::{Mirrors, Relayed, SourceMirror};
-use super::pumps::{open_pump, seal_pump, Carried, Received, Sent};
+use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
 use super::{socket_dir, socket_path};
 
 /// How often `query-migrate` is polled for progress and state.
@@ -206,6 +207,10 @@ impl SourceVm for QemuSource {
     }
 
     async fn give_back(mut self, ctx: &Arc<Ctx>, paused: bool) -> String {
+        // The driver's `Abort` went and the destination closed (or did not in time): the
+        // pumps go first, so a QEMU blocked writing to one (holding its big lock, deaf to
+        // QMP) sees its socket close, fails its migration, and answers the give-back.
+        self.pumps = Tasks::default();
         if let Some(m) = &mut self.mirrors {
             m.tear_down(&mut self.qmp).await;
         }
@@ -265,7 +270,13 @@ async fn transfer(
     vm.held = !vm.qmp.query_status().await?.running;
     let switch = Switch::choose(!vm.mirror_disks.is_empty(), !vm.held);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
-    let pumps = spawn_pumps(&mut vm.pumps, qemu_sock, data, sealer, opener);
+    let pumps = spawn_pumps(
+        &mut vm.pumps,
+        qemu_sock,
+        (data, ctx.step_timeout()),
+        sealer,
+        opener,
+    );
     let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
     let done = follow(
         &mut vm.qmp,
@@ -311,16 +322,26 @@ async fn send_copied_disks(
 fn spawn_pumps(
     tasks: &mut Tasks,
     qemu: UnixStream,
-    data: TcpStream,
+    (data, stall): (TcpStream, Duration),
     sealer: Sealer,
     opener: Opener,
 ) -> Pumps {
     let (qemu_rd, qemu_wr) = qemu.into_split();
     let (data_rd, data_wr) = data.into_split();
+    let moved = Arc::new(AtomicU64::new(0));
+    let data_rd = Counted::new(data_rd, moved.clone());
+    let data_wr = Counted::new(data_wr, moved.clone());
     let (fwd_tx, fwd_rx) = mpsc::channel(1);
     tasks.spawn(async move {
         let stream = "source stream";
-        let r = seal_pump(qemu_rd, data_wr, sealer, stream, Carried::Migration).await;
+        let r = seal_pump(
+            qemu_rd,
+            data_wr,
+            sealer,
+            (stream, Carried::Migration),
+            stall,
+        )
+        .await;
         let _ = fwd_tx.send(r).await;
     });
     let (ret_tx, ret_rx) = mpsc::channel(1);
@@ -328,7 +349,7 @@ fn spawn_pumps(
         let r = open_pump(data_rd, qemu_wr, opener, "return path", Carried::Migration).await;
         let _ = ret_tx.send(r).await;
     });
-    (fwd_rx, ret_rx)
+    (fwd_rx, ret_rx, moved)
 }
 
 /// What the transfer did, from what `follow` saw: the summary's figures and the records of
@@ -655,19 +676,38 @@ async fn follow(
     mut link: SourceLink<'_>,
     (ladder, seen): (&mut Ladder, &mut Seen),
     started: Instant,
-    (mut fwd_rx, mut ret_rx): Pumps,
+    (mut fwd_rx, mut ret_rx, moved): Pumps,
     mut mirrors: Option<&mut Mirrors>,
 ) -> Result<Done, AgentError> {
     let mut poll = tokio::time::interval(POLL);
     let mut sent: Option<Sent> = None;
+    // With the guest stopped for the switch-over, something must move within a step timeout:
+    // bytes on the data stream either way, or an event of QEMU's. A destination gone silent
+    // without a reset (a host down, a partition) would otherwise keep the guest stopped until
+    // the hour below.
+    let mut moving = (0u64, tokio::time::Instant::now());
     let mut ret_done = false;
     while sent.is_none() || seen.completed.is_none() {
         // On a poll tick or a MIGRATION event, look at QEMU's migration state.
         let mut look = false;
         tokio::select! {
-            _ = poll.tick() => look = true,
+            _ = poll.tick() => {
+                look = true;
+                let now = (moved.load(Ordering::Relaxed), tokio::time::Instant::now());
+                if now.0 != moving.0 || seen.paused_at.is_none() {
+                    moving = now;
+                } else if seen.completed.is_none()
+                    && now.1.duration_since(moving.1) > link.ctx.step_timeout()
+                {
+                    return Err(AgentError::Timeout(format!(
+                        "nothing moved on the data stream for {} s with the guest stopped for the switch-over: the destination stopped answering",
+                        link.ctx.step_timeout().as_secs()
+                    )));
+                }
+            }
             ev = qmp.event() => {
                 let ev = ev?;
+                moving.1 = tokio::time::Instant::now();
                 if ev.name == "RESUME" {
                     // The guest runs again (an operator's `cont`, or QEMU's own after a
                     // failure): no stop before this one holds it, nor starts a downtime.
@@ -737,10 +777,12 @@ async fn follow(
     })
 }
 
-/// The two pumps' results: QEMU's stream sealed to its end, the return path opened to its end.
+/// The two pumps' results (QEMU's stream sealed to its end, the return path opened to its
+/// end), and the bytes both moved on the data stream so far.
 type Pumps = (
     mpsc::Receiver<Result<Sent, String>>,
     mpsc::Receiver<Result<Received, AgentError>>,
+    Arc<AtomicU64>,
 );
 
 /// A mirror relay that ended before the switch-over (never, without mirrors).
