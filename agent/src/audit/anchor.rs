@@ -141,6 +141,10 @@ impl Audit {
     /// `anchor`'s PCR, as it is now, and extend that entry; a missing trail starts anew with
     /// it. Returns its `seq`.
     pub fn reanchor(dir: &Path, anchor: &mut dyn Anchor, reason: &str) -> Result<u64, AgentError> {
+        // The journal's lock keeps an agent out meanwhile: one starting (before its control
+        // socket answers) or stopping (after it closed it) still appends to the trail, and
+        // two writers would give two entries one `seq`.
+        let _journal = crate::journal::lock(dir)?;
         let mut audit = Audit::open_or_start(dir, true)?;
         let value = anchor.read().map_err(AgentError::Tpm)?;
         let seq = audit.seq;
@@ -473,6 +477,25 @@ mod tests {
             .unwrap()
             .anchor(Box::new(pcr.clone()))
             .unwrap();
+    }
+
+    /// Re-anchoring waits for an agent to let go of the journal: one starting or stopping
+    /// appends to the trail without answering on its control socket.
+    #[test]
+    fn reanchoring_waits_for_the_agent_to_let_go_of_the_journal() {
+        let (dir, pcr, a) = anchored_trail(1);
+        drop(a);
+        let held = crate::journal::lock(dir.path()).unwrap();
+        let mut op = pcr.clone();
+        let e = Audit::reanchor(dir.path(), &mut op, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("journal.lock") && e.contains("stop it first"),
+            "{e}"
+        );
+        drop(held);
+        Audit::reanchor(dir.path(), &mut op, "x").unwrap();
     }
 
     /// A trail deleted (or moved aside) and started anew while its PCR still holds the old

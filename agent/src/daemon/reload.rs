@@ -16,8 +16,14 @@ use crate::config::Config;
 use crate::ctx::Ctx;
 use crate::error::AgentError;
 
+/// One reload at a time: a SIGHUP's and a control socket's could otherwise interleave between
+/// measuring one file and swapping in the other, leaving the agent running a configuration
+/// older than the one its TPM log last says.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Reload; returns what changed, for the operator.
 pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let path = ctx.home.config();
     // One read: what is measured is what is parsed.
     let bytes = std::fs::read(&path).map_err(AgentError::io(&path))?;

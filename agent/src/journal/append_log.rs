@@ -52,6 +52,12 @@ impl AppendLog {
         })
     }
 
+    /// Refuse every later append, for `why` (the file this handle holds is no longer the one
+    /// at the path).
+    pub(crate) fn refuse(&mut self, why: String) {
+        self.broken = Some(why);
+    }
+
     /// Whether appends are refused (a failed one could not be cut back).
     pub(crate) fn is_broken(&self) -> bool {
         self.broken.is_some()

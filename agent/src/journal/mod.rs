@@ -262,7 +262,7 @@ pub const LOCK: &str = "journal.lock";
 /// Take the journal in `dir` for this process, or say who has it: a second agent on the same
 /// home would otherwise replay a journal the first goes on writing (and, compacting it at
 /// start, replace the file under it, so that what the first wrote afterwards is lost).
-fn lock(dir: &Path) -> Result<File, AgentError> {
+pub(crate) fn lock(dir: &Path) -> Result<File, AgentError> {
     let path = dir.join(LOCK);
     let file = OpenOptions::new()
         .create(true)
@@ -431,8 +431,16 @@ impl Journal {
         let whole = Replay::of(&text, &self.path)?;
         let compacted = compact::compact_from(&self.path, &text, &whole, now, min);
         // Appends go to the file at the path now, whatever happened: an error after the rename
-        // must not leave them going to the replaced file, which no one reads again.
-        self.file = AppendLog::open(&self.path, None)?;
+        // must not leave them going to the replaced file, which no one reads again. If the
+        // file cannot be opened again, no append goes anywhere until a restart.
+        match AppendLog::open(&self.path, None) {
+            Ok(file) => self.file = file,
+            Err(e) => {
+                self.file
+                    .refuse(format!("reopening it after compaction failed: {e}"));
+                return Err(e);
+            }
+        }
         let Some(smaller) = compacted? else {
             return Ok(false);
         };
