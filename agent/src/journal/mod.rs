@@ -355,8 +355,15 @@ impl Journal {
             if self.latest.contains_key(&key) {
                 self.set(order_id, e.state, note)?;
             } else {
-                // An order never seen here (a settlement query about it uses its id up).
-                let mut r = Record::new(key.clone(), e.role, "", e.state, 0);
+                // An order never seen here (a settlement query about it uses its id up). Its
+                // window is not known, but one that is being settled started by now, so it
+                // closes within the longest window from now: compaction may drop the id a
+                // week after that (before, such ids stayed for good, a peer's to add).
+                use trustmig_protocol::order::{MAX_CLOCK_SKEW, MAX_ORDER_LIFETIME};
+                let not_after = (crate::unix_now())
+                    .saturating_add(MAX_ORDER_LIFETIME)
+                    .saturating_add(MAX_CLOCK_SKEW);
+                let mut r = Record::new(key.clone(), e.role, "", e.state, not_after);
                 r.note = note.into();
                 self.append(r)?;
             }
@@ -1040,8 +1047,14 @@ mod tests {
         j.commit(&[2; 16], Gate::Open, BTreeMap::new()).unwrap();
         assert!(!j.roll_back_if_claimed(&[2; 16], "send failed").unwrap());
         assert!(j.settle_query(&[2; 16], &src).unwrap());
-        // Never seen: "no", and the id is used up for good (survives a restart).
+        // Never seen: "no", and the id is used up (survives a restart) for as long as an
+        // order being settled now can be valid: then compaction may drop it.
+        let before = crate::unix_now();
         assert!(!j.settle_query(&[3; 16], &src).unwrap());
+        let window =
+            trustmig_protocol::order::MAX_ORDER_LIFETIME + trustmig_protocol::order::MAX_CLOCK_SKEW;
+        let not_after = j.record(&[3; 16]).unwrap().not_after;
+        assert!((before + window..=crate::unix_now() + window).contains(&not_after));
         drop(j);
         let mut j = Journal::open(dir.path()).unwrap();
         assert!(matches!(

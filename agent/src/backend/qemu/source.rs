@@ -550,7 +550,10 @@ async fn start_qemu(
     let path = socket_path(&dir, "out", order.id())?;
     let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
     let uri = format!("unix:{}", path.display());
-    qmp.migrate(&uri).await?;
+    if let Err(e) = qmp.migrate(&uri).await {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
     let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
     let _ = std::fs::remove_file(&path);
     let (qemu_sock, _) = accepted
