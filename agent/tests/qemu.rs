@@ -323,6 +323,8 @@ struct VmOpts {
     /// Start the destination QEMU as `-incoming defer` alone, without `-S` (an operator who
     /// did not use `trustmig qemu start-destination`).
     dst_without_s: bool,
+    /// The destination agent's step timeout, if not the default.
+    dst_step_timeout_secs: Option<u64>,
 }
 
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
@@ -367,6 +369,12 @@ fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
     ] {
         let path = home.config();
         let mut text = std::fs::read_to_string(&path).expect("config");
+        if let (true, Some(t)) = (std::ptr::eq(home, &pair.dst), opts.dst_step_timeout_secs) {
+            text = text.replace(
+                "step_timeout_secs = 30",
+                &format!("step_timeout_secs = {t}"),
+            );
+        }
         text += &format!(
             "\n[[vm]]\nname = \"{VM}\"\nbackend = \"qemu\"\nqmp = \"{}\"\n{extra}",
             vm.qmp.display()
@@ -1016,6 +1024,73 @@ async fn qemu_a_destination_started_without_s_never_runs_before_commit() {
     );
     assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+}
+
+/// SPEC.md §8.8: a destination whose source goes silent without closing anything (its agent
+/// frozen by SIGSTOP during the transfer: no reset, no byte, no message) gives up after a
+/// step timeout and discards its loaded QEMU, rather than keeping it until a restart (a QEMU
+/// destination had no silence check: `activity` said nothing). Thawed, the source finds its
+/// session gone and its guest runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_destination_gives_up_on_a_silent_source() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=64 rate=64 check=25".into(),
+        mem_mib: MEM_MIB,
+        dst_step_timeout_secs: Some(5),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let pid = s.pair.procs[0].as_ref().expect("source agent").pid();
+    let journal = s.pair.dst.journal_dir().join("journal.jsonl");
+    let dst_log = s.pair.dir().join("destination.log");
+    let freezer = std::thread::spawn(move || {
+        let signal = |sig: &str| {
+            let ok = Command::new("kill").args([sig, &pid.to_string()]).status();
+            assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid}");
+        };
+        let wait_for = |path: &Path, what: &str| {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(what)) {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            true
+        };
+        // The destination QEMU is this migration's and the stream flows: freeze the source.
+        let fed = wait_for(&journal, "the VM's QEMU waits for this migration");
+        std::thread::sleep(Duration::from_millis(300));
+        signal("-STOP");
+        let gave_up = fed && wait_for(&dst_log, "source silent for 5 s");
+        signal("-CONT");
+        (fed, gave_up)
+    });
+    // 10 MB/s: the first pass over the 64 MiB the guest filled takes seconds.
+    let limits = Limits {
+        downtime_ms: 300,
+        bandwidth_bps: 10_000_000,
+        max_rounds: 30,
+        on_nonconvergence: NonConvergence::Force,
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate_with(&mut s, &addr, limits).await;
+    let (fed, gave_up) = freezer.join().expect("freezer");
+    assert!(fed && gave_up, "fed {fed}, gave up {gave_up}\n{}", s.logs());
+    r.expect_err("the destination gave up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.dst.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "destination QEMU kept\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_source_guest_runs(&mut s, Duration::from_secs(20)).await;
 }
 
 /// spec/qemu.md §4: the source agent dies after a switch-over that hands over an operator's

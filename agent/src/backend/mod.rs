@@ -183,6 +183,11 @@ pub(crate) trait DestVm {
     /// A counter that moves while data arrives, for the driver's silence check (`None`: the
     /// backend has no such measure and relies on its own timeouts).
     fn activity(&self) -> Option<u64>;
+    /// How much longer than a step timeout the source may be silent: while both agents hash
+    /// images in full (`verify = "full"`), nothing moves, and that is no failure.
+    fn silence_allowance(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// `Commit` arrived and is journalled: the VM is this host's. Run it, unless `paused`: it
     /// was paused at the source before the migration, and is handed over paused, as it was
     /// (only where [`Self::HANDS_OVER_PAUSED`]).

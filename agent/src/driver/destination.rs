@@ -472,14 +472,15 @@ impl Session {
         // A source that goes silent (no control message, no progress on its streams) for a
         // whole step timeout has failed: the destination discards rather than wait for ever.
         let mut last_activity = vm.activity();
+        let silence = ctx.step_timeout() + vm.silence_allowance();
         loop {
             tokio::select! {
-                () = tokio::time::sleep(ctx.step_timeout()), if last_activity.is_some() => {
+                () = tokio::time::sleep(silence), if last_activity.is_some() => {
                     let now = vm.activity();
                     if now == last_activity {
                         return Err(AgentError::Timeout(format!(
-                            "source silent for {} s (no message, no page); giving up",
-                            ctx.step_timeout().as_secs()
+                            "source silent for {} s (no message, no data); giving up",
+                            silence.as_secs()
                         )));
                     }
                     last_activity = now;

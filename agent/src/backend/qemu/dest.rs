@@ -3,6 +3,7 @@
 //! spec: spec/qemu.md §3, §4
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use crate::error::AgentError;
 use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
-use super::pumps::{open_pump, seal_pump, Carried, Received};
+use super::pumps::{open_pump, seal_pump, Carried, Counted, Received};
 use super::{qemu_vm, socket_dir, socket_path};
 
 /// How long the destination waits for the source's data stream to bind: the source opens it
@@ -40,6 +41,10 @@ pub(crate) struct QemuDest {
     arrived: Option<mpsc::Receiver<Result<(Arrived, Qmp), AgentError>>>,
     /// Received disk files (removed if the migration fails before `Commit`).
     disk_files: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    /// Bytes received on the data streams so far (the driver's silence check).
+    moved: Arc<AtomicU64>,
+    /// What hashing the mirrored images in full takes, beyond a step timeout of silence.
+    hashing: Duration,
     tasks: Tasks,
 }
 
@@ -79,6 +84,8 @@ impl QemuDest {
             qmp: Some(qmp),
             arrived: None,
             disk_files: Arc::default(),
+            moved: Arc::default(),
+            hashing: super::mirror::verify_allowance(&est.manifest),
             tasks: Tasks::default(),
         };
         // Stream 0 carries QEMU's stream, one more per mirrored disk (spec/qemu.md §5).
@@ -103,6 +110,8 @@ struct Incoming {
     /// The session's keys: stream 0's secret from the source, one per candidate connection,
     /// and back to the source (QEMU's return path).
     keys: Arc<KeySchedule>,
+    /// Counts the bytes received on every data stream.
+    moved: Arc<AtomicU64>,
 }
 
 impl DestVm for QemuDest {
@@ -119,6 +128,7 @@ impl DestVm for QemuDest {
             manifest: est.manifest.clone(),
             transcript_hash: est.transcript_hash,
             keys: Arc::new(est.keys),
+            moved: self.moved.clone(),
         };
         let mut qmp = self.qmp.take().expect("start is called once");
         let (tx, rx) = mpsc::channel(1);
@@ -148,7 +158,14 @@ impl DestVm for QemuDest {
     }
 
     fn activity(&self) -> Option<u64> {
-        None // QEMU's own load and the step timeouts of each phase bound the wait
+        // Bytes on any data stream (copied disks, QEMU's stream, the NBD streams): a source
+        // silent on all of them and on the control channel for a step timeout is gone, and
+        // the loaded QEMU is discarded rather than kept waiting until a restart.
+        Some(self.moved.load(Ordering::Relaxed))
+    }
+
+    fn silence_allowance(&self) -> Duration {
+        self.hashing
     }
 
     async fn resume(&mut self, _ctx: &Arc<Ctx>, paused: bool) -> Result<(), AgentError> {
@@ -253,8 +270,9 @@ async fn receive(
                 .iter()
                 .flat_map(|t| t.files().map(Path::to_path_buf)),
         );
+        let mut counted = Counted::new(&mut data, inc.moved.clone());
         let n =
-            super::disk::receive_disks(&mut data, &mut opener, &inc.manifest, &targets, timeout)
+            super::disk::receive_disks(&mut counted, &mut opener, &inc.manifest, &targets, timeout)
                 .await?;
         info!(order = %hex(&inc.order_id), bytes = n, disks = targets.len(), "disks received and verified");
         super::disk::attach(qmp, &targets).await?;
@@ -324,6 +342,7 @@ async fn feed(
     let _ = std::fs::remove_file(&path);
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     let (data_rd, data_wr) = data.into_split();
+    let data_rd = Counted::new(data_rd, inc.moved.clone());
     pumps.spawn(async move {
         let what = ("return path", Carried::Migration);
         if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, what, timeout).await {
@@ -387,7 +406,12 @@ async fn mirrors_in(
         .collect();
     info!(order = %hex(&inc.order_id), disks = targets.len(), "mirrored disks exported to the source");
     Ok((
-        super::mirror::relay_all(&sock, &targets, streams, (pumps, ctx.step_timeout())),
+        super::mirror::relay_all(
+            &sock,
+            &targets,
+            streams,
+            (pumps, ctx.step_timeout(), inc.moved.clone()),
+        ),
         targets,
     ))
 }

@@ -16,6 +16,8 @@
 //! bound into the final digest with QEMU's stream (`trustmig_protocol::hvstream::final_digest`).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -34,7 +36,7 @@ use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
 use trustmig_qemu::qmp::Qmp;
 
-use super::pumps::{open_pump, seal_pump, Carried, Received, Sent};
+use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
 
 fn mig(s: String) -> AgentError {
     AgentError::Migration(s)
@@ -119,9 +121,11 @@ async fn relay(
     sealer: Sealer,
     opener: Opener,
     (out, back, stall): (&'static str, &'static str, Duration),
+    received: Arc<AtomicU64>,
 ) -> Result<(Sent, Received), AgentError> {
     let (q_rd, q_wr) = qemu.into_split();
     let (d_rd, d_wr) = data.split();
+    let d_rd = Counted::new(d_rd, received);
     let sealing = async {
         seal_pump(q_rd, d_wr, sealer, (out, Carried::Nbd), stall)
             .await
@@ -314,6 +318,7 @@ async fn source_relay(
             "NBD from the destination",
             timeout,
         ),
+        Arc::default(),
     )
     .await
     .map_err(|e| match e {
@@ -817,11 +822,11 @@ pub fn relay_all(
     sock: &Path,
     targets: &[Target],
     streams: Vec<(TcpStream, Opener, Sealer)>,
-    (tasks, stall): (&mut Tasks, Duration),
+    (tasks, stall, received): (&mut Tasks, Duration, Arc<AtomicU64>),
 ) -> Relays {
     let (tx, rx) = Relays::new(targets.iter().map(|t| t.disk.name.clone()).collect());
     for (i, (data, opener, sealer)) in streams.into_iter().enumerate() {
-        let (tx, sock) = (tx.clone(), sock.to_path_buf());
+        let (tx, sock, received) = (tx.clone(), sock.to_path_buf(), received.clone());
         tasks.spawn(async move {
             let mut data = data;
             let r = match UnixStream::connect(&sock).await {
@@ -831,6 +836,7 @@ pub fn relay_all(
                     sealer,
                     opener,
                     ("NBD to the source", "NBD from the source", stall),
+                    received,
                 )
                 .await
                 .map(|(sent, got)| {
