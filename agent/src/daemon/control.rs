@@ -116,32 +116,55 @@ async fn send_within(wr: &mut OwnedWriteHalf, r: Reply, stall: std::time::Durati
     )
 }
 
+/// Lines queued for a client that is slow to read; progress beyond them is dropped.
+const CLIENT_QUEUE: usize = 256;
+
 /// Run a migration as its source, streaming its progress to the client. The progress channel
-/// is drained whatever the client does: the source's switch-over reports through it with the
-/// guest stopped, so a client that stops reading is dropped, never waited for.
+/// is drained whatever the client does (the source's switch-over reports through it with the
+/// guest stopped): lines go to the client through a queue its own writer empties, whole
+/// lines only; progress that finds the queue full is dropped, and the outcome (`Failed`,
+/// `Done`) waits its turn, so a client that was slow, even suspended for a while, still
+/// learns how the migration ended.
 async fn migrate(ctx: Arc<Ctx>, order: String, wr: &mut OwnedWriteHalf) -> Result<(), AgentError> {
     let (tx, mut rx) = mpsc::channel::<Progress>(64);
     let task = tokio::spawn(crate::driver::source::migrate(ctx, order, tx));
-    let mut reading = true;
-    while let Some(p) = rx.recv().await {
-        if reading && !send_within(wr, Reply::Progress(p), CLIENT_STALL).await {
+    let (lines, mut queued) = mpsc::channel::<Reply>(CLIENT_QUEUE);
+    let forward = async move {
+        let mut dropped = 0u64;
+        while let Some(p) = rx.recv().await {
+            if matches!(p, Progress::Failed { .. }) {
+                let _ = lines.send(Reply::Progress(p)).await;
+            } else if lines.try_send(Reply::Progress(p)).is_err() {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
             tracing::warn!(
-                "the migration's client stopped reading its progress: no more is sent to it; the migration goes on"
+                dropped,
+                "the migration's client read slowly: progress lines dropped"
             );
-            reading = false;
         }
-    }
-    if !reading {
-        return Ok(());
-    }
-    match task.await {
-        Ok(Ok(summary)) => send(wr, Reply::Progress(Progress::Done(summary))).await,
-        Ok(Err(_)) => {} // already reported as Progress::Failed
-        Err(e) => {
-            error!("migration task panicked: {e}");
-            send(wr, Reply::Error("internal error".into())).await;
+        match task.await {
+            Ok(Ok(summary)) => {
+                let _ = lines.send(Reply::Progress(Progress::Done(summary))).await;
+            }
+            Ok(Err(_)) => {} // already reported as Progress::Failed
+            Err(e) => {
+                error!("migration task panicked: {e}");
+                let _ = lines.send(Reply::Error("internal error".into())).await;
+            }
         }
-    }
+    };
+    let write = async {
+        while let Some(r) = queued.recv().await {
+            let mut v = serde_json::to_vec(&r).unwrap_or_default();
+            v.push(b'\n');
+            if wr.write_all(&v).await.is_err() {
+                break; // the client went away; the migration goes on
+            }
+        }
+    };
+    tokio::join!(forward, write);
     Ok(())
 }
 

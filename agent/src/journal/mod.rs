@@ -168,10 +168,29 @@ impl VmHistory {
         if prev.is_none() && r.state != State::Claimed && self.order.contains_key(&r.vm) {
             return;
         }
+        let prev_state = prev.map(|p| p.state);
+        // What gives an order the VM: its first record about it, or a change of the VM's place
+        // (a COMMIT either way, a source's rollback after its COMMIT: an order in doubt
+        // settles where the VM is, whatever was refused meanwhile). What only follows up on
+        // a change made earlier (DONE, SETTLED after COMMIT, a note) is the VM's only while the
+        // order still is: a restart settling an older order after a newer one claimed the VM
+        // must not take the VM from it.
+        let starts = !prev.is_some_and(|p| rules.touches_vm(&p.entry()));
+        let current = self.order.get(&r.vm) == Some(&r.order_id);
+        let relocates = match (r.role, r.state) {
+            (_, State::Committed) => prev_state != Some(State::Committed),
+            (Role::Source, State::RolledBack) => prev_state == Some(State::Committed),
+            _ => false,
+        };
+        if !(starts || current || relocates) {
+            return;
+        }
         let since = self.since_move.entry(r.vm.clone()).or_default();
-        if rules.moves_vm(prev.map(|p| p.state), r.role, r.state) {
+        if relocates {
             self.superseded
                 .extend(since.drain(..).filter(|o| *o != r.order_id));
+        }
+        if rules.moves_vm(prev_state, r.role, r.state) {
             self.last_move.insert(r.vm.clone(), r.clone());
         }
         if !since.contains(&r.order_id) {
@@ -452,6 +471,8 @@ impl Journal {
             return Ok(false);
         };
         self.latest.retain(|id, _| smaller.latest.contains_key(id));
+        // The same of every VM (`agrees`), with only the orders that stayed.
+        self.vms = smaller.vms;
         self.lines = smaller.lines.len();
         self.lines_after_compaction = self.lines;
         Ok(true)
@@ -1181,6 +1202,44 @@ mod tests {
         j.set(&c, State::Committed, "").unwrap();
         assert!(!j.migrated_away("vm"));
         assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&c));
+    }
+
+    /// A destination order left at COMMIT (its `Resumed` lost) and a newer source order that
+    /// claimed the VM, both interrupted: a restart settles both, in either order. The newer
+    /// one is the VM's (its rollback gives the VM back as it was), not the older one's SETTLED.
+    #[test]
+    fn a_restart_settling_an_older_order_leaves_the_vm_to_the_newer_one() {
+        for older_first in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::open(dir.path()).unwrap();
+            let (a, b) = ([1; 16], [2; 16]);
+            j.claim_as_destination(&order(1, "vm"), &[9; 32]).unwrap();
+            j.mark_fed(&a).unwrap();
+            j.set(&a, State::Committed, "").unwrap();
+            j.claim_for(&b, Role::Source, "vm", 10).unwrap();
+            let settle = |j: &mut Journal, id: &[u8; 16], state| {
+                j.set(id, state, "interrupted: settled at restart").unwrap()
+            };
+            if older_first {
+                settle(&mut j, &a, State::Settled);
+                settle(&mut j, &b, State::RolledBack);
+            } else {
+                settle(&mut j, &b, State::RolledBack);
+                settle(&mut j, &a, State::Settled);
+            }
+            let check = |j: &Journal| {
+                let last = j.last_order_of("vm").unwrap();
+                assert_eq!(
+                    (last.order_id.as_str(), last.state),
+                    (hex(&b).as_str(), State::RolledBack),
+                    "older first: {older_first}"
+                );
+                assert!(!j.migrated_away("vm"));
+            };
+            check(&j);
+            drop(j);
+            check(&Journal::open(dir.path()).unwrap());
+        }
     }
 
     /// A crash after a journal record and before its audit entry: the entry is written when

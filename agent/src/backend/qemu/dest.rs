@@ -85,7 +85,7 @@ impl QemuDest {
             arrived: None,
             disk_files: Arc::default(),
             moved: Arc::default(),
-            hashing: super::mirror::verify_allowance(&est.manifest),
+            hashing: full_hash_silence(ctx, &est.manifest),
             tasks: Tasks::default(),
         };
         // Stream 0 carries QEMU's stream, one more per mirrored disk (spec/qemu.md §5).
@@ -100,6 +100,14 @@ impl QemuDest {
         }
         Ok(me)
     }
+}
+
+/// How long the source may be silent beyond a step timeout while the images verified in full
+/// are hashed: the source allows each image a step timeout plus its share of the hashing
+/// allowance (`Mirrors::hash_images`), so the destination waits as long.
+fn full_hash_silence(ctx: &Ctx, manifest: &ImageManifest) -> Duration {
+    let full = manifest.mirrors.iter().filter(|m| m.verify_full).count() as u32;
+    super::mirror::verify_allowance(manifest) + ctx.step_timeout() * full
 }
 
 /// What the receiving task needs of the session (the keys stay with the driver's session).

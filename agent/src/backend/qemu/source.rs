@@ -683,6 +683,8 @@ async fn follow(
     mut mirrors: Option<&mut Mirrors>,
 ) -> Result<Done, AgentError> {
     let mut poll = tokio::time::interval(POLL);
+    // A tick missed while `look_at` waited comes one period later, not at once.
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent: Option<Sent> = None;
     // With the guest stopped for the switch-over, something must move within a step timeout:
     // bytes on the data stream either way, or an event of QEMU's. A destination gone silent
@@ -748,6 +750,9 @@ async fn follow(
         }
         if look && seen.completed.is_none() {
             look_at(qmp, &link, ladder, seen, mirrors.as_deref_mut()).await?;
+            // What it waited on (mirrors completing at `pre-switchover`, their bytes on
+            // streams of their own) was no silence of the destination's.
+            moving = (moved.load(Ordering::Relaxed), tokio::time::Instant::now());
         }
         if started.elapsed() > Duration::from_secs(3600) {
             return Err(AgentError::Timeout(
