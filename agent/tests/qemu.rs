@@ -742,6 +742,21 @@ async fn assert_handed_over_paused(s: &mut Setup, summary: &Summary) {
     assert_moved(s, summary).await;
 }
 
+/// The destination QEMU exits (discarded) within `within`; else `what`, with its state and
+/// the agents' logs.
+async fn assert_dst_quits(s: &mut Setup, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while s.dst.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {:?}\n{}",
+            s.dst.status().await,
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The guest `g` does not tick for half a second: `what` (it stays stopped) holds.
 async fn assert_stays_stopped(g: &QemuVm, what: &str) {
     let before = g.ticks().len();
@@ -1081,15 +1096,7 @@ async fn qemu_a_destination_gives_up_on_a_silent_source() {
     let (fed, gave_up) = freezer.join().expect("freezer");
     assert!(fed && gave_up, "fed {fed}, gave up {gave_up}\n{}", s.logs());
     r.expect_err("the destination gave up");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.dst.alive() {
-        assert!(
-            Instant::now() < deadline,
-            "destination QEMU kept\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_dst_quits(&mut s, Duration::from_secs(30), "destination QEMU kept").await;
     assert_source_guest_runs(&mut s, Duration::from_secs(20)).await;
 }
 
@@ -1444,16 +1451,12 @@ async fn qemu_a_late_commit_after_a_not_committed_answer_discards_the_destinatio
     else {
         return;
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s.dst.alive() {
-        assert!(
-            Instant::now() < deadline,
-            "the destination QEMU was kept: {:?}\n{}",
-            s.dst.status().await,
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_dst_quits(
+        &mut s,
+        Duration::from_secs(20),
+        "the destination QEMU was kept",
+    )
+    .await;
     assert!(
         s.logs().contains("refusing to commit") || s.logs().contains("settled otherwise"),
         "{}",
@@ -1757,15 +1760,12 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     );
     s.pair.dst_env.clear();
     s.pair.start(1).expect("destination agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s.dst.alive() {
-        assert!(
-            Instant::now() < deadline,
-            "destination QEMU not discarded\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_dst_quits(
+        &mut s,
+        Duration::from_secs(20),
+        "destination QEMU not discarded",
+    )
+    .await;
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
 }
 
@@ -1894,11 +1894,12 @@ async fn qemu_rolled_back_destination_never_announces_the_guest() {
     s.pair.dst_env.clear();
     s.pair.start(1).expect("destination agent restarts");
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s.dst.alive() {
-        assert!(Instant::now() < deadline, "destination QEMU not discarded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_dst_quits(
+        &mut s,
+        Duration::from_secs(20),
+        "destination QEMU not discarded",
+    )
+    .await;
     assert_eq!(
         tap.rarps_from(dst_port),
         0,
