@@ -246,6 +246,9 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
 
+    /// QEMU 7.2's QMP greeting.
+    const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
+
     const FAST: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
 
     /// A fake QEMU that serves any number of connections: stopped in `postmigrate`, it refuses
@@ -274,9 +277,7 @@ mod tests {
                 let (rd, mut wr) = s.into_split();
                 let (conts, running) = (seen.clone(), running.clone());
                 tokio::spawn(async move {
-                    let _ = wr
-                        .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
-                        .await;
+                    let _ = wr.write_all(GREETING).await;
                     let mut lines = BufReader::new(rd).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
                         let req: serde_json::Value = serde_json::from_str(&line).expect("json");
@@ -363,9 +364,7 @@ mod tests {
         tokio::spawn(async move {
             let (s, _) = l.accept().await.expect("accept");
             let (rd, mut wr) = s.into_split();
-            let _ = wr
-                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
-                .await;
+            let _ = wr.write_all(GREETING).await;
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let req: serde_json::Value = serde_json::from_str(&line).expect("json");
