@@ -325,6 +325,8 @@ struct VmOpts {
     dst_without_s: bool,
     /// The destination agent's step timeout, if not the default.
     dst_step_timeout_secs: Option<u64>,
+    /// The source agent's step timeout, if not the default.
+    src_step_timeout_secs: Option<u64>,
 }
 
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
@@ -369,7 +371,12 @@ fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
     ] {
         let path = home.config();
         let mut text = std::fs::read_to_string(&path).expect("config");
-        if let (true, Some(t)) = (std::ptr::eq(home, &pair.dst), opts.dst_step_timeout_secs) {
+        let step_timeout = if std::ptr::eq(home, &pair.dst) {
+            opts.dst_step_timeout_secs
+        } else {
+            opts.src_step_timeout_secs
+        };
+        if let Some(t) = step_timeout {
             text = text.replace(
                 "step_timeout_secs = 30",
                 &format!("step_timeout_secs = {t}"),
@@ -1323,6 +1330,46 @@ async fn qemu_nonconvergence_follows_the_order() {
         }
         assert_moved(&mut s, &summary).await;
     }
+}
+
+/// spec/qemu.md §3: a forced switch-over of a guest that dirties faster than a slow link
+/// carries, whose stop-and-copy lasts longer than the source's step timeout. QEMU holds its
+/// big lock through the stop-and-copy, so the agent's `query-status` at the guest's `STOP`
+/// (and any look at `query-migrate`) is answered only after it; while the stream's bytes keep
+/// moving, that is no hung QEMU. (Before, the QMP call timed out after the step timeout and
+/// the migration rolled back: no guest with more dirty memory than a step timeout's worth of
+/// link could be forced over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_stop_and_copy_longer_than_a_step_timeout_completes() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=200 check=25".into(),
+        mem_mib: MEM_MIB,
+        src_step_timeout_secs: Some(1),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    // 4 MB/s: the dirty area (16 MiB) takes about 4 s, in each round and in the stop-and-copy.
+    let proxy = Proxy::start(s.pair.dst_addr.clone(), Fault::Throttle(4_000_000))
+        .await
+        .expect("proxy");
+    let limits = Limits {
+        downtime_ms: 1,
+        bandwidth_bps: 0,
+        max_rounds: 1,
+        on_nonconvergence: NonConvergence::Force,
+    };
+    let addr = proxy.addr.clone();
+    let (r, _) = migrate_with(&mut s, &addr, limits).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert!(!summary.converged, "forced: {summary:?}");
+    assert!(
+        summary.downtime_ms > 1000,
+        "the stop-and-copy outlasted the 1 s step timeout: {summary:?}"
+    );
+    assert_moved(&mut s, &summary).await;
 }
 
 /// spec/qemu.md §2 (step 6), §3: an idle guest converges at the end of QEMU's first pass, so

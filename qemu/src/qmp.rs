@@ -8,6 +8,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -338,6 +340,8 @@ pub struct Qmp {
     events: VecDeque<Event>,
     /// A line being read (see `read_json_untimed`).
     line: Vec<u8>,
+    /// Work of QEMU's the caller counts (`Qmp::answer_late_while`).
+    progress: Option<Arc<AtomicU64>>,
     /// QEMU's version string from the greeting (`7.2.22`).
     pub version: String,
 }
@@ -380,6 +384,7 @@ impl Qmp {
             next_id: 1,
             events: VecDeque::new(),
             line: Vec::new(),
+            progress: None,
             version: String::new(),
         };
         let greeting = q.read_json("greeting").await?;
@@ -400,6 +405,21 @@ impl Qmp {
         );
         q.execute("qmp_capabilities", json!({})).await?;
         Ok(q)
+    }
+
+    /// Let a command's reply come late while `progress` moves: each time the timeout runs out
+    /// and the counter changed since the wait began (or since the last extension), the wait
+    /// extends by another timeout. QEMU's monitor answers only when it holds QEMU's big lock,
+    /// and a migration's stop-and-copy holds that lock until its last byte is sent; on a slow
+    /// link that takes longer than any fixed timeout, while the caller sees the bytes going
+    /// (spec/qemu.md §4). A counter that stands still for a timeout still times out. `None`
+    /// ends it.
+    pub fn answer_late_while(&mut self, progress: Option<Arc<AtomicU64>>) {
+        self.progress = progress;
+    }
+
+    fn progress(&self) -> Option<u64> {
+        self.progress.as_ref().map(|p| p.load(Ordering::Relaxed))
     }
 
     /// The socket path.
@@ -493,9 +513,11 @@ impl Qmp {
 
     /// Run `command` with `arguments` (an object, or `{}`); returns QEMU's `return` value,
     /// within the timeout for the whole command (events arriving meanwhile do not extend it:
-    /// a rate-limited event each second would otherwise keep a hung command waiting).
+    /// a rate-limited event each second would otherwise keep a hung command waiting; only
+    /// counted progress does, `answer_late_while`).
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut deadline = tokio::time::Instant::now() + self.timeout;
+        let mut progress = self.progress();
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -513,10 +535,17 @@ impl Qmp {
             .map_err(|_| self.timed_out(command))?
             .map_err(io)?;
         loop {
-            let v = tokio::time::timeout_at(deadline, self.read_json_untimed(command))
-                .await
-                .map_err(|_| self.timed_out(command))??;
-            match Self::classify(v, command)? {
+            let Ok(v) = tokio::time::timeout_at(deadline, self.read_json_untimed(command)).await
+            else {
+                let now = self.progress();
+                if now.is_some() && now != progress {
+                    progress = now;
+                    deadline += self.timeout;
+                    continue;
+                }
+                return Err(self.timed_out(command));
+            };
+            match Self::classify(v?, command)? {
                 Line::Event(e) => self.queue_event(e),
                 Line::Return(rid, r) if rid == id => return Ok(r),
                 Line::Error(rid, class, desc) if rid == id => {
@@ -798,6 +827,60 @@ mod tests {
         let e = q.query_status().await.expect_err("no reply comes");
         assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
         assert!(!q.take_events().is_empty(), "the events were kept");
+    }
+
+    /// A QEMU that answers `query-status` after 5 timeouts (its big lock held by a long
+    /// stop-and-copy): the caller's counter moving keeps the command waiting; a counter that
+    /// stops (or none) does not.
+    #[tokio::test]
+    async fn counted_progress_lets_a_reply_come_late_and_only_while_it_moves() {
+        let timeout = Duration::from_millis(200);
+        let late = |rounds: u32| async move {
+            fake_qemu(move |mut rd, mut wr| async move {
+                let mut line = String::new();
+                let _ = rd.read_line(&mut line).await; // qmp_capabilities
+                let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
+                let _ = rd.read_line(&mut line).await; // query-status
+                tokio::time::sleep(timeout * rounds).await;
+                let reply =
+                    b"{\"return\": {\"running\": false, \"status\": \"postmigrate\"}, \"id\": 2}\n";
+                let _ = wr.write_all(reply).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            })
+            .await
+        };
+        // Moving all along: the reply is read, five timeouts late.
+        let (_d, path) = late(5).await;
+        let mut q = Qmp::connect(&path, timeout).await.expect("connect");
+        let moved = Arc::new(AtomicU64::new(0));
+        q.answer_late_while(Some(moved.clone()));
+        let ticker = {
+            let moved = moved.clone();
+            tokio::spawn(async move {
+                loop {
+                    moved.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let st = q
+            .query_status()
+            .await
+            .expect("a late reply while bytes move");
+        assert_eq!(st.status, "postmigrate");
+        // Moving for a while, then standing still: one timeout after it stopped.
+        let (_d2, path) = late(10).await;
+        let mut q = Qmp::connect(&path, timeout).await.expect("connect");
+        q.answer_late_while(Some(moved.clone()));
+        tokio::time::sleep(timeout * 2).await;
+        ticker.abort();
+        let e = q.query_status().await.expect_err("the counter stood still");
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        // No counter: the plain timeout.
+        let (_d3, path) = late(5).await;
+        let mut q = Qmp::connect(&path, timeout).await.expect("connect");
+        let e = q.query_status().await.expect_err("no counter");
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
     }
 
     /// A fake QEMU that answers each command line with the next canned line(s).

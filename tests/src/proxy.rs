@@ -28,6 +28,9 @@ pub enum Fault {
     /// Squat: before forwarding data stream 0, open a second connection to the destination
     /// with the same preamble and then say nothing (an on-path attacker stalling a stream).
     Squat,
+    /// Forward at most this many bytes per second (a slow link: every record waits for its
+    /// share of the second before it goes on).
+    Throttle(u64),
 }
 
 /// A running proxy.
@@ -174,6 +177,12 @@ async fn relay(
                     out.push(h);
                     fired.store(true, Ordering::SeqCst);
                 }
+            }
+            Fault::Throttle(rate) if mine => {
+                let len = out[0].len() as u64;
+                let wait = std::time::Duration::from_micros(len * 1_000_000 / rate.max(1));
+                tokio::time::sleep(wait).await;
+                fired.store(true, Ordering::SeqCst);
             }
             _ => {}
         }

@@ -278,6 +278,9 @@ async fn transfer(
         opener,
     );
     let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
+    // QEMU answers no QMP command during its stop-and-copy (it holds its big lock until the
+    // last byte is sent): a look at QEMU waits as long as the stream moves (spec/qemu.md §4).
+    vm.qmp.answer_late_while(Some(pumps.2.clone()));
     let done = follow(
         &mut vm.qmp,
         link,
@@ -287,6 +290,7 @@ async fn transfer(
         vm.mirrors.as_mut(),
     )
     .await;
+    vm.qmp.answer_late_while(None);
     vm.held = seen.held;
     let done = done?;
     Ok(transferred(
