@@ -27,7 +27,7 @@ use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
 use crate::error::{AgentError, Link};
 use crate::net::stream_init;
-use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp};
+use trustmig_qemu::qmp::{Event, MigrationInfo, MigrationStatus, Qmp};
 
 use super::disk::SourceDisk;
 use super::giveback::{give_back, Was};
@@ -690,11 +690,7 @@ async fn follow(
     // A tick missed while `look_at` waited comes one period later, not at once.
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent: Option<Sent> = None;
-    // With the guest stopped for the switch-over, something must move within a step timeout:
-    // bytes on the data stream either way, or an event of QEMU's. A destination gone silent
-    // without a reset (a host down, a partition) would otherwise keep the guest stopped until
-    // the hour below.
-    let mut moving = (0u64, tokio::time::Instant::now());
+    let mut silence = Silence::new(moved, link.ctx.step_timeout());
     let mut ret_done = false;
     while sent.is_none() || seen.completed.is_none() {
         // On a poll tick or a MIGRATION event, look at QEMU's migration state.
@@ -702,37 +698,12 @@ async fn follow(
         tokio::select! {
             _ = poll.tick() => {
                 look = true;
-                let now = (moved.load(Ordering::Relaxed), tokio::time::Instant::now());
-                if now.0 != moving.0 || seen.paused_at.is_none() {
-                    moving = now;
-                } else if seen.completed.is_none()
-                    && now.1.duration_since(moving.1) > link.ctx.step_timeout()
-                {
-                    return Err(AgentError::Timeout(format!(
-                        "nothing moved on the data stream for {} s with the guest stopped for the switch-over: the destination stopped answering",
-                        link.ctx.step_timeout().as_secs()
-                    )));
-                }
+                silence.tick(seen.paused_at.is_some() && seen.completed.is_none())?;
             }
             ev = qmp.event() => {
                 let ev = ev?;
-                moving.1 = tokio::time::Instant::now();
-                if ev.name == "RESUME" {
-                    // The guest runs again (an operator's `cont`, or QEMU's own after a
-                    // failure): no stop before this one holds it, nor starts a downtime.
-                    seen.stopped_at = None;
-                    seen.held = false;
-                }
-                if ev.name == "STOP" {
-                    seen.stopped_at = ev.at; // the guest's downtime starts here
-                    if seen.paused_at.is_none() {
-                        if !stopped_for_switch_over(qmp).await? {
-                            seen.held = true;
-                        } else if seen.switch == Switch::Stop {
-                            seen.switched_over((&link, qmp), ev.at, "STOP seen").await?;
-                        }
-                    }
-                }
+                silence.heard();
+                seen.guest_event(&link, qmp, &ev).await?;
                 // A `MIGRATION_PASS` is a dirty-bitmap sync: the ladder's next step (or the
                 // order's non-convergence action) is due at once. With a look only every poll
                 // period, rounds shorter than that went by unseen and their steps were skipped
@@ -756,7 +727,7 @@ async fn follow(
             look_at(qmp, &link, ladder, seen, mirrors.as_deref_mut()).await?;
             // What it waited on (mirrors completing at `pre-switchover`, their bytes on
             // streams of their own) was no silence of the destination's.
-            moving = (moved.load(Ordering::Relaxed), tokio::time::Instant::now());
+            silence.heard();
         }
         if started.elapsed() > Duration::from_secs(3600) {
             return Err(AgentError::Timeout(
@@ -796,6 +767,48 @@ type Pumps = (
     mpsc::Receiver<Result<Received, AgentError>>,
     Arc<AtomicU64>,
 );
+
+/// With the guest stopped for the switch-over, something must move within a step timeout:
+/// bytes on the data stream either way, or an event of QEMU's. A destination gone silent
+/// without a reset (a host down, a partition) would otherwise keep the guest stopped until
+/// `follow`'s hour-long cap.
+struct Silence {
+    /// Bytes moved on the data stream, both ways (the pumps count them).
+    bytes: Arc<AtomicU64>,
+    /// The count when something last moved, and when.
+    last: (u64, tokio::time::Instant),
+    limit: Duration,
+}
+
+impl Silence {
+    fn new(bytes: Arc<AtomicU64>, limit: Duration) -> Self {
+        let last = (bytes.load(Ordering::Relaxed), tokio::time::Instant::now());
+        Self { bytes, last, limit }
+    }
+
+    /// Something other than the stream moved (an event of QEMU's; a look at QEMU, which may
+    /// have waited on mirrors completing with their bytes on streams of their own).
+    fn heard(&mut self) {
+        self.last = (
+            self.bytes.load(Ordering::Relaxed),
+            tokio::time::Instant::now(),
+        );
+    }
+
+    /// At a poll tick: an error once nothing moved for the limit while `watching` (the guest
+    /// stopped for the switch-over, QEMU not yet completed).
+    fn tick(&mut self, watching: bool) -> Result<(), AgentError> {
+        if self.bytes.load(Ordering::Relaxed) != self.last.0 || !watching {
+            self.heard();
+        } else if self.last.1.elapsed() > self.limit {
+            return Err(AgentError::Timeout(format!(
+                "nothing moved on the data stream for {} s with the guest stopped for the switch-over: the destination stopped answering",
+                self.limit.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// A mirror relay that ended before the switch-over (never, without mirrors).
 async fn relay_ended(mirrors: Option<&mut Mirrors>) -> AgentError {
@@ -848,6 +861,37 @@ impl Seen {
             blocks: Vec::new(),
             steps: Vec::new(),
         }
+    }
+
+    /// A `STOP` or `RESUME` of QEMU's (other events change nothing here). A `RESUME` runs the
+    /// guest again (an operator's `cont`, or QEMU's own after a failure): no stop before it
+    /// holds the guest, nor starts a downtime. A `STOP` starts the guest's downtime; before the
+    /// switch-over, QEMU's runstate tells whether it is the switch-over's or someone else's
+    /// (then the guest is `held`); in `Stop` mode the former marks the switch-over.
+    async fn guest_event(
+        &mut self,
+        link: &SourceLink<'_>,
+        qmp: &mut Qmp,
+        ev: &Event,
+    ) -> Result<(), AgentError> {
+        match ev.name.as_str() {
+            "RESUME" => {
+                self.stopped_at = None;
+                self.held = false;
+            }
+            "STOP" => {
+                self.stopped_at = ev.at;
+                if self.paused_at.is_none() {
+                    if !stopped_for_switch_over(qmp).await? {
+                        self.held = true;
+                    } else if self.switch == Switch::Stop {
+                        self.switched_over((link, qmp), ev.at, "STOP seen").await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// The pages `m` says are left to send.
