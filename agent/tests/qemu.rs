@@ -3307,6 +3307,65 @@ async fn qemu_destination_killed_mid_mirror_leaves_the_source_running() {
     assert_mirror_rolled_back(&mut s, &disk, writer).await;
 }
 
+/// A source agent killed mid-mirror (its first pre-copy round: the mirror ready, QEMU's stream
+/// under way) leaves its mirror job (failed, kept: `auto-dismiss` is off) and its NBD client
+/// node in the source QEMU. After the restart the VM runs on at the source, and its next
+/// migration removes them and moves: before, every later order of the VM failed on the
+/// duplicate node name until someone removed them by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_mirror_left_by_a_killed_source_agent_does_not_block_the_next_order() {
+    let _g = SERIAL.lock().await;
+    let Some((disk, mut opts)) = MirrorFixture::new("raw") else {
+        return;
+    };
+    opts.src_env = crash_at(CrashPoint::SourceMidTransfer);
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    assert!(r.is_err(), "the source agent died mid-transfer");
+    wait_agent_exit(&mut s, 0, Duration::from_secs(30));
+    let mut q = Qmp::connect(&disk.test_qmp, Duration::from_secs(5))
+        .await
+        .expect("test qmp");
+    let nodes = q
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .expect("nodes");
+    for node in ["trustmig-nbd-d0", "trustmig-mirror-top-d0"] {
+        assert!(
+            nodes.to_string().contains(node),
+            "the killed agent left {node}: {nodes}"
+        );
+    }
+    s.pair.procs[0] = None;
+    s.pair.src_env.clear();
+    s.pair.start(0).expect("source agent restarts");
+    assert_source_runs_alone(&mut s, Duration::from_secs(60)).await;
+    // The destination QEMU of the failed order is on its way out: a new one takes its place.
+    let dir = s.pair.dir().to_path_buf();
+    let old = std::mem::replace(
+        &mut s.dst,
+        QemuVm::start(&dir, "dst-next", &build_guest(&dir), &opts, true),
+    );
+    drop(old);
+    std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
+    s.dst.qmp = dir.join("dst.qmp");
+    let (again, _) = migrate(&mut s, &addr, 300).await;
+    let summary = again.unwrap_or_else(|e| panic!("the next migration: {e}\n{}", s.logs()));
+    assert_moved(&mut s, &summary).await;
+    assert!(
+        s.logs()
+            .contains("an earlier migration's mirror left these in QEMU"),
+        "{}",
+        s.logs()
+    );
+}
+
 /// Benchmark for bench/disk.sh: a mirrored disk of `TRUSTMIG_BENCH_DISK_MIB` MiB (raw, half
 /// of it data) moves with the guest writing 64 KiB every 10 ms. Prints
 /// `BENCH <total ms> <end-to-end downtime ms> <disk bytes> <mirror ms> <QEMU's downtime ms>`.

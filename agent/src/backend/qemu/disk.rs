@@ -22,7 +22,7 @@ use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
 use crate::config::{DiskVerify, MirrorMode, QemuVm, VmConfig};
 
-use super::mirror::{BlockNode, SourceMirror};
+use super::mirror::{named_block_nodes, ours, BlockNode, SourceMirror};
 use crate::error::AgentError;
 use crate::net::wire::{read_record, WireError};
 use trustmig_qemu::qmp::Qmp;
@@ -81,18 +81,15 @@ pub async fn source_disks(
     if wanted.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let v = qmp
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .await
-        .map_err(|e| mig(format!("QEMU: {e}")))?;
-    let nodes: Vec<BlockNode> = serde_json::from_value(v).map_err(|e| {
-        mig(format!(
-            "QEMU: malformed query-named-block-nodes reply: {e}"
-        ))
-    })?;
+    let nodes = named_block_nodes(qmp).await?;
     let (mut copied, mut mirrored) = (Vec::new(), Vec::new());
     for (name, path, mode, verify) in wanted {
-        let mine: Vec<&BlockNode> = nodes.iter().filter(|n| same_file(&n.file, path)).collect();
+        // Not a mirror's filter node of ours: one an earlier order left (its agent killed
+        // mid-mirror) is removed once this order holds the VM (`mirror::start`).
+        let mine: Vec<&BlockNode> = nodes
+            .iter()
+            .filter(|n| same_file(&n.file, path) && !ours(n))
+            .collect();
         let shown = path.display();
         // The format node (raw, qcow2, ...) over the protocol node (`file`), or the protocol
         // node alone when the device sits on it directly.

@@ -175,6 +175,17 @@ impl SourceMirror {
     fn job(&self) -> String {
         format!("trustmig-mirror-{}", self.name)
     }
+
+    /// The filter node QEMU puts over the disk for the job's life.
+    fn filter_node(&self) -> String {
+        format!("trustmig-mirror-top-{}", self.name)
+    }
+}
+
+/// Whether `node` is one of this agent's own (a mirror's filter or NBD client node): never
+/// the disk itself, whatever file it names.
+pub(crate) fn ours(node: &BlockNode) -> bool {
+    node.node_name.starts_with("trustmig-")
 }
 
 /// The mirrors under way on the source: their QMP objects and the relays' results.
@@ -352,6 +363,7 @@ pub(crate) async fn start(
         results,
         started: false,
     };
+    m.clear_leftovers(qmp).await?;
     // Whatever started before a failure (an NBD client, a job) is stopped here: the caller
     // gets no `Mirrors` to tear down then.
     if let Err(e) = connect_all(qmp, &mut m, streams, (dir, order_id), timeout, (tasks, tx)).await {
@@ -405,6 +417,7 @@ async fn connect_all(
                 "job-id": d.job(),
                 "device": d.node,
                 "target": d.nbd_node(),
+                "filter-node-name": d.filter_node(),
                 "sync": "full",
                 "copy-mode": d.mode.as_str(),
                 "auto-dismiss": false,
@@ -539,6 +552,53 @@ impl Mirrors {
         self.started = false;
     }
 
+    /// Remove what an earlier order's mirrors of these disks left in QEMU: a source agent
+    /// killed mid-mirror leaves its failed job (`auto-dismiss` is off) and its NBD client
+    /// node, and a tear-down QEMU did not answer leaves them too. Their names are per disk, so
+    /// this order's `blockdev-add` would fail on them ("Duplicate nodes"), every order after
+    /// it too, until someone removed them by hand. The claim is this order's, so no other
+    /// order of the VM can own them. An error names what could not be removed.
+    async fn clear_leftovers(&mut self, qmp: &mut Qmp) -> Result<(), AgentError> {
+        let left = self.left_in_qemu(qmp).await?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        warn!(
+            ?left,
+            "an earlier migration's mirror left these in QEMU: removing them"
+        );
+        self.started = true;
+        self.tear_down(qmp).await;
+        let still = self.left_in_qemu(qmp).await?;
+        if still.is_empty() {
+            return Ok(());
+        }
+        Err(mig(format!(
+            "an earlier migration's mirror left {} in QEMU and they could not be removed",
+            still.join(", ")
+        )))
+    }
+
+    /// The names of this agent's mirror jobs and NBD client nodes for these disks that QEMU
+    /// has now.
+    async fn left_in_qemu(&self, qmp: &mut Qmp) -> Result<Vec<String>, AgentError> {
+        let jobs = query_jobs(qmp).await?;
+        let nodes = named_block_nodes(qmp).await?;
+        let mut left = Vec::new();
+        for d in &self.disks {
+            let (job, node) = (d.job(), d.nbd_node());
+            if jobs.iter().any(|j| j.id == job) {
+                left.push(format!("job {job}"));
+            }
+            for node in [node, d.filter_node()] {
+                if nodes.iter().any(|n| n.node_name == node) {
+                    left.push(format!("node {node}"));
+                }
+            }
+        }
+        Ok(left)
+    }
+
     /// After a failure: stop every mirror at once (the source image is the VM's and stays as
     /// the guest writes it) and remove the NBD clients; best effort, QEMU's errors logged.
     pub(crate) async fn tear_down(&mut self, qmp: &mut Qmp) {
@@ -583,6 +643,19 @@ pub(crate) struct BlockNode {
     #[serde(default)]
     backing_file: Option<String>,
     image: Option<ImageInfo>,
+}
+
+/// QEMU's block nodes (`query-named-block-nodes`, flat).
+pub(crate) async fn named_block_nodes(qmp: &mut Qmp) -> Result<Vec<BlockNode>, AgentError> {
+    let v = qmp
+        .execute("query-named-block-nodes", json!({ "flat": true }))
+        .await
+        .map_err(|e| mig(format!("QEMU: {e}")))?;
+    serde_json::from_value(v).map_err(|e| {
+        mig(format!(
+            "QEMU: malformed query-named-block-nodes reply: {e}"
+        ))
+    })
 }
 
 /// The mirror of disk `name` whose format node is `top` (a node QEMU has open read-write),
