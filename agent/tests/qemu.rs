@@ -1816,6 +1816,53 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
 }
 
+/// SPEC.md §8.8, found by the model checker: a restart settles an order interrupted before
+/// COMMIT (the destination agent died when it would send `FinalChallenge`, its QEMU loaded and
+/// paused) and journals it rolled back, then fails before it quits that QEMU (here: its listen
+/// port is taken). The next start still discards it: the discard follows from the journal as
+/// it is, not from which start settled the order. (Before, only the settling start discarded,
+/// and the loaded QEMU stayed for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_start_that_dies_after_settling_leaves_the_discard_to_the_next() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+    s.pair.procs[1] = None;
+    s.pair.dst_env.clear();
+    // The restart settles the order, then cannot bind its listen address.
+    let taken = std::net::TcpListener::bind(&addr).expect("take the destination's port");
+    let e = s.pair.start(1).expect_err("the destination cannot listen");
+    assert!(e.to_string().contains("Address already in use"), "{e}");
+    let journal =
+        std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl")).expect("journal");
+    assert!(
+        journal.contains("\"rolled-back\""),
+        "the failed start settled the order:\n{journal}"
+    );
+    assert!(s.dst.alive(), "the failed start never reached its QEMU");
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed),
+        "the destination QEMU holds the loaded VM"
+    );
+    drop(taken);
+    s.pair.start(1).expect("destination agent starts");
+    assert_dst_quits(&mut s, Duration::from_secs(20), "loaded QEMU kept").await;
+    assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
+}
+
 /// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the
 /// `<name>.qemu.log`); returns the HMP reply (empty on success).
 async fn hmp_qemu_io(vm: &QemuVm, dev: &str, cmd: &str) -> String {

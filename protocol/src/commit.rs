@@ -167,9 +167,7 @@ impl Side {
                 outputs,
             };
         };
-        let mut was = None;
         if let Some(x) = rules.restart(&e) {
-            was = Some(e.state);
             if let Some(state) = x.write {
                 side.write(&mut outputs, state);
             }
@@ -179,7 +177,7 @@ impl Side {
             }
         }
         let latest = side.entry.expect("claimed");
-        match rules.vm_after_restart(&latest, was) {
+        match rules.vm_after_restart(&latest) {
             VmAction::Nothing => {}
             act => side.then(&mut outputs, Output::Vm(act)),
         }

@@ -166,6 +166,8 @@ pub enum Mutation {
     AcceptReplayedOrder,
     /// A restart forgets an order's latest record.
     ForgetAtRestart,
+    /// A restart leaves what arrived for an order that never committed here.
+    KeepArrivedAtRestart,
 }
 
 /// The rules. `Rules::default()` is the only kind a normal build makes.
@@ -355,26 +357,30 @@ impl Rules {
     }
 
     /// What a restart does to a VM whose most recent order's entry is `e` (after [`restart`]
-    /// wrote its record), `was` being the state that order was in before this restart settled
-    /// it, if it did.
+    /// wrote its record). It does not matter whether this restart settled the order or an
+    /// earlier one (or a failure before it) did: an earlier start may have died after its
+    /// record and before its VM action, and each action is harmless to repeat.
     ///
     /// [`restart`]: Rules::restart
-    pub fn vm_after_restart(&self, e: &Entry, was: Option<State>) -> VmAction {
-        match (e.role, e.state, was) {
-            // Rolled back before COMMIT (now or at an earlier start), or settled "not
-            // committed": in either case the destination never committed, and never will.
-            (Role::Source, State::RolledBack, _) => VmAction::GiveBack {
+    pub fn vm_after_restart(&self, e: &Entry) -> VmAction {
+        match (e.role, e.state) {
+            // Rolled back before COMMIT, or settled "not committed": in either case the
+            // destination never committed, and never will.
+            (Role::Source, State::RolledBack) => VmAction::GiveBack {
                 paused_before: e.flag,
             },
-            // Only a hypervisor handed to this order: the claim comes before the check that the
-            // VM's hypervisor waits for a migration, and a refused arrival must not touch a VM.
-            (Role::Destination, State::RolledBack, Some(State::Claimed)) if e.flag => {
+            // Never committed here: what arrived never runs. Only a hypervisor handed to this
+            // order: the claim comes before the check that the VM's hypervisor waits for a
+            // migration, and a refused arrival must not touch a VM. The model checker found a
+            // copy left loaded for good when only the restart that settled it discarded it.
+            (Role::Destination, State::RolledBack)
+                if e.flag && !self.broken(Mutation::KeepArrivedAtRestart) =>
+            {
                 VmAction::Discard
             }
-            // Committed here, settled by this restart or an earlier one that died before the
-            // VM ran (DONE follows once it runs): it is this host's; run it. The model checker
-            // found the earlier one left paused for good.
-            (Role::Destination, State::Settled, _) => VmAction::Resume,
+            // Committed here (DONE follows once it runs): it is this host's; run it. The model
+            // checker found one left paused for good when only the settling restart ran it.
+            (Role::Destination, State::Settled) => VmAction::Resume,
             _ => VmAction::Nothing,
         }
     }

@@ -597,6 +597,14 @@ impl Model for Migration {
                 "once nothing more happens: one running copy, nothing in doubt",
                 |m: &Migration, s: &Sys| !quiescent(m, s) || (running(s) == 1 && settled(s)),
             ),
+            // A copy that arrived and never ran, kept by a destination whose order will never
+            // commit, holds the host's memory (and a QEMU) for good: nothing would remove it.
+            Property::always(
+                "once nothing more happens: no loaded copy is left behind",
+                |m: &Migration, s: &Sys| {
+                    !quiescent(m, s) || s.agents.iter().all(|a| a.vm != Vm::Loaded)
+                },
+            ),
         ]
     }
 }

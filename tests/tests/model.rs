@@ -211,6 +211,14 @@ fn mutation_accept_a_replayed_order_is_caught() {
 }
 
 #[test]
+fn mutation_keep_what_arrived_at_restart_is_caught() {
+    caught(
+        Mutation::KeepArrivedAtRestart,
+        "once nothing more happens: no loaded copy is left behind",
+    );
+}
+
+#[test]
 fn mutation_forget_a_record_at_restart_is_caught() {
     caught(Mutation::ForgetAtRestart, "never two running copies");
 }

@@ -77,7 +77,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     let identity = Identity::load(&home)?;
     let verifier = crate::attestation::load_verifier(&home.policy())?;
     let mut journal = Journal::open(&home.journal_dir())?;
-    let (ask, interrupted) = settle_in_doubt(&mut journal)?;
+    let ask = settle_in_doubt(&mut journal)?;
     // QEMU VMs: what the journal allows for each, done once the agent is up (backend/qemu).
     let reconcile: Vec<_> = config
         .vms
@@ -85,7 +85,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
         .map(|(vm, qmp)| {
             let last = journal.last_order_of(&vm);
-            let action = crate::driver::reconcile::action(journal.rules(), last, &interrupted);
+            let action = crate::driver::reconcile::action(journal.rules(), last);
             let order = last.map(|r| r.order_id.clone());
             let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
             crate::backend::qemu::Reconcile {
@@ -211,13 +211,10 @@ fn start_synthetic_vms(config: &Config, journal: &Journal) -> HashMap<String, Sy
 
 /// Settle migrations the journal shows as interrupted, from the journal alone; returns the
 /// source-side orders at COMMIT whose destination is known, to be settled by asking it
-/// (`settle::keep_asking`), and the state each order settled here was in (hex id), for
-/// reconciling the VMs' hypervisors (`reconcile.rs`). spec: SPEC.md §8.8
-fn settle_in_doubt(
-    journal: &mut Journal,
-) -> Result<(Vec<InDoubt>, HashMap<String, State>), AgentError> {
+/// (`settle::keep_asking`). What becomes of each VM is reconciled from the journal per VM
+/// (`reconcile.rs`). spec: SPEC.md §8.8
+fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
     let mut ask = Vec::new();
-    let mut interrupted = HashMap::new();
     for r in journal.in_doubt() {
         let id: [u8; 16] = hex::decode(&r.order_id)
             .ok()
@@ -256,7 +253,6 @@ fn settle_in_doubt(
                 journal.set(&id, e.state, note)?;
             }
         }
-        interrupted.insert(r.order_id.clone(), r.state);
     }
-    Ok((ask, interrupted))
+    Ok(ask)
 }

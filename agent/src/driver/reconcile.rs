@@ -8,28 +8,26 @@
 //! committed and whose outcome the source does not know is never touched here: that is the
 //! settlement's decision (`settle.rs`).
 
-use std::collections::HashMap;
-
 use trustmig_protocol::settlement::Rules;
 
-use crate::journal::{Record, State};
+use crate::journal::Record;
 
 /// What the journal allows for a VM after a restart (the settlement rules decide it).
 pub use trustmig_protocol::settlement::VmAction as Action;
 
-/// What to do for a VM whose most recent order left `last` in the journal, as `rules` say.
-/// `interrupted` maps the orders this start found unfinished (hex id) to the state they were
-/// in before they were settled from the journal (`Claimed` or `Committed`).
-pub fn action(rules: Rules, last: Option<&Record>, interrupted: &HashMap<String, State>) -> Action {
+/// What to do for a VM whose most recent order left `last` in the journal, as `rules` say
+/// (whether this start settled that order or an earlier one did: `Rules::vm_after_restart`).
+pub fn action(rules: Rules, last: Option<&Record>) -> Action {
     let Some(r) = last else {
         return Action::Nothing;
     };
-    rules.vm_after_restart(&r.entry(), interrupted.get(&r.order_id).copied())
+    rules.vm_after_restart(&r.entry())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::State;
     use trustmig_protocol::order::Role;
 
     fn record(role: Role, state: State, flag: bool) -> Record {
@@ -47,85 +45,35 @@ mod tests {
     #[test]
     fn the_journal_decides_what_a_restart_does_to_the_vm() {
         use Role::{Destination as D, Source as S};
-        let now = |s: State| HashMap::from([("0101".to_string(), s)]);
-        let none = HashMap::new();
+        let back = |paused_before| Action::GiveBack { paused_before };
         let cases = [
-            // A source rolled back now, at an earlier start, or settled "not committed".
-            (
-                S,
-                State::RolledBack,
-                now(State::Claimed),
-                false,
-                Action::GiveBack {
-                    paused_before: false,
-                },
-            ),
-            (
-                S,
-                State::RolledBack,
-                none.clone(),
-                false,
-                Action::GiveBack {
-                    paused_before: false,
-                },
-            ),
-            (
-                S,
-                State::RolledBack,
-                none.clone(),
-                true,
-                Action::GiveBack {
-                    paused_before: true,
-                },
-            ),
+            // A source rolled back (at this start, an earlier one, or by a failure), or settled
+            // "not committed".
+            (S, State::RolledBack, false, back(false)),
+            (S, State::RolledBack, true, back(true)),
             // A source at COMMIT is in doubt: only the destination's answer decides.
-            (S, State::Committed, none.clone(), false, Action::Nothing),
-            (S, State::Done, none.clone(), false, Action::Nothing),
-            (
-                S,
-                State::Settled,
-                now(State::Committed),
-                false,
-                Action::Nothing,
-            ),
-            // A destination interrupted before COMMIT discards; after it, resumes.
-            (
-                D,
-                State::RolledBack,
-                now(State::Claimed),
-                true,
-                Action::Discard,
-            ),
+            (S, State::Committed, false, Action::Nothing),
+            (S, State::Done, false, Action::Nothing),
+            (S, State::Settled, false, Action::Nothing),
+            // A destination that never committed discards what arrived, whichever start
+            // settled it (an earlier start may have died before its QEMU was quit: the model
+            // checker found the copy left loaded for good)...
+            (D, State::RolledBack, true, Action::Discard),
             // ... but not one refused before its QEMU was handed over (a VM running here).
-            (
-                D,
-                State::RolledBack,
-                now(State::Claimed),
-                false,
-                Action::Nothing,
-            ),
-            (
-                D,
-                State::Settled,
-                now(State::Committed),
-                false,
-                Action::Resume,
-            ),
-            // Older outcomes were acted on by the agent that wrote them.
-            (D, State::RolledBack, none.clone(), false, Action::Nothing),
-            (D, State::Done, none.clone(), false, Action::Nothing),
-            // Settled at an earlier start that died before the VM ran (DONE follows once it
-            // runs): still this host's to run. The model checker found it left paused before.
-            (D, State::Settled, none.clone(), false, Action::Resume),
+            (D, State::RolledBack, false, Action::Nothing),
+            // Committed here: resumes, whichever start settled it (one that died before the VM
+            // ran left it paused for good before); DONE once it ran.
+            (D, State::Settled, false, Action::Resume),
+            (D, State::Done, false, Action::Nothing),
         ];
-        for (role, state, interrupted, paused, want) in cases {
-            let r = record(role, state, paused);
+        for (role, state, flag, want) in cases {
+            let r = record(role, state, flag);
             assert_eq!(
-                action(Rules::default(), Some(&r), &interrupted),
+                action(Rules::default(), Some(&r)),
                 want,
-                "{role:?} {state:?} interrupted {interrupted:?}"
+                "{role:?} {state:?} flag {flag}"
             );
         }
-        assert_eq!(action(Rules::default(), None, &none), Action::Nothing);
+        assert_eq!(action(Rules::default(), None), Action::Nothing);
     }
 }

@@ -23,11 +23,13 @@ fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
     super::stopped_by_migration(&st.status) || (!st.running && m.in_progress())
 }
 
-/// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it:
-/// waiting, or stopped after loading (paused by `-S`), never one that sent a VM away.
+/// Whether a destination QEMU holds an incoming migration and never ran it: fed (loading, or
+/// stopped after loading, paused by `-S`), never one that sent a VM away. A QEMU waiting in
+/// `inmigrate` that was never fed (no migration) is not: an order's discard, which a restart
+/// repeats for as long as that order is the VM's last, must not quit a fresh QEMU the operator
+/// started for the next one.
 fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
-    st.status == "inmigrate"
-        || (!st.running && st.status != "postmigrate" && m.status() != MigrationStatus::None)
+    !st.running && st.status != "postmigrate" && m.status() != MigrationStatus::None
 }
 
 /// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
