@@ -272,16 +272,24 @@ async fn receive(
     if !inc.manifest.disks.is_empty() {
         let config = ctx.config();
         let vm_cfg = config.vm(vm);
-        let targets = super::disk::plan(&inc.manifest, vm_cfg)?;
+        let targets = {
+            let journal = ctx.journal.lock().expect("journal lock");
+            super::disk::plan(&inc.manifest, vm_cfg, &journal)?
+        };
         files.lock().expect("disk files lock").extend(
             targets
                 .iter()
                 .flat_map(|t| t.files().map(Path::to_path_buf)),
         );
         let mut counted = Counted::new(&mut data, inc.moved.clone());
-        let n =
-            super::disk::receive_disks(&mut counted, &mut opener, &inc.manifest, &targets, timeout)
-                .await?;
+        let n = super::disk::receive_disks(
+            &mut counted,
+            &mut opener,
+            (&inc.manifest, &inc.order_id),
+            &targets,
+            timeout,
+        )
+        .await?;
         info!(order = %hex(&inc.order_id), bytes = n, disks = targets.len(), "disks received and verified");
         super::disk::attach(qmp, &targets).await?;
     }

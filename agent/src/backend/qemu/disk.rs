@@ -18,12 +18,14 @@ use tracing::{info, warn};
 use trustmig_attest::manifest::{hash_chunks, ChunkChecker, DEFAULT_CHUNK};
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
+use trustmig_protocol::order::{hex, OrderId};
 use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
 
 use crate::config::{DiskVerify, MirrorMode, QemuVm, VmConfig};
 
-use super::mirror::{named_block_nodes, ours, BlockNode, SourceMirror};
+use super::mirror::{named_block_nodes, ours, stale, BlockNode, SourceMirror};
 use crate::error::AgentError;
+use crate::journal::Journal;
 use crate::net::wire::{read_record, WireError};
 use trustmig_qemu::qmp::Qmp;
 
@@ -253,19 +255,28 @@ pub struct Target {
     /// Written while it arrives; renamed to `path` once every disk verified.
     part: PathBuf,
     path: PathBuf,
+    /// `<path>.trustmig-order`: the order that received the image, until it committed.
+    marker: PathBuf,
     device: serde_json::Map<String, Value>,
 }
 
 impl Target {
     /// Files this target may leave behind (to remove when the migration fails).
-    pub fn files(&self) -> [&Path; 2] {
-        [&self.part, &self.path]
+    pub fn files(&self) -> [&Path; 3] {
+        [&self.part, &self.path, &self.marker]
     }
 }
 
 /// Check that this destination can take the manifest's disks: each one configured with a
-/// device, `disk_dir` set, no existing file overwritten, chunks that fit one record each.
-pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Target>, AgentError> {
+/// device, `disk_dir` set, no existing file overwritten, chunks that fit one record each. An
+/// image in the way that this agent received for an order journalled as rolled back (its
+/// marker says which: an agent killed after the rename, before it could remove it) is removed;
+/// any other is refused.
+pub fn plan(
+    manifest: &ImageManifest,
+    vm: Option<&VmConfig>,
+    journal: &Journal,
+) -> Result<Vec<Target>, AgentError> {
     if manifest.disks.is_empty() {
         return Ok(Vec::new());
     }
@@ -283,7 +294,8 @@ pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Targe
         let device = device_of(q, &d.name)?;
         let path = dir.join(format!("{}.raw", d.name));
         let part = dir.join(format!("{}.raw.part", d.name));
-        if path.exists() {
+        let marker = dir.join(format!("{}.raw.trustmig-order", d.name));
+        if path.exists() && !stale(&path, &marker, journal) {
             return Err(mig(format!(
                 "disk {:?}: {} exists; refusing to overwrite it (remove it if it is not in use)",
                 d.name,
@@ -294,6 +306,7 @@ pub fn plan(manifest: &ImageManifest, vm: Option<&VmConfig>) -> Result<Vec<Targe
             name: d.name.clone(),
             part,
             path,
+            marker,
             device,
         });
     }
@@ -345,11 +358,13 @@ pub(crate) fn device_of(
 
 /// Receive every disk of `manifest` from `from` (stream 0, after `StreamInit`): each chunk is
 /// checked against the manifest before it is written; once all verified, the files are synced
-/// and renamed into place. Returns the payload bytes received.
+/// and renamed into place. Each image's marker names `order_id` before any of its bytes land,
+/// so that whatever a crash leaves can be traced to this order. Returns the payload bytes
+/// received.
 pub async fn receive_disks<R: AsyncRead + Unpin>(
     from: &mut R,
     opener: &mut Opener,
-    manifest: &ImageManifest,
+    (manifest, order_id): (&ImageManifest, &OrderId),
     targets: &[Target],
     timeout: Duration,
 ) -> Result<u64, AgentError> {
@@ -359,6 +374,7 @@ pub async fn receive_disks<R: AsyncRead + Unpin>(
     let mut buf = Vec::with_capacity(MAX_PAYLOAD + 64);
     let mut total = 0u64;
     for (d, t) in manifest.disks.iter().zip(targets) {
+        std::fs::write(&t.marker, hex(order_id)).map_err(AgentError::io(&t.marker))?;
         let _ = std::fs::remove_file(&t.part);
         let std_file = std::fs::OpenOptions::new()
             .write(true)
@@ -452,8 +468,13 @@ pub fn discard(files: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::qemu::mirror::tests::journal_with;
     use crate::backend::qemu::pumps::test_pair as pair;
     use crate::config::{test_dest_disk as dest_disk, DiskConfig};
+    use crate::journal::State;
+
+    /// The order the tests receive disks for.
+    const ORDER: OrderId = [0xab; 16];
 
     fn vm(dir: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         let mut v = crate::config::test_qemu_vm("/run/q.sock", Some(dir));
@@ -488,6 +509,7 @@ mod tests {
     #[tokio::test]
     async fn a_disk_travels_and_verifies() {
         let tmp = tempfile::tempdir().expect("tmp");
+        let j = journal_with(tmp.path(), &hex(&ORDER), State::Claimed);
         let (data, sd, m) = image(tmp.path()).await;
         assert_eq!(m.disks[0].chunks.len(), 3);
         let (mut sealer, mut opener) = pair();
@@ -497,11 +519,11 @@ mod tests {
             .expect("send");
         let out = tmp.path().join("out");
         let cfg = vm(&out, vec![dest_disk("d0")]);
-        let targets = plan(&m, Some(&cfg)).expect("plan");
+        let targets = plan(&m, Some(&cfg), &j).expect("plan");
         let n = receive_disks(
             &mut &wire[..],
             &mut opener,
-            &m,
+            (&m, &ORDER),
             &targets,
             Duration::from_secs(5),
         )
@@ -511,13 +533,56 @@ mod tests {
         assert_eq!(std::fs::read(out.join("d0.raw")).expect("read"), data);
         assert!(!out.join("d0.raw.part").exists());
         // A second transfer would overwrite it: refused.
-        let e = plan(&m, Some(&cfg)).unwrap_err().to_string();
+        let e = plan(&m, Some(&cfg), &j).unwrap_err().to_string();
         assert!(e.contains("refusing to overwrite"), "{e}");
+    }
+
+    /// An agent killed after the rename leaves the image in place, its marker naming the
+    /// order: once that order is journalled rolled back (the restart settles it so), the next
+    /// order's plan removes both; before, the next order was refused until someone removed the
+    /// file by hand. An image whose marker names an order that did not roll back stays.
+    #[tokio::test]
+    async fn an_image_left_by_a_rolled_back_order_is_removed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (_, sd, m) = image(tmp.path()).await;
+        let (mut sealer, mut opener) = pair();
+        let mut wire = Vec::new();
+        send_disks(&mut wire, &mut sealer, &m, &[sd])
+            .await
+            .expect("send");
+        let out = tmp.path().join("out");
+        let cfg = vm(&out, vec![dest_disk("d0")]);
+        let claimed = journal_with(&tmp.path().join("a"), &hex(&ORDER), State::Claimed);
+        let targets = plan(&m, Some(&cfg), &claimed).expect("plan");
+        receive_disks(
+            &mut &wire[..],
+            &mut opener,
+            (&m, &ORDER),
+            &targets,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("receive");
+        let marker = out.join("d0.raw.trustmig-order");
+        assert_eq!(
+            std::fs::read_to_string(&marker).expect("marker"),
+            hex(&ORDER)
+        );
+        // The order not rolled back (still claimed here): the image stays, refused.
+        let e = plan(&m, Some(&cfg), &claimed).unwrap_err().to_string();
+        assert!(e.contains("refusing to overwrite"), "{e}");
+        assert!(out.join("d0.raw").exists());
+        drop(claimed);
+        let rolled_back = journal_with(&tmp.path().join("b"), &hex(&ORDER), State::RolledBack);
+        let t = plan(&m, Some(&cfg), &rolled_back).expect("the leftover does not block");
+        assert_eq!(t[0].path, out.join("d0.raw"));
+        assert!(!out.join("d0.raw").exists() && !marker.exists());
     }
 
     #[tokio::test]
     async fn an_altered_chunk_is_refused_before_it_is_written() {
         let tmp = tempfile::tempdir().expect("tmp");
+        let j = journal_with(tmp.path(), &hex(&ORDER), State::Claimed);
         let (_, _, m) = image(tmp.path()).await;
         // A sealer that sends chunk 1 altered (the record layer is intact: a lying sender).
         let (mut sealer, mut opener) = pair();
@@ -533,11 +598,11 @@ mod tests {
                 .expect("seal");
         }
         let out = tmp.path().join("out");
-        let targets = plan(&m, Some(&vm(&out, vec![dest_disk("d0")]))).expect("plan");
+        let targets = plan(&m, Some(&vm(&out, vec![dest_disk("d0")])), &j).expect("plan");
         let e = receive_disks(
             &mut &wire[..],
             &mut opener,
-            &m,
+            (&m, &ORDER),
             &targets,
             Duration::from_secs(5),
         )
@@ -559,6 +624,7 @@ mod tests {
     #[tokio::test]
     async fn source_notices_a_changed_image_and_a_short_stream_is_refused() {
         let tmp = tempfile::tempdir().expect("tmp");
+        let j = journal_with(tmp.path(), &hex(&ORDER), State::Claimed);
         let (mut data, sd, m) = image(tmp.path()).await;
         data[DISK_CHUNK as usize + 5] ^= 1;
         std::fs::write(&sd.path, &data).expect("rewrite");
@@ -571,11 +637,11 @@ mod tests {
         assert!(e.contains("changed while it was copied"), "{e}");
         // What was sent (chunk 0) ends early: a cut.
         let out = tmp.path().join("out");
-        let targets = plan(&m, Some(&vm(&out, vec![dest_disk("d0")]))).expect("plan");
+        let targets = plan(&m, Some(&vm(&out, vec![dest_disk("d0")])), &j).expect("plan");
         let e = receive_disks(
             &mut &wire[..],
             &mut opener,
-            &m,
+            (&m, &ORDER),
             &targets,
             Duration::from_secs(5),
         )
@@ -588,8 +654,9 @@ mod tests {
     #[tokio::test]
     async fn plan_names_what_is_missing() {
         let tmp = tempfile::tempdir().expect("tmp");
+        let j = journal_with(tmp.path(), &hex(&ORDER), State::Claimed);
         let (_, _, m) = image(tmp.path()).await;
-        let e = plan(&m, Some(&vm(tmp.path(), vec![])))
+        let e = plan(&m, Some(&vm(tmp.path(), vec![])), &j)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no [[vm.disk]] with a device"), "{e}");
@@ -597,13 +664,13 @@ mod tests {
         if let crate::config::VmBackend::Qemu(q) = &mut no_dir.backend {
             q.disk_dir = None;
         }
-        assert!(plan(&m, Some(&no_dir))
+        assert!(plan(&m, Some(&no_dir), &j)
             .unwrap_err()
             .to_string()
             .contains("no disk_dir"));
         let mut bad = m.clone();
         bad.disks[0].name = "../x".into();
-        assert!(plan(&bad, Some(&vm(tmp.path(), vec![dest_disk("d0")]))).is_err());
-        assert!(plan(&m, None).is_err());
+        assert!(plan(&bad, Some(&vm(tmp.path(), vec![dest_disk("d0")])), &j).is_err());
+        assert!(plan(&m, None, &j).is_err());
     }
 }

@@ -778,8 +778,9 @@ pub fn plan(
     Ok(out)
 }
 
-/// Whether `path` is a leftover of an attempt that rolled back: removed if so.
-fn stale(path: &Path, marker: &Path, journal: &Journal) -> bool {
+/// Whether `path` is a leftover of an attempt that rolled back (its marker names an order
+/// journalled so): removed, with the marker, if so.
+pub(crate) fn stale(path: &Path, marker: &Path, journal: &Journal) -> bool {
     let Ok(text) = std::fs::read_to_string(marker) else {
         return false;
     };
@@ -955,7 +956,7 @@ pub fn committed(files: &[PathBuf]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{test_dest_disk, VmBackend};
     use crate::journal::Record;
@@ -985,7 +986,8 @@ mod tests {
         v
     }
 
-    fn journal_with(dir: &Path, order: &str, state: State) -> Journal {
+    /// A journal in `dir` with one destination record of `order` (hex) in `state`.
+    pub(crate) fn journal_with(dir: &Path, order: &str, state: State) -> Journal {
         let mut j = Journal::open(&dir.join("journal")).expect("journal");
         let r: Record = serde_json::from_value(serde_json::json!({
             "order_id": order, "role": "destination", "vm": "q", "state": state,
