@@ -77,6 +77,8 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     let identity = Identity::load(&home)?;
     let verifier = crate::attestation::load_verifier(&home.policy())?;
     let mut journal = Journal::open(&home.journal_dir())?;
+    // The journal's lock makes the home this agent's alone: no migration uses its sockets.
+    crate::backend::qemu::clear_sockets(&home);
     let ask = settle_in_doubt(&mut journal)?;
     // QEMU VMs: what the journal allows for each, done once the agent is up (backend/qemu).
     let reconcile: Vec<_> = config

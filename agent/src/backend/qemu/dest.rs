@@ -344,7 +344,8 @@ async fn feed(
     let timeout = ctx.step_timeout();
     let dir = socket_dir(ctx)?;
     // QEMU listens on a socket in our home; we feed it.
-    let path = socket_path(&dir, "in", &inc.order_id)?;
+    let sock = socket_path(&dir, "in", &inc.order_id)?;
+    let path = sock.path();
     // `events`: the load's completion wakes `wait_loaded` at once. `late-block-activate`:
     // QEMU activates the images (and takes their write locks) at `cont`, not when loading
     // ends, so a destination that loaded but is never resumed holds no image a rollback `cont`
@@ -354,8 +355,8 @@ async fn feed(
         .await?;
     qmp.migrate_incoming(&format!("unix:{}", path.display()))
         .await?;
-    let qemu_sock = connect_qemu(&path, timeout).await?;
-    let _ = std::fs::remove_file(&path);
+    let qemu_sock = connect_qemu(path, timeout).await?;
+    drop(sock);
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     let (data_rd, data_wr) = data.into_split();
     let data_rd = Counted::new(data_rd, inc.moved.clone());
@@ -412,7 +413,7 @@ async fn mirrors_in(
     );
     super::mirror::create(&targets, &inc.order_id).await?;
     let sock = socket_path(&socket_dir(ctx)?, "nbd", &inc.order_id)?;
-    super::mirror::export(qmp, &targets, &sock).await?;
+    super::mirror::export(qmp, &targets, sock.path()).await?;
     let streams = (1u16..)
         .zip(streams)
         .map(|(i, (data, opener))| {
@@ -423,7 +424,7 @@ async fn mirrors_in(
     info!(order = %hex(&inc.order_id), disks = targets.len(), "mirrored disks exported to the source");
     Ok((
         super::mirror::relay_all(
-            &sock,
+            sock,
             &targets,
             streams,
             (pumps, ctx.step_timeout(), inc.moved.clone()),

@@ -300,17 +300,18 @@ pub(crate) async fn hash_copies(
     Ok(())
 }
 
-/// Relay one listener's NBD connection over `data` (stream `i + 1`).
+/// Relay one listener's NBD connection over `data` (stream `i + 1`); `sock` is the
+/// listener's file, removed once QEMU connected (or this is aborted).
 async fn source_relay(
     i: usize,
-    listener: UnixListener,
-    path: PathBuf,
+    (listener, sock): (UnixListener, super::SocketFile),
     data: &mut TcpStream,
     (sealer, opener): (Sealer, Opener),
     timeout: Duration,
 ) -> Result<Relayed, AgentError> {
     let accepted = tokio::time::timeout(timeout, listener.accept()).await;
-    let _ = std::fs::remove_file(&path);
+    let path = sock.path().to_path_buf();
+    drop(sock);
     let (qemu, _) = accepted
         .map_err(|_| {
             AgentError::Timeout(format!(
@@ -384,13 +385,13 @@ async fn connect_all(
 ) -> Result<(), AgentError> {
     let disks = m.disks.clone();
     for (i, ((data, sealer, opener), d)) in streams.into_iter().zip(&disks).enumerate() {
-        let path = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
+        let sock = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
+        let path = sock.path().to_path_buf();
         let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
         let tx = tx.clone();
-        let sock = path.clone();
         tasks.spawn(async move {
             let mut data = data;
-            let r = source_relay(i, listener, sock, &mut data, (sealer, opener), timeout).await;
+            let r = source_relay(i, (listener, sock), &mut data, (sealer, opener), timeout).await;
             let _ = tx.send((i, r)).await;
             drop(data); // after the report (see `relay`)
         });
@@ -891,19 +892,24 @@ pub async fn export(qmp: &mut Qmp, targets: &[Target], sock: &Path) -> Result<()
 }
 
 /// Relay each mirror's data stream (`streams[i]`, with its opener) to QEMU's NBD server at
-/// `sock`; each relay's result arrives on the returned channel.
-pub fn relay_all(
-    sock: &Path,
+/// `sock`; each relay's result arrives on the returned channel. The socket's file goes once
+/// every relay connected (or ended).
+pub(crate) fn relay_all(
+    sock: super::SocketFile,
     targets: &[Target],
     streams: Vec<(TcpStream, Opener, Sealer)>,
     (tasks, stall, received): (&mut Tasks, Duration, Arc<AtomicU64>),
 ) -> Relays {
     let (tx, rx) = Relays::new(targets.iter().map(|t| t.disk.name.clone()).collect());
+    let sock = Arc::new(sock);
     for (i, (data, opener, sealer)) in streams.into_iter().enumerate() {
-        let (tx, sock, received) = (tx.clone(), sock.to_path_buf(), received.clone());
+        let (tx, sock, received) = (tx.clone(), sock.clone(), received.clone());
         tasks.spawn(async move {
             let mut data = data;
-            let r = match UnixStream::connect(&sock).await {
+            let connected = UnixStream::connect(sock.path()).await;
+            let path = sock.path().to_path_buf();
+            drop(sock); // the last relay to connect removes the file
+            let r = match connected {
                 Ok(qemu) => relay(
                     qemu,
                     &mut data,
@@ -921,7 +927,7 @@ pub fn relay_all(
                     };
                     (digests, got.records)
                 }),
-                Err(e) => Err(mig(format!("QEMU's NBD server at {}: {e}", sock.display()))),
+                Err(e) => Err(mig(format!("QEMU's NBD server at {}: {e}", path.display()))),
             };
             let _ = tx.send((i, r)).await;
             drop(data); // after the report (see `relay`)

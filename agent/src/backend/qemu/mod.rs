@@ -87,17 +87,24 @@ fn stopped_by_migration(status: &str) -> bool {
     matches!(status, "finish-migrate" | "postmigrate")
 }
 
+/// The directory of the agent's sockets for QEMU (`socket_dir` makes it).
+fn sockets_of(home: &crate::home::Home) -> PathBuf {
+    home.root().join("qemu")
+}
+
 /// A private directory in the agent's home for the unix sockets QEMU talks to.
 fn socket_dir(ctx: &Ctx) -> Result<PathBuf, AgentError> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = ctx.home.root().join("qemu");
+    let dir = sockets_of(&ctx.home);
     std::fs::create_dir_all(&dir).map_err(AgentError::io(&dir))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(AgentError::io(&dir))?;
     Ok(dir)
 }
 
-fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<PathBuf, AgentError> {
+/// The path of the socket `role` of an order in `dir` (nothing there yet), removed when the
+/// returned guard drops.
+fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<SocketFile, AgentError> {
     let p = dir.join(format!("{role}-{}.sock", &hex(order_id)[..16]));
     if p.as_os_str().len() > 107 {
         return Err(AgentError::Migration(format!(
@@ -106,5 +113,75 @@ fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<PathBuf, A
         )));
     }
     let _ = std::fs::remove_file(&p);
-    Ok(p)
+    Ok(SocketFile(p))
+}
+
+/// A unix socket's file in the agent's socket directory, removed when this drops: a socket
+/// serves one migration, and neither a task aborted while it waits for QEMU to connect nor a
+/// socket QEMU's NBD server listens on (removed here, not left to QEMU) may leave its file.
+#[derive(Debug)]
+pub(crate) struct SocketFile(PathBuf);
+
+impl SocketFile {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// At start, with the home locked to this agent and no migration under way: the socket files
+/// an agent killed mid-migration left (nothing else listens on them).
+pub(crate) fn clear_sockets(home: &crate::home::Home) {
+    let Ok(entries) = std::fs::read_dir(sockets_of(home)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.path().extension().is_some_and(|x| x == "sock") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket's file goes with its guard, also when the task holding it is aborted while it
+    /// waits for QEMU (before, a relay aborted before `accept` left `nbd<i>-<id>.sock`).
+    #[tokio::test]
+    async fn a_socket_file_goes_with_an_aborted_task() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = socket_path(dir.path(), "nbd0", &[7; 16]).expect("path");
+        let path = sock.path().to_path_buf();
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let waiting = tokio::spawn(async move {
+            let _sock = sock;
+            let _ = listener.accept().await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(path.exists());
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(!path.exists(), "{} left", path.display());
+    }
+
+    /// At start, the socket files a killed agent left go; nothing else in the directory does.
+    #[test]
+    fn a_start_clears_the_sockets_a_killed_agent_left() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let home = crate::home::Home::at(tmp.path());
+        let dir = sockets_of(&home);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let left = dir.join("nbd0-0101010101010101.sock");
+        let kept = dir.join("notes.txt");
+        std::fs::write(&left, b"").expect("sock");
+        std::fs::write(&kept, b"").expect("other");
+        clear_sockets(&home);
+        assert!(!left.exists() && kept.exists());
+    }
 }

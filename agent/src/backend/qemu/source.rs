@@ -551,15 +551,11 @@ async fn start_qemu(
     }
     qmp.migrate_set_parameters(ladder.limit, ladder.bw).await?;
     let dir = socket_dir(ctx)?;
-    let path = socket_path(&dir, "out", order.id())?;
-    let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
-    let uri = format!("unix:{}", path.display());
-    if let Err(e) = qmp.migrate(&uri).await {
-        let _ = std::fs::remove_file(&path);
-        return Err(e.into());
-    }
+    let sock = socket_path(&dir, "out", order.id())?;
+    let path = sock.path();
+    let listener = UnixListener::bind(path).map_err(AgentError::io(path))?;
+    qmp.migrate(&format!("unix:{}", path.display())).await?;
     let accepted = tokio::time::timeout(ctx.step_timeout(), listener.accept()).await;
-    let _ = std::fs::remove_file(&path);
     let (qemu_sock, _) = accepted
         .map_err(|_| {
             AgentError::Timeout(format!(
@@ -567,7 +563,7 @@ async fn start_qemu(
                 path.display()
             ))
         })?
-        .map_err(AgentError::io(&path))?;
+        .map_err(AgentError::io(path))?;
     Ok(qemu_sock)
 }
 
