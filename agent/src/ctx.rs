@@ -168,6 +168,13 @@ impl Arrivals {
     }
 }
 
+impl Arrivals {
+    /// Whether `vm` is arriving here now.
+    pub fn contains(&self, vm: &str) -> bool {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner())).contains(vm)
+    }
+}
+
 /// A VM's arrival in progress ([`Arrivals::arrive`]); it ends when this drops.
 pub struct Arriving<'a> {
     of: &'a Arrivals,

@@ -719,6 +719,49 @@ async fn try_migrate_slowly(s: &mut Setup) -> (Result<Summary, String>, Vec<Prog
         .unwrap_or_else(|_| panic!("the migration never ended\n{}", s.logs()))
 }
 
+/// Reload (SIGHUP, `trustmig reload`) refuses to change the entry of a VM arriving here, as it
+/// refuses for one leaving: the destination reads that entry again as the migration goes (its
+/// disks, its mirrors). Before, only a VM leaving, in doubt or being given back counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_reload_cannot_change_an_arriving_vm() {
+    let _g = SERIAL.lock().await;
+    let Some(mut s) = setup("area=64 rate=64 check=25", true) else {
+        return;
+    };
+    let home = s.pair.dst.clone();
+    let reloader = tokio::spawn(async move {
+        let journal = home.journal_dir().join("journal.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&journal)
+            .is_ok_and(|t| t.contains("the VM's QEMU waits for this migration"))
+        {
+            assert!(Instant::now() < deadline, "the VM never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The VM's [[vm]] table is the file's last: a line appended changes its entry.
+        let config = home.config();
+        let before = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(&config, format!("{before}downtime_steps = 3\n")).expect("config");
+        let mut reply = None;
+        trustmig_agent::control::call(
+            &home.control_socket(),
+            &trustmig_agent::control::Request::Reload,
+            |r| reply = Some(r),
+        )
+        .await
+        .expect("control socket");
+        std::fs::write(&config, before).expect("config");
+        reply
+    });
+    let (summary, _) = migrate_slowly(&mut s).await;
+    let reply = reloader.await.expect("reloader");
+    assert!(
+        matches!(&reply, Some(Reply::Error(e)) if e.contains("VM qvm is migrating (from or to here)")),
+        "{reply:?}"
+    );
+    assert_moved(&mut s, &summary).await;
+}
+
 /// The guest was handed over paused: the summary and both journals say so, the destination
 /// QEMU waits `paused` and its guest does not run until the operator's `cont` there, after
 /// which the move is complete (`assert_moved`).

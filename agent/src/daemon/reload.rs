@@ -89,8 +89,9 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     Ok(what)
 }
 
-/// Refuse a reload that removes or changes a VM this agent is migrating, has in doubt, or is
-/// giving back: the running migration or settlement needs the entry it started with.
+/// Refuse a reload that removes or changes a VM this agent is migrating (from here or to
+/// here), has in doubt, or is giving back: the running migration or settlement needs the
+/// entry it started with (a destination reads it again for the disks and the mirrors).
 fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
     let same = |a: &crate::config::VmConfig, b: Option<&crate::config::VmConfig>| {
         b.is_some_and(|b| toml::to_string(a).ok() == toml::to_string(b).ok())
@@ -100,6 +101,7 @@ fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
             continue;
         }
         let busy = ctx.journal.lock().expect("journal lock").leaving(&v.name)
+            || ctx.arriving.contains(&v.name)
             || ctx
                 .parked
                 .lock()
@@ -114,7 +116,7 @@ fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
             return Err(AgentError::BadConfig {
                 path: ctx.home.config(),
                 reason: format!(
-                    "VM {} is migrating, in doubt or being given back: its entry cannot change until that ends",
+                    "VM {} is migrating (from or to here), in doubt or being given back: its entry cannot change until that ends",
                     v.name
                 ),
             });

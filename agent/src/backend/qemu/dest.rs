@@ -19,6 +19,7 @@ use trustmig_protocol::record::{Opener, Sealer};
 use trustmig_protocol::Digest;
 
 use crate::backend::{Arrived, DestVm, Tasks};
+use crate::config::Config;
 use crate::ctx::{Ctx, DataConn};
 use crate::error::AgentError;
 use crate::net::stream_init;
@@ -35,6 +36,8 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 /// the stream carries, and run (`cont`) only on `Commit`. On failure it is quit.
 pub(crate) struct QemuDest {
     vm: String,
+    /// The configuration as the migration started (a reload meanwhile changes nothing here).
+    config: Arc<Config>,
     qmp_path: PathBuf,
     /// The QMP session: lent to the receiving task, back once the stream loaded.
     qmp: Option<Qmp>,
@@ -53,7 +56,10 @@ impl QemuDest {
     /// (journalled, for reconciliation after a restart). Anything else is refused and that
     /// QEMU left alone: it is not the incoming VM.
     pub async fn prepare(ctx: &Arc<Ctx>, vm: &str, est: &Established) -> Result<Self, AgentError> {
-        let Some(qmp_path) = qemu_vm(&ctx.config(), vm) else {
+        // The configuration as the migration starts: it reads the VM's entry again for its
+        // disks and mirrors, and a reload meanwhile must not change it under it.
+        let config = ctx.config();
+        let Some(qmp_path) = qemu_vm(&config, vm) else {
             return Err(AgentError::Refused(format!(
                 "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"
             )));
@@ -80,6 +86,7 @@ impl QemuDest {
             .mark_fed(est.order.id())?;
         let me = Self {
             vm: vm.to_string(),
+            config,
             qmp_path,
             qmp: Some(qmp),
             arrived: None,
@@ -120,6 +127,8 @@ struct Incoming {
     keys: Arc<KeySchedule>,
     /// Counts the bytes received on every data stream.
     moved: Arc<AtomicU64>,
+    /// The configuration as the migration started.
+    config: Arc<Config>,
 }
 
 impl DestVm for QemuDest {
@@ -137,6 +146,7 @@ impl DestVm for QemuDest {
             transcript_hash: est.transcript_hash,
             keys: Arc::new(est.keys),
             moved: self.moved.clone(),
+            config: self.config.clone(),
         };
         let mut qmp = self.qmp.take().expect("start is called once");
         let (tx, rx) = mpsc::channel(1);
@@ -270,8 +280,7 @@ async fn receive(
     // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
     // arrives; attached to QEMU only once every disk verified, before QEMU loads anything.
     if !inc.manifest.disks.is_empty() {
-        let config = ctx.config();
-        let vm_cfg = config.vm(vm);
+        let vm_cfg = inc.config.vm(vm);
         let targets = {
             let journal = ctx.journal.lock().expect("journal lock");
             super::disk::plan(&inc.manifest, vm_cfg, &journal)?
@@ -404,7 +413,7 @@ async fn mirrors_in(
     }
     let targets = {
         let journal = ctx.journal.lock().expect("journal lock");
-        super::mirror::plan(&inc.manifest, ctx.config().vm(vm), &journal)?
+        super::mirror::plan(&inc.manifest, inc.config.vm(vm), &journal)?
     };
     files.lock().expect("disk files lock").extend(
         targets
