@@ -153,6 +153,11 @@ pub fn history_entry(
 pub struct Arrivals(Mutex<std::collections::HashSet<String>>);
 
 impl Arrivals {
+    /// Whether `vm` is arriving here now.
+    pub fn contains(&self, vm: &str) -> bool {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner())).contains(vm)
+    }
+
     /// `vm` arrives; it is no longer arriving once the guard drops.
     pub fn arrive(&self, vm: &str) -> Result<Arriving<'_>, AgentError> {
         let mut arriving = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,13 +170,6 @@ impl Arrivals {
             of: self,
             vm: vm.to_string(),
         })
-    }
-}
-
-impl Arrivals {
-    /// Whether `vm` is arriving here now.
-    pub fn contains(&self, vm: &str) -> bool {
-        (self.0.lock().unwrap_or_else(|e| e.into_inner())).contains(vm)
     }
 }
 

@@ -1906,6 +1906,58 @@ async fn qemu_a_start_that_dies_after_settling_leaves_the_discard_to_the_next() 
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
 }
 
+/// SPEC.md §8.8: a destination order that failed (a tampered record) discards its QEMU and
+/// journals that it did, so a later restart of the destination agent leaves alone the fresh
+/// QEMU an operator started for the next order (a restart discards a QEMU for a rolled-back
+/// order only while the journal says the order still has one); that next order moves the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_restart_leaves_a_fresh_destination_qemu_alone() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=32 rate=16 check=10".into(),
+        mem_mib: MEM_MIB,
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let proxy = Proxy::start(addr.clone(), Fault::FlipBit(6))
+        .await
+        .expect("proxy");
+    let (r, _) = migrate(&mut s, &proxy.addr.clone(), 300).await;
+    assert_rolled_back(&mut s, &r, "tampered").await;
+    assert_dst_quits(&mut s, Duration::from_secs(20), "failed destination kept").await;
+    let journal =
+        std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl")).expect("journal");
+    assert!(
+        journal.contains("its QEMU was discarded"),
+        "{journal}\n{}",
+        s.logs()
+    );
+    // The operator starts a fresh destination QEMU; the destination agent restarts.
+    let dir = s.pair.dir().to_path_buf();
+    let old = std::mem::replace(
+        &mut s.dst,
+        QemuVm::start(&dir, "dst-next", &build_guest(&dir), &opts, true),
+    );
+    drop(old);
+    std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
+    s.dst.qmp = dir.join("dst.qmp");
+    s.pair.stop(1);
+    s.pair.start(1).expect("destination agent restarts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.dst.status().await.as_deref(),
+        Ok("inmigrate"),
+        "{}",
+        s.logs()
+    );
+    let (again, _) = migrate(&mut s, &addr, 300).await;
+    let summary = again.unwrap_or_else(|e| panic!("the next migration: {e}\n{}", s.logs()));
+    assert_moved(&mut s, &summary).await;
+}
+
 /// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the
 /// `<name>.qemu.log`); returns the HMP reply (empty on success).
 async fn hmp_qemu_io(vm: &QemuVm, dev: &str, cmd: &str) -> String {

@@ -48,8 +48,8 @@ pub struct Entry {
     pub peer: Option<AgentId>,
     /// Source role: the VM is paused as the journal last read it (at the claim, then at the
     /// switch-over if that differed), and stays paused when given back. Destination role: the
-    /// VM's hypervisor was handed to the order (a restart that finds it interrupted discards
-    /// that hypervisor's state, and no other).
+    /// VM's hypervisor was handed to the order and not yet found gone (a restart that finds
+    /// the order rolled back discards that hypervisor's state, and no other).
     pub flag: bool,
 }
 

@@ -327,6 +327,21 @@ pub fn handle_line(line: &[u8], context: &str) -> Result<(), QmpError> {
     Ok(())
 }
 
+impl QmpError {
+    /// Whether this says QEMU is gone: it closed the connection (it exited, `quit` ran), or
+    /// nothing listens on its socket any more (the file gone, or no process behind it).
+    pub fn qemu_gone(&self) -> bool {
+        match self {
+            Self::Closed { .. } => true,
+            Self::Connect { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Events kept for the caller between its reads of them (`Qmp::queue_event`).
 pub const MAX_QUEUED_EVENTS: usize = 1024;
 
@@ -340,8 +355,9 @@ pub struct Qmp {
     events: VecDeque<Event>,
     /// A line being read (see `read_json_untimed`).
     line: Vec<u8>,
-    /// Work of QEMU's the caller counts (`Qmp::answer_late_while`).
-    progress: Option<Arc<AtomicU64>>,
+    /// Work of QEMU's the caller counts, and the latest a reply may come while it moves
+    /// (`Qmp::answer_late_while`).
+    progress: Option<(Arc<AtomicU64>, tokio::time::Instant)>,
     /// QEMU's version string from the greeting (`7.2.22`).
     pub version: String,
 }
@@ -407,19 +423,20 @@ impl Qmp {
         Ok(q)
     }
 
-    /// Let a command's reply come late while `progress` moves: each time the timeout runs out
-    /// and the counter changed since the wait began (or since the last extension), the wait
-    /// extends by another timeout. QEMU's monitor answers only when it holds QEMU's big lock,
-    /// and a migration's stop-and-copy holds that lock until its last byte is sent; on a slow
-    /// link that takes longer than any fixed timeout, while the caller sees the bytes going
-    /// (spec/qemu.md §4). A counter that stands still for a timeout still times out. `None`
-    /// ends it.
-    pub fn answer_late_while(&mut self, progress: Option<Arc<AtomicU64>>) {
+    /// Let a command's reply come late while a counter moves, but never after `until`: each
+    /// time the timeout runs out and the counter changed since the wait began (or since the
+    /// last extension), the wait extends by another timeout. QEMU's monitor answers only when
+    /// it holds QEMU's big lock, and a migration's stop-and-copy holds that lock until its last
+    /// byte is sent; on a slow link that takes longer than any fixed timeout, while the caller
+    /// sees the bytes going (spec/qemu.md §4). So a command times out one to two timeouts
+    /// after the counter stopped, or at `until`. `None` ends it.
+    pub fn answer_late_while(&mut self, progress: Option<(Arc<AtomicU64>, tokio::time::Instant)>) {
         self.progress = progress;
     }
 
-    fn progress(&self) -> Option<u64> {
-        self.progress.as_ref().map(|p| p.load(Ordering::Relaxed))
+    /// The counter's value now, if one is watched.
+    fn counted(&self) -> Option<u64> {
+        (self.progress.as_ref()).map(|(p, _)| p.load(Ordering::Relaxed))
     }
 
     /// The socket path.
@@ -517,7 +534,7 @@ impl Qmp {
     /// counted progress does, `answer_late_while`).
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let mut deadline = tokio::time::Instant::now() + self.timeout;
-        let mut progress = self.progress();
+        let mut counted = self.counted();
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -537,10 +554,11 @@ impl Qmp {
         loop {
             let Ok(v) = tokio::time::timeout_at(deadline, self.read_json_untimed(command)).await
             else {
-                let now = self.progress();
-                if now.is_some() && now != progress {
-                    progress = now;
-                    deadline += self.timeout;
+                let now = self.counted();
+                let until = self.progress.as_ref().map(|(_, u)| *u);
+                if now.is_some() && now != counted && until.is_some_and(|u| deadline < u) {
+                    counted = now;
+                    deadline = (deadline + self.timeout).min(until.unwrap_or(deadline));
                     continue;
                 }
                 return Err(self.timed_out(command));
@@ -849,13 +867,7 @@ mod tests {
             })
             .await
         };
-        // Moving all along: the reply is read, five timeouts late.
-        let (_d, path) = late(5).await;
-        let mut q = Qmp::connect(&path, timeout).await.expect("connect");
-        let moved = Arc::new(AtomicU64::new(0));
-        q.answer_late_while(Some(moved.clone()));
-        let ticker = {
-            let moved = moved.clone();
+        let ticking = |moved: Arc<AtomicU64>| {
             tokio::spawn(async move {
                 loop {
                     moved.fetch_add(1, Ordering::Relaxed);
@@ -863,21 +875,42 @@ mod tests {
                 }
             })
         };
+        let far = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Moving all along: the reply is read, five timeouts late.
+        let (_d, path) = late(5).await;
+        let mut q = Qmp::connect(&path, timeout).await.expect("connect");
+        let moved = Arc::new(AtomicU64::new(0));
+        q.answer_late_while(Some((moved.clone(), far)));
+        let ticker = ticking(moved.clone());
         let st = q
             .query_status()
             .await
             .expect("a late reply while bytes move");
         assert_eq!(st.status, "postmigrate");
-        // Moving for a while, then standing still: one timeout after it stopped.
+        ticker.abort();
+        // Moving during the command, then standing still: it times out before the reply.
         let (_d2, path) = late(10).await;
         let mut q = Qmp::connect(&path, timeout).await.expect("connect");
-        q.answer_late_while(Some(moved.clone()));
-        tokio::time::sleep(timeout * 2).await;
-        ticker.abort();
-        let e = q.query_status().await.expect_err("the counter stood still");
+        q.answer_late_while(Some((moved.clone(), far)));
+        let ticker = ticking(moved.clone());
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(timeout * 2).await;
+            ticker.abort();
+        });
+        let e = q.query_status().await.expect_err("the counter stopped");
         assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        stopper.await.expect("stopper");
+        // Moving all along, but past the cap: it times out there.
+        let (_d3, path) = late(10).await;
+        let mut q = Qmp::connect(&path, timeout).await.expect("connect");
+        let cap = tokio::time::Instant::now() + timeout * 3;
+        q.answer_late_while(Some((moved.clone(), cap)));
+        let ticker = ticking(moved.clone());
+        let e = q.query_status().await.expect_err("past the cap");
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        ticker.abort();
         // No counter: the plain timeout.
-        let (_d3, path) = late(5).await;
+        let (_d4, path) = late(5).await;
         let mut q = Qmp::connect(&path, timeout).await.expect("connect");
         let e = q.query_status().await.expect_err("no counter");
         assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");

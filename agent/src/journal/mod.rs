@@ -566,6 +566,22 @@ impl Journal {
         })
     }
 
+    /// The QEMU handed to a destination order is gone (quit, or found holding nothing of it):
+    /// the order's records say `fed` no more, so no later restart discards a QEMU for it (a
+    /// fresh one an operator started for the next order, say).
+    pub fn mark_discarded(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+        let prev = self.latest_of(order_id)?;
+        if !prev.fed {
+            return Ok(());
+        }
+        self.append(Record {
+            fed: false,
+            at: crate::unix_now(),
+            note: "its QEMU was discarded".into(),
+            ..prev
+        })
+    }
+
     /// Audit an order this agent refused before claiming it (nothing else records it).
     /// Whether the entry was written: a failure is logged here, and a caller that counts what
     /// it did not audit keeps this one in the count.

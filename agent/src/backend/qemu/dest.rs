@@ -36,6 +36,8 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 /// the stream carries, and run (`cont`) only on `Commit`. On failure it is quit.
 pub(crate) struct QemuDest {
     vm: String,
+    /// The order it arrives by.
+    order_id: OrderId,
     /// The configuration as the migration started (a reload meanwhile changes nothing here).
     config: Arc<Config>,
     qmp_path: PathBuf,
@@ -52,6 +54,15 @@ pub(crate) struct QemuDest {
 }
 
 impl QemuDest {
+    /// The QEMU handed to this order is gone: the journal says so, so that no restart
+    /// discards a QEMU for this order again (`Journal::mark_discarded`).
+    fn gone(&self, ctx: &Ctx) {
+        let marked = (ctx.journal.lock().expect("journal lock")).mark_discarded(&self.order_id);
+        if let Err(e) = marked {
+            warn!(vm = %self.vm, "the journal could not say the QEMU is gone: {e}");
+        }
+    }
+
     /// Find the VM's QEMU waiting for a migration (`inmigrate`) and hand it to this order
     /// (journalled, for reconciliation after a restart). Anything else is refused and that
     /// QEMU left alone: it is not the incoming VM.
@@ -79,13 +90,15 @@ impl QemuDest {
         // changes nothing.
         qmp.stop().await?;
         // From here this QEMU is this migration's, to discard on failure; a restart that
-        // finds the order interrupted discards it too, and only a QEMU handed over so.
+        // finds the order rolled back discards it too (until the journal says it is gone),
+        // and only a QEMU handed over so.
         ctx.journal
             .lock()
             .expect("journal lock")
             .mark_fed(est.order.id())?;
         let me = Self {
             vm: vm.to_string(),
+            order_id: *est.order.id(),
             config,
             qmp_path,
             qmp: Some(qmp),
@@ -242,12 +255,23 @@ impl DestVm for QemuDest {
         let vm = &self.vm;
         match qmp {
             Ok(mut q) => match q.quit_and_wait(ctx.step_timeout()).await {
-                Ok(()) => warn!(
-                    vm,
-                    "destination QEMU discarded (quit); it was never resumed"
-                ),
+                Ok(()) => {
+                    warn!(
+                        vm,
+                        "destination QEMU discarded (quit); it was never resumed"
+                    );
+                    self.gone(ctx);
+                }
                 Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
             },
+            // QEMU 7.2 exits by itself when a load fails.
+            Err(e) if e.qemu_gone() => {
+                warn!(
+                    vm,
+                    "destination QEMU gone (it exited); it was never resumed"
+                );
+                self.gone(ctx);
+            }
             Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
         }
         super::disk::discard(&self.disk_files.lock().expect("disk files lock"));

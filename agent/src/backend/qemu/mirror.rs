@@ -554,11 +554,14 @@ impl Mirrors {
     }
 
     /// Remove what an earlier order's mirrors of these disks left in QEMU: a source agent
-    /// killed mid-mirror leaves its failed job (`auto-dismiss` is off) and its NBD client
-    /// node, and a tear-down QEMU did not answer leaves them too. Their names are per disk, so
-    /// this order's `blockdev-add` would fail on them ("Duplicate nodes"), every order after
-    /// it too, until someone removed them by hand. The claim is this order's, so no other
-    /// order of the VM can own them. An error names what could not be removed.
+    /// killed mid-mirror leaves its job (`auto-dismiss` is off), its filter node and its NBD
+    /// client node, and a tear-down QEMU did not answer leaves them too. Their names are per
+    /// disk, so this order's `blockdev-add` would fail on them ("Duplicate nodes"), every order
+    /// after it too, until someone removed them by hand. No other order of the VM can own
+    /// them: this one holds the VM's claim, and an order that ended before it (journalled
+    /// rolled back, its give-back still tearing its mirrors down) held QEMU's one QMP
+    /// connection until its tear-down ended, so this order's QMP session began after it. An
+    /// error names what could not be removed.
     async fn clear_leftovers(&mut self, qmp: &mut Qmp) -> Result<(), AgentError> {
         let left = self.left_in_qemu(qmp).await?;
         if left.is_empty() {

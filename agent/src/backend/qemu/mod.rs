@@ -135,16 +135,31 @@ impl Drop for SocketFile {
 }
 
 /// At start, with the home locked to this agent and no migration under way: the socket files
-/// an agent killed mid-migration left (nothing else listens on them).
+/// an agent killed mid-migration left (nothing else listens on them). Only names
+/// `socket_path` makes: an operator may keep other sockets there (a QMP socket, say).
 pub(crate) fn clear_sockets(home: &crate::home::Home) {
     let Ok(entries) = std::fs::read_dir(sockets_of(home)) else {
         return;
     };
     for e in entries.flatten() {
-        if e.path().extension().is_some_and(|x| x == "sock") {
+        if e.file_name().to_str().is_some_and(made_by_socket_path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// Whether `name` is one `socket_path` makes: `<role>-<16 hex digits>.sock`, the role `out`,
+/// `in`, `nbd` or `nbd<i>`.
+fn made_by_socket_path(name: &str) -> bool {
+    let Some((role, rest)) = name.split_once('-') else {
+        return false;
+    };
+    let role_ok = matches!(role, "out" | "in")
+        || role
+            .strip_prefix("nbd")
+            .is_some_and(|i| i.bytes().all(|b| b.is_ascii_digit()));
+    let id = rest.strip_suffix(".sock").unwrap_or_default();
+    role_ok && id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -170,18 +185,36 @@ mod tests {
         assert!(!path.exists(), "{} left", path.display());
     }
 
-    /// At start, the socket files a killed agent left go; nothing else in the directory does.
+    /// At start, the socket files a killed agent left go; nothing else in the directory does
+    /// (an operator's QMP socket kept there, say).
     #[test]
     fn a_start_clears_the_sockets_a_killed_agent_left() {
         let tmp = tempfile::tempdir().expect("tmp");
         let home = crate::home::Home::at(tmp.path());
         let dir = sockets_of(&home);
         std::fs::create_dir_all(&dir).expect("dir");
-        let left = dir.join("nbd0-0101010101010101.sock");
-        let kept = dir.join("notes.txt");
-        std::fs::write(&left, b"").expect("sock");
-        std::fs::write(&kept, b"").expect("other");
+        let left: Vec<_> = [
+            "nbd0-0101010101010101.sock",
+            "out-abcdef0123456789.sock",
+            "nbd-0123456789abcdef.sock",
+        ]
+        .iter()
+        .map(|n| dir.join(n))
+        .collect();
+        let kept: Vec<_> = [
+            "notes.txt",
+            "vm.qmp.sock",
+            "in-01.sock",
+            "nbdx-0101010101010101.sock",
+        ]
+        .iter()
+        .map(|n| dir.join(n))
+        .collect();
+        for f in left.iter().chain(&kept) {
+            std::fs::write(f, b"").expect("file");
+        }
         clear_sockets(&home);
-        assert!(!left.exists() && kept.exists());
+        assert!(left.iter().all(|f| !f.exists()), "{left:?}");
+        assert!(kept.iter().all(|f| f.exists()), "{kept:?}");
     }
 }

@@ -23,13 +23,21 @@ fn stopped_by_migration(st: &StatusInfo, m: &MigrationInfo) -> bool {
     super::stopped_by_migration(&st.status) || (!st.running && m.in_progress())
 }
 
-/// Whether a destination QEMU holds an incoming migration and never ran it: fed (loading, or
-/// stopped after loading, paused by `-S`), never one that sent a VM away. A QEMU waiting in
-/// `inmigrate` that was never fed (no migration) is not: an order's discard, which a restart
-/// repeats for as long as that order is the VM's last, must not quit a fresh QEMU the operator
-/// started for the next one.
+/// Whether a destination QEMU holds (or waits for) an incoming migration and never ran it:
+/// waiting (`inmigrate`: it may hold the order's disks and NBD server before it was fed), or
+/// stopped after loading (paused by `-S`), never one that sent a VM away. Once discarded, the
+/// order says so (`Journal::mark_discarded`), so a later restart quits no fresh QEMU for it.
 fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
-    !st.running && st.status != "postmigrate" && m.status() != MigrationStatus::None
+    st.status == "inmigrate"
+        || (!st.running && st.status != "postmigrate" && m.status() != MigrationStatus::None)
+}
+
+/// Whether `order` is still `vm`'s most recent order here and nothing arrives meanwhile: the
+/// action was decided at start, and a reconciliation waits for QEMU for up to a minute. Asked
+/// while this holds QEMU's one QMP connection, which an arrival needs too.
+fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> bool {
+    let journal = ctx.journal.lock().expect("journal lock");
+    journal.last_order_of(vm).map(|r| r.order_id.as_str()) == order && !ctx.arriving.contains(vm)
 }
 
 /// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
@@ -38,7 +46,7 @@ pub(crate) async fn reconcile(
     ctx: &Arc<Ctx>,
     vm: &str,
     qmp_path: &Path,
-    (action, paused): (Action, bool),
+    (action, paused, order): (Action, bool, Option<&str>),
 ) -> String {
     if action == Action::Nothing {
         return "nothing to do".into();
@@ -52,6 +60,10 @@ pub(crate) async fn reconcile(
             Err(e) if tries < CONNECT_TRIES && super::giveback::refusal_clears(&e) => {
                 tries += 1;
                 tokio::time::sleep(pauses.next_pause()).await;
+            }
+            // What was to be discarded is gone already (QEMU 7.2 exits when a load fails).
+            Err(e) if action == Action::Discard && e.qemu_gone() => {
+                return "the destination QEMU left from a migration that never committed here is gone: nothing to discard".into()
             }
             Err(e) => {
                 return format!(
@@ -71,13 +83,16 @@ pub(crate) async fn reconcile(
             return format!("QEMU did not answer ({e}): reconcile it with its journal by hand")
         }
     };
+    if !still_the_vms(ctx, vm, order) {
+        return "a newer order took the VM since the restart: nothing to do".into();
+    }
     match action {
         Action::GiveBack { paused_before } if stopped_by_migration(&st, &m) => {
             give_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await
         }
         Action::Discard if holds_incoming(&st, &m) => match qmp.quit_and_wait(ctx.step_timeout()).await {
-            Ok(()) => "the destination QEMU left from the interrupted migration was discarded (quit); it never ran here".into(),
-            Err(e) => format!("the destination QEMU left from the interrupted migration could not be discarded ({e}): quit it by hand, never `cont` it"),
+            Ok(()) => "the destination QEMU left from a migration that never committed here was discarded (quit); it never ran here".into(),
+            Err(e) => format!("the destination QEMU left from a migration that never committed here could not be discarded ({e}): quit it by hand, never `cont` it"),
         },
         Action::Resume if paused && !st.running && m.status() == MigrationStatus::Completed => {
             "committed here before the restart: the VM is this host's, handed over paused as it was at its source".into()
@@ -122,7 +137,7 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let (vm, action) = (r.vm.as_str(), r.action);
-            let what = reconcile(&ctx, vm, &r.qmp, (action, r.paused)).await;
+            let what = reconcile(&ctx, vm, &r.qmp, (action, r.paused, r.order.as_deref())).await;
             if what.contains("by hand") || what.contains("not yet running") {
                 warn!(vm, ?action, "after restart: {what}");
                 return;
@@ -132,15 +147,22 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
                 .order
                 .as_deref()
                 .and_then(|o| ::hex::decode(o).ok()?.try_into().ok());
-            if let (Action::Resume, Some(id)) = (action, order) {
-                let done = ctx
-                    .journal
-                    .lock()
-                    .expect("journal lock")
-                    .resumed_after_restart(&id);
-                if let Err(e) = done {
-                    warn!(vm, "the VM runs, but DONE could not be journalled: {e}");
+            let mut journal = ctx.journal.lock().expect("journal lock");
+            match (action, order) {
+                (Action::Resume, Some(id)) => {
+                    if let Err(e) = journal.resumed_after_restart(&id) {
+                        warn!(vm, "the VM runs, but DONE could not be journalled: {e}");
+                    }
                 }
+                (Action::Discard, Some(id)) => {
+                    if let Err(e) = journal.mark_discarded(&id) {
+                        warn!(
+                            vm,
+                            "its QEMU is gone, but the journal could not say so: {e}"
+                        );
+                    }
+                }
+                _ => {}
             }
         });
     }

@@ -280,7 +280,8 @@ async fn transfer(
     let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
     // QEMU answers no QMP command during its stop-and-copy (it holds its big lock until the
     // last byte is sent): a look at QEMU waits as long as the stream moves (spec/qemu.md §4).
-    vm.qmp.answer_late_while(Some(pumps.2.clone()));
+    let cap = tokio::time::Instant::from_std(vm.started + LONGEST);
+    vm.qmp.answer_late_while(Some((pumps.2.clone(), cap)));
     let done = follow(
         &mut vm.qmp,
         link,
@@ -426,7 +427,7 @@ async fn mirrors_ready(
             msg = link.chan.next() => link.peer_message(msg)?,
             r = qmp.next_event(POLL) => { r?; }
         }
-        if started.elapsed() > Duration::from_secs(3600) {
+        if started.elapsed() > LONGEST {
             return Err(AgentError::Timeout(
                 "the disk mirrors were not ready within an hour".into(),
             ));
@@ -488,6 +489,9 @@ impl Switch {
         }
     }
 }
+
+/// The longest a QEMU migration may take here, from the order's start (then it fails).
+const LONGEST: Duration = Duration::from_secs(3600);
 
 /// How long a look that finds the order's rounds run out waits for QEMU's own decision at the
 /// sync that ended them: right after each sync QEMU stops the guest if what is left fits its
@@ -725,7 +729,7 @@ async fn follow(
             // streams of their own) was no silence of the destination's.
             silence.heard();
         }
-        if started.elapsed() > Duration::from_secs(3600) {
+        if started.elapsed() > LONGEST {
             return Err(AgentError::Timeout(
                 "QEMU migration did not finish within an hour".into(),
             ));
