@@ -239,7 +239,7 @@ pub(crate) async fn cont_until_running(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -247,7 +247,7 @@ mod tests {
     use tokio::net::UnixListener;
 
     /// QEMU 7.2's QMP greeting.
-    const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
+    pub(crate) const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
 
     const FAST: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
 

@@ -16,7 +16,7 @@
 //! bound into the final digest with QEMU's stream (`trustmig_protocol::hvstream::final_digest`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,11 +121,12 @@ async fn relay(
     sealer: Sealer,
     opener: Opener,
     (out, back, stall): (&'static str, &'static str, Duration),
-    received: Arc<AtomicU64>,
+    (received, sent): (Arc<AtomicU64>, Arc<AtomicU64>),
 ) -> Result<(Sent, Received), AgentError> {
     let (q_rd, q_wr) = qemu.into_split();
     let (d_rd, d_wr) = data.split();
     let d_rd = Counted::new(d_rd, received);
+    let d_wr = Counted::new(d_wr, sent);
     let sealing = async {
         seal_pump(q_rd, d_wr, sealer, (out, Carried::Nbd), stall)
             .await
@@ -194,6 +195,9 @@ pub(crate) struct Mirrors {
     results: Relays,
     /// NBD client nodes and jobs exist in QEMU (to remove on failure).
     started: bool,
+    /// Bytes the relays moved on the NBD streams, both ways (shared with the data stream's
+    /// count: the source's watch for silence, and QMP's late replies, see them).
+    moved: Arc<AtomicU64>,
 }
 
 impl Mirrors {
@@ -307,7 +311,7 @@ async fn source_relay(
     (listener, sock): (UnixListener, super::SocketFile),
     data: &mut TcpStream,
     (sealer, opener): (Sealer, Opener),
-    timeout: Duration,
+    (timeout, moved): (Duration, Arc<AtomicU64>),
 ) -> Result<Relayed, AgentError> {
     let accepted = tokio::time::timeout(timeout, listener.accept()).await;
     let path = sock.path().to_path_buf();
@@ -330,7 +334,7 @@ async fn source_relay(
             "NBD from the destination",
             timeout,
         ),
-        Arc::default(),
+        (moved.clone(), moved),
     )
     .await
     .map_err(|e| match e {
@@ -355,7 +359,7 @@ pub(crate) async fn start(
     disks: &[SourceMirror],
     streams: Vec<(TcpStream, Sealer, Opener)>,
     (dir, order_id): (&Path, &OrderId),
-    timeout: Duration,
+    (timeout, moved): (Duration, Arc<AtomicU64>),
     tasks: &mut Tasks,
 ) -> Result<Mirrors, AgentError> {
     let (tx, results) = Relays::new(disks.iter().map(|d| d.name.clone()).collect());
@@ -363,6 +367,7 @@ pub(crate) async fn start(
         disks: disks.to_vec(),
         results,
         started: false,
+        moved,
     };
     m.clear_leftovers(qmp).await?;
     // Whatever started before a failure (an NBD client, a job) is stopped here: the caller
@@ -388,10 +393,11 @@ async fn connect_all(
         let sock = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
         let path = sock.path().to_path_buf();
         let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
-        let tx = tx.clone();
+        let (tx, moved) = (tx.clone(), m.moved.clone());
         tasks.spawn(async move {
             let mut data = data;
-            let r = source_relay(i, (listener, sock), &mut data, (sealer, opener), timeout).await;
+            let keys = (sealer, opener);
+            let r = source_relay(i, (listener, sock), &mut data, keys, (timeout, moved)).await;
             let _ = tx.send((i, r)).await;
             drop(data); // after the report (see `relay`)
         });
@@ -431,7 +437,7 @@ async fn connect_all(
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct JobInfo {
     id: String,
     status: String,
@@ -516,13 +522,16 @@ impl Mirrors {
         self.results.collect(timeout).await
     }
 
-    /// Wait until every job is concluded (or gone), waking on QEMU's job events.
+    /// Wait until every job is concluded (or gone), waking on QEMU's job events; for
+    /// `timeout`, or longer while the relays move bytes (a mirror completing copies what the
+    /// guest dirtied since it was ready, which on a slow link takes as long as it takes).
     async fn wait_concluded(
         &self,
         qmp: &mut Qmp,
         timeout: Duration,
     ) -> Result<Vec<JobInfo>, AgentError> {
-        let until = tokio::time::Instant::now() + timeout;
+        let mut until = tokio::time::Instant::now() + timeout;
+        let mut moved = self.moved.load(Ordering::Relaxed);
         loop {
             let jobs = query_jobs(qmp).await?;
             let open = self.disks.iter().any(|d| {
@@ -532,8 +541,16 @@ impl Mirrors {
             if !open {
                 return Ok(jobs);
             }
-            if tokio::time::Instant::now() > until {
-                return Err(AgentError::Timeout("a mirror job did not complete".into()));
+            let now = tokio::time::Instant::now();
+            if now > until {
+                let m = self.moved.load(Ordering::Relaxed);
+                if m == moved {
+                    return Err(AgentError::Timeout(format!(
+                        "a mirror job did not complete, nothing moved for {} s",
+                        timeout.as_secs_f32()
+                    )));
+                }
+                (moved, until) = (m, now + timeout);
             }
             qmp.next_event(Duration::from_millis(5)).await?;
         }
@@ -919,7 +936,7 @@ pub(crate) fn relay_all(
                     sealer,
                     opener,
                     ("NBD to the source", "NBD from the source", stall),
-                    received,
+                    (received, Arc::default()),
                 )
                 .await
                 .map(|(sent, got)| {
@@ -1069,6 +1086,99 @@ pub(crate) mod tests {
         .expect("the leftover does not block the next attempt");
         assert!(!dir.join("d0.raw").exists() && !dir.join("d0.raw.trustmig-order").exists());
         assert_eq!(t[0].path, dir.join("d0.raw"));
+    }
+
+    /// A fake QEMU whose mirror job `trustmig-mirror-d0` stays `running` for `busy`, then
+    /// `concluded`.
+    fn fake_qemu(busy: Duration) -> (tempfile::TempDir, PathBuf) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let Ok((s, _)) = l.accept().await else { return };
+            let started = tokio::time::Instant::now();
+            let (rd, mut wr) = s.into_split();
+            let _ = wr
+                .write_all(crate::backend::qemu::giveback::tests::GREETING)
+                .await;
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let req: serde_json::Value = serde_json::from_str(&line).expect("json");
+                let status = if started.elapsed() < busy {
+                    "running"
+                } else {
+                    "concluded"
+                };
+                let jobs = json!([{"id": "trustmig-mirror-d0", "type": "mirror", "status": status,
+                    "current-progress": 0, "total-progress": 1}]);
+                let v = if req["execute"] == "query-jobs" {
+                    jobs
+                } else {
+                    json!({})
+                };
+                let reply = json!({"return": v, "id": req["id"]}).to_string() + "\n";
+                let _ = wr.write_all(reply.as_bytes()).await;
+            }
+        });
+        (dir, path)
+    }
+
+    fn mirrors(moved: Arc<AtomicU64>) -> Mirrors {
+        let disk = SourceMirror {
+            name: "d0".into(),
+            node: "d0".into(),
+            format: DiskFormat::Raw,
+            virtual_size: 1 << 20,
+            mode: MirrorMode::Background,
+            path: PathBuf::from("/nonexistent"),
+            verify_full: false,
+        };
+        let (_tx, results) = Relays::new(vec!["d0".into()]);
+        Mirrors {
+            disks: vec![disk],
+            results,
+            started: true,
+            moved,
+        }
+    }
+
+    /// A mirror completing at the switch-over copies what the guest dirtied since it was
+    /// ready: while its relay moves bytes, the wait for the job goes on past the timeout
+    /// (before, a backlog longer than a step timeout on a slow link rolled the migration back);
+    /// with nothing moving it ends after the timeout, named.
+    #[tokio::test]
+    async fn a_mirror_completing_is_waited_for_while_its_bytes_move() {
+        let timeout = Duration::from_millis(200);
+        let moved = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let moved = moved.clone();
+            tokio::spawn(async move {
+                loop {
+                    moved.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let (_d, path) = fake_qemu(timeout * 4);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let jobs = mirrors(moved.clone())
+            .wait_concluded(&mut q, timeout)
+            .await
+            .expect("concluded while bytes moved");
+        assert_eq!(jobs[0].status, "concluded");
+        ticker.abort();
+        let (_d, path) = fake_qemu(timeout * 4);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let e = mirrors(moved)
+            .wait_concluded(&mut q, timeout)
+            .await
+            .expect_err("nothing moved");
+        assert!(e.to_string().contains("did not complete"), "{e}");
     }
 
     #[tokio::test]

@@ -247,6 +247,9 @@ async fn transfer(
     // Copied disks first (spec/qemu.md §5): the destination attaches them, once verified,
     // before it lets its QEMU load anything. A failure here leaves the source VM untouched.
     let disk_wire = send_copied_disks(&mut data, &mut sealer, link.est, &vm.disks).await?;
+    // Bytes moved on every stream of this migration, both ways: the watch for silence during
+    // the switch-over and QMP's late replies count them.
+    let moved = Arc::new(AtomicU64::new(0));
     if !vm.mirror_disks.is_empty() {
         let dir = socket_dir(ctx)?;
         let started = super::mirror::start(
@@ -254,7 +257,7 @@ async fn transfer(
             &vm.mirror_disks,
             nbd,
             (&dir, link.order.id()),
-            ctx.step_timeout(),
+            (ctx.step_timeout(), moved.clone()),
             &mut vm.pumps,
         )
         .await?;
@@ -273,13 +276,13 @@ async fn transfer(
     let pumps = spawn_pumps(
         &mut vm.pumps,
         qemu_sock,
-        (data, ctx.step_timeout()),
+        (data, ctx.step_timeout(), moved),
         sealer,
         opener,
     );
     let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
     // QEMU answers no QMP command during its stop-and-copy (it holds its big lock until the
-    // last byte is sent): a look at QEMU waits as long as the stream moves (spec/qemu.md §4).
+    // last byte is sent): a look at QEMU waits as long as the streams move (spec/qemu.md §4).
     let cap = tokio::time::Instant::from_std(vm.started + LONGEST);
     vm.qmp.answer_late_while(Some((pumps.2.clone(), cap)));
     let done = follow(
@@ -327,13 +330,12 @@ async fn send_copied_disks(
 fn spawn_pumps(
     tasks: &mut Tasks,
     qemu: UnixStream,
-    (data, stall): (TcpStream, Duration),
+    (data, stall, moved): (TcpStream, Duration, Arc<AtomicU64>),
     sealer: Sealer,
     opener: Opener,
 ) -> Pumps {
     let (qemu_rd, qemu_wr) = qemu.into_split();
     let (data_rd, data_wr) = data.into_split();
-    let moved = Arc::new(AtomicU64::new(0));
     let data_rd = Counted::new(data_rd, moved.clone());
     let data_wr = Counted::new(data_wr, moved.clone());
     let (fwd_tx, fwd_rx) = mpsc::channel(1);
@@ -761,7 +763,7 @@ async fn follow(
 }
 
 /// The two pumps' results (QEMU's stream sealed to its end, the return path opened to its
-/// end), and the bytes both moved on the data stream so far.
+/// end), and the bytes moved on every stream of the migration so far (both ways).
 type Pumps = (
     mpsc::Receiver<Result<Sent, String>>,
     mpsc::Receiver<Result<Received, AgentError>>,
@@ -773,7 +775,8 @@ type Pumps = (
 /// without a reset (a host down, a partition) would otherwise keep the guest stopped until
 /// `follow`'s hour-long cap.
 struct Silence {
-    /// Bytes moved on the data stream, both ways (the pumps count them).
+    /// Bytes moved on every stream of the migration, both ways (the pumps and relays count
+    /// them).
     bytes: Arc<AtomicU64>,
     /// The count when something last moved, and when.
     last: (u64, tokio::time::Instant),
@@ -802,7 +805,7 @@ impl Silence {
             self.heard();
         } else if self.last.1.elapsed() > self.limit {
             return Err(AgentError::Timeout(format!(
-                "nothing moved on the data stream for {} s with the guest stopped for the switch-over: the destination stopped answering",
+                "nothing moved on the data streams for {} s with the guest stopped for the switch-over: the destination stopped answering",
                 self.limit.as_secs()
             )));
         }
