@@ -408,10 +408,10 @@ impl Side {
                 self.write(out, state);
             }
         }
-        let paused_before = self.entry.is_some_and(|e| e.flag);
         match after {
             AfterFailure::RollBack => {
-                self.then(out, Output::Vm(VmAction::GiveBack { paused_before }))
+                let back = r.give_back(self.entry.as_ref());
+                self.then(out, Output::Vm(back))
             }
             AfterFailure::AskDestination => {
                 self.asking = true;

@@ -168,6 +168,8 @@ pub enum Mutation {
     ForgetAtRestart,
     /// A restart leaves what arrived for an order that never committed here.
     KeepArrivedAtRestart,
+    /// A give-back runs the VM even when it was paused before its migration.
+    RunWhatWasPaused,
 }
 
 /// The rules. `Rules::default()` is the only kind a normal build makes.
@@ -239,6 +241,15 @@ impl Rules {
         }
     }
 
+    /// The source's VM given back after the order's `latest` record: as it was before the
+    /// migration, so paused if that record says so (the claim's reading, or the switch-over's).
+    pub fn give_back(&self, latest: Option<&Entry>) -> VmAction {
+        VmAction::GiveBack {
+            paused_before: latest.is_some_and(|e| e.flag)
+                && !self.broken(Mutation::RunWhatWasPaused),
+        }
+    }
+
     /// A settlement query went unanswered (destination unreachable, ...).
     pub fn unanswered(&self) -> VmAction {
         if self.broken(Mutation::ResumeOnUnanswered) {
@@ -263,9 +274,7 @@ impl Rules {
             Some(e) => return Err(Refusal::NotInDoubt(e.state)),
             None => return Err(Refusal::Unknown),
         };
-        let back = VmAction::GiveBack {
-            paused_before: e.flag,
-        };
+        let back = self.give_back(Some(e));
         Ok(Some(match how {
             Settle::Answer { committed: true } => (State::Done, VmAction::Forget),
             Settle::Answer { committed: false } | Settle::OperatorResumeHere => {
@@ -366,9 +375,7 @@ impl Rules {
         match (e.role, e.state) {
             // Rolled back before COMMIT, or settled "not committed": in either case the
             // destination never committed, and never will.
-            (Role::Source, State::RolledBack) => VmAction::GiveBack {
-                paused_before: e.flag,
-            },
+            (Role::Source, State::RolledBack) => self.give_back(Some(e)),
             // Never committed here: what arrived never runs. Only a hypervisor handed to this
             // order: the claim comes before the check that the VM's hypervisor waits for a
             // migration, and a refused arrival must not touch a VM. The model checker found a

@@ -46,6 +46,9 @@ pub enum Vm {
     Absent,
     /// Running.
     Running,
+    /// Paused by its operator (not by a migration): a live copy, to stay paused until its
+    /// operator runs it.
+    Paused,
     /// Source: stopped at the switch-over, can run again.
     Stopped,
     /// Destination: arrived (loaded), never ran.
@@ -159,6 +162,10 @@ pub struct Ghost {
     pub resumed_unsettled: bool,
     /// The destination answered a settlement query to an agent that did not send the order.
     pub answered_other: bool,
+    /// The source's VM was paused by its operator when the order came.
+    pub paused_before: bool,
+    /// A give-back ran a VM that was paused before its migration.
+    pub ran_paused: bool,
 }
 
 /// The system.
@@ -264,8 +271,10 @@ impl Migration {
         }
         let a = &mut s.agents[i];
         let outs = match m {
-            Msg::Order if a.vm == Vm::Running && a.session().is_none() => {
-                a.side.claim(Some(DESTINATION), false).unwrap_or_default()
+            // The claim records whether the VM is paused (the agent reads it from QEMU).
+            Msg::Order if matches!(a.vm, Vm::Running | Vm::Paused) && a.session().is_none() => {
+                let paused = a.vm == Vm::Paused;
+                a.side.claim(Some(DESTINATION), paused).unwrap_or_default()
             }
             // The handshake claims the order at the destination, for its hypervisor (`flag`).
             Msg::Begin if a.session().is_none() => {
@@ -428,11 +437,16 @@ impl Migration {
 /// Do what a machine said to its host's VM.
 fn vm_action(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
     match act {
-        VmAction::GiveBack { .. } if a.vm == Vm::Stopped => {
+        VmAction::GiveBack { paused_before } if a.vm == Vm::Stopped => {
             if a.latest().map(|e| e.state) != Some(J::RolledBack) {
                 ghost.resumed_unsettled = true;
             }
-            a.vm = Vm::Running;
+            ghost.ran_paused |= ghost.paused_before && !paused_before;
+            a.vm = if paused_before {
+                Vm::Paused
+            } else {
+                Vm::Running
+            };
         }
         VmAction::Forget | VmAction::Discard => a.vm = Vm::Absent,
         VmAction::Resume if a.vm == Vm::Loaded => a.vm = Vm::Running,
@@ -444,19 +458,26 @@ impl Model for Migration {
     type State = Sys;
     type Action = Action;
 
+    /// The source's VM running, or paused by its operator (the paused hand-over).
     fn init_states(&self) -> Vec<Sys> {
-        vec![Sys {
-            agents: [
-                Agent::new(self.rules, Role::Source, Vm::Running),
-                Agent::new(self.rules, Role::Destination, Vm::Absent),
-            ],
-            net: BTreeSet::from([Msg::Order]),
-            crashes: self.crashes,
-            overrides: 1,
-            intrusions: 1,
-            revocations: 1,
-            ghost: Ghost::default(),
-        }]
+        [Vm::Running, Vm::Paused]
+            .into_iter()
+            .map(|vm| Sys {
+                agents: [
+                    Agent::new(self.rules, Role::Source, vm),
+                    Agent::new(self.rules, Role::Destination, Vm::Absent),
+                ],
+                net: BTreeSet::from([Msg::Order]),
+                crashes: self.crashes,
+                overrides: 1,
+                intrusions: 1,
+                revocations: 1,
+                ghost: Ghost {
+                    paused_before: vm == Vm::Paused,
+                    ..Ghost::default()
+                },
+            })
+            .collect()
     }
 
     fn actions(&self, s: &Sys, out: &mut Vec<Action>) {
@@ -535,7 +556,7 @@ impl Model for Migration {
 
     fn properties(&self) -> Vec<Property<Self>> {
         vec![
-            Property::always("never two running copies", |_, s: &Sys| running(s) <= 1),
+            Property::always("never two live copies", |_, s: &Sys| live(s) <= 1),
             Property::always("the VM is never lost", |_, s: &Sys| {
                 s.agents.iter().any(|a| a.vm != Vm::Absent)
             }),
@@ -559,6 +580,10 @@ impl Model for Migration {
                 "a settlement answer about an order received goes only to its source",
                 |_, s: &Sys| !s.ghost.answered_other,
             ),
+            Property::always(
+                "a VM paused before its migration is never run by a give-back",
+                |_, s: &Sys| !s.ghost.ran_paused,
+            ),
             // Examples the search must reach, or the model proves nothing (SPEC.md §8.9).
             Property::sometimes("the VM moves", |_, s: &Sys| {
                 settled(s) && s.agents[1].vm == Vm::Running && s.agents[0].vm == Vm::Absent
@@ -568,6 +593,14 @@ impl Model for Migration {
                     && s.agents[0].vm == Vm::Running
                     && s.agents[0].latest().map(|e| e.state) == Some(J::RolledBack)
             }),
+            Property::sometimes(
+                "a failed migration of a paused VM gives it back paused",
+                |_, s: &Sys| {
+                    settled(s)
+                        && s.agents[0].vm == Vm::Paused
+                        && s.agents[0].latest().map(|e| e.state) == Some(J::RolledBack)
+                },
+            ),
             Property::sometimes(
                 "an order in doubt is settled by asking: moved",
                 |_, s: &Sys| {
@@ -594,8 +627,8 @@ impl Model for Migration {
                 },
             ),
             Property::always(
-                "once nothing more happens: one running copy, nothing in doubt",
-                |m: &Migration, s: &Sys| !quiescent(m, s) || (running(s) == 1 && settled(s)),
+                "once nothing more happens: one live copy, nothing in doubt",
+                |m: &Migration, s: &Sys| !quiescent(m, s) || (live(s) == 1 && settled(s)),
             ),
             // A copy that arrived and never ran, kept by a destination whose order will never
             // commit, holds the host's memory (and a QEMU) for good: nothing would remove it.
@@ -617,8 +650,11 @@ fn journal_is(a: &Agent, states: &[J]) -> bool {
     a.journal.iter().map(|e| e.state).eq(states.iter().copied())
 }
 
-fn running(s: &Sys) -> usize {
-    s.agents.iter().filter(|a| a.vm == Vm::Running).count()
+/// Copies of the VM that are the VM: running, or paused by its operator.
+fn live(s: &Sys) -> usize {
+    (s.agents.iter())
+        .filter(|a| matches!(a.vm, Vm::Running | Vm::Paused))
+        .count()
 }
 
 fn settled(s: &Sys) -> bool {

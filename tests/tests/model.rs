@@ -158,7 +158,7 @@ fn a_blind_operator_override_can_break_safety() {
     for (_, t) in &found {
         println!("{t}");
     }
-    assert!(names.contains(&"never two running copies"), "{names:?}");
+    assert!(names.contains(&"never two live copies"), "{names:?}");
     assert!(names.contains(&"the VM is never lost"), "{names:?}");
 }
 
@@ -183,7 +183,7 @@ fn caught(mutation: Mutation, property: &str) {
 
 #[test]
 fn mutation_resume_on_an_unanswered_query_is_caught() {
-    caught(Mutation::ResumeOnUnanswered, "never two running copies");
+    caught(Mutation::ResumeOnUnanswered, "never two live copies");
 }
 
 #[test]
@@ -219,6 +219,14 @@ fn mutation_keep_what_arrived_at_restart_is_caught() {
 }
 
 #[test]
+fn mutation_run_what_was_paused_is_caught() {
+    caught(
+        Mutation::RunWhatWasPaused,
+        "a VM paused before its migration is never run by a give-back",
+    );
+}
+
+#[test]
 fn mutation_forget_a_record_at_restart_is_caught() {
-    caught(Mutation::ForgetAtRestart, "never two running copies");
+    caught(Mutation::ForgetAtRestart, "never two live copies");
 }
