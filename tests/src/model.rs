@@ -1,4 +1,5 @@
-//! A model of two agents migrating one VM under one order, for `stateright` to check.
+//! A model of two agents migrating one VM (running, or paused by its operator) under one order,
+//! for `stateright` to check.
 //! spec: SPEC.md §8.9
 //!
 //! Each agent is the agent's own machine, `trustmig_protocol::commit::Side`: it takes every
