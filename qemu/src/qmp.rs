@@ -342,6 +342,53 @@ impl QmpError {
     }
 }
 
+/// Work a caller watches that lets a wait run past its timeout: a counter it sees move (the
+/// bytes a migration moved) and the latest any such wait may end. Each wait takes its own
+/// [`Patience`] ([`Moving::begin`]).
+#[derive(Clone, Debug)]
+pub struct Moving {
+    /// The counter.
+    pub counter: Arc<AtomicU64>,
+    /// No wait extends past this.
+    pub cap: tokio::time::Instant,
+}
+
+impl Moving {
+    /// A wait starting now.
+    pub fn begin(&self) -> Patience {
+        Patience {
+            seen: self.counter.load(Ordering::Relaxed),
+            moving: self.clone(),
+        }
+    }
+}
+
+/// One wait's view of a [`Moving`].
+#[derive(Debug)]
+pub struct Patience {
+    moving: Moving,
+    seen: u64,
+}
+
+impl Patience {
+    /// A deadline ran out at `at`: the next one, `timeout` later but never past the cap, if the
+    /// counter moved since the wait began (or since the last extension); `None` when it stood
+    /// still (or the cap is reached), and the wait ends. So a wait ends one to two timeouts
+    /// after the counter stopped.
+    pub fn extend(
+        &mut self,
+        at: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Option<tokio::time::Instant> {
+        let now = self.moving.counter.load(Ordering::Relaxed);
+        if now == self.seen || at >= self.moving.cap {
+            return None;
+        }
+        self.seen = now;
+        Some((at + timeout).min(self.moving.cap))
+    }
+}
+
 /// Events kept for the caller between its reads of them (`Qmp::queue_event`).
 pub const MAX_QUEUED_EVENTS: usize = 1024;
 
@@ -357,7 +404,7 @@ pub struct Qmp {
     line: Vec<u8>,
     /// Work of QEMU's the caller counts, and the latest a reply may come while it moves
     /// (`Qmp::answer_late_while`).
-    progress: Option<(Arc<AtomicU64>, tokio::time::Instant)>,
+    moving: Option<Moving>,
     /// QEMU's version string from the greeting (`7.2.22`).
     pub version: String,
 }
@@ -400,7 +447,7 @@ impl Qmp {
             next_id: 1,
             events: VecDeque::new(),
             line: Vec::new(),
-            progress: None,
+            moving: None,
             version: String::new(),
         };
         let greeting = q.read_json("greeting").await?;
@@ -423,20 +470,12 @@ impl Qmp {
         Ok(q)
     }
 
-    /// Let a command's reply come late while a counter moves, but never after `until`: each
-    /// time the timeout runs out and the counter changed since the wait began (or since the
-    /// last extension), the wait extends by another timeout. QEMU's monitor answers only when
-    /// it holds QEMU's big lock, and a migration's stop-and-copy holds that lock until its last
-    /// byte is sent; on a slow link that takes longer than any fixed timeout, while the caller
-    /// sees the bytes going (spec/qemu.md §4). So a command times out one to two timeouts
-    /// after the counter stopped, or at `until`. `None` ends it.
-    pub fn answer_late_while(&mut self, progress: Option<(Arc<AtomicU64>, tokio::time::Instant)>) {
-        self.progress = progress;
-    }
-
-    /// The counter's value now, if one is watched.
-    fn counted(&self) -> Option<u64> {
-        (self.progress.as_ref()).map(|(p, _)| p.load(Ordering::Relaxed))
+    /// Let a command's reply come late while `moving` moves ([`Patience::extend`]): QEMU's
+    /// monitor answers only when it holds QEMU's big lock, and a migration's stop-and-copy
+    /// holds that lock until its last byte is sent; on a slow link that takes longer than any
+    /// fixed timeout, while the caller sees the bytes going (spec/qemu.md §4). `None` ends it.
+    pub fn answer_late_while(&mut self, moving: Option<Moving>) {
+        self.moving = moving;
     }
 
     /// The socket path.
@@ -534,7 +573,7 @@ impl Qmp {
     /// counted progress does, `answer_late_while`).
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let mut deadline = tokio::time::Instant::now() + self.timeout;
-        let mut counted = self.counted();
+        let mut patience = self.moving.as_ref().map(Moving::begin);
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -554,14 +593,14 @@ impl Qmp {
         loop {
             let Ok(v) = tokio::time::timeout_at(deadline, self.read_json_untimed(command)).await
             else {
-                let now = self.counted();
-                let until = self.progress.as_ref().map(|(_, u)| *u);
-                if now.is_some() && now != counted && until.is_some_and(|u| deadline < u) {
-                    counted = now;
-                    deadline = (deadline + self.timeout).min(until.unwrap_or(deadline));
-                    continue;
+                match patience
+                    .as_mut()
+                    .and_then(|p| p.extend(deadline, self.timeout))
+                {
+                    Some(later) => deadline = later,
+                    None => return Err(self.timed_out(command)),
                 }
-                return Err(self.timed_out(command));
+                continue;
             };
             match Self::classify(v?, command)? {
                 Line::Event(e) => self.queue_event(e),
@@ -880,7 +919,10 @@ mod tests {
         let (_d, path) = late(5).await;
         let mut q = Qmp::connect(&path, timeout).await.expect("connect");
         let moved = Arc::new(AtomicU64::new(0));
-        q.answer_late_while(Some((moved.clone(), far)));
+        q.answer_late_while(Some(Moving {
+            counter: moved.clone(),
+            cap: far,
+        }));
         let ticker = ticking(moved.clone());
         let st = q
             .query_status()
@@ -891,7 +933,10 @@ mod tests {
         // Moving during the command, then standing still: it times out before the reply.
         let (_d2, path) = late(10).await;
         let mut q = Qmp::connect(&path, timeout).await.expect("connect");
-        q.answer_late_while(Some((moved.clone(), far)));
+        q.answer_late_while(Some(Moving {
+            counter: moved.clone(),
+            cap: far,
+        }));
         let ticker = ticking(moved.clone());
         let stopper = tokio::spawn(async move {
             tokio::time::sleep(timeout * 2).await;
@@ -904,7 +949,10 @@ mod tests {
         let (_d3, path) = late(10).await;
         let mut q = Qmp::connect(&path, timeout).await.expect("connect");
         let cap = tokio::time::Instant::now() + timeout * 3;
-        q.answer_late_while(Some((moved.clone(), cap)));
+        q.answer_late_while(Some(Moving {
+            counter: moved.clone(),
+            cap,
+        }));
         let ticker = ticking(moved.clone());
         let e = q.query_status().await.expect_err("past the cap");
         assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");

@@ -167,6 +167,8 @@ pub struct Ghost {
     pub paused_before: bool,
     /// A give-back ran a VM that was paused before its migration.
     pub ran_paused: bool,
+    /// A give-back left a VM stopped by the switch-over paused, as it was before.
+    pub gave_back_paused: bool,
 }
 
 /// The system.
@@ -438,9 +440,14 @@ impl Migration {
 /// Do what a machine said to its host's VM.
 fn vm_action(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
     match act {
-        VmAction::GiveBack { paused_before } if a.vm == Vm::Stopped => {
-            if a.latest().map(|e| e.state) != Some(J::RolledBack) {
-                ghost.resumed_unsettled = true;
+        // A paused VM given back before the switch-over stopped it: running it (`cont`) is
+        // as wrong as after.
+        VmAction::GiveBack { paused_before } if matches!(a.vm, Vm::Stopped | Vm::Paused) => {
+            if a.vm == Vm::Stopped {
+                if a.latest().map(|e| e.state) != Some(J::RolledBack) {
+                    ghost.resumed_unsettled = true;
+                }
+                ghost.gave_back_paused |= paused_before;
             }
             ghost.ran_paused |= ghost.paused_before && !paused_before;
             a.vm = if paused_before {
@@ -598,6 +605,7 @@ impl Model for Migration {
                 "a failed migration of a paused VM gives it back paused",
                 |_, s: &Sys| {
                     settled(s)
+                        && s.ghost.gave_back_paused
                         && s.agents[0].vm == Vm::Paused
                         && s.agents[0].latest().map(|e| e.state) == Some(J::RolledBack)
                 },

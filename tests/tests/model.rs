@@ -85,8 +85,10 @@ fn check(m: Migration) -> Vec<(&'static str, String)> {
         c.is_done(),
         "the search ended before it covered every state"
     );
+    // The examples must be reached with the agent's rules; a mutation may well make one
+    // unreachable (one that runs what was paused never gives it back paused).
     for e in m.properties() {
-        if e.expectation == Expectation::Sometimes {
+        if e.expectation == Expectation::Sometimes && m.rules == Rules::default() {
             assert!(c.discovery(e.name).is_some(), "never reached: {}", e.name);
         }
     }

@@ -239,15 +239,14 @@ pub(crate) async fn cont_until_running(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixListener;
 
-    /// QEMU 7.2's QMP greeting.
-    pub(crate) const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
+    use super::super::tests::GREETING;
 
     const FAST: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
 

@@ -16,7 +16,7 @@
 //! bound into the final digest with QEMU's stream (`trustmig_protocol::hvstream::final_digest`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use crate::backend::Tasks;
 use crate::config::{DiskVerify, MirrorMode, VmConfig};
 use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
-use trustmig_qemu::qmp::Qmp;
+use trustmig_qemu::qmp::{Moving, Qmp};
 
 use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
 
@@ -195,9 +195,9 @@ pub(crate) struct Mirrors {
     results: Relays,
     /// NBD client nodes and jobs exist in QEMU (to remove on failure).
     started: bool,
-    /// Bytes the relays moved on the NBD streams, both ways (shared with the data stream's
-    /// count: the source's watch for silence, and QMP's late replies, see them).
-    moved: Arc<AtomicU64>,
+    /// Bytes moved on every stream of the migration, both ways (the relays count theirs into
+    /// it), and the migration's cap: waits for the jobs go on while it moves.
+    progress: Moving,
 }
 
 impl Mirrors {
@@ -359,7 +359,7 @@ pub(crate) async fn start(
     disks: &[SourceMirror],
     streams: Vec<(TcpStream, Sealer, Opener)>,
     (dir, order_id): (&Path, &OrderId),
-    (timeout, moved): (Duration, Arc<AtomicU64>),
+    (timeout, progress): (Duration, Moving),
     tasks: &mut Tasks,
 ) -> Result<Mirrors, AgentError> {
     let (tx, results) = Relays::new(disks.iter().map(|d| d.name.clone()).collect());
@@ -367,7 +367,7 @@ pub(crate) async fn start(
         disks: disks.to_vec(),
         results,
         started: false,
-        moved,
+        progress,
     };
     m.clear_leftovers(qmp).await?;
     // Whatever started before a failure (an NBD client, a job) is stopped here: the caller
@@ -393,7 +393,7 @@ async fn connect_all(
         let sock = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
         let path = sock.path().to_path_buf();
         let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
-        let (tx, moved) = (tx.clone(), m.moved.clone());
+        let (tx, moved) = (tx.clone(), m.progress.counter.clone());
         tasks.spawn(async move {
             let mut data = data;
             let keys = (sealer, opener);
@@ -523,15 +523,16 @@ impl Mirrors {
     }
 
     /// Wait until every job is concluded (or gone), waking on QEMU's job events; for
-    /// `timeout`, or longer while the relays move bytes (a mirror completing copies what the
-    /// guest dirtied since it was ready, which on a slow link takes as long as it takes).
+    /// `timeout`, or longer while the migration's streams move bytes, up to its cap (a mirror
+    /// completing copies what the guest dirtied since it was ready, which on a slow link takes
+    /// as long as it takes).
     async fn wait_concluded(
         &self,
         qmp: &mut Qmp,
         timeout: Duration,
     ) -> Result<Vec<JobInfo>, AgentError> {
         let mut until = tokio::time::Instant::now() + timeout;
-        let mut moved = self.moved.load(Ordering::Relaxed);
+        let mut patience = self.progress.begin();
         loop {
             let jobs = query_jobs(qmp).await?;
             let open = self.disks.iter().any(|d| {
@@ -543,14 +544,12 @@ impl Mirrors {
             }
             let now = tokio::time::Instant::now();
             if now > until {
-                let m = self.moved.load(Ordering::Relaxed);
-                if m == moved {
-                    return Err(AgentError::Timeout(format!(
+                until = patience.extend(now, timeout).ok_or_else(|| {
+                    AgentError::Timeout(format!(
                         "a mirror job did not complete, nothing moved for {} s",
-                        timeout.as_secs_f32()
-                    )));
-                }
-                (moved, until) = (m, now + timeout);
+                        timeout.as_secs()
+                    ))
+                })?;
             }
             qmp.next_event(Duration::from_millis(5)).await?;
         }
@@ -1099,9 +1098,7 @@ pub(crate) mod tests {
             let Ok((s, _)) = l.accept().await else { return };
             let started = tokio::time::Instant::now();
             let (rd, mut wr) = s.into_split();
-            let _ = wr
-                .write_all(crate::backend::qemu::giveback::tests::GREETING)
-                .await;
+            let _ = wr.write_all(super::super::tests::GREETING).await;
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let req: serde_json::Value = serde_json::from_str(&line).expect("json");
@@ -1124,7 +1121,7 @@ pub(crate) mod tests {
         (dir, path)
     }
 
-    fn mirrors(moved: Arc<AtomicU64>) -> Mirrors {
+    fn mirrors(counter: Arc<AtomicU64>) -> Mirrors {
         let disk = SourceMirror {
             name: "d0".into(),
             node: "d0".into(),
@@ -1139,7 +1136,10 @@ pub(crate) mod tests {
             disks: vec![disk],
             results,
             started: true,
-            moved,
+            progress: Moving {
+                counter,
+                cap: tokio::time::Instant::now() + Duration::from_secs(60),
+            },
         }
     }
 
@@ -1155,7 +1155,7 @@ pub(crate) mod tests {
             let moved = moved.clone();
             tokio::spawn(async move {
                 loop {
-                    moved.fetch_add(1, Ordering::Relaxed);
+                    moved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             })

@@ -163,8 +163,11 @@ fn made_by_socket_path(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// QEMU 7.2's QMP greeting, for the fake QEMUs of this module's tests.
+    pub(crate) const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
 
     /// A socket's file goes with its guard, also when the task holding it is aborted while it
     /// waits for QEMU (before, a relay aborted before `accept` left `nbd<i>-<id>.sock`).

@@ -112,7 +112,8 @@ where
 }
 
 /// A stream that counts the bytes through it (into a counter it may share with others): the
-/// source watches its data stream's for progress while the guest is stopped.
+/// source watches its streams' for progress while the guest is stopped, the destination for a
+/// silent source.
 pub(crate) struct Counted<T> {
     inner: T,
     bytes: Arc<AtomicU64>,

@@ -27,7 +27,7 @@ use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
 use crate::error::{AgentError, Link};
 use crate::net::stream_init;
-use trustmig_qemu::qmp::{Event, MigrationInfo, MigrationStatus, Qmp};
+use trustmig_qemu::qmp::{Event, MigrationInfo, MigrationStatus, Moving, Qmp};
 
 use super::disk::SourceDisk;
 use super::giveback::{give_back, Was};
@@ -248,8 +248,13 @@ async fn transfer(
     // before it lets its QEMU load anything. A failure here leaves the source VM untouched.
     let disk_wire = send_copied_disks(&mut data, &mut sealer, link.est, &vm.disks).await?;
     // Bytes moved on every stream of this migration, both ways: the watch for silence during
-    // the switch-over and QMP's late replies count them.
+    // the switch-over, QMP's late replies and the mirrors' completion count them, up to the
+    // migration's cap.
     let moved = Arc::new(AtomicU64::new(0));
+    let progress = Moving {
+        counter: moved.clone(),
+        cap: tokio::time::Instant::from_std(vm.started + LONGEST),
+    };
     if !vm.mirror_disks.is_empty() {
         let dir = socket_dir(ctx)?;
         let started = super::mirror::start(
@@ -257,7 +262,7 @@ async fn transfer(
             &vm.mirror_disks,
             nbd,
             (&dir, link.order.id()),
-            (ctx.step_timeout(), moved.clone()),
+            (ctx.step_timeout(), progress.clone()),
             &mut vm.pumps,
         )
         .await?;
@@ -283,8 +288,7 @@ async fn transfer(
     let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
     // QEMU answers no QMP command during its stop-and-copy (it holds its big lock until the
     // last byte is sent): a look at QEMU waits as long as the streams move (spec/qemu.md §4).
-    let cap = tokio::time::Instant::from_std(vm.started + LONGEST);
-    vm.qmp.answer_late_while(Some((pumps.2.clone(), cap)));
+    vm.qmp.answer_late_while(Some(progress.clone()));
     let done = follow(
         &mut vm.qmp,
         link,
@@ -727,8 +731,8 @@ async fn follow(
         }
         if look && seen.completed.is_none() {
             look_at(qmp, &link, ladder, seen, mirrors.as_deref_mut()).await?;
-            // What it waited on (mirrors completing at `pre-switchover`, their bytes on
-            // streams of their own) was no silence of the destination's.
+            // The look may have waited a long while (mirrors completing at `pre-switchover`,
+            // a reply QEMU gave only after its stop-and-copy): the watch starts again from it.
             silence.heard();
         }
         if started.elapsed() > LONGEST {
@@ -771,7 +775,7 @@ type Pumps = (
 );
 
 /// With the guest stopped for the switch-over, something must move within a step timeout:
-/// bytes on the data stream either way, or an event of QEMU's. A destination gone silent
+/// bytes on any stream of the migration either way, or an event of QEMU's. A destination gone silent
 /// without a reset (a host down, a partition) would otherwise keep the guest stopped until
 /// `follow`'s hour-long cap.
 struct Silence {
@@ -789,8 +793,8 @@ impl Silence {
         Self { bytes, last, limit }
     }
 
-    /// Something other than the stream moved (an event of QEMU's; a look at QEMU, which may
-    /// have waited on mirrors completing with their bytes on streams of their own).
+    /// Something other than the streams' bytes told of progress (an event of QEMU's; a look
+    /// at QEMU, which may have waited long on QEMU).
     fn heard(&mut self) {
         self.last = (
             self.bytes.load(Ordering::Relaxed),
