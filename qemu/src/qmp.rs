@@ -450,7 +450,19 @@ impl Qmp {
             moving: None,
             version: String::new(),
         };
-        let greeting = q.read_json("greeting").await?;
+        // QEMU 7.2 can send an event ahead of the greeting on a monitor that connects while a
+        // migration runs (seen: `MIGRATION_PASS` first): such lines are skipped, within the
+        // timeout for the greeting as a whole.
+        let greeting = tokio::time::timeout(timeout, async {
+            loop {
+                let v = q.read_json_untimed("greeting").await?;
+                if v.get("event").is_none() {
+                    return Ok::<_, QmpError>(v);
+                }
+            }
+        })
+        .await
+        .map_err(|_| q.timed_out("greeting"))??;
         let v = greeting
             .get("QMP")
             .and_then(|g| g.get("version"))
@@ -481,13 +493,6 @@ impl Qmp {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Read one JSON line, waiting at most `self.timeout`.
-    async fn read_json(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
-        tokio::time::timeout(self.timeout, self.read_json_untimed(waiting_for))
-            .await
-            .map_err(|_| self.timed_out(waiting_for))?
     }
 
     fn timed_out(&self, waiting_for: &str) -> QmpError {
@@ -839,6 +844,33 @@ mod tests {
             talk(BufReader::new(rd), wr).await;
         });
         (dir, path)
+    }
+
+    /// An event that comes ahead of the greeting (QEMU 7.2, a monitor connecting while a
+    /// migration runs) is skipped; the greeting still comes first of what the caller sees.
+    #[tokio::test]
+    async fn an_event_ahead_of_the_greeting_is_skipped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let Ok((s, _)) = l.accept().await else { return };
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            let ev = b"{\"data\":{\"pass\":1},\"event\":\"MIGRATION_PASS\",\"timestamp\":{\"microseconds\":1,\"seconds\":1}}\n";
+            let _ = wr.write_all(ev).await;
+            let _ = wr
+                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
+                .await;
+            let mut line = String::new();
+            let _ = rd.read_line(&mut line).await; // qmp_capabilities
+            let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect past the event");
+        assert_eq!(q.version, "7.2.22");
     }
 
     /// QEMU exiting after `quit` with our bytes unread resets the socket (seen with QEMU 7.2):
