@@ -267,8 +267,15 @@ async fn run<B: SourceVm>(
         Vec::new()
     });
     // Paused at the claim, or handed over paused at the switch-over: given back paused (a
-    // backend that saw more, live, may know better).
-    let paused = journalled_paused(ctx, &id);
+    // backend that saw more, live, may know better). The machine's give-back says so; when it
+    // gave none (a settlement decides), the same rule read from the journal.
+    let paused = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Vm(VmAction::GiveBack { paused_before }) => Some(*paused_before),
+            _ => None,
+        })
+        .unwrap_or_else(|| journalled_paused(ctx, &id));
     let in_doubt = InDoubt::of(&order, paused);
     let gives_back = |o: &Output| matches!(o, Output::Vm(VmAction::GiveBack { .. }));
     let settlement = if outs.contains(&Output::Ask) {
@@ -317,10 +324,17 @@ async fn run<B: SourceVm>(
 }
 
 /// Whether the journal says this source order's VM is paused: at the claim, or at the
-/// switch-over once there (`SourceLink::hands_over`).
+/// switch-over once there (`SourceLink::hands_over`). The machine's own rule
+/// (`Rules::give_back`), so that the model checker's verdict on it holds here too.
 fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
     let journal = ctx.journal.lock().expect("journal lock");
-    journal.entry(id).is_some_and(|e| e.flag)
+    let back = journal.rules().give_back(journal.entry(id).as_ref());
+    matches!(
+        back,
+        VmAction::GiveBack {
+            paused_before: true
+        }
+    )
 }
 
 /// Connect, run the session, and on failure tell the destination and let it discard first.
