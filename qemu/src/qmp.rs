@@ -832,12 +832,22 @@ mod tests {
         F: FnOnce(BufReader<OwnedReadHalf>, OwnedWriteHalf) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
+        fake_qemu_after(b"", talk).await
+    }
+
+    /// [`fake_qemu`], sending `first` ahead of its greeting.
+    async fn fake_qemu_after<F, Fut>(first: &'static [u8], talk: F) -> (tempfile::TempDir, PathBuf)
+    where
+        F: FnOnce(BufReader<OwnedReadHalf>, OwnedWriteHalf) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("qmp.sock");
         let l = UnixListener::bind(&path).expect("bind");
         tokio::spawn(async move {
             let Ok((s, _)) = l.accept().await else { return };
             let (rd, mut wr) = s.into_split();
+            let _ = wr.write_all(first).await;
             let _ = wr
                 .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
                 .await;
@@ -850,23 +860,14 @@ mod tests {
     /// migration runs) is skipped; the greeting still comes first of what the caller sees.
     #[tokio::test]
     async fn an_event_ahead_of_the_greeting_is_skipped() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("qmp.sock");
-        let l = UnixListener::bind(&path).expect("bind");
-        tokio::spawn(async move {
-            let Ok((s, _)) = l.accept().await else { return };
-            let (rd, mut wr) = s.into_split();
-            let mut rd = BufReader::new(rd);
-            let ev = b"{\"data\":{\"pass\":1},\"event\":\"MIGRATION_PASS\",\"timestamp\":{\"microseconds\":1,\"seconds\":1}}\n";
-            let _ = wr.write_all(ev).await;
-            let _ = wr
-                .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n")
-                .await;
+        let ev = b"{\"data\":{\"pass\":1},\"event\":\"MIGRATION_PASS\",\"timestamp\":{\"microseconds\":1,\"seconds\":1}}\n";
+        let (_d, path) = fake_qemu_after(ev, |mut rd, mut wr| async move {
             let mut line = String::new();
             let _ = rd.read_line(&mut line).await; // qmp_capabilities
             let _ = wr.write_all(b"{\"return\": {}, \"id\": 1}\n").await;
             tokio::time::sleep(Duration::from_secs(5)).await;
-        });
+        })
+        .await;
         let q = Qmp::connect(&path, Duration::from_secs(5))
             .await
             .expect("connect past the event");
