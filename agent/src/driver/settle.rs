@@ -25,13 +25,20 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// learns within a minute that its source waits, and an unreachable one costs one dial a minute.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// What a settlement that gave the VM back means for it.
+pub const NOT_MOVED: &str = "settled: the destination never committed";
+
 /// What a settlement query found out.
 #[derive(Debug)]
 pub enum Settlement {
     /// The destination journalled COMMIT: the VM is its now. Journalled DONE here.
     Moved,
-    /// The destination never committed and now never will: the source may resume the VM.
-    NotMoved,
+    /// The destination never committed and now never will: the source gives the VM back,
+    /// paused when the machine's give-back says so (`Rules::give_back`).
+    NotMoved {
+        /// The VM stays paused: it was at the claim, or was handed over paused.
+        paused_before: bool,
+    },
     /// No answer (destination unreachable, ...): the VM stays stopped here, in doubt.
     InDoubt(String),
     /// The destination never committed, but the order was settled here meanwhile (by the
@@ -44,7 +51,7 @@ impl Settlement {
     pub fn vm_state(&self) -> String {
         match self {
             Self::Moved => "moved: the destination confirmed it committed and owns the VM (settled after the session was lost)".into(),
-            Self::NotMoved => "settled: the destination never committed".into(),
+            Self::NotMoved { .. } => NOT_MOVED.into(),
             Self::Meanwhile => "the destination never committed; the order was settled here meanwhile (by the operator)".into(),
             Self::InDoubt(why) => format!("committed: the source keeps the VM stopped, in doubt, and asks the destination again until it answers (settlement query failed: {why})"),
         }
@@ -62,9 +69,6 @@ pub struct InDoubt {
     pub destination: AgentId,
     /// The destination's address.
     pub addr: String,
-    /// A QEMU VM the journal says is paused (at the claim, or the switch-over) stays paused when
-    /// it is given back.
-    pub paused_before: bool,
 }
 
 impl InDoubt {
@@ -78,19 +82,17 @@ impl InDoubt {
             vm: r.vm.clone(),
             destination,
             addr: r.peer_addr.clone()?,
-            paused_before: r.paused_before,
         })
     }
 
     /// The order as its source knows it.
-    pub fn of(order: &VerifiedOrder, paused_before: bool) -> Self {
+    pub fn of(order: &VerifiedOrder) -> Self {
         let body = order.body();
         Self {
             id: *order.id(),
             vm: body.vm.clone(),
             destination: body.destination,
             addr: body.destination_addr.clone(),
-            paused_before,
         }
     }
 }
@@ -105,7 +107,7 @@ pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
     let note = if committed {
         "settled: the destination committed"
     } else {
-        "settled: the destination never committed"
+        NOT_MOVED
     };
     let decided =
         ctx.journal
@@ -114,7 +116,15 @@ pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
             .settle(&p.id, Settle::Answer { committed }, note);
     match (committed, decided) {
         (true, Ok(Some(_))) => Settlement::Moved,
-        (false, Ok(Some(_))) => Settlement::NotMoved,
+        // The machine's give-back, as it journalled it: paused or not by `Rules::give_back`.
+        (false, Ok(Some(act))) => Settlement::NotMoved {
+            paused_before: matches!(
+                act,
+                VmAction::GiveBack {
+                    paused_before: true
+                }
+            ),
+        },
         (true, Ok(None)) => {
             error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them");
             Settlement::Moved
@@ -229,8 +239,8 @@ async fn answer_once(ctx: &Arc<Ctx>, p: &InDoubt, pause: Duration) -> bool {
             settled(&s.vm_state());
             true
         }
-        s @ Settlement::NotMoved => {
-            let vm_state = backend::resume_given_back(ctx, &p.vm, p.paused_before).await;
+        s @ Settlement::NotMoved { paused_before } => {
+            let vm_state = backend::resume_given_back(ctx, &p.vm, paused_before).await;
             let text = format!("{}; {vm_state}", s.vm_state());
             warn!(order = %hex(&p.id), vm = %p.vm, "{text}");
             settled(&text);

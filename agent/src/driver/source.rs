@@ -64,7 +64,7 @@ impl std::fmt::Display for Whereabouts {
                 how,
             } => f.write_str(how),
             Self::GivenBack { settled: true, how } => {
-                write!(f, "{}; {how}", Settlement::NotMoved.vm_state())
+                write!(f, "{}; {how}", settle::NOT_MOVED)
             }
             Self::Moved => f.write_str(&Settlement::Moved.vm_state()),
             Self::InDoubt(why) => f.write_str(&Settlement::InDoubt(why.clone()).vm_state()),
@@ -267,20 +267,15 @@ async fn run<B: SourceVm>(
         Vec::new()
     });
     // Paused at the claim, or handed over paused at the switch-over: given back paused (a
-    // backend that saw more, live, may know better). The machine's give-back says so; when it
-    // gave none (a settlement decides), the same rule read from the journal.
-    let paused = outs
-        .iter()
-        .find_map(|o| match o {
-            Output::Vm(VmAction::GiveBack { paused_before }) => Some(*paused_before),
-            _ => None,
-        })
-        .unwrap_or_else(|| journalled_paused(ctx, &id));
-    let in_doubt = InDoubt::of(&order, paused);
-    let gives_back = |o: &Output| matches!(o, Output::Vm(VmAction::GiveBack { .. }));
+    // backend that saw more, live, may know better). The machine's give-back says so.
+    let give_back = outs.iter().find_map(|o| match o {
+        Output::Vm(VmAction::GiveBack { paused_before }) => Some(*paused_before),
+        _ => None,
+    });
+    let in_doubt = InDoubt::of(&order);
     let settlement = if outs.contains(&Output::Ask) {
         Some(settle::ask(ctx, &in_doubt).await)
-    } else if outs.iter().any(gives_back) {
+    } else if give_back.is_some() {
         None
     } else {
         // The machine said nothing (its session had ended: a DONE write failed, say): the
@@ -293,15 +288,24 @@ async fn run<B: SourceVm>(
         }
     };
     let vm_state = match settlement {
-        None | Some(Settlement::NotMoved) => {
-            // Journalled before the VM is given back (by the machine, or a "not moved" answer
-            // by `settle::ask`): a give-back that goes on in the background (a refused `cont`)
-            // asks the journal whether the VM is still this host's.
-            Whereabouts::GivenBack {
-                settled: settlement.is_some(),
-                how: vm.give_back(ctx, paused).await,
-            }
-        }
+        // When the machine gave none (its session had ended), the same rule read from the
+        // journal.
+        None => Whereabouts::GivenBack {
+            settled: false,
+            how: vm
+                .give_back(
+                    ctx,
+                    give_back.unwrap_or_else(|| journalled_paused(ctx, &id)),
+                )
+                .await,
+        },
+        // Journalled before the VM is given back (by the machine, or a "not moved" answer by
+        // `settle::ask`, paused as its machine said): a give-back that goes on in the
+        // background (a refused `cont`) asks the journal whether the VM is still this host's.
+        Some(Settlement::NotMoved { paused_before }) => Whereabouts::GivenBack {
+            settled: true,
+            how: vm.give_back(ctx, paused_before).await,
+        },
         Some(Settlement::InDoubt(why)) => {
             // Stopped as it is until the destination answers (settle.rs).
             vm.keep_stopped(ctx);
