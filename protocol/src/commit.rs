@@ -154,7 +154,9 @@ impl Side {
     }
 
     /// A restart with the records that survived (oldest first): settle what they show
-    /// interrupted (SPEC.md §8.8) and say what becomes of the VM.
+    /// interrupted (SPEC.md §8.8). What becomes of the VM is not this order's to say alone: the
+    /// host reconciles each VM with its current order once every order is settled
+    /// (`history::VmHistory`, `Rules::vm_after_restart`); a newer order may own it by now.
     pub fn restart(rules: Rules, role: Role, records: &[Entry]) -> Restarted {
         let kept = rules.replay(records).len();
         let mut side = Self::from_journal(rules, role, records[..kept].last().copied());
@@ -175,11 +177,6 @@ impl Side {
                 side.asking = true;
                 outputs.push(Output::Ask);
             }
-        }
-        let latest = side.entry.expect("claimed");
-        match rules.vm_after_restart(&latest) {
-            VmAction::Nothing => {}
-            act => side.then(&mut outputs, Output::Vm(act)),
         }
         Restarted {
             side,
@@ -618,14 +615,17 @@ mod tests {
             peer: Some(if role == Role::Source { DST } else { SRC }),
             flag: true,
         };
+        // The journal's settlement only: the VM is the host's to reconcile, by the rules
+        // applied to its current order's latest record.
         let x = Side::restart(r, Role::Source, &[e(Role::Source, State::Claimed)]);
         assert_eq!(journalled(&x.outputs), [State::RolledBack]);
         let mut side = x.side;
+        assert_eq!(side.handle(Input::Durable), []);
         assert_eq!(
-            side.handle(Input::Durable),
-            [Output::Vm(VmAction::GiveBack {
+            r.vm_after_restart(side.entry().expect("journalled")),
+            VmAction::GiveBack {
                 paused_before: true
-            })]
+            }
         );
         let x = Side::restart(
             r,
@@ -647,7 +647,11 @@ mod tests {
         );
         assert_eq!(journalled(&x.outputs), [State::Settled]);
         let mut side = x.side;
-        assert_eq!(side.handle(Input::Durable), [Output::Vm(VmAction::Resume)]);
+        assert_eq!(side.handle(Input::Durable), []);
+        assert_eq!(
+            r.vm_after_restart(side.entry().expect("journalled")),
+            VmAction::Resume
+        );
         // A crash before the VM ran: the next restart resumes it still; once it runs, DONE.
         let settled = [
             e(Role::Destination, State::Claimed),
@@ -655,7 +659,8 @@ mod tests {
             e(Role::Destination, State::Settled),
         ];
         let x = Side::restart(r, Role::Destination, &settled);
-        assert_eq!(x.outputs, [Output::Vm(VmAction::Resume)]);
+        assert_eq!(x.outputs, []);
+        assert_eq!(r.vm_after_restart(&settled[2]), VmAction::Resume);
         let mut side = x.side;
         assert_eq!(journalled(&side.handle(Input::VmRunning)), [State::Done]);
         let done = [settled[2], e(Role::Destination, State::Done)];

@@ -14,6 +14,7 @@ pub mod commit;
 pub mod error;
 pub mod finalsig;
 pub mod handshake;
+pub mod history;
 pub mod hvstream;
 pub mod keys;
 mod machine;

@@ -170,6 +170,9 @@ pub enum Mutation {
     KeepArrivedAtRestart,
     /// A give-back runs the VM even when it was paused before its migration.
     RunWhatWasPaused,
+    /// Whichever order wrote last about a VM is its order (`history::VmHistory`), even one the
+    /// VM left under a newer order since.
+    LatestOrderOwnsVm,
 }
 
 /// The rules. `Rules::default()` is the only kind a normal build makes.
@@ -185,7 +188,7 @@ impl Rules {
         Self { mutation: Some(m) }
     }
 
-    fn broken(&self, m: Mutation) -> bool {
+    pub(crate) fn broken(&self, m: Mutation) -> bool {
         self.mutation == Some(m)
     }
 
@@ -318,6 +321,13 @@ impl Rules {
             (Role::Destination, State::RolledBack) | (_, State::Revoked) => false,
             (_, State::Committed | State::Done | State::Settled) => true,
         }
+    }
+
+    /// Whether an order whose latest entry is `e` sends the VM from here and is under way
+    /// (claimed) or at COMMIT, unsettled: the VM may come back or run on its destination, so
+    /// no other order may send it from here, and no other copy of it may arrive here meanwhile.
+    pub fn leaving(&self, e: &Entry) -> bool {
+        e.role == Role::Source && matches!(e.state, State::Claimed | State::Committed)
     }
 
     /// Whether a record is about this host's copy of the VM, for reconciling its hypervisor

@@ -1,49 +1,81 @@
 //! A model of two agents migrating one VM (running, or paused by its operator) under one order,
-//! for `stateright` to check.
+//! or under two: there (host A to B) and back (B to A), for `stateright` to check.
 //! spec: SPEC.md §8.9
 //!
-//! Each agent is the agent's own machine, `trustmig_protocol::commit::Side`: it takes every
-//! decision about the journal, the messages of the commit and the VM (claim, COMMIT, rollback,
-//! settlement queries and answers, restarts, the operator's overrides), following
-//! `trustmig_protocol::settlement::Rules`. The model only carries out the machines' outputs
-//! (a journal that keeps what was written, a network, a hypervisor) and adds everything that
-//! can go wrong:
+//! Each agent runs the agent's own machine, `trustmig_protocol::commit::Side`, once per order:
+//! it takes every decision about the journal, the messages of the commit and the VM (claim,
+//! COMMIT, rollback, settlement queries and answers, restarts, the operator's overrides),
+//! following `trustmig_protocol::settlement::Rules`. A restart settles every order from the
+//! journal alone, then, as a step of its own (a crash can come first), reconciles the VM with
+//! the order the journal says it belongs to now (`trustmig_protocol::history::VmHistory`,
+//! `Rules::vm_after_restart`), as `daemon/start.rs` and `backend/qemu/reconcile.rs` do. The
+//! model only carries out the machines' outputs (a journal that keeps what was written, a
+//! network, a hypervisor) and adds everything that can go wrong:
 //! - a network that loses, duplicates, reorders and delays: every message ever sent stays
 //!   deliverable, any number of times, in any order, or never;
-//! - an attacker who replays any message seen (the same), replays the order, and asks the
-//!   destination about the order as a third agent;
+//! - an attacker who replays any message seen (the same), replays an order, and asks the
+//!   destination about an order as a third agent;
 //! - sessions that fail at any point (cut, timeout, refused record), and crashes of either
 //!   agent at any step — between a journal write and what waits for it to be durable too —
 //!   after which only the journal survives (the hypervisor too: a QEMU keeps its state when
 //!   its agent dies), followed by a restart;
 //! - the operator's overrides (`trustmig settle --resume-here | --moved`), either informed
 //!   (their precondition holds: they looked at the destination) or blind, and a revocation of
-//!   the order on either agent (`trustmig order revoke`) at any moment.
+//!   an order on either agent (`trustmig order revoke`) at any moment;
+//! - with two orders, the second may come at any moment: while the first is still under way,
+//!   in doubt, or settled on one host and not the other.
+//!
+//! The agent's checks around a claim are modelled as it makes them: a source does not claim
+//! a new order for a VM leaving it under another (`Journal::leaving`); a destination's
+//! handshake claims the order, then refuses it unless nothing of the VM is here (a hypervisor
+//! waiting for the migration) and the VM is not leaving here. (Another arrival of the same VM
+//! needs a third order.)
 //!
 //! Abstracted away: time (timeouts are session failures that may come at any moment), the
 //! TPM, cryptography and the data streams (the handshake and record layer are what make a
 //! message of a dead session, or a forged one, undeliverable: a session's messages reach only
-//! that session), and more than one order or VM.
+//! that session), compaction, and more than two orders or one VM.
 
 use std::collections::BTreeSet;
 
 use stateright::{Model, Property};
 use trustmig_protocol::commit::{Input, Output, Phase, Side, Signal};
+use trustmig_protocol::history::VmHistory;
 use trustmig_protocol::order::Role;
 use trustmig_protocol::settlement::{Entry, Rules, Settle, State as J, VmAction};
 use trustmig_protocol::AgentId;
 
-/// The source host's identity (index 0).
-pub const SOURCE: AgentId = [1; 32];
-/// The destination host's identity (index 1).
-pub const DESTINATION: AgentId = [2; 32];
-/// A trusted third agent that did not send the order.
+/// A trusted third agent that sent no order.
 pub const MALLORY: AgentId = [3; 32];
+
+/// Host `h`'s identity (A is 0, B is 1).
+fn id(h: usize) -> AgentId {
+    [h as u8 + 1; 32]
+}
+
+/// The source host of order `k`: the first goes from A to B, the second back.
+fn src(k: usize) -> usize {
+    k
+}
+
+/// The destination host of order `k`.
+fn dst(k: usize) -> usize {
+    1 - k
+}
+
+/// Host `h`'s role in order `k`.
+fn role(h: usize, k: usize) -> Role {
+    if h == src(k) {
+        Role::Source
+    } else {
+        Role::Destination
+    }
+}
 
 /// The VM as a host's hypervisor holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Vm {
-    /// Nothing of it.
+    /// Nothing of it (a hypervisor waiting for an incoming migration, if an order comes).
     Absent,
     /// Running.
     Running,
@@ -56,7 +88,7 @@ pub enum Vm {
     Loaded,
 }
 
-/// A message. Session messages reach only a live session of the order.
+/// A message of one order. Session messages reach only a live session of their order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Msg {
     /// The operator's order, to the source.
@@ -85,7 +117,7 @@ pub enum Msg {
     },
 }
 
-/// An agent that asks the destination about the order.
+/// An agent that asks the destination about an order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Who {
     /// The order's source.
@@ -95,9 +127,9 @@ pub enum Who {
 }
 
 impl Who {
-    fn id(self) -> AgentId {
+    fn id(self, k: usize) -> AgentId {
         match self {
-            Self::Source => SOURCE,
+            Self::Source => id(src(k)),
             Self::Mallory => MALLORY,
         }
     }
@@ -108,63 +140,84 @@ impl Who {
 pub struct Agent {
     /// Running (else crashed, waiting for its restart).
     pub up: bool,
-    /// The journal's records of the order, oldest first: durable.
-    pub journal: Vec<Entry>,
-    /// The agent's machine (its session, the query under way and what waits for a durable
-    /// record are volatile: a crash loses them, a restart makes a new one from the journal).
-    pub side: Side,
+    /// The journal's records, oldest first, each with its order: durable.
+    pub journal: Vec<(u8, Entry)>,
+    /// The agent's machine of each order (its session, the query under way and what waits for
+    /// a durable record are volatile: a crash loses them, a restart makes a new one from the
+    /// journal).
+    pub sides: Vec<Side>,
     /// The hypervisor's copy of the VM: survives the agent's crash.
     pub vm: Vm,
+    /// After a restart, until done: the VM's reconciliation with the order it belongs to, as
+    /// the restart read the journal (volatile).
+    pub reconcile: Option<(u8, VmAction)>,
 }
 
 impl Agent {
-    fn new(rules: Rules, role: Role, vm: Vm) -> Self {
+    fn new(rules: Rules, h: usize, orders: usize, vm: Vm) -> Self {
         Self {
             up: true,
             journal: Vec::new(),
-            side: Side::new(rules, role),
+            sides: (0..orders).map(|k| Side::new(rules, role(h, k))).collect(),
             vm,
+            reconcile: None,
         }
     }
 
-    /// The order's latest entry.
-    pub fn latest(&self) -> Option<&Entry> {
-        self.journal.last()
+    /// Order `k`'s records, oldest first.
+    pub fn entries(&self, k: usize) -> impl Iterator<Item = &Entry> {
+        (self.journal.iter()).filter_map(move |(o, e)| (usize::from(*o) == k).then_some(e))
     }
 
-    /// The session's phase, if one runs.
-    pub fn session(&self) -> Option<Phase> {
-        self.side.session()
+    /// Order `k`'s latest entry.
+    pub fn latest(&self, k: usize) -> Option<&Entry> {
+        self.entries(k).last()
     }
 
-    /// Source: asking the destination about the order in doubt.
-    pub fn asking(&self) -> bool {
-        self.side.asking()
+    /// Order `k`'s session's phase, if one runs.
+    pub fn session(&self, k: usize) -> Option<Phase> {
+        self.sides[k].session()
+    }
+
+    /// Source: asking the destination about order `k`, in doubt.
+    pub fn asking(&self, k: usize) -> bool {
+        self.sides[k].asking()
     }
 
     /// Whether anything waits for the last journal record to be durable.
     fn holding(&self) -> bool {
-        self.side.awaits_durable()
+        self.sides.iter().any(Side::awaits_durable)
+    }
+
+    /// Whether the VM is leaving here under some order (`Journal::leaving`).
+    fn leaving(&self, rules: &Rules) -> bool {
+        (0..self.sides.len()).any(|k| self.latest(k).is_some_and(|e| rules.leaving(e)))
+    }
+
+    /// The order the journal says the VM belongs to here (`Journal::last_order_of`).
+    fn current_order(&self, rules: &Rules) -> Option<usize> {
+        let h = VmHistory::of(rules, self.journal.iter().map(|(k, e)| ((), *k, *e)));
+        h.order(&()).map(|k| usize::from(*k))
     }
 }
 
 /// Things that must never happen, recorded as they happen (the properties read them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ghost {
-    /// Claims of the order, per agent.
-    pub claims: [u8; 2],
-    /// An agent claimed the order after it was revoked there.
+    /// Claims of each order, per agent.
+    pub claims: [[u8; 2]; 2],
+    /// An agent claimed an order after it was revoked there.
     pub claimed_revoked: bool,
-    /// COMMITs journalled, per agent.
-    pub commits: [u8; 2],
-    /// The source journalled COMMIT without the destination's `Ready` verified.
+    /// COMMITs of each order journalled, per agent.
+    pub commits: [[u8; 2]; 2],
+    /// A source journalled COMMIT without the destination's `Ready` verified.
     pub commit_without_gate: bool,
-    /// The source ran the VM again while its journal did not say rolled back.
+    /// A source ran the VM again while its journal did not say rolled back.
     pub resumed_unsettled: bool,
-    /// The destination answered a settlement query to an agent that did not send the order.
+    /// A destination answered a settlement query to an agent that did not send the order.
     pub answered_other: bool,
-    /// The source's VM was paused by its operator when the order came.
-    pub paused_before: bool,
+    /// The source's VM was paused by its operator when it claimed the order, per order.
+    pub paused_before: [bool; 2],
     /// A give-back ran a VM that was paused before its migration.
     pub ran_paused: bool,
     /// A give-back left a VM stopped by the switch-over paused, as it was before.
@@ -174,10 +227,10 @@ pub struct Ghost {
 /// The system.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Sys {
-    /// Source (0) and destination (1).
+    /// Host A (0), where the VM starts, and host B (1).
     pub agents: [Agent; 2],
-    /// Every message sent so far (deliverable any number of times).
-    pub net: BTreeSet<Msg>,
+    /// Every message sent so far, with its order (deliverable any number of times).
+    pub net: BTreeSet<(u8, Msg)>,
     /// Crashes left.
     pub crashes: u8,
     /// Operator overrides left.
@@ -200,36 +253,38 @@ pub enum Operator {
     /// committed" so far is not enough while a `Commit` may still arrive), `--moved` only when
     /// it committed there.
     Informed,
-    /// Overrides at any time the order is in doubt.
+    /// Overrides at any time an order is in doubt.
     Blind,
 }
 
-/// What can happen.
+/// What can happen. `k` is an order (0: A to B, 1: B to A), `h` a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// The network delivers `Msg` (again, late, or for the first time).
-    Deliver(Msg),
-    /// Agent `i` takes its next own step (a switch-over, a journal write made durable, a VM
-    /// action, a message sent).
-    Step(usize),
-    /// Agent `i`'s session fails (cut, timeout, refused record, abort).
-    Fail(usize),
-    /// Agent `i` crashes (SIGKILL, power): only its journal and its hypervisor survive.
+    /// The network delivers order `k`'s `Msg` (again, late, or for the first time).
+    Deliver(u8, Msg),
+    /// Agent `h` takes its next own step in order `k` (a switch-over, a journal write made
+    /// durable, a VM action, a message sent).
+    Step(usize, u8),
+    /// Agent `h`'s session of order `k` fails (cut, timeout, refused record, abort).
+    Fail(usize, u8),
+    /// Agent `h` crashes (SIGKILL, power): only its journal and its hypervisor survive.
     Crash(usize),
-    /// Agent `i` starts again and settles what its journal shows interrupted.
+    /// Agent `h` starts again and settles what its journal shows interrupted.
     Restart(usize),
-    /// The source asks the destination about the order in doubt.
-    Ask,
-    /// The source's query went unanswered (destination unreachable).
-    Unanswered,
-    /// A third agent asks the destination about the order.
-    Intrude,
-    /// `trustmig settle --resume-here` on the source.
-    ResumeHere,
-    /// `trustmig settle --moved` on the source.
-    Moved,
-    /// `trustmig order revoke` on agent `i`.
-    Revoke(usize),
+    /// Agent `h`, started again, brings its VM in line with the journal.
+    Reconcile(usize),
+    /// The source asks the destination about order `k`, in doubt.
+    Ask(u8),
+    /// The source's query about order `k` went unanswered (destination unreachable).
+    Unanswered(u8),
+    /// A third agent asks the destination about order `k`.
+    Intrude(u8),
+    /// `trustmig settle --resume-here` on order `k`'s source.
+    ResumeHere(u8),
+    /// `trustmig settle --moved` on order `k`'s source.
+    Moved(u8),
+    /// `trustmig order revoke` of order `k` on agent `h`.
+    Revoke(usize, u8),
 }
 
 impl Action {
@@ -238,16 +293,23 @@ impl Action {
     pub fn is_progress(&self) -> bool {
         matches!(
             self,
-            Self::Deliver(_) | Self::Step(_) | Self::Fail(_) | Self::Restart(_) | Self::Ask
+            Self::Deliver(..)
+                | Self::Step(..)
+                | Self::Fail(..)
+                | Self::Restart(_)
+                | Self::Reconcile(_)
+                | Self::Ask(_)
         )
     }
 }
 
-/// The model: the rules under test, the faults' budget and the operator.
+/// The model: the rules under test, how many orders, the faults' budget and the operator.
 #[derive(Clone, Debug)]
 pub struct Migration {
     /// The rules (possibly mutated).
     pub rules: Rules,
+    /// Orders: 1 (A to B) or 2 (A to B, then B to A).
+    pub orders: usize,
     /// Crashes allowed in a run.
     pub crashes: u8,
     /// The operator.
@@ -255,167 +317,241 @@ pub struct Migration {
 }
 
 impl Migration {
-    /// The agent's own rules, `crashes` crashes, the operator as given.
+    /// One order, the agent's own rules, `crashes` crashes, the operator as given.
     pub fn new(rules: Rules, crashes: u8, operator: Operator) -> Self {
         Self {
             rules,
+            orders: 1,
             crashes,
             operator,
         }
     }
 
-    fn deliver(&self, s: &mut Sys, m: Msg) {
-        let i = match m {
-            Msg::Order | Msg::Ready | Msg::Resumed | Msg::Answer { .. } => 0,
-            Msg::Begin | Msg::Final | Msg::Commit | Msg::Query { .. } => 1,
+    /// The VM moved there and back: two orders.
+    pub fn there_and_back(self) -> Self {
+        Self { orders: 2, ..self }
+    }
+
+    fn deliver(&self, s: &mut Sys, k: usize, m: Msg) {
+        let h = match m {
+            Msg::Order | Msg::Ready | Msg::Resumed | Msg::Answer { .. } => src(k),
+            Msg::Begin | Msg::Final | Msg::Commit | Msg::Query { .. } => dst(k),
         };
-        if !s.agents[i].up {
+        if !s.agents[h].up {
             return;
         }
-        let a = &mut s.agents[i];
+        let rules = self.rules;
+        let a = &mut s.agents[h];
         let outs = match m {
-            // The claim records whether the VM is paused (the agent reads it from QEMU).
-            Msg::Order if matches!(a.vm, Vm::Running | Vm::Paused) && a.session().is_none() => {
+            // The claim records whether the VM is paused (the agent reads it from QEMU). A new
+            // order for a VM leaving here under another is refused before its claim.
+            Msg::Order if matches!(a.vm, Vm::Running | Vm::Paused) && a.session(k).is_none() => {
+                if a.latest(k).is_none() && a.leaving(&rules) {
+                    return;
+                }
                 let paused = a.vm == Vm::Paused;
-                a.side.claim(Some(DESTINATION), paused).unwrap_or_default()
+                let outs = a.sides[k]
+                    .claim(Some(id(dst(k))), paused)
+                    .unwrap_or_default();
+                if !outs.is_empty() {
+                    s.ghost.paused_before[k] = paused;
+                }
+                outs
             }
-            // The handshake claims the order at the destination, for its hypervisor (`flag`).
-            Msg::Begin if a.session().is_none() => {
-                a.side.claim(Some(SOURCE), true).unwrap_or_default()
+            // The handshake claims the order at the destination; its hypervisor is handed to
+            // the order (`flag`) only when nothing of the VM is here and it is not leaving
+            // here, else the session is refused at once.
+            Msg::Begin if a.session(k).is_none() => {
+                let free = a.vm == Vm::Absent && !a.leaving(&rules);
+                let side = &mut a.sides[k];
+                let mut outs = side.claim(Some(id(src(k))), free).unwrap_or_default();
+                if !free && !outs.is_empty() {
+                    outs.extend(side.handle(Input::Failed));
+                }
+                outs
             }
-            Msg::Final if a.session() == Some(Phase::Transfer) => {
+            Msg::Final if a.session(k) == Some(Phase::Transfer) => {
                 a.vm = Vm::Loaded;
-                a.side.handle(Input::FinalVerified)
+                a.sides[k].handle(Input::FinalVerified)
             }
-            Msg::Ready => a.side.handle(Input::Ready),
-            Msg::Commit => a.side.handle(Input::Commit),
-            Msg::Resumed => a.side.handle(Input::Resumed),
+            Msg::Ready => a.sides[k].handle(Input::Ready),
+            Msg::Commit => a.sides[k].handle(Input::Commit),
+            Msg::Resumed => a.sides[k].handle(Input::Resumed),
             Msg::Answer {
                 to: Who::Source,
                 committed,
-            } => a.side.handle(Input::Answer { committed }),
+            } => a.sides[k].handle(Input::Answer { committed }),
             Msg::Query { from } => {
                 // An order the destination never received: it cannot tell who sent it, holds
                 // nothing of it, and answers "no" to anyone (using the id up). The property is
                 // about orders it received, whose source it knows.
-                let received = a.journal.iter().any(|e| e.peer == Some(SOURCE));
-                let outs = a.side.query(&from.id()).unwrap_or_default();
+                let received = a.entries(k).any(|e| e.peer == Some(id(src(k))));
+                let outs = a.sides[k].query(&from.id(k)).unwrap_or_default();
                 if from != Who::Source && received && !outs.is_empty() {
                     s.ghost.answered_other = true;
                 }
-                return self.run(s, i, outs);
+                return self.run(s, h, k, outs);
             }
             _ => return,
         };
-        self.run(s, i, outs);
+        self.run(s, h, k, outs);
     }
 
-    /// Carry out agent `i`'s outputs: a journal record is written at once (a crash before the
-    /// machine hears it is durable is a crash after the write), messages go on the network,
-    /// VM actions reach the hypervisor.
-    fn run(&self, s: &mut Sys, i: usize, outs: Vec<Output>) {
+    /// Carry out agent `h`'s outputs for order `k`: a journal record is written at once (a
+    /// crash before the machine hears it is durable is a crash after the write), messages go on
+    /// the network, VM actions reach the hypervisor.
+    fn run(&self, s: &mut Sys, h: usize, k: usize, outs: Vec<Output>) {
+        let tag = k as u8;
         for o in outs {
-            let a = &mut s.agents[i];
+            let a = &mut s.agents[h];
             match o {
                 Output::Journal(e) => {
                     match e.state {
                         J::Claimed => {
-                            s.ghost.claims[i] += 1;
-                            s.ghost.claimed_revoked |= revoked(a);
+                            s.ghost.claims[k][h] += 1;
+                            s.ghost.claimed_revoked |= revoked(a, k);
                         }
                         J::Committed => {
-                            s.ghost.commits[i] += 1;
+                            s.ghost.commits[k][h] += 1;
                             // The source's COMMIT needs the destination's `Ready`, which only
                             // exists once the destination sent it.
-                            s.ghost.commit_without_gate |= i == 0 && !s.net.contains(&Msg::Ready);
+                            s.ghost.commit_without_gate |=
+                                h == src(k) && !s.net.contains(&(tag, Msg::Ready));
                         }
                         _ => {}
                     }
-                    a.journal.push(e);
+                    a.journal.push((tag, e));
                 }
                 Output::Send(sig) => {
-                    s.net.insert(match sig {
-                        Signal::Ready => Msg::Ready,
-                        Signal::Commit => Msg::Commit,
-                        Signal::Resumed => Msg::Resumed,
-                        Signal::Answer { to, committed } => Msg::Answer {
-                            to: if to == SOURCE {
-                                Who::Source
-                            } else {
-                                Who::Mallory
+                    s.net.insert((
+                        tag,
+                        match sig {
+                            Signal::Ready => Msg::Ready,
+                            Signal::Commit => Msg::Commit,
+                            Signal::Resumed => Msg::Resumed,
+                            Signal::Answer { to, committed } => Msg::Answer {
+                                to: if to == id(src(k)) {
+                                    Who::Source
+                                } else {
+                                    Who::Mallory
+                                },
+                                committed,
                             },
-                            committed,
                         },
-                    });
+                    ));
                 }
-                Output::Vm(act) => vm_action(a, act, &mut s.ghost),
+                Output::Vm(act) => vm_action(a, k, act, &mut s.ghost),
                 // The model's `Ask` and `Unanswered` actions are the query's two outcomes.
                 Output::Ask => {}
             }
         }
         // The source opened its session: it dials the destination.
-        if i == 0 && s.agents[0].session() == Some(Phase::Transfer) && !s.net.contains(&Msg::Begin)
+        if h == src(k)
+            && s.agents[h].session(k) == Some(Phase::Transfer)
+            && !s.net.contains(&(tag, Msg::Begin))
         {
-            s.net.insert(Msg::Begin);
+            s.net.insert((tag, Msg::Begin));
         }
     }
 
-    /// Agent `i`'s next own step: the record written last is durable; else the source's
-    /// switch-over (the guest stops, the last bytes and the evidence go), or the destination's
-    /// VM running after `cont`.
-    fn step(&self, s: &mut Sys, i: usize) {
-        let a = &mut s.agents[i];
+    /// Agent `h`'s next own step in order `k`: the record written last is durable; else the
+    /// source's switch-over (the guest stops, the last bytes and the evidence go), or the
+    /// destination's VM running after `cont`.
+    fn step(&self, s: &mut Sys, h: usize, k: usize) {
+        let a = &mut s.agents[h];
         if !a.up {
             return;
         }
-        let outs = if a.holding() {
-            a.side.handle(Input::Durable)
+        let outs = if a.sides[k].awaits_durable() {
+            a.sides[k].handle(Input::Durable)
         } else {
-            match (i, a.session()) {
-                (0, Some(Phase::Transfer)) => {
+            match (role(h, k), a.session(k)) {
+                (Role::Source, Some(Phase::Transfer)) => {
                     a.vm = Vm::Stopped;
-                    s.net.insert(Msg::Final);
-                    a.side.handle(Input::SwitchedOver)
+                    s.net.insert((k as u8, Msg::Final));
+                    a.sides[k].handle(Input::SwitchedOver)
                 }
-                (1, Some(Phase::Committed) | None) if a.vm == Vm::Running => {
-                    a.side.handle(Input::VmRunning)
+                (Role::Destination, Some(Phase::Committed) | None) if a.vm == Vm::Running => {
+                    a.sides[k].handle(Input::VmRunning)
                 }
                 _ => return,
             }
         };
-        self.run(s, i, outs);
+        self.run(s, h, k, outs);
     }
 
-    fn fail(&self, s: &mut Sys, i: usize) {
-        let a = &mut s.agents[i];
+    fn fail(&self, s: &mut Sys, h: usize, k: usize) {
+        let a = &mut s.agents[h];
         if !a.up {
             return;
         }
-        let outs = a.side.handle(Input::Failed);
-        self.run(s, i, outs);
+        let outs = a.sides[k].handle(Input::Failed);
+        self.run(s, h, k, outs);
     }
 
-    fn restart(&self, s: &mut Sys, i: usize) {
-        let role = if i == 0 {
-            Role::Source
-        } else {
-            Role::Destination
-        };
-        let a = &mut s.agents[i];
+    /// Agent `h` starts: each order's machine settles what the journal shows of it, in the
+    /// order the journal last wrote about them (`Journal::in_doubt`), with those writes only;
+    /// then the VM is reconciled with its current order, by a step of its own.
+    fn restart(&self, s: &mut Sys, h: usize) {
+        let orders = self.orders;
+        let a = &mut s.agents[h];
         a.up = true;
-        let x = Side::restart(self.rules, role, &a.journal);
-        a.journal.truncate(x.kept);
-        a.side = x.side;
-        self.run(s, i, x.outputs);
+        // What each order's machine keeps of its records (a mutation forgets one).
+        let mut kept = vec![0; orders];
+        for (k, keep) in kept.iter_mut().enumerate() {
+            let entries: Vec<Entry> = a.entries(k).copied().collect();
+            *keep = self.rules.replay(&entries).len();
+        }
+        let mut seen = vec![0; orders];
+        a.journal.retain(|(k, _)| {
+            let k = usize::from(*k);
+            seen[k] += 1;
+            seen[k] <= kept[k]
+        });
+        let mut by_last_write: Vec<usize> = (0..orders).collect();
+        by_last_write.sort_by_key(|k| a.journal.iter().rposition(|(o, _)| usize::from(*o) == *k));
+        for k in by_last_write {
+            let a = &mut s.agents[h];
+            let entries: Vec<Entry> = a.entries(k).copied().collect();
+            let x = Side::restart(self.rules, role(h, k), &entries);
+            a.sides[k] = x.side;
+            self.run(s, h, k, x.outputs);
+        }
+        let a = &mut s.agents[h];
+        a.reconcile = a.current_order(&self.rules).and_then(|k| {
+            let e = a.latest(k)?;
+            match self.rules.vm_after_restart(e) {
+                VmAction::Nothing => None,
+                act => Some((k as u8, act)),
+            }
+        });
     }
 
-    fn operator(&self, s: &mut Sys, how: Settle) {
+    /// The restart's reconciliation, once what it journalled is durable: only if the order it
+    /// read is still the VM's and no copy of it is arriving (`still_the_vms`).
+    fn reconcile(&self, s: &mut Sys, h: usize) {
+        let a = &mut s.agents[h];
+        if !a.up || a.holding() {
+            return;
+        }
+        let Some((k, act)) = a.reconcile.take() else {
+            return;
+        };
+        let k = usize::from(k);
+        let arriving =
+            (0..self.orders).any(|j| role(h, j) == Role::Destination && a.session(j).is_some());
+        if a.current_order(&self.rules) == Some(k) && !arriving {
+            vm_action(a, k, act, &mut s.ghost);
+        }
+    }
+
+    fn operator(&self, s: &mut Sys, k: usize, how: Settle) {
         // What the operator can see on the destination host: the order used up there, never
         // to commit (rolled back), or committed there.
-        let dst = s.agents[1].latest().map(|e| e.state);
+        let there = s.agents[dst(k)].latest(k).map(|e| e.state);
         let informed_ok = match how {
-            Settle::OperatorResumeHere => dst == Some(J::RolledBack),
-            _ => matches!(dst, Some(J::Committed | J::Done | J::Settled)),
+            Settle::OperatorResumeHere => there == Some(J::RolledBack),
+            _ => matches!(there, Some(J::Committed | J::Done | J::Settled)),
         };
         if self.operator == Operator::None
             || (self.operator == Operator::Informed && !informed_ok)
@@ -423,33 +559,33 @@ impl Migration {
         {
             return;
         }
-        let src = &mut s.agents[0];
+        let a = &mut s.agents[src(k)];
         // Only an order whose destination is being asked can be settled by hand.
-        if !src.up || !src.asking() {
+        if !a.up || !a.asking(k) {
             return;
         }
-        if let Ok(outs) = src.side.operator(how) {
+        if let Ok(outs) = a.sides[k].operator(how) {
             if !outs.is_empty() {
                 s.overrides -= 1;
             }
-            self.run(s, 0, outs);
+            self.run(s, src(k), k, outs);
         }
     }
 }
 
-/// Do what a machine said to its host's VM.
-fn vm_action(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
+/// Do what order `k`'s machine (or a restart's reconciliation by it) said to its host's VM.
+fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
     match act {
         // A paused VM given back before the switch-over stopped it: running it (`cont`) is
         // as wrong as after.
         VmAction::GiveBack { paused_before } if matches!(a.vm, Vm::Stopped | Vm::Paused) => {
             if a.vm == Vm::Stopped {
-                if a.latest().map(|e| e.state) != Some(J::RolledBack) {
+                if a.latest(k).map(|e| e.state) != Some(J::RolledBack) {
                     ghost.resumed_unsettled = true;
                 }
                 ghost.gave_back_paused |= paused_before;
             }
-            ghost.ran_paused |= ghost.paused_before && !paused_before;
+            ghost.ran_paused |= ghost.paused_before[k] && !paused_before;
             a.vm = if paused_before {
                 Vm::Paused
             } else {
@@ -457,7 +593,9 @@ fn vm_action(a: &mut Agent, act: VmAction, ghost: &mut Ghost) {
             };
         }
         VmAction::Forget | VmAction::Discard => a.vm = Vm::Absent,
-        VmAction::Resume if a.vm == Vm::Loaded => a.vm = Vm::Running,
+        // A QEMU that sent the VM away reports its migration completed and is stopped, as one
+        // that received it does: the reconciliation's `cont` would run either.
+        VmAction::Resume if matches!(a.vm, Vm::Loaded | Vm::Stopped) => a.vm = Vm::Running,
         _ => {}
     }
 }
@@ -466,91 +604,103 @@ impl Model for Migration {
     type State = Sys;
     type Action = Action;
 
-    /// The source's VM running, or paused by its operator (the paused hand-over).
+    /// The VM on host A, running or paused by its operator (the paused hand-over); the
+    /// operator's orders sent.
     fn init_states(&self) -> Vec<Sys> {
         [Vm::Running, Vm::Paused]
             .into_iter()
             .map(|vm| Sys {
                 agents: [
-                    Agent::new(self.rules, Role::Source, vm),
-                    Agent::new(self.rules, Role::Destination, Vm::Absent),
+                    Agent::new(self.rules, 0, self.orders, vm),
+                    Agent::new(self.rules, 1, self.orders, Vm::Absent),
                 ],
-                net: BTreeSet::from([Msg::Order]),
+                net: (0..self.orders as u8).map(|k| (k, Msg::Order)).collect(),
                 crashes: self.crashes,
                 overrides: 1,
                 intrusions: 1,
                 revocations: 1,
-                ghost: Ghost {
-                    paused_before: vm == Vm::Paused,
-                    ..Ghost::default()
-                },
+                ghost: Ghost::default(),
             })
             .collect()
     }
 
     fn actions(&self, s: &Sys, out: &mut Vec<Action>) {
-        out.extend(s.net.iter().map(|m| Action::Deliver(*m)));
-        for i in 0..2 {
-            out.push(Action::Step(i));
-            out.push(Action::Fail(i));
-            if s.agents[i].up {
+        out.extend(s.net.iter().map(|(k, m)| Action::Deliver(*k, *m)));
+        for h in 0..2 {
+            for k in 0..self.orders as u8 {
+                out.push(Action::Step(h, k));
+                out.push(Action::Fail(h, k));
+            }
+            let a = &s.agents[h];
+            if a.up {
                 if s.crashes > 0 {
-                    out.push(Action::Crash(i));
+                    out.push(Action::Crash(h));
+                }
+                if a.reconcile.is_some() {
+                    out.push(Action::Reconcile(h));
                 }
             } else {
-                out.push(Action::Restart(i));
+                out.push(Action::Restart(h));
             }
         }
-        if s.agents[0].up && s.agents[0].asking() {
-            out.extend([Action::Ask, Action::Unanswered]);
-            if self.operator != Operator::None && s.overrides > 0 {
-                out.extend([Action::ResumeHere, Action::Moved]);
+        for k in 0..self.orders {
+            let t = k as u8;
+            let a = &s.agents[src(k)];
+            if a.up && a.asking(k) {
+                out.extend([Action::Ask(t), Action::Unanswered(t)]);
+                if self.operator != Operator::None && s.overrides > 0 {
+                    out.extend([Action::ResumeHere(t), Action::Moved(t)]);
+                }
             }
-        }
-        if s.intrusions > 0 {
-            out.push(Action::Intrude);
-        }
-        if s.revocations > 0 {
-            out.extend([Action::Revoke(0), Action::Revoke(1)]);
+            if s.intrusions > 0 {
+                out.push(Action::Intrude(t));
+            }
+            if s.revocations > 0 {
+                out.extend([Action::Revoke(0, t), Action::Revoke(1, t)]);
+            }
         }
     }
 
     fn next_state(&self, last: &Sys, action: Action) -> Option<Sys> {
         let mut s = last.clone();
         match action {
-            Action::Deliver(m) => self.deliver(&mut s, m),
-            Action::Step(i) => self.step(&mut s, i),
-            Action::Fail(i) => self.fail(&mut s, i),
-            Action::Crash(i) => {
+            Action::Deliver(k, m) => self.deliver(&mut s, k.into(), m),
+            Action::Step(h, k) => self.step(&mut s, h, k.into()),
+            Action::Fail(h, k) => self.fail(&mut s, h, k.into()),
+            Action::Crash(h) => {
                 s.crashes -= 1;
-                let a = &mut s.agents[i];
+                let a = &mut s.agents[h];
                 a.up = false;
-                // What the machine held in memory is gone; the restart makes a new one.
-                a.side = Side::new(self.rules, a.side.role());
+                // What the machines held in memory is gone; the restart makes new ones.
+                for side in &mut a.sides {
+                    *side = Side::new(self.rules, side.role());
+                }
+                a.reconcile = None;
             }
-            Action::Restart(i) => self.restart(&mut s, i),
-            Action::Ask => {
-                s.net.insert(Msg::Query { from: Who::Source });
+            Action::Restart(h) => self.restart(&mut s, h),
+            Action::Reconcile(h) => self.reconcile(&mut s, h),
+            Action::Ask(k) => {
+                s.net.insert((k, Msg::Query { from: Who::Source }));
             }
-            Action::Unanswered => {
-                let outs = s.agents[0].side.handle(Input::Unanswered);
+            Action::Unanswered(k) => {
+                let outs = s.agents[src(k.into())].sides[usize::from(k)].handle(Input::Unanswered);
                 // Asking again is the `Ask` action's business.
                 let outs = outs.into_iter().filter(|o| *o != Output::Ask).collect();
-                self.run(&mut s, 0, outs);
+                self.run(&mut s, src(k.into()), k.into(), outs);
             }
-            Action::Intrude => {
+            Action::Intrude(k) => {
                 s.intrusions -= 1;
-                s.net.insert(Msg::Query { from: Who::Mallory });
+                s.net.insert((k, Msg::Query { from: Who::Mallory }));
             }
-            Action::Revoke(i) => {
-                let a = &mut s.agents[i];
-                if let (true, Ok(outs)) = (a.up, a.side.revoke()) {
+            Action::Revoke(h, k) => {
+                let a = &mut s.agents[h];
+                if let (true, Ok(outs)) = (a.up, a.sides[usize::from(k)].revoke()) {
                     s.revocations -= 1;
-                    self.run(&mut s, i, outs);
+                    self.run(&mut s, h, k.into(), outs);
                 }
             }
-            Action::ResumeHere => self.operator(&mut s, Settle::OperatorResumeHere),
-            Action::Moved => self.operator(&mut s, Settle::OperatorMoved),
+            Action::ResumeHere(k) => self.operator(&mut s, k.into(), Settle::OperatorResumeHere),
+            Action::Moved(k) => self.operator(&mut s, k.into(), Settle::OperatorMoved),
         }
         // An action that changes nothing is not a step (keeps the graph free of self-loops).
         (s != *last).then_some(s)
@@ -559,22 +709,25 @@ impl Model for Migration {
     /// Keeps a mutation that claims replayed orders again from growing the journal forever.
     /// (a second claim is the violation already: nothing past it needs exploring).
     fn within_boundary(&self, s: &Sys) -> bool {
-        s.agents.iter().all(|a| a.journal.len() <= 8) && s.ghost.claims.iter().all(|c| *c <= 2)
+        s.agents.iter().all(|a| a.journal.len() <= 8 * self.orders)
+            && s.ghost.claims.iter().flatten().all(|c| *c <= 2)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let mut props = vec![
             Property::always("never two live copies", |_, s: &Sys| live(s) <= 1),
             Property::always("the VM is never lost", |_, s: &Sys| {
                 s.agents.iter().any(|a| a.vm != Vm::Absent)
             }),
             Property::always(
                 "an order commits at most once on each side",
-                |_, s: &Sys| s.ghost.commits.iter().all(|c| *c <= 1),
+                |_, s: &Sys| s.ghost.commits.iter().flatten().all(|c| *c <= 1),
             ),
             Property::always(
                 "an order is claimed at most once on each side, never once revoked",
-                |_, s: &Sys| s.ghost.claims.iter().all(|c| *c <= 1) && !s.ghost.claimed_revoked,
+                |_, s: &Sys| {
+                    s.ghost.claims.iter().flatten().all(|c| *c <= 1) && !s.ghost.claimed_revoked
+                },
             ),
             Property::always(
                 "COMMIT only after the destination's Ready verified",
@@ -599,7 +752,7 @@ impl Model for Migration {
             Property::sometimes("a failed migration rolls back", |_, s: &Sys| {
                 settled(s)
                     && s.agents[0].vm == Vm::Running
-                    && s.agents[0].latest().map(|e| e.state) == Some(J::RolledBack)
+                    && s.agents[0].latest(0).map(|e| e.state) == Some(J::RolledBack)
             }),
             Property::sometimes(
                 "a failed migration of a paused VM gives it back paused",
@@ -607,31 +760,34 @@ impl Model for Migration {
                     settled(s)
                         && s.ghost.gave_back_paused
                         && s.agents[0].vm == Vm::Paused
-                        && s.agents[0].latest().map(|e| e.state) == Some(J::RolledBack)
+                        && s.agents[0].latest(0).map(|e| e.state) == Some(J::RolledBack)
                 },
             ),
             Property::sometimes(
                 "an order in doubt is settled by asking: moved",
                 |_, s: &Sys| {
-                    journal_is(&s.agents[0], &[J::Claimed, J::Committed, J::Done])
+                    journal_is(&s.agents[0], 0, &[J::Claimed, J::Committed, J::Done])
                         && s.agents[0].vm == Vm::Absent
-                        && s.net.contains(&Msg::Answer {
-                            to: Who::Source,
-                            committed: true,
-                        })
+                        && s.net.contains(&(
+                            0,
+                            Msg::Answer {
+                                to: Who::Source,
+                                committed: true,
+                            },
+                        ))
                 },
             ),
             Property::sometimes(
                 "an order in doubt is settled by asking: given back",
                 |_, s: &Sys| {
-                    journal_is(&s.agents[0], &[J::Claimed, J::Committed, J::RolledBack])
+                    journal_is(&s.agents[0], 0, &[J::Claimed, J::Committed, J::RolledBack])
                         && s.agents[0].vm == Vm::Running
                 },
             ),
             Property::sometimes(
                 "a restarted destination resumes what it committed",
                 |_, s: &Sys| {
-                    journal_is(&s.agents[1], &[J::Claimed, J::Committed, J::Settled])
+                    journal_is(&s.agents[1], 0, &[J::Claimed, J::Committed, J::Settled])
                         && s.agents[1].vm == Vm::Running
                 },
             ),
@@ -647,16 +803,43 @@ impl Model for Migration {
                     !quiescent(m, s) || s.agents.iter().all(|a| a.vm != Vm::Loaded)
                 },
             ),
-        ]
+        ];
+        if self.orders == 2 {
+            props.extend([
+                Property::sometimes("the VM moves there and back", |_, s: &Sys| {
+                    settled(s)
+                        && s.agents[0].vm == Vm::Running
+                        && s.agents[1].vm == Vm::Absent
+                        && s.agents
+                            .iter()
+                            .all(|a| a.latest(1).map(|e| e.state) == Some(J::Done))
+                }),
+                // The interleaving the two orders exist for: the VM leaves again while its
+                // arrival's record is still at COMMIT here (its `Resumed` lost, or DONE not yet
+                // written), and a restart settles that arrival after it left.
+                Property::sometimes(
+                    "an arrival settled after the VM left again takes nothing back",
+                    |_, s: &Sys| {
+                        let b = &s.agents[1];
+                        settled(s)
+                            && b.latest(0).map(|e| e.state) == Some(J::Settled)
+                            && b.latest(1).map(|e| e.state) == Some(J::Done)
+                            && b.vm != Vm::Running
+                            && s.agents[0].vm == Vm::Running
+                    },
+                ),
+            ]);
+        }
+        props
     }
 }
 
-fn revoked(a: &Agent) -> bool {
-    a.journal.iter().any(|e| e.state == J::Revoked)
+fn revoked(a: &Agent, k: usize) -> bool {
+    a.entries(k).any(|e| e.state == J::Revoked)
 }
 
-fn journal_is(a: &Agent, states: &[J]) -> bool {
-    a.journal.iter().map(|e| e.state).eq(states.iter().copied())
+fn journal_is(a: &Agent, k: usize, states: &[J]) -> bool {
+    a.entries(k).map(|e| e.state).eq(states.iter().copied())
 }
 
 /// Copies of the VM that are the VM: running, or paused by its operator.
@@ -667,9 +850,11 @@ fn live(s: &Sys) -> usize {
 }
 
 fn settled(s: &Sys) -> bool {
-    s.agents
-        .iter()
-        .all(|a| a.up && !a.asking() && a.session().is_none() && !a.holding())
+    s.agents.iter().all(|a| {
+        a.up && a.reconcile.is_none()
+            && !a.holding()
+            && (0..a.sides.len()).all(|k| !a.asking(k) && a.session(k).is_none())
+    })
 }
 
 /// No progress action changes anything: the network delivered all it will, every agent took

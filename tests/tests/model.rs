@@ -4,9 +4,11 @@
 //! trace printed as steps.
 //!
 //! Budget: exhaustive breadth-first search of the whole state space with up to
-//! `TRUSTMIG_MODEL_CRASHES` crashes (default 3), then random walks from seed
-//! `TRUSTMIG_MODEL_SEED` (default 1). A longer run: `TRUSTMIG_MODEL_CRASHES=8
-//! TRUSTMIG_MODEL_WALKS=1000000 cargo test --release -p trustmig-tests --test model -- --nocapture`.
+//! `TRUSTMIG_MODEL_CRASHES` crashes (default 3) for one order, `TRUSTMIG_MODEL_CRASHES_TWO`
+//! (default 2) for two orders of the VM (there and back: the state space grows by about its
+//! square), then random walks of both from seed `TRUSTMIG_MODEL_SEED` (default 1). A longer
+//! run: `TRUSTMIG_MODEL_CRASHES=8 TRUSTMIG_MODEL_CRASHES_TWO=4 TRUSTMIG_MODEL_WALKS=1000000
+//! cargo test --release -p trustmig-tests --test model -- --nocapture`.
 
 use stateright::{Checker, Expectation, Model};
 use trustmig_protocol::settlement::{Mutation, Rules};
@@ -21,6 +23,10 @@ fn env(name: &str, default: usize) -> usize {
 
 fn crashes() -> u8 {
     env("TRUSTMIG_MODEL_CRASHES", 3) as u8
+}
+
+fn crashes_over_two_orders() -> u8 {
+    env("TRUSTMIG_MODEL_CRASHES_TWO", 2) as u8
 }
 
 /// A violation's trace as readable steps.
@@ -39,15 +45,27 @@ fn explain_steps(m: &Migration, name: &str, steps: Vec<(Sys, Option<Action>)>) -
         let agents: Vec<String> = s
             .agents
             .iter()
-            .zip(["source", "destination"])
+            .zip(["A", "B"])
             .map(|(a, who)| {
+                let orders: Vec<String> = (0..m.orders)
+                    .map(|k| {
+                        format!(
+                            "order {k}: journal={:?} session={:?}{}",
+                            a.entries(k).map(|e| e.state).collect::<Vec<_>>(),
+                            a.session(k),
+                            if a.asking(k) { " asking" } else { "" }
+                        )
+                    })
+                    .collect();
                 format!(
-                    "{who}: {} vm={:?} journal={:?} session={:?}{}",
+                    "{who}: {} vm={:?}{} {}",
                     if a.up { "up" } else { "DOWN" },
                     a.vm,
-                    a.journal.iter().map(|e| e.state).collect::<Vec<_>>(),
-                    a.session(),
-                    if a.asking() { " asking" } else { "" }
+                    match a.reconcile {
+                        Some((k, act)) => format!(" reconciling(order {k}: {act:?})"),
+                        None => String::new(),
+                    },
+                    orders.join(", ")
                 )
             })
             .collect();
@@ -74,7 +92,8 @@ fn check(m: Migration) -> Vec<(&'static str, String)> {
     // One thread: breadth-first in order, so a trace is a shortest one.
     let c = m.clone().checker().spawn_bfs().join();
     println!(
-        "model ({:?}, {} crashes): {} states, {} unique, depth {}",
+        "model ({} orders, {:?}, {} crashes): {} states, {} unique, depth {}",
+        m.orders,
         m.operator,
         m.crashes,
         c.state_count(),
@@ -112,9 +131,19 @@ fn the_agents_rules_keep_every_property_exhaustively() {
 /// every safety property at every state. A violation prints its walk.
 #[test]
 fn random_walks_find_nothing_either() {
+    let one = Migration::new(Rules::default(), crashes() + 3, Operator::Informed);
+    let two = Migration::new(
+        Rules::default(),
+        crashes_over_two_orders() + 3,
+        Operator::Informed,
+    );
+    walk(one);
+    walk(two.there_and_back());
+}
+
+fn walk(m: Migration) {
     let seed = env("TRUSTMIG_MODEL_SEED", 1) as u64;
     let walks = env("TRUSTMIG_MODEL_WALKS", 20_000);
-    let m = Migration::new(Rules::default(), crashes() + 3, Operator::Informed);
     let props: Vec<_> = (m.properties().into_iter())
         .filter(|p| p.expectation == Expectation::Always)
         .collect();
@@ -130,7 +159,7 @@ fn random_walks_find_nothing_either() {
     for _ in 0..walks {
         let mut s = m.init_states().remove(0);
         let mut trace = vec![(s.clone(), None)];
-        for _ in 0..200 {
+        for _ in 0..200 * m.orders {
             let next_steps = m.next_steps(&s);
             if next_steps.is_empty() {
                 break;
@@ -146,8 +175,8 @@ fn random_walks_find_nothing_either() {
         }
     }
     println!(
-        "random walks (seed {seed}, {} crashes): {walks} walks, {steps} steps",
-        m.crashes
+        "random walks ({} orders, seed {seed}, {} crashes): {walks} walks, {steps} steps",
+        m.orders, m.crashes
     );
 }
 
@@ -231,4 +260,38 @@ fn mutation_run_what_was_paused_is_caught() {
 #[test]
 fn mutation_forget_a_record_at_restart_is_caught() {
     caught(Mutation::ForgetAtRestart, "never two live copies");
+}
+
+/// The VM there and back (two orders, A to B then B to A): every property holds with the
+/// agent's own rules; the second order may come at any moment of the first.
+#[test]
+fn the_agents_rules_keep_every_property_over_two_orders() {
+    let crashes = crashes_over_two_orders();
+    for operator in [Operator::None, Operator::Informed] {
+        let m = Migration::new(Rules::default(), crashes, operator).there_and_back();
+        let found = check(m);
+        let traces: Vec<&str> = found.iter().map(|(_, t)| t.as_str()).collect();
+        assert!(found.is_empty(), "{}", traces.join("\n"));
+    }
+}
+
+#[test]
+fn mutation_latest_order_owns_the_vm_is_caught_over_two_orders() {
+    let m = Migration::new(
+        Rules::mutated(Mutation::LatestOrderOwnsVm),
+        // One crash is enough to reach it, and keeps the search short.
+        1,
+        Operator::None,
+    )
+    .there_and_back();
+    let found = check(m);
+    let trace = (found.iter().find(|(n, _)| *n == "never two live copies"))
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "not caught; found {:?}",
+                found.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            )
+        });
+    println!("LatestOrderOwnsVm:\n{trace}");
 }

@@ -62,10 +62,7 @@ enum Fate {
 /// What becomes of the orders whose lines need not all stay at `now` (UNIX seconds); the
 /// others keep every line.
 fn fates(replayed: &Replay, now: u64) -> HashMap<&str, Fate> {
-    let mut needed: HashSet<&str> = (replayed.vms.last_move.values())
-        .map(|r| r.order_id.as_str())
-        .chain(replayed.vms.order.values().map(String::as_str))
-        .collect();
+    let mut needed: HashSet<&str> = replayed.vms.needed().map(String::as_str).collect();
     needed.extend(replayed.last_change.as_ref().map(|r| r.order_id.as_str()));
     (replayed.latest.values())
         .filter(|r| {

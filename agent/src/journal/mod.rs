@@ -126,78 +126,19 @@ fn clip_note(note: &mut String) {
     }
 }
 
-/// What the journal says of each VM: its current order and the record that last moved it.
-#[derive(Debug, Default)]
-struct VmHistory {
-    /// Each VM's record that last moved it (`Rules::moves_vm`).
-    last_move: HashMap<String, Record>,
-    /// Each VM's current order: the last to write a record about this host's copy of it
-    /// (`Rules::touches_vm`), whatever it did.
-    order: HashMap<String, String>,
-    /// Each VM's orders that wrote about it since it last moved.
-    since_move: HashMap<String, Vec<String>>,
-    /// Orders whose VM moved under another order after they wrote about it: over for it.
-    superseded: std::collections::HashSet<String>,
-}
+/// What the journal says of each VM (by name): its current order (hex id) and last move.
+type VmHistory = trustmig_protocol::history::VmHistory<String, String>;
 
-/// Two histories agree when they say the same of every VM (compaction checks that; which
-/// orders they know of differs by what it dropped).
-impl PartialEq for VmHistory {
-    fn eq(&self, other: &Self) -> bool {
-        self.last_move == other.last_move && self.order == other.order
-    }
-}
-
-impl VmHistory {
-    /// Take record `r` into account, `prev` being its order's record before it.
-    ///
-    /// An order is over for its VM once the VM moves under another order after it: its later
-    /// records (a late final quote's verdict, an incident's note, what a restart settles it
-    /// to) neither make it the VM's order again nor move the VM. Otherwise a destination order
-    /// left at COMMIT (its `Resumed` lost) and settled at a later restart would take back a VM
-    /// that had left here since under a newer order: two copies. An order that touched the VM
-    /// without moving it (refused, rolled back before COMMIT) supersedes nothing: an older
-    /// order in doubt still settles where the VM is.
-    fn track(&mut self, prev: Option<&Record>, r: &Record) {
-        let rules = Rules::default();
-        if !rules.touches_vm(&r.entry()) || self.superseded.contains(&r.order_id) {
-            return;
-        }
-        // The first line of an order that does not claim is what compaction kept of a
-        // finished order (its last line): history, and the VM has a later order already.
-        if prev.is_none() && r.state != State::Claimed && self.order.contains_key(&r.vm) {
-            return;
-        }
-        let prev_state = prev.map(|p| p.state);
-        // What gives an order the VM: its first record about it, or a change of the VM's place
-        // (a COMMIT either way, a source's rollback after its COMMIT: an order in doubt
-        // settles where the VM is, whatever was refused meanwhile). What only follows up on
-        // a change made earlier (DONE, SETTLED after COMMIT, a note) is the VM's only while the
-        // order still is: a restart settling an older order after a newer one claimed the VM
-        // must not take the VM from it.
-        let starts = !prev.is_some_and(|p| rules.touches_vm(&p.entry()));
-        let current = self.order.get(&r.vm) == Some(&r.order_id);
-        let relocates = match (r.role, r.state) {
-            (_, State::Committed) => prev_state != Some(State::Committed),
-            (Role::Source, State::RolledBack) => prev_state == Some(State::Committed),
-            _ => false,
-        };
-        if !(starts || current || relocates) {
-            return;
-        }
-        let since = self.since_move.entry(r.vm.clone()).or_default();
-        if relocates {
-            self.superseded
-                .extend(since.drain(..).filter(|o| *o != r.order_id));
-        }
-        if rules.moves_vm(prev_state, r.role, r.state) {
-            self.last_move.insert(r.vm.clone(), r.clone());
-        }
-        if !since.contains(&r.order_id) {
-            since.push(r.order_id.clone());
-        }
-        self.order.insert(r.vm.clone(), r.order_id.clone());
-    }
+/// Take record `r` into `vms`, `prev` being its order's record before it.
+fn track(vms: &mut VmHistory, prev: Option<&Record>, r: &Record) {
+    let prev = prev.map(Record::entry);
+    vms.track(
+        &Rules::default(),
+        &r.vm,
+        &r.order_id,
+        prev.as_ref(),
+        &r.entry(),
+    );
 }
 
 /// What a journal's lines say, replayed in order.
@@ -231,7 +172,7 @@ impl Replay {
             }
             match serde_json::from_str::<Record>(line.trim_end()) {
                 Ok(r) => {
-                    out.vms.track(out.latest.get(&r.order_id), &r);
+                    track(&mut out.vms, out.latest.get(&r.order_id), &r);
                     let prev = out.latest.get(&r.order_id).map(|p| p.state);
                     if prev != Some(r.state) {
                         out.last_change = Some(r.clone());
@@ -424,7 +365,7 @@ impl Journal {
                 tracing::error!("could not write the audit trail: {e}");
             }
         }
-        self.vms.track(self.latest.get(&r.order_id), &r);
+        track(&mut self.vms, self.latest.get(&r.order_id), &r);
         self.latest.insert(r.order_id.clone(), r);
         Ok(())
     }
@@ -817,7 +758,7 @@ impl Journal {
     /// rolled back, settled): what this host last did with the VM, for reconciling its
     /// hypervisor state after a restart (`reconcile.rs`).
     pub fn last_order_of(&self, vm: &str) -> Option<&Record> {
-        self.latest.get(self.vms.order.get(vm)?)
+        self.latest.get(self.vms.order(vm)?)
     }
 
     /// Whether `vm` left this agent: the latest record (in journal order) that moved it is a
@@ -825,18 +766,16 @@ impl Journal {
     /// doubt) and it must not start here again. Orders that never committed do not count: a
     /// refused or rolled-back order leaves the VM wherever it was.
     pub fn migrated_away(&self, vm: &str) -> bool {
-        (self.vms.last_move.get(vm)).is_some_and(|r| self.rules.left_here(&r.entry()))
+        self.vms.migrated_away(&self.rules, vm)
     }
 
     /// Whether an order that sends `vm` from here is under way (claimed) or at COMMIT,
     /// unsettled: the VM may come back or run on its destination, so no other copy of it may
     /// arrive here meanwhile.
     pub fn leaving(&self, vm: &str) -> bool {
-        self.latest.values().any(|r| {
-            r.vm == vm
-                && r.role == Role::Source
-                && matches!(r.state, State::Claimed | State::Committed)
-        })
+        self.latest
+            .values()
+            .any(|r| r.vm == vm && self.rules.leaving(&r.entry()))
     }
 
     /// Whether an order that sent `vm` from here is at COMMIT, unsettled (in doubt).
