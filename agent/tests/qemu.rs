@@ -1958,6 +1958,71 @@ async fn qemu_a_restart_leaves_a_fresh_destination_qemu_alone() {
     assert_moved(&mut s, &summary).await;
 }
 
+/// SPEC.md §8.8, reconciliation: a restart never resumes a QEMU that sent the VM away, even
+/// when the journal's latest order of the VM here is one that brought it here and committed
+/// (written by hand below: the agent's own journal never reads so since `VmHistory`, which the
+/// model checker checks over two orders without this guard). QEMU 7.2 reports such a source
+/// stopped in `postmigrate` with its migration `completed`, as a loaded destination reports
+/// `completed` too: only the runstate tells them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=0 check=10".into(),
+        mem_mib: MEM_MIB,
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert_moved(&mut s, &summary).await;
+    {
+        let mut q = s.src.qmp().await.expect("qmp");
+        let st = q.query_status().await.expect("query-status");
+        let m = q.query_migrate().await.expect("query-migrate");
+        assert_eq!((st.running, st.status.as_str()), (false, "postmigrate"));
+        assert_eq!(m.status(), trustmig_qemu::qmp::MigrationStatus::Completed);
+    }
+    s.pair.stop(0);
+    let path = s.pair.src.journal_dir().join("journal.jsonl");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let order = "ab".repeat(16);
+    let mut journal = std::fs::read_to_string(&path).expect("source journal");
+    for state in ["claimed", "committed"] {
+        let line = serde_json::json!({
+            "order_id": order, "role": "destination", "vm": VM, "state": state,
+            "not_after": now + 3600, "at": now, "fed": true,
+        });
+        journal += &format!("{line}\n");
+    }
+    std::fs::write(&path, journal).expect("journal written");
+    s.pair.start(0).expect("source agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.all_logs().contains("sent the VM away since") {
+        assert!(Instant::now() < deadline, "not reconciled\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let journal = std::fs::read_to_string(&path).expect("source journal");
+    let last = journal.lines().last().expect("a record");
+    // Not DONE: that would say the VM ran here.
+    assert!(
+        last.contains(&order) && last.contains("\"settled\""),
+        "{journal}"
+    );
+    assert_eq!(
+        s.src.status().await.as_deref(),
+        Ok("postmigrate"),
+        "{}",
+        s.logs()
+    );
+}
+
 /// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the
 /// `<name>.qemu.log`); returns the HMP reply (empty on success).
 async fn hmp_qemu_io(vm: &QemuVm, dev: &str, cmd: &str) -> String {

@@ -32,6 +32,15 @@ fn holds_incoming(st: &StatusInfo, m: &MigrationInfo) -> bool {
         || (!st.running && st.status != "postmigrate" && m.status() != MigrationStatus::None)
 }
 
+/// Whether a destination QEMU holds a VM it received and never ran: stopped once its incoming
+/// migration completed. Never one that sent a VM away (`postmigrate`, its migration completed
+/// too): a destination order's reconciliation runs only what arrived, whatever the journal
+/// says. (The model checker lets a mistaken reading of the journal `cont` such a source copy,
+/// and finds two copies; the agent's reading is checked there, and this refuses it as well.)
+fn received_and_stopped(st: &StatusInfo, m: &MigrationInfo) -> bool {
+    !st.running && st.status != "postmigrate" && m.status() == MigrationStatus::Completed
+}
+
 /// Whether `order` is still `vm`'s most recent order here and nothing arrives meanwhile: the
 /// action was decided at start, and a reconciliation waits for QEMU for up to a minute. Asked
 /// while this holds QEMU's one QMP connection, which an arrival needs too.
@@ -94,14 +103,17 @@ pub(crate) async fn reconcile(
             Ok(()) => "the destination QEMU left from a migration that never committed here was discarded (quit); it never ran here".into(),
             Err(e) => format!("the destination QEMU left from a migration that never committed here could not be discarded ({e}): quit it by hand, never `cont` it"),
         },
-        Action::Resume if paused && !st.running && m.status() == MigrationStatus::Completed => {
+        Action::Resume if paused && received_and_stopped(&st, &m) => {
             "committed here before the restart: the VM is this host's, handed over paused as it was at its source".into()
         }
-        Action::Resume if !st.running && m.status() == MigrationStatus::Completed => match qmp.cont().await {
+        Action::Resume if received_and_stopped(&st, &m) => match qmp.cont().await {
             Ok(()) => "committed here before the restart: the VM runs on this host (cont)".into(),
             Err(e) => format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand"),
         },
         Action::Resume if st.running => "committed here and running".into(),
+        Action::Resume if st.status == "postmigrate" => {
+            "committed here before the restart, but this QEMU sent the VM away since (postmigrate): not resumed, left SETTLED; check by hand where the VM runs".into()
+        }
         Action::Resume => format!(
             "committed here before the restart, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand",
             st.status,
@@ -165,5 +177,37 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
                 _ => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(running: bool, status: &str, migration: &str) -> (StatusInfo, MigrationInfo) {
+        let st = StatusInfo {
+            running,
+            status: status.into(),
+        };
+        let m = serde_json::from_value(serde_json::json!({ "status": migration }))
+            .expect("migration info");
+        (st, m)
+    }
+
+    /// Only a destination's loaded, never-run QEMU is resumed: a source that sent the VM away
+    /// reports its migration completed and is stopped too, and must stay so.
+    #[test]
+    fn only_what_arrived_is_resumed() {
+        let cases = [
+            (false, "paused", "completed", true),
+            (false, "postmigrate", "completed", false),
+            (true, "running", "completed", false),
+            (false, "paused", "none", false),
+            (false, "inmigrate", "active", false),
+        ];
+        for (running, status, migration, want) in cases {
+            let (st, m) = seen(running, status, migration);
+            assert_eq!(received_and_stopped(&st, &m), want, "{status} {migration}");
+        }
     }
 }
