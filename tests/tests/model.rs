@@ -193,12 +193,18 @@ fn a_blind_operator_override_can_break_safety() {
     assert!(names.contains(&"the VM is never lost"), "{names:?}");
 }
 
+/// One order, the mutated rules, no operator: `property` must be violated.
 fn caught(mutation: Mutation, property: &str) {
-    let found = check(Migration::new(
-        Rules::mutated(mutation),
-        crashes(),
-        Operator::None,
-    ));
+    caught_in(
+        Migration::new(Rules::mutated(mutation), crashes(), Operator::None),
+        property,
+    );
+}
+
+/// The model `m` (with mutated rules) violates `property`; its trace is printed.
+fn caught_in(m: Migration, property: &str) {
+    let mutation = m.rules;
+    let found = check(m);
     let trace = found
         .iter()
         .find(|(n, _)| *n == property)
@@ -284,14 +290,5 @@ fn mutation_latest_order_owns_the_vm_is_caught_over_two_orders() {
         Operator::None,
     )
     .there_and_back();
-    let found = check(m);
-    let trace = (found.iter().find(|(n, _)| *n == "never two live copies"))
-        .map(|(_, t)| t.clone())
-        .unwrap_or_else(|| {
-            panic!(
-                "not caught; found {:?}",
-                found.iter().map(|(n, _)| *n).collect::<Vec<_>>()
-            )
-        });
-    println!("LatestOrderOwnsVm:\n{trace}");
+    caught_in(m, "never two live copies");
 }
