@@ -7,7 +7,7 @@
 //! `TRUSTMIG_MODEL_CRASHES` crashes (default 3) for one order, `TRUSTMIG_MODEL_CRASHES_TWO`
 //! (default 2) for two orders of the VM (there and back: the state space grows by about its
 //! square), then random walks of both from seed `TRUSTMIG_MODEL_SEED` (default 1). A longer
-//! run: `TRUSTMIG_MODEL_CRASHES=8 TRUSTMIG_MODEL_CRASHES_TWO=4 TRUSTMIG_MODEL_WALKS=1000000
+//! run: `TRUSTMIG_MODEL_CRASHES=8 TRUSTMIG_MODEL_CRASHES_TWO=3 TRUSTMIG_MODEL_WALKS=1000000
 //! cargo test --release -p trustmig-tests --test model -- --nocapture`.
 
 use stateright::{Checker, Expectation, Model};
