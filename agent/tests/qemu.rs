@@ -2005,7 +2005,12 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
     s.pair.start(0).expect("source agent restarts");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !s.all_logs().contains("sent the VM away since") {
-        assert!(Instant::now() < deadline, "not reconciled\n{}", s.logs());
+        let now = s.src.status().await;
+        assert!(
+            Instant::now() < deadline,
+            "no refusal to resume logged; the source QEMU is {now:?}\n{}",
+            s.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let journal = std::fs::read_to_string(&path).expect("source journal");
@@ -2021,6 +2026,7 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
         "{}",
         s.logs()
     );
+    assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
 }
 
 /// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the

@@ -3,8 +3,9 @@
 //! of that order's latest record), and whether the VM left this host.
 //! spec: SPEC.md §8.8 (restart), §8.9 (the model checker runs it over two orders of one VM)
 //!
-//! Pure logic over (VM, order, [`Entry`]): the agent feeds it its journal's records, the model
-//! checker its model's journal, so the checker's verdict holds for the agent's own reading.
+//! Pure logic over (VM, order, record): the agent feeds it its journal's records, the model
+//! checker its model's journal (of [`Entry`]s), so the checker's verdict holds for the agent's
+//! own reading.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -13,11 +14,24 @@ use std::hash::Hash;
 use crate::order::Role;
 use crate::settlement::{Entry, Mutation, Rules, State};
 
-/// What a journal says of each VM: its current order and the record that last moved it.
+/// A journal record as the history reads it: what the rules need of it, [`Entry`].
+pub trait Recorded {
+    /// What the rules need to know of the record.
+    fn entry(&self) -> Entry;
+}
+
+impl Recorded for Entry {
+    fn entry(&self) -> Entry {
+        *self
+    }
+}
+
+/// What a journal says of each VM: its current order and the record that last moved it (kept
+/// whole, so that two histories agree only on the same record).
 #[derive(Clone, Debug)]
-pub struct VmHistory<V, O> {
+pub struct VmHistory<V, O, R = Entry> {
     /// Each VM's record that last moved it (`Rules::moves_vm`), with its order.
-    last_move: HashMap<V, (O, Entry)>,
+    last_move: HashMap<V, (O, R)>,
     /// Each VM's current order: the last to write a record about this host's copy of it
     /// (`Rules::touches_vm`) that the order still owned.
     order: HashMap<V, O>,
@@ -27,7 +41,7 @@ pub struct VmHistory<V, O> {
     superseded: HashSet<O>,
 }
 
-impl<V, O> Default for VmHistory<V, O> {
+impl<V, O, R> Default for VmHistory<V, O, R> {
     fn default() -> Self {
         Self {
             last_move: HashMap::new(),
@@ -40,25 +54,25 @@ impl<V, O> Default for VmHistory<V, O> {
 
 /// Two histories agree when they say the same of every VM (the agent's compaction checks
 /// that; which orders they know of differs by what it dropped).
-impl<V: Eq + Hash, O: Eq> PartialEq for VmHistory<V, O> {
+impl<V: Eq + Hash, O: Eq, R: PartialEq> PartialEq for VmHistory<V, O, R> {
     fn eq(&self, other: &Self) -> bool {
         self.last_move == other.last_move && self.order == other.order
     }
 }
 
-impl<V: Clone + Eq + Hash, O: Clone + Eq + Hash> VmHistory<V, O> {
-    /// The history of `records` (VM, order, entry), oldest first.
-    pub fn of(rules: &Rules, records: impl IntoIterator<Item = (V, O, Entry)>) -> Self {
+impl<V: Clone + Eq + Hash, O: Clone + Eq + Hash, R: Recorded + Clone> VmHistory<V, O, R> {
+    /// The history of `records` (VM, order, record), oldest first.
+    pub fn of(rules: &Rules, records: impl IntoIterator<Item = (V, O, R)>) -> Self {
         let mut out = Self::default();
         let mut latest: HashMap<O, Entry> = HashMap::new();
-        for (vm, order, e) in records {
-            out.track(rules, &vm, &order, latest.get(&order), &e);
-            latest.insert(order, e);
+        for (vm, order, r) in records {
+            out.track(rules, &vm, &order, latest.get(&order), &r);
+            latest.insert(order, r.entry());
         }
         out
     }
 
-    /// Take record `e` of `order` about `vm` into account, `prev` being the order's record
+    /// Take record `r` of `order` about `vm` into account, `prev` being the order's record
     /// before it.
     ///
     /// An order is over for its VM once the VM moves under another order after it: its later
@@ -68,14 +82,16 @@ impl<V: Clone + Eq + Hash, O: Clone + Eq + Hash> VmHistory<V, O> {
     /// that had left here since under a newer order: two copies. An order that touched the VM
     /// without moving it (refused, rolled back before COMMIT) supersedes nothing: an older
     /// order in doubt still settles where the VM is.
-    pub fn track(&mut self, rules: &Rules, vm: &V, order: &O, prev: Option<&Entry>, e: &Entry) {
+    pub fn track(&mut self, rules: &Rules, vm: &V, order: &O, prev: Option<&Entry>, r: &R) {
+        let e = &r.entry();
         if !rules.touches_vm(e) {
             return;
         }
         // The mistake this type exists to avoid: whatever wrote last owns the VM.
         if rules.broken(Mutation::LatestOrderOwnsVm) {
             if rules.moves_vm(prev.map(|p| p.state), e.role, e.state) {
-                self.last_move.insert(vm.clone(), (order.clone(), *e));
+                self.last_move
+                    .insert(vm.clone(), (order.clone(), r.clone()));
             }
             self.order.insert(vm.clone(), order.clone());
             return;
@@ -111,7 +127,8 @@ impl<V: Clone + Eq + Hash, O: Clone + Eq + Hash> VmHistory<V, O> {
                 .extend(since.drain(..).filter(|o| o != order));
         }
         if rules.moves_vm(prev_state, e.role, e.state) {
-            self.last_move.insert(vm.clone(), (order.clone(), *e));
+            self.last_move
+                .insert(vm.clone(), (order.clone(), r.clone()));
         }
         if !since.contains(order) {
             since.push(order.clone());
@@ -128,7 +145,7 @@ impl<V: Clone + Eq + Hash, O: Clone + Eq + Hash> VmHistory<V, O> {
     }
 
     /// The order whose record last moved the VM, and that record.
-    pub fn last_move<Q: Hash + Eq + ?Sized>(&self, vm: &Q) -> Option<&(O, Entry)>
+    pub fn last_move<Q: Hash + Eq + ?Sized>(&self, vm: &Q) -> Option<&(O, R)>
     where
         V: Borrow<Q>,
     {
@@ -146,7 +163,8 @@ impl<V: Clone + Eq + Hash, O: Clone + Eq + Hash> VmHistory<V, O> {
     where
         V: Borrow<Q>,
     {
-        self.last_move(vm).is_some_and(|(_, e)| rules.left_here(e))
+        self.last_move(vm)
+            .is_some_and(|(_, r)| rules.left_here(&r.entry()))
     }
 }
 

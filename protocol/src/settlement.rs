@@ -36,6 +36,20 @@ pub enum State {
     Revoked,
 }
 
+/// As the journal writes it.
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Claimed => "claimed",
+            Self::Committed => "committed",
+            Self::Done => "done",
+            Self::RolledBack => "rolled-back",
+            Self::Settled => "settled",
+            Self::Revoked => "revoked",
+        })
+    }
+}
+
 /// What the rules need to know of an order's latest journal record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Entry {
@@ -173,6 +187,8 @@ pub enum Mutation {
     /// Whichever order wrote last about a VM is its order (`history::VmHistory`), even one the
     /// VM left under a newer order since.
     LatestOrderOwnsVm,
+    /// A copy that arrived and is still to be discarded counts as this host's VM, free to send.
+    SendWhatArrived,
 }
 
 /// The rules. `Rules::default()` is the only kind a normal build makes.
@@ -348,6 +364,29 @@ impl Rules {
         e.role == Role::Source && matches!(e.state, State::Committed | State::Done | State::Settled)
     }
 
+    /// Whether this host's copy of the VM is the VM, as far as the journal can tell, given the
+    /// latest entry of the VM's current order here (`history::VmHistory`; `None`: it never
+    /// migrated): a copy given back (a source's rollback), one that arrived and ran (DONE),
+    /// one committed here by its session (it runs, or is about to: a lost `Resumed` leaves it
+    /// at COMMIT until a restart; while the session lasts, the VM counts as arriving), or one a
+    /// refused arrival never touched. Not one still leaving or sent away; not an arrival
+    /// interrupted or rolled back whose copy is still to be discarded (QEMU holds it stopped,
+    /// and a source's checks of QEMU alone would take it for a paused VM and send it while the
+    /// VM runs elsewhere); and not one a restart settled as committed here until its
+    /// reconciliation resumed it (DONE): sent first, its resume would never come, and the VM
+    /// would stay stopped for good (found by the model checker over two orders).
+    pub fn holds_vm(&self, current: Option<&Entry>) -> bool {
+        match current.map(|e| (e.role, e.state, e.flag)) {
+            None => true,
+            Some((Role::Source, state, _)) => state == State::RolledBack,
+            Some((Role::Destination, State::Claimed | State::RolledBack, fed)) => {
+                !fed || self.broken(Mutation::SendWhatArrived)
+            }
+            Some((Role::Destination, State::Settled, _)) => false,
+            Some((Role::Destination, _, _)) => true,
+        }
+    }
+
     /// The records a restart replays: all of them (a mutation forgets the last).
     pub fn replay<'a, T>(&self, records: &'a [T]) -> &'a [T] {
         match records {
@@ -416,6 +455,53 @@ mod tests {
             state,
             peer: Some(if role == Role::Source { DST } else { SRC }),
             flag: false,
+        }
+    }
+
+    /// Only what the journal gives this host is sent from it: never a copy that arrived and
+    /// is still to be discarded.
+    #[test]
+    fn only_the_vm_here_is_sent() {
+        use Role::{Destination as D, Source as S};
+        use State::*;
+        let r = Rules::default();
+        let fed = |role, state, flag| Entry {
+            role,
+            state,
+            peer: None,
+            flag,
+        };
+        assert!(r.holds_vm(None));
+        let cases = [
+            (S, RolledBack, true),
+            (S, Claimed, false),
+            (S, Committed, false),
+            (S, Done, false),
+            (S, Settled, false),
+            (D, Claimed, false),
+            (D, RolledBack, false),
+            (D, Committed, true),
+            (D, Settled, false),
+            (D, Done, true),
+        ];
+        for (role, state, want) in cases {
+            assert_eq!(
+                r.holds_vm(Some(&fed(role, state, true))),
+                want,
+                "{role} {state}"
+            );
+        }
+        // A refused arrival (its QEMU never handed over), or one whose QEMU was discarded.
+        assert!(r.holds_vm(Some(&fed(D, RolledBack, false))));
+    }
+
+    /// Messages name a state as the journal writes it.
+    #[test]
+    fn a_state_reads_as_the_journal_writes_it() {
+        use State::*;
+        for st in [Claimed, Committed, Done, RolledBack, Settled, Revoked] {
+            let json = serde_json::to_string(&st).expect("json");
+            assert_eq!(json, format!("\"{st}\""));
         }
     }
 

@@ -77,6 +77,10 @@ fn role(h: usize, k: usize) -> Role {
 pub enum Vm {
     /// Nothing of it (a hypervisor waiting for an incoming migration, if an order comes).
     Absent,
+    /// Source: sent away for good, yet still there, stopped (a QEMU in `postmigrate` stays so
+    /// until someone quits it): not the VM, and a mistaken `cont` would run it. An operator
+    /// replaces it with a fresh hypervisor when the VM is to come back.
+    SentAway,
     /// Running.
     Running,
     /// Paused by its operator (not by a migration): a live copy, to stay paused until its
@@ -192,6 +196,15 @@ impl Agent {
     /// Whether the VM is leaving here under some order (`Journal::leaving`).
     fn leaving(&self, rules: &Rules) -> bool {
         (0..self.sides.len()).any(|k| self.latest(k).is_some_and(|e| rules.leaving(e)))
+    }
+
+    /// Whether a copy of the VM is arriving here (`Arrivals`): a destination session runs,
+    /// or what it does once its last record is durable (its `cont`) is still to come.
+    fn arriving(&self, h: usize) -> bool {
+        (0..self.sides.len()).any(|j| {
+            role(h, j) == Role::Destination
+                && (self.session(j).is_some() || self.sides[j].awaits_durable())
+        })
     }
 
     /// The order the journal says the VM belongs to here (`Journal::last_order_of`).
@@ -343,13 +356,20 @@ impl Migration {
         let rules = self.rules;
         let a = &mut s.agents[h];
         let outs = match m {
-            // The claim records whether the VM is paused (the agent reads it from QEMU). A new
-            // order for a VM leaving here under another is refused before its claim.
-            Msg::Order if matches!(a.vm, Vm::Running | Vm::Paused) && a.session(k).is_none() => {
-                if a.latest(k).is_none() && a.leaving(&rules) {
+            // The claim records whether the VM is paused (the agent reads it from QEMU, where a
+            // copy that arrived and never ran is paused too). A new order for a VM leaving here
+            // under another, or whose copy here the journal does not give it, is refused
+            // before its claim (`busy` in driver/source.rs).
+            Msg::Order
+                if matches!(a.vm, Vm::Running | Vm::Paused | Vm::Loaded)
+                    && a.session(k).is_none() =>
+            {
+                let current = a.current_order(&rules).and_then(|c| a.latest(c));
+                let busy = a.leaving(&rules) || a.arriving(h) || !rules.holds_vm(current);
+                if a.latest(k).is_none() && busy {
                     return;
                 }
-                let paused = a.vm == Vm::Paused;
+                let paused = a.vm != Vm::Running;
                 let outs = a.sides[k]
                     .claim(Some(id(dst(k))), paused)
                     .unwrap_or_default();
@@ -359,14 +379,17 @@ impl Migration {
                 outs
             }
             // The handshake claims the order at the destination; its hypervisor is handed to
-            // the order (`flag`) only when nothing of the VM is here and it is not leaving
-            // here, else the session is refused at once.
+            // the order (`flag`) only when nothing of the VM is here (or only a copy sent away,
+            // which the operator replaced by a waiting hypervisor) and it is not leaving here,
+            // else the session is refused at once: the refusal is journalled, and nothing of
+            // the VM here is touched (`receive_into`).
             Msg::Begin if a.session(k).is_none() => {
-                let free = a.vm == Vm::Absent && !a.leaving(&rules);
+                let free = matches!(a.vm, Vm::Absent | Vm::SentAway) && !a.leaving(&rules);
                 let side = &mut a.sides[k];
                 let mut outs = side.claim(Some(id(src(k))), free).unwrap_or_default();
                 if !free && !outs.is_empty() {
                     outs.extend(side.handle(Input::Failed));
+                    outs.retain(|o| !matches!(o, Output::Vm(_)));
                 }
                 outs
             }
@@ -538,9 +561,7 @@ impl Migration {
             return;
         };
         let k = usize::from(k);
-        let arriving =
-            (0..self.orders).any(|j| role(h, j) == Role::Destination && a.session(j).is_some());
-        if a.current_order(&self.rules) == Some(k) && !arriving {
+        if a.current_order(&self.rules) == Some(k) && !a.arriving(h) {
             vm_action(a, k, act, &mut s.ghost);
         }
     }
@@ -577,9 +598,12 @@ impl Migration {
 fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
     match act {
         // A paused VM given back before the switch-over stopped it: running it (`cont`) is
-        // as wrong as after.
-        VmAction::GiveBack { paused_before } if matches!(a.vm, Vm::Stopped | Vm::Paused) => {
-            if a.vm == Vm::Stopped {
+        // as wrong as after. A copy sent away is stopped by its migration too (`postmigrate`),
+        // and a give-back would run it.
+        VmAction::GiveBack { paused_before }
+            if matches!(a.vm, Vm::Stopped | Vm::Paused | Vm::SentAway) =>
+        {
+            if matches!(a.vm, Vm::Stopped | Vm::SentAway) {
                 if a.latest(k).map(|e| e.state) != Some(J::RolledBack) {
                     ghost.resumed_unsettled = true;
                 }
@@ -592,10 +616,16 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
                 Vm::Running
             };
         }
-        VmAction::Forget | VmAction::Discard => a.vm = Vm::Absent,
+        VmAction::Forget if a.vm == Vm::Stopped => a.vm = Vm::SentAway,
+        // Only a copy that arrived and never ran (`holds_incoming`, and the destination driver
+        // discards only the QEMU it was handed).
+        VmAction::Discard if a.vm == Vm::Loaded => a.vm = Vm::Absent,
         // A QEMU that sent the VM away reports its migration completed and is stopped, as one
-        // that received it does: the reconciliation's `cont` would run either.
-        VmAction::Resume if matches!(a.vm, Vm::Loaded | Vm::Stopped) => a.vm = Vm::Running,
+        // that received it does. The agent resumes only the latter; the model lets a
+        // resume run either, so the journal's reading is checked without that guard.
+        VmAction::Resume if matches!(a.vm, Vm::Loaded | Vm::Stopped | Vm::SentAway) => {
+            a.vm = Vm::Running
+        }
         _ => {}
     }
 }
@@ -717,7 +747,7 @@ impl Model for Migration {
         let mut props = vec![
             Property::always("never two live copies", |_, s: &Sys| live(s) <= 1),
             Property::always("the VM is never lost", |_, s: &Sys| {
-                s.agents.iter().any(|a| a.vm != Vm::Absent)
+                s.agents.iter().any(|a| !gone(a.vm))
             }),
             Property::always(
                 "an order commits at most once on each side",
@@ -747,7 +777,7 @@ impl Model for Migration {
             ),
             // Examples the search must reach, or the model proves nothing (SPEC.md §8.9).
             Property::sometimes("the VM moves", |_, s: &Sys| {
-                settled(s) && s.agents[1].vm == Vm::Running && s.agents[0].vm == Vm::Absent
+                settled(s) && s.agents[1].vm == Vm::Running && gone(s.agents[0].vm)
             }),
             Property::sometimes("a failed migration rolls back", |_, s: &Sys| {
                 settled(s)
@@ -767,7 +797,7 @@ impl Model for Migration {
                 "an order in doubt is settled by asking: moved",
                 |_, s: &Sys| {
                     journal_is(&s.agents[0], 0, &[J::Claimed, J::Committed, J::Done])
-                        && s.agents[0].vm == Vm::Absent
+                        && gone(s.agents[0].vm)
                         && s.net.contains(&(
                             0,
                             Msg::Answer {
@@ -809,7 +839,7 @@ impl Model for Migration {
                 Property::sometimes("the VM moves there and back", |_, s: &Sys| {
                     settled(s)
                         && s.agents[0].vm == Vm::Running
-                        && s.agents[1].vm == Vm::Absent
+                        && gone(s.agents[1].vm)
                         && s.agents
                             .iter()
                             .all(|a| a.latest(1).map(|e| e.state) == Some(J::Done))
@@ -821,10 +851,14 @@ impl Model for Migration {
                     "an arrival settled after the VM left again takes nothing back",
                     |_, s: &Sys| {
                         let b = &s.agents[1];
+                        let at = |k: u8, st: J| {
+                            (b.journal.iter()).position(|(o, e)| *o == k && e.state == st)
+                        };
                         settled(s)
-                            && b.latest(0).map(|e| e.state) == Some(J::Settled)
+                            && at(1, J::Committed).is_some()
+                            && at(0, J::Settled) > at(1, J::Committed)
                             && b.latest(1).map(|e| e.state) == Some(J::Done)
-                            && b.vm != Vm::Running
+                            && gone(b.vm)
                             && s.agents[0].vm == Vm::Running
                     },
                 ),
@@ -840,6 +874,11 @@ fn revoked(a: &Agent, k: usize) -> bool {
 
 fn journal_is(a: &Agent, k: usize, states: &[J]) -> bool {
     a.entries(k).map(|e| e.state).eq(states.iter().copied())
+}
+
+/// Nothing of the VM there, or only a copy sent away.
+fn gone(vm: Vm) -> bool {
+    matches!(vm, Vm::Absent | Vm::SentAway)
 }
 
 /// Copies of the VM that are the VM: running, or paused by its operator.

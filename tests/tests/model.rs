@@ -156,8 +156,10 @@ fn walk(m: Migration) {
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
     };
     let mut steps = 0usize;
-    for _ in 0..walks {
-        let mut s = m.init_states().remove(0);
+    let starts = m.init_states();
+    for w in 0..walks {
+        // Both starting states in turn: the VM running, or paused by its operator.
+        let mut s = starts[w % starts.len()].clone();
         let mut trace = vec![(s.clone(), None)];
         for _ in 0..200 * m.orders {
             let next_steps = m.next_steps(&s);
@@ -290,5 +292,14 @@ fn mutation_latest_order_owns_the_vm_is_caught_over_two_orders() {
         Operator::None,
     )
     .there_and_back();
+    caught_in(m, "never two live copies");
+}
+
+/// A source that sends a copy that arrived and never committed here (QEMU shows it paused,
+/// the journal says it is to be discarded) while the VM runs where it came from.
+#[test]
+fn mutation_send_what_arrived_is_caught_over_two_orders() {
+    let m = Migration::new(Rules::mutated(Mutation::SendWhatArrived), 1, Operator::None)
+        .there_and_back();
     caught_in(m, "never two live copies");
 }

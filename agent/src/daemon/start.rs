@@ -123,11 +123,18 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     let metrics_server = (config.metrics_listen.as_deref())
         .map(|addr| crate::metrics::bind(addr, &home.config()))
         .transpose()?;
+    // Bound under a temporary name, made the owner's only, then renamed: the socket's name
+    // appears only once it listens with its final mode. A client that waits for the name (the
+    // test harness, an operator's script) met "connection refused" between bind and listen,
+    // seen once in CI on a loaded machine.
     let sock_path = home.control_socket();
+    let bound = sock_path.with_extension("sock.new");
     let _ = std::fs::remove_file(&sock_path);
-    let control = UnixListener::bind(&sock_path).map_err(AgentError::io(&sock_path))?;
-    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
-        .map_err(AgentError::io(&sock_path))?;
+    let _ = std::fs::remove_file(&bound);
+    let control = UnixListener::bind(&bound).map_err(AgentError::io(&bound))?;
+    std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o600))
+        .map_err(AgentError::io(&bound))?;
+    std::fs::rename(&bound, &sock_path).map_err(AgentError::io(&sock_path))?;
     info!(
         identity = %hex::encode(identity.id()),
         listen = %config.listen,

@@ -117,14 +117,18 @@ pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
     match (committed, decided) {
         (true, Ok(Some(_))) => Settlement::Moved,
         // The machine's give-back, as it journalled it: paused or not by `Rules::give_back`.
-        (false, Ok(Some(act))) => Settlement::NotMoved {
-            paused_before: matches!(
-                act,
-                VmAction::GiveBack {
-                    paused_before: true
-                }
-            ),
-        },
+        (false, Ok(Some(act))) => {
+            debug_assert!(
+                matches!(act, VmAction::GiveBack { .. }),
+                "\"not committed\" gives the VM back, not {act:?}"
+            );
+            Settlement::NotMoved {
+                paused_before: act
+                    == VmAction::GiveBack {
+                        paused_before: true,
+                    },
+            }
+        }
         (true, Ok(None)) => {
             error!(order = %hex(&p.id), vm = %p.vm, "the destination says it committed this order, which was already settled here (by the operator?) as not moved: the VM may run in two places; stop one of them");
             Settlement::Moved

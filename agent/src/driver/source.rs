@@ -163,10 +163,32 @@ async fn migrate_checked(
     // journal's lock (another order may have taken the VM while this one queued). A replayed
     // order is left to the claim, which names it so.
     let busy = |j: &crate::journal::Journal| {
-        if j.entry(order.id()).is_none() && j.leaving(&body.vm) {
+        if j.entry(order.id()).is_some() {
+            return Ok(());
+        }
+        if j.leaving(&body.vm) {
             return Err(not_started(AgentError::Refused(format!(
                 "VM {} is already migrating from this host (one migration per VM at a time)",
                 body.vm
+            ))));
+        }
+        // Its arrival's session resumes it (`cont`) after COMMIT: a source that took the
+        // QEMU meanwhile would have that `cont` run a copy it switched over.
+        if ctx.arriving.contains(&body.vm) {
+            return Err(not_started(AgentError::Refused(format!(
+                "VM {} is arriving here by another order: send it once it has arrived",
+                body.vm
+            ))));
+        }
+        // QEMU alone cannot tell: a copy that arrived and never ran is paused too.
+        if !j.holds_vm(&body.vm) {
+            let last = j.last_order_of(&body.vm);
+            return Err(not_started(AgentError::Refused(format!(
+                "VM {} here is not free to send: its last order here ({}, {} {}) left a copy that is not yet the VM's (an arrival interrupted or rolled back, its QEMU to be discarded; or one committed here and not yet resumed): wait until this agent settles it (`trustmig status`)",
+                body.vm,
+                last.map_or("?", |r| r.order_id.as_str()),
+                last.map_or("?".into(), |r| r.role.to_string()),
+                last.map_or("?".into(), |r| r.state.to_string()),
             ))));
         }
         Ok(())

@@ -75,6 +75,12 @@ pub struct Record {
     pub evidence: BTreeMap<String, String>,
 }
 
+impl trustmig_protocol::history::Recorded for Record {
+    fn entry(&self) -> Entry {
+        Record::entry(self)
+    }
+}
+
 impl Record {
     /// What the settlement rules need to know of it.
     pub fn entry(&self) -> Entry {
@@ -127,18 +133,12 @@ fn clip_note(note: &mut String) {
 }
 
 /// What the journal says of each VM (by name): its current order (hex id) and last move.
-type VmHistory = trustmig_protocol::history::VmHistory<String, String>;
+type VmHistory = trustmig_protocol::history::VmHistory<String, String, Record>;
 
 /// Take record `r` into `vms`, `prev` being its order's record before it.
 fn track(vms: &mut VmHistory, prev: Option<&Record>, r: &Record) {
     let prev = prev.map(Record::entry);
-    vms.track(
-        &Rules::default(),
-        &r.vm,
-        &r.order_id,
-        prev.as_ref(),
-        &r.entry(),
-    );
+    vms.track(&Rules::default(), &r.vm, &r.order_id, prev.as_ref(), r);
 }
 
 /// What a journal's lines say, replayed in order.
@@ -754,9 +754,10 @@ impl Journal {
         v
     }
 
-    /// The latest record of the order that most recently wrote about `vm` (claimed, moved,
-    /// rolled back, settled): what this host last did with the VM, for reconciling its
-    /// hypervisor state after a restart (`reconcile.rs`).
+    /// The latest record of `vm`'s current order here (`VmHistory`: the order that last took
+    /// the VM, which is not simply the last to write about it): what this host last did with
+    /// the VM, for reconciling its hypervisor state after a restart (`reconcile.rs`) and for
+    /// whether it may send it (`holds_vm`).
     pub fn last_order_of(&self, vm: &str) -> Option<&Record> {
         self.latest.get(self.vms.order(vm)?)
     }
@@ -776,6 +777,13 @@ impl Journal {
         self.latest
             .values()
             .any(|r| r.vm == vm && self.rules.leaving(&r.entry()))
+    }
+
+    /// Whether this host's copy of `vm` is the VM and free to be sent, by its current order
+    /// here (`Rules::holds_vm`): never migrated, given back, or arrived and ran here.
+    pub fn holds_vm(&self, vm: &str) -> bool {
+        self.rules
+            .holds_vm(self.last_order_of(vm).map(Record::entry).as_ref())
     }
 
     /// Whether an order that sent `vm` from here is at COMMIT, unsettled (in doubt).
@@ -1157,6 +1165,41 @@ mod tests {
         j.set(&c, State::Committed, "").unwrap();
         assert!(!j.migrated_away("vm"));
         assert_eq!(j.last_order_of("vm").unwrap().order_id, hex(&c));
+    }
+
+    /// What the journal gives this host to send (`holds_vm`): not a copy that arrived and is
+    /// still to be discarded (QEMU shows it paused, like a VM paused by its operator), nor one
+    /// a restart settled as committed here before its reconciliation resumed it.
+    #[test]
+    fn only_the_vm_here_is_free_to_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(j.holds_vm("vm"), "never migrated");
+        let (a, b) = ([1; 16], [2; 16]);
+        j.claim_as_destination(&order(1, "vm"), &[9; 32]).unwrap();
+        assert!(
+            j.holds_vm("vm"),
+            "an arrival not handed the VM's QEMU touches nothing"
+        );
+        j.mark_fed(&a).unwrap();
+        assert!(!j.holds_vm("vm"), "arriving");
+        j.set(&a, State::RolledBack, "").unwrap();
+        assert!(
+            !j.holds_vm("vm"),
+            "rolled back, its QEMU still to be discarded"
+        );
+        j.mark_discarded(&a).unwrap();
+        assert!(j.holds_vm("vm"), "discarded: whatever runs here is not its");
+        j.claim_as_destination(&order(2, "vm"), &[9; 32]).unwrap();
+        j.mark_fed(&b).unwrap();
+        j.set(&b, State::Committed, "").unwrap();
+        assert!(j.holds_vm("vm"), "committed here by its session");
+        j.set(&b, State::Settled, "committed before restart")
+            .unwrap();
+        assert!(!j.holds_vm("vm"), "settled at a restart, not yet resumed");
+        j.set(&b, State::Done, "resumed here after a restart")
+            .unwrap();
+        assert!(j.holds_vm("vm"));
     }
 
     /// A destination order left at COMMIT (its `Resumed` lost) and a newer source order that

@@ -41,7 +41,8 @@ fn received_and_stopped(st: &StatusInfo, m: &MigrationInfo) -> bool {
     !st.running && st.status != "postmigrate" && m.status() == MigrationStatus::Completed
 }
 
-/// Whether `order` is still `vm`'s most recent order here and nothing arrives meanwhile: the
+/// Whether `order` is still `vm`'s current order here (`Journal::last_order_of`) and nothing
+/// arrives meanwhile: the
 /// action was decided at start, and a reconciliation waits for QEMU for up to a minute. Asked
 /// while this holds QEMU's one QMP connection, which an arrival needs too.
 fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> bool {
