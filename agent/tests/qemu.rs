@@ -1906,6 +1906,63 @@ async fn qemu_a_start_that_dies_after_settling_leaves_the_discard_to_the_next() 
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
 }
 
+/// SPEC.md §8.8: a copy that arrived and never committed here, still to be discarded, is never
+/// sent on as the VM. The destination agent dies at `FinalChallenge`: its QEMU holds the loaded
+/// copy, stopped, its incoming migration `completed` (to QEMU's own checks, a paused VM), and
+/// the source runs the VM again. The destination agent restarts while the test holds its
+/// QEMU's one QMP connection, so its discard waits; an order for the VM from there is refused
+/// before its claim, naming why. (Before, QEMU's `paused` passed the source's checks, and the
+/// stale copy was claimed and sent while the VM ran at its source: found by the model checker
+/// over two orders.) Once QMP is free, the restart's discard quits that QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_copy_still_to_be_discarded_is_not_sent_on() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+    let held = s.dst.qmp().await.expect("the destination QEMU's QMP, held");
+    s.pair.procs[1] = None;
+    s.pair.dst_env.clear();
+    s.pair.start(1).expect("destination agent restarts");
+    let order = s.pair.order_back(VM, limits(300), 600).expect("order back");
+    let mut refusal = None;
+    s.pair
+        .migrate_from(1, &order, |r| match r {
+            Reply::Error(e) => refusal = Some(e),
+            Reply::Progress(Progress::Failed { error, .. }) => refusal = Some(error),
+            _ => {}
+        })
+        .await
+        .expect("the order reaches the destination agent");
+    let refusal = refusal.unwrap_or_else(|| panic!("not refused\n{}", s.logs()));
+    assert!(
+        refusal.contains("not free to send"),
+        "{refusal}\n{}",
+        s.logs()
+    );
+    let journal =
+        std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl")).expect("journal");
+    // Only the first order's destination records: the order back was never claimed here.
+    assert!(
+        !journal.contains("\"role\":\"source\""),
+        "refused before its claim:\n{journal}"
+    );
+    drop(held);
+    assert_dst_quits(&mut s, Duration::from_secs(90), "loaded QEMU kept").await;
+    assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
+}
+
 /// SPEC.md §8.8: a destination order that failed (a tampered record) discards its QEMU and
 /// journals that it did, so a later restart of the destination agent leaves alone the fresh
 /// QEMU an operator started for the next order (a restart discards a QEMU for a rolled-back
