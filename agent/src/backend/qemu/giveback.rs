@@ -117,24 +117,45 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attem
     }
 }
 
+/// Where a give-back left the VM.
+pub(crate) struct GivenBack {
+    /// For the operator.
+    pub how: String,
+    /// Not settled yet: `cont` failed for good (the operator's to do), or QEMU refused it for
+    /// now and it is retried in the background.
+    pub pending: bool,
+}
+
 /// Give the VM `vm` (its QEMU on `qmp`) back after a rollback: one attempt now, and when QEMU's
 /// refusal clears by itself, more in the background ([`keep_trying`]). Returns where the VM
 /// stands, for the operator.
 pub(crate) async fn give_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was) -> String {
+    given_back(ctx, vm, qmp, was).await.how
+}
+
+/// [`give_back`], saying whether the VM's fate is still pending.
+pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was) -> GivenBack {
+    let done = |how: String| GivenBack {
+        how,
+        pending: false,
+    };
     match attempt(qmp, was, ctx.step_timeout()).await {
         Attempt::Running(how) => {
             ctx.resuming.lock().expect("resuming lock").remove(vm);
-            format!("rolled back: {how}")
+            done(format!("rolled back: {how}"))
         }
         Attempt::PausedAsBefore => {
-            "rolled back: the VM stays on the source, paused as it was".into()
+            done("rolled back: the VM stays on the source, paused as it was".into())
         }
-        Attempt::StoppedMeanwhile(state) => format!(
+        Attempt::StoppedMeanwhile(state) => done(format!(
             "rolled back: the VM stays on the source, stopped (QEMU {state:?}): it was stopped during the migration, not by it; its operator runs it with `cont`"
-        ),
-        Attempt::Failed(why) => {
-            format!("rollback failed: {why}; the VM is stopped on the source: check it by hand")
-        }
+        )),
+        Attempt::Failed(why) => GivenBack {
+            how: format!(
+                "rollback failed: {why}; the VM is stopped on the source: check it by hand"
+            ),
+            pending: true,
+        },
         Attempt::Refused(e) => {
             let cause = e.to_string();
             keep_trying(
@@ -143,10 +164,13 @@ pub(crate) async fn give_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was)
                 qmp.path().to_path_buf(),
                 cause.clone(),
             );
-            format!(
-                "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs",
-                RETRY_MAX.as_secs()
-            )
+            GivenBack {
+                how: format!(
+                    "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs",
+                    RETRY_MAX.as_secs()
+                ),
+                pending: true,
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::ctx::Ctx;
 use crate::driver::reconcile::Action;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp, StatusInfo};
 
-use super::giveback::{give_back, Was};
+use super::giveback::{given_back, Was};
 
 /// Connection attempts before a VM's reconciliation is left to the operator (with the
 /// give-back's pauses, about a minute).
@@ -50,16 +50,30 @@ fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> bool {
     journal.last_order_of(vm).map(|r| r.order_id.as_str()) == order && !ctx.arriving.contains(vm)
 }
 
-/// Do `action` to the QEMU of `vm` at `qmp_path`; returns what was done, for the log.
-/// `paused`: a VM committed here is handed over paused (it was paused at its source), not run.
+/// What a reconciliation came to.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The journal's action is carried out, or found done already: the journal says so (a
+    /// resumed VM's order DONE, a discarded QEMU's order no longer holding one).
+    Done(String),
+    /// Nothing for the journal: nothing to do, a newer order took the VM, a give-back.
+    Unchanged(String),
+    /// Left to the operator, or to a give-back's retries in the background: the journal stays
+    /// as it is, so the next start tries again.
+    Left(String),
+}
+
+/// Do `action` to the QEMU of `vm` at `qmp_path`. `paused`: a VM committed here is handed over
+/// paused (it was paused at its source), not run.
 pub(crate) async fn reconcile(
     ctx: &Arc<Ctx>,
     vm: &str,
     qmp_path: &Path,
     (action, paused, order): (Action, bool, Option<&str>),
-) -> String {
+) -> Outcome {
+    use Outcome::{Done, Left, Unchanged};
     if action == Action::Nothing {
-        return "nothing to do".into();
+        return Unchanged("nothing to do".into());
     }
     // QEMU may be starting, or its one QMP slot taken for a moment: try for about a minute.
     let mut pauses = super::giveback::RETRY;
@@ -73,12 +87,12 @@ pub(crate) async fn reconcile(
             }
             // What was to be discarded is gone already (QEMU 7.2 exits when a load fails).
             Err(e) if action == Action::Discard && e.qemu_gone() => {
-                return "the destination QEMU left from a migration that never committed here is gone: nothing to discard".into()
+                return Done("the destination QEMU left from a migration that never committed here is gone: nothing to discard".into())
             }
             Err(e) => {
-                return format!(
+                return Left(format!(
                     "QEMU is not reachable ({e}): reconcile it with its journal by hand"
-                )
+                ))
             }
         }
     };
@@ -90,37 +104,49 @@ pub(crate) async fn reconcile(
     let (st, m) = match seen.await {
         Ok(x) => x,
         Err(e) => {
-            return format!("QEMU did not answer ({e}): reconcile it with its journal by hand")
+            return Left(format!(
+                "QEMU did not answer ({e}): reconcile it with its journal by hand"
+            ))
         }
     };
     if !still_the_vms(ctx, vm, order) {
-        return "a newer order took the VM since the restart: nothing to do".into();
+        return Unchanged("a newer order took the VM since the restart: nothing to do".into());
     }
     match action {
         Action::GiveBack { paused_before } if stopped_by_migration(&st, &m) => {
-            give_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await
+            let back = given_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await;
+            if back.pending {
+                Left(back.how)
+            } else {
+                Unchanged(back.how)
+            }
         }
         Action::Discard if holds_incoming(&st, &m) => match qmp.quit_and_wait(ctx.step_timeout()).await {
-            Ok(()) => "the destination QEMU left from a migration that never committed here was discarded (quit); it never ran here".into(),
-            Err(e) => format!("the destination QEMU left from a migration that never committed here could not be discarded ({e}): quit it by hand, never `cont` it"),
+            Ok(()) => Done("the destination QEMU left from a migration that never committed here was discarded (quit); it never ran here".into()),
+            Err(e) => Left(format!("the destination QEMU left from a migration that never committed here could not be discarded ({e}): quit it by hand, never `cont` it")),
         },
-        Action::Resume if paused && received_and_stopped(&st, &m) => {
-            "committed here before the restart: the VM is this host's, handed over paused as it was at its source".into()
-        }
+        // Not this order's copy (a fresh QEMU an operator started since, say): none to discard.
+        Action::Discard => Done(format!(
+            "QEMU is in state {:?}: it holds nothing of this order's to discard",
+            st.status
+        )),
+        Action::Resume if paused && received_and_stopped(&st, &m) => Done(
+            "committed here before the restart: the VM is this host's, handed over paused as it was at its source".into(),
+        ),
         Action::Resume if received_and_stopped(&st, &m) => match qmp.cont().await {
-            Ok(()) => "committed here before the restart: the VM runs on this host (cont)".into(),
-            Err(e) => format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand"),
+            Ok(()) => Done("committed here before the restart: the VM runs on this host (cont)".into()),
+            Err(e) => Left(format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand")),
         },
-        Action::Resume if st.running => "committed here and running".into(),
-        Action::Resume if st.status == "postmigrate" => {
-            "committed here before the restart, but this QEMU sent the VM away since (postmigrate): not resumed, left SETTLED; check by hand where the VM runs".into()
-        }
-        Action::Resume => format!(
+        Action::Resume if st.running => Done("committed here and running".into()),
+        Action::Resume if st.status == "postmigrate" => Left(
+            "committed here before the restart, but this QEMU sent the VM away since (postmigrate): not resumed, left SETTLED; check where the VM runs".into(),
+        ),
+        Action::Resume => Left(format!(
             "committed here before the restart, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand",
             st.status,
             m.status()
-        ),
-        _ => format!("QEMU is in state {:?}: nothing to do", st.status),
+        )),
+        _ => Unchanged(format!("QEMU is in state {:?}: nothing to do", st.status)),
     }
 }
 
@@ -132,7 +158,7 @@ pub(crate) struct Reconcile {
     pub qmp: std::path::PathBuf,
     /// What the journal allows.
     pub action: Action,
-    /// The VM's most recent order (hex), if any.
+    /// The VM's current order here (hex), if any (`Journal::last_order_of`).
     pub order: Option<String>,
     /// That order handed the VM over paused here (it was paused at its source).
     pub paused: bool,
@@ -151,11 +177,17 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
         tokio::spawn(async move {
             let (vm, action) = (r.vm.as_str(), r.action);
             let what = reconcile(&ctx, vm, &r.qmp, (action, r.paused, r.order.as_deref())).await;
-            if what.contains("by hand") || what.contains("not yet running") {
-                warn!(vm, ?action, "after restart: {what}");
-                return;
+            match what {
+                Outcome::Done(how) => info!(vm, ?action, "after restart: {how}"),
+                Outcome::Unchanged(how) => {
+                    info!(vm, ?action, "after restart: {how}");
+                    return;
+                }
+                Outcome::Left(how) => {
+                    warn!(vm, ?action, "after restart: {how}");
+                    return;
+                }
             }
-            info!(vm, ?action, "after restart: {what}");
             let order = r
                 .order
                 .as_deref()
