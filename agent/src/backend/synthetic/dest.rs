@@ -234,11 +234,16 @@ async fn bind_streams(
 ) {
     let mut binder = stream_init::Binder::new(conns, &keys, streams, ctx.step_timeout());
     let mut readers = tokio::task::JoinSet::new();
-    while let Some((i, sock, opener)) = binder.next().await {
+    while let Some((i, mut sock, opener)) = binder.next().await {
         let (state, done) = (state.clone(), done.clone());
         readers.spawn(async move {
-            let r = read_stream(sock, opener, i, &state).await;
+            let r = read_stream(&mut sock, opener, i, &state).await;
+            // The connection closes only once the driver has this stream's result: closing it
+            // first let the source notice, cut the other streams, and their "cut before its
+            // end" reach the driver ahead of this stream's own cause (a tampered record, say),
+            // seen once in CI on a loaded machine.
             let _ = done.send((i, r)).await;
+            drop(sock);
         });
     }
     // The session is over: the readers go with this task (a JoinSet aborts its tasks when
@@ -248,7 +253,7 @@ async fn bind_streams(
 
 /// Read one bound stream to `StreamEnd`; returns the number of records it carried.
 async fn read_stream(
-    mut sock: TcpStream,
+    sock: &mut TcpStream,
     mut opener: Opener,
     i: u16,
     state: &Mutex<Receiving>,
@@ -257,7 +262,7 @@ async fn read_stream(
     let cut = || AgentError::transport(Link::Data(i), "cut before its end");
     loop {
         // Typed errors, so the Abort the source gets says record-failure or migration-failed.
-        match read_record(&mut sock, &mut buf).await {
+        match read_record(sock, &mut buf).await {
             Ok(true) => {}
             Ok(false) | Err(WireError::Closed) | Err(WireError::Io(_)) => return Err(cut()),
             Err(WireError::Record(e)) => return Err(e.into()),
