@@ -1947,7 +1947,7 @@ async fn qemu_a_copy_still_to_be_discarded_is_not_sent_on() {
         .expect("the order reaches the destination agent");
     let refusal = refusal.unwrap_or_else(|| panic!("not refused\n{}", s.logs()));
     assert!(
-        refusal.contains("not free to send"),
+        refusal.contains("is to be discarded, never run or sent"),
         "{refusal}\n{}",
         s.logs()
     );

@@ -67,6 +67,18 @@ pub struct Entry {
     pub flag: bool,
 }
 
+/// Why the copy of a VM here is not free to send ([`Rules::holds_vm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotHeld {
+    /// An order is sending it from here (claimed, or at COMMIT: in doubt).
+    Leaving,
+    /// A copy that arrived under an order that never committed here (or is arriving still):
+    /// its hypervisor's state is to be discarded, never run.
+    ToDiscard,
+    /// Committed here and settled at a restart; its reconciliation has not resumed it yet.
+    NotYetResumed,
+}
+
 /// Why a rule refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -364,26 +376,29 @@ impl Rules {
         e.role == Role::Source && matches!(e.state, State::Committed | State::Done | State::Settled)
     }
 
-    /// Whether this host's copy of the VM is the VM, as far as the journal can tell, given the
-    /// latest entry of the VM's current order here (`history::VmHistory`; `None`: it never
-    /// migrated): a copy given back (a source's rollback), one that arrived and ran (DONE),
-    /// one committed here by its session (it runs, or is about to: a lost `Resumed` leaves it
-    /// at COMMIT until a restart; while the session lasts, the VM counts as arriving), or one a
-    /// refused arrival never touched. Not one still leaving or sent away; not an arrival
-    /// interrupted or rolled back whose copy is still to be discarded (QEMU holds it stopped,
-    /// and a source's checks of QEMU alone would take it for a paused VM and send it while the
-    /// VM runs elsewhere); and not one a restart settled as committed here until its
-    /// reconciliation resumed it (DONE): sent first, its resume would never come, and the VM
-    /// would stay stopped for good (found by the model checker over two orders).
-    pub fn holds_vm(&self, current: Option<&Entry>) -> bool {
+    /// Whether this host's copy of the VM is the VM, free to send, as far as the journal can
+    /// tell, given the latest entry of the VM's current order here (`history::VmHistory`;
+    /// `None`: it never migrated). Free: a copy given back (a source's rollback), one that
+    /// arrived and ran (DONE), one committed here by its session (it runs, or is about to: a
+    /// lost `Resumed` leaves it at COMMIT until a restart; while the session lasts the VM
+    /// counts as arriving; if its `cont` failed it is this host's VM, stopped, and is handed
+    /// over as QEMU holds it), one a refused arrival never touched, and one whose order sent it
+    /// away (QEMU refuses a `postmigrate` copy by itself; a copy an operator started here since
+    /// is theirs to send). Not free: one an order is sending; an arrival interrupted or rolled
+    /// back whose copy is still to be discarded (QEMU holds it stopped, and a source's checks
+    /// of QEMU alone would take it for a paused VM and send it while the VM runs elsewhere);
+    /// one a restart settled as committed here until its reconciliation resumed it (DONE):
+    /// sent first, its resume would never come (found by the model checker over two orders).
+    pub fn holds_vm(&self, current: Option<&Entry>) -> Result<(), NotHeld> {
         match current.map(|e| (e.role, e.state, e.flag)) {
-            None => true,
-            Some((Role::Source, state, _)) => state == State::RolledBack,
-            Some((Role::Destination, State::Claimed | State::RolledBack, fed)) => {
-                !fed || self.broken(Mutation::SendWhatArrived)
+            Some((Role::Source, State::Claimed | State::Committed, _)) => Err(NotHeld::Leaving),
+            Some((Role::Destination, State::Claimed | State::RolledBack, true))
+                if !self.broken(Mutation::SendWhatArrived) =>
+            {
+                Err(NotHeld::ToDiscard)
             }
-            Some((Role::Destination, State::Settled, _)) => false,
-            Some((Role::Destination, _, _)) => true,
+            Some((Role::Destination, State::Settled, _)) => Err(NotHeld::NotYetResumed),
+            _ => Ok(()),
         }
     }
 
@@ -462,6 +477,7 @@ mod tests {
     /// is still to be discarded.
     #[test]
     fn only_the_vm_here_is_sent() {
+        use NotHeld::*;
         use Role::{Destination as D, Source as S};
         use State::*;
         let r = Rules::default();
@@ -471,18 +487,18 @@ mod tests {
             peer: None,
             flag,
         };
-        assert!(r.holds_vm(None));
+        assert_eq!(r.holds_vm(None), Ok(()));
         let cases = [
-            (S, RolledBack, true),
-            (S, Claimed, false),
-            (S, Committed, false),
-            (S, Done, false),
-            (S, Settled, false),
-            (D, Claimed, false),
-            (D, RolledBack, false),
-            (D, Committed, true),
-            (D, Settled, false),
-            (D, Done, true),
+            (S, RolledBack, Ok(())),
+            (S, Claimed, Err(Leaving)),
+            (S, Committed, Err(Leaving)),
+            (S, Done, Ok(())),
+            (S, Settled, Ok(())),
+            (D, Claimed, Err(ToDiscard)),
+            (D, RolledBack, Err(ToDiscard)),
+            (D, Committed, Ok(())),
+            (D, Settled, Err(NotYetResumed)),
+            (D, Done, Ok(())),
         ];
         for (role, state, want) in cases {
             assert_eq!(
@@ -492,7 +508,7 @@ mod tests {
             );
         }
         // A refused arrival (its QEMU never handed over), or one whose QEMU was discarded.
-        assert!(r.holds_vm(Some(&fed(D, RolledBack, false))));
+        assert_eq!(r.holds_vm(Some(&fed(D, RolledBack, false))), Ok(()));
     }
 
     /// Messages name a state as the journal writes it.

@@ -25,11 +25,12 @@
 //! - with two orders, the second may come at any moment: while the first is still under way,
 //!   in doubt, or settled on one host and not the other.
 //!
-//! The agent's checks around a claim are modelled as it makes them: a source does not claim
-//! a new order for a VM leaving it under another (`Journal::leaving`); a destination's
-//! handshake claims the order, then refuses it unless nothing of the VM is here (a hypervisor
-//! waiting for the migration) and the VM is not leaving here. (Another arrival of the same VM
-//! needs a third order.)
+//! The agent's checks around a claim are modelled as it makes them: a source claims a new
+//! order for what its hypervisor shows running or paused (a loaded copy shows paused) only if
+//! the VM is not leaving here, not arriving here, and the journal gives it the copy here
+//! (`Rules::holds_vm`); a destination's handshake claims the order, then refuses it (touching
+//! nothing) unless nothing of the VM is here, or only a copy sent away, and the VM is not
+//! leaving here. (Another arrival of the same VM needs a third order.)
 //!
 //! Abstracted away: time (timeouts are session failures that may come at any moment), the
 //! TPM, cryptography and the data streams (the handshake and record layer are what make a
@@ -365,7 +366,7 @@ impl Migration {
                     && a.session(k).is_none() =>
             {
                 let current = a.current_order(&rules).and_then(|c| a.latest(c));
-                let busy = a.leaving(&rules) || a.arriving(h) || !rules.holds_vm(current);
+                let busy = a.leaving(&rules) || a.arriving(h) || rules.holds_vm(current).is_err();
                 if a.latest(k).is_none() && busy {
                     return;
                 }
@@ -429,6 +430,15 @@ impl Migration {
             let a = &mut s.agents[h];
             match o {
                 Output::Journal(e) => {
+                    // A state onto the order's record as the journal has it (`Journal::set`):
+                    // a discard may have changed it since the machine read it.
+                    let e = match a.latest(k) {
+                        Some(l) if e.state != J::Claimed => Entry {
+                            state: e.state,
+                            ..*l
+                        },
+                        _ => e,
+                    };
                     match e.state {
                         J::Claimed => {
                             s.ghost.claims[k][h] += 1;
@@ -618,8 +628,18 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
         }
         VmAction::Forget if a.vm == Vm::Stopped => a.vm = Vm::SentAway,
         // Only a copy that arrived and never ran (`holds_incoming`, and the destination driver
-        // discards only the QEMU it was handed).
-        VmAction::Discard if a.vm == Vm::Loaded => a.vm = Vm::Absent,
+        // discards only the QEMU it was handed); either way the order holds no hypervisor
+        // any more, and the journal says so (`Journal::mark_discarded`).
+        VmAction::Discard => {
+            if a.vm == Vm::Loaded {
+                a.vm = Vm::Absent;
+            }
+            if let Some(e) = a.latest(k).filter(|e| e.flag).copied() {
+                let discarded = Entry { flag: false, ..e };
+                a.journal.push((k as u8, discarded));
+                a.sides[k].sync(Some(discarded));
+            }
+        }
         // A QEMU that sent the VM away reports its migration completed and is stopped, as one
         // that received it does. The agent resumes only the latter; the model lets a
         // resume run either, so the journal's reading is checked without that guard.

@@ -14,7 +14,7 @@ use trustmig_protocol::commit::{Input, Output, Signal};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::{SourceEvent, SourceMigration};
 use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
-use trustmig_protocol::settlement::VmAction;
+use trustmig_protocol::settlement::{NotHeld, VmAction};
 
 use crate::attestation::SharedTpm;
 use crate::backend::qemu::QemuSource;
@@ -162,6 +162,7 @@ async fn migrate_checked(
     // One migration per VM at a time: refused at once, and again at the claim, under the
     // journal's lock (another order may have taken the VM while this one queued). A replayed
     // order is left to the claim, which names it so.
+    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm).is_some();
     let busy = |j: &crate::journal::Journal| {
         if j.entry(order.id()).is_some() {
             return Ok(());
@@ -180,16 +181,12 @@ async fn migrate_checked(
                 body.vm
             ))));
         }
-        // QEMU alone cannot tell: a copy that arrived and never ran is paused too.
-        if !j.holds_vm(&body.vm) {
-            let last = j.last_order_of(&body.vm);
-            return Err(not_started(AgentError::Refused(format!(
-                "VM {} here is not free to send: its last order here ({}, {} {}) left a copy that is not yet the VM's (an arrival interrupted or rolled back, its QEMU to be discarded; or one committed here and not yet resumed): wait until this agent settles it (`trustmig status`)",
-                body.vm,
-                last.map_or("?", |r| r.order_id.as_str()),
-                last.map_or("?".into(), |r| r.role.to_string()),
-                last.map_or("?".into(), |r| r.state.to_string()),
-            ))));
+        // QEMU alone cannot tell: a copy that arrived and never ran is paused too. (Synthetic
+        // guests live in the agent and start anew from the journal: no such copy.)
+        if qemu {
+            if let Err(why) = j.holds_vm(&body.vm) {
+                return Err(not_started(AgentError::Refused(not_free(j, &body.vm, why))));
+            }
         }
         Ok(())
     };
@@ -361,6 +358,22 @@ fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
             paused_before: true
         }
     )
+}
+
+/// Why the QEMU copy of `vm` here is not the VM to send, and what gets it out of that.
+fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
+    let order = j.last_order_of(vm).map_or("?", |r| r.order_id.as_str());
+    match why {
+        NotHeld::Leaving => format!(
+            "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time)"
+        ),
+        NotHeld::ToDiscard => format!(
+            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. If no migration of it is under way, restart this agent (it quits that QEMU, or notes it gone), then start the VM here only if it runs nowhere else"
+        ),
+        NotHeld::NotYetResumed => format!(
+            "VM {vm} was committed here (order {order}) and settled at a restart that has not resumed it yet: once it runs here (`cont` if it stays stopped), restart this agent to record that, then send it"
+        ),
+    }
 }
 
 /// Connect, run the session, and on failure tell the destination and let it discard first.

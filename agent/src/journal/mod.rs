@@ -781,7 +781,7 @@ impl Journal {
 
     /// Whether this host's copy of `vm` is the VM and free to be sent, by its current order
     /// here (`Rules::holds_vm`): never migrated, given back, or arrived and ran here.
-    pub fn holds_vm(&self, vm: &str) -> bool {
+    pub fn holds_vm(&self, vm: &str) -> Result<(), trustmig_protocol::settlement::NotHeld> {
         self.rules
             .holds_vm(self.last_order_of(vm).map(Record::entry).as_ref())
     }
@@ -1174,32 +1174,38 @@ mod tests {
     fn only_the_vm_here_is_free_to_send() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        assert!(j.holds_vm("vm"), "never migrated");
+        assert!(j.holds_vm("vm").is_ok(), "never migrated");
         let (a, b) = ([1; 16], [2; 16]);
         j.claim_as_destination(&order(1, "vm"), &[9; 32]).unwrap();
         assert!(
-            j.holds_vm("vm"),
+            j.holds_vm("vm").is_ok(),
             "an arrival not handed the VM's QEMU touches nothing"
         );
         j.mark_fed(&a).unwrap();
-        assert!(!j.holds_vm("vm"), "arriving");
+        assert!(j.holds_vm("vm").is_err(), "arriving");
         j.set(&a, State::RolledBack, "").unwrap();
         assert!(
-            !j.holds_vm("vm"),
+            j.holds_vm("vm").is_err(),
             "rolled back, its QEMU still to be discarded"
         );
         j.mark_discarded(&a).unwrap();
-        assert!(j.holds_vm("vm"), "discarded: whatever runs here is not its");
+        assert!(
+            j.holds_vm("vm").is_ok(),
+            "discarded: whatever runs here is not its"
+        );
         j.claim_as_destination(&order(2, "vm"), &[9; 32]).unwrap();
         j.mark_fed(&b).unwrap();
         j.set(&b, State::Committed, "").unwrap();
-        assert!(j.holds_vm("vm"), "committed here by its session");
+        assert!(j.holds_vm("vm").is_ok(), "committed here by its session");
         j.set(&b, State::Settled, "committed before restart")
             .unwrap();
-        assert!(!j.holds_vm("vm"), "settled at a restart, not yet resumed");
+        assert!(
+            j.holds_vm("vm").is_err(),
+            "settled at a restart, not yet resumed"
+        );
         j.set(&b, State::Done, "resumed here after a restart")
             .unwrap();
-        assert!(j.holds_vm("vm"));
+        assert!(j.holds_vm("vm").is_ok());
     }
 
     /// A destination order left at COMMIT (its `Resumed` lost) and a newer source order that

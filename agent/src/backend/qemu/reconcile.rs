@@ -41,14 +41,30 @@ fn received_and_stopped(st: &StatusInfo, m: &MigrationInfo) -> bool {
     !st.running && st.status != "postmigrate" && m.status() == MigrationStatus::Completed
 }
 
-/// Whether `order` is still `vm`'s current order here (`Journal::last_order_of`) and nothing
-/// arrives meanwhile: the
-/// action was decided at start, and a reconciliation waits for QEMU for up to a minute. Asked
-/// while this holds QEMU's one QMP connection, which an arrival needs too.
-fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> bool {
-    let journal = ctx.journal.lock().expect("journal lock");
-    journal.last_order_of(vm).map(|r| r.order_id.as_str()) == order && !ctx.arriving.contains(vm)
+/// Whether the action decided at start still holds for `vm`: `order` is still its current
+/// order here (`Journal::last_order_of`), and no copy of it is arriving. A reconciliation
+/// waits for QEMU for up to a minute, and asks while it holds QEMU's one QMP connection.
+#[derive(Debug, PartialEq)]
+enum Still {
+    Holds,
+    NewerOrder,
+    Arriving,
 }
+
+fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> Still {
+    let journal = ctx.journal.lock().expect("journal lock");
+    if journal.last_order_of(vm).map(|r| r.order_id.as_str()) != order {
+        Still::NewerOrder
+    } else if ctx.arriving.contains(vm) {
+        Still::Arriving
+    } else {
+        Still::Holds
+    }
+}
+
+/// Checks of an arrival that ends while a reconciliation waits: it needs the QMP connection the
+/// reconciliation holds, so it fails within a step timeout (its order never committed here).
+const ARRIVAL_CHECKS: u32 = 120;
 
 /// What a reconciliation came to.
 #[derive(Debug)]
@@ -96,6 +112,24 @@ pub(crate) async fn reconcile(
             }
         }
     };
+    let mut checks = 0;
+    loop {
+        match still_the_vms(ctx, vm, order) {
+            Still::Holds => break,
+            Still::NewerOrder => {
+                return Unchanged(
+                    "a newer order took the VM since the restart: nothing to do".into(),
+                )
+            }
+            Still::Arriving if checks < ARRIVAL_CHECKS => {
+                checks += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Still::Arriving => {
+                return Left("a copy of the VM kept arriving here for a minute: not reconciled; the next start does it".into())
+            }
+        }
+    }
     let seen = async {
         let st = qmp.query_status().await?;
         let m = qmp.query_migrate().await?;
@@ -109,9 +143,6 @@ pub(crate) async fn reconcile(
             ))
         }
     };
-    if !still_the_vms(ctx, vm, order) {
-        return Unchanged("a newer order took the VM since the restart: nothing to do".into());
-    }
     match action {
         Action::GiveBack { paused_before } if stopped_by_migration(&st, &m) => {
             let back = given_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await;
