@@ -1859,6 +1859,27 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
 }
 
+/// A migration whose destination agent dies when it would send `FinalChallenge`, its QEMU
+/// loaded and stopped: the source runs the guest again, and the destination agent, gone, starts
+/// next without the crash. Returns the setup and the destination agent's address.
+async fn destination_killed_at_final_challenge() -> Option<(Setup, String)> {
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
+        ..VmOpts::default()
+    };
+    let mut s = setup_with(&opts, true)?;
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    r.expect_err("the destination agent crashed");
+    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
+    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
+    s.pair.procs[1] = None;
+    s.pair.dst_env.clear();
+    Some((s, addr))
+}
+
 /// SPEC.md §8.8, found by the model checker: a restart settles an order interrupted before
 /// COMMIT (the destination agent died when it would send `FinalChallenge`, its QEMU loaded and
 /// paused) and journals it rolled back, then fails before it quits that QEMU (here: its listen
@@ -1868,22 +1889,9 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_start_that_dies_after_settling_leaves_the_discard_to_the_next() {
     let _g = SERIAL.lock().await;
-    let opts = VmOpts {
-        append: "area=16 rate=8 check=10".into(),
-        mem_mib: MEM_MIB,
-        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
-        ..VmOpts::default()
-    };
-    let Some(mut s) = setup_with(&opts, true) else {
+    let Some((mut s, addr)) = destination_killed_at_final_challenge().await else {
         return;
     };
-    let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate(&mut s, &addr, 300).await;
-    r.expect_err("the destination agent crashed");
-    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
-    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
-    s.pair.procs[1] = None;
-    s.pair.dst_env.clear();
     // The restart settles the order, then cannot bind its listen address.
     let taken = std::net::TcpListener::bind(&addr).expect("take the destination's port");
     let e = s.pair.start(1).expect_err("the destination cannot listen");
@@ -1917,23 +1925,10 @@ async fn qemu_a_start_that_dies_after_settling_leaves_the_discard_to_the_next() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_copy_still_to_be_discarded_is_not_sent_on() {
     let _g = SERIAL.lock().await;
-    let opts = VmOpts {
-        append: "area=16 rate=8 check=10".into(),
-        mem_mib: MEM_MIB,
-        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
-        ..VmOpts::default()
-    };
-    let Some(mut s) = setup_with(&opts, true) else {
+    let Some((mut s, _)) = destination_killed_at_final_challenge().await else {
         return;
     };
-    let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate(&mut s, &addr, 300).await;
-    r.expect_err("the destination agent crashed");
-    wait_agent_exit(&mut s, 1, Duration::from_secs(10));
-    assert_source_guest_runs(&mut s, Duration::from_secs(10)).await;
     let held = s.dst.qmp().await.expect("the destination QEMU's QMP, held");
-    s.pair.procs[1] = None;
-    s.pair.dst_env.clear();
     s.pair.start(1).expect("destination agent restarts");
     let order = s.pair.order_back(VM, limits(300), 600).expect("order back");
     let mut refusal = None;
