@@ -454,6 +454,8 @@ impl Migration {
                         _ => {}
                     }
                     a.journal.push((tag, e));
+                    // The agent's machine reads the journal's record before every input.
+                    a.sides[k].sync(Some(e));
                 }
                 Output::Send(sig) => {
                     s.net.insert((
@@ -567,11 +569,16 @@ impl Migration {
         if !a.up || a.holding() {
             return;
         }
+        // It waits while a copy arrives (its QMP let go): the arrival's order becomes the
+        // VM's, or it fails.
+        if a.arriving(h) {
+            return;
+        }
         let Some((k, act)) = a.reconcile.take() else {
             return;
         };
         let k = usize::from(k);
-        if a.current_order(&self.rules) == Some(k) && !a.arriving(h) {
+        if a.current_order(&self.rules) == Some(k) {
             vm_action(a, k, act, &mut s.ghost);
         }
     }
@@ -635,9 +642,15 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
                 a.vm = Vm::Absent;
             }
             if let Some(e) = a.latest(k).filter(|e| e.flag).copied() {
-                let discarded = Entry { flag: false, ..e };
-                a.journal.push((k as u8, discarded));
-                a.sides[k].sync(Some(discarded));
+                a.journal.push((k as u8, Entry { flag: false, ..e }));
+                // The machine's record as it stands, less the hypervisor (it may have moved on
+                // to a rollback the journal is about to get).
+                if let Some(mine) = a.sides[k].entry().copied() {
+                    a.sides[k].sync(Some(Entry {
+                        flag: false,
+                        ..mine
+                    }));
+                }
             }
         }
         // A QEMU that sent the VM away reports its migration completed and is stopped, as one

@@ -168,10 +168,8 @@ async fn migrate_checked(
             return Ok(());
         }
         if j.leaving(&body.vm) {
-            return Err(not_started(AgentError::Refused(format!(
-                "VM {} is already migrating from this host (one migration per VM at a time)",
-                body.vm
-            ))));
+            let why = not_free(j, &body.vm, NotHeld::Leaving);
+            return Err(not_started(AgentError::Refused(why)));
         }
         // Its arrival's session resumes it (`cont`) after COMMIT: a source that took the
         // QEMU meanwhile would have that `cont` run a copy it switched over.
@@ -368,10 +366,10 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
             "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time)"
         ),
         NotHeld::ToDiscard => format!(
-            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. If no migration of it is under way, restart this agent (it quits that QEMU, or notes it gone), then start the VM here only if it runs nowhere else"
+            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it) and restart this agent"
         ),
         NotHeld::NotYetResumed => format!(
-            "VM {vm} was committed here (order {order}) and settled at a restart that has not resumed it yet: once it runs here (`cont` if it stays stopped), restart this agent to record that, then send it"
+            "VM {vm} was committed here (order {order}) and settled at this agent's start, whose reconciliation has not resumed it yet (its log says what it did); if that was left to you, `cont` it unless it was handed over paused, then restart this agent to record it, then send it"
         ),
     }
 }

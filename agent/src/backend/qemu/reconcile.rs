@@ -43,7 +43,7 @@ fn received_and_stopped(st: &StatusInfo, m: &MigrationInfo) -> bool {
 
 /// Whether the action decided at start still holds for `vm`: `order` is still its current
 /// order here (`Journal::last_order_of`), and no copy of it is arriving. A reconciliation
-/// waits for QEMU for up to a minute, and asks while it holds QEMU's one QMP connection.
+/// waits for QEMU for up to a minute, and asks once it holds QEMU's one QMP connection.
 #[derive(Debug, PartialEq)]
 enum Still {
     Holds,
@@ -62,8 +62,8 @@ fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> Still {
     }
 }
 
-/// Checks of an arrival that ends while a reconciliation waits: it needs the QMP connection the
-/// reconciliation holds, so it fails within a step timeout (its order never committed here).
+/// Checks, half a second apart, of a copy arriving while a reconciliation waits for it (with
+/// QMP free, it is fed, or refused, long before).
 const ARRIVAL_CHECKS: u32 = 120;
 
 /// What a reconciliation came to.
@@ -79,6 +79,31 @@ pub(crate) enum Outcome {
     Left(String),
 }
 
+/// QMP of the VM's QEMU: it may be starting, or its one QMP slot taken for a moment, so it is
+/// tried for about a minute. Otherwise what that means for `action`.
+async fn connect(ctx: &Ctx, qmp_path: &Path, action: Action) -> Result<Qmp, Outcome> {
+    let mut pauses = super::giveback::RETRY;
+    let mut tries = 0;
+    loop {
+        match Qmp::connect(qmp_path, ctx.step_timeout()).await {
+            Ok(q) => return Ok(q),
+            Err(e) if tries < CONNECT_TRIES && super::giveback::refusal_clears(&e) => {
+                tries += 1;
+                tokio::time::sleep(pauses.next_pause()).await;
+            }
+            // What was to be discarded is gone already (QEMU 7.2 exits when a load fails).
+            Err(e) if action == Action::Discard && e.qemu_gone() => {
+                return Err(Outcome::Done("the destination QEMU left from a migration that never committed here is gone: nothing to discard".into()))
+            }
+            Err(e) => {
+                return Err(Outcome::Left(format!(
+                    "QEMU is not reachable ({e}): reconcile it with its journal by hand"
+                )))
+            }
+        }
+    }
+}
+
 /// Do `action` to the QEMU of `vm` at `qmp_path`. `paused`: a VM committed here is handed over
 /// paused (it was paused at its source), not run.
 pub(crate) async fn reconcile(
@@ -91,37 +116,24 @@ pub(crate) async fn reconcile(
     if action == Action::Nothing {
         return Unchanged("nothing to do".into());
     }
-    // QEMU may be starting, or its one QMP slot taken for a moment: try for about a minute.
-    let mut pauses = super::giveback::RETRY;
-    let mut tries = 0;
-    let mut qmp = loop {
-        match Qmp::connect(qmp_path, ctx.step_timeout()).await {
-            Ok(q) => break q,
-            Err(e) if tries < CONNECT_TRIES && super::giveback::refusal_clears(&e) => {
-                tries += 1;
-                tokio::time::sleep(pauses.next_pause()).await;
-            }
-            // What was to be discarded is gone already (QEMU 7.2 exits when a load fails).
-            Err(e) if action == Action::Discard && e.qemu_gone() => {
-                return Done("the destination QEMU left from a migration that never committed here is gone: nothing to discard".into())
-            }
-            Err(e) => {
-                return Left(format!(
-                    "QEMU is not reachable ({e}): reconcile it with its journal by hand"
-                ))
-            }
-        }
-    };
+    // The action still holds once QMP is ours: nothing can feed an arrival or claim the VM
+    // as a source while this holds QEMU's one QMP connection. While a copy arrives, QMP is let
+    // go (the arrival needs it): it is fed, and its order becomes the VM's, or it fails.
     let mut checks = 0;
-    loop {
+    let mut qmp = loop {
+        let qmp = match connect(ctx, qmp_path, action).await {
+            Ok(q) => q,
+            Err(outcome) => return outcome,
+        };
         match still_the_vms(ctx, vm, order) {
-            Still::Holds => break,
+            Still::Holds => break qmp,
             Still::NewerOrder => {
                 return Unchanged(
                     "a newer order took the VM since the restart: nothing to do".into(),
                 )
             }
             Still::Arriving if checks < ARRIVAL_CHECKS => {
+                drop(qmp);
                 checks += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
@@ -129,7 +141,7 @@ pub(crate) async fn reconcile(
                 return Left("a copy of the VM kept arriving here for a minute: not reconciled; the next start does it".into())
             }
         }
-    }
+    };
     let seen = async {
         let st = qmp.query_status().await?;
         let m = qmp.query_migrate().await?;
