@@ -1928,6 +1928,12 @@ async fn qemu_a_copy_still_to_be_discarded_is_not_sent_on() {
     let Some((mut s, _)) = destination_killed_at_final_challenge().await else {
         return;
     };
+    // What QEMU alone shows of the stale copy: a paused VM, not migrating (QEMU 7.2).
+    assert_eq!(s.dst.status().await.as_deref(), Ok("paused"));
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed)
+    );
     let held = s.dst.qmp().await.expect("the destination QEMU's QMP, held");
     s.pair.start(1).expect("destination agent restarts");
     let order = s.pair.order_back(VM, limits(300), 600).expect("order back");

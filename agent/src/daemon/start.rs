@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,24 +82,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     crate::backend::qemu::clear_sockets(&home);
     let ask = settle_in_doubt(&mut journal)?;
     // QEMU VMs: what the journal allows for each, done once the agent is up (backend/qemu).
-    let reconcile: Vec<_> = config
-        .vms
-        .iter()
-        .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
-        .map(|(vm, qmp)| {
-            let last = journal.last_order_of(&vm);
-            let action = crate::driver::reconcile::action(journal.rules(), last);
-            let order = last.map(|r| r.order_id.clone());
-            let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
-            crate::backend::qemu::Reconcile {
-                vm,
-                qmp,
-                action,
-                order,
-                paused,
-            }
-        })
-        .collect();
+    let reconcile = to_reconcile(&config, &journal);
     check_memory(&config, &journal, &home)?;
     // The TPM last: configuration errors above are named without touching it.
     let attester = crate::attestation::open_measured(&config, &home.config())?;
@@ -123,18 +107,8 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
     let metrics_server = (config.metrics_listen.as_deref())
         .map(|addr| crate::metrics::bind(addr, &home.config()))
         .transpose()?;
-    // Bound under a temporary name, made the owner's only, then renamed: the socket's name
-    // appears only once it listens with its final mode. A client that waits for the name (the
-    // test harness, an operator's script) met "connection refused" between bind and listen,
-    // seen once in CI on a loaded machine.
     let sock_path = home.control_socket();
-    let bound = sock_path.with_extension("sock.new");
-    let _ = std::fs::remove_file(&sock_path);
-    let _ = std::fs::remove_file(&bound);
-    let control = UnixListener::bind(&bound).map_err(AgentError::io(&bound))?;
-    std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o600))
-        .map_err(AgentError::io(&bound))?;
-    std::fs::rename(&bound, &sock_path).map_err(AgentError::io(&sock_path))?;
+    let control = bind_control(&sock_path)?;
     info!(
         identity = %hex::encode(identity.id()),
         listen = %config.listen,
@@ -173,6 +147,44 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         ask,
         reconcile,
     })
+}
+
+/// The control socket at `path`: bound under a temporary name, made the owner's only, then
+/// renamed, so that its name appears only once it listens with its final mode. A client that
+/// waits for the name (the test harness, an operator's script) met "connection refused" between
+/// bind and listen, seen once in CI on a loaded machine.
+fn bind_control(path: &Path) -> Result<UnixListener, AgentError> {
+    let bound = path.with_extension("sock.new");
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(&bound);
+    let control = UnixListener::bind(&bound).map_err(AgentError::io(&bound))?;
+    std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o600))
+        .map_err(AgentError::io(&bound))?;
+    std::fs::rename(&bound, path).map_err(AgentError::io(path))?;
+    Ok(control)
+}
+
+/// What the journal allows for each QEMU VM after this start (`driver/reconcile.rs`), to be
+/// done once the agent is up.
+fn to_reconcile(config: &Config, journal: &Journal) -> Vec<crate::backend::qemu::Reconcile> {
+    config
+        .vms
+        .iter()
+        .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
+        .map(|(vm, qmp)| {
+            let last = journal.last_order_of(&vm);
+            let action = crate::driver::reconcile::action(journal.rules(), last);
+            let order = last.map(|r| r.order_id.clone());
+            let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
+            crate::backend::qemu::Reconcile {
+                vm,
+                qmp,
+                action,
+                order,
+                paused,
+            }
+        })
+        .collect()
 }
 
 /// A configured guest this host cannot hold is a configuration error, not an allocation abort.
