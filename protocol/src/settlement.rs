@@ -391,7 +391,7 @@ impl Rules {
     /// sent first, its resume would never come (found by the model checker over two orders).
     pub fn holds_vm(&self, current: Option<&Entry>) -> Result<(), NotHeld> {
         match current.map(|e| (e.role, e.state, e.flag)) {
-            Some((Role::Source, State::Claimed | State::Committed, _)) => Err(NotHeld::Leaving),
+            Some(_) if current.is_some_and(|e| self.leaving(e)) => Err(NotHeld::Leaving),
             Some((Role::Destination, State::Claimed | State::RolledBack, true))
                 if !self.broken(Mutation::SendWhatArrived) =>
             {

@@ -265,7 +265,9 @@ fn settle_in_doubt(journal: &mut Journal) -> Result<Vec<InDoubt>, AgentError> {
             (true, _) => {
                 "committed before restart: the destination owns the VM; the source never resumes it"
             }
-            (false, State::Claimed) => "interrupted before commit: destination state discarded",
+            (false, State::Claimed) => {
+                "interrupted before commit: what arrived is to be discarded (reconciliation)"
+            }
             (false, _) => "committed before restart: the destination owns the VM",
         };
         warn!(order = %r.order_id, vm = %r.vm, role = %r.role, "{note}");

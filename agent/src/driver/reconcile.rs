@@ -15,7 +15,8 @@ use crate::journal::Record;
 /// What the journal allows for a VM after a restart (the settlement rules decide it).
 pub use trustmig_protocol::settlement::VmAction as Action;
 
-/// What to do for a VM whose most recent order left `last` in the journal, as `rules` say
+/// What to do for a VM whose current order (`Journal::last_order_of`) left `last` in the
+/// journal, as `rules` say
 /// (whether this start settled that order or an earlier one did: `Rules::vm_after_restart`).
 pub fn action(rules: Rules, last: Option<&Record>) -> Action {
     let Some(r) = last else {

@@ -360,7 +360,12 @@ fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
 
 /// Why the QEMU copy of `vm` here is not the VM to send, and what gets it out of that.
 fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
-    let order = j.last_order_of(vm).map_or("?", |r| r.order_id.as_str());
+    let current = j.last_order_of(vm);
+    let order = match why {
+        NotHeld::Leaving => j.leaving_order(vm).or(current),
+        _ => current,
+    }
+    .map_or("?", |r| r.order_id.as_str());
     match why {
         NotHeld::Leaving => format!(
             "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time)"
@@ -368,9 +373,16 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
         NotHeld::ToDiscard => format!(
             "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it) and restart this agent"
         ),
-        NotHeld::NotYetResumed => format!(
-            "VM {vm} was committed here (order {order}) and settled at this agent's start, whose reconciliation has not resumed it yet (its log says what it did); if that was left to you, `cont` it unless it was handed over paused, then restart this agent to record it, then send it"
-        ),
+        NotHeld::NotYetResumed => {
+            let run = if current.is_some_and(|r| r.paused_before) {
+                "it was handed over paused: leave it so (no `cont`)"
+            } else {
+                "`cont` it"
+            };
+            format!(
+                "VM {vm} was committed here (order {order}) and settled at this agent's start, whose reconciliation has not resumed it yet (its log says what it did); if that was left to you, {run}, then restart this agent to record it, then send it"
+            )
+        }
     }
 }
 

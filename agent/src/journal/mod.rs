@@ -774,9 +774,12 @@ impl Journal {
     /// unsettled: the VM may come back or run on its destination, so no other copy of it may
     /// arrive here meanwhile.
     pub fn leaving(&self, vm: &str) -> bool {
-        self.latest
-            .values()
-            .any(|r| r.vm == vm && self.rules.leaving(&r.entry()))
+        self.leaving_order(vm).is_some()
+    }
+
+    /// The latest record of the order that sends `vm` from here, if one does ([`Self::leaving`]).
+    pub fn leaving_order(&self, vm: &str) -> Option<&Record> {
+        (self.latest.values()).find(|r| r.vm == vm && self.rules.leaving(&r.entry()))
     }
 
     /// Whether this host's copy of `vm` is the VM and free to be sent, by its current order

@@ -522,10 +522,11 @@ impl Mirrors {
         self.results.collect(timeout).await
     }
 
-    /// Wait until every job is concluded (or gone), waking on QEMU's job events; for
-    /// `timeout`, or longer while the migration's streams move bytes, up to its cap (a mirror
-    /// completing copies what the guest dirtied since it was ready, which on a slow link takes
-    /// as long as it takes).
+    /// Wait until every job is concluded (or gone), waking on QEMU's events and looking every
+    /// 5 ms (the guest is stopped meanwhile); for `timeout`, or longer while the migration's
+    /// streams move bytes, up to its cap (a mirror completing copies what the guest dirtied
+    /// since it was ready, which on a slow link takes as long as it takes), then every 100 ms:
+    /// each look takes QEMU's big lock, which the copy needs.
     async fn wait_concluded(
         &self,
         qmp: &mut Qmp,
@@ -533,6 +534,7 @@ impl Mirrors {
     ) -> Result<Vec<JobInfo>, AgentError> {
         let mut until = tokio::time::Instant::now() + timeout;
         let mut patience = self.progress.begin();
+        let mut look = Duration::from_millis(5);
         loop {
             let jobs = query_jobs(qmp).await?;
             let open = self.disks.iter().any(|d| {
@@ -550,8 +552,9 @@ impl Mirrors {
                         timeout.as_secs()
                     ))
                 })?;
+                look = Duration::from_millis(100);
             }
-            qmp.next_event(Duration::from_millis(5)).await?;
+            qmp.next_event(look).await?;
         }
     }
 

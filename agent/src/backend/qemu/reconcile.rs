@@ -62,10 +62,6 @@ fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> Still {
     }
 }
 
-/// Checks, half a second apart, of a copy arriving while a reconciliation waits for it (with
-/// QMP free, it is fed, or refused, long before).
-const ARRIVAL_CHECKS: u32 = 120;
-
 /// What a reconciliation came to.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -117,10 +113,16 @@ pub(crate) async fn reconcile(
         return Unchanged("nothing to do".into());
     }
     // The action still holds once QMP is ours: nothing can feed an arrival or claim the VM
-    // as a source while this holds QEMU's one QMP connection. While a copy arrives, QMP is let
-    // go (the arrival needs it): it is fed, and its order becomes the VM's, or it fails.
-    let mut checks = 0;
+    // as a source while this holds QEMU's one QMP connection. While a copy arrives, QMP is the
+    // arrival's: wait for it to end (it is fed, and its order becomes the VM's, or it fails;
+    // its own timeouts end it), then look again.
     let mut qmp = loop {
+        if ctx.arriving.contains(vm) {
+            info!(vm, "a copy of the VM is arriving: reconciling once it has");
+            while ctx.arriving.contains(vm) {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
         let qmp = match connect(ctx, qmp_path, action).await {
             Ok(q) => q,
             Err(outcome) => return outcome,
@@ -132,14 +134,8 @@ pub(crate) async fn reconcile(
                     "a newer order took the VM since the restart: nothing to do".into(),
                 )
             }
-            Still::Arriving if checks < ARRIVAL_CHECKS => {
-                drop(qmp);
-                checks += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            Still::Arriving => {
-                return Left("a copy of the VM kept arriving here for a minute: not reconciled; the next start does it".into())
-            }
+            // It began while QMP was being reached.
+            Still::Arriving => drop(qmp),
         }
     };
     let seen = async {
@@ -246,7 +242,8 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
                     if let Err(e) = journal.mark_discarded(&id) {
                         warn!(
                             vm,
-                            "its QEMU is gone, but the journal could not say so: {e}"
+                            order = %r.order.as_deref().unwrap_or("?"),
+                            "its QEMU is gone, but the journal could not say so ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then restart the agent"
                         );
                     }
                 }
