@@ -1,6 +1,6 @@
 #![no_main]
-//! One line from QEMU's QMP socket, any bytes: a typed `Malformed` error or a decoded line,
-//! never a panic (agent/src/qmp.rs `handle_line`).
+//! One line from QEMU's QMP socket, any bytes (a greeting, a reply, an event): a typed
+//! `Malformed` error or a decoded line, never a panic (qemu/src/qmp.rs `handle_line`).
 use trustmig_qemu::qmp::{handle_line, QmpError};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -50,14 +50,14 @@ pub enum QmpError {
         waiting_for: String,
     },
     /// No answer in time.
-    #[error("QMP {}: no answer to {waiting_for} within {} s", path.display(), timeout.as_secs_f32())]
+    #[error("QMP {}: no answer to {waiting_for} {ended}", path.display())]
     Timeout {
         /// Socket path.
         path: PathBuf,
         /// What we were waiting for.
         waiting_for: String,
-        /// The timeout.
-        timeout: Duration,
+        /// Why the wait ended.
+        ended: WaitEnded,
     },
     /// QEMU refused a command.
     #[error("QEMU refused {command}: {desc} ({class})")]
@@ -306,13 +306,43 @@ fn parse_json_line(buf: &[u8], waiting_for: &str) -> Result<Value, QmpError> {
     })
 }
 
-/// Everything the agent does with one line from QEMU, whatever its bytes: parse it, classify it
-/// (reply, error reply, event) and decode the typed replies it may be. A bad line is a
-/// `Malformed` error naming `context`; nothing panics. For the `qmp_line` fuzz target and the
+/// A line read while waiting for QMP's greeting: QEMU's version (`7.2.22`) from the greeting,
+/// or `None` for an event, which QEMU 7.2 can send ahead of the greeting on a monitor that
+/// connects while a migration runs (seen: `MIGRATION_PASS` first).
+fn greeting(v: &Value) -> Result<Option<String>, QmpError> {
+    if v.get("event").is_some() {
+        return Ok(None);
+    }
+    let q = v
+        .get("QMP")
+        .and_then(|g| g.get("version"))
+        .and_then(|v| v.get("qemu"))
+        .ok_or_else(|| QmpError::Malformed {
+            context: "greeting".into(),
+            reason: "no QMP.version.qemu".into(),
+            line: clip(&v.to_string()),
+        })?;
+    let part = |name| q.get(name).and_then(Value::as_u64).unwrap_or(0);
+    Ok(Some(format!(
+        "{}.{}.{}",
+        part("major"),
+        part("minor"),
+        part("micro")
+    )))
+}
+
+/// Everything the agent does with one line from QEMU, whatever its bytes: parse it, read it
+/// as a greeting when it has the greeting's `QMP` member, otherwise classify it (reply, error
+/// reply, event) and decode the typed replies it may be. A bad line is a `Malformed` error
+/// naming `context` (or "greeting"); nothing panics. For the `qmp_line` fuzz target and the
 /// property tests.
 #[doc(hidden)]
 pub fn handle_line(line: &[u8], context: &str) -> Result<(), QmpError> {
-    match Qmp::classify(parse_json_line(line, context)?, context)? {
+    let v = parse_json_line(line, context)?;
+    if v.get("QMP").is_some() {
+        return greeting(&v).map(|_| ());
+    }
+    match Qmp::classify(v, context)? {
         Line::Return(_, r) => {
             if let Ok(m) = Qmp::parse::<MigrationInfo>(r.clone(), context) {
                 let _ = m.status();
@@ -372,20 +402,44 @@ pub struct Patience {
 
 impl Patience {
     /// A deadline ran out at `at`: the next one, `timeout` later but never past the cap, if the
-    /// counter moved since the wait began (or since the last extension); `None` when it stood
-    /// still (or the cap is reached), and the wait ends. So a wait ends one to two timeouts
+    /// counter moved since the wait began (or since the last extension); otherwise the wait
+    /// ends, and the error says which of the two ended it. So a wait ends one to two timeouts
     /// after the counter stopped.
     pub fn extend(
         &mut self,
         at: tokio::time::Instant,
         timeout: Duration,
-    ) -> Option<tokio::time::Instant> {
+    ) -> Result<tokio::time::Instant, WaitEnded> {
         let now = self.moving.counter.load(Ordering::Relaxed);
-        if now == self.seen || at >= self.moving.cap {
-            return None;
+        if now == self.seen {
+            return Err(WaitEnded::StoodStill(timeout));
+        }
+        if at >= self.moving.cap {
+            return Err(WaitEnded::Cap);
         }
         self.seen = now;
-        Some((at + timeout).min(self.moving.cap))
+        Ok((at + timeout).min(self.moving.cap))
+    }
+}
+
+/// Why a wait ended without its answer. The two call for different looks: a QEMU (or peer)
+/// that stopped, or a migration that moved all along but ran out of its time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEnded {
+    /// Nothing moved (or nothing was counted) for this long.
+    StoodStill(Duration),
+    /// The data still moved, but the migration's time cap ([`Moving::cap`]) was reached.
+    Cap,
+}
+
+impl std::fmt::Display for WaitEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::StoodStill(t) => write!(f, "within {} s", t.as_secs_f32()),
+            Self::Cap => {
+                f.write_str("before the migration's time limit ran out (its data was still moving)")
+            }
+        }
     }
 }
 
@@ -432,7 +486,7 @@ impl Qmp {
             .map_err(|_| QmpError::Timeout {
                 path: path.to_path_buf(),
                 waiting_for: "connect".into(),
-                timeout,
+                ended: WaitEnded::StoodStill(timeout),
             })?
             .map_err(|source| QmpError::Connect {
                 path: path.to_path_buf(),
@@ -450,34 +504,18 @@ impl Qmp {
             moving: None,
             version: String::new(),
         };
-        // QEMU 7.2 can send an event ahead of the greeting on a monitor that connects while a
-        // migration runs (seen: `MIGRATION_PASS` first): such lines are skipped, within the
-        // timeout for the greeting as a whole.
-        let greeting = tokio::time::timeout(timeout, async {
+        // Events ahead of the greeting are skipped (`greeting`), within the timeout for the
+        // greeting as a whole.
+        q.version = tokio::time::timeout(timeout, async {
             loop {
                 let v = q.read_json_untimed("greeting").await?;
-                if v.get("event").is_none() {
-                    return Ok::<_, QmpError>(v);
+                if let Some(version) = greeting(&v)? {
+                    return Ok::<_, QmpError>(version);
                 }
             }
         })
         .await
-        .map_err(|_| q.timed_out("greeting"))??;
-        let v = greeting
-            .get("QMP")
-            .and_then(|g| g.get("version"))
-            .and_then(|v| v.get("qemu"))
-            .ok_or_else(|| QmpError::Malformed {
-                context: "greeting".into(),
-                reason: "no QMP.version.qemu".into(),
-                line: clip(&greeting.to_string()),
-            })?;
-        q.version = format!(
-            "{}.{}.{}",
-            v.get("major").and_then(Value::as_u64).unwrap_or(0),
-            v.get("minor").and_then(Value::as_u64).unwrap_or(0),
-            v.get("micro").and_then(Value::as_u64).unwrap_or(0)
-        );
+        .map_err(|_| q.timed_out("greeting", WaitEnded::StoodStill(timeout)))??;
         q.execute("qmp_capabilities", json!({})).await?;
         Ok(q)
     }
@@ -495,11 +533,11 @@ impl Qmp {
         &self.path
     }
 
-    fn timed_out(&self, waiting_for: &str) -> QmpError {
+    fn timed_out(&self, waiting_for: &str, ended: WaitEnded) -> QmpError {
         QmpError::Timeout {
             path: self.path.clone(),
             waiting_for: waiting_for.into(),
-            timeout: self.timeout,
+            ended,
         }
     }
 
@@ -593,17 +631,18 @@ impl Qmp {
         };
         tokio::time::timeout(self.timeout, self.wr.write_all(&line))
             .await
-            .map_err(|_| self.timed_out(command))?
+            .map_err(|_| self.timed_out(command, WaitEnded::StoodStill(self.timeout)))?
             .map_err(io)?;
         loop {
             let Ok(v) = tokio::time::timeout_at(deadline, self.read_json_untimed(command)).await
             else {
-                match patience
-                    .as_mut()
-                    .and_then(|p| p.extend(deadline, self.timeout))
-                {
-                    Some(later) => deadline = later,
-                    None => return Err(self.timed_out(command)),
+                let ended = match patience.as_mut() {
+                    Some(p) => p.extend(deadline, self.timeout),
+                    None => Err(WaitEnded::StoodStill(self.timeout)),
+                };
+                match ended {
+                    Ok(later) => deadline = later,
+                    Err(ended) => return Err(self.timed_out(command, ended)),
                 }
                 continue;
             };
@@ -751,7 +790,7 @@ impl Qmp {
             Err(QmpError::Timeout {
                 path: self.path.clone(),
                 waiting_for: waiting_for.into(),
-                timeout: within,
+                ended: WaitEnded::StoodStill(within),
             })
         })
     }
@@ -874,6 +913,32 @@ mod tests {
         assert_eq!(q.version, "7.2.22");
     }
 
+    /// The greeting's version is read as QEMU sends it; a greeting without one is named, and
+    /// the fuzzed line handler reads greetings the same way.
+    #[test]
+    fn a_greeting_gives_the_version_or_a_named_error() {
+        let real = json!({"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7},
+            "package": "Debian 1:7.2+dfsg-7+deb12u12"}, "capabilities": ["oob"]}});
+        assert_eq!(greeting(&real).expect("greeting"), Some("7.2.22".into()));
+        let event = json!({"event": "MIGRATION_PASS", "data": {"pass": 1}});
+        assert_eq!(greeting(&event).expect("event"), None);
+        for bad in [json!({"QMP": {}}), json!({"return": {}}), json!(7)] {
+            let e = greeting(&bad).expect_err("not a greeting");
+            assert!(
+                matches!(&e, QmpError::Malformed { context, reason, .. }
+                    if context == "greeting" && reason.contains("QMP.version.qemu")),
+                "{e:?}"
+            );
+        }
+        let r = handle_line(format!("{real}\n").as_bytes(), "fuzz");
+        assert!(r.is_ok(), "{r:?}");
+        let e = handle_line(b"{\"QMP\": {\"version\": 1}}\n", "fuzz").expect_err("no version");
+        assert!(
+            matches!(&e, QmpError::Malformed { context, .. } if context == "greeting"),
+            "{e:?}"
+        );
+    }
+
     /// QEMU exiting after `quit` with our bytes unread resets the socket (seen with QEMU 7.2):
     /// that is QEMU gone, so `quit_and_wait` succeeds, as it does on a plain end of file.
     #[tokio::test]
@@ -976,7 +1041,10 @@ mod tests {
             ticker.abort();
         });
         let e = q.query_status().await.expect_err("the counter stopped");
-        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        assert!(
+            matches!(e, QmpError::Timeout { ended: WaitEnded::StoodStill(t), .. } if t == timeout),
+            "{e:?}"
+        );
         stopper.await.expect("stopper");
         // Moving all along, but past the cap: it times out there.
         let (_d3, path) = late(10).await;
@@ -988,13 +1056,32 @@ mod tests {
         }));
         let ticker = ticking(moved.clone());
         let e = q.query_status().await.expect_err("past the cap");
-        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                QmpError::Timeout {
+                    ended: WaitEnded::Cap,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("time limit"), "{e}");
         ticker.abort();
         // No counter: the plain timeout.
         let (_d4, path) = late(5).await;
         let mut q = Qmp::connect(&path, timeout).await.expect("connect");
         let e = q.query_status().await.expect_err("no counter");
-        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                QmpError::Timeout {
+                    ended: WaitEnded::StoodStill(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     /// A fake QEMU that answers each command line with the next canned line(s).

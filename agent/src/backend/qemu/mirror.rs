@@ -34,7 +34,7 @@ use crate::backend::Tasks;
 use crate::config::{DiskVerify, MirrorMode, VmConfig};
 use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
-use trustmig_qemu::qmp::{Moving, Qmp};
+use trustmig_qemu::qmp::{Moving, Qmp, WaitEnded};
 
 use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
 
@@ -546,11 +546,14 @@ impl Mirrors {
             }
             let now = tokio::time::Instant::now();
             if now > until {
-                until = patience.extend(now, timeout).ok_or_else(|| {
-                    AgentError::Timeout(format!(
-                        "a mirror job did not complete, nothing moved for {} s",
-                        timeout.as_secs()
-                    ))
+                until = patience.extend(now, timeout).map_err(|ended| {
+                    AgentError::Timeout(match ended {
+                        WaitEnded::StoodStill(t) => format!(
+                            "a mirror job did not complete, nothing moved for {} s",
+                            t.as_secs_f32()
+                        ),
+                        WaitEnded::Cap => format!("a mirror job did not complete {ended}"),
+                    })
                 })?;
                 look = Duration::from_millis(100);
             }
@@ -1124,7 +1127,7 @@ pub(crate) mod tests {
         (dir, path)
     }
 
-    fn mirrors(counter: Arc<AtomicU64>) -> Mirrors {
+    fn mirrors(counter: Arc<AtomicU64>, cap: Duration) -> Mirrors {
         let disk = SourceMirror {
             name: "d0".into(),
             node: "d0".into(),
@@ -1141,7 +1144,7 @@ pub(crate) mod tests {
             started: true,
             progress: Moving {
                 counter,
-                cap: tokio::time::Instant::now() + Duration::from_secs(60),
+                cap: tokio::time::Instant::now() + cap,
             },
         }
     }
@@ -1149,7 +1152,8 @@ pub(crate) mod tests {
     /// A mirror completing at the switch-over copies what the guest dirtied since it was
     /// ready: while its relay moves bytes, the wait for the job goes on past the timeout
     /// (before, a backlog longer than a step timeout on a slow link rolled the migration back);
-    /// with nothing moving it ends after the timeout, named.
+    /// with nothing moving it ends after the timeout, named; moving past the migration's cap,
+    /// it ends there, and says so.
     #[tokio::test]
     async fn a_mirror_completing_is_waited_for_while_its_bytes_move() {
         let timeout = Duration::from_millis(200);
@@ -1167,21 +1171,31 @@ pub(crate) mod tests {
         let mut q = Qmp::connect(&path, Duration::from_secs(5))
             .await
             .expect("qmp");
-        let jobs = mirrors(moved.clone())
+        let far = Duration::from_secs(60);
+        let jobs = mirrors(moved.clone(), far)
             .wait_concluded(&mut q, timeout)
             .await
             .expect("concluded while bytes moved");
         assert_eq!(jobs[0].status, "concluded");
+        let (_d, path) = fake_qemu(timeout * 4);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let e = mirrors(moved.clone(), timeout * 2)
+            .wait_concluded(&mut q, timeout)
+            .await
+            .expect_err("past the cap");
+        assert!(e.to_string().contains("time limit"), "{e}");
         ticker.abort();
         let (_d, path) = fake_qemu(timeout * 4);
         let mut q = Qmp::connect(&path, Duration::from_secs(5))
             .await
             .expect("qmp");
-        let e = mirrors(moved)
+        let e = mirrors(moved, far)
             .wait_concluded(&mut q, timeout)
             .await
             .expect_err("nothing moved");
-        assert!(e.to_string().contains("did not complete"), "{e}");
+        assert!(e.to_string().contains("nothing moved"), "{e}");
     }
 
     #[tokio::test]
