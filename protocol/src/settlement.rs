@@ -156,6 +156,16 @@ pub enum VmAction {
     Resume,
 }
 
+impl VmAction {
+    /// For a give-back, whether the VM stays paused; `None` for any other action.
+    pub fn given_back(self) -> Option<bool> {
+        match self {
+            Self::GiveBack { paused_before } => Some(paused_before),
+            _ => None,
+        }
+    }
+}
+
 /// What an agent does after its session failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AfterFailure {

@@ -315,11 +315,9 @@ pub async fn by_operator(ctx: &Arc<Ctx>, order: &str, resume: bool) -> Result<St
         (decided, r)
     };
     ctx.in_doubt.lock().expect("in-doubt lock").remove(&id);
-    let what = match vm_action {
-        Some(VmAction::GiveBack { paused_before }) => {
-            backend::resume_given_back(ctx, &r.vm, paused_before).await
-        }
-        _ => backend::forget_moved(ctx, &r.vm),
+    let what = match vm_action.and_then(VmAction::given_back) {
+        Some(paused_before) => backend::resume_given_back(ctx, &r.vm, paused_before).await,
+        None => backend::forget_moved(ctx, &r.vm),
     };
     let text = format!("{note}; {what}");
     warn!(order = %hex(&id), vm = %r.vm, "{text}");

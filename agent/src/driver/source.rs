@@ -286,7 +286,7 @@ async fn run<B: SourceVm>(
     // Paused at the claim, or handed over paused at the switch-over: given back paused (a
     // backend that saw more, live, may know better). The machine's give-back says so.
     let give_back = outs.iter().find_map(|o| match o {
-        Output::Vm(VmAction::GiveBack { paused_before }) => Some(*paused_before),
+        Output::Vm(a) => a.given_back(),
         _ => None,
     });
     let in_doubt = InDoubt::of(&order);
@@ -350,12 +350,7 @@ async fn run<B: SourceVm>(
 fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
     let journal = ctx.journal.lock().expect("journal lock");
     let back = journal.rules().give_back(journal.entry(id).as_ref());
-    matches!(
-        back,
-        VmAction::GiveBack {
-            paused_before: true
-        }
-    )
+    back.given_back() == Some(true)
 }
 
 /// Why the QEMU copy of `vm` here is not the VM to send, and what gets it out of that.
