@@ -26,7 +26,7 @@ use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
 use super::pumps::{open_pump, seal_pump, Carried, Counted, Received};
-use super::{qemu_vm, socket_dir, socket_path};
+use super::{qemu_vm, socket_dir, socket_path, SocketRole};
 
 /// How long the destination waits for the source's data stream to bind: the source opens it
 /// right after the handshake, so a stream that has not authenticated by then never will.
@@ -377,7 +377,7 @@ async fn feed(
     let timeout = ctx.step_timeout();
     let dir = socket_dir(ctx)?;
     // QEMU listens on a socket in our home; we feed it.
-    let sock = socket_path(&dir, "in", &inc.order_id)?;
+    let sock = socket_path(&dir, SocketRole::In, &inc.order_id)?;
     let path = sock.path();
     // `events`: the load's completion wakes `wait_loaded` at once. `late-block-activate`:
     // QEMU activates the images (and takes their write locks) at `cont`, not when loading
@@ -445,7 +445,7 @@ async fn mirrors_in(
             .flat_map(|t| t.files().map(Path::to_path_buf)),
     );
     super::mirror::create(&targets, &inc.order_id).await?;
-    let sock = socket_path(&socket_dir(ctx)?, "nbd", &inc.order_id)?;
+    let sock = socket_path(&socket_dir(ctx)?, SocketRole::NbdServer, &inc.order_id)?;
     super::mirror::export(qmp, &targets, sock.path()).await?;
     let streams = (1u16..)
         .zip(streams)

@@ -390,7 +390,7 @@ async fn connect_all(
 ) -> Result<(), AgentError> {
     let disks = m.disks.clone();
     for (i, ((data, sealer, opener), d)) in streams.into_iter().zip(&disks).enumerate() {
-        let sock = super::socket_path(dir, &format!("nbd{i}"), order_id)?;
+        let sock = super::socket_path(dir, super::SocketRole::NbdRelay(i), order_id)?;
         let path = sock.path().to_path_buf();
         let listener = UnixListener::bind(&path).map_err(AgentError::io(&path))?;
         let (tx, moved) = (tx.clone(), m.progress.counter.clone());

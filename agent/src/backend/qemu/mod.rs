@@ -102,10 +102,66 @@ fn socket_dir(ctx: &Ctx) -> Result<PathBuf, AgentError> {
     Ok(dir)
 }
 
+/// What a unix socket in the agent's socket directory serves. Its file name says it and the
+/// order (`<role>-<16 hex digits of the order id>.sock`), so that a start can tell the files
+/// a killed agent left from an operator's (`clear_sockets`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SocketRole {
+    /// Source: QEMU's outgoing migration stream (`out`).
+    Out,
+    /// Destination: QEMU's incoming migration stream (`in`).
+    In,
+    /// Destination: QEMU's NBD server for the mirrored disks (`nbd`).
+    NbdServer,
+    /// Source: the relay of mirrored disk `i` (`nbd<i>`).
+    NbdRelay(usize),
+}
+
+impl SocketRole {
+    /// The roles without a parameter; `NbdRelay` is read by its digits.
+    const FIXED: [Self; 3] = [Self::Out, Self::In, Self::NbdServer];
+
+    fn prefix(self) -> String {
+        match self {
+            Self::Out => "out".into(),
+            Self::In => "in".into(),
+            Self::NbdServer => "nbd".into(),
+            Self::NbdRelay(i) => format!("nbd{i}"),
+        }
+    }
+
+    /// The socket's file name for an order.
+    fn file_name(self, order_id: &[u8; 16]) -> String {
+        format!("{}-{}.sock", self.prefix(), &hex(order_id)[..16])
+    }
+
+    /// The role of a file name `file_name` makes; `None` for any other name.
+    fn of_file(name: &str) -> Option<Self> {
+        let (prefix, rest) = name.split_once('-')?;
+        let id = rest.strip_suffix(".sock")?;
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let relay = || {
+            let i = prefix.strip_prefix("nbd")?;
+            let digits = !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit());
+            digits.then(|| i.parse().ok().map(Self::NbdRelay)).flatten()
+        };
+        Self::FIXED
+            .into_iter()
+            .find(|r| r.prefix() == prefix)
+            .or_else(relay)
+    }
+}
+
 /// The path of the socket `role` of an order in `dir` (nothing there yet), removed when the
 /// returned guard drops.
-fn socket_path(dir: &Path, role: &str, order_id: &[u8; 16]) -> Result<SocketFile, AgentError> {
-    let p = dir.join(format!("{role}-{}.sock", &hex(order_id)[..16]));
+fn socket_path(
+    dir: &Path,
+    role: SocketRole,
+    order_id: &[u8; 16],
+) -> Result<SocketFile, AgentError> {
+    let p = dir.join(role.file_name(order_id));
     if p.as_os_str().len() > 107 {
         return Err(AgentError::Migration(format!(
             "unix socket path {} is too long (107 bytes at most): use a shorter agent home",
@@ -136,30 +192,20 @@ impl Drop for SocketFile {
 
 /// At start, with the home locked to this agent and no migration under way: the socket files
 /// an agent killed mid-migration left (nothing else listens on them). Only names
-/// `socket_path` makes: an operator may keep other sockets there (a QMP socket, say).
+/// `socket_path` makes (`SocketRole::of_file`): an operator may keep other sockets there (a
+/// QMP socket, say).
 pub(crate) fn clear_sockets(home: &crate::home::Home) {
     let Ok(entries) = std::fs::read_dir(sockets_of(home)) else {
         return;
     };
     for e in entries.flatten() {
-        if e.file_name().to_str().is_some_and(made_by_socket_path) {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| SocketRole::of_file(n).is_some())
+        {
             let _ = std::fs::remove_file(e.path());
         }
     }
-}
-
-/// Whether `name` is one `socket_path` makes: `<role>-<16 hex digits>.sock`, the role `out`,
-/// `in`, `nbd` or `nbd<i>`.
-fn made_by_socket_path(name: &str) -> bool {
-    let Some((role, rest)) = name.split_once('-') else {
-        return false;
-    };
-    let role_ok = matches!(role, "out" | "in")
-        || role
-            .strip_prefix("nbd")
-            .is_some_and(|i| i.bytes().all(|b| b.is_ascii_digit()));
-    let id = rest.strip_suffix(".sock").unwrap_or_default();
-    role_ok && id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -174,7 +220,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_socket_file_goes_with_an_aborted_task() {
         let dir = tempfile::tempdir().expect("tmp");
-        let sock = socket_path(dir.path(), "nbd0", &[7; 16]).expect("path");
+        let sock = socket_path(dir.path(), SocketRole::NbdRelay(0), &[7; 16]).expect("path");
         let path = sock.path().to_path_buf();
         let listener = tokio::net::UnixListener::bind(&path).expect("bind");
         let waiting = tokio::spawn(async move {
@@ -196,19 +242,25 @@ pub(crate) mod tests {
         let home = crate::home::Home::at(tmp.path());
         let dir = sockets_of(&home);
         std::fs::create_dir_all(&dir).expect("dir");
-        let left: Vec<_> = [
-            "nbd0-0101010101010101.sock",
-            "out-abcdef0123456789.sock",
-            "nbd-0123456789abcdef.sock",
-        ]
-        .iter()
-        .map(|n| dir.join(n))
-        .collect();
+        // Every role's file, as `socket_path` names it.
+        let roles = SocketRole::FIXED
+            .into_iter()
+            .chain([SocketRole::NbdRelay(0), SocketRole::NbdRelay(12)]);
+        let left: Vec<_> = roles
+            .map(|r| {
+                let f = socket_path(&dir, r, &[0xab; 16]).expect("path");
+                assert_eq!(SocketRole::of_file(&r.file_name(&[0xab; 16])), Some(r));
+                f.path().to_path_buf()
+            })
+            .collect();
         let kept: Vec<_> = [
             "notes.txt",
             "vm.qmp.sock",
             "in-01.sock",
             "nbdx-0101010101010101.sock",
+            "nbd-0101010101010101.socket",
+            "out-01010101010101010.sock",
+            "-0101010101010101.sock",
         ]
         .iter()
         .map(|n| dir.join(n))

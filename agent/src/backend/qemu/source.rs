@@ -33,7 +33,7 @@ use super::disk::SourceDisk;
 use super::giveback::{give_back, Was};
 use super::mirror::{Mirrors, Relayed, SourceMirror};
 use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
-use super::{socket_dir, socket_path};
+use super::{socket_dir, socket_path, SocketRole};
 
 /// How often `query-migrate` is polled for progress and state.
 const POLL: Duration = Duration::from_millis(200);
@@ -561,7 +561,7 @@ async fn start_qemu(
     }
     qmp.migrate_set_parameters(ladder.limit, ladder.bw).await?;
     let dir = socket_dir(ctx)?;
-    let sock = socket_path(&dir, "out", order.id())?;
+    let sock = socket_path(&dir, SocketRole::Out, order.id())?;
     let path = sock.path();
     let listener = UnixListener::bind(path).map_err(AgentError::io(path))?;
     qmp.migrate(&format!("unix:{}", path.display())).await?;
