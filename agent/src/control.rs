@@ -44,6 +44,12 @@ pub enum Request {
         /// destination's, keep no copy here.
         resume_here: bool,
     },
+    /// The operator has seen to a QEMU VM whose reconciliation a start left to them: run it
+    /// again (SPEC.md §8.8).
+    Reconcile {
+        /// VM name.
+        vm: String,
+    },
 }
 
 /// Live progress of a migration.
@@ -198,6 +204,8 @@ pub enum Reply {
     },
     /// An order settled by the operator: what became of its VM here.
     Settled(String),
+    /// A VM reconciled with its journal at the operator's request: what was done.
+    Reconciled(String),
     /// An order revoked here.
     Revoked(String),
     /// The configuration reloaded: what changed.

@@ -44,7 +44,10 @@ pub struct Ctx {
     /// their destination answers (SPEC.md §8.8; `settle.rs`).
     pub parked: Mutex<HashMap<String, SyntheticGuest>>,
     /// VMs arriving here now, one session each.
-    pub arriving: Arrivals,
+    pub arriving: OnePerVm,
+    /// QEMU VMs being reconciled with their journal now (after a start, or by the operator's
+    /// `trustmig reconcile`), one reconciliation each (`backend/qemu/reconcile.rs`).
+    pub reconciling: OnePerVm,
     /// Orders in doubt whose destination is being asked in the background (`settle.rs`): the
     /// only ones an operator may settle by hand. Each lock is held while one answer or decision
     /// is acted on, so the two never cross.
@@ -146,43 +149,56 @@ pub fn history_entry(
     })
 }
 
-/// The VMs arriving here now: each by one session at a time. A second is refused while the
-/// first runs: two copies arriving at once would have the second replace the first, already
-/// running and given up by its source.
-#[derive(Default)]
-pub struct Arrivals(Mutex<std::collections::HashSet<String>>);
+/// VMs something is under way for, one at a time per VM: a second is refused while the first
+/// runs. Arrivals: two copies arriving at once would have the second replace the first, already
+/// running and given up by its source. Reconciliations: two would each wait for QEMU's one QMP
+/// connection and act on what they saw before the other acted.
+pub struct OnePerVm {
+    vms: Mutex<std::collections::HashSet<String>>,
+    /// What is under way, for the refusal ("arriving here by another order").
+    doing: &'static str,
+}
 
-impl Arrivals {
-    /// Whether `vm` is arriving here now.
-    pub fn contains(&self, vm: &str) -> bool {
-        (self.0.lock().unwrap_or_else(|e| e.into_inner())).contains(vm)
+impl OnePerVm {
+    /// None under way; `doing` names what is, for refusals.
+    pub fn new(doing: &'static str) -> Self {
+        Self {
+            vms: Mutex::default(),
+            doing,
+        }
     }
 
-    /// `vm` arrives; it is no longer arriving once the guard drops.
-    pub fn arrive(&self, vm: &str) -> Result<Arriving<'_>, AgentError> {
-        let mut arriving = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !arriving.insert(vm.to_string()) {
+    /// Whether it is under way for `vm` now.
+    pub fn contains(&self, vm: &str) -> bool {
+        (self.vms.lock().unwrap_or_else(|e| e.into_inner())).contains(vm)
+    }
+
+    /// It begins for `vm`, and ends once the guard drops; refused while it is under way.
+    pub fn begin(&self, vm: &str) -> Result<Underway<'_>, AgentError> {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        if !vms.insert(vm.to_string()) {
             return Err(AgentError::Refused(format!(
-                "VM {vm:?} is already arriving here by another order"
+                "VM {vm:?} is already {}",
+                self.doing
             )));
         }
-        Ok(Arriving {
+        Ok(Underway {
             of: self,
             vm: vm.to_string(),
         })
     }
 }
 
-/// A VM's arrival in progress ([`Arrivals::arrive`]); it ends when this drops.
-pub struct Arriving<'a> {
-    of: &'a Arrivals,
+/// What [`OnePerVm::begin`] began for a VM; it ends when this drops.
+pub struct Underway<'a> {
+    of: &'a OnePerVm,
     vm: String,
 }
 
-impl Drop for Arriving<'_> {
+impl Drop for Underway<'_> {
     fn drop(&mut self) {
-        let mut arriving = self.of.0.lock().unwrap_or_else(|e| e.into_inner());
-        arriving.remove(&self.vm);
+        let mut vms = self.of.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.remove(&self.vm);
     }
 }
 
@@ -192,14 +208,16 @@ mod tests {
 
     #[test]
     fn a_vm_arrives_by_one_session_at_a_time() {
-        let a = Arrivals::default();
-        let first = a.arrive("web").expect("first");
-        let e = a.arrive("web").err().expect("a second at once");
+        let a = OnePerVm::new("arriving here by another order");
+        let first = a.begin("web").expect("first");
+        let e = a.begin("web").err().expect("a second at once");
         assert!(e.to_string().contains("\"web\" is already arriving"), "{e}");
-        let other = a.arrive("db").expect("another VM");
+        let other = a.begin("db").expect("another VM");
+        assert!(a.contains("web") && a.contains("db"));
         drop(first);
-        let again = a.arrive("web").expect("after the first ended");
+        assert!(!a.contains("web"));
+        let again = a.begin("web").expect("after the first ended");
         drop((again, other));
-        assert!(a.0.lock().unwrap().is_empty());
+        assert!(a.vms.lock().unwrap().is_empty());
     }
 }

@@ -94,6 +94,12 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 other => Err(refused(other)),
             }
         }
+        Cmd::Reconcile { home, vm } => {
+            match ask(&Home::at(home.home), &Request::Reconcile { vm })? {
+                Reply::Reconciled(what) => say(&what),
+                other => Err(refused(other)),
+            }
+        }
         Cmd::Qemu(q) => qemu(q),
         Cmd::Bench {
             size_mib,

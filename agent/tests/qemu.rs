@@ -2087,6 +2087,116 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
 }
 
+/// SPEC.md §8.8: a VM whose reconciliation a start left to the operator is not sent until the
+/// operator has seen to it and run `trustmig reconcile`, which looks at QEMU again and records
+/// what it finds (before, only another restart did). The destination agent's journal (written
+/// by hand) holds an order committed here; at its start the VM's QEMU waits for a migration,
+/// so the restart cannot resume anything and leaves the VM to the operator. While QEMU is so,
+/// `trustmig reconcile` says the same, and an order for the VM from there is refused, naming
+/// the command; once the operator runs the VM here (a fresh QEMU), it records DONE, and the
+/// journal lets the VM go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=0 check=10".into(),
+        mem_mib: MEM_MIB,
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    s.pair.stop(1);
+    let path = s.pair.dst.journal_dir().join("journal.jsonl");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let order = "cd".repeat(16);
+    let mut journal = std::fs::read_to_string(&path).unwrap_or_default();
+    for state in ["claimed", "committed"] {
+        let line = serde_json::json!({
+            "order_id": order, "role": "destination", "vm": VM, "state": state,
+            "not_after": now + 3600, "at": now, "fed": true,
+        });
+        journal += &format!("{line}\n");
+    }
+    std::fs::write(&path, journal).expect("journal written");
+    s.pair.start(1).expect("destination agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s
+        .all_logs()
+        .contains("the VM may be lost; check it by hand")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the start did not leave the VM to the operator\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let home = s.pair.dst.root().to_path_buf();
+    let reconcile = |vm: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustmig"))
+            .args(["reconcile", "--home"])
+            .arg(&home)
+            .arg(vm)
+            .output()
+            .expect("trustmig reconcile");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = reconcile("nosuch");
+    assert!(!ok && text.contains("no VM named \"nosuch\""), "{text}");
+    // QEMU still waits for a migration: still left to the operator, nothing journalled.
+    let (ok, text) = reconcile(VM);
+    assert!(
+        !ok && text.contains("not reconciled") && text.contains("\"inmigrate\""),
+        "{text}\n{}",
+        s.logs()
+    );
+    let order_back = s.pair.order_back(VM, limits(300), 600).expect("order back");
+    let mut refusal = None;
+    s.pair
+        .migrate_from(1, &order_back, |r| match r {
+            Reply::Error(e) => refusal = Some(e),
+            Reply::Progress(Progress::Failed { error, .. }) => refusal = Some(error),
+            _ => {}
+        })
+        .await
+        .expect("the order reaches the destination agent");
+    let refusal = refusal.unwrap_or_else(|| panic!("not refused\n{}", s.logs()));
+    assert!(
+        refusal.contains(&format!("then run `trustmig reconcile {VM}` to record it")),
+        "{refusal}"
+    );
+    // The operator runs the VM here.
+    let dir = s.pair.dir().to_path_buf();
+    let old = std::mem::replace(
+        &mut s.dst,
+        QemuVm::start(&dir, "dst-run", &build_guest(&dir), &opts, false),
+    );
+    drop(old);
+    std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
+    s.dst.qmp = dir.join("dst.qmp");
+    let (ok, text) = reconcile(VM);
+    assert!(
+        ok && text.contains("committed here and running"),
+        "{text}\n{}",
+        s.logs()
+    );
+    let journal = std::fs::read_to_string(&path).expect("journal");
+    let last = journal.lines().last().expect("a record");
+    assert!(
+        last.contains(&order) && last.contains("\"done\""),
+        "{journal}"
+    );
+    let (ok, text) = reconcile(VM);
+    assert!(ok && text.contains("nothing to reconcile"), "{text}");
+    assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
+}
+
 /// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the
 /// `<name>.qemu.log`); returns the HMP reply (empty on success).
 async fn hmp_qemu_io(vm: &QemuVm, dev: &str, cmd: &str) -> String {

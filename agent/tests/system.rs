@@ -1095,6 +1095,22 @@ fn the_agent_tells_systemd_when_it_is_ready_and_stopping() {
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
 
+/// `trustmig reconcile` is for QEMU VMs a start left to the operator: an unknown VM and a
+/// synthetic guest (no hypervisor; it starts from the journal alone) are refused, named.
+#[test]
+fn reconcile_names_what_it_cannot_reconcile() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 16, 0), 1).unwrap();
+    pair.start(0).unwrap();
+    let (ok, text) = cli(&pair.src, &["reconcile", "nosuch"]);
+    assert!(!ok && text.contains("no VM named \"nosuch\""), "{text}");
+    let (ok, text) = cli(&pair.src, &["reconcile", "v"]);
+    assert!(!ok && text.contains("is a synthetic guest"), "{text}");
+}
+
 /// Where the VM of a crash-matrix run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ended {

@@ -199,7 +199,7 @@ impl Agent {
         (0..self.sides.len()).any(|k| self.latest(k).is_some_and(|e| rules.leaving(e)))
     }
 
-    /// Whether a copy of the VM is arriving here (`Arrivals`): a destination session runs,
+    /// Whether a copy of the VM is arriving here (`ctx::OnePerVm`): a destination session runs,
     /// or what it does once its last record is durable (its `cont`) is still to come.
     fn arriving(&self, h: usize) -> bool {
         (0..self.sides.len()).any(|j| {

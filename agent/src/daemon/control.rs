@@ -71,6 +71,12 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
             Ok(what) => Reply::Settled(what),
             Err(e) => Reply::Error(e.to_string()),
         },
+        Request::Reconcile { vm } => {
+            match crate::backend::qemu::reconcile_by_operator(&ctx, &vm).await {
+                Ok(what) => Reply::Reconciled(what),
+                Err(e) => Reply::Error(e.to_string()),
+            }
+        }
         Request::VmChecksum { vm } => match ctx.vms.lock().expect("vms lock").get(&vm) {
             Some(g) => Reply::Checksum {
                 checksum: hex::encode(g.checksum()),

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::ctx::Ctx;
+use crate::ctx::{Ctx, OnePerVm};
 use crate::driver::settle::InDoubt;
 use crate::error::AgentError;
 use crate::guest::SyntheticGuest;
@@ -20,7 +20,6 @@ use crate::home::Home;
 use crate::identity::Identity;
 use crate::journal::{Journal, State};
 use trustmig_protocol::commit::{Output, Side};
-use trustmig_protocol::order::Role;
 
 /// A started agent, before it serves.
 pub(super) struct Started {
@@ -126,7 +125,8 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         journal: Mutex::new(journal),
         vms: Mutex::new(vms),
         parked: Mutex::new(HashMap::new()),
-        arriving: Default::default(),
+        arriving: OnePerVm::new("arriving here by another order"),
+        reconciling: OnePerVm::new("being reconciled with its journal"),
         in_doubt: Mutex::new(HashMap::new()),
         resuming: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
@@ -171,19 +171,7 @@ fn to_reconcile(config: &Config, journal: &Journal) -> Vec<crate::backend::qemu:
         .vms
         .iter()
         .filter_map(|v| Some((v.name.clone(), v.qemu()?.qmp.clone())))
-        .map(|(vm, qmp)| {
-            let last = journal.last_order_of(&vm);
-            let action = crate::driver::reconcile::action(journal.rules(), last);
-            let order = last.map(|r| r.order_id.clone());
-            let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
-            crate::backend::qemu::Reconcile {
-                vm,
-                qmp,
-                action,
-                order,
-                paused,
-            }
-        })
+        .map(|(vm, qmp)| crate::backend::qemu::Reconcile::of(journal, vm, qmp))
         .collect()
 }
 

@@ -399,7 +399,7 @@ impl Session {
                 self.vm
             )));
         }
-        let _arriving = ctx.arriving.arrive(&self.vm)?;
+        let _arriving = ctx.arriving.begin(&self.vm)?;
         // Register first: the source opens its data streams right after the handshake.
         let sid = est.keys.session_id();
         let (conn_tx, conns) = mpsc::channel::<DataConn>(16);

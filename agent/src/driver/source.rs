@@ -366,7 +366,7 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
             "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time)"
         ),
         NotHeld::ToDiscard => format!(
-            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it) and restart this agent"
+            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it), then run `trustmig reconcile {vm}`"
         ),
         NotHeld::NotYetResumed => {
             let run = if current.is_some_and(|r| r.paused_before) {
@@ -375,7 +375,7 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
                 "`cont` it"
             };
             format!(
-                "VM {vm} was committed here (order {order}) and settled at this agent's start, whose reconciliation has not resumed it yet (its log says what it did); if that was left to you, {run}, then restart this agent to record it, then send it"
+                "VM {vm} was committed here (order {order}) and settled at this agent's start, whose reconciliation has not resumed it yet (its log says what it did); if that was left to you, {run}, then run `trustmig reconcile {vm}` to record it, then send it"
             )
         }
     }

@@ -59,7 +59,7 @@ impl QemuDest {
     fn gone(&self, ctx: &Ctx) {
         let marked = (ctx.journal.lock().expect("journal lock")).mark_discarded(&self.order_id);
         if let Err(e) = marked {
-            warn!(vm = %self.vm, order = %hex(&self.order_id), "the QEMU is gone, but the journal could not say so ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then restart the agent");
+            warn!(vm = %self.vm, order = %hex(&self.order_id), "the QEMU is gone, but the journal could not say so ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then run `trustmig reconcile {}` (or restart the agent)", self.vm);
         }
     }
 

@@ -52,7 +52,7 @@ use trustmig_qemu::qmp::{Qmp, QmpError};
 
 pub(crate) use dest::QemuDest;
 pub(crate) use giveback::resume_given_back;
-pub(crate) use reconcile::{reconcile_all, Reconcile};
+pub(crate) use reconcile::{by_operator as reconcile_by_operator, reconcile_all, Reconcile};
 pub(crate) use source::QemuSource;
 
 /// The QMP socket of `vm` when this agent hosts it with the QEMU backend.

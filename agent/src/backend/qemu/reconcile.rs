@@ -1,13 +1,18 @@
 //! A QEMU VM after a restart of its agent: what the journal allows (`crate::reconcile`), done
-//! to what QEMU actually holds, asked over QMP. spec: spec/qemu.md §4
+//! to what QEMU actually holds, asked over QMP; again at the operator's `trustmig reconcile`
+//! once they saw to what a start left to them. spec: spec/qemu.md §4, SPEC.md §8.8
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{info, warn};
+use trustmig_protocol::order::Role;
+use trustmig_protocol::settlement::NotHeld;
 
 use crate::ctx::Ctx;
 use crate::driver::reconcile::Action;
+use crate::error::AgentError;
+use crate::journal::Journal;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp, StatusInfo};
 
 use super::giveback::{given_back, Was};
@@ -189,12 +194,12 @@ pub(crate) async fn reconcile(
     }
 }
 
-/// One QEMU VM to bring in line with its journal after a restart.
+/// One QEMU VM to bring in line with its journal.
 pub(crate) struct Reconcile {
     /// The VM.
     pub vm: String,
     /// Its QMP socket.
-    pub qmp: std::path::PathBuf,
+    pub qmp: PathBuf,
     /// What the journal allows.
     pub action: Action,
     /// The VM's current order here (hex), if any (`Journal::last_order_of`).
@@ -203,10 +208,24 @@ pub(crate) struct Reconcile {
     pub paused: bool,
 }
 
-/// Reconcile every QEMU VM of this agent in the background, each as the journal allows. A VM
-/// resumed here because a restart settled its order as committed here gets DONE journalled once
-/// it runs (or was left paused, handed over so), so that no later restart resumes it again
-/// (SPEC.md §8.8).
+impl Reconcile {
+    /// What `journal` allows now for `vm`, whose QMP socket is `qmp` (`driver/reconcile.rs`).
+    pub(crate) fn of(journal: &Journal, vm: String, qmp: PathBuf) -> Self {
+        let last = journal.last_order_of(&vm);
+        let action = crate::driver::reconcile::action(journal.rules(), last);
+        let order = last.map(|r| r.order_id.clone());
+        let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
+        Self {
+            vm,
+            qmp,
+            action,
+            order,
+            paused,
+        }
+    }
+}
+
+/// Reconcile every QEMU VM of this agent in the background, each as the journal allows.
 pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
     for r in list {
         if r.action == Action::Nothing {
@@ -215,41 +234,114 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let (vm, action) = (r.vm.as_str(), r.action);
-            let what = reconcile(&ctx, vm, &r.qmp, (action, r.paused, r.order.as_deref())).await;
-            match what {
-                Outcome::Done(how) => info!(vm, ?action, "after restart: {how}"),
-                Outcome::Unchanged(how) => {
-                    info!(vm, ?action, "after restart: {how}");
-                    return;
+            match reconcile_one(&ctx, &r).await {
+                Outcome::Done(how) | Outcome::Unchanged(how) => {
+                    info!(vm, ?action, "after restart: {how}")
                 }
-                Outcome::Left(how) => {
-                    warn!(vm, ?action, "after restart: {how}");
-                    return;
-                }
-            }
-            let order = r
-                .order
-                .as_deref()
-                .and_then(|o| ::hex::decode(o).ok()?.try_into().ok());
-            let mut journal = ctx.journal.lock().expect("journal lock");
-            match (action, order) {
-                (Action::Resume, Some(id)) => {
-                    if let Err(e) = journal.resumed_after_restart(&id) {
-                        warn!(vm, "the VM runs, but DONE could not be journalled: {e}");
-                    }
-                }
-                (Action::Discard, Some(id)) => {
-                    if let Err(e) = journal.mark_discarded(&id) {
-                        warn!(
-                            vm,
-                            order = %r.order.as_deref().unwrap_or("?"),
-                            "its QEMU is gone, but the journal could not say so ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then restart the agent"
-                        );
-                    }
-                }
-                _ => {}
+                Outcome::Left(how) => warn!(vm, ?action, "after restart: {how}"),
             }
         });
+    }
+}
+
+/// Reconcile one VM (one reconciliation per VM at a time) and journal what was done: a VM
+/// resumed here because a restart settled its order as committed here gets DONE once it runs
+/// (or was left paused, handed over so), so that no later restart resumes it again and it may
+/// be sent on; a discarded copy's order no longer holds a QEMU (SPEC.md §8.8).
+async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
+    let Ok(_one) = ctx.reconciling.begin(&r.vm) else {
+        return Outcome::Left(
+            "another reconciliation of it is under way (the agent's log says what it did)".into(),
+        );
+    };
+    let action = (r.action, r.paused, r.order.as_deref());
+    match reconcile(ctx, &r.vm, &r.qmp, action).await {
+        Outcome::Done(how) => match journal_done(ctx, r) {
+            Ok(()) => Outcome::Done(how),
+            Err(why) => Outcome::Left(format!("{how}; but {why}")),
+        },
+        other => other,
+    }
+}
+
+/// Journal what a reconciliation did (`reconcile_one`).
+fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
+    let Some(id) = (r.order.as_deref()).and_then(|o| ::hex::decode(o).ok()?.try_into().ok()) else {
+        return Ok(());
+    };
+    let mut journal = ctx.journal.lock().expect("journal lock");
+    let vm = &r.vm;
+    match r.action {
+        Action::Resume => journal.resumed_after_restart(&id).map_err(|e| {
+            format!("DONE could not be journalled ({e}): no order may send the VM from here until it is; mend the journal, then run `trustmig reconcile {vm}`")
+        }),
+        Action::Discard => journal.mark_discarded(&id).map_err(|e| {
+            format!("the journal could not say its QEMU is gone ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then run `trustmig reconcile {vm}`")
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The operator's `trustmig reconcile VM`: a start's reconciliation, run again for one QEMU
+/// VM whose copy here the journal does not let go (`Rules::holds_vm`: a copy still to be
+/// discarded, or one committed here and not yet resumed), once the operator has seen to what
+/// a start left to them (quit the copy; `cont` it, or left it paused as it was handed over).
+/// Without it such a VM stays unsendable until the agent's next start. Refused while an order
+/// brings or sends the VM: its session, or its settlement, decides. Returns what was done;
+/// what is still left to the operator is an error that says so. spec: SPEC.md §8.8
+pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, AgentError> {
+    let config = ctx.config();
+    let Some(v) = config.vm(vm) else {
+        return Err(AgentError::Usage(format!(
+            "no VM named {vm:?} is configured here"
+        )));
+    };
+    let Some(q) = v.qemu() else {
+        return Err(AgentError::Usage(format!(
+            "VM {vm:?} is a synthetic guest: it starts from the journal alone, and has no hypervisor to reconcile"
+        )));
+    };
+    if ctx.arriving.contains(vm) {
+        return Err(AgentError::Usage(format!(
+            "VM {vm:?} is arriving here: its session decides what becomes of it"
+        )));
+    }
+    let r = {
+        let journal = ctx.journal.lock().expect("journal lock");
+        match journal.holds_vm(vm) {
+            Ok(()) => {
+                return Ok(format!(
+                    "nothing to reconcile: the journal lets this host's copy of VM {vm:?} be sent (it never migrated, was given back, arrived and ran, or was sent away)"
+                ))
+            }
+            Err(NotHeld::Leaving) => {
+                return Err(AgentError::Usage(format!(
+                    "VM {vm:?} is migrating from this host, or in doubt after a migration: its session or its settlement decides (`trustmig status`)"
+                )))
+            }
+            Err(NotHeld::ToDiscard | NotHeld::NotYetResumed) => {
+                Reconcile::of(&journal, vm.to_string(), q.qmp.clone())
+            }
+        }
+    };
+    // An arrival that ended without journalling its end (its record still at the claim): only
+    // a start settles that.
+    if r.action == Action::Nothing {
+        return Err(AgentError::Usage(format!(
+            "the journal's record of order {} leaves nothing to reconcile now: restart the agent, whose start settles it",
+            r.order.as_deref().unwrap_or("?")
+        )));
+    }
+    let action = r.action;
+    match reconcile_one(ctx, &r).await {
+        Outcome::Done(how) | Outcome::Unchanged(how) => {
+            info!(vm, ?action, "reconciled at the operator's request: {how}");
+            Ok(how)
+        }
+        Outcome::Left(how) => {
+            warn!(vm, ?action, "reconciled at the operator's request: {how}");
+            Err(AgentError::Usage(format!("not reconciled: {how}")))
+        }
     }
 }
 
