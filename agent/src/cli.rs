@@ -127,12 +127,12 @@ pub(crate) enum Cmd {
         #[arg(long, group = "where")]
         moved: bool,
     },
-    /// Bring a QEMU VM in line with this agent's journal again, as the agent's start does: for
-    /// a VM that no order may send from here because its start left its reconciliation to you
-    /// (a copy that never committed here, to be quit, never run; or one committed here and not
-    /// yet resumed). See to it first, as the refusal or the agent's log says (quit that QEMU;
-    /// or `cont` the VM, or leave it paused as it was handed over); this looks at QEMU again
-    /// and records what it finds, so the VM can be sent.
+    /// Bring a QEMU VM in line with this agent's journal again, as the agent's start does, for
+    /// a VM whose reconciliation the start left to you (the log says so: QEMU unreachable, a
+    /// `cont` refused, a copy to quit). Until then a copy that never committed here, or one
+    /// committed here and not yet resumed, is not sent from here. See to QEMU first, as the
+    /// refusal or the log says; this looks at QEMU again, does what the journal allows, and
+    /// records it.
     Reconcile {
         #[command(flatten)]
         home: HomeArg,

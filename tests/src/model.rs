@@ -22,6 +22,8 @@
 //! - the operator's overrides (`trustmig settle --resume-here | --moved`), either informed
 //!   (their precondition holds: they looked at the destination) or blind, and a revocation of
 //!   an order on either agent (`trustmig order revoke`) at any moment;
+//! - with an operator, a restart's reconciliation left to them (QEMU unreachable for a minute,
+//!   `cont` refused), and their `trustmig reconcile` at any moment, gated as the agent gates it;
 //! - with two orders, the second may come at any moment: while the first is still under way,
 //!   in doubt, or settled on one host and not the other.
 //!
@@ -236,6 +238,9 @@ pub struct Ghost {
     pub ran_paused: bool,
     /// A give-back left a VM stopped by the switch-over paused, as it was before.
     pub gave_back_paused: bool,
+    /// The operator's `trustmig reconcile` did something: what a restart left to them, or
+    /// came to before the restart's own reconciliation did.
+    pub operator_reconciled: bool,
 }
 
 /// The system.
@@ -287,6 +292,11 @@ pub enum Action {
     Restart(usize),
     /// Agent `h`, started again, brings its VM in line with the journal.
     Reconcile(usize),
+    /// Agent `h`'s reconciliation after its restart gives up and leaves the VM to the operator
+    /// (QEMU unreachable for a minute, `cont` refused): it does nothing.
+    LeaveToOperator(usize),
+    /// The operator's `trustmig reconcile` on agent `h`.
+    OperatorReconcile(usize),
     /// The source asks the destination about order `k`, in doubt.
     Ask(u8),
     /// The source's query about order `k` went unanswered (destination unreachable).
@@ -313,6 +323,8 @@ impl Action {
                 | Self::Restart(_)
                 | Self::Reconcile(_)
                 | Self::Ask(_)
+                // An operator told (by the refusal, by the log) what a start left to them.
+                | Self::OperatorReconcile(_)
         )
     }
 }
@@ -583,6 +595,28 @@ impl Migration {
         }
     }
 
+    /// The operator's `trustmig reconcile` (`backend/qemu/reconcile.rs` `by_operator`): only
+    /// while no copy of the VM arrives and none leaves; then what a restart's reconciliation
+    /// does, with the order the journal says the VM belongs to now. (Those two gates are not
+    /// what keeps it safe: `vm_after_restart` does nothing for an order under way, and the
+    /// checker finds nothing without them. The agent keeps them so as not to contend with a
+    /// session for QEMU's one QMP connection.)
+    fn operator_reconcile(&self, s: &mut Sys, h: usize) {
+        let a = &mut s.agents[h];
+        if !a.up || a.arriving(h) || a.leaving(&self.rules) {
+            return;
+        }
+        let Some(k) = a.current_order(&self.rules) else {
+            return;
+        };
+        let Some(current) = a.latest(k).copied() else {
+            return;
+        };
+        let before = a.clone();
+        vm_action(a, k, self.rules.vm_after_restart(&current), &mut s.ghost);
+        s.ghost.operator_reconciled |= *a != before;
+    }
+
     fn operator(&self, s: &mut Sys, k: usize, how: Settle) {
         // What the operator can see on the destination host: the order used up there, never
         // to commit (rolled back), or committed there.
@@ -701,6 +735,12 @@ impl Model for Migration {
                 }
                 if a.reconcile.is_some() {
                     out.push(Action::Reconcile(h));
+                    if self.operator != Operator::None {
+                        out.push(Action::LeaveToOperator(h));
+                    }
+                }
+                if self.operator != Operator::None {
+                    out.push(Action::OperatorReconcile(h));
                 }
             } else {
                 out.push(Action::Restart(h));
@@ -742,6 +782,8 @@ impl Model for Migration {
             }
             Action::Restart(h) => self.restart(&mut s, h),
             Action::Reconcile(h) => self.reconcile(&mut s, h),
+            Action::LeaveToOperator(h) => s.agents[h].reconcile = None,
+            Action::OperatorReconcile(h) => self.operator_reconcile(&mut s, h),
             Action::Ask(k) => {
                 s.net.insert((k, Msg::Query { from: Who::Source }));
             }
@@ -867,6 +909,12 @@ impl Model for Migration {
                 },
             ),
         ];
+        if self.operator != Operator::None {
+            props.push(Property::sometimes(
+                "the operator reconciles what a restart left to them",
+                |_, s: &Sys| s.ghost.operator_reconciled && settled(s) && live(s) == 1,
+            ));
+        }
         if self.orders == 2 {
             props.extend([
                 Property::sometimes("the VM moves there and back", |_, s: &Sys| {

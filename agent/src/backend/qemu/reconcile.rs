@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 use trustmig_protocol::order::Role;
-use trustmig_protocol::settlement::NotHeld;
 
 use crate::ctx::Ctx;
 use crate::driver::reconcile::Action;
@@ -82,7 +81,7 @@ pub(crate) enum Outcome {
 
 /// QMP of the VM's QEMU: it may be starting, or its one QMP slot taken for a moment, so it is
 /// tried for about a minute. Otherwise what that means for `action`.
-async fn connect(ctx: &Ctx, qmp_path: &Path, action: Action) -> Result<Qmp, Outcome> {
+async fn connect(ctx: &Ctx, (vm, qmp_path): (&str, &Path), action: Action) -> Result<Qmp, Outcome> {
     let mut pauses = super::giveback::RETRY;
     let mut tries = 0;
     loop {
@@ -98,7 +97,7 @@ async fn connect(ctx: &Ctx, qmp_path: &Path, action: Action) -> Result<Qmp, Outc
             }
             Err(e) => {
                 return Err(Outcome::Left(format!(
-                    "QEMU is not reachable ({e}): reconcile it with its journal by hand"
+                    "QEMU is not reachable ({e}): once it is, run `trustmig reconcile {vm}`"
                 )))
             }
         }
@@ -128,7 +127,7 @@ pub(crate) async fn reconcile(
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }
-        let qmp = match connect(ctx, qmp_path, action).await {
+        let qmp = match connect(ctx, (vm, qmp_path), action).await {
             Ok(q) => q,
             Err(outcome) => return outcome,
         };
@@ -152,7 +151,7 @@ pub(crate) async fn reconcile(
         Ok(x) => x,
         Err(e) => {
             return Left(format!(
-                "QEMU did not answer ({e}): reconcile it with its journal by hand"
+                "QEMU did not answer ({e}): once it does, run `trustmig reconcile {vm}`"
             ))
         }
     };
@@ -283,12 +282,15 @@ fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
 }
 
 /// The operator's `trustmig reconcile VM`: a start's reconciliation, run again for one QEMU
-/// VM whose copy here the journal does not let go (`Rules::holds_vm`: a copy still to be
-/// discarded, or one committed here and not yet resumed), once the operator has seen to what
-/// a start left to them (quit the copy; `cont` it, or left it paused as it was handed over).
-/// Without it such a VM stays unsendable until the agent's next start. Refused while an order
-/// brings or sends the VM: its session, or its settlement, decides. Returns what was done;
-/// what is still left to the operator is an error that says so. spec: SPEC.md §8.8
+/// VM, once the operator has seen to what a start left to them (QEMU unreachable; a copy to be
+/// quit; a VM committed here to `cont`, or to leave paused as it was handed over; a VM to give
+/// back). Without it a VM whose copy here the journal does not let go (`Rules::holds_vm`: a
+/// copy still to be discarded, or one committed here and not yet resumed) stays unsendable
+/// until the agent's next start. Refused while an order brings or sends the VM: its session,
+/// or its settlement, decides (the action is nothing for an order under way anyway:
+/// `Rules::vm_after_restart`; the model checker runs this at any moment, SPEC.md §8.9).
+/// Returns what was done; what is still left to the operator is an error that says so.
+/// spec: SPEC.md §8.8
 pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, AgentError> {
     let config = ctx.config();
     let Some(v) = config.vm(vm) else {
@@ -306,31 +308,31 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
             "VM {vm:?} is arriving here: its session decides what becomes of it"
         )));
     }
-    let r = {
+    let (r, held) = {
         let journal = ctx.journal.lock().expect("journal lock");
-        match journal.holds_vm(vm) {
-            Ok(()) => {
-                return Ok(format!(
-                    "nothing to reconcile: the journal lets this host's copy of VM {vm:?} be sent (it never migrated, was given back, arrived and ran, or was sent away)"
-                ))
-            }
-            Err(NotHeld::Leaving) => {
-                return Err(AgentError::Usage(format!(
-                    "VM {vm:?} is migrating from this host, or in doubt after a migration: its session or its settlement decides (`trustmig status`)"
-                )))
-            }
-            Err(NotHeld::ToDiscard | NotHeld::NotYetResumed) => {
-                Reconcile::of(&journal, vm.to_string(), q.qmp.clone())
-            }
+        if journal.leaving(vm) {
+            return Err(AgentError::Usage(format!(
+                "VM {vm:?} is migrating from this host, or in doubt after a migration: its session or its settlement decides (`trustmig status`)"
+            )));
         }
+        let r = Reconcile::of(&journal, vm.to_string(), q.qmp.clone());
+        (r, journal.holds_vm(vm))
     };
-    // An arrival that ended without journalling its end (its record still at the claim): only
-    // a start settles that.
-    if r.action == Action::Nothing {
-        return Err(AgentError::Usage(format!(
-            "the journal's record of order {} leaves nothing to reconcile now: restart the agent, whose start settles it",
-            r.order.as_deref().unwrap_or("?")
-        )));
+    match (r.action, held) {
+        (Action::Nothing, Ok(())) => {
+            return Ok(format!(
+                "nothing to reconcile: the journal lets this host's copy of VM {vm:?} be sent (it never migrated, arrived and ran, or was sent away)"
+            ))
+        }
+        // An arrival that ended without journalling its end (its record still at the claim):
+        // only a start settles that.
+        (Action::Nothing, Err(_)) => {
+            return Err(AgentError::Usage(format!(
+                "the journal's record of order {} leaves nothing to reconcile now: restart the agent, whose start settles it",
+                r.order.as_deref().unwrap_or("?")
+            )))
+        }
+        _ => {}
     }
     let action = r.action;
     match reconcile_one(ctx, &r).await {
