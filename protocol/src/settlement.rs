@@ -465,6 +465,19 @@ impl Rules {
             _ => VmAction::Nothing,
         }
     }
+
+    /// What the operator's `trustmig reconcile` does to a VM whose current order's latest
+    /// entry here is `e`, while no session of that VM runs here (the caller checks: no copy
+    /// arriving, none leaving): what a restart does, and also resume a destination's VM at
+    /// COMMIT, whose session ended before the VM ran (QEMU refused its `cont`): it is this
+    /// host's, as it would be after a restart settled that COMMIT (the model checker makes
+    /// that `cont` fail, SPEC.md §8.9).
+    pub fn vm_on_request(&self, e: &Entry) -> VmAction {
+        match (e.role, e.state) {
+            (Role::Destination, State::Committed) => VmAction::Resume,
+            _ => self.vm_after_restart(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -665,5 +678,37 @@ mod tests {
         assert_eq!(d.and_then(|x| x.write), Some(State::RolledBack));
         assert_eq!(r.restart(&entry(Role::Destination, State::Done)), None);
         assert_eq!(r.replay(&[1, 2, 3]), &[1, 2, 3]);
+    }
+
+    /// The operator's reconciliation does what a restart does, and also resumes a
+    /// destination left at COMMIT (its session's `cont` failed); never a source in doubt.
+    #[test]
+    fn the_operator_reconciles_as_a_restart_and_resumes_a_commit_left_stopped() {
+        let r = Rules::default();
+        let (d, src) = (Role::Destination, Role::Source);
+        let mut fed = entry(d, State::RolledBack);
+        fed.flag = true;
+        let cases = [
+            (entry(d, State::Committed), VmAction::Resume),
+            (entry(d, State::Settled), VmAction::Resume),
+            (entry(d, State::Done), VmAction::Nothing),
+            (entry(d, State::Claimed), VmAction::Nothing),
+            (fed, VmAction::Discard),
+            (entry(src, State::Committed), VmAction::Nothing),
+            (
+                entry(src, State::RolledBack),
+                VmAction::GiveBack {
+                    paused_before: false,
+                },
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(r.vm_on_request(&e), want, "{:?} {:?}", e.role, e.state);
+        }
+        // Only the destination at COMMIT differs from a restart's action.
+        assert_eq!(
+            r.vm_after_restart(&entry(d, State::Committed)),
+            VmAction::Nothing
+        );
     }
 }

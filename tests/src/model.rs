@@ -23,7 +23,9 @@
 //!   (their precondition holds: they looked at the destination) or blind, and a revocation of
 //!   an order on either agent (`trustmig order revoke`) at any moment;
 //! - with an operator, a restart's reconciliation left to them (QEMU unreachable for a minute,
-//!   `cont` refused), and their `trustmig reconcile` at any moment, gated as the agent gates it;
+//!   `cont` refused), a destination's `cont` after its COMMIT that fails for good (its session
+//!   ends, the VM loaded, not run), and their `trustmig reconcile` at any moment, gated as the
+//!   agent gates it;
 //! - with two orders, the second may come at any moment: while the first is still under way,
 //!   in doubt, or settled on one host and not the other.
 //!
@@ -241,6 +243,8 @@ pub struct Ghost {
     /// The operator's `trustmig reconcile` did something: what a restart left to them, or
     /// came to before the restart's own reconciliation did.
     pub operator_reconciled: bool,
+    /// A destination's `cont` after its COMMIT failed.
+    pub cont_failed: bool,
 }
 
 /// The system.
@@ -258,6 +262,8 @@ pub struct Sys {
     pub intrusions: u8,
     /// Revocations left.
     pub revocations: u8,
+    /// Failing `cont`s after a destination's COMMIT left.
+    pub cont_failures: u8,
     /// What happened that must not.
     pub ghost: Ghost,
 }
@@ -297,6 +303,10 @@ pub enum Action {
     LeaveToOperator(usize),
     /// The operator's `trustmig reconcile` on agent `h`.
     OperatorReconcile(usize),
+    /// Agent `h`'s `cont` after its COMMIT of order `k` fails for good (QEMU refused it for a
+    /// step timeout, `start_committed`): its session ends, the VM loaded and not run, the
+    /// record at COMMIT.
+    ContFails(usize, u8),
     /// The source asks the destination about order `k`, in doubt.
     Ask(u8),
     /// The source's query about order `k` went unanswered (destination unreachable).
@@ -596,11 +606,9 @@ impl Migration {
     }
 
     /// The operator's `trustmig reconcile` (`backend/qemu/reconcile.rs` `by_operator`): only
-    /// while no copy of the VM arrives and none leaves; then what a restart's reconciliation
-    /// does, with the order the journal says the VM belongs to now. (Those two gates are not
-    /// what keeps it safe: `vm_after_restart` does nothing for an order under way, and the
-    /// checker finds nothing without them. The agent keeps them so as not to contend with a
-    /// session for QEMU's one QMP connection.)
+    /// while no copy of the VM arrives and none leaves; then what the journal allows with the
+    /// order it says the VM belongs to now (`Rules::vm_on_request`: a restart's action, and a
+    /// destination left at COMMIT resumed).
     fn operator_reconcile(&self, s: &mut Sys, h: usize) {
         let a = &mut s.agents[h];
         if !a.up || a.arriving(h) || a.leaving(&self.rules) {
@@ -613,8 +621,23 @@ impl Migration {
             return;
         };
         let before = a.clone();
-        vm_action(a, k, self.rules.vm_after_restart(&current), &mut s.ghost);
+        vm_action(a, k, self.rules.vm_on_request(&current), &mut s.ghost);
         s.ghost.operator_reconciled |= *a != before;
+    }
+
+    fn cont_fails(&self, s: &mut Sys, h: usize, k: usize) {
+        let a = &mut s.agents[h];
+        let committed = a.session(k) == Some(Phase::Committed) && a.sides[k].awaits_durable();
+        if !a.up || role(h, k) != Role::Destination || !committed {
+            return;
+        }
+        let mut outs: Vec<Output> = (a.sides[k].handle(Input::Durable).into_iter())
+            .filter(|o| *o != Output::Vm(VmAction::Resume))
+            .collect();
+        outs.extend(a.sides[k].handle(Input::Failed));
+        s.cont_failures -= 1;
+        s.ghost.cont_failed = true;
+        self.run(s, h, k, outs);
     }
 
     fn operator(&self, s: &mut Sys, k: usize, how: Settle) {
@@ -650,9 +673,11 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
     match act {
         // A paused VM given back before the switch-over stopped it: running it (`cont`) is
         // as wrong as after. A copy sent away is stopped by its migration too (`postmigrate`),
-        // and a give-back would run it.
+        // and a give-back would run it. A loaded copy a source claimed (as paused: QEMU shows
+        // it so) was the VM, committed here, whose `cont` failed: given back, it is the VM,
+        // paused, as QEMU holds it.
         VmAction::GiveBack { paused_before }
-            if matches!(a.vm, Vm::Stopped | Vm::Paused | Vm::SentAway) =>
+            if matches!(a.vm, Vm::Stopped | Vm::Paused | Vm::SentAway | Vm::Loaded) =>
         {
             if matches!(a.vm, Vm::Stopped | Vm::SentAway) {
                 if a.latest(k).map(|e| e.state) != Some(J::RolledBack) {
@@ -716,6 +741,7 @@ impl Model for Migration {
                 overrides: 1,
                 intrusions: 1,
                 revocations: 1,
+                cont_failures: u8::from(self.operator != Operator::None),
                 ghost: Ghost::default(),
             })
             .collect()
@@ -761,6 +787,9 @@ impl Model for Migration {
             if s.revocations > 0 {
                 out.extend([Action::Revoke(0, t), Action::Revoke(1, t)]);
             }
+            if s.cont_failures > 0 {
+                out.push(Action::ContFails(dst(k), t));
+            }
         }
     }
 
@@ -784,6 +813,7 @@ impl Model for Migration {
             Action::Reconcile(h) => self.reconcile(&mut s, h),
             Action::LeaveToOperator(h) => s.agents[h].reconcile = None,
             Action::OperatorReconcile(h) => self.operator_reconcile(&mut s, h),
+            Action::ContFails(h, k) => self.cont_fails(&mut s, h, k.into()),
             Action::Ask(k) => {
                 s.net.insert((k, Msg::Query { from: Who::Source }));
             }
@@ -913,6 +943,15 @@ impl Model for Migration {
             props.push(Property::sometimes(
                 "the operator reconciles what a restart left to them",
                 |_, s: &Sys| s.ghost.operator_reconciled && settled(s) && live(s) == 1,
+            ));
+            props.push(Property::sometimes(
+                "a VM whose cont failed after COMMIT runs once the operator reconciles it",
+                |_, s: &Sys| {
+                    s.ghost.cont_failed
+                        && s.ghost.operator_reconciled
+                        && settled(s)
+                        && s.agents[dst(0)].vm == Vm::Running
+                },
             ));
         }
         if self.orders == 2 {

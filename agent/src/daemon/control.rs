@@ -47,12 +47,17 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     let reply = match req {
         Request::Migrate { order } => return migrate(ctx, order, &mut wr).await,
         Request::Status => Reply::Status(status(&ctx).await),
-        Request::Reload => match super::reload::reload(&ctx) {
-            Ok(what) => Reply::Reloaded(what),
-            Err(e) => Reply::Error(format!(
-                "reload refused, the running configuration is kept: {e}"
-            )),
-        },
+        Request::Reload => {
+            // Blocking work (files, the TPM): off the runtime's workers.
+            let c = ctx.clone();
+            match tokio::task::spawn_blocking(move || super::reload::reload(&c)).await {
+                Ok(Ok(what)) => Reply::Reloaded(what),
+                Ok(Err(e)) => Reply::Error(format!(
+                    "reload refused, the running configuration is kept: {e}"
+                )),
+                Err(e) => Reply::Error(format!("reload failed: {e}")),
+            }
+        }
         Request::AuditAnchor => match anchor_value(&ctx) {
             Ok((pcr, value)) => Reply::Anchor {
                 pcr,

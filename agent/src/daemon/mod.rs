@@ -79,7 +79,12 @@ async fn serve(
                 }
                 Err(e) => warn!("control accept: {e}"),
             },
-            _ = hup.recv() => reload::on_signal(&ctx),
+            // Off the accept loop and the runtime's workers: a reload reads files and extends
+            // the TPM, which may wait for a quote (100-600 ms on a hardware TPM).
+            _ = hup.recv() => {
+                let ctx = ctx.clone();
+                tokio::task::spawn_blocking(move || reload::on_signal(&ctx));
+            }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
         }

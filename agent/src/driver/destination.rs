@@ -648,7 +648,7 @@ impl Session {
                     tokio::time::sleep(pauses.next_pause()).await;
                 }
                 Err(e) => {
-                    error!(order = %hex(id), vm = %self.vm, "committed here, but the VM does not start; it runs nowhere until it does (restart the agent, or `cont` it by hand): {e}");
+                    error!(order = %hex(id), vm = %self.vm, "committed here, but the VM does not start; it runs nowhere until it does: once QEMU can run it, `trustmig reconcile {}` (or restart the agent): {e}", self.vm);
                     return Err(e);
                 }
             }

@@ -25,6 +25,13 @@ pub fn action(rules: Rules, last: Option<&Record>) -> Action {
     rules.vm_after_restart(&r.entry())
 }
 
+/// What to do at the operator's request (`trustmig reconcile`) for a VM no order brings or
+/// sends now, whose current order left `last` in the journal (`Rules::vm_on_request`: a
+/// restart's action, and a destination's VM at COMMIT whose session ended before it ran).
+pub fn on_request(rules: Rules, last: Option<&Record>) -> Action {
+    last.map_or(Action::Nothing, |r| rules.vm_on_request(&r.entry()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

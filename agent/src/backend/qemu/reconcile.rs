@@ -174,18 +174,18 @@ pub(crate) async fn reconcile(
             st.status
         )),
         Action::Resume if paused && received_and_stopped(&st, &m) => Done(
-            "committed here before the restart: the VM is this host's, handed over paused as it was at its source".into(),
+            "committed here: the VM is this host's, handed over paused as it was at its source".into(),
         ),
         Action::Resume if received_and_stopped(&st, &m) => match qmp.cont().await {
-            Ok(()) => Done("committed here before the restart: the VM runs on this host (cont)".into()),
-            Err(e) => Left(format!("committed here before the restart, but `cont` failed ({e}): the VM is this host's; start it by hand")),
+            Ok(()) => Done("committed here: the VM runs on this host (cont)".into()),
+            Err(e) => Left(format!("committed here, but `cont` failed ({e}): the VM is this host's; once QEMU can run it, run `trustmig reconcile {vm}` again")),
         },
         Action::Resume if st.running => Done("committed here and running".into()),
         Action::Resume if st.status == "postmigrate" => Left(
-            "committed here before the restart, but this QEMU sent the VM away since (postmigrate): not resumed, left SETTLED; check where the VM runs".into(),
+            "committed here, but this QEMU sent the VM away since (postmigrate): not resumed, left as the journal says; check where the VM runs".into(),
         ),
         Action::Resume => Left(format!(
-            "committed here before the restart, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand",
+            "committed here, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand",
             st.status,
             m.status()
         )),
@@ -208,10 +208,26 @@ pub(crate) struct Reconcile {
 }
 
 impl Reconcile {
-    /// What `journal` allows now for `vm`, whose QMP socket is `qmp` (`driver/reconcile.rs`).
+    /// What `journal` allows after a restart for `vm`, whose QMP socket is `qmp`
+    /// (`driver/reconcile.rs`).
     pub(crate) fn of(journal: &Journal, vm: String, qmp: PathBuf) -> Self {
+        Self::by(crate::driver::reconcile::action, journal, vm, qmp)
+    }
+
+    /// What `journal` allows at the operator's request, while no order brings or sends `vm`
+    /// (`driver/reconcile.rs`).
+    fn on_request(journal: &Journal, vm: String, qmp: PathBuf) -> Self {
+        Self::by(crate::driver::reconcile::on_request, journal, vm, qmp)
+    }
+
+    fn by(
+        rule: fn(trustmig_protocol::settlement::Rules, Option<&crate::journal::Record>) -> Action,
+        journal: &Journal,
+        vm: String,
+        qmp: PathBuf,
+    ) -> Self {
         let last = journal.last_order_of(&vm);
-        let action = crate::driver::reconcile::action(journal.rules(), last);
+        let action = rule(journal.rules(), last);
         let order = last.map(|r| r.order_id.clone());
         let paused = last.is_some_and(|r| r.role == Role::Destination && r.paused_before);
         Self {
@@ -284,11 +300,13 @@ fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
 /// The operator's `trustmig reconcile VM`: a start's reconciliation, run again for one QEMU
 /// VM, once the operator has seen to what a start left to them (QEMU unreachable; a copy to be
 /// quit; a VM committed here to `cont`, or to leave paused as it was handed over; a VM to give
-/// back). Without it a VM whose copy here the journal does not let go (`Rules::holds_vm`: a
-/// copy still to be discarded, or one committed here and not yet resumed) stays unsendable
-/// until the agent's next start. Refused while an order brings or sends the VM: its session,
-/// or its settlement, decides (the action is nothing for an order under way anyway:
-/// `Rules::vm_after_restart`; the model checker runs this at any moment, SPEC.md §8.9).
+/// back), or to a VM committed here whose session's `cont` failed (`Rules::vm_on_request`).
+/// Without it a VM whose copy here the journal does not let go (`Rules::holds_vm`: a copy
+/// still to be discarded, or one committed here and not yet resumed) stays unsendable until
+/// the agent's next start. Refused while an order brings or sends the VM: its session, or its
+/// settlement, decides (the model checker runs this at any moment, SPEC.md §8.9, and finds
+/// nothing even without that refusal, which keeps this from contending with a session for
+/// QEMU's one QMP connection).
 /// Returns what was done; what is still left to the operator is an error that says so.
 /// spec: SPEC.md §8.8
 pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, AgentError> {
@@ -315,7 +333,7 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
                 "VM {vm:?} is migrating from this host, or in doubt after a migration: its session or its settlement decides (`trustmig status`)"
             )));
         }
-        let r = Reconcile::of(&journal, vm.to_string(), q.qmp.clone());
+        let r = Reconcile::on_request(&journal, vm.to_string(), q.qmp.clone());
         (r, journal.holds_vm(vm))
     };
     match (r.action, held) {
