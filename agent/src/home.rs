@@ -66,6 +66,10 @@ impl Home {
     pub fn journal_dir(&self) -> PathBuf {
         self.root.join("journal")
     }
+    /// The journal's file (`journal::FILE` in the journal directory).
+    pub fn journal_file(&self) -> PathBuf {
+        self.journal_dir().join(crate::journal::FILE)
+    }
     /// Default control socket path.
     pub fn control_socket(&self) -> PathBuf {
         self.root.join("control.sock")

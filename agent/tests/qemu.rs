@@ -730,7 +730,7 @@ async fn qemu_a_reload_cannot_change_an_arriving_vm() {
     };
     let home = s.pair.dst.clone();
     let reloader = tokio::spawn(async move {
-        let journal = home.journal_dir().join("journal.jsonl");
+        let journal = home.journal_file();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !std::fs::read_to_string(&journal)
             .is_ok_and(|t| t.contains("the VM's QEMU waits for this migration"))
@@ -816,8 +816,7 @@ async fn assert_stays_stopped(g: &QemuVm, what: &str) {
 
 /// The source journal of `home` has a record saying `what` between its claim and COMMIT.
 fn assert_journalled_at_the_switch_over(home: &trustmig_agent::home::Home, what: &str) {
-    let journal =
-        std::fs::read_to_string(home.journal_dir().join("journal.jsonl")).expect("journal");
+    let journal = std::fs::read_to_string(home.journal_file()).expect("journal");
     let states: Vec<&str> = journal
         .lines()
         .filter(|l| l.contains("\"claimed\"") || l.contains("\"committed\""))
@@ -837,8 +836,7 @@ fn assert_journalled_at_the_switch_over(home: &trustmig_agent::home::Home, what:
 /// Every COMMIT and DONE record in the journal of `home` says whether the VM was handed over
 /// `paused` (`paused_before`), and there is at least one.
 fn assert_journalled_paused(home: &trustmig_agent::home::Home, paused: bool) {
-    let journal =
-        std::fs::read_to_string(home.journal_dir().join("journal.jsonl")).expect("journal");
+    let journal = std::fs::read_to_string(home.journal_file()).expect("journal");
     let committed: Vec<&str> = journal
         .lines()
         .filter(|l| l.contains("\"committed\"") || l.contains("\"done\""))
@@ -1041,8 +1039,7 @@ async fn qemu_a_guest_stopped_at_the_switch_over_is_given_back_stopped() {
     wait_agent_exit(&mut s, 1, Duration::from_secs(10));
     assert!(err.contains("paused as it was"), "{err}\n{}", s.logs());
     assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"), "{err}");
-    let journal = std::fs::read_to_string(s.pair.src.journal_dir().join("journal.jsonl"))
-        .expect("source journal");
+    let journal = std::fs::read_to_string(s.pair.src.journal_file()).expect("source journal");
     let rolled_back = journal.lines().last().expect("a record");
     assert!(
         rolled_back.contains("\"rolled-back\"") && rolled_back.contains("\"paused_before\":true"),
@@ -1109,7 +1106,7 @@ async fn qemu_a_destination_gives_up_on_a_silent_source() {
         return;
     };
     let pid = s.pair.procs[0].as_ref().expect("source agent").pid();
-    let journal = s.pair.dst.journal_dir().join("journal.jsonl");
+    let journal = s.pair.dst.journal_file();
     let dst_log = s.pair.dir().join("destination.log");
     let freezer = std::thread::spawn(move || {
         let signal = |sig: &str| {
@@ -1584,7 +1581,7 @@ async fn qemu_unanswered_settlement_is_retried_and_a_paused_vm_stays_paused() {
         "{err}\n{}",
         s.logs()
     );
-    let journal = s.pair.src.journal_dir().join("journal.jsonl");
+    let journal = s.pair.src.journal_file();
     let deadline = Instant::now() + Duration::from_secs(15);
     while !std::fs::read_to_string(&journal)
         .unwrap_or_default()
@@ -1896,8 +1893,7 @@ async fn qemu_a_start_that_dies_after_settling_leaves_the_discard_to_the_next() 
     let taken = std::net::TcpListener::bind(&addr).expect("take the destination's port");
     let e = s.pair.start(1).expect_err("the destination cannot listen");
     assert!(e.to_string().contains("Address already in use"), "{e}");
-    let journal =
-        std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl")).expect("journal");
+    let journal = std::fs::read_to_string(s.pair.dst.journal_file()).expect("journal");
     assert!(
         journal.contains("\"rolled-back\""),
         "the failed start settled the order:\n{journal}"
@@ -1952,8 +1948,7 @@ async fn qemu_a_copy_still_to_be_discarded_is_not_sent_on() {
         "{refusal}\n{}",
         s.logs()
     );
-    let journal =
-        std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl")).expect("journal");
+    let journal = std::fs::read_to_string(s.pair.dst.journal_file()).expect("journal");
     // Only the first order's destination records: the order back was never claimed here.
     assert!(
         !journal.contains("\"role\":\"source\""),
@@ -1986,8 +1981,7 @@ async fn qemu_a_restart_leaves_a_fresh_destination_qemu_alone() {
     let (r, _) = migrate(&mut s, &proxy.addr.clone(), 300).await;
     assert_rolled_back(&mut s, &r, "tampered").await;
     assert_dst_quits(&mut s, Duration::from_secs(20), "failed destination kept").await;
-    let journal =
-        std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl")).expect("journal");
+    let journal = std::fs::read_to_string(s.pair.dst.journal_file()).expect("journal");
     assert!(
         journal.contains("its QEMU was discarded"),
         "{journal}\n{}",
@@ -2045,7 +2039,7 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
         assert_eq!(m.status(), trustmig_qemu::qmp::MigrationStatus::Completed);
     }
     s.pair.stop(0);
-    let path = s.pair.src.journal_dir().join("journal.jsonl");
+    let path = s.pair.src.journal_file();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -2107,7 +2101,7 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
         return;
     };
     s.pair.stop(1);
-    let path = s.pair.dst.journal_dir().join("journal.jsonl");
+    let path = s.pair.dst.journal_file();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -2622,8 +2616,7 @@ async fn qemu_unbound_data_stream_releases_the_destination_at_once() {
     let logs = s.logs();
     assert!(!logs.contains("opened no data stream in time"), "{logs}");
     assert_rolled_back(&mut s, &r, "rolled back").await;
-    let journal = std::fs::read_to_string(s.pair.dst.journal_dir().join("journal.jsonl"))
-        .expect("destination journal");
+    let journal = std::fs::read_to_string(s.pair.dst.journal_file()).expect("destination journal");
     assert!(journal.contains("rolled-back"), "{journal}");
 }
 

@@ -201,8 +201,7 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
             v.name,
             s.final_quote
         );
-        let journal =
-            std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
+        let journal = std::fs::read_to_string(pair.dst.journal_file()).unwrap();
         assert!(
             journal
                 .lines()
@@ -376,7 +375,7 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
         Ok(Message::SettleAnswer { committed, .. }) => assert!(!committed),
         other => panic!("the source got no answer: {other:?}"),
     }
-    let journal = std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
+    let journal = std::fs::read_to_string(pair.dst.journal_file()).unwrap();
     assert_eq!(
         journal
             .lines()
@@ -887,8 +886,7 @@ fn the_operator_settles_an_order_the_destination_never_answers() {
             !ok && text.contains("no order in doubt here matches"),
             "settled once: {text}"
         );
-        let journal =
-            std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+        let journal = std::fs::read_to_string(pair.src.journal_file()).unwrap();
         let note = if resume {
             "settled by the operator: the destination never ran the VM"
         } else {
@@ -948,7 +946,7 @@ fn an_unanswered_settlement_is_asked_again_until_answered() {
         rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
         "the destination has no copy"
     );
-    let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+    let journal = std::fs::read_to_string(pair.src.journal_file()).unwrap();
     assert!(
         journal.contains("settled: the destination never committed"),
         "{journal}"
@@ -1004,7 +1002,7 @@ fn a_source_restarted_at_commit_asks_the_destination() {
         rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
         "the destination has no copy"
     );
-    let journal = std::fs::read_to_string(pair.src.journal_dir().join("journal.jsonl")).unwrap();
+    let journal = std::fs::read_to_string(pair.src.journal_file()).unwrap();
     assert!(
         journal.contains("settled: the destination never committed"),
         "{journal}"
@@ -1067,7 +1065,7 @@ fn a_strict_order_is_quoted_before_commit() {
         .unwrap();
     let s = done(migrate(&rt, &pair, &order), &pair);
     assert_eq!(s.final_quote, "quoted before Commit (strict)");
-    let journal = std::fs::read_to_string(pair.dst.journal_dir().join("journal.jsonl")).unwrap();
+    let journal = std::fs::read_to_string(pair.dst.journal_file()).unwrap();
     assert!(!journal.contains("late final quote"), "{journal}");
     assert!(!journal.contains("INCIDENT"), "{journal}");
 }
@@ -1640,7 +1638,7 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
         !ok && text.contains("[FAIL] audit trail: missing, but the journal holds"),
         "{text}"
     );
-    let journal = pair.src.journal_dir().join("journal.jsonl");
+    let journal = pair.src.journal_file();
     std::fs::rename(&journal, journal.with_extension("away")).unwrap();
     let (ok, text) = cli(&pair.src, &["doctor"]);
     assert!(
@@ -1718,7 +1716,7 @@ fn doctor_names_what_to_fix() {
     );
     // ... unless the journal cannot be read (here a directory where the file goes): whether it
     // recorded anything is not known, and the doctor says so instead of taking it for empty.
-    let journal = pair.src.journal_dir().join("journal.jsonl");
+    let journal = pair.src.journal_file();
     let had_journal = journal.exists();
     if had_journal {
         std::fs::rename(&journal, journal.with_extension("away")).unwrap();

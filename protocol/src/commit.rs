@@ -352,11 +352,14 @@ impl Side {
                 out.push(Output::Send(Signal::Resumed));
                 self.write(&mut out, State::Done);
             }
-            // Resumed after a restart settled it: DONE, so no later restart resumes it again
-            // (the operator may pause it by then).
+            // Resumed after its session ended, by a restart that settled it or by the
+            // operator's `trustmig reconcile` of a COMMIT whose `cont` had failed: DONE, so
+            // nothing resumes it again (the operator may pause it by then).
             (Role::Destination, None, Input::VmRunning)
                 if self.held.is_empty()
-                    && self.entry.is_some_and(|e| e.state == State::Settled) =>
+                    && self
+                        .entry
+                        .is_some_and(|e| matches!(e.state, State::Settled | State::Committed)) =>
             {
                 self.write(&mut out, State::Done);
             }
@@ -665,5 +668,20 @@ mod tests {
         assert_eq!(journalled(&side.handle(Input::VmRunning)), [State::Done]);
         let done = [settled[2], e(Role::Destination, State::Done)];
         assert_eq!(Side::restart(r, Role::Destination, &done).outputs, []);
+        // A COMMIT whose session ended before the VM ran (its `cont` failed), resumed later by
+        // the operator's `trustmig reconcile`: DONE too, so nothing resumes it again.
+        let mut side = Side::from_journal(
+            r,
+            Role::Destination,
+            Some(e(Role::Destination, State::Committed)),
+        );
+        assert_eq!(journalled(&side.handle(Input::VmRunning)), [State::Done]);
+        // Not for an order that never committed here.
+        let mut side = Side::from_journal(
+            r,
+            Role::Destination,
+            Some(e(Role::Destination, State::RolledBack)),
+        );
+        assert_eq!(side.handle(Input::VmRunning), []);
     }
 }

@@ -410,12 +410,13 @@ impl Patience {
         at: tokio::time::Instant,
         timeout: Duration,
     ) -> Result<tokio::time::Instant, WaitEnded> {
+        // At the cap first: a last window cut short by it ended there, moving or not.
+        if at >= self.moving.cap {
+            return Err(WaitEnded::Cap);
+        }
         let now = self.moving.counter.load(Ordering::Relaxed);
         if now == self.seen {
             return Err(WaitEnded::StoodStill(timeout));
-        }
-        if at >= self.moving.cap {
-            return Err(WaitEnded::Cap);
         }
         self.seen = now;
         Ok((at + timeout).min(self.moving.cap))

@@ -243,8 +243,9 @@ pub struct Ghost {
     /// The operator's `trustmig reconcile` did something: what a restart left to them, or
     /// came to before the restart's own reconciliation did.
     pub operator_reconciled: bool,
-    /// A destination's `cont` after its COMMIT failed.
-    pub cont_failed: bool,
+    /// The operator's `trustmig reconcile` did what no restart would have: it ran a VM whose
+    /// `cont` failed after COMMIT (`Rules::vm_on_request`).
+    pub operator_ran_a_commit: bool,
 }
 
 /// The system.
@@ -621,8 +622,11 @@ impl Migration {
             return;
         };
         let before = a.clone();
-        vm_action(a, k, self.rules.vm_on_request(&current), &mut s.ghost);
-        s.ghost.operator_reconciled |= *a != before;
+        let act = self.rules.vm_on_request(&current);
+        vm_action(a, k, act, &mut s.ghost);
+        let acted = *a != before;
+        s.ghost.operator_reconciled |= acted;
+        s.ghost.operator_ran_a_commit |= acted && act != self.rules.vm_after_restart(&current);
     }
 
     fn cont_fails(&self, s: &mut Sys, h: usize, k: usize) {
@@ -636,7 +640,6 @@ impl Migration {
             .collect();
         outs.extend(a.sides[k].handle(Input::Failed));
         s.cont_failures -= 1;
-        s.ghost.cont_failed = true;
         self.run(s, h, k, outs);
     }
 
@@ -947,10 +950,10 @@ impl Model for Migration {
             props.push(Property::sometimes(
                 "a VM whose cont failed after COMMIT runs once the operator reconciles it",
                 |_, s: &Sys| {
-                    s.ghost.cont_failed
-                        && s.ghost.operator_reconciled
+                    s.ghost.operator_ran_a_commit
                         && settled(s)
                         && s.agents[dst(0)].vm == Vm::Running
+                        && s.agents[dst(0)].latest(0).map(|e| e.state) == Some(J::Done)
                 },
             ));
         }

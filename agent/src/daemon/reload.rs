@@ -111,12 +111,13 @@ fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
                 .resuming
                 .lock()
                 .expect("resuming lock")
-                .contains_key(&v.name);
+                .contains_key(&v.name)
+            || ctx.reconciling.contains(&v.name);
         if busy {
             return Err(AgentError::BadConfig {
                 path: ctx.home.config(),
                 reason: format!(
-                    "VM {} is migrating (from or to here), in doubt or being given back: its entry cannot change until that ends",
+                    "VM {} is migrating (from or to here), in doubt, being given back or reconciled: its entry cannot change until that ends",
                     v.name
                 ),
             });

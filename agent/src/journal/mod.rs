@@ -284,9 +284,10 @@ impl Journal {
         Ok(journal)
     }
 
-    /// A destination's VM, committed here and settled by a restart, runs: DONE (what
-    /// `trustmig_protocol::commit::Side` journals on `VmRunning` after a restart), so no later
-    /// restart resumes it again. Nothing for an order in any other state.
+    /// A destination's VM, committed here, runs after its session ended (settled by a restart,
+    /// or resumed by the operator's `trustmig reconcile`): DONE (what
+    /// `trustmig_protocol::commit::Side` journals on `VmRunning` then), so nothing resumes it
+    /// again. Nothing for an order in any other state.
     pub fn resumed_after_restart(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
         let mut side = Side::from_journal(self.rules, Role::Destination, self.entry(order_id));
         let outs = side.handle(Input::VmRunning);

@@ -267,10 +267,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    use tokio::net::UnixListener;
 
-    use super::super::tests::GREETING;
+    use super::super::tests::fake_qmp;
 
     const FAST: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
 
@@ -289,51 +287,28 @@ mod tests {
         refusals: usize,
         other: Option<&'static str>,
     ) -> (tempfile::TempDir, PathBuf, Arc<AtomicUsize>) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("qmp.sock");
-        let l = UnixListener::bind(&path).expect("bind");
         let conts = Arc::new(AtomicUsize::new(0));
         let seen = conts.clone();
-        let running = Arc::new(Mutex::new(false));
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let (rd, mut wr) = s.into_split();
-                let (conts, running) = (seen.clone(), running.clone());
-                tokio::spawn(async move {
-                    let _ = wr.write_all(GREETING).await;
-                    let mut lines = BufReader::new(rd).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let req: serde_json::Value = serde_json::from_str(&line).expect("json");
-                        let id = req["id"].clone();
-                        let ok = |v: serde_json::Value| serde_json::json!({"return": v, "id": id});
-                        let reply = match req["execute"].as_str().unwrap_or("") {
-                            "query-migrate" => ok(serde_json::json!({"status": "completed"})),
-                            "query-status" => {
-                                let r = *running.lock().expect("lock");
-                                let st = if r { "running" } else { stopped };
-                                ok(serde_json::json!({"running": r, "status": st}))
-                            }
-                            "cont" => {
-                                let n = conts.fetch_add(1, Ordering::SeqCst);
-                                if n < refusals {
-                                    let desc =
-                                        other.unwrap_or("Failed to get shared \"write\" lock");
-                                    serde_json::json!({"error": {"class": "GenericError", "desc": desc}, "id": id})
-                                } else {
-                                    *running.lock().expect("lock") = true;
-                                    ok(serde_json::json!({}))
-                                }
-                            }
-                            _ => ok(serde_json::json!({})),
-                        };
-                        let mut out = reply.to_string();
-                        out.push('\n');
-                        if wr.write_all(out.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+        let running = Mutex::new(false);
+        let (dir, path) = fake_qmp(move |command, _| {
+            let ok = |v: serde_json::Value| serde_json::json!({ "return": v });
+            Some(match command {
+                "query-migrate" => ok(serde_json::json!({"status": "completed"})),
+                "query-status" => {
+                    let r = *running.lock().expect("lock");
+                    let st = if r { "running" } else { stopped };
+                    ok(serde_json::json!({"running": r, "status": st}))
+                }
+                "cont" if seen.fetch_add(1, Ordering::SeqCst) < refusals => {
+                    let desc = other.unwrap_or("Failed to get shared \"write\" lock");
+                    serde_json::json!({"error": {"class": "GenericError", "desc": desc}})
+                }
+                "cont" => {
+                    *running.lock().expect("lock") = true;
+                    ok(serde_json::json!({}))
+                }
+                _ => ok(serde_json::json!({})),
+            })
         });
         (dir, path, conts)
     }
@@ -381,22 +356,7 @@ mod tests {
     /// the background, not given up on as "check it by hand".
     #[tokio::test]
     async fn a_qemu_that_does_not_answer_is_asked_again() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("qmp.sock");
-        let l = UnixListener::bind(&path).expect("bind");
-        tokio::spawn(async move {
-            let (s, _) = l.accept().await.expect("accept");
-            let (rd, mut wr) = s.into_split();
-            let _ = wr.write_all(GREETING).await;
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let req: serde_json::Value = serde_json::from_str(&line).expect("json");
-                if req["execute"] == "qmp_capabilities" {
-                    let ok = serde_json::json!({"return": {}, "id": req["id"]});
-                    let _ = wr.write_all(format!("{ok}\n").as_bytes()).await;
-                }
-            }
-        });
+        let (_dir, path) = fake_qmp(|_, _| None);
         let mut qmp = Qmp::connect(&path, Duration::from_millis(300))
             .await
             .expect("qmp");

@@ -1096,35 +1096,17 @@ pub(crate) mod tests {
     /// A fake QEMU whose mirror job `trustmig-mirror-d0` stays `running` for `busy`, then
     /// `concluded`.
     fn fake_qemu(busy: Duration) -> (tempfile::TempDir, PathBuf) {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("qmp.sock");
-        let l = tokio::net::UnixListener::bind(&path).expect("bind");
-        tokio::spawn(async move {
-            let Ok((s, _)) = l.accept().await else { return };
-            let started = tokio::time::Instant::now();
-            let (rd, mut wr) = s.into_split();
-            let _ = wr.write_all(super::super::tests::GREETING).await;
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let req: serde_json::Value = serde_json::from_str(&line).expect("json");
-                let status = if started.elapsed() < busy {
-                    "running"
-                } else {
-                    "concluded"
-                };
-                let jobs = json!([{"id": "trustmig-mirror-d0", "type": "mirror", "status": status,
-                    "current-progress": 0, "total-progress": 1}]);
-                let v = if req["execute"] == "query-jobs" {
-                    jobs
-                } else {
-                    json!({})
-                };
-                let reply = json!({"return": v, "id": req["id"]}).to_string() + "\n";
-                let _ = wr.write_all(reply.as_bytes()).await;
-            }
-        });
-        (dir, path)
+        let started = tokio::time::Instant::now();
+        super::super::tests::fake_qmp(move |command, _| {
+            let status = if started.elapsed() < busy {
+                "running"
+            } else {
+                "concluded"
+            };
+            let jobs = json!([{"id": "trustmig-mirror-d0", "type": "mirror", "status": status,
+                "current-progress": 0, "total-progress": 1}]);
+            Some(json!({ "return": if command == "query-jobs" { jobs } else { json!({}) } }))
+        })
     }
 
     fn mirrors(counter: Arc<AtomicU64>, cap: Duration) -> Mirrors {

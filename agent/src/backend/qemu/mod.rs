@@ -213,7 +213,46 @@ pub(crate) mod tests {
     use super::*;
 
     /// QEMU 7.2's QMP greeting, for the fake QEMUs of this module's tests.
-    pub(crate) const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
+    const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
+
+    /// A fake QEMU on a QMP socket in a temp dir, for any number of connections: it greets
+    /// each as QEMU 7.2 does and accepts `qmp_capabilities`, then answers each command with
+    /// `answer(command, request)`, the reply's `return` or `error` member (the id is added
+    /// here); `None` leaves it unanswered (a QEMU holding its big lock).
+    pub(crate) fn fake_qmp<F>(answer: F) -> (tempfile::TempDir, PathBuf)
+    where
+        F: Fn(&str, &serde_json::Value) -> Option<serde_json::Value> + Send + Sync + 'static,
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let answer = std::sync::Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let (rd, mut wr) = s.into_split();
+                    let _ = wr.write_all(GREETING).await;
+                    let mut lines = BufReader::new(rd).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let req: serde_json::Value = serde_json::from_str(&line).expect("json");
+                        let command = req["execute"].as_str().unwrap_or("");
+                        let reply = match command {
+                            "qmp_capabilities" => Some(serde_json::json!({"return": {}})),
+                            _ => answer(command, &req),
+                        };
+                        let Some(mut reply) = reply else { continue };
+                        reply["id"] = req["id"].clone();
+                        if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (dir, path)
+    }
 
     /// A socket's file goes with its guard, also when the task holding it is aborted while it
     /// waits for QEMU (before, a relay aborted before `accept` left `nbd<i>-<id>.sock`).

@@ -45,21 +45,26 @@ fn received_and_stopped(st: &StatusInfo, m: &MigrationInfo) -> bool {
     !st.running && st.status != "postmigrate" && m.status() == MigrationStatus::Completed
 }
 
-/// Whether the action decided at start still holds for `vm`: `order` is still its current
-/// order here (`Journal::last_order_of`), and no copy of it is arriving. A reconciliation
-/// waits for QEMU for up to a minute, and asks once it holds QEMU's one QMP connection.
+/// Whether the action decided for `r.vm` still holds: the journal's record of its current
+/// order here (`Journal::last_order_of`) is still the one it was decided on (not a newer
+/// order, nor the same order moved on: DONE written by another reconciliation meanwhile, say),
+/// and no copy of it is arriving. A reconciliation waits for QEMU for up to a minute, and asks
+/// once it holds QEMU's one QMP connection.
 #[derive(Debug, PartialEq)]
 enum Still {
     Holds,
-    NewerOrder,
+    Changed,
     Arriving,
 }
 
-fn still_the_vms(ctx: &Ctx, vm: &str, order: Option<&str>) -> Still {
+fn still_the_vms(ctx: &Ctx, r: &Reconcile) -> Still {
     let journal = ctx.journal.lock().expect("journal lock");
-    if journal.last_order_of(vm).map(|r| r.order_id.as_str()) != order {
-        Still::NewerOrder
-    } else if ctx.arriving.contains(vm) {
+    let now = journal
+        .last_order_of(&r.vm)
+        .map(|l| (l.order_id.as_str(), l.entry()));
+    if now != r.order.as_deref().zip(r.entry) {
+        Still::Changed
+    } else if ctx.arriving.contains(&r.vm) {
         Still::Arriving
     } else {
         Still::Holds
@@ -106,13 +111,9 @@ async fn connect(ctx: &Ctx, (vm, qmp_path): (&str, &Path), action: Action) -> Re
 
 /// Do `action` to the QEMU of `vm` at `qmp_path`. `paused`: a VM committed here is handed over
 /// paused (it was paused at its source), not run.
-pub(crate) async fn reconcile(
-    ctx: &Arc<Ctx>,
-    vm: &str,
-    qmp_path: &Path,
-    (action, paused, order): (Action, bool, Option<&str>),
-) -> Outcome {
+async fn reconcile(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
     use Outcome::{Done, Left, Unchanged};
+    let (vm, qmp_path, action, paused) = (r.vm.as_str(), r.qmp.as_path(), r.action, r.paused);
     if action == Action::Nothing {
         return Unchanged("nothing to do".into());
     }
@@ -131,11 +132,11 @@ pub(crate) async fn reconcile(
             Ok(q) => q,
             Err(outcome) => return outcome,
         };
-        match still_the_vms(ctx, vm, order) {
+        match still_the_vms(ctx, r) {
             Still::Holds => break qmp,
-            Still::NewerOrder => {
+            Still::Changed => {
                 return Unchanged(
-                    "a newer order took the VM since the restart: nothing to do".into(),
+                    "the journal moved on since this reconciliation was decided (a newer order, or another reconciliation): nothing to do".into(),
                 )
             }
             // It began while QMP was being reached.
@@ -203,6 +204,8 @@ pub(crate) struct Reconcile {
     pub action: Action,
     /// The VM's current order here (hex), if any (`Journal::last_order_of`).
     pub order: Option<String>,
+    /// That order's latest record, as the action was decided on it.
+    pub entry: Option<trustmig_protocol::settlement::Entry>,
     /// That order handed the VM over paused here (it was paused at its source).
     pub paused: bool,
 }
@@ -235,6 +238,7 @@ impl Reconcile {
             qmp,
             action,
             order,
+            entry: last.map(crate::journal::Record::entry),
             paused,
         }
     }
@@ -269,8 +273,7 @@ async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
             "another reconciliation of it is under way (the agent's log says what it did)".into(),
         );
     };
-    let action = (r.action, r.paused, r.order.as_deref());
-    match reconcile(ctx, &r.vm, &r.qmp, action).await {
+    match reconcile(ctx, r).await {
         Outcome::Done(how) => match journal_done(ctx, r) {
             Ok(()) => Outcome::Done(how),
             Err(why) => Outcome::Left(format!("{how}; but {why}")),
@@ -324,6 +327,13 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
     if ctx.arriving.contains(vm) {
         return Err(AgentError::Usage(format!(
             "VM {vm:?} is arriving here: its session decides what becomes of it"
+        )));
+    }
+    // Its give-back is tried again in the background until QEMU runs it (`status` says why
+    // not yet): a second one here would only race it.
+    if let Some(why) = ctx.resuming.lock().expect("resuming lock").get(vm) {
+        return Err(AgentError::Usage(format!(
+            "VM {vm:?} is being given back in the background (not yet running: {why}); it runs once QEMU lets it"
         )));
     }
     let (r, held) = {
