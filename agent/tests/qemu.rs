@@ -1932,17 +1932,7 @@ async fn qemu_a_copy_still_to_be_discarded_is_not_sent_on() {
     );
     let held = s.dst.qmp().await.expect("the destination QEMU's QMP, held");
     s.pair.start(1).expect("destination agent restarts");
-    let order = s.pair.order_back(VM, limits(300), 600).expect("order back");
-    let mut refusal = None;
-    s.pair
-        .migrate_from(1, &order, |r| match r {
-            Reply::Error(e) => refusal = Some(e),
-            Reply::Progress(Progress::Failed { error, .. }) => refusal = Some(error),
-            _ => {}
-        })
-        .await
-        .expect("the order reaches the destination agent");
-    let refusal = refusal.unwrap_or_else(|| panic!("not refused\n{}", s.logs()));
+    let refusal = refusal_of_an_order_back(&s).await;
     assert!(
         refusal.contains("is to be discarded, never run or sent"),
         "{refusal}\n{}",
@@ -2040,20 +2030,8 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
     }
     s.pair.stop(0);
     let path = s.pair.src.journal_file();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
     let order = "ab".repeat(16);
-    let mut journal = std::fs::read_to_string(&path).expect("source journal");
-    for state in ["claimed", "committed"] {
-        let line = serde_json::json!({
-            "order_id": order, "role": "destination", "vm": VM, "state": state,
-            "not_after": now + 3600, "at": now, "fed": true,
-        });
-        journal += &format!("{line}\n");
-    }
-    std::fs::write(&path, journal).expect("journal written");
+    journal_a_commit_here(&path, &order);
     s.pair.start(0).expect("source agent restarts");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !s.all_logs().contains("sent the VM away since") {
@@ -2102,20 +2080,8 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
     };
     s.pair.stop(1);
     let path = s.pair.dst.journal_file();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
     let order = "cd".repeat(16);
-    let mut journal = std::fs::read_to_string(&path).unwrap_or_default();
-    for state in ["claimed", "committed"] {
-        let line = serde_json::json!({
-            "order_id": order, "role": "destination", "vm": VM, "state": state,
-            "not_after": now + 3600, "at": now, "fed": true,
-        });
-        journal += &format!("{line}\n");
-    }
-    std::fs::write(&path, journal).expect("journal written");
+    journal_a_commit_here(&path, &order);
     s.pair.start(1).expect("destination agent restarts");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !s
@@ -2150,17 +2116,7 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
         "{text}\n{}",
         s.logs()
     );
-    let order_back = s.pair.order_back(VM, limits(300), 600).expect("order back");
-    let mut refusal = None;
-    s.pair
-        .migrate_from(1, &order_back, |r| match r {
-            Reply::Error(e) => refusal = Some(e),
-            Reply::Progress(Progress::Failed { error, .. }) => refusal = Some(error),
-            _ => {}
-        })
-        .await
-        .expect("the order reaches the destination agent");
-    let refusal = refusal.unwrap_or_else(|| panic!("not refused\n{}", s.logs()));
+    let refusal = refusal_of_an_order_back(&s).await;
     assert!(
         refusal.contains(&format!("then run `trustmig reconcile {VM}` to record it")),
         "{refusal}"
@@ -2189,6 +2145,41 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
     let (ok, text) = reconcile(VM);
     assert!(ok && text.contains("nothing to reconcile"), "{text}");
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
+}
+
+/// Append to the journal at `path` (its agent stopped) a destination order `order` (hex) of
+/// the VM, claimed and committed here, its QEMU handed to it: what an agent killed after its
+/// COMMIT leaves, written by hand.
+fn journal_a_commit_here(path: &Path, order: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let mut journal = std::fs::read_to_string(path).unwrap_or_default();
+    for state in ["claimed", "committed"] {
+        let line = serde_json::json!({
+            "order_id": order, "role": "destination", "vm": VM, "state": state,
+            "not_after": now + 3600, "at": now, "fed": true,
+        });
+        journal += &format!("{line}\n");
+    }
+    std::fs::write(path, journal).expect("journal written");
+}
+
+/// An order to send the VM back (B to A), submitted to the destination agent, which must
+/// refuse it: the refusal's text.
+async fn refusal_of_an_order_back(s: &Setup) -> String {
+    let order = s.pair.order_back(VM, limits(300), 600).expect("order back");
+    let mut refusal = None;
+    s.pair
+        .migrate_from(1, &order, |r| match r {
+            Reply::Error(e) => refusal = Some(e),
+            Reply::Progress(Progress::Failed { error, .. }) => refusal = Some(error),
+            _ => {}
+        })
+        .await
+        .expect("the order reaches the destination agent");
+    refusal.unwrap_or_else(|| panic!("not refused\n{}", s.logs()))
 }
 
 /// HMP `qemu-io DEV "CMD"` through `vm`'s QMP socket (its output goes to QEMU's stdout, the
