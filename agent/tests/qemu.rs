@@ -280,6 +280,19 @@ struct Setup {
 }
 
 impl Setup {
+    /// A fresh destination QEMU, `name`, in place of the one there (quit): it takes over the
+    /// QMP socket path the destination agent's configuration names.
+    fn replace_dst(&mut self, name: &str, opts: &VmOpts, incoming: bool) {
+        let dir = self.pair.dir().to_path_buf();
+        let old = std::mem::replace(
+            &mut self.dst,
+            QemuVm::start(&dir, name, &build_guest(&dir), opts, incoming),
+        );
+        drop(old);
+        std::fs::rename(&self.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
+        self.dst.qmp = dir.join("dst.qmp");
+    }
+
     /// Both agents' whole logs, for a test that looks for a line (`logs` shows the tail).
     fn all_logs(&self) -> String {
         (self.pair.procs.iter().flatten())
@@ -1764,16 +1777,7 @@ async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
                 && s.dst.migration().await.map(|m| m.status())
                     == Ok(trustmig_qemu::qmp::MigrationStatus::None);
             if !waiting {
-                let dir = s.pair.dir().to_path_buf();
-                let old = std::mem::replace(
-                    &mut s.dst,
-                    QemuVm::start(&dir, "dst-next", &build_guest(&dir), &opts, true),
-                );
-                drop(old);
-                // The destination agent's configuration names the VM's QMP socket: the new
-                // QEMU takes the old one's place.
-                std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
-                s.dst.qmp = dir.join("dst.qmp");
+                s.replace_dst("dst-next", &opts, true);
             }
             let (again, _) = migrate(&mut s, &addr, 300).await;
             again.unwrap_or_else(|e| panic!("{}: the next migration: {e}\n{}", p.name(), s.logs()));
@@ -1978,14 +1982,7 @@ async fn qemu_a_restart_leaves_a_fresh_destination_qemu_alone() {
         s.logs()
     );
     // The operator starts a fresh destination QEMU; the destination agent restarts.
-    let dir = s.pair.dir().to_path_buf();
-    let old = std::mem::replace(
-        &mut s.dst,
-        QemuVm::start(&dir, "dst-next", &build_guest(&dir), &opts, true),
-    );
-    drop(old);
-    std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
-    s.dst.qmp = dir.join("dst.qmp");
+    s.replace_dst("dst-next", &opts, true);
     s.pair.stop(1);
     s.pair.start(1).expect("destination agent restarts");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -2122,14 +2119,7 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
         "{refusal}"
     );
     // The operator runs the VM here.
-    let dir = s.pair.dir().to_path_buf();
-    let old = std::mem::replace(
-        &mut s.dst,
-        QemuVm::start(&dir, "dst-run", &build_guest(&dir), &opts, false),
-    );
-    drop(old);
-    std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
-    s.dst.qmp = dir.join("dst.qmp");
+    s.replace_dst("dst-run", &opts, false);
     let (ok, text) = reconcile(VM);
     assert!(
         ok && text.contains("committed here and running"),
@@ -3712,14 +3702,7 @@ async fn qemu_a_mirror_left_by_a_killed_source_agent_does_not_block_the_next_ord
     s.pair.start(0).expect("source agent restarts");
     assert_source_runs_alone(&mut s, Duration::from_secs(60)).await;
     // The destination QEMU of the failed order is on its way out: a new one takes its place.
-    let dir = s.pair.dir().to_path_buf();
-    let old = std::mem::replace(
-        &mut s.dst,
-        QemuVm::start(&dir, "dst-next", &build_guest(&dir), &opts, true),
-    );
-    drop(old);
-    std::fs::rename(&s.dst.qmp, dir.join("dst.qmp")).expect("qmp socket");
-    s.dst.qmp = dir.join("dst.qmp");
+    s.replace_dst("dst-next", &opts, true);
     let (again, _) = migrate(&mut s, &addr, 300).await;
     let summary = again.unwrap_or_else(|e| panic!("the next migration: {e}\n{}", s.logs()));
     assert_moved(&mut s, &summary).await;
