@@ -2093,17 +2093,23 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let home = s.pair.dst.root().to_path_buf();
-    let reconcile = |vm: &str| {
+    let trustmig = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustmig"))
-            .args(["reconcile", "--home"])
+            .args(args)
+            .arg("--home")
             .arg(&home)
-            .arg(vm)
             .output()
-            .expect("trustmig reconcile");
+            .expect("trustmig");
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.success(), text)
     };
+    let reconcile = |vm: &str| trustmig(&["reconcile", vm]);
+    let (_, status) = trustmig(&["status"]);
+    assert!(
+        status.contains("left to the operator: committed here, but QEMU is in state"),
+        "{status}"
+    );
     let (ok, text) = reconcile("nosuch");
     assert!(!ok && text.contains("no VM named \"nosuch\""), "{text}");
     // QEMU still waits for a migration: still left to the operator, nothing journalled.
@@ -2132,6 +2138,8 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
         last.contains(&order) && last.contains("\"done\""),
         "{journal}"
     );
+    let (_, status) = trustmig(&["status"]);
+    assert!(!status.contains("left to the operator"), "{status}");
     let (ok, text) = reconcile(VM);
     assert!(ok && text.contains("nothing to reconcile"), "{text}");
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));

@@ -258,10 +258,14 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
             .expect("resuming lock")
             .get(&v.name)
             .cloned();
-        let state = match (in_doubt, resuming) {
-            (true, _) => format!("{state}, in doubt: asking its destination (see the journal)"),
-            (false, Some(cause)) => format!("{state}, rolled back, not yet running: {cause}"),
-            (false, None) => state,
+        let left = (ctx.left_to_operator.lock().expect("left lock"))
+            .get(&v.name)
+            .cloned();
+        let state = match (in_doubt, resuming, left) {
+            (true, _, _) => format!("{state}, in doubt: asking its destination (see the journal)"),
+            (false, Some(cause), _) => format!("{state}, rolled back, not yet running: {cause}"),
+            (false, None, Some(how)) => format!("{state}, left to the operator: {how}"),
+            (false, None, None) => state,
         };
         vms.push(serde_json::json!({ "name": v.name, "qemu": state }));
     }

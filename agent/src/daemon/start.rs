@@ -129,6 +129,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         reconciling: OnePerVm::new("being reconciled with its journal"),
         in_doubt: Mutex::new(HashMap::new()),
         resuming: Mutex::new(HashMap::new()),
+        left_to_operator: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),
         outgoing: Arc::new(tokio::sync::Semaphore::new(max_sending)),

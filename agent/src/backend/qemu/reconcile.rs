@@ -273,13 +273,31 @@ async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
             "another reconciliation of it is under way (the agent's log says what it did)".into(),
         );
     };
-    match reconcile(ctx, r).await {
+    let outcome = match reconcile(ctx, r).await {
         Outcome::Done(how) => match journal_done(ctx, r) {
             Ok(()) => Outcome::Done(how),
             Err(why) => Outcome::Left(format!("{how}; but {why}")),
         },
         other => other,
+    };
+    // What `status` shows: left to the operator until a reconciliation gets through (a
+    // give-back retried in the background shows as such instead).
+    let mut left = ctx.left_to_operator.lock().expect("left lock");
+    match &outcome {
+        Outcome::Left(how)
+            if !ctx
+                .resuming
+                .lock()
+                .expect("resuming lock")
+                .contains_key(&r.vm) =>
+        {
+            left.insert(r.vm.clone(), how.clone());
+        }
+        _ => {
+            left.remove(&r.vm);
+        }
     }
+    outcome
 }
 
 /// Journal what a reconciliation did (`reconcile_one`).
