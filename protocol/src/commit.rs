@@ -357,9 +357,10 @@ impl Side {
             // nothing resumes it again (the operator may pause it by then).
             (Role::Destination, None, Input::VmRunning)
                 if self.held.is_empty()
-                    && self
-                        .entry
-                        .is_some_and(|e| matches!(e.state, State::Settled | State::Committed)) =>
+                    && self.entry.is_some_and(|e| {
+                        e.role == Role::Destination
+                            && matches!(e.state, State::Settled | State::Committed)
+                    }) =>
             {
                 self.write(&mut out, State::Done);
             }

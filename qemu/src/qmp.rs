@@ -410,13 +410,14 @@ impl Patience {
         at: tokio::time::Instant,
         timeout: Duration,
     ) -> Result<tokio::time::Instant, WaitEnded> {
-        // At the cap first: a last window cut short by it ended there, moving or not.
-        if at >= self.moving.cap {
-            return Err(WaitEnded::Cap);
-        }
+        // Standing still first: a QEMU that stopped is what to look at, cap or not (a last
+        // window the cap cut short is counted as a whole timeout).
         let now = self.moving.counter.load(Ordering::Relaxed);
         if now == self.seen {
             return Err(WaitEnded::StoodStill(timeout));
+        }
+        if at >= self.moving.cap {
+            return Err(WaitEnded::Cap);
         }
         self.seen = now;
         Ok((at + timeout).min(self.moving.cap))

@@ -287,12 +287,17 @@ impl Journal {
     /// A destination's VM, committed here, runs after its session ended (settled by a restart,
     /// or resumed by the operator's `trustmig reconcile`): DONE (what
     /// `trustmig_protocol::commit::Side` journals on `VmRunning` then), so nothing resumes it
-    /// again. Nothing for an order in any other state.
-    pub fn resumed_after_restart(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+    /// again. Nothing for an order in any other state, nor a source's.
+    pub fn resumed_after_session(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
         let mut side = Side::from_journal(self.rules, Role::Destination, self.entry(order_id));
         let outs = side.handle(Input::VmRunning);
-        self.carry_out(order_id, &mut side, outs, "resumed here after a restart")
-            .map(drop)
+        self.carry_out(
+            order_id,
+            &mut side,
+            outs,
+            "resumed here after its session ended",
+        )
+        .map(drop)
     }
 
     /// Carry out a machine's outputs for `order_id` here, in order: each journal write made

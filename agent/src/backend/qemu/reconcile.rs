@@ -77,7 +77,8 @@ pub(crate) enum Outcome {
     /// The journal's action is carried out, or found done already: the journal says so (a
     /// resumed VM's order DONE, a discarded QEMU's order no longer holding one).
     Done(String),
-    /// Nothing for the journal: nothing to do, a newer order took the VM, a give-back.
+    /// Nothing for the journal: nothing to do, the journal moved on since the action was
+    /// decided (a newer order, another reconciliation), a give-back.
     Unchanged(String),
     /// Left to the operator, or to a give-back's retries in the background: the journal stays
     /// as it is, so the next start tries again.
@@ -308,7 +309,7 @@ fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
     let mut journal = ctx.journal.lock().expect("journal lock");
     let vm = &r.vm;
     match r.action {
-        Action::Resume => journal.resumed_after_restart(&id).map_err(|e| {
+        Action::Resume => journal.resumed_after_session(&id).map_err(|e| {
             format!("DONE could not be journalled ({e}): no order may send the VM from here until it is; mend the journal, then run `trustmig reconcile {vm}`")
         }),
         Action::Discard => journal.mark_discarded(&id).map_err(|e| {
@@ -322,6 +323,7 @@ fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
 /// VM, once the operator has seen to what a start left to them (QEMU unreachable; a copy to be
 /// quit; a VM committed here to `cont`, or to leave paused as it was handed over; a VM to give
 /// back), or to a VM committed here whose session's `cont` failed (`Rules::vm_on_request`).
+/// Also refused while the VM's give-back is retried in the background.
 /// Without it a VM whose copy here the journal does not let go (`Rules::holds_vm`: a copy
 /// still to be discarded, or one committed here and not yet resumed) stays unsendable until
 /// the agent's next start. Refused while an order brings or sends the VM: its session, or its
@@ -366,6 +368,7 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
     };
     match (r.action, held) {
         (Action::Nothing, Ok(())) => {
+            ctx.left_to_operator.lock().expect("left lock").remove(vm);
             return Ok(format!(
                 "nothing to reconcile: the journal lets this host's copy of VM {vm:?} be sent (it never migrated, arrived and ran, or was sent away)"
             ))
