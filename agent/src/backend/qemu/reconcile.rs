@@ -292,7 +292,7 @@ async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
                 .expect("resuming lock")
                 .contains_key(&r.vm) =>
         {
-            left.insert(r.vm.clone(), how.clone());
+            left.insert(r.vm.clone(), (r.order.clone(), how.clone()));
         }
         _ => {
             left.remove(&r.vm);
