@@ -139,13 +139,19 @@ impl SocketRole {
     fn of_file(name: &str) -> Option<Self> {
         let (prefix, rest) = name.split_once('-')?;
         let id = rest.strip_suffix(".sock")?;
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // Exactly as `file_name` writes them: lowercase hex, no leading zero in a relay's index
+        // (an operator's `nbd00-….sock` or `OUT-….sock` is theirs).
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if id.len() != 16 || !id.bytes().all(hex) {
             return None;
         }
         let relay = || {
             let i = prefix.strip_prefix("nbd")?;
-            let digits = !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit());
-            digits.then(|| i.parse().ok().map(Self::NbdRelay)).flatten()
+            let n: usize = i
+                .parse()
+                .ok()
+                .filter(|_| i.bytes().all(|b| b.is_ascii_digit()))?;
+            (n.to_string() == i).then_some(Self::NbdRelay(n))
         };
         Self::FIXED
             .into_iter()
@@ -273,6 +279,61 @@ pub(crate) mod tests {
         assert!(!path.exists(), "{} left", path.display());
     }
 
+    /// The file-name reader takes any name without panicking, and what it accepts is exactly
+    /// a name `file_name` makes (its role, and the 16 hex digits of an order id). Names come
+    /// from the agent's own private directory, not the network: a property test here, no
+    /// fuzz target (the fuzz build leaves out the agent crate and its TPM libraries).
+    #[test]
+    fn only_names_the_agent_makes_are_read_as_its_sockets() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"outinbd0123456789abcdefABCDEF-._x";
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            // Half the names start from a real one, mutated; half are anything.
+            let mut name: Vec<u8> = if i % 2 == 0 {
+                SocketRole::NbdRelay((next() % 20) as usize)
+                    .file_name(&[(next() & 0xff) as u8; 16])
+                    .into_bytes()
+            } else {
+                Vec::new()
+            };
+            for _ in 0..(next() % 4) {
+                let c = alphabet[(next() % alphabet.len() as u64) as usize];
+                match next() % 3 {
+                    0 if !name.is_empty() => {
+                        let at = (next() % name.len() as u64) as usize;
+                        name[at] = c;
+                    }
+                    1 if !name.is_empty() => {
+                        name.remove((next() % name.len() as u64) as usize);
+                    }
+                    _ => name.push(c),
+                }
+            }
+            let Ok(name) = String::from_utf8(name) else {
+                continue;
+            };
+            if let Some(role) = SocketRole::of_file(&name) {
+                accepted += 1;
+                let id = &name[name.len() - 21..name.len() - 5];
+                let id: [u8; 8] = ::hex::decode(id).expect("hex").try_into().expect("8 bytes");
+                let mut full = [0u8; 16];
+                full[..8].copy_from_slice(&id);
+                assert_eq!(role.file_name(&full), name, "{name:?} read as {role:?}");
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "the test hardly reached real names: {accepted}"
+        );
+    }
+
     /// At start, the socket files a killed agent left go; nothing else in the directory does
     /// (an operator's QMP socket kept there, say).
     #[test]
@@ -300,6 +361,9 @@ pub(crate) mod tests {
             "nbd-0101010101010101.socket",
             "out-01010101010101010.sock",
             "-0101010101010101.sock",
+            "nbd00-0101010101010101.sock",
+            "OUT-0101010101010101.sock",
+            "in-ABCDEF0123456789.sock",
         ]
         .iter()
         .map(|n| dir.join(n))
