@@ -3677,6 +3677,20 @@ async fn qemu_destination_killed_mid_mirror_leaves_the_source_running() {
 /// duplicate node name until someone removed them by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_mirror_left_by_a_killed_source_agent_does_not_block_the_next_order() {
+    mirror_left_by_a_killed_source_agent(None).await;
+}
+
+/// The same, with the disk renamed in both agents' configurations before the next order: the
+/// job left under the old name holds the disk (its filter node over it), so this order's mirror
+/// of it could not start ("Need a root block node"). Before, only the names of this order's
+/// disks were looked for, and every later order of the VM failed so until someone removed the
+/// job by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_mirror_left_under_a_disk_since_renamed_does_not_block_the_next_order() {
+    mirror_left_by_a_killed_source_agent(Some("root")).await;
+}
+
+async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
     let _g = SERIAL.lock().await;
     let Some((disk, mut opts)) = MirrorFixture::new("raw") else {
         return;
@@ -3705,6 +3719,11 @@ async fn qemu_a_mirror_left_by_a_killed_source_agent_does_not_block_the_next_ord
             "the killed agent left {node}: {nodes}"
         );
     }
+    if let Some(name) = renamed {
+        rename_disk(&s.pair.src, name);
+        rename_disk(&s.pair.dst, name);
+        reload_once_idle(&s.pair.dst).await;
+    }
     s.pair.procs[0] = None;
     s.pair.src_env.clear();
     s.pair.start(0).expect("source agent restarts");
@@ -3720,6 +3739,55 @@ async fn qemu_a_mirror_left_by_a_killed_source_agent_does_not_block_the_next_ord
         "{}",
         s.logs()
     );
+    let jobs = q
+        .execute("query-jobs", serde_json::json!({}))
+        .await
+        .expect("jobs");
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "nothing is left in the source QEMU"
+    );
+    if let Some(name) = renamed {
+        let copy = disk.dir.path().join("received").join(format!("{name}.raw"));
+        assert!(
+            copy.exists(),
+            "the disk arrived as {name}: {:?}",
+            disk.leftovers()
+        );
+    }
+}
+
+/// Reload the agent at `home` once it no longer holds the VM (a failed arrival may still be
+/// rolling back).
+async fn reload_once_idle(home: &trustmig_agent::home::Home) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut reply = None;
+        trustmig_agent::control::call(
+            &home.control_socket(),
+            &trustmig_agent::control::Request::Reload,
+            |r| reply = Some(r),
+        )
+        .await
+        .expect("control socket");
+        match reply {
+            Some(Reply::Reloaded(_)) => return,
+            Some(Reply::Error(e)) if e.contains("migrating") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("the agent at {} reloads: {other:?}", home.root().display()),
+        }
+    }
+}
+
+/// Rename the test's disk `d0` to `name` in the agent's configuration at `home`.
+fn rename_disk(home: &trustmig_agent::home::Home, name: &str) {
+    let path = home.config();
+    let text = std::fs::read_to_string(&path).expect("config");
+    let old = "name = \"d0\"";
+    assert_eq!(text.matches(old).count(), 1, "{text}");
+    std::fs::write(&path, text.replace(old, &format!("name = \"{name}\""))).expect("config");
 }
 
 /// Benchmark for bench/disk.sh: a mirrored disk of `TRUSTMIG_BENCH_DISK_MIB` MiB (raw, half

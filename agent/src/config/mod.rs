@@ -8,7 +8,7 @@ use crate::error::AgentError;
 use crate::home::read_text;
 
 mod qemu;
-pub use qemu::{check_disk_name, DEFAULT_DOWNTIME_STEPS, MAX_DOWNTIME_STEPS};
+pub use qemu::{check_disk_name, DEFAULT_DOWNTIME_STEPS, MAX_DOWNTIME_STEPS, RESERVED_PREFIX};
 
 /// Agent configuration.
 #[derive(Clone, Debug, Deserialize)]

@@ -9,6 +9,8 @@ use super::QemuVm;
 pub const DEFAULT_DOWNTIME_STEPS: u32 = 3;
 /// More steps than this would start below a millisecond for any sensible target.
 pub const MAX_DOWNTIME_STEPS: u32 = 10;
+/// The prefix of the agent's own QEMU names (its mirrors' jobs and nodes, its NBD exports).
+pub const RESERVED_PREFIX: &str = "trustmig-";
 
 /// Check the QEMU settings of VM `name`.
 pub(super) fn check(name: &str, vm: &QemuVm) -> Result<(), String> {
@@ -32,8 +34,16 @@ pub(super) fn check(name: &str, vm: &QemuVm) -> Result<(), String> {
 }
 
 /// A disk name: the manifest name and the destination's QEMU node name (QEMU: a letter, then
-/// letters, digits, `-`, `_`, at most 31 bytes); also the file name in `disk_dir`.
+/// letters, digits, `-`, `_`, at most 31 bytes); also the file name in `disk_dir`. Not
+/// `trustmig-…`: QEMU names of that prefix are the agent's own (its mirrors' jobs and nodes),
+/// which a later order of the VM removes, and a disk's node named so would not be seen as
+/// the disk.
 pub fn check_disk_name(name: &str) -> Result<(), String> {
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(format!(
+            "disk name {name:?} must not begin with {RESERVED_PREFIX:?}: QEMU names so are the agent's own"
+        ));
+    }
     let ok = name.len() <= 31
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name
@@ -161,6 +171,9 @@ mod tests {
         assert!(check(vec![dest_disk("d0")], d).is_ok());
         let e = check(vec![dest_disk("0d")], d).unwrap_err();
         assert!(e.contains("disk name"), "{e}");
+        let e = check(vec![dest_disk("trustmig-d0")], d).unwrap_err();
+        assert!(e.contains("must not begin with \"trustmig-\""), "{e}");
+        assert!(check(vec![dest_disk("Trustmig")], d).is_ok());
         let e = check(vec![dest_disk("d0"), dest_disk("d0")], d).unwrap_err();
         assert!(e.contains("twice"), "{e}");
         let mut with_drive = dest_disk("d0");

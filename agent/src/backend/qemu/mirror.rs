@@ -15,6 +15,7 @@
 //! ends in both directions. Every NBD byte of each direction is digested on both agents and
 //! bound into the final digest with QEMU's stream (`trustmig_protocol::hvstream::final_digest`).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use trustmig_protocol::order::{hex, OrderId};
 use trustmig_protocol::record::{Opener, Sealer};
 
 use crate::backend::Tasks;
-use crate::config::{DiskVerify, MirrorMode, VmConfig};
+use crate::config::{DiskVerify, MirrorMode, VmConfig, RESERVED_PREFIX};
 use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
 use trustmig_qemu::qmp::{Moving, Qmp, WaitEnded};
@@ -170,23 +171,23 @@ impl SourceMirror {
     }
 
     fn nbd_node(&self) -> String {
-        format!("trustmig-nbd-{}", self.name)
+        format!("{RESERVED_PREFIX}nbd-{}", self.name)
     }
 
     fn job(&self) -> String {
-        format!("trustmig-mirror-{}", self.name)
+        format!("{RESERVED_PREFIX}mirror-{}", self.name)
     }
 
     /// The filter node QEMU puts over the disk for the job's life.
     fn filter_node(&self) -> String {
-        format!("trustmig-mirror-top-{}", self.name)
+        format!("{RESERVED_PREFIX}mirror-top-{}", self.name)
     }
 }
 
 /// Whether `node` is one of this agent's own (a mirror's filter or NBD client node): never
 /// the disk itself, whatever file it names.
 pub(crate) fn ours(node: &BlockNode) -> bool {
-    node.node_name.starts_with("trustmig-")
+    node.node_name.starts_with(RESERVED_PREFIX)
 }
 
 /// The mirrors under way on the source: their QMP objects and the relays' results.
@@ -507,7 +508,7 @@ impl Mirrors {
             qmp.execute("block-job-cancel", json!({ "device": d.job() }))
                 .await?;
         }
-        let jobs = self.wait_concluded(qmp, timeout).await?;
+        let jobs = self.wait_concluded(qmp, &self.jobs(), timeout).await?;
         for (i, d) in self.disks.iter().enumerate() {
             if let Some(err) = jobs
                 .iter()
@@ -530,6 +531,7 @@ impl Mirrors {
     async fn wait_concluded(
         &self,
         qmp: &mut Qmp,
+        ids: &[String],
         timeout: Duration,
     ) -> Result<Vec<JobInfo>, AgentError> {
         let mut until = tokio::time::Instant::now() + timeout;
@@ -537,10 +539,9 @@ impl Mirrors {
         let mut look = Duration::from_millis(5);
         loop {
             let jobs = query_jobs(qmp).await?;
-            let open = self.disks.iter().any(|d| {
-                jobs.iter()
-                    .any(|j| j.id == d.job() && j.status != "concluded")
-            });
+            let open = jobs
+                .iter()
+                .any(|j| ids.contains(&j.id) && j.status != "concluded");
             if !open {
                 return Ok(jobs);
             }
@@ -561,68 +562,54 @@ impl Mirrors {
         }
     }
 
+    /// This order's job ids, one per disk.
+    fn jobs(&self) -> Vec<String> {
+        self.disks.iter().map(SourceMirror::job).collect()
+    }
+
     /// Dismiss the jobs and delete the NBD client nodes (QEMU then closes the connections).
     async fn remove_from_qemu(&mut self, qmp: &mut Qmp) {
-        for d in &self.disks {
-            let _ = qmp.execute("job-dismiss", json!({ "id": d.job() })).await;
-            if let Err(e) = qmp
-                .execute("blockdev-del", json!({ "node-name": d.nbd_node() }))
-                .await
-            {
-                warn!(disk = %d.name, "could not remove QEMU's NBD client: {e}");
-            }
-        }
+        let nodes: Vec<String> = self.disks.iter().map(SourceMirror::nbd_node).collect();
+        remove(qmp, &self.jobs(), &nodes).await;
         self.started = false;
     }
 
-    /// Remove what an earlier order's mirrors of these disks left in QEMU: a source agent
-    /// killed mid-mirror leaves its job (`auto-dismiss` is off), its filter node and its NBD
-    /// client node, and a tear-down QEMU did not answer leaves them too. Their names are per
-    /// disk, so this order's `blockdev-add` would fail on them ("Duplicate nodes"), every order
-    /// after it too, until someone removed them by hand. No other order of the VM can own
-    /// them: this one holds the VM's claim, and an order that ended before it (journalled
-    /// rolled back, its give-back still tearing its mirrors down) held QEMU's one QMP
-    /// connection until its tear-down ended, so this order's QMP session began after it. An
-    /// error names what could not be removed.
+    /// Remove what an earlier order's mirrors left in QEMU: a source agent killed mid-mirror
+    /// leaves its job (`auto-dismiss` is off), its filter node and its NBD client node, and a
+    /// tear-down QEMU did not answer leaves them too. Their names are per disk, so this order's
+    /// `blockdev-add` would fail on them ("Duplicate nodes"), and a job left on a disk since
+    /// renamed in the configuration keeps the disk busy for every mirror after it, until
+    /// someone removed them by hand. So every job and node of the agent's (named `trustmig-`,
+    /// a prefix no disk name may take) goes, whatever disk it was for. No other order of the
+    /// VM can own them: this one holds the VM's claim, and an order that ended before it
+    /// (journalled rolled back, its give-back still tearing its mirrors down) held QEMU's one
+    /// QMP connection until its tear-down ended, so this order's QMP session began after it.
+    /// An error names what could not be removed.
     async fn clear_leftovers(&mut self, qmp: &mut Qmp) -> Result<(), AgentError> {
-        let left = self.left_in_qemu(qmp).await?;
+        let left = Held::in_qemu(qmp).await?;
         if left.is_empty() {
             return Ok(());
         }
         warn!(
-            ?left,
+            left = %left,
             "an earlier migration's mirror left these in QEMU: removing them"
         );
-        self.started = true;
-        self.tear_down(qmp).await;
-        let still = self.left_in_qemu(qmp).await?;
+        for job in &left.jobs {
+            cancel(qmp, job).await;
+        }
+        if let Err(e) = self.wait_concluded(qmp, &left.jobs, STOP_TIMEOUT).await {
+            warn!("leftover mirror jobs did not stop: {e}");
+        }
+        // The filter nodes went with their jobs; what is left are NBD clients.
+        let nodes = Held::in_qemu(qmp).await?.nodes;
+        remove(qmp, &left.jobs, &nodes).await;
+        let still = Held::in_qemu(qmp).await?;
         if still.is_empty() {
             return Ok(());
         }
         Err(mig(format!(
-            "an earlier migration's mirror left {} in QEMU and they could not be removed",
-            still.join(", ")
+            "an earlier migration's mirror left {still} in QEMU and they could not be removed"
         )))
-    }
-
-    /// The names of this agent's mirror jobs and NBD client nodes for these disks that QEMU
-    /// has now.
-    async fn left_in_qemu(&self, qmp: &mut Qmp) -> Result<Vec<String>, AgentError> {
-        let jobs = query_jobs(qmp).await?;
-        let nodes = named_block_nodes(qmp).await?;
-        let mut left = Vec::new();
-        for d in &self.disks {
-            let (job, node) = (d.job(), d.nbd_node());
-            if jobs.iter().any(|j| j.id == job) {
-                left.push(format!("job {job}"));
-            }
-            for node in [node, d.filter_node()] {
-                if nodes.iter().any(|n| n.node_name == node) {
-                    left.push(format!("node {node}"));
-                }
-            }
-        }
-        Ok(left)
     }
 
     /// After a failure: stop every mirror at once (the source image is the VM's and stays as
@@ -631,19 +618,81 @@ impl Mirrors {
         if !self.started {
             return;
         }
-        for d in &self.disks {
-            let _ = qmp
-                .execute(
-                    "block-job-cancel",
-                    json!({ "device": d.job(), "force": true }),
-                )
-                .await;
+        let jobs = self.jobs();
+        for job in &jobs {
+            cancel(qmp, job).await;
         }
-        if let Err(e) = self.wait_concluded(qmp, Duration::from_secs(5)).await {
+        if let Err(e) = self.wait_concluded(qmp, &jobs, STOP_TIMEOUT).await {
             warn!("mirror jobs did not stop: {e}");
         }
         self.remove_from_qemu(qmp).await;
         info!("mirrors stopped; the source's disks are untouched");
+    }
+}
+
+/// How long a forced cancel of mirror jobs may take before their removal goes ahead anyway.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stop mirror job `id` at once (`force`: no final copy); best effort.
+async fn cancel(qmp: &mut Qmp, id: &str) {
+    let _ = qmp
+        .execute("block-job-cancel", json!({ "device": id, "force": true }))
+        .await;
+}
+
+/// Dismiss concluded jobs `jobs` and delete block nodes `nodes` (an NBD client node's
+/// deletion closes its connection); best effort, a node QEMU keeps is logged.
+async fn remove(qmp: &mut Qmp, jobs: &[String], nodes: &[String]) {
+    for id in jobs {
+        let _ = qmp.execute("job-dismiss", json!({ "id": id })).await;
+    }
+    for node in nodes {
+        if let Err(e) = qmp
+            .execute("blockdev-del", json!({ "node-name": node }))
+            .await
+        {
+            warn!(%node, "could not remove QEMU's NBD client: {e}");
+        }
+    }
+}
+
+/// The agent's jobs and block nodes a QEMU holds: those named `trustmig-`.
+#[derive(Debug, Default, PartialEq)]
+struct Held {
+    jobs: Vec<String>,
+    nodes: Vec<String>,
+}
+
+impl Held {
+    async fn in_qemu(qmp: &mut Qmp) -> Result<Self, AgentError> {
+        let jobs = query_jobs(qmp).await?;
+        let nodes = named_block_nodes(qmp).await?;
+        Ok(Self::of(&jobs, &nodes))
+    }
+
+    fn of(jobs: &[JobInfo], nodes: &[BlockNode]) -> Self {
+        Self {
+            jobs: (jobs.iter())
+                .filter(|j| j.id.starts_with(RESERVED_PREFIX))
+                .map(|j| j.id.clone())
+                .collect(),
+            nodes: (nodes.iter())
+                .filter(|n| ours(n))
+                .map(|n| n.node_name.clone())
+                .collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.nodes.is_empty()
+    }
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let jobs = self.jobs.iter().map(|j| format!("job {j}"));
+        let nodes = self.nodes.iter().map(|n| format!("node {n}"));
+        f.write_str(&jobs.chain(nodes).collect::<Vec<_>>().join(", "))
     }
 }
 
@@ -904,7 +953,7 @@ pub async fn export(qmp: &mut Qmp, targets: &[Target], sock: &Path) -> Result<()
             "block-export-add",
             json!({
                 "type": "nbd",
-                "id": format!("trustmig-export-{name}"),
+                "id": format!("{RESERVED_PREFIX}export-{name}"),
                 "node-name": name,
                 "name": name,
                 "writable": true,
@@ -1155,7 +1204,7 @@ pub(crate) mod tests {
             .expect("qmp");
         let far = Duration::from_secs(60);
         let jobs = mirrors(moved.clone(), far)
-            .wait_concluded(&mut q, timeout)
+            .wait_concluded(&mut q, &["trustmig-mirror-d0".into()], timeout)
             .await
             .expect("concluded while bytes moved");
         assert_eq!(jobs[0].status, "concluded");
@@ -1164,7 +1213,7 @@ pub(crate) mod tests {
             .await
             .expect("qmp");
         let e = mirrors(moved.clone(), timeout * 2)
-            .wait_concluded(&mut q, timeout)
+            .wait_concluded(&mut q, &["trustmig-mirror-d0".into()], timeout)
             .await
             .expect_err("past the cap");
         assert!(e.to_string().contains("time limit"), "{e}");
@@ -1174,10 +1223,55 @@ pub(crate) mod tests {
             .await
             .expect("qmp");
         let e = mirrors(moved, far)
-            .wait_concluded(&mut q, timeout)
+            .wait_concluded(&mut q, &["trustmig-mirror-d0".into()], timeout)
             .await
             .expect_err("nothing moved");
         assert!(e.to_string().contains("nothing moved"), "{e}");
+    }
+
+    /// A start's clean-up takes every job and node named as the agent's, whatever disk it
+    /// was for (one since renamed too), and nothing else: not the disks, not others' jobs.
+    #[test]
+    fn the_agents_leftovers_are_its_named_jobs_and_nodes() {
+        let jobs: Vec<JobInfo> = serde_json::from_value(serde_json::json!([
+            {"id": "trustmig-mirror-old", "status": "ready"},
+            {"id": "backup0", "status": "running"},
+            {"id": "Trustmig-mirror-x", "status": "ready"},
+        ]))
+        .expect("jobs");
+        let nodes: Vec<BlockNode> = serde_json::from_value(serde_json::json!([
+            {"node-name": "d0"},
+            {"node-name": "trustmig-nbd-old"},
+            {"node-name": "trustmig-mirror-top-old"},
+            {"node-name": "#block123"},
+        ]))
+        .expect("nodes");
+        let held = Held::of(&jobs, &nodes);
+        assert_eq!(
+            held,
+            Held {
+                jobs: vec!["trustmig-mirror-old".into()],
+                nodes: vec!["trustmig-nbd-old".into(), "trustmig-mirror-top-old".into()],
+            }
+        );
+        assert_eq!(
+            held.to_string(),
+            "job trustmig-mirror-old, node trustmig-nbd-old, node trustmig-mirror-top-old"
+        );
+        assert!(Held::of(&jobs[1..], &nodes[..1]).is_empty());
+        // The names this agent gives are all of them.
+        let d = SourceMirror {
+            name: "d0".into(),
+            node: "d0".into(),
+            format: DiskFormat::Raw,
+            virtual_size: 512,
+            mode: MirrorMode::Background,
+            path: "/i".into(),
+            verify_full: false,
+        };
+        for name in [d.job(), d.nbd_node(), d.filter_node()] {
+            assert!(name.starts_with(RESERVED_PREFIX), "{name}");
+        }
     }
 
     #[tokio::test]
