@@ -2027,6 +2027,7 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
     }
     s.pair.stop(0);
     let path = s.pair.src.journal_file();
+    assert!(path.exists(), "the source journalled the migration");
     let order = "ab".repeat(16);
     journal_a_commit_here(&path, &order);
     s.pair.start(0).expect("source agent restarts");
@@ -2147,7 +2148,7 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
 
 /// Append to the journal at `path` (its agent stopped) a destination order `order` (hex) of
 /// the VM, claimed and committed here, its QEMU handed to it: what an agent killed after its
-/// COMMIT leaves, written by hand.
+/// COMMIT leaves, written by hand. A missing journal is an agent's that never journalled.
 fn journal_a_commit_here(path: &Path, order: &str) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
