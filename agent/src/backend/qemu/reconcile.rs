@@ -58,16 +58,23 @@ enum Still {
 }
 
 fn still_the_vms(ctx: &Ctx, r: &Reconcile) -> Still {
-    let journal = ctx.journal.lock().expect("journal lock");
-    let now = journal
-        .last_order_of(&r.vm)
-        .map(|l| (l.order_id.as_str(), l.entry()));
-    if now != r.order.as_deref().zip(r.entry) {
-        Still::Changed
-    } else if ctx.arriving.contains(&r.vm) {
-        Still::Arriving
-    } else {
-        Still::Holds
+    let arriving = ctx.arriving.contains(&r.vm);
+    Still::of(&ctx.journal.lock().expect("journal lock"), arriving, r)
+}
+
+impl Still {
+    /// Against `journal` now, a copy of the VM `arriving` or not.
+    fn of(journal: &Journal, arriving: bool, r: &Reconcile) -> Self {
+        let now = journal
+            .last_order_of(&r.vm)
+            .map(|l| (l.order_id.as_str(), l.entry()));
+        if now != r.order.as_deref().zip(r.entry) {
+            Self::Changed
+        } else if arriving {
+            Self::Arriving
+        } else {
+            Self::Holds
+        }
     }
 }
 
@@ -408,6 +415,62 @@ mod tests {
         let m = serde_json::from_value(serde_json::json!({ "status": migration }))
             .expect("migration info");
         (st, m)
+    }
+
+    /// A record of VM `q`: order `order` (a hex byte, repeated), `role`, `state`, its QEMU fed.
+    fn record(order: &str, role: &str, state: &str) -> crate::journal::Record {
+        serde_json::from_value(serde_json::json!({
+            "order_id": order.repeat(16), "role": role, "vm": "q", "state": state,
+            "not_after": 0, "at": 0, "fed": true,
+        }))
+        .expect("record")
+    }
+
+    /// A journal in `dir` with `records` (order, role, state; see `record`).
+    fn journal(dir: &Path, records: &[(&str, &str, &str)]) -> Journal {
+        let mut j = Journal::open(&dir.join("journal")).expect("journal");
+        for (order, role, state) in records {
+            j.append(record(order, role, state)).expect("append");
+        }
+        j
+    }
+
+    /// An action holds only while the record it was decided on is the VM's latest: the same
+    /// order moved on (DONE written by another reconciliation meanwhile) is a change too, not
+    /// only a newer order; a copy arriving waits.
+    #[test]
+    fn an_action_holds_only_on_the_record_it_was_decided_on() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut j = journal(tmp.path(), &[("ab", "destination", "settled")]);
+        let r = Reconcile::of(&j, "q".into(), "/run/q.qmp".into());
+        assert_eq!(r.action, Action::Resume);
+        assert_eq!(Still::of(&j, false, &r), Still::Holds);
+        assert_eq!(Still::of(&j, true, &r), Still::Arriving);
+        j.append(record("ab", "destination", "done"))
+            .expect("append");
+        assert_eq!(
+            Still::of(&j, false, &r),
+            Still::Changed,
+            "the same order, moved on"
+        );
+        let other = tempfile::tempdir().expect("tmp");
+        let newer = journal(
+            other.path(),
+            &[
+                ("ab", "destination", "settled"),
+                ("cd", "source", "claimed"),
+            ],
+        );
+        assert_eq!(
+            Still::of(&newer, false, &r),
+            Still::Changed,
+            "a newer order"
+        );
+        // No order then, one now.
+        let empty = tempfile::tempdir().expect("tmp");
+        let none = Reconcile::of(&journal(empty.path(), &[]), "q".into(), "/q".into());
+        assert_eq!(none.action, Action::Nothing);
+        assert_eq!(Still::of(&newer, false, &none), Still::Changed);
     }
 
     /// Only a destination's loaded, never-run QEMU is resumed: a source that sent the VM away
