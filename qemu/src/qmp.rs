@@ -389,6 +389,7 @@ impl Moving {
         Patience {
             seen: self.counter.load(Ordering::Relaxed),
             moving: self.clone(),
+            window: None,
         }
     }
 }
@@ -398,6 +399,9 @@ impl Moving {
 pub struct Patience {
     moving: Moving,
     seen: u64,
+    /// The length of the window that ends at the next deadline, if an extension set it (the
+    /// cap may have cut it short); before any, the caller's timeout.
+    window: Option<Duration>,
 }
 
 impl Patience {
@@ -410,17 +414,19 @@ impl Patience {
         at: tokio::time::Instant,
         timeout: Duration,
     ) -> Result<tokio::time::Instant, WaitEnded> {
-        // Standing still first: a QEMU that stopped is what to look at, cap or not (a last
-        // window the cap cut short is counted as a whole timeout).
+        // Standing still first: a QEMU that stopped is what to look at, cap or not, for as
+        // long as the window it stood still in (the cap may have cut that short).
         let now = self.moving.counter.load(Ordering::Relaxed);
         if now == self.seen {
-            return Err(WaitEnded::StoodStill(timeout));
+            return Err(WaitEnded::StoodStill(self.window.unwrap_or(timeout)));
         }
         if at >= self.moving.cap {
             return Err(WaitEnded::Cap);
         }
         self.seen = now;
-        Ok((at + timeout).min(self.moving.cap))
+        let next = (at + timeout).min(self.moving.cap);
+        self.window = Some(next - at);
+        Ok(next)
     }
 }
 
@@ -984,6 +990,42 @@ mod tests {
         let e = q.query_status().await.expect_err("no reply comes");
         assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
         assert!(!q.take_events().is_empty(), "the events were kept");
+    }
+
+    /// A wait's end names how long nothing moved: the window it stood still in, which the
+    /// migration's cap may have cut short.
+    #[tokio::test]
+    async fn a_wait_that_stood_still_says_for_how_long() {
+        let timeout = Duration::from_secs(10);
+        let t0 = tokio::time::Instant::now();
+        let counter = Arc::new(AtomicU64::new(0));
+        let moving = Moving {
+            counter: counter.clone(),
+            cap: t0 + Duration::from_secs(13),
+        };
+        // Standing still from the start: the caller's timeout.
+        let mut p = moving.begin();
+        assert_eq!(
+            p.extend(t0 + timeout, timeout),
+            Err(WaitEnded::StoodStill(timeout))
+        );
+        // It moved in the first window, so the next runs to the cap, 3 s on; standing still
+        // there is 3 s of it (before, a whole timeout was reported).
+        let mut p = moving.begin();
+        counter.fetch_add(1, Ordering::Relaxed);
+        let next = p.extend(t0 + timeout, timeout).expect("it moved");
+        assert_eq!(next, moving.cap);
+        assert_eq!(
+            p.extend(next, timeout),
+            Err(WaitEnded::StoodStill(Duration::from_secs(3)))
+        );
+        // Moving at the cap: the cap ended it.
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut p = moving.begin();
+        counter.fetch_add(1, Ordering::Relaxed);
+        let next = p.extend(t0 + timeout, timeout).expect("it moved");
+        counter.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(p.extend(next, timeout), Err(WaitEnded::Cap));
     }
 
     /// A QEMU that answers `query-status` after 5 timeouts (its big lock held by a long
