@@ -24,8 +24,9 @@
 //!   an order on either agent (`trustmig order revoke`) at any moment;
 //! - with an operator, a restart's reconciliation left to them (QEMU unreachable for a minute,
 //!   `cont` refused), a destination's `cont` after its COMMIT that fails for good (its session
-//!   ends, the VM loaded, not run), and their `trustmig reconcile` at any moment, gated as the
-//!   agent gates it;
+//!   ends, the VM loaded, not run), a give-back's `cont` that QEMU refuses for now (tried again
+//!   in the background, which a crash ends), and their `trustmig reconcile` at any moment,
+//!   gated as the agent gates it;
 //! - with two orders, the second may come at any moment: while the first is still under way,
 //!   in doubt, or settled on one host and not the other.
 //!
@@ -160,6 +161,11 @@ pub struct Agent {
     /// After a restart, until done: the VM's reconciliation with the order it belongs to, as
     /// the restart read the journal (volatile).
     pub reconcile: Option<(u8, VmAction)>,
+    /// A give-back of order `k` whose `cont` QEMU refused for now (an image lock the
+    /// destination's copy, being discarded, still holds), tried again in the background
+    /// (`giveback::keep_trying`; `status`: "rolled back, not yet running"). Volatile: a crash
+    /// ends the retries, and the restart's reconciliation gives the VM back again.
+    pub resuming: Option<u8>,
 }
 
 impl Agent {
@@ -170,6 +176,7 @@ impl Agent {
             sides: (0..orders).map(|k| Side::new(rules, role(h, k))).collect(),
             vm,
             reconcile: None,
+            resuming: None,
         }
     }
 
@@ -214,8 +221,17 @@ impl Agent {
 
     /// The order the journal says the VM belongs to here (`Journal::last_order_of`).
     fn current_order(&self, rules: &Rules) -> Option<usize> {
-        let h = VmHistory::of(rules, self.journal.iter().map(|(k, e)| ((), *k, *e)));
-        h.order(&()).map(|k| usize::from(*k))
+        self.history(rules).order(&()).map(|k| usize::from(*k))
+    }
+
+    /// Whether the journal gives the VM to this host still, as a give-back's retries ask
+    /// before each `cont` (`keep_trying`'s `still_ours`: not leaving, not sent away).
+    fn still_ours(&self, rules: &Rules) -> bool {
+        !self.leaving(rules) && !self.history(rules).migrated_away(rules, &())
+    }
+
+    fn history(&self, rules: &Rules) -> VmHistory<(), u8> {
+        VmHistory::of(rules, self.journal.iter().map(|(k, e)| ((), *k, *e)))
     }
 }
 
@@ -246,6 +262,8 @@ pub struct Ghost {
     /// The operator's `trustmig reconcile` did what no restart would have: it ran a VM whose
     /// `cont` failed after COMMIT (`Rules::vm_on_request`).
     pub operator_ran_a_commit: bool,
+    /// A give-back's `cont` refused at first ran the VM when tried again in the background.
+    pub ran_on_retry: bool,
 }
 
 /// The system.
@@ -265,6 +283,8 @@ pub struct Sys {
     pub revocations: u8,
     /// Failing `cont`s after a destination's COMMIT left.
     pub cont_failures: u8,
+    /// Give-backs whose `cont` QEMU refuses for now, left.
+    pub cont_refusals: u8,
     /// What happened that must not.
     pub ghost: Ghost,
 }
@@ -304,6 +324,8 @@ pub enum Action {
     LeaveToOperator(usize),
     /// The operator's `trustmig reconcile` on agent `h`.
     OperatorReconcile(usize),
+    /// Agent `h` tries again, in the background, the `cont` of a give-back QEMU refused.
+    RetryGiveBack(usize),
     /// Agent `h`'s `cont` after its COMMIT of order `k` fails for good (QEMU refused it for a
     /// step timeout, `start_committed`): its session ends, the VM loaded and not run, the
     /// record at COMMIT.
@@ -333,6 +355,7 @@ impl Action {
                 | Self::Fail(..)
                 | Self::Restart(_)
                 | Self::Reconcile(_)
+                | Self::RetryGiveBack(_)
                 | Self::Ask(_)
                 // An operator told (by the refusal, by the log) what a start left to them.
                 | Self::OperatorReconcile(_)
@@ -498,7 +521,7 @@ impl Migration {
                         },
                     ));
                 }
-                Output::Vm(act) => vm_action(a, k, act, &mut s.ghost),
+                Output::Vm(act) => vm_action(a, k, act, (&mut s.ghost, &mut s.cont_refusals)),
                 // The model's `Ask` and `Unanswered` actions are the query's two outcomes.
                 Output::Ask => {}
             }
@@ -602,17 +625,17 @@ impl Migration {
         };
         let k = usize::from(k);
         if a.current_order(&self.rules) == Some(k) {
-            vm_action(a, k, act, &mut s.ghost);
+            vm_action(a, k, act, (&mut s.ghost, &mut s.cont_refusals));
         }
     }
 
     /// The operator's `trustmig reconcile` (`backend/qemu/reconcile.rs` `by_operator`): only
-    /// while no copy of the VM arrives and none leaves; then what the journal allows with the
-    /// order it says the VM belongs to now (`Rules::vm_on_request`: a restart's action, and a
-    /// destination left at COMMIT resumed).
+    /// while no copy of the VM arrives, none leaves and no give-back is tried again in the
+    /// background; then what the journal allows with the order it says the VM belongs to now
+    /// (`Rules::vm_on_request`: a restart's action, and a destination left at COMMIT resumed).
     fn operator_reconcile(&self, s: &mut Sys, h: usize) {
         let a = &mut s.agents[h];
-        if !a.up || a.arriving(h) || a.leaving(&self.rules) {
+        if !a.up || a.arriving(h) || a.leaving(&self.rules) || a.resuming.is_some() {
             return;
         }
         let Some(k) = a.current_order(&self.rules) else {
@@ -623,10 +646,25 @@ impl Migration {
         };
         let before = a.clone();
         let act = self.rules.vm_on_request(&current);
-        vm_action(a, k, act, &mut s.ghost);
+        vm_action(a, k, act, (&mut s.ghost, &mut s.cont_refusals));
         let acted = *a != before;
         s.ghost.operator_reconciled |= acted;
         s.ghost.operator_ran_a_commit |= acted && act != self.rules.vm_after_restart(&current);
+    }
+
+    /// The background retry of a give-back's refused `cont` (`cont_until_running`): it runs
+    /// the VM while the journal still gives it to this host, else the retries stop.
+    fn retry_give_back(&self, s: &mut Sys, h: usize) {
+        let a = &mut s.agents[h];
+        let Some(k) = a.resuming.filter(|_| a.up) else {
+            return;
+        };
+        a.resuming = None;
+        if a.still_ours(&self.rules) {
+            let before = a.vm;
+            give_back(a, usize::from(k), false, &mut s.ghost);
+            s.ghost.ran_on_retry |= a.vm != before;
+        }
     }
 
     fn cont_fails(&self, s: &mut Sys, h: usize, k: usize) {
@@ -672,28 +710,30 @@ impl Migration {
 }
 
 /// Do what order `k`'s machine (or a restart's reconciliation by it) said to its host's VM.
-fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
+fn vm_action(
+    a: &mut Agent,
+    k: usize,
+    act: VmAction,
+    (ghost, cont_refusals): (&mut Ghost, &mut u8),
+) {
     match act {
         // A paused VM given back before the switch-over stopped it: running it (`cont`) is
         // as wrong as after. A copy sent away is stopped by its migration too (`postmigrate`),
         // and a give-back would run it. A loaded copy a source claimed (as paused: QEMU shows
         // it so) was the VM, committed here, whose `cont` failed: given back, it is the VM,
         // paused, as QEMU holds it.
+        //
+        // A `cont` QEMU refuses for now (`cont_refusals`) leaves the VM as it is and the
+        // give-back to the background's retries (`resuming`).
         VmAction::GiveBack { paused_before }
             if matches!(a.vm, Vm::Stopped | Vm::Paused | Vm::SentAway | Vm::Loaded) =>
         {
-            if matches!(a.vm, Vm::Stopped | Vm::SentAway) {
-                if a.latest(k).map(|e| e.state) != Some(J::RolledBack) {
-                    ghost.resumed_unsettled = true;
-                }
-                ghost.gave_back_paused |= paused_before;
-            }
-            ghost.ran_paused |= ghost.paused_before[k] && !paused_before;
-            a.vm = if paused_before {
-                Vm::Paused
+            if !paused_before && *cont_refusals > 0 {
+                *cont_refusals -= 1;
+                a.resuming = Some(k as u8);
             } else {
-                Vm::Running
-            };
+                give_back(a, k, paused_before, ghost);
+            }
         }
         VmAction::Forget if a.vm == Vm::Stopped => a.vm = Vm::SentAway,
         // Only a copy that arrived and never ran (`holds_incoming`, and the destination driver
@@ -725,6 +765,25 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
     }
 }
 
+/// Give the VM back on `a` for order `k`: run it, or leave it paused if it was before.
+fn give_back(a: &mut Agent, k: usize, paused_before: bool, ghost: &mut Ghost) {
+    if !matches!(a.vm, Vm::Stopped | Vm::Paused | Vm::SentAway | Vm::Loaded) {
+        return;
+    }
+    if matches!(a.vm, Vm::Stopped | Vm::SentAway) {
+        if a.latest(k).map(|e| e.state) != Some(J::RolledBack) {
+            ghost.resumed_unsettled = true;
+        }
+        ghost.gave_back_paused |= paused_before;
+    }
+    ghost.ran_paused |= ghost.paused_before[k] && !paused_before;
+    a.vm = if paused_before {
+        Vm::Paused
+    } else {
+        Vm::Running
+    };
+}
+
 impl Model for Migration {
     type State = Sys;
     type Action = Action;
@@ -745,6 +804,8 @@ impl Model for Migration {
                 intrusions: 1,
                 revocations: 1,
                 cont_failures: u8::from(self.operator != Operator::None),
+                // With an operator too: what they see (and may not do) meanwhile.
+                cont_refusals: u8::from(self.operator != Operator::None),
                 ghost: Ghost::default(),
             })
             .collect()
@@ -770,6 +831,9 @@ impl Model for Migration {
                 }
                 if self.operator != Operator::None {
                     out.push(Action::OperatorReconcile(h));
+                }
+                if a.resuming.is_some() {
+                    out.push(Action::RetryGiveBack(h));
                 }
             } else {
                 out.push(Action::Restart(h));
@@ -811,11 +875,13 @@ impl Model for Migration {
                     *side = Side::new(self.rules, side.role());
                 }
                 a.reconcile = None;
+                a.resuming = None;
             }
             Action::Restart(h) => self.restart(&mut s, h),
             Action::Reconcile(h) => self.reconcile(&mut s, h),
             Action::LeaveToOperator(h) => s.agents[h].reconcile = None,
             Action::OperatorReconcile(h) => self.operator_reconcile(&mut s, h),
+            Action::RetryGiveBack(h) => self.retry_give_back(&mut s, h),
             Action::ContFails(h, k) => self.cont_fails(&mut s, h, k.into()),
             Action::Ask(k) => {
                 s.net.insert((k, Msg::Query { from: Who::Source }));
@@ -948,6 +1014,15 @@ impl Model for Migration {
                 |_, s: &Sys| s.ghost.operator_reconciled && settled(s) && live(s) == 1,
             ));
             props.push(Property::sometimes(
+                "a give-back whose cont QEMU refused at first runs the VM on a retry",
+                |_, s: &Sys| {
+                    s.ghost.ran_on_retry
+                        && settled(s)
+                        && s.agents[0].vm == Vm::Running
+                        && s.agents[0].latest(0).map(|e| e.state) == Some(J::RolledBack)
+                },
+            ));
+            props.push(Property::sometimes(
                 "a VM whose cont failed after COMMIT runs once the operator reconciles it",
                 |_, s: &Sys| {
                     s.ghost.operator_ran_a_commit
@@ -1014,6 +1089,7 @@ fn live(s: &Sys) -> usize {
 fn settled(s: &Sys) -> bool {
     s.agents.iter().all(|a| {
         a.up && a.reconcile.is_none()
+            && a.resuming.is_none()
             && !a.holding()
             && (0..a.sides.len()).all(|k| !a.asking(k) && a.session(k).is_none())
     })

@@ -61,9 +61,10 @@ fn explain_steps(m: &Migration, name: &str, steps: Vec<(Sys, Option<Action>)>) -
                     "{who}: {} vm={:?}{} {}",
                     if a.up { "up" } else { "DOWN" },
                     a.vm,
-                    match a.reconcile {
-                        Some((k, act)) => format!(" reconciling(order {k}: {act:?})"),
-                        None => String::new(),
+                    match (a.reconcile, a.resuming) {
+                        (Some((k, act)), _) => format!(" reconciling(order {k}: {act:?})"),
+                        (None, Some(k)) => format!(" retrying the give-back of order {k}"),
+                        (None, None) => String::new(),
                     },
                     orders.join(", ")
                 )
