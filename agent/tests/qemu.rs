@@ -459,17 +459,21 @@ async fn migrate_with(
     (result, events)
 }
 
+/// The last reply of the agent at `home` to `request` on its control socket.
+async fn ask(
+    home: &trustmig_agent::home::Home,
+    request: trustmig_agent::control::Request,
+) -> Option<Reply> {
+    let mut out = None;
+    trustmig_agent::control::call(&home.control_socket(), &request, |r| out = Some(r))
+        .await
+        .expect("control socket");
+    out
+}
+
 /// `trustmig status` of the agent at `home`, as text.
 async fn agent_status(home: &trustmig_agent::home::Home) -> String {
-    let mut out = None;
-    trustmig_agent::control::call(
-        &home.control_socket(),
-        &trustmig_agent::control::Request::Status,
-        |r| out = Some(r),
-    )
-    .await
-    .expect("control socket");
-    match out {
+    match ask(home, trustmig_agent::control::Request::Status).await {
         Some(Reply::Status(v)) => trustmig_agent::progress::status_text(&v),
         other => panic!("no status: {other:?}"),
     }
@@ -755,14 +759,7 @@ async fn qemu_a_reload_cannot_change_an_arriving_vm() {
         let config = home.config();
         let before = std::fs::read_to_string(&config).expect("config");
         std::fs::write(&config, format!("{before}downtime_steps = 3\n")).expect("config");
-        let mut reply = None;
-        trustmig_agent::control::call(
-            &home.control_socket(),
-            &trustmig_agent::control::Request::Reload,
-            |r| reply = Some(r),
-        )
-        .await
-        .expect("control socket");
+        let reply = ask(&home, trustmig_agent::control::Request::Reload).await;
         std::fs::write(&config, before).expect("config");
         reply
     });
@@ -1694,18 +1691,10 @@ async fn assert_destination_runs_alone(s: &mut Setup, within: Duration) {
 async fn journals_final(s: &Setup) -> bool {
     let mut fin = true;
     for home in [&s.pair.src, &s.pair.dst] {
-        let mut st = serde_json::Value::Null;
-        trustmig_agent::control::call(
-            &home.control_socket(),
-            &trustmig_agent::control::Request::Status,
-            |r| {
-                if let Reply::Status(v) = r {
-                    st = v;
-                }
-            },
-        )
-        .await
-        .expect("control socket");
+        let Some(Reply::Status(st)) = ask(home, trustmig_agent::control::Request::Status).await
+        else {
+            panic!("no status from {}", home.root().display());
+        };
         fin &= (st["journal"].as_array().into_iter().flatten())
             .all(|r| !matches!(r["state"].as_str(), Some("claimed" | "committed")));
     }
@@ -3764,15 +3753,7 @@ async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
 async fn reload_once_idle(home: &trustmig_agent::home::Home) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut reply = None;
-        trustmig_agent::control::call(
-            &home.control_socket(),
-            &trustmig_agent::control::Request::Reload,
-            |r| reply = Some(r),
-        )
-        .await
-        .expect("control socket");
-        match reply {
+        match ask(home, trustmig_agent::control::Request::Reload).await {
             Some(Reply::Reloaded(_)) => return,
             Some(Reply::Error(e)) if e.contains("migrating") && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
