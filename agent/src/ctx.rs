@@ -126,6 +126,14 @@ impl Ctx {
         Duration::from_secs(self.config().transfer.step_timeout_secs)
     }
 
+    /// Leave QEMU VM `vm`, whose current order here is `order` (hex), to the operator: `status`
+    /// shows `how` until a reconciliation gets through (`trustmig reconcile`), or a newer order
+    /// moves the VM on. A log line alone scrolls away; a VM left loaded, or committed and not
+    /// running, must stay in sight.
+    pub fn leave_to_operator(&self, vm: &str, order: Option<String>, how: String) {
+        (self.left_to_operator.lock().expect("left lock")).insert(vm.to_string(), (order, how));
+    }
+
     /// Record a finished migration for `status`.
     pub fn remember(&self, entry: serde_json::Value) {
         let mut h = self.history.lock().expect("history lock");

@@ -1157,6 +1157,98 @@ async fn qemu_a_destination_gives_up_on_a_silent_source() {
     assert_source_guest_runs(&mut s, Duration::from_secs(20)).await;
 }
 
+/// A destination QEMU that does not answer when its migration fails (SIGSTOP: neither QMP
+/// nor its stream moves, so the destination gives up and its `quit` cannot get through) stays
+/// loaded and the journal holds it to the order: `status` shows it left to the operator (before,
+/// only a log line said so, and the VM's entry read "paused" like any other). Once QEMU answers
+/// again, `trustmig reconcile` removes it and `status` no longer shows it; the source's guest
+/// runs on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_destination_qemu_that_cannot_be_quit_is_left_to_the_operator() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=64 rate=64 check=25".into(),
+        mem_mib: MEM_MIB,
+        dst_step_timeout_secs: Some(3),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let pid = s.dst.child.id();
+    let journal = s.pair.dst.journal_file();
+    let freezer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !std::fs::read_to_string(&journal)
+            .is_ok_and(|t| t.contains("the VM's QEMU waits for this migration"))
+        {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let ok = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status();
+        ok.is_ok_and(|s| s.success())
+    });
+    // 10 MB/s: the first pass over the 64 MiB the guest filled takes seconds.
+    let limits = Limits {
+        downtime_ms: 300,
+        bandwidth_bps: 10_000_000,
+        max_rounds: 30,
+        on_nonconvergence: NonConvergence::Force,
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate_with(&mut s, &addr, limits).await;
+    assert!(
+        freezer.join().expect("freezer"),
+        "QEMU was never frozen\n{}",
+        s.logs()
+    );
+    r.expect_err("the destination gave up");
+    let left = "left to the operator: the destination QEMU of a migration that never committed here could not be quit";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = agent_status(&s.pair.dst).await;
+        if status.contains(left) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_source_guest_runs(&mut s, Duration::from_secs(30)).await;
+    let signalled = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
+    assert!(signalled.is_ok_and(|s| s.success()));
+    let request = || trustmig_agent::control::Request::Reconcile { vm: VM.into() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let how = loop {
+        match ask(&s.pair.dst, request()).await {
+            Some(Reply::Reconciled(how)) => break how,
+            // QEMU, thawed, may still be finishing with the stream it was fed.
+            other if Instant::now() < deadline => {
+                eprintln!("not yet: {other:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => panic!("not reconciled: {other:?}\n{}", s.logs()),
+        }
+    };
+    assert!(
+        how.contains("discarded (quit)") || how.contains("is gone: nothing to discard"),
+        "{how}"
+    );
+    assert_dst_quits(&mut s, Duration::from_secs(30), "destination QEMU kept").await;
+    let status = agent_status(&s.pair.dst).await;
+    assert!(!status.contains("left to the operator"), "{status}");
+    let journal = std::fs::read_to_string(s.pair.dst.journal_file()).expect("journal");
+    let last = journal.lines().last().expect("a record");
+    // The journal no longer holds a QEMU to the order: no start quits one for it again.
+    assert!(!last.contains("\"fed\":true"), "{last}");
+}
+
 /// spec/qemu.md §4: the source agent dies after a switch-over that hands over an operator's
 /// `stop` (not what the claim read: journalled then, fsync'd) and before COMMIT. The restarted
 /// source gives the guest back stopped, as that record says: its QEMU's `postmigrate` cannot
@@ -3674,10 +3766,11 @@ async fn qemu_a_mirror_left_by_a_killed_source_agent_does_not_block_the_next_ord
 /// job left under the old name holds the disk (its filter node over it), so this order's mirror
 /// of it could not start ("Need a root block node"). Before, only the names of this order's
 /// disks were looked for, and every later order of the VM failed so until someone removed the
-/// job by hand.
+/// job by hand. The new name is as long as a disk name may be (31 bytes, QEMU's longest node
+/// name): before, the agent's node names held the disk's name and QEMU refused them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_mirror_left_under_a_disk_since_renamed_does_not_block_the_next_order() {
-    mirror_left_by_a_killed_source_agent(Some("root")).await;
+    mirror_left_by_a_killed_source_agent(Some("root-disk-of-a-long-name-for-31")).await;
 }
 
 async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
@@ -3703,7 +3796,7 @@ async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
         )
         .await
         .expect("nodes");
-    for node in ["trustmig-nbd-d0", "trustmig-mirror-top-d0"] {
+    for node in ["trustmig-nbd-0", "trustmig-mirror-top-0"] {
         assert!(
             nodes.to_string().contains(node),
             "the killed agent left {node}: {nodes}"
@@ -3736,7 +3829,18 @@ async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
     assert_eq!(
         jobs,
         serde_json::json!([]),
-        "nothing is left in the source QEMU"
+        "no job is left in the source QEMU"
+    );
+    let nodes = q
+        .execute(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        )
+        .await
+        .expect("nodes");
+    assert!(
+        !nodes.to_string().contains("trustmig-"),
+        "no node of the agent's is left in the source QEMU: {nodes}"
     );
     if let Some(name) = renamed {
         let copy = disk.dir.path().join("received").join(format!("{name}.raw"));

@@ -9,7 +9,8 @@ use super::QemuVm;
 pub const DEFAULT_DOWNTIME_STEPS: u32 = 3;
 /// More steps than this would start below a millisecond for any sensible target.
 pub const MAX_DOWNTIME_STEPS: u32 = 10;
-/// The prefix of the agent's own QEMU names (its mirrors' jobs and nodes, its NBD exports).
+/// The prefix of the agent's own QEMU names: its mirrors' jobs and nodes on a source, its NBD
+/// exports on a destination (which go when it stops QEMU's NBD server, before COMMIT).
 pub const RESERVED_PREFIX: &str = "trustmig-";
 
 /// Check the QEMU settings of VM `name`.

@@ -648,7 +648,9 @@ impl Session {
                     tokio::time::sleep(pauses.next_pause()).await;
                 }
                 Err(e) => {
-                    error!(order = %hex(id), vm = %self.vm, "committed here, but the VM does not start; it runs nowhere until it does: once QEMU can run it, `trustmig reconcile {}` (or restart the agent): {e}", self.vm);
+                    let how = format!("committed here, but the VM does not start ({e}): it runs nowhere until it does; once QEMU can run it, run `trustmig reconcile {}` (or restart the agent)", self.vm);
+                    error!(order = %hex(id), vm = %self.vm, "{how}");
+                    self.ctx.leave_to_operator(&self.vm, Some(hex(id)), how);
                     return Err(e);
                 }
             }

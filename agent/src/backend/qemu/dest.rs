@@ -253,7 +253,7 @@ impl DestVm for QemuDest {
         // the failure (the driver closes the channel after this), so a source waiting for the
         // images' locks can run its VM again (spec/qemu.md §4).
         let vm = &self.vm;
-        match qmp {
+        let failed = match qmp {
             Ok(mut q) => match q.quit_and_wait(ctx.step_timeout()).await {
                 Ok(()) => {
                     warn!(
@@ -261,8 +261,9 @@ impl DestVm for QemuDest {
                         "destination QEMU discarded (quit); it was never resumed"
                     );
                     self.gone(ctx);
+                    None
                 }
-                Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
+                Err(e) => Some(e),
             },
             // QEMU 7.2 exits by itself when a load fails.
             Err(e) if e.qemu_gone() => {
@@ -271,8 +272,16 @@ impl DestVm for QemuDest {
                     "destination QEMU gone (it exited); it was never resumed"
                 );
                 self.gone(ctx);
+                None
             }
-            Err(e) => warn!(vm, "destination QEMU not resumed; quit failed: {e}"),
+            Err(e) => Some(e),
+        };
+        // Left loaded (or waiting): the journal still holds it to this order, so every start
+        // quits it, and `status` keeps it in sight until someone does.
+        if let Some(e) = failed {
+            let how = format!("the destination QEMU of a migration that never committed here could not be quit ({e}): it must never run here; quit it by hand, or once it answers run `trustmig reconcile {vm}`");
+            warn!(vm, "destination QEMU not resumed; {how}");
+            ctx.leave_to_operator(vm, Some(hex(&self.order_id)), how);
         }
         super::disk::discard(&self.disk_files.lock().expect("disk files lock"));
     }

@@ -116,7 +116,7 @@ pub async fn source_disks(
             });
         } else {
             mirrored.push(super::mirror::source_mirror(
-                (name, mode, verify),
+                (mirrored.len(), name, mode, verify),
                 path,
                 top,
             )?);

@@ -209,15 +209,24 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
                 .expect("resuming lock")
                 .insert(vm.clone(), cause.to_string());
         };
-        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, still_ours, note).await;
+        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, &still_ours, note).await;
+        // No longer retried either way: `status`, the operator's `trustmig reconcile` and a
+        // reload stop treating the VM as being given back (before, one whose retries stopped
+        // stayed "rolled back, not yet running" until a restart, and refused both).
+        ctx.resuming.lock().expect("resuming lock").remove(&vm);
         match r {
-            Ok(how) => {
-                ctx.resuming.lock().expect("resuming lock").remove(&vm);
-                info!(vm, "rolled back: {how}");
-            }
+            Ok(how) => info!(vm, "rolled back: {how}"),
             Err(why) => {
                 warn!(vm, "rolled back, not running: {why}");
-                note(&why);
+                // Still this host's VM, stopped: the operator's to run (a newer order that
+                // took it meanwhile is its own business).
+                if still_ours() {
+                    let order = (ctx.journal.lock().expect("journal lock"))
+                        .last_order_of(&vm)
+                        .map(|r| r.order_id.clone());
+                    let how = format!("rolled back, not running: {why}");
+                    ctx.leave_to_operator(&vm, order, how);
+                }
             }
         }
     });

@@ -143,6 +143,9 @@ async fn relay(
 /// A writable disk of the source VM that is mirrored.
 #[derive(Clone, Debug)]
 pub struct SourceMirror {
+    /// Its place among the order's mirrors: its QEMU node names take it rather than the disk's
+    /// name, which may itself be as long as QEMU allows a node name (31 bytes).
+    pub index: usize,
     /// Manifest name.
     pub name: String,
     /// QEMU's format node of the image (the mirror's source).
@@ -170,19 +173,27 @@ impl SourceMirror {
         }
     }
 
+    /// QEMU's NBD client node, the mirror's target.
     fn nbd_node(&self) -> String {
-        format!("{RESERVED_PREFIX}nbd-{}", self.name)
+        format!("{NBD_NODE}{}", self.index)
     }
 
+    /// The mirror job (a job id has no length limit: it names the disk, for `query-jobs`).
     fn job(&self) -> String {
-        format!("{RESERVED_PREFIX}mirror-{}", self.name)
+        format!("{JOB}{}", self.name)
     }
 
     /// The filter node QEMU puts over the disk for the job's life.
     fn filter_node(&self) -> String {
-        format!("{RESERVED_PREFIX}mirror-top-{}", self.name)
+        format!("{FILTER_NODE}{}", self.index)
     }
 }
+
+/// The agent's QEMU names (`RESERVED_PREFIX`, which no disk name takes), by what they name.
+/// A node name has at most 31 bytes in QEMU 7.2 ("Node name too long" beyond).
+const NBD_NODE: &str = "trustmig-nbd-";
+const FILTER_NODE: &str = "trustmig-mirror-top-";
+const JOB: &str = "trustmig-mirror-";
 
 /// Whether `node` is one of this agent's own (a mirror's filter or NBD client node): never
 /// the disk itself, whatever file it names.
@@ -441,6 +452,9 @@ async fn connect_all(
 #[derive(Debug, Deserialize)]
 struct JobInfo {
     id: String,
+    /// `mirror`, `backup`, ...
+    #[serde(default, rename = "type")]
+    kind: String,
     status: String,
     #[serde(default, rename = "current-progress")]
     current: u64,
@@ -570,7 +584,7 @@ impl Mirrors {
     /// Dismiss the jobs and delete the NBD client nodes (QEMU then closes the connections).
     async fn remove_from_qemu(&mut self, qmp: &mut Qmp) {
         let nodes: Vec<String> = self.disks.iter().map(SourceMirror::nbd_node).collect();
-        remove(qmp, &self.jobs(), &nodes).await;
+        remove(qmp, &self.jobs(), &nodes).await; // what QEMU kept is logged
         self.started = false;
     }
 
@@ -585,7 +599,7 @@ impl Mirrors {
     /// (journalled rolled back, its give-back still tearing its mirrors down) held QEMU's one
     /// QMP connection until its tear-down ended, so this order's QMP session began after it.
     /// An error names what could not be removed.
-    async fn clear_leftovers(&mut self, qmp: &mut Qmp) -> Result<(), AgentError> {
+    async fn clear_leftovers(&self, qmp: &mut Qmp) -> Result<(), AgentError> {
         let left = Held::in_qemu(qmp).await?;
         if left.is_empty() {
             return Ok(());
@@ -597,18 +611,24 @@ impl Mirrors {
         for job in &left.jobs {
             cancel(qmp, job).await;
         }
+        let mut why = Vec::new();
         if let Err(e) = self.wait_concluded(qmp, &left.jobs, STOP_TIMEOUT).await {
             warn!("leftover mirror jobs did not stop: {e}");
+            why.push(e.to_string());
         }
-        // The filter nodes went with their jobs; what is left are NBD clients.
-        let nodes = Held::in_qemu(qmp).await?.nodes;
-        remove(qmp, &left.jobs, &nodes).await;
+        // A filter node goes with its job, once concluded and dismissed.
+        why.extend(remove(qmp, &left.jobs, &left.nbd_nodes()).await);
         let still = Held::in_qemu(qmp).await?;
         if still.is_empty() {
             return Ok(());
         }
         Err(mig(format!(
-            "an earlier migration's mirror left {still} in QEMU and they could not be removed"
+            "an earlier migration's mirror left {still} in QEMU and they could not be removed{}",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.join("; "))
+            }
         )))
     }
 
@@ -640,24 +660,29 @@ async fn cancel(qmp: &mut Qmp, id: &str) {
         .await;
 }
 
-/// Dismiss concluded jobs `jobs` and delete block nodes `nodes` (an NBD client node's
-/// deletion closes its connection); best effort, a node QEMU keeps is logged.
-async fn remove(qmp: &mut Qmp, jobs: &[String], nodes: &[String]) {
+/// Dismiss concluded jobs `jobs` and delete NBD client nodes `nodes` (which closes their
+/// connections); best effort: what QEMU refused to delete, with its reason, is logged and
+/// returned.
+async fn remove(qmp: &mut Qmp, jobs: &[String], nodes: &[String]) -> Vec<String> {
     for id in jobs {
         let _ = qmp.execute("job-dismiss", json!({ "id": id })).await;
     }
+    let mut kept = Vec::new();
     for node in nodes {
         if let Err(e) = qmp
             .execute("blockdev-del", json!({ "node-name": node }))
             .await
         {
             warn!(%node, "could not remove QEMU's NBD client: {e}");
+            kept.push(format!("node {node}: {e}"));
         }
     }
+    kept
 }
 
-/// The agent's jobs and block nodes a QEMU holds: those named `trustmig-`.
-#[derive(Debug, Default, PartialEq)]
+/// The agent's mirror jobs and block nodes a QEMU holds: only names of the shapes the agent
+/// gives (an operator's own `trustmig-…` node or job of another kind is not taken for one).
+#[derive(Debug, PartialEq)]
 struct Held {
     jobs: Vec<String>,
     nodes: Vec<String>,
@@ -671,16 +696,25 @@ impl Held {
     }
 
     fn of(jobs: &[JobInfo], nodes: &[BlockNode]) -> Self {
+        let node = |n: &str| n.starts_with(NBD_NODE) || n.starts_with(FILTER_NODE);
         Self {
             jobs: (jobs.iter())
-                .filter(|j| j.id.starts_with(RESERVED_PREFIX))
+                .filter(|j| j.kind == "mirror" && j.id.starts_with(JOB))
                 .map(|j| j.id.clone())
                 .collect(),
             nodes: (nodes.iter())
-                .filter(|n| ours(n))
                 .map(|n| n.node_name.clone())
+                .filter(|n| node(n))
                 .collect(),
         }
+    }
+
+    /// The NBD client nodes (a filter node goes with its job).
+    fn nbd_nodes(&self) -> Vec<String> {
+        (self.nodes.iter())
+            .filter(|n| n.starts_with(NBD_NODE))
+            .cloned()
+            .collect()
     }
 
     fn is_empty(&self) -> bool {
@@ -736,7 +770,7 @@ pub(crate) async fn named_block_nodes(qmp: &mut Qmp) -> Result<Vec<BlockNode>, A
 /// The mirror of disk `name` whose format node is `top` (a node QEMU has open read-write),
 /// or why it cannot move: a format other than raw or qcow2, a backing chain.
 pub(crate) fn source_mirror(
-    (name, mode, verify): (&str, MirrorMode, DiskVerify),
+    (index, name, mode, verify): (usize, &str, MirrorMode, DiskVerify),
     path: &Path,
     top: &BlockNode,
 ) -> Result<SourceMirror, AgentError> {
@@ -762,6 +796,7 @@ pub(crate) fn source_mirror(
         )));
     }
     Ok(SourceMirror {
+        index,
         name: name.to_string(),
         node: top.node_name.clone(),
         format,
@@ -1160,6 +1195,7 @@ pub(crate) mod tests {
 
     fn mirrors(counter: Arc<AtomicU64>, cap: Duration) -> Mirrors {
         let disk = SourceMirror {
+            index: 0,
             name: "d0".into(),
             node: "d0".into(),
             format: DiskFormat::Raw,
@@ -1229,24 +1265,30 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("nothing moved"), "{e}");
     }
 
-    /// A start's clean-up takes every job and node named as the agent's, whatever disk it
-    /// was for (one since renamed too), and nothing else: not the disks, not others' jobs.
+    /// A start's clean-up takes every mirror job and node named as the agent names them,
+    /// whatever disk it was for (one since renamed too), and nothing else: not the disks, not
+    /// others' jobs, not an operator's `trustmig-…` names of other shapes.
     #[test]
     fn the_agents_leftovers_are_its_named_jobs_and_nodes() {
-        let jobs: Vec<JobInfo> = serde_json::from_value(serde_json::json!([
-            {"id": "trustmig-mirror-old", "status": "ready"},
-            {"id": "backup0", "status": "running"},
-            {"id": "Trustmig-mirror-x", "status": "ready"},
-        ]))
-        .expect("jobs");
-        let nodes: Vec<BlockNode> = serde_json::from_value(serde_json::json!([
+        let jobs =
+            |v: serde_json::Value| -> Vec<JobInfo> { serde_json::from_value(v).expect("jobs") };
+        let nodes =
+            |v: serde_json::Value| -> Vec<BlockNode> { serde_json::from_value(v).expect("nodes") };
+        let found = jobs(serde_json::json!([
+            {"id": "trustmig-mirror-old", "type": "mirror", "status": "ready"},
+            {"id": "backup0", "type": "backup", "status": "running"},
+            {"id": "trustmig-mirror-b", "type": "backup", "status": "running"},
+            {"id": "Trustmig-mirror-x", "type": "mirror", "status": "ready"},
+            {"id": "trustmig-m", "type": "mirror", "status": "ready"},
+        ]));
+        let named = nodes(serde_json::json!([
             {"node-name": "d0"},
             {"node-name": "trustmig-nbd-old"},
             {"node-name": "trustmig-mirror-top-old"},
+            {"node-name": "trustmig-mine"},
             {"node-name": "#block123"},
-        ]))
-        .expect("nodes");
-        let held = Held::of(&jobs, &nodes);
+        ]));
+        let held = Held::of(&found, &named);
         assert_eq!(
             held,
             Held {
@@ -1254,14 +1296,22 @@ pub(crate) mod tests {
                 nodes: vec!["trustmig-nbd-old".into(), "trustmig-mirror-top-old".into()],
             }
         );
+        assert_eq!(held.nbd_nodes(), vec!["trustmig-nbd-old".to_string()]);
         assert_eq!(
             held.to_string(),
             "job trustmig-mirror-old, node trustmig-nbd-old, node trustmig-mirror-top-old"
         );
-        assert!(Held::of(&jobs[1..], &nodes[..1]).is_empty());
-        // The names this agent gives are all of them.
+        let others = nodes(serde_json::json!([
+            {"node-name": "d0"}, {"node-name": "trustmig-mine"}, {"node-name": "#block123"},
+        ]));
+        assert!(Held::of(&found[1..], &others).is_empty());
+        // The names this agent gives are all of them, and its node names fit in QEMU's 31
+        // bytes for the longest disk name and the last mirror an order may have.
+        let longest = "d".repeat(31);
+        crate::config::check_disk_name(&longest).expect("a disk name of 31 bytes");
         let d = SourceMirror {
-            name: "d0".into(),
+            index: trustmig_protocol::manifest::MAX_DISKS - 1,
+            name: longest,
             node: "d0".into(),
             format: DiskFormat::Raw,
             virtual_size: 512,
@@ -1272,6 +1322,16 @@ pub(crate) mod tests {
         for name in [d.job(), d.nbd_node(), d.filter_node()] {
             assert!(name.starts_with(RESERVED_PREFIX), "{name}");
         }
+        for node in [d.nbd_node(), d.filter_node()] {
+            assert!(node.len() <= 31, "{node}");
+        }
+        let mine = Held::of(
+            &jobs(serde_json::json!([{"id": d.job(), "type": "mirror", "status": "ready"}])),
+            &nodes(
+                serde_json::json!([{"node-name": d.nbd_node()}, {"node-name": d.filter_node()}]),
+            ),
+        );
+        assert_eq!((mine.jobs.len(), mine.nodes.len()), (1, 2), "{mine}");
     }
 
     #[tokio::test]
@@ -1317,7 +1377,7 @@ pub(crate) mod tests {
         };
         let p = Path::new("/i");
         let ok = source_mirror(
-            ("d0", MirrorMode::Background, DiskVerify::Stream),
+            (0, "d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("qcow2", None, 1 << 20),
         )
@@ -1325,28 +1385,28 @@ pub(crate) mod tests {
         assert_eq!((ok.format, ok.node.as_str()), (DiskFormat::Qcow2, "n"));
         assert!(!ok.manifest().verify_full);
         let full = source_mirror(
-            ("d0", MirrorMode::Background, DiskVerify::Full),
+            (0, "d0", MirrorMode::Background, DiskVerify::Full),
             p,
             &node("qcow2", None, 1 << 20),
         )
         .expect("qcow2");
         assert!(full.manifest().verify_full, "the manifest says so");
         let e = source_mirror(
-            ("d0", MirrorMode::Background, DiskVerify::Stream),
+            (0, "d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("qcow2", Some("/b.qcow2"), 1 << 20),
         )
         .unwrap_err();
         assert!(e.to_string().contains("backing chain"), "{e}");
         let e = source_mirror(
-            ("d0", MirrorMode::Background, DiskVerify::Stream),
+            (0, "d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("vmdk", None, 1 << 20),
         )
         .unwrap_err();
         assert!(e.to_string().contains("as vmdk"), "{e}");
         let e = source_mirror(
-            ("d0", MirrorMode::Background, DiskVerify::Stream),
+            (0, "d0", MirrorMode::Background, DiskVerify::Stream),
             p,
             &node("raw", None, 1000),
         )

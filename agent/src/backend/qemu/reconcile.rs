@@ -290,19 +290,16 @@ async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
     };
     // What `status` shows: left to the operator until a reconciliation gets through (a
     // give-back retried in the background shows as such instead).
-    let mut left = ctx.left_to_operator.lock().expect("left lock");
+    let retried = (ctx.resuming.lock().expect("resuming lock")).contains_key(&r.vm);
     match &outcome {
-        Outcome::Left(how)
-            if !ctx
-                .resuming
-                .lock()
-                .expect("resuming lock")
-                .contains_key(&r.vm) =>
-        {
-            left.insert(r.vm.clone(), (r.order.clone(), how.clone()));
+        Outcome::Left(how) if !retried => {
+            ctx.leave_to_operator(&r.vm, r.order.clone(), how.clone());
         }
         _ => {
-            left.remove(&r.vm);
+            ctx.left_to_operator
+                .lock()
+                .expect("left lock")
+                .remove(&r.vm);
         }
     }
     outcome
