@@ -6,7 +6,9 @@
 //! Budget: exhaustive breadth-first search of the whole state space with up to
 //! `TRUSTMIG_MODEL_CRASHES` crashes (default 3) for one order, `TRUSTMIG_MODEL_CRASHES_TWO`
 //! (default 2) for two orders of the VM (there and back: the state space grows by about its
-//! square), then random walks of both from seed `TRUSTMIG_MODEL_SEED` (default 1). A longer
+//! square; with an operator, a give-back's refused `cont` only with
+//! `TRUSTMIG_MODEL_REFUSALS_TWO=1`, three times the states), then random walks of both from seed
+//! `TRUSTMIG_MODEL_SEED` (default 1). A longer
 //! run: `TRUSTMIG_MODEL_CRASHES=8 TRUSTMIG_MODEL_CRASHES_TWO=3 TRUSTMIG_MODEL_WALKS=1000000
 //! cargo test --release -p trustmig-tests --test model -- --nocapture`.
 
@@ -61,10 +63,14 @@ fn explain_steps(m: &Migration, name: &str, steps: Vec<(Sys, Option<Action>)>) -
                     "{who}: {} vm={:?}{} {}",
                     if a.up { "up" } else { "DOWN" },
                     a.vm,
-                    match (a.reconcile, a.resuming) {
-                        (Some((k, act)), _) => format!(" reconciling(order {k}: {act:?})"),
-                        (None, Some(k)) => format!(" retrying the give-back of order {k}"),
-                        (None, None) => String::new(),
+                    a.reconcile.map_or(String::new(), |(k, act)| format!(
+                        " reconciling(order {k}: {act:?})"
+                    )) + &a.resuming.map_or(String::new(), |k| format!(
+                        " retrying the give-back of order {k}"
+                    )) + if a.refuse_cont {
+                        " (its next cont refused)"
+                    } else {
+                        ""
                     },
                     orders.join(", ")
                 )
@@ -139,7 +145,11 @@ fn random_walks_find_nothing_either() {
         Operator::Informed,
     );
     walk(one);
-    walk(two.there_and_back());
+    // Refused `cont`s too, which the exhaustive search over two orders leaves out for time.
+    walk(Migration {
+        cont_refusals: 1,
+        ..two.there_and_back()
+    });
 }
 
 fn walk(m: Migration) {
@@ -278,6 +288,13 @@ fn the_agents_rules_keep_every_property_over_two_orders() {
     let crashes = crashes_over_two_orders();
     for operator in [Operator::None, Operator::Informed] {
         let m = Migration::new(Rules::default(), crashes, operator).there_and_back();
+        // TRUSTMIG_MODEL_REFUSALS_TWO=1: with a refused give-back `cont` too (12 million
+        // distinct states).
+        let refusals = env("TRUSTMIG_MODEL_REFUSALS_TWO", 0) as u8;
+        let m = Migration {
+            cont_refusals: refusals * u8::from(operator != Operator::None),
+            ..m
+        };
         let found = check(m);
         let traces: Vec<&str> = found.iter().map(|(_, t)| t.as_str()).collect();
         assert!(found.is_empty(), "{}", traces.join("\n"));
