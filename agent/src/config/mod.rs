@@ -381,6 +381,13 @@ impl TryFrom<VmEntry> for VmConfig {
 
     fn try_from(vm: VmEntry) -> Result<Self, String> {
         let name = vm.name;
+        // As an order may name it (SPEC.md §3.3: 1..=255 bytes), and printable: it goes into
+        // logs, `status` and the audit trail.
+        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+            return Err(format!(
+                "vm name {name:?} must be 1..=255 bytes without control characters (as an order names it)"
+            ));
+        }
         let backend = match (vm.backend.as_str(), vm.qmp) {
             ("synthetic", None) if vm.disks.is_empty() && vm.disk_dir.is_none() => {
                 if vm.size_mib == 0 || vm.size_mib > 1 << 20 {
@@ -626,7 +633,17 @@ mod tests {
         // A synthetic guest's dirty rate is a loop count: bounded.
         let fast = |rate: u64| format!("{}dirty_pages_per_sec = {rate}\n", synthetic("s"));
         Config::parse(&(base.clone() + &fast(25_600))).expect("each page 100 times a second");
-        let e = Config::parse(&(base + &fast(25_601))).unwrap_err();
+        let e = Config::parse(&(base.clone() + &fast(25_601))).unwrap_err();
         assert!(e.contains("dirty_pages_per_sec 25601"), "{e}");
+        // A name no order could name, or one that would forge a log line, is refused.
+        let long = "v".repeat(256);
+        for bad in ["", long.as_str(), "a\\nb", "a\\u001bb"] {
+            let e = Config::parse(&(base.clone() + &synthetic(bad))).unwrap_err();
+            assert!(
+                e.contains("must be 1..=255 bytes without control characters"),
+                "{bad}: {e}"
+            );
+        }
+        Config::parse(&(base + &synthetic(&"v".repeat(255)))).expect("255 bytes");
     }
 }
