@@ -56,8 +56,9 @@ pub struct Ctx {
     /// held by a destination being discarded), with the cause: "rolled back, not yet running"
     /// until it runs (`backend/qemu/giveback.rs`).
     pub resuming: Mutex<HashMap<String, String>>,
-    /// QEMU VMs whose reconciliation with the journal was left to the operator: the order it
-    /// was about (hex) and what is left. `status` says so until a reconciliation (`trustmig
+    /// QEMU VMs left to the operator (a reconciliation with the journal that did not get
+    /// through, a destination QEMU that could not be quit, a committed VM that does not start,
+    /// a give-back whose retries stopped): the order it was about (hex) and what is left. `status` says so until a reconciliation (`trustmig
     /// reconcile`) gets through, or a newer order moved the VM on.
     pub left_to_operator: Mutex<HashMap<String, (Option<String>, String)>>,
     /// Sessions waiting for data connections, by session id.

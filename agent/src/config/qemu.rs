@@ -36,9 +36,9 @@ pub(super) fn check(name: &str, vm: &QemuVm) -> Result<(), String> {
 
 /// A disk name: the manifest name and the destination's QEMU node name (QEMU: a letter, then
 /// letters, digits, `-`, `_`, at most 31 bytes); also the file name in `disk_dir`. Not
-/// `trustmig-…`: QEMU names of that prefix are the agent's own (its mirrors' jobs and nodes),
-/// which a later order of the VM removes, and a disk's node named so would not be seen as
-/// the disk.
+/// `trustmig-…`: QEMU names of that prefix are the agent's own (its mirrors' jobs and nodes,
+/// which a later order of the VM removes), and a disk's node named so could be taken for one
+/// of them.
 pub fn check_disk_name(name: &str) -> Result<(), String> {
     if name.starts_with(RESERVED_PREFIX) {
         return Err(format!(

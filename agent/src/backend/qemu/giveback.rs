@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::ctx::Ctx;
+use crate::journal::Journal;
 use trustmig_qemu::qmp::{Qmp, QmpError};
 
 /// Pauses before a refused `cont` is tried again: from 250 ms doubling to 10 s. A destination
@@ -23,6 +24,10 @@ use trustmig_qemu::qmp::{Qmp, QmpError};
 /// should run again soon after.
 pub(crate) const RETRY: Backoff = Backoff::new(Duration::from_millis(250), RETRY_MAX);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Tries in a row on which no QEMU listens before a give-back's retries stop (with [`RETRY`],
+/// about a minute).
+const GONE_TRIES: u32 = 10;
 
 /// What the guest was, for its give-back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +147,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
     match attempt(qmp, was, ctx.step_timeout()).await {
         Attempt::Running(how) => {
             ctx.resuming.lock().expect("resuming lock").remove(vm);
+            ctx.left_to_operator.lock().expect("left lock").remove(vm);
             done(format!("rolled back: {how}"))
         }
         Attempt::PausedAsBefore => {
@@ -191,13 +197,19 @@ pub(crate) async fn resume_given_back(
 
 /// Retry `cont` on the QEMU at `qmp_path` in the background until the VM runs, while the
 /// refusal is one that clears and the journal still gives the VM to this host. `status` shows
-/// the VM as "rolled back, not yet running" meanwhile (`Ctx::resuming`).
+/// the VM as "rolled back, not yet running" meanwhile (`Ctx::resuming`); if the retries stop
+/// without the VM running, as "left to the operator" with why, while the order given back is
+/// still the VM's here.
 fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
     warn!(vm, "rolled back, not yet running: {cause}; trying again");
     ctx.resuming
         .lock()
         .expect("resuming lock")
         .insert(vm.clone(), cause);
+    // The order given back: the VM's current one now.
+    let order = (ctx.journal.lock().expect("journal lock"))
+        .last_order_of(&vm)
+        .map(|r| r.order_id.clone());
     tokio::spawn(async move {
         let still_ours = || {
             let j = ctx.journal.lock().expect("journal lock");
@@ -209,27 +221,32 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
                 .expect("resuming lock")
                 .insert(vm.clone(), cause.to_string());
         };
-        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, &still_ours, note).await;
-        // No longer retried either way: `status`, the operator's `trustmig reconcile` and a
-        // reload stop treating the VM as being given back (before, one whose retries stopped
-        // stayed "rolled back, not yet running" until a restart, and refused both).
-        ctx.resuming.lock().expect("resuming lock").remove(&vm);
-        match r {
-            Ok(how) => info!(vm, "rolled back: {how}"),
-            Err(why) => {
-                warn!(vm, "rolled back, not running: {why}");
-                // Still this host's VM, stopped: the operator's to run (a newer order that
-                // took it meanwhile is its own business).
-                if still_ours() {
-                    let order = (ctx.journal.lock().expect("journal lock"))
-                        .last_order_of(&vm)
-                        .map(|r| r.order_id.clone());
-                    let how = format!("rolled back, not running: {why}");
-                    ctx.leave_to_operator(&vm, order, how);
-                }
+        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, still_ours, note).await;
+        if let Err(why) = &r {
+            warn!(vm, "rolled back, not running: {why}");
+            let left = left_after_retries(&ctx.journal.lock().expect("journal lock"), &vm, &order);
+            if left {
+                let how = format!("rolled back, not running: {why}");
+                ctx.leave_to_operator(&vm, order, how);
             }
         }
+        // No longer retried either way (after the entry above, so that no operator's
+        // `trustmig reconcile` finds neither): `status`, `trustmig reconcile` and a reload stop
+        // treating the VM as being given back. Before, one whose retries stopped stayed
+        // "rolled back, not yet running" until a restart, and refused both.
+        ctx.resuming.lock().expect("resuming lock").remove(&vm);
+        if let Ok(how) = r {
+            info!(vm, "rolled back: {how}");
+        }
     });
+}
+
+/// Whether a VM whose give-back of order `order` stopped retrying without the VM running is
+/// the operator's now: only while the journal still gives it to this host under that order (a
+/// newer order that took it meanwhile, even one given back in turn, is its own business).
+fn left_after_retries(journal: &Journal, vm: &str, order: &Option<String>) -> bool {
+    let current = journal.last_order_of(vm).map(|r| &r.order_id);
+    current == order.as_ref() && !journal.leaving(vm) && !journal.migrated_away(vm)
 }
 
 /// The retry loop of [`keep_trying`], apart from the agent's state so it can be tested against
@@ -244,16 +261,24 @@ pub(crate) async fn cont_until_running(
     still_ours: impl Fn() -> bool,
     note: impl Fn(&str),
 ) -> Result<&'static str, String> {
+    let mut gone = 0;
     loop {
         tokio::time::sleep(pauses.next_pause()).await;
         let mut qmp = match Qmp::connect(qmp_path, timeout).await {
             Ok(q) => q,
+            // No QEMU listens (its socket gone, or refused): one restarting comes back within
+            // about a minute of tries; past that it is gone. Before, these were tried for ever.
+            Err(e) if e.qemu_gone() && gone + 1 >= GONE_TRIES => {
+                return Err(format!("QEMU is gone ({e}); resume the VM by hand"))
+            }
             Err(e) if refusal_clears(&e) => {
+                gone = if e.qemu_gone() { gone + 1 } else { 0 };
                 note(&format!("QEMU not reachable yet: {e}"));
                 continue;
             }
             Err(e) => return Err(format!("QEMU is gone ({e}); resume the VM by hand")),
         };
+        gone = 0;
         // Asked while this connection holds QEMU's one QMP slot: a migration of the VM that
         // claimed it meanwhile holds QMP for its whole run, so it cannot start after this.
         if !still_ours() {
@@ -394,6 +419,62 @@ mod tests {
         let refusals = refusals.into_inner().expect("lock");
         assert_eq!(refusals.len(), 3);
         assert!(refusals[0].contains("write\" lock"), "{refusals:?}");
+    }
+
+    /// A QEMU that no longer listens (killed: its socket refuses, or is gone) ends the retries
+    /// after `GONE_TRIES` tries in a row, saying so; before, it was tried for ever, and the VM
+    /// stayed "being given back" (refusing the operator's `trustmig reconcile`) until a restart.
+    #[tokio::test]
+    async fn retries_stop_once_no_qemu_listens() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let notes = AtomicUsize::new(0);
+        let gone = dir.path().join("gone.qmp");
+        let retries = cont_until_running(
+            &gone,
+            Duration::from_secs(5),
+            FAST,
+            || true,
+            |_| {
+                notes.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        let r = tokio::time::timeout(Duration::from_secs(30), retries)
+            .await
+            .expect("the retries end");
+        let err = r.expect_err("QEMU is gone");
+        assert!(
+            err.contains("QEMU is gone") && err.contains("by hand"),
+            "{err}"
+        );
+        assert_eq!(notes.load(Ordering::SeqCst) as u32, GONE_TRIES - 1);
+    }
+
+    /// Retries that stopped leave the VM to the operator only while the journal still gives it
+    /// here under the order given back.
+    #[test]
+    fn only_a_vm_still_given_back_is_left_to_the_operator() {
+        use super::super::tests::journal;
+        let ab = Some("ab".repeat(16));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let back = journal(
+            tmp.path(),
+            &[("ab", "source", "claimed"), ("ab", "source", "rolled-back")],
+        );
+        assert!(left_after_retries(&back, "q", &ab));
+        assert!(!left_after_retries(&back, "q", &Some("cd".repeat(16))));
+        // A newer order took the VM since and is sending it; or the journal says it left.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let leaving = journal(
+            tmp.path(),
+            &[("ab", "source", "rolled-back"), ("cd", "source", "claimed")],
+        );
+        assert!(!left_after_retries(&leaving, "q", &ab));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let away = journal(
+            tmp.path(),
+            &[("ab", "source", "committed"), ("ab", "source", "done")],
+        );
+        assert!(!left_after_retries(&away, "q", &ab));
     }
 
     #[tokio::test]

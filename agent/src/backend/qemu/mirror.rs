@@ -198,7 +198,12 @@ const JOB: &str = "trustmig-mirror-";
 /// Whether `node` is one of this agent's own (a mirror's filter or NBD client node): never
 /// the disk itself, whatever file it names.
 pub(crate) fn ours(node: &BlockNode) -> bool {
-    node.node_name.starts_with(RESERVED_PREFIX)
+    agents_node(&node.node_name)
+}
+
+/// Whether a node of this name is one the agent names so.
+fn agents_node(name: &str) -> bool {
+    name.starts_with(NBD_NODE) || name.starts_with(FILTER_NODE)
 }
 
 /// The mirrors under way on the source: their QMP objects and the relays' results.
@@ -590,12 +595,12 @@ impl Mirrors {
 
     /// Remove what an earlier order's mirrors left in QEMU: a source agent killed mid-mirror
     /// leaves its job (`auto-dismiss` is off), its filter node and its NBD client node, and a
-    /// tear-down QEMU did not answer leaves them too. Their names are per disk, so this order's
+    /// tear-down QEMU did not answer leaves them too. Their names are the next order's, so its
     /// `blockdev-add` would fail on them ("Duplicate nodes"), and a job left on a disk since
-    /// renamed in the configuration keeps the disk busy for every mirror after it, until
-    /// someone removed them by hand. So every job and node of the agent's (named `trustmig-`,
-    /// a prefix no disk name may take) goes, whatever disk it was for. No other order of the
-    /// VM can own them: this one holds the VM's claim, and an order that ended before it
+    /// renamed in the configuration keeps its filter over the disk for every mirror after it,
+    /// until someone removed them by hand. So every mirror job and node named as the agent
+    /// names them ([`Held`]) goes, whatever disk it was for. No other order of the VM can own
+    /// them: this one holds the VM's claim, and an order that ended before it
     /// (journalled rolled back, its give-back still tearing its mirrors down) held QEMU's one
     /// QMP connection until its tear-down ended, so this order's QMP session began after it.
     /// An error names what could not be removed.
@@ -696,7 +701,6 @@ impl Held {
     }
 
     fn of(jobs: &[JobInfo], nodes: &[BlockNode]) -> Self {
-        let node = |n: &str| n.starts_with(NBD_NODE) || n.starts_with(FILTER_NODE);
         Self {
             jobs: (jobs.iter())
                 .filter(|j| j.kind == "mirror" && j.id.starts_with(JOB))
@@ -704,7 +708,7 @@ impl Held {
                 .collect(),
             nodes: (nodes.iter())
                 .map(|n| n.node_name.clone())
-                .filter(|n| node(n))
+                .filter(|n| agents_node(n))
                 .collect(),
         }
     }

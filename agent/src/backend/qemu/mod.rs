@@ -218,6 +218,24 @@ pub(crate) fn clear_sockets(home: &crate::home::Home) {
 pub(crate) mod tests {
     use super::*;
 
+    /// A record of VM `q`: order `order` (a hex byte, repeated), `role`, `state`, its QEMU fed.
+    pub(crate) fn record(order: &str, role: &str, state: &str) -> crate::journal::Record {
+        serde_json::from_value(serde_json::json!({
+            "order_id": order.repeat(16), "role": role, "vm": "q", "state": state,
+            "not_after": 0, "at": 0, "fed": true,
+        }))
+        .expect("record")
+    }
+
+    /// A journal in `dir` with `records` (order, role, state; see `record`).
+    pub(crate) fn journal(dir: &Path, records: &[(&str, &str, &str)]) -> crate::journal::Journal {
+        let mut j = crate::journal::Journal::open(&dir.join("journal")).expect("journal");
+        for (order, role, state) in records {
+            j.append(record(order, role, state)).expect("append");
+        }
+        j
+    }
+
     /// QEMU 7.2's QMP greeting, for the fake QEMUs of this module's tests.
     const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
 

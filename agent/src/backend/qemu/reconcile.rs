@@ -402,6 +402,7 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{journal, record};
     use super::*;
 
     fn seen(running: bool, status: &str, migration: &str) -> (StatusInfo, MigrationInfo) {
@@ -412,24 +413,6 @@ mod tests {
         let m = serde_json::from_value(serde_json::json!({ "status": migration }))
             .expect("migration info");
         (st, m)
-    }
-
-    /// A record of VM `q`: order `order` (a hex byte, repeated), `role`, `state`, its QEMU fed.
-    fn record(order: &str, role: &str, state: &str) -> crate::journal::Record {
-        serde_json::from_value(serde_json::json!({
-            "order_id": order.repeat(16), "role": role, "vm": "q", "state": state,
-            "not_after": 0, "at": 0, "fed": true,
-        }))
-        .expect("record")
-    }
-
-    /// A journal in `dir` with `records` (order, role, state; see `record`).
-    fn journal(dir: &Path, records: &[(&str, &str, &str)]) -> Journal {
-        let mut j = Journal::open(&dir.join("journal")).expect("journal");
-        for (order, role, state) in records {
-            j.append(record(order, role, state)).expect("append");
-        }
-        j
     }
 
     /// An action holds only while the record it was decided on is the VM's latest: the same
