@@ -25,8 +25,8 @@
 //! - with an operator, a restart's reconciliation left to them (QEMU unreachable for a minute,
 //!   `cont` refused), a destination's `cont` after its COMMIT that fails for good (its session
 //!   ends, the VM loaded, not run), a give-back's `cont` that QEMU refuses for now (tried again
-//!   in the background, which a crash ends), and their `trustmig reconcile` at any moment,
-//!   gated as the agent gates it;
+//!   in the background, which a crash ends, or which stop and leave the VM to the operator),
+//!   and their `trustmig reconcile` at any moment, gated as the agent gates it;
 //! - with two orders, the second may come at any moment: while the first is still under way,
 //!   in doubt, or settled on one host and not the other.
 //!
@@ -334,6 +334,10 @@ pub enum Action {
     LockHeld(usize),
     /// Agent `h` tries again, in the background, the `cont` of a give-back QEMU refused.
     RetryGiveBack(usize),
+    /// Agent `h`'s retries of a give-back stop without the VM running (QEMU refused it for
+    /// another reason, or did not listen for a minute): the VM stays stopped, left to the
+    /// operator (`keep_trying`).
+    RetriesStop(usize),
     /// Agent `h`'s `cont` after its COMMIT of order `k` fails for good (QEMU refused it for a
     /// step timeout, `start_committed`): its session ends, the VM loaded and not run, the
     /// record at COMMIT.
@@ -851,6 +855,7 @@ impl Model for Migration {
                 }
                 if a.resuming.is_some() {
                     out.push(Action::RetryGiveBack(h));
+                    out.push(Action::RetriesStop(h));
                 }
                 if s.cont_refusals > 0
                     && !a.refuse_cont
@@ -905,6 +910,7 @@ impl Model for Migration {
             Action::LeaveToOperator(h) => s.agents[h].reconcile = None,
             Action::OperatorReconcile(h) => self.operator_reconcile(&mut s, h),
             Action::RetryGiveBack(h) => self.retry_give_back(&mut s, h),
+            Action::RetriesStop(h) => s.agents[h].resuming = None,
             Action::LockHeld(h) => {
                 s.cont_refusals -= 1;
                 s.agents[h].refuse_cont = true;
