@@ -58,8 +58,9 @@ pub struct Ctx {
     pub resuming: Mutex<HashMap<String, String>>,
     /// QEMU VMs left to the operator (a reconciliation with the journal that did not get
     /// through, a destination QEMU that could not be quit, a committed VM that does not start,
-    /// a give-back whose retries stopped): the order it was about (hex) and what is left. `status` says so until a reconciliation (`trustmig
-    /// reconcile`) gets through, or a newer order moved the VM on.
+    /// a give-back whose retries stopped): the order it was about (hex) and what is left.
+    /// `status` says so until a reconciliation (`trustmig reconcile`) gets through, or a newer
+    /// order moved the VM on.
     pub left_to_operator: Mutex<HashMap<String, (Option<String>, String)>>,
     /// Sessions waiting for data connections, by session id.
     pub sessions: Mutex<HashMap<[u8; 16], mpsc::Sender<DataConn>>>,

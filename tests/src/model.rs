@@ -164,7 +164,8 @@ pub struct Agent {
     /// A give-back of order `k` whose `cont` QEMU refused for now (an image lock the
     /// destination's copy, being discarded, still holds), tried again in the background
     /// (`giveback::keep_trying`; `status`: "rolled back, not yet running"). Volatile: a crash
-    /// ends the retries, and the restart's reconciliation gives the VM back again.
+    /// ends the retries, and the restart's reconciliation gives the VM back again; they may also
+    /// stop without the VM running (`RetriesStop`), leaving it to the operator.
     pub resuming: Option<u8>,
     /// QEMU will refuse the next give-back's `cont` here for now (the destination's copy,
     /// being discarded, still holds an image lock): the checker arms it at a moment it chooses
@@ -270,6 +271,10 @@ pub struct Ghost {
     /// A give-back's `cont` refused at first ran the VM when tried again in the background:
     /// the host and the order.
     pub ran_on_retry: Option<(usize, usize)>,
+    /// The give-back retries on this host stopped without the VM running (`RetriesStop`).
+    pub retries_stopped: Option<usize>,
+    /// The operator's `trustmig reconcile` ran a VM whose give-back retries had stopped.
+    pub operator_ran_after_retries: bool,
 }
 
 /// The system.
@@ -406,7 +411,8 @@ impl Migration {
 
     /// The VM moved there and back: two orders. Without refused `cont`s: with one, the
     /// exhaustive search over two orders grows from 4.1 to 12.3 million distinct states (400 s
-    /// unoptimised; run once on 2026-11-30, nothing found); set `cont_refusals` to search so.
+    /// unoptimised; run once on 2026-11-30, before `RetriesStop`, nothing found); set
+    /// `cont_refusals` to search so.
     pub fn there_and_back(self) -> Self {
         Self {
             orders: 2,
@@ -672,6 +678,8 @@ impl Migration {
         vm_action(a, k, act, &mut s.ghost);
         let acted = *a != before;
         s.ghost.operator_reconciled |= acted;
+        s.ghost.operator_ran_after_retries |=
+            acted && a.vm == Vm::Running && s.ghost.retries_stopped == Some(h);
         s.ghost.operator_ran_a_commit |= acted && act != self.rules.vm_after_restart(&current);
     }
 
@@ -910,7 +918,10 @@ impl Model for Migration {
             Action::LeaveToOperator(h) => s.agents[h].reconcile = None,
             Action::OperatorReconcile(h) => self.operator_reconcile(&mut s, h),
             Action::RetryGiveBack(h) => self.retry_give_back(&mut s, h),
-            Action::RetriesStop(h) => s.agents[h].resuming = None,
+            Action::RetriesStop(h) => {
+                s.agents[h].resuming = None;
+                s.ghost.retries_stopped = Some(h);
+            }
             Action::LockHeld(h) => {
                 s.cont_refusals -= 1;
                 s.agents[h].refuse_cont = true;
@@ -1057,6 +1068,10 @@ impl Model for Migration {
             ));
         }
         if self.cont_refusals > 0 {
+            props.push(Property::sometimes(
+                "a give-back whose retries stopped runs once the operator reconciles it",
+                |_, s: &Sys| s.ghost.operator_ran_after_retries && settled(s) && live(s) == 1,
+            ));
             props.push(Property::sometimes(
                 "a give-back whose cont QEMU refused at first runs the VM on a retry",
                 |_, s: &Sys| {

@@ -4,8 +4,9 @@
 //! while: a destination QEMU that loaded the stream without `late-block-activate` holds the
 //! shared image's write lock until it is discarded. Such a refusal clears, so the `cont` is
 //! retried with back-off in the background, the VM reported "rolled back, not yet running"
-//! until it runs; any other refusal is reported and left to the operator. Never none: a VM the
-//! journal gives back must end up running, or paused where its operator paused it.
+//! until it runs (or its QEMU is gone); any other refusal is reported and left to the operator
+//! (`status`: "left to the operator"). Never none: a VM the journal gives back must end up
+//! running, or paused where its operator paused it, or in the operator's sight.
 //! spec: spec/qemu.md §4, SPEC.md §8.8
 
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ pub(crate) const RETRY: Backoff = Backoff::new(Duration::from_millis(250), RETRY
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Tries in a row on which no QEMU listens before a give-back's retries stop (with [`RETRY`],
-/// about a minute).
+/// one to two minutes).
 const GONE_TRIES: u32 = 10;
 
 /// What the guest was, for its give-back.
@@ -144,24 +145,30 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
         how,
         pending: false,
     };
-    match attempt(qmp, was, ctx.step_timeout()).await {
-        Attempt::Running(how) => {
-            ctx.resuming.lock().expect("resuming lock").remove(vm);
-            ctx.left_to_operator.lock().expect("left lock").remove(vm);
-            done(format!("rolled back: {how}"))
-        }
+    let attempt = attempt(qmp, was, ctx.step_timeout()).await;
+    // Settled here, one way or the other: no earlier give-back's retries or entry speaks for
+    // the VM any more (a refusal that clears starts its own retries below).
+    if !matches!(attempt, Attempt::Refused(_)) {
+        ctx.resuming.lock().expect("resuming lock").remove(vm);
+        ctx.left_to_operator.lock().expect("left lock").remove(vm);
+    }
+    match attempt {
+        Attempt::Running(how) => done(format!("rolled back: {how}")),
         Attempt::PausedAsBefore => {
             done("rolled back: the VM stays on the source, paused as it was".into())
         }
         Attempt::StoppedMeanwhile(state) => done(format!(
             "rolled back: the VM stays on the source, stopped (QEMU {state:?}): it was stopped during the migration, not by it; its operator runs it with `cont`"
         )),
-        Attempt::Failed(why) => GivenBack {
-            how: format!(
-                "rollback failed: {why}; the VM is stopped on the source: check it by hand"
-            ),
-            pending: true,
-        },
+        Attempt::Failed(why) => {
+            let how =
+                format!("rollback failed: {why}; the VM is stopped on the source: check it by hand");
+            let order = (ctx.journal.lock().expect("journal lock"))
+                .last_order_of(vm)
+                .map(|r| r.order_id.clone());
+            ctx.leave_to_operator(vm, order, how.clone());
+            GivenBack { how, pending: true }
+        }
         Attempt::Refused(e) => {
             let cause = e.to_string();
             keep_trying(
@@ -172,7 +179,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
             );
             GivenBack {
                 how: format!(
-                    "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs",
+                    "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs, or its QEMU is gone",
                     RETRY_MAX.as_secs()
                 ),
                 pending: true,
@@ -211,23 +218,30 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
         .last_order_of(&vm)
         .map(|r| r.order_id.clone());
     tokio::spawn(async move {
-        let still_ours = || {
-            let j = ctx.journal.lock().expect("journal lock");
-            !j.leaving(&vm) && !j.migrated_away(&vm)
-        };
+        // Asked before each try: the journal still gives the VM here under the order given
+        // back (a newer order that took it, even one that gave it back in turn, decides).
+        let still_ours =
+            || left_after_retries(&ctx.journal.lock().expect("journal lock"), &vm, &order);
         let note = |cause: &str| {
             ctx.resuming
                 .lock()
                 .expect("resuming lock")
                 .insert(vm.clone(), cause.to_string());
         };
-        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, still_ours, note).await;
-        if let Err(why) = &r {
-            warn!(vm, "rolled back, not running: {why}");
-            let left = left_after_retries(&ctx.journal.lock().expect("journal lock"), &vm, &order);
-            if left {
-                let how = format!("rolled back, not running: {why}");
-                ctx.leave_to_operator(&vm, order, how);
+        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, &still_ours, note).await;
+        // What `status` shows after: only while the order given back is still the VM's (a
+        // newer order's give-back has its own).
+        match &r {
+            Ok(how) => info!(vm, "rolled back: {how}"),
+            Err(why) => warn!(vm, "rolled back, not running: {why}"),
+        }
+        if still_ours() {
+            match &r {
+                Ok(_) => drop(ctx.left_to_operator.lock().expect("left lock").remove(&vm)),
+                Err(why) => {
+                    let how = format!("rolled back, not running: {why}");
+                    ctx.leave_to_operator(&vm, order.clone(), how);
+                }
             }
         }
         // No longer retried either way (after the entry above, so that no operator's
@@ -235,9 +249,6 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
         // treating the VM as being given back. Before, one whose retries stopped stayed
         // "rolled back, not yet running" until a restart, and refused both.
         ctx.resuming.lock().expect("resuming lock").remove(&vm);
-        if let Ok(how) = r {
-            info!(vm, "rolled back: {how}");
-        }
     });
 }
 
