@@ -376,6 +376,13 @@ pub(crate) fn check_vms_apart(vms: &[VmConfig]) -> Result<(), String> {
     Ok(())
 }
 
+/// A character that could forge or hide text where a name is shown: a control character, a
+/// line or paragraph separator, or a mark or override of text direction.
+fn forges_text(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 impl TryFrom<VmEntry> for VmConfig {
     type Error = String;
 
@@ -383,9 +390,9 @@ impl TryFrom<VmEntry> for VmConfig {
         let name = vm.name;
         // As an order may name it (SPEC.md §3.3: 1..=255 bytes), and printable: it goes into
         // logs, `status` and the audit trail.
-        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        if name.is_empty() || name.len() > 255 || name.chars().any(forges_text) {
             return Err(format!(
-                "vm name {name:?} must be 1..=255 bytes without control characters (as an order names it)"
+                "vm name {name:?} must be 1..=255 bytes without control or text-direction characters (as an order names it)"
             ));
         }
         let backend = match (vm.backend.as_str(), vm.qmp) {
@@ -637,10 +644,17 @@ mod tests {
         assert!(e.contains("dirty_pages_per_sec 25601"), "{e}");
         // A name no order could name, or one that would forge a log line, is refused.
         let long = "v".repeat(256);
-        for bad in ["", long.as_str(), "a\\nb", "a\\u001bb"] {
+        for bad in [
+            "",
+            long.as_str(),
+            "a\\nb",
+            "a\\u001bb",
+            "a\\u202eb",
+            "a\\u2028b",
+        ] {
             let e = Config::parse(&(base.clone() + &synthetic(bad))).unwrap_err();
             assert!(
-                e.contains("must be 1..=255 bytes without control characters"),
+                e.contains("must be 1..=255 bytes without control or text-direction characters"),
                 "{bad}: {e}"
             );
         }

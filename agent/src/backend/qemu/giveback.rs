@@ -130,6 +130,8 @@ pub(crate) struct GivenBack {
     /// Not settled yet: `cont` failed for good (the operator's to do), or QEMU refused it for
     /// now and it is retried in the background.
     pub pending: bool,
+    /// The latter: retried in the background ([`keep_trying`]).
+    pub retrying: bool,
 }
 
 /// Give the VM `vm` (its QEMU on `qmp`) back after a rollback: one attempt now, and when QEMU's
@@ -144,6 +146,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
     let done = |how: String| GivenBack {
         how,
         pending: false,
+        retrying: false,
     };
     let attempt = attempt(qmp, was, ctx.step_timeout()).await;
     // Settled here, one way or the other: no earlier give-back's retries or entry speaks for
@@ -167,7 +170,11 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
                 .last_order_of(vm)
                 .map(|r| r.order_id.clone());
             ctx.leave_to_operator(vm, order, how.clone());
-            GivenBack { how, pending: true }
+            GivenBack {
+                how,
+                pending: true,
+                retrying: false,
+            }
         }
         Attempt::Refused(e) => {
             let cause = e.to_string();
@@ -183,6 +190,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
                     RETRY_MAX.as_secs()
                 ),
                 pending: true,
+                retrying: true,
             }
         }
     }

@@ -87,9 +87,12 @@ pub(crate) enum Outcome {
     /// Nothing for the journal: nothing to do, the journal moved on since the action was
     /// decided (a newer order, another reconciliation), a give-back.
     Unchanged(String),
-    /// Left to the operator, or to a give-back's retries in the background: the journal stays
-    /// as it is, so the next start tries again.
+    /// Left to the operator: the journal stays as it is, so the next start tries again.
     Left(String),
+    /// Given back, its `cont` refused for now and retried in the background: the journal stays
+    /// as it is; `status` follows the retries ("rolled back, not yet running", then what they
+    /// came to), not this reconciliation.
+    Retrying(String),
 }
 
 /// QMP of the VM's QEMU: it may be starting, or its one QMP slot taken for a moment, so it is
@@ -167,7 +170,9 @@ async fn reconcile(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
     match action {
         Action::GiveBack { paused_before } if stopped_by_migration(&st, &m) => {
             let back = given_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await;
-            if back.pending {
+            if back.retrying {
+                Outcome::Retrying(back.how)
+            } else if back.pending {
                 Left(back.how)
             } else {
                 Unchanged(back.how)
@@ -265,7 +270,9 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
                 Outcome::Done(how) | Outcome::Unchanged(how) => {
                     info!(vm, ?action, "after restart: {how}")
                 }
-                Outcome::Left(how) => warn!(vm, ?action, "after restart: {how}"),
+                Outcome::Left(how) | Outcome::Retrying(how) => {
+                    warn!(vm, ?action, "after restart: {how}")
+                }
             }
         });
     }
@@ -288,14 +295,13 @@ async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
         },
         other => other,
     };
-    // What `status` shows: left to the operator until a reconciliation gets through (a
-    // give-back retried in the background shows as such instead).
-    let retried = (ctx.resuming.lock().expect("resuming lock")).contains_key(&r.vm);
+    // What `status` shows: left to the operator until a reconciliation gets through; a
+    // give-back retried in the background keeps its own entries (read from the outcome, not
+    // from `resuming`, which the retries may already have left).
     match &outcome {
-        Outcome::Left(how) if !retried => {
-            ctx.leave_to_operator(&r.vm, r.order.clone(), how.clone());
-        }
-        _ => {
+        Outcome::Left(how) => ctx.leave_to_operator(&r.vm, r.order.clone(), how.clone()),
+        Outcome::Retrying(_) => {}
+        Outcome::Done(_) | Outcome::Unchanged(_) => {
             ctx.left_to_operator
                 .lock()
                 .expect("left lock")
@@ -393,7 +399,7 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
             info!(vm, ?action, "reconciled at the operator's request: {how}");
             Ok(how)
         }
-        Outcome::Left(how) => {
+        Outcome::Left(how) | Outcome::Retrying(how) => {
             warn!(vm, ?action, "reconciled at the operator's request: {how}");
             Err(AgentError::Usage(format!("not reconciled: {how}")))
         }
