@@ -749,9 +749,7 @@ async fn qemu_a_reload_cannot_change_an_arriving_vm() {
     let reloader = tokio::spawn(async move {
         let journal = home.journal_file();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&journal)
-            .is_ok_and(|t| t.contains("the VM's QEMU waits for this migration"))
-        {
+        while !std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(FED)) {
             assert!(Instant::now() < deadline, "the VM never arrived");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1098,6 +1096,37 @@ async fn qemu_a_destination_started_without_s_never_runs_before_commit() {
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
 }
 
+/// What a destination journals once its QEMU is handed to the order (the stream flows next).
+const FED: &str = "the VM's QEMU waits for this migration";
+
+/// Wait (blocking, up to 90 s) until the file at `path` holds `what`; whether it did.
+fn wait_for_text(path: &Path, what: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(what)) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Send signal `sig` (`-STOP`, `-CONT`) to process `pid`; whether it was sent.
+fn signal(pid: u32, sig: &str) -> bool {
+    let sent = Command::new("kill").args([sig, &pid.to_string()]).status();
+    sent.is_ok_and(|s| s.success())
+}
+
+/// 10 MB/s: the first pass over the 64 MiB a busy test guest filled takes seconds.
+fn ten_mb_a_second() -> Limits {
+    Limits {
+        downtime_ms: 300,
+        bandwidth_bps: 10_000_000,
+        max_rounds: 30,
+        on_nonconvergence: NonConvergence::Force,
+    }
+}
+
 /// SPEC.md §8.8: a destination whose source goes silent without closing anything (its agent
 /// frozen by SIGSTOP during the transfer: no reset, no byte, no message) gives up after a
 /// step timeout and discards its loaded QEMU, rather than keeping it until a restart (a QEMU
@@ -1119,37 +1148,16 @@ async fn qemu_a_destination_gives_up_on_a_silent_source() {
     let journal = s.pair.dst.journal_file();
     let dst_log = s.pair.dir().join("destination.log");
     let freezer = std::thread::spawn(move || {
-        let signal = |sig: &str| {
-            let ok = Command::new("kill").args([sig, &pid.to_string()]).status();
-            assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid}");
-        };
-        let wait_for = |path: &Path, what: &str| {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(what)) {
-                if Instant::now() > deadline {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            true
-        };
         // The destination QEMU is this migration's and the stream flows: freeze the source.
-        let fed = wait_for(&journal, "the VM's QEMU waits for this migration");
+        let fed = wait_for_text(&journal, FED);
         std::thread::sleep(Duration::from_millis(300));
-        signal("-STOP");
-        let gave_up = fed && wait_for(&dst_log, "source silent for 5 s");
-        signal("-CONT");
+        assert!(signal(pid, "-STOP"), "kill -STOP {pid}");
+        let gave_up = fed && wait_for_text(&dst_log, "source silent for 5 s");
+        assert!(signal(pid, "-CONT"), "kill -CONT {pid}");
         (fed, gave_up)
     });
-    // 10 MB/s: the first pass over the 64 MiB the guest filled takes seconds.
-    let limits = Limits {
-        downtime_ms: 300,
-        bandwidth_bps: 10_000_000,
-        max_rounds: 30,
-        on_nonconvergence: NonConvergence::Force,
-    };
     let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate_with(&mut s, &addr, limits).await;
+    let (r, _) = migrate_with(&mut s, &addr, ten_mb_a_second()).await;
     let (fed, gave_up) = freezer.join().expect("freezer");
     assert!(fed && gave_up, "fed {fed}, gave up {gave_up}\n{}", s.logs());
     r.expect_err("the destination gave up");
@@ -1178,30 +1186,12 @@ async fn qemu_a_destination_qemu_that_cannot_be_quit_is_left_to_the_operator() {
     let pid = s.dst.child.id();
     let journal = s.pair.dst.journal_file();
     let freezer = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !std::fs::read_to_string(&journal)
-            .is_ok_and(|t| t.contains("the VM's QEMU waits for this migration"))
-        {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let fed = wait_for_text(&journal, FED);
         std::thread::sleep(Duration::from_millis(300));
-        let ok = Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status();
-        ok.is_ok_and(|s| s.success())
+        fed && signal(pid, "-STOP")
     });
-    // 10 MB/s: the first pass over the 64 MiB the guest filled takes seconds.
-    let limits = Limits {
-        downtime_ms: 300,
-        bandwidth_bps: 10_000_000,
-        max_rounds: 30,
-        on_nonconvergence: NonConvergence::Force,
-    };
     let addr = s.pair.dst_addr.clone();
-    let (r, _) = migrate_with(&mut s, &addr, limits).await;
+    let (r, _) = migrate_with(&mut s, &addr, ten_mb_a_second()).await;
     assert!(
         freezer.join().expect("freezer"),
         "QEMU was never frozen\n{}",
@@ -1219,10 +1209,7 @@ async fn qemu_a_destination_qemu_that_cannot_be_quit_is_left_to_the_operator() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_source_guest_runs(&mut s, Duration::from_secs(30)).await;
-    let signalled = Command::new("kill")
-        .args(["-CONT", &pid.to_string()])
-        .status();
-    assert!(signalled.is_ok_and(|s| s.success()));
+    assert!(signal(pid, "-CONT"), "kill -CONT {pid}");
     let request = || trustmig_agent::control::Request::Reconcile { vm: VM.into() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let how = loop {
