@@ -3863,6 +3863,45 @@ fn rename_disk(home: &trustmig_agent::home::Home, name: &str) {
     std::fs::write(&path, text.replace(old, &format!("name = \"{name}\""))).expect("config");
 }
 
+/// What the agent's mirror node names (`trustmig-nbd-<i>`, `trustmig-mirror-top-<i>`) rely on,
+/// pinned against QEMU: a node name of 31 bytes is taken, one of 32 refused ("Node name too
+/// long"). Until 2026-11-30 the names held the disk's name, and a disk name over 11 bytes
+/// could not be mirrored.
+#[test]
+fn qemu_takes_node_names_of_31_bytes_and_no_longer() {
+    if !have("qemu-system-x86_64", "--version") && missing("qemu-system-x86_64") {
+        return;
+    }
+    let start = |len: usize| {
+        let node = "n".repeat(len);
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+            .args(["-blockdev", &format!("driver=null-co,node-name={node}")])
+            .args(["-qmp", "stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 starts");
+        let mut stdin = child.stdin.take().expect("stdin");
+        // Ignored by a QEMU that already exited on its command line.
+        let _ = std::io::Write::write_all(
+            &mut stdin,
+            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
+        );
+        drop(stdin);
+        let out = child.wait_with_output().expect("qemu-system-x86_64 ends");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = start(31);
+    assert!(ok, "31 bytes: {err}");
+    let (ok, err) = start(32);
+    assert!(!ok && err.contains("Node name too long"), "32 bytes: {err}");
+}
+
 /// Benchmark for bench/disk.sh: a mirrored disk of `TRUSTMIG_BENCH_DISK_MIB` MiB (raw, half
 /// of it data) moves with the guest writing 64 KiB every 10 ms. Prints
 /// `BENCH <total ms> <end-to-end downtime ms> <disk bytes> <mirror ms> <QEMU's downtime ms>`.
