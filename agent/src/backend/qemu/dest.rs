@@ -25,7 +25,7 @@ use crate::error::AgentError;
 use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
-use super::pumps::{open_pump, seal_pump, Carried, Counted, Received};
+use super::pumps::{open_pump, seal_pump, Carried, Counting, Received};
 use super::{qemu_vm, socket_dir, socket_path, SocketRole};
 
 /// How long the destination waits for the source's data stream to bind: the source opens it
@@ -307,7 +307,8 @@ async fn receive(
     let mut streams = tokio::time::timeout_at(deadline, binding)
         .await
         .map_err(|_| AgentError::Timeout("the source opened no data stream in time".into()))??;
-    let (mut data, mut opener) = streams.remove(0);
+    let (mut data, opener) = streams.remove(0);
+    let mut opener = Counting::new(opener, inc.moved.clone());
     let sealer = Sealer::new(inc.keys.stream_secret(Direction::DestinationToSource, 0), 0);
 
     // Disks first (spec/qemu.md §5): each chunk checked against the attested manifest as it
@@ -323,9 +324,8 @@ async fn receive(
                 .iter()
                 .flat_map(|t| t.files().map(Path::to_path_buf)),
         );
-        let mut counted = Counted::new(&mut data, inc.moved.clone());
         let n = super::disk::receive_disks(
-            &mut counted,
+            &mut data,
             &mut opener,
             (&inc.manifest, &inc.order_id),
             &targets,
@@ -380,7 +380,7 @@ async fn feed(
     vm: &str,
     qmp: &mut Qmp,
     inc: &Incoming,
-    (data, opener, sealer): (TcpStream, Opener, Sealer),
+    (data, opener, sealer): (TcpStream, Counting, Sealer),
     pumps: &mut Tasks,
 ) -> Result<Received, AgentError> {
     let timeout = ctx.step_timeout();
@@ -401,7 +401,6 @@ async fn feed(
     drop(sock);
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     let (data_rd, data_wr) = data.into_split();
-    let data_rd = Counted::new(data_rd, inc.moved.clone());
     pumps.spawn(async move {
         let what = ("return path", Carried::Migration);
         if let Err(e) = seal_pump(qemu_rd, data_wr, sealer, what, timeout).await {

@@ -19,11 +19,12 @@ use trustmig_attest::manifest::{hash_chunks, ChunkChecker, DEFAULT_CHUNK};
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::manifest::{DiskManifest, ImageManifest};
 use trustmig_protocol::order::{hex, OrderId};
-use trustmig_protocol::record::{Opener, RecordType, Sealer, MAX_PAYLOAD};
+use trustmig_protocol::record::{RecordType, Sealer, MAX_PAYLOAD};
 
 use crate::config::{DiskVerify, MirrorMode, QemuVm, VmConfig};
 
 use super::mirror::{named_block_nodes, ours, stale, BlockNode, SourceMirror};
+use super::pumps::Counting;
 use crate::error::AgentError;
 use crate::journal::Journal;
 use crate::net::wire::{read_record, WireError};
@@ -361,9 +362,9 @@ pub(crate) fn device_of(
 /// and renamed into place. Each image's marker names `order_id` before any of its bytes land,
 /// so that whatever a crash leaves can be traced to this order. Returns the payload bytes
 /// received.
-pub async fn receive_disks<R: AsyncRead + Unpin>(
+pub(crate) async fn receive_disks<R: AsyncRead + Unpin>(
     from: &mut R,
-    opener: &mut Opener,
+    opener: &mut Counting,
     (manifest, order_id): (&ImageManifest, &OrderId),
     targets: &[Target],
     timeout: Duration,

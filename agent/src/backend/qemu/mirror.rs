@@ -37,7 +37,7 @@ use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
 use trustmig_qemu::qmp::{Moving, Qmp, WaitEnded};
 
-use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
+use super::pumps::{open_pump, seal_pump, Carried, Counted, Counting, Received, Sent};
 
 fn mig(s: String) -> AgentError {
     AgentError::Migration(s)
@@ -126,8 +126,8 @@ async fn relay(
 ) -> Result<(Sent, Received), AgentError> {
     let (q_rd, q_wr) = qemu.into_split();
     let (d_rd, d_wr) = data.split();
-    let d_rd = Counted::new(d_rd, received);
     let d_wr = Counted::new(d_wr, sent);
+    let opener = Counting::new(opener, received);
     let sealing = async {
         seal_pump(q_rd, d_wr, sealer, (out, Carried::Nbd), stall)
             .await

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::hvstream::StreamDigest;
@@ -111,9 +111,9 @@ where
     })
 }
 
-/// A stream that counts the bytes through it (into a counter it may share with others): the
+/// A stream that counts the bytes written to it (into a counter it may share with others): the
 /// source watches its streams' for progress while the guest is stopped, the destination for a
-/// silent source.
+/// silent source. What arrives counts only once it opens ([`Counting`]).
 pub(crate) struct Counted<T> {
     inner: T,
     bytes: Arc<AtomicU64>,
@@ -147,19 +147,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let n = buf.filled().len() - before;
-            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
+/// An opener that counts the wire bytes of each record it opens into a counter shared with
+/// [`Counted`] writers. Only records that authenticate count: bytes an on-path party trickles
+/// into a stream, a record at a time never completed, are no sign of the peer, and counted as
+/// they were read they kept a source's silence watch from ending a switch-over whose
+/// destination had gone.
+pub(crate) struct Counting {
+    opener: Opener,
+    moved: Arc<AtomicU64>,
+}
+
+impl Counting {
+    pub(crate) fn new(opener: Opener, moved: Arc<AtomicU64>) -> Self {
+        Self { opener, moved }
+    }
+
+    /// [`Opener::open`], counting the record once it opened.
+    pub(crate) fn open<'a>(
+        &mut self,
+        record: &'a mut [u8],
+    ) -> Result<(RecordType, &'a [u8]), trustmig_protocol::record::RecordError> {
+        let wire = record.len() as u64;
+        let opened = self.opener.open(record)?;
+        self.moved.fetch_add(wire, Ordering::Relaxed);
+        Ok(opened)
+    }
+
+    /// Records accepted so far.
+    pub(crate) fn records(&self) -> u64 {
+        self.opener.records()
     }
 }
 
@@ -238,7 +254,7 @@ pub(crate) struct Received {
 pub(crate) async fn open_pump<R, W>(
     mut from: R,
     to: W,
-    mut opener: Opener,
+    mut opener: Counting,
     what: &'static str,
     carried: Carried,
 ) -> Result<Received, AgentError>
@@ -347,12 +363,15 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
 
 /// A sealer and the opener for what it seals (fixed test keys), for the agent's unit tests.
 #[cfg(test)]
-pub(crate) fn test_pair() -> (Sealer, Opener) {
+pub(crate) fn test_pair() -> (Sealer, Counting) {
     use trustmig_protocol::keys::{Direction, KeySchedule};
     let ks = KeySchedule::new(&[1; 32], &[2; 32]);
     (
         Sealer::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
-        Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+        Counting::new(
+            Opener::new(ks.stream_secret(Direction::SourceToDestination, 0), 0),
+            Arc::default(),
+        ),
     )
 }
 
@@ -478,5 +497,55 @@ mod tests {
                 r.err()
             );
         }
+    }
+
+    /// The silence watch counts what opened, not what arrived: bytes trickled into a stream
+    /// (a record begun and never finished, or a forged one) are no sign of the peer, or an
+    /// on-path party could keep a stopped source waiting for as long as it trickles.
+    #[tokio::test]
+    async fn only_records_that_open_count_as_progress() {
+        let (mut sealer, _) = pair();
+        let mut genuine = Vec::new();
+        sealer
+            .seal(RecordType::HypervisorStream, b"abc", &mut genuine)
+            .expect("seal");
+        let mut forged = Vec::new();
+        sealer
+            .seal(RecordType::HypervisorStream, b"def", &mut forged)
+            .expect("seal");
+        *forged.last_mut().expect("tag") ^= 1;
+        // The genuine record, then the first bytes of the next one, trickled: the pump waits
+        // for the rest, which never comes.
+        let (mut peer, agent) = tokio::io::duplex(1 << 16);
+        let (_, opener) = pair();
+        let moved = opener.moved.clone();
+        let pump = tokio::spawn(open_pump(
+            agent,
+            tokio::io::sink(),
+            opener,
+            "s0",
+            Carried::Migration,
+        ));
+        peer.write_all(&genuine).await.expect("write");
+        for b in &forged[..forged.len() - 1] {
+            peer.write_all(std::slice::from_ref(b))
+                .await
+                .expect("write");
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(moved.load(Ordering::Relaxed), genuine.len() as u64);
+        assert!(!pump.is_finished());
+        // The forged record complete: refused, and still not counted.
+        peer.write_all(&forged[forged.len() - 1..])
+            .await
+            .expect("write");
+        let r = pump.await.expect("join").map(|_| ());
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("authentication")),
+            "{r:?}"
+        );
+        assert_eq!(moved.load(Ordering::Relaxed), genuine.len() as u64);
     }
 }

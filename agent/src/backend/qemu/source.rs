@@ -32,7 +32,7 @@ use trustmig_qemu::qmp::{Event, MigrationInfo, MigrationStatus, Moving, Qmp};
 use super::disk::SourceDisk;
 use super::giveback::{give_back, Was};
 use super::mirror::{Mirrors, Relayed, SourceMirror};
-use super::pumps::{open_pump, seal_pump, Carried, Counted, Received, Sent};
+use super::pumps::{open_pump, seal_pump, Carried, Counted, Counting, Received, Sent};
 use super::{socket_dir, socket_path, SocketRole};
 
 /// How often `query-migrate` is polled for progress and state.
@@ -340,8 +340,8 @@ fn spawn_pumps(
 ) -> Pumps {
     let (qemu_rd, qemu_wr) = qemu.into_split();
     let (data_rd, data_wr) = data.into_split();
-    let data_rd = Counted::new(data_rd, moved.clone());
     let data_wr = Counted::new(data_wr, moved.clone());
+    let opener = Counting::new(opener, moved.clone());
     let (fwd_tx, fwd_rx) = mpsc::channel(1);
     tasks.spawn(async move {
         let stream = "source stream";
