@@ -300,6 +300,15 @@ impl Setup {
             .collect()
     }
 
+    /// Whether either agent's whole log holds `text`.
+    fn logged(&self, text: &str) -> bool {
+        self.pair
+            .procs
+            .iter()
+            .flatten()
+            .any(|p| std::fs::read_to_string(&p.log).is_ok_and(|l| l.contains(text)))
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for p in self.pair.procs.iter().flatten() {
@@ -1420,6 +1429,9 @@ async fn qemu_nonconvergence_follows_the_order() {
     let (r, _) = migrate_with(&mut s, &addr, hopeless(NonConvergence::Abort)).await;
     assert_rolled_back(&mut s, &r, "did not converge").await;
     assert!(r.unwrap_err().contains("order says abort"));
+    // QEMU showed its decision to go on at the sync that ended the rounds (RAM sent since,
+    // the guest running: spec/qemu.md §3), so the agent did not wait out its cap.
+    assert!(!s.logged(NO_DECISION), "{}", s.logs());
     drop(s);
 
     for action in [NonConvergence::Force, NonConvergence::Throttle] {
@@ -1457,9 +1469,14 @@ async fn qemu_nonconvergence_follows_the_order() {
             );
             assert_eq!(s.src.migrate_parameter("max-cpu-throttle").await, Ok(99));
         }
+        assert!(!s.logged(NO_DECISION), "{action:?}: {}", s.logs());
         assert_moved(&mut s, &summary).await;
     }
 }
+
+/// What the source agent logs when QEMU showed no decision at the sync that ended the
+/// order's rounds within its cap.
+const NO_DECISION: &str = "QEMU showed no decision";
 
 /// spec/qemu.md §3: a forced switch-over of a guest that dirties faster than a slow link
 /// carries, whose stop-and-copy lasts longer than the source's step timeout. QEMU holds its
@@ -1524,6 +1541,7 @@ async fn qemu_an_abort_order_whose_rounds_end_at_the_switch_over_commits() {
     let (r, _) = migrate_with(&mut s, &addr, limits).await;
     let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     assert!(summary.converged, "{summary:?}");
+    assert!(!s.logged(NO_DECISION), "{}", s.logs());
     let syncs = s
         .src
         .migration()

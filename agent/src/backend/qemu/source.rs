@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use trustmig_protocol::handshake::Established;
 use trustmig_protocol::hvstream::final_digest;
 use trustmig_protocol::keys::Direction;
@@ -499,25 +499,73 @@ impl Switch {
 /// The longest a QEMU migration may take here, from the order's start (then it fails).
 const LONGEST: Duration = Duration::from_secs(3600);
 
-/// How long a look that finds the order's rounds run out waits for QEMU's own decision at the
-/// sync that ended them: right after each sync QEMU stops the guest if what is left fits its
-/// limit, and a look prompted by that sync's `MIGRATION_PASS` is often answered first, with the
-/// guest still running. Converged comes before out of rounds (SPEC.md §8.4).
-const DECISION_GRACE: Duration = Duration::from_millis(100);
+/// The longest a look that finds the order's rounds run out waits for QEMU's own decision at
+/// the sync that ended them (then it judges them run out): right after each sync QEMU stops
+/// the guest if what is left fits its limit, and a look prompted by that sync's
+/// `MIGRATION_PASS` is often answered first, with the guest still running. Converged comes
+/// before out of rounds (SPEC.md §8.4). The wait ends as soon as QEMU shows what it decided
+/// ([`Decision::of`]), within milliseconds either way; the cap only bounds a QEMU that shows
+/// neither. (A fixed 100 ms grace read a decision QEMU was slow to act on, on a loaded host,
+/// as no decision, and applied the order's action to a migration that had converged.)
+const DECISION_CAP: Duration = Duration::from_secs(5);
 
-/// Whether QEMU is switching over, asked every 10 ms until it is or `DECISION_GRACE` has
-/// passed (the grace bounds the asking: one `query-status` waits while QEMU holds its big lock
-/// for the stop-and-copy).
-async fn switching_over(qmp: &mut Qmp) -> Result<bool, AgentError> {
-    let deadline = Instant::now() + DECISION_GRACE;
+/// What QEMU decided at the bitmap sync that ended the order's rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    /// It stopped the guest to switch over.
+    SwitchOver,
+    /// It went on with another round (or the migration ended otherwise: the next look says how).
+    GoesOn,
+    /// Not shown yet.
+    Undecided,
+}
+
+impl Decision {
+    /// From the look that found the rounds run out (`look`, read after that sync), a later
+    /// `query-migrate` (`now`), and whether the guest was stopped for the switch-over by a
+    /// `query-status` sent after `now` was answered. QEMU's completion stops the guest before
+    /// it sends another byte, so RAM sent since the look (or a later sync) with the guest
+    /// still running after it means QEMU chose another round.
+    fn of(look: &MigrationInfo, now: &MigrationInfo, stopped: bool) -> Self {
+        if stopped {
+            return Self::SwitchOver;
+        }
+        if now.status() != MigrationStatus::Active {
+            return Self::GoesOn;
+        }
+        let progress = |m: &MigrationInfo| {
+            m.ram
+                .as_ref()
+                .map_or((0, 0), |r| (r.dirty_sync_count, r.transferred))
+        };
+        let ((sync_then, sent_then), (sync_now, sent_now)) = (progress(look), progress(now));
+        if sync_now > sync_then || sent_now > sent_then {
+            Self::GoesOn
+        } else {
+            Self::Undecided
+        }
+    }
+}
+
+/// Whether QEMU is switching over at the sync `look` found ending the rounds: asked every
+/// 10 ms until QEMU shows its decision or `DECISION_CAP` has passed. (One `query-migrate`
+/// waits while QEMU holds its big lock for the stop-and-copy.)
+async fn switching_over(qmp: &mut Qmp, look: &MigrationInfo) -> Result<bool, AgentError> {
+    let deadline = Instant::now() + DECISION_CAP;
     loop {
-        if stopped_for_switch_over(qmp).await? {
-            return Ok(true);
+        let now = qmp.query_migrate().await?;
+        match Decision::of(look, &now, stopped_for_switch_over(qmp).await?) {
+            Decision::SwitchOver => return Ok(true),
+            Decision::GoesOn => return Ok(false),
+            Decision::Undecided if Instant::now() >= deadline => {
+                warn!(
+                    secs = DECISION_CAP.as_secs(),
+                    "QEMU showed no decision at the sync that ended the order's rounds: taking them as run out"
+                );
+                return Ok(false);
+            }
+            Decision::Undecided => tokio::time::sleep(Duration::from_millis(10)).await,
         }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -1035,7 +1083,7 @@ async fn precopy_step(
     // is not read yet, which is no pre-copy round; then no action of the order's is due. In
     // `Pause` mode the `pre-switchover` that follows marks the switch-over.
     let out_of_rounds = seen.paused_at.is_none() && ladder.out_of_rounds(&m);
-    let switching = out_of_rounds && switching_over(qmp).await?;
+    let switching = out_of_rounds && switching_over(qmp, &m).await?;
     if switching && seen.switch == Switch::Stop {
         seen.note_remaining(&m);
         let at = qmp.queued("STOP").and_then(|e| e.at);
@@ -1095,6 +1143,41 @@ fn round_progress(m: &MigrationInfo) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(status: &str, sync: u64, sent: u64) -> MigrationInfo {
+        serde_json::from_value(serde_json::json!({
+            "status": status,
+            "ram": {"transferred": sent, "remaining": 0, "total": 0, "duplicate": 0,
+                    "normal": 0, "page-size": 4096, "dirty-pages-rate": 0, "mbps": 0.0,
+                    "dirty-sync-count": sync},
+        }))
+        .expect("query-migrate reply")
+    }
+
+    /// QEMU's decision at the sync that ended the order's rounds is read from what it did
+    /// next, not from a fixed grace: a guest stopped for the switch-over says converged; RAM
+    /// sent since, or a later sync, with the guest still running says another round; neither
+    /// yet (a QEMU slow to act on a loaded host) is no decision, however long it takes.
+    #[test]
+    fn qemus_decision_at_the_last_sync_is_read_from_what_it_did_next() {
+        let look = info("active", 4, 1000);
+        let cases = [
+            (info("active", 4, 1000), true, Decision::SwitchOver),
+            (info("completed", 4, 1500), true, Decision::SwitchOver),
+            (info("active", 4, 1000), false, Decision::Undecided),
+            (info("active", 4, 1001), false, Decision::GoesOn),
+            (info("active", 5, 1000), false, Decision::GoesOn),
+            (info("failed", 4, 1000), false, Decision::GoesOn),
+            (info("cancelled", 4, 1000), false, Decision::GoesOn),
+        ];
+        for (now, stopped, expect) in cases {
+            assert_eq!(
+                Decision::of(&look, &now, stopped),
+                expect,
+                "{now:?} stopped={stopped}"
+            );
+        }
+    }
 
     #[test]
     fn downtime_ladder_climbs_to_the_target_and_never_past_it() {
