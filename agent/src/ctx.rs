@@ -45,6 +45,12 @@ pub struct Ctx {
     pub parked: Mutex<HashMap<String, SyntheticGuest>>,
     /// VMs arriving here now, one session each.
     pub arriving: OnePerVm,
+    /// Held for reading while a migration marks its VM busy (the source's claim, a
+    /// destination's arrival) and checks or takes the VM's entry it runs on; held for writing
+    /// by a reload from its in-use check to its swap (`daemon/reload.rs`). So a reload never
+    /// swaps in a change to a VM a claim made busy after the check, and a claim never starts
+    /// on an entry a reload replaced after its preparation read it.
+    pub claims: tokio::sync::RwLock<()>,
     /// QEMU VMs being reconciled with their journal now (after a start, or by the operator's
     /// `trustmig reconcile`), one reconciliation each (`backend/qemu/reconcile.rs`).
     pub reconciling: OnePerVm,

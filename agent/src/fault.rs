@@ -33,6 +33,9 @@ pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 pub const HAND_OVER_PAUSED_ENV: &str = "TRUSTMIG_TEST_HAND_OVER_PAUSED";
 /// `TRUSTMIG_TEST_SETTLE_UNANSWERED`.
 pub const SETTLE_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
+/// `TRUSTMIG_TEST_HOLD_BEFORE_CLAIM`: a QEMU source waits this many milliseconds between
+/// preparing an order and claiming its VM (a reload meanwhile).
+pub const HOLD_BEFORE_CLAIM_ENV: &str = "TRUSTMIG_TEST_HOLD_BEFORE_CLAIM";
 /// `TRUSTMIG_TEST_ALTER_DISK_CHUNK`.
 pub const ALTER_DISK_CHUNK_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
 /// Destination: alter a byte of each copy verified in full (`verify = "full"`) after its NBD
@@ -120,6 +123,7 @@ mod on {
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
         pub alter_mirrored_image: bool,
+        pub hold_before_claim_ms: u64,
         pub asked: AtomicU64,
         pub records: AtomicU64,
     }
@@ -140,6 +144,9 @@ mod on {
                 .unwrap_or(0),
             alter_disk_chunk: var(ALTER_DISK_CHUNK_ENV).and_then(|v| v.parse().ok()),
             alter_mirrored_image: var(ALTER_MIRRORED_IMAGE_ENV).is_some(),
+            hold_before_claim_ms: var(HOLD_BEFORE_CLAIM_ENV)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             asked: AtomicU64::new(0),
             records: AtomicU64::new(0),
         }
@@ -248,4 +255,16 @@ pub fn alter_mirrored_image() -> bool {
     return on::faults().alter_mirrored_image;
     #[cfg(not(feature = "fault-injection"))]
     false
+}
+
+/// A QEMU source about to claim its VM waits, if started to (`HOLD_BEFORE_CLAIM_ENV`).
+pub async fn hold_before_claim() {
+    #[cfg(feature = "fault-injection")]
+    {
+        let ms = on::faults().hold_before_claim_ms;
+        if ms > 0 {
+            tracing::warn!(ms, "fault injection: holding before the claim");
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+    }
 }

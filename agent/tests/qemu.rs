@@ -779,6 +779,56 @@ async fn qemu_a_reload_cannot_change_an_arriving_vm() {
     assert_moved(&mut s, &summary).await;
 }
 
+/// A reload between an order's preparation and its claim (which makes the VM busy, so that
+/// reloads are refused) changes the VM's entry: the claim sees the entry is no longer the one
+/// the order was prepared on and refuses, nothing moved, the source guest running on. Before,
+/// the claim went ahead on the entry the reload had replaced, and a give-back or settlement
+/// would have read the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_reload_between_preparation_and_claim_refuses_the_order() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_env: vec![(
+            trustmig_agent::fault::HOLD_BEFORE_CLAIM_ENV.into(),
+            "3000".into(),
+        )],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let home = s.pair.src.clone();
+    let log = s.pair.procs[0].as_ref().expect("source agent").log.clone();
+    let reloader = tokio::spawn(async move {
+        let held = tokio::task::spawn_blocking(move || {
+            wait_for_text(&log, "fault injection: holding before the claim")
+        });
+        assert!(held.await.expect("wait"), "the source never held");
+        // The VM's [[vm]] table is the file's last: a line appended changes its entry.
+        let config = home.config();
+        let before = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(&config, format!("{before}downtime_steps = 3\n")).expect("config");
+        ask(&home, trustmig_agent::control::Request::Reload).await
+    });
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let reply = reloader.await.expect("reloader");
+    assert!(
+        matches!(&reply, Some(Reply::Reloaded(_))),
+        "the VM was not busy yet: {reply:?}"
+    );
+    let e = r.expect_err("the claim went ahead on a replaced entry");
+    assert!(
+        e.contains("changed (a reload) while the order was being prepared"),
+        "{e}\n{}",
+        s.logs()
+    );
+    assert_eq!(s.src.status().await.as_deref(), Ok("running"));
+    assert_eq!(s.dst.status().await.as_deref(), Ok("inmigrate"));
+}
+
 /// The guest was handed over paused: the summary and both journals say so, the destination
 /// QEMU waits `paused` and its guest does not run until the operator's `cont` there, after
 /// which the move is complete (`assert_moved`).

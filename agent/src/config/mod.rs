@@ -293,6 +293,13 @@ impl Config {
         self.vms.iter().find(|v| v.name == name)
     }
 
+    /// Whether VM `name` has the same entry here as in `other` (or none in either): what a
+    /// reload may not change under a migration, and what a claim checks it prepared on.
+    pub fn same_vm(&self, other: &Config, name: &str) -> bool {
+        let entry = |c: &Config| c.vm(name).map(|v| toml::to_string(v).ok());
+        entry(self) == entry(other)
+    }
+
     /// Load and validate `path`.
     pub fn load(path: &Path) -> Result<Self, AgentError> {
         let text = read_text(path)?;

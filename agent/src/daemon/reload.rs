@@ -71,6 +71,9 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
         path: ctx.home.config(),
         reason: format!("{reason} (with the synthetic VMs kept from the start)"),
     })?;
+    // From the in-use check to the swap no claim starts: one that did would run on the entry
+    // this replaces (`Ctx::claims`). Claims wait meanwhile, up to one TPM extend.
+    let _claims = ctx.claims.blocking_write();
     in_use(ctx, &old, &new)?;
     let digest = trustmig_protocol::sha256(&[&bytes]);
     crate::attestation::SharedTpm::new(&ctx.attester)
@@ -93,11 +96,8 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
 /// here), has in doubt, or is giving back: the running migration or settlement needs the
 /// entry it started with (a destination reads it again for the disks and the mirrors).
 fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
-    let same = |a: &crate::config::VmConfig, b: Option<&crate::config::VmConfig>| {
-        b.is_some_and(|b| toml::to_string(a).ok() == toml::to_string(b).ok())
-    };
     for v in &old.vms {
-        if same(v, new.vm(&v.name)) {
+        if old.same_vm(new, &v.name) {
             continue;
         }
         let busy = ctx.journal.lock().expect("journal lock").leaving(&v.name)

@@ -126,6 +126,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         vms: Mutex::new(vms),
         parked: Mutex::new(HashMap::new()),
         arriving: OnePerVm::new("arriving here by another order"),
+        claims: tokio::sync::RwLock::new(()),
         reconciling: OnePerVm::new("being reconciled with its journal"),
         in_doubt: Mutex::new(HashMap::new()),
         resuming: Mutex::new(HashMap::new()),

@@ -399,7 +399,12 @@ impl Session {
                 self.vm
             )));
         }
+        // Busy, and the entry it runs on taken, under `Ctx::claims`: a reload's in-use check
+        // sees the arrival, or its swap came first and the arrival runs on the new entry.
+        let claims = ctx.claims.read().await;
         let _arriving = ctx.arriving.begin(&self.vm)?;
+        let config = ctx.config();
+        drop(claims);
         // Register first: the source opens its data streams right after the handshake.
         let sid = est.keys.session_id();
         let (conn_tx, conns) = mpsc::channel::<DataConn>(16);
@@ -420,7 +425,7 @@ impl Session {
                 self.receive_with(vm, est, frames, conns, commit).await
             }
             TransferMode::HypervisorStream => {
-                let vm = QemuDest::prepare(&ctx, &self.vm, &est).await?;
+                let vm = QemuDest::prepare(&ctx, config, &self.vm, &est).await?;
                 self.receive_with(vm, est, frames, conns, commit).await
             }
         }

@@ -162,7 +162,10 @@ async fn migrate_checked(
     // One migration per VM at a time: refused at once, and again at the claim, under the
     // journal's lock (another order may have taken the VM while this one queued). A replayed
     // order is left to the claim, which names it so.
-    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm).is_some();
+    // The configuration the order is prepared on; the claim checks the VM's entry is still
+    // this one (a reload may replace it until the claim makes the VM busy).
+    let config = ctx.config();
+    let qemu = crate::backend::qemu::qemu_vm(&config, &body.vm).is_some();
     let busy = |j: &crate::journal::Journal| {
         if j.entry(order.id()).is_some() {
             return Ok(());
@@ -190,7 +193,14 @@ async fn migrate_checked(
     };
     busy(&ctx.journal.lock().expect("journal lock"))?;
     let _slot = slot(ctx, order.id(), &body.vm, progress).await;
-    let claim = |paused_before: bool| {
+    // Under `Ctx::claims`, so that no reload swaps the entry between the check and the claim.
+    let claim = |paused_before: bool, _claims: tokio::sync::RwLockReadGuard<'_, ()>| {
+        if !config.same_vm(&ctx.config(), &body.vm) {
+            return Err(not_started(AgentError::Refused(format!(
+                "VM {}'s entry in the configuration changed (a reload) while the order was being prepared: send the order again",
+                body.vm
+            ))));
+        }
         let mut journal = ctx.journal.lock().expect("journal lock");
         busy(&journal)?;
         journal
@@ -200,16 +210,17 @@ async fn migrate_checked(
         crash_point(CrashPoint::SourceAfterClaim);
         Ok(())
     };
-    if let Some(qmp) = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm) {
+    if let Some(qmp) = crate::backend::qemu::qemu_vm(&config, &body.vm) {
         // QEMU's state first: the claim records whether the VM was paused (spec/qemu.md §4).
-        let vm = QemuSource::prepare(ctx, &body, &qmp)
+        let vm = QemuSource::prepare(ctx, &config, &body, &qmp)
             .await
             .map_err(not_started)?;
-        claim(vm.paused_before())?;
+        crate::fault::hold_before_claim().await;
+        claim(vm.paused_before(), ctx.claims.read().await)?;
         return run(ctx, order, progress, vm).await;
     }
     // Single use first: a replayed order is refused as such, whatever became of its VM.
-    claim(false)?;
+    claim(false, ctx.claims.read().await)?;
     match SyntheticSource::take(ctx, &body.vm) {
         Ok(vm) => run(ctx, order, progress, vm).await,
         Err(e) => {

@@ -66,10 +66,14 @@ impl QemuDest {
     /// Find the VM's QEMU waiting for a migration (`inmigrate`) and hand it to this order
     /// (journalled, for reconciliation after a restart). Anything else is refused and that
     /// QEMU left alone: it is not the incoming VM.
-    pub async fn prepare(ctx: &Arc<Ctx>, vm: &str, est: &Established) -> Result<Self, AgentError> {
-        // The configuration as the migration starts: it reads the VM's entry again for its
-        // disks and mirrors, and a reload meanwhile must not change it under it.
-        let config = ctx.config();
+    /// `config`: the configuration as the migration starts (taken as the arrival began): the
+    /// VM's entry is read again for its disks and mirrors, and must not change under it.
+    pub async fn prepare(
+        ctx: &Arc<Ctx>,
+        config: Arc<Config>,
+        vm: &str,
+        est: &Established,
+    ) -> Result<Self, AgentError> {
         let Some(qmp_path) = qemu_vm(&config, vm) else {
             return Err(AgentError::Refused(format!(
                 "no QEMU VM named {vm:?} is configured on this agent (add a [[vm]] with backend = \"qemu\")"

@@ -22,7 +22,7 @@ use trustmig_protocol::Digest;
 
 use crate::backend::vm_manifest;
 use crate::backend::{Offer, SourceLink, SourceVm, Tasks, Transferred};
-use crate::config::{VmConfig, DEFAULT_DOWNTIME_STEPS};
+use crate::config::{Config, VmConfig, DEFAULT_DOWNTIME_STEPS};
 use crate::control::{Progress, Summary};
 use crate::ctx::Ctx;
 use crate::error::{AgentError, Link};
@@ -108,6 +108,7 @@ impl QemuSource {
     /// fit for transfer); nothing is changed yet.
     pub async fn prepare(
         ctx: &Arc<Ctx>,
+        config: &Config,
         body: &OrderBody,
         qmp_path: &Path,
     ) -> Result<Self, AgentError> {
@@ -127,7 +128,6 @@ impl QemuSource {
                 m.status()
             )));
         }
-        let config = ctx.config();
         let cfg = config.vm(&body.vm).and_then(VmConfig::qemu);
         // Disks that travel (spec/qemu.md §5): read-only raw images are copied, writable raw
         // or qcow2 images mirrored; anything else is refused here, before anything moves.
