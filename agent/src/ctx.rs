@@ -61,7 +61,7 @@ pub struct Ctx {
     /// QEMU VMs given back after a rollback whose `cont` QEMU refused for now (an image lock
     /// held by a destination being discarded), with the cause: "rolled back, not yet running"
     /// until it runs (`backend/qemu/giveback.rs`).
-    pub resuming: Mutex<HashMap<String, String>>,
+    pub resuming: Mutex<crate::backend::qemu::Retries>,
     /// QEMU VMs left to the operator (a reconciliation with the journal that did not get
     /// through, a destination QEMU that could not be quit, a committed VM that does not start,
     /// a give-back whose retries stopped): the order it was about (hex) and what is left.

@@ -256,8 +256,8 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
             .resuming
             .lock()
             .expect("resuming lock")
-            .get(&v.name)
-            .cloned();
+            .cause(&v.name)
+            .map(str::to_string);
         // Only while the order it was about is still the VM's (none moved it on since).
         let left = (ctx.left_to_operator.lock().expect("left lock"))
             .get(&v.name)

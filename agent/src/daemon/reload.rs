@@ -111,7 +111,8 @@ fn in_use(ctx: &Ctx, old: &Config, new: &Config) -> Result<(), AgentError> {
                 .resuming
                 .lock()
                 .expect("resuming lock")
-                .contains_key(&v.name)
+                .cause(&v.name)
+                .is_some()
             || ctx.reconciling.contains(&v.name);
         if busy {
             return Err(AgentError::BadConfig {

@@ -129,7 +129,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         claims: tokio::sync::RwLock::new(()),
         reconciling: OnePerVm::new("being reconciled with its journal"),
         in_doubt: Mutex::new(HashMap::new()),
-        resuming: Mutex::new(HashMap::new()),
+        resuming: Mutex::default(),
         left_to_operator: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(Vec::new()),

@@ -9,6 +9,7 @@
 //! running, or paused where its operator paused it, or in the operator's sight.
 //! spec: spec/qemu.md §4, SPEC.md §8.8
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,48 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Tries in a row on which no QEMU listens before a give-back's retries stop (with [`RETRY`],
 /// one to two minutes).
 const GONE_TRIES: u32 = 10;
+
+/// VMs whose give-back is retried in the background (`Ctx::resuming`), with the order given
+/// back and why the VM is not running yet. Keyed by VM, one entry each: a retry ending or
+/// noting a cause touches the entry only while it is its own order's, so a give-back of an
+/// older order that ends late does not remove a newer one's entry (`status` would stop saying
+/// "rolled back, not yet running", and an operator's reconcile would race its retries).
+#[derive(Debug, Default)]
+pub struct Retries(HashMap<String, (Option<String>, String)>);
+
+impl Retries {
+    /// The retries of `order`'s give-back of `vm` begin, refused for `cause`: they speak for
+    /// the VM from now on.
+    fn begin(&mut self, vm: &str, order: &Option<String>, cause: String) {
+        self.0.insert(vm.to_string(), (order.clone(), cause));
+    }
+
+    /// Why the retries of `order`'s give-back of `vm` are refused now, while the entry is
+    /// theirs.
+    fn note(&mut self, vm: &str, order: &Option<String>, cause: &str) {
+        if let Some((_, c)) = self.0.get_mut(vm).filter(|(o, _)| o == order) {
+            *c = cause.to_string();
+        }
+    }
+
+    /// The retries of `order`'s give-back of `vm` ended: their entry goes, not another's.
+    fn end(&mut self, vm: &str, order: &Option<String>) {
+        if self.0.get(vm).is_some_and(|(o, _)| o == order) {
+            self.0.remove(vm);
+        }
+    }
+
+    /// The VM is settled here (it runs, or stays paused or stopped as it was): whatever
+    /// retries there were no longer speak for it.
+    fn settled(&mut self, vm: &str) {
+        self.0.remove(vm);
+    }
+
+    /// Why `vm`'s give-back is not running yet, if it is retried.
+    pub fn cause(&self, vm: &str) -> Option<&str> {
+        self.0.get(vm).map(|(_, cause)| cause.as_str())
+    }
+}
 
 /// What the guest was, for its give-back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,7 +195,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
     // Settled here, one way or the other: no earlier give-back's retries or entry speaks for
     // the VM any more (a refusal that clears starts its own retries below).
     if !matches!(attempt, Attempt::Refused(_)) {
-        ctx.resuming.lock().expect("resuming lock").remove(vm);
+        ctx.resuming.lock().expect("resuming lock").settled(vm);
         ctx.left_to_operator.lock().expect("left lock").remove(vm);
     }
     match attempt {
@@ -217,24 +260,18 @@ pub(crate) async fn resume_given_back(
 /// still the VM's here.
 fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
     warn!(vm, "rolled back, not yet running: {cause}; trying again");
-    ctx.resuming
-        .lock()
-        .expect("resuming lock")
-        .insert(vm.clone(), cause);
     // The order given back: the VM's current one now.
     let order = (ctx.journal.lock().expect("journal lock"))
         .last_order_of(&vm)
         .map(|r| r.order_id.clone());
+    (ctx.resuming.lock().expect("resuming lock")).begin(&vm, &order, cause);
     tokio::spawn(async move {
         // Asked before each try: the journal still gives the VM here under the order given
         // back (a newer order that took it, even one that gave it back in turn, decides).
         let still_ours =
             || left_after_retries(&ctx.journal.lock().expect("journal lock"), &vm, &order);
         let note = |cause: &str| {
-            ctx.resuming
-                .lock()
-                .expect("resuming lock")
-                .insert(vm.clone(), cause.to_string());
+            (ctx.resuming.lock().expect("resuming lock")).note(&vm, &order, cause);
         };
         let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, &still_ours, note).await;
         // What `status` shows after: only while the order given back is still the VM's (a
@@ -256,7 +293,7 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
         // `trustmig reconcile` finds neither): `status`, `trustmig reconcile` and a reload stop
         // treating the VM as being given back. Before, one whose retries stopped stayed
         // "rolled back, not yet running" until a restart, and refused both.
-        ctx.resuming.lock().expect("resuming lock").remove(&vm);
+        (ctx.resuming.lock().expect("resuming lock")).end(&vm, &order);
     });
 }
 
@@ -527,6 +564,27 @@ mod tests {
             2,
             "never a cont after the journal changed"
         );
+    }
+
+    /// Two give-backs' retries for one VM (an older order's still running when a newer one's
+    /// begin): the older ending, or noting a cause, leaves the newer's entry as it is; a
+    /// settled VM has none.
+    #[test]
+    fn a_give_back_retry_ending_late_leaves_a_newer_ones_entry() {
+        let (old, new) = (Some("aa".to_string()), Some("bb".to_string()));
+        let mut r = Retries::default();
+        r.begin("vm", &old, "lock held".into());
+        r.begin("vm", &new, "lock still held".into());
+        r.note("vm", &old, "QEMU gone");
+        r.end("vm", &old);
+        assert_eq!(r.cause("vm"), Some("lock still held"));
+        r.note("vm", &new, "QEMU not answering");
+        assert_eq!(r.cause("vm"), Some("QEMU not answering"));
+        r.end("vm", &new);
+        assert_eq!(r.cause("vm"), None);
+        r.begin("vm", &new, "lock held".into());
+        r.settled("vm");
+        assert_eq!(r.cause("vm"), None);
     }
 
     #[test]

@@ -52,6 +52,7 @@ use trustmig_qemu::qmp::{Qmp, QmpError};
 
 pub(crate) use dest::QemuDest;
 pub(crate) use giveback::resume_given_back;
+pub use giveback::Retries;
 pub(crate) use reconcile::{by_operator as reconcile_by_operator, reconcile_all, Reconcile};
 pub(crate) use source::QemuSource;
 

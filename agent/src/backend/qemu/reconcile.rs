@@ -361,7 +361,7 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
     }
     // Its give-back is tried again in the background until QEMU runs it (`status` says why
     // not yet): a second one here would only race it.
-    if let Some(why) = ctx.resuming.lock().expect("resuming lock").get(vm) {
+    if let Some(why) = ctx.resuming.lock().expect("resuming lock").cause(vm) {
         return Err(AgentError::Usage(format!(
             "VM {vm:?} is being given back in the background (not yet running: {why}); it runs once QEMU lets it"
         )));
