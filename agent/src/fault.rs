@@ -33,9 +33,47 @@ pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 pub const HAND_OVER_PAUSED_ENV: &str = "TRUSTMIG_TEST_HAND_OVER_PAUSED";
 /// `TRUSTMIG_TEST_SETTLE_UNANSWERED`.
 pub const SETTLE_UNANSWERED_ENV: &str = "TRUSTMIG_TEST_SETTLE_UNANSWERED";
-/// `TRUSTMIG_TEST_HOLD_BEFORE_CLAIM`: a QEMU source waits this many milliseconds between
-/// preparing an order and claiming its VM (a reload meanwhile).
-pub const HOLD_BEFORE_CLAIM_ENV: &str = "TRUSTMIG_TEST_HOLD_BEFORE_CLAIM";
+/// `TRUSTMIG_TEST_HOLD`: `POINT:MS`, the agent waits MS milliseconds at [`Hold`] point POINT
+/// (so a test can act there), saying so in its log first.
+pub const HOLD_ENV: &str = "TRUSTMIG_TEST_HOLD";
+
+/// Where an agent can be made to wait ([`HOLD_ENV`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// A QEMU source, between preparing an order and claiming its VM (a reload meanwhile).
+    BeforeClaim,
+    /// A QEMU source giving its VM back, before its `cont` (an image lock taken meanwhile).
+    BeforeGiveBack,
+}
+
+impl Hold {
+    const ALL: [Self; 2] = [Self::BeforeClaim, Self::BeforeGiveBack];
+
+    /// The point's name in [`HOLD_ENV`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BeforeClaim => "before-claim",
+            Self::BeforeGiveBack => "before-give-back",
+        }
+    }
+
+    /// `HOLD_ENV`'s value that holds here for `ms` milliseconds.
+    pub fn env(self, ms: u64) -> String {
+        format!("{}:{ms}", self.name())
+    }
+
+    /// What the agent logs as it begins to hold here.
+    pub fn logged(self) -> String {
+        format!("fault injection: holding {}", self.name())
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn parse(v: &str) -> Option<(Self, u64)> {
+        let (name, ms) = v.split_once(':')?;
+        let hold = Self::ALL.into_iter().find(|h| h.name() == name)?;
+        Some((hold, ms.parse().ok()?))
+    }
+}
 /// `TRUSTMIG_TEST_ALTER_DISK_CHUNK`.
 pub const ALTER_DISK_CHUNK_ENV: &str = "TRUSTMIG_TEST_ALTER_DISK_CHUNK";
 /// Destination: alter a byte of each copy verified in full (`verify = "full"`) after its NBD
@@ -123,7 +161,7 @@ mod on {
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
         pub alter_mirrored_image: bool,
-        pub hold_before_claim_ms: u64,
+        pub hold: Option<(Hold, u64)>,
         pub asked: AtomicU64,
         pub records: AtomicU64,
     }
@@ -144,9 +182,7 @@ mod on {
                 .unwrap_or(0),
             alter_disk_chunk: var(ALTER_DISK_CHUNK_ENV).and_then(|v| v.parse().ok()),
             alter_mirrored_image: var(ALTER_MIRRORED_IMAGE_ENV).is_some(),
-            hold_before_claim_ms: var(HOLD_BEFORE_CLAIM_ENV)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            hold: var(HOLD_ENV).and_then(|v| Hold::parse(&v)),
             asked: AtomicU64::new(0),
             records: AtomicU64::new(0),
         }
@@ -257,14 +293,14 @@ pub fn alter_mirrored_image() -> bool {
     false
 }
 
-/// A QEMU source about to claim its VM waits, if started to (`HOLD_BEFORE_CLAIM_ENV`).
-pub async fn hold_before_claim() {
+/// Wait here, if the agent was started to hold at `point` ([`HOLD_ENV`]).
+pub async fn hold(point: Hold) {
     #[cfg(feature = "fault-injection")]
-    {
-        let ms = on::faults().hold_before_claim_ms;
-        if ms > 0 {
-            tracing::warn!(ms, "fault injection: holding before the claim");
+    if let Some((at, ms)) = on::faults().hold {
+        if at == point {
+            tracing::warn!(ms, "{}", point.logged());
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
     }
+    let _ = point;
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use trustmig_agent::control::{Progress, Reply, Summary};
-use trustmig_agent::fault::CrashPoint;
+use trustmig_agent::fault::{CrashPoint, Hold, HOLD_ENV};
 use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_protocol::order::{Limits, NonConvergence};
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
@@ -790,10 +790,7 @@ async fn qemu_a_reload_between_preparation_and_claim_refuses_the_order() {
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
-        src_env: vec![(
-            trustmig_agent::fault::HOLD_BEFORE_CLAIM_ENV.into(),
-            "3000".into(),
-        )],
+        src_env: vec![(HOLD_ENV.into(), Hold::BeforeClaim.env(3000))],
         ..VmOpts::default()
     };
     let Some(mut s) = setup_with(&opts, true) else {
@@ -802,9 +799,8 @@ async fn qemu_a_reload_between_preparation_and_claim_refuses_the_order() {
     let home = s.pair.src.clone();
     let log = s.pair.procs[0].as_ref().expect("source agent").log.clone();
     let reloader = tokio::spawn(async move {
-        let held = tokio::task::spawn_blocking(move || {
-            wait_for_text(&log, "fault injection: holding before the claim")
-        });
+        let held =
+            tokio::task::spawn_blocking(move || wait_for_text(&log, &Hold::BeforeClaim.logged()));
         assert!(held.await.expect("wait"), "the source never held");
         // The VM's [[vm]] table is the file's last: a line appended changes its entry.
         let config = home.config();
@@ -1994,6 +1990,98 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     )
     .await;
     assert_source_runs_alone(&mut s, Duration::from_secs(10)).await;
+}
+
+/// A give-back whose `cont` QEMU refuses for an image lock another process holds is retried
+/// in the background against the real QEMU (`keep_trying`) until the lock goes: the source
+/// QEMU let go of its image's locks when its migration completed (so `qemu-io` can open the
+/// image read-write while the source waits to give the VM back), QEMU 7.2 refuses `cont` with
+/// `Failed to get shared "write" lock` (a refusal that clears, spec/qemu.md §4), `status` says "rolled
+/// back, not yet running" meanwhile, and once the lock holder exits the VM runs again and the
+/// entry goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
+    let _g = SERIAL.lock().await;
+    if !Command::new("qemu-io")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipped: qemu-io (apt-get install -y qemu-utils)");
+        return;
+    }
+    let shared = tempfile::tempdir().expect("temp dir");
+    let image = shared.path().join("shared.raw");
+    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
+    let drive = vec![
+        "-drive".to_string(),
+        format!("file={},format=raw,if=none,id=d0", image.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0".into(),
+    ];
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_extra: drive.clone(),
+        dst_extra: drive,
+        src_env: vec![(HOLD_ENV.into(), Hold::BeforeGiveBack.env(4000))],
+        dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    // While the source holds before its give-back, another process takes the image.
+    let log = s.pair.procs[0].as_ref().expect("source agent").log.clone();
+    let path = image.clone();
+    let locker = tokio::task::spawn_blocking(move || {
+        assert!(
+            wait_for_text(&log, &Hold::BeforeGiveBack.logged()),
+            "the source never gave back"
+        );
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-io");
+        std::thread::sleep(Duration::from_millis(500));
+        let exited = child.try_wait().expect("qemu-io");
+        assert!(
+            exited.is_none(),
+            "qemu-io could not open the image the source QEMU migrated: {exited:?}"
+        );
+        child
+    });
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let mut locker = locker.await.expect("locker");
+    let err = r.expect_err("the destination agent crashed");
+    assert!(
+        err.contains("not yet running") && err.contains("Failed to get shared \"write\" lock"),
+        "{err}\n{}",
+        s.logs()
+    );
+    assert_ne!(s.src.status().await.as_deref(), Ok("running"));
+    let text = agent_status(&s.pair.src).await;
+    assert!(text.contains("rolled back, not yet running"), "{text}");
+    // The lock goes: a retry runs the VM, and `status` says nothing more of it.
+    let _ = locker.kill();
+    let _ = locker.wait();
+    assert_source_guest_runs(&mut s, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = agent_status(&s.pair.src).await;
+        if !text.contains("not yet running") {
+            assert!(!text.contains("left to the operator"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
 }
 
 /// A migration whose destination agent dies when it would send `FinalChallenge`, its QEMU

@@ -215,7 +215,7 @@ async fn migrate_checked(
         let vm = QemuSource::prepare(ctx, &config, &body, &qmp)
             .await
             .map_err(not_started)?;
-        crate::fault::hold_before_claim().await;
+        crate::fault::hold(crate::fault::Hold::BeforeClaim).await;
         claim(vm.paused_before(), ctx.claims.read().await)?;
         return run(ctx, order, progress, vm).await;
     }

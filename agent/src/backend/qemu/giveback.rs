@@ -191,6 +191,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
         pending: false,
         retrying: false,
     };
+    crate::fault::hold(crate::fault::Hold::BeforeGiveBack).await;
     let attempt = attempt(qmp, was, ctx.step_timeout()).await;
     // Settled here, one way or the other: no earlier give-back's retries or entry speaks for
     // the VM any more (a refusal that clears starts its own retries below).
