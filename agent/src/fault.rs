@@ -44,16 +44,21 @@ pub enum Hold {
     BeforeClaim,
     /// A QEMU source giving its VM back, before its `cont` (an image lock taken meanwhile).
     BeforeGiveBack,
+    /// A destination that journalled COMMIT, before it starts the VM (an image lock taken
+    /// meanwhile).
+    BeforeResume,
 }
 
 impl Hold {
-    const ALL: [Self; 2] = [Self::BeforeClaim, Self::BeforeGiveBack];
+    #[cfg(feature = "fault-injection")]
+    const ALL: [Self; 3] = [Self::BeforeClaim, Self::BeforeGiveBack, Self::BeforeResume];
 
     /// The point's name in [`HOLD_ENV`].
     pub fn name(self) -> &'static str {
         match self {
             Self::BeforeClaim => "before-claim",
             Self::BeforeGiveBack => "before-give-back",
+            Self::BeforeResume => "before-resume",
         }
     }
 

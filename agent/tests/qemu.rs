@@ -2039,21 +2039,7 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
             wait_for_text(&log, &Hold::BeforeGiveBack.logged()),
             "the source never gave back"
         );
-        let mut child = Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .arg(&path)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("qemu-io");
-        std::thread::sleep(Duration::from_millis(500));
-        let exited = child.try_wait().expect("qemu-io");
-        assert!(
-            exited.is_none(),
-            "qemu-io could not open the image the source QEMU migrated: {exited:?}"
-        );
-        child
+        lock_image(&path)
     });
     let addr = s.pair.dst_addr.clone();
     let (r, _) = migrate(&mut s, &addr, 300).await;
@@ -2082,6 +2068,107 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
+}
+
+/// A destination whose `cont` after COMMIT QEMU keeps refusing (another process took the
+/// shared image the source QEMU let go of) leaves the VM to the operator once its step timeout
+/// of retries is spent: `status` says "left to the operator: committed here, but the VM does
+/// not start", and the operator's `trustmig reconcile`, once the lock is gone, runs the VM and
+/// clears it. The source's copy stays stopped throughout (never two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_reconciled() {
+    let _g = SERIAL.lock().await;
+    if !Command::new("qemu-io")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipped: qemu-io (apt-get install -y qemu-utils)");
+        return;
+    }
+    let shared = tempfile::tempdir().expect("temp dir");
+    let image = shared.path().join("shared.raw");
+    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
+    let drive = vec![
+        "-drive".to_string(),
+        format!("file={},format=raw,if=none,id=d0", image.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0".into(),
+    ];
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_extra: drive.clone(),
+        dst_extra: drive,
+        dst_env: vec![(HOLD_ENV.into(), Hold::BeforeResume.env(3000))],
+        dst_step_timeout_secs: Some(2),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let log = s.pair.procs[1]
+        .as_ref()
+        .expect("destination agent")
+        .log
+        .clone();
+    let locker = tokio::task::spawn_blocking(move || {
+        assert!(
+            wait_for_text(&log, &Hold::BeforeResume.logged()),
+            "the destination never committed"
+        );
+        lock_image(&image)
+    });
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let mut locker = locker.await.expect("locker");
+    eprintln!("source says: {r:?}");
+    let home = s.pair.dst.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = agent_status(&home).await;
+        if text.contains("left to the operator: committed here, but the VM does not start") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
+    assert_ne!(s.src.status().await.as_deref(), Ok("running"));
+    // The operator frees the image and reconciles: the VM runs, and `status` says no more.
+    let _ = locker.kill();
+    let _ = locker.wait();
+    let request = trustmig_agent::control::Request::Reconcile { vm: VM.into() };
+    let reply = ask(&home, request).await;
+    assert!(
+        matches!(&reply, Some(Reply::Reconciled(_))),
+        "{reply:?}\n{}",
+        s.logs()
+    );
+    assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
+    let text = agent_status(&home).await;
+    assert!(!text.contains("left to the operator"), "{text}");
+    assert_ne!(s.src.status().await.as_deref(), Ok("running"));
+}
+
+/// `qemu-io` holding `image` open for writing (its write lock) until killed; it must still run
+/// half a second after it started (the image was free to take).
+fn lock_image(image: &Path) -> std::process::Child {
+    let mut child = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(image)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(Duration::from_millis(500));
+    let exited = child.try_wait().expect("qemu-io");
+    assert!(
+        exited.is_none(),
+        "qemu-io could not open the image the source QEMU migrated: {exited:?}"
+    );
+    child
 }
 
 /// A migration whose destination agent dies when it would send `FinalChallenge`, its QEMU

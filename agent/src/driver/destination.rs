@@ -399,13 +399,9 @@ impl Session {
                 self.vm
             )));
         }
-        // Busy, and the entry it runs on taken, under `Ctx::claims`: a reload's in-use check
-        // sees the arrival, or its swap came first and the arrival runs on the new entry.
-        let claims = ctx.claims.read().await;
-        let _arriving = ctx.arriving.begin(&self.vm)?;
-        let config = ctx.config();
-        drop(claims);
-        // Register first: the source opens its data streams right after the handshake.
+        // Register first: the source opens its data streams right after the handshake, and
+        // the listener waits only a few seconds for their session (a reload below may hold
+        // `claims` for a TPM extend).
         let sid = est.keys.session_id();
         let (conn_tx, conns) = mpsc::channel::<DataConn>(16);
         ctx.sessions
@@ -413,6 +409,12 @@ impl Session {
             .expect("sessions lock")
             .insert(sid, conn_tx);
         self.sid = Some(sid);
+        // Busy, and the entry it runs on taken, under `Ctx::claims`: a reload's in-use check
+        // sees the arrival, or its swap came first and the arrival runs on the new entry.
+        let claims = ctx.claims.read().await;
+        let _arriving = ctx.arriving.begin(&self.vm)?;
+        let config = ctx.config();
+        drop(claims);
         self.backend = match est.mode {
             TransferMode::Precopy { .. } => "synthetic",
             TransferMode::HypervisorStream => "qemu",
@@ -644,6 +646,7 @@ impl Session {
             std::time::Duration::from_millis(250),
             std::time::Duration::from_secs(5),
         );
+        crate::fault::hold(crate::fault::Hold::BeforeResume).await;
         let deadline = tokio::time::Instant::now() + self.ctx.step_timeout();
         loop {
             match vm.resume(&self.ctx, paused).await {

@@ -162,10 +162,7 @@ async fn migrate_checked(
     // One migration per VM at a time: refused at once, and again at the claim, under the
     // journal's lock (another order may have taken the VM while this one queued). A replayed
     // order is left to the claim, which names it so.
-    // The configuration the order is prepared on; the claim checks the VM's entry is still
-    // this one (a reload may replace it until the claim makes the VM busy).
-    let config = ctx.config();
-    let qemu = crate::backend::qemu::qemu_vm(&config, &body.vm).is_some();
+    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm).is_some();
     let busy = |j: &crate::journal::Journal| {
         if j.entry(order.id()).is_some() {
             return Ok(());
@@ -193,6 +190,10 @@ async fn migrate_checked(
     };
     busy(&ctx.journal.lock().expect("journal lock"))?;
     let _slot = slot(ctx, order.id(), &body.vm, progress).await;
+    // The configuration the order is prepared on (once it has its slot: an order may queue
+    // long); the claim checks the VM's entry is still this one (a reload may replace it until
+    // the claim makes the VM busy).
+    let config = ctx.config();
     // Under `Ctx::claims`, so that no reload swaps the entry between the check and the claim.
     let claim = |paused_before: bool, _claims: tokio::sync::RwLockReadGuard<'_, ()>| {
         if !config.same_vm(&ctx.config(), &body.vm) {

@@ -112,8 +112,8 @@ where
 }
 
 /// A stream that counts the bytes written to it (into a counter it may share with others): the
-/// source watches its streams' for progress while the guest is stopped, the destination for a
-/// silent source. What arrives counts only once it opens ([`Counting`]).
+/// source watches its streams' for progress while the guest is stopped. What arrives counts
+/// only once it opens ([`Counting`]), on both sides.
 pub(crate) struct Counted<T> {
     inner: T,
     bytes: Arc<AtomicU64>,

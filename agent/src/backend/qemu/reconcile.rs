@@ -15,6 +15,7 @@ use crate::journal::Journal;
 use trustmig_qemu::qmp::{MigrationInfo, MigrationStatus, Qmp, StatusInfo};
 
 use super::giveback::{given_back, Was};
+use super::qemu_vm;
 
 /// Connection attempts before a VM's reconciliation is left to the operator (with the
 /// give-back's pauses, about a minute).
@@ -283,11 +284,20 @@ pub(crate) fn reconcile_all(ctx: &Arc<Ctx>, list: Vec<Reconcile>) {
 /// (or was left paused, handed over so), so that no later restart resumes it again and it may
 /// be sent on; a discarded copy's order no longer holds a QEMU (SPEC.md §8.8).
 async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
+    // Busy, and the entry checked, under `Ctx::claims`: a reload's in-use check sees the
+    // reconciliation, or its swap came first and is seen here.
+    let claims = ctx.claims.read().await;
     let Ok(_one) = ctx.reconciling.begin(&r.vm) else {
         return Outcome::Left(
             "another reconciliation of it is under way (the agent's log says what it did)".into(),
         );
     };
+    if qemu_vm(&ctx.config(), &r.vm).as_ref() != Some(&r.qmp) {
+        return Outcome::Left(
+            "its entry in the configuration changed (a reload) as the reconciliation began: run `trustmig reconcile` again".into(),
+        );
+    }
+    drop(claims);
     let outcome = match reconcile(ctx, r).await {
         Outcome::Done(how) => match journal_done(ctx, r) {
             Ok(()) => Outcome::Done(how),
