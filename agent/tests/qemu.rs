@@ -1935,15 +1935,8 @@ async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
     let _g = SERIAL.lock().await;
-    let shared = tempfile::tempdir().expect("temp dir");
-    let image = shared.path().join("shared.raw");
-    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
-    let drive = vec![
-        "-drive".to_string(),
-        format!("file={},format=raw,if=none,id=d0", image.display()),
-        "-device".into(),
-        "virtio-blk-pci,drive=d0".into(),
-    ];
+    let shared = SharedImage::new();
+    let drive = shared.drive.clone();
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
@@ -2002,23 +1995,11 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
     let _g = SERIAL.lock().await;
-    if !Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("skipped: qemu-io (apt-get install -y qemu-utils)");
+    if !have_qemu_io() {
         return;
     }
-    let shared = tempfile::tempdir().expect("temp dir");
-    let image = shared.path().join("shared.raw");
-    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
-    let drive = vec![
-        "-drive".to_string(),
-        format!("file={},format=raw,if=none,id=d0", image.display()),
-        "-device".into(),
-        "virtio-blk-pci,drive=d0".into(),
-    ];
+    let shared = SharedImage::new();
+    let drive = shared.drive.clone();
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
@@ -2033,7 +2014,7 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
     };
     // While the source holds before its give-back, another process takes the image.
     let log = s.pair.procs[0].as_ref().expect("source agent").log.clone();
-    let path = image.clone();
+    let path = shared.path.clone();
     let locker = tokio::task::spawn_blocking(move || {
         assert!(
             wait_for_text(&log, &Hold::BeforeGiveBack.logged()),
@@ -2078,23 +2059,11 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_reconciled() {
     let _g = SERIAL.lock().await;
-    if !Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("skipped: qemu-io (apt-get install -y qemu-utils)");
+    if !have_qemu_io() {
         return;
     }
-    let shared = tempfile::tempdir().expect("temp dir");
-    let image = shared.path().join("shared.raw");
-    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
-    let drive = vec![
-        "-drive".to_string(),
-        format!("file={},format=raw,if=none,id=d0", image.display()),
-        "-device".into(),
-        "virtio-blk-pci,drive=d0".into(),
-    ];
+    let shared = SharedImage::new();
+    let (image, drive) = (shared.path.clone(), shared.drive.clone());
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
@@ -2149,6 +2118,45 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
     let text = agent_status(&home).await;
     assert!(!text.contains("left to the operator"), "{text}");
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
+}
+
+/// A 4 MiB raw image both QEMUs of a test open (shared storage), and the QEMU arguments that
+/// give it to the guest as virtio disk `d0`.
+struct SharedImage {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    drive: Vec<String>,
+}
+
+impl SharedImage {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("shared.raw");
+        std::fs::write(&path, vec![0u8; 4 << 20]).expect("image");
+        let drive = vec![
+            "-drive".to_string(),
+            format!("file={},format=raw,if=none,id=d0", path.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0".into(),
+        ];
+        Self {
+            _dir: dir,
+            path,
+            drive,
+        }
+    }
+}
+
+/// Whether `qemu-io` runs here (else the test is skipped, saying so).
+fn have_qemu_io() -> bool {
+    let ok = Command::new("qemu-io")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: qemu-io (apt-get install -y qemu-utils)");
+    }
+    ok
 }
 
 /// `qemu-io` holding `image` open for writing (its write lock) until killed; it must still run
