@@ -26,7 +26,9 @@
 //!   `cont` refused), a destination's `cont` after its COMMIT that fails for good (its session
 //!   ends, the VM loaded, not run), a give-back's `cont` that QEMU refuses for now (tried again
 //!   in the background, which a crash ends, or which stop and leave the VM to the operator),
-//!   and their `trustmig reconcile` at any moment, gated as the agent gates it;
+//!   a destination's discard of a copy that arrived whose `quit` QEMU refuses (the copy stays
+//!   loaded, the journal holding it to the order, left to the operator), and their `trustmig
+//!   reconcile` at any moment, gated as the agent gates it;
 //! - with two orders, the second may come at any moment: while the first is still under way,
 //!   in doubt, or settled on one host and not the other.
 //!
@@ -171,6 +173,10 @@ pub struct Agent {
     /// being discarded, still holds an image lock): the checker arms it at a moment it chooses
     /// (`LockHeld`), and the next give-back that runs a stopped VM spends it.
     pub refuse_cont: bool,
+    /// QEMU will refuse the next discard's `quit` here (a QEMU stopped or hung, the
+    /// destination agent's `quit` timing out): the checker arms it at a moment it chooses
+    /// (`QuitRefused`), and the next discard of a loaded copy spends it.
+    pub refuse_quit: bool,
 }
 
 impl Agent {
@@ -183,6 +189,7 @@ impl Agent {
             reconcile: None,
             resuming: None,
             refuse_cont: false,
+            refuse_quit: false,
         }
     }
 
@@ -275,6 +282,8 @@ pub struct Ghost {
     pub retries_stopped: Option<usize>,
     /// The operator's `trustmig reconcile` ran a VM whose give-back retries had stopped.
     pub operator_ran_after_retries: bool,
+    /// A discard failed (QEMU refused its `quit`), the copy left loaded.
+    pub discard_failed: bool,
 }
 
 /// The system.
@@ -296,6 +305,8 @@ pub struct Sys {
     pub cont_failures: u8,
     /// Give-backs whose `cont` QEMU refuses for now, left.
     pub cont_refusals: u8,
+    /// Discards whose `quit` QEMU refuses, left.
+    pub quit_refusals: u8,
     /// What happened that must not.
     pub ghost: Ghost,
 }
@@ -337,6 +348,9 @@ pub enum Action {
     OperatorReconcile(usize),
     /// From now on QEMU on host `h` refuses the next give-back's `cont` for a while.
     LockHeld(usize),
+    /// From now on QEMU on host `h` refuses the next discard's `quit` (`quit_or_leave`): the
+    /// loaded copy stays, held to its order by the journal, left to the operator.
+    QuitRefused(usize),
     /// Agent `h` tries again, in the background, the `cont` of a give-back QEMU refused.
     RetryGiveBack(usize),
     /// Agent `h`'s retries of a give-back stop without the VM running (QEMU refused it for
@@ -393,12 +407,14 @@ pub struct Migration {
     pub operator: Operator,
     /// Give-backs whose `cont` QEMU refuses for now (`Action::LockHeld`), in a run.
     pub cont_refusals: u8,
+    /// Discards whose `quit` QEMU refuses (`Action::QuitRefused`), in a run.
+    pub quit_refusals: u8,
 }
 
 impl Migration {
     /// One order, the agent's own rules, `crashes` crashes, the operator as given; with an
     /// operator, one give-back's `cont` may be refused for now (what they see, and may not do,
-    /// meanwhile).
+    /// meanwhile), and one discard's `quit` refused (what they must then clear).
     pub fn new(rules: Rules, crashes: u8, operator: Operator) -> Self {
         Self {
             rules,
@@ -406,6 +422,7 @@ impl Migration {
             crashes,
             operator,
             cont_refusals: u8::from(operator != Operator::None),
+            quit_refusals: u8::from(operator != Operator::None),
         }
     }
 
@@ -417,6 +434,7 @@ impl Migration {
         Self {
             orders: 2,
             cont_refusals: 0,
+            quit_refusals: 0,
             ..self
         }
     }
@@ -767,6 +785,13 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
         // Only a copy that arrived and never ran (`holds_incoming`, and the destination driver
         // discards only the QEMU it was handed); either way the order holds no hypervisor
         // any more, and the journal says so (`Journal::mark_discarded`).
+        // A `quit` QEMU refuses leaves the copy loaded and the journal as it was: the order
+        // still holds that hypervisor, to be discarded by the next reconciliation (the
+        // operator's, or a restart's), and no order may send or claim the VM over it.
+        VmAction::Discard if a.refuse_quit && a.vm == Vm::Loaded => {
+            a.refuse_quit = false;
+            ghost.discard_failed = true;
+        }
         VmAction::Discard => {
             if a.vm == Vm::Loaded {
                 a.vm = Vm::Absent;
@@ -835,6 +860,7 @@ impl Model for Migration {
                 revocations: 1,
                 cont_failures: u8::from(self.operator != Operator::None),
                 cont_refusals: self.cont_refusals,
+                quit_refusals: self.quit_refusals,
                 ghost: Ghost::default(),
             })
             .collect()
@@ -870,6 +896,9 @@ impl Model for Migration {
                     && matches!(a.vm, Vm::Stopped | Vm::SentAway)
                 {
                     out.push(Action::LockHeld(h));
+                }
+                if s.quit_refusals > 0 && !a.refuse_quit && a.vm == Vm::Loaded {
+                    out.push(Action::QuitRefused(h));
                 }
             } else {
                 out.push(Action::Restart(h));
@@ -925,6 +954,10 @@ impl Model for Migration {
             Action::LockHeld(h) => {
                 s.cont_refusals -= 1;
                 s.agents[h].refuse_cont = true;
+            }
+            Action::QuitRefused(h) => {
+                s.quit_refusals -= 1;
+                s.agents[h].refuse_quit = true;
             }
             Action::ContFails(h, k) => self.cont_fails(&mut s, h, k.into()),
             Action::Ask(k) => {
@@ -1064,6 +1097,17 @@ impl Model for Migration {
                         && settled(s)
                         && s.agents[dst(0)].vm == Vm::Running
                         && s.agents[dst(0)].latest(0).map(|e| e.state) == Some(J::Done)
+                },
+            ));
+        }
+        if self.quit_refusals > 0 {
+            props.push(Property::sometimes(
+                "a copy whose discard failed is discarded by a later reconciliation",
+                |_, s: &Sys| {
+                    s.ghost.discard_failed
+                        && settled(s)
+                        && live(s) == 1
+                        && s.agents.iter().all(|a| a.vm != Vm::Loaded)
                 },
             ));
         }

@@ -71,6 +71,10 @@ fn explain_steps(m: &Migration, name: &str, steps: Vec<(Sys, Option<Action>)>) -
                         " (its next cont refused)"
                     } else {
                         ""
+                    } + if a.refuse_quit {
+                        " (its next quit refused)"
+                    } else {
+                        ""
                     },
                     orders.join(", ")
                 )
@@ -145,9 +149,11 @@ fn random_walks_find_nothing_either() {
         Operator::Informed,
     );
     walk(one);
-    // Refused `cont`s too, which the exhaustive search over two orders leaves out for time.
+    // Refused `cont`s and `quit`s too, which the exhaustive search over two orders leaves out
+    // for time.
     walk(Migration {
         cont_refusals: 1,
+        quit_refusals: 1,
         ..two.there_and_back()
     });
 }
