@@ -142,6 +142,28 @@ impl Ctx {
         (self.left_to_operator.lock().expect("left lock")).insert(vm.to_string(), (order, how));
     }
 
+    /// What is left to the operator of `vm` now: only while the order it was about is still
+    /// the VM's (none moved it on since).
+    pub fn left_now(&self, vm: &str) -> Option<String> {
+        let (order, how) = self
+            .left_to_operator
+            .lock()
+            .expect("left lock")
+            .get(vm)?
+            .clone();
+        let journal = self.journal.lock().expect("journal lock");
+        (journal.last_order_of(vm).map(|r| &r.order_id) == order.as_ref()).then_some(how)
+    }
+
+    /// How many VMs are left to the operator now ([`Ctx::left_now`]).
+    pub fn left_count(&self) -> usize {
+        let vms: Vec<String> = (self.left_to_operator.lock().expect("left lock"))
+            .keys()
+            .cloned()
+            .collect();
+        vms.iter().filter(|vm| self.left_now(vm).is_some()).count()
+    }
+
     /// Record a finished migration for `status`.
     pub fn remember(&self, entry: serde_json::Value) {
         let mut h = self.history.lock().expect("history lock");

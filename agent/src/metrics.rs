@@ -7,7 +7,8 @@
 //! `cut`: the data plane's refusals, told apart by the words of the error that the adversarial
 //! tests pin), bytes sent and pre-copy rounds. Histograms: downtime, total time,
 //! TPM quote latency. Gauges, read from the agent at each scrape: migrations being sent,
-//! received, queued and in doubt.
+//! received, queued and in doubt; QEMU VMs whose give-back is retried in the background, and
+//! VMs left to the operator (what `status` says "left to the operator" of: alert on it).
 
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,8 @@ pub struct Metrics {
     sending: Gauge<i64, AtomicI64>,
     queued: Gauge<i64, AtomicI64>,
     in_doubt: Gauge<i64, AtomicI64>,
+    giving_back: Gauge<i64, AtomicI64>,
+    left_to_operator: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -68,6 +71,8 @@ impl Metrics {
             sending: Gauge::default(),
             queued: Gauge::default(),
             in_doubt: Gauge::default(),
+            giving_back: Gauge::default(),
+            left_to_operator: Gauge::default(),
         };
         r.register(
             "migrations_started",
@@ -134,6 +139,16 @@ impl Metrics {
             "Orders in doubt, their destination being asked",
             m.in_doubt.clone(),
         );
+        r.register(
+            "vms_giving_back",
+            "VMs rolled back whose cont QEMU refused for now, retried in the background",
+            m.giving_back.clone(),
+        );
+        r.register(
+            "vms_left_to_operator",
+            "VMs left to the operator (trustmig status says what is left; trustmig reconcile once seen to)",
+            m.left_to_operator.clone(),
+        );
         *m.registry.lock().expect("registry lock") = r;
         m
     }
@@ -186,6 +201,9 @@ impl Metrics {
             .set(ctx.queued.lock().expect("queue lock").len() as i64);
         self.in_doubt
             .set(ctx.in_doubt.lock().expect("in-doubt lock").len() as i64);
+        self.giving_back
+            .set(ctx.resuming.lock().expect("resuming lock").len() as i64);
+        self.left_to_operator.set(ctx.left_count() as i64);
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry.lock().expect("registry lock"));
         out

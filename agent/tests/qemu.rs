@@ -15,6 +15,7 @@ use trustmig_agent::fault::{CrashPoint, Hold, HOLD_ENV};
 use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_protocol::order::{Limits, NonConvergence};
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
+use trustmig_tests::metrics::scrape_until;
 use trustmig_tests::proxy::{Fault, Proxy};
 
 /// One migration at a time: each test runs two QEMUs, two agents and two swtpm on 2 cores.
@@ -277,6 +278,8 @@ struct Setup {
     pair: Pair,
     src: QemuVm,
     dst: QemuVm,
+    /// Where the source and destination agents serve their metrics (`VmOpts::metrics`).
+    metrics: Option<[String; 2]>,
 }
 
 impl Setup {
@@ -349,6 +352,8 @@ struct VmOpts {
     dst_step_timeout_secs: Option<u64>,
     /// The source agent's step timeout, if not the default.
     src_step_timeout_secs: Option<u64>,
+    /// Both agents serve metrics (`Setup::metrics`).
+    metrics: bool,
 }
 
 fn setup(append: &str, dst_incoming: bool) -> Option<Setup> {
@@ -387,6 +392,16 @@ fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
     let guest = build_guest(&dir);
     let src = QemuVm::start(&dir, "src", &guest, opts, false);
     let dst = QemuVm::start(&dir, "dst", &guest, opts, dst_incoming);
+    let metrics = opts.metrics.then(|| {
+        [&pair.src, &pair.dst].map(|home| {
+            let port = trustmig_attest::loopback::reserve(1).expect("port");
+            let addr = format!("127.0.0.1:{port}");
+            let cfg = home.config();
+            let text = std::fs::read_to_string(&cfg).expect("config");
+            std::fs::write(&cfg, format!("metrics_listen = \"{addr}\"\n{text}")).expect("config");
+            addr
+        })
+    });
     for (home, vm, extra) in [
         (&pair.src, &src, &opts.src_vm),
         (&pair.dst, &dst, &opts.dst_vm),
@@ -414,7 +429,12 @@ fn setup_with(opts: &VmOpts, dst_incoming: bool) -> Option<Setup> {
     pair.dst_env.clone_from(&opts.dst_env);
     pair.start_both().expect("agents start");
     src.wait_ticks(3, Duration::from_secs(180));
-    Some(Setup { pair, src, dst })
+    Some(Setup {
+        pair,
+        src,
+        dst,
+        metrics,
+    })
 }
 
 fn limits(downtime_ms: u32) -> Limits {
@@ -2007,6 +2027,7 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
         dst_extra: drive,
         src_env: vec![(HOLD_ENV.into(), Hold::BeforeGiveBack.env(4000))],
         dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
+        metrics: true,
         ..VmOpts::default()
     };
     let Some(mut s) = setup_with(&opts, true) else {
@@ -2034,6 +2055,13 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
     let text = agent_status(&s.pair.src).await;
     assert!(text.contains("rolled back, not yet running"), "{text}");
+    let [metrics, _] = s.metrics.clone().expect("metrics");
+    let giving_back = "trustmig_vms_giving_back";
+    let m = tokio::task::spawn_blocking({
+        let metrics = metrics.clone();
+        move || scrape_until(&metrics, giving_back, 1.0)
+    });
+    m.await.expect("scrape");
     // The lock goes: a retry runs the VM, and `status` says nothing more of it.
     let _ = locker.kill();
     let _ = locker.wait();
@@ -2048,6 +2076,8 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
         assert!(Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let m = tokio::task::spawn_blocking(move || scrape_until(&metrics, giving_back, 0.0));
+    m.await.expect("scrape");
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
 }
 
@@ -2071,6 +2101,7 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
         dst_extra: drive,
         dst_env: vec![(HOLD_ENV.into(), Hold::BeforeResume.env(3000))],
         dst_step_timeout_secs: Some(2),
+        metrics: true,
         ..VmOpts::default()
     };
     let Some(mut s) = setup_with(&opts, true) else {
@@ -2104,6 +2135,14 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
     }
     assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
+    // An operator's alert sees it too.
+    let [_, metrics] = s.metrics.clone().expect("metrics");
+    let left = "trustmig_vms_left_to_operator";
+    let m = tokio::task::spawn_blocking({
+        let metrics = metrics.clone();
+        move || scrape_until(&metrics, left, 1.0)
+    });
+    m.await.expect("scrape");
     // The operator frees the image and reconciles: the VM runs, and `status` says no more.
     let _ = locker.kill();
     let _ = locker.wait();
@@ -2117,6 +2156,8 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
     assert_eq!(s.dst.status().await.as_deref(), Ok("running"));
     let text = agent_status(&home).await;
     assert!(!text.contains("left to the operator"), "{text}");
+    let m = tokio::task::spawn_blocking(move || scrape_until(&metrics, left, 0.0));
+    m.await.expect("scrape");
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
 }
 

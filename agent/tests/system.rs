@@ -14,6 +14,7 @@ use trustmig_agent::home::Home;
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::order::{Limits, NonConvergence, OrderBody, SignedOrder, ORDER_VERSION};
 use trustmig_protocol::AbortCode;
+use trustmig_tests::metrics::{sample, scrape, scrape_until};
 use trustmig_tests::peer::{raw_hello, raw_request};
 use trustmig_tests::proxy::{Fault, Proxy};
 
@@ -1923,45 +1924,6 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
         migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()),
         &pair,
     );
-}
-
-/// GET /metrics from `addr` (a plain HTTP/1.0 request; the agent serves it with tiny_http).
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(
-        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"),
-        "{out}"
-    );
-    out
-}
-
-/// Scrape `addr` until the sample `name` reads `want` (the agent records a session's end
-/// after its peer may have seen it), within 10 s; returns that scrape.
-fn scrape_until(addr: &str, name: &str, want: f64) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(addr);
-        if sample(&m, name) == want {
-            return m;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} never {want}: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The value of the sample `name` (with its labels as printed) in `text`, 0 when absent.
-fn sample(text: &str, name: &str) -> f64 {
-    (text.lines())
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Issue 12 item 1: Prometheus metrics on `metrics_listen`, scraped during a migration (one

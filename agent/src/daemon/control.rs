@@ -258,15 +258,7 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
             .expect("resuming lock")
             .cause(&v.name)
             .map(str::to_string);
-        // Only while the order it was about is still the VM's (none moved it on since).
-        let left = (ctx.left_to_operator.lock().expect("left lock"))
-            .get(&v.name)
-            .cloned()
-            .filter(|(order, _)| {
-                let journal = ctx.journal.lock().expect("journal lock");
-                journal.last_order_of(&v.name).map(|r| &r.order_id) == order.as_ref()
-            })
-            .map(|(_, how)| how);
+        let left = ctx.left_now(&v.name);
         let state = match (in_doubt, resuming, left) {
             (true, _, _) => format!("{state}, in doubt: asking its destination (see the journal)"),
             (false, Some(cause), _) => format!("{state}, rolled back, not yet running: {cause}"),

@@ -71,6 +71,16 @@ impl Retries {
     pub fn cause(&self, vm: &str) -> Option<&str> {
         self.0.get(vm).map(|(_, cause)| cause.as_str())
     }
+
+    /// How many VMs' give-backs are retried.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// What the guest was, for its give-back.
