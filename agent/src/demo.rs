@@ -103,7 +103,7 @@ pub async fn run(a: DemoArgs) -> Result<Summary, AgentError> {
         eprint!("{}", summary_text(&summary));
         eprintln!(
             "  memory check        destination memory equals source memory at pause (BLAKE3 {}…)",
-            &dst_sum[..16]
+            crate::progress::short(&dst_sum)
         );
         eprintln!("  destination VM      running");
     }

@@ -17,6 +17,13 @@ pub struct Display {
     pub failure: Option<String>,
 }
 
+/// The first 16 characters of an id from the agent's reply (all of it if shorter, or if 16
+/// bytes would cut a character): a reply from another version, or another process on the
+/// socket, is shown, not a panic.
+pub fn short(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -68,7 +75,7 @@ impl Display {
                 "queued: the agent's concurrent migrations are at their limit ({ahead} orders ahead)"
             )),
             Progress::Connected { peer } if human => {
-                self.line(format!("connected to destination {}", &peer[..16]))
+                self.line(format!("connected to destination {}", short(&peer)))
             }
             Progress::Attested { streams } if human => self.line(format!(
                 "mutual attestation verified; {streams} sealed data streams open"
@@ -146,7 +153,7 @@ pub fn summary_text(s: &Summary) -> String {
         .collect();
     format!(
         "migration {} of {} complete\n  guest memory        {:.0} MiB\n  total time          {} ms\n  downtime            {} ms (target {} ms{})\n  rounds              {} (+ stop-and-copy of {} pages)\n  bytes on the wire   {:.1} MiB\n  MiB per round       {}\n  zero pages skipped  {}\n  throughput          {:.0} MiB/s\n  throttle            {}%\n",
-        &s.order_id[..16],
+        short(&s.order_id),
         s.vm,
         mib(s.guest_bytes),
         s.total_ms,
@@ -249,7 +256,7 @@ pub fn status_text(v: &serde_json::Value) -> String {
         let order = str_of(r, "order_id");
         out += &format!(
             "  {}  {:11} {:12} {:16} {}\n",
-            order.get(..16).unwrap_or(&order),
+            short(&order),
             str_of(r, "role"),
             str_of(r, "state"),
             str_of(r, "vm"),
@@ -262,6 +269,24 @@ pub fn status_text(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids from a reply are shortened where they can be, shown whole where they cannot: a
+    /// short, empty or multi-byte one is no panic (it was a slice at byte 16).
+    #[test]
+    fn ids_from_a_reply_are_shortened_without_panicking() {
+        assert_eq!(short(&"ab".repeat(16)), "abababababababab");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short(""), "");
+        let wide = "é".repeat(10); // 20 bytes: byte 16 ends the eighth character
+        assert_eq!(short(&wide), "é".repeat(8));
+        let cut = format!("a{}", "é".repeat(10)); // byte 16 falls inside a character
+        assert_eq!(short(&cut), cut);
+        // What the CLI shows of a reply (human lines; this test's stderr is no terminal).
+        let mut d = Display::new(false);
+        d.show(Reply::Progress(Progress::Connected {
+            peer: "short".into(),
+        }));
+    }
 
     /// The operator reads that the guest waits, paused, on the destination, and only then.
     #[test]

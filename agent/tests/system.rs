@@ -490,6 +490,28 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
         assert!(reply.contains("longer than 1048576 bytes"), "{reply}");
         drop(c);
         writer.join().unwrap();
+        // A line that is not UTF-8 is answered so (it was dropped unanswered), and so is one
+        // too long that the bound cuts inside a character.
+        for (bytes, says) in [
+            (b"{\"status\xff\"}\n".to_vec(), "not UTF-8 (at byte 8)"),
+            (
+                format!("a{}", "é".repeat(1 << 20)).into_bytes(),
+                "longer than 1048576 bytes",
+            ),
+        ] {
+            let mut c = std::os::unix::net::UnixStream::connect(pair.dst.control_socket()).unwrap();
+            let mut w = c.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = w.write_all(&bytes);
+            });
+            let mut reply = String::new();
+            std::io::BufReader::new(&mut c)
+                .read_line(&mut reply)
+                .unwrap();
+            assert!(reply.contains(says), "{reply}");
+            drop(c);
+            writer.join().unwrap();
+        }
     }
     // A second agent on the same home is refused by the journal's lock, before it touches
     // anything of the first (which goes on to migrate below).

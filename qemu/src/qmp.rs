@@ -462,6 +462,8 @@ pub struct Qmp {
     timeout: Duration,
     next_id: u64,
     events: VecDeque<Event>,
+    /// Events dropped from a full queue so far ([`Qmp::dropped_events`]).
+    dropped: u64,
     /// A line being read (see `read_json_untimed`).
     line: Vec<u8>,
     /// Work of QEMU's the caller counts, and the latest a reply may come while it moves
@@ -508,6 +510,7 @@ impl Qmp {
             timeout,
             next_id: 1,
             events: VecDeque::new(),
+            dropped: 0,
             line: Vec::new(),
             moving: None,
             version: String::new(),
@@ -806,12 +809,21 @@ impl Qmp {
     /// Keep an event that arrived while a command waited for its reply. At most
     /// `MAX_QUEUED_EVENTS` are kept, the oldest dropped first: QEMU sends events on its own
     /// (some at the guest's doing), and a session that issues commands without reading events
-    /// must not grow without bound. Whoever waits for a dropped event times out, named.
+    /// must not grow without bound. Whoever waits for a dropped event times out, named; whoever
+    /// keeps state from events sees that some went ([`Qmp::dropped_events`]).
     fn queue_event(&mut self, e: Event) {
         if self.events.len() >= MAX_QUEUED_EVENTS {
             self.events.pop_front();
+            self.dropped += 1;
         }
         self.events.push_back(e);
+    }
+
+    /// How many events this session dropped from a full queue so far: a caller that keeps
+    /// state from events (the guest's `STOP` and `RESUME`) reads it from QEMU again when this
+    /// grows.
+    pub fn dropped_events(&self) -> u64 {
+        self.dropped
     }
 
     /// Events received so far, oldest first (drains the queue).
@@ -1154,7 +1166,9 @@ mod tests {
         let mut q = Qmp::connect(&path, Duration::from_secs(5))
             .await
             .expect("connect");
+        assert_eq!(q.dropped_events(), 0);
         q.query_status().await.expect("status");
+        assert_eq!(q.dropped_events(), 10, "the drops are counted");
         let events = q.take_events();
         assert_eq!(events.len(), MAX_QUEUED_EVENTS);
         assert_eq!(events[0].name, "E10", "the oldest went first");

@@ -396,7 +396,13 @@ pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
 pub fn verify_with_journal(dir: &Path) -> Result<Verified, String> {
     let v = verify(&dir.join(FILE)).map_err(|e| e.to_string())?;
     let journal = dir.join(crate::journal::FILE);
-    let text = std::fs::read_to_string(&journal).unwrap_or_default();
+    // No journal is an empty one; one that is there and cannot be read is unknown, not empty
+    // (read as empty, a trail of real orders was blamed for them, or a cut trail passed).
+    let text = match std::fs::read_to_string(&journal) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", journal.display())),
+    };
     let mut states = std::collections::HashMap::new();
     let mut last = None;
     // Whole lines only: a last one without its newline was never acknowledged, and the
@@ -471,6 +477,20 @@ mod tests {
         );
         std::fs::remove_dir(&journal).unwrap();
         Audit::open(dir.path()).expect("no journal: a new trail");
+    }
+
+    /// Verifying against a journal that is there but cannot be read (here a directory) names
+    /// it, rather than checking the trail against an empty journal.
+    #[test]
+    fn verifying_beside_an_unreadable_journal_names_it() {
+        let (dir, _) = trail(2);
+        let journal = dir.path().join(crate::journal::FILE);
+        std::fs::create_dir(&journal).unwrap();
+        let e = verify_with_journal(dir.path()).expect_err("refused");
+        assert!(e.contains(&journal.display().to_string()), "{e}");
+        std::fs::remove_dir(&journal).unwrap();
+        let e = verify_with_journal(dir.path()).expect_err("no journal, orders in the trail");
+        assert!(!e.contains(&journal.display().to_string()), "{e}");
     }
 
     #[test]

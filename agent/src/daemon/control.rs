@@ -23,16 +23,30 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
         info!(uid = cred.uid(), pid = ?cred.pid(), "control client");
     }
     let (rd, mut wr) = sock.into_split();
-    // One request line, bounded: an order is a few KiB.
-    let mut lines = BufReader::new(rd.take(MAX_REQUEST)).lines();
-    let Some(line) = lines
-        .next_line()
+    // One request line, bounded: an order is a few KiB. Read as bytes, so that a line that
+    // is not UTF-8 (or one cut inside a character at the bound) gets an answer saying so.
+    let mut raw = Vec::new();
+    BufReader::new(rd.take(MAX_REQUEST))
+        .read_until(b'\n', &mut raw)
         .await
-        .map_err(AgentError::io("control socket"))?
-    else {
+        .map_err(AgentError::io("control socket"))?;
+    if raw.is_empty() {
         return Ok(());
+    }
+    let line = match String::from_utf8(raw) {
+        Ok(line) => line,
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let why = if e.as_bytes().len() as u64 >= MAX_REQUEST {
+                format!("bad request: longer than {MAX_REQUEST} bytes")
+            } else {
+                format!("bad request: not UTF-8 (at byte {at})")
+            };
+            send(&mut wr, Reply::Error(why)).await;
+            return Ok(());
+        }
     };
-    let req: Request = match serde_json::from_str(&line) {
+    let req: Request = match serde_json::from_str(line.trim_end_matches(['\n', '\r'])) {
         Ok(r) => r,
         Err(_) if line.len() as u64 >= MAX_REQUEST => {
             let too_long = format!("bad request: longer than {MAX_REQUEST} bytes");

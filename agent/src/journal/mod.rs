@@ -82,6 +82,28 @@ impl trustmig_protocol::history::Recorded for Record {
 }
 
 impl Record {
+    /// What the agent wrote, and nothing else: ids that are not the hex of an order id or an
+    /// agent's were read as absent before (`entry`'s `peer`), and a source at COMMIT whose
+    /// destination reads as unknown settles as moved without asking it.
+    fn check(&self) -> Result<(), String> {
+        let hex_of = |s: &str, bytes: usize| {
+            s.len() == 2 * bytes && s.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        if !hex_of(&self.order_id, 16) {
+            return Err(format!(
+                "order {:?} is not a 16-byte order id in hex",
+                self.order_id
+            ));
+        }
+        match &self.peer {
+            Some(p) if !hex_of(p, 32) => Err(format!(
+                "order {}: peer {p:?} is not a 32-byte agent id in hex",
+                self.order_id
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// What the settlement rules need to know of it.
     pub fn entry(&self) -> Entry {
         Entry {
@@ -170,7 +192,10 @@ impl Replay {
                 out.torn_at = Some(offset as u64);
                 break;
             }
-            match serde_json::from_str::<Record>(line.trim_end()) {
+            let parsed = serde_json::from_str::<Record>(line.trim_end())
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.check().map(|()| r));
+            match parsed {
                 Ok(r) => {
                     track(&mut out.vms, out.latest.get(&r.order_id), &r);
                     let prev = out.latest.get(&r.order_id).map(|p| p.state);
@@ -880,6 +905,32 @@ mod tests {
             not_before: 0,
             not_after: 10,
             strict_final_quote: false,
+        }
+    }
+
+    /// A record whose order id or peer is not what the agent writes (a hand edit, bit rot) is
+    /// refused by line, as one that does not parse: read as "no peer", a source's COMMIT would
+    /// settle as moved without asking its destination.
+    #[test]
+    fn a_record_with_a_mangled_id_is_refused_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let body = order(3, "a");
+        j.claim_as_destination(&body, &[9; 32]).unwrap();
+        drop(j);
+        let file = dir.path().join(FILE);
+        let good = fs::read_to_string(&file).unwrap();
+        Journal::open(dir.path()).expect("as written");
+        let (peer, id) = (hex(&body.source), hex(&body.order_id));
+        for (from, to, says) in [
+            (peer.as_str(), &peer[..62], "is not a 32-byte agent id"),
+            (peer.as_str(), "zz", "is not a 32-byte agent id"),
+            (id.as_str(), "0303", "is not a 16-byte order id"),
+        ] {
+            fs::write(&file, good.replace(from, to)).unwrap();
+            let e = Journal::open(dir.path()).err().expect("refused");
+            let e = e.to_string();
+            assert!(e.contains("line ") && e.contains(says), "{e}");
         }
     }
 

@@ -268,8 +268,16 @@ pub(crate) mod tests {
                             _ => answer(command, &req),
                         };
                         let Some(mut reply) = reply else { continue };
+                        // Events QEMU sends before it answers (`"_events": [...]`).
+                        let mut out = String::new();
+                        if let Some(evs) = reply.as_object_mut().and_then(|r| r.remove("_events")) {
+                            for e in evs.as_array().into_iter().flatten() {
+                                out += &format!("{e}\n");
+                            }
+                        }
                         reply["id"] = req["id"].clone();
-                        if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                        out += &format!("{reply}\n");
+                        if wr.write_all(out.as_bytes()).await.is_err() {
                             return;
                         }
                     }

@@ -897,6 +897,8 @@ struct Seen {
     blocks: Vec<Relayed>,
     /// The switch-over's steps, when each happened.
     steps: Vec<(&'static str, Instant)>,
+    /// QMP's count of events it dropped from a full queue, as last read.
+    dropped: u64,
 }
 
 impl Seen {
@@ -915,7 +917,33 @@ impl Seen {
             last_report: Instant::now(),
             blocks: Vec::new(),
             steps: Vec::new(),
+            dropped: 0,
         }
+    }
+
+    /// If QMP dropped events since the last look (a flood while a command waited), a `STOP`
+    /// or `RESUME` may be among them: before the switch-over, `held` is read from QEMU's
+    /// runstate instead (`paused`: someone else stopped the guest; `running`: no one did).
+    async fn resync_if_events_dropped(&mut self, qmp: &mut Qmp) -> Result<(), AgentError> {
+        if qmp.dropped_events() == self.dropped || self.paused_at.is_some() {
+            return Ok(());
+        }
+        self.dropped = qmp.dropped_events();
+        let status = qmp.query_status().await?.status;
+        warn!(
+            dropped = self.dropped,
+            %status,
+            "QMP dropped events the agent had not read: the guest's hold is read from its runstate"
+        );
+        match status.as_str() {
+            "paused" => self.held = true,
+            "running" => {
+                self.held = false;
+                self.stopped_at = None;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// A `STOP` or `RESUME` of QEMU's (other events change nothing here). A `RESUME` runs the
@@ -1003,6 +1031,7 @@ async fn look_at(
     seen: &mut Seen,
     mirrors: Option<&mut Mirrors>,
 ) -> Result<(), AgentError> {
+    seen.resync_if_events_dropped(qmp).await?;
     let m = qmp.query_migrate().await?;
     let queued_stop = stop_mode_switch_over(qmp, link, seen).await?;
     match m.status() {
@@ -1143,6 +1172,55 @@ fn round_progress(m: &MigrationInfo) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events QMP dropped from its full queue (a flood while a command waited) may hold the
+    /// guest's `STOP`: before the switch-over the agent reads the guest's hold from QEMU's
+    /// runstate then, and only then.
+    #[tokio::test]
+    async fn a_hold_lost_with_dropped_events_is_read_from_the_runstate() {
+        let flood: Vec<serde_json::Value> = (0..trustmig_qemu::qmp::MAX_QUEUED_EVENTS + 5)
+            .map(|_| serde_json::json!({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}))
+            .collect();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = asked.clone();
+        let (_dir, path) = super::super::tests::fake_qmp(move |command, _| match command {
+            "query-migrate" => {
+                Some(serde_json::json!({"return": {"status": "active"}, "_events": flood.clone()}))
+            }
+            "query-status" => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Some(serde_json::json!({"return": {"running": false, "status": "paused"}}))
+            }
+            _ => None,
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let mut seen = Seen::new(Switch::Stop, (false, false));
+        seen.resync_if_events_dropped(&mut qmp)
+            .await
+            .expect("resync");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            0,
+            "nothing dropped: nothing asked"
+        );
+        qmp.query_migrate().await.expect("look");
+        assert_eq!(qmp.dropped_events(), 5);
+        seen.resync_if_events_dropped(&mut qmp)
+            .await
+            .expect("resync");
+        assert!(seen.held, "the guest is paused, by someone else");
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        seen.resync_if_events_dropped(&mut qmp)
+            .await
+            .expect("resync");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "no new drops: not asked again"
+        );
+    }
 
     fn info(status: &str, sync: u64, sent: u64) -> MigrationInfo {
         serde_json::from_value(serde_json::json!({
