@@ -155,10 +155,13 @@ impl Ctx {
         (journal.last_order_of(vm).map(|r| &r.order_id) == order.as_ref()).then_some(how)
     }
 
-    /// How many VMs are left to the operator now ([`Ctx::left_now`]).
+    /// How many configured VMs are left to the operator now ([`Ctx::left_now`]): what
+    /// `status` shows so.
     pub fn left_count(&self) -> usize {
+        let config = self.config();
         let vms: Vec<String> = (self.left_to_operator.lock().expect("left lock"))
             .keys()
+            .filter(|vm| config.vm(vm).is_some())
             .cloned()
             .collect();
         vms.iter().filter(|vm| self.left_now(vm).is_some()).count()

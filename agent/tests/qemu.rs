@@ -2100,7 +2100,8 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
         src_extra: drive.clone(),
         dst_extra: drive,
         dst_env: vec![(HOLD_ENV.into(), Hold::BeforeResume.env(3000))],
-        dst_step_timeout_secs: Some(2),
+        // The destination's `cont` is retried for a step timeout before it is left.
+        dst_step_timeout_secs: Some(5),
         metrics: true,
         ..VmOpts::default()
     };

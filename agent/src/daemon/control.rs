@@ -48,7 +48,7 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     };
     let req: Request = match serde_json::from_str(line.trim_end_matches(['\n', '\r'])) {
         Ok(r) => r,
-        Err(_) if line.len() as u64 >= MAX_REQUEST => {
+        Err(_) if line.len() as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
             let too_long = format!("bad request: longer than {MAX_REQUEST} bytes");
             send(&mut wr, Reply::Error(too_long)).await;
             return Ok(());

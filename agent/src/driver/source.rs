@@ -162,8 +162,9 @@ async fn migrate_checked(
     // One migration per VM at a time: refused at once, and again at the claim, under the
     // journal's lock (another order may have taken the VM while this one queued). A replayed
     // order is left to the claim, which names it so.
-    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm).is_some();
-    let busy = |j: &crate::journal::Journal| {
+    // `qemu`: the VM is a QEMU VM in the configuration the check reads (the claim's is the
+    // one the order was prepared on).
+    let busy = |j: &crate::journal::Journal, qemu: bool| {
         if j.entry(order.id()).is_some() {
             return Ok(());
         }
@@ -188,7 +189,8 @@ async fn migrate_checked(
         }
         Ok(())
     };
-    busy(&ctx.journal.lock().expect("journal lock"))?;
+    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm).is_some();
+    busy(&ctx.journal.lock().expect("journal lock"), qemu)?;
     let _slot = slot(ctx, order.id(), &body.vm, progress).await;
     // The configuration the order is prepared on (once it has its slot: an order may queue
     // long); the claim checks the VM's entry is still this one (a reload may replace it until
@@ -203,7 +205,10 @@ async fn migrate_checked(
             ))));
         }
         let mut journal = ctx.journal.lock().expect("journal lock");
-        busy(&journal)?;
+        busy(
+            &journal,
+            crate::backend::qemu::qemu_vm(&config, &body.vm).is_some(),
+        )?;
         journal
             .claim_as_source(&order, paused_before)
             .map_err(|e| not_started(e.into()))?;

@@ -276,6 +276,8 @@ async fn transfer(
     // migration; from this reading on, `follow` keeps up with them.
     vm.qmp.take_events();
     vm.held = !vm.qmp.query_status().await?.running;
+    // Events dropped before this reading are in it already.
+    let dropped = vm.qmp.dropped_events();
     let switch = Switch::choose(!vm.mirror_disks.is_empty(), !vm.held);
     let qemu_sock = start_qemu(ctx, &mut vm.qmp, link.order, &ladder, switch).await?;
     let pumps = spawn_pumps(
@@ -286,6 +288,7 @@ async fn transfer(
         opener,
     );
     let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
+    seen.dropped = dropped;
     // QEMU answers no QMP command during its stop-and-copy (it holds its big lock until the
     // last byte is sent): a look at QEMU waits as long as the streams move (spec/qemu.md §4).
     vm.qmp.answer_late_while(Some(progress.clone()));
@@ -921,27 +924,29 @@ impl Seen {
         }
     }
 
-    /// If QMP dropped events since the last look (a flood while a command waited), a `STOP`
-    /// or `RESUME` may be among them: before the switch-over, `held` is read from QEMU's
-    /// runstate instead (`paused`: someone else stopped the guest; `running`: no one did).
+    /// If QMP dropped events since the last look (a flood while a command waited: an I/O
+    /// error's events, say), a `STOP` or `RESUME` may be among them: before the switch-over,
+    /// `held` is read from QEMU's runstate instead, as `guest_event` reads a `STOP` (stopped,
+    /// and not by the migration: held; running: not). Once QEMU is in its switch-over the
+    /// runstate no longer tells (it is the migration's), and `held` stays as the events left it.
     async fn resync_if_events_dropped(&mut self, qmp: &mut Qmp) -> Result<(), AgentError> {
         if qmp.dropped_events() == self.dropped || self.paused_at.is_some() {
             return Ok(());
         }
         self.dropped = qmp.dropped_events();
-        let status = qmp.query_status().await?.status;
+        let st = qmp.query_status().await?;
+        let by_migration = super::stopped_by_migration(&st.status);
         warn!(
             dropped = self.dropped,
-            %status,
-            "QMP dropped events the agent had not read: the guest's hold is read from its runstate"
+            status = %st.status,
+            "QMP dropped events the agent had not read: the guest's hold is read from its runstate{}",
+            if by_migration { ", which is the switch-over's now: the hold stays as the events left it" } else { "" }
         );
-        match status.as_str() {
-            "paused" => self.held = true,
-            "running" => {
-                self.held = false;
-                self.stopped_at = None;
-            }
-            _ => {}
+        if st.running {
+            self.held = false;
+            self.stopped_at = None;
+        } else if !by_migration {
+            self.held = true;
         }
         Ok(())
     }
@@ -1033,6 +1038,8 @@ async fn look_at(
 ) -> Result<(), AgentError> {
     seen.resync_if_events_dropped(qmp).await?;
     let m = qmp.query_migrate().await?;
+    // Again for what the look itself may have dropped, before it acts on the switch-over.
+    seen.resync_if_events_dropped(qmp).await?;
     let queued_stop = stop_mode_switch_over(qmp, link, seen).await?;
     match m.status() {
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
@@ -1175,7 +1182,8 @@ mod tests {
 
     /// Events QMP dropped from its full queue (a flood while a command waited) may hold the
     /// guest's `STOP`: before the switch-over the agent reads the guest's hold from QEMU's
-    /// runstate then, and only then.
+    /// runstate then, and only then: stopped, not by the migration (`io-error` here), is held;
+    /// running is not; the switch-over's own runstate tells nothing and changes nothing.
     #[tokio::test]
     async fn a_hold_lost_with_dropped_events_is_read_from_the_runstate() {
         let flood: Vec<serde_json::Value> = (0..trustmig_qemu::qmp::MAX_QUEUED_EVENTS + 5)
@@ -1188,8 +1196,12 @@ mod tests {
                 Some(serde_json::json!({"return": {"status": "active"}, "_events": flood.clone()}))
             }
             "query-status" => {
-                counted.fetch_add(1, Ordering::SeqCst);
-                Some(serde_json::json!({"return": {"running": false, "status": "paused"}}))
+                let (running, st) = [
+                    (false, "io-error"),
+                    (true, "running"),
+                    (false, "finish-migrate"),
+                ][counted.fetch_add(1, Ordering::SeqCst).min(2)];
+                Some(serde_json::json!({"return": {"running": running, "status": st}}))
             }
             _ => None,
         });
@@ -1210,8 +1222,7 @@ mod tests {
         seen.resync_if_events_dropped(&mut qmp)
             .await
             .expect("resync");
-        assert!(seen.held, "the guest is paused, by someone else");
-        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        assert!(seen.held, "stopped by an I/O error, not by the migration");
         seen.resync_if_events_dropped(&mut qmp)
             .await
             .expect("resync");
@@ -1220,6 +1231,18 @@ mod tests {
             1,
             "no new drops: not asked again"
         );
+        qmp.query_migrate().await.expect("look");
+        seen.resync_if_events_dropped(&mut qmp)
+            .await
+            .expect("resync");
+        assert!(!seen.held, "running again");
+        qmp.query_migrate().await.expect("look");
+        seen.held = true;
+        seen.resync_if_events_dropped(&mut qmp)
+            .await
+            .expect("resync");
+        assert!(seen.held, "the switch-over's runstate changes nothing");
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
     }
 
     fn info(status: &str, sync: u64, sent: u64) -> MigrationInfo {
