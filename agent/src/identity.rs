@@ -109,17 +109,23 @@ fn self_signed_cert(pkcs8: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.der().to_vec())
 }
 
-/// Parse a hex-encoded 32-byte key, naming the file on error.
+/// Parse a hex-encoded 32-byte key, naming the file on error. Decoded straight into the
+/// array (no intermediate buffer): a secret seed passes through here.
 pub fn parse_hex32(text: &str, what: &'static str, path: &Path) -> Result<[u8; 32], AgentError> {
     let bad = |reason: String| AgentError::BadKey {
         path: path.to_path_buf(),
         kind: what,
         reason,
     };
-    let bytes = hex::decode(text.trim()).map_err(|e| bad(format!("not hex: {e}")))?;
-    bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| bad(format!("{} bytes, expected 32", b.len())))
+    let text = text.trim();
+    let mut key = [0u8; 32];
+    match hex::decode_to_slice(text, &mut key) {
+        Ok(()) => Ok(key),
+        Err(hex::FromHexError::InvalidStringLength) if text.len() % 2 == 0 => {
+            Err(bad(format!("{} bytes, expected 32", text.len() / 2)))
+        }
+        Err(e) => Err(bad(format!("not hex: {e}"))),
+    }
 }
 
 /// Generate an operator signing key: secret seed (hex, 0600) at `path`, public key at `path.pub`.
@@ -127,7 +133,7 @@ pub fn operator_keygen(path: &Path) -> Result<[u8; 32], AgentError> {
     let seed = Zeroizing::new(crate::random::<32>());
     let key = ed25519_dalek::SigningKey::from_bytes(&seed);
     let public = key.verifying_key().to_bytes();
-    write_secret(path, hex::encode(*seed).as_bytes())?;
+    write_secret(path, Zeroizing::new(hex::encode(*seed)).as_bytes())?;
     let pub_path = path.with_extension("pub");
     write_atomic(&pub_path, format!("{}\n", hex::encode(public)).as_bytes())?;
     Ok(public)

@@ -58,17 +58,20 @@ pub struct FinalContext<'a> {
     pub transcript_hash: &'a Digest,
 }
 
-/// `FINAL_SIGNATURE_LABEL || nonce || tls_exporter || order_id || transcript_hash || digest`.
-pub fn signing_input(ctx: &FinalContext<'_>, digest: &Digest) -> Vec<u8> {
-    [
-        FINAL_SIGNATURE_LABEL,
-        ctx.nonce,
-        ctx.tls_exporter,
-        ctx.order_id,
-        ctx.transcript_hash,
-        digest,
-    ]
-    .concat()
+/// `FINAL_SIGNATURE_LABEL || nonce || tls_exporter || order_id || transcript_hash || digest`,
+/// wiped when dropped (it holds the session's exporter).
+pub fn signing_input(ctx: &FinalContext<'_>, digest: &Digest) -> zeroize::Zeroizing<Vec<u8>> {
+    zeroize::Zeroizing::new(
+        [
+            FINAL_SIGNATURE_LABEL,
+            ctx.nonce,
+            ctx.tls_exporter,
+            ctx.order_id,
+            ctx.transcript_hash,
+            digest,
+        ]
+        .concat(),
+    )
 }
 
 /// Check a final signature by the source's ephemeral key `public` (from its attested

@@ -34,8 +34,10 @@ pub const MAX_PAGE_SIZE: u32 = 64 << 10;
 /// Largest guest accepted, bytes (16 TiB). spec: SPEC.md §9
 pub const MAX_GUEST_BYTES: u64 = 16 << 40;
 
-/// What the TLS layer established; an input to both state machines.
-#[derive(Clone)]
+/// What the TLS layer established; an input to both state machines. Wiped when dropped (each
+/// clone too): with the transcript hash, which the journal keeps in clear, the exporter gives
+/// every stream key of the session.
+#[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct ChannelBinding {
     /// `EXPORTER-trustmig-v1` output of the TLS session (32 bytes, empty context).
     pub tls_exporter: [u8; 32],

@@ -464,3 +464,20 @@ fn the_destination_may_quote_as_soon_as_it_accepts_the_hello() {
     assert_eq!(dst_att.1, [early], "the quote sent is the one known early");
     assert_eq!(dst.evidence_qualifying_data(), None, "after the handshake");
 }
+
+/// The channel's exporter is wiped when its binding is dropped (each clone too), and its
+/// `Debug` leaves it out: with the transcript hash, which the journal keeps in clear, it gives
+/// every stream key of the session. (A compile-time check: removing the wipe fails to build.)
+#[test]
+fn the_channel_binding_is_wiped_and_never_printed() {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<ChannelBinding>();
+    let mut b = ChannelBinding {
+        tls_exporter: [0xA5; 32],
+        local: [1; 32],
+        peer: [2; 32],
+    };
+    assert!(!format!("{b:?}").contains(&"a5".repeat(4)));
+    zeroize::Zeroize::zeroize(&mut b);
+    assert_eq!(b.tls_exporter, [0; 32]);
+}

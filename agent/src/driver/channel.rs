@@ -32,7 +32,7 @@ pub struct SourceChannel {
     ctx: Arc<Ctx>,
     wr: WriteHalf<Tls>,
     rx: mpsc::Receiver<Result<Vec<u8>, WireError>>,
-    exporter: [u8; 32],
+    exporter: zeroize::Zeroizing<[u8; 32]>,
     /// The identity the TLS layer authenticated: what the handshake compares with the order's
     /// destination (SPEC.md §5.3 S0b), not a copy of the order's own field.
     peer: AgentId,
@@ -154,7 +154,7 @@ impl SourceChannel {
         manifest: &ImageManifest,
     ) -> Result<Established, AgentError> {
         let channel = ChannelBinding {
-            tls_exporter: self.exporter,
+            tls_exporter: *self.exporter,
             local: self.ctx.identity.id(),
             peer: self.peer,
         };

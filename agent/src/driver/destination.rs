@@ -83,7 +83,10 @@ const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// The TLS handshake with a trusted peer (within `TLS_HANDSHAKE_TIMEOUT`, or the step timeout
 /// if shorter): the stream, its exporter and the peer's identity key.
-async fn accept(ctx: &Ctx, tcp: TcpStream) -> Result<(Tls, [u8; 32], AgentId), AgentError> {
+async fn accept(
+    ctx: &Ctx,
+    tcp: TcpStream,
+) -> Result<(Tls, zeroize::Zeroizing<[u8; 32]>, AgentId), AgentError> {
     let peers = ctx.peers()?;
     let cfg = crate::net::tls::server_config(&ctx.identity, peers.keys())
         .map_err(|e| AgentError::Tls(format!("TLS configuration: {e}")))?;
@@ -257,12 +260,12 @@ impl Session {
     async fn run(
         &mut self,
         rd: ReadHalf<Tls>,
-        exporter: [u8; 32],
+        exporter: zeroize::Zeroizing<[u8; 32]>,
         peer: [u8; 32],
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
         let channel = ChannelBinding {
-            tls_exporter: exporter,
+            tls_exporter: *exporter,
             local: ctx.identity.id(),
             peer,
         };

@@ -174,10 +174,13 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// The session's exporter value. spec: SPEC.md §5.3
-pub fn exporter<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], rustls::Error> {
-    let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, trustmig_protocol::keys::TLS_EXPORTER_LABEL, None)?;
+/// The session's exporter value, wiped when dropped (session secret material). spec: SPEC.md
+/// §5.3
+pub fn exporter<D>(
+    conn: &rustls::ConnectionCommon<D>,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, rustls::Error> {
+    let mut out = zeroize::Zeroizing::new([0u8; 32]);
+    conn.export_keying_material(&mut *out, trustmig_protocol::keys::TLS_EXPORTER_LABEL, None)?;
     Ok(out)
 }
 
