@@ -13,6 +13,10 @@ pub const MAX_DOWNTIME_STEPS: u32 = 10;
 /// exports on a destination (which go when it stops QEMU's NBD server, before COMMIT).
 pub const RESERVED_PREFIX: &str = "trustmig-";
 
+/// The longest path a unix socket may have on Linux (`sun_path` is 108 bytes with its NUL;
+/// pinned by `the_kernel_takes_socket_paths_of_107_bytes_and_no_longer`).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// Check the QEMU settings of VM `name`.
 pub(super) fn check(name: &str, vm: &QemuVm) -> Result<(), String> {
     if !vm.qmp.is_absolute() {
@@ -21,9 +25,9 @@ pub(super) fn check(name: &str, vm: &QemuVm) -> Result<(), String> {
             vm.qmp.display().to_string()
         ));
     }
-    if vm.qmp.as_os_str().len() > 107 {
+    if vm.qmp.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(format!(
-            "vm {name:?}: qmp path is longer than a unix socket path may be (107 bytes)"
+            "vm {name:?}: qmp path is longer than a unix socket path may be ({MAX_SOCKET_PATH} bytes)"
         ));
     }
     if vm.downtime_steps.is_some_and(|n| n > MAX_DOWNTIME_STEPS) {
@@ -131,6 +135,21 @@ mod tests {
 
     use super::super::{test_dest_disk as dest_disk, Config, DiskConfig};
     use super::*;
+
+    /// spec/qemu.md §1: the kernel binds a unix socket at a path of 107 bytes and refuses 108,
+    /// so a longer QMP path could never be reached.
+    #[test]
+    fn the_kernel_takes_socket_paths_of_107_bytes_and_no_longer() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let at = |len: usize| {
+            let base = dir.path().display().to_string() + "/";
+            let path = base.clone() + &"s".repeat(len - base.len());
+            assert_eq!(path.len(), len);
+            std::os::unix::net::UnixListener::bind(&path).map(|_| ())
+        };
+        at(MAX_SOCKET_PATH).expect("107 bytes bind");
+        assert!(at(MAX_SOCKET_PATH + 1).is_err(), "108 bytes bound");
+    }
 
     fn vm(qmp: &str, disk_dir: Option<&Path>, disks: Vec<DiskConfig>) -> QemuVm {
         QemuVm {
