@@ -3,9 +3,10 @@
 //! Peers pin each other's identity *key*; the certificate only carries it through TLS.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use zeroize::Zeroizing;
 
 use crate::error::AgentError;
@@ -14,9 +15,13 @@ use trustmig_protocol::AgentId;
 
 /// A loaded agent identity.
 pub struct Identity {
-    pkcs8: Zeroizing<Vec<u8>>,
     cert: Vec<u8>,
     id: AgentId,
+    /// The certificate and its signing key for rustls, made once from the key where it lies:
+    /// every TLS configuration (one per connection, for the trust store's changes to apply at
+    /// once) shares it, instead of each taking a fresh copy of the private key that rustls
+    /// frees unwiped.
+    tls: Arc<rustls::sign::CertifiedKey>,
 }
 
 impl Identity {
@@ -80,7 +85,20 @@ impl Identity {
                 kind: "ed25519 PKCS#8 identity",
                 reason: "public key is not 32 bytes".into(),
             })?;
-        Ok(Self { pkcs8, cert, id })
+        let signing =
+            rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(&pkcs8[..]))
+                .map_err(|e| AgentError::BadKey {
+                    path: path.to_path_buf(),
+                    kind: "ed25519 PKCS#8 identity",
+                    reason: e.to_string(),
+                })?;
+        let tls = Arc::new(rustls::sign::CertifiedKey::new(
+            vec![CertificateDer::from(cert.clone())],
+            signing,
+        ));
+        // The PKCS#8 bytes are wiped as they go out of scope here: only ring's key, inside
+        // `tls`, stays.
+        Ok(Self { cert, id, tls })
     }
 
     /// The public identity.
@@ -88,14 +106,9 @@ impl Identity {
         self.id
     }
 
-    /// Certificate chain for rustls.
-    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
-        vec![CertificateDer::from(self.cert.clone())]
-    }
-
-    /// Private key for rustls (a copy; rustls holds it for the config's lifetime).
-    pub fn private_key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.to_vec()))
+    /// The certificate and key rustls presents, for a TLS configuration's resolver.
+    pub fn tls_key(&self) -> Arc<rustls::sign::SingleCertAndKey> {
+        Arc::new(rustls::sign::SingleCertAndKey::from(self.tls.clone()))
     }
 }
 

@@ -157,7 +157,7 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(PinnedClients {
             trusted: trusted_peers,
         }))
-        .with_single_cert(me.cert_chain(), me.private_key())?;
+        .with_cert_resolver(me.tls_key());
     Ok(Arc::new(cfg))
 }
 
@@ -170,7 +170,7 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
-        .with_client_auth_cert(me.cert_chain(), me.private_key())?;
+        .with_client_cert_resolver(me.tls_key());
     Ok(Arc::new(cfg))
 }
 
