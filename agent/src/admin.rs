@@ -334,12 +334,13 @@ pub fn enroll(
     enroll_finish(verifier_home, pending, &response)
 }
 
-/// Parse a CBOR file of one of the enrollment messages, naming the file on error.
+/// Parse a CBOR file of one of the enrollment messages, naming the file on error. Its bytes
+/// are wiped once parsed (the response carries the activated credential).
 fn read_cbor<T>(
     path: &Path,
     parse: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, AgentError> {
-    let bytes = std::fs::read(path).map_err(AgentError::io(path))?;
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(AgentError::io(path))?);
     parse(&bytes).map_err(|reason| AgentError::BadConfig {
         path: path.to_path_buf(),
         reason,

@@ -1,4 +1,5 @@
 //! `trustmig`: the agent daemon and the operator's CLI.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

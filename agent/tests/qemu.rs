@@ -2848,6 +2848,13 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
     let dir = tempfile::tempdir().expect("temp dir");
     // Its data area is filled before the migration: real pages move.
     let (_src, _dst, mut s, mut d) = bare_pair(dir.path(), "area=100 rate=0 check=1000000").await;
+    // spec/qemu.md §2 (step 3): QEMU 7.2's own bandwidth cap is 128 MiB/s, which the agent
+    // lifts unless the order sets one.
+    let p = s
+        .execute("query-migrate-parameters", serde_json::json!({}))
+        .await
+        .expect("query-migrate-parameters");
+    assert_eq!(p["max-bandwidth"].as_u64(), Some(128 << 20), "{p}");
     let caps = [("return-path", true), ("events", true)];
     s.migrate_set_capabilities(&caps)
         .await
