@@ -2699,6 +2699,18 @@ async fn qemu_resumed_destination_announces_the_guest() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // spec/qemu.md §5: QEMU 7.2 announces 5 times per NIC (its announce rounds, spread over
+    // about 1.5 s), then stops.
+    while tap.rarps_from(dst_port) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "{} announcements",
+            tap.rarps_from(dst_port)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(tap.rarps_from(dst_port), 5, "then no more");
     assert_moved(&mut s, &summary).await;
 }
 
@@ -2855,6 +2867,15 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
         .await
         .expect("query-migrate-parameters");
     assert_eq!(p["max-bandwidth"].as_u64(), Some(128 << 20), "{p}");
+    // spec/qemu.md §9: and `return-path` is off unless asked for.
+    let caps = s
+        .execute("query-migrate-capabilities", serde_json::json!({}))
+        .await
+        .expect("query-migrate-capabilities");
+    let return_path = (caps.as_array().into_iter().flatten())
+        .find(|c| c["capability"] == "return-path")
+        .and_then(|c| c["state"].as_bool());
+    assert_eq!(return_path, Some(false), "{caps}");
     let caps = [("return-path", true), ("events", true)];
     s.migrate_set_capabilities(&caps)
         .await
