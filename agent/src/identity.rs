@@ -62,6 +62,13 @@ impl Identity {
                 reason: "certificate does not carry identity.key's public key".into(),
             });
         }
+        // What rustls checked when it was handed the key itself: the certificate parses as
+        // webpki reads it, and carries the key.
+        me.tls.keys_match().map_err(|e| AgentError::BadKey {
+            path: home.identity_cert(),
+            kind: "identity certificate",
+            reason: format!("not usable for TLS with identity.key: {e}"),
+        })?;
         Ok(me)
     }
 
@@ -122,8 +129,8 @@ fn self_signed_cert(pkcs8: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.der().to_vec())
 }
 
-/// Parse a hex-encoded 32-byte key, naming the file on error. Decoded straight into the
-/// array (no intermediate buffer): a secret seed passes through here.
+/// Parse a hex-encoded 32-byte key, naming the file on error. Decoded straight into a wiped
+/// array (no intermediate heap buffer): a secret seed passes through here.
 pub fn parse_hex32(text: &str, what: &'static str, path: &Path) -> Result<[u8; 32], AgentError> {
     let bad = |reason: String| AgentError::BadKey {
         path: path.to_path_buf(),
@@ -131,9 +138,11 @@ pub fn parse_hex32(text: &str, what: &'static str, path: &Path) -> Result<[u8; 3
         reason,
     };
     let text = text.trim();
-    let mut key = [0u8; 32];
-    match hex::decode_to_slice(text, &mut key) {
-        Ok(()) => Ok(key),
+    // Wiped here whatever happens (a bad character leaves part of a seed decoded); the caller
+    // gets a copy, which it wraps.
+    let mut key = Zeroizing::new([0u8; 32]);
+    match hex::decode_to_slice(text, &mut *key) {
+        Ok(()) => Ok(*key),
         Err(hex::FromHexError::InvalidStringLength) if text.len() % 2 == 0 => {
             Err(bad(format!("{} bytes, expected 32", text.len() / 2)))
         }
@@ -146,7 +155,7 @@ pub fn operator_keygen(path: &Path) -> Result<[u8; 32], AgentError> {
     let seed = Zeroizing::new(crate::random::<32>());
     let key = ed25519_dalek::SigningKey::from_bytes(&seed);
     let public = key.verifying_key().to_bytes();
-    write_secret(path, Zeroizing::new(hex::encode(*seed)).as_bytes())?;
+    write_secret(path, Zeroizing::new(hex::encode(seed.as_slice())).as_bytes())?;
     let pub_path = path.with_extension("pub");
     write_atomic(&pub_path, format!("{}\n", hex::encode(public)).as_bytes())?;
     Ok(public)
@@ -207,4 +216,28 @@ pub fn cert_identity(der: &[u8]) -> Result<AgentId, String> {
         .as_ref()
         .try_into()
         .map_err(|_| "Ed25519 key is not 32 bytes".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A home whose certificate is another identity's (files mixed up by hand) is refused when
+    /// loaded, naming the certificate; each home's own loads.
+    #[test]
+    fn an_identity_whose_certificate_is_anothers_is_refused() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (Home::at(a.path().join("h")), Home::at(b.path().join("h")));
+        for h in [&a, &b] {
+            std::fs::create_dir_all(h.root()).unwrap();
+            Identity::create(h).expect("create");
+            Identity::load(h).expect("its own certificate");
+        }
+        std::fs::copy(b.identity_cert(), a.identity_cert()).unwrap();
+        let e = Identity::load(&a).err().expect("refused").to_string();
+        assert!(
+            e.contains(&a.identity_cert().display().to_string()) && e.contains("does not carry"),
+            "{e}"
+        );
+    }
 }

@@ -2699,8 +2699,8 @@ async fn qemu_resumed_destination_announces_the_guest() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // spec/qemu.md §5: QEMU 7.2 announces 5 times per NIC (its announce rounds, spread over
-    // about 1.5 s), then stops.
+    // spec/qemu.md §5: QEMU 7.2 announces 5 times per NIC (its announce rounds, within about
+    // a second), then stops.
     while tap.rarps_from(dst_port) < 5 {
         assert!(
             Instant::now() < deadline,
@@ -2917,8 +2917,8 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
 
 /// spec/qemu.md §5 (block handover): without `late-block-activate` an incoming QEMU 7.2
 /// activates its images when loading ends, even under `-S`, and takes their write lock
-/// (sharing it while in `inmigrate`, so `qemu-io` could still open the image: what it blocks is
-/// a QEMU that wants to be the image's only writer); with the capability, not before `cont`.
+/// (shared until it first runs: what it blocks is a QEMU that wants to be the image's only
+/// writer); with the capability, not before `cont`.
 /// Hence the destination agent sets it: the source's rollback `cont` of its guest, which takes
 /// the image back as its only writer, is refused while a loaded destination without it lives.
 /// Plain QEMU to QEMU on one shared image, the source's `cont` once both completed.
