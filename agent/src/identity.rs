@@ -155,7 +155,10 @@ pub fn operator_keygen(path: &Path) -> Result<[u8; 32], AgentError> {
     let seed = Zeroizing::new(crate::random::<32>());
     let key = ed25519_dalek::SigningKey::from_bytes(&seed);
     let public = key.verifying_key().to_bytes();
-    write_secret(path, Zeroizing::new(hex::encode(seed.as_slice())).as_bytes())?;
+    write_secret(
+        path,
+        Zeroizing::new(hex::encode(seed.as_slice())).as_bytes(),
+    )?;
     let pub_path = path.with_extension("pub");
     write_atomic(&pub_path, format!("{}\n", hex::encode(public)).as_bytes())?;
     Ok(public)
