@@ -2216,7 +2216,8 @@ fn lock_image(image: &Path) -> std::process::Child {
     let exited = child.try_wait().expect("qemu-io");
     assert!(
         exited.is_none(),
-        "qemu-io could not open the image the source QEMU migrated: {exited:?}"
+        "qemu-io could not open {}: {exited:?}",
+        image.display()
     );
     child
 }
@@ -2845,6 +2846,13 @@ async fn bare_pair_with(
     (src, dst, s, d)
 }
 
+/// Start a migration from `s` to `d` (waiting, `-incoming defer`) over a unix socket in `dir`.
+async fn bare_migrate(s: &mut Qmp, d: &mut Qmp, dir: &Path) {
+    let uri = format!("unix:{}", dir.join("m.sock").display());
+    d.migrate_incoming(&uri).await.expect("migrate-incoming");
+    s.migrate(&uri).await.expect("migrate");
+}
+
 /// spec/qemu.md §2 (step 6) and §9: with `return-path`, the source QEMU announces `completed`
 /// only after the destination QEMU has loaded the whole stream. That is why QEMU's own
 /// `downtime` for trustmig (which runs with it) includes the destination's load and the native
@@ -2883,9 +2891,7 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
     d.migrate_set_capabilities(&caps)
         .await
         .expect("destination capabilities");
-    let uri = format!("unix:{}", dir.path().join("m.sock").display());
-    d.migrate_incoming(&uri).await.expect("migrate-incoming");
-    s.migrate(&uri).await.expect("migrate");
+    bare_migrate(&mut s, &mut d, dir.path()).await;
     let (src_done, dst_done) = tokio::join!(completed_at(&mut s), completed_at(&mut d));
     assert!(
         dst_done <= src_done,
@@ -2946,9 +2952,7 @@ async fn qemu_an_incoming_qemu_locks_its_images_when_loading_ends_unless_late_bl
         d.migrate_set_capabilities(&[("events", true), ("late-block-activate", late)])
             .await
             .expect("destination capabilities");
-        let uri = format!("unix:{}", dir.path().join("m.sock").display());
-        d.migrate_incoming(&uri).await.expect("migrate-incoming");
-        s.migrate(&uri).await.expect("migrate");
+        bare_migrate(&mut s, &mut d, dir.path()).await;
         tokio::join!(completed_at(&mut s), completed_at(&mut d));
         let given_back = s.cont().await.map_err(|e| e.to_string());
         if late {
@@ -2960,6 +2964,13 @@ async fn qemu_an_incoming_qemu_locks_its_images_when_loading_ends_unless_late_bl
                     .is_err_and(|e| e.contains("Failed to get shared \"write\" lock")),
                 "{given_back:?}"
             );
+            // It shares that lock until it first runs: another writer that shares it too
+            // (`qemu-io`) opens the image.
+            if have_qemu_io() {
+                let mut io = lock_image(&shared.path);
+                let _ = io.kill();
+                let _ = io.wait();
+            }
         }
     }
 }
@@ -3021,10 +3032,8 @@ async fn qemu_counts_its_last_bitmap_sync_after_the_guest_stopped() {
         if !running {
             s.stop().await.expect("stop");
         }
-        let uri = format!("unix:{}", dir.path().join("m.sock").display());
-        d.migrate_incoming(&uri).await.expect("migrate-incoming");
         s.take_events(); // the paused guest's own STOP
-        s.migrate(&uri).await.expect("migrate");
+        bare_migrate(&mut s, &mut d, dir.path()).await;
         let mut stopped = false;
         loop {
             let ev = tokio::time::timeout(Duration::from_secs(120), s.event())

@@ -134,101 +134,40 @@ async fn migrate_checked(
     progress: &mpsc::Sender<Progress>,
 ) -> Result<Summary, (AgentError, Whereabouts)> {
     let not_started = |e: AgentError| (e, Whereabouts::Untouched);
-    let bytes = hex::decode(order_hex.trim())
-        .map_err(|e| not_started(AgentError::Usage(format!("order is not hex: {e}"))))?;
-    let signed = SignedOrder::from_cbor(&bytes).map_err(|e| not_started(e.into()))?;
-    let operators = ctx.operators().map_err(not_started)?;
-    let order = signed
-        .verify(&OrderPolicy {
-            operators: &operators,
-            me: ctx.identity.id(),
-            role: Role::Source,
-            now: crate::unix_now(),
-        })
-        .map_err(|e| not_started(e.into()))?;
-    let body = order.body().clone();
-    // The order pins the destination's identity; this agent must trust it as a peer too, so
-    // that removing a peer (`trust remove-peer`) stops migrations to it at once (SPEC.md §3.4).
-    if !ctx
-        .peers()
-        .map_err(not_started)?
-        .contains(&body.destination)
-    {
-        return Err(not_started(AgentError::Refused(format!(
-            "destination {} is not a trusted peer here (trustmig trust add-peer)",
-            hex(&body.destination)
-        ))));
-    }
-    // One migration per VM at a time: refused at once, and again at the claim, under the
-    // journal's lock (another order may have taken the VM while this one queued). A replayed
-    // order is left to the claim, which names it so.
-    // `qemu`: the VM is a QEMU VM in the configuration the check reads (the claim's is the
-    // one the order was prepared on).
-    let busy = |j: &crate::journal::Journal, qemu: bool| {
-        if j.entry(order.id()).is_some() {
-            return Ok(());
-        }
-        if j.leaving(&body.vm) {
-            let why = not_free(j, &body.vm, NotHeld::Leaving);
-            return Err(not_started(AgentError::Refused(why)));
-        }
-        // Its arrival's session resumes it (`cont`) after COMMIT: a source that took the
-        // QEMU meanwhile would have that `cont` run a copy it switched over.
-        if ctx.arriving.contains(&body.vm) {
-            return Err(not_started(AgentError::Refused(format!(
-                "VM {} is arriving here by another order: send it once it has arrived",
-                body.vm
-            ))));
-        }
-        // QEMU alone cannot tell: a copy that arrived and never ran is paused too. (Synthetic
-        // guests live in the agent and start anew from the journal: no such copy.)
-        if qemu {
-            if let Err(why) = j.holds_vm(&body.vm) {
-                return Err(not_started(AgentError::Refused(not_free(j, &body.vm, why))));
-            }
-        }
-        Ok(())
-    };
-    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &body.vm).is_some();
-    busy(&ctx.journal.lock().expect("journal lock"), qemu)?;
-    let _slot = slot(ctx, order.id(), &body.vm, progress).await;
+    let order = verified(ctx, order_hex).map_err(not_started)?;
+    let vm = order.body().vm.clone();
+    // Refused at once when the VM is busy, and again at the claim (another order may have
+    // taken the VM while this one queued).
+    let qemu = crate::backend::qemu::qemu_vm(&ctx.config(), &vm).is_some();
+    busy(
+        ctx,
+        &ctx.journal.lock().expect("journal lock"),
+        &order,
+        qemu,
+    )
+    .map_err(not_started)?;
+    let _slot = slot(ctx, order.id(), &vm, progress).await;
     // The configuration the order is prepared on (once it has its slot: an order may queue
     // long); the claim checks the VM's entry is still this one (a reload may replace it until
     // the claim makes the VM busy).
     let config = ctx.config();
-    // Under `Ctx::claims`, so that no reload swaps the entry between the check and the claim.
-    let claim = |paused_before: bool, _claims: tokio::sync::RwLockReadGuard<'_, ()>| {
-        if !config.same_vm(&ctx.config(), &body.vm) {
-            return Err(not_started(AgentError::Refused(format!(
-                "VM {}'s entry in the configuration changed (a reload) while the order was being prepared: send the order again",
-                body.vm
-            ))));
-        }
-        let mut journal = ctx.journal.lock().expect("journal lock");
-        busy(
-            &journal,
-            crate::backend::qemu::qemu_vm(&config, &body.vm).is_some(),
-        )?;
-        journal
-            .claim_as_source(&order, paused_before)
-            .map_err(|e| not_started(e.into()))?;
-        drop(journal);
-        crash_point(CrashPoint::SourceAfterClaim);
-        Ok(())
-    };
-    if let Some(qmp) = crate::backend::qemu::qemu_vm(&config, &body.vm) {
+    if let Some(qmp) = crate::backend::qemu::qemu_vm(&config, &vm) {
         // QEMU's state first: the claim records whether the VM was paused (spec/qemu.md §4).
-        let vm = QemuSource::prepare(ctx, &config, &body, &qmp)
+        let source = QemuSource::prepare(ctx, &config, order.body(), &qmp)
             .await
             .map_err(not_started)?;
         crate::fault::hold(crate::fault::Hold::BeforeClaim).await;
-        claim(vm.paused_before(), ctx.claims.read().await)?;
-        return run(ctx, order, progress, vm).await;
+        claim(ctx, &config, &order, source.paused_before())
+            .await
+            .map_err(not_started)?;
+        return run(ctx, order, progress, source).await;
     }
     // Single use first: a replayed order is refused as such, whatever became of its VM.
-    claim(false, ctx.claims.read().await)?;
-    match SyntheticSource::take(ctx, &body.vm) {
-        Ok(vm) => run(ctx, order, progress, vm).await,
+    claim(ctx, &config, &order, false)
+        .await
+        .map_err(not_started)?;
+    match SyntheticSource::take(ctx, &vm) {
+        Ok(source) => run(ctx, order, progress, source).await,
         Err(e) => {
             let _ = ctx.journal.lock().expect("journal lock").set(
                 order.id(),
@@ -238,6 +177,89 @@ async fn migrate_checked(
             Err(not_started(e))
         }
     }
+}
+
+/// The order in `order_hex`, verified for this agent as its source, to a destination this
+/// agent trusts as a peer.
+fn verified(ctx: &Ctx, order_hex: &str) -> Result<VerifiedOrder, AgentError> {
+    let bytes = hex::decode(order_hex.trim())
+        .map_err(|e| AgentError::Usage(format!("order is not hex: {e}")))?;
+    let signed = SignedOrder::from_cbor(&bytes)?;
+    let order = signed.verify(&OrderPolicy {
+        operators: &ctx.operators()?,
+        me: ctx.identity.id(),
+        role: Role::Source,
+        now: crate::unix_now(),
+    })?;
+    // The order pins the destination's identity; this agent must trust it as a peer too, so
+    // that removing a peer (`trust remove-peer`) stops migrations to it at once (SPEC.md §3.4).
+    let destination = &order.body().destination;
+    if !ctx.peers()?.contains(destination) {
+        return Err(AgentError::Refused(format!(
+            "destination {} is not a trusted peer here (trustmig trust add-peer)",
+            hex(destination)
+        )));
+    }
+    Ok(order)
+}
+
+/// Why `order`'s VM cannot be taken now, if it cannot: one migration per VM at a time. An
+/// order already journalled passes: a replayed order is left to the claim, which names it so.
+/// `qemu`: the VM is a QEMU VM in the configuration the caller read.
+fn busy(
+    ctx: &Ctx,
+    j: &crate::journal::Journal,
+    order: &VerifiedOrder,
+    qemu: bool,
+) -> Result<(), AgentError> {
+    let vm = &order.body().vm;
+    if j.entry(order.id()).is_some() {
+        return Ok(());
+    }
+    if j.leaving(vm) {
+        return Err(AgentError::Refused(not_free(j, vm, NotHeld::Leaving)));
+    }
+    // Its arrival's session resumes it (`cont`) after COMMIT: a source that took the QEMU
+    // meanwhile would have that `cont` run a copy it switched over.
+    if ctx.arriving.contains(vm) {
+        return Err(AgentError::Refused(format!(
+            "VM {vm} is arriving here by another order: send it once it has arrived"
+        )));
+    }
+    // QEMU alone cannot tell: a copy that arrived and never ran is paused too. (Synthetic
+    // guests live in the agent and start anew from the journal: no such copy.)
+    if qemu {
+        if let Err(why) = j.holds_vm(vm) {
+            return Err(AgentError::Refused(not_free(j, vm, why)));
+        }
+    }
+    Ok(())
+}
+
+/// Claim `order`'s VM in the journal (`paused_before`: the VM was paused before the order),
+/// if its entry in the configuration is still the one of `config`, the configuration the
+/// order was prepared on. Under `Ctx::claims`, so that no reload swaps the entry between the
+/// check and the claim.
+async fn claim(
+    ctx: &Ctx,
+    config: &crate::config::Config,
+    order: &VerifiedOrder,
+    paused_before: bool,
+) -> Result<(), AgentError> {
+    let vm = &order.body().vm;
+    let _claims = ctx.claims.read().await;
+    if !config.same_vm(&ctx.config(), vm) {
+        return Err(AgentError::Refused(format!(
+            "VM {vm}'s entry in the configuration changed (a reload) while the order was being prepared: send the order again"
+        )));
+    }
+    let mut journal = ctx.journal.lock().expect("journal lock");
+    let qemu = crate::backend::qemu::qemu_vm(config, vm).is_some();
+    busy(ctx, &journal, order, qemu)?;
+    journal.claim_as_source(order, paused_before)?;
+    drop(journal);
+    crash_point(CrashPoint::SourceAfterClaim);
+    Ok(())
 }
 
 /// A permit to send one migration (`transfer.max_concurrent_migrations`), queueing for it
