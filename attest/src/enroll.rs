@@ -14,7 +14,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use trustmig_protocol::codec::{self, CodecError};
 use trustmig_protocol::{ct_eq, AgentId};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::policy::TrustedAk;
 use crate::public::{AkPublic, EkPublic, PublicError};
@@ -51,9 +51,8 @@ pub struct EnrollChallenge {
 }
 
 /// Agent -> verifier: the activated secret.
-#[derive(Serialize, Deserialize, Zeroize)]
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 #[serde(deny_unknown_fields)]
-#[zeroize(drop)]
 pub struct EnrollResponse {
     /// The secret TPM2_ActivateCredential returned.
     #[serde(with = "serde_bytes")]
@@ -207,9 +206,8 @@ pub struct PendingEnrollment {
 }
 
 /// The stored form of a pending enrollment (verifier side, between challenge and finish).
-#[derive(Serialize, Deserialize, Zeroize)]
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 #[serde(deny_unknown_fields)]
-#[zeroize(drop)]
 struct PendingFile {
     #[serde(with = "serde_bytes")]
     agent: AgentId,

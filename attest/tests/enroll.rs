@@ -177,3 +177,11 @@ fn enrollment_fails_for_an_ak_from_a_different_tpm() {
     };
     assert_eq!(pending.finish(&guess).err(), Some(EnrollError::WrongSecret));
 }
+
+/// The activated credential is wiped when a response is dropped (a compile-time check:
+/// removing the wipe fails to build). The verifier's pending secret is too, inside the crate.
+#[test]
+fn an_enrollment_response_is_wiped_when_dropped() {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<EnrollResponse>();
+}

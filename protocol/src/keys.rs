@@ -130,11 +130,13 @@ impl TrafficSecret {
     }
 
     /// The raw key and IV, for test vectors only. Named `dangerous_` because it exports a secret.
+    #[cfg(feature = "testing")]
     pub fn dangerous_export(&self) -> ([u8; 32], [u8; 12]) {
         (self.key, self.iv)
     }
 
     /// Build a secret from raw bytes, for test vectors and benchmarks only.
+    #[cfg(feature = "testing")]
     pub fn dangerous_from_bytes(key: [u8; 32], iv: [u8; 12]) -> Self {
         Self { key, iv }
     }
@@ -142,6 +144,7 @@ impl TrafficSecret {
 
 impl KeySchedule {
     /// The PRK, for test vectors only.
+    #[cfg(feature = "testing")]
     pub fn dangerous_prk(&self) -> [u8; 32] {
         self.prk
     }

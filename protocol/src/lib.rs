@@ -27,9 +27,9 @@ pub mod rate;
 pub mod record;
 pub mod settlement;
 
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub mod fuzzing;
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use error::{AbortCode, Error};
