@@ -471,4 +471,71 @@ mod tests {
         // Lost what it should have kept (here: order 1, with nothing said to drop).
         assert!(!agrees(&smaller, &whole, &HashMap::new()));
     }
+
+    fn path() -> &'static Path {
+        Path::new("journal.jsonl")
+    }
+
+    proptest::proptest! {
+        /// On any journal of orders interleaved as agents write them (each order one VM, one
+        /// role and one window, its states along a path the rules allow, cut anywhere), what
+        /// compaction keeps replays to what the whole journal said (`agrees`), so its guard
+        /// never has to leave the journal as it was.
+        #[test]
+        fn compaction_agrees_on_any_journal(
+            orders in proptest::collection::vec(
+                (0usize..3, proptest::bool::ANY, 0usize..3, proptest::bool::ANY, 0usize..6, 1usize..4),
+                0..7,
+            ),
+            turns in proptest::collection::vec(0usize..7, 0..30),
+        ) {
+            use State::*;
+            let paths: [&[State]; 6] = [
+                &[Revoked],
+                &[Claimed, RolledBack],
+                &[Claimed, Settled],
+                &[Claimed, Committed, Done],
+                &[Claimed, Committed, Settled],
+                &[Claimed, Committed],
+            ];
+            let record = |i: usize, state: State| {
+                let (vm, destination, window, with_peer, _, _) = orders[i];
+                let role = if destination { Role::Destination } else { Role::Source };
+                let not_after = [0, 1, u64::MAX / 4][window];
+                let mut r = Record::new(format!("{i:032x}"), role, ["a", "b", "c"][vm], state, not_after);
+                if with_peer {
+                    r.peer = Some("ab".repeat(32));
+                    r.peer_addr = Some("127.0.0.1:1".into());
+                }
+                serde_json::to_string(&r).unwrap() + "\n"
+            };
+            // Each order's states, cut after `len` of them.
+            let mut left: Vec<Vec<State>> = (orders.iter())
+                .map(|&(.., path, len)| paths[path].iter().take(len).copied().collect())
+                .collect();
+            let mut text = String::new();
+            let every = (0..orders.len()).cycle().take(orders.len() * 3);
+            for i in turns.into_iter().filter(|&i| i < orders.len()).chain(every) {
+                if !left[i].is_empty() {
+                    text += &record(i, left[i].remove(0));
+                }
+            }
+            let whole = Replay::of(&text, path()).unwrap();
+            let fates = fates(&whole, u64::MAX / 2);
+            if let Some((smaller, _)) = compacted_text(&text, &whole, &fates, 1) {
+                let replayed = Replay::of(&smaller, path()).unwrap();
+                proptest::prop_assert!(agrees(&replayed, &whole, &fates), "{text}");
+            }
+        }
+
+        /// Whatever the file holds, replaying it answers: the journal, or an error naming the
+        /// line that is not one (never a panic).
+        #[test]
+        fn any_text_replays_or_names_its_bad_line(text in "(\\PC{0,60}\n){0,5}\\PC{0,20}") {
+            match Replay::of(&text, path()) {
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert!(e.to_string().contains("line "), "{e}"),
+            }
+        }
+    }
 }
