@@ -46,6 +46,13 @@ const QEMU_MAX_DOWNTIME_MS: u64 = 2_000_000;
 /// +20% up to 99%), as `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`.
 const THROTTLE_STEP: u8 = 20;
 const THROTTLE_MAX: u8 = 99;
+/// Rounds beyond `max_rounds` an order that says `throttle` gives QEMU per throttle step while
+/// its throttle has not reached its ceiling. QEMU 7.2 looks at the guest's dirty rate at a
+/// sync only once a second has passed since its last look, and raises its throttle at every
+/// second look that finds the guest too fast: at every second sync when rounds take over a
+/// second, at every fourth when they take half a second to a second
+/// (`qemu_raises_its_throttle_at_no_more_than_every_second_sync`).
+const THROTTLE_ROUNDS_PER_STEP: u64 = 4;
 
 /// The ladder's steps for an order allowing `max_rounds`: it reaches the target by the order's
 /// last round at the latest, so non-convergence is judged against the target, never a step.
@@ -306,7 +313,7 @@ async fn transfer(
     let done = done?;
     Ok(transferred(
         done,
-        ladder.forced,
+        (ladder.forced, ladder.throttled),
         disk_wire,
         disk_ms,
         std::mem::take(&mut vm.pumps),
@@ -367,10 +374,11 @@ fn spawn_pumps(
 }
 
 /// What the transfer did, from what `follow` saw: the summary's figures and the records of
-/// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced.
+/// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced;
+/// `throttled`: the highest throttle QEMU showed (it lifts it at completion).
 fn transferred(
     done: Done,
-    forced: bool,
+    (forced, throttled): (bool, u8),
     disk_wire: u64,
     disk_ms: u64,
     tasks: Tasks,
@@ -400,7 +408,7 @@ fn transferred(
             guest_bytes: ram.total,
             rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
             converged: !forced,
-            throttle: info.cpu_throttle_percentage.unwrap_or(0).min(100) as u8,
+            throttle: throttled,
             bytes_on_wire: sent.wire_bytes + disk_wire + nbd_bytes,
             bytes_per_round: vec![sent.digest.len()],
             zero_pages_skipped: ram.duplicate,
@@ -633,10 +641,15 @@ async fn start_qemu(
 struct Ladder {
     target: u64,
     steps: u32,
-    /// Rounds QEMU may pre-copy before the order's non-convergence action: `max_rounds`, and
-    /// with `throttle` two more rounds per throttle step (QEMU 7.2 raises its throttle at every
-    /// second bitmap sync that finds the guest dirtying too fast).
-    round_budget: u64,
+    /// The order's rounds, after which its non-convergence action is due (with `throttle`,
+    /// once QEMU's throttle has had its chance: [`Ladder::out_of_rounds`]).
+    max_rounds: u64,
+    /// The order says `throttle`.
+    throttle: bool,
+    /// With `throttle`: the round at which QEMU's throttle was first seen at its ceiling.
+    ceiling_at: Option<u64>,
+    /// The highest throttle QEMU showed in pre-copy (the summary's).
+    throttled: u8,
     on_nonconvergence: NonConvergence,
     downtime_ms: u32,
     /// `max-bandwidth`.
@@ -655,12 +668,10 @@ impl Ladder {
         Self {
             target,
             steps,
-            round_budget: u64::from(limits.max_rounds)
-                + if throttle {
-                    2 * THROTTLE_STEPS.len() as u64
-                } else {
-                    0
-                },
+            max_rounds: u64::from(limits.max_rounds),
+            throttle,
+            ceiling_at: None,
+            throttled: 0,
             on_nonconvergence: limits.on_nonconvergence,
             downtime_ms: limits.downtime_ms,
             bw: if limits.bandwidth_bps == 0 {
@@ -680,6 +691,11 @@ impl Ladder {
             return Ok(None);
         }
         let rounds = rounds_done(m);
+        let throttle = m.cpu_throttle_percentage.unwrap_or(0).min(100) as u8;
+        self.throttled = self.throttled.max(throttle);
+        if throttle >= THROTTLE_MAX {
+            self.ceiling_at.get_or_insert(rounds);
+        }
         if self.out_of_rounds(m) {
             if self.on_nonconvergence == NonConvergence::Abort {
                 return Err(PrecopyError::NotConverged {
@@ -705,9 +721,18 @@ impl Ladder {
     }
 
     /// Whether `m` shows the order's rounds run out, so that its non-convergence action is
-    /// due at this look.
+    /// due at this look. With `throttle` (SPEC.md §8.4: every throttle step, then one more
+    /// round), the rounds run out at the round after the one in which QEMU's throttle reached
+    /// its ceiling, or once QEMU has had `THROTTLE_ROUNDS_PER_STEP` rounds per step beyond
+    /// `max_rounds` (its heuristic may never throttle a guest it does not find too fast).
     fn out_of_rounds(&self, m: &MigrationInfo) -> bool {
-        m.status() == MigrationStatus::Active && !self.forced && rounds_done(m) >= self.round_budget
+        let rounds = rounds_done(m);
+        if m.status() != MigrationStatus::Active || self.forced || rounds < self.max_rounds {
+            return false;
+        }
+        !self.throttle
+            || self.ceiling_at.is_some_and(|at| rounds > at)
+            || rounds >= self.max_rounds + THROTTLE_ROUNDS_PER_STEP * THROTTLE_STEPS.len() as u64
     }
 }
 
@@ -1253,6 +1278,64 @@ mod tests {
                     "dirty-sync-count": sync},
         }))
         .expect("query-migrate reply")
+    }
+
+    /// An order that says `throttle` runs out of rounds at the round after the one in which
+    /// QEMU's throttle reached its ceiling, or, while it has not, after four rounds per step
+    /// beyond `max_rounds`; `force` at `max_rounds`.
+    #[test]
+    fn a_throttled_order_runs_out_of_rounds_once_qemus_throttle_had_its_chance() {
+        let limits = |on_nonconvergence| Limits {
+            downtime_ms: 1,
+            bandwidth_bps: 0,
+            max_rounds: 3,
+            on_nonconvergence,
+        };
+        // Rounds are syncs less the first pass's.
+        let at = |round: u64, throttle: u64| {
+            let mut m = info("active", round + 1, round);
+            m.cpu_throttle_percentage = Some(throttle);
+            m
+        };
+        let mut force = Ladder::new(&limits(NonConvergence::Force), 0);
+        assert!(!force.out_of_rounds(&at(2, 0)));
+        assert!(force.out_of_rounds(&at(3, 0)));
+        assert_eq!(force.after_look(&at(3, 0)), Ok(Some(QEMU_MAX_DOWNTIME_MS)));
+
+        let mut never = Ladder::new(&limits(NonConvergence::Throttle), 0);
+        for round in 0..23 {
+            assert!(!never.out_of_rounds(&at(round, 60)), "round {round}");
+            assert_eq!(never.after_look(&at(round, 60)), Ok(None), "round {round}");
+        }
+        assert!(never.out_of_rounds(&at(23, 60)), "3 + 4 x 5 rounds");
+
+        let mut ceiling = Ladder::new(&limits(NonConvergence::Throttle), 0);
+        for round in 0..6 {
+            assert_eq!(
+                ceiling.after_look(&at(round, 80)),
+                Ok(None),
+                "round {round}"
+            );
+        }
+        assert_eq!(
+            ceiling.after_look(&at(6, 99)),
+            Ok(None),
+            "at the ceiling's round"
+        );
+        assert!(!ceiling.out_of_rounds(&at(6, 99)));
+        assert!(ceiling.out_of_rounds(&at(7, 99)), "the round after it");
+        assert_eq!(
+            ceiling.after_look(&at(7, 99)),
+            Ok(Some(QEMU_MAX_DOWNTIME_MS))
+        );
+        assert!(ceiling.forced);
+        assert_eq!(ceiling.throttled, 99, "the summary's highest throttle");
+
+        // A ceiling reached before `max_rounds` leaves the order its rounds.
+        let mut early = Ladder::new(&limits(NonConvergence::Throttle), 0);
+        assert_eq!(early.after_look(&at(1, 99)), Ok(None));
+        assert!(!early.out_of_rounds(&at(2, 99)));
+        assert!(early.out_of_rounds(&at(3, 99)));
     }
 
     /// QEMU's decision at the sync that ended the order's rounds is read from what it did
