@@ -3141,6 +3141,93 @@ async fn qemu_raises_its_throttle_at_no_more_than_every_second_sync() {
     assert!(raises[0].0 >= 2, "throttled at the first sync: {raises:?}");
 }
 
+/// A relay from unix socket `from` to `to` (one connection, source to destination only: no
+/// return path) at `rate` bytes per second; it returns when the source closes, with the
+/// instant the last bytes came.
+async fn slow_relay(from: &Path, to: &Path, rate: u64) -> tokio::task::JoinHandle<Instant> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::UnixListener::bind(from).expect("relay bind");
+    let to = to.to_path_buf();
+    tokio::spawn(async move {
+        let (mut src, _) = listener.accept().await.expect("relay accept");
+        let mut dst = tokio::net::UnixStream::connect(&to)
+            .await
+            .expect("relay connect");
+        let (start, mut moved, mut last) = (Instant::now(), 0u64, Instant::now());
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = src.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return last;
+            }
+            last = Instant::now();
+            if dst.write_all(&buf[..n]).await.is_err() {
+                return last;
+            }
+            moved += n as u64;
+            tokio::time::sleep_until(
+                (start + Duration::from_secs_f64(moved as f64 / rate as f64)).into(),
+            )
+            .await;
+        }
+    })
+}
+
+/// spec/qemu.md §2 (QMP timeouts): QEMU 7.2 answers no QMP command during its stop-and-copy:
+/// the migration thread holds the big lock from the guest's `STOP` until it has sent its last
+/// byte, so a `query-status` asked at `STOP` is answered only then (why a QMP command's timeout
+/// is extended while the stream moves). Plain QEMU to QEMU through an 8 MB/s relay, with
+/// QEMU's largest `downtime-limit`, so that it switches over with most of the guest unsent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_answers_no_qmp_command_during_its_stop_and_copy() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_src, _dst, mut s, mut d) = bare_pair(dir.path(), "area=16 rate=0 check=1000000").await;
+    s.migrate_set_capabilities(&[("events", true)])
+        .await
+        .expect("source capabilities");
+    s.migrate_set_parameters(2_000_000, 1 << 40)
+        .await
+        .expect("parameters");
+    let (relay, incoming) = (dir.path().join("r.sock"), dir.path().join("m.sock"));
+    d.migrate_incoming(&format!("unix:{}", incoming.display()))
+        .await
+        .expect("migrate-incoming");
+    let last_byte = slow_relay(&relay, &incoming, 8_000_000).await;
+    s.migrate(&format!("unix:{}", relay.display()))
+        .await
+        .expect("migrate");
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), s.event())
+            .await
+            .expect("the guest stops within 60 s")
+            .expect("QMP event");
+        if ev.name == "STOP" {
+            break;
+        }
+    }
+    let stopped = Instant::now();
+    s.query_status().await.expect("query-status");
+    let answered = Instant::now();
+    completed_at(&mut s).await;
+    let last_byte = last_byte.await.expect("relay");
+    let stop_and_copy = last_byte.duration_since(stopped);
+    assert!(
+        stop_and_copy > Duration::from_secs(1),
+        "the stop-and-copy took only {stop_and_copy:?}"
+    );
+    // The last bytes reach the relay a socket buffer's worth (at 8 MB/s, tens of ms) after
+    // QEMU wrote them.
+    assert!(
+        answered + Duration::from_millis(300) >= last_byte,
+        "answered {:?} after STOP, the stream ended {stop_and_copy:?} after it",
+        answered.duration_since(stopped)
+    );
+}
+
 /// Issue 14, case 3: a data stream that never binds (its `StreamInit` tampered with). The
 /// source rolls back; the destination gives the session up at once and discards its waiting
 /// QEMU instead of holding it (and its QMP socket) for a step timeout and leaving it behind.
