@@ -3839,12 +3839,25 @@ impl MirrorFixture {
         );
         let test_qmp = dir.path().join("src-test.qmp");
         let received = dir.path().join("received");
+        // Raw disks' node in QEMU's JSON syntax, as libvirt writes it, qcow2's in key=value
+        // form: the destination's command line leaves out both (spec/qemu.md §1), each checked
+        // against real QEMU through `trustmig qemu start-destination`.
+        let blockdev = if format == "raw" {
+            serde_json::json!({
+                "driver": "raw",
+                "node-name": "d0",
+                "file": {"driver": "file", "filename": img},
+            })
+            .to_string()
+        } else {
+            format!("driver={format},node-name=d0,file.driver=file,file.filename={img}")
+        };
         let opts = VmOpts {
             append: "area=16 rate=4 check=10".into(),
             mem_mib: MEM_MIB,
             src_extra: vec![
                 "-blockdev".into(),
-                format!("driver={format},node-name=d0,file.driver=file,file.filename={img}"),
+                blockdev,
                 "-device".into(),
                 "virtio-blk-pci,drive=d0,id=vd0,addr=0x5".into(),
                 "-qmp".into(),
