@@ -3507,15 +3507,23 @@ impl Drop for VmTpm {
 
 impl VmTpm {
     fn start(dir: &Path) -> Self {
+        Self::start_named(dir, "swtpm")
+    }
+
+    /// An swtpm on state directory `dir` whose socket and log are `dir/<name>.sock`, `.log`.
+    fn start_named(dir: &Path, name: &str) -> Self {
         std::fs::create_dir_all(dir).expect("tpm dir");
-        let sock = dir.join("swtpm.sock");
+        let sock = dir.join(format!("{name}.sock"));
         let child = Command::new("swtpm")
             .args(["socket", "--tpm2", "--tpmstate"])
             .arg(format!("dir={}", dir.display()))
             .arg("--ctrl")
             .arg(format!("type=unixio,path={}", sock.display()))
             .arg("--log")
-            .arg(format!("file={}", dir.join("swtpm.log").display()))
+            .arg(format!(
+                "file={}",
+                dir.join(format!("{name}.log")).display()
+            ))
             .stdin(Stdio::null())
             .spawn()
             .expect("swtpm starts");
@@ -3563,6 +3571,64 @@ fn pcr_chain(k: u32) -> String {
         p = trustmig_protocol::sha256(&[&p, &[0xA5; 32]]);
     }
     p.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// spec/qemu.md §6: two swtpm 0.7.1 on one state directory start, but the second QEMU to
+/// initialise its TPM through them fails (swtpm cannot lock the directory's `.lock`) and
+/// exits; hence each host's own state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swtpm_on_a_shared_state_directory_fails_the_second_qemu() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tpms = [
+        VmTpm::start_named(dir.path(), "a"),
+        VmTpm::start_named(dir.path(), "b"),
+    ];
+    let qemu = |tpm: &VmTpm| {
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "32",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+            ])
+            .args(tpm.qemu_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 starts")
+    };
+    let mut first = qemu(&tpms[0]);
+    // The first QEMU initialised its TPM once swtpm wrote its state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.path().join("tpm2-00.permall").exists() {
+        assert!(Instant::now() < deadline, "the first TPM never initialised");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = qemu(&tpms[1]);
+    let out = second.wait_with_output().expect("the second QEMU exits");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("CMD_INIT"),
+        "{:?}: {err}",
+        out.status
+    );
+    let log = std::fs::read_to_string(dir.path().join("b.log")).expect("swtpm log");
+    assert!(log.contains("Could not lock access to lockfile"), "{log}");
+    assert!(
+        matches!(first.try_wait(), Ok(None)),
+        "the first QEMU runs on"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
