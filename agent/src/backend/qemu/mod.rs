@@ -402,4 +402,31 @@ pub(crate) mod tests {
         assert!(left.iter().all(|f| !f.exists()), "{left:?}");
         assert!(kept.iter().all(|f| f.exists()), "{kept:?}");
     }
+
+    proptest::proptest! {
+        /// A start removes a file only if it is a name the agent makes: whatever the name,
+        /// `of_file` either refuses it or reads a role whose name for the order in it is that
+        /// very name; and every name the agent makes reads back as its role.
+        #[test]
+        fn only_names_the_agent_makes_read_as_its_sockets(
+            name in "(out|in|nbd[0-9]{0,3}|[a-zA-Z0-9]{0,4})-[0-9a-fA-F]{14,18}\\.sock(et)?",
+            role in 0usize..5,
+            id in proptest::array::uniform16(proptest::num::u8::ANY),
+        ) {
+            if let Some(r) = SocketRole::of_file(&name) {
+                let digits = &name[name.find('-').unwrap() + 1..name.len() - ".sock".len()];
+                let mut id = [0u8; 16];
+                ::hex::decode_to_slice(digits, &mut id[..8]).unwrap();
+                proptest::prop_assert_eq!(r.file_name(&id), name.clone());
+            }
+            let r = [
+                SocketRole::Out,
+                SocketRole::In,
+                SocketRole::NbdServer,
+                SocketRole::NbdRelay(0),
+                SocketRole::NbdRelay(role * 37),
+            ][role];
+            proptest::prop_assert_eq!(SocketRole::of_file(&r.file_name(&id)), Some(r));
+        }
+    }
 }
