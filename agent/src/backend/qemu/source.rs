@@ -46,13 +46,15 @@ const QEMU_MAX_DOWNTIME_MS: u64 = 2_000_000;
 /// +20% up to 99%), as `cpu-throttle-initial`, `cpu-throttle-increment`, `max-cpu-throttle`.
 const THROTTLE_STEP: u8 = 20;
 const THROTTLE_MAX: u8 = 99;
-/// Rounds beyond `max_rounds` an order that says `throttle` gives QEMU per throttle step while
-/// its throttle has not reached its ceiling. QEMU 7.2 looks at the guest's dirty rate at a
-/// sync only once a second has passed since its last look, and raises its throttle at every
-/// second look that finds the guest too fast: at every second sync when rounds take over a
-/// second, at every fourth when they take half a second to a second
-/// (`qemu_raises_its_throttle_at_no_more_than_every_second_sync`).
-const THROTTLE_ROUNDS_PER_STEP: u64 = 4;
+/// How long, in rounds and in time (both), an order that says `throttle` waits beyond
+/// `max_rounds` for QEMU's throttle to rise before it takes QEMU's heuristic as done with it.
+/// QEMU 7.2 looks at the guest's dirty rate at the first sync a second or more after its last
+/// look, and raises its throttle at every second look that finds the guest too fast
+/// (`qemu_raises_its_throttle_at_no_more_than_every_second_sync`), so its raises come at most
+/// about two rounds apart when rounds take over a second and two seconds and a round or two
+/// apart when they are shorter (measured: 3.4 s with rounds of 0.8–0.9 s).
+const THROTTLE_STEP_ROUNDS: u64 = 4;
+const THROTTLE_STEP_WAIT: Duration = Duration::from_secs(8);
 
 /// The ladder's steps for an order allowing `max_rounds`: it reaches the target by the order's
 /// last round at the latest, so non-convergence is judged against the target, never a step.
@@ -277,7 +279,7 @@ async fn transfer(
         mirrors_ready(&mut vm.qmp, mirrors, &mut link).await?;
     }
     let disk_ms = vm.started.elapsed().as_millis() as u64;
-    let mut ladder = Ladder::new(&body.limits, vm.downtime_steps);
+    let mut ladder = Ladder::new(&body.limits, vm.downtime_steps, Instant::now());
     // The guest as it is now (an operator may have stopped or run it since the claim): how
     // the switch-over shows, and what is handed over. Older events say nothing about this
     // migration; from this reading on, `follow` keeps up with them.
@@ -313,7 +315,7 @@ async fn transfer(
     let done = done?;
     Ok(transferred(
         done,
-        (ladder.forced, ladder.throttled),
+        &ladder,
         disk_wire,
         disk_ms,
         std::mem::take(&mut vm.pumps),
@@ -374,11 +376,11 @@ fn spawn_pumps(
 }
 
 /// What the transfer did, from what `follow` saw: the summary's figures and the records of
-/// every stream (QEMU's first, then each mirror's). `forced`: the switch-over was forced;
-/// `throttled`: the highest throttle QEMU showed (it lifts it at completion).
+/// every stream (QEMU's first, then each mirror's), and from the `ladder`: whether the
+/// switch-over was forced, and the highest throttle QEMU showed (it lifts it at completion).
 fn transferred(
     done: Done,
-    (forced, throttled): (bool, u8),
+    ladder: &Ladder,
     disk_wire: u64,
     disk_ms: u64,
     tasks: Tasks,
@@ -407,8 +409,8 @@ fn transferred(
         summary: Summary {
             guest_bytes: ram.total,
             rounds: ram.dirty_sync_count.saturating_sub(1) as u32,
-            converged: !forced,
-            throttle: throttled,
+            converged: !ladder.forced,
+            throttle: ladder.throttled,
             bytes_on_wire: sent.wire_bytes + disk_wire + nbd_bytes,
             bytes_per_round: vec![sent.digest.len()],
             zero_pages_skipped: ram.duplicate,
@@ -600,7 +602,7 @@ async fn start_qemu(
     // `events`: QEMU announces the guest's stop, pre-switchover and completion at once
     // (polling would add up to a poll period to the guest's downtime, twice).
     // `auto-converge` with `throttle` orders: QEMU's own throttle, in the native engine's steps.
-    let throttle = ladder.on_nonconvergence == NonConvergence::Throttle;
+    let throttle = ladder.throttles();
     qmp.migrate_set_capabilities(&[
         ("pause-before-switchover", switch == Switch::Pause),
         ("return-path", true),
@@ -644,10 +646,10 @@ struct Ladder {
     /// The order's rounds, after which its non-convergence action is due (with `throttle`,
     /// once QEMU's throttle has had its chance: [`Ladder::out_of_rounds`]).
     max_rounds: u64,
-    /// The order says `throttle`.
-    throttle: bool,
-    /// With `throttle`: the round at which QEMU's throttle was first seen at its ceiling.
-    ceiling_at: Option<u64>,
+    /// When the order's rounds were first seen run out.
+    rounds_out: Option<Instant>,
+    /// QEMU's throttle as last seen, and the round and time it was first seen at.
+    level: (u8, u64, Instant),
     /// The highest throttle QEMU showed in pre-copy (the summary's).
     throttled: u8,
     on_nonconvergence: NonConvergence,
@@ -661,16 +663,15 @@ struct Ladder {
 }
 
 impl Ladder {
-    fn new(limits: &Limits, configured_steps: u32) -> Self {
-        let throttle = limits.on_nonconvergence == NonConvergence::Throttle;
+    fn new(limits: &Limits, configured_steps: u32, now: Instant) -> Self {
         let target = u64::from(limits.downtime_ms);
         let steps = ladder_steps(configured_steps, limits.max_rounds);
         Self {
             target,
             steps,
             max_rounds: u64::from(limits.max_rounds),
-            throttle,
-            ceiling_at: None,
+            rounds_out: None,
+            level: (0, 0, now),
             throttled: 0,
             on_nonconvergence: limits.on_nonconvergence,
             downtime_ms: limits.downtime_ms,
@@ -684,19 +685,33 @@ impl Ladder {
         }
     }
 
-    /// After a look at QEMU's migration (`m`, the guest not yet stopped by it): the new
-    /// `downtime-limit` to set, if any, or the order's abort.
-    fn after_look(&mut self, m: &MigrationInfo) -> Result<Option<u64>, PrecopyError> {
+    /// The order says `throttle`.
+    fn throttles(&self) -> bool {
+        self.on_nonconvergence == NonConvergence::Throttle
+    }
+
+    /// Take in what a look at `m` (at `now`) shows of the rounds and QEMU's throttle.
+    fn note(&mut self, m: &MigrationInfo, now: Instant) {
+        let rounds = rounds_done(m);
+        let throttle = m.cpu_throttle_percentage.unwrap_or(0).min(100) as u8;
+        self.throttled = self.throttled.max(throttle);
+        if throttle != self.level.0 {
+            self.level = (throttle, rounds, now);
+        }
+        if rounds >= self.max_rounds {
+            self.rounds_out.get_or_insert(now);
+        }
+    }
+
+    /// After a look at QEMU's migration (`m` at `now`, the guest not yet stopped by it): the
+    /// new `downtime-limit` to set, if any, or the order's abort.
+    fn after_look(&mut self, m: &MigrationInfo, now: Instant) -> Result<Option<u64>, PrecopyError> {
+        self.note(m, now);
         if m.status() != MigrationStatus::Active || self.forced {
             return Ok(None);
         }
         let rounds = rounds_done(m);
-        let throttle = m.cpu_throttle_percentage.unwrap_or(0).min(100) as u8;
-        self.throttled = self.throttled.max(throttle);
-        if throttle >= THROTTLE_MAX {
-            self.ceiling_at.get_or_insert(rounds);
-        }
-        if self.out_of_rounds(m) {
+        if self.out_of_rounds(m, now) {
             if self.on_nonconvergence == NonConvergence::Abort {
                 return Err(PrecopyError::NotConverged {
                     rounds: u32::try_from(rounds).unwrap_or(u32::MAX),
@@ -720,19 +735,28 @@ impl Ladder {
         Ok(Some(next))
     }
 
-    /// Whether `m` shows the order's rounds run out, so that its non-convergence action is
-    /// due at this look. With `throttle` (SPEC.md §8.4: every throttle step, then one more
-    /// round), the rounds run out at the round after the one in which QEMU's throttle reached
-    /// its ceiling, or once QEMU has had `THROTTLE_ROUNDS_PER_STEP` rounds per step beyond
-    /// `max_rounds` (its heuristic may never throttle a guest it does not find too fast).
-    fn out_of_rounds(&self, m: &MigrationInfo) -> bool {
+    /// Whether `m` (at `now`, taken in by [`Ladder::note`]) shows the order's rounds run out,
+    /// so that its non-convergence action is due at this look. With `throttle` (SPEC.md §8.4:
+    /// every throttle step, then one more round), once `max_rounds` are done: at the round
+    /// after the one in which QEMU's throttle reached its ceiling, or once it has not risen for
+    /// `THROTTLE_STEP_ROUNDS` rounds and `THROTTLE_STEP_WAIT` (counted from `max_rounds` at
+    /// the earliest): QEMU's heuristic is done with the guest, or never throttles it (it does
+    /// not find it too fast).
+    fn out_of_rounds(&self, m: &MigrationInfo, now: Instant) -> bool {
         let rounds = rounds_done(m);
         if m.status() != MigrationStatus::Active || self.forced || rounds < self.max_rounds {
             return false;
         }
-        !self.throttle
-            || self.ceiling_at.is_some_and(|at| rounds > at)
-            || rounds >= self.max_rounds + THROTTLE_ROUNDS_PER_STEP * THROTTLE_STEPS.len() as u64
+        if !self.throttles() {
+            return true;
+        }
+        let (throttle, since_round, since) = self.level;
+        if throttle >= THROTTLE_MAX {
+            return rounds > since_round;
+        }
+        let since = self.rounds_out.map_or(since, |out| out.max(since));
+        rounds >= since_round.max(self.max_rounds) + THROTTLE_STEP_ROUNDS
+            && now.saturating_duration_since(since) >= THROTTLE_STEP_WAIT
     }
 }
 
@@ -1143,7 +1167,8 @@ async fn precopy_step(
     // (it converged there), or that count already holds the sync of a switch-over whose STOP
     // is not read yet, which is no pre-copy round; then no action of the order's is due. In
     // `Pause` mode the `pre-switchover` that follows marks the switch-over.
-    let out_of_rounds = seen.paused_at.is_none() && ladder.out_of_rounds(&m);
+    ladder.note(&m, Instant::now());
+    let out_of_rounds = seen.paused_at.is_none() && ladder.out_of_rounds(&m, Instant::now());
     let switching = out_of_rounds && switching_over(qmp, &m).await?;
     if switching && seen.switch == Switch::Stop {
         seen.note_remaining(&m);
@@ -1158,7 +1183,7 @@ async fn precopy_step(
     };
     let precopy = seen.paused_at.is_none() && !switching;
     if precopy {
-        if let Some(limit) = ladder.after_look(&m)? {
+        if let Some(limit) = ladder.after_look(&m, Instant::now())? {
             qmp.migrate_set_parameters(limit, ladder.bw).await?;
         }
         seen.note_remaining(&m);
@@ -1280,9 +1305,9 @@ mod tests {
         .expect("query-migrate reply")
     }
 
-    /// An order that says `throttle` runs out of rounds at the round after the one in which
-    /// QEMU's throttle reached its ceiling, or, while it has not, after four rounds per step
-    /// beyond `max_rounds`; `force` at `max_rounds`.
+    /// An order that says `throttle` runs out of rounds, once `max_rounds` are done, at the
+    /// round after the one in which QEMU's throttle reached its ceiling, or once the throttle
+    /// has not risen for four rounds and eight seconds; `force` at `max_rounds`.
     #[test]
     fn a_throttled_order_runs_out_of_rounds_once_qemus_throttle_had_its_chance() {
         let limits = |on_nonconvergence| Limits {
@@ -1297,45 +1322,64 @@ mod tests {
             m.cpu_throttle_percentage = Some(throttle);
             m
         };
-        let mut force = Ladder::new(&limits(NonConvergence::Force), 0);
-        assert!(!force.out_of_rounds(&at(2, 0)));
-        assert!(force.out_of_rounds(&at(3, 0)));
-        assert_eq!(force.after_look(&at(3, 0)), Ok(Some(QEMU_MAX_DOWNTIME_MS)));
+        let t0 = Instant::now();
+        let secs = |s: u64| t0 + Duration::from_secs(s);
+        let forced = Ok(Some(QEMU_MAX_DOWNTIME_MS));
 
-        let mut never = Ladder::new(&limits(NonConvergence::Throttle), 0);
-        for round in 0..23 {
-            assert!(!never.out_of_rounds(&at(round, 60)), "round {round}");
-            assert_eq!(never.after_look(&at(round, 60)), Ok(None), "round {round}");
-        }
-        assert!(never.out_of_rounds(&at(23, 60)), "3 + 4 x 5 rounds");
+        let mut force = Ladder::new(&limits(NonConvergence::Force), 0, t0);
+        assert!(!force.out_of_rounds(&at(2, 0), t0));
+        assert!(force.out_of_rounds(&at(3, 0), t0));
+        assert_eq!(force.after_look(&at(3, 0), t0), forced);
 
-        let mut ceiling = Ladder::new(&limits(NonConvergence::Throttle), 0);
-        for round in 0..6 {
-            assert_eq!(
-                ceiling.after_look(&at(round, 80)),
-                Ok(None),
-                "round {round}"
-            );
+        // QEMU raising its throttle every four rounds of 0.9 s: never out before the ceiling.
+        let mut steady = Ladder::new(&limits(NonConvergence::Throttle), 0, t0);
+        for round in 0..20 {
+            let now = t0 + Duration::from_millis(900 * round);
+            let throttle = at(round, round / 4 * 20);
+            assert_eq!(steady.after_look(&throttle, now), Ok(None), "round {round}");
         }
         assert_eq!(
-            ceiling.after_look(&at(6, 99)),
+            steady.after_look(&at(20, 99), secs(18)),
             Ok(None),
-            "at the ceiling's round"
+            "the ceiling's round"
         );
-        assert!(!ceiling.out_of_rounds(&at(6, 99)));
-        assert!(ceiling.out_of_rounds(&at(7, 99)), "the round after it");
         assert_eq!(
-            ceiling.after_look(&at(7, 99)),
-            Ok(Some(QEMU_MAX_DOWNTIME_MS))
+            steady.after_look(&at(21, 99), secs(19)),
+            forced,
+            "the round after it"
         );
-        assert!(ceiling.forced);
-        assert_eq!(ceiling.throttled, 99, "the summary's highest throttle");
+        assert!(steady.forced);
+        assert_eq!(steady.throttled, 99, "the summary's highest throttle");
+
+        // A throttle that stopped rising (here: never rose): four rounds and 8 s from the
+        // later of its last change and `max_rounds`, whichever comes last.
+        let mut stuck = Ladder::new(&limits(NonConvergence::Throttle), 0, t0);
+        assert_eq!(stuck.after_look(&at(3, 0), secs(1)), Ok(None));
+        assert_eq!(
+            stuck.after_look(&at(7, 0), secs(8)),
+            Ok(None),
+            "8 s not yet passed"
+        );
+        assert_eq!(
+            stuck.after_look(&at(6, 0), secs(30)),
+            Ok(None),
+            "4 rounds not yet done"
+        );
+        assert_eq!(stuck.after_look(&at(7, 0), secs(9)), forced);
+        let mut slow = Ladder::new(&limits(NonConvergence::Throttle), 0, t0);
+        assert_eq!(
+            slow.after_look(&at(5, 40), secs(20)),
+            Ok(None),
+            "a rise restarts it"
+        );
+        assert_eq!(slow.after_look(&at(9, 40), secs(27)), Ok(None));
+        assert_eq!(slow.after_look(&at(9, 40), secs(28)), forced);
 
         // A ceiling reached before `max_rounds` leaves the order its rounds.
-        let mut early = Ladder::new(&limits(NonConvergence::Throttle), 0);
-        assert_eq!(early.after_look(&at(1, 99)), Ok(None));
-        assert!(!early.out_of_rounds(&at(2, 99)));
-        assert!(early.out_of_rounds(&at(3, 99)));
+        let mut early = Ladder::new(&limits(NonConvergence::Throttle), 0, t0);
+        assert_eq!(early.after_look(&at(1, 99), t0), Ok(None));
+        assert!(!early.out_of_rounds(&at(2, 99), t0));
+        assert!(early.out_of_rounds(&at(3, 99), t0));
     }
 
     /// QEMU's decision at the sync that ended the order's rounds is read from what it did
