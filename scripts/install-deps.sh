@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what trustmig needs on Debian 12, only what is missing. Idempotent; quiet when done.
 set -euo pipefail
-pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc binutils qemu-system-x86 qemu-utils socat openssl python3)
+# libc6-dev: only a Recommends of gcc, which --no-install-recommends leaves out; without it
+# nothing links (ring's and tss-esapi-sys's C code, every Rust binary).
+pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev binutils qemu-system-x86 qemu-utils socat openssl python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,7 +18,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.85 or newer (rustup) first" >&2; exit 1; }
+command -v cargo >/dev/null || {
+  echo "cargo not found: install Rust 1.85 or newer with rustup first, as the user who runs this:" >&2
+  echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\"" >&2
+  exit 1
+}
 # Debian 12's own cargo is 1.63; the workspace needs rust-version 1.85 (Cargo.toml).
 cargo_minor=$(cargo --version | sed -n 's/^cargo 1\.\([0-9]*\).*/\1/p')
 if [ -n "$cargo_minor" ] && [ "$cargo_minor" -lt 85 ]; then

@@ -13,9 +13,6 @@ use trustmig_agent::error::AgentError;
     about = "Attested, signed, sealed live migration of VMs"
 )]
 pub(crate) struct Cli {
-    /// Log format for the agent: text or json.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    pub(crate) log_format: String,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
 }
@@ -33,7 +30,8 @@ pub(crate) enum Cmd {
     Init {
         #[command(flatten)]
         home: HomeArg,
-        /// Address peers will dial.
+        /// Address to listen on (peers dial the address an order names: `order sign
+        /// --destination-addr`); 127.0.0.1 is reachable from this host only.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: String,
         /// TPM TCTI (swtpm:host=H,port=P | device:/dev/tpmrm0 | tabrmd).
@@ -52,13 +50,16 @@ pub(crate) enum Cmd {
     /// Attestation: enrollment and measurements.
     #[command(subcommand)]
     Attest(AttestCmd),
-    /// The audit trail: verify its hash chain, list it.
+    /// The audit trail: verify its hash chain and TPM anchor, list it, anchor it anew.
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Run the agent daemon.
     Agent {
         #[command(flatten)]
         home: HomeArg,
+        /// Log format: text or json (one JSON object per line).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Submit an order to the local (source) agent and follow the migration.
     Migrate {
@@ -71,8 +72,9 @@ pub(crate) enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Submit every order in a directory to the local (source) agent at once (host
-    /// evacuation): the agent runs `transfer.max_concurrent_migrations` of them at a time and
+    /// Submit every order in a directory to the local (source) agent at once (host evacuation).
+    ///
+    /// The agent runs `transfer.max_concurrent_migrations` of them at a time and
     /// queues the rest; prints a table of results. Fails if any migration failed.
     Evacuate {
         #[command(flatten)]
@@ -81,9 +83,13 @@ pub(crate) enum Cmd {
         #[arg(long)]
         orders: PathBuf,
     },
-    /// Check this host for migrations: home and key permissions, configuration, trust store
-    /// and enrolled AKs, the agent, the TPM, each QEMU's QMP socket, the clock, and each peer
-    /// given with --peer. Prints what to fix; fails if anything would make a migration fail.
+    /// Check this host for migrations, and print what to fix.
+    ///
+    /// Checks the binary (a test build with fault injection is named), home and key
+    /// permissions, configuration, trust store and enrolled AKs, the agent, the TPM, each
+    /// QEMU's QMP socket (and `qemu-img` where disks need it), the audit trail and its TPM
+    /// anchor, the clock, and each peer given with --peer. Fails if anything would make a
+    /// migration fail, or if the audit trail was tampered with.
     Doctor {
         #[command(flatten)]
         home: HomeArg,
@@ -91,8 +97,11 @@ pub(crate) enum Cmd {
         #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
         peers: Vec<String>,
     },
-    /// Make the running agent read its configuration and attestation policy again (as SIGHUP
-    /// does); a file that does not load is refused with its error and the old one kept.
+    /// Make the running agent read its configuration and attestation policy again.
+    ///
+    /// As SIGHUP does. A file that does not load is refused with its error and the old one
+    /// kept; what takes effect only at the next start (listen, metrics_listen, tpm, ...) is
+    /// named.
     Reload {
         #[command(flatten)]
         home: HomeArg,
@@ -105,8 +114,10 @@ pub(crate) enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Settle by hand a migration left in doubt on this (source) agent: its session was lost
-    /// after COMMIT and the destination cannot be asked (say, its host is gone for good).
+    /// Settle by hand a migration left in doubt on this (source) agent.
+    ///
+    /// Its session was lost after COMMIT and the destination cannot be asked (say, its host
+    /// is gone for good).
     /// Only for an operator who knows where the VM runs: a wrong answer makes two copies, or
     /// none. The agent keeps asking the destination by itself until then.
     #[command(group = clap::ArgGroup::new("where").required(true))]
@@ -127,8 +138,9 @@ pub(crate) enum Cmd {
         #[arg(long, group = "where")]
         moved: bool,
     },
-    /// Bring a QEMU VM in line with this agent's journal again, as the agent's start does, for
-    /// a VM whose reconciliation the start left to you (the log says so: QEMU unreachable, a
+    /// Bring a QEMU VM in line with this agent's journal again, as the agent's start does.
+    ///
+    /// For a VM whose reconciliation the start left to you (the log says so: QEMU unreachable, a
     /// `cont` refused, a copy to quit). Until then a copy that never committed here, or one
     /// committed here and not yet resumed, is not sent from here. See to QEMU first, as the
     /// refusal or the log says; this looks at QEMU again, does what the journal allows, and

@@ -61,8 +61,8 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         Cmd::Trust(t) => trust(t),
         Cmd::Attest(a) => attest(a),
         Cmd::Audit(a) => audit(a),
-        Cmd::Agent { home } => {
-            init_logging(&cli.log_format);
+        Cmd::Agent { home, log_format } => {
+            init_logging(&log_format);
             runtime()?.block_on(trustmig_agent::daemon::run(Home::at(home.home)))
         }
         Cmd::Migrate { home, order, json } => migrate(&Home::at(home.home), &order, json),
@@ -139,7 +139,7 @@ fn init(h: &Home, listen: &str, tcti: &str) -> Result<(), AgentError> {
     let id = admin::init(h, listen, tcti)?;
     println!("{}", hex::encode(id));
     eprintln!(
-        "created {}: identity above; next: `trustmig trust add-peer`, `trustmig trust add-operator`, `trustmig attest enroll`",
+        "created {}: identity above; next: `trustmig trust add-peer`, `trustmig trust add-operator`, then enroll each other's AKs (`trustmig attest enroll-request` on each host, README)",
         h.root().display()
     );
     Ok(())

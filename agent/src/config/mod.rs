@@ -37,7 +37,8 @@ pub struct Config {
 pub struct TpmConfig {
     /// TCTI: `swtpm:host=127.0.0.1,port=2321`, `device:/dev/tpmrm0` or `tabrmd`.
     pub tcti: String,
-    /// Measurement PCR (16 or 23: resettable at locality 0).
+    /// Measurement PCR, in 16..=23: the agent resets it at start, which only 16 and 23 allow at
+    /// locality 0 (any other fails then, with the TPM's error).
     #[serde(default = "default_pcr")]
     pub pcr: u8,
     /// Persistent handle of the attestation key.
@@ -168,7 +169,8 @@ struct VmEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qmp: Option<std::path::PathBuf>,
     /// Backend `qemu`, destination: absolute directory where transferred disk images are
-    /// written (`<disk_dir>/<disk name>.raw`). spec: spec/qemu.md §5
+    /// written: `<disk_dir>/<disk name>.<format>` (`raw` for a copied read-only disk, a
+    /// mirrored disk's own format). spec: spec/qemu.md §5
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_dir: Option<std::path::PathBuf>,
     /// Backend `qemu`, source: QEMU's downtime-limit is 1 ms during the first pass, then the
@@ -506,13 +508,19 @@ pub fn default_config_text(listen: &str, tcti: &str) -> String {
     format!(
         r#"# trustmig agent configuration. Every key is shown with its default.
 
-# Address peers dial; control (TLS 1.3) and data streams share it.
+# Address this agent listens on for control (TLS 1.3) and data streams; peers dial the address
+# an order names (`trustmig order sign --destination-addr`). Read at start.
 listen = "{listen}"
+
+# Prometheus metrics at http://ADDR/metrics (off unless set; keep it on loopback or a
+# management network). A top-level key: it must stay above the first [section]. Read at start.
+# metrics_listen = "127.0.0.1:9187"
 
 [tpm]
 # swtpm:host=H,port=P (control port P+1) | device:/dev/tpmrm0 | tabrmd
 tcti = "{tcti}"
-# Measurement PCR: 16 or 23 (resettable at locality 0), SHA-256 bank.
+# Measurement PCR (16..=23), SHA-256 bank; reset at start, which only 16 and 23 allow at
+# locality 0.
 pcr = 16
 # Persistent handle of the attestation key (created on first use).
 ak_handle = 0x81010020

@@ -37,31 +37,7 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     })?;
     let verifier = load_verifier(&ctx.home.policy())?;
     let old = ctx.config();
-    let mut later = Vec::new();
-    if new.listen != old.listen {
-        later.push("listen");
-    }
-    if (new.tpm.tcti.as_str(), new.tpm.pcr, new.tpm.ak_handle)
-        != (old.tpm.tcti.as_str(), old.tpm.pcr, old.tpm.ak_handle)
-    {
-        later.push("tpm");
-    }
-    if new.transfer.max_concurrent_migrations != old.transfer.max_concurrent_migrations {
-        later.push("transfer.max_concurrent_migrations");
-        // What runs stays what the configuration says until the restart applies it.
-        new.transfer.max_concurrent_migrations = old.transfer.max_concurrent_migrations;
-    }
-    let synthetic = |c: &Config| -> Vec<String> {
-        let mut v: Vec<_> = (c.vms.iter())
-            .filter(|v| v.synthetic().is_some())
-            .map(|v| v.name.clone())
-            .collect();
-        v.sort();
-        v
-    };
-    if synthetic(&new) != synthetic(&old) {
-        later.push("synthetic VMs");
-    }
+    let later = at_next_start(&old, &mut new);
     // Synthetic guests live in this process, started at start: their entries stay as they were.
     new.vms.retain(|v| v.synthetic().is_none());
     new.vms
@@ -90,6 +66,49 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
         );
     }
     Ok(what)
+}
+
+/// What of `new` takes effect only at the next start, by name (`new` keeps the running values
+/// of what the running agent goes on using: what a reader of the configuration would otherwise
+/// take for what runs).
+fn at_next_start(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut later = Vec::new();
+    if new.listen != old.listen {
+        later.push("listen");
+    }
+    // Bound at start, like `listen`.
+    if new.metrics_listen != old.metrics_listen {
+        later.push("metrics_listen");
+        new.metrics_listen.clone_from(&old.metrics_listen);
+    }
+    if (new.tpm.tcti.as_str(), new.tpm.pcr, new.tpm.ak_handle)
+        != (old.tpm.tcti.as_str(), old.tpm.pcr, old.tpm.ak_handle)
+    {
+        later.push("tpm");
+    }
+    // The audit trail is anchored in the PCR it opened with; `audit verify` and `doctor` ask
+    // the running agent which one that is.
+    if new.tpm.audit_pcr != old.tpm.audit_pcr {
+        later.push("tpm.audit_pcr");
+        new.tpm.audit_pcr = old.tpm.audit_pcr;
+    }
+    if new.transfer.max_concurrent_migrations != old.transfer.max_concurrent_migrations {
+        later.push("transfer.max_concurrent_migrations");
+        // What runs stays what the configuration says until the restart applies it.
+        new.transfer.max_concurrent_migrations = old.transfer.max_concurrent_migrations;
+    }
+    let synthetic = |c: &Config| -> Vec<String> {
+        let mut v: Vec<_> = (c.vms.iter())
+            .filter(|v| v.synthetic().is_some())
+            .map(|v| v.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    if synthetic(new) != synthetic(old) {
+        later.push("synthetic VMs");
+    }
+    later
 }
 
 /// Refuse a reload that removes or changes a VM this agent is migrating (from here or to
@@ -132,5 +151,44 @@ pub(super) fn on_signal(ctx: &Ctx) {
     match reload(ctx) {
         Ok(what) => info!("SIGHUP: {what}"),
         Err(e) => warn!("SIGHUP: reload refused, the running configuration is kept: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the agent binds at start is named by a reload and keeps its running value (the
+    /// metrics address and the audit PCR went unnamed, the reply a plain "reloaded").
+    #[test]
+    fn what_binds_at_start_changes_at_the_next_start() {
+        let text = crate::config::default_config_text("127.0.0.1:7443", "swtpm:port=1");
+        let old = Config::parse(&text).unwrap();
+        let mut same = Config::parse(&text).unwrap();
+        assert!(at_next_start(&old, &mut same).is_empty());
+        let changed = text
+            .replace(
+                "# metrics_listen = \"127.0.0.1:9187\"",
+                "metrics_listen = \"127.0.0.1:9187\"",
+            )
+            .replace("audit_pcr = 23", "audit_pcr = 20")
+            .replace(
+                "max_concurrent_migrations = 4",
+                "max_concurrent_migrations = 2",
+            )
+            .replace("listen = \"127.0.0.1:7443\"", "listen = \"127.0.0.1:7444\"");
+        let mut new = Config::parse(&changed).unwrap();
+        assert_eq!(
+            at_next_start(&old, &mut new),
+            [
+                "listen",
+                "metrics_listen",
+                "tpm.audit_pcr",
+                "transfer.max_concurrent_migrations"
+            ]
+        );
+        assert_eq!(new.metrics_listen, None, "runs on without metrics");
+        assert_eq!(new.tpm.audit_pcr, 23);
+        assert_eq!(new.transfer.max_concurrent_migrations, 4);
     }
 }
