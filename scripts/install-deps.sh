@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install what trustmig needs on Debian 12, only what is missing. Idempotent; quiet when done.
+# Usage: install-deps.sh [test]
 set -euo pipefail
 # libc6-dev: only a Recommends of gcc, which --no-install-recommends leaves out; without it
 # nothing links (ring's and tss-esapi-sys's C code, every Rust binary).
 pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev binutils qemu-system-x86 qemu-utils socat openssl python3)
+# `test` (from test.sh): what the tests need beyond the demo: systemd-analyze, which scores the
+# service unit offline (a container may have no systemd).
+[ "${1:-}" = test ] && pkgs+=(systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -168,5 +168,10 @@ fn four_step_enrollment_trusts_the_ak_and_refuses_a_wrong_response() {
         "--out",
         &f("chal3"),
     ]);
-    assert!(!good && out.contains("enrollment refused"), "{out}");
+    assert!(
+        !good
+            && out.contains("enrollment refused")
+            && out.contains("does not chain to a trusted CA"),
+        "{out}"
+    );
 }

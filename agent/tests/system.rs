@@ -325,7 +325,13 @@ fn refuses_forged_misdirected_and_expired_orders_and_rogue_peers() {
     let rogue_key = trustmig_agent::admin::init(&rogue, "127.0.0.1:1", &pair.tcti(0)).unwrap();
     let fresh = resign(&|_| {});
     let r = rt.block_on(raw_hello(&rogue, &pair.dst_addr, pair.dst_id, &fresh));
-    assert!(r.is_err(), "rogue peer got an answer: {r:?}");
+    // The destination's TLS refuses the rogue's certificate with an alert (not, say, a
+    // connection refused).
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.to_string().contains("received fatal alert")),
+        "rogue peer got an answer: {r:?}"
+    );
     // The genuine order still works afterwards: nothing above burnt it or broke the agents.
     let s = done(migrate(&rt, &pair, &fresh), &pair);
     assert_eq!(s.vm, "v");
@@ -627,7 +633,9 @@ fn tampered_replayed_dropped_reordered_or_cut_data_streams_roll_back() {
             Fault::Replay(_) => "replayed or reordered",
             // A later record arriving first is a gap at the moment it is seen.
             Fault::Drop(_) | Fault::Reorder(_) => "records dropped",
-            _ => "",
+            // Nothing to open: the stream just ends (read or written first, by timing).
+            Fault::CutAfter(_) => "data stream",
+            other => panic!("no expectation for {other:?}"),
         };
         assert!(
             e.contains(why),
@@ -1007,15 +1015,19 @@ fn a_source_restarted_at_commit_asks_the_destination() {
     pair.stop(1);
     pair.src_env.clear();
     pair.start(0).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Its first query goes unanswered (the destination is down), however long the restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pair.log_tails(50).contains("still in doubt") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            pair.log_tails(15)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
         "in doubt, the VM stays stopped"
-    );
-    assert!(
-        pair.log_tails(50).contains("still in doubt"),
-        "{}",
-        pair.log_tails(15)
     );
     // The destination returns; the source, still up, asks again and gets its VM back.
     pair.start(1).unwrap();
@@ -1210,6 +1222,14 @@ fn crash_matrix_every_journal_point_settles_to_one_copy() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // It died there, not otherwise (a panic, say).
+        let log = std::fs::read_to_string(&pair.procs[i].as_ref().unwrap().log).unwrap();
+        assert!(
+            log.contains(&format!("fault injection: crash point {}:", p.name())),
+            "{}: the agent exited elsewhere\n{}",
+            p.name(),
+            pair.log_tails(20)
+        );
         pair.procs[i] = None;
         pair.src_env.clear();
         pair.dst_env.clear();
@@ -1343,11 +1363,7 @@ fn revocation_takes_effect_at_once() {
     let mut slow = l();
     slow.bandwidth_bps = 16 << 20;
     let o = pair.order("v", slow, 600).unwrap();
-    let src_home = Home::at(pair.src.root());
-    let remover = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(800));
-        cli(&src_home, &["trust", "remove-peer", "destination"])
-    });
+    let remover = remove_peer_mid_transfer(&pair, &o, 0, "destination");
     let e = failed(migrate(&rt, &pair, &o));
     let (ok, text) = remover.join().unwrap();
     assert!(ok, "{text}");
@@ -1376,11 +1392,7 @@ fn revocation_takes_effect_at_once() {
     let mut slow = l();
     slow.bandwidth_bps = 16 << 20;
     let o = pair.order("v", slow, 600).unwrap();
-    let dst_home = Home::at(pair.dst.root());
-    let remover = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(800));
-        cli(&dst_home, &["trust", "remove-peer", "source"])
-    });
+    let remover = remove_peer_mid_transfer(&pair, &o, 1, "source");
     let e = failed(migrate(&rt, &pair, &o));
     let (ok, text) = remover.join().unwrap();
     assert!(ok, "{text}");
@@ -1391,6 +1403,43 @@ fn revocation_takes_effect_at_once() {
     );
     assert!(e.contains("rolled back"), "{e}");
     assert_rolled_back(&rt, &pair, "v");
+}
+
+/// In a thread: once the destination shows `order` claimed (its session past the hello, so
+/// past every check at the start, whatever the machine's load) and half a second more (the
+/// data streams open right after the handshake; the capped transfer lasts seconds), remove
+/// `peer` from agent `i`'s trust store (0 = source): a removal *during* the migration. The
+/// CLI's success and output.
+fn remove_peer_mid_transfer(
+    pair: &Pair,
+    order: &SignedOrder,
+    i: usize,
+    peer: &'static str,
+) -> std::thread::JoinHandle<(bool, String)> {
+    let id = trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
+    let (dst, home) = (
+        Home::at(pair.dst.root()),
+        Home::at([&pair.src, &pair.dst][i].root()),
+    );
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, text) = cli(&dst, &["status"]);
+            let claimed = text
+                .lines()
+                .any(|l| l.contains(&id[..16]) && l.contains("claimed"));
+            if claimed {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never claimed: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        cli(&home, &["trust", "remove-peer", peer])
+    })
 }
 
 /// Issue 12 item 4: migrations at once in both directions on one agent, with the source's
@@ -1789,8 +1838,10 @@ fn doctor_names_what_to_fix() {
         text.contains("[FAIL] peer nobody: not in the trust store"),
         "{text}"
     );
+    // The three above (and the clock, on a host whose clock is not synchronised), counted.
+    let failed = text.lines().filter(|l| l.starts_with("[FAIL]")).count();
     assert!(
-        text.contains("1 check(s) failed") || text.contains("check(s) failed"),
+        failed >= 3 && text.contains(&format!("{failed} check(s) failed")),
         "{text}"
     );
 
@@ -1882,7 +1933,10 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     let (ok, text) = cli(&pair.dst, &["reload"]);
     assert!(ok && text.contains("reloaded"), "{text}");
     let e = failed(migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()));
-    assert!(e.to_lowercase().contains("attest"), "{e}");
+    assert!(
+        e.contains("AttestationFailed") && e.contains("is not trusted for any agent"),
+        "{e}"
+    );
     assert_rolled_back(&rt, &pair, "v");
 
     // A broken configuration: refused by `reload` and by SIGHUP; the agent serves on.

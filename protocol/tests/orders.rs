@@ -72,6 +72,7 @@ fn every_altered_field_is_refused() {
         Box::new(|b| b.limits.on_nonconvergence = NonConvergence::Abort),
         Box::new(|b| b.not_before -= 1),
         Box::new(|b| b.not_after += 3600),
+        Box::new(|b| b.strict_final_quote = !b.strict_final_quote),
     ];
     for (i, m) in mutations.iter().enumerate() {
         let mut b = body();

@@ -644,7 +644,14 @@ mod tests {
             .contains("no disk_dir"));
         let mut bad = m.clone();
         bad.disks[0].name = "../x".into();
-        assert!(plan(&bad, Some(&vm(tmp.path(), vec![dest_disk("d0")])), &j).is_err());
+        // Refused by the name rule, before any lookup of a device (which would fail too).
+        let e = plan(&bad, Some(&vm(tmp.path(), vec![dest_disk("d0")])), &j)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the source's manifest") && e.contains("\"../x\""),
+            "{e}"
+        );
         assert!(plan(&m, None, &j).is_err());
     }
 }
