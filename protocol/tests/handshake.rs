@@ -6,7 +6,7 @@ use common::*;
 use trustmig_protocol::error::{AbortCode, Error, PeerMisbehaved};
 use trustmig_protocol::handshake::*;
 use trustmig_protocol::manifest::ImageManifest;
-use trustmig_protocol::messages::{Message, ServerHello};
+use trustmig_protocol::messages::{ClientHello, Message, ServerHello};
 use trustmig_protocol::order::*;
 use trustmig_protocol::testing::{SoftAttester, SoftVerifier};
 
@@ -38,7 +38,7 @@ fn channel_binding_mismatch_fails_attestation() {
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        matches!(&r, Err(Failed::Destination(Error::Attestation(a))) if a.to_string().contains("qualifying data")),
         "{r:?}"
     );
 }
@@ -66,15 +66,15 @@ fn replayed_evidence_with_old_nonce_fails() {
         Setup {
             signed: SignedOrder::sign(&order_body(1), &op()),
             tamper_s2d: Box::new(move |i, m| if i == 1 { old.clone() } else { m }),
-            // A new session: different destination nonce via a different exporter too.
-            src_exporter: [9; 32],
-            dst_exporter: [9; 32],
+            // A new session that differs in the destination's fresh nonce alone (the same
+            // channel binding): only the nonce can tell the old evidence from new.
+            dst_nonce: [0xBC; 32],
             ..Setup::default()
         },
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        matches!(&r, Err(Failed::Destination(Error::Attestation(a))) if a.to_string().contains("qualifying data")),
         "{r:?}"
     );
 }
@@ -161,7 +161,7 @@ fn unmeasured_agent_fails_attestation_both_ways() {
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        matches!(&r, Err(Failed::Destination(Error::Attestation(a))) if a.to_string().contains("measurement not allowed")),
         "{r:?}"
     );
     let r = run(
@@ -172,7 +172,7 @@ fn unmeasured_agent_fails_attestation_both_ways() {
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Source(Error::Attestation(_)))),
+        matches!(&r, Err(Failed::Source(Error::Attestation(a))) if a.to_string().contains("measurement not allowed")),
         "{r:?}"
     );
 }
@@ -331,7 +331,7 @@ fn a_substituted_final_key_is_refused() {
         &mut MemoryJournal::default(),
     );
     assert!(
-        matches!(r, Err(Failed::Destination(Error::Attestation(_)))),
+        matches!(&r, Err(Failed::Destination(Error::Attestation(a))) if a.to_string().contains("qualifying data")),
         "{r:?}"
     );
 }
@@ -487,4 +487,38 @@ fn the_channel_binding_is_wiped_and_never_printed() {
     );
     zeroize::Zeroize::zeroize(&mut b);
     assert_eq!(b.tls_exporter, [0; 32]);
+}
+
+/// SPEC.md §5: a hello altered in a way every check of its own accepts (here the number of
+/// data streams, within bounds) still breaks key confirmation: both transcripts cover it.
+#[test]
+fn a_hello_altered_within_its_rules_breaks_key_confirmation() {
+    let r = run(
+        Setup {
+            tamper_s2d: Box::new(|i, m| {
+                if i != 0 {
+                    return m;
+                }
+                rewrite(m, |msg| match msg {
+                    Message::ClientHello(ch) => Message::ClientHello(ClientHello {
+                        streams: ch.streams + 1,
+                        ..ch
+                    }),
+                    o => o,
+                })
+            }),
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(
+        matches!(
+            &r,
+            Err(
+                Failed::Source(Error::PeerMisbehaved(PeerMisbehaved::BadFinished))
+                    | Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::BadFinished))
+            )
+        ),
+        "{r:?}"
+    );
 }

@@ -682,14 +682,93 @@ fn a_strict_order_quotes_before_commit_and_requires_it() {
     };
     assert!(evidence.is_some(), "the quote travels before Commit");
     // Without its quote a strict destination refuses.
+    let with = |evidence: Option<Vec<u8>>| {
+        Message::FinalEvidence {
+            digest,
+            signature: signature.clone(),
+            evidence,
+        }
+        .encode()
+    };
     let mut dm2 = challenged(&d, s.streams, [0x77; 32]);
-    let stripped = Message::FinalEvidence {
-        digest,
-        signature,
-        evidence: None,
+    let e = dm2.handle(&with(None), &verifier()).unwrap_err();
+    assert!(
+        matches!(&e, Error::PeerMisbehaved(PeerMisbehaved::BadField(w)) if w.contains("without the TPM quote")),
+        "{e:?}"
+    );
+    // A quote for another challenge (an earlier session's, replayed): the qualifying data
+    // does not match.
+    let mut other = SoftAttester::new(b"k", SRC, EXE);
+    other
+        .extend(&Measurement::MigrationFinal(digest))
+        .expect("extend");
+    let qd = |nonce: &[u8; 32]| {
+        qualifying_data(
+            FINAL_LABEL,
+            nonce,
+            &d.channel.tls_exporter,
+            d.order.id(),
+            &SRC,
+        )
+    };
+    let stale = other.quote(&qd(&[0x78; 32])).expect("quote");
+    let mut dm3 = challenged(&d, s.streams, [0x77; 32]);
+    let e = dm3.handle(&with(Some(stale)), &verifier()).unwrap_err();
+    assert!(
+        matches!(&e, Error::Attestation(a) if a.to_string().contains("qualifying data")),
+        "{e:?}"
+    );
+    // A quote for this challenge whose TPM log attests another final digest.
+    let mut liar = SoftAttester::new(b"k", SRC, EXE);
+    liar.extend(&Measurement::MigrationFinal([0xEE; 32]))
+        .expect("extend");
+    let lie = liar.quote(&qd(&[0x77; 32])).expect("quote");
+    let mut dm4 = challenged(&d, s.streams, [0x77; 32]);
+    let e = dm4.handle(&with(Some(lie)), &verifier()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::PeerMisbehaved(PeerMisbehaved::FinalDigestMismatch { .. })
+        ),
+        "{e:?}"
+    );
+    assert_eq!(dm4.outcome_on_failure(), Outcome::RollBack);
+    // The right quote, for an order that did not ask for one: refused as a field it has not.
+    let (mut s5, d5) = sessions_with(false);
+    let mut sm5 = SourceMigration::new(&mut s5);
+    let mut dm5 = DestMigration::new(&d5);
+    let fe5 = final_evidence(&mut sm5, &mut dm5, s5.streams, [0x77; 32], &mut att);
+    let Ok(Message::FinalEvidence {
+        digest: digest5,
+        signature: signature5,
+        ..
+    }) = Message::decode(&fe5)
+    else {
+        panic!("final evidence")
+    };
+    let mut q5 = SoftAttester::new(b"k", SRC, EXE);
+    q5.extend(&Measurement::MigrationFinal(digest5))
+        .expect("extend");
+    let quote5 = q5
+        .quote(&qualifying_data(
+            FINAL_LABEL,
+            &[0x77; 32],
+            &d5.channel.tls_exporter,
+            d5.order.id(),
+            &SRC,
+        ))
+        .expect("quote");
+    let unasked = Message::FinalEvidence {
+        digest: digest5,
+        signature: signature5,
+        evidence: Some(quote5),
     }
     .encode();
-    assert!(dm2.handle(&stripped, &verifier()).is_err());
+    let e = dm5.handle(&unasked, &verifier()).unwrap_err();
+    assert!(
+        matches!(&e, Error::PeerMisbehaved(PeerMisbehaved::BadField(w)) if w.contains("did not ask for")),
+        "{e:?}"
+    );
     // With it: ready, commit, resumed, and no late quote.
     ready_commit_resume(&mut sm, &mut dm, &fe, &mut att);
     let resumed = dm.resumed().expect("resumed");

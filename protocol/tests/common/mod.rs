@@ -57,6 +57,8 @@ pub struct Setup {
     pub dst_sees_peer: [u8; 32],
     pub src_exe: [u8; 32],
     pub dst_exe: [u8; 32],
+    /// The destination's fresh nonce (its `ServerHello`).
+    pub dst_nonce: [u8; 32],
     pub tamper_s2d: Box<dyn FnMut(usize, Vec<u8>) -> Vec<u8>>,
     pub tamper_d2s: Box<dyn FnMut(usize, Vec<u8>) -> Vec<u8>>,
 }
@@ -71,6 +73,7 @@ impl Default for Setup {
             dst_sees_peer: SRC,
             src_exe: EXE,
             dst_exe: EXE,
+            dst_nonce: [0xBB; 32],
             tamper_s2d: Box::new(|_, m| m),
             tamper_d2s: Box::new(|_, m| m),
         }
@@ -127,7 +130,7 @@ pub fn run(
             local: DST,
             peer: s.dst_sees_peer,
         },
-        [0xBB; 32],
+        s.dst_nonce,
     );
     let mut src_att = SoftAttester::new(b"k", SRC, s.src_exe);
     let mut dst_att = SoftAttester::new(b"k", DST, s.dst_exe);
