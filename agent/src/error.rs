@@ -156,6 +156,9 @@ pub enum AgentError {
     Usage(String),
 }
 
+/// What a data stream that ended before its `StreamEnd` is said to be (the metrics' `cut`).
+pub const CUT: &str = "cut before its end";
+
 /// The connection a transport failure happened on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Link {

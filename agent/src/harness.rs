@@ -451,6 +451,13 @@ impl Pair {
         Self::vm_state(home, vm).await.map(|(c, p, _)| (c, p))
     }
 
+    /// Whether the agent of `home` answers that `vm` does not run there (not merely that the
+    /// agent could not be asked).
+    pub async fn vm_absent(home: &Home, vm: &str) -> bool {
+        matches!(Self::checksum(home, vm).await,
+            Err(AgentError::Migration(e)) if e.contains("runs on this agent"))
+    }
+
     /// A hosted VM's checksum, whether it is paused, and how many pages it wrote in its life.
     pub async fn vm_state(home: &Home, vm: &str) -> Result<(String, bool, u64), AgentError> {
         let mut out = Err(AgentError::Migration("no reply".into()));

@@ -221,7 +221,7 @@ fn record_failure(e: &AgentError) -> Option<&'static str> {
         Some("replay")
     } else if t.contains("records dropped") {
         Some("gap")
-    } else if t.contains("cut before its end") {
+    } else if t.contains(crate::error::CUT) {
         Some("cut")
     } else {
         None
@@ -300,5 +300,46 @@ impl<A: trustmig_protocol::attestation::Attester> trustmig_protocol::attestation
         let r = self.inner.quote(qualifying_data);
         self.metrics.quoted(t.elapsed().as_secs_f64());
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Link;
+    use trustmig_protocol::record::RecordError;
+
+    /// Every kind the README lists is told from the words of the error that ends a migration
+    /// so (the record layer's own, and a stream cut on either backend); anything else is none.
+    #[test]
+    fn record_failures_are_told_by_kind() {
+        let kinds: Vec<Option<&str>> = [
+            AgentError::from(RecordError::BadTag { seq: 5 }),
+            RecordError::Replayed {
+                got: 5,
+                expected: 6,
+            }
+            .into(),
+            RecordError::Gap {
+                got: 6,
+                expected: 5,
+            }
+            .into(),
+            AgentError::transport(Link::Data(1), crate::error::CUT),
+            AgentError::transport(Link::Data(1), "connection lost"),
+        ]
+        .iter()
+        .map(record_failure)
+        .collect();
+        assert_eq!(
+            kinds,
+            [
+                Some("tamper"),
+                Some("replay"),
+                Some("gap"),
+                Some("cut"),
+                None
+            ]
+        );
     }
 }

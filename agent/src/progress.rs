@@ -281,7 +281,8 @@ mod tests {
         assert_eq!(short(&wide), "é".repeat(8));
         let cut = format!("a{}", "é".repeat(10)); // byte 16 falls inside a character
         assert_eq!(short(&cut), cut);
-        // What the CLI shows of a reply (human lines; this test's stderr is no terminal).
+        // What the CLI shows of a reply with a short id: no panic (it sliced at byte 16; human
+        // lines, this test's stderr being no terminal).
         let mut d = Display::new(false);
         d.show(Reply::Progress(Progress::Connected {
             peer: "short".into(),

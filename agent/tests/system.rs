@@ -160,7 +160,7 @@ fn assert_rolled_back(rt: &tokio::runtime::Runtime, pair: &Pair, name: &str) -> 
         .unwrap_or_else(|e| panic!("VM {name} gone from the source: {e}"));
     assert!(!paused, "source VM {name} runs again after rollback");
     assert!(
-        rt.block_on(Pair::checksum(&pair.dst, name)).is_err(),
+        rt.block_on(Pair::vm_absent(&pair.dst, name)),
         "destination discarded {name}"
     );
     sum
@@ -210,7 +210,7 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
             "{journal}"
         );
         assert!(
-            rt.block_on(Pair::checksum(&pair.src, &v.name)).is_err(),
+            rt.block_on(Pair::vm_absent(&pair.src, &v.name)),
             "{}: source no longer hosts it",
             v.name
         );
@@ -237,7 +237,7 @@ fn migrates_at_several_dirty_rates_and_refuses_replayed_orders() {
     // A restarted source does not bring back VMs that migrated away (never two copies).
     for v in &vms {
         assert!(
-            rt.block_on(Pair::checksum(&pair.src, &v.name)).is_err(),
+            rt.block_on(Pair::vm_absent(&pair.src, &v.name)),
             "{} runs on the source again after restart",
             v.name
         );
@@ -815,7 +815,7 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
         .unwrap_or_else(|e| panic!("the destination runs the VM: {e}"));
     assert!(!paused, "the destination's VM runs");
     assert!(
-        rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
+        rt.block_on(Pair::vm_absent(&pair.src, "v")),
         "the source keeps no copy"
     );
 }
@@ -961,7 +961,7 @@ fn an_unanswered_settlement_is_asked_again_until_answered() {
         return;
     };
     assert!(
-        rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
+        rt.block_on(Pair::vm_absent(&pair.src, "v")),
         "in doubt, the source does not run the VM"
     );
     let (_, paused) = wait_for_vm(&rt, &pair, &pair.src, "v");
@@ -974,7 +974,7 @@ fn an_unanswered_settlement_is_asked_again_until_answered() {
         "the guest kept the memory it had at the pause (it wrote {writes_before} pages before the migration, {writes_after} now)"
     );
     assert!(
-        rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
+        rt.block_on(Pair::vm_absent(&pair.dst, "v")),
         "the destination has no copy"
     );
     let journal = std::fs::read_to_string(pair.src.journal_file()).unwrap();
@@ -1026,7 +1026,7 @@ fn a_source_restarted_at_commit_asks_the_destination() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        rt.block_on(Pair::checksum(&pair.src, "v")).is_err(),
+        rt.block_on(Pair::vm_absent(&pair.src, "v")),
         "in doubt, the VM stays stopped"
     );
     // The destination returns; the source, still up, asks again and gets its VM back.
@@ -1034,7 +1034,7 @@ fn a_source_restarted_at_commit_asks_the_destination() {
     let (_, paused) = wait_for_vm(&rt, &pair, &pair.src, "v");
     assert!(!paused, "the VM runs on the source again");
     assert!(
-        rt.block_on(Pair::checksum(&pair.dst, "v")).is_err(),
+        rt.block_on(Pair::vm_absent(&pair.dst, "v")),
         "the destination has no copy"
     );
     let journal = std::fs::read_to_string(pair.src.journal_file()).unwrap();
@@ -1531,13 +1531,13 @@ fn concurrent_migrations_queue_beyond_the_limit() {
             "{name} on the destination"
         );
         assert!(
-            rt.block_on(Pair::checksum(&pair.src, name)).is_err(),
+            rt.block_on(Pair::vm_absent(&pair.src, name)),
             "{name} left the source"
         );
     }
     let (_, paused) = rt.block_on(Pair::checksum(&pair.src, "c")).unwrap();
     assert!(!paused, "c runs on the source again");
-    assert!(rt.block_on(Pair::checksum(&pair.dst, "c")).is_err());
+    assert!(rt.block_on(Pair::vm_absent(&pair.dst, "c")));
 }
 
 /// SPEC.md §8.10, the audit trail: both agents record each order received, committed, done,

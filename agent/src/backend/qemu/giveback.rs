@@ -454,7 +454,9 @@ mod tests {
     }
 
     /// A QEMU that stops answering (stuck in a write, holding its big lock) is asked again in
-    /// the background, not given up on as "check it by hand".
+    /// the background, not given up on as "check it by hand": its silence is a refusal (a
+    /// timeout), which `cont_until_running` retries as it does any refusal
+    /// (`a_refused_cont_is_retried_until_the_lock_clears`).
     #[tokio::test]
     async fn a_qemu_that_does_not_answer_is_asked_again() {
         let (_dir, path) = fake_qmp(|_, _| None);
@@ -462,7 +464,13 @@ mod tests {
             .await
             .expect("qmp");
         let got = attempt(&mut qmp, Was::Running, Duration::from_millis(300)).await;
-        assert!(matches!(got, Attempt::Refused(_)), "{got:?}");
+        assert!(
+            matches!(
+                got,
+                Attempt::Refused(trustmig_qemu::qmp::QmpError::Timeout { .. })
+            ),
+            "{got:?}"
+        );
     }
 
     #[tokio::test]

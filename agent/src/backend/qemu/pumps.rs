@@ -279,7 +279,7 @@ where
         match read_record(&mut from, &mut buf).await {
             Err(WireError::Record(e)) => break Err(proto(e)),
             Err(e) => break Err(local(e.to_string())),
-            Ok(false) => break Err(local("data stream cut before its end".into())),
+            Ok(false) => break Err(local(format!("data stream {}", crate::error::CUT))),
             Ok(true) => {}
         }
         let (typ, payload) = match opener.open(&mut buf) {

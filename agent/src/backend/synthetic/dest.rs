@@ -259,7 +259,7 @@ async fn read_stream(
     state: &Mutex<Receiving>,
 ) -> Result<u64, AgentError> {
     let mut buf = Vec::with_capacity(1 << 20);
-    let cut = || AgentError::transport(Link::Data(i), "cut before its end");
+    let cut = || AgentError::transport(Link::Data(i), crate::error::CUT);
     loop {
         // Typed errors, so the Abort the source gets says record-failure or migration-failed.
         match read_record(sock, &mut buf).await {
