@@ -326,6 +326,11 @@ mod tests {
             }
             .into(),
             AgentError::transport(Link::Data(1), crate::error::CUT),
+            // The QEMU pumps' shape of it.
+            AgentError::Migration(format!(
+                "QEMU's migration stream: data stream {}",
+                crate::error::CUT
+            )),
             AgentError::transport(Link::Data(1), "connection lost"),
         ]
         .iter()
@@ -337,6 +342,7 @@ mod tests {
                 Some("tamper"),
                 Some("replay"),
                 Some("gap"),
+                Some("cut"),
                 Some("cut"),
                 None
             ]

@@ -1405,9 +1405,10 @@ fn revocation_takes_effect_at_once() {
     assert_rolled_back(&rt, &pair, "v");
 }
 
-/// In a thread: once the destination shows `order` claimed (its session past the hello, so
-/// past every check at the start, whatever the machine's load) and half a second more (the
-/// data streams open right after the handshake; the capped transfer lasts seconds), remove
+/// In a thread: once the destination shows `order` claimed (the TLS session up, whatever the
+/// machine's load) and half a second more (the handshake done and the data streams open; the
+/// capped transfer lasts seconds, and the peer list is read again only at `Ready` and COMMIT,
+/// `Ctx::check_still_trusted`), remove
 /// `peer` from agent `i`'s trust store (0 = source): a removal *during* the migration. The
 /// CLI's success and output.
 fn remove_peer_mid_transfer(

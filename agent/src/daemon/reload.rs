@@ -4,7 +4,8 @@
 //! way keep what they already took. The trust store needs no reload: it is read at every use.
 //! The new configuration's digest is measured into the TPM (an `agent-config` event), so that
 //! peers attest the configuration the agent now runs. What only a restart can change (listen
-//! address, TPM, the concurrency limit, synthetic guests) is reported, not applied.
+//! and metrics addresses, TPM, the concurrency limit, synthetic guests) is reported, not
+//! applied: the running configuration keeps its values until then.
 
 use std::sync::Arc;
 
@@ -73,25 +74,28 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
 /// take for what runs).
 fn at_next_start(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut later = Vec::new();
+    // `status` shows it as the address listened on.
     if new.listen != old.listen {
         later.push("listen");
+        new.listen.clone_from(&old.listen);
     }
     // Bound at start, like `listen`.
     if new.metrics_listen != old.metrics_listen {
         later.push("metrics_listen");
         new.metrics_listen.clone_from(&old.metrics_listen);
     }
+    // The TPM was opened at start; the audit trail is anchored in the PCR it opened with.
+    // Kept whole, so that the running `[tpm]` stays one the configuration's rules allow (a
+    // measurement PCR from the file with the old audit PCR might be the same PCR).
     if (new.tpm.tcti.as_str(), new.tpm.pcr, new.tpm.ak_handle)
         != (old.tpm.tcti.as_str(), old.tpm.pcr, old.tpm.ak_handle)
     {
         later.push("tpm");
     }
-    // The audit trail is anchored in the PCR it opened with; `audit verify` and `doctor` ask
-    // the running agent which one that is.
     if new.tpm.audit_pcr != old.tpm.audit_pcr {
         later.push("tpm.audit_pcr");
-        new.tpm.audit_pcr = old.tpm.audit_pcr;
     }
+    new.tpm = old.tpm.clone();
     if new.transfer.max_concurrent_migrations != old.transfer.max_concurrent_migrations {
         later.push("transfer.max_concurrent_migrations");
         // What runs stays what the configuration says until the restart applies it.
@@ -171,7 +175,8 @@ mod tests {
                 "# metrics_listen = \"127.0.0.1:9187\"",
                 "metrics_listen = \"127.0.0.1:9187\"",
             )
-            .replace("audit_pcr = 23", "audit_pcr = 20")
+            .replace("pcr = 16", "pcr = 23")
+            .replace("audit_pcr = 23", "audit_pcr = 16")
             .replace(
                 "max_concurrent_migrations = 4",
                 "max_concurrent_migrations = 2",
@@ -183,12 +188,21 @@ mod tests {
             [
                 "listen",
                 "metrics_listen",
+                "tpm",
                 "tpm.audit_pcr",
                 "transfer.max_concurrent_migrations"
             ]
         );
+        assert_eq!(
+            new.listen, "127.0.0.1:7443",
+            "status shows where it listens"
+        );
         assert_eq!(new.metrics_listen, None, "runs on without metrics");
-        assert_eq!(new.tpm.audit_pcr, 23);
+        assert_eq!(
+            (new.tpm.pcr, new.tpm.audit_pcr),
+            (16, 23),
+            "the TPM as opened"
+        );
         assert_eq!(new.transfer.max_concurrent_migrations, 4);
     }
 }
