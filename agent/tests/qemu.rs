@@ -1807,11 +1807,17 @@ fn wait_agent_exit(s: &mut Setup, i: usize, within: Duration) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The point it was started to crash at, as its log names it.
+    let env = [&s.pair.src_env, &s.pair.dst_env][i];
+    let point = (env.iter())
+        .find(|(k, _)| k == trustmig_agent::fault::CRASH_AT_ENV)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("agent {i} was not started to crash"));
     if let Some(p) = &s.pair.procs[i] {
         let log = std::fs::read_to_string(&p.log).unwrap_or_default();
         assert!(
-            log.contains("fault injection: crash point"),
-            "agent {i} exited, not at its crash point\n{}",
+            log.contains(&format!("fault injection: crash point {point}:")),
+            "agent {i} exited, not at its crash point {point}\n{}",
             s.logs()
         );
     }
