@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use trustmig_attest::slowtpm::{Delay, SlowTpm};
 use trustmig_attest::swtpm::{LocalCa, Swtpm, SwtpmError};
@@ -16,6 +16,8 @@ use crate::control::{self, Reply, Request};
 use crate::error::AgentError;
 use crate::home::Home;
 use crate::identity::operator_keygen;
+
+pub mod wait;
 
 /// The synthetic VM the pair migrates.
 #[derive(Clone, Debug)]
@@ -74,14 +76,11 @@ impl AgentProcess {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = &mut self.child;
+        let exited = || matches!(child.try_wait(), Ok(Some(_)));
+        if !wait::until_blocking(Duration::from_secs(10), Duration::from_millis(20), exited) {
+            self.kill9();
         }
-        self.kill9();
     }
 }
 
@@ -310,21 +309,29 @@ impl Pair {
             child,
             log: log.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !home.control_socket().exists() {
-            if let Ok(Some(status)) = p.child.try_wait() {
+        // Up: its control socket is there (`Ok`); or it exited (`Err`).
+        let up = wait::eventually_blocking(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || match p.child.try_wait() {
+                Ok(Some(status)) => Some(Err(status)),
+                _ => home.control_socket().exists().then_some(Ok(())),
+            },
+        );
+        match up {
+            Some(Ok(())) => {}
+            Some(Err(status)) => {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(AgentError::Migration(format!(
                     "agent exited ({status}) at start:\n{text}"
                 )));
             }
-            if Instant::now() > deadline {
+            None => {
                 p.kill9();
                 return Err(AgentError::Migration(
                     "agent did not start within 20 s".into(),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         self.procs[i] = Some(p);
         Ok(())

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use trustmig_agent::control::{Progress, Reply, Summary};
 use trustmig_agent::fault::{CrashPoint, Hold, HOLD_ENV};
+use trustmig_agent::harness::wait::{eventually, eventually_blocking, until, until_blocking};
 use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_protocol::order::{Limits, NonConvergence};
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
@@ -161,14 +162,10 @@ impl QemuVm {
             .spawn()
             .expect("qemu-system-x86_64 starts");
         let vm = Self { child, qmp, serial };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !vm.qmp.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "QEMU {name} did not create its QMP socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let made = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+            vm.qmp.exists()
+        });
+        assert!(made, "QEMU {name} did not create its QMP socket");
         vm
     }
 
@@ -213,16 +210,15 @@ impl QemuVm {
     }
 
     fn wait_ticks(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.ticks().len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "guest printed {} ticks, wanted {n}:\n{}",
-                self.ticks().len(),
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let ticked = until_blocking(within, Duration::from_millis(50), || {
+            self.ticks().len() >= n
+        });
+        assert!(
+            ticked,
+            "guest printed {} ticks, wanted {n}:\n{}",
+            self.ticks().len(),
+            self.output()
+        );
     }
 
     /// A QMP session with this QEMU.
@@ -590,18 +586,11 @@ async fn assert_source_runs_alone(s: &mut Setup, within: Duration) {
 
 /// The source QEMU runs `within` (its guest's counter advances) and its data area checks out.
 async fn assert_source_guest_runs(s: &mut Setup, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if s.src.status().await.as_deref() == Ok("running") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "source never ran again: {:?}",
-            s.src.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ran = until(within, Duration::from_millis(100), async || {
+        s.src.status().await.as_deref() == Ok("running")
+    })
+    .await;
+    assert!(ran, "source never ran again: {:?}", s.src.status().await);
     let before = *s.src.ticks().last().expect("ticks");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = *s.src.ticks().last().expect("ticks");
@@ -774,13 +763,16 @@ async fn qemu_a_reload_cannot_change_an_arriving_vm() {
         return;
     };
     let home = s.pair.dst.clone();
-    let reloader = tokio::spawn(async move {
+    // Beside the migration, in this task: the compiler cannot show the wait's future `Send`.
+    let reloader = async move {
         let journal = home.journal_file();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(FED)) {
-            assert!(Instant::now() < deadline, "the VM never arrived");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let arrived = until(
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || std::fs::read_to_string(&journal).is_ok_and(|t| t.contains(FED)),
+        )
+        .await;
+        assert!(arrived, "the VM never arrived");
         // The VM's [[vm]] table is the file's last: a line appended changes its entry.
         let config = home.config();
         let before = std::fs::read_to_string(&config).expect("config");
@@ -788,9 +780,8 @@ async fn qemu_a_reload_cannot_change_an_arriving_vm() {
         let reply = ask(&home, trustmig_agent::control::Request::Reload).await;
         std::fs::write(&config, before).expect("config");
         reply
-    });
-    let (summary, _) = migrate_slowly(&mut s).await;
-    let reply = reloader.await.expect("reloader");
+    };
+    let ((summary, _), reply) = tokio::join!(migrate_slowly(&mut s), reloader);
     assert!(
         matches!(&reply, Some(Reply::Error(e)) if e.contains("VM qvm is migrating (from or to here)")),
         "{reply:?}"
@@ -877,16 +868,8 @@ async fn assert_handed_over_paused(s: &mut Setup, summary: &Summary) {
 /// The destination QEMU exits (discarded) within `within`; else `what`, with its state and
 /// the agents' logs.
 async fn assert_dst_quits(s: &mut Setup, within: Duration, what: &str) {
-    let deadline = Instant::now() + within;
-    while s.dst.alive() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {:?}\n{}",
-            s.dst.status().await,
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let quit = until(within, Duration::from_millis(100), async || !s.dst.alive()).await;
+    assert!(quit, "{what}: {:?}\n{}", s.dst.status().await, s.logs());
 }
 
 /// The guest `g` does not tick for half a second: `what` (it stays stopped) holds.
@@ -1175,14 +1158,9 @@ const FED: &str = "the VM's QEMU waits for this migration";
 
 /// Wait (blocking, up to 90 s) until the file at `path` holds `what`; whether it did.
 fn wait_for_text(path: &Path, what: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(what)) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
+    until_blocking(Duration::from_secs(90), Duration::from_millis(20), || {
+        std::fs::read_to_string(path).is_ok_and(|t| t.contains(what))
+    })
 }
 
 /// Send signal `sig` (`-STOP`, `-CONT`) to process `pid`; whether it was sent.
@@ -1273,29 +1251,32 @@ async fn qemu_a_destination_qemu_that_cannot_be_quit_is_left_to_the_operator() {
     );
     r.expect_err("the destination gave up");
     let left = "left to the operator: the destination QEMU of a migration that never committed here could not be quit";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = agent_status(&s.pair.dst).await;
-        if status.contains(left) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status}\n{}", s.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let said = until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || agent_status(&s.pair.dst).await.contains(left),
+    )
+    .await;
+    let status = agent_status(&s.pair.dst).await;
+    assert!(said, "{status}\n{}", s.logs());
     assert_source_guest_runs(&mut s, Duration::from_secs(30)).await;
     assert!(signal(pid, "-CONT"), "kill -CONT {pid}");
     let request = || trustmig_agent::control::Request::Reconcile { vm: VM.into() };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let how = loop {
-        match ask(&s.pair.dst, request()).await {
-            Some(Reply::Reconciled(how)) => break how,
-            // QEMU, thawed, may still be finishing with the stream it was fed.
-            other if Instant::now() < deadline => {
+    // QEMU, thawed, may still be finishing with the stream it was fed.
+    let reconciled = eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        async || match ask(&s.pair.dst, request()).await {
+            Some(Reply::Reconciled(how)) => Some(how),
+            other => {
                 eprintln!("not yet: {other:?}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
             }
-            other => panic!("not reconciled: {other:?}\n{}", s.logs()),
-        }
+        },
+    )
+    .await;
+    let Some(how) = reconciled else {
+        panic!("not reconciled\n{}", s.logs());
     };
     assert!(
         how.contains("discarded (quit)") || how.contains("is gone: nothing to discard"),
@@ -1332,11 +1313,13 @@ async fn qemu_a_paused_hand_over_survives_a_source_crash_before_commit() {
     assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
     s.pair.src_env.clear();
     s.pair.start(0).expect("source agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !s.all_logs().contains("paused as it was") {
-        assert!(Instant::now() < deadline, "no give-back\n{}", s.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gave_back = until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || s.all_logs().contains("paused as it was"),
+    )
+    .await;
+    assert!(gave_back, "no give-back\n{}", s.logs());
     assert_eq!(s.src.status().await.as_deref(), Ok("postmigrate"));
     assert_stays_stopped(&s.src, "the guest stays stopped").await;
     q.cont().await.expect("the operator's cont");
@@ -1365,15 +1348,13 @@ async fn qemu_a_paused_guest_committed_before_a_crash_stays_paused_after_restart
     s.pair.procs[1] = None;
     s.pair.dst_env.clear();
     s.pair.start(1).expect("agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !journals_final(&s).await {
-        assert!(
-            Instant::now() < deadline,
-            "journals never settled\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let settled = until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || journals_final(&s).await,
+    )
+    .await;
+    assert!(settled, "journals never settled\n{}", s.logs());
     let logs = s.logs();
     assert!(logs.contains("handed over paused"), "{logs}");
     assert_eq!(s.dst.status().await.as_deref(), Ok("paused"), "{logs}");
@@ -1769,14 +1750,17 @@ async fn qemu_unanswered_settlement_is_retried_and_a_paused_vm_stays_paused() {
         s.logs()
     );
     let journal = s.pair.src.journal_file();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !std::fs::read_to_string(&journal)
-        .unwrap_or_default()
-        .contains("settled: the destination never committed")
-    {
-        assert!(Instant::now() < deadline, "never settled\n{}", s.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let settled = until(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        async || {
+            std::fs::read_to_string(&journal)
+                .unwrap_or_default()
+                .contains("settled: the destination never committed")
+        },
+    )
+    .await;
+    assert!(settled, "never settled\n{}", s.logs());
     let logs = s.logs();
     assert!(logs.contains("paused as it was"), "{logs}");
     // Not resumed: QEMU stays stopped where the migration left it.
@@ -1798,15 +1782,10 @@ fn crash_at(point: CrashPoint) -> Vec<(String, String)> {
 /// Wait up to `within` for agent `i` of the pair (0 = source) to exit at its crash point (its
 /// log says so: not a panic or any other exit).
 fn wait_agent_exit(s: &mut Setup, i: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while s.pair.procs[i].as_mut().is_some_and(|p| p.running()) {
-        assert!(
-            Instant::now() < deadline,
-            "agent {i} did not crash\n{}",
-            s.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let crashed = until_blocking(within, Duration::from_millis(20), || {
+        !s.pair.procs[i].as_mut().is_some_and(|p| p.running())
+    });
+    assert!(crashed, "agent {i} did not crash\n{}", s.logs());
     // The point it was started to crash at, as its log names it.
     let env = [&s.pair.src_env, &s.pair.dst_env][i];
     let point = (env.iter())
@@ -1859,16 +1838,12 @@ async fn qemu_source_crash_before_commit_runs_the_vm_again_at_restart() {
 /// Exactly one copy runs, on the destination: its guest's counter advances `within`, the
 /// source QEMU stays stopped, and `trustmig status` on both sides says so.
 async fn assert_destination_runs_alone(s: &mut Setup, within: Duration) {
-    let deadline = Instant::now() + within;
-    while s.dst.status().await.as_deref() != Ok("running") {
-        assert!(
-            Instant::now() < deadline,
-            "destination never ran: {:?}\n{}",
-            s.dst.status().await,
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ran = until(within, Duration::from_millis(100), async || {
+        s.dst.status().await.as_deref() == Ok("running")
+    })
+    .await;
+    let now = s.dst.status().await;
+    assert!(ran, "destination never ran: {now:?}\n{}", s.logs());
     s.dst.wait_ticks(10, Duration::from_secs(30));
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
     assert_stays_stopped(&s.src, "the source guest stays stopped").await;
@@ -1936,16 +1911,18 @@ async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
         } else {
             assert_source_runs_alone(&mut s, Duration::from_secs(60)).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !journals_final(&s).await {
-            assert!(
-                Instant::now() < deadline,
-                "{}: journals never settled\n{}",
-                p.name(),
-                s.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let settled = until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            async || journals_final(&s).await,
+        )
+        .await;
+        assert!(
+            settled,
+            "{}: journals never settled\n{}",
+            p.name(),
+            s.logs()
+        );
         let at = if moved { "destination" } else { "source" };
         // The journals accept the VM's next migration: from the source, where it runs, to a
         // destination QEMU waiting for it (the one still waiting, or a new one).
@@ -2095,16 +2072,16 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
     let _ = locker.kill();
     let _ = locker.wait();
     assert_source_guest_runs(&mut s, Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = agent_status(&s.pair.src).await;
-        if !text.contains("not yet running") {
-            assert!(!text.contains("left to the operator"), "{text}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let running = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        async || Some(agent_status(&s.pair.src).await).filter(|t| !t.contains("not yet running")),
+    )
+    .await;
+    let Some(text) = running else {
+        panic!("{}", agent_status(&s.pair.src).await);
+    };
+    assert!(!text.contains("left to the operator"), "{text}");
     let m = tokio::task::spawn_blocking(move || scrape_until(&metrics, giving_back, 0.0));
     m.await.expect("scrape");
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
@@ -2154,15 +2131,14 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
     let mut locker = locker.await.expect("locker");
     eprintln!("source says: {r:?}");
     let home = s.pair.dst.clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = agent_status(&home).await;
-        if text.contains("left to the operator: committed here, but the VM does not start") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{text}\n{}", s.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let left = "left to the operator: committed here, but the VM does not start";
+    let said = until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || agent_status(&home).await.contains(left),
+    )
+    .await;
+    assert!(said, "{}\n{}", agent_status(&home).await, s.logs());
     assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
     // An operator's alert sees it too.
@@ -2415,16 +2391,18 @@ async fn qemu_a_restart_does_not_resume_a_qemu_that_sent_the_vm_away() {
     let order = "ab".repeat(16);
     journal_a_commit_here(&path, &order);
     s.pair.start(0).expect("source agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !s.all_logs().contains("sent the VM away since") {
-        let now = s.src.status().await;
-        assert!(
-            Instant::now() < deadline,
-            "no refusal to resume logged; the source QEMU is {now:?}\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let refused = until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || s.all_logs().contains("sent the VM away since"),
+    )
+    .await;
+    let now = s.src.status().await;
+    assert!(
+        refused,
+        "no refusal to resume logged; the source QEMU is {now:?}\n{}",
+        s.logs()
+    );
     let journal = std::fs::read_to_string(&path).expect("source journal");
     let last = journal.lines().last().expect("a record");
     // Not DONE: that would say the VM ran here.
@@ -2465,18 +2443,20 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
     let order = "cd".repeat(16);
     journal_a_commit_here(&path, &order);
     s.pair.start(1).expect("destination agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !s
-        .all_logs()
-        .contains("the VM may be lost; check it by hand")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the start did not leave the VM to the operator\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let left = until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || {
+            s.all_logs()
+                .contains("the VM may be lost; check it by hand")
+        },
+    )
+    .await;
+    assert!(
+        left,
+        "the start did not leave the VM to the operator\n{}",
+        s.logs()
+    );
     let home = s.pair.dst.root().to_path_buf();
     let trustmig = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustmig"))
@@ -2714,24 +2694,17 @@ async fn qemu_resumed_destination_announces_the_guest() {
     let addr = s.pair.dst_addr.clone();
     let (r, _) = migrate(&mut s, &addr, 300).await;
     let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while tap.rarps_from(dst_port) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the resumed destination never announced"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // spec/qemu.md §5: QEMU 7.2 announces 5 times per NIC (its announce rounds, within about
     // a second), then stops.
-    while tap.rarps_from(dst_port) < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "{} announcements",
-            tap.rarps_from(dst_port)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let all = until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        async || tap.rarps_from(dst_port) >= 5,
+    )
+    .await;
+    let seen = tap.rarps_from(dst_port);
+    assert!(seen > 0, "the resumed destination never announced");
+    assert!(all, "{seen} announcements");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(tap.rarps_from(dst_port), 5, "then no more");
     assert_moved(&mut s, &summary).await;
@@ -2775,27 +2748,21 @@ async fn qemu_image_lock_is_gone_when_qmp_closes_after_quit() {
         (child, qmp)
     };
     let wait_socket = |qmp: &Path| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !qmp.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "QEMU did not create {}",
-                qmp.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let made = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+            qmp.exists()
+        });
+        assert!(made, "QEMU did not create {}", qmp.display());
     };
     let (mut a, a_qmp) = start("a");
     wait_socket(&a_qmp);
     // A second opener is refused while `a` holds the image.
     let (mut b, _) = start("b");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while matches!(b.try_wait(), Ok(None)) {
-        if Instant::now() > deadline {
-            let _ = b.kill();
-            panic!("a second QEMU opened an image another QEMU holds");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let exited = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+        !matches!(b.try_wait(), Ok(None))
+    });
+    if !exited {
+        let _ = b.kill();
+        panic!("a second QEMU opened an image another QEMU holds");
     }
     let out = b.wait_with_output().expect("b exited");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -2933,14 +2900,13 @@ async fn qemu_with_return_path_the_source_completes_after_the_destination_loaded
     );
     // spec/qemu.md §1: an incoming QEMU started without `-S` runs the guest once loading
     // ends, by itself (why the agent stops one that was, before it feeds it).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.query_status().await.ok().map(|s| s.status).as_deref() != Some("running") {
-        assert!(
-            Instant::now() < deadline,
-            "the loaded destination never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ran = until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        async || d.query_status().await.ok().map(|s| s.status).as_deref() == Some("running"),
+    )
+    .await;
+    assert!(ran, "the loaded destination never ran");
 }
 
 /// spec/qemu.md §5 (block handover): without `late-block-activate` an incoming QEMU 7.2
@@ -3027,14 +2993,13 @@ async fn qemu_an_incoming_qemu_whose_load_fails_exits() {
         .await
         .expect("write");
     drop(sock);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dst.alive() {
-        assert!(
-            Instant::now() < deadline,
-            "the destination QEMU did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let exited = until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        async || !dst.alive(),
+    )
+    .await;
+    assert!(exited, "the destination QEMU did not exit");
 }
 
 /// spec/qemu.md §2 (step 6): QEMU takes its last dirty-bitmap sync after it stopped the guest
@@ -3099,13 +3064,14 @@ async fn qemu_counts_its_last_bitmap_sync_after_the_guest_stopped() {
             "one more bitmap sync, taken with the guest stopped"
         );
         // QEMU announces `completed` a moment before it leaves `finish-migrate`.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last = state(s.query_status().await.expect("status"));
-        while last != "postmigrate" && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            last = state(s.query_status().await.expect("status"));
-        }
-        assert_eq!(last, "postmigrate");
+        let left = until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            async || state(s.query_status().await.expect("status")) == "postmigrate",
+        )
+        .await;
+        let now = state(s.query_status().await.expect("status"));
+        assert!(left, "QEMU stayed {now}, not postmigrate");
     }
 }
 
@@ -3560,11 +3526,10 @@ impl VmTpm {
             _child: Reaped(child),
             sock,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !t.sock.exists() {
-            assert!(Instant::now() < deadline, "swtpm did not create its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let made = until_blocking(Duration::from_secs(10), Duration::from_millis(20), || {
+            t.sock.exists()
+        });
+        assert!(made, "swtpm did not create its socket");
         t
     }
 
@@ -3641,20 +3606,15 @@ async fn swtpm_on_a_shared_state_directory_fails_the_second_qemu() {
     };
     let mut first = qemu(&tpms[0]);
     // The first QEMU initialised its TPM once swtpm wrote its state.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.path().join("tpm2-00.permall").exists() {
-        assert!(Instant::now() < deadline, "the first TPM never initialised");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let initialised = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+        dir.path().join("tpm2-00.permall").exists()
+    });
+    assert!(initialised, "the first TPM never initialised");
     let mut second = qemu(&tpms[1]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = second.0.try_wait().expect("the second QEMU") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the second QEMU started its TPM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exited = eventually_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+        second.0.try_wait().expect("the second QEMU")
+    });
+    let status = exited.expect("the second QEMU started its TPM");
     let mut err = String::new();
     let stderr = second.0.stderr.as_mut().expect("stderr");
     std::io::Read::read_to_string(stderr, &mut err).expect("stderr");
@@ -3691,28 +3651,24 @@ async fn qemu_vtpm_state_travels_in_the_stream() {
         return;
     };
     // The guest extended PCR 16 a few times on the source.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pcr_lines(&s.src).len() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "source guest: {}",
-            s.src.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let extended = until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        async || pcr_lines(&s.src).len() >= 3,
+    )
+    .await;
+    assert!(extended, "source guest: {}", s.src.output());
     let addr = s.pair.dst_addr.clone();
     let (r, _) = migrate(&mut s, &addr, 300).await;
     let summary = r.unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     assert_moved(&mut s, &summary).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pcr_lines(&s.dst).len() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "destination guest: {}",
-            s.dst.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let extended = until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        async || pcr_lines(&s.dst).len() >= 3,
+    )
+    .await;
+    assert!(extended, "destination guest: {}", s.dst.output());
     let src = pcr_lines(&s.src);
     let dst = pcr_lines(&s.dst);
     for (k, v) in src.iter().chain(&dst) {
@@ -4344,15 +4300,13 @@ async fn qemu_a_disk_that_cannot_be_verified_in_full_is_refused_up_front() {
 impl MirrorFixture {
     /// The destination removes its copy (and marker) of a rolled-back mirror within 10 s.
     async fn wait_removed(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.leftovers().is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "copy not removed: {:?}",
-                self.leftovers()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let removed = until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            async || self.leftovers().is_empty(),
+        )
+        .await;
+        assert!(removed, "copy not removed: {:?}", self.leftovers());
     }
 }
 
@@ -4453,10 +4407,9 @@ async fn qemu_destination_killed_mid_mirror_leaves_the_source_running() {
     let copy = disk.copy();
     let pid = s.pair.procs[1].as_ref().expect("destination agent").pid();
     let killer = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !copy.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until_blocking(Duration::from_secs(60), Duration::from_millis(1), || {
+            copy.exists()
+        });
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         copy.exists()
     });
@@ -4574,16 +4527,20 @@ async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
 /// Reload the agent at `home` once it no longer holds the VM (a failed arrival may still be
 /// rolling back).
 async fn reload_once_idle(home: &trustmig_agent::home::Home) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match ask(home, trustmig_agent::control::Request::Reload).await {
-            Some(Reply::Reloaded(_)) => return,
-            Some(Reply::Error(e)) if e.contains("migrating") && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => panic!("the agent at {} reloads: {other:?}", home.root().display()),
-        }
-    }
+    let reply = eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || match ask(home, trustmig_agent::control::Request::Reload).await {
+            Some(Reply::Error(e)) if e.contains("migrating") => None,
+            other => Some(other),
+        },
+    )
+    .await;
+    assert!(
+        matches!(reply, Some(Some(Reply::Reloaded(_)))),
+        "the agent at {} reloads: {reply:?}",
+        home.root().display()
+    );
 }
 
 /// Rename the test's disk `d0` to `name` in the agent's configuration at `home`.

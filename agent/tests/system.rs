@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use trustmig_agent::control::{Progress, Reply, Summary};
+use trustmig_agent::harness::wait::{eventually_blocking, until_blocking};
 use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_agent::home::Home;
 use trustmig_protocol::messages::Message;
@@ -529,16 +530,13 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = second.try_wait().unwrap() {
-                break status;
-            }
-            if std::time::Instant::now() > deadline {
-                second.kill().unwrap();
-                panic!("a second agent on the same home kept running");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let exited =
+            eventually_blocking(Duration::from_secs(20), Duration::from_millis(50), || {
+                second.try_wait().unwrap()
+            });
+        let Some(status) = exited else {
+            second.kill().unwrap();
+            panic!("a second agent on the same home kept running");
         };
         let mut err = String::new();
         second
@@ -936,20 +934,13 @@ fn wait_for_vm(
     home: &trustmig_agent::home::Home,
     vm: &str,
 ) -> (String, bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match rt.block_on(Pair::checksum(home, vm)) {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{vm} never came back: {e}\n{}",
-                    pair.log_tails(15)
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    let back = eventually_blocking(Duration::from_secs(20), Duration::from_millis(100), || {
+        rt.block_on(Pair::checksum(home, vm)).ok()
+    });
+    back.unwrap_or_else(|| {
+        let e = rt.block_on(Pair::checksum(home, vm)).err();
+        panic!("{vm} never came back: {e:?}\n{}", pair.log_tails(15))
+    })
 }
 
 /// SPEC.md §8.8 rule 3 when the destination does not answer at once: the source keeps the VM
@@ -1018,15 +1009,10 @@ fn a_source_restarted_at_commit_asks_the_destination() {
     pair.src_env.clear();
     pair.start(0).unwrap();
     // Its first query goes unanswered (the destination is down), however long the restart.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !pair.log_tails(50).contains("still in doubt") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            pair.log_tails(15)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let in_doubt = until_blocking(Duration::from_secs(20), Duration::from_millis(50), || {
+        pair.log_tails(50).contains("still in doubt")
+    });
+    assert!(in_doubt, "{}", pair.log_tails(15));
     assert!(
         rt.block_on(Pair::vm_absent(&pair.src, "v")),
         "in doubt, the VM stays stopped"
@@ -1214,16 +1200,11 @@ fn crash_matrix_every_journal_point_settles_to_one_copy() {
         let id =
             trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
         let _ = migrate(&rt, &pair, &order);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while pair.procs[i].as_mut().is_some_and(|a| a.running()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{}: crash point never reached\n{}",
-                p.name(),
-                pair.log_tails(20)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let crashed = until_blocking(Duration::from_secs(30), Duration::from_millis(20), || {
+            !pair.procs[i].as_mut().is_some_and(|a| a.running())
+        });
+        let tails = pair.log_tails(20);
+        assert!(crashed, "{}: crash point never reached\n{tails}", p.name());
         // It died there, not otherwise (a panic, say).
         let log = std::fs::read_to_string(&pair.procs[i].as_ref().unwrap().log).unwrap();
         assert!(
@@ -1237,26 +1218,25 @@ fn crash_matrix_every_journal_point_settles_to_one_copy() {
         pair.dst_env.clear();
         pair.start(i).unwrap();
         let want = expected(p);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let runs = loop {
+        let settled =
+            eventually_blocking(Duration::from_secs(60), Duration::from_millis(100), || {
+                let (runs, fin) = settled_status(&rt, &pair, &id);
+                let at_most_one = runs.iter().filter(|r| **r).count() <= 1;
+                assert!(at_most_one, "{}: two running copies", p.name());
+                let ended = match (runs[0], runs[1]) {
+                    (true, false) => Some(Ended::Source),
+                    (false, true) => Some(Ended::Destination),
+                    _ => None,
+                };
+                (fin && ended.unwrap_or(Ended::Nowhere) == want).then_some(runs)
+            });
+        let Some(runs) = settled else {
             let (runs, fin) = settled_status(&rt, &pair, &id);
-            let at_most_one = runs.iter().filter(|r| **r).count() <= 1;
-            assert!(at_most_one, "{}: two running copies", p.name());
-            let ended = match (runs[0], runs[1]) {
-                (true, false) => Some(Ended::Source),
-                (false, true) => Some(Ended::Destination),
-                _ => None,
-            };
-            if fin && ended.unwrap_or(Ended::Nowhere) == want {
-                break runs;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
+            panic!(
                 "{}: not settled to {want:?} (running {runs:?}, journals final: {fin})\n{}",
                 p.name(),
                 pair.log_tails(20)
             );
-            std::thread::sleep(Duration::from_millis(100));
         };
         // The next migration of the VM, from where it runs, is accepted and completes.
         let next = match want {
@@ -1425,21 +1405,12 @@ fn remove_peer_mid_transfer(
         Home::at([&pair.src, &pair.dst][i].root()),
     );
     std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        let claimed = until_blocking(Duration::from_secs(30), Duration::from_millis(20), || {
             let (_, text) = cli(&dst, &["status"]);
-            let claimed = text
-                .lines()
-                .any(|l| l.contains(&id[..16]) && l.contains("claimed"));
-            if claimed {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never claimed: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            text.lines()
+                .any(|l| l.contains(&id[..16]) && l.contains("claimed"))
+        });
+        assert!(claimed, "never claimed: {}", cli(&dst, &["status"]).1);
         std::thread::sleep(Duration::from_millis(500));
         cli(&home, &["trust", "remove-peer", peer])
     })
@@ -1496,20 +1467,21 @@ fn concurrent_migrations_queue_beyond_the_limit() {
             .unwrap()
     });
     // One sends, the other waits in the queue, as `status` shows.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (sending_vm, queued_vm) = loop {
+    let seen = eventually_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
         let st = status_json(&rt, &pair.src).expect("source status");
         let queued = st["queued"].as_array().cloned().unwrap_or_default();
         let claimed = (st["journal"].as_array().into_iter().flatten())
             .find(|r| r["state"] == "claimed" && r["role"] == "source")
             .map(|r| r["vm"].as_str().unwrap_or_default().to_string());
-        if let (1, Some(vm)) = (queued.len(), claimed) {
-            assert_eq!(st["sending"], 1, "{st}");
-            break (vm, queued[0]["vm"].as_str().unwrap().to_string());
-        }
-        assert!(std::time::Instant::now() < deadline, "no queue seen: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        let (1, Some(vm)) = (queued.len(), claimed) else {
+            return None;
+        };
+        assert_eq!(st["sending"], 1, "{st}");
+        Some((vm, queued[0]["vm"].as_str().unwrap().to_string()))
+    });
+    let (sending_vm, queued_vm) = seen.unwrap_or_else(|| {
+        panic!("no queue seen: {:?}", status_json(&rt, &pair.src));
+    });
     assert_ne!(sending_vm, queued_vm);
     // A second order for the VM under way: refused at once, by name.
     let dup = pair.order(&sending_vm, fast(), 600).unwrap();
@@ -1953,15 +1925,10 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     );
     let pid = pair.procs[1].as_ref().unwrap().pid();
     sighup(pid);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !pair.log_tails(20).contains("SIGHUP: reload refused") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            pair.log_tails(20)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let refused = until_blocking(Duration::from_secs(10), Duration::from_millis(50), || {
+        pair.log_tails(20).contains("SIGHUP: reload refused")
+    });
+    assert!(refused, "{}", pair.log_tails(20));
     assert!(
         pair.procs[1].as_mut().unwrap().running(),
         "the agent survives a bad reload"
@@ -1990,15 +1957,10 @@ fn reload_applies_a_new_policy_and_refuses_a_bad_file() {
     std::fs::write(&cfg, good).unwrap();
     std::fs::write(&policy, saved).unwrap();
     sighup(pid);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !pair.log_tails(20).contains("SIGHUP: reloaded") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            pair.log_tails(20)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let reloaded = until_blocking(Duration::from_secs(10), Duration::from_millis(50), || {
+        pair.log_tails(20).contains("SIGHUP: reloaded")
+    });
+    assert!(reloaded, "{}", pair.log_tails(20));
     done(
         migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()),
         &pair,
@@ -2035,18 +1997,11 @@ fn metrics_are_scraped_during_and_after_migrations() {
     let during = {
         let src = src.clone();
         std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let m = scrape(&src);
-                if sample(&m, "trustmig_migrations_sending") == 1.0 {
-                    return m;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "never seen sending: {m}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let seen =
+                eventually_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+                    Some(scrape(&src)).filter(|m| sample(m, "trustmig_migrations_sending") == 1.0)
+                });
+            seen.unwrap_or_else(|| panic!("never seen sending: {}", scrape(&src)))
         })
     };
     done(migrate(&rt, &pair, &order), &pair);
