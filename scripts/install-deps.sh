@@ -8,19 +8,32 @@ pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev binutils
 # `test` (from test.sh): what the tests need beyond the demo: systemd-analyze, which scores the
 # service unit offline (a container may have no systemd).
 [ "${1:-}" = test ] && pkgs+=(systemd)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+missing_pkgs() {
+  missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+sudo=""
+install_missing() {
   echo "installing: ${missing[*]}" >&2
-  sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null || { echo "missing packages (${missing[*]}): run this as root, or install sudo" >&2; exit 1; }
     sudo="sudo"
   fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+missing_pkgs
+if [ ${#missing[@]} -gt 0 ]; then
+  install_missing
+  # An install may remove a package that was there: Debian 12's qemu-system-x86 (7.2) removes
+  # a backported qemu-utils (10.x), and qemu-img with it (seen on a fresh machine). Once more,
+  # for what went: now Debian's own version, which fits.
+  missing_pkgs
+  [ ${#missing[@]} -eq 0 ] || install_missing
+  missing_pkgs
+  [ ${#missing[@]} -eq 0 ] || { echo "still missing after install: ${missing[*]}" >&2; exit 1; }
 fi
 command -v cargo >/dev/null || {
   echo "cargo not found: install Rust 1.85 or newer with rustup first, as the user who runs this:" >&2
