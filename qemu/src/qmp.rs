@@ -552,6 +552,25 @@ impl Qmp {
         }
     }
 
+    /// An I/O error on the socket: QEMU gone if the socket says its peer left. QEMU exiting
+    /// with bytes of ours unread resets the socket instead of closing it (seen after `quit`),
+    /// and a write to a QEMU that exited fails with a broken pipe; both are QEMU gone, as an
+    /// end of file is.
+    fn io_error(&self, source: std::io::Error, waiting_for: &str) -> QmpError {
+        match source.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+                QmpError::Closed {
+                    path: self.path.clone(),
+                    waiting_for: waiting_for.into(),
+                }
+            }
+            _ => QmpError::Io {
+                path: self.path.clone(),
+                source,
+            },
+        }
+    }
+
     /// Read one JSON line. Cancel-safe: a partly read line stays in `self.line` for the next
     /// call, so this can wait for events inside `select!`.
     async fn read_json_untimed(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
@@ -560,18 +579,7 @@ impl Qmp {
             .take(room)
             .read_until(b'\n', &mut self.line)
             .await
-            .map_err(|source| match source.kind() {
-                // QEMU exiting with bytes of ours unread resets the socket instead of closing
-                // it: that is QEMU gone, as an end of file is (seen after `quit`).
-                std::io::ErrorKind::ConnectionReset => QmpError::Closed {
-                    path: self.path.clone(),
-                    waiting_for: waiting_for.into(),
-                },
-                _ => QmpError::Io {
-                    path: self.path.clone(),
-                    source,
-                },
-            })?;
+            .map_err(|source| self.io_error(source, waiting_for))?;
         let buf = std::mem::take(&mut self.line);
         if n == 0 && buf.is_empty() {
             return Err(QmpError::Closed {
@@ -636,14 +644,10 @@ impl Qmp {
         }
         let mut line = msg.to_string().into_bytes();
         line.push(b'\n');
-        let io = |source| QmpError::Io {
-            path: self.path.clone(),
-            source,
-        };
         tokio::time::timeout(self.timeout, self.wr.write_all(&line))
             .await
             .map_err(|_| self.timed_out(command, WaitEnded::StoodStill(self.timeout)))?
-            .map_err(io)?;
+            .map_err(|source| self.io_error(source, command))?;
         loop {
             let Ok(v) = tokio::time::timeout_at(deadline, self.read_json_untimed(command)).await
             else {
@@ -1223,11 +1227,12 @@ mod tests {
             }
             other => panic!("expected malformed, got {other:?}"),
         }
-        // The fake closed after its script.
-        assert!(matches!(
-            q.stop().await,
-            Err(QmpError::Closed { .. }) | Err(QmpError::Io { .. })
-        ));
+        // The fake closed after its script: QEMU gone, whether the write or the read finds it.
+        let gone = q.stop().await;
+        assert!(matches!(gone, Err(QmpError::Closed { .. })), "{gone:?}");
+        let again = q.query_status().await;
+        assert!(matches!(&again, Err(e) if e.qemu_gone()), "{again:?}");
+        q.quit().await.expect("quit of a QEMU that is gone");
     }
 
     /// An event whose line arrives in two pieces, with a wait in between that outlasts the

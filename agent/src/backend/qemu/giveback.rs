@@ -120,8 +120,11 @@ pub(crate) enum Attempt {
     StoppedMeanwhile(String),
     /// QEMU refused `cont` for a reason that clears by itself (an image lock): try again.
     Refused(QmpError),
-    /// QEMU did not answer, or refused for good: the operator must look.
+    /// QEMU refused for good, or answered what makes no sense: the operator must look.
     Failed(String),
+    /// QEMU is gone (it exited, or was killed, during the migration or after): the VM runs
+    /// nowhere, since nothing committed elsewhere.
+    Gone(QmpError),
 }
 
 /// Whether QEMU's refusal of `cont` clears by itself: an image lock held by another process
@@ -153,9 +156,14 @@ async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), QmpErr
 pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attempt {
     // A QEMU that did not answer in time (busy, or stuck in a write the pumps no longer
     // drain) is asked again in the background, as a refusal that clears by itself is.
-    let unanswered = |e: QmpError| match refusal_clears(&e) {
-        true => Attempt::Refused(e),
-        false => Attempt::Failed(format!("QEMU did not answer ({e})")),
+    let unanswered = |e: QmpError| {
+        if e.qemu_gone() {
+            Attempt::Gone(e)
+        } else if refusal_clears(&e) {
+            Attempt::Refused(e)
+        } else {
+            Attempt::Failed(format!("the source QEMU: {e}"))
+        }
     };
     if let Err(e) = cancel_migration(qmp, timeout).await {
         return unanswered(e);
@@ -169,6 +177,7 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attem
         }
         Ok(_) => match qmp.cont().await {
             Ok(()) => Attempt::Running("the VM runs again on the source (cont)"),
+            Err(e) if e.qemu_gone() => Attempt::Gone(e),
             Err(e) if refusal_clears(&e) => Attempt::Refused(e),
             Err(e) => Attempt::Failed(format!("`cont` on the source failed: {e}")),
         },
@@ -217,19 +226,16 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
         Attempt::StoppedMeanwhile(state) => done(format!(
             "rolled back: the VM stays on the source, stopped (QEMU {state:?}): it was stopped during the migration, not by it; its operator runs it with `cont`"
         )),
-        Attempt::Failed(why) => {
-            let how =
-                format!("rollback failed: {why}; the VM is stopped on the source: check it by hand");
-            let order = (ctx.journal.lock().expect("journal lock"))
-                .last_order_of(vm)
-                .map(|r| r.order_id.clone());
-            ctx.leave_to_operator(vm, order, how.clone());
-            GivenBack {
-                how,
-                pending: true,
-                retrying: false,
-            }
-        }
+        Attempt::Failed(why) => left(
+            ctx,
+            vm,
+            format!("rollback failed: {why}; the VM is stopped on the source: check it by hand"),
+        ),
+        Attempt::Gone(e) => left(
+            ctx,
+            vm,
+            format!("rollback failed: the source QEMU is gone ({e}); the VM runs nowhere: start it again by hand"),
+        ),
         Attempt::Refused(e) => {
             let cause = e.to_string();
             keep_trying(
@@ -247,6 +253,20 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
                 retrying: true,
             }
         }
+    }
+}
+
+/// A give-back that failed for good: the VM is the operator's (`status`: "left to the
+/// operator", with `how`), under the order it was given back by.
+fn left(ctx: &Arc<Ctx>, vm: &str, how: String) -> GivenBack {
+    let order = (ctx.journal.lock().expect("journal lock"))
+        .last_order_of(vm)
+        .map(|r| r.order_id.clone());
+    ctx.leave_to_operator(vm, order, how.clone());
+    GivenBack {
+        how,
+        pending: true,
+        retrying: false,
     }
 }
 
@@ -358,6 +378,7 @@ pub(crate) async fn cont_until_running(
             }
             Attempt::Refused(e) => note(&e.to_string()),
             Attempt::Failed(why) => return Err(format!("{why}; resume the VM by hand")),
+            Attempt::Gone(e) => return Err(format!("QEMU is gone ({e}); resume the VM by hand")),
             Attempt::PausedAsBefore => unreachable!("attempt(Was::Running) resumes"),
         }
     }
@@ -451,6 +472,37 @@ mod tests {
                 _ => panic!("{state} {was:?}: {got:?}"),
             }
         }
+    }
+
+    /// A source QEMU that exited (killed mid-migration, say) is named gone, the VM running
+    /// nowhere: not "stopped on the source", which it is not, nor a QEMU that did not answer.
+    /// The fake greets, accepts `qmp_capabilities`, then exits (closes its socket).
+    #[tokio::test]
+    async fn a_qemu_that_exited_is_named_gone() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (rd, mut wr) = s.into_split();
+            wr.write_all(super::super::tests::GREETING)
+                .await
+                .expect("greet");
+            let mut lines = BufReader::new(rd).lines();
+            let req = lines.next_line().await.expect("read").expect("a line");
+            let req: serde_json::Value = serde_json::from_str(&req).expect("json");
+            assert_eq!(req["execute"], "qmp_capabilities");
+            let reply = serde_json::json!({"return": {}, "id": req["id"]});
+            wr.write_all(format!("{reply}\n").as_bytes())
+                .await
+                .expect("answer");
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let got = attempt(&mut qmp, Was::Running, Duration::from_secs(5)).await;
+        assert!(matches!(&got, Attempt::Gone(e) if e.qemu_gone()), "{got:?}");
     }
 
     /// A QEMU that stops answering (stuck in a write, holding its big lock) is asked again in

@@ -238,7 +238,7 @@ pub(crate) mod tests {
     }
 
     /// QEMU 7.2's QMP greeting, for the fake QEMUs of this module's tests.
-    const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
+    pub(crate) const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"capabilities\": []}}\n";
 
     /// A fake QEMU on a QMP socket in a temp dir, for any number of connections: it greets
     /// each as QEMU 7.2 does and accepts `qmp_capabilities`, then answers each command with
