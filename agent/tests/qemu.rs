@@ -1669,6 +1669,34 @@ async fn qemu_cut_connection_rolls_back() {
     faulted(Fault::CutAfter(4 << 20), "data stream").await;
 }
 
+/// A destination QEMU started with a configuration the source's stream does not fit (the
+/// source has a device it lacks: QEMU 7.2 refuses the unknown section) fails the load and
+/// exits. The operator is told the destination QEMU failed to load the stream, or exited while
+/// loading it, not only that a write to it failed (which was all the error said); nothing
+/// moved and the source runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_destination_that_cannot_load_the_stream_is_named() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        src_extra: ["-device", "virtio-rng-pci"].map(String::from).to_vec(),
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let e = r.as_ref().err().cloned().unwrap_or_default();
+    let named = [
+        "exited while loading the stream",
+        "failed to load the stream",
+    ];
+    assert!(named.iter().any(|n| e.contains(n)), "{e:?}\n{}", s.logs());
+    assert_rolled_back(&mut s, &r, "destination QEMU").await;
+}
+
 /// SPEC.md §8.8 rule 3 with QEMU: the source journalled COMMIT and lost the session before
 /// `Commit` left; the destination, asked, never committed, so the source QEMU runs again
 /// (`cont` from `postmigrate`) and the destination QEMU never does.

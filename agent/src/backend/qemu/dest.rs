@@ -412,19 +412,47 @@ async fn feed(
         }
     });
     info!(order = %hex(&inc.order_id), vm, "feeding the destination QEMU");
-    let got = open_pump(
+    let fed = open_pump(
         data_rd,
         qemu_wr,
         opener,
         "data stream 0",
         Carried::Migration,
     )
-    .await?;
+    .await;
+    let got = match fed {
+        Ok(got) => got,
+        Err(e @ AgentError::Protocol(_)) => return Err(e),
+        Err(e) => return Err(load_failure(qmp, vm, e).await),
+    };
     debug!("QEMU stream opened to its end and written to QEMU");
     // Everything arrived; QEMU must also have loaded it without complaint.
-    wait_loaded(qmp, timeout).await?;
+    match wait_loaded(qmp, timeout).await {
+        Ok(()) => {}
+        // QMP failed (QEMU gone, say): ask what became of the load. A load QEMU said failed,
+        // or one too slow, is named by `wait_loaded` already.
+        Err(e @ AgentError::Qemu(_)) => return Err(load_failure(qmp, vm, e).await),
+        Err(e) => return Err(e),
+    }
     debug!("destination QEMU loaded the stream");
     Ok(got)
+}
+
+/// Why feeding the destination QEMU failed with `e` (not a record refused: that is the
+/// peer's): QEMU's own reason when it has one. A QEMU 7.2 whose load fails (a device or memory
+/// size the source's stream does not fit) exits, and its socket closing is all that tells, so
+/// a QEMU gone is named as that; one still there that failed the load gives its `error-desc`.
+async fn load_failure(qmp: &mut Qmp, vm: &str, e: AgentError) -> AgentError {
+    match qmp.query_migrate().await {
+        Err(q) if q.qemu_gone() => AgentError::Migration(format!(
+            "the destination QEMU of VM {vm} exited while loading the stream ({e}): QEMU exits when a load fails, for one a configuration that does not match the source's; its log says why"
+        )),
+        Ok(m) if m.status() == MigrationStatus::Failed => AgentError::Migration(format!(
+            "the destination QEMU of VM {vm} failed to load the stream: {} ({e})",
+            m.error_desc.as_deref().unwrap_or("no reason given")
+        )),
+        _ => e,
+    }
 }
 
 /// Create, open and export the mirrored disks' images and relay their streams (`streams[i]`

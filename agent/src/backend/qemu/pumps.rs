@@ -267,7 +267,7 @@ where
     let local = |m: String| AgentError::Migration(format!("{what}: {m}"));
     let (tx, rx) = mpsc::channel::<Opened>(IN_FLIGHT);
     let (back_tx, mut back) = mpsc::channel::<Vec<u8>>(IN_FLIGHT + 2);
-    let writer = tokio::spawn(write_chunks(to, rx, back_tx, what, carried == Carried::Nbd));
+    let mut writer = tokio::spawn(write_chunks(to, rx, back_tx, what, carried == Carried::Nbd));
     // Bytes opened so far; the digest of them is the writer's (on the other core).
     let mut opened = 0u64;
     let r = loop {
@@ -292,7 +292,13 @@ where
                 opened += payload.len() as u64;
                 let payload = HEADER_LEN..HEADER_LEN + payload.len();
                 if tx.send(Opened { buf, payload }).await.is_err() {
-                    break Err(local("writing to QEMU failed".into()));
+                    // The writer stopped on an error of its own (QEMU closed its end, say):
+                    // its error is the cause, and names it.
+                    break Err(AgentError::Migration(match (&mut writer).await {
+                        Ok(Err(why)) => why,
+                        Ok(Ok(_)) => format!("{what}: writing to QEMU ended early"),
+                        Err(e) => format!("{what}: writer task: {e}"),
+                    }));
                 }
             }
             RecordType::KeyUpdate => {}
