@@ -340,7 +340,10 @@ fn read_cbor<T>(
     path: &Path,
     parse: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, AgentError> {
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(AgentError::io(path))?);
+    let bytes = zeroize::Zeroizing::new(crate::home::read_limited(
+        path,
+        crate::home::MAX_MESSAGE_FILE,
+    )?);
     parse(&bytes).map_err(|reason| AgentError::BadConfig {
         path: path.to_path_buf(),
         reason,
@@ -365,7 +368,7 @@ pub fn enroll_challenge_files(
     let req = read_cbor(request, |b| {
         EnrollRequest::from_cbor(b).map_err(|e| e.to_string())
     })?;
-    let pem = std::fs::read_to_string(ek_ca).map_err(AgentError::io(ek_ca))?;
+    let pem = crate::home::read_text(ek_ca)?;
     let (challenge, pending) = enroll_challenge(verifier_home, &req, &pem)?;
     let p = pending_path(verifier_home, &req.agent);
     if let Some(dir) = p.parent() {

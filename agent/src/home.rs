@@ -122,9 +122,7 @@ pub fn read_secret(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, AgentErro
             mode,
         });
     }
-    fs::read(path)
-        .map(zeroize::Zeroizing::new)
-        .map_err(AgentError::io(path))
+    read_limited(path, MAX_TEXT_FILE).map(zeroize::Zeroizing::new)
 }
 
 /// Write a non-secret file atomically (temp file, fsync, rename).
@@ -140,7 +138,64 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Read a text file with its path in any error.
+/// Read a text file (a configuration or trust file, a certificate) with its path in any error;
+/// one larger than [`MAX_TEXT_FILE`] is refused.
 pub fn read_text(path: &Path) -> Result<String, AgentError> {
-    fs::read_to_string(path).map_err(AgentError::io(path))
+    let bytes = read_limited(path, MAX_TEXT_FILE)?;
+    String::from_utf8(bytes).map_err(|e| AgentError::BadConfig {
+        path: path.to_path_buf(),
+        reason: format!("not UTF-8 text: {e}"),
+    })
+}
+
+/// Most bytes of a text file the agent or the CLI reads whole: a configuration, trust file or
+/// certificate is a few KiB; a path to a device or a huge file by mistake is refused by its
+/// size, not read until memory runs out.
+pub const MAX_TEXT_FILE: u64 = 4 << 20;
+
+/// Most bytes of an order or an enrollment file (the codec's own limit on a message).
+pub const MAX_MESSAGE_FILE: u64 = 1 << 20;
+
+/// The file at `path`, whole, if it holds at most `limit` bytes; else a refusal naming it.
+/// Reads at most one byte past `limit`: a device or a FIFO is refused, not read for ever.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, AgentError> {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(AgentError::io(path))?;
+    let mut bytes = Vec::new();
+    (&file)
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(AgentError::io(path))?;
+    if bytes.len() as u64 > limit {
+        return Err(AgentError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("larger than {limit} bytes: not a file of this kind"),
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file up to its bound is read whole; one byte more, or a device that never ends, is
+    /// refused by name and size, not read until memory runs out.
+    #[test]
+    fn a_file_past_its_bound_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("order.cbor");
+        fs::write(&path, vec![7u8; 100]).unwrap();
+        assert_eq!(read_limited(&path, 100).unwrap().len(), 100);
+        let e = read_limited(&path, 99).unwrap_err().to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("larger than 99 bytes"),
+            "{e}"
+        );
+        let e = read_text(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("/dev/zero") && e.contains("larger than"), "{e}");
+        fs::write(&path, [0xff, 0xfe]).unwrap();
+        let e = read_text(&path).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+    }
 }

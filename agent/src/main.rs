@@ -527,7 +527,7 @@ fn attest(a: AttestCmd) -> Result<(), AgentError> {
             verifier_home,
             ek_ca,
         } => {
-            let pem = std::fs::read_to_string(&ek_ca).map_err(AgentError::io(&ek_ca))?;
+            let pem = trustmig_agent::home::read_text(&ek_ca)?;
             enrolled(admin::enroll(
                 &Home::at(home),
                 &Home::at(verifier_home),
@@ -575,7 +575,7 @@ fn attest(a: AttestCmd) -> Result<(), AgentError> {
 fn read_order(
     path: &std::path::Path,
 ) -> Result<(Vec<u8>, trustmig_protocol::order::SignedOrder), AgentError> {
-    let bytes = std::fs::read(path).map_err(AgentError::io(path))?;
+    let bytes = trustmig_agent::home::read_limited(path, trustmig_agent::home::MAX_MESSAGE_FILE)?;
     let order = trustmig_protocol::order::SignedOrder::from_cbor(&bytes).map_err(|e| {
         AgentError::BadConfig {
             path: path.to_path_buf(),

@@ -101,8 +101,10 @@ impl Display {
                 );
                 match &self.bar {
                     Some(b) => {
-                        b.set_length(guest_pages * 4096);
-                        b.set_position(total_bytes.min(guest_pages * 4096));
+                        // Saturating: the page count is the hypervisor's (QEMU's `ram.total`).
+                        let guest_bytes = guest_pages.saturating_mul(4096);
+                        b.set_length(guest_bytes);
+                        b.set_position(total_bytes.min(guest_bytes));
                         b.set_prefix(round.to_string());
                         b.set_message(format!(
                             "{:.0} MiB/s, predicted downtime {predicted_downtime_ms} ms",

@@ -447,6 +447,10 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
     let rt = rt();
     let mut pair = Pair::create(exe().as_ref(), &vm("v", 16, 0), 1).unwrap();
     pair.start_both().unwrap();
+    // A control client that stalls in its request line (answered below, after its wait).
+    let mut stalled = std::os::unix::net::UnixStream::connect(pair.dst.control_socket()).unwrap();
+    std::io::Write::write_all(&mut stalled, b"{\"op\":").unwrap();
+    let stalled_at = std::time::Instant::now();
     let addr: std::net::SocketAddr = pair.dst_addr.parse().unwrap();
     let connect = || std::net::TcpStream::connect(addr).expect("connect");
     use trustmig_agent::daemon::admission::MAX_PER_ADDRESS;
@@ -497,6 +501,17 @@ fn a_connection_flood_is_capped_and_leaves_no_trace() {
         assert!(reply.contains("longer than 1048576 bytes"), "{reply}");
         drop(c);
         writer.join().unwrap();
+        // The stalled client is answered, and let go, once its wait is over.
+        let mut reply = String::new();
+        std::io::BufReader::new(&mut stalled)
+            .read_line(&mut reply)
+            .unwrap();
+        assert!(
+            reply.contains("no whole request line within 10 s"),
+            "{reply}"
+        );
+        assert!(stalled_at.elapsed() >= Duration::from_secs(10));
+        assert_eq!(stalled.read(&mut [0u8; 1]).unwrap(), 0, "closed after");
         // A line that is not UTF-8 is answered so (it was dropped unanswered), and so is one
         // too long that the bound cuts inside a character.
         for (bytes, says) in [

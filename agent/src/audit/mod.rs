@@ -121,6 +121,19 @@ pub struct Event {
     pub evidence: BTreeMap<String, String>,
 }
 
+/// Most characters of an entry's name or identity field (a VM name is at most 255 bytes).
+const MAX_FIELD: usize = 255;
+/// Most characters of an entry's reason.
+const MAX_REASON: usize = 500;
+
+/// `s`, cut to its first `n` characters.
+fn clip(s: String, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((at, _)) => s[..at].to_string(),
+        None => s,
+    }
+}
+
 /// Events that do not change an order's state (the journal cross-check skips them).
 const NOT_STATE_EVENTS: [&str; 3] = ["order-refused", "anchored", "final-quote"];
 
@@ -217,12 +230,14 @@ impl Audit {
             seq: self.seq,
             at: crate::unix_now(),
             event: e.event.into(),
-            order_id: e.order_id,
-            vm: e.vm,
-            role: e.role,
-            peer: e.peer,
-            reason: e.reason.chars().take(500).collect(),
-            operator: e.operator,
+            // Bounded: a refused order's fields are what it claims, unverified (a VM name of
+            // megabytes, say), and the trail is kept and read whole at every start.
+            order_id: clip(e.order_id, MAX_FIELD),
+            vm: clip(e.vm, MAX_FIELD),
+            role: clip(e.role, MAX_FIELD),
+            peer: clip(e.peer, MAX_FIELD),
+            reason: clip(e.reason, MAX_REASON),
+            operator: clip(e.operator, MAX_FIELD),
             evidence: e.evidence,
             prev: hex::encode(self.head),
             hash: String::new(),
@@ -491,6 +506,28 @@ mod tests {
         std::fs::remove_dir(&journal).unwrap();
         let e = verify_with_journal(dir.path()).expect_err("no journal, orders in the trail");
         assert!(!e.contains(&journal.display().to_string()), "{e}");
+    }
+
+    /// A refused order's claims go into the trail unverified: a VM name of a megabyte is cut,
+    /// as the reason is, and the trail still verifies.
+    #[test]
+    fn an_entry_keeps_no_field_longer_than_its_bound() {
+        let (dir, path) = trail(1);
+        let mut a = Audit::open(dir.path()).unwrap();
+        a.record(Event {
+            event: "order-refused",
+            vm: "é".repeat(1 << 20),
+            peer: "p".repeat(1000),
+            reason: "r".repeat(1000),
+            ..Event::default()
+        })
+        .unwrap();
+        let v = verify(&path).unwrap();
+        let e = &v.list[1];
+        assert_eq!(e.vm, "é".repeat(MAX_FIELD));
+        assert_eq!(e.peer.len(), MAX_FIELD);
+        assert_eq!(e.reason.len(), MAX_REASON);
+        assert!(std::fs::metadata(&path).unwrap().len() < 8 << 10);
     }
 
     #[test]

@@ -17,6 +17,10 @@ use crate::guest::SyntheticGuest;
 /// The longest request line read from a control client.
 const MAX_REQUEST: u64 = 1 << 20;
 
+/// How long a control client has to send its whole request line: `trustmig` sends it at once;
+/// one that stalls would hold a task and up to [`MAX_REQUEST`] bytes for as long as it likes.
+const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serve one control connection.
 pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), AgentError> {
     if let Ok(cred) = sock.peer_cred() {
@@ -26,10 +30,19 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
     // One request line, bounded: an order is a few KiB. Read as bytes, so that a line that
     // is not UTF-8 (or one cut inside a character at the bound) gets an answer saying so.
     let mut raw = Vec::new();
-    BufReader::new(rd.take(MAX_REQUEST))
-        .read_until(b'\n', &mut raw)
-        .await
-        .map_err(AgentError::io("control socket"))?;
+    let mut rd = BufReader::new(rd.take(MAX_REQUEST));
+    let read = rd.read_until(b'\n', &mut raw);
+    match tokio::time::timeout(REQUEST_WAIT, read).await {
+        Ok(r) => r.map_err(AgentError::io("control socket"))?,
+        Err(_) => {
+            let why = format!(
+                "bad request: no whole request line within {} s",
+                REQUEST_WAIT.as_secs()
+            );
+            send(&mut wr, Reply::Error(why)).await;
+            return Ok(());
+        }
+    };
     if raw.is_empty() {
         return Ok(());
     }

@@ -27,7 +27,7 @@ pub(super) fn reload(ctx: &Ctx) -> Result<String, AgentError> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let path = ctx.home.config();
     // One read: what is measured is what is parsed.
-    let bytes = std::fs::read(&path).map_err(AgentError::io(&path))?;
+    let bytes = crate::home::read_limited(&path, crate::home::MAX_TEXT_FILE)?;
     let text = String::from_utf8(bytes.clone()).map_err(|e| AgentError::BadConfig {
         path: path.clone(),
         reason: e.to_string(),

@@ -388,6 +388,11 @@ impl Session {
         commit: &mut Commit,
     ) -> Result<(), AgentError> {
         let ctx = self.ctx.clone();
+        // The source's manifest, checked once for every backend before anything reads it: its
+        // quote vouches for what it measured, not that the sizes and counts in it make sense
+        // (two disks of 2^63 bytes each overflowed the sum of the time to hash them).
+        trustmig_attest::manifest::validate(&est.manifest)
+            .map_err(|e| AgentError::Refused(format!("the source's image manifest: {e}")))?;
         // A VM this agent is sending away, or sent and has not settled, may run elsewhere; a
         // copy arriving now could make two (SPEC.md §8.8 rule 4), or be overwritten when the
         // outgoing one comes back.

@@ -275,10 +275,10 @@ async fn hash_image(
 /// What hashing the manifest's disks verified in full may take beyond a step's timeout (the
 /// source waits that much longer for `FinalChallenge`, which follows the destination's hash).
 pub fn verify_allowance(manifest: &ImageManifest) -> Duration {
+    // Saturating: the sizes are the source's (validated before this is asked, and bounded so).
     let bytes = (manifest.mirrors.iter())
         .filter(|m| m.verify_full)
-        .map(|m| m.virtual_size)
-        .sum();
+        .fold(0u64, |sum, m| sum.saturating_add(m.virtual_size));
     super::image::hash_allowance(bytes)
 }
 
@@ -1093,6 +1093,31 @@ pub(crate) mod tests {
                 verify_full: false,
             }],
         }
+    }
+
+    /// The time allowed for hashing the disks verified in full grows with their sizes and
+    /// saturates: sizes are the source's, and two of 2^63 bytes overflowed the sum (a panic in
+    /// a debug build). The destination's driver refuses such a manifest before this is asked.
+    #[test]
+    fn the_hashing_allowance_saturates() {
+        let mut m = manifest(DiskFormat::Raw, 1 << 30);
+        assert_eq!(verify_allowance(&m), Duration::ZERO, "not verified in full");
+        m.mirrors[0].verify_full = true;
+        let one = verify_allowance(&m);
+        assert!(one > Duration::ZERO);
+        m.mirrors.push(m.mirrors[0].clone());
+        assert_eq!(
+            verify_allowance(&m),
+            super::super::image::hash_allowance(2 << 30)
+        );
+        for d in &mut m.mirrors {
+            d.virtual_size = 1 << 63;
+        }
+        assert_eq!(
+            verify_allowance(&m),
+            super::super::image::hash_allowance(u64::MAX)
+        );
+        assert!(trustmig_attest::manifest::validate(&m).is_err());
     }
 
     fn vm(dir: &Path, format: Option<DiskFormat>) -> VmConfig {

@@ -755,7 +755,8 @@ impl Ladder {
             return rounds > since_round;
         }
         let since = self.rounds_out.map_or(since, |out| out.max(since));
-        rounds >= since_round.max(self.max_rounds) + THROTTLE_STEP_ROUNDS
+        // Saturating: `rounds` is QEMU's `dirty-sync-count`, whatever QEMU says it is.
+        rounds >= (since_round.max(self.max_rounds)).saturating_add(THROTTLE_STEP_ROUNDS)
             && now.saturating_duration_since(since) >= THROTTLE_STEP_WAIT
     }
 }
@@ -1380,6 +1381,14 @@ mod tests {
         assert_eq!(early.after_look(&at(1, 99), t0), Ok(None));
         assert!(!early.out_of_rounds(&at(2, 99), t0));
         assert!(early.out_of_rounds(&at(3, 99), t0));
+
+        // QEMU's count taken as it comes: one at the top of its range is no overflow (it was,
+        // in the step's round arithmetic) and ends nothing early.
+        let mut top = Ladder::new(&limits(NonConvergence::Throttle), 0, t0);
+        let mut m = info("active", u64::MAX, 0);
+        m.cpu_throttle_percentage = Some(20);
+        assert_eq!(top.after_look(&m, t0), Ok(None));
+        assert_eq!(top.after_look(&m, secs(60)), Ok(None));
     }
 
     /// QEMU's decision at the sync that ended the order's rounds is read from what it did
