@@ -414,6 +414,14 @@ async fn qmp(vm: &str, path: &std::path::Path) -> Check {
                 "check the QEMU process",
             ),
         },
+        // QEMU's QMP socket serves one client at a time: a greeting that does not come is
+        // another client holding it (a migration, libvirt, an operator's socat), as `status`
+        // says; not a QEMU started without `-qmp`.
+        Err(e @ trustmig_qemu::qmp::QmpError::Timeout { .. }) => check(
+            Level::Warn,
+            format!("VM {vm}: QMP {} is busy: {e}", path.display()),
+            "another QMP client holds the socket (QEMU serves one at a time): a migration, libvirt or a monitor left open; the agent needs it for a migration",
+        ),
         Err(e) => check(
             Level::Fail,
             format!("VM {vm}: QMP {}: {e}", path.display()),

@@ -2166,7 +2166,17 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
         async || agent_status(&home).await.contains(left),
     )
     .await;
-    assert!(said, "{}\n{}", agent_status(&home).await, s.logs());
+    let status = agent_status(&home).await;
+    assert!(said, "{status}\n{}", s.logs());
+    // QEMU's own refusal, named as such: not "migration failed", which it was not.
+    let line = status
+        .lines()
+        .find(|l| l.contains(left))
+        .unwrap_or_default();
+    assert!(
+        line.contains("(QEMU: QEMU refused cont") && !line.contains("migration failed"),
+        "{line}"
+    );
     assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
     assert_ne!(s.src.status().await.as_deref(), Ok("running"));
     // An operator's alert sees it too.

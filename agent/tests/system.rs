@@ -1844,6 +1844,13 @@ fn doctor_names_what_to_fix() {
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text += "\n[[vm]]\nname = \"q\"\nbackend = \"qemu\"\nqmp = \"/nonexistent/q.qmp\"\n";
     text += "[[vm.disk]]\nname = \"d0\"\npath = \"/images/q.qcow2\"\nverify = \"full\"\n";
+    // And one whose QMP socket another client holds: it listens, and no greeting comes.
+    let busy = pair.dir().join("busy.qmp");
+    let _held = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    text += &format!(
+        "\n[[vm]]\nname = \"b\"\nbackend = \"qemu\"\nqmp = \"{}\"\n",
+        busy.display()
+    );
     std::fs::write(&cfg, text).unwrap();
     // verify = "full" needs qemu-img: found here, and named when it is not on the PATH.
     let out = std::process::Command::new(exe())
@@ -1869,6 +1876,11 @@ fn doctor_names_what_to_fix() {
     );
     assert!(
         text.contains("[FAIL] VM q: QMP /nonexistent/q.qmp"),
+        "{text}"
+    );
+    let held = format!("[WARN] VM b: QMP {} is busy", busy.display());
+    assert!(
+        text.contains(&held) && text.contains("another QMP client holds the socket"),
         "{text}"
     );
     let (ok, text) = doctor(&pair.src, &["bad".into()]);

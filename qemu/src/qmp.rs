@@ -454,6 +454,25 @@ impl std::fmt::Display for WaitEnded {
 /// Events kept for the caller between its reads of them (`Qmp::queue_event`).
 pub const MAX_QUEUED_EVENTS: usize = 1024;
 
+/// Longest event `data` kept, as JSON text; longer data is dropped (`null`) and the event kept.
+/// The events the agent reads carry a few dozen bytes (a migration status, a job's id); a queue
+/// of `MAX_QUEUED_EVENTS` events of megabytes each would not be bounded in any useful sense.
+pub const MAX_EVENT_DATA: usize = 4096;
+
+/// Counts bytes written to it (an event's data measured without keeping its text).
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
     rd: BufReader<OwnedReadHalf>,
@@ -603,9 +622,15 @@ impl Qmp {
             let name = name
                 .as_str()
                 .ok_or_else(|| bad("event name is not a string", &v))?;
+            // Data past its bound is dropped, the event kept: the queue holds up to
+            // `MAX_QUEUED_EVENTS`, and a parsed value takes many times its text.
+            let data = obj.get("data").filter(|d| {
+                let mut size = Counter(0);
+                serde_json::to_writer(&mut size, d).is_ok() && size.0 <= MAX_EVENT_DATA
+            });
             return Ok(Line::Event(Event {
                 name: name.to_string(),
-                data: obj.get("data").cloned().unwrap_or(Value::Null),
+                data: data.cloned().unwrap_or(Value::Null),
                 at: timestamp(obj.get("timestamp")),
             }));
         }
@@ -675,6 +700,17 @@ impl Qmp {
                 Line::Return(..) | Line::Error(..) => {}
             }
         }
+    }
+
+    /// [`Qmp::execute`], its reply read as a `T`: a reply of another shape is `Malformed`,
+    /// naming the command and quoting the reply.
+    pub async fn execute_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Value,
+    ) -> Result<T, QmpError> {
+        let v = self.execute(command, arguments).await?;
+        Self::parse(v, command)
     }
 
     async fn execute_unit(&mut self, command: &str, arguments: Value) -> Result<(), QmpError> {
@@ -1178,6 +1214,68 @@ mod tests {
         assert_eq!(events[0].name, "E10", "the oldest went first");
         let last = format!("E{}", MAX_QUEUED_EVENTS + 9);
         assert_eq!(events.last().map(|e| e.name.as_str()), Some(last.as_str()));
+    }
+
+    /// An event whose data is past its bound keeps its name and time, not its data: a QEMU
+    /// (or whatever listens on its socket) sending events of megabytes while a command waits
+    /// fills the queue with names, not with gigabytes of parsed JSON.
+    #[tokio::test]
+    async fn an_events_data_past_its_bound_is_dropped_the_event_kept() {
+        let big = format!("[{}0]", "0,".repeat(MAX_EVENT_DATA));
+        let just = format!("\"{}\"", "x".repeat(MAX_EVENT_DATA - 2));
+        let lines = format!(
+            "{{\"event\": \"BIG\", \"data\": {big}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\n\
+             {{\"event\": \"JUST\", \"data\": {just}}}\n\
+             {{\"return\": {{\"running\": true, \"status\": \"running\"}}, \"id\": 2}}\n"
+        );
+        let lines: &'static str = Box::leak(lines.into_boxed_str());
+        let (_d, path) = fake(vec!["{\"return\": {}, \"id\": 1}\n", lines]).await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        q.query_status().await.expect("status");
+        let events = q.take_events();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (events[0].name.as_str(), &events[0].data),
+            ("BIG", &Value::Null)
+        );
+        assert!(events[0].at.is_some(), "its time kept");
+        assert_eq!(
+            events[1].data.as_str().map(str::len),
+            Some(MAX_EVENT_DATA - 2)
+        );
+    }
+
+    /// A reply of the wrong shape for the type asked is named by its command and quoted.
+    #[tokio::test]
+    async fn a_reply_of_another_shape_is_quoted() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Job {
+            id: String,
+            status: String,
+        }
+        let (_d, path) = fake(vec![
+            "{\"return\": {}, \"id\": 1}\n",
+            "{\"return\": [{\"id\": \"x\"}], \"id\": 2}\n",
+        ])
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let e = q
+            .execute_as::<Vec<Job>>("query-jobs", json!({}))
+            .await
+            .expect_err("no status");
+        let text = e.to_string();
+        assert!(matches!(e, QmpError::Malformed { .. }), "{e:?}");
+        assert!(
+            text.contains("query-jobs")
+                && text.contains("status")
+                && text.contains("[{\"id\":\"x\"}]"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

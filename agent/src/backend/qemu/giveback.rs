@@ -141,13 +141,28 @@ pub(crate) fn refusal_clears(e: &QmpError) -> bool {
 
 /// Cancel QEMU's migration (if one is left) and wait for it to leave the active states: QEMU
 /// restarts a guest it stopped on its own when a migration it still runs is cancelled.
-async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), QmpError> {
-    let _ = qmp.migrate_cancel().await;
+/// `Ok(Some(why))`: QEMU's migration is still under way after `timeout` (with QEMU's refusal
+/// of the cancel, if it refused): nothing else may be asked of it.
+async fn cancel_migration(qmp: &mut Qmp, timeout: Duration) -> Result<Option<String>, QmpError> {
+    // Refused when no migration is left (QEMU 7.2 answers `migrate_cancel` then too, but a
+    // refusal is kept for the report below, should the migration go on).
+    let refused = qmp.migrate_cancel().await.err();
     let deadline = Instant::now() + timeout;
-    while qmp.query_migrate().await?.in_progress() && Instant::now() < deadline {
+    loop {
+        let m = qmp.query_migrate().await?;
+        if !m.in_progress() {
+            return Ok(None);
+        }
+        if Instant::now() >= deadline {
+            let refusal = refused.map(|e| format!(" ({e})")).unwrap_or_default();
+            return Ok(Some(format!(
+                "QEMU's migration is still {} {} s after `migrate_cancel`{refusal}",
+                m.status(),
+                timeout.as_secs_f32()
+            )));
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(())
 }
 
 /// One attempt: cancel, then `cont` if the guest ran and is stopped by the migration. A guest
@@ -165,8 +180,10 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attem
             Attempt::Failed(format!("the source QEMU: {e}"))
         }
     };
-    if let Err(e) = cancel_migration(qmp, timeout).await {
-        return unanswered(e);
+    match cancel_migration(qmp, timeout).await {
+        Ok(None) => {}
+        Ok(Some(why)) => return Attempt::Failed(why),
+        Err(e) => return unanswered(e),
     }
     match qmp.query_status().await {
         // QEMU's cancel runs a guest that ran when it completed, whatever this agent thought.
@@ -503,6 +520,33 @@ mod tests {
             .expect("qmp");
         let got = attempt(&mut qmp, Was::Running, Duration::from_secs(5)).await;
         assert!(matches!(&got, Attempt::Gone(e) if e.qemu_gone()), "{got:?}");
+    }
+
+    /// A migration QEMU does not let go of (it refuses `migrate_cancel`, and stays active) is
+    /// named with its status and QEMU's refusal: before, the give-back went on to a `cont`
+    /// whose failure named neither.
+    #[tokio::test]
+    async fn a_migration_that_outlives_its_cancel_is_named() {
+        let (_dir, path) = fake_qmp(|command, _| {
+            Some(match command {
+                "migrate_cancel" => {
+                    serde_json::json!({"error": {"class": "GenericError", "desc": "not now"}})
+                }
+                "query-migrate" => serde_json::json!({"return": {"status": "active"}}),
+                _ => serde_json::json!({"return": {}}),
+            })
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let got = attempt(&mut qmp, Was::Running, Duration::from_millis(300)).await;
+        let Attempt::Failed(why) = &got else {
+            panic!("{got:?}");
+        };
+        assert!(
+            why.contains("still active 0.3 s after `migrate_cancel`") && why.contains("not now"),
+            "{why}"
+        );
     }
 
     /// A QEMU that stops answering (stuck in a write, holding its big lock) is asked again in

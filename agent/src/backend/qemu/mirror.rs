@@ -470,8 +470,7 @@ struct JobInfo {
 }
 
 async fn query_jobs(qmp: &mut Qmp) -> Result<Vec<JobInfo>, AgentError> {
-    let v = qmp.execute("query-jobs", json!({})).await?;
-    serde_json::from_value(v).map_err(|e| mig(format!("QEMU: malformed query-jobs reply: {e}")))
+    Ok(qmp.execute_as("query-jobs", json!({})).await?)
 }
 
 impl Mirrors {
@@ -567,12 +566,18 @@ impl Mirrors {
             let now = tokio::time::Instant::now();
             if now > until {
                 until = patience.extend(now, timeout).map_err(|ended| {
+                    // Which jobs, where: QEMU's status and progress of each still open.
+                    let open: Vec<String> = (jobs.iter())
+                        .filter(|j| ids.contains(&j.id) && j.status != "concluded")
+                        .map(|j| format!("{} {} {}/{} bytes", j.id, j.status, j.current, j.total))
+                        .collect();
+                    let open = open.join(", ");
                     AgentError::Timeout(match ended {
                         WaitEnded::StoodStill(t) => format!(
-                            "a mirror job did not complete, nothing moved for {} s",
+                            "a mirror job did not complete ({open}), nothing moved for {} s",
                             t.as_secs_f32()
                         ),
-                        WaitEnded::Cap => format!("a mirror job did not complete {ended}"),
+                        WaitEnded::Cap => format!("a mirror job did not complete ({open}) {ended}"),
                     })
                 })?;
                 look = Duration::from_millis(100);
@@ -760,15 +765,9 @@ pub(crate) struct BlockNode {
 
 /// QEMU's block nodes (`query-named-block-nodes`, flat).
 pub(crate) async fn named_block_nodes(qmp: &mut Qmp) -> Result<Vec<BlockNode>, AgentError> {
-    let v = qmp
-        .execute("query-named-block-nodes", json!({ "flat": true }))
+    qmp.execute_as("query-named-block-nodes", json!({ "flat": true }))
         .await
-        .map_err(|e| mig(format!("QEMU: {e}")))?;
-    serde_json::from_value(v).map_err(|e| {
-        mig(format!(
-            "QEMU: malformed query-named-block-nodes reply: {e}"
-        ))
-    })
+        .map_err(|e| mig(format!("QEMU: {e}")))
 }
 
 /// The mirror of disk `name` whose format node is `top` (a node QEMU has open read-write),
@@ -1291,7 +1290,11 @@ pub(crate) mod tests {
             .wait_concluded(&mut q, &["trustmig-mirror-d0".into()], timeout)
             .await
             .expect_err("nothing moved");
-        assert!(e.to_string().contains("nothing moved"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("(trustmig-mirror-d0 running 0/1 bytes), nothing moved"),
+            "{e}"
+        );
     }
 
     /// A start's clean-up takes every mirror job and node named as the agent names them,

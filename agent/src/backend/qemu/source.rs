@@ -831,7 +831,11 @@ async fn follow(
             e = relay_ended(mirrors.as_deref_mut()), if seen.paused_at.is_none() => return Err(e),
         }
         if look && seen.completed.is_none() {
-            look_at(qmp, &link, ladder, seen, mirrors.as_deref_mut()).await?;
+            if let Err(e) = look_at(qmp, &link, ladder, seen, mirrors.as_deref_mut()).await {
+                return Err(pump_failure(&mut fwd_rx, &mut ret_rx, ret_done)
+                    .await
+                    .unwrap_or(e));
+            }
             // The look may have waited a long while (mirrors completing at `pre-switchover`,
             // a reply QEMU gave only after its stop-and-copy): the watch starts again from it.
             silence.heard();
@@ -869,6 +873,31 @@ async fn follow(
 
 /// The two pumps' results (QEMU's stream sealed to its end, the return path opened to its
 /// end), and the bytes moved on every stream of the migration so far (both ways).
+/// How long a failed look at QEMU's migration waits for a pump's failure, its likelier cause:
+/// a pump that failed (a data stream cut) closes QEMU's socket, and QEMU's own failure then
+/// says only "Unable to write to socket: Broken pipe" (seen in `qemu_cut_connection_rolls_back`
+/// when QEMU's failure was read first).
+const PUMP_CAUSE_WAIT: Duration = Duration::from_millis(200);
+
+/// A pump's failure, if one is reported within [`PUMP_CAUSE_WAIT`].
+async fn pump_failure(
+    fwd_rx: &mut mpsc::Receiver<Result<Sent, String>>,
+    ret_rx: &mut mpsc::Receiver<Result<Received, AgentError>>,
+    ret_done: bool,
+) -> Option<AgentError> {
+    let deadline = tokio::time::Instant::now() + PUMP_CAUSE_WAIT;
+    if let Ok(Some(Err(e))) = tokio::time::timeout_at(deadline, fwd_rx.recv()).await {
+        return Some(AgentError::transport(Link::QemuStream, e));
+    }
+    if ret_done {
+        return None;
+    }
+    match tokio::time::timeout_at(deadline, ret_rx.recv()).await {
+        Ok(Some(Err(e))) => Some(AgentError::transport(Link::ReturnPath, e)),
+        _ => None,
+    }
+}
+
 type Pumps = (
     mpsc::Receiver<Result<Sent, String>>,
     mpsc::Receiver<Result<Received, AgentError>>,

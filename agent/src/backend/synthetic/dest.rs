@@ -78,7 +78,7 @@ static BEING_FAULTED: Mutex<u64> = Mutex::new(0);
 
 /// Room for an incoming guest's memory and its per-page bookkeeping (digests, dirty bitmap),
 /// held while it is pre-faulted.
-struct Room(u64);
+pub(super) struct Room(u64);
 
 impl Room {
     /// Per page beyond its bytes: a 32-byte digest and a bit of dirty bitmap, rounded up.
@@ -86,7 +86,7 @@ impl Room {
 
     /// Room as `MemAvailable` says there is. Without it (kernels before 3.14, some sandboxes)
     /// the guest is refused: it could not be told whether it fits.
-    fn take(page_count: u64) -> Result<Self, AgentError> {
+    pub(super) fn take(page_count: u64) -> Result<Self, AgentError> {
         let avail = crate::guest::mem_available().ok_or_else(|| {
             AgentError::Refused(
                 "cannot tell how much memory is free here (no MemAvailable in /proc/meminfo)"

@@ -24,10 +24,13 @@ pub(crate) fn resume_given_back(ctx: &Arc<Ctx>, vm: &str, cfg: &SyntheticVm) -> 
     let parked = ctx.parked.lock().expect("parked lock").remove(vm);
     let (mut g, how) = match parked {
         Some(g) => (g, "the VM runs on the source again, its memory untouched"),
-        None => (
-            SyntheticGuest::new(vm, cfg),
-            "the synthetic guest starts again here (its memory did not survive the restart)",
-        ),
+        None => match fresh_guest(vm, cfg) {
+            Ok(g) => (
+                g,
+                "the synthetic guest starts again here (its memory did not survive the restart)",
+            ),
+            Err(e) => return format!("the synthetic guest cannot start again here: {e}"),
+        },
     };
     g.set_throttle(0);
     g.resume();
@@ -39,8 +42,42 @@ pub(crate) fn resume_given_back(ctx: &Arc<Ctx>, vm: &str, cfg: &SyntheticVm) -> 
     how.into()
 }
 
+/// A new guest for `cfg`, if this host has the memory for it now: the memory check at the
+/// agent's start left out a VM whose order was in doubt, and an allocation that fails aborts
+/// the whole agent.
+fn fresh_guest(vm: &str, cfg: &SyntheticVm) -> Result<SyntheticGuest, crate::error::AgentError> {
+    let pages = cfg.size_mib.saturating_mul(1 << 20) / crate::guest::PAGE_SIZE as u64;
+    let _room = dest::Room::take(pages)?;
+    Ok(SyntheticGuest::new(vm, cfg))
+}
+
 /// The guest `vm` runs on its destination: the copy parked here goes.
 pub(crate) fn forget(ctx: &Ctx, vm: &str) -> String {
     ctx.parked.lock().expect("parked lock").remove(vm);
     "this host keeps no copy".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest given back after a restart that this host has no memory for is refused by
+    /// name, not allocated (which aborted the agent); one that fits starts.
+    #[test]
+    fn a_guest_given_back_must_fit_first() {
+        let mut cfg = SyntheticVm {
+            size_mib: 1 << 30, // a PiB
+            dirty_pages_per_sec: 0,
+            hot_fraction: 0.1,
+            fill_fraction: 0.5,
+            seed: 1,
+        };
+        let e = fresh_guest("v", &cfg).err().expect("refused").to_string();
+        assert!(
+            e.contains("does not fit") || e.contains("MemAvailable"),
+            "{e}"
+        );
+        cfg.size_mib = 1;
+        assert!(fresh_guest("v", &cfg).is_ok());
+    }
 }
