@@ -415,12 +415,16 @@ async fn qmp(vm: &str, path: &std::path::Path) -> Check {
             ),
         },
         // QEMU's QMP socket serves one client at a time: a greeting that does not come is
-        // another client holding it (a migration, libvirt, an operator's socat), as `status`
-        // says; not a QEMU started without `-qmp`.
+        // most often another client holding it (a migration, libvirt, an operator's socat),
+        // as `status` says, or else a QEMU that is stopped (SIGSTOP) or hung; not a QEMU
+        // started without `-qmp`. The two cannot be told apart from here.
         Err(e @ trustmig_qemu::qmp::QmpError::Timeout { .. }) => check(
             Level::Warn,
-            format!("VM {vm}: QMP {} is busy: {e}", path.display()),
-            "another QMP client holds the socket (QEMU serves one at a time): a migration, libvirt or a monitor left open; the agent needs it for a migration",
+            format!(
+                "VM {vm}: QMP {} is busy, or QEMU does not respond: {e}",
+                path.display()
+            ),
+            "another QMP client may hold the socket (QEMU serves one at a time: a migration, libvirt, a monitor left open), or QEMU is stopped or hung (check its process); a migration needs the socket free",
         ),
         Err(e) => check(
             Level::Fail,

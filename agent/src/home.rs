@@ -157,11 +157,15 @@ pub const MAX_TEXT_FILE: u64 = 4 << 20;
 pub const MAX_MESSAGE_FILE: u64 = 1 << 20;
 
 /// The file at `path`, whole, if it holds at most `limit` bytes; else a refusal naming it.
-/// Reads at most one byte past `limit`: a device or a FIFO is refused, not read for ever.
+/// Reads at most one byte past `limit`: a huge file or a device that never ends is refused,
+/// not read until memory runs out. (A FIFO without a writer still blocks at `open`.)
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, AgentError> {
     use std::io::Read;
     let file = fs::File::open(path).map_err(AgentError::io(path))?;
-    let mut bytes = Vec::new();
+    // Sized once, as `fs::read` does: a buffer grown by reallocation would leave copies of a
+    // key file's bytes behind in freed memory, unzeroed.
+    let size = file.metadata().map_or(0, |m| m.len()).min(limit) + 1;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     (&file)
         .take(limit + 1)
         .read_to_end(&mut bytes)

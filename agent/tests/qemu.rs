@@ -1263,6 +1263,7 @@ async fn qemu_a_destination_qemu_that_cannot_be_quit_is_left_to_the_operator() {
     assert!(signal(pid, "-CONT"), "kill -CONT {pid}");
     let request = || trustmig_agent::control::Request::Reconcile { vm: VM.into() };
     // QEMU, thawed, may still be finishing with the stream it was fed.
+    let mut last = String::new();
     let reconciled = eventually(
         Duration::from_secs(30),
         Duration::from_millis(500),
@@ -1270,13 +1271,14 @@ async fn qemu_a_destination_qemu_that_cannot_be_quit_is_left_to_the_operator() {
             Some(Reply::Reconciled(how)) => Some(how),
             other => {
                 eprintln!("not yet: {other:?}");
+                last = format!("{other:?}");
                 None
             }
         },
     )
     .await;
     let Some(how) = reconciled else {
-        panic!("not reconciled\n{}", s.logs());
+        panic!("not reconciled: {last}\n{}", s.logs());
     };
     assert!(
         how.contains("discarded (quit)") || how.contains("is gone: nothing to discard"),
@@ -4565,18 +4567,22 @@ async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
 /// Reload the agent at `home` once it no longer holds the VM (a failed arrival may still be
 /// rolling back).
 async fn reload_once_idle(home: &trustmig_agent::home::Home) {
+    let mut last = String::new();
     let reply = eventually(
         Duration::from_secs(30),
         Duration::from_millis(100),
         async || match ask(home, trustmig_agent::control::Request::Reload).await {
-            Some(Reply::Error(e)) if e.contains("migrating") => None,
+            Some(Reply::Error(e)) if e.contains("migrating") => {
+                last = e;
+                None
+            }
             other => Some(other),
         },
     )
     .await;
     assert!(
         matches!(reply, Some(Some(Reply::Reloaded(_)))),
-        "the agent at {} reloads: {reply:?}",
+        "the agent at {} reloads: {reply:?} (last refusal: {last})",
         home.root().display()
     );
 }

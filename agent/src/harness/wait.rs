@@ -93,7 +93,8 @@ mod tests {
         .await;
         assert!(!held);
         assert!(start.elapsed() >= Duration::from_millis(30));
-        assert!(n >= 3, "checked {n} times");
+        // At least at the start and after the last sleep (a loaded host oversleeps).
+        assert!(n >= 2, "checked {n} times");
     }
 
     #[tokio::test]

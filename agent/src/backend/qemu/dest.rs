@@ -21,7 +21,7 @@ use trustmig_protocol::Digest;
 use crate::backend::{Arrived, DestVm, Tasks};
 use crate::config::Config;
 use crate::ctx::{Ctx, DataConn};
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::net::stream_init;
 use trustmig_qemu::qmp::{MigrationStatus, Qmp};
 
@@ -422,8 +422,16 @@ async fn feed(
     .await;
     let got = match fed {
         Ok(got) => got,
-        Err(e @ AgentError::Protocol(_)) => return Err(e),
-        Err(e) => return Err(load_failure(qmp, vm, e).await),
+        // Writing to QEMU failed: QEMU knows why. Anything else (a record refused, a stream
+        // cut on the network) is the cause itself, and QEMU's failure that follows (its socket
+        // closed under it) only its effect.
+        Err(
+            e @ AgentError::Transport {
+                link: Link::QemuStream,
+                ..
+            },
+        ) => return Err(load_failure(qmp, vm, e).await),
+        Err(e) => return Err(e),
     };
     debug!("QEMU stream opened to its end and written to QEMU");
     // Everything arrived; QEMU must also have loaded it without complaint.
@@ -438,8 +446,8 @@ async fn feed(
     Ok(got)
 }
 
-/// Why feeding the destination QEMU failed with `e` (not a record refused: that is the
-/// peer's): QEMU's own reason when it has one. A QEMU 7.2 whose load fails (a device or memory
+/// Why writing the stream to the destination QEMU failed with `e`, or asking it whether it
+/// loaded: QEMU's own reason when it has one. A QEMU 7.2 whose load fails (a device or memory
 /// size the source's stream does not fit) exits, and its socket closing is all that tells, so
 /// a QEMU gone is named as that; one still there that failed the load gives its `error-desc`.
 async fn load_failure(qmp: &mut Qmp, vm: &str, e: AgentError) -> AgentError {

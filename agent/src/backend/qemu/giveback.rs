@@ -120,6 +120,9 @@ pub(crate) enum Attempt {
     StoppedMeanwhile(String),
     /// QEMU refused `cont` for a reason that clears by itself (an image lock): try again.
     Refused(QmpError),
+    /// QEMU's migration has not ended yet after `migrate_cancel` (why, with its status): a
+    /// `cont` now would be refused or undone; try again, as for a refusal that clears.
+    StillMigrating(String),
     /// QEMU refused for good, or answered what makes no sense: the operator must look.
     Failed(String),
     /// QEMU is gone (it exited, or was killed, during the migration or after): the VM runs
@@ -182,7 +185,7 @@ pub(crate) async fn attempt(qmp: &mut Qmp, was: Was, timeout: Duration) -> Attem
     };
     match cancel_migration(qmp, timeout).await {
         Ok(None) => {}
-        Ok(Some(why)) => return Attempt::Failed(why),
+        Ok(Some(why)) => return Attempt::StillMigrating(why),
         Err(e) => return unanswered(e),
     }
     match qmp.query_status().await {
@@ -231,7 +234,7 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
     let attempt = attempt(qmp, was, ctx.step_timeout()).await;
     // Settled here, one way or the other: no earlier give-back's retries or entry speaks for
     // the VM any more (a refusal that clears starts its own retries below).
-    if !matches!(attempt, Attempt::Refused(_)) {
+    if !matches!(attempt, Attempt::Refused(_) | Attempt::StillMigrating(_)) {
         ctx.resuming.lock().expect("resuming lock").settled(vm);
         ctx.left_to_operator.lock().expect("left lock").remove(vm);
     }
@@ -253,23 +256,27 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
             vm,
             format!("rollback failed: the source QEMU is gone ({e}); the VM runs nowhere: start it again by hand"),
         ),
-        Attempt::Refused(e) => {
-            let cause = e.to_string();
-            keep_trying(
-                ctx.clone(),
-                vm.to_string(),
-                qmp.path().to_path_buf(),
-                cause.clone(),
-            );
-            GivenBack {
-                how: format!(
-                    "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs, or its QEMU is gone",
-                    RETRY_MAX.as_secs()
-                ),
-                pending: true,
-                retrying: true,
-            }
-        }
+        Attempt::Refused(e) => retrying(ctx, vm, qmp, e.to_string()),
+        Attempt::StillMigrating(why) => retrying(ctx, vm, qmp, why),
+    }
+}
+
+/// A give-back QEMU refused for now (`cause`): tried again in the background until the VM runs
+/// ([`keep_trying`]).
+fn retrying(ctx: &Arc<Ctx>, vm: &str, qmp: &Qmp, cause: String) -> GivenBack {
+    keep_trying(
+        ctx.clone(),
+        vm.to_string(),
+        qmp.path().to_path_buf(),
+        cause.clone(),
+    );
+    GivenBack {
+        how: format!(
+            "rolled back, not yet running: {cause}; trying again (every {} s at most) until it runs, or its QEMU is gone",
+            RETRY_MAX.as_secs()
+        ),
+        pending: true,
+        retrying: true,
     }
 }
 
@@ -394,6 +401,7 @@ pub(crate) async fn cont_until_running(
                 return Ok("stopped meanwhile by someone else: left so")
             }
             Attempt::Refused(e) => note(&e.to_string()),
+            Attempt::StillMigrating(why) => note(&why),
             Attempt::Failed(why) => return Err(format!("{why}; resume the VM by hand")),
             Attempt::Gone(e) => return Err(format!("QEMU is gone ({e}); resume the VM by hand")),
             Attempt::PausedAsBefore => unreachable!("attempt(Was::Running) resumes"),
@@ -523,8 +531,8 @@ mod tests {
     }
 
     /// A migration QEMU does not let go of (it refuses `migrate_cancel`, and stays active) is
-    /// named with its status and QEMU's refusal: before, the give-back went on to a `cont`
-    /// whose failure named neither.
+    /// named with its status and QEMU's refusal, and asked again later, as a refusal that
+    /// clears is: before, the give-back went on to a `cont` whose failure named neither.
     #[tokio::test]
     async fn a_migration_that_outlives_its_cancel_is_named() {
         let (_dir, path) = fake_qmp(|command, _| {
@@ -540,7 +548,7 @@ mod tests {
             .await
             .expect("qmp");
         let got = attempt(&mut qmp, Was::Running, Duration::from_millis(300)).await;
-        let Attempt::Failed(why) = &got else {
+        let Attempt::StillMigrating(why) = &got else {
             panic!("{got:?}");
         };
         assert!(

@@ -17,7 +17,7 @@ use trustmig_protocol::error::PeerMisbehaved;
 use trustmig_protocol::hvstream::StreamDigest;
 use trustmig_protocol::record::{Opener, RecordType, Sealer, HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-use crate::error::AgentError;
+use crate::error::{AgentError, Link};
 use crate::net::wire::{read_record, WireError};
 
 /// Bytes read from QEMU per record (the record layer allows up to [`MAX_PAYLOAD`]).
@@ -293,12 +293,17 @@ where
                 let payload = HEADER_LEN..HEADER_LEN + payload.len();
                 if tx.send(Opened { buf, payload }).await.is_err() {
                     // The writer stopped on an error of its own (QEMU closed its end, say):
-                    // its error is the cause, and names it.
-                    break Err(AgentError::Migration(match (&mut writer).await {
+                    // its error is the cause, and names it. QEMU's side of the stream, typed
+                    // so: the destination then asks QEMU why (`dest::load_failure`).
+                    let why = match (&mut writer).await {
                         Ok(Err(why)) => why,
                         Ok(Ok(_)) => format!("{what}: writing to QEMU ended early"),
                         Err(e) => format!("{what}: writer task: {e}"),
-                    }));
+                    };
+                    break Err(match carried {
+                        Carried::Migration => AgentError::transport(Link::QemuStream, why),
+                        Carried::Nbd => AgentError::Migration(why),
+                    });
                 }
             }
             RecordType::KeyUpdate => {}

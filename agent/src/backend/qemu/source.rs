@@ -871,8 +871,6 @@ async fn follow(
     })
 }
 
-/// The two pumps' results (QEMU's stream sealed to its end, the return path opened to its
-/// end), and the bytes moved on every stream of the migration so far (both ways).
 /// How long a failed look at QEMU's migration waits for a pump's failure, its likelier cause:
 /// a pump that failed (a data stream cut) closes QEMU's socket, and QEMU's own failure then
 /// says only "Unable to write to socket: Broken pipe" (seen in `qemu_cut_connection_rolls_back`
@@ -898,6 +896,8 @@ async fn pump_failure(
     }
 }
 
+/// The two pumps' results (QEMU's stream sealed to its end, the return path opened to its
+/// end), and the bytes moved on every stream of the migration so far (both ways).
 type Pumps = (
     mpsc::Receiver<Result<Sent, String>>,
     mpsc::Receiver<Result<Received, AgentError>>,

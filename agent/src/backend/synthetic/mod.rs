@@ -78,6 +78,8 @@ mod tests {
             "{e}"
         );
         cfg.size_mib = 1;
-        assert!(fresh_guest("v", &cfg).is_ok());
+        if crate::guest::mem_available().is_some() {
+            assert!(fresh_guest("v", &cfg).is_ok());
+        }
     }
 }
