@@ -352,6 +352,23 @@ mod tests {
             "{e:?}"
         );
         assert!(e.to_string().contains("compressed or encrypted"), "{e}");
+        // Encrypted (LUKS in qcow2): `qemu-img` cannot open it without its secret, which the
+        // agent does not have: refused before anything moves, with qemu-img's own reason.
+        assert!(run(&[
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            &s("enc.qcow2"),
+            "2M"
+        ]));
+        let e = preflight(&p("enc.qcow2"), DiskFormat::Qcow2, 2 << 20).unwrap_err();
+        assert!(e.to_string().contains("encrypt.key-secret"), "{e}");
         // An external data file: the offsets point into it, not into the image file.
         let data = s("data.raw");
         let opts = format!("data_file={data}");
