@@ -4616,6 +4616,37 @@ fn rename_disk(home: &trustmig_agent::home::Home, name: &str) {
     std::fs::write(&path, text.replace(old, &format!("name = \"{name}\""))).expect("config");
 }
 
+/// A QEMU with no machine (`-machine none -S`) and the extra `args`, fed the QMP commands of
+/// `script` on stdin after `qmp_capabilities`, then `quit`: whether it exited cleanly, and its
+/// stdout (QMP's replies) and stderr.
+fn qemu_machineless(args: &[String], script: &[&str]) -> (bool, String, String) {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+        .args(args)
+        .args(["-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = String::from("{\"execute\":\"qmp_capabilities\"}\n");
+    for command in script {
+        lines += command;
+        lines += "\n";
+    }
+    lines += "{\"execute\":\"quit\"}\n";
+    // Ignored by a QEMU that already exited on its command line.
+    let _ = std::io::Write::write_all(&mut stdin, lines.as_bytes());
+    drop(stdin);
+    let out = child.wait_with_output().expect("qemu-system-x86_64 ends");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// What the agent's mirror node names (`trustmig-nbd-<i>`, `trustmig-mirror-top-<i>`) rely on,
 /// pinned against QEMU: a node name of 31 bytes is taken, one of 32 refused ("Node name too
 /// long"). Until 2026-11-30 the names held the disk's name, and a disk name over 11 bytes
@@ -4627,32 +4658,50 @@ fn qemu_takes_node_names_of_31_bytes_and_no_longer() {
     }
     let start = |len: usize| {
         let node = "n".repeat(len);
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
-            .args(["-blockdev", &format!("driver=null-co,node-name={node}")])
-            .args(["-qmp", "stdio"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64 starts");
-        let mut stdin = child.stdin.take().expect("stdin");
-        // Ignored by a QEMU that already exited on its command line.
-        let _ = std::io::Write::write_all(
-            &mut stdin,
-            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n",
-        );
-        drop(stdin);
-        let out = child.wait_with_output().expect("qemu-system-x86_64 ends");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let blockdev = [
+            "-blockdev".into(),
+            format!("driver=null-co,node-name={node}"),
+        ];
+        let (ok, _, err) = qemu_machineless(&blockdev, &[]);
+        (ok, err)
     };
     let (ok, err) = start(31);
     assert!(ok, "31 bytes: {err}");
     let (ok, err) = start(32);
     assert!(!ok && err.contains("Node name too long"), "32 bytes: {err}");
+}
+
+/// spec/qemu.md §5: a job id has no such limit: the agent's mirror job of a disk whose name has
+/// the 31 bytes a name may have (`trustmig-mirror-<disk>`, 47 bytes) is taken by
+/// `blockdev-mirror` and listed by `query-jobs` under that id.
+#[test]
+fn qemu_takes_a_mirror_job_id_of_47_bytes() {
+    if !have("qemu-system-x86_64", "--version") && missing("qemu-system-x86_64") {
+        return;
+    }
+    let job = format!("trustmig-mirror-{}", "d".repeat(31));
+    assert_eq!(job.len(), 47);
+    let args = ["src", "dst"]
+        .iter()
+        .flat_map(|n| {
+            [
+                "-blockdev".to_string(),
+                format!("driver=null-co,node-name={n},size=1048576"),
+            ]
+        })
+        .collect::<Vec<_>>();
+    let mirror = format!(
+        "{{\"execute\":\"blockdev-mirror\",\"arguments\":{{\"job-id\":\"{job}\",\"device\":\"src\",\"target\":\"dst\",\"sync\":\"full\"}}}}"
+    );
+    let (ok, out, err) = qemu_machineless(&args, &[&mirror, "{\"execute\":\"query-jobs\"}"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("\"error\""), "{out}");
+    // `query-jobs`' reply (events name the job too).
+    let listed = out.lines().find(|l| l.contains("\"return\": ["));
+    assert!(
+        listed.is_some_and(|l| l.contains(&format!("\"id\": \"{job}\""))),
+        "{out}"
+    );
 }
 
 /// Benchmark for bench/disk.sh: a mirrored disk of `TRUSTMIG_BENCH_DISK_MIB` MiB (raw, half
