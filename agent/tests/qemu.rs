@@ -4620,7 +4620,10 @@ fn rename_disk(home: &trustmig_agent::home::Home, name: &str) {
 /// `script` on stdin after `qmp_capabilities`, then `quit`: whether it exited cleanly, and its
 /// stdout (QMP's replies) and stderr.
 fn qemu_machineless(args: &[String], script: &[&str]) -> (bool, String, String) {
+    // In a directory of its own: some options name files (`-pidfile -x` writes `-x`).
+    let dir = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new("qemu-system-x86_64")
+        .current_dir(dir.path())
         .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
         .args(args)
         .args(["-qmp", "stdio"])
@@ -4669,6 +4672,29 @@ fn qemu_takes_node_names_of_31_bytes_and_no_longer() {
     assert!(ok, "31 bytes: {err}");
     let (ok, err) = start(32);
     assert!(!ok && err.contains("Node name too long"), "32 bytes: {err}");
+}
+
+/// spec/qemu.md §1 (`start-destination` reads the source's line as QEMU does): each option the
+/// agent's parser takes to have a value (`trustmig_qemu::cmdline::VALUE_OPTS`) takes the next
+/// argument as its value even when it starts with `-`, as QEMU does: `<opt> -bogus` never has
+/// QEMU call `-bogus` an invalid option (the value may well be refused). A flag before
+/// `-bogus` does (the check can fail). And `-drive` has no JSON form: a JSON object given to it
+/// is read as key=value and refused.
+#[test]
+fn qemu_reads_the_next_argument_as_the_value_of_each_value_option() {
+    if !have("qemu-system-x86_64", "--version") && missing("qemu-system-x86_64") {
+        return;
+    }
+    let invalid = "-bogus: invalid option";
+    for opt in trustmig_qemu::cmdline::VALUE_OPTS {
+        let (_, _, err) = qemu_machineless(&[opt.to_string(), "-bogus".into()], &[]);
+        assert!(!err.contains(invalid), "{opt} -bogus: {err}");
+    }
+    let (ok, _, err) = qemu_machineless(&["-no-reboot".into(), "-bogus".into()], &[]);
+    assert!(!ok && err.contains(invalid), "a flag: {err}");
+    let json = r#"{"driver":"null-co","node-name":"d"}"#;
+    let (ok, _, err) = qemu_machineless(&["-drive".into(), json.into()], &[]);
+    assert!(!ok && err.contains("-drive"), "-drive with JSON: {err}");
 }
 
 /// spec/qemu.md §5: a job id has no such limit: the agent's mirror job of a disk whose name has

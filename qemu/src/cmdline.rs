@@ -50,8 +50,9 @@ const BLOCK_OPTS: &[&str] = &["-drive", "-blockdev"];
 /// Options that always take the next argument as their value, as QEMU does (`HAS_ARG`), even
 /// when it starts with `-`: for these the "next is an option, so this is a flag" guess must
 /// not apply, or `-blockdev -drive file=X` would be read differently from QEMU and dropping
-/// the `-drive` pair would change what the arguments around it mean.
-const VALUE_OPTS: &[&str] = &[
+/// the `-drive` pair would change what the arguments around it mean. Public for the test that
+/// pins each against QEMU (`qemu_reads_the_next_argument_as_the_value_of_each_value_option`).
+pub const VALUE_OPTS: &[&str] = &[
     "-drive",
     "-blockdev",
     "-device",
