@@ -665,3 +665,59 @@ impl Attester for TpmAttester {
             .to_cbor())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::swtpm::{or_skip, Swtpm};
+    use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+    use tss_esapi::structures::Ticket;
+    use tss_esapi::structures::{HashcheckTicket, MaxBuffer};
+    use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+
+    /// attestation.md §4, pinned against swtpm: the restricted AK signs a digest only with the
+    /// TPM's ticket that it hashed the message itself, and the TPM gives no ticket for a
+    /// message that begins with `TPM_GENERATED_VALUE` (as every `TPMS_ATTEST` does): so no
+    /// one can have it sign an attestation structure the TPM did not make. An ordinary message
+    /// the TPM hashed is signed (the refusals are the ticket's, not the key's).
+    #[test]
+    fn the_restricted_ak_signs_only_what_the_tpm_hashed_itself() {
+        let Some(swtpm) = or_skip(Swtpm::start()) else {
+            return;
+        };
+        let mut tpm = Tpm::open(TpmConfig::new(swtpm.tcti())).expect("open");
+        let ak = tpm.ak;
+        let sign = |tpm: &mut Tpm, digest: TpmDigest, ticket: HashcheckTicket| {
+            tpm.ctx.execute_with_sessions(PASSWORD, |c| {
+                c.sign(ak, digest, SignatureScheme::Null, ticket)
+            })
+        };
+        let hash = |tpm: &mut Tpm, data: Vec<u8>| {
+            let data = MaxBuffer::try_from(data).expect("buffer");
+            (tpm.ctx)
+                .hash(data, HashingAlgorithm::Sha256, Hierarchy::Owner)
+                .expect("TPM2_Hash")
+        };
+        // A digest from outside, with no ticket (a NULL one): refused.
+        let null = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .expect("a NULL ticket");
+        let outside = TpmDigest::try_from(vec![7u8; 32]).expect("digest");
+        let e = sign(&mut tpm, outside, null).expect_err("signed a digest from outside");
+        assert!(e.to_string().to_lowercase().contains("ticket"), "{e}");
+        // An ordinary message the TPM hashed: a ticket, and a signature.
+        let (digest, ticket) = hash(&mut tpm, b"an ordinary message".to_vec());
+        assert_eq!(ticket.hierarchy(), Hierarchy::Owner);
+        sign(&mut tpm, digest, ticket).expect("signs what the TPM hashed");
+        // A message that begins as a TPMS_ATTEST does: hashed, but no ticket.
+        let mut forged = 0xff54_4347u32.to_be_bytes().to_vec();
+        forged.extend_from_slice(b"\x80\x18 a quote of the forger's choosing");
+        let (digest, ticket) = hash(&mut tpm, forged);
+        assert_eq!(ticket.hierarchy(), Hierarchy::Null, "no ticket");
+        let e = sign(&mut tpm, digest, ticket).expect_err("signed a forged attestation");
+        assert!(e.to_string().to_lowercase().contains("ticket"), "{e}");
+    }
+}
