@@ -3679,7 +3679,7 @@ async fn swtpm_on_a_shared_state_directory_fails_the_second_qemu() {
     let stderr = second.0.stderr.as_mut().expect("stderr");
     std::io::Read::read_to_string(stderr, &mut err).expect("stderr");
     assert!(
-        !status.success() && err.contains("CMD_INIT"),
+        !status.success() && err.contains("CMD_INIT: 0x9"),
         "{status:?}: {err}"
     );
     let log = std::fs::read_to_string(dir.path().join("b.log")).expect("swtpm log");
