@@ -4,7 +4,7 @@
 set -euo pipefail
 secs="${1:-30}"
 cd "$(dirname "$0")"
-command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
 export RUSTC_BOOTSTRAP=1
 targets=$(cargo fuzz list)
 cargo fuzz build -O $targets >/dev/null 2>&1 || cargo fuzz build -O
@@ -14,9 +14,13 @@ for t in $targets; do
   work=$(mktemp -d)
   cp -r "corpus/$t/." "$work/" 2>/dev/null || true
   echo "fuzz: $t for ${secs}s"
+  # The fuzzer's own status decides (a finding exits non-zero); grep only trims its output.
+  # (Before, `|| true` after the pipe made PIPESTATUS that of `true`: no finding failed CI.)
+  set +e
   cargo fuzz run -O "$t" "$work" -- -max_total_time="$secs" -max_len=70000 -print_final_stats=1 2>&1 \
-    | grep -E 'stat::number_of_executed_units|Done|ERROR|panicked|SUMMARY' || true
+    | grep -E 'stat::number_of_executed_units|Done|ERROR|panicked|SUMMARY'
   status=${PIPESTATUS[0]}
+  set -e
   rm -rf "$work"
   if [ "$status" -ne 0 ]; then echo "fuzz: $t FAILED (artifacts in fuzz/artifacts/$t)"; exit 1; fi
 done

@@ -4,14 +4,18 @@
 set -euo pipefail
 # libc6-dev: only a Recommends of gcc, which --no-install-recommends leaves out; without it
 # nothing links (ring's and tss-esapi-sys's C code, every Rust binary).
-pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev binutils qemu-system-x86 qemu-utils socat openssl python3)
+# g++: libfuzzer-sys builds libFuzzer as C++ (the fuzz smoke run). procps: `kill`, which the
+# tests and the harness run (a minimal image may leave it out).
+pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc g++ libc6-dev binutils procps qemu-system-x86 qemu-utils socat openssl python3)
 # `test` (from test.sh): what the tests need beyond the demo: systemd-analyze, which scores the
 # service unit offline (a container may have no systemd).
 [ "${1:-}" = test ] && pkgs+=(systemd)
+# Installed, whatever its selection: a package on hold (`hold ok installed`, a pinned
+# backport, say) is there.
 missing_pkgs() {
   missing=()
   for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")
   done
 }
 sudo=""
@@ -21,8 +25,11 @@ install_missing() {
     command -v sudo >/dev/null || { echo "missing packages (${missing[*]}): run this as root, or install sudo" >&2; exit 1; }
     sudo="sudo"
   fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # A fresh machine's apt-daily may hold the lock for a while: wait for it. A source that
+  # cannot be reached (a third-party repository) fails `update`, not the Debian packages.
+  local apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
+  "${apt[@]}" update -qq || echo "apt-get update failed for some source; installing from what it has" >&2
+  "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 missing_pkgs
 if [ ${#missing[@]} -gt 0 ]; then
@@ -35,6 +42,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   missing_pkgs
   [ ${#missing[@]} -eq 0 ] || { echo "still missing after install: ${missing[*]}" >&2; exit 1; }
 fi
+# rustup's cargo, for a shell that did not read ~/.profile (a CI runner's, say).
+[ -d "$HOME/.cargo/bin" ] && case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) PATH="$HOME/.cargo/bin:$PATH" ;; esac
 command -v cargo >/dev/null || {
   echo "cargo not found: install Rust 1.85 or newer with rustup first, as the user who runs this:" >&2
   echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\"" >&2

@@ -278,6 +278,11 @@ impl Pair {
             .map_or_else(|| self.tpms[i].tcti(), SlowTpm::tcti)
     }
 
+    /// Power-cycle agent `i`'s TPM, as a reboot of its host does (its PCRs read zeros after).
+    pub fn power_cycle_tpm(&self, i: usize) -> Result<(), AgentError> {
+        self.tpms[i].power_cycle().map_err(swtpm_err)
+    }
+
     /// Start agent `i` (0 = source, 1 = destination) and wait for its control socket.
     pub fn start(&mut self, i: usize) -> Result<(), AgentError> {
         let home = if i == 0 { &self.src } else { &self.dst };

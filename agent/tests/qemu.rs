@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use trustmig_agent::control::{Progress, Reply, Summary};
@@ -3195,14 +3194,14 @@ async fn qemu_raises_its_throttle_at_no_more_than_every_second_sync() {
 }
 
 /// A relay from unix socket `from` to `to` (one connection, source to destination only: no
-/// return path) at `rate` bytes per second, counting the bytes it passed on in `moved`; it
-/// returns when the source closes, with the instant the last bytes came.
+/// return path) at `rate` bytes per second; it returns when the source closes, with its
+/// timeline: when each read brought bytes (the wall clock, as QEMU stamps its events) and how
+/// many had come by then.
 async fn slow_relay(
     from: &Path,
     to: &Path,
     rate: u64,
-    moved: std::sync::Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<Instant> {
+) -> tokio::task::JoinHandle<Vec<(std::time::SystemTime, u64)>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::UnixListener::bind(from).expect("relay bind");
     let to = to.to_path_buf();
@@ -3211,18 +3210,19 @@ async fn slow_relay(
         let mut dst = tokio::net::UnixStream::connect(&to)
             .await
             .expect("relay connect");
-        let (start, mut last) = (Instant::now(), Instant::now());
+        let start = Instant::now();
+        let (mut timeline, mut so_far) = (Vec::new(), 0u64);
         let mut buf = vec![0u8; 16 << 10];
         loop {
             let n = src.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
-                return last;
+                return timeline;
             }
-            last = Instant::now();
+            so_far += n as u64;
+            timeline.push((std::time::SystemTime::now(), so_far));
             if dst.write_all(&buf[..n]).await.is_err() {
-                return last;
+                return timeline;
             }
-            let so_far = n as u64 + moved.fetch_add(n as u64, Ordering::Relaxed);
             let due = start + Duration::from_secs_f64(so_far as f64 / rate as f64);
             tokio::time::sleep_until(due.into()).await;
         }
@@ -3253,26 +3253,27 @@ async fn qemu_answers_no_qmp_command_during_its_stop_and_copy() {
     d.migrate_incoming(&format!("unix:{}", incoming.display()))
         .await
         .expect("migrate-incoming");
-    let moved = std::sync::Arc::new(AtomicU64::new(0));
-    let last_byte = slow_relay(&relay, &incoming, 8_000_000, moved.clone()).await;
+    let relayed = slow_relay(&relay, &incoming, 8_000_000).await;
     s.migrate(&format!("unix:{}", relay.display()))
         .await
         .expect("migrate");
-    loop {
+    // By QEMU's stamp of `STOP`, not when this test read it (a loaded host reads it late).
+    let stopped = loop {
         let ev = tokio::time::timeout(Duration::from_secs(60), s.event())
             .await
             .expect("the guest stops within 60 s")
             .expect("QMP event");
         if ev.name == "STOP" {
-            break;
+            break ev.at.expect("QEMU stamps its events");
         }
-    }
-    let (stopped, before) = (Instant::now(), moved.load(Ordering::Relaxed));
+    };
     s.query_status().await.expect("query-status");
-    let answered = Instant::now();
+    let answered = std::time::SystemTime::now();
     completed_at(&mut s).await;
-    let last_byte = last_byte.await.expect("relay");
-    let stop_and_copy = last_byte.duration_since(stopped);
+    let timeline = relayed.await.expect("relay");
+    let &(last_byte, all) = timeline.last().expect("bytes relayed");
+    let since_stop = |t: std::time::SystemTime| t.duration_since(stopped).unwrap_or_default();
+    let stop_and_copy = since_stop(last_byte);
     assert!(
         stop_and_copy > Duration::from_secs(1),
         "the stop-and-copy took only {stop_and_copy:?}"
@@ -3282,9 +3283,12 @@ async fn qemu_answers_no_qmp_command_during_its_stop_and_copy() {
     assert!(
         answered + Duration::from_millis(300) >= last_byte,
         "answered {:?} after STOP, the stream ended {stop_and_copy:?} after it",
-        answered.duration_since(stopped)
+        since_stop(answered)
     );
-    let all = moved.load(Ordering::Relaxed);
+    let before = (timeline.iter())
+        .take_while(|(t, _)| *t <= stopped)
+        .last()
+        .map_or(0, |&(_, n)| n);
     assert!(
         before * 2 < all,
         "{before} of {all} bytes went before the guest stopped: QEMU switched over late"

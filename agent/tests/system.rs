@@ -1735,6 +1735,23 @@ fn the_audit_trail_records_each_order_and_names_tampering() {
             && text.contains("entry 0 gives the reason"),
         "{text}"
     );
+
+    // SPEC.md §8.10, pinned against swtpm: a TPM restart (a reboot) zeros PCR 23, and the
+    // agent's next start says so in the trail, which verifies on (the entries before the
+    // reset by their chain alone).
+    pair.stop(0);
+    pair.power_cycle_tpm(0).unwrap();
+    pair.start(0).unwrap();
+    let (_, text) = cli(&pair.src, &["audit", "show"]);
+    assert!(
+        text.contains("PCR 23 was reset (a reboot, a TPM restart, or a reset)"),
+        "{text}"
+    );
+    let (ok, text) = cli(&pair.src, &["audit", "verify"]);
+    assert!(
+        ok && text.contains("anchored in PCR 23 since entry"),
+        "{text}"
+    );
 }
 
 /// Issue 12 item 6: `trustmig doctor` passes on a healthy host and names what is wrong on a

@@ -37,3 +37,40 @@ pub fn policy(data: &[u8]) {
         );
     }
 }
+
+/// TPM public areas (an agent's AK, an EK from an enrollment request): parsed or refused; an
+/// accepted AK's name is computed as the verifier computes it.
+pub fn public_area(data: &[u8]) {
+    if crate::public::AkPublic::parse(data).is_ok() {
+        let _ = crate::public::object_name(data);
+    }
+    let _ = crate::public::EkPublic::parse(data);
+}
+
+/// Certificates (an EK certificate in an enrollment request, an EK CA file): one DER
+/// certificate, and PEM text holding any number; each accepted one is read as the enroller
+/// reads it, and checked as a chain to itself.
+pub fn certificates(data: &[u8]) {
+    let mut certs = Vec::new();
+    certs.extend(crate::x509::Certificate::from_der(data));
+    if let Ok(ders) = std::str::from_utf8(data).map(crate::x509::pem_certificates) {
+        for der in ders.into_iter().flatten() {
+            certs.extend(crate::x509::Certificate::from_der(&der));
+        }
+    }
+    for c in &certs {
+        let _ = (c.rsa_public(), c.subject(), c.der());
+        let _ = crate::x509::verify_chain(c, &[], std::slice::from_ref(c), 0);
+    }
+}
+
+/// What a peer's handshake or an operator's enrollment files bring in CBOR: the evidence and
+/// the three enrollment messages, decoded or refused.
+pub fn cbor_messages(data: &[u8]) {
+    if let Ok(e) = crate::evidence::Evidence::from_cbor(data) {
+        let _ = crate::evidence::Evidence::from_cbor(&e.to_cbor()).expect("evidence re-encodes");
+    }
+    let _ = crate::EnrollRequest::from_cbor(data);
+    let _ = crate::EnrollChallenge::from_cbor(data);
+    let _ = crate::EnrollResponse::from_cbor(data);
+}

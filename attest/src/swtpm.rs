@@ -226,6 +226,57 @@ impl Swtpm {
         self.port
     }
 
+    /// Power-cycle the TPM, as a reboot does: `CMD_INIT` on swtpm's control channel, then
+    /// `TPM2_Startup(CLEAR)` as firmware sends it. Its permanent state (persistent keys, NV)
+    /// stays; its volatile state (PCRs, loaded objects, sessions) goes.
+    pub fn power_cycle(&self) -> Result<(), SwtpmError> {
+        self.init()?;
+        self.startup_clear()
+    }
+
+    /// `CMD_INIT` on swtpm's control channel.
+    fn init(&self) -> Result<(), SwtpmError> {
+        use std::io::{Read, Write};
+        // swtpm's control protocol: a big-endian command (CMD_INIT = 2) and its init flags
+        // (none); the answer is a big-endian TPM result, 0 for success.
+        let ctrl = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port + 1));
+        let mut s = TcpStream::connect_timeout(&ctrl, Duration::from_secs(5))
+            .map_err(io_err("connect to swtpm's control port"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io_err("set a read timeout"))?;
+        s.write_all(&[0, 0, 0, 2, 0, 0, 0, 0])
+            .map_err(io_err("send CMD_INIT"))?;
+        let mut result = [0u8; 4];
+        s.read_exact(&mut result)
+            .map_err(io_err("read CMD_INIT's result"))?;
+        match u32::from_be_bytes(result) {
+            0 => Ok(()),
+            rc => Err(SwtpmError::Start(format!("CMD_INIT answered {rc:#x}"))),
+        }
+    }
+
+    /// `TPM2_Startup(TPM_SU_CLEAR)`, raw on the TPM's port (swtpm's TCP server takes TPM
+    /// commands as they are); one that finds the TPM started already (`TPM_RC_INITIALIZE`)
+    /// is as good.
+    fn startup_clear(&self) -> Result<(), SwtpmError> {
+        use std::io::{Read, Write};
+        let tpm = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut s = TcpStream::connect_timeout(&tpm, Duration::from_secs(5))
+            .map_err(io_err("connect to swtpm's TPM port"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io_err("set a read timeout"))?;
+        // tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_Startup, TPM_SU_CLEAR.
+        s.write_all(&[0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0])
+            .map_err(io_err("send TPM2_Startup"))?;
+        let mut response = [0u8; 10];
+        s.read_exact(&mut response)
+            .map_err(io_err("read TPM2_Startup's response"))?;
+        match u32::from_be_bytes([response[6], response[7], response[8], response[9]]) {
+            0 | 0x100 => Ok(()),
+            rc => Err(SwtpmError::Start(format!("TPM2_Startup answered {rc:#x}"))),
+        }
+    }
+
     /// The TPM state directory.
     pub fn state_dir(&self) -> &Path {
         self.dir.path()
