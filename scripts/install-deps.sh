@@ -15,7 +15,8 @@ pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc g++ libc6-dev binu
 missing_pkgs() {
   missing=()
   for p in "${pkgs[@]}"; do
-    [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")
+    # One line per architecture a Multi-Arch package is installed for.
+    dpkg-query -W -f='${db:Status-Status}\n' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
   done
 }
 sudo=""
@@ -25,10 +26,22 @@ install_missing() {
     command -v sudo >/dev/null || { echo "missing packages (${missing[*]}): run this as root, or install sudo" >&2; exit 1; }
     sudo="sudo"
   fi
-  # A fresh machine's apt-daily may hold the lock for a while: wait for it. A source that
-  # cannot be reached (a third-party repository) fails `update`, not the Debian packages.
+  # A fresh machine's apt-daily may hold dpkg's lock for a while: `install` waits for it;
+  # `update` is tried again (the lists' lock is not waited for). A source that cannot be
+  # reached (a third-party repository) fails `update` every time: the install goes on from
+  # the lists there are, if there are any.
   local apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
-  "${apt[@]}" update -qq || echo "apt-get update failed for some source; installing from what it has" >&2
+  local tries=0
+  until "${apt[@]}" update -qq; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 3 ]; then
+      compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null || {
+        echo "apt-get update failed $tries times and there are no package lists" >&2; exit 1; }
+      echo "apt-get update failed $tries times; installing from the package lists there are" >&2
+      break
+    fi
+    sleep 20
+  done
   "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 missing_pkgs
@@ -43,7 +56,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ ${#missing[@]} -eq 0 ] || { echo "still missing after install: ${missing[*]}" >&2; exit 1; }
 fi
 # rustup's cargo, for a shell that did not read ~/.profile (a CI runner's, say).
-[ -d "$HOME/.cargo/bin" ] && case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) PATH="$HOME/.cargo/bin:$PATH" ;; esac
+[ -d "${HOME:-/nonexistent}/.cargo/bin" ] && case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) PATH="$HOME/.cargo/bin:$PATH" ;; esac
 command -v cargo >/dev/null || {
   echo "cargo not found: install Rust 1.85 or newer with rustup first, as the user who runs this:" >&2
   echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\"" >&2

@@ -4646,7 +4646,15 @@ fn qemu_machineless(args: &[String], script: &[&str]) -> (bool, String, String) 
     // Ignored by a QEMU that already exited on its command line.
     let _ = std::io::Write::write_all(&mut stdin, lines.as_bytes());
     drop(stdin);
+    // A QEMU that hangs fails the test, not hangs it (its replies are small: no pipe fills).
+    let ended = until_blocking(Duration::from_secs(30), Duration::from_millis(10), || {
+        !matches!(child.try_wait(), Ok(None))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
     let out = child.wait_with_output().expect("qemu-system-x86_64 ends");
+    assert!(ended, "QEMU did not quit within 30 s: {args:?}");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

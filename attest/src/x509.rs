@@ -298,6 +298,11 @@ impl Certificate {
             .is_ok()
     }
 
+    /// Its validity period (`notBefore`, `notAfter`), Unix seconds.
+    pub fn validity(&self) -> (i64, i64) {
+        (self.not_before, self.not_after)
+    }
+
     fn check_time(&self, now: i64) -> Result<(), CertError> {
         if now < self.not_before || now > self.not_after {
             return Err(CertError::Expired {

@@ -27,6 +27,9 @@ use trustmig_qemu::qmp::{Qmp, QmpError};
 pub(crate) const RETRY: Backoff = Backoff::new(Duration::from_millis(250), RETRY_MAX);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// How long a retry waits for a cancelled migration to leave QEMU's active states.
+const RETRY_CANCEL_WAIT: Duration = Duration::from_secs(1);
+
 /// Tries in a row on which no QEMU listens before a give-back's retries stop (with [`RETRY`],
 /// one to two minutes).
 const GONE_TRIES: u32 = 10;
@@ -256,19 +259,20 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
             vm,
             format!("rollback failed: the source QEMU is gone ({e}); the VM runs nowhere: start it again by hand"),
         ),
-        Attempt::Refused(e) => retrying(ctx, vm, qmp, e.to_string()),
-        Attempt::StillMigrating(why) => retrying(ctx, vm, qmp, why),
+        Attempt::Refused(e) => retrying(ctx, vm, qmp, e.to_string(), was),
+        Attempt::StillMigrating(why) => retrying(ctx, vm, qmp, why, was),
     }
 }
 
-/// A give-back QEMU refused for now (`cause`): tried again in the background until the VM runs
-/// ([`keep_trying`]).
-fn retrying(ctx: &Arc<Ctx>, vm: &str, qmp: &Qmp, cause: String) -> GivenBack {
+/// A give-back QEMU refused for now (`cause`): tried again in the background until the VM runs,
+/// or stays paused or stopped as it `was` ([`keep_trying`]).
+fn retrying(ctx: &Arc<Ctx>, vm: &str, qmp: &Qmp, cause: String, was: Was) -> GivenBack {
     keep_trying(
         ctx.clone(),
         vm.to_string(),
         qmp.path().to_path_buf(),
         cause.clone(),
+        was,
     );
     GivenBack {
         how: format!(
@@ -313,7 +317,7 @@ pub(crate) async fn resume_given_back(
 /// the VM as "rolled back, not yet running" meanwhile (`Ctx::resuming`); if the retries stop
 /// without the VM running, as "left to the operator" with why, while the order given back is
 /// still the VM's here.
-fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
+fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String, was: Was) {
     warn!(vm, "rolled back, not yet running: {cause}; trying again");
     // The order given back: the VM's current one now.
     let order = (ctx.journal.lock().expect("journal lock"))
@@ -328,7 +332,8 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String) {
         let note = |cause: &str| {
             (ctx.resuming.lock().expect("resuming lock")).note(&vm, &order, cause);
         };
-        let r = cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, &still_ours, note).await;
+        let r =
+            cont_until_running(&qmp_path, ctx.step_timeout(), RETRY, was, &still_ours, note).await;
         // What `status` shows after: only while the order given back is still the VM's (a
         // newer order's give-back has its own).
         match &r {
@@ -363,12 +368,16 @@ fn left_after_retries(journal: &Journal, vm: &str, order: &Option<String>) -> bo
 /// The retry loop of [`keep_trying`], apart from the agent's state so it can be tested against
 /// a fake QEMU: a fresh QMP connection per try (QEMU serves one client at a time, and `status`
 /// must not wait on us), `pauses` between tries ([`RETRY`] in the agent). `still_ours`
-/// is asked before every try; `note` hears each refusal. Returns how the VM came to run (or
-/// was left stopped by someone else), or why the retries stopped.
+/// is asked before every try; `note` hears each refusal. What the guest `was` holds in every
+/// try: a guest paused before the migration, or stopped by someone during it, is never run by a
+/// retry (a try whose migration had not ended yet found it stopped by the migration too).
+/// Returns how the VM came to run (or was left paused or stopped as it was), or why the retries
+/// stopped.
 pub(crate) async fn cont_until_running(
     qmp_path: &Path,
     timeout: Duration,
     mut pauses: Backoff,
+    was: Was,
     still_ours: impl Fn() -> bool,
     note: impl Fn(&str),
 ) -> Result<&'static str, String> {
@@ -395,8 +404,11 @@ pub(crate) async fn cont_until_running(
         if !still_ours() {
             return Err("the journal no longer gives the VM to this host: retries stopped".into());
         }
-        match attempt(&mut qmp, Was::Running, timeout).await {
+        // A try waits only a moment for a cancelled migration to end: it holds QEMU's one QMP
+        // slot meanwhile, and the next try comes soon enough.
+        match attempt(&mut qmp, was, timeout.min(RETRY_CANCEL_WAIT)).await {
             Attempt::Running(how) => return Ok(how),
+            Attempt::PausedAsBefore => return Ok("paused as it was: left so"),
             Attempt::StoppedMeanwhile(_) => {
                 return Ok("stopped meanwhile by someone else: left so")
             }
@@ -404,7 +416,6 @@ pub(crate) async fn cont_until_running(
             Attempt::StillMigrating(why) => note(&why),
             Attempt::Failed(why) => return Err(format!("{why}; resume the VM by hand")),
             Attempt::Gone(e) => return Err(format!("QEMU is gone ({e}); resume the VM by hand")),
-            Attempt::PausedAsBefore => unreachable!("attempt(Was::Running) resumes"),
         }
     }
 }
@@ -577,6 +588,21 @@ mod tests {
         );
     }
 
+    /// A retry never runs a guest that was paused before the migration, or that someone stopped
+    /// during it: however QEMU shows it (stopped by the migration, `postmigrate`, once a
+    /// migration that outlived its cancel ended), it stays as it was. Before, every retry
+    /// took the guest to have been running.
+    #[tokio::test]
+    async fn a_retry_keeps_a_paused_guest_paused() {
+        for was in [Was::Paused, Was::StoppedMeanwhile] {
+            let (_d, path, conts) = fake_qemu(0, None);
+            let r =
+                cont_until_running(&path, Duration::from_secs(5), FAST, was, || true, |_| {}).await;
+            assert!(r.is_ok(), "{was:?}: {r:?}");
+            assert_eq!(conts.load(Ordering::SeqCst), 0, "{was:?}: a cont");
+        }
+    }
+
     #[tokio::test]
     async fn a_refused_cont_is_retried_until_the_lock_clears() {
         let (_d, path, conts) = fake_qemu(3, None);
@@ -585,6 +611,7 @@ mod tests {
             &path,
             Duration::from_secs(5),
             FAST,
+            Was::Running,
             || true,
             |c| refusals.lock().expect("lock").push(c.to_string()),
         )
@@ -612,6 +639,7 @@ mod tests {
             &gone,
             Duration::from_secs(5),
             FAST,
+            Was::Running,
             || true,
             |_| {
                 notes.fetch_add(1, Ordering::SeqCst);
@@ -659,7 +687,15 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_that_does_not_clear_stops_the_retries_and_says_so() {
         let (_d, path, conts) = fake_qemu(1, Some("Resetting the Virtual Machine is required"));
-        let r = cont_until_running(&path, Duration::from_secs(5), FAST, || true, |_| {}).await;
+        let r = cont_until_running(
+            &path,
+            Duration::from_secs(5),
+            FAST,
+            Was::Running,
+            || true,
+            |_| {},
+        )
+        .await;
         let err = r.expect_err("not retried");
         assert!(
             err.contains("Resetting the Virtual Machine is required"),
@@ -677,6 +713,7 @@ mod tests {
             &path,
             Duration::from_secs(5),
             FAST,
+            Was::Running,
             || tries.fetch_add(1, Ordering::SeqCst) < 2,
             |_| {},
         )

@@ -37,6 +37,16 @@ pub(crate) enum Carried {
 }
 
 impl Carried {
+    /// Writing to QEMU failed (`why`): QEMU's side of its migration stream, typed so (the
+    /// destination then asks QEMU why, `dest::load_failure`); an NBD stream's, a migration
+    /// failure.
+    fn writer_failed(self, why: String) -> AgentError {
+        match self {
+            Self::Migration => AgentError::transport(Link::QemuStream, why),
+            Self::Nbd => AgentError::Migration(why),
+        }
+    }
+
     fn record(self) -> RecordType {
         match self {
             Self::Migration => RecordType::HypervisorStream,
@@ -300,10 +310,7 @@ where
                         Ok(Ok(_)) => format!("{what}: writing to QEMU ended early"),
                         Err(e) => format!("{what}: writer task: {e}"),
                     };
-                    break Err(match carried {
-                        Carried::Migration => AgentError::transport(Link::QemuStream, why),
-                        Carried::Nbd => AgentError::Migration(why),
-                    });
+                    break Err(carried.writer_failed(why));
                 }
             }
             RecordType::KeyUpdate => {}
@@ -330,10 +337,11 @@ where
         writer.abort(); // QEMU may have stopped reading; do not wait for it
         return Err(e);
     }
+    // The writer may fail on the last records, after `StreamEnd` was read: the same failure.
     let digest = writer
         .await
-        .map_err(|e| local(format!("writer task: {e}")))?
-        .map_err(AgentError::Migration)?;
+        .map_err(|e| carried.writer_failed(format!("{what}: writer task: {e}")))?
+        .map_err(|why| carried.writer_failed(why))?;
     Ok(Received {
         records: opener.records(),
         digest,
