@@ -24,8 +24,9 @@
 //!   an order on either agent (`trustmig order revoke`) at any moment;
 //! - with an operator, a restart's reconciliation left to them (QEMU unreachable for a minute,
 //!   `cont` refused), a destination's `cont` after its COMMIT that fails for good (its session
-//!   ends, the VM loaded, not run), a give-back's `cont` that QEMU refuses for now (tried again
-//!   in the background, which a crash ends, or which stop and leave the VM to the operator),
+//!   ends, the VM loaded, not run), a give-back that QEMU does not settle at once (a `cont`
+//!   refused for now, a late answer; tried again in the background, keeping a VM paused before
+//!   paused, which a crash ends, or which stop and leave the VM to the operator),
 //!   a destination's discard of a copy that arrived whose `quit` QEMU refuses (the copy stays
 //!   loaded, the journal holding it to the order, left to the operator), and their `trustmig
 //!   reconcile` at any moment, gated as the agent gates it;
@@ -163,15 +164,18 @@ pub struct Agent {
     /// After a restart, until done: the VM's reconciliation with the order it belongs to, as
     /// the restart read the journal (volatile).
     pub reconcile: Option<(u8, VmAction)>,
-    /// A give-back of order `k` whose `cont` QEMU refused for now (an image lock the
-    /// destination's copy, being discarded, still holds), tried again in the background
-    /// (`giveback::keep_trying`; `status`: "rolled back, not yet running"). Volatile: a crash
-    /// ends the retries, and the restart's reconciliation gives the VM back again; they may also
-    /// stop without the VM running (`RetriesStop`), leaving it to the operator.
-    pub resuming: Option<u8>,
-    /// QEMU will refuse the next give-back's `cont` here for now (the destination's copy,
-    /// being discarded, still holds an image lock): the checker arms it at a moment it chooses
-    /// (`LockHeld`), and the next give-back that runs a stopped VM spends it.
+    /// A give-back of order `k` that QEMU did not settle at once (a `cont` refused for now for
+    /// an image lock the destination's copy, being discarded, still holds; a QMP command not
+    /// answered in time; a cancelled migration not ended yet), tried again in the background
+    /// (`giveback::keep_trying`; `status`: "rolled back, not yet running"), with whether the VM
+    /// was paused before (every try keeps it so). Volatile: a crash ends the retries, and the
+    /// restart's reconciliation gives the VM back again; they may also stop without the VM
+    /// running (`RetriesStop`), leaving it to the operator.
+    pub resuming: Option<(u8, bool)>,
+    /// QEMU will not settle the next give-back here at once (the destination's copy, being
+    /// discarded, still holds an image lock; QEMU is slow to answer): the checker arms it at a
+    /// moment it chooses (`LockHeld`), and the next give-back of a stopped or paused VM spends
+    /// it.
     pub refuse_cont: bool,
     /// QEMU will refuse the next discard's `quit` here (a QEMU stopped or hung, the
     /// destination agent's `quit` timing out): the checker arms it at a moment it chooses
@@ -278,6 +282,9 @@ pub struct Ghost {
     /// A give-back's `cont` refused at first ran the VM when tried again in the background:
     /// the host and the order.
     pub ran_on_retry: Option<(usize, usize)>,
+    /// A give-back of a VM paused before its migration, deferred to the retries, left it
+    /// paused there.
+    pub paused_on_retry: bool,
     /// The give-back retries on this host stopped without the VM running (`RetriesStop`).
     pub retries_stopped: Option<usize>,
     /// The operator's `trustmig reconcile` ran a VM whose give-back retries had stopped.
@@ -706,16 +713,17 @@ impl Migration {
     fn retry_give_back(&self, s: &mut Sys, h: usize) {
         let a = &mut s.agents[h];
         // A crash ended the retries (it clears this).
-        let Some(k) = a.resuming.take() else {
+        let Some((k, paused_before)) = a.resuming.take() else {
             return;
         };
         let k = usize::from(k);
         if a.still_ours(&self.rules) {
             let before = a.vm;
-            give_back(a, k, false, &mut s.ghost);
-            if a.vm != before {
+            give_back(a, k, paused_before, &mut s.ghost);
+            if a.vm == Vm::Running && before != Vm::Running {
                 s.ghost.ran_on_retry = Some((h, k));
             }
+            s.ghost.paused_on_retry |= paused_before && a.vm == Vm::Paused;
         }
     }
 
@@ -773,10 +781,13 @@ fn vm_action(a: &mut Agent, k: usize, act: VmAction, ghost: &mut Ghost) {
         // A `cont` QEMU refuses for now (`refuse_cont`) leaves the VM stopped as it is and
         // the give-back to the background's retries (`resuming`). Only a VM the migration
         // stopped gets a `cont` (`attempt` leaves any other state alone).
+        // A give-back QEMU does not settle at once (`refuse_cont`) goes to the retries, whether
+        // the VM was paused before or not: QEMU's answer may be late before the agent looks at
+        // what the guest was (the agent carries it into every retry).
         VmAction::GiveBack { paused_before } => {
-            if !paused_before && a.refuse_cont && matches!(a.vm, Vm::Stopped | Vm::SentAway) {
+            if a.refuse_cont && matches!(a.vm, Vm::Stopped | Vm::SentAway | Vm::Paused) {
                 a.refuse_cont = false;
-                a.resuming = Some(k as u8);
+                a.resuming = Some((k as u8, paused_before));
             } else {
                 give_back(a, k, paused_before, ghost);
             }
@@ -893,7 +904,7 @@ impl Model for Migration {
                 }
                 if s.cont_refusals > 0
                     && !a.refuse_cont
-                    && matches!(a.vm, Vm::Stopped | Vm::SentAway)
+                    && matches!(a.vm, Vm::Stopped | Vm::SentAway | Vm::Paused)
                 {
                     out.push(Action::LockHeld(h));
                 }
@@ -1115,6 +1126,15 @@ impl Model for Migration {
             props.push(Property::sometimes(
                 "a give-back whose retries stopped runs once the operator reconciles it",
                 |_, s: &Sys| s.ghost.operator_ran_after_retries && settled(s) && live(s) == 1,
+            ));
+            props.push(Property::sometimes(
+                "a paused VM's give-back that QEMU did not settle at once leaves it paused on a retry",
+                |_, s: &Sys| {
+                    s.ghost.paused_on_retry
+                        && settled(s)
+                        && s.agents[0].vm == Vm::Paused
+                        && s.agents[0].latest(0).map(|e| e.state) == Some(J::RolledBack)
+                },
             ));
             props.push(Property::sometimes(
                 "a give-back whose cont QEMU refused at first runs the VM on a retry",

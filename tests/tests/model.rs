@@ -65,10 +65,11 @@ fn explain_steps(m: &Migration, name: &str, steps: Vec<(Sys, Option<Action>)>) -
                     a.vm,
                     a.reconcile.map_or(String::new(), |(k, act)| format!(
                         " reconciling(order {k}: {act:?})"
-                    )) + &a.resuming.map_or(String::new(), |k| format!(
-                        " retrying the give-back of order {k}"
+                    )) + &a.resuming.map_or(String::new(), |(k, paused)| format!(
+                        " retrying the give-back of order {k}{}",
+                        if paused { " (paused before)" } else { "" }
                     )) + if a.refuse_cont {
-                        " (its next cont refused)"
+                        " (its next give-back not settled at once)"
                     } else {
                         ""
                     } + if a.refuse_quit {
