@@ -181,22 +181,25 @@ fn rewrite(m: Vec<u8>, f: impl FnOnce(Message) -> Message) -> Vec<u8> {
     f(Message::decode(&m).unwrap()).encode()
 }
 
+/// A tamperer that rewrites the `n`th message of its direction with `f` and passes the rest.
+fn rewrite_nth(
+    n: usize,
+    f: impl Fn(Message) -> Message + 'static,
+) -> Box<dyn FnMut(usize, Vec<u8>) -> Vec<u8>> {
+    Box::new(move |i, m| if i == n { rewrite(m, &f) } else { m })
+}
+
 #[test]
 fn version_downgrade_is_detected() {
     let r = run(
         Setup {
-            tamper_d2s: Box::new(|i, m| {
-                if i != 0 {
-                    return m;
-                }
-                rewrite(m, |msg| match msg {
-                    Message::ServerHello(sh) => Message::ServerHello(ServerHello {
-                        version: 0,
-                        versions: vec![1, 0],
-                        ..sh
-                    }),
-                    o => o,
-                })
+            tamper_d2s: rewrite_nth(0, |msg| match msg {
+                Message::ServerHello(sh) => Message::ServerHello(ServerHello {
+                    version: 0,
+                    versions: vec![1, 0],
+                    ..sh
+                }),
+                o => o,
             }),
             ..Setup::default()
         },
@@ -212,18 +215,13 @@ fn version_downgrade_is_detected() {
     }
     let r = run(
         Setup {
-            tamper_s2d: Box::new(|i, m| {
-                if i != 0 {
-                    return m;
+            tamper_s2d: rewrite_nth(0, |msg| match msg {
+                Message::ClientHello(mut ch) => {
+                    // Many versions, none spoken here: the refusal names the first 16.
+                    ch.versions = (7..1007).collect();
+                    Message::ClientHello(ch)
                 }
-                rewrite(m, |msg| match msg {
-                    Message::ClientHello(mut ch) => {
-                        // Many versions, none spoken here: the refusal names the first 16.
-                        ch.versions = (7..1007).collect();
-                        Message::ClientHello(ch)
-                    }
-                    o => o,
-                })
+                o => o,
             }),
             ..Setup::default()
         },
@@ -241,17 +239,12 @@ fn version_downgrade_is_detected() {
 fn altered_finished_or_manifest_is_refused() {
     let r = run(
         Setup {
-            tamper_d2s: Box::new(|i, m| {
-                if i != 2 {
-                    return m;
+            tamper_d2s: rewrite_nth(2, |msg| match msg {
+                Message::Finished { mut mac } => {
+                    mac[0] ^= 1;
+                    Message::Finished { mac }
                 }
-                rewrite(m, |msg| match msg {
-                    Message::Finished { mut mac } => {
-                        mac[0] ^= 1;
-                        Message::Finished { mac }
-                    }
-                    o => o,
-                })
+                o => o,
             }),
             ..Setup::default()
         },
@@ -268,26 +261,21 @@ fn altered_finished_or_manifest_is_refused() {
     );
     let r = run(
         Setup {
-            tamper_s2d: Box::new(|i, m| {
-                if i != 1 {
-                    return m;
-                }
-                rewrite(m, |msg| match msg {
-                    Message::SourceEvidence {
-                        evidence,
-                        final_key,
-                        ..
-                    } => Message::SourceEvidence {
-                        evidence,
-                        final_key,
-                        manifest: ImageManifest {
-                            vm: "other".into(),
-                            ..manifest()
-                        }
-                        .to_cbor(),
-                    },
-                    o => o,
-                })
+            tamper_s2d: rewrite_nth(1, |msg| match msg {
+                Message::SourceEvidence {
+                    evidence,
+                    final_key,
+                    ..
+                } => Message::SourceEvidence {
+                    evidence,
+                    final_key,
+                    manifest: ImageManifest {
+                        vm: "other".into(),
+                        ..manifest()
+                    }
+                    .to_cbor(),
+                },
+                o => o,
             }),
             ..Setup::default()
         },
@@ -310,21 +298,16 @@ fn altered_finished_or_manifest_is_refused() {
 fn a_substituted_final_key_is_refused() {
     let r = run(
         Setup {
-            tamper_s2d: Box::new(|i, m| {
-                if i != 1 {
-                    return m;
-                }
-                rewrite(m, |msg| match msg {
-                    Message::SourceEvidence {
-                        evidence, manifest, ..
-                    } => Message::SourceEvidence {
-                        evidence,
-                        manifest,
-                        final_key: trustmig_protocol::finalsig::FinalKey::from_seed(&[0x66; 32])
-                            .public(),
-                    },
-                    o => o,
-                })
+            tamper_s2d: rewrite_nth(1, |msg| match msg {
+                Message::SourceEvidence {
+                    evidence, manifest, ..
+                } => Message::SourceEvidence {
+                    evidence,
+                    manifest,
+                    final_key: trustmig_protocol::finalsig::FinalKey::from_seed(&[0x66; 32])
+                        .public(),
+                },
+                o => o,
             }),
             ..Setup::default()
         },
@@ -495,17 +478,12 @@ fn the_channel_binding_is_wiped_and_never_printed() {
 fn a_hello_altered_within_its_rules_breaks_key_confirmation() {
     let r = run(
         Setup {
-            tamper_s2d: Box::new(|i, m| {
-                if i != 0 {
-                    return m;
-                }
-                rewrite(m, |msg| match msg {
-                    Message::ClientHello(ch) => Message::ClientHello(ClientHello {
-                        streams: ch.streams + 1,
-                        ..ch
-                    }),
-                    o => o,
-                })
+            tamper_s2d: rewrite_nth(0, |msg| match msg {
+                Message::ClientHello(ch) => Message::ClientHello(ClientHello {
+                    streams: ch.streams + 1,
+                    ..ch
+                }),
+                o => o,
             }),
             ..Setup::default()
         },
