@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::AgentError;
@@ -158,13 +158,24 @@ pub const MAX_MESSAGE_FILE: u64 = 1 << 20;
 
 /// The file at `path`, whole, if it holds at most `limit` bytes; else a refusal naming it.
 /// Reads at most one byte past `limit`: a huge file or a device that never ends is refused,
-/// not read until memory runs out. (A FIFO without a writer still blocks at `open`.)
+/// not read until memory runs out. A pipe whose writer is already there (`<(…)`, `/dev/stdin`)
+/// is read as a file; a FIFO without a writer is refused at once instead of blocking at `open`.
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, AgentError> {
     use std::io::Read;
-    let file = fs::File::open(path).map_err(AgentError::io(path))?;
+    // Opened non-blocking: a FIFO's `open` for reading would otherwise wait for a writer
+    // forever. Reads then block again, so a pipe whose writer is slow is still read whole.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(AgentError::io(path))?;
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| AgentError::io(path)(e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| AgentError::io(path)(e.into()))?;
+    let meta = file.metadata().map_err(AgentError::io(path))?;
     // Sized once, as `fs::read` does: a buffer grown by reallocation would leave copies of a
     // key file's bytes behind in freed memory, unzeroed.
-    let size = file.metadata().map_or(0, |m| m.len()).min(limit) + 1;
+    let size = meta.len().min(limit) + 1;
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     (&file)
         .take(limit + 1)
@@ -174,6 +185,15 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, AgentError> {
         return Err(AgentError::BadConfig {
             path: path.to_path_buf(),
             reason: format!("larger than {limit} bytes: not a file of this kind"),
+        });
+    }
+    if bytes.is_empty() && meta.file_type().is_fifo() {
+        // A FIFO read before any writer opened it ends at once (the kernel's end of file).
+        return Err(AgentError::BadConfig {
+            path: path.to_path_buf(),
+            reason: "a FIFO with no writer: nothing to read (give a file, or open the FIFO's \
+                     writer first)"
+                .into(),
         });
     }
     Ok(bytes)
@@ -201,5 +221,36 @@ mod tests {
         fs::write(&path, [0xff, 0xfe]).unwrap();
         let e = read_text(&path).unwrap_err().to_string();
         assert!(e.contains("not UTF-8"), "{e}");
+    }
+
+    /// A FIFO nobody writes to is refused by name at once (it blocked at `open` forever); a
+    /// pipe whose writer came first, as a shell's `<(…)` gives, is read whole.
+    #[test]
+    fn a_fifo_without_a_writer_is_refused_and_a_pipe_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("order.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(read_limited(&path, 100).map_err(|e| e.to_string())));
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("reading a FIFO without a writer must not block")
+            .unwrap_err();
+        assert!(
+            e.contains(&fifo.display().to_string()) && e.contains("FIFO with no writer"),
+            "{e}"
+        );
+
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        writer.write_all(b"an order").unwrap();
+        drop(writer);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
+        let bytes = read_limited(Path::new(&format!("/proc/self/fd/{fd}")), 100).unwrap();
+        assert_eq!(bytes, b"an order");
     }
 }
