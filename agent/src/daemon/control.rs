@@ -21,6 +21,36 @@ const MAX_REQUEST: u64 = 1 << 20;
 /// one that stalls would hold a task and up to [`MAX_REQUEST`] bytes for as long as it likes.
 const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Most control connections served at once. A migration's client holds its connection for the
+/// whole migration and a `status` client for a moment; only the agent's user reaches the socket
+/// (0600), but a script of theirs that leaks connections must not run the agent out of tasks
+/// and file descriptors.
+pub(super) const MAX_CONTROL_CONNECTIONS: usize = 64;
+
+/// A slot for a new control connection, or `None` when all are taken: the client is then told
+/// so in one line, written without waiting (a fresh socket's buffer takes it), and closed.
+pub(super) fn admit(
+    slots: &Arc<tokio::sync::Semaphore>,
+    sock: UnixStream,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, UnixStream)> {
+    match slots.clone().try_acquire_owned() {
+        Ok(slot) => Some((slot, sock)),
+        Err(_) => {
+            let why = format!(
+                "busy: {} control connections are open; try again when one ends",
+                MAX_CONTROL_CONNECTIONS
+            );
+            let mut line = serde_json::to_vec(&Reply::Error(why)).unwrap_or_default();
+            line.push(b'\n');
+            if let Ok(mut sock) = sock.into_std() {
+                use std::io::Write;
+                let _ = sock.write(&line);
+            }
+            None
+        }
+    }
+}
+
 /// Serve one control connection.
 pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), AgentError> {
     if let Ok(cred) = sock.peer_cred() {
@@ -322,6 +352,37 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the cap, a control client is told the agent is busy and closed at once; a slot
+    /// given back admits the next.
+    #[tokio::test]
+    async fn control_connections_past_the_cap_are_told_busy() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        let mut held = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            held.push(admit(&slots, ours).expect("a slot is free"));
+            peers.push(theirs);
+        }
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        assert!(
+            admit(&slots, ours).is_none(),
+            "a third connection past a cap of 2"
+        );
+        let mut line = String::new();
+        theirs.read_to_string(&mut line).await.unwrap();
+        match serde_json::from_str::<Reply>(line.trim_end()).unwrap() {
+            Reply::Error(e) => assert!(e.starts_with("busy:"), "{e}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        held.pop();
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        assert!(
+            admit(&slots, ours).is_some(),
+            "a slot given back is taken again"
+        );
+    }
 
     /// A client that stops reading is given up on within the stall allowance; one that reads
     /// gets every line.

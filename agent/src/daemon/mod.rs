@@ -43,14 +43,20 @@ async fn serve(
     notify::notify("READY=1\nSTATUS=listening");
     let admission = Arc::new(admission::Admission::default());
     let mut turned_away = TurnedAway::default();
+    let mut control_turned_away = TurnedAway::default();
+    let control_slots = Arc::new(tokio::sync::Semaphore::new(
+        control::MAX_CONTROL_CONNECTIONS,
+    ));
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((sock, addr)) => {
                     let slot = match admission.admit(addr.ip()) {
                         Ok(slot) => slot,
-                        Err(full) => {
-                            turned_away.count(addr, full);
+                        Err(why) => {
+                            if let Some(closed) = turned_away.count() {
+                                warn!(%addr, closed, "too many peer connections ({why:?}): closing new ones at once");
+                            }
                             continue;
                         }
                     };
@@ -70,11 +76,18 @@ async fn serve(
             },
             r = control.accept() => match r {
                 Ok((sock, _)) => {
+                    let Some((slot, sock)) = control::admit(&control_slots, sock) else {
+                        if let Some(closed) = control_turned_away.count() {
+                            warn!(closed, "{} control connections open: closing new ones at once", control::MAX_CONTROL_CONNECTIONS);
+                        }
+                        continue;
+                    };
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         if let Err(e) = control::connection(ctx, sock).await {
                             warn!("control connection: {e}");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => warn!("control accept: {e}"),
@@ -112,8 +125,8 @@ async fn serve(
 /// How long shutdown waits for the audit anchor to catch up.
 const ANCHOR_DRAIN: Duration = Duration::from_secs(5);
 
-/// Connections closed at once by `admission`, logged at most once per `LOG_EVERY` with how
-/// many since: a flood must not flood the log too.
+/// Connections closed at once (by `admission`, or past the control socket's cap), logged at
+/// most once per `LOG_EVERY` with how many since: a flood must not flood the log too.
 #[derive(Default)]
 struct TurnedAway {
     since_logged: u64,
@@ -123,15 +136,15 @@ struct TurnedAway {
 impl TurnedAway {
     const LOG_EVERY: Duration = Duration::from_secs(10);
 
-    fn count(&mut self, addr: std::net::SocketAddr, why: admission::Full) {
+    /// Count one; how many were closed since the last log line when one is due now.
+    fn count(&mut self) -> Option<u64> {
         self.since_logged += 1;
         let now = std::time::Instant::now();
         if self.logged_at.is_some_and(|t| now - t < Self::LOG_EVERY) {
-            return;
+            return None;
         }
-        warn!(%addr, closed = self.since_logged, "too many peer connections ({why:?}): closing new ones at once");
-        self.since_logged = 0;
         self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.since_logged))
     }
 }
 
