@@ -92,12 +92,12 @@ pub enum AgentError {
         reason: String,
     },
     /// The migration failed; the message says where and what happened to the VM.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", self.cause())]
     Migration(String),
     /// The transport broke on `link`: a data stream or the control channel failed, or QEMU's
     /// stream ended early. On the source this usually follows the destination refusing
     /// something, and its `Abort` names what ([`AgentError::PeerAborted`]).
-    #[error("migration failed: {link}: {reason}")]
+    #[error("migration failed: {}", self.cause())]
     Transport {
         /// Which connection.
         link: Link,
@@ -116,19 +116,19 @@ pub enum AgentError {
     },
     /// This agent refuses the migration (or its peer's part in it): the VM, the host or the
     /// hypervisor is not in a state to send or take it. Nothing moved.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", self.cause())]
     Refused(String),
     /// A step did not happen in time.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", self.cause())]
     Timeout(String),
     /// The journal cannot record or does not allow what was asked (SPEC.md §3.4, §8.8).
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", self.cause())]
     Journal(String),
     /// TLS could not be set up (configuration, handshake, exporter, the peer's identity).
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", self.cause())]
     Tls(String),
     /// QEMU refused a command or could not be reached; keeps QEMU's class and message.
-    #[error("migration failed: QEMU: {0}")]
+    #[error("migration failed: {}", self.cause())]
     Qemu(#[from] trustmig_qemu::qmp::QmpError),
     /// A protocol error.
     #[error("{0}")]
@@ -136,7 +136,7 @@ pub enum AgentError {
     /// Disk `disk`'s image could not be checked or hashed as the guest sees it
     /// (`verify = "full"`, spec/qemu.md §5): before anything moves (source), or at the
     /// switch-over (the migration then rolls back).
-    #[error("migration failed: disk {disk}: verify = \"full\": {source}")]
+    #[error("migration failed: {}", self.cause())]
     Image {
         /// The disk's name.
         disk: String,
@@ -183,7 +183,36 @@ impl std::fmt::Display for Link {
     }
 }
 
+/// An error's cause without the "migration failed: " that the failures of a migration lead
+/// with: [`AgentError::cause`].
+pub struct Cause<'a>(&'a AgentError);
+
+impl std::fmt::Display for Cause<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            AgentError::Migration(s)
+            | AgentError::Refused(s)
+            | AgentError::Timeout(s)
+            | AgentError::Journal(s)
+            | AgentError::Tls(s) => f.write_str(s),
+            AgentError::Transport { link, reason } => write!(f, "{link}: {reason}"),
+            AgentError::Qemu(e) => write!(f, "QEMU: {e}"),
+            AgentError::Image { disk, source } => {
+                write!(f, "disk {disk}: verify = \"full\": {source}")
+            }
+            // Not framed as a failed migration: the whole message is the cause.
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
 impl AgentError {
+    /// What went wrong, without the framing: for a message that is not about a failed
+    /// migration (a VM committed here that QEMU will not run).
+    pub fn cause(&self) -> Cause<'_> {
+        Cause(self)
+    }
+
     /// A transport failure on `link`.
     pub fn transport(link: Link, reason: impl std::fmt::Display) -> Self {
         Self::Transport {
@@ -274,6 +303,28 @@ mod tests {
         ] {
             assert_eq!(link.to_string(), name);
         }
+    }
+
+    /// A migration's failures lead with "migration failed: " then their cause; `cause` gives
+    /// the cause alone, and the whole message for an error not framed so.
+    #[test]
+    fn the_cause_is_the_message_without_the_framing() {
+        let framed = [
+            AgentError::Migration("m".into()),
+            AgentError::Refused("r".into()),
+            AgentError::Timeout("t".into()),
+            AgentError::Journal("j".into()),
+            AgentError::Tls("tls".into()),
+            AgentError::transport(Link::QemuStream, "ended"),
+        ];
+        let causes = ["m", "r", "t", "j", "tls", "QEMU's migration stream: ended"];
+        for (e, cause) in framed.iter().zip(causes) {
+            assert_eq!(e.cause().to_string(), cause);
+            assert_eq!(e.to_string(), format!("migration failed: {cause}"));
+        }
+        let tpm = AgentError::Tpm("no TPM".into());
+        assert_eq!(tpm.cause().to_string(), "TPM: no TPM");
+        assert_eq!(tpm.cause().to_string(), tpm.to_string());
     }
 
     #[test]

@@ -666,9 +666,7 @@ impl Session {
                 Err(e) => {
                     // The cause without the "migration failed" every error of a migration
                     // leads with: this one committed.
-                    let e_text = e.to_string();
-                    let why = e_text.strip_prefix("migration failed: ").unwrap_or(&e_text);
-                    let how = format!("committed here, but the VM does not start ({why}): it runs nowhere until it does; once QEMU can run it, run `trustmig reconcile {}` (or restart the agent)", self.vm);
+                    let how = format!("committed here, but the VM does not start ({}): it runs nowhere until it does; once QEMU can run it, run `trustmig reconcile {}` (or restart the agent)", e.cause(), self.vm);
                     error!(order = %hex(id), vm = %self.vm, "{how}");
                     self.ctx.leave_to_operator(&self.vm, Some(hex(id)), how);
                     return Err(e);
