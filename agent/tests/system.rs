@@ -837,6 +837,31 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
         rt.block_on(Pair::vm_absent(&pair.src, "v")),
         "the source keeps no copy"
     );
+    // DONE at the destination all the same, saying Resumed was not sent: left at COMMIT, a
+    // restart's Resume would run the guest again were its operator to stop it meanwhile. A
+    // restart finds nothing to settle.
+    let id = hex::encode(order.dangerous_unverified_body().unwrap().order_id);
+    let last = |pair: &Pair| {
+        let journal = std::fs::read_to_string(pair.dst.journal_file()).unwrap();
+        let records: Vec<serde_json::Value> = journal
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|r: &serde_json::Value| r["order_id"] == id.as_str())
+            .collect();
+        (records.len(), records.last().cloned().unwrap())
+    };
+    let (count, record) = last(&pair);
+    assert_eq!(record["state"], "done", "{record}");
+    assert!(
+        record["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("Resumed not sent")),
+        "{record}"
+    );
+    pair.stop(1);
+    pair.dst_env.clear();
+    pair.start(1).unwrap();
+    assert_eq!(last(&pair), (count, record), "a restart settles nothing");
 }
 
 /// SPEC.md §8.7: a synthetic destination cannot keep a guest paused for an operator's `cont`,

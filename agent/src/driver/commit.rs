@@ -78,9 +78,9 @@ impl Commit {
         self.queue.extend(self.side.handle(input));
     }
 
-    /// The driver will not carry out what is left (its session failed on the way): dropped.
-    pub fn abandon(&mut self) {
-        self.queue.clear();
+    /// The next journal record says `note` instead.
+    pub fn set_note(&mut self, note: impl Into<String>) {
+        self.note = note.into();
     }
 
     /// Queue outputs the machine gave outside [`Self::feed`] (a query's, a restart's).

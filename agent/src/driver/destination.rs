@@ -597,29 +597,29 @@ impl Session {
             self.send(&m).await
         };
         if let Err(e) = sent {
-            // Not DONE: the order stays at COMMIT, its INCIDENT the latest record; a restart
-            // settles it.
-            commit.abandon();
-            // The VM runs here, but the source's TPM will never quote its final digest for
-            // this session: say so, it is what the late quote exists to catch (SPEC.md §8.7).
+            // DONE all the same: the VM runs here (or is held paused as it was), and the
+            // source learns so by asking (SPEC.md §8.8). Left at COMMIT, a restart's or
+            // `trustmig reconcile`'s Resume would `cont` a guest this host's operator had
+            // stopped since: it cannot tell a copy QEMU never ran from one it ran.
+            let mut note = format!(
+                "{}; Resumed not sent: {e}",
+                if paused {
+                    "handed over paused here"
+                } else {
+                    "resumed here"
+                }
+            );
+            // The source's TPM will never quote its final digest for this session: say so,
+            // it is what the late quote exists to catch (SPEC.md §8.7).
             if dm.awaits_final_quote() {
                 let reason =
                     format!("no late final quote can come: the session ended before Resumed ({e})");
                 error!(order = %hex(&id), vm = %self.vm, "INCIDENT: {reason}");
-                let note = format!(
-                    "{}; INCIDENT: {reason}",
-                    if paused {
-                        "handed over paused here"
-                    } else {
-                        "resumed here"
-                    }
-                );
-                let _ = ctx
-                    .journal
-                    .lock()
-                    .expect("journal lock")
-                    .set(&id, State::Committed, note);
+                note = format!("{note}; INCIDENT: {reason}");
             }
+            commit.set_note(note);
+            let rest = commit.drain(&ctx)?;
+            debug_assert!(rest.is_empty(), "{rest:?}");
             return Err(e);
         }
         // DONE.
