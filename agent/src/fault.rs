@@ -12,6 +12,7 @@
 //! | `TRUSTMIG_TEST_LOSE_COMMIT` | the source loses its session after journalling COMMIT, before `Commit` |
 //! | `TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT` | the source asks for a settlement after COMMIT, then sends `Commit` (a late `Commit`) |
 //! | `TRUSTMIG_TEST_LOSE_RESUMED` | the destination resumes, then fails before `Resumed` |
+//! | `TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT` | the destination's COMMIT line is written whole, then the write fails and cannot be cut back (a failing disk): the journal refuses appends from then on |
 //! | `TRUSTMIG_TEST_SETTLE_UNANSWERED=<n>` | the first n settlement queries go unanswered |
 //! | `TRUSTMIG_TEST_ALTER_DISK_CHUNK=<k>` | disk chunk k is altered after the source checked it |
 //! | `TRUSTMIG_TEST_ALTER_MIRRORED_IMAGE=1` | the destination alters each copy verified in full before hashing it |
@@ -28,6 +29,8 @@ pub const LOSE_COMMIT_ENV: &str = "TRUSTMIG_TEST_LOSE_COMMIT";
 pub const SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
 /// `TRUSTMIG_TEST_LOSE_RESUMED`.
 pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
+/// `TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT`.
+pub const JOURNAL_BREAKS_AT_COMMIT_ENV: &str = "TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT";
 /// `TRUSTMIG_TEST_HAND_OVER_PAUSED`: the source's `SwitchOver` says the guest was paused
 /// before the migration, whatever it was (a peer asking what a synthetic destination cannot do).
 pub const HAND_OVER_PAUSED_ENV: &str = "TRUSTMIG_TEST_HAND_OVER_PAUSED";
@@ -162,6 +165,7 @@ mod on {
         pub lose_commit: bool,
         pub settle_before_commit: bool,
         pub lose_resumed: bool,
+        pub journal_breaks_at_commit: bool,
         pub hand_over_paused: bool,
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
@@ -181,6 +185,7 @@ mod on {
             lose_commit: var(LOSE_COMMIT_ENV).is_some(),
             settle_before_commit: var(SETTLE_BEFORE_COMMIT_ENV).is_some(),
             lose_resumed: var(LOSE_RESUMED_ENV).is_some(),
+            journal_breaks_at_commit: var(JOURNAL_BREAKS_AT_COMMIT_ENV).is_some(),
             hand_over_paused: var(HAND_OVER_PAUSED_ENV).is_some(),
             unanswered: var(SETTLE_UNANSWERED_ENV)
                 .and_then(|v| v.parse().ok())
@@ -261,6 +266,23 @@ pub fn lose_resumed() -> bool {
     return on::faults().lose_resumed;
     #[cfg(not(feature = "fault-injection"))]
     false
+}
+
+/// The destination's COMMIT record is written whole and then reported failed, the journal
+/// broken (a write whose `fsync` and cut-back both failed leaves its line in the file).
+pub fn journal_breaks_at(
+    role: trustmig_protocol::order::Role,
+    state: crate::journal::State,
+) -> bool {
+    #[cfg(feature = "fault-injection")]
+    return on::faults().journal_breaks_at_commit
+        && role == trustmig_protocol::order::Role::Destination
+        && state == crate::journal::State::Committed;
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = (role, state);
+        false
+    }
 }
 
 /// The source's `SwitchOver` says the guest is handed over paused, whatever it was.

@@ -1980,6 +1980,69 @@ async fn qemu_crash_matrix_every_journal_point_leaves_one_copy_running() {
     println!("{}", table.join("\n"));
 }
 
+/// A failing disk under the destination's journal at COMMIT: the line is written whole, then
+/// the write fails and cannot be cut back (fault injection), so the next start replays COMMIT.
+/// The destination keeps the QEMU that loaded the VM (it discarded it before, and its restart
+/// then resumed a QEMU that was gone: the VM ran nowhere); no settlement answer can be
+/// journalled, so the source keeps its VM stopped and asks again. Restarted, the destination
+/// resumes its QEMU by the file's COMMIT and the source, asking, lets the VM go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_commit_the_journal_cannot_confirm_keeps_the_arrived_copy() {
+    let _g = SERIAL.lock().await;
+    let opts = VmOpts {
+        append: "area=16 rate=8 check=10".into(),
+        mem_mib: MEM_MIB,
+        dst_env: vec![(
+            trustmig_agent::fault::JOURNAL_BREAKS_AT_COMMIT_ENV.into(),
+            "1".into(),
+        )],
+        ..VmOpts::default()
+    };
+    let Some(mut s) = setup_with(&opts, true) else {
+        return;
+    };
+    let addr = s.pair.dst_addr.clone();
+    let (r, _) = migrate(&mut s, &addr, 300).await;
+    let err = r.expect_err("the destination's COMMIT failed");
+    let kept = until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || s.logs().contains("what arrived is kept, not discarded"),
+    )
+    .await;
+    assert!(kept, "{err}\n{}", s.logs());
+    assert!(s.dst.alive(), "the destination QEMU was quit\n{}", s.logs());
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed),
+        "the destination QEMU holds the VM"
+    );
+    assert_ne!(s.dst.status().await.as_deref(), Ok("running"));
+    assert_ne!(
+        s.src.status().await.as_deref(),
+        Ok("running"),
+        "{}",
+        s.logs()
+    );
+    assert!(
+        s.logs().contains("asks the destination again")
+            || err.contains("asks the destination again"),
+        "{err}\n{}",
+        s.logs()
+    );
+    s.pair.stop(1);
+    s.pair.dst_env.clear();
+    s.pair.start(1).expect("destination agent restarts");
+    assert_destination_runs_alone(&mut s, Duration::from_secs(90)).await;
+    let settled = until(
+        Duration::from_secs(90),
+        Duration::from_millis(100),
+        async || journals_final(&s).await,
+    )
+    .await;
+    assert!(settled, "journals never settled\n{}", s.logs());
+}
+
 /// Issue 14, case 2, and the block handover of issue 10: the destination agent dies when it
 /// would send `FinalChallenge`, both QEMUs on one shared writable image. The destination QEMU
 /// loaded the VM and stays paused, its agent gone. Because it runs with `late-block-activate`

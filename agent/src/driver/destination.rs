@@ -238,6 +238,7 @@ impl Session {
                 }
             }
             (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
+            (Some(_), false) if ctx.journal.lock().expect("journal lock").is_broken() => warn!("incoming migration failed, its journal broken: {e}; what arrived is kept until a restart settles the order by the journal's file"),
             (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
         }
     }
@@ -459,6 +460,9 @@ impl Session {
             let mut vm = Some(vm);
             while let Some(o) = commit.next(&self.ctx)? {
                 if o == Output::Vm(VmAction::Discard) {
+                    if self.journal_in_doubt(commit.id()) {
+                        continue;
+                    }
                     if let Some(vm) = vm.take() {
                         vm.discard(&self.ctx).await;
                     }
@@ -466,6 +470,22 @@ impl Session {
             }
         }
         r
+    }
+
+    /// Whether the journal broke on a write it could not cut back (a failing disk): that
+    /// record may be in the file, COMMIT among them, and the next start replays what the file
+    /// holds. What arrived is then kept, not discarded: were it COMMIT, the restart resumes it
+    /// and the source, asking, hears "committed" (discarded, the VM would run nowhere); were
+    /// it not, the restart rolls back and discards it. Until then no settlement answer can be
+    /// journalled, so the source keeps its VM stopped and asks again.
+    fn journal_in_doubt(&self, id: OrderId) -> bool {
+        if !self.ctx.journal.lock().expect("journal lock").is_broken() {
+            return false;
+        }
+        let how = "the journal cannot record (a write failed and could not be cut back), so whether this order committed here is what its file holds: what arrived is kept, not discarded; fix the journal's disk, then restart the agent, which settles the order by the file (resumes it if COMMIT is there, else discards it)".to_string();
+        error!(order = %hex(&id), vm = %self.vm, "{how}");
+        self.ctx.leave_to_operator(&self.vm, Some(hex(&id)), how);
+        true
     }
 
     /// The control exchange while the backend receives: the source's messages go to the

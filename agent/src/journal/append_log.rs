@@ -87,6 +87,18 @@ impl AppendLog {
         Ok(())
     }
 
+    /// Fault injection: `line` goes into the file whole, then the append fails as one whose
+    /// `fsync` and cut-back both failed would (the line stays; no more appends).
+    pub(crate) fn append_then_break(&mut self, line: &[u8]) -> Result<(), AgentError> {
+        let e =
+            std::io::Error::other("fault injection: fsync failed, and cutting the line off too");
+        if let Err(e) = self.file.write_all(line) {
+            return Err(AgentError::io(&self.path)(e));
+        }
+        self.broken = Some(e.to_string());
+        Err(AgentError::io(&self.path)(e))
+    }
+
     fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
         #[cfg(test)]
         if let Some(n) = self.fail_after.take() {

@@ -376,6 +376,12 @@ impl Journal {
         self.audit.stop_anchoring()
     }
 
+    /// Whether appends are refused: one failed and could not be cut back, so its record may be
+    /// in the file, and the next start replays it (what a restart holds is then unknown here).
+    pub fn is_broken(&self) -> bool {
+        self.file.is_broken()
+    }
+
     /// The PCR the audit trail is anchored in, once anchored.
     pub fn audit_anchor_pcr(&self) -> Option<u8> {
         self.audit.anchor_pcr()
@@ -389,6 +395,9 @@ impl Journal {
         let prev = self.latest.get(&r.order_id).map(|p| p.state);
         let mut line = serde_json::to_vec(&r).map_err(|e| AgentError::Journal(e.to_string()))?;
         line.push(b'\n');
+        if crate::fault::journal_breaks_at(r.role, r.state) {
+            return self.file.append_then_break(&line);
+        }
         self.file.append(&line)?;
         self.lines += 1;
         if prev != Some(r.state) {
