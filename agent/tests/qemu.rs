@@ -948,6 +948,19 @@ async fn qemu_an_operator_stop_during_precopy_is_no_switch_over() {
         "{:?}",
         summary.timeline
     );
+    // Each of the operator's changes journalled when seen, during pre-copy: an agent that died
+    // after QEMU switched over would find a `postmigrate` QEMU that cannot tell them.
+    let journal = std::fs::read_to_string(s.pair.src.journal_file()).expect("journal");
+    let changes = [
+        "stopped during the migration",
+        "run again during the migration",
+    ];
+    let notes: Vec<&str> = journal
+        .lines()
+        .filter(|l| l.contains(&summary.order_id))
+        .filter_map(|l| changes.into_iter().find(|n| l.contains(n)))
+        .collect();
+    assert_eq!(notes, changes, "{journal}");
     assert_moved(&mut s, &summary).await;
 }
 
@@ -2183,7 +2196,8 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
 /// shared image the source QEMU let go of) leaves the VM to the operator once its step timeout
 /// of retries is spent: `status` says "left to the operator: committed here, but the VM does
 /// not start", and the operator's `trustmig reconcile`, once the lock is gone, runs the VM and
-/// clears it. The source's copy stays stopped throughout (never two).
+/// clears it. An order to send it on meanwhile is refused. The source's copy stays stopped
+/// throughout (never two).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_reconciled() {
     let _g = SERIAL.lock().await;
@@ -2251,6 +2265,14 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
         move || scrape_until(&metrics, left, 1.0)
     });
     m.await.expect("scrape");
+    // Not sent on meanwhile: QEMU shows a copy it never ran as paused, and it would go as
+    // "paused as it was", which it was not (SPEC.md §8.8 `holds_vm`; an audit found it sent).
+    let refusal = refusal_of_an_order_back(&s).await;
+    assert!(
+        refusal.contains("has not run here since"),
+        "{refusal}\n{}",
+        s.logs()
+    );
     // The operator frees the image and reconciles: the VM runs, and `status` says no more.
     let _ = locker.kill();
     let _ = locker.wait();

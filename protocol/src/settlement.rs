@@ -75,7 +75,9 @@ pub enum NotHeld {
     /// A copy that arrived under an order that never committed here (or is arriving still):
     /// its hypervisor's state is to be discarded, never run.
     ToDiscard,
-    /// Committed here and settled at a restart; its reconciliation has not resumed it yet.
+    /// Committed here and not run since: its resume is under way, or a restart settled it and
+    /// its reconciliation has not resumed it yet, or its `cont` failed and it was left to the
+    /// operator (DONE is journalled once it runs, `Resumed` sent or not).
     NotYetResumed,
 }
 
@@ -211,23 +213,37 @@ pub enum Mutation {
     LatestOrderOwnsVm,
     /// A copy that arrived and is still to be discarded counts as this host's VM, free to send.
     SendWhatArrived,
+    /// A copy committed here that has not run since (COMMIT, its `cont` refused for good)
+    /// counts as this host's VM, free to send (as paused: QEMU shows it so).
+    SendWhatDidNotRun,
 }
 
 /// The rules. `Rules::default()` is the only kind a normal build makes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Rules {
-    mutation: Option<Mutation>,
+    mutations: [Option<Mutation>; 2],
 }
 
 impl Rules {
     /// Rules with one deliberate mistake (model checker mutation tests).
     #[cfg(feature = "mutations")]
     pub fn mutated(m: Mutation) -> Self {
-        Self { mutation: Some(m) }
+        Self {
+            mutations: [Some(m), None],
+        }
+    }
+
+    /// These rules with a second mistake: for a rule that guards what another rule already
+    /// keeps from happening (defence in depth), shown needed once the other is broken.
+    #[cfg(feature = "mutations")]
+    pub fn and(self, m: Mutation) -> Self {
+        Self {
+            mutations: [self.mutations[0], Some(m)],
+        }
     }
 
     pub(crate) fn broken(&self, m: Mutation) -> bool {
-        self.mutation == Some(m)
+        self.mutations.contains(&Some(m))
     }
 
     /// May an order be claimed, given its latest entry? Each id once per agent, whatever
@@ -389,16 +405,16 @@ impl Rules {
     /// Whether this host's copy of the VM is the VM, free to send, as far as the journal can
     /// tell, given the latest entry of the VM's current order here (`history::VmHistory`;
     /// `None`: it never migrated). Free: a copy given back (a source's rollback), one that
-    /// arrived and ran (DONE), one committed here by its session (it runs, or is about to: a
-    /// lost `Resumed` leaves it at COMMIT until a restart; while the session lasts the VM
-    /// counts as arriving; if its `cont` failed it is this host's VM, stopped, and is handed
-    /// over as QEMU holds it), one a refused arrival never touched, and one whose order sent it
-    /// away (QEMU refuses a `postmigrate` copy by itself; a copy an operator started here since
-    /// is theirs to send). Not free: one an order is sending; an arrival interrupted or rolled
-    /// back whose copy is still to be discarded (QEMU holds it stopped, and a source's checks
-    /// of QEMU alone would take it for a paused VM and send it while the VM runs elsewhere);
-    /// one a restart settled as committed here until its reconciliation resumed it (DONE):
-    /// sent first, its resume would never come (found by the model checker over two orders).
+    /// arrived and ran or was held paused as handed over (DONE, `Resumed` sent or not), one a
+    /// refused arrival never touched, and one whose order sent it away (QEMU refuses a
+    /// `postmigrate` copy by itself; a copy an operator started here since is theirs to send).
+    /// Not free: one an order is sending; an arrival interrupted or rolled back whose copy is
+    /// still to be discarded (QEMU holds it stopped, and a source's checks of QEMU alone would
+    /// take it for a paused VM and send it while the VM runs elsewhere); one committed here
+    /// and not run since (COMMIT: its resume under way, or its `cont` failed and it was left to
+    /// the operator; SETTLED: a restart's reconciliation has not resumed it yet): sent first,
+    /// its resume would never come (found by the model checker over two orders), and a copy
+    /// QEMU never ran would go as "paused as it was", which it was not (found by an audit).
     pub fn holds_vm(&self, current: Option<&Entry>) -> Result<(), NotHeld> {
         match current.map(|e| (e.role, e.state, e.flag)) {
             Some(_) if current.is_some_and(|e| self.leaving(e)) => Err(NotHeld::Leaving),
@@ -406,6 +422,11 @@ impl Rules {
                 if !self.broken(Mutation::SendWhatArrived) =>
             {
                 Err(NotHeld::ToDiscard)
+            }
+            Some((Role::Destination, State::Committed, _))
+                if !self.broken(Mutation::SendWhatDidNotRun) =>
+            {
+                Err(NotHeld::NotYetResumed)
             }
             Some((Role::Destination, State::Settled, _)) => Err(NotHeld::NotYetResumed),
             _ => Ok(()),
@@ -519,7 +540,7 @@ mod tests {
             (S, Settled, Ok(())),
             (D, Claimed, Err(ToDiscard)),
             (D, RolledBack, Err(ToDiscard)),
-            (D, Committed, Ok(())),
+            (D, Committed, Err(NotYetResumed)),
             (D, Settled, Err(NotYetResumed)),
             (D, Done, Ok(())),
         ];

@@ -271,6 +271,9 @@ pub struct Ghost {
     pub paused_before: [bool; 2],
     /// A give-back ran a VM that was paused before its migration.
     pub ran_paused: bool,
+    /// A source claimed a copy that arrived and never ran (QEMU shows it paused, as it shows a
+    /// VM its operator paused): it would be handed over "paused as it was", which it was not.
+    pub claimed_unrun: bool,
     /// A give-back left a VM stopped by the switch-over paused, as it was before.
     pub gave_back_paused: bool,
     /// The operator's `trustmig reconcile` did something: what a restart left to them, or
@@ -476,6 +479,7 @@ impl Migration {
                     .unwrap_or_default();
                 if !outs.is_empty() {
                     s.ghost.paused_before[k] = paused;
+                    s.ghost.claimed_unrun |= a.vm == Vm::Loaded;
                 }
                 outs
             }
@@ -1037,6 +1041,10 @@ impl Model for Migration {
                 "a VM paused before its migration is never run by a give-back",
                 |_, s: &Sys| !s.ghost.ran_paused,
             ),
+            Property::always(
+                "a copy that arrived and never ran is never sent on",
+                |_, s: &Sys| !s.ghost.claimed_unrun,
+            ),
             // Examples the search must reach, or the model proves nothing (SPEC.md §8.9).
             Property::sometimes("the VM moves", |_, s: &Sys| {
                 settled(s) && s.agents[1].vm == Vm::Running && gone(s.agents[0].vm)
@@ -1156,19 +1164,21 @@ impl Model for Migration {
                             .iter()
                             .all(|a| a.latest(1).map(|e| e.state) == Some(J::Done))
                 }),
-                // The interleaving the two orders exist for: the VM leaves again while its
-                // arrival's record is still at COMMIT here (its `Resumed` lost, or DONE not yet
-                // written), and a restart settles that arrival after it left.
+                // The interleaving the two orders exist for: the VM leaves again once its
+                // arrival, interrupted by a restart here, was settled and resumed (DONE). It
+                // cannot leave before (`Rules::holds_vm`): with that rule broken
+                // (`SendWhatDidNotRun`) an arrival settled after the VM left again took it
+                // back (`LatestOrderOwnsVm`).
                 Property::sometimes(
-                    "an arrival settled after the VM left again takes nothing back",
+                    "an arrival settled at a restart leaves again once resumed",
                     |_, s: &Sys| {
                         let b = &s.agents[1];
                         let at = |k: u8, st: J| {
                             (b.journal.iter()).position(|(o, e)| *o == k && e.state == st)
                         };
                         settled(s)
-                            && at(1, J::Committed).is_some()
-                            && at(0, J::Settled) > at(1, J::Committed)
+                            && at(0, J::Settled).is_some()
+                            && at(1, J::Committed) > at(0, J::Done)
                             && b.latest(1).map(|e| e.state) == Some(J::Done)
                             && gone(b.vm)
                             && s.agents[0].vm == Vm::Running

@@ -308,16 +308,32 @@ fn the_agents_rules_keep_every_property_over_two_orders() {
     }
 }
 
+/// Defence in depth: the VM's order is the one that last moved it, not the one that wrote
+/// last. With the agent's rules the VM cannot leave a host before its arrival there is DONE,
+/// so no arrival is settled after it left; once that rule is broken too, the mistake shows.
 #[test]
 fn mutation_latest_order_owns_the_vm_is_caught_over_two_orders() {
     let m = Migration::new(
-        Rules::mutated(Mutation::LatestOrderOwnsVm),
+        Rules::mutated(Mutation::LatestOrderOwnsVm).and(Mutation::SendWhatDidNotRun),
         // One crash is enough to reach it, and keeps the search short.
         1,
         Operator::None,
     )
     .there_and_back();
     caught_in(m, "never two live copies");
+}
+
+/// A source that sends a copy committed here whose `cont` QEMU refused for good: QEMU shows it
+/// paused, and it would be handed over "paused as it was", which it was not.
+#[test]
+fn mutation_send_what_did_not_run_is_caught_over_two_orders() {
+    let m = Migration::new(
+        Rules::mutated(Mutation::SendWhatDidNotRun),
+        1,
+        Operator::Informed,
+    )
+    .there_and_back();
+    caught_in(m, "a copy that arrived and never ran is never sent on");
 }
 
 /// A source that sends a copy that arrived and never committed here (QEMU shows it paused,

@@ -414,7 +414,7 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
                 "`cont` it"
             };
             format!(
-                "VM {vm} was committed here (order {order}) and settled at this agent's start, whose reconciliation has not resumed it yet (its log says what it did); if that was left to you, {run}, then run `trustmig reconcile {vm}` to record it, then send it"
+                "VM {vm} was committed here (order {order}) and has not run here since: it is resuming, or this agent's start or its `cont` after COMMIT left it to you (`trustmig status` and the log say which); if it was left to you, {run}, then run `trustmig reconcile {vm}` to record it, then send it"
             )
         }
     }

@@ -513,10 +513,11 @@ impl Journal {
         Ok(())
     }
 
-    /// This (source) order's VM is handed over `paused` or not, which is not what its claim read
-    /// (an operator stopped or ran the guest during the migration): journalled now, fsync'd, in
-    /// the guest's downtime (only then), because a restart must give the guest back as it was
-    /// at the switch-over and the source's QEMU (`postmigrate` either way) cannot tell.
+    /// This (source) order's VM is handed over `paused` or not, which is not what the journal
+    /// said (an operator stopped or ran the guest during the migration): journalled, fsync'd,
+    /// as soon as the agent sees it in QEMU's events, and at the switch-over if it saw it only
+    /// then, because a restart must give the guest back as it was and the source's QEMU
+    /// (`postmigrate` once it switched over, either way) cannot tell.
     pub fn hand_over_changed(
         &mut self,
         order_id: &OrderId,
@@ -527,9 +528,9 @@ impl Journal {
             paused_before: paused,
             at: crate::unix_now(),
             note: if paused {
-                "handed over paused: stopped at the switch-over, not by the migration".into()
+                "handed over paused: stopped during the migration, not by it".into()
             } else {
-                "handed over running: run since the claim".into()
+                "handed over running: run again during the migration".into()
             },
             ..prev
         })
@@ -1238,7 +1239,8 @@ mod tests {
 
     /// What the journal gives this host to send (`holds_vm`): not a copy that arrived and is
     /// still to be discarded (QEMU shows it paused, like a VM paused by its operator), nor one
-    /// a restart settled as committed here before its reconciliation resumed it.
+    /// committed here that has not run since (COMMIT: its `cont` may have failed; SETTLED: a
+    /// restart's reconciliation has not resumed it yet).
     #[test]
     fn only_the_vm_here_is_free_to_send() {
         let dir = tempfile::tempdir().unwrap();
@@ -1265,7 +1267,7 @@ mod tests {
         j.claim_as_destination(&order(2, "vm"), &[9; 32]).unwrap();
         j.mark_fed(&b).unwrap();
         j.set(&b, State::Committed, "").unwrap();
-        assert!(j.holds_vm("vm").is_ok(), "committed here by its session");
+        assert!(j.holds_vm("vm").is_err(), "committed here, not run yet");
         j.set(&b, State::Settled, "committed before restart")
             .unwrap();
         assert!(

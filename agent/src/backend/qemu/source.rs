@@ -98,6 +98,8 @@ pub(crate) struct QemuSource {
     /// then kept from QEMU's events (`Seen::held`). The switch-over hands it over so, and a
     /// give-back leaves it so.
     held: bool,
+    /// QEMU switched over (the guest stopped for it): a guest `held` then is handed over so.
+    switched_over: bool,
     /// Read-only disks copied before QEMU's stream (empty with shared storage).
     disks: Vec<SourceDisk>,
     /// Writable disks mirrored live (spec/qemu.md §5).
@@ -159,6 +161,7 @@ impl QemuSource {
             qmp,
             paused_at_claim: !status.running,
             held: !status.running,
+            switched_over: false,
             disks,
             mirror_disks,
             mirrors: None,
@@ -223,12 +226,13 @@ impl SourceVm for QemuSource {
         if let Some(m) = &mut self.mirrors {
             m.tear_down(&mut self.qmp).await;
         }
-        // The journal knows a paused hand-over; only the live events know a stop of someone
-        // else's whose switch-over went unseen (a failure first).
+        // The journal knows a paused hand-over (and, from the operator's `stop` on, one during
+        // pre-copy too); a guest paused neither at the claim nor at a switch-over was stopped
+        // by someone else meanwhile, which the operator is told as such.
         let was = match (self.held, paused) {
             (false, _) => Was::Running,
-            (true, true) => Was::Paused,
-            (true, false) => Was::StoppedMeanwhile,
+            (true, true) if self.paused_at_claim || self.switched_over => Was::Paused,
+            (true, _) => Was::StoppedMeanwhile,
         };
         give_back(ctx, &self.vm, &mut self.qmp, was).await
     }
@@ -312,6 +316,7 @@ async fn transfer(
     .await;
     vm.qmp.answer_late_while(None);
     vm.held = seen.held;
+    vm.switched_over = seen.paused_at.is_some();
     let done = done?;
     Ok(transferred(
         done,
@@ -1056,7 +1061,14 @@ impl Seen {
                     }
                 }
             }
-            _ => {}
+            _ => return Ok(()),
+        }
+        // Journalled at once, not only at the switch-over: in `Stop` mode QEMU may switch over
+        // before the agent looks again, and an agent that dies then is restarted to a
+        // `postmigrate` QEMU that no longer tells whether the guest was held.
+        if self.paused_at.is_none() && self.held != self.journalled_paused {
+            link.hands_over(self.held)?;
+            self.journalled_paused = self.held;
         }
         Ok(())
     }
