@@ -27,28 +27,54 @@ const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// and file descriptors.
 pub(super) const MAX_CONTROL_CONNECTIONS: usize = 64;
 
-/// A slot for a new control connection, or `None` when all are taken: the client is then told
-/// so in one line, written without waiting (a fresh socket's buffer takes it), and closed.
-pub(super) fn admit(
-    slots: &Arc<tokio::sync::Semaphore>,
-    sock: UnixStream,
-) -> Option<(tokio::sync::OwnedSemaphorePermit, UnixStream)> {
-    match slots.clone().try_acquire_owned() {
-        Ok(slot) => Some((slot, sock)),
-        Err(_) => {
-            let why = format!(
-                "busy: {} control connections are open; try again when one ends",
-                MAX_CONTROL_CONNECTIONS
-            );
-            let mut line = serde_json::to_vec(&Reply::Error(why)).unwrap_or_default();
-            line.push(b'\n');
-            if let Ok(mut sock) = sock.into_std() {
-                use std::io::Write;
-                let _ = sock.write(&line);
-            }
-            None
+/// The control connections served, and those being told the agent is busy.
+pub(super) struct Slots {
+    serving: Arc<tokio::sync::Semaphore>,
+    refusing: Arc<tokio::sync::Semaphore>,
+}
+
+impl Slots {
+    /// `n` connections served at once, and as many refused at once with a reply.
+    pub(super) fn new(n: usize) -> Self {
+        Self {
+            serving: Arc::new(tokio::sync::Semaphore::new(n)),
+            refusing: Arc::new(tokio::sync::Semaphore::new(n)),
         }
     }
+
+    /// A slot for a new control connection, or `None` when all are taken: the client is then
+    /// told so (`refuse_busy`), or, past as many refusals at once, closed unanswered.
+    pub(super) fn admit(
+        &self,
+        sock: UnixStream,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, UnixStream)> {
+        if let Ok(slot) = self.serving.clone().try_acquire_owned() {
+            return Some((slot, sock));
+        }
+        if let Ok(refusal) = self.refusing.clone().try_acquire_owned() {
+            tokio::spawn(async move {
+                refuse_busy(sock).await;
+                drop(refusal);
+            });
+        }
+        None
+    }
+}
+
+/// How long a refused client has to send its request line before it is closed.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tell a client the agent is busy: its request line read first (within `REFUSAL_WAIT`), so
+/// that closing with it unread does not reset the connection and lose the reply; then one line.
+async fn refuse_busy(sock: UnixStream) {
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = BufReader::new(rd.take(MAX_REQUEST));
+    let mut request = Vec::new();
+    let _ = tokio::time::timeout(REFUSAL_WAIT, rd.read_until(b'\n', &mut request)).await;
+    let why = format!(
+        "busy: {MAX_CONTROL_CONNECTIONS} control connections are open; try again when one ends"
+    );
+    let _ = send_within(&mut wr, Reply::Error(why), REFUSAL_WAIT).await;
 }
 
 /// Serve one control connection.
@@ -353,33 +379,39 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
 mod tests {
     use super::*;
 
-    /// Past the cap, a control client is told the agent is busy and closed at once; a slot
-    /// given back admits the next.
+    /// Past the cap, a control client (the CLI's own `request`) is told the agent is busy; a
+    /// slot given back admits the next.
     #[tokio::test]
     async fn control_connections_past_the_cap_are_told_busy() {
-        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let slots = Slots::new(2);
         let mut held = Vec::new();
-        let mut peers = Vec::new();
+        let mut clients = Vec::new();
         for _ in 0..2 {
-            let (ours, theirs) = UnixStream::pair().unwrap();
-            held.push(admit(&slots, ours).expect("a slot is free"));
-            peers.push(theirs);
+            clients.push(UnixStream::connect(&path).await.unwrap());
+            let (ours, _) = listener.accept().await.unwrap();
+            held.push(slots.admit(ours).expect("a slot is free"));
         }
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let client = tokio::spawn({
+            let path = path.clone();
+            async move { crate::control::request(&path, &Request::Status).await }
+        });
+        let (ours, _) = listener.accept().await.unwrap();
         assert!(
-            admit(&slots, ours).is_none(),
+            slots.admit(ours).is_none(),
             "a third connection past a cap of 2"
         );
-        let mut line = String::new();
-        theirs.read_to_string(&mut line).await.unwrap();
-        match serde_json::from_str::<Reply>(line.trim_end()).unwrap() {
-            Reply::Error(e) => assert!(e.starts_with("busy:"), "{e}"),
+        match client.await.unwrap() {
+            Ok(Reply::Error(e)) => assert!(e.starts_with("busy:"), "{e}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
         held.pop();
-        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let _next = UnixStream::connect(&path).await.unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
         assert!(
-            admit(&slots, ours).is_some(),
+            slots.admit(ours).is_some(),
             "a slot given back is taken again"
         );
     }

@@ -44,9 +44,7 @@ async fn serve(
     let admission = Arc::new(admission::Admission::default());
     let mut turned_away = TurnedAway::default();
     let mut control_turned_away = TurnedAway::default();
-    let control_slots = Arc::new(tokio::sync::Semaphore::new(
-        control::MAX_CONTROL_CONNECTIONS,
-    ));
+    let control_slots = control::Slots::new(control::MAX_CONTROL_CONNECTIONS);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -76,7 +74,7 @@ async fn serve(
             },
             r = control.accept() => match r {
                 Ok((sock, _)) => {
-                    let Some((slot, sock)) = control::admit(&control_slots, sock) else {
+                    let Some((slot, sock)) = control_slots.admit(sock) else {
                         if let Some(closed) = control_turned_away.count() {
                             warn!(closed, "{} control connections open: closing new ones at once", control::MAX_CONTROL_CONNECTIONS);
                         }
