@@ -246,9 +246,14 @@ mod tests {
             "{e}"
         );
 
-        let (reader, mut writer) = std::io::pipe().unwrap();
-        writer.write_all(b"an order").unwrap();
-        drop(writer);
+        // A pipe from a writer that has written and gone, as `<(…)` gives.
+        let mut writer = std::process::Command::new("printf")
+            .arg("an order")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(writer.wait().unwrap().success());
+        let reader = writer.stdout.take().unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
         let bytes = read_limited(Path::new(&format!("/proc/self/fd/{fd}")), 100).unwrap();
         assert_eq!(bytes, b"an order");

@@ -1178,7 +1178,7 @@ impl Model for Migration {
                         };
                         settled(s)
                             && at(0, J::Settled).is_some()
-                            && at(1, J::Committed) > at(0, J::Done)
+                            && at(0, J::Done).is_some_and(|done| at(1, J::Committed) > Some(done))
                             && b.latest(1).map(|e| e.state) == Some(J::Done)
                             && gone(b.vm)
                             && s.agents[0].vm == Vm::Running

@@ -482,7 +482,7 @@ impl Session {
         if !self.ctx.journal.lock().expect("journal lock").is_broken() {
             return false;
         }
-        let how = "the journal cannot record (a write failed and could not be cut back), so whether this order committed here is what its file holds: what arrived is kept, not discarded; fix the journal's disk, then restart the agent, which settles the order by the file (resumes it if COMMIT is there, else discards it)".to_string();
+        let how = "the journal refuses writes (one failed and could not be cut back, or its file could not be reopened), so whether this order committed here is what its file holds: what arrived is kept, not discarded; fix the journal's disk, then restart the agent, which settles the order by the file (resumes it if COMMIT is there, else discards it)".to_string();
         error!(order = %hex(&id), vm = %self.vm, "{how}");
         self.ctx.leave_to_operator(&self.vm, Some(hex(&id)), how);
         true
@@ -638,8 +638,13 @@ impl Session {
                 note = format!("{note}; INCIDENT: {reason}");
             }
             commit.set_note(note);
-            let rest = commit.drain(&ctx)?;
-            debug_assert!(rest.is_empty(), "{rest:?}");
+            // The session's failure is the error; one of the journal's is logged beside it.
+            match commit.drain(&ctx) {
+                Ok(rest) => debug_assert!(rest.is_empty(), "{rest:?}"),
+                Err(j) => {
+                    error!(order = %hex(&id), vm = %self.vm, "the VM runs here, but DONE could not be journalled: {j}")
+                }
+            }
             return Err(e);
         }
         // DONE.

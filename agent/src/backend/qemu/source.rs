@@ -289,6 +289,10 @@ async fn transfer(
     // migration; from this reading on, `follow` keeps up with them.
     vm.qmp.take_events();
     vm.held = !vm.qmp.query_status().await?.running;
+    // Journalled now if it changed since the claim, as every later change is (`journal_hold`).
+    if vm.held != vm.paused_at_claim {
+        link.hands_over(vm.held)?;
+    }
     // Events dropped before this reading are in it already.
     let dropped = vm.qmp.dropped_events();
     let switch = Switch::choose(!vm.mirror_disks.is_empty(), !vm.held);
@@ -300,7 +304,7 @@ async fn transfer(
         sealer,
         opener,
     );
-    let mut seen = Seen::new(switch, (vm.held, vm.paused_at_claim));
+    let mut seen = Seen::new(switch, (vm.held, vm.held));
     seen.dropped = dropped;
     // QEMU answers no QMP command during its stop-and-copy (it holds its big lock until the
     // last byte is sent): a look at QEMU waits as long as the streams move (spec/qemu.md §4).
@@ -990,7 +994,7 @@ struct Seen {
 
 impl Seen {
     /// Nothing seen yet; `held`: `QemuSource::held` as QEMU starts migrating, and whether the
-    /// claim journalled the guest paused.
+    /// journal says the guest is paused now.
     fn new(switch: Switch, (held, journalled_paused): (bool, bool)) -> Self {
         Self {
             switch,
@@ -1063,9 +1067,14 @@ impl Seen {
             }
             _ => return Ok(()),
         }
-        // Journalled at once, not only at the switch-over: in `Stop` mode QEMU may switch over
-        // before the agent looks again, and an agent that dies then is restarted to a
-        // `postmigrate` QEMU that no longer tells whether the guest was held.
+        self.journal_hold(link)
+    }
+
+    /// Journal whether the guest is held, if that changed, before the switch-over: at once,
+    /// not only at the switch-over, because in `Stop` mode QEMU may switch over before the
+    /// agent looks again, and an agent that dies then is restarted to a `postmigrate` QEMU that
+    /// no longer tells whether the guest was held.
+    fn journal_hold(&mut self, link: &SourceLink<'_>) -> Result<(), AgentError> {
         if self.paused_at.is_none() && self.held != self.journalled_paused {
             link.hands_over(self.held)?;
             self.journalled_paused = self.held;
@@ -1131,6 +1140,7 @@ async fn look_at(
     let m = qmp.query_migrate().await?;
     // Again for what the look itself may have dropped, before it acts on the switch-over.
     seen.resync_if_events_dropped(qmp).await?;
+    seen.journal_hold(link)?;
     let queued_stop = stop_mode_switch_over(qmp, link, seen).await?;
     match m.status() {
         MigrationStatus::PreSwitchover if seen.paused_at.is_none() => {
