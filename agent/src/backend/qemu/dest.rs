@@ -578,3 +578,34 @@ async fn wait_loaded(qmp: &mut Qmp, timeout: Duration) -> Result<(), AgentError>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A destination QEMU that failed its load and is still there (QEMU 7.2 exits instead,
+    /// `qemu_an_incoming_qemu_whose_load_fails_exits`, so only a fake QEMU reaches this) is
+    /// named by its `error-desc`; one still loading leaves the write's own error as it was.
+    #[tokio::test]
+    async fn a_failed_load_is_named_by_qemus_reason() {
+        for (status, named) in [
+            (
+                "failed",
+                "failed to load the stream: Unknown savevm section type 5",
+            ),
+            ("active", "writing to QEMU failed"),
+        ] {
+            let (_dir, path) = super::super::tests::fake_qmp(move |command, _| {
+                (command == "query-migrate").then(|| {
+                    serde_json::json!({"return": {"status": status, "error-desc": "Unknown savevm section type 5"}})
+                })
+            });
+            let mut qmp = Qmp::connect(&path, Duration::from_secs(5))
+                .await
+                .expect("qmp");
+            let write = AgentError::transport(Link::QemuStream, "writing to QEMU failed");
+            let e = load_failure(&mut qmp, "vm", write).await.to_string();
+            assert!(e.contains(named), "{status}: {e}");
+        }
+    }
+}
