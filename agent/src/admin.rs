@@ -350,24 +350,50 @@ fn read_cbor<T>(
     })
 }
 
-/// Enrollment by files, step 1 on the agent's host: write its request to `out`.
-pub fn enroll_request_file(agent_home: &Home, out: &Path) -> Result<(), AgentError> {
-    let req = enroll_request(agent_home)?;
-    crate::home::write_atomic(out, &req.to_cbor())
+/// The SHA-256 of a request's EK certificate, hex: what the operator compares between the
+/// agent's host and the verifier's. The certificate chains to a TPM vendor, not to this host:
+/// a request swapped on its way for one from another machine with a genuine TPM would enroll
+/// that machine's AK for this agent, unless the operator checks the EK is this host's.
+pub fn ek_fingerprint(req: &EnrollRequest) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, &req.ek_cert))
 }
 
-/// Step 2 on the verifier's host: check the request against the EK CA in `ek_ca`, keep the
-/// pending secret in the trust store (0600; a newer challenge replaces an older one), and
-/// write the challenge to `out`.
+/// Enrollment by files, step 1 on the agent's host: write its request to `out`; returns it
+/// (its EK fingerprint is for the operator to carry to the verifier's host).
+pub fn enroll_request_file(agent_home: &Home, out: &Path) -> Result<EnrollRequest, AgentError> {
+    let req = enroll_request(agent_home)?;
+    crate::home::write_atomic(out, &req.to_cbor())?;
+    Ok(req)
+}
+
+/// Step 2 on the verifier's host: check the request against the EK CA in `ek_ca` and, when
+/// given, its EK certificate against the fingerprint `ek_sha256` the agent's host printed;
+/// keep the pending secret in the trust store (0600; a newer challenge replaces an older one),
+/// and write the challenge to `out`. Returns the request.
 pub fn enroll_challenge_files(
     verifier_home: &Home,
     request: &Path,
     ek_ca: &Path,
+    ek_sha256: Option<&str>,
     out: &Path,
-) -> Result<(), AgentError> {
+) -> Result<EnrollRequest, AgentError> {
     let req = read_cbor(request, |b| {
         EnrollRequest::from_cbor(b).map_err(|e| e.to_string())
     })?;
+    if let Some(want) = ek_sha256 {
+        let want = hex::encode(crate::identity::parse_hex32(
+            want,
+            "EK certificate SHA-256",
+            Path::new("--ek-sha256"),
+        )?);
+        let got = ek_fingerprint(&req);
+        if got != want {
+            return Err(AgentError::BadConfig {
+                path: request.to_path_buf(),
+                reason: format!("its EK certificate's SHA-256 is {got}, not {want} (--ek-sha256): this request is not from the TPM of the host you meant; do not enroll it (was it swapped on its way?)"),
+            });
+        }
+    }
     let pem = crate::home::read_text(ek_ca)?;
     let (challenge, pending) = enroll_challenge(verifier_home, &req, &pem)?;
     let p = pending_path(verifier_home, &req.agent);
@@ -376,7 +402,8 @@ pub fn enroll_challenge_files(
     }
     let _ = std::fs::remove_file(&p);
     crate::home::write_secret(&p, &pending.dangerous_to_cbor())?;
-    crate::home::write_atomic(out, &challenge.to_cbor())
+    crate::home::write_atomic(out, &challenge.to_cbor())?;
+    Ok(req)
 }
 
 /// Step 3 on the agent's host: its TPM unwraps the challenge; the response goes to `out`

@@ -439,6 +439,10 @@ pub(crate) enum AttestCmd {
         /// PEM file of the CA(s) that issue EK certificates.
         #[arg(long)]
         ek_ca: PathBuf,
+        /// The EK certificate SHA-256 that `enroll-request` printed on the agent's host: a
+        /// request whose EK differs (one swapped on its way) is refused.
+        #[arg(long, value_name = "HEX")]
+        ek_sha256: Option<String>,
         /// Challenge file to write.
         #[arg(long)]
         out: PathBuf,

@@ -535,14 +535,40 @@ fn attest(a: AttestCmd) -> Result<(), AgentError> {
             )?);
         }
         AttestCmd::EnrollRequest { home, out } => {
-            admin::enroll_request_file(&Home::at(home.home), &out)?;
+            let req = admin::enroll_request_file(&Home::at(home.home), &out)?;
+            println!(
+                "wrote {} for agent {}\nEK certificate SHA-256: {}\n(carry this to the verifier's host: `enroll-challenge --ek-sha256` checks the request is this TPM's)",
+                out.display(),
+                hex::encode(req.agent),
+                admin::ek_fingerprint(&req)
+            );
         }
         AttestCmd::EnrollChallenge {
             home,
             request,
             ek_ca,
+            ek_sha256,
             out,
-        } => admin::enroll_challenge_files(&Home::at(home.home), &request, &ek_ca, &out)?,
+        } => {
+            let req = admin::enroll_challenge_files(
+                &Home::at(home.home),
+                &request,
+                &ek_ca,
+                ek_sha256.as_deref(),
+                &out,
+            )?;
+            let checked = if ek_sha256.is_some() {
+                "as given"
+            } else {
+                "not checked: compare it with what `enroll-request` printed on the agent's host"
+            };
+            println!(
+                "wrote {} for agent {}\nEK certificate SHA-256: {} ({checked})",
+                out.display(),
+                hex::encode(req.agent),
+                admin::ek_fingerprint(&req)
+            );
+        }
         AttestCmd::EnrollActivate {
             home,
             challenge,

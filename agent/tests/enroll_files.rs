@@ -175,3 +175,100 @@ fn four_step_enrollment_trusts_the_ak_and_refuses_a_wrong_response() {
         "{out}"
     );
 }
+
+/// A request swapped on its way for one from another machine whose TPM chains to the same
+/// trusted vendor CA passes every check of the certificate; the EK fingerprint that
+/// `enroll-request` printed on the agent's host, given to `enroll-challenge`, refuses it.
+#[test]
+fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
+    let ca = LocalCa::new().expect("local CA");
+    let tpms: Vec<Swtpm> = match (0..3).map(|_| Swtpm::start_manufactured(&ca)).collect() {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "swtpm is required in CI: {e}"
+            );
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let f = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    for (name, tpm) in ["a", "b", "rogue"].iter().zip(&tpms) {
+        ok(&["init", "--home", &f(name), "--tcti", &tpm.tcti()]);
+    }
+    std::fs::write(f("ca.pem"), ca.certificates_pem().unwrap()).unwrap();
+    let printed = ok(&[
+        "attest",
+        "enroll-request",
+        "--home",
+        &f("a"),
+        "--out",
+        &f("a.req"),
+    ]);
+    let fingerprint = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("EK certificate SHA-256: "))
+        .unwrap_or_else(|| panic!("no fingerprint printed: {printed}"))
+        .to_string();
+    ok(&[
+        "attest",
+        "enroll-request",
+        "--home",
+        &f("rogue"),
+        "--out",
+        &f("rogue.req"),
+    ]);
+    let challenge = |request: &str, out: &str| {
+        trustmig(&[
+            "attest",
+            "enroll-challenge",
+            "--home",
+            &f("b"),
+            "--request",
+            &f(request),
+            "--ek-ca",
+            &f("ca.pem"),
+            "--ek-sha256",
+            &fingerprint,
+            "--out",
+            &f(out),
+        ])
+    };
+    let (good, out) = challenge("rogue.req", "rogue.chal");
+    assert!(
+        !good
+            && out.contains("not from the TPM of the host you meant")
+            && out.contains(&fingerprint),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("rogue.chal").exists(),
+        "no challenge written"
+    );
+    let (good, out) = challenge("a.req", "a.chal");
+    assert!(
+        good && out.contains(&format!("{fingerprint} (as given)")),
+        "{out}"
+    );
+    // A fingerprint that is not 32 bytes of hex is named as such.
+    let (good, out) = trustmig(&[
+        "attest",
+        "enroll-challenge",
+        "--home",
+        &f("b"),
+        "--request",
+        &f("a.req"),
+        "--ek-ca",
+        &f("ca.pem"),
+        "--ek-sha256",
+        "abc",
+        "--out",
+        &f("x.chal"),
+    ]);
+    assert!(
+        !good && out.contains("--ek-sha256") && out.contains("EK certificate SHA-256"),
+        "{out}"
+    );
+}
