@@ -273,7 +273,7 @@ impl Session {
         let mut hs = DestinationHandshake::new(
             DestinationConfig {
                 operators: ctx.operators()?,
-                now: crate::unix_now(),
+                now: (ctx.journal.lock().expect("journal lock")).order_clock(crate::unix_now()),
             },
             channel,
             crate::random(),

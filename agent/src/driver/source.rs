@@ -189,7 +189,7 @@ fn verified(ctx: &Ctx, order_hex: &str) -> Result<VerifiedOrder, AgentError> {
         operators: &ctx.operators()?,
         me: ctx.identity.id(),
         role: Role::Source,
-        now: crate::unix_now(),
+        now: (ctx.journal.lock().expect("journal lock")).order_clock(crate::unix_now()),
     })?;
     // The order pins the destination's identity; this agent must trust it as a peer too, so
     // that removing a peer (`trust remove-peer`) stops migrations to it at once (SPEC.md §3.4).

@@ -402,6 +402,11 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let last = format!("{:032x}", MIN_DROPPED_LINES - 1);
+        // A clock set back into their window does not make the forgotten orders valid again:
+        // orders are checked against the journal's floor, past their window and skew.
+        assert!(j.order_clock(old) > old + MAX_CLOCK_SKEW);
+        let now = crate::unix_now();
+        assert_eq!(j.order_clock(now), now, "a right clock is the order clock");
         assert_eq!(j.latest.len(), 1, "only the VM's last order stays");
         assert!(j.latest.contains_key(&last));
         let on_disk = std::fs::read_to_string(&path).unwrap();

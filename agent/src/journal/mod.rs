@@ -376,6 +376,17 @@ impl Journal {
         self.audit.stop_anchoring()
     }
 
+    /// The time an order's window is checked against (SPEC.md §3.4): the clock, but never more
+    /// than `compact::RETENTION_SECS` before the journal's newest record. Compaction forgets an
+    /// order's id once its window closed that long ago; with the clock set back further (an
+    /// unauthenticated time source, say), that order would be in its window again and its id
+    /// unknown: a replay. Only a clock set back by more than the retention is overruled; one that
+    /// ran ahead leaves its records' times as a floor for at most as long.
+    pub fn order_clock(&self, clock: u64) -> u64 {
+        let newest = self.latest.values().map(|r| r.at).max().unwrap_or(0);
+        clock.max(newest.saturating_sub(compact::RETENTION_SECS))
+    }
+
     /// Whether appends are refused: one failed and could not be cut back, so its record may be
     /// in the file, and the next start replays it (what a restart holds is then unknown here).
     pub fn is_broken(&self) -> bool {
