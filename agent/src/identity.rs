@@ -152,7 +152,8 @@ pub fn parse_hex32(text: &str, what: &'static str, path: &Path) -> Result<[u8; 3
 
 /// Generate an operator signing key: secret seed (hex, 0600) at `path`, public key at `path.pub`.
 pub fn operator_keygen(path: &Path) -> Result<[u8; 32], AgentError> {
-    let seed = Zeroizing::new(crate::random::<32>());
+    let mut seed = Zeroizing::new([0u8; 32]);
+    crate::fill_random(&mut *seed);
     let key = ed25519_dalek::SigningKey::from_bytes(&seed);
     let public = key.verifying_key().to_bytes();
     write_secret(

@@ -52,12 +52,18 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// `n` fresh random bytes from the OS.
+/// `n` fresh random bytes from the OS (for what is not secret: returned by value, copies of
+/// them may stay behind; a secret is drawn into its own place with [`fill_random`]).
 pub fn random<const N: usize>() -> [u8; N] {
-    use ring::rand::SecureRandom;
     let mut b = [0u8; N];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .expect("the OS random number generator is available");
+    fill_random(&mut b);
     b
+}
+
+/// Fill `buf` with fresh random bytes from the OS, in place.
+pub fn fill_random(buf: &mut [u8]) {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .expect("the OS random number generator is available");
 }

@@ -160,7 +160,8 @@ impl SourceChannel {
         };
         // The seed of the session's final-signature key: fresh, used once, zeroized here
         // (the key itself is zeroized by ed25519-dalek when the session drops it).
-        let seed = zeroize::Zeroizing::new(crate::random::<32>());
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        crate::fill_random(&mut *seed);
         let (mut hs, hello) = SourceHandshake::start(
             order.clone(),
             channel,
