@@ -500,3 +500,28 @@ fn a_hello_altered_within_its_rules_breaks_key_confirmation() {
         "{r:?}"
     );
 }
+
+/// A source that attests, quotes and sends a manifest of another VM than its order names (a
+/// genuine agent's own quote: the manifest root matches) is refused by the destination, which
+/// would otherwise take the wrong VM's disks and stream under this order.
+#[test]
+fn an_attested_manifest_of_another_vm_is_refused() {
+    let r = run(
+        Setup {
+            manifest: ImageManifest {
+                vm: "other".into(),
+                ..manifest()
+            },
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    );
+    assert!(
+        matches!(
+            &r,
+            Err(Failed::Destination(Error::PeerMisbehaved(PeerMisbehaved::BadField(f))))
+                if f.contains("manifest is for VM \"other\", the order for \"vm-1\"")
+        ),
+        "{r:?}"
+    );
+}

@@ -821,3 +821,74 @@ fn the_switch_over_asks_nothing_of_the_tpm_unless_strict() {
     let strict = sm.handle(&challenge, &mut NoTpm).unwrap_err().to_string();
     assert!(strict.contains("the TPM was asked"), "{strict}");
 }
+
+/// Record counts that disagree: a source that announces more (or fewer) records per stream
+/// than arrived (a stream cut after its last whole record, records dropped on the way and the
+/// count forged to match nothing) is refused before any challenge, naming both counts; and
+/// one that announces another number of streams too. Nothing commits.
+#[test]
+fn record_counts_that_disagree_are_refused_before_the_challenge() {
+    let (_, d) = sessions();
+    for (announced, received) in [
+        (vec![5, 3], vec![5, 2]),
+        (vec![5, 3], vec![6, 3]),
+        (vec![5], vec![5, 0]),
+    ] {
+        let mut dm = DestMigration::new(&d);
+        let so = Message::SwitchOver {
+            stream_records: announced.clone(),
+            paused: false,
+        }
+        .encode();
+        dm.handle(&so, &verifier()).expect("await streams");
+        let e = dm
+            .streams_complete(&received, DIGEST, [1; 32])
+            .expect_err("counts disagree");
+        assert!(
+            matches!(&e, Error::PeerMisbehaved(PeerMisbehaved::BadField(f))
+                if f.contains(&format!("{announced:?}")) && f.contains(&format!("{received:?}"))),
+            "{e:?}"
+        );
+        assert_ne!(dm.outcome_on_failure(), Outcome::Committed);
+    }
+}
+
+/// A data stream recorded from one session and replayed into the next (same agents, same
+/// order and channel; only the destination's fresh nonce differs) opens nothing: its first
+/// record fails authentication under the new session's keys, for every stream and both
+/// directions, and the new session's own records open.
+#[test]
+fn a_stream_recorded_in_one_session_opens_nothing_in_the_next() {
+    let (old_src, _) = sessions();
+    let (new_src, new_dst) = run(
+        Setup {
+            dst_nonce: [0xBC; 32],
+            ..Setup::default()
+        },
+        &mut MemoryJournal::default(),
+    )
+    .expect("handshake");
+    for dir in [
+        Direction::SourceToDestination,
+        Direction::DestinationToSource,
+    ] {
+        for i in 0..new_src.streams {
+            let record = |keys: &trustmig_protocol::keys::KeySchedule| {
+                let mut out = Vec::new();
+                Sealer::new(keys.stream_secret(dir, i), i)
+                    .seal(RecordType::Pages, b"guest pages", &mut out)
+                    .expect("seal");
+                out
+            };
+            let mut recorded = record(&old_src.keys);
+            let mut opener = Opener::new(new_dst.keys.stream_secret(dir, i), i);
+            assert!(opener.open(&mut recorded).is_err(), "{dir:?} stream {i}");
+            let mut fresh = record(&new_src.keys);
+            let mut opener = Opener::new(new_dst.keys.stream_secret(dir, i), i);
+            assert!(
+                opener.open(&mut fresh).is_ok(),
+                "{dir:?} stream {i}: its own"
+            );
+        }
+    }
+}

@@ -246,3 +246,59 @@ fn malformed_orders_are_typed() {
         Err(OrderError::TooLarge(MAX_ORDER_BODY + 1))
     );
 }
+
+/// Signature malleability: the same signature with `S + L` (the group order added: the same
+/// point equation, another encoding) is refused, so an order's bytes have one valid signature.
+#[test]
+fn a_signature_with_a_non_canonical_s_is_refused() {
+    // L = 2^252 + 27742317777372353535851937790883648493, little-endian.
+    const L: [u8; 32] = [
+        0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde,
+        0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+    ];
+    let op = operator();
+    let ops = [op.verifying_key().to_bytes()];
+    let signed = SignedOrder::sign(&body(), &op);
+    let mut s = signed.clone();
+    let mut carry = 0u16;
+    for i in 0..32 {
+        let sum = u16::from(s.sig[32 + i]) + u16::from(L[i]) + carry;
+        s.sig[32 + i] = sum as u8;
+        carry = sum >> 8;
+    }
+    assert_eq!(carry, 0, "S + L fits 256 bits");
+    assert_ne!(s.sig, signed.sig);
+    assert_eq!(
+        s.verify(&policy(Role::Destination, [2; 32], &ops)),
+        Err(OrderError::BadSignature)
+    );
+}
+
+/// A small-order operator key (here the identity point, trusted by mistake) with the
+/// signature `R` = identity, `S` = 0 satisfies the plain ed25519 equation for every message:
+/// anyone could sign any order with it. Strict verification refuses it.
+#[test]
+fn a_small_order_operator_key_signs_nothing() {
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let ops = [identity];
+    let mut sig = vec![0u8; 64];
+    sig[0] = 1;
+    let forged = SignedOrder {
+        body: codec::encode(&body()),
+        operator: identity,
+        sig,
+    };
+    assert_eq!(
+        forged.verify(&policy(Role::Destination, [2; 32], &ops)),
+        Err(OrderError::BadSignature)
+    );
+    // The same with plain (non-strict) verification goes through: what the test guards.
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&identity).unwrap();
+    let sig = ed25519_dalek::Signature::from_slice(&forged.sig).unwrap();
+    let input = [ORDER_SIGNING_CONTEXT, &forged.body].concat();
+    assert!(
+        ed25519_dalek::Verifier::verify(&key, &input, &sig).is_ok(),
+        "the weak key's forgery"
+    );
+}

@@ -61,6 +61,8 @@ pub struct Setup {
     pub dst_nonce: [u8; 32],
     pub tamper_s2d: Box<dyn FnMut(usize, Vec<u8>) -> Vec<u8>>,
     pub tamper_d2s: Box<dyn FnMut(usize, Vec<u8>) -> Vec<u8>>,
+    /// What the source attests and sends as its image manifest.
+    pub manifest: ImageManifest,
 }
 
 impl Default for Setup {
@@ -76,6 +78,7 @@ impl Default for Setup {
             dst_nonce: [0xBB; 32],
             tamper_s2d: Box::new(|_, m| m),
             tamper_d2s: Box::new(|_, m| m),
+            manifest: manifest(),
         }
     }
 }
@@ -117,7 +120,7 @@ pub fn run(
         ([0xAA; 32], &[0xAB; 32]),
         mode,
         2,
-        &manifest(),
+        &s.manifest,
     )
     .map_err(Failed::Source)?;
     let mut dst = DestinationHandshake::new(
