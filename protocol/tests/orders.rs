@@ -261,9 +261,9 @@ fn a_signature_with_a_non_canonical_s_is_refused() {
     let signed = SignedOrder::sign(&body(), &op);
     let mut s = signed.clone();
     let mut carry = 0u16;
-    for i in 0..32 {
-        let sum = u16::from(s.sig[32 + i]) + u16::from(L[i]) + carry;
-        s.sig[32 + i] = sum as u8;
+    for (byte, l) in s.sig[32..].iter_mut().zip(L) {
+        let sum = u16::from(*byte) + u16::from(l) + carry;
+        *byte = sum as u8;
         carry = sum >> 8;
     }
     assert_eq!(carry, 0, "S + L fits 256 bits");
