@@ -5,8 +5,11 @@
 //! flood of them would take the descriptors the control socket, the journal and QEMU's sockets
 //! need, and one host could take every place the others need: so there is a cap in all and one
 //! per peer address (per /64 for IPv6, which hands a host a whole /64). Trusted sessions do not
-//! count: a flood cannot shut out the migrations under way, only delay new connections while
-//! it lasts.
+//! count, and an address with a trusted session under way is taken on past the cap in all (its
+//! own cap still holds): a flood from elsewhere, which can fill the cap in all from a few
+//! addresses, cannot shut out the migrations under way, nor the data streams they open right
+//! after their handshake (off-path parties must not end a session, SPEC.md §2.3); it only
+//! delays new peers while it lasts.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +33,8 @@ pub struct Admission {
 struct Held {
     total: usize,
     by_addr: HashMap<IpAddr, usize>,
+    /// Trusted sessions under way, by the address they came from.
+    trusted: HashMap<IpAddr, usize>,
 }
 
 /// Why a connection was not taken on.
@@ -63,7 +68,7 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Result<Slot, Full> {
         let addr = counted_as(addr);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.total >= MAX_PEER_CONNECTIONS {
+        if held.total >= MAX_PEER_CONNECTIONS && !held.trusted.contains_key(&addr) {
             return Err(Full::Total);
         }
         let n = held.by_addr.entry(addr).or_default();
@@ -76,6 +81,40 @@ impl Admission {
             admission: self.clone(),
             addr,
         })
+    }
+}
+
+/// A trusted session from an address, under way: that address is taken on past the cap in
+/// all while this lives.
+pub struct Trusted {
+    admission: Arc<Admission>,
+    addr: IpAddr,
+}
+
+impl Slot {
+    /// The connection proved a trusted peer (its TLS handshake): it no longer counts, and its
+    /// address is taken on past the cap in all while the session lasts.
+    pub fn into_trusted(self) -> Trusted {
+        let trusted = Trusted {
+            admission: self.admission.clone(),
+            addr: self.addr,
+        };
+        let mut held = (self.admission.held.lock()).unwrap_or_else(|e| e.into_inner());
+        *held.trusted.entry(self.addr).or_default() += 1;
+        drop(held);
+        trusted
+    }
+}
+
+impl Drop for Trusted {
+    fn drop(&mut self) {
+        let mut held = (self.admission.held.lock()).unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.trusted.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                held.trusted.remove(&self.addr);
+            }
+        }
     }
 }
 
@@ -98,6 +137,41 @@ mod tests {
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])
+    }
+
+    /// A flood from several addresses fills the cap in all; the address of a trusted session
+    /// under way still gets its data streams in (up to its own cap), until that session ends.
+    #[test]
+    fn a_flood_cannot_shut_out_a_trusted_sessions_streams() {
+        let a = Arc::new(Admission::default());
+        let control = a.admit(ip(200)).expect("the source's control connection");
+        let flood: Vec<Slot> = (0..MAX_PEER_CONNECTIONS - 1)
+            .map(|i| a.admit(ip((i / MAX_PER_ADDRESS) as u8)).expect("flood"))
+            .collect();
+        assert_eq!(
+            a.admit(ip(201)).err(),
+            Some(Full::Total),
+            "a new peer waits"
+        );
+        assert_eq!(a.admit(ip(200)).err(), Some(Full::Total), "not trusted yet");
+        let session = control.into_trusted();
+        // The control connection's place, freed, goes to the flood too.
+        let refill = a.admit(ip(250)).expect("the freed place");
+        let streams: Vec<Slot> = (0..MAX_PER_ADDRESS)
+            .map(|_| a.admit(ip(200)).expect("the trusted session's stream"))
+            .collect();
+        assert_eq!(
+            a.admit(ip(200)).err(),
+            Some(Full::Address),
+            "its own cap holds"
+        );
+        assert_eq!(a.admit(ip(201)).err(), Some(Full::Total));
+        drop(streams);
+        drop(session);
+        assert_eq!(a.admit(ip(200)).err(), Some(Full::Total), "session over");
+        drop((flood, refill));
+        assert!(a.admit(ip(201)).is_ok());
+        assert!(a.held.lock().unwrap().trusted.is_empty());
     }
 
     #[test]

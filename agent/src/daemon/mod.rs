@@ -171,8 +171,9 @@ async fn peer_connection(
         return Ok(());
     }
     if first[0] == 0x16 {
-        // Authenticated, the session no longer counts against the unauthenticated ones.
-        return crate::driver::destination::serve(ctx, sock, move || drop(slot)).await;
+        // Authenticated, the session no longer counts against the unauthenticated ones, and
+        // its address's data streams get in past a flood from elsewhere.
+        return crate::driver::destination::serve(ctx, sock, move || slot.into_trusted()).await;
     }
     // A data stream: its preamble names the session. Unknown sessions are dropped quietly;
     // an unauthenticated connection must not be able to disturb a session.

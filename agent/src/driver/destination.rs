@@ -41,13 +41,14 @@ type Frames = mpsc::Receiver<Result<Vec<u8>, WireError>>;
 /// Serve one incoming TLS control connection; `authenticated` runs once the TLS handshake
 /// proved the peer a trusted agent (the listener then stops counting the connection against
 /// unauthenticated ones).
-pub async fn serve(
+pub async fn serve<G>(
     ctx: Arc<Ctx>,
     tcp: TcpStream,
-    authenticated: impl FnOnce(),
+    authenticated: impl FnOnce() -> G,
 ) -> Result<(), AgentError> {
     let (tls, exporter, peer) = accept(&ctx, tcp).await?;
-    authenticated();
+    // Held for the session (the listener's admission of its address's streams).
+    let _authenticated = authenticated();
     let (rd, wr) = tokio::io::split(tls);
     let mut s = Session {
         ctx: ctx.clone(),
