@@ -124,6 +124,7 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
     }
     out.push(audit_trail(home).await);
     out.push(clock());
+    out.push(order_clock(home));
     for (name, addr) in peers {
         out.push(match &identity {
             Some(me) => peer(me, trusted.as_ref(), name, addr).await,
@@ -459,6 +460,19 @@ fn qemu_img(vm: &str, q: &crate::config::QemuVm) -> Option<Check> {
             "apt install qemu-utils",
         ),
     })
+}
+
+/// Whether orders are checked against this host's clock, or the journal overrules it (its
+/// newest record more than a week ahead: a clock set back, or one that was ahead then).
+fn order_clock(home: &Home) -> Check {
+    match crate::journal::clock_overruled_in(&home.journal_dir(), crate::unix_now()) {
+        None => check(Level::Ok, "orders are checked against this host's clock", ""),
+        Some(why) => check(
+            Level::Warn,
+            format!("order clock: {why}"),
+            "set the clock right (NTP); if it is right now and was ahead when that record was written, orders can start once it passes that time",
+        ),
+    }
 }
 
 fn clock() -> Check {

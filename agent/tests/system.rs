@@ -2161,3 +2161,70 @@ fn metrics_are_scraped_during_and_after_migrations() {
         "{e}"
     );
 }
+
+/// SPEC.md §3.4: orders are checked against the journal's clock floor, never more than the
+/// retention week before its newest record, so that a clock set back cannot make an order the
+/// journal compacted away valid again. A journal whose newest record is eight days ahead of
+/// the clock (as a clock set back leaves it): on the source, an order signed now is refused
+/// there, saying why; on the destination, its handshake refuses the order and its log says why.
+#[test]
+fn orders_are_checked_against_the_journals_clock_floor() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let ahead = trustmig_agent::unix_now() + 8 * 24 * 3600;
+    let line = serde_json::json!({
+        "order_id": format!("{:032x}", 0xfeed),
+        "role": "source",
+        "vm": "elsewhere",
+        "state": "done",
+        "not_after": ahead,
+        "at": ahead,
+        "note": "written with the clock ahead",
+    })
+    .to_string()
+        + "\n";
+    let rt = rt();
+    for ahead_on in [0, 1] {
+        let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+        let home = [&pair.src, &pair.dst][ahead_on].clone();
+        std::fs::create_dir_all(home.journal_dir()).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.journal_file())
+            .unwrap();
+        std::io::Write::write_all(&mut f, line.as_bytes()).unwrap();
+        drop(f);
+        pair.start_both().unwrap();
+        let order = pair
+            .order("v", limits(300, 10, NonConvergence::Force), 600)
+            .unwrap();
+        let e = failed(migrate(&rt, &pair, &order));
+        let why = "the journal's newest record was written at";
+        assert!(
+            e.contains("expired"),
+            "{ahead_on}: {e}\n{}",
+            pair.log_tails(10)
+        );
+        let said = if ahead_on == 0 {
+            e.clone()
+        } else {
+            pair.log_tails(40)
+        };
+        assert!(
+            said.contains(why),
+            "{ahead_on}: {e}\n{}",
+            pair.log_tails(20)
+        );
+        // `doctor` on that host says so too.
+        let (_, text) = cli(&home, &["doctor"]);
+        assert!(
+            text.contains("order clock: this host's clock reads"),
+            "{text}"
+        );
+        // The VM stays on the source, running; nothing of it on the destination.
+        assert_rolled_back(&rt, &pair, "v");
+    }
+}

@@ -248,7 +248,8 @@ fn malformed_orders_are_typed() {
 }
 
 /// Signature malleability: the same signature with `S + L` (the group order added: the same
-/// point equation, another encoding) is refused, so an order's bytes have one valid signature.
+/// point equation, another encoding) is refused, so an order's bytes have one valid signature
+/// (ed25519-dalek refuses S ≥ L in plain verification too; this pins it, whichever is used).
 #[test]
 fn a_signature_with_a_non_canonical_s_is_refused() {
     // L = 2^252 + 27742317777372353535851937790883648493, little-endian.

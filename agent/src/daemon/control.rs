@@ -68,7 +68,8 @@ const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// that closing with it unread does not reset the connection and lose the reply; then one line.
 async fn refuse_busy(sock: UnixStream) {
     let (rd, mut wr) = sock.into_split();
-    let mut rd = BufReader::new(rd.take(MAX_REQUEST));
+    // A request line is a few KiB; one longer is cut, and its rest may reset the reply.
+    let mut rd = BufReader::new(rd.take(64 << 10));
     let mut request = Vec::new();
     let _ = tokio::time::timeout(REFUSAL_WAIT, rd.read_until(b'\n', &mut request)).await;
     let why = format!(
@@ -286,7 +287,8 @@ fn revoke(ctx: &Ctx, order_hex: &str) -> Result<String, AgentError> {
         operators: &ctx.operators()?,
         me,
         role,
-        now: crate::unix_now(),
+        // As a migration would check it: an order past the journal's floor is expired too.
+        now: (ctx.journal.lock().expect("journal lock")).order_clock(crate::unix_now()),
     };
     match signed.verify(&policy) {
         Ok(_) => {}

@@ -271,10 +271,18 @@ impl Session {
             local: ctx.identity.id(),
             peer,
         };
+        let clock = crate::unix_now();
+        let (now, overruled) = {
+            let journal = ctx.journal.lock().expect("journal lock");
+            (journal.order_clock(clock), journal.clock_overruled(clock))
+        };
+        if let Some(why) = overruled {
+            warn!(peer = %hex(&peer), "{why}");
+        }
         let mut hs = DestinationHandshake::new(
             DestinationConfig {
                 operators: ctx.operators()?,
-                now: (ctx.journal.lock().expect("journal lock")).order_clock(crate::unix_now()),
+                now,
             },
             channel,
             crate::random(),

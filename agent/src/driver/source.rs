@@ -13,7 +13,9 @@ use tracing::{debug, error, info};
 use trustmig_protocol::commit::{Input, Output, Signal};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::{SourceEvent, SourceMigration};
-use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
+use trustmig_protocol::order::{
+    hex, OrderError, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder,
+};
 use trustmig_protocol::settlement::{NotHeld, VmAction};
 
 use crate::attestation::SharedTpm;
@@ -185,12 +187,24 @@ fn verified(ctx: &Ctx, order_hex: &str) -> Result<VerifiedOrder, AgentError> {
     let bytes = hex::decode(order_hex.trim())
         .map_err(|e| AgentError::Usage(format!("order is not hex: {e}")))?;
     let signed = SignedOrder::from_cbor(&bytes)?;
-    let order = signed.verify(&OrderPolicy {
-        operators: &ctx.operators()?,
-        me: ctx.identity.id(),
-        role: Role::Source,
-        now: (ctx.journal.lock().expect("journal lock")).order_clock(crate::unix_now()),
-    })?;
+    let clock = crate::unix_now();
+    let (now, overruled) = {
+        let journal = ctx.journal.lock().expect("journal lock");
+        (journal.order_clock(clock), journal.clock_overruled(clock))
+    };
+    let order = signed
+        .verify(&OrderPolicy {
+            operators: &ctx.operators()?,
+            me: ctx.identity.id(),
+            role: Role::Source,
+            now,
+        })
+        .map_err(|e| match (e, overruled) {
+            (e @ OrderError::Expired { .. }, Some(why)) => {
+                AgentError::Refused(format!("order refused: {e}: {why}"))
+            }
+            (e, _) => e.into(),
+        })?;
     // The order pins the destination's identity; this agent must trust it as a peer too, so
     // that removing a peer (`trust remove-peer`) stops migrations to it at once (SPEC.md §3.4).
     let destination = &order.body().destination;

@@ -11,7 +11,8 @@
 //!   were journalled without one, and stay);
 //! - no VM's memory rests on it: it wrote neither the record that last moved a VM nor the
 //!   last record about one (what a restart does with each VM is decided from those), nor the
-//!   journal's last change of state (the audit trail must end with it).
+//!   journal's last change of state (the audit trail must end with it), nor its newest record
+//!   (the floor of the clock orders are checked against, `Journal::order_clock`).
 //!
 //! An order committed here as destination is never forgotten: its source may ask about it at
 //! any time, however late, and must hear "committed" (an id unknown here is answered "not
@@ -64,6 +65,9 @@ enum Fate {
 fn fates(replayed: &Replay, now: u64) -> HashMap<&str, Fate> {
     let mut needed: HashSet<&str> = replayed.vms.needed().map(String::as_str).collect();
     needed.extend(replayed.last_change.as_ref().map(|r| r.order_id.as_str()));
+    // The newest record's time is the floor of the clock orders are checked against
+    // (`Journal::order_clock`): its order stays whole, so the floor does not move back.
+    needed.extend(replayed.newest.as_ref().map(|(_, o)| o.as_str()));
     (replayed.latest.values())
         .filter(|r| {
             matches!(

@@ -176,6 +176,8 @@ struct Replay {
     torn_at: Option<u64>,
     /// Each whole line's order id and byte range in the text, in order.
     lines: Vec<(String, std::ops::Range<usize>)>,
+    /// The latest time any line was written at, and its order (`Journal::order_clock`).
+    newest: Option<(u64, String)>,
 }
 
 impl Replay {
@@ -204,6 +206,9 @@ impl Replay {
                     }
                     out.lines
                         .push((r.order_id.clone(), offset..offset + line.len()));
+                    if out.newest.as_ref().is_none_or(|(at, _)| r.at >= *at) {
+                        out.newest = Some((r.at, r.order_id.clone()));
+                    }
                     out.latest.insert(r.order_id.clone(), r);
                 }
                 Err(e) => {
@@ -236,6 +241,8 @@ pub struct Journal {
     /// a running agent tries again once `MIN_DROPPED_LINES` more were written.
     lines: usize,
     lines_after_compaction: usize,
+    /// The latest time any record was written at (`order_clock`).
+    newest_at: u64,
     /// This process's hold on the journal (`LOCK`), for as long as it has it open.
     _lock: File,
 }
@@ -266,6 +273,30 @@ pub(crate) fn lock(dir: &Path) -> Result<File, AgentError> {
     Ok(file)
 }
 
+/// `Journal::order_clock` of a journal whose newest record was written at `newest_at`.
+fn order_clock(newest_at: u64, clock: u64) -> u64 {
+    clock.max(newest_at.saturating_sub(compact::RETENTION_SECS))
+}
+
+/// `Journal::clock_overruled` of a journal whose newest record was written at `newest_at`.
+fn clock_overruled(newest_at: u64, clock: u64) -> Option<String> {
+    let floor = order_clock(newest_at, clock);
+    (floor > clock).then(|| {
+        format!(
+            "this host's clock reads {clock} (UNIX time), but the journal's newest record was written at {newest_at}: orders are checked against {floor}, a week before it, so that a clock set back cannot make an order the journal forgot valid again (SPEC.md §3.4); if the clock was ahead when that record was written, orders are refused until it passes {floor}"
+        )
+    })
+}
+
+/// What `Journal::clock_overruled` says of the journal in `dir`, read without taking it (a
+/// running agent holds it): for `doctor`. `None` also when there is no journal to read.
+pub fn clock_overruled_in(dir: &Path, clock: u64) -> Option<String> {
+    let path = dir.join(FILE);
+    let text = fs::read_to_string(&path).ok()?;
+    let (newest_at, _) = Replay::of(&text, &path).ok()?.newest?;
+    clock_overruled(newest_at, clock)
+}
+
 impl Journal {
     /// Open (or create) the journal in `dir` and replay it; compact it first when enough of
     /// it is no longer needed (`compact.rs`).
@@ -287,6 +318,7 @@ impl Journal {
             vms,
             last_change,
             torn_at,
+            newest,
             ..
         } = replayed;
         let file = AppendLog::open(&path, torn_at)?;
@@ -303,6 +335,7 @@ impl Journal {
             audit: crate::audit::Audit::open(dir)?,
             lines,
             lines_after_compaction: 0,
+            newest_at: newest.map_or(0, |(at, _)| at),
             _lock: lock,
         };
         journal.audit_catch_up(last_change)?;
@@ -383,8 +416,13 @@ impl Journal {
     /// unknown: a replay. Only a clock set back by more than the retention is overruled; one that
     /// ran ahead leaves its records' times as a floor for at most as long.
     pub fn order_clock(&self, clock: u64) -> u64 {
-        let newest = self.latest.values().map(|r| r.at).max().unwrap_or(0);
-        clock.max(newest.saturating_sub(compact::RETENTION_SECS))
+        order_clock(self.newest_at, clock)
+    }
+
+    /// Why orders are not checked against `clock` (`order_clock` overrules it), for a refusal
+    /// to say; `None` when they are.
+    pub fn clock_overruled(&self, clock: u64) -> Option<String> {
+        clock_overruled(self.newest_at, clock)
     }
 
     /// Whether appends are refused: one failed and could not be cut back, so its record may be
@@ -411,6 +449,7 @@ impl Journal {
         }
         self.file.append(&line)?;
         self.lines += 1;
+        self.newest_at = self.newest_at.max(r.at);
         if prev != Some(r.state) {
             if let Err(e) = self.audit.record(audit_of(&r, "")) {
                 tracing::error!("could not write the audit trail: {e}");
