@@ -271,11 +271,8 @@ impl Session {
             local: ctx.identity.id(),
             peer,
         };
-        let clock = crate::unix_now();
-        let (now, overruled) = {
-            let journal = ctx.journal.lock().expect("journal lock");
-            (journal.order_clock(clock), journal.clock_overruled(clock))
-        };
+        let (now, overruled) =
+            (ctx.journal.lock().expect("journal lock")).order_time(crate::unix_now());
         if let Some(why) = overruled {
             warn!(peer = %hex(&peer), "{why}");
         }

@@ -187,11 +187,8 @@ fn verified(ctx: &Ctx, order_hex: &str) -> Result<VerifiedOrder, AgentError> {
     let bytes = hex::decode(order_hex.trim())
         .map_err(|e| AgentError::Usage(format!("order is not hex: {e}")))?;
     let signed = SignedOrder::from_cbor(&bytes)?;
-    let clock = crate::unix_now();
-    let (now, overruled) = {
-        let journal = ctx.journal.lock().expect("journal lock");
-        (journal.order_clock(clock), journal.clock_overruled(clock))
-    };
+    let (now, overruled) =
+        (ctx.journal.lock().expect("journal lock")).order_time(crate::unix_now());
     let order = signed
         .verify(&OrderPolicy {
             operators: &ctx.operators()?,

@@ -419,10 +419,13 @@ impl Journal {
         order_clock(self.newest_at, clock)
     }
 
-    /// Why orders are not checked against `clock` (`order_clock` overrules it), for a refusal
-    /// to say; `None` when they are.
-    pub fn clock_overruled(&self, clock: u64) -> Option<String> {
-        clock_overruled(self.newest_at, clock)
+    /// The time to check an order against, and why it is not `clock` when the journal
+    /// overrules it (for a refusal or a log line to say).
+    pub fn order_time(&self, clock: u64) -> (u64, Option<String>) {
+        (
+            self.order_clock(clock),
+            clock_overruled(self.newest_at, clock),
+        )
     }
 
     /// Whether appends are refused: one failed and could not be cut back, so its record may be
