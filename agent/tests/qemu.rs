@@ -633,6 +633,16 @@ async fn qemu_migrates_an_idle_guest() {
         summary.timeline
     );
     assert_moved(&mut s, &summary).await;
+    // SPEC.md §8.8: a destination copy that ran and was then stopped by its operator shows
+    // what a loaded copy that never ran shows (`paused`, its incoming migration `completed`,
+    // pinned by `qemu_a_copy_still_to_be_discarded_is_not_sent_on`): QEMU cannot tell them
+    // apart, so the journal must (DONE once it runs).
+    s.dst.qmp().await.expect("qmp").stop().await.expect("stop");
+    assert_eq!(s.dst.status().await.as_deref(), Ok("paused"));
+    assert_eq!(
+        s.dst.migration().await.map(|m| m.status()),
+        Ok(trustmig_qemu::qmp::MigrationStatus::Completed)
+    );
 }
 
 /// The switch-over's signs in a summary's timeline, in order: `STOP seen` (QEMU went straight
