@@ -13,6 +13,7 @@
 //! | `TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT` | the source asks for a settlement after COMMIT, then sends `Commit` (a late `Commit`) |
 //! | `TRUSTMIG_TEST_LOSE_RESUMED` | the destination resumes, then fails before `Resumed` |
 //! | `TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT` | the destination's COMMIT line is written whole, then the write fails and cannot be cut back (a failing disk): the journal refuses appends from then on |
+//! | `TRUSTMIG_TEST_JOURNAL_FAILS_AT_DONE=<n>` | the destination's first n DONE writes fail cleanly (cut back: the file as it was), as on a full disk |
 //! | `TRUSTMIG_TEST_SETTLE_UNANSWERED=<n>` | the first n settlement queries go unanswered |
 //! | `TRUSTMIG_TEST_ALTER_DISK_CHUNK=<k>` | disk chunk k is altered after the source checked it |
 //! | `TRUSTMIG_TEST_ALTER_MIRRORED_IMAGE=1` | the destination alters each copy verified in full before hashing it |
@@ -31,6 +32,8 @@ pub const SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
 pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 /// `TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT`.
 pub const JOURNAL_BREAKS_AT_COMMIT_ENV: &str = "TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT";
+/// `TRUSTMIG_TEST_JOURNAL_FAILS_AT_DONE`.
+pub const JOURNAL_FAILS_AT_DONE_ENV: &str = "TRUSTMIG_TEST_JOURNAL_FAILS_AT_DONE";
 /// `TRUSTMIG_TEST_HAND_OVER_PAUSED`: the source's `SwitchOver` says the guest was paused
 /// before the migration, whatever it was (a peer asking what a synthetic destination cannot do).
 pub const HAND_OVER_PAUSED_ENV: &str = "TRUSTMIG_TEST_HAND_OVER_PAUSED";
@@ -166,6 +169,7 @@ mod on {
         pub settle_before_commit: bool,
         pub lose_resumed: bool,
         pub journal_breaks_at_commit: bool,
+        pub done_failures: AtomicU64,
         pub hand_over_paused: bool,
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
@@ -186,6 +190,11 @@ mod on {
             settle_before_commit: var(SETTLE_BEFORE_COMMIT_ENV).is_some(),
             lose_resumed: var(LOSE_RESUMED_ENV).is_some(),
             journal_breaks_at_commit: var(JOURNAL_BREAKS_AT_COMMIT_ENV).is_some(),
+            done_failures: AtomicU64::new(
+                var(JOURNAL_FAILS_AT_DONE_ENV)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
             hand_over_paused: var(HAND_OVER_PAUSED_ENV).is_some(),
             unanswered: var(SETTLE_UNANSWERED_ENV)
                 .and_then(|v| v.parse().ok())
@@ -278,6 +287,30 @@ pub fn journal_breaks_at(
     return on::faults().journal_breaks_at_commit
         && role == trustmig_protocol::order::Role::Destination
         && state == crate::journal::State::Committed;
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = (role, state);
+        false
+    }
+}
+
+/// The destination's DONE record fails cleanly, as on a full disk (nothing written), while
+/// [`JOURNAL_FAILS_AT_DONE_ENV`]'s count lasts.
+pub fn journal_fails_at(
+    role: trustmig_protocol::order::Role,
+    state: crate::journal::State,
+) -> bool {
+    #[cfg(feature = "fault-injection")]
+    return role == trustmig_protocol::order::Role::Destination
+        && state == crate::journal::State::Done
+        && on::faults()
+            .done_failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
     #[cfg(not(feature = "fault-injection"))]
     {
         let _ = (role, state);

@@ -841,15 +841,7 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     // restart's Resume would run the guest again were its operator to stop it meanwhile. A
     // restart finds nothing to settle.
     let id = hex::encode(order.dangerous_unverified_body().unwrap().order_id);
-    let last = |pair: &Pair| {
-        let journal = std::fs::read_to_string(pair.dst.journal_file()).unwrap();
-        let records: Vec<serde_json::Value> = journal
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|r: &serde_json::Value| r["order_id"] == id.as_str())
-            .collect();
-        (records.len(), records.last().cloned().unwrap())
-    };
+    let last = |pair: &Pair| last_dst_record(pair, &id);
     let (count, record) = last(&pair);
     assert_eq!(record["state"], "done", "{record}");
     assert!(
@@ -862,6 +854,53 @@ fn commit_without_resumed_is_settled_by_asking_the_destination() {
     pair.dst_env.clear();
     pair.start(1).unwrap();
     assert_eq!(last(&pair), (count, record), "a restart settles nothing");
+}
+
+/// How many journal records the destination holds of order `id` (hex), and the last.
+fn last_dst_record(pair: &Pair, id: &str) -> (usize, serde_json::Value) {
+    let journal = std::fs::read_to_string(pair.dst.journal_file()).unwrap();
+    let records: Vec<serde_json::Value> = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["order_id"] == id)
+        .collect();
+    (records.len(), records.last().cloned().unwrap())
+}
+
+/// SPEC.md §8.8: a destination whose DONE record fails (cleanly: a full disk) after its VM
+/// runs writes it again in the background until it lands. Left at COMMIT, the VM could not be
+/// sent on from there and a restart would resume it again.
+#[test]
+fn a_done_record_that_failed_is_written_again() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if swtpm_missing() {
+        return;
+    }
+    let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
+    pair.dst_env = vec![(
+        trustmig_agent::fault::JOURNAL_FAILS_AT_DONE_ENV.into(),
+        "3".into(),
+    )];
+    pair.start_both().unwrap();
+    let rt = rt();
+    let order = pair
+        .order("v", limits(300, 10, NonConvergence::Force), 600)
+        .unwrap();
+    done(migrate(&rt, &pair, &order), &pair);
+    let id = hex::encode(order.dangerous_unverified_body().unwrap().order_id);
+    // The session's try and two more fail; the fourth, 1.75 s later, lands.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let record = loop {
+        let (_, record) = last_dst_record(&pair, &id);
+        if record["state"] == "done" || std::time::Instant::now() > deadline {
+            break record;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(record["state"], "done", "{record}\n{}", pair.log_tails(10));
+    assert_eq!(record["note"], "resumed here", "{record}");
+    let (_, paused) = rt.block_on(Pair::checksum(&pair.dst, "v")).unwrap();
+    assert!(!paused, "the destination's VM runs");
 }
 
 /// SPEC.md §8.7: a synthetic destination cannot keep a guest paused for an operator's `cont`,

@@ -643,18 +643,22 @@ impl Session {
                 error!(order = %hex(&id), vm = %self.vm, "INCIDENT: {reason}");
                 note = format!("{note}; INCIDENT: {reason}");
             }
-            commit.set_note(note);
+            commit.set_note(note.clone());
             // The session's failure is the error; one of the journal's is logged beside it.
             match commit.drain(&ctx) {
                 Ok(rest) => debug_assert!(rest.is_empty(), "{rest:?}"),
-                Err(j) => {
-                    error!(order = %hex(&id), vm = %self.vm, "the VM runs here, but DONE could not be journalled: {j}")
-                }
+                Err(j) => keep_journalling_done(ctx.clone(), id, self.vm.clone(), note, &j),
             }
             return Err(e);
         }
         // DONE.
-        let rest = commit.drain(&ctx)?;
+        let rest = match commit.drain(&ctx) {
+            Ok(rest) => rest,
+            Err(j) => {
+                keep_journalling_done(ctx.clone(), id, self.vm.clone(), note.into(), &j);
+                return Err(j);
+            }
+        };
         debug_assert!(rest.is_empty(), "{rest:?}");
         crash_point(CrashPoint::DestinationAfterDone);
         info!(order = %hex(&id), vm = %self.vm, paused, "VM handed over to this host");
@@ -743,4 +747,46 @@ impl Session {
             }
         }
     }
+}
+
+/// The VM runs here (or is held paused as it was handed over), but its DONE record failed
+/// (`failed`: a full disk, say): write it again in the background, 250 ms doubling to 30 s,
+/// until it lands, the order's record moves on (a reconciliation wrote it), or the journal
+/// refuses appends for good (then a restart settles the order). Left at COMMIT, the VM may
+/// not be sent on from here (`Rules::holds_vm`), and a restart's or `trustmig reconcile`'s
+/// resume would `cont` a guest its operator had stopped since (SPEC.md §8.8).
+fn keep_journalling_done(
+    ctx: Arc<Ctx>,
+    id: OrderId,
+    vm: String,
+    note: String,
+    failed: &AgentError,
+) {
+    error!(order = %hex(&id), vm = %vm, "the VM runs here, but DONE could not be journalled ({failed}): trying again in the background");
+    tokio::spawn(async move {
+        let mut pauses = crate::backoff::Backoff::new(
+            std::time::Duration::from_millis(250),
+            std::time::Duration::from_secs(30),
+        );
+        for tries in 2u64.. {
+            tokio::time::sleep(pauses.next_pause()).await;
+            let mut journal = ctx.journal.lock().expect("journal lock");
+            if journal.entry(&id).map(|e| e.state) != Some(State::Committed) {
+                return;
+            }
+            if journal.is_broken() {
+                error!(order = %hex(&id), vm = %vm, "DONE cannot be journalled: the journal refuses appends until the agent restarts, which settles this order");
+                return;
+            }
+            match journal.resumed_after_session(&id, &note) {
+                Ok(()) => {
+                    info!(order = %hex(&id), vm = %vm, tries, "DONE journalled");
+                    return;
+                }
+                Err(e) => {
+                    warn!(order = %hex(&id), vm = %vm, tries, "DONE could not be journalled, trying again: {e}")
+                }
+            }
+        }
+    });
 }

@@ -343,19 +343,18 @@ impl Journal {
     }
 
     /// A destination's VM, committed here, runs after its session ended (settled by a restart,
-    /// or resumed by the operator's `trustmig reconcile`): DONE (what
+    /// resumed by the operator's `trustmig reconcile`, or its session's own DONE failed and is
+    /// written again, `note` its record's): DONE (what
     /// `trustmig_protocol::commit::Side` journals on `VmRunning` then), so nothing resumes it
     /// again. Nothing for an order in any other state, nor a source's.
-    pub fn resumed_after_session(&mut self, order_id: &OrderId) -> Result<(), AgentError> {
+    pub fn resumed_after_session(
+        &mut self,
+        order_id: &OrderId,
+        note: &str,
+    ) -> Result<(), AgentError> {
         let mut side = Side::from_journal(self.rules, Role::Destination, self.entry(order_id));
         let outs = side.handle(Input::VmRunning);
-        self.carry_out(
-            order_id,
-            &mut side,
-            outs,
-            "resumed here after its session ended",
-        )
-        .map(drop)
+        self.carry_out(order_id, &mut side, outs, note).map(drop)
     }
 
     /// Carry out a machine's outputs for `order_id` here, in order: each journal write made
@@ -449,6 +448,11 @@ impl Journal {
         line.push(b'\n');
         if crate::fault::journal_breaks_at(r.role, r.state) {
             return self.file.append_then_break(&line);
+        }
+        if crate::fault::journal_fails_at(r.role, r.state) {
+            return Err(AgentError::io(&self.path)(std::io::Error::other(
+                "fault injection: no space left on device (the line was cut back)",
+            )));
         }
         self.file.append(&line)?;
         self.lines += 1;

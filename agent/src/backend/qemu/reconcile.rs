@@ -329,7 +329,7 @@ fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
     let mut journal = ctx.journal.lock().expect("journal lock");
     let vm = &r.vm;
     match r.action {
-        Action::Resume => journal.resumed_after_session(&id).map_err(|e| {
+        Action::Resume => journal.resumed_after_session(&id, "resumed here after its session ended").map_err(|e| {
             format!("DONE could not be journalled ({e}): no order may send the VM from here until it is; mend the journal, then run `trustmig reconcile {vm}`")
         }),
         Action::Discard => journal.mark_discarded(&id).map_err(|e| {
