@@ -151,6 +151,13 @@ pub enum AgentError {
         /// Debian package.
         package: &'static str,
     },
+    /// What the agent reported of a migration, whole (it says where the VM is).
+    #[error("{0}")]
+    Reported(String),
+    /// The agent ended a migration's connection without an outcome (it stopped or restarted
+    /// mid-migration): what became of the order is not known here.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// Bad command-line usage not caught by the parser.
     #[error("{0}")]
     Usage(String),

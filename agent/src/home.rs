@@ -34,6 +34,15 @@ impl Home {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// The CLI command `trustmig ARGS --home HOME` for this home, quoted for a shell: what an
+    /// operator is told to run works as printed, `TRUSTMIG_HOME` set or not.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut words = vec!["trustmig".to_string()];
+        words.extend(args.iter().map(|a| a.to_string()));
+        words.extend(["--home".to_string(), self.root.display().to_string()]);
+        trustmig_qemu::cmdline::shell_line(&words)
+    }
     /// Identity private key.
     pub fn identity_key(&self) -> PathBuf {
         self.root.join("identity.key")

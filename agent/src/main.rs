@@ -284,12 +284,13 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
     let results = runtime()?.block_on(async {
         let runs = files.iter().cloned().map(|f| {
             let socket = socket.clone();
+            let unknown = AgentError::OutcomeUnknown(no_outcome(home)).to_string();
             async move {
                 let (bytes, order) = read_order(&f)?;
                 let vm = order
                     .dangerous_unverified_body()
                     .map_or_else(|_| "?".to_string(), |b| b.vm);
-                let mut outcome = Err("no result".to_string());
+                let mut outcome = Err(unknown);
                 let req = Request::Migrate {
                     order: hex::encode(&bytes),
                 };
@@ -622,18 +623,22 @@ fn migrate(home: &Home, file: &std::path::Path, json: bool) -> Result<(), AgentE
         display.show(r)
     }))?;
     if let Some(f) = display.failure {
-        return Err(AgentError::Migration(f));
+        return Err(AgentError::Reported(f));
     }
     match display.summary {
         Some(s) if !json => eprint!("{}", summary_text(&s)),
         Some(_) => {}
-        None => {
-            return Err(AgentError::Migration(
-                "agent closed the connection without a result".into(),
-            ))
-        }
+        None => return Err(AgentError::OutcomeUnknown(no_outcome(home))),
     }
     Ok(())
+}
+
+/// What an operator is told when the agent ended a migration's connection without an outcome.
+fn no_outcome(home: &Home) -> String {
+    format!(
+        "the agent closed the connection without a result (it stopped or restarted mid-migration?); the order may have committed: the agent settles it from its journal when it runs again, and `{}` shows where the VM is; do not start the VM by hand",
+        home.command(&["status"])
+    )
 }
 
 fn qemu(q: QemuCmd) -> Result<(), AgentError> {
