@@ -2245,7 +2245,14 @@ async fn qemu_a_committed_vm_that_does_not_start_is_left_to_the_operator_until_r
     let addr = s.pair.dst_addr.clone();
     let (r, _) = migrate(&mut s, &addr, 300).await;
     let mut locker = locker.await.expect("locker");
-    eprintln!("source says: {r:?}");
+    // The source's operator hears that the VM is left to the destination's, not only "moved".
+    let said = format!("{r:?}");
+    assert!(
+        said.contains("committed, but the VM does not start here (QEMU: QEMU refused cont")
+            && said.contains("left to this host's operator; VM: moved"),
+        "{said}\n{}",
+        s.logs()
+    );
     let home = s.pair.dst.clone();
     let left = "left to the operator: committed here, but the VM does not start";
     let said = until(
@@ -2620,7 +2627,10 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
     );
     let refusal = refusal_of_an_order_back(&s).await;
     assert!(
-        refusal.contains(&format!("then run `trustmig reconcile {VM}` to record it")),
+        refusal.contains(&format!(
+            "then run `{}` to record it",
+            s.pair.dst.command(&["reconcile", VM])
+        )),
         "{refusal}"
     );
     // The operator runs the VM here.

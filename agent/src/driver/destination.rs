@@ -173,9 +173,21 @@ impl Session {
     /// say what became of the VM here.
     async fn failed(&mut self, e: &AgentError, peer: &AgentId) {
         let ctx = self.ctx.clone();
+        // A VM committed here and left to the operator (its `cont` refused for good): the
+        // source's operator hears that, not only QEMU's refusal.
+        let left = self.order_id.and(ctx.left_now(&self.vm));
         let msg = Message::Abort {
             code: e.abort_code(),
-            reason: e.to_string().chars().take(200).collect(),
+            reason: match &left {
+                Some(_) => format!(
+                    "committed, but the VM does not start here ({}): left to this host's operator",
+                    e.cause()
+                ),
+                None => e.to_string(),
+            }
+            .chars()
+            .take(200)
+            .collect(),
         };
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(2),
@@ -240,7 +252,10 @@ impl Session {
             }
             (Some(_), true) => warn!("incoming migration failed: {e}; destination state discarded, VM never resumed here"),
             (Some(_), false) if ctx.journal.lock().expect("journal lock").is_broken() => warn!("incoming migration failed, its journal broken: {e}; what arrived is kept until a restart settles the order by the journal's file"),
-            (Some(_), false) => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
+            (Some(_), false) => match left {
+                Some(how) => error!("incoming migration failed after COMMIT: {e}; the VM is this host's, left to the operator: {how}"),
+                None => warn!("incoming migration failed after COMMIT: {e}; the VM runs here (the source settles by asking)"),
+            },
         }
     }
 
@@ -701,7 +716,7 @@ impl Session {
                 Err(e) => {
                     // The cause without the "migration failed" every error of a migration
                     // leads with: this one committed.
-                    let how = format!("committed here, but the VM does not start ({}): it runs nowhere until it does; once QEMU can run it, run `trustmig reconcile {}` (or restart the agent)", e.cause(), self.vm);
+                    let how = format!("committed here, but the VM does not start ({}): it runs nowhere until it does; once QEMU can run it, run `{}` (or restart the agent)", e.cause(), self.ctx.home.command(&["reconcile", &self.vm]));
                     error!(order = %hex(id), vm = %self.vm, "{how}");
                     self.ctx.leave_to_operator(&self.vm, Some(hex(id)), how);
                     return Err(e);

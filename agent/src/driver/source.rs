@@ -228,7 +228,7 @@ fn busy(
         return Ok(());
     }
     if j.leaving(vm) {
-        return Err(AgentError::Refused(not_free(j, vm, NotHeld::Leaving)));
+        return Err(AgentError::Refused(not_free(ctx, j, vm, NotHeld::Leaving)));
     }
     // Its arrival's session resumes it (`cont`) after COMMIT: a source that took the QEMU
     // meanwhile would have that `cont` run a copy it switched over.
@@ -241,7 +241,7 @@ fn busy(
     // guests live in the agent and start anew from the journal: no such copy.)
     if qemu {
         if let Err(why) = j.holds_vm(vm) {
-            return Err(AgentError::Refused(not_free(j, vm, why)));
+            return Err(AgentError::Refused(not_free(ctx, j, vm, why)));
         }
     }
     Ok(())
@@ -404,7 +404,9 @@ fn journalled_paused(ctx: &Ctx, id: &OrderId) -> bool {
 }
 
 /// Why the QEMU copy of `vm` here is not the VM to send, and what gets it out of that.
-fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
+fn not_free(ctx: &Ctx, j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
+    let reconcile = ctx.home.command(&["reconcile", vm]);
+    let status = ctx.home.command(&["status"]);
     let current = j.last_order_of(vm);
     let order = match why {
         NotHeld::Leaving => j.leaving_order(vm).or(current),
@@ -413,10 +415,10 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
     .map_or("?", |r| r.order_id.as_str());
     match why {
         NotHeld::Leaving => format!(
-            "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time)"
+            "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time): `{status}` says which"
         ),
         NotHeld::ToDiscard => format!(
-            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it), then run `trustmig reconcile {vm}`"
+            "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it), then run `{reconcile}`"
         ),
         NotHeld::NotYetResumed => {
             let run = if current.is_some_and(|r| r.paused_before) {
@@ -425,7 +427,7 @@ fn not_free(j: &crate::journal::Journal, vm: &str, why: NotHeld) -> String {
                 "`cont` it"
             };
             format!(
-                "VM {vm} was committed here (order {order}) and has not run here since: it is resuming, or this agent's start or its `cont` after COMMIT left it to you (`trustmig status` and the log say which); if it was left to you, {run}, then run `trustmig reconcile {vm}` to record it, then send it"
+                "VM {vm} was committed here (order {order}) and has not run here since: it is resuming, or this agent's start or its `cont` after COMMIT left it to you (`{status}` and the log say which); if it was left to you, {run}, then run `{reconcile}` to record it, then send it"
             )
         }
     }

@@ -68,7 +68,7 @@ impl AppendLog {
         debug_assert!(line.ends_with(b"\n"));
         if let Some(why) = &self.broken {
             return Err(AgentError::Journal(format!(
-                "{}: no more appends: an earlier one failed and could not be undone ({why}); restart the agent, which cuts the torn line",
+                "{}: no more appends: an earlier one failed and could not be undone ({why}); fix the disk, then restart the agent: its start reads the file as it is (a torn last line is cut) and settles what it holds",
                 self.path.display()
             )));
         }

@@ -59,7 +59,7 @@ impl QemuDest {
     fn gone(&self, ctx: &Ctx) {
         let marked = (ctx.journal.lock().expect("journal lock")).mark_discarded(&self.order_id);
         if let Err(e) = marked {
-            warn!(vm = %self.vm, order = %hex(&self.order_id), "the QEMU is gone, but the journal could not say so ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then run `trustmig reconcile {}` (or restart the agent)", self.vm);
+            warn!(vm = %self.vm, order = %hex(&self.order_id), "the QEMU is gone, but the journal could not say so ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; once the journal's disk is writable again, run `{}` (or restart the agent)", ctx.home.command(&["reconcile", &self.vm]));
         }
     }
 
@@ -283,7 +283,7 @@ impl DestVm for QemuDest {
         // Left loaded (or waiting): the journal still holds it to this order, so every start
         // quits it, and `status` keeps it in sight until someone does.
         if let Some(e) = failed {
-            let how = format!("the destination QEMU of a migration that never committed here could not be quit ({e}): it must never run here; quit it by hand, or once it answers run `trustmig reconcile {vm}`");
+            let how = format!("the destination QEMU of a migration that never committed here could not be quit ({e}): it must never run here; once it answers run `{}`, or quit it by hand (never `cont` it) and then run that", ctx.home.command(&["reconcile", vm]));
             warn!(vm, "destination QEMU not resumed; {how}");
             ctx.leave_to_operator(vm, Some(hex(&self.order_id)), how);
         }

@@ -114,7 +114,7 @@ async fn connect(ctx: &Ctx, (vm, qmp_path): (&str, &Path), action: Action) -> Re
             }
             Err(e) => {
                 return Err(Outcome::Left(format!(
-                    "QEMU is not reachable ({e}): once it is, run `trustmig reconcile {vm}`"
+                    "QEMU is not reachable ({e}): once it is, run `{}`", ctx.home.command(&["reconcile", vm])
                 )))
             }
         }
@@ -164,7 +164,8 @@ async fn reconcile(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
         Ok(x) => x,
         Err(e) => {
             return Left(format!(
-                "QEMU did not answer ({e}): once it does, run `trustmig reconcile {vm}`"
+                "QEMU did not answer ({e}): once it does, run `{}`",
+                ctx.home.command(&["reconcile", vm])
             ))
         }
     };
@@ -193,7 +194,7 @@ async fn reconcile(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
         ),
         Action::Resume if received_and_stopped(&st, &m) => match qmp.cont().await {
             Ok(()) => Done("committed here: the VM runs on this host (cont)".into()),
-            Err(e) => Left(format!("committed here, but `cont` failed ({e}): the VM is this host's; once QEMU can run it, run `trustmig reconcile {vm}` again")),
+            Err(e) => Left(format!("committed here, but `cont` failed ({e}): the VM is this host's; once QEMU can run it, run `{}` again", ctx.home.command(&["reconcile", vm]))),
         },
         Action::Resume if st.running => Done("committed here and running".into()),
         Action::Resume if st.status == "postmigrate" => Left(
@@ -294,7 +295,7 @@ async fn reconcile_one(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
     };
     if qemu_vm(&ctx.config(), &r.vm).as_ref() != Some(&r.qmp) {
         return Outcome::Left(
-            "its entry in the configuration changed (a reload) as the reconciliation began: run `trustmig reconcile` again".into(),
+            format!("its entry in the configuration changed (a reload) as the reconciliation began: run `{}` again", ctx.home.command(&["reconcile", &r.vm])),
         );
     }
     drop(claims);
@@ -330,10 +331,10 @@ fn journal_done(ctx: &Ctx, r: &Reconcile) -> Result<(), String> {
     let vm = &r.vm;
     match r.action {
         Action::Resume => journal.resumed_after_session(&id, "resumed here after its session ended").map_err(|e| {
-            format!("DONE could not be journalled ({e}): no order may send the VM from here until it is; mend the journal, then run `trustmig reconcile {vm}`")
+            format!("DONE could not be journalled ({e}): no order may send the VM from here until it is; once the journal's disk is writable again, run `{}` (or restart the agent)", ctx.home.command(&["reconcile", vm]))
         }),
         Action::Discard => journal.mark_discarded(&id).map_err(|e| {
-            format!("the journal could not say its QEMU is gone ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; mend the journal, then run `trustmig reconcile {vm}`")
+            format!("the journal could not say its QEMU is gone ({e}): until it does, every start quits a QEMU waiting for this VM and no order may send it from here; once the journal's disk is writable again, run `{}` (or restart the agent)", ctx.home.command(&["reconcile", vm]))
         }),
         _ => Ok(()),
     }
@@ -380,7 +381,7 @@ pub(crate) async fn by_operator(ctx: &Arc<Ctx>, vm: &str) -> Result<String, Agen
         let journal = ctx.journal.lock().expect("journal lock");
         if journal.leaving(vm) {
             return Err(AgentError::Usage(format!(
-                "VM {vm:?} is migrating from this host, or in doubt after a migration: its session or its settlement decides (`trustmig status`)"
+                "VM {vm:?} is migrating from this host, or in doubt after a migration: its session or its settlement decides (`{}`)", ctx.home.command(&["status"])
             )));
         }
         let r = Reconcile::on_request(&journal, vm.to_string(), q.qmp.clone());
