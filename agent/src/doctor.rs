@@ -94,19 +94,30 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
     };
     let trusted = trust_store(home, &mut out);
     policy(home, &trusted, &mut out);
-    let running = agent_running(home).await;
-    out.push(match running {
-        true => check(
+    let answer = agent_answer(home).await;
+    let running = !matches!(answer, Answer::None);
+    out.push(match &answer {
+        Answer::Status(_) => check(
             Level::Ok,
             "the agent is running (control socket answers)",
             "",
         ),
-        false => check(
+        Answer::Busy => check(
+            Level::Warn,
+            "the agent is running, but its control socket is busy (every connection taken): its state was not read",
+            "run doctor again once fewer clients hold the socket",
+        ),
+        Answer::None => check(
             Level::Warn,
             "the agent is not running",
             format!("trustmig agent --home {root} (or systemctl start trustmig)"),
         ),
     });
+    match &answer {
+        Answer::Status(v) => out.extend(agent_state(v, home)),
+        Answer::Busy => {}
+        Answer::None => out.extend(journal_at_rest(home)),
+    }
     if running {
         out.push(check(
             Level::Ok,
@@ -257,17 +268,106 @@ fn policy(home: &Home, peers: &Option<KeyList>, out: &mut Vec<Check>) {
     }
 }
 
-async fn agent_running(home: &Home) -> bool {
-    let mut ok = false;
+/// What the agent's control socket answered a status request with.
+enum Answer {
+    /// Its status.
+    Status(serde_json::Value),
+    /// It runs, with every control connection taken.
+    Busy,
+    /// Nothing: it does not run (or does not answer).
+    None,
+}
+
+async fn agent_answer(home: &Home) -> Answer {
+    let mut answer = Answer::None;
     let socket = home.control_socket();
-    let call = crate::control::call(&socket, &Request::Status, |r| {
-        ok |= matches!(r, Reply::Status(_));
+    let call = crate::control::call(&socket, &Request::Status, |r| match r {
+        Reply::Status(v) => answer = Answer::Status(v),
+        Reply::Error(e) if e.starts_with("busy:") => answer = Answer::Busy,
+        _ => {}
     });
-    let answered = matches!(
-        tokio::time::timeout(Duration::from_secs(3), call).await,
-        Ok(Ok(()))
-    );
-    answered && ok
+    match tokio::time::timeout(Duration::from_secs(3), call).await {
+        Ok(Ok(())) => answer,
+        _ => Answer::None,
+    }
+}
+
+/// What a running agent's status says needs the operator: a journal that refuses appends
+/// (nothing can start, commit or settle), VMs in doubt or left to the operator.
+fn agent_state(status: &serde_json::Value, home: &Home) -> Vec<Check> {
+    let mut out = Vec::new();
+    if let Some(why) = status.get("journal_broken").and_then(|x| x.as_str()) {
+        out.push(check(
+            Level::Fail,
+            format!("journal: refuses appends ({why}): no order can start, commit or settle here"),
+            format!(
+                "fix the disk under {}, then restart the agent (its start settles what the file holds)",
+                home.journal_dir().display()
+            ),
+        ));
+    }
+    let vms = status.get("vms").and_then(|x| x.as_array());
+    for vm in vms.into_iter().flatten() {
+        let name = vm.get("name").and_then(|x| x.as_str()).unwrap_or("?");
+        let needs = match vm.get("qemu").and_then(|x| x.as_str()) {
+            Some(state) => [", in doubt", ", left to the operator", ", rolled back, not yet running"]
+                .iter()
+                .any(|m| state.contains(m))
+                .then(|| state.to_string()),
+            None => (vm.get("in_doubt").and_then(|x| x.as_bool()) == Some(true)).then(|| {
+                "stopped, in doubt after a migration: the agent asks its destination until it answers".to_string()
+            }),
+        };
+        if let Some(state) = needs {
+            out.push(check(
+                Level::Warn,
+                format!("VM {name}: {state}"),
+                format!(
+                    "as it says; `{}` shows the journal's records",
+                    home.command(&["status"])
+                ),
+            ));
+        }
+    }
+    if out.is_empty() {
+        out.push(check(
+            Level::Ok,
+            "no VM in doubt or left to the operator; the journal takes appends",
+            "",
+        ));
+    }
+    out
+}
+
+/// The journal of an agent that does not run, read as its start would: a start refuses a
+/// corrupt one; orders it finds interrupted it settles.
+fn journal_at_rest(home: &Home) -> Vec<Check> {
+    match crate::journal::look(&home.journal_dir(), crate::unix_now()) {
+        Err(e) => vec![check(
+            Level::Fail,
+            format!("journal: {e}: the agent will not start with it"),
+            "restore the journal from a backup, or mend the line named (never delete records of orders in flight)",
+        )],
+        Ok(look) if look.interrupted.is_empty() => vec![check(
+            Level::Ok,
+            "journal: reads whole, no order interrupted",
+            "",
+        )],
+        Ok(look) => look
+            .interrupted
+            .iter()
+            .map(|r| {
+                check(
+                    Level::Warn,
+                    format!(
+                        "journal: order {} (VM {}, {}) was interrupted at {}: the agent's next start settles it",
+                        r.order_id, r.vm, r.role, r.state
+                    ),
+                    format!("start the agent: trustmig agent --home {}", home.root().display()),
+                )
+            })
+            .collect(),
+    }
 }
 
 fn tpm(config: &Config) -> Check {
@@ -465,10 +565,11 @@ fn qemu_img(vm: &str, q: &crate::config::QemuVm) -> Option<Check> {
 /// Whether orders are checked against this host's clock, or the journal overrules it (its
 /// newest record more than a week ahead: a clock set back, or one that was ahead then).
 fn order_clock(home: &Home) -> Check {
-    match crate::journal::clock_overruled_in(&home.journal_dir(), crate::unix_now()) {
+    let look = crate::journal::look(&home.journal_dir(), crate::unix_now());
+    match look.ok().and_then(|l| l.clock_overruled) {
         None => check(Level::Ok, "orders are checked against this host's clock", ""),
         Some(why) => check(
-            Level::Warn,
+            Level::Fail,
             format!("order clock: {why}"),
             "set the clock right (NTP); if it is right now and was ahead when that record was written, orders can start once it passes that time",
         ),

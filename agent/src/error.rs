@@ -64,6 +64,17 @@ pub enum AgentError {
     /// An order was refused.
     #[error("order refused: {0}")]
     Order(#[from] OrderError),
+    /// An order that expired by the journal's order clock, not by this host's clock (SPEC.md
+    /// §3.4): a new order is refused the same way until the clock passes the floor `why` names.
+    #[error("order refused: it expires at UNIX time {not_after}, before the journal's order clock ({clock}): {why}")]
+    OrderClock {
+        /// The order's end of validity.
+        not_after: u64,
+        /// The journal's order clock it was checked against.
+        clock: u64,
+        /// What `Journal::order_time` said of the clock.
+        why: String,
+    },
     /// The listen address is taken.
     #[error("cannot listen on {addr}: {source} (is another agent running? change `listen` in config.toml)")]
     Listen {
@@ -242,8 +253,21 @@ impl AgentError {
             }
             // An order refused here (replayed, revoked, expired, forged) is what SPEC.md §10
             // names `OrderRefused`, whichever layer refused it.
-            Self::Order(_) => trustmig_protocol::AbortCode::OrderRefused,
+            Self::Order(_) | Self::OrderClock { .. } => trustmig_protocol::AbortCode::OrderRefused,
             _ => trustmig_protocol::AbortCode::InternalError,
+        }
+    }
+
+    /// An order refused with `e` when checked at the journal's order clock; `overruled`: what
+    /// `Journal::order_time` said when that clock is not this host's.
+    pub fn of_order(e: OrderError, overruled: Option<String>) -> Self {
+        match (e, overruled) {
+            (OrderError::Expired { not_after, now }, Some(why)) => Self::OrderClock {
+                not_after,
+                clock: now,
+                why,
+            },
+            (e, _) => Self::Order(e),
         }
     }
 

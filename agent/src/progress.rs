@@ -204,6 +204,9 @@ pub fn status_text(v: &serde_json::Value) -> String {
         .and_then(|x| x.as_array())
         .cloned()
         .unwrap_or_default();
+    if let Some(why) = v.get("journal_broken").and_then(|x| x.as_str()) {
+        out += &format!("JOURNAL BROKEN: {why}: no order can start, commit or settle here until the agent restarts\n");
+    }
     out += &format!("VMs hosted here: {}\n", vms.len());
     if let Some(limit) = v.get("max_concurrent_migrations").and_then(|x| x.as_u64()) {
         let sending = v.get("sending").and_then(|x| x.as_u64()).unwrap_or(0);

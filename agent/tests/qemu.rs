@@ -2053,6 +2053,14 @@ async fn qemu_a_commit_the_journal_cannot_confirm_keeps_the_arrived_copy() {
         "{err}\n{}",
         s.logs()
     );
+    // `status` and `doctor` say the journal refuses appends until a restart.
+    let (ok, text) = cli(&s.pair.dst, &["doctor"]);
+    assert!(
+        !ok && text.contains("[FAIL] journal: refuses appends (fault injection"),
+        "{text}"
+    );
+    let (_, text) = cli(&s.pair.dst, &["status"]);
+    assert!(text.contains("JOURNAL BROKEN: "), "{text}");
     s.pair.stop(1);
     s.pair.dst_env.clear();
     s.pair.start(1).expect("destination agent restarts");
@@ -2064,6 +2072,19 @@ async fn qemu_a_commit_the_journal_cannot_confirm_keeps_the_arrived_copy() {
     )
     .await;
     assert!(settled, "journals never settled\n{}", s.logs());
+}
+
+/// Run `trustmig ARGS --home HOME`: whether it succeeded, and its stdout and stderr.
+fn cli(home: &trustmig_agent::home::Home, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustmig"))
+        .args(args)
+        .arg("--home")
+        .arg(home.root())
+        .output()
+        .expect("trustmig");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
 }
 
 /// Issue 14, case 2, and the block handover of issue 10: the destination agent dies when it
@@ -2598,23 +2619,20 @@ async fn qemu_an_operator_reconciles_a_vm_a_start_left_to_them() {
         "the start did not leave the VM to the operator\n{}",
         s.logs()
     );
-    let home = s.pair.dst.root().to_path_buf();
-    let trustmig = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustmig"))
-            .args(args)
-            .arg("--home")
-            .arg(&home)
-            .output()
-            .expect("trustmig");
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
+    let home = s.pair.dst.clone();
+    let trustmig = |args: &[&str]| cli(&home, args);
     let reconcile = |vm: &str| trustmig(&["reconcile", vm]);
     let (_, status) = trustmig(&["status"]);
     assert!(
         status.contains("left to the operator: committed here, but QEMU is in state"),
         "{status}"
+    );
+    // `doctor` names it too, rather than calling the host healthy.
+    let (_, text) = trustmig(&["doctor"]);
+    assert!(
+        text.contains(&format!("[WARN] VM {VM}: "))
+            && text.contains("left to the operator: committed here, but QEMU is in state"),
+        "{text}"
     );
     let (ok, text) = reconcile("nosuch");
     assert!(!ok && text.contains("no VM named \"nosuch\""), "{text}");

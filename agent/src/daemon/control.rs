@@ -315,6 +315,9 @@ fn revoke(ctx: &Ctx, order_hex: &str) -> Result<String, AgentError> {
     Ok(what)
 }
 
+/// How many of the journal's newest records `status` shows (orders in flight are shown too).
+const STATUS_RECORDS: usize = 20;
+
 /// `trustmig status`: identity, the VMs and where each stands, the journal's latest records and
 /// recent migrations.
 async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
@@ -332,11 +335,9 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
     for v in &ctx.config().vms {
         let Some(q) = v.qemu() else { continue };
         let state = crate::backend::qemu::status(&q.qmp).await;
-        let in_doubt = ctx
-            .journal
-            .lock()
-            .expect("journal lock")
-            .in_doubt_as_source(&v.name);
+        let in_doubt = (ctx.journal.lock().expect("journal lock"))
+            .doubt_as_source(&v.name)
+            .map(|r| r.order_id.clone());
         let resuming = ctx
             .resuming
             .lock()
@@ -345,21 +346,23 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
             .map(str::to_string);
         let left = ctx.left_now(&v.name);
         let state = match (in_doubt, resuming, left) {
-            (true, _, _) => format!("{state}, in doubt: asking its destination (see the journal)"),
-            (false, Some(cause), _) => format!("{state}, rolled back, not yet running: {cause}"),
-            (false, None, Some(how)) => format!("{state}, left to the operator: {how}"),
-            (false, None, None) => state,
+            (Some(order), _, _) => format!("{state}, in doubt after order {order}: asking its destination until it answers (should it never: `{}` with `--moved` or `--resume-here`, once you know where the VM runs)", ctx.home.command(&["settle", &order])),
+            (None, Some(cause), _) => format!("{state}, rolled back, not yet running: {cause}"),
+            (None, None, Some(how)) => format!("{state}, left to the operator: {how}"),
+            (None, None, None) => state,
         };
         vms.push(serde_json::json!({ "name": v.name, "qemu": state }));
     }
-    let journal: Vec<_> = ctx
-        .journal
-        .lock()
-        .expect("journal lock")
-        .records()
-        .into_iter()
-        .take(20)
-        .collect();
+    // The newest records, and every order in flight however old (one in doubt must not
+    // scroll out of sight).
+    let (journal, journal_broken) = {
+        let j = ctx.journal.lock().expect("journal lock");
+        let records: Vec<_> = (j.records().into_iter().enumerate())
+            .filter(|(i, r)| *i < STATUS_RECORDS || r.in_flight())
+            .map(|(_, r)| r)
+            .collect();
+        (records, j.broken_because().map(str::to_string))
+    };
     let history = ctx.history.lock().expect("history lock").clone();
     let queued: Vec<_> = (ctx.queued.lock().expect("queue lock").iter())
         .map(|(order, vm)| serde_json::json!({ "order_id": order, "vm": vm }))
@@ -373,6 +376,7 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
         "max_concurrent_migrations": limit,
         "queued": queued,
         "journal": journal,
+        "journal_broken": journal_broken,
         "recent": history,
     })
 }

@@ -288,7 +288,7 @@ impl Session {
         };
         let (now, overruled) =
             (ctx.journal.lock().expect("journal lock")).order_time(crate::unix_now());
-        if let Some(why) = overruled {
+        if let Some(why) = &overruled {
             warn!(peer = %hex(&peer), "{why}");
         }
         let mut hs = DestinationHandshake::new(
@@ -333,7 +333,11 @@ impl Session {
                 self.order_id = Some(*o.id());
                 self.vm = o.body().vm.clone();
             }
-            for m in out? {
+            let out = out.map_err(|e| match e {
+                trustmig_protocol::Error::Order(e) => AgentError::of_order(e, overruled.clone()),
+                e => e.into(),
+            })?;
+            for m in out {
                 self.send(&m).await?;
             }
         }

@@ -13,9 +13,7 @@ use tracing::{debug, error, info};
 use trustmig_protocol::commit::{Input, Output, Signal};
 use trustmig_protocol::messages::Message;
 use trustmig_protocol::migration::{SourceEvent, SourceMigration};
-use trustmig_protocol::order::{
-    hex, OrderError, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder,
-};
+use trustmig_protocol::order::{hex, OrderId, OrderPolicy, Role, SignedOrder, VerifiedOrder};
 use trustmig_protocol::settlement::{NotHeld, VmAction};
 
 use crate::attestation::SharedTpm;
@@ -196,12 +194,7 @@ fn verified(ctx: &Ctx, order_hex: &str) -> Result<VerifiedOrder, AgentError> {
             role: Role::Source,
             now,
         })
-        .map_err(|e| match (e, overruled) {
-            (e @ OrderError::Expired { .. }, Some(why)) => {
-                AgentError::Refused(format!("order refused: {e}: {why}"))
-            }
-            (e, _) => e.into(),
-        })?;
+        .map_err(|e| AgentError::of_order(e, overruled))?;
     // The order pins the destination's identity; this agent must trust it as a peer too, so
     // that removing a peer (`trust remove-peer`) stops migrations to it at once (SPEC.md §3.4).
     let destination = &order.body().destination;

@@ -63,6 +63,11 @@ impl AppendLog {
         self.broken.is_some()
     }
 
+    /// Why appends are refused, if they are.
+    pub(crate) fn broken_because(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
     /// Append `line` (ending in a newline) and make it durable, or leave the file as it was.
     pub(crate) fn append(&mut self, line: &[u8]) -> Result<(), AgentError> {
         debug_assert!(line.ends_with(b"\n"));

@@ -82,6 +82,12 @@ impl trustmig_protocol::history::Recorded for Record {
 }
 
 impl Record {
+    /// Whether its order is under way or interrupted: claimed, or committed and not yet done
+    /// (a start settles it; `status` always shows it).
+    pub fn in_flight(&self) -> bool {
+        matches!(self.state, State::Claimed | State::Committed)
+    }
+
     /// What the agent wrote, and nothing else: ids that are not the hex of an order id or an
     /// agent's were read as absent before (`entry`'s `peer`), and a source at COMMIT whose
     /// destination reads as unknown settles as moved without asking it.
@@ -288,13 +294,34 @@ fn clock_overruled(newest_at: u64, clock: u64) -> Option<String> {
     })
 }
 
-/// What `Journal::clock_overruled` says of the journal in `dir`, read without taking it (a
-/// running agent holds it): for `doctor`. `None` also when there is no journal to read.
-pub fn clock_overruled_in(dir: &Path, clock: u64) -> Option<String> {
+/// What `doctor` reads of a journal without taking it (a running agent holds it).
+#[derive(Debug, Default)]
+pub struct Look {
+    /// Orders a start would find interrupted ([`Journal::in_doubt`]), oldest first.
+    pub interrupted: Vec<Record>,
+    /// What `Journal::clock_overruled` says at the clock given.
+    pub clock_overruled: Option<String>,
+}
+
+/// Read the journal in `dir` as a start replays it, without taking it or compacting it, at
+/// `clock`: an empty [`Look`] when there is no journal yet; an error when a start would
+/// refuse it (a corrupt line, say).
+pub fn look(dir: &Path, clock: u64) -> Result<Look, AgentError> {
     let path = dir.join(FILE);
-    let text = fs::read_to_string(&path).ok()?;
-    let (newest_at, _) = Replay::of(&text, &path).ok()?.newest?;
-    clock_overruled(newest_at, clock)
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Look::default()),
+        Err(e) => return Err(AgentError::io(&path)(e)),
+    };
+    let replayed = Replay::of(&text, &path)?;
+    let mut interrupted: Vec<Record> = (replayed.latest.into_values())
+        .filter(Record::in_flight)
+        .collect();
+    interrupted.sort_by_key(|r| r.at);
+    Ok(Look {
+        interrupted,
+        clock_overruled: (replayed.newest).and_then(|(at, _)| clock_overruled(at, clock)),
+    })
 }
 
 impl Journal {
@@ -431,6 +458,11 @@ impl Journal {
     /// in the file, and the next start replays it (what a restart holds is then unknown here).
     pub fn is_broken(&self) -> bool {
         self.file.is_broken()
+    }
+
+    /// Why appends are refused ([`Self::is_broken`]), for `status` and `doctor`.
+    pub fn broken_because(&self) -> Option<&str> {
+        self.file.broken_because()
     }
 
     /// The PCR the audit trail is anchored in, once anchored.
@@ -889,16 +921,21 @@ impl Journal {
 
     /// Whether an order that sent `vm` from here is at COMMIT, unsettled (in doubt).
     pub fn in_doubt_as_source(&self, vm: &str) -> bool {
+        self.doubt_as_source(vm).is_some()
+    }
+
+    /// The order `vm` is in doubt after as its source ([`Self::in_doubt_as_source`]).
+    pub fn doubt_as_source(&self, vm: &str) -> Option<&Record> {
         self.latest
             .values()
-            .any(|r| r.vm == vm && r.role == Role::Source && r.state == State::Committed)
+            .find(|r| r.vm == vm && r.role == Role::Source && r.state == State::Committed)
     }
 
     /// Migrations interrupted by a crash or restart: not Done, RolledBack or Settled; oldest
     /// first, so that what a restart writes for them follows the order they happened in.
     pub fn in_doubt(&self) -> Vec<Record> {
         let mut v: Vec<Record> = (self.latest.values())
-            .filter(|r| matches!(r.state, State::Claimed | State::Committed))
+            .filter(|r| r.in_flight())
             .cloned()
             .collect();
         v.sort_by_key(|r| r.at);
