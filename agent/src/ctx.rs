@@ -145,13 +145,21 @@ impl Ctx {
     /// What is left to the operator of `vm` now: only while the order it was about is still
     /// the VM's (none moved it on since).
     pub fn left_now(&self, vm: &str) -> Option<String> {
+        self.left_as_journal_says(&self.journal.lock().expect("journal lock"), vm)
+    }
+
+    /// [`Self::left_now`] for a caller that holds the journal's lock.
+    pub fn left_as_journal_says(
+        &self,
+        journal: &crate::journal::Journal,
+        vm: &str,
+    ) -> Option<String> {
         let (order, how) = self
             .left_to_operator
             .lock()
             .expect("left lock")
             .get(vm)?
             .clone();
-        let journal = self.journal.lock().expect("journal lock");
         (journal.last_order_of(vm).map(|r| &r.order_id) == order.as_ref()).then_some(how)
     }
 

@@ -314,9 +314,12 @@ fn agent_state(status: &serde_json::Value, home: &Home) -> Vec<Check> {
                 .iter()
                 .any(|m| state.contains(m))
                 .then(|| state.to_string()),
-            None => (vm.get("in_doubt").and_then(|x| x.as_bool()) == Some(true)).then(|| {
-                "stopped, in doubt after a migration: the agent asks its destination until it answers".to_string()
-            }),
+            None => match vm.get("left").and_then(|x| x.as_str()) {
+                Some(how) => Some(format!("left to the operator: {how}")),
+                None => (vm.get("in_doubt").and_then(|x| x.as_bool()) == Some(true)).then(|| {
+                    "stopped, in doubt after a migration: the agent asks its destination until it answers".to_string()
+                }),
+            },
         };
         if let Some(state) = needs {
             out.push(check(

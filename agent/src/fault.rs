@@ -13,7 +13,7 @@
 //! | `TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT` | the source asks for a settlement after COMMIT, then sends `Commit` (a late `Commit`) |
 //! | `TRUSTMIG_TEST_LOSE_RESUMED` | the destination resumes, then fails before `Resumed` |
 //! | `TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT` | the destination's COMMIT line is written whole, then the write fails and cannot be cut back (a failing disk): the journal refuses appends from then on |
-//! | `TRUSTMIG_TEST_JOURNAL_FAILS_AT_DONE=<n>` | the destination's first n DONE writes fail cleanly (cut back: the file as it was), as on a full disk |
+//! | `TRUSTMIG_TEST_JOURNAL_FAILS=<role>:<state>:<n>` | the first n journal records of that role and state (`destination:done:3`, `source:rolled-back:1`) fail cleanly (cut back: the file as it was), as on a full disk |
 //! | `TRUSTMIG_TEST_SETTLE_UNANSWERED=<n>` | the first n settlement queries go unanswered |
 //! | `TRUSTMIG_TEST_ALTER_DISK_CHUNK=<k>` | disk chunk k is altered after the source checked it |
 //! | `TRUSTMIG_TEST_ALTER_MIRRORED_IMAGE=1` | the destination alters each copy verified in full before hashing it |
@@ -32,8 +32,8 @@ pub const SETTLE_BEFORE_COMMIT_ENV: &str = "TRUSTMIG_TEST_SETTLE_BEFORE_COMMIT";
 pub const LOSE_RESUMED_ENV: &str = "TRUSTMIG_TEST_LOSE_RESUMED";
 /// `TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT`.
 pub const JOURNAL_BREAKS_AT_COMMIT_ENV: &str = "TRUSTMIG_TEST_JOURNAL_BREAKS_AT_COMMIT";
-/// `TRUSTMIG_TEST_JOURNAL_FAILS_AT_DONE`.
-pub const JOURNAL_FAILS_AT_DONE_ENV: &str = "TRUSTMIG_TEST_JOURNAL_FAILS_AT_DONE";
+/// `TRUSTMIG_TEST_JOURNAL_FAILS`.
+pub const JOURNAL_FAILS_ENV: &str = "TRUSTMIG_TEST_JOURNAL_FAILS";
 /// `TRUSTMIG_TEST_HAND_OVER_PAUSED`: the source's `SwitchOver` says the guest was paused
 /// before the migration, whatever it was (a peer asking what a synthetic destination cannot do).
 pub const HAND_OVER_PAUSED_ENV: &str = "TRUSTMIG_TEST_HAND_OVER_PAUSED";
@@ -159,7 +159,10 @@ mod on {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
+    use trustmig_protocol::order::Role;
+
     use super::*;
+    use crate::journal::State;
 
     /// The faults this process was started with.
     #[derive(Debug, Default)]
@@ -169,7 +172,7 @@ mod on {
         pub settle_before_commit: bool,
         pub lose_resumed: bool,
         pub journal_breaks_at_commit: bool,
-        pub done_failures: AtomicU64,
+        pub journal_fails: Option<(Role, State, AtomicU64)>,
         pub hand_over_paused: bool,
         pub unanswered: u64,
         pub alter_disk_chunk: Option<u64>,
@@ -190,11 +193,7 @@ mod on {
             settle_before_commit: var(SETTLE_BEFORE_COMMIT_ENV).is_some(),
             lose_resumed: var(LOSE_RESUMED_ENV).is_some(),
             journal_breaks_at_commit: var(JOURNAL_BREAKS_AT_COMMIT_ENV).is_some(),
-            done_failures: AtomicU64::new(
-                var(JOURNAL_FAILS_AT_DONE_ENV)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            ),
+            journal_fails: var(JOURNAL_FAILS_ENV).and_then(|v| journal_fails(&v)),
             hand_over_paused: var(HAND_OVER_PAUSED_ENV).is_some(),
             unanswered: var(SETTLE_UNANSWERED_ENV)
                 .and_then(|v| v.parse().ok())
@@ -205,6 +204,16 @@ mod on {
             asked: AtomicU64::new(0),
             records: AtomicU64::new(0),
         }
+    }
+
+    /// `role:state:n` of [`JOURNAL_FAILS_ENV`], in the journal's own spelling.
+    fn journal_fails(v: &str) -> Option<(Role, State, AtomicU64)> {
+        let mut parts = v.split(':');
+        let word = |w: Option<&str>| Some(serde_json::Value::String(w?.to_string()));
+        let role = serde_json::from_value(word(parts.next())?).ok()?;
+        let state = serde_json::from_value(word(parts.next())?).ok()?;
+        let n = parts.next()?.parse().ok()?;
+        Some((role, state, AtomicU64::new(n)))
     }
 
     pub(super) fn faults() -> &'static Faults {
@@ -294,23 +303,26 @@ pub fn journal_breaks_at(
     }
 }
 
-/// The destination's DONE record fails cleanly, as on a full disk (nothing written), while
-/// [`JOURNAL_FAILS_AT_DONE_ENV`]'s count lasts.
+/// A journal record of this role and state fails cleanly, as on a full disk (nothing
+/// written), while [`JOURNAL_FAILS_ENV`]'s count lasts.
 pub fn journal_fails_at(
     role: trustmig_protocol::order::Role,
     state: crate::journal::State,
 ) -> bool {
     #[cfg(feature = "fault-injection")]
-    return role == trustmig_protocol::order::Role::Destination
-        && state == crate::journal::State::Done
-        && on::faults()
-            .done_failures
-            .fetch_update(
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
-            .is_ok();
+    return on::faults()
+        .journal_fails
+        .as_ref()
+        .is_some_and(|(r, s, left)| {
+            (*r, *s) == (role, state)
+                && left
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok()
+        });
     #[cfg(not(feature = "fault-injection"))]
     {
         let _ = (role, state);

@@ -235,15 +235,19 @@ pub fn status_text(v: &serde_json::Value) -> String {
             .get("in_doubt")
             .and_then(|x| x.as_bool())
             .unwrap_or(false);
+        let state = match (in_doubt, paused) {
+            (true, _) => "stopped, in doubt: asking its destination (see the journal)",
+            (false, true) => "paused",
+            (false, false) => "running",
+        };
+        let left = match vm.get("left").and_then(|x| x.as_str()) {
+            Some(how) => format!(", left to the operator: {how}"),
+            None => String::new(),
+        };
         out += &format!(
-            "  {:20} {:>8.0} MiB  {}\n",
+            "  {:20} {:>8.0} MiB  {state}{left}\n",
             str_of(vm, "name"),
             mib(bytes),
-            match (in_doubt, paused) {
-                (true, _) => "stopped, in doubt: asking its destination (see the journal)",
-                (false, true) => "paused",
-                (false, false) => "running",
-            }
         );
     }
     let mut journal = v

@@ -878,8 +878,8 @@ fn a_done_record_that_failed_is_written_again() {
     }
     let mut pair = Pair::create(exe().as_ref(), &vm("v", 64, 0), 2).unwrap();
     pair.dst_env = vec![(
-        trustmig_agent::fault::JOURNAL_FAILS_AT_DONE_ENV.into(),
-        "3".into(),
+        trustmig_agent::fault::JOURNAL_FAILS_ENV.into(),
+        "destination:done:3".into(),
     )];
     pair.start_both().unwrap();
     let rt = rt();
@@ -912,6 +912,50 @@ fn a_paused_hand_over_a_synthetic_destination_cannot_keep_is_refused() {
     rolls_back_under(
         (trustmig_agent::fault::HAND_OVER_PAUSED_ENV, "1"),
         "cannot keep paused",
+    );
+}
+
+/// A rollback the source's journal cannot record (a full disk): the VM runs again, but the
+/// journal still shows the order under way, so it is not sent until a restart settles the
+/// order from the file; `status`, `doctor` and the refusal of the next order say so.
+#[test]
+fn a_rollback_the_journal_cannot_record_is_left_to_the_operator() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fails = (
+        trustmig_agent::fault::JOURNAL_FAILS_ENV,
+        "source:rolled-back:1",
+    );
+    let Some((rt, mut pair)) = hooked_source(
+        &[(trustmig_agent::fault::HAND_OVER_PAUSED_ENV, "1"), fails],
+        0,
+    ) else {
+        return;
+    };
+    let (before, _) = rt.block_on(Pair::checksum(&pair.src, "v")).unwrap();
+    let l = || limits(300, 10, NonConvergence::Force);
+    let order = pair.order("v", l(), 600).unwrap();
+    let e = failed(migrate(&rt, &pair, &order));
+    assert!(e.contains("cannot keep paused"), "{e}");
+    assert_eq!(assert_rolled_back(&rt, &pair, "v"), before);
+    let left = "left to the operator: the outcome of order";
+    let (_, text) = cli(&pair.src, &["status"]);
+    assert!(text.contains(left), "{text}");
+    let (_, text) = cli(&pair.src, &["doctor"]);
+    assert!(text.contains(&format!("[WARN] VM v: {left}")), "{text}");
+    let e = failed(migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()));
+    assert!(
+        e.contains(&format!("VM v is {left}")) && e.contains("restart the agent"),
+        "{e}"
+    );
+    // Restarted as the message says, without the faults: settled, and the VM goes.
+    pair.stop(0);
+    pair.src_env.clear();
+    pair.start(0).unwrap();
+    let (_, text) = cli(&pair.src, &["status"]);
+    assert!(!text.contains("left to the operator"), "{text}");
+    done(
+        migrate(&rt, &pair, &pair.order("v", l(), 600).unwrap()),
+        &pair,
     );
 }
 

@@ -332,6 +332,11 @@ async fn status(ctx: &Arc<Ctx>) -> serde_json::Value {
         .collect();
     // Stopped until their destination answers a settlement query (settle.rs).
     vms.extend((ctx.parked.lock().expect("parked lock").values()).map(|g| vm(g, true)));
+    // What is left to the operator, read with those locks released (it takes the journal's).
+    for v in &mut vms {
+        let left = v["name"].as_str().and_then(|name| ctx.left_now(name));
+        v["left"] = left.into();
+    }
     for v in &ctx.config().vms {
         let Some(q) = v.qemu() else { continue };
         let state = crate::backend::qemu::status(&q.qmp).await;

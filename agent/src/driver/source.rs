@@ -321,9 +321,11 @@ async fn run<B: SourceVm>(
     // The machine decides (SPEC.md §8.8): before COMMIT it journals the rollback, then the VM
     // is given back; after it, only the destination's answer may give the VM back.
     commit.feed(ctx, Input::Failed, e.to_string());
+    let mut unjournalled = None;
     let outs = commit.drain(ctx).unwrap_or_else(|j| {
         // Unjournalled, the rollback is made again by a restart; the journal decides below.
         error!(order = %hex(&id), "could not journal what the session's failure means: {j}");
+        unjournalled = Some(j);
         Vec::new()
     });
     // Paused at the claim, or handed over paused at the switch-over: given back paused (a
@@ -376,6 +378,16 @@ async fn run<B: SourceVm>(
         // Only the operator settles an order by hand, and only once its session ended.
         Some(s @ Settlement::Meanwhile) => Whereabouts::InDoubt(s.vm_state()),
     };
+    // The journal still shows the order under way: the VM is not sent from here until it
+    // records the outcome, and `status`/`doctor` say why (after the give-back, which clears
+    // what was left before).
+    if let Some(j) = unjournalled {
+        let how = format!(
+            "the outcome of order {} could not be journalled ({j}): the VM is not sent from here until it is; once the journal's disk is writable again, restart the agent (its start settles the order from the file)",
+            hex(&id)
+        );
+        ctx.leave_to_operator(&body.vm, Some(hex(&id)), how);
+    }
     note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
     let outcome = match &vm_state {
         Whereabouts::Untouched => "refused",
@@ -407,9 +419,12 @@ fn not_free(ctx: &Ctx, j: &crate::journal::Journal, vm: &str, why: NotHeld) -> S
     }
     .map_or("?", |r| r.order_id.as_str());
     match why {
-        NotHeld::Leaving => format!(
-            "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time): `{status}` says which"
-        ),
+        NotHeld::Leaving => match ctx.left_as_journal_says(j, vm) {
+            Some(how) => format!("VM {vm} is left to the operator: {how}"),
+            None => format!(
+                "VM {vm} is already migrating from this host, or in doubt after one (order {order}; one migration per VM at a time): `{status}` says which"
+            ),
+        },
         NotHeld::ToDiscard => format!(
             "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it), then run `{reconcile}`"
         ),

@@ -252,12 +252,12 @@ pub(crate) async fn given_back(ctx: &Arc<Ctx>, vm: &str, qmp: &mut Qmp, was: Was
         Attempt::Failed(why) => left(
             ctx,
             vm,
-            format!("rollback failed: {why}; the VM is stopped on the source: check it by hand"),
+            format!("rollback failed: {why}; the VM is stopped on the source: see to QEMU, then run `{}` (it gives the VM back as the journal says)", ctx.home.command(&["reconcile", vm])),
         ),
         Attempt::Gone(e) => left(
             ctx,
             vm,
-            format!("rollback failed: the source QEMU is gone ({e}); the VM runs nowhere: start it again by hand"),
+            format!("rollback failed: the source QEMU is gone ({e}); the VM runs nowhere: start it again by hand from its images here, then run `{}`", ctx.home.command(&["reconcile", vm])),
         ),
         Attempt::Refused(e) => retrying(ctx, vm, qmp, e.to_string(), was),
         Attempt::StillMigrating(why) => retrying(ctx, vm, qmp, why, was),
@@ -308,7 +308,9 @@ pub(crate) async fn resume_given_back(
 ) -> String {
     match Qmp::connect(qmp_path, ctx.step_timeout()).await {
         Ok(mut qmp) => give_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await,
-        Err(e) => format!("QEMU is not reachable: {e}; resume it by hand"),
+        Err(e) => {
+            left(ctx, vm, format!("rolled back, but QEMU is not reachable ({e}): the VM is stopped on the source; once QEMU answers, run `{}`", ctx.home.command(&["reconcile", vm]))).how
+        }
     }
 }
 

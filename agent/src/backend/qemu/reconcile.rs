@@ -182,7 +182,7 @@ async fn reconcile(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
         }
         Action::Discard if holds_incoming(&st, &m) => match qmp.quit_and_wait(ctx.step_timeout()).await {
             Ok(()) => Done("the destination QEMU left from a migration that never committed here was discarded (quit); it never ran here".into()),
-            Err(e) => Left(format!("the destination QEMU left from a migration that never committed here could not be discarded ({e}): quit it by hand, never `cont` it")),
+            Err(e) => Left(format!("the destination QEMU left from a migration that never committed here could not be discarded ({e}): quit it by hand, never `cont` it, then run `{}` before starting another QEMU for this VM here (until then each start quits a QEMU waiting for it)", ctx.home.command(&["reconcile", vm]))),
         },
         // Not this order's copy (a fresh QEMU an operator started since, say): none to discard.
         Action::Discard => Done(format!(
@@ -198,12 +198,13 @@ async fn reconcile(ctx: &Arc<Ctx>, r: &Reconcile) -> Outcome {
         },
         Action::Resume if st.running => Done("committed here and running".into()),
         Action::Resume if st.status == "postmigrate" => Left(
-            "committed here, but this QEMU sent the VM away since (postmigrate): not resumed, left as the journal says; check where the VM runs".into(),
+            format!("committed here, but this QEMU sent the VM away since (postmigrate): not resumed, left as the journal says; check where the VM runs, then run `{}`", ctx.home.command(&["reconcile", vm])),
         ),
         Action::Resume => Left(format!(
-            "committed here, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand",
+            "committed here, but QEMU is in state {:?} (migration {}): the VM may be lost; check it by hand, then run `{}`",
             st.status,
-            m.status()
+            m.status(),
+            ctx.home.command(&["reconcile", vm])
         )),
         _ => Unchanged(format!("QEMU is in state {:?}: nothing to do", st.status)),
     }
