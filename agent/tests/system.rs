@@ -778,8 +778,12 @@ fn lost_in_doubt(unanswered: &str) -> Option<(tokio::runtime::Runtime, Pair, Str
         .unwrap();
     let id = trustmig_protocol::order::hex(&order.dangerous_unverified_body().unwrap().order_id);
     let e = failed(migrate(&rt, &pair, &order));
+    // ... and names the command that settles it by hand, as it is to be typed.
+    let settle = pair.src.command(&["settle", &id]);
     assert!(
-        e.contains("in doubt") && e.contains("asks the destination again"),
+        e.contains("in doubt")
+            && e.contains("asks the destination again")
+            && e.contains(&format!("`{settle}` with `--moved` or `--resume-here`")),
         "{e}\n{}",
         pair.log_tails(10)
     );

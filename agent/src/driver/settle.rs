@@ -102,7 +102,12 @@ impl InDoubt {
 pub async fn ask(ctx: &Arc<Ctx>, p: &InDoubt) -> Settlement {
     let committed = match query(ctx, p).await {
         Ok(c) => c,
-        Err(e) => return Settlement::InDoubt(e.to_string()),
+        Err(e) => {
+            return Settlement::InDoubt(format!(
+                "{e}; should it never answer (its host gone for good): `{}` with `--moved` or `--resume-here`, once you know where the VM runs",
+                ctx.home.command(&["settle", &hex(&p.id)])
+            ))
+        }
     };
     let note = if committed {
         "settled: the destination committed"
