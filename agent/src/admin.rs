@@ -230,12 +230,17 @@ pub fn show_order(bytes: &[u8], home: Option<&Home>) -> Result<String, AgentErro
         } else {
             Role::Source
         };
-        signed.verify(&OrderPolicy {
-            operators: &ops,
-            me,
-            role,
-            now: crate::unix_now(),
-        })?;
+        // At the journal's order clock, as the agent would check it.
+        let (now, overruled) =
+            crate::journal::look(&home.journal_dir(), crate::unix_now())?.order_time;
+        signed
+            .verify(&OrderPolicy {
+                operators: &ops,
+                me,
+                role,
+                now,
+            })
+            .map_err(|e| AgentError::of_order(e, overruled))?;
         out += &format!("verified   yes, for this agent as {role}\n");
     } else {
         out += "verified   not checked (give --home to verify against an agent's trust store)\n";
@@ -381,8 +386,10 @@ pub fn enroll_challenge_files(
         EnrollRequest::from_cbor(b).map_err(|e| e.to_string())
     })?;
     if let Some(want) = ek_sha256 {
+        // As `enroll-request` prints it, or as `openssl x509 -fingerprint -sha256` does.
+        let want: String = want.chars().filter(|c| *c != ':').collect();
         let want = hex::encode(crate::identity::parse_hex32(
-            want,
+            &want,
             "EK certificate SHA-256",
             Path::new("--ek-sha256"),
         )?);

@@ -430,6 +430,7 @@ pub(crate) enum AttestCmd {
     },
     /// Step 2 (on the verifier's host): check the EK certificate, write the challenge; the
     /// secret stays in the verifier's trust/pending/ (0600).
+    #[command(group = clap::ArgGroup::new("ek_check").required(true))]
     EnrollChallenge {
         #[command(flatten)]
         home: HomeArg,
@@ -439,10 +440,15 @@ pub(crate) enum AttestCmd {
         /// PEM file of the CA(s) that issue EK certificates.
         #[arg(long)]
         ek_ca: PathBuf,
-        /// The EK certificate SHA-256 that `enroll-request` printed on the agent's host: a
-        /// request whose EK differs (one swapped on its way) is refused.
-        #[arg(long, value_name = "HEX")]
+        /// The EK certificate SHA-256 that `enroll-request` printed on the agent's host (hex,
+        /// colons allowed): a request whose EK differs (one swapped on its way for another
+        /// genuine TPM's) is refused.
+        #[arg(long, value_name = "HEX", group = "ek_check")]
         ek_sha256: Option<String>,
+        /// Enroll without that check: only when the request file cannot have been swapped on
+        /// its way (it never left a channel you trust). The fingerprint is printed to compare.
+        #[arg(long, group = "ek_check")]
+        ek_unchecked: bool,
         /// Challenge file to write.
         #[arg(long)]
         out: PathBuf,

@@ -35,12 +35,22 @@ impl Home {
         &self.root
     }
 
-    /// The CLI command `trustmig ARGS --home HOME` for this home, quoted for a shell: what an
-    /// operator is told to run works as printed, `TRUSTMIG_HOME` set or not.
+    /// The CLI command `trustmig SUBCOMMAND --home HOME OPERANDS...` for this home (`args`:
+    /// the subcommand, then its operands), quoted for a shell: what an operator is told to run
+    /// works as printed, from any directory, `TRUSTMIG_HOME` set or not, whatever the operands
+    /// (`--` before them when one starts with `-`, as a VM name may).
     pub fn command(&self, args: &[&str]) -> String {
+        let root = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
         let mut words = vec!["trustmig".to_string()];
-        words.extend(args.iter().map(|a| a.to_string()));
-        words.extend(["--home".to_string(), self.root.display().to_string()]);
+        let (sub, operands) = args
+            .split_first()
+            .map_or((None, &[][..]), |(s, o)| (Some(s), o));
+        words.extend(sub.map(|s| s.to_string()));
+        words.extend(["--home".to_string(), root.display().to_string()]);
+        if operands.iter().any(|o| o.starts_with('-')) {
+            words.push("--".into());
+        }
+        words.extend(operands.iter().map(|o| o.to_string()));
         trustmig_qemu::cmdline::shell_line(&words)
     }
     /// Identity private key.

@@ -284,7 +284,7 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
     let results = runtime()?.block_on(async {
         let runs = files.iter().cloned().map(|f| {
             let socket = socket.clone();
-            let unknown = AgentError::OutcomeUnknown(no_outcome(home)).to_string();
+            let unknown = AgentError::OutcomeUnknown(no_outcome(home));
             async move {
                 let (bytes, order) = read_order(&f)?;
                 let vm = order
@@ -309,9 +309,9 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
                         ))
                     }
                     Reply::Progress(control::Progress::Failed { error, vm }) => {
-                        outcome = Err(format!("{error}; VM: {vm}"))
+                        outcome = Err(AgentError::Reported(format!("{error}; VM: {vm}")))
                     }
-                    Reply::Error(e) => outcome = Err(e),
+                    Reply::Error(e) => outcome = Err(AgentError::Reported(e)),
                     _ => {}
                 })
                 .await?;
@@ -320,11 +320,16 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
         });
         futures_join_all(runs).await
     });
-    let mut failed = 0;
+    let (mut failed, mut unknown) = (0, 0);
     println!("{:<24} {:<40} RESULT", "VM", "ORDER FILE");
     for (f, r) in files.iter().zip(results) {
         let (vm, what) = match r {
             Ok((vm, Ok(text))) => (vm, text),
+            // Not a failure: the order may have committed (the agent settles it).
+            Ok((vm, Err(e @ AgentError::OutcomeUnknown(_)))) => {
+                unknown += 1;
+                (vm, format!("UNKNOWN: {e}"))
+            }
             Ok((vm, Err(e))) => {
                 failed += 1;
                 (vm, format!("FAILED: {e}"))
@@ -339,10 +344,11 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         println!("{vm:<24} {name:<40} {what}");
     }
-    if failed > 0 {
-        return Err(AgentError::Migration(format!(
-            "{failed} of {} migrations failed",
-            files.len()
+    if failed + unknown > 0 {
+        return Err(AgentError::Reported(format!(
+            "of {} migrations, {failed} failed and {unknown} have an unknown outcome (`{}` shows where each VM is)",
+            files.len(),
+            home.command(&["status"])
         )));
     }
     Ok(())
@@ -549,6 +555,7 @@ fn attest(a: AttestCmd) -> Result<(), AgentError> {
             request,
             ek_ca,
             ek_sha256,
+            ek_unchecked: _,
             out,
         } => {
             let req = admin::enroll_challenge_files(
@@ -561,7 +568,7 @@ fn attest(a: AttestCmd) -> Result<(), AgentError> {
             let checked = if ek_sha256.is_some() {
                 "as given"
             } else {
-                "not checked: compare it with what `enroll-request` printed on the agent's host"
+                "not checked (--ek-unchecked): compare it with what `enroll-request` printed on the agent's host"
             };
             println!(
                 "wrote {} for agent {}\nEK certificate SHA-256: {} ({checked})",

@@ -75,6 +75,7 @@ fn four_step_enrollment_trusts_the_ak_and_refuses_a_wrong_response() {
         &f("req"),
         "--ek-ca",
         ca_pem.to_str().unwrap(),
+        "--ek-unchecked",
         "--out",
         &f("chal"),
     ]);
@@ -116,6 +117,7 @@ fn four_step_enrollment_trusts_the_ak_and_refuses_a_wrong_response() {
         &f("req"),
         "--ek-ca",
         ca_pem.to_str().unwrap(),
+        "--ek-unchecked",
         "--out",
         &f("chal2"),
     ]);
@@ -165,6 +167,7 @@ fn four_step_enrollment_trusts_the_ak_and_refuses_a_wrong_response() {
         &f("req"),
         "--ek-ca",
         ca_pem.to_str().unwrap(),
+        "--ek-unchecked",
         "--out",
         &f("chal3"),
     ]);
@@ -242,9 +245,49 @@ fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
         !dir.path().join("rogue.chal").exists(),
         "no challenge written"
     );
+    // Neither a fingerprint nor `--ek-unchecked`: refused before anything is read.
+    let (good, out) = trustmig(&[
+        "attest",
+        "enroll-challenge",
+        "--home",
+        &f("b"),
+        "--request",
+        &f("a.req"),
+        "--ek-ca",
+        &f("ca.pem"),
+        "--out",
+        &f("none.chal"),
+    ]);
+    assert!(
+        !good && out.contains("--ek-sha256") && out.contains("--ek-unchecked"),
+        "{out}"
+    );
     let (good, out) = challenge("a.req", "a.chal");
     assert!(
         good && out.contains(&format!("{fingerprint} (as given)")),
+        "{out}"
+    );
+    // The same fingerprint as openssl prints one (upper case, colons) is the same check.
+    let colons = (fingerprint.as_bytes().chunks(2))
+        .map(|p| std::str::from_utf8(p).unwrap().to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    let (good, out) = trustmig(&[
+        "attest",
+        "enroll-challenge",
+        "--home",
+        &f("b"),
+        "--request",
+        &f("rogue.req"),
+        "--ek-ca",
+        &f("ca.pem"),
+        "--ek-sha256",
+        &colons,
+        "--out",
+        &f("rogue2.chal"),
+    ]);
+    assert!(
+        !good && out.contains("not from the TPM of the host you meant"),
         "{out}"
     );
     // A fingerprint that is not 32 bytes of hex is named as such.

@@ -290,6 +290,16 @@ impl std::fmt::Display for MigrationStatus {
     }
 }
 
+/// `command`'s reply `v` read as a `T`: one of another shape is `Malformed`, naming the command
+/// and quoting the reply (clipped).
+pub fn typed_reply<T: serde::de::DeserializeOwned>(v: Value, command: &str) -> Result<T, QmpError> {
+    serde_json::from_value(v.clone()).map_err(|e| QmpError::Malformed {
+        context: command.into(),
+        reason: e.to_string(),
+        line: clip(&v.to_string()),
+    })
+}
+
 /// One line from QEMU (with its `\n`) as JSON; a cut, over-long or non-JSON line is `Malformed`.
 fn parse_json_line(buf: &[u8], waiting_for: &str) -> Result<Value, QmpError> {
     if buf.last() != Some(&b'\n') {
@@ -718,11 +728,7 @@ impl Qmp {
     }
 
     fn parse<T: serde::de::DeserializeOwned>(v: Value, command: &str) -> Result<T, QmpError> {
-        serde_json::from_value(v.clone()).map_err(|e| QmpError::Malformed {
-            context: command.into(),
-            reason: e.to_string(),
-            line: clip(&v.to_string()),
-        })
+        typed_reply(v, command)
     }
 
     /// `migrate-set-capabilities`.

@@ -57,6 +57,7 @@ pub async fn serve<G>(
         vm: String::new(),
         sid: None,
         backend: "",
+        not_started: false,
     };
     let r = s.run(rd, exporter, peer).await;
     if let Some(sid) = s.sid {
@@ -114,6 +115,8 @@ struct Session {
     sid: Option<[u8; 16]>,
     /// The backend, once the handshake named the transfer mode (metrics).
     backend: &'static str,
+    /// Committed here, and QEMU would not run the VM: left to the operator (its `Abort` says so).
+    not_started: bool,
 }
 
 /// The order's source, as its claim recorded it.
@@ -173,14 +176,14 @@ impl Session {
     /// say what became of the VM here.
     async fn failed(&mut self, e: &AgentError, peer: &AgentId) {
         let ctx = self.ctx.clone();
-        // A VM committed here and left to the operator (its `cont` refused for good): the
+        // A VM committed here that QEMU will not run (its `cont` refused for good): the
         // source's operator hears that, not only QEMU's refusal.
-        let left = self.order_id.and(ctx.left_now(&self.vm));
+        let left = (self.not_started).then(|| ctx.left_now(&self.vm)).flatten();
         let msg = Message::Abort {
             code: e.abort_code(),
             reason: match &left {
                 Some(_) => format!(
-                    "committed, but the VM does not start here ({}): left to this host's operator",
+                    "committed, but the VM does not start here; left to this host's operator: {}",
                     e.cause()
                 ),
                 None => e.to_string(),
@@ -670,15 +673,12 @@ impl Session {
             }
             return Err(e);
         }
-        // DONE.
-        let rest = match commit.drain(&ctx) {
-            Ok(rest) => rest,
-            Err(j) => {
-                keep_journalling_done(ctx.clone(), id, self.vm.clone(), note.into(), &j);
-                return Err(j);
-            }
-        };
-        debug_assert!(rest.is_empty(), "{rest:?}");
+        // DONE. One that fails leaves the session a success all the same: the VM runs here
+        // and the source has `Resumed`; DONE is written again in the background.
+        match commit.drain(&ctx) {
+            Ok(rest) => debug_assert!(rest.is_empty(), "{rest:?}"),
+            Err(j) => keep_journalling_done(ctx.clone(), id, self.vm.clone(), note.into(), &j),
+        }
         crash_point(CrashPoint::DestinationAfterDone);
         info!(order = %hex(&id), vm = %self.vm, paused, "VM handed over to this host");
         ctx.remember(history_entry(
@@ -699,7 +699,7 @@ impl Session {
     /// to 5 s) for a step timeout before it is reported; a restart of the agent resumes it too
     /// (SPEC.md §8.8).
     async fn start_committed<B: DestVm>(
-        &self,
+        &mut self,
         vm: &mut B,
         id: &OrderId,
         paused: bool,
@@ -723,6 +723,7 @@ impl Session {
                     let how = format!("committed here, but the VM does not start ({}): it runs nowhere until it does; once QEMU can run it, run `{}` (or restart the agent)", e.cause(), self.ctx.home.command(&["reconcile", &self.vm]));
                     error!(order = %hex(id), vm = %self.vm, "{how}");
                     self.ctx.leave_to_operator(&self.vm, Some(hex(id)), how);
+                    self.not_started = true;
                     return Err(e);
                 }
             }
@@ -782,6 +783,9 @@ fn keep_journalling_done(
     failed: &AgentError,
 ) {
     error!(order = %hex(&id), vm = %vm, "the VM runs here, but DONE could not be journalled ({failed}): trying again in the background");
+    // In sight meanwhile (`status`, `doctor`, a refused order to send it on).
+    let order = Some(hex(&id));
+    ctx.leave_to_operator(&vm, order.clone(), format!("the VM runs here, but DONE is not yet journalled ({}): written again in the background; the VM is not sent from here until it is", failed.cause()));
     tokio::spawn(async move {
         let mut pauses = crate::backoff::Backoff::new(
             std::time::Duration::from_millis(250),
@@ -794,12 +798,18 @@ fn keep_journalling_done(
                 return;
             }
             if journal.is_broken() {
-                error!(order = %hex(&id), vm = %vm, "DONE cannot be journalled: the journal refuses appends until the agent restarts, which settles this order");
+                let how = "the VM runs here, but DONE cannot be journalled: the journal refuses appends until the agent restarts, which settles this order";
+                error!(order = %hex(&id), vm = %vm, "{how}");
+                ctx.leave_to_operator(&vm, order, how.into());
                 return;
             }
             match journal.resumed_after_session(&id, &note) {
                 Ok(()) => {
                     info!(order = %hex(&id), vm = %vm, tries, "DONE journalled");
+                    let mut left = ctx.left_to_operator.lock().expect("left lock");
+                    if left.get(&vm).is_some_and(|(o, _)| *o == order) {
+                        left.remove(&vm);
+                    }
                     return;
                 }
                 Err(e) => {

@@ -382,10 +382,14 @@ async fn run<B: SourceVm>(
     // records the outcome, and `status`/`doctor` say why (after the give-back, which clears
     // what was left before).
     if let Some(j) = unjournalled {
-        let how = format!(
+        let mut how = format!(
             "the outcome of order {} could not be journalled ({j}): the VM is not sent from here until it is; once the journal's disk is writable again, restart the agent (its start settles the order from the file)",
             hex(&id)
         );
+        // What the give-back left to the operator stays in sight beside it.
+        if let Some(before) = ctx.left_now(&body.vm) {
+            how = format!("{how}; and: {before}");
+        }
         ctx.leave_to_operator(&body.vm, Some(hex(&id)), how);
     }
     note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
@@ -428,16 +432,21 @@ fn not_free(ctx: &Ctx, j: &crate::journal::Journal, vm: &str, why: NotHeld) -> S
         NotHeld::ToDiscard => format!(
             "VM {vm} here is a copy that arrived under order {order}, which never committed here: its QEMU is to be discarded, never run or sent. This agent's start-up reconciliation quits it (its log says what it did); if that was left to you, quit that QEMU (never `cont` it), then run `{reconcile}`"
         ),
-        NotHeld::NotYetResumed => {
-            let run = if current.is_some_and(|r| r.paused_before) {
-                "it was handed over paused: leave it so (no `cont`)"
-            } else {
-                "`cont` it"
-            };
-            format!(
-                "VM {vm} was committed here (order {order}) and has not run here since: it is resuming, or this agent's start or its `cont` after COMMIT left it to you (`{status}` and the log say which); if it was left to you, {run}, then run `{reconcile}` to record it, then send it"
-            )
-        }
+        NotHeld::NotYetResumed => match ctx.left_as_journal_says(j, vm) {
+            Some(how) => format!(
+                "VM {vm} was committed here (order {order}) and the journal does not yet record that it ran here: {how}"
+            ),
+            None => {
+                let run = if current.is_some_and(|r| r.paused_before) {
+                    "it was handed over paused: leave it so (no `cont`)"
+                } else {
+                    "`cont` it"
+                };
+                format!(
+                    "VM {vm} was committed here (order {order}) and has not run here since: it is resuming, or this agent's start or its `cont` after COMMIT left it to you (`{status}` and the log say which); if it was left to you, {run}, then run `{reconcile}` to record it, then send it"
+                )
+            }
+        },
     }
 }
 

@@ -279,6 +279,12 @@ pub(crate) fn lock(dir: &Path) -> Result<File, AgentError> {
     Ok(file)
 }
 
+/// Whether a process (an agent) holds the journal in `dir` now: its lock is taken. Asked
+/// without keeping the lock, so an agent starting meanwhile is not turned away.
+pub fn held(dir: &Path) -> bool {
+    dir.join(LOCK).exists() && matches!(lock(dir), Err(AgentError::Journal(_)))
+}
+
 /// `Journal::order_clock` of a journal whose newest record was written at `newest_at`.
 fn order_clock(newest_at: u64, clock: u64) -> u64 {
     clock.max(newest_at.saturating_sub(compact::RETENTION_SECS))
@@ -294,13 +300,15 @@ fn clock_overruled(newest_at: u64, clock: u64) -> Option<String> {
     })
 }
 
-/// What `doctor` reads of a journal without taking it (a running agent holds it).
-#[derive(Debug, Default)]
+/// What `doctor` and `order show` read of a journal without taking it (a running agent holds
+/// it).
+#[derive(Debug)]
 pub struct Look {
     /// Orders a start would find interrupted ([`Journal::in_doubt`]), oldest first.
     pub interrupted: Vec<Record>,
-    /// What `Journal::clock_overruled` says at the clock given.
-    pub clock_overruled: Option<String>,
+    /// The time orders are checked against at the clock given, and why it is not that clock
+    /// when the journal overrules it ([`Journal::order_time`]).
+    pub order_time: (u64, Option<String>),
 }
 
 /// Read the journal in `dir` as a start replays it, without taking it or compacting it, at
@@ -310,7 +318,12 @@ pub fn look(dir: &Path, clock: u64) -> Result<Look, AgentError> {
     let path = dir.join(FILE);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Look::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Look {
+                interrupted: Vec::new(),
+                order_time: (clock, None),
+            })
+        }
         Err(e) => return Err(AgentError::io(&path)(e)),
     };
     let replayed = Replay::of(&text, &path)?;
@@ -318,9 +331,13 @@ pub fn look(dir: &Path, clock: u64) -> Result<Look, AgentError> {
         .filter(Record::in_flight)
         .collect();
     interrupted.sort_by_key(|r| r.at);
+    let newest_at = replayed.newest.map_or(0, |(at, _)| at);
     Ok(Look {
         interrupted,
-        clock_overruled: (replayed.newest).and_then(|(at, _)| clock_overruled(at, clock)),
+        order_time: (
+            order_clock(newest_at, clock),
+            clock_overruled(newest_at, clock),
+        ),
     })
 }
 

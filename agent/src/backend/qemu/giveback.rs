@@ -308,6 +308,9 @@ pub(crate) async fn resume_given_back(
 ) -> String {
     match Qmp::connect(qmp_path, ctx.step_timeout()).await {
         Ok(mut qmp) => give_back(ctx, vm, &mut qmp, Was::journalled(paused_before)).await,
+        Err(e) if e.qemu_gone() => {
+            left(ctx, vm, format!("rollback failed: the source QEMU is gone ({e}); the VM runs nowhere: start it again by hand from its images here, then run `{}`", ctx.home.command(&["reconcile", vm]))).how
+        }
         Err(e) => {
             left(ctx, vm, format!("rolled back, but QEMU is not reachable ({e}): the VM is stopped on the source; once QEMU answers, run `{}`", ctx.home.command(&["reconcile", vm]))).how
         }

@@ -21,7 +21,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -35,6 +34,8 @@ use crate::backend::Tasks;
 use crate::config::{DiskVerify, MirrorMode, VmConfig, RESERVED_PREFIX};
 use crate::error::{AgentError, Link};
 use crate::journal::{Journal, State};
+pub(crate) use trustmig_qemu::block::BlockNode;
+use trustmig_qemu::block::JobInfo;
 use trustmig_qemu::qmp::{Moving, Qmp, WaitEnded};
 
 use super::pumps::{open_pump, seal_pump, Carried, Counted, Counting, Received, Sent};
@@ -454,21 +455,6 @@ async fn connect_all(
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
-struct JobInfo {
-    id: String,
-    /// `mirror`, `backup`, ...
-    #[serde(default, rename = "type")]
-    kind: String,
-    status: String,
-    #[serde(default, rename = "current-progress")]
-    current: u64,
-    #[serde(default, rename = "total-progress")]
-    total: u64,
-    #[serde(default)]
-    error: Option<String>,
-}
-
 async fn query_jobs(qmp: &mut Qmp) -> Result<Vec<JobInfo>, AgentError> {
     Ok(qmp.execute_as("query-jobs", json!({})).await?)
 }
@@ -737,30 +723,6 @@ impl fmt::Display for Held {
         let nodes = self.nodes.iter().map(|n| format!("node {n}"));
         f.write_str(&jobs.chain(nodes).collect::<Vec<_>>().join(", "))
     }
-}
-
-#[derive(Deserialize)]
-struct ImageInfo {
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-}
-
-/// A block node of `query-named-block-nodes`.
-#[derive(Deserialize)]
-pub(crate) struct BlockNode {
-    #[serde(default)]
-    pub(crate) file: String,
-    #[serde(default)]
-    pub(crate) ro: bool,
-    #[serde(default)]
-    pub(crate) drv: String,
-    #[serde(default, rename = "node-name")]
-    node_name: String,
-    /// The image's backing file, if any (`backing_file_depth` is 0 in QEMU 7.2's flat list
-    /// even for an overlay, so this is what tells).
-    #[serde(default)]
-    backing_file: Option<String>,
-    image: Option<ImageInfo>,
 }
 
 /// QEMU's block nodes (`query-named-block-nodes`, flat).
