@@ -1479,7 +1479,12 @@ fn revocation_takes_effect_at_once() {
         let (ok, text) = cli(home, &["order", "revoke", &f]);
         assert!(ok && text.contains("revoked here as its"), "{text}");
         let (ok, text) = cli(home, &["order", "revoke", &f]);
-        assert!(!ok && text.contains("already used"), "{text}");
+        assert!(
+            !ok && text.contains("cannot revoke: order ")
+                && text.contains("already used")
+                && !text.contains("migration failed"),
+            "{text}"
+        );
         let e = failed(migrate(&rt, &pair, &o));
         assert!(e.contains("revoked by the operator"), "{who}: {e}");
         assert_rolled_back(&rt, &pair, "v");

@@ -149,16 +149,17 @@ pub(super) async fn connection(ctx: Arc<Ctx>, sock: UnixStream) -> Result<(), Ag
             },
             Err(e) => Reply::Error(e.to_string()),
         },
+        // Not a migration: its errors without the "migration failed" those lead with.
         Request::Revoke { order } => match revoke(&ctx, &order) {
             Ok(what) => Reply::Revoked(what),
-            Err(e) => Reply::Error(e.to_string()),
+            Err(e) => Reply::Error(format!("cannot revoke: {}", e.cause())),
         },
         Request::Settle {
             order_id,
             resume_here,
         } => match crate::driver::settle::by_operator(&ctx, &order_id, resume_here).await {
             Ok(what) => Reply::Settled(what),
-            Err(e) => Reply::Error(e.to_string()),
+            Err(e) => Reply::Error(format!("cannot settle: {}", e.cause())),
         },
         Request::Reconcile { vm } => {
             match crate::backend::qemu::reconcile_by_operator(&ctx, &vm).await {
