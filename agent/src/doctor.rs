@@ -58,7 +58,7 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
         out.push(check(
             Level::Fail,
             format!("home {root}: {e}"),
-            format!("trustmig init --home {root}"),
+            home.command(&["init"]),
         ));
         return out;
     }
@@ -109,13 +109,13 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
         ),
         Answer::Busy => check(
             Level::Warn,
-            "the agent is running (it holds its journal), but its control socket is busy or did not answer in 3 s: its state was not read",
-            "run doctor again once fewer clients hold the socket",
+            "the agent is running (it holds its journal), but its control socket is busy or did not answer in 3 s (starting, or asking slow QEMUs): its state was not read",
+            "run doctor again in a moment",
         ),
         Answer::None => check(
             Level::Warn,
             "the agent is not running",
-            format!("trustmig agent --home {root} (or systemctl start trustmig)"),
+            format!("{} (or systemctl start trustmig)", home.command(&["agent"])),
         ),
     });
     match &answer {

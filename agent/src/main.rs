@@ -326,9 +326,9 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
         let (vm, what) = match r {
             Ok((vm, Ok(text))) => (vm, text),
             // Not a failure: the order may have committed (the agent settles it).
-            Ok((vm, Err(e @ AgentError::OutcomeUnknown(_)))) => {
+            Ok((vm, Err(AgentError::OutcomeUnknown(why)))) => {
                 unknown += 1;
-                (vm, format!("UNKNOWN: {e}"))
+                (vm, format!("OUTCOME UNKNOWN: {why}"))
             }
             Ok((vm, Err(e))) => {
                 failed += 1;
@@ -346,7 +346,7 @@ fn evacuate(home: &Home, dir: &std::path::Path) -> Result<(), AgentError> {
     }
     if failed + unknown > 0 {
         return Err(AgentError::Reported(format!(
-            "of {} migrations, {failed} failed and {unknown} have an unknown outcome (`{}` shows where each VM is)",
+            "of {} migrations, {failed} failed and {unknown} ended with their outcome unknown (`{}` shows where each VM is)",
             files.len(),
             home.command(&["status"])
         )));

@@ -272,22 +272,30 @@ fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
         .map(|p| std::str::from_utf8(p).unwrap().to_uppercase())
         .collect::<Vec<_>>()
         .join(":");
-    let (good, out) = trustmig(&[
-        "attest",
-        "enroll-challenge",
-        "--home",
-        &f("b"),
-        "--request",
-        &f("rogue.req"),
-        "--ek-ca",
-        &f("ca.pem"),
-        "--ek-sha256",
-        &colons,
-        "--out",
-        &f("rogue2.chal"),
-    ]);
+    let with_colons = |request: &str, out: &str| {
+        trustmig(&[
+            "attest",
+            "enroll-challenge",
+            "--home",
+            &f("b"),
+            "--request",
+            &f(request),
+            "--ek-ca",
+            &f("ca.pem"),
+            "--ek-sha256",
+            &colons,
+            "--out",
+            &f(out),
+        ])
+    };
+    let (good, out) = with_colons("rogue.req", "rogue2.chal");
     assert!(
         !good && out.contains("not from the TPM of the host you meant"),
+        "{out}"
+    );
+    let (good, out) = with_colons("a.req", "a2.chal");
+    assert!(
+        good && out.contains(&format!("{fingerprint} (as given)")),
         "{out}"
     );
     // A fingerprint that is not 32 bytes of hex is named as such.

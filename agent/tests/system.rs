@@ -894,9 +894,13 @@ fn a_done_record_that_failed_is_written_again() {
     let id = hex::encode(order.dangerous_unverified_body().unwrap().order_id);
     // The session's try and two more fail; the fourth, 1.75 s later, lands.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // DONE, with the late final quote's verdict (journalled at COMMIT meanwhile, or after).
     let record = loop {
         let (_, record) = last_record(&pair.dst, &id);
-        if record["state"] == "done" || std::time::Instant::now() > deadline {
+        let quoted = record["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("late final quote verified"));
+        if (record["state"] == "done" && quoted) || std::time::Instant::now() > deadline {
             break record;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -268,21 +268,37 @@ pub(crate) fn lock(dir: &Path) -> Result<File, AgentError> {
         .write(true)
         .open(&path)
         .map_err(AgentError::io(&path))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |e| {
-            AgentError::Journal(format!(
-                "{} is locked ({e}): another trustmig agent has this home's journal open; stop it first",
-                path.display()
-            ))
-        },
-    )?;
-    Ok(file)
+    // `doctor`, asking whether an agent holds it (`held`), holds it for a moment: a second of
+    // retries waits that out; an agent holds it for good.
+    let mut tries = 0;
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(AgentError::Journal(format!(
+                    "{} is locked ({e}): another trustmig agent has this home's journal open; stop it first",
+                    path.display()
+                )))
+            }
+        }
+    }
 }
 
 /// Whether a process (an agent) holds the journal in `dir` now: its lock is taken. Asked
-/// without keeping the lock, so an agent starting meanwhile is not turned away.
+/// read-only with a shared lock, released at once; an agent starting in that moment waits it
+/// out (`lock`).
 pub fn held(dir: &Path) -> bool {
-    dir.join(LOCK).exists() && matches!(lock(dir), Err(AgentError::Journal(_)))
+    let Ok(file) = File::open(dir.join(LOCK)) else {
+        return false;
+    };
+    matches!(
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK
+    )
 }
 
 /// `Journal::order_clock` of a journal whose newest record was written at `newest_at`.
@@ -398,7 +414,14 @@ impl Journal {
     ) -> Result<(), AgentError> {
         let mut side = Side::from_journal(self.rules, Role::Destination, self.entry(order_id));
         let outs = side.handle(Input::VmRunning);
-        self.carry_out(order_id, &mut side, outs, note).map(drop)
+        // What was said at COMMIT since (a late final quote's verdict) stays in the record.
+        let note = match self.latest.get(&hex(order_id)) {
+            Some(r) if r.state == State::Committed && !r.note.is_empty() => {
+                format!("{note}; {}", r.note)
+            }
+            _ => note.to_string(),
+        };
+        self.carry_out(order_id, &mut side, outs, &note).map(drop)
     }
 
     /// Carry out a machine's outputs for `order_id` here, in order: each journal write made
@@ -720,7 +743,8 @@ impl Journal {
         })
     }
 
-    /// After DONE: what became of the late final quote (SPEC.md §8.7), with its digest when
+    /// After DONE (or at COMMIT, while a DONE that failed is written again): what became of
+    /// the late final quote (SPEC.md §8.7), with its digest when
     /// one was sent or received, and `note` (an incident says so) after what DONE said (the
     /// downtime, a hand-over paused: `trustmig status` shows the latest note): journalled on
     /// the order and audited as `final-quote`.
@@ -1007,6 +1031,30 @@ impl OrderJournal for ClaimAsDestination<'_> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// `held` tells an agent's lock from none, and an agent's start waits out the moment a
+    /// `doctor` holds the lock to ask (it was refused as "another agent").
+    #[test]
+    fn the_journal_lock_is_seen_held_and_a_brief_look_is_waited_out() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!held(dir.path()), "no lock file yet");
+        let agent = lock(dir.path()).unwrap();
+        assert!(held(dir.path()));
+        assert!(lock(dir.path()).is_err(), "a second agent is refused");
+        drop(agent);
+        assert!(!held(dir.path()));
+        let look = File::open(dir.path().join(LOCK)).unwrap();
+        rustix::fs::flock(&look, rustix::fs::FlockOperation::NonBlockingLockShared).unwrap();
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(look);
+        });
+        assert!(
+            lock(dir.path()).is_ok(),
+            "the start waited for the look to end"
+        );
+        released.join().unwrap();
+    }
 
     /// An order for `vm` from agent [1; 32] to [2; 32], id [`id`; 16].
     fn order(id: u8, vm: &str) -> OrderBody {
