@@ -218,7 +218,8 @@ fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
         "--out",
         &f("rogue.req"),
     ]);
-    let challenge = |request: &str, out: &str| {
+    // `--ek-sha256` as given (`given`), for `request`.
+    let challenge_with = |given: &str, request: &str, out: &str| {
         trustmig(&[
             "attest",
             "enroll-challenge",
@@ -229,11 +230,12 @@ fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
             "--ek-ca",
             &f("ca.pem"),
             "--ek-sha256",
-            &fingerprint,
+            given,
             "--out",
             &f(out),
         ])
     };
+    let challenge = |request: &str, out: &str| challenge_with(&fingerprint, request, out);
     let (good, out) = challenge("rogue.req", "rogue.chal");
     assert!(
         !good
@@ -272,22 +274,7 @@ fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
         .map(|p| std::str::from_utf8(p).unwrap().to_uppercase())
         .collect::<Vec<_>>()
         .join(":");
-    let with_colons = |request: &str, out: &str| {
-        trustmig(&[
-            "attest",
-            "enroll-challenge",
-            "--home",
-            &f("b"),
-            "--request",
-            &f(request),
-            "--ek-ca",
-            &f("ca.pem"),
-            "--ek-sha256",
-            &colons,
-            "--out",
-            &f(out),
-        ])
-    };
+    let with_colons = |request: &str, out: &str| challenge_with(&colons, request, out);
     let (good, out) = with_colons("rogue.req", "rogue2.chal");
     assert!(
         !good && out.contains("not from the TPM of the host you meant"),
@@ -299,20 +286,7 @@ fn a_request_from_another_tpm_is_refused_by_the_ek_fingerprint() {
         "{out}"
     );
     // A fingerprint that is not 32 bytes of hex is named as such.
-    let (good, out) = trustmig(&[
-        "attest",
-        "enroll-challenge",
-        "--home",
-        &f("b"),
-        "--request",
-        &f("a.req"),
-        "--ek-ca",
-        &f("ca.pem"),
-        "--ek-sha256",
-        "abc",
-        "--out",
-        &f("x.chal"),
-    ]);
+    let (good, out) = challenge_with("abc", "a.req", "x.chal");
     assert!(
         !good && out.contains("--ek-sha256") && out.contains("EK certificate SHA-256"),
         "{out}"
