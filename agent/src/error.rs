@@ -76,7 +76,7 @@ pub enum AgentError {
         why: String,
     },
     /// The listen address is taken.
-    #[error("cannot listen on {addr}: {source} (is another agent running? change `listen` in config.toml)")]
+    #[error("cannot listen on {addr}: {source} (is another agent running? a port below 1024 needs CAP_NET_BIND_SERVICE, which contrib/trustmig.service does not grant; change `listen` in config.toml)")]
     Listen {
         /// Address.
         addr: String,

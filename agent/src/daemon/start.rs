@@ -185,7 +185,12 @@ fn check_memory(config: &Config, journal: &Journal, home: &Home) -> Result<(), A
         .filter(|v| !journal.migrated_away(&v.name))
         .filter_map(|v| Some(v.synthetic()?.size_mib << 20))
         .sum();
-    match crate::guest::mem_available() {
+    let avail = crate::guest::mem_available();
+    if avail.is_none() && want > 0 {
+        // Hidden under `ProcSubset=pid`, say: said once, not skipped silently.
+        warn!("cannot read MemAvailable from /proc/meminfo: the synthetic VMs' memory ({} MiB) is not checked against the host's", want >> 20);
+    }
+    match avail {
         Some(avail) if want > avail => Err(AgentError::BadConfig {
             path: home.config(),
             reason: format!(
