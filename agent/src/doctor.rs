@@ -94,44 +94,7 @@ pub async fn run(home: &Home, peers: &[(String, String)]) -> Vec<Check> {
     };
     let trusted = trust_store(home, &mut out);
     policy(home, &trusted, &mut out);
-    let answer = match agent_answer(home).await {
-        // No answer in time, but the journal is held: an agent runs (its status was slow:
-        // it asks each QEMU), and its journal is not to be read as one at rest.
-        Answer::None if crate::journal::held(&home.journal_dir()) => Answer::Busy,
-        a => a,
-    };
-    let running = !matches!(answer, Answer::None);
-    out.push(match &answer {
-        Answer::Status(_) => check(
-            Level::Ok,
-            "the agent is running (control socket answers)",
-            "",
-        ),
-        Answer::Busy => check(
-            Level::Warn,
-            "the agent is running (it holds its journal), but its control socket is busy or did not answer in 3 s (starting, or asking slow QEMUs): its state was not read",
-            "run doctor again in a moment",
-        ),
-        Answer::None => check(
-            Level::Warn,
-            "the agent is not running",
-            format!("{} (or systemctl start trustmig)", home.command(&["agent"])),
-        ),
-    });
-    match &answer {
-        Answer::Status(v) => out.extend(agent_state(v, home)),
-        Answer::Busy => {}
-        Answer::None => out.extend(journal_at_rest(home)),
-    }
-    if running {
-        out.push(check(
-            Level::Ok,
-            "TPM: held by the running agent (it opened it and measured itself at start)",
-            "",
-        ));
-    } else {
-        out.push(tpm(&config));
-    }
+    agent(home, &config, &mut out).await;
     for vm in &config.vms {
         if let Some(q) = vm.qemu() {
             out.push(qmp(&vm.name, &q.qmp).await);
@@ -270,6 +233,49 @@ fn policy(home: &Home, peers: &Option<KeyList>, out: &mut Vec<Check>) {
                 "trustmig attest enroll (or enroll-request / enroll-challenge / enroll-finish across hosts)",
             ),
         });
+    }
+}
+
+/// Whether the agent runs, and what needs the operator: its state when it answers, its
+/// journal read as at rest when it does not run; the TPM probed only when no agent holds it.
+async fn agent(home: &Home, config: &Config, out: &mut Vec<Check>) {
+    let answer = match agent_answer(home).await {
+        // No answer in time, but the journal is held: an agent runs (its status was slow:
+        // it asks each QEMU), and its journal is not to be read as one at rest.
+        Answer::None if crate::journal::held(&home.journal_dir()) => Answer::Busy,
+        a => a,
+    };
+    let running = !matches!(answer, Answer::None);
+    out.push(match &answer {
+        Answer::Status(_) => check(
+            Level::Ok,
+            "the agent is running (control socket answers)",
+            "",
+        ),
+        Answer::Busy => check(
+            Level::Warn,
+            "the agent is running (it holds its journal), but its control socket is busy or did not answer in 3 s (starting, or asking slow QEMUs): its state was not read",
+            "run doctor again in a moment",
+        ),
+        Answer::None => check(
+            Level::Warn,
+            "the agent is not running",
+            format!("{} (or systemctl start trustmig)", home.command(&["agent"])),
+        ),
+    });
+    match &answer {
+        Answer::Status(v) => out.extend(agent_state(v, home)),
+        Answer::Busy => {}
+        Answer::None => out.extend(journal_at_rest(home)),
+    }
+    if running {
+        out.push(check(
+            Level::Ok,
+            "TPM: held by the running agent (it opened it and measured itself at start)",
+            "",
+        ));
+    } else {
+        out.push(tpm(config));
     }
 }
 

@@ -378,19 +378,9 @@ async fn run<B: SourceVm>(
         // Only the operator settles an order by hand, and only once its session ended.
         Some(s @ Settlement::Meanwhile) => Whereabouts::InDoubt(s.vm_state()),
     };
-    // The journal still shows the order under way: the VM is not sent from here until it
-    // records the outcome, and `status`/`doctor` say why (after the give-back, which clears
-    // what was left before).
+    // After the give-back, which clears what was left before.
     if let Some(j) = unjournalled {
-        let mut how = format!(
-            "the outcome of order {} could not be journalled ({j}): the VM is not sent from here until it is; once the journal's disk is writable again, restart the agent (its start settles the order from the file)",
-            hex(&id)
-        );
-        // What the give-back left to the operator stays in sight beside it.
-        if let Some(before) = ctx.left_now(&body.vm) {
-            how = format!("{how}; and: {before}");
-        }
-        ctx.leave_to_operator(&body.vm, Some(hex(&id)), how);
+        leave_unjournalled(ctx, &id, &body.vm, &j);
     }
     note_source_result(ctx, &id, &body.vm, Err((&e, &vm_state)));
     let outcome = match &vm_state {
@@ -401,6 +391,20 @@ async fn run<B: SourceVm>(
     };
     ctx.metrics.ended("source", B::NAME, outcome, Some(&e));
     Err((e, vm_state))
+}
+
+/// The outcome of order `id` could not be journalled (`j`): the journal still shows it under
+/// way, so `vm` is not sent from here until a restart settles it; `status` and `doctor` say
+/// why, beside what the give-back left to the operator, if anything.
+fn leave_unjournalled(ctx: &Ctx, id: &OrderId, vm: &str, j: &AgentError) {
+    let mut how = format!(
+        "the outcome of order {} could not be journalled ({j}): the VM is not sent from here until it is; once the journal's disk is writable again, restart the agent (its start settles the order from the file)",
+        hex(id)
+    );
+    if let Some(before) = ctx.left_now(vm) {
+        how = format!("{how}; and: {before}");
+    }
+    ctx.leave_to_operator(vm, Some(hex(id)), how);
 }
 
 /// Whether the journal says this source order's VM is paused: at the claim, or at the
