@@ -307,6 +307,121 @@ fn the_service_unit_is_confined() {
     );
 }
 
+/// The unit gives the agent the TPM through group `tss` (contrib/trustmig.service): pins the two
+/// facts that rests on. Debian's `tpm-udev` (which libtss2 depends on) makes `/dev/tpmrm*` owner
+/// and group `tss`, mode 0660; and root with no capabilities (`CapabilityBoundingSet=` empty)
+/// opens such a file only as a member of its group: the kernel's DAC, tried on a file made so.
+/// Skipped where `tpm-udev` is not installed or not run as root, except in CI.
+#[test]
+fn the_tpm_device_is_open_to_the_units_group_only() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/trustmig.service"
+    ))
+    .unwrap();
+    let setting = |line: &str| unit.lines().any(|l| l.trim() == line);
+    assert!(setting("SupplementaryGroups=tss"), "{unit}");
+    assert!(setting("DeviceAllow=/dev/tpmrm0 rw"), "{unit}");
+    assert!(setting("CapabilityBoundingSet="), "{unit}");
+
+    let rules = [
+        "/usr/lib/udev/rules.d/60-tpm-udev.rules",
+        "/lib/udev/rules.d/60-tpm-udev.rules",
+    ];
+    let Some(rules) = rules.iter().find_map(|p| std::fs::read_to_string(p).ok()) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "tpm-udev is required in CI (libtss2 needs it)"
+        );
+        eprintln!("skipped: tpm-udev is not installed");
+        return;
+    };
+    let rule = rules
+        .lines()
+        .find(|l| l.starts_with("KERNEL==\"tpmrm[0-9]*\""))
+        .unwrap_or_else(|| panic!("no rule for tpmrm devices in {rules}"));
+    for part in ["MODE=\"0660\"", "GROUP=\"tss\""] {
+        assert!(rule.contains(part), "{rule:?} lacks {part}");
+    }
+
+    // Making a file the rule's way takes root (a CI runner may use sudo for its packages only).
+    if !is_root() {
+        eprintln!("the kernel's part skipped: not root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("tpmrm-like");
+    std::fs::write(&dev, b"x").unwrap();
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let chown = Command::new("chown")
+        .arg("tss:tss")
+        .arg(&dev)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    // The directory must be enterable once the capabilities are gone.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let open_without_caps = |groups: &[&str]| {
+        Command::new("setpriv")
+            .args(["--bounding-set=-all", "--inh-caps=-all"])
+            .args(groups)
+            .args(["sh", "-c", "exec 3<>\"$0\""])
+            .arg(&dev)
+            .output()
+            .unwrap()
+    };
+    let refused = open_without_caps(&[]);
+    assert!(
+        !refused.status.success(),
+        "root without capabilities opened it"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Permission denied"),
+        "{refused:?}"
+    );
+    let granted = open_without_caps(&["--groups", "tss"]);
+    assert!(granted.status.success(), "{granted:?}");
+}
+
+/// The unit leaves the QMP sockets' directory read-only to the agent (it is not in
+/// `ReadWritePaths=`): the agent only connects to the sockets QEMU made there, and the kernel
+/// lets a client connect to a unix socket on a read-only mount (sockets are not written
+/// through their mount). Tried in a mount namespace of its own; needs root (skipped otherwise).
+#[test]
+fn a_unix_socket_on_a_read_only_mount_takes_connections() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/trustmig.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("RuntimeDirectoryMode=0700"), "{unit}");
+    if !is_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.qmp");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let script = format!(
+        "mount --bind -o ro {d} {d} || exit 3; touch {d}/x 2>/dev/null && exit 4; \
+         echo hello | socat - UNIX-CONNECT:{d}/vm.qmp"
+    );
+    let child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(child.status.success(), "{child:?}");
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+    assert_eq!(got, "hello\n");
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().unwrap().stdout == b"0\n"
+}
+
 /// The agent's features as a build of `workspace_args` at the workspace root resolves them
 /// (normal and build edges: what goes into the binary, not the test-only ones).
 fn agent_features(workspace_args: &[&str]) -> String {

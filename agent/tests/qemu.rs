@@ -15,7 +15,7 @@ use trustmig_agent::fault::{CrashPoint, Hold, HOLD_ENV};
 use trustmig_agent::harness::wait::{eventually, eventually_blocking, until, until_blocking};
 use trustmig_agent::harness::{Pair, VmSpec};
 use trustmig_protocol::order::{Limits, NonConvergence};
-use trustmig_qemu::qmp::{MigrationStatus, Qmp};
+use trustmig_qemu::qmp::{MigrationStatus, Qmp, QmpError};
 use trustmig_tests::metrics::scrape_until;
 use trustmig_tests::proxy::{Fault, Proxy};
 
@@ -166,6 +166,46 @@ impl QemuVm {
         });
         assert!(made, "QEMU {name} did not create its QMP socket");
         vm
+    }
+
+    /// A QEMU with no guest, stopped (`-S`), with these extra arguments; its output in
+    /// `<name>.qemu.log` ([`Self::log`]). Returns once its QMP socket is there, or when it
+    /// exited first (a refused `-drive`, say).
+    fn idle(dir: &Path, name: &str, extra: &[String]) -> Self {
+        let qmp = dir.join(format!("{name}.qmp"));
+        let log = std::fs::File::create(dir.join(format!("{name}.qemu.log"))).expect("qemu log");
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "32",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+            ])
+            .args(extra)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("qemu-system-x86_64 starts");
+        let serial = dir.join(format!("{name}.serial"));
+        let mut vm = Self { child, qmp, serial };
+        let up = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+            vm.qmp.exists() || !vm.alive()
+        });
+        assert!(up, "QEMU {name} neither made its QMP socket nor exited");
+        vm
+    }
+
+    /// What an [`Self::idle`] QEMU wrote on stdout and stderr.
+    fn log(&self) -> String {
+        let path = self.qmp.with_extension("qemu.log");
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     fn alive(&mut self) -> bool {
@@ -2158,18 +2198,39 @@ async fn qemu_destination_crash_on_a_shared_image_leaves_one_copy_running() {
 /// entry goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
+    give_back_refused_for_an_image_lock(false).await;
+}
+
+/// The same, with a rollback the source's journal could not record (a full disk; fault
+/// `source:rolled-back:1`): the journal still shows the order claimed, never committed, so the
+/// retries go on as a restart's give-back would (they stopped at once, leaving the VM stopped),
+/// and `status` keeps saying that a restart settles the order once the VM runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_refused_give_back_whose_rollback_is_unrecorded_runs_once_the_lock_goes() {
+    give_back_refused_for_an_image_lock(true).await;
+}
+
+async fn give_back_refused_for_an_image_lock(rollback_unrecorded: bool) {
     let _g = SERIAL.lock().await;
     if !have_qemu_io() {
         return;
     }
     let shared = SharedImage::new();
     let drive = shared.drive.clone();
+    let mut src_env = vec![(HOLD_ENV.into(), Hold::BeforeGiveBack.env(4000))];
+    if rollback_unrecorded {
+        let fails = (
+            trustmig_agent::fault::JOURNAL_FAILS_ENV,
+            "source:rolled-back:1",
+        );
+        src_env.push((fails.0.into(), fails.1.into()));
+    }
     let opts = VmOpts {
         append: "area=16 rate=8 check=10".into(),
         mem_mib: MEM_MIB,
         src_extra: drive.clone(),
         dst_extra: drive,
-        src_env: vec![(HOLD_ENV.into(), Hold::BeforeGiveBack.env(4000))],
+        src_env,
         dst_env: crash_at(CrashPoint::DestinationFinalChallenge),
         metrics: true,
         ..VmOpts::default()
@@ -2219,7 +2280,13 @@ async fn qemu_a_give_back_refused_for_an_image_lock_runs_once_the_lock_goes() {
     let Some(text) = running else {
         panic!("{}", agent_status(&s.pair.src).await);
     };
-    assert!(!text.contains("left to the operator"), "{text}");
+    let unrecorded = "left to the operator: the outcome of order";
+    assert_eq!(text.contains(unrecorded), rollback_unrecorded, "{text}");
+    if rollback_unrecorded {
+        assert!(text.contains("restart the agent"), "{text}");
+    } else {
+        assert!(!text.contains("left to the operator"), "{text}");
+    }
     let m = tokio::task::spawn_blocking(move || scrape_until(&metrics, giving_back, 0.0));
     m.await.expect("scrape");
     assert!(s.dst.ticks().is_empty(), "the destination guest never ran");
@@ -2877,9 +2944,10 @@ async fn qemu_resumed_destination_announces_the_guest() {
 }
 
 /// Pins what spec/qemu.md §4 and SPEC.md §8.8 say of QEMU 7.2's image locks: while a QEMU has
-/// a writable image open, a second QEMU cannot open it (it exits naming the lock); once
-/// `quit_and_wait` returned (QEMU closed its QMP socket), the lock is gone and the second QEMU
-/// opens it at once.
+/// a writable image open, a second QEMU cannot open it (it exits naming the lock); at the
+/// moment `quit_and_wait` returns (QEMU closed its QMP socket) its locks on the image are
+/// already gone (looked at with `F_OFD_GETLK` at once, by a probe started beforehand: QEMU
+/// closes its images before its QMP socket), and a second QEMU opens the image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_image_lock_is_gone_when_qmp_closes_after_quit() {
     let _g = SERIAL.lock().await;
@@ -2889,68 +2957,120 @@ async fn qemu_image_lock_is_gone_when_qmp_closes_after_quit() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = dir.path().join("img.raw");
     std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
-    let start = |name: &str| {
-        let qmp = dir.path().join(format!("{name}.qmp"));
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "32",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-            ])
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio", image.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64 starts");
-        (child, qmp)
-    };
-    let wait_socket = |qmp: &Path| {
-        let made = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
-            qmp.exists()
-        });
-        assert!(made, "QEMU did not create {}", qmp.display());
-    };
-    let (mut a, a_qmp) = start("a");
-    wait_socket(&a_qmp);
+    let drive = [
+        "-drive".to_string(),
+        format!("file={},format=raw,if=virtio", image.display()),
+    ];
+    let a = QemuVm::idle(dir.path(), "a", &drive);
     // A second opener is refused while `a` holds the image.
-    let (mut b, _) = start("b");
+    let mut b = QemuVm::idle(dir.path(), "b", &drive);
     let exited = until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
-        !matches!(b.try_wait(), Ok(None))
+        !b.alive()
     });
-    if !exited {
-        let _ = b.kill();
-        panic!("a second QEMU opened an image another QEMU holds");
-    }
-    let out = b.wait_with_output().expect("b exited");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("lock"), "{err}");
-    // After quit and the QMP socket's close, the image is free.
-    let mut q = Qmp::connect(&a_qmp, Duration::from_secs(10))
+    assert!(exited, "a second QEMU opened an image another QEMU holds");
+    assert!(b.log().contains("lock"), "{}", b.log());
+    let mut probe = LockProbe::start(&image);
+    assert_eq!(probe.look(), "locked", "QEMU holds no lock on its image");
+    let mut q = Qmp::connect(&a.qmp, Duration::from_secs(10))
         .await
         .expect("qmp a");
     q.quit_and_wait(Duration::from_secs(10))
         .await
         .expect("a quits");
-    let (mut c, c_qmp) = start("c");
-    wait_socket(&c_qmp);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        matches!(c.try_wait(), Ok(None)),
-        "the image was still locked after quit_and_wait"
+    assert_eq!(
+        probe.look(),
+        "unlocked",
+        "QEMU closed its QMP socket with its image still locked"
     );
-    let _ = c.kill();
-    let _ = c.wait();
-    let _ = a.kill();
-    let _ = a.wait();
+    let mut c = QemuVm::idle(dir.path(), "c", &drive);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c.alive(), "the image was still locked: {}", c.log());
+}
+
+/// A process that tells, each time it is asked, whether any process holds a lock on a file
+/// (`F_OFD_GETLK` for a write lock over the whole file: QEMU's image locks are OFD locks on
+/// single bytes). Started ahead, so that a look takes microseconds, not a process's start.
+struct LockProbe(Child);
+
+impl LockProbe {
+    fn start(file: &Path) -> Self {
+        let script = r#"
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+for _ in sys.stdin:
+    want = struct.pack("hh4xqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, want)
+    print("unlocked" if struct.unpack("hh4xqqi4x", got)[0] == fcntl.F_UNLCK else "locked", flush=True)
+"#;
+        let child = Command::new("python3")
+            .args(["-c", script])
+            .arg(file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        Self(child)
+    }
+
+    fn look(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.0.stdin.as_mut().expect("probe stdin");
+        stdin.write_all(b"look\n").expect("probe asked");
+        let mut line = String::new();
+        let out = self.0.stdout.as_mut().expect("probe stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("probe answers");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for LockProbe {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SPEC.md §8.8 and spec/qemu.md §4: QEMU 7.2's QMP socket serves one client at a time. A
+/// second client gets no greeting while the first is connected (so a give-back's try, holding
+/// its connection, knows no migration of the VM starts in between; and `doctor` calls a socket
+/// whose greeting does not come busy), and gets it as soon as the first one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_serves_one_qmp_client_at_a_time() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vm = QemuVm::idle(dir.path(), "a", &[]);
+    let mut first = Qmp::connect(&vm.qmp, Duration::from_secs(10))
+        .await
+        .expect("first client");
+    let second = Qmp::connect(&vm.qmp, Duration::from_secs(1)).await;
+    assert!(
+        matches!(&second, Err(QmpError::Timeout { waiting_for, .. }) if waiting_for == "greeting"),
+        "a second client while the first is connected: {:?}",
+        second.err()
+    );
+    let path = vm.qmp.clone();
+    let waiting = tokio::spawn(async move { Qmp::connect(&path, Duration::from_secs(10)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first
+        .query_status()
+        .await
+        .expect("the first client is served");
+    assert!(!waiting.is_finished(), "greeted beside the first client");
+    drop(first);
+    let mut second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("greeted once the first client went")
+        .expect("task")
+        .expect("second client");
+    second
+        .query_status()
+        .await
+        .expect("the second client is served");
 }
 
 /// QEMU's stamp of its `MIGRATION` `completed` event (`events` on); a failed migration panics.
@@ -3427,6 +3547,118 @@ async fn qemu_answers_no_qmp_command_during_its_stop_and_copy() {
         before * 2 < all,
         "{before} of {all} bytes went before the guest stopped: QEMU switched over late"
     );
+}
+
+/// A relay from a listener at `from` to QEMU's incoming socket at `to`, at `rate` bytes per
+/// second until `stall` is set; from then on it reads nothing, and it closes both sockets when
+/// `cut` fires (a peer that stopped reading without closing, then went).
+async fn stalling_relay(
+    from: &Path,
+    to: &Path,
+    rate: u64,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::UnixListener::bind(from).expect("relay bind");
+    let to = to.to_path_buf();
+    tokio::spawn(async move {
+        let (mut src, _) = listener.accept().await.expect("relay accept");
+        let mut dst = tokio::net::UnixStream::connect(&to)
+            .await
+            .expect("relay connect");
+        let (start, mut so_far) = (Instant::now(), 0u64);
+        let mut buf = vec![0u8; 16 << 10];
+        while !stall.load(std::sync::atomic::Ordering::SeqCst) {
+            // Looked at again every 20 ms: a stall set while QEMU sends nothing still holds.
+            let read = tokio::time::timeout(Duration::from_millis(20), src.read(&mut buf));
+            let n = match read.await {
+                Ok(r) => r.unwrap_or(0),
+                Err(_) => continue,
+            };
+            if n == 0 || dst.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            so_far += n as u64;
+            let due = start + Duration::from_secs_f64(so_far as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let _ = cut.await;
+    })
+}
+
+/// spec/qemu.md §4 (the give-back drops the pumps first) and SPEC.md §8.8 (QEMU's own
+/// rollback): a source QEMU blocked writing its stop-and-copy to a peer that stopped reading
+/// holds its big lock and answers no QMP command; once its migration socket closes (what the
+/// agent's give-back does first, dropping its pumps) the write fails, QEMU answers again, the
+/// migration is `failed`, and QEMU itself runs the guest that ran at the switch-over again,
+/// with no `cont` from anyone. Plain QEMU to QEMU, QEMU's largest `downtime-limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_blocked_in_its_stop_and_copy_answers_and_runs_the_guest_once_its_stream_closes() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (src, _dst, mut s, mut d) = bare_pair(dir.path(), "area=16 rate=0 check=1000000").await;
+    s.migrate_set_capabilities(&[("events", true)])
+        .await
+        .expect("source capabilities");
+    s.migrate_set_parameters(2_000_000, 1 << 40)
+        .await
+        .expect("parameters");
+    let (relay, incoming) = (dir.path().join("r.sock"), dir.path().join("m.sock"));
+    d.migrate_incoming(&format!("unix:{}", incoming.display()))
+        .await
+        .expect("migrate-incoming");
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (cut, cut_rx) = tokio::sync::oneshot::channel();
+    let relayed = stalling_relay(&relay, &incoming, 8_000_000, stall.clone(), cut_rx).await;
+    s.migrate(&format!("unix:{}", relay.display()))
+        .await
+        .expect("migrate");
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), s.event())
+            .await
+            .expect("the guest stops within 60 s")
+            .expect("QMP event");
+        if ev.name == "STOP" {
+            break;
+        }
+    }
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Past the moment right after `STOP` in which QEMU may still answer (see above); more
+    // than half the guest's memory is still to send, far more than the sockets buffer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = tokio::spawn(async move {
+        let r = s.query_status().await;
+        (r, s, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !asked.is_finished(),
+        "QEMU answered while its stop-and-copy could not write"
+    );
+    let ticks = src.ticks().len();
+    let closed = Instant::now();
+    cut.send(()).expect("the relay waits");
+    relayed.await.expect("relay");
+    let (r, mut s, answered) = tokio::time::timeout(Duration::from_secs(10), asked)
+        .await
+        .expect("QEMU answers once its migration socket closed")
+        .expect("the query's task");
+    r.expect("query-status");
+    eprintln!("answered {:?} after the close", answered - closed);
+    let info = s.query_migrate().await.expect("query-migrate");
+    assert_eq!(info.status.as_deref(), Some("failed"), "{info:?}");
+    let running = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        async || Some(s.query_status().await.expect("query-status")).filter(|st| st.running),
+    )
+    .await;
+    assert!(running.is_some(), "QEMU did not run the guest again itself");
+    src.wait_ticks(ticks + 3, Duration::from_secs(30));
 }
 
 /// Issue 14, case 3: a data stream that never binds (its `StreamInit` tampered with). The

@@ -346,10 +346,17 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String, was:
             Err(why) => warn!(vm, "rolled back, not running: {why}"),
         }
         if still_ours() {
-            match &r {
-                Ok(_) => drop(ctx.left_to_operator.lock().expect("left lock").remove(&vm)),
-                Err(why) => {
-                    let how = format!("rolled back, not running: {why}");
+            // Left meanwhile under this order (the give-back cleared what was before): the
+            // journal could not record the rollback, which only a restart settles.
+            let unjournalled = ctx.left_now(&vm);
+            match (&r, unjournalled) {
+                (Ok(_), None) => drop(ctx.left_to_operator.lock().expect("left lock").remove(&vm)),
+                (Ok(_), Some(_)) => {}
+                (Err(why), before) => {
+                    let mut how = format!("rolled back, not running: {why}");
+                    if let Some(before) = before {
+                        how = format!("{how}; and: {before}");
+                    }
                     ctx.leave_to_operator(&vm, order.clone(), how);
                 }
             }
@@ -364,10 +371,13 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String, was:
 
 /// Whether a VM whose give-back of order `order` stopped retrying without the VM running is
 /// the operator's now: only while the journal still gives it to this host under that order (a
-/// newer order that took it meanwhile, even one given back in turn, is its own business).
+/// newer order that took it meanwhile, even one given back in turn, is its own business). An
+/// order the journal still shows claimed is one whose rollback it could not record (a full
+/// disk): never at COMMIT here, so its destination never runs the VM, and the give-back goes
+/// on as a restart's would (the retries stopped at once before, leaving the VM stopped).
 fn left_after_retries(journal: &Journal, vm: &str, order: &Option<String>) -> bool {
     let current = journal.last_order_of(vm).map(|r| &r.order_id);
-    current == order.as_ref() && !journal.leaving(vm) && !journal.migrated_away(vm)
+    current == order.as_ref() && !journal.in_doubt_as_source(vm) && !journal.migrated_away(vm)
 }
 
 /// The retry loop of [`keep_trying`], apart from the agent's state so it can be tested against
@@ -681,6 +691,13 @@ mod tests {
             &[("ab", "source", "rolled-back"), ("cd", "source", "claimed")],
         );
         assert!(!left_after_retries(&leaving, "q", &ab));
+        // Its rollback unrecorded: still claimed, never committed, still the VM's here.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let unrecorded = journal(tmp.path(), &[("ab", "source", "claimed")]);
+        assert!(left_after_retries(&unrecorded, "q", &ab));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let in_doubt = journal(tmp.path(), &[("ab", "source", "committed")]);
+        assert!(!left_after_retries(&in_doubt, "q", &ab));
         let tmp = tempfile::tempdir().expect("tmp");
         let away = journal(
             tmp.path(),
