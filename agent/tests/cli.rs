@@ -222,12 +222,47 @@ fn port_in_use_is_named_with_the_fix() {
     assert!(ok, "{err}");
     fails_with(&["agent", "--home", h], &format!("cannot listen on {addr}"));
     fails_with(&["agent", "--home", h], "change `listen` in config.toml");
-    // A configured guest larger than this host's memory is named, not an allocation abort.
     let cfg = home.join("config.toml");
+    below_1024_without_capabilities(&cfg, &addr, h);
+    // A configured guest larger than this host's memory is named, not an allocation abort.
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text += "\n[[vm]]\nname = \"huge\"\nbackend = \"synthetic\"\nsize_mib = 1000000\n";
     std::fs::write(&cfg, text).unwrap();
     fails_with(&["agent", "--home", h], "lower size_mib");
+}
+
+/// contrib/trustmig.service grants no capability: an agent whose `listen` is a port below
+/// 1024 cannot bind it, and says which capability it lacks. Root without capabilities
+/// (`setpriv`, as the unit leaves it) on a free port below the kernel's unprivileged start.
+/// Needs root and the default `ip_unprivileged_port_start` of 1024 (skipped otherwise).
+fn below_1024_without_capabilities(cfg: &std::path::Path, addr: &str, home: &str) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start");
+    if !is_root() || start.map(|s| s.trim() == "1024").ok() != Some(true) {
+        eprintln!("the port-below-1024 part skipped: not root, or ports below 1024 are open");
+        return;
+    }
+    let free = (900..1024).find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok());
+    let low = format!("127.0.0.1:{}", free.expect("a free port below 1024"));
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let moved = text.replace(&format!("\"{addr}\""), &format!("\"{low}\""));
+    assert_ne!(moved, text, "listen = {addr:?} in {text}");
+    std::fs::write(cfg, &moved).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_trustmig"))
+        .args(["agent", "--home", home])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for part in [
+        &format!("cannot listen on {low}"),
+        "Permission denied",
+        "CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(err.contains(part), "{err:?} lacks {part:?}");
+    }
+    std::fs::write(cfg, text).unwrap();
 }
 
 /// `trustmig qemu destination-command` leaves out a transferred disk's drive and device (and

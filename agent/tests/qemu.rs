@@ -4904,6 +4904,25 @@ async fn mirror_left_by_a_killed_source_agent(renamed: Option<&str>) {
             "the killed agent left {node}: {nodes}"
         );
     }
+    // spec/qemu.md §5: QEMU keeps the job (`auto-dismiss` off): still `ready`, or concluded
+    // with the broken NBD connection's error.
+    let jobs = q
+        .execute("query-jobs", serde_json::json!({}))
+        .await
+        .expect("jobs");
+    let left = (jobs.as_array().into_iter().flatten())
+        .find(|j| {
+            j["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("trustmig-mirror-"))
+        })
+        .unwrap_or_else(|| panic!("the killed agent's mirror job is gone: {jobs}"));
+    let kept = match left["status"].as_str() {
+        Some("ready") => true,
+        Some("concluded") => left["error"].is_string(),
+        _ => false,
+    };
+    assert!(kept, "{left}");
     if let Some(name) = renamed {
         rename_disk(&s.pair.src, name);
         rename_disk(&s.pair.dst, name);
