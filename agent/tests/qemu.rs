@@ -2987,6 +2987,73 @@ async fn qemu_image_lock_is_gone_when_qmp_closes_after_quit() {
     assert!(c.alive(), "the image was still locked: {}", c.log());
 }
 
+/// spec/qemu.md §1: QEMU 7.2 takes `-blockdev` and `-device` in JSON (as libvirt writes them),
+/// and an inline child's `node-name` (`file.node-name`) names a node a device may use; so
+/// `trustmig qemu destination-command` leaves out a transferred disk's device that names that
+/// inline node, as it does one naming the format node. Checked against QEMU itself: the
+/// source's line runs, QEMU lists both nodes and attaches the device to the inline one; the
+/// derived line holds neither option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_reads_json_options_and_an_inline_node_name_as_the_parser_does() {
+    let _g = SERIAL.lock().await;
+    if tools_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("d0.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
+    let blockdev = serde_json::json!({
+        "driver": "raw",
+        "node-name": "d0",
+        "file": {"driver": "file", "filename": image, "node-name": "f0"},
+    });
+    let device = serde_json::json!({"driver": "virtio-blk-pci", "drive": "f0", "id": "vd0"});
+    let extra = [
+        "-blockdev".to_string(),
+        blockdev.to_string(),
+        "-device".into(),
+        device.to_string(),
+    ];
+    let mut vm = QemuVm::idle(dir.path(), "src", &extra);
+    assert!(vm.alive(), "QEMU refused the JSON options: {}", vm.log());
+    let mut q = vm.qmp().await.expect("qmp");
+    let nodes = q
+        .execute("query-named-block-nodes", serde_json::json!({"flat": true}))
+        .await
+        .expect("nodes");
+    let names: Vec<&str> = (nodes.as_array().into_iter().flatten())
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(names.contains(&"d0") && names.contains(&"f0"), "{nodes}");
+    let block = q
+        .execute("query-block", serde_json::json!({}))
+        .await
+        .expect("query-block");
+    let attached = (block.as_array().into_iter().flatten())
+        .find(|b| b["qdev"].as_str().is_some_and(|d| d.contains("vd0")))
+        .unwrap_or_else(|| panic!("no device vd0: {block}"));
+    assert_eq!(attached["inserted"]["node-name"], "f0", "{attached}");
+    let out = Command::new(env!("CARGO_BIN_EXE_trustmig"))
+        .args(["qemu", "destination-command", "--qmp"])
+        .arg(dir.path().join("dst.qmp"))
+        .arg("--transferred-disk")
+        .arg(&image)
+        .args(["--", "qemu-system-x86_64", "-m", "32"])
+        .args(&extra)
+        .output()
+        .expect("trustmig");
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !line.contains("-blockdev") && !line.contains("-device"),
+        "{line}"
+    );
+}
+
 /// A process that tells, each time it is asked, whether any process holds a lock on a file
 /// (`F_OFD_GETLK` for a write lock over the whole file: QEMU's image locks are OFD locks on
 /// single bytes). Started ahead, so that a look takes microseconds, not a process's start.
