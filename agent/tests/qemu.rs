@@ -3432,7 +3432,7 @@ async fn qemu_counts_its_last_bitmap_sync_after_the_guest_stopped() {
 /// a bitmap sync at most once a second and raises its throttle by the increment at every second
 /// look that finds the guest too fast, first to `cpu-throttle-initial`: raises at least two
 /// syncs and two seconds apart (by QEMU's stamps), which is what the agent's wait for each step
-/// rests on. Plain QEMU to QEMU: a guest dirtying fast through a 20 MB/s cap with a 1 ms limit,
+/// rests on, and within 4 syncs or 8 s of each other, which its giving up on a rise rests on. Plain QEMU to QEMU: a guest dirtying fast through a 20 MB/s cap with a 1 ms limit,
 /// the throttle read at each `MIGRATION_PASS`, until it reached 60%. Then, the limit raised so
 /// that QEMU switches over: at completion QEMU no longer shows a throttle (why the agent's
 /// summary keeps the highest it saw in pre-copy).
@@ -3503,6 +3503,13 @@ async fn qemu_raises_its_throttle_at_no_more_than_every_second_sync() {
         assert!(
             pair[1].0 >= pair[0].0 + 2 && apart >= Duration::from_millis(1900),
             "raised {apart:?} apart: {raises:?} (of {syncs} syncs)"
+        );
+        // And no later than the agent's patience for a rise (4 rounds and 8 s, whichever
+        // ends later) allows: two looks, a second or more apart, each at a sync.
+        assert!(
+            pair[1].0 <= pair[0].0 + 4 || apart <= Duration::from_secs(8),
+            "raised {apart:?} and {} syncs apart: {raises:?}",
+            pair[1].0 - pair[0].0
         );
     }
 }
