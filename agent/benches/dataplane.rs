@@ -139,7 +139,7 @@ fn main() {
         seed: 1,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut src = SyntheticGuest::new("bench", &cfg);
+    let mut src = SyntheticGuest::new("bench", &cfg).expect("the bench guest's memory");
     let pages = src.page_count();
     let zero = vec![0u8; PAGE_SIZE];
     println!("data-plane throughput, idle {size_mib} MiB guest (all pages non-zero), loopback TCP");
@@ -150,7 +150,7 @@ fn main() {
     for streams in [1u16, 2, 4] {
         let mut figures = Vec::new();
         for null in [false, true] {
-            let mut g = SyntheticGuest::zeroed("dst", pages);
+            let mut g = SyntheticGuest::zeroed("dst", pages).expect("the bench guest's memory");
             for p in 0..pages {
                 g.write_page(p, &zero).unwrap(); // pre-fault
             }

@@ -14,6 +14,22 @@ use crate::config::SyntheticVm;
 /// Page size of synthetic guests.
 pub const PAGE_SIZE: usize = 4096;
 
+/// The allocator refused a guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoMemory {
+    /// Pages asked for.
+    pub pages: u64,
+}
+
+impl std::fmt::Display for NoMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = self.pages.saturating_mul(PAGE_SIZE as u64) >> 20;
+        write!(f, "cannot allocate {mib} MiB of guest memory here")
+    }
+}
+
+impl std::error::Error for NoMemory {}
+
 /// A synthetic guest.
 pub struct SyntheticGuest {
     name: String,
@@ -31,9 +47,9 @@ pub struct SyntheticGuest {
 
 impl SyntheticGuest {
     /// A guest as configured, with `fill_fraction` of its pages holding data.
-    pub fn new(name: &str, cfg: &SyntheticVm) -> Self {
-        let pages = cfg.size_mib * (1 << 20) / PAGE_SIZE as u64;
-        let mut g = Self::zeroed(name, pages);
+    pub fn new(name: &str, cfg: &SyntheticVm) -> Result<Self, NoMemory> {
+        let pages = cfg.size_mib.saturating_mul(1 << 20) / PAGE_SIZE as u64;
+        let mut g = Self::zeroed(name, pages)?;
         g.rate = cfg.dirty_pages_per_sec;
         g.hot_pages = ((pages as f64 * cfg.hot_fraction) as u64).clamp(1, pages);
         g.rng = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -48,27 +64,43 @@ impl SyntheticGuest {
             }
         }
         g.dirty.clear_all();
-        g
+        Ok(g)
     }
 
     /// An all-zero, paused guest (a destination waiting for state), its memory pre-faulted
     /// as QEMU's `-mem-prealloc` does: the allocator hands out zero pages the kernel maps only
     /// at their first write, and taking one fault per page while pages arrive made the
     /// destination, not the transport, set the pace.
-    pub fn prefaulted(name: &str, pages: u64) -> Self {
-        let mut g = Self::zeroed(name, pages);
+    pub fn prefaulted(name: &str, pages: u64) -> Result<Self, NoMemory> {
+        let mut g = Self::zeroed(name, pages)?;
         for page in g.mem.chunks_mut(PAGE_SIZE) {
             // Through `black_box`, so the store of a zero into zeroed memory is not elided.
             *std::hint::black_box(&mut page[0]) = 0;
         }
-        g
+        Ok(g)
     }
 
-    /// An all-zero, paused guest.
-    pub fn zeroed(name: &str, pages: u64) -> Self {
+    /// An all-zero, paused guest, or `NoMemory` where the allocator refuses its memory: asked
+    /// first without zeroing or touching it, since the zeroed allocation that follows (which
+    /// the kernel maps only as pages are written) aborts the whole agent when refused. Seen
+    /// under the unit's `ProcSubset=pid`, where no `MemAvailable` check came first.
+    pub fn zeroed(name: &str, pages: u64) -> Result<Self, NoMemory> {
+        let bytes = (pages.checked_mul(PAGE_SIZE as u64))
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or(NoMemory { pages })?;
+        (Vec::<u8>::new().try_reserve_exact(bytes)).map_err(|_| NoMemory { pages })?;
+        Ok(Self::of(name, vec![0; bytes], pages))
+    }
+
+    /// A guest with no memory: what a destination leaves in place of the guest it hands on.
+    pub fn empty(name: &str) -> Self {
+        Self::of(name, Vec::new(), 0)
+    }
+
+    fn of(name: &str, mem: Vec<u8>, pages: u64) -> Self {
         Self {
             name: name.into(),
-            mem: vec![0; (pages as usize) * PAGE_SIZE],
+            mem,
             dirty: DirtyBitmap::new(pages),
             rate: 0,
             hot_pages: pages.max(1),
@@ -233,10 +265,10 @@ mod tests {
 
     #[test]
     fn deterministic_and_rate_driven() {
-        let a = SyntheticGuest::new("t", &cfg(1000));
-        let b = SyntheticGuest::new("t", &cfg(1000));
+        let a = SyntheticGuest::new("t", &cfg(1000)).unwrap();
+        let b = SyntheticGuest::new("t", &cfg(1000)).unwrap();
         assert_eq!(a.checksum(), b.checksum());
-        let mut g = SyntheticGuest::new("t", &cfg(1000));
+        let mut g = SyntheticGuest::new("t", &cfg(1000)).unwrap();
         g.resume();
         let t0 = Instant::now();
         g.tick(t0);
@@ -256,7 +288,7 @@ mod tests {
     /// at the rate it would have written for a day.
     #[test]
     fn a_tick_after_a_long_gap_is_bounded() {
-        let mut g = SyntheticGuest::new("t", &cfg(25_600));
+        let mut g = SyntheticGuest::new("t", &cfg(25_600)).unwrap();
         g.resume();
         let t0 = Instant::now();
         g.tick(t0);

@@ -229,6 +229,56 @@ fn port_in_use_is_named_with_the_fix() {
     text += "\n[[vm]]\nname = \"huge\"\nbackend = \"synthetic\"\nsize_mib = 1000000\n";
     std::fs::write(&cfg, text).unwrap();
     fails_with(&["agent", "--home", h], "lower size_mib");
+    with_meminfo_hidden(h);
+}
+
+/// contrib/trustmig.service's `ProcSubset=pid` mounts the unit's /proc with `subset=pid`,
+/// which hides /proc/meminfo (tried in a mount and pid namespace of its own): the agent then
+/// cannot check its synthetic VMs' memory against the host's and says so; a guest larger than
+/// the allocator grants is still a configuration error naming the VM (it aborted the agent on
+/// the allocation). Needs root (skipped otherwise).
+fn with_meminfo_hidden(home: &str) {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/trustmig.service"
+    ))
+    .unwrap();
+    assert!(unit.lines().any(|l| l == "ProcSubset=pid"), "{unit}");
+    if !is_root() {
+        eprintln!("the ProcSubset part skipped: not root");
+        return;
+    }
+    let script = "mount -t proc -o subset=pid proc /proc || exit 3; \
+                  test -e /proc/meminfo && exit 4; test -e /proc/self/stat || exit 5; exec \"$@\"";
+    let out = Command::new("unshare")
+        .args([
+            "-m",
+            "-p",
+            "-f",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_trustmig"))
+        .args(["agent", "--home", home])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        ![Some(3), Some(4), Some(5)].contains(&out.status.code()),
+        "{out:?}"
+    );
+    assert!(!out.status.success(), "{err}");
+    for part in [
+        "cannot read MemAvailable",
+        "vm \"huge\": cannot allocate 1000000 MiB of guest memory here; lower size_mib",
+    ] {
+        assert!(err.contains(part), "{err:?} lacks {part:?}");
+    }
+    assert!(!err.contains("memory allocation of"), "{err}");
 }
 
 /// contrib/trustmig.service grants no capability: an agent whose `listen` is a port below

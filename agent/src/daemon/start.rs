@@ -95,7 +95,7 @@ pub(super) async fn load(home: Home) -> Result<Started, AgentError> {
         tpm: attester.clone(),
         pcr: config.tpm.audit_pcr,
     }))?;
-    let vms = start_synthetic_vms(&config, &journal);
+    let vms = start_synthetic_vms(&config, &journal, &home)?;
     let listener =
         TcpListener::bind(&config.listen)
             .await
@@ -205,7 +205,11 @@ fn check_memory(config: &Config, journal: &Journal, home: &Home) -> Result<(), A
 
 /// The synthetic guests this host runs (QEMU VMs live in their QEMU), except those that
 /// migrated away: they are their destination's now, never two running copies.
-fn start_synthetic_vms(config: &Config, journal: &Journal) -> HashMap<String, SyntheticGuest> {
+fn start_synthetic_vms(
+    config: &Config,
+    journal: &Journal,
+    home: &Home,
+) -> Result<HashMap<String, SyntheticGuest>, AgentError> {
     config
         .vms
         .iter()
@@ -218,9 +222,13 @@ fn start_synthetic_vms(config: &Config, journal: &Journal) -> HashMap<String, Sy
             !gone
         })
         .map(|(name, cfg)| {
-            let mut g = SyntheticGuest::new(name, cfg);
+            // Past `check_memory`, or where it could not look.
+            let mut g = SyntheticGuest::new(name, cfg).map_err(|e| AgentError::BadConfig {
+                path: home.config(),
+                reason: format!("vm {name:?}: {e}; lower size_mib"),
+            })?;
             trustmig_protocol::precopy::GuestMemory::resume(&mut g);
-            (name.clone(), g)
+            Ok((name.clone(), g))
         })
         .collect()
 }

@@ -61,6 +61,7 @@ impl SyntheticDest {
             // Pre-faulting 4 GiB takes about a second: the agent's runtime is multi-threaded,
             // so this worker hands its other tasks to the rest meanwhile.
             tokio::task::block_in_place(|| SyntheticGuest::prefaulted(vm, page_count))
+                .map_err(|e| AgentError::Refused(e.to_string()))?
         };
         let engine = PrecopyDest::new(&guest, page_size, page_count, est.streams)?;
         Ok(Self {
@@ -204,7 +205,7 @@ impl DestVm for SyntheticDest {
     async fn resume(&mut self, ctx: &Arc<Ctx>, paused: bool) -> Result<(), AgentError> {
         let mut guest = {
             let mut st = self.state.lock().expect("state lock");
-            std::mem::replace(&mut st.guest, SyntheticGuest::zeroed(&self.vm, 1))
+            std::mem::replace(&mut st.guest, SyntheticGuest::empty(&self.vm))
         };
         // Never paused here: `HANDS_OVER_PAUSED` is false, so the driver refused before COMMIT.
         debug_assert!(!paused, "a synthetic guest handed over paused");

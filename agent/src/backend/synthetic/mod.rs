@@ -48,7 +48,7 @@ pub(crate) fn resume_given_back(ctx: &Arc<Ctx>, vm: &str, cfg: &SyntheticVm) -> 
 fn fresh_guest(vm: &str, cfg: &SyntheticVm) -> Result<SyntheticGuest, crate::error::AgentError> {
     let pages = cfg.size_mib.saturating_mul(1 << 20) / crate::guest::PAGE_SIZE as u64;
     let _room = dest::Room::take(pages)?;
-    Ok(SyntheticGuest::new(vm, cfg))
+    SyntheticGuest::new(vm, cfg).map_err(|e| crate::error::AgentError::Refused(e.to_string()))
 }
 
 /// The guest `vm` runs on its destination: the copy parked here goes.
