@@ -8,8 +8,9 @@ set -euo pipefail
 # tests and the harness run (a minimal image may leave it out).
 pkgs=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc g++ libc6-dev binutils procps qemu-system-x86 qemu-utils socat openssl python3)
 # `test` (from test.sh): what the tests need beyond the demo: systemd-analyze, which scores the
-# service unit offline (a container may have no systemd).
-[ "${1:-}" = test ] && pkgs+=(systemd)
+# service unit offline and expands its system call filter (a container may have no systemd);
+# strace and libseccomp's python3 module, which run the agents under that filter.
+[ "${1:-}" = test ] && pkgs+=(systemd strace python3-seccomp)
 # Installed, whatever its selection: a package on hold (`hold ok installed`, a pinned
 # backport, say) is there.
 missing_pkgs() {

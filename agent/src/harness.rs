@@ -116,6 +116,10 @@ pub struct Pair {
     pub src_env: Vec<(String, String)>,
     /// Extra environment of the destination agent process (fault injection, `crate::fault`).
     pub dst_env: Vec<(String, String)>,
+    /// A command each agent [source, destination] runs under, its program and arguments
+    /// before the agent's (`strace -D ...`): it must leave the agent the process started, so
+    /// that signals reach it.
+    pub wrap: [Vec<String>; 2],
     exe: PathBuf,
     tpms: Vec<Swtpm>,
     /// With `TRUSTMIG_TPM_SIGN_MS`: a relay per TPM that makes it sign as slowly as hardware.
@@ -246,6 +250,7 @@ impl Pair {
             strict_final_quote: false,
             src_env: Vec::new(),
             dst_env: Vec::new(),
+            wrap: [Vec::new(), Vec::new()],
             exe: exe.to_path_buf(),
             tpms,
             slow,
@@ -300,7 +305,15 @@ impl Pair {
             .map_err(AgentError::io(&log))?;
         let err = out.try_clone().map_err(AgentError::io(&log))?;
         let env = if i == 0 { &self.src_env } else { &self.dst_env };
-        let child = Command::new(&self.exe)
+        let mut cmd = match self.wrap[i].split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--home")
             .arg(home.root())
