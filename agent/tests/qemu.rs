@@ -4632,15 +4632,17 @@ async fn mirror_moves(format: &'static str, disk_toml: &str) -> Option<(String, 
     Some((s.all_logs(), same_file))
 }
 
-/// contrib/trustmig.service's `SystemCallFilter=` lets the agents work, and `qemu-img` with
-/// them (it inherits the filter): both agents run under that filter, built as the unit's lines
-/// say (`systemd-analyze syscall-filter` expands their groups: `@system-service` less the `~`
+/// contrib/trustmig.service's `SystemCallFilter=` (and what else of the unit seccomp and
+/// `setpriv` can say: [`SECCOMP_EXEC`]) lets the agents work, and `qemu-img` with them (it
+/// inherits the filter): both agents run under that filter, built as the unit's lines say
+/// (`systemd-analyze syscall-filter` expands their groups: `@system-service` less the `~`
 /// groups; any other call fails with `EPERM`, `SystemCallErrorNumber=`) and loaded by
-/// libseccomp before the agent is executed, through a whole migration that uses the most (a
-/// qcow2 disk mirrored with `verify = "full"`, so both run `qemu-img`; start-up, TPM, journal,
-/// QMP, TLS, the data path, shutdown). Under `strace -f` too, which names the calls the filter
-/// refused (printed; QEMU 7.2's `qemu-img` tries `set_mempolicy` and goes on). The unit never
-/// runs under a real systemd here; this is its filter without it.
+/// libseccomp before the agent is executed, as root without capabilities in group `tss`,
+/// through a whole migration that uses the most (a qcow2 disk mirrored with
+/// `verify = "full"`, so both run `qemu-img`; start-up, TPM, journal, QMP, TLS, the data path,
+/// shutdown). Under `strace -f` too, which names the calls the filter refused (printed; QEMU
+/// 7.2's `qemu-img` tries `set_mempolicy` and goes on). The unit never runs under a real
+/// systemd here; this is its filter without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_the_agents_work_under_the_units_system_call_filter() {
     let _g = SERIAL.lock().await;
@@ -4664,20 +4666,24 @@ async fn qemu_the_agents_work_under_the_units_system_call_filter() {
     let confined = |who: &str| {
         let out = traces.path().join(who).display().to_string();
         let allow = allow_file.display().to_string();
-        [
-            "strace",
-            "-D",
-            "-f",
-            "-qq",
-            "-o",
-            &out,
+        let confine = [
+            // CapabilityBoundingSet= (empty), SupplementaryGroups=tss.
+            "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--groups",
+            "tss",
             "/usr/bin/python3",
             "-c",
             SECCOMP_EXEC,
             &allow,
-        ]
-        .map(String::from)
-        .to_vec()
+        ];
+        let strace = ["strace", "-D", "-f", "-qq", "-o", &out];
+        strace
+            .iter()
+            .chain(&confine)
+            .map(|a| a.to_string())
+            .collect()
     };
     opts.wrap = [confined("source"), confined("destination")];
     let Some(mut s) = setup_with(&opts, true) else {
@@ -4695,29 +4701,49 @@ async fn qemu_the_agents_work_under_the_units_system_call_filter() {
     for who in ["source", "destination"] {
         let text = std::fs::read_to_string(traces.path().join(who)).expect("strace output");
         let refused = refused_syscalls(&text, &allowed);
-        // The wrapper's own proof that the filter was in force.
+        // The filter was in force (the wrapper also exits, and the agent never starts, unless
+        // W|X memory, a netlink socket and capabilities are refused).
         assert!(refused.contains("sched_setaffinity"), "{who}: {refused:?}");
         println!("{who}: refused by the filter: {refused:?}");
     }
 }
 
-/// Loads a seccomp filter that allows the system calls named in the file `argv[1]` and fails
-/// every other with `EPERM`, checks that it holds (`sched_setaffinity`, of `@resources`, is
-/// refused), then executes `argv[2..]`.
+/// Confines itself as much of contrib/trustmig.service as seccomp can say, then executes
+/// `argv[2..]`: the system calls named in the file `argv[1]` (`SystemCallFilter=`), every other
+/// failing with `EPERM` (`SystemCallErrorNumber=`); no memory both writable and executable
+/// (`MemoryDenyWriteExecute=`: `mmap`, `mprotect` and `pkey_mprotect` with both); sockets of
+/// `AF_UNIX`, `AF_INET` and `AF_INET6` only (`RestrictAddressFamilies=`); `UMask=0077`. It
+/// checks each holds first, and that it has no capabilities (`setpriv` ran it).
 const SECCOMP_EXEC: &str = r#"
-import errno, os, sys, seccomp
+import errno, mmap, os, socket, sys, seccomp
 f = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
+wx = mmap.PROT_WRITE | mmap.PROT_EXEC
 for name in open(sys.argv[1]).read().split():
     try:
-        f.add_rule(seccomp.ALLOW, name)
+        if name in ("mmap", "mprotect", "pkey_mprotect"):
+            for prot in (0, mmap.PROT_WRITE, mmap.PROT_EXEC):
+                f.add_rule(seccomp.ALLOW, name, seccomp.Arg(2, seccomp.MASKED_EQ, wx, prot))
+        elif name == "socket":
+            for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+                f.add_rule(seccomp.ALLOW, name, seccomp.Arg(0, seccomp.EQ, family))
+        else:
+            f.add_rule(seccomp.ALLOW, name)
     except Exception:
         pass  # a name this libseccomp does not know
 f.load()
-try:
-    os.sched_setaffinity(0, {0})
-    sys.exit("the filter is not in force")
-except PermissionError:
-    pass
+os.umask(0o077)
+def refused(what, attempt):
+    try:
+        attempt()
+    except PermissionError:
+        return
+    sys.exit(what + " is not refused")
+refused("sched_setaffinity", lambda: os.sched_setaffinity(0, {0}))
+refused("W|X memory", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | wx))
+refused("AF_NETLINK", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
+status = open("/proc/self/status").read()
+if "CapEff:\t0000000000000000" not in status:
+    sys.exit("capabilities left: " + status)
 os.execv(sys.argv[2], sys.argv[2:])
 "#;
 
