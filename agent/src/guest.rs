@@ -67,29 +67,22 @@ impl SyntheticGuest {
         Ok(g)
     }
 
-    /// An all-zero, paused guest (a destination waiting for state), its memory pre-faulted
-    /// as QEMU's `-mem-prealloc` does: the allocator hands out zero pages the kernel maps only
-    /// at their first write, and taking one fault per page while pages arrive made the
-    /// destination, not the transport, set the pace.
-    pub fn prefaulted(name: &str, pages: u64) -> Result<Self, NoMemory> {
-        let mut g = Self::zeroed(name, pages)?;
-        for page in g.mem.chunks_mut(PAGE_SIZE) {
-            // Through `black_box`, so the store of a zero into zeroed memory is not elided.
-            *std::hint::black_box(&mut page[0]) = 0;
-        }
-        Ok(g)
-    }
-
-    /// An all-zero, paused guest, or `NoMemory` where the allocator refuses its memory: asked
-    /// first without zeroing or touching it, since the zeroed allocation that follows (which
-    /// the kernel maps only as pages are written) aborts the whole agent when refused. Seen
-    /// under the unit's `ProcSubset=pid`, where no `MemAvailable` check came first.
+    /// An all-zero, paused guest (a destination waiting for state, or one about to be
+    /// filled), or `NoMemory` where the allocator refuses its memory. Allocated fallibly, then
+    /// written: `vec![0; n]` aborts the whole agent when refused (seen under the unit's
+    /// `ProcSubset=pid`, where no `MemAvailable` check came first), and its zero pages, mapped
+    /// only at their first write, made a destination take one fault per page while pages
+    /// arrived (the destination, not the transport, set the pace). So its memory is
+    /// pre-faulted, as QEMU's `-mem-prealloc` does.
     pub fn zeroed(name: &str, pages: u64) -> Result<Self, NoMemory> {
         let bytes = (pages.checked_mul(PAGE_SIZE as u64))
             .and_then(|b| usize::try_from(b).ok())
             .ok_or(NoMemory { pages })?;
-        (Vec::<u8>::new().try_reserve_exact(bytes)).map_err(|_| NoMemory { pages })?;
-        Ok(Self::of(name, vec![0; bytes], pages))
+        let mut mem = Vec::new();
+        mem.try_reserve_exact(bytes)
+            .map_err(|_| NoMemory { pages })?;
+        mem.resize(bytes, 0);
+        Ok(Self::of(name, mem, pages))
     }
 
     /// A guest with no memory: what a destination leaves in place of the guest it hands on.

@@ -346,15 +346,22 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String, was:
             Err(why) => warn!(vm, "rolled back, not running: {why}"),
         }
         if still_ours() {
-            // Left meanwhile under this order (the give-back cleared what was before): the
-            // journal could not record the rollback, which only a restart settles.
-            let unjournalled = ctx.left_now(&vm);
-            match (&r, unjournalled) {
-                (Ok(_), None) => drop(ctx.left_to_operator.lock().expect("left lock").remove(&vm)),
-                (Ok(_), Some(_)) => {}
-                (Err(why), before) => {
+            // The journal still shows the order under way: it could not record the rollback,
+            // and what `leave_unjournalled` left to the operator (only a restart settles the
+            // order) stays, whatever the retries did. Any other entry is the give-back's own.
+            let (unrecorded, before) = {
+                let journal = ctx.journal.lock().expect("journal lock");
+                (
+                    journal.leaving(&vm),
+                    ctx.left_as_journal_says(&journal, &vm),
+                )
+            };
+            match &r {
+                Ok(_) if unrecorded => {}
+                Ok(_) => drop(ctx.left_to_operator.lock().expect("left lock").remove(&vm)),
+                Err(why) => {
                     let mut how = format!("rolled back, not running: {why}");
-                    if let Some(before) = before {
+                    if let Some(before) = before.filter(|_| unrecorded) {
                         how = format!("{how}; and: {before}");
                     }
                     ctx.leave_to_operator(&vm, order.clone(), how);
@@ -373,8 +380,10 @@ fn keep_trying(ctx: Arc<Ctx>, vm: String, qmp_path: PathBuf, cause: String, was:
 /// the operator's now: only while the journal still gives it to this host under that order (a
 /// newer order that took it meanwhile, even one given back in turn, is its own business). An
 /// order the journal still shows claimed is one whose rollback it could not record (a full
-/// disk): never at COMMIT here, so its destination never runs the VM, and the give-back goes
-/// on as a restart's would (the retries stopped at once before, leaving the VM stopped).
+/// disk): its `Commit` was never sent (a COMMIT append that failed returns before it), so its
+/// destination never runs the VM, and the give-back goes on as the first try did (the retries
+/// stopped at once before, leaving the VM stopped). If that COMMIT append broke the journal,
+/// its line may be on disk: a restart then finds the order in doubt and asks the destination.
 fn left_after_retries(journal: &Journal, vm: &str, order: &Option<String>) -> bool {
     let current = journal.last_order_of(vm).map(|r| &r.order_id);
     current == order.as_ref() && !journal.in_doubt_as_source(vm) && !journal.migrated_away(vm)

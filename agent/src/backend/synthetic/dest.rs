@@ -60,7 +60,7 @@ impl SyntheticDest {
             let _room = Room::take(page_count)?;
             // Pre-faulting 4 GiB takes about a second: the agent's runtime is multi-threaded,
             // so this worker hands its other tasks to the rest meanwhile.
-            tokio::task::block_in_place(|| SyntheticGuest::prefaulted(vm, page_count))
+            tokio::task::block_in_place(|| SyntheticGuest::zeroed(vm, page_count))
                 .map_err(|e| AgentError::Refused(e.to_string()))?
         };
         let engine = PrecopyDest::new(&guest, page_size, page_count, est.streams)?;
